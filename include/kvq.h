@@ -1,0 +1,298 @@
+/*
+ * kvq.h: the public C API of libkvq, a quantized, paged key/value cache for LLM inference with attention
+ * computed directly on the quantized bytes.
+ *
+ * This header is the manual. Read it top to bottom once.
+ *
+ * ---------------------------------------------------------------------------------------------------------
+ * 1. Model
+ * ---------------------------------------------------------------------------------------------------------
+ * A kvq_cache holds keys and values for `n_layers` layers x `n_kv_heads` heads x `head_dim` channels, for up to
+ * `max_seqs` sequences at once. Keys and values have their own storage type (kvq_type), like llama.cpp's
+ * type_k / type_v. Storage is a single arena of `arena_bytes`, cut into fixed-size pages; each page holds
+ * `page_tokens` tokens of one layer (all of its KV heads, keys then values). Every (sequence, layer) owns a
+ * list of pages. Pages are reference counted: a forked sequence shares its parent's pages and copies a page only
+ * when it writes into it (copy on write).
+ *
+ * Grouped types (Q4, Q2: KIVI-style) quantize keys per channel over groups of G tokens, so the newest tokens
+ * wait in an fp16 "residual window" until a whole group is there. The window of each (sequence, layer) holds
+ * between R and R+G-1 of the newest tokens exactly (fp16); when it reaches R+G tokens the oldest G are
+ * quantized into pages. Caches whose types are all per-token (F16, BF16, Q8, FP8) use G = 1, so R = 0 means
+ * every token goes straight to its page. Windows are allocated on the heap when a sequence is created, outside
+ * the arena; kvq_cache_get_stats reports their bytes.
+ *
+ * ---------------------------------------------------------------------------------------------------------
+ * 2. Ownership, threading, errors
+ * ---------------------------------------------------------------------------------------------------------
+ * - Every object created by kvq_*_create is released by the matching kvq_*_free. Free functions accept NULL.
+ *   Pointers passed in are borrowed for the duration of the call only.
+ * - A kvq_cache is not internally locked. Calls that take `const kvq_cache *` (attention, read back, stats,
+ *   lengths) may run concurrently with each other; calls that take `kvq_cache *` need exclusive access.
+ *   Attention uses up to `n_threads` OpenMP threads internally.
+ * - Every entry point validates its arguments. On error it returns a negative kvq_status, changes nothing in
+ *   the cache (all checks, including page availability, are made before the first byte is written), and
+ *   records a message saying what was wrong, readable with kvq_last_error() on the same thread.
+ * - NaN/Inf in K/V: rejected. kvq_append returns KVQ_ERR_NONFINITE and appends nothing (no token of any
+ *   sequence in the call). Finite values beyond the fp16 range (|x| > 65504) are rejected the same way, because
+ *   the residual window and the F16 type store fp16. Queries are not checked: NaN in a query gives NaN output.
+ *
+ * ---------------------------------------------------------------------------------------------------------
+ * 3. Versions
+ * ---------------------------------------------------------------------------------------------------------
+ * KVQ_VERSION_* give the header's version, kvq_version_number() the library's. The kvq_type enum and the
+ * kvq_status codes are append-only: values never change meaning. Page byte layouts (section 5) are versioned
+ * with KVQ_LAYOUT_VERSION; a change bumps it.
+ */
+#ifndef KVQ_H
+#define KVQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVQ_VERSION_MAJOR 0
+#define KVQ_VERSION_MINOR 1
+#define KVQ_VERSION_PATCH 0
+#define KVQ_VERSION_NUMBER (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
+#define KVQ_LAYOUT_VERSION 1
+
+#if defined(_WIN32)
+#define KVQ_API __declspec(dllexport)
+#else
+#define KVQ_API __attribute__((visibility("default")))
+#endif
+
+KVQ_API unsigned kvq_version_number(void);
+KVQ_API const char *kvq_version_string(void);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------------------------------------- */
+typedef enum kvq_status {
+    KVQ_OK = 0,
+    KVQ_ERR_NULL = -1,                 /* a required pointer argument was NULL */
+    KVQ_ERR_INVALID_ARG = -2,          /* a scalar argument is out of its documented range */
+    KVQ_ERR_UNSUPPORTED_TYPE = -3,     /* kvq_type unknown, reserved, or not allowed in this role */
+    KVQ_ERR_UNSUPPORTED_HEAD_DIM = -4, /* head_dim not in {64, 80, 96, 128, 256} */
+    KVQ_ERR_SHAPE = -5,                /* a layer, head count or length does not match the cache */
+    KVQ_ERR_NO_SEQ = -6,               /* sequence id unknown or already freed */
+    KVQ_ERR_CACHE_FULL = -7,           /* not enough free pages for the whole call */
+    KVQ_ERR_TOO_MANY_SEQS = -8,        /* max_seqs sequences already live */
+    KVQ_ERR_NONFINITE = -9,            /* NaN, Inf or |x| > 65504 in K or V */
+    KVQ_ERR_OUT_OF_MEMORY = -10,       /* a host allocation failed */
+    KVQ_ERR_RANGE = -11,               /* token range outside the sequence */
+    KVQ_ERR_CUDA = -12,                /* a CUDA runtime call failed (message has the CUDA error) */
+    KVQ_ERR_NO_DEVICE = -13,           /* no usable GPU, or the library was built without CUDA */
+    KVQ_ERR_IO = -14,                  /* a file could not be opened, read or mapped */
+    KVQ_ERR_FORMAT = -15,              /* a file is corrupt: bad magic, version, offset, size or count */
+    KVQ_ERR_TRUNCATED = -16,           /* a file ends before the data it declares */
+    KVQ_ERR_INTERNAL = -17             /* a bug in kvq: please report it */
+} kvq_status;
+
+/* Short fixed description of a code ("cache full"). Never NULL. */
+KVQ_API const char *kvq_strerror(kvq_status s);
+/* Message of the last failing call on this thread, with the specifics ("append: seq 3 layer 2: 40 pages
+ * needed, 12 free"). Empty string if none. Valid until the next kvq call on this thread. */
+KVQ_API const char *kvq_last_error(void);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 4. Types
+ * ------------------------------------------------------------------------------------------------------- */
+typedef enum kvq_type {
+    KVQ_TYPE_F16 = 0,  /* IEEE half: the baseline */
+    KVQ_TYPE_BF16 = 1, /* bfloat16 */
+    KVQ_TYPE_Q8 = 2,   /* int8 symmetric, one fp16 scale per token per head */
+    KVQ_TYPE_FP8 = 3,  /* fp8 E4M3, one fp16 scale per token per head */
+    KVQ_TYPE_Q4 = 4,   /* 4-bit asymmetric KIVI: keys per channel over G tokens, values per token over G channels */
+    KVQ_TYPE_Q2 = 5,   /* 2-bit asymmetric KIVI, same grouping as Q4 */
+    KVQ_TYPE_Q3 = 6,   /* reserved: 3-bit KIVI (not yet implemented; rejected with KVQ_ERR_UNSUPPORTED_TYPE) */
+    /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers, pre-RoPE keys */
+    KVQ_TYPE_COUNT
+} kvq_type;
+
+typedef enum kvq_role { KVQ_KEY = 0, KVQ_VALUE = 1 } kvq_role;
+
+/* Element type of arrays the caller passes in. */
+typedef enum kvq_dtype { KVQ_DTYPE_F32 = 0, KVQ_DTYPE_F16 = 1, KVQ_DTYPE_BF16 = 2 } kvq_dtype;
+
+typedef struct kvq_type_traits {
+    const char *name; /* "f16", "bf16", "q8", "fp8", "q4", "q2", "q3" */
+    int bits;         /* bits per stored element */
+    int grouped;      /* 1 for KIVI types: asymmetric (scale, min) over groups of G */
+    int implemented;  /* 0 for reserved entries */
+} kvq_type_traits;
+
+/* Traits of a type; NULL when `t` is outside the enum. */
+KVQ_API const kvq_type_traits *kvq_type_get_traits(kvq_type t);
+/* Parses "f16", "bf16", "q8", "fp8", "q4", "q2" (case-insensitive). */
+KVQ_API kvq_status kvq_type_from_name(const char *name, kvq_type *out);
+/* Bytes that one token of one head occupies in pages, scales and mins included, amortized over a page
+ * (the residual window is not counted). 0 if the arguments are invalid. group 0 means the default. */
+KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim, int group);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 5. Page layout (KVQ_LAYOUT_VERSION 1)
+ *
+ * A page is `page_bytes` bytes: the key blocks of heads 0..H-1, then the value blocks of heads 0..H-1.
+ * A block holds `page_tokens` (P) tokens of one head: its data rows, then its parameters, each block padded to
+ * a multiple of 16 bytes. Data rows are token-major: token t's row starts at t * row_bytes.
+ *   F16, BF16   row: D 16-bit values.                             params: none.
+ *   Q8          row: D int8 q, x = s_t * q.                       params: fp16 s_t for t in 0..P-1.
+ *               s_t = fp16(max|x| / 127), q = clamp(round(x / s_t), -127, 127).
+ *   FP8         row: D E4M3 bytes, x = s_t * e4m3(q).             params: fp16 s_t for t in 0..P-1.
+ *               s_t = fp16(max|x| / 448), q = e4m3_rne(x / s_t).
+ *   Q4, Q2      row: D*b/8 bytes (b = 4 or 2); channel c sits at byte c*b/8, bit (c % (8/b)) * b, low first.
+ *               q in [0, 2^b - 1], x = scale * q + min, scale = fp16((max - min) / (2^b - 1)), min = fp16(min),
+ *               q = clamp(round((x - min) / scale), 0, 2^b - 1).
+ *     keys:     grouped per channel over G consecutive tokens. params: for each of the P/G groups,
+ *               scale[D] then min[D] (fp16).
+ *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
+ *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
+ *               divides D (D = 80: 16, D = 96: 32).
+ * Defaults: G = 64 and P = 64. G = 64 is the smallest power of two for which the fp16 (scale, min) overhead keeps
+ * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V).
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct kvq_page_layout {
+    int page_tokens;       /* P */
+    int head_dim;          /* D */
+    int n_kv_heads;        /* H */
+    int group;             /* G: tokens per key group (grouped types); 1 for per-token-only caches */
+    int value_group;       /* Gv: channels per value group (grouped value types) */
+    kvq_type type_k, type_v;
+    size_t k_row_bytes, v_row_bytes;     /* bytes of one token's data row, one head */
+    size_t k_block_bytes, v_block_bytes; /* bytes of one head's block in a page (data + params, padded) */
+    size_t k_offset, v_offset;           /* byte offset of head 0's key / value block in a page (v = H * k_block) */
+    size_t page_bytes;
+} kvq_page_layout;
+
+KVQ_API kvq_status kvq_page_layout_make(kvq_type type_k, kvq_type type_v, int n_kv_heads, int head_dim,
+                                        int page_tokens, int group, kvq_page_layout *out);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 6. The cache
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct kvq_cache kvq_cache;
+
+typedef struct kvq_cache_config {
+    int n_layers;       /* >= 1 */
+    int n_kv_heads;     /* >= 1 */
+    int head_dim;       /* 64, 80, 96, 128 or 256 */
+    kvq_type type_k;    /* default F16 */
+    kvq_type type_v;    /* default F16 */
+    size_t arena_bytes; /* size of the page arena; the cache holds arena_bytes / page_bytes pages */
+    int page_tokens;    /* 0: 64. A multiple of 16, and of G when a type is grouped */
+    int group;          /* G; 0: 64. One of 16, 32, 64, 128 */
+    int residual;       /* R; -1: default (64 with a grouped type, else 0). 0 .. 4096 */
+    int max_seqs;       /* 0: 256. Live sequences at once */
+    int n_threads;      /* 0: as many as OpenMP gives; 1: no threading */
+} kvq_cache_config;
+
+/* A config with every field at its default and arena_bytes = 0 (which the caller must set). */
+KVQ_API kvq_cache_config kvq_cache_config_default(void);
+/* Tokens of one sequence that `cfg` would hold, all layers, the residual window not counted; < 0 is a
+ * kvq_status if cfg is invalid. Use it to size the arena. */
+KVQ_API int64_t kvq_cache_capacity_tokens(const kvq_cache_config *cfg);
+
+KVQ_API kvq_status kvq_cache_create(const kvq_cache_config *cfg, kvq_cache **out);
+KVQ_API void kvq_cache_free(kvq_cache *cache);
+/* The effective configuration (defaults resolved) and page layout. */
+KVQ_API kvq_status kvq_cache_get_config(const kvq_cache *cache, kvq_cache_config *cfg, kvq_page_layout *layout);
+
+typedef struct kvq_cache_stats {
+    int64_t pages_total;
+    int64_t pages_free;
+    int64_t pages_shared;    /* pages referenced by more than one (sequence, layer) */
+    size_t page_bytes;
+    size_t arena_bytes;
+    size_t page_bytes_in_use;   /* (pages_total - pages_free) * page_bytes */
+    size_t window_bytes;        /* heap bytes of all live residual windows */
+    int n_seqs;                 /* live sequences */
+    int64_t tokens;             /* sum over live sequences of their layer-0 length */
+    double bytes_per_token;     /* K+V page bytes per token, all layers and heads, amortized (no window) */
+    double f16_bytes_per_token; /* the same for an F16 cache of this shape */
+    int64_t capacity_tokens;    /* tokens one sequence could hold if it had the whole arena */
+} kvq_cache_stats;
+
+KVQ_API kvq_status kvq_cache_get_stats(const kvq_cache *cache, kvq_cache_stats *stats);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 7. Sequences
+ * Ids are small non-negative integers chosen by the cache (the smallest free slot, < max_seqs).
+ * ------------------------------------------------------------------------------------------------------- */
+KVQ_API kvq_status kvq_seq_new(kvq_cache *cache, int32_t *seq_out);
+/* New sequence with the same content as `src` in every layer: pages shared (copy on write), window copied. */
+KVQ_API kvq_status kvq_seq_fork(kvq_cache *cache, int32_t src, int32_t *seq_out);
+/* Keep the first n_tokens tokens in every layer (layers already shorter are left alone). For grouped types a
+ * cut inside a quantized group moves that group's surviving tokens back into the window, dequantized: they stay
+ * as accurate as they were, but are not restored to their original fp16 values. */
+KVQ_API kvq_status kvq_seq_truncate(kvq_cache *cache, int32_t seq, int64_t n_tokens);
+KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
+KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
+
+/* A plain strided view of one (sequence, layer), for engines that run their own kernels over kvq's layout
+ * (the CUDA backend's tests use it). Tokens 0 .. paged_tokens-1 live in pages[0 .. n_pages-1] (token t in page
+ * pages[t / P], slot t % P); tokens paged_tokens .. paged_tokens + window_tokens - 1 are rows 0 .. of the
+ * window, fp16 [window_capacity][H][D]. Pointers stay valid until the next non-const call on the cache. */
+typedef struct kvq_seq_view {
+    kvq_page_layout layout;
+    const uint8_t *arena; /* page id i starts at arena + i * layout.page_bytes */
+    int32_t n_pages;
+    const int32_t *pages;
+    int64_t paged_tokens;
+    int32_t window_tokens;
+    int32_t window_capacity; /* R + G (R + 1 for per-token caches) */
+    const uint16_t *window_k;
+    const uint16_t *window_v;
+} kvq_seq_view;
+
+KVQ_API kvq_status kvq_seq_view_get(const kvq_cache *cache, int32_t seq, int layer, kvq_seq_view *view);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 8. Append
+ * Appends n_tokens[i] tokens to sequence seq_ids[i] in `layer`, for i in 0..n_seqs-1 (distinct ids).
+ * k and v are dense [sum n_tokens][n_kv_heads][head_dim] arrays of `dtype`, sequences back to back.
+ * All or nothing: on any error no sequence changes.
+ * ------------------------------------------------------------------------------------------------------- */
+KVQ_API kvq_status kvq_append(kvq_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                              const int32_t *n_tokens, kvq_dtype dtype, const void *k, const void *v);
+
+/* Dequantizes tokens [start, start + n) of one (sequence, layer) into fp32 arrays [n][n_kv_heads][head_dim]
+ * (either pointer may be NULL to skip it). For debugging and tests: attention never does this. */
+KVQ_API kvq_status kvq_read(const kvq_cache *cache, int32_t seq, int layer, int64_t start, int64_t n, float *k,
+                            float *v);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 9. Attention on the quantized cache (CPU)
+ * out = softmax(scale * q K^T [+ soft-cap, causal and window masks]) V, fp32 online softmax, read straight
+ * from the pages and windows: no dequantized copy of the cache is made.
+ * Query head h uses KV head h / (n_q_heads / n_kv_heads) (grouped-query attention).
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct kvq_attn_params {
+    int n_q_heads;  /* a multiple of n_kv_heads */
+    float scale;    /* 0: 1/sqrt(head_dim) */
+    int window;     /* sliding window: a query at position p sees keys at positions > p - window; 0: no window */
+    float softcap;  /* > 0: logits = softcap * tanh(logits / softcap) (Gemma 2); 0: off */
+} kvq_attn_params;
+
+KVQ_API kvq_attn_params kvq_attn_params_default(int n_q_heads);
+
+/* Decode: one query per sequence, at the sequence's last position (append the current token's K/V first).
+ * q, out: [n_seqs][n_q_heads][head_dim] fp32. */
+KVQ_API kvq_status kvq_attn_decode(const kvq_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                                   const float *q, float *out, const kvq_attn_params *p);
+
+/* Chunked causal prefill: the n_q queries are the last n_q tokens of the sequence (append them first); query i
+ * sits at position len - n_q + i and sees keys 0 .. its position. q, out: [n_q][n_q_heads][head_dim] fp32. */
+KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t seq, int n_q, const float *q,
+                                    float *out, const kvq_attn_params *p);
+
+/* Which CPU kernels run: "avx2" or "scalar". KVQ_FORCE_SCALAR=1 in the environment forces the _ref kernels. */
+KVQ_API const char *kvq_cpu_backend(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVQ_H */
