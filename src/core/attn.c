@@ -1,0 +1,388 @@
+/* CPU attention straight from the pages: the driver walks a sequence's pages and window a block at a time,
+ * decoding KVQ_TILE rows into an L1-resident tile, with an fp32 online softmax. Work is split over
+ * (sequence, KV head, token chunk) items (flash-decoding), whose partial results are merged at the end. */
+#include "attn.h"
+
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- scalar reference kernels ---- */
+
+static void decode_ref(const kvq__blk *b, int j0, int n, float *out) {
+    const int D = b->D;
+    for (int i = 0; i < n; i++) {
+        int j = j0 + i;
+        const uint8_t *row = b->data + (size_t)j * b->stride;
+        float *o = out + (size_t)i * D;
+        if (b->type == KVQ_TYPE_F16) {
+            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(((const uint16_t *)(const void *)row)[c]);
+            continue;
+        }
+        int bits = kvq_type_get_traits(b->type)->bits;
+        switch (b->type) {
+        case KVQ_TYPE_BF16:
+            for (int c = 0; c < D; c++) o[c] = kvq__bf16_to_f32(((const uint16_t *)(const void *)row)[c]);
+            break;
+        case KVQ_TYPE_Q8:
+            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(b->par[j]) * (float)(int8_t)row[c];
+            break;
+        case KVQ_TYPE_FP8:
+            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(b->par[j]) * kvq__e4m3_table[row[c]];
+            break;
+        default: {
+            int per = 8 / bits, mask = (1 << bits) - 1;
+            for (int c = 0; c < D; c++) {
+                float q = (float)((row[c / per] >> ((c % per) * bits)) & mask), s, m;
+                if (b->role == KVQ_KEY) {
+                    const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
+                    s = kvq__f16_to_f32(sm[c]), m = kvq__f16_to_f32(sm[D + c]);
+                } else {
+                    const uint16_t *sm = b->par + (size_t)j * (D / b->Gv) * 2 + 2 * (c / b->Gv);
+                    s = kvq__f16_to_f32(sm[0]), m = kvq__f16_to_f32(sm[1]);
+                }
+                o[c] = s * q + m;
+            }
+        }
+        }
+    }
+}
+
+static void dots_ref(const float *q, int rows, int D, const float *x, int n, float *s, int ss) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n; i++) {
+            float a = 0;
+            for (int c = 0; c < D; c++) a += q[(size_t)r * D + c] * x[(size_t)i * D + c];
+            s[(size_t)r * ss + i] = a;
+        }
+}
+
+static void axpys_ref(const float *p, int ps, int rows, int D, const float *x, int n, float *acc) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < D; c++) acc[(size_t)r * D + c] += p[(size_t)r * ps + i] * x[(size_t)i * D + c];
+}
+
+static float exp_sum_ref(float *x, int n, float m) {
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += (x[i] = expf(x[i] - m));
+    return sum;
+}
+
+const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref};
+
+static const kvq__kernels *pick_kernels(void) {
+    const char *e = getenv("KVQ_FORCE_SCALAR");
+    if (e && *e && *e != '0') return &kvq__kernels_ref;
+    const kvq__kernels *k = kvq__kernels_avx2();
+    return k ? k : &kvq__kernels_ref;
+}
+
+const char *kvq_cpu_backend(void) { return pick_kernels()->name; }
+
+kvq_attn_params kvq_attn_params_default(int n_q_heads) {
+    kvq_attn_params p = {n_q_heads, 0.0f, 0, 0.0f};
+    return p;
+}
+
+/* ---- driver ---- */
+
+#define MAX_ROWS 64 /* query rows handled together: heads sharing a KV head x queries of a prefill block */
+
+typedef struct work {
+    const kvq_seq_layer *sl;
+    int h;              /* KV head */
+    int64_t t0, t1;     /* key tokens */
+    const float *q;     /* [rows][D], already multiplied by the attention scale */
+    const int64_t *pos; /* [rows] query positions */
+    int rows;
+    float *m, *l, *acc; /* outputs: [rows], [rows], [rows][D] */
+} work;
+
+typedef struct scratch {
+    float s[MAX_ROWS * KVQ_TILE * 8]; /* scores / probabilities of one segment: rows x up to SEG tokens */
+    float x[KVQ_TILE * 256];
+} scratch;
+
+#define SEG (KVQ_TILE * 8) /* tokens per softmax segment */
+
+static kvq__blk page_blk(const kvq_cache *c, int32_t pg, int h, kvq_role role) {
+    const kvq_page_layout *L = &c->L;
+    kvq__blk b;
+    b.type = role == KVQ_KEY ? L->type_k : L->type_v;
+    b.role = role;
+    b.data = role == KVQ_KEY ? kvq__kblock(c, pg, h) : kvq__vblock(c, pg, h);
+    b.stride = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
+    b.par = b.type == KVQ_TYPE_F16 || b.type == KVQ_TYPE_BF16 ? NULL : kvq__block_params(b.data, b.stride, L->page_tokens);
+    b.D = L->head_dim;
+    b.G = L->group;
+    b.Gv = L->value_group;
+    return b;
+}
+
+static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
+    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, c->L.head_dim, 1, 1};
+    b.data = (const uint8_t *)(w + (size_t)h * c->L.head_dim);
+    b.stride = (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
+    return b;
+}
+
+/* Processes rows [j0, j1) of one block pair (keys kb, values vb) whose first row is token `tok0`. */
+static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__blk *vb, int j0, int j1, int64_t tok0,
+                         const work *w, const kvq_attn_params *p, scratch *sc) {
+    const int D = kb->D, rows = w->rows;
+    for (int a = j0; a < j1; a += SEG) {
+        int n = j1 - a < SEG ? j1 - a : SEG;
+        for (int i = 0; i < n; i += KVQ_TILE) {
+            int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
+            K->decode(kb, a + i, m, sc->x);
+            K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
+        }
+        int64_t t_first = tok0 + a;
+        for (int r = 0; r < rows; r++) {
+            float *s = sc->s + (size_t)r * SEG, mx = -INFINITY;
+            int64_t pos = w->pos[r];
+            for (int i = 0; i < n; i++) {
+                int64_t t = t_first + i;
+                if (p->softcap > 0) s[i] = p->softcap * tanhf(s[i] / p->softcap);
+                if (t > pos || (p->window > 0 && t <= pos - p->window)) s[i] = -INFINITY;
+                mx = s[i] > mx ? s[i] : mx;
+            }
+            if (mx == -INFINITY) { /* nothing visible to this row here */
+                for (int i = 0; i < n; i++) s[i] = 0;
+                continue;
+            }
+            float mnew = mx > w->m[r] ? mx : w->m[r];
+            float corr = w->m[r] == -INFINITY ? 0.0f : expf(w->m[r] - mnew);
+            float sum = K->exp_sum(s, n, mnew);
+            w->l[r] = w->l[r] * corr + sum;
+            w->m[r] = mnew;
+            if (corr != 1.0f)
+                for (int c = 0; c < D; c++) w->acc[(size_t)r * D + c] *= corr;
+        }
+        for (int i = 0; i < n; i += KVQ_TILE) {
+            int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
+            K->decode(vb, a + i, m, sc->x);
+            K->axpys(sc->s + i, SEG, rows, D, sc->x, m, w->acc);
+        }
+    }
+}
+
+static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, const kvq_attn_params *p, scratch *sc) {
+    const kvq_seq_layer *sl = w->sl;
+    const int P = c->L.page_tokens;
+    for (int r = 0; r < w->rows; r++) w->m[r] = -INFINITY, w->l[r] = 0;
+    memset(w->acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
+    int64_t t = w->t0;
+    while (t < w->t1 && t < sl->paged) {
+        int32_t pg = sl->pages[t / P];
+        int64_t base = t / P * P;
+        int64_t end = base + P < sl->paged ? base + P : sl->paged;
+        end = end < w->t1 ? end : w->t1;
+        kvq__blk kb = page_blk(c, pg, w->h, KVQ_KEY), vb = page_blk(c, pg, w->h, KVQ_VALUE);
+        attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, w, p, sc);
+        t = end;
+    }
+    if (t < w->t1) {
+        kvq__blk kb = window_blk(c, sl->wk, w->h), vb = window_blk(c, sl->wv, w->h);
+        attend_block(K, &kb, &vb, (int)(t - sl->paged), (int)(w->t1 - sl->paged), sl->paged, w, p, sc);
+    }
+}
+
+/* Merges the partial results of n items for `rows` query rows into out[r * out_stride]. Item i's state sits at
+ * base + i * per: m[sp], l[sp], acc[sp][D] (sp = row spacing of m and l). */
+static void merge(int n, int rows, int D, const float *base, size_t per, int sp, float *out, size_t out_stride) {
+    for (int r = 0; r < rows; r++) {
+        float M = -INFINITY, L = 0, *o = out + (size_t)r * out_stride;
+        for (int i = 0; i < n; i++) M = fmaxf(M, base[(size_t)i * per + r]);
+        for (int d = 0; d < D; d++) o[d] = 0;
+        if (M == -INFINITY) continue; /* no visible key: output 0 */
+        for (int i = 0; i < n; i++) {
+            const float *it = base + (size_t)i * per;
+            if (it[r] == -INFINITY) continue;
+            float wgt = expf(it[r] - M);
+            L += wgt * it[sp + r];
+            const float *a = it + 2 * (size_t)sp + (size_t)r * D;
+            for (int d = 0; d < D; d++) o[d] += wgt * a[d];
+        }
+        for (int d = 0; d < D; d++) o[d] /= L;
+    }
+}
+
+static kvq_status check_params(const kvq_cache *c, const kvq_attn_params *p, const char *fn) {
+    KVQ_CHECK_NULL(p, fn);
+    int H = c->L.n_kv_heads;
+    if (p->n_q_heads < H || p->n_q_heads % H != 0)
+        return kvq__fail(KVQ_ERR_SHAPE, "%s: n_q_heads %d is not a positive multiple of n_kv_heads %d", fn, p->n_q_heads, H);
+    if (p->n_q_heads / H > MAX_ROWS)
+        return kvq__fail(KVQ_ERR_SHAPE, "%s: %d query heads per KV head, at most %d supported", fn, p->n_q_heads / H, MAX_ROWS);
+    if (!(p->scale >= 0) || !isfinite(p->scale)) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: scale %g is not finite and >= 0", fn, (double)p->scale);
+    if (!(p->softcap >= 0) || !isfinite(p->softcap)) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: softcap %g is not finite and >= 0", fn, (double)p->softcap);
+    if (p->window < 0) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: window %d is negative", fn, p->window);
+    return KVQ_OK;
+}
+
+static int n_threads(const kvq_cache *c) {
+#ifdef _OPENMP
+    return c->cfg.n_threads > 0 ? c->cfg.n_threads : omp_get_max_threads();
+#else
+    (void)c;
+    return 1;
+#endif
+}
+
+/* Runs items [0, n) in parallel; each thread has its own scratch. */
+static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_attn_params *p, const char *fn) {
+    const kvq__kernels *K = pick_kernels();
+    int nt = n_threads(c);
+    if (nt > n) nt = (int)n;
+    if (nt < 1) nt = 1;
+    scratch *sc = aligned_alloc(64, (sizeof(scratch) + 63) / 64 * 64 * (size_t)nt);
+    if (!sc) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for scratch", fn);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+#endif
+    for (int64_t i = 0; i < n; i++) {
+#ifdef _OPENMP
+        scratch *mine = &sc[omp_get_thread_num()];
+#else
+        scratch *mine = &sc[0];
+#endif
+        run_work(c, K, &items[i], p, mine);
+    }
+    free(sc);
+    return KVQ_OK;
+}
+
+kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int32_t *seq_ids, const float *q,
+                           float *out, const kvq_attn_params *p) {
+    const char *fn = "kvq_attn_decode";
+    KVQ_CHECK_NULL(c, fn);
+    kvq_status s;
+    if ((s = kvq__check_layer(c, layer, fn)) || (s = check_params(c, p, fn))) return s;
+    if (n_seqs < 0 || n_seqs > c->cfg.max_seqs)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: n_seqs %d outside 0..%d", fn, n_seqs, c->cfg.max_seqs);
+    if (n_seqs == 0) return KVQ_OK;
+    KVQ_CHECK_NULL(seq_ids, fn);
+    KVQ_CHECK_NULL(q, fn);
+    KVQ_CHECK_NULL(out, fn);
+    const int H = c->L.n_kv_heads, D = c->L.head_dim, rep = p->n_q_heads / H;
+    int64_t total = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        if ((s = kvq__check_seq(c, seq_ids[i], fn))) return s;
+        const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
+        if (sl->paged + sl->win == 0)
+            return kvq__fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d: append the token's K/V first", fn,
+                             (int)seq_ids[i], layer);
+        total += sl->paged + sl->win;
+    }
+    /* chunks: enough items for every thread several times over, none shorter than 512 tokens */
+    int nt = n_threads(c);
+    int64_t want = (int64_t)nt * 4, chunk = total;
+    if ((int64_t)n_seqs * H < want) chunk = (total / n_seqs) * H / want;
+    if (chunk < 512) chunk = 512;
+    int64_t n_items = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
+        n_items += H * ((sl->paged + sl->win + chunk - 1) / chunk);
+    }
+    float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
+    size_t per = (size_t)rep * (D + 2), nqe = (size_t)n_seqs * p->n_q_heads * D;
+    work *items = malloc((size_t)n_items * sizeof *items);
+    float *buf = malloc(((size_t)n_items * per + nqe) * sizeof(float));
+    int64_t *pos = malloc((size_t)n_seqs * rep * sizeof *pos);
+    if (!items || !buf || !pos) {
+        free(items), free(buf), free(pos);
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
+    }
+    float *qs = buf + (size_t)n_items * per;
+    for (size_t e = 0; e < nqe; e++) qs[e] = q[e] * scale;
+    int64_t k = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
+        int64_t len = sl->paged + sl->win;
+        for (int r = 0; r < rep; r++) pos[(size_t)i * rep + r] = len - 1;
+        for (int h = 0; h < H; h++)
+            for (int64_t t0 = 0; t0 < len; t0 += chunk, k++) {
+                float *b = buf + (size_t)k * per;
+                items[k] = (work){sl, h, t0, t0 + chunk < len ? t0 + chunk : len,
+                                  qs + ((size_t)i * p->n_q_heads + (size_t)h * rep) * D, pos + (size_t)i * rep, rep,
+                                  b, b + rep, b + 2 * rep};
+            }
+    }
+    s = run_all(c, items, n_items, p, fn);
+    if (s == KVQ_OK) {
+        k = 0;
+        for (int i = 0; i < n_seqs; i++) {
+            const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
+            int nchunks = (int)((sl->paged + sl->win + chunk - 1) / chunk);
+            for (int h = 0; h < H; h++, k += nchunks)
+                merge(nchunks, rep, D, buf + (size_t)k * per, per, rep,
+                      out + ((size_t)i * p->n_q_heads + (size_t)h * rep) * D, D);
+        }
+    }
+    free(items), free(buf), free(pos);
+    return s;
+}
+
+kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q, const float *q, float *out,
+                            const kvq_attn_params *p) {
+    const char *fn = "kvq_attn_prefill";
+    KVQ_CHECK_NULL(c, fn);
+    kvq_status s;
+    if ((s = kvq__check_layer(c, layer, fn)) || (s = check_params(c, p, fn)) || (s = kvq__check_seq(c, seq, fn)))
+        return s;
+    const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
+    int64_t len = sl->paged + sl->win;
+    if (n_q < 0 || n_q > len)
+        return kvq__fail(KVQ_ERR_RANGE, "%s: n_q %d outside 0..%lld (the sequence's length in layer %d)", fn, n_q,
+                         (long long)len, layer);
+    if (n_q == 0) return KVQ_OK;
+    KVQ_CHECK_NULL(q, fn);
+    KVQ_CHECK_NULL(out, fn);
+    const int H = c->L.n_kv_heads, D = c->L.head_dim, rep = p->n_q_heads / H;
+    const int qb = MAX_ROWS / rep; /* queries per item */
+    int64_t nblk = (n_q + qb - 1) / qb, n_items = nblk * H;
+    size_t per = (size_t)MAX_ROWS * (D + 2);
+    float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
+    work *items = malloc((size_t)n_items * sizeof *items);
+    float *buf = malloc((size_t)n_items * per * 2 * sizeof(float));
+    int64_t *pos = malloc((size_t)n_items * MAX_ROWS * sizeof *pos);
+    if (!items || !buf || !pos) {
+        free(items), free(buf), free(pos);
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
+    }
+    float *qs = buf + (size_t)n_items * per; /* per item: rows in (query, head) order, scaled */
+    for (int64_t b = 0; b < nblk; b++)
+        for (int h = 0; h < H; h++) {
+            int64_t k = b * H + h;
+            int q0 = (int)(b * qb), nq = n_q - q0 < qb ? n_q - q0 : qb;
+            float *qi = qs + (size_t)k * per;
+            for (int i = 0; i < nq; i++)
+                for (int r = 0; r < rep; r++) {
+                    const float *src = q + ((size_t)(q0 + i) * p->n_q_heads + (size_t)h * rep + r) * D;
+                    for (int d = 0; d < D; d++) qi[((size_t)i * rep + r) * D + d] = src[d] * scale;
+                    pos[k * MAX_ROWS + i * rep + r] = len - n_q + q0 + i;
+                }
+            float *bb = buf + (size_t)k * per;
+            items[k] = (work){sl, h, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
+                              bb + 2 * MAX_ROWS};
+        }
+    s = run_all(c, items, n_items, p, fn);
+    if (s == KVQ_OK)
+        for (int64_t b = 0; b < nblk; b++)
+            for (int h = 0; h < H; h++) {
+                const work *w = &items[b * H + h];
+                int q0 = (int)(b * qb);
+                for (int row = 0; row < w->rows; row++) {
+                    int i = row / rep, r = row % rep;
+                    float *o = out + ((size_t)(q0 + i) * p->n_q_heads + (size_t)h * rep + r) * D;
+                    const float *a = w->acc + (size_t)row * D;
+                    float inv = w->l[row] > 0 ? 1.0f / w->l[row] : 0.0f; /* every query sees itself: l > 0 */
+                    for (int d = 0; d < D; d++) o[d] = a[d] * inv;
+                }
+            }
+    free(items), free(buf), free(pos);
+    return s;
+}

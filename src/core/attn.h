@@ -1,0 +1,35 @@
+/* Attention kernel interface: the driver in attn.c walks pages and windows, the kernels (scalar _ref in attn.c,
+ * AVX2 in attn_avx2.c) decode rows and do the arithmetic. A "block" is any run of token rows of one head in one
+ * format: a page's key or value block, or the fp16 residual window (row stride H*D). */
+#ifndef KVQ_ATTN_H
+#define KVQ_ATTN_H
+
+#include "internal.h"
+
+typedef struct kvq__blk {
+    kvq_type type;
+    kvq_role role;
+    const uint8_t *data; /* row 0 */
+    size_t stride;       /* bytes between rows */
+    const uint16_t *par; /* params of the block (NULL for F16/BF16), indexed by the row number */
+    int D, G, Gv;
+} kvq__blk;
+
+#define KVQ_TILE 8 /* rows decoded at a time */
+
+typedef struct kvq__kernels {
+    const char *name;
+    /* out[i][c] = value of row j0 + i, i < n <= KVQ_TILE */
+    void (*decode)(const kvq__blk *b, int j0, int n, float *out);
+    /* s[r * ss + i] = dot(q[r], x[i]) for r < rows, i < n */
+    void (*dots)(const float *q, int rows, int D, const float *x, int n, float *s, int ss);
+    /* acc[r] += sum_i p[r * ps + i] * x[i] */
+    void (*axpys)(const float *p, int ps, int rows, int D, const float *x, int n, float *acc);
+    /* in place: x[i] = exp(x[i] - m), returns their sum */
+    float (*exp_sum)(float *x, int n, float m);
+} kvq__kernels;
+
+extern const kvq__kernels kvq__kernels_ref;
+const kvq__kernels *kvq__kernels_avx2(void); /* NULL when not compiled in or the CPU lacks AVX2/FMA/F16C */
+
+#endif

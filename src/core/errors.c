@@ -1,0 +1,50 @@
+#include "internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+static _Thread_local char last_error[512];
+
+kvq_status kvq__fail(kvq_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+void kvq__clear_error(void) { last_error[0] = 0; }
+
+const char *kvq_last_error(void) { return last_error; }
+
+const char *kvq_strerror(kvq_status s) {
+    switch (s) {
+    case KVQ_OK: return "ok";
+    case KVQ_ERR_NULL: return "NULL argument";
+    case KVQ_ERR_INVALID_ARG: return "invalid argument";
+    case KVQ_ERR_UNSUPPORTED_TYPE: return "unsupported KV type";
+    case KVQ_ERR_UNSUPPORTED_HEAD_DIM: return "unsupported head dimension";
+    case KVQ_ERR_SHAPE: return "shape mismatch";
+    case KVQ_ERR_NO_SEQ: return "no such sequence";
+    case KVQ_ERR_CACHE_FULL: return "cache full";
+    case KVQ_ERR_TOO_MANY_SEQS: return "too many sequences";
+    case KVQ_ERR_NONFINITE: return "non-finite or out-of-range value in K/V";
+    case KVQ_ERR_OUT_OF_MEMORY: return "out of memory";
+    case KVQ_ERR_RANGE: return "token range out of bounds";
+    case KVQ_ERR_CUDA: return "CUDA error";
+    case KVQ_ERR_NO_DEVICE: return "no CUDA device";
+    case KVQ_ERR_IO: return "I/O error";
+    case KVQ_ERR_FORMAT: return "corrupt file";
+    case KVQ_ERR_TRUNCATED: return "truncated file";
+    case KVQ_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status code";
+}
+
+unsigned kvq_version_number(void) { return KVQ_VERSION_NUMBER; }
+
+const char *kvq_version_string(void) {
+#define KVQ_STR2(x) #x
+#define KVQ_STR(x) KVQ_STR2(x)
+    return KVQ_STR(KVQ_VERSION_MAJOR) "." KVQ_STR(KVQ_VERSION_MINOR) "." KVQ_STR(KVQ_VERSION_PATCH);
+}

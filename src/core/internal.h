@@ -1,0 +1,142 @@
+/* Internal declarations shared by the core's translation units. Not installed. */
+#ifndef KVQ_INTERNAL_H
+#define KVQ_INTERNAL_H
+
+#include "kvq.h"
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---- errors: record a message for kvq_last_error() and return the code ---- */
+kvq_status kvq__fail(kvq_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kvq__clear_error(void);
+#define KVQ_CHECK_NULL(p, fn)                                                                               \
+    do {                                                                                                   \
+        if (!(p)) return kvq__fail(KVQ_ERR_NULL, "%s: argument '%s' is NULL", fn, #p);                      \
+    } while (0)
+
+/* ---- half precision: round to nearest even, as the hardware converters do ---- */
+static inline float kvq__f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t kvq__f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds past 65504 */
+    if (ax < 0x38800000u) { /* result is subnormal or zero: let the FPU round (x * 2^24 exact in fp32 range) */
+        float af;
+        memcpy(&af, &ax, 4);
+        float r = af * 16777216.0f; /* units of 2^-24 */
+        uint32_t m = (uint32_t)nearbyintf(r);
+        return (uint16_t)(sign | m);
+    }
+    uint32_t e = ((ax >> 23) - 112) << 10, m = (ax >> 13) & 0x3ff;
+    uint32_t h = e | m;
+    uint32_t rest = ax & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static inline float kvq__bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t kvq__f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);
+    x += 0x7fff + ((x >> 16) & 1);
+    return (uint16_t)(x >> 16);
+}
+
+static inline float kvq__round_f16(float f) { return kvq__f16_to_f32(kvq__f32_to_f16(f)); }
+
+/* E4M3 (fn variant: no Inf, max 448) */
+extern float kvq__e4m3_table[256];
+void kvq__init_tables(void);
+uint8_t kvq__f32_to_e4m3(float f);
+
+/* ---- quantizers (quant.c): the scalar reference formats of kvq.h section 5 ---- */
+/* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`). */
+void kvq__quant_row(kvq_type t, kvq_role role, const float *x, int D, int value_group, uint8_t *row,
+                    uint16_t *par);
+/* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]. */
+void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *rows, size_t row_bytes,
+                          uint16_t *scale_min);
+/* Dequantize rows [t0, t1) of a block (page slot indices) into out[(t - t0) * out_stride + c]. */
+void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int t0, int t1,
+                        float *out, size_t out_stride);
+size_t kvq__row_bytes(kvq_type t, int D);
+/* params of a block start right after its P data rows */
+static inline const uint16_t *kvq__block_params(const uint8_t *block, size_t row_bytes, int P) {
+    return (const uint16_t *)(const void *)(block + row_bytes * (size_t)P);
+}
+int kvq__value_group(int D, int G);
+
+/* ---- the cache's internals, shared by cache.c and attn.c ---- */
+typedef struct kvq_seq_layer {
+    int32_t *pages;    /* page ids, token order */
+    int32_t n_pages;
+    int32_t cap_pages;
+    int64_t paged;     /* tokens in pages */
+    int32_t win;       /* tokens in the window */
+    uint16_t *wk, *wv; /* fp16 [W][H][D] */
+} kvq_seq_layer;
+
+typedef struct kvq_seq {
+    bool live;
+    kvq_seq_layer *layers; /* [n_layers] */
+} kvq_seq;
+
+struct kvq_cache {
+    kvq_cache_config cfg;
+    kvq_page_layout L;
+    int W;  /* window capacity: R + G */
+    int Gf; /* tokens flushed at once: G for grouped caches, 1 otherwise */
+    uint8_t *arena;
+    int64_t n_pages;
+    int32_t *refcnt;    /* [n_pages] */
+    int32_t *free_list; /* stack of free page ids */
+    int64_t n_free;
+    kvq_seq *seqs; /* [max_seqs] */
+    int n_live;
+};
+
+static inline uint8_t *kvq__page(const kvq_cache *c, int32_t id) {
+    return c->arena + (size_t)id * c->L.page_bytes;
+}
+static inline uint8_t *kvq__kblock(const kvq_cache *c, int32_t page, int h) {
+    return kvq__page(c, page) + c->L.k_offset + (size_t)h * c->L.k_block_bytes;
+}
+static inline uint8_t *kvq__vblock(const kvq_cache *c, int32_t page, int h) {
+    return kvq__page(c, page) + c->L.v_offset + (size_t)h * c->L.v_block_bytes;
+}
+kvq_status kvq__check_seq(const kvq_cache *c, int32_t seq, const char *fn);
+kvq_status kvq__check_layer(const kvq_cache *c, int layer, const char *fn);
+
+#endif

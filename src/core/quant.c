@@ -1,0 +1,164 @@
+/* Scalar reference quantizers and dequantizers for the formats of kvq.h section 5. Rounding is
+ * round-to-nearest-even everywhere (nearbyintf, as CUDA's __float2int_rn); scales and mins are rounded to fp16
+ * first and the rounded values are the ones used to quantize, so that dequantization sees exactly them. */
+#include "internal.h"
+
+#include <pthread.h>
+
+float kvq__e4m3_table[256];
+
+static void build_tables(void) {
+    for (int i = 0; i < 256; i++) {
+        int s = i >> 7, e = (i >> 3) & 15, m = i & 7;
+        float v;
+        if (e == 15 && m == 7) v = NAN;
+        else if (e == 0) v = ldexpf((float)m / 8.0f, -6);
+        else v = ldexpf(1.0f + (float)m / 8.0f, e - 7);
+        kvq__e4m3_table[i] = s ? -v : v;
+    }
+}
+
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+void kvq__init_tables(void) { pthread_once(&tables_once, build_tables); }
+
+uint8_t kvq__f32_to_e4m3(float f) {
+    uint8_t sign = signbit(f) ? 0x80 : 0;
+    float a = fabsf(f);
+    if (!(a < 448.0f)) return sign | 0x7e; /* saturate: the scale maps max|x| to 448 */
+    int lo = 0, hi = 126;                   /* table[lo] <= a < table[hi] */
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (kvq__e4m3_table[mid] <= a) lo = mid;
+        else hi = mid;
+    }
+    float dl = a - kvq__e4m3_table[lo], dh = kvq__e4m3_table[hi] - a;
+    int q = dl < dh ? lo : dh < dl ? hi : (lo & 1 ? hi : lo);
+    return sign | (uint8_t)q;
+}
+
+static inline int rne_clamp(float v, int lo, int hi) {
+    float r = nearbyintf(v);
+    return r < (float)lo ? lo : r > (float)hi ? hi : (int)r;
+}
+
+static inline void put_bits(uint8_t *row, int c, int b, int q) {
+    int per = 8 / b, shift = (c % per) * b;
+    row[c / per] = (uint8_t)(row[c / per] | (q << shift));
+}
+
+static inline int get_bits(const uint8_t *row, int c, int b) {
+    int per = 8 / b, shift = (c % per) * b;
+    return (row[c / per] >> shift) & ((1 << b) - 1);
+}
+
+/* asymmetric (scale, min) for n values at stride `st` */
+static void minmax_params(const float *x, int n, size_t st, int qmax, float *scale, float *mn) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; i++) {
+        float v = x[(size_t)i * st];
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    *mn = kvq__round_f16(lo);
+    *scale = kvq__round_f16((hi - *mn) / (float)qmax);
+}
+
+void kvq__quant_row(kvq_type t, kvq_role role, const float *x, int D, int Gv, uint8_t *row, uint16_t *par) {
+    switch (t) {
+    case KVQ_TYPE_F16:
+        for (int c = 0; c < D; c++) ((uint16_t *)(void *)row)[c] = kvq__f32_to_f16(x[c]);
+        return;
+    case KVQ_TYPE_BF16:
+        for (int c = 0; c < D; c++) ((uint16_t *)(void *)row)[c] = kvq__f32_to_bf16(x[c]);
+        return;
+    case KVQ_TYPE_Q8:
+    case KVQ_TYPE_FP8: {
+        float amax = 0;
+        for (int c = 0; c < D; c++) amax = fmaxf(amax, fabsf(x[c]));
+        float s = kvq__round_f16(amax / (t == KVQ_TYPE_Q8 ? 127.0f : 448.0f));
+        par[0] = kvq__f32_to_f16(s);
+        for (int c = 0; c < D; c++) {
+            float v = s > 0 ? x[c] / s : 0.0f;
+            row[c] = t == KVQ_TYPE_Q8 ? (uint8_t)(int8_t)rne_clamp(v, -127, 127) : kvq__f32_to_e4m3(v);
+        }
+        return;
+    }
+    case KVQ_TYPE_Q4:
+    case KVQ_TYPE_Q2: {
+        (void)role; /* only values are quantized per row */
+        int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
+        memset(row, 0, kvq__row_bytes(t, D));
+        for (int g = 0; g < D / Gv; g++) {
+            float s, mn;
+            minmax_params(x + g * Gv, Gv, 1, qmax, &s, &mn);
+            par[2 * g] = kvq__f32_to_f16(s);
+            par[2 * g + 1] = kvq__f32_to_f16(mn);
+            for (int c = g * Gv; c < (g + 1) * Gv; c++)
+                put_bits(row, c, b, s > 0 ? rne_clamp((x[c] - mn) / s, 0, qmax) : 0);
+        }
+        return;
+    }
+    default: return;
+    }
+}
+
+void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *rows, size_t row_bytes,
+                          uint16_t *scale_min) {
+    int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
+    for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
+    for (int c = 0; c < D; c++) {
+        float s, mn;
+        minmax_params(x + c, G, (size_t)D, qmax, &s, &mn);
+        scale_min[c] = kvq__f32_to_f16(s);
+        scale_min[D + c] = kvq__f32_to_f16(mn);
+        for (int i = 0; i < G; i++)
+            put_bits(rows + (size_t)i * row_bytes, c, b, s > 0 ? rne_clamp((x[(size_t)i * D + c] - mn) / s, 0, qmax) : 0);
+    }
+}
+
+void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int t0, int t1,
+                        float *out, size_t out_stride) {
+    kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
+    size_t rb = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
+    int D = L->head_dim, P = L->page_tokens;
+    const uint16_t *par = kvq__block_params(block, rb, P);
+    for (int i = t0; i < t1; i++) {
+        const uint8_t *row = block + (size_t)i * rb;
+        float *o = out + (size_t)(i - t0) * out_stride;
+        switch (t) {
+        case KVQ_TYPE_F16:
+            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(((const uint16_t *)(const void *)row)[c]);
+            break;
+        case KVQ_TYPE_BF16:
+            for (int c = 0; c < D; c++) o[c] = kvq__bf16_to_f32(((const uint16_t *)(const void *)row)[c]);
+            break;
+        case KVQ_TYPE_Q8: {
+            float s = kvq__f16_to_f32(par[i]);
+            for (int c = 0; c < D; c++) o[c] = s * (float)(int8_t)row[c];
+            break;
+        }
+        case KVQ_TYPE_FP8: {
+            float s = kvq__f16_to_f32(par[i]);
+            for (int c = 0; c < D; c++) o[c] = s * kvq__e4m3_table[row[c]];
+            break;
+        }
+        case KVQ_TYPE_Q4:
+        case KVQ_TYPE_Q2: {
+            int b = kvq_type_get_traits(t)->bits;
+            if (role == KVQ_KEY) {
+                const uint16_t *sm = par + (size_t)(i / L->group) * 2 * D;
+                for (int c = 0; c < D; c++)
+                    o[c] = kvq__f16_to_f32(sm[c]) * (float)get_bits(row, c, b) + kvq__f16_to_f32(sm[D + c]);
+            } else {
+                int Gv = L->value_group;
+                const uint16_t *sm = par + (size_t)i * (D / Gv) * 2;
+                for (int c = 0; c < D; c++)
+                    o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * (float)get_bits(row, c, b) +
+                           kvq__f16_to_f32(sm[2 * (c / Gv) + 1]);
+            }
+            break;
+        }
+        default: break;
+        }
+    }
+}
