@@ -1,0 +1,452 @@
+#include "gguf.h"
+
+#include <fcntl.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "model_err.h"
+
+#define GGUF_MAGIC 0x46554747u /* "GGUF" read as little-endian u32 */
+#define GGUF_DEFAULT_ALIGNMENT 32
+
+/* Cursor over the file: every read checks the remaining bytes first. */
+typedef struct cursor {
+    const uint8_t *p;
+    size_t size, pos;
+} cursor;
+
+static bool need(cursor *c, uint64_t n) { return n <= c->size - c->pos; }
+
+#define READ_FN(name, T)                                                                                          \
+    static kvq_status name(cursor *c, T *out, const char *what) {                                                 \
+        if (!need(c, sizeof(T))) {                                                                                \
+            memset(out, 0, sizeof(T));                                                                            \
+            return kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: file ends at byte %zu while reading %s", c->size, what);   \
+        }                                                                                                         \
+        memcpy(out, c->p + c->pos, sizeof(T));                                                                    \
+        c->pos += sizeof(T);                                                                                      \
+        return KVQ_OK;                                                                                            \
+    }
+READ_FN(rd_u32, uint32_t)
+READ_FN(rd_u64, uint64_t)
+
+static kvq_status rd_str(cursor *c, gguf_str *s, const char *what) {
+    uint64_t len = 0;
+    kvq_status st = rd_u64(c, &len, what);
+    if (st) return st;
+    if (!need(c, len))
+        return kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: %s at byte %zu declares %llu bytes, only %zu left", what,
+                         c->pos, (unsigned long long)len, c->size - c->pos);
+    s->ptr = (const char *)c->p + c->pos;
+    s->len = len;
+    c->pos += len;
+    return KVQ_OK;
+}
+
+size_t gguf_vtype_size(uint32_t t) {
+    switch (t) {
+    case GGUF_U8: case GGUF_I8: case GGUF_BOOL: return 1;
+    case GGUF_U16: case GGUF_I16: return 2;
+    case GGUF_U32: case GGUF_I32: case GGUF_F32: return 4;
+    case GGUF_U64: case GGUF_I64: case GGUF_F64: return 8;
+    default: return 0;
+    }
+}
+
+/* Decodes one scalar of type t at p into the kv union. */
+static void scalar_decode(uint32_t t, const uint8_t *p, gguf_kv *kv) {
+    switch (t) {
+    case GGUF_U8: kv->v.u = p[0]; break;
+    case GGUF_BOOL: kv->v.u = p[0] != 0; break;
+    case GGUF_I8: { int8_t x; memcpy(&x, p, 1); kv->v.i = x; break; }
+    case GGUF_U16: { uint16_t x; memcpy(&x, p, 2); kv->v.u = x; break; }
+    case GGUF_I16: { int16_t x; memcpy(&x, p, 2); kv->v.i = x; break; }
+    case GGUF_U32: { uint32_t x; memcpy(&x, p, 4); kv->v.u = x; break; }
+    case GGUF_I32: { int32_t x; memcpy(&x, p, 4); kv->v.i = x; break; }
+    case GGUF_F32: { float x; memcpy(&x, p, 4); kv->v.f = x; break; }
+    case GGUF_U64: { uint64_t x; memcpy(&x, p, 8); kv->v.u = x; break; }
+    case GGUF_I64: { int64_t x; memcpy(&x, p, 8); kv->v.i = x; break; }
+    case GGUF_F64: { double x; memcpy(&x, p, 8); kv->v.f = x; break; }
+    default: break;
+    }
+}
+
+static kvq_status parse_kv(cursor *c, uint64_t idx, gguf_kv *kv) {
+    kvq_status st = rd_str(c, &kv->key, "metadata key");
+    if (st) return st;
+    if ((st = rd_u32(c, &kv->type, "metadata value type"))) return st;
+    int klen = kv->key.len > 64 ? 64 : (int)kv->key.len;
+    if (kv->type == GGUF_STRING) return rd_str(c, &kv->v.str, "metadata string value");
+    if (kv->type == GGUF_ARRAY) {
+        uint32_t et = 0;
+        uint64_t n = 0;
+        if ((st = rd_u32(c, &et, "array element type"))) return st;
+        if ((st = rd_u64(c, &n, "array length"))) return st;
+        kv->v.arr.type = et;
+        kv->v.arr.n = n;
+        kv->v.arr.data = c->p + c->pos;
+        size_t start = c->pos;
+        if (et == GGUF_STRING) {
+            /* Each string needs at least its 8-byte length: reject impossible counts before walking them. */
+            if (n > (c->size - c->pos) / 8)
+                return kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: key '%.*s': array of %llu strings cannot fit in %zu bytes",
+                                 klen, kv->key.ptr, (unsigned long long)n, c->size - c->pos);
+            for (uint64_t i = 0; i < n; i++) {
+                gguf_str s;
+                if ((st = rd_str(c, &s, "array string"))) return st;
+            }
+        } else {
+            size_t es = gguf_vtype_size(et);
+            if (es == 0)
+                return kvqm_fail(KVQ_ERR_FORMAT, "gguf: key '%.*s': bad array element type %u (nested arrays are not supported)",
+                                 klen, kv->key.ptr, et);
+            if (n > (c->size - c->pos) / es)
+                return kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: key '%.*s': array of %llu elements of %zu bytes exceeds the file",
+                                 klen, kv->key.ptr, (unsigned long long)n, es);
+            c->pos += n * es;
+        }
+        kv->v.arr.nbytes = c->pos - start;
+        return KVQ_OK;
+    }
+    size_t es = gguf_vtype_size(kv->type);
+    if (es == 0)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: metadata entry %llu ('%.*s'): unknown value type %u",
+                         (unsigned long long)idx, klen, kv->key.ptr, kv->type);
+    if (!need(c, es)) return kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: file ends inside the value of '%.*s'", klen, kv->key.ptr);
+    scalar_decode(kv->type, c->p + c->pos, kv);
+    c->pos += es;
+    return KVQ_OK;
+}
+
+/* Elements per block and bytes per block of a ggml type; 0 if unknown. */
+static int type_block(uint32_t t, uint64_t *blk_elems, uint64_t *blk_bytes) {
+    switch (t) {
+    case GGML_F32: *blk_elems = 1; *blk_bytes = 4; return 1;
+    case GGML_F16: case GGML_BF16: *blk_elems = 1; *blk_bytes = 2; return 1;
+    case GGML_Q4_0: *blk_elems = 32; *blk_bytes = 18; return 1; /* fp16 d, 16 bytes of nibbles */
+    case GGML_Q4_1: *blk_elems = 32; *blk_bytes = 20; return 1; /* fp16 d, fp16 m, 16 bytes of nibbles */
+    case GGML_Q8_0: *blk_elems = 32; *blk_bytes = 34; return 1; /* fp16 d, 32 int8 */
+    default: return 0;
+    }
+}
+
+const char *ggml_type_name(uint32_t t) {
+    switch (t) {
+    case GGML_F32: return "F32";
+    case GGML_F16: return "F16";
+    case GGML_BF16: return "BF16";
+    case GGML_Q4_0: return "Q4_0";
+    case GGML_Q4_1: return "Q4_1";
+    case GGML_Q8_0: return "Q8_0";
+    default: return "unsupported";
+    }
+}
+
+static kvq_status parse_tensor(cursor *c, uint64_t idx, gguf_tensor *t) {
+    kvq_status st = rd_str(c, &t->name, "tensor name");
+    if (st) return st;
+    int nlen = t->name.len > 64 ? 64 : (int)t->name.len;
+    if ((st = rd_u32(c, &t->n_dims, "tensor n_dims"))) return st;
+    if (t->n_dims < 1 || t->n_dims > GGUF_MAX_DIMS)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor %llu ('%.*s'): n_dims %u not in 1..%d", (unsigned long long)idx,
+                         nlen, t->name.ptr, t->n_dims, GGUF_MAX_DIMS);
+    uint64_t n = 1;
+    for (int d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) {
+        if ((st = rd_u64(c, &t->ne[d], "tensor dimension"))) return st;
+        /* Dimensions above 2^40 or products above 2^56 elements cannot be in any file we can map. */
+        if (t->ne[d] == 0 || t->ne[d] > (1ull << 40) || n > (1ull << 56) / t->ne[d])
+            return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor '%.*s': dimension %u = %llu is invalid", nlen, t->name.ptr, d,
+                             (unsigned long long)t->ne[d]);
+        n *= t->ne[d];
+    }
+    t->n_elements = n;
+    if ((st = rd_u32(c, &t->type, "tensor type"))) return st;
+    if ((st = rd_u64(c, &t->offset, "tensor offset"))) return st;
+    uint64_t be, bb;
+    if (!type_block(t->type, &be, &bb))
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor '%.*s': ggml type %u is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                         nlen, t->name.ptr, t->type);
+    if (t->ne[0] % be != 0)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor '%.*s': row of %llu elements is not a multiple of the %s block (%llu)",
+                         nlen, t->name.ptr, (unsigned long long)t->ne[0], ggml_type_name(t->type), (unsigned long long)be);
+    t->nbytes = n / be * bb;
+    return KVQ_OK;
+}
+
+static int str_eq(gguf_str s, const char *z) {
+    size_t n = strlen(z);
+    return s.len == n && memcmp(s.ptr, z, n) == 0;
+}
+
+kvq_status gguf_parse(const uint8_t *data, size_t size, gguf_file **out) {
+    if (!out) return kvqm_fail(KVQ_ERR_NULL, "gguf_parse: out is NULL");
+    *out = NULL;
+    if (!data && size) return kvqm_fail(KVQ_ERR_NULL, "gguf_parse: data is NULL");
+    cursor c = {data, size, 0};
+    uint32_t magic = 0, version = 0;
+    uint64_t n_tensors = 0, n_kv = 0;
+    kvq_status st;
+    if ((st = rd_u32(&c, &magic, "magic"))) return st;
+    if (magic != GGUF_MAGIC) return kvqm_fail(KVQ_ERR_FORMAT, "gguf: bad magic 0x%08x (not a GGUF file)", magic);
+    if ((st = rd_u32(&c, &version, "version"))) return st;
+    if (version != 2 && version != 3)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: version %u is not supported (2 or 3)", version);
+    if ((st = rd_u64(&c, &n_tensors, "tensor count")) || (st = rd_u64(&c, &n_kv, "metadata count"))) return st;
+    /* Minimum encoded sizes (kv: key length + type + 1 byte; tensor: name length + n_dims + 1 dim + type + offset)
+     * bound the counts by the file size, so a huge count fails here instead of in calloc. */
+    if (n_kv > (size - c.pos) / 13)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: metadata count %llu cannot fit in a %zu-byte file", (unsigned long long)n_kv, size);
+    if (n_tensors > (size - c.pos) / 32)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor count %llu cannot fit in a %zu-byte file", (unsigned long long)n_tensors, size);
+
+    gguf_file *f = calloc(1, sizeof *f);
+    if (!f) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "gguf: out of memory");
+    f->version = version;
+    f->base = data;
+    f->size = size;
+    f->n_kv = n_kv;
+    f->n_tensors = n_tensors;
+    f->kv = calloc(n_kv ? n_kv : 1, sizeof *f->kv);
+    f->tensors = calloc(n_tensors ? n_tensors : 1, sizeof *f->tensors);
+    if (!f->kv || !f->tensors) {
+        st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "gguf: out of memory for %llu entries", (unsigned long long)(n_kv + n_tensors));
+        goto fail;
+    }
+    f->alignment = GGUF_DEFAULT_ALIGNMENT;
+    for (uint64_t i = 0; i < n_kv; i++) {
+        if ((st = parse_kv(&c, i, &f->kv[i]))) goto fail;
+        if (str_eq(f->kv[i].key, "general.alignment")) {
+            const gguf_kv *kv = &f->kv[i];
+            uint64_t a = kv->type == GGUF_U32 || kv->type == GGUF_U64 ? kv->v.u : 0;
+            if (a == 0 || (a & (a - 1)) != 0 || a > (1u << 20)) {
+                st = kvqm_fail(KVQ_ERR_FORMAT, "gguf: general.alignment must be a power of two up to 1 MiB");
+                goto fail;
+            }
+            f->alignment = a;
+        }
+    }
+    for (uint64_t i = 0; i < n_tensors; i++)
+        if ((st = parse_tensor(&c, i, &f->tensors[i]))) goto fail;
+    uint64_t data_off = (c.pos + f->alignment - 1) / f->alignment * f->alignment;
+    if (data_off > size && n_tensors > 0) {
+        st = kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: file ends (%zu bytes) before its tensor data section (byte %llu)", size,
+                       (unsigned long long)data_off);
+        goto fail;
+    }
+    f->data_offset = data_off;
+    uint64_t avail = data_off <= size ? size - data_off : 0;
+    for (uint64_t i = 0; i < n_tensors; i++) {
+        gguf_tensor *t = &f->tensors[i];
+        int nlen = t->name.len > 64 ? 64 : (int)t->name.len;
+        if (t->offset % f->alignment != 0) {
+            st = kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor '%.*s': offset %llu is not aligned to %llu", nlen, t->name.ptr,
+                           (unsigned long long)t->offset, (unsigned long long)f->alignment);
+            goto fail;
+        }
+        if (t->offset > avail || t->nbytes > avail - t->offset) {
+            st = kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: tensor '%.*s': bytes %llu..%llu of the data section are past its end (%llu bytes)",
+                           nlen, t->name.ptr, (unsigned long long)t->offset,
+                           (unsigned long long)(t->offset + t->nbytes), (unsigned long long)avail);
+            goto fail;
+        }
+        t->data = data + data_off + t->offset;
+        for (uint64_t j = 0; j < i; j++)
+            if (f->tensors[j].name.len == t->name.len && memcmp(f->tensors[j].name.ptr, t->name.ptr, t->name.len) == 0) {
+                st = kvqm_fail(KVQ_ERR_FORMAT, "gguf: duplicate tensor name '%.*s'", nlen, t->name.ptr);
+                goto fail;
+            }
+    }
+    *out = f;
+    return KVQ_OK;
+fail:
+    free(f->kv);
+    free(f->tensors);
+    free(f);
+    return st;
+}
+
+kvq_status gguf_open(const char *path, gguf_file **out) {
+    if (!path || !out) return kvqm_fail(KVQ_ERR_NULL, "gguf_open: NULL argument");
+    *out = NULL;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return kvqm_fail(KVQ_ERR_IO, "gguf: cannot open '%s'", path);
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return kvqm_fail(KVQ_ERR_IO, "gguf: '%s' is not a regular file", path);
+    }
+    size_t size = (size_t)sb.st_size;
+    if (size < 24) {
+        close(fd);
+        return kvqm_fail(KVQ_ERR_TRUNCATED, "gguf: '%s' has %zu bytes, fewer than a GGUF header", path, size);
+    }
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd); /* the mapping keeps the file alive */
+    if (map == MAP_FAILED) return kvqm_fail(KVQ_ERR_IO, "gguf: cannot mmap '%s'", path);
+    gguf_file *f;
+    kvq_status st = gguf_parse(map, size, &f);
+    if (st) {
+        munmap(map, size);
+        return st;
+    }
+    f->mapped = 1;
+    *out = f;
+    return KVQ_OK;
+}
+
+void gguf_close(gguf_file *f) {
+    if (!f) return;
+    if (f->mapped) munmap((void *)f->base, f->size);
+    free(f->kv);
+    free(f->tensors);
+    free(f);
+}
+
+const gguf_kv *gguf_find_kv(const gguf_file *f, const char *key) {
+    if (!f || !key) return NULL;
+    for (uint64_t i = 0; i < f->n_kv; i++)
+        if (str_eq(f->kv[i].key, key)) return &f->kv[i];
+    return NULL;
+}
+
+const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name) {
+    if (!f || !name) return NULL;
+    for (uint64_t i = 0; i < f->n_tensors; i++)
+        if (str_eq(f->tensors[i].name, name)) return &f->tensors[i];
+    return NULL;
+}
+
+static int is_unsigned(uint32_t t) { return t == GGUF_U8 || t == GGUF_U16 || t == GGUF_U32 || t == GGUF_U64 || t == GGUF_BOOL; }
+static int is_signed(uint32_t t) { return t == GGUF_I8 || t == GGUF_I16 || t == GGUF_I32 || t == GGUF_I64; }
+static int is_float(uint32_t t) { return t == GGUF_F32 || t == GGUF_F64; }
+
+kvq_status gguf_get_i64(const gguf_file *f, const char *key, int64_t *out) {
+    const gguf_kv *kv = gguf_find_kv(f, key);
+    if (!kv) return kvqm_fail(KVQ_ERR_INVALID_ARG, "gguf: missing metadata key '%s'", key);
+    if (is_unsigned(kv->type)) {
+        if (kv->v.u > INT64_MAX) return kvqm_fail(KVQ_ERR_FORMAT, "gguf: '%s' is out of range", key);
+        *out = (int64_t)kv->v.u;
+        return KVQ_OK;
+    }
+    if (is_signed(kv->type)) {
+        *out = kv->v.i;
+        return KVQ_OK;
+    }
+    return kvqm_fail(KVQ_ERR_FORMAT, "gguf: '%s' has type %u, expected an integer", key, kv->type);
+}
+
+kvq_status gguf_get_f64(const gguf_file *f, const char *key, double *out) {
+    const gguf_kv *kv = gguf_find_kv(f, key);
+    if (!kv) return kvqm_fail(KVQ_ERR_INVALID_ARG, "gguf: missing metadata key '%s'", key);
+    if (is_float(kv->type)) *out = kv->v.f;
+    else if (is_unsigned(kv->type)) *out = (double)kv->v.u;
+    else if (is_signed(kv->type)) *out = (double)kv->v.i;
+    else return kvqm_fail(KVQ_ERR_FORMAT, "gguf: '%s' has type %u, expected a number", key, kv->type);
+    return KVQ_OK;
+}
+
+int64_t gguf_get_i64_or(const gguf_file *f, const char *key, int64_t def) {
+    int64_t v;
+    return gguf_find_kv(f, key) && gguf_get_i64(f, key, &v) == KVQ_OK ? v : def;
+}
+
+double gguf_get_f64_or(const gguf_file *f, const char *key, double def) {
+    double v;
+    return gguf_find_kv(f, key) && gguf_get_f64(f, key, &v) == KVQ_OK ? v : def;
+}
+
+gguf_str gguf_get_str(const gguf_file *f, const char *key) {
+    const gguf_kv *kv = gguf_find_kv(f, key);
+    gguf_str none = {NULL, 0};
+    return kv && kv->type == GGUF_STRING ? kv->v.str : none;
+}
+
+kvq_status gguf_arr_strings(const gguf_kv *kv, gguf_str *out) {
+    if (!kv || kv->type != GGUF_ARRAY || kv->v.arr.type != GGUF_STRING)
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: not a string array");
+    /* Bounds were checked at parse time; the cursor re-checks anyway, it costs nothing. */
+    cursor c = {kv->v.arr.data, kv->v.arr.nbytes, 0};
+    for (uint64_t i = 0; i < kv->v.arr.n; i++) {
+        kvq_status st = rd_str(&c, &out[i], "array string");
+        if (st) return st;
+    }
+    return KVQ_OK;
+}
+
+int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i) {
+    gguf_kv tmp;
+    memset(&tmp, 0, sizeof tmp);
+    size_t es = gguf_vtype_size(kv->v.arr.type);
+    if (es == 0 || i >= kv->v.arr.n) return 0;
+    tmp.type = kv->v.arr.type;
+    scalar_decode(kv->v.arr.type, kv->v.arr.data + i * es, &tmp);
+    if (is_unsigned(tmp.type)) return (int64_t)tmp.v.u;
+    if (is_signed(tmp.type)) return tmp.v.i;
+    return (int64_t)tmp.v.f;
+}
+
+/* IEEE half to float, subnormals included. */
+static float half_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        float v = ldexpf((float)man, -24);
+        return sign ? -v : v;
+    }
+    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 112) << 23) | (man << 13);
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+kvq_status gguf_tensor_to_f32(const gguf_tensor *t, float *out) {
+    if (!t || !out) return kvqm_fail(KVQ_ERR_NULL, "gguf_tensor_to_f32: NULL argument");
+    const uint8_t *p = t->data;
+    uint64_t n = t->n_elements;
+    switch (t->type) {
+    case GGML_F32: memcpy(out, p, n * 4); break;
+    case GGML_F16:
+        for (uint64_t i = 0; i < n; i++) out[i] = half_to_f32(rd16(p + 2 * i));
+        break;
+    case GGML_BF16:
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)rd16(p + 2 * i) << 16;
+            memcpy(&out[i], &bits, 4);
+        }
+        break;
+    case GGML_Q8_0: /* x = d * q */
+        for (uint64_t b = 0; b < n / 32; b++, p += 34) {
+            float d = half_to_f32(rd16(p));
+            for (int j = 0; j < 32; j++) out[b * 32 + j] = d * (float)(int8_t)p[2 + j];
+        }
+        break;
+    case GGML_Q4_0: /* x = d * (q - 8); byte j holds element j (low nibble) and j + 16 (high nibble) */
+        for (uint64_t b = 0; b < n / 32; b++, p += 18) {
+            float d = half_to_f32(rd16(p));
+            for (int j = 0; j < 16; j++) {
+                out[b * 32 + j] = d * (float)((p[2 + j] & 0x0f) - 8);
+                out[b * 32 + j + 16] = d * (float)((p[2 + j] >> 4) - 8);
+            }
+        }
+        break;
+    case GGML_Q4_1: /* x = d * q + m, same nibble order as Q4_0 */
+        for (uint64_t b = 0; b < n / 32; b++, p += 20) {
+            float d = half_to_f32(rd16(p)), m = half_to_f32(rd16(p + 2));
+            for (int j = 0; j < 16; j++) {
+                out[b * 32 + j] = d * (float)(p[4 + j] & 0x0f) + m;
+                out[b * 32 + j + 16] = d * (float)(p[4 + j] >> 4) + m;
+            }
+        }
+        break;
+    default: return kvqm_fail(KVQ_ERR_FORMAT, "gguf: cannot dequantize ggml type %u", t->type);
+    }
+    return KVQ_OK;
+}

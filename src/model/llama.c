@@ -1,0 +1,336 @@
+#include "llama.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_err.h"
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Loading
+ * -------------------------------------------------------------------------------------------------------- */
+static kvq_status get_int(const gguf_file *f, const char *arch, const char *key, int64_t lo, int64_t hi, int *out) {
+    char name[160];
+    int64_t v;
+    snprintf(name, sizeof name, "%s.%s", arch, key);
+    kvq_status st = gguf_get_i64(f, name, &v);
+    if (st) return st;
+    if (v < lo || v > hi) return kvqm_fail(KVQ_ERR_FORMAT, "model: %s = %lld outside %lld..%lld", name, (long long)v, (long long)lo, (long long)hi);
+    *out = (int)v;
+    return KVQ_OK;
+}
+
+/* Loads tensor `name`, checking its shape is [ne1][ne0] (ne0 contiguous), into a new fp32 array. */
+static kvq_status load_tensor(const gguf_file *f, const char *name, int64_t ne0, int64_t ne1, float **out, size_t *bytes) {
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) return kvqm_fail(KVQ_ERR_FORMAT, "model: tensor '%s' is missing", name);
+    if ((int64_t)t->ne[0] != ne0 || (int64_t)t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1)
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%lld, %lld]", name,
+                         (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], (unsigned long long)t->ne[2],
+                         (unsigned long long)t->ne[3], (long long)ne0, (long long)ne1);
+    float *p = malloc((size_t)ne0 * (size_t)ne1 * sizeof *p);
+    if (!p) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "model: no memory for tensor '%s'", name);
+    kvq_status st = gguf_tensor_to_f32(t, p);
+    if (st) {
+        free(p);
+        return st;
+    }
+    *out = p;
+    *bytes += (size_t)ne0 * (size_t)ne1 * sizeof *p;
+    return KVQ_OK;
+}
+
+void llama_free(llama_model *m) {
+    if (!m) return;
+    if (m->layers)
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            llama_layer *L = &m->layers[l];
+            free(L->attn_norm), free(L->wq), free(L->wk), free(L->wv), free(L->wo);
+            free(L->ffn_norm), free(L->w_gate), free(L->w_up), free(L->w_down);
+        }
+    free(m->layers);
+    if (m->output != m->tok_embd) free(m->output);
+    free(m->tok_embd);
+    free(m->output_norm);
+    free(m);
+}
+
+kvq_status llama_load(const gguf_file *f, llama_model **out) {
+    if (!f || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_load: NULL argument");
+    *out = NULL;
+    gguf_str arch_s = gguf_get_str(f, "general.architecture");
+    char arch[64];
+    if (!arch_s.ptr || arch_s.len == 0 || arch_s.len >= sizeof arch)
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: general.architecture missing");
+    memcpy(arch, arch_s.ptr, arch_s.len);
+    arch[arch_s.len] = '\0';
+    if (strcmp(arch, "llama") != 0)
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: architecture '%s' is not supported (llama only)", arch);
+
+    llama_model *m = calloc(1, sizeof *m);
+    if (!m) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "model: out of memory");
+    llama_config *c = &m->cfg;
+    kvq_status st;
+    if ((st = get_int(f, arch, "embedding_length", 1, 1 << 16, &c->dim)) ||
+        (st = get_int(f, arch, "block_count", 1, 1024, &c->n_layers)) ||
+        (st = get_int(f, arch, "attention.head_count", 1, 1024, &c->n_heads)) ||
+        (st = get_int(f, arch, "feed_forward_length", 1, 1 << 20, &c->hidden_dim)))
+        goto fail;
+    c->n_kv_heads = c->n_heads;
+    char key[160];
+    snprintf(key, sizeof key, "%s.attention.head_count_kv", arch);
+    if (gguf_find_kv(f, key) && (st = get_int(f, arch, "attention.head_count_kv", 1, c->n_heads, &c->n_kv_heads))) goto fail;
+    if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads) {
+        st = kvqm_fail(KVQ_ERR_FORMAT, "model: dim %d / heads %d / kv heads %d do not divide", c->dim, c->n_heads, c->n_kv_heads);
+        goto fail;
+    }
+    c->head_dim = c->dim / c->n_heads;
+    snprintf(key, sizeof key, "%s.context_length", arch);
+    c->ctx_len = (int)gguf_get_i64_or(f, key, 2048);
+    snprintf(key, sizeof key, "%s.rope.freq_base", arch);
+    c->rope_theta = (float)gguf_get_f64_or(f, key, 10000.0);
+    snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", arch);
+    c->norm_eps = (float)gguf_get_f64_or(f, key, 1e-5);
+    snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
+    if (gguf_get_i64_or(f, key, c->head_dim) != c->head_dim) {
+        st = kvqm_fail(KVQ_ERR_FORMAT, "model: partial RoPE (rope.dimension_count != head_dim) is not supported");
+        goto fail;
+    }
+    const gguf_tensor *emb = gguf_find_tensor(f, "token_embd.weight");
+    if (!emb || (int64_t)emb->ne[0] != c->dim || emb->ne[1] > (1u << 24)) {
+        st = kvqm_fail(KVQ_ERR_FORMAT, "model: token_embd.weight missing or not [vocab][%d]", c->dim);
+        goto fail;
+    }
+    c->vocab_size = (int)emb->ne[1];
+    int dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
+    size_t *wb = &m->weight_bytes;
+    if ((st = load_tensor(f, "token_embd.weight", dim, V, &m->tok_embd, wb)) ||
+        (st = load_tensor(f, "output_norm.weight", dim, 1, &m->output_norm, wb)))
+        goto fail;
+    if (gguf_find_tensor(f, "output.weight")) {
+        if ((st = load_tensor(f, "output.weight", dim, V, &m->output, wb))) goto fail;
+    } else {
+        m->output = m->tok_embd; /* tied embeddings */
+    }
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "model: out of memory");
+        goto fail;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        llama_layer *L = &m->layers[l];
+        char n[9][64];
+        static const char *const suffix[9] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                              "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"};
+        for (int i = 0; i < 9; i++) snprintf(n[i], sizeof n[i], "blk.%d.%s.weight", l, suffix[i]);
+        if ((st = load_tensor(f, n[0], dim, 1, &L->attn_norm, wb)) || (st = load_tensor(f, n[1], dim, dim, &L->wq, wb)) ||
+            (st = load_tensor(f, n[2], dim, kv_dim, &L->wk, wb)) || (st = load_tensor(f, n[3], dim, kv_dim, &L->wv, wb)) ||
+            (st = load_tensor(f, n[4], dim, dim, &L->wo, wb)) || (st = load_tensor(f, n[5], dim, 1, &L->ffn_norm, wb)) ||
+            (st = load_tensor(f, n[6], dim, hid, &L->w_gate, wb)) || (st = load_tensor(f, n[7], dim, hid, &L->w_up, wb)) ||
+            (st = load_tensor(f, n[8], hid, dim, &L->w_down, wb)))
+            goto fail;
+    }
+    *out = m;
+    return KVQ_OK;
+fail:
+    llama_free(m);
+    return st;
+}
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Context
+ * -------------------------------------------------------------------------------------------------------- */
+struct llama_ctx {
+    const llama_model *m;
+    kvq_cache *cache;
+    int32_t seq;
+    int max_batch;
+    int n_ctx;
+    kvq_attn_params ap;
+    float *rope_inv_freq; /* [head_dim / 2] */
+    /* scratch, sized for max_batch tokens */
+    float *x, *h, *q, *k, *v, *o, *g, *u; /* [B][dim] x4 ([B][kv_dim] for k, v), [B][hidden] for g, u */
+};
+
+kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
+    if (!m || !p || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_create: NULL argument");
+    *out = NULL;
+    const llama_config *c = &m->cfg;
+    if (p->n_ctx < 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "context size %d must be >= 1", p->n_ctx);
+    llama_ctx *x = calloc(1, sizeof *x);
+    if (!x) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
+    x->m = m;
+    x->n_ctx = p->n_ctx;
+    x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
+    x->ap = kvq_attn_params_default(c->n_heads);
+
+    kvq_cache_config cc = kvq_cache_config_default();
+    cc.n_layers = c->n_layers;
+    cc.n_kv_heads = c->n_kv_heads;
+    cc.head_dim = c->head_dim;
+    cc.type_k = p->type_k;
+    cc.type_v = p->type_v;
+    cc.residual = p->residual;
+    cc.n_threads = p->n_threads;
+    cc.max_seqs = 1;
+    /* Size the arena from the amortized bytes per token, then grow it until kvq says n_ctx tokens fit (pages
+     * are whole, so the estimate is a little short). */
+    double bpt = (kvq_type_bytes_per_token(p->type_k, KVQ_KEY, c->head_dim, 0) +
+                  kvq_type_bytes_per_token(p->type_v, KVQ_VALUE, c->head_dim, 0)) * c->n_kv_heads * c->n_layers;
+    if (bpt <= 0) {
+        free(x);
+        return kvqm_fail(KVQ_ERR_UNSUPPORTED_TYPE, "KV types %d/%d are not usable: %s", p->type_k, p->type_v, kvq_last_error());
+    }
+    cc.arena_bytes = (size_t)(bpt * (double)(p->n_ctx + 128)) + 4096;
+    kvq_status st;
+    for (int tries = 0;; tries++) {
+        int64_t cap = kvq_cache_capacity_tokens(&cc);
+        if (cap < 0) {
+            st = kvqm_fail((kvq_status)cap, "kvq cache config rejected: %s", kvq_last_error());
+            goto fail;
+        }
+        if (cap >= p->n_ctx) break;
+        if (tries > 64) {
+            st = kvqm_fail(KVQ_ERR_INTERNAL, "could not size a cache for %d tokens", p->n_ctx);
+            goto fail;
+        }
+        cc.arena_bytes = cc.arena_bytes + cc.arena_bytes / 8 + 65536;
+    }
+    if ((st = kvq_cache_create(&cc, &x->cache))) {
+        st = kvqm_fail(st, "kvq_cache_create: %s", kvq_last_error());
+        goto fail;
+    }
+    if ((st = kvq_seq_new(x->cache, &x->seq))) {
+        st = kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
+        goto fail;
+    }
+    int hd = c->head_dim;
+    x->rope_inv_freq = malloc((size_t)(hd / 2) * sizeof(float));
+    size_t B = (size_t)x->max_batch, kv_dim = (size_t)c->n_kv_heads * (size_t)hd;
+    x->x = malloc(B * (size_t)c->dim * sizeof(float));
+    x->h = malloc(B * (size_t)c->dim * sizeof(float));
+    x->q = malloc(B * (size_t)c->dim * sizeof(float));
+    x->o = malloc(B * (size_t)c->dim * sizeof(float));
+    x->k = malloc(B * kv_dim * sizeof(float));
+    x->v = malloc(B * kv_dim * sizeof(float));
+    x->g = malloc(B * (size_t)c->hidden_dim * sizeof(float));
+    x->u = malloc(B * (size_t)c->hidden_dim * sizeof(float));
+    if (!x->rope_inv_freq || !x->x || !x->h || !x->q || !x->o || !x->k || !x->v || !x->g || !x->u) {
+        st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
+        goto fail;
+    }
+    for (int i = 0; i < hd / 2; i++) x->rope_inv_freq[i] = (float)pow((double)c->rope_theta, -2.0 * i / hd);
+    *out = x;
+    return KVQ_OK;
+fail:
+    llama_ctx_free(x);
+    return st;
+}
+
+void llama_ctx_free(llama_ctx *c) {
+    if (!c) return;
+    kvq_cache_free(c->cache);
+    free(c->rope_inv_freq);
+    free(c->x), free(c->h), free(c->q), free(c->o), free(c->k), free(c->v), free(c->g), free(c->u);
+    free(c);
+}
+
+kvq_status llama_ctx_reset(llama_ctx *c) {
+    kvq_status st = kvq_seq_free(c->cache, c->seq);
+    if (!st) st = kvq_seq_new(c->cache, &c->seq);
+    return st ? kvqm_fail(st, "reset: %s", kvq_last_error()) : KVQ_OK;
+}
+
+int64_t llama_ctx_pos(const llama_ctx *c) {
+    int64_t len = 0;
+    kvq_seq_length(c->cache, c->seq, 0, &len);
+    return len;
+}
+
+const kvq_cache *llama_ctx_cache(const llama_ctx *c) { return c->cache; }
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Forward
+ * -------------------------------------------------------------------------------------------------------- */
+/* out[n][dim] = rmsnorm(in[n][dim]) * w[dim] */
+static void rmsnorm(float *out, const float *in, const float *w, int n, int dim, float eps) {
+    for (int t = 0; t < n; t++) {
+        const float *a = in + (size_t)t * dim;
+        float *b = out + (size_t)t * dim;
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)a[i] * a[i];
+        float r = (float)(1.0 / sqrt(ss / dim + eps));
+        for (int i = 0; i < dim; i++) b[i] = a[i] * r * w[i];
+    }
+}
+
+/* Y[n][out] = X[n][in] W^T, with W [out][in]; beta 1 accumulates into Y (residual adds). */
+static void matmul(float *Y, const float *X, const float *W, int n, int in, int out, float beta) {
+    if (n == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, X, 1, beta, Y, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, X, in, W, in, beta, Y, out);
+}
+
+/* Rotates adjacent pairs (x[2i], x[2i+1]) of every head by pos * inv_freq[i]. */
+static void rope(float *x, int n_heads, int hd, int64_t pos, const float *inv_freq) {
+    for (int i = 0; i < hd / 2; i++) {
+        double a = (double)pos * inv_freq[i];
+        float cs = (float)cos(a), sn = (float)sin(a);
+        for (int h = 0; h < n_heads; h++) {
+            float *p = x + (size_t)h * hd + 2 * i;
+            float x0 = p[0], x1 = p[1];
+            p[0] = x0 * cs - x1 * sn;
+            p[1] = x0 * sn + x1 * cs;
+        }
+    }
+}
+
+kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from) {
+    const llama_model *m = c->m;
+    const llama_config *cf = &m->cfg;
+    if (!tokens || n < 1 || n > c->max_batch)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: %d tokens (1..%d per call)", n, c->max_batch);
+    int dim = cf->dim, hd = cf->head_dim, kv_dim = cf->n_kv_heads * hd, hid = cf->hidden_dim, V = cf->vocab_size;
+    int64_t pos0 = llama_ctx_pos(c);
+    if (pos0 + n > c->n_ctx)
+        return kvqm_fail(KVQ_ERR_CACHE_FULL, "forward: context full (%lld + %d > %d tokens)", (long long)pos0, n, c->n_ctx);
+    for (int t = 0; t < n; t++) {
+        if (tokens[t] < 0 || tokens[t] >= V) return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: token id %d out of range", tokens[t]);
+        memcpy(c->x + (size_t)t * dim, m->tok_embd + (size_t)tokens[t] * dim, (size_t)dim * sizeof(float));
+    }
+    int32_t n_tok = n;
+    for (int l = 0; l < cf->n_layers; l++) {
+        const llama_layer *L = &m->layers[l];
+        rmsnorm(c->h, c->x, L->attn_norm, n, dim, cf->norm_eps);
+        matmul(c->q, c->h, L->wq, n, dim, dim, 0.0f);    /* [n][n_heads*hd] */
+        matmul(c->k, c->h, L->wk, n, dim, kv_dim, 0.0f); /* [n][n_kv*hd] */
+        matmul(c->v, c->h, L->wv, n, dim, kv_dim, 0.0f);
+        for (int t = 0; t < n; t++) {
+            rope(c->q + (size_t)t * dim, cf->n_heads, hd, pos0 + t, c->rope_inv_freq);
+            rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq);
+        }
+        kvq_status st = kvq_append(c->cache, l, 1, &c->seq, &n_tok, KVQ_DTYPE_F32, c->k, c->v);
+        if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
+        st = n == 1 ? kvq_attn_decode(c->cache, l, 1, &c->seq, c->q, c->o, &c->ap)
+                    : kvq_attn_prefill(c->cache, l, c->seq, n, c->q, c->o, &c->ap);
+        if (st) return kvqm_fail(st, "layer %d: kvq attention: %s", l, kvq_last_error());
+        matmul(c->x, c->o, L->wo, n, dim, dim, 1.0f); /* x += o Wo^T */
+
+        rmsnorm(c->h, c->x, L->ffn_norm, n, dim, cf->norm_eps);
+        matmul(c->g, c->h, L->w_gate, n, dim, hid, 0.0f); /* [n][hidden] */
+        matmul(c->u, c->h, L->w_up, n, dim, hid, 0.0f);
+        for (size_t i = 0; i < (size_t)n * hid; i++) {
+            float g = c->g[i];
+            c->g[i] = g / (1.0f + expf(-g)) * c->u[i]; /* silu(g) * u */
+        }
+        matmul(c->x, c->g, L->w_down, n, hid, dim, 1.0f); /* x += ... Wd^T */
+    }
+    if (!logits || logits_from >= n) return KVQ_OK;
+    int first = logits_from < 0 ? 0 : logits_from, rows = n - first;
+    rmsnorm(c->h, c->x + (size_t)first * dim, m->output_norm, rows, dim, cf->norm_eps);
+    matmul(logits, c->h, m->output, rows, dim, V, 0.0f);
+    return KVQ_OK;
+}

@@ -1,0 +1,520 @@
+#include "tokenizer.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_err.h"
+#include "unicode_tables.h"
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Small open-addressing hash tables: vocab string -> id, and (left id, right id) -> (rank, merged id).
+ * -------------------------------------------------------------------------------------------------------- */
+static uint64_t fnv1a(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return x;
+}
+
+typedef struct pair_slot {
+    uint64_t key; /* (a << 32 | b) + 1; 0 = empty */
+    int32_t rank, merged;
+} pair_slot;
+
+struct kvq_tokenizer {
+    int32_t n_vocab;
+    gguf_str *tokens;   /* byte-level spellings, pointing into the GGUF file */
+    int32_t *types;     /* tokenizer.ggml.token_type (1 normal, 3 control, 4 user defined, 6 byte) */
+    char **pieces;      /* decoded bytes of each token */
+    size_t *piece_len;
+    int32_t *vocab_tab; /* hash table of ids, size vocab_cap, -1 = empty */
+    size_t vocab_cap;
+    pair_slot *pairs;
+    size_t pairs_cap;
+    int32_t byte_id[256]; /* id of the single-symbol token for each byte; -1: none (the byte is dropped) */
+    int32_t *specials;    /* ids matched whole in text (control and user-defined), longest first */
+    int n_specials;
+    int32_t bos, eos, im_start, im_end, endoftext;
+    int add_bos;
+    int digits_split; /* pre-tokenizer cuts \p{N} into single code points first */
+};
+
+static int32_t vocab_find(const kvq_tokenizer *t, const char *s, size_t n) {
+    size_t mask = t->vocab_cap - 1;
+    for (size_t i = fnv1a(s, n) & mask;; i = (i + 1) & mask) {
+        int32_t id = t->vocab_tab[i];
+        if (id < 0) return -1;
+        if (t->tokens[id].len == n && memcmp(t->tokens[id].ptr, s, n) == 0) return id;
+    }
+}
+
+static const pair_slot *pair_find(const kvq_tokenizer *t, int32_t a, int32_t b) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
+    size_t mask = t->pairs_cap - 1;
+    for (size_t i = mix64(key) & mask;; i = (i + 1) & mask) {
+        if (t->pairs[i].key == 0) return NULL;
+        if (t->pairs[i].key == key) return &t->pairs[i];
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------------------
+ * GPT-2's byte <-> symbol map: printable Latin-1 bytes stand for themselves, the other 68 bytes are moved to
+ * U+0100.. in byte order, so that every byte has a visible, non-space symbol.
+ * -------------------------------------------------------------------------------------------------------- */
+static int byte_is_printable(int b) { return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255); }
+
+static void byte_symbols(uint32_t sym[256]) {
+    int extra = 0;
+    for (int b = 0; b < 256; b++) sym[b] = byte_is_printable(b) ? (uint32_t)b : (uint32_t)(256 + extra++);
+}
+
+static int utf8_put(uint32_t cp, char *out) {
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) { out[0] = (char)(0xC0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    out[0] = (char)(0xE0 | (cp >> 12));
+    out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[2] = (char)(0x80 | (cp & 0x3F));
+    return 3;
+}
+
+/* Decodes one code point at s[0..n); invalid or truncated sequences give the lone byte as a code point in the
+ * U+DC80.. range (never a letter, number or space) and length 1. */
+static int utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
+    unsigned c = s[0];
+    int len;
+    uint32_t v;
+    if (c < 0x80) { *cp = c; return 1; }
+    if ((c & 0xE0) == 0xC0) { len = 2; v = c & 0x1F; }
+    else if ((c & 0xF0) == 0xE0) { len = 3; v = c & 0x0F; }
+    else if ((c & 0xF8) == 0xF0) { len = 4; v = c & 0x07; }
+    else goto bad;
+    if ((size_t)len > n) goto bad;
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) goto bad;
+        v = v << 6 | (s[i] & 0x3F);
+    }
+    if ((len == 2 && v < 0x80) || (len == 3 && v < 0x800) || (len == 4 && (v < 0x10000 || v > 0x10FFFF)) ||
+        (v >= 0xD800 && v <= 0xDFFF))
+        goto bad;
+    *cp = v;
+    return len;
+bad:
+    *cp = 0xDC00 | c;
+    return 1;
+}
+
+static bool in_ranges(const uint32_t (*r)[2], size_t n, uint32_t cp) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (cp < r[mid][0]) hi = mid;
+        else if (cp > r[mid][1]) lo = mid + 1;
+        else return true;
+    }
+    return false;
+}
+
+static bool is_letter(uint32_t cp) {
+    if (cp < 0x80) return (cp | 0x20) >= 'a' && (cp | 0x20) <= 'z';
+    return in_ranges(kvq_uni_letter, sizeof kvq_uni_letter / sizeof kvq_uni_letter[0], cp);
+}
+
+static bool is_number(uint32_t cp) {
+    if (cp < 0x80) return cp >= '0' && cp <= '9';
+    return in_ranges(kvq_uni_number, sizeof kvq_uni_number / sizeof kvq_uni_number[0], cp);
+}
+
+/* Unicode White_Space, which is what \s matches in the regex engines of HF tokenizers. */
+static bool is_space(uint32_t cp) {
+    return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+           (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F ||
+           cp == 0x3000;
+}
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Loading
+ * -------------------------------------------------------------------------------------------------------- */
+void tok_free(kvq_tokenizer *t) {
+    if (!t) return;
+    if (t->pieces)
+        for (int32_t i = 0; i < t->n_vocab; i++) free(t->pieces[i]);
+    free(t->pieces);
+    free(t->piece_len);
+    free(t->tokens);
+    free(t->types);
+    free(t->vocab_tab);
+    free(t->pairs);
+    free(t->specials);
+    free(t);
+}
+
+static size_t pow2_at_least(size_t n) {
+    size_t c = 1;
+    while (c < n) c <<= 1;
+    return c;
+}
+
+/* Maps a byte-level spelling back to bytes; returns the byte count, or -1 if a symbol is not in the map. */
+static long unmap_symbols(const gguf_str *s, const int16_t *sym_to_byte, char *out) {
+    size_t i = 0;
+    long n = 0;
+    while (i < s->len) {
+        uint32_t cp;
+        i += (size_t)utf8_next((const unsigned char *)s->ptr + i, s->len - i, &cp);
+        if (cp >= 324 || sym_to_byte[cp] < 0) return -1;
+        out[n++] = (char)sym_to_byte[cp];
+    }
+    return n;
+}
+
+static const kvq_tokenizer *g_sort_ctx; /* qsort has no context argument in C17 */
+static int cmp_special(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    uint64_t lx = g_sort_ctx->tokens[x].len, ly = g_sort_ctx->tokens[y].len;
+    return lx < ly ? 1 : lx > ly ? -1 : (x > y) - (x < y);
+}
+
+kvq_status tok_load(const gguf_file *f, kvq_tokenizer **out) {
+    if (!f || !out) return kvqm_fail(KVQ_ERR_NULL, "tok_load: NULL argument");
+    *out = NULL;
+    gguf_str model = gguf_get_str(f, "tokenizer.ggml.model");
+    if (!model.ptr || model.len != 4 || memcmp(model.ptr, "gpt2", 4) != 0)
+        return kvqm_fail(KVQ_ERR_FORMAT, "tokenizer: tokenizer.ggml.model is '%.*s'; only byte-level BPE ('gpt2') is supported",
+                         model.ptr ? (int)(model.len > 32 ? 32 : model.len) : 0, model.ptr ? model.ptr : "");
+    const gguf_kv *ktok = gguf_find_kv(f, "tokenizer.ggml.tokens");
+    const gguf_kv *kmerge = gguf_find_kv(f, "tokenizer.ggml.merges");
+    const gguf_kv *ktype = gguf_find_kv(f, "tokenizer.ggml.token_type");
+    if (!ktok || ktok->type != GGUF_ARRAY || ktok->v.arr.type != GGUF_STRING || ktok->v.arr.n == 0 ||
+        ktok->v.arr.n > (1u << 24))
+        return kvqm_fail(KVQ_ERR_FORMAT, "tokenizer: tokenizer.ggml.tokens missing or not a string array of 1..2^24");
+    if (!kmerge || kmerge->type != GGUF_ARRAY || kmerge->v.arr.type != GGUF_STRING)
+        return kvqm_fail(KVQ_ERR_FORMAT, "tokenizer: tokenizer.ggml.merges missing or not a string array");
+    if (ktype && (ktype->type != GGUF_ARRAY || gguf_vtype_size(ktype->v.arr.type) == 0 || ktype->v.arr.n != ktok->v.arr.n))
+        return kvqm_fail(KVQ_ERR_FORMAT, "tokenizer: tokenizer.ggml.token_type must be a numeric array of n_vocab entries");
+
+    kvq_tokenizer *t = calloc(1, sizeof *t);
+    if (!t) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    kvq_status st = KVQ_OK;
+    int32_t n = t->n_vocab = (int32_t)ktok->v.arr.n;
+    t->tokens = calloc((size_t)n, sizeof *t->tokens);
+    t->types = calloc((size_t)n, sizeof *t->types);
+    t->pieces = calloc((size_t)n, sizeof *t->pieces);
+    t->piece_len = calloc((size_t)n, sizeof *t->piece_len);
+    t->vocab_cap = pow2_at_least((size_t)n * 2);
+    t->vocab_tab = malloc(t->vocab_cap * sizeof *t->vocab_tab);
+    t->specials = calloc((size_t)n, sizeof *t->specials);
+    if (!t->tokens || !t->types || !t->pieces || !t->piece_len || !t->vocab_tab || !t->specials) goto oom;
+    if ((st = gguf_arr_strings(ktok, t->tokens))) goto fail;
+    for (size_t i = 0; i < t->vocab_cap; i++) t->vocab_tab[i] = -1;
+    for (int32_t i = 0; i < n; i++) {
+        t->types[i] = ktype ? (int32_t)gguf_arr_i64(ktype, (uint64_t)i) : 1;
+        if (vocab_find(t, t->tokens[i].ptr, t->tokens[i].len) >= 0) continue; /* first spelling wins */
+        size_t mask = t->vocab_cap - 1, j = fnv1a(t->tokens[i].ptr, t->tokens[i].len) & mask;
+        while (t->vocab_tab[j] >= 0) j = (j + 1) & mask;
+        t->vocab_tab[j] = i;
+    }
+
+    /* Byte symbols: each byte's one-symbol token must exist, or some text could not be encoded. */
+    uint32_t sym[256];
+    int16_t sym_to_byte[324];
+    byte_symbols(sym);
+    for (int i = 0; i < 324; i++) sym_to_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        char buf[4];
+        int l = utf8_put(sym[b], buf);
+        sym_to_byte[sym[b]] = (int16_t)b;
+        t->byte_id[b] = vocab_find(t, buf, (size_t)l);
+    }
+    /* Pieces: normal tokens map back to bytes; control/user-defined ones (or any not in the byte alphabet) are
+     * their own text. */
+    for (int32_t i = 0; i < n; i++) {
+        const gguf_str *s = &t->tokens[i];
+        t->pieces[i] = malloc(s->len + 1);
+        if (!t->pieces[i]) goto oom;
+        long l = t->types[i] == 3 || t->types[i] == 4 ? -1 : unmap_symbols(s, sym_to_byte, t->pieces[i]);
+        if (l < 0) {
+            memcpy(t->pieces[i], s->ptr, s->len);
+            l = (long)s->len;
+        }
+        t->pieces[i][l] = '\0';
+        t->piece_len[i] = (size_t)l;
+        if ((t->types[i] == 3 || t->types[i] == 4) && s->len > 0) t->specials[t->n_specials++] = i;
+    }
+    g_sort_ctx = t;
+    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special); /* longest match first */
+
+    /* Merges "A B" -> rank, in file order. */
+    uint64_t nm = kmerge->v.arr.n;
+    gguf_str *merges = calloc(nm ? nm : 1, sizeof *merges);
+    if (!merges) goto oom;
+    if ((st = gguf_arr_strings(kmerge, merges))) {
+        free(merges);
+        goto fail;
+    }
+    t->pairs_cap = pow2_at_least((size_t)nm * 2 + 2);
+    t->pairs = calloc(t->pairs_cap, sizeof *t->pairs);
+    if (!t->pairs) {
+        free(merges);
+        goto oom;
+    }
+    char *buf = NULL;
+    size_t buf_cap = 0;
+    for (uint64_t r = 0; r < nm; r++) {
+        const gguf_str *m = &merges[r];
+        const char *sp = memchr(m->ptr, ' ', m->len);
+        if (!sp || sp == m->ptr || (size_t)(sp - m->ptr) + 1 >= m->len) {
+            st = kvqm_fail(KVQ_ERR_FORMAT, "tokenizer: merge %llu is not 'A B'", (unsigned long long)r);
+            break;
+        }
+        size_t la = (size_t)(sp - m->ptr), lb = m->len - la - 1;
+        int32_t a = vocab_find(t, m->ptr, la), b = vocab_find(t, sp + 1, lb);
+        if (buf_cap < la + lb) {
+            free(buf);
+            buf_cap = (la + lb) * 2;
+            if (!(buf = malloc(buf_cap))) {
+                st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+                break;
+            }
+        }
+        memcpy(buf, m->ptr, la);
+        memcpy(buf + la, sp + 1, lb);
+        int32_t ab = vocab_find(t, buf, la + lb);
+        if (a < 0 || b < 0 || ab < 0) continue; /* a merge whose parts are not tokens can never apply */
+        uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
+        size_t mask = t->pairs_cap - 1, j = mix64(key) & mask;
+        while (t->pairs[j].key != 0 && t->pairs[j].key != key) j = (j + 1) & mask;
+        if (t->pairs[j].key == 0) { /* keep the first (best) rank of a duplicate merge */
+            t->pairs[j].key = key;
+            t->pairs[j].rank = (int32_t)r;
+            t->pairs[j].merged = ab;
+        }
+    }
+    free(buf);
+    free(merges);
+    if (st) goto fail;
+
+    int64_t bos = gguf_get_i64_or(f, "tokenizer.ggml.bos_token_id", -1);
+    int64_t eos = gguf_get_i64_or(f, "tokenizer.ggml.eos_token_id", -1);
+    t->bos = bos >= 0 && bos < n ? (int32_t)bos : -1;
+    t->eos = eos >= 0 && eos < n ? (int32_t)eos : -1;
+    const gguf_kv *kab = gguf_find_kv(f, "tokenizer.ggml.add_bos_token");
+    t->add_bos = kab && kab->type == GGUF_BOOL ? (int)kab->v.u : 0;
+    t->im_start = vocab_find(t, "<|im_start|>", 12);
+    t->im_end = vocab_find(t, "<|im_end|>", 10);
+    t->endoftext = vocab_find(t, "<|endoftext|>", 13);
+    gguf_str pre = gguf_get_str(f, "tokenizer.ggml.pre");
+    static const char *const digit_pres[] = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"};
+    for (size_t i = 0; pre.ptr && i < sizeof digit_pres / sizeof digit_pres[0]; i++)
+        if (pre.len == strlen(digit_pres[i]) && memcmp(pre.ptr, digit_pres[i], pre.len) == 0) t->digits_split = 1;
+    *out = t;
+    return KVQ_OK;
+oom:
+    st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+fail:
+    tok_free(t);
+    return st;
+}
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Encoding
+ * -------------------------------------------------------------------------------------------------------- */
+kvq_status tok_ids_push(tok_ids *v, int32_t id) {
+    if (v->n == v->cap) {
+        size_t cap = v->cap ? v->cap * 2 : 256;
+        int32_t *p = realloc(v->ids, cap * sizeof *p);
+        if (!p) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+        v->ids = p;
+        v->cap = cap;
+    }
+    v->ids[v->n++] = id;
+    return KVQ_OK;
+}
+
+void tok_ids_free(tok_ids *v) {
+    free(v->ids);
+    v->ids = NULL;
+    v->n = v->cap = 0;
+}
+
+/* BPE on one pre-token's bytes: start from one symbol per byte, then merge the adjacent pair of lowest rank
+ * (leftmost on ties) until no pair has a merge. Quadratic, but pre-tokens are short. */
+static kvq_status bpe_word(const kvq_tokenizer *t, const unsigned char *s, size_t n, int32_t *scratch, tok_ids *out) {
+    int32_t *sym = scratch;
+    size_t m = 0;
+    /* A byte with no token of its own is dropped, as HF's BPE does when the model has no unk token. */
+    for (size_t i = 0; i < n; i++)
+        if (t->byte_id[s[i]] >= 0) sym[m++] = t->byte_id[s[i]];
+    while (m > 1) {
+        int32_t best_rank = INT32_MAX, best_id = -1;
+        size_t best_at = 0;
+        for (size_t i = 0; i + 1 < m; i++) {
+            const pair_slot *p = pair_find(t, sym[i], sym[i + 1]);
+            if (p && p->rank < best_rank) {
+                best_rank = p->rank;
+                best_id = p->merged;
+                best_at = i;
+            }
+        }
+        if (best_id < 0) break;
+        sym[best_at] = best_id;
+        memmove(sym + best_at + 1, sym + best_at + 2, (m - best_at - 2) * sizeof *sym);
+        m--;
+    }
+    for (size_t i = 0; i < m; i++) {
+        kvq_status st = tok_ids_push(out, sym[i]);
+        if (st) return st;
+    }
+    return KVQ_OK;
+}
+
+/* The GPT-2 regex on text[0..n): returns the byte length of the match at the start (always >= 1). */
+static size_t gpt2_match(const unsigned char *s, size_t n) {
+    uint32_t c, c2;
+    int l = utf8_next(s, n, &c);
+    if (c == '\'' && n >= 2) { /* 's 't 're 've 'm 'll 'd, case-sensitive */
+        unsigned char a = s[1], b = n >= 3 ? s[2] : 0;
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return 3;
+    }
+    size_t i = 0;
+    uint32_t head = c;
+    if (c == ' ' && n > 1) { /* optional leading space of ` ?X+` */
+        utf8_next(s + 1, n - 1, &c2);
+        if (!is_space(c2)) {
+            i = 1;
+            head = c2;
+        }
+    }
+    if (!is_space(head)) {
+        /* ` ?\p{L}+`, ` ?\p{N}+` or ` ?[^\s\p{L}\p{N}]+`: the class of the first char decides which. */
+        int cls = is_letter(head) ? 0 : is_number(head) ? 1 : 2;
+        while (i < n) {
+            uint32_t d;
+            int dl = utf8_next(s + i, n - i, &d);
+            int dc = is_letter(d) ? 0 : is_number(d) ? 1 : is_space(d) ? 3 : 2;
+            if (dc != cls) break;
+            i += (size_t)dl;
+        }
+        return i;
+    }
+    /* Whitespace run [0, end): `\s+(?!\S)` takes all of it at the end of the text, else all but its last code
+     * point (which then leads the next match); a single space before a non-space falls to `\s+`. */
+    size_t end = 0, last = 0;
+    while (end < n) {
+        uint32_t d;
+        int dl = utf8_next(s + end, n - end, &d);
+        if (!is_space(d)) break;
+        last = end;
+        end += (size_t)dl;
+    }
+    (void)l;
+    if (end == n || last == 0) return end;
+    return last;
+}
+
+/* Pre-tokenizes and BPE-encodes a stretch of text with no special tokens in it. */
+static kvq_status encode_plain(const kvq_tokenizer *t, const unsigned char *s, size_t n, tok_ids *out) {
+    int32_t stack_buf[256];
+    int32_t *scratch = stack_buf;
+    size_t scratch_cap = 256;
+    kvq_status st = KVQ_OK;
+    size_t pos = 0;
+    while (pos < n && st == KVQ_OK) {
+        /* Piece [pos, pend): with digit splitting, one \p{N} code point or a run without any. */
+        size_t pend = pos;
+        if (t->digits_split) {
+            uint32_t c;
+            int l = utf8_next(s + pos, n - pos, &c);
+            if (is_number(c)) pend = pos + (size_t)l;
+            else
+                while (pend < n) {
+                    int l2 = utf8_next(s + pend, n - pend, &c);
+                    if (is_number(c)) break;
+                    pend += (size_t)l2;
+                }
+        } else {
+            pend = n;
+        }
+        while (pos < pend && st == KVQ_OK) {
+            size_t len = gpt2_match(s + pos, pend - pos);
+            if (len > scratch_cap) {
+                if (scratch != stack_buf) free(scratch);
+                scratch_cap = len * 2;
+                scratch = malloc(scratch_cap * sizeof *scratch);
+                if (!scratch) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+            }
+            st = bpe_word(t, s + pos, len, scratch, out);
+            pos += len;
+        }
+    }
+    if (scratch != stack_buf) free(scratch);
+    return st;
+}
+
+kvq_status tok_encode(const kvq_tokenizer *t, const char *text, size_t len, int parse_special, tok_ids *out) {
+    if (!t || (!text && len) || !out) return kvqm_fail(KVQ_ERR_NULL, "tok_encode: NULL argument");
+    const unsigned char *s = (const unsigned char *)text;
+    size_t start = 0, i = 0;
+    kvq_status st;
+    while (parse_special && i < len) {
+        int32_t hit = -1;
+        for (int k = 0; k < t->n_specials; k++) { /* longest first: the first hit is the longest */
+            const gguf_str *sp = &t->tokens[t->specials[k]];
+            if (sp->len <= len - i && (unsigned char)sp->ptr[0] == s[i] && memcmp(sp->ptr, s + i, sp->len) == 0) {
+                hit = t->specials[k];
+                break;
+            }
+        }
+        if (hit < 0) {
+            i++;
+            continue;
+        }
+        if ((st = encode_plain(t, s + start, i - start, out)) || (st = tok_ids_push(out, hit))) return st;
+        i += t->tokens[hit].len;
+        start = i;
+    }
+    return encode_plain(t, s + start, len - start, out);
+}
+
+kvq_status tok_encode_chat(const kvq_tokenizer *t, const char *system, const char *user, tok_ids *out) {
+    if (!t || !user || !out) return kvqm_fail(KVQ_ERR_NULL, "tok_encode_chat: NULL argument");
+    if (t->im_start < 0 || t->im_end < 0)
+        return kvqm_fail(KVQ_ERR_FORMAT, "tokenizer: vocabulary has no <|im_start|>/<|im_end|>: no ChatML template");
+    if (!system) system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    const char *parts[] = {"<|im_start|>system\n", system, "<|im_end|>\n<|im_start|>user\n", user,
+                           "<|im_end|>\n<|im_start|>assistant\n"};
+    size_t total = 1;
+    for (int i = 0; i < 5; i++) total += strlen(parts[i]);
+    char *buf = malloc(total);
+    if (!buf) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    buf[0] = '\0';
+    for (int i = 0; i < 5; i++) strcat(buf, parts[i]);
+    kvq_status st = tok_encode(t, buf, strlen(buf), 1, out);
+    free(buf);
+    return st;
+}
+
+const char *tok_piece(const kvq_tokenizer *t, int32_t id, size_t *len) {
+    if (!t || id < 0 || id >= t->n_vocab) {
+        if (len) *len = 0;
+        return "";
+    }
+    if (len) *len = t->piece_len[id];
+    return t->pieces[id];
+}
+
+int tok_is_control(const kvq_tokenizer *t, int32_t id) { return id >= 0 && id < t->n_vocab && t->types[id] == 3; }
+int tok_is_eog(const kvq_tokenizer *t, int32_t id) {
+    return id >= 0 && (id == t->eos || id == t->im_end || id == t->endoftext);
+}
+int32_t tok_n_vocab(const kvq_tokenizer *t) { return t->n_vocab; }
+int32_t tok_bos(const kvq_tokenizer *t) { return t->bos; }
+int32_t tok_eos(const kvq_tokenizer *t) { return t->eos; }
+int tok_add_bos(const kvq_tokenizer *t) { return t->add_bos; }

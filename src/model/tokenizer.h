@@ -1,0 +1,50 @@
+/* tokenizer.h: byte-level BPE (GPT-2 family) built from a GGUF file's tokenizer.ggml.* metadata.
+ *
+ * Encoding = special-token split -> pre-tokenizer -> byte-to-symbol mapping -> BPE merges by rank.
+ * The pre-tokenizer is chosen from tokenizer.ggml.pre: "smollm" (and "starcoder", "refact", ...) first cut every
+ * \p{N} code point into its own piece (HF's Digits(individual_digits=True)), then each piece goes through the GPT-2
+ * regex  's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+  implemented by hand;
+ * "gpt2" and unknown names use the regex alone. */
+#ifndef KVQ_TOKENIZER_H
+#define KVQ_TOKENIZER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "kvq.h"
+
+typedef struct kvq_tokenizer kvq_tokenizer;
+
+/* A growable array of token ids. */
+typedef struct tok_ids {
+    int32_t *ids;
+    size_t n, cap;
+} tok_ids;
+
+kvq_status tok_ids_push(tok_ids *v, int32_t id);
+void tok_ids_free(tok_ids *v);
+
+kvq_status tok_load(const gguf_file *f, kvq_tokenizer **out);
+void tok_free(kvq_tokenizer *t);
+
+/* Appends the ids of UTF-8 `text` to `out`. parse_special: strings of control/user-defined tokens in the text
+ * become those tokens (what HF does for added tokens); otherwise they are ordinary text. */
+kvq_status tok_encode(const kvq_tokenizer *t, const char *text, size_t len, int parse_special, tok_ids *out);
+
+/* Appends the instruct model's ChatML prompt for one user turn:
+ *   <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n
+ * system NULL: the default system prompt of the model's template (SmolLM2's). */
+kvq_status tok_encode_chat(const kvq_tokenizer *t, const char *system, const char *user, tok_ids *out);
+
+/* The bytes a token stands for (byte-level symbols mapped back); control tokens give their text. */
+const char *tok_piece(const kvq_tokenizer *t, int32_t id, size_t *len);
+int tok_is_control(const kvq_tokenizer *t, int32_t id);
+/* End of generation: eos, or <|im_end|> / <|endoftext|> when the vocabulary has them. */
+int tok_is_eog(const kvq_tokenizer *t, int32_t id);
+int32_t tok_n_vocab(const kvq_tokenizer *t);
+int32_t tok_bos(const kvq_tokenizer *t);
+int32_t tok_eos(const kvq_tokenizer *t);
+int tok_add_bos(const kvq_tokenizer *t);
+
+#endif
