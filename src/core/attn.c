@@ -70,7 +70,7 @@ static float exp_sum_ref(float *x, int n, float m) {
     return sum;
 }
 
-const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref};
+const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, NULL, NULL};
 
 static const kvq__kernels *pick_kernels(void) {
     const char *e = getenv("KVQ_FORCE_SCALAR");
@@ -134,7 +134,9 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
     const int D = kb->D, rows = w->rows;
     for (int a = j0; a < j1; a += SEG) {
         int n = j1 - a < SEG ? j1 - a : SEG;
-        for (int i = 0; i < n; i += KVQ_TILE) {
+        bool fused = K->key_scores && rows <= KVQ_FUSED_ROWS;
+        if (fused) K->key_scores(kb, a, n, w->q, rows, sc->s, SEG);
+        for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
             K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
@@ -161,12 +163,21 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
             if (corr != 1.0f)
                 for (int c = 0; c < D; c++) w->acc[(size_t)r * D + c] *= corr;
         }
-        for (int i = 0; i < n; i += KVQ_TILE) {
+        if (fused) K->value_accum(vb, a, n, sc->s, SEG, rows, w->acc);
+        for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(vb, a + i, m, sc->x);
             K->axpys(sc->s + i, SEG, rows, D, sc->x, m, w->acc);
         }
     }
+}
+
+/* The next page's blocks of this head are 2 separate streams far from the current ones; hardware prefetchers
+ * ramp up too late on each, so fetch them while the current page is being computed. */
+static void prefetch_page(const kvq_cache *c, int32_t pg, int h) {
+    const char *k = (const char *)kvq__kblock(c, pg, h), *v = (const char *)kvq__vblock(c, pg, h);
+    for (size_t o = 0; o < c->L.k_block_bytes; o += 64) __builtin_prefetch(k + o);
+    for (size_t o = 0; o < c->L.v_block_bytes; o += 64) __builtin_prefetch(v + o);
 }
 
 static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, const kvq_attn_params *p, scratch *sc) {
@@ -180,6 +191,7 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
         int64_t base = t / P * P;
         int64_t end = base + P < sl->paged ? base + P : sl->paged;
         end = end < w->t1 ? end : w->t1;
+        if (end < w->t1 && end < sl->paged) prefetch_page(c, sl->pages[end / P], w->h);
         kvq__blk kb = page_blk(c, pg, w->h, KVQ_KEY), vb = page_blk(c, pg, w->h, KVQ_VALUE);
         attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, w, p, sc);
         t = end;

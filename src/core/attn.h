@@ -16,6 +16,7 @@ typedef struct kvq__blk {
 } kvq__blk;
 
 #define KVQ_TILE 8 /* rows decoded at a time */
+#define KVQ_FUSED_ROWS 8
 
 typedef struct kvq__kernels {
     const char *name;
@@ -27,6 +28,10 @@ typedef struct kvq__kernels {
     void (*axpys)(const float *p, int ps, int rows, int D, const float *x, int n, float *acc);
     /* in place: x[i] = exp(x[i] - m), returns their sum */
     float (*exp_sum)(float *x, int n, float m);
+    /* Optional fused forms for up to KVQ_FUSED_ROWS rows, which read the block's bytes once, in registers:
+     * s[r * ss + i] = dot(q[r], row j0 + i) and acc[r] += sum_i p[r * ps + i] * row j0 + i, for i < n <= 64. */
+    void (*key_scores)(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss);
+    void (*value_accum)(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc);
 } kvq__kernels;
 
 extern const kvq__kernels kvq__kernels_ref;

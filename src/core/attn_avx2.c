@@ -4,7 +4,7 @@
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-static inline __m256 load_row8(const kvq__blk *b, const uint8_t *row, int c, const uint16_t *par, int j) {
+static inline __attribute__((always_inline)) __m256 load_row8(const kvq__blk *b, const uint8_t *row, int c, const uint16_t *par, int j) {
     switch (b->type) {
     case KVQ_TYPE_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + 2 * c)));
     case KVQ_TYPE_BF16: {
@@ -155,7 +155,148 @@ static float exp_sum_avx2(float *x, int n, float m) {
     return sum;
 }
 
-static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2};
+/* ---- fused kernels: one pass over a block's bytes, dequantized in registers ---- */
+
+#define AI static inline __attribute__((always_inline))
+
+/* raw value of 8 channels: full value for F16/BF16/FP8 (before the token scale), codes for Q8/Q4/Q2 */
+AI __m256 raw8(const kvq_type T, const uint8_t *row, int c) {
+    kvq__blk b;
+    b.type = T;
+    return load_row8(&b, row, c, NULL, 0);
+}
+
+/* per-token multiplier of a per-token type's raw row */
+AI float tok_scale(const kvq_type T, const kvq__blk *b, int j) {
+    return T == KVQ_TYPE_Q8 || T == KVQ_TYPE_FP8 ? _cvtsh_ss(b->par[j]) : 1.0f;
+}
+
+AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *q, float *s,
+                        int ss) {
+    const int D = b->D;
+    const bool grouped = T == KVQ_TYPE_Q4 || T == KVQ_TYPE_Q2;
+    float qg[KVQ_FUSED_ROWS * 256] __attribute__((aligned(32))), qm[KVQ_FUSED_ROWS] = {0};
+    float part[KVQ_FUSED_ROWS][8] __attribute__((aligned(32)));
+    const float *qq = q;
+    int cur_group = -1;
+    for (int i0 = 0; i0 < n; i0 += 8) {
+        int m = n - i0 < 8 ? n - i0 : 8;
+        __m256 sums[KVQ_FUSED_ROWS];
+        float raw[KVQ_FUSED_ROWS][8] __attribute__((aligned(32)));
+        for (int i = 0; i < m; i++) {
+            int j = j0 + i0 + i;
+            if (grouped && j / b->G != cur_group) { /* q' = q * scale, qm = q . min for this key group */
+                cur_group = j / b->G;
+                const uint16_t *sm = b->par + (size_t)cur_group * 2 * D;
+                for (int r = 0; r < R; r++) {
+                    __m256 am = _mm256_setzero_ps();
+                    for (int c = 0; c < D; c += 8) {
+                        __m256 qv = _mm256_loadu_ps(q + (size_t)r * D + c);
+                        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c)));
+                        __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
+                        _mm256_store_ps(qg + (size_t)r * D + c, _mm256_mul_ps(qv, sc));
+                        am = _mm256_fmadd_ps(qv, mn, am);
+                    }
+                    _mm256_store_ps(part[0], am);
+                    qm[r] = part[0][0] + part[0][1] + part[0][2] + part[0][3] + part[0][4] + part[0][5] + part[0][6] + part[0][7];
+                }
+                qq = qg;
+            }
+            const uint8_t *row = b->data + (size_t)j * b->stride;
+            __m256 acc[KVQ_FUSED_ROWS];
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+            for (int c = 0; c < D; c += 8) {
+                __m256 x = raw8(T, row, c);
+                for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + (size_t)r * D + c), x, acc[r]);
+            }
+            for (int r = 0; r < R; r++) _mm256_store_ps(raw[r], acc[r]), (void)sums;
+            /* transpose-sum later: keep the 8-lane partials per (row, token) */
+            for (int r = 0; r < R; r++) {
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+                h = _mm_hadd_ps(h, h);
+                h = _mm_hadd_ps(h, h);
+                s[(size_t)r * ss + i0 + i] = _mm_cvtss_f32(h) * tok_scale(T, b, j) + (grouped ? qm[r] : 0.0f);
+            }
+        }
+    }
+}
+
+AI void value_accum_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
+                         float *accbuf) {
+    const int D = b->D;
+    const bool grouped = T == KVQ_TYPE_Q4 || T == KVQ_TYPE_Q2;
+    const int ng = grouped ? D / b->Gv : 1;
+    /* coef[g][r][i]: the weight of token i's raw row in channel group g; minacc[r][g]: sum of p * min */
+    float coef[16][KVQ_FUSED_ROWS][64], minacc[KVQ_FUSED_ROWS][16];
+    for (int i = 0; i < n; i++) {
+        int j = j0 + i;
+        if (grouped) {
+            const uint16_t *sm = b->par + (size_t)j * ng * 2;
+            for (int g = 0; g < ng; g++) {
+                float sc = _cvtsh_ss(sm[2 * g]), mn = _cvtsh_ss(sm[2 * g + 1]);
+                for (int r = 0; r < R; r++) {
+                    float pr = p[(size_t)r * ps + i];
+                    coef[g][r][i] = pr * sc;
+                    minacc[r][g] = (i ? minacc[r][g] : 0.0f) + pr * mn;
+                }
+            }
+        } else {
+            float sc = tok_scale(T, b, j);
+            for (int r = 0; r < R; r++) coef[0][r][i] = p[(size_t)r * ps + i] * sc;
+        }
+    }
+    for (int c = 0; c < D; c += 8) {
+        int g = grouped ? c / b->Gv : 0;
+        __m256 acc[KVQ_FUSED_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_loadu_ps(accbuf + (size_t)r * D + c);
+        const uint8_t *row = b->data + (size_t)j0 * b->stride;
+        for (int i = 0; i < n; i++, row += b->stride) {
+            __m256 x = raw8(T, row, c);
+            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&coef[g][r][i]), x, acc[r]);
+        }
+        for (int r = 0; r < R; r++) {
+            if (grouped) acc[r] = _mm256_add_ps(acc[r], _mm256_set1_ps(minacc[r][g]));
+            _mm256_storeu_ps(accbuf + (size_t)r * D + c, acc[r]);
+        }
+    }
+}
+
+#define ROWS_SWITCH(CALL, T)                                                                               \
+    switch (rows) {                                                                                        \
+    case 1: CALL(T, 1); break;                                                                             \
+    case 2: CALL(T, 2); break;                                                                             \
+    case 3: CALL(T, 3); break;                                                                             \
+    case 4: CALL(T, 4); break;                                                                             \
+    case 5: CALL(T, 5); break;                                                                             \
+    case 6: CALL(T, 6); break;                                                                             \
+    case 7: CALL(T, 7); break;                                                                             \
+    default: CALL(T, 8); break;                                                                            \
+    }
+#define TYPE_SWITCH(CALL)                                                                                  \
+    switch (b->type) {                                                                                     \
+    case KVQ_TYPE_F16: ROWS_SWITCH(CALL, KVQ_TYPE_F16); break;                                             \
+    case KVQ_TYPE_BF16: ROWS_SWITCH(CALL, KVQ_TYPE_BF16); break;                                           \
+    case KVQ_TYPE_Q8: ROWS_SWITCH(CALL, KVQ_TYPE_Q8); break;                                               \
+    case KVQ_TYPE_FP8: ROWS_SWITCH(CALL, KVQ_TYPE_FP8); break;                                             \
+    case KVQ_TYPE_Q4: ROWS_SWITCH(CALL, KVQ_TYPE_Q4); break;                                               \
+    case KVQ_TYPE_Q2: ROWS_SWITCH(CALL, KVQ_TYPE_Q2); break;                                               \
+    default: break;                                                                                        \
+    }
+
+static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss) {
+#define KS(T, R) key_scores_impl(T, R, b, j0, n, q, s, ss)
+    TYPE_SWITCH(KS)
+#undef KS
+}
+
+static void value_accum_avx2(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+#define VA(T, R) value_accum_impl(T, R, b, j0, n, p, ps, acc)
+    TYPE_SWITCH(VA)
+#undef VA
+}
+
+static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, key_scores_avx2,
+                                  value_accum_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
     __builtin_cpu_init();

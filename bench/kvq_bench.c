@@ -1,0 +1,183 @@
+/* kvq-bench: decode-attention benchmarks. `kvq-bench cpu` times CPU decode attention on Llama-3-8B head shapes
+ * (32 query heads, 8 KV heads, D = 128) for each KV type and writes docs/bench-cpu.md and docs/bench-cpu.csv.
+ * `kvq-bench cuda` runs the GPU benchmark when the CUDA backend was built. */
+#define _POSIX_C_SOURCE 200809L
+#include "kvq.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef KVQ_HAVE_CUDA_BENCH
+int kvq_bench_cuda_main(int argc, char **argv);
+#endif
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static uint64_t rng = 88172645463325252ull;
+static float frand(void) {
+    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+    return (float)((rng >> 40) * (1.0 / 16777216.0) * 2 - 1);
+}
+
+/* Evicts the caches between timed runs: reads and writes a buffer larger than any LLC. */
+static volatile float flush_sink;
+static void flush_caches(float *buf, size_t n) {
+    float s = 0;
+    for (size_t i = 0; i < n; i += 16) s += buf[i], buf[i] = s;
+    flush_sink = s;
+}
+
+static int usage(void) {
+    fprintf(stderr,
+            "usage: kvq-bench cpu [--ctx 4096,16384,32768] [--types f16,bf16,q8,fp8,q4,q2] [--runs N] [--threads N]\n"
+            "                     [--out docs/bench-cpu]\n"
+            "       kvq-bench cuda [options of the CUDA benchmark]\n");
+    return 2;
+}
+
+static int bench_cpu(int argc, char **argv) {
+    const char *ctx_list = "4096,16384,32768", *type_list = "f16,bf16,q8,fp8,q4,q2", *out = "docs/bench-cpu";
+    int runs = 15, threads = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_list = argv[++i];
+        else if (!strcmp(argv[i], "--types") && i + 1 < argc) type_list = argv[++i];
+        else if (!strcmp(argv[i], "--runs") && i + 1 < argc) runs = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else return usage();
+    }
+    if (runs < 1) runs = 1;
+    const int H = 8, NQH = 32, D = 128;
+    int64_t ctxs[16];
+    int nctx = 0;
+    for (char *s = strdup(ctx_list), *tok = strtok(s, ","); tok && nctx < 16; tok = strtok(NULL, ",")) ctxs[nctx++] = atoll(tok);
+    kvq_type types[KVQ_TYPE_COUNT];
+    int ntypes = 0;
+    for (char *s = strdup(type_list), *tok = strtok(s, ","); tok && ntypes < KVQ_TYPE_COUNT; tok = strtok(NULL, ",")) {
+        if (kvq_type_from_name(tok, &types[ntypes]) != KVQ_OK) {
+            fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
+            return 2;
+        }
+        ntypes++;
+    }
+    int64_t maxT = 0;
+    for (int i = 0; i < nctx; i++) maxT = ctxs[i] > maxT ? ctxs[i] : maxT;
+    size_t chunk_tokens = 1024, row = (size_t)H * D;
+    float *k = malloc(chunk_tokens * row * 4), *v = malloc(chunk_tokens * row * 4);
+    float *q = malloc((size_t)NQH * D * 4), *o = malloc((size_t)NQH * D * 4);
+    size_t flush_n = (size_t)96 << 20 >> 2; /* 96 MiB */
+    float *flush = calloc(flush_n, 4);
+    for (size_t i = 0; i < chunk_tokens * row; i++) k[i] = frand() * 2, v[i] = frand();
+    for (int i = 0; i < NQH * D; i++) q[i] = frand();
+    char path[512];
+    snprintf(path, sizeof path, "%s.csv", out);
+    FILE *csv = fopen(path, "w");
+    snprintf(path, sizeof path, "%s.md", out);
+    FILE *md = fopen(path, "w");
+    if (!csv || !md) {
+        fprintf(stderr, "kvq-bench: cannot write %s.{csv,md}\n", out);
+        return 1;
+    }
+    printf("CPU decode attention, 32 query heads, 8 KV heads, D=128, batch 1; kernels: %s; median of %d runs, caches "
+           "flushed between runs\n",
+           kvq_cpu_backend(), runs);
+    printf("%8s %6s %10s %12s %10s %12s\n", "ctx", "type", "ms/step", "KV MB read", "GB/s", "vs F16");
+    fprintf(csv, "ctx,type,ms_per_step,kv_bytes_read,gb_per_s,speedup_vs_f16\n");
+    fprintf(md, "# CPU decode attention\n\nMade by `kvq-bench cpu` (`build/bench/kvq-bench cpu`). Llama-3-8B attention "
+                "shapes: 32 query heads, 8 KV heads, head dim 128, batch 1, one layer. Kernels: %s. Median of %d runs, "
+                "caches flushed (96 MiB written) before each run. \"KV MB read\" counts the page bytes (data, scales, "
+                "mins) and the fp16 residual window that one step reads. \"vs F16\" is the F16 time over this type's "
+                "time, same run.\n\n| ctx | type | ms/step | KV MB read | GB/s | speedup vs F16 |\n|---:|---|---:|---:|---:|---:|\n",
+            kvq_cpu_backend(), runs);
+    for (int ci = 0; ci < nctx; ci++) {
+        int64_t T = ctxs[ci];
+        double f16_ms = 0;
+        for (int ti = 0; ti < ntypes; ti++) {
+            kvq_cache_config cfg = kvq_cache_config_default();
+            cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = types[ti], cfg.type_v = types[ti];
+            cfg.n_threads = threads;
+            kvq_page_layout L;
+            cfg.arena_bytes = 1;
+            kvq_page_layout_make(types[ti], types[ti], H, D, 0, 0, &L);
+            cfg.arena_bytes = (size_t)((T + 2 * 64) / L.page_tokens + 2) * L.page_bytes;
+            kvq_cache *c;
+            int32_t seq;
+            if (kvq_cache_create(&cfg, &c) || kvq_seq_new(c, &seq)) {
+                fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
+                return 1;
+            }
+            for (int64_t t = 0; t < T; t += (int64_t)chunk_tokens) {
+                int32_t n = (int32_t)(T - t < (int64_t)chunk_tokens ? T - t : (int64_t)chunk_tokens);
+                if (kvq_append(c, 0, 1, &seq, &n, KVQ_DTYPE_F32, k, v)) {
+                    fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
+                    return 1;
+                }
+            }
+            kvq_seq_view view;
+            kvq_seq_view_get(c, seq, 0, &view);
+            double bytes = (double)view.paged_tokens / L.page_tokens * L.page_bytes +
+                           (double)view.window_tokens * row * 2 * 2;
+            kvq_attn_params ap = kvq_attn_params_default(NQH);
+            double *ms = malloc((size_t)runs * sizeof *ms);
+            for (int w = 0; w < 2; w++) kvq_attn_decode(c, 0, 1, &seq, q, o, &ap);
+            for (int r = 0; r < runs; r++) {
+                flush_caches(flush, flush_n);
+                double t0 = now_ms();
+                kvq_attn_decode(c, 0, 1, &seq, q, o, &ap);
+                ms[r] = now_ms() - t0;
+            }
+            qsort(ms, (size_t)runs, sizeof *ms, cmp_double);
+            double med = ms[runs / 2];
+            if (types[ti] == KVQ_TYPE_F16) f16_ms = med;
+            const char *name = kvq_type_get_traits(types[ti])->name;
+            char ratio[32] = "-";
+            if (f16_ms > 0) snprintf(ratio, sizeof ratio, "%.2fx", f16_ms / med);
+            printf("%8lld %6s %10.3f %12.1f %10.2f %12s\n", (long long)T, name, med, bytes / 1e6, bytes / med / 1e6, ratio);
+            fprintf(csv, "%lld,%s,%.4f,%.0f,%.3f,%.4f\n", (long long)T, name, med, bytes, bytes / med / 1e6,
+                    f16_ms > 0 ? f16_ms / med : 0.0);
+            fprintf(md, "| %lld | %s | %.3f | %.1f | %.2f | %s |\n", (long long)T, name, med, bytes / 1e6,
+                    bytes / med / 1e6, ratio);
+            fflush(stdout);
+            free(ms);
+            kvq_cache_free(c);
+        }
+    }
+    fprintf(md, "\nBytes per token per head at D=128 (K or V, scales included): ");
+    for (int t = 0; t < KVQ_TYPE_COUNT; t++)
+        if (kvq_type_get_traits((kvq_type)t)->implemented)
+            fprintf(md, "%s %.1f (%.3fx)%s", kvq_type_get_traits((kvq_type)t)->name,
+                    kvq_type_bytes_per_token((kvq_type)t, KVQ_KEY, 128, 0),
+                    kvq_type_bytes_per_token((kvq_type)t, KVQ_KEY, 128, 0) / 256.0, t + 1 < KVQ_TYPE_Q3 ? ", " : ".\n");
+    fclose(csv);
+    fclose(md);
+    printf("wrote %s.md and %s.csv\n", out, out);
+    free(k), free(v), free(q), free(o), free(flush);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return usage();
+    if (!strcmp(argv[1], "cpu")) return bench_cpu(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "cuda")) {
+#ifdef KVQ_HAVE_CUDA_BENCH
+        return kvq_bench_cuda_main(argc - 1, argv + 1);
+#else
+        fprintf(stderr, "kvq-bench: built without the CUDA backend (no nvcc at configure time)\n");
+        return 1;
+#endif
+    }
+    return usage();
+}

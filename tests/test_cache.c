@@ -1,0 +1,278 @@
+/* Paged cache semantics: page accounting, fork with copy on write, truncate (rewind), free, running out of pages,
+ * and every class of bad input, each of which must return its own code, say what was wrong, and leave the cache
+ * exactly as it was (checked by comparing a full read back and the stats before and after). */
+#include "testutil.h"
+
+enum { H = 2, D = 64, NL = 2 };
+
+static kvq_cache *make(kvq_type tk, kvq_type tv, size_t arena, int residual, int max_seqs) {
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = NL, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
+    cfg.arena_bytes = arena, cfg.residual = residual, cfg.max_seqs = max_seqs;
+    kvq_cache *c = NULL;
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    return c;
+}
+
+static void append_all(kvq_cache *c, int32_t seq, const float *k, const float *v, int n) {
+    for (int l = 0; l < NL; l++) CHECK_OK(kvq_append(c, l, 1, &seq, &n, KVQ_DTYPE_F32, k, v));
+}
+
+/* A snapshot of everything observable: stats and the full contents of every live sequence. */
+typedef struct { kvq_cache_stats st; float *data; size_t n; } snap;
+
+static snap take(const kvq_cache *c, const int32_t *seqs, int ns) {
+    snap s = {0};
+    kvq_cache_get_stats(c, &s.st);
+    size_t total = 0;
+    for (int i = 0; i < ns; i++)
+        for (int l = 0; l < NL; l++) {
+            int64_t len;
+            kvq_seq_length(c, seqs[i], l, &len);
+            total += (size_t)len * H * D * 2 + 1;
+        }
+    s.data = calloc(total + 1, sizeof(float));
+    size_t off = 0;
+    for (int i = 0; i < ns; i++)
+        for (int l = 0; l < NL; l++) {
+            int64_t len;
+            kvq_seq_length(c, seqs[i], l, &len);
+            s.data[off++] = (float)len;
+            kvq_read(c, seqs[i], l, 0, len, s.data + off, s.data + off + (size_t)len * H * D);
+            off += (size_t)len * H * D * 2;
+        }
+    s.n = off;
+    return s;
+}
+
+static int same(snap a, snap b) {
+    return a.n == b.n && !memcmp(a.data, b.data, a.n * sizeof(float)) && a.st.pages_free == b.st.pages_free &&
+           a.st.n_seqs == b.st.n_seqs && a.st.tokens == b.st.tokens && a.st.pages_shared == b.st.pages_shared;
+}
+
+static void test_accounting_fork_truncate(kvq_type t) {
+    const char *name = kvq_type_get_traits(t)->name;
+    kvq_cache *c = make(t, t, 1u << 20, -1, 8);
+    kvq_page_layout L;
+    kvq_cache_config cfg;
+    kvq_cache_get_config(c, &cfg, &L);
+    kvq_cache_stats st;
+    kvq_cache_get_stats(c, &st);
+    int64_t total = st.pages_total;
+    CHECK(st.pages_free == total && total == (int64_t)((1u << 20) / L.page_bytes), "%s: fresh cache has all pages free", name);
+    CHECK(kvq_cache_capacity_tokens(&cfg) == st.capacity_tokens, "%s: capacity agrees", name);
+
+    const int n = 300;
+    float *k = malloc((size_t)n * H * D * 4), *v = malloc((size_t)n * H * D * 4);
+    float *rk = malloc((size_t)n * H * D * 4), *rv = malloc((size_t)n * H * D * 4);
+    float *fk = malloc((size_t)n * H * D * 4), *fv = malloc((size_t)n * H * D * 4);
+    tu_fill_kv(k, v, n, H, D);
+    int32_t a, b;
+    CHECK_OK(kvq_seq_new(c, &a));
+    append_all(c, a, k, v, 200);
+    kvq_seq_view va;
+    CHECK_OK(kvq_seq_view_get(c, a, 0, &va));
+    CHECK(va.paged_tokens + va.window_tokens == 200, "%s: length", name);
+    CHECK(va.window_tokens <= cfg.residual + L.group - 1 && va.paged_tokens % L.group == 0, "%s: window %d paged %lld",
+          name, va.window_tokens, (long long)va.paged_tokens);
+    int64_t used = (va.paged_tokens + L.page_tokens - 1) / L.page_tokens * NL;
+    kvq_cache_get_stats(c, &st);
+    CHECK(st.pages_free == total - used, "%s: %lld pages used, expected %lld", name, (long long)(total - st.pages_free),
+          (long long)used);
+
+    /* fork shares every page; the parent's content is unchanged by the child's appends (copy on write) */
+    CHECK_OK(kvq_read(c, a, 1, 0, 200, rk, rv));
+    CHECK_OK(kvq_seq_fork(c, a, &b));
+    kvq_cache_get_stats(c, &st);
+    CHECK(st.pages_free == total - used && st.pages_shared == used, "%s: fork shares pages (shared %lld)", name,
+          (long long)st.pages_shared);
+    append_all(c, b, k + (size_t)200 * H * D, v + (size_t)200 * H * D, 100);
+    CHECK_OK(kvq_read(c, a, 1, 0, 200, fk, fv));
+    CHECK(!memcmp(rk, fk, (size_t)200 * H * D * 4) && !memcmp(rv, fv, (size_t)200 * H * D * 4),
+          "%s: parent unchanged after child appends", name);
+    /* the parent's paged tokens are the child's too; its window tokens got quantized in the child */
+    CHECK_OK(kvq_read(c, b, 1, 0, 200, fk, fv));
+    CHECK(!memcmp(rk, fk, (size_t)va.paged_tokens * H * D * 4), "%s: child's paged prefix equals parent's", name);
+    int64_t len;
+    CHECK_OK(kvq_seq_length(c, b, 0, &len));
+    CHECK(len == 300, "%s: child length %lld", name, (long long)len);
+
+    /* truncate (speculative-decoding rewind) inside the window: exact */
+    CHECK_OK(kvq_read(c, b, 0, 0, 300, fk, fv));
+    CHECK_OK(kvq_seq_truncate(c, b, 290));
+    CHECK_OK(kvq_seq_length(c, b, 1, &len));
+    CHECK(len == 290, "%s: truncated length %lld", name, (long long)len);
+    CHECK_OK(kvq_read(c, b, 0, 0, 290, rk, rv));
+    CHECK(!memcmp(rk, fk, (size_t)290 * H * D * 4) && !memcmp(rv, fv, (size_t)290 * H * D * 4),
+          "%s: tokens before a window cut are unchanged", name);
+    /* re-appending after a rewind gives the same content as never having rewound */
+    append_all(c, b, k + (size_t)290 * H * D, v + (size_t)290 * H * D, 10);
+    CHECK_OK(kvq_read(c, b, 0, 0, 300, rk, rv));
+    CHECK(!memcmp(rk, fk, (size_t)300 * H * D * 4), "%s: rewind + re-append reproduces the keys", name);
+
+    /* truncate deep into the pages: the prefix stays within the type's accuracy, the pages beyond are freed */
+    CHECK_OK(kvq_seq_truncate(c, b, 70));
+    CHECK_OK(kvq_read(c, b, 0, 0, 70, rk, rv));
+    double err = 0, ref = 0;
+    for (size_t i = 0; i < (size_t)70 * H * D; i++) err += (rk[i] - fk[i]) * (rk[i] - fk[i]), ref += fk[i] * fk[i];
+    CHECK(err / ref < 1e-5, "%s: deep truncate keeps the prefix (rel. change %g)", name, err / ref);
+    CHECK_OK(kvq_seq_free(c, b));
+    CHECK_OK(kvq_seq_free(c, a));
+    kvq_cache_get_stats(c, &st);
+    CHECK(st.pages_free == total && st.pages_shared == 0 && st.n_seqs == 0, "%s: all pages back after free (%lld/%lld)",
+          name, (long long)st.pages_free, (long long)total);
+    free(k), free(v), free(rk), free(rv), free(fk), free(fv);
+    kvq_cache_free(c);
+}
+
+static void test_bad_input(void) {
+    kvq_cache_config cfg = kvq_cache_config_default();
+    kvq_cache *c = NULL;
+    /* creation */
+    CHECK_ERR(kvq_cache_create(NULL, &c), KVQ_ERR_NULL);
+    CHECK_ERR(kvq_cache_create(&cfg, NULL), KVQ_ERR_NULL);
+    cfg.n_layers = 1, cfg.n_kv_heads = 2, cfg.head_dim = 72, cfg.arena_bytes = 1 << 20;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_UNSUPPORTED_HEAD_DIM);
+    cfg.head_dim = 64, cfg.type_k = KVQ_TYPE_Q3;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_UNSUPPORTED_TYPE);
+    cfg.type_k = (kvq_type)99;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_UNSUPPORTED_TYPE);
+    cfg.type_k = KVQ_TYPE_Q4, cfg.page_tokens = 48;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_INVALID_ARG);
+    cfg.page_tokens = 0, cfg.group = 48;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_INVALID_ARG);
+    cfg.group = 0, cfg.arena_bytes = 100;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_INVALID_ARG);
+    cfg.arena_bytes = 1 << 20, cfg.n_kv_heads = 0;
+    CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_INVALID_ARG);
+    CHECK(c == NULL, "no cache on failure");
+    kvq_type t;
+    CHECK_ERR(kvq_type_from_name("q5", &t), KVQ_ERR_UNSUPPORTED_TYPE);
+    CHECK_OK(kvq_type_from_name("Q4", &t));
+    CHECK(t == KVQ_TYPE_Q4, "parse q4");
+    CHECK(kvq_type_get_traits((kvq_type)-1) == NULL, "traits of a bad type");
+
+    /* a cache with content, snapshotted around every bad call */
+    for (int ty = 0; ty < 2; ty++) {
+        kvq_type tt = ty ? KVQ_TYPE_Q4 : KVQ_TYPE_Q8;
+        c = make(tt, tt, 200u << 10, -1, 3);
+        kvq_page_layout L;
+        kvq_cache_get_config(c, NULL, &L);
+        int32_t a, b, seqs[2];
+        CHECK_OK(kvq_seq_new(c, &a));
+        CHECK_OK(kvq_seq_new(c, &b));
+        seqs[0] = a, seqs[1] = b;
+        const int n = 100;
+        float *k = malloc((size_t)20 * n * H * D * 4), *v = malloc((size_t)20 * n * H * D * 4);
+        tu_fill_kv(k, v, 20 * n, H, D);
+        append_all(c, a, k, v, n);
+        append_all(c, b, k, v, 30);
+        snap s0 = take(c, seqs, 2);
+        int32_t nt = 10, two[2] = {a, b}, nts[2] = {10, 10}, dup[2] = {a, a}, bad_seq = 7, freed;
+        float q[2 * 4 * D], o[2 * 4 * D];
+        for (int i = 0; i < 2 * 4 * D; i++) q[i] = 0.1f * (float)(i % 7);
+        kvq_attn_params ap = kvq_attn_params_default(4);
+#define KEEPS(expr, code)                                                                                   \
+    do {                                                                                                   \
+        CHECK_ERR(expr, code);                                                                             \
+        snap s1 = take(c, seqs, 2);                                                                        \
+        CHECK(same(s0, s1), "cache changed by failing %s", #expr);                                        \
+        free(s1.data);                                                                                     \
+    } while (0)
+        KEEPS(kvq_append(NULL, 0, 1, &a, &nt, KVQ_DTYPE_F32, k, v), KVQ_ERR_NULL);
+        KEEPS(kvq_append(c, 0, 1, NULL, &nt, KVQ_DTYPE_F32, k, v), KVQ_ERR_NULL);
+        KEEPS(kvq_append(c, 0, 1, &a, &nt, KVQ_DTYPE_F32, NULL, v), KVQ_ERR_NULL);
+        KEEPS(kvq_append(c, NL, 1, &a, &nt, KVQ_DTYPE_F32, k, v), KVQ_ERR_SHAPE);
+        KEEPS(kvq_append(c, -1, 1, &a, &nt, KVQ_DTYPE_F32, k, v), KVQ_ERR_SHAPE);
+        KEEPS(kvq_append(c, 0, 1, &bad_seq, &nt, KVQ_DTYPE_F32, k, v), KVQ_ERR_NO_SEQ);
+        KEEPS(kvq_append(c, 0, 2, dup, nts, KVQ_DTYPE_F32, k, v), KVQ_ERR_INVALID_ARG);
+        KEEPS(kvq_append(c, 0, 1, &a, &nt, (kvq_dtype)9, k, v), KVQ_ERR_INVALID_ARG);
+        int32_t neg = -1;
+        KEEPS(kvq_append(c, 0, 1, &a, &neg, KVQ_DTYPE_F32, k, v), KVQ_ERR_INVALID_ARG);
+        /* NaN / Inf / beyond fp16 in the second sequence's data: the first sequence must not change either */
+        float keep = v[(size_t)15 * H * D + 3];
+        v[(size_t)15 * H * D + 3] = NAN;
+        KEEPS(kvq_append(c, 0, 2, two, nts, KVQ_DTYPE_F32, k, v), KVQ_ERR_NONFINITE);
+        v[(size_t)15 * H * D + 3] = INFINITY;
+        KEEPS(kvq_append(c, 0, 2, two, nts, KVQ_DTYPE_F32, k, v), KVQ_ERR_NONFINITE);
+        v[(size_t)15 * H * D + 3] = 1e6f;
+        KEEPS(kvq_append(c, 0, 2, two, nts, KVQ_DTYPE_F32, k, v), KVQ_ERR_NONFINITE);
+        v[(size_t)15 * H * D + 3] = keep;
+        /* cache full: far more tokens than the arena holds, for two sequences at once */
+        int32_t big[2] = {n, 19 * n};
+        KEEPS(kvq_append(c, 0, 2, two, big, KVQ_DTYPE_F32, k, v), KVQ_ERR_CACHE_FULL);
+        /* sequences */
+        KEEPS(kvq_seq_free(c, bad_seq), KVQ_ERR_NO_SEQ);
+        KEEPS(kvq_seq_truncate(c, a, -5), KVQ_ERR_RANGE);
+        KEEPS(kvq_seq_fork(c, bad_seq, &freed), KVQ_ERR_NO_SEQ);
+        KEEPS(kvq_seq_fork(c, a, NULL), KVQ_ERR_NULL);
+        int32_t third;
+        CHECK_OK(kvq_seq_new(c, &third));
+        free(s0.data);
+        s0 = take(c, seqs, 2);
+        KEEPS(kvq_seq_new(c, &freed), KVQ_ERR_TOO_MANY_SEQS);
+        KEEPS(kvq_seq_fork(c, a, &freed), KVQ_ERR_TOO_MANY_SEQS);
+        /* attention and reads */
+        KEEPS(kvq_attn_decode(c, 0, 1, &third, q, o, &ap), KVQ_ERR_RANGE); /* empty sequence */
+        CHECK_OK(kvq_seq_free(c, third));
+        free(s0.data);
+        s0 = take(c, seqs, 2);
+        kvq_attn_params bad = ap;
+        bad.n_q_heads = 3;
+        KEEPS(kvq_attn_decode(c, 0, 1, &a, q, o, &bad), KVQ_ERR_SHAPE);
+        bad = ap, bad.scale = NAN;
+        KEEPS(kvq_attn_decode(c, 0, 1, &a, q, o, &bad), KVQ_ERR_INVALID_ARG);
+        bad = ap, bad.window = -1;
+        KEEPS(kvq_attn_decode(c, 0, 1, &a, q, o, &bad), KVQ_ERR_INVALID_ARG);
+        KEEPS(kvq_attn_decode(c, 0, 1, &a, q, o, NULL), KVQ_ERR_NULL);
+        KEEPS(kvq_attn_decode(c, 0, 1, &a, NULL, o, &ap), KVQ_ERR_NULL);
+        KEEPS(kvq_attn_decode(c, 5, 1, &a, q, o, &ap), KVQ_ERR_SHAPE);
+        KEEPS(kvq_attn_prefill(c, 0, a, n + 1, q, o, &ap), KVQ_ERR_RANGE);
+        KEEPS(kvq_read(c, a, 0, 90, 20, k, v), KVQ_ERR_RANGE);
+        KEEPS(kvq_read(c, a, 0, -1, 2, k, v), KVQ_ERR_RANGE);
+        KEEPS(kvq_seq_view_get(c, a, 0, NULL), KVQ_ERR_NULL);
+        /* after all that, the cache still works */
+        CHECK_OK(kvq_attn_decode(c, 0, 2, two, q, o, &ap));
+        for (int i = 0; i < 2 * 4 * D; i++) CHECK(isfinite(o[i]), "finite output");
+        free(s0.data);
+        free(k), free(v);
+        kvq_cache_free(c);
+    }
+    kvq_cache_free(NULL);
+    CHECK(strcmp(kvq_strerror(KVQ_ERR_CACHE_FULL), "cache full") == 0, "strerror");
+    CHECK(kvq_version_number() == KVQ_VERSION_NUMBER, "version");
+}
+
+/* Running out of pages mid-generation: the failing step changes nothing, and freeing a sequence makes room. */
+static void test_full_then_free(void) {
+    kvq_cache *c = make(KVQ_TYPE_Q8, KVQ_TYPE_Q8, 40u << 10, 0, 4);
+    int32_t a, b;
+    CHECK_OK(kvq_seq_new(c, &a));
+    CHECK_OK(kvq_seq_new(c, &b));
+    float k[H * D], v[H * D];
+    for (int i = 0; i < H * D; i++) k[i] = (float)(i % 13) * 0.1f, v[i] = (float)(i % 5);
+    int32_t one = 1, steps = 0;
+    kvq_status s = KVQ_OK;
+    while (s == KVQ_OK && steps < 100000) {
+        s = kvq_append(c, 0, 1, &a, &one, KVQ_DTYPE_F32, k, v);
+        steps += s == KVQ_OK;
+    }
+    CHECK(s == KVQ_ERR_CACHE_FULL, "fills up with CACHE_FULL, got %s", kvq_strerror(s));
+    kvq_cache_stats st;
+    kvq_cache_get_stats(c, &st);
+    CHECK(steps == st.capacity_tokens * NL, "layer 0 alone took %d tokens; capacity per sequence %lld (2 layers)", steps,
+          (long long)st.capacity_tokens);
+    CHECK_ERR(kvq_append(c, 0, 1, &b, &one, KVQ_DTYPE_F32, k, v), KVQ_ERR_CACHE_FULL);
+    CHECK_OK(kvq_seq_free(c, a));
+    CHECK_OK(kvq_append(c, 0, 1, &b, &one, KVQ_DTYPE_F32, k, v));
+    kvq_cache_free(c);
+}
+
+int main(void) {
+    tu_seed(11);
+    for (int t = 0; t < KVQ_TYPE_COUNT; t++)
+        if (kvq_type_get_traits((kvq_type)t)->implemented) test_accounting_fork_truncate((kvq_type)t);
+    test_bad_input();
+    test_full_then_free();
+    return tu_finish("test_cache");
+}
