@@ -1,10 +1,15 @@
-# Tests of the model layer (GGUF reader, tokenizer, forward pass, CLI). Registered only when kvq_model is built
-# (OpenBLAS found). Model-dependent tests exit 77 (ctest: skipped) when models/ has no model.
+# Tests of the model layer (GGUF reader, tokenizer, forward pass, CLI). The forward-pass tests are registered only
+# when kvq_model is built (OpenBLAS found). Model-dependent tests exit 77 (ctest: skipped) when models/ has no model.
+set(KVQ_TEST_MODEL ${CMAKE_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf)
+set(KVQ_TEST_CORPUS /usr/share/debian-reference/debian-reference.en.txt.gz)
+# GGUF reader hardening: crafted corrupt files, every truncation and seeded mutations through the fuzz entry point.
+add_executable(test_gguf_corrupt ${CMAKE_SOURCE_DIR}/tests/test_gguf_corrupt.c ${CMAKE_SOURCE_DIR}/tests/fuzz_gguf.c)
+target_link_libraries(test_gguf_corrupt PRIVATE kvq_gguf kvq)
+add_test(NAME model_gguf_corrupt COMMAND test_gguf_corrupt ${KVQ_TEST_MODEL})
+
 if(NOT KVQ_HAVE_MODEL)
   return()
 endif()
-set(KVQ_TEST_MODEL ${CMAKE_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf)
-set(KVQ_TEST_CORPUS /usr/share/debian-reference/debian-reference.en.txt.gz)
 
 add_executable(test_model_golden ${CMAKE_SOURCE_DIR}/tests/test_model_golden.c)
 target_link_libraries(test_model_golden PRIVATE kvq_model m)

@@ -1,0 +1,408 @@
+/* Corrupt and truncated GGUF files must fail cleanly: a specific kvq_status and a message, never a crash (the
+ * sanitizer build runs this too). A small valid GGUF is built in memory, then every prefix of it, targeted
+ * corruptions (wrong magic/version, huge counts and lengths, bad offsets, dims, types, alignment) and seeded
+ * random mutations go through gguf_parse and the fuzz entry point (tests/fuzz_gguf.c).
+ * usage: test_gguf_corrupt [MODEL.gguf]          (the real model, if present, is also cut and opened via mmap)
+ *        test_gguf_corrupt --write-seeds DIR     (writes the valid file and a few corruptions as a fuzz corpus) */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "gguf.h"
+#include "model_err.h"
+#include "tokenizer.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static int failures, checks;
+#define CHECK(cond, ...)                                                                                          \
+    do {                                                                                                          \
+        checks++;                                                                                                 \
+        if (!(cond)) {                                                                                            \
+            failures++;                                                                                           \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                                   \
+            fprintf(stderr, __VA_ARGS__);                                                                         \
+            fputc('\n', stderr);                                                                                  \
+        }                                                                                                         \
+    } while (0)
+
+/* ---- a tiny GGUF writer that remembers where the interesting fields are ---- */
+typedef struct buf {
+    uint8_t *p;
+    size_t n, cap;
+} buf;
+
+static void put(buf *b, const void *src, size_t n) {
+    if (b->n + n > b->cap) {
+        b->cap = (b->n + n) * 2 + 64;
+        b->p = realloc(b->p, b->cap);
+        if (!b->p) abort();
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+static void put_u32(buf *b, uint32_t v) { put(b, &v, 4); }
+static void put_u64(buf *b, uint64_t v) { put(b, &v, 8); }
+static void put_str(buf *b, const char *s) {
+    put_u64(b, strlen(s));
+    put(b, s, strlen(s));
+}
+
+typedef struct layout {
+    size_t n_tensors, n_kv;       /* offsets of the counts */
+    size_t key0_len;              /* length field of the first key */
+    size_t align_val;             /* value of general.alignment */
+    size_t tokens_type, tokens_n; /* element type and count of tokenizer.ggml.tokens */
+    size_t merges_first;          /* length field of the first merge string */
+    size_t t0_ndims, t0_dim0, t0_type, t0_off; /* first tensor's fields */
+    size_t t1_name_len, t1_off, t1_dim0;
+    size_t data;                  /* start of the data section */
+} layout;
+
+/* The 256 byte-level symbols of GPT-2, as UTF-8. */
+static void byte_symbol(int b, char out[4]) {
+    int printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255), extra = 0;
+    for (int i = 0; i < b; i++)
+        if (!((i >= 33 && i <= 126) || (i >= 161 && i <= 172) || (i >= 174 && i <= 255))) extra++;
+    unsigned cp = printable ? (unsigned)b : 256u + (unsigned)extra;
+    if (cp < 0x80) out[0] = (char)cp, out[1] = 0;
+    else out[0] = (char)(0xC0 | (cp >> 6)), out[1] = (char)(0x80 | (cp & 0x3F)), out[2] = 0;
+}
+
+/* A valid GGUF v3: 7 metadata entries (incl. a byte-level vocab of 256 bytes + "he", "ll", "hell",
+ * "<|im_start|>", "<|im_end|>"), tensor "a" F32 [2][4] and tensor "b" Q4_1 [2][32]. */
+static buf build_valid(layout *L) {
+    buf b = {0};
+    put_u32(&b, 0x46554747u);
+    put_u32(&b, 3);
+    L->n_tensors = b.n;
+    put_u64(&b, 2);
+    L->n_kv = b.n;
+    put_u64(&b, 7);
+    L->key0_len = b.n;
+    put_str(&b, "general.architecture");
+    put_u32(&b, GGUF_STRING);
+    put_str(&b, "llama");
+    put_str(&b, "general.alignment");
+    put_u32(&b, GGUF_U32);
+    L->align_val = b.n;
+    put_u32(&b, 32);
+    put_str(&b, "tokenizer.ggml.model");
+    put_u32(&b, GGUF_STRING);
+    put_str(&b, "gpt2");
+    const char *extra[] = {"he", "ll", "hell", "<|im_start|>", "<|im_end|>"};
+    int n_tok = 256 + 5;
+    put_str(&b, "tokenizer.ggml.tokens");
+    put_u32(&b, GGUF_ARRAY);
+    L->tokens_type = b.n;
+    put_u32(&b, GGUF_STRING);
+    L->tokens_n = b.n;
+    put_u64(&b, (uint64_t)n_tok);
+    for (int i = 0; i < 256; i++) {
+        char s[4];
+        byte_symbol(i, s);
+        put_str(&b, s);
+    }
+    for (int i = 0; i < 5; i++) put_str(&b, extra[i]);
+    put_str(&b, "tokenizer.ggml.token_type");
+    put_u32(&b, GGUF_ARRAY);
+    put_u32(&b, GGUF_I32);
+    put_u64(&b, (uint64_t)n_tok);
+    for (int i = 0; i < n_tok; i++) put_u32(&b, i >= 259 ? 3u : 1u);
+    put_str(&b, "tokenizer.ggml.merges");
+    put_u32(&b, GGUF_ARRAY);
+    put_u32(&b, GGUF_STRING);
+    put_u64(&b, 3);
+    L->merges_first = b.n;
+    put_str(&b, "h e");
+    put_str(&b, "l l");
+    put_str(&b, "he ll");
+    put_str(&b, "tokenizer.ggml.eos_token_id");
+    put_u32(&b, GGUF_U32);
+    put_u32(&b, 260);
+    /* tensors */
+    put_str(&b, "a");
+    L->t0_ndims = b.n;
+    put_u32(&b, 2);
+    L->t0_dim0 = b.n;
+    put_u64(&b, 4);
+    put_u64(&b, 2);
+    L->t0_type = b.n;
+    put_u32(&b, GGML_F32);
+    L->t0_off = b.n;
+    put_u64(&b, 0);
+    L->t1_name_len = b.n;
+    put_str(&b, "b");
+    put_u32(&b, 2);
+    L->t1_dim0 = b.n;
+    put_u64(&b, 32);
+    put_u64(&b, 2);
+    put_u32(&b, GGML_Q4_1);
+    L->t1_off = b.n;
+    put_u64(&b, 32);
+    while (b.n % 32) put(&b, "", 1);
+    L->data = b.n;
+    float a[8] = {1, -2, 3.5f, 0, 1e-3f, -1e3f, 7, 8};
+    put(&b, a, sizeof a);
+    while ((b.n - L->data) % 32) put(&b, "", 1);
+    /* two Q4_1 blocks: d = 0.5 (0x3800), m = -1 (0xBC00), nibbles j | (15 - j) << 4 */
+    for (int blk = 0; blk < 2; blk++) {
+        uint16_t d = 0x3800, m = 0xBC00;
+        put(&b, &d, 2);
+        put(&b, &m, 2);
+        for (int j = 0; j < 16; j++) {
+            uint8_t q = (uint8_t)(j | (15 - j) << 4);
+            put(&b, &q, 1);
+        }
+    }
+    return b;
+}
+
+static void set_u64(buf *b, size_t off, uint64_t v) { memcpy(b->p + off, &v, 8); }
+static void set_u32(buf *b, size_t off, uint32_t v) { memcpy(b->p + off, &v, 4); }
+static buf clone(const buf *b) {
+    buf c = {malloc(b->n), b->n, b->n};
+    memcpy(c.p, b->p, b->n);
+    return c;
+}
+
+#define ANY_ERROR ((kvq_status)-1000) /* FORMAT or TRUNCATED, whichever the parser meets first */
+
+/* Parses, expects status `want` (and a message), and runs the fuzz entry point on the same bytes. */
+static void expect(const char *what, const buf *b, kvq_status want) {
+    gguf_file *f = (gguf_file *)1;
+    kvqm_clear_error();
+    kvq_status st = gguf_parse(b->p, b->n, &f);
+    CHECK(st == want || (want == ANY_ERROR && (st == KVQ_ERR_FORMAT || st == KVQ_ERR_TRUNCATED)), "%s: got %s (%s), expected %s", what, kvq_strerror(st), kvqm_last_error(), kvq_strerror(want));
+    CHECK(st == KVQ_OK || (f == NULL && kvqm_last_error()[0]), "%s: error without message or with an object", what);
+    if (st == KVQ_OK) gguf_close(f);
+    LLVMFuzzerTestOneInput(b->p, b->n);
+}
+
+static void test_valid(const buf *b) {
+    gguf_file *f;
+    kvq_status st = gguf_parse(b->p, b->n, &f);
+    CHECK(st == KVQ_OK, "valid file rejected: %s", kvqm_last_error());
+    if (st) return;
+    CHECK(f->version == 3 && f->n_kv == 7 && f->n_tensors == 2 && f->alignment == 32, "header fields");
+    int64_t eos;
+    CHECK(gguf_get_i64(f, "tokenizer.ggml.eos_token_id", &eos) == KVQ_OK && eos == 260, "eos id");
+    CHECK(gguf_get_i64(f, "nope", &eos) == KVQ_ERR_INVALID_ARG, "missing key");
+    CHECK(gguf_get_i64(f, "general.architecture", &eos) == KVQ_ERR_FORMAT, "string read as int");
+    gguf_str arch = gguf_get_str(f, "general.architecture");
+    CHECK(arch.len == 5 && memcmp(arch.ptr, "llama", 5) == 0, "architecture string");
+    const gguf_tensor *a = gguf_find_tensor(f, "a"), *q = gguf_find_tensor(f, "b");
+    CHECK(a && q && a->n_elements == 8 && q->n_elements == 64 && q->nbytes == 40, "tensor infos");
+    float out[64];
+    if (a && gguf_tensor_to_f32(a, out) == KVQ_OK) CHECK(out[2] == 3.5f && out[5] == -1e3f, "F32 data");
+    if (q && gguf_tensor_to_f32(q, out) == KVQ_OK)
+        CHECK(out[0] == -1.0f && out[16] == 6.5f && out[15] == 6.5f && out[31] == -1.0f && out[33] == -0.5f,
+              "Q4_1 dequantization: %g %g %g %g %g", out[0], out[16], out[15], out[31], out[33]);
+    kvq_tokenizer *tok;
+    st = tok_load(f, &tok);
+    CHECK(st == KVQ_OK, "tokenizer of the valid file: %s", kvqm_last_error());
+    if (!st) {
+        tok_ids ids = {0};
+        tok_encode(tok, "hello<|im_end|>", 15, 1, &ids);
+        /* h e l l o -> merges "h e", "l l", "he ll" -> [hell=258, o=111], then the special <|im_end|>=260 */
+        CHECK(ids.n == 3 && ids.ids[0] == 258 && ids.ids[1] == 'o' && ids.ids[2] == 260, "encode 'hello<|im_end|>': %zu ids",
+              ids.n);
+        size_t len;
+        const char *p = tok_piece(tok, ids.n ? ids.ids[0] : 0, &len);
+        CHECK(len == 4 && memcmp(p, "hell", 4) == 0, "piece of 'hell'");
+        CHECK(tok_is_eog(tok, 260), "eos is end of generation");
+        tok_ids_free(&ids);
+        tok_free(tok);
+    }
+    gguf_close(f);
+}
+
+static void test_targeted(const buf *v, const layout *L) {
+    buf b;
+#define MUT(what, code, want)                                                                                     \
+    do {                                                                                                          \
+        b = clone(v);                                                                                             \
+        code;                                                                                                     \
+        expect(what, &b, want);                                                                                   \
+        free(b.p);                                                                                                \
+    } while (0)
+    MUT("wrong magic", b.p[0] = 'X', KVQ_ERR_FORMAT);
+    MUT("GGML magic", memcpy(b.p, "GGML", 4), KVQ_ERR_FORMAT);
+    MUT("version 1", set_u32(&b, 4, 1), KVQ_ERR_FORMAT);
+    MUT("version 4", set_u32(&b, 4, 4), KVQ_ERR_FORMAT);
+    MUT("version 0xffffffff", set_u32(&b, 4, 0xffffffffu), KVQ_ERR_FORMAT);
+    MUT("huge tensor count", set_u64(&b, L->n_tensors, UINT64_MAX), KVQ_ERR_FORMAT);
+    MUT("huge kv count", set_u64(&b, L->n_kv, 1ull << 62), KVQ_ERR_FORMAT);
+    MUT("kv count + 1", set_u64(&b, L->n_kv, 8), ANY_ERROR);
+    MUT("kv count - 1", set_u64(&b, L->n_kv, 6), ANY_ERROR);
+    MUT("tensor count + 1", set_u64(&b, L->n_tensors, 3), ANY_ERROR);
+    MUT("huge key length", set_u64(&b, L->key0_len, UINT64_MAX), KVQ_ERR_TRUNCATED);
+    MUT("key length past end", set_u64(&b, L->key0_len, v->n), KVQ_ERR_TRUNCATED);
+    MUT("unknown value type", set_u32(&b, L->key0_len + 8 + 20, 13), KVQ_ERR_FORMAT);
+    MUT("nested array", set_u32(&b, L->tokens_type, GGUF_ARRAY), KVQ_ERR_FORMAT);
+    MUT("array elem type unknown", set_u32(&b, L->tokens_type, 99), KVQ_ERR_FORMAT);
+    MUT("huge string array", set_u64(&b, L->tokens_n, 1ull << 60), KVQ_ERR_TRUNCATED);
+    MUT("huge merge string", set_u64(&b, L->merges_first, 1ull << 40), KVQ_ERR_TRUNCATED);
+    MUT("alignment 0", set_u32(&b, L->align_val, 0), KVQ_ERR_FORMAT);
+    MUT("alignment 3", set_u32(&b, L->align_val, 3), KVQ_ERR_FORMAT);
+    MUT("alignment 2^31", set_u32(&b, L->align_val, 1u << 31), KVQ_ERR_FORMAT);
+    MUT("alignment 64 (tensor offset 32 no longer aligned)", set_u32(&b, L->align_val, 64), KVQ_ERR_FORMAT);
+    MUT("n_dims 0", set_u32(&b, L->t0_ndims, 0), KVQ_ERR_FORMAT);
+    MUT("n_dims 5", set_u32(&b, L->t0_ndims, 5), KVQ_ERR_FORMAT);
+    MUT("n_dims 0xffffffff", set_u32(&b, L->t0_ndims, 0xffffffffu), KVQ_ERR_FORMAT);
+    MUT("dim 0", set_u64(&b, L->t0_dim0, 0), KVQ_ERR_FORMAT);
+    MUT("dim 2^63", set_u64(&b, L->t0_dim0, 1ull << 63), KVQ_ERR_FORMAT);
+    MUT("dims overflow", (set_u64(&b, L->t0_dim0, 1ull << 40), set_u64(&b, L->t0_dim0 + 8, 1ull << 40)), KVQ_ERR_FORMAT);
+    MUT("tensor too big for the file", set_u64(&b, L->t0_dim0, 1ull << 30), KVQ_ERR_TRUNCATED);
+    MUT("unknown tensor type", set_u32(&b, L->t0_type, 99), KVQ_ERR_FORMAT);
+    MUT("Q4_K (unsupported)", set_u32(&b, L->t0_type, 12), KVQ_ERR_FORMAT);
+    MUT("Q4_1 row not a multiple of 32", set_u64(&b, L->t1_dim0, 31), KVQ_ERR_FORMAT);
+    MUT("misaligned offset", set_u64(&b, L->t0_off, 4), KVQ_ERR_FORMAT);
+    MUT("offset past end", set_u64(&b, L->t1_off, 4096), KVQ_ERR_TRUNCATED);
+    MUT("offset overflow", set_u64(&b, L->t1_off, UINT64_MAX - 31), KVQ_ERR_TRUNCATED);
+    MUT("overlapping last tensor end", set_u64(&b, L->t1_off, 64), KVQ_ERR_TRUNCATED);
+    MUT("duplicate tensor name", b.p[L->t1_name_len + 8] = 'a', KVQ_ERR_FORMAT);
+    MUT("huge tensor name", set_u64(&b, L->t1_name_len, 1ull << 50), KVQ_ERR_TRUNCATED);
+#undef MUT
+
+    /* Corruptions the reader accepts but the tokenizer must reject. */
+    struct {
+        const char *what;
+        const char *from, *to;
+    } tk[] = {{"merge without a space", "l l", "l_l"}, {"tokenizer model not gpt2", "gpt2", "bert"}};
+    for (size_t i = 0; i < sizeof tk / sizeof tk[0]; i++) {
+        b = clone(v);
+        uint8_t *hit = NULL;
+        for (size_t o = 0; o + strlen(tk[i].from) <= b.n && !hit; o++)
+            if (memcmp(b.p + o, tk[i].from, strlen(tk[i].from)) == 0) hit = b.p + o;
+        if (hit) memcpy(hit, tk[i].to, strlen(tk[i].to));
+        gguf_file *f;
+        kvq_tokenizer *tok = (kvq_tokenizer *)1;
+        CHECK(hit && gguf_parse(b.p, b.n, &f) == KVQ_OK, "%s: file should still parse", tk[i].what);
+        if (hit && f) {
+            kvq_status st = tok_load(f, &tok);
+            CHECK(st == KVQ_ERR_FORMAT && tok == NULL && kvqm_last_error()[0], "%s: tok_load gave %s", tk[i].what,
+                  kvq_strerror(st));
+            gguf_close(f);
+        }
+        free(b.p);
+    }
+}
+
+static void test_prefixes(const buf *v) {
+    /* Every proper prefix is missing something: parse must fail, and say so. */
+    int bad = 0;
+    for (size_t n = 0; n < v->n; n++) {
+        gguf_file *f;
+        buf b = {malloc(n ? n : 1), n, n};
+        memcpy(b.p, v->p, n);
+        kvq_status st = gguf_parse(b.p, n, &f);
+        if (st != KVQ_ERR_TRUNCATED && st != KVQ_ERR_FORMAT) {
+            if (!bad++) CHECK(0, "prefix of %zu bytes: %s", n, kvq_strerror(st));
+            if (st == KVQ_OK) gguf_close(f);
+        }
+        LLVMFuzzerTestOneInput(b.p, n);
+        free(b.p);
+    }
+    CHECK(bad == 0, "%d prefixes not rejected", bad);
+    printf("prefixes: all %zu truncations rejected\n", v->n);
+}
+
+static void test_random(const buf *v, int rounds) {
+    uint64_t s = 0x2545F4914F6CDD1Dull;
+    for (int r = 0; r < rounds; r++) {
+        buf b = clone(v);
+        int flips = 1 + r % 8;
+        for (int i = 0; i < flips && b.n > 0; i++) {
+            s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+            size_t at = (size_t)(s % b.n);
+            switch ((s >> 40) % 4) {
+            case 0: b.p[at] ^= (uint8_t)(1u << ((s >> 32) & 7)); break;
+            case 1: b.p[at] = (uint8_t)(s >> 48); break;
+            case 2: b.p[at] = 0xff; break;
+            default: b.n = at; break; /* cut */
+            }
+        }
+        LLVMFuzzerTestOneInput(b.p, b.n);
+        free(b.p);
+    }
+    printf("random mutations: %d inputs through the fuzz entry point\n", rounds);
+}
+
+static void test_files(const char *model) {
+    gguf_file *f = (gguf_file *)1;
+    CHECK(gguf_open("/nonexistent/x.gguf", &f) == KVQ_ERR_IO && f == NULL, "missing file: IO error");
+    CHECK(gguf_open("/", &f) == KVQ_ERR_IO, "directory: IO error");
+    char path[] = "/tmp/kvq_gguf_XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp");
+    if (fd < 0) return;
+    CHECK(gguf_open(path, &f) == KVQ_ERR_TRUNCATED, "empty file: truncated");
+    FILE *src = model ? fopen(model, "rb") : NULL;
+    if (src) {
+        /* The real model cut after 4 MiB: header and metadata intact, tensor data missing. */
+        size_t n = 4u << 20;
+        char *chunk = malloc(n);
+        size_t got = fread(chunk, 1, n, src);
+        fclose(src);
+        if (write(fd, chunk, got) == (ssize_t)got) {
+            kvq_status st = gguf_open(path, &f);
+            CHECK(st == KVQ_ERR_TRUNCATED, "cut model: %s (%s)", kvq_strerror(st), kvqm_last_error());
+            printf("cut model via mmap: %s\n", kvqm_last_error());
+            if (st == KVQ_OK) gguf_close(f);
+        }
+        free(chunk);
+    } else {
+        printf("(model not present: the cut-model check is skipped; the rest ran)\n");
+    }
+    close(fd);
+    unlink(path);
+}
+
+static int write_seeds(const char *dir, const buf *v, const layout *L) {
+    mkdir(dir, 0755);
+    struct {
+        const char *name;
+        size_t off;
+        uint64_t val;
+        int w;
+    } m[] = {{"valid", 0, 0, 0},         {"huge_kv", L->n_kv, 1ull << 62, 8},  {"bad_off", L->t1_off, 4096, 8},
+             {"dims", L->t0_dim0, 0, 8}, {"align", L->align_val, 3, 4},        {"strlen", L->merges_first, 99, 8}};
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        buf b = clone(v);
+        if (m[i].w == 8) set_u64(&b, m[i].off, m[i].val);
+        if (m[i].w == 4) set_u32(&b, m[i].off, (uint32_t)m[i].val);
+        char p[512];
+        snprintf(p, sizeof p, "%s/%s.gguf", dir, m[i].name);
+        FILE *f = fopen(p, "wb");
+        if (!f || fwrite(b.p, 1, b.n, f) != b.n) return 1;
+        fclose(f);
+        free(b.p);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    layout L;
+    buf v = build_valid(&L);
+    if (argc == 3 && strcmp(argv[1], "--write-seeds") == 0) {
+        int rc = write_seeds(argv[2], &v, &L);
+        free(v.p);
+        return rc;
+    }
+    int quick = getenv("KVQ_TEST_QUICK") && atoi(getenv("KVQ_TEST_QUICK"));
+    test_valid(&v);
+    test_targeted(&v, &L);
+    test_prefixes(&v);
+    test_random(&v, quick ? 5000 : 50000);
+    test_files(argc > 1 && access(argv[1], R_OK) == 0 ? argv[1] : NULL);
+    free(v.p);
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+}
