@@ -1,0 +1,254 @@
+// kvq-bench cuda: decode attention and append on the device, Llama-3-8B attention shapes (32 query heads,
+// 8 KV heads, D = 128), batch 1/8/32, context 4k/16k/64k/128k, every type. Timed with CUDA events around each
+// call, after warm-up, L2 flushed (a 256 MB memset) before every timed run, median of the runs.
+// Writes <out>/bench-cuda.md and <out>/bench-cuda.csv; merges torch SDPA timings from --sdpa <csv>
+// (bench/bench_sdpa.py: lines "batch,ctx,ms").
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kvq.h"
+#include "kvq_cuda.h"
+
+#define CU(call)                                                                                                     \
+    do {                                                                                                             \
+        cudaError_t e_ = (call);                                                                                     \
+        if (e_ != cudaSuccess) {                                                                                     \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));                  \
+            return 1;                                                                                                \
+        }                                                                                                            \
+    } while (0)
+#define OK(call)                                                                                                     \
+    do {                                                                                                             \
+        kvq_status s_ = (call);                                                                                      \
+        if (s_ != KVQ_OK) {                                                                                          \
+            fprintf(stderr, "%s:%d: %s -> %d (%s)\n", __FILE__, __LINE__, #call, (int)s_, kvq_cuda_last_error());   \
+            return 1;                                                                                                \
+        }                                                                                                            \
+    } while (0)
+
+__global__ void fill_random(__half *x, size_t n, uint32_t seed, float amp) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 16, h *= 0x7feb352du, h ^= h >> 15, h *= 0x846ca68bu, h ^= h >> 16;
+        x[i] = __float2half(amp * ((float)(h & 0xffffff) / 8388608.0f - 1.0f));
+    }
+}
+
+static double median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0 : v[v.size() / 2];
+}
+
+struct Row {
+    std::string type;
+    int batch, ctx;
+    double us, gbs, pct_copy, vs_f16, vs_sdpa, sdpa_us;
+};
+
+extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
+    const char *out_dir = "docs", *sdpa_path = nullptr;
+    int reps = 20;
+    bool quick = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
+        else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc) sdpa_path = argv[++i];
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (strcmp(argv[i], "cuda")) {
+            fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick]\n");
+            return 2;
+        }
+    }
+    int ndev = 0;
+    if (kvq_cuda_device_count(&ndev) != KVQ_OK) {
+        printf("SKIP: %s\n", kvq_cuda_last_error());
+        return 77;
+    }
+    cudaDeviceProp prop;
+    CU(cudaGetDeviceProperties(&prop, 0));
+    std::map<std::pair<int, int>, double> sdpa;
+    if (sdpa_path) {
+        FILE *f = fopen(sdpa_path, "r");
+        if (f) {
+            int b, c;
+            double ms;
+            char line[256];
+            while (fgets(line, sizeof line, f))
+                if (sscanf(line, "%d,%d,%lf", &b, &c, &ms) == 3) sdpa[{b, c}] = ms * 1000.0;
+            fclose(f);
+        }
+    }
+    cudaStream_t st;
+    CU(cudaStreamCreate(&st));
+    cudaEvent_t e0, e1;
+    CU(cudaEventCreate(&e0));
+    CU(cudaEventCreate(&e1));
+    void *flush;
+    const size_t flush_bytes = 256u << 20;
+    CU(cudaMalloc(&flush, flush_bytes));
+
+    // measured copy bandwidth: device-to-device, bytes read + written
+    double copy_gbs = 0;
+    {
+        size_t n = 2ull << 30;
+        void *a, *b;
+        CU(cudaMalloc(&a, n));
+        CU(cudaMalloc(&b, n));
+        CU(cudaMemsetAsync(a, 1, n, st));
+        std::vector<float> ts;
+        for (int r = 0; r < 10; r++) {
+            CU(cudaEventRecord(e0, st));
+            CU(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, st));
+            CU(cudaEventRecord(e1, st));
+            CU(cudaEventSynchronize(e1));
+            float ms;
+            CU(cudaEventElapsedTime(&ms, e0, e1));
+            ts.push_back(ms);
+        }
+        copy_gbs = 2.0 * n / (median(ts) * 1e-3) / 1e9;
+        cudaFree(a);
+        cudaFree(b);
+    }
+    printf("device %s, %d SMs; copy bandwidth %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
+
+    const int H = 8, D = 128, NQH = 32;
+    std::vector<int> ctxs = {4096, 16384, 65536, 131072};
+    std::vector<int> batches = {1, 8, 32};
+    if (quick) ctxs = {4096, 131072}, batches = {1, 8};
+    const int maxb = batches.back();
+    const kvq_type types[6] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2};
+    const int CH = 4096;  // append chunk
+    __half *dk, *dv, *dq, *dout;
+    size_t in_elems = (size_t)maxb * CH * H * D;
+    CU(cudaMalloc(&dk, in_elems * 2));
+    CU(cudaMalloc(&dv, in_elems * 2));
+    fill_random<<<1024, 256, 0, st>>>(dk, in_elems, 1u, 2.0f);
+    fill_random<<<1024, 256, 0, st>>>(dv, in_elems, 2u, 1.0f);
+    CU(cudaMalloc(&dq, (size_t)maxb * NQH * D * 2));
+    CU(cudaMalloc(&dout, (size_t)maxb * NQH * D * 2));
+    fill_random<<<64, 256, 0, st>>>(dq, (size_t)maxb * NQH * D, 3u, 1.0f);
+
+    std::vector<Row> rows;
+    std::map<std::pair<int, int>, double> f16_us;
+    std::vector<std::string> append_lines;
+    for (kvq_type t : types) {
+        const char *tn = kvq_type_get_traits(t)->name;
+        for (int ctx : ctxs) {
+            kvq_cache_config cfg = kvq_cache_config_default();
+            cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t, cfg.max_seqs = maxb;
+            kvq_page_layout L;
+            OK(kvq_page_layout_make(t, t, H, D, 64, 64, &L));
+            cfg.arena_bytes = (size_t)maxb * ((ctx + 2 * CH) / 64 + 2) * L.page_bytes;
+            kvq_cuda_cache *c;
+            OK(kvq_cuda_cache_create(&cfg, 0, ctx + 2 * CH, &c));
+            std::vector<int32_t> ids(maxb), nt(maxb);
+            for (int i = 0; i < maxb; i++) OK(kvq_cuda_seq_new(c, &ids[i]));
+            // fill ctx - 1 tokens in chunks (prefill append), then time one decode-step append (the last token)
+            double app_chunk_us = 0;
+            int n_chunks = 0;
+            for (int done = 0; done < ctx - 1;) {
+                int n = std::min(CH, ctx - 1 - done);
+                for (int i = 0; i < maxb; i++) nt[i] = n;
+                CU(cudaEventRecord(e0, st));
+                OK(kvq_cuda_append(c, 0, maxb, ids.data(), nt.data(), KVQ_DTYPE_F16, dk, dv, st));
+                CU(cudaEventRecord(e1, st));
+                CU(cudaEventSynchronize(e1));
+                float ms;
+                CU(cudaEventElapsedTime(&ms, e0, e1));
+                if (n == CH && done > 0) app_chunk_us += ms * 1000.0, n_chunks++;
+                done += n;
+            }
+            for (int i = 0; i < maxb; i++) nt[i] = 1;
+            CU(cudaEventRecord(e0, st));
+            OK(kvq_cuda_append(c, 0, maxb, ids.data(), nt.data(), KVQ_DTYPE_F16, dk, dv, st));
+            CU(cudaEventRecord(e1, st));
+            CU(cudaEventSynchronize(e1));
+            float step_ms;
+            CU(cudaEventElapsedTime(&step_ms, e0, e1));
+            if (ctx == ctxs.back()) {
+                char buf[256];
+                snprintf(buf, sizeof buf, "| %s | %.1f | %.3f | %.1f |", tn, step_ms * 1000.0, step_ms * 1000.0 / maxb,
+                         n_chunks ? app_chunk_us / n_chunks / ((double)CH * maxb) * 1000.0 : 0.0);
+                append_lines.push_back(buf);
+            }
+            CU(cudaGetLastError());
+            kvq_attn_params ap = kvq_attn_params_default(NQH);
+            for (int b : batches) {
+                double bytes = 0;
+                OK(kvq_cuda_attn_decode_bytes(c, 0, b, ids.data(), &ap, &bytes));
+                for (int w = 0; w < 3; w++) OK(kvq_cuda_attn_decode(c, 0, b, ids.data(), KVQ_DTYPE_F16, dq, dout, &ap, st));
+                std::vector<float> ts;
+                for (int r = 0; r < reps; r++) {
+                    CU(cudaMemsetAsync(flush, r, flush_bytes, st));
+                    CU(cudaEventRecord(e0, st));
+                    OK(kvq_cuda_attn_decode(c, 0, b, ids.data(), KVQ_DTYPE_F16, dq, dout, &ap, st));
+                    CU(cudaEventRecord(e1, st));
+                    CU(cudaEventSynchronize(e1));
+                    float ms;
+                    CU(cudaEventElapsedTime(&ms, e0, e1));
+                    ts.push_back(ms);
+                }
+                CU(cudaGetLastError());
+                Row row;
+                row.type = tn, row.batch = b, row.ctx = ctx;
+                row.us = median(ts) * 1000.0;
+                row.gbs = bytes / (row.us * 1e-6) / 1e9;
+                row.pct_copy = 100.0 * row.gbs / copy_gbs;
+                if (t == KVQ_TYPE_F16) f16_us[{b, ctx}] = row.us;
+                row.vs_f16 = f16_us.count({b, ctx}) ? f16_us[{b, ctx}] / row.us : 0;
+                row.sdpa_us = sdpa.count({b, ctx}) ? sdpa[{b, ctx}] : 0;
+                row.vs_sdpa = row.sdpa_us > 0 ? row.sdpa_us / row.us : 0;
+                rows.push_back(row);
+                printf("%-5s batch %2d ctx %6d: %9.1f us  %7.0f GB/s  %5.1f%% of copy  x%.2f vs f16  x%.2f vs sdpa\n", tn, b,
+                       ctx, row.us, row.gbs, row.pct_copy, row.vs_f16, row.vs_sdpa);
+                fflush(stdout);
+            }
+            kvq_cuda_cache_free(c);
+        }
+    }
+    std::string md = std::string(out_dir) + "/bench-cuda.md", csv = std::string(out_dir) + "/bench-cuda.csv";
+    FILE *f = fopen(csv.c_str(), "w");
+    if (f) {
+        fprintf(f, "type,batch,ctx,us_per_step_layer,kv_gb_per_s,pct_copy_bw,speedup_vs_f16,speedup_vs_sdpa,sdpa_us\n");
+        for (auto &r : rows)
+            fprintf(f, "%s,%d,%d,%.2f,%.1f,%.1f,%.3f,%.3f,%.2f\n", r.type.c_str(), r.batch, r.ctx, r.us, r.gbs, r.pct_copy,
+                    r.vs_f16, r.vs_sdpa, r.sdpa_us);
+        fclose(f);
+    }
+    f = fopen(md.c_str(), "w");
+    if (f) {
+        fprintf(f, "# kvq CUDA decode benchmark\n\n");
+        fprintf(f, "Device: %s (%d SMs). Measured device-to-device copy bandwidth: %.0f GB/s (bytes read + written).\n\n",
+                prop.name, prop.multiProcessorCount, copy_gbs);
+        fprintf(f, "Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, one layer; fp16 queries and "
+                   "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
+                   "L2 flushed (256 MB memset) before every run. `GB/s` counts the KV bytes the kernel must read (pages "
+                   "with their scales, plus fp16 window rows). `vs SDPA`: torch `scaled_dot_product_attention` (fp16, "
+                   "enable_gqa) timed the same way in the same job by bench/bench_sdpa.py.\n\n", reps);
+        fprintf(f, "| type | batch | context | µs / step / layer | KV GB/s | %% of copy BW | × vs our F16 | × vs SDPA | SDPA µs |\n");
+        fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for (auto &r : rows)
+            fprintf(f, "| %s | %d | %d | %.1f | %.0f | %.1f | %.2f | %.2f | %.1f |\n", r.type.c_str(), r.batch, r.ctx, r.us,
+                    r.gbs, r.pct_copy, r.vs_f16, r.vs_sdpa, r.sdpa_us);
+        fprintf(f, "\n## Append (quantize on append)\n\nAt context %d, batch %d: one decode step (1 token per sequence, one "
+                   "layer) and prefill chunks of %d tokens per sequence.\n\n", ctxs.back(), maxb, CH);
+        fprintf(f, "| type | decode-step append µs | µs per token | prefill-chunk ns per token |\n|---|---:|---:|---:|\n");
+        for (auto &l : append_lines) fprintf(f, "%s\n", l.c_str());
+        fclose(f);
+    }
+    printf("wrote %s and %s\n", md.c_str(), csv.c_str());
+    return 0;
+}
+
+#ifdef KVQ_BENCH_CUDA_STANDALONE
+int main(int argc, char **argv) { return kvq_bench_cuda_main(argc, argv); }
+#endif

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""torch scaled_dot_product_attention (fp16, GQA) decode timings for kvq-bench cuda: prints "batch,ctx,ms" lines.
+
+Same shapes and method as bench/bench_cuda.cu: Llama-3-8B (32 query heads, 8 KV heads, D = 128), one query token,
+CUDA events, 3 warm-ups, L2 flushed (256 MB write) before each of the timed runs, median."""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def main():
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    dev = "cuda"
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    print("batch,ctx,ms")
+    for b in (1, 8, 32):
+        for ctx in (4096, 16384, 65536, 131072):
+            q = torch.randn(b, 32, 1, 128, dtype=torch.float16, device=dev)
+            k = torch.randn(b, 8, ctx, 128, dtype=torch.float16, device=dev)
+            v = torch.randn(b, 8, ctx, 128, dtype=torch.float16, device=dev)
+            for _ in range(3):
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            ts = []
+            for r in range(reps):
+                flush.fill_(r & 255)
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                e1.record()
+                e1.synchronize()
+                ts.append(e0.elapsed_time(e1))
+            ts.sort()
+            print(f"{b},{ctx},{ts[len(ts) // 2]:.4f}", flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

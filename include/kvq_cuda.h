@@ -1,0 +1,128 @@
+/*
+ * kvq_cuda.h: the CUDA backend of libkvq. A device-resident paged KV cache with the SAME page byte layout as the
+ * CPU cache (kvq.h section 5), quantize-on-append kernels, and attention kernels that read the quantized bytes
+ * directly (decode: split over the sequence length and combined; prefill: causal over the cache).
+ *
+ * This header is the manual; read kvq.h first (types, page layout, residual window, attention semantics).
+ *
+ * ---------------------------------------------------------------------------------------------------------
+ * 1. Memory and ownership
+ * ---------------------------------------------------------------------------------------------------------
+ * - kvq_cuda_cache_create allocates, with plain cudaMalloc on the chosen device (no managed memory): the page
+ *   arena (arena_bytes), the residual windows of max_seqs x n_layers (sequence, layer) pairs (fp16 ring buffers
+ *   of R + G rows), a page table of max_seq_tokens / 64 entries per pair, and a workspace for split attention
+ *   (grown on demand with the stream-ordered allocator cudaMallocAsync). kvq_cuda_cache_free releases all of it
+ *   (cudaFree: it waits for the device). Sizes: kvq_cuda_cache_get_stats.
+ * - Bookkeeping (free pages, page lists, lengths) lives on the host, like the CPU cache. Page-table updates reach
+ *   the device inside the append kernels' parameters: no host-to-device copy, no pinned staging.
+ * - Device pointers passed in (K, V, queries, outputs) are borrowed for the duration of the work enqueued.
+ *
+ * 2. Streams and synchronisation
+ * - Every call that enqueues device work takes a stream (cudaStream_t; NULL = the legacy default stream) and
+ *   returns as soon as the work is enqueued: no hidden synchronisation. Exceptions, documented per call:
+ *   cache_create/cache_free, and the test helper kvq_cuda_seq_read, which synchronise.
+ * - Host bookkeeping changes when a call returns, device contents when the stream reaches the work. Calls on one
+ *   cache must be ordered: issue them to one stream (or order streams with events yourself). Attention calls of
+ *   one cache share its workspace, so two of them must never run concurrently.
+ * - kvq_cuda_seq_free returns pages to the free list at once; a later append may reuse them, which is safe when
+ *   that append is ordered after the attention that still reads them (same stream).
+ *
+ * 3. Errors
+ * - Every call validates its arguments first and returns a negative kvq_status (kvq.h) without changing the cache
+ *   on error; the message is readable with kvq_cuda_last_error() (thread-local). A failing CUDA runtime call
+ *   gives KVQ_ERR_CUDA with the CUDA error string; a machine without a usable GPU gives KVQ_ERR_NO_DEVICE.
+ * - Asynchronous kernel faults surface at the next synchronising CUDA call, as usual in CUDA.
+ * - Unlike kvq_append, K/V are NOT checked for NaN/Inf/|x| > 65504 (that would need a synchronisation): the
+ *   caller guarantees finite values in the fp16 range; otherwise the results are undefined.
+ *
+ * 4. Limits of this version
+ * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; type_k == type_v; at most 8
+ *   query heads per KV head. Other configurations return KVQ_ERR_INVALID_ARG / KVQ_ERR_UNSUPPORTED_TYPE /
+ *   KVQ_ERR_UNSUPPORTED_HEAD_DIM at create (or attention) time.
+ * - No fork or truncate yet.
+ * - Built for sm_90a (H100/H200): the decode kernel uses the bulk copy engine (cp.async.bulk + mbarrier) and
+ *   fp16 tensor-core MMAs with fp32 accumulation; on other GPUs create returns KVQ_ERR_NO_DEVICE.
+ */
+#ifndef KVQ_CUDA_H
+#define KVQ_CUDA_H
+
+#include "kvq.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Same type as cudaStream_t, without including the CUDA headers. */
+typedef struct CUstream_st *kvq_cuda_stream;
+
+/* Message of the last failing kvq_cuda_* call on this thread ("" if none). */
+KVQ_API const char *kvq_cuda_last_error(void);
+
+/* KVQ_OK and the number of usable devices (compute capability 9.0) in *n, or KVQ_ERR_NO_DEVICE with the reason. */
+KVQ_API kvq_status kvq_cuda_device_count(int *n);
+
+typedef struct kvq_cuda_cache kvq_cuda_cache;
+
+/* Creates a device cache on `device` with the geometry of `cfg` (kvq.h section 6; n_threads is ignored).
+ * max_seq_tokens: tokens one (sequence, layer) may hold in pages (sizes the device page table); 0 means the
+ * arena's capacity per layer. Synchronises the device (cudaMalloc). The arena and windows are zeroed. */
+KVQ_API kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg, int device, int64_t max_seq_tokens,
+                                         kvq_cuda_cache **out);
+KVQ_API void kvq_cuda_cache_free(kvq_cuda_cache *cache);
+KVQ_API kvq_status kvq_cuda_cache_get_config(const kvq_cuda_cache *cache, kvq_cache_config *cfg,
+                                             kvq_page_layout *layout);
+
+typedef struct kvq_cuda_stats {
+    int64_t pages_total, pages_free;
+    size_t page_bytes;
+    size_t arena_bytes;     /* device bytes of the page arena */
+    size_t window_bytes;    /* device bytes of all residual windows (K and V) */
+    size_t table_bytes;     /* device bytes of the page tables */
+    size_t workspace_bytes; /* device bytes of the attention workspace right now */
+    int n_seqs;
+} kvq_cuda_stats;
+KVQ_API kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *cache, kvq_cuda_stats *st);
+
+/* Sequences: host bookkeeping only, no device work. Ids as in kvq.h section 7. */
+KVQ_API kvq_status kvq_cuda_seq_new(kvq_cuda_cache *cache, int32_t *seq_out);
+KVQ_API kvq_status kvq_cuda_seq_free(kvq_cuda_cache *cache, int32_t seq);
+KVQ_API kvq_status kvq_cuda_seq_length(const kvq_cuda_cache *cache, int32_t seq, int layer, int64_t *len);
+
+/* Appends n_tokens[i] tokens to sequence seq_ids[i] of `layer` (distinct ids), exactly as kvq_append does
+ * (same quantization, same residual-window flushes, byte-identical pages). k, v: DEVICE arrays
+ * [sum n_tokens][n_kv_heads][head_dim] of dtype (F32, F16 or BF16). Enqueued on `stream`. All or nothing:
+ * page availability and limits are checked before anything is enqueued. */
+KVQ_API kvq_status kvq_cuda_append(kvq_cuda_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                                   const int32_t *n_tokens, kvq_dtype dtype, const void *k, const void *v,
+                                   kvq_cuda_stream stream);
+
+/* Decode attention, semantics of kvq_attn_decode (kvq.h section 9). q, out: DEVICE arrays
+ * [n_seqs][n_q_heads][head_dim] of qo_dtype (F32, F16 or BF16). Enqueued on `stream`. */
+KVQ_API kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                                        kvq_dtype qo_dtype, const void *q, void *out, const kvq_attn_params *p,
+                                        kvq_cuda_stream stream);
+
+/* Chunked causal prefill, semantics of kvq_attn_prefill: the n_q queries are the last n_q tokens of the sequence
+ * (append them first). q, out: DEVICE [n_q][n_q_heads][head_dim] of qo_dtype. Enqueued on `stream`.
+ * This version is correct for every type but reads the cache once per query row (no tensor-core tiling over
+ * queries): fine for chunks of a few hundred tokens, slow for long prompts. */
+KVQ_API kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *cache, int layer, int32_t seq, int n_q, kvq_dtype qo_dtype,
+                                         const void *q, void *out, const kvq_attn_params *p,
+                                         kvq_cuda_stream stream);
+
+/* Bytes of KV data (pages and window rows) a decode of these sequences reads, for bandwidth figures. */
+KVQ_API kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *cache, int layer, int n_seqs,
+                                              const int32_t *seq_ids, const kvq_attn_params *p, double *bytes);
+
+/* Test/debug helper: copies (sequence, layer)'s pages, in token order, into host `pages`
+ * (n_pages * page_bytes bytes; n_pages = ceil(paged_tokens / 64)) and its window, oldest token first, into host
+ * window_k / window_v ([window_tokens][H][D] fp16); any pointer may be NULL. The counts go to the out-pointers
+ * (may be NULL). Synchronises `stream`. */
+KVQ_API kvq_status kvq_cuda_seq_read(const kvq_cuda_cache *cache, int32_t seq, int layer, int64_t *paged_tokens,
+                                     int32_t *window_tokens, void *pages, uint16_t *window_k, uint16_t *window_v,
+                                     kvq_cuda_stream stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVQ_CUDA_H */

@@ -1,0 +1,113 @@
+// Shared by the CUDA backend's translation units: compile-time type traits of the page layout (kvq.h section 5,
+// specialised to page_tokens = 64, group = 64), kernel argument structs and small device helpers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kvq.h"
+
+namespace kvqc {
+
+constexpr int PT = 64;   // tokens per page (the only page size this backend supports)
+constexpr int GRP = 64;  // key group G / value group Gv for grouped types
+
+__host__ __device__ constexpr int type_bits(int t) {
+    return t == KVQ_TYPE_F16 || t == KVQ_TYPE_BF16 ? 16 : t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? 8 : t == KVQ_TYPE_Q4 ? 4 : 2;
+}
+__host__ __device__ constexpr int pad16(int n) { return (n + 15) & ~15; }
+
+template <int T, int D> struct Traits {
+    static constexpr int bits = type_bits(T);
+    static constexpr bool grouped = bits < 8;
+    static constexpr bool scaled = bits == 8;       // one fp16 scale per token
+    static constexpr int row = D * bits / 8;        // bytes of one token's row
+    static constexpr int ng = D / GRP;              // value groups per token (grouped types)
+    static constexpr int kpar = scaled ? 2 * PT : grouped ? 4 * D : 0;
+    static constexpr int vpar = scaled ? 2 * PT : grouped ? PT * ng * 4 : 0;
+    static constexpr int kblk = pad16(row * PT + kpar);
+    static constexpr int vblk = pad16(row * PT + vpar);
+};
+
+// One attention row: a decode sequence, or one query of a prefill (same pages, shorter visible range).
+struct Entry {
+    const int32_t *pt;       // device page table of (seq, layer)
+    const __half *wk, *wv;   // window rings [wcap][H][D]
+    int32_t paged;           // tokens in pages
+    int32_t lo, hi;          // visible tokens [lo, hi)
+    int32_t whead;           // ring row of window token 0
+    int32_t npu, n;          // page units, all units (page units first, then window units)
+    int32_t q_row;           // row of q / out
+    int32_t pad_;
+    int64_t start;           // flattened index of (this entry, head 0, unit 0)
+};
+
+constexpr int MAXE = 256;  // entries per launch (kernel parameter space)
+
+struct DecodeArgs {
+    const uint8_t *arena;
+    int64_t page_bytes;
+    int32_t v_off;  // byte offset of the value blocks in a page
+    int32_t H, Gq, nqh, wcap, D;
+    int32_t qo_dtype;
+    float qscale;   // attention scale, times log2(e) when there is no soft-cap
+    float softcap;  // 0: off
+    const void *q;
+    void *out;
+    float *part;     // [slot][Gq][D]
+    float *part_ml;  // [slot][Gq][2]
+    int32_t n_entries;
+    int32_t n_cta;
+    int64_t total;  // units in all
+    int64_t L;      // units per CTA
+    Entry e[MAXE];
+};
+
+// ---- append ----
+struct FlushItem {
+    int32_t a;      // append entry
+    int32_t v0;     // first virtual token (0 = oldest window token)
+    int32_t cnt;    // tokens (<= 64, one page)
+    int32_t slot;   // first page slot
+    int32_t page;   // page id
+    int32_t pt_idx; // page-table index to write (-1: the page is already there)
+};
+struct AppendEntry {
+    int32_t *pt;
+    __half *wk, *wv;
+    int32_t W0, whead0, T, FG;  // window tokens before, ring head before, W0 + n, flushed tokens
+    int64_t in_off;             // first input row of this sequence
+    int64_t wstart;             // prefix of window-written tokens
+};
+constexpr int MAXA = 256;
+constexpr int MAXF = 512;
+struct AppendArgs {
+    uint8_t *arena;
+    int64_t page_bytes;
+    int32_t v_off, H, wcap, direct;  // direct: W == 1, values go straight to pages without fp16 rounding
+    int32_t dtype;
+    const void *k, *v;
+    int32_t n_items, n_entries;
+    int64_t n_wtok;
+    AppendEntry a[MAXA];
+    FlushItem f[MAXF];
+};
+
+// ---- device helpers ----
+__device__ __forceinline__ float load_in(const void *p, int64_t i, int dt) {
+    if (dt == KVQ_DTYPE_F16) return __half2float(((const __half *)p)[i]);
+    if (dt == KVQ_DTYPE_BF16) return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+    return ((const float *)p)[i];
+}
+__device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
+
+}  // namespace kvqc
+
+// host-side launchers (defined in the .cu files)
+namespace kvqc {
+cudaError_t launch_decode(int type, int D, const DecodeArgs &a, cudaStream_t st, int n_sm);
+int decode_warps(int type, int D);
+cudaError_t launch_append(int type, int D, const AppendArgs &a, cudaStream_t st);
+}  // namespace kvqc

@@ -1,0 +1,686 @@
+// Decode attention straight from the quantized pages (flash-decoding with a balanced split).
+//
+// Work: the "units" of all (row, KV head) pairs, a unit being one 64-token page or 64 rows of the fp16 window, are
+// laid end to end and cut into n_cta equal ranges, one CTA each (one wave, so no tail). A CTA range may start
+// and end inside a pair; every warp writes one partial (m, l, O) per pair it touched, and a combine kernel
+// merges the partials of each pair.
+//
+// Inside a CTA one producer warp streams each page's K block and V block (contiguous in the page) into a ring of
+// shared-memory slots with the bulk copy engine (cp.async.bulk, completion on an mbarrier), so many KB are in
+// flight per SM with a single issuing thread. W consumer warps take the units round-robin. A consumer computes
+//   S^T (64 tokens x 8 query-head columns) = K (64 x D) . Q^T            (mma m16n8k16, fp16 in, fp32 acc)
+//   O^T (D x 8)                            = V^T (D x 64) . P^T
+// dequantizing K and V in registers into the MMA fragments. Every query head of the KV head is one column, so each
+// KV byte is read once for all of them (GQA). Quantization parameters are folded in where they are cheapest:
+//   Q8/FP8 keys: score_t = s_t * (q . q_t)              (per-token scale after the MMA)
+//   KIVI keys:   score_t = sum_c (q_c scale_c) q_tc + sum_c q_c min_c   (scale folded into the Q fragment)
+//   Q8/FP8 values: P'_t = p_t s_t;  KIVI values: P'_t,g = p_t scale_t,g plus a rank-16 MMA for sum_t p_t min_t,g.
+// Channel order inside a fragment is free (any permutation of the reduction index works when Q uses the same),
+// which lets each quantized format use its cheapest unpacking (lop3 + magic 0x6400 fp16 exponent).
+#include "common.cuh"
+
+namespace kvqc {
+
+// ------------------------------------------------------------------------------------------------ PTX helpers
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(uint64_t *b, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *b, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(b)),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(bar))
+        : "memory");
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return h2u(__floats2half2_rn(lo, hi)); }
+
+// (x & mask) | 0x6400 in each half is 1024 + v * 2^sh exactly; map it back to v.
+template <int SH> __device__ __forceinline__ uint32_t magic(uint32_t x, uint32_t mask) {
+    uint32_t h = (x & mask) | 0x64006400u;
+    constexpr float inv = 1.0f / (float)(1 << SH);
+    return h2u(__hfma2(u2h(h), __float2half2_rn(inv), __float2half2_rn(-1024.0f * inv)));
+}
+// int8 pair in bytes 0 and 1 of (x ^ 0x80808080), selected by s, to fp16 pair
+__device__ __forceinline__ uint32_t i8pair(uint32_t u, uint32_t s) {
+    uint32_t h = prmt(u, 0x64646464u, s);
+    return h2u(__hsub2(u2h(h), __float2half2_rn(1152.0f)));
+}
+__device__ __forceinline__ uint32_t e4m3pair(uint32_t x16) {
+    __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(x16 & 0xffff), __NV_E4M3);
+    return (uint32_t)r.x | ((uint32_t)r.y << 16);
+}
+__device__ __forceinline__ uint32_t bf2pair(uint32_t w) {  // bf16 pair -> fp16 pair
+    return pack_h2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+
+template <int N> struct Words { uint32_t w[N]; };
+template <int N> __device__ __forceinline__ Words<N> ldw(const uint8_t *p) {
+    Words<N> r;
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; i++) {
+            uint4 v = reinterpret_cast<const uint4 *>(p)[i];
+            r.w[4 * i] = v.x, r.w[4 * i + 1] = v.y, r.w[4 * i + 2] = v.z, r.w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (N == 2) {
+        uint2 v = *reinterpret_cast<const uint2 *>(p);
+        r.w[0] = v.x, r.w[1] = v.y;
+    } else {
+        r.w[0] = *reinterpret_cast<const uint32_t *>(p);
+    }
+    return r;
+}
+
+// ------------------------------------------------------------------------------------------------ key fragments
+// Thread (g = lane/4, j = lane%4) holds, for each of its tokens, the D/4 channels [j*D/4, (j+1)*D/4) as fp16
+// pairs h[2s] (MMA k-slots 2j, 2j+1 of step s) and h[2s+1] (slots 2j+8, 2j+9). key_chan says which channel each
+// slot holds, per format.
+template <int T, int D> __device__ __forceinline__ int key_chan(int s, int e) {
+    constexpr int b = type_bits(T);
+    if constexpr (b >= 8) return 4 * s + e;
+    else if constexpr (b == 4) {
+        int c = 8 * (s / 2) + 2 * (s % 2);
+        return c + (e == 0 ? 0 : e == 1 ? 4 : e == 2 ? 1 : 5);
+    } else {
+        int c = 16 * (s / 4) + 2 * (s % 4);
+        return c + (e == 0 ? 0 : e == 1 ? 8 : e == 2 ? 1 : 9);
+    }
+}
+
+template <int T, int D> __device__ __forceinline__ void load_key(const uint8_t *chunk, uint32_t (&h)[D / 8]) {
+    constexpr int b = type_bits(T), NW = D / 4 * b / 32, S = D / 16;
+    Words<NW> x = ldw<NW>(chunk);
+    if constexpr (T == KVQ_TYPE_F16) {
+#pragma unroll
+        for (int k = 0; k < NW; k++) h[k] = x.w[k];
+    } else if constexpr (T == KVQ_TYPE_BF16) {
+#pragma unroll
+        for (int k = 0; k < NW; k++) h[k] = bf2pair(x.w[k]);
+    } else if constexpr (T == KVQ_TYPE_Q8) {
+#pragma unroll
+        for (int s = 0; s < S; s++) {
+            uint32_t u = x.w[s] ^ 0x80808080u;
+            h[2 * s] = i8pair(u, 0x4140), h[2 * s + 1] = i8pair(u, 0x4342);
+        }
+    } else if constexpr (T == KVQ_TYPE_FP8) {
+#pragma unroll
+        for (int s = 0; s < S; s++) h[2 * s] = e4m3pair(x.w[s]), h[2 * s + 1] = e4m3pair(x.w[s] >> 16);
+    } else if constexpr (T == KVQ_TYPE_Q4) {
+#pragma unroll
+        for (int m = 0; m < NW; m++) {
+            uint32_t w = x.w[m], w8 = w >> 8;
+            h[4 * m + 0] = magic<0>(w, 0x000F000Fu);
+            h[4 * m + 1] = magic<4>(w, 0x00F000F0u);
+            h[4 * m + 2] = magic<0>(w8, 0x000F000Fu);
+            h[4 * m + 3] = magic<4>(w8, 0x00F000F0u);
+        }
+    } else {
+#pragma unroll
+        for (int m = 0; m < NW; m++) {
+            uint32_t w = x.w[m], w8 = w >> 8;
+            h[8 * m + 0] = magic<0>(w, 0x00030003u);
+            h[8 * m + 1] = magic<2>(w, 0x000C000Cu);
+            h[8 * m + 2] = magic<4>(w, 0x00300030u);
+            h[8 * m + 3] = magic<6>(w, 0x00C000C0u);
+            h[8 * m + 4] = magic<0>(w8, 0x00030003u);
+            h[8 * m + 5] = magic<2>(w8, 0x000C000Cu);
+            h[8 * m + 6] = magic<4>(w8, 0x00300030u);
+            h[8 * m + 7] = magic<6>(w8, 0x00C000C0u);
+        }
+    }
+}
+
+// Q^T fragment for the key MMA in the channel order of format T: qf holds this thread's channels (head g), times
+// an optional per-channel scale (KIVI keys) read from shared memory.
+template <int T, int D, bool SCALED>
+__device__ __forceinline__ void build_bq(const float (&qf)[D / 4], const __half *kscale, uint32_t (&bq)[D / 8]) {
+#pragma unroll
+    for (int s = 0; s < D / 16; s++) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int c = key_chan<T, D>(s, e);
+            v[e] = SCALED ? qf[c] * __half2float(kscale[c]) : qf[c];
+        }
+        bq[2 * s] = pack_h2(v[0], v[1]);
+        bq[2 * s + 1] = pack_h2(v[2], v[3]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ value fragments
+// Thread (g, j), k-step of 16 tokens: its tokens are 4j..4j+3 (MMA k-slots 2j, 2j+1 -> 4j, 4j+1 and 2j+8, 2j+9 ->
+// 4j+2, 4j+3); m-tile i = 4*hh + ii covers channels 64hh + 8g' + 2ii (+1 for rows g'+8) for g' = 0..7, so a
+// thread reads the 8 channels [64hh + 8g, 64hh + 8g + 8) of each of its tokens.
+template <int T> struct VBytes { static constexpr int n = 8 * type_bits(T) / 8; };
+
+template <int T, int D>
+__device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int g, uint32_t (&a)[D / 16][4]) {
+    constexpr int b = type_bits(T), NH = D / 64;
+#pragma unroll
+    for (int hh = 0; hh < NH; hh++) {
+        const int off = (64 * hh + 8 * g) * b / 8;
+        if constexpr (b == 16) {
+            uint4 w[4];
+#pragma unroll
+            for (int t = 0; t < 4; t++) w[t] = *reinterpret_cast<const uint4 *>(rows[t] + off);
+#pragma unroll
+            for (int ii = 0; ii < 4; ii++) {
+                uint32_t x0 = (&w[0].x)[ii], x1 = (&w[1].x)[ii], x2 = (&w[2].x)[ii], x3 = (&w[3].x)[ii];
+                uint32_t *o = a[4 * hh + ii];
+                o[0] = prmt(x0, x1, 0x5410), o[1] = prmt(x0, x1, 0x7632);
+                o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);
+                if constexpr (T == KVQ_TYPE_BF16) {
+#pragma unroll
+                    for (int r = 0; r < 4; r++) o[r] = bf2pair(o[r]);
+                }
+            }
+        } else if constexpr (b == 8) {
+            uint2 w[4];
+#pragma unroll
+            for (int t = 0; t < 4; t++) w[t] = *reinterpret_cast<const uint2 *>(rows[t] + off);
+#pragma unroll
+            for (int ii = 0; ii < 4; ii++) {
+                const uint32_t sel = ii % 2 ? 0x7362 : 0x5140;
+                uint32_t y01 = prmt((&w[0].x)[ii / 2], (&w[1].x)[ii / 2], sel);
+                uint32_t y23 = prmt((&w[2].x)[ii / 2], (&w[3].x)[ii / 2], sel);
+                uint32_t *o = a[4 * hh + ii];
+                if constexpr (T == KVQ_TYPE_Q8) {
+                    y01 ^= 0x80808080u, y23 ^= 0x80808080u;
+                    o[0] = i8pair(y01, 0x4140), o[1] = i8pair(y01, 0x4342);
+                    o[2] = i8pair(y23, 0x4140), o[3] = i8pair(y23, 0x4342);
+                } else {
+                    o[0] = e4m3pair(y01), o[1] = e4m3pair(y01 >> 16);
+                    o[2] = e4m3pair(y23), o[3] = e4m3pair(y23 >> 16);
+                }
+            }
+        } else if constexpr (b == 4) {
+            uint32_t w[4];
+#pragma unroll
+            for (int t = 0; t < 4; t++) w[t] = *reinterpret_cast<const uint32_t *>(rows[t] + off);
+#pragma unroll
+            for (int ip = 0; ip < 2; ip++) {
+                const uint32_t sel = ip ? 0x7632 : 0x5410;
+                uint32_t y01 = prmt(w[0], w[1], sel), y23 = prmt(w[2], w[3], sel);
+#pragma unroll
+                for (int q = 0; q < 2; q++) {
+                    uint32_t z01 = q ? y01 >> 8 : y01, z23 = q ? y23 >> 8 : y23;
+                    uint32_t *o = a[4 * hh + 2 * ip + q];
+                    o[0] = magic<0>(z01, 0x000F000Fu), o[1] = magic<4>(z01, 0x00F000F0u);
+                    o[2] = magic<0>(z23, 0x000F000Fu), o[3] = magic<4>(z23, 0x00F000F0u);
+                }
+            }
+        } else {
+            uint32_t w[4];
+#pragma unroll
+            for (int t = 0; t < 4; t++) w[t] = *reinterpret_cast<const uint16_t *>(rows[t] + off);
+            uint32_t y01 = prmt(w[0], w[1], 0x5410), y23 = prmt(w[2], w[3], 0x5410);
+            uint32_t z01 = y01 >> 8, z23 = y23 >> 8;
+            // channel k of the 8 sits in (k < 4 ? y : y >> 8) at bits 2 * (k % 4)
+#pragma unroll
+            for (int ii = 0; ii < 4; ii++) {
+                uint32_t *o = a[4 * hh + ii];
+                const int c0 = 2 * ii, c1 = 2 * ii + 1;
+                uint32_t s0 = c0 < 4 ? y01 : z01, s1 = c1 < 4 ? y01 : z01;
+                uint32_t s2 = c0 < 4 ? y23 : z23, s3 = c1 < 4 ? y23 : z23;
+                const int sh0 = 2 * (c0 % 4), sh1 = 2 * (c1 % 4);
+                o[0] = sh0 == 0 ? magic<0>(s0, 0x00030003u) : magic<4>(s0, 0x00300030u);
+                o[1] = sh1 == 2 ? magic<2>(s1, 0x000C000Cu) : magic<6>(s1, 0x00C000C0u);
+                o[2] = sh0 == 0 ? magic<0>(s2, 0x00030003u) : magic<4>(s2, 0x00300030u);
+                o[3] = sh1 == 2 ? magic<2>(s3, 0x000C000Cu) : magic<6>(s3, 0x00C000C0u);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ kernel config
+template <int T, int D> struct Cfg {
+    using TR = Traits<T, D>;
+    static constexpr int SLOT = TR::kblk + TR::vblk;
+    static constexpr int PS_STRIDE = 68;  // floats per head row of P (64 + 4: no bank conflicts)
+    static constexpr int RING_BUDGET = 200 * 1024;
+    static constexpr int NS0 = RING_BUDGET / SLOT;
+    static constexpr int NS = NS0 > 32 ? 32 : NS0;
+    static constexpr int W = NS - 2 >= 7 ? 7 : NS - 2;  // 8 warps: 255 registers, no spills
+    static constexpr int THREADS = (W + 1) * 32;
+    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 4 + 2 * NS * 8;
+};
+
+struct Visible { int lo, hi; };  // unit-local valid token range
+
+// One unit of 64 tokens for one warp. KROW(t)/VROW(t): row pointers; kpar/vpar: parameter areas (page units).
+template <int T, int D, bool WINDOW>
+__device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8_t *kblk, const uint8_t *vblk,
+                                        const __half *wk, const __half *wv, int wrow0, Visible vis, const float (&qf)[D / 4],
+                                        uint32_t (&bq)[D / 8], float (&m)[2], float (&l)[2], float (&o)[D / 16][4],
+                                        float (&bacc)[4], float *ps, int lane) {
+    using TR = Traits<T, D>;
+    constexpr int TT = WINDOW ? KVQ_TYPE_F16 : T;
+    constexpr int KROWB = type_bits(TT) * D / 8;
+    const int g = lane >> 2, j = lane & 3;
+    const int H = A.H, wcap = A.wcap;
+    auto krow = [&](int t) -> const uint8_t * {
+        if constexpr (WINDOW) {
+            int r = wrow0 + t;
+            r = r >= wcap ? r - wcap : r;
+            return reinterpret_cast<const uint8_t *>(wk + (int64_t)r * H * D);
+        } else {
+            return kblk + t * KROWB;
+        }
+    };
+    auto vrow = [&](int t) -> const uint8_t * {
+        if constexpr (WINDOW) {
+            int r = wrow0 + t;
+            r = r >= wcap ? r - wcap : r;
+            return reinterpret_cast<const uint8_t *>(wv + (int64_t)r * H * D);
+        } else {
+            return vblk + t * KROWB;
+        }
+    };
+
+    // ---- keys: S^T = K Q^T
+    float kb0 = 0.f, kb1 = 0.f;  // KIVI: sum_c q_c min_c for head columns 2j, 2j+1
+    if constexpr (TR::grouped && !WINDOW) {
+        const __half *ks = reinterpret_cast<const __half *>(kblk + PT * TR::row);
+        build_bq<T, D, true>(qf, ks + j * (D / 4), bq);
+        const __half *kmin = ks + D + j * (D / 4);
+        float bsum = 0.f;
+#pragma unroll
+        for (int c = 0; c < D / 4; c++) bsum += qf[c] * __half2float(kmin[c]);
+        bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
+        bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
+        kb0 = __shfl_sync(0xffffffffu, bsum, (2 * j) * 4);
+        kb1 = __shfl_sync(0xffffffffu, bsum, (2 * j + 1) * 4);
+    } else if constexpr (TR::grouped && WINDOW) {
+        build_bq<KVQ_TYPE_F16, D, false>(qf, nullptr, bq);
+    }
+    float s[4][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.f;
+        uint32_t ha[D / 8], hb[D / 8];
+        load_key<TT, D>(krow(16 * mt + g) + j * (KROWB / 4), ha);
+        load_key<TT, D>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
+#pragma unroll
+        for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bq[2 * st], bq[2 * st + 1]);
+    }
+    // ---- scores: parameters, soft-cap, mask
+    const bool partial = vis.lo > 0 || vis.hi < PT;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int t = 16 * mt + g + 8 * r;
+            float sc = 1.f;
+            if constexpr (TR::scaled && !WINDOW) sc = __half2float(reinterpret_cast<const __half *>(kblk + PT * TR::row)[t]);
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                float x = s[mt][2 * r + c];
+                if constexpr (TR::scaled && !WINDOW) x *= sc;
+                if constexpr (TR::grouped && !WINDOW) x += c ? kb1 : kb0;
+                if (A.softcap > 0.f) x = A.softcap * tanhf(x / A.softcap) * 1.4426950408889634f;
+                if (partial && (t < vis.lo || t >= vis.hi)) x = -INFINITY;
+                s[mt][2 * r + c] = x;
+            }
+        }
+    }
+    // ---- online softmax per head column (2j, 2j+1)
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) mx = fmaxf(mx, fmaxf(s[mt][c], s[mt][2 + c]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float mnew = fmaxf(m[c], mx);
+        const float alpha = m[c] == -INFINITY ? 0.f : exp2f(m[c] - mnew);
+        float sum = 0.f;
+        float *prow = ps + (2 * j + c) * Cfg<T, D>::PS_STRIDE;
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            float p0 = exp2f(s[mt][c] - mnew), p1 = exp2f(s[mt][2 + c] - mnew);
+            sum += p0 + p1;
+            prow[16 * mt + g] = p0;
+            prow[16 * mt + g + 8] = p1;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+        l[c] = l[c] * alpha + sum;
+        m[c] = mnew;
+#pragma unroll
+        for (int i = 0; i < D / 16; i++) o[i][c] *= alpha, o[i][2 + c] *= alpha;
+        bacc[c] *= alpha, bacc[2 + c] *= alpha;
+    }
+    __syncwarp();
+    // ---- values: O^T += V^T P'^T
+    const bool head_ok = g < Gq;
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) {
+        const int t0 = 16 * ks + 4 * j;
+        float4 p4 = head_ok ? *reinterpret_cast<const float4 *>(ps + g * Cfg<T, D>::PS_STRIDE + t0) : make_float4(0, 0, 0, 0);
+        const uint8_t *rows[4] = {vrow(t0), vrow(t0 + 1), vrow(t0 + 2), vrow(t0 + 3)};
+        uint32_t a[D / 16][4];
+        value_frags<TT, D>(rows, g, a);
+        if constexpr (TR::grouped && !WINDOW) {
+            const __half2 *vp = reinterpret_cast<const __half2 *>(vblk + PT * TR::row);  // [t][ng] (scale, min)
+#pragma unroll
+            for (int hh = 0; hh < TR::ng; hh++) {
+                __half2 q0 = vp[(t0 + 0) * TR::ng + hh], q1 = vp[(t0 + 1) * TR::ng + hh];
+                __half2 q2 = vp[(t0 + 2) * TR::ng + hh], q3 = vp[(t0 + 3) * TR::ng + hh];
+                uint32_t b0 = pack_h2(p4.x * __low2float(q0), p4.y * __low2float(q1));
+                uint32_t b1 = pack_h2(p4.z * __low2float(q2), p4.w * __low2float(q3));
+#pragma unroll
+                for (int ii = 0; ii < 4; ii++) mma(o[4 * hh + ii], a[4 * hh + ii][0], a[4 * hh + ii][1], a[4 * hh + ii][2], a[4 * hh + ii][3], b0, b1);
+            }
+            // mins: A rows = value groups, B = unscaled p
+            uint32_t am0 = 0, am2 = 0;
+            if (g < TR::ng) {
+                __half2 q0 = vp[(t0 + 0) * TR::ng + g], q1 = vp[(t0 + 1) * TR::ng + g];
+                __half2 q2 = vp[(t0 + 2) * TR::ng + g], q3 = vp[(t0 + 3) * TR::ng + g];
+                am0 = h2u(__halves2half2(__high2half(q0), __high2half(q1)));
+                am2 = h2u(__halves2half2(__high2half(q2), __high2half(q3)));
+            }
+            mma(bacc, am0, 0u, am2, 0u, pack_h2(p4.x, p4.y), pack_h2(p4.z, p4.w));
+        } else {
+            uint32_t b0, b1;
+            if constexpr (TR::scaled && !WINDOW) {
+                const __half *vs = reinterpret_cast<const __half *>(vblk + PT * TR::row);
+                b0 = pack_h2(p4.x * __half2float(vs[t0]), p4.y * __half2float(vs[t0 + 1]));
+                b1 = pack_h2(p4.z * __half2float(vs[t0 + 2]), p4.w * __half2float(vs[t0 + 3]));
+            } else {
+                b0 = pack_h2(p4.x, p4.y), b1 = pack_h2(p4.z, p4.w);
+            }
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) mma(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+        }
+    }
+    __syncwarp();
+}
+
+// Unit k of entry E: page or window unit, and its visible token range.
+__device__ __forceinline__ void unit_info(const Entry &E, int k, bool &page, int &idx, Visible &v) {
+    if (k < E.npu) {
+        page = true;
+        idx = E.lo / PT + k;
+        int t0 = idx * PT, pe = min(E.paged, E.hi);
+        v.lo = max(E.lo - t0, 0), v.hi = min(pe - t0, PT);
+    } else {
+        page = false;
+        int ws = max(E.lo, E.paged) - E.paged, we = E.hi - E.paged;
+        idx = ws / PT + (k - E.npu);
+        int t0 = idx * PT;
+        v.lo = max(ws - t0, 0), v.hi = min(we - t0, PT);
+    }
+}
+
+__device__ __forceinline__ int find_entry(const DecodeArgs &A, int64_t pos) {
+    int lo = 0, hi = A.n_entries - 1;  // last entry with start <= pos
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (A.e[mid].start <= pos) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+template <int T, int D>
+__global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __grid_constant__ DecodeArgs A) {
+    using C = Cfg<T, D>;
+    using TR = Traits<T, D>;
+    constexpr int NS = C::NS, W = C::W;
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint8_t *ring = smem;
+    float *psall = reinterpret_cast<float *>(smem + NS * C::SLOT);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + NS * C::SLOT + W * 8 * C::PS_STRIDE * 4);
+    uint64_t *empty = full + NS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int cta = blockIdx.x;
+    const int64_t beg = (int64_t)cta * A.L, end = min(beg + A.L, A.total);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < NS; i++) mbar_init(&full[i], 1), mbar_init(&empty[i], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    if (beg >= end) return;
+    const int H = A.H;
+
+    if (warp == W) {  // ---------------- producer
+        int r = 0;
+        int i = find_entry(A, beg);
+        for (int64_t pos = beg; pos < end;) {
+            const Entry &E = A.e[i];
+            int64_t rel = pos - E.start;
+            int h = (int)(rel / E.n), k0 = (int)(rel - (int64_t)h * E.n);
+            int kend = (int)min((int64_t)E.n, k0 + (end - pos));
+            int pend = min(kend, E.npu);
+            const int pfirst = E.lo / PT;
+            for (int kb = k0; kb < pend; kb += 32) {
+                int kk = kb + lane;
+                int pid = kk < pend ? E.pt[pfirst + kk] : 0;
+                int cnt = min(32, pend - kb);
+                for (int x = 0; x < cnt; x++) {
+                    int id = __shfl_sync(0xffffffffu, pid, x);
+                    if (lane == 0) {
+                        const int sl = r % NS;
+                        mbar_wait(&empty[sl], ((r / NS) & 1) ^ 1);
+                        mbar_expect_tx(&full[sl], TR::kblk + TR::vblk);
+                        const uint8_t *pg = A.arena + (int64_t)id * A.page_bytes;
+                        bulk_g2s(ring + sl * C::SLOT, pg + h * TR::kblk, TR::kblk, &full[sl]);
+                        bulk_g2s(ring + sl * C::SLOT + TR::kblk, pg + A.v_off + h * TR::vblk, TR::vblk, &full[sl]);
+                    }
+                    r++;
+                }
+            }
+            pos += kend - k0;
+            if (kend == E.n && h == H - 1) i++;
+        }
+        return;
+    }
+
+    // ---------------- consumers
+    const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
+    float *ps = psall + warp * 8 * C::PS_STRIDE;
+    int r = 0, q = 0;
+    int i = find_entry(A, beg);
+    for (int64_t pos = beg; pos < end;) {
+        const Entry &E = A.e[i];
+        int64_t rel = pos - E.start;
+        int h = (int)(rel / E.n), k0 = (int)(rel - (int64_t)h * E.n);
+        int kend = (int)min((int64_t)E.n, k0 + (end - pos));
+        // this pair's queries, scaled; head g of the group, channels [j D/4, (j+1) D/4)
+        float qf[D / 4];
+        {
+            const int64_t qoff = ((int64_t)E.q_row * A.nqh + h * Gq + g) * D + j * (D / 4);
+#pragma unroll
+            for (int c = 0; c < D / 4; c++) {
+                float x = 0.f;
+                if (g < Gq) {
+                    if (A.qo_dtype == KVQ_DTYPE_F32) x = reinterpret_cast<const float *>(A.q)[qoff + c];
+                    else if (A.qo_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
+                    else x = __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(A.q)[qoff + c]);
+                }
+                qf[c] = x * A.qscale;
+            }
+        }
+        uint32_t bq[D / 8];
+        build_bq<TR::grouped ? KVQ_TYPE_F16 : T, D, false>(qf, nullptr, bq);
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, bacc[4] = {0.f, 0.f, 0.f, 0.f};
+        float o[D / 16][4];
+#pragma unroll
+        for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
+        const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
+        for (int k = k0; k < kend; k++, q++) {
+            bool page;
+            int idx;
+            Visible vis;
+            unit_info(E, k, page, idx, vis);
+            if (q % W == warp) {
+                if (page) {
+                    const int sl = r % NS;
+                    mbar_wait(&full[sl], (r / NS) & 1);
+                    const uint8_t *kb = ring + sl * C::SLOT;
+                    do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, qf, bq, m, l, o, bacc, ps, lane);
+                    if (lane == 0) mbar_arrive(&empty[sl]);
+                } else {
+                    int wrow0 = E.whead + idx * PT;
+                    wrow0 = wrow0 % A.wcap;
+                    do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, qf, bq, m, l, o, bacc, ps, lane);
+                }
+            }
+            if (page) r++;
+        }
+        // ---- this warp's partial for pair u = i*H + h
+        {
+            const int64_t u = (int64_t)i * H + h;
+            const int64_t slot = (u + cta) * W + warp;
+            float *po = A.part + slot * Gq * D;
+#pragma unroll
+            for (int x = 0; x < D / 16; x++) {
+                const int hh = x / 4, ii = x % 4;
+                const int ch = 64 * hh + 8 * g + 2 * ii;
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    float b = 0.f;
+                    if constexpr (TR::grouped) b = __shfl_sync(0xffffffffu, bacc[c], hh * 4 + j);
+                    const int head = 2 * j + c;
+                    if (head < Gq) *reinterpret_cast<float2 *>(po + head * D + ch) = make_float2(o[x][c] + b, o[x][2 + c] + b);
+                }
+            }
+            if (g == 0) {
+#pragma unroll
+                for (int c = 0; c < 2; c++)
+                    if (2 * j + c < Gq) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + 2 * j + c) * 2) = make_float2(m[c], l[c]);
+            }
+        }
+        pos += kend - k0;
+        if (kend == E.n && h == H - 1) i++;
+    }
+}
+
+// Merges the partials of each (entry, KV head) pair into the output.
+__global__ void combine_kernel(const __grid_constant__ DecodeArgs A, int W) {
+    const int i = blockIdx.x / A.H, h = blockIdx.x % A.H;
+    const Entry &E = A.e[i];
+    const int64_t u = (int64_t)i * A.H + h;
+    const int64_t su = E.start + (int64_t)h * E.n;
+    const int64_t c0 = su / A.L, c1 = (su + E.n - 1) / A.L;
+    const int64_t s0 = (u + c0) * W;
+    const int ns = (int)((c1 - c0 + 1) * W);
+    const int Gq = A.Gq, D = A.D;
+    extern __shared__ float wsh[];  // [ns][Gq] weights, then [Gq] 1 / denominator
+    float *inv = wsh + ns * Gq;
+    __shared__ float mstar[8];
+    if (threadIdx.x < Gq) {
+        float M = -INFINITY;
+        for (int s = 0; s < ns; s++) M = fmaxf(M, A.part_ml[((s0 + s) * Gq + threadIdx.x) * 2]);
+        mstar[threadIdx.x] = M;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < ns * Gq; x += blockDim.x) {
+        const int gq = x % Gq;
+        const float mm = A.part_ml[((s0 + x / Gq) * Gq + gq) * 2];
+        wsh[x] = mm == -INFINITY ? 0.f : exp2f(mm - mstar[gq]);
+    }
+    __syncthreads();
+    if (threadIdx.x < Gq) {
+        float den = 0.f;
+        for (int s = 0; s < ns; s++) den += wsh[s * Gq + threadIdx.x] * A.part_ml[((s0 + s) * Gq + threadIdx.x) * 2 + 1];
+        inv[threadIdx.x] = 1.f / den;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < Gq * D; x += blockDim.x) {
+        const int gq = x / D;
+        float acc = 0.f;
+        for (int s = 0; s < ns; s++) {
+            const float w = wsh[s * Gq + gq];
+            if (w != 0.f) acc += w * A.part[(s0 + s) * Gq * D + x];
+        }
+        acc *= inv[gq];
+        const int64_t oi = ((int64_t)E.q_row * A.nqh + h * Gq) * D + x;
+        if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oi] = acc;
+        else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oi] = __float2half_rn(acc);
+        else reinterpret_cast<__nv_bfloat16 *>(A.out)[oi] = __float2bfloat16_rn(acc);
+    }
+}
+
+template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t st) {
+    using C = Cfg<T, D>;
+    static_assert(C::SMEM <= 227 * 1024, "shared memory");
+    cudaError_t e = cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    if (e != cudaSuccess) return e;
+    decode_kernel<T, D><<<a.n_cta, C::THREADS, C::SMEM, st>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    int ns_max = 0;
+    for (int i = 0; i < a.n_entries; i++)
+        for (int h = 0; h < a.H; h++) {
+            int64_t su = a.e[i].start + (int64_t)h * a.e[i].n;
+            int ns = (int)((su + a.e[i].n - 1) / a.L - su / a.L + 1) * C::W;
+            ns_max = ns > ns_max ? ns : ns_max;
+        }
+    size_t sm = ((size_t)ns_max * a.Gq + a.Gq) * sizeof(float);
+    if (sm > 48 * 1024) {
+        e = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        if (e != cudaSuccess) return e;
+    }
+    combine_kernel<<<a.n_entries * a.H, 256, sm, st>>>(a, C::W);
+    return cudaGetLastError();
+}
+
+template <int D> static cudaError_t run_t(int type, const DecodeArgs &a, cudaStream_t st) {
+    switch (type) {
+    case KVQ_TYPE_F16: return run<KVQ_TYPE_F16, D>(a, st);
+    case KVQ_TYPE_BF16: return run<KVQ_TYPE_BF16, D>(a, st);
+    case KVQ_TYPE_Q8: return run<KVQ_TYPE_Q8, D>(a, st);
+    case KVQ_TYPE_FP8: return run<KVQ_TYPE_FP8, D>(a, st);
+    case KVQ_TYPE_Q4: return run<KVQ_TYPE_Q4, D>(a, st);
+    default: return run<KVQ_TYPE_Q2, D>(a, st);
+    }
+}
+
+template <int D> static int warps_t(int type) {
+    switch (type) {
+    case KVQ_TYPE_F16: return Cfg<KVQ_TYPE_F16, D>::W;
+    case KVQ_TYPE_BF16: return Cfg<KVQ_TYPE_BF16, D>::W;
+    case KVQ_TYPE_Q8: return Cfg<KVQ_TYPE_Q8, D>::W;
+    case KVQ_TYPE_FP8: return Cfg<KVQ_TYPE_FP8, D>::W;
+    case KVQ_TYPE_Q4: return Cfg<KVQ_TYPE_Q4, D>::W;
+    default: return Cfg<KVQ_TYPE_Q2, D>::W;
+    }
+}
+
+cudaError_t launch_decode(int type, int D, const DecodeArgs &a, cudaStream_t st, int) {
+    return D == 64 ? run_t<64>(type, a, st) : run_t<128>(type, a, st);
+}
+int decode_warps(int type, int D) { return D == 64 ? warps_t<64>(type) : warps_t<128>(type); }
+
+}  // namespace kvqc

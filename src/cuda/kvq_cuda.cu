@@ -1,0 +1,574 @@
+// Host side of the CUDA backend: validation, page and window bookkeeping, launch planning (kvq_cuda.h).
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <new>
+#include <vector>
+
+#include "common.cuh"
+#include "kvq_cuda.h"
+
+using namespace kvqc;
+
+static thread_local char g_err[512];
+
+static kvq_status fail(kvq_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_err, sizeof g_err, fmt, ap);
+    va_end(ap);
+    return s;
+}
+#define CUDA_TRY(call, what)                                                                                   \
+    do {                                                                                                       \
+        cudaError_t e_ = (call);                                                                               \
+        if (e_ != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call); \
+    } while (0)
+
+extern "C" const char *kvq_cuda_last_error(void) { return g_err; }
+
+struct SeqLayer {
+    std::vector<int32_t> pages;
+    int64_t paged = 0;
+    int32_t win = 0, whead = 0;
+};
+
+struct kvq_cuda_cache {
+    kvq_cache_config cfg;
+    kvq_page_layout L;
+    int device = 0, n_sm = 0;
+    int wcap = 1, Gf = 1;
+    int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
+    uint8_t *arena = nullptr;
+    __half *windows = nullptr;  // [max_seqs][n_layers][2][wcap][H][D]
+    int32_t *tables = nullptr;  // [max_seqs][n_layers][max_pages]
+    std::vector<int32_t> free_list;
+    std::vector<char> live;
+    std::vector<std::vector<SeqLayer>> seqs;
+    int n_live = 0;
+    void *ws = nullptr;
+    size_t ws_bytes = 0;
+    size_t win_bytes = 0, table_bytes = 0;
+
+    size_t win_elems() const { return (size_t)wcap * L.n_kv_heads * L.head_dim; }
+    __half *wk(int s, int l) const { return windows + ((size_t)s * cfg.n_layers + l) * 2 * win_elems(); }
+    __half *wv(int s, int l) const { return wk(s, l) + win_elems(); }
+    int32_t *table(int s, int l) const { return tables + ((size_t)s * cfg.n_layers + l) * max_pages; }
+};
+
+static kvq_status check_device(int device, int *n_sm) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0)
+        return fail(KVQ_ERR_NO_DEVICE, "no CUDA device (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+    if (device < 0 || device >= n) return fail(KVQ_ERR_INVALID_ARG, "device %d outside 0..%d", device, n - 1);
+    cudaDeviceProp p;
+    CUDA_TRY(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
+    if (p.major != 9)
+        return fail(KVQ_ERR_NO_DEVICE, "device %d (%s) is sm_%d%d; this build runs on sm_90 (H100/H200)", device, p.name,
+                    p.major, p.minor);
+    if (n_sm) *n_sm = p.multiProcessorCount;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_device_count(int *n) {
+    if (!n) return fail(KVQ_ERR_NULL, "kvq_cuda_device_count: n is NULL");
+    *n = 0;
+    int cnt = 0;
+    cudaError_t e = cudaGetDeviceCount(&cnt);
+    if (e != cudaSuccess || cnt == 0)
+        return fail(KVQ_ERR_NO_DEVICE, "no CUDA device (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+    int ok = 0;
+    for (int d = 0; d < cnt; d++) {
+        cudaDeviceProp p;
+        if (cudaGetDeviceProperties(&p, d) == cudaSuccess && p.major == 9) ok++;
+    }
+    *n = ok;
+    if (!ok) return fail(KVQ_ERR_NO_DEVICE, "%d CUDA device(s), none of compute capability 9.0", cnt);
+    return KVQ_OK;
+}
+
+extern "C" void kvq_cuda_cache_free(kvq_cuda_cache *c) {
+    if (!c) return;
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(c->device);
+    cudaDeviceSynchronize();
+    cudaFree(c->arena);
+    cudaFree(c->windows);
+    cudaFree(c->tables);
+    cudaFree(c->ws);
+    cudaSetDevice(prev);
+    delete c;
+}
+
+extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int device, int64_t max_seq_tokens,
+                                            kvq_cuda_cache **out) {
+    if (!out) return fail(KVQ_ERR_NULL, "kvq_cuda_cache_create: out is NULL");
+    *out = nullptr;
+    if (!cfg_in) return fail(KVQ_ERR_NULL, "kvq_cuda_cache_create: cfg is NULL");
+    kvq_cache_config cfg = *cfg_in;
+    if (cfg.group == 0) cfg.group = 64;
+    if (cfg.page_tokens == 0) cfg.page_tokens = cfg.group > 64 ? cfg.group : 64;
+    kvq_page_layout L;
+    kvq_status s = kvq_page_layout_make(cfg.type_k, cfg.type_v, cfg.n_kv_heads, cfg.head_dim, cfg.page_tokens, cfg.group, &L);
+    if (s) return fail(s, "kvq_cuda_cache_create: %s", kvq_last_error());
+    if (cfg.type_k != cfg.type_v)
+        return fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq_cuda_cache_create: type_k != type_v is not supported by the CUDA backend yet");
+    if (L.head_dim != 64 && L.head_dim != 128)
+        return fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "kvq_cuda_cache_create: head_dim %d (the CUDA backend has 64 and 128)", L.head_dim);
+    if (L.page_tokens != PT) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: page_tokens %d (the CUDA backend needs 64)", L.page_tokens);
+    bool grouped = L.group > 1;
+    if (grouped && (L.group != GRP || L.value_group != GRP))
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: group %d (the CUDA backend needs 64)", L.group);
+    if (cfg.residual == -1) cfg.residual = grouped ? 64 : 0;
+    if (cfg.residual < 0 || cfg.residual > 4096) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: residual %d outside 0..4096", cfg.residual);
+    if (cfg.max_seqs == 0) cfg.max_seqs = 256;
+    if (cfg.max_seqs < 1 || cfg.max_seqs > 65536) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seqs %d outside 1..65536", cfg.max_seqs);
+    if (cfg.n_layers < 1 || cfg.n_layers > 4096) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: n_layers %d outside 1..4096", cfg.n_layers);
+    int64_t pages = (int64_t)(cfg.arena_bytes / L.page_bytes);
+    if (pages < cfg.n_layers || pages > INT32_MAX)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: arena_bytes %zu gives %lld pages", cfg.arena_bytes, (long long)pages);
+    if (max_seq_tokens < 0) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seq_tokens < 0");
+    int n_sm = 0;
+    if ((s = check_device(device, &n_sm))) return s;
+
+    kvq_cuda_cache *c = new (std::nothrow) kvq_cuda_cache();
+    if (!c) return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_cache_create: no host memory");
+    c->cfg = cfg;
+    c->L = L;
+    c->device = device;
+    c->n_sm = n_sm;
+    c->Gf = L.group;
+    c->wcap = cfg.residual + c->Gf;
+    c->n_pages = pages;
+    int64_t per_layer = pages / cfg.n_layers;
+    c->max_pages = max_seq_tokens ? (max_seq_tokens + PT - 1) / PT : per_layer;
+    if (c->max_pages < 1) c->max_pages = 1;
+    try {
+        c->free_list.resize(pages);
+        for (int64_t i = 0; i < pages; i++) c->free_list[i] = (int32_t)(pages - 1 - i);  // pop ascending ids
+        c->live.assign(cfg.max_seqs, 0);
+        c->seqs.resize(cfg.max_seqs);
+    } catch (...) {
+        delete c;
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_cache_create: no host memory for the bookkeeping");
+    }
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device);
+    c->win_bytes = (size_t)cfg.max_seqs * cfg.n_layers * 2 * c->win_elems() * sizeof(__half);
+    c->table_bytes = (size_t)cfg.max_seqs * cfg.n_layers * c->max_pages * sizeof(int32_t);
+    cudaError_t e = cudaMalloc(&c->arena, (size_t)pages * L.page_bytes);
+    if (e == cudaSuccess) e = cudaMalloc(&c->windows, c->win_bytes);
+    if (e == cudaSuccess) e = cudaMalloc(&c->tables, c->table_bytes);
+    // zeroed so that never-written rows read as finite numbers (masked tokens multiply them by 0)
+    if (e == cudaSuccess) e = cudaMemset(c->arena, 0, (size_t)pages * L.page_bytes);
+    if (e == cudaSuccess) e = cudaMemset(c->windows, 0, c->win_bytes);
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    cudaSetDevice(prev);
+    if (e != cudaSuccess) {
+        kvq_cuda_cache_free(c);
+        return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
+                    "kvq_cuda_cache_create: %s (arena %zu B, windows %zu B, tables %zu B)", cudaGetErrorString(e),
+                    (size_t)pages * L.page_bytes, c->win_bytes, c->table_bytes);
+    }
+    *out = c;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_cache_get_config(const kvq_cuda_cache *c, kvq_cache_config *cfg, kvq_page_layout *L) {
+    if (!c) return fail(KVQ_ERR_NULL, "kvq_cuda_cache_get_config: cache is NULL");
+    if (cfg) *cfg = c->cfg;
+    if (L) *L = c->L;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *c, kvq_cuda_stats *st) {
+    if (!c || !st) return fail(KVQ_ERR_NULL, "kvq_cuda_cache_get_stats: NULL argument");
+    st->pages_total = c->n_pages;
+    st->pages_free = (int64_t)c->free_list.size();
+    st->page_bytes = c->L.page_bytes;
+    st->arena_bytes = (size_t)c->n_pages * c->L.page_bytes;
+    st->window_bytes = c->win_bytes;
+    st->table_bytes = c->table_bytes;
+    st->workspace_bytes = c->ws_bytes;
+    st->n_seqs = c->n_live;
+    return KVQ_OK;
+}
+
+static kvq_status check_seq(const kvq_cuda_cache *c, int32_t seq, const char *fn) {
+    if (seq < 0 || seq >= c->cfg.max_seqs || !c->live[seq]) return fail(KVQ_ERR_NO_SEQ, "%s: sequence %d is not live", fn, (int)seq);
+    return KVQ_OK;
+}
+static kvq_status check_layer(const kvq_cuda_cache *c, int layer, const char *fn) {
+    if (layer < 0 || layer >= c->cfg.n_layers) return fail(KVQ_ERR_SHAPE, "%s: layer %d outside 0..%d", fn, layer, c->cfg.n_layers - 1);
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_seq_new(kvq_cuda_cache *c, int32_t *seq_out) {
+    if (!c || !seq_out) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_new: NULL argument");
+    for (int i = 0; i < c->cfg.max_seqs; i++) {
+        if (c->live[i]) continue;
+        try {
+            c->seqs[i].assign(c->cfg.n_layers, SeqLayer());
+        } catch (...) {
+            return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_seq_new: no host memory");
+        }
+        c->live[i] = 1;
+        c->n_live++;
+        *seq_out = i;
+        return KVQ_OK;
+    }
+    return fail(KVQ_ERR_TOO_MANY_SEQS, "kvq_cuda_seq_new: %d sequences live (max_seqs)", c->cfg.max_seqs);
+}
+
+extern "C" kvq_status kvq_cuda_seq_free(kvq_cuda_cache *c, int32_t seq) {
+    if (!c) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_free: cache is NULL");
+    kvq_status s = check_seq(c, seq, "kvq_cuda_seq_free");
+    if (s) return s;
+    for (auto &sl : c->seqs[seq])
+        for (int32_t p : sl.pages) c->free_list.push_back(p);
+    c->seqs[seq].clear();
+    c->live[seq] = 0;
+    c->n_live--;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_seq_length(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t *len) {
+    if (!c || !len) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_length: NULL argument");
+    kvq_status s;
+    if ((s = check_seq(c, seq, "kvq_cuda_seq_length")) || (s = check_layer(c, layer, "kvq_cuda_seq_length"))) return s;
+    const SeqLayer &sl = c->seqs[seq][layer];
+    *len = sl.paged + sl.win;
+    return KVQ_OK;
+}
+
+// ------------------------------------------------------------------------------------------------ append
+namespace {
+struct DevGuard {
+    int prev = 0;
+    explicit DevGuard(int d) { cudaGetDevice(&prev), cudaSetDevice(d); }
+    ~DevGuard() { cudaSetDevice(prev); }
+};
+}  // namespace
+
+extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,
+                                      const int32_t *n_tokens, kvq_dtype dtype, const void *k, const void *v,
+                                      kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_append";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn))) return s;
+    if (n_seqs < 0 || n_seqs > c->cfg.max_seqs) return fail(KVQ_ERR_INVALID_ARG, "%s: n_seqs %d outside 0..%d", fn, n_seqs, c->cfg.max_seqs);
+    if (n_seqs == 0) return KVQ_OK;
+    if (!seq_ids || !n_tokens) return fail(KVQ_ERR_NULL, "%s: seq_ids or n_tokens is NULL", fn);
+    if (dtype != KVQ_DTYPE_F32 && dtype != KVQ_DTYPE_F16 && dtype != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)dtype);
+    int64_t total = 0, need = 0;
+    std::vector<char> seen(c->cfg.max_seqs, 0);
+    for (int i = 0; i < n_seqs; i++) {
+        if ((s = check_seq(c, seq_ids[i], fn))) return s;
+        if (seen[seq_ids[i]]) return fail(KVQ_ERR_INVALID_ARG, "%s: sequence %d appears twice", fn, (int)seq_ids[i]);
+        seen[seq_ids[i]] = 1;
+        if (n_tokens[i] < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: n_tokens[%d] = %d is negative", fn, i, (int)n_tokens[i]);
+        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+        int64_t T = sl.win + (int64_t)n_tokens[i];
+        int64_t F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
+        int64_t end = sl.paged + F * c->Gf, np = (end + PT - 1) / PT;
+        if (np > c->max_pages)
+            return fail(KVQ_ERR_CACHE_FULL, "%s: sequence %d would hold %lld tokens in pages, the page table holds %lld", fn,
+                        (int)seq_ids[i], (long long)end, (long long)(c->max_pages * PT));
+        need += np - (int64_t)sl.pages.size();
+        total += n_tokens[i];
+    }
+    if (total == 0) return KVQ_OK;
+    if (!k || !v) return fail(KVQ_ERR_NULL, "%s: k or v is NULL", fn);
+    if (need > (int64_t)c->free_list.size())
+        return fail(KVQ_ERR_CACHE_FULL, "%s: layer %d needs %lld free pages, %lld are free", fn, layer, (long long)need,
+                    (long long)c->free_list.size());
+
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    const int type = c->L.type_k, D = c->L.head_dim;
+    AppendArgs *A = new (std::nothrow) AppendArgs;
+    if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    auto reset = [&]() {
+        memset(A, 0, sizeof *A);
+        A->arena = c->arena;
+        A->page_bytes = (int64_t)c->L.page_bytes;
+        A->v_off = (int32_t)c->L.v_offset;
+        A->H = c->L.n_kv_heads;
+        A->wcap = c->wcap;
+        A->direct = c->wcap == 1;
+        A->dtype = dtype;
+        A->k = k, A->v = v;
+    };
+    // per-sequence plan (host state is updated only after every launch is enqueued)
+    struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; };
+    std::vector<Plan> plan(n_seqs);
+    int64_t off = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+        int T = sl.win + n_tokens[i];
+        int F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
+        plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, F * c->Gf, off};
+        off += n_tokens[i];
+    }
+    auto entry_of = [&](int i) {
+        AppendEntry e;
+        const Plan &p = plan[i];
+        e.pt = c->table(p.seq, layer);
+        e.wk = c->wk(p.seq, layer), e.wv = c->wv(p.seq, layer);
+        e.W0 = p.W0, e.whead0 = p.whead0, e.T = p.T, e.FG = p.FG;
+        e.in_off = p.in_off;
+        e.wstart = 0;
+        return e;
+    };
+    // flush launches: items of <= 64 tokens, split at page boundaries
+    std::vector<std::vector<int32_t>> newpages(n_seqs);
+    size_t fl_pos = c->free_list.size();
+    cudaError_t err = cudaSuccess;
+    reset();
+    int cur_seq = -1;
+    auto flush_launch = [&]() {
+        if (A->n_items > 0 && err == cudaSuccess) err = launch_append(type, D, *A, st);
+        reset();
+        cur_seq = -1;
+    };
+    for (int i = 0; i < n_seqs && err == cudaSuccess; i++) {
+        const Plan &p = plan[i];
+        const SeqLayer &sl = c->seqs[p.seq][layer];
+        int64_t npages = (int64_t)sl.pages.size();
+        for (int v0 = 0; v0 < p.FG;) {
+            int64_t pos = sl.paged + v0;
+            int slot = (int)(pos % PT);
+            int cnt = (int)std::min<int64_t>(PT - slot, p.FG - v0);
+            int32_t page, pt_idx = -1;
+            if (slot == 0) {
+                page = c->free_list[--fl_pos];
+                newpages[i].push_back(page);
+                pt_idx = (int32_t)(pos / PT);
+                npages++;
+            } else {
+                page = newpages[i].empty() ? sl.pages.back() : newpages[i].back();
+            }
+            if (A->n_items == MAXF || (cur_seq != i && A->n_entries == MAXA)) flush_launch();
+            if (cur_seq != i) {
+                A->a[A->n_entries++] = entry_of(i);
+                cur_seq = i;
+            }
+            A->f[A->n_items++] = FlushItem{A->n_entries - 1, v0, cnt, slot, page, pt_idx};
+            v0 += cnt;
+        }
+    }
+    flush_launch();
+    // window launches
+    for (int i = 0; i < n_seqs && err == cudaSuccess; i++) {
+        const Plan &p = plan[i];
+        int nw = p.T - std::max(p.FG, p.W0);
+        if (nw <= 0) continue;
+        if (A->n_entries == MAXA) {
+            err = launch_append(type, D, *A, st);
+            reset();
+        }
+        AppendEntry e = entry_of(i);
+        e.wstart = A->n_wtok;
+        A->a[A->n_entries++] = e;
+        A->n_wtok += nw;
+    }
+    if (err == cudaSuccess && A->n_wtok > 0) err = launch_append(type, D, *A, st);
+    delete A;
+    if (err != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(err));
+    // commit host state
+    for (int i = 0; i < n_seqs; i++) {
+        const Plan &p = plan[i];
+        SeqLayer &sl = c->seqs[p.seq][layer];
+        for (int32_t pg : newpages[i]) sl.pages.push_back(pg);
+        sl.paged += p.FG;
+        sl.win = p.T - p.FG;
+        sl.whead = (p.whead0 + p.FG) % c->wcap;
+    }
+    c->free_list.resize(fl_pos);
+    return KVQ_OK;
+}
+
+// ------------------------------------------------------------------------------------------------ attention
+static kvq_status check_params(const kvq_cuda_cache *c, const kvq_attn_params *p, const char *fn) {
+    if (!p) return fail(KVQ_ERR_NULL, "%s: params is NULL", fn);
+    const int H = c->L.n_kv_heads;
+    if (p->n_q_heads < H || p->n_q_heads % H)
+        return fail(KVQ_ERR_SHAPE, "%s: n_q_heads %d is not a multiple of n_kv_heads %d", fn, p->n_q_heads, H);
+    if (p->n_q_heads / H > 8) return fail(KVQ_ERR_INVALID_ARG, "%s: %d query heads per KV head (the CUDA backend has <= 8)", fn, p->n_q_heads / H);
+    if (!(p->scale >= 0) || !isfinite(p->scale)) return fail(KVQ_ERR_INVALID_ARG, "%s: scale %g", fn, (double)p->scale);
+    if (!(p->softcap >= 0) || !isfinite(p->softcap)) return fail(KVQ_ERR_INVALID_ARG, "%s: softcap %g", fn, (double)p->softcap);
+    if (p->window < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: window %d is negative", fn, p->window);
+    return KVQ_OK;
+}
+
+static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi, int window, int q_row) {
+    const SeqLayer &sl = c->seqs[seq][layer];
+    Entry e;
+    memset(&e, 0, sizeof e);
+    e.pt = c->table(seq, layer);
+    e.wk = c->wk(seq, layer), e.wv = c->wv(seq, layer);
+    e.paged = (int32_t)sl.paged;
+    e.hi = (int32_t)hi;
+    e.lo = window > 0 && hi > window ? (int32_t)(hi - window) : 0;
+    e.whead = sl.whead;
+    const int pe = std::min<int64_t>(sl.paged, hi);
+    e.npu = e.lo < pe ? (pe + PT - 1) / PT - e.lo / PT : 0;
+    const int ws = std::max<int64_t>(e.lo, sl.paged) - sl.paged, we = (int)(hi - sl.paged);
+    const int nwu = we > ws ? (we + PT - 1) / PT - ws / PT : 0;
+    e.n = e.npu + nwu;
+    e.q_row = q_row;
+    return e;
+}
+
+// Runs the decode kernels over entries (chunks of MAXE), growing the workspace on the stream as needed.
+static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dtype qo, const void *q, void *out,
+                              const kvq_attn_params *p, cudaStream_t st, const char *fn) {
+    DevGuard dg(c->device);
+    const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, type = c->L.type_k;
+    const int W = decode_warps(type, D);
+    DecodeArgs *A = new (std::nothrow) DecodeArgs;
+    if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    for (size_t b = 0; b < es.size(); b += MAXE) {
+        memset(A, 0, sizeof *A);
+        const int ne = (int)std::min<size_t>(MAXE, es.size() - b);
+        int64_t total = 0;
+        for (int i = 0; i < ne; i++) {
+            A->e[i] = es[b + i];
+            A->e[i].start = total;
+            total += (int64_t)H * A->e[i].n;
+        }
+        int64_t L = (total + c->n_sm - 1) / c->n_sm;
+        if (L < 1) L = 1;
+        const int n_cta = (int)((total + L - 1) / L);
+        const size_t slots = ((size_t)ne * H + n_cta) * W;
+        const size_t need = slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
+        if (need > c->ws_bytes) {
+            if (c->ws) cudaFreeAsync(c->ws, st);
+            c->ws = nullptr;
+            c->ws_bytes = 0;
+            cudaError_t e = cudaMallocAsync(&c->ws, need, st);
+            if (e != cudaSuccess) {
+                delete A;
+                return fail(KVQ_ERR_CUDA, "%s: workspace of %zu bytes: %s", fn, need, cudaGetErrorString(e));
+            }
+            c->ws_bytes = need;
+        }
+        A->arena = c->arena;
+        A->page_bytes = (int64_t)c->L.page_bytes;
+        A->v_off = (int32_t)c->L.v_offset;
+        A->H = H, A->Gq = Gq, A->nqh = p->n_q_heads, A->wcap = c->wcap, A->D = D;
+        A->qo_dtype = qo;
+        const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
+        A->qscale = p->softcap > 0 ? scale : scale * 1.4426950408889634f;
+        A->softcap = p->softcap;
+        A->q = q, A->out = out;
+        A->part = (float *)c->ws;
+        A->part_ml = (float *)c->ws + slots * Gq * D;
+        A->n_entries = ne;
+        A->n_cta = n_cta;
+        A->total = total;
+        A->L = L;
+        cudaError_t e = launch_decode(type, D, *A, st, c->n_sm);
+        if (e != cudaSuccess) {
+            delete A;
+            return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
+        }
+    }
+    delete A;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,
+                                           kvq_dtype qo, const void *q, void *out, const kvq_attn_params *p,
+                                           kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_attn_decode";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn)) || (s = check_params(c, p, fn))) return s;
+    if (n_seqs < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: n_seqs %d", fn, n_seqs);
+    if (n_seqs == 0) return KVQ_OK;
+    if (!seq_ids || !q || !out) return fail(KVQ_ERR_NULL, "%s: seq_ids, q or out is NULL", fn);
+    if (qo != KVQ_DTYPE_F32 && qo != KVQ_DTYPE_F16 && qo != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)qo);
+    std::vector<Entry> es;
+    es.reserve(n_seqs);
+    for (int i = 0; i < n_seqs; i++) {
+        if ((s = check_seq(c, seq_ids[i], fn))) return s;
+        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+        int64_t len = sl.paged + sl.win;
+        if (len < 1) return fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d (append the token first)", fn, (int)seq_ids[i], layer);
+        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i));
+    }
+    return run_entries(c, es, qo, q, out, p, (cudaStream_t)stream, fn);
+}
+
+extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo,
+                                            const void *q, void *out, const kvq_attn_params *p, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_attn_prefill";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn)) || (s = check_params(c, p, fn)) || (s = check_seq(c, seq, fn))) return s;
+    if (n_q < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: n_q %d", fn, n_q);
+    if (n_q == 0) return KVQ_OK;
+    if (!q || !out) return fail(KVQ_ERR_NULL, "%s: q or out is NULL", fn);
+    if (qo != KVQ_DTYPE_F32 && qo != KVQ_DTYPE_F16 && qo != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)qo);
+    const SeqLayer &sl = c->seqs[seq][layer];
+    int64_t len = sl.paged + sl.win;
+    if (n_q > len) return fail(KVQ_ERR_RANGE, "%s: n_q %d > sequence length %lld", fn, n_q, (long long)len);
+    std::vector<Entry> es;
+    es.reserve(n_q);
+    for (int r = 0; r < n_q; r++) es.push_back(make_entry(c, seq, layer, len - n_q + r + 1, p->window, r));
+    return run_entries(c, es, qo, q, out, p, (cudaStream_t)stream, fn);
+}
+
+extern "C" kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,
+                                                 const kvq_attn_params *p, double *bytes) {
+    const char *fn = "kvq_cuda_attn_decode_bytes";
+    if (!c || !seq_ids || !p || !bytes) return fail(KVQ_ERR_NULL, "%s: NULL argument", fn);
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn))) return s;
+    double b = 0;
+    const int H = c->L.n_kv_heads, D = c->L.head_dim;
+    for (int i = 0; i < n_seqs; i++) {
+        if ((s = check_seq(c, seq_ids[i], fn))) return s;
+        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+        Entry e = make_entry(c, seq_ids[i], layer, sl.paged + sl.win, p->window, i);
+        b += (double)e.npu * H * (c->L.k_block_bytes + c->L.v_block_bytes);
+        int64_t wt = e.hi - std::max(e.lo, e.paged);
+        if (wt > 0) b += (double)wt * H * D * 2 * 2;
+    }
+    *bytes = b;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_seq_read(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t *paged_tokens,
+                                        int32_t *window_tokens, void *pages, uint16_t *window_k, uint16_t *window_v,
+                                        kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_seq_read";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_seq(c, seq, fn)) || (s = check_layer(c, layer, fn))) return s;
+    const SeqLayer &sl = c->seqs[seq][layer];
+    if (paged_tokens) *paged_tokens = sl.paged;
+    if (window_tokens) *window_tokens = sl.win;
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    if (pages)
+        for (size_t i = 0; i < sl.pages.size(); i++)
+            CUDA_TRY(cudaMemcpyAsync((uint8_t *)pages + i * c->L.page_bytes, c->arena + (size_t)sl.pages[i] * c->L.page_bytes,
+                                     c->L.page_bytes, cudaMemcpyDeviceToHost, st), fn);
+    const size_t row = (size_t)c->L.n_kv_heads * c->L.head_dim;
+    for (int t = 0; t < sl.win; t++) {
+        int r = (sl.whead + t) % c->wcap;
+        if (window_k) CUDA_TRY(cudaMemcpyAsync(window_k + t * row, c->wk(seq, layer) + r * row, row * 2, cudaMemcpyDeviceToHost, st), fn);
+        if (window_v) CUDA_TRY(cudaMemcpyAsync(window_v + t * row, c->wv(seq, layer) + r * row, row * 2, cudaMemcpyDeviceToHost, st), fn);
+    }
+    CUDA_TRY(cudaStreamSynchronize(st), fn);
+    return KVQ_OK;
+}
