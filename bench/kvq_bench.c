@@ -43,20 +43,21 @@ static void flush_caches(float *buf, size_t n) {
 static int usage(void) {
     fprintf(stderr,
             "usage: kvq-bench cpu [--ctx 4096,16384,32768] [--types f16,bf16,q8,fp8,q4,q2] [--runs N] [--threads N]\n"
-            "                     [--out docs/bench-cpu]\n"
+            "                     [--out docs/bench-cpu] [--no-flush]\n"
             "       kvq-bench cuda [options of the CUDA benchmark]\n");
     return 2;
 }
 
 static int bench_cpu(int argc, char **argv) {
     const char *ctx_list = "4096,16384,32768", *type_list = "f16,bf16,q8,fp8,q4,q2", *out = "docs/bench-cpu";
-    int runs = 15, threads = 0;
+    int runs = 15, threads = 0, flush_between = 1;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_list = argv[++i];
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) type_list = argv[++i];
         else if (!strcmp(argv[i], "--runs") && i + 1 < argc) runs = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--no-flush")) flush_between = 0; /* hot caches: measures compute alone */
         else return usage();
     }
     if (runs < 1) runs = 1;
@@ -134,7 +135,7 @@ static int bench_cpu(int argc, char **argv) {
             double *ms = malloc((size_t)runs * sizeof *ms);
             for (int w = 0; w < 2; w++) kvq_attn_decode(c, 0, 1, &seq, q, o, &ap);
             for (int r = 0; r < runs; r++) {
-                flush_caches(flush, flush_n);
+                if (flush_between) flush_caches(flush, flush_n);
                 double t0 = now_ms();
                 kvq_attn_decode(c, 0, 1, &seq, q, o, &ap);
                 ms[r] = now_ms() - t0;

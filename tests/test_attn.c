@@ -2,9 +2,12 @@
 /* CPU attention on the quantized cache, for every (type_k, type_v, head dim, GQA ratio, window, soft-cap):
  *  - against an fp64 reference over the cache's own dequantized contents (the kernel's arithmetic): NMSE < 1e-9;
  *  - against an fp64 reference over the original fp32 K/V (the type's quality): NMSE per type bound;
- *  - the AVX2 kernels against the scalar _ref kernels: NMSE < 1e-10;
+ *  - the AVX2 kernels against the scalar _ref kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer
+ *    kernels of Q8/Q4/Q2, which round queries and softmax weights to int16 (relative error ~1.5e-5 each);
  *  - decode of a ragged batch, and chunked causal prefill. */
 #include "testutil.h"
+
+#include <stdbool.h>
 
 static double quality_bound(kvq_type tk, kvq_type tv) {
     /* measured worst cases on this data are about 3x below these */
@@ -67,9 +70,13 @@ static void run_combo(combo cb) {
     for (size_t i = 0; i < qn; i++) refd[i] = out_ref[i];
     double e_simd = tu_nmse(out, refd, qn), e_ref = tu_nmse(out_ref, ref, qn);
     const char *nk = kvq_type_get_traits(cb.tk)->name, *nv = kvq_type_get_traits(cb.tv)->name;
-    CHECK(e_arith < 1e-9 && e_ref < 1e-9, "decode %s/%s D=%d rep=%d win=%d cap=%g: arithmetic NMSE simd %g ref %g", nk,
+    /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9 */
+    bool int_path = cb.tk == KVQ_TYPE_Q8 || cb.tk == KVQ_TYPE_Q4 || cb.tk == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q8 ||
+                    cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
+    double simd_bound = int_path ? 2e-8 : 1e-10, arith_bound = int_path ? 2e-8 : 1e-9;
+    CHECK(e_arith < arith_bound && e_ref < 1e-9, "decode %s/%s D=%d rep=%d win=%d cap=%g: arithmetic NMSE simd %g ref %g", nk,
           nv, cb.D, cb.rep, cb.window, (double)cb.softcap, e_arith, e_ref);
-    CHECK(e_simd < 1e-10, "decode %s/%s D=%d: simd vs _ref NMSE %g", nk, nv, cb.D, e_simd);
+    CHECK(e_simd < simd_bound, "decode %s/%s D=%d: simd vs _ref NMSE %g", nk, nv, cb.D, e_simd);
     CHECK(e_qual < quality_bound(cb.tk, cb.tv), "decode %s/%s D=%d rep=%d: quality NMSE %g over %g", nk, nv, cb.D,
           cb.rep, e_qual, quality_bound(cb.tk, cb.tv));
     if (e_qual > worst_quality[cb.tk][cb.tv]) worst_quality[cb.tk][cb.tv] = e_qual;

@@ -101,6 +101,7 @@ typedef struct work {
 } work;
 
 typedef struct scratch {
+    kvq__qstate qst;
     float s[MAX_ROWS * KVQ_TILE * 8]; /* scores / probabilities of one segment: rows x up to SEG tokens */
     float x[KVQ_TILE * 256];
 } scratch;
@@ -135,7 +136,7 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
     for (int a = j0; a < j1; a += SEG) {
         int n = j1 - a < SEG ? j1 - a : SEG;
         bool fused = K->key_scores && rows <= KVQ_FUSED_ROWS;
-        if (fused) K->key_scores(kb, a, n, w->q, rows, sc->s, SEG);
+        if (fused) K->key_scores(kb, a, n, w->q, rows, sc->s, SEG, &sc->qst);
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
@@ -184,6 +185,7 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
     const kvq_seq_layer *sl = w->sl;
     const int P = c->L.page_tokens;
     for (int r = 0; r < w->rows; r++) w->m[r] = -INFINITY, w->l[r] = 0;
+    sc->qst.valid = 0;
     memset(w->acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
     int64_t t = w->t0;
     while (t < w->t1 && t < sl->paged) {

@@ -16,6 +16,17 @@ typedef struct kvq__blk {
 } kvq__blk;
 
 #define KVQ_TILE 8 /* rows decoded at a time */
+
+/* Per work item state of the fused key kernels: the query rounded to int16 once, not once per block. The driver
+ * zeroes `valid` when a work item starts. */
+typedef struct kvq__qstate {
+    int valid;
+    int group;           /* key group the quantized q' belongs to (grouped types) */
+    const uint16_t *par; /* ... of the block with these params */
+    float qs[4], qm[4];
+    int16_t q16[4 * 256] __attribute__((aligned(32)));
+    float qg[4 * 256];
+} kvq__qstate;
 #define KVQ_FUSED_ROWS 8
 
 typedef struct kvq__kernels {
@@ -30,7 +41,8 @@ typedef struct kvq__kernels {
     float (*exp_sum)(float *x, int n, float m);
     /* Optional fused forms for up to KVQ_FUSED_ROWS rows, which read the block's bytes once, in registers:
      * s[r * ss + i] = dot(q[r], row j0 + i) and acc[r] += sum_i p[r * ps + i] * row j0 + i, for i < n <= 64. */
-    void (*key_scores)(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss);
+    void (*key_scores)(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
+                       kvq__qstate *st);
     void (*value_accum)(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc);
 } kvq__kernels;
 
