@@ -16,3 +16,9 @@ target_link_libraries(test_model_golden PRIVATE kvq_model m)
 add_test(NAME model_golden COMMAND test_model_golden ${KVQ_TEST_MODEL} ${CMAKE_SOURCE_DIR}/tests/data/tok_golden.txt
          ${CMAKE_SOURCE_DIR}/tests/data/logits_golden.txt ${KVQ_TEST_CORPUS})
 set_tests_properties(model_golden PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600 ENVIRONMENT OMP_WAIT_POLICY=PASSIVE)
+
+# Perplexity of each KV type on a corpus excerpt: F16 against transformers' fp32 value, ordering and regression
+# band against tests/data/ppl_reference.txt.
+add_test(NAME model_ppl COMMAND bash ${CMAKE_SOURCE_DIR}/tests/test_model_ppl.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_MODEL}
+         ${CMAKE_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${CMAKE_SOURCE_DIR}/tests/data/ppl_reference.txt)
+set_tests_properties(model_ppl PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)

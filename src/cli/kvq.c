@@ -619,10 +619,10 @@ static int cmd_perplexity(int argc, char **argv) {
     }
     if (base < 0) base = 0;
     printf("ctx %d, %d chunks, %lld scored tokens\n", o.ctx, n_chunks, (long long)rs[0].n);
-    printf("| KV (K/V)  | PPL              | dPPL vs %-5s | KV bytes/token | vs F16 |\n", names[base]);
-    printf("|-----------|------------------|---------------|----------------|--------|\n");
+    printf("| KV (K/V)  | PPL                  | dPPL vs %-5s | KV bytes/token | vs F16 |\n", names[base]);
+    printf("|-----------|----------------------|---------------|----------------|--------|\n");
     for (int i = 0; i < nr; i++)
-        printf("| %-9s | %7.4f +/- %.4f | %+12.3f%% | %14.0f | %5.3fx |\n", names[i], rs[i].ppl, rs[i].err,
+        printf("| %-9s | %8.4f +/- %-7.4f | %+12.3f%% | %14.0f | %5.3fx |\n", names[i], rs[i].ppl, rs[i].err,
                100.0 * (rs[i].ppl / rs[base].ppl - 1.0), rs[i].bytes_per_token,
                rs[i].bytes_per_token / rs[i].f16_bytes_per_token);
 done:

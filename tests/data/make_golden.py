@@ -5,7 +5,10 @@ reading the same GGUF file (weights dequantized to fp32 by transformers' own GGU
     pip install torch transformers gguf accelerate
     HF_HUB_OFFLINE=1 python3 tests/data/make_golden.py      # from the repository root, after scripts/fetch-model.sh
 
-Writes tests/data/tok_golden.txt and tests/data/logits_golden.txt (plain text, read by tests/test_model_golden.c).
+Writes tests/data/tok_golden.txt and tests/data/logits_golden.txt (plain text, read by tests/test_model_golden.c),
+and the "hf" line of tests/data/ppl_reference.txt: transformers' perplexity of tests/data/ppl_excerpt.txt (a 9 KB
+stretch of the corpus) chunked the way `kvq perplexity` does it (read by tests/test_model_ppl.sh).
+`--ppl` redoes only the perplexity line.
 
 Tokenizer note: transformers builds the tokenizer from the GGUF metadata but has no rule for
 tokenizer.ggml.pre = "smollm", so it falls back to GPT-2's pre-tokenizer. SmolLM2's own tokenizer.json (and llama.cpp's
@@ -49,9 +52,63 @@ def fnv1a_ids(ids):
     return h
 
 
-def main():
+PPL_CTX = 512
+PPL_CHUNKS = (3, 1)  # normal, KVQ_TEST_QUICK
+
+
+def smollm_tokenizer():
     from tokenizers import pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tok
+
+
+def load_model():
+    from transformers import AutoModelForCausalLM
+    import torch
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def ppl_reference(tok, model):
+    """Chunks of PPL_CTX ids, each from an empty cache, scoring its second half: as `kvq perplexity --ctx 512`."""
+    import math
+    import torch
+    text = open(os.path.join(OUT, "ppl_excerpt.txt"), encoding="utf-8").read()
+    ids = tok(text, add_special_tokens=False).input_ids
+    res = []
+    for n_chunks in PPL_CHUNKS:
+        nll = []
+        for c in range(n_chunks):
+            chunk = torch.tensor([ids[c * PPL_CTX:(c + 1) * PPL_CTX]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(chunk).logits[0].double(), dim=-1)
+            first = PPL_CTX // 2
+            for j in range(first - 1, PPL_CTX - 1):
+                nll.append(-logp[j, chunk[0, j + 1]].item())
+        res.append(math.exp(sum(nll) / len(nll)))
+    return len(ids), res
+
+
+def write_ppl(tok, model):
+    n_ids, (ppl, ppl_quick) = ppl_reference(tok, model)
+    path = os.path.join(OUT, "ppl_reference.txt")
+    lines = [l for l in open(path).read().splitlines() if not l.startswith("hf ")] if os.path.exists(path) else []
+    lines.append(f"hf {PPL_CTX} {PPL_CHUNKS[0]} {ppl:.4f} {PPL_CHUNKS[1]} {ppl_quick:.4f}")
+    open(path, "w").write("\n".join(lines) + "\n")
+    print(f"ppl excerpt: {n_ids} ids, transformers PPL {ppl:.4f} ({PPL_CHUNKS[0]} chunks), {ppl_quick:.4f} (1 chunk)")
+
+
+def main():
+    if "--ppl" in sys.argv:
+        write_ppl(smollm_tokenizer(), load_model())
+        return 0
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
     import torch
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE)
@@ -79,8 +136,7 @@ def main():
         cid = tok(chat, add_special_tokens=False).input_ids
         f.write(f"chat {'What is Debian?'.encode('utf-8').hex()} {len(cid)} " + " ".join(map(str, cid)) + "\n")
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=MODEL_FILE, torch_dtype=torch.float32)
-    model.eval()
+    model = load_model()
     inp = torch.tensor([ids[:LOGIT_POS]])
     with torch.no_grad():
         logits = model(inp).logits[0].float()
@@ -95,6 +151,7 @@ def main():
             pairs = " ".join(f"{int(i)}:{v:.5f}" for i, v in zip(top.indices[p].tolist(), top.values[p].tolist()))
             f.write(f"{p} {lse:.5f} {pairs}\n")
     print("wrote", os.path.join(OUT, "tok_golden.txt"), os.path.join(OUT, "logits_golden.txt"))
+    write_ppl(tok, model)
 
 
 if __name__ == "__main__":
