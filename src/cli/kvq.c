@@ -41,7 +41,7 @@ static int die(const char *what, kvq_status st) {
  * -------------------------------------------------------------------------------------------------------- */
 typedef struct opts {
     const char *model, *prompt, *file, *compare, *mem, *system;
-    int n_predict, ctx, chunks, chat, threads, batch, residual, ids, quiet;
+    int n_predict, ctx, chunks, chat, threads, batch, residual, group, ids, quiet;
     float temp, top_p;
     uint64_t seed;
     kvq_type type_k, type_v;
@@ -52,6 +52,7 @@ static const char *const KV_HELP =
     "  --kv-type-k T      key type alone\n"
     "  --kv-type-v T      value type alone\n"
     "  --residual R       fp16 residual window of the grouped types q4/q2 (default: libkvq's, 64)\n"
+    "  --group G          q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, 64)\n"
     "  -t, --threads N    threads for BLAS and attention (default: all cores)\n"
     "  --batch N          tokens per forward call in prefill (default 256)\n";
 
@@ -90,7 +91,8 @@ static void usage_ppl(FILE *o) {
                "  --ctx N            tokens per chunk (default 2048, at most the model's context_length)\n"
                "  --chunks N         use the first N chunks only (default: all)\n"
                "  --compare LIST     comma-separated KV configs run on the same tokens, one table; an entry is a type\n"
-               "                     (q4) or K/V mix (q8/q4 = keys q8, values q4)\n"
+               "                     (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally with :rR (residual\n"
+               "                     window) and :gG (group size), e.g. f16,q8,q4,q4:r128,q4:g32,q2\n"
                "  -q, --quiet        no progress bar\n"
                "%s", KV_HELP);
 }
@@ -200,6 +202,7 @@ static int parse_opts(int cmd, int argc, char **argv, opts *o) {
         else if (ARG("-t") || ARG("--threads")) { NEED(); if (parse_int(v, 1, 1024, &o->threads, a)) return -1; }
         else if (ARG("--batch")) { NEED(); if (parse_int(v, 1, 8192, &o->batch, a)) return -1; }
         else if (ARG("--residual")) { NEED(); if (parse_int(v, 0, 4096, &o->residual, a)) return -1; }
+        else if (ARG("--group")) { NEED(); if (parse_int(v, 16, 128, &o->group, a)) return -1; }
         else if (ARG("--temp")) { NEED(); if (parse_float(v, &o->temp, a)) return -1; }
         else if (ARG("--top-p")) { NEED(); if (parse_float(v, &o->top_p, a)) return -1; }
         else if (ARG("--seed")) { NEED(); o->seed = strtoull(v, NULL, 10); }
@@ -280,7 +283,7 @@ static char *read_file(const char *path, size_t *len) {
 
 static llama_ctx_params ctx_params(const opts *o, int n_ctx, kvq_type tk, kvq_type tv) {
     llama_ctx_params p = {.n_ctx = n_ctx, .max_batch = o->batch, .type_k = tk, .type_v = tv,
-                          .residual = o->residual, .n_threads = o->threads};
+                          .residual = o->residual, .group = o->group, .n_threads = o->threads};
     return p;
 }
 
@@ -488,9 +491,11 @@ static void progress(const char *label, int done, int total, double t0) {
 }
 
 static int run_ppl(const opts *o, const loaded *L, const int32_t *ids, int n_chunks, kvq_type tk, kvq_type tv,
-                   const char *label, ppl_result *res) {
+                   int residual, int group, const char *label, ppl_result *res) {
     int ctx = o->ctx, V = L->m->cfg.vocab_size, first = ctx / 2;
     llama_ctx_params cp = ctx_params(o, ctx, tk, tv);
+    cp.residual = residual;
+    cp.group = group;
     llama_ctx *c = NULL;
     kvq_status st = llama_ctx_create(L->m, &cp, &c);
     if (st) return die("creating the context", st);
@@ -539,11 +544,16 @@ fail:
     return die("perplexity", st);
 }
 
-/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4. */
-static int parse_mix(const char *s, kvq_type *tk, kvq_type *tv) {
-    char buf[32];
+/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; optional ":r128" (residual) and ":g32" (group) suffixes. */
+static int parse_mix(const char *s, kvq_type *tk, kvq_type *tv, int *residual, int *group) {
+    char buf[48];
     if (strlen(s) >= sizeof buf) return -1;
     strcpy(buf, s);
+    for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
+        int *dst = colon[1] == 'r' ? residual : colon[1] == 'g' ? group : NULL;
+        if (!dst || parse_int(colon + 2, colon[1] == 'r' ? 0 : 16, colon[1] == 'r' ? 4096 : 128, dst, "--compare entry"))
+            return -1;
+    }
     char *slash = strchr(buf, '/');
     if (slash) *slash = '\0';
     if (parse_type(buf, tk)) return -1;
@@ -595,7 +605,7 @@ static int cmd_perplexity(int argc, char **argv) {
         ppl_result res;
         char label[24];
         snprintf(label, sizeof label, "%s/%s", type_name(o.type_k), type_name(o.type_v));
-        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, o.type_k, o.type_v, label, &res))) goto done;
+        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, o.type_k, o.type_v, o.residual, o.group, label, &res))) goto done;
         printf("PPL = %.4f +/- %.4f  (KV %s, ctx %d, %d chunks, %lld scored tokens, %.0f KV bytes/token)\n", res.ppl,
                res.err, label, o.ctx, n_chunks, (long long)res.n, res.bytes_per_token);
         goto done;
@@ -604,16 +614,18 @@ static int cmd_perplexity(int argc, char **argv) {
     char list[256];
     snprintf(list, sizeof list, "%s", o.compare);
     ppl_result rs[16];
-    char names[16][24];
+    char names[16][48];
     int nr = 0, base = -1;
     for (char *save = NULL, *e = strtok_r(list, ",", &save); e && nr < 16; e = strtok_r(NULL, ",", &save)) {
         kvq_type tk, tv;
-        if (parse_mix(e, &tk, &tv)) {
+        int res = o.residual, grp = o.group;
+        if (parse_mix(e, &tk, &tv, &res, &grp)) {
+            fprintf(stderr, "kvq perplexity: bad --compare entry '%s' (TYPE[/TYPE][:rRESIDUAL][:gGROUP])\n", e);
             rc = 2;
             goto done;
         }
         snprintf(names[nr], sizeof names[nr], "%s", e);
-        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, tk, tv, e, &rs[nr]))) goto done;
+        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, tk, tv, res, grp, e, &rs[nr]))) goto done;
         if (base < 0 && tk == KVQ_TYPE_F16 && tv == KVQ_TYPE_F16) base = nr;
         nr++;
     }
@@ -680,7 +692,8 @@ static int cmd_capacity(int argc, char **argv) {
     int64_t f16cap = 0;
     for (size_t i = 0; i < sizeof mixes / sizeof mixes[0]; i++) {
         kvq_type tk, tv;
-        parse_mix(mixes[i], &tk, &tv);
+        int unused_r = -1, unused_g = 0;
+        parse_mix(mixes[i], &tk, &tv, &unused_r, &unused_g);
         kvq_cache_config cc = kvq_cache_config_default();
         cc.n_layers = (int)L;
         cc.n_kv_heads = (int)Hkv;

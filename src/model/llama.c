@@ -173,6 +173,7 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     cc.type_k = p->type_k;
     cc.type_v = p->type_v;
     cc.residual = p->residual;
+    cc.group = p->group;
     cc.n_threads = p->n_threads;
     cc.max_seqs = 1;
     /* Size the arena from the amortized bytes per token, then grow it until kvq says n_ctx tokens fit (pages

@@ -61,6 +61,7 @@ typedef struct llama_ctx_params {
     int max_batch;   /* tokens per forward call (prefill chunk); 0: 256 */
     kvq_type type_k, type_v;
     int residual;    /* -1: kvq's default */
+    int group;       /* G of the grouped types; 0: kvq's default */
     int n_threads;   /* attention threads; 0: OpenMP's default */
 } llama_ctx_params;
 
