@@ -1,0 +1,632 @@
+"""HF transformers integration: KVQCache (the Cache API over libkvq), the "kvq" attention implementation (attention
+computed by libkvq on the quantized pages), and patch_model_with_int8_kv_cache (one-line switch for icw-kv-quant users).
+
+How the pieces fit:
+  * KVQCache.update(k, v, layer) is called by every attention module. With attn_implementation="kvq" it stores
+    nothing yet: it tags the new K/V with the cache and returns them. The "kvq" attention function then appends them
+    to libkvq (dropping left-padding tokens, which the 2D attention mask identifies) and runs kvq_attn_prefill /
+    kvq_attn_decode (CPU) or kvq_cuda_attn_* (GPU) on the quantized pages: no dequantized copy of the cache exists.
+  * With any other attention implementation (eager, sdpa, ...) KVQCache still works on CPU: update() appends and
+    returns the whole cache dequantized by kvq_read (like transformers' QuantizedCache does). That mode is for
+    compatibility and tests; it is slower and has no memory benefit during attention.
+  * Batch rows are kvq sequences; beam search reorders them with kvq_seq_fork (pages shared, copy on write).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.masking_utils import AttentionMaskInterface
+
+from . import _native as N
+
+ATTN_IMPLEMENTATION = "kvq"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "qwen2")
+_TORCH_DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _shape_of(config):
+    tc = _text_config(config)
+    n_heads = tc.num_attention_heads
+    n_kv = getattr(tc, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_heads
+    return tc, tc.num_hidden_layers, n_heads, n_kv, head_dim
+
+
+def _parse_types(kv_type, value_type, n_layers):
+    """-> list of (type_k, type_v) ints, one per layer. kv_type: a name, a list of names (one per layer), or a dict
+    {layer: name} with the key "default" (or None) for the others; value_type likewise, defaulting to kv_type."""
+    def per_layer(spec, what):
+        if isinstance(spec, (list, tuple)):
+            if len(spec) != n_layers:
+                raise ValueError(f"kvq: {what} has {len(spec)} entries, the model has {n_layers} layers")
+            return [N.type_from_name(s) for s in spec]
+        if isinstance(spec, dict):
+            default = spec.get("default", spec.get(None, "q8"))
+            return [N.type_from_name(spec.get(i, default)) for i in range(n_layers)]
+        return [N.type_from_name(spec)] * n_layers
+
+    tk = per_layer(kv_type, "kv_type")
+    tv = per_layer(value_type, "value_type") if value_type is not None else list(tk)
+    return list(zip(tk, tv))
+
+
+class _Group:
+    """One kvq cache (CPU or CUDA) holding the layers that share a (type_k, type_v)."""
+
+    def __init__(self, types, layers):
+        self.types = types
+        self.layers = layers  # global layer indices
+        self.local = {g: i for i, g in enumerate(layers)}
+        self.handle = None
+        self.seqs: list[int] = []
+
+
+class KVQLayer(CacheLayerMixin):
+    """Per-layer view for the Cache API; the storage lives in the owning KVQCache's kvq caches."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, owner: "KVQCache", layer_idx: int, is_sliding: bool):
+        super().__init__()
+        self._owner = owner
+        self.layer_idx = layer_idx
+        self.is_sliding = is_sliding
+        self.hf_len = 0  # the length transformers sees (padding included)
+
+    def lazy_initialization(self, key_states, value_states):
+        self._owner._lazy_init(key_states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._owner.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int):
+        return self.hf_len + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.hf_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        self.hf_len = 0
+
+    def crop(self, tokens_to_remove: int):
+        self._owner.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx):  # the cache reorders all layers at once (sequences span layers)
+        raise RuntimeError("kvq: reorder through KVQCache.reorder_cache")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def batch_repeat_interleave(self, repeats):
+        raise RuntimeError("kvq: use KVQCache.batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        raise RuntimeError("kvq: use KVQCache.batch_select_indices")
+
+
+class KVQCache(Cache):
+    """A transformers Cache stored in libkvq pages.
+
+    Args:
+        config: the model's config (`model.config`).
+        kv_type: "f16", "bf16", "q8", "fp8", "q4" or "q2"; or a list with one per layer; or a dict {layer: type,
+            "default": type}. Layers of the same type share one kvq cache.
+        value_type: the same for values when they should differ from keys (default: kv_type).
+        max_cache_len: tokens one sequence may hold (prompt + generated, padding excluded). Sizes the page arena
+            (allocated once, at the first update); appending beyond it raises kvq.CacheFullError.
+        max_batch_size: sequences the arena is sized for (default: the batch size of the first update).
+        arena_bytes: size the arena yourself instead (per distinct type).
+        residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (64).
+        n_threads: OpenMP threads of the CPU attention (0: all).
+    """
+
+    def __init__(self, config, kv_type="q8", value_type=None, max_cache_len: int = 4096,
+                 max_batch_size: int | None = None, arena_bytes: int | None = None, residual: int = -1,
+                 n_threads: int = 0):
+        tc, n_layers, n_heads, n_kv, head_dim = _shape_of(config)
+        self._config = tc
+        self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_heads, n_kv, head_dim
+        if head_dim not in N.HEAD_DIMS:
+            raise ValueError(f"kvq: head_dim {head_dim} is not supported (supported: {N.HEAD_DIMS})")
+        if n_heads % n_kv:
+            raise ValueError(f"kvq: {n_heads} query heads is not a multiple of {n_kv} KV heads")
+        layer_types, _ = get_layer_types_and_kwargs(tc)
+        bad = sorted(set(layer_types) - set(_SUPPORTED_LAYER_TYPES))
+        if bad:
+            raise ValueError(f"kvq: layer types {bad} are not supported (supported: {_SUPPORTED_LAYER_TYPES})")
+        self.layer_types_per_layer = _parse_types(kv_type, value_type, n_layers)
+        for tk, tv in self.layer_types_per_layer:  # validates the head dim / types now, before anything happens
+            N.page_layout(tk, tv, n_kv, head_dim)
+        self.max_cache_len = int(max_cache_len)
+        self.max_batch_size = max_batch_size
+        self.arena_bytes = arena_bytes
+        self.residual = residual
+        self.n_threads = n_threads
+        groups: dict = {}
+        for i, t in enumerate(self.layer_types_per_layer):
+            groups.setdefault(t, []).append(i)
+        self._groups = [_Group(t, ls) for t, ls in groups.items()]
+        self._group_of = {}
+        for g in self._groups:
+            for li in g.layers:
+                self._group_of[li] = g
+        self.device = None
+        self.batch = 0
+        self._mask_memo = None
+        layers = [KVQLayer(self, i, lt != "full_attention") for i, lt in enumerate(layer_types)]
+        super().__init__(layers=layers)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def is_cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
+    @property
+    def fused(self) -> bool:
+        """True when the model runs the "kvq" attention (attention on the pages); False: dequantize-and-return."""
+        return getattr(self._config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.device is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch if self.device is not None else -1
+
+    def _lazy_init(self, key_states: torch.Tensor):
+        if self.device is not None:
+            return
+        if key_states.dim() != 4:
+            raise ValueError(f"kvq: expected key states [batch, heads, tokens, head_dim], got {tuple(key_states.shape)}")
+        B, H, _, D = key_states.shape
+        if (H, D) != (self.n_kv_heads, self.head_dim):
+            raise ValueError(f"kvq: key states have {H} heads of {D}, the config says {self.n_kv_heads} of "
+                             f"{self.head_dim}")
+        if key_states.dtype not in _TORCH_DTYPES:
+            raise TypeError(f"kvq: dtype {key_states.dtype} is not supported (float32, float16, bfloat16)")
+        dev = key_states.device
+        nb = int(self.max_batch_size or B)
+        if B > nb:
+            raise ValueError(f"kvq: batch {B} exceeds max_batch_size {nb}")
+        if dev.type == "cuda":
+            ok, why = N.cuda_available()
+            if not ok:
+                raise RuntimeError(f"kvq: CUDA tensors but {why}")
+            if not self.fused:
+                raise RuntimeError('kvq: on CUDA the cache needs attn_implementation="kvq" (the CUDA backend has no '
+                                   "read-back; attention runs on the pages)")
+            if self.head_dim not in N.CUDA_HEAD_DIMS:
+                raise ValueError(f"kvq: head_dim {self.head_dim} is not supported by the CUDA backend "
+                                 f"({N.CUDA_HEAD_DIMS})")
+            if self.n_q_heads // self.n_kv_heads > 8:
+                raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
+            for g in self._groups:
+                if g.types[0] != g.types[1]:
+                    raise ValueError("kvq: the CUDA backend needs the same type for keys and values")
+        elif dev.type != "cpu":
+            raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
+        handles = []
+        try:
+            for g in self._groups:
+                nl = len(g.layers)
+                ab = self.arena_bytes or N.arena_bytes_for(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1],
+                                                           self.max_cache_len, nb)
+                if dev.type == "cuda":
+                    h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
+                                    residual=self.residual, max_seqs=2 * nb + 8,
+                                    device=dev.index if dev.index is not None else torch.cuda.current_device(),
+                                    max_seq_tokens=self.max_cache_len + 64)
+                else:
+                    h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
+                                residual=self.residual, max_seqs=2 * nb + 8, n_threads=self.n_threads)
+                handles.append(h)
+                seqs = [h.seq_new() for _ in range(B)]
+                g.handle, g.seqs = h, seqs
+        except Exception:
+            for g in self._groups:
+                g.handle, g.seqs = None, []
+            raise
+        self.device, self.batch, self.dtype = dev, B, key_states.dtype
+
+    # ---------------------------------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        self._lazy_init(key_states)
+        if key_states.shape[0] != self.batch:
+            raise ValueError(f"kvq: batch {key_states.shape[0]} differs from the cache's {self.batch}")
+        layer = self.layers[layer_idx]
+        q = key_states.shape[2]
+        past = layer.hf_len
+        if self.fused:
+            layer.hf_len = past + q
+            key_states._kvq = (self, layer_idx, past)
+            return key_states, value_states
+        # compatibility mode (eager/sdpa): append everything, return the whole cache dequantized
+        if self.is_cuda:
+            raise RuntimeError('kvq: on CUDA the cache needs attn_implementation="kvq"')
+        g = self._group_of[layer_idx]
+        li = g.local[layer_idx]
+        k = key_states.transpose(1, 2).contiguous()
+        v = value_states.transpose(1, 2).contiguous()
+        g.handle.append_ptr(li, g.seqs, [q] * self.batch, _TORCH_DTYPES[k.dtype], k.data_ptr(), v.data_ptr())
+        layer.hf_len = past + q
+        L = layer.hf_len
+        ko = torch.empty((self.batch, L, self.n_kv_heads, self.head_dim), dtype=torch.float32)
+        vo = torch.empty_like(ko)
+        for b, s in enumerate(g.seqs):
+            n = g.handle.seq_length(s, li)
+            if n != L:
+                raise RuntimeError(f"kvq: sequence length {n} != {L} (mixing attention implementations?)")
+            g.handle.read_into(s, li, 0, L, ko[b].data_ptr(), vo[b].data_ptr())
+        return (ko.transpose(1, 2).to(key_states.dtype), vo.transpose(1, 2).to(value_states.dtype))
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _valid(self, attention_mask, past, q):
+        """Which of the q new tokens of each row are real (not padding): None when all are, else bool [B, q] (CPU).
+        Computed once per forward (the same mask object reaches every layer)."""
+        if attention_mask is None:
+            return None
+        memo = self._mask_memo
+        if memo is not None and memo[0] is attention_mask and memo[1] == past and memo[2] == q:
+            return memo[3]
+        m = attention_mask
+        if m.dim() == 2:
+            cols = m[:, past:past + q] if m.shape[1] >= past + q else m[:, -q:]
+            valid = cols.bool()
+        elif m.dim() == 4:
+            cols = m[:, 0, :, past:past + q] if m.shape[-1] >= past + q else m[:, 0, :, -q:]
+            allowed = cols if cols.dtype == torch.bool else (cols == 0)
+            valid = allowed.any(dim=1)
+        else:
+            raise ValueError(f"kvq: attention mask of shape {tuple(m.shape)} is not supported")
+        valid = valid.cpu()
+        res = None if bool(valid.all()) else valid
+        self._mask_memo = (attention_mask, past, q, res)
+        return res
+
+    def attend(self, layer_idx, past, query, key, value, attention_mask, scaling, window, softcap):
+        """Append the new K/V of `layer_idx` and compute attention on the pages. query [B, Hq, q, D] ->
+        [B, q, Hq, D]."""
+        B, Hq, q, D = query.shape
+        if Hq % self.n_kv_heads:
+            raise ValueError(f"kvq: {Hq} query heads is not a multiple of {self.n_kv_heads}")
+        g = self._group_of[layer_idx]
+        li = g.local[layer_idx]
+        h = g.handle
+        valid = self._valid(attention_mask, past, q)
+        kd = _TORCH_DTYPES[key.dtype]
+        k = key.transpose(1, 2)  # [B, q, H, D]
+        v = value.transpose(1, 2)
+        scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+        window = int(window or 0)
+        softcap = float(softcap or 0.0)
+        cuda = self.is_cuda
+        stream = torch.cuda.current_stream(query.device).cuda_stream if cuda else 0
+        if valid is None:
+            kc, vc = k.contiguous(), v.contiguous()
+            counts = [q] * B
+            rows = list(range(B))
+            if cuda:
+                h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), stream)
+            else:
+                h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr())
+        else:
+            counts_all = valid.sum(dim=1).tolist()
+            rows = [b for b in range(B) if counts_all[b] > 0]
+            counts = [counts_all[b] for b in rows]
+            vdev = valid.to(key.device)
+            kc = k[vdev].contiguous()  # [sum counts, H, D], rows back to back
+            vc = v[vdev].contiguous()
+            if rows:
+                seqs = [g.seqs[b] for b in rows]
+                if cuda:
+                    h.append_ptr(li, seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), stream)
+                else:
+                    h.append_ptr(li, seqs, counts, kd, kc.data_ptr(), vc.data_ptr())
+        qt = query.transpose(1, 2)  # [B, q, Hq, D]
+        if cuda:
+            return self._attend_cuda(h, li, g, qt, valid, rows, counts, scale, window, softcap, stream)
+        qf = qt.to(torch.float32)
+        if valid is None and q == 1:
+            qd = qf.reshape(B, Hq, D).contiguous()
+            out = torch.empty_like(qd)
+            h.attn_decode_ptr(li, g.seqs, qd.data_ptr(), out.data_ptr(), Hq, scale, window, softcap)
+            return out.view(B, 1, Hq, D).to(query.dtype)
+        out = torch.zeros((B, q, Hq, D), dtype=torch.float32)
+        for b, n in zip(rows, counts):
+            if valid is None:
+                qb = qf[b].contiguous()
+                ob = out[b]
+                h.attn_prefill_ptr(li, g.seqs[b], n, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap)
+            else:
+                idx = valid[b].nonzero().squeeze(1)
+                qb = qf[b].index_select(0, idx).contiguous()
+                ob = torch.empty_like(qb)
+                h.attn_prefill_ptr(li, g.seqs[b], n, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap)
+                out[b].index_copy_(0, idx, ob)
+        return out.to(query.dtype)
+
+    def _attend_cuda(self, h, li, g, qt, valid, rows, counts, scale, window, softcap, stream):
+        B, q, Hq, D = qt.shape
+        qd = qt if qt.dtype in (torch.float16, torch.bfloat16, torch.float32) else qt.float()
+        dt = _TORCH_DTYPES[qd.dtype]
+        if valid is None and q == 1:
+            qc = qd.reshape(B, Hq, D).contiguous()
+            out = torch.empty_like(qc)
+            h.attn_decode_ptr(li, g.seqs, dt, qc.data_ptr(), out.data_ptr(), Hq, scale, window, softcap, stream)
+            return out.view(B, 1, Hq, D)
+        out = torch.zeros((B, q, Hq, D), dtype=qd.dtype, device=qd.device)
+        for b, n in zip(rows, counts):
+            if valid is None:
+                qb = qd[b].contiguous()
+                ob = torch.empty_like(qb)
+                h.attn_prefill_ptr(li, g.seqs[b], n, dt, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap,
+                                   stream)
+                out[b] = ob
+            else:
+                idx = valid[b].nonzero().squeeze(1).to(qd.device)
+                qb = qd[b].index_select(0, idx).contiguous()
+                ob = torch.empty_like(qb)
+                h.attn_prefill_ptr(li, g.seqs[b], n, dt, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap,
+                                   stream)
+                out[b].index_copy_(0, idx, ob)
+        return out
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _remap(self, src_rows: list[int]):
+        """New row i = old row src_rows[i] (beam reorder, select, repeat): the first user of an old sequence keeps
+        it, the others fork it (pages shared, copy on write); old sequences nobody uses are freed."""
+        if self.device is None:
+            return
+        if src_rows == list(range(self.batch)):
+            return
+        if self.is_cuda:
+            raise NotImplementedError("kvq: reordering/duplicating sequences (beam search) needs kvq_cuda_seq_fork, "
+                                      "which the CUDA backend does not have yet; use CPU tensors or greedy/sampling")
+        for g in self._groups:
+            used, new = set(), []
+            try:
+                for src in src_rows:
+                    s = g.seqs[src]
+                    if s in used:
+                        new.append(g.handle.seq_fork(s))
+                    else:
+                        used.add(s)
+                        new.append(s)
+            except Exception:
+                for s in new:
+                    if s not in g.seqs:
+                        g.handle.seq_free(s)
+                raise
+            for s in g.seqs:
+                if s not in used:
+                    g.handle.seq_free(s)
+            g.seqs = new
+        self.batch = len(src_rows)
+        self._mask_memo = None
+
+    def reorder_cache(self, beam_idx):
+        self._remap([int(i) for i in beam_idx.tolist()])
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._remap([b for b in range(self.batch) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices):
+        idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
+        if isinstance(idx, list) and idx and isinstance(idx[0], bool):
+            idx = [i for i, keep in enumerate(idx) if keep]
+        self._remap([int(i) for i in idx])
+
+    def crop(self, tokens_to_remove: int):
+        hf_len = max(layer.hf_len for layer in self.layers)
+        remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, hf_len - tokens_to_remove)
+        if remove == 0 or self.device is None:
+            return
+        if self.is_cuda:
+            raise NotImplementedError("kvq: crop needs kvq_cuda_seq_truncate, which the CUDA backend does not have")
+        for g in self._groups:
+            for s in g.seqs:
+                n = g.handle.seq_length(s, 0)
+                g.handle.seq_truncate(s, max(0, n - remove))
+        for layer in self.layers:
+            layer.hf_len = max(0, layer.hf_len - remove)
+        self._mask_memo = None
+
+    def reset(self):
+        for g in self._groups:
+            if g.handle is not None:
+                for s in g.seqs:
+                    g.handle.seq_free(s)
+                g.handle.close()
+            g.handle, g.seqs = None, []
+        for layer in self.layers:
+            layer.hf_len = 0
+        self.device, self.batch, self._mask_memo = None, 0, None
+
+    # ---------------------------------------------------------------------------------------------------------
+    def kv_bytes(self) -> dict:
+        """Bytes of KV storage: {'arena': page arena bytes (allocated), 'in_use': page bytes in use, 'window':
+        residual windows} summed over the kvq caches."""
+        out = {"arena": 0, "in_use": 0, "window": 0}
+        for g in self._groups:
+            if g.handle is None:
+                continue
+            st = g.handle.stats()
+            out["arena"] += st["arena_bytes"]
+            out["window"] += st["window_bytes"]
+            if "page_bytes_in_use" in st:
+                out["in_use"] += st["page_bytes_in_use"]
+            else:
+                out["in_use"] += (st["pages_total"] - st["pages_free"]) * st["page_bytes"]
+        return out
+
+    def seq_lengths(self, layer_idx: int = 0) -> list[int]:
+        """Tokens stored per batch row in kvq (padding excluded)."""
+        g = self._group_of[layer_idx]
+        return [g.handle.seq_length(s, g.local[layer_idx]) for s in g.seqs] if g.handle else []
+
+    def __repr__(self):
+        names = sorted({f"{N.type_name(tk)}/{N.type_name(tv)}" for tk, tv in self.layer_types_per_layer})
+        return f"KVQCache(types={names}, layers={self.n_layers}, batch={self.batch}, device={self.device})"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The "kvq" attention implementation
+# -------------------------------------------------------------------------------------------------------------
+def _fallback_attention(module, query, key, value, attention_mask, scaling, window, softcap):
+    """Plain fp attention for calls without a KVQCache (no cache, or another Cache class): the "kvq" mask function
+    hands over the 2D padding mask, so build causal + window + padding here."""
+    B, Hq, q, D = query.shape
+    H, L = key.shape[1], key.shape[2]
+    rep = Hq // H
+    k = key.repeat_interleave(rep, dim=1).float()
+    v = value.repeat_interleave(rep, dim=1).float()
+    s = torch.matmul(query.float(), k.transpose(2, 3)) * (scaling if scaling is not None else D ** -0.5)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    qpos = torch.arange(L - q, L, device=query.device)[:, None]
+    kpos = torch.arange(L, device=query.device)[None, :]
+    allow = kpos <= qpos
+    if window:
+        allow = allow & (kpos > qpos - window)
+    allow = allow[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            allow = allow & attention_mask[:, -L:].bool()[:, None, None, :]
+        elif attention_mask.dim() == 4:
+            m = attention_mask[..., -L:]
+            allow = allow & (m if m.dtype == torch.bool else (m == 0))
+    s = s.masked_fill(~allow, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v).to(query.dtype).transpose(1, 2).contiguous()
+
+
+def kvq_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                          softcap=None, **kwargs):
+    ctx = getattr(key, "_kvq", None)
+    if ctx is None:
+        return _fallback_attention(module, query, key, value, attention_mask, scaling, sliding_window, softcap), None
+    cache, layer_idx, past = ctx
+    out = cache.attend(layer_idx, past, query, key, value, attention_mask, scaling, sliding_window, softcap)
+    return out, None
+
+
+def kvq_mask(batch_size=None, q_length=None, kv_length=None, q_offset=None, kv_offset=None, mask_function=None,
+             attention_mask=None, **kwargs):
+    """The "kvq" mask: the 2D padding mask as is (None when there is none). kvq applies causality and the sliding
+    window itself; padding tokens are never stored."""
+    return attention_mask
+
+
+def register_attention() -> str:
+    """Registers attn_implementation="kvq" with transformers (done on import of kvq.hf). Returns the name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvq_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvq_mask)
+    return ATTN_IMPLEMENTATION
+
+
+register_attention()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# patch_model_with_int8_kv_cache
+# -------------------------------------------------------------------------------------------------------------
+def _check_model(model, kv_type):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError("kvq: expected a transformers PreTrainedModel (no .config)")
+    tc, n_layers, n_heads, n_kv, head_dim = _shape_of(cfg)
+    mt = getattr(tc, "model_type", "?")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        warnings.warn(f"kvq: model type {mt!r} is not one of the tested families {SUPPORTED_MODEL_TYPES}; "
+                      "patching anyway", stacklevel=3)
+    if head_dim not in N.HEAD_DIMS:
+        raise ValueError(f"kvq: head_dim {head_dim} is not supported (supported: {N.HEAD_DIMS})")
+    p = next(model.parameters(), None)
+    if p is not None:
+        if p.dtype not in _TORCH_DTYPES:
+            raise TypeError(f"kvq: model dtype {p.dtype} is not supported (float32, float16, bfloat16)")
+        if p.device.type == "cuda":
+            ok, why = N.cuda_available()
+            if not ok:
+                raise RuntimeError(f"kvq: the model is on CUDA but {why}")
+            if head_dim not in N.CUDA_HEAD_DIMS:
+                raise ValueError(f"kvq: head_dim {head_dim} is not supported by the CUDA backend {N.CUDA_HEAD_DIMS}")
+            if n_heads // n_kv > 8:
+                raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
+        elif p.device.type != "cpu":
+            raise ValueError(f"kvq: device {p.device} is not supported (cpu, cuda)")
+    _parse_types(kv_type, None, n_layers)
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError("kvq: this transformers version has no set_attn_implementation (need transformers >= 5)")
+
+
+def patch_model_with_int8_kv_cache(model, kv_type="q8", max_cache_len: int | None = None, **cache_kwargs):
+    """Make `model` keep its KV cache in kvq (int8 by default) and run attention on the quantized pages.
+
+    Same call as icw-kv-quant's: `patch_model_with_int8_kv_cache(model)`, in place (the model is also returned).
+    Afterwards `model.generate(...)` uses a KVQCache(kv_type) unless a `past_key_values` is given, and the model's
+    attention implementation is "kvq". Everything is checked (head dim, dtype, device, types) before anything is
+    changed. kvq.unpatch_model(model) undoes it.
+    """
+    if getattr(model, "_is_kv_quant_patched", False):
+        return model
+    _check_model(model, kv_type)
+    register_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    original_generate = model.generate
+
+    @functools.wraps(original_generate)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            prompt = ids.shape[1] if ids is not None and hasattr(ids, "shape") and ids.dim() >= 2 else 0
+            gc = kwargs.get("generation_config") or model.generation_config
+            new = kwargs.get("max_new_tokens") or getattr(gc, "max_new_tokens", None)
+            if new is None:
+                max_len = kwargs.get("max_length") or getattr(gc, "max_length", None) or 4096
+                new = max(0, max_len - prompt)
+            n = max_cache_len or (prompt + new + 8)
+            kwargs["past_key_values"] = KVQCache(model.config, kv_type=kv_type, max_cache_len=n, **cache_kwargs)
+        return original_generate(*args, **kwargs)
+
+    model.generate = generate
+    model._kvq_unpatch = (previous, original_generate)
+    model._is_kv_quant_patched = True
+    return model
+
+
+def unpatch_model(model):
+    """Undo patch_model_with_int8_kv_cache."""
+    if not getattr(model, "_is_kv_quant_patched", False):
+        return model
+    previous, original_generate = model._kvq_unpatch
+    model.set_attn_implementation(previous)
+    model.generate = original_generate
+    del model._kvq_unpatch
+    model._is_kv_quant_patched = False
+    return model
+
+
+__all__ = ["KVQCache", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
+           "kvq_attention_forward", "ATTN_IMPLEMENTATION"]
