@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: build the CUDA backend for sm_90a, run its tests (plain, then under compute-sanitizer memcheck
 # in quick mode), the torch SDPA reference and the decode benchmark. Logs, CSV and markdown go to $OUT.
-# Usage: scripts/gpu-check.sh [test|bench|all]   (default all)
+# Usage: scripts/gpu-check.sh [test|bench|all|final]   (default all; final: long tests + quick benchmark)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvq-out}
@@ -11,6 +11,13 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | 
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DKVQ_BUILD_MODEL=OFF >"$OUT/build.log" 2>&1
 cmake --build build-gpu -j16 --target test_cuda kvq-bench-cuda >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 rc=0
+if [ "$what" = final ]; then  # long-context tests, then the quick benchmark
+  KVQ_TEST_LONG_ONLY=1 ./build-gpu/src/cuda/test_cuda 2>&1 | tee "$OUT/test.log"; rc=${PIPESTATUS[0]}
+  echo "test_cuda (long) rc=$rc"
+  PYTHONUNBUFFERED=1 python3 bench/bench_sdpa.py 20 --quick > "$OUT/sdpa.csv" 2>"$OUT/sdpa.err" || tail -5 "$OUT/sdpa.err"
+  ./build-gpu/src/cuda/kvq-bench-cuda --quick --out "$OUT" --sdpa "$OUT/sdpa.csv" 2>&1 | tee "$OUT/bench.log"
+  exit $rc
+fi
 if [ "$what" != bench ]; then
   ./build-gpu/src/cuda/test_cuda 2>&1 | tee "$OUT/test.log"; rc=${PIPESTATUS[0]}
   echo "test_cuda rc=$rc"

@@ -1,6 +1,7 @@
 // Shared by the CUDA backend's translation units: compile-time type traits of the page layout (kvq.h section 5,
 // specialised to page_tokens = 64, group = 64), kernel argument structs and small device helpers.
 #pragma once
+// (kernel argument structs are passed by value as __grid_constant__ parameters; static_asserts below keep them small)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -44,7 +45,7 @@ struct Entry {
     int64_t start;           // flattened index of (this entry, head 0, unit 0)
 };
 
-constexpr int MAXE = 256;  // entries per launch (kernel parameter space)
+constexpr int MAXE = 56;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 struct DecodeArgs {
     const uint8_t *arena;
@@ -81,8 +82,8 @@ struct AppendEntry {
     int64_t in_off;             // first input row of this sequence
     int64_t wstart;             // prefix of window-written tokens
 };
-constexpr int MAXA = 256;
-constexpr int MAXF = 512;
+constexpr int MAXA = 32;  // append parameters under 4 KB as well
+constexpr int MAXF = 80;
 struct AppendArgs {
     uint8_t *arena;
     int64_t page_bytes;
@@ -94,6 +95,9 @@ struct AppendArgs {
     AppendEntry a[MAXA];
     FlushItem f[MAXF];
 };
+
+static_assert(sizeof(DecodeArgs) <= 4096, "decode parameters");
+static_assert(sizeof(AppendArgs) <= 4096, "append parameters");
 
 // ---- device helpers ----
 __device__ __forceinline__ float load_in(const void *p, int64_t i, int dt) {

@@ -635,8 +635,13 @@ __global__ void combine_kernel(const __grid_constant__ DecodeArgs A, int W) {
 template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t st) {
     using C = Cfg<T, D>;
     static_assert(C::SMEM <= 227 * 1024, "shared memory");
-    cudaError_t e = cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-    if (e != cudaSuccess) return e;
+    static bool attr_set = false;  // once per process (single-device use; harmless to repeat)
+    cudaError_t e = cudaSuccess;
+    if (!attr_set) {
+        e = cudaFuncSetAttribute(decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+        if (e != cudaSuccess) return e;
+        attr_set = true;
+    }
     decode_kernel<T, D><<<a.n_cta, C::THREADS, C::SMEM, st>>>(a);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
