@@ -16,16 +16,16 @@ static double quality_bound(kvq_type tk, kvq_type tv) {
     return b[tk] + b[tv];
 }
 
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; } combo;
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
 
 static double worst_quality[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
 
 static void run_combo(combo cb) {
-    const int H = 2, nqh = H * cb.rep, B = 3;
+    const int H = cb.H ? cb.H : 2, nqh = H * cb.rep, B = 3;
     const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
-    cfg.arena_bytes = 4u << 20, cfg.n_threads = 2;
+    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;
@@ -117,12 +117,16 @@ int main(void) {
                 if (quick && (di % 2 || (tk != tv && di != 0))) continue;
                 for (int rep = 1; rep <= 4; rep *= 4)
                     for (int w = 0; w < 2; w++) {
-                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f};
+                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2};
                         run_combo(cb);
                         n++;
                     }
             }
         }
+    /* more KV heads than one decode work item walks together (16) */
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17});
+    n += 2;
     printf("%d combinations; worst quality NMSE (decode vs fp64 on the original K/V), rows K, columns V:\n      ", n);
     for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
     printf("\n");

@@ -90,9 +90,13 @@ kvq_attn_params kvq_attn_params_default(int n_q_heads) {
 
 #define MAX_ROWS 64 /* query rows handled together: heads sharing a KV head x queries of a prefill block */
 
+#define MAX_ITEM_HEADS 16 /* KV heads one decode work item walks together */
+
 typedef struct work {
     const kvq_seq_layer *sl;
-    int h;              /* KV head */
+    int h, nh;          /* KV heads h .. h + nh - 1 */
+    size_t q_stride;    /* floats from one head's q rows to the next head's */
+    size_t st_stride;   /* floats from one head's m to the next head's (l and acc move with it) */
     int64_t t0, t1;     /* key tokens */
     const float *q;     /* [rows][D], already multiplied by the attention scale */
     const int64_t *pos; /* [rows] query positions */
@@ -101,7 +105,7 @@ typedef struct work {
 } work;
 
 typedef struct scratch {
-    kvq__qstate qst;
+    kvq__qstate qst[MAX_ITEM_HEADS];
     float s[MAX_ROWS * KVQ_TILE * 8]; /* scores / probabilities of one segment: rows x up to SEG tokens */
     float x[KVQ_TILE * 256];
 } scratch;
@@ -131,12 +135,12 @@ static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
 
 /* Processes rows [j0, j1) of one block pair (keys kb, values vb) whose first row is token `tok0`. */
 static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__blk *vb, int j0, int j1, int64_t tok0,
-                         const work *w, const kvq_attn_params *p, scratch *sc) {
+                         const work *w, const kvq_attn_params *p, scratch *sc, kvq__qstate *qst) {
     const int D = kb->D, rows = w->rows;
     for (int a = j0; a < j1; a += SEG) {
         int n = j1 - a < SEG ? j1 - a : SEG;
         bool fused = K->key_scores && rows <= KVQ_FUSED_ROWS;
-        if (fused) K->key_scores(kb, a, n, w->q, rows, sc->s, SEG, &sc->qst);
+        if (fused) K->key_scores(kb, a, n, w->q, rows, sc->s, SEG, qst);
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
@@ -173,35 +177,54 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
     }
 }
 
-/* The next page's blocks of this head are 2 separate streams far from the current ones; hardware prefetchers
- * ramp up too late on each, so fetch them while the current page is being computed. */
-static void prefetch_page(const kvq_cache *c, int32_t pg, int h) {
+static void prefetch_blocks(const kvq_cache *c, int32_t pg, int h) {
     const char *k = (const char *)kvq__kblock(c, pg, h), *v = (const char *)kvq__vblock(c, pg, h);
     for (size_t o = 0; o < c->L.k_block_bytes; o += 64) __builtin_prefetch(k + o);
     for (size_t o = 0; o < c->L.v_block_bytes; o += 64) __builtin_prefetch(v + o);
 }
 
+/* The view of work item w restricted to its head number hh */
+static work head_view(const work *w, int hh) {
+    work v = *w;
+    v.h = w->h + hh, v.nh = 1;
+    v.q += hh * w->q_stride;
+    v.m += hh * w->st_stride, v.l += hh * w->st_stride, v.acc += hh * w->st_stride;
+    return v;
+}
+
+/* Walks the item's tokens a page at a time and, inside a page, its heads in order, so that memory is read as
+ * one forward stream per page; the next (page, head) blocks are prefetched while the current ones are computed,
+ * as each block starts a new stream that hardware prefetchers would pick up too late. */
 static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, const kvq_attn_params *p, scratch *sc) {
     const kvq_seq_layer *sl = w->sl;
     const int P = c->L.page_tokens;
-    for (int r = 0; r < w->rows; r++) w->m[r] = -INFINITY, w->l[r] = 0;
-    sc->qst.valid = 0;
-    memset(w->acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
+    for (int hh = 0; hh < w->nh; hh++) {
+        work v = head_view(w, hh);
+        for (int r = 0; r < w->rows; r++) v.m[r] = -INFINITY, v.l[r] = 0;
+        memset(v.acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
+        sc->qst[hh].valid = 0;
+    }
     int64_t t = w->t0;
     while (t < w->t1 && t < sl->paged) {
         int32_t pg = sl->pages[t / P];
         int64_t base = t / P * P;
         int64_t end = base + P < sl->paged ? base + P : sl->paged;
         end = end < w->t1 ? end : w->t1;
-        if (end < w->t1 && end < sl->paged) prefetch_page(c, sl->pages[end / P], w->h);
-        kvq__blk kb = page_blk(c, pg, w->h, KVQ_KEY), vb = page_blk(c, pg, w->h, KVQ_VALUE);
-        attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, w, p, sc);
+        for (int hh = 0; hh < w->nh; hh++) {
+            if (hh + 1 < w->nh) prefetch_blocks(c, pg, w->h + hh + 1);
+            else if (end < w->t1 && end < sl->paged) prefetch_blocks(c, sl->pages[end / P], w->h);
+            work v = head_view(w, hh);
+            kvq__blk kb = page_blk(c, pg, v.h, KVQ_KEY), vb = page_blk(c, pg, v.h, KVQ_VALUE);
+            attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, &v, p, sc, &sc->qst[hh]);
+        }
         t = end;
     }
-    if (t < w->t1) {
-        kvq__blk kb = window_blk(c, sl->wk, w->h), vb = window_blk(c, sl->wv, w->h);
-        attend_block(K, &kb, &vb, (int)(t - sl->paged), (int)(w->t1 - sl->paged), sl->paged, w, p, sc);
-    }
+    if (t < w->t1)
+        for (int hh = 0; hh < w->nh; hh++) {
+            work v = head_view(w, hh);
+            kvq__blk kb = window_blk(c, sl->wk, v.h), vb = window_blk(c, sl->wv, v.h);
+            attend_block(K, &kb, &vb, (int)(t - sl->paged), (int)(w->t1 - sl->paged), sl->paged, &v, p, sc, &sc->qst[hh]);
+        }
 }
 
 /* Merges the partial results of n items for `rows` query rows into out[r * out_stride]. Item i's state sits at
@@ -291,36 +314,40 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
                              (int)seq_ids[i], layer);
         total += sl->paged + sl->win;
     }
-    /* chunks: enough items for every thread several times over, none shorter than 512 tokens */
+    /* items: (sequence, token chunk, group of up to MAX_ITEM_HEADS heads); enough of them for every thread several
+     * times over, none shorter than 512 tokens */
+    const int hg = H < MAX_ITEM_HEADS ? H : MAX_ITEM_HEADS, ngroups = (H + hg - 1) / hg;
     int nt = n_threads(c);
     int64_t want = (int64_t)nt * 4, chunk = total;
-    if ((int64_t)n_seqs * H < want) chunk = (total / n_seqs) * H / want;
+    if ((int64_t)n_seqs * ngroups < want) chunk = total * ngroups / want;
     if (chunk < 512) chunk = 512;
     int64_t n_items = 0;
     for (int i = 0; i < n_seqs; i++) {
         const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
-        n_items += H * ((sl->paged + sl->win + chunk - 1) / chunk);
+        n_items += ngroups * ((sl->paged + sl->win + chunk - 1) / chunk);
     }
     float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
+    /* item state: for each of its heads, m[rep], l[rep], acc[rep][D] */
     size_t per = (size_t)rep * (D + 2), nqe = (size_t)n_seqs * p->n_q_heads * D;
     work *items = malloc((size_t)n_items * sizeof *items);
-    float *buf = malloc(((size_t)n_items * per + nqe) * sizeof(float));
+    float *buf = malloc(((size_t)n_items * hg * per + nqe) * sizeof(float));
     int64_t *pos = malloc((size_t)n_seqs * rep * sizeof *pos);
     if (!items || !buf || !pos) {
         free(items), free(buf), free(pos);
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
     }
-    float *qs = buf + (size_t)n_items * per;
+    float *qs = buf + (size_t)n_items * hg * per;
     for (size_t e = 0; e < nqe; e++) qs[e] = q[e] * scale;
     int64_t k = 0;
     for (int i = 0; i < n_seqs; i++) {
         const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
         int64_t len = sl->paged + sl->win;
         for (int r = 0; r < rep; r++) pos[(size_t)i * rep + r] = len - 1;
-        for (int h = 0; h < H; h++)
+        for (int h = 0; h < H; h += hg)
             for (int64_t t0 = 0; t0 < len; t0 += chunk, k++) {
-                float *b = buf + (size_t)k * per;
-                items[k] = (work){sl, h, t0, t0 + chunk < len ? t0 + chunk : len,
+                float *b = buf + (size_t)k * hg * per;
+                int nh = H - h < hg ? H - h : hg;
+                items[k] = (work){sl, h, nh, (size_t)rep * D, per, t0, t0 + chunk < len ? t0 + chunk : len,
                                   qs + ((size_t)i * p->n_q_heads + (size_t)h * rep) * D, pos + (size_t)i * rep, rep,
                                   b, b + rep, b + 2 * rep};
             }
@@ -331,9 +358,10 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
         for (int i = 0; i < n_seqs; i++) {
             const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
             int nchunks = (int)((sl->paged + sl->win + chunk - 1) / chunk);
-            for (int h = 0; h < H; h++, k += nchunks)
-                merge(nchunks, rep, D, buf + (size_t)k * per, per, rep,
-                      out + ((size_t)i * p->n_q_heads + (size_t)h * rep) * D, D);
+            for (int h = 0; h < H; h += hg, k += nchunks)
+                for (int hh = 0; hh < items[k].nh; hh++)
+                    merge(nchunks, rep, D, buf + (size_t)k * hg * per + hh * per, hg * per, rep,
+                          out + ((size_t)i * p->n_q_heads + (size_t)(h + hh) * rep) * D, D);
         }
     }
     free(items), free(buf), free(pos);
@@ -380,7 +408,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
                     pos[k * MAX_ROWS + i * rep + r] = len - n_q + q0 + i;
                 }
             float *bb = buf + (size_t)k * per;
-            items[k] = (work){sl, h, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
+            items[k] = (work){sl, h, 1, 0, 0, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
                               bb + 2 * MAX_ROWS};
         }
     s = run_all(c, items, n_items, p, fn);
