@@ -60,6 +60,7 @@ typedef struct layout {
     size_t align_val;             /* value of general.alignment */
     size_t tokens_type, tokens_n; /* element type and count of tokenizer.ggml.tokens */
     size_t merges_first;          /* length field of the first merge string */
+    size_t ttype_type, ttype_data; /* element type and first element of tokenizer.ggml.token_type */
     size_t t0_ndims, t0_dim0, t0_type, t0_off; /* first tensor's fields */
     size_t t1_name_len, t1_off, t1_dim0;
     size_t data;                  /* start of the data section */
@@ -112,8 +113,10 @@ static buf build_valid(layout *L) {
     for (int i = 0; i < 5; i++) put_str(&b, extra[i]);
     put_str(&b, "tokenizer.ggml.token_type");
     put_u32(&b, GGUF_ARRAY);
+    L->ttype_type = b.n;
     put_u32(&b, GGUF_I32);
     put_u64(&b, (uint64_t)n_tok);
+    L->ttype_data = b.n;
     for (int i = 0; i < n_tok; i++) put_u32(&b, i >= 259 ? 3u : 1u);
     put_str(&b, "tokenizer.ggml.merges");
     put_u32(&b, GGUF_ARRAY);
@@ -270,6 +273,26 @@ static void test_targeted(const buf *v, const layout *L) {
     MUT("duplicate tensor name", b.p[L->t1_name_len + 8] = 'a', KVQ_ERR_FORMAT);
     MUT("huge tensor name", set_u64(&b, L->t1_name_len, 1ull << 50), KVQ_ERR_TRUNCATED);
 #undef MUT
+
+    /* Fuzzer finding (fixed): token types stored as F32 with values beyond int64 made the float -> int conversion
+     * undefined. Now such a file loads (types read as 0) or fails, without UB (clang's UBSan checks it). */
+    b = clone(v);
+    set_u32(&b, L->ttype_type, GGUF_F32);
+    set_u32(&b, L->ttype_data, 0x7f7fffffu); /* FLT_MAX */
+    set_u32(&b, L->ttype_data + 4, 0x7fc00000u); /* NaN */
+    {
+        gguf_file *f;
+        kvq_tokenizer *tok = NULL;
+        CHECK(gguf_parse(b.p, b.n, &f) == KVQ_OK, "float token types: file should parse");
+        if (f) {
+            kvq_status st = tok_load(f, &tok);
+            CHECK(st == KVQ_OK || st == KVQ_ERR_FORMAT, "float token types: tok_load gave %s", kvq_strerror(st));
+            tok_free(tok);
+            gguf_close(f);
+        }
+        LLVMFuzzerTestOneInput(b.p, b.n);
+    }
+    free(b.p);
 
     /* Corruptions the reader accepts but the tokenizer must reject. */
     struct {

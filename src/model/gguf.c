@@ -388,7 +388,9 @@ int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i) {
     scalar_decode(kv->v.arr.type, kv->v.arr.data + i * es, &tmp);
     if (is_unsigned(tmp.type)) return (int64_t)tmp.v.u;
     if (is_signed(tmp.type)) return tmp.v.i;
-    return (int64_t)tmp.v.f;
+    /* Float elements truncate toward zero; NaN or beyond int64 gives 0, where a cast would be undefined behaviour
+     * (found by the fuzzer). */
+    return tmp.v.f > -9.2e18 && tmp.v.f < 9.2e18 ? (int64_t)tmp.v.f : 0;
 }
 
 /* IEEE half to float, subnormals included. */

@@ -88,11 +88,18 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
     }
     c->head_dim = c->dim / c->n_heads;
     snprintf(key, sizeof key, "%s.context_length", arch);
-    c->ctx_len = (int)gguf_get_i64_or(f, key, 2048);
+    int64_t ctx_len = gguf_get_i64_or(f, key, 2048);
+    c->ctx_len = ctx_len < 1 ? 2048 : ctx_len > (1 << 24) ? (1 << 24) : (int)ctx_len;
     snprintf(key, sizeof key, "%s.rope.freq_base", arch);
-    c->rope_theta = (float)gguf_get_f64_or(f, key, 10000.0);
+    double theta = gguf_get_f64_or(f, key, 10000.0);
     snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", arch);
-    c->norm_eps = (float)gguf_get_f64_or(f, key, 1e-5);
+    double eps = gguf_get_f64_or(f, key, 1e-5);
+    if (!(theta > 1.0 && theta < 1e12) || !(eps > 0 && eps < 1.0)) {
+        st = kvqm_fail(KVQ_ERR_FORMAT, "model: rope.freq_base %g or rms epsilon %g out of range", theta, eps);
+        goto fail;
+    }
+    c->rope_theta = (float)theta;
+    c->norm_eps = (float)eps;
     snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
     if (gguf_get_i64_or(f, key, c->head_dim) != c->head_dim) {
         st = kvqm_fail(KVQ_ERR_FORMAT, "model: partial RoPE (rope.dimension_count != head_dim) is not supported");
