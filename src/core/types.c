@@ -2,6 +2,7 @@
 #include "internal.h"
 
 #include <ctype.h>
+#include <string.h>
 
 static const kvq_type_traits traits[KVQ_TYPE_COUNT] = {
     [KVQ_TYPE_F16] = {"f16", 16, 0, 1},
@@ -81,7 +82,8 @@ kvq_status kvq_page_layout_make(kvq_type tk, kvq_type tv, int H, int D, int P, i
     if (P < 16 || P > 4096 || P % 16 != 0 || (grouped && P % G != 0))
         return kvq__fail(KVQ_ERR_INVALID_ARG, "page_tokens %d must be a multiple of 16%s in 16..4096", P,
                          grouped ? " and of the group size" : "");
-    kvq_page_layout L = {0};
+    kvq_page_layout L;
+    memset(&L, 0, sizeof L); /* padding too: layouts compare equal with memcmp */
     L.page_tokens = P;
     L.head_dim = D;
     L.n_kv_heads = H;
