@@ -107,7 +107,7 @@ def _load(env: str, names: list[str], what: str, required: bool):
     return None, None
 
 
-_lib, LIBRARY_PATH = _load("KVQ_LIBRARY", ["libkvq.so.*.*.*", "libkvq.so", "libkvq.dylib"], "libkvq", True)
+_lib, LIBRARY_PATH = _load("KVQ_LIBRARY", ["libkvq.so.0", "libkvq.so.*.*.*", "libkvq.so", "libkvq.dylib"], "libkvq", True)
 
 _P = C.c_void_p
 _I32P = C.POINTER(C.c_int32)

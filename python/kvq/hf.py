@@ -134,12 +134,13 @@ class KVQCache(Cache):
         max_batch_size: sequences the arena is sized for (default: the batch size of the first update).
         arena_bytes: size the arena yourself instead (per distinct type).
         residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (64).
+        group: key group G of grouped types (16, 32, 64, 128; 0: kvq's default 64; the CUDA backend needs 64).
         n_threads: OpenMP threads of the CPU attention (0: all).
     """
 
     def __init__(self, config, kv_type="q8", value_type=None, max_cache_len: int = 4096,
                  max_batch_size: int | None = None, arena_bytes: int | None = None, residual: int = -1,
-                 n_threads: int = 0):
+                 group: int = 0, n_threads: int = 0):
         tc, n_layers, n_heads, n_kv, head_dim = _shape_of(config)
         self._config = tc
         self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_heads, n_kv, head_dim
@@ -153,11 +154,12 @@ class KVQCache(Cache):
             raise ValueError(f"kvq: layer types {bad} are not supported (supported: {_SUPPORTED_LAYER_TYPES})")
         self.layer_types_per_layer = _parse_types(kv_type, value_type, n_layers)
         for tk, tv in self.layer_types_per_layer:  # validates the head dim / types now, before anything happens
-            N.page_layout(tk, tv, n_kv, head_dim)
+            N.page_layout(tk, tv, n_kv, head_dim, 64, group)
         self.max_cache_len = int(max_cache_len)
         self.max_batch_size = max_batch_size
         self.arena_bytes = arena_bytes
         self.residual = residual
+        self.group = group
         self.n_threads = n_threads
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
@@ -218,6 +220,8 @@ class KVQCache(Cache):
                                  f"({N.CUDA_HEAD_DIMS})")
             if self.n_q_heads // self.n_kv_heads > 8:
                 raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
+            if self.group not in (0, 64):
+                raise ValueError("kvq: the CUDA backend supports group 64 only")
             for g in self._groups:
                 if g.types[0] != g.types[1]:
                     raise ValueError("kvq: the CUDA backend needs the same type for keys and values")
@@ -228,7 +232,7 @@ class KVQCache(Cache):
             for g in self._groups:
                 nl = len(g.layers)
                 ab = self.arena_bytes or N.arena_bytes_for(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1],
-                                                           self.max_cache_len, nb)
+                                                           self.max_cache_len, nb, 64, self.group)
                 if dev.type == "cuda":
                     h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                     residual=self.residual, max_seqs=2 * nb + 8,
@@ -236,7 +240,7 @@ class KVQCache(Cache):
                                     max_seq_tokens=self.max_cache_len + 64)
                 else:
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
-                                residual=self.residual, max_seqs=2 * nb + 8, n_threads=self.n_threads)
+                                residual=self.residual, group=self.group, max_seqs=2 * nb + 8, n_threads=self.n_threads)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]
                 g.handle, g.seqs = h, seqs
@@ -276,6 +280,23 @@ class KVQCache(Cache):
                 raise RuntimeError(f"kvq: sequence length {n} != {L} (mixing attention implementations?)")
             g.handle.read_into(s, li, 0, L, ko[b].data_ptr(), vo[b].data_ptr())
         return (ko.transpose(1, 2).to(key_states.dtype), vo.transpose(1, 2).to(value_states.dtype))
+
+    def append_kv(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append K/V [batch, kv_heads, tokens, head_dim] of every row to `layer_idx` without computing attention
+        (to load a context computed elsewhere, or fill a cache in benchmarks). All tokens count as real."""
+        self._lazy_init(key_states)
+        B, _, q, _ = key_states.shape
+        if B != self.batch:
+            raise ValueError(f"kvq: batch {B} differs from the cache's {self.batch}")
+        g = self._group_of[layer_idx]
+        k = key_states.transpose(1, 2).contiguous()
+        v = value_states.transpose(1, 2).contiguous()
+        args = (g.local[layer_idx], g.seqs, [q] * B, _TORCH_DTYPES[k.dtype], k.data_ptr(), v.data_ptr())
+        if self.is_cuda:
+            g.handle.append_ptr(*args, torch.cuda.current_stream(k.device).cuda_stream)
+        else:
+            g.handle.append_ptr(*args)
+        self.layers[layer_idx].hf_len += q
 
     # ---------------------------------------------------------------------------------------------------------
     def _valid(self, attention_mask, past, q):

@@ -1,0 +1,117 @@
+"""Torch-free tests of the ctypes bindings (numpy only): these always run, in CI too."""
+import numpy as np
+import pytest
+
+import kvq
+
+
+def ref_attention(q, k, v, scale, window=0, softcap=0.0, q_pos=None):
+    """q [n_q, Hq, D], k/v [L, H, D] (dequantized), queries at positions q_pos -> [n_q, Hq, D]."""
+    n_q, Hq, D = q.shape
+    L, H, _ = k.shape
+    rep = Hq // H
+    if q_pos is None:
+        q_pos = np.arange(L - n_q, L)
+    out = np.empty_like(q, dtype=np.float64)
+    for h in range(Hq):
+        kh, vh = k[:, h // rep].astype(np.float64), v[:, h // rep].astype(np.float64)
+        s = q[:, h].astype(np.float64) @ kh.T * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        pos = np.arange(L)[None, :]
+        allow = pos <= q_pos[:, None]
+        if window:
+            allow &= pos > q_pos[:, None] - window
+        s = np.where(allow, s, -np.inf)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        out[:, h] = p @ vh
+    return out
+
+
+def test_version_and_types():
+    assert kvq.version().count(".") == 2
+    assert kvq.cpu_backend() in ("avx2", "scalar")
+    assert kvq.type_from_name("Q4") == 4
+    with pytest.raises(ValueError, match="unknown kv type"):
+        kvq.type_from_name("q7")
+    with pytest.raises(ValueError):
+        kvq.type_from_name("q3")  # reserved, not implemented
+    # Q4 keys at D=128: 72 bytes per token per head (kvq.h section 5)
+    assert kvq.bytes_per_token("q4", 0, 128) == pytest.approx(72, abs=0.5)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "bf16", "q8", "fp8", "q4", "q2"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_roundtrip_and_attention(kv_type, head_dim):
+    rng = np.random.default_rng(1)
+    H, Hq, L = 2, 8, 300
+    c = kvq.Cache(2, H, head_dim, kv_type, max_tokens=512)
+    s = c.seq_new()
+    k = rng.standard_normal((L, H, head_dim)).astype(np.float32)
+    v = rng.standard_normal((L, H, head_dim)).astype(np.float32)
+    c.append(1, [s], [L - 10], k[:-10], v[:-10])
+    c.append(1, [s], [10], k[-10:].astype(np.float16), v[-10:].astype(np.float16))
+    assert c.seq_length(s, 1) == L and c.seq_length(s, 0) == 0
+    kr, vr = c.read(s, 1)
+    tol = {"f16": 2e-3, "bf16": 2e-2, "q8": 0.05, "fp8": 0.3, "q4": 0.6, "q2": 2.5}[kv_type]
+    assert np.abs(kr - k).max() < tol and np.abs(vr - v).max() < tol
+    scale = 1 / np.sqrt(head_dim)
+    # decode and prefill against numpy attention over the dequantized cache (same numbers the kernels read)
+    q = rng.standard_normal((1, Hq, head_dim)).astype(np.float32)
+    out = c.attn_decode(1, [s], q)
+    np.testing.assert_allclose(out, ref_attention(q, kr, vr, scale), atol=2e-3)
+    qp = rng.standard_normal((7, Hq, head_dim)).astype(np.float32)
+    outp = c.attn_prefill(1, s, qp, window=50, softcap=5.0)
+    np.testing.assert_allclose(outp, ref_attention(qp, kr, vr, scale, window=50, softcap=5.0), atol=2e-3)
+
+
+def test_batch_decode_fork_truncate():
+    rng = np.random.default_rng(2)
+    H, D = 2, 64
+    c = kvq.Cache(1, H, D, "q8", max_tokens=256, max_seqs=8)
+    a, b = c.seq_new(), c.seq_new()
+    k = rng.standard_normal((100 + 40, H, D)).astype(np.float32)
+    c.append(0, [a, b], [100, 40], k, k)
+    f = c.seq_fork(a)
+    assert c.seq_length(f) == 100 and c.stats()["pages_shared"] > 0
+    kn = rng.standard_normal((1, H, D)).astype(np.float32)
+    c.append(0, [f], [1], kn, kn)
+    assert c.seq_length(a) == 100 and c.seq_length(f) == 101  # copy on write: the parent is unchanged
+    q = rng.standard_normal((3, 4, D)).astype(np.float32)
+    out = c.attn_decode(0, [a, b, f], q)
+    for i, s in enumerate([a, b, f]):
+        kr, vr = c.read(s, 0)
+        np.testing.assert_allclose(out[i], ref_attention(q[i:i + 1], kr, vr, D ** -0.5)[0], atol=2e-3)
+    c.seq_truncate(f, 50)
+    assert c.seq_length(f) == 50
+    c.seq_free(f)
+    with pytest.raises(kvq.KvqError, match="KVQ_ERR_NO_SEQ"):
+        c.seq_length(f)
+
+
+def test_errors_are_clear_and_change_nothing():
+    with pytest.raises(kvq.KvqError, match="head_dim 48"):
+        kvq.Cache(1, 2, 48)
+    c = kvq.Cache(1, 2, 64, "q8", max_tokens=64, max_seqs=2)
+    s = c.seq_new()
+    bad = np.zeros((4, 2, 64), np.float32)
+    bad[2, 1, 3] = np.nan
+    with pytest.raises(kvq.KvqError) as e:
+        c.append(0, [s], [4], bad, bad)
+    assert e.value.name == "KVQ_ERR_NONFINITE"
+    assert c.seq_length(s) == 0
+    with pytest.raises(ValueError, match="shape"):
+        c.append(0, [s], [4], np.zeros((4, 3, 64), np.float32), np.zeros((4, 3, 64), np.float32))
+    big = np.ones((200, 2, 64), np.float32)
+    with pytest.raises(kvq.CacheFullError):
+        c.append(0, [s], [200], big, big)
+    assert c.seq_length(s) == 0
+
+
+def test_cuda_reports_why_unavailable():
+    ok, why = kvq.cuda_available()
+    if not ok:
+        assert why
+        with pytest.raises(kvq.KvqError, match="unavailable"):
+            kvq.CudaCache(1, 2, 64)

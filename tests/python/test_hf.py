@@ -1,0 +1,205 @@
+"""transformers integration on CPU: small random-weight models of each family (tests/python/hf_models.py).
+
+Measures (stated bounds):
+  * F16 kvq cache: greedy generation identical to transformers' DynamicCache (with its default attention), batch of
+    2, prompt 20 + 20 new tokens, sliding windows of 16 (Mistral, Gemma 2/3) so the window is exercised.
+  * Q8: teacher-forced next-token logits (prompt 24, 24 decode steps) within max|dlogit| <= Q8_BOUND * std(logits).
+  * Q4 / Q2 (KIVI, group 16 and residual 16 so that most of the 40 tokens are quantized): top-1 agreement with the fp reference >= 0.95 / 0.85 and
+    mean cosine similarity of the logits >= 0.999 / 0.99.
+  * beam search (3 beams) and left-padded batches: identical to transformers with the F16 kvq cache.
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import kvq  # noqa: E402
+from hf_models import FAMILIES, make  # noqa: E402
+
+Q8_BOUND = 0.05
+Q4_TOP1, Q4_COS = 0.95, 0.999
+Q2_TOP1, Q2_COS = 0.85, 0.99
+
+
+def _gen(model, ids, mask=None, **kw):
+    if mask is None:
+        mask = torch.ones_like(ids)
+    return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+
+
+class kvq_attention:
+    """Run the model with attn_implementation="kvq" inside the block."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.prev = self.model.config._attn_implementation
+        self.model.set_attn_implementation("kvq")
+        return self.model
+
+    def __exit__(self, *a):
+        self.model.set_attn_implementation(self.prev)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, make(request.param)
+
+
+def test_f16_greedy_identical(family_model):
+    fam, model = family_model
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = _gen(model, ids, max_new_tokens=20)
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64)
+        out = _gen(model, ids, max_new_tokens=20, past_key_values=cache)
+    assert torch.equal(out, ref), f"{fam}: kvq F16 greedy differs from transformers"
+    assert cache.seq_lengths() == [39, 39]  # the last generated token is never fed back
+
+
+def _teacher_forced_logits(model, ids, cont, cache):
+    out = model(ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for t in range(cont.shape[1]):
+        out = model(cont[:, t:t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1).float()
+
+
+_REF = {}
+
+
+def _compare(model, kv_type, residual=-1, group=0):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 128, (2, 24), generator=g)
+    cont = torch.randint(3, 128, (2, 16), generator=g)
+    if id(model) not in _REF:
+        _REF[id(model)] = _teacher_forced_logits(model, ids, cont, transformers.DynamicCache(config=model.config))
+    ref = _REF[id(model)]
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=64, residual=residual, group=group)
+        got = _teacher_forced_logits(model, ids, cont, cache)
+        if group:
+            assert cache.kv_bytes()["in_use"] > 0  # tokens really went to quantized pages
+    err = (got - ref).abs().max().item() / ref.std().item()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+    return err, top1, cos
+
+
+def test_q8_logits_within_bound(family_model):
+    fam, model = family_model
+    err, top1, cos = _compare(model, "q8")
+    assert err <= Q8_BOUND, f"{fam}: Q8 max|dlogit|/std = {err:.4f} > {Q8_BOUND}"
+
+
+@pytest.mark.parametrize("kv_type,min_top1,min_cos", [("q4", Q4_TOP1, Q4_COS), ("q2", Q2_TOP1, Q2_COS)])
+def test_q4_q2_close(family_model, kv_type, min_top1, min_cos):
+    fam, model = family_model
+    err, top1, cos = _compare(model, kv_type, residual=16, group=16)
+    assert top1 >= min_top1 and cos >= min_cos, f"{fam} {kv_type}: top1 {top1:.3f} cos {cos:.4f}"
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma2"])
+def test_beam_search(fam):
+    model = make(fam)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    ref = _gen(model, ids, max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=32)
+        out = _gen(model, ids, max_new_tokens=12, num_beams=3, num_return_sequences=2, past_key_values=cache)
+    assert torch.equal(out, ref)
+    st = cache._groups[0].handle.stats()
+    assert st["n_seqs"] == 6  # 2 prompts x 3 beams, forks freed as beams die
+
+
+@pytest.mark.parametrize("fam", ["llama", "mistral", "gemma3"])
+def test_batched_left_padding(fam):
+    model = make(fam)
+    g = torch.Generator().manual_seed(4)
+    lens = [20, 13, 6]
+    ids = torch.zeros((3, 20), dtype=torch.long)
+    mask = torch.zeros((3, 20), dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, 20 - n:] = torch.randint(3, 128, (n,), generator=g)
+        mask[b, 20 - n:] = 1
+    ref = _gen(model, ids, mask, max_new_tokens=16)
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64)
+        out = _gen(model, ids, mask, max_new_tokens=16, past_key_values=cache)
+        # padding is never stored: each row holds only its own tokens
+        assert cache.seq_lengths() == [n + 15 for n in lens]
+        # and each row generates what it generates alone, unpadded
+        for b, n in enumerate(lens):
+            alone = _gen(model, ids[b:b + 1, 20 - n:], max_new_tokens=16,
+                         past_key_values=kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64))
+            assert torch.equal(alone[0, n:], out[b, 20:])
+    assert torch.equal(out, ref)
+
+
+def test_compat_mode_sdpa_f16_identical():
+    """Without attn_implementation="kvq", KVQCache returns the dequantized cache (CPU) to sdpa/eager."""
+    model = make("qwen2")
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    ref = _gen(model, ids, max_new_tokens=10)
+    cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=32)
+    assert not cache.fused
+    out = _gen(model, ids, max_new_tokens=10, past_key_values=cache)
+    assert torch.equal(out, ref)
+
+
+def test_per_layer_types_and_crop():
+    model = make("gemma3")
+    n = model.config.num_hidden_layers
+    types = ["q4" if i % 2 else "q8" for i in range(n)]
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type=types, max_cache_len=64)
+        ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(6))
+        _gen(model, ids, max_new_tokens=8, past_key_values=cache)
+        assert len(cache._groups) == 2 and cache.get_seq_length() == 27
+        cache.crop(-5)
+        assert cache.get_seq_length() == 22 and cache.seq_lengths() == [22]
+        out = model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+        assert out.logits.shape == (1, 1, 128) and cache.get_seq_length() == 23
+
+
+def test_patch_model_with_int8_kv_cache():
+    model = make("llama")
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+    ref = _gen(model, ids, max_new_tokens=12)
+    assert kvq.patch_model_with_int8_kv_cache(model) is model
+    assert model.config._attn_implementation == "kvq" and model._is_kv_quant_patched
+    out = _gen(model, ids, max_new_tokens=12, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, kvq.KVQCache)
+    assert out.past_key_values.layer_types_per_layer[0] == (2, 2)  # q8 keys and values
+    agree = (out.sequences[:, 16:] == ref[:, 16:]).float().mean().item()
+    assert agree >= 0.9, agree
+    # plain forward without a cache still works (fallback attention), and matches the unpatched model
+    kvq.unpatch_model(model)
+    base = model(ids).logits
+    kvq.patch_model_with_int8_kv_cache(model)
+    torch.testing.assert_close(model(ids, use_cache=False).logits, base, atol=1e-4, rtol=1e-4)
+    kvq.unpatch_model(model)
+    assert model.config._attn_implementation != "kvq"
+
+
+def test_unsupported_raise_before_any_change():
+    model = make("llama", head_dim=32)  # head_dim 32 is not supported by kvq
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match="head_dim 32"):
+        kvq.patch_model_with_int8_kv_cache(model)
+    with pytest.raises(ValueError, match="head_dim 32"):
+        kvq.KVQCache(model.config, kv_type="q8")
+    assert model.config._attn_implementation == impl and not getattr(model, "_is_kv_quant_patched", False)
+    model64 = make("llama").to(torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        kvq.patch_model_with_int8_kv_cache(model64)
+    assert model64.config._attn_implementation == impl
+    with pytest.raises(ValueError, match="unknown kv type"):
+        kvq.KVQCache(make("llama").config, kv_type="q5")
+    # a cache of the wrong dtype fails at its first update, before anything is stored
+    cache = kvq.KVQCache(model64.config, kv_type="q8")
+    with pytest.raises(TypeError, match="float64"):
+        cache.update(torch.zeros(1, 2, 3, 64, dtype=torch.float64), torch.zeros(1, 2, 3, 64, dtype=torch.float64), 0)
+    assert cache.get_seq_length() == 0
