@@ -186,6 +186,7 @@ AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0
             if (grouped && j / b->G != cur_group) { /* q' = q * scale, qm = q . min for this key group */
                 cur_group = j / b->G;
                 const uint16_t *sm = b->par + (size_t)cur_group * 2 * D;
+                #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     __m256 am = _mm256_setzero_ps();
                     for (int c = 0; c < D; c += 8) {
@@ -204,10 +205,12 @@ AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0
             const bool pair = i + 1 < m && (!grouped || (j + 1) / b->G == cur_group);
             const uint8_t *row0 = b->data + (size_t)j * b->stride, *row1 = row0 + b->stride;
             __m256 a0[KVQ_FUSED_ROWS], a1[KVQ_FUSED_ROWS];
+            #pragma GCC unroll 8
             for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
             if (pair) {
                 for (int c = 0; c < D; c += 8) {
                     __m256 x0 = raw8(T, row0, c), x1 = raw8(T, row1, c);
+                    #pragma GCC unroll 8
                     for (int r = 0; r < R; r++) {
                         __m256 qv = _mm256_loadu_ps(qq + (size_t)r * D + c);
                         a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
@@ -217,14 +220,17 @@ AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0
             } else {
                 for (int c = 0; c < D; c += 16) { /* D is a multiple of 16: split chains over even/odd chunks */
                     __m256 x0 = raw8(T, row0, c), x1 = raw8(T, row0, c + 8);
+                    #pragma GCC unroll 8
                     for (int r = 0; r < R; r++) {
                         a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + (size_t)r * D + c), x0, a0[r]);
                         a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + (size_t)r * D + c + 8), x1, a1[r]);
                     }
                 }
+                #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) a0[r] = _mm256_add_ps(a0[r], a1[r]);
             }
             for (int t = 0; t < (pair ? 2 : 1); t++)
+                #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     __m256 a = t ? a1[r] : a0[r];
                     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -250,6 +256,7 @@ AI void value_accum_impl(const kvq_type T, const int R, const kvq__blk *b, int j
             const uint16_t *sm = b->par + (size_t)j * ng * 2;
             for (int g = 0; g < ng; g++) {
                 float sc = _cvtsh_ss(sm[2 * g]), mn = _cvtsh_ss(sm[2 * g + 1]);
+                #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     float pr = p[(size_t)r * ps + i];
                     coef[g][r][i] = pr * sc;
@@ -258,6 +265,7 @@ AI void value_accum_impl(const kvq_type T, const int R, const kvq__blk *b, int j
             }
         } else {
             float sc = tok_scale(T, b, j);
+            #pragma GCC unroll 8
             for (int r = 0; r < R; r++) coef[0][r][i] = p[(size_t)r * ps + i] * sc;
         }
     }
@@ -266,18 +274,25 @@ AI void value_accum_impl(const kvq_type T, const int R, const kvq__blk *b, int j
     for (int c = 0; c < D; c += 8 * W) {
         int g = grouped ? c / b->Gv : 0; /* Gv >= 16, so both chunks share the group */
         __m256 acc[KVQ_FUSED_ROWS][2];
+        #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
+            #pragma GCC unroll 8
             for (int u = 0; u < W; u++) acc[r][u] = _mm256_loadu_ps(accbuf + (size_t)r * D + c + 8 * u);
         const uint8_t *row = b->data + (size_t)j0 * b->stride;
         for (int i = 0; i < n; i++, row += b->stride) {
             __m256 x[2];
+            #pragma GCC unroll 8
             for (int u = 0; u < W; u++) x[u] = raw8(T, row, c + 8 * u);
+            #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 __m256 cf = _mm256_broadcast_ss(&coef[g][r][i]);
+                #pragma GCC unroll 8
                 for (int u = 0; u < W; u++) acc[r][u] = _mm256_fmadd_ps(cf, x[u], acc[r][u]);
             }
         }
+        #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
+            #pragma GCC unroll 8
             for (int u = 0; u < W; u++) {
                 __m256 a = acc[r][u];
                 if (grouped) a = _mm256_add_ps(a, _mm256_set1_ps(minacc[r][g]));
@@ -334,6 +349,7 @@ static inline float hmax_ps(__m256 a) {
 static void quantize_rows16(kvq_type T, const float *src, int R, int D, int16_t *dst, float *scale) {
     const int C = int_chunk(T), NX = C / 16;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
         const float *x = src + (size_t)r * D;
         __m256 mx = _mm256_setzero_ps();
@@ -342,6 +358,7 @@ static void quantize_rows16(kvq_type T, const float *src, int R, int D, int16_t 
         __m256 inv = _mm256_set1_ps(1.0f / sc);
         scale[r] = sc;
         for (int c = 0; c < D; c += C)
+            #pragma GCC unroll 8
             for (int u = 0; u < NX; u++) {
                 int A = c + 8 * u, B = A + C / 2;
                 __m256i ia = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + A), inv));
@@ -362,6 +379,7 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const kvq__blk *b, in
         if (grouped && (!st->valid || st->par != b->par || st->group != j / b->G)) {
             /* q' = q * scale and qm = q . min for this key group, quantized once per group */
             const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
+            #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 __m256 am = _mm256_setzero_ps();
                 for (int c = 0; c < D; c += 8) {
@@ -381,17 +399,21 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const kvq__blk *b, in
         /* integer adds have 1-cycle latency: one token at a time keeps every vector in a register */
         const uint8_t *row = b->data + (size_t)j * b->stride;
         __m256i acc[4];
+        #pragma GCC unroll 8
         for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
         for (int c = 0; c < D; c += C) {
             __m256i x[4];
             unpack_chunk(T, row, c, x);
+            #pragma GCC unroll 8
             for (int u = 0; u < NX; u++)
+                #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     __m256i qv = _mm256_load_si256((const __m256i *)(const void *)(st->q16 + (size_t)r * D + c + 16 * u));
                     acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(qv, x[u]));
                 }
         }
         float ts = tok_scale(T, b, j);
+        #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
             s[(size_t)r * ss + i] = hsum_epi32_ps(acc[r]) * st->qs[r] * ts + (grouped ? st->qm[r] : 0.0f);
     }
@@ -418,6 +440,7 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
             _mm256_store_ps(scl + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(hs + i))));
             _mm256_store_ps(mnv + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(hm + i))));
         }
+        #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const float *pr = p + (size_t)r * ps;
             float cf[64 + 8] __attribute__((aligned(32)));
@@ -448,8 +471,10 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
     }
     for (int c = 0; c < D; c += C) {
         int g = grouped ? c / b->Gv : 0; /* Gv is a multiple of C: the chunk lies in one group */
+        #pragma GCC unroll 8
         for (int u = 0; u < NX; u++) { /* one unpacked vector at a time: 2R accumulators stay in registers */
             __m256i alo[4], ahi[4];
+            #pragma GCC unroll 8
             for (int r = 0; r < R; r++) alo[r] = ahi[r] = _mm256_setzero_si256();
             const uint8_t *row = b->data + (size_t)j0 * b->stride;
             for (int i = 0; i < n; i += 2, row += 2 * b->stride) {
@@ -459,6 +484,7 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
                 else x1[u] = _mm256_setzero_si256();
                 /* (token i, token i+1) pairs of each channel, against the pair of their weights */
                 __m256i plo = _mm256_unpacklo_epi16(x0[u], x1[u]), phi = _mm256_unpackhi_epi16(x0[u], x1[u]);
+                #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     int32_t pairw;
                     memcpy(&pairw, &c16[g][r][i], 4);
@@ -468,6 +494,7 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
                 }
             }
             /* alo lanes: channels A+0..3 | B+0..3; ahi: A+4..7 | B+4..7 */
+            #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 int A = c + 8 * u, B = A + C / 2;
                 float *o = accbuf + (size_t)r * D;
@@ -481,6 +508,7 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
         }
     }
     if (grouped)
+        #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
             for (int c = 0; c < D; c += 8)
                 _mm256_storeu_ps(accbuf + (size_t)r * D + c, _mm256_add_ps(_mm256_loadu_ps(accbuf + (size_t)r * D + c),
