@@ -11,42 +11,9 @@
 /* ---- scalar reference kernels ---- */
 
 static void decode_ref(const kvq__blk *b, int j0, int n, float *out) {
-    const int D = b->D;
-    for (int i = 0; i < n; i++) {
-        int j = j0 + i;
-        const uint8_t *row = b->data + (size_t)j * b->stride;
-        float *o = out + (size_t)i * D;
-        if (b->type == KVQ_TYPE_F16) {
-            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(((const uint16_t *)(const void *)row)[c]);
-            continue;
-        }
-        int bits = kvq_type_get_traits(b->type)->bits;
-        switch (b->type) {
-        case KVQ_TYPE_BF16:
-            for (int c = 0; c < D; c++) o[c] = kvq__bf16_to_f32(((const uint16_t *)(const void *)row)[c]);
-            break;
-        case KVQ_TYPE_Q8:
-            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(b->par[j]) * (float)(int8_t)row[c];
-            break;
-        case KVQ_TYPE_FP8:
-            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(b->par[j]) * kvq__e4m3_table[row[c]];
-            break;
-        default: {
-            int per = 8 / bits, mask = (1 << bits) - 1;
-            for (int c = 0; c < D; c++) {
-                float q = (float)((row[c / per] >> ((c % per) * bits)) & mask), s, m;
-                if (b->role == KVQ_KEY) {
-                    const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
-                    s = kvq__f16_to_f32(sm[c]), m = kvq__f16_to_f32(sm[D + c]);
-                } else {
-                    const uint16_t *sm = b->par + (size_t)j * (D / b->Gv) * 2 + 2 * (c / b->Gv);
-                    s = kvq__f16_to_f32(sm[0]), m = kvq__f16_to_f32(sm[1]);
-                }
-                o[c] = s * q + m;
-            }
-        }
-        }
-    }
+    for (int i = 0; i < n; i++)
+        kvq__dequant_row(b->type, b->role, b->data + (size_t)(j0 + i) * b->stride, b->par, j0 + i, b->D, b->G, b->Gv,
+                         out + (size_t)i * b->D);
 }
 
 static void dots_ref(const float *q, int rows, int D, const float *x, int n, float *s, int ss) {

@@ -88,6 +88,9 @@ void kvq__quant_row(kvq_type t, kvq_role role, const float *x, int D, int value_
 /* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]. */
 void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *rows, size_t row_bytes,
                           uint16_t *scale_min);
+/* Dequantize row j of a block whose params start at `par` (NULL for F16/BF16) into o[0..D). */
+void kvq__dequant_row(kvq_type t, kvq_role role, const uint8_t *row, const uint16_t *par, int j, int D, int G, int Gv,
+                      float *o);
 /* Dequantize rows [t0, t1) of a block (page slot indices) into out[(t - t0) * out_stride + c]. */
 void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int t0, int t1,
                         float *out, size_t out_stride);

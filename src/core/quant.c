@@ -116,49 +116,49 @@ void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *row
     }
 }
 
+void kvq__dequant_row(kvq_type t, kvq_role role, const uint8_t *row, const uint16_t *par, int j, int D, int G, int Gv,
+                      float *o) {
+    switch (t) {
+    case KVQ_TYPE_F16:
+        for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(((const uint16_t *)(const void *)row)[c]);
+        break;
+    case KVQ_TYPE_BF16:
+        for (int c = 0; c < D; c++) o[c] = kvq__bf16_to_f32(((const uint16_t *)(const void *)row)[c]);
+        break;
+    case KVQ_TYPE_Q8: {
+        float s = kvq__f16_to_f32(par[j]);
+        for (int c = 0; c < D; c++) o[c] = s * (float)(int8_t)row[c];
+        break;
+    }
+    case KVQ_TYPE_FP8: {
+        float s = kvq__f16_to_f32(par[j]);
+        for (int c = 0; c < D; c++) o[c] = s * kvq__e4m3_table[row[c]];
+        break;
+    }
+    case KVQ_TYPE_Q4:
+    case KVQ_TYPE_Q2: {
+        int b = kvq_type_get_traits(t)->bits;
+        if (role == KVQ_KEY) {
+            const uint16_t *sm = par + (size_t)(j / G) * 2 * D;
+            for (int c = 0; c < D; c++)
+                o[c] = kvq__f16_to_f32(sm[c]) * (float)get_bits(row, c, b) + kvq__f16_to_f32(sm[D + c]);
+        } else {
+            const uint16_t *sm = par + (size_t)j * (D / Gv) * 2;
+            for (int c = 0; c < D; c++)
+                o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * (float)get_bits(row, c, b) + kvq__f16_to_f32(sm[2 * (c / Gv) + 1]);
+        }
+        break;
+    }
+    default: break;
+    }
+}
+
 void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int t0, int t1,
                         float *out, size_t out_stride) {
     kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
     size_t rb = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
-    int D = L->head_dim, P = L->page_tokens;
-    const uint16_t *par = kvq__block_params(block, rb, P);
-    for (int i = t0; i < t1; i++) {
-        const uint8_t *row = block + (size_t)i * rb;
-        float *o = out + (size_t)(i - t0) * out_stride;
-        switch (t) {
-        case KVQ_TYPE_F16:
-            for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(((const uint16_t *)(const void *)row)[c]);
-            break;
-        case KVQ_TYPE_BF16:
-            for (int c = 0; c < D; c++) o[c] = kvq__bf16_to_f32(((const uint16_t *)(const void *)row)[c]);
-            break;
-        case KVQ_TYPE_Q8: {
-            float s = kvq__f16_to_f32(par[i]);
-            for (int c = 0; c < D; c++) o[c] = s * (float)(int8_t)row[c];
-            break;
-        }
-        case KVQ_TYPE_FP8: {
-            float s = kvq__f16_to_f32(par[i]);
-            for (int c = 0; c < D; c++) o[c] = s * kvq__e4m3_table[row[c]];
-            break;
-        }
-        case KVQ_TYPE_Q4:
-        case KVQ_TYPE_Q2: {
-            int b = kvq_type_get_traits(t)->bits;
-            if (role == KVQ_KEY) {
-                const uint16_t *sm = par + (size_t)(i / L->group) * 2 * D;
-                for (int c = 0; c < D; c++)
-                    o[c] = kvq__f16_to_f32(sm[c]) * (float)get_bits(row, c, b) + kvq__f16_to_f32(sm[D + c]);
-            } else {
-                int Gv = L->value_group;
-                const uint16_t *sm = par + (size_t)i * (D / Gv) * 2;
-                for (int c = 0; c < D; c++)
-                    o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * (float)get_bits(row, c, b) +
-                           kvq__f16_to_f32(sm[2 * (c / Gv) + 1]);
-            }
-            break;
-        }
-        default: break;
-        }
-    }
+    const uint16_t *par = kvq__block_params(block, rb, L->page_tokens);
+    for (int i = t0; i < t1; i++)
+        kvq__dequant_row(t, role, block + (size_t)i * rb, par, i, L->head_dim, L->group, L->value_group,
+                         out + (size_t)(i - t0) * out_stride);
 }
