@@ -117,7 +117,7 @@ def kv_bytes(cache, method):
 def kvq_device_bytes(cache):
     tot = 0
     for g in cache._groups:
-        if g.handle is not None and hasattr(g.handle, "stats") and cache.is_cuda:
+        if g.handle is not None and cache.is_cuda:
             st = g.handle.stats()
             tot += st["arena_bytes"] + st["window_bytes"] + st["table_bytes"] + st["workspace_bytes"]
     return tot

@@ -155,12 +155,12 @@ class KVQCache(Cache):
         self.layer_types_per_layer = _parse_types(kv_type, value_type, n_layers)
         for tk, tv in self.layer_types_per_layer:  # validates the head dim / types now, before anything happens
             N.page_layout(tk, tv, n_kv, head_dim, 64, group)
-        self.max_cache_len = int(max_cache_len)
-        self.max_batch_size = max_batch_size
-        self.arena_bytes = arena_bytes
-        self.residual = residual
-        self.group = group
-        self.n_threads = n_threads
+        self.kvq_max_len = int(max_cache_len)
+        self.kvq_max_batch = max_batch_size
+        self.kvq_arena_bytes = arena_bytes
+        self.kvq_residual = residual
+        self.kvq_group = group
+        self.kvq_n_threads = n_threads
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
             groups.setdefault(t, []).append(i)
@@ -169,16 +169,20 @@ class KVQCache(Cache):
         for g in self._groups:
             for li in g.layers:
                 self._group_of[li] = g
-        self.device = None
-        self.batch = 0
+        self._device = None
+        self.kvq_batch = 0
         self._mask_memo = None
         layers = [KVQLayer(self, i, lt != "full_attention") for i, lt in enumerate(layer_types)]
         super().__init__(layers=layers)
 
     # ---------------------------------------------------------------------------------------------------------
     @property
+    def device(self):
+        return self._device
+
+    @property
     def is_cuda(self) -> bool:
-        return self.device is not None and self.device.type == "cuda"
+        return self._device is not None and self._device.type == "cuda"
 
     @property
     def fused(self) -> bool:
@@ -187,14 +191,14 @@ class KVQCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return self.device is not None
+        return self._device is not None
 
     @property
     def batch_size(self) -> int:
-        return self.batch if self.device is not None else -1
+        return self.kvq_batch if self._device is not None else -1
 
     def _lazy_init(self, key_states: torch.Tensor):
-        if self.device is not None:
+        if self._device is not None:
             return
         if key_states.dim() != 4:
             raise ValueError(f"kvq: expected key states [batch, heads, tokens, head_dim], got {tuple(key_states.shape)}")
@@ -205,7 +209,7 @@ class KVQCache(Cache):
         if key_states.dtype not in _TORCH_DTYPES:
             raise TypeError(f"kvq: dtype {key_states.dtype} is not supported (float32, float16, bfloat16)")
         dev = key_states.device
-        nb = int(self.max_batch_size or B)
+        nb = int(self.kvq_max_batch or B)
         if B > nb:
             raise ValueError(f"kvq: batch {B} exceeds max_batch_size {nb}")
         if dev.type == "cuda":
@@ -220,7 +224,7 @@ class KVQCache(Cache):
                                  f"({N.CUDA_HEAD_DIMS})")
             if self.n_q_heads // self.n_kv_heads > 8:
                 raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
-            if self.group not in (0, 64):
+            if self.kvq_group not in (0, 64):
                 raise ValueError("kvq: the CUDA backend supports group 64 only")
             for g in self._groups:
                 if g.types[0] != g.types[1]:
@@ -231,16 +235,16 @@ class KVQCache(Cache):
         try:
             for g in self._groups:
                 nl = len(g.layers)
-                ab = self.arena_bytes or N.arena_bytes_for(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1],
-                                                           self.max_cache_len, nb, 64, self.group)
+                ab = self.kvq_arena_bytes or N.arena_bytes_for(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1],
+                                                           self.kvq_max_len, nb, 64, self.kvq_group)
                 if dev.type == "cuda":
                     h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
-                                    residual=self.residual, max_seqs=2 * nb + 8,
+                                    residual=self.kvq_residual, max_seqs=2 * nb + 8,
                                     device=dev.index if dev.index is not None else torch.cuda.current_device(),
-                                    max_seq_tokens=self.max_cache_len + 64)
+                                    max_seq_tokens=self.kvq_max_len + 64)
                 else:
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
-                                residual=self.residual, group=self.group, max_seqs=2 * nb + 8, n_threads=self.n_threads)
+                                residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8, n_threads=self.kvq_n_threads)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]
                 g.handle, g.seqs = h, seqs
@@ -248,13 +252,13 @@ class KVQCache(Cache):
             for g in self._groups:
                 g.handle, g.seqs = None, []
             raise
-        self.device, self.batch, self.dtype = dev, B, key_states.dtype
+        self._device, self.kvq_batch, self._dtype = dev, B, key_states.dtype
 
     # ---------------------------------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         self._lazy_init(key_states)
-        if key_states.shape[0] != self.batch:
-            raise ValueError(f"kvq: batch {key_states.shape[0]} differs from the cache's {self.batch}")
+        if key_states.shape[0] != self.kvq_batch:
+            raise ValueError(f"kvq: batch {key_states.shape[0]} differs from the cache's {self.kvq_batch}")
         layer = self.layers[layer_idx]
         q = key_states.shape[2]
         past = layer.hf_len
@@ -269,10 +273,10 @@ class KVQCache(Cache):
         li = g.local[layer_idx]
         k = key_states.transpose(1, 2).contiguous()
         v = value_states.transpose(1, 2).contiguous()
-        g.handle.append_ptr(li, g.seqs, [q] * self.batch, _TORCH_DTYPES[k.dtype], k.data_ptr(), v.data_ptr())
+        g.handle.append_ptr(li, g.seqs, [q] * self.kvq_batch, _TORCH_DTYPES[k.dtype], k.data_ptr(), v.data_ptr())
         layer.hf_len = past + q
         L = layer.hf_len
-        ko = torch.empty((self.batch, L, self.n_kv_heads, self.head_dim), dtype=torch.float32)
+        ko = torch.empty((self.kvq_batch, L, self.n_kv_heads, self.head_dim), dtype=torch.float32)
         vo = torch.empty_like(ko)
         for b, s in enumerate(g.seqs):
             n = g.handle.seq_length(s, li)
@@ -286,8 +290,8 @@ class KVQCache(Cache):
         (to load a context computed elsewhere, or fill a cache in benchmarks). All tokens count as real."""
         self._lazy_init(key_states)
         B, _, q, _ = key_states.shape
-        if B != self.batch:
-            raise ValueError(f"kvq: batch {B} differs from the cache's {self.batch}")
+        if B != self.kvq_batch:
+            raise ValueError(f"kvq: batch {B} differs from the cache's {self.kvq_batch}")
         g = self._group_of[layer_idx]
         k = key_states.transpose(1, 2).contiguous()
         v = value_states.transpose(1, 2).contiguous()
@@ -414,9 +418,9 @@ class KVQCache(Cache):
     def _remap(self, src_rows: list[int]):
         """New row i = old row src_rows[i] (beam reorder, select, repeat): the first user of an old sequence keeps
         it, the others fork it (pages shared, copy on write); old sequences nobody uses are freed."""
-        if self.device is None:
+        if self._device is None:
             return
-        if src_rows == list(range(self.batch)):
+        if src_rows == list(range(self.kvq_batch)):
             return
         if self.is_cuda:
             raise NotImplementedError("kvq: reordering/duplicating sequences (beam search) needs kvq_cuda_seq_fork, "
@@ -440,14 +444,14 @@ class KVQCache(Cache):
                 if s not in used:
                     g.handle.seq_free(s)
             g.seqs = new
-        self.batch = len(src_rows)
+        self.kvq_batch = len(src_rows)
         self._mask_memo = None
 
     def reorder_cache(self, beam_idx):
         self._remap([int(i) for i in beam_idx.tolist()])
 
     def batch_repeat_interleave(self, repeats: int):
-        self._remap([b for b in range(self.batch) for _ in range(repeats)])
+        self._remap([b for b in range(self.kvq_batch) for _ in range(repeats)])
 
     def batch_select_indices(self, indices):
         idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
@@ -458,7 +462,7 @@ class KVQCache(Cache):
     def crop(self, tokens_to_remove: int):
         hf_len = max(layer.hf_len for layer in self.layers)
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, hf_len - tokens_to_remove)
-        if remove == 0 or self.device is None:
+        if remove == 0 or self._device is None:
             return
         if self.is_cuda:
             raise NotImplementedError("kvq: crop needs kvq_cuda_seq_truncate, which the CUDA backend does not have")
@@ -479,7 +483,7 @@ class KVQCache(Cache):
             g.handle, g.seqs = None, []
         for layer in self.layers:
             layer.hf_len = 0
-        self.device, self.batch, self._mask_memo = None, 0, None
+        self._device, self.kvq_batch, self._mask_memo = None, 0, None
 
     # ---------------------------------------------------------------------------------------------------------
     def kv_bytes(self) -> dict:
@@ -505,7 +509,7 @@ class KVQCache(Cache):
 
     def __repr__(self):
         names = sorted({f"{N.type_name(tk)}/{N.type_name(tv)}" for tk, tv in self.layer_types_per_layer})
-        return f"KVQCache(types={names}, layers={self.n_layers}, batch={self.batch}, device={self.device})"
+        return f"KVQCache(types={names}, layers={self.n_layers}, batch={self.kvq_batch}, device={self._device})"
 
 
 # -------------------------------------------------------------------------------------------------------------
