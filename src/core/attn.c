@@ -31,13 +31,19 @@ static void axpys_ref(const float *p, int ps, int rows, int D, const float *x, i
             for (int c = 0; c < D; c++) acc[(size_t)r * D + c] += p[(size_t)r * ps + i] * x[(size_t)i * D + c];
 }
 
+static float max_ref(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 static float exp_sum_ref(float *x, int n, float m) {
     float sum = 0;
     for (int i = 0; i < n; i++) sum += (x[i] = expf(x[i] - m));
     return sum;
 }
 
-const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, NULL, NULL};
+const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, NULL, NULL};
 
 static const kvq__kernels *pick_kernels(void) {
     const char *e = getenv("KVQ_FORCE_SCALAR");
@@ -115,18 +121,19 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
         }
         int64_t t_first = tok0 + a;
         for (int r = 0; r < rows; r++) {
-            float *s = sc->s + (size_t)r * SEG, mx = -INFINITY;
-            int64_t pos = w->pos[r];
-            for (int i = 0; i < n; i++) {
-                int64_t t = t_first + i;
-                if (p->softcap > 0) s[i] = p->softcap * tanhf(s[i] / p->softcap);
-                if (t > pos || (p->window > 0 && t <= pos - p->window)) s[i] = -INFINITY;
-                mx = s[i] > mx ? s[i] : mx;
-            }
-            if (mx == -INFINITY) { /* nothing visible to this row here */
+            float *s = sc->s + (size_t)r * SEG;
+            /* visible tokens of this segment: t <= pos, and t > pos - window with a window */
+            int64_t pos = w->pos[r], hi = pos - t_first + 1, lo = p->window > 0 ? pos - p->window + 1 - t_first : 0;
+            int ihi = hi < 0 ? 0 : hi > n ? n : (int)hi, ilo = lo < 0 ? 0 : lo > ihi ? ihi : (int)lo;
+            if (ilo == ihi) { /* nothing visible to this row here */
                 for (int i = 0; i < n; i++) s[i] = 0;
                 continue;
             }
+            if (p->softcap > 0)
+                for (int i = ilo; i < ihi; i++) s[i] = p->softcap * tanhf(s[i] / p->softcap);
+            for (int i = 0; i < ilo; i++) s[i] = -INFINITY;
+            for (int i = ihi; i < n; i++) s[i] = -INFINITY;
+            float mx = K->max(s + ilo, ihi - ilo);
             float mnew = mx > w->m[r] ? mx : w->m[r];
             float corr = w->m[r] == -INFINITY ? 0.0f : expf(w->m[r] - mnew);
             float sum = K->exp_sum(s, n, mnew);

@@ -584,8 +584,20 @@ static void value_accum_avx2(const kvq__blk *b, int j0, int n, const float *p, i
 #undef VA
 }
 
-static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, key_scores_avx2,
-                                  value_accum_avx2};
+static float max_avx2(const float *x, int n) {
+    float m = x[0];
+    int i = 0;
+    if (n >= 8) {
+        __m256 v = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
+        m = hmax_ps(v);
+    }
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2,
+                                  key_scores_avx2, value_accum_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
     __builtin_cpu_init();
