@@ -331,13 +331,6 @@ AI void unpack_chunk(const kvq_type T, const uint8_t *row, int c, __m256i *v) {
     v[2] = _mm256_unpacklo_epi32(h01, h23), v[3] = _mm256_unpackhi_epi32(h01, h23);
 }
 
-static inline float hsum_epi32_ps(__m256i a) {
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-    h = _mm_hadd_epi32(h, h);
-    h = _mm_hadd_epi32(h, h);
-    return (float)_mm_cvtsi128_si32(h);
-}
-
 static inline float hmax_ps(__m256 a) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -369,13 +362,21 @@ static void quantize_rows16(kvq_type T, const float *src, int R, int D, int16_t 
     }
 }
 
+/* the 8 horizontal sums of a[0..7], in order */
+static inline __m256i hsum8_epi32(const __m256i *a) {
+    __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
+    __m256i b2 = _mm256_hadd_epi32(a[4], a[5]), b3 = _mm256_hadd_epi32(a[6], a[7]);
+    __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
+}
+
 AI void key_scores_int_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *q, float *s,
                             int ss, kvq__qstate *st) {
     const int D = b->D, C = int_chunk(T), NX = C / 16;
     const bool grouped = T != KVQ_TYPE_Q8;
     if (!grouped && !st->valid) quantize_rows16(T, q, R, D, st->q16, st->qs), st->valid = 1;
-    for (int i = 0; i < n; i++) {
-        int j = j0 + i;
+    for (int i0 = 0; i0 < n;) {
+        int j = j0 + i0;
         if (grouped && (!st->valid || st->par != b->par || st->group != j / b->G)) {
             /* q' = q * scale and qm = q . min for this key group, quantized once per group */
             const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
@@ -396,26 +397,47 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const kvq__blk *b, in
             quantize_rows16(T, st->qg, R, D, st->q16, st->qs);
             st->valid = 1, st->par = b->par, st->group = j / b->G;
         }
-        /* integer adds have 1-cycle latency: one token at a time keeps every vector in a register */
-        const uint8_t *row = b->data + (size_t)j * b->stride;
-        __m256i acc[4];
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
-        for (int c = 0; c < D; c += C) {
-            __m256i x[4];
-            unpack_chunk(T, row, c, x);
+        /* up to 8 tokens of one key group; their scores are reduced together (transposed sums) */
+        int m = n - i0 < 8 ? n - i0 : 8;
+        if (grouped && (j + m - 1) / b->G != st->group) m = (st->group + 1) * b->G - j;
+        __m256i part[4][8];
+        for (int t = 0; t < 8; t++) {
+            __m256i acc[4];
             #pragma GCC unroll 8
-            for (int u = 0; u < NX; u++)
-                #pragma GCC unroll 8
-                for (int r = 0; r < R; r++) {
-                    __m256i qv = _mm256_load_si256((const __m256i *)(const void *)(st->q16 + (size_t)r * D + c + 16 * u));
-                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(qv, x[u]));
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+            if (t < m) {
+                /* integer adds have 1-cycle latency: one token at a time keeps every vector in a register */
+                const uint8_t *row = b->data + (size_t)(j + t) * b->stride;
+                for (int c = 0; c < D; c += C) {
+                    __m256i x[4];
+                    unpack_chunk(T, row, c, x);
+                    #pragma GCC unroll 8
+                    for (int u = 0; u < NX; u++)
+                        #pragma GCC unroll 8
+                        for (int r = 0; r < R; r++) {
+                            __m256i qv = _mm256_load_si256((const __m256i *)(const void *)(st->q16 + (size_t)r * D + c + 16 * u));
+                            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(qv, x[u]));
+                        }
                 }
+            }
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++) part[r][t] = acc[r];
         }
-        float ts = tok_scale(T, b, j);
+        __m256 ts = _mm256_set1_ps(1.0f);
+        if (!grouped) {
+            uint16_t h[8] = {0};
+            memcpy(h, b->par + j, (size_t)m * 2);
+            ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)h));
+        }
         #pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-            s[(size_t)r * ss + i] = hsum_epi32_ps(acc[r]) * st->qs[r] * ts + (grouped ? st->qm[r] : 0.0f);
+        for (int r = 0; r < R; r++) {
+            __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(part[r])), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
+            sc = _mm256_add_ps(sc, _mm256_set1_ps(grouped ? st->qm[r] : 0.0f));
+            float o8[8];
+            _mm256_storeu_ps(o8, sc);
+            memcpy(s + (size_t)r * ss + i0, o8, (size_t)m * sizeof(float));
+        }
+        i0 += m;
     }
 }
 
