@@ -99,62 +99,69 @@ static int bench_cpu(int argc, char **argv) {
     fprintf(csv, "ctx,type,ms_per_step,kv_bytes_read,gb_per_s,speedup_vs_f16\n");
     fprintf(md, "# CPU decode attention\n\nMade by `kvq-bench cpu` (`build/bench/kvq-bench cpu`). Llama-3-8B attention "
                 "shapes: 32 query heads, 8 KV heads, head dim 128, batch 1, one layer. Kernels: %s. Median of %d runs, "
-                "caches flushed (96 MiB written) before each run. \"KV MB read\" counts the page bytes (data, scales, "
+                "caches flushed (96 MiB written) before each run, the types' runs interleaved. \"KV MB read\" counts the page bytes (data, scales, "
                 "mins) and the fp16 residual window that one step reads. \"vs F16\" is the F16 time over this type's "
                 "time, same run.\n\n| ctx | type | ms/step | KV MB read | GB/s | speedup vs F16 |\n|---:|---|---:|---:|---:|---:|\n",
             kvq_cpu_backend(), runs);
     for (int ci = 0; ci < nctx; ci++) {
         int64_t T = ctxs[ci];
-        double f16_ms = 0;
+        /* every type's cache is filled first and the runs are interleaved (type 1, type 2, ..., type 1, ...), so that
+         * a slow phase of the machine hits all types alike and the ratios stay meaningful */
+        kvq_cache *caches[KVQ_TYPE_COUNT];
+        int32_t seqs[KVQ_TYPE_COUNT];
+        double bytes[KVQ_TYPE_COUNT], *ms = malloc((size_t)runs * ntypes * sizeof *ms);
         for (int ti = 0; ti < ntypes; ti++) {
             kvq_cache_config cfg = kvq_cache_config_default();
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = types[ti], cfg.type_v = types[ti];
             cfg.n_threads = threads;
             kvq_page_layout L;
-            cfg.arena_bytes = 1;
             kvq_page_layout_make(types[ti], types[ti], H, D, 0, 0, &L);
             cfg.arena_bytes = (size_t)((T + 2 * 64) / L.page_tokens + 2) * L.page_bytes;
-            kvq_cache *c;
-            int32_t seq;
-            if (kvq_cache_create(&cfg, &c) || kvq_seq_new(c, &seq)) {
+            if (kvq_cache_create(&cfg, &caches[ti]) || kvq_seq_new(caches[ti], &seqs[ti])) {
                 fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
                 return 1;
             }
             for (int64_t t = 0; t < T; t += (int64_t)chunk_tokens) {
                 int32_t n = (int32_t)(T - t < (int64_t)chunk_tokens ? T - t : (int64_t)chunk_tokens);
-                if (kvq_append(c, 0, 1, &seq, &n, KVQ_DTYPE_F32, k, v)) {
+                if (kvq_append(caches[ti], 0, 1, &seqs[ti], &n, KVQ_DTYPE_F32, k, v)) {
                     fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
                     return 1;
                 }
             }
             kvq_seq_view view;
-            kvq_seq_view_get(c, seq, 0, &view);
-            double bytes = (double)view.paged_tokens / L.page_tokens * L.page_bytes +
-                           (double)view.window_tokens * row * 2 * 2;
-            kvq_attn_params ap = kvq_attn_params_default(NQH);
-            double *ms = malloc((size_t)runs * sizeof *ms);
-            for (int w = 0; w < 2; w++) kvq_attn_decode(c, 0, 1, &seq, q, o, &ap);
-            for (int r = 0; r < runs; r++) {
+            kvq_seq_view_get(caches[ti], seqs[ti], 0, &view);
+            bytes[ti] = (double)view.paged_tokens / L.page_tokens * L.page_bytes + (double)view.window_tokens * row * 2 * 2;
+        }
+        kvq_attn_params ap = kvq_attn_params_default(NQH);
+        for (int ti = 0; ti < ntypes; ti++)
+            for (int w = 0; w < 2; w++) kvq_attn_decode(caches[ti], 0, 1, &seqs[ti], q, o, &ap);
+        for (int r = 0; r < runs; r++)
+            for (int ti = 0; ti < ntypes; ti++) {
                 if (flush_between) flush_caches(flush, flush_n);
                 double t0 = now_ms();
-                kvq_attn_decode(c, 0, 1, &seq, q, o, &ap);
-                ms[r] = now_ms() - t0;
+                kvq_attn_decode(caches[ti], 0, 1, &seqs[ti], q, o, &ap);
+                ms[(size_t)ti * runs + r] = now_ms() - t0;
             }
-            qsort(ms, (size_t)runs, sizeof *ms, cmp_double);
-            double med = ms[runs / 2];
-            if (types[ti] == KVQ_TYPE_F16) f16_ms = med;
+        double f16_ms = 0, med[KVQ_TYPE_COUNT];
+        for (int ti = 0; ti < ntypes; ti++) {
+            qsort(ms + (size_t)ti * runs, (size_t)runs, sizeof *ms, cmp_double);
+            med[ti] = ms[(size_t)ti * runs + runs / 2];
+            if (types[ti] == KVQ_TYPE_F16) f16_ms = med[ti];
+        }
+        for (int ti = 0; ti < ntypes; ti++) {
             const char *name = kvq_type_get_traits(types[ti])->name;
             char ratio[32] = "-";
-            if (f16_ms > 0) snprintf(ratio, sizeof ratio, "%.2fx", f16_ms / med);
-            printf("%8lld %6s %10.3f %12.1f %10.2f %12s\n", (long long)T, name, med, bytes / 1e6, bytes / med / 1e6, ratio);
-            fprintf(csv, "%lld,%s,%.4f,%.0f,%.3f,%.4f\n", (long long)T, name, med, bytes, bytes / med / 1e6,
-                    f16_ms > 0 ? f16_ms / med : 0.0);
-            fprintf(md, "| %lld | %s | %.3f | %.1f | %.2f | %s |\n", (long long)T, name, med, bytes / 1e6,
-                    bytes / med / 1e6, ratio);
-            fflush(stdout);
-            free(ms);
-            kvq_cache_free(c);
+            if (f16_ms > 0) snprintf(ratio, sizeof ratio, "%.2fx", f16_ms / med[ti]);
+            printf("%8lld %6s %10.3f %12.1f %10.2f %12s\n", (long long)T, name, med[ti], bytes[ti] / 1e6,
+                   bytes[ti] / med[ti] / 1e6, ratio);
+            fprintf(csv, "%lld,%s,%.4f,%.0f,%.3f,%.4f\n", (long long)T, name, med[ti], bytes[ti], bytes[ti] / med[ti] / 1e6,
+                    f16_ms > 0 ? f16_ms / med[ti] : 0.0);
+            fprintf(md, "| %lld | %s | %.3f | %.1f | %.2f | %s |\n", (long long)T, name, med[ti], bytes[ti] / 1e6,
+                    bytes[ti] / med[ti] / 1e6, ratio);
+            kvq_cache_free(caches[ti]);
         }
+        fflush(stdout);
+        free(ms);
     }
     fprintf(md, "\nBytes per token per head at D=128 (K or V, scales included): ");
     for (int t = 0; t < KVQ_TYPE_COUNT; t++)

@@ -28,7 +28,7 @@ static kvq_status resolve(const kvq_cache_config *in, kvq_cache_config *cfg, kvq
                                         cfg->page_tokens, cfg->group, L);
     if (s) return s;
     bool grouped = L->group > 1;
-    if (cfg->residual == -1) cfg->residual = grouped ? 64 : 0;
+    if (cfg->residual == -1) cfg->residual = grouped ? 128 : 0;
     if (cfg->residual < 0 || cfg->residual > 4096)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "residual %d outside 0..4096 (or -1 for the default)", cfg->residual);
     if (cfg->max_seqs == 0) cfg->max_seqs = 256;

@@ -124,7 +124,7 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     bool grouped = L.group > 1;
     if (grouped && (L.group != GRP || L.value_group != GRP))
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: group %d (the CUDA backend needs 64)", L.group);
-    if (cfg.residual == -1) cfg.residual = grouped ? 64 : 0;
+    if (cfg.residual == -1) cfg.residual = grouped ? 128 : 0; /* same default as the CPU core */
     if (cfg.residual < 0 || cfg.residual > 4096) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: residual %d outside 0..4096", cfg.residual);
     if (cfg.max_seqs == 0) cfg.max_seqs = 256;
     if (cfg.max_seqs < 1 || cfg.max_seqs > 65536) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seqs %d outside 1..65536", cfg.max_seqs);
