@@ -133,7 +133,7 @@ class KVQCache(Cache):
             (allocated once, at the first update); appending beyond it raises kvq.CacheFullError.
         max_batch_size: sequences the arena is sized for (default: the batch size of the first update).
         arena_bytes: size the arena yourself instead (per distinct type).
-        residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (64).
+        residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (128).
         group: key group G of grouped types (16, 32, 64, 128; 0: kvq's default 64; the CUDA backend needs 64).
         n_threads: OpenMP threads of the CPU attention (0: all).
     """
