@@ -99,6 +99,13 @@ KVQ_API const char *kvq_strerror(kvq_status s);
 /* Message of the last failing call on this thread, with the specifics ("append: seq 3 layer 2: 40 pages
  * needed, 12 free"). Empty string if none. Valid until the next kvq call on this thread. */
 KVQ_API const char *kvq_last_error(void);
+/* For code layered on kvq (the GGUF/model library, the CUDA backend, bindings), so that one kvq_last_error() tells
+ * what failed whatever the layer: records a printf-style message for this thread and returns `s`. */
+KVQ_API kvq_status kvq_set_error(kvq_status s, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
 
 /* ---------------------------------------------------------------------------------------------------------
  * 4. Types

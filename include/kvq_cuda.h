@@ -29,8 +29,9 @@
  *
  * 3. Errors
  * - Every call validates its arguments first and returns a negative kvq_status (kvq.h) without changing the cache
- *   on error; the message is readable with kvq_cuda_last_error() (thread-local). A failing CUDA runtime call
- *   gives KVQ_ERR_CUDA with the CUDA error string; a machine without a usable GPU gives KVQ_ERR_NO_DEVICE.
+ *   on error; the message is readable with kvq_last_error() (or its alias kvq_cuda_last_error(); thread-local).
+ *   A failing CUDA runtime call gives KVQ_ERR_CUDA with the CUDA error string; a machine without a usable GPU
+ *   gives KVQ_ERR_NO_DEVICE.
  * - Asynchronous kernel faults surface at the next synchronising CUDA call, as usual in CUDA.
  * - Unlike kvq_append, K/V are NOT checked for NaN/Inf/|x| > 65504 (that would need a synchronisation): the
  *   caller guarantees finite values in the fp16 range; otherwise the results are undefined.

@@ -5,15 +5,18 @@
 
 static _Thread_local char last_error[512];
 
-kvq_status kvq__fail(kvq_status s, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
+static kvq_status kvq_set_error_v(kvq_status s, const char *fmt, va_list ap) {
     vsnprintf(last_error, sizeof last_error, fmt, ap);
-    va_end(ap);
     return s;
 }
 
-void kvq__clear_error(void) { last_error[0] = 0; }
+kvq_status kvq_set_error(kvq_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    kvq_set_error_v(s, fmt, ap);
+    va_end(ap);
+    return s;
+}
 
 const char *kvq_last_error(void) { return last_error; }
 

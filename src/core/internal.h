@@ -10,8 +10,7 @@
 #include <string.h>
 
 /* ---- errors: record a message for kvq_last_error() and return the code ---- */
-kvq_status kvq__fail(kvq_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void kvq__clear_error(void);
+#define kvq__fail kvq_set_error
 #define KVQ_CHECK_NULL(p, fn)                                                                               \
     do {                                                                                                   \
         if (!(p)) return kvq__fail(KVQ_ERR_NULL, "%s: argument '%s' is NULL", fn, #p);                      \

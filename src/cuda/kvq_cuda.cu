@@ -13,14 +13,14 @@
 
 using namespace kvqc;
 
-static thread_local char g_err[512];
-
+/* messages go to libkvq's kvq_last_error(): one place to read whatever layer failed */
 static kvq_status fail(kvq_status s, const char *fmt, ...) {
+    char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(g_err, sizeof g_err, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    return s;
+    return kvq_set_error(s, "%s", msg);
 }
 #define CUDA_TRY(call, what)                                                                                   \
     do {                                                                                                       \
@@ -28,7 +28,7 @@ static kvq_status fail(kvq_status s, const char *fmt, ...) {
         if (e_ != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: %s (%s)", what, cudaGetErrorString(e_), #call); \
     } while (0)
 
-extern "C" const char *kvq_cuda_last_error(void) { return g_err; }
+extern "C" const char *kvq_cuda_last_error(void) { return kvq_last_error(); }
 
 struct SeqLayer {
     std::vector<int32_t> pages;

@@ -3,16 +3,15 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-static _Thread_local char g_msg[512];
+const char *kvqm_last_error(void) { return kvq_last_error(); }
 
-const char *kvqm_last_error(void) { return g_msg; }
-
-void kvqm_clear_error(void) { g_msg[0] = '\0'; }
+void kvqm_clear_error(void) { kvq_set_error(KVQ_OK, "%s", ""); }
 
 kvq_status kvqm_fail(kvq_status st, const char *fmt, ...) {
+    char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(g_msg, sizeof g_msg, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    return st;
+    return kvq_set_error(st, "%s", msg);
 }

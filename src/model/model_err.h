@@ -1,5 +1,5 @@
-/* model_err.h: per-thread error message of the model library (kvq_last_error belongs to libkvq; the model
- * layer keeps its own so that a GGUF or tokenizer failure can say what was wrong). */
+/* model_err.h: errors of the model library. Messages go to libkvq's per-thread kvq_last_error() (kvq_set_error),
+ * so a GGUF, tokenizer or cache failure reads the same way; the kvqm_ names are kept for the model code. */
 #ifndef KVQ_MODEL_ERR_H
 #define KVQ_MODEL_ERR_H
 
