@@ -205,6 +205,9 @@ KVQ_API kvq_cache_config kvq_cache_config_default(void);
 /* Tokens of one sequence that `cfg` would hold, all layers, the residual window not counted; < 0 is a
  * kvq_status if cfg is invalid. Use it to size the arena. */
 KVQ_API int64_t kvq_cache_capacity_tokens(const kvq_cache_config *cfg);
+/* The smallest arena_bytes for which one sequence of n_tokens tokens fits in every layer (cfg->arena_bytes is
+ * ignored; the residual window is heap memory, not counted); 0 if cfg is invalid or n_tokens < 0. */
+KVQ_API size_t kvq_cache_arena_bytes_for(const kvq_cache_config *cfg, int64_t n_tokens);
 
 KVQ_API kvq_status kvq_cache_create(const kvq_cache_config *cfg, kvq_cache **out);
 KVQ_API void kvq_cache_free(kvq_cache *cache);

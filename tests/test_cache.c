@@ -61,6 +61,15 @@ static void test_accounting_fork_truncate(kvq_type t) {
     int64_t total = st.pages_total;
     CHECK(st.pages_free == total && total == (int64_t)((1u << 20) / L.page_bytes), "%s: fresh cache has all pages free", name);
     CHECK(kvq_cache_capacity_tokens(&cfg) == st.capacity_tokens, "%s: capacity agrees", name);
+    /* sizing by token count: exactly enough pages for n tokens in every layer, and capacity says so */
+    for (int64_t want = 1; want <= 1000; want += 333) {
+        kvq_cache_config sized = cfg;
+        sized.arena_bytes = kvq_cache_arena_bytes_for(&cfg, want);
+        int64_t cap = kvq_cache_capacity_tokens(&sized);
+        CHECK(cap >= want && cap < want + L.page_tokens, "%s: arena for %lld tokens holds %lld", name, (long long)want,
+              (long long)cap);
+    }
+    CHECK(kvq_cache_arena_bytes_for(&cfg, -1) == 0 && kvq_cache_arena_bytes_for(NULL, 5) == 0, "%s: bad sizing", name);
 
     const int n = 300;
     float *k = malloc((size_t)n * H * D * 4), *v = malloc((size_t)n * H * D * 4);

@@ -16,8 +16,10 @@ kvq_cache_config kvq_cache_config_default(void) {
     return c;
 }
 
-/* Validates cfg, resolves its defaults and computes the layout and window geometry. */
-static kvq_status resolve(const kvq_cache_config *in, kvq_cache_config *cfg, kvq_page_layout *L, int *W, int *Gf) {
+/* Validates cfg (all but arena_bytes when check_arena is false), resolves its defaults and computes the layout and
+ * window geometry. */
+static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *cfg, kvq_page_layout *L, int *W,
+                                  int *Gf, bool check_arena) {
     KVQ_CHECK_NULL(in, "kvq_cache_config");
     *cfg = *in;
     if (cfg->n_layers < 1 || cfg->n_layers > 4096)
@@ -36,15 +38,30 @@ static kvq_status resolve(const kvq_cache_config *in, kvq_cache_config *cfg, kvq
         return kvq__fail(KVQ_ERR_INVALID_ARG, "max_seqs %d outside 1..65536", cfg->max_seqs);
     if (cfg->n_threads < 0 || cfg->n_threads > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "n_threads %d outside 0..1024", cfg->n_threads);
+    *Gf = L->group;
+    *W = cfg->residual + *Gf;
+    if (!check_arena) return KVQ_OK;
     int64_t pages = (int64_t)(cfg->arena_bytes / L->page_bytes);
     if (pages < cfg->n_layers)
         return kvq__fail(KVQ_ERR_INVALID_ARG,
                          "arena_bytes %zu holds %lld pages of %zu bytes: fewer than one per layer (%d)",
                          cfg->arena_bytes, (long long)pages, L->page_bytes, cfg->n_layers);
     if (pages > INT32_MAX) return kvq__fail(KVQ_ERR_INVALID_ARG, "arena_bytes %zu: more than 2^31 pages", cfg->arena_bytes);
-    *Gf = L->group;
-    *W = cfg->residual + *Gf;
     return KVQ_OK;
+}
+
+static kvq_status resolve(const kvq_cache_config *in, kvq_cache_config *cfg, kvq_page_layout *L, int *W, int *Gf) {
+    return resolve_checked(in, cfg, L, W, Gf, true);
+}
+
+size_t kvq_cache_arena_bytes_for(const kvq_cache_config *in, int64_t n_tokens) {
+    kvq_cache_config cfg = {0};
+    kvq_page_layout L;
+    int W, Gf;
+    if (n_tokens < 0 || resolve_checked(in, &cfg, &L, &W, &Gf, false) != KVQ_OK) return 0;
+    int64_t pages = (n_tokens + L.page_tokens - 1) / L.page_tokens;
+    if (pages == 0) pages = 1;
+    return (size_t)pages * (size_t)cfg.n_layers * L.page_bytes;
 }
 
 int64_t kvq_cache_capacity_tokens(const kvq_cache_config *in) {

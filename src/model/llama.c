@@ -183,28 +183,12 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     cc.group = p->group;
     cc.n_threads = p->n_threads;
     cc.max_seqs = 1;
-    /* Size the arena from the amortized bytes per token, then grow it until kvq says n_ctx tokens fit (pages
-     * are whole, so the estimate is a little short). */
-    double bpt = (kvq_type_bytes_per_token(p->type_k, KVQ_KEY, c->head_dim, 0) +
-                  kvq_type_bytes_per_token(p->type_v, KVQ_VALUE, c->head_dim, 0)) * c->n_kv_heads * c->n_layers;
-    if (bpt <= 0) {
-        free(x);
-        return kvqm_fail(KVQ_ERR_UNSUPPORTED_TYPE, "KV types %d/%d are not usable: %s", p->type_k, p->type_v, kvq_last_error());
-    }
-    cc.arena_bytes = (size_t)(bpt * (double)(p->n_ctx + 128)) + 4096;
     kvq_status st;
-    for (int tries = 0;; tries++) {
-        int64_t cap = kvq_cache_capacity_tokens(&cc);
-        if (cap < 0) {
-            st = kvqm_fail((kvq_status)cap, "kvq cache config rejected: %s", kvq_last_error());
-            goto fail;
-        }
-        if (cap >= p->n_ctx) break;
-        if (tries > 64) {
-            st = kvqm_fail(KVQ_ERR_INTERNAL, "could not size a cache for %d tokens", p->n_ctx);
-            goto fail;
-        }
-        cc.arena_bytes = cc.arena_bytes + cc.arena_bytes / 8 + 65536;
+    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx); /* exactly the pages n_ctx tokens need */
+    if (cc.arena_bytes == 0) {
+        st = kvqm_fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq cache config rejected (KV types %d/%d): %s", p->type_k,
+                       p->type_v, kvq_last_error());
+        goto fail;
     }
     if ((st = kvq_cache_create(&cc, &x->cache))) {
         st = kvqm_fail(st, "kvq_cache_create: %s", kvq_last_error());
