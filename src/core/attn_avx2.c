@@ -4,8 +4,9 @@
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-static inline __attribute__((always_inline)) __m256 load_row8(const kvq__blk *b, const uint8_t *row, int c, const uint16_t *par, int j) {
-    switch (b->type) {
+/* raw value of 8 channels: full value for F16/BF16/FP8 (before the token scale), codes for Q8/Q4/Q2 */
+static inline __attribute__((always_inline)) __m256 raw8(kvq_type t, const uint8_t *row, int c) {
+    switch (t) {
     case KVQ_TYPE_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + 2 * c)));
     case KVQ_TYPE_BF16: {
         __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(row + 2 * c)));
@@ -33,7 +34,6 @@ static inline __attribute__((always_inline)) __m256 load_row8(const kvq__blk *b,
     }
     default: return _mm256_setzero_ps();
     }
-    (void)par, (void)j;
 }
 
 static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
@@ -45,12 +45,12 @@ static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
         switch (b->type) {
         case KVQ_TYPE_F16:
         case KVQ_TYPE_BF16:
-            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(o + c, load_row8(b, row, c, NULL, j));
+            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(o + c, raw8(b->type, row, c));
             break;
         case KVQ_TYPE_Q8:
         case KVQ_TYPE_FP8: {
             __m256 s = _mm256_set1_ps(_cvtsh_ss(b->par[j]));
-            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(s, load_row8(b, row, c, NULL, j)));
+            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(s, raw8(b->type, row, c)));
             break;
         }
         default: /* Q4, Q2 */
@@ -59,14 +59,14 @@ static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
                 for (int c = 0; c < D; c += 8) {
                     __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c)));
                     __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
-                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, load_row8(b, row, c, NULL, j), m));
+                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, raw8(b->type, row, c), m));
                 }
             } else {
                 const uint16_t *sm = b->par + (size_t)j * (D / b->Gv) * 2;
                 for (int g = 0; g < D / b->Gv; g++) {
                     __m256 s = _mm256_set1_ps(_cvtsh_ss(sm[2 * g])), m = _mm256_set1_ps(_cvtsh_ss(sm[2 * g + 1]));
                     for (int c = g * b->Gv; c < (g + 1) * b->Gv; c += 8)
-                        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, load_row8(b, row, c, NULL, j), m));
+                        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, raw8(b->type, row, c), m));
                 }
             }
         }
@@ -159,12 +159,6 @@ static float exp_sum_avx2(float *x, int n, float m) {
 
 #define AI static inline __attribute__((always_inline))
 
-/* raw value of 8 channels: full value for F16/BF16/FP8 (before the token scale), codes for Q8/Q4/Q2 */
-AI __m256 raw8(const kvq_type T, const uint8_t *row, int c) {
-    kvq__blk b;
-    b.type = T;
-    return load_row8(&b, row, c, NULL, 0);
-}
 
 /* per-token multiplier of a per-token type's raw row */
 AI float tok_scale(const kvq_type T, const kvq__blk *b, int j) {

@@ -397,7 +397,7 @@ static void store_unit(kvq_cache *c, kvq_seq_layer *sl, const float *xk, const f
                 uint16_t *p = t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? par + s
                               : kvq_type_get_traits(t)->grouped ? par + (size_t)s * (D / L->value_group) * 2
                                                                 : NULL;
-                kvq__quant_row(t, role, x + ((size_t)i * H + h) * D, D, L->value_group, blk + rb * (size_t)s, p);
+                kvq__quant_row(t, x + ((size_t)i * H + h) * D, D, L->value_group, blk + rb * (size_t)s, p);
             }
         }
     }

@@ -82,7 +82,7 @@ uint8_t kvq__f32_to_e4m3(float f);
 
 /* ---- quantizers (quant.c): the scalar reference formats of kvq.h section 5 ---- */
 /* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`). */
-void kvq__quant_row(kvq_type t, kvq_role role, const float *x, int D, int value_group, uint8_t *row,
+void kvq__quant_row(kvq_type t, const float *x, int D, int value_group, uint8_t *row,
                     uint16_t *par);
 /* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]. */
 void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *rows, size_t row_bytes,

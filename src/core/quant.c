@@ -63,7 +63,7 @@ static void minmax_params(const float *x, int n, size_t st, int qmax, float *sca
     *scale = kvq__round_f16((hi - *mn) / (float)qmax);
 }
 
-void kvq__quant_row(kvq_type t, kvq_role role, const float *x, int D, int Gv, uint8_t *row, uint16_t *par) {
+void kvq__quant_row(kvq_type t, const float *x, int D, int Gv, uint8_t *row, uint16_t *par) {
     switch (t) {
     case KVQ_TYPE_F16:
         for (int c = 0; c < D; c++) ((uint16_t *)(void *)row)[c] = kvq__f32_to_f16(x[c]);
@@ -85,7 +85,6 @@ void kvq__quant_row(kvq_type t, kvq_role role, const float *x, int D, int Gv, ui
     }
     case KVQ_TYPE_Q4:
     case KVQ_TYPE_Q2: {
-        (void)role; /* only values are quantized per row */
         int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
         memset(row, 0, kvq__row_bytes(t, D));
         for (int g = 0; g < D / Gv; g++) {
