@@ -48,6 +48,7 @@
 #ifndef KVQ_H
 #define KVQ_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -106,6 +107,9 @@ KVQ_API kvq_status kvq_set_error(kvq_status s, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
+/* The same with a va_list, for layers that wrap it in their own printf-style helper. Arguments may include
+ * kvq_last_error() itself ("while loading: %s"). */
+KVQ_API kvq_status kvq_set_error_v(kvq_status s, const char *fmt, va_list ap);
 
 /* ---------------------------------------------------------------------------------------------------------
  * 4. Types

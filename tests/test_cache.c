@@ -249,6 +249,10 @@ static void test_bad_input(void) {
     }
     kvq_cache_free(NULL);
     CHECK(strcmp(kvq_strerror(KVQ_ERR_CACHE_FULL), "cache full") == 0, "strerror");
+    /* layered code wraps the current message in its own context */
+    CHECK_ERR(kvq_seq_free(NULL, 0), KVQ_ERR_NULL);
+    CHECK(kvq_set_error(KVQ_ERR_IO, "loading: %s", kvq_last_error()) == KVQ_ERR_IO, "kvq_set_error returns its code");
+    CHECK(strncmp(kvq_last_error(), "loading: kvq_seq_free: ", 23) == 0, "wrapped message: '%s'", kvq_last_error());
     CHECK(kvq_version_number() == KVQ_VERSION_NUMBER, "version");
 }
 

@@ -2,11 +2,15 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 static _Thread_local char last_error[512];
 
-static kvq_status kvq_set_error_v(kvq_status s, const char *fmt, va_list ap) {
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+kvq_status kvq_set_error_v(kvq_status s, const char *fmt, va_list ap) {
+    /* formatted aside first: callers often pass kvq_last_error() itself as an argument ("ctx: %s") */
+    char msg[sizeof last_error];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    memcpy(last_error, msg, sizeof msg);
     return s;
 }
 

@@ -15,12 +15,11 @@ using namespace kvqc;
 
 /* messages go to libkvq's kvq_last_error(): one place to read whatever layer failed */
 static kvq_status fail(kvq_status s, const char *fmt, ...) {
-    char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    kvq_set_error_v(s, fmt, ap);
     va_end(ap);
-    return kvq_set_error(s, "%s", msg);
+    return s;
 }
 #define CUDA_TRY(call, what)                                                                                   \
     do {                                                                                                       \
