@@ -24,8 +24,10 @@
  * - Host bookkeeping changes when a call returns, device contents when the stream reaches the work. Calls on one
  *   cache must be ordered: issue them to one stream (or order streams with events yourself). Attention calls of
  *   one cache share its workspace, so two of them must never run concurrently.
- * - kvq_cuda_seq_free returns pages to the free list at once; a later append may reuse them, which is safe when
- *   that append is ordered after the attention that still reads them (same stream).
+ * - kvq_cuda_seq_free and kvq_cuda_seq_truncate return pages to the free list at once; a later append may reuse
+ *   them, which is safe when that append is ordered after the work that still reads them (same stream).
+ * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
+ *   the cache on the host (the const calls may run concurrently with each other).
  *
  * 3. Errors
  * - Every call validates its arguments first and returns a negative kvq_status (kvq.h) without changing the cache
@@ -40,7 +42,8 @@
  * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; type_k == type_v; at most 8
  *   query heads per KV head. Other configurations return KVQ_ERR_INVALID_ARG / KVQ_ERR_UNSUPPORTED_TYPE /
  *   KVQ_ERR_UNSUPPORTED_HEAD_DIM at create (or attention) time.
- * - No fork or truncate yet.
+ * - Pages are reference counted like the CPU cache's: kvq_cuda_seq_fork shares the parent's pages and an append
+ *   that writes into a shared, partly filled page first copies it (copy on write, kvq.h section 1).
  * - Built for sm_90a (H100/H200): the decode kernel uses the bulk copy engine (cp.async.bulk + mbarrier) and
  *   fp16 tensor-core MMAs with fp32 accumulation; on other GPUs create returns KVQ_ERR_NO_DEVICE.
  */
@@ -81,18 +84,45 @@ typedef struct kvq_cuda_stats {
     size_t table_bytes;     /* device bytes of the page tables */
     size_t workspace_bytes; /* device bytes of the attention workspace right now */
     int n_seqs;
+    int64_t pages_shared;   /* pages referenced by more than one (sequence, layer) (after a fork) */
 } kvq_cuda_stats;
 KVQ_API kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *cache, kvq_cuda_stats *st);
 
-/* Sequences: host bookkeeping only, no device work. Ids as in kvq.h section 7. */
+/* Sequences. new, free and length are host bookkeeping only, no device work. Ids as in kvq.h section 7 (the
+ * smallest free slot). seq_free drops the sequence's page references; pages nobody else references return to the
+ * free list at once (section 2). */
 KVQ_API kvq_status kvq_cuda_seq_new(kvq_cuda_cache *cache, int32_t *seq_out);
 KVQ_API kvq_status kvq_cuda_seq_free(kvq_cuda_cache *cache, int32_t seq);
 KVQ_API kvq_status kvq_cuda_seq_length(const kvq_cuda_cache *cache, int32_t seq, int layer, int64_t *len);
 
+/* New sequence with the same content as `src` in every layer, as kvq_seq_fork: the pages are shared (reference
+ * counts, no page is copied or allocated here; an append into a shared, partly filled last page copies that page
+ * first, on the append's stream), the residual windows are copied. Enqueues device-to-device copies of src's window
+ * rows and page tables on `stream` (cudaMemcpy2DAsync, no synchronisation); the child may be used by work ordered
+ * after them. Errors (nothing changes): KVQ_ERR_NULL (cache or seq_out), KVQ_ERR_NO_SEQ (src not live),
+ * KVQ_ERR_TOO_MANY_SEQS (max_seqs live), KVQ_ERR_OUT_OF_MEMORY (host), KVQ_ERR_CUDA (a copy could not be
+ * enqueued). Needs exclusive access to the cache. */
+KVQ_API kvq_status kvq_cuda_seq_fork(kvq_cuda_cache *cache, int32_t src, int32_t *seq_out, kvq_cuda_stream stream);
+
+/* Keeps the first n_tokens tokens of `seq` in every layer (layers already shorter are left alone), as
+ * kvq_seq_truncate: a cut inside the residual window only shortens the window; a cut inside the pages keeps the
+ * whole flush units (G tokens for grouped types, 1 token otherwise) before it, moves the surviving tokens of the cut
+ * unit back into the window, dequantized (fp16 of the dequantized value: as accurate as they were, not restored),
+ * drops the later tokens and the window, and releases the pages past the new end (shared pages: one reference).
+ * A partly filled last page that stays shared is copied by the next append that writes into it.
+ * Device work: only for a cut inside the pages of a grouped (Q4/Q2) cache, one kernel on `stream` that
+ * dequantizes the cut unit's tokens into the window (no synchronisation); otherwise host bookkeeping only.
+ * n_tokens >= every layer's length is a no-op. Errors (nothing changes): KVQ_ERR_NULL, KVQ_ERR_NO_SEQ,
+ * KVQ_ERR_RANGE (n_tokens < 0), KVQ_ERR_CUDA (the kernel could not be launched). Needs exclusive access. */
+KVQ_API kvq_status kvq_cuda_seq_truncate(kvq_cuda_cache *cache, int32_t seq, int64_t n_tokens,
+                                         kvq_cuda_stream stream);
+
 /* Appends n_tokens[i] tokens to sequence seq_ids[i] of `layer` (distinct ids), exactly as kvq_append does
  * (same quantization, same residual-window flushes, byte-identical pages). k, v: DEVICE arrays
  * [sum n_tokens][n_kv_heads][head_dim] of dtype (F32, F16 or BF16). Enqueued on `stream`. All or nothing:
- * page availability and limits are checked before anything is enqueued. */
+ * page availability and limits are checked before anything is enqueued. A flush into a partly filled last page
+ * that is shared (after kvq_cuda_seq_fork) first copies it to a fresh page (cudaMemcpyAsync device to device on
+ * `stream`); those pages are counted like kvq_append counts them (one per such sequence) in the check. */
 KVQ_API kvq_status kvq_cuda_append(kvq_cuda_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
                                    const int32_t *n_tokens, kvq_dtype dtype, const void *k, const void *v,
                                    kvq_cuda_stream stream);

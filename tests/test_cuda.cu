@@ -1,7 +1,9 @@
 // GPU tests of the CUDA backend against the CPU core: the same K/V appended to a CPU kvq_cache and a device
 // cache must give byte-identical pages and windows (kvq_seq_view_get vs kvq_cuda_seq_read), and decode / prefill
 // must match kvq_attn_decode / kvq_attn_prefill within NMSE bounds. Ragged batches, page boundaries, window
-// flushes, sliding window, soft-cap, every type, head dims 64 and 128, lengths 1 to 128k.
+// flushes, sliding window, soft-cap, every type, head dims 64 and 128, lengths 1 to 128k. Fork (shared pages, copy
+// on write) and truncate (into the window, into the pages) against kvq_seq_fork / kvq_seq_truncate, with page
+// accounting (pages_free, pages_shared) equal to the CPU cache's after every step, and their error paths.
 // Without a usable GPU: prints "SKIP: <reason>" and returns 77.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -124,6 +126,9 @@ static void compare_bytes(Pair &p, int32_t seq, int layer, const char *what) {
                     size_t off = r ? L.v_offset + h * L.v_block_bytes : L.k_offset + h * L.k_block_bytes;
                     size_t rb = r ? L.v_row_bytes : L.k_row_bytes;
                     bad += memcmp(c + off, g + off, rb * ntok) != 0;
+                    kvq_type t = r ? L.type_v : L.type_k;  // per-token scales of the written slots
+                    if (t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8)
+                        bad += memcmp(c + off + rb * L.page_tokens, g + off + rb * L.page_tokens, 2 * (size_t)ntok) != 0;
                 }
         }
     }
@@ -295,6 +300,267 @@ static void test_long(kvq_type t, int64_t len) {
     free_pair(p);
 }
 
+// ------------------------------------------------------------------------------------------------ fork, truncate
+// Every step is applied to the CPU cache and the device cache; the CPU core is the reference for contents (bytes),
+// lengths, sequence ids and page accounting.
+static void check_stats(Pair &p, const char *what) {
+    kvq_cache_stats cs;
+    kvq_cuda_stats gs;
+    OK(kvq_cache_get_stats(p.cpu, &cs));
+    OK(kvq_cuda_cache_get_stats(p.gpu, &gs));
+    CHECK(cs.pages_total == gs.pages_total && cs.pages_free == gs.pages_free && cs.pages_shared == gs.pages_shared &&
+              cs.n_seqs == gs.n_seqs,
+          "%s: pages total/free/shared, seqs: gpu %lld/%lld/%lld %d, cpu %lld/%lld/%lld %d", what,
+          (long long)gs.pages_total, (long long)gs.pages_free, (long long)gs.pages_shared, gs.n_seqs,
+          (long long)cs.pages_total, (long long)cs.pages_free, (long long)cs.pages_shared, cs.n_seqs);
+}
+static int32_t new_both(Pair &p) {
+    int32_t a, b;
+    OK(kvq_seq_new(p.cpu, &a));
+    OK(kvq_cuda_seq_new(p.gpu, &b));
+    CHECK(a == b, "new: seq ids differ (cpu %d gpu %d)", a, b);
+    return a;
+}
+static int32_t fork_both(Pair &p, int32_t src) {
+    int32_t a, b;
+    OK(kvq_seq_fork(p.cpu, src, &a));
+    OK(kvq_cuda_seq_fork(p.gpu, src, &b, 0));
+    CHECK(a == b, "fork: seq ids differ (cpu %d gpu %d)", a, b);
+    return a;
+}
+static void truncate_both(Pair &p, int32_t seq, int64_t n) {
+    OK(kvq_seq_truncate(p.cpu, seq, n));
+    OK(kvq_cuda_seq_truncate(p.gpu, seq, n, 0));
+    CU(cudaDeviceSynchronize());
+}
+static void free_both(Pair &p, int32_t seq) {
+    OK(kvq_seq_free(p.cpu, seq));
+    OK(kvq_cuda_seq_free(p.gpu, seq));
+}
+static void compare_all(Pair &p, const int32_t *ids, int n, const char *what) {
+    for (int l = 0; l < p.layers; l++)
+        for (int i = 0; i < n; i++) compare_bytes(p, ids[i], l, what);
+    check_stats(p, what);
+}
+static void cpu_split(Pair &p, int32_t seq, int layer, int64_t *paged, int32_t *win) {
+    kvq_seq_view v;
+    OK(kvq_seq_view_get(p.cpu, seq, layer, &v));
+    *paged = v.paged_tokens, *win = v.window_tokens;
+}
+// Appends the same K/V on both sides expecting `expect` from both; on an error both caches must be unchanged.
+static void append_expect(Pair &p, int layer, int n, const int32_t *ids, const int32_t *nt, kvq_status expect,
+                          const char *what) {
+    int64_t tot = 0;
+    for (int i = 0; i < n; i++) tot += nt[i];
+    size_t ne = (size_t)tot * p.H * p.D;
+    std::vector<float> k(ne), v(ne);
+    for (size_t e = 0; e < ne; e++) k[e] = frand(), v[e] = frand();
+    kvq_status sc = kvq_append(p.cpu, layer, n, ids, nt, KVQ_DTYPE_F32, k.data(), v.data());
+    void *dk = nullptr, *dv = nullptr;
+    CU(cudaMalloc(&dk, ne * 4 + 4));
+    CU(cudaMalloc(&dv, ne * 4 + 4));
+    CU(cudaMemcpy(dk, k.data(), ne * 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dv, v.data(), ne * 4, cudaMemcpyHostToDevice));
+    kvq_status sg = kvq_cuda_append(p.gpu, layer, n, ids, nt, KVQ_DTYPE_F32, dk, dv, 0);
+    CU(cudaDeviceSynchronize());
+    cudaFree(dk);
+    cudaFree(dv);
+    CHECK(sc == expect && sg == expect, "%s: append returned cpu %d gpu %d, expected %d (%s)", what, (int)sc, (int)sg,
+          (int)expect, kvq_last_error());
+}
+
+static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt) {
+    const int H = 2, nqh = 8;
+    Pair p = make_pair(t, H, D, 2, 4096, 8, residual);
+    char what[160], w2[200];
+    snprintf(what, sizeof what, "fork/truncate %s D%d R%d", tname(t), D, residual);
+    const int32_t a = new_both(p);
+    int32_t n0 = 300, n1 = 70;
+    append_both(p, 0, 1, &a, &n0, dt, 0.f);
+    append_both(p, 1, 1, &a, &n0, dt, 4.f);
+    append_both(p, 1, 1, &a, &n1, dt, 0.f);  // layer 1 is longer: truncation cuts the layers at different places
+    kvq_cuda_stats g0, g1;
+    OK(kvq_cuda_cache_get_stats(p.gpu, &g0));
+    const int32_t b = fork_both(p, a);
+    OK(kvq_cuda_cache_get_stats(p.gpu, &g1));
+    CHECK(g1.pages_free == g0.pages_free && g1.pages_shared == g0.pages_total - g0.pages_free && g1.n_seqs == 2,
+          "%s: fork allocated pages or shares %lld of %lld", what, (long long)g1.pages_shared,
+          (long long)(g0.pages_total - g0.pages_free));
+    int32_t ab[2] = {a, b};
+    snprintf(w2, sizeof w2, "%s after fork", what);
+    compare_all(p, ab, 2, w2);
+    // parent and child diverge (copy on write of the shared, partly filled last page where there is one)
+    for (int l = 0; l < 2; l++) {
+        int32_t na = 37, nb = 20;
+        append_both(p, l, 1, &a, &na, dt, 0.f);
+        append_both(p, l, 1, &b, &nb, dt, 0.f);
+    }
+    snprintf(w2, sizeof w2, "%s diverged", what);
+    compare_all(p, ab, 2, w2);
+    // two sharers in one call: c forked from b, then b and c appended together (b copies, c writes in place)
+    const int32_t c = fork_both(p, b);
+    int32_t bc[2] = {b, c}, abc[3] = {a, b, c};
+    for (int l = 0; l < 2; l++) {
+        int32_t one[2] = {1, 1}, more[2] = {65, 3};
+        for (int step = 0; step < 5; step++) append_both(p, l, 2, bc, one, dt, 0.f);
+        append_both(p, l, 2, bc, more, dt, 0.f);
+        int32_t three[3] = {2, 1, 1};
+        append_both(p, l, 3, abc, three, dt, 0.f);
+    }
+    snprintf(w2, sizeof w2, "%s three seqs", what);
+    compare_all(p, abc, 3, w2);
+    compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    compare_decode(p, 1, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F16, 2e-5, w2);
+    compare_prefill(p, 1, c, 20, nqh, 0, w2);
+
+    // truncate a inside layer 0's window (layer 1 is longer: there the cut may fall in the pages), then re-append
+    int64_t pg;
+    int32_t wn;
+    cpu_split(p, a, 0, &pg, &wn);
+    if (wn >= 2) {
+        truncate_both(p, a, pg + wn / 2);
+        snprintf(w2, sizeof w2, "%s cut in window", what);
+        compare_all(p, abc, 3, w2);
+        int32_t n = 50;
+        for (int l = 0; l < 2; l++) append_both(p, l, 1, &a, &n, dt, 0.f);
+        compare_all(p, abc, 3, w2);
+        compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    }
+    // truncate a inside its pages, off the group boundary (grouped types: the cut group goes back to the window)
+    cpu_split(p, a, 0, &pg, &wn);
+    CHECK(pg >= 64, "%s: %lld tokens in pages, the test expects >= 64", what, (long long)pg);
+    truncate_both(p, a, pg - 10);
+    snprintf(w2, sizeof w2, "%s cut in pages", what);
+    compare_all(p, abc, 3, w2);
+    {
+        int64_t len0, len1;
+        OK(kvq_cuda_seq_length(p.gpu, a, 0, &len0));
+        OK(kvq_cuda_seq_length(p.gpu, a, 1, &len1));
+        CHECK(len0 == pg - 10 && len1 == pg - 10, "%s: lengths %lld %lld after truncate to %lld", w2, (long long)len0,
+              (long long)len1, (long long)(pg - 10));
+    }
+    compare_decode(p, 1, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    for (int l = 0; l < 2; l++) {
+        int32_t n = 100;
+        append_both(p, l, 1, &a, &n, dt, 0.f);
+    }
+    snprintf(w2, sizeof w2, "%s cut in pages, re-appended", what);
+    compare_all(p, abc, 3, w2);
+    compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    compare_decode(p, 1, 3, abc, nqh, 100, 30.f, KVQ_DTYPE_F32, 2e-5, w2);
+    // truncate b, whose pages c shares, inside them: c keeps its content, shared pages lose one reference
+    truncate_both(p, b, 64 + 5);
+    snprintf(w2, sizeof w2, "%s shared cut", what);
+    compare_all(p, abc, 3, w2);
+    for (int l = 0; l < 2; l++) {
+        int32_t n = 80;
+        append_both(p, l, 1, &b, &n, dt, 0.f);
+    }
+    compare_all(p, abc, 3, w2);
+    compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    // c: to a page boundary, beyond its length (no-op), to 0, re-appended
+    truncate_both(p, c, 128);
+    truncate_both(p, c, 100000);
+    snprintf(w2, sizeof w2, "%s cut at 128", what);
+    compare_all(p, abc, 3, w2);
+    truncate_both(p, c, 0);
+    snprintf(w2, sizeof w2, "%s cut to 0", what);
+    compare_all(p, abc, 3, w2);
+    for (int l = 0; l < 2; l++) {
+        int32_t n = 10;
+        append_both(p, l, 1, &c, &n, dt, 0.f);
+    }
+    compare_all(p, abc, 3, w2);
+    compare_decode(p, 1, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+
+    // errors: nothing changes
+    kvq_cuda_stats s0, s1;
+    OK(kvq_cuda_cache_get_stats(p.gpu, &s0));
+    int32_t x = -7;
+    CHECK(kvq_cuda_seq_fork(p.gpu, 7, &x, 0) == KVQ_ERR_NO_SEQ && x == -7, "fork of a free slot");
+    CHECK(kvq_cuda_seq_fork(p.gpu, -1, &x, 0) == KVQ_ERR_NO_SEQ, "fork of -1");
+    CHECK(kvq_cuda_seq_fork(p.gpu, a, nullptr, 0) == KVQ_ERR_NULL, "fork to NULL");
+    CHECK(kvq_cuda_seq_fork(nullptr, a, &x, 0) == KVQ_ERR_NULL, "fork of a NULL cache");
+    CHECK(kvq_cuda_seq_truncate(p.gpu, a, -1, 0) == KVQ_ERR_RANGE, "truncate to -1");
+    CHECK(kvq_cuda_seq_truncate(p.gpu, 7, 0, 0) == KVQ_ERR_NO_SEQ, "truncate of a free slot");
+    CHECK(kvq_cuda_seq_truncate(nullptr, a, 0, 0) == KVQ_ERR_NULL, "truncate of a NULL cache");
+    int32_t fk[5];
+    for (int i = 0; i < 5; i++) fk[i] = fork_both(p, i % 2 ? a : c);  // 8 live: the cache's max_seqs
+    kvq_cuda_stats s2;
+    OK(kvq_cuda_cache_get_stats(p.gpu, &s2));
+    CHECK(kvq_cuda_seq_fork(p.gpu, a, &x, 0) == KVQ_ERR_TOO_MANY_SEQS && x == -7, "%s: fork past max_seqs", what);
+    OK(kvq_cuda_cache_get_stats(p.gpu, &s1));
+    CHECK(s1.n_seqs == 8 && s1.pages_free == s2.pages_free && s1.pages_shared == s2.pages_shared,
+          "%s: failed fork changed the cache", what);
+    CHECK(s2.pages_free == s0.pages_free, "%s: forks allocated pages", what);
+    snprintf(w2, sizeof w2, "%s max forks", what);
+    compare_all(p, fk, 5, w2);
+    for (int i = 0; i < 5; i++) free_both(p, fk[i]);
+    compare_all(p, abc, 3, w2);
+
+    // page accounting through the frees: parent first, then the children
+    free_both(p, a);
+    snprintf(w2, sizeof w2, "%s freed a", what);
+    compare_all(p, bc, 2, w2);
+    free_both(p, b);
+    snprintf(w2, sizeof w2, "%s freed b", what);
+    compare_all(p, &c, 1, w2);
+    compare_decode(p, 0, 1, &c, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    free_both(p, c);
+    check_stats(p, what);
+    OK(kvq_cuda_cache_get_stats(p.gpu, &s1));
+    CHECK(s1.pages_free == s1.pages_total && s1.pages_shared == 0 && s1.n_seqs == 0, "%s: %lld of %lld pages free at the end",
+          what, (long long)s1.pages_free, (long long)s1.pages_total);
+    printf("  %-40s ok\n", what);
+    free_pair(p);
+}
+
+// Copy on write with no free page: the append fails with KVQ_ERR_CACHE_FULL on both sides and changes nothing.
+static void test_cow_full(kvq_type t, int residual) {
+    const int H = 2, D = 128;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
+    cfg.max_seqs = 4, cfg.residual = residual;
+    kvq_page_layout L;
+    OK(kvq_page_layout_make(t, t, H, D, 64, 64, &L));
+    cfg.arena_bytes = 3 * L.page_bytes;
+    Pair p;
+    p.H = H, p.D = D, p.layers = 1;
+    OK(kvq_cache_create(&cfg, &p.cpu));
+    OK(kvq_cuda_cache_create(&cfg, 0, 0, &p.gpu));
+    char what[96];
+    snprintf(what, sizeof what, "cow full %s R%d", tname(t), residual);
+    const int32_t a = new_both(p);
+    const int32_t n = 130 + residual;  // 3 pages, the last holding 2 tokens
+    append_expect(p, 0, 1, &a, &n, KVQ_OK, what);
+    const int32_t b = fork_both(p, a);
+    // residual + 1 tokens make one flush from an empty window (one token into the page), more from a full one
+    int32_t ab[2] = {a, b}, nf[2] = {residual + 1, residual + 1};
+    compare_all(p, ab, 2, what);
+    append_expect(p, 0, 1, &b, nf, KVQ_ERR_CACHE_FULL, what);
+    append_expect(p, 0, 2, ab, nf, KVQ_ERR_CACHE_FULL, what);
+    compare_all(p, ab, 2, what);
+    truncate_both(p, a, 100);  // page 3 is still b's: nothing freed, a's page 2 (36 tokens) shared; window dropped
+    compare_all(p, ab, 2, what);
+    append_expect(p, 0, 1, &a, nf, KVQ_ERR_CACHE_FULL, what);
+    compare_all(p, ab, 2, what);
+    truncate_both(p, b, 100);  // page 3 free now
+    compare_all(p, ab, 2, what);
+    append_expect(p, 0, 1, &a, nf, KVQ_OK, what);  // copy on write takes the free page
+    append_expect(p, 0, 1, &b, nf, KVQ_OK, what);  // b's page 2 is its own now: written in place
+    compare_all(p, ab, 2, what);
+    kvq_cuda_stats st;
+    OK(kvq_cuda_cache_get_stats(p.gpu, &st));
+    CHECK(st.pages_free == 0 && st.pages_shared == 1, "%s: %lld free, %lld shared (expected 0, 1)", what,
+          (long long)st.pages_free, (long long)st.pages_shared);
+    compare_decode(p, 0, 2, ab, 8, 0, 0.f, KVQ_DTYPE_F32, 2e-5, what);
+    free_both(p, a);
+    free_both(p, b);
+    check_stats(p, what);
+    printf("  %-40s ok\n", what);
+    free_pair(p);
+}
+
 int main(int argc, char **argv) {
     int n = 0;
     if (kvq_cuda_device_count(&n) != KVQ_OK || n == 0) {
@@ -311,6 +577,13 @@ int main(int argc, char **argv) {
         test_ragged(t, 64, -1, KVQ_DTYPE_F16);
         if (!grouped) test_ragged(t, 128, 5, KVQ_DTYPE_F32);  // per-token type through an fp16 window
         else test_ragged(t, 128, 0, KVQ_DTYPE_F16);           // KIVI without residual
+    }
+    for (int ti = 0; ti < 6 && !long_only; ti++) {
+        kvq_type t = types[ti];
+        bool grouped = kvq_type_get_traits(t)->grouped;
+        test_fork_truncate(t, 128, -1, KVQ_DTYPE_F32);
+        test_fork_truncate(t, 64, grouped ? 0 : 5, KVQ_DTYPE_F16);
+        if (!grouped) test_cow_full(t, ti % 2 ? 0 : 3);
     }
     if (!quick) {
         test_long(KVQ_TYPE_Q8, 131072 + 77);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 #include "common.cuh"
@@ -45,6 +46,7 @@ struct kvq_cuda_cache {
     __half *windows = nullptr;  // [max_seqs][n_layers][2][wcap][H][D]
     int32_t *tables = nullptr;  // [max_seqs][n_layers][max_pages]
     std::vector<int32_t> free_list;
+    std::vector<int32_t> refcnt;  // per page: (sequence, layer) pairs that reference it
     std::vector<char> live;
     std::vector<std::vector<SeqLayer>> seqs;
     int n_live = 0;
@@ -150,6 +152,7 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     try {
         c->free_list.resize(pages);
         for (int64_t i = 0; i < pages; i++) c->free_list[i] = (int32_t)(pages - 1 - i);  // pop ascending ids
+        c->refcnt.assign(pages, 0);
         c->live.assign(cfg.max_seqs, 0);
         c->seqs.resize(cfg.max_seqs);
     } catch (...) {
@@ -196,6 +199,8 @@ extern "C" kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *c, kvq_cuda
     st->table_bytes = c->table_bytes;
     st->workspace_bytes = c->ws_bytes;
     st->n_seqs = c->n_live;
+    st->pages_shared = 0;
+    for (int32_t r : c->refcnt) st->pages_shared += r > 1;
     return KVQ_OK;
 }
 
@@ -225,12 +230,17 @@ extern "C" kvq_status kvq_cuda_seq_new(kvq_cuda_cache *c, int32_t *seq_out) {
     return fail(KVQ_ERR_TOO_MANY_SEQS, "kvq_cuda_seq_new: %d sequences live (max_seqs)", c->cfg.max_seqs);
 }
 
+// Drops one reference; a page nobody references goes back to the free list (its capacity is n_pages: no throw).
+static void page_unref(kvq_cuda_cache *c, int32_t p) {
+    if (--c->refcnt[p] == 0) c->free_list.push_back(p);
+}
+
 extern "C" kvq_status kvq_cuda_seq_free(kvq_cuda_cache *c, int32_t seq) {
     if (!c) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_free: cache is NULL");
     kvq_status s = check_seq(c, seq, "kvq_cuda_seq_free");
     if (s) return s;
     for (auto &sl : c->seqs[seq])
-        for (int32_t p : sl.pages) c->free_list.push_back(p);
+        for (int32_t p : sl.pages) page_unref(c, p);
     c->seqs[seq].clear();
     c->live[seq] = 0;
     c->n_live--;
@@ -281,6 +291,8 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
             return fail(KVQ_ERR_CACHE_FULL, "%s: sequence %d would hold %lld tokens in pages, the page table holds %lld", fn,
                         (int)seq_ids[i], (long long)end, (long long)(c->max_pages * PT));
         need += np - (int64_t)sl.pages.size();
+        // copy on write of a shared, partly filled last page: counted as kvq_append counts it (per sequence)
+        if (F > 0 && sl.paged % PT != 0 && c->refcnt[sl.pages.back()] > 1) need++;
         total += n_tokens[i];
     }
     if (total == 0) return KVQ_OK;
@@ -288,10 +300,64 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     if (need > (int64_t)c->free_list.size())
         return fail(KVQ_ERR_CACHE_FULL, "%s: layer %d needs %lld free pages, %lld are free", fn, layer, (long long)need,
                     (long long)c->free_list.size());
+    // host page lists get their room now, so that committing after the launches cannot fail
+    try {
+        for (int i = 0; i < n_seqs; i++) {
+            SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+            int64_t T = sl.win + (int64_t)n_tokens[i];
+            int64_t F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
+            sl.pages.reserve((size_t)((sl.paged + F * c->Gf + PT - 1) / PT));
+        }
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory for the page lists", fn);
+    }
 
     DevGuard dg(c->device);
     cudaStream_t st = (cudaStream_t)stream;
     const int type = c->L.type_k, D = c->L.head_dim;
+    // per-sequence plan (host state is updated only after every launch is enqueued)
+    struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; };
+    std::vector<Plan> plan;
+    std::vector<int32_t> cow;  // per sequence: the private copy of its shared, partly filled last page, or -1
+    std::vector<std::vector<int32_t>> newpages;
+    std::unordered_map<int32_t, int32_t> cow_refs;  // references to a shared page given up earlier in this call
+    try {
+        plan.resize(n_seqs);
+        cow.assign(n_seqs, -1);
+        newpages.resize(n_seqs);
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    int64_t off = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+        int T = sl.win + n_tokens[i];
+        int F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
+        plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, F * c->Gf, off};
+        off += n_tokens[i];
+    }
+    // Copy on write (as kvq_append's store_unit): a flush into a partly filled last page that another (sequence,
+    // layer) still references goes to a fresh copy of that page; the flush kernel points the page table at it.
+    // Sequences of this call that share one page: the last of them to write keeps the original.
+    size_t fl_pos = c->free_list.size();
+    for (int i = 0; i < n_seqs; i++) {
+        const SeqLayer &sl = c->seqs[plan[i].seq][layer];
+        if (plan[i].FG == 0 || sl.paged % PT == 0) continue;
+        const int32_t last = sl.pages.back();
+        int32_t gone = 0;
+        auto it = cow_refs.find(last);
+        if (it != cow_refs.end()) gone = it->second;
+        if (c->refcnt[last] - gone <= 1) continue;
+        cow[i] = c->free_list[--fl_pos];
+        try {
+            cow_refs[last] = gone + 1;
+        } catch (...) {
+            return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+        }
+        cudaError_t e = cudaMemcpyAsync(c->arena + (size_t)cow[i] * c->L.page_bytes, c->arena + (size_t)last * c->L.page_bytes,
+                                        c->L.page_bytes, cudaMemcpyDeviceToDevice, st);
+        if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: copy on write of page %d: %s", fn, (int)last, cudaGetErrorString(e));
+    }
     AppendArgs *A = new (std::nothrow) AppendArgs;
     if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
     auto reset = [&]() {
@@ -305,17 +371,6 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         A->dtype = dtype;
         A->k = k, A->v = v;
     };
-    // per-sequence plan (host state is updated only after every launch is enqueued)
-    struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; };
-    std::vector<Plan> plan(n_seqs);
-    int64_t off = 0;
-    for (int i = 0; i < n_seqs; i++) {
-        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        int T = sl.win + n_tokens[i];
-        int F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
-        plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, F * c->Gf, off};
-        off += n_tokens[i];
-    }
     auto entry_of = [&](int i) {
         AppendEntry e;
         const Plan &p = plan[i];
@@ -327,8 +382,6 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         return e;
     };
     // flush launches: items of <= 64 tokens, split at page boundaries
-    std::vector<std::vector<int32_t>> newpages(n_seqs);
-    size_t fl_pos = c->free_list.size();
     cudaError_t err = cudaSuccess;
     reset();
     int cur_seq = -1;
@@ -340,7 +393,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     for (int i = 0; i < n_seqs && err == cudaSuccess; i++) {
         const Plan &p = plan[i];
         const SeqLayer &sl = c->seqs[p.seq][layer];
-        int64_t npages = (int64_t)sl.pages.size();
+        int32_t cur = cow[i] >= 0 ? cow[i] : sl.pages.empty() ? -1 : sl.pages.back();  // page being filled
         for (int v0 = 0; v0 < p.FG;) {
             int64_t pos = sl.paged + v0;
             int slot = (int)(pos % PT);
@@ -350,9 +403,10 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
                 page = c->free_list[--fl_pos];
                 newpages[i].push_back(page);
                 pt_idx = (int32_t)(pos / PT);
-                npages++;
+                cur = page;
             } else {
-                page = newpages[i].empty() ? sl.pages.back() : newpages[i].back();
+                page = cur;
+                if (v0 == 0 && cow[i] >= 0) pt_idx = (int32_t)(pos / PT);  // the copy replaces the shared page
             }
             if (A->n_items == MAXF || (cur_seq != i && A->n_entries == MAXA)) flush_launch();
             if (cur_seq != i) {
@@ -381,16 +435,179 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     if (err == cudaSuccess && A->n_wtok > 0) err = launch_append(type, D, *A, st);
     delete A;
     if (err != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(err));
-    // commit host state
+    // commit host state (the page lists have their capacity: nothing throws)
+    c->free_list.resize(fl_pos);
     for (int i = 0; i < n_seqs; i++) {
         const Plan &p = plan[i];
         SeqLayer &sl = c->seqs[p.seq][layer];
-        for (int32_t pg : newpages[i]) sl.pages.push_back(pg);
+        if (cow[i] >= 0) {
+            c->refcnt[sl.pages.back()]--;  // others still reference it (checked above): never reaches 0 here
+            sl.pages.back() = cow[i];
+            c->refcnt[cow[i]] = 1;
+        }
+        for (int32_t pg : newpages[i]) {
+            sl.pages.push_back(pg);
+            c->refcnt[pg] = 1;
+        }
         sl.paged += p.FG;
         sl.win = p.T - p.FG;
         sl.whead = (p.whead0 + p.FG) % c->wcap;
     }
-    c->free_list.resize(fl_pos);
+    return KVQ_OK;
+}
+
+// ------------------------------------------------------------------------------------------------ fork, truncate
+extern "C" kvq_status kvq_cuda_seq_fork(kvq_cuda_cache *c, int32_t src, int32_t *seq_out, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_seq_fork";
+    if (!c || !seq_out) return fail(KVQ_ERR_NULL, "%s: cache or seq_out is NULL", fn);
+    kvq_status s = check_seq(c, src, fn);
+    if (s) return s;
+    int id = -1;
+    for (int i = 0; i < c->cfg.max_seqs && id < 0; i++)
+        if (!c->live[i]) id = i;
+    if (id < 0) return fail(KVQ_ERR_TOO_MANY_SEQS, "%s: %d sequences live (max_seqs)", fn, c->cfg.max_seqs);
+    std::vector<SeqLayer> child;
+    try {
+        child = c->seqs[src];
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    const int nl = c->cfg.n_layers;
+    // Page tables: one row of max_pages entries per layer, the rows of a sequence back to back.
+    size_t maxnp = 0;
+    for (const SeqLayer &sl : child) maxnp = std::max(maxnp, sl.pages.size());
+    const size_t tpitch = (size_t)c->max_pages * sizeof(int32_t);
+    if (maxnp)
+        CUDA_TRY(cudaMemcpy2DAsync(c->table(id, 0), tpitch, c->table(src, 0), tpitch, maxnp * sizeof(int32_t), nl,
+                                   cudaMemcpyDeviceToDevice, st), fn);
+    // Windows: the occupied ring rows, at the same ring positions (the child keeps whead). The K and V rings of all
+    // layers of a sequence are spaced win_elems apart, so a run of layers with the same (whead, win) is one 2D copy
+    // per contiguous piece of the ring (two when the window wraps).
+    const size_t row = (size_t)c->L.n_kv_heads * c->L.head_dim, wpitch = c->win_elems() * sizeof(__half);
+    for (int l0 = 0; l0 < nl;) {
+        int l1 = l0 + 1;
+        while (l1 < nl && child[l1].whead == child[l0].whead && child[l1].win == child[l0].win) l1++;
+        const int head = child[l0].whead, win = child[l0].win;
+        const int n1 = std::min(win, c->wcap - head), n2 = win - n1;
+        const size_t rows2 = 2 * (size_t)(l1 - l0);  // K and V rings of layers l0 .. l1-1
+        if (n1 > 0)
+            CUDA_TRY(cudaMemcpy2DAsync(c->wk(id, l0) + head * row, wpitch, c->wk(src, l0) + head * row, wpitch,
+                                       n1 * row * sizeof(__half), rows2, cudaMemcpyDeviceToDevice, st), fn);
+        if (n2 > 0)
+            CUDA_TRY(cudaMemcpy2DAsync(c->wk(id, l0), wpitch, c->wk(src, l0), wpitch, n2 * row * sizeof(__half), rows2,
+                                       cudaMemcpyDeviceToDevice, st), fn);
+        l0 = l1;
+    }
+    // commit: references are taken only once nothing can fail any more
+    c->seqs[id].swap(child);
+    for (const SeqLayer &sl : c->seqs[id])
+        for (int32_t p : sl.pages) c->refcnt[p]++;
+    c->live[id] = 1;
+    c->n_live++;
+    *seq_out = id;
+    return KVQ_OK;
+}
+
+namespace {
+// A cut inside the pages of a grouped cache: the surviving tokens of the cut group go back to the window.
+struct UnflushArgs {
+    const uint8_t *arena;
+    int64_t page_bytes;
+    const int32_t *table;  // page table of (seq, layer 0); layer l's at table + l * table_stride
+    int64_t table_stride;
+    __half *win;           // K ring of (seq, layer 0); V ring at + win_elems; layer l's at + 2 l win_elems
+    int64_t win_elems;
+    int32_t v_off, H;
+    int32_t page_idx;      // page-table index of the cut group's page (the group is the whole page: G = P = 64)
+    int32_t cnt;           // tokens that survive: slots 0 .. cnt-1, to window rows 0 .. cnt-1
+    uint32_t mask[128];    // layers to do (bit l); n_layers <= 4096
+};
+static_assert(sizeof(UnflushArgs) <= 4096, "unflush parameters");
+
+// Dequantizes as kvq__dequant_row (fp32 scale * q, then + min, no fused multiply-add), rounded to fp16 like
+// kvq_seq_truncate's paged_to_window: byte-identical windows.
+template <int T, int D> __global__ void __launch_bounds__(128) unflush_kernel(const __grid_constant__ UnflushArgs A) {
+    using TR = Traits<T, D>;
+    constexpr int B = TR::bits, PER = 8 / B, QM = (1 << B) - 1;
+    const int l = blockIdx.x, h = blockIdx.y;
+    if (!((A.mask[l >> 5] >> (l & 31)) & 1u)) return;
+    const int32_t page = A.table[(int64_t)l * A.table_stride + A.page_idx];
+    const uint8_t *pg = A.arena + (int64_t)page * A.page_bytes;
+    const uint8_t *kb = pg + h * TR::kblk, *vb = pg + A.v_off + h * TR::vblk;
+    const __half *kpar = reinterpret_cast<const __half *>(kb + PT * TR::row);  // group 0: scale[D], min[D]
+    const __half *vpar = reinterpret_cast<const __half *>(vb + PT * TR::row);  // per token, per group: (scale, min)
+    __half *wk = A.win + (int64_t)l * 2 * A.win_elems, *wv = wk + A.win_elems;
+    for (int e = threadIdx.x; e < A.cnt * D; e += blockDim.x) {
+        const int t = e / D, ch = e % D, g = ch / GRP, sh = (ch % PER) * B;
+        const int kq = (kb[t * TR::row + ch / PER] >> sh) & QM, vq = (vb[t * TR::row + ch / PER] >> sh) & QM;
+        const float kx = __fadd_rn(__fmul_rn(__half2float(kpar[ch]), (float)kq), __half2float(kpar[D + ch]));
+        const int vp = (t * TR::ng + g) * 2;
+        const float vx = __fadd_rn(__fmul_rn(__half2float(vpar[vp]), (float)vq), __half2float(vpar[vp + 1]));
+        const int64_t o = ((int64_t)t * A.H + h) * D + ch;
+        wk[o] = __float2half_rn(kx);
+        wv[o] = __float2half_rn(vx);
+    }
+}
+
+cudaError_t launch_unflush(int type, int D, int n_layers, const UnflushArgs &a, cudaStream_t st) {
+    const dim3 grid(n_layers, a.H);
+    if (type == KVQ_TYPE_Q4 && D == 64) unflush_kernel<KVQ_TYPE_Q4, 64><<<grid, 128, 0, st>>>(a);
+    else if (type == KVQ_TYPE_Q4 && D == 128) unflush_kernel<KVQ_TYPE_Q4, 128><<<grid, 128, 0, st>>>(a);
+    else if (type == KVQ_TYPE_Q2 && D == 64) unflush_kernel<KVQ_TYPE_Q2, 64><<<grid, 128, 0, st>>>(a);
+    else if (type == KVQ_TYPE_Q2 && D == 128) unflush_kernel<KVQ_TYPE_Q2, 128><<<grid, 128, 0, st>>>(a);
+    else return cudaErrorInvalidValue;
+    return cudaGetLastError();
+}
+}  // namespace
+
+extern "C" kvq_status kvq_cuda_seq_truncate(kvq_cuda_cache *c, int32_t seq, int64_t n, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_seq_truncate";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s = check_seq(c, seq, fn);
+    if (s) return s;
+    if (n < 0) return fail(KVQ_ERR_RANGE, "%s: n_tokens %lld is negative", fn, (long long)n);
+    const int nl = c->cfg.n_layers;
+    // A cut inside the pages keeps the whole flush units before it; the rest of its unit moves back to the window
+    // (grouped caches: the unit is one page, G = P), later window tokens are dropped.
+    const int64_t keep = n / c->Gf * c->Gf;
+    const int cnt = (int)(n - keep);
+    bool any = false;
+    UnflushArgs A;
+    memset(&A, 0, sizeof A);
+    for (int l = 0; l < nl; l++)
+        if (n < c->seqs[seq][l].paged && cnt > 0) A.mask[l >> 5] |= 1u << (l & 31), any = true;
+    if (any) {  // one launch for all layers: either everything is enqueued or nothing
+        if (c->Gf != PT || keep % PT != 0) return fail(KVQ_ERR_INTERNAL, "%s: group %d != page %d", fn, c->Gf, PT);
+        DevGuard dg(c->device);
+        A.arena = c->arena;
+        A.page_bytes = (int64_t)c->L.page_bytes;
+        A.table = c->table(seq, 0);
+        A.table_stride = c->max_pages;
+        A.win = c->wk(seq, 0);
+        A.win_elems = (int64_t)c->win_elems();
+        A.v_off = (int32_t)c->L.v_offset;
+        A.H = c->L.n_kv_heads;
+        A.page_idx = (int32_t)(keep / PT);
+        A.cnt = cnt;
+        cudaError_t e = launch_unflush(c->L.type_k, c->L.head_dim, nl, A, (cudaStream_t)stream);
+        if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
+    }
+    for (int l = 0; l < nl; l++) {
+        SeqLayer &sl = c->seqs[seq][l];
+        if (n >= sl.paged + sl.win) continue;
+        if (n >= sl.paged) {  // inside the window: the newest tokens go
+            sl.win = (int32_t)(n - sl.paged);
+            continue;
+        }
+        sl.paged = keep;
+        sl.win = cnt;
+        sl.whead = 0;  // the kernel wrote the surviving tokens to rows 0 .. cnt-1
+        const size_t np = (size_t)((keep + PT - 1) / PT);
+        for (size_t i = np; i < sl.pages.size(); i++) page_unref(c, sl.pages[i]);
+        sl.pages.resize(np);
+    }
     return KVQ_OK;
 }
 
