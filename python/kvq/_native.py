@@ -71,7 +71,7 @@ class TypeTraits(C.Structure):
 class CudaStats(C.Structure):
     _fields_ = [("pages_total", C.c_int64), ("pages_free", C.c_int64), ("page_bytes", C.c_size_t),
                 ("arena_bytes", C.c_size_t), ("window_bytes", C.c_size_t), ("table_bytes", C.c_size_t),
-                ("workspace_bytes", C.c_size_t), ("n_seqs", C.c_int)]
+                ("workspace_bytes", C.c_size_t), ("n_seqs", C.c_int), ("pages_shared", C.c_int64)]
 
 
 def _stats_dict(s) -> dict:
@@ -351,8 +351,9 @@ class Cache:
 # CUDA backend (optional library)
 # ----------------------------------------------------------------------------------------------------------------
 _cuda, CUDA_LIBRARY_PATH = _load("KVQ_CUDA_LIBRARY", ["libkvq_cuda_py.so"], "the kvq CUDA library", False)
+_CUDA_WHY = ""  # why a CUDA library that was found cannot be used
 if _cuda is not None:
-    for _n, _r, _a in [
+    _cuda_entries = [
         ("kvq_cuda_last_error", C.c_char_p, []),
         ("kvq_cuda_device_count", C.c_int, [C.POINTER(C.c_int)]),
         ("kvq_cuda_cache_create", C.c_int, [C.POINTER(CacheConfig), C.c_int, C.c_int64, C.POINTER(_P)]),
@@ -362,12 +363,20 @@ if _cuda is not None:
         ("kvq_cuda_seq_new", C.c_int, [_P, _I32P]),
         ("kvq_cuda_seq_free", C.c_int, [_P, C.c_int32]),
         ("kvq_cuda_seq_length", C.c_int, [_P, C.c_int32, C.c_int, C.POINTER(C.c_int64)]),
+        ("kvq_cuda_seq_fork", C.c_int, [_P, C.c_int32, _I32P, _P]),
+        ("kvq_cuda_seq_truncate", C.c_int, [_P, C.c_int32, C.c_int64, _P]),
         ("kvq_cuda_append", C.c_int, [_P, C.c_int, C.c_int, _I32P, _I32P, C.c_int, _P, _P, _P]),
         ("kvq_cuda_attn_decode", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, _P, _P, C.POINTER(AttnParams), _P]),
         ("kvq_cuda_attn_prefill", C.c_int, [_P, C.c_int, C.c_int32, C.c_int, C.c_int, _P, _P, C.POINTER(AttnParams),
                                             _P]),
-    ]:
-        _proto(_cuda, _n, _r, *_a)
+    ]
+    try:
+        for _n, _r, _a in _cuda_entries:
+            _proto(_cuda, _n, _r, *_a)
+    except AttributeError:  # a library built from an older tree: the CPU part stays usable
+        _CUDA_WHY = (f"{CUDA_LIBRARY_PATH} is older than this package (no {_n}): rebuild it "
+                     "(python3 python/build_native.py or pip install .)")
+        _cuda = None
 
 
 def _check_cuda(status):
@@ -377,7 +386,7 @@ def _check_cuda(status):
 def cuda_available() -> tuple[bool, str]:
     """(True, "") when the CUDA library is loaded and a usable GPU (sm_90) is there, else (False, why)."""
     if _cuda is None:
-        return False, "libkvq was built without its CUDA backend (no nvcc at build time)"
+        return False, _CUDA_WHY or "libkvq was built without its CUDA backend (no nvcc at build time)"
     n = C.c_int()
     st = _cuda.kvq_cuda_device_count(C.byref(n))
     if st < 0 or n.value < 1:
@@ -420,6 +429,16 @@ class CudaCache:
 
     def seq_free(self, seq) -> None:
         _check_cuda(_cuda.kvq_cuda_seq_free(self._h, int(seq)))
+
+    def seq_fork(self, src, stream=0) -> int:
+        """New sequence sharing src's pages (copy on write); the window copies are enqueued on `stream`."""
+        s = C.c_int32()
+        _check_cuda(_cuda.kvq_cuda_seq_fork(self._h, int(src), C.byref(s), _P(stream or None)))
+        return s.value
+
+    def seq_truncate(self, seq, n_tokens, stream=0) -> None:
+        """Keep the first n_tokens tokens of every layer (kvq_seq_truncate semantics); device work on `stream`."""
+        _check_cuda(_cuda.kvq_cuda_seq_truncate(self._h, int(seq), int(n_tokens), _P(stream or None)))
 
     def seq_length(self, seq, layer=0) -> int:
         n = C.c_int64()
