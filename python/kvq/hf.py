@@ -9,7 +9,9 @@ How the pieces fit:
   * With any other attention implementation (eager, sdpa, ...) KVQCache still works on CPU: update() appends and
     returns the whole cache dequantized by kvq_read (like transformers' QuantizedCache does). That mode is for
     compatibility and tests; it is slower and has no memory benefit during attention.
-  * Batch rows are kvq sequences; beam search reorders them with kvq_seq_fork (pages shared, copy on write).
+  * Batch rows are kvq sequences; beam search reorders them with kvq_seq_fork / kvq_cuda_seq_fork (pages shared,
+    copy on write), and crop truncates them with kvq_seq_truncate / kvq_cuda_seq_truncate. On CUDA their device work
+    (window copies, the dequantization of a cut group) is enqueued on the current torch stream.
 """
 from __future__ import annotations
 
@@ -415,6 +417,10 @@ class KVQCache(Cache):
         return out
 
     # ---------------------------------------------------------------------------------------------------------
+    def _stream(self) -> int:
+        """The cudaStream_t (as int) of the current torch stream on the cache's device; 0 on CPU."""
+        return torch.cuda.current_stream(self._device).cuda_stream if self.is_cuda else 0
+
     def _remap(self, src_rows: list[int]):
         """New row i = old row src_rows[i] (beam reorder, select, repeat): the first user of an old sequence keeps
         it, the others fork it (pages shared, copy on write); old sequences nobody uses are freed."""
@@ -422,16 +428,15 @@ class KVQCache(Cache):
             return
         if src_rows == list(range(self.kvq_batch)):
             return
-        if self.is_cuda:
-            raise NotImplementedError("kvq: reordering/duplicating sequences (beam search) needs kvq_cuda_seq_fork, "
-                                      "which the CUDA backend does not have yet; use CPU tensors or greedy/sampling")
+        stream = self._stream()
         for g in self._groups:
+            fork = (lambda s, h=g.handle: h.seq_fork(s, stream)) if self.is_cuda else g.handle.seq_fork
             used, new = set(), []
             try:
                 for src in src_rows:
                     s = g.seqs[src]
                     if s in used:
-                        new.append(g.handle.seq_fork(s))
+                        new.append(fork(s))
                     else:
                         used.add(s)
                         new.append(s)
@@ -464,12 +469,14 @@ class KVQCache(Cache):
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, hf_len - tokens_to_remove)
         if remove == 0 or self._device is None:
             return
-        if self.is_cuda:
-            raise NotImplementedError("kvq: crop needs kvq_cuda_seq_truncate, which the CUDA backend does not have")
+        stream = self._stream()
         for g in self._groups:
             for s in g.seqs:
                 n = g.handle.seq_length(s, 0)
-                g.handle.seq_truncate(s, max(0, n - remove))
+                if self.is_cuda:
+                    g.handle.seq_truncate(s, max(0, n - remove), stream)
+                else:
+                    g.handle.seq_truncate(s, max(0, n - remove))
         for layer in self.layers:
             layer.hf_len = max(0, layer.hf_len - remove)
         self._mask_memo = None
