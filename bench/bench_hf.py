@@ -45,7 +45,8 @@ Caches (--methods):
 
 Rows that fail (OOM, missing package, ...) are reported as such. Results are written after every row (--out
 markdown, --csv), so a run cut short still leaves what it measured; --budget-s skips what would start after that
-many seconds (reported as skipped).
+many seconds (reported as skipped); a row with no result after --row-timeout-s (a hang in a CUDA or kvq call) is
+reported as hung, the rest as not run, the Python stacks are printed and the process exits with status 3.
 
   python3 bench/bench_hf.py --out docs/bench-hf.md --csv docs/bench-hf.csv                      # GPU, full default
   python3 bench/bench_hf.py --ctx 8192,32768,131072 --batch 1,8 --layers 4 --steps 16           # quicker subset
@@ -54,6 +55,7 @@ many seconds (reported as skipped).
 import argparse
 import contextlib
 import csv
+import faulthandler
 import gc
 import json
 import math
@@ -61,6 +63,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import types
 
@@ -637,6 +640,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--mlp", type=int, default=14336)
     ap.add_argument("--budget-s", type=float, default=0, help="skip rows that would start after this many seconds")
+    ap.add_argument("--row-timeout-s", type=float, default=120,
+                    help="a row without result after this long is reported as hung and the run stops (0: never)")
     ap.add_argument("--out", default=None, help="markdown to write (rewritten after every row)")
     ap.add_argument("--csv", default=None, help="CSV to write (default: --out with .csv)")
     ap.add_argument("--json", default=None)
@@ -673,7 +678,8 @@ def main():
         dev = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
     meta = {"device": dev, "torch": torch.__version__, "transformers": TRANSFORMERS_VERSION,
             "cudnn": torch.backends.cudnn.version() if cuda else "-", "quanto": quanto,
-            "dtype": "fp16" if cuda else "fp32 (CPU)", "timer": "CUDA-event" if cuda else "host-clock", "weights_mib": weights_bytes / MiB, "notes": notes,
+            "dtype": "fp16" if cuda else "fp32 (CPU)", "timer": "CUDA-event" if cuda else "host-clock",
+            "weights_mib": weights_bytes / MiB, "notes": notes,
             "command": "python3 bench/bench_hf.py " + " ".join(sys.argv[1:]), "elapsed_s": 0.0}
     print(json.dumps({k: v for k, v in meta.items() if k != "notes"}), flush=True)
     # one short decode on a tiny DynamicCache first: CUDA context, cuBLAS handles, kernel loading
@@ -684,44 +690,70 @@ def main():
         for _ in range(3):
             model(torch.zeros((1, 1), dtype=torch.long, device=a.device), past_key_values=c, use_cache=True)
         del c
+    plan = [(ctx, B, m) for ctx in [int(x) for x in a.ctx.split(",")] for B in [int(x) for x in a.batch.split(",")]
+            for m in methods]
     rows = []
-    for ctx in [int(x) for x in a.ctx.split(",")]:
-        for B in [int(x) for x in a.batch.split(",")]:
-            for m in methods:
-                base = {"method": m, "batch": B, "ctx": ctx, "layers": a.layers}
-                t0 = time.perf_counter()
-                if a.budget_s and t0 - t_start > a.budget_s:
-                    r = {**base, "error": "skipped (time budget)"}
-                elif m.startswith("quanto") and "unavailable" in quanto:
-                    r = {**base, "error": "optimum-quanto not installed"}
-                else:
-                    try:
-                        r = run_one(model, m, B, ctx, a, a.device, dtype, weights_bytes, sleep_rate)
-                    except torch.cuda.OutOfMemoryError:
-                        r = {**base, "error": "OOM"}
-                    except Exception as e:  # report and go on
-                        msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
-                        r = {**base, "error": ("OOM: " if "out of memory" in msg.lower() else "") + msg[:160]}
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.empty_cache()
-                r["wall_s"] = time.perf_counter() - t0
-                rows.append(r)
-                print(json.dumps(r, default=str), flush=True)
-                meta["elapsed_s"] = time.perf_counter() - t_start
-                if a.out:
-                    write_md(a.out, rows, meta, a)
-                if a.csv:
-                    write_csv(a.csv, with_ratios(rows))
-    meta["elapsed_s"] = time.perf_counter() - t_start
+
+    def save(final=False):
+        meta["elapsed_s"] = time.perf_counter() - t_start
+        if a.out:
+            write_md(a.out, rows, meta, a)
+        if a.csv:
+            write_csv(a.csv, with_ratios(rows))
+        if a.json and final:
+            with open(a.json, "w") as fh:
+                json.dump({"meta": meta, "rows": with_ratios(rows)}, fh, indent=1, default=str)
+
+    def hung(i):
+        """Watchdog (another thread; the main one is stuck, typically in a CUDA or kvq call): report the row as hung,
+        the rest as not run, write everything, dump the stacks and stop the process."""
+        ctx, B, m = plan[i]
+        rows.append({"method": m, "batch": B, "ctx": ctx, "layers": a.layers,
+                     "error": f"HANG: no result after {a.row_timeout_s:.0f} s, run stopped"})
+        for ctx, B, m in plan[i + 1:]:
+            rows.append({"method": m, "batch": B, "ctx": ctx, "layers": a.layers, "error": "not run (stopped by a hang)"})
+        meta["notes"].append(f"the run stopped: {plan[i][2]} batch {plan[i][1]} ctx {plan[i][0]} gave no result "
+                             f"within {a.row_timeout_s:.0f} s (stacks in the log)")
+        print(json.dumps(rows[i]), flush=True)
+        try:
+            save(final=True)
+        finally:
+            faulthandler.dump_traceback(all_threads=True)
+            sys.stdout.flush()
+            os._exit(3)
+
+    for i, (ctx, B, m) in enumerate(plan):
+        base = {"method": m, "batch": B, "ctx": ctx, "layers": a.layers}
+        t0 = time.perf_counter()
+        if a.budget_s and t0 - t_start > a.budget_s:
+            r = {**base, "error": "skipped (time budget)"}
+        elif m.startswith("quanto") and "unavailable" in quanto:
+            r = {**base, "error": "optimum-quanto not installed"}
+        else:
+            dog = threading.Timer(a.row_timeout_s, hung, args=(i,)) if a.row_timeout_s > 0 else None
+            if dog:
+                dog.daemon = True
+                dog.start()
+            try:
+                r = run_one(model, m, B, ctx, a, a.device, dtype, weights_bytes, sleep_rate)
+            except torch.cuda.OutOfMemoryError:
+                r = {**base, "error": "OOM"}
+            except Exception as e:  # report and go on
+                msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
+                r = {**base, "error": ("OOM: " if "out of memory" in msg.lower() else "") + msg[:160]}
+            finally:
+                if dog:
+                    dog.cancel()
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        r["wall_s"] = time.perf_counter() - t0
+        rows.append(r)
+        print(json.dumps(r, default=str), flush=True)
+        save()
+    save(final=True)
     if a.out:
-        write_md(a.out, rows, meta, a)
         print(open(a.out).read())
-    if a.csv:
-        write_csv(a.csv, with_ratios(rows))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"meta": meta, "rows": with_ratios(rows)}, fh, indent=1, default=str)
     print(f"done in {meta['elapsed_s']:.0f} s", flush=True)
 
 
