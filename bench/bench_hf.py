@@ -8,8 +8,8 @@ decode steps):
   1. the context is loaded straight into the cache: random fp16 K/V of the model's shapes, one update per layer
      (the prefill is not what is measured and is excluded from time and peak memory);
   2. --warmup decode steps of the whole model (embedding, layers, LM head), not timed;
-  3. --steps timed decode steps: a CUDA event after each step, ms/step = the MEDIAN of the per-step event
-     intervals (tokens/s = batch / that). The host time of each model() call is kept too (median "host ms");
+  3. --steps timed decode steps (Python's garbage collector off): a CUDA event after each step; the host time of
+     each model() call is kept too ("host ms");
   4. --breakdown-steps instrumented steps: the GPU is first held by a spin kernel (torch.cuda._sleep) long enough
      for the host to queue the whole step, so the step then runs on the GPU without host gaps; CUDA events around
      every layer's cache.update() and attention function give "GPU ms/step" (pure device time of a step), "KV
@@ -20,6 +20,10 @@ decode steps):
      residual windows, page tables, workspace);
   6. KV MiB: the bytes of the cache's K/V contents at the end (tensors of DynamicCache / QuantizedCache / icw; kvq:
      pages in use + residual windows), and a check that the cache holds context + all decode steps tokens.
+All of this is done --rounds times (default 2) per row, the methods of one (context, batch) in turn and every other
+round in reverse order, so that slow drifts of the host (the steps of a 4-layer model at batch 1 are bound by Python
+overhead) do not favour one method; ms/step = the MEDIAN of the per-step intervals of all rounds, tokens/s =
+batch / ms/step.
 
 Caches (--methods):
   dynamic        transformers DynamicCache, fp16, attn_implementation="sdpa", SDPA pinned to one backend (--sdpa,
@@ -399,6 +403,8 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
                 torch.cuda.reset_peak_memory_stats()
             ids = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
             probe = Probe(cache, impl, clock)
+            gc.collect()
+            gc.disable()  # no collector pauses inside the measured steps (as timeit does)
             with sdpa_context(backend if impl == "sdpa" else None, device):
                 for _ in range(a.warmup):
                     model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -430,9 +436,11 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
                     gpu_steps.append(clock.ms(t0, t1))
                 probe.on = False
             clock.sync()
+            gc.enable()
             med = statistics.median(per_step)
             res.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
-                       tok_s=B * 1000.0 / med, host_ms=statistics.median(host), steps=a.steps)
+                       tok_s=B * 1000.0 / med, host_ms=statistics.median(host), steps=a.steps,
+                       _per_step=per_step, _host=host, _gpu=gpu_steps)
             if gpu_steps:
                 upd, att = probe.split_ms()
                 res.update(gpu_ms=statistics.median(gpu_steps), kv_update_ms=upd, attn_ms=att,
@@ -454,6 +462,7 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
                 fms, rl = quanto_flush_ms(cache, clock)
                 res["flush_ms"], res["residual"] = fms, rl
     finally:
+        gc.enable()
         if probe is not None:
             probe.close()
         if name.startswith("kvq"):
@@ -462,13 +471,45 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
     return res
 
 
+def merge_rounds(results):
+    """One row from the results of the rounds of one (method, batch, ctx): ms/step, host and GPU ms are medians over
+    the samples of all successful rounds, KV update / attention the median of the rounds' values, peak the max."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return dict(results[0])
+    r = dict(ok[-1])
+    per_step = [x for o in ok for x in o["_per_step"]]
+    med = statistics.median(per_step)
+    r.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
+             tok_s=r["batch"] * 1000.0 / med, host_ms=statistics.median([x for o in ok for x in o["_host"]]),
+             steps=len(per_step), rounds=len(ok), wall_s=sum(o.get("wall_s", 0.0) for o in results))
+    gpu = [x for o in ok for x in o.get("_gpu", [])]
+    if gpu:
+        r["gpu_ms"] = statistics.median(gpu)
+        for k in ("kv_update_ms", "attn_ms"):
+            v = [o[k] for o in ok if k in o and not math.isnan(o[k])]
+            r[k] = statistics.median(v) if v else float("nan")
+        r["gaps"] = "; ".join(sorted({o["gaps"] for o in ok if o.get("gaps")}))
+    if any("peak_mib" in o for o in ok):
+        r["peak_mib"] = max(o.get("peak_mib", 0.0) for o in ok)
+    bad = [f"round {i + 1}: {o['error']}" for i, o in enumerate(results) if "error" in o]
+    notes = sorted({o["note"] for o in ok if o.get("note")}) + bad
+    if notes:
+        r["note"] = "; ".join(notes)
+    return r
+
+
+def public(r):
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["method", "batch", "ctx", "layers", "ms_step", "tok_s", "speedup_vs_dynamic", "kv_mib", "kv_ratio",
               "peak_mib", "ms_mean", "ms_min", "ms_max", "host_ms", "gpu_ms", "kv_update_ms", "attn_ms",
               "kv_mib_per_layer", "kv_alloc_mib", "tokens", "steps", "attn_impl", "sdpa_pinned", "sdpa_backend",
-              "flush_ms", "residual", "gaps", "note", "error", "wall_s"]
+              "flush_ms", "residual", "rounds", "gaps", "note", "error", "wall_s"]
 
 
 def ref_row(rows, r):
@@ -529,8 +570,10 @@ def write_md(path, rows, meta, a):
              f"{meta['cudnn']}, {meta['quanto']}. Model: random-weight Llama architecture, Llama-3-8B shapes (hidden "
              f"4096, 32 query / 8 KV heads, head_dim 128, MLP {a.mlp}, vocabulary {a.vocab}), **{a.layers} layers**, "
              f"{meta['dtype']}, weights {meta['weights_mib']:.0f} MiB. Per row: context loaded into the cache "
-             f"(random K/V, not timed), {a.warmup} warm-up steps, **{a.steps} timed decode steps (median of per-step "
-             f"{meta['timer']} intervals)**, {a.breakdown_steps} instrumented steps. Run took {meta['elapsed_s']:.0f} s.")
+             f"(random K/V, not timed), {a.warmup} warm-up steps, {a.steps} timed decode steps, {a.breakdown_steps} "
+             f"instrumented steps; **{a.rounds} rounds** (the methods of a context and batch in turn, every other "
+             f"round in reverse order), **ms/step = median of the per-step {meta['timer']} intervals of all rounds**. "
+             f"Run took {meta['elapsed_s']:.0f} s.")
     L.append("")
     L.append("Command: `" + meta["command"] + "`")
     L.append("")
@@ -633,6 +676,9 @@ def main():
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per row (median)")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--breakdown-steps", type=int, default=4, help="instrumented steps per row (0: none)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="measure every row this many times, the methods of a (ctx, batch) in turn, odd rounds in "
+                         "reverse order; a row's figures pool the samples of its rounds")
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--sdpa", default=None, choices=["flash", "cudnn", "efficient", "math", "auto"],
                     help="SDPA backend of the sdpa methods without @backend (default: flash on CUDA, auto on CPU)")
@@ -690,11 +736,16 @@ def main():
         for _ in range(3):
             model(torch.zeros((1, 1), dtype=torch.long, device=a.device), past_key_values=c, use_cache=True)
         del c
-    plan = [(ctx, B, m) for ctx in [int(x) for x in a.ctx.split(",")] for B in [int(x) for x in a.batch.split(",")]
-            for m in methods]
+    groups = [(ctx, B) for ctx in [int(x) for x in a.ctx.split(",")] for B in [int(x) for x in a.batch.split(",")]]
+    plan = [(ctx, B, m) for ctx, B in groups for m in methods]
+    results = {k: [] for k in plan}  # (ctx, B, method) -> one result per round
     rows = []
 
+    def collect():
+        rows[:] = [public(merge_rounds(results[k])) for k in plan if results[k]]
+
     def save(final=False):
+        collect()
         meta["elapsed_s"] = time.perf_counter() - t_start
         if a.out:
             write_md(a.out, rows, meta, a)
@@ -704,17 +755,19 @@ def main():
             with open(a.json, "w") as fh:
                 json.dump({"meta": meta, "rows": with_ratios(rows)}, fh, indent=1, default=str)
 
-    def hung(i):
-        """Watchdog (another thread; the main one is stuck, typically in a CUDA or kvq call): report the row as hung,
-        the rest as not run, write everything, dump the stacks and stop the process."""
-        ctx, B, m = plan[i]
-        rows.append({"method": m, "batch": B, "ctx": ctx, "layers": a.layers,
-                     "error": f"HANG: no result after {a.row_timeout_s:.0f} s, run stopped"})
-        for ctx, B, m in plan[i + 1:]:
-            rows.append({"method": m, "batch": B, "ctx": ctx, "layers": a.layers, "error": "not run (stopped by a hang)"})
-        meta["notes"].append(f"the run stopped: {plan[i][2]} batch {plan[i][1]} ctx {plan[i][0]} gave no result "
-                             f"within {a.row_timeout_s:.0f} s (stacks in the log)")
-        print(json.dumps(rows[i]), flush=True)
+    def hung(key, rnd):
+        """Watchdog (another thread; the main one is stuck, typically in a CUDA or kvq call): report the run as hung,
+        what has no result as not run, write everything, dump the stacks and stop the process."""
+        ctx, B, m = key
+        results[key].append({"method": m, "batch": B, "ctx": ctx, "layers": a.layers,
+                             "error": f"HANG: no result after {a.row_timeout_s:.0f} s (round {rnd + 1}), run stopped"})
+        for k in plan:
+            if not results[k]:
+                results[k].append({"method": k[2], "batch": k[1], "ctx": k[0], "layers": a.layers,
+                                   "error": "not run (stopped by a hang)"})
+        meta["notes"].append(f"the run stopped: {m} batch {B} ctx {ctx} (round {rnd + 1}) gave no result within "
+                             f"{a.row_timeout_s:.0f} s (Python stacks in the log)")
+        print(json.dumps(results[key][-1]), flush=True)
         try:
             save(final=True)
         finally:
@@ -722,35 +775,42 @@ def main():
             sys.stdout.flush()
             os._exit(3)
 
-    for i, (ctx, B, m) in enumerate(plan):
-        base = {"method": m, "batch": B, "ctx": ctx, "layers": a.layers}
-        t0 = time.perf_counter()
-        if a.budget_s and t0 - t_start > a.budget_s:
-            r = {**base, "error": "skipped (time budget)"}
-        elif m.startswith("quanto") and "unavailable" in quanto:
-            r = {**base, "error": "optimum-quanto not installed"}
-        else:
-            dog = threading.Timer(a.row_timeout_s, hung, args=(i,)) if a.row_timeout_s > 0 else None
-            if dog:
-                dog.daemon = True
-                dog.start()
-            try:
-                r = run_one(model, m, B, ctx, a, a.device, dtype, weights_bytes, sleep_rate)
-            except torch.cuda.OutOfMemoryError:
-                r = {**base, "error": "OOM"}
-            except Exception as e:  # report and go on
-                msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
-                r = {**base, "error": ("OOM: " if "out of memory" in msg.lower() else "") + msg[:160]}
-            finally:
+    for ctx, B in groups:
+        for rnd in range(a.rounds):
+            for m in (methods if rnd % 2 == 0 else methods[::-1]):  # odd rounds in reverse order
+                key = (ctx, B, m)
+                base = {"method": m, "batch": B, "ctx": ctx, "layers": a.layers}
+                t0 = time.perf_counter()
+                if a.budget_s and t0 - t_start > a.budget_s:
+                    if rnd == 0:
+                        results[key].append({**base, "error": "skipped (time budget)"})
+                    continue  # later rounds: keep what the earlier ones measured
+                if m.startswith("quanto") and "unavailable" in quanto:
+                    if rnd == 0:
+                        results[key].append({**base, "error": "optimum-quanto not installed"})
+                    continue
+                dog = threading.Timer(a.row_timeout_s, hung, args=(key, rnd)) if a.row_timeout_s > 0 else None
                 if dog:
-                    dog.cancel()
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        r["wall_s"] = time.perf_counter() - t0
-        rows.append(r)
-        print(json.dumps(r, default=str), flush=True)
-        save()
+                    dog.daemon = True
+                    dog.start()
+                try:
+                    r = run_one(model, m, B, ctx, a, a.device, dtype, weights_bytes, sleep_rate)
+                except torch.cuda.OutOfMemoryError:
+                    r = {**base, "error": "OOM"}
+                except Exception as e:  # report and go on
+                    msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
+                    r = {**base, "error": ("OOM: " if "out of memory" in msg.lower() else "") + msg[:160]}
+                finally:
+                    if dog:
+                        dog.cancel()
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                r["wall_s"] = time.perf_counter() - t0
+                r["round"] = rnd + 1
+                results[key].append(r)
+                print(json.dumps(public(r), default=str), flush=True)
+                save()
     save(final=True)
     if a.out:
         print(open(a.out).read())
