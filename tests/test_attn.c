@@ -3,7 +3,8 @@
  *  - against an fp64 reference over the cache's own dequantized contents (the kernel's arithmetic): NMSE < 1e-9;
  *  - against an fp64 reference over the original fp32 K/V (the type's quality): NMSE per type bound;
  *  - the AVX2 kernels against the scalar _ref kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer
- *    kernels of Q8/Q4/Q2, which round queries and softmax weights to int16 (relative error ~1.5e-5 each);
+ *    kernels of Q8/Q4/Q2, which round queries and softmax weights to int16 (relative error ~1.5e-5 each), < 4e-5
+ *    where the values are Q4/Q2, whose kernels round the weights to 8 bits;
  *  - decode of a ragged batch, and chunked causal prefill. */
 #include "testutil.h"
 
@@ -18,7 +19,7 @@ static double quality_bound(kvq_type tk, kvq_type tv) {
 
 typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
 
-static double worst_quality[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
+static double worst_quality[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], worst_simd[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
 
 static void run_combo(combo cb) {
     const int H = cb.H ? cb.H : 2, nqh = H * cb.rep, B = 3;
@@ -70,10 +71,14 @@ static void run_combo(combo cb) {
     for (size_t i = 0; i < qn; i++) refd[i] = out_ref[i];
     double e_simd = tu_nmse(out, refd, qn), e_ref = tu_nmse(out_ref, ref, qn);
     const char *nk = kvq_type_get_traits(cb.tk)->name, *nv = kvq_type_get_traits(cb.tv)->name;
-    /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9 */
+    /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9. The Q4/Q2 value
+     * kernels round the softmax weights (times the value scales) to 8 bits per segment of 64 tokens: measured
+     * <= 8e-6, about 1% of those types' own error energy at worst (quality NMSE >= 3e-4 on this data). */
     bool int_path = cb.tk == KVQ_TYPE_Q8 || cb.tk == KVQ_TYPE_Q4 || cb.tk == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q8 ||
                     cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
-    double simd_bound = int_path ? 2e-8 : 1e-10, arith_bound = int_path ? 2e-8 : 1e-9;
+    bool w8_path = cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
+    double simd_bound = w8_path ? 4e-5 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 4e-5 : int_path ? 2e-8 : 1e-9;
+    if (e_simd > worst_simd[cb.tk][cb.tv]) worst_simd[cb.tk][cb.tv] = e_simd;
     CHECK(e_arith < arith_bound && e_ref < 1e-9, "decode %s/%s D=%d rep=%d win=%d cap=%g: arithmetic NMSE simd %g ref %g", nk,
           nv, cb.D, cb.rep, cb.window, (double)cb.softcap, e_arith, e_ref);
     CHECK(e_simd < simd_bound, "decode %s/%s D=%d: simd vs _ref NMSE %g", nk, nv, cb.D, e_simd);
@@ -133,6 +138,14 @@ int main(void) {
     for (int tk = 0; tk < 6; tk++) {
         printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
         for (int tv = 0; tv < 6; tv++) printf("%10.2e", worst_quality[tk][tv]);
+        printf("\n");
+    }
+    printf("worst NMSE of the SIMD kernels against the scalar _ref kernels, rows K, columns V:\n      ");
+    for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
+    printf("\n");
+    for (int tk = 0; tk < 6; tk++) {
+        printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
+        for (int tv = 0; tv < 6; tv++) printf("%10.2e", worst_simd[tk][tv]);
         printf("\n");
     }
     return tu_finish("test_attn");

@@ -17,8 +17,9 @@ typedef struct kvq__blk {
 
 #define KVQ_TILE 8 /* rows decoded at a time */
 
-/* Per work item state of the fused key kernels: the query rounded to int16 once, not once per block. The driver
- * zeroes `valid` when a work item starts. */
+/* Per work item state of the fused key kernels: the query rounded to int16 once (Q8) or once per key group (Q4,
+ * Q2: q * scale), not once per block; qg holds the query in the kernel's channel order. The driver zeroes `valid`
+ * when a work item starts. */
 typedef struct kvq__qstate {
     int valid;
     int group;           /* key group the quantized q' belongs to (grouped types) */

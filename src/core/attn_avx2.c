@@ -158,6 +158,8 @@ static float exp_sum_avx2(float *x, int n, float m) {
 /* ---- fused kernels: one pass over a block's bytes, dequantized in registers ---- */
 
 #define AI static inline __attribute__((always_inline))
+/* an empty asm that makes v opaque to the optimizer here: keeps an accumulation in its written order */
+#define KVQ_PIN(v) __asm__("" : "+x"(v))
 
 
 /* per-token multiplier of a per-token type's raw row */
@@ -298,31 +300,62 @@ AI void value_accum_impl(const kvq_type T, const int R, const kvq__blk *b, int j
 /* ---- integer kernels for Q8, Q4 and Q2: the codes are multiplied as 16-bit integers (vpmaddwd: 16 MACs per
  * instruction against 8 for an fp32 FMA), so the narrower types also need fewer instructions than F16, not more.
  * Queries and softmax weights are rounded to int16 with one scale per row: relative error ~1e-5, far below the
- * types' own quantization error. A chunk of C channels (Q8 16, Q4 32, Q2 64) unpacks into C/16 vectors of 16
- * int16 lanes; vector u holds channels A..A+7 in its low half and B..B+7 in its high half, A = 8u, B = A + C/2. */
+ * types' own quantization error. A chunk of C channels (Q8 16, Q4 32, Q2 64) is one 16-byte load. */
 
 static inline int int_chunk(kvq_type T) { return T == KVQ_TYPE_Q8 ? 16 : T == KVQ_TYPE_Q4 ? 32 : 64; }
 
-/* All C/16 vectors of the chunk of `row` starting at channel c */
-AI void unpack_chunk(const kvq_type T, const uint8_t *row, int c, __m256i *v) {
+/* Key codes are unpacked in the order the bytes give them, with no shuffles: 16 bytes widen to 16 words and each
+ * field of a byte (E = 1, 2 or 4 codes per byte) is masked out into its own vector, so lane k of vector u is
+ * channel c + k*E + u. The query is permuted to the same order ("kernel order", index c + 16u + k) instead, once
+ * per work item, where it costs nothing per token. */
+AI void unpack_keys(const kvq_type T, const uint8_t *row, int c, __m256i *v) {
     if (T == KVQ_TYPE_Q8) {
         v[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(row + c)));
         return;
     }
     if (T == KVQ_TYPE_Q4) {
         __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(row + c / 2)));
-        __m256i lo = _mm256_and_si256(x, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(x, 4);
-        v[0] = _mm256_unpacklo_epi16(lo, hi), v[1] = _mm256_unpackhi_epi16(lo, hi);
+        v[0] = _mm256_and_si256(x, _mm256_set1_epi16(15)), v[1] = _mm256_srli_epi16(x, 4);
         return;
     }
     __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(row + c / 4)));
     __m256i m = _mm256_set1_epi16(3);
-    __m256i f0 = _mm256_and_si256(x, m), f1 = _mm256_and_si256(_mm256_srli_epi16(x, 2), m);
-    __m256i f2 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m), f3 = _mm256_srli_epi16(x, 6);
-    __m256i l01 = _mm256_unpacklo_epi16(f0, f1), l23 = _mm256_unpacklo_epi16(f2, f3);
-    __m256i h01 = _mm256_unpackhi_epi16(f0, f1), h23 = _mm256_unpackhi_epi16(f2, f3);
-    v[0] = _mm256_unpacklo_epi32(l01, l23), v[1] = _mm256_unpackhi_epi32(l01, l23);
-    v[2] = _mm256_unpacklo_epi32(h01, h23), v[3] = _mm256_unpackhi_epi32(h01, h23);
+    v[0] = _mm256_and_si256(x, m), v[1] = _mm256_and_si256(_mm256_srli_epi16(x, 2), m);
+    v[2] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m), v[3] = _mm256_srli_epi16(x, 6);
+}
+
+/* dst = src (D floats, natural channel order) in kernel order; src != dst */
+static void to_kernel_order(kvq_type T, const float *src, float *dst, int D) {
+    if (T == KVQ_TYPE_Q8) {
+        memcpy(dst, src, (size_t)D * sizeof(float));
+        return;
+    }
+    if (T == KVQ_TYPE_Q4) { /* 16 channels: evens to dst[c..], odds to dst[c + 16..] */
+        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        for (int c = 0; c < D; c += 32)
+            for (int h = 0; h < 32; h += 16) {
+                __m256 y0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h), idx);
+                __m256 y1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h + 8), idx);
+                _mm256_storeu_ps(dst + c + h / 2, _mm256_permute2f128_ps(y0, y1, 0x20));
+                _mm256_storeu_ps(dst + c + 16 + h / 2, _mm256_permute2f128_ps(y0, y1, 0x31));
+            }
+        return;
+    }
+    /* Q2: per 32 channels, vpermps makes (8j + u, 8j + 4 + u) pairs; a 4x4 transpose of those pairs gathers u */
+    const __m256i idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int c = 0; c < D; c += 64)
+        for (int h = 0; h < 64; h += 32) {
+            __m256d y[4];
+            for (int j = 0; j < 4; j++)
+                y[j] = _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h + 8 * j), idx));
+            __m256d l01 = _mm256_unpacklo_pd(y[0], y[1]), h01 = _mm256_unpackhi_pd(y[0], y[1]);
+            __m256d l23 = _mm256_unpacklo_pd(y[2], y[3]), h23 = _mm256_unpackhi_pd(y[2], y[3]);
+            float *o = dst + c + h / 4;
+            _mm256_storeu_pd((double *)(void *)(o + 0), _mm256_permute2f128_pd(l01, l23, 0x20));
+            _mm256_storeu_pd((double *)(void *)(o + 16), _mm256_permute2f128_pd(h01, h23, 0x20));
+            _mm256_storeu_pd((double *)(void *)(o + 32), _mm256_permute2f128_pd(l01, l23, 0x31));
+            _mm256_storeu_pd((double *)(void *)(o + 48), _mm256_permute2f128_pd(h01, h23, 0x31));
+        }
 }
 
 static inline float hmax_ps(__m256 a) {
@@ -332,27 +365,33 @@ static inline float hmax_ps(__m256 a) {
     return _mm_cvtss_f32(h);
 }
 
-/* Rounds R rows of D floats (row stride D) to int16 in the unpacked vector order; per-row scales out. */
-static void quantize_rows16(kvq_type T, const float *src, int R, int D, int16_t *dst, float *scale) {
-    const int C = int_chunk(T), NX = C / 16;
+static inline float hsum_ps(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
+/* Rounds R rows of D floats (x, or x * mul when mul is given; row stride D) to int16, order kept; per-row scales
+ * out */
+static void quantize_rows16(const float *x, const float *mul, int R, int D, int16_t *dst, float *scale) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-        const float *x = src + (size_t)r * D;
+        const float *xr = x + (size_t)r * D;
         __m256 mx = _mm256_setzero_ps();
-        for (int c = 0; c < D; c += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(absmask, _mm256_loadu_ps(x + c)));
+        for (int c = 0; c < D; c += 8) {
+            __m256 v = _mm256_loadu_ps(xr + c);
+            if (mul) v = _mm256_mul_ps(v, _mm256_loadu_ps(mul + c));
+            mx = _mm256_max_ps(mx, _mm256_and_ps(absmask, v));
+        }
         float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
-        __m256 inv = _mm256_set1_ps(1.0f / sc);
         scale[r] = sc;
-        for (int c = 0; c < D; c += C)
-            #pragma GCC unroll 8
-            for (int u = 0; u < NX; u++) {
-                int A = c + 8 * u, B = A + C / 2;
-                __m256i ia = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + A), inv));
-                __m256i ib = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + B), inv));
-                __m256i v = _mm256_packs_epi32(_mm256_permute2x128_si256(ia, ib, 0x20), _mm256_permute2x128_si256(ia, ib, 0x31));
-                _mm256_store_si256((__m256i *)(void *)(dst + (size_t)r * D + c + 16 * u), v);
-            }
+        for (int c = 0; c < D; c += 16) {
+            __m256 a = _mm256_loadu_ps(xr + c), bb = _mm256_loadu_ps(xr + c + 8);
+            __m256 inv = _mm256_set1_ps(1.0f / sc);
+            if (mul) a = _mm256_mul_ps(a, _mm256_loadu_ps(mul + c)), bb = _mm256_mul_ps(bb, _mm256_loadu_ps(mul + c + 8));
+            __m256i v = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a, inv)), _mm256_cvtps_epi32(_mm256_mul_ps(bb, inv)));
+            _mm256_store_si256((__m256i *)(void *)(dst + (size_t)r * D + c), _mm256_permute4x64_epi64(v, 0xD8));
+        }
     }
 }
 
@@ -364,171 +403,353 @@ static inline __m256i hsum8_epi32(const __m256i *a) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
 }
 
-AI void key_scores_int_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *q, float *s,
-                            int ss, kvq__qstate *st) {
-    const int D = b->D, C = int_chunk(T), NX = C / 16;
+/* A new key group of a grouped type: q' = q * scale rounded to int16 (kernel order) and qm = q . min */
+static void key_group_query(kvq_type T, int R, int D, const uint16_t *sm, const float *q, kvq__qstate *st) {
+    float sc[256] __attribute__((aligned(32))), scp[256] __attribute__((aligned(32)));
+    for (int c = 0; c < D; c += 8)
+        _mm256_store_ps(sc + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c))));
+    to_kernel_order(T, sc, scp, D);
+    for (int r = 0; r < R; r++) {
+        __m256 am = _mm256_setzero_ps();
+        for (int c = 0; c < D; c += 8)
+            am = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)r * D + c),
+                                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c))), am);
+        st->qm[r] = hsum_ps(am);
+    }
+    quantize_rows16(st->qg, scp, R, D, st->q16, st->qs);
+}
+
+/* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
+AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
+                            const float *q, float *s, int ss, kvq__qstate *st) {
+    const int D = DK ? DK : b->D, C = int_chunk(T), NX = C / 16;
     const bool grouped = T != KVQ_TYPE_Q8;
-    if (!grouped && !st->valid) quantize_rows16(T, q, R, D, st->q16, st->qs), st->valid = 1;
+    if (!st->valid) { /* first block of the work item: Q8 rounds q once, the grouped types permute it once */
+        if (grouped)
+            for (int r = 0; r < R; r++) to_kernel_order(T, q + (size_t)r * D, st->qg + (size_t)r * D, D);
+        else
+            quantize_rows16(q, NULL, R, D, st->q16, st->qs);
+        st->valid = 1, st->par = NULL, st->group = -1;
+    }
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
-        if (grouped && (!st->valid || st->par != b->par || st->group != j / b->G)) {
-            /* q' = q * scale and qm = q . min for this key group, quantized once per group */
-            const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
-            #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                __m256 am = _mm256_setzero_ps();
-                for (int c = 0; c < D; c += 8) {
-                    __m256 qv = _mm256_loadu_ps(q + (size_t)r * D + c);
-                    __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c)));
-                    __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
-                    _mm256_storeu_ps(st->qg + (size_t)r * D + c, _mm256_mul_ps(qv, sc));
-                    am = _mm256_fmadd_ps(qv, mn, am);
-                }
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
-                h = _mm_hadd_ps(h, h);
-                st->qm[r] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
-            }
-            quantize_rows16(T, st->qg, R, D, st->q16, st->qs);
-            st->valid = 1, st->par = b->par, st->group = j / b->G;
+        if (grouped && (st->par != b->par || st->group != j / b->G)) {
+            key_group_query(T, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st);
+            st->par = b->par, st->group = j / b->G;
         }
         /* up to 8 tokens of one key group; their scores are reduced together (transposed sums) */
         int m = n - i0 < 8 ? n - i0 : 8;
         if (grouped && (j + m - 1) / b->G != st->group) m = (st->group + 1) * b->G - j;
         __m256i part[4][8];
-        for (int t = 0; t < 8; t++) {
+        const uint8_t *row = b->data + (size_t)j * b->stride;
+        for (int t = 0; t < m; t++, row += b->stride) {
+            /* integer adds have 1-cycle latency: one token at a time keeps every vector in a register */
             __m256i acc[4];
-            #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
-            if (t < m) {
-                /* integer adds have 1-cycle latency: one token at a time keeps every vector in a register */
-                const uint8_t *row = b->data + (size_t)(j + t) * b->stride;
-                for (int c = 0; c < D; c += C) {
-                    __m256i x[4];
-                    unpack_chunk(T, row, c, x);
-                    #pragma GCC unroll 8
-                    for (int u = 0; u < NX; u++)
-                        #pragma GCC unroll 8
-                        for (int r = 0; r < R; r++) {
-                            __m256i qv = _mm256_load_si256((const __m256i *)(const void *)(st->q16 + (size_t)r * D + c + 16 * u));
-                            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(qv, x[u]));
-                        }
-                }
+            /* the query stays in memory operands: hoisted out of the token loop, GCC would copy it to the stack */
+            const int16_t *q16 = st->q16;
+            __asm__("" : "+r"(q16));
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256(); /* folded away when DK is known */
+            #pragma GCC unroll 16
+            for (int c = 0; c < D; c += C) {
+                __m256i x[4];
+                unpack_keys(T, row, c, x);
+                #pragma GCC unroll 4
+                for (int u = 0; u < NX; u++)
+                    #pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) {
+                        __m256i qv = _mm256_load_si256((const __m256i *)(const void *)(q16 + (size_t)r * D + c + 16 * u));
+                        __m256i pr = _mm256_madd_epi16(qv, x[u]);
+                        acc[r] = DK && c == 0 && u == 0 ? pr : _mm256_add_epi32(acc[r], pr);
+                    }
+                /* in this order: GCC would otherwise reassociate the sums into a tree of spilled products */
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++) KVQ_PIN(acc[r]);
             }
-            #pragma GCC unroll 8
+            #pragma GCC unroll 4
             for (int r = 0; r < R; r++) part[r][t] = acc[r];
         }
-        __m256 ts = _mm256_set1_ps(1.0f);
-        if (!grouped) {
+        for (int t = m; t < 8; t++)
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++) part[r][t] = _mm256_setzero_si256();
+        __m256 ts;
+        if (grouped) ts = _mm256_set1_ps(1.0f);
+        else if (m == 8) ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(b->par + j)));
+        else {
             uint16_t h[8] = {0};
             memcpy(h, b->par + j, (size_t)m * 2);
             ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)h));
         }
-        #pragma GCC unroll 8
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(part[r])), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
-            sc = _mm256_add_ps(sc, _mm256_set1_ps(grouped ? st->qm[r] : 0.0f));
-            float o8[8];
-            _mm256_storeu_ps(o8, sc);
-            memcpy(s + (size_t)r * ss + i0, o8, (size_t)m * sizeof(float));
+            if (grouped) sc = _mm256_add_ps(sc, _mm256_set1_ps(st->qm[r]));
+            if (m == 8) _mm256_storeu_ps(s + (size_t)r * ss + i0, sc);
+            else _mm256_maskstore_ps(s + (size_t)r * ss + i0, keep, sc);
         }
         i0 += m;
     }
 }
 
-AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
-                             float *accbuf) {
-    const int D = b->D, C = int_chunk(T), NX = C / 16;
-    const bool grouped = T != KVQ_TYPE_Q8;
-    const int ng = grouped ? D / b->Gv : 1;
-    /* weights p * scale of each token, per value group and row, rounded to int16 (pairs read as one int32) */
-    int16_t c16[4][4][64 + 16] __attribute__((aligned(32)));
-    float cs[4][4], minacc[4][4];
-    float scl[64 + 8] __attribute__((aligned(32))), mnv[64 + 8] __attribute__((aligned(32)));
-    const int n8 = (n + 7) & ~7;
-    for (int g = 0; g < ng; g++) {
-        uint16_t hs[64 + 8], hm[64 + 8];
-        for (int i = 0; i < n8; i++) {
-            const uint16_t *sm = grouped ? b->par + (size_t)(j0 + i) * ng * 2 + 2 * g : b->par + j0 + i;
-            hs[i] = i < n ? sm[0] : 0;
-            hm[i] = i < n && grouped ? sm[1] : 0;
+/* ---- integer value kernels ----
+ * Q8: acc[r][c] += sum_i (p_ri * s_i) * q_ic with the weights rounded to int16 (one scale per row and segment) and
+ * the codes of tokens i, i+1 interleaved as int16 pairs, so that one vpmaddwd does both tokens of 8 channels.
+ * Q4, Q2: the weights w = p * scale of a segment are rounded to 8 bits (one scale per row, value group and
+ * segment: relative error <= 1/510 of the largest weight) and meet byte-interleaved code pairs in vpmaddubsw (16
+ * channels x 2 tokens per instruction), summed in int16 lanes that wrap. With x = s * q + m written as
+ * s * (q - o) + (m + o * s), o = 2^(b-1), the centered sum is what comes out, exactly, once o * (sum of the 8-bit
+ * weights) is taken off; it is bounded by o * that sum, so the int16 sums can run over the whole segment when the
+ * weights' total allows it (always for Q2; for Q4 unless the weights are flat), else over 16 tokens. */
+
+#define VW_PAD (64 + 32)
+typedef struct vweights {
+    uint8_t w8[4][4][VW_PAD] __attribute__((aligned(32))); /* [group][row][token], zero from n on */
+    float ws[4][4], mn[4][4];                             /* [group][row]: weight scale, sum of p * (min + o s) */
+    int32_t w16[4][4][2][8] __attribute__((aligned(32))); /* [group][row][32 tokens]: sums of 16 w8 in 0 and 4 */
+    int nwin, win[5];                                     /* int16 sums run over tokens win[k] .. win[k + 1] */
+} vweights;
+
+/* scale[g][i] and (min + off * scale)[g][i] as fp32 for the n tokens from j0, zero from n to 64 */
+static void value_params(const kvq__blk *b, int j0, int n, int ng, float off, float (*S)[64], float (*M)[64]) {
+    const uint16_t *par = b->par + (size_t)j0 * ng * 2;
+    int i = 0;
+    if (ng == 2) /* D = 128: a token's params are (s0, m0, s1, m1); 8 tokens are 64 bytes */
+        for (; i + 8 <= n; i += 8) {
+            const __m256i sh = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3,
+                                                10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+            const __m256i pd = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            /* per 128-bit lane (2 tokens): s0 s0' m0 m0' s1 s1' m1 m1', then 4 tokens per 64 bits */
+            __m256i a = _mm256_permutevar8x32_epi32(
+                _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(const void *)(par + 4 * i)), sh), pd);
+            __m256i c = _mm256_permutevar8x32_epi32(
+                _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(const void *)(par + 4 * i + 16)), sh), pd);
+            __m256i s01 = _mm256_unpacklo_epi64(a, c), m01 = _mm256_unpackhi_epi64(a, c); /* group 0 | group 1 */
+            __m256 s0 = _mm256_cvtph_ps(_mm256_castsi256_si128(s01)), s1 = _mm256_cvtph_ps(_mm256_extracti128_si256(s01, 1));
+            __m256 m0 = _mm256_cvtph_ps(_mm256_castsi256_si128(m01)), m1 = _mm256_cvtph_ps(_mm256_extracti128_si256(m01, 1));
+            __m256 o = _mm256_set1_ps(off);
+            _mm256_store_ps(S[0] + i, s0), _mm256_store_ps(S[1] + i, s1);
+            _mm256_store_ps(M[0] + i, _mm256_fmadd_ps(o, s0, m0)), _mm256_store_ps(M[1] + i, _mm256_fmadd_ps(o, s1, m1));
         }
-        for (int i = 0; i < n8; i += 8) {
-            _mm256_store_ps(scl + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(hs + i))));
-            _mm256_store_ps(mnv + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(hm + i))));
+    for (; i < 64; i++)
+        for (int g = 0; g < ng; g++) {
+            float s = i < n ? _cvtsh_ss(par[(size_t)i * ng * 2 + 2 * g]) : 0.0f;
+            float m = i < n ? _cvtsh_ss(par[(size_t)i * ng * 2 + 2 * g + 1]) : 0.0f;
+            S[g][i] = s, M[g][i] = m + off * s;
         }
-        #pragma GCC unroll 8
+}
+
+/* p of row r, tokens 0..n8, zero from n on (the driver leaves what follows n undefined) */
+AI __m256 load_p(const float *pr, int i, int n) {
+    if (i + 8 <= n) return _mm256_loadu_ps(pr + i);
+    __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(pr + i, keep);
+}
+
+AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
+                        vweights *vw) {
+    const int D = b->D, ng = D / b->Gv;
+    const int off = T == KVQ_TYPE_Q4 ? 8 : 2;
+    float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
+    value_params(b, j0, n, ng, (float)off, S, M);
+    /* 64 tokens whatever n: p, S and M are 0 past n */
+    __m256i most[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* the largest sums of 16 weights */
+    for (int g = 0; g < ng; g++)
+        #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const float *pr = p + (size_t)r * ps;
-            float cf[64 + 8] __attribute__((aligned(32)));
-            __m256 mx = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
-            for (int i = 0; i < n8; i += 8) {
-                /* p beyond n is not ours to read: mask it */
-                __m256 pv = i + 8 <= n ? _mm256_loadu_ps(pr + i) : _mm256_setzero_ps();
-                if (i + 8 > n)
-                    for (int k = i; k < n; k++) ((float *)&pv)[k - i] = pr[k];
-                __m256 v = _mm256_mul_ps(pv, _mm256_load_ps(scl + i));
-                _mm256_store_ps(cf + i, v);
-                mx = _mm256_max_ps(mx, v);
-                mn = _mm256_fmadd_ps(pv, _mm256_load_ps(mnv + i), mn);
+            float wf[64] __attribute__((aligned(32)));
+            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
+            #pragma GCC unroll 8
+            for (int i = 0; i < 64; i += 8) {
+                /* p is 0 from n on, so w8[n], which the last pair of an odd n reads, is 0 */
+                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S[g] + i));
+                _mm256_store_ps(wf + i, w);
+                mx = _mm256_max_ps(mx, w);
+                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
             }
-            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
-            __m256 inv = _mm256_set1_ps(1.0f / sc);
-            cs[g][r] = sc;
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
-            h = _mm_hadd_ps(h, h);
-            minacc[g][r] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
-            for (int i = 0; i < n8; i += 16) {
-                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(cf + i), inv));
-                __m256i bq = i + 8 < n8 ? _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(cf + i + 8), inv)) : _mm256_setzero_si256();
-                _mm256_store_si256((__m256i *)(void *)&c16[g][r][i], _mm256_permute4x64_epi64(_mm256_packs_epi32(a, bq), 0xD8));
+            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
+            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma);
+            __m256 iv = _mm256_set1_ps(inv);
+            #pragma GCC unroll 2
+            for (int i = 0; i < 64; i += 32) {
+                __m256i a[4];
+                #pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8 * k), iv));
+                __m256i v = _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
+                v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i), v);
+                /* sums of 16 weights in dwords 0 and 4 */
+                __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
+                sad = _mm256_add_epi64(sad, _mm256_shuffle_epi32(sad, 0x4E));
+                _mm256_store_si256((__m256i *)(void *)vw->w16[g][r][i / 32], sad);
+                most[i / 32] = _mm256_max_epi32(most[i / 32], sad);
             }
-            c16[g][r][n] = 0;
+        }
+    /* windows of whole 16-token parts, as long as o * (sum of weights) stays an int16 in every row */
+    int m16[4] = {_mm256_extract_epi32(most[0], 0), _mm256_extract_epi32(most[0], 4), _mm256_extract_epi32(most[1], 0),
+                  _mm256_extract_epi32(most[1], 4)};
+    int sum = 0;
+    vw->nwin = 0, vw->win[0] = 0;
+    for (int k = 0; 16 * k < n; k++) {
+        if (k > 0 && (sum + m16[k]) * off > 32767) vw->win[++vw->nwin] = 16 * k, sum = 0;
+        sum += m16[k];
+    }
+    vw->win[++vw->nwin] = n;
+}
+
+/* acc[c..] += ws * a (+ mn) for the int16 sums of a 32 (Q4) or 64 (Q2) channel block of one row, whose lane k of
+ * vector f is channel c + k*E + f; bias: o * sum of the weights, to take off */
+AI void flush_block(const kvq_type T, const __m256i *a0, int16_t bias, float ws, float mn, bool last, float *acc) {
+    __m256i v[4], a[4];
+    const int NV = T == KVQ_TYPE_Q4 ? 2 : 4, half = 8 * NV;
+    #pragma GCC unroll 4
+    for (int f = 0; f < NV; f++) a[f] = _mm256_sub_epi16(a0[f], _mm256_set1_epi16(bias));
+    if (T == KVQ_TYPE_Q4) { /* ch 0-7 | 16-23, ch 8-15 | 24-31 */
+        v[0] = _mm256_unpacklo_epi16(a[0], a[1]), v[1] = _mm256_unpackhi_epi16(a[0], a[1]);
+    } else { /* ch 0-7 | 32-39, 8-15 | 40-47, 16-23 | 48-55, 24-31 | 56-63 */
+        __m256i l01 = _mm256_unpacklo_epi16(a[0], a[1]), l23 = _mm256_unpacklo_epi16(a[2], a[3]);
+        __m256i h01 = _mm256_unpackhi_epi16(a[0], a[1]), h23 = _mm256_unpackhi_epi16(a[2], a[3]);
+        v[0] = _mm256_unpacklo_epi32(l01, l23), v[1] = _mm256_unpackhi_epi32(l01, l23);
+        v[2] = _mm256_unpacklo_epi32(h01, h23), v[3] = _mm256_unpackhi_epi32(h01, h23);
+    }
+    const __m256 s = _mm256_set1_ps(ws), m = _mm256_set1_ps(last ? mn : 0.0f);
+    #pragma GCC unroll 4
+    for (int k = 0; k < NV; k++)
+        #pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m128i x = h ? _mm256_extracti128_si256(v[k], 1) : _mm256_castsi256_si128(v[k]);
+            float *o = acc + 8 * k + h * half;
+            __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(x));
+            __m256 r = _mm256_fmadd_ps(f, s, _mm256_loadu_ps(o));
+            _mm256_storeu_ps(o, last ? _mm256_add_ps(r, m) : r);
+        }
+}
+
+/* *a += maddubs(w, x) (int16 lanes), in place: as intrinsics GCC keeps moving the sums between registers */
+AI void acc_maddubs(__m256i *a, __m256i w, __m256i x) {
+    __m256i t;
+    __asm__("vpmaddubsw %[x], %[w], %[t]\n\tvpaddw %[t], %[a], %[a]" : [a] "+x"(*a), [t] "=&x"(t) : [w] "x"(w), [x] "x"(x));
+}
+
+/* one token pair of a block: a[r][f] += w8 pair of row r x the pair's codes of field f */
+AI void grouped_pair(const kvq_type T, const int R, const uint8_t *row0, const uint8_t *row1, const uint8_t *w8,
+                     __m256i (*a)[4]) {
+    const int NV = T == KVQ_TYPE_Q4 ? 2 : 4;
+    const __m256i nib = _mm256_set1_epi8(T == KVQ_TYPE_Q4 ? 15 : 3);
+    /* words (token i byte k, token i+1 byte k): a field of both tokens per byte pair */
+    __m256i z = _mm256_or_si256(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)row0)),
+                                _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)row1)), 8));
+    __m256i x[4];
+    #pragma GCC unroll 4
+    for (int f = 0; f < NV; f++)
+        x[f] = _mm256_and_si256(f == 0 ? z : _mm256_srli_epi16(z, f * (T == KVQ_TYPE_Q4 ? 4 : 2)), nib);
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        int16_t wp;
+        memcpy(&wp, w8 + (size_t)r * VW_PAD, 2);
+        __m256i w = _mm256_set1_epi16(wp);
+        #pragma GCC unroll 4
+        for (int f = 0; f < NV; f++) {
+            acc_maddubs(&a[r][f], w, x[f]);
         }
     }
+}
+
+AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p,
+                                 int ps, float *accbuf) {
+    const int D = b->D, C = T == KVQ_TYPE_Q4 ? 32 : 64, NV = C / 16;
+    vweights vw;
+    grouped_weights(T, R, b, j0, n, p, ps, &vw);
+    const size_t st = b->stride;
     for (int c = 0; c < D; c += C) {
-        int g = grouped ? c / b->Gv : 0; /* Gv is a multiple of C: the chunk lies in one group */
-        #pragma GCC unroll 8
-        for (int u = 0; u < NX; u++) { /* one unpacked vector at a time: 2R accumulators stay in registers */
-            __m256i alo[4], ahi[4];
-            #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) alo[r] = ahi[r] = _mm256_setzero_si256();
-            const uint8_t *row = b->data + (size_t)j0 * b->stride;
-            for (int i = 0; i < n; i += 2, row += 2 * b->stride) {
-                __m256i x0[4], x1[4];
-                unpack_chunk(T, row, c, x0);
-                if (i + 1 < n) unpack_chunk(T, row + b->stride, c, x1);
-                else x1[u] = _mm256_setzero_si256();
-                /* (token i, token i+1) pairs of each channel, against the pair of their weights */
-                __m256i plo = _mm256_unpacklo_epi16(x0[u], x1[u]), phi = _mm256_unpackhi_epi16(x0[u], x1[u]);
-                #pragma GCC unroll 8
-                for (int r = 0; r < R; r++) {
-                    int32_t pairw;
-                    memcpy(&pairw, &c16[g][r][i], 4);
-                    __m256i cc = _mm256_set1_epi32(pairw);
-                    alo[r] = _mm256_add_epi32(alo[r], _mm256_madd_epi16(plo, cc));
-                    ahi[r] = _mm256_add_epi32(ahi[r], _mm256_madd_epi16(phi, cc));
-                }
-            }
-            /* alo lanes: channels A+0..3 | B+0..3; ahi: A+4..7 | B+4..7 */
-            #pragma GCC unroll 8
+        const int g = c / b->Gv; /* Gv is a multiple of C */
+        for (int k = 0; k < vw.nwin; k++) {
+            const int i0 = vw.win[k], i1 = vw.win[k + 1];
+            __m256i a[4][4];
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                #pragma GCC unroll 4
+                for (int f = 0; f < NV; f++) a[r][f] = _mm256_setzero_si256();
+            const uint8_t *row = b->data + (size_t)(j0 + i0) * st + (T == KVQ_TYPE_Q4 ? c / 2 : c / 4);
+            const uint8_t *end = row + (size_t)((i1 - i0) & ~1) * st, *w8 = &vw.w8[g][0][i0];
+            for (; row < end; row += 2 * st, w8 += 2) grouped_pair(T, R, row, row + st, w8, a);
+            if ((i1 - i0) & 1) grouped_pair(T, R, row, row, w8, a); /* its second weight is 0 */
+            #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
-                int A = c + 8 * u, B = A + C / 2;
-                float *o = accbuf + (size_t)r * D;
-                __m256 sc = _mm256_set1_ps(cs[g][r]);
-                __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(alo[r]), sc), hi = _mm256_mul_ps(_mm256_cvtepi32_ps(ahi[r]), sc);
-                _mm_storeu_ps(o + A, _mm_add_ps(_mm_loadu_ps(o + A), _mm256_castps256_ps128(lo)));
-                _mm_storeu_ps(o + A + 4, _mm_add_ps(_mm_loadu_ps(o + A + 4), _mm256_castps256_ps128(hi)));
-                _mm_storeu_ps(o + B, _mm_add_ps(_mm_loadu_ps(o + B), _mm256_extractf128_ps(lo, 1)));
-                _mm_storeu_ps(o + B + 4, _mm_add_ps(_mm_loadu_ps(o + B + 4), _mm256_extractf128_ps(hi, 1)));
+                int wsum = 0;
+                for (int h = i0 / 16; h < (i1 + 15) / 16; h++) wsum += vw.w16[g][r][h / 2][h % 2 * 4];
+                int16_t bias = (int16_t)(uint16_t)(wsum * (T == KVQ_TYPE_Q4 ? 8 : 2));
+                flush_block(T, a[r], bias, vw.ws[g][r], vw.mn[g][r], i1 == n, accbuf + (size_t)r * D + c);
             }
         }
     }
-    if (grouped)
-        #pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < D; c += 8)
-                _mm256_storeu_ps(accbuf + (size_t)r * D + c, _mm256_add_ps(_mm256_loadu_ps(accbuf + (size_t)r * D + c),
-                                                                          _mm256_set1_ps(minacc[c / b->Gv][r])));
+}
+
+AI void value_accum_q8_impl(const int R, const kvq__blk *b, int j0, int n, const float *p, int ps, float *accbuf) {
+    const int D = b->D, n8 = (n + 7) & ~7;
+    /* weights p * s rounded to int16, read in (token i, token i+1) pairs as one int32 */
+    int16_t c16[4][64 + 16] __attribute__((aligned(32)));
+    float cs[4], scl[64 + 8] __attribute__((aligned(32)));
+    {
+        uint16_t hs[64 + 8] = {0};
+        memcpy(hs, b->par + j0, (size_t)n * 2);
+        for (int i = 0; i < n8; i += 8)
+            _mm256_store_ps(scl + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(hs + i))));
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const float *pr = p + (size_t)r * ps;
+        float cf[64 + 8] __attribute__((aligned(32)));
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < n8; i += 8) {
+            __m256 v = _mm256_mul_ps(load_p(pr, i, n), _mm256_load_ps(scl + i));
+            _mm256_store_ps(cf + i, v);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
+        }
+        float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
+        __m256 inv = _mm256_set1_ps(1.0f / sc);
+        cs[r] = sc;
+        for (int i = 0; i < n8; i += 16) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(cf + i), inv));
+            __m256i bq = i + 8 < n8 ? _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(cf + i + 8), inv)) : _mm256_setzero_si256();
+            _mm256_store_si256((__m256i *)(void *)&c16[r][i], _mm256_permute4x64_epi64(_mm256_packs_epi32(a, bq), 0xD8));
+        }
+        c16[r][n] = 0;
+    }
+    for (int c = 0; c < D; c += 16) {
+        __m256i a[4][2];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        const uint8_t *row = b->data + (size_t)j0 * b->stride + c;
+        for (int i = 0; i < n; i += 2, row += 2 * b->stride) {
+            __m128i x0 = _mm_loadu_si128((const __m128i *)(const void *)row);
+            __m128i x1 = _mm_loadu_si128((const __m128i *)(const void *)(row + (i + 1 < n ? b->stride : 0)));
+            /* int16 (token i, token i+1) pairs of channels 0-7 and 8-15 */
+            __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)), hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                int32_t pairw;
+                memcpy(&pairw, &c16[r][i], 4);
+                __m256i w = _mm256_set1_epi32(pairw);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(lo, w));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(hi, w));
+            }
+        }
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            float *o = accbuf + (size_t)r * D + c;
+            __m256 s = _mm256_set1_ps(cs[r]);
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), s, _mm256_loadu_ps(o)));
+            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), s, _mm256_loadu_ps(o + 8)));
+        }
+    }
+}
+
+AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
+                             float *accbuf) {
+    if (T == KVQ_TYPE_Q8) value_accum_q8_impl(R, b, j0, n, p, ps, accbuf);
+    else value_accum_grouped_impl(T, R, b, j0, n, p, ps, accbuf);
 }
 
 /* The integer kernels take R <= 4 rows and whole chunks that never straddle a value group. */
@@ -578,8 +799,15 @@ static bool int_ok(const kvq__blk *b, int rows) {
 static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                             kvq__qstate *st) {
     if (int_ok(b, rows)) {
-#define KI(T, R) key_scores_int_impl(T, R, b, j0, n, q, s, ss, st)
-        INT_TYPE_SWITCH(KI)
+        /* the common head dims get a fully unrolled channel loop */
+#define KI(T, R) key_scores_int_impl(T, R, 128, b, j0, n, q, s, ss, st)
+        if (b->D == 128) INT_TYPE_SWITCH(KI)
+#undef KI
+#define KI(T, R) key_scores_int_impl(T, R, 64, b, j0, n, q, s, ss, st)
+        else if (b->D == 64) INT_TYPE_SWITCH(KI)
+#undef KI
+#define KI(T, R) key_scores_int_impl(T, R, 0, b, j0, n, q, s, ss, st)
+        else INT_TYPE_SWITCH(KI)
 #undef KI
         return;
     }
