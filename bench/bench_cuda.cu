@@ -48,6 +48,19 @@ static double median(std::vector<float> v) {
     return v.empty() ? 0 : v[v.size() / 2];
 }
 
+static std::vector<int> int_list(const char *s) {
+    std::vector<int> v;
+    for (const char *p = s; *p;) {
+        char *end;
+        long x = strtol(p, &end, 10);
+        if (end == p || x < 1 || x > (1 << 24)) return {};
+        v.push_back((int)x);
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return {};
+    }
+    return v;
+}
+
 struct Row {
     std::string type;
     int batch, ctx;
@@ -58,13 +71,18 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = "docs", *sdpa_path = nullptr;
     int reps = 20;
     bool quick = false;
+    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
         else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc) sdpa_path = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--types") && i + 1 < argc) types_arg = argv[++i];
+        else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (strcmp(argv[i], "cuda")) {
-            fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick]\n");
+            fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,...] "
+                            "[--ctx 4096,131072] [--batch 1,8]\n");
             return 2;
         }
     }
@@ -119,13 +137,37 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         cudaFree(b);
     }
     printf("device %s, %d SMs; copy bandwidth %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
+    fflush(stdout);
 
     const int H = 8, D = 128, NQH = 32;
     std::vector<int> ctxs = {4096, 16384, 65536, 131072};
     std::vector<int> batches = {1, 8, 32};
     if (quick) ctxs = {4096, 131072}, batches = {1, 8};
+    if (ctx_arg) ctxs = int_list(ctx_arg);
+    if (batch_arg) batches = int_list(batch_arg);
+    std::vector<kvq_type> types = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2};
+    if (types_arg) {
+        types.clear();
+        std::string all = types_arg;
+        for (size_t a = 0; a <= all.size();) {
+            size_t b = all.find(',', a);
+            if (b == std::string::npos) b = all.size();
+            std::string name = all.substr(a, b - a);
+            kvq_type t;
+            if (kvq_type_from_name(name.c_str(), &t) != KVQ_OK) {
+                fprintf(stderr, "unknown type '%s'\n", name.c_str());
+                return 2;
+            }
+            types.push_back(t);
+            a = b + 1;
+        }
+    }
+    if (ctxs.empty() || batches.empty() || types.empty()) {
+        fprintf(stderr, "empty --ctx, --batch or --types\n");
+        return 2;
+    }
+    std::sort(batches.begin(), batches.end());
     const int maxb = batches.back();
-    const kvq_type types[6] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2};
     const int CH = 4096;  // append chunk
     __half *dk, *dv, *dq, *dout;
     size_t in_elems = (size_t)maxb * CH * H * D;
@@ -152,6 +194,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             OK(kvq_cuda_cache_create(&cfg, 0, ctx + 2 * CH, &c));
             std::vector<int32_t> ids(maxb), nt(maxb);
             for (int i = 0; i < maxb; i++) OK(kvq_cuda_seq_new(c, &ids[i]));
+            const bool verbose = getenv("KVQ_CUDA_DEBUG") != nullptr;
+            if (verbose) fprintf(stderr, "[%s ctx %d: appending]\n", tn, ctx);
             // fill ctx - 1 tokens in chunks (prefill append), then time one decode-step append (the last token)
             double app_chunk_us = 0;
             int n_chunks = 0;
@@ -183,6 +227,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             CU(cudaGetLastError());
             kvq_attn_params ap = kvq_attn_params_default(NQH);
             for (int b : batches) {
+                if (verbose) fprintf(stderr, "[%s ctx %d batch %d: decoding]\n", tn, ctx, b);
                 double bytes = 0;
                 OK(kvq_cuda_attn_decode_bytes(c, 0, b, ids.data(), &ap, &bytes));
                 for (int w = 0; w < 3; w++) OK(kvq_cuda_attn_decode(c, 0, b, ids.data(), KVQ_DTYPE_F16, dq, dout, &ap, st));

@@ -26,6 +26,8 @@
  *   one cache share its workspace, so two of them must never run concurrently.
  * - kvq_cuda_seq_free and kvq_cuda_seq_truncate return pages to the free list at once; a later append may reuse
  *   them, which is safe when that append is ordered after the work that still reads them (same stream).
+ * - Debugging: with the environment variable KVQ_CUDA_DEBUG set, the attention calls synchronise after each of
+ *   their kernels and name the one that failed on stderr (a fault is otherwise reported by a later call).
  * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
  *   the cache on the host (the const calls may run concurrently with each other).
  *

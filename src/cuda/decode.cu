@@ -17,6 +17,9 @@
 //   Q8/FP8 values: P'_t = p_t s_t;  KIVI values: P'_t,g = p_t scale_t,g plus a rank-16 MMA for sum_t p_t min_t,g.
 // Channel order inside a fragment is free (any permutation of the reduction index works when Q uses the same),
 // which lets each quantized format use its cheapest unpacking (lop3 + magic 0x6400 fp16 exponent).
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "common.cuh"
 
 namespace kvqc {
@@ -265,9 +268,13 @@ template <int T, int D> struct Cfg {
     static constexpr int SLOT = TR::kblk + TR::vblk;
     static constexpr int PS_STRIDE = 68;  // floats per head row of P (64 + 4: no bank conflicts)
     static constexpr int RING_BUDGET = 200 * 1024;
-    static constexpr int NS0 = RING_BUDGET / SLOT;
-    static constexpr int NS = NS0 > 32 ? 32 : NS0;
-    static constexpr int W = NS - 2 >= 7 ? 7 : NS - 2;  // 8 warps: 255 registers, no spills
+    static constexpr int NS0 = (RING_BUDGET / SLOT) > 32 ? 32 : RING_BUDGET / SLOT;
+    // Page r goes to warp r % W through slot r % NS, and NS is a multiple of W, so each slot has one consumer that
+    // takes its rounds in order: an mbarrier parity wait is only sound when the waiter is at most one phase ahead,
+    // which a shared round-robin over all slots cannot promise once a slow warp falls a ring behind.
+    static constexpr int W = NS0 / 2 >= 7 ? 7 : NS0 / 2;  // 8 warps: 255 registers, no spills; >= 2 slots per warp
+    static constexpr int NS = NS0 / W * W;
+    static_assert(W >= 1 && NS >= 2 * W, "ring");
     static constexpr int THREADS = (W + 1) * 32;
     static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 4 + 2 * NS * 8;
 };
@@ -285,9 +292,12 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     constexpr int KROWB = type_bits(TT) * D / 8;
     const int g = lane >> 2, j = lane & 3;
     const int H = A.H, wcap = A.wcap;
+    // Window rows past the visible ones are masked, but they are read: clamp them to a visible row, since the ring
+    // may hold fewer than 64 rows (F16/Q8 with a small residual) and its other rows may be stale.
+    const int tmax = vis.hi - 1;
     auto krow = [&](int t) -> const uint8_t * {
         if constexpr (WINDOW) {
-            int r = wrow0 + t;
+            int r = wrow0 + min(t, tmax);
             r = r >= wcap ? r - wcap : r;
             return reinterpret_cast<const uint8_t *>(wk + (int64_t)r * H * D);
         } else {
@@ -296,7 +306,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     };
     auto vrow = [&](int t) -> const uint8_t * {
         if constexpr (WINDOW) {
-            int r = wrow0 + t;
+            int r = wrow0 + min(t, tmax);
             r = r >= wcap ? r - wcap : r;
             return reinterpret_cast<const uint8_t *>(wv + (int64_t)r * H * D);
         } else {
@@ -509,7 +519,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     // ---------------- consumers
     const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
     float *ps = psall + warp * 8 * C::PS_STRIDE;
-    int r = 0, q = 0;
+    int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
     int i = find_entry(A, beg);
     for (int64_t pos = beg; pos < end;) {
         const Entry &E = A.e[i];
@@ -538,25 +548,28 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
 #pragma unroll
         for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
         const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
-        for (int k = k0; k < kend; k++, q++) {
+        for (int k = k0; k < kend; k++) {
             bool page;
             int idx;
             Visible vis;
             unit_info(E, k, page, idx, vis);
-            if (q % W == warp) {
-                if (page) {
+            if (page) {
+                if (r % W == warp) {
                     const int sl = r % NS;
                     mbar_wait(&full[sl], (r / NS) & 1);
                     const uint8_t *kb = ring + sl * C::SLOT;
                     do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, qf, bq, m, l, o, bacc, ps, lane);
                     if (lane == 0) mbar_arrive(&empty[sl]);
-                } else {
+                }
+                r++;
+            } else {
+                if ((qw + r) % W == warp) {  // window units fill in after this pair's pages
                     int wrow0 = E.whead + idx * PT;
                     wrow0 = wrow0 % A.wcap;
                     do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, qf, bq, m, l, o, bacc, ps, lane);
                 }
+                qw++;
             }
-            if (page) r++;
         }
         // ---- this warp's partial for pair u = i*H + h
         {
@@ -586,46 +599,59 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     }
 }
 
-// Merges the partials of each (entry, KV head) pair into the output.
-__global__ void combine_kernel(const __grid_constant__ DecodeArgs A, int W) {
-    const int i = blockIdx.x / A.H, h = blockIdx.x % A.H;
+// Merges the partials of one (entry, KV head, query head) into the output. Warp 0 turns the slots' maxima into
+// weights (lanes stride the slots); then CS slot classes of D threads each sum their slots' rows (coalesced, many
+// loads in flight, empty slots skipped warp-uniformly) and shared memory adds the classes. One block per output
+// row keeps the whole GPU busy: a serial loop over the slots in one block per KV head cost ~40 us at batch 1.
+constexpr int CS = 4;  // slot classes per block
+__global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant__ DecodeArgs A, int W) {
+    const int H = A.H, Gq = A.Gq, D = A.D;
+    const int gq = blockIdx.x % Gq, pair = blockIdx.x / Gq, i = pair / H, h = pair % H;
     const Entry &E = A.e[i];
-    const int64_t u = (int64_t)i * A.H + h;
     const int64_t su = E.start + (int64_t)h * E.n;
     const int64_t c0 = su / A.L, c1 = (su + E.n - 1) / A.L;
-    const int64_t s0 = (u + c0) * W;
+    const int64_t s0 = ((int64_t)pair + c0) * W;
     const int ns = (int)((c1 - c0 + 1) * W);
-    const int Gq = A.Gq, D = A.D;
-    extern __shared__ float wsh[];  // [ns][Gq] weights, then [Gq] 1 / denominator
-    float *inv = wsh + ns * Gq;
-    __shared__ float mstar[8];
-    if (threadIdx.x < Gq) {
+    extern __shared__ float wsh[];  // [ns] weights, then [CS][D] sums
+    float *sums = wsh + ns;
+    __shared__ float inv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp == 0) {
         float M = -INFINITY;
-        for (int s = 0; s < ns; s++) M = fmaxf(M, A.part_ml[((s0 + s) * Gq + threadIdx.x) * 2]);
-        mstar[threadIdx.x] = M;
-    }
-    __syncthreads();
-    for (int x = threadIdx.x; x < ns * Gq; x += blockDim.x) {
-        const int gq = x % Gq;
-        const float mm = A.part_ml[((s0 + x / Gq) * Gq + gq) * 2];
-        wsh[x] = mm == -INFINITY ? 0.f : exp2f(mm - mstar[gq]);
-    }
-    __syncthreads();
-    if (threadIdx.x < Gq) {
+        for (int s = lane; s < ns; s += 32) M = fmaxf(M, A.part_ml[((s0 + s) * Gq + gq) * 2]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
         float den = 0.f;
-        for (int s = 0; s < ns; s++) den += wsh[s * Gq + threadIdx.x] * A.part_ml[((s0 + s) * Gq + threadIdx.x) * 2 + 1];
-        inv[threadIdx.x] = 1.f / den;
+        for (int s = lane; s < ns; s += 32) {
+            const float2 ml = *reinterpret_cast<const float2 *>(A.part_ml + ((s0 + s) * Gq + gq) * 2);
+            const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - M);
+            wsh[s] = w;
+            den += w * ml.y;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        if (lane == 0) inv = 1.f / den;
     }
     __syncthreads();
-    for (int x = threadIdx.x; x < Gq * D; x += blockDim.x) {
-        const int gq = x / D;
+    const int cls = threadIdx.x / D, c = threadIdx.x % D;
+    if (cls < CS) {
+        const float *p = A.part + ((s0 * Gq + gq) * D + c);
+        const int64_t step = (int64_t)Gq * D;
         float acc = 0.f;
-        for (int s = 0; s < ns; s++) {
-            const float w = wsh[s * Gq + gq];
-            if (w != 0.f) acc += w * A.part[(s0 + s) * Gq * D + x];
+#pragma unroll 4
+        for (int s = cls; s < ns; s += CS) {
+            const float w = wsh[s];
+            if (w != 0.f) acc += w * p[s * step];
         }
-        acc *= inv[gq];
-        const int64_t oi = ((int64_t)E.q_row * A.nqh + h * Gq) * D + x;
+        sums[cls * D + c] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x < D) {
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < CS; k++) acc += sums[k * D + threadIdx.x];
+        acc *= inv;
+        const int64_t oi = ((int64_t)E.q_row * A.nqh + h * Gq + gq) * D + threadIdx.x;
         if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oi] = acc;
         else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oi] = __float2half_rn(acc);
         else reinterpret_cast<__nv_bfloat16 *>(A.out)[oi] = __float2bfloat16_rn(acc);
@@ -645,6 +671,12 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
     decode_kernel<T, D><<<a.n_cta, C::THREADS, C::SMEM, st>>>(a);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
+    static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // synchronise after each kernel, name the failing one
+    if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
+        fprintf(stderr, "kvq debug: decode_kernel<%d,%d> failed: %s (entries %d, total %lld, L %lld, n_cta %d)\n", T, D,
+                cudaGetErrorString(e), a.n_entries, (long long)a.total, (long long)a.L, a.n_cta);
+        return e;
+    }
     int ns_max = 0;
     for (int i = 0; i < a.n_entries; i++)
         for (int h = 0; h < a.H; h++) {
@@ -652,12 +684,16 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
             int ns = (int)((su + a.e[i].n - 1) / a.L - su / a.L + 1) * C::W;
             ns_max = ns > ns_max ? ns : ns_max;
         }
-    size_t sm = ((size_t)ns_max * a.Gq + a.Gq) * sizeof(float);
+    size_t sm = ((size_t)ns_max + CS * D) * sizeof(float);
     if (sm > 48 * 1024) {
         e = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
         if (e != cudaSuccess) return e;
     }
-    combine_kernel<<<a.n_entries * a.H, 256, sm, st>>>(a, C::W);
+    combine_kernel<<<a.n_entries * a.H * a.Gq, CS * D, sm, st>>>(a, C::W);
+    if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
+        fprintf(stderr, "kvq debug: combine_kernel failed: %s\n", cudaGetErrorString(e));
+        return e;
+    }
     return cudaGetLastError();
 }
 
