@@ -286,7 +286,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
                    "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
                    "L2 flushed (256 MB memset) before every run. `GB/s` counts the KV bytes the kernel must read (pages "
                    "with their scales, plus fp16 window rows). `vs SDPA`: torch `scaled_dot_product_attention` (fp16, "
-                   "enable_gqa) timed the same way in the same job by bench/bench_sdpa.py.\n\n", reps);
+                   "enable_gqa) timed the same way by bench/bench_sdpa.py, read from %s.\n\n", reps, sdpa_path ? sdpa_path : "(no --sdpa file)");
         fprintf(f, "| type | batch | context | µs / step / layer | KV GB/s | %% of copy BW | × vs our F16 | × vs SDPA | SDPA µs | back-to-back µs |\n");
         fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for (auto &r : rows)
