@@ -149,6 +149,15 @@ _BEAMS = [[0, 0, 1, 3, 3, 3], [2, 0, 1, 4, 5, 3], [1, 1, 1, 3, 4, 4], [0, 1, 2, 
           [0, 0, 0, 4, 4, 4], [1, 2, 0, 5, 3, 4], [0, 2, 2, 3, 5, 5]]
 
 
+def _bound(kv_type, residual):
+    """max|dlogit|/std allowed between the CUDA and CPU runs. The model's K/V differ between the devices by fp32
+    rounding, and with Q4 and no residual window every token is quantized at once, so a few codes on a rounding
+    boundary flip; gemma's norms and soft-caps amplify that: on the CPU alone, scaling the weights by (1 + 1e-6 N(0,1))
+    moves gemma2 q4 R0 (crop 30) by 1.4e-2 (llama: 1e-5), and the H100 measured 2.7e-2 (gemma2) and 2.5e-2 (gemma3
+    q4/q8 layers). The other cases stay under 1e-2."""
+    return 5e-2 if kv_type == "q4" and residual == 0 else 1e-2
+
+
 def _reorder_run(model, device, kv_type, residual, ids, cont, crop):
     cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=160, residual=residual)
     x = ids.repeat_interleave(3, dim=0).to(device)  # beams expanded before the prompt, as generate does
@@ -182,7 +191,7 @@ def test_cuda_reorder_and_crop_match_cpu(fam, kv_type, residual, crop):
         for key in ("pages_total", "pages_free", "pages_shared", "n_seqs"):
             assert sc[key] == sg[key], f"{key}: cpu {sc[key]} gpu {sg[key]}"
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
-    assert err <= 1e-2, f"{fam} {kv_type} R{residual}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
+    assert err <= _bound(kv_type, residual), f"{fam} {kv_type} R{residual}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
 @pytest.mark.parametrize("residual,crop", [(-1, 5), (0, 20)])
@@ -212,7 +221,7 @@ def test_cuda_per_layer_types_and_crop(residual, crop):
     gpu, cache = run(model, "cuda")
     assert cache.is_cuda
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
-    assert err <= 1e-2, f"CUDA vs CPU after crop: max|dlogit|/std = {err:.4g}"
+    assert err <= _bound("q4", residual), f"CUDA vs CPU after crop: max|dlogit|/std = {err:.4g}"
 
 
 @pytest.mark.parametrize("fam", ["llama", "gemma2"])
