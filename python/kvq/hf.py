@@ -138,6 +138,10 @@ class KVQCache(Cache):
         residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (128).
         group: key group G of grouped types (16, 32, 64, 128; 0: kvq's default 64; the CUDA backend needs 64).
         n_threads: OpenMP threads of the CPU attention (0: all).
+
+    Padding: tokens the attention mask marks as padding are never stored. On CUDA, decode steps (one new token
+    per row) do not read the mask, since that would synchronise with the GPU at every step; generate() marks every
+    generated token real, so only a hand-written loop that masks out a new token would see a difference.
     """
 
     def __init__(self, config, kv_type="q8", value_type=None, max_cache_len: int = 4096,
@@ -310,6 +314,10 @@ class KVQCache(Cache):
         Computed once per forward (the same mask object reaches every layer)."""
         if attention_mask is None:
             return None
+        if q == 1 and attention_mask.is_cuda:
+            # Decode step on the GPU: reading the mask would synchronise with the device at every step, and
+            # generate() always marks the new tokens real (padding exists only in the prompt, handled below).
+            return None
         memo = self._mask_memo
         if memo is not None and memo[0] is attention_mask and memo[1] == past and memo[2] == q:
             return memo[3]
@@ -345,7 +353,7 @@ class KVQCache(Cache):
         window = int(window or 0)
         softcap = float(softcap or 0.0)
         cuda = self.is_cuda
-        stream = torch.cuda.current_stream(query.device).cuda_stream if cuda else 0
+        stream = _raw_stream(query.device) if cuda else 0
         if valid is None:
             kc, vc = k.contiguous(), v.contiguous()
             counts = [q] * B
@@ -419,7 +427,7 @@ class KVQCache(Cache):
     # ---------------------------------------------------------------------------------------------------------
     def _stream(self) -> int:
         """The cudaStream_t (as int) of the current torch stream on the cache's device; 0 on CPU."""
-        return torch.cuda.current_stream(self._device).cuda_stream if self.is_cuda else 0
+        return _raw_stream(self._device) if self.is_cuda else 0
 
     def _remap(self, src_rows: list[int]):
         """New row i = old row src_rows[i] (beam reorder, select, repeat): the first user of an old sequence keeps
@@ -517,6 +525,14 @@ class KVQCache(Cache):
     def __repr__(self):
         names = sorted({f"{N.type_name(tk)}/{N.type_name(tv)}" for tk, tv in self.layer_types_per_layer})
         return f"KVQCache(types={names}, layers={self.n_layers}, batch={self.kvq_batch}, device={self._device})"
+
+
+def _raw_stream(device) -> int:
+    """cudaStream_t of the current torch stream, as an int. torch's private raw getter skips building a Stream
+    object (a few us per layer at every decode step); the public call is the fallback."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get(idx) if get is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 # -------------------------------------------------------------------------------------------------------------
