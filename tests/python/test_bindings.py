@@ -57,13 +57,17 @@ def test_roundtrip_and_attention(kv_type, head_dim):
     tol = {"f16": 2e-3, "bf16": 2e-2, "q8": 0.05, "fp8": 0.3, "q4": 0.6, "q2": 2.5}[kv_type]
     assert np.abs(kr - k).max() < tol and np.abs(vr - v).max() < tol
     scale = 1 / np.sqrt(head_dim)
-    # decode and prefill against numpy attention over the dequantized cache (same numbers the kernels read)
+    # decode and prefill against numpy attention over the dequantized cache (same numbers the kernels read). The
+    # AVX2 Q4/Q2 value kernels round each page's softmax weights to 8 bits (vpmaddubsw), 1/510 of the largest
+    # weight: with these N(0,1) values (Q2 codes step ~2) that is up to ~4e-3 on the output, far below the types'
+    # own error against the original values (the tolerances above).
+    atol = 1e-2 if kv_type in ("q4", "q2") else 2e-3
     q = rng.standard_normal((1, Hq, head_dim)).astype(np.float32)
     out = c.attn_decode(1, [s], q)
-    np.testing.assert_allclose(out, ref_attention(q, kr, vr, scale), atol=2e-3)
+    np.testing.assert_allclose(out, ref_attention(q, kr, vr, scale), atol=atol)
     qp = rng.standard_normal((7, Hq, head_dim)).astype(np.float32)
     outp = c.attn_prefill(1, s, qp, window=50, softcap=5.0)
-    np.testing.assert_allclose(outp, ref_attention(qp, kr, vr, scale, window=50, softcap=5.0), atol=2e-3)
+    np.testing.assert_allclose(outp, ref_attention(qp, kr, vr, scale, window=50, softcap=5.0), atol=atol)
 
 
 def test_batch_decode_fork_truncate():
