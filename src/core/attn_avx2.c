@@ -158,8 +158,6 @@ static float exp_sum_avx2(float *x, int n, float m) {
 /* ---- fused kernels: one pass over a block's bytes, dequantized in registers ---- */
 
 #define AI static inline __attribute__((always_inline))
-/* an empty asm that makes v opaque to the optimizer here: keeps an accumulation in its written order */
-#define KVQ_PIN(v) __asm__("" : "+x"(v))
 
 
 /* per-token multiplier of a per-token type's raw row */
@@ -395,12 +393,23 @@ static void quantize_rows16(const float *x, const float *mul, int R, int D, int1
     }
 }
 
-/* the 8 horizontal sums of a[0..7], in order */
-static inline __m256i hsum8_epi32(const __m256i *a) {
-    __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
-    __m256i b2 = _mm256_hadd_epi32(a[4], a[5]), b3 = _mm256_hadd_epi32(a[6], a[7]);
-    __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
+/* Accumulations in place: written with intrinsics, GCC reassociates them into trees of spilled products or keeps
+ * moving the sums between registers. *a += maddubs(w, x) (int16 lanes): */
+AI void acc_maddubs(__m256i *a, __m256i w, __m256i x) {
+    __m256i t;
+    __asm__("vpmaddubsw %[x], %[w], %[t]\n\tvpaddw %[t], %[a], %[a]" : [a] "+x"(*a), [t] "=&x"(t) : [w] "x"(w), [x] "x"(x));
+}
+
+/* *a += maddwd(w, x) (int32 lanes), in place */
+AI void acc_maddwd(__m256i *a, __m256i w, __m256i x) {
+    __m256i t;
+    __asm__("vpmaddwd %[x], %[w], %[t]\n\tvpaddd %[t], %[a], %[a]" : [a] "+x"(*a), [t] "=&x"(t) : [w] "x"(w), [x] "x"(x));
+}
+
+/* *a += maddwd(*w, x), w in memory */
+AI void acc_maddwd_m(__m256i *a, const __m256i *w, __m256i x) {
+    __m256i t;
+    __asm__("vpmaddwd %[w], %[x], %[t]\n\tvpaddd %[t], %[a], %[a]" : [a] "+x"(*a), [t] "=&x"(t) : [w] "m"(*w), [x] "x"(x));
 }
 
 /* A new key group of a grouped type: q' = q * scale rounded to int16 (kernel order) and qm = q . min */
@@ -458,13 +467,10 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
                 for (int u = 0; u < NX; u++)
                     #pragma GCC unroll 4
                     for (int r = 0; r < R; r++) {
-                        __m256i qv = _mm256_load_si256((const __m256i *)(const void *)(q16 + (size_t)r * D + c + 16 * u));
-                        __m256i pr = _mm256_madd_epi16(qv, x[u]);
-                        acc[r] = DK && c == 0 && u == 0 ? pr : _mm256_add_epi32(acc[r], pr);
+                        const __m256i *qv = (const __m256i *)(const void *)(q16 + (size_t)r * D + c + 16 * u);
+                        if (DK && c == 0 && u == 0) acc[r] = _mm256_madd_epi16(*qv, x[u]);
+                        else acc_maddwd_m(&acc[r], qv, x[u]);
                     }
-                /* in this order: GCC would otherwise reassociate the sums into a tree of spilled products */
-                #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) KVQ_PIN(acc[r]);
             }
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++) part[r][t] = acc[r];
@@ -483,7 +489,13 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
         const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(part[r])), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
+            /* the 8 horizontal sums, in order */
+            __m256i *a = part[r];
+            __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
+            __m256i b2 = _mm256_hadd_epi32(a[4], a[5]), b3 = _mm256_hadd_epi32(a[6], a[7]);
+            __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);
+            __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
+            __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
             if (grouped) sc = _mm256_add_ps(sc, _mm256_set1_ps(st->qm[r]));
             if (m == 8) _mm256_storeu_ps(s + (size_t)r * ss + i0, sc);
             else _mm256_maskstore_ps(s + (size_t)r * ss + i0, keep, sc);
@@ -626,12 +638,6 @@ AI void flush_block(const kvq_type T, const __m256i *a0, int16_t bias, float ws,
         }
 }
 
-/* *a += maddubs(w, x) (int16 lanes), in place: as intrinsics GCC keeps moving the sums between registers */
-AI void acc_maddubs(__m256i *a, __m256i w, __m256i x) {
-    __m256i t;
-    __asm__("vpmaddubsw %[x], %[w], %[t]\n\tvpaddw %[t], %[a], %[a]" : [a] "+x"(*a), [t] "=&x"(t) : [w] "x"(w), [x] "x"(x));
-}
-
 /* one token pair of a block: a[r][f] += w8 pair of row r x the pair's codes of field f */
 AI void grouped_pair(const kvq_type T, const int R, const uint8_t *row0, const uint8_t *row1, const uint8_t *w8,
                      __m256i (*a)[4]) {
@@ -721,21 +727,23 @@ AI void value_accum_q8_impl(const int R, const kvq__blk *b, int j0, int n, const
         __m256i a[4][2];
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
-        const uint8_t *row = b->data + (size_t)j0 * b->stride + c;
-        for (int i = 0; i < n; i += 2, row += 2 * b->stride) {
-            __m128i x0 = _mm_loadu_si128((const __m128i *)(const void *)row);
-            __m128i x1 = _mm_loadu_si128((const __m128i *)(const void *)(row + (i + 1 < n ? b->stride : 0)));
-            /* int16 (token i, token i+1) pairs of channels 0-7 and 8-15 */
-            __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)), hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
-            #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                int32_t pairw;
-                memcpy(&pairw, &c16[r][i], 4);
-                __m256i w = _mm256_set1_epi32(pairw);
-                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(lo, w));
-                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(hi, w));
+        const size_t st = b->stride;
+        const uint8_t *row = b->data + (size_t)j0 * st + c, *end = row + (size_t)(n & ~1) * st;
+        const int16_t *w16 = &c16[0][0];
+        for (int odd = 0; odd < 2; odd++) /* the pairs, then an odd n's last token with itself at weight 0 */
+            for (; odd ? n & 1 && row == end : row < end; row += 2 * st, w16 += 2) {
+                __m128i x0 = _mm_loadu_si128((const __m128i *)(const void *)row);
+                __m128i x1 = _mm_loadu_si128((const __m128i *)(const void *)(row + (odd ? 0 : st)));
+                /* int16 (token i, token i+1) pairs of channels 0-7 and 8-15 */
+                __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)), hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    int32_t pairw;
+                    memcpy(&pairw, w16 + (size_t)r * (64 + 16), 4);
+                    __m256i w = _mm256_set1_epi32(pairw);
+                    acc_maddwd(&a[r][0], w, lo), acc_maddwd(&a[r][1], w, hi);
+                }
             }
-        }
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             float *o = accbuf + (size_t)r * D + c;
