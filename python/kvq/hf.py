@@ -133,7 +133,9 @@ class KVQCache(Cache):
         value_type: the same for values when they should differ from keys (default: kv_type).
         max_cache_len: tokens one sequence may hold (prompt + generated, padding excluded). Sizes the page arena
             (allocated once, at the first update); appending beyond it raises kvq.CacheFullError.
-        max_batch_size: sequences the arena is sized for (default: the batch size of the first update).
+        max_batch_size: sequences the arena is sized for (default: the batch size of the first update). A beam
+            reorder briefly holds up to 2 x that many sequences (forks before frees); on CUDA the fp16 residual
+            windows of 2 x max_batch_size + 2 sequences are allocated up front, on the CPU + 8.
         arena_bytes: size the arena yourself instead (per distinct type).
         residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (128).
         group: key group G of grouped types (16, 32, 64, 128; 0: kvq's default 64; the CUDA backend needs 64).
@@ -245,7 +247,7 @@ class KVQCache(Cache):
                                                            self.kvq_max_len, nb, 64, self.kvq_group)
                 if dev.type == "cuda":
                     h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
-                                    residual=self.kvq_residual, max_seqs=2 * nb + 8,
+                                    residual=self.kvq_residual, max_seqs=2 * nb + 2,
                                     device=dev.index if dev.index is not None else torch.cuda.current_device(),
                                     max_seq_tokens=self.kvq_max_len + 64)
                 else:
