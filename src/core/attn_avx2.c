@@ -520,6 +520,7 @@ typedef struct vweights {
     float ws[4][4], mn[4][4];                             /* [group][row]: weight scale, sum of p * (min + o s) */
     int32_t w16[4][4][2][8] __attribute__((aligned(32))); /* [group][row][32 tokens]: sums of 16 w8 in 0 and 4 */
     int nwin, win[5];                                     /* int16 sums run over tokens win[k] .. win[k + 1] */
+    int16_t bias[4][4][4];                                /* [window][group][row]: o * sum of w8, mod 2^16 */
 } vweights;
 
 /* scale[g][i] and (min + off * scale)[g][i] as fp32 for the n tokens from j0, zero from n to 64 */
@@ -608,6 +609,13 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
         sum += m16[k];
     }
     vw->win[++vw->nwin] = n;
+    for (int k = 0; k < vw->nwin; k++)
+        for (int g = 0; g < ng; g++)
+            for (int r = 0; r < R; r++) {
+                int sum16 = 0;
+                for (int h = vw->win[k] / 16; h < (vw->win[k + 1] + 15) / 16; h++) sum16 += vw->w16[g][r][h / 2][h % 2 * 4];
+                vw->bias[k][g][r] = (int16_t)(uint16_t)(sum16 * off);
+            }
 }
 
 /* acc[c..] += ws * a (+ mn) for the int16 sums of a 32 (Q4) or 64 (Q2) channel block of one row, whose lane k of
@@ -668,10 +676,11 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *
     vweights vw;
     grouped_weights(T, R, b, j0, n, p, ps, &vw);
     const size_t st = b->stride;
-    for (int c = 0; c < D; c += C) {
-        const int g = c / b->Gv; /* Gv is a multiple of C */
-        for (int k = 0; k < vw.nwin; k++) {
-            const int i0 = vw.win[k], i1 = vw.win[k + 1];
+    for (int k = 0; k < vw.nwin; k++) {
+        const int i0 = vw.win[k], i1 = vw.win[k + 1];
+        const bool last = k == vw.nwin - 1;
+        for (int c = 0; c < D; c += C) {
+            const int g = c / b->Gv; /* Gv is a multiple of C */
             __m256i a[4][4];
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
@@ -682,12 +691,8 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *
             for (; row < end; row += 2 * st, w8 += 2) grouped_pair(T, R, row, row + st, w8, a);
             if ((i1 - i0) & 1) grouped_pair(T, R, row, row, w8, a); /* its second weight is 0 */
             #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                int wsum = 0;
-                for (int h = i0 / 16; h < (i1 + 15) / 16; h++) wsum += vw.w16[g][r][h / 2][h % 2 * 4];
-                int16_t bias = (int16_t)(uint16_t)(wsum * (T == KVQ_TYPE_Q4 ? 8 : 2));
-                flush_block(T, a[r], bias, vw.ws[g][r], vw.mn[g][r], i1 == n, accbuf + (size_t)r * D + c);
-            }
+            for (int r = 0; r < R; r++)
+                flush_block(T, a[r], vw.bias[k][g][r], vw.ws[g][r], vw.mn[g][r], last, accbuf + (size_t)r * D + c);
         }
     }
 }
