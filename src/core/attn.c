@@ -43,7 +43,11 @@ static float exp_sum_ref(float *x, int n, float m) {
     return sum;
 }
 
-const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, NULL, NULL};
+static void scale_ref(float *x, int n, float s) {
+    for (int i = 0; i < n; i++) x[i] *= s;
+}
+
+const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL};
 
 static const kvq__kernels *pick_kernels(void) {
     const char *e = getenv("KVQ_FORCE_SCALAR");
@@ -139,8 +143,7 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
             float sum = K->exp_sum(s, n, mnew);
             w->l[r] = w->l[r] * corr + sum;
             w->m[r] = mnew;
-            if (corr != 1.0f)
-                for (int c = 0; c < D; c++) w->acc[(size_t)r * D + c] *= corr;
+            if (corr != 1.0f) K->scale(w->acc + (size_t)r * D, D, corr);
         }
         if (fused) K->value_accum(vb, a, n, sc->s, SEG, rows, w->acc);
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {

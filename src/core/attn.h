@@ -42,6 +42,8 @@ typedef struct kvq__kernels {
     float (*exp_sum)(float *x, int n, float m);
     /* max of x[0..n), n >= 1 */
     float (*max)(const float *x, int n);
+    /* in place: x[i] *= s, i < n (a multiple of 8) */
+    void (*scale)(float *x, int n, float s);
     /* Optional fused forms for up to KVQ_FUSED_ROWS rows, which read the block's bytes once, in registers:
      * s[r * ss + i] = dot(q[r], row j0 + i) and acc[r] += sum_i p[r * ps + i] * row j0 + i, for i < n <= 64. */
     void (*key_scores)(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,

@@ -124,8 +124,10 @@ static void axpys_avx2(const float *p, int ps, int rows, int D, const float *x, 
 /* exp on [-87, 0]: 2^n * p(f), p a degree-6 polynomial on |f| <= ln2/2; relative error < 2e-7 */
 static inline __m256 exp256(__m256 x0) {
     __m256 x = _mm256_max_ps(x0, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* n = round(x / ln2) by the 1.5 * 2^23 shifter, whose low mantissa bits are then n + 127: 2^n's exponent */
+    const __m256 shifter = _mm256_set1_ps(12583039.0f); /* 1.5 * 2^23 + 127 */
+    __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+    __m256 n = _mm256_sub_ps(t, shifter);
     __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
     __m256 p = _mm256_set1_ps(1.0f / 720);
@@ -135,7 +137,7 @@ static inline __m256 exp256(__m256 x0) {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
     /* below -87 (masked logits are -inf) the result is exactly 0 */
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_cmp_ps(x0, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
 }
@@ -442,13 +444,14 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
     }
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
-        if (grouped && (st->par != b->par || st->group != j / b->G)) {
+        /* (no divisions per 8 tokens: the group's rows are [G * group, G * group + G)) */
+        if (grouped && (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G)) {
             key_group_query(T, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st);
             st->par = b->par, st->group = j / b->G;
         }
         /* up to 8 tokens of one key group; their scores are reduced together (transposed sums) */
         int m = n - i0 < 8 ? n - i0 : 8;
-        if (grouped && (j + m - 1) / b->G != st->group) m = (st->group + 1) * b->G - j;
+        if (grouped && j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
         __m256i part[4][8];
         const uint8_t *row = b->data + (size_t)j * b->stride;
         for (int t = 0; t < m; t++, row += b->stride) {
@@ -688,12 +691,29 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *
                 for (int f = 0; f < NV; f++) a[r][f] = _mm256_setzero_si256();
             const uint8_t *row = b->data + (size_t)(j0 + i0) * st + (T == KVQ_TYPE_Q4 ? c / 2 : c / 4);
             const uint8_t *end = row + (size_t)((i1 - i0) & ~1) * st, *w8 = &vw.w8[g][0][i0];
-            for (; row < end; row += 2 * st, w8 += 2) grouped_pair(T, R, row, row + st, w8, a);
+            for (; row + 2 * st < end; row += 4 * st, w8 += 4) /* two pairs per turn: half the loop overhead */
+                grouped_pair(T, R, row, row + st, w8, a), grouped_pair(T, R, row + 2 * st, row + 3 * st, w8 + 2, a);
+            if (row < end) grouped_pair(T, R, row, row + st, w8, a), row += 2 * st, w8 += 2;
             if ((i1 - i0) & 1) grouped_pair(T, R, row, row, w8, a); /* its second weight is 0 */
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
                 flush_block(T, a[r], vw.bias[k][g][r], vw.ws[g][r], vw.mn[g][r], last, accbuf + (size_t)r * D + c);
         }
+    }
+}
+
+/* one token pair of a Q8 block's 16 channels: a[r][0..1] += weight pair of row r x the pair's int16 codes */
+AI void q8_pair(const int R, const uint8_t *row0, const uint8_t *row1, const int16_t *w16, __m256i (*a)[2]) {
+    __m128i x0 = _mm_loadu_si128((const __m128i *)(const void *)row0);
+    __m128i x1 = _mm_loadu_si128((const __m128i *)(const void *)row1);
+    /* int16 (token i, token i+1) pairs of channels 0-7 and 8-15 */
+    __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)), hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        int32_t pairw;
+        memcpy(&pairw, w16 + (size_t)r * (64 + 16), 4);
+        __m256i w = _mm256_set1_epi32(pairw);
+        acc_maddwd(&a[r][0], w, lo), acc_maddwd(&a[r][1], w, hi);
     }
 }
 
@@ -735,20 +755,10 @@ AI void value_accum_q8_impl(const int R, const kvq__blk *b, int j0, int n, const
         const size_t st = b->stride;
         const uint8_t *row = b->data + (size_t)j0 * st + c, *end = row + (size_t)(n & ~1) * st;
         const int16_t *w16 = &c16[0][0];
-        for (int odd = 0; odd < 2; odd++) /* the pairs, then an odd n's last token with itself at weight 0 */
-            for (; odd ? n & 1 && row == end : row < end; row += 2 * st, w16 += 2) {
-                __m128i x0 = _mm_loadu_si128((const __m128i *)(const void *)row);
-                __m128i x1 = _mm_loadu_si128((const __m128i *)(const void *)(row + (odd ? 0 : st)));
-                /* int16 (token i, token i+1) pairs of channels 0-7 and 8-15 */
-                __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x0, x1)), hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x0, x1));
-                #pragma GCC unroll 4
-                for (int r = 0; r < R; r++) {
-                    int32_t pairw;
-                    memcpy(&pairw, w16 + (size_t)r * (64 + 16), 4);
-                    __m256i w = _mm256_set1_epi32(pairw);
-                    acc_maddwd(&a[r][0], w, lo), acc_maddwd(&a[r][1], w, hi);
-                }
-            }
+        for (; row + 2 * st < end; row += 4 * st, w16 += 4) /* two pairs per turn: half the loop overhead */
+            q8_pair(R, row, row + st, w16, a), q8_pair(R, row + 2 * st, row + 3 * st, w16 + 2, a);
+        if (row < end) q8_pair(R, row, row + st, w16, a), row += 2 * st, w16 += 2;
+        if (n & 1) q8_pair(R, row, row, w16, a); /* an odd n's last token, with itself at weight 0 */
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             float *o = accbuf + (size_t)r * D + c;
@@ -853,7 +863,12 @@ static float max_avx2(const float *x, int n) {
     return m;
 }
 
-static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2,
+static void scale_avx2(float *x, int n, float s) {
+    const __m256 v = _mm256_set1_ps(s);
+    for (int i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), v));
+}
+
+static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2, scale_avx2,
                                   key_scores_avx2, value_accum_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
