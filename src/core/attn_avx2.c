@@ -612,13 +612,17 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
         sum += m16[k];
     }
     vw->win[++vw->nwin] = n;
-    for (int k = 0; k < vw->nwin; k++)
+    for (unsigned k = 0; k < (unsigned)vw->nwin; k++) {
+        const unsigned h0 = (unsigned)vw->win[k] / 16, h1 = ((unsigned)vw->win[k + 1] + 15) / 16;
         for (int g = 0; g < ng; g++)
+            #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
-                int sum16 = 0;
-                for (int h = vw->win[k] / 16; h < (vw->win[k + 1] + 15) / 16; h++) sum16 += vw->w16[g][r][h / 2][h % 2 * 4];
-                vw->bias[k][g][r] = (int16_t)(uint16_t)(sum16 * off);
+                const int32_t *w16 = &vw->w16[g][r][0][0]; /* 16-token sums at 0, 4, 8, 12 */
+                int sum = 0;
+                for (unsigned h = h0; h < h1; h++) sum += w16[4 * h];
+                vw->bias[k][g][r] = (int16_t)(uint16_t)(sum * off);
             }
+    }
 }
 
 /* acc[c..] += ws * a (+ mn) for the int16 sums of a 32 (Q4) or 64 (Q2) channel block of one row, whose lane k of
