@@ -519,7 +519,9 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
 
 #define VW_PAD (64 + 32)
 typedef struct vweights {
-    uint8_t w8[4][4][VW_PAD] __attribute__((aligned(32))); /* [group][row][token], zero from n on */
+    /* [group][row][token pair]: the pair's two 8-bit weights twice, so that a 32-bit broadcast (a plain load, no
+     * shuffle) spreads them; zero from n on */
+    uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
     float ws[4][4], mn[4][4];                             /* [group][row]: weight scale, sum of p * (min + o s) */
     int32_t w16[4][4][2][8] __attribute__((aligned(32))); /* [group][row][32 tokens]: sums of 16 w8 in 0 and 4 */
     int nwin, win[5];                                     /* int16 sums run over tokens win[k] .. win[k + 1] */
@@ -594,7 +596,9 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 for (int k = 0; k < 4; k++) a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8 * k), iv));
                 __m256i v = _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
                 v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i), v);
+                __m256i lo = _mm256_unpacklo_epi16(v, v), hi = _mm256_unpackhi_epi16(v, v); /* pairs 0-3 | 8-11, 4-7 | 12-15 */
+                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2), _mm256_permute2x128_si256(lo, hi, 0x20));
+                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2 + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
                 /* sums of 16 weights in dwords 0 and 4 */
                 __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
                 sad = _mm256_add_epi64(sad, _mm256_shuffle_epi32(sad, 0x4E));
@@ -654,7 +658,7 @@ AI void flush_block(const kvq_type T, const __m256i *a0, int16_t bias, float ws,
 }
 
 /* one token pair of a block: a[r][f] += w8 pair of row r x the pair's codes of field f */
-AI void grouped_pair(const kvq_type T, const int R, const uint8_t *row0, const uint8_t *row1, const uint8_t *w8,
+AI void grouped_pair(const kvq_type T, const int R, const uint8_t *row0, const uint8_t *row1, const uint32_t *w8,
                      __m256i (*a)[4]) {
     const int NV = T == KVQ_TYPE_Q4 ? 2 : 4;
     const __m256i nib = _mm256_set1_epi8(T == KVQ_TYPE_Q4 ? 15 : 3);
@@ -667,9 +671,7 @@ AI void grouped_pair(const kvq_type T, const int R, const uint8_t *row0, const u
         x[f] = _mm256_and_si256(f == 0 ? z : _mm256_srli_epi16(z, f * (T == KVQ_TYPE_Q4 ? 4 : 2)), nib);
     #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
-        int16_t wp;
-        memcpy(&wp, w8 + (size_t)r * VW_PAD, 2);
-        __m256i w = _mm256_set1_epi16(wp);
+        __m256i w = _mm256_set1_epi32((int)w8[(size_t)r * (VW_PAD / 2)]);
         #pragma GCC unroll 4
         for (int f = 0; f < NV; f++) {
             acc_maddubs(&a[r][f], w, x[f]);
@@ -694,10 +696,11 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *
                 #pragma GCC unroll 4
                 for (int f = 0; f < NV; f++) a[r][f] = _mm256_setzero_si256();
             const uint8_t *row = b->data + (size_t)(j0 + i0) * st + (T == KVQ_TYPE_Q4 ? c / 2 : c / 4);
-            const uint8_t *end = row + (size_t)((i1 - i0) & ~1) * st, *w8 = &vw.w8[g][0][i0];
-            for (; row + 2 * st < end; row += 4 * st, w8 += 4) /* two pairs per turn: half the loop overhead */
-                grouped_pair(T, R, row, row + st, w8, a), grouped_pair(T, R, row + 2 * st, row + 3 * st, w8 + 2, a);
-            if (row < end) grouped_pair(T, R, row, row + st, w8, a), row += 2 * st, w8 += 2;
+            const uint8_t *end = row + (size_t)((i1 - i0) & ~1) * st;
+            const uint32_t *w8 = &vw.w8[g][0][i0 / 2]; /* windows start at multiples of 16 */
+            for (; row + 2 * st < end; row += 4 * st, w8 += 2) /* two pairs per turn: half the loop overhead */
+                grouped_pair(T, R, row, row + st, w8, a), grouped_pair(T, R, row + 2 * st, row + 3 * st, w8 + 1, a);
+            if (row < end) grouped_pair(T, R, row, row + st, w8, a), row += 2 * st, w8 += 1;
             if ((i1 - i0) & 1) grouped_pair(T, R, row, row, w8, a); /* its second weight is 0 */
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
