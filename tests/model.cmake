@@ -2,6 +2,9 @@
 # when kvq_model is built (OpenBLAS found). Model-dependent tests exit 77 (ctest: skipped) when models/ has no model.
 set(KVQ_TEST_MODEL ${CMAKE_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf)
 set(KVQ_TEST_CORPUS /usr/share/debian-reference/debian-reference.en.txt.gz)
+if(NOT TARGET kvq_gguf)  # -DKVQ_BUILD_MODEL=OFF: no model layer to test
+  return()
+endif()
 # GGUF reader hardening: crafted corrupt files, every truncation and seeded mutations through the fuzz entry point.
 add_executable(test_gguf_corrupt ${CMAKE_SOURCE_DIR}/tests/test_gguf_corrupt.c ${CMAKE_SOURCE_DIR}/tests/fuzz_gguf.c)
 target_link_libraries(test_gguf_corrupt PRIVATE kvq_gguf kvq)
