@@ -1,6 +1,5 @@
 // Host side of the CUDA backend: validation, page and window bookkeeping, launch planning (kvq_cuda.h).
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,13 +14,7 @@
 using namespace kvqc;
 
 /* messages go to libkvq's kvq_last_error(): one place to read whatever layer failed */
-static kvq_status fail(kvq_status s, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    kvq_set_error_v(s, fmt, ap);
-    va_end(ap);
-    return s;
-}
+#define fail kvq_set_error
 #define CUDA_TRY(call, what)                                                                                   \
     do {                                                                                                       \
         cudaError_t e_ = (call);                                                                               \

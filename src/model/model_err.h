@@ -8,7 +8,7 @@
 /* Message of the last failing kvq_model call on this thread; "" if none. */
 const char *kvqm_last_error(void);
 /* Records a printf-style message and returns `st`, so callers can write `return kvqm_fail(st, ...)`. */
-kvq_status kvqm_fail(kvq_status st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define kvqm_fail kvq_set_error
 void kvqm_clear_error(void);
 
 #endif
