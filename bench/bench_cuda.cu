@@ -43,6 +43,14 @@ __global__ void fill_random(__half *x, size_t n, uint32_t seed, float amp) {
     }
 }
 
+// Records e1 on st after the work to time, waits for it and gives the milliseconds since e0.
+static cudaError_t stop_ms(cudaEvent_t e0, cudaEvent_t e1, cudaStream_t st, float *ms) {
+    cudaError_t e = cudaEventRecord(e1, st);
+    if (e == cudaSuccess) e = cudaEventSynchronize(e1);
+    if (e == cudaSuccess) e = cudaEventElapsedTime(ms, e0, e1);
+    return e;
+}
+
 static double median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0 : v[v.size() / 2];
@@ -126,10 +134,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         for (int r = 0; r < 10; r++) {
             CU(cudaEventRecord(e0, st));
             CU(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, st));
-            CU(cudaEventRecord(e1, st));
-            CU(cudaEventSynchronize(e1));
             float ms;
-            CU(cudaEventElapsedTime(&ms, e0, e1));
+            CU(stop_ms(e0, e1, st, &ms));
             ts.push_back(ms);
         }
         copy_gbs = 2.0 * n / (median(ts) * 1e-3) / 1e9;
@@ -204,20 +210,16 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
                 for (int i = 0; i < maxb; i++) nt[i] = n;
                 CU(cudaEventRecord(e0, st));
                 OK(kvq_cuda_append(c, 0, maxb, ids.data(), nt.data(), KVQ_DTYPE_F16, dk, dv, st));
-                CU(cudaEventRecord(e1, st));
-                CU(cudaEventSynchronize(e1));
                 float ms;
-                CU(cudaEventElapsedTime(&ms, e0, e1));
+                CU(stop_ms(e0, e1, st, &ms));
                 if (n == CH && done > 0) app_chunk_us += ms * 1000.0, n_chunks++;
                 done += n;
             }
             for (int i = 0; i < maxb; i++) nt[i] = 1;
             CU(cudaEventRecord(e0, st));
             OK(kvq_cuda_append(c, 0, maxb, ids.data(), nt.data(), KVQ_DTYPE_F16, dk, dv, st));
-            CU(cudaEventRecord(e1, st));
-            CU(cudaEventSynchronize(e1));
             float step_ms;
-            CU(cudaEventElapsedTime(&step_ms, e0, e1));
+            CU(stop_ms(e0, e1, st, &step_ms));
             if (ctx == ctxs.back()) {
                 char buf[256];
                 snprintf(buf, sizeof buf, "| %s | %.1f | %.3f | %.1f |", tn, step_ms * 1000.0, step_ms * 1000.0 / maxb,
@@ -236,19 +238,15 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
                     CU(cudaMemsetAsync(flush, r, flush_bytes, st));
                     CU(cudaEventRecord(e0, st));
                     OK(kvq_cuda_attn_decode(c, 0, b, ids.data(), KVQ_DTYPE_F16, dq, dout, &ap, st));
-                    CU(cudaEventRecord(e1, st));
-                    CU(cudaEventSynchronize(e1));
                     float ms;
-                    CU(cudaEventElapsedTime(&ms, e0, e1));
+                    CU(stop_ms(e0, e1, st, &ms));
                     ts.push_back(ms);
                 }
                 // steady state: 10 calls back to back (no flush; launch gaps hidden), per call
                 CU(cudaEventRecord(e0, st));
                 for (int r = 0; r < 10; r++) OK(kvq_cuda_attn_decode(c, 0, b, ids.data(), KVQ_DTYPE_F16, dq, dout, &ap, st));
-                CU(cudaEventRecord(e1, st));
-                CU(cudaEventSynchronize(e1));
                 float b2b_ms;
-                CU(cudaEventElapsedTime(&b2b_ms, e0, e1));
+                CU(stop_ms(e0, e1, st, &b2b_ms));
                 CU(cudaGetLastError());
                 Row row;
                 row.b2b_us = b2b_ms * 100.0;
