@@ -355,7 +355,7 @@ class KVQCache(Cache):
         window = int(window or 0)
         softcap = float(softcap or 0.0)
         cuda = self.is_cuda
-        stream = _raw_stream(query.device) if cuda else 0
+        stream = self._stream()
         if valid is None:
             kc, vc = k.contiguous(), v.contiguous()
             counts = [q] * B
