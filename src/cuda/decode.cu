@@ -63,10 +63,18 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) { r
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return h2u(__floats2half2_rn(lo, hi)); }
+// 2^x, flushing subnormal results to 0 (exp2f also handles them: four more instructions per call)
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
-// (x & mask) | 0x6400 in each half is 1024 + v * 2^sh exactly; map it back to v.
-template <int SH> __device__ __forceinline__ uint32_t magic(uint32_t x, uint32_t mask) {
-    uint32_t h = (x & mask) | 0x64006400u;
+// (x & MASK) | 0x6400 in each half is 1024 + v * 2^SH exactly; map it back to v. One lop3 (C++ would give two: the
+// mask and the magic are both immediates, and a LOP3 takes one), then one HFMA2.
+template <int SH, uint32_t MASK> __device__ __forceinline__ uint32_t magic(uint32_t x) {
+    uint32_t h;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h) : "r"(x), "n"(MASK), "n"(0x64006400u));  // (a & b) | c
     constexpr float inv = 1.0f / (float)(1 << SH);
     return h2u(__hfma2(u2h(h), __float2half2_rn(inv), __float2half2_rn(-1024.0f * inv)));
 }
@@ -139,41 +147,33 @@ template <int T, int D> __device__ __forceinline__ void load_key(const uint8_t *
 #pragma unroll
         for (int m = 0; m < NW; m++) {
             uint32_t w = x.w[m], w8 = w >> 8;
-            h[4 * m + 0] = magic<0>(w, 0x000F000Fu);
-            h[4 * m + 1] = magic<4>(w, 0x00F000F0u);
-            h[4 * m + 2] = magic<0>(w8, 0x000F000Fu);
-            h[4 * m + 3] = magic<4>(w8, 0x00F000F0u);
+            h[4 * m + 0] = magic<0, 0x000F000Fu>(w);
+            h[4 * m + 1] = magic<4, 0x00F000F0u>(w);
+            h[4 * m + 2] = magic<0, 0x000F000Fu>(w8);
+            h[4 * m + 3] = magic<4, 0x00F000F0u>(w8);
         }
     } else {
 #pragma unroll
         for (int m = 0; m < NW; m++) {
             uint32_t w = x.w[m], w8 = w >> 8;
-            h[8 * m + 0] = magic<0>(w, 0x00030003u);
-            h[8 * m + 1] = magic<2>(w, 0x000C000Cu);
-            h[8 * m + 2] = magic<4>(w, 0x00300030u);
-            h[8 * m + 3] = magic<6>(w, 0x00C000C0u);
-            h[8 * m + 4] = magic<0>(w8, 0x00030003u);
-            h[8 * m + 5] = magic<2>(w8, 0x000C000Cu);
-            h[8 * m + 6] = magic<4>(w8, 0x00300030u);
-            h[8 * m + 7] = magic<6>(w8, 0x00C000C0u);
+            h[8 * m + 0] = magic<0, 0x00030003u>(w);
+            h[8 * m + 1] = magic<2, 0x000C000Cu>(w);
+            h[8 * m + 2] = magic<4, 0x00300030u>(w);
+            h[8 * m + 3] = magic<6, 0x00C000C0u>(w);
+            h[8 * m + 4] = magic<0, 0x00030003u>(w8);
+            h[8 * m + 5] = magic<2, 0x000C000Cu>(w8);
+            h[8 * m + 6] = magic<4, 0x00300030u>(w8);
+            h[8 * m + 7] = magic<6, 0x00C000C0u>(w8);
         }
     }
 }
 
-// Q^T fragment for the key MMA in the channel order of format T: qf holds this thread's channels (head g), times
-// an optional per-channel scale (KIVI keys) read from shared memory.
-template <int T, int D, bool SCALED>
-__device__ __forceinline__ void build_bq(const float (&qf)[D / 4], const __half *kscale, uint32_t (&bq)[D / 8]) {
+// Q^T fragment for the key MMA in the channel order of format T: qf holds this thread's channels (head g).
+template <int T, int D> __device__ __forceinline__ void build_bq(const float (&qf)[D / 4], uint32_t (&bq)[D / 8]) {
 #pragma unroll
     for (int s = 0; s < D / 16; s++) {
-        float v[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int c = key_chan<T, D>(s, e);
-            v[e] = SCALED ? qf[c] * __half2float(kscale[c]) : qf[c];
-        }
-        bq[2 * s] = pack_h2(v[0], v[1]);
-        bq[2 * s + 1] = pack_h2(v[2], v[3]);
+        bq[2 * s] = pack_h2(qf[key_chan<T, D>(s, 0)], qf[key_chan<T, D>(s, 1)]);
+        bq[2 * s + 1] = pack_h2(qf[key_chan<T, D>(s, 2)], qf[key_chan<T, D>(s, 3)]);
     }
 }
 
@@ -235,8 +235,8 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 for (int q = 0; q < 2; q++) {
                     uint32_t z01 = q ? y01 >> 8 : y01, z23 = q ? y23 >> 8 : y23;
                     uint32_t *o = a[4 * hh + 2 * ip + q];
-                    o[0] = magic<0>(z01, 0x000F000Fu), o[1] = magic<4>(z01, 0x00F000F0u);
-                    o[2] = magic<0>(z23, 0x000F000Fu), o[3] = magic<4>(z23, 0x00F000F0u);
+                    o[0] = magic<0, 0x000F000Fu>(z01), o[1] = magic<4, 0x00F000F0u>(z01);
+                    o[2] = magic<0, 0x000F000Fu>(z23), o[3] = magic<4, 0x00F000F0u>(z23);
                 }
             }
         } else {
@@ -253,30 +253,36 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 uint32_t s0 = c0 < 4 ? y01 : z01, s1 = c1 < 4 ? y01 : z01;
                 uint32_t s2 = c0 < 4 ? y23 : z23, s3 = c1 < 4 ? y23 : z23;
                 const int sh0 = 2 * (c0 % 4), sh1 = 2 * (c1 % 4);
-                o[0] = sh0 == 0 ? magic<0>(s0, 0x00030003u) : magic<4>(s0, 0x00300030u);
-                o[1] = sh1 == 2 ? magic<2>(s1, 0x000C000Cu) : magic<6>(s1, 0x00C000C0u);
-                o[2] = sh0 == 0 ? magic<0>(s2, 0x00030003u) : magic<4>(s2, 0x00300030u);
-                o[3] = sh1 == 2 ? magic<2>(s3, 0x000C000Cu) : magic<6>(s3, 0x00C000C0u);
+                o[0] = sh0 == 0 ? magic<0, 0x00030003u>(s0) : magic<4, 0x00300030u>(s0);
+                o[1] = sh1 == 2 ? magic<2, 0x000C000Cu>(s1) : magic<6, 0x00C000C0u>(s1);
+                o[2] = sh0 == 0 ? magic<0, 0x00030003u>(s2) : magic<4, 0x00300030u>(s2);
+                o[3] = sh1 == 2 ? magic<2, 0x000C000Cu>(s3) : magic<6, 0x00C000C0u>(s3);
             }
         }
     }
 }
 
 // ------------------------------------------------------------------------------------------------ kernel config
+#ifndef KVQ_DECODE_WARPS_GROUPED
+#define KVQ_DECODE_WARPS_GROUPED 11
+#endif
 template <int T, int D> struct Cfg {
     using TR = Traits<T, D>;
     static constexpr int SLOT = TR::kblk + TR::vblk;
-    static constexpr int PS_STRIDE = 68;  // floats per head row of P (64 + 4: no bank conflicts)
+    static constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte reads by 16 lanes hit 32 banks
     static constexpr int RING_BUDGET = 200 * 1024;
     static constexpr int NS0 = (RING_BUDGET / SLOT) > 32 ? 32 : RING_BUDGET / SLOT;
     // Page r goes to warp r % W through slot r % NS, and NS is a multiple of W, so each slot has one consumer that
     // takes its rounds in order: an mbarrier parity wait is only sound when the waiter is at most one phase ahead,
     // which a shared round-robin over all slots cannot promise once a slow warp falls a ring behind.
-    static constexpr int W = NS0 / 2 >= 7 ? 7 : NS0 / 2;  // 8 warps: 255 registers, no spills; >= 2 slots per warp
+    // Consumer warps: 7 (255 registers each) for the 8/16-bit types, which are bound by memory; the grouped types
+    // do more arithmetic per byte and need more warps to hide its latency (then <= 184 registers). >= 2 slots each.
+    static constexpr int WMAX = TR::grouped ? KVQ_DECODE_WARPS_GROUPED : 7;
+    static constexpr int W = NS0 / 2 >= WMAX ? WMAX : NS0 / 2;
     static constexpr int NS = NS0 / W * W;
     static_assert(W >= 1 && NS >= 2 * W, "ring");
     static constexpr int THREADS = (W + 1) * 32;
-    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 4 + 2 * NS * 8;
+    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8;
 };
 
 struct Visible { int lo, hi; };  // unit-local valid token range
@@ -284,9 +290,9 @@ struct Visible { int lo, hi; };  // unit-local valid token range
 // One unit of 64 tokens for one warp. KROW(t)/VROW(t): row pointers; kpar/vpar: parameter areas (page units).
 template <int T, int D, bool WINDOW>
 __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8_t *kblk, const uint8_t *vblk,
-                                        const __half *wk, const __half *wv, int wrow0, Visible vis, const float (&qf)[D / 4],
-                                        uint32_t (&bq)[D / 8], float (&m)[2], float (&l)[2], float (&o)[D / 16][4],
-                                        float (&bacc)[4], float *ps, int lane) {
+                                        const __half *wk, const __half *wv, int wrow0, Visible vis,
+                                        const uint32_t (&bq)[D / 8], float (&m)[2], float (&l)[2], float (&o)[D / 16][4],
+                                        float (&bacc)[4], __half *ps, int lane) {
     using TR = Traits<T, D>;
     constexpr int TT = WINDOW ? KVQ_TYPE_F16 : T;
     constexpr int KROWB = type_bits(TT) * D / 8;
@@ -315,52 +321,84 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     };
 
     // ---- keys: S^T = K Q^T
-    float kb0 = 0.f, kb1 = 0.f;  // KIVI: sum_c q_c min_c for head columns 2j, 2j+1
-    if constexpr (TR::grouped && !WINDOW) {
-        const __half *ks = reinterpret_cast<const __half *>(kblk + PT * TR::row);
-        build_bq<T, D, true>(qf, ks + j * (D / 4), bq);
-        const __half *kmin = ks + D + j * (D / 4);
-        float bsum = 0.f;
-#pragma unroll
-        for (int c = 0; c < D / 4; c++) bsum += qf[c] * __half2float(kmin[c]);
-        bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
-        bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
-        kb0 = __shfl_sync(0xffffffffu, bsum, (2 * j) * 4);
-        kb1 = __shfl_sync(0xffffffffu, bsum, (2 * j + 1) * 4);
-    } else if constexpr (TR::grouped && WINDOW) {
-        build_bq<KVQ_TYPE_F16, D, false>(qf, nullptr, bq);
-    }
     float s[4][4];
+    if constexpr (TR::grouped && !WINDOW) {
+        // KIVI keys, per channel c: k = scale_c q_c + min_c. Q^T times the page's scales (fp16 pairs, in the key
+        // fragment's channel order: pairs (c, c + OFF) and (c + 1, c + OFF + 1)), and sum_c q_c min_c as a
+        // rank-1 MMA whose A rows all hold the mins: it starts every score accumulator.
+        constexpr int OFF = TR::bits == 4 ? 4 : 8;
+        const uint8_t *kp = kblk + PT * TR::row + j * (D / 4) * 2;  // scales [D], then mins [D] (fp16)
+        const Words<D / 8> ksw = ldw<D / 8>(kp), kmw = ldw<D / 8>(kp + 2 * D);
+        uint32_t bs[D / 8];
+        float kb[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
-        s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.f;
-        uint32_t ha[D / 8], hb[D / 8];
-        load_key<TT, D>(krow(16 * mt + g) + j * (KROWB / 4), ha);
-        load_key<TT, D>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
+        for (int st = 0; st < D / 16; st++) {
+            const int lo = key_chan<T, D>(st, 0) / 2, hi = lo + OFF / 2;
+            bs[2 * st] = h2u(__hmul2(u2h(bq[2 * st]), u2h(prmt(ksw.w[lo], ksw.w[hi], 0x5410))));
+            bs[2 * st + 1] = h2u(__hmul2(u2h(bq[2 * st + 1]), u2h(prmt(ksw.w[lo], ksw.w[hi], 0x7632))));
+            const uint32_t m0 = prmt(kmw.w[lo], kmw.w[hi], 0x5410), m1 = prmt(kmw.w[lo], kmw.w[hi], 0x7632);
+            mma(kb, m0, m0, m1, m1, bq[2 * st], bq[2 * st + 1]);
+        }
 #pragma unroll
-        for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bq[2 * st], bq[2 * st + 1]);
-    }
-    // ---- scores: parameters, soft-cap, mask
-    const bool partial = vis.lo > 0 || vis.hi < PT;
+        for (int mt = 0; mt < 4; mt++) {
+            s[mt][0] = kb[0], s[mt][1] = kb[1], s[mt][2] = kb[2], s[mt][3] = kb[3];
+            uint32_t ha[D / 8], hb[D / 8];
+            load_key<TT, D>(krow(16 * mt + g) + j * (KROWB / 4), ha);
+            load_key<TT, D>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++) {
+            for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bs[2 * st], bs[2 * st + 1]);
+        }
+    } else {
+        // the window is fp16: grouped types keep Q^T in their key order, which pairs channels (c, c + OFF)
+        uint32_t bw[D / 8];
+        if constexpr (TR::grouped) {
+            constexpr int OFF = TR::bits == 4 ? 4 : 8;
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const int t = 16 * mt + g + 8 * r;
-            float sc = 1.f;
-            if constexpr (TR::scaled && !WINDOW) sc = __half2float(reinterpret_cast<const __half *>(kblk + PT * TR::row)[t]);
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                float x = s[mt][2 * r + c];
-                if constexpr (TR::scaled && !WINDOW) x *= sc;
-                if constexpr (TR::grouped && !WINDOW) x += c ? kb1 : kb0;
-                if (A.softcap > 0.f) x = A.softcap * tanhf(x / A.softcap) * 1.4426950408889634f;
-                if (partial && (t < vis.lo || t >= vis.hi)) x = -INFINITY;
-                s[mt][2 * r + c] = x;
+            for (int st = 0; st < D / 16; st++) {
+                const int c = key_chan<T, D>(st, 0);
+                bw[c / 2] = prmt(bq[2 * st], bq[2 * st + 1], 0x5410);
+                bw[(c + OFF) / 2] = prmt(bq[2 * st], bq[2 * st + 1], 0x7632);
             }
+        } else {
+#pragma unroll
+            for (int x = 0; x < D / 8; x++) bw[x] = bq[x];
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.f;
+            uint32_t ha[D / 8], hb[D / 8];
+            load_key<TT, D>(krow(16 * mt + g) + j * (KROWB / 4), ha);
+            load_key<TT, D>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
+#pragma unroll
+            for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bw[2 * st], bw[2 * st + 1]);
         }
     }
-    // ---- online softmax per head column (2j, 2j+1)
+    // ---- scores: per-token scales, soft-cap, mask (both branches warp-uniform)
+    if constexpr (TR::scaled && !WINDOW) {
+        const __half *ksc = reinterpret_cast<const __half *>(kblk + PT * TR::row);
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            const float s0 = __half2float(ksc[16 * mt + g]), s1 = __half2float(ksc[16 * mt + g + 8]);
+            s[mt][0] *= s0, s[mt][1] *= s0, s[mt][2] *= s1, s[mt][3] *= s1;
+        }
+    }
+    if (A.softcap > 0.f) {
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[mt][e] = A.softcap * tanhf(s[mt][e] / A.softcap) * 1.4426950408889634f;
+    }
+    if (vis.lo > 0 || vis.hi < PT) {
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int t = 16 * mt + g + 8 * r;
+                if (t < vis.lo || t >= vis.hi) s[mt][2 * r] = s[mt][2 * r + 1] = -INFINITY;
+            }
+    }
+    // ---- online softmax per head column (2j, 2j+1); P goes to shared memory as fp16 for the value MMA
+    float alpha[2];
 #pragma unroll
     for (int c = 0; c < 2; c++) {
         float mx = -INFINITY;
@@ -370,24 +408,28 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float mnew = fmaxf(m[c], mx);
-        const float alpha = m[c] == -INFINITY ? 0.f : exp2f(m[c] - mnew);
+        const float mref = mnew == -INFINITY ? 0.f : mnew;  // all masked so far: p = 0, not NaN
+        alpha[c] = ex2(m[c] - mref);                        // m = -inf: 0
         float sum = 0.f;
-        float *prow = ps + (2 * j + c) * Cfg<T, D>::PS_STRIDE;
+        __half *prow = ps + (2 * j + c) * Cfg<T, D>::PS_STRIDE;
 #pragma unroll
         for (int mt = 0; mt < 4; mt++) {
-            float p0 = exp2f(s[mt][c] - mnew), p1 = exp2f(s[mt][2 + c] - mnew);
+            const float p0 = ex2(s[mt][c] - mref), p1 = ex2(s[mt][2 + c] - mref);
             sum += p0 + p1;
-            prow[16 * mt + g] = p0;
-            prow[16 * mt + g + 8] = p1;
+            prow[16 * mt + g] = __float2half_rn(p0);
+            prow[16 * mt + g + 8] = __float2half_rn(p1);
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 8);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-        l[c] = l[c] * alpha + sum;
+        l[c] = l[c] * alpha[c] + sum;  // this thread's rows only: summed over the warp once, at the end of the pair
         m[c] = mnew;
+    }
+    // Past the first pages the running maxima rarely move: skip the rescale when no column's did.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-        for (int i = 0; i < D / 16; i++) o[i][c] *= alpha, o[i][2 + c] *= alpha;
-        bacc[c] *= alpha, bacc[2 + c] *= alpha;
+        for (int c = 0; c < 2; c++) {
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) o[i][c] *= alpha[c], o[i][2 + c] *= alpha[c];
+            bacc[c] *= alpha[c], bacc[2 + c] *= alpha[c];
+        }
     }
     __syncwarp();
     // ---- values: O^T += V^T P'^T
@@ -395,38 +437,36 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
         const int t0 = 16 * ks + 4 * j;
-        float4 p4 = head_ok ? *reinterpret_cast<const float4 *>(ps + g * Cfg<T, D>::PS_STRIDE + t0) : make_float4(0, 0, 0, 0);
+        const uint2 pp = head_ok ? *reinterpret_cast<const uint2 *>(ps + g * Cfg<T, D>::PS_STRIDE + t0) : make_uint2(0u, 0u);
+        const uint32_t p01 = pp.x, p23 = pp.y;  // fp16 p of tokens (t0, t0 + 1), (t0 + 2, t0 + 3), head g
         const uint8_t *rows[4] = {vrow(t0), vrow(t0 + 1), vrow(t0 + 2), vrow(t0 + 3)};
         uint32_t a[D / 16][4];
         value_frags<TT, D>(rows, g, a);
         if constexpr (TR::grouped && !WINDOW) {
-            const __half2 *vp = reinterpret_cast<const __half2 *>(vblk + PT * TR::row);  // [t][ng] (scale, min)
+            constexpr int NG = TR::ng;
+            // (scale, min) fp16 pairs of tokens t0..t0+3, groups 0..NG-1: word t * NG + group
+            const Words<4 * NG> vw = ldw<4 * NG>(vblk + PT * TR::row + t0 * NG * 4);
 #pragma unroll
-            for (int hh = 0; hh < TR::ng; hh++) {
-                __half2 q0 = vp[(t0 + 0) * TR::ng + hh], q1 = vp[(t0 + 1) * TR::ng + hh];
-                __half2 q2 = vp[(t0 + 2) * TR::ng + hh], q3 = vp[(t0 + 3) * TR::ng + hh];
-                uint32_t b0 = pack_h2(p4.x * __low2float(q0), p4.y * __low2float(q1));
-                uint32_t b1 = pack_h2(p4.z * __low2float(q2), p4.w * __low2float(q3));
+            for (int hh = 0; hh < NG; hh++) {
+                const uint32_t b0 = h2u(__hmul2(u2h(p01), u2h(prmt(vw.w[hh], vw.w[NG + hh], 0x5410))));
+                const uint32_t b1 = h2u(__hmul2(u2h(p23), u2h(prmt(vw.w[2 * NG + hh], vw.w[3 * NG + hh], 0x5410))));
 #pragma unroll
                 for (int ii = 0; ii < 4; ii++) mma(o[4 * hh + ii], a[4 * hh + ii][0], a[4 * hh + ii][1], a[4 * hh + ii][2], a[4 * hh + ii][3], b0, b1);
             }
-            // mins: A rows = value groups, B = unscaled p
-            uint32_t am0 = 0, am2 = 0;
-            if (g < TR::ng) {
-                __half2 q0 = vp[(t0 + 0) * TR::ng + g], q1 = vp[(t0 + 1) * TR::ng + g];
-                __half2 q2 = vp[(t0 + 2) * TR::ng + g], q3 = vp[(t0 + 3) * TR::ng + g];
-                am0 = h2u(__halves2half2(__high2half(q0), __high2half(q1)));
-                am2 = h2u(__halves2half2(__high2half(q2), __high2half(q3)));
+            // mins: A row g = value group g (g < NG), B = unscaled p
+            uint32_t am0 = 0u, am2 = 0u;
+            if (g < NG) {
+                uint32_t w[4];
+#pragma unroll
+                for (int t = 0; t < 4; t++) w[t] = NG == 2 && g == 1 ? vw.w[t * NG + NG - 1] : vw.w[t * NG];
+                am0 = prmt(w[0], w[1], 0x7632), am2 = prmt(w[2], w[3], 0x7632);
             }
-            mma(bacc, am0, 0u, am2, 0u, pack_h2(p4.x, p4.y), pack_h2(p4.z, p4.w));
+            mma(bacc, am0, 0u, am2, 0u, p01, p23);
         } else {
-            uint32_t b0, b1;
+            uint32_t b0 = p01, b1 = p23;
             if constexpr (TR::scaled && !WINDOW) {
-                const __half *vs = reinterpret_cast<const __half *>(vblk + PT * TR::row);
-                b0 = pack_h2(p4.x * __half2float(vs[t0]), p4.y * __half2float(vs[t0 + 1]));
-                b1 = pack_h2(p4.z * __half2float(vs[t0 + 2]), p4.w * __half2float(vs[t0 + 3]));
-            } else {
-                b0 = pack_h2(p4.x, p4.y), b1 = pack_h2(p4.z, p4.w);
+                const uint2 vs = *reinterpret_cast<const uint2 *>(vblk + PT * TR::row + t0 * 2);  // fp16 scales
+                b0 = h2u(__hmul2(u2h(p01), u2h(vs.x))), b1 = h2u(__hmul2(u2h(p23), u2h(vs.y)));
             }
 #pragma unroll
             for (int i = 0; i < D / 16; i++) mma(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
@@ -468,8 +508,8 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     constexpr int NS = C::NS, W = C::W;
     extern __shared__ __align__(128) uint8_t smem[];
     uint8_t *ring = smem;
-    float *psall = reinterpret_cast<float *>(smem + NS * C::SLOT);
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + NS * C::SLOT + W * 8 * C::PS_STRIDE * 4);
+    __half *psall = reinterpret_cast<__half *>(smem + NS * C::SLOT);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + NS * C::SLOT + W * 8 * C::PS_STRIDE * 2);
     uint64_t *empty = full + NS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int cta = blockIdx.x;
@@ -480,6 +520,9 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
     __syncthreads();
+    // Let the combine kernel (launched with programmatic stream serialization) get scheduled now: it waits for this
+    // grid's completion in griddepcontrol.wait, so its launch latency overlaps this kernel instead of following it.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if (beg >= end) return;
     const int H = A.H;
 
@@ -518,7 +561,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
 
     // ---------------- consumers
     const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
-    float *ps = psall + warp * 8 * C::PS_STRIDE;
+    __half *ps = psall + warp * 8 * C::PS_STRIDE;
     int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
     int i = find_entry(A, beg);
     for (int64_t pos = beg; pos < end;) {
@@ -541,36 +584,38 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
                 qf[c] = x * A.qscale;
             }
         }
-        uint32_t bq[D / 8];
-        build_bq<TR::grouped ? KVQ_TYPE_F16 : T, D, false>(qf, nullptr, bq);
+        uint32_t bq[D / 8];  // Q^T in the key order of T (unscaled: grouped pages scale it per page)
+        build_bq<T, D>(qf, bq);
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, bacc[4] = {0.f, 0.f, 0.f, 0.f};
         float o[D / 16][4];
 #pragma unroll
         for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
         const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
-        for (int k = k0; k < kend; k++) {
+        // Units [k0, kend) of this pair: pages first, then window units. Page n of the CTA (r + k - k0 here) is
+        // this warp's when n % W == warp; window units continue the count after the pair's pages.
+        const int pend = min(kend, E.npu), np = max(pend - k0, 0);
+        for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
             bool page;
             int idx;
             Visible vis;
             unit_info(E, k, page, idx, vis);
-            if (page) {
-                if (r % W == warp) {
-                    const int sl = r % NS;
-                    mbar_wait(&full[sl], (r / NS) & 1);
-                    const uint8_t *kb = ring + sl * C::SLOT;
-                    do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, qf, bq, m, l, o, bacc, ps, lane);
-                    if (lane == 0) mbar_arrive(&empty[sl]);
-                }
-                r++;
-            } else {
-                if ((qw + r) % W == warp) {  // window units fill in after this pair's pages
-                    int wrow0 = E.whead + idx * PT;
-                    wrow0 = wrow0 % A.wcap;
-                    do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, qf, bq, m, l, o, bacc, ps, lane);
-                }
-                qw++;
-            }
+            const int rr = r + (k - k0), sl = rr % NS;
+            mbar_wait(&full[sl], (rr / NS) & 1);
+            const uint8_t *kb = ring + sl * C::SLOT;
+            do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, bq, m, l, o, bacc, ps, lane);
+            if (lane == 0) mbar_arrive(&empty[sl]);
         }
+        r += np;
+        const int wbeg = max(k0, E.npu);
+        for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
+            bool page;
+            int idx;
+            Visible vis;
+            unit_info(E, k, page, idx, vis);
+            const int wrow0 = (E.whead + idx * PT) % A.wcap;
+            do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, bq, m, l, o, bacc, ps, lane);
+        }
+        qw += max(kend - wbeg, 0);
         // ---- this warp's partial for pair u = i*H + h
         {
             const int64_t u = (int64_t)i * H + h;
@@ -587,6 +632,12 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
                     const int head = 2 * j + c;
                     if (head < Gq) *reinterpret_cast<float2 *>(po + head * D + ch) = make_float2(o[x][c] + b, o[x][2 + c] + b);
                 }
+            }
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
+                l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
+                l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
             }
             if (g == 0) {
 #pragma unroll
@@ -605,6 +656,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
 // row keeps the whole GPU busy: a serial loop over the slots in one block per KV head cost ~40 us at batch 1.
 constexpr int CS = 4;  // slot classes per block
 __global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant__ DecodeArgs A, int W) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // the decode grid's partials are complete and visible
     const int H = A.H, Gq = A.Gq, D = A.D;
     const int gq = blockIdx.x % Gq, pair = blockIdx.x / Gq, i = pair / H, h = pair % H;
     const Entry &E = A.e[i];
@@ -689,7 +741,18 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
         e = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
         if (e != cudaSuccess) return e;
     }
-    combine_kernel<<<a.n_entries * a.H * a.Gq, CS * D, sm, st>>>(a, C::W);
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3(a.n_entries * a.H * a.Gq);
+    lc.blockDim = dim3(CS * D);
+    lc.dynamicSmemBytes = sm;
+    lc.stream = st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = at;
+    lc.numAttrs = 1;
+    e = cudaLaunchKernelEx(&lc, combine_kernel, a, (int)C::W);
+    if (e != cudaSuccess) return e;
     if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
         fprintf(stderr, "kvq debug: combine_kernel failed: %s\n", cudaGetErrorString(e));
         return e;
