@@ -100,11 +100,12 @@ static kvq__blk page_blk(const kvq_cache *c, int32_t pg, int h, kvq_role role) {
     b.D = L->head_dim;
     b.G = L->group;
     b.Gv = L->value_group;
+    b.pf_k = b.pf_v = NULL, b.pf_k_lines = b.pf_v_lines = 0;
     return b;
 }
 
 static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
-    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, c->L.head_dim, 1, 1};
+    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, c->L.head_dim, 1, 1, NULL, NULL, 0, 0};
     b.data = (const uint8_t *)(w + (size_t)h * c->L.head_dim);
     b.stride = (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
     return b;
@@ -188,10 +189,17 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
         int64_t end = base + P < sl->paged ? base + P : sl->paged;
         end = end < w->t1 ? end : w->t1;
         for (int hh = 0; hh < w->nh; hh++) {
-            if (hh + 1 < w->nh) prefetch_blocks(c, pg, w->h + hh + 1);
-            else if (end < w->t1 && end < sl->paged) prefetch_blocks(c, sl->pages[end / P], w->h);
+            int32_t npg = -1, nh = 0;
+            if (hh + 1 < w->nh) npg = pg, nh = w->h + hh + 1;
+            else if (end < w->t1 && end < sl->paged) npg = sl->pages[end / P], nh = w->h;
             work v = head_view(w, hh);
             kvq__blk kb = page_blk(c, pg, v.h, KVQ_KEY), vb = page_blk(c, pg, v.h, KVQ_VALUE);
+            if (npg >= 0) { /* the fused key kernels spread the prefetch over their tokens */
+                if (K->key_scores && w->rows <= KVQ_FUSED_ROWS) {
+                    kb.pf_k = kvq__kblock(c, npg, nh), kb.pf_k_lines = (int)((c->L.k_block_bytes + 63) / 64);
+                    kb.pf_v = kvq__vblock(c, npg, nh), kb.pf_v_lines = (int)((c->L.v_block_bytes + 63) / 64);
+                } else prefetch_blocks(c, npg, nh);
+            }
             attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, &v, p, sc, &sc->qst[hh]);
         }
         t = end;

@@ -13,6 +13,10 @@ typedef struct kvq__blk {
     size_t stride;       /* bytes between rows */
     const uint16_t *par; /* params of the block (NULL for F16/BF16), indexed by the row number */
     int D, G, Gv;
+    /* Key blocks: the key and value blocks the driver reads next (NULL: none), which key_scores prefetches spread
+     * over its tokens, and their sizes in 64-byte lines */
+    const uint8_t *pf_k, *pf_v;
+    int pf_k_lines, pf_v_lines;
 } kvq__blk;
 
 #define KVQ_TILE 8 /* rows decoded at a time */

@@ -161,6 +161,30 @@ static float exp_sum_avx2(float *x, int n, float m) {
 
 #define AI static inline __attribute__((always_inline))
 
+/* Prefetch of the key and value blocks the driver reads next (kvq__blk.pf_k, pf_v), spread by the key kernels over
+ * their 8-token steps: a few lines at a time never fill the miss buffers, which a whole block's burst did, stalling
+ * the loads of the work behind the prefetches. (n + 7) / 8 steps of `per` lines of each block. */
+typedef struct pfcur {
+    const char *k, *v;
+    int per;
+} pfcur;
+
+AI pfcur pf_start(const kvq__blk *b, int n) {
+    pfcur p = {(const char *)b->pf_k, (const char *)b->pf_v, 0};
+    if (p.k) {
+        int steps = (n + 7) / 8, l = b->pf_k_lines > b->pf_v_lines ? b->pf_k_lines : b->pf_v_lines;
+        p.per = (l + steps - 1) / steps;
+    }
+    return p;
+}
+
+/* one step; lines past a block's end are harmless (a prefetch never faults) */
+AI void pf_step(pfcur *p) {
+    for (int l = 0; l < p->per; l += 2, p->k += 128, p->v += 128) {
+        _mm_prefetch(p->k, _MM_HINT_T0), _mm_prefetch(p->k + 64, _MM_HINT_T0);
+        _mm_prefetch(p->v, _MM_HINT_T0), _mm_prefetch(p->v + 64, _MM_HINT_T0);
+    }
+}
 
 /* per-token multiplier of a per-token type's raw row */
 AI float tok_scale(const kvq_type T, const kvq__blk *b, int j) {
@@ -175,8 +199,10 @@ AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0
     float part[KVQ_FUSED_ROWS][8] __attribute__((aligned(32)));
     const float *qq = q;
     int cur_group = -1;
+    pfcur pf = pf_start(b, n);
     for (int i0 = 0; i0 < n; i0 += 8) {
         int m = n - i0 < 8 ? n - i0 : 8;
+        pf_step(&pf);
         for (int i = 0; i < m; i++) {
             int j = j0 + i0 + i;
             if (grouped && j / b->G != cur_group) { /* q' = q * scale, qm = q . min for this key group */
@@ -442,6 +468,7 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
             quantize_rows16(q, NULL, R, D, st->q16, st->qs);
         st->valid = 1, st->par = NULL, st->group = -1;
     }
+    pfcur pf = pf_start(b, n);
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
         /* (no divisions per 8 tokens: the group's rows are [G * group, G * group + G)) */
@@ -452,6 +479,7 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
         /* up to 8 tokens of one key group; their scores are reduced together (transposed sums) */
         int m = n - i0 < 8 ? n - i0 : 8;
         if (grouped && j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        pf_step(&pf);
         __m256i part[4][8];
         const uint8_t *row = b->data + (size_t)j * b->stride;
         for (int t = 0; t < m; t++, row += b->stride) {
