@@ -480,7 +480,8 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
         int m = n - i0 < 8 ? n - i0 : 8;
         if (grouped && j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
         pf_step(&pf);
-        __m256i part[4][8];
+        /* part[t]: token t's R row sums, each split over the two 128-bit halves: (r0 r1 r2 r3 | r0 r1 r2 r3) */
+        __m256i part[8];
         const uint8_t *row = b->data + (size_t)j * b->stride;
         for (int t = 0; t < m; t++, row += b->stride) {
             /* integer adds have 1-cycle latency: one token at a time keeps every vector in a register */
@@ -504,11 +505,10 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
                     }
             }
             #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) part[r][t] = acc[r];
+            for (int r = R; r < 4; r++) acc[r] = _mm256_setzero_si256();
+            part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
         }
-        for (int t = m; t < 8; t++)
-            #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) part[r][t] = _mm256_setzero_si256();
+        for (int t = m; t < 8; t++) part[t] = _mm256_setzero_si256();
         __m256 ts;
         if (grouped) ts = _mm256_set1_ps(1.0f);
         else if (m == 8) ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(b->par + j)));
@@ -518,15 +518,22 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
             ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)h));
         }
         const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        /* tokens t and t + 4 side by side, halves added: (t: r0 r1 r2 r3 | t + 4: r0 r1 r2 r3); then a 4 x 4
+         * transpose in each half gives row r's 8 sums in token order */
+        __m256i pt[4], sum[4];
+        #pragma GCC unroll 4
+        for (int t = 0; t < 4; t++)
+            pt[t] = _mm256_add_epi32(_mm256_permute2x128_si256(part[t], part[t + 4], 0x20),
+                                     _mm256_permute2x128_si256(part[t], part[t + 4], 0x31));
+        {
+            __m256i u0 = _mm256_unpacklo_epi32(pt[0], pt[1]), u1 = _mm256_unpackhi_epi32(pt[0], pt[1]);
+            __m256i u2 = _mm256_unpacklo_epi32(pt[2], pt[3]), u3 = _mm256_unpackhi_epi32(pt[2], pt[3]);
+            sum[0] = _mm256_unpacklo_epi64(u0, u2), sum[1] = _mm256_unpackhi_epi64(u0, u2);
+            sum[2] = _mm256_unpacklo_epi64(u1, u3), sum[3] = _mm256_unpackhi_epi64(u1, u3);
+        }
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            /* the 8 horizontal sums, in order */
-            __m256i *a = part[r];
-            __m256i b0 = _mm256_hadd_epi32(a[0], a[1]), b1 = _mm256_hadd_epi32(a[2], a[3]);
-            __m256i b2 = _mm256_hadd_epi32(a[4], a[5]), b3 = _mm256_hadd_epi32(a[6], a[7]);
-            __m256i c0 = _mm256_hadd_epi32(b0, b1), c1 = _mm256_hadd_epi32(b2, b3);
-            __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(c0, c1, 0x20), _mm256_permute2x128_si256(c0, c1, 0x31));
-            __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
+            __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
             if (grouped) sc = _mm256_add_ps(sc, _mm256_set1_ps(st->qm[r]));
             if (m == 8) _mm256_storeu_ps(s + (size_t)r * ss + i0, sc);
             else _mm256_maskstore_ps(s + (size_t)r * ss + i0, keep, sc);
@@ -540,20 +547,20 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
  * the codes of tokens i, i+1 interleaved as int16 pairs, so that one vpmaddwd does both tokens of 8 channels.
  * Q4, Q2: the weights w = p * scale of a segment are rounded to 8 bits (one scale per row, value group and
  * segment: relative error <= 1/510 of the largest weight) and meet byte-interleaved code pairs in vpmaddubsw (16
- * channels x 2 tokens per instruction), summed in int16 lanes that wrap. With x = s * q + m written as
- * s * (q - o) + (m + o * s), o = 2^(b-1), the centered sum is what comes out, exactly, once o * (sum of the 8-bit
- * weights) is taken off; it is bounded by o * that sum, so the int16 sums can run over the whole segment when the
- * weights' total allows it (always for Q2; for Q4 unless the weights are flat), else over 16 tokens. */
+ * channels x 2 tokens per instruction), summed in 16-bit lanes read as unsigned: a lane's sum is at most
+ * (2^b - 1) * (sum of the 8-bit weights), so the sums can run over the whole segment when the weights' total keeps
+ * that under 2^16 (always for Q2; for Q4 unless the weights are flat), else over windows of whole 16-token parts
+ * (16 tokens always fit: 15 * 16 * 255 < 2^16). The rounding of the weights meets only the centered codes q - o,
+ * o = 2^(b-1): x = s * (q - o) + (m + o * s), whose second part is summed in fp32 with the exact weights; o times the
+ * 8-bit weights' sum, which the sums of w8 * q hold in excess, is taken off that fp32 term. */
 
 #define VW_PAD (64 + 32)
 typedef struct vweights {
     /* [group][row][token pair]: the pair's two 8-bit weights twice, so that a 32-bit broadcast (a plain load, no
      * shuffle) spreads them; zero from n on */
     uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
-    float ws[4][4], mn[4][4];                             /* [group][row]: weight scale, sum of p * (min + o s) */
-    int32_t w16[4][4][2][8] __attribute__((aligned(32))); /* [group][row][32 tokens]: sums of 16 w8 in 0 and 4 */
-    int nwin, win[5];                                     /* int16 sums run over tokens win[k] .. win[k + 1] */
-    int16_t bias[4][4][4];                                /* [window][group][row]: o * sum of w8, mod 2^16 */
+    float ws[4][4], mn[4][4]; /* [group][row]: weight scale, sum of p * (min + o s) - ws * o * sum of w8 */
+    int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] */
 } vweights;
 
 /* scale[g][i] and (min + off * scale)[g][i] as fp32 for the n tokens from j0, zero from n to 64 */
@@ -595,7 +602,7 @@ AI __m256 load_p(const float *pr, int i, int n) {
 AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
                         vweights *vw) {
     const int D = b->D, ng = D / b->Gv;
-    const int off = T == KVQ_TYPE_Q4 ? 8 : 2;
+    const int qmax = T == KVQ_TYPE_Q4 ? 15 : 3, off = (qmax + 1) / 2;
     float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
     value_params(b, j0, n, ng, (float)off, S, M);
     /* 64 tokens whatever n: p, S and M are 0 past n */
@@ -615,8 +622,8 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
             }
             float amax = hmax_ps(mx), sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
-            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma);
             __m256 iv = _mm256_set1_ps(inv);
+            __m256i wsum = _mm256_setzero_si256();
             #pragma GCC unroll 2
             for (int i = 0; i < 64; i += 32) {
                 __m256i a[4];
@@ -630,40 +637,29 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 /* sums of 16 weights in dwords 0 and 4 */
                 __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
                 sad = _mm256_add_epi64(sad, _mm256_shuffle_epi32(sad, 0x4E));
-                _mm256_store_si256((__m256i *)(void *)vw->w16[g][r][i / 32], sad);
                 most[i / 32] = _mm256_max_epi32(most[i / 32], sad);
+                wsum = _mm256_add_epi32(wsum, sad);
             }
+            int wtot = _mm256_extract_epi32(wsum, 0) + _mm256_extract_epi32(wsum, 4);
+            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma) - sc * (float)(off * wtot);
         }
-    /* windows of whole 16-token parts, as long as o * (sum of weights) stays an int16 in every row */
+    /* windows of whole 16-token parts, as long as qmax * (sum of weights) stays under 2^16 in every row */
     int m16[4] = {_mm256_extract_epi32(most[0], 0), _mm256_extract_epi32(most[0], 4), _mm256_extract_epi32(most[1], 0),
                   _mm256_extract_epi32(most[1], 4)};
     int sum = 0;
     vw->nwin = 0, vw->win[0] = 0;
     for (int k = 0; 16 * k < n; k++) {
-        if (k > 0 && (sum + m16[k]) * off > 32767) vw->win[++vw->nwin] = 16 * k, sum = 0;
+        if (k > 0 && (sum + m16[k]) * qmax > 65535) vw->win[++vw->nwin] = 16 * k, sum = 0;
         sum += m16[k];
     }
     vw->win[++vw->nwin] = n;
-    for (unsigned k = 0; k < (unsigned)vw->nwin; k++) {
-        const unsigned h0 = (unsigned)vw->win[k] / 16, h1 = ((unsigned)vw->win[k + 1] + 15) / 16;
-        for (int g = 0; g < ng; g++)
-            #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const int32_t *w16 = &vw->w16[g][r][0][0]; /* 16-token sums at 0, 4, 8, 12 */
-                int sum = 0;
-                for (unsigned h = h0; h < h1; h++) sum += w16[4 * h];
-                vw->bias[k][g][r] = (int16_t)(uint16_t)(sum * off);
-            }
-    }
 }
 
-/* acc[c..] += ws * a (+ mn) for the int16 sums of a 32 (Q4) or 64 (Q2) channel block of one row, whose lane k of
- * vector f is channel c + k*E + f; bias: o * sum of the weights, to take off */
-AI void flush_block(const kvq_type T, const __m256i *a0, int16_t bias, float ws, float mn, bool last, float *acc) {
-    __m256i v[4], a[4];
+/* acc[c..] += ws * a (+ mn) for the unsigned 16-bit sums a of a 32 (Q4) or 64 (Q2) channel block of one row, whose
+ * lane k of vector f is channel c + k*E + f */
+AI void flush_block(const kvq_type T, const __m256i *a, float ws, float mn, bool last, float *acc) {
+    __m256i v[4];
     const int NV = T == KVQ_TYPE_Q4 ? 2 : 4, half = 8 * NV;
-    #pragma GCC unroll 4
-    for (int f = 0; f < NV; f++) a[f] = _mm256_sub_epi16(a0[f], _mm256_set1_epi16(bias));
     if (T == KVQ_TYPE_Q4) { /* ch 0-7 | 16-23, ch 8-15 | 24-31 */
         v[0] = _mm256_unpacklo_epi16(a[0], a[1]), v[1] = _mm256_unpackhi_epi16(a[0], a[1]);
     } else { /* ch 0-7 | 32-39, 8-15 | 40-47, 16-23 | 48-55, 24-31 | 56-63 */
@@ -679,7 +675,7 @@ AI void flush_block(const kvq_type T, const __m256i *a0, int16_t bias, float ws,
         for (int h = 0; h < 2; h++) {
             __m128i x = h ? _mm256_extracti128_si256(v[k], 1) : _mm256_castsi256_si128(v[k]);
             float *o = acc + 8 * k + h * half;
-            __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(x));
+            __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(x));
             __m256 r = _mm256_fmadd_ps(f, s, _mm256_loadu_ps(o));
             _mm256_storeu_ps(o, last ? _mm256_add_ps(r, m) : r);
         }
@@ -707,12 +703,12 @@ AI void grouped_pair(const kvq_type T, const int R, const uint8_t *row0, const u
     }
 }
 
-AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p,
-                                 int ps, float *accbuf) {
-    const int D = b->D, C = T == KVQ_TYPE_Q4 ? 32 : 64, NV = C / 16;
+AI void value_accum_grouped_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
+                                 const float *p, int ps, float *accbuf) {
+    const int D = DK ? DK : b->D, C = T == KVQ_TYPE_Q4 ? 32 : 64, NV = C / 16;
     vweights vw;
     grouped_weights(T, R, b, j0, n, p, ps, &vw);
-    const size_t st = b->stride;
+    const size_t st = DK ? (size_t)DK * (T == KVQ_TYPE_Q4 ? 4 : 2) / 8 : b->stride; /* page rows: D * b / 8 bytes */
     for (int k = 0; k < vw.nwin; k++) {
         const int i0 = vw.win[k], i1 = vw.win[k + 1];
         const bool last = k == vw.nwin - 1;
@@ -732,7 +728,7 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const kvq__blk *
             if ((i1 - i0) & 1) grouped_pair(T, R, row, row, w8, a); /* its second weight is 0 */
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
-                flush_block(T, a[r], vw.bias[k][g][r], vw.ws[g][r], vw.mn[g][r], last, accbuf + (size_t)r * D + c);
+                flush_block(T, a[r], vw.ws[g][r], vw.mn[g][r], last, accbuf + (size_t)r * D + c);
         }
     }
 }
@@ -752,8 +748,9 @@ AI void q8_pair(const int R, const uint8_t *row0, const uint8_t *row1, const int
     }
 }
 
-AI void value_accum_q8_impl(const int R, const kvq__blk *b, int j0, int n, const float *p, int ps, float *accbuf) {
-    const int D = b->D, n8 = (n + 7) & ~7;
+AI void value_accum_q8_impl(const int R, const int DK, const kvq__blk *b, int j0, int n, const float *p, int ps,
+                            float *accbuf) {
+    const int D = DK ? DK : b->D, n8 = (n + 7) & ~7;
     /* weights p * s rounded to int16, read in (token i, token i+1) pairs as one int32 */
     int16_t c16[4][64 + 16] __attribute__((aligned(32)));
     float cs[4], scl[64 + 8] __attribute__((aligned(32)));
@@ -787,7 +784,7 @@ AI void value_accum_q8_impl(const int R, const kvq__blk *b, int j0, int n, const
         __m256i a[4][2];
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
-        const size_t st = b->stride;
+        const size_t st = DK ? (size_t)DK : b->stride;
         const uint8_t *row = b->data + (size_t)j0 * st + c, *end = row + (size_t)(n & ~1) * st;
         const int16_t *w16 = &c16[0][0];
         for (; row + 2 * st < end; row += 4 * st, w16 += 4) /* two pairs per turn: half the loop overhead */
@@ -804,10 +801,10 @@ AI void value_accum_q8_impl(const int R, const kvq__blk *b, int j0, int n, const
     }
 }
 
-AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
-                             float *accbuf) {
-    if (T == KVQ_TYPE_Q8) value_accum_q8_impl(R, b, j0, n, p, ps, accbuf);
-    else value_accum_grouped_impl(T, R, b, j0, n, p, ps, accbuf);
+AI void value_accum_int_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
+                             const float *p, int ps, float *accbuf) {
+    if (T == KVQ_TYPE_Q8) value_accum_q8_impl(R, DK, b, j0, n, p, ps, accbuf);
+    else value_accum_grouped_impl(T, R, DK, b, j0, n, p, ps, accbuf);
 }
 
 /* The integer kernels take R <= 4 rows and whole chunks that never straddle a value group. */
@@ -876,8 +873,12 @@ static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, in
 
 static void value_accum_avx2(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
     if (int_ok(b, rows)) {
-#define VI(T, R) value_accum_int_impl(T, R, b, j0, n, p, ps, acc)
-        INT_TYPE_SWITCH(VI)
+        /* Q8, Q4 at D = 128: the row stride and the channel loop known at compile time (Q2's 16 sums spill more) */
+#define VI(T, R) value_accum_int_impl(T, R, T == KVQ_TYPE_Q2 ? 0 : 128, b, j0, n, p, ps, acc)
+        if (b->D == 128) INT_TYPE_SWITCH(VI)
+#undef VI
+#define VI(T, R) value_accum_int_impl(T, R, 0, b, j0, n, p, ps, acc)
+        else INT_TYPE_SWITCH(VI)
 #undef VI
         return;
     }
