@@ -439,10 +439,14 @@ class KVQCache(Cache):
         if src_rows == list(range(self.kvq_batch)):
             return
         stream = self._stream()
-        for g in self._groups:
-            fork = (lambda s, h=g.handle: h.seq_fork(s, stream)) if self.is_cuda else g.handle.seq_fork
-            used, new = set(), []
-            try:
+        # Two phases, so that a failure (no free sequence slot, no page for a copy on write) in any group leaves
+        # every group as it was: first all forks, then, once all succeeded, the frees.
+        plans = []
+        try:
+            for g in self._groups:
+                fork = (lambda s, h=g.handle: h.seq_fork(s, stream)) if self.is_cuda else g.handle.seq_fork
+                used, new = set(), []
+                plans.append((g, used, new))
                 for src in src_rows:
                     s = g.seqs[src]
                     if s in used:
@@ -450,11 +454,13 @@ class KVQCache(Cache):
                     else:
                         used.add(s)
                         new.append(s)
-            except Exception:
+        except Exception:
+            for g, _, new in plans:
                 for s in new:
                     if s not in g.seqs:
                         g.handle.seq_free(s)
-                raise
+            raise
+        for g, used, new in plans:
             for s in g.seqs:
                 if s not in used:
                     g.handle.seq_free(s)

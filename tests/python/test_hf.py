@@ -164,6 +164,30 @@ def test_per_layer_types_and_crop():
         assert out.logits.shape == (1, 1, 128) and cache.get_seq_length() == 23
 
 
+def test_remap_failure_leaves_every_group_as_it_was(monkeypatch):
+    """A fork failing in the second type group (beam reorder) must not leave the first group remapped."""
+    model = make("llama")
+    n = model.config.num_hidden_layers
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type=["q8" if i % 2 else "f16" for i in range(n)], max_cache_len=64)
+        ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(8))
+        _gen(model, ids, max_new_tokens=4, past_key_values=cache)
+        assert len(cache._groups) == 2
+        before = [(list(g.seqs), g.handle.stats()["n_seqs"]) for g in cache._groups]
+
+        def refuse(*a, **k):
+            raise kvq.CacheFullError(-8, "no free sequence slot (test)")
+
+        monkeypatch.setattr(cache._groups[1].handle, "seq_fork", refuse)
+        with pytest.raises(kvq.CacheFullError):
+            cache.batch_repeat_interleave(2)
+        assert [(list(g.seqs), g.handle.stats()["n_seqs"]) for g in cache._groups] == before
+        assert cache.batch_size == 2
+        monkeypatch.undo()
+        cache.batch_repeat_interleave(2)  # and it still works afterwards
+        assert cache.batch_size == 4 and [g.handle.stats()["n_seqs"] for g in cache._groups] == [4, 4]
+
+
 def test_patch_model_with_int8_kv_cache():
     model = make("llama")
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(7))
