@@ -303,11 +303,8 @@ class KVQCache(Cache):
         g = self._group_of[layer_idx]
         k = key_states.transpose(1, 2).contiguous()
         v = value_states.transpose(1, 2).contiguous()
-        args = (g.local[layer_idx], g.seqs, [q] * B, _TORCH_DTYPES[k.dtype], k.data_ptr(), v.data_ptr())
-        if self.is_cuda:
-            g.handle.append_ptr(*args, torch.cuda.current_stream(k.device).cuda_stream)
-        else:
-            g.handle.append_ptr(*args)
+        g.handle.append_ptr(g.local[layer_idx], g.seqs, [q] * B, _TORCH_DTYPES[k.dtype], k.data_ptr(), v.data_ptr(),
+                            *self._stream_args())
         self.layers[layer_idx].hf_len += q
 
     # ---------------------------------------------------------------------------------------------------------
@@ -355,15 +352,12 @@ class KVQCache(Cache):
         window = int(window or 0)
         softcap = float(softcap or 0.0)
         cuda = self.is_cuda
-        stream = self._stream()
+        sa = self._stream_args()
         if valid is None:
             kc, vc = k.contiguous(), v.contiguous()
             counts = [q] * B
             rows = list(range(B))
-            if cuda:
-                h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), stream)
-            else:
-                h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr())
+            h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), *sa)
         else:
             counts_all = valid.sum(dim=1).tolist()
             rows = [b for b in range(B) if counts_all[b] > 0]
@@ -372,14 +366,10 @@ class KVQCache(Cache):
             kc = k[vdev].contiguous()  # [sum counts, H, D], rows back to back
             vc = v[vdev].contiguous()
             if rows:
-                seqs = [g.seqs[b] for b in rows]
-                if cuda:
-                    h.append_ptr(li, seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), stream)
-                else:
-                    h.append_ptr(li, seqs, counts, kd, kc.data_ptr(), vc.data_ptr())
+                h.append_ptr(li, [g.seqs[b] for b in rows], counts, kd, kc.data_ptr(), vc.data_ptr(), *sa)
         qt = query.transpose(1, 2)  # [B, q, Hq, D]
         if cuda:
-            return self._attend_cuda(h, li, g, qt, valid, rows, counts, scale, window, softcap, stream)
+            return self._attend_cuda(h, li, g, qt, valid, rows, counts, scale, window, softcap, sa[0])
         qf = qt.to(torch.float32)
         if valid is None and q == 1:
             qd = qf.reshape(B, Hq, D).contiguous()
@@ -427,9 +417,10 @@ class KVQCache(Cache):
         return out
 
     # ---------------------------------------------------------------------------------------------------------
-    def _stream(self) -> int:
-        """The cudaStream_t (as int) of the current torch stream on the cache's device; 0 on CPU."""
-        return _raw_stream(self._device) if self.is_cuda else 0
+    def _stream_args(self) -> tuple:
+        """The trailing arguments of the handles' calls that enqueue device work: (cudaStream_t of the current
+        torch stream on the cache's device,) on CUDA; () on the CPU, whose calls take no stream."""
+        return (_raw_stream(self._device),) if self.is_cuda else ()
 
     def _remap(self, src_rows: list[int]):
         """New row i = old row src_rows[i] (beam reorder, select, repeat): the first user of an old sequence keeps
@@ -438,19 +429,18 @@ class KVQCache(Cache):
             return
         if src_rows == list(range(self.kvq_batch)):
             return
-        stream = self._stream()
+        sa = self._stream_args()
         # Two phases, so that a failure (no free sequence slot, no page for a copy on write) in any group leaves
         # every group as it was: first all forks, then, once all succeeded, the frees.
         plans = []
         try:
             for g in self._groups:
-                fork = (lambda s, h=g.handle: h.seq_fork(s, stream)) if self.is_cuda else g.handle.seq_fork
                 used, new = set(), []
                 plans.append((g, used, new))
                 for src in src_rows:
                     s = g.seqs[src]
                     if s in used:
-                        new.append(fork(s))
+                        new.append(g.handle.seq_fork(s, *sa))
                     else:
                         used.add(s)
                         new.append(s)
@@ -485,14 +475,10 @@ class KVQCache(Cache):
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, hf_len - tokens_to_remove)
         if remove == 0 or self._device is None:
             return
-        stream = self._stream()
+        sa = self._stream_args()
         for g in self._groups:
             for s in g.seqs:
-                n = g.handle.seq_length(s, 0)
-                if self.is_cuda:
-                    g.handle.seq_truncate(s, max(0, n - remove), stream)
-                else:
-                    g.handle.seq_truncate(s, max(0, n - remove))
+                g.handle.seq_truncate(s, max(0, g.handle.seq_length(s, 0) - remove), *sa)
         for layer in self.layers:
             layer.hf_len = max(0, layer.hf_len - remove)
         self._mask_memo = None
