@@ -206,21 +206,33 @@ static kvq_status check_layer(const kvq_cuda_cache *c, int layer, const char *fn
     return KVQ_OK;
 }
 
+// The smallest free sequence slot, or -1 (the error is recorded).
+static int free_slot(const kvq_cuda_cache *c, const char *fn) {
+    for (int i = 0; i < c->cfg.max_seqs; i++)
+        if (!c->live[i]) return i;
+    fail(KVQ_ERR_TOO_MANY_SEQS, "%s: %d sequences live (max_seqs)", fn, c->cfg.max_seqs);
+    return -1;
+}
+
+// Tokens that an append bringing the window to T tokens flushes into pages: whole flush units, once the window
+// holds wcap = R + Gf tokens.
+static int64_t flushed_tokens(const kvq_cuda_cache *c, int64_t T) {
+    return T < c->wcap ? 0 : (1 + (T - c->wcap) / c->Gf) * c->Gf;
+}
+
 extern "C" kvq_status kvq_cuda_seq_new(kvq_cuda_cache *c, int32_t *seq_out) {
     if (!c || !seq_out) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_new: NULL argument");
-    for (int i = 0; i < c->cfg.max_seqs; i++) {
-        if (c->live[i]) continue;
-        try {
-            c->seqs[i].assign(c->cfg.n_layers, SeqLayer());
-        } catch (...) {
-            return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_seq_new: no host memory");
-        }
-        c->live[i] = 1;
-        c->n_live++;
-        *seq_out = i;
-        return KVQ_OK;
+    const int i = free_slot(c, "kvq_cuda_seq_new");
+    if (i < 0) return KVQ_ERR_TOO_MANY_SEQS;
+    try {
+        c->seqs[i].assign(c->cfg.n_layers, SeqLayer());
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_seq_new: no host memory");
     }
-    return fail(KVQ_ERR_TOO_MANY_SEQS, "kvq_cuda_seq_new: %d sequences live (max_seqs)", c->cfg.max_seqs);
+    c->live[i] = 1;
+    c->n_live++;
+    *seq_out = i;
+    return KVQ_OK;
 }
 
 // Drops one reference; a page nobody references goes back to the free list (its capacity is n_pages: no throw).
@@ -277,15 +289,14 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         seen[seq_ids[i]] = 1;
         if (n_tokens[i] < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: n_tokens[%d] = %d is negative", fn, i, (int)n_tokens[i]);
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        int64_t T = sl.win + (int64_t)n_tokens[i];
-        int64_t F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
-        int64_t end = sl.paged + F * c->Gf, np = (end + PT - 1) / PT;
+        const int64_t FG = flushed_tokens(c, sl.win + (int64_t)n_tokens[i]);
+        int64_t end = sl.paged + FG, np = (end + PT - 1) / PT;
         if (np > c->max_pages)
             return fail(KVQ_ERR_CACHE_FULL, "%s: sequence %d would hold %lld tokens in pages, the page table holds %lld", fn,
                         (int)seq_ids[i], (long long)end, (long long)(c->max_pages * PT));
         need += np - (int64_t)sl.pages.size();
         // copy on write of a shared, partly filled last page: counted as kvq_append counts it (per sequence)
-        if (F > 0 && sl.paged % PT != 0 && c->refcnt[sl.pages.back()] > 1) need++;
+        if (FG > 0 && sl.paged % PT != 0 && c->refcnt[sl.pages.back()] > 1) need++;
         total += n_tokens[i];
     }
     if (total == 0) return KVQ_OK;
@@ -293,22 +304,11 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     if (need > (int64_t)c->free_list.size())
         return fail(KVQ_ERR_CACHE_FULL, "%s: layer %d needs %lld free pages, %lld are free", fn, layer, (long long)need,
                     (long long)c->free_list.size());
-    // host page lists get their room now, so that committing after the launches cannot fail
-    try {
-        for (int i = 0; i < n_seqs; i++) {
-            SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-            int64_t T = sl.win + (int64_t)n_tokens[i];
-            int64_t F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
-            sl.pages.reserve((size_t)((sl.paged + F * c->Gf + PT - 1) / PT));
-        }
-    } catch (...) {
-        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory for the page lists", fn);
-    }
-
     DevGuard dg(c->device);
     cudaStream_t st = (cudaStream_t)stream;
     const int type = c->L.type_k, D = c->L.head_dim;
-    // per-sequence plan (host state is updated only after every launch is enqueued)
+    // per-sequence plan (host state is updated only after every launch is enqueued); the host page lists get their
+    // room now, so that committing after the launches cannot fail
     struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; };
     std::vector<Plan> plan;
     std::vector<int32_t> cow;  // per sequence: the private copy of its shared, partly filled last page, or -1
@@ -318,16 +318,16 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         plan.resize(n_seqs);
         cow.assign(n_seqs, -1);
         newpages.resize(n_seqs);
+        int64_t off = 0;
+        for (int i = 0; i < n_seqs; i++) {
+            SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+            const int T = sl.win + n_tokens[i];
+            plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, (int32_t)flushed_tokens(c, T), off};
+            off += n_tokens[i];
+            sl.pages.reserve((size_t)((sl.paged + plan[i].FG + PT - 1) / PT));
+        }
     } catch (...) {
         return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
-    }
-    int64_t off = 0;
-    for (int i = 0; i < n_seqs; i++) {
-        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        int T = sl.win + n_tokens[i];
-        int F = T < c->wcap ? 0 : 1 + (T - c->wcap) / c->Gf;
-        plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, F * c->Gf, off};
-        off += n_tokens[i];
     }
     // Copy on write (as kvq_append's store_unit): a flush into a partly filled last page that another (sequence,
     // layer) still references goes to a fresh copy of that page; the flush kernel points the page table at it.
@@ -455,10 +455,8 @@ extern "C" kvq_status kvq_cuda_seq_fork(kvq_cuda_cache *c, int32_t src, int32_t 
     if (!c || !seq_out) return fail(KVQ_ERR_NULL, "%s: cache or seq_out is NULL", fn);
     kvq_status s = check_seq(c, src, fn);
     if (s) return s;
-    int id = -1;
-    for (int i = 0; i < c->cfg.max_seqs && id < 0; i++)
-        if (!c->live[i]) id = i;
-    if (id < 0) return fail(KVQ_ERR_TOO_MANY_SEQS, "%s: %d sequences live (max_seqs)", fn, c->cfg.max_seqs);
+    const int id = free_slot(c, fn);
+    if (id < 0) return KVQ_ERR_TOO_MANY_SEQS;
     std::vector<SeqLayer> child;
     try {
         child = c->seqs[src];
