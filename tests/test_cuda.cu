@@ -337,6 +337,10 @@ static void free_both(Pair &p, int32_t seq) {
     OK(kvq_seq_free(p.cpu, seq));
     OK(kvq_cuda_seq_free(p.gpu, seq));
 }
+// n new tokens to one sequence, in every layer
+static void append_seq(Pair &p, int32_t seq, int32_t n, kvq_dtype dt) {
+    for (int l = 0; l < p.layers; l++) append_both(p, l, 1, &seq, &n, dt, 0.f);
+}
 static void compare_all(Pair &p, const int32_t *ids, int n, const char *what) {
     for (int l = 0; l < p.layers; l++)
         for (int i = 0; i < n; i++) compare_bytes(p, ids[i], l, what);
@@ -421,8 +425,7 @@ static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt) {
         truncate_both(p, a, pg + wn / 2);
         snprintf(w2, sizeof w2, "%s cut in window", what);
         compare_all(p, abc, 3, w2);
-        int32_t n = 50;
-        for (int l = 0; l < 2; l++) append_both(p, l, 1, &a, &n, dt, 0.f);
+        append_seq(p, a, 50, dt);
         compare_all(p, abc, 3, w2);
         compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
     }
@@ -440,10 +443,7 @@ static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt) {
               (long long)len1, (long long)(pg - 10));
     }
     compare_decode(p, 1, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
-    for (int l = 0; l < 2; l++) {
-        int32_t n = 100;
-        append_both(p, l, 1, &a, &n, dt, 0.f);
-    }
+    append_seq(p, a, 100, dt);
     snprintf(w2, sizeof w2, "%s cut in pages, re-appended", what);
     compare_all(p, abc, 3, w2);
     compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
@@ -452,10 +452,7 @@ static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt) {
     truncate_both(p, b, 64 + 5);
     snprintf(w2, sizeof w2, "%s shared cut", what);
     compare_all(p, abc, 3, w2);
-    for (int l = 0; l < 2; l++) {
-        int32_t n = 80;
-        append_both(p, l, 1, &b, &n, dt, 0.f);
-    }
+    append_seq(p, b, 80, dt);
     compare_all(p, abc, 3, w2);
     compare_decode(p, 0, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
     // c: to a page boundary, beyond its length (no-op), to 0, re-appended
@@ -466,10 +463,7 @@ static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt) {
     truncate_both(p, c, 0);
     snprintf(w2, sizeof w2, "%s cut to 0", what);
     compare_all(p, abc, 3, w2);
-    for (int l = 0; l < 2; l++) {
-        int32_t n = 10;
-        append_both(p, l, 1, &c, &n, dt, 0.f);
-    }
+    append_seq(p, c, 10, dt);
     compare_all(p, abc, 3, w2);
     compare_decode(p, 1, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
 
