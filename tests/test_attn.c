@@ -21,6 +21,18 @@ typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } co
 
 static double worst_quality[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], worst_simd[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
 
+/* one of the tables above, for the six types of kvq.h section 4 */
+static void print_by_types(const char *title, double t[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT]) {
+    printf("%s, rows K, columns V:\n      ", title);
+    for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
+    printf("\n");
+    for (int tk = 0; tk < 6; tk++) {
+        printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
+        for (int tv = 0; tv < 6; tv++) printf("%10.2e", t[tk][tv]);
+        printf("\n");
+    }
+}
+
 static void run_combo(combo cb) {
     const int H = cb.H ? cb.H : 2, nqh = H * cb.rep, B = 3;
     const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
@@ -132,21 +144,8 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18});
     run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17});
     n += 2;
-    printf("%d combinations; worst quality NMSE (decode vs fp64 on the original K/V), rows K, columns V:\n      ", n);
-    for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
-    printf("\n");
-    for (int tk = 0; tk < 6; tk++) {
-        printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
-        for (int tv = 0; tv < 6; tv++) printf("%10.2e", worst_quality[tk][tv]);
-        printf("\n");
-    }
-    printf("worst NMSE of the SIMD kernels against the scalar _ref kernels, rows K, columns V:\n      ");
-    for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
-    printf("\n");
-    for (int tk = 0; tk < 6; tk++) {
-        printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
-        for (int tv = 0; tv < 6; tv++) printf("%10.2e", worst_simd[tk][tv]);
-        printf("\n");
-    }
+    printf("%d combinations; ", n);
+    print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
+    print_by_types("worst NMSE of the SIMD kernels against the scalar _ref kernels", worst_simd);
     return tu_finish("test_attn");
 }
