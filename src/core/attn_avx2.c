@@ -73,6 +73,13 @@ static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
     }
 }
 
+/* sum of the 8 lanes */
+static inline float hsum_ps(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
 /* 8 horizontal sums at once: returns (sum a0, sum a1, ..., sum a7) */
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
     __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
@@ -102,10 +109,7 @@ static void dots_avx2(const float *q, int rows, int D, const float *x, int n, fl
             __m256 a = _mm256_setzero_ps();
             for (int c = 0; c < D; c += 8)
                 a = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)r * D + c), _mm256_loadu_ps(x + (size_t)i * D + c), a);
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            h = _mm_hadd_ps(h, h);
-            h = _mm_hadd_ps(h, h);
-            s[(size_t)r * ss + i] = _mm_cvtss_f32(h);
+            s[(size_t)r * ss + i] = hsum_ps(a);
         }
 }
 
@@ -255,10 +259,7 @@ AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0
                 #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     __m256 a = t ? a1[r] : a0[r];
-                    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                    h = _mm_hadd_ps(h, h);
-                    h = _mm_hadd_ps(h, h);
-                    s[(size_t)r * ss + i0 + i + t] = _mm_cvtss_f32(h) * tok_scale(T, b, j + t) + (grouped ? qm[r] : 0.0f);
+                    s[(size_t)r * ss + i0 + i + t] = hsum_ps(a) * tok_scale(T, b, j + t) + (grouped ? qm[r] : 0.0f);
                 }
             i += pair;
         }
@@ -391,11 +392,6 @@ static inline float hmax_ps(__m256 a) {
     return _mm_cvtss_f32(h);
 }
 
-static inline float hsum_ps(__m256 a) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_hadd_ps(h, h);
-    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
-}
 
 /* Rounds R rows of D floats (x, or x * mul when mul is given; row stride D) to int16, order kept; per-row scales
  * out */
