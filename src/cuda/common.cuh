@@ -112,6 +112,5 @@ __device__ __forceinline__ float round_f16(float x) { return __half2float(__floa
 // host-side launchers (defined in the .cu files)
 namespace kvqc {
 cudaError_t launch_decode(int type, int D, const DecodeArgs &a, cudaStream_t st, int n_sm);
-int decode_warps(int type, int D);
 cudaError_t launch_append(int type, int D, const AppendArgs &a, cudaStream_t st);
 }  // namespace kvqc

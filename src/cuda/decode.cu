@@ -306,7 +306,9 @@ template <int T, int D> struct Cfg {
     static constexpr int NS = NS0 / W * W;
     static_assert(W >= 1 && NS >= 2 * W, "ring");
     static constexpr int THREADS = (W + 1) * 32;
-    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8;
+    // The W warps' partials of a pair meet in shared memory, 4 query heads at a time: MB floats each, and (m, l)
+    static constexpr int MB = 4 * D;
+    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4;
 };
 
 struct Visible { int lo, hi; };  // unit-local valid token range
@@ -545,6 +547,8 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     __half *psall = reinterpret_cast<__half *>(smem + NS * C::SLOT);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + NS * C::SLOT + W * 8 * C::PS_STRIDE * 2);
     uint64_t *empty = full + NS;
+    float *mbuf = reinterpret_cast<float *>(empty + NS);  // [W][MB] partial O of 4 heads
+    float *mlb = mbuf + W * C::MB;                       // [W][8][2] partial (m, l)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int cta = blockIdx.x;
     const int64_t beg = (int64_t)cta * A.L, end = min(beg + A.L, A.total);
@@ -650,23 +654,10 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, bq, m, l, o, bacc, ps, lane);
         }
         qw += max(kend - wbeg, 0);
-        // ---- this warp's partial for pair u = i*H + h
+        // ---- the CTA's partial for pair u = i*H + h: the W warps' partials merged in shared memory (one global
+        // partial per CTA and pair, so the combine kernel reads W times fewer; at batch 1, 4k its serial slot loop
+        // was as long as the decode kernel itself)
         {
-            const int64_t u = (int64_t)i * H + h;
-            const int64_t slot = (u + cta) * W + warp;
-            float *po = A.part + slot * Gq * D;
-#pragma unroll
-            for (int x = 0; x < D / 16; x++) {
-                const int hh = x / 4, ii = x % 4;
-                const int ch = 64 * hh + 8 * g + 2 * ii;
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    float b = 0.f;
-                    if constexpr (TR::grouped) b = __shfl_sync(0xffffffffu, bacc[c], hh * 4 + j);
-                    const int head = 2 * j + c;
-                    if (head < Gq) *reinterpret_cast<float2 *>(po + head * D + ch) = make_float2(o[x][c] + b, o[x][2 + c] + b);
-                }
-            }
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
@@ -675,8 +666,48 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             }
             if (g == 0) {
 #pragma unroll
-                for (int c = 0; c < 2; c++)
-                    if (2 * j + c < Gq) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + 2 * j + c) * 2) = make_float2(m[c], l[c]);
+                for (int c = 0; c < 2; c++) *reinterpret_cast<float2 *>(mlb + (warp * 8 + 2 * j + c) * 2) = make_float2(m[c], l[c]);
+            }
+            float bm[D / 64][2];  // KIVI value mins: sum_t p_t min_t of channel group hh, this thread's heads
+#pragma unroll
+            for (int hh = 0; hh < D / 64; hh++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) bm[hh][c] = TR::grouped ? __shfl_sync(0xffffffffu, bacc[c], hh * 4 + j) : 0.f;
+            const int64_t u = (int64_t)i * H + h;
+            const int64_t slot = u + cta;
+            float *po = A.part + slot * Gq * D;
+            for (int pass = 0; pass * 4 < Gq; pass++) {  // heads 4 pass .. 4 pass + 3, held by lanes j = 2 pass, 2 pass + 1
+                if ((j >> 1) == pass) {
+#pragma unroll
+                    for (int x = 0; x < D / 16; x++) {
+                        const int hh = x / 4, ii = x % 4;
+                        const int ch = 64 * hh + 8 * g + 2 * ii;
+#pragma unroll
+                        for (int c = 0; c < 2; c++) {
+                            const int head = 2 * j + c - 4 * pass;
+                            *reinterpret_cast<float2 *>(mbuf + warp * C::MB + head * D + ch) =
+                                make_float2(o[x][c] + bm[hh][c], o[x][2 + c] + bm[hh][c]);
+                        }
+                    }
+                }
+                asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
+                const int nh = min(Gq - 4 * pass, 4);
+                for (int idx = threadIdx.x; idx < nh * D; idx += W * 32) {
+                    const int head = 4 * pass + idx / D;
+                    float M = -INFINITY;
+                    for (int w = 0; w < W; w++) M = fmaxf(M, mlb[(w * 8 + head) * 2]);
+                    float acc = 0.f, lsum = 0.f;
+                    if (M != -INFINITY)
+                        for (int w = 0; w < W; w++) {
+                            const float2 ml = *reinterpret_cast<const float2 *>(mlb + (w * 8 + head) * 2);
+                            const float a = ex2(ml.x - M);  // a warp without tokens: m = -inf, a = 0
+                            acc += a * mbuf[w * C::MB + idx];
+                            lsum += a * ml.y;
+                        }
+                    po[head * D + idx % D] = acc;
+                    if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
+                }
+                asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");  // mbuf and mlb are free again
             }
         }
         pos += kend - k0;
@@ -684,20 +715,21 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     }
 }
 
-// Merges the partials of one (entry, KV head, query head) into the output. Warp 0 turns the slots' maxima into
-// weights (lanes stride the slots); then CS slot classes of D threads each sum their slots' rows (coalesced, many
-// loads in flight, empty slots skipped warp-uniformly) and shared memory adds the classes. One block per output
-// row keeps the whole GPU busy: a serial loop over the slots in one block per KV head cost ~40 us at batch 1.
+// Merges the partials of one (entry, KV head, query head) into the output: one slot per CTA that touched the pair.
+// Warp 0 turns the slots' maxima into weights (lanes stride the slots); then CS slot classes of D threads each sum
+// their slots' rows (coalesced, many loads in flight, empty slots skipped warp-uniformly) and shared memory adds
+// the classes. One block per output row keeps the whole GPU busy: a serial loop over the slots in one block per KV
+// head cost ~40 us at batch 1.
 constexpr int CS = 4;  // slot classes per block
-__global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant__ DecodeArgs A, int W) {
+__global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant__ DecodeArgs A) {
     asm volatile("griddepcontrol.wait;" ::: "memory");  // the decode grid's partials are complete and visible
     const int H = A.H, Gq = A.Gq, D = A.D;
     const int gq = blockIdx.x % Gq, pair = blockIdx.x / Gq, i = pair / H, h = pair % H;
     const Entry &E = A.e[i];
     const int64_t su = E.start + (int64_t)h * E.n;
     const int64_t c0 = su / A.L, c1 = (su + E.n - 1) / A.L;
-    const int64_t s0 = ((int64_t)pair + c0) * W;
-    const int ns = (int)((c1 - c0 + 1) * W);
+    const int64_t s0 = (int64_t)pair + c0;
+    const int ns = (int)(c1 - c0 + 1);
     extern __shared__ float wsh[];  // [ns] weights, then [CS][D] sums
     float *sums = wsh + ns;
     __shared__ float inv;
@@ -767,7 +799,7 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
     for (int i = 0; i < a.n_entries; i++)
         for (int h = 0; h < a.H; h++) {
             int64_t su = a.e[i].start + (int64_t)h * a.e[i].n;
-            int ns = (int)((su + a.e[i].n - 1) / a.L - su / a.L + 1) * C::W;
+            int ns = (int)((su + a.e[i].n - 1) / a.L - su / a.L + 1);
             ns_max = ns > ns_max ? ns : ns_max;
         }
     size_t sm = ((size_t)ns_max + CS * D) * sizeof(float);
@@ -785,7 +817,7 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
     at[0].val.programmaticStreamSerializationAllowed = 1;
     lc.attrs = at;
     lc.numAttrs = 1;
-    e = cudaLaunchKernelEx(&lc, combine_kernel, a, (int)C::W);
+    e = cudaLaunchKernelEx(&lc, combine_kernel, a);
     if (e != cudaSuccess) return e;
     if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
         fprintf(stderr, "kvq debug: combine_kernel failed: %s\n", cudaGetErrorString(e));
@@ -805,20 +837,8 @@ template <int D> static cudaError_t run_t(int type, const DecodeArgs &a, cudaStr
     }
 }
 
-template <int D> static int warps_t(int type) {
-    switch (type) {
-    case KVQ_TYPE_F16: return Cfg<KVQ_TYPE_F16, D>::W;
-    case KVQ_TYPE_BF16: return Cfg<KVQ_TYPE_BF16, D>::W;
-    case KVQ_TYPE_Q8: return Cfg<KVQ_TYPE_Q8, D>::W;
-    case KVQ_TYPE_FP8: return Cfg<KVQ_TYPE_FP8, D>::W;
-    case KVQ_TYPE_Q4: return Cfg<KVQ_TYPE_Q4, D>::W;
-    default: return Cfg<KVQ_TYPE_Q2, D>::W;
-    }
-}
-
 cudaError_t launch_decode(int type, int D, const DecodeArgs &a, cudaStream_t st, int) {
     return D == 64 ? run_t<64>(type, a, st) : run_t<128>(type, a, st);
 }
-int decode_warps(int type, int D) { return D == 64 ? warps_t<64>(type) : warps_t<128>(type); }
 
 }  // namespace kvqc

@@ -639,7 +639,6 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
                               const kvq_attn_params *p, cudaStream_t st, const char *fn) {
     DevGuard dg(c->device);
     const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, type = c->L.type_k;
-    const int W = decode_warps(type, D);
     DecodeArgs *A = new (std::nothrow) DecodeArgs;
     if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
     for (size_t b = 0; b < es.size(); b += MAXE) {
@@ -654,7 +653,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         int64_t L = (total + c->n_sm - 1) / c->n_sm;
         if (L < 1) L = 1;
         const int n_cta = (int)((total + L - 1) / L);
-        const size_t slots = ((size_t)ne * H + n_cta) * W;
+        const size_t slots = (size_t)ne * H + n_cta;  // partials: one per CTA and (entry, head) pair it touches
         const size_t need = slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
         if (need > c->ws_bytes) {
             if (c->ws) cudaFreeAsync(c->ws, st);
