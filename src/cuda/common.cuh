@@ -59,7 +59,6 @@ struct DecodeArgs {
     void *out;
     float *part;     // [slot][Gq][D]
     float *part_ml;  // [slot][Gq][2]
-    int *cnt;        // [pair]: CTAs done with it; zero between launches (the merging CTA resets it)
     int32_t n_entries;
     int32_t n_cta;
     int64_t total;  // units in all

@@ -2,9 +2,8 @@
 //
 // Work: the "units" of all (row, KV head) pairs, a unit being one 64-token page or 64 rows of the fp16 window, are
 // laid end to end and cut into n_cta equal ranges, one CTA each (one wave, so no tail). A CTA range may start
-// and end inside a pair: the CTA's warps merge their partials (m, l, O) of a pair in shared memory; a pair that
-// other CTAs share gets one partial per CTA, and the last of its CTAs to finish merges them into the output (no
-// second kernel: at batch 1 and short contexts its launch and slot loop cost as much as the decode itself).
+// and end inside a pair; every warp writes one partial (m, l, O) per pair it touched, and a combine kernel
+// merges the partials of each pair.
 //
 // Inside a CTA one producer warp streams each page's K block and V block (contiguous in the page) into a ring of
 // shared-memory slots with the bulk copy engine (cp.async.bulk, completion on an mbarrier), so many KB are in
@@ -538,20 +537,6 @@ __device__ __forceinline__ int find_entry(const DecodeArgs &A, int64_t pos) {
     return lo;
 }
 
-// CTAs whose ranges hold units of (entry E, head h)
-__device__ __forceinline__ int pair_ctas(const DecodeArgs &A, const Entry &E, int h) {
-    const int64_t su = E.start + (int64_t)h * E.n;
-    return (int)((su + E.n - 1) / A.L - su / A.L + 1);
-}
-
-// output row `head` (of all query heads), channel d, of entry E
-__device__ __forceinline__ void store_out(const DecodeArgs &A, const Entry &E, int head, int d, float v) {
-    const int64_t oi = ((int64_t)E.q_row * A.nqh + head) * A.D + d;
-    if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oi] = v;
-    else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oi] = __float2half_rn(v);
-    else reinterpret_cast<__nv_bfloat16 *>(A.out)[oi] = __float2bfloat16_rn(v);
-}
-
 template <int T, int D>
 __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __grid_constant__ DecodeArgs A) {
     using C = Cfg<T, D>;
@@ -573,6 +558,9 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
     __syncthreads();
+    // Let the combine kernel (launched with programmatic stream serialization) get scheduled now: it waits for this
+    // grid's completion in griddepcontrol.wait, so its launch latency overlaps this kernel instead of following it.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if (beg >= end) return;
     const int H = A.H;
 
@@ -613,7 +601,6 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
     __half *ps = psall + warp * 8 * C::PS_STRIDE;
     int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
-    int shared0 = -1, shared1 = -1;  // pairs u whose partials other CTAs also write (at most the first and the last)
     int i = find_entry(A, beg);
     for (int64_t pos = beg; pos < end;) {
         const Entry &E = A.e[i];
@@ -667,8 +654,9 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, bq, m, l, o, bacc, ps, lane);
         }
         qw += max(kend - wbeg, 0);
-        // ---- pair u = i*H + h: the W warps' partials merged in shared memory, then either the output (no other
-        // CTA has tokens of the pair) or one partial per CTA, merged at the end
+        // ---- the CTA's partial for pair u = i*H + h: the W warps' partials merged in shared memory (one global
+        // partial per CTA and pair, so the combine kernel reads W times fewer; at batch 1, 4k its serial slot loop
+        // was as long as the decode kernel itself)
         {
 #pragma unroll
             for (int c = 0; c < 2; c++) {
@@ -688,8 +676,6 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             const int64_t u = (int64_t)i * H + h;
             const int64_t slot = u + cta;
             float *po = A.part + slot * Gq * D;
-            const bool alone = pair_ctas(A, E, h) == 1;  // no other CTA has tokens of this pair: write the output
-            if (!alone) (shared0 < 0 ? shared0 : shared1) = (int)u;
             for (int pass = 0; pass * 4 < Gq; pass++) {  // heads 4 pass .. 4 pass + 3, held by lanes j = 2 pass, 2 pass + 1
                 if ((j >> 1) == pass) {
 #pragma unroll
@@ -718,11 +704,8 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
                             acc += a * mbuf[w * C::MB + idx];
                             lsum += a * ml.y;
                         }
-                    if (alone) store_out(A, E, h * Gq + head, idx % D, acc / lsum);
-                    else {
-                        po[head * D + idx % D] = acc;
-                        if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
-                    }
+                    po[head * D + idx % D] = acc;
+                    if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
                 }
                 asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");  // mbuf and mlb are free again
             }
@@ -730,52 +713,66 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
         pos += kend - k0;
         if (kend == E.n && h == H - 1) i++;
     }
-    // ---- pairs shared with other CTAs (at most the first and the last of this CTA's range): the last CTA to get
-    // here merges their partials (a counter per pair), which saves a second kernel and its launch-to-launch gap.
-    __threadfence();  // this thread's partials are visible to the CTA that merges them...
-    asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-    float *scr = reinterpret_cast<float *>(ring);  // every page is consumed: the ring is scratch now
-    int *last = reinterpret_cast<int *>(mlb);
-    for (int q = 0; q < 2; q++) {
-        const int u = q ? shared1 : shared0;
-        if (u < 0) break;
-        const Entry &E = A.e[u / H];
-        const int h = u % H;
-        const int ns = pair_ctas(A, E, h);
-        if (threadIdx.x == 0) *last = atomicAdd(A.cnt + u, 1) == ns - 1;  // ...before the counter says so
-        asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-        const bool merge = *last;
-        asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-        if (!merge) continue;
-        __threadfence();
-        const int64_t s0 = u + (E.start + (int64_t)h * E.n) / A.L;  // slot of the pair's first CTA
-        float2 *ml = reinterpret_cast<float2 *>(scr);                // [ns][Gq] (m, l), then weights
-        float *inv = scr + 2 * ns * Gq;                              // [Gq]
-        for (int t = threadIdx.x; t < ns * Gq; t += W * 32) ml[t] = __ldcg(reinterpret_cast<const float2 *>(A.part_ml) + s0 * Gq + t);
-        asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-        if (threadIdx.x < Gq) {
-            const int hd = threadIdx.x;
-            float M = -INFINITY, den = 0.f;
-            for (int t = 0; t < ns; t++) M = fmaxf(M, ml[t * Gq + hd].x);
-            for (int t = 0; t < ns; t++) {
-                const float2 v = ml[t * Gq + hd];
-                const float w = v.x == -INFINITY ? 0.f : ex2(v.x - M);
-                ml[t * Gq + hd].x = w;
-                den += w * v.y;
-            }
-            inv[hd] = 1.f / den;
+}
+
+// Merges the partials of one (entry, KV head, query head) into the output: one slot per CTA that touched the pair.
+// Warp 0 turns the slots' maxima into weights (lanes stride the slots); then CS slot classes of D threads each sum
+// their slots' rows (coalesced, many loads in flight, empty slots skipped warp-uniformly) and shared memory adds
+// the classes. One block per output row keeps the whole GPU busy: a serial loop over the slots in one block per KV
+// head cost ~40 us at batch 1.
+constexpr int CS = 4;  // slot classes per block
+__global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant__ DecodeArgs A) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // the decode grid's partials are complete and visible
+    const int H = A.H, Gq = A.Gq, D = A.D;
+    const int gq = blockIdx.x % Gq, pair = blockIdx.x / Gq, i = pair / H, h = pair % H;
+    const Entry &E = A.e[i];
+    const int64_t su = E.start + (int64_t)h * E.n;
+    const int64_t c0 = su / A.L, c1 = (su + E.n - 1) / A.L;
+    const int64_t s0 = (int64_t)pair + c0;
+    const int ns = (int)(c1 - c0 + 1);
+    extern __shared__ float wsh[];  // [ns] weights, then [CS][D] sums
+    float *sums = wsh + ns;
+    __shared__ float inv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp == 0) {
+        float M = -INFINITY;
+        for (int s = lane; s < ns; s += 32) M = fmaxf(M, A.part_ml[((s0 + s) * Gq + gq) * 2]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        float den = 0.f;
+        for (int s = lane; s < ns; s += 32) {
+            const float2 ml = *reinterpret_cast<const float2 *>(A.part_ml + ((s0 + s) * Gq + gq) * 2);
+            const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - M);
+            wsh[s] = w;
+            den += w * ml.y;
         }
-        asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-        for (int idx = threadIdx.x; idx < Gq * D; idx += W * 32) {
-            const int hd = idx / D;
-            const float *p = A.part + s0 * Gq * D + idx;
-            float acc = 0.f;
-#pragma unroll 8
-            for (int t = 0; t < ns; t++) acc += ml[t * Gq + hd].x * __ldcg(p + (int64_t)t * Gq * D);
-            store_out(A, E, h * Gq + hd, idx % D, acc * inv[hd]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        if (lane == 0) inv = 1.f / den;
+    }
+    __syncthreads();
+    const int cls = threadIdx.x / D, c = threadIdx.x % D;
+    if (cls < CS) {
+        const float *p = A.part + ((s0 * Gq + gq) * D + c);
+        const int64_t step = (int64_t)Gq * D;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int s = cls; s < ns; s += CS) {
+            const float w = wsh[s];
+            if (w != 0.f) acc += w * p[s * step];
         }
-        if (threadIdx.x == 0) A.cnt[u] = 0;  // ready for the next launch
-        asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
+        sums[cls * D + c] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x < D) {
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < CS; k++) acc += sums[k * D + threadIdx.x];
+        acc *= inv;
+        const int64_t oi = ((int64_t)E.q_row * A.nqh + h * Gq + gq) * D + threadIdx.x;
+        if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oi] = acc;
+        else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oi] = __float2half_rn(acc);
+        else reinterpret_cast<__nv_bfloat16 *>(A.out)[oi] = __float2bfloat16_rn(acc);
     }
 }
 
@@ -798,7 +795,35 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
                 cudaGetErrorString(e), a.n_entries, (long long)a.total, (long long)a.L, a.n_cta);
         return e;
     }
-    return cudaSuccess;
+    int ns_max = 0;
+    for (int i = 0; i < a.n_entries; i++)
+        for (int h = 0; h < a.H; h++) {
+            int64_t su = a.e[i].start + (int64_t)h * a.e[i].n;
+            int ns = (int)((su + a.e[i].n - 1) / a.L - su / a.L + 1);
+            ns_max = ns > ns_max ? ns : ns_max;
+        }
+    size_t sm = ((size_t)ns_max + CS * D) * sizeof(float);
+    if (sm > 48 * 1024) {
+        e = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        if (e != cudaSuccess) return e;
+    }
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3(a.n_entries * a.H * a.Gq);
+    lc.blockDim = dim3(CS * D);
+    lc.dynamicSmemBytes = sm;
+    lc.stream = st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = at;
+    lc.numAttrs = 1;
+    e = cudaLaunchKernelEx(&lc, combine_kernel, a);
+    if (e != cudaSuccess) return e;
+    if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
+        fprintf(stderr, "kvq debug: combine_kernel failed: %s\n", cudaGetErrorString(e));
+        return e;
+    }
+    return cudaGetLastError();
 }
 
 template <int D> static cudaError_t run_t(int type, const DecodeArgs &a, cudaStream_t st) {

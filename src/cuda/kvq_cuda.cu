@@ -654,9 +654,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         if (L < 1) L = 1;
         const int n_cta = (int)((total + L - 1) / L);
         const size_t slots = (size_t)ne * H + n_cta;  // partials: one per CTA and (entry, head) pair it touches
-        // [MAXE * H] pair counters first, at a fixed place (zeroed once; each launch leaves them zero), then partials
-        const size_t cnt_bytes = ((size_t)MAXE * H * sizeof(int) + 255) / 256 * 256;
-        const size_t need = cnt_bytes + slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
+        const size_t need = slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
         if (need > c->ws_bytes) {
             if (c->ws) cudaFreeAsync(c->ws, st);
             c->ws = nullptr;
@@ -665,10 +663,6 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
             if (e != cudaSuccess) {
                 delete A;
                 return fail(KVQ_ERR_CUDA, "%s: workspace of %zu bytes: %s", fn, need, cudaGetErrorString(e));
-            }
-            if ((e = cudaMemsetAsync(c->ws, 0, cnt_bytes, st)) != cudaSuccess) {
-                delete A;
-                return fail(KVQ_ERR_CUDA, "%s: workspace: %s", fn, cudaGetErrorString(e));
             }
             c->ws_bytes = need;
         }
@@ -681,9 +675,8 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         A->qscale = p->softcap > 0 ? scale : scale * 1.4426950408889634f;
         A->softcap = p->softcap;
         A->q = q, A->out = out;
-        A->cnt = (int *)c->ws;
-        A->part = (float *)((uint8_t *)c->ws + cnt_bytes);
-        A->part_ml = A->part + slots * Gq * D;
+        A->part = (float *)c->ws;
+        A->part_ml = (float *)c->ws + slots * Gq * D;
         A->n_entries = ne;
         A->n_cta = n_cta;
         A->total = total;
