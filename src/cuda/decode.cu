@@ -200,8 +200,8 @@ template <int T, int D> __device__ __forceinline__ void build_bq(const float (&q
 }
 
 // ------------------------------------------------------------------------------------------------ value fragments
-// Thread (g, j), k-step of 16 tokens: its tokens are 4j..4j+3 (MMA k-slots 2j, 2j+1 -> 4j, 4j+1 and 2j+8, 2j+9 ->
-// 4j+2, 4j+3); m-tile i = 4*hh + ii covers channels 64hh + 8g' + 2ii (+1 for rows g'+8) for g' = 0..7, so a
+// Thread (g, j), k-step of 16 tokens: its tokens rows[0..3] are j, j+4, j+8, j+12 (MMA k-slots 2j, 2j+1 -> j, j+4
+// and 2j+8, 2j+9 -> j+8, j+12; P is stored in that order); m-tile i = 4*hh + ii covers channels 64hh + 8g' + 2ii (+1 for rows g'+8) for g' = 0..7, so a
 // thread reads the 8 channels [64hh + 8g, 64hh + 8g + 8) of each of its tokens.
 template <int T> struct VBytes { static constexpr int n = 8 * type_bits(T) / 8; };
 
@@ -452,8 +452,9 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         for (int mt = 0; mt < 4; mt++) {
             const float p0 = ex2(s[mt][c] - mref), p1 = ex2(s[mt][2 + c] - mref);
             sum += p0 + p1;
-            prow[16 * mt + g] = __float2half_rn(p0);
-            prow[16 * mt + g + 8] = __float2half_rn(p1);
+            // token tau = 16 mt + x is stored at 16 mt + 4 (x % 4) + x / 4, the value MMA's k-slot order (below)
+            prow[16 * mt + 4 * (g % 4) + g / 4] = __float2half_rn(p0);
+            prow[16 * mt + 4 * (g % 4) + 2 + g / 4] = __float2half_rn(p1);
         }
         l[c] = l[c] * alpha[c] + sum;  // this thread's rows only: summed over the warp once, at the end of the pair
         m[c] = mnew;
@@ -472,16 +473,24 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     const bool head_ok = g < Gq;
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
-        const int t0 = 16 * ks + 4 * j;
-        const uint2 pp = head_ok ? *reinterpret_cast<const uint2 *>(ps + g * Cfg<T, D>::PS_STRIDE + t0) : make_uint2(0u, 0u);
-        const uint32_t p01 = pp.x, p23 = pp.y;  // fp16 p of tokens (t0, t0 + 1), (t0 + 2, t0 + 3), head g
-        const uint8_t *rows[4] = {vrow(t0), vrow(t0 + 1), vrow(t0 + 2), vrow(t0 + 3)};
+        // Thread j's tokens are t0 + 4e, e < 4: rows 4 apart, so the lanes j = 0..3 read different banks (rows 4j..4j+3
+        // put all four on the same banks for Q4/Q2 rows of 64/32 bytes: 4-way conflicts on every value load).
+        const int t0 = 16 * ks + j;
+        const uint2 pp = head_ok ? *reinterpret_cast<const uint2 *>(ps + g * Cfg<T, D>::PS_STRIDE + 16 * ks + 4 * j) : make_uint2(0u, 0u);
+        const uint32_t p01 = pp.x, p23 = pp.y;  // fp16 p of tokens (t0, t0 + 4), (t0 + 8, t0 + 12), head g
+        const uint8_t *rows[4] = {vrow(t0), vrow(t0 + 4), vrow(t0 + 8), vrow(t0 + 12)};
         uint32_t a[D / 16][4];
         value_frags<TT, D>(rows, g, a);
         if constexpr (TR::grouped && !WINDOW) {
             constexpr int NG = TR::ng;
             // (scale, min) fp16 pairs of tokens t0..t0+3, groups 0..NG-1: word t * NG + group
-            const Words<4 * NG> vw = ldw<4 * NG>(vblk + PT * TR::row + t0 * NG * 4);
+            Words<4 * NG> vw;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                const Words<NG> x = ldw<NG>(vblk + PT * TR::row + (t0 + 4 * t) * NG * 4);
+#pragma unroll
+                for (int k = 0; k < NG; k++) vw.w[t * NG + k] = x.w[k];
+            }
 #pragma unroll
             for (int hh = 0; hh < NG; hh++) {
                 const uint32_t b0 = h2u(__hmul2(u2h(p01), u2h(prmt(vw.w[hh], vw.w[NG + hh], 0x5410))));
@@ -501,8 +510,9 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         } else {
             uint32_t b0 = p01, b1 = p23;
             if constexpr (TR::scaled && !WINDOW) {
-                const uint2 vs = *reinterpret_cast<const uint2 *>(vblk + PT * TR::row + t0 * 2);  // fp16 scales
-                b0 = h2u(__hmul2(u2h(p01), u2h(vs.x))), b1 = h2u(__hmul2(u2h(p23), u2h(vs.y)));
+                const uint16_t *vs = reinterpret_cast<const uint16_t *>(vblk + PT * TR::row) + t0;  // fp16 scales
+                b0 = h2u(__hmul2(u2h(p01), u2h(prmt(vs[0], vs[4], 0x5410))));
+                b1 = h2u(__hmul2(u2h(p23), u2h(prmt(vs[8], vs[12], 0x5410))));
             }
 #pragma unroll
             for (int i = 0; i < D / 16; i++) mma(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
