@@ -2,8 +2,8 @@
 //
 // Work: the "units" of all (row, KV head) pairs, a unit being one 64-token page or 64 rows of the fp16 window, are
 // laid end to end and cut into n_cta equal ranges, one CTA each (one wave, so no tail). A CTA range may start
-// and end inside a pair; every warp writes one partial (m, l, O) per pair it touched, and a combine kernel
-// merges the partials of each pair.
+// and end inside a pair; the CTA's warps merge their partials of a pair in shared memory, the CTA writes one
+// partial (m, l, O) per pair it touched, and a combine kernel merges the partials of each pair.
 //
 // Inside a CTA one producer warp streams each page's K block and V block (contiguous in the page) into a ring of
 // shared-memory slots with the bulk copy engine (cp.async.bulk, completion on an mbarrier), so many KB are in
@@ -201,8 +201,8 @@ template <int T, int D> __device__ __forceinline__ void build_bq(const float (&q
 
 // ------------------------------------------------------------------------------------------------ value fragments
 // Thread (g, j), k-step of 16 tokens: its tokens rows[0..3] are j, j+4, j+8, j+12 (MMA k-slots 2j, 2j+1 -> j, j+4
-// and 2j+8, 2j+9 -> j+8, j+12; P is stored in that order); m-tile i = 4*hh + ii covers channels 64hh + 8g' + 2ii (+1 for rows g'+8) for g' = 0..7, so a
-// thread reads the 8 channels [64hh + 8g, 64hh + 8g + 8) of each of its tokens.
+// and 2j+8, 2j+9 -> j+8, j+12; P is stored in that order); m-tile i = 4*hh + ii covers channels 64hh + 8g' + 2ii
+// (+1 for rows g'+8) for g' = 0..7, so a thread reads the 8 channels [64hh + 8g, 64hh + 8g + 8) of each token.
 template <int T> struct VBytes { static constexpr int n = 8 * type_bits(T) / 8; };
 
 template <int T, int D>
@@ -473,8 +473,8 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     const bool head_ok = g < Gq;
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
-        // Thread j's tokens are t0 + 4e, e < 4: rows 4 apart, so the lanes j = 0..3 read different banks (rows 4j..4j+3
-        // put all four on the same banks for Q4/Q2 rows of 64/32 bytes: 4-way conflicts on every value load).
+        // Thread j's tokens are t0 + 4e (e < 4): for each e the lanes j = 0..3 read consecutive rows, on different
+        // banks (tokens 4j..4j+3 put all four on the same banks for the 64/32-byte rows of Q4/Q2: a 4-way conflict).
         const int t0 = 16 * ks + j;
         const uint2 pp = head_ok ? *reinterpret_cast<const uint2 *>(ps + g * Cfg<T, D>::PS_STRIDE + 16 * ks + 4 * j) : make_uint2(0u, 0u);
         const uint32_t p01 = pp.x, p23 = pp.y;  // fp16 p of tokens (t0, t0 + 4), (t0 + 8, t0 + 12), head g
@@ -483,7 +483,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         value_frags<TT, D>(rows, g, a);
         if constexpr (TR::grouped && !WINDOW) {
             constexpr int NG = TR::ng;
-            // (scale, min) fp16 pairs of tokens t0..t0+3, groups 0..NG-1: word t * NG + group
+            // (scale, min) fp16 pairs of tokens t0 + 4t, t < 4, groups 0..NG-1: word t * NG + group
             Words<4 * NG> vw;
 #pragma unroll
             for (int t = 0; t < 4; t++) {
