@@ -306,7 +306,10 @@ KVQ_API kvq_status kvq_attn_decode(const kvq_cache *cache, int layer, int n_seqs
 KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t seq, int n_q, const float *q,
                                     float *out, const kvq_attn_params *p);
 
-/* Which CPU kernels run: "avx2" or "scalar". KVQ_FORCE_SCALAR=1 in the environment forces the _ref kernels. */
+/* Which CPU kernels run: "avx512", "avx2" or "scalar": the best table the CPU has (AVX-512 F/BW/VL/DQ, else AVX2 +
+ * FMA, else the scalar reference). The environment, read at every attention call, changes that: KVQ_FORCE_SCALAR=1
+ * forces the _ref kernels; KVQ_CPU_KERNELS=scalar, avx2 or avx512 asks for that table (where the CPU lacks it, the
+ * best one below it; other values are ignored). */
 KVQ_API const char *kvq_cpu_backend(void);
 
 #ifdef __cplusplus

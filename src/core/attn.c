@@ -49,10 +49,20 @@ static void scale_ref(float *x, int n, float s) {
 
 const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL};
 
+/* KVQ_FORCE_SCALAR=1: the _ref kernels. KVQ_CPU_KERNELS=scalar|avx2|avx512: that table, or where the CPU
+ * lacks it, the best one below it (other values: ignored). Else the best the CPU has: avx512, avx2, scalar */
 static const kvq__kernels *pick_kernels(void) {
     const char *e = getenv("KVQ_FORCE_SCALAR");
     if (e && *e && *e != '0') return &kvq__kernels_ref;
-    const kvq__kernels *k = kvq__kernels_avx2();
+    int level = 2; /* 0 scalar, 1 avx2, 2 avx512 */
+    const char *want = getenv("KVQ_CPU_KERNELS");
+    if (want && !strcmp(want, "scalar"))
+        level = 0;
+    else if (want && !strcmp(want, "avx2"))
+        level = 1;
+    const kvq__kernels *k = NULL;
+    if (level >= 2) k = kvq__kernels_avx512();
+    if (!k && level >= 1) k = kvq__kernels_avx2();
     return k ? k : &kvq__kernels_ref;
 }
 

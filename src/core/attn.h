@@ -1,6 +1,6 @@
 /* Attention kernel interface: the driver in attn.c walks pages and windows, the kernels (scalar _ref in attn.c,
- * AVX2 in attn_avx2.c) decode rows and do the arithmetic. A "block" is any run of token rows of one head in one
- * format: a page's key or value block, or the fp16 residual window (row stride H*D). */
+ * AVX2 in attn_avx2.c, AVX-512 in attn_avx512.c) decode rows and do the arithmetic. A "block" is any run of token
+ * rows of one head in one format: a page's key or value block, or the fp16 residual window (row stride H*D). */
 #ifndef KVQ_ATTN_H
 #define KVQ_ATTN_H
 
@@ -29,7 +29,7 @@ typedef struct kvq__qstate {
     int group;           /* key group the quantized q' belongs to (grouped types) */
     const uint16_t *par; /* ... of the block with these params */
     float qs[4], qm[4];
-    int16_t q16[4 * 256] __attribute__((aligned(32)));
+    int16_t q16[4 * 256] __attribute__((aligned(64))); /* a 512-bit kernel's chunks are whole cache lines */
     float qg[4 * 256];
 } kvq__qstate;
 #define KVQ_FUSED_ROWS 8
@@ -57,5 +57,10 @@ typedef struct kvq__kernels {
 
 extern const kvq__kernels kvq__kernels_ref;
 const kvq__kernels *kvq__kernels_avx2(void); /* NULL when not compiled in or the CPU lacks AVX2/FMA/F16C */
+/* The AVX2 table without the CPU check (NULL when not compiled in): the AVX-512 kernels call it for the
+ * shapes whose chunks a 512-bit register does not fit */
+const kvq__kernels *kvq__kernels_avx2_table(void);
+/* NULL when not compiled in or the CPU lacks AVX-512 F/BW/VL/DQ (or AVX2/FMA) */
+const kvq__kernels *kvq__kernels_avx512(void);
 
 #endif

@@ -1,8 +1,9 @@
-/* AVX2 + FMA + F16C kernels, compiled with those flags and chosen at run time. Tested against the _ref kernels. */
+/* AVX2 + FMA + F16C kernels, compiled with those flags and chosen at run time. Tested against the _ref kernels.
+ * Their width-independent parts (weights, prefetch, dispatch) are in attn_simd.h, shared with attn_avx512.c. */
 #include "attn.h"
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
+#include "attn_simd.h"
 
 /* raw value of 8 channels: full value for F16/BF16/FP8 (before the token scale), codes for Q8/Q4/Q2 */
 static inline __attribute__((always_inline)) __m256 raw8(kvq_type t, const uint8_t *row, int c) {
@@ -71,23 +72,6 @@ static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
             }
         }
     }
-}
-
-/* sum of the 8 lanes */
-static inline float hsum_ps(__m256 a) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_hadd_ps(h, h);
-    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
-}
-
-/* 8 horizontal sums at once: returns (sum a0, sum a1, ..., sum a7) */
-static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
-    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
-    __m256 b2 = _mm256_hadd_ps(a4, a5), b3 = _mm256_hadd_ps(a6, a7);
-    __m256 c0 = _mm256_hadd_ps(b0, b1), c1 = _mm256_hadd_ps(b2, b3);
-    /* c0 = [a0 a1 a2 a3 | a0 a1 a2 a3] lane halves; c1 same for a4..a7 */
-    __m256 lo = _mm256_permute2f128_ps(c0, c1, 0x20), hi = _mm256_permute2f128_ps(c0, c1, 0x31);
-    return _mm256_add_ps(lo, hi);
 }
 
 static void dots_avx2(const float *q, int rows, int D, const float *x, int n, float *s, int ss) {
@@ -162,38 +146,6 @@ static float exp_sum_avx2(float *x, int n, float m) {
 }
 
 /* ---- fused kernels: one pass over a block's bytes, dequantized in registers ---- */
-
-#define AI static inline __attribute__((always_inline))
-
-/* Prefetch of the key and value blocks the driver reads next (kvq__blk.pf_k, pf_v), spread by the key kernels over
- * their 8-token steps: a few lines at a time never fill the miss buffers, which a whole block's burst did, stalling
- * the loads of the work behind the prefetches. (n + 7) / 8 steps of `per` lines of each block. */
-typedef struct pfcur {
-    const char *k, *v;
-    int per;
-} pfcur;
-
-AI pfcur pf_start(const kvq__blk *b, int n) {
-    pfcur p = {(const char *)b->pf_k, (const char *)b->pf_v, 0};
-    if (p.k) {
-        int steps = (n + 7) / 8, l = b->pf_k_lines > b->pf_v_lines ? b->pf_k_lines : b->pf_v_lines;
-        p.per = (l + steps - 1) / steps;
-    }
-    return p;
-}
-
-/* one step; lines past a block's end are harmless (a prefetch never faults) */
-AI void pf_step(pfcur *p) {
-    for (int l = 0; l < p->per; l += 2, p->k += 128, p->v += 128) {
-        _mm_prefetch(p->k, _MM_HINT_T0), _mm_prefetch(p->k + 64, _MM_HINT_T0);
-        _mm_prefetch(p->v, _MM_HINT_T0), _mm_prefetch(p->v + 64, _MM_HINT_T0);
-    }
-}
-
-/* per-token multiplier of a per-token type's raw row */
-AI float tok_scale(const kvq_type T, const kvq__blk *b, int j) {
-    return T == KVQ_TYPE_Q8 || T == KVQ_TYPE_FP8 ? _cvtsh_ss(b->par[j]) : 1.0f;
-}
 
 AI void key_scores_impl(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *q, float *s,
                         int ss) {
@@ -270,28 +222,9 @@ AI void value_accum_impl(const kvq_type T, const int R, const kvq__blk *b, int j
                          float *accbuf) {
     const int D = b->D;
     const bool grouped = T == KVQ_TYPE_Q4 || T == KVQ_TYPE_Q2;
-    const int ng = grouped ? D / b->Gv : 1;
     /* coef[g][r][i]: the weight of token i's raw row in channel group g; minacc[r][g]: sum of p * min */
     float coef[16][KVQ_FUSED_ROWS][64], minacc[KVQ_FUSED_ROWS][16];
-    for (int i = 0; i < n; i++) {
-        int j = j0 + i;
-        if (grouped) {
-            const uint16_t *sm = b->par + (size_t)j * ng * 2;
-            for (int g = 0; g < ng; g++) {
-                float sc = _cvtsh_ss(sm[2 * g]), mn = _cvtsh_ss(sm[2 * g + 1]);
-                #pragma GCC unroll 8
-                for (int r = 0; r < R; r++) {
-                    float pr = p[(size_t)r * ps + i];
-                    coef[g][r][i] = pr * sc;
-                    minacc[r][g] = (i ? minacc[r][g] : 0.0f) + pr * mn;
-                }
-            }
-        } else {
-            float sc = tok_scale(T, b, j);
-            #pragma GCC unroll 8
-            for (int r = 0; r < R; r++) coef[0][r][i] = p[(size_t)r * ps + i] * sc;
-        }
-    }
+    value_coefs(T, R, b, j0, n, p, ps, coef, minacc);
     /* R <= 4: two 8-channel chunks per pass, so 2R independent FMA chains hide the FMA latency */
     const int W = R <= 4 ? 2 : 1;
     for (int c = 0; c < D; c += 8 * W) {
@@ -385,38 +318,6 @@ static void to_kernel_order(kvq_type T, const float *src, float *dst, int D) {
         }
 }
 
-static inline float hmax_ps(__m256 a) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
-
-
-/* Rounds R rows of D floats (x, or x * mul when mul is given; row stride D) to int16, order kept; per-row scales
- * out */
-static void quantize_rows16(const float *x, const float *mul, int R, int D, int16_t *dst, float *scale) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int r = 0; r < R; r++) {
-        const float *xr = x + (size_t)r * D;
-        __m256 mx = _mm256_setzero_ps();
-        for (int c = 0; c < D; c += 8) {
-            __m256 v = _mm256_loadu_ps(xr + c);
-            if (mul) v = _mm256_mul_ps(v, _mm256_loadu_ps(mul + c));
-            mx = _mm256_max_ps(mx, _mm256_and_ps(absmask, v));
-        }
-        float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
-        scale[r] = sc;
-        for (int c = 0; c < D; c += 16) {
-            __m256 a = _mm256_loadu_ps(xr + c), bb = _mm256_loadu_ps(xr + c + 8);
-            __m256 inv = _mm256_set1_ps(1.0f / sc);
-            if (mul) a = _mm256_mul_ps(a, _mm256_loadu_ps(mul + c)), bb = _mm256_mul_ps(bb, _mm256_loadu_ps(mul + c + 8));
-            __m256i v = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a, inv)), _mm256_cvtps_epi32(_mm256_mul_ps(bb, inv)));
-            _mm256_store_si256((__m256i *)(void *)(dst + (size_t)r * D + c), _mm256_permute4x64_epi64(v, 0xD8));
-        }
-    }
-}
-
 /* Accumulations in place: written with intrinsics, GCC reassociates them into trees of spilled products or keeps
  * moving the sums between registers. *a += maddubs(w, x) (int16 lanes): */
 AI void acc_maddubs(__m256i *a, __m256i w, __m256i x) {
@@ -438,18 +339,7 @@ AI void acc_maddwd_m(__m256i *a, const __m256i *w, __m256i x) {
 
 /* A new key group of a grouped type: q' = q * scale rounded to int16 (kernel order) and qm = q . min */
 static void key_group_query(kvq_type T, int R, int D, const uint16_t *sm, const float *q, kvq__qstate *st) {
-    float sc[256] __attribute__((aligned(32))), scp[256] __attribute__((aligned(32)));
-    for (int c = 0; c < D; c += 8)
-        _mm256_store_ps(sc + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c))));
-    to_kernel_order(T, sc, scp, D);
-    for (int r = 0; r < R; r++) {
-        __m256 am = _mm256_setzero_ps();
-        for (int c = 0; c < D; c += 8)
-            am = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)r * D + c),
-                                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c))), am);
-        st->qm[r] = hsum_ps(am);
-    }
-    quantize_rows16(st->qg, scp, R, D, st->q16, st->qs);
+    key_group_query_in(T, R, D, sm, q, st, to_kernel_order);
 }
 
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
@@ -504,151 +394,9 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
             for (int r = R; r < 4; r++) acc[r] = _mm256_setzero_si256();
             part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
         }
-        for (int t = m; t < 8; t++) part[t] = _mm256_setzero_si256();
-        __m256 ts;
-        if (grouped) ts = _mm256_set1_ps(1.0f);
-        else if (m == 8) ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(b->par + j)));
-        else {
-            uint16_t h[8] = {0};
-            memcpy(h, b->par + j, (size_t)m * 2);
-            ts = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)h));
-        }
-        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        /* tokens t and t + 4 side by side, halves added: (t: r0 r1 r2 r3 | t + 4: r0 r1 r2 r3); then a 4 x 4
-         * transpose in each half gives row r's 8 sums in token order */
-        __m256i pt[4], sum[4];
-        #pragma GCC unroll 4
-        for (int t = 0; t < 4; t++)
-            pt[t] = _mm256_add_epi32(_mm256_permute2x128_si256(part[t], part[t + 4], 0x20),
-                                     _mm256_permute2x128_si256(part[t], part[t + 4], 0x31));
-        {
-            __m256i u0 = _mm256_unpacklo_epi32(pt[0], pt[1]), u1 = _mm256_unpackhi_epi32(pt[0], pt[1]);
-            __m256i u2 = _mm256_unpacklo_epi32(pt[2], pt[3]), u3 = _mm256_unpackhi_epi32(pt[2], pt[3]);
-            sum[0] = _mm256_unpacklo_epi64(u0, u2), sum[1] = _mm256_unpackhi_epi64(u0, u2);
-            sum[2] = _mm256_unpacklo_epi64(u1, u3), sum[3] = _mm256_unpackhi_epi64(u1, u3);
-        }
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[r])));
-            if (grouped) sc = _mm256_add_ps(sc, _mm256_set1_ps(st->qm[r]));
-            if (m == 8) _mm256_storeu_ps(s + (size_t)r * ss + i0, sc);
-            else _mm256_maskstore_ps(s + (size_t)r * ss + i0, keep, sc);
-        }
+        int_scores_store(T, R, b, j, m, part, st, s + i0, ss);
         i0 += m;
     }
-}
-
-/* ---- integer value kernels ----
- * Q8: acc[r][c] += sum_i (p_ri * s_i) * q_ic with the weights rounded to int16 (one scale per row and segment) and
- * the codes of tokens i, i+1 interleaved as int16 pairs, so that one vpmaddwd does both tokens of 8 channels.
- * Q4, Q2: the weights w = p * scale of a segment are rounded to 8 bits (one scale per row, value group and
- * segment: relative error <= 1/510 of the largest weight) and meet byte-interleaved code pairs in vpmaddubsw (16
- * channels x 2 tokens per instruction), summed in 16-bit lanes read as unsigned: a lane's sum is at most
- * (2^b - 1) * (sum of the 8-bit weights), so the sums can run over the whole segment when the weights' total keeps
- * that under 2^16 (always for Q2; for Q4 unless the weights are flat), else over windows of whole 16-token parts
- * (16 tokens always fit: 15 * 16 * 255 < 2^16). The rounding of the weights meets only the centered codes q - o,
- * o = 2^(b-1): x = s * (q - o) + (m + o * s), whose second part is summed in fp32 with the exact weights; o times the
- * 8-bit weights' sum, which the sums of w8 * q hold in excess, is taken off that fp32 term. */
-
-#define VW_PAD (64 + 32)
-typedef struct vweights {
-    /* [group][row][token pair]: the pair's two 8-bit weights twice, so that a 32-bit broadcast (a plain load, no
-     * shuffle) spreads them; zero from n on */
-    uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
-    float ws[4][4], mn[4][4]; /* [group][row]: weight scale, sum of p * (min + o s) - ws * o * sum of w8 */
-    int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] */
-} vweights;
-
-/* scale[g][i] and (min + off * scale)[g][i] as fp32 for the n tokens from j0, zero from n to 64 */
-static void value_params(const kvq__blk *b, int j0, int n, int ng, float off, float (*S)[64], float (*M)[64]) {
-    const uint16_t *par = b->par + (size_t)j0 * ng * 2;
-    int i = 0;
-    if (ng == 2) /* D = 128: a token's params are (s0, m0, s1, m1); 8 tokens are 64 bytes */
-        for (; i + 8 <= n; i += 8) {
-            const __m256i sh = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3,
-                                                10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
-            const __m256i pd = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-            /* per 128-bit lane (2 tokens): s0 s0' m0 m0' s1 s1' m1 m1', then 4 tokens per 64 bits */
-            __m256i a = _mm256_permutevar8x32_epi32(
-                _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(const void *)(par + 4 * i)), sh), pd);
-            __m256i c = _mm256_permutevar8x32_epi32(
-                _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(const void *)(par + 4 * i + 16)), sh), pd);
-            __m256i s01 = _mm256_unpacklo_epi64(a, c), m01 = _mm256_unpackhi_epi64(a, c); /* group 0 | group 1 */
-            __m256 s0 = _mm256_cvtph_ps(_mm256_castsi256_si128(s01)), s1 = _mm256_cvtph_ps(_mm256_extracti128_si256(s01, 1));
-            __m256 m0 = _mm256_cvtph_ps(_mm256_castsi256_si128(m01)), m1 = _mm256_cvtph_ps(_mm256_extracti128_si256(m01, 1));
-            __m256 o = _mm256_set1_ps(off);
-            _mm256_store_ps(S[0] + i, s0), _mm256_store_ps(S[1] + i, s1);
-            _mm256_store_ps(M[0] + i, _mm256_fmadd_ps(o, s0, m0)), _mm256_store_ps(M[1] + i, _mm256_fmadd_ps(o, s1, m1));
-        }
-    for (; i < 64; i++)
-        for (int g = 0; g < ng; g++) {
-            float s = i < n ? _cvtsh_ss(par[(size_t)i * ng * 2 + 2 * g]) : 0.0f;
-            float m = i < n ? _cvtsh_ss(par[(size_t)i * ng * 2 + 2 * g + 1]) : 0.0f;
-            S[g][i] = s, M[g][i] = m + off * s;
-        }
-}
-
-/* p of row r, tokens 0..n8, zero from n on (the driver leaves what follows n undefined) */
-AI __m256 load_p(const float *pr, int i, int n) {
-    if (i + 8 <= n) return _mm256_loadu_ps(pr + i);
-    __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return _mm256_maskload_ps(pr + i, keep);
-}
-
-AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
-                        vweights *vw) {
-    const int D = b->D, ng = D / b->Gv;
-    const int qmax = T == KVQ_TYPE_Q4 ? 15 : 3, off = (qmax + 1) / 2;
-    float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
-    value_params(b, j0, n, ng, (float)off, S, M);
-    /* 64 tokens whatever n: p, S and M are 0 past n */
-    __m256i most[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* the largest sums of 16 weights */
-    for (int g = 0; g < ng; g++)
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const float *pr = p + (size_t)r * ps;
-            float wf[64] __attribute__((aligned(32)));
-            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
-            #pragma GCC unroll 8
-            for (int i = 0; i < 64; i += 8) {
-                /* p is 0 from n on, so w8[n], which the last pair of an odd n reads, is 0 */
-                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S[g] + i));
-                _mm256_store_ps(wf + i, w);
-                mx = _mm256_max_ps(mx, w);
-                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
-            }
-            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
-            __m256 iv = _mm256_set1_ps(inv);
-            __m256i wsum = _mm256_setzero_si256();
-            #pragma GCC unroll 2
-            for (int i = 0; i < 64; i += 32) {
-                __m256i a[4];
-                #pragma GCC unroll 4
-                for (int k = 0; k < 4; k++) a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8 * k), iv));
-                __m256i v = _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
-                v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                __m256i lo = _mm256_unpacklo_epi16(v, v), hi = _mm256_unpackhi_epi16(v, v); /* pairs 0-3 | 8-11, 4-7 | 12-15 */
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2), _mm256_permute2x128_si256(lo, hi, 0x20));
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2 + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
-                /* sums of 16 weights in dwords 0 and 4 */
-                __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
-                sad = _mm256_add_epi64(sad, _mm256_shuffle_epi32(sad, 0x4E));
-                most[i / 32] = _mm256_max_epi32(most[i / 32], sad);
-                wsum = _mm256_add_epi32(wsum, sad);
-            }
-            int wtot = _mm256_extract_epi32(wsum, 0) + _mm256_extract_epi32(wsum, 4);
-            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma) - sc * (float)(off * wtot);
-        }
-    /* windows of whole 16-token parts, as long as qmax * (sum of weights) stays under 2^16 in every row */
-    int m16[4] = {_mm256_extract_epi32(most[0], 0), _mm256_extract_epi32(most[0], 4), _mm256_extract_epi32(most[1], 0),
-                  _mm256_extract_epi32(most[1], 4)};
-    int sum = 0;
-    vw->nwin = 0, vw->win[0] = 0;
-    for (int k = 0; 16 * k < n; k++) {
-        if (k > 0 && (sum + m16[k]) * qmax > 65535) vw->win[++vw->nwin] = 16 * k, sum = 0;
-        sum += m16[k];
-    }
-    vw->win[++vw->nwin] = n;
 }
 
 /* acc[c..] += ws * a (+ mn) for the unsigned 16-bit sums a of a 32 (Q4) or 64 (Q2) channel block of one row, whose
@@ -746,36 +494,11 @@ AI void q8_pair(const int R, const uint8_t *row0, const uint8_t *row1, const int
 
 AI void value_accum_q8_impl(const int R, const int DK, const kvq__blk *b, int j0, int n, const float *p, int ps,
                             float *accbuf) {
-    const int D = DK ? DK : b->D, n8 = (n + 7) & ~7;
+    const int D = DK ? DK : b->D;
     /* weights p * s rounded to int16, read in (token i, token i+1) pairs as one int32 */
     int16_t c16[4][64 + 16] __attribute__((aligned(32)));
-    float cs[4], scl[64 + 8] __attribute__((aligned(32)));
-    {
-        uint16_t hs[64 + 8] = {0};
-        memcpy(hs, b->par + j0, (size_t)n * 2);
-        for (int i = 0; i < n8; i += 8)
-            _mm256_store_ps(scl + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(hs + i))));
-    }
-    #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        const float *pr = p + (size_t)r * ps;
-        float cf[64 + 8] __attribute__((aligned(32)));
-        __m256 mx = _mm256_setzero_ps();
-        for (int i = 0; i < n8; i += 8) {
-            __m256 v = _mm256_mul_ps(load_p(pr, i, n), _mm256_load_ps(scl + i));
-            _mm256_store_ps(cf + i, v);
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
-        }
-        float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
-        __m256 inv = _mm256_set1_ps(1.0f / sc);
-        cs[r] = sc;
-        for (int i = 0; i < n8; i += 16) {
-            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(cf + i), inv));
-            __m256i bq = i + 8 < n8 ? _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(cf + i + 8), inv)) : _mm256_setzero_si256();
-            _mm256_store_si256((__m256i *)(void *)&c16[r][i], _mm256_permute4x64_epi64(_mm256_packs_epi32(a, bq), 0xD8));
-        }
-        c16[r][n] = 0;
-    }
+    float cs[4];
+    q8_weights(R, b, j0, n, p, ps, c16, cs);
     for (int c = 0; c < D; c += 16) {
         __m256i a[4][2];
         #pragma GCC unroll 4
@@ -805,47 +528,9 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const int DK, const 
 
 /* The integer kernels take R <= 4 rows and whole chunks that never straddle a value group. */
 static bool int_ok(const kvq__blk *b, int rows) {
-    if (rows > 4 || (b->type != KVQ_TYPE_Q8 && b->type != KVQ_TYPE_Q4 && b->type != KVQ_TYPE_Q2)) return false;
     int C = int_chunk(b->type);
-    if (b->D % C) return false;
-    return b->type == KVQ_TYPE_Q8 || b->role == KVQ_KEY || (b->Gv % C == 0 && b->D / b->Gv <= 4);
+    return int_fits(b, rows, C, C);
 }
-
-#define INT_ROWS_SWITCH(CALL, T)                                                                           \
-    switch (rows) {                                                                                        \
-    case 1: CALL(T, 1); break;                                                                             \
-    case 2: CALL(T, 2); break;                                                                             \
-    case 3: CALL(T, 3); break;                                                                             \
-    default: CALL(T, 4); break;                                                                            \
-    }
-#define INT_TYPE_SWITCH(CALL)                                                                              \
-    switch (b->type) {                                                                                     \
-    case KVQ_TYPE_Q8: INT_ROWS_SWITCH(CALL, KVQ_TYPE_Q8); break;                                           \
-    case KVQ_TYPE_Q4: INT_ROWS_SWITCH(CALL, KVQ_TYPE_Q4); break;                                           \
-    default: INT_ROWS_SWITCH(CALL, KVQ_TYPE_Q2); break;                                                    \
-    }
-
-#define ROWS_SWITCH(CALL, T)                                                                               \
-    switch (rows) {                                                                                        \
-    case 1: CALL(T, 1); break;                                                                             \
-    case 2: CALL(T, 2); break;                                                                             \
-    case 3: CALL(T, 3); break;                                                                             \
-    case 4: CALL(T, 4); break;                                                                             \
-    case 5: CALL(T, 5); break;                                                                             \
-    case 6: CALL(T, 6); break;                                                                             \
-    case 7: CALL(T, 7); break;                                                                             \
-    default: CALL(T, 8); break;                                                                            \
-    }
-#define TYPE_SWITCH(CALL)                                                                                  \
-    switch (b->type) {                                                                                     \
-    case KVQ_TYPE_F16: ROWS_SWITCH(CALL, KVQ_TYPE_F16); break;                                             \
-    case KVQ_TYPE_BF16: ROWS_SWITCH(CALL, KVQ_TYPE_BF16); break;                                           \
-    case KVQ_TYPE_Q8: ROWS_SWITCH(CALL, KVQ_TYPE_Q8); break;                                               \
-    case KVQ_TYPE_FP8: ROWS_SWITCH(CALL, KVQ_TYPE_FP8); break;                                             \
-    case KVQ_TYPE_Q4: ROWS_SWITCH(CALL, KVQ_TYPE_Q4); break;                                               \
-    case KVQ_TYPE_Q2: ROWS_SWITCH(CALL, KVQ_TYPE_Q2); break;                                               \
-    default: break;                                                                                        \
-    }
 
 static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                             kvq__qstate *st) {
@@ -908,6 +593,9 @@ const kvq__kernels *kvq__kernels_avx2(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2;
     return NULL;
 }
+
+const kvq__kernels *kvq__kernels_avx2_table(void) { return &avx2; }
 #else
 const kvq__kernels *kvq__kernels_avx2(void) { return NULL; }
+const kvq__kernels *kvq__kernels_avx2_table(void) { return NULL; }
 #endif

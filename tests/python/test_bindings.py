@@ -31,7 +31,7 @@ def ref_attention(q, k, v, scale, window=0, softcap=0.0, q_pos=None):
 
 def test_version_and_types():
     assert kvq.version().count(".") == 2
-    assert kvq.cpu_backend() in ("avx2", "scalar")
+    assert kvq.cpu_backend() in ("avx512", "avx2", "scalar")
     assert kvq.type_from_name("Q4") == 4
     with pytest.raises(ValueError, match="unknown kv type"):
         kvq.type_from_name("q7")
