@@ -2,7 +2,8 @@
 """torch scaled_dot_product_attention (fp16, GQA) decode timings for kvq-bench cuda: prints "batch,ctx,ms" lines.
 
 Same shapes and method as bench/bench_cuda.cu: Llama-3-8B (32 query heads, 8 KV heads, D = 128), one query token,
-CUDA events, 3 warm-ups, L2 flushed (256 MB write) before each of the timed runs, median."""
+CUDA events, 3 warm-ups, L2 flushed before each of the timed runs (by reading a 256 MB buffer; --flush-write: by
+writing it, whose dirty lines are then written back during the timed call), median."""
 import sys
 
 import torch
@@ -10,10 +11,11 @@ import torch.nn.functional as F
 
 
 def main():
-    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20
     quick = "--quick" in sys.argv
+    flush_write = "--flush-write" in sys.argv
     dev = "cuda"
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    flush = torch.ones(64 << 20, dtype=torch.int32, device=dev)
     print("batch,ctx,ms")
     for b in (1, 8) if quick else (1, 8, 32):
         for ctx in (4096, 131072) if quick else (4096, 16384, 65536, 131072):
@@ -24,7 +26,13 @@ def main():
                 F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             ts = []
             for r in range(reps):
-                flush.fill_(r & 255)
+                if flush_write:
+                    flush.fill_(r)
+                else:
+                    flush.max()  # reads 256 MB
+                # ~0.1 ms of GPU spin, so Python enqueues the timed call before the GPU gets there (without it, the
+                # launch gap after a short flush was timed: 36 instead of 18 us at batch 1, 4k)
+                torch.cuda._sleep(200_000)
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
                 F.scaled_dot_product_attention(q, k, v, enable_gqa=True)

@@ -6,7 +6,8 @@
 #   test: test_cuda + memcheck (quick); bench: SDPA + kvq-bench-cuda; py: GPU Python tests; hf: bench/bench_hf.py
 #   (HF="..." replaces its arguments; carry .whl for the quanto rows); ncu: Nsight Compute on one Q4 and one Q2
 #   decode launch (batch 8, 128k).
-#   BENCH="--types q4 --ctx 131072 --batch 8 --reps 10" narrows the benchmark; KVQ_CUDA_DEBUG=1 names a failing kernel.
+#   BENCH="--types q4 --ctx 131072 --batch 8 --reps 10" narrows the benchmark; FLUSH=write flushes the L2 with a 256 MB
+#   memset instead of a read (both benchmarks); KVQ_CUDA_DEBUG=1 names a failing kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvq-out}
@@ -29,8 +30,10 @@ if want test; then
   r=$?; [ $r = 0 ] || rc=$r; echo "memcheck rc=$r"; tail -1 "$OUT/memcheck.log"
 fi
 if want bench; then
-  PYTHONUNBUFFERED=1 timeout 200 python3 bench/bench_sdpa.py 20 >"$OUT/sdpa.csv" 2>"$OUT/sdpa.err" || tail -5 "$OUT/sdpa.err"
-  timeout 300 $B/src/cuda/kvq-bench-cuda --out "$OUT" --sdpa "$OUT/sdpa.csv" ${BENCH:---reps 15} >"$OUT/bench.log" 2>&1
+  PYTHONUNBUFFERED=1 timeout 200 python3 bench/bench_sdpa.py 20 ${FLUSH:+--flush-write} >"$OUT/sdpa.csv" 2>"$OUT/sdpa.err" ||
+    tail -5 "$OUT/sdpa.err"
+  timeout 300 $B/src/cuda/kvq-bench-cuda --out "$OUT" --sdpa "$OUT/sdpa.csv" ${BENCH:---reps 15} ${FLUSH:+--flush write} \
+    >"$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -E "rror|copy band|ctx 131072" "$OUT/bench.log"
 fi
 if want py || want hf; then python3 python/build_native.py --build-dir $B -j 16 >>"$OUT/build.log" 2>&1; fi

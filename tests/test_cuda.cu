@@ -231,8 +231,8 @@ static void free_pair(Pair &p) {
 
 // Ragged batch: prefill chunks of different lengths (page boundaries, partial groups), then decode steps that
 // cross window flushes, then byte and attention comparisons.
-static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt) {
-    const int H = 4, nqh = 16, NS = 7;
+static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H = 4) {
+    const int nqh = 4 * H, NS = 7;
     const int32_t pre[NS] = {1, 63, 64, 65, 127, 200, 1000};
     Pair p = make_pair(t, H, D, 2, 16 * 2048, 8, residual);
     int32_t ids[NS], ids_gpu[NS];
@@ -250,7 +250,7 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt) {
         int32_t chunk[NS] = {130, 0, 3, 64, 1, 5, 77};  // a second prefill chunk
         append_both(p, layer, NS, ids, chunk, in_dt, 0.f);
     }
-    snprintf(what, sizeof what, "%s D%d R%d in=%s", tname(t), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16");
+    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d", tname(t), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H);
     for (int layer = 0; layer < 2; layer++)
         for (int i = 0; i < NS; i++) compare_bytes(p, ids[i], layer, what);
     compare_decode(p, 1, NS, ids, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, what);
@@ -261,7 +261,7 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt) {
     compare_decode(p, 0, NS, ids, H, 0, 0.f, KVQ_DTYPE_F16, 2e-5, w2);
     snprintf(w2, sizeof w2, "%s subset", what);
     int32_t sub[3] = {ids[6], ids[0], ids[3]};
-    compare_decode(p, 1, 3, sub, 8, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
+    compare_decode(p, 1, 3, sub, 2 * H, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
     compare_prefill(p, 1, ids[6], 37, nqh, 0, what);
     snprintf(w2, sizeof w2, "%s window 50", what);
     compare_prefill(p, 0, ids[5], 20, nqh, 50, w2);
@@ -574,6 +574,7 @@ int main(int argc, char **argv) {
         test_ragged(t, 64, -1, KVQ_DTYPE_F16);
         if (!grouped) test_ragged(t, 128, 5, KVQ_DTYPE_F32);  // per-token type through an fp16 window
         else test_ragged(t, 128, 0, KVQ_DTYPE_F16);           // KIVI without residual
+        if (t == KVQ_TYPE_Q2 || t == KVQ_TYPE_Q4) test_ragged(t, 128, -1, KVQ_DTYPE_F16, 3);
     }
     for (int ti = 0; ti < 6 && !long_only; ti++) {
         kvq_type t = types[ti];

@@ -7,7 +7,7 @@
 //
 // Inside a CTA one producer warp streams each page's K block and V block (contiguous in the page) into a ring of
 // shared-memory slots with the bulk copy engine (cp.async.bulk, completion on an mbarrier), so many KB are in
-// flight per SM with a single issuing thread. W consumer warps take the units round-robin. A consumer computes
+// flight per SM with a single issuing thread. W consumer warps take the pages round-robin. A consumer computes
 //   S^T (64 tokens x 8 query-head columns) = K (64 x D) . Q^T            (mma m16n8k16, fp16 in, fp32 acc)
 //   O^T (D x 8)                            = V^T (D x 64) . P^T
 // dequantizing K and V in registers into the MMA fragments. Every query head of the KV head is one column, so each
@@ -200,12 +200,22 @@ template <int T, int D> __device__ __forceinline__ void build_bq(const float (&q
 }
 
 // ------------------------------------------------------------------------------------------------ value fragments
+#ifndef KVQ_VALUE_RAW  // 0: grouped value codes mapped to v by an HFMA2 each (for A/B timing)
+#define KVQ_VALUE_RAW 1
+#endif
 // Thread (g, j), k-step of 16 tokens: its tokens rows[0..3] are j, j+4, j+8, j+12 (MMA k-slots 2j, 2j+1 -> j, j+4
 // and 2j+8, 2j+9 -> j+8, j+12; P is stored in that order); m-tile i = 4*hh + ii covers channels 64hh + 8g' + 2ii
 // (+1 for rows g'+8) for g' = 0..7, so a thread reads the 8 channels [64hh + 8g, 64hh + 8g + 8) of each token.
-template <int T> struct VBytes { static constexpr int n = 8 * type_bits(T) / 8; };
+// RAW (grouped types): the halves stay 1024 + v * 2^SH, as for the keys. SH depends only on the A row (rows g: SH
+// = vsh<T>(i, 0), rows g + 8: vsh<T>(i, 1)), so O carries the 2^SH until the end of the pair's pages (unraw_values),
+// and the 1024 comes off through an MMA per group whose A rows are all -1024 (corr in do_unit), folded into O after
+// every page: left to the end of a 128k pair, the 1024 sum_t P'_t grows so large that the tensor core's
+// truncating fp32 adds lose the values (NMSE 3e-4). One LOP3 per pair of codes instead of a LOP3 and an HFMA2.
+template <int T> __host__ __device__ constexpr int vsh(int i, int hi) {
+    return type_bits(T) == 4 ? 4 * hi : 4 * ((i % 4) & 1) + 2 * hi;
+}
 
-template <int T, int D>
+template <int T, int D, bool RAW = false>
 __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int g, uint32_t (&a)[D / 16][4]) {
     constexpr int b = type_bits(T), NH = D / 64;
 #pragma unroll
@@ -257,8 +267,13 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 for (int q = 0; q < 2; q++) {
                     uint32_t z01 = q ? y01 >> 8 : y01, z23 = q ? y23 >> 8 : y23;
                     uint32_t *o = a[4 * hh + 2 * ip + q];
-                    o[0] = magic<0, 0x000F000Fu>(z01), o[1] = magic<4, 0x00F000F0u>(z01);
-                    o[2] = magic<0, 0x000F000Fu>(z23), o[3] = magic<4, 0x00F000F0u>(z23);
+                    if constexpr (RAW) {
+                        o[0] = magic_raw<0x000F000Fu>(z01), o[1] = magic_raw<0x00F000F0u>(z01);
+                        o[2] = magic_raw<0x000F000Fu>(z23), o[3] = magic_raw<0x00F000F0u>(z23);
+                    } else {
+                        o[0] = magic<0, 0x000F000Fu>(z01), o[1] = magic<4, 0x00F000F0u>(z01);
+                        o[2] = magic<0, 0x000F000Fu>(z23), o[3] = magic<4, 0x00F000F0u>(z23);
+                    }
                 }
             }
         } else {
@@ -275,16 +290,26 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 uint32_t s0 = c0 < 4 ? y01 : z01, s1 = c1 < 4 ? y01 : z01;
                 uint32_t s2 = c0 < 4 ? y23 : z23, s3 = c1 < 4 ? y23 : z23;
                 const int sh0 = 2 * (c0 % 4), sh1 = 2 * (c1 % 4);
-                o[0] = sh0 == 0 ? magic<0, 0x00030003u>(s0) : magic<4, 0x00300030u>(s0);
-                o[1] = sh1 == 2 ? magic<2, 0x000C000Cu>(s1) : magic<6, 0x00C000C0u>(s1);
-                o[2] = sh0 == 0 ? magic<0, 0x00030003u>(s2) : magic<4, 0x00300030u>(s2);
-                o[3] = sh1 == 2 ? magic<2, 0x000C000Cu>(s3) : magic<6, 0x00C000C0u>(s3);
+                static_assert(vsh<T>(1, 0) == 4 && vsh<T>(2, 1) == 2, "vsh matches the Q2 channel order");
+                if constexpr (RAW) {
+                    o[0] = sh0 == 0 ? magic_raw<0x00030003u>(s0) : magic_raw<0x00300030u>(s0);
+                    o[1] = sh1 == 2 ? magic_raw<0x000C000Cu>(s1) : magic_raw<0x00C000C0u>(s1);
+                    o[2] = sh0 == 0 ? magic_raw<0x00030003u>(s2) : magic_raw<0x00300030u>(s2);
+                    o[3] = sh1 == 2 ? magic_raw<0x000C000Cu>(s3) : magic_raw<0x00C000C0u>(s3);
+                } else {
+                    o[0] = sh0 == 0 ? magic<0, 0x00030003u>(s0) : magic<4, 0x00300030u>(s0);
+                    o[1] = sh1 == 2 ? magic<2, 0x000C000Cu>(s1) : magic<6, 0x00C000C0u>(s1);
+                    o[2] = sh0 == 0 ? magic<0, 0x00030003u>(s2) : magic<4, 0x00300030u>(s2);
+                    o[3] = sh1 == 2 ? magic<2, 0x000C000Cu>(s3) : magic<6, 0x00C000C0u>(s3);
+                }
             }
         }
     }
 }
 
 // ------------------------------------------------------------------------------------------------ kernel config
+constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte reads by 16 lanes hit 32 banks
+
 // Consumer warps of the Q2 decode kernel (the other types use 7; see Cfg::W)
 #ifndef KVQ_DECODE_WARPS_Q2
 #define KVQ_DECODE_WARPS_Q2 11
@@ -292,7 +317,6 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
 template <int T, int D> struct Cfg {
     using TR = Traits<T, D>;
     static constexpr int SLOT = TR::kblk + TR::vblk;
-    static constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte reads by 16 lanes hit 32 banks
     static constexpr int RING_BUDGET = 200 * 1024;
     static constexpr int NS0 = (RING_BUDGET / SLOT) > 64 ? 64 : RING_BUDGET / SLOT;
     // Page r goes to warp r % W through slot r % NS, and NS is a multiple of W, so each slot has one consumer that
@@ -359,7 +383,10 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         // joins the constant. Products of fp16 are exact in fp32; the two sums round differently, by ~1e-4 of a
         // score (decode NMSE against the scalar CPU reference: ~3e-7, as before this folding).
         uint32_t bs[D / 8];
-        float kb[4] = {0.f, 0.f, 0.f, 0.f};
+        // Two accumulators, added to the scores at the end: MMAs chain on their accumulator, and one chain of 2 D/16
+        // ahead of the score chains was the longest dependency of the page (the warps are latency-bound: Q2's
+        // arithmetic alone took 257 us at batch 8, 128k, as long as its loads alone).
+        float kb[4] = {0.f, 0.f, 0.f, 0.f}, kc[4] = {0.f, 0.f, 0.f, 0.f};
         constexpr uint32_t M1024 = 0xE400E400u;  // (-1024, -1024)
 #pragma unroll
         for (int st = 0; st < D / 16; st++) {
@@ -373,17 +400,21 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
             }
             const uint32_t m0 = prmt(kmw.w[lo], kmw.w[hi], 0x5410), m1 = prmt(kmw.w[lo], kmw.w[hi], 0x7632);
             mma(kb, m0, m0, m1, m1, bq[2 * st], bq[2 * st + 1]);
-            mma(kb, M1024, M1024, M1024, M1024, bs[2 * st], bs[2 * st + 1]);
+            mma(kc, M1024, M1024, M1024, M1024, bs[2 * st], bs[2 * st + 1]);
         }
 #pragma unroll
-        for (int mt = 0; mt < 4; mt++) {
-            s[mt][0] = kb[0], s[mt][1] = kb[1], s[mt][2] = kb[2], s[mt][3] = kb[3];
+        for (int mt = 0; mt < 4; mt++) {  // from 0, not from kb: these chains need not wait for kb's
+            s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.f;
             uint32_t ha[D / 8], hb[D / 8];
             load_key<TT, D, true>(krow(16 * mt + g) + j * (KROWB / 4), ha);
             load_key<TT, D, true>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
 #pragma unroll
             for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bs[2 * st], bs[2 * st + 1]);
         }
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[mt][e] += kb[e] + kc[e];
     } else {
         // the window is fp16: grouped types keep Q^T in their key order, which pairs channels (c, c + OFF)
         uint32_t bw[D / 8];
@@ -447,7 +478,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         const float mref = mnew == -INFINITY ? 0.f : mnew;  // all masked so far: p = 0, not NaN
         alpha[c] = ex2(m[c] - mref);                        // m = -inf: 0
         float sum = 0.f;
-        __half *prow = ps + (2 * j + c) * Cfg<T, D>::PS_STRIDE;
+        __half *prow = ps + (2 * j + c) * PS_STRIDE;
 #pragma unroll
         for (int mt = 0; mt < 4; mt++) {
             const float p0 = ex2(s[mt][c] - mref), p1 = ex2(s[mt][2 + c] - mref);
@@ -471,16 +502,18 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     __syncwarp();
     // ---- values: O^T += V^T P'^T
     const bool head_ok = g < Gq;
+    float corr[D / 64][4] = {};  // RAW values: -1024 sum_t P'_t of each channel group (every row alike)
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
         // Thread j's tokens are t0 + 4e (e < 4): for each e the lanes j = 0..3 read consecutive rows, on different
         // banks (tokens 4j..4j+3 put all four on the same banks for the 64/32-byte rows of Q4/Q2: a 4-way conflict).
         const int t0 = 16 * ks + j;
-        const uint2 pp = head_ok ? *reinterpret_cast<const uint2 *>(ps + g * Cfg<T, D>::PS_STRIDE + 16 * ks + 4 * j) : make_uint2(0u, 0u);
+        const uint2 pp = head_ok ? *reinterpret_cast<const uint2 *>(ps + g * PS_STRIDE + 16 * ks + 4 * j) : make_uint2(0u, 0u);
         const uint32_t p01 = pp.x, p23 = pp.y;  // fp16 p of tokens (t0, t0 + 4), (t0 + 8, t0 + 12), head g
         const uint8_t *rows[4] = {vrow(t0), vrow(t0 + 4), vrow(t0 + 8), vrow(t0 + 12)};
         uint32_t a[D / 16][4];
-        value_frags<TT, D>(rows, g, a);
+        constexpr bool VRAW = TR::grouped && !WINDOW && KVQ_VALUE_RAW;
+        value_frags<TT, D, VRAW>(rows, g, a);
         if constexpr (TR::grouped && !WINDOW) {
             constexpr int NG = TR::ng;
             // (scale, min) fp16 pairs of tokens t0 + 4t, t < 4, groups 0..NG-1: word t * NG + group
@@ -497,6 +530,15 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
                 const uint32_t b1 = h2u(__hmul2(u2h(p23), u2h(prmt(vw.w[2 * NG + hh], vw.w[3 * NG + hh], 0x5410))));
 #pragma unroll
                 for (int ii = 0; ii < 4; ii++) mma(o[4 * hh + ii], a[4 * hh + ii][0], a[4 * hh + ii][1], a[4 * hh + ii][2], a[4 * hh + ii][3], b0, b1);
+                if constexpr (VRAW) mma(corr[hh], 0xE400E400u, 0xE400E400u, 0xE400E400u, 0xE400E400u, b0, b1);
+            }
+            if constexpr (VRAW) {
+                if (ks == 3) {
+#pragma unroll
+                    for (int x = 0; x < D / 16; x++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) o[x][e] += corr[x / 4][e];
+                }
             }
             // mins: A row g = value group g (g < NG), B = unscaled p
             uint32_t am0 = 0u, am2 = 0u;
@@ -519,6 +561,19 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         }
     }
     __syncwarp();
+}
+
+// After a pair's page units (before its fp16 window units): O of the RAW value codes back to the values' scale.
+template <int T, int D> __device__ __forceinline__ void unraw_values(float (&o)[D / 16][4]) {
+    if constexpr (Traits<T, D>::grouped && KVQ_VALUE_RAW) {
+#pragma unroll
+        for (int x = 0; x < D / 16; x++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                o[x][c] *= 1.0f / (float)(1 << vsh<T>(x, 0));
+                o[x][2 + c] *= 1.0f / (float)(1 << vsh<T>(x, 1));
+            }
+    }
 }
 
 // Unit k of entry E: page or window unit, and its visible token range.
@@ -555,7 +610,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     extern __shared__ __align__(128) uint8_t smem[];
     uint8_t *ring = smem;
     __half *psall = reinterpret_cast<__half *>(smem + NS * C::SLOT);
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + NS * C::SLOT + W * 8 * C::PS_STRIDE * 2);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + NS * C::SLOT + W * 8 * PS_STRIDE * 2);
     uint64_t *empty = full + NS;
     float *mbuf = reinterpret_cast<float *>(empty + NS);  // [W][MB] partial O of 4 heads
     float *mlb = mbuf + W * C::MB;                       // [W][8][2] partial (m, l)
@@ -593,10 +648,14 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
                     if (lane == 0) {
                         const int sl = r % NS;
                         mbar_wait(&empty[sl], ((r / NS) & 1) ^ 1);
+#ifdef KVQ_NO_LOAD  // timing experiment: the consumers' arithmetic alone, on whatever the slot holds
+                        mbar_arrive(&full[sl]);
+#else
                         mbar_expect_tx(&full[sl], TR::kblk + TR::vblk);
                         const uint8_t *pg = A.arena + (int64_t)id * A.page_bytes;
                         bulk_g2s(ring + sl * C::SLOT, pg + h * TR::kblk, TR::kblk, &full[sl]);
                         bulk_g2s(ring + sl * C::SLOT + TR::kblk, pg + A.v_off + h * TR::vblk, TR::vblk, &full[sl]);
+#endif
                     }
                     r++;
                 }
@@ -609,7 +668,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
 
     // ---------------- consumers
     const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
-    __half *ps = psall + warp * 8 * C::PS_STRIDE;
+    __half *ps = psall + warp * 8 * PS_STRIDE;
     int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
     int i = find_entry(A, beg);
     for (int64_t pos = beg; pos < end;) {
@@ -650,10 +709,15 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             const int rr = r + (k - k0), sl = rr % NS;
             mbar_wait(&full[sl], (rr / NS) & 1);
             const uint8_t *kb = ring + sl * C::SLOT;
+#ifndef KVQ_NO_COMPUTE
             do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, bq, m, l, o, bacc, ps, lane);
+#else  // timing experiment: the loads alone
+            o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
+#endif
             if (lane == 0) mbar_arrive(&empty[sl]);
         }
         r += np;
+        unraw_values<T, D>(o);
         const int wbeg = max(k0, E.npu);
         for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
             bool page;

@@ -109,8 +109,11 @@ def test_cuda_bindings_fork_truncate(kv_type, residual, monkeypatch):
             out = torch.empty_like(qd)
             gpu.attn_decode_ptr(layer, seqs, N.DTYPE_F32, qd.data_ptr(), out.data_ptr(), 8, stream=stream)
             err = (out.cpu() - torch.from_numpy(ref)).norm() / torch.from_numpy(ref).norm()
-            assert err < 1e-3, f"{what}: layer {layer} decode rel. error {err:.3g}"
+            assert err < tol, f"{what}: layer {layer} decode rel. error {err:.3g}"
 
+    # Q2's value codes enter the MMA as 1024 + v 2^SH (src/cuda/decode.cu, RAW): for v < 4 the fp32 accumulation
+    # then keeps ~10 bits fewer of the values, 1.1e-3 relative here (the 2-bit rounding itself is ~0.3)
+    tol = 2e-3 if kv_type == "q2" else 1e-3
     a = cpu.seq_new()
     assert gpu.seq_new() == a
     append([a], [300])
