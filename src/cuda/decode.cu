@@ -77,10 +77,17 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t magic_raw(uint32_t 
     asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h) : "r"(x), "n"(MASK), "n"(0x64006400u));  // (a & b) | c
     return h;
 }
-// ... mapped back to v by one HFMA2
-template <int SH, uint32_t MASK> __device__ __forceinline__ uint32_t magic(uint32_t x) {
+// The B-bit code at bit SH of each half of x: 1024 + v * 2^SH when RAW, else mapped back to v by one HFMA2.
+template <int B, int SH, bool RAW> __device__ __forceinline__ uint32_t code(uint32_t x) {
+    constexpr uint32_t MASK = (((1u << B) - 1) << SH) * 0x00010001u;
+    if constexpr (RAW) return magic_raw<MASK>(x);
     constexpr float inv = 1.0f / (float)(1 << SH);
     return h2u(__hfma2(u2h(magic_raw<MASK>(x)), __float2half2_rn(inv), __float2half2_rn(-1024.0f * inv)));
+}
+// h[F] = the code at bit B * F, for every code of a byte (F < 8 / B)
+template <int B, bool RAW, int F = 0> __device__ __forceinline__ void codes_of_byte(uint32_t x, uint32_t *h) {
+    h[F] = code<B, B * F, RAW>(x);
+    if constexpr (F + 1 < 8 / B) codes_of_byte<B, RAW, F + 1>(x, h);
 }
 // int8 pair in bytes 0 and 1 of (x ^ 0x80808080), selected by s, to fp16 pair
 __device__ __forceinline__ uint32_t i8pair(uint32_t u, uint32_t s) {
@@ -153,39 +160,12 @@ __device__ __forceinline__ void load_key(const uint8_t *chunk, uint32_t (&h)[D /
     } else if constexpr (T == KVQ_TYPE_FP8) {
 #pragma unroll
         for (int s = 0; s < S; s++) h[2 * s] = e4m3pair(x.w[s]), h[2 * s + 1] = e4m3pair(x.w[s] >> 16);
-    } else if constexpr (T == KVQ_TYPE_Q4) {
+    } else {  // Q4, Q2: the codes of bytes 0 and 2, then of bytes 1 and 3, of each word
+        constexpr int PB = 8 / b;  // codes per byte
 #pragma unroll
         for (int m = 0; m < NW; m++) {
-            uint32_t w = x.w[m], w8 = w >> 8;
-            if constexpr (RAW) {
-                h[4 * m + 0] = magic_raw<0x000F000Fu>(w), h[4 * m + 1] = magic_raw<0x00F000F0u>(w);
-                h[4 * m + 2] = magic_raw<0x000F000Fu>(w8), h[4 * m + 3] = magic_raw<0x00F000F0u>(w8);
-            } else {
-                h[4 * m + 0] = magic<0, 0x000F000Fu>(w);
-                h[4 * m + 1] = magic<4, 0x00F000F0u>(w);
-                h[4 * m + 2] = magic<0, 0x000F000Fu>(w8);
-                h[4 * m + 3] = magic<4, 0x00F000F0u>(w8);
-            }
-        }
-    } else {
-#pragma unroll
-        for (int m = 0; m < NW; m++) {
-            uint32_t w = x.w[m], w8 = w >> 8;
-            if constexpr (RAW) {
-                h[8 * m + 0] = magic_raw<0x00030003u>(w), h[8 * m + 1] = magic_raw<0x000C000Cu>(w);
-                h[8 * m + 2] = magic_raw<0x00300030u>(w), h[8 * m + 3] = magic_raw<0x00C000C0u>(w);
-                h[8 * m + 4] = magic_raw<0x00030003u>(w8), h[8 * m + 5] = magic_raw<0x000C000Cu>(w8);
-                h[8 * m + 6] = magic_raw<0x00300030u>(w8), h[8 * m + 7] = magic_raw<0x00C000C0u>(w8);
-                continue;
-            }
-            h[8 * m + 0] = magic<0, 0x00030003u>(w);
-            h[8 * m + 1] = magic<2, 0x000C000Cu>(w);
-            h[8 * m + 2] = magic<4, 0x00300030u>(w);
-            h[8 * m + 3] = magic<6, 0x00C000C0u>(w);
-            h[8 * m + 4] = magic<0, 0x00030003u>(w8);
-            h[8 * m + 5] = magic<2, 0x000C000Cu>(w8);
-            h[8 * m + 6] = magic<4, 0x00300030u>(w8);
-            h[8 * m + 7] = magic<6, 0x00C000C0u>(w8);
+            codes_of_byte<b, RAW>(x.w[m], h + 2 * PB * m);
+            codes_of_byte<b, RAW>(x.w[m] >> 8, h + 2 * PB * m + PB);
         }
     }
 }
@@ -267,13 +247,8 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 for (int q = 0; q < 2; q++) {
                     uint32_t z01 = q ? y01 >> 8 : y01, z23 = q ? y23 >> 8 : y23;
                     uint32_t *o = a[4 * hh + 2 * ip + q];
-                    if constexpr (RAW) {
-                        o[0] = magic_raw<0x000F000Fu>(z01), o[1] = magic_raw<0x00F000F0u>(z01);
-                        o[2] = magic_raw<0x000F000Fu>(z23), o[3] = magic_raw<0x00F000F0u>(z23);
-                    } else {
-                        o[0] = magic<0, 0x000F000Fu>(z01), o[1] = magic<4, 0x00F000F0u>(z01);
-                        o[2] = magic<0, 0x000F000Fu>(z23), o[3] = magic<4, 0x00F000F0u>(z23);
-                    }
+                    o[0] = code<4, 0, RAW>(z01), o[1] = code<4, 4, RAW>(z01);
+                    o[2] = code<4, 0, RAW>(z23), o[3] = code<4, 4, RAW>(z23);
                 }
             }
         } else {
@@ -291,17 +266,10 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 uint32_t s2 = c0 < 4 ? y23 : z23, s3 = c1 < 4 ? y23 : z23;
                 const int sh0 = 2 * (c0 % 4), sh1 = 2 * (c1 % 4);
                 static_assert(vsh<T>(1, 0) == 4 && vsh<T>(2, 1) == 2, "vsh matches the Q2 channel order");
-                if constexpr (RAW) {
-                    o[0] = sh0 == 0 ? magic_raw<0x00030003u>(s0) : magic_raw<0x00300030u>(s0);
-                    o[1] = sh1 == 2 ? magic_raw<0x000C000Cu>(s1) : magic_raw<0x00C000C0u>(s1);
-                    o[2] = sh0 == 0 ? magic_raw<0x00030003u>(s2) : magic_raw<0x00300030u>(s2);
-                    o[3] = sh1 == 2 ? magic_raw<0x000C000Cu>(s3) : magic_raw<0x00C000C0u>(s3);
-                } else {
-                    o[0] = sh0 == 0 ? magic<0, 0x00030003u>(s0) : magic<4, 0x00300030u>(s0);
-                    o[1] = sh1 == 2 ? magic<2, 0x000C000Cu>(s1) : magic<6, 0x00C000C0u>(s1);
-                    o[2] = sh0 == 0 ? magic<0, 0x00030003u>(s2) : magic<4, 0x00300030u>(s2);
-                    o[3] = sh1 == 2 ? magic<2, 0x000C000Cu>(s3) : magic<6, 0x00C000C0u>(s3);
-                }
+                o[0] = sh0 == 0 ? code<2, 0, RAW>(s0) : code<2, 4, RAW>(s0);
+                o[1] = sh1 == 2 ? code<2, 2, RAW>(s1) : code<2, 6, RAW>(s1);
+                o[2] = sh0 == 0 ? code<2, 0, RAW>(s2) : code<2, 4, RAW>(s2);
+                o[3] = sh1 == 2 ? code<2, 2, RAW>(s3) : code<2, 6, RAW>(s3);
             }
         }
     }
