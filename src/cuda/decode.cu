@@ -59,10 +59,30 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The same with bf16 operands: BF16 pages enter the MMA as they are stored (Q^T and P in bf16 too), which saves
+// converting every K and V pair to fp16 (BF16 took 1.16x F16's time at 4k-16k, batch 8, with the conversions).
+__device__ __forceinline__ void mma_bf(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <bool BF>
+__device__ __forceinline__ void mma_t(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                      uint32_t b1) {
+    if constexpr (BF) mma_bf(d, a0, a1, a2, a3, b0, b1);
+    else mma(d, a0, a1, a2, a3, b0, b1);
+}
+
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return h2u(__floats2half2_rn(lo, hi)); }
+__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
+    __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&b);
+}
 // 2^x, flushing subnormal results to 0 (exp2f also handles them: four more instructions per call)
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -145,12 +165,9 @@ template <int T, int D, bool RAW = false>
 __device__ __forceinline__ void load_key(const uint8_t *chunk, uint32_t (&h)[D / 8]) {
     constexpr int b = type_bits(T), NW = D / 4 * b / 32, S = D / 16;
     Words<NW> x = ldw<NW>(chunk);
-    if constexpr (T == KVQ_TYPE_F16) {
+    if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {  // BF16: bf16 pairs for mma_bf
 #pragma unroll
         for (int k = 0; k < NW; k++) h[k] = x.w[k];
-    } else if constexpr (T == KVQ_TYPE_BF16) {
-#pragma unroll
-        for (int k = 0; k < NW; k++) h[k] = bf2pair(x.w[k]);
     } else if constexpr (T == KVQ_TYPE_Q8) {
 #pragma unroll
         for (int s = 0; s < S; s++) {
@@ -171,11 +188,13 @@ __device__ __forceinline__ void load_key(const uint8_t *chunk, uint32_t (&h)[D /
 }
 
 // Q^T fragment for the key MMA in the channel order of format T: qf holds this thread's channels (head g).
+// BF16: bf16 pairs, for mma_bf.
 template <int T, int D> __device__ __forceinline__ void build_bq(const float (&qf)[D / 4], uint32_t (&bq)[D / 8]) {
+    auto pack = [](float lo, float hi) { return T == KVQ_TYPE_BF16 ? pack_bf2(lo, hi) : pack_h2(lo, hi); };
 #pragma unroll
     for (int s = 0; s < D / 16; s++) {
-        bq[2 * s] = pack_h2(qf[key_chan<T, D>(s, 0)], qf[key_chan<T, D>(s, 1)]);
-        bq[2 * s + 1] = pack_h2(qf[key_chan<T, D>(s, 2)], qf[key_chan<T, D>(s, 3)]);
+        bq[2 * s] = pack(qf[key_chan<T, D>(s, 0)], qf[key_chan<T, D>(s, 1)]);
+        bq[2 * s + 1] = pack(qf[key_chan<T, D>(s, 2)], qf[key_chan<T, D>(s, 3)]);
     }
 }
 
@@ -210,11 +229,7 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 uint32_t x0 = (&w[0].x)[ii], x1 = (&w[1].x)[ii], x2 = (&w[2].x)[ii], x3 = (&w[3].x)[ii];
                 uint32_t *o = a[4 * hh + ii];
                 o[0] = prmt(x0, x1, 0x5410), o[1] = prmt(x0, x1, 0x7632);
-                o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);
-                if constexpr (T == KVQ_TYPE_BF16) {
-#pragma unroll
-                    for (int r = 0; r < 4; r++) o[r] = bf2pair(o[r]);
-                }
+                o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);  // BF16: bf16 pairs for mma_bf
             }
         } else if constexpr (b == 8) {
             uint2 w[4];
@@ -305,6 +320,12 @@ template <int T, int D> struct Cfg {
 
 struct Visible { int lo, hi; };  // unit-local valid token range
 
+// P's bits in shared memory: fp16, or bf16 for the bf16 MMAs
+template <bool BF> __device__ __forceinline__ __half to_p(float p) {
+    if constexpr (BF) return __ushort_as_half(__bfloat16_as_ushort(__float2bfloat16_rn(p)));
+    return __float2half_rn(p);
+}
+
 // One unit of 64 tokens for one warp. KROW(t)/VROW(t): row pointers; kpar/vpar: parameter areas (page units).
 template <int T, int D, bool WINDOW>
 __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8_t *kblk, const uint8_t *vblk,
@@ -313,6 +334,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
                                         float (&bacc)[4], __half *ps, int lane) {
     using TR = Traits<T, D>;
     constexpr int TT = WINDOW ? KVQ_TYPE_F16 : T;
+    constexpr bool BF = TT == KVQ_TYPE_BF16;  // bf16 MMAs: Q^T (bq) and P in bf16 too
     constexpr int KROWB = type_bits(TT) * D / 8;
     const int g = lane >> 2, j = lane & 3;
     const int H = A.H, wcap = A.wcap;
@@ -396,7 +418,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
             }
         } else {
 #pragma unroll
-            for (int x = 0; x < D / 8; x++) bw[x] = bq[x];
+            for (int x = 0; x < D / 8; x++) bw[x] = T == KVQ_TYPE_BF16 && WINDOW ? bf2pair(bq[x]) : bq[x];
         }
 #pragma unroll
         for (int mt = 0; mt < 4; mt++) {
@@ -405,7 +427,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
             load_key<TT, D>(krow(16 * mt + g) + j * (KROWB / 4), ha);
             load_key<TT, D>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
 #pragma unroll
-            for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bw[2 * st], bw[2 * st + 1]);
+            for (int st = 0; st < D / 16; st++) mma_t<BF>(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bw[2 * st], bw[2 * st + 1]);
         }
     }
     // ---- scores: per-token scales, soft-cap, mask (both branches warp-uniform)
@@ -452,8 +474,8 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
             const float p0 = ex2(s[mt][c] - mref), p1 = ex2(s[mt][2 + c] - mref);
             sum += p0 + p1;
             // token tau = 16 mt + x is stored at 16 mt + 4 (x % 4) + x / 4, the value MMA's k-slot order (below)
-            prow[16 * mt + 4 * (g % 4) + g / 4] = __float2half_rn(p0);
-            prow[16 * mt + 4 * (g % 4) + 2 + g / 4] = __float2half_rn(p1);
+            prow[16 * mt + 4 * (g % 4) + g / 4] = to_p<BF>(p0);
+            prow[16 * mt + 4 * (g % 4) + 2 + g / 4] = to_p<BF>(p1);
         }
         l[c] = l[c] * alpha[c] + sum;  // this thread's rows only: summed over the warp once, at the end of the pair
         m[c] = mnew;
@@ -525,7 +547,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
                 b1 = h2u(__hmul2(u2h(p23), u2h(prmt(vs[8], vs[12], 0x5410))));
             }
 #pragma unroll
-            for (int i = 0; i < D / 16; i++) mma(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+            for (int i = 0; i < D / 16; i++) mma_t<BF>(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
         }
     }
     __syncwarp();
@@ -681,6 +703,13 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, bq, m, l, o, bacc, ps, lane);
 #else  // timing experiment: the loads alone
             o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
+#endif
+#ifndef KVQ_NO_PROXY_FENCE  // (A/B timing only: without it the results are racy)
+            // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
+            // reads before it. Without the fence the copy could land before the last reads of the slot had
+            // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
+            // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
             if (lane == 0) mbar_arrive(&empty[sl]);
         }
