@@ -8,7 +8,7 @@
 // Inside a CTA one producer warp streams each page's K block and V block (contiguous in the page) into a ring of
 // shared-memory slots with the bulk copy engine (cp.async.bulk, completion on an mbarrier), so many KB are in
 // flight per SM with a single issuing thread. W consumer warps take the pages round-robin. A consumer computes
-//   S^T (64 tokens x 8 query-head columns) = K (64 x D) . Q^T            (mma m16n8k16, fp16 in, fp32 acc)
+//   S^T (64 tokens x 8 query-head columns) = K (64 x D) . Q^T            (mma m16n8k16, fp16 in (BF16: bf16), fp32 acc)
 //   O^T (D x 8)                            = V^T (D x 64) . P^T
 // dequantizing K and V in registers into the MMA fragments. Every query head of the KV head is one column, so each
 // KV byte is read once for all of them (GQA). Quantization parameters are folded in where they are cheapest:
