@@ -51,28 +51,21 @@ __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t by
         : "memory");
 }
 
+// BF: bf16 operands. BF16 pages enter the MMA as they are stored (Q^T and P in bf16 too) instead of converting every
+// K and V pair to fp16 (page loop: 704 SASS instructions instead of 1349; F16 has 710).
+template <bool BF = false>
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                     uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// The same with bf16 operands: BF16 pages enter the MMA as they are stored (Q^T and P in bf16 too) instead of
-// converting every K and V pair to fp16 (page loop: 704 SASS instructions instead of 1349; F16 has 710).
-__device__ __forceinline__ void mma_bf(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                       uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-template <bool BF>
-__device__ __forceinline__ void mma_t(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                      uint32_t b1) {
-    if constexpr (BF) mma_bf(d, a0, a1, a2, a3, b0, b1);
-    else mma(d, a0, a1, a2, a3, b0, b1);
+    if constexpr (BF)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
@@ -165,7 +158,7 @@ template <int T, int D, bool RAW = false>
 __device__ __forceinline__ void load_key(const uint8_t *chunk, uint32_t (&h)[D / 8]) {
     constexpr int b = type_bits(T), NW = D / 4 * b / 32, S = D / 16;
     Words<NW> x = ldw<NW>(chunk);
-    if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {  // BF16: bf16 pairs for mma_bf
+    if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {  // BF16: bf16 pairs for the bf16 MMA
 #pragma unroll
         for (int k = 0; k < NW; k++) h[k] = x.w[k];
     } else if constexpr (T == KVQ_TYPE_Q8) {
@@ -188,7 +181,7 @@ __device__ __forceinline__ void load_key(const uint8_t *chunk, uint32_t (&h)[D /
 }
 
 // Q^T fragment for the key MMA in the channel order of format T: qf holds this thread's channels (head g).
-// BF16: bf16 pairs, for mma_bf.
+// BF16: bf16 pairs, for the bf16 MMA.
 template <int T, int D> __device__ __forceinline__ void build_bq(const float (&qf)[D / 4], uint32_t (&bq)[D / 8]) {
     auto pack = [](float lo, float hi) { return T == KVQ_TYPE_BF16 ? pack_bf2(lo, hi) : pack_h2(lo, hi); };
 #pragma unroll
@@ -229,7 +222,7 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 uint32_t x0 = (&w[0].x)[ii], x1 = (&w[1].x)[ii], x2 = (&w[2].x)[ii], x3 = (&w[3].x)[ii];
                 uint32_t *o = a[4 * hh + ii];
                 o[0] = prmt(x0, x1, 0x5410), o[1] = prmt(x0, x1, 0x7632);
-                o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);  // BF16: bf16 pairs for mma_bf
+                o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);  // BF16: bf16 pairs for the bf16 MMA
             }
         } else if constexpr (b == 8) {
             uint2 w[4];
@@ -427,7 +420,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
             load_key<TT, D>(krow(16 * mt + g) + j * (KROWB / 4), ha);
             load_key<TT, D>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
 #pragma unroll
-            for (int st = 0; st < D / 16; st++) mma_t<BF>(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bw[2 * st], bw[2 * st + 1]);
+            for (int st = 0; st < D / 16; st++) mma<BF>(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bw[2 * st], bw[2 * st + 1]);
         }
     }
     // ---- scores: per-token scales, soft-cap, mask (both branches warp-uniform)
@@ -547,7 +540,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
                 b1 = h2u(__hmul2(u2h(p23), u2h(prmt(vs[8], vs[12], 0x5410))));
             }
 #pragma unroll
-            for (int i = 0; i < D / 16; i++) mma_t<BF>(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
+            for (int i = 0; i < D / 16; i++) mma<BF>(o[i], a[i][0], a[i][1], a[i][2], a[i][3], b0, b1);
         }
     }
     __syncwarp();
@@ -564,6 +557,12 @@ template <int T, int D> __device__ __forceinline__ void unraw_values(float (&o)[
                 o[x][2 + c] *= 1.0f / (float)(1 << vsh<T>(x, 1));
             }
     }
+}
+
+// The CTAs whose ranges hold units of (entry E, head h): [c0, c1]. Their partials sit in slots pair + c0 .. pair + c1.
+__host__ __device__ __forceinline__ void pair_ctas(const DecodeArgs &A, const Entry &E, int h, int64_t &c0, int64_t &c1) {
+    const int64_t su = E.start + (int64_t)h * E.n;
+    c0 = su / A.L, c1 = (su + E.n - 1) / A.L;
 }
 
 // Unit k of entry E: page or window unit, and its visible token range.
@@ -795,8 +794,8 @@ __global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant
     const int H = A.H, Gq = A.Gq, D = A.D;
     const int gq = blockIdx.x % Gq, pair = blockIdx.x / Gq, i = pair / H, h = pair % H;
     const Entry &E = A.e[i];
-    const int64_t su = E.start + (int64_t)h * E.n;
-    const int64_t c0 = su / A.L, c1 = (su + E.n - 1) / A.L;
+    int64_t c0, c1;
+    pair_ctas(A, E, h, c0, c1);
     const int64_t s0 = (int64_t)pair + c0;
     const int ns = (int)(c1 - c0 + 1);
     extern __shared__ float wsh[];  // [ns] weights, then [CS][D] sums
@@ -867,9 +866,9 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
     int ns_max = 0;
     for (int i = 0; i < a.n_entries; i++)
         for (int h = 0; h < a.H; h++) {
-            int64_t su = a.e[i].start + (int64_t)h * a.e[i].n;
-            int ns = (int)((su + a.e[i].n - 1) / a.L - su / a.L + 1);
-            ns_max = ns > ns_max ? ns : ns_max;
+            int64_t c0, c1;
+            pair_ctas(a, a.e[i], h, c0, c1);
+            ns_max = c1 - c0 + 1 > ns_max ? (int)(c1 - c0 + 1) : ns_max;
         }
     size_t sm = ((size_t)ns_max + CS * D) * sizeof(float);
     if (sm > 48 * 1024) {
