@@ -45,6 +45,7 @@ struct Entry {
     int64_t start;           // flattened index of (this entry, head 0, unit 0)
 };
 
+constexpr int MAX_CTAS = 160;  // decode CTAs per launch (one wave; the last CTA of a pair merges <= this many partials)
 constexpr int MAXE = 56;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 struct DecodeArgs {
@@ -59,6 +60,7 @@ struct DecodeArgs {
     void *out;
     float *part;     // [slot][Gq][D]
     float *part_ml;  // [slot][Gq][2]
+    int32_t *cnt;    // [n_entries][H] CTAs done with the pair; zero between launches
     int32_t n_entries;
     int32_t n_cta;
     int64_t total;  // units in all

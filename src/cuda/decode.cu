@@ -2,8 +2,9 @@
 //
 // Work: the "units" of all (row, KV head) pairs, a unit being one 64-token page or 64 rows of the fp16 window, are
 // laid end to end and cut into n_cta equal ranges, one CTA each (one wave, so no tail). A CTA range may start
-// and end inside a pair; the CTA's warps merge their partials of a pair in shared memory, the CTA writes one
-// partial (m, l, O) per pair it touched, and a combine kernel merges the partials of each pair.
+// and end inside a pair; the CTA's warps merge their partials of a pair in shared memory. A pair inside one CTA is
+// written out there; otherwise each of its CTAs writes one partial (m, l, O), and the last of them to finish (a
+// counter per pair) merges them and writes the output, so no second kernel is needed.
 //
 // Inside a CTA one producer warp streams each page's K block and V block (contiguous in the page) into a ring of
 // shared-memory slots with the bulk copy engine (cp.async.bulk, completion on an mbarrier), so many KB are in
@@ -43,6 +44,10 @@ __device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
         "@!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(b)),
         "r"(parity)
         : "memory");
+}
+// Release (this CTA's writes ordered before it by a bar.sync, too) and acquire, at GPU scope; old value into prev
+__device__ __forceinline__ void atom_add_acq_rel(int32_t *p, int &prev) {
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(prev) : "l"(p) : "memory");
 }
 __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
     asm volatile(
@@ -290,6 +295,9 @@ constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte re
 #ifndef KVQ_DECODE_WARPS_Q2
 #define KVQ_DECODE_WARPS_Q2 11
 #endif
+#ifndef KVQ_F16_SLOTS_PER_WARP
+#define KVQ_F16_SLOTS_PER_WARP 2
+#endif
 template <int T, int D> struct Cfg {
     using TR = Traits<T, D>;
     static constexpr int SLOT = TR::kblk + TR::vblk;
@@ -302,13 +310,14 @@ template <int T, int D> struct Cfg {
     // arithmetic per token, runs 8% faster with 11 (168 registers, a few spilled). Measured on the H100, batch 8,
     // 128k: Q2 297 us with 11 warps vs 314 with 7; Q4 436 us with 7 vs 444 with 11 (2 slots each instead of 3).
     static constexpr int WMAX = TR::bits == 2 ? KVQ_DECODE_WARPS_Q2 : 7;
-    static constexpr int W = NS0 / 2 >= WMAX ? WMAX : NS0 / 2;
+    static constexpr int SPW = TR::bits == 16 && D == 128 ? KVQ_F16_SLOTS_PER_WARP : 2;
+    static constexpr int W = NS0 / SPW >= WMAX ? WMAX : NS0 / SPW;
     static constexpr int NS = NS0 / W * W;
-    static_assert(W >= 1 && NS >= 2 * W, "ring");
+    static_assert(W >= 1 && NS >= SPW * W, "ring");
     static constexpr int THREADS = (W + 1) * 32;
     // The W warps' partials of a pair meet in shared memory, 4 query heads at a time: MB floats each, and (m, l)
     static constexpr int MB = 4 * D;
-    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4;
+    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4 + 2 * 24;
 };
 
 struct Visible { int lo, hi; };  // unit-local valid token range
@@ -591,6 +600,56 @@ __device__ __forceinline__ int find_entry(const DecodeArgs &A, int64_t pos) {
     return lo;
 }
 
+__device__ __forceinline__ void store_out(const DecodeArgs &A, int64_t i, float x) {
+    if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[i] = x;
+    else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[i] = __float2half_rn(x);
+    else reinterpret_cast<__nv_bfloat16 *>(A.out)[i] = __float2bfloat16_rn(x);
+}
+
+// The last CTA of a pair merges its ns partials (slots s0 ..) into the output rows orow .. orow + Gq - 1: a thread
+// per 4 output channels, slots in batches of MB whose loads are all in flight at once (the partials are L2 hits and
+// the merge is on the critical path of the step), folded in with a running maximum. Slots in order, so the result
+// does not depend on which CTA came last. __ldcg: the partials come from other SMs.
+template <int D, int NT>
+__device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int ns, int64_t orow) {
+    constexpr int D4 = D / 4, MB = 16;
+    const int Gq = A.Gq;
+    const int64_t stride = (int64_t)Gq * D4;                                    // float4s from a slot to the next
+    const float2 *ml = reinterpret_cast<const float2 *>(A.part_ml) + s0 * Gq;  // [ns][Gq] (m, l)
+    const float4 *part = reinterpret_cast<const float4 *>(A.part) + s0 * stride;
+    for (int v = threadIdx.x; v < Gq * D4; v += NT) {
+        const int hq = v / D4;
+        float M = -INFINITY, den = 0.f;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < ns; s += MB) {
+            float2 m[MB];
+            float4 x[MB];
+#pragma unroll
+            for (int k = 0; k < MB; k++) {
+                m[k] = make_float2(-INFINITY, 0.f), x[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (s + k < ns) m[k] = __ldcg(ml + (s + k) * Gq + hq), x[k] = __ldcg(part + (s + k) * stride + v);
+            }
+            float Mn = M;
+#pragma unroll
+            for (int k = 0; k < MB; k++) Mn = fmaxf(Mn, m[k].x);
+            if (Mn == -INFINITY) continue;                // no tokens so far
+            const float a = M == -INFINITY ? 0.f : exp2f(M - Mn);
+            den *= a, acc.x *= a, acc.y *= a, acc.z *= a, acc.w *= a;
+#pragma unroll
+            for (int k = 0; k < MB; k++) {
+                const float w = m[k].x == -INFINITY ? 0.f : exp2f(m[k].x - Mn);  // a CTA without tokens of the pair: 0
+                den += w * m[k].y;
+                acc.x += w * x[k].x, acc.y += w * x[k].y, acc.z += w * x[k].z, acc.w += w * x[k].w;
+            }
+            M = Mn;
+        }
+        const float inv = 1.f / den;
+        const int64_t o = (orow + hq) * D + (v % D4) * 4;
+        store_out(A, o, acc.x * inv), store_out(A, o + 1, acc.y * inv);
+        store_out(A, o + 2, acc.z * inv), store_out(A, o + 3, acc.w * inv);
+    }
+}
+
 template <int T, int D>
 __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __grid_constant__ DecodeArgs A) {
     using C = Cfg<T, D>;
@@ -603,6 +662,8 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
     uint64_t *empty = full + NS;
     float *mbuf = reinterpret_cast<float *>(empty + NS);  // [W][MB] partial O of 4 heads
     float *mlb = mbuf + W * C::MB;                       // [W][8][2] partial (m, l)
+    struct Job { int64_t s0, orow; int ns, u; };       // a shared pair to merge (ns = 0: none)
+    Job *jobs = reinterpret_cast<Job *>(mlb + W * 16);  // [2], written by thread 0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int cta = blockIdx.x;
     const int64_t beg = (int64_t)cta * A.L, end = min(beg + A.L, A.total);
@@ -612,9 +673,6 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
     __syncthreads();
-    // Let the combine kernel (launched with programmatic stream serialization) get scheduled now: it waits for this
-    // grid's completion in griddepcontrol.wait, so its launch latency overlaps this kernel instead of following it.
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if (beg >= end) return;
     const int H = A.H;
 
@@ -652,196 +710,167 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
             pos += kend - k0;
             if (kend == E.n && h == H - 1) i++;
         }
-        return;
-    }
-
-    // ---------------- consumers
-    const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
-    __half *ps = psall + warp * 8 * PS_STRIDE;
-    int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
-    int i = find_entry(A, beg);
-    for (int64_t pos = beg; pos < end;) {
-        const Entry &E = A.e[i];
-        int64_t rel = pos - E.start;
-        int h = (int)(rel / E.n), k0 = (int)(rel - (int64_t)h * E.n);
-        int kend = (int)min((int64_t)E.n, k0 + (end - pos));
-        // this pair's queries, scaled; head g of the group, channels [j D/4, (j+1) D/4)
-        float qf[D / 4];
-        {
-            const int64_t qoff = ((int64_t)E.q_row * A.nqh + h * Gq + g) * D + j * (D / 4);
+    } else {  // ---------------- consumers
+        const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
+        __half *ps = psall + warp * 8 * PS_STRIDE;
+        int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
+        // Pairs shared with other CTAs: at most the first (begun before beg) and the last (going on after end)
+        int nshp = 0, prev[2] = {0, 0};  // shared pairs met; thread 0: their counts before this CTA's arrival
+        int i = find_entry(A, beg);
+        for (int64_t pos = beg; pos < end;) {
+            const Entry &E = A.e[i];
+            int64_t rel = pos - E.start;
+            int h = (int)(rel / E.n), k0 = (int)(rel - (int64_t)h * E.n);
+            int kend = (int)min((int64_t)E.n, k0 + (end - pos));
+            // this pair's queries, scaled; head g of the group, channels [j D/4, (j+1) D/4)
+            float qf[D / 4];
+            {
+                const int64_t qoff = ((int64_t)E.q_row * A.nqh + h * Gq + g) * D + j * (D / 4);
 #pragma unroll
-            for (int c = 0; c < D / 4; c++) {
-                float x = 0.f;
-                if (g < Gq) {
-                    if (A.qo_dtype == KVQ_DTYPE_F32) x = reinterpret_cast<const float *>(A.q)[qoff + c];
-                    else if (A.qo_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
-                    else x = __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(A.q)[qoff + c]);
+                for (int c = 0; c < D / 4; c++) {
+                    float x = 0.f;
+                    if (g < Gq) {
+                        if (A.qo_dtype == KVQ_DTYPE_F32) x = reinterpret_cast<const float *>(A.q)[qoff + c];
+                        else if (A.qo_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
+                        else x = __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(A.q)[qoff + c]);
+                    }
+                    qf[c] = x * A.qscale;
                 }
-                qf[c] = x * A.qscale;
             }
-        }
-        uint32_t bq[D / 8];  // Q^T in the key order of T (unscaled: grouped pages scale it per page)
-        build_bq<T, D>(qf, bq);
-        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, bacc[4] = {0.f, 0.f, 0.f, 0.f};
-        float o[D / 16][4];
+            uint32_t bq[D / 8];  // Q^T in the key order of T (unscaled: grouped pages scale it per page)
+            build_bq<T, D>(qf, bq);
+            float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, bacc[4] = {0.f, 0.f, 0.f, 0.f};
+            float o[D / 16][4];
 #pragma unroll
-        for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
-        const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
-        // Units [k0, kend) of this pair: pages first, then window units. Page n of the CTA (r + k - k0 here) is
-        // this warp's when n % W == warp; window units continue the count after the pair's pages.
-        const int pend = min(kend, E.npu), np = max(pend - k0, 0);
-        for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
-            bool page;
-            int idx;
-            Visible vis;
-            unit_info(E, k, page, idx, vis);
-            const int rr = r + (k - k0), sl = rr % NS;
-            mbar_wait(&full[sl], (rr / NS) & 1);
-            const uint8_t *kb = ring + sl * C::SLOT;
+            for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
+            const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
+            // Units [k0, kend) of this pair: pages first, then window units. Page n of the CTA (r + k - k0 here) is
+            // this warp's when n % W == warp; window units continue the count after the pair's pages.
+            const int pend = min(kend, E.npu), np = max(pend - k0, 0);
+            for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
+                bool page;
+                int idx;
+                Visible vis;
+                unit_info(E, k, page, idx, vis);
+                const int rr = r + (k - k0), sl = rr % NS;
+                mbar_wait(&full[sl], (rr / NS) & 1);
+                const uint8_t *kb = ring + sl * C::SLOT;
 #ifndef KVQ_NO_COMPUTE
-            do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, bq, m, l, o, bacc, ps, lane);
+                do_unit<T, D, false>(A, Gq, kb, kb + TR::kblk, nullptr, nullptr, 0, vis, bq, m, l, o, bacc, ps, lane);
 #else  // timing experiment: the loads alone
-            o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
+                o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
 #endif
-            // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
-            // reads before it. Without the fence the copy could land before the last reads of the slot had
-            // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
-            // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            if (lane == 0) mbar_arrive(&empty[sl]);
-        }
-        r += np;
-        unraw_values<T, D>(o);
-        const int wbeg = max(k0, E.npu);
-        for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
-            bool page;
-            int idx;
-            Visible vis;
-            unit_info(E, k, page, idx, vis);
-            const int wrow0 = (E.whead + idx * PT) % A.wcap;
-            do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, bq, m, l, o, bacc, ps, lane);
-        }
-        qw += max(kend - wbeg, 0);
-        // ---- the CTA's partial for pair u = i*H + h: the W warps' partials merged in shared memory (one global
-        // partial per CTA and pair, so the combine kernel reads W times fewer; at batch 1, 4k its serial slot loop
-        // was as long as the decode kernel itself)
-        {
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
-                l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
-                l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
+                // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
+                // reads before it. Without the fence the copy could land before the last reads of the slot had
+                // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
+                // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                if (lane == 0) mbar_arrive(&empty[sl]);
             }
-            if (g == 0) {
-#pragma unroll
-                for (int c = 0; c < 2; c++) *reinterpret_cast<float2 *>(mlb + (warp * 8 + 2 * j + c) * 2) = make_float2(m[c], l[c]);
+            r += np;
+            unraw_values<T, D>(o);
+            const int wbeg = max(k0, E.npu);
+            for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
+                bool page;
+                int idx;
+                Visible vis;
+                unit_info(E, k, page, idx, vis);
+                const int wrow0 = (E.whead + idx * PT) % A.wcap;
+                do_unit<T, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, bq, m, l, o, bacc, ps, lane);
             }
-            float bm[D / 64][2];  // KIVI value mins: sum_t p_t min_t of channel group hh, this thread's heads
+            qw += max(kend - wbeg, 0);
+            // ---- the CTA's result for pair u = i*H + h: the W warps' partials merged in shared memory, then the
+            // output itself (the pair lies inside this CTA) or one partial per CTA of the pair, which the last of
+            // them merges
+            {
 #pragma unroll
-            for (int hh = 0; hh < D / 64; hh++)
+                for (int c = 0; c < 2; c++) {
+                    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
+                    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
+                    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
+                }
+                if (g == 0) {
 #pragma unroll
-                for (int c = 0; c < 2; c++) bm[hh][c] = TR::grouped ? __shfl_sync(0xffffffffu, bacc[c], hh * 4 + j) : 0.f;
-            const int64_t u = (int64_t)i * H + h;
-            const int64_t slot = u + cta;
-            float *po = A.part + slot * Gq * D;
-            for (int pass = 0; pass * 4 < Gq; pass++) {  // heads 4 pass .. 4 pass + 3, held by lanes j = 2 pass, 2 pass + 1
-                if ((j >> 1) == pass) {
+                    for (int c = 0; c < 2; c++) *reinterpret_cast<float2 *>(mlb + (warp * 8 + 2 * j + c) * 2) = make_float2(m[c], l[c]);
+                }
+                float bm[D / 64][2];  // KIVI value mins: sum_t p_t min_t of channel group hh, this thread's heads
 #pragma unroll
-                    for (int x = 0; x < D / 16; x++) {
-                        const int hh = x / 4, ii = x % 4;
-                        const int ch = 64 * hh + 8 * g + 2 * ii;
+                for (int hh = 0; hh < D / 64; hh++)
 #pragma unroll
-                        for (int c = 0; c < 2; c++) {
-                            const int head = 2 * j + c - 4 * pass;
-                            *reinterpret_cast<float2 *>(mbuf + warp * C::MB + head * D + ch) =
-                                make_float2(o[x][c] + bm[hh][c], o[x][2 + c] + bm[hh][c]);
+                    for (int c = 0; c < 2; c++) bm[hh][c] = TR::grouped ? __shfl_sync(0xffffffffu, bacc[c], hh * 4 + j) : 0.f;
+                const int64_t u = (int64_t)i * H + h;
+                int64_t c0, c1;
+                pair_ctas(A, E, h, c0, c1);
+                const bool solo = c0 == c1;
+                const int64_t slot = u + cta;
+                float *po = A.part + slot * Gq * D;
+                const int64_t orow = (int64_t)E.q_row * A.nqh + h * Gq;  // output row of query head 0 of the group
+                // heads 4 pass .. 4 pass + 3, held by lanes j = 2 pass, 2 pass + 1
+                for (int pass = 0; pass * 4 < Gq; pass++) {
+                    if ((j >> 1) == pass) {
+#pragma unroll
+                        for (int x = 0; x < D / 16; x++) {
+                            const int hh = x / 4, ii = x % 4;
+                            const int ch = 64 * hh + 8 * g + 2 * ii;
+#pragma unroll
+                            for (int c = 0; c < 2; c++) {
+                                const int head = 2 * j + c - 4 * pass;
+                                *reinterpret_cast<float2 *>(mbuf + warp * C::MB + head * D + ch) =
+                                    make_float2(o[x][c] + bm[hh][c], o[x][2 + c] + bm[hh][c]);
+                            }
                         }
                     }
-                }
-                asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-                const int nh = min(Gq - 4 * pass, 4);
-                for (int idx = threadIdx.x; idx < nh * D; idx += W * 32) {
-                    const int head = 4 * pass + idx / D;
-                    float M = -INFINITY;
-                    for (int w = 0; w < W; w++) M = fmaxf(M, mlb[(w * 8 + head) * 2]);
-                    float acc = 0.f, lsum = 0.f;
-                    if (M != -INFINITY)
-                        for (int w = 0; w < W; w++) {
-                            const float2 ml = *reinterpret_cast<const float2 *>(mlb + (w * 8 + head) * 2);
-                            const float a = ex2(ml.x - M);  // a warp without tokens: m = -inf, a = 0
-                            acc += a * mbuf[w * C::MB + idx];
-                            lsum += a * ml.y;
+                    asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
+                    const int nh = min(Gq - 4 * pass, 4);
+                    for (int idx = threadIdx.x; idx < nh * D; idx += W * 32) {
+                        const int head = 4 * pass + idx / D;
+                        float M = -INFINITY;
+                        for (int w = 0; w < W; w++) M = fmaxf(M, mlb[(w * 8 + head) * 2]);
+                        float acc = 0.f, lsum = 0.f;
+                        if (M != -INFINITY)
+                            for (int w = 0; w < W; w++) {
+                                const float2 ml = *reinterpret_cast<const float2 *>(mlb + (w * 8 + head) * 2);
+                                const float a = ex2(ml.x - M);  // a warp without tokens: m = -inf, a = 0
+                                acc += a * mbuf[w * C::MB + idx];
+                                lsum += a * ml.y;
+                            }
+                        if (solo) store_out(A, (orow + head) * D + idx % D, acc * (1.f / lsum));
+                        else {
+                            po[head * D + idx % D] = acc;
+                            if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
                         }
-                    po[head * D + idx % D] = acc;
-                    if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
+                    }
+                    asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");  // mbuf and mlb are free again
                 }
-                asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");  // mbuf and mlb are free again
+                if (!solo) {
+                    // Count this CTA in. The pass loop's last bar.sync has ordered every consumer's partial before
+                    // thread 0's release-acquire atomic (the semaphore pattern), and the final bar.sync orders the
+                    // merge's reads after it. Its result is first used at the end, so only warp 0 waits for it,
+                    // there. (At most two shared pairs: the first, begun before beg, and the last.)
+                    if (threadIdx.x == 0) {
+                        jobs[nshp ? 1 : 0] = Job{u + c0, orow, (int)(c1 - c0 + 1), (int)u};
+                        if (nshp) atom_add_acq_rel(A.cnt + u, prev[1]);
+                        else atom_add_acq_rel(A.cnt + u, prev[0]);
+                    }
+                    nshp++;
+                }
+            }
+            pos += kend - k0;
+            if (kend == E.n && h == H - 1) i++;
+        }
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (int x = 0; x < 2; x++) {
+                if (x < nshp && prev[x] == jobs[x].ns - 1) A.cnt[jobs[x].u] = 0;  // last: zero for the next launch
+                else jobs[x].ns = 0;
             }
         }
-        pos += kend - k0;
-        if (kend == E.n && h == H - 1) i++;
     }
-}
-
-// Merges the partials of one (entry, KV head, query head) into the output: one slot per CTA that touched the pair.
-// Warp 0 turns the slots' maxima into weights (lanes stride the slots); then CS slot classes of D threads each sum
-// their slots' rows (coalesced, many loads in flight, empty slots skipped warp-uniformly) and shared memory adds
-// the classes. One block per output row keeps the whole GPU busy: a serial loop over the slots in one block per KV
-// head cost ~40 us at batch 1.
-constexpr int CS = 4;  // slot classes per block
-__global__ void __launch_bounds__(CS * 128) combine_kernel(const __grid_constant__ DecodeArgs A) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // the decode grid's partials are complete and visible
-    const int H = A.H, Gq = A.Gq, D = A.D;
-    const int gq = blockIdx.x % Gq, pair = blockIdx.x / Gq, i = pair / H, h = pair % H;
-    const Entry &E = A.e[i];
-    int64_t c0, c1;
-    pair_ctas(A, E, h, c0, c1);
-    const int64_t s0 = (int64_t)pair + c0;
-    const int ns = (int)(c1 - c0 + 1);
-    extern __shared__ float wsh[];  // [ns] weights, then [CS][D] sums
-    float *sums = wsh + ns;
-    __shared__ float inv;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (warp == 0) {
-        float M = -INFINITY;
-        for (int s = lane; s < ns; s += 32) M = fmaxf(M, A.part_ml[((s0 + s) * Gq + gq) * 2]);
+    // ---------------- the last CTA of a shared pair merges it, with all its warps (the producer's too)
+    asm volatile("bar.sync 2, %0;" ::"n"(C::THREADS) : "memory");
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        float den = 0.f;
-        for (int s = lane; s < ns; s += 32) {
-            const float2 ml = *reinterpret_cast<const float2 *>(A.part_ml + ((s0 + s) * Gq + gq) * 2);
-            const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - M);
-            wsh[s] = w;
-            den += w * ml.y;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
-        if (lane == 0) inv = 1.f / den;
-    }
-    __syncthreads();
-    const int cls = threadIdx.x / D, c = threadIdx.x % D;
-    if (cls < CS) {
-        const float *p = A.part + ((s0 * Gq + gq) * D + c);
-        const int64_t step = (int64_t)Gq * D;
-        float acc = 0.f;
-#pragma unroll 4
-        for (int s = cls; s < ns; s += CS) {
-            const float w = wsh[s];
-            if (w != 0.f) acc += w * p[s * step];
-        }
-        sums[cls * D + c] = acc;
-    }
-    __syncthreads();
-    if (threadIdx.x < D) {
-        float acc = 0.f;
-#pragma unroll
-        for (int k = 0; k < CS; k++) acc += sums[k * D + threadIdx.x];
-        acc *= inv;
-        const int64_t oi = ((int64_t)E.q_row * A.nqh + h * Gq + gq) * D + threadIdx.x;
-        if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oi] = acc;
-        else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oi] = __float2half_rn(acc);
-        else reinterpret_cast<__nv_bfloat16 *>(A.out)[oi] = __float2bfloat16_rn(acc);
-    }
+    for (int x = 0; x < 2; x++)
+        if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow);
 }
 
 template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t st) {
@@ -857,38 +886,10 @@ template <int T, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t
     decode_kernel<T, D><<<a.n_cta, C::THREADS, C::SMEM, st>>>(a);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // synchronise after each kernel, name the failing one
+    static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // synchronise after the kernel, name a failure
     if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
         fprintf(stderr, "kvq debug: decode_kernel<%d,%d> failed: %s (entries %d, total %lld, L %lld, n_cta %d)\n", T, D,
                 cudaGetErrorString(e), a.n_entries, (long long)a.total, (long long)a.L, a.n_cta);
-        return e;
-    }
-    int ns_max = 0;
-    for (int i = 0; i < a.n_entries; i++)
-        for (int h = 0; h < a.H; h++) {
-            int64_t c0, c1;
-            pair_ctas(a, a.e[i], h, c0, c1);
-            ns_max = c1 - c0 + 1 > ns_max ? (int)(c1 - c0 + 1) : ns_max;
-        }
-    size_t sm = ((size_t)ns_max + CS * D) * sizeof(float);
-    if (sm > 48 * 1024) {
-        e = cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        if (e != cudaSuccess) return e;
-    }
-    cudaLaunchConfig_t lc = {};
-    lc.gridDim = dim3(a.n_entries * a.H * a.Gq);
-    lc.blockDim = dim3(CS * D);
-    lc.dynamicSmemBytes = sm;
-    lc.stream = st;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    lc.attrs = at;
-    lc.numAttrs = 1;
-    e = cudaLaunchKernelEx(&lc, combine_kernel, a);
-    if (e != cudaSuccess) return e;
-    if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
-        fprintf(stderr, "kvq debug: combine_kernel failed: %s\n", cudaGetErrorString(e));
         return e;
     }
     return cudaGetLastError();

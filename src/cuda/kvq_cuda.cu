@@ -650,17 +650,24 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
             A->e[i].start = total;
             total += (int64_t)H * A->e[i].n;
         }
-        int64_t L = (total + c->n_sm - 1) / c->n_sm;
+        const int n_sm = std::min(c->n_sm, MAX_CTAS);
+        int64_t L = (total + n_sm - 1) / n_sm;
         if (L < 1) L = 1;
         const int n_cta = (int)((total + L - 1) / L);
-        const size_t slots = (size_t)ne * H + n_cta;  // partials: one per CTA and (entry, head) pair it touches
-        const size_t need = slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
+        // Workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials,
+        // one per CTA and (entry, head) pair it touches
+        const size_t cnt_bytes = ((size_t)MAXE * H * sizeof(int32_t) + 255) & ~(size_t)255;
+        const size_t slots = (size_t)ne * H + n_cta;
+        const size_t need = cnt_bytes + slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
         if (need > c->ws_bytes) {
             if (c->ws) cudaFreeAsync(c->ws, st);
             c->ws = nullptr;
             c->ws_bytes = 0;
             cudaError_t e = cudaMallocAsync(&c->ws, need, st);
+            if (e == cudaSuccess) e = cudaMemsetAsync(c->ws, 0, cnt_bytes, st);
             if (e != cudaSuccess) {
+                if (c->ws) cudaFreeAsync(c->ws, st);
+                c->ws = nullptr;
                 delete A;
                 return fail(KVQ_ERR_CUDA, "%s: workspace of %zu bytes: %s", fn, need, cudaGetErrorString(e));
             }
@@ -675,8 +682,9 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         A->qscale = p->softcap > 0 ? scale : scale * 1.4426950408889634f;
         A->softcap = p->softcap;
         A->q = q, A->out = out;
-        A->part = (float *)c->ws;
-        A->part_ml = (float *)c->ws + slots * Gq * D;
+        A->cnt = (int32_t *)c->ws;
+        A->part = (float *)((char *)c->ws + cnt_bytes);
+        A->part_ml = A->part + slots * Gq * D;
         A->n_entries = ne;
         A->n_cta = n_cta;
         A->total = total;
