@@ -309,6 +309,8 @@ template <int T, int D> struct Cfg {
     // Consumer warps, >= 2 slots each. 7 (up to 255 registers) by default; Q2, with half Q4's bytes for the same
     // arithmetic per token, runs 8% faster with 11 (168 registers, a few spilled). Measured on the H100, batch 8,
     // 128k: Q2 297 us with 11 warps vs 314 with 7; Q4 436 us with 7 vs 444 with 11 (2 slots each instead of 3).
+    // F16/BF16 at D = 128 have 6 slots, so 3 warps; one slot each (6 warps, -DKVQ_F16_SLOTS_PER_WARP=1) measured
+    // batch 1, 4k 17.9 us against 19.2, but batch 8, 4k 58.5 against 56.6 and batch 1, 16k 36.4 against 35.5.
     static constexpr int WMAX = TR::bits == 2 ? KVQ_DECODE_WARPS_Q2 : 7;
     static constexpr int SPW = TR::bits == 16 && D == 128 ? KVQ_F16_SLOTS_PER_WARP : 2;
     static constexpr int W = NS0 / SPW >= WMAX ? WMAX : NS0 / SPW;
