@@ -63,7 +63,9 @@ struct Pair {
     int H, D, layers;
 };
 
-// Appends the same random tokens to both caches; dt: input dtype (F32 or F16).
+// Appends the same random tokens to both caches; dt: input dtype (F32 or F16). g_misalign: the device K/V start one
+// element into their allocations (no vector loads: the append kernels' scalar path).
+static bool g_misalign = false;
 static void append_both(Pair &p, int layer, int n, const int32_t *ids, const int32_t *nt, kvq_dtype dt, float outlier) {
     int64_t tot = 0;
     for (int i = 0; i < n; i++) tot += nt[i];
@@ -82,14 +84,15 @@ static void append_both(Pair &p, int layer, int n, const int32_t *ids, const int
         hk = kh.data(), hv = vh.data();
     }
     OK(kvq_append(p.cpu, layer, n, ids, nt, dt, hk, hv));
-    void *dk = nullptr, *dv = nullptr;
+    char *dk = nullptr, *dv = nullptr;
+    const size_t off = g_misalign ? esz : 0;
     if (ne) {
-        CU(cudaMalloc(&dk, ne * esz));
-        CU(cudaMalloc(&dv, ne * esz));
-        CU(cudaMemcpy(dk, hk, ne * esz, cudaMemcpyHostToDevice));
-        CU(cudaMemcpy(dv, hv, ne * esz, cudaMemcpyHostToDevice));
+        CU(cudaMalloc(&dk, ne * esz + off));
+        CU(cudaMalloc(&dv, ne * esz + off));
+        CU(cudaMemcpy(dk + off, hk, ne * esz, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dv + off, hv, ne * esz, cudaMemcpyHostToDevice));
     }
-    OK(kvq_cuda_append(p.gpu, layer, n, ids, nt, dt, dk, dv, 0));
+    OK(kvq_cuda_append(p.gpu, layer, n, ids, nt, dt, ne ? dk + off : nullptr, ne ? dv + off : nullptr, 0));
     CU(cudaDeviceSynchronize());
     cudaFree(dk);
     cudaFree(dv);
@@ -273,7 +276,8 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H 
         int32_t chunk[NS] = {130, 0, 3, 64, 1, 5, 77};  // a second prefill chunk
         append_both(p, layer, NS, ids, chunk, in_dt, 0.f);
     }
-    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d", tname(t), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H);
+    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d%s", tname(t), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H,
+             g_misalign ? " misaligned" : "");
     for (int layer = 0; layer < 2; layer++)
         for (int i = 0; i < NS; i++) compare_bytes(p, ids[i], layer, what);
     compare_decode(p, 1, NS, ids, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, what);
@@ -600,6 +604,9 @@ int main(int argc, char **argv) {
         if (!grouped) test_ragged(t, 128, 5, KVQ_DTYPE_F32);  // per-token type through an fp16 window
         else test_ragged(t, 128, 0, KVQ_DTYPE_F16);           // KIVI without residual
         if (t == KVQ_TYPE_Q2 || t == KVQ_TYPE_Q4) test_ragged(t, 128, -1, KVQ_DTYPE_F16, 3);
+        g_misalign = true;  // K/V not aligned for vector loads
+        test_ragged(t, 64, -1, t % 2 ? KVQ_DTYPE_F16 : KVQ_DTYPE_F32);
+        g_misalign = false;
     }
     for (int ti = 0; ti < 6 && !long_only && !only; ti++) {
         kvq_type t = types[ti];

@@ -8,13 +8,50 @@
 
 namespace kvqc {
 
-__device__ __forceinline__ float src_val(const AppendArgs &A, const AppendEntry &E, int v, int h, int c, int D, bool isv) {
-    if (v < E.W0) {
-        int row = (E.whead0 + v) % A.wcap;
-        return __half2float((isv ? E.wv : E.wk)[((int64_t)row * A.H + h) * D + c]);
+// 4 consecutive values (F32, F16 or BF16) at element i (a multiple of 4); vec: p is aligned for one vector load
+// (the caller's K/V may start anywhere, kvq_cuda_append checks)
+__device__ __forceinline__ float4 load4(const void *p, int64_t i, int dt, bool vec) {
+    if (!vec) return make_float4(load_in(p, i, dt), load_in(p, i + 1, dt), load_in(p, i + 2, dt), load_in(p, i + 3, dt));
+    if (dt == KVQ_DTYPE_F32) return *reinterpret_cast<const float4 *>(reinterpret_cast<const float *>(p) + i);
+    const uint2 u = *reinterpret_cast<const uint2 *>(reinterpret_cast<const uint16_t *>(p) + i);
+    if (dt == KVQ_DTYPE_F16) {
+        const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
+        const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+        return make_float4(a.x, a.y, b.x, b.y);
     }
-    float x = load_in(isv ? A.v : A.k, ((E.in_off + v - E.W0) * A.H + h) * D + c, A.dtype);
-    return A.direct ? x : round_f16(x);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void store4h(__half *p, float4 x) {
+    const __half2 a = __floats2half2_rn(x.x, x.y), b = __floats2half2_rn(x.z, x.w);
+    uint2 u;
+    u.x = *reinterpret_cast<const uint32_t *>(&a), u.y = *reinterpret_cast<const uint32_t *>(&b);
+    *reinterpret_cast<uint2 *>(p) = u;
+}
+
+// Channels [c, c + 4) of virtual token v: a window ring row, or an input row (rounded to fp16 unless direct)
+__device__ __forceinline__ float4 src4(const AppendArgs &A, const AppendEntry &E, int v, int h, int c, int D, bool isv) {
+    if (v < E.W0) {
+        const int row = (E.whead0 + v) % A.wcap;
+        return load4(isv ? E.wv : E.wk, ((int64_t)row * A.H + h) * D + c, KVQ_DTYPE_F16, true);
+    }
+    float4 x = load4(isv ? A.v : A.k, ((E.in_off + v - E.W0) * A.H + h) * D + c, A.dtype, A.vec);
+    if (!A.direct) x = make_float4(round_f16(x.x), round_f16(x.y), round_f16(x.z), round_f16(x.w));
+    return x;
+}
+
+// Tokens v0 .. v0 + cnt - 1 of head h (keys or values) into xs[t][D], all of a thread's loads in flight at once
+// (they were one dependent load per token and channel: a decode step that flushed a Q4/Q2 group took ~100 us).
+template <int D> __device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int cnt, int h, bool isv, float *xs) {
+    constexpr int TPR = D / 4, RPI = 128 / TPR, IT = PT / RPI;  // threads per row, rows per pass, passes
+    const int c = (threadIdx.x % TPR) * 4, r0 = threadIdx.x / TPR;
+    float4 x[IT];
+#pragma unroll
+    for (int it = 0; it < IT; it++)
+        if (r0 + it * RPI < cnt) x[it] = src4(A, E, v0 + r0 + it * RPI, h, c, D, isv);
+#pragma unroll
+    for (int it = 0; it < IT; it++)
+        if (r0 + it * RPI < cnt) *reinterpret_cast<float4 *>(xs + (r0 + it * RPI) * D + c) = x[it];
 }
 
 template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, float s) {
@@ -25,6 +62,7 @@ template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, flo
 
 template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(const __grid_constant__ AppendArgs A) {
     using TR = Traits<T, D>;
+    __shared__ __align__(16) float xs[PT * D];  // the item's tokens of one head, keys then values
     const FlushItem f = A.f[blockIdx.x];
     const int h = blockIdx.y;
     const AppendEntry &E = A.a[f.a];
@@ -35,11 +73,14 @@ template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(cons
     if constexpr (!TR::grouped) {
         for (int r = 0; r < 2; r++) {
             uint8_t *blk = r ? pg + A.v_off + h * TR::vblk : pg + h * TR::kblk;
+            if (r) __syncthreads();  // the keys' reads of xs are done
+            stage<D>(A, E, f.v0, f.cnt, h, r, xs);
+            __syncthreads();
             for (int tt = warp; tt < f.cnt; tt += 4) {
-                const int v = f.v0 + tt, slot = f.slot + tt;
+                const int slot = f.slot + tt;
                 float x[EPL];
 #pragma unroll
-                for (int e = 0; e < EPL; e++) x[e] = src_val(A, E, v, h, lane * EPL + e, D, r);
+                for (int e = 0; e < EPL; e++) x[e] = xs[tt * D + lane * EPL + e];
                 uint8_t *row = blk + slot * TR::row;
                 if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {
 #pragma unroll
@@ -79,25 +120,30 @@ template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(cons
     } else {
         constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
         // keys: one thread per channel over the G = 64 tokens of the page
+        stage<D>(A, E, f.v0, PT, h, false, xs);
+        __syncthreads();
         uint8_t *kb = pg + h * TR::kblk;
         const int c = threadIdx.x;
         if (c < D) {
             float lo = INFINITY, hi = -INFINITY;
             for (int t = 0; t < PT; t++) {
-                float x = src_val(A, E, f.v0 + t, h, c, D, false);
+                const float x = xs[t * D + c];
                 lo = fminf(lo, x), hi = fmaxf(hi, x);
             }
             const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
             __half *par = reinterpret_cast<__half *>(kb + PT * TR::row);
             par[c] = __float2half_rn(s), par[D + c] = __float2half_rn(mn);
             for (int t = 0; t < PT; t++) {
-                int q = q_asym<QMAX>(src_val(A, E, f.v0 + t, h, c, D, false), mn, s);
+                int q = q_asym<QMAX>(xs[t * D + c], mn, s);
                 int byte = q;
 #pragma unroll
                 for (int k = 1; k < PER; k++) byte |= __shfl_down_sync(0xffffffffu, q, k) << (k * B);
                 if (c % PER == 0) kb[t * TR::row + c / PER] = (uint8_t)byte;
             }
         }
+        __syncthreads();
+        stage<D>(A, E, f.v0, PT, h, true, xs);
+        __syncthreads();
         // values: one warp per token, groups of 64 channels = 64 / EPL lanes
         uint8_t *vb = pg + A.v_off + h * TR::vblk;
         constexpr int LPG = 64 / EPL;
@@ -106,7 +152,7 @@ template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(cons
             float lo = INFINITY, hi = -INFINITY;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
-                x[e] = src_val(A, E, f.v0 + t, h, lane * EPL + e, D, true);
+                x[e] = xs[t * D + lane * EPL + e];
                 lo = fminf(lo, x[e]), hi = fmaxf(hi, x[e]);
             }
 #pragma unroll
@@ -134,7 +180,8 @@ template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(cons
     }
 }
 
-// New tokens that stay in the window: fp16 copies into the ring.
+// New tokens that stay in the window: fp16 copies into the ring. A thread takes 2 chunks of 4 channels of K and V
+// and issues all 4 loads before its stores (a load-store loop ran one dependent load at a time).
 __global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ AppendArgs A, int D, int n_entries) {
     const int64_t x = blockIdx.x;
     int lo = 0, hi = n_entries - 1;
@@ -147,9 +194,22 @@ __global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ App
     const int v = max(E.FG, E.W0) + (int)(x - E.wstart);
     const int row = (E.whead0 + v) % A.wcap;
     const int64_t in = (E.in_off + v - E.W0) * A.H * D, out = (int64_t)row * A.H * D;
-    for (int e = threadIdx.x; e < A.H * D; e += blockDim.x) {
-        E.wk[out + e] = __float2half_rn(load_in(A.k, in + e, A.dtype));
-        E.wv[out + e] = __float2half_rn(load_in(A.v, in + e, A.dtype));
+    const int n = A.H * D;  // a multiple of 4
+    for (int e0 = threadIdx.x * 4; e0 < n; e0 += 2 * 4 * 128) {
+        float4 k[2], vv[2];
+        const int es[2] = {e0, e0 + 4 * 128};
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+            if (es[u] < n) {
+                k[u] = load4(A.k, in + es[u], A.dtype, A.vec);
+                vv[u] = load4(A.v, in + es[u], A.dtype, A.vec);
+            }
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+            if (es[u] < n) {
+                store4h(E.wk + out + es[u], k[u]);
+                store4h(E.wv + out + es[u], vv[u]);
+            }
     }
 }
 

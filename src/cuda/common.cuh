@@ -91,6 +91,7 @@ struct AppendArgs {
     int64_t page_bytes;
     int32_t v_off, H, wcap, direct;  // direct: W == 1, values go straight to pages without fp16 rounding
     int32_t dtype;
+    int32_t vec;  // k and v aligned for 4-value vector loads (16 bytes for F32, 8 for F16/BF16)
     const void *k, *v;
     int32_t n_items, n_entries;
     int64_t n_wtok;

@@ -362,6 +362,8 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         A->wcap = c->wcap;
         A->direct = c->wcap == 1;
         A->dtype = dtype;
+        const uintptr_t va = dtype == KVQ_DTYPE_F32 ? 16 : 8;
+        A->vec = (uintptr_t)k % va == 0 && (uintptr_t)v % va == 0;
         A->k = k, A->v = v;
     };
     auto entry_of = [&](int i) {
