@@ -40,9 +40,33 @@ __device__ __forceinline__ float4 src4(const AppendArgs &A, const AppendEntry &E
     return x;
 }
 
+// Channels [c, c + N) of virtual token v, N = 4 (D = 128) or 2 (D = 64)
+template <int N>
+__device__ __forceinline__ void src_row(const AppendArgs &A, const AppendEntry &E, int v, int h, int c, int D, bool isv,
+                                        float (&x)[N]) {
+    if constexpr (N == 4) {
+        const float4 y = src4(A, E, v, h, c, D, isv);
+        x[0] = y.x, x[1] = y.y, x[2] = y.z, x[3] = y.w;
+    } else {
+        static_assert(N == 2, "channels per lane");
+        if (v < E.W0) {
+            const int row = (E.whead0 + v) % A.wcap;
+            const __half *w = (isv ? E.wv : E.wk) + ((int64_t)row * A.H + h) * D + c;
+            const float2 y = __half22float2(*reinterpret_cast<const __half2 *>(w));
+            x[0] = y.x, x[1] = y.y;
+            return;
+        }
+        const int64_t i = ((E.in_off + v - E.W0) * A.H + h) * D + c;
+        x[0] = load_in(isv ? A.v : A.k, i, A.dtype), x[1] = load_in(isv ? A.v : A.k, i + 1, A.dtype);
+        if (!A.direct) x[0] = round_f16(x[0]), x[1] = round_f16(x[1]);
+    }
+}
+
 // Tokens v0 .. v0 + cnt - 1 of head h (keys or values) into xs[t][D], all of a thread's loads in flight at once
 // (they were one dependent load per token and channel: a decode step that flushed a Q4/Q2 group took ~100 us).
-template <int D> __device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int cnt, int h, bool isv, float *xs) {
+template <int D>
+__device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int cnt, int h, bool isv,
+                                      float *xs) {
     constexpr int TPR = D / 4, RPI = 128 / TPR, IT = PT / RPI;  // threads per row, rows per pass, passes
     const int c = (threadIdx.x % TPR) * 4, r0 = threadIdx.x / TPR;
     float4 x[IT];
@@ -62,7 +86,6 @@ template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, flo
 
 template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(const __grid_constant__ AppendArgs A) {
     using TR = Traits<T, D>;
-    __shared__ __align__(16) float xs[PT * D];  // the item's tokens of one head, keys then values
     const FlushItem f = A.f[blockIdx.x];
     const int h = blockIdx.y;
     const AppendEntry &E = A.a[f.a];
@@ -71,54 +94,62 @@ template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(cons
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr int EPL = D / 32;  // channels per lane in row-wise passes
     if constexpr (!TR::grouped) {
+        // a warp per token, U tokens' loads in flight before the first is written (no staging: the per-token
+        // types quantize each row on its own, and shared memory would cut the resident blocks of a prefill)
+        constexpr int U = 4;
         for (int r = 0; r < 2; r++) {
             uint8_t *blk = r ? pg + A.v_off + h * TR::vblk : pg + h * TR::kblk;
-            if (r) __syncthreads();  // the keys' reads of xs are done
-            stage<D>(A, E, f.v0, f.cnt, h, r, xs);
-            __syncthreads();
-            for (int tt = warp; tt < f.cnt; tt += 4) {
-                const int slot = f.slot + tt;
-                float x[EPL];
+            for (int t0 = warp; t0 < f.cnt; t0 += 4 * U) {
+                float xu[U][EPL];
 #pragma unroll
-                for (int e = 0; e < EPL; e++) x[e] = xs[tt * D + lane * EPL + e];
-                uint8_t *row = blk + slot * TR::row;
-                if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {
+                for (int u = 0; u < U; u++)
+                    if (t0 + 4 * u < f.cnt) src_row<EPL>(A, E, f.v0 + t0 + 4 * u, h, lane * EPL, D, r, xu[u]);
 #pragma unroll
-                    for (int e = 0; e < EPL; e++) {
-                        uint16_t u;
-                        if constexpr (T == KVQ_TYPE_F16) u = __half_as_ushort(__float2half_rn(x[e]));
-                        else u = __bfloat16_as_ushort(__float2bfloat16_rn(x[e]));
-                        reinterpret_cast<uint16_t *>(row)[lane * EPL + e] = u;
-                    }
-                } else {
-                    float amax = 0.f;
+                for (int u = 0; u < U; u++) {
+                    const int tt = t0 + 4 * u;
+                    if (tt >= f.cnt) break;
+                    const int slot = f.slot + tt;
+                    const float *x = xu[u];
+                    uint8_t *row = blk + slot * TR::row;
+                    if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {
 #pragma unroll
-                    for (int e = 0; e < EPL; e++) amax = fmaxf(amax, fabsf(x[e]));
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-                    const float s = round_f16(__fdiv_rn(amax, T == KVQ_TYPE_Q8 ? 127.f : 448.f));
-                    uint32_t packed = 0;
-#pragma unroll
-                    for (int e = 0; e < EPL; e++) {
-                        float y = s > 0.f ? __fdiv_rn(x[e], s) : 0.f;
-                        uint32_t b;
-                        if constexpr (T == KVQ_TYPE_Q8) {
-                            float q = rintf(y);
-                            q = q < -127.f ? -127.f : q > 127.f ? 127.f : q;
-                            b = (uint32_t)(uint8_t)(int8_t)(int)q;
-                        } else {
-                            b = (uint32_t)__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
+                        for (int e = 0; e < EPL; e++) {
+                            uint16_t b16;
+                            if constexpr (T == KVQ_TYPE_F16) b16 = __half_as_ushort(__float2half_rn(x[e]));
+                            else b16 = __bfloat16_as_ushort(__float2bfloat16_rn(x[e]));
+                            reinterpret_cast<uint16_t *>(row)[lane * EPL + e] = b16;
                         }
-                        packed |= b << (8 * e);
+                    } else {
+                        float amax = 0.f;
+#pragma unroll
+                        for (int e = 0; e < EPL; e++) amax = fmaxf(amax, fabsf(x[e]));
+#pragma unroll
+                        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+                        const float s = round_f16(__fdiv_rn(amax, T == KVQ_TYPE_Q8 ? 127.f : 448.f));
+                        uint32_t packed = 0;
+#pragma unroll
+                        for (int e = 0; e < EPL; e++) {
+                            float y = s > 0.f ? __fdiv_rn(x[e], s) : 0.f;
+                            uint32_t b;
+                            if constexpr (T == KVQ_TYPE_Q8) {
+                                float q = rintf(y);
+                                q = q < -127.f ? -127.f : q > 127.f ? 127.f : q;
+                                b = (uint32_t)(uint8_t)(int8_t)(int)q;
+                            } else {
+                                b = (uint32_t)__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
+                            }
+                            packed |= b << (8 * e);
+                        }
+                        if constexpr (EPL == 4) reinterpret_cast<uint32_t *>(row)[lane] = packed;
+                        else reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)packed;
+                        if (lane == 0) reinterpret_cast<__half *>(blk + PT * TR::row)[slot] = __float2half_rn(s);
                     }
-                    if constexpr (EPL == 4) reinterpret_cast<uint32_t *>(row)[lane] = packed;
-                    else reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)packed;
-                    if (lane == 0) reinterpret_cast<__half *>(blk + PT * TR::row)[slot] = __float2half_rn(s);
                 }
             }
         }
     } else {
         constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
+        __shared__ __align__(16) float xs[PT * D];  // the page's 64 tokens of this head, keys then values
         // keys: one thread per channel over the G = 64 tokens of the page
         stage<D>(A, E, f.v0, PT, h, false, xs);
         __syncthreads();
