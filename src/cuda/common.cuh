@@ -45,7 +45,6 @@ struct Entry {
     int64_t start;           // flattened index of (this entry, head 0, unit 0)
 };
 
-constexpr int MAX_CTAS = 160;  // decode CTAs per launch (one wave; the last CTA of a pair merges <= this many partials)
 constexpr int MAXE = 56;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 struct DecodeArgs {

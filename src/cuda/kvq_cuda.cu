@@ -652,8 +652,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
             A->e[i].start = total;
             total += (int64_t)H * A->e[i].n;
         }
-        const int n_sm = std::min(c->n_sm, MAX_CTAS);
-        int64_t L = (total + n_sm - 1) / n_sm;
+        int64_t L = (total + c->n_sm - 1) / c->n_sm;
         if (L < 1) L = 1;
         const int n_cta = (int)((total + L - 1) / L);
         // Workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials,
