@@ -592,6 +592,21 @@ __device__ __forceinline__ void unit_info(const Entry &E, int k, bool &page, int
     }
 }
 
+// Where a CTA range continues at pos, inside entry E: head h, and the units [k0, kend) of (E, h) before end
+struct Span { int h, k0, kend; };
+__device__ __forceinline__ Span span_at(const Entry &E, int64_t pos, int64_t end) {
+    const int64_t rel = pos - E.start;
+    Span p;
+    p.h = (int)(rel / E.n), p.k0 = (int)(rel - (int64_t)p.h * E.n);
+    p.kend = (int)min((int64_t)E.n, p.k0 + (end - pos));
+    return p;
+}
+// Past the span: the next pair, of entry i + 1 after the last head
+__device__ __forceinline__ void span_next(const Entry &E, const Span &p, int H, int64_t &pos, int &i) {
+    pos += p.kend - p.k0;
+    if (p.kend == E.n && p.h == H - 1) i++;
+}
+
 __device__ __forceinline__ int find_entry(const DecodeArgs &A, int64_t pos) {
     int lo = 0, hi = A.n_entries - 1;  // last entry with start <= pos
     while (lo < hi) {
@@ -683,10 +698,8 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
         int i = find_entry(A, beg);
         for (int64_t pos = beg; pos < end;) {
             const Entry &E = A.e[i];
-            int64_t rel = pos - E.start;
-            int h = (int)(rel / E.n), k0 = (int)(rel - (int64_t)h * E.n);
-            int kend = (int)min((int64_t)E.n, k0 + (end - pos));
-            int pend = min(kend, E.npu);
+            const Span sp = span_at(E, pos, end);
+            const int h = sp.h, k0 = sp.k0, pend = min(sp.kend, E.npu);
             const int pfirst = E.lo / PT;
             for (int kb = k0; kb < pend; kb += 32) {
                 int kk = kb + lane;
@@ -709,8 +722,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
                     r++;
                 }
             }
-            pos += kend - k0;
-            if (kend == E.n && h == H - 1) i++;
+            span_next(E, sp, H, pos, i);
         }
     } else {  // ---------------- consumers
         const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
@@ -721,9 +733,8 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
         int i = find_entry(A, beg);
         for (int64_t pos = beg; pos < end;) {
             const Entry &E = A.e[i];
-            int64_t rel = pos - E.start;
-            int h = (int)(rel / E.n), k0 = (int)(rel - (int64_t)h * E.n);
-            int kend = (int)min((int64_t)E.n, k0 + (end - pos));
+            const Span sp = span_at(E, pos, end);
+            const int h = sp.h, k0 = sp.k0, kend = sp.kend;
             // this pair's queries, scaled; head g of the group, channels [j D/4, (j+1) D/4)
             float qf[D / 4];
             {
@@ -857,8 +868,7 @@ __global__ void __launch_bounds__(Cfg<T, D>::THREADS, 1) decode_kernel(const __g
                     nshp++;
                 }
             }
-            pos += kend - k0;
-            if (kend == E.n && h == H - 1) i++;
+            span_next(E, sp, H, pos, i);
         }
         if (threadIdx.x == 0) {
 #pragma unroll
