@@ -109,7 +109,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (!strcmp(argv[i], "--flush") && i + 1 < argc) flush_write = !strcmp(argv[++i], "write");
         else if (strcmp(argv[i], "cuda")) {
-            fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,...] "
+            fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
                             "[--ctx 4096,131072] [--batch 1,8] [--flush read|write]\n");
             return 2;
         }
@@ -174,7 +174,9 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     if (quick) ctxs = {4096, 131072}, batches = {1, 8};
     if (ctx_arg) ctxs = int_list(ctx_arg);
     if (batch_arg) batches = int_list(batch_arg);
-    std::vector<kvq_type> types = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2};
+    // (key type, value type); "q8/q4" on the command line for Q8 keys with Q4 values
+    std::vector<std::pair<kvq_type, kvq_type>> types;
+    for (kvq_type t : {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2}) types.push_back({t, t});
     if (types_arg) {
         types.clear();
         std::string all = types_arg;
@@ -182,12 +184,14 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             size_t b = all.find(',', a);
             if (b == std::string::npos) b = all.size();
             std::string name = all.substr(a, b - a);
-            kvq_type t;
-            if (kvq_type_from_name(name.c_str(), &t) != KVQ_OK) {
+            const size_t sl = name.find('/');
+            const std::string nk = name.substr(0, sl), nv = sl == std::string::npos ? nk : name.substr(sl + 1);
+            kvq_type tk, tv;
+            if (kvq_type_from_name(nk.c_str(), &tk) != KVQ_OK || kvq_type_from_name(nv.c_str(), &tv) != KVQ_OK) {
                 fprintf(stderr, "unknown type '%s'\n", name.c_str());
                 return 2;
             }
-            types.push_back(t);
+            types.push_back({tk, tv});
             a = b + 1;
         }
     }
@@ -216,12 +220,14 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     // (64.7 against 57.2 us, same binary and run), which had made BF16 look 0.87x F16 at 4k-16k.
     for (int ctx : ctxs) {
         for (size_t ti = 0; ti < types.size(); ti++) {
-            const kvq_type t = types[ti];
-            const char *tn = kvq_type_get_traits(t)->name;
+            const kvq_type tk = types[ti].first, tv = types[ti].second;
+            std::string tname = kvq_type_get_traits(tk)->name;
+            if (tv != tk) tname = tname + "/" + kvq_type_get_traits(tv)->name;
+            const char *tn = tname.c_str();
             kvq_cache_config cfg = kvq_cache_config_default();
-            cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t, cfg.max_seqs = maxb;
+            cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.max_seqs = maxb;
             kvq_page_layout L;
-            OK(kvq_page_layout_make(t, t, H, D, 64, 64, &L));
+            OK(kvq_page_layout_make(tk, tv, H, D, 64, 64, &L));
             cfg.arena_bytes = (size_t)maxb * ((ctx + 2 * CH) / 64 + 2) * L.page_bytes;
             kvq_cuda_cache *c;
             OK(kvq_cuda_cache_create(&cfg, 0, ctx + 2 * CH, &c));
@@ -294,7 +300,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
                 row.us = median(ts) * 1000.0;
                 row.gbs = bytes / (row.us * 1e-6) / 1e9;
                 row.pct_copy = 100.0 * row.gbs / copy_gbs;
-                if (t == KVQ_TYPE_F16) f16_us[{b, ctx}] = row.us;
+                if (tk == KVQ_TYPE_F16 && tv == KVQ_TYPE_F16) f16_us[{b, ctx}] = row.us;
                 row.vs_f16 = f16_us.count({b, ctx}) ? f16_us[{b, ctx}] / row.us : 0;
                 row.sdpa_us = sdpa.count({b, ctx}) ? sdpa[{b, ctx}] : 0;
                 row.vs_sdpa = row.sdpa_us > 0 ? row.sdpa_us / row.us : 0;

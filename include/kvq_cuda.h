@@ -41,9 +41,10 @@
  *   caller guarantees finite values in the fp16 range; otherwise the results are undefined.
  *
  * 4. Limits of this version
- * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; type_k == type_v; at most 8
- *   query heads per KV head. Other configurations return KVQ_ERR_INVALID_ARG / KVQ_ERR_UNSUPPORTED_TYPE /
- *   KVQ_ERR_UNSUPPORTED_HEAD_DIM at create (or attention) time.
+ * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; at most 8 query heads per KV
+ *   head. Other configurations return KVQ_ERR_INVALID_ARG / KVQ_ERR_UNSUPPORTED_HEAD_DIM at create (or attention)
+ *   time. Every (type_k, type_v) pair of the six types works, as in the CPU cache (e.g. Q8 keys with Q4 values);
+ *   when either type is grouped, both roles flush in whole groups through the fp16 window.
  * - Pages are reference counted like the CPU cache's: kvq_cuda_seq_fork shares the parent's pages and an append
  *   that writes into a shared, partly filled page first copies it (copy on write, kvq.h section 1).
  * - Built for sm_90a (H100/H200): the decode kernel uses the bulk copy engine (cp.async.bulk + mbarrier) and

@@ -56,6 +56,15 @@ static float frand(void) {  // uniform in [-1, 1)
 static uint16_t f2h(float f) { return __half_as_ushort(__float2half_rn(f)); }
 
 static const char *tname(kvq_type t) { return kvq_type_get_traits(t)->name; }
+// "q8", or "q8/q4" for Q8 keys with Q4 values
+static const char *tnames(kvq_type tk, int tv) {
+    static char buf[4][32];
+    static int k = 0;
+    char *b = buf[k++ % 4];
+    if (tv < 0 || tv == (int)tk) snprintf(b, 32, "%s", tname(tk));
+    else snprintf(b, 32, "%s/%s", tname(tk), tname((kvq_type)tv));
+    return b;
+}
 
 struct Pair {
     kvq_cache *cpu;
@@ -228,16 +237,18 @@ static void compare_prefill(Pair &p, int layer, int32_t seq, int n_q, int nqh, i
     cudaFree(dout);
 }
 
-static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int max_seqs, int residual) {
+// tv: the value type (-1: t, the key type)
+static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int max_seqs, int residual, int tv = -1) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = layers;
     cfg.n_kv_heads = H;
     cfg.head_dim = D;
-    cfg.type_k = cfg.type_v = t;
+    cfg.type_k = t;
+    cfg.type_v = tv < 0 ? t : (kvq_type)tv;
     cfg.max_seqs = max_seqs;
     cfg.residual = residual;
     kvq_page_layout L;
-    OK(kvq_page_layout_make(t, t, H, D, 64, 64, &L));
+    OK(kvq_page_layout_make(cfg.type_k, cfg.type_v, H, D, 64, 64, &L));
     cfg.arena_bytes = (size_t)((tokens + 64 * max_seqs) / 64 + 2) * layers * L.page_bytes;
     Pair p;
     p.H = H, p.D = D, p.layers = layers;
@@ -257,10 +268,10 @@ static void free_pair(Pair &p) {
 
 // Ragged batch: prefill chunks of different lengths (page boundaries, partial groups), then decode steps that
 // cross window flushes, then byte and attention comparisons.
-static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H = 4) {
+static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H = 4, int tv = -1) {
     const int nqh = 4 * H, NS = 7;
     const int32_t pre[NS] = {1, 63, 64, 65, 127, 200, 1000};
-    Pair p = make_pair(t, H, D, 2, 16 * 2048, 8, residual);
+    Pair p = make_pair(t, H, D, 2, 16 * 2048, 8, residual, tv);
     int32_t ids[NS], ids_gpu[NS];
     for (int i = 0; i < NS; i++) {
         OK(kvq_seq_new(p.cpu, &ids[i]));
@@ -276,7 +287,7 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H 
         int32_t chunk[NS] = {130, 0, 3, 64, 1, 5, 77};  // a second prefill chunk
         append_both(p, layer, NS, ids, chunk, in_dt, 0.f);
     }
-    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d%s", tname(t), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H,
+    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d%s", tnames(t, tv), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H,
              g_misalign ? " misaligned" : "");
     for (int layer = 0; layer < 2; layer++)
         for (int i = 0; i < NS; i++) compare_bytes(p, ids[i], layer, what);
@@ -400,11 +411,11 @@ static void append_expect(Pair &p, int layer, int n, const int32_t *ids, const i
           (int)expect, kvq_last_error());
 }
 
-static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt) {
+static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt, int tv = -1) {
     const int H = 2, nqh = 8;
-    Pair p = make_pair(t, H, D, 2, 4096, 8, residual);
+    Pair p = make_pair(t, H, D, 2, 4096, 8, residual, tv);
     char what[160], w2[200];
-    snprintf(what, sizeof what, "fork/truncate %s D%d R%d", tname(t), D, residual);
+    snprintf(what, sizeof what, "fork/truncate %s D%d R%d", tnames(t, tv), D, residual);
     const int32_t a = new_both(p);
     int32_t n0 = 300, n1 = 70;
     append_both(p, 0, 1, &a, &n0, dt, 0.f);
@@ -614,6 +625,18 @@ int main(int argc, char **argv) {
         test_fork_truncate(t, 128, -1, KVQ_DTYPE_F32);
         test_fork_truncate(t, 64, grouped ? 0 : 5, KVQ_DTYPE_F16);
         if (!grouped) test_cow_full(t, ti % 2 ? 0 : 3);
+    }
+    // Different key and value types (as llama.cpp's --cache-type-k/-v): per-token keys with grouped values and the
+    // reverse, bf16 on either side (bf16 MMAs for one role only), two grouped types
+    const kvq_type mixed[][2] = {{KVQ_TYPE_Q8, KVQ_TYPE_Q4},  {KVQ_TYPE_Q4, KVQ_TYPE_Q8},  {KVQ_TYPE_F16, KVQ_TYPE_Q2},
+                                 {KVQ_TYPE_Q2, KVQ_TYPE_BF16}, {KVQ_TYPE_BF16, KVQ_TYPE_FP8}, {KVQ_TYPE_FP8, KVQ_TYPE_F16},
+                                 {KVQ_TYPE_Q4, KVQ_TYPE_Q2},  {KVQ_TYPE_Q2, KVQ_TYPE_Q4}};
+    for (const auto &m : mixed) {
+        if (long_only || (only && strcmp(only, tnames(m[0], m[1])))) continue;
+        test_ragged(m[0], 128, -1, KVQ_DTYPE_F32, 4, m[1]);
+        test_ragged(m[0], 64, 3, KVQ_DTYPE_F16, 4, m[1]);
+        test_fork_truncate(m[0], 128, -1, KVQ_DTYPE_F32, m[1]);
+        test_fork_truncate(m[0], 64, 0, KVQ_DTYPE_F16, m[1]);
     }
     if (!quick && !only) {
         test_long(KVQ_TYPE_Q8, 131072 + 77);

@@ -84,130 +84,151 @@ template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, flo
     return r < 0.f ? 0 : r > (float)QMAX ? QMAX : (int)r;
 }
 
-template <int T, int D> __global__ void __launch_bounds__(128) flush_kernel(const __grid_constant__ AppendArgs A) {
+// Per-token types (F16, BF16, Q8, FP8): the role's rows of the flush item's tokens. A warp per token, U tokens'
+// loads in flight before the first is written (no staging: each row is quantized on its own, and shared memory
+// would cut the resident blocks of a prefill).
+template <int T, int D>
+__device__ __forceinline__ void flush_rows(const AppendArgs &A, const AppendEntry &E, const FlushItem &f, int h,
+                                           uint8_t *blk, bool isv) {
     using TR = Traits<T, D>;
+    constexpr int EPL = D / 32, U = 4;  // channels per lane, tokens per warp in flight
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int t0 = warp; t0 < f.cnt; t0 += 4 * U) {
+        float xu[U][EPL];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (t0 + 4 * u < f.cnt) src_row<EPL>(A, E, f.v0 + t0 + 4 * u, h, lane * EPL, D, isv, xu[u]);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int tt = t0 + 4 * u;
+            if (tt >= f.cnt) break;
+            const int slot = f.slot + tt;
+            const float *x = xu[u];
+            uint8_t *row = blk + slot * TR::row;
+            if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    uint16_t b16;
+                    if constexpr (T == KVQ_TYPE_F16) b16 = __half_as_ushort(__float2half_rn(x[e]));
+                    else b16 = __bfloat16_as_ushort(__float2bfloat16_rn(x[e]));
+                    reinterpret_cast<uint16_t *>(row)[lane * EPL + e] = b16;
+                }
+            } else {
+                float amax = 0.f;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) amax = fmaxf(amax, fabsf(x[e]));
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+                const float s = round_f16(__fdiv_rn(amax, T == KVQ_TYPE_Q8 ? 127.f : 448.f));
+                uint32_t packed = 0;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    float y = s > 0.f ? __fdiv_rn(x[e], s) : 0.f;
+                    uint32_t b;
+                    if constexpr (T == KVQ_TYPE_Q8) {
+                        float q = rintf(y);
+                        q = q < -127.f ? -127.f : q > 127.f ? 127.f : q;
+                        b = (uint32_t)(uint8_t)(int8_t)(int)q;
+                    } else {
+                        b = (uint32_t)__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
+                    }
+                    packed |= b << (8 * e);
+                }
+                if constexpr (EPL == 4) reinterpret_cast<uint32_t *>(row)[lane] = packed;
+                else reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)packed;
+                if (lane == 0) reinterpret_cast<__half *>(blk + PT * TR::row)[slot] = __float2half_rn(s);
+            }
+        }
+    }
+}
+
+// Grouped keys (Q4, Q2): one thread per channel over the G = 64 tokens of the page, staged in xs
+template <int T, int D> __device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb) {
+    using TR = Traits<T, D>;
+    constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
+    const int c = threadIdx.x;
+    if (c < D) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int t = 0; t < PT; t++) {
+            const float x = xs[t * D + c];
+            lo = fminf(lo, x), hi = fmaxf(hi, x);
+        }
+        const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        __half *par = reinterpret_cast<__half *>(kb + PT * TR::row);
+        par[c] = __float2half_rn(s), par[D + c] = __float2half_rn(mn);
+        for (int t = 0; t < PT; t++) {
+            int q = q_asym<QMAX>(xs[t * D + c], mn, s);
+            int byte = q;
+#pragma unroll
+            for (int k = 1; k < PER; k++) byte |= __shfl_down_sync(0xffffffffu, q, k) << (k * B);
+            if (c % PER == 0) kb[t * TR::row + c / PER] = (uint8_t)byte;
+        }
+    }
+}
+
+// Grouped values (Q4, Q2): one warp per token, groups of 64 channels = 64 / EPL lanes, staged in xs
+template <int T, int D> __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb) {
+    using TR = Traits<T, D>;
+    constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = D / 32, LPG = 64 / EPL;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int t = warp; t < PT; t += 4) {
+        float x[EPL];
+        float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            x[e] = xs[t * D + lane * EPL + e];
+            lo = fminf(lo, x[e]), hi = fmaxf(hi, x[e]);
+        }
+#pragma unroll
+        for (int o = 1; o < LPG; o <<= 1) {
+            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        uint32_t bits = 0;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) bits |= (uint32_t)q_asym<QMAX>(x[e], mn, s) << (e * B);
+        uint8_t *row = vb + t * TR::row;
+        constexpr int LBITS = EPL * B;  // bits per lane: 16, 8 (Q4: D 128, 64), 8, 4 (Q2)
+        if constexpr (LBITS == 16) reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)bits;
+        else if constexpr (LBITS == 8) row[lane] = (uint8_t)bits;
+        else {
+            uint32_t other = __shfl_down_sync(0xffffffffu, bits, 1);
+            if (lane % 2 == 0) row[lane / 2] = (uint8_t)(bits | (other << 4));
+        }
+        if (lane % LPG == 0) {
+            __half2 *par = reinterpret_cast<__half2 *>(vb + PT * TR::row);
+            par[t * TR::ng + lane / LPG] = __halves2half2(__float2half_rn(s), __float2half_rn(mn));
+        }
+    }
+}
+
+// One flush item (a page's tokens) of one head: keys of type TK, then values of type TV
+template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_kernel(const __grid_constant__ AppendArgs A) {
+    using TRK = Traits<TK, D>;
+    using TRV = Traits<TV, D>;
     const FlushItem f = A.f[blockIdx.x];
     const int h = blockIdx.y;
     const AppendEntry &E = A.a[f.a];
     uint8_t *pg = A.arena + (int64_t)f.page * A.page_bytes;
     if (h == 0 && threadIdx.x == 0 && f.pt_idx >= 0) E.pt[f.pt_idx] = f.page;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int EPL = D / 32;  // channels per lane in row-wise passes
-    if constexpr (!TR::grouped) {
-        // a warp per token, U tokens' loads in flight before the first is written (no staging: the per-token
-        // types quantize each row on its own, and shared memory would cut the resident blocks of a prefill)
-        constexpr int U = 4;
-        for (int r = 0; r < 2; r++) {
-            uint8_t *blk = r ? pg + A.v_off + h * TR::vblk : pg + h * TR::kblk;
-            for (int t0 = warp; t0 < f.cnt; t0 += 4 * U) {
-                float xu[U][EPL];
-#pragma unroll
-                for (int u = 0; u < U; u++)
-                    if (t0 + 4 * u < f.cnt) src_row<EPL>(A, E, f.v0 + t0 + 4 * u, h, lane * EPL, D, r, xu[u]);
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int tt = t0 + 4 * u;
-                    if (tt >= f.cnt) break;
-                    const int slot = f.slot + tt;
-                    const float *x = xu[u];
-                    uint8_t *row = blk + slot * TR::row;
-                    if constexpr (T == KVQ_TYPE_F16 || T == KVQ_TYPE_BF16) {
-#pragma unroll
-                        for (int e = 0; e < EPL; e++) {
-                            uint16_t b16;
-                            if constexpr (T == KVQ_TYPE_F16) b16 = __half_as_ushort(__float2half_rn(x[e]));
-                            else b16 = __bfloat16_as_ushort(__float2bfloat16_rn(x[e]));
-                            reinterpret_cast<uint16_t *>(row)[lane * EPL + e] = b16;
-                        }
-                    } else {
-                        float amax = 0.f;
-#pragma unroll
-                        for (int e = 0; e < EPL; e++) amax = fmaxf(amax, fabsf(x[e]));
-#pragma unroll
-                        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-                        const float s = round_f16(__fdiv_rn(amax, T == KVQ_TYPE_Q8 ? 127.f : 448.f));
-                        uint32_t packed = 0;
-#pragma unroll
-                        for (int e = 0; e < EPL; e++) {
-                            float y = s > 0.f ? __fdiv_rn(x[e], s) : 0.f;
-                            uint32_t b;
-                            if constexpr (T == KVQ_TYPE_Q8) {
-                                float q = rintf(y);
-                                q = q < -127.f ? -127.f : q > 127.f ? 127.f : q;
-                                b = (uint32_t)(uint8_t)(int8_t)(int)q;
-                            } else {
-                                b = (uint32_t)__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
-                            }
-                            packed |= b << (8 * e);
-                        }
-                        if constexpr (EPL == 4) reinterpret_cast<uint32_t *>(row)[lane] = packed;
-                        else reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)packed;
-                        if (lane == 0) reinterpret_cast<__half *>(blk + PT * TR::row)[slot] = __float2half_rn(s);
-                    }
-                }
-            }
-        }
-    } else {
-        constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
-        __shared__ __align__(16) float xs[PT * D];  // the page's 64 tokens of this head, keys then values
-        // keys: one thread per channel over the G = 64 tokens of the page
+    uint8_t *kb = pg + h * TRK::kblk, *vb = pg + A.v_off + h * TRV::vblk;
+    constexpr bool STAGED = TRK::grouped || TRV::grouped;  // grouped roles flush whole pages (cnt = G = 64)
+    __shared__ __align__(16) float xs[STAGED ? PT * D : 4];  // the page's 64 tokens of this head, one role at a time
+    if constexpr (TRK::grouped) {
         stage<D>(A, E, f.v0, PT, h, false, xs);
         __syncthreads();
-        uint8_t *kb = pg + h * TR::kblk;
-        const int c = threadIdx.x;
-        if (c < D) {
-            float lo = INFINITY, hi = -INFINITY;
-            for (int t = 0; t < PT; t++) {
-                const float x = xs[t * D + c];
-                lo = fminf(lo, x), hi = fmaxf(hi, x);
-            }
-            const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
-            __half *par = reinterpret_cast<__half *>(kb + PT * TR::row);
-            par[c] = __float2half_rn(s), par[D + c] = __float2half_rn(mn);
-            for (int t = 0; t < PT; t++) {
-                int q = q_asym<QMAX>(xs[t * D + c], mn, s);
-                int byte = q;
-#pragma unroll
-                for (int k = 1; k < PER; k++) byte |= __shfl_down_sync(0xffffffffu, q, k) << (k * B);
-                if (c % PER == 0) kb[t * TR::row + c / PER] = (uint8_t)byte;
-            }
-        }
-        __syncthreads();
+        flush_group_keys<TK, D>(xs, kb);
+    } else {
+        flush_rows<TK, D>(A, E, f, h, kb, false);
+    }
+    if constexpr (TRV::grouped) {
+        if constexpr (TRK::grouped) __syncthreads();  // xs is free again
         stage<D>(A, E, f.v0, PT, h, true, xs);
         __syncthreads();
-        // values: one warp per token, groups of 64 channels = 64 / EPL lanes
-        uint8_t *vb = pg + A.v_off + h * TR::vblk;
-        constexpr int LPG = 64 / EPL;
-        for (int t = warp; t < PT; t += 4) {
-            float x[EPL];
-            float lo = INFINITY, hi = -INFINITY;
-#pragma unroll
-            for (int e = 0; e < EPL; e++) {
-                x[e] = xs[t * D + lane * EPL + e];
-                lo = fminf(lo, x[e]), hi = fmaxf(hi, x[e]);
-            }
-#pragma unroll
-            for (int o = 1; o < LPG; o <<= 1) {
-                lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-                hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-            }
-            const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
-            uint32_t bits = 0;
-#pragma unroll
-            for (int e = 0; e < EPL; e++) bits |= (uint32_t)q_asym<QMAX>(x[e], mn, s) << (e * B);
-            uint8_t *row = vb + t * TR::row;
-            constexpr int LBITS = EPL * B;  // bits per lane: 16, 8 (Q4: D 128, 64), 8, 4 (Q2)
-            if constexpr (LBITS == 16) reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)bits;
-            else if constexpr (LBITS == 8) row[lane] = (uint8_t)bits;
-            else {
-                uint32_t other = __shfl_down_sync(0xffffffffu, bits, 1);
-                if (lane % 2 == 0) row[lane / 2] = (uint8_t)(bits | (other << 4));
-            }
-            if (lane % LPG == 0) {
-                __half2 *par = reinterpret_cast<__half2 *>(vb + PT * TR::row);
-                par[t * TR::ng + lane / LPG] = __halves2half2(__float2half_rn(s), __float2half_rn(mn));
-            }
-        }
+        flush_group_values<TV, D>(xs, vb);
+    } else {
+        flush_rows<TV, D>(A, E, f, h, vb, true);
     }
 }
 
@@ -244,24 +265,34 @@ __global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ App
     }
 }
 
-template <int T, int D> static cudaError_t run_flush(const AppendArgs &a, cudaStream_t st) {
-    flush_kernel<T, D><<<dim3(a.n_items, a.H), 128, 0, st>>>(a);
+template <int TK, int TV, int D> static cudaError_t run_flush(const AppendArgs &a, cudaStream_t st) {
+    flush_kernel<TK, TV, D><<<dim3(a.n_items, a.H), 128, 0, st>>>(a);
     return cudaGetLastError();
 }
-template <int D> static cudaError_t run_flush_t(int type, const AppendArgs &a, cudaStream_t st) {
-    switch (type) {
-    case KVQ_TYPE_F16: return run_flush<KVQ_TYPE_F16, D>(a, st);
-    case KVQ_TYPE_BF16: return run_flush<KVQ_TYPE_BF16, D>(a, st);
-    case KVQ_TYPE_Q8: return run_flush<KVQ_TYPE_Q8, D>(a, st);
-    case KVQ_TYPE_FP8: return run_flush<KVQ_TYPE_FP8, D>(a, st);
-    case KVQ_TYPE_Q4: return run_flush<KVQ_TYPE_Q4, D>(a, st);
-    default: return run_flush<KVQ_TYPE_Q2, D>(a, st);
+template <int TK, int D> static cudaError_t run_flush_v(int tv, const AppendArgs &a, cudaStream_t st) {
+    switch (tv) {
+    case KVQ_TYPE_F16: return run_flush<TK, KVQ_TYPE_F16, D>(a, st);
+    case KVQ_TYPE_BF16: return run_flush<TK, KVQ_TYPE_BF16, D>(a, st);
+    case KVQ_TYPE_Q8: return run_flush<TK, KVQ_TYPE_Q8, D>(a, st);
+    case KVQ_TYPE_FP8: return run_flush<TK, KVQ_TYPE_FP8, D>(a, st);
+    case KVQ_TYPE_Q4: return run_flush<TK, KVQ_TYPE_Q4, D>(a, st);
+    default: return run_flush<TK, KVQ_TYPE_Q2, D>(a, st);
+    }
+}
+template <int D> static cudaError_t run_flush_t(int tk, int tv, const AppendArgs &a, cudaStream_t st) {
+    switch (tk) {
+    case KVQ_TYPE_F16: return run_flush_v<KVQ_TYPE_F16, D>(tv, a, st);
+    case KVQ_TYPE_BF16: return run_flush_v<KVQ_TYPE_BF16, D>(tv, a, st);
+    case KVQ_TYPE_Q8: return run_flush_v<KVQ_TYPE_Q8, D>(tv, a, st);
+    case KVQ_TYPE_FP8: return run_flush_v<KVQ_TYPE_FP8, D>(tv, a, st);
+    case KVQ_TYPE_Q4: return run_flush_v<KVQ_TYPE_Q4, D>(tv, a, st);
+    default: return run_flush_v<KVQ_TYPE_Q2, D>(tv, a, st);
     }
 }
 
 // n_items > 0: flush launch; n_wtok > 0: window launch (a.n_items == 0). n_entries for the window search.
-cudaError_t launch_append(int type, int D, const AppendArgs &a, cudaStream_t st) {
-    if (a.n_items > 0) return D == 64 ? run_flush_t<64>(type, a, st) : run_flush_t<128>(type, a, st);
+cudaError_t launch_append(int tk, int tv, int D, const AppendArgs &a, cudaStream_t st) {
+    if (a.n_items > 0) return D == 64 ? run_flush_t<64>(tk, tv, a, st) : run_flush_t<128>(tk, tv, a, st);
     if (a.n_wtok > 0) {
         window_kernel<<<(unsigned)a.n_wtok, 128, 0, st>>>(a, D, a.n_entries);
         return cudaGetLastError();

@@ -113,6 +113,7 @@ __device__ __forceinline__ float round_f16(float x) { return __half2float(__floa
 
 // host-side launchers (defined in the .cu files)
 namespace kvqc {
-cudaError_t launch_decode(int type, int D, const DecodeArgs &a, cudaStream_t st, int n_sm);
-cudaError_t launch_append(int type, int D, const AppendArgs &a, cudaStream_t st);
+cudaError_t launch_decode(int type_k, int type_v, int D, const DecodeArgs &a, cudaStream_t st);
+template <int TK> cudaError_t launch_decode_k(int type_v, int D, const DecodeArgs &a, cudaStream_t st);
+cudaError_t launch_append(int type_k, int type_v, int D, const AppendArgs &a, cudaStream_t st);
 }  // namespace kvqc

@@ -110,8 +110,6 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     kvq_page_layout L;
     kvq_status s = kvq_page_layout_make(cfg.type_k, cfg.type_v, cfg.n_kv_heads, cfg.head_dim, cfg.page_tokens, cfg.group, &L);
     if (s) return fail(s, "kvq_cuda_cache_create: %s", kvq_last_error());
-    if (cfg.type_k != cfg.type_v)
-        return fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq_cuda_cache_create: type_k != type_v is not supported by the CUDA backend yet");
     if (L.head_dim != 64 && L.head_dim != 128)
         return fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "kvq_cuda_cache_create: head_dim %d (the CUDA backend has 64 and 128)", L.head_dim);
     if (L.page_tokens != PT) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: page_tokens %d (the CUDA backend needs 64)", L.page_tokens);
@@ -306,7 +304,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
                     (long long)c->free_list.size());
     DevGuard dg(c->device);
     cudaStream_t st = (cudaStream_t)stream;
-    const int type = c->L.type_k, D = c->L.head_dim;
+    const int tk = c->L.type_k, tv = c->L.type_v, D = c->L.head_dim;
     // per-sequence plan (host state is updated only after every launch is enqueued); the host page lists get their
     // room now, so that committing after the launches cannot fail
     struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; };
@@ -381,7 +379,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     reset();
     int cur_seq = -1;
     auto flush_launch = [&]() {
-        if (A->n_items > 0 && err == cudaSuccess) err = launch_append(type, D, *A, st);
+        if (A->n_items > 0 && err == cudaSuccess) err = launch_append(tk, tv, D, *A, st);
         reset();
         cur_seq = -1;
     };
@@ -419,7 +417,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         int nw = p.T - std::max(p.FG, p.W0);
         if (nw <= 0) continue;
         if (A->n_entries == MAXA) {
-            err = launch_append(type, D, *A, st);
+            err = launch_append(tk, tv, D, *A, st);
             reset();
         }
         AppendEntry e = entry_of(i);
@@ -427,7 +425,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         A->a[A->n_entries++] = e;
         A->n_wtok += nw;
     }
-    if (err == cudaSuccess && A->n_wtok > 0) err = launch_append(type, D, *A, st);
+    if (err == cudaSuccess && A->n_wtok > 0) err = launch_append(tk, tv, D, *A, st);
     delete A;
     if (err != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(err));
     // commit host state (the page lists have their capacity: nothing throws)
@@ -519,39 +517,68 @@ struct UnflushArgs {
 };
 static_assert(sizeof(UnflushArgs) <= 4096, "unflush parameters");
 
-// Dequantizes as kvq__dequant_row (fp32 scale * q, then + min, no fused multiply-add), rounded to fp16 like
-// kvq_seq_truncate's paged_to_window: byte-identical windows.
-template <int T, int D> __global__ void __launch_bounds__(128) unflush_kernel(const __grid_constant__ UnflushArgs A) {
+// Channel ch of token t of a K (ISV = false) or V block of type T, as kvq__dequant_row computes it: fp32 scale * q,
+// then + min, no fused multiply-add.
+template <int T, int D, bool ISV> __device__ __forceinline__ float dequant(const uint8_t *blk, int t, int ch) {
     using TR = Traits<T, D>;
-    constexpr int B = TR::bits, PER = 8 / B, QM = (1 << B) - 1;
+    const uint8_t *row = blk + t * TR::row;
+    const __half *par = reinterpret_cast<const __half *>(blk + PT * TR::row);
+    if constexpr (T == KVQ_TYPE_F16) return __half2float(reinterpret_cast<const __half *>(row)[ch]);
+    else if constexpr (T == KVQ_TYPE_BF16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(row)[ch]);
+    else if constexpr (T == KVQ_TYPE_Q8) return __fmul_rn(__half2float(par[t]), (float)(int8_t)row[ch]);
+    else if constexpr (T == KVQ_TYPE_FP8) {
+        const __half v = __half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)row[ch], __NV_E4M3));
+        return __fmul_rn(__half2float(par[t]), __half2float(v));
+    } else {
+        constexpr int B = TR::bits, PER = 8 / B, QM = (1 << B) - 1;
+        const int q = (row[ch / PER] >> ((ch % PER) * B)) & QM;
+        if constexpr (!ISV)  // group 0: scale[D], min[D]
+            return __fadd_rn(__fmul_rn(__half2float(par[ch]), (float)q), __half2float(par[D + ch]));
+        const int vp = (t * TR::ng + ch / GRP) * 2;  // per token, per group: (scale, min)
+        return __fadd_rn(__fmul_rn(__half2float(par[vp]), (float)q), __half2float(par[vp + 1]));
+    }
+}
+
+// Rounded to fp16 like kvq_seq_truncate's paged_to_window: byte-identical windows.
+template <int TK, int TV, int D> __global__ void __launch_bounds__(128) unflush_kernel(const __grid_constant__ UnflushArgs A) {
     const int l = blockIdx.x, h = blockIdx.y;
     if (!((A.mask[l >> 5] >> (l & 31)) & 1u)) return;
     const int32_t page = A.table[(int64_t)l * A.table_stride + A.page_idx];
     const uint8_t *pg = A.arena + (int64_t)page * A.page_bytes;
-    const uint8_t *kb = pg + h * TR::kblk, *vb = pg + A.v_off + h * TR::vblk;
-    const __half *kpar = reinterpret_cast<const __half *>(kb + PT * TR::row);  // group 0: scale[D], min[D]
-    const __half *vpar = reinterpret_cast<const __half *>(vb + PT * TR::row);  // per token, per group: (scale, min)
+    const uint8_t *kb = pg + h * Traits<TK, D>::kblk, *vb = pg + A.v_off + h * Traits<TV, D>::vblk;
     __half *wk = A.win + (int64_t)l * 2 * A.win_elems, *wv = wk + A.win_elems;
     for (int e = threadIdx.x; e < A.cnt * D; e += blockDim.x) {
-        const int t = e / D, ch = e % D, g = ch / GRP, sh = (ch % PER) * B;
-        const int kq = (kb[t * TR::row + ch / PER] >> sh) & QM, vq = (vb[t * TR::row + ch / PER] >> sh) & QM;
-        const float kx = __fadd_rn(__fmul_rn(__half2float(kpar[ch]), (float)kq), __half2float(kpar[D + ch]));
-        const int vp = (t * TR::ng + g) * 2;
-        const float vx = __fadd_rn(__fmul_rn(__half2float(vpar[vp]), (float)vq), __half2float(vpar[vp + 1]));
+        const int t = e / D, ch = e % D;
         const int64_t o = ((int64_t)t * A.H + h) * D + ch;
-        wk[o] = __float2half_rn(kx);
-        wv[o] = __float2half_rn(vx);
+        wk[o] = __float2half_rn(dequant<TK, D, false>(kb, t, ch));
+        wv[o] = __float2half_rn(dequant<TV, D, true>(vb, t, ch));
     }
 }
 
-cudaError_t launch_unflush(int type, int D, int n_layers, const UnflushArgs &a, cudaStream_t st) {
+template <int TK, int D> cudaError_t launch_unflush_v(int tv, int n_layers, const UnflushArgs &a, cudaStream_t st) {
     const dim3 grid(n_layers, a.H);
-    if (type == KVQ_TYPE_Q4 && D == 64) unflush_kernel<KVQ_TYPE_Q4, 64><<<grid, 128, 0, st>>>(a);
-    else if (type == KVQ_TYPE_Q4 && D == 128) unflush_kernel<KVQ_TYPE_Q4, 128><<<grid, 128, 0, st>>>(a);
-    else if (type == KVQ_TYPE_Q2 && D == 64) unflush_kernel<KVQ_TYPE_Q2, 64><<<grid, 128, 0, st>>>(a);
-    else if (type == KVQ_TYPE_Q2 && D == 128) unflush_kernel<KVQ_TYPE_Q2, 128><<<grid, 128, 0, st>>>(a);
-    else return cudaErrorInvalidValue;
+    switch (tv) {
+    case KVQ_TYPE_F16: unflush_kernel<TK, KVQ_TYPE_F16, D><<<grid, 128, 0, st>>>(a); break;
+    case KVQ_TYPE_BF16: unflush_kernel<TK, KVQ_TYPE_BF16, D><<<grid, 128, 0, st>>>(a); break;
+    case KVQ_TYPE_Q8: unflush_kernel<TK, KVQ_TYPE_Q8, D><<<grid, 128, 0, st>>>(a); break;
+    case KVQ_TYPE_FP8: unflush_kernel<TK, KVQ_TYPE_FP8, D><<<grid, 128, 0, st>>>(a); break;
+    case KVQ_TYPE_Q4: unflush_kernel<TK, KVQ_TYPE_Q4, D><<<grid, 128, 0, st>>>(a); break;
+    default: unflush_kernel<TK, KVQ_TYPE_Q2, D><<<grid, 128, 0, st>>>(a); break;
+    }
     return cudaGetLastError();
+}
+template <int D> cudaError_t launch_unflush_d(int tk, int tv, int n_layers, const UnflushArgs &a, cudaStream_t st) {
+    switch (tk) {
+    case KVQ_TYPE_F16: return launch_unflush_v<KVQ_TYPE_F16, D>(tv, n_layers, a, st);
+    case KVQ_TYPE_BF16: return launch_unflush_v<KVQ_TYPE_BF16, D>(tv, n_layers, a, st);
+    case KVQ_TYPE_Q8: return launch_unflush_v<KVQ_TYPE_Q8, D>(tv, n_layers, a, st);
+    case KVQ_TYPE_FP8: return launch_unflush_v<KVQ_TYPE_FP8, D>(tv, n_layers, a, st);
+    case KVQ_TYPE_Q4: return launch_unflush_v<KVQ_TYPE_Q4, D>(tv, n_layers, a, st);
+    default: return launch_unflush_v<KVQ_TYPE_Q2, D>(tv, n_layers, a, st);
+    }
+}
+cudaError_t launch_unflush(int tk, int tv, int D, int n_layers, const UnflushArgs &a, cudaStream_t st) {
+    return D == 64 ? launch_unflush_d<64>(tk, tv, n_layers, a, st) : launch_unflush_d<128>(tk, tv, n_layers, a, st);
 }
 }  // namespace
 
@@ -584,7 +611,7 @@ extern "C" kvq_status kvq_cuda_seq_truncate(kvq_cuda_cache *c, int32_t seq, int6
         A.H = c->L.n_kv_heads;
         A.page_idx = (int32_t)(keep / PT);
         A.cnt = cnt;
-        cudaError_t e = launch_unflush(c->L.type_k, c->L.head_dim, nl, A, (cudaStream_t)stream);
+        cudaError_t e = launch_unflush(c->L.type_k, c->L.type_v, c->L.head_dim, nl, A, (cudaStream_t)stream);
         if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
     }
     for (int l = 0; l < nl; l++) {
@@ -640,7 +667,7 @@ static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t
 static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dtype qo, const void *q, void *out,
                               const kvq_attn_params *p, cudaStream_t st, const char *fn) {
     DevGuard dg(c->device);
-    const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, type = c->L.type_k;
+    const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, tk = c->L.type_k, tv = c->L.type_v;
     DecodeArgs *A = new (std::nothrow) DecodeArgs;
     if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
     for (size_t b = 0; b < es.size(); b += MAXE) {
@@ -690,7 +717,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         A->n_cta = n_cta;
         A->total = total;
         A->L = L;
-        cudaError_t e = launch_decode(type, D, *A, st, c->n_sm);
+        cudaError_t e = launch_decode(tk, tv, D, *A, st);
         if (e != cudaSuccess) {
             delete A;
             return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
