@@ -234,9 +234,6 @@ class KVQCache(Cache):
                 raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
             if self.kvq_group not in (0, 64):
                 raise ValueError("kvq: the CUDA backend supports group 64 only")
-            for g in self._groups:
-                if g.types[0] != g.types[1]:
-                    raise ValueError("kvq: the CUDA backend needs the same type for keys and values")
         elif dev.type != "cpu":
             raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
         handles = []

@@ -49,6 +49,24 @@ def test_cuda_matches_cpu(fam, kv_type):
     assert err <= 1e-2, f"{fam} {kv_type}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
+@pytest.mark.parametrize("kv_type,value_type", [("q8", "q4"), ("q4", "q8"), ("f16", "q2")])
+def test_cuda_mixed_types_match_cpu(kv_type, value_type):
+    """Different key and value types (kvq_cuda_cache_create took only equal ones until 2026-11)."""
+    model = make("llama")
+    model.set_attn_implementation("kvq")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 128, (2, 100), generator=g)
+    cont = torch.randint(3, 128, (2, 40), generator=g)
+    kw = dict(kv_type=kv_type, value_type=value_type, max_cache_len=256)
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, **kw))
+    model.cuda()
+    cache = kvq.KVQCache(model.config, **kw)
+    gpu = _logits(model, ids.cuda(), cont.cuda(), cache)
+    assert cache.is_cuda
+    err = (gpu - cpu).abs().max().item() / cpu.std().item()
+    assert err <= 1e-2, f"{kv_type}/{value_type}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
+
+
 def test_cuda_fp16_generate_and_padding():
     model = make("llama").half().cuda()
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3)).cuda()
