@@ -211,7 +211,7 @@ static void compare_prefill(Pair &p, int layer, int32_t seq, int n_q, int nqh, i
     CU(cudaMemcpy(got.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
     double e = nmse(got.data(), ref.data(), ne);
     // The same call again must give the same bits: a race between the ring's bulk copies and the consumers' reads
-    // (fixed by a proxy fence in decode.cu) changed one (row, KV head) pair's output in 4-10 of 30 calls of the
+    // (fixed by a proxy fence in decode.cuh) changed one (row, KV head) pair's output in 4-10 of 30 calls of the
     // F16 D64 case, by up to 1e-2 NMSE in that pair; the NMSE over the call stayed under the bound above in most runs.
     {
         std::vector<float> g2(ne);
