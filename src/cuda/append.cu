@@ -62,20 +62,17 @@ __device__ __forceinline__ void src_row(const AppendArgs &A, const AppendEntry &
     }
 }
 
-// Tokens v0 .. v0 + cnt - 1 of head h (keys or values) into xs[t][D], all of a thread's loads in flight at once
-// (they were one dependent load per token and channel: a decode step that flushed a Q4/Q2 group took ~100 us).
+// The G = 64 tokens v0 .. v0 + 63 of head h (keys or values) into xs[t][D], all of a thread's loads in flight at
+// once (they were one dependent load per token and channel: a decode step that flushed a Q4/Q2 group took ~100 us).
 template <int D>
-__device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int cnt, int h, bool isv,
-                                      float *xs) {
+__device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int h, bool isv, float *xs) {
     constexpr int TPR = D / 4, RPI = 128 / TPR, IT = PT / RPI;  // threads per row, rows per pass, passes
     const int c = (threadIdx.x % TPR) * 4, r0 = threadIdx.x / TPR;
     float4 x[IT];
 #pragma unroll
-    for (int it = 0; it < IT; it++)
-        if (r0 + it * RPI < cnt) x[it] = src4(A, E, v0 + r0 + it * RPI, h, c, D, isv);
+    for (int it = 0; it < IT; it++) x[it] = src4(A, E, v0 + r0 + it * RPI, h, c, D, isv);
 #pragma unroll
-    for (int it = 0; it < IT; it++)
-        if (r0 + it * RPI < cnt) *reinterpret_cast<float4 *>(xs + (r0 + it * RPI) * D + c) = x[it];
+    for (int it = 0; it < IT; it++) *reinterpret_cast<float4 *>(xs + (r0 + it * RPI) * D + c) = x[it];
 }
 
 template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, float s) {
@@ -216,7 +213,7 @@ template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_ke
     constexpr bool STAGED = TRK::grouped || TRV::grouped;  // grouped roles flush whole pages (cnt = G = 64)
     __shared__ __align__(16) float xs[STAGED ? PT * D : 4];  // the page's 64 tokens of this head, one role at a time
     if constexpr (TRK::grouped) {
-        stage<D>(A, E, f.v0, PT, h, false, xs);
+        stage<D>(A, E, f.v0, h, false, xs);
         __syncthreads();
         flush_group_keys<TK, D>(xs, kb);
     } else {
@@ -224,7 +221,7 @@ template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_ke
     }
     if constexpr (TRV::grouped) {
         if constexpr (TRK::grouped) __syncthreads();  // xs is free again
-        stage<D>(A, E, f.v0, PT, h, true, xs);
+        stage<D>(A, E, f.v0, h, true, xs);
         __syncthreads();
         flush_group_values<TV, D>(xs, vb);
     } else {
