@@ -266,25 +266,10 @@ template <int TK, int TV, int D> static cudaError_t run_flush(const AppendArgs &
     flush_kernel<TK, TV, D><<<dim3(a.n_items, a.H), 128, 0, st>>>(a);
     return cudaGetLastError();
 }
-template <int TK, int D> static cudaError_t run_flush_v(int tv, const AppendArgs &a, cudaStream_t st) {
-    switch (tv) {
-    case KVQ_TYPE_F16: return run_flush<TK, KVQ_TYPE_F16, D>(a, st);
-    case KVQ_TYPE_BF16: return run_flush<TK, KVQ_TYPE_BF16, D>(a, st);
-    case KVQ_TYPE_Q8: return run_flush<TK, KVQ_TYPE_Q8, D>(a, st);
-    case KVQ_TYPE_FP8: return run_flush<TK, KVQ_TYPE_FP8, D>(a, st);
-    case KVQ_TYPE_Q4: return run_flush<TK, KVQ_TYPE_Q4, D>(a, st);
-    default: return run_flush<TK, KVQ_TYPE_Q2, D>(a, st);
-    }
-}
 template <int D> static cudaError_t run_flush_t(int tk, int tv, const AppendArgs &a, cudaStream_t st) {
-    switch (tk) {
-    case KVQ_TYPE_F16: return run_flush_v<KVQ_TYPE_F16, D>(tv, a, st);
-    case KVQ_TYPE_BF16: return run_flush_v<KVQ_TYPE_BF16, D>(tv, a, st);
-    case KVQ_TYPE_Q8: return run_flush_v<KVQ_TYPE_Q8, D>(tv, a, st);
-    case KVQ_TYPE_FP8: return run_flush_v<KVQ_TYPE_FP8, D>(tv, a, st);
-    case KVQ_TYPE_Q4: return run_flush_v<KVQ_TYPE_Q4, D>(tv, a, st);
-    default: return run_flush_v<KVQ_TYPE_Q2, D>(tv, a, st);
-    }
+    return with_type(tk, [&](auto K) {
+        return with_type(tv, [&](auto V) { return run_flush<decltype(K)::value, decltype(V)::value, D>(a, st); });
+    });
 }
 
 // n_items > 0: flush launch; n_wtok > 0: window launch (a.n_items == 0). n_entries for the window search.

@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kvq.h"
 
 namespace kvqc {
@@ -110,6 +112,19 @@ __device__ __forceinline__ float load_in(const void *p, int64_t i, int dt) {
 __device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
 
 }  // namespace kvqc
+
+// Host side: f(std::integral_constant<int, T>{}) for the kvq_type t, so that a launcher reaches the kernel
+// template of T with one switch for every caller (types outside the six are rejected at cache creation).
+template <class F> cudaError_t with_type(int t, F &&f) {
+    switch (t) {
+    case KVQ_TYPE_F16: return f(std::integral_constant<int, KVQ_TYPE_F16>{});
+    case KVQ_TYPE_BF16: return f(std::integral_constant<int, KVQ_TYPE_BF16>{});
+    case KVQ_TYPE_Q8: return f(std::integral_constant<int, KVQ_TYPE_Q8>{});
+    case KVQ_TYPE_FP8: return f(std::integral_constant<int, KVQ_TYPE_FP8>{});
+    case KVQ_TYPE_Q4: return f(std::integral_constant<int, KVQ_TYPE_Q4>{});
+    default: return f(std::integral_constant<int, KVQ_TYPE_Q2>{});
+    }
+}
 
 // host-side launchers (defined in the .cu files)
 namespace kvqc {

@@ -351,24 +351,18 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     // Window rows past the visible ones are masked, but they are read: clamp them to a visible row, since the ring
     // may hold fewer than 64 rows (F16/Q8 with a small residual) and its other rows may be stale.
     const int tmax = vis.hi - 1;
-    auto krow = [&](int t) -> const uint8_t * {
+    // Row t of the unit: a window ring row (w), or row t of a page block (blk, rowb bytes a row)
+    auto row = [&](int t, const __half *w, const uint8_t *blk, int rowb) -> const uint8_t * {
         if constexpr (WINDOW) {
             int r = wrow0 + min(t, tmax);
             r = r >= wcap ? r - wcap : r;
-            return reinterpret_cast<const uint8_t *>(wk + (int64_t)r * H * D);
+            return reinterpret_cast<const uint8_t *>(w + (int64_t)r * H * D);
         } else {
-            return kblk + t * KROWB;
+            return blk + t * rowb;
         }
     };
-    auto vrow = [&](int t) -> const uint8_t * {
-        if constexpr (WINDOW) {
-            int r = wrow0 + min(t, tmax);
-            r = r >= wcap ? r - wcap : r;
-            return reinterpret_cast<const uint8_t *>(wv + (int64_t)r * H * D);
-        } else {
-            return vblk + t * VROWB;
-        }
-    };
+    auto krow = [&](int t) { return row(t, wk, kblk, KROWB); };
+    auto vrow = [&](int t) { return row(t, wv, vblk, VROWB); };
 
     // ---- keys: S^T = K Q^T
     float s[4][4];
@@ -915,14 +909,7 @@ template <int TK, int TV, int D> static cudaError_t run(const DecodeArgs &a, cud
 }
 
 template <int TK, int D> static cudaError_t run_v(int tv, const DecodeArgs &a, cudaStream_t st) {
-    switch (tv) {
-    case KVQ_TYPE_F16: return run<TK, KVQ_TYPE_F16, D>(a, st);
-    case KVQ_TYPE_BF16: return run<TK, KVQ_TYPE_BF16, D>(a, st);
-    case KVQ_TYPE_Q8: return run<TK, KVQ_TYPE_Q8, D>(a, st);
-    case KVQ_TYPE_FP8: return run<TK, KVQ_TYPE_FP8, D>(a, st);
-    case KVQ_TYPE_Q4: return run<TK, KVQ_TYPE_Q4, D>(a, st);
-    default: return run<TK, KVQ_TYPE_Q2, D>(a, st);
-    }
+    return with_type(tv, [&](auto V) { return run<TK, decltype(V)::value, D>(a, st); });
 }
 
 // The kernels of key type TK, for every value type and head dim (instantiated in decode_k*.cu)

@@ -555,27 +555,13 @@ template <int TK, int TV, int D> __global__ void __launch_bounds__(128) unflush_
     }
 }
 
-template <int TK, int D> cudaError_t launch_unflush_v(int tv, int n_layers, const UnflushArgs &a, cudaStream_t st) {
-    const dim3 grid(n_layers, a.H);
-    switch (tv) {
-    case KVQ_TYPE_F16: unflush_kernel<TK, KVQ_TYPE_F16, D><<<grid, 128, 0, st>>>(a); break;
-    case KVQ_TYPE_BF16: unflush_kernel<TK, KVQ_TYPE_BF16, D><<<grid, 128, 0, st>>>(a); break;
-    case KVQ_TYPE_Q8: unflush_kernel<TK, KVQ_TYPE_Q8, D><<<grid, 128, 0, st>>>(a); break;
-    case KVQ_TYPE_FP8: unflush_kernel<TK, KVQ_TYPE_FP8, D><<<grid, 128, 0, st>>>(a); break;
-    case KVQ_TYPE_Q4: unflush_kernel<TK, KVQ_TYPE_Q4, D><<<grid, 128, 0, st>>>(a); break;
-    default: unflush_kernel<TK, KVQ_TYPE_Q2, D><<<grid, 128, 0, st>>>(a); break;
-    }
-    return cudaGetLastError();
-}
 template <int D> cudaError_t launch_unflush_d(int tk, int tv, int n_layers, const UnflushArgs &a, cudaStream_t st) {
-    switch (tk) {
-    case KVQ_TYPE_F16: return launch_unflush_v<KVQ_TYPE_F16, D>(tv, n_layers, a, st);
-    case KVQ_TYPE_BF16: return launch_unflush_v<KVQ_TYPE_BF16, D>(tv, n_layers, a, st);
-    case KVQ_TYPE_Q8: return launch_unflush_v<KVQ_TYPE_Q8, D>(tv, n_layers, a, st);
-    case KVQ_TYPE_FP8: return launch_unflush_v<KVQ_TYPE_FP8, D>(tv, n_layers, a, st);
-    case KVQ_TYPE_Q4: return launch_unflush_v<KVQ_TYPE_Q4, D>(tv, n_layers, a, st);
-    default: return launch_unflush_v<KVQ_TYPE_Q2, D>(tv, n_layers, a, st);
-    }
+    return with_type(tk, [&](auto K) {
+        return with_type(tv, [&](auto V) {
+            unflush_kernel<decltype(K)::value, decltype(V)::value, D><<<dim3(n_layers, a.H), 128, 0, st>>>(a);
+            return cudaGetLastError();
+        });
+    });
 }
 cudaError_t launch_unflush(int tk, int tv, int D, int n_layers, const UnflushArgs &a, cudaStream_t st) {
     return D == 64 ? launch_unflush_d<64>(tk, tv, n_layers, a, st) : launch_unflush_d<128>(tk, tv, n_layers, a, st);
