@@ -3,8 +3,10 @@
 
   libkvq.so.0         the CMake target kvq_shared (CPU library, always)
   libkvq_cuda_py.so   the CUDA backend (CMake target kvq_cuda, a static library) linked into a shared library
-                      against libkvq.so.0 and the static CUDA runtime; only when CMake finds nvcc (KVQ_CUDA=AUTO),
-                      or never with --no-cuda / KVQ_CUDA=OFF in the environment.
+                      against libkvq.so.0 and the static CUDA runtime, built as cuda_mode() says:
+                      KVQ_CUDA=ON always (fails without nvcc), KVQ_CUDA=OFF (or --no-cuda) never, KVQ_CUDA=AUTO when
+                      CMake finds nvcc; without KVQ_CUDA: AUTO on a machine with an NVIDIA GPU (`nvidia-smi -L`
+                      succeeds or /dev/nvidia0 exists), else OFF. KVQ_CUDA_GENCODE overrides the nvcc -gencode flags.
 
 Used by setup.py (pip install .) and runnable by hand: python3 python/build_native.py [--build-dir D] [-j N].
 """
@@ -36,13 +38,37 @@ def cache_value(build_dir, key):
     return ""
 
 
+def has_nvidia_gpu():
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def cuda_mode():
+    """KVQ_CUDA from the environment (ON/OFF/AUTO), else AUTO where there is a GPU and OFF where there is none: the
+    sm_90a kernels take minutes to compile, which a machine that merely has nvcc installed should not pay for."""
+    env = os.environ.get("KVQ_CUDA", "").strip().upper()
+    if env:
+        if env not in ("ON", "OFF", "AUTO"):
+            raise SystemExit(f"KVQ_CUDA={env!r}: expected ON, OFF or AUTO")
+        return env
+    return "AUTO" if has_nvidia_gpu() else "OFF"
+
+
 def build(out_dir, build_dir=None, jobs=None, cuda=None):
     build_dir = os.path.abspath(build_dir or os.path.join(ROOT, "build-py"))
     jobs = str(jobs or os.environ.get("KVQ_BUILD_JOBS") or 2)
     if cuda is None:
-        cuda = os.environ.get("KVQ_CUDA", "AUTO").upper()
+        cuda = cuda_mode()
+    print(f"kvq: KVQ_CUDA={cuda}", flush=True)
     cfg = ["cmake", "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DKVQ_BUILD_MODEL=OFF",
-           f"-DKVQ_CUDA={cuda}"]
+           "-DKVQ_BUILD_TESTS=OFF", "-DKVQ_BUILD_BENCH=OFF", f"-DKVQ_CUDA={cuda}"]
+    if os.environ.get("KVQ_CUDA_GENCODE"):
+        cfg.append(f"-DKVQ_CUDA_GENCODE={os.environ['KVQ_CUDA_GENCODE']}")
     run(cfg, stdout=subprocess.DEVNULL)
     has_cuda = cuda != "OFF" and os.path.exists(os.path.join(build_dir, "src", "cuda"))
     targets = ["kvq_shared"] + (["kvq_cuda"] if has_cuda else [])
