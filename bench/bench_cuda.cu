@@ -95,7 +95,7 @@ struct Row {
 };
 
 extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
-    const char *out_dir = "docs", *sdpa_path = nullptr;
+    const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
     int reps = 20;
     bool quick = false, flush_write = false;
     const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr;
@@ -313,6 +313,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         }
     }
     std::stable_sort(rows.begin(), rows.end(), [](const Row &a, const Row &b) { return a.type_index < b.type_index; });
+    if (!out_dir) return 0;
     std::string md = std::string(out_dir) + "/bench-cuda.md", csv = std::string(out_dir) + "/bench-cuda.csv";
     FILE *f = fopen(csv.c_str(), "w");
     if (f) {

@@ -1,5 +1,7 @@
 /* kvq-bench: decode-attention benchmarks. `kvq-bench cpu` times CPU decode attention on Llama-3-8B head shapes
- * (32 query heads, 8 KV heads, D = 128) for each KV type and writes docs/bench-cpu.md and docs/bench-cpu.csv.
+ * (32 query heads, 8 KV heads, D = 128) for each KV type and prints the table; with `--out DIR` it also writes
+ * DIR/bench-cpu.csv, DIR/bench-cpu.md and DIR/bench-cpu.png (bench/plot.py). `--out docs` updates the tracked
+ * tables: only the part between the markers of docs/bench-cpu.md is rewritten, the reading around it is kept.
  * `kvq-bench cuda` runs the GPU benchmark when the CUDA backend was built. */
 #define _POSIX_C_SOURCE 200809L
 #include "kvq.h"
@@ -40,16 +42,56 @@ static void flush_caches(float *buf, size_t n) {
     flush_sink = s;
 }
 
+/* Draws DIR's PNGs with bench/plot.py (matplotlib): a missing python3 or matplotlib costs the plot, not the run. */
+static void plot(const char *dir, const char *which) {
+    char cmd[1536];
+    snprintf(cmd, sizeof cmd, "python3 '%s/bench/plot.py' --dir '%s' %s", KVQ_SOURCE_DIR, dir, which);
+    if (system(cmd) != 0) fprintf(stderr, "kvq-bench: no plot (%s failed)\n", cmd);
+}
+
+#define MD_BEGIN "<!-- kvq-bench cpu: begin (generated: the text outside these markers is kept) -->\n"
+#define MD_END "<!-- kvq-bench cpu: end -->\n"
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *buf = NULL;
+    long n = fseek(f, 0, SEEK_END) ? -1 : ftell(f);
+    if (n >= 0 && !fseek(f, 0, SEEK_SET) && (buf = malloc((size_t)n + 1))) buf[fread(buf, 1, (size_t)n, f)] = 0;
+    fclose(f);
+    return buf;
+}
+
+/* Writes `gen` (the generated table) into path between MD_BEGIN and MD_END, keeping what the file has before and
+ * after them (the title, a hand-written reading); a file without the markers is replaced by `title` and `gen`. */
+static int write_md(const char *path, const char *title, const char *gen) {
+    char *old = slurp(path), *b = old ? strstr(old, MD_BEGIN) : NULL, *e = b ? strstr(b, MD_END) : NULL;
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        free(old);
+        return -1;
+    }
+    if (e) fwrite(old, 1, (size_t)(b - old), f);
+    else fputs(title, f);
+    fputs(MD_BEGIN, f);
+    fputs(gen, f);
+    fputs(MD_END, f);
+    if (e) fputs(e + strlen(MD_END), f);
+    free(old);
+    return fclose(f);
+}
+
 static int usage(void) {
     fprintf(stderr,
             "usage: kvq-bench cpu [--ctx 4096,16384,32768] [--types f16,bf16,q8,fp8,q4,q2] [--runs N] [--threads N]\n"
-            "                     [--out docs/bench-cpu] [--no-flush]\n"
+            "                     [--out DIR] [--no-flush]\n"
+            "       (without --out: the table on stdout only; --out docs: the tracked docs/bench-cpu.{md,csv,png})\n"
             "       kvq-bench cuda [options of the CUDA benchmark]\n");
     return 2;
 }
 
 static int bench_cpu(int argc, char **argv) {
-    const char *ctx_list = "4096,16384,32768", *type_list = "f16,bf16,q8,fp8,q4,q2", *out = "docs/bench-cpu";
+    const char *ctx_list = "4096,16384,32768", *type_list = "f16,bf16,q8,fp8,q4,q2", *out = NULL;
     int runs = 15, threads = 0, flush_between = 1;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_list = argv[++i];
@@ -83,26 +125,24 @@ static int bench_cpu(int argc, char **argv) {
     float *flush = calloc(flush_n, 4);
     for (size_t i = 0; i < chunk_tokens * row; i++) k[i] = frand() * 2, v[i] = frand();
     for (int i = 0; i < NQH * D; i++) q[i] = frand();
-    char path[512];
-    snprintf(path, sizeof path, "%s.csv", out);
-    FILE *csv = fopen(path, "w");
-    snprintf(path, sizeof path, "%s.md", out);
-    FILE *md = fopen(path, "w");
-    if (!csv || !md) {
-        fprintf(stderr, "kvq-bench: cannot write %s.{csv,md}\n", out);
-        return 1;
-    }
+    /* the CSV and markdown are built in memory and written only with --out */
+    char *csv_buf = NULL, *md_buf = NULL;
+    size_t csv_len = 0, md_len = 0;
+    FILE *csv = open_memstream(&csv_buf, &csv_len), *md = open_memstream(&md_buf, &md_len);
+    if (!csv || !md) return 1;
     printf("CPU decode attention, 32 query heads, 8 KV heads, D=128, batch 1; kernels: %s; median of %d runs, caches "
            "flushed between runs\n",
            kvq_cpu_backend(), runs);
     printf("%8s %6s %10s %12s %10s %12s\n", "ctx", "type", "ms/step", "KV MB read", "GB/s", "vs F16");
     fprintf(csv, "ctx,type,ms_per_step,kv_bytes_read,gb_per_s,speedup_vs_f16\n");
-    fprintf(md, "# CPU decode attention\n\nMade by `kvq-bench cpu` (`build/bench/kvq-bench cpu`). Llama-3-8B attention "
+    fprintf(md, "Made by `kvq-bench cpu");
+    for (int i = 0; i < argc; i++) fprintf(md, " %s", argv[i]);
+    fprintf(md, "` (kvq %s). Llama-3-8B attention "
                 "shapes: 32 query heads, 8 KV heads, head dim 128, batch 1, one layer. Kernels: %s. Median of %d runs, "
                 "caches flushed (96 MiB written) before each run, the types' runs interleaved. \"KV MB read\" counts the page bytes (data, scales, "
                 "mins) and the fp16 residual window that one step reads. \"vs F16\" is the F16 time over this type's "
                 "time, same run.\n\n| ctx | type | ms/step | KV MB read | GB/s | speedup vs F16 |\n|---:|---|---:|---:|---:|---:|\n",
-            kvq_cpu_backend(), runs);
+            kvq_version_string(), kvq_cpu_backend(), runs);
     for (int ci = 0; ci < nctx; ci++) {
         int64_t T = ctxs[ci];
         /* every type's cache is filled first and the runs are interleaved (type 1, type 2, ..., type 1, ...), so that
@@ -171,9 +211,28 @@ static int bench_cpu(int argc, char **argv) {
                     kvq_type_bytes_per_token((kvq_type)t, KVQ_KEY, 128, 0) / 256.0, t + 1 < KVQ_TYPE_Q3 ? ", " : ".\n");
     fclose(csv);
     fclose(md);
-    printf("wrote %s.md and %s.csv\n", out, out);
+    int rc = 0;
+    if (out) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/bench-cpu.csv", out);
+        FILE *f = fopen(path, "w");
+        if (!f || fputs(csv_buf, f) < 0 || fclose(f)) {
+            fprintf(stderr, "kvq-bench: cannot write %s\n", path);
+            rc = 1;
+        }
+        snprintf(path, sizeof path, "%s/bench-cpu.md", out);
+        if (!rc && write_md(path, "# CPU decode attention\n\n", md_buf)) {
+            fprintf(stderr, "kvq-bench: cannot write %s\n", path);
+            rc = 1;
+        }
+        if (!rc) {
+            printf("wrote %s/bench-cpu.md and %s/bench-cpu.csv\n", out, out);
+            plot(out, "cpu");
+        }
+    }
+    free(csv_buf), free(md_buf);
     free(k), free(v), free(q), free(o), free(flush);
-    return 0;
+    return rc;
 }
 
 int main(int argc, char **argv) {
@@ -181,7 +240,10 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "cpu")) return bench_cpu(argc - 2, argv + 2);
     if (!strcmp(argv[1], "cuda")) {
 #ifdef KVQ_HAVE_CUDA_BENCH
-        return kvq_bench_cuda_main(argc - 1, argv + 1);
+        int rc = kvq_bench_cuda_main(argc - 1, argv + 1);
+        for (int i = 2; rc == 0 && i + 1 < argc; i++)
+            if (!strcmp(argv[i], "--out")) plot(argv[i + 1], "cuda");
+        return rc;
 #else
         fprintf(stderr, "kvq-bench: built without the CUDA backend (no nvcc at configure time)\n");
         return 1;

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Draws the benchmark CSVs of a docs directory as PNGs next to them (matplotlib; numpy is not needed).
+
+  bench-cpu.csv         -> bench-cpu.png          CPU decode time per step vs context, per KV type (F16 included),
+                                                  and the speed-up over F16 (kvq-bench cpu)
+  bench-cuda.csv        -> bench-cuda.png         GPU decode time per step and layer vs context, per type, with
+  bench-cuda-mixed.csv  -> bench-cuda-mixed.png   torch SDPA (fp16) for reference; one panel per batch size
+  quality.csv           -> quality.png            perplexity vs bits per stored element (bench/quality.sh)
+  bench-hf.csv          -> bench-hf.png           whole-model decode ms/step vs context, per cache (bench/bench_hf.py)
+
+  python3 bench/plot.py [--dir docs] [cpu] [cuda] [quality] [hf]     (no name: every CSV that is there)
+
+kvq-bench, bench/quality.sh and bench/bench_hf.py call it after writing their CSVs to an --out directory. Without
+matplotlib it prints a note and exits 0: a benchmark's numbers do not depend on its plot.
+"""
+import argparse
+import csv
+import os
+import sys
+
+# one colour per KV type in every plot; F16 and the references in black/grey
+COLORS = {"f16": "#000000", "bf16": "#7f7f7f", "q8": "#1f77b4", "fp8": "#17becf", "q4": "#2ca02c",
+          "q2": "#d62728", "q8/q4": "#9467bd", "f16/q4": "#8c564b", "q8/q2": "#e377c2", "q4/q2": "#ff7f0e",
+          "q4/q8": "#bcbd22", "q4:r128": "#2ca02c"}
+
+
+# the other caches of bench_hf.py, in colours no KV type uses
+HF_COLORS = {"dynamic": "#000000", "icw-int8": "#8c564b", "quanto-q4": "#9467bd", "quanto-q2": "#e377c2"}
+
+
+def marker(name):
+    return "x" if name == "fp8" else "o"  # fp8 runs as fast as q8: a different marker keeps both visible
+
+
+def color(name):
+    for k in (name, name.replace("kvq-", "")):
+        if k in COLORS:
+            return COLORS[k]
+    return None
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ctx_label(x, _pos=None):
+    return f"{int(x) // 1024}k" if x >= 1024 else str(int(x))
+
+
+def log2_ctx_axis(ax, ctxs):
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(ctxs)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(ctx_label))
+    ax.set_xlabel("context (tokens)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def plain_log_y(ax):
+    """log y axis with plain numbers (20, 50, 100) instead of 2x10^1"""
+    from matplotlib.ticker import FuncFormatter
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _p: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
+    ax.grid(True, which="both", axis="y", alpha=0.25)
+
+
+def legend_right(fig, ax, title=None):
+    """one legend for the figure, right of the panels, where it hides no line"""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, title=title, fontsize=9, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def series(rows, key, x, y, where=lambda r: True):
+    """{key value: ([x...], [y...])} in the CSV's order of keys, sorted by x."""
+    out = {}
+    for r in rows:
+        if where(r) and r.get(y) not in (None, ""):
+            out.setdefault(r[key], []).append((float(r[x]), float(r[y])))
+    return {k: tuple(zip(*sorted(v))) for k, v in out.items()}
+
+
+def plot_cpu(plt, d):
+    rows = read_csv(os.path.join(d, "bench-cpu.csv"))
+    ctxs = {float(r["ctx"]) for r in rows}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for t, (xs, ys) in series(rows, "type", "ctx", "ms_per_step").items():
+        a1.plot(xs, ys, marker=marker(t), color=color(t), label=t, lw=2.2 if t == "f16" else 1.5,
+                ls="--" if t in ("f16", "bf16") else "-")
+    plain_log_y(a1)
+    a1.set_ylabel("ms per decode step (one layer)")
+    a1.set_title("CPU decode attention time")
+    for t, (xs, ys) in series(rows, "type", "ctx", "speedup_vs_f16").items():
+        a2.plot(xs, ys, marker=marker(t), color=color(t), label=t, ls="--" if t in ("f16", "bf16") else "-")
+    a2.set_ylabel("speed-up over F16 (same run)")
+    a2.set_title("speed-up over F16")
+    a2.set_ylim(bottom=0)
+    for a in (a1, a2):
+        log2_ctx_axis(a, ctxs)
+    legend_right(fig, a2, "KV type")
+    fig.suptitle("kvq-bench cpu: Llama-3-8B head shapes (32 q heads, 8 KV heads, D=128), batch 1", fontsize=11)
+    return save(fig, d, "bench-cpu.png")
+
+
+def plot_cuda(plt, d, name):
+    rows = read_csv(os.path.join(d, name + ".csv"))
+    batches = sorted({int(r["batch"]) for r in rows})
+    ctxs = {float(r["ctx"]) for r in rows}
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 4.4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        sel = lambda r, b=b: int(r["batch"]) == b  # noqa: E731
+        sdpa = series(rows, "batch", "ctx", "sdpa_us", lambda r: sel(r) and float(r["sdpa_us"] or 0) > 0)
+        for xs, ys in sdpa.values():
+            ax.plot(xs, ys, "s:", color="#e6a800", lw=2.5, label="torch SDPA (fp16)")
+        for t, (xs, ys) in series(rows, "type", "ctx", "us_per_step_layer", sel).items():
+            ax.plot(xs, ys, marker=marker(t), color=color(t), label=t, lw=2.2 if t == "f16" else 1.5,
+                    ls="--" if t in ("f16", "bf16") else "-")
+        plain_log_y(ax)
+        log2_ctx_axis(ax, ctxs)
+        ax.set_title(f"batch {b}")
+        ax.set_ylabel("µs per decode step and layer")
+    legend_right(fig, axes[0][-1], "KV type (K/V)")
+    fig.suptitle(f"kvq-bench cuda ({name}): decode attention, Llama-3-8B head shapes, L2 flushed before each run",
+                 fontsize=11)
+    return save(fig, d, name + ".png")
+
+
+def plot_quality(plt, d):
+    rows = read_csv(os.path.join(d, "quality.csv"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    markers = {}
+    for ctx in sorted({r["ctx"] for r in rows}, key=int):
+        markers[ctx] = "o" if not markers else "^"
+    first = min(markers, key=int)
+    labels = {}  # (panel, x, rounded y) -> names: points that coincide share one label
+    for r in rows:
+        x, y, kv = float(r["bits_per_element"]), float(r["ppl"]), r["kv"]
+        dp = float(r["dppl_pct"])
+        for ax, yy in ((a1, y), (a2, dp)):
+            ax.plot([x], [yy], markers[r["ctx"]], color=color(kv) or "#333333", ms=7,
+                    mfc="none" if r["ctx"] != first else None)
+        # labels for the first context; q4:r128 is the q4 configuration (R = 128 is the default)
+        if r["ctx"] != first or kv == "q4:r128":
+            continue
+        if dp > 2.5:
+            labels.setdefault((0, x, round(y, 1)), []).append(kv)
+        else:
+            labels.setdefault((1, x, round(dp, 1)), []).append(kv)
+    for (panel, x, y), names in labels.items():
+        (a1, a2)[panel].annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(7, 3), fontsize=8,
+                                 ha="right" if x > 12 else "left")
+    a1.annotate("within 2.5% of F16:\nsee the zoom", (8, 10.6), fontsize=8, color="#555555")
+    for ctx, m in markers.items():
+        a1.plot([], [], m, color="#333333", mfc="none" if ctx != min(markers, key=int) else None, label=f"ctx {ctx}")
+    a1.set_ylabel("perplexity (SmolLM2-135M, Debian reference)")
+    a1.set_title("perplexity vs KV bits")
+    a1.legend(fontsize=9)
+    a2.set_ylim(-0.3, 2.5)
+    a2.axhline(0, color="#000000", lw=0.8)
+    a2.set_ylabel("perplexity increase over F16 (%)")
+    a2.set_title("zoom: the types within 2.5% of F16")
+    for a in (a1, a2):
+        a.set_xlabel("bits per stored K/V element (scales and mins included)")
+        a.set_xticks([2, 4, 6, 8, 10, 12, 14, 16])
+        a.grid(True, alpha=0.3)
+    fig.suptitle("bench/quality.sh: a/b = keys a, values b (q4/q2 also keep 64-127 newest tokens in fp16)",
+                 fontsize=11)
+    return save(fig, d, "quality.png")
+
+
+def plot_hf(plt, d):
+    rows = [r for r in read_csv(os.path.join(d, "bench-hf.csv")) if r.get("ms_step")]
+    batches = sorted({int(r["batch"]) for r in rows})
+    ctxs = {float(r["ctx"]) for r in rows}
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for m, (xs, ys) in series(rows, "method", "ctx", "ms_step", lambda r, b=b: int(r["batch"]) == b).items():
+            c = color(m) if m.startswith("kvq") else HF_COLORS.get(m, "#7f7f7f")  # dynamic@backend: grey
+            ax.plot(xs, ys, marker="o", color=c, label=m,
+                    lw=2.2 if m.startswith("kvq") else 1.3, ls="-" if m.startswith("kvq") else "--")
+        plain_log_y(ax)
+        log2_ctx_axis(ax, ctxs)
+        ax.set_title(f"batch {b}")
+        ax.set_ylabel("ms per decode step (whole model)")
+    legend_right(fig, axes[0][-1], "cache")
+    fig.suptitle("bench/bench_hf.py: transformers decode, 4 layers of Llama-3-8B shape", fontsize=11)
+    return save(fig, d, "bench-hf.png")
+
+
+def save(fig, d, name):
+    fig.tight_layout()
+    path = os.path.join(d, name)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend right of the panels
+    print("plot: wrote", path)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
+    ap.add_argument("which", nargs="*", help="cpu, cuda, quality, hf (default: every CSV that is there)")
+    a = ap.parse_args()
+    bad = [w for w in a.which if w not in ("cpu", "cuda", "quality", "hf")]
+    if bad:
+        ap.error(f"unknown plot {bad[0]!r}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install matplotlib): no PNG written", file=sys.stderr)
+        return 0
+    jobs = {"cpu": [("bench-cpu.csv", lambda: plot_cpu(plt, a.dir))],
+            "cuda": [(n + ".csv", lambda n=n: plot_cuda(plt, a.dir, n)) for n in ("bench-cuda", "bench-cuda-mixed")],
+            "quality": [("quality.csv", lambda: plot_quality(plt, a.dir))],
+            "hf": [("bench-hf.csv", lambda: plot_hf(plt, a.dir))]}
+    rc = 0
+    for w in a.which or list(jobs):
+        todo = [job for csv_name, job in jobs[w] if os.path.exists(os.path.join(a.dir, csv_name))]
+        if not todo and a.which:  # asked for by name: a CSV of it must be there
+            print(f"plot: no {' or '.join(c for c, _ in jobs[w])} in {a.dir}", file=sys.stderr)
+            rc = 1
+        for job in todo:
+            job()
+            plt.close("all")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
