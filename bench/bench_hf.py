@@ -66,6 +66,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -688,7 +689,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=0, help="skip rows that would start after this many seconds")
     ap.add_argument("--row-timeout-s", type=float, default=120,
                     help="a row without result after this long is reported as hung and the run stops (0: never)")
-    ap.add_argument("--out", default=None, help="markdown to write (rewritten after every row)")
+    ap.add_argument("--out", default=None, help="markdown to write (rewritten after every row); without --out and "
+                                                "--csv the tables are printed only (docs/: --out docs/bench-hf.md)")
     ap.add_argument("--csv", default=None, help="CSV to write (default: --out with .csv)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -814,6 +816,10 @@ def main():
     save(final=True)
     if a.out:
         print(open(a.out).read())
+    if a.csv:  # the PNG next to the CSV (bench/plot.py; without matplotlib it only prints a note)
+        plot = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py"), "--csv", a.csv, "hf"]
+        if subprocess.call(plot) != 0:
+            print("bench_hf: no plot (" + " ".join(plot) + " failed)", flush=True)
     print(f"done in {meta['elapsed_s']:.0f} s", flush=True)
 
 

@@ -82,8 +82,8 @@ def series(rows, key, x, y, where=lambda r: True):
     return {k: tuple(zip(*sorted(v))) for k, v in out.items()}
 
 
-def plot_cpu(plt, d):
-    rows = read_csv(os.path.join(d, "bench-cpu.csv"))
+def plot_cpu(plt, src, png):
+    rows = read_csv(src)
     ctxs = {float(r["ctx"]) for r in rows}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for t, (xs, ys) in series(rows, "type", "ctx", "ms_per_step").items():
@@ -101,11 +101,12 @@ def plot_cpu(plt, d):
         log2_ctx_axis(a, ctxs)
     legend_right(fig, a2, "KV type")
     fig.suptitle("kvq-bench cpu: Llama-3-8B head shapes (32 q heads, 8 KV heads, D=128), batch 1", fontsize=11)
-    return save(fig, d, "bench-cpu.png")
+    return save(fig, png)
 
 
-def plot_cuda(plt, d, name):
-    rows = read_csv(os.path.join(d, name + ".csv"))
+def plot_cuda(plt, src, png):
+    rows = read_csv(src)
+    name = os.path.splitext(os.path.basename(src))[0]
     batches = sorted({int(r["batch"]) for r in rows})
     ctxs = {float(r["ctx"]) for r in rows}
     fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 4.4), squeeze=False)
@@ -124,11 +125,11 @@ def plot_cuda(plt, d, name):
     legend_right(fig, axes[0][-1], "KV type (K/V)")
     fig.suptitle(f"kvq-bench cuda ({name}): decode attention, Llama-3-8B head shapes, L2 flushed before each run",
                  fontsize=11)
-    return save(fig, d, name + ".png")
+    return save(fig, png)
 
 
-def plot_quality(plt, d):
-    rows = read_csv(os.path.join(d, "quality.csv"))
+def plot_quality(plt, src, png):
+    rows = read_csv(src)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
     markers = {}
     for ctx in sorted({r["ctx"] for r in rows}, key=int):
@@ -167,11 +168,11 @@ def plot_quality(plt, d):
         a.grid(True, alpha=0.3)
     fig.suptitle("bench/quality.sh: a/b = keys a, values b (q4/q2 also keep 64-127 newest tokens in fp16)",
                  fontsize=11)
-    return save(fig, d, "quality.png")
+    return save(fig, png)
 
 
-def plot_hf(plt, d):
-    rows = [r for r in read_csv(os.path.join(d, "bench-hf.csv")) if r.get("ms_step")]
+def plot_hf(plt, src, png):
+    rows = [r for r in read_csv(src) if r.get("ms_step")]
     batches = sorted({int(r["batch"]) for r in rows})
     ctxs = {float(r["ctx"]) for r in rows}
     fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False)
@@ -186,12 +187,11 @@ def plot_hf(plt, d):
         ax.set_ylabel("ms per decode step (whole model)")
     legend_right(fig, axes[0][-1], "cache")
     fig.suptitle("bench/bench_hf.py: transformers decode, 4 layers of Llama-3-8B shape", fontsize=11)
-    return save(fig, d, "bench-hf.png")
+    return save(fig, png)
 
 
-def save(fig, d, name):
+def save(fig, path):
     fig.tight_layout()
-    path = os.path.join(d, name)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend right of the panels
     print("plot: wrote", path)
     return path
@@ -200,11 +200,15 @@ def save(fig, d, name):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
+    ap.add_argument("--csv", default=None, help="with one plot name: read this CSV (any name) instead of DIR's, "
+                                                "write the PNG next to it (bench_hf.py --csv X.csv -> X.png)")
     ap.add_argument("which", nargs="*", help="cpu, cuda, quality, hf (default: every CSV that is there)")
     a = ap.parse_args()
     bad = [w for w in a.which if w not in ("cpu", "cuda", "quality", "hf")]
     if bad:
         ap.error(f"unknown plot {bad[0]!r}")
+    if a.csv and len(a.which) != 1:
+        ap.error("--csv needs exactly one plot name")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -212,18 +216,18 @@ def main():
     except ImportError:
         print("plot: matplotlib is not installed (pip install matplotlib): no PNG written", file=sys.stderr)
         return 0
-    jobs = {"cpu": [("bench-cpu.csv", lambda: plot_cpu(plt, a.dir))],
-            "cuda": [(n + ".csv", lambda n=n: plot_cuda(plt, a.dir, n)) for n in ("bench-cuda", "bench-cuda-mixed")],
-            "quality": [("quality.csv", lambda: plot_quality(plt, a.dir))],
-            "hf": [("bench-hf.csv", lambda: plot_hf(plt, a.dir))]}
+    jobs = {"cpu": (plot_cpu, ["bench-cpu.csv"]), "cuda": (plot_cuda, ["bench-cuda.csv", "bench-cuda-mixed.csv"]),
+            "quality": (plot_quality, ["quality.csv"]), "hf": (plot_hf, ["bench-hf.csv"])}
     rc = 0
     for w in a.which or list(jobs):
-        todo = [job for csv_name, job in jobs[w] if os.path.exists(os.path.join(a.dir, csv_name))]
+        fn, names = jobs[w]
+        srcs = [a.csv] if a.csv else [os.path.join(a.dir, n) for n in names]
+        todo = [s for s in srcs if os.path.exists(s)]
         if not todo and a.which:  # asked for by name: a CSV of it must be there
-            print(f"plot: no {' or '.join(c for c, _ in jobs[w])} in {a.dir}", file=sys.stderr)
+            print(f"plot: no {' or '.join(srcs)}", file=sys.stderr)
             rc = 1
-        for job in todo:
-            job()
+        for src in todo:
+            fn(plt, src, os.path.splitext(src)[0] + ".png")
             plt.close("all")
     return rc
 
