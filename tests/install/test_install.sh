@@ -5,7 +5,8 @@
 # 3. the snippet built with pkg-config (shared, then static) and with find_package(kvq) (kvq::kvq, kvq::kvq_static)
 #    against TMP, and with add_subdirectory(SOURCE_DIR) (CUDA and model off: only the core library is compiled);
 # 4. every binary runs (the snippet checks its attention output) and links libkvq the way it should: the shared
-#    ones need libkvq.so.0 and load it from TMP, the static ones do not need it.
+#    ones need libkvq.so.0 and load it from TMP, the static ones do not need it. Where CUDA was built: kvq_cuda.h
+#    and libkvq_cuda.a are installed and a C program links kvq::kvq_cuda and calls it.
 # No network: everything comes from SOURCE_DIR and BUILD_DIR. Exits 77 (skip) only if pkg-config is missing, after
 # running the CMake parts.
 set -euo pipefail
@@ -38,7 +39,9 @@ run_check() {
     needed=$(readelf -d "$1" | grep -c 'NEEDED.*libkvq\.so' || true)
     if [ "$2" = shared ]; then
         [ "$needed" = 1 ] || die "$1 does not need libkvq.so.0"
-        ldd "$1" | grep -q "libkvq.so.0 => $3" || { ldd "$1"; die "$1 does not load libkvq.so.0 from $3"; }
+        local deps
+        deps=$(ldd "$1")  # not piped into grep -q: with pipefail, ldd's SIGPIPE would fail the check at random
+        grep -qF "libkvq.so.0 => $3/libkvq.so.0" <<< "$deps" || { echo "$deps"; die "$1 does not load libkvq.so.0 from $3"; }
     else
         [ "$needed" = 0 ] || die "$1 (static) needs libkvq.so"
     fi
@@ -72,6 +75,9 @@ step "find_package(kvq): CMAKE_PREFIX_PATH=$p"
 "$cmake" --build "$tmp/fp" -j2 > "$tmp/fp-build.log" 2>&1 || { cat "$tmp/fp-build.log"; die "build"; }
 run_check "$tmp/fp/app_shared" shared "$libdir"
 run_check "$tmp/fp/app_static" static
+if [ "$cuda_built" = 1 ]; then
+    "$tmp/fp/app_cuda" || die "app_cuda (kvq::kvq_cuda) failed"
+fi
 
 step "add_subdirectory($src), KVQ_CUDA=OFF KVQ_BUILD_MODEL=OFF"
 "$cmake" -S "$src/tests/install/app" -B "$tmp/sub" "${gen[@]}" -DKVQ_SOURCE_DIR="$src" -DCMAKE_C_COMPILER="$cc" \
