@@ -707,14 +707,17 @@ def _cuda_version_str(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}" if v > 0 else "unknown"
 
 
-def _driver_why(runtime_msg: str = "", cdll=C.CDLL, runtime_version: int = 0) -> str:
+_cdll = C.CDLL  # how _driver_why opens libcuda (tests put a fake driver here)
+
+
+def _driver_why(runtime_msg: str = "", cdll=None, runtime_version: int = 0) -> str:
     """Why the machine cannot run kvq's CUDA kernels, asked from the NVIDIA driver itself (libcuda), so that a
     machine without a GPU is not told that its driver is too old (which is what the CUDA runtime says when it finds
     no driver at all). runtime_msg: kvq_cuda_device_count's message; runtime_version: the CUDA version kvq's library
     was built with (CUDA's 12040 form; 0 unknown). "" when the driver and a GPU are there (runtime_msg says the
     rest, e.g. no device of compute capability 9.0)."""
     try:
-        cu = cdll("libcuda.so.1")
+        cu = (cdll or _cdll)("libcuda.so.1")
     except OSError:
         return ("no NVIDIA driver on this machine (libcuda.so.1 cannot be loaded): it has no NVIDIA GPU, or the GPU's "
                 "driver is not installed")

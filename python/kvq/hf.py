@@ -23,14 +23,15 @@ from typing import Any, Dict, List, Union
 _HINT = "pip install kvq[hf]  (torch and transformers >= 5)"
 try:
     import torch
-except ImportError as _e:
-    raise ImportError(f"kvq's transformers integration (kvq.hf) needs torch, which cannot be imported ({_e}): "
+except Exception as _e:  # not installed, or installed but broken (a CUDA wheel without its nvidia libraries)
+    raise ImportError(f"kvq's transformers integration (kvq.hf) needs torch, which cannot be imported "
+                      f"({type(_e).__name__}: {_e}): "
                       f"{_HINT}") from _e
 try:
     from transformers import AttentionInterface
     from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
     from transformers.masking_utils import AttentionMaskInterface
-except ImportError as _e:
+except Exception as _e:
     raise ImportError(f"kvq's transformers integration (kvq.hf) needs transformers >= 5, which cannot be imported "
                       f"({_e}): {_HINT}") from _e
 
