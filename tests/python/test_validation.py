@@ -22,8 +22,12 @@ PY_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "py
 H, D = 2, 64
 
 
-def run_child(code: str, env=None, prelude: str = ""):
-    """Runs `code` in a fresh python with this package; (returncode, stdout + stderr)."""
+_BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+
+
+def run_child(code: str, env=None, prelude: str = _BLOCK_TORCH):
+    """Runs `code` in a fresh python with this package; (returncode, stdout + stderr). By default the child runs as
+    without torch: `import kvq` would otherwise import torch and transformers (seconds) to register its attention."""
     head = "" if os.environ.get("KVQ_TEST_INSTALLED") else f"import sys; sys.path.insert(0, {PY_DIR!r})\n"
     src = prelude + head + textwrap.dedent(code)
     e = dict(os.environ)
@@ -84,6 +88,8 @@ OVERFLOWS = {
     "decode_q_rows": ("t = c.seq_new(); c.append(0, [t], [4], k, k)\n"
                       "attempt(lambda: c.attn_decode(0, [s, t], np.ones((1, 8, 64), np.float32)))", "ValueError",
                       "1 rows, len\\(seq_ids\\) = 2"),
+    # a 2-D q: its second axis (head_dim 64) was taken for 64 query heads, 64 x 64 floats written into 4 x 64
+    "decode_q_2d": ("attempt(lambda: c.attn_decode(0, [s], np.ones((4, 64), np.float32)))", "ValueError", "3-D"),
     # raw addresses that are not addresses: -1 became 0xffffffffffffffff
     "append_ptr_negative_address": ("attempt(lambda: c.append_ptr(0, [s], [1], 0, -1, k.ctypes.data))",
                                     "OverflowError", "k_addr = -1"),
@@ -167,7 +173,6 @@ BAD = {
     "decode scale 1e39": (lambda c, a, b: c.attn_decode(0, [a], Q1, scale=1e39), OverflowError, "float32"),
     "decode softcap -1": (lambda c, a, b: c.attn_decode(0, [a], Q1, softcap=-1.0), ValueError, "softcap"),
     "decode q int": (lambda c, a, b: c.attn_decode(0, [a], np.ones((1, 4, D), np.int32)), TypeError, "dtype int32"),
-    "decode q 2-D": (lambda c, a, b: c.attn_decode(0, [a], np.ones((4, D), np.float32)), ValueError, "3-D"),
     "decode q rows": (lambda c, a, b: c.attn_decode(0, [a], np.ones((2, 4, D), np.float32)), ValueError, "2 rows"),
     "decode q heads": (lambda c, a, b: c.attn_decode(0, [a], np.ones((1, 3, D), np.float32)), ValueError,
                        "3 query heads"),
@@ -483,7 +488,6 @@ def test_cuda_available_tells_why(monkeypatch, driver, runtime_msg, want, not_wa
 # ----------------------------------------------------------------------------------------------------------------
 # without torch (issue 16)
 # ----------------------------------------------------------------------------------------------------------------
-_BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
 _USE = """
 import numpy as np, kvq
 with kvq.Cache(1, 2, 64, "q4") as c:
