@@ -18,7 +18,7 @@ import glob
 import math
 import operator
 import os
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
