@@ -1,12 +1,16 @@
 """kvq: a quantized, paged KV cache (F16/BF16/Q8/FP8/Q4/Q2) with attention computed on the quantized bytes.
 
 Low-level bindings (numpy, no torch needed): kvq.Cache, kvq.CudaCache, kvq.KvqError, ...
-HF transformers integration (needs torch + transformers): kvq.KVQCache, kvq.patch_model_with_int8_kv_cache,
-kvq.register_attention (attn_implementation="kvq").
+HF transformers integration (needs torch + transformers: pip install kvq[hf]): kvq.KVQCache,
+kvq.patch_model_with_int8_kv_cache, kvq.register_attention (attn_implementation="kvq").
 """
+from __future__ import annotations
+
+from typing import Any, Optional
+
 from ._native import (  # noqa: F401
-    CUDA_LIBRARY_PATH, HEAD_DIMS, LIBRARY_PATH, Cache, CacheFullError, CudaCache, KvqError, arena_bytes_for,
-    bytes_per_token, cpu_backend, cuda_available, page_layout, type_from_name, type_name, version,
+    CUDA_LIBRARY_PATH, HEAD_DIMS, LIBRARY_PATH, Cache, CacheClosedError, CacheFullError, CudaCache, KvqError,
+    arena_bytes_for, bytes_per_token, cpu_backend, cuda_available, page_layout, type_from_name, type_name, version,
 )
 
 __version__ = "0.1.0"
@@ -14,26 +18,46 @@ __version__ = "0.1.0"
 _HF_NAMES = ("KVQCache", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
              "kvq_attention_forward", "ATTN_IMPLEMENTATION")
 
+HF_INSTALL_HINT = "pip install kvq[hf]  (torch and transformers >= 5)"
+
+# Why the transformers integration could not be imported when kvq was ("" when it was, or was not tried because
+# torch / transformers are not installed).
+_hf_error: Optional[BaseException] = None
+
 
 def _load_hf():
     """Import the transformers integration (registers attn_implementation="kvq") when torch and transformers are
-    installed; numpy-only installs skip it."""
+    installed; numpy-only installs skip it. A torch that is installed but cannot be imported (missing shared
+    libraries, ...) must not break `import kvq`: the error is kept and raised when an HF name is used."""
+    global _hf_error
     import importlib.util
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         return None
-    from . import hf
+    try:
+        from . import hf
+    except Exception as e:  # noqa: BLE001 - reported on first use of an HF name
+        _hf_error = e
+        return None
     return hf
 
 
 _hf = _load_hf()
 
 
-def __getattr__(name):  # the transformers part is imported on first use, so that numpy-only users never need torch
+def __getattr__(name: str) -> Any:  # the transformers part is imported on first use: numpy-only users never need torch
     if name in _HF_NAMES:
-        from . import hf
+        try:
+            from . import hf
+        except ImportError as e:
+            msg = str(e) if "kvq[hf]" in str(e) else f"it needs torch and transformers ({e}): {HF_INSTALL_HINT}"
+            raise ImportError(f"kvq.{name} is unavailable: {msg}") from e
+        except Exception as e:  # noqa: BLE001 - e.g. a torch whose shared libraries are missing
+            raise ImportError(f"kvq.{name}: the transformers integration failed to import: "
+                              f"{type(e).__name__}: {e}") from e
         return getattr(hf, name)
     raise AttributeError(f"module 'kvq' has no attribute {name!r}")
 
 
-__all__ = ["Cache", "CudaCache", "KvqError", "CacheFullError", "cuda_available", "version", "cpu_backend",
-           "type_from_name", "bytes_per_token", *_HF_NAMES]
+__all__ = ["Cache", "CudaCache", "KvqError", "CacheFullError", "CacheClosedError", "cuda_available", "version",
+           "cpu_backend", "type_from_name", "type_name", "bytes_per_token", "page_layout", "arena_bytes_for",
+           "HEAD_DIMS", *_HF_NAMES]

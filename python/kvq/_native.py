@@ -2,12 +2,23 @@
 
 Nothing here needs torch: arrays are numpy arrays or raw addresses (ints). The kernels all live in C/CUDA; this module
 only marshals arguments and turns negative kvq_status codes into KvqError with the library's own message.
+
+Every public function and method checks its arguments before any C call (issue 17): integers must be ints (numpy
+integers too; not floats, not bools) that fit the C parameter (int32, int64, size_t, a pointer), else TypeError /
+OverflowError; numpy arrays must have the shape the cache and the other arguments imply and a supported dtype, else
+ValueError / TypeError, so that no C call reads or writes past a buffer that Python allocated. Checks of the cache's
+own state (does the sequence exist, is the layer in range, is there room) stay in C, which reports them as KvqError
+and leaves the cache exactly as it was. The *_ptr methods take raw addresses: their buffers are the caller's
+responsibility (sizes are in each docstring).
 """
 from __future__ import annotations
 
 import ctypes as C
 import glob
+import math
+import operator
 import os
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -25,6 +36,15 @@ STATUS_NAMES = {
     -17: "KVQ_ERR_INTERNAL",
 }
 
+# Ranges of the C parameter types, for the checks before every call (ctypes would truncate silently).
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+SIZE_MAX = 2**(8 * C.sizeof(C.c_size_t)) - 1
+PTR_MAX = 2**(8 * C.sizeof(C.c_void_p)) - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+TypeSpec = Union[str, int]
+
 
 class KvqError(RuntimeError):
     """A kvq call returned a negative kvq_status. `.status` is the code, the message is kvq's own."""
@@ -37,6 +57,74 @@ class KvqError(RuntimeError):
 
 class CacheFullError(KvqError, MemoryError):
     pass
+
+
+class CacheClosedError(KvqError, ValueError):
+    """A method of a Cache / CudaCache that was closed (close(), or the end of its `with` block)."""
+
+    def __init__(self, what: str):
+        super().__init__(-1, f"kvq: this {what} is closed (close() or the end of its with block); create a new one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# argument checks (all before any C call)
+# ----------------------------------------------------------------------------------------------------------------
+def _int(x: Any, name: str, lo: int = INT32_MIN, hi: int = INT32_MAX, ctype: str = "int32") -> int:
+    """x as a Python int if it is an integer (int, numpy integer, anything with __index__ but bool) in [lo, hi]."""
+    if type(x) is not int:
+        if isinstance(x, (bool, np.bool_)) or not hasattr(type(x), "__index__"):
+            raise TypeError(f"kvq: {name} must be an int, got {type(x).__name__} {x!r}")
+        x = operator.index(x)
+    if x < lo or x > hi:
+        raise OverflowError(f"kvq: {name} = {x} does not fit {ctype} ({lo} .. {hi})")
+    return x
+
+
+def _i64(x: Any, name: str) -> int:
+    return _int(x, name, INT64_MIN, INT64_MAX, "int64")
+
+
+def _nonneg(x: Any, name: str, hi: int = INT32_MAX, ctype: str = "int32") -> int:
+    x = _int(x, name, INT64_MIN if hi > INT32_MAX else INT32_MIN, hi, ctype)
+    if x < 0:
+        raise ValueError(f"kvq: {name} = {x} is negative")
+    return x
+
+
+def _size(x: Any, name: str) -> int:
+    return _int(x, name, 0, SIZE_MAX, "size_t")
+
+
+def _addr(x: Any, name: str) -> Optional[int]:
+    """A raw address (int) or None / 0 for NULL -> value for a c_void_p argument."""
+    if x is None:
+        return None
+    return _int(x, name, 0, PTR_MAX, "a pointer") or None
+
+
+def _real(x: Any, name: str) -> float:
+    """A finite float32 >= 0 (attention scale / softcap); None means 0 (the default)."""
+    if x is None:
+        return 0.0
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"kvq: {name} must be a number, got {type(x).__name__} {x!r}")
+    f = float(x)
+    if not math.isfinite(f) or f < 0:
+        raise ValueError(f"kvq: {name} = {x} must be finite and >= 0")
+    if f > FLOAT32_MAX:
+        raise OverflowError(f"kvq: {name} = {x} does not fit a float32")
+    return f
+
+
+def _dtype_code(x: Any) -> int:
+    d = _int(x, "dtype")
+    if d not in (DTYPE_F32, DTYPE_F16, DTYPE_BF16):
+        raise ValueError(f"kvq: dtype {d} is not a kvq_dtype (DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2)")
+    return d
+
+
+def _stats_dict(s) -> dict:
+    return {name: getattr(s, name) for name, _ in s._fields_}
 
 
 class CacheConfig(C.Structure):
@@ -74,10 +162,9 @@ class CudaStats(C.Structure):
                 ("workspace_bytes", C.c_size_t), ("n_seqs", C.c_int), ("pages_shared", C.c_int64)]
 
 
-def _stats_dict(s) -> dict:
-    return {name: getattr(s, name) for name, _ in s._fields_}
-
-
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------------
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 
@@ -95,19 +182,25 @@ def _candidates(env: str, names: list[str]) -> list[str]:
 
 
 def _load(env: str, names: list[str], what: str, required: bool):
+    """(CDLL, path, why): why says what was tried when nothing loaded."""
     errors = []
     for path in _candidates(env, names):
         try:
-            return C.CDLL(path), path
+            return C.CDLL(path), path, ""
         except OSError as e:  # pragma: no cover - depends on the machine
             errors.append(f"{path}: {e}")
     if required:
         raise ImportError(f"kvq: cannot load {what} (set {env} to its path, or `pip install .` the repository)"
                           + ("; tried: " + "; ".join(errors) if errors else ""))
-    return None, None
+    if os.environ.get(env):
+        return None, None, f"{env}={os.environ[env]} cannot be loaded ({'; '.join(errors)})"
+    if errors:
+        return None, None, f"{what} was found but cannot be loaded ({'; '.join(errors)})"
+    return None, None, ""
 
 
-_lib, LIBRARY_PATH = _load("KVQ_LIBRARY", ["libkvq.so.0", "libkvq.so.*.*.*", "libkvq.so", "libkvq.dylib"], "libkvq", True)
+_lib, LIBRARY_PATH, _ = _load("KVQ_LIBRARY", ["libkvq.so.0", "libkvq.so.*.*.*", "libkvq.so", "libkvq.dylib"], "libkvq",
+                              True)
 
 _P = C.c_void_p
 _I32P = C.POINTER(C.c_int32)
@@ -158,21 +251,38 @@ def _check(status: int, lib_err=None) -> None:
 
 
 def version() -> str:
+    """libkvq's version, "major.minor.patch"."""
     return _lib.kvq_version_string().decode()
 
 
 def cpu_backend() -> str:
+    """The CPU attention kernels that run: "avx512", "avx2" or "scalar" (kvq_cpu_backend)."""
     return _lib.kvq_cpu_backend().decode()
 
 
-def type_from_name(name) -> int:
-    if isinstance(name, int):
-        if kvq_type_traits(name) is None:
-            raise ValueError(f"kvq: unknown kv type {name}")
-        return name
+_TYPE_COUNT = 7  # KVQ_TYPE_COUNT
+
+
+def type_from_name(name: TypeSpec) -> int:
+    """kvq_type code of a name ("f16", "bf16", "q8", "fp8", "q4", "q2"; case-insensitive) or of a code (checked)."""
+    if isinstance(name, (bool, np.bool_)):
+        raise TypeError(f"kvq: a kv type is a name or a kvq_type code, got {name!r}")
+    if isinstance(name, (int, np.integer)):
+        t = int(name)
+        if not 0 <= t < _TYPE_COUNT:
+            raise ValueError(f"kvq: unknown kv type {t}: use one of f16, bf16, q8, fp8, q4, q2 (0 .. 5)")
+        tr = kvq_type_traits(t)
+        if tr is None or not tr["implemented"]:
+            raise ValueError(f"kvq: kv type {t} is not implemented")
+        return t
+    if not isinstance(name, str):
+        raise TypeError(f"kvq: a kv type is a name (str) or a kvq_type code (int), got {type(name).__name__}")
     out = C.c_int()
-    st = _lib.kvq_type_from_name(str(name).encode(), C.byref(out))
-    if st < 0:
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raw = b"?"
+    if b"\0" in raw or _lib.kvq_type_from_name(raw, C.byref(out)) < 0:
         raise ValueError(f"kvq: unknown kv type {name!r}: use one of f16, bf16, q8, fp8, q4, q2")
     tr = kvq_type_traits(out.value)
     if tr is None or not tr["implemented"]:
@@ -180,8 +290,10 @@ def type_from_name(name) -> int:
     return out.value
 
 
-def kvq_type_traits(t: int):
-    p = _lib.kvq_type_get_traits(int(t))
+def kvq_type_traits(t: int) -> Optional[dict]:
+    """{"name", "bits", "grouped", "implemented"} of a kvq_type code; None when the code is outside the enum."""
+    t = _int(t, "kv type")
+    p = _lib.kvq_type_get_traits(t)
     if not p:
         return None
     return {"name": p.contents.name.decode(), "bits": p.contents.bits, "grouped": p.contents.grouped,
@@ -189,88 +301,170 @@ def kvq_type_traits(t: int):
 
 
 def type_name(t: int) -> str:
-    return kvq_type_traits(t)["name"]
+    """Name of a kvq_type code ("q4")."""
+    tr = kvq_type_traits(t)
+    if tr is None:
+        raise ValueError(f"kvq: unknown kv type {t}")
+    return tr["name"]
 
 
-def bytes_per_token(kv_type, role: int, head_dim: int, group: int = 0) -> float:
-    return _lib.kvq_type_bytes_per_token(type_from_name(kv_type), role, head_dim, group)
+def bytes_per_token(kv_type: TypeSpec, role: int, head_dim: int, group: int = 0) -> float:
+    """Page bytes of one token of one head (role 0: keys, 1: values), amortized over a page
+    (kvq_type_bytes_per_token)."""
+    t = type_from_name(kv_type)
+    role = _int(role, "role")
+    if role not in (0, 1):
+        raise ValueError(f"kvq: role {role} is neither 0 (keys) nor 1 (values)")
+    head_dim, group = _int(head_dim, "head_dim"), _int(group, "group")
+    r = _lib.kvq_type_bytes_per_token(t, role, head_dim, group)
+    if r <= 0:
+        raise ValueError(f"kvq: bytes_per_token: head_dim {head_dim} with group {group} is not valid for "
+                         f"{type_name(t)} (head dims {HEAD_DIMS}, groups 0, 16, 32, 64, 128)")
+    return r
 
 
-def page_layout(type_k, type_v, n_kv_heads, head_dim, page_tokens=64, group=0) -> PageLayout:
+def page_layout(type_k: TypeSpec, type_v: TypeSpec, n_kv_heads: int, head_dim: int, page_tokens: int = 64,
+                group: int = 0) -> PageLayout:
+    """The page layout (kvq.h section 5) of a configuration; KvqError when it is invalid."""
+    tk, tv = type_from_name(type_k), type_from_name(type_v)
+    args = [_int(x, n) for x, n in ((n_kv_heads, "n_kv_heads"), (head_dim, "head_dim"), (page_tokens, "page_tokens"),
+                                    (group, "group"))]
     lay = PageLayout()
-    _check(_lib.kvq_page_layout_make(type_from_name(type_k), type_from_name(type_v), n_kv_heads, head_dim,
-                                     page_tokens, group, C.byref(lay)))
+    _check(_lib.kvq_page_layout_make(tk, tv, *args, C.byref(lay)))
     return lay
 
 
 _IDS_MEMO: dict = {}
 
 
-def _ids(seq_ids):
-    """(array, int32 pointer) for a list of ints. Memoized: the same few lists (sequence ids, [1] * batch) come back
-    at every layer of every decode step, and building them anew cost ~6 us each, a visible part of a step's host
-    time at batch 1. The arrays are only read by the C calls."""
-    key = tuple(int(x) for x in seq_ids) if not isinstance(seq_ids, np.ndarray) else tuple(seq_ids.reshape(-1).tolist())
-    r = _IDS_MEMO.get(key)
+def _ids(vals: Any, name: str = "seq_ids", nonneg: bool = False):
+    """(n, int32 pointer, tuple) for a list / tuple / 1-D integer array of int32 values, checked. Memoized: the same
+    few lists (sequence ids, [1] * batch) come back at every layer of every decode step, and building them anew cost
+    ~6 us each, a visible part of a step's host time at batch 1. The arrays are only read by the C calls."""
+    if isinstance(vals, np.ndarray):
+        if vals.ndim != 1:
+            raise ValueError(f"kvq: {name} must be 1-D, got shape {vals.shape}")
+        if vals.dtype.kind not in "iu":
+            raise TypeError(f"kvq: {name} must hold integers, got dtype {vals.dtype}")
+        key = tuple(vals.tolist())
+    elif isinstance(vals, (list, tuple, range)):
+        key = tuple(vals)
+    elif isinstance(vals, (str, bytes, dict, set)) or not hasattr(vals, "__iter__"):
+        raise TypeError(f"kvq: {name} must be a list of ints, got {type(vals).__name__}")
+    else:
+        key = tuple(vals)
+    if not all(type(x) is int for x in key):
+        key = tuple(_int(x, f"{name}[{i}]") for i, x in enumerate(key))
+    r = _IDS_MEMO.get((key, nonneg))
     if r is None:
+        for i, x in enumerate(key):
+            if x < INT32_MIN or x > INT32_MAX:
+                raise OverflowError(f"kvq: {name}[{i}] = {x} does not fit int32")
+            if nonneg and x < 0:
+                raise ValueError(f"kvq: {name}[{i}] = {x} is negative")
+        if len(key) > INT32_MAX:
+            raise OverflowError(f"kvq: {len(key)} entries in {name} do not fit int32")
         if len(_IDS_MEMO) > 256:
             _IDS_MEMO.clear()
-        if any(x < -2**31 or x >= 2**31 for x in key):
-            raise OverflowError(f"kvq: {list(key)} does not fit int32")
-        a = (C.c_int32 * len(key))(*key)
-        r = _IDS_MEMO[key] = (a, C.cast(a, _I32P))
-    return r
+        a = (C.c_int32 * max(1, len(key)))(*key)
+        r = _IDS_MEMO[(key, nonneg)] = (len(key), C.cast(a, _I32P), key, a)
+    return r[0], r[1], r[2]
 
 
 _NP_DTYPES = {np.dtype(np.float32): DTYPE_F32, np.dtype(np.float16): DTYPE_F16}
 
 
-def make_config(n_layers, n_kv_heads, head_dim, type_k="f16", type_v=None, arena_bytes=0, page_tokens=0,
-                group=0, residual=-1, max_seqs=0, n_threads=0) -> CacheConfig:
+def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
+                type_v: Optional[TypeSpec] = None, arena_bytes: int = 0, page_tokens: int = 0, group: int = 0,
+                residual: int = -1, max_seqs: int = 0, n_threads: int = 0) -> CacheConfig:
+    """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create)."""
+    vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
+                                        ("page_tokens", page_tokens), ("group", group), ("residual", residual),
+                                        ("max_seqs", max_seqs), ("n_threads", n_threads))}
+    tk = type_from_name(type_k)
+    tv = type_from_name(type_v if type_v is not None else type_k)
+    ab = _size(arena_bytes, "arena_bytes")
     cfg = _lib.kvq_cache_config_default()
-    cfg.n_layers, cfg.n_kv_heads, cfg.head_dim = int(n_layers), int(n_kv_heads), int(head_dim)
-    cfg.type_k = type_from_name(type_k)
-    cfg.type_v = type_from_name(type_v if type_v is not None else type_k)
-    cfg.arena_bytes = int(arena_bytes)
-    cfg.page_tokens, cfg.group, cfg.residual = int(page_tokens), int(group), int(residual)
-    cfg.max_seqs, cfg.n_threads = int(max_seqs), int(n_threads)
+    for n, x in vals.items():
+        setattr(cfg, n, x)
+    cfg.type_k, cfg.type_v, cfg.arena_bytes = tk, tv, ab
     return cfg
 
 
-def arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v=None, tokens_per_seq=4096, n_seqs=1,
-                    page_tokens=64, group=0, slack_pages_per_seq=2) -> int:
+def arena_bytes_for(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec,
+                    type_v: Optional[TypeSpec] = None, tokens_per_seq: int = 4096, n_seqs: int = 1,
+                    page_tokens: int = 64, group: int = 0, slack_pages_per_seq: int = 2) -> int:
     """Arena bytes for n_seqs sequences of tokens_per_seq tokens each, in every layer, with a few pages of slack per
     (sequence, layer) for copy-on-write after a fork."""
-    lay = page_layout(type_k, type_v if type_v is not None else type_k, n_kv_heads, head_dim, page_tokens or 64, group)
+    n_layers = _nonneg(n_layers, "n_layers")
+    tokens_per_seq = _nonneg(tokens_per_seq, "tokens_per_seq", INT64_MAX, "int64")
+    n_seqs = _nonneg(n_seqs, "n_seqs")
+    slack = _nonneg(slack_pages_per_seq, "slack_pages_per_seq")
+    lay = page_layout(type_k, type_v if type_v is not None else type_k, n_kv_heads, head_dim,
+                      _int(page_tokens, "page_tokens") or 64, group)
     P = lay.page_tokens
-    pages = n_layers * n_seqs * (-(-int(tokens_per_seq) // P) + slack_pages_per_seq)
-    return pages * lay.page_bytes
+    pages = n_layers * n_seqs * (-(-tokens_per_seq // P) + slack)
+    total = pages * lay.page_bytes
+    if total > SIZE_MAX:
+        raise OverflowError(f"kvq: {total} arena bytes do not fit size_t")
+    return total
 
 
 _PARAMS_MEMO: dict = {}
 
 
-def _params(n_q_heads, scale=0.0, window=0, softcap=0.0) -> AttnParams:
-    """The AttnParams struct, memoized like _ids (the C calls only read it)."""
-    key = (int(n_q_heads), float(scale or 0.0), int(window or 0), float(softcap or 0.0))
-    p = _PARAMS_MEMO.get(key)
-    if p is None:
+def _params(n_q_heads: Any, scale: Any = 0.0, window: Any = 0, softcap: Any = 0.0) -> AttnParams:
+    """The AttnParams struct, checked and memoized like _ids (the C calls only read it)."""
+    key = (n_q_heads, scale, window, softcap)
+    try:
+        p = _PARAMS_MEMO.get(key)
+    except TypeError:  # unhashable: the checks below say what is wrong
+        p = None
+    exact = type(n_q_heads) is int and type(window) is int and type(scale) in (int, float) and \
+        type(softcap) in (int, float)  # a memo hit must not let 8.0 stand for 8 (hash-equal keys)
+    if p is None or not exact:
+        checked = (_int(n_q_heads, "n_q_heads"), _real(scale, "scale"), _int(window or 0, "window"),
+                   _real(softcap, "softcap"))
+        if checked[0] < 1:
+            raise ValueError(f"kvq: n_q_heads = {checked[0]} must be >= 1")
+        if checked[2] < 0:
+            raise ValueError(f"kvq: window = {checked[2]} is negative")
         if len(_PARAMS_MEMO) > 256:
             _PARAMS_MEMO.clear()
-        p = _PARAMS_MEMO[key] = AttnParams(*key)
+        p = AttnParams(*checked)
+        if exact:
+            _PARAMS_MEMO[key] = p
     return p
 
 
-class Cache:
-    """A CPU kvq_cache. Arrays are numpy (float32 or float16) or raw addresses through the *_ptr methods."""
+def _floats(a: Any, name: str) -> np.ndarray:
+    """K/V for append: a float32 or float16 numpy array, made C-contiguous and aligned (a copy when it is not)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"kvq: {name} must be a numpy array (float32 or float16), got {type(a).__name__}")
+    if a.dtype not in _NP_DTYPES:
+        raise TypeError(f"kvq: {name} has dtype {a.dtype}: kvq takes float32 or float16 numpy arrays")
+    return np.require(a, requirements=["C", "A"])
 
-    def __init__(self, n_layers, n_kv_heads, head_dim, type_k="f16", type_v=None, arena_bytes=None,
-                 max_tokens=4096, page_tokens=0, group=0, residual=-1, max_seqs=0, n_threads=0):
+
+class Cache:
+    """A CPU kvq_cache. Arrays are numpy (float32 or float16) or raw addresses through the *_ptr methods.
+
+    A context manager: `with kvq.Cache(...) as c:` frees the cache at the end of the block (close() does it by hand;
+    a closed cache raises CacheClosedError)."""
+
+    _h: Optional[C.c_void_p] = None
+    _what = "kvq.Cache"
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
+                 type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
+                 page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0):
+        cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
+                          n_threads)
         if arena_bytes is None:
-            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
-                                          page_tokens or 64, group)
-        cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, arena_bytes, page_tokens, group, residual,
-                          max_seqs, n_threads)
+            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v,
+                                          _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64"), 1,
+                                          cfg.page_tokens or 64, group)
+        cfg.arena_bytes = _size(arena_bytes, "arena_bytes")
         h = _P()
         _check(_lib.kvq_cache_create(C.byref(cfg), C.byref(h)))
         self._h = h
@@ -280,102 +474,199 @@ class Cache:
         self.n_layers, self.n_kv_heads, self.head_dim = self.config.n_layers, self.config.n_kv_heads, \
             self.config.head_dim
 
-    def close(self):
-        if getattr(self, "_h", None):
-            _lib.kvq_cache_free(self._h)
-            self._h = None
+    # lifetime
+    def close(self) -> None:
+        """Free the cache (idempotent). Later calls raise CacheClosedError."""
+        h, self._h = self._h, None
+        if h:
+            _lib.kvq_cache_free(h)
 
-    __del__ = close
+    @property
+    def closed(self) -> bool:
+        return not self._h
+
+    def __enter__(self) -> "Cache":
+        self._handle()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+    def _handle(self) -> C.c_void_p:
+        h = self._h
+        if not h:
+            raise CacheClosedError(self._what)
+        return h
 
     # sequences
     def seq_new(self) -> int:
+        """A new empty sequence; its id."""
+        h = self._handle()
         s = C.c_int32()
-        _check(_lib.kvq_seq_new(self._h, C.byref(s)))
+        _check(_lib.kvq_seq_new(h, C.byref(s)))
         return s.value
 
     def seq_fork(self, src: int) -> int:
+        """A new sequence with src's content (pages shared, copy on write); its id."""
+        h = self._handle()
+        src = _int(src, "src")
         s = C.c_int32()
-        _check(_lib.kvq_seq_fork(self._h, int(src), C.byref(s)))
+        _check(_lib.kvq_seq_fork(h, src, C.byref(s)))
         return s.value
 
     def seq_truncate(self, seq: int, n_tokens: int) -> None:
-        _check(_lib.kvq_seq_truncate(self._h, int(seq), int(n_tokens)))
+        """Keep the first n_tokens tokens of seq in every layer."""
+        h = self._handle()
+        seq, n_tokens = _int(seq, "seq"), _i64(n_tokens, "n_tokens")
+        _check(_lib.kvq_seq_truncate(h, seq, n_tokens))
 
     def seq_free(self, seq: int) -> None:
-        _check(_lib.kvq_seq_free(self._h, int(seq)))
+        h = self._handle()
+        _check(_lib.kvq_seq_free(h, _int(seq, "seq")))
 
     def seq_length(self, seq: int, layer: int = 0) -> int:
+        """Tokens of seq in layer."""
+        h = self._handle()
+        seq, layer = _int(seq, "seq"), _int(layer, "layer")
         n = C.c_int64()
-        _check(_lib.kvq_seq_length(self._h, int(seq), int(layer), C.byref(n)))
+        _check(_lib.kvq_seq_length(h, seq, layer, C.byref(n)))
         return n.value
 
     def stats(self) -> dict:
+        """kvq_cache_stats as a dict."""
+        h = self._handle()
         s = CacheStats()
-        _check(_lib.kvq_cache_get_stats(self._h, C.byref(s)))
+        _check(_lib.kvq_cache_get_stats(h, C.byref(s)))
         return _stats_dict(s)
 
     # append
-    def append_ptr(self, layer, seq_ids, n_tokens, dtype: int, k_addr: int, v_addr: int) -> None:
-        ids, idp = _ids(seq_ids)
-        nt, ntp = _ids(n_tokens)
-        if len(ids) != len(nt):
-            raise ValueError("kvq: seq_ids and n_tokens differ in length")
-        _check(_lib.kvq_append(self._h, int(layer), len(ids), idp, ntp, int(dtype), _P(k_addr), _P(v_addr)))
+    def append_ptr(self, layer: int, seq_ids: Sequence[int], n_tokens: Sequence[int], dtype: int, k_addr: int,
+                   v_addr: int) -> None:
+        """kvq_append with raw addresses: k_addr and v_addr must each hold [sum n_tokens][n_kv_heads][head_dim]
+        elements of `dtype` (DTYPE_F32 / DTYPE_F16 / DTYPE_BF16), dense."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
+        nt, ntp, _ = _ids(n_tokens, "n_tokens", nonneg=True)
+        if n != nt:
+            raise ValueError(f"kvq: seq_ids has {n} entries, n_tokens {nt}")
+        dtype = _dtype_code(dtype)
+        k_addr, v_addr = _addr(k_addr, "k_addr"), _addr(v_addr, "v_addr")
+        _check(_lib.kvq_append(h, layer, n, idp, ntp, dtype, k_addr, v_addr))
 
-    def append(self, layer, seq_ids, n_tokens, k: np.ndarray, v: np.ndarray) -> None:
-        """k, v: [sum n_tokens][n_kv_heads][head_dim], float32 or float16."""
-        k = np.ascontiguousarray(k)
-        v = np.ascontiguousarray(v)
-        if k.dtype != v.dtype or k.dtype not in _NP_DTYPES:
-            raise TypeError("kvq: k and v must both be float32 or float16 numpy arrays")
-        total = int(np.sum(n_tokens))
-        want = (total, self.n_kv_heads, self.head_dim)
+    def append(self, layer: int, seq_ids: Sequence[int], n_tokens: Sequence[int], k: np.ndarray,
+               v: np.ndarray) -> None:
+        """k, v: [sum n_tokens][n_kv_heads][head_dim] numpy arrays, both float32 or both float16 (copied when not
+        C-contiguous); the tokens of seq_ids[i] are rows sum(n_tokens[:i]) .. of k and v."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
+        nt, ntp, counts = _ids(n_tokens, "n_tokens", nonneg=True)
+        if n != nt:
+            raise ValueError(f"kvq: seq_ids has {n} entries, n_tokens {nt}")
+        k, v = _floats(k, "k"), _floats(v, "v")
+        if k.dtype != v.dtype:
+            raise TypeError(f"kvq: k is {k.dtype} and v is {v.dtype}: both must be float32 or both float16")
+        want = (sum(counts), self.n_kv_heads, self.head_dim)
         if k.shape != want or v.shape != want:
-            raise ValueError(f"kvq: k/v shape {k.shape}/{v.shape}, expected {want}")
-        self.append_ptr(layer, seq_ids, n_tokens, _NP_DTYPES[k.dtype], k.ctypes.data, v.ctypes.data)
+            raise ValueError(f"kvq: k/v shape {k.shape}/{v.shape}, expected {want} ([sum n_tokens][n_kv_heads]"
+                             "[head_dim])")
+        _check(_lib.kvq_append(h, layer, n, idp, ntp, _NP_DTYPES[k.dtype], k.ctypes.data, v.ctypes.data))
 
-    def read(self, seq, layer, start=0, n=None):
-        if n is None:
-            n = self.seq_length(seq, layer) - start
+    # read back
+    def read(self, seq: int, layer: int, start: int = 0, n: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, start + n) of (seq, layer) dequantized: (k, v) float32 [n][n_kv_heads][head_dim]; n None:
+        to the end."""
+        self._handle()
+        seq, layer, start = _int(seq, "seq"), _int(layer, "layer"), _i64(start, "start")
+        length = self.seq_length(seq, layer)  # KvqError for an unknown sequence or layer
+        n = length - start if n is None else _i64(n, "n")
+        if start < 0 or n < 0 or start > length or n > length - start:
+            raise KvqError(-11, f"kvq: read: tokens [{start}, {start + n}) are outside sequence {seq}'s {length} "
+                                f"tokens in layer {layer}")
         k = np.empty((n, self.n_kv_heads, self.head_dim), np.float32)
         v = np.empty_like(k)
-        _check(_lib.kvq_read(self._h, int(seq), int(layer), int(start), int(n), k.ctypes.data, v.ctypes.data))
+        _check(_lib.kvq_read(self._handle(), seq, layer, start, n, k.ctypes.data, v.ctypes.data))
         return k, v
 
-    def read_into(self, seq, layer, start, n, k_addr, v_addr) -> None:
-        _check(_lib.kvq_read(self._h, int(seq), int(layer), int(start), int(n), _P(k_addr), _P(v_addr)))
+    def read_into(self, seq: int, layer: int, start: int, n: int, k_addr: Optional[int],
+                  v_addr: Optional[int]) -> None:
+        """kvq_read into raw addresses of float32 [n][n_kv_heads][head_dim] each (None / 0: skip it)."""
+        h = self._handle()
+        seq, layer, start, n = _int(seq, "seq"), _int(layer, "layer"), _i64(start, "start"), _i64(n, "n")
+        _check(_lib.kvq_read(h, seq, layer, start, n, _addr(k_addr, "k_addr"), _addr(v_addr, "v_addr")))
 
     # attention (fp32 q / out)
-    def attn_decode_ptr(self, layer, seq_ids, q_addr, out_addr, n_q_heads, scale=0.0, window=0, softcap=0.0):
-        ids, idp = _ids(seq_ids)
+    def attn_decode_ptr(self, layer: int, seq_ids: Sequence[int], q_addr: int, out_addr: int, n_q_heads: int,
+                        scale: float = 0.0, window: int = 0, softcap: float = 0.0) -> None:
+        """kvq_attn_decode with raw addresses: q and out float32 [len(seq_ids)][n_q_heads][head_dim]."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
         p = _params(n_q_heads, scale, window, softcap)
-        _check(_lib.kvq_attn_decode(self._h, int(layer), len(ids), idp, _P(q_addr), _P(out_addr), C.byref(p)))
+        q_addr, out_addr = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr")
+        _check(_lib.kvq_attn_decode(h, layer, n, idp, q_addr, out_addr, C.byref(p)))
 
-    def attn_prefill_ptr(self, layer, seq, n_q, q_addr, out_addr, n_q_heads, scale=0.0, window=0, softcap=0.0):
+    def attn_prefill_ptr(self, layer: int, seq: int, n_q: int, q_addr: int, out_addr: int, n_q_heads: int,
+                         scale: float = 0.0, window: int = 0, softcap: float = 0.0) -> None:
+        """kvq_attn_prefill with raw addresses: q and out float32 [n_q][n_q_heads][head_dim]."""
+        h = self._handle()
+        layer, seq, n_q = _int(layer, "layer"), _int(seq, "seq"), _int(n_q, "n_q")
         p = _params(n_q_heads, scale, window, softcap)
-        _check(_lib.kvq_attn_prefill(self._h, int(layer), int(seq), int(n_q), _P(q_addr), _P(out_addr), C.byref(p)))
+        q_addr, out_addr = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr")
+        _check(_lib.kvq_attn_prefill(h, layer, seq, n_q, q_addr, out_addr, C.byref(p)))
 
-    def attn_decode(self, layer, seq_ids, q: np.ndarray, scale=0.0, window=0, softcap=0.0) -> np.ndarray:
-        """q: [n_seqs][n_q_heads][head_dim] -> out of the same shape (float32)."""
-        q = np.ascontiguousarray(q, dtype=np.float32)
+    def _query(self, q: Any, rows: int, rows_what: str) -> np.ndarray:
+        """q as C-contiguous float32 [rows][n_q_heads][head_dim] (a copy when it is another float dtype or not
+        contiguous), after checking its shape against the cache."""
+        if not isinstance(q, np.ndarray):
+            q = np.asarray(q)
+        if q.dtype.kind != "f":
+            raise TypeError(f"kvq: q has dtype {q.dtype}: kvq takes a float array (computed in float32)")
+        if q.ndim != 3:
+            raise ValueError(f"kvq: q must be 3-D [{rows_what}][n_q_heads][head_dim], got shape {q.shape}")
+        r, hq, d = q.shape
+        if rows >= 0 and r != rows:
+            raise ValueError(f"kvq: q has {r} rows, {rows_what} = {rows}")
+        if d != self.head_dim:
+            raise ValueError(f"kvq: q has head dim {d}, the cache's head_dim is {self.head_dim}")
+        if hq < 1 or hq % self.n_kv_heads:
+            raise ValueError(f"kvq: q has {hq} query heads, not a positive multiple of the cache's "
+                             f"{self.n_kv_heads} KV heads")
+        return np.require(q, np.float32, ["C", "A"])
+
+    def attn_decode(self, layer: int, seq_ids: Sequence[int], q: np.ndarray, scale: float = 0.0, window: int = 0,
+                    softcap: float = 0.0) -> np.ndarray:
+        """q: [len(seq_ids)][n_q_heads][head_dim] float (computed in float32) -> out of the same shape (float32)."""
+        self._handle()
+        n, _, _ = _ids(seq_ids, "seq_ids")
+        q = self._query(q, n, "len(seq_ids)")
         out = np.empty_like(q)
         self.attn_decode_ptr(layer, seq_ids, q.ctypes.data, out.ctypes.data, q.shape[1], scale, window, softcap)
         return out
 
-    def attn_prefill(self, layer, seq, q: np.ndarray, scale=0.0, window=0, softcap=0.0) -> np.ndarray:
-        """q: [n_q][n_q_heads][head_dim], the last n_q tokens of `seq` -> out of the same shape (float32)."""
-        q = np.ascontiguousarray(q, dtype=np.float32)
+    def attn_prefill(self, layer: int, seq: int, q: np.ndarray, scale: float = 0.0, window: int = 0,
+                     softcap: float = 0.0) -> np.ndarray:
+        """q: [n_q][n_q_heads][head_dim] float, the last n_q tokens of `seq` -> out of the same shape (float32)."""
+        self._handle()
+        q = self._query(q, -1, "n_q")
         out = np.empty_like(q)
-        self.attn_prefill_ptr(layer, seq, q.shape[0], q.ctypes.data, out.ctypes.data, q.shape[1], scale, window,
-                              softcap)
+        self.attn_prefill_ptr(layer, seq, _int(q.shape[0], "n_q"), q.ctypes.data, out.ctypes.data, q.shape[1],
+                              scale, window, softcap)
         return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA backend (optional library)
 # ----------------------------------------------------------------------------------------------------------------
-_cuda, CUDA_LIBRARY_PATH = _load("KVQ_CUDA_LIBRARY", ["libkvq_cuda_py.so"], "the kvq CUDA library", False)
-_CUDA_WHY = ""  # why a CUDA library that was found cannot be used
+_cuda, CUDA_LIBRARY_PATH, _CUDA_WHY = _load("KVQ_CUDA_LIBRARY", ["libkvq_cuda_py.so"], "the kvq CUDA library", False)
+# _CUDA_WHY: why there is no usable CUDA library ("" when none was found at all: it was not built)
 if _cuda is not None:
     _cuda_entries = [
         ("kvq_cuda_last_error", C.c_char_p, []),
@@ -403,35 +694,110 @@ if _cuda is not None:
         _cuda = None
 
 
-def _check_cuda(status):
+def _check_cuda(status: int) -> None:
     _check(status, _cuda.kvq_cuda_last_error)
 
 
-def cuda_available() -> tuple[bool, str]:
-    """(True, "") when the CUDA library is loaded and a usable GPU (sm_90) is there, else (False, why)."""
+# CUresult codes of the driver API (cuda.h) that tell why there is no usable device.
+_CU_NO_DEVICE, _CU_INSUFFICIENT_DRIVER, _CU_NOT_INITIALIZED, _CU_SYSTEM_DRIVER_MISMATCH = 100, 35, 3, 803
+_CU_COMPAT_NOT_SUPPORTED = 804
+
+
+def _cuda_version_str(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}" if v > 0 else "unknown"
+
+
+_cdll = C.CDLL  # how _driver_why opens libcuda (tests put a fake driver here)
+
+
+def _driver_why(runtime_msg: str = "", cdll=None, runtime_version: int = 0) -> str:
+    """Why the machine cannot run kvq's CUDA kernels, asked from the NVIDIA driver itself (libcuda), so that a
+    machine without a GPU is not told that its driver is too old (which is what the CUDA runtime says when it finds
+    no driver at all). runtime_msg: kvq_cuda_device_count's message; runtime_version: the CUDA version kvq's library
+    was built with (CUDA's 12040 form; 0 unknown). "" when the driver and a GPU are there (runtime_msg says the
+    rest, e.g. no device of compute capability 9.0)."""
+    try:
+        cu = (cdll or _cdll)("libcuda.so.1")
+    except OSError:
+        return ("no NVIDIA driver on this machine (libcuda.so.1 cannot be loaded): it has no NVIDIA GPU, or the GPU's "
+                "driver is not installed")
+    drv = C.c_int(0)
+    try:
+        if cu.cuDriverGetVersion(C.byref(drv)) != 0:
+            drv.value = 0
+        st = cu.cuInit(0)
+    except AttributeError:
+        return "libcuda.so.1 is not an NVIDIA driver library (no cuInit / cuDriverGetVersion)"
+    have = _cuda_version_str(drv.value)
+    if st == _CU_NO_DEVICE:
+        return (f"the NVIDIA driver (CUDA {have}) is installed but sees no GPU (CUDA_ERROR_NO_DEVICE; is "
+                "CUDA_VISIBLE_DEVICES empty?)")
+    too_old = st in (_CU_INSUFFICIENT_DRIVER, _CU_COMPAT_NOT_SUPPORTED) or "insufficient" in runtime_msg.lower() or \
+        (runtime_version > 0 and 0 < drv.value < runtime_version)
+    if too_old:
+        need = f"CUDA {_cuda_version_str(runtime_version)}" if runtime_version > 0 else "a newer CUDA"
+        return (f"the NVIDIA driver is too old: it supports CUDA {have}, kvq's CUDA library needs {need} "
+                "(update the NVIDIA driver)")
+    if st == _CU_SYSTEM_DRIVER_MISMATCH:
+        return "the NVIDIA kernel module and libcuda.so.1 are of different versions (reboot or reinstall the driver)"
+    if st != 0:
+        return f"the NVIDIA driver (CUDA {have}) failed to initialise: cuInit returned CUresult {st}"
+    n = C.c_int(0)
+    if cu.cuDeviceGetCount(C.byref(n)) == 0 and n.value == 0:
+        return f"the NVIDIA driver (CUDA {have}) is installed but sees no GPU"
+    return ""
+
+
+def _runtime_version() -> int:
+    f = getattr(_cuda, "cudaRuntimeGetVersion", None) if _cuda is not None else None
+    if f is None:
+        return 0
+    v = C.c_int(0)
+    try:
+        return v.value if f(C.byref(v)) == 0 else 0
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def cuda_available() -> Tuple[bool, str]:
+    """(True, "") when kvq's CUDA library is loaded and a usable GPU (compute capability 9.0) is there, else
+    (False, why). The reasons are told apart: the CUDA library was not built (or cannot be loaded, or is out of
+    date); no NVIDIA driver (a machine without a GPU); the driver sees no GPU; the driver is too old for the
+    library; GPUs of another compute capability."""
     if _cuda is None:
-        return False, _CUDA_WHY or "libkvq was built without its CUDA backend (no nvcc at build time)"
+        return False, _CUDA_WHY or ("kvq's CUDA library is not built: libkvq_cuda_py.so is built only where nvcc is "
+                                    "found (pip install . or python3 python/build_native.py on a machine with the "
+                                    "CUDA toolkit; KVQ_CUDA_LIBRARY=path loads one by hand)")
     n = C.c_int()
     st = _cuda.kvq_cuda_device_count(C.byref(n))
     if st < 0 or n.value < 1:
-        return False, _cuda.kvq_cuda_last_error().decode() or "no usable GPU"
+        msg = _cuda.kvq_cuda_last_error().decode(errors="replace")
+        why = _driver_why(msg, runtime_version=_runtime_version())
+        return False, why or msg or "no usable GPU"
     return True, ""
 
 
 class CudaCache:
     """A device kvq_cuda_cache. Tensors are passed as device addresses; `stream` is a cudaStream_t as int (0: legacy
-    default stream)."""
+    default stream). A context manager like Cache (the end of the `with` block frees the device memory)."""
 
-    def __init__(self, n_layers, n_kv_heads, head_dim, type_k="f16", type_v=None, arena_bytes=None,
-                 max_tokens=4096, residual=-1, max_seqs=0, device=0, max_seq_tokens=0):
+    _h: Optional[C.c_void_p] = None
+    _what = "kvq.CudaCache"
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
+                 type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
+                 residual: int = -1, max_seqs: int = 0, device: int = 0, max_seq_tokens: int = 0):
+        cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, 64, 0, residual, max_seqs, 0)
+        if arena_bytes is None:
+            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v,
+                                          _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64"), 1)
+        cfg.arena_bytes = _size(arena_bytes, "arena_bytes")
+        device, max_seq_tokens = _int(device, "device"), _i64(max_seq_tokens, "max_seq_tokens")
         ok, why = cuda_available()
         if not ok:
             raise KvqError(-13, f"kvq CUDA backend unavailable: {why}")
-        if arena_bytes is None:
-            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1)
-        cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, arena_bytes, 64, 0, residual, max_seqs, 0)
         h = _P()
-        _check_cuda(_cuda.kvq_cuda_cache_create(C.byref(cfg), int(device), int(max_seq_tokens), C.byref(h)))
+        _check_cuda(_cuda.kvq_cuda_cache_create(C.byref(cfg), device, max_seq_tokens, C.byref(h)))
         self._h = h
         self.config = CacheConfig()
         self.layout = PageLayout()
@@ -439,56 +805,88 @@ class CudaCache:
         self.n_layers, self.n_kv_heads, self.head_dim = self.config.n_layers, self.config.n_kv_heads, \
             self.config.head_dim
 
-    def close(self):
-        if getattr(self, "_h", None):
-            _cuda.kvq_cuda_cache_free(self._h)
-            self._h = None
+    def close(self) -> None:
+        """Free the device cache (idempotent; waits for the device). Later calls raise CacheClosedError."""
+        h, self._h = self._h, None
+        if h:
+            _cuda.kvq_cuda_cache_free(h)
 
-    __del__ = close
+    closed = Cache.closed
+    __enter__ = Cache.__enter__
+    __exit__ = Cache.__exit__
+    __del__ = Cache.__del__
+    _handle = Cache._handle
 
     def seq_new(self) -> int:
+        h = self._handle()
         s = C.c_int32()
-        _check_cuda(_cuda.kvq_cuda_seq_new(self._h, C.byref(s)))
+        _check_cuda(_cuda.kvq_cuda_seq_new(h, C.byref(s)))
         return s.value
 
-    def seq_free(self, seq) -> None:
-        _check_cuda(_cuda.kvq_cuda_seq_free(self._h, int(seq)))
+    def seq_free(self, seq: int) -> None:
+        h = self._handle()
+        _check_cuda(_cuda.kvq_cuda_seq_free(h, _int(seq, "seq")))
 
-    def seq_fork(self, src, stream=0) -> int:
+    def seq_fork(self, src: int, stream: int = 0) -> int:
         """New sequence sharing src's pages (copy on write); the window copies are enqueued on `stream`."""
+        h = self._handle()
+        src, stream = _int(src, "src"), _addr(stream, "stream")
         s = C.c_int32()
-        _check_cuda(_cuda.kvq_cuda_seq_fork(self._h, int(src), C.byref(s), _P(stream or None)))
+        _check_cuda(_cuda.kvq_cuda_seq_fork(h, src, C.byref(s), stream))
         return s.value
 
-    def seq_truncate(self, seq, n_tokens, stream=0) -> None:
+    def seq_truncate(self, seq: int, n_tokens: int, stream: int = 0) -> None:
         """Keep the first n_tokens tokens of every layer (kvq_seq_truncate semantics); device work on `stream`."""
-        _check_cuda(_cuda.kvq_cuda_seq_truncate(self._h, int(seq), int(n_tokens), _P(stream or None)))
+        h = self._handle()
+        seq, n_tokens, stream = _int(seq, "seq"), _i64(n_tokens, "n_tokens"), _addr(stream, "stream")
+        _check_cuda(_cuda.kvq_cuda_seq_truncate(h, seq, n_tokens, stream))
 
-    def seq_length(self, seq, layer=0) -> int:
+    def seq_length(self, seq: int, layer: int = 0) -> int:
+        h = self._handle()
+        seq, layer = _int(seq, "seq"), _int(layer, "layer")
         n = C.c_int64()
-        _check_cuda(_cuda.kvq_cuda_seq_length(self._h, int(seq), int(layer), C.byref(n)))
+        _check_cuda(_cuda.kvq_cuda_seq_length(h, seq, layer, C.byref(n)))
         return n.value
 
     def stats(self) -> dict:
+        h = self._handle()
         s = CudaStats()
-        _check_cuda(_cuda.kvq_cuda_cache_get_stats(self._h, C.byref(s)))
+        _check_cuda(_cuda.kvq_cuda_cache_get_stats(h, C.byref(s)))
         return _stats_dict(s)
 
-    def append_ptr(self, layer, seq_ids, n_tokens, dtype, k_addr, v_addr, stream=0) -> None:
-        ids, idp = _ids(seq_ids)
-        nt, ntp = _ids(n_tokens)
-        _check_cuda(_cuda.kvq_cuda_append(self._h, int(layer), len(ids), idp, ntp, int(dtype), _P(k_addr),
-                                          _P(v_addr), _P(stream or None)))
+    def append_ptr(self, layer: int, seq_ids: Sequence[int], n_tokens: Sequence[int], dtype: int, k_addr: int,
+                   v_addr: int, stream: int = 0) -> None:
+        """kvq_cuda_append: k_addr / v_addr are device addresses of [sum n_tokens][n_kv_heads][head_dim] elements of
+        `dtype`, dense."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
+        nt, ntp, _ = _ids(n_tokens, "n_tokens", nonneg=True)
+        if n != nt:
+            raise ValueError(f"kvq: seq_ids has {n} entries, n_tokens {nt}")
+        dtype = _dtype_code(dtype)
+        k_addr, v_addr, stream = _addr(k_addr, "k_addr"), _addr(v_addr, "v_addr"), _addr(stream, "stream")
+        _check_cuda(_cuda.kvq_cuda_append(h, layer, n, idp, ntp, dtype, k_addr, v_addr, stream))
 
-    def attn_decode_ptr(self, layer, seq_ids, qo_dtype, q_addr, out_addr, n_q_heads, scale=0.0, window=0,
-                        softcap=0.0, stream=0) -> None:
-        ids, idp = _ids(seq_ids)
+    def attn_decode_ptr(self, layer: int, seq_ids: Sequence[int], qo_dtype: int, q_addr: int, out_addr: int,
+                        n_q_heads: int, scale: float = 0.0, window: int = 0, softcap: float = 0.0,
+                        stream: int = 0) -> None:
+        """kvq_cuda_attn_decode: q / out device addresses of [len(seq_ids)][n_q_heads][head_dim] `qo_dtype`."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
+        qo_dtype = _dtype_code(qo_dtype)
         p = _params(n_q_heads, scale, window, softcap)
-        _check_cuda(_cuda.kvq_cuda_attn_decode(self._h, int(layer), len(ids), idp, int(qo_dtype), _P(q_addr),
-                                               _P(out_addr), C.byref(p), _P(stream or None)))
+        q_addr, out_addr, stream = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr"), _addr(stream, "stream")
+        _check_cuda(_cuda.kvq_cuda_attn_decode(h, layer, n, idp, qo_dtype, q_addr, out_addr, C.byref(p), stream))
 
-    def attn_prefill_ptr(self, layer, seq, n_q, qo_dtype, q_addr, out_addr, n_q_heads, scale=0.0, window=0,
-                         softcap=0.0, stream=0) -> None:
+    def attn_prefill_ptr(self, layer: int, seq: int, n_q: int, qo_dtype: int, q_addr: int, out_addr: int,
+                         n_q_heads: int, scale: float = 0.0, window: int = 0, softcap: float = 0.0,
+                         stream: int = 0) -> None:
+        """kvq_cuda_attn_prefill: q / out device addresses of [n_q][n_q_heads][head_dim] `qo_dtype`."""
+        h = self._handle()
+        layer, seq, n_q = _int(layer, "layer"), _int(seq, "seq"), _int(n_q, "n_q")
+        qo_dtype = _dtype_code(qo_dtype)
         p = _params(n_q_heads, scale, window, softcap)
-        _check_cuda(_cuda.kvq_cuda_attn_prefill(self._h, int(layer), int(seq), int(n_q), int(qo_dtype), _P(q_addr),
-                                                _P(out_addr), C.byref(p), _P(stream or None)))
+        q_addr, out_addr, stream = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr"), _addr(stream, "stream")
+        _check_cuda(_cuda.kvq_cuda_attn_prefill(h, layer, seq, n_q, qo_dtype, q_addr, out_addr, C.byref(p), stream))

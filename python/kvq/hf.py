@@ -18,15 +18,28 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import Any, Dict, List, Union
 
-import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
-from transformers.masking_utils import AttentionMaskInterface
+_HINT = "pip install kvq[hf]  (torch and transformers >= 5)"
+try:
+    import torch
+except Exception as _e:  # not installed, or installed but broken (a CUDA wheel without its nvidia libraries)
+    raise ImportError(f"kvq's transformers integration (kvq.hf) needs torch, which cannot be imported "
+                      f"({type(_e).__name__}: {_e}): "
+                      f"{_HINT}") from _e
+try:
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+    from transformers.masking_utils import AttentionMaskInterface
+except Exception as _e:
+    raise ImportError(f"kvq's transformers integration (kvq.hf) needs transformers >= 5, which cannot be imported "
+                      f"({_e}): {_HINT}") from _e
 
 from . import _native as N
 
 ATTN_IMPLEMENTATION = "kvq"
+# a kv type name or code, a list with one per layer, or a dict {layer: type, "default": type}
+KVTypeSpec = Union[str, int, List[Union[str, int]], Dict[Any, Union[str, int]]]
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "qwen2")
 _TORCH_DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -146,9 +159,24 @@ class KVQCache(Cache):
     generated token real, so only a hand-written loop that masks out a new token would see a difference.
     """
 
-    def __init__(self, config, kv_type="q8", value_type=None, max_cache_len: int = 4096,
-                 max_batch_size: int | None = None, arena_bytes: int | None = None, residual: int = -1,
-                 group: int = 0, n_threads: int = 0):
+    def __init__(self, config: Any, kv_type: KVTypeSpec = "q8", value_type: KVTypeSpec | None = None,
+                 max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
+                 residual: int = -1, group: int = 0, n_threads: int = 0) -> None:
+        if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
+            raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
+        max_cache_len = N._nonneg(max_cache_len, "max_cache_len", N.INT64_MAX, "int64")
+        if max_cache_len < 1:
+            raise ValueError("kvq: max_cache_len must be >= 1")
+        if max_batch_size is not None and N._int(max_batch_size, "max_batch_size") < 1:
+            raise ValueError(f"kvq: max_batch_size = {max_batch_size} must be >= 1")
+        if arena_bytes is not None:
+            N._size(arena_bytes, "arena_bytes")
+        if not -1 <= N._int(residual, "residual") <= 4096:
+            raise ValueError(f"kvq: residual = {residual} must be -1 (kvq's default) or 0 .. 4096")
+        if N._int(group, "group") not in (0, 16, 32, 64, 128):
+            raise ValueError(f"kvq: group = {group} must be 0 (kvq's default), 16, 32, 64 or 128")
+        if not 0 <= N._int(n_threads, "n_threads") <= 1024:
+            raise ValueError(f"kvq: n_threads = {n_threads} must be 0 (all) .. 1024")
         tc, n_layers, n_heads, n_kv, head_dim = _shape_of(config)
         self._config = tc
         self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_heads, n_kv, head_dim
@@ -426,6 +454,9 @@ class KVQCache(Cache):
             return
         if src_rows == list(range(self.kvq_batch)):
             return
+        for i in src_rows:  # before anything changes: a negative index would silently pick the last row
+            if not 0 <= i < self.kvq_batch:
+                raise IndexError(f"kvq: batch row {i} outside 0 .. {self.kvq_batch - 1}")
         sa = self._stream_args()
         # Two phases, so that a failure (no free sequence slot, no page for a copy on write) in any group leaves
         # every group as it was: first all forks, then, once all succeeded, the frees.
@@ -455,19 +486,24 @@ class KVQCache(Cache):
         self.kvq_batch = len(src_rows)
         self._mask_memo = None
 
-    def reorder_cache(self, beam_idx):
-        self._remap([int(i) for i in beam_idx.tolist()])
+    def reorder_cache(self, beam_idx: Any) -> None:
+        idx = beam_idx.tolist() if hasattr(beam_idx, "tolist") else list(beam_idx)
+        self._remap([N._int(i, "beam_idx[]") for i in idx])
 
-    def batch_repeat_interleave(self, repeats: int):
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        repeats = N._int(repeats, "repeats")
+        if repeats < 1:
+            raise ValueError(f"kvq: repeats = {repeats} must be >= 1")
         self._remap([b for b in range(self.kvq_batch) for _ in range(repeats)])
 
-    def batch_select_indices(self, indices):
+    def batch_select_indices(self, indices: Any) -> None:
         idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
         if isinstance(idx, list) and idx and isinstance(idx[0], bool):
             idx = [i for i, keep in enumerate(idx) if keep]
-        self._remap([int(i) for i in idx])
+        self._remap([N._int(i, "indices[]") for i in idx])
 
-    def crop(self, tokens_to_remove: int):
+    def crop(self, tokens_to_remove: int) -> None:
+        tokens_to_remove = N._i64(tokens_to_remove, "tokens_to_remove")
         hf_len = max(layer.hf_len for layer in self.layers)
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, hf_len - tokens_to_remove)
         if remove == 0 or self._device is None:
@@ -480,7 +516,7 @@ class KVQCache(Cache):
             layer.hf_len = max(0, layer.hf_len - remove)
         self._mask_memo = None
 
-    def reset(self):
+    def reset(self) -> None:
         for g in self._groups:
             if g.handle is not None:
                 for s in g.seqs:
@@ -557,8 +593,10 @@ def _fallback_attention(module, query, key, value, attention_mask, scaling, wind
     return torch.matmul(p, v).to(query.dtype).transpose(1, 2).contiguous()
 
 
-def kvq_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                          softcap=None, **kwargs):
+def kvq_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          sliding_window: int | None = None, softcap: float | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
     ctx = getattr(key, "_kvq", None)
     if ctx is None:
         return _fallback_attention(module, query, key, value, attention_mask, scaling, sliding_window, softcap), None
@@ -617,7 +655,8 @@ def _check_model(model, kv_type):
         raise TypeError("kvq: this transformers version has no set_attn_implementation (need transformers >= 5)")
 
 
-def patch_model_with_int8_kv_cache(model, kv_type="q8", max_cache_len: int | None = None, **cache_kwargs):
+def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec = "q8", max_cache_len: int | None = None,
+                                   **cache_kwargs: Any) -> Any:
     """Make `model` keep its KV cache in kvq (int8 by default) and run attention on the quantized pages.
 
     Same call as icw-kv-quant's: `patch_model_with_int8_kv_cache(model)`, in place (the model is also returned).
@@ -628,6 +667,10 @@ def patch_model_with_int8_kv_cache(model, kv_type="q8", max_cache_len: int | Non
     if getattr(model, "_is_kv_quant_patched", False):
         return model
     _check_model(model, kv_type)
+    # the cache's own arguments are checked now too (a KVQCache allocates nothing before its first update), so that
+    # a bad keyword fails here rather than inside generate()
+    KVQCache(model.config, kv_type=kv_type, max_cache_len=4096 if max_cache_len is None else max_cache_len,
+             **cache_kwargs)
     register_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -655,7 +698,7 @@ def patch_model_with_int8_kv_cache(model, kv_type="q8", max_cache_len: int | Non
     return model
 
 
-def unpatch_model(model):
+def unpatch_model(model: Any) -> Any:
     """Undo patch_model_with_int8_kv_cache."""
     if not getattr(model, "_is_kv_quant_patched", False):
         return model

@@ -227,3 +227,64 @@ def test_unsupported_raise_before_any_change():
     with pytest.raises(TypeError, match="float64"):
         cache.update(torch.zeros(1, 2, 3, 64, dtype=torch.float64), torch.zeros(1, 2, 3, 64, dtype=torch.float64), 0)
     assert cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(max_cache_len=0), ValueError, "max_cache_len"),
+    (dict(max_cache_len=2.5), TypeError, "max_cache_len"),
+    (dict(max_cache_len=2**63), OverflowError, "max_cache_len"),
+    (dict(max_batch_size=0), ValueError, "max_batch_size"),
+    (dict(arena_bytes=-1), OverflowError, "arena_bytes"),
+    (dict(residual=5000), ValueError, "residual"),
+    (dict(group=48), ValueError, "group"),
+    (dict(n_threads=-1), ValueError, "n_threads"),
+    (dict(kv_type=2**32 + 2), ValueError, "unknown kv type"),
+])
+def test_kvqcache_arguments_checked_at_construction(kw, exc, match):
+    """Bad arguments fail when the cache is made, not at the first update inside generate() (nor are they
+    truncated: 2**32 + 2 was q8)."""
+    with pytest.raises(exc, match=match):
+        kvq.KVQCache(make("llama").config, **kw)
+    with pytest.raises(TypeError, match="model.config"):
+        kvq.KVQCache(object())
+
+
+def test_patch_checks_cache_arguments_before_patching():
+    model = make("llama")
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match="residual"):
+        kvq.patch_model_with_int8_kv_cache(model, residual=5000)
+    with pytest.raises(TypeError, match="no_such_option"):
+        kvq.patch_model_with_int8_kv_cache(model, no_such_option=1)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        kvq.patch_model_with_int8_kv_cache(model, max_cache_len=0)
+    assert model.config._attn_implementation == impl and not getattr(model, "_is_kv_quant_patched", False)
+
+
+def test_reorder_rejects_rows_outside_the_batch():
+    """A negative beam index silently picked the last row; an index past the batch failed half-way."""
+    model = make("llama")
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="q8", max_cache_len=64)
+        ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(9))
+        _gen(model, ids, max_new_tokens=3, past_key_values=cache)
+        before = [(list(g.seqs), g.handle.stats()) for g in cache._groups]
+        for bad in ([0, -1], [0, 2], [1.5, 0]):
+            with pytest.raises((IndexError, TypeError)):
+                cache.reorder_cache(torch.tensor(bad) if not isinstance(bad[0], float) else bad)
+            assert [(list(g.seqs), g.handle.stats()) for g in cache._groups] == before
+        with pytest.raises(ValueError, match="repeats"):
+            cache.batch_repeat_interleave(0)
+        cache.reorder_cache(torch.tensor([1, 1]))
+        assert cache.batch_size == 2 and cache.seq_lengths()[0] == cache.seq_lengths()[1]
+
+
+def test_kvqcache_with_closed_handle_raises_clearly():
+    model = make("llama")
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="q8", max_cache_len=64)
+        ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(10))
+        _gen(model, ids, max_new_tokens=2, past_key_values=cache)
+        cache._groups[0].handle.close()
+        with pytest.raises(kvq.CacheClosedError, match="closed"):
+            cache.seq_lengths()
