@@ -216,8 +216,11 @@ static void footer_compare(const kvq_cli_opts *o, size_t n_prompt, const run_res
     }
     for (int i = 0; i < nr; i++)
         if (i != base && resident(&rs[i].stats) > 0)
-            fprintf(stderr, "%s: resident KV %.2fx smaller than %s\n", o->compare[i].name,
-                    resident(&rs[base].stats) / resident(&rs[i].stats), o->compare[base].name);
+        {
+            double q = resident(&rs[base].stats) / resident(&rs[i].stats);
+            fprintf(stderr, "%s: resident KV %.2fx %s than %s's\n", o->compare[i].name, q >= 1 ? q : 1 / q,
+                    q >= 1 ? "smaller" : "larger", o->compare[base].name);
+        }
 }
 
 int kvq_cli_run(int argc, char **argv) {
