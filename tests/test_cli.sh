@@ -85,7 +85,7 @@ if [ "$part" = parse ]; then
   read -r rq4 rf16 g < <("$helper" --print-lib-defaults)
   for c in run perplexity capacity; do
     expect ok "$c --help states libkvq's residual ($rq4/$rf16) and group ($g)" \
-      "default: libkvq's,.*$rq4 for q4/q2, $rf16 for the per-token types" -- "$kvq" $c --help
+      "^ +$rq4 for q4/q2, $rf16 for the per-token types\)" -- "$kvq" $c --help
     expect ok "$c --help group default" "group size: 16, 32, 64 or 128 \(default: libkvq's, $g\)" -- "$kvq" $c --help
   done
   expect ok "tokenize --help" "usage: kvq tokenize" -- "$kvq" tokenize --help
