@@ -21,8 +21,13 @@ if [ ! -x "$build/bin/kvq" ]; then
 fi
 cmd=("$build/bin/kvq" run -m models/SmolLM2-135M-Instruct.Q4_1.gguf --chat -f "$prompt_file" --temp 0 -n 120
      --compare f16,q4)
-# The echoed command is the array that runs next, quoted for the shell.
-{ printf '$'; printf ' %q' "${cmd[@]}"; printf '\n'; } >&2
+# The echoed command is the array that runs next; an argument with characters the shell would treat specially is
+# single-quoted (${a@Q}), so the line pastes back into a shell as the same command.
+line='$'
+for a in "${cmd[@]}"; do
+  if [[ $a =~ ^[A-Za-z0-9_./,:=+-]+$ ]]; then line+=" $a"; else line+=" ${a@Q}"; fi
+done
+echo "$line" >&2
 start=$SECONDS
 "${cmd[@]}"
 echo "demo: $((SECONDS - start)) s" >&2
