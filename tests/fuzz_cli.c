@@ -4,8 +4,12 @@
  * values in range, at most KVQ_CLI_MAX_COMPARE valid --compare entries). --help renders the help text (which asks
  * the library for its defaults). ASan/UBSan and LeakSanitizer catch the rest.
  *
- * libFuzzer build (what tests/corpus/cli/ seeds):
- *   clang -fsanitize=fuzzer,address,undefined tests/fuzz_cli.c <kvq_cli_core> <kvq_model> <kvq_gguf> <kvq> -lopenblas -lm */
+ * libFuzzer build by hand (the parser instrumented, the libraries of a release build linked as they are), seeded with
+ * tests/corpus/cli/:
+ *   clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude -Isrc/model -Isrc/cli \
+ *     -I/usr/include/x86_64-linux-gnu/openblas-pthread tests/fuzz_cli.c src/cli/options.c src/cli/common.c \
+ *     build/src/model/libkvq_model.a build/src/model/libkvq_gguf.a build/src/core/libkvq.a -lopenblas -lgomp -lm \
+ *     -o fuzz_cli && ./fuzz_cli -max_total_time=420 -max_len=2048 corpus/   (corpus/: a copy of tests/corpus/cli) */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
