@@ -76,6 +76,8 @@ if [ "$part" = parse ]; then
     "$kvq" run -m $M -f /dev/urandom --max-file-size 1MiB
   expect fail "/dev/urandom with the default limit" "'/dev/urandom' is longer than the limit of 67108864" -- \
     "$kvq" tokenize -m $M -f /dev/urandom
+  expect fail "a pipe on stdin (-f -) over the limit" "'-' is longer than the limit of 1000 bytes" -- \
+    bash -c "head -c 5000 /dev/zero | \"\$0\" tokenize -m $M -f - --max-file-size 1000" "$kvq"
   expect fail "missing model" "loading the model: .*'/nonexistent/model.gguf'" -- "$kvq" capacity -m $M --mem 1G
   # Every llama.cpp spelling is accepted: parsing succeeds and the run stops at the missing model.
   expect fail "llama.cpp spellings parse" "kvq run: loading the model" -- "$kvq" run -m $M -p x -c 64 -ctk q8_0 \
