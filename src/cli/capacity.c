@@ -109,8 +109,10 @@ int kvq_cli_capacity(int argc, char **argv) {
         if (lo > best) best = lo;
         past |= lo > mc.ctx_len;
         kvq_cli_fmt_bytes(fixed + P * (pg + win), tot, sizeof tot);
-        printf("| %-8s | %14.0f | %14lld%s | %17s | %5.2fx |\n", mixes[i].name, bpt, (long long)lo,
-               lo > mc.ctx_len ? "*" : " ", tot, f16max ? (double)lo / (double)f16max : 0.0);
+        char vs[16] = "     -";
+        if (f16max) snprintf(vs, sizeof vs, "%5.2fx", (double)lo / (double)f16max);
+        printf("| %-8s | %14.0f | %13lld%s | %17s | %6s |\n", mixes[i].name, bpt, (long long)lo, lo > mc.ctx_len ? "*" : " ",
+               tot, vs);
     }
     if (past)
         fprintf(stderr, "kvq capacity: warning: * = past the model's trained context (%d tokens): the memory holds more "
