@@ -177,9 +177,12 @@ static void footer_one(const kvq_cli_mix *mix, size_t n_prompt, const run_result
             r->decoded > 0 ? r->decoded / r->decode_s : 0.0);
     fprintf(stderr, "KV cache: %lld tokens; resident %s = pages in use %s + fp16 residual windows %s\n",
             (long long)r->tokens, tot, pg, win);
-    fprintf(stderr, "          pages: %.0f B/token vs %.0f B/token in F16 (%.3fx); --compare f16,%s measures a whole F16 run\n",
-            r->stats.bytes_per_token, r->stats.f16_bytes_per_token,
-            r->stats.f16_bytes_per_token > 0 ? r->stats.bytes_per_token / r->stats.f16_bytes_per_token : 0.0, mix->name);
+    fprintf(stderr, "          pages: %.0f B/token vs %.0f B/token in F16 (%.3fx)", r->stats.bytes_per_token,
+            r->stats.f16_bytes_per_token,
+            r->stats.f16_bytes_per_token > 0 ? r->stats.bytes_per_token / r->stats.f16_bytes_per_token : 0.0);
+    if (mix->type_k != KVQ_TYPE_F16 || mix->type_v != KVQ_TYPE_F16)
+        fprintf(stderr, "; --compare f16,%s measures an F16 run beside it", mix->name);
+    fprintf(stderr, "\n");
 }
 
 static void footer_compare(const kvq_cli_opts *o, size_t n_prompt, const run_result *rs, int nr) {
@@ -269,6 +272,14 @@ int kvq_cli_run(int argc, char **argv) {
         goto done;
     }
     int64_t want = o.ctx ? o.ctx : (int64_t)prompt.n + o.n_predict;
+    if (!o.ctx && want > L.m->cfg.ctx_len && (int64_t)prompt.n < L.m->cfg.ctx_len) {
+        /* The default reservation stops at the trained context (-c reserves more, with a warning): -n 1048576 must
+         * not reserve a 22 GiB arena for a model trained on 8192 tokens. */
+        fprintf(stderr, "kvq run: prompt %zu + -n %d tokens is past the model's trained context_length %d: reserving %d "
+                        "(generation stops there; -c N reserves more)\n", prompt.n, o.n_predict, L.m->cfg.ctx_len,
+                L.m->cfg.ctx_len);
+        want = L.m->cfg.ctx_len;
+    }
     if ((int64_t)prompt.n >= want) {
         fprintf(stderr, "kvq run: prompt of %zu tokens does not fit -c/--ctx-size %lld (it needs one more token)\n",
                 prompt.n, (long long)want);
