@@ -57,9 +57,10 @@ void llama_free(llama_model *m) {
     free(m);
 }
 
-kvq_status llama_load(const gguf_file *f, llama_model **out) {
-    if (!f || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_load: NULL argument");
-    *out = NULL;
+/* Reads and checks the model's shape from its metadata (no tensor data is touched beyond token_embd's shape). */
+kvq_status llama_read_config(const gguf_file *f, llama_config *c) {
+    if (!f || !c) return kvqm_fail(KVQ_ERR_NULL, "llama_read_config: NULL argument");
+    memset(c, 0, sizeof *c);
     gguf_str arch_s = gguf_get_str(f, "general.architecture");
     char arch[64];
     if (!arch_s.ptr || arch_s.len == 0 || arch_s.len >= sizeof arch)
@@ -68,24 +69,18 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
     arch[arch_s.len] = '\0';
     if (strcmp(arch, "llama") != 0)
         return kvqm_fail(KVQ_ERR_FORMAT, "model: architecture '%s' is not supported (llama only)", arch);
-
-    llama_model *m = calloc(1, sizeof *m);
-    if (!m) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "model: out of memory");
-    llama_config *c = &m->cfg;
     kvq_status st;
     if ((st = get_int(f, arch, "embedding_length", 1, 1 << 16, &c->dim)) ||
         (st = get_int(f, arch, "block_count", 1, 1024, &c->n_layers)) ||
         (st = get_int(f, arch, "attention.head_count", 1, 1024, &c->n_heads)) ||
         (st = get_int(f, arch, "feed_forward_length", 1, 1 << 20, &c->hidden_dim)))
-        goto fail;
+        return st;
     c->n_kv_heads = c->n_heads;
     char key[160];
     snprintf(key, sizeof key, "%s.attention.head_count_kv", arch);
-    if (gguf_find_kv(f, key) && (st = get_int(f, arch, "attention.head_count_kv", 1, c->n_heads, &c->n_kv_heads))) goto fail;
-    if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads) {
-        st = kvqm_fail(KVQ_ERR_FORMAT, "model: dim %d / heads %d / kv heads %d do not divide", c->dim, c->n_heads, c->n_kv_heads);
-        goto fail;
-    }
+    if (gguf_find_kv(f, key) && (st = get_int(f, arch, "attention.head_count_kv", 1, c->n_heads, &c->n_kv_heads))) return st;
+    if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads)
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: dim %d / heads %d / kv heads %d do not divide", c->dim, c->n_heads, c->n_kv_heads);
     c->head_dim = c->dim / c->n_heads;
     snprintf(key, sizeof key, "%s.context_length", arch);
     int64_t ctx_len = gguf_get_i64_or(f, key, 2048);
@@ -94,23 +89,48 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
     double theta = gguf_get_f64_or(f, key, 10000.0);
     snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", arch);
     double eps = gguf_get_f64_or(f, key, 1e-5);
-    if (!(theta > 1.0 && theta < 1e12) || !(eps > 0 && eps < 1.0)) {
-        st = kvqm_fail(KVQ_ERR_FORMAT, "model: rope.freq_base %g or rms epsilon %g out of range", theta, eps);
-        goto fail;
-    }
+    if (!(theta > 1.0 && theta < 1e12) || !(eps > 0 && eps < 1.0))
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: rope.freq_base %g or rms epsilon %g out of range", theta, eps);
     c->rope_theta = (float)theta;
     c->norm_eps = (float)eps;
     snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
-    if (gguf_get_i64_or(f, key, c->head_dim) != c->head_dim) {
-        st = kvqm_fail(KVQ_ERR_FORMAT, "model: partial RoPE (rope.dimension_count != head_dim) is not supported");
-        goto fail;
-    }
+    if (gguf_get_i64_or(f, key, c->head_dim) != c->head_dim)
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: partial RoPE (rope.dimension_count != head_dim) is not supported");
     const gguf_tensor *emb = gguf_find_tensor(f, "token_embd.weight");
-    if (!emb || (int64_t)emb->ne[0] != c->dim || emb->ne[1] > (1u << 24)) {
-        st = kvqm_fail(KVQ_ERR_FORMAT, "model: token_embd.weight missing or not [vocab][%d]", c->dim);
-        goto fail;
-    }
+    if (!emb || (int64_t)emb->ne[0] != c->dim || emb->ne[1] > (1u << 24))
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: token_embd.weight missing or not [vocab][%d]", c->dim);
     c->vocab_size = (int)emb->ne[1];
+    return KVQ_OK;
+}
+
+/* fp32 bytes llama_load allocates for the weights: every tensor it loads, the tied output counted once. */
+kvq_status llama_weight_bytes(const gguf_file *f, const llama_config *c, size_t *out) {
+    if (!f || !c || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_weight_bytes: NULL argument");
+    size_t dim = (size_t)c->dim, kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim, hid = (size_t)c->hidden_dim;
+    size_t per_layer = dim + dim * dim + 2 * kv_dim * dim + dim * dim + dim + 3 * hid * dim;
+    size_t n = (size_t)c->vocab_size * dim + dim + (size_t)c->n_layers * per_layer;
+    if (gguf_find_tensor(f, "output.weight")) n += (size_t)c->vocab_size * dim;
+    *out = n * sizeof(float);
+    return KVQ_OK;
+}
+
+size_t llama_ctx_scratch_bytes(const llama_config *c, int max_batch) {
+    size_t B = (size_t)(max_batch > 0 ? max_batch : 256), kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+    return (size_t)(c->head_dim / 2) * sizeof(float) +
+           B * (4 * (size_t)c->dim + 2 * kv_dim + 2 * (size_t)c->hidden_dim) * sizeof(float);
+}
+
+kvq_status llama_load(const gguf_file *f, llama_model **out) {
+    if (!f || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_load: NULL argument");
+    *out = NULL;
+    llama_model *m = calloc(1, sizeof *m);
+    if (!m) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "model: out of memory");
+    llama_config *c = &m->cfg;
+    kvq_status st = llama_read_config(f, c);
+    if (st) {
+        free(m);
+        return st;
+    }
     int dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
     size_t *wb = &m->weight_bytes;
     if ((st = load_tensor(f, "token_embd.weight", dim, V, &m->tok_embd, wb)) ||
@@ -161,6 +181,11 @@ struct llama_ctx {
     float *x, *h, *q, *k, *v, *o, *g, *u; /* [B][dim] x4 ([B][kv_dim] for k, v), [B][hidden] for g, u */
 };
 
+static const char *type_str(kvq_type t) {
+    const kvq_type_traits *tr = kvq_type_get_traits(t);
+    return tr ? tr->name : "(unknown type)";
+}
+
 kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
     if (!m || !p || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_create: NULL argument");
     *out = NULL;
@@ -186,12 +211,16 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     kvq_status st;
     cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx); /* exactly the pages n_ctx tokens need */
     if (cc.arena_bytes == 0) {
-        st = kvqm_fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq cache config rejected (KV types %d/%d): %s", p->type_k,
-                       p->type_v, kvq_last_error());
+        /* arena_bytes_for says only "invalid": the same config through kvq_cache_capacity_tokens fails at the same
+         * check and returns its status (head dim, group, residual, type, ...) with the library's message. */
+        int64_t why = kvq_cache_capacity_tokens(&cc);
+        st = why < 0 ? (kvq_status)why : KVQ_ERR_INTERNAL;
+        st = kvqm_fail(st, "KV cache (keys %s, values %s, head_dim %d, %d KV heads, %d tokens): %s", type_str(p->type_k),
+                       type_str(p->type_v), c->head_dim, c->n_kv_heads, p->n_ctx, kvq_last_error());
         goto fail;
     }
     if ((st = kvq_cache_create(&cc, &x->cache))) {
-        st = kvqm_fail(st, "kvq_cache_create: %s", kvq_last_error());
+        st = kvqm_fail(st, "KV cache of %d tokens (%zu bytes of pages): %s", p->n_ctx, cc.arena_bytes, kvq_last_error());
         goto fail;
     }
     if ((st = kvq_seq_new(x->cache, &x->seq))) {

@@ -50,6 +50,10 @@ typedef struct llama_model {
     size_t weight_bytes; /* fp32 bytes held */
 } llama_model;
 
+/* Reads and checks the shape from the metadata only (what `kvq capacity` needs without loading the weights). */
+kvq_status llama_read_config(const gguf_file *f, llama_config *cfg);
+/* Bytes llama_load will hold for the weights (fp32, every tensor it loads, a tied output counted once). */
+kvq_status llama_weight_bytes(const gguf_file *f, const llama_config *cfg, size_t *bytes);
 kvq_status llama_load(const gguf_file *f, llama_model **out);
 void llama_free(llama_model *m);
 
@@ -65,7 +69,11 @@ typedef struct llama_ctx_params {
     int n_threads;   /* attention threads; 0: OpenMP's default */
 } llama_ctx_params;
 
+/* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
+ * KVQ_ERR_UNSUPPORTED_TYPE, KVQ_ERR_OUT_OF_MEMORY for the arena, ...) and a message naming it. */
 kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out);
+/* Heap bytes of a context's activation scratch for max_batch tokens per call (the KV cache not included). */
+size_t llama_ctx_scratch_bytes(const llama_config *cfg, int max_batch);
 void llama_ctx_free(llama_ctx *c);
 /* Drops the cached tokens (a fresh sequence). */
 kvq_status llama_ctx_reset(llama_ctx *c);

@@ -1,0 +1,131 @@
+/* cli.h: what the kvq command's files share (the static library kvq_cli_core: everything but main()).
+ *
+ * options.c   the option table, the strict parsers of numbers, sizes, KV types and --compare lists, the help texts
+ * common.c    model loading, bounded file reading, formatting, thread settings
+ * run.c       kvq run (samplers, --compare)
+ * perplexity.c, capacity.c, tokenize.c: the other subcommands
+ *
+ * The parser prints nothing: a rejected argv leaves its message in the caller's buffer, so the fuzz target
+ * (tests/fuzz_cli.c) and the unit test (tests/test_cli_parse.c) can check that every rejection says why. */
+#ifndef KVQ_CLI_H
+#define KVQ_CLI_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "kvq.h"
+
+enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_NCMD = 4 };
+
+#define KVQ_CLI_MAX_COMPARE 16
+#define KVQ_CLI_ERR_LEN 512
+/* Default limit on the size of an input file (-f): 64 MiB; --max-file-size changes it. */
+#define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
+
+/* One --compare entry: TYPE[/TYPE][:rRESIDUAL][:gGROUP]. */
+typedef struct kvq_cli_mix {
+    kvq_type type_k, type_v;
+    int residual; /* -1: the library's default */
+    int group;    /* 0: the library's default */
+    char name[48];
+} kvq_cli_mix;
+
+typedef struct kvq_cli_opts {
+    int cmd;
+    const char *model, *prompt, *file, *system; /* borrowed from argv */
+    int n_predict, ctx, chunks, chat, threads, batch, residual, group, ids, quiet, parallel;
+    float temp, top_p, min_p, repeat_penalty;
+    int top_k, repeat_last_n;
+    uint64_t seed;
+    kvq_type type_k, type_v;
+    double mem; /* bytes; 0: not given */
+    size_t max_file;
+    int n_compare;
+    kvq_cli_mix compare[KVQ_CLI_MAX_COMPARE];
+} kvq_cli_opts;
+
+/* "run", "perplexity" (or "ppl"), "capacity", "tokenize" -> KVQ_CLI_*; -1 otherwise. */
+int kvq_cli_cmd_from_name(const char *name);
+const char *kvq_cli_cmd_name(int cmd);
+/* The defaults of subcommand `cmd` (what an empty argv gives). */
+void kvq_cli_defaults(int cmd, kvq_cli_opts *o);
+/* Parses argv[0..argc-1] (the options after the subcommand's name). Returns 0 (go on), 1 (--help was asked: the
+ * caller prints kvq_cli_usage) or -1 (rejected: `err` holds a message naming the option and the problem). */
+int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, size_t errlen);
+void kvq_cli_usage(int cmd, FILE *out);
+void kvq_cli_usage_main(FILE *out);
+
+/* Strict parsers (0 ok, -1 with a message in err): the whole string, decimal digits only, no sign unless lo < 0,
+ * no spaces, in lo..hi. */
+int kvq_cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out, const char *name, char *err, size_t n);
+int kvq_cli_parse_u64(const char *s, uint64_t *out, const char *name, char *err, size_t n);
+/* A finite decimal number in lo..hi (no inf, nan or hex). */
+int kvq_cli_parse_float(const char *s, double lo, double hi, float *out, const char *name, char *err, size_t n);
+/* "4GiB", "512MiB", "2G", "1.5GB", "123456": bytes in 1 .. 2^60 (no exponent, inf or nan). */
+int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, size_t n);
+/* kvq's type names (f16, bf16, q8, fp8, q4, q2) and llama.cpp's where the meaning is close: f16, bf16, q8_0 -> q8,
+ * q4_1 -> q4 (4-bit with scale and min; kvq's groups differ, see the help). */
+int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n);
+/* A comma-separated list of 1..KVQ_CLI_MAX_COMPARE entries. */
+int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n);
+
+/* The library's defaults, read back from a tiny cache (kvq_cache_get_config): the residual window of a grouped type
+ * (q4) and of a per-token type (f16), the group size. -1 where the library refused. */
+typedef struct kvq_cli_libdefaults {
+    int residual_grouped, residual_per_token, group, page_tokens;
+} kvq_cli_libdefaults;
+kvq_cli_libdefaults kvq_cli_lib_defaults(void);
+
+/* Reads a whole file ("-": stdin) of at most `limit` bytes, NUL-terminated. Regular files, pipes, character devices;
+ * NULL with a message naming the file when it cannot be read, is a directory, or is larger than the limit. */
+char *kvq_cli_read_file(const char *path, size_t limit, size_t *len, char *err, size_t errlen);
+
+/* Sampling: repeat penalty over `recent` (the last n_recent tokens), then greedy if temp <= 0, else top-k (0: off),
+ * softmax at temp, top-p (1: off), min-p (0: off), and a draw. Modifies logits (the penalty). scratch: [V]. */
+typedef struct kvq_cli_sampler {
+    float temp, top_p, min_p, repeat_penalty;
+    int top_k;
+} kvq_cli_sampler;
+typedef struct kvq_cli_prob {
+    float p;
+    int32_t i;
+} kvq_cli_prob;
+int32_t kvq_cli_sample(float *logits, int V, const kvq_cli_sampler *s, const int32_t *recent, int n_recent, uint64_t *rng,
+                       kvq_cli_prob *scratch);
+
+/* Subcommands: return the process exit status (0 ok, 1 failure, 2 bad usage). */
+int kvq_cli_run(int argc, char **argv);
+int kvq_cli_perplexity(int argc, char **argv);
+int kvq_cli_capacity(int argc, char **argv);
+int kvq_cli_tokenize(int argc, char **argv);
+
+/* --- common.c, for the subcommands --- */
+struct gguf_file;
+struct llama_model;
+struct kvq_tokenizer;
+typedef struct kvq_cli_loaded {
+    struct gguf_file *gf;
+    struct llama_model *m;
+    struct kvq_tokenizer *tok;
+} kvq_cli_loaded;
+
+double kvq_cli_now(void);
+/* Prints "kvq <cmd>: <what>: <status>: <library message>" and returns 1. */
+int kvq_cli_die(int cmd, const char *what, kvq_status st);
+/* Parses, prints help or the error; returns -1 to go on, else the exit status. Applies -t to BLAS. */
+int kvq_cli_parse_or_exit(int cmd, int argc, char **argv, kvq_cli_opts *o);
+int kvq_cli_load(const kvq_cli_opts *o, kvq_cli_loaded *L, int need_weights);
+void kvq_cli_unload(kvq_cli_loaded *L);
+const char *kvq_cli_type_name(kvq_type t);
+void kvq_cli_fmt_bytes(double b, char *out, size_t n);
+/* KV memory of one sequence of `tokens` tokens with this model shape and config, as the engine allocates it:
+ * `pages` = kvq_cache_arena_bytes_for, `windows` = fp16 residual windows at their largest (R+G tokens per layer,
+ * keys and values; R and G as the library resolves them). Returns 0, or a kvq_status with the library's reason
+ * (head dim, group, residual, type) in kvq_last_error(). max_seqs: for validation only. */
+kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kvq_cli_mix *mix, int max_seqs,
+                            int64_t tokens, double *pages, double *windows);
+/* Physical memory of the machine in bytes (0 if unknown). */
+double kvq_cli_phys_mem(void);
+
+#endif

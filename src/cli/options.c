@@ -1,0 +1,526 @@
+/* The kvq command's options: one table says which subcommands take each option (an option that a subcommand does
+ * not use is an error naming the subcommand), strict parsers of every value, and the help texts, whose defaults are
+ * printed from kvq_cli_defaults() and from the library itself (kvq_cli_lib_defaults), never written by hand. */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "cli.h"
+
+static int fail(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(char *err, size_t n, const char *fmt, ...) {
+    if (err && n) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, n, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static const char *const CMD_NAMES[KVQ_CLI_NCMD] = {"run", "perplexity", "capacity", "tokenize"};
+
+int kvq_cli_cmd_from_name(const char *name) {
+    if (!name) return -1;
+    for (int i = 0; i < KVQ_CLI_NCMD; i++)
+        if (strcmp(name, CMD_NAMES[i]) == 0) return i;
+    return strcmp(name, "ppl") == 0 ? KVQ_CLI_PPL : -1;
+}
+
+const char *kvq_cli_cmd_name(int cmd) { return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : "?"; }
+
+void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
+    memset(o, 0, sizeof *o);
+    o->cmd = cmd;
+    o->n_predict = 256;
+    o->ctx = cmd == KVQ_CLI_PPL ? 2048 : 0;
+    o->temp = 0.7f;
+    o->top_p = 0.9f;
+    o->top_k = 0;
+    o->min_p = 0.0f;
+    o->repeat_penalty = 1.0f;
+    o->repeat_last_n = 64;
+    o->seed = 42;
+    o->residual = -1;
+    o->group = 0;
+    o->batch = 256;
+    o->parallel = 1;
+    o->max_file = KVQ_CLI_DEFAULT_MAX_FILE;
+    o->type_k = o->type_v = KVQ_TYPE_F16;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Strict value parsers
+ * ------------------------------------------------------------------------------------------------------- */
+int kvq_cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out, const char *name, char *err, size_t n) {
+    const char *p = s;
+    int neg = 0;
+    if (*p == '-' && lo < 0) neg = 1, p++;
+    if (*p < '0' || *p > '9') goto bad;
+    uint64_t v = 0;
+    for (; *p; p++) {
+        if (*p < '0' || *p > '9') goto bad;
+        unsigned d = (unsigned)(*p - '0');
+        if (v > (UINT64_MAX - d) / 10) goto bad; /* overflow */
+        v = v * 10 + d;
+    }
+    if (!neg && v > (uint64_t)INT64_MAX) goto bad;
+    if (neg && v > (uint64_t)INT64_MAX + 1) goto bad;
+    int64_t x = neg ? (int64_t)(0 - v) : (int64_t)v;
+    if (x < lo || x > hi) goto bad;
+    *out = x;
+    return 0;
+bad:
+    return fail(err, n, "%s: '%s' is not an integer in %" PRId64 "..%" PRId64, name, s, lo, hi);
+}
+
+int kvq_cli_parse_u64(const char *s, uint64_t *out, const char *name, char *err, size_t n) {
+    const char *p = s;
+    if (*p < '0' || *p > '9') goto bad;
+    uint64_t v = 0;
+    for (; *p; p++) {
+        if (*p < '0' || *p > '9') goto bad;
+        unsigned d = (unsigned)(*p - '0');
+        if (v > (UINT64_MAX - d) / 10) goto bad;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 0;
+bad:
+    return fail(err, n, "%s: '%s' is not an integer in 0..%" PRIu64, name, s, UINT64_MAX);
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out, const char *name, char *err, size_t n) {
+    int64_t v;
+    if (kvq_cli_parse_i64(s, lo, hi, &v, name, err, n)) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* [digits][.digits] with at least one digit; returns the end, or NULL. */
+static const char *scan_decimal(const char *s, double *out) {
+    const char *p = s;
+    int digits = 0;
+    while (*p >= '0' && *p <= '9') p++, digits++;
+    if (*p == '.') {
+        p++;
+        while (*p >= '0' && *p <= '9') p++, digits++;
+    }
+    if (!digits || (p - s) > 64) return NULL;
+    char buf[72];
+    memcpy(buf, s, (size_t)(p - s));
+    buf[p - s] = '\0';
+    errno = 0;
+    double v = strtod(buf, NULL);
+    if (errno || !isfinite(v)) return NULL;
+    *out = v;
+    return p;
+}
+
+int kvq_cli_parse_float(const char *s, double lo, double hi, float *out, const char *name, char *err, size_t n) {
+    const char *p = s;
+    int neg = 0;
+    if (*p == '-') neg = 1, p++;
+    double v;
+    const char *end = scan_decimal(p, &v);
+    if (!end || *end) return fail(err, n, "%s: '%s' is not a decimal number", name, s);
+    if (neg) v = -v;
+    if (!(v >= lo && v <= hi)) return fail(err, n, "%s: %s is outside %g..%g", name, s, lo, hi);
+    *out = (float)v;
+    return 0;
+}
+
+int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, size_t n) {
+    double v;
+    const char *end = scan_decimal(s, &v);
+    if (!end) return fail(err, n, "%s: '%s' is not a size (e.g. 4GiB, 512MiB, 2G, 1000000)", name, s);
+    static const struct {
+        const char *suf;
+        double mul;
+    } sufs[] = {{"", 1},      {"B", 1},           {"K", 1024.0},       {"KB", 1e3},  {"KiB", 1024.0},
+                {"M", 1048576.0}, {"MB", 1e6},    {"MiB", 1048576.0},  {"G", 1073741824.0}, {"GB", 1e9},
+                {"GiB", 1073741824.0}, {"T", 1099511627776.0}, {"TB", 1e12}, {"TiB", 1099511627776.0}};
+    for (size_t i = 0; i < sizeof sufs / sizeof sufs[0]; i++) {
+        if (strcasecmp(end, sufs[i].suf) != 0) continue;
+        double b = v * sufs[i].mul;
+        if (!(b >= 1)) return fail(err, n, "%s: '%s' is less than one byte", name, s);
+        if (!(b <= 1152921504606846976.0)) return fail(err, n, "%s: '%s' is more than 2^60 bytes (1 EiB)", name, s);
+        *out = floor(b);
+        return 0;
+    }
+    return fail(err, n, "%s: '%s': unknown unit '%s' (B, K/KiB, KB, M/MiB, MB, G/GiB, GB, T/TiB, TB)", name, s, end);
+}
+
+int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n) {
+    /* llama.cpp's --cache-type names, mapped only where kvq has a type of the same kind. */
+    static const struct {
+        const char *llama, *kvq;
+    } alias[] = {{"q8_0", "q8"}, {"q4_1", "q4"}};
+    for (size_t i = 0; i < sizeof alias / sizeof alias[0]; i++)
+        if (strcasecmp(s, alias[i].llama) == 0) s = alias[i].kvq;
+    static const char *const unmapped[] = {"f32", "q4_0", "q5_0", "q5_1", "iq4_nl"};
+    for (size_t i = 0; i < sizeof unmapped / sizeof unmapped[0]; i++)
+        if (strcasecmp(s, unmapped[i]) == 0)
+            return fail(err, n, "%s: llama.cpp's type '%s' has no kvq equivalent (kvq: f16, bf16, q8, fp8, q4, q2; "
+                                "q8_0 and q4_1 map to q8 and q4)", name, s);
+    const kvq_type_traits *tr;
+    if (kvq_type_from_name(s, t) != KVQ_OK || !(tr = kvq_type_get_traits(*t)) || !tr->implemented)
+        return fail(err, n, "%s: unknown KV type '%s' (f16, bf16, q8, fp8, q4, q2; llama.cpp's q8_0, q4_1)", name, s);
+    return 0;
+}
+
+/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; optional ":r128" (residual) and ":g32" (group) suffixes. */
+static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, int residual, int group, char *err, size_t n) {
+    char buf[48];
+    if (len >= sizeof buf) return fail(err, n, "--compare: entry '%.*s' is longer than %zu characters", (int)len, s, sizeof buf - 1);
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    memcpy(m->name, buf, len + 1);
+    m->residual = residual;
+    m->group = group;
+    int seen_r = 0, seen_g = 0;
+    for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
+        char c = colon[1];
+        if (c == 'r' && !seen_r++) {
+            if (parse_int(colon + 2, 0, 4096, &m->residual, "--compare: residual (:rR)", err, n)) return -1;
+        } else if (c == 'g' && !seen_g++) {
+            if (parse_int(colon + 2, 16, 128, &m->group, "--compare: group (:gG)", err, n)) return -1;
+        } else {
+            return fail(err, n, "--compare: entry '%s': '%s' is not :rRESIDUAL or :gGROUP (each at most once)", m->name, colon);
+        }
+    }
+    char *slash = strchr(buf, '/');
+    if (slash) *slash = '\0';
+    if (kvq_cli_parse_type(buf, &m->type_k, "--compare", err, n)) return -1;
+    if (!slash) {
+        m->type_v = m->type_k;
+        return 0;
+    }
+    return kvq_cli_parse_type(slash + 1, &m->type_v, "--compare", err, n);
+}
+
+int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
+    o->n_compare = 0;
+    if (!*s) return fail(err, n, "--compare: the list is empty (e.g. --compare f16,q8,q4)");
+    int count = 1;
+    for (const char *p = s; *p; p++) count += *p == ',';
+    if (count > KVQ_CLI_MAX_COMPARE)
+        return fail(err, n, "--compare: %d entries, at most %d", count, KVQ_CLI_MAX_COMPARE);
+    for (const char *p = s;;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == 0) return fail(err, n, "--compare: entry %d of '%s' is empty", o->n_compare + 1, s);
+        if (parse_mix(p, len, &o->compare[o->n_compare], o->residual, o->group, err, n)) {
+            o->n_compare = 0;
+            return -1;
+        }
+        o->n_compare++;
+        if (!e) break;
+        p = e + 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The option table
+ * ------------------------------------------------------------------------------------------------------- */
+enum {
+    O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
+    O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL
+};
+#define R (1u << KVQ_CLI_RUN)
+#define P (1u << KVQ_CLI_PPL)
+#define C (1u << KVQ_CLI_CAP)
+#define T (1u << KVQ_CLI_TOK)
+
+typedef struct optdef {
+    int id;
+    unsigned cmds;
+    int takes_value;
+    const char *names[4];
+} optdef;
+
+static const optdef OPTS[] = {
+    {O_HELP, R | P | C | T, 0, {"-h", "--help"}},
+    {O_MODEL, R | P | C | T, 1, {"-m", "--model"}},
+    {O_PROMPT, R | T, 1, {"-p", "--prompt"}},
+    {O_FILE, R | P | T, 1, {"-f", "--file"}},
+    {O_MAXFILE, R | P | T, 1, {"--max-file-size"}},
+    {O_SYSTEM, R | T, 1, {"--system", "--system-prompt", "-sys"}},
+    {O_CHAT, R | T, 0, {"--chat"}},
+    {O_IDS, T, 0, {"--ids"}},
+    {O_QUIET, P, 0, {"-q", "--quiet"}},
+    {O_NPRED, R, 1, {"-n", "--n-predict"}},
+    {O_CTX, R | P | C, 1, {"-c", "--ctx", "--ctx-size"}},
+    {O_CHUNKS, P, 1, {"--chunks"}},
+    {O_THREADS, R | P, 1, {"-t", "--threads"}},
+    {O_BATCH, R | P | C, 1, {"-b", "--batch", "--batch-size"}},
+    {O_RESIDUAL, R | P | C, 1, {"--residual"}},
+    {O_GROUP, R | P | C, 1, {"--group"}},
+    {O_KVTYPE, R | P, 1, {"--kv-type"}},
+    {O_KVTYPE_K, R | P, 1, {"--kv-type-k", "-ctk", "--cache-type-k"}},
+    {O_KVTYPE_V, R | P, 1, {"--kv-type-v", "-ctv", "--cache-type-v"}},
+    {O_TEMP, R, 1, {"--temp"}},
+    {O_TOP_P, R, 1, {"--top-p"}},
+    {O_TOP_K, R, 1, {"--top-k"}},
+    {O_MIN_P, R, 1, {"--min-p"}},
+    {O_REPEAT_PEN, R, 1, {"--repeat-penalty"}},
+    {O_REPEAT_N, R, 1, {"--repeat-last-n"}},
+    {O_SEED, R, 1, {"-s", "--seed"}},
+    {O_COMPARE, R | P, 1, {"--compare"}},
+    {O_MEM, C, 1, {"--mem"}},
+    {O_PARALLEL, C, 1, {"--parallel", "-np"}},
+};
+
+static const optdef *find_opt(const char *a) {
+    for (size_t i = 0; i < sizeof OPTS / sizeof OPTS[0]; i++)
+        for (int j = 0; j < 4 && OPTS[i].names[j]; j++)
+            if (strcmp(a, OPTS[i].names[j]) == 0) return &OPTS[i];
+    return NULL;
+}
+
+int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, size_t n) {
+    if (err && n) err[0] = '\0';
+    if (cmd < 0 || cmd >= KVQ_CLI_NCMD) return fail(err, n, "unknown command %d", cmd);
+    kvq_cli_defaults(cmd, o);
+    const char *cname = CMD_NAMES[cmd], *compare = NULL;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!a) return fail(err, n, "argument %d is NULL", i);
+        const optdef *d = find_opt(a);
+        if (!d) return fail(err, n, "unknown option '%s' (kvq %s --help lists its options)", a, cname);
+        if (!(d->cmds & (1u << cmd))) {
+            char users[64] = "";
+            for (int c = 0; c < KVQ_CLI_NCMD; c++)
+                if (d->cmds & (1u << c))
+                    snprintf(users + strlen(users), sizeof users - strlen(users), "%s%s", users[0] ? ", " : "", CMD_NAMES[c]);
+            return fail(err, n, "option '%s' is not used by 'kvq %s' (it is an option of: %s)", a, cname, users);
+        }
+        const char *v = NULL;
+        if (d->takes_value) {
+            if (i + 1 >= argc || !argv[i + 1]) return fail(err, n, "option '%s' needs a value", a);
+            v = argv[++i];
+        }
+        float f;
+        switch (d->id) {
+        case O_HELP: return 1;
+        case O_MODEL: o->model = v; break;
+        case O_PROMPT: o->prompt = v; break;
+        case O_FILE: o->file = v; break;
+        case O_SYSTEM: o->system = v; break;
+        case O_CHAT: o->chat = 1; break;
+        case O_IDS: o->ids = 1; break;
+        case O_QUIET: o->quiet = 1; break;
+        case O_MAXFILE: {
+            double b;
+            if (kvq_cli_parse_size(v, &b, a, err, n)) return -1;
+            if (b > (double)(SIZE_MAX / 2)) return fail(err, n, "%s: '%s' is too large", a, v);
+            o->max_file = (size_t)b;
+            break;
+        }
+        case O_NPRED: if (parse_int(v, 0, 1 << 20, &o->n_predict, a, err, n)) return -1; break;
+        case O_CTX: if (parse_int(v, cmd == KVQ_CLI_CAP ? 1 : 2, 1 << 22, &o->ctx, a, err, n)) return -1; break;
+        case O_CHUNKS: if (parse_int(v, 1, 1 << 20, &o->chunks, a, err, n)) return -1; break;
+        case O_THREADS: if (parse_int(v, 1, 1024, &o->threads, a, err, n)) return -1; break;
+        case O_BATCH: if (parse_int(v, 1, 8192, &o->batch, a, err, n)) return -1; break;
+        case O_RESIDUAL: if (parse_int(v, 0, 4096, &o->residual, a, err, n)) return -1; break;
+        case O_GROUP: if (parse_int(v, 16, 128, &o->group, a, err, n)) return -1; break;
+        case O_KVTYPE:
+            if (kvq_cli_parse_type(v, &o->type_k, a, err, n)) return -1;
+            o->type_v = o->type_k;
+            break;
+        case O_KVTYPE_K: if (kvq_cli_parse_type(v, &o->type_k, a, err, n)) return -1; break;
+        case O_KVTYPE_V: if (kvq_cli_parse_type(v, &o->type_v, a, err, n)) return -1; break;
+        case O_TEMP: if (kvq_cli_parse_float(v, 0, 100, &o->temp, a, err, n)) return -1; break;
+        case O_TOP_P: if (kvq_cli_parse_float(v, 0, 1, &o->top_p, a, err, n)) return -1; break;
+        case O_MIN_P: if (kvq_cli_parse_float(v, 0, 1, &o->min_p, a, err, n)) return -1; break;
+        case O_TOP_K: if (parse_int(v, 0, 1 << 24, &o->top_k, a, err, n)) return -1; break;
+        case O_REPEAT_PEN:
+            if (kvq_cli_parse_float(v, 0, 100, &f, a, err, n)) return -1;
+            if (!(f > 0)) return fail(err, n, "%s: %s must be > 0 (1 = off)", a, v);
+            o->repeat_penalty = f;
+            break;
+        case O_REPEAT_N: if (parse_int(v, -1, 1 << 22, &o->repeat_last_n, a, err, n)) return -1; break;
+        case O_SEED: if (kvq_cli_parse_u64(v, &o->seed, a, err, n)) return -1; break;
+        case O_COMPARE: compare = v; break;
+        case O_MEM: if (kvq_cli_parse_size(v, &o->mem, a, err, n)) return -1; break;
+        case O_PARALLEL: if (parse_int(v, 1, 65536, &o->parallel, a, err, n)) return -1; break;
+        default: return fail(err, n, "option '%s': internal error (no handler)", a);
+        }
+    }
+    /* --compare entries inherit --residual/--group wherever they come on the line. */
+    if (compare && kvq_cli_parse_compare(compare, o, err, n)) return -1;
+    if (!o->model)
+        return fail(err, n, "-m MODEL is required (see kvq %s --help; scripts/fetch-model.sh gets SmolLM2-135M-Instruct)", cname);
+    switch (cmd) {
+    case KVQ_CLI_RUN:
+    case KVQ_CLI_TOK:
+        if (!o->prompt == !o->file) return fail(err, n, "give exactly one of -p TEXT or -f FILE");
+        break;
+    case KVQ_CLI_PPL:
+        if (!o->file) return fail(err, n, "-f TEXTFILE is required");
+        break;
+    case KVQ_CLI_CAP:
+        if (!o->mem == !o->ctx)
+            return fail(err, n, "give exactly one of --mem SIZE (what fits in SIZE) or --ctx N (memory for N tokens)");
+        break;
+    }
+    if (o->n_compare && (o->type_k != KVQ_TYPE_F16 || o->type_v != KVQ_TYPE_F16))
+        return fail(err, n, "--compare lists the KV types itself: drop --kv-type/-ctk/-ctv");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Help
+ * ------------------------------------------------------------------------------------------------------- */
+kvq_cli_libdefaults kvq_cli_lib_defaults(void) {
+    kvq_cli_libdefaults d = {-1, -1, -1, -1};
+    for (int pass = 0; pass < 2; pass++) {
+        kvq_cache_config cc = kvq_cache_config_default();
+        cc.n_layers = 1;
+        cc.n_kv_heads = 1;
+        cc.head_dim = 64;
+        cc.max_seqs = 1;
+        if (pass == 0) cc.type_k = cc.type_v = KVQ_TYPE_Q4;
+        cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, 1);
+        kvq_cache *c = NULL;
+        kvq_cache_config got;
+        kvq_page_layout lay;
+        if (cc.arena_bytes && kvq_cache_create(&cc, &c) == KVQ_OK && kvq_cache_get_config(c, &got, &lay) == KVQ_OK) {
+            if (pass == 0) {
+                d.residual_grouped = got.residual;
+                d.group = got.group;
+                d.page_tokens = got.page_tokens;
+            } else {
+                d.residual_per_token = got.residual;
+            }
+        }
+        kvq_cache_free(c);
+    }
+    return d;
+}
+
+static void kv_help(FILE *f, int cmd) {
+    kvq_cli_opts d;
+    kvq_cli_defaults(cmd, &d);
+    kvq_cli_libdefaults lib = kvq_cli_lib_defaults();
+    if (cmd != KVQ_CLI_CAP)
+        fprintf(f,
+                "  --kv-type T             KV cache type of keys and values: f16, bf16, q8, fp8, q4, q2 (default %s)\n"
+                "  --kv-type-k T, -ctk T, --cache-type-k T   key type alone\n"
+                "  --kv-type-v T, -ctv T, --cache-type-v T   value type alone\n"
+                "                          llama.cpp's names are accepted where kvq has a type of the same kind:\n"
+                "                          q8_0 = q8 (8-bit, fp16 scale; kvq scales per token and head, not per 32),\n"
+                "                          q4_1 = q4 (4-bit, fp16 scale and min; kvq groups keys per channel over G\n"
+                "                          tokens, KIVI); f32, q4_0, q5_0, q5_1 and iq4_nl have no kvq equivalent\n",
+                kvq_cli_type_name(d.type_k));
+    fprintf(f,
+            "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
+            "                          %d for q4/q2, %d for the per-token types)\n"
+            "  --group G               q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n",
+            lib.residual_grouped, lib.residual_per_token, lib.group);
+    if (cmd != KVQ_CLI_CAP)
+        fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
+    fprintf(f, "  -b, --batch-size N      tokens per forward call in prefill (default %d)%s\n", d.batch,
+            cmd == KVQ_CLI_CAP ? ": sizes the activation buffers" : "");
+}
+
+static void file_help(FILE *f) {
+    char lim[32];
+    kvq_cli_fmt_bytes((double)KVQ_CLI_DEFAULT_MAX_FILE, lim, sizeof lim);
+    fprintf(f, "  --max-file-size SIZE    largest input file read (default %s; files, pipes, '-' = stdin)\n", lim);
+}
+
+void kvq_cli_usage_main(FILE *f) {
+    fprintf(f, "usage: kvq <command> [options]   (kvq <command> --help for its options)\n\n"
+               "commands:\n"
+               "  run         generate text from a prompt with a quantized KV cache (--compare f16,q4: side by side)\n"
+               "  perplexity  perplexity of a text file (--compare f16,q8,q4,q2 for a table)\n"
+               "  capacity    what fits in a memory budget (--mem), or the memory N tokens need (--ctx)\n"
+               "  tokenize    print the token ids of a text\n"
+               "  version     print the library version\n");
+}
+
+void kvq_cli_usage(int cmd, FILE *f) {
+    kvq_cli_opts d;
+    kvq_cli_defaults(cmd, &d);
+    switch (cmd) {
+    case KVQ_CLI_RUN:
+        fprintf(f,
+                "usage: kvq run -m MODEL (-p PROMPT | -f FILE) [options]\n"
+                "Generates text and streams it to stdout; then prints prefill/decode speed and KV memory on stderr.\n\n"
+                "  -m, --model FILE        GGUF model (Llama family, byte-level BPE vocabulary)\n"
+                "  -p, --prompt TEXT       prompt\n"
+                "  -f, --file FILE         read the prompt from FILE\n"
+                "  -n, --n-predict N       tokens to generate at most (default %d)\n"
+                "  --chat                  wrap the prompt in the model's chat template (ChatML)\n"
+                "  --system TEXT, --system-prompt TEXT   system prompt for --chat (default: the model's)\n"
+                "  -c, --ctx-size N        context size to reserve (default: prompt + n-predict, at most the model's\n"
+                "                          trained context_length)\n"
+                "  --compare LIST          run the prompt once per KV config (as in perplexity --compare, e.g.\n"
+                "                          f16,q4) and print the answers and a table: resident KV bytes, ratio to the\n"
+                "                          f16 row, prefill and decode tokens/s, and where each answer first differs\n"
+                "                          from the first row's (use with --temp 0: greedy)\n"
+                "sampling (order: repeat penalty, top-k, temperature, top-p, min-p):\n"
+                "  --temp T                temperature; 0 = greedy (default %g)\n"
+                "  --top-k K               keep the K most likely tokens; 0 = off (default %d)\n"
+                "  --top-p P               nucleus threshold; 1 = off (default %g)\n"
+                "  --min-p P               drop tokens below P x the top probability; 0 = off (default %g)\n"
+                "  --repeat-penalty X      divide positive logits (multiply negative ones) of recent tokens by X;\n"
+                "                          1 = off (default %g)\n"
+                "  --repeat-last-n N       tokens the penalty looks back over; 0 = none, -1 = whole context (default %d)\n"
+                "  -s, --seed S            random seed, 0..2^64-1 (default %llu)\n",
+                d.n_predict, (double)d.temp, d.top_k, (double)d.top_p, (double)d.min_p, (double)d.repeat_penalty,
+                d.repeat_last_n, (unsigned long long)d.seed);
+        kv_help(f, cmd);
+        file_help(f);
+        break;
+    case KVQ_CLI_PPL:
+        fprintf(f,
+                "usage: kvq perplexity -m MODEL -f TEXTFILE [options]\n"
+                "Cuts the text's tokens into chunks of --ctx tokens, runs each chunk from an empty cache and scores the\n"
+                "second half of each chunk (every scored token sees at least ctx/2 tokens of context). Prints the\n"
+                "perplexity with its standard error.\n\n"
+                "  -m, --model FILE        GGUF model\n"
+                "  -f, --file FILE         UTF-8 text\n"
+                "  -c, --ctx-size N        tokens per chunk (default %d, at most the model's context_length)\n"
+                "  --chunks N              use the first N chunks only (default: all)\n"
+                "  --compare LIST          comma-separated KV configs run on the same tokens, one table (at most %d);\n"
+                "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
+                "                          with :rR (residual window) and :gG (group size), e.g. f16,q8,q4,q4:r64,q2\n"
+                "  -q, --quiet             no progress bar\n",
+                d.ctx, KVQ_CLI_MAX_COMPARE);
+        kv_help(f, cmd);
+        file_help(f);
+        break;
+    case KVQ_CLI_CAP:
+        fprintf(f,
+                "usage: kvq capacity -m MODEL (--mem SIZE | --ctx N) [--parallel N] [options]\n"
+                "For each KV type: with --mem, the most tokens per sequence that fit in SIZE; with --ctx, the memory N\n"
+                "tokens per sequence need. Memory = the weights as the engine holds them (fp32) + activation buffers +\n"
+                "KV pages (as libkvq sizes its arena) + fp16 residual windows at their largest (R+G tokens per layer).\n"
+                "Warns past the model's trained context. A budget that holds no token is an error.\n\n"
+                "  -m, --model FILE        GGUF model (its metadata is read; the weights are not loaded)\n"
+                "  --mem SIZE              memory budget: 4GiB, 512MiB, 2G, 1.5GB, 1000000 (bytes)\n"
+                "  -c, --ctx-size N        tokens per sequence\n"
+                "  --parallel N, -np N     sequences at once, each with its own pages and windows (default %d)\n",
+                d.parallel);
+        kv_help(f, cmd);
+        break;
+    case KVQ_CLI_TOK:
+        fprintf(f,
+                "usage: kvq tokenize -m MODEL (-p TEXT | -f FILE) [--ids]\n"
+                "Prints the token count and an FNV-1a checksum of the ids (little-endian int32), or the ids with --ids.\n\n"
+                "  --ids                   print the ids\n"
+                "  --chat                  apply the chat template to the text first\n"
+                "  --system TEXT           system prompt for --chat (default: the model's)\n");
+        file_help(f);
+        break;
+    }
+}

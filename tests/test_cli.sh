@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# End-to-end tests of the kvq command: every bad input gives rc != 0 (and not a signal or a timeout), a message naming
+# the problem and no sanitizer report; llama.cpp's spellings work; the help states the library's defaults.
+#   test_cli.sh parse KVQ TEST_CLI_PARSE MODEL SRCDIR   no model needed (files are read before the model is loaded)
+#   test_cli.sh model KVQ TEST_CLI_PARSE MODEL SRCDIR   needs the model; exit 77 (skipped) without it
+# KVQ_CLI_SANITIZED=1 (ASan build) skips the `ulimit -v` case, which ASan's shadow memory cannot run under.
+set -uo pipefail
+part=$1 kvq=$2 helper=$3 model=$4 src=$5
+tmp=$(mktemp -d)
+trap 'chmod -R u+rwx "$tmp"; rm -rf "$tmp"' EXIT
+pass=0 fail=0
+sanitizer_re='AddressSanitizer|LeakSanitizer|runtime error:|UndefinedBehaviorSanitizer'
+
+# expect RC_KIND NAME WANT -- CMD...: RC_KIND is "fail" (rc 1..127 but not 124) or "ok" (rc 0); WANT an ERE that the
+# combined output must match.
+expect() {
+  local kind=$1 name=$2 want=$3
+  shift 4
+  local out rc
+  out=$(timeout 300 "$@" 2>&1 </dev/null)
+  rc=$?
+  local why=""
+  if [ "$kind" = fail ]; then
+    if [ $rc -eq 0 ]; then why="rc 0"; elif [ $rc -ge 124 ]; then why="rc $rc (timeout or signal)"; fi
+  elif [ $rc -ne 0 ]; then why="rc $rc"; fi
+  if [ -z "$why" ] && ! grep -Eq -- "$want" <<<"$out"; then why="no match for /$want/"; fi
+  if [ -z "$why" ] && grep -Eq "$sanitizer_re" <<<"$out"; then why="sanitizer report"; fi
+  if [ -z "$why" ]; then
+    pass=$((pass + 1)); echo "ok: $name"
+  else
+    fail=$((fail + 1)); echo "FAIL: $name: $why"; echo "  \$ $*"; tail -n 15 <<<"$out" | sed 's/^/  | /'
+  fi
+}
+
+if [ "$part" = parse ]; then
+  M=/nonexistent/model.gguf
+  expect fail "no command" "usage: kvq" -- "$kvq"
+  expect fail "unknown command" "unknown command 'runn'" -- "$kvq" runn
+  expect fail "unknown option" "unknown option '--bogus'" -- "$kvq" run -m $M -p x --bogus
+  expect fail "option of another subcommand (capacity --kv-type)" "'--kv-type' is not used by 'kvq capacity'" -- \
+    "$kvq" capacity -m $M --mem 1G --kv-type q4
+  expect fail "option of another subcommand (run -q)" "'-q' is not used by 'kvq run'" -- "$kvq" run -m $M -p x -q
+  expect fail "option of another subcommand (tokenize --compare)" "not used by 'kvq tokenize'" -- \
+    "$kvq" tokenize -m $M -p x --compare f16
+  expect fail "missing value" "option '-p' needs a value" -- "$kvq" run -m $M -p
+  expect fail "missing value (--mem)" "option '--mem' needs a value" -- "$kvq" capacity -m $M --mem
+  expect fail "bad number -n abc" "-n: 'abc' is not an integer" -- "$kvq" run -m $M -p x -n abc
+  expect fail "bad number -t 0" "-t: '0' is not an integer in 1..1024" -- "$kvq" run -m $M -p x -t 0
+  expect fail "bad number -c 1e3" "-c: '1e3'" -- "$kvq" run -m $M -p x -c 1e3
+  expect fail "bad number --temp nan" "--temp: 'nan'" -- "$kvq" run -m $M -p x --temp nan
+  expect fail "--seed abc" "--seed: 'abc' is not an integer" -- "$kvq" run -m $M -p x --seed abc
+  expect fail "--seed -1" "--seed: '-1' is not an integer" -- "$kvq" run -m $M -p x --seed -1
+  expect fail "--seed overflow" "--seed: '18446744073709551616'" -- "$kvq" run -m $M -p x --seed 18446744073709551616
+  expect fail "--mem inf" "--mem: 'inf' is not a size" -- "$kvq" capacity -m $M --mem inf
+  expect fail "--mem 1e30" "--mem: '1e30'" -- "$kvq" capacity -m $M --mem 1e30
+  expect fail "--compare ''" "--compare: the list is empty" -- "$kvq" run -m $M -p x --compare ''
+  expect fail "--compare '' (perplexity)" "--compare: the list is empty" -- "$kvq" perplexity -m $M -f x --compare ''
+  expect fail "--compare with 17 entries" "--compare: 17 entries, at most 16" -- "$kvq" perplexity -m $M -f x \
+    --compare f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,q4
+  expect fail "llama.cpp type without an equivalent" "'q4_0' has no kvq equivalent" -- "$kvq" run -m $M -p x -ctk q4_0
+  expect fail "-p and -f" "exactly one of -p TEXT or -f FILE" -- "$kvq" run -m $M -p x -f y
+  # Files are read before the model is loaded: these need no model.
+  expect fail "nonexistent file" "cannot open '$tmp/none.txt': No such file" -- "$kvq" run -m $M -f "$tmp/none.txt"
+  expect fail "directory as file" "'$tmp' is a directory" -- "$kvq" perplexity -m $M -f "$tmp"
+  echo secret > "$tmp/unreadable.txt"; chmod 000 "$tmp/unreadable.txt"
+  if [ "$(id -u)" != 0 ]; then
+    expect fail "unreadable file" "cannot open '$tmp/unreadable.txt': Permission denied" -- \
+      "$kvq" tokenize -m $M -f "$tmp/unreadable.txt"
+  else
+    echo "skip: unreadable file (running as root)"
+  fi
+  head -c 2048 /dev/zero | tr '\0' a > "$tmp/big.txt"
+  expect fail "oversized file" "'$tmp/big.txt' is 2048 bytes, more than the limit of 1024" -- \
+    "$kvq" run -m $M -f "$tmp/big.txt" --max-file-size 1KiB
+  expect fail "/dev/urandom with --max-file-size" "'/dev/urandom' is longer than the limit of 1048576" -- \
+    "$kvq" run -m $M -f /dev/urandom --max-file-size 1MiB
+  expect fail "/dev/urandom with the default limit" "'/dev/urandom' is longer than the limit of 67108864" -- \
+    "$kvq" tokenize -m $M -f /dev/urandom
+  expect fail "a pipe on stdin (-f -) over the limit" "'-' is longer than the limit of 1000 bytes" -- \
+    bash -c "head -c 5000 /dev/zero | \"\$0\" tokenize -m $M -f - --max-file-size 1000" "$kvq"
+  expect fail "missing model" "loading the model: .*'/nonexistent/model.gguf'" -- "$kvq" capacity -m $M --mem 1G
+  # Every llama.cpp spelling is accepted: parsing succeeds and the run stops at the missing model.
+  expect fail "llama.cpp spellings parse" "kvq run: loading the model" -- "$kvq" run -m $M -p x -c 64 -ctk q8_0 \
+    -ctv q4_1 --cache-type-k f16 --cache-type-v bf16 -b 16 --batch-size 16 -s 5 --seed 5 -t 1 --top-k 5 \
+    --min-p 0.05 --repeat-penalty 1.1 --repeat-last-n 16 --ctx-size 64 -n 3
+  # Help: every subcommand's help exits 0, and the defaults it states are the library's.
+  read -r rq4 rf16 g < <("$helper" --print-lib-defaults)
+  for c in run perplexity capacity; do
+    expect ok "$c --help states libkvq's residual ($rq4/$rf16) and group ($g)" \
+      "^ +$rq4 for q4/q2, $rf16 for the per-token types\)" -- "$kvq" $c --help
+    expect ok "$c --help group default" "group size: 16, 32, 64 or 128 \(default: libkvq's, $g\)" -- "$kvq" $c --help
+  done
+  expect ok "tokenize --help" "usage: kvq tokenize" -- "$kvq" tokenize --help
+  expect ok "run --help lists the aliases" "-ctk T, --cache-type-k T" -- "$kvq" run --help
+else
+  if [ ! -r "$model" ]; then echo "SKIP: model $model not present (scripts/fetch-model.sh)"; exit 77; fi
+  M=$model
+  expect fail "huge --ctx fails cleanly" "memory" -- "$kvq" run -m $M -p "Hello" -c 4194304
+  expect fail "engine names a bad group" "group 48 is not one of 16, 32, 64, 128" -- \
+    "$kvq" run -m $M -p "Hello" --kv-type q4 --group 48 -n 1
+  out=$("$kvq" run -m $M -p "Hello" --kv-type q4 --group 48 -n 1 2>&1)
+  if grep -q "unsupported KV type" <<<"$out"; then fail=$((fail + 1)); echo "FAIL: group 48 reported as unsupported KV type"; else pass=$((pass + 1)); echo "ok: not 'unsupported KV type'"; fi
+  expect fail "early exit (prompt longer than -c) leaks nothing" "does not fit -c/--ctx-size 2" -- \
+    "$kvq" run -m $M -p "Hello world, how are you today?" -c 2
+  expect fail "early exit (empty prompt) leaks nothing" "the prompt is empty" -- "$kvq" run -m $M -p ""
+  expect ok "llama.cpp spellings run" "KV cache q8 keys / q4 values" -- "$kvq" run -m $M -p "The capital of France is" \
+    -n 3 -c 64 -ctk q8_0 -ctv q4_1 -b 4 -s 5 -t 1 --temp 0.8 --top-k 5 --min-p 0.05 --repeat-penalty 1.1 --repeat-last-n 16
+  printf 'The capital of France is' > "$tmp/prompt.txt"
+  a=$("$kvq" run -m $M -p "The capital of France is" -n 6 --temp 0 2>/dev/null)
+  b=$("$kvq" run -m $M -f "$tmp/prompt.txt" -n 6 --temp 0 2>/dev/null)
+  if [ -n "$a" ] && [ "$a" = "$b" ]; then pass=$((pass + 1)); echo "ok: -f FILE gives the same answer as -p"; else fail=$((fail + 1)); echo "FAIL: -f vs -p: '$a' vs '$b'"; fi
+  a=$("$kvq" run -m $M -p "Once upon a time" -n 8 --temp 1 --top-k 20 --min-p 0.02 --repeat-penalty 1.3 -s 11 2>/dev/null)
+  b=$("$kvq" run -m $M -p "Once upon a time" -n 8 --temp 1 --top-k 20 --min-p 0.02 --repeat-penalty 1.3 -s 11 2>/dev/null)
+  if [ -n "$a" ] && [ "$a" = "$b" ]; then pass=$((pass + 1)); echo "ok: sampling with a seed repeats"; else fail=$((fail + 1)); echo "FAIL: same seed, different text"; fi
+  expect ok "run --compare f16,q4" "\| q4 +\| +[0-9]+ \|.*\| (identical|same first [0-9]+ tok) " -- \
+    "$kvq" run -m $M -p "The capital of France is" -n 4 --temp 0 --compare f16,q4
+  expect ok "capacity --mem 1GiB" "\| q4 +\| +6480 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
+  expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small" -- "$kvq" capacity -m $M --mem 100MiB
+  expect ok "capacity --ctx past the trained context warns" "past the model's trained context \(8192\)" -- \
+    "$kvq" capacity -m $M --ctx 16384 --parallel 2
+  expect ok "tokenize -f" "^tokens [0-9]+ fnv1a" -- "$kvq" tokenize -m $M -f "$tmp/prompt.txt"
+  if [ "${KVQ_CLI_SANITIZED:-0}" != 1 ]; then
+    # Before the fix: OpenBLAS started as many of 1024 threads as the address space allowed, the model's mmap then
+    # failed, and exit() hung joining threads that were never created.
+    out=$(timeout 120 bash -c "ulimit -v 1000000; exec \"\$@\"" _ "$kvq" run -m $M -p "Hi" -n 2 -t 1024 2>&1); rc=$?
+    if [ $rc -ne 124 ] && [ $rc -lt 128 ]; then pass=$((pass + 1)); echo "ok: -t 1024 under ulimit -v ends (rc $rc)"; else fail=$((fail + 1)); echo "FAIL: -t 1024 under ulimit -v: rc $rc"; tail -5 <<<"$out"; fi
+  fi
+fi
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

@@ -1,0 +1,346 @@
+/* Unit test of the kvq command's option parser, samplers, help texts and file reader (kvq_cli_core), without a model.
+ *   test_cli_parse                      run the checks
+ *   test_cli_parse --print-lib-defaults print the library's defaults, found through libkvq's public API alone
+ *                                       (tests/test_cli.sh compares them with what `kvq run --help` prints) */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+
+static int g_fail, g_pass;
+
+#define EXPECT(c, ...)                                                                                            \
+    do {                                                                                                          \
+        if (c) g_pass++;                                                                                          \
+        else {                                                                                                    \
+            g_fail++;                                                                                             \
+            printf("FAIL line %d: %s: ", __LINE__, #c);                                                          \
+            printf(__VA_ARGS__);                                                                                  \
+            printf("\n");                                                                                         \
+        }                                                                                                         \
+    } while (0)
+
+/* Splits "a|b|c" into argv (an empty field is an empty argument). */
+static int split(const char *s, char *buf, size_t n, char **argv) {
+    snprintf(buf, n, "%s", s);
+    int argc = 0;
+    if (!*buf) return 0;
+    for (char *p = buf;;) {
+        argv[argc++] = p;
+        char *bar = strchr(p, '|');
+        if (!bar) break;
+        *bar = '\0';
+        p = bar + 1;
+    }
+    return argc;
+}
+
+static int parse(int cmd, const char *args, kvq_cli_opts *o, char *err) {
+    static char buf[4096];
+    char *argv[128];
+    int argc = split(args, buf, sizeof buf, argv);
+    return kvq_cli_parse(cmd, argc, argv, o, err, KVQ_CLI_ERR_LEN);
+}
+
+/* A rejected argv: rc -1 and a message containing `want`. */
+static void rejects(int cmd, const char *args, const char *want) {
+    kvq_cli_opts o;
+    char err[KVQ_CLI_ERR_LEN] = "";
+    int r = parse(cmd, args, &o, err);
+    EXPECT(r == -1 && strstr(err, want), "kvq %s %s -> rc %d, message '%s' (wanted one with '%s')", kvq_cli_cmd_name(cmd),
+           args, r, err, want);
+}
+
+static kvq_cli_opts accepts(int cmd, const char *args) {
+    kvq_cli_opts o;
+    char err[KVQ_CLI_ERR_LEN] = "";
+    int r = parse(cmd, args, &o, err);
+    EXPECT(r == 0, "kvq %s %s -> rc %d: %s", kvq_cli_cmd_name(cmd), args, r, err);
+    return o;
+}
+
+/* The library's defaults, through the public API only (not kvq_cli_lib_defaults): a q4 and an f16 cache, read back. */
+static void lib_defaults(int *res_q4, int *res_f16, int *group) {
+    for (int pass = 0; pass < 2; pass++) {
+        kvq_cache_config cc = kvq_cache_config_default();
+        cc.n_layers = 2;
+        cc.n_kv_heads = 2;
+        cc.head_dim = 128;
+        if (pass == 0) cc.type_k = cc.type_v = KVQ_TYPE_Q4;
+        cc.arena_bytes = (size_t)8 << 20;
+        kvq_cache *c = NULL;
+        kvq_cache_config got;
+        kvq_page_layout lay;
+        if (kvq_cache_create(&cc, &c) || kvq_cache_get_config(c, &got, &lay)) {
+            fprintf(stderr, "cannot create a cache: %s\n", kvq_last_error());
+            exit(1);
+        }
+        if (pass == 0) *res_q4 = got.residual, *group = got.group;
+        else *res_f16 = got.residual;
+        kvq_cache_free(c);
+    }
+}
+
+static char *help_text(int cmd) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    kvq_cli_usage(cmd, f);
+    fclose(f);
+    return text;
+}
+
+static void test_help_defaults(void) {
+    int rq4, rf16, g;
+    lib_defaults(&rq4, &rf16, &g);
+    char want[160];
+    for (int cmd = 0; cmd < KVQ_CLI_NCMD; cmd++) {
+        char *h = help_text(cmd);
+        kvq_cli_opts d;
+        kvq_cli_defaults(cmd, &d);
+        if (cmd != KVQ_CLI_TOK) {
+            snprintf(want, sizeof want, "%d for q4/q2, %d for the per-token types", rq4, rf16);
+            EXPECT(strstr(h, want), "kvq %s --help lacks the library's residual defaults '%s'", kvq_cli_cmd_name(cmd), want);
+            snprintf(want, sizeof want, "(default: libkvq's, %d)", g);
+            EXPECT(strstr(h, want), "kvq %s --help lacks the library's group '%s'", kvq_cli_cmd_name(cmd), want);
+            snprintf(want, sizeof want, "prefill (default %d)", d.batch);
+            EXPECT(strstr(h, want), "kvq %s --help: batch default '%s'", kvq_cli_cmd_name(cmd), want);
+        }
+        if (cmd == KVQ_CLI_RUN) {
+            snprintf(want, sizeof want, "at most (default %d)", d.n_predict);
+            EXPECT(strstr(h, want), "run help: '%s'", want);
+            snprintf(want, sizeof want, "greedy (default %g)", (double)d.temp);
+            EXPECT(strstr(h, want), "run help: '%s'", want);
+            snprintf(want, sizeof want, "(default %llu)", (unsigned long long)d.seed);
+            EXPECT(strstr(h, want), "run help: '%s'", want);
+            snprintf(want, sizeof want, "1 = off (default %g)", (double)d.top_p);
+            EXPECT(strstr(h, want), "run help: '%s'", want);
+        }
+        if (cmd == KVQ_CLI_PPL) {
+            snprintf(want, sizeof want, "tokens per chunk (default %d", d.ctx);
+            EXPECT(strstr(h, want), "perplexity help: '%s'", want);
+        }
+        if (cmd != KVQ_CLI_CAP) EXPECT(strstr(h, "(default 64.00 MiB;"), "kvq %s --help: file limit", kvq_cli_cmd_name(cmd));
+        free(h);
+    }
+    /* The file limit the help states is the one the parser sets. */
+    kvq_cli_opts d;
+    kvq_cli_defaults(KVQ_CLI_RUN, &d);
+    EXPECT(d.max_file == (size_t)64 << 20, "max_file %zu", d.max_file);
+}
+
+static void test_rejections(void) {
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--bogus", "unknown option '--bogus'");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--kv-type|q4", "'--kv-type' is not used by 'kvq capacity'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--mem|1G", "'--mem' is not used by 'kvq run'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--chunks|2", "'--chunks' is not used by 'kvq run'");
+    rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-type|q4", "not used by 'kvq tokenize'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--temp|0", "'--temp' is not used by 'kvq perplexity'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p", "option '-p' needs a value");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-n", "option '-n' needs a value");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--seed|abc", "--seed: 'abc' is not an integer");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-s|12x", "-s: '12x' is not an integer");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--seed|-1", "--seed: '-1'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--seed|18446744073709551616", "--seed");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--seed| 5", "--seed");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--seed|", "--seed");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-n|99999999999999999999", "-n");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-n|-5", "-n: '-5'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-n|+5", "-n: '+5'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-t|0", "-t: '0' is not an integer in 1..1024");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-t|1025", "-t");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-c|4194305", "-c: '4194305'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--temp|nan", "--temp: 'nan' is not a decimal number");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--temp|inf", "--temp");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--temp|0x1p3", "--temp");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--temp|-1", "--temp: -1 is outside");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--top-p|1.5", "--top-p");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--min-p|2", "--min-p");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--repeat-penalty|0", "--repeat-penalty: 0 must be > 0");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--top-k|-1", "--top-k");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|inf", "--mem: 'inf' is not a size");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1e30", "--mem: '1e30'");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|nan", "--mem");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|-1G", "--mem");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|0", "less than one byte");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|2000000TiB", "more than 2^60 bytes");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|4QB", "unknown unit 'QB'");
+    rejects(KVQ_CLI_CAP, "-m|m", "exactly one of --mem SIZE");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--ctx|100", "exactly one of --mem SIZE");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--parallel|0", "--parallel");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--compare|", "--compare: the list is empty");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--compare|q4,,q8", "entry 2 of 'q4,,q8' is empty");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--compare|q4,", "is empty");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16",
+            "--compare: 17 entries, at most 16");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:x", "':x' is not :rRESIDUAL");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r1:r2", "each at most once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:g8", "group");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4/zz", "unknown KV type 'zz'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q3", "unknown KV type 'q3'"); /* reserved, not implemented */
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r11111111111111111111111111111111111111111111111111", "longer than 47");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q4|--compare|f16,q8", "--compare lists the KV types itself");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-ctk|q4_0", "llama.cpp's type 'q4_0' has no kvq equivalent");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--cache-type-v|f32", "'f32' has no kvq equivalent");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q5", "unknown KV type 'q5'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-f|y", "exactly one of -p TEXT or -f FILE");
+    rejects(KVQ_CLI_RUN, "-m|m", "exactly one of -p TEXT or -f FILE");
+    rejects(KVQ_CLI_RUN, "-p|x", "-m MODEL is required");
+    rejects(KVQ_CLI_PPL, "-m|m", "-f TEXTFILE is required");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|-c|1", "-c: '1' is not an integer in 2..");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--max-file-size|0", "--max-file-size");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--residual|4097", "--residual");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--group|8", "--group");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|-b|0", "-b");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--repeat-last-n|-2", "--repeat-last-n");
+}
+
+static void test_aliases(void) {
+    kvq_cli_opts o = accepts(KVQ_CLI_RUN, "-m|m|-f|p.txt|-c|4096|-ctk|q8_0|-ctv|q4_1|-b|64|-s|7|-t|2|--top-k|40|--min-p|0.05|"
+                                          "--repeat-penalty|1.1|--repeat-last-n|32|--top-p|0.95|-n|9|--temp|0.5");
+    EXPECT(o.ctx == 4096 && o.type_k == KVQ_TYPE_Q8 && o.type_v == KVQ_TYPE_Q4 && o.batch == 64 && o.seed == 7 &&
+               o.threads == 2 && o.top_k == 40 && fabsf(o.min_p - 0.05f) < 1e-7f && fabsf(o.repeat_penalty - 1.1f) < 1e-6f &&
+               o.repeat_last_n == 32 && fabsf(o.top_p - 0.95f) < 1e-7f && o.n_predict == 9 && o.temp == 0.5f &&
+               strcmp(o.file, "p.txt") == 0,
+           "short llama.cpp spellings");
+    o = accepts(KVQ_CLI_RUN, "--model|m|--file|p|--ctx-size|100|--cache-type-k|f16|--cache-type-v|bf16|--batch-size|8|"
+                             "--seed|18446744073709551615|--threads|1|--system-prompt|S|--chat");
+    EXPECT(o.ctx == 100 && o.type_k == KVQ_TYPE_F16 && o.type_v == KVQ_TYPE_BF16 && o.batch == 8 && o.seed == UINT64_MAX &&
+               o.threads == 1 && strcmp(o.system, "S") == 0 && o.chat,
+           "long llama.cpp spellings");
+    o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type-k|Q4|--kv-type-v|fp8");
+    EXPECT(o.type_k == KVQ_TYPE_Q4 && o.type_v == KVQ_TYPE_FP8, "kvq spellings");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,q8/q4,q4:r64:g32,Q2|--residual|32|--group|128");
+    EXPECT(o.n_compare == 4 && o.compare[1].type_k == KVQ_TYPE_Q8 && o.compare[1].type_v == KVQ_TYPE_Q4 &&
+               o.compare[2].residual == 64 && o.compare[2].group == 32 && o.compare[3].residual == 32 &&
+               o.compare[3].group == 128 && strcmp(o.compare[2].name, "q4:r64:g32") == 0,
+           "--compare entries (and --residual/--group after the list apply to its entries)");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,q2");
+    EXPECT(o.n_compare == 16 && o.compare[15].type_k == KVQ_TYPE_Q2, "16 entries");
+    o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1.5GiB|-np|4|--residual|0|-b|32");
+    EXPECT(o.mem == 1610612736.0 && o.parallel == 4 && o.residual == 0 && o.batch == 32, "capacity");
+    o = accepts(KVQ_CLI_CAP, "-m|m|--ctx-size|131072");
+    EXPECT(o.ctx == 131072 && o.mem == 0, "capacity --ctx");
+    o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1000000");
+    EXPECT(o.mem == 1e6, "plain bytes");
+    o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--max-file-size|1KiB");
+    EXPECT(o.max_file == 1024, "--max-file-size");
+    kvq_cli_opts h;
+    char err[KVQ_CLI_ERR_LEN];
+    EXPECT(parse(KVQ_CLI_CAP, "--help", &h, err) == 1, "--help");
+    EXPECT(parse(KVQ_CLI_TOK, "-m|m|-h", &h, err) == 1, "-h");
+}
+
+static void test_sampler(void) {
+    enum { V = 6 };
+    kvq_cli_prob sc[V];
+    uint64_t rng = 1;
+    float base[V] = {1.0f, 3.0f, 2.9f, -1.0f, 0.5f, 2.95f};
+    float l[V];
+    kvq_cli_sampler s = {.temp = 0, .top_p = 1, .min_p = 0, .repeat_penalty = 1, .top_k = 0};
+    memcpy(l, base, sizeof l);
+    EXPECT(kvq_cli_sample(l, V, &s, NULL, 0, &rng, sc) == 1, "greedy");
+    /* repeat penalty: token 1 was seen (twice: penalized once), 3.0 / 1.5 = 2.0 < 2.95 */
+    int32_t recent[3] = {1, 1, 3};
+    s.repeat_penalty = 1.5f;
+    memcpy(l, base, sizeof l);
+    EXPECT(kvq_cli_sample(l, V, &s, recent, 3, &rng, sc) == 5, "repeat penalty moves greedy off token 1");
+    EXPECT(fabsf(l[1] - 2.0f) < 1e-6f && fabsf(l[3] + 1.5f) < 1e-6f, "penalty once per token: l1 %g l3 %g", l[1], l[3]);
+    s.repeat_penalty = 1;
+    /* top-k 1 at a high temperature: always the top token */
+    s.temp = 50;
+    s.top_k = 1;
+    int ok = 1;
+    for (int i = 0; i < 200; i++) {
+        memcpy(l, base, sizeof l);
+        ok &= kvq_cli_sample(l, V, &s, NULL, 0, &rng, sc) == 1;
+    }
+    EXPECT(ok, "top-k 1");
+    /* top-k 3: only tokens 1, 5, 2; all of them show up */
+    s.top_k = 3;
+    int seen[V] = {0};
+    for (int i = 0; i < 2000; i++) {
+        memcpy(l, base, sizeof l);
+        seen[kvq_cli_sample(l, V, &s, NULL, 0, &rng, sc)]++;
+    }
+    EXPECT(seen[1] && seen[2] && seen[5] && !seen[0] && !seen[3] && !seen[4], "top-k 3: %d %d %d %d %d %d", seen[0],
+           seen[1], seen[2], seen[3], seen[4], seen[5]);
+    /* min-p: at temp 1, p(2)/p(1) = e^-0.1 = 0.905, p(5)/p(1) = 0.951, p(0)/p(1) = e^-2: min-p 0.5 keeps 1, 2, 5 */
+    s.top_k = 0;
+    s.temp = 1;
+    s.min_p = 0.5f;
+    memset(seen, 0, sizeof seen);
+    for (int i = 0; i < 2000; i++) {
+        memcpy(l, base, sizeof l);
+        seen[kvq_cli_sample(l, V, &s, NULL, 0, &rng, sc)]++;
+    }
+    EXPECT(seen[1] && seen[2] && seen[5] && !seen[0] && !seen[3] && !seen[4], "min-p 0.5: %d %d %d %d %d %d", seen[0],
+           seen[1], seen[2], seen[3], seen[4], seen[5]);
+    s.min_p = 0.92f; /* drops token 2 (0.905) */
+    memset(seen, 0, sizeof seen);
+    for (int i = 0; i < 2000; i++) {
+        memcpy(l, base, sizeof l);
+        seen[kvq_cli_sample(l, V, &s, NULL, 0, &rng, sc)]++;
+    }
+    EXPECT(seen[1] && seen[5] && !seen[2], "min-p 0.92: %d %d %d", seen[1], seen[2], seen[5]);
+    /* top-p small: the top token only */
+    s.min_p = 0;
+    s.top_p = 0.01f;
+    ok = 1;
+    for (int i = 0; i < 200; i++) {
+        memcpy(l, base, sizeof l);
+        ok &= kvq_cli_sample(l, V, &s, NULL, 0, &rng, sc) == 1;
+    }
+    EXPECT(ok, "top-p 0.01");
+}
+
+static void test_read_file(void) {
+    char dir[] = "/tmp/kvq_cli_testXXXXXX";
+    if (!mkdtemp(dir)) {
+        EXPECT(0, "mkdtemp");
+        return;
+    }
+    char path[128], err[KVQ_CLI_ERR_LEN];
+    snprintf(path, sizeof path, "%s/t.txt", dir);
+    FILE *f = fopen(path, "wb");
+    for (int i = 0; i < 100; i++) fputc('a' + i % 26, f);
+    fclose(f);
+    size_t len = 0;
+    char *t = kvq_cli_read_file(path, 100, &len, err, sizeof err);
+    EXPECT(t && len == 100 && t[100] == '\0' && t[0] == 'a', "100 bytes at the limit");
+    free(t);
+    t = kvq_cli_read_file(path, 99, &len, err, sizeof err);
+    EXPECT(!t && strstr(err, path) && strstr(err, "more than the limit of 99"), "over the limit: %s", err);
+    t = kvq_cli_read_file(dir, 1000, &len, err, sizeof err);
+    EXPECT(!t && strstr(err, "is a directory"), "directory: %s", err);
+    t = kvq_cli_read_file("/nonexistent/kvq", 1000, &len, err, sizeof err);
+    EXPECT(!t && strstr(err, "cannot open '/nonexistent/kvq'"), "missing: %s", err);
+    t = kvq_cli_read_file("/dev/zero", 100000, &len, err, sizeof err);
+    EXPECT(!t && strstr(err, "'/dev/zero' is longer than the limit of 100000"), "stream: %s", err);
+    t = kvq_cli_read_file("/dev/null", 10, &len, err, sizeof err);
+    EXPECT(t && len == 0, "empty stream");
+    free(t);
+    remove(path);
+    rmdir(dir);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--print-lib-defaults") == 0) {
+        int rq4, rf16, g;
+        lib_defaults(&rq4, &rf16, &g);
+        printf("%d %d %d\n", rq4, rf16, g);
+        return 0;
+    }
+    test_help_defaults();
+    test_rejections();
+    test_aliases();
+    test_sampler();
+    test_read_file();
+    printf("%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}
