@@ -1,8 +1,9 @@
 #define _POSIX_C_SOURCE 200809L
 /* CPU attention on the quantized cache, for every (type_k, type_v, head dim, GQA ratio, window, soft-cap):
  *  - against an fp64 reference over the cache's own dequantized contents (the kernel's arithmetic): NMSE < 1e-9;
- *  - against an fp64 reference over the original fp32 K/V (the type's quality): NMSE per type bound;
- *  - each SIMD table the CPU has (AVX2, AVX-512: asked for with KVQ_CPU_KERNELS) against the scalar _ref
+ *  - against an fp64 reference over the original fp32 K/V (the type's quality): the NMSE the formats predict for
+ *    this data (format_var, predicted_error), per combination and as a median per type pair;
+ *  - every table the CPU has (scalar, AVX2, AVX-512: asked for with KVQ_CPU_KERNELS) against the scalar _ref
  *    kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer kernels of Q8/Q4/Q2, which round
  *    queries and softmax weights to int16 (relative error ~1.5e-5 each), < 4e-5 where the values are Q4/Q2,
  *    whose kernels round the weights to 8 bits; the same bounds for both tables (they share the rounding);
@@ -112,7 +113,6 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
 
 typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
 
-/* the SIMD tables compared with _ref: those this CPU has (set in main); none: the scalar table alone */
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
 
