@@ -18,8 +18,10 @@
  * wait in an fp16 "residual window" until a whole group is there. The window of each (sequence, layer) holds
  * between R and R+G-1 of the newest tokens exactly (fp16; fewer right after a truncate); when it reaches R+G
  * tokens the oldest G are quantized into pages. Caches whose types are all per-token (F16, BF16, Q8, FP8) use
- * G = 1, so R = 0 means every token goes straight to its page. Windows are allocated on the heap when a sequence is created, outside
- * the arena; kvq_cache_get_stats reports their bytes.
+ * G = 1, so R = 0 means every token goes straight to its page. Windows live on the heap, outside the arena, and grow
+ * with what they hold (capacity doubling, at most R + G rows; none before a sequence's first token, none at all with
+ * R = 0 and per-token types), so a short sequence's resident bytes track its tokens; kvq_cache_get_stats reports the
+ * bytes allocated.
  *
  * ---------------------------------------------------------------------------------------------------------
  * 2. Ownership, threading, errors
@@ -36,7 +38,9 @@
  *   records a message saying what was wrong, readable with kvq_last_error() on the same thread.
  * - NaN/Inf in K/V: rejected. kvq_append returns KVQ_ERR_NONFINITE and appends nothing (no token of any
  *   sequence in the call). Finite values beyond the fp16 range (|x| > 65504) are rejected the same way, because
- *   the residual window and the F16 type store fp16. Queries are not checked: NaN in a query gives NaN output.
+ *   the residual window and the F16 type store fp16. Queries are not rejected: a query head whose row holds NaN or
+ *   +-Inf (after the attention scale), or whose logits are NaN or +-Inf in fp32 (overflow), gets NaN in all of its
+ *   head_dim outputs, whatever the kernel table; the other heads and queries of the call are unaffected.
  *
  * ---------------------------------------------------------------------------------------------------------
  * 3. Versions
@@ -210,7 +214,9 @@ KVQ_API kvq_cache_config kvq_cache_config_default(void);
  * kvq_status if cfg is invalid. Use it to size the arena. */
 KVQ_API int64_t kvq_cache_capacity_tokens(const kvq_cache_config *cfg);
 /* The smallest arena_bytes for which one sequence of n_tokens tokens fits in every layer (cfg->arena_bytes is
- * ignored; the residual window is heap memory, not counted); 0 if cfg is invalid or n_tokens < 0. */
+ * ignored; the residual window is heap memory, not counted). 0, with a message for kvq_last_error(), if cfg is
+ * invalid, n_tokens < 0, or the arena would need more than INT32_MAX pages (kvq_cache_create's limit) or
+ * SIZE_MAX bytes: never a wrapped size. */
 KVQ_API size_t kvq_cache_arena_bytes_for(const kvq_cache_config *cfg, int64_t n_tokens);
 
 KVQ_API kvq_status kvq_cache_create(const kvq_cache_config *cfg, kvq_cache **out);
@@ -225,7 +231,7 @@ typedef struct kvq_cache_stats {
     size_t page_bytes;
     size_t arena_bytes;
     size_t page_bytes_in_use;   /* (pages_total - pages_free) * page_bytes */
-    size_t window_bytes;        /* heap bytes of all live residual windows */
+    size_t window_bytes;        /* heap bytes allocated for all live residual windows (they grow as they fill) */
     int n_seqs;                 /* live sequences */
     int64_t tokens;             /* sum over live sequences of their layer-0 length */
     double bytes_per_token;     /* K+V page bytes per token, all layers and heads, amortized (no window) */
@@ -252,7 +258,8 @@ KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer
 /* A plain strided view of one (sequence, layer), for engines that run their own kernels over kvq's layout
  * (the CUDA backend's tests use it). Tokens 0 .. paged_tokens-1 live in pages[0 .. n_pages-1] (token t in page
  * pages[t / P], slot t % P); tokens paged_tokens .. paged_tokens + window_tokens - 1 are rows 0 .. of the
- * window, fp16 [window_capacity][H][D]. Pointers stay valid until the next non-const call on the cache. */
+ * window, fp16 [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0). Pointers stay valid until
+ * the next non-const call on the cache. */
 typedef struct kvq_seq_view {
     kvq_page_layout layout;
     const uint8_t *arena; /* page id i starts at arena + i * layout.page_bytes */
@@ -260,7 +267,7 @@ typedef struct kvq_seq_view {
     const int32_t *pages;
     int64_t paged_tokens;
     int32_t window_tokens;
-    int32_t window_capacity; /* R + G (R + 1 for per-token caches) */
+    int32_t window_capacity; /* rows allocated now: grows with the window, at most R + G (R + 1 for per-token caches) */
     const uint16_t *window_k;
     const uint16_t *window_v;
 } kvq_seq_view;

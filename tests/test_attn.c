@@ -1,8 +1,9 @@
 #define _POSIX_C_SOURCE 200809L
 /* CPU attention on the quantized cache, for every (type_k, type_v, head dim, GQA ratio, window, soft-cap):
  *  - against an fp64 reference over the cache's own dequantized contents (the kernel's arithmetic): NMSE < 1e-9;
- *  - against an fp64 reference over the original fp32 K/V (the type's quality): NMSE per type bound;
- *  - each SIMD table the CPU has (AVX2, AVX-512: asked for with KVQ_CPU_KERNELS) against the scalar _ref
+ *  - against an fp64 reference over the original fp32 K/V (the type's quality): the NMSE the formats predict for
+ *    this data (format_var, predicted_error), per combination and as a median per type pair;
+ *  - every table the CPU has (scalar, AVX2, AVX-512: asked for with KVQ_CPU_KERNELS) against the scalar _ref
  *    kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer kernels of Q8/Q4/Q2, which round
  *    queries and softmax weights to int16 (relative error ~1.5e-5 each), < 4e-5 where the values are Q4/Q2,
  *    whose kernels round the weights to 8 bits; the same bounds for both tables (they share the rounding);
@@ -11,21 +12,134 @@
 
 #include <stdbool.h>
 
-static double quality_bound(kvq_type tk, kvq_type tv) {
-    /* measured worst cases on this data are about 3x below these */
-    static const double b[KVQ_TYPE_COUNT] = {[KVQ_TYPE_F16] = 1e-6, [KVQ_TYPE_BF16] = 5e-5, [KVQ_TYPE_Q8] = 1e-3,
-                                             [KVQ_TYPE_FP8] = 1e-2, [KVQ_TYPE_Q4] = 6e-2,  [KVQ_TYPE_Q2] = 1.0};
-    return b[tk] + b[tv];
+/* ---- the quality bound, from the formats (issue 17: the old fixed bound of q2/q2, NMSE 2.0, passed an all-zero
+ * output) ----
+ * Each stored element x gets the error variance its format promises for this data, computed from the ORIGINAL values
+ * (never from the scales the quantizer stored, so a quantizer with a wrong scale is not excused): uniform rounding
+ * with step delta has error variance delta^2 / 12, where delta is
+ *   F16 (and the fp16 window): one ulp of x, 2^(e - 11) for x = m 2^e, m in [0.5, 1); BF16: 2^(e - 8);
+ *   Q8: max|x| / 127 over the token's head row; FP8: one E4M3 ulp of x / s (3 mantissa bits), s = max|x| / 448;
+ *   Q4/Q2 (qmax = 15, 3): (max - min) / qmax over the key's channel in its group of G tokens, or over the value's
+ *   group of Gv channels. */
+static double ulp_var(double x, int mant_bits, double min_ulp) {
+    int e;
+    frexp(x, &e);
+    double u = ldexp(1.0, e - mant_bits - 1);
+    if (u < min_ulp) u = min_ulp;
+    return u * u / 12;
+}
+
+static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int64_t paged, int H, int D, int G, int Gv,
+                       double *var) {
+    for (int64_t tok = 0; tok < T; tok++)
+        for (int h = 0; h < H; h++) {
+            const float *row = x + ((size_t)tok * H + h) * D;
+            double amax = 0;
+            for (int d = 0; d < D; d++) amax = fmax(amax, fabs(row[d]));
+            for (int d = 0; d < D; d++) {
+                double v, xi = row[d];
+                if (tok >= paged || t == KVQ_TYPE_F16) {
+                    v = ulp_var(xi, 10, 0x1p-24);
+                } else if (t == KVQ_TYPE_BF16) {
+                    v = ulp_var(xi, 7, 0x1p-133);
+                } else if (t == KVQ_TYPE_Q8) {
+                    v = (amax / 127) * (amax / 127) / 12;
+                } else if (t == KVQ_TYPE_FP8) {
+                    double sc = amax / 448;
+                    v = sc > 0 ? ulp_var(xi / sc, 3, 0x1p-9) * sc * sc : 0;
+                } else {
+                    double lo = INFINITY, hi = -INFINITY, qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
+                    if (role == KVQ_KEY)
+                        for (int64_t j = tok / G * G; j < tok / G * G + G; j++)
+                            lo = fmin(lo, x[((size_t)j * H + h) * D + d]), hi = fmax(hi, x[((size_t)j * H + h) * D + d]);
+                    else
+                        for (int j = d / Gv * Gv; j < d / Gv * Gv + Gv; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
+                    v = (hi - lo) / qmax * (hi - lo) / qmax / 12;
+                }
+                var[((size_t)tok * H + h) * D + d] = v;
+            }
+        }
+}
+
+/* First-order propagation of those independent element errors through attention, for one query row set (as
+ * tu_attn_ref): with weights p_t and output o on the original data, a logit error ds_t = f'(s_t) scale q . dk_t
+ * (f: the soft-cap) moves o by sum_t p_t ds_t (v_t - o), a value error by sum_t p_t dv_t, so
+ *   E|do_d|^2 = sum_t p_t^2 (varV_td + Var(ds_t) (v_td - o_d)^2),  Var(ds_t) = f'^2 scale^2 sum_c q_c^2 varK_tc.
+ * Adds E|do|^2 to *num and |o|^2 to *den: the expected NMSE is num / den. */
+static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos, const float *k, const float *v,
+                            const double *vk, const double *vv, int64_t T, int H, int D, float scale, int window,
+                            float softcap, double *num, double *den) {
+    int rep = nqh / H;
+    double *s = malloc((size_t)T * sizeof *s), *ds = malloc((size_t)T * sizeof *ds), *o = malloc((size_t)D * 8);
+    for (int i = 0; i < nq; i++)
+        for (int qh = 0; qh < nqh; qh++) {
+            int h = qh / rep;
+            const float *qq = q + ((size_t)i * nqh + qh) * D;
+            double mx = -INFINITY, l = 0;
+            for (int64_t t = 0; t < T; t++) {
+                s[t] = -INFINITY;
+                if (t > pos[i] || (window > 0 && t <= pos[i] - window)) continue;
+                double a = 0, va = 0;
+                for (int d = 0; d < D; d++) {
+                    size_t e = ((size_t)t * H + h) * D + d;
+                    a += (double)qq[d] * k[e], va += (double)qq[d] * qq[d] * vk[e];
+                }
+                a *= scale, va *= (double)scale * scale;
+                if (softcap > 0) {
+                    double th = tanh(a / softcap);
+                    a = softcap * th, va *= (1 - th * th) * (1 - th * th);
+                }
+                s[t] = a, ds[t] = va, mx = fmax(mx, a);
+            }
+            for (int d = 0; d < D; d++) o[d] = 0;
+            for (int64_t t = 0; t < T; t++) {
+                if (s[t] == -INFINITY) continue;
+                s[t] = exp(s[t] - mx), l += s[t];
+                for (int d = 0; d < D; d++) o[d] += s[t] * v[((size_t)t * H + h) * D + d];
+            }
+            for (int d = 0; d < D; d++) o[d] /= l, *den += o[d] * o[d];
+            for (int64_t t = 0; t < T; t++) {
+                if (s[t] == -INFINITY) continue;
+                double p2 = (s[t] / l) * (s[t] / l);
+                for (int d = 0; d < D; d++) {
+                    size_t e = ((size_t)t * H + h) * D + d;
+                    double dv = v[e] - o[d];
+                    *num += p2 * (vv[e] + ds[t] * dv * dv);
+                }
+            }
+        }
+    free(s), free(ds), free(o);
 }
 
 typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
 
-/* the SIMD tables compared with _ref: those this CPU has (set in main); none: the scalar table alone */
-static const char *const simd_names[2] = {"avx2", "avx512"};
-static const char *backends[2];
-static int n_backends;
+#define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
+#define n_backends tu_n_tables
 
-static double worst_quality[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], worst_simd[2][KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
+/* The prediction is an expectation over random rounding errors; one combination's measured NMSE is one sample, and
+ * where a few tokens carry most of the softmax weight (rep = 1, small D) it varies widely: measured / predicted
+ * spans 0.2 .. 8.2 over the 1000+ combinations of the full run. So:
+ *  - per combination, NMSE < min(QUAL_MARGIN x predicted, QUAL_CAP): the cap keeps an all-zero (NMSE 1), a doubled
+ *    (1) or a halved (0.25) output failing where the prediction is large (q2/q2: up to 0.023; measured NMSE up to
+ *    0.036);
+ *  - per (type_k, type_v), the MEDIAN of measured / predicted over its combinations and tables lies in
+ *    [QUAL_MED_LO, QUAL_MED_HI]: it is 0.8 .. 1.4 on this data (printed), and a quantizer whose step is twice the
+ *    format's (a scale x2 in quant.c: error variance x4) moves it to ~4; a step of half (scale / 2: clipping) further. */
+#define QUAL_MARGIN 12.0
+#define QUAL_CAP 0.2
+#define QUAL_MED_LO 0.4
+#define QUAL_MED_HI 2.2
+#define MAX_RATIOS 512
+static double ratios[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT][MAX_RATIOS];
+static int n_ratios[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double worst_quality[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], worst_simd[3][KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
+static double worst_ratio[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], least_ratio[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
 
 /* one of the tables above, for the six types of kvq.h section 4 */
 static void print_by_types(const char *title, double t[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT]) {
@@ -85,6 +199,23 @@ static void run_combo(combo cb) {
     }
     double *refd = malloc(qn * 8);
     for (size_t i = 0; i < qn; i++) refd[i] = out_ref[i];
+    /* the quality bound: the error the formats predict for this data (format_var, predicted_error) */
+    kvq_page_layout L;
+    kvq_cache_get_config(c, NULL, &L);
+    double pnum = 0, pden = 0;
+    for (int b = 0; b < B; b++) {
+        size_t n = (size_t)lens[b] * row, o = (size_t)b * nqh * cb.D;
+        int64_t pos = lens[b] - 1;
+        kvq_seq_view view;
+        CHECK_OK(kvq_seq_view_get(c, seqs[b], 1, &view));
+        double *vk = malloc(n * 8), *vv = malloc(n * 8);
+        format_var(cb.tk, KVQ_KEY, orig[b], lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
+        format_var(cb.tv, KVQ_VALUE, orig[b] + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
+        predicted_error(q + o, 1, nqh, &pos, orig[b], orig[b] + n, vk, vv, lens[b], H, cb.D, scale, cb.window,
+                        cb.softcap, &pnum, &pden);
+        free(vk), free(vv);
+    }
+    const double pred = pnum / pden, qbound = fmin(QUAL_MARGIN * pred, QUAL_CAP);
     double e_ref = tu_nmse(out_ref, ref, qn);
     const char *nk = kvq_type_get_traits(cb.tk)->name, *nv = kvq_type_get_traits(cb.tv)->name;
     /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9. The Q4/Q2 value
@@ -105,9 +236,13 @@ static void run_combo(combo cb) {
               cb.window, (double)cb.softcap, backends[k], e_arith, e_ref);
         CHECK(e_simd < simd_bound, "decode %s/%s D=%d rep=%d win=%d: %s vs _ref NMSE %g", nk, nv, cb.D,
               cb.rep, cb.window, backends[k], e_simd);
-        CHECK(e_qual < quality_bound(cb.tk, cb.tv), "decode %s/%s D=%d rep=%d: %s quality NMSE %g over %g",
-              nk, nv, cb.D, cb.rep, backends[k], e_qual, quality_bound(cb.tk, cb.tv));
+        CHECK(e_qual < qbound, "decode %s/%s D=%d rep=%d win=%d cap=%g: %s quality NMSE %g over %g (%g x the formats' %g)",
+              nk, nv, cb.D, cb.rep, cb.window, (double)cb.softcap, backends[k], e_qual, qbound, e_qual / pred, pred);
+        if (n_ratios[cb.tk][cb.tv] < MAX_RATIOS) ratios[cb.tk][cb.tv][n_ratios[cb.tk][cb.tv]++] = e_qual / pred;
         if (e_qual > worst_quality[cb.tk][cb.tv]) worst_quality[cb.tk][cb.tv] = e_qual;
+        double ratio = e_qual / pred;
+        if (ratio > worst_ratio[cb.tk][cb.tv]) worst_ratio[cb.tk][cb.tv] = ratio;
+        if (least_ratio[cb.tk][cb.tv] == 0 || ratio < least_ratio[cb.tk][cb.tv]) least_ratio[cb.tk][cb.tv] = ratio;
     }
     unsetenv("KVQ_CPU_KERNELS");
 
@@ -142,20 +277,7 @@ static void run_combo(combo cb) {
 int main(void) {
     tu_seed(7);
     printf("CPU kernels: %s\n", kvq_cpu_backend());
-    for (int k = 0; k < 2; k++) { /* a table the CPU lacks falls back to one below it */
-        setenv("KVQ_CPU_KERNELS", simd_names[k], 1);
-        if (!strcmp(kvq_cpu_backend(), simd_names[k]))
-            backends[n_backends++] = simd_names[k];
-        else if (k == 0)
-            printf("SKIP avx2: this CPU lacks AVX2/FMA\n");
-        else
-            printf("SKIP avx512: this CPU lacks AVX-512 (F/BW/VL/DQ)\n");
-    }
-    unsetenv("KVQ_CPU_KERNELS");
-    if (n_backends == 0) backends[n_backends++] = "scalar";
-    printf("compared with the _ref kernels:");
-    for (int k = 0; k < n_backends; k++) printf(" %s", backends[k]);
-    printf("\n");
+    tu_find_tables();
     static const int dims[] = {64, 80, 96, 128, 256};
     int quick = tu_quick(), n = 0;
     for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++)
@@ -184,6 +306,20 @@ int main(void) {
     n += 7;
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
+    static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
+    for (int tk = 0; tk < 6; tk++)
+        for (int tv = 0; tv < 6; tv++) {
+            int m = n_ratios[tk][tv];
+            if (!m) continue;
+            qsort(ratios[tk][tv], (size_t)m, sizeof(double), cmp_double);
+            median[tk][tv] = m % 2 ? ratios[tk][tv][m / 2] : 0.5 * (ratios[tk][tv][m / 2 - 1] + ratios[tk][tv][m / 2]);
+            CHECK(median[tk][tv] > QUAL_MED_LO && median[tk][tv] < QUAL_MED_HI,
+                  "%s/%s: median quality NMSE / predicted %g outside [%g, %g] over %d runs", kvq_type_get_traits((kvq_type)tk)->name,
+                  kvq_type_get_traits((kvq_type)tv)->name, median[tk][tv], QUAL_MED_LO, QUAL_MED_HI, m);
+        }
+    print_by_types("median quality NMSE / the formats' predicted NMSE (bounds 0.4, 2.2)", median);
+    print_by_types("largest quality NMSE / predicted NMSE (bound 12)", worst_ratio);
+    print_by_types("smallest quality NMSE / predicted NMSE", least_ratio);
     for (int k = 0; k < n_backends; k++) {
         char title[128];
         snprintf(title, sizeof title, "worst NMSE of the %s kernels against the _ref kernels", backends[k]);

@@ -47,7 +47,8 @@ static snap take(const kvq_cache *c, const int32_t *seqs, int ns) {
 
 static int same(snap a, snap b) {
     return a.n == b.n && !memcmp(a.data, b.data, a.n * sizeof(float)) && a.st.pages_free == b.st.pages_free &&
-           a.st.n_seqs == b.st.n_seqs && a.st.tokens == b.st.tokens && a.st.pages_shared == b.st.pages_shared;
+           a.st.n_seqs == b.st.n_seqs && a.st.tokens == b.st.tokens && a.st.pages_shared == b.st.pages_shared &&
+           a.st.window_bytes == b.st.window_bytes;
 }
 
 static void test_accounting_fork_truncate(kvq_type t) {
@@ -281,8 +282,250 @@ static void test_full_then_free(void) {
     kvq_cache_free(c);
 }
 
+/* The core's allocation hook (src/core/errors.c; hidden, linkable from the static library): the n-th allocation
+ * from now on this thread fails. */
+extern _Thread_local int64_t kvq__alloc_fail_in;
+
+/* Issue 16: kvq_cache_create read the freed cache for its out-of-memory message (ASan: heap-use-after-free). Each
+ * of its four allocations fails in turn: KVQ_ERR_OUT_OF_MEMORY, no cache, the message names the arena's size when
+ * the arena is what failed, and nothing leaks (LeakSanitizer in the ASan build). */
+static void test_create_oom(void) {
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = NL, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = KVQ_TYPE_Q4, cfg.type_v = KVQ_TYPE_Q4;
+    kvq_page_layout L;
+    CHECK_OK(kvq_page_layout_make(KVQ_TYPE_Q4, KVQ_TYPE_Q4, H, D, 64, 64, &L));
+    cfg.arena_bytes = 64 * L.page_bytes; /* a multiple of 64: the arena allocated is exactly arena_bytes */
+    char size[32];
+    snprintf(size, sizeof size, "%zu", cfg.arena_bytes);
+    int n;
+    for (n = 1; n < 20; n++) {
+        kvq_cache *c = (kvq_cache *)&n;
+        kvq__alloc_fail_in = n;
+        kvq_status s = kvq_cache_create(&cfg, &c);
+        int64_t left = kvq__alloc_fail_in;
+        kvq__alloc_fail_in = 0;
+        if (left > 0) { /* fewer than n allocations: it succeeded */
+            CHECK(s == KVQ_OK && c, "create with %d allocations", n - 1);
+            kvq_cache_free(c);
+            break;
+        }
+        CHECK(s == KVQ_ERR_OUT_OF_MEMORY && c == NULL, "create, allocation %d fails: %s", n, kvq_strerror(s));
+        CHECK(kvq_last_error()[0], "create, allocation %d fails: no message", n);
+        if (n == 2) /* the cache object first, then the arena */
+            CHECK(strstr(kvq_last_error(), size) != NULL, "message '%s' does not name the arena's %s bytes",
+                  kvq_last_error(), size);
+    }
+    CHECK(n == 6, "kvq_cache_create made %d allocations, expected 5 (object, arena, refcounts, free list, slots)", n - 1);
+}
+
+typedef kvq_status (*op_fn)(kvq_cache *c, void *arg);
+
+/* Runs op with its 1st, 2nd, ... allocation failing until it succeeds: each failure must be
+ * KVQ_ERR_OUT_OF_MEMORY with a message and leave every snapshotted sequence exactly as it was. Returns the
+ * number of allocations the successful call made. */
+static int sweep_oom(const char *what, kvq_cache *c, const int32_t *seqs, int ns, op_fn op, void *arg) {
+    for (int n = 1; n < 100; n++) {
+        snap s0 = take(c, seqs, ns);
+        kvq__alloc_fail_in = n;
+        kvq_status s = op(c, arg);
+        int64_t left = kvq__alloc_fail_in;
+        kvq__alloc_fail_in = 0;
+        if (left > 0) {
+            CHECK(s == KVQ_OK, "%s: succeeds once allocations do (%s: %s)", what, kvq_strerror(s), kvq_last_error());
+            if (n > 1) printf("  %-22s each of its %d allocations failed in turn: out of memory, cache unchanged\n", what, n - 1);
+            free(s0.data);
+            return n - 1;
+        }
+        CHECK(s == KVQ_ERR_OUT_OF_MEMORY, "%s, allocation %d fails: got %s", what, n, kvq_strerror(s));
+        CHECK(kvq_last_error()[0], "%s: no message", what);
+        snap s1 = take(c, seqs, ns);
+        CHECK(same(s0, s1), "%s: cache changed by a failed allocation %d", what, n);
+        free(s0.data), free(s1.data);
+    }
+    CHECK(0, "%s: still failing after 99 allocations", what);
+    return -1;
+}
+
+typedef struct op_arg {
+    int32_t seq, *out, n;
+    const float *k, *v, *q;
+    float *o;
+    int layer;
+    int64_t len;
+} op_arg;
+
+static kvq_status op_new(kvq_cache *c, void *a) { return kvq_seq_new(c, ((op_arg *)a)->out); }
+static kvq_status op_fork(kvq_cache *c, void *a) { return kvq_seq_fork(c, ((op_arg *)a)->seq, ((op_arg *)a)->out); }
+static kvq_status op_append(kvq_cache *c, void *a) {
+    op_arg *x = a;
+    return kvq_append(c, x->layer, 1, &x->seq, &x->n, KVQ_DTYPE_F32, x->k, x->v);
+}
+static kvq_status op_truncate(kvq_cache *c, void *a) { return kvq_seq_truncate(c, ((op_arg *)a)->seq, ((op_arg *)a)->len); }
+static kvq_status op_decode(kvq_cache *c, void *a) {
+    kvq_attn_params p = kvq_attn_params_default(2 * H);
+    return kvq_attn_decode(c, 0, 1, &((op_arg *)a)->seq, ((op_arg *)a)->q, ((op_arg *)a)->o, &p);
+}
+static kvq_status op_prefill(kvq_cache *c, void *a) {
+    kvq_attn_params p = kvq_attn_params_default(2 * H);
+    return kvq_attn_prefill(c, 0, ((op_arg *)a)->seq, 5, ((op_arg *)a)->q, ((op_arg *)a)->o, &p);
+}
+
+/* Every allocation of every mutating call (and of attention) fails in turn, for a grouped type with a window
+ * (window growth, truncate into the pages, fork of a window) and a per-token type without one. Before the fix, a
+ * fork whose page table allocation failed dropped its parent's page references (pages_free changed). */
+static void test_every_oom_path(void) {
+    for (int ty = 0; ty < 2; ty++) {
+        kvq_type t = ty ? KVQ_TYPE_Q8 : KVQ_TYPE_Q4;
+        kvq_cache *c = make(t, t, 1u << 20, ty ? 0 : 32, 4);
+        const int n = 400;
+        float *k = malloc((size_t)n * H * D * 4), *v = malloc((size_t)n * H * D * 4);
+        float q[5 * 2 * H * D], o[5 * 2 * H * D];
+        tu_fill_kv(k, v, n, H, D);
+        for (int i = 0; i < 5 * 2 * H * D; i++) q[i] = (float)tu_normal();
+        int32_t seqs[3] = {-1, -1, -1};
+        op_arg a = {.out = &seqs[0], .k = k, .v = v, .q = q, .o = o};
+        sweep_oom("seq_new", c, seqs, 0, op_new, &a);
+        a.seq = seqs[0];
+        for (int l = 0; l < NL; l++) { /* uneven pieces: windows grow several times, pages fill and flush */
+            a.layer = l;
+            int done = 0;
+            for (int piece = 1; done + piece <= 300; done += piece, piece = piece * 3 + 1) {
+                a.n = piece, a.k = k + (size_t)done * H * D, a.v = v + (size_t)done * H * D;
+                sweep_oom("append", c, seqs, 1, op_append, &a);
+            }
+        }
+        a.out = &seqs[1];
+        sweep_oom("fork", c, seqs, 1, op_fork, &a);
+        a.seq = seqs[1], a.len = 101; /* inside the pages, not on a group boundary: tokens go back to the window */
+        sweep_oom("truncate", c, seqs, 2, op_truncate, &a);
+        a.layer = 0, a.n = 50, a.k = k + (size_t)300 * H * D, a.v = v + (size_t)300 * H * D;
+        sweep_oom("append after truncate", c, seqs, 2, op_append, &a);
+        /* a window that must grow in a truncate: a fork of a 65-token sequence has a 1-row window (Q4), and a cut
+         * at 40 moves 40 tokens of its first group back into it */
+        a.len = 65;
+        sweep_oom("truncate", c, seqs, 2, op_truncate, &a);
+        a.out = &seqs[2];
+        sweep_oom("fork", c, seqs, 2, op_fork, &a);
+        a.seq = seqs[2], a.len = 40;
+        sweep_oom("truncate (grows)", c, seqs, 3, op_truncate, &a);
+        sweep_oom("decode", c, seqs, 3, op_decode, &a);
+        sweep_oom("prefill", c, seqs, 3, op_prefill, &a);
+        free(k), free(v);
+        kvq_cache_free(c);
+    }
+}
+
+/* Issue 17: kvq_cache_arena_bytes_for formed n_tokens + P - 1 (signed overflow near INT64_MAX) and multiplied in
+ * size_t without a check, returning wrapped sizes. Now: 0 with KVQ_ERR_INVALID_ARG's message whenever the arena would
+ * need more pages than a cache can have (INT32_MAX), as for a bad config; at the limit it is exact. */
+static void test_sizing_overflow(void) {
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D;
+    kvq_page_layout L;
+    CHECK_OK(kvq_page_layout_make(KVQ_TYPE_F16, KVQ_TYPE_F16, H, D, 64, 0, &L));
+    const int64_t huge[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX / 2, (int64_t)INT32_MAX * 64 + 1};
+    for (int i = 0; i < 4; i++) {
+        kvq_set_error(KVQ_OK, "%s", "");
+        CHECK(kvq_cache_arena_bytes_for(&cfg, huge[i]) == 0, "arena for %lld tokens: not 0", (long long)huge[i]);
+        CHECK(strstr(kvq_last_error(), "pages") != NULL, "no message for %lld tokens: '%s'", (long long)huge[i],
+              kvq_last_error());
+    }
+    /* INT32_MAX pages of 64 tokens: the largest arena a cache of one layer can have */
+    size_t top = kvq_cache_arena_bytes_for(&cfg, (int64_t)INT32_MAX * 64);
+    CHECK(top == (size_t)INT32_MAX * L.page_bytes, "arena for 2^31 - 1 pages: %zu", top);
+    kvq_cache_config sized = cfg;
+    sized.arena_bytes = top;
+    CHECK(kvq_cache_capacity_tokens(&sized) == (int64_t)INT32_MAX * 64, "capacity at the limit %lld",
+          (long long)kvq_cache_capacity_tokens(&sized));
+    /* two layers: the limit is INT32_MAX pages in all */
+    cfg.n_layers = 2;
+    CHECK(kvq_cache_arena_bytes_for(&cfg, (int64_t)INT32_MAX * 64) == 0, "2 layers x 2^31 - 1 pages: not 0");
+    CHECK(kvq_cache_arena_bytes_for(&cfg, (int64_t)(INT32_MAX / 2) * 64) == (size_t)(INT32_MAX / 2) * 2 * L.page_bytes,
+          "2 layers x 2^30 - 1 pages");
+    kvq_set_error(KVQ_OK, "%s", "");
+    CHECK(kvq_cache_arena_bytes_for(&cfg, -1) == 0 && kvq_last_error()[0], "negative n_tokens: 0 and a message");
+
+    /* kvq_read's message formed start + n (signed overflow under UBSan); it names both now */
+    kvq_cache *c = make(KVQ_TYPE_F16, KVQ_TYPE_F16, 1u << 20, 0, 2);
+    int32_t s;
+    CHECK_OK(kvq_seq_new(c, &s));
+    float x[1];
+    CHECK_ERR(kvq_read(c, s, 0, INT64_MAX, INT64_MAX, x, x), KVQ_ERR_RANGE);
+    CHECK(strstr(kvq_last_error(), "9223372036854775807") != NULL, "read message: '%s'", kvq_last_error());
+    CHECK_ERR(kvq_read(c, s, 0, 1, INT64_MAX, x, x), KVQ_ERR_RANGE);
+    kvq_cache_free(c);
+}
+
+/* Issue 16: residual windows were allocated for R + G rows when a sequence was created, so a short Q4 sequence held
+ * 192 rows per layer (2.2x an F16 cache's resident bytes at 10 tokens). They grow with the window now, doubling up to
+ * W = R + G rows, and window_bytes reports what is allocated. */
+static void test_window_growth(void) {
+    const size_t row = (size_t)H * D * 2 * 2 * NL; /* one window row, K and V, every layer */
+    kvq_cache *f16 = make(KVQ_TYPE_F16, KVQ_TYPE_F16, 1u << 20, 0, 4), *q4 = make(KVQ_TYPE_Q4, KVQ_TYPE_Q4, 1u << 20, -1, 4);
+    const int n = 400;
+    float *k = malloc((size_t)n * H * D * 4), *v = malloc((size_t)n * H * D * 4);
+    tu_fill_kv(k, v, n, H, D);
+    int32_t a, b, cseq;
+    CHECK_OK(kvq_seq_new(f16, &a));
+    CHECK_OK(kvq_seq_new(q4, &b));
+    kvq_cache_stats sf, sq;
+    kvq_cache_get_stats(q4, &sq);
+    CHECK(sq.window_bytes == 0, "a new sequence holds no window: %zu bytes", sq.window_bytes);
+    append_all(f16, a, k, v, 10);
+    append_all(q4, b, k, v, 10);
+    kvq_cache_get_stats(f16, &sf), kvq_cache_get_stats(q4, &sq);
+    /* F16 (R = 0): one 64-token page per layer, no window. Q4: 10 rows per layer, no page */
+    CHECK(sf.window_bytes == 0 && sf.page_bytes_in_use == (size_t)NL * 64 * H * D * 4, "f16 resident %zu + %zu",
+          sf.page_bytes_in_use, sf.window_bytes);
+    CHECK(sq.window_bytes == 10 * row && sq.page_bytes_in_use == 0, "q4: window %zu bytes, expected %zu",
+          sq.window_bytes, 10 * row);
+    CHECK(sq.window_bytes + sq.page_bytes_in_use <= sf.window_bytes + sf.page_bytes_in_use,
+          "q4 resident %zu > f16 %zu at 10 tokens", sq.window_bytes + sq.page_bytes_in_use,
+          sf.window_bytes + sf.page_bytes_in_use);
+    /* token by token: capacity doubles (10 -> 20 -> 40 ...), never past W = 128 + 64 rows */
+    const int32_t expect_cap[] = {20, 20, 40, 80, 160, 192};
+    const int at[] = {11, 20, 21, 41, 81, 161};
+    int64_t len = 10;
+    for (int i = 0; i < 6; i++) {
+        for (; len < at[i]; len++) append_all(q4, b, k + (size_t)len * H * D, v + (size_t)len * H * D, 1);
+        kvq_seq_view view;
+        CHECK_OK(kvq_seq_view_get(q4, b, 1, &view));
+        kvq_cache_get_stats(q4, &sq);
+        CHECK(view.window_capacity == expect_cap[i] && sq.window_bytes == (size_t)expect_cap[i] * row,
+              "at %lld tokens: capacity %d, window bytes %zu; expected %d rows", (long long)len, view.window_capacity,
+              sq.window_bytes, expect_cap[i]);
+    }
+    for (; len < 300; len++) append_all(q4, b, k + (size_t)len * H * D, v + (size_t)len * H * D, 1);
+    kvq_seq_view view;
+    CHECK_OK(kvq_seq_view_get(q4, b, 0, &view));
+    kvq_cache_get_stats(q4, &sq);
+    CHECK(view.window_capacity == 192 && sq.window_bytes == 192 * row && view.window_tokens == 300 - view.paged_tokens,
+          "at 300 tokens: capacity %d (W = 192), %d tokens in it", view.window_capacity, view.window_tokens);
+    /* a fork's window holds what its parent's holds; the tokens read back are the same */
+    CHECK_OK(kvq_seq_fork(q4, b, &cseq));
+    kvq_cache_stats s2;
+    kvq_cache_get_stats(q4, &s2);
+    CHECK(s2.window_bytes == sq.window_bytes + (size_t)view.window_tokens * row, "fork's window %zu bytes",
+          s2.window_bytes - sq.window_bytes);
+    float *r1 = malloc((size_t)300 * H * D * 4), *r2 = malloc((size_t)300 * H * D * 4);
+    CHECK_OK(kvq_read(q4, b, 1, 0, 300, r1, NULL));
+    CHECK_OK(kvq_read(q4, cseq, 1, 0, 300, r2, NULL));
+    CHECK(!memcmp(r1, r2, (size_t)300 * H * D * 4), "fork reads back its parent's tokens");
+    /* freeing gives the bytes back */
+    CHECK_OK(kvq_seq_free(q4, cseq));
+    CHECK_OK(kvq_seq_free(q4, b));
+    kvq_cache_get_stats(q4, &sq);
+    CHECK(sq.window_bytes == 0, "no window bytes after free: %zu", sq.window_bytes);
+    free(k), free(v), free(r1), free(r2);
+    kvq_cache_free(f16), kvq_cache_free(q4);
+}
+
 int main(void) {
     tu_seed(11);
+    test_create_oom();
+    test_every_oom_path();
+    test_sizing_overflow();
+    test_window_growth();
     for (int t = 0; t < KVQ_TYPE_COUNT; t++)
         if (kvq_type_get_traits((kvq_type)t)->implemented) test_accounting_fork_truncate((kvq_type)t);
     test_bad_input();

@@ -2,6 +2,9 @@
 #ifndef KVQ_TESTUTIL_H
 #define KVQ_TESTUTIL_H
 
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L /* setenv: tests select kernel tables; before any system header */
+#endif
 #include "kvq.h"
 
 #include <math.h>
@@ -95,6 +98,26 @@ static inline void tu_attn_ref(const float *q, int nq, int nqh, const int64_t *p
         }
     free(s);
 }
+
+/* The CPU kernel tables to run: scalar always, then avx2 and avx512 where this CPU has them (a SKIP line says why one
+ * is missing, so a log shows what ran). tu_use_table(name) selects one through KVQ_CPU_KERNELS. */
+static const char *tu_tables[3];
+static int tu_n_tables;
+static inline void tu_find_tables(void) {
+    static const char *const want[3] = {"scalar", "avx2", "avx512"};
+    unsetenv("KVQ_FORCE_SCALAR");
+    tu_n_tables = 0;
+    for (int k = 0; k < 3; k++) {
+        setenv("KVQ_CPU_KERNELS", want[k], 1);
+        if (!strcmp(kvq_cpu_backend(), want[k])) tu_tables[tu_n_tables++] = want[k];
+        else printf("SKIP %s: this CPU lacks %s\n", want[k], k == 1 ? "AVX2/FMA" : "AVX-512 (F/BW/VL/DQ)");
+    }
+    unsetenv("KVQ_CPU_KERNELS");
+    printf("kernel tables run:");
+    for (int k = 0; k < tu_n_tables; k++) printf(" %s", tu_tables[k]);
+    printf("\n");
+}
+static inline void tu_use_table(const char *name) { setenv("KVQ_CPU_KERNELS", name, 1); }
 
 static inline int tu_quick(void) {
     const char *e = getenv("KVQ_TEST_QUICK");

@@ -33,7 +33,10 @@ static void axpys_ref(const float *p, int ps, int rows, int D, const float *x, i
 
 static float max_ref(const float *x, int n) {
     float m = x[0];
-    for (int i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (int i = 0; i < n; i++) {
+        if (isnan(x[i])) return NAN; /* a comparison alone would drop it */
+        m = x[i] > m ? x[i] : m;
+    }
     return m;
 }
 
@@ -137,6 +140,10 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
         int64_t t_first = tok0 + a;
         for (int r = 0; r < rows; r++) {
             float *s = sc->s + (size_t)r * SEG;
+            if (isnan(w->m[r])) { /* the row's result is NaN already: its weights stay 0 */
+                for (int i = 0; i < n; i++) s[i] = 0;
+                continue;
+            }
             /* visible tokens of this segment: t <= pos, and t > pos - window with a window */
             int64_t pos = w->pos[r], hi = pos - t_first + 1, lo = p->window > 0 ? pos - p->window + 1 - t_first : 0;
             int ihi = hi < 0 ? 0 : hi > n ? n : (int)hi, ilo = lo < 0 ? 0 : lo > ihi ? ihi : (int)lo;
@@ -149,6 +156,15 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
             for (int i = 0; i < ilo; i++) s[i] = -INFINITY;
             for (int i = ihi; i < n; i++) s[i] = -INFINITY;
             float mx = K->max(s + ilo, ihi - ilo);
+            if (!(fabsf(mx) < INFINITY)) {
+                /* NaN or +-Inf among the visible logits (a non-finite query, or logits beyond fp32): exp(s - mx) has no
+                 * meaning, and the SIMD exp would turn NaN into a weight of 0. The row's result is NaN (m = NaN). */
+                w->m[r] = NAN;
+                for (int i = 0; i < n; i++) s[i] = 0;
+                continue;
+            }
+            /* the running max: the largest logit of every segment so far, so that exp(s - mnew) <= 1 and the
+             * correction exp(m - mnew) <= 1 never overflow however far apart the segments' logits are */
             float mnew = mx > w->m[r] ? mx : w->m[r];
             float corr = w->m[r] == -INFINITY ? 0.0f : expf(w->m[r] - mnew);
             float sum = K->exp_sum(s, n, mnew);
@@ -183,12 +199,20 @@ static work head_view(const work *w, int hh) {
 /* Walks the item's tokens a page at a time and, inside a page, its heads in order, so that memory is read as
  * one forward stream per page; the next (page, head) blocks are prefetched while the current ones are computed,
  * as each block starts a new stream that hardware prefetchers would pick up too late. */
+static bool row_finite(const float *x, int D) {
+    float acc = 0; /* x * 0 is NaN exactly for NaN and +-Inf */
+    for (int d = 0; d < D; d++) acc += x[d] * 0.0f;
+    return acc == 0;
+}
+
 static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, const kvq_attn_params *p, scratch *sc) {
     const kvq_seq_layer *sl = w->sl;
-    const int P = c->L.page_tokens;
+    const int P = c->L.page_tokens, D = c->L.head_dim;
     for (int hh = 0; hh < w->nh; hh++) {
         work v = head_view(w, hh);
-        for (int r = 0; r < w->rows; r++) v.m[r] = -INFINITY, v.l[r] = 0;
+        /* a query row with NaN or +-Inf (after the scale) starts as NaN (m = NaN): the kernels need not see it
+         * right (the integer ones round it to int16 codes that look finite) */
+        for (int r = 0; r < w->rows; r++) v.m[r] = row_finite(v.q + (size_t)r * D, D) ? -INFINITY : NAN, v.l[r] = 0;
         memset(v.acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
         sc->qst[hh].valid = 0;
     }
@@ -227,8 +251,10 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
 static void merge(int n, int rows, int D, const float *base, size_t per, int sp, float *out, size_t out_stride) {
     for (int r = 0; r < rows; r++) {
         float M = -INFINITY, L = 0, *o = out + (size_t)r * out_stride;
-        for (int i = 0; i < n; i++) M = fmaxf(M, base[(size_t)i * per + r]);
-        for (int d = 0; d < D; d++) o[d] = 0;
+        bool nan = false; /* fmaxf ignores NaN: a NaN item is looked for explicitly */
+        for (int i = 0; i < n; i++) M = fmaxf(M, base[(size_t)i * per + r]), nan |= isnan(base[(size_t)i * per + r]);
+        for (int d = 0; d < D; d++) o[d] = nan ? NAN : 0;
+        if (nan) continue;
         if (M == -INFINITY) continue; /* no visible key: output 0 */
         for (int i = 0; i < n; i++) {
             const float *it = base + (size_t)i * per;
@@ -270,7 +296,7 @@ static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_
     int nt = n_threads(c);
     if (nt > n) nt = (int)n;
     if (nt < 1) nt = 1;
-    scratch *sc = aligned_alloc(64, (sizeof(scratch) + 63) / 64 * 64 * (size_t)nt);
+    scratch *sc = kvq__aligned_alloc(64, (sizeof(scratch) + 63) / 64 * 64 * (size_t)nt);
     if (!sc) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for scratch", fn);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
@@ -324,9 +350,9 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
     /* item state: for each of its heads, m[rep], l[rep], acc[rep][D] */
     size_t per = (size_t)rep * (D + 2), nqe = (size_t)n_seqs * p->n_q_heads * D;
-    work *items = malloc((size_t)n_items * sizeof *items);
-    float *buf = malloc(((size_t)n_items * hg * per + nqe) * sizeof(float));
-    int64_t *pos = malloc((size_t)n_seqs * rep * sizeof *pos);
+    work *items = kvq__malloc((size_t)n_items * sizeof *items);
+    float *buf = kvq__malloc(((size_t)n_items * hg * per + nqe) * sizeof(float));
+    int64_t *pos = kvq__malloc((size_t)n_seqs * rep * sizeof *pos);
     if (!items || !buf || !pos) {
         free(items), free(buf), free(pos);
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
@@ -383,9 +409,9 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
     int64_t nblk = (n_q + qb - 1) / qb, n_items = nblk * H;
     size_t per = (size_t)MAX_ROWS * (D + 2);
     float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
-    work *items = malloc((size_t)n_items * sizeof *items);
-    float *buf = malloc((size_t)n_items * per * 2 * sizeof(float));
-    int64_t *pos = malloc((size_t)n_items * MAX_ROWS * sizeof *pos);
+    work *items = kvq__malloc((size_t)n_items * sizeof *items);
+    float *buf = kvq__malloc((size_t)n_items * per * 2 * sizeof(float));
+    int64_t *pos = kvq__malloc((size_t)n_items * MAX_ROWS * sizeof *pos);
     if (!items || !buf || !pos) {
         free(items), free(buf), free(pos);
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
@@ -417,6 +443,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
                     float *o = out + ((size_t)(q0 + i) * p->n_q_heads + (size_t)h * rep + r) * D;
                     const float *a = w->acc + (size_t)row * D;
                     float inv = w->l[row] > 0 ? 1.0f / w->l[row] : 0.0f; /* every query sees itself: l > 0 */
+                    if (isnan(w->m[row])) inv = NAN; /* a non-finite query or logit (run_work, attend_block) */
                     for (int d = 0; d < D; d++) o[d] = a[d] * inv;
                 }
             }

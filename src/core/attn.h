@@ -44,7 +44,7 @@ typedef struct kvq__kernels {
     void (*axpys)(const float *p, int ps, int rows, int D, const float *x, int n, float *acc);
     /* in place: x[i] = exp(x[i] - m), returns their sum */
     float (*exp_sum)(float *x, int n, float m);
-    /* max of x[0..n), n >= 1 */
+    /* max of x[0..n), n >= 1; NaN if any x[i] is NaN */
     float (*max)(const float *x, int n);
     /* in place: x[i] *= s, i < n (a multiple of 8) */
     void (*scale)(float *x, int n, float s);

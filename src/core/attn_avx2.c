@@ -568,16 +568,20 @@ static void value_accum_avx2(const kvq__blk *b, int j0, int n, const float *p, i
 #undef VA
 }
 
+/* NaN if any x[i] is NaN: vmaxps returns its second operand when either is NaN, so NaNs are tracked apart */
 static float max_avx2(const float *x, int n) {
     float m = x[0];
-    int i = 0;
+    int i = 0, nan = 0;
     if (n >= 8) {
-        __m256 v = _mm256_loadu_ps(x);
-        for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
-        m = hmax_ps(v);
+        __m256 v = _mm256_loadu_ps(x), un = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        for (i = 8; i + 8 <= n; i += 8) {
+            __m256 y = _mm256_loadu_ps(x + i);
+            v = _mm256_max_ps(v, y), un = _mm256_or_ps(un, _mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+        }
+        m = hmax_ps(v), nan = _mm256_movemask_ps(un);
     }
-    for (; i < n; i++) m = x[i] > m ? x[i] : m;
-    return m;
+    for (; i < n; i++) m = x[i] > m ? x[i] : m, nan |= isnan(x[i]);
+    return nan ? NAN : m;
 }
 
 static void scale_avx2(float *x, int n, float s) {

@@ -180,12 +180,17 @@ static float exp_sum_avx512(float *x, int n, float m) {
     return hsum16(acc);
 }
 
+/* NaN if any x[i] is NaN (vmaxps drops a NaN first operand, so they are tracked apart) */
 static float max_avx512(const float *x, int n) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 v = ninf;
-    for (int i = 0; i < n; i += 16) v = _mm512_max_ps(v, _mm512_mask_loadu_ps(ninf, first_n(n - i), x + i));
+    __mmask16 nan = 0;
+    for (int i = 0; i < n; i += 16) {
+        __m512 y = _mm512_mask_loadu_ps(ninf, first_n(n - i), x + i);
+        v = _mm512_max_ps(v, y), nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    }
     __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    return hmax_ps(h);
+    return nan ? NAN : hmax_ps(h);
 }
 
 static void scale_avx512(float *x, int n, float s) {

@@ -55,12 +55,29 @@ static kvq_status resolve(const kvq_cache_config *in, kvq_cache_config *cfg, kvq
 }
 
 size_t kvq_cache_arena_bytes_for(const kvq_cache_config *in, int64_t n_tokens) {
+    const char *fn = "kvq_cache_arena_bytes_for";
     kvq_cache_config cfg = {0};
     kvq_page_layout L;
     int W, Gf;
-    if (n_tokens < 0 || resolve_checked(in, &cfg, &L, &W, &Gf, false) != KVQ_OK) return 0;
-    int64_t pages = (n_tokens + L.page_tokens - 1) / L.page_tokens;
+    if (resolve_checked(in, &cfg, &L, &W, &Gf, false) != KVQ_OK) return 0;
+    if (n_tokens < 0) {
+        kvq__fail(KVQ_ERR_INVALID_ARG, "%s: n_tokens %lld is negative", fn, (long long)n_tokens);
+        return 0;
+    }
+    /* pages per layer without rounding n_tokens up first (n_tokens + P - 1 overflows near INT64_MAX); the arena
+     * kvq_cache_create accepts has at most INT32_MAX pages, so anything above that is an error, not a size */
+    int64_t pages = n_tokens / L.page_tokens + (n_tokens % L.page_tokens != 0);
     if (pages == 0) pages = 1;
+    if (pages > INT32_MAX / cfg.n_layers) {
+        kvq__fail(KVQ_ERR_INVALID_ARG, "%s: %lld tokens need %lld pages in each of %d layers: more than the %d pages "
+                  "a cache can have", fn, (long long)n_tokens, (long long)pages, cfg.n_layers, INT32_MAX);
+        return 0;
+    }
+    /* <= 2^31 pages of at most 2^33 bytes (H = 1024, D = 256, P = 4096, F16): fits in 64 bits */
+    if ((uint64_t)pages * (uint64_t)cfg.n_layers > SIZE_MAX / L.page_bytes) {
+        kvq__fail(KVQ_ERR_INVALID_ARG, "%s: %lld tokens need more than SIZE_MAX bytes", fn, (long long)n_tokens);
+        return 0;
+    }
     return (size_t)pages * (size_t)cfg.n_layers * L.page_bytes;
 }
 
@@ -77,7 +94,7 @@ kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
     KVQ_CHECK_NULL(out, "kvq_cache_create");
     *out = NULL;
     kvq__init_tables();
-    kvq_cache *c = calloc(1, sizeof *c);
+    kvq_cache *c = kvq__calloc(1, sizeof *c);
     if (!c) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cache_create: no memory for the cache object");
     kvq_status s = resolve(in, &c->cfg, &c->L, &c->W, &c->Gf);
     if (s) {
@@ -85,14 +102,21 @@ kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
         return s;
     }
     c->n_pages = (int64_t)(c->cfg.arena_bytes / c->L.page_bytes);
-    c->arena = aligned_alloc(64, (c->n_pages * c->L.page_bytes + 63) & ~(size_t)63);
-    c->refcnt = calloc((size_t)c->n_pages, sizeof *c->refcnt);
-    c->free_list = malloc((size_t)c->n_pages * sizeof *c->free_list);
-    c->seqs = calloc((size_t)c->cfg.max_seqs, sizeof *c->seqs);
+    /* n_pages <= INT32_MAX (resolve) and page_bytes <= 2^33: no overflow, rounding up included */
+    size_t arena = ((size_t)c->n_pages * c->L.page_bytes + 63) & ~(size_t)63;
+    c->arena = kvq__aligned_alloc(64, arena);
+    c->refcnt = kvq__calloc((size_t)c->n_pages, sizeof *c->refcnt);
+    c->free_list = kvq__malloc((size_t)c->n_pages * sizeof *c->free_list);
+    c->seqs = kvq__calloc((size_t)c->cfg.max_seqs, sizeof *c->seqs);
     if (!c->arena || !c->refcnt || !c->free_list || !c->seqs) {
+        /* the message is formatted before c is freed: it reads c's fields */
+        kvq_status e = c->arena ? kvq__fail(KVQ_ERR_OUT_OF_MEMORY,
+                                            "kvq_cache_create: no memory for the page tables of %lld pages",
+                                            (long long)c->n_pages)
+                                : kvq__fail(KVQ_ERR_OUT_OF_MEMORY,
+                                            "kvq_cache_create: cannot allocate an arena of %zu bytes", arena);
         kvq_cache_free(c);
-        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cache_create: cannot allocate an arena of %zu bytes",
-                         c->cfg.arena_bytes);
+        return e;
     }
     /* pop order = ascending page ids, which keeps a fresh sequence's pages contiguous */
     for (int64_t i = 0; i < c->n_pages; i++) c->free_list[i] = (int32_t)(c->n_pages - 1 - i);
@@ -122,8 +146,9 @@ kvq_status kvq_cache_get_config(const kvq_cache *c, kvq_cache_config *cfg, kvq_p
     return KVQ_OK;
 }
 
-static size_t window_bytes(const kvq_cache *c) {
-    return (size_t)c->W * c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
+/* bytes of one window row: one token, all heads, fp16 */
+static size_t window_row_bytes(const kvq_cache *c) {
+    return (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
 }
 
 kvq_status kvq_cache_get_stats(const kvq_cache *c, kvq_cache_stats *st) {
@@ -137,9 +162,12 @@ kvq_status kvq_cache_get_stats(const kvq_cache *c, kvq_cache_stats *st) {
     st->arena_bytes = c->cfg.arena_bytes;
     st->page_bytes_in_use = (size_t)(c->n_pages - c->n_free) * c->L.page_bytes;
     st->n_seqs = c->n_live;
-    st->window_bytes = (size_t)c->n_live * c->cfg.n_layers * 2 * window_bytes(c);
-    for (int i = 0; i < c->cfg.max_seqs; i++)
-        if (c->seqs[i].live) st->tokens += c->seqs[i].layers[0].paged + c->seqs[i].layers[0].win;
+    for (int i = 0; i < c->cfg.max_seqs; i++) {
+        if (!c->seqs[i].live) continue;
+        st->tokens += c->seqs[i].layers[0].paged + c->seqs[i].layers[0].win;
+        for (int l = 0; l < c->cfg.n_layers; l++)
+            st->window_bytes += 2 * (size_t)c->seqs[i].layers[l].wcap * window_row_bytes(c);
+    }
     st->bytes_per_token = (double)c->L.page_bytes * c->cfg.n_layers / c->L.page_tokens;
     kvq_page_layout F;
     kvq_page_layout_make(KVQ_TYPE_F16, KVQ_TYPE_F16, c->L.n_kv_heads, c->L.head_dim, c->L.page_tokens, 0, &F);
@@ -172,10 +200,11 @@ static int32_t page_alloc(kvq_cache *c) {
     return id;
 }
 
-static void seq_release(kvq_cache *c, kvq_seq *q) {
+/* Frees the slot's memory; unref: whether its page references were taken (not yet, in a failing fork) */
+static void seq_discard(kvq_cache *c, kvq_seq *q, bool unref) {
     for (int l = 0; l < c->cfg.n_layers && q->layers; l++) {
         kvq_seq_layer *sl = &q->layers[l];
-        for (int32_t i = 0; i < sl->n_pages; i++) page_unref(c, sl->pages[i]);
+        for (int32_t i = 0; unref && i < sl->n_pages; i++) page_unref(c, sl->pages[i]);
         free(sl->pages);
         free(sl->wk);
         free(sl->wv);
@@ -184,29 +213,71 @@ static void seq_release(kvq_cache *c, kvq_seq *q) {
     memset(q, 0, sizeof *q);
 }
 
+static void seq_release(kvq_cache *c, kvq_seq *q) { seq_discard(c, q, true); }
+
+/* ---- residual windows: allocated as they fill, not for R + G rows up front ----
+ * A change of capacity is prepared (both new buffers allocated) for every (sequence, layer) a call touches before
+ * the call changes anything, and committed only once nothing can fail any more. */
+typedef struct win_grow {
+    kvq_seq_layer *sl;
+    int32_t cap;
+    uint16_t *k, *v;
+} win_grow;
+
+/* Capacity for `rows` rows: doubling from the current one (so appending token by token reallocates
+ * log2(R + G) times), never more than W. 0 when the current capacity suffices. */
+static int32_t window_target(const kvq_cache *c, const kvq_seq_layer *sl, int64_t rows) {
+    if (rows <= sl->wcap) return 0;
+    int64_t cap = 2 * (int64_t)sl->wcap;
+    if (cap < rows) cap = rows;
+    return (int32_t)(cap < c->W ? cap : c->W);
+}
+
+/* Allocates the buffers of g (g->cap rows); false when out of memory (nothing left allocated) */
+static bool window_prepare(const kvq_cache *c, win_grow *g) {
+    size_t bytes = (size_t)g->cap * window_row_bytes(c);
+    g->k = kvq__malloc(bytes);
+    g->v = g->k ? kvq__malloc(bytes) : NULL;
+    if (g->v) return true;
+    free(g->k);
+    g->k = NULL;
+    return false;
+}
+
+static void window_discard(win_grow *g, int n) {
+    for (int i = 0; i < n; i++) free(g[i].k), free(g[i].v);
+}
+
+/* Moves the window's rows into the new buffers */
+static void window_commit(const kvq_cache *c, win_grow *g, int n) {
+    for (int i = 0; i < n; i++) {
+        kvq_seq_layer *sl = g[i].sl;
+        size_t used = (size_t)sl->win * window_row_bytes(c);
+        if (used) memcpy(g[i].k, sl->wk, used), memcpy(g[i].v, sl->wv, used);
+        free(sl->wk), free(sl->wv);
+        sl->wk = g[i].k, sl->wv = g[i].v, sl->wcap = g[i].cap;
+    }
+}
+
 static int free_slot(const kvq_cache *c) {
     for (int i = 0; i < c->cfg.max_seqs; i++)
         if (!c->seqs[i].live) return i;
     return -1;
 }
 
-/* Allocates the per-layer state of slot `id` (windows included); on failure nothing is left allocated. */
+/* Allocates the per-layer state of slot `id` (windows come with the first tokens); on failure nothing is left
+ * allocated. The slot is not live yet. */
 static kvq_status seq_alloc(kvq_cache *c, int id, const char *fn) {
     kvq_seq *q = &c->seqs[id];
-    q->layers = calloc((size_t)c->cfg.n_layers, sizeof *q->layers);
-    bool ok = q->layers != NULL;
-    for (int l = 0; ok && l < c->cfg.n_layers; l++) {
-        q->layers[l].wk = malloc(window_bytes(c));
-        q->layers[l].wv = malloc(window_bytes(c));
-        ok = q->layers[l].wk && q->layers[l].wv;
-    }
-    if (!ok) {
-        seq_release(c, q);
-        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for the residual windows", fn);
-    }
-    q->live = true;
-    c->n_live++;
+    q->layers = kvq__calloc((size_t)c->cfg.n_layers, sizeof *q->layers);
+    if (!q->layers)
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for the state of %d layers", fn, c->cfg.n_layers);
     return KVQ_OK;
+}
+
+static void seq_go_live(kvq_cache *c, int id) {
+    c->seqs[id].live = true;
+    c->n_live++;
 }
 
 kvq_status kvq_seq_new(kvq_cache *c, int32_t *seq_out) {
@@ -216,6 +287,7 @@ kvq_status kvq_seq_new(kvq_cache *c, int32_t *seq_out) {
     if (id < 0) return kvq__fail(KVQ_ERR_TOO_MANY_SEQS, "kvq_seq_new: all %d sequence slots are live", c->cfg.max_seqs);
     kvq_status s = seq_alloc(c, id, "kvq_seq_new");
     if (s) return s;
+    seq_go_live(c, id);
     *seq_out = id;
     return KVQ_OK;
 }
@@ -232,24 +304,32 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
     for (int l = 0; l < c->cfg.n_layers; l++) {
         kvq_seq_layer *sa = &a->layers[l], *sb = &b->layers[l];
         if (sa->n_pages) {
-            sb->pages = malloc((size_t)sa->n_pages * sizeof *sb->pages);
+            sb->pages = kvq__malloc((size_t)sa->n_pages * sizeof *sb->pages);
             if (!sb->pages) {
-                seq_release(c, b);
-                c->n_live--;
-                return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_fork: no memory for the page table");
+                seq_discard(c, b, false); /* its page references are not taken yet */
+                return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_fork: no memory for a page table of %d pages",
+                                 (int)sa->n_pages);
             }
             memcpy(sb->pages, sa->pages, (size_t)sa->n_pages * sizeof *sb->pages);
             sb->cap_pages = sb->n_pages = sa->n_pages;
         }
         sb->paged = sa->paged;
-        sb->win = sa->win;
-        size_t wb = (size_t)sa->win * c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
-        memcpy(sb->wk, sa->wk, wb);
-        memcpy(sb->wv, sa->wv, wb);
+        if (sa->win) { /* the child's window is as large as the parent's content; it grows on its own later */
+            win_grow g = {sb, sa->win, NULL, NULL};
+            if (!window_prepare(c, &g)) {
+                seq_discard(c, b, false);
+                return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_fork: no memory for a window of %d tokens",
+                                 (int)sa->win);
+            }
+            size_t wb = (size_t)sa->win * window_row_bytes(c);
+            memcpy(g.k, sa->wk, wb), memcpy(g.v, sa->wv, wb);
+            sb->wk = g.k, sb->wv = g.v, sb->wcap = g.cap, sb->win = sa->win;
+        }
     }
     /* references are taken only once nothing can fail any more */
     for (int l = 0; l < c->cfg.n_layers; l++)
         for (int32_t i = 0; i < b->layers[l].n_pages; i++) c->refcnt[b->layers[l].pages[i]]++;
+    seq_go_live(c, id);
     *seq_out = id;
     return KVQ_OK;
 }
@@ -286,7 +366,7 @@ kvq_status kvq_seq_view_get(const kvq_cache *c, int32_t seq, int layer, kvq_seq_
     v->pages = sl->pages;
     v->paged_tokens = sl->paged;
     v->window_tokens = sl->win;
-    v->window_capacity = c->W;
+    v->window_capacity = sl->wcap;
     v->window_k = sl->wk;
     v->window_v = sl->wv;
     return KVQ_OK;
@@ -315,6 +395,25 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
     if (s) return s;
     if (n < 0) return kvq__fail(KVQ_ERR_RANGE, "kvq_seq_truncate: n_tokens %lld is negative", (long long)n);
     int P = c->L.page_tokens;
+    /* a cut inside the pages moves up to Gf - 1 tokens back into the window: its rows are allocated first */
+    win_grow *g = kvq__malloc((size_t)c->cfg.n_layers * sizeof *g);
+    if (!g) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_truncate: no memory for %d layers' windows", c->cfg.n_layers);
+    int ng = 0;
+    for (int l = 0; l < c->cfg.n_layers; l++) {
+        kvq_seq_layer *sl = &c->seqs[seq].layers[l];
+        if (n >= sl->paged) continue;
+        int32_t cap = window_target(c, sl, n - n / c->Gf * c->Gf);
+        if (!cap) continue;
+        g[ng] = (win_grow){sl, cap, NULL, NULL};
+        if (!window_prepare(c, &g[ng])) {
+            window_discard(g, ng);
+            free(g);
+            return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_truncate: no memory for a window of %d tokens", (int)cap);
+        }
+        ng++;
+    }
+    window_commit(c, g, ng);
+    free(g);
     for (int l = 0; l < c->cfg.n_layers; l++) {
         kvq_seq_layer *sl = &c->seqs[seq].layers[l];
         if (n >= sl->paged + sl->win) continue;
@@ -409,7 +508,9 @@ static kvq_status reserve_pages(kvq_seq_layer *sl, int64_t need) {
     if (want <= sl->cap_pages) return KVQ_OK;
     int64_t cap = sl->cap_pages ? sl->cap_pages : 8;
     while (cap < want) cap *= 2;
-    int32_t *p = realloc(sl->pages, (size_t)cap * sizeof *p);
+    if (cap > INT32_MAX) cap = want; /* want <= pages in the cache + 1 */
+    if (cap > INT32_MAX) return kvq__fail(KVQ_ERR_INTERNAL, FN_APPEND ": a page table of %lld pages", (long long)cap);
+    int32_t *p = kvq__realloc(sl->pages, (size_t)cap * sizeof *p);
     if (!p) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, FN_APPEND ": no memory for a page table of %lld pages", (long long)cap);
     sl->pages = p;
     sl->cap_pages = (int32_t)cap;
@@ -443,6 +544,13 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
     if (total == 0) return KVQ_OK;
     KVQ_CHECK_NULL(k, FN_APPEND);
     KVQ_CHECK_NULL(v, FN_APPEND);
+    /* before the data is read: a call that cannot fit must not scan (or index past) arrays of its claimed size */
+    if (need > c->n_free)
+        return kvq__fail(KVQ_ERR_CACHE_FULL, FN_APPEND ": layer %d needs %lld free pages, %lld are free", layer,
+                         (long long)need, (long long)c->n_free);
+    if ((uint64_t)total > SIZE_MAX / 4 / ((size_t)H * D))
+        return kvq__fail(KVQ_ERR_INVALID_ARG, FN_APPEND ": %lld tokens of %d x %d values exceed the address space",
+                         (long long)total, H, D);
     size_t n_elem = (size_t)total * H * D;
     for (size_t i = 0; i < n_elem; i++) {
         float a = load_elem(dtype, k, i), b = load_elem(dtype, v, i);
@@ -453,18 +561,41 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
                              fabsf(a) <= 65504.0f ? "v" : "k", i, i / ((size_t)H * D), i / D % H, i % D,
                              (double)(fabsf(a) <= 65504.0f ? b : a));
     }
-    if (need > c->n_free)
-        return kvq__fail(KVQ_ERR_CACHE_FULL, FN_APPEND ": layer %d needs %lld free pages, %lld are free", layer,
-                         (long long)need, (long long)c->n_free);
+    /* page tables: only their capacity grows, which no caller can observe */
     for (int i = 0; i < n_seqs; i++) {
         kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
         if ((s = reserve_pages(sl, pages_needed(c, sl, n_tokens[i]) + 1))) return s;
     }
+    /* windows: the rows this call fills (the window flushes on reaching W, so at most W); c->W == 1 (R = 0,
+     * per-token types) stores straight to pages and never has one */
+    win_grow *g = NULL;
+    if (c->W > 1 && !(g = kvq__malloc((size_t)n_seqs * sizeof *g)))
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, FN_APPEND ": no memory for %d sequences' windows", n_seqs);
+    int ng = 0;
+    for (int i = 0; i < n_seqs && g; i++) {
+        kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
+        int32_t cap = window_target(c, sl, sl->win + (int64_t)n_tokens[i]);
+        if (!cap) continue;
+        g[ng] = (win_grow){sl, cap, NULL, NULL};
+        if (!window_prepare(c, &g[ng])) {
+            window_discard(g, ng);
+            free(g);
+            return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, FN_APPEND ": no memory for a window of %d tokens (sequence %d)",
+                             (int)cap, (int)seq_ids[i]);
+        }
+        ng++;
+    }
     /* scratch for one flush unit of K and V in fp32 plus a transposition buffer */
     size_t unit = (size_t)c->Gf * H * D;
-    float *buf = malloc((2 * unit + (size_t)c->Gf * D) * sizeof(float));
-    if (!buf) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, FN_APPEND ": no memory for %zu floats of scratch", 2 * unit);
+    float *buf = kvq__malloc((2 * unit + (size_t)c->Gf * D) * sizeof(float));
+    if (!buf) {
+        window_discard(g, ng);
+        free(g);
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, FN_APPEND ": no memory for %zu floats of scratch", 2 * unit);
+    }
     float *uk = buf, *uv = buf + unit, *scratch = buf + 2 * unit;
+    window_commit(c, g, ng);
+    free(g);
 
     /* nothing can fail from here on */
     size_t row = (size_t)H * D, off = 0;
@@ -501,9 +632,9 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
     if ((s = kvq__check_seq(c, seq, "kvq_read")) || (s = kvq__check_layer(c, layer, "kvq_read"))) return s;
     const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
     int64_t len = sl->paged + sl->win;
-    if (start < 0 || n < 0 || start > len || n > len - start)
-        return kvq__fail(KVQ_ERR_RANGE, "kvq_read: tokens [%lld, %lld) outside the sequence's %lld", (long long)start,
-                         (long long)(start + n), (long long)len);
+    if (start < 0 || n < 0 || start > len || n > len - start) /* start + n may overflow: not formed */
+        return kvq__fail(KVQ_ERR_RANGE, "kvq_read: %lld tokens from %lld: outside the sequence's %lld (layer %d)",
+                         (long long)n, (long long)start, (long long)len, layer);
     int P = c->L.page_tokens, H = c->L.n_kv_heads, D = c->L.head_dim;
     size_t row = (size_t)H * D;
     for (int64_t t = start; t < start + n; t++) {

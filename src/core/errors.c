@@ -2,9 +2,20 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static _Thread_local char last_error[512];
+
+_Thread_local int64_t kvq__alloc_fail_in = 0;
+
+/* true when the test hook says this allocation fails */
+static bool fail_now(void) { return kvq__alloc_fail_in > 0 && --kvq__alloc_fail_in == 0; }
+
+void *kvq__malloc(size_t n) { return fail_now() ? NULL : malloc(n); }
+void *kvq__calloc(size_t n, size_t size) { return fail_now() ? NULL : calloc(n, size); }
+void *kvq__realloc(void *p, size_t n) { return fail_now() ? NULL : realloc(p, n); }
+void *kvq__aligned_alloc(size_t align, size_t n) { return fail_now() ? NULL : aligned_alloc(align, n); }
 
 kvq_status kvq_set_error_v(kvq_status s, const char *fmt, va_list ap) {
     /* formatted aside first: callers often pass kvq_last_error() itself as an argument ("ctx: %s") */

@@ -16,6 +16,16 @@
         if (!(p)) return kvq__fail(KVQ_ERR_NULL, "%s: argument '%s' is NULL", fn, #p);                      \
     } while (0)
 
+/* ---- host allocation: every allocation of the core goes through these (errors.c), so that a test can make the
+ * n-th one fail and check that each failure path returns KVQ_ERR_OUT_OF_MEMORY with the cache unchanged and
+ * nothing leaked. kvq__alloc_fail_in: 0 = off; n > 0 = the n-th allocation from now on this thread fails.
+ * Thread-local: attention allocates on the calling thread only, before its parallel region. Tests only. */
+extern _Thread_local int64_t kvq__alloc_fail_in;
+void *kvq__malloc(size_t n);
+void *kvq__calloc(size_t n, size_t size);
+void *kvq__realloc(void *p, size_t n);
+void *kvq__aligned_alloc(size_t align, size_t n); /* n: a multiple of align */
+
 /* ---- half precision: round to nearest even, as the hardware converters do ---- */
 static inline float kvq__f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -107,7 +117,8 @@ typedef struct kvq_seq_layer {
     int32_t cap_pages;
     int64_t paged;     /* tokens in pages */
     int32_t win;       /* tokens in the window */
-    uint16_t *wk, *wv; /* fp16 [W][H][D] */
+    int32_t wcap;      /* rows allocated in wk and wv: grows with the window (doubling), at most W; 0: NULL */
+    uint16_t *wk, *wv; /* fp16 [wcap][H][D] */
 } kvq_seq_layer;
 
 typedef struct kvq_seq {

@@ -1,0 +1,534 @@
+/* Fuzz target of the paged cache: the input is a cache configuration and a sequence of operations (sequence
+ * new / free / fork / truncate, append with random sizes, types, values and bad input, read back, decode and prefill
+ * attention, stats), run against a plain model: the original fp32 K/V of every (sequence, layer). Checked after
+ * every operation:
+ *  - a call that fails leaves the cache exactly as it was (a snapshot: stats, lengths, views, every token read
+ *    back, compared bit for bit), and one given NaN/Inf/|x| > 65504 never succeeds;
+ *  - read back is within the bound each format promises for the model's values (kvq.h section 5);
+ *  - attention on the scalar table is within the fp32 rounding bound of an fp64 computation on the cache's
+ *    dequantized data, and each SIMD table the CPU has within that plus its documented roundings (int16 queries,
+ *    8-bit Q4/Q2 value weights); a query head with NaN gives NaN, the others stay finite.
+ * Any violation aborts. libFuzzer: clang -fsanitize=fuzzer,address,undefined -Iinclude -Isrc/core
+ * tests/fuzz_cache.c src/core/ *.c (AVX files with their -m flags); ctest replays tests/corpus/cache/ through
+ * tests/fuzz_replay_main.c. */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h" /* the core's fp16 / bf16 conversions (src/core) */
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define NL 2
+#define MAXS 3
+#define MAXT 400 /* tokens per (sequence, layer) the model holds; appends beyond are skipped */
+
+#define FAIL(...)                                                                                           \
+    do {                                                                                                   \
+        fprintf(stderr, "fuzz_cache: " __VA_ARGS__);                                                       \
+        fprintf(stderr, "\n");                                                                             \
+        abort();                                                                                           \
+    } while (0)
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} rd;
+static unsigned byte(rd *r) {
+    if (!r->n) return 0;
+    r->n--;
+    return *r->p++;
+}
+
+typedef struct {
+    bool live;
+    int32_t id;
+    int64_t len[NL];
+    float *k[NL], *v[NL]; /* [MAXT][H][D] */
+} mseq;
+
+typedef struct {
+    kvq_cache *c;
+    kvq_cache_config cfg;
+    kvq_page_layout L;
+    int H, D;
+    mseq s[MAXS];
+    uint64_t rng;
+} world;
+
+static double urand(world *w) {
+    w->rng ^= w->rng << 13, w->rng ^= w->rng >> 7, w->rng ^= w->rng << 17;
+    return (double)(w->rng >> 11) / 9007199254740992.0;
+}
+
+/* ---- snapshots: everything observable ---- */
+typedef struct {
+    kvq_cache_stats st;
+    float *data;
+    size_t n;
+} snap;
+
+static snap take(world *w) {
+    snap s;
+    memset(&s, 0, sizeof s);
+    kvq_cache_get_stats(w->c, &s.st);
+    size_t row = (size_t)w->H * w->D, total = 0;
+    for (int i = 0; i < MAXS; i++)
+        for (int l = 0; l < NL && w->s[i].live; l++) total += 4 + (size_t)w->s[i].len[l] * row * 2;
+    s.data = calloc(total + 1, sizeof(float));
+    for (int i = 0; i < MAXS; i++)
+        for (int l = 0; l < NL && w->s[i].live; l++) {
+            kvq_seq_view v;
+            int64_t len = -1;
+            if (kvq_seq_view_get(w->c, w->s[i].id, l, &v) || kvq_seq_length(w->c, w->s[i].id, l, &len))
+                FAIL("view/length of a live sequence failed: %s", kvq_last_error());
+            s.data[s.n++] = (float)len, s.data[s.n++] = (float)v.paged_tokens, s.data[s.n++] = (float)v.window_tokens;
+            s.data[s.n++] = (float)v.n_pages;
+            if (len != w->s[i].len[l]) FAIL("seq %d layer %d: length %lld, model %lld", i, l, (long long)len, (long long)w->s[i].len[l]);
+            if (kvq_read(w->c, w->s[i].id, l, 0, len, s.data + s.n, s.data + s.n + (size_t)len * row))
+                FAIL("read back failed: %s", kvq_last_error());
+            s.n += (size_t)len * row * 2;
+        }
+    return s;
+}
+
+static void same_or_die(const snap *a, const snap *b, const char *what) {
+    if (a->n != b->n || memcmp(a->data, b->data, a->n * sizeof(float)) || memcmp(&a->st, &b->st, sizeof a->st))
+        FAIL("failing %s changed the cache", what);
+}
+
+/* ---- read back against the model, per element, with the bounds of kvq.h section 5 ---- */
+static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged) {
+    const int H = w->H, D = w->D;
+    double xi = x[((size_t)tok * H + h) * D + d], fp16 = fabs(xi) * 0x1p-11 + 0x1p-25; /* window / input rounding */
+    if (!paged || t == KVQ_TYPE_F16) return fp16;
+    if (t == KVQ_TYPE_BF16) return fabs(xi) * 0x1p-8 + fp16;
+    const float *row = x + ((size_t)tok * H + h) * D;
+    double amax = 0, lo = INFINITY, hi = -INFINITY;
+    for (int c = 0; c < D; c++) amax = fmax(amax, fabs(row[c]));
+    if (t == KVQ_TYPE_Q8) return amax / 254 * 1.01 + fp16 + amax * 0x1p-11;
+    if (t == KVQ_TYPE_FP8) return fabs(xi) * 0x1p-4 * 1.01 + amax / 448 * 0x1p-9 * 1.01 + 2 * fp16 + amax * 0x1p-11;
+    if (role == KVQ_KEY) {
+        int64_t g0 = tok / w->L.group * w->L.group;
+        for (int64_t j = g0; j < g0 + w->L.group; j++) {
+            double u = x[((size_t)j * H + h) * D + d];
+            lo = fmin(lo, u), hi = fmax(hi, u);
+        }
+    } else {
+        int g0 = d / w->L.value_group * w->L.value_group;
+        for (int j = g0; j < g0 + w->L.value_group; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
+    }
+    double qmax = t == KVQ_TYPE_Q4 ? 15 : 3, m = fmax(fabs(lo), fabs(hi));
+    /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
+    return 0.5 * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + m * 0x1p-10 + 1e-6;
+}
+
+static void check_read(world *w, int i, int l) {
+    mseq *q = &w->s[i];
+    int64_t len = q->len[l];
+    size_t row = (size_t)w->H * w->D;
+    float *k = malloc((size_t)(len + 1) * row * 4), *v = malloc((size_t)(len + 1) * row * 4);
+    kvq_seq_view view;
+    if (kvq_read(w->c, q->id, l, 0, len, k, v) || kvq_seq_view_get(w->c, q->id, l, &view)) FAIL("read: %s", kvq_last_error());
+    for (int64_t t = 0; t < len; t++)
+        for (int h = 0; h < w->H; h++)
+            for (int d = 0; d < w->D; d++)
+                for (int r = 0; r < 2; r++) {
+                    size_t e = ((size_t)t * w->H + h) * w->D + d;
+                    double got = r ? v[e] : k[e], want = r ? q->v[l][e] : q->k[l][e];
+                    double b = elem_bound(w, r ? w->L.type_v : w->L.type_k, r ? KVQ_VALUE : KVQ_KEY, r ? q->v[l] : q->k[l], t,
+                                          h, d, t < view.paged_tokens);
+                    if (!(fabs(got - want) <= b))
+                        FAIL("seq %d layer %d token %lld head %d ch %d %s: read %g, model %g, bound %g", i, l, (long long)t, h,
+                             d, r ? "v" : "k", got, want, b);
+                }
+    free(k), free(v);
+}
+
+/* ---- attention against fp64 on the dequantized cache ----
+ * Scalar table: each logit's fp32 error is at most (D + 2) 2^-24 scale sum_c |q_c k_c| (a D-term dot product, the
+ * scaling, the soft-cap's tanhf: + 2^-21 softcap), the weights then move by a factor e^(+-2 delta) and the sums over
+ * T tokens add T 2^-23 relative: |out - ref| <= (e^(2 delta) - 1 + (T + D) 2^-22) vmax.
+ * SIMD tables: + the int16 rounding of q (|dq_c| <= max|q| / 65534 against codes times scales <= 2 max|k_c|) in
+ * delta, + 0.13 vmax where Q4/Q2 values meet 8-bit weights (per 64-token segment the weights' errors sum to at most
+ * 64/510 of the segment's largest weight, those maxima sum to at most 1, codes span at most 2 vmax). */
+static void check_attn(world *w, int layer, int nb, const int *slots, int n_q, const float *q, const float *out,
+                       const kvq_attn_params *p, bool simd) {
+    const int H = w->H, D = w->D, nqh = p->n_q_heads, rep = nqh / H;
+    const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
+    size_t row = (size_t)H * D;
+    bool w8 = w->L.type_v == KVQ_TYPE_Q4 || w->L.type_v == KVQ_TYPE_Q2;
+    for (int b = 0; b < nb; b++) {
+        mseq *m = &w->s[slots[b]];
+        int64_t T = m->len[layer];
+        float *k = malloc((size_t)T * row * 4), *v = malloc((size_t)T * row * 4);
+        if (kvq_read(w->c, m->id, layer, 0, T, k, v)) FAIL("read: %s", kvq_last_error());
+        int nqr = n_q ? n_q : 1; /* decode: one query per sequence */
+        for (int i = 0; i < nqr; i++) {
+            int64_t pos = n_q ? T - n_q + i : T - 1;
+            for (int qh = 0; qh < nqh; qh++) {
+                int h = qh / rep;
+                const float *qq = q + ((size_t)(n_q ? i : b) * nqh + qh) * D;
+                const float *o = out + ((size_t)(n_q ? i : b) * nqh + qh) * D;
+                bool finite_q = true;
+                double qmax = 0;
+                for (int d = 0; d < D; d++) finite_q &= isfinite(qq[d]), qmax = fmax(qmax, fabs(qq[d]));
+                if (!finite_q) {
+                    for (int d = 0; d < D; d++)
+                        if (!isnan(o[d])) FAIL("non-finite query head %d gave %g, not NaN", qh, (double)o[d]);
+                    continue;
+                }
+                double mx = -INFINITY, delta = 0, vmax = 0, l = 0, kmax = 0;
+                for (int64_t t = 0; t < T; t++)
+                    for (int d = 0; d < D; d++) kmax = fmax(kmax, fabs(k[((size_t)t * H + h) * D + d]));
+                double *s = malloc((size_t)T * 8), *ref = calloc((size_t)D, 8);
+                for (int64_t t = 0; t < T; t++) {
+                    s[t] = -INFINITY;
+                    if (t > pos || (p->window > 0 && t <= pos - p->window)) continue;
+                    double a = 0, aa = 0;
+                    for (int d = 0; d < D; d++) {
+                        double kd = k[((size_t)t * H + h) * D + d];
+                        a += qq[d] * kd, aa += fabs(qq[d] * kd);
+                        vmax = fmax(vmax, fabs(v[((size_t)t * H + h) * D + d]));
+                    }
+                    a *= scale;
+                    double dl = (D + 2) * 0x1p-24 * scale * aa + (p->softcap > 0 ? 0x1p-21 * p->softcap : 0);
+                    /* int16 q (or q * key scale, grouped keys) against codes x scales spanning <= 2 kmax, and q . min in
+                     * fp32 */
+                    if (simd) dl += scale * qmax * (1.0 / 65534 + D * 0x1p-23) * D * 2 * kmax + 0x1p-20 * scale * aa;
+                    if (p->softcap > 0) a = p->softcap * tanh(a / p->softcap);
+                    s[t] = a, mx = fmax(mx, a), delta = fmax(delta, dl);
+                }
+                for (int64_t t = 0; t < T; t++)
+                    if (s[t] > -INFINITY) {
+                        double e = exp(s[t] - mx);
+                        l += e;
+                        for (int d = 0; d < D; d++) ref[d] += e * v[((size_t)t * H + h) * D + d];
+                    }
+                double bound = (expm1(2 * fmin(delta, 300)) + (double)(T + D) * 0x1p-22 + (simd && w8 ? 0.13 : 0)) * vmax +
+                               1e-30;
+                for (int d = 0; d < D; d++) {
+                    double r = ref[d] / l;
+                    if (!(fabs(o[d] - r) <= bound))
+                        FAIL("%s layer %d seq slot %d query %d head %d ch %d: %g vs fp64 %g (bound %g, %s, T %lld, win %d, "
+                             "cap %g)", n_q ? "prefill" : "decode", layer, slots[b], i, qh, d, (double)o[d], r, bound,
+                             simd ? "simd" : "scalar", (long long)T, p->window, (double)p->softcap);
+                }
+                free(s), free(ref);
+            }
+        }
+        free(k), free(v);
+    }
+}
+
+static const char *simd_tables[2];
+static int n_simd = -1;
+
+static void find_tables(void) {
+    static const char *const names[2] = {"avx2", "avx512"};
+    n_simd = 0;
+    for (int i = 0; i < 2; i++) {
+        setenv("KVQ_CPU_KERNELS", names[i], 1);
+        if (!strcmp(kvq_cpu_backend(), names[i])) simd_tables[n_simd++] = names[i];
+    }
+    unsetenv("KVQ_CPU_KERNELS");
+}
+
+static void fill(world *w, float *x, size_t n, unsigned mode) {
+    static const double mag[6] = {0, 1, 0.01, 30, 3000, 60000};
+    double m = mag[mode % 6];
+    for (size_t i = 0; i < n; i++) x[i] = (float)(m * (2 * urand(w) - 1));
+}
+
+static int slot_of(world *w, unsigned b) { return (int)(b % MAXS); }
+static int free_slot(world *w) {
+    for (int i = 0; i < MAXS; i++)
+        if (!w->s[i].live) return i;
+    return -1;
+}
+
+static void run_attention(world *w, rd *r, bool prefill) {
+    int layer = (int)(byte(r) % NL), nb = 0, slots[MAXS];
+    int32_t ids[MAXS];
+    unsigned pick = byte(r);
+    for (int i = 0; i < MAXS; i++)
+        if ((pick >> i & 1) && w->s[i].live && w->s[i].len[layer] > 0) slots[nb] = i, ids[nb++] = w->s[i].id;
+    if (nb == 0) return;
+    static const int reps[4] = {1, 2, 3, 8};
+    static const int wins[4] = {0, 1, 7, 100};
+    static const float caps[3] = {0, 5, 30};
+    unsigned a = byte(r), bq = byte(r);
+    kvq_attn_params p = kvq_attn_params_default(w->H * reps[a & 3]);
+    p.window = wins[(a >> 2) & 3], p.softcap = caps[((a >> 4) & 3) % 3], p.scale = (a >> 6) & 1 ? 0.3f : 0.0f;
+    int n_q = prefill ? (int)(byte(r) % (w->s[slots[0]].len[layer] + 1)) : 0;
+    if (prefill) nb = 1;
+    if (prefill && n_q == 0) return;
+    size_t nrow = (size_t)(prefill ? n_q : nb) * p.n_q_heads, qn = nrow * w->D;
+    float *q = malloc(qn * 4), *o = malloc(qn * 4);
+    static const double qmag[4] = {1, 0.01, 10, 1};
+    for (size_t i = 0; i < qn; i++) q[i] = (float)(qmag[bq & 3] * (2 * urand(w) - 1));
+    if (bq & 4) q[(size_t)(urand(w) * (double)qn)] = (bq & 8) ? NAN : INFINITY;
+    for (int tb = -1; tb < n_simd; tb++) {
+        if (tb < 0) setenv("KVQ_FORCE_SCALAR", "1", 1);
+        else setenv("KVQ_CPU_KERNELS", simd_tables[tb], 1);
+        snap s0 = take(w);
+        kvq_status st = prefill ? kvq_attn_prefill(w->c, layer, ids[0], n_q, q, o, &p)
+                                : kvq_attn_decode(w->c, layer, nb, ids, q, o, &p);
+        unsetenv("KVQ_FORCE_SCALAR"), unsetenv("KVQ_CPU_KERNELS");
+        snap s1 = take(w);
+        same_or_die(&s0, &s1, "attention"); /* attention never changes the cache */
+        free(s0.data), free(s1.data);
+        if (st) FAIL("valid attention failed: %s", kvq_last_error());
+        check_attn(w, layer, nb, slots, n_q, q, o, &p, tb >= 0);
+    }
+    free(q), free(o);
+}
+
+static void run_append(world *w, rd *r) {
+    int layer = (int)(byte(r) % (NL + 1)); /* NL: a bad layer */
+    unsigned a = byte(r), mode = byte(r);
+    int ns = 1 + (int)((a & 3) % MAXS), slots[MAXS];
+    int32_t ids[MAXS], nt[MAXS];
+    int64_t total = 0;
+    bool bad = layer >= NL;
+    for (int i = 0; i < ns; i++) {
+        unsigned b = byte(r);
+        slots[i] = slot_of(w, b);
+        ids[i] = w->s[slots[i]].live ? w->s[slots[i]].id : b & 8 ? -1 : MAXS + (int32_t)(b >> 4); /* never live */
+        nt[i] = (int32_t)(byte(r) % 70);
+        if ((a >> 3 & 7) == 0) nt[i] = -1; /* a bad count */
+        bad |= !w->s[slots[i]].live || nt[i] < 0;
+        for (int j = 0; j < i; j++) bad |= ids[j] == ids[i];
+        if (nt[i] > 0) total += nt[i];
+        if (!bad && layer < NL && w->s[slots[i]].len[layer] + nt[i] > MAXT) return; /* beyond what the model holds */
+    }
+    size_t row = (size_t)w->H * w->D, n = (size_t)(total ? total : 1) * row;
+    float *k = malloc(n * 4), *v = malloc(n * 4);
+    fill(w, k, n, mode), fill(w, v, n, mode >> 3);
+    bool poison = (a >> 6) != 0 && total > 0;
+    if (poison) {
+        static const float pv[3] = {NAN, INFINITY, 70000.0f};
+        ((a >> 5) & 1 ? v : k)[(size_t)(urand(w) * (double)n)] = pv[(a >> 6) - 1];
+    }
+    kvq_dtype dt = (kvq_dtype)((mode >> 6) % 3); /* F16/BF16 inputs: the values converted first */
+    void *kin = k, *vin = v;
+    uint16_t *kh = NULL, *vh = NULL;
+    if (dt != KVQ_DTYPE_F32) {
+        kh = malloc(n * 2), vh = malloc(n * 2);
+        for (size_t i = 0; i < n; i++) {
+            for (int r2 = 0; r2 < 2; r2++) {
+                float x = r2 ? v[i] : k[i];
+                uint16_t h = dt == KVQ_DTYPE_BF16 ? kvq__f32_to_bf16(x) : kvq__f32_to_f16(x);
+                x = dt == KVQ_DTYPE_BF16 ? kvq__bf16_to_f32(h) : kvq__f16_to_f32(h);
+                (r2 ? vh : kh)[i] = h;
+                (r2 ? v : k)[i] = x; /* the model keeps what the cache was given */
+            }
+        }
+        kin = kh, vin = vh;
+    }
+    bool nonfinite = false;
+    for (size_t i = 0; i < (size_t)total * row; i++) nonfinite |= !(fabsf(k[i]) <= 65504) || !(fabsf(v[i]) <= 65504);
+    snap s0 = take(w);
+    kvq_status st = kvq_append(w->c, layer, ns, ids, nt, dt, kin, vin);
+    if (st != KVQ_OK) {
+        if (!kvq_last_error()[0]) FAIL("append failed without a message");
+        snap s1 = take(w);
+        same_or_die(&s0, &s1, "append");
+        free(s1.data);
+    } else {
+        if (bad || nonfinite) FAIL("append with bad input (bad %d, non-finite %d) succeeded", bad, nonfinite);
+        size_t off = 0;
+        for (int i = 0; i < ns; i++) {
+            mseq *m = &w->s[slots[i]];
+            memcpy(m->k[layer] + (size_t)m->len[layer] * row, k + off * row, (size_t)nt[i] * row * 4);
+            memcpy(m->v[layer] + (size_t)m->len[layer] * row, v + off * row, (size_t)nt[i] * row * 4);
+            m->len[layer] += nt[i], off += (size_t)nt[i];
+        }
+    }
+    free(s0.data), free(k), free(v), free(kh), free(vh);
+}
+
+static void run_truncate(world *w, rd *r) {
+    int i = slot_of(w, byte(r));
+    unsigned b = byte(r);
+    mseq *m = &w->s[i];
+    if (!m->live) return;
+    int64_t n = (int64_t)(b % 200) - 2; /* -2, -1: bad */
+    size_t row = (size_t)w->H * w->D;
+    float *pre[NL][2] = {{NULL}};
+    for (int l = 0; l < NL; l++) {
+        kvq_seq_view v;
+        kvq_seq_view_get(w->c, m->id, l, &v);
+        if (n >= 0 && n < v.paged_tokens) { /* what the cut's tokens hold now */
+            pre[l][0] = malloc((size_t)n * row * 4 + 4), pre[l][1] = malloc((size_t)n * row * 4 + 4);
+            if (kvq_read(w->c, m->id, l, 0, n, pre[l][0], pre[l][1])) FAIL("read: %s", kvq_last_error());
+        }
+    }
+    snap s0 = take(w);
+    kvq_status st = kvq_seq_truncate(w->c, m->id, n);
+    if (st) {
+        snap s1 = take(w);
+        same_or_die(&s0, &s1, "truncate");
+        free(s0.data), free(s1.data);
+        for (int l = 0; l < NL; l++) free(pre[l][0]), free(pre[l][1]);
+        if (n >= 0) FAIL("truncate to %lld failed: %s", (long long)n, kvq_last_error());
+        return;
+    }
+    free(s0.data);
+    for (int l = 0; l < NL; l++) {
+        if (n >= m->len[l]) continue;
+        m->len[l] = n;
+        if (!pre[l][0]) { /* a cut inside the window: the kept tokens are untouched */
+            check_read(w, i, l);
+            continue;
+        }
+        /* a cut inside the pages: tokens before it keep their bytes, the rest of its group went back to the window
+         * as the fp16 of what it dequantized to (kvq.h), which the model takes as the values from now on */
+        float *k = malloc((size_t)n * row * 4 + 4), *v = malloc((size_t)n * row * 4 + 4);
+        kvq_seq_view view;
+        if (kvq_read(w->c, m->id, l, 0, n, k, v) || kvq_seq_view_get(w->c, m->id, l, &view)) FAIL("read");
+        for (size_t e = 0; e < (size_t)n * row; e++) {
+            bool moved = e >= (size_t)view.paged_tokens * row;
+            for (int r2 = 0; r2 < 2; r2++) {
+                float was = pre[l][r2][e], now = (r2 ? v : k)[e];
+                float want = moved ? kvq__round_f16(was) : was;
+                if (memcmp(&now, &want, 4)) FAIL("truncate to %lld changed element %zu: %g -> %g", (long long)n, e, was, now);
+                if (moved) (r2 ? m->v[l] : m->k[l])[e] = now;
+            }
+        }
+        free(k), free(v);
+        check_read(w, i, l);
+    }
+    for (int l = 0; l < NL; l++) free(pre[l][0]), free(pre[l][1]);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (n_simd < 0) find_tables();
+    rd r = {data, size};
+    world w;
+    memset(&w, 0, sizeof w);
+    unsigned b0 = byte(&r), b1 = byte(&r), b2 = byte(&r), b3 = byte(&r);
+    static const int Gs[3] = {16, 32, 64};
+    static const int Rs[4] = {-1, 0, 5, 40};
+    w.cfg = kvq_cache_config_default();
+    w.cfg.n_layers = NL, w.cfg.max_seqs = MAXS, w.cfg.n_threads = 1;
+    w.cfg.type_k = (kvq_type)(b0 % 6), w.cfg.type_v = (kvq_type)(b1 % 6);
+    w.D = w.cfg.head_dim = b2 & 1 ? 80 : 64;
+    w.H = w.cfg.n_kv_heads = 1 + (b2 >> 1 & 1);
+    w.cfg.group = Gs[(b2 >> 2) % 3];
+    w.cfg.residual = Rs[(b2 >> 4) & 3];
+    w.cfg.page_tokens = w.cfg.group * (1 + (b3 >> 6 & 1));
+    kvq_page_layout L;
+    if (kvq_page_layout_make(w.cfg.type_k, w.cfg.type_v, w.H, w.D, w.cfg.page_tokens, w.cfg.group, &L)) FAIL("layout");
+    w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
+    w.rng = 0x9e3779b97f4a7c15ull ^ ((uint64_t)b0 << 8 | b1 << 16 | (uint64_t)b2 << 24 | (uint64_t)b3 << 32);
+    if (kvq_cache_create(&w.cfg, &w.c)) FAIL("create: %s", kvq_last_error());
+    kvq_cache_get_config(w.c, NULL, &w.L);
+    size_t row = (size_t)w.H * w.D;
+    for (int i = 0; i < MAXS; i++)
+        for (int l = 0; l < NL; l++) w.s[i].k[l] = malloc(MAXT * row * 4), w.s[i].v[l] = malloc(MAXT * row * 4);
+    int ops = 0;
+    const char *verbose = getenv("KVQ_FUZZ_VERBOSE"); /* prints the operations and the cache's state */
+    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d pages=%lld\n", kvq_type_get_traits(w.cfg.type_k)->name,
+                         kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D, w.L.group, w.cfg.residual, w.L.page_tokens,
+                         (long long)(w.cfg.arena_bytes / w.L.page_bytes));
+    while (r.n && ops++ < 64) {
+        unsigned op = byte(&r) % 9;
+        if (verbose) {
+            kvq_cache_stats st;
+            kvq_cache_get_stats(w.c, &st);
+            fprintf(stderr, "op %d: %u (seqs %d, tokens %lld, free pages %lld, window bytes %zu; last error '%s')\n", ops,
+                    op, st.n_seqs, (long long)st.tokens, (long long)st.pages_free, st.window_bytes, kvq_last_error());
+        }
+        switch (op) {
+        case 0: { /* new */
+            int i = free_slot(&w);
+            int32_t id;
+            kvq_status st = kvq_seq_new(w.c, &id);
+            if ((st == KVQ_OK) != (i >= 0)) FAIL("seq_new: %s with slot %d", kvq_strerror(st), i);
+            if (st == KVQ_OK) w.s[i].live = true, w.s[i].id = id, w.s[i].len[0] = w.s[i].len[1] = 0;
+            break;
+        }
+        case 1: { /* free, maybe of a dead id */
+            int i = slot_of(&w, byte(&r));
+            int32_t id = w.s[i].live ? w.s[i].id : 7;
+            snap s0 = take(&w);
+            kvq_status st = kvq_seq_free(w.c, id);
+            if (w.s[i].live) {
+                if (st) FAIL("free: %s", kvq_last_error());
+                w.s[i].live = false;
+            } else {
+                snap s1 = take(&w);
+                if (st != KVQ_ERR_NO_SEQ) FAIL("free of a dead id: %s", kvq_strerror(st));
+                same_or_die(&s0, &s1, "free");
+                free(s1.data);
+            }
+            free(s0.data);
+            break;
+        }
+        case 2: { /* fork */
+            int i = slot_of(&w, byte(&r)), j = free_slot(&w);
+            if (!w.s[i].live) break;
+            int32_t id;
+            snap s0 = take(&w);
+            kvq_status st = kvq_seq_fork(w.c, w.s[i].id, &id);
+            if (j < 0) {
+                snap s1 = take(&w);
+                if (st != KVQ_ERR_TOO_MANY_SEQS) FAIL("fork with no slot: %s", kvq_strerror(st));
+                same_or_die(&s0, &s1, "fork");
+                free(s1.data);
+            } else {
+                if (st) FAIL("fork: %s", kvq_last_error());
+                mseq *a = &w.s[i], *c = &w.s[j];
+                c->live = true, c->id = id;
+                for (int l = 0; l < NL; l++) {
+                    c->len[l] = a->len[l];
+                    memcpy(c->k[l], a->k[l], (size_t)a->len[l] * row * 4), memcpy(c->v[l], a->v[l], (size_t)a->len[l] * row * 4);
+                }
+            }
+            free(s0.data);
+            break;
+        }
+        case 3: run_truncate(&w, &r); break;
+        case 4:
+        case 5: run_append(&w, &r); break;
+        case 6: { /* read back */
+            int i = slot_of(&w, byte(&r));
+            if (w.s[i].live)
+                for (int l = 0; l < NL; l++) check_read(&w, i, l);
+            break;
+        }
+        case 7: run_attention(&w, &r, byte(&r) & 1); break;
+        default: { /* stats */
+            kvq_cache_stats st;
+            if (kvq_cache_get_stats(w.c, &st)) FAIL("stats");
+            int64_t tokens = 0, live = 0;
+            size_t win_max = 0;
+            for (int i = 0; i < MAXS; i++)
+                if (w.s[i].live) {
+                    tokens += w.s[i].len[0], live++;
+                    win_max += (size_t)NL * 2 * (size_t)(w.cfg.residual < 0 ? 128 + 64 : w.cfg.residual + 64) * row * 2;
+                }
+            if (st.tokens != tokens || st.n_seqs != live || st.pages_free < 0 || st.pages_free > st.pages_total ||
+                st.window_bytes > win_max || st.page_bytes_in_use != (size_t)(st.pages_total - st.pages_free) * st.page_bytes)
+                FAIL("stats: tokens %lld/%lld seqs %d/%lld free %lld/%lld window %zu", (long long)st.tokens,
+                     (long long)tokens, st.n_seqs, (long long)live, (long long)st.pages_free, (long long)st.pages_total,
+                     st.window_bytes);
+            break;
+        }
+        }
+    }
+    for (int i = 0; i < MAXS; i++)
+        if (w.s[i].live)
+            for (int l = 0; l < NL; l++) check_read(&w, i, l);
+    kvq_cache_free(w.c);
+    for (int i = 0; i < MAXS; i++)
+        for (int l = 0; l < NL; l++) free(w.s[i].k[l]), free(w.s[i].v[l]);
+    return 0;
+}
