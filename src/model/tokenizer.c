@@ -588,6 +588,7 @@ int tok_is_eog(const kvq_tokenizer *t, int32_t id) {
     return id >= 0 && (id == t->eos || id == t->im_end || id == t->endoftext);
 }
 int32_t tok_n_vocab(const kvq_tokenizer *t) { return t->n_vocab; }
+int32_t tok_byte_token(const kvq_tokenizer *t, uint8_t b) { return t->byte_id[b]; }
 int32_t tok_bos(const kvq_tokenizer *t) { return t->bos; }
 int32_t tok_eos(const kvq_tokenizer *t) { return t->eos; }
 int tok_add_bos(const kvq_tokenizer *t) { return t->add_bos; }
