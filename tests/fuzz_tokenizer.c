@@ -2,8 +2,8 @@
  * not), into ids of the vocabulary whose pieces concatenate back to exactly the input (byte-level BPE maps every
  * byte to a symbol and merges only concatenate, so decode(encode(text)) == text for any text), and within a time
  * bound per input byte. One exception, found by this target: a byte whose one-symbol token the vocabulary lacks is
- * dropped (SmolLM2 has none for 0xC0, 0xC1, 0xF5..0xFF, which valid UTF-8 never contains; HF drops them too), so
- * the pieces must give the input minus those bytes (tok_byte_token() < 0).
+ * dropped (SmolLM2 has none for 21 bytes, listed in tokenizer.h; HF drops them too), so the pieces must give the
+ * input minus those bytes (tok_byte_token() < 0).
  *
  * Tokenizer: the GGUF named by $KVQ_FUZZ_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf when it is there (the
  * real 49152-token vocabulary), else the small one of tests/tok_tiny.h (built in memory).

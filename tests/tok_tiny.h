@@ -5,7 +5,8 @@
  * control tokens <|im_start|> and <|im_end|> and one user-defined token "<tool>". Merges: a doubling chain for 'a'
  * (a a, aa aa, ..., 64 a's), so a run of one letter merges hierarchically like a real vocabulary's, a chain for
  * spaces, and a handful of English pairs ("t h", "th e", "Ġ the", "i n", "in g", "e r", ...), so ordinary text
- * gives merges of many ranks that compete. tokenizer.ggml.pre = "smollm" (digits split into single code points).
+ * gives merges of many ranks that compete; "e e" and "e ee" without "ee e" make "eee" depend on the leftmost-first
+ * rule for equal ranks. tokenizer.ggml.pre = "smollm" (digits split into single code points).
  * Header-only; the buffer is malloc'ed and must outlive the gguf_file parsed from it. */
 #ifndef KVQ_TOK_TINY_H
 #define KVQ_TOK_TINY_H
@@ -53,7 +54,7 @@ static uint8_t *tok_tiny_gguf(size_t *size, int *n_vocab) {
         "a a", "aa aa", "aaaa aaaa", "aaaaaaaa aaaaaaaa", "aaaaaaaaaaaaaaaa aaaaaaaaaaaaaaaa",
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "Ġ Ġ", "ĠĠ ĠĠ", "ĠĠĠĠ ĠĠĠĠ", "t h", "th e", "Ġ the", "Ġ t", "i n", "in g", "e r", "Ġ a", "o n", "r e",
-        "h e", "l l", "he ll", "hell o", "Ġ hello", "Ċ Ċ", "e e", "ee e", "e ee", "Ġ <", "< |", "| >",
+        "h e", "l l", "he ll", "hell o", "Ġ hello", "Ċ Ċ", "e e", "e ee", "Ġ <", "< |", "| >",
     };
     static const char *const specials[] = {"<|im_start|>", "<|im_end|>", "<tool>"};
     const int n_merge = (int)(sizeof merges / sizeof merges[0]), n_spec = 3;
