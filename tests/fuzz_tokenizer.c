@@ -8,13 +8,12 @@
  * Tokenizer: the GGUF named by $KVQ_FUZZ_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf when it is there (the
  * real 49152-token vocabulary), else the small one of tests/tok_tiny.h (built in memory).
  *
- * Time bound: TIME_BASE_NS + TIME_PER_BYTE_NS per input byte, checked twice before failing (a single miss can be a
- * descheduled process). The linear-time encoder costs ~1 us per byte for a one-letter run under -fsanitize=
- * fuzzer,address,undefined with the real vocabulary (see the report of tests/test_tokenizer.c for uninstrumented
- * figures); the quadratic encoder that this guards against (a rescan of the whole pre-token per merge) cost
- * 14.5 s for 40 kB of one letter uninstrumented, i.e. ~360 us per byte at 40 kB and ~37 us per byte at 4 kB, growing
- * with the length. 100 us per byte is ~100x the linear cost and is missed by the quadratic one from ~10 kB on
- * (run with -max_len=65536 or more to let the fuzzer reach that).
+ * Time bound (thread CPU time): TIME_BASE_NS + TIME_PER_BYTE_NS per input byte, checked twice before failing.
+ * The O(n log n) encoder costs at most 0.33 us per byte uninstrumented (tests/test_tokenizer.c), ~1-2 us per byte
+ * under ASan+UBSan. The quadratic encoder this guards against (a rescan of the whole pre-token per merge) cost 2.38 s
+ * of CPU for 40 kB of one letter uninstrumented, i.e. 1.5e-9 s x n per byte for a pre-token of n bytes: over 20 us
+ * per byte from n = 13 kB on, 100 us per byte at 64 kB. 20 us per byte is ~10x the instrumented linear cost and
+ * is missed by the quadratic one from ~16 kB (run with -max_len=65536 to let the fuzzer reach that).
  *
  * libFuzzer: clang -O1 -g -fsanitize=fuzzer,address,undefined -Iinclude -Isrc/model tests/fuzz_tokenizer.c
  *            src/model/gguf.c src/model/tokenizer.c src/model/model_err.c src/core/errors.c -lm
@@ -35,7 +34,7 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define TIME_BASE_NS 20000000.0   /* 20 ms: page faults of the first large allocations, scheduler noise */
-#define TIME_PER_BYTE_NS 100000.0 /* 100 us per byte: see above */
+#define TIME_PER_BYTE_NS 20000.0  /* 20 us per byte: see above */
 
 static kvq_tokenizer *g_tok;
 static gguf_file *g_file;
@@ -66,7 +65,7 @@ static void load_once(void) {
 
 static double now_ns(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 

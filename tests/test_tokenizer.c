@@ -2,13 +2,14 @@
  * derived by hand from its merge list, in the comments), special tokens, dropped bytes, the round trip, and the
  * encoder's running time on long inputs.
  *
- * Time bound. Merging is O(n log n) in the length n of one pre-token (tokenizer.c, bpe_word). Each input below is
- * 512 KiB; one letter or spaces make one pre-token of 2^19 bytes. Measured on the 2-core build machine, release
- * build, load average 11 from other jobs: at most 5.3 us per byte (512 KiB of random letters with SmolLM2's
- * vocabulary: 2.8 s; the test prints each figure). The quadratic encoder this replaces (a rescan of the pre-token
- * per merge) took 14.5 s for 40 kB of one letter, so ~2500 s for 512 KiB by its n^2 growth ((2^19 / 40000)^2 x
- * 14.5 s), 4.7 ms per byte. The bound, TIME_PER_BYTE_S = 100 us per byte, leaves 19x over the worst release figure
- * (sanitizers: ~3x, a loaded machine) and is still ~48x under the quadratic time.
+ * Time bound, on the thread's CPU time (so that other jobs on the machine do not count). Merging is O(n log n) in
+ * the length n of one pre-token (tokenizer.c, bpe_word). Each input below is 512 KiB; one letter or spaces make one
+ * pre-token of 2^19 bytes. Measured (release, this 2-core machine): at most 0.33 us per byte (random letters with
+ * SmolLM2's vocabulary, 0.17 s; the test prints each figure). The quadratic encoder this replaces (a rescan of the
+ * pre-token per merge) took 2.38 s of CPU for 40 kB of one letter (`kvq tokenize` of 'a' x 40000; 0.01 s now), so
+ * ~410 s for 512 KiB by its n^2 growth ((2^19 / 40000)^2 x 2.38 s), 780 us per byte. The bound, TIME_PER_BYTE_S =
+ * 100 us per byte, leaves 300x over the release figure for sanitizers (ASan+UBSan: a few x) and is still ~8x under
+ * the quadratic time.
  * usage: test_tokenizer [MODEL.gguf]   (with the model, the timing inputs also run on its vocabulary) */
 #define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
@@ -40,7 +41,7 @@ static int failures, checks;
 
 static double now_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
