@@ -3,7 +3,8 @@
  * corruptions (wrong magic/version, huge counts and lengths, bad offsets, dims, types, alignment) and seeded
  * random mutations go through gguf_parse and the fuzz entry point (tests/fuzz_gguf.c).
  * usage: test_gguf_corrupt [MODEL.gguf]          (the real model, if present, is also cut and opened via mmap)
- *        test_gguf_corrupt --write-seeds DIR     (writes the valid file and a few corruptions as a fuzz corpus) */
+ *        test_gguf_corrupt --write-seeds DIR     (writes the valid file, a few corruptions and the tokenizer of
+ *                                                 tests/tok_tiny.h as a fuzz corpus: tests/corpus/gguf/) */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <math.h>
@@ -17,6 +18,7 @@
 
 #include "gguf.h"
 #include "model_err.h"
+#include "tok_tiny.h"
 #include "tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -458,7 +460,9 @@ static int write_seeds(const char *dir, const buf *v, const layout *L) {
         uint64_t val;
         int w;
     } m[] = {{"valid", 0, 0, 0},         {"huge_kv", L->n_kv, 1ull << 62, 8},  {"bad_off", L->t1_off, 4096, 8},
-             {"dims", L->t0_dim0, 0, 8}, {"align", L->align_val, 3, 4},        {"strlen", L->merges_first, 99, 8}};
+             {"dims", L->t0_dim0, 0, 8}, {"align", L->align_val, 3, 4},        {"strlen", L->merges_first, 99, 8},
+             {"ttype_f32", L->ttype_type, GGUF_F32, 4}, {"tokens_u8", L->tokens_type, GGUF_U8, 4},
+             {"q4_1_row", L->t1_dim0, 64, 8}};
     for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
         buf b = clone(v);
         if (m[i].w == 8) set_u64(&b, m[i].off, m[i].val);
@@ -470,7 +474,16 @@ static int write_seeds(const char *dir, const buf *v, const layout *L) {
         fclose(f);
         free(b.p);
     }
-    return 0;
+    /* The small tokenizer of tests/tok_tiny.h: a GGUF whose vocabulary and merges load, for the tokenizer paths. */
+    size_t n;
+    uint8_t *tiny = tok_tiny_gguf(&n, NULL);
+    char p[512];
+    snprintf(p, sizeof p, "%s/tok_tiny.gguf", dir);
+    FILE *f = fopen(p, "wb");
+    int bad = !f || fwrite(tiny, 1, n, f) != n;
+    if (f) fclose(f);
+    free(tiny);
+    return bad;
 }
 
 int main(int argc, char **argv) {
