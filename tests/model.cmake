@@ -27,8 +27,9 @@ add_test(NAME model_golden COMMAND test_model_golden ${KVQ_TEST_MODEL} ${PROJECT
          ${PROJECT_SOURCE_DIR}/tests/data/logits_golden.txt ${KVQ_TEST_CORPUS})
 set_tests_properties(model_golden PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600 ENVIRONMENT OMP_WAIT_POLICY=PASSIVE)
 
-# Perplexity of each KV type on a corpus excerpt: F16 against transformers' fp32 value, ordering and regression
-# band against tests/data/ppl_reference.txt.
+# Perplexity of each KV type on a corpus excerpt, with each kvq kernel table the CPU has: F16 against transformers'
+# fp32 value, every type against a numpy emulation of kvq's formats (tests/data/make_ppl_reference.py) within bands
+# measured over kernel tables x OpenBLAS cores (tests/data/ppl_reference.txt says how).
 add_test(NAME model_ppl COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_ppl.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_MODEL}
          ${PROJECT_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${PROJECT_SOURCE_DIR}/tests/data/ppl_reference.txt)
 set_tests_properties(model_ppl PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)

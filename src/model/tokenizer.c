@@ -39,8 +39,9 @@ struct kvq_tokenizer {
     pair_slot *pairs;
     size_t pairs_cap;
     int32_t byte_id[256]; /* id of the single-symbol token for each byte; -1: none (the byte is dropped) */
-    int32_t *specials;    /* ids matched whole in text (control and user-defined), longest first */
+    int32_t *specials;    /* ids matched whole in text (control and user-defined): by first byte, longest first */
     int n_specials;
+    int spec_first[257];  /* specials[spec_first[b] .. spec_first[b + 1]) start with byte b */
     int32_t bos, eos, im_start, im_end, endoftext;
     int add_bos;
     int digits_split; /* pre-tokenizer cuts \p{N} into single code points first */
@@ -177,6 +178,8 @@ static long unmap_symbols(const gguf_str *s, const int16_t *sym_to_byte, char *o
 static const kvq_tokenizer *g_sort_ctx; /* qsort has no context argument in C17 */
 static int cmp_special(const void *a, const void *b) {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    uint8_t fx = (uint8_t)g_sort_ctx->tokens[x].ptr[0], fy = (uint8_t)g_sort_ctx->tokens[y].ptr[0];
+    if (fx != fy) return fx < fy ? -1 : 1;
     uint64_t lx = g_sort_ctx->tokens[x].len, ly = g_sort_ctx->tokens[y].len;
     return lx < ly ? 1 : lx > ly ? -1 : (x > y) - (x < y);
 }
@@ -248,7 +251,13 @@ kvq_status tok_load(const gguf_file *f, kvq_tokenizer **out) {
         if ((t->types[i] == 3 || t->types[i] == 4) && s->len > 0) t->specials[t->n_specials++] = i;
     }
     g_sort_ctx = t;
-    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special); /* longest match first */
+    /* Grouped by first byte, so that the text scan only tries the specials that can match at a position; longest
+     * first within a group, so that the first hit is the longest match. */
+    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special);
+    for (int b = 0, k = 0; b <= 256; b++) {
+        while (k < t->n_specials && (uint8_t)t->tokens[t->specials[k]].ptr[0] < b) k++;
+        t->spec_first[b] = b == 256 ? t->n_specials : k;
+    }
 
     /* Merges "A B" -> rank, in file order. */
     uint64_t nm = kmerge->v.arr.n;
@@ -538,9 +547,9 @@ kvq_status tok_encode(const kvq_tokenizer *t, const char *text, size_t len, int 
     kvq_status st;
     while (parse_special && i < len) {
         int32_t hit = -1;
-        for (int k = 0; k < t->n_specials; k++) { /* longest first: the first hit is the longest */
+        for (int k = t->spec_first[s[i]]; k < t->spec_first[s[i] + 1]; k++) { /* the first hit is the longest */
             const gguf_str *sp = &t->tokens[t->specials[k]];
-            if (sp->len <= len - i && (unsigned char)sp->ptr[0] == s[i] && memcmp(sp->ptr, s + i, sp->len) == 0) {
+            if (sp->len <= len - i && memcmp(sp->ptr, s + i, sp->len) == 0) {
                 hit = t->specials[k];
                 break;
             }
