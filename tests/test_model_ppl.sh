@@ -12,7 +12,8 @@
 #   band the relative tolerance of each type around ref, for this many chunks. A quantized type's perplexity is
 #        discontinuous in K and V (a last-bit change flips a code), so correct engines that differ only in fp32
 #        summation order (OpenBLAS kernels, kvq tables) spread around the reference; the bands are twice the largest
-#        deviation measured over 3 kvq tables x 4 OpenBLAS core types, and are checked to reject injected bugs.
+#        deviation measured over kvq tables x OpenBLAS core types (the runs listed there) and over the emulation perturbed at
+#        fp32 rounding size; ppl_reference.txt shows the runs and which injected bug they catch (q2's, not q4's).
 # Checks for each table: every type within its band of ref (symmetric in log: max(x/ref, ref/x) - 1 <= band), F16
 # within 0.3% of hf, and the order quantization implies (q2 above q4 by more than q4's band).
 # usage: test_model_ppl.sh KVQ_BINARY MODEL EXCERPT REFERENCE      (exit 77: model absent, skipped)
