@@ -1,27 +1,35 @@
 # Tests of the model layer (GGUF reader, tokenizer, forward pass, CLI). The forward-pass tests are registered only
 # when kvq_model is built (OpenBLAS found). Model-dependent tests exit 77 (ctest: skipped) when models/ has no model.
-set(KVQ_TEST_MODEL ${CMAKE_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf)
+set(KVQ_TEST_MODEL ${PROJECT_SOURCE_DIR}/models/SmolLM2-135M-Instruct.Q4_1.gguf)
 set(KVQ_TEST_CORPUS /usr/share/debian-reference/debian-reference.en.txt.gz)
 if(NOT TARGET kvq_gguf)  # -DKVQ_BUILD_MODEL=OFF: no model layer to test
   return()
 endif()
 # GGUF reader hardening: crafted corrupt files, every truncation and seeded mutations through the fuzz entry point.
-add_executable(test_gguf_corrupt ${CMAKE_SOURCE_DIR}/tests/test_gguf_corrupt.c ${CMAKE_SOURCE_DIR}/tests/fuzz_gguf.c)
+add_executable(test_gguf_corrupt ${PROJECT_SOURCE_DIR}/tests/test_gguf_corrupt.c ${PROJECT_SOURCE_DIR}/tests/fuzz_gguf.c)
 target_link_libraries(test_gguf_corrupt PRIVATE kvq_gguf kvq)
 add_test(NAME model_gguf_corrupt COMMAND test_gguf_corrupt ${KVQ_TEST_MODEL})
+# Tokenizer without a model: merge order on a small hand-checked vocabulary (tests/tok_tiny.h), special tokens,
+# round trip, and a time bound per input byte on long inputs (also on SmolLM2's vocabulary when models/ has it).
+add_executable(test_tokenizer ${PROJECT_SOURCE_DIR}/tests/test_tokenizer.c)
+target_include_directories(test_tokenizer PRIVATE ${PROJECT_SOURCE_DIR}/tests)
+target_link_libraries(test_tokenizer PRIVATE kvq_gguf kvq)
+add_test(NAME model_tokenizer COMMAND test_tokenizer ${KVQ_TEST_MODEL})
+set_tests_properties(model_tokenizer PROPERTIES TIMEOUT 600)
 
 if(NOT KVQ_HAVE_MODEL)
   return()
 endif()
 
-add_executable(test_model_golden ${CMAKE_SOURCE_DIR}/tests/test_model_golden.c)
+add_executable(test_model_golden ${PROJECT_SOURCE_DIR}/tests/test_model_golden.c)
 target_link_libraries(test_model_golden PRIVATE kvq_model m)
-add_test(NAME model_golden COMMAND test_model_golden ${KVQ_TEST_MODEL} ${CMAKE_SOURCE_DIR}/tests/data/tok_golden.txt
-         ${CMAKE_SOURCE_DIR}/tests/data/logits_golden.txt ${KVQ_TEST_CORPUS})
+add_test(NAME model_golden COMMAND test_model_golden ${KVQ_TEST_MODEL} ${PROJECT_SOURCE_DIR}/tests/data/tok_golden.txt
+         ${PROJECT_SOURCE_DIR}/tests/data/logits_golden.txt ${KVQ_TEST_CORPUS})
 set_tests_properties(model_golden PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600 ENVIRONMENT OMP_WAIT_POLICY=PASSIVE)
 
-# Perplexity of each KV type on a corpus excerpt: F16 against transformers' fp32 value, ordering and regression
-# band against tests/data/ppl_reference.txt.
-add_test(NAME model_ppl COMMAND bash ${CMAKE_SOURCE_DIR}/tests/test_model_ppl.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_MODEL}
-         ${CMAKE_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${CMAKE_SOURCE_DIR}/tests/data/ppl_reference.txt)
+# Perplexity of each KV type on a corpus excerpt, with each kvq kernel table the CPU has: F16 against transformers'
+# fp32 value, every type against a numpy emulation of kvq's formats (tests/data/make_ppl_reference.py) within bands
+# measured over kernel tables x OpenBLAS cores (tests/data/ppl_reference.txt says how).
+add_test(NAME model_ppl COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_ppl.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_MODEL}
+         ${PROJECT_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${PROJECT_SOURCE_DIR}/tests/data/ppl_reference.txt)
 set_tests_properties(model_ppl PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)

@@ -184,6 +184,31 @@ static int str_eq(gguf_str s, const char *z) {
     return s.len == n && memcmp(s.ptr, z, n) == 0;
 }
 
+static int cmp_str(const void *a, const void *b) {
+    const gguf_str *x = a, *y = b;
+    if (x->len != y->len) return x->len < y->len ? -1 : 1;
+    return x->len ? memcmp(x->ptr, y->ptr, x->len) : 0;
+}
+
+/* Finds a name that occurs twice among n strings (keys or tensor names) in O(n log n): sorted copies, adjacent
+ * pairs compared. A pairwise scan would let a crafted file of a million tensors cost 5e11 comparisons. Returns 1 and
+ * sets *dup when there is one, 0 when there is none, -1 when out of memory. */
+static int find_duplicate(const gguf_str *names, size_t stride, uint64_t n, gguf_str *dup) {
+    if (n < 2) return 0;
+    gguf_str *s = malloc(n * sizeof *s);
+    if (!s) return -1;
+    for (uint64_t i = 0; i < n; i++) memcpy(&s[i], (const char *)names + i * stride, sizeof *s);
+    qsort(s, n, sizeof *s, cmp_str);
+    int found = 0;
+    for (uint64_t i = 1; i < n && !found; i++)
+        if (cmp_str(&s[i - 1], &s[i]) == 0) {
+            *dup = s[i];
+            found = 1;
+        }
+    free(s);
+    return found;
+}
+
 kvq_status gguf_parse(const uint8_t *data, size_t size, gguf_file **out) {
     if (!out) return kvqm_fail(KVQ_ERR_NULL, "gguf_parse: out is NULL");
     *out = NULL;
@@ -231,6 +256,14 @@ kvq_status gguf_parse(const uint8_t *data, size_t size, gguf_file **out) {
             f->alignment = a;
         }
     }
+    gguf_str dup;
+    int d = find_duplicate(&f->kv[0].key, sizeof *f->kv, n_kv, &dup);
+    if (d) { /* llama.cpp rejects duplicate keys too: which value would count is not defined */
+        st = d < 0 ? kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "gguf: out of memory")
+                   : kvqm_fail(KVQ_ERR_FORMAT, "gguf: duplicate metadata key '%.*s'", dup.len > 64 ? 64 : (int)dup.len,
+                               dup.ptr);
+        goto fail;
+    }
     for (uint64_t i = 0; i < n_tensors; i++)
         if ((st = parse_tensor(&c, i, &f->tensors[i]))) goto fail;
     uint64_t data_off = (c.pos + f->alignment - 1) / f->alignment * f->alignment;
@@ -256,11 +289,12 @@ kvq_status gguf_parse(const uint8_t *data, size_t size, gguf_file **out) {
             goto fail;
         }
         t->data = data + data_off + t->offset;
-        for (uint64_t j = 0; j < i; j++)
-            if (f->tensors[j].name.len == t->name.len && memcmp(f->tensors[j].name.ptr, t->name.ptr, t->name.len) == 0) {
-                st = kvqm_fail(KVQ_ERR_FORMAT, "gguf: duplicate tensor name '%.*s'", nlen, t->name.ptr);
-                goto fail;
-            }
+    }
+    if ((d = find_duplicate(&f->tensors[0].name, sizeof *f->tensors, n_tensors, &dup))) {
+        st = d < 0 ? kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "gguf: out of memory")
+                   : kvqm_fail(KVQ_ERR_FORMAT, "gguf: duplicate tensor name '%.*s'", dup.len > 64 ? 64 : (int)dup.len,
+                               dup.ptr);
+        goto fail;
     }
     *out = f;
     return KVQ_OK;

@@ -39,8 +39,9 @@ struct kvq_tokenizer {
     pair_slot *pairs;
     size_t pairs_cap;
     int32_t byte_id[256]; /* id of the single-symbol token for each byte; -1: none (the byte is dropped) */
-    int32_t *specials;    /* ids matched whole in text (control and user-defined), longest first */
+    int32_t *specials;    /* ids matched whole in text (control and user-defined): by first byte, longest first */
     int n_specials;
+    int spec_first[257];  /* specials[spec_first[b] .. spec_first[b + 1]) start with byte b */
     int32_t bos, eos, im_start, im_end, endoftext;
     int add_bos;
     int digits_split; /* pre-tokenizer cuts \p{N} into single code points first */
@@ -177,6 +178,8 @@ static long unmap_symbols(const gguf_str *s, const int16_t *sym_to_byte, char *o
 static const kvq_tokenizer *g_sort_ctx; /* qsort has no context argument in C17 */
 static int cmp_special(const void *a, const void *b) {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    uint8_t fx = (uint8_t)g_sort_ctx->tokens[x].ptr[0], fy = (uint8_t)g_sort_ctx->tokens[y].ptr[0];
+    if (fx != fy) return fx < fy ? -1 : 1;
     uint64_t lx = g_sort_ctx->tokens[x].len, ly = g_sort_ctx->tokens[y].len;
     return lx < ly ? 1 : lx > ly ? -1 : (x > y) - (x < y);
 }
@@ -248,7 +251,13 @@ kvq_status tok_load(const gguf_file *f, kvq_tokenizer **out) {
         if ((t->types[i] == 3 || t->types[i] == 4) && s->len > 0) t->specials[t->n_specials++] = i;
     }
     g_sort_ctx = t;
-    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special); /* longest match first */
+    /* Grouped by first byte, so that the text scan only tries the specials that can match at a position; longest
+     * first within a group, so that the first hit is the longest match. */
+    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special);
+    for (int b = 0, k = 0; b <= 256; b++) {
+        while (k < t->n_specials && (uint8_t)t->tokens[t->specials[k]].ptr[0] < b) k++;
+        t->spec_first[b] = b == 256 ? t->n_specials : k;
+    }
 
     /* Merges "A B" -> rank, in file order. */
     uint64_t nm = kmerge->v.arr.n;
@@ -343,32 +352,112 @@ void tok_ids_free(tok_ids *v) {
     v->n = v->cap = 0;
 }
 
-/* BPE on one pre-token's bytes: start from one symbol per byte, then merge the adjacent pair of lowest rank
- * (leftmost on ties) until no pair has a merge. Quadratic, but pre-tokens are short. */
-static kvq_status bpe_word(const kvq_tokenizer *t, const unsigned char *s, size_t n, int32_t *scratch, tok_ids *out) {
-    int32_t *sym = scratch;
-    size_t m = 0;
+/* BPE on one pre-token's bytes: start from one symbol per byte, then repeatedly merge the adjacent pair of lowest
+ * rank, leftmost on ties, until no adjacent pair has a merge (HF tokenizers' and llama.cpp's rule).
+ *
+ * O(n log n) in the pre-token's length n, so a crafted text (one "word" of a million letters) cannot stall the
+ * encoder: the symbols form a doubly linked list over their original byte positions, and a binary min-heap holds a
+ * candidate (rank, left position) for every adjacent pair that has a merge. Each merge pushes at most two new
+ * candidates (the merged symbol with its two neighbours), so the heap sees at most 3n pushes. Entries made stale by
+ * a merge are not removed but skipped when popped: an entry is current iff its left symbol is alive, has a right
+ * neighbour, and that pair's rank is the entry's rank (a rank names exactly one pair, and a merge always changes the
+ * left symbol's id, so a stale entry never passes). Ordering the heap by (rank, left position) reproduces "lowest
+ * rank, leftmost first", since positions keep their order along the list. */
+typedef struct bpe_sym {
+    int32_t id;         /* -1: merged into its left neighbour */
+    int32_t prev, next; /* positions in the list; -1 at the ends */
+} bpe_sym;
+
+typedef struct bpe_cand {
+    int32_t rank, left;
+} bpe_cand;
+
+/* Working memory of bpe_word, grown on demand and reused across pre-tokens of one tok_encode call. */
+typedef struct bpe_work {
+    bpe_sym *sym;
+    bpe_cand *heap;
+    size_t cap; /* symbols; the heap holds 3 * cap */
+} bpe_work;
+
+static bool cand_less(bpe_cand a, bpe_cand b) { return a.rank < b.rank || (a.rank == b.rank && a.left < b.left); }
+
+static void heap_push(bpe_cand *h, size_t *n, bpe_cand c) {
+    size_t i = (*n)++;
+    while (i > 0 && cand_less(c, h[(i - 1) / 2])) {
+        h[i] = h[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    h[i] = c;
+}
+
+static bpe_cand heap_pop(bpe_cand *h, size_t *n) {
+    bpe_cand top = h[0], last = h[--(*n)];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && cand_less(h[c + 1], h[c])) c++;
+        if (!cand_less(h[c], last)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*n) h[i] = last;
+    return top;
+}
+
+/* Pushes the pair starting at position `left` if its two symbols have a merge. */
+static void push_pair(const kvq_tokenizer *t, const bpe_sym *sym, int32_t left, bpe_cand *heap, size_t *nh) {
+    if (left < 0 || sym[left].next < 0) return;
+    const pair_slot *p = pair_find(t, sym[left].id, sym[sym[left].next].id);
+    if (p) heap_push(heap, nh, (bpe_cand){p->rank, left});
+}
+
+static kvq_status bpe_word(const kvq_tokenizer *t, const unsigned char *s, size_t n, bpe_work *w, tok_ids *out) {
+    if (n > (size_t)INT32_MAX / 4)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "tokenizer: one pre-token of %zu bytes (at most %d)", n, INT32_MAX / 4);
+    if (n > w->cap) {
+        size_t cap = n < 256 ? 256 : n;
+        bpe_sym *sym = malloc(cap * sizeof *sym);
+        bpe_cand *heap = malloc(3 * cap * sizeof *heap);
+        if (!sym || !heap) {
+            free(sym);
+            free(heap);
+            return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+        }
+        free(w->sym);
+        free(w->heap);
+        w->sym = sym;
+        w->heap = heap;
+        w->cap = cap;
+    }
+    bpe_sym *sym = w->sym;
+    bpe_cand *heap = w->heap;
+    int32_t m = 0;
     /* A byte with no token of its own is dropped, as HF's BPE does when the model has no unk token. */
     for (size_t i = 0; i < n; i++)
-        if (t->byte_id[s[i]] >= 0) sym[m++] = t->byte_id[s[i]];
-    while (m > 1) {
-        int32_t best_rank = INT32_MAX, best_id = -1;
-        size_t best_at = 0;
-        for (size_t i = 0; i + 1 < m; i++) {
-            const pair_slot *p = pair_find(t, sym[i], sym[i + 1]);
-            if (p && p->rank < best_rank) {
-                best_rank = p->rank;
-                best_id = p->merged;
-                best_at = i;
-            }
+        if (t->byte_id[s[i]] >= 0) {
+            sym[m] = (bpe_sym){t->byte_id[s[i]], m - 1, -1};
+            if (m > 0) sym[m - 1].next = m;
+            m++;
         }
-        if (best_id < 0) break;
-        sym[best_at] = best_id;
-        memmove(sym + best_at + 1, sym + best_at + 2, (m - best_at - 2) * sizeof *sym);
-        m--;
+    size_t nh = 0;
+    for (int32_t i = 0; i + 1 < m; i++) push_pair(t, sym, i, heap, &nh);
+    while (nh > 0) {
+        bpe_cand c = heap_pop(heap, &nh);
+        bpe_sym *l = &sym[c.left];
+        if (l->id < 0 || l->next < 0) continue;
+        const pair_slot *p = pair_find(t, l->id, sym[l->next].id);
+        if (!p || p->rank != c.rank) continue; /* stale: a merge changed this pair since it was pushed */
+        int32_t r = l->next;
+        l->id = p->merged;
+        l->next = sym[r].next;
+        if (l->next >= 0) sym[l->next].prev = c.left;
+        sym[r].id = -1;
+        push_pair(t, sym, l->prev, heap, &nh);
+        push_pair(t, sym, c.left, heap, &nh);
     }
-    for (size_t i = 0; i < m; i++) {
-        kvq_status st = tok_ids_push(out, sym[i]);
+    for (int32_t i = 0; i >= 0 && i < m; i = sym[i].next) {
+        kvq_status st = tok_ids_push(out, sym[i].id);
         if (st) return st;
     }
     return KVQ_OK;
@@ -421,9 +510,7 @@ static size_t gpt2_match(const unsigned char *s, size_t n) {
 
 /* Pre-tokenizes and BPE-encodes a stretch of text with no special tokens in it. */
 static kvq_status encode_plain(const kvq_tokenizer *t, const unsigned char *s, size_t n, tok_ids *out) {
-    int32_t stack_buf[256];
-    int32_t *scratch = stack_buf;
-    size_t scratch_cap = 256;
+    bpe_work w = {0};
     kvq_status st = KVQ_OK;
     size_t pos = 0;
     while (pos < n && st == KVQ_OK) {
@@ -444,17 +531,12 @@ static kvq_status encode_plain(const kvq_tokenizer *t, const unsigned char *s, s
         }
         while (pos < pend && st == KVQ_OK) {
             size_t len = gpt2_match(s + pos, pend - pos);
-            if (len > scratch_cap) {
-                if (scratch != stack_buf) free(scratch);
-                scratch_cap = len * 2;
-                scratch = malloc(scratch_cap * sizeof *scratch);
-                if (!scratch) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
-            }
-            st = bpe_word(t, s + pos, len, scratch, out);
+            st = bpe_word(t, s + pos, len, &w, out);
             pos += len;
         }
     }
-    if (scratch != stack_buf) free(scratch);
+    free(w.sym);
+    free(w.heap);
     return st;
 }
 
@@ -465,9 +547,9 @@ kvq_status tok_encode(const kvq_tokenizer *t, const char *text, size_t len, int 
     kvq_status st;
     while (parse_special && i < len) {
         int32_t hit = -1;
-        for (int k = 0; k < t->n_specials; k++) { /* longest first: the first hit is the longest */
+        for (int k = t->spec_first[s[i]]; k < t->spec_first[s[i] + 1]; k++) { /* the first hit is the longest */
             const gguf_str *sp = &t->tokens[t->specials[k]];
-            if (sp->len <= len - i && (unsigned char)sp->ptr[0] == s[i] && memcmp(sp->ptr, s + i, sp->len) == 0) {
+            if (sp->len <= len - i && memcmp(sp->ptr, s + i, sp->len) == 0) {
                 hit = t->specials[k];
                 break;
             }
@@ -515,6 +597,7 @@ int tok_is_eog(const kvq_tokenizer *t, int32_t id) {
     return id >= 0 && (id == t->eos || id == t->im_end || id == t->endoftext);
 }
 int32_t tok_n_vocab(const kvq_tokenizer *t) { return t->n_vocab; }
+int32_t tok_byte_token(const kvq_tokenizer *t, uint8_t b) { return t->byte_id[b]; }
 int32_t tok_bos(const kvq_tokenizer *t) { return t->bos; }
 int32_t tok_eos(const kvq_tokenizer *t) { return t->eos; }
 int tok_add_bos(const kvq_tokenizer *t) { return t->add_bos; }

@@ -40,6 +40,12 @@ kvq_status tok_encode_chat(const kvq_tokenizer *t, const char *system, const cha
 /* The bytes a token stands for (byte-level symbols mapped back); control tokens give their text. */
 const char *tok_piece(const kvq_tokenizer *t, int32_t id, size_t *len);
 int tok_is_control(const kvq_tokenizer *t, int32_t id);
+/* The id of the one-symbol token of byte b, or -1 when the vocabulary has none: such a byte is dropped from the
+ * text by tok_encode (as HF's BPE does without an unk token). SmolLM2's vocabulary has none for 21 bytes: the
+ * controls 0x04 0x06 0x13 0x14 0x16 0x1D, 0xC0 0xC1 and 0xF5..0xFF (never in valid UTF-8), and the lead bytes 0xF1
+ * 0xF2 (planes 4..11). Every other byte round-trips: the pieces of tok_encode's ids concatenate to the text minus
+ * those bytes. */
+int32_t tok_byte_token(const kvq_tokenizer *t, uint8_t b);
 /* End of generation: eos, or <|im_end|> / <|endoftext|> when the vocabulary has them. */
 int tok_is_eog(const kvq_tokenizer *t, int32_t id);
 int32_t tok_n_vocab(const kvq_tokenizer *t);

@@ -8,7 +8,8 @@ reading the same GGUF file (weights dequantized to fp32 by transformers' own GGU
 Writes tests/data/tok_golden.txt and tests/data/logits_golden.txt (plain text, read by tests/test_model_golden.c),
 and the "hf" line of tests/data/ppl_reference.txt: transformers' perplexity of tests/data/ppl_excerpt.txt (a 9 KB
 stretch of the corpus) chunked the way `kvq perplexity` does it (read by tests/test_model_ppl.sh).
-`--ppl` redoes only the perplexity line.
+`--ppl` redoes only the perplexity line. The references of the quantized KV types (the "ref" lines) come from
+tests/data/make_ppl_reference.py, an emulation of kvq's cache formats in numpy.
 
 Tokenizer note: transformers builds the tokenizer from the GGUF metadata but has no rule for
 tokenizer.ggml.pre = "smollm", so it falls back to GPT-2's pre-tokenizer. SmolLM2's own tokenizer.json (and llama.cpp's
