@@ -64,12 +64,20 @@ while read -r n; do
     clean=$((clean + 1))
   else
     bad=$((bad + 1))
-    if [ "$bad" -le 10 ]; then
+    if [ "$bad" -le 3 ]; then
       echo "FAIL n=$n: exit $rc"
       tail -25 "$tmp/$n.err" | sed 's/^/    /'
     fi
+    # one line per distinct failure: the command's message and the sanitizer's summary or first frame in kvq
+    sig="$(head -1 <<<"$msg" | cut -c1-150) | $(grep -m1 -E 'SUMMARY|runtime error' <<<"$msg" | cut -c1-120)"
+    sig="$sig | $(grep -m1 -E '#[0-9]+ .* in [a-z]' <<<"$msg" | grep -v -E '__interceptor|__wrap_' | sed 's/.* in //' | cut -c1-80)"
+    echo "$n $sig" >>"$tmp/sigs"
   fi
 done <"$tmp/ns"
+if [ -s "$tmp/sigs" ]; then
+  echo "distinct failures (count, first n, message | sanitizer | where):"
+  awk '{n=$1; $1=""; if (!($0 in c)) {first[$0]=n; order[++k]=$0}; c[$0]++} END {for (i=1;i<=k;i++) print "  " c[order[i]] "x, n=" first[order[i]] ":" order[i]}' "$tmp/sigs"
+fi
 echo "failalloc: $* : $total allocations, $tried runs ($(($(date +%s) - t0)) s): $clean clean out-of-memory errors," \
   "$through ran through, $bad failed"
 [ "$bad" = 0 ]
