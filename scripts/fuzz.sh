@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds and runs the libFuzzer targets of tests/fuzz_<name>.c (tests/fuzz.cmake) with ASan and UBSan.
 #   scripts/fuzz.sh NAME|all [SECONDS]      NAME: gguf, tokenizer, cache, cli (those whose source exists); default 600 s
-# Needs clang with libFuzzer (Debian: apt-get install clang; libclang-rt-14-dev has libFuzzer). Build dir: build-fuzz
+# Needs clang with libFuzzer (Debian 12: apt-get install clang libclang-rt-14-dev). Build dir: build-fuzz
 # (clang, -DKVQ_FUZZ=ON, OpenMP off: one thread per execution is what libFuzzer measures best).
 # Each target starts from tests/corpus/NAME/ (read only) plus its work corpus build-fuzz/corpus-NAME/, where libFuzzer
 # writes the new inputs it keeps; crashes, leaks and timeouts land as build-fuzz/NAME-crash-* (leak-*, timeout-*).
 # Reproduce one with build-fuzz/tests/fuzz_NAME FILE; copy a fixed one into tests/corpus/NAME/ so that ctest's
-# fuzz_NAME_corpus replays it from then on. Prints per target: executions, new corpus inputs, findings.
+# fuzz_NAME_corpus replays it from then on. Prints per target: executions, new corpus inputs, findings. Exit status:
+# 0 all clean, 1 a finding or a build error, 77 no requested target exists in this configuration (no OpenBLAS: cli).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
@@ -37,6 +38,7 @@ for t in $targets; do
   else cat "$out/build-$t.log"; exit 1; fi
 done
 
+ran=0
 status=0
 for n in $names; do
   case " $built " in *" fuzz_$n "*) ;; *) continue ;; esac
@@ -57,6 +59,7 @@ for n in $names; do
     fi
     args+=(-max_len=4194304)
   fi
+  ran=$((ran + 1))
   before=$(find "$work" -type f | wc -l)
   echo "== fuzz_$n: ${secs}s, corpus $work (+ ${seeds[*]:-no seeds})"
   "$out/tests/fuzz_$n" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$out/$n-" "${args[@]}" \
@@ -72,4 +75,5 @@ for n in $names; do
     grep -E "ERROR|SUMMARY|==[0-9]+==|runtime error|Test unit written" "$out/fuzz-$n.log" | head -20
   fi
 done
+[ "$ran" = 0 ] && { echo "fuzz.sh: no target of '$what' is built in this configuration"; exit 77; }
 exit $status
