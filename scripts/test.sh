@@ -121,7 +121,7 @@ for tier in $tiers; do
   asan)
     if build build-asan asan -DCMAKE_BUILD_TYPE=Debug -DKVQ_SANITIZE=ON -DKVQ_OPENMP=ON -DKVQ_CUDA=OFF \
       -DKVQ_FAILALLOC=ON; then
-      ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=1 \
+      ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 KVQ_TEST_QUICK=1 run_ctest build-asan asan
     fi
     ;;
