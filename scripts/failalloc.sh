@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Allocation-failure sweep of one command whose binary is linked with tests/failalloc.c (the sanitizer build's kvq CLI,
 # see tests/failalloc.cmake): counts its allocations, then runs it once per n with the n-th allocation failing.
-#   scripts/failalloc.sh [-j JOBS] [--sample K] -- COMMAND [ARGS...]
+#   scripts/failalloc.sh [-j JOBS] [--sample K [--last L]] -- COMMAND [ARGS...]
 # Each run must either succeed or exit 1/2 with a message naming the memory failure ("out of memory" / "Cannot
 # allocate memory"); a signal, a sanitizer report (ASan, UBSan, LSan leak) or a silent or unrelated error fails the
-# sweep. --sample K tries K values of n spread over the whole range (plus the first and last 20) instead of every n:
-# for the real model, whose load allocates thousands of times.
+# sweep. --sample K tries the first 20 n, the last L (default 20) and K spread between, instead of every n: for the
+# real model, whose load allocates ~50000 times (49152 of them one per vocabulary piece in the tokenizer; everything
+# after the tokenizer is in the last ~700).
 set -uo pipefail
 jobs=$(nproc 2>/dev/null || echo 2)
 sample=0
+last=20
 while [ $# -gt 0 ]; do
   case "$1" in
   -j) jobs=$2; shift 2 ;;
   --sample) sample=$2; shift 2 ;;
+  --last) last=$2; shift 2 ;;
   --) shift; break ;;
-  *) echo "usage: $0 [-j JOBS] [--sample K] -- COMMAND [ARGS...]" >&2; exit 2 ;;
+  *) echo "usage: $0 [-j JOBS] [--sample K [--last L]] -- COMMAND [ARGS...]" >&2; exit 2 ;;
   esac
 done
 [ $# -gt 0 ] || { echo "failalloc.sh: no command" >&2; exit 2; }
@@ -34,8 +37,8 @@ if [ "$rc" != 0 ] || [ -z "$total" ]; then
 fi
 if [ "$total" = 0 ]; then echo "failalloc.sh: the command made no counted allocation" >&2; exit 1; fi
 
-if [ "$sample" -gt 0 ] && [ "$total" -gt $((sample + 40)) ]; then
-  { seq 1 20; seq $((total - 19)) "$total"; for i in $(seq 1 "$sample"); do echo $((20 + i * (total - 40) / (sample + 1))); done; } |
+if [ "$sample" -gt 0 ] && [ "$total" -gt $((sample + last + 20)) ]; then
+  { seq 1 20; seq $((total - last + 1)) "$total"; for i in $(seq 1 "$sample"); do echo $((20 + i * (total - 20 - last) / (sample + 1))); done; } |
     sort -n | uniq >"$tmp/ns"
 else
   seq 1 "$total" >"$tmp/ns"
