@@ -8,12 +8,4 @@ foreach(t roundtrip attn cache softmax)
   endif()
 endforeach()
 
-# Cache-operation fuzz target (tests/fuzz_cache.c), replayed over its seed corpus by the standalone driver
-# tests/fuzz_replay_main.c (any tests/fuzz_<name>.c can reuse it). It includes the core's internal.h for the fp16
-# conversions. The libFuzzer build: clang -fsanitize=fuzzer,address,undefined (see the target's header).
-if(EXISTS ${PROJECT_SOURCE_DIR}/tests/fuzz_cache.c AND EXISTS ${PROJECT_SOURCE_DIR}/tests/fuzz_replay_main.c)
-  add_executable(fuzz_cache_replay ${PROJECT_SOURCE_DIR}/tests/fuzz_cache.c ${PROJECT_SOURCE_DIR}/tests/fuzz_replay_main.c)
-  target_include_directories(fuzz_cache_replay PRIVATE ${PROJECT_SOURCE_DIR}/src/core)
-  target_link_libraries(fuzz_cache_replay PRIVATE kvq m)
-  add_test(NAME core_fuzz_cache_replay COMMAND fuzz_cache_replay ${PROJECT_SOURCE_DIR}/tests/corpus/cache)
-endif()
+# The cache-operation fuzz target (tests/fuzz_cache.c) and its corpus replay are registered by tests/fuzz.cmake.

@@ -1,8 +1,9 @@
-/* Standalone driver for a libFuzzer target (tests/fuzz_<name>.c): calls LLVMFuzzerTestOneInput once per input file,
- * so that ctest replays a seed corpus without libFuzzer. Arguments: files, or directories whose regular files (not
- * recursively, in name order) are replayed. Exits non-zero if an argument cannot be read or holds no input; a
- * target reports a finding by aborting, as under libFuzzer. */
-#define _POSIX_C_SOURCE 200809L
+/* Replays fuzz inputs through a libFuzzer entry point without libFuzzer, so that the corpus of each fuzz target runs
+ * as a plain ctest in every build (tests/fuzz.cmake):
+ *   fuzz_<name>_replay PATH...   each PATH is a file, or a directory whose files (recursively) are each one input
+ * Exits 0 when every input returned; a crash, hang or sanitizer report is the failure. An argument that cannot be read,
+ * or no input at all, is an error too: a replay that silently runs nothing would always pass. */
+#define _DEFAULT_SOURCE
 #include <dirent.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -11,60 +12,82 @@
 #include <sys/stat.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerInitialize(int *argc, char ***argv) __attribute__((weak));
+
+static long n_inputs;
 
 static int run_file(const char *path) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fprintf(stderr, "fuzz_replay: cannot open %s\n", path);
+        fprintf(stderr, "fuzz replay: cannot open %s\n", path);
         return 1;
     }
-    size_t cap = 1 << 16, n = 0, got;
+    size_t cap = 4096, n = 0;
     uint8_t *buf = malloc(cap);
-    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0)
-        if ((n += got) == cap) buf = realloc(buf, cap *= 2);
+    for (size_t r; buf && (r = fread(buf + n, 1, cap - n, f)) > 0;) {
+        n += r;
+        if (n == cap) {
+            uint8_t *nb = realloc(buf, cap *= 2);
+            if (!nb) free(buf);
+            buf = nb;
+        }
+    }
+    int err = ferror(f);
     fclose(f);
-    if (!buf) return 1;
-    LLVMFuzzerTestOneInput(buf, n);
+    if (!buf || err) {
+        free(buf);
+        fprintf(stderr, "fuzz replay: cannot read %s\n", path);
+        return 1;
+    }
+    /* an exact-size copy, so ASan catches a read one byte past the input */
+    uint8_t *in = malloc(n ? n : 1);
+    if (!in) {
+        free(buf);
+        return 1;
+    }
+    memcpy(in, buf, n);
     free(buf);
+    LLVMFuzzerTestOneInput(in, n);
+    free(in);
+    n_inputs++;
     return 0;
 }
 
-static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int run_path(const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        fprintf(stderr, "fuzz replay: %s does not exist\n", path);
+        return 1;
+    }
+    if (!S_ISDIR(st.st_mode)) return run_file(path);
+    struct dirent **list;
+    int n = scandir(path, &list, NULL, alphasort), bad = n < 0;
+    for (int i = 0; i < n; i++) {
+        const char *name = list[i]->d_name;
+        if (name[0] != '.' && !bad) {
+            size_t len = strlen(path) + strlen(name) + 2;
+            char *sub = malloc(len);
+            if (!sub) bad = 1;
+            else {
+                snprintf(sub, len, "%s/%s", path, name);
+                bad |= run_path(sub);
+                free(sub);
+            }
+        }
+        free(list[i]);
+    }
+    if (n >= 0) free(list);
+    return bad;
+}
 
 int main(int argc, char **argv) {
-    int files = 0, bad = 0;
-    for (int i = 1; i < argc; i++) {
-        struct stat st;
-        if (stat(argv[i], &st)) {
-            fprintf(stderr, "fuzz_replay: %s does not exist\n", argv[i]);
-            bad++;
-            continue;
-        }
-        if (!S_ISDIR(st.st_mode)) {
-            bad += run_file(argv[i]), files++;
-            continue;
-        }
-        DIR *d = opendir(argv[i]);
-        if (!d) {
-            bad++;
-            continue;
-        }
-        char **names = NULL;
-        size_t nn = 0;
-        for (struct dirent *e; (e = readdir(d));) {
-            if (e->d_name[0] == '.') continue;
-            names = realloc(names, (nn + 1) * sizeof *names);
-            names[nn] = malloc(strlen(argv[i]) + strlen(e->d_name) + 2);
-            sprintf(names[nn++], "%s/%s", argv[i], e->d_name);
-        }
-        closedir(d);
-        qsort(names, nn, sizeof *names, cmp_str);
-        for (size_t k = 0; k < nn; k++) {
-            if (!stat(names[k], &st) && S_ISREG(st.st_mode)) bad += run_file(names[k]), files++;
-            free(names[k]);
-        }
-        free(names);
+    if (LLVMFuzzerInitialize) LLVMFuzzerInitialize(&argc, &argv);
+    int bad = 0;
+    for (int i = 1; i < argc; i++) bad |= run_path(argv[i]);
+    printf("fuzz replay: %ld inputs\n", n_inputs);
+    if (n_inputs == 0) {
+        fprintf(stderr, "fuzz replay: no input found\n");
+        return 1;
     }
-    printf("fuzz_replay: %d input(s) replayed\n", files);
-    return bad || files == 0;
+    return bad;
 }

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds and runs the libFuzzer targets of tests/fuzz_<name>.c (tests/fuzz.cmake) with ASan and UBSan.
+#   scripts/fuzz.sh NAME|all [SECONDS]      NAME: gguf, tokenizer, cache, cli (those whose source exists); default 600 s
+# Needs clang with libFuzzer (Debian 12: apt-get install clang libclang-rt-14-dev). Build dir: build-fuzz
+# (clang, -DKVQ_FUZZ=ON, OpenMP off: one thread per execution is what libFuzzer measures best).
+# Each target starts from tests/corpus/NAME/ (read only) plus its work corpus build-fuzz/corpus-NAME/, where libFuzzer
+# writes the new inputs it keeps; crashes, leaks and timeouts land as build-fuzz/NAME-crash-* (leak-*, timeout-*).
+# Reproduce one with build-fuzz/tests/fuzz_NAME FILE; copy a fixed one into tests/corpus/NAME/ so that ctest's
+# fuzz_NAME_corpus replays it from then on. Prints per target: executions, new corpus inputs, findings. Exit status:
+# 0 all clean, 1 a finding or a build error, 77 no requested target exists in this configuration (no OpenBLAS: cli).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-}
+secs=${2:-600}
+if [ -z "$what" ]; then
+  echo "usage: scripts/fuzz.sh NAME|all [SECONDS]" >&2
+  exit 2
+fi
+out=build-fuzz
+if [ "$what" = all ]; then
+  names=$(for f in tests/fuzz_*.c; do n=${f#tests/fuzz_}; n=${n%.c}; [ "$n" = replay_main ] || echo "$n"; done)
+else
+  names=$what
+  [ -f "tests/fuzz_$what.c" ] || { echo "fuzz.sh: no tests/fuzz_$what.c" >&2; exit 2; }
+fi
+jobs=$(nproc 2>/dev/null || echo 2)
+mkdir -p "$out"
+cmake -S . -B "$out" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Debug -DKVQ_FUZZ=ON -DKVQ_OPENMP=OFF -DKVQ_CUDA=OFF \
+  >"$out/configure.log" 2>&1 || { cat "$out/configure.log"; exit 1; }
+targets=""
+for n in $names; do targets="$targets fuzz_$n"; done
+[ "$what" = all ] || [ "$what" = gguf ] && [ -f tests/test_gguf_corrupt.c ] && targets="$targets test_gguf_corrupt"
+# a target whose libraries this configuration lacks (e.g. cli without OpenBLAS) is not defined: build the others
+built=""
+for t in $targets; do
+  if cmake --build "$out" -j"$jobs" --target "$t" >"$out/build-$t.log" 2>&1; then built="$built $t"
+  elif grep -q "unknown target\|No rule to make target" "$out/build-$t.log"; then echo "fuzz.sh: $t is not defined in this configuration: skipped"
+  else cat "$out/build-$t.log"; exit 1; fi
+done
+
+ran=0
+status=0
+for n in $names; do
+  case " $built " in *" fuzz_$n "*) ;; *) continue ;; esac
+  work="$out/corpus-$n"
+  mkdir -p "$work"
+  seeds=()
+  [ -d "tests/corpus/$n" ] && seeds+=("tests/corpus/$n")
+  args=(-rss_limit_mb=2048 -timeout=10)
+  if [ "$n" = gguf ]; then
+    # crafted corrupt files of tests/test_gguf_corrupt.c, and the real model's header + metadata (tokenizer included)
+    # cut before the tensor data: mutations of its counts and offsets start from a real file's shape
+    case " $built " in *" test_gguf_corrupt "*) "$out/tests/test_gguf_corrupt" --write-seeds "$out/seeds-gguf" >/dev/null &&
+      seeds+=("$out/seeds-gguf") ;; esac
+    if [ -s models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+      mkdir -p "$out/seeds-model"
+      head -c 1785664 models/SmolLM2-135M-Instruct.Q4_1.gguf >"$out/seeds-model/model_head.gguf"
+      seeds+=("$out/seeds-model")
+    fi
+    args+=(-max_len=4194304)
+  fi
+  ran=$((ran + 1))
+  before=$(find "$work" -type f | wc -l)
+  echo "== fuzz_$n: ${secs}s, corpus $work (+ ${seeds[*]:-no seeds})"
+  "$out/tests/fuzz_$n" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$out/$n-" "${args[@]}" \
+    "$work" "${seeds[@]}" >"$out/fuzz-$n.log" 2>&1
+  rc=$?
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out/fuzz-$n.log" | tail -1)
+  after=$(find "$work" -type f | wc -l)
+  findings=$(ls "$out/$n"-crash-* "$out/$n"-leak-* "$out/$n"-timeout-* "$out/$n"-oom-* 2>/dev/null | wc -l)
+  echo "fuzz_$n: ${execs:-?} executions in ${secs}s, $((after - before)) new corpus inputs ($after in $work)," \
+    "exit $rc, $findings finding(s) in $out/$n-*"
+  if [ "$rc" != 0 ]; then
+    status=1
+    grep -E "ERROR|SUMMARY|==[0-9]+==|runtime error|Test unit written" "$out/fuzz-$n.log" | head -20
+  fi
+done
+[ "$ran" = 0 ] && { echo "fuzz.sh: no target of '$what' is built in this configuration"; exit 77; }
+exit $status
