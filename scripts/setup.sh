@@ -8,6 +8,7 @@
 #   libopenblas-dev                the reference engine and the kvq CLI (src/model)
 #   debian-reference-en            the corpus of the perplexity tests and bench/quality.sh
 #   python3-numpy python3-pytest   the binding tests (ctest python_pytest)
+#   clang libclang-rt-dev libomp-dev   the tsan tier (clang, TSan, libomp + Archer) and the fuzz tier (libFuzzer)
 #   torch transformers (pip)       the transformers tests and bench/bench_hf.py (KVQ_SETUP_HF=0 skips them: ~5.6 GB)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -15,7 +16,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends build-essential cmake python3 python3-pip python3-venv unzip \
-  pkg-config libopenblas-dev debian-reference-en python3-numpy python3-pytest > /dev/null
+  pkg-config libopenblas-dev debian-reference-en python3-numpy python3-pytest clang libclang-rt-dev libomp-dev > /dev/null
 # Where `python3` is not Debian's (pyenv, conda), it does not see python3-numpy/python3-pytest: install them for it.
 if ! python3 -c 'import numpy, pytest' 2> /dev/null; then
   echo "setup: $(command -v python3) cannot import numpy and pytest: installing them with pip"
