@@ -9,6 +9,18 @@ How the pieces fit:
   * With any other attention implementation (eager, sdpa, ...) KVQCache still works on CPU: update() appends and
     returns the whole cache dequantized by kvq_read (like transformers' QuantizedCache does). That mode is for
     compatibility and tests; it is slower and has no memory benefit during attention.
+  * The two paths compute the same attention of the same cache bytes: to fp32 rounding with kvq's scalar kernels
+    (KVQ_CPU_KERNELS=scalar), and within the integer arithmetic of the SIMD kernels otherwise (decode with <= 4 query
+    heads per KV head: the query rounded to int16 per key group, Q4/Q2 softmax weights to 8 bits; relative error
+    ~1e-4 for Q8, ~1e-3 for Q4/Q2): tests/python/test_hf_paths.py. A whole model run through each path does not
+    store the same bytes, though: the paths' fp32 rounding differs, later layers' K/V move by ~1e-7, and a few of
+    them cross a quantization rounding boundary; a real model amplifies that (SmolLM2-135M, Q8, prefill 512: logits
+    differ by ~0.2 between the two paths, as much as between transformers' own sdpa and eager on a kvq cache, against
+    3e-5 between sdpa and eager on an fp32 DynamicCache), so perplexities through the two paths differ by that noise.
+  * patch_model_with_int8_kv_cache wraps generate() and the forward of the model and of its base model, so that
+    every call that uses a cache gets a KVQCache (made when none is given; any other Cache class is refused), and
+    takes the cache as cache= (transformers' name from 5.2x on) or past_key_values= (before), passing it on under
+    the installed version's name (CACHE_KWARG).
   * Batch rows are kvq sequences; beam search reorders them with kvq_seq_fork / kvq_cuda_seq_fork (pages shared,
     copy on write), and crop truncates them with kvq_seq_truncate / kvq_cuda_seq_truncate. On CUDA their device work
     (window copies, the dequantization of a cut group) is enqueued on the current torch stream.
@@ -21,7 +33,7 @@ import math
 import warnings
 from typing import Any, Dict, List, Union
 
-_HINT = "pip install kvq[hf]  (torch and transformers >= 5)"
+_HINT = "pip install kvq[hf]  (torch and transformers >= 5.17, < 6)"
 try:
     import torch
 except Exception as _e:  # not installed, or installed but broken (a CUDA wheel without its nvidia libraries)
@@ -33,7 +45,7 @@ try:
     from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
     from transformers.masking_utils import AttentionMaskInterface
 except Exception as _e:
-    raise ImportError(f"kvq's transformers integration (kvq.hf) needs transformers >= 5, which cannot be imported "
+    raise ImportError(f"kvq's transformers integration (kvq.hf) needs transformers >= 5.17, which cannot be imported "
                       f"({_e}): {_HINT}") from _e
 
 from . import _native as N
