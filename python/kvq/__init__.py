@@ -16,9 +16,9 @@ from ._native import (  # noqa: F401
 __version__ = "0.1.0"
 
 _HF_NAMES = ("KVQCache", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
-             "kvq_attention_forward", "ATTN_IMPLEMENTATION")
+             "kvq_attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KWARG", "output_cache")
 
-HF_INSTALL_HINT = "pip install kvq[hf]  (torch and transformers >= 5)"
+HF_INSTALL_HINT = "pip install kvq[hf]  (torch and transformers >= 5.17, < 6)"
 
 # Why the transformers integration could not be imported when kvq was ("" when it was, or was not tried because
 # torch / transformers are not installed).

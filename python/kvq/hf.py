@@ -9,6 +9,18 @@ How the pieces fit:
   * With any other attention implementation (eager, sdpa, ...) KVQCache still works on CPU: update() appends and
     returns the whole cache dequantized by kvq_read (like transformers' QuantizedCache does). That mode is for
     compatibility and tests; it is slower and has no memory benefit during attention.
+  * The two paths compute the same attention of the same cache bytes: to fp32 rounding with kvq's scalar kernels
+    (KVQ_CPU_KERNELS=scalar), and within the integer arithmetic of the SIMD kernels otherwise (decode with <= 4 query
+    heads per KV head: the query rounded to int16 per key group, Q4/Q2 softmax weights to 8 bits; relative error
+    ~1e-4 for Q8, ~1e-3 for Q4/Q2): tests/python/test_hf_paths.py. A whole model run through each path does not
+    store the same bytes, though: the paths' fp32 rounding differs, later layers' K/V move by ~1e-7, and a few of
+    them cross a quantization rounding boundary; a real model amplifies that (SmolLM2-135M, Q8, prefill 512: logits
+    differ by ~0.2 between the two paths, as much as between transformers' own sdpa and eager on a kvq cache, against
+    3e-5 between sdpa and eager on an fp32 DynamicCache), so perplexities through the two paths differ by that noise.
+  * patch_model_with_int8_kv_cache wraps generate() and the forward of the model and of its base model, so that
+    every call that uses a cache gets a KVQCache (made when none is given; any other Cache class is refused), and
+    takes the cache as cache= (transformers' name from 5.2x on) or past_key_values= (before), passing it on under
+    the installed version's name (CACHE_KWARG).
   * Batch rows are kvq sequences; beam search reorders them with kvq_seq_fork / kvq_cuda_seq_fork (pages shared,
     copy on write), and crop truncates them with kvq_seq_truncate / kvq_cuda_seq_truncate. On CUDA their device work
     (window copies, the dequantization of a cut group) is enqueued on the current torch stream.
@@ -16,11 +28,12 @@ How the pieces fit:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from typing import Any, Dict, List, Union
 
-_HINT = "pip install kvq[hf]  (torch and transformers >= 5)"
+_HINT = "pip install kvq[hf]  (torch and transformers >= 5.17, < 6)"
 try:
     import torch
 except Exception as _e:  # not installed, or installed but broken (a CUDA wheel without its nvidia libraries)
@@ -32,7 +45,7 @@ try:
     from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
     from transformers.masking_utils import AttentionMaskInterface
 except Exception as _e:
-    raise ImportError(f"kvq's transformers integration (kvq.hf) needs transformers >= 5, which cannot be imported "
+    raise ImportError(f"kvq's transformers integration (kvq.hf) needs transformers >= 5.17, which cannot be imported "
                       f"({_e}): {_HINT}") from _e
 
 from . import _native as N
@@ -655,30 +668,139 @@ def _check_model(model, kv_type):
         raise TypeError("kvq: this transformers version has no set_attn_implementation (need transformers >= 5)")
 
 
-def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec = "q8", max_cache_len: int | None = None,
-                                   **cache_kwargs: Any) -> Any:
-    """Make `model` keep its KV cache in kvq (int8 by default) and run attention on the quantized pages.
+def _cache_kwarg_of(fn) -> str:
+    """The name under which `fn` (a model's forward, prepare_inputs_for_generation) takes the cache: "cache" from
+    transformers 5.2x on (which renamed it and warns about the old name), "past_key_values" before."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
-    Same call as icw-kv-quant's: `patch_model_with_int8_kv_cache(model)`, in place (the model is also returned).
-    Afterwards `model.generate(...)` uses a KVQCache(kv_type) unless a `past_key_values` is given, and the model's
-    attention implementation is "kvq". Everything is checked (head dim, dtype, device, types) before anything is
-    changed. kvq.unpatch_model(model) undoes it.
-    """
-    if getattr(model, "_is_kv_quant_patched", False):
-        return model
-    _check_model(model, kv_type)
-    # the cache's own arguments are checked now too (a KVQCache allocates nothing before its first update), so that
-    # a bad keyword fails here rather than inside generate()
-    KVQCache(model.config, kv_type=kv_type, max_cache_len=4096 if max_cache_len is None else max_cache_len,
-             **cache_kwargs)
-    register_attention()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    original_generate = model.generate
 
-    @functools.wraps(original_generate)
+try:
+    from transformers.generation.utils import GenerationMixin as _GenerationMixin
+    # The name generate() and the model outputs use for the cache in the installed transformers: pass a KVQCache to an
+    # unpatched model as model(..., **{kvq.hf.CACHE_KWARG: cache}) to avoid the deprecation warning on either side of
+    # the rename. A patched model takes both names.
+    CACHE_KWARG = _cache_kwarg_of(_GenerationMixin.prepare_inputs_for_generation)
+except Exception:  # noqa: BLE001 - an unusual transformers: the old name
+    CACHE_KWARG = "past_key_values"
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def output_cache(out: Any):
+    """The cache of a model output or generate() output, read under the installed transformers' name (the old name
+    is a deprecated property from 5.2x on, which logs a warning)."""
+    return getattr(out, CACHE_KWARG)
+
+
+def _take_cache(args: tuple, kwargs: dict, pos: int | None, what: str):
+    """Pops the cache argument given under either name (or positionally at `pos`) -> (cache or None, args)."""
+    found = [(k, kwargs.pop(k)) for k in _CACHE_NAMES if k in kwargs]
+    if pos is not None and len(args) > pos:
+        found.append(("positional", args[pos]))
+        args = args[:pos] + (None,) + args[pos + 1:]
+    given = [(k, v) for k, v in found if v is not None]
+    if len(given) > 1 and any(v is not given[0][1] for _, v in given[1:]):
+        raise TypeError(f"kvq: {what} got two different caches ({' and '.join(k for k, _ in given)}): pass one, as "
+                        "cache= or past_key_values=")
+    return (given[0][1] if given else None), args
+
+
+def _refuse(cache, what: str):
+    raise TypeError(
+        f"kvq: {what} was given a {type(cache).__name__}, but this model was patched by "
+        "patch_model_with_int8_kv_cache, whose caches are kvq's: that cache would keep the K/V in torch tensors "
+        "(no kvq pages, no memory saving). Pass no cache (the model makes a KVQCache, returned in the output, to pass "
+        "to the next call), or a kvq.KVQCache(model.config, ...), or call kvq.unpatch_model(model) first.")
+
+
+def _length_of(args: tuple, kwargs: dict) -> int:
+    """Tokens of the call's input (input_ids or inputs_embeds, positional or keyword), 0 when unknown."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args and hasattr(args[0], "shape"):
+        x = args[0]
+    return int(x.shape[1]) if x is not None and hasattr(x, "shape") and x.dim() >= 2 else 0
+
+
+class _PatchState:
+    """What patch_model_with_int8_kv_cache keeps on the model to make caches and to undo itself."""
+
+    def __init__(self, model, kv_type, max_cache_len, cache_kwargs, previous_attn):
+        self.model = model
+        self.kv_type = kv_type
+        self.max_cache_len = max_cache_len
+        self.cache_kwargs = cache_kwargs
+        self.previous_attn = previous_attn
+        self.originals: list = []  # (module, had its own instance attribute "forward"/"generate", name, original)
+
+    def new_cache(self, tokens: int, default_len: int) -> "KVQCache":
+        n = self.max_cache_len or max(default_len, tokens + 8)
+        return KVQCache(self.model.config, kv_type=self.kv_type, max_cache_len=n, **self.cache_kwargs)
+
+    def forward_default_len(self, tokens: int) -> int:
+        """Tokens per sequence of a cache made for a forward call without one: the call cannot say how long the
+        caller's loop will run, so the model's context (max_position_embeddings; on the CPU the arena's memory is
+        committed only as pages are used), at most 32768 on CUDA, where the arena is allocated up front."""
+        tc = _text_config(self.model.config)
+        ctx = int(getattr(tc, "max_position_embeddings", 0) or 4096)
+        p = next(self.model.parameters(), None)
+        if p is not None and p.device.type == "cuda":
+            ctx = min(ctx, 32768)
+        return max(ctx, tokens + 8)
+
+
+def _wrap_forward(state: _PatchState, module) -> None:
+    original = module.forward  # bound method (or an instance attribute someone else set)
+    name = _cache_kwarg_of(original)
+    try:
+        params = list(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        params = []
+    pos = params.index(name) if name in params else None
+    what = f"{type(module).__name__}.forward"
+    config = state.model.config
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        cache, args = _take_cache(args, kwargs, pos, what)
+        if cache is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(_text_config(config), "use_cache", True)
+            # training with gradients: kvq's attention has no backward, so no cache is made (the call runs the
+            # fallback attention, as transformers' own cache would be of no use there either)
+            if use_cache and not (module.training and torch.is_grad_enabled()):
+                n = _length_of(args, kwargs)
+                cache = state.new_cache(n, state.forward_default_len(n))
+        elif not isinstance(cache, KVQCache):
+            _refuse(cache, what)
+        if cache is not None:
+            if pos is not None and len(args) > pos:
+                args = args[:pos] + (cache,) + args[pos + 1:]
+            else:
+                kwargs[name] = cache
+        return original(*args, **kwargs)
+
+    state.originals.append((module, "forward" in module.__dict__, "forward", module.__dict__.get("forward")))
+    module.forward = forward
+
+
+def _wrap_generate(state: _PatchState, model) -> None:
+    original = model.generate
+    what = f"{type(model).__name__}.generate"
+
+    @functools.wraps(original)
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        cache, args = _take_cache(args, kwargs, None, what)
+        if cache is None and kwargs.get("use_cache", True) is not False:
+            if kwargs.get("cache_implementation") is not None:
+                raise TypeError(f"kvq: {what}: cache_implementation={kwargs['cache_implementation']!r} asks for "
+                                "transformers' own cache, but this model was patched by patch_model_with_int8_kv_cache "
+                                "(kvq's caches); call kvq.unpatch_model(model) first")
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
@@ -688,12 +810,56 @@ def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec = "q8", max_c
             if new is None:
                 max_len = kwargs.get("max_length") or getattr(gc, "max_length", None) or 4096
                 new = max(0, max_len - prompt)
-            n = max_cache_len or (prompt + new + 8)
-            kwargs["past_key_values"] = KVQCache(model.config, kv_type=kv_type, max_cache_len=n, **cache_kwargs)
-        return original_generate(*args, **kwargs)
+            cache = state.new_cache(prompt, prompt + new + 8)
+        elif cache is not None and not isinstance(cache, KVQCache):
+            _refuse(cache, what)
+        if cache is not None:
+            kwargs[CACHE_KWARG] = cache
+        return original(*args, **kwargs)
 
+    state.originals.append((model, "generate" in model.__dict__, "generate", model.__dict__.get("generate")))
     model.generate = generate
-    model._kvq_unpatch = (previous, original_generate)
+
+
+def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec = "q8", max_cache_len: int | None = None,
+                                   **cache_kwargs: Any) -> Any:
+    """Make `model` keep its KV cache in kvq (int8 by default) and run attention on the quantized pages, whatever
+    calls it.
+
+    Same call as icw-kv-quant's: `patch_model_with_int8_kv_cache(model)`, in place (the model is also returned).
+    Afterwards the model's attention implementation is "kvq", and every call that uses a cache stores its K/V in
+    kvq pages:
+      * `model.generate(...)` makes a KVQCache(kv_type) sized to prompt + max_new_tokens;
+      * `model(...)` / `model.forward(...)` (the model and its base model, e.g. model.model) with use_cache on (the
+        config's default) and no cache make a KVQCache (returned as the output's cache, to pass to the next call: a
+        hand-written decode loop); it holds max_cache_len tokens per sequence, by default the model's
+        max_position_embeddings (at most 32768 on CUDA);
+      * a KVQCache passed in is used as is, as `cache=` or `past_key_values=` on any supported transformers version
+        (translated to the name the installed version takes, so neither warns);
+      * any other cache passed in (DynamicCache, QuantizedCache, StaticCache, ...) is refused with a TypeError: it
+        would silently keep fp K/V in torch tensors;
+      * in training mode with gradients on, no cache is made (kvq's attention has no backward).
+    Everything is checked (head dim, dtype, device, types, cache arguments) before anything is changed.
+    kvq.unpatch_model(model) undoes it.
+    """
+    if getattr(model, "_is_kv_quant_patched", False):
+        return model
+    _check_model(model, kv_type)
+    # the cache's own arguments are checked now too (a KVQCache allocates nothing before its first update), so that
+    # a bad keyword fails here rather than inside generate()
+    KVQCache(model.config, kv_type=kv_type, max_cache_len=4096 if max_cache_len is None else max_cache_len,
+             **cache_kwargs)
+    register_attention()
+    state = _PatchState(model, kv_type, max_cache_len, dict(cache_kwargs), model.config._attn_implementation)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    _wrap_generate(state, model)
+    modules = [model]
+    base = getattr(model, "base_model", model)
+    if base is not model and isinstance(base, torch.nn.Module):
+        modules.append(base)
+    for m in modules:
+        _wrap_forward(state, m)
+    model._kvq_patch = state
     model._is_kv_quant_patched = True
     return model
 
@@ -702,13 +868,17 @@ def unpatch_model(model: Any) -> Any:
     """Undo patch_model_with_int8_kv_cache."""
     if not getattr(model, "_is_kv_quant_patched", False):
         return model
-    previous, original_generate = model._kvq_unpatch
-    model.set_attn_implementation(previous)
-    model.generate = original_generate
-    del model._kvq_unpatch
+    state = model._kvq_patch
+    model.set_attn_implementation(state.previous_attn)
+    for module, had, name, before in reversed(state.originals):
+        if had:
+            setattr(module, name, before)
+        else:
+            delattr(module, name)
+    del model._kvq_patch
     model._is_kv_quant_patched = False
     return model
 
 
 __all__ = ["KVQCache", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
-           "kvq_attention_forward", "ATTN_IMPLEMENTATION"]
+           "kvq_attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KWARG", "output_cache"]

@@ -16,6 +16,12 @@ transformers = pytest.importorskip("transformers")
 import kvq  # noqa: E402
 from hf_models import FAMILIES, make  # noqa: E402
 
+# the cache argument under the installed transformers' name (cache from the 5.2x rename on, past_key_values before):
+# the deprecated name would warn, and these warnings are errors here
+C = kvq.CACHE_KWARG
+pytestmark = [pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning"),
+              pytest.mark.filterwarnings("error:.*cache.*:FutureWarning")]
+
 Q8_BOUND = 0.05
 Q4_TOP1, Q4_COS = 0.95, 0.999
 Q2_TOP1, Q2_COS = 0.85, 0.99
@@ -53,16 +59,16 @@ def test_f16_greedy_identical(family_model):
     ref = _gen(model, ids, max_new_tokens=20)
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64)
-        out = _gen(model, ids, max_new_tokens=20, past_key_values=cache)
+        out = _gen(model, ids, max_new_tokens=20, **{C: cache})
     assert torch.equal(out, ref), f"{fam}: kvq F16 greedy differs from transformers"
     assert cache.seq_lengths() == [39, 39]  # the last generated token is never fed back
 
 
 def _teacher_forced_logits(model, ids, cont, cache):
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **{C: cache}, use_cache=True)
     logits = [out.logits[:, -1]]
     for t in range(cont.shape[1]):
-        out = model(cont[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model(cont[:, t:t + 1], **{C: cache}, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1).float()
 
@@ -108,7 +114,7 @@ def test_beam_search(fam):
     ref = _gen(model, ids, max_new_tokens=12, num_beams=3, num_return_sequences=2)
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=32)
-        out = _gen(model, ids, max_new_tokens=12, num_beams=3, num_return_sequences=2, past_key_values=cache)
+        out = _gen(model, ids, max_new_tokens=12, num_beams=3, num_return_sequences=2, **{C: cache})
     assert torch.equal(out, ref)
     st = cache._groups[0].handle.stats()
     assert st["n_seqs"] == 6  # 2 prompts x 3 beams, forks freed as beams die
@@ -127,13 +133,13 @@ def test_batched_left_padding(fam):
     ref = _gen(model, ids, mask, max_new_tokens=16)
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64)
-        out = _gen(model, ids, mask, max_new_tokens=16, past_key_values=cache)
+        out = _gen(model, ids, mask, max_new_tokens=16, **{C: cache})
         # padding is never stored: each row holds only its own tokens
         assert cache.seq_lengths() == [n + 15 for n in lens]
         # and each row generates what it generates alone, unpadded
         for b, n in enumerate(lens):
             alone = _gen(model, ids[b:b + 1, 20 - n:], max_new_tokens=16,
-                         past_key_values=kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64))
+                         **{C: kvq.KVQCache(model.config, kv_type="f16", max_cache_len=64)})
             assert torch.equal(alone[0, n:], out[b, 20:])
     assert torch.equal(out, ref)
 
@@ -145,7 +151,7 @@ def test_compat_mode_sdpa_f16_identical():
     ref = _gen(model, ids, max_new_tokens=10)
     cache = kvq.KVQCache(model.config, kv_type="f16", max_cache_len=32)
     assert not cache.fused
-    out = _gen(model, ids, max_new_tokens=10, past_key_values=cache)
+    out = _gen(model, ids, max_new_tokens=10, **{C: cache})
     assert torch.equal(out, ref)
 
 
@@ -156,11 +162,11 @@ def test_per_layer_types_and_crop():
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type=types, max_cache_len=64)
         ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(6))
-        _gen(model, ids, max_new_tokens=8, past_key_values=cache)
+        _gen(model, ids, max_new_tokens=8, **{C: cache})
         assert len(cache._groups) == 2 and cache.get_seq_length() == 27
         cache.crop(-5)
         assert cache.get_seq_length() == 22 and cache.seq_lengths() == [22]
-        out = model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+        out = model(torch.tensor([[5]]), **{C: cache}, use_cache=True)
         assert out.logits.shape == (1, 1, 128) and cache.get_seq_length() == 23
 
 
@@ -171,7 +177,7 @@ def test_remap_failure_leaves_every_group_as_it_was(monkeypatch):
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type=["q8" if i % 2 else "f16" for i in range(n)], max_cache_len=64)
         ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(8))
-        _gen(model, ids, max_new_tokens=4, past_key_values=cache)
+        _gen(model, ids, max_new_tokens=4, **{C: cache})
         assert len(cache._groups) == 2
         before = [(list(g.seqs), g.handle.stats()["n_seqs"]) for g in cache._groups]
 
@@ -195,8 +201,8 @@ def test_patch_model_with_int8_kv_cache():
     assert kvq.patch_model_with_int8_kv_cache(model) is model
     assert model.config._attn_implementation == "kvq" and model._is_kv_quant_patched
     out = _gen(model, ids, max_new_tokens=12, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, kvq.KVQCache)
-    assert out.past_key_values.layer_types_per_layer[0] == (2, 2)  # q8 keys and values
+    assert isinstance(kvq.output_cache(out), kvq.KVQCache)
+    assert kvq.output_cache(out).layer_types_per_layer[0] == (2, 2)  # q8 keys and values
     agree = (out.sequences[:, 16:] == ref[:, 16:]).float().mean().item()
     assert agree >= 0.9, agree
     # plain forward without a cache still works (fallback attention), and matches the unpatched model
@@ -267,7 +273,7 @@ def test_reorder_rejects_rows_outside_the_batch():
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type="q8", max_cache_len=64)
         ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(9))
-        _gen(model, ids, max_new_tokens=3, past_key_values=cache)
+        _gen(model, ids, max_new_tokens=3, **{C: cache})
         before = [(list(g.seqs), g.handle.stats()) for g in cache._groups]
         for bad in ([0, -1], [0, 2], [1.5, 0]):
             with pytest.raises((IndexError, TypeError)):
@@ -284,7 +290,7 @@ def test_kvqcache_with_closed_handle_raises_clearly():
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type="q8", max_cache_len=64)
         ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(10))
-        _gen(model, ids, max_new_tokens=2, past_key_values=cache)
+        _gen(model, ids, max_new_tokens=2, **{C: cache})
         cache._groups[0].handle.close()
         with pytest.raises(kvq.CacheClosedError, match="closed"):
             cache.seq_lengths()
