@@ -125,13 +125,23 @@ def _teacher_forced(model, impl, kv_type, ids, cont):
     return torch.stack(logits, 1)
 
 
+# Whole-model bound relative to max|logit|. F16 stores what it is given, so the two paths' logits differ by fp32
+# rounding alone (2e-5). For the quantized types the two paths' fp32 rounding differences in layer l's output change
+# layer l+1's K/V by ~1e-7, which on some machines moves an element across a rounding boundary (one quantization
+# step; which elements, if any, depends on the CPU and the torch build): measured on an Intel AVX-512 host with
+# torch 2.11, gemma2 q8 3.3e-5 from one such flip. The quantized bounds allow a few flips of one step, so they catch
+# only a path that computes something else; the exact comparison of the two paths on the same bytes is the tests
+# above. Random-weight models damp small errors: a bf16 rounding of the compat path's keys moves the logits by
+# 3.2e-5 (gemma2 f16, caught) and less than 2e-5 for llama f16.
+MODEL_BOUND = {"f16": 2e-5, "q8": 5e-4, "q4": 5e-3, "q2": 5e-3}
+
+
 @pytest.mark.parametrize("kernels", ["scalar"], indirect=True)
-@pytest.mark.parametrize("fam,kv_type", [("llama", "q8"), ("llama", "q4"), ("llama", "q2"), ("gemma2", "q8"),
-                                         ("gemma2", "q4")])
+@pytest.mark.parametrize("fam,kv_type", [("llama", "f16"), ("llama", "q8"), ("llama", "q4"), ("llama", "q2"),
+                                         ("gemma2", "f16"), ("gemma2", "q8"), ("gemma2", "q4")])
 def test_model_logits_agree_across_paths(kernels, fam, kv_type):
-    """Not gemma2 with q2: there the two paths' fp32 rounding differences in layer l's output change layer l+1's K/V
-    by ~1e-7, enough to move a few of them across a 2-bit rounding boundary (a whole quantization step), and the
-    logits differ by ~1e-3 x max|logit|: the same cache is then no longer the same bytes (see the README)."""
+    """Not gemma2 with q2: there the flips described above are many, and the logits differ by ~1e-3 x max|logit|:
+    the same cache is then no longer the same bytes (see the README)."""
     model = make(fam)
     prev = model.config._attn_implementation
     g = torch.Generator().manual_seed(12)
@@ -143,4 +153,4 @@ def test_model_logits_agree_across_paths(kernels, fam, kv_type):
     finally:
         model.set_attn_implementation(prev)
     err = (fused - compat).abs().max().item()
-    assert err <= 2e-5 * compat.abs().max().item(), f"{fam} {kv_type}: {err:.3g}"
+    assert err <= MODEL_BOUND[kv_type] * compat.abs().max().item(), f"{fam} {kv_type}: {err:.3g}"
