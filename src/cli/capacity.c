@@ -96,8 +96,10 @@ int kvq_cli_capacity(int argc, char **argv) {
         int64_t lo = 0, hi = (int64_t)1 << 40;
         while (lo < hi) {
             int64_t mid = lo + (hi - lo + 1) / 2;
-            if (kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, &mixes[i], P, mid, &pg, &win)) break;
-            if (fixed + P * (pg + win) <= o.mem) lo = mid;
+            /* the config is valid (1 token passed above): a failure here means more pages than a cache can have
+             * (kvq_cache_arena_bytes_for's INT32_MAX-page limit), which does not fit either */
+            if (kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, &mixes[i], P, mid, &pg, &win)) hi = mid - 1;
+            else if (fixed + P * (pg + win) <= o.mem) lo = mid;
             else hi = mid - 1;
         }
         if (lo < 1) {
