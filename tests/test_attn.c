@@ -303,7 +303,12 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2});
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2});
     run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2});
-    n += 7;
+    /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
+     * combination has an odd ratio above 1) */
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
+    n += 10;
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
