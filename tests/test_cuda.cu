@@ -593,6 +593,89 @@ static void test_cow_full(kvq_type t, int residual) {
     free_pair(p);
 }
 
+// ------------------------------------------------------------------------------------------ device allocation failure
+// The n-th device allocation (cudaMalloc in create, cudaMallocAsync of the decode workspace) fails, for n = 1, 2, ...
+// until the workload no longer reaches the n-th: a failing call returns KVQ_ERR_OUT_OF_MEMORY with a message; a
+// failed create returns no cache and leaves no device memory behind; a failed decode leaves the cache's lengths and
+// page accounting as they were and works once memory is back, with the bits of a run that never failed.
+extern "C" int kvq_cuda__fail_alloc_in(int n);
+static void test_failalloc() {
+    const int H = 2, D = 128, NQ = 4, T = 200;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.max_seqs = 2;
+    cfg.type_k = cfg.type_v = KVQ_TYPE_Q4;
+    cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 1024);
+    const size_t ne = (size_t)T * H * D;
+    std::vector<float> h(ne);
+    for (size_t i = 0; i < ne; i++) h[i] = sinf(0.37f * (float)i);
+    float *dk, *dv, *dq, *dout;
+    CU(cudaMalloc(&dk, ne * sizeof(float)));
+    CU(cudaMalloc(&dv, ne * sizeof(float)));
+    CU(cudaMalloc(&dq, (size_t)NQ * D * sizeof(float)));
+    CU(cudaMalloc(&dout, (size_t)NQ * D * sizeof(float)));
+    CU(cudaMemcpy(dk, h.data(), ne * sizeof(float), cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dv, h.data() + 7, (ne - 7) * sizeof(float), cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dq, h.data() + 3, (size_t)NQ * D * sizeof(float), cudaMemcpyHostToDevice));
+    kvq_attn_params ap = kvq_attn_params_default(NQ);
+    std::vector<std::vector<float>> outs;
+    int n = 1, failed_create = 0, failed_decode = 0;
+    for (bool reached = true; reached && n <= 64; n++) {
+        size_t free0 = 0, free1 = 0, total = 0;
+        CU(cudaDeviceSynchronize());
+        CU(cudaMemGetInfo(&free0, &total));
+        kvq_cuda__fail_alloc_in(n);
+        kvq_cuda_cache *c = nullptr;
+        kvq_status st = kvq_cuda_cache_create(&cfg, 0, 1024, &c);
+        if (st != KVQ_OK) {
+            failed_create++;
+            CHECK(st == KVQ_ERR_OUT_OF_MEMORY && !c && kvq_cuda_last_error()[0], "failalloc n=%d: create -> %d (%s)", n,
+                  (int)st, kvq_cuda_last_error());
+            CU(cudaMemGetInfo(&free1, &total));
+            CHECK(free1 == free0, "failalloc n=%d: a failed create kept %lld device bytes", n,
+                  (long long)free0 - (long long)free1);
+            reached = kvq_cuda__fail_alloc_in(0) == 0;
+            continue;
+        }
+        int32_t seq, nt = T;
+        OK(kvq_cuda_seq_new(c, &seq));
+        OK(kvq_cuda_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, dk, dv, 0));
+        kvq_cuda_stats s0, s1;
+        int64_t len0, len1;
+        OK(kvq_cuda_cache_get_stats(c, &s0));
+        OK(kvq_cuda_seq_length(c, seq, 0, &len0));
+        st = kvq_cuda_attn_decode(c, 0, 1, &seq, KVQ_DTYPE_F32, dq, dout, &ap, 0);
+        if (st != KVQ_OK) {
+            failed_decode++;
+            CHECK(st == KVQ_ERR_OUT_OF_MEMORY && kvq_cuda_last_error()[0], "failalloc n=%d: decode -> %d (%s)", n, (int)st,
+                  kvq_cuda_last_error());
+            OK(kvq_cuda_cache_get_stats(c, &s1));
+            OK(kvq_cuda_seq_length(c, seq, 0, &len1));
+            CHECK(len1 == len0 && s1.pages_free == s0.pages_free && s1.n_seqs == s0.n_seqs,
+                  "failalloc n=%d: a failed decode changed the cache", n);
+            reached = kvq_cuda__fail_alloc_in(0) == 0;
+            OK(kvq_cuda_attn_decode(c, 0, 1, &seq, KVQ_DTYPE_F32, dq, dout, &ap, 0));
+        } else {
+            reached = kvq_cuda__fail_alloc_in(0) == 0;
+        }
+        std::vector<float> o((size_t)NQ * D);
+        CU(cudaMemcpy(o.data(), dout, o.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        outs.push_back(o);
+        kvq_cuda_cache_free(c);
+    }
+    CHECK(n <= 64, "failalloc: still reaching allocations after 64");
+    CHECK(failed_create >= 3 && failed_decode >= 1, "failalloc: %d failed creates, %d failed decodes (expected >= 3, >= 1)",
+          failed_create, failed_decode);
+    for (size_t i = 0; i + 1 < outs.size(); i++)
+        CHECK(memcmp(outs[i].data(), outs.back().data(), outs.back().size() * sizeof(float)) == 0,
+              "failalloc: the decode after a failure differs from a run without one (%zu)", i);
+    printf("failalloc: %d device allocations failed in turn (%d in create, %d in decode): all clean\n",
+           failed_create + failed_decode, failed_create, failed_decode);
+    CU(cudaFree(dk));
+    CU(cudaFree(dv));
+    CU(cudaFree(dq));
+    CU(cudaFree(dout));
+}
+
 int main(int argc, char **argv) {
     int n = 0;
     if (kvq_cuda_device_count(&n) != KVQ_OK || n == 0) {
@@ -644,6 +727,7 @@ int main(int argc, char **argv) {
         test_long(KVQ_TYPE_F16, 40000);
         test_long(KVQ_TYPE_Q2, 40000);
     }
+    test_failalloc();
     // argument errors
     kvq_cuda_cache *none = nullptr;
     kvq_cache_config bad = kvq_cache_config_default();

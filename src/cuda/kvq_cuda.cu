@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
 #include <new>
 #include <unordered_map>
 #include <vector>
@@ -22,6 +23,24 @@ using namespace kvqc;
     } while (0)
 
 extern "C" const char *kvq_cuda_last_error(void) { return kvq_last_error(); }
+
+/* Test hook (tests/test_cuda.cu, not in kvq_cuda.h): the n-th device allocation from now fails as a full GPU would
+ * (cudaErrorMemoryAllocation); 0 disarms. Returns how many allocations the previous setting still had to go (0: it
+ * fired or was off), so a test knows when a workload no longer reaches the n-th allocation. */
+static std::atomic<int> g_fail_alloc_in{0};
+extern "C" KVQ_API int kvq_cuda__fail_alloc_in(int n) { return g_fail_alloc_in.exchange(n > 0 ? n : 0); }
+static bool alloc_should_fail() {
+    int n = g_fail_alloc_in.load();
+    while (n > 0 && !g_fail_alloc_in.compare_exchange_weak(n, n - 1)) {
+    }
+    return n == 1;
+}
+static cudaError_t dev_malloc(void **p, size_t bytes) {
+    return alloc_should_fail() ? cudaErrorMemoryAllocation : cudaMalloc(p, bytes);
+}
+static cudaError_t dev_malloc_async(void **p, size_t bytes, cudaStream_t st) {
+    return alloc_should_fail() ? cudaErrorMemoryAllocation : cudaMallocAsync(p, bytes, st);
+}
 
 struct SeqLayer {
     std::vector<int32_t> pages;
@@ -155,9 +174,9 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     cudaSetDevice(device);
     c->win_bytes = (size_t)cfg.max_seqs * cfg.n_layers * 2 * c->win_elems() * sizeof(__half);
     c->table_bytes = (size_t)cfg.max_seqs * cfg.n_layers * c->max_pages * sizeof(int32_t);
-    cudaError_t e = cudaMalloc(&c->arena, (size_t)pages * L.page_bytes);
-    if (e == cudaSuccess) e = cudaMalloc(&c->windows, c->win_bytes);
-    if (e == cudaSuccess) e = cudaMalloc(&c->tables, c->table_bytes);
+    cudaError_t e = dev_malloc((void **)&c->arena, (size_t)pages * L.page_bytes);
+    if (e == cudaSuccess) e = dev_malloc((void **)&c->windows, c->win_bytes);
+    if (e == cudaSuccess) e = dev_malloc((void **)&c->tables, c->table_bytes);
     // zeroed so that never-written rows read as finite numbers (masked tokens multiply them by 0)
     if (e == cudaSuccess) e = cudaMemset(c->arena, 0, (size_t)pages * L.page_bytes);
     if (e == cudaSuccess) e = cudaMemset(c->windows, 0, c->win_bytes);
@@ -677,13 +696,14 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
             if (c->ws) cudaFreeAsync(c->ws, st);
             c->ws = nullptr;
             c->ws_bytes = 0;
-            cudaError_t e = cudaMallocAsync(&c->ws, need, st);
+            cudaError_t e = dev_malloc_async((void **)&c->ws, need, st);
             if (e == cudaSuccess) e = cudaMemsetAsync(c->ws, 0, cnt_bytes, st);
             if (e != cudaSuccess) {
                 if (c->ws) cudaFreeAsync(c->ws, st);
                 c->ws = nullptr;
                 delete A;
-                return fail(KVQ_ERR_CUDA, "%s: workspace of %zu bytes: %s", fn, need, cudaGetErrorString(e));
+                return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
+                            "%s: workspace of %zu bytes: %s", fn, need, cudaGetErrorString(e));
             }
             c->ws_bytes = need;
         }
