@@ -4,7 +4,7 @@
  * random mutations go through gguf_parse and the fuzz entry point (tests/fuzz_gguf.c).
  * usage: test_gguf_corrupt [MODEL.gguf]          (the real model, if present, is also cut and opened via mmap)
  *        test_gguf_corrupt --write-seeds DIR     (writes the valid file, a few corruptions and the tokenizer of
- *                                                 tests/tok_tiny.h as a fuzz corpus: tests/corpus/gguf/) */
+ *                                                 tests/tok_tiny.h as a fuzz corpus: ctest fuzz_gguf_seeds writes them into the build tree) */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <math.h>
