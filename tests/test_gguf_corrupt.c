@@ -35,27 +35,8 @@ static int failures, checks;
         }                                                                                                         \
     } while (0)
 
-/* ---- a tiny GGUF writer that remembers where the interesting fields are ---- */
-typedef struct buf {
-    uint8_t *p;
-    size_t n, cap;
-} buf;
-
-static void put(buf *b, const void *src, size_t n) {
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2 + 64;
-        b->p = realloc(b->p, b->cap);
-        if (!b->p) abort();
-    }
-    memcpy(b->p + b->n, src, n);
-    b->n += n;
-}
-static void put_u32(buf *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(buf *b, uint64_t v) { put(b, &v, 8); }
-static void put_str(buf *b, const char *s) {
-    put_u64(b, strlen(s));
-    put(b, s, strlen(s));
-}
+/* ---- a tiny GGUF writer (tt_buf and tt_put/u32/u64/str of tests/tok_tiny.h) that remembers where the interesting
+ * fields are ---- */
 
 typedef struct layout {
     size_t n_tensors, n_kv;       /* offsets of the counts */
@@ -81,99 +62,99 @@ static void byte_symbol(int b, char out[4]) {
 
 /* A valid GGUF v3: 7 metadata entries (incl. a byte-level vocab of 256 bytes + "he", "ll", "hell",
  * "<|im_start|>", "<|im_end|>"), tensor "a" F32 [2][4] and tensor "b" Q4_1 [2][32]. */
-static buf build_valid(layout *L) {
-    buf b = {0};
-    put_u32(&b, 0x46554747u);
-    put_u32(&b, 3);
+static tt_buf build_valid(layout *L) {
+    tt_buf b = {0};
+    tt_u32(&b, 0x46554747u);
+    tt_u32(&b, 3);
     L->n_tensors = b.n;
-    put_u64(&b, 2);
+    tt_u64(&b, 2);
     L->n_kv = b.n;
-    put_u64(&b, 7);
+    tt_u64(&b, 7);
     L->key0_len = b.n;
-    put_str(&b, "general.architecture");
-    put_u32(&b, GGUF_STRING);
-    put_str(&b, "llama");
-    put_str(&b, "general.alignment");
-    put_u32(&b, GGUF_U32);
+    tt_str(&b, "general.architecture");
+    tt_u32(&b, GGUF_STRING);
+    tt_str(&b, "llama");
+    tt_str(&b, "general.alignment");
+    tt_u32(&b, GGUF_U32);
     L->align_val = b.n;
-    put_u32(&b, 32);
-    put_str(&b, "tokenizer.ggml.model");
-    put_u32(&b, GGUF_STRING);
-    put_str(&b, "gpt2");
+    tt_u32(&b, 32);
+    tt_str(&b, "tokenizer.ggml.model");
+    tt_u32(&b, GGUF_STRING);
+    tt_str(&b, "gpt2");
     const char *extra[] = {"he", "ll", "hell", "<|im_start|>", "<|im_end|>"};
     int n_tok = 256 + 5;
-    put_str(&b, "tokenizer.ggml.tokens");
-    put_u32(&b, GGUF_ARRAY);
+    tt_str(&b, "tokenizer.ggml.tokens");
+    tt_u32(&b, GGUF_ARRAY);
     L->tokens_type = b.n;
-    put_u32(&b, GGUF_STRING);
+    tt_u32(&b, GGUF_STRING);
     L->tokens_n = b.n;
-    put_u64(&b, (uint64_t)n_tok);
+    tt_u64(&b, (uint64_t)n_tok);
     for (int i = 0; i < 256; i++) {
         char s[4];
         byte_symbol(i, s);
-        put_str(&b, s);
+        tt_str(&b, s);
     }
-    for (int i = 0; i < 5; i++) put_str(&b, extra[i]);
-    put_str(&b, "tokenizer.ggml.token_type");
-    put_u32(&b, GGUF_ARRAY);
+    for (int i = 0; i < 5; i++) tt_str(&b, extra[i]);
+    tt_str(&b, "tokenizer.ggml.token_type");
+    tt_u32(&b, GGUF_ARRAY);
     L->ttype_type = b.n;
-    put_u32(&b, GGUF_I32);
-    put_u64(&b, (uint64_t)n_tok);
+    tt_u32(&b, GGUF_I32);
+    tt_u64(&b, (uint64_t)n_tok);
     L->ttype_data = b.n;
-    for (int i = 0; i < n_tok; i++) put_u32(&b, i >= 259 ? 3u : 1u);
-    put_str(&b, "tokenizer.ggml.merges");
-    put_u32(&b, GGUF_ARRAY);
-    put_u32(&b, GGUF_STRING);
-    put_u64(&b, 3);
+    for (int i = 0; i < n_tok; i++) tt_u32(&b, i >= 259 ? 3u : 1u);
+    tt_str(&b, "tokenizer.ggml.merges");
+    tt_u32(&b, GGUF_ARRAY);
+    tt_u32(&b, GGUF_STRING);
+    tt_u64(&b, 3);
     L->merges_first = b.n;
-    put_str(&b, "h e");
-    put_str(&b, "l l");
-    put_str(&b, "he ll");
-    put_str(&b, "tokenizer.ggml.eos_token_id");
-    put_u32(&b, GGUF_U32);
-    put_u32(&b, 260);
+    tt_str(&b, "h e");
+    tt_str(&b, "l l");
+    tt_str(&b, "he ll");
+    tt_str(&b, "tokenizer.ggml.eos_token_id");
+    tt_u32(&b, GGUF_U32);
+    tt_u32(&b, 260);
     /* tensors */
-    put_str(&b, "a");
+    tt_str(&b, "a");
     L->t0_ndims = b.n;
-    put_u32(&b, 2);
+    tt_u32(&b, 2);
     L->t0_dim0 = b.n;
-    put_u64(&b, 4);
-    put_u64(&b, 2);
+    tt_u64(&b, 4);
+    tt_u64(&b, 2);
     L->t0_type = b.n;
-    put_u32(&b, GGML_F32);
+    tt_u32(&b, GGML_F32);
     L->t0_off = b.n;
-    put_u64(&b, 0);
+    tt_u64(&b, 0);
     L->t1_name_len = b.n;
-    put_str(&b, "b");
-    put_u32(&b, 2);
+    tt_str(&b, "b");
+    tt_u32(&b, 2);
     L->t1_dim0 = b.n;
-    put_u64(&b, 32);
-    put_u64(&b, 2);
-    put_u32(&b, GGML_Q4_1);
+    tt_u64(&b, 32);
+    tt_u64(&b, 2);
+    tt_u32(&b, GGML_Q4_1);
     L->t1_off = b.n;
-    put_u64(&b, 32);
-    while (b.n % 32) put(&b, "", 1);
+    tt_u64(&b, 32);
+    while (b.n % 32) tt_put(&b, "", 1);
     L->data = b.n;
     float a[8] = {1, -2, 3.5f, 0, 1e-3f, -1e3f, 7, 8};
-    put(&b, a, sizeof a);
-    while ((b.n - L->data) % 32) put(&b, "", 1);
+    tt_put(&b, a, sizeof a);
+    while ((b.n - L->data) % 32) tt_put(&b, "", 1);
     /* two Q4_1 blocks: d = 0.5 (0x3800), m = -1 (0xBC00), nibbles j | (15 - j) << 4 */
     for (int blk = 0; blk < 2; blk++) {
         uint16_t d = 0x3800, m = 0xBC00;
-        put(&b, &d, 2);
-        put(&b, &m, 2);
+        tt_put(&b, &d, 2);
+        tt_put(&b, &m, 2);
         for (int j = 0; j < 16; j++) {
             uint8_t q = (uint8_t)(j | (15 - j) << 4);
-            put(&b, &q, 1);
+            tt_put(&b, &q, 1);
         }
     }
     return b;
 }
 
-static void set_u64(buf *b, size_t off, uint64_t v) { memcpy(b->p + off, &v, 8); }
-static void set_u32(buf *b, size_t off, uint32_t v) { memcpy(b->p + off, &v, 4); }
-static buf clone(const buf *b) {
-    buf c = {malloc(b->n), b->n, b->n};
+static void set_u64(tt_buf *b, size_t off, uint64_t v) { memcpy(b->p + off, &v, 8); }
+static void set_u32(tt_buf *b, size_t off, uint32_t v) { memcpy(b->p + off, &v, 4); }
+static tt_buf clone(const tt_buf *b) {
+    tt_buf c = {malloc(b->n), b->n, b->n};
     memcpy(c.p, b->p, b->n);
     return c;
 }
@@ -181,7 +162,7 @@ static buf clone(const buf *b) {
 #define ANY_ERROR ((kvq_status)-1000) /* FORMAT or TRUNCATED, whichever the parser meets first */
 
 /* Parses, expects status `want` (and a message), and runs the fuzz entry point on the same bytes. */
-static void expect(const char *what, const buf *b, kvq_status want) {
+static void expect(const char *what, const tt_buf *b, kvq_status want) {
     gguf_file *f = (gguf_file *)1;
     kvqm_clear_error();
     kvq_status st = gguf_parse(b->p, b->n, &f);
@@ -191,7 +172,7 @@ static void expect(const char *what, const buf *b, kvq_status want) {
     LLVMFuzzerTestOneInput(b->p, b->n);
 }
 
-static void test_valid(const buf *b) {
+static void test_valid(const tt_buf *b) {
     gguf_file *f;
     kvq_status st = gguf_parse(b->p, b->n, &f);
     CHECK(st == KVQ_OK, "valid file rejected: %s", kvqm_last_error());
@@ -229,8 +210,8 @@ static void test_valid(const buf *b) {
     gguf_close(f);
 }
 
-static void test_targeted(const buf *v, const layout *L) {
-    buf b;
+static void test_targeted(const tt_buf *v, const layout *L) {
+    tt_buf b;
 #define MUT(what, code, want)                                                                                     \
     do {                                                                                                          \
         b = clone(v);                                                                                             \
@@ -337,23 +318,23 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 static void test_many_tensors(void) {
-    buf b = {0};
-    put_u32(&b, 0x46554747u);
-    put_u32(&b, 3);
-    put_u64(&b, N_MANY);
-    put_u64(&b, 0);
+    tt_buf b = {0};
+    tt_u32(&b, 0x46554747u);
+    tt_u32(&b, 3);
+    tt_u64(&b, N_MANY);
+    tt_u64(&b, 0);
     size_t last_name = 0;
     for (uint32_t i = 0; i < N_MANY; i++) {
         char name[16];
         snprintf(name, sizeof name, "t%07u", (unsigned)i);
         if (i == N_MANY - 1) last_name = b.n + 8;
-        put_str(&b, name);
-        put_u32(&b, 1);
-        put_u64(&b, 1);
-        put_u32(&b, GGML_F32);
-        put_u64(&b, (uint64_t)i * 32);
+        tt_str(&b, name);
+        tt_u32(&b, 1);
+        tt_u64(&b, 1);
+        tt_u32(&b, GGML_F32);
+        tt_u64(&b, (uint64_t)i * 32);
     }
-    while (b.n % 32) put(&b, "", 1);
+    while (b.n % 32) tt_put(&b, "", 1);
     size_t data = b.n;
     b.n += (size_t)N_MANY * 32;
     if (b.n > b.cap) {
@@ -382,12 +363,12 @@ static void test_many_tensors(void) {
     free(b.p);
 }
 
-static void test_prefixes(const buf *v) {
+static void test_prefixes(const tt_buf *v) {
     /* Every proper prefix is missing something: parse must fail, and say so. */
     int bad = 0;
     for (size_t n = 0; n < v->n; n++) {
         gguf_file *f;
-        buf b = {malloc(n ? n : 1), n, n};
+        tt_buf b = {malloc(n ? n : 1), n, n};
         memcpy(b.p, v->p, n);
         kvq_status st = gguf_parse(b.p, n, &f);
         if (st != KVQ_ERR_TRUNCATED && st != KVQ_ERR_FORMAT) {
@@ -401,10 +382,10 @@ static void test_prefixes(const buf *v) {
     printf("prefixes: all %zu truncations rejected\n", v->n);
 }
 
-static void test_random(const buf *v, int rounds) {
+static void test_random(const tt_buf *v, int rounds) {
     uint64_t s = 0x2545F4914F6CDD1Dull;
     for (int r = 0; r < rounds; r++) {
-        buf b = clone(v);
+        tt_buf b = clone(v);
         int flips = 1 + r % 8;
         for (int i = 0; i < flips && b.n > 0; i++) {
             s ^= s << 13, s ^= s >> 7, s ^= s << 17;
@@ -452,7 +433,7 @@ static void test_files(const char *model) {
     unlink(path);
 }
 
-static int write_seeds(const char *dir, const buf *v, const layout *L) {
+static int write_seeds(const char *dir, const tt_buf *v, const layout *L) {
     mkdir(dir, 0755);
     struct {
         const char *name;
@@ -464,7 +445,7 @@ static int write_seeds(const char *dir, const buf *v, const layout *L) {
              {"ttype_f32", L->ttype_type, GGUF_F32, 4}, {"tokens_u8", L->tokens_type, GGUF_U8, 4},
              {"q4_1_row", L->t1_dim0, 64, 8}};
     for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
-        buf b = clone(v);
+        tt_buf b = clone(v);
         if (m[i].w == 8) set_u64(&b, m[i].off, m[i].val);
         if (m[i].w == 4) set_u32(&b, m[i].off, (uint32_t)m[i].val);
         char p[512];
@@ -488,7 +469,7 @@ static int write_seeds(const char *dir, const buf *v, const layout *L) {
 
 int main(int argc, char **argv) {
     layout L;
-    buf v = build_valid(&L);
+    tt_buf v = build_valid(&L);
     if (argc == 3 && strcmp(argv[1], "--write-seeds") == 0) {
         int rc = write_seeds(argv[2], &v, &L);
         free(v.p);
