@@ -206,7 +206,19 @@ typedef struct kvq_cache_config {
                          * perplexity at ctx 2048 is +2.2% over F16 with q4 at R = 64 and +1.4% at R = 128 */
     int max_seqs;       /* 0: 256. Live sequences at once */
     int n_threads;      /* 0: as many as OpenMP gives; 1: no threading */
+    /* Quality mechanisms (section 10). -1: the default for the cache's types (kvq_cache_config_default sets -1;
+     * a zero-initialized config gets 0, every mechanism off: the layout of KVQ_LAYOUT_VERSION 1). */
+    int rotate;             /* randomized Hadamard rotation of the roles in KVQ_ROLES_* (0: none) */
+    uint32_t rotation_seed; /* seed of the rotation's random signs; 0: the fixed default seed */
+    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024 */
+    int nonuniform;         /* grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* use non-uniform levels */
 } kvq_cache_config;
+
+/* Role sets for kvq_cache_config's rotate and nonuniform fields. */
+#define KVQ_ROLES_NONE 0
+#define KVQ_ROLES_K 1
+#define KVQ_ROLES_V 2
+#define KVQ_ROLES_KV 3
 
 /* A config with every field at its default and arena_bytes = 0 (which the caller must set). */
 KVQ_API kvq_cache_config kvq_cache_config_default(void);
@@ -318,6 +330,13 @@ KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t s
  * forces the _ref kernels; KVQ_CPU_KERNELS=scalar, avx2 or avx512 asks for that table (where the CPU lacks it, the
  * best one below it; other values are ignored). */
 KVQ_API const char *kvq_cpu_backend(void);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
+ * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
+ * default for the cache's types. Not implemented yet: any value other than 0 (or -1) is rejected with
+ * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest.
+ * ------------------------------------------------------------------------------------------------------- */
 
 #ifdef __cplusplus
 }

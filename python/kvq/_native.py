@@ -130,7 +130,8 @@ def _stats_dict(s) -> dict:
 class CacheConfig(C.Structure):
     _fields_ = [("n_layers", C.c_int), ("n_kv_heads", C.c_int), ("head_dim", C.c_int), ("type_k", C.c_int),
                 ("type_v", C.c_int), ("arena_bytes", C.c_size_t), ("page_tokens", C.c_int), ("group", C.c_int),
-                ("residual", C.c_int), ("max_seqs", C.c_int), ("n_threads", C.c_int)]
+                ("residual", C.c_int), ("max_seqs", C.c_int), ("n_threads", C.c_int), ("rotate", C.c_int),
+                ("rotation_seed", C.c_uint32), ("sinks", C.c_int), ("nonuniform", C.c_int)]
 
 
 class PageLayout(C.Structure):
@@ -376,11 +377,18 @@ _NP_DTYPES = {np.dtype(np.float32): DTYPE_F32, np.dtype(np.float16): DTYPE_F16}
 
 def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
                 type_v: Optional[TypeSpec] = None, arena_bytes: int = 0, page_tokens: int = 0, group: int = 0,
-                residual: int = -1, max_seqs: int = 0, n_threads: int = 0) -> CacheConfig:
-    """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create)."""
+                residual: int = -1, max_seqs: int = 0, n_threads: int = 0, rotate: int = -1, rotation_seed: int = 0,
+                sinks: int = -1, nonuniform: int = -1) -> CacheConfig:
+    """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create).
+    rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off)."""
     vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                         ("page_tokens", page_tokens), ("group", group), ("residual", residual),
-                                        ("max_seqs", max_seqs), ("n_threads", n_threads))}
+                                        ("max_seqs", max_seqs), ("n_threads", n_threads), ("rotate", rotate),
+                                        ("sinks", sinks), ("nonuniform", nonuniform))}
+    if not isinstance(rotation_seed, (int, np.integer)) or isinstance(rotation_seed, bool) or \
+            not 0 <= int(rotation_seed) <= 0xFFFFFFFF:
+        raise ValueError(f"kvq: rotation_seed must be an integer in 0..2**32-1, not {rotation_seed!r}")
+    vals["rotation_seed"] = int(rotation_seed)
     tk = type_from_name(type_k)
     tv = type_from_name(type_v if type_v is not None else type_k)
     ab = _size(arena_bytes, "arena_bytes")
@@ -457,9 +465,10 @@ class Cache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
                  type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
-                 page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0):
+                 page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0,
+                 rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1):
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
-                          n_threads)
+                          n_threads, rotate, rotation_seed, sinks, nonuniform)
         if arena_bytes is None:
             arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v,
                                           _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64"), 1,

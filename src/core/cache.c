@@ -13,6 +13,9 @@ kvq_cache_config kvq_cache_config_default(void) {
     c.type_k = KVQ_TYPE_F16;
     c.type_v = KVQ_TYPE_F16;
     c.residual = -1;
+    c.rotate = -1;
+    c.sinks = -1;
+    c.nonuniform = -1;
     return c;
 }
 
@@ -38,6 +41,23 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
         return kvq__fail(KVQ_ERR_INVALID_ARG, "max_seqs %d outside 1..65536", cfg->max_seqs);
     if (cfg->n_threads < 0 || cfg->n_threads > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "n_threads %d outside 0..1024", cfg->n_threads);
+    /* quality mechanisms (kvq.h section 10): defaults resolved per type */
+    if (cfg->rotate == -1) cfg->rotate = KVQ_ROLES_NONE;
+    if (cfg->rotate < 0 || cfg->rotate > KVQ_ROLES_KV)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "rotate %d is not a set of roles 0..3 (or -1 for the default)", cfg->rotate);
+    if (cfg->rotate != KVQ_ROLES_NONE)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "rotate %d: the Hadamard rotation is not implemented yet", cfg->rotate);
+    if (cfg->sinks == -1) cfg->sinks = 0;
+    if (cfg->sinks < 0 || cfg->sinks > 1024)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
+    if (cfg->sinks != 0)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d: attention sinks are not implemented yet", cfg->sinks);
+    if (cfg->nonuniform == -1) cfg->nonuniform = KVQ_ROLES_NONE;
+    if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
+                         cfg->nonuniform);
+    if (cfg->nonuniform != KVQ_ROLES_NONE)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d: non-uniform levels are not implemented yet", cfg->nonuniform);
     *Gf = L->group;
     *W = cfg->residual + *Gf;
     if (!check_arena) return KVQ_OK;

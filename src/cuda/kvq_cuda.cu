@@ -136,6 +136,13 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (grouped && (L.group != GRP || L.value_group != GRP))
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: group %d (the CUDA backend needs 64)", L.group);
     if (cfg.residual == -1) cfg.residual = grouped ? 128 : 0; /* same default as the CPU core */
+    /* kvq.h section 10: the GPU kernels read the plain formats only, so every quality mechanism is off here */
+    if (cfg.rotate == -1) cfg.rotate = KVQ_ROLES_NONE;
+    if (cfg.sinks == -1) cfg.sinks = 0;
+    if (cfg.nonuniform == -1) cfg.nonuniform = KVQ_ROLES_NONE;
+    if (cfg.rotate != KVQ_ROLES_NONE || cfg.sinks != 0 || cfg.nonuniform != KVQ_ROLES_NONE)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: rotate %d, sinks %d, nonuniform %d: the CUDA backend "
+                    "has none of kvq.h section 10's mechanisms yet (set them to 0)", cfg.rotate, cfg.sinks, cfg.nonuniform);
     if (cfg.residual < 0 || cfg.residual > 4096) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: residual %d outside 0..4096", cfg.residual);
     if (cfg.max_seqs == 0) cfg.max_seqs = 256;
     if (cfg.max_seqs < 1 || cfg.max_seqs > 65536) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seqs %d outside 1..65536", cfg.max_seqs);

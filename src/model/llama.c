@@ -207,6 +207,10 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     cc.residual = p->residual;
     cc.group = p->group;
     cc.n_threads = p->n_threads;
+    cc.rotate = p->rotate;
+    cc.rotation_seed = p->rotation_seed;
+    cc.sinks = p->sinks;
+    cc.nonuniform = p->nonuniform;
     cc.max_seqs = 1;
     kvq_status st;
     cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx); /* exactly the pages n_ctx tokens need */

@@ -67,6 +67,10 @@ typedef struct llama_ctx_params {
     int residual;    /* -1: kvq's default */
     int group;       /* G of the grouped types; 0: kvq's default */
     int n_threads;   /* attention threads; 0: OpenMP's default */
+    /* kvq.h section 10, passed to the cache as they are: -1 kvq's default for the types, 0 off (what a
+     * zero-initialized llama_ctx_params gets) */
+    int rotate, sinks, nonuniform;
+    uint32_t rotation_seed;
 } llama_ctx_params;
 
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
