@@ -183,6 +183,8 @@ typedef struct kvq_page_layout {
     size_t k_block_bytes, v_block_bytes; /* bytes of one head's block in a page (data + params, padded) */
     size_t k_offset, v_offset;           /* byte offset of head 0's key / value block in a page (v = H * k_block) */
     size_t page_bytes;
+    int nonuniform; /* KVQ_ROLES_*: roles whose grouped type decodes codes through non-uniform levels (section 10);
+                     * kvq_page_layout_make sets 0, a cache's layout says what the cache uses */
 } kvq_page_layout;
 
 KVQ_API kvq_status kvq_page_layout_make(kvq_type type_k, kvq_type type_v, int n_kv_heads, int head_dim,

@@ -138,7 +138,8 @@ class PageLayout(C.Structure):
     _fields_ = [("page_tokens", C.c_int), ("head_dim", C.c_int), ("n_kv_heads", C.c_int), ("group", C.c_int),
                 ("value_group", C.c_int), ("type_k", C.c_int), ("type_v", C.c_int), ("k_row_bytes", C.c_size_t),
                 ("v_row_bytes", C.c_size_t), ("k_block_bytes", C.c_size_t), ("v_block_bytes", C.c_size_t),
-                ("k_offset", C.c_size_t), ("v_offset", C.c_size_t), ("page_bytes", C.c_size_t)]
+                ("k_offset", C.c_size_t), ("v_offset", C.c_size_t), ("page_bytes", C.c_size_t),
+                ("nonuniform", C.c_int)]
 
 
 class CacheStats(C.Structure):

@@ -12,7 +12,7 @@
 
 static void decode_ref(const kvq__blk *b, int j0, int n, float *out) {
     for (int i = 0; i < n; i++)
-        kvq__dequant_row(b->type, b->role, b->data + (size_t)(j0 + i) * b->stride, b->par, j0 + i, b->D, b->G, b->Gv,
+        kvq__dequant_row(b->type, b->lv16, b->role, b->data + (size_t)(j0 + i) * b->stride, b->par, j0 + i, b->D, b->G, b->Gv,
                          out + (size_t)i * b->D);
 }
 
@@ -113,12 +113,13 @@ static kvq__blk page_blk(const kvq_cache *c, int32_t pg, int h, kvq_role role) {
     b.D = L->head_dim;
     b.G = L->group;
     b.Gv = L->value_group;
+    b.lv16 = kvq__layout_levels(L, role);
     b.pf_k = b.pf_v = NULL, b.pf_k_lines = b.pf_v_lines = 0;
     return b;
 }
 
 static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
-    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, c->L.head_dim, 1, 1, NULL, NULL, 0, 0};
+    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, NULL, c->L.head_dim, 1, 1, NULL, NULL, 0, 0};
     b.data = (const uint8_t *)(w + (size_t)h * c->L.head_dim);
     b.stride = (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
     return b;

@@ -12,6 +12,7 @@ typedef struct kvq__blk {
     const uint8_t *data; /* row 0 */
     size_t stride;       /* bytes between rows */
     const uint16_t *par; /* params of the block (NULL for F16/BF16), indexed by the row number */
+    const uint8_t *lv16; /* grouped types: decode levels, x = scale * lv16[q] / 16 + min (kvq__levels16); else NULL */
     int D, G, Gv;
     /* Key blocks: the key and value blocks the driver reads next (NULL: none), which key_scores prefetches spread
      * over its tokens, and their sizes in 64-byte lines */

@@ -58,6 +58,7 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
                          cfg->nonuniform);
     if (cfg->nonuniform != KVQ_ROLES_NONE)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d: non-uniform levels are not implemented yet", cfg->nonuniform);
+    L->nonuniform = cfg->nonuniform;
     *Gf = L->group;
     *W = cfg->residual + *Gf;
     if (!check_arena) return KVQ_OK;
@@ -508,7 +509,8 @@ static void store_unit(kvq_cache *c, kvq_seq_layer *sl, const float *xk, const f
             uint16_t *par = (uint16_t *)(void *)(blk + rb * (size_t)P);
             if (role == KVQ_KEY && kvq_type_get_traits(t)->grouped) {
                 for (int i = 0; i < Gf; i++) memcpy(scratch + (size_t)i * D, x + ((size_t)i * H + h) * D, (size_t)D * 4);
-                kvq__quant_key_group(t, scratch, Gf, D, blk + rb * (size_t)slot, rb, par + (size_t)(slot / Gf) * 2 * D);
+                kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), scratch, Gf, D, blk + rb * (size_t)slot, rb,
+                                     par + (size_t)(slot / Gf) * 2 * D);
                 continue;
             }
             for (int i = 0; i < Gf; i++) {
@@ -516,7 +518,8 @@ static void store_unit(kvq_cache *c, kvq_seq_layer *sl, const float *xk, const f
                 uint16_t *p = t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? par + s
                               : kvq_type_get_traits(t)->grouped ? par + (size_t)s * (D / L->value_group) * 2
                                                                 : NULL;
-                kvq__quant_row(t, x + ((size_t)i * H + h) * D, D, L->value_group, blk + rb * (size_t)s, p);
+                kvq__quant_row(t, kvq__layout_levels(L, role), x + ((size_t)i * H + h) * D, D, L->value_group,
+                               blk + rb * (size_t)s, p);
             }
         }
     }

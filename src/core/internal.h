@@ -91,15 +91,25 @@ void kvq__init_tables(void);
 uint8_t kvq__f32_to_e4m3(float f);
 
 /* ---- quantizers (quant.c): the scalar reference formats of kvq.h section 5 ---- */
-/* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`). */
-void kvq__quant_row(kvq_type t, const float *x, int D, int value_group, uint8_t *row,
+/* Decode levels of a grouped type: code q means x = scale * lv16[q] / 16 + min, lv16[q] in 0 .. 16 * (2^b - 1).
+ * Multiples of 1/16, so that SIMD kernels look them up as small integers (a byte shuffle) and keep integer dot
+ * products. The uniform table (lv16[q] = 16 q) is the format of KVQ_LAYOUT_VERSION 1. NULL for other types. */
+const uint8_t *kvq__levels16(kvq_type t, bool nonuniform);
+/* The levels a layout's role uses (NULL for non-grouped types). */
+static inline const uint8_t *kvq__layout_levels(const kvq_page_layout *L, kvq_role role) {
+    kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
+    return kvq__levels16(t, (L->nonuniform >> role) & 1);
+}
+/* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`); lv16: the
+ * grouped type's levels (kvq__levels16), ignored by the other types. */
+void kvq__quant_row(kvq_type t, const uint8_t *lv16, const float *x, int D, int value_group, uint8_t *row,
                     uint16_t *par);
 /* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]. */
-void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *rows, size_t row_bytes,
-                          uint16_t *scale_min);
+void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, const float *x, int G, int D, uint8_t *rows,
+                          size_t row_bytes, uint16_t *scale_min);
 /* Dequantize row j of a block whose params start at `par` (NULL for F16/BF16) into o[0..D). */
-void kvq__dequant_row(kvq_type t, kvq_role role, const uint8_t *row, const uint16_t *par, int j, int D, int G, int Gv,
-                      float *o);
+void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,
+                      int D, int G, int Gv, float *o);
 /* Dequantize rows [t0, t1) of a block (page slot indices) into out[(t - t0) * out_stride + c]. */
 void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int t0, int t1,
                         float *out, size_t out_stride);

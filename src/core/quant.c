@@ -41,6 +41,32 @@ static inline int rne_clamp(float v, int lo, int hi) {
     return r < (float)lo ? lo : r > (float)hi ? hi : (int)r;
 }
 
+static const uint8_t lv_u4[16] = {0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240};
+static const uint8_t lv_u2[4] = {0, 16, 32, 48};
+
+const uint8_t *kvq__levels16(kvq_type t, bool nonuniform) {
+    (void)nonuniform; /* non-uniform tables: not yet (kvq.h section 10) */
+    switch (t) {
+    case KVQ_TYPE_Q4: return lv_u4;
+    case KVQ_TYPE_Q2: return lv_u2;
+    default: return NULL;
+    }
+}
+
+/* code of v (in level units: (x - min) / scale) under levels lv16[0..qmax]: the nearest level; for the uniform table
+ * exactly round-to-nearest-even, as layout 1 quantized */
+static inline int code_of(float v, const uint8_t *lv16, int qmax) {
+    if (lv16[1] == 16 && lv16[qmax] == 16 * qmax) return rne_clamp(v, 0, qmax);
+    float w = v * 16.0f;
+    int best = 0;
+    float bd = fabsf(w - lv16[0]);
+    for (int q = 1; q <= qmax; q++) {
+        float d = fabsf(w - lv16[q]);
+        if (d < bd) bd = d, best = q;
+    }
+    return best;
+}
+
 static inline void put_bits(uint8_t *row, int c, int b, int q) {
     int per = 8 / b, shift = (c % per) * b;
     row[c / per] = (uint8_t)(row[c / per] | (q << shift));
@@ -63,7 +89,7 @@ static void minmax_params(const float *x, int n, size_t st, int qmax, float *sca
     *scale = kvq__round_f16((hi - *mn) / (float)qmax);
 }
 
-void kvq__quant_row(kvq_type t, const float *x, int D, int Gv, uint8_t *row, uint16_t *par) {
+void kvq__quant_row(kvq_type t, const uint8_t *lv16, const float *x, int D, int Gv, uint8_t *row, uint16_t *par) {
     switch (t) {
     case KVQ_TYPE_F16:
         for (int c = 0; c < D; c++) ((uint16_t *)(void *)row)[c] = kvq__f32_to_f16(x[c]);
@@ -93,7 +119,7 @@ void kvq__quant_row(kvq_type t, const float *x, int D, int Gv, uint8_t *row, uin
             par[2 * g] = kvq__f32_to_f16(s);
             par[2 * g + 1] = kvq__f32_to_f16(mn);
             for (int c = g * Gv; c < (g + 1) * Gv; c++)
-                put_bits(row, c, b, s > 0 ? rne_clamp((x[c] - mn) / s, 0, qmax) : 0);
+                put_bits(row, c, b, s > 0 ? code_of((x[c] - mn) / s, lv16, qmax) : 0);
         }
         return;
     }
@@ -101,8 +127,8 @@ void kvq__quant_row(kvq_type t, const float *x, int D, int Gv, uint8_t *row, uin
     }
 }
 
-void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *rows, size_t row_bytes,
-                          uint16_t *scale_min) {
+void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, const float *x, int G, int D, uint8_t *rows,
+                          size_t row_bytes, uint16_t *scale_min) {
     int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
     for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
     for (int c = 0; c < D; c++) {
@@ -111,12 +137,12 @@ void kvq__quant_key_group(kvq_type t, const float *x, int G, int D, uint8_t *row
         scale_min[c] = kvq__f32_to_f16(s);
         scale_min[D + c] = kvq__f32_to_f16(mn);
         for (int i = 0; i < G; i++)
-            put_bits(rows + (size_t)i * row_bytes, c, b, s > 0 ? rne_clamp((x[(size_t)i * D + c] - mn) / s, 0, qmax) : 0);
+            put_bits(rows + (size_t)i * row_bytes, c, b, s > 0 ? code_of((x[(size_t)i * D + c] - mn) / s, lv16, qmax) : 0);
     }
 }
 
-void kvq__dequant_row(kvq_type t, kvq_role role, const uint8_t *row, const uint16_t *par, int j, int D, int G, int Gv,
-                      float *o) {
+void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,
+                      int D, int G, int Gv, float *o) {
     switch (t) {
     case KVQ_TYPE_F16:
         for (int c = 0; c < D; c++) o[c] = kvq__f16_to_f32(((const uint16_t *)(const void *)row)[c]);
@@ -140,11 +166,12 @@ void kvq__dequant_row(kvq_type t, kvq_role role, const uint8_t *row, const uint1
         if (role == KVQ_KEY) {
             const uint16_t *sm = par + (size_t)(j / G) * 2 * D;
             for (int c = 0; c < D; c++)
-                o[c] = kvq__f16_to_f32(sm[c]) * (float)get_bits(row, c, b) + kvq__f16_to_f32(sm[D + c]);
+                o[c] = kvq__f16_to_f32(sm[c]) * ((float)lv16[get_bits(row, c, b)] * 0.0625f) + kvq__f16_to_f32(sm[D + c]);
         } else {
             const uint16_t *sm = par + (size_t)j * (D / Gv) * 2;
             for (int c = 0; c < D; c++)
-                o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * (float)get_bits(row, c, b) + kvq__f16_to_f32(sm[2 * (c / Gv) + 1]);
+                o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * ((float)lv16[get_bits(row, c, b)] * 0.0625f) +
+                       kvq__f16_to_f32(sm[2 * (c / Gv) + 1]);
         }
         break;
     }
@@ -158,6 +185,7 @@ void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *
     size_t rb = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
     const uint16_t *par = kvq__block_params(block, rb, L->page_tokens);
     for (int i = t0; i < t1; i++)
-        kvq__dequant_row(t, role, block + (size_t)i * rb, par, i, L->head_dim, L->group, L->value_group,
+        kvq__dequant_row(t, kvq__layout_levels(L, role), role, block + (size_t)i * rb, par, i, L->head_dim, L->group,
+                         L->value_group,
                          out + (size_t)(i - t0) * out_stride);
 }
