@@ -5,8 +5,9 @@
  *    this data (format_var, predicted_error), per combination and as a median per type pair;
  *  - every table the CPU has (scalar, AVX2, AVX-512: asked for with KVQ_CPU_KERNELS) against the scalar _ref
  *    kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer kernels of Q8/Q4/Q2, which round
- *    queries and softmax weights to int16 (relative error ~1.5e-5 each), < 4e-5 where the values are Q4/Q2,
- *    whose kernels round the weights to 8 bits; the same bounds for both tables (they share the rounding);
+ *    queries and softmax weights to int16 (relative error ~1.5e-5 each), < 6e-6 where the values are Q4/Q2,
+ *    whose kernels round the weights but the largest to 8 bits; the same bounds for both tables (they share the
+ *    rounding); a dominant token (run_dominant) < 4e-8;
  *  - decode of a ragged batch, and chunked causal prefill. */
 #include "testutil.h"
 
@@ -219,12 +220,13 @@ static void run_combo(combo cb) {
     double e_ref = tu_nmse(out_ref, ref, qn);
     const char *nk = kvq_type_get_traits(cb.tk)->name, *nv = kvq_type_get_traits(cb.tv)->name;
     /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9. The Q4/Q2 value
-     * kernels round the softmax weights (times the value scales) to 8 bits per segment of 64 tokens: measured
-     * <= 8e-6, about 1% of those types' own error energy at worst (quality NMSE >= 3e-4 on this data). */
+     * kernels round the softmax weights (times the value scales) to 8 bits per segment of 64 tokens, all but the
+     * largest, which is kept exact: measured <= 1.8e-6 (7.9e-6 when the largest was rounded too), under 1% of those
+     * types' own error energy (quality NMSE >= 3e-4 on this data). */
     bool int_path = cb.tk == KVQ_TYPE_Q8 || cb.tk == KVQ_TYPE_Q4 || cb.tk == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q8 ||
                     cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
     bool w8_path = cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
-    double simd_bound = w8_path ? 4e-5 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 4e-5 : int_path ? 2e-8 : 1e-9;
+    double simd_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-9;
     for (int k = 0; k < n_backends; k++) {
         setenv("KVQ_CPU_KERNELS", backends[k], 1);
         CHECK_OK(kvq_attn_decode(c, 1, B, seqs, q, out, &ap));
@@ -274,6 +276,56 @@ static void run_combo(combo cb) {
     kvq_cache_free(c);
 }
 
+/* A dominant token (a sink: its logit ~12 above the others', so it takes ~90% of the softmax weight) in a cache
+ * whose values are Q4 or Q2: each table against the _ref kernels. The SIMD value kernels round the weights of a
+ * 64-token segment to 8 bits; if the dominant weight set that scale, the others would keep one or two steps of it
+ * (NMSE 5.7e-5 q4, 1e-4 q2 before the largest weight was kept exact). With the largest weight exact the rest are
+ * rounded against the second largest: measured <= 7.1e-9 (avx2 and avx512 alike); the bound is 4e-8. */
+#define DOMINANT_BOUND 4e-8
+static double worst_dominant[3];
+static void run_dominant(kvq_type t, int D, int rep, int64_t at) {
+    const int H = 2, nqh = H * rep;
+    const int64_t T = 300;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t;
+    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 1;
+    kvq_cache *c = NULL;
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    if (!c) return;
+    int32_t seq;
+    CHECK_OK(kvq_seq_new(c, &seq));
+    size_t row = (size_t)H * D, n = (size_t)T * row, qn = (size_t)nqh * D;
+    float *k = malloc(n * 4), *v = malloc(n * 4), *q = malloc(qn * 4), *out = malloc(qn * 4), *ref = malloc(qn * 4);
+    tu_fill_kv(k, v, (size_t)T, H, D);
+    /* the query heads of a KV head share a direction u (|u|^2 ~ D); the dominant key adds 12 / sqrt(D) u */
+    for (int h = 0; h < H; h++) {
+        float u[256];
+        for (int d = 0; d < D; d++) u[d] = (float)tu_normal();
+        for (int r = 0; r < rep; r++)
+            for (int d = 0; d < D; d++) q[((size_t)h * rep + r) * D + d] = u[d] + 0.3f * (float)tu_normal();
+        for (int d = 0; d < D; d++) k[((size_t)at * H + h) * D + d] += 12.0f * sqrtf((float)D) / (float)D * u[d];
+    }
+    int32_t cnt = (int32_t)T;
+    CHECK_OK(kvq_append(c, 0, 1, &seq, &cnt, KVQ_DTYPE_F32, k, v));
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    setenv("KVQ_FORCE_SCALAR", "1", 1);
+    CHECK_OK(kvq_attn_decode(c, 0, 1, &seq, q, ref, &ap));
+    unsetenv("KVQ_FORCE_SCALAR");
+    double *refd = malloc(qn * 8);
+    for (size_t i = 0; i < qn; i++) refd[i] = ref[i];
+    for (int b = 0; b < n_backends; b++) {
+        setenv("KVQ_CPU_KERNELS", backends[b], 1);
+        CHECK_OK(kvq_attn_decode(c, 0, 1, &seq, q, out, &ap));
+        double e = tu_nmse(out, refd, qn);
+        if (e > worst_dominant[b]) worst_dominant[b] = e;
+        CHECK(e < DOMINANT_BOUND, "dominant token %s D=%d rep=%d at %lld: %s vs _ref NMSE %g (bound %g)",
+              kvq_type_get_traits(t)->name, D, rep, (long long)at, backends[b], e, DOMINANT_BOUND);
+    }
+    unsetenv("KVQ_CPU_KERNELS");
+    free(k), free(v), free(q), free(out), free(ref), free(refd);
+    kvq_cache_free(c);
+}
+
 int main(void) {
     tu_seed(7);
     printf("CPU kernels: %s\n", kvq_cpu_backend());
@@ -309,6 +361,13 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
     n += 10;
+    for (int ti = 0; ti < 2; ti++)
+        for (int D = 64; D <= 128; D *= 2)
+            for (int rep = 1; rep <= 3; rep += 2)
+                for (int at = 0; at < 2; at++) run_dominant(ti ? KVQ_TYPE_Q2 : KVQ_TYPE_Q4, D, rep, at ? 201 : 3);
+    for (int k = 0; k < n_backends; k++)
+        printf("dominant token: worst NMSE of the %s kernels against the _ref kernels %.2e (bound %g)\n", backends[k],
+               worst_dominant[k], DOMINANT_BOUND);
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];

@@ -475,6 +475,7 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const int DK, co
                 flush_block(T, a[r], vw.ws[g][r], vw.mn[g][r], last, accbuf + (size_t)r * D + c);
         }
     }
+    top_fixup(T, R, b, j0, &vw, accbuf);
 }
 
 /* one token pair of a Q8 block's 16 channels: a[r][0..1] += weight pair of row r x the pair's int16 codes */

@@ -585,6 +585,7 @@ AI void value_accum_grouped512(const kvq_type T, const int R, const kvq__blk *b,
             for (int r = 0; r < R; r++) flush512(T, a[r], &vw, r, c, b->Gv, last, accbuf + (size_t)r * D + c);
         }
     }
+    top_fixup(T, R, b, j0, &vw, accbuf);
 }
 
 /* one token pair of a Q8 chunk's 32 channels: a[r][0..1] += weight pair of row r x the pair's int16 codes.

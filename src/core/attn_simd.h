@@ -193,8 +193,9 @@ AI void int_scores_store(const kvq_type T, const int R, const kvq__blk *b, int j
 /* ---- integer value kernels ----
  * Q8: acc[r][c] += sum_i (p_ri * s_i) * q_ic with the weights rounded to int16 (one scale per row and
  * segment) and the codes of tokens i, i+1 interleaved as int16 pairs, so that one vpmaddwd does both tokens
- * of 8 channels. Q4, Q2: the weights w = p * scale of a segment are rounded to 8 bits (one scale per row,
- * value group and segment: relative error <= 1/510 of the largest weight) and meet byte-interleaved code
+ * of 8 channels. Q4, Q2: the weights w = p * scale of a segment but the largest are rounded to 8 bits (one scale
+ * per row, value group and segment: error <= 1/510 of the second largest weight; the largest, which a sink makes
+ * dominant, is added exactly in fp32 by top_fixup) and meet byte-interleaved code
  * pairs in vpmaddubsw (16 channels x 2 tokens per instruction), summed in 16-bit lanes read as unsigned: a
  * lane's sum is at most (2^b - 1) * (sum of the 8-bit weights), so the sums can run over the whole segment
  * when the weights' total keeps that under 2^16 (always for Q2; for Q4 unless the weights are flat), else
@@ -209,6 +210,9 @@ typedef struct vweights {
      * no shuffle) spreads them; zero from n on */
     uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
     float ws[4][4], mn[4][4]; /* [group][row]: weight scale, sum of p * (min + o s) - ws * o * sum of w8 */
+    /* [group][row]: the largest weight's token (-1: none) and its weight p * s, kept exact (its w8 is 0) */
+    int top[4][4];
+    float topw[4][4];
     int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] */
 } vweights;
 
@@ -278,8 +282,29 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 mx = _mm256_max_ps(mx, w);
                 ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
             }
-            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 255.0f : 1.0f,
-                  inv = amax > 0 ? 255.0f / amax : 0.0f;
+            /* The largest weight is left out of the 8-bit ones and added exactly (top_fixup): a dominant token
+             * (a sink: one logit far above the others) would otherwise set the scale alone and leave the rest of
+             * the segment's weights one or two steps of 8 bits (NMSE 5.7e-5 q4, 1e-4 q2 against exact
+             * arithmetic with one such token; < 1e-6 without it). */
+            float amax = hmax_ps(mx);
+            int top = -1;
+            if (amax > 0) {
+                const __m256 am = _mm256_set1_ps(amax);
+                for (int i = 0; i < 64; i += 8) {
+                    int msk = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(wf + i), am, _CMP_EQ_OQ));
+                    if (msk) {
+                        top = i + __builtin_ctz((unsigned)msk);
+                        break;
+                    }
+                }
+                wf[top] = 0.0f;
+                mx = _mm256_load_ps(wf);
+                #pragma GCC unroll 8
+                for (int i = 8; i < 64; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(wf + i));
+            }
+            vw->top[g][r] = top, vw->topw[g][r] = amax;
+            amax = hmax_ps(mx);
+            float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
             __m256 iv = _mm256_set1_ps(inv);
             __m256i wsum = _mm256_setzero_si256();
             #pragma GCC unroll 2
@@ -316,6 +341,45 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
         sum += m16[k];
     }
     vw->win[++vw->nwin] = n;
+}
+
+/* acc[r][channels of group g] += topw * (level of the code - off) for the token each (group, row) kept exact
+ * (grouped_weights): 8 channels at a time, the level looked up from a table of floats (lv16 / 16 - off) */
+SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vweights *vw, float *acc) {
+    const int D = b->D, ng = D / b->Gv, qmax = T == KVQ_TYPE_Q4 ? 15 : 3;
+    const float off = (float)((qmax + 1) / 2);
+    float lvf[16] __attribute__((aligned(32)));
+    for (int q = 0; q <= qmax; q++) lvf[q] = (float)b->lv16[q] * 0.0625f - off;
+    const __m256 lo = _mm256_load_ps(lvf), hi = T == KVQ_TYPE_Q4 ? _mm256_load_ps(lvf + 8) : lo;
+    for (int g = 0; g < ng; g++)
+        for (int r = 0; r < R; r++) {
+            const int t = vw->top[g][r];
+            if (t < 0) continue;
+            const uint8_t *row = b->data + (size_t)(j0 + t) * b->stride;
+            const __m256 w = _mm256_set1_ps(vw->topw[g][r]);
+            float *o = acc + (size_t)r * D;
+            for (int c = g * b->Gv; c < (g + 1) * b->Gv; c += 8) {
+                __m256i q;
+                if (T == KVQ_TYPE_Q4) {
+                    uint32_t word;
+                    memcpy(&word, row + c / 2, 4);
+                    q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word),
+                                                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                         _mm256_set1_epi32(15));
+                } else {
+                    uint16_t word;
+                    memcpy(&word, row + c / 4, 2);
+                    q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word),
+                                                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                         _mm256_set1_epi32(3));
+                }
+                __m256 l = _mm256_permutevar8x32_ps(lo, q);
+                if (T == KVQ_TYPE_Q4)
+                    l = _mm256_blendv_ps(l, _mm256_permutevar8x32_ps(hi, q),
+                                         _mm256_castsi256_ps(_mm256_cmpgt_epi32(q, _mm256_set1_epi32(7))));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w, l, _mm256_loadu_ps(o + c)));
+            }
+        }
 }
 
 /* Q8 value weights: p * s rounded to int16, c16[r][i] (read in (token i, token i + 1) pairs as one int32;
