@@ -64,7 +64,7 @@ extern "C" {
 #define KVQ_VERSION_MINOR 1
 #define KVQ_VERSION_PATCH 0
 #define KVQ_VERSION_NUMBER (KVQ_VERSION_MAJOR * 10000 + KVQ_VERSION_MINOR * 100 + KVQ_VERSION_PATCH)
-#define KVQ_LAYOUT_VERSION 1
+#define KVQ_LAYOUT_VERSION 2
 
 #if defined(_WIN32)
 #define KVQ_API __declspec(dllexport)
@@ -151,7 +151,7 @@ KVQ_API kvq_status kvq_type_from_name(const char *name, kvq_type *out);
 KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim, int group);
 
 /* ---------------------------------------------------------------------------------------------------------
- * 5. Page layout (KVQ_LAYOUT_VERSION 1)
+ * 5. Page layout (KVQ_LAYOUT_VERSION 2)
  *
  * A page is `page_bytes` bytes: the key blocks of heads 0..H-1, then the value blocks of heads 0..H-1.
  * A block holds `page_tokens` (P) tokens of one head: its data rows, then its parameters, each block padded to
@@ -162,8 +162,15 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *   FP8         row: D E4M3 bytes, x = s_t * e4m3(q).             params: fp16 s_t for t in 0..P-1.
  *               s_t = fp16(max|x| / 448), q = e4m3_rne(x / s_t).
  *   Q4, Q2      row: D*b/8 bytes (b = 4 or 2); channel c sits at byte c*b/8, bit (c % (8/b)) * b, low first.
- *               q in [0, 2^b - 1], x = scale * q + min, scale = fp16((max - min) / (2^b - 1)), min = fp16(min),
- *               q = clamp(round((x - min) / scale), 0, 2^b - 1).
+ *               q in [0, 2^b - 1], x = scale * L[q] + min, scale = fp16((max - min) / (2^b - 1)), min = fp16(min),
+ *               L[q] = lv16[q] / 16 (levels in steps above min), q = the level nearest (x - min) / scale (ties to
+ *               the lower). Uniform levels (the default): lv16[q] = 16 q, so x = scale * q + min and q = clamp(
+ *               round((x - min) / scale), 0, 2^b - 1) (round half to even): exactly KVQ_LAYOUT_VERSION 1, the
+ *               uniform table being the only one it had. Non-uniform levels (section 10; the roles in
+ *               kvq_page_layout.nonuniform):
+ *                 Q4 lv16 = {4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212, 236}
+ *                 Q3 lv16 = {6, 24, 38, 50, 62, 74, 88, 106}   (for the 3-bit type, reserved)
+ *                 Q2 lv16 = {8, 20, 28, 40}
  *     keys:     grouped per channel over G consecutive tokens. params: for each of the P/G groups,
  *               scale[D] then min[D] (fp16).
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
@@ -336,8 +343,22 @@ KVQ_API const char *kvq_cpu_backend(void);
 /* ---------------------------------------------------------------------------------------------------------
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
- * default for the cache's types. Not implemented yet: any value other than 0 (or -1) is rejected with
+ * default for the cache's types. Not implemented yet (rotate, sinks): any value other than 0 (or -1) is rejected with
  * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest.
+ *
+ * nonuniform (KVQ_ROLES_K, _V, _KV; -1: KVQ_ROLES_NONE for now): the grouped types of those roles decode codes
+ * through the non-uniform levels of section 5 instead of uniform steps; roles of other types ignore it (the
+ * layout's nonuniform lists only grouped roles). The levels are fixed and data-free: Lloyd-Max quantizers for a
+ * group of 64 Gaussian values normalized by the group's (min, max), each value's error weighted by scale^2, the
+ * levels rounded to 1/8 of a step (Q4, Q3) or 1/4 (Q2) (tests/data/make_levels.py, numpy only). They leave the
+ * ends open (clipping a group's extremes costs less than spacing every level evenly for them). On that
+ * distribution their mean squared error is 0.84 (Q4), 0.77 (Q3) and 0.57 (Q2) of the uniform levels';
+ * test_roundtrip measures 0.83 .. 0.84 (Q4) and 0.57 .. 0.58 (Q2) through the cache where groups hold 64 values
+ * (smaller value groups, D = 80 / 96, gain less: 0.80 .. 0.96). Kernels: the scalar _ref kernels and the
+ * AVX2 / AVX-512 tables decode the levels (a table lookup); the SIMD tables run blocks with non-uniform levels
+ * through their fp32 kernels (decode, then dots / axpys), not yet the integer ones, so such caches are slower
+ * than uniform ones on the CPU. The default stays KVQ_ROLES_NONE until the perplexity measurement on real K/V
+ * (kvq perplexity, SmolLM2, ctx 1024) resolves it per type.
  * ------------------------------------------------------------------------------------------------------- */
 
 #ifdef __cplusplus

@@ -112,7 +112,7 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
     free(s), free(ds), free(o);
 }
 
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; } combo; /* nu: kvq.h section 10 */
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -159,7 +159,7 @@ static void run_combo(combo cb) {
     const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
-    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2;
+    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.nonuniform = cb.nu;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;
@@ -340,27 +340,38 @@ int main(void) {
                 if (quick && (di % 2 || (tk != tv && di != 0))) continue;
                 for (int rep = 1; rep <= 4; rep *= 4)
                     for (int w = 0; w < 2; w++) {
-                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2};
+                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2, 0};
                         run_combo(cb);
                         n++;
                     }
             }
         }
     /* more KV heads than one decode work item walks together (16) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18});
-    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0});
     /* 8 query heads per KV head: the fused fp32 kernels for 5 to 8 rows, every type's key and value path */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2});
-    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0});
     /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
      * combination has an odd ratio above 1) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0});
     n += 10;
+    /* non-uniform levels (kvq.h section 10) for keys, values or both, every head dim: the SIMD tables decode them
+     * through a lookup (a wrong level fails the comparison with _ref) and the quality bound holds (their error is
+     * below the uniform levels' step^2 / 12 on Gaussian groups) */
+    for (int di = 0; di < 5; di++)
+        for (int nu = 1; nu <= 3; nu++) {
+            if (quick && nu != 3) continue;
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu});
+            n += 3;
+        }
     for (int ti = 0; ti < 2; ti++)
         for (int D = 64; D <= 128; D *= 2)
             for (int rep = 1; rep <= 3; rep += 2)

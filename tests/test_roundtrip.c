@@ -8,11 +8,26 @@ static const double nmse_bound[KVQ_TYPE_COUNT] = {
     [KVQ_TYPE_FP8] = 2e-3, [KVQ_TYPE_Q4] = 2e-2,   [KVQ_TYPE_Q2] = 0.4,
 };
 
-static void roundtrip(kvq_type t, int D, int H) {
+/* The non-uniform levels of kvq.h section 5 (lv16[q] / 16 steps above min), and the MSE each should give relative
+ * to the uniform levels on Gaussian groups (tests/data/make_levels.py): the measured ratio must lie within
+ * [0.8, 1.2] x that, so a wrong table (or the uniform one) fails. */
+static const int lv_n4[16] = {4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212, 236};
+static const int lv_n2[4] = {8, 20, 28, 40};
+static double last_nmse[2][KVQ_TYPE_COUNT][5]; /* [nonuniform][type][dim]: (k + v) / 2 */
+
+/* largest distance, in steps, from a value in [0, qmax] to its nearest level */
+static double max_level_error(kvq_type t) {
+    const int *lv = t == KVQ_TYPE_Q4 ? lv_n4 : lv_n2, qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
+    double e = fmax(lv[0] / 16.0, qmax - lv[qmax] / 16.0);
+    for (int q = 0; q < qmax; q++) e = fmax(e, (lv[q + 1] - lv[q]) / 32.0);
+    return e;
+}
+
+static void roundtrip(kvq_type t, int D, int H, int nu, int di) {
     const int T = 192; /* three key groups of 64 */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t;
-    cfg.residual = 0, cfg.arena_bytes = 8u << 20;
+    cfg.residual = 0, cfg.arena_bytes = 8u << 20, cfg.nonuniform = nu;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;
@@ -32,8 +47,11 @@ static void roundtrip(kvq_type t, int D, int H) {
           (long long)view.paged_tokens, view.window_tokens);
     CHECK_OK(kvq_read(c, seq, 0, 0, T, kr, vr));
     double ek = tu_nmse(kr, kd, n), ev = tu_nmse(vr, vd, n);
-    printf("  %-4s D=%3d  NMSE k %.3e  v %.3e  (bound %.0e)\n", kvq_type_get_traits(t)->name, D, ek, ev,
-           nmse_bound[t]);
+    printf("  %-4s D=%3d%s  NMSE k %.3e  v %.3e  (bound %.0e)\n", kvq_type_get_traits(t)->name, D,
+           nu ? " nonuniform" : "", ek, ev, nmse_bound[t]);
+    CHECK(L.nonuniform == (nu && kvq_type_get_traits(t)->grouped ? KVQ_ROLES_KV : 0), "%s layout nonuniform %d",
+          kvq_type_get_traits(t)->name, L.nonuniform);
+    last_nmse[nu ? 1 : 0][t][di] = (ek + ev) / 2;
     CHECK(ek < nmse_bound[t] && ev < nmse_bound[t], "%s D=%d NMSE k %g v %g over %g", kvq_type_get_traits(t)->name,
           D, ek, ev, nmse_bound[t]);
     /* per-element bounds from the format definitions */
@@ -54,8 +72,10 @@ static void roundtrip(kvq_type t, int D, int H) {
                             lo = fmin(lo, u), hi = fmax(hi, u);
                         }
                         double qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
-                        /* half a step, widened for the fp16 rounding of scale (x qmax) and of min */
-                        bound = 0.5 * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + 1e-6;
+                        /* half a step (non-uniform: the farthest any value is from its nearest level), widened for
+                         * the fp16 rounding of scale (x qmax) and of min */
+                        double steps = nu ? max_level_error(t) : 0.5;
+                        bound = steps * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + 1e-6;
                     } else {
                         for (int j = 0; j < D; j++) amax = fmax(amax, fabs(x[((size_t)tk * H + h) * D + j]));
                         switch (t) {
@@ -81,8 +101,22 @@ int main(void) {
     static const int dims[] = {64, 80, 96, 128, 256};
     for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
         if (!kvq_type_get_traits((kvq_type)t)->implemented) continue;
-        for (int i = 0; i < 5; i++) roundtrip((kvq_type)t, dims[i], 2);
+        for (int i = 0; i < 5; i++) roundtrip((kvq_type)t, dims[i], 2, 0, i);
+        /* non-uniform levels for both roles (ignored by the types without levels) */
+        for (int i = 0; i < 5; i++) roundtrip((kvq_type)t, dims[i], 2, KVQ_ROLES_KV, i);
     }
+    static const double predicted[KVQ_TYPE_COUNT] = {[KVQ_TYPE_Q4] = 0.85, [KVQ_TYPE_Q2] = 0.57};
+    for (int t = KVQ_TYPE_Q4; t <= KVQ_TYPE_Q2; t++)
+        for (int i = 0; i < 5; i++) {
+            double r = last_nmse[1][t][i] / last_nmse[0][t][i];
+            printf("  %-4s D=%3d  NMSE non-uniform / uniform %.3f (make_levels.py: %.2f)\n", kvq_type_get_traits((kvq_type)t)->name,
+                   dims[i], r, predicted[t]);
+            /* the prediction is for groups of 64 (keys always; values where Gv = 64, not D = 80, 96: Gv = 16, 32,
+             * whose smaller groups have shorter tails: measured 0.80 .. 0.96) */
+            if (dims[i] % 64) continue;
+            CHECK(r > 0.8 * predicted[t] && r < 1.2 * predicted[t], "%s D=%d: NMSE non-uniform / uniform %g, predicted %g",
+                  kvq_type_get_traits((kvq_type)t)->name, dims[i], r, predicted[t]);
+        }
     /* bytes per token per head at D = 128, scales included, relative to F16 (the targets) */
     double f16 = kvq_type_bytes_per_token(KVQ_TYPE_F16, KVQ_KEY, 128, 0);
     CHECK(f16 == 256, "f16 bytes/token %g", f16);

@@ -38,6 +38,10 @@ static inline __attribute__((always_inline)) __m256 raw8(kvq_type t, const uint8
 }
 
 static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
+    if (nu_blk(b)) {
+        decode_levels(b, j0, n, out);
+        return;
+    }
     const int D = b->D;
     for (int i = 0; i < n; i++) {
         int j = j0 + i;
@@ -535,6 +539,10 @@ static bool int_ok(const kvq__blk *b, int rows) {
 
 static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                             kvq__qstate *st) {
+    if (nu_blk(b)) {
+        key_scores_levels(dots_avx2, b, j0, n, q, rows, s, ss);
+        return;
+    }
     if (int_ok(b, rows)) {
         /* the common head dims get a fully unrolled channel loop */
 #define KI(T, R) key_scores_int_impl(T, R, 128, b, j0, n, q, s, ss, st)
@@ -554,6 +562,10 @@ static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, in
 }
 
 static void value_accum_avx2(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+    if (nu_blk(b)) {
+        value_accum_levels(axpys_avx2, b, j0, n, p, ps, rows, acc);
+        return;
+    }
     if (int_ok(b, rows)) {
         /* Q8, Q4 at D = 128: the row stride and the channel loop known at compile time (Q2's 16 sums spill more) */
 #define VI(T, R) value_accum_int_impl(T, R, T == KVQ_TYPE_Q2 ? 0 : 128, b, j0, n, p, ps, acc)

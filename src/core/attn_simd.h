@@ -343,6 +343,31 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
     vw->win[++vw->nwin] = n;
 }
 
+/* codes of channels c .. c + 7 of a Q4 or Q2 row, as int32 lanes */
+AI __m256i codes8(const kvq_type T, const uint8_t *row, int c) {
+    if (T == KVQ_TYPE_Q4) {
+        uint32_t word;
+        memcpy(&word, row + c / 2, 4);
+        return _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32((int)word), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+            _mm256_set1_epi32(15));
+    }
+    uint16_t word;
+    memcpy(&word, row + c / 4, 2);
+    return _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+        _mm256_set1_epi32(3));
+}
+
+/* table[q] for int32 codes q of a table of 16 (Q4: lo = entries 0-7, hi = 8-15) or 4 (Q2: lo) floats */
+AI __m256 lut8(const kvq_type T, __m256i q, __m256 lo, __m256 hi) {
+    __m256 l = _mm256_permutevar8x32_ps(lo, q);
+    if (T == KVQ_TYPE_Q4)
+        l = _mm256_blendv_ps(l, _mm256_permutevar8x32_ps(hi, q),
+                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(q, _mm256_set1_epi32(7))));
+    return l;
+}
+
 /* acc[r][channels of group g] += topw * (level of the code - off) for the token each (group, row) kept exact
  * (grouped_weights): 8 channels at a time, the level looked up from a table of floats (lv16 / 16 - off) */
 SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vweights *vw, float *acc) {
@@ -358,28 +383,75 @@ SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0,
             const uint8_t *row = b->data + (size_t)(j0 + t) * b->stride;
             const __m256 w = _mm256_set1_ps(vw->topw[g][r]);
             float *o = acc + (size_t)r * D;
-            for (int c = g * b->Gv; c < (g + 1) * b->Gv; c += 8) {
-                __m256i q;
-                if (T == KVQ_TYPE_Q4) {
-                    uint32_t word;
-                    memcpy(&word, row + c / 2, 4);
-                    q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word),
-                                                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-                                         _mm256_set1_epi32(15));
-                } else {
-                    uint16_t word;
-                    memcpy(&word, row + c / 4, 2);
-                    q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word),
-                                                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                                         _mm256_set1_epi32(3));
+            for (int c = g * b->Gv; c < (g + 1) * b->Gv; c += 8)
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w, lut8(T, codes8(T, row, c), lo, hi), _mm256_loadu_ps(o + c)));
+        }
+}
+
+/* ---- non-uniform levels (kvq.h section 10) ----
+ * A block whose codes decode through non-uniform levels (b->lv16 not the uniform table) is decoded to fp32 here,
+ * levels looked up from a table of floats, and meets the query and the weights in the fp32 kernels (dots,
+ * axpys); the integer kernels take uniform blocks only. */
+static inline bool nu_blk(const kvq__blk *b) {
+    return (b->type == KVQ_TYPE_Q4 || b->type == KVQ_TYPE_Q2) && b->lv16 != kvq__levels16(b->type, false);
+}
+
+/* out[i][c] = row j0 + i of a Q4/Q2 block with levels, i < n */
+SIMD_FN void decode_levels(const kvq__blk *b, int j0, int n, float *out) {
+    const kvq_type T = b->type;
+    const int D = b->D, qmax = T == KVQ_TYPE_Q4 ? 15 : 3;
+    float lvf[16] __attribute__((aligned(32))) = {0};
+    for (int q = 0; q <= qmax; q++) lvf[q] = (float)b->lv16[q] * 0.0625f;
+    const __m256 lo = _mm256_load_ps(lvf), hi = _mm256_load_ps(lvf + 8);
+    for (int i = 0; i < n; i++) {
+        const int j = j0 + i;
+        const uint8_t *row = b->data + (size_t)j * b->stride;
+        float *o = out + (size_t)i * D;
+        if (b->role == KVQ_KEY) {
+            const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
+            for (int c = 0; c < D; c += 8) {
+                __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c)));
+                __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
+                __m256 l = T == KVQ_TYPE_Q4 ? lut8(KVQ_TYPE_Q4, codes8(KVQ_TYPE_Q4, row, c), lo, hi)
+                                            : lut8(KVQ_TYPE_Q2, codes8(KVQ_TYPE_Q2, row, c), lo, hi);
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, l, m));
+            }
+        } else {
+            const uint16_t *sm = b->par + (size_t)j * (D / b->Gv) * 2;
+            for (int g = 0; g < D / b->Gv; g++) {
+                __m256 s = _mm256_set1_ps(_cvtsh_ss(sm[2 * g])), m = _mm256_set1_ps(_cvtsh_ss(sm[2 * g + 1]));
+                for (int c = g * b->Gv; c < (g + 1) * b->Gv; c += 8) {
+                    __m256 l = T == KVQ_TYPE_Q4 ? lut8(KVQ_TYPE_Q4, codes8(KVQ_TYPE_Q4, row, c), lo, hi)
+                                                : lut8(KVQ_TYPE_Q2, codes8(KVQ_TYPE_Q2, row, c), lo, hi);
+                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, l, m));
                 }
-                __m256 l = _mm256_permutevar8x32_ps(lo, q);
-                if (T == KVQ_TYPE_Q4)
-                    l = _mm256_blendv_ps(l, _mm256_permutevar8x32_ps(hi, q),
-                                         _mm256_castsi256_ps(_mm256_cmpgt_epi32(q, _mm256_set1_epi32(7))));
-                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w, l, _mm256_loadu_ps(o + c)));
             }
         }
+    }
+}
+
+typedef void (*dots_fn)(const float *q, int rows, int D, const float *x, int n, float *s, int ss);
+typedef void (*axpys_fn)(const float *p, int ps, int rows, int D, const float *x, int n, float *acc);
+
+/* the fused key and value kernels' work for a block with levels: decoded KVQ_TILE rows at a time */
+SIMD_FN void key_scores_levels(dots_fn dots, const kvq__blk *b, int j0, int n, const float *q, int rows, float *s,
+                               int ss) {
+    float x[KVQ_TILE * 256] __attribute__((aligned(64)));
+    for (int i = 0; i < n; i += KVQ_TILE) {
+        int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
+        decode_levels(b, j0 + i, m, x);
+        dots(q, rows, b->D, x, m, s + i, ss);
+    }
+}
+
+SIMD_FN void value_accum_levels(axpys_fn axpys, const kvq__blk *b, int j0, int n, const float *p, int ps, int rows,
+                                float *acc) {
+    float x[KVQ_TILE * 256] __attribute__((aligned(64)));
+    for (int i = 0; i < n; i += KVQ_TILE) {
+        int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
+        decode_levels(b, j0 + i, m, x);
+        axpys(p + i, ps, rows, b->D, x, m, acc);
+    }
 }
 
 /* Q8 value weights: p * s rounded to int16, c16[r][i] (read in (token i, token i + 1) pairs as one int32;

@@ -56,9 +56,9 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->nonuniform);
-    if (cfg->nonuniform != KVQ_ROLES_NONE)
-        return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d: non-uniform levels are not implemented yet", cfg->nonuniform);
-    L->nonuniform = cfg->nonuniform;
+    /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
+    L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
+                                       (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
     *Gf = L->group;
     *W = cfg->residual + *Gf;
     if (!check_arena) return KVQ_OK;
