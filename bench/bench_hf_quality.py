@@ -296,40 +296,50 @@ def main(argv=None):
                "tokens": nll.numel(), "chunks": args.chunks}
         rows.append(row)
         print(fmt_row(row) + f"  ({time.time() - t0:.0f} s)", flush=True)
-    elapsed = time.time() - t_start
+        if args.out:  # after every method, so that a run cut short keeps what it measured
+            write_out(args, argv, rows, notes, time.time() - t_start)
+    if args.out:
+        write_out(args, argv, rows, notes, time.time() - t_start)
+        print(f"wrote {args.out}/bench-hf-quality.csv and .md")
+    print("\n".join(table(rows, notes)))
+
+
+def table(rows, notes):
+    md = ["| method | nbits | PPL | dPPL | mean KLD | p99 KLD | top-1 | bits/elem |", "|---|---|---|---|---|---|---|---|"]
+    md += [fmt_row(r) for r in rows]
+    if notes:
+        md += [""] + [f"- {n}" for n in notes]
+    return md
+
+
+def write_out(args, argv, rows, notes, elapsed):
+    import importlib.metadata
+    import transformers
     versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
     for pkg in ("optimum-quanto", "hqq", "gguf", "accelerate"):
         try:
-            import importlib.metadata
             versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - not installed
             pass
-    cmd = "python3 bench/bench_hf_quality.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    cmd = "python3 bench/bench_hf_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = ["# KV cache quality in HF transformers: kvq vs QuantizedCache (quanto, HQQ)", "",
-          f"Written by `{cmd.strip()}` ({elapsed / 60:.0f} min on {platform.machine()}, "
+          f"Written by `{cmd.strip()}` ({elapsed / 60:.0f} min on {os.cpu_count()} {platform.machine()} CPUs, "
           f"{torch.get_num_threads()} torch threads; {', '.join(versions)}).", "",
           f"SmolLM2-135M-Instruct (GGUF Q4_1 weights, dequantized to fp32 by transformers), the Debian reference "
           f"manual, {args.chunks} chunks of prefill {args.prefill} tokens + {args.decode} one-token decode calls, "
           f"each scored: {rows[0]['tokens'] if rows else 0} tokens. dPPL, KLD (nats, KL(P_DynamicCache || "
           "P_method) per token) and top-1 agreement are against DynamicCache at the same step. Bits per element: the "
           f"cache at {args.prefill + args.decode} tokens, scales / zeros and the full-precision residual window "
-          "counted at 16 bits. See the docstring of bench/bench_hf_quality.py for the protocol.", "",
-          "| method | nbits | PPL | dPPL | mean KLD | p99 KLD | top-1 | bits/elem |", "|---|---|---|---|---|---|---|---|"]
-    md += [fmt_row(r) for r in rows]
-    if notes:
-        md += [""] + [f"- {n}" for n in notes]
-    print("\n".join(md[-len(rows) - 2 - (len(notes) + 1 if notes else 0):]))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench-hf-quality.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS})
-        with open(os.path.join(args.out, "bench-hf-quality.md"), "w") as f:
-            f.write("\n".join(md) + "\n")
-        print(f"wrote {args.out}/bench-hf-quality.csv and .md")
-
+          "counted at 16 bits. See the docstring of bench/bench_hf_quality.py for the protocol.", ""]
+    md += table(rows, notes)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench-hf-quality.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS})
+    with open(os.path.join(args.out, "bench-hf-quality.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
 
 if __name__ == "__main__":
     main()
