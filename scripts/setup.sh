@@ -10,6 +10,8 @@
 #   python3-numpy python3-pytest   the binding tests (ctest python_pytest)
 #   clang libclang-rt-dev libomp-dev   the tsan tier (clang, TSan, libomp + Archer) and the fuzz tier (libFuzzer)
 #   torch transformers (pip)       the transformers tests and bench/bench_hf.py (KVQ_SETUP_HF=0 skips them: ~5.6 GB)
+#   .venv-hf-oldest (pip)          transformers 5.17, the oldest pyproject.toml claims, in a venv over the same torch:
+#                                  ctest python_hf_oldest (KVQ_SETUP_HF=0 or KVQ_SETUP_HF_OLDEST=0 skips it: ~20 MB)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
@@ -37,6 +39,23 @@ if [ "${KVQ_SETUP_HF:-1}" = 1 ]; then
       brk=""; python3 -m pip install --help 2> /dev/null | grep -q break-system-packages && brk="--break-system-packages"
       python3 -m pip install -q --no-cache-dir --disable-pip-version-check $brk torch==2.15.0 transformers==5.24.0 \
         || echo "setup: warning: torch/transformers could not be installed (the transformers tests will SKIP)" >&2
+    fi
+  fi
+  # The oldest transformers the package claims (pyproject.toml: transformers>=5.17), for ctest python_hf_oldest: a
+  # venv that sees the system's packages (torch, numpy, pytest: no second torch) with transformers 5.17.0 and the
+  # huggingface-hub < 2 / httpx it needs installed over them (pins: what pip resolved for 5.17.0, run with them).
+  # ~20 MB, ~1 min on a fast network (3.3 min on a loaded 2-core machine).
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  venv="$root/.venv-hf-oldest"
+  if [ "${KVQ_SETUP_HF_OLDEST:-1}" = 1 ] && python3 -c 'import torch, transformers' 2> /dev/null; then
+    if "$venv/bin/python" -c 'import torch, transformers; assert transformers.__version__ == "5.17.0"' 2> /dev/null; then
+      echo "setup: $venv has transformers 5.17.0"
+    elif python3 -m venv --clear --system-site-packages "$venv" \
+      && "$venv/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check transformers==5.17.0 \
+        huggingface-hub==1.33.0 httpx==0.29.0 httpcore==1.0.9; then
+      echo "setup: $venv: transformers 5.17.0 over the system's torch"
+    else
+      echo "setup: warning: the transformers 5.17 environment ($venv) could not be made (ctest python_hf_oldest will fail)" >&2
     fi
   fi
   # === end KVQ_SETUP_HF ===

@@ -29,7 +29,7 @@ may_skip() {
   case "$1" in
   cuda_* | *_cuda | *gpu*) [ $have_gpu = 0 ] && echo "no GPU on this machine" ;;
   model_*) [ $in_ci = 0 ] && [ ! -s $model ] && echo "no model ($model; scripts/fetch-model.sh), outside CI" ;;
-  python_hf) python3 -c 'import torch, transformers' 2>/dev/null || echo "torch/transformers not installed (scripts/setup.sh installs them)" ;;
+  python_hf | python_hf_oldest) python3 -c 'import torch, transformers' 2>/dev/null || echo "torch/transformers not installed (scripts/setup.sh installs them)" ;;
   python_*) [ $in_ci = 0 ] && echo "Python modules missing, outside CI" ;;
   *) false ;;
   esac

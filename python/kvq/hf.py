@@ -166,6 +166,11 @@ class KVQCache(Cache):
         residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (128).
         group: key group G of grouped types (16, 32, 64, 128; 0: kvq's default 64; the CUDA backend needs 64).
         n_threads: OpenMP threads of the CPU attention (0: all).
+        rotate, sinks, nonuniform: kvq's quality mechanisms (kvq.h section 10), passed to kvq.Cache: -1 (default)
+            lets kvq pick them for the types, 0 switches one off; rotate and nonuniform take a role set (1 keys,
+            2 values, 3 both), sinks a token count (0 .. 1024). Checked here for range; the library says whether
+            it implements a value when the cache is made (at the first update). The CUDA backend has none of them:
+            any value but -1 or 0 is refused there.
 
     Padding: tokens the attention mask marks as padding are never stored. On CUDA, decode steps (one new token
     per row) do not read the mask, since that would synchronise with the GPU at every step; generate() marks every
@@ -174,7 +179,8 @@ class KVQCache(Cache):
 
     def __init__(self, config: Any, kv_type: KVTypeSpec = "q8", value_type: KVTypeSpec | None = None,
                  max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
-                 residual: int = -1, group: int = 0, n_threads: int = 0) -> None:
+                 residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
+                 nonuniform: int = -1) -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
         max_cache_len = N._nonneg(max_cache_len, "max_cache_len", N.INT64_MAX, "int64")
@@ -190,6 +196,11 @@ class KVQCache(Cache):
             raise ValueError(f"kvq: group = {group} must be 0 (kvq's default), 16, 32, 64 or 128")
         if not 0 <= N._int(n_threads, "n_threads") <= 1024:
             raise ValueError(f"kvq: n_threads = {n_threads} must be 0 (all) .. 1024")
+        for name, val, hi, what in (("rotate", rotate, 3, "a role set: 1 keys, 2 values, 3 both"),
+                                    ("nonuniform", nonuniform, 3, "a role set: 1 keys, 2 values, 3 both"),
+                                    ("sinks", sinks, 1024, "tokens kept exact, 0 .. 1024")):
+            if not -1 <= N._int(val, name) <= hi:
+                raise ValueError(f"kvq: {name} = {val} must be -1 (kvq's default), 0 (off) or {what}")
         tc, n_layers, n_heads, n_kv, head_dim = _shape_of(config)
         self._config = tc
         self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_heads, n_kv, head_dim
@@ -210,6 +221,7 @@ class KVQCache(Cache):
         self.kvq_residual = residual
         self.kvq_group = group
         self.kvq_n_threads = n_threads
+        self.kvq_quality = {"rotate": int(rotate), "sinks": int(sinks), "nonuniform": int(nonuniform)}
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
             groups.setdefault(t, []).append(i)
@@ -275,6 +287,9 @@ class KVQCache(Cache):
                 raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
             if self.kvq_group not in (0, 64):
                 raise ValueError("kvq: the CUDA backend supports group 64 only")
+            on = {k: v for k, v in self.kvq_quality.items() if v not in (-1, 0)}
+            if on:
+                raise ValueError(f"kvq: the CUDA backend has no quality mechanisms (kvq.h section 10): {on}")
         elif dev.type != "cpu":
             raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
         handles = []
@@ -290,7 +305,8 @@ class KVQCache(Cache):
                                     max_seq_tokens=self.kvq_max_len + 64)
                 else:
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
-                                residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8, n_threads=self.kvq_n_threads)
+                                residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,
+                                n_threads=self.kvq_n_threads, **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]
                 g.handle, g.seqs = h, seqs

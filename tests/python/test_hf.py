@@ -245,6 +245,12 @@ def test_unsupported_raise_before_any_change():
     (dict(group=48), ValueError, "group"),
     (dict(n_threads=-1), ValueError, "n_threads"),
     (dict(kv_type=2**32 + 2), ValueError, "unknown kv type"),
+    (dict(rotate=4), ValueError, "rotate"),
+    (dict(rotate=-2), ValueError, "rotate"),
+    (dict(nonuniform=4), ValueError, "nonuniform"),
+    (dict(sinks=1025), ValueError, "sinks"),
+    (dict(sinks=True), TypeError, "sinks"),
+    (dict(rotate=2**32), OverflowError, "rotate"),
 ])
 def test_kvqcache_arguments_checked_at_construction(kw, exc, match):
     """Bad arguments fail when the cache is made, not at the first update inside generate() (nor are they
@@ -294,3 +300,67 @@ def test_kvqcache_with_closed_handle_raises_clearly():
         cache._groups[0].handle.close()
         with pytest.raises(kvq.CacheClosedError, match="closed"):
             cache.seq_lengths()
+
+
+def _spy_on_native_cache(monkeypatch):
+    """Records the keywords KVQCache gives kvq.Cache (and makes the real cache)."""
+    import kvq.hf as H
+    real, calls = H.N.Cache, []
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(H.N, "Cache", spy)
+    return calls
+
+
+def test_quality_options_reach_kvq(monkeypatch):
+    """rotate=, sinks=, nonuniform= (kvq.h section 10) go to kvq.Cache as given: 0 switches a mechanism off and the
+    cache works; the defaults (-1) are passed as -1 (kvq picks per type); patch_model_with_int8_kv_cache passes them
+    on too."""
+    calls = _spy_on_native_cache(monkeypatch)
+    model = make("llama")
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    ref = model(ids).logits
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="q8", max_cache_len=32)
+        model(ids, **{C: cache}, use_cache=True)
+        assert calls[-1]["rotate"] == -1 and calls[-1]["sinks"] == -1 and calls[-1]["nonuniform"] == -1
+        cache = kvq.KVQCache(model.config, kv_type="q8", max_cache_len=32, rotate=0, sinks=0, nonuniform=0)
+        got = model(ids, **{C: cache}, use_cache=True).logits
+    assert (calls[-1]["rotate"], calls[-1]["sinks"], calls[-1]["nonuniform"]) == (0, 0, 0)
+    assert cache.seq_lengths() == [24]
+    err = (got - ref).abs().max().item() / ref.std().item()
+    assert err <= Q8_BOUND, f"Q8 with the mechanisms off: max|dlogit|/std = {err:.4f}"
+    kvq.patch_model_with_int8_kv_cache(model, sinks=0, rotate=0)
+    try:
+        out = model(ids, use_cache=True)
+        assert (calls[-1]["rotate"], calls[-1]["sinks"], calls[-1]["nonuniform"]) == (0, 0, -1)
+        assert kvq.output_cache(out).seq_lengths() == [24]
+    finally:
+        kvq.unpatch_model(model)
+
+
+@pytest.mark.parametrize("kw", [dict(rotate=3), dict(sinks=4), dict(nonuniform=3)])
+def test_quality_option_on_reaches_kvq(monkeypatch, kw):
+    """A mechanism switched on reaches libkvq: either the library builds the cache with it (the attention then
+    works and stays within Q4's bounds of the fp model), or it refuses it as not implemented (kvq.h section 10, until
+    the mechanism lands), with KvqError naming the field and nothing allocated: the cache is still uninitialized."""
+    calls = _spy_on_native_cache(monkeypatch)
+    model = make("llama")
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(6))
+    ref = model(ids).logits
+    (name, val), = kw.items()
+    with kvq_attention(model):
+        cache = kvq.KVQCache(model.config, kv_type="q4", max_cache_len=32, group=16, residual=0, **kw)
+        try:
+            got = model(ids, **{C: cache}, use_cache=True).logits
+        except kvq.KvqError as e:
+            assert name in str(e), f"kvq refused {kw} without naming it: {e}"
+            assert not cache.is_initialized and cache.get_seq_length() == 0
+            return
+        finally:
+            assert calls and calls[-1][name] == val
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+    assert cos >= Q4_COS, f"q4 with {kw}: mean cosine of the logits {cos:.5f} < {Q4_COS}"
