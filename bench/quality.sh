@@ -10,7 +10,8 @@
 #   bench/quality.sh --csv DIR     only (re)writes DIR/quality.csv from the tables of DIR/quality.md
 # Env: CHUNKS_2K (6), CHUNKS_8K (2; 0: no ctx 8192 table), KVQ_LIST (kvq --compare entries, default below; an entry
 # the built kvq rejects is skipped with a note), KVQ_LIST_8K, LLAMA_KV (llama.cpp's, see bench/peers/llamacpp.sh),
-# HF_CSV (docs/bench-hf-quality.csv), KVQ_BUILD_DIR (build).
+# HF_CSV (docs/bench-hf-quality.csv), KVQ_BUILD_DIR (build), LLAMA_CSV_DIR (take llama.cpp's rows from
+# DIR/llama-CTX.csv, written by an earlier `bench/peers/llamacpp.sh CTX CHUNKS TEXT DIR/llama-CTX.csv`, instead of running).
 # quality.csv (bench/peers/quality_table.py COLS): method,kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct
 # (vs the same method's F16),kld_mean,kld_p99,top1_pct (vs that F16),bits_per_element,bytes_per_token,
 # f16_bytes_per_token,seconds.
@@ -108,6 +109,11 @@ EOF
 run_llama() { # ctx -> $tmp/llama-ctx.csv
   local ctx=$1 ch t0 t1
   ch=$(chunks_of "$ctx")
+  if [ -n "${LLAMA_CSV_DIR:-}" ] && [ -s "$LLAMA_CSV_DIR/llama-$ctx.csv" ]; then  # rows of an earlier llamacpp.sh run
+    cp "$LLAMA_CSV_DIR/llama-$ctx.csv" "$tmp/llama-$ctx.csv"
+    echo "- llama.cpp, ctx $ctx: \`bench/peers/llamacpp.sh $ctx $ch debian-reference.en.txt OUT.csv\` (run before, rows taken from it; per type: $(awk -F, 'NR > 1 { printf "%s%s %s s", s, $2, $15; s = ", " }' "$tmp/llama-$ctx.csv"))" >> "$tmp/commands.md"
+    return 0
+  fi
   t0=$(date +%s)
   bash bench/peers/llamacpp.sh "$ctx" "$ch" "$tmp/corpus.txt" "$tmp/llama-$ctx.csv"
   t1=$(date +%s)
@@ -118,10 +124,9 @@ run_llama() { # ctx -> $tmp/llama-ctx.csv
 # the same tokens on both sides: kvq's tokenizer and llama.cpp's must agree on the text's count
 if [ "$part" != kvq ]; then
   llama_bin=$(bash bench/peers/llamacpp-build.sh | tail -n 1)
-  n_kvq=$("$kvq" tokenize -m "$model" -f "$tmp/corpus.txt" | grep -o '[0-9]\+ tokens' | grep -o '[0-9]\+' | head -n 1)
-  n_llama=$("$(dirname "$llama_bin")/llama-tokenize" -m "$model" -f "$tmp/corpus.txt" --ids --log-disable 2>/dev/null \
-            | tr -cd ',\n' | tr -d '\n' | wc -c)
-  n_llama=$((n_llama + 1))
+  n_kvq=$("$kvq" tokenize -m "$model" -f "$tmp/corpus.txt" | sed -n 's/^tokens \([0-9]*\) .*/\1/p')
+  n_llama=$("$(dirname "$llama_bin")/llama-tokenize" -m "$model" -f "$tmp/corpus.txt" --ids --show-count \
+            --log-disable 2>/dev/null | sed -n 's/^Total number of tokens: //p')
   if [ "$n_kvq" = "$n_llama" ]; then
     note "tokens: kvq and llama.cpp both cut the text into $n_kvq tokens"
   else
@@ -143,7 +148,7 @@ import csv, sys
 sys.path.insert(0, "bench/peers")
 import quality_table
 rerun = {"kvq": {"kvq"}, "peers": {"llama.cpp"}}[sys.argv[3]]
-rows = [r for r in csv.DictReader(open(sys.argv[1], newline="")) if r["method"] not in rerun
+rows = [r for r in csv.DictReader(open(sys.argv[1], newline="")) if r.get("method") and r["method"] not in rerun
         and not r["method"].startswith("HF")]
 quality_table.write(sys.argv[2], rows)
 EOF

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ctx=${1:?CTX} chunks=${2:?CHUNKS} text=${3:?TEXT} out=${4:?OUT.csv}
-kvlist=${LLAMA_KV:-f16,q8_0,q5_0,q4_0,q4_1,iq4_nl,q8_0/q4_0,q4_0:norot}
+kvlist=${LLAMA_KV:-f16,q8_0,q4_0,q8_0/q4_0,q4_1,q5_0,iq4_nl,q4_0:norot}
 model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 threads=${THREADS:-2}
 bin=$(bash bench/peers/llamacpp-build.sh | tail -n 1)
