@@ -10,7 +10,8 @@
 #   bench/quality.sh --csv DIR     only (re)writes DIR/quality.csv from the tables of DIR/quality.md
 # Env: CHUNKS_2K (6), CHUNKS_8K (2; 0: no ctx 8192 table), KVQ_LIST (kvq --compare entries, default below; an entry
 # the built kvq rejects is skipped with a note), KVQ_LIST_8K, LLAMA_KV (llama.cpp's, see bench/peers/llamacpp.sh),
-# HF_CSV (docs/bench-hf-quality.csv), KVQ_BUILD_DIR (build), LLAMA_CSV_DIR (take llama.cpp's rows from
+# HF_CSV (docs/bench-hf-quality.csv), KVQ_BUILD_DIR (build), LLAMA_PERPLEXITY (a llama-perplexity of your own, with
+# llama-tokenize beside it), LLAMA_CSV_DIR (take llama.cpp's rows from
 # DIR/llama-CTX.csv, written by an earlier `bench/peers/llamacpp.sh CTX CHUNKS TEXT DIR/llama-CTX.csv`, instead of running).
 # quality.csv (bench/peers/quality_table.py COLS): method,kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct
 # (vs the same method's F16),kld_mean,kld_p99,top1_pct (vs that F16),bits_per_element,bytes_per_token,
@@ -123,7 +124,7 @@ run_llama() { # ctx -> $tmp/llama-ctx.csv
 : > "$tmp/commands.md"
 # the same tokens on both sides: kvq's tokenizer and llama.cpp's must agree on the text's count
 if [ "$part" != kvq ]; then
-  llama_bin=$(bash bench/peers/llamacpp-build.sh | tail -n 1)
+  llama_bin=${LLAMA_PERPLEXITY:-$(bash bench/peers/llamacpp-build.sh | tail -n 1)}
   n_kvq=$("$kvq" tokenize -m "$model" -f "$tmp/corpus.txt" | sed -n 's/^tokens \([0-9]*\) .*/\1/p')
   n_llama=$("$(dirname "$llama_bin")/llama-tokenize" -m "$model" -f "$tmp/corpus.txt" --ids --show-count \
             --log-disable 2>/dev/null | sed -n 's/^Total number of tokens: //p')

@@ -17,7 +17,7 @@ ctx=${1:?CTX} chunks=${2:?CHUNKS} text=${3:?TEXT} out=${4:?OUT.csv}
 kvlist=${LLAMA_KV:-f16,q8_0,q4_0,q8_0/q4_0,q4_1,q5_0,iq4_nl,q4_0:norot}
 model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 threads=${THREADS:-2}
-bin=$(bash bench/peers/llamacpp-build.sh | tail -n 1)
+bin=${LLAMA_PERPLEXITY:-$(bash bench/peers/llamacpp-build.sh | tail -n 1)}  # LLAMA_PERPLEXITY: a binary of your own
 work=build-peers/run-$ctx
 mkdir -p "$work"
 base=$work/f16.kld  # 2 bytes per vocab entry per scored token: 0.6 GB at ctx 2048 x 6 chunks

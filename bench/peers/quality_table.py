@@ -115,7 +115,8 @@ if __name__ == "__main__":
     if cmd == "kvq-md":
         kvq_md(*args)
     elif cmd == "merge":
-        write(args[0], [dict(r) for p in args[1:] for r in read(p)])
+        order = {"kvq": 0, "llama.cpp": 1}  # then HF's; a stable sort keeps each method's rows in their order
+        write(args[0], sorted((dict(r) for p in args[1:] for r in read(p)), key=lambda r: order.get(r["method"], 2)))
     elif cmd == "hf":
         hf(args[0], args[1], args[2] if len(args) > 2 else "2048")
     elif cmd == "md":
