@@ -125,14 +125,21 @@ run_llama() { # ctx -> $tmp/llama-ctx.csv
 # the same tokens on both sides: kvq's tokenizer and llama.cpp's must agree on the text's count
 if [ "$part" != kvq ]; then
   llama_bin=${LLAMA_PERPLEXITY:-$(bash bench/peers/llamacpp-build.sh | tail -n 1)}
-  n_kvq=$("$kvq" tokenize -m "$model" -f "$tmp/corpus.txt" | sed -n 's/^tokens \([0-9]*\) .*/\1/p')
-  n_llama=$("$(dirname "$llama_bin")/llama-tokenize" -m "$model" -f "$tmp/corpus.txt" --ids --show-count \
-            --log-disable 2>/dev/null | sed -n 's/^Total number of tokens: //p')
-  if [ "$n_kvq" = "$n_llama" ]; then
-    note "tokens: kvq and llama.cpp both cut the text into $n_kvq tokens"
-  else
-    note "tokens: kvq $n_kvq, llama.cpp $n_llama: the two tokenizers disagree on this text (chunks differ)"
-  fi
+  # the ids, not only the counts: the chunks that are scored must hold the same tokens on both sides
+  "$kvq" tokenize -m "$model" -f "$tmp/corpus.txt" --ids > "$tmp/kvq.ids"
+  "$(dirname "$llama_bin")/llama-tokenize" -m "$model" -f "$tmp/corpus.txt" --ids --log-disable 2>/dev/null \
+    | tr -d '[],' > "$tmp/llama.ids"
+  need=$((2048 * chunks_2k)); [ "$chunks_8k" = 0 ] || [ $((8192 * chunks_8k)) -le "$need" ] || need=$((8192 * chunks_8k))
+  note "tokens: $(python3 - "$tmp/kvq.ids" "$tmp/llama.ids" "$need" <<'EOF'
+import sys
+a, b, need = open(sys.argv[1]).read().split(), open(sys.argv[2]).read().split(), int(sys.argv[3])
+i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+same = "the scored chunks hold the same tokens" if i >= need else f"the scored chunks DIFFER from token {i} on"
+print(f"kvq {len(a)}, llama.cpp {len(b)} for the whole text, the same ids up to token {i} "
+      f"(kvq id {a[i] if i < len(a) else '-'}, llama.cpp {b[i] if i < len(b) else '-'} there); the runs use "
+      f"the first {need}: {same}")
+EOF
+)"
 fi
 for ctx in "${ctxs[@]}"; do
   [ "$ctx" = 2048 ] && list=$kvq_list || list=$kvq_list_8k
