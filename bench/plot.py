@@ -5,7 +5,7 @@
                                                   and the speed-up over F16 (kvq-bench cpu)
   bench-cuda.csv        -> bench-cuda.png         GPU decode time per step and layer vs context, per type, with
   bench-cuda-mixed.csv  -> bench-cuda-mixed.png   torch SDPA (fp16) for reference; one panel per batch size
-  quality.csv           -> quality.png            perplexity vs bits per stored element (bench/quality.sh)
+  quality.csv           -> quality.png            ΔPPL and KLD vs bits per element, per method (bench/quality.sh)
   bench-hf.csv          -> bench-hf.png           whole-model decode ms/step vs context, per cache (bench/bench_hf.py)
 
   python3 bench/plot.py [--dir docs] [cpu] [cuda] [quality] [hf]     (no name: every CSV that is there)
@@ -128,46 +128,48 @@ def plot_cuda(plt, src, png):
     return save(fig, png)
 
 
+# one colour and marker per method of bench/quality.sh
+QUALITY_STYLE = {"kvq": ("#1f77b4", "o"), "llama.cpp": ("#ff7f0e", "s"), "HF quanto": ("#2ca02c", "^"),
+                 "HF HQQ": ("#d62728", "D")}
+DPPL_FLOOR = 0.01  # ΔPPL % at or below this (F16 itself, noise-level gains) is drawn on the floor of the log axis
+
+
 def plot_quality(plt, src, png):
-    rows = read_csv(src)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
-    markers = {}
-    for ctx in sorted({r["ctx"] for r in rows}, key=int):
-        markers[ctx] = "o" if not markers else "^"
-    first = min(markers, key=int)
-    labels = {}  # (panel, x, rounded y) -> names: points that coincide share one label
-    for r in rows:
-        x, y, kv = float(r["bits_per_element"]), float(r["ppl"]), r["kv"]
-        dp = float(r["dppl_pct"])
-        for ax, yy in ((a1, y), (a2, dp)):
-            ax.plot([x], [yy], markers[r["ctx"]], color=color(kv) or "#333333", ms=7,
-                    mfc="none" if r["ctx"] != first else None)
-        # labels for the first context; q4:r128 is the q4 configuration (R = 128 is the default)
-        if r["ctx"] != first or kv == "q4:r128":
-            continue
-        if dp > 2.5:
-            labels.setdefault((0, x, round(y, 1)), []).append(kv)
-        else:
-            labels.setdefault((1, x, round(dp, 1)), []).append(kv)
-    for (panel, x, y), names in labels.items():
-        (a1, a2)[panel].annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(7, 3), fontsize=8,
-                                 ha="right" if x > 12 else "left")
-    a1.annotate("within 2.5% of F16:\nsee the zoom", (8, 10.6), fontsize=8, color="#555555")
-    for ctx, m in markers.items():
-        a1.plot([], [], m, color="#333333", mfc="none" if ctx != min(markers, key=int) else None, label=f"ctx {ctx}")
-    a1.set_ylabel("perplexity (SmolLM2-135M, Debian reference)")
-    a1.set_title("perplexity vs KV bits")
-    a1.legend(fontsize=9)
-    a2.set_ylim(-0.3, 2.5)
-    a2.axhline(0, color="#000000", lw=0.8)
-    a2.set_ylabel("perplexity increase over F16 (%)")
-    a2.set_title("zoom: the types within 2.5% of F16")
-    for a in (a1, a2):
-        a.set_xlabel("bits per stored K/V element (scales and mins included)")
-        a.set_xticks([2, 4, 6, 8, 10, 12, 14, 16])
-        a.grid(True, alpha=0.3)
-    fig.suptitle("bench/quality.sh: a/b = keys a, values b (q4/q2 also keep 64-127 newest tokens in fp16)",
-                 fontsize=11)
+    """ΔPPL % and mean KLD against bits per element (log y), one line per method and ctx through its plain types
+    (entries without '/' or ':'); K/V mixes and switches (q4:rot=none, q4_0:norot) are labelled markers."""
+    rows = [r for r in read_csv(src) if r.get("bits_per_element")]
+    ctxs = sorted({int(r["ctx"]) for r in rows})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5))
+    for ci, ctx in enumerate(ctxs):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            sel = [r for r in rows if r["method"] == method and int(r["ctx"]) == ctx]
+            if not sel:
+                continue
+            c, m = QUALITY_STYLE.get(method, ("#7f7f7f", "v"))
+            for ax, key, floor in ((a1, "dppl_pct", DPPL_FLOOR), (a2, "kld_mean", 1e-5)):
+                pts = [(float(r["bits_per_element"]), max(float(r[key]), floor), r["kv"]) for r in sel
+                       if r.get(key) not in (None, "") and not (key == "kld_mean" and float(r[key]) <= 0)]
+                line = sorted(p for p in pts if "/" not in p[2] and ":" not in p[2])
+                if line:
+                    ax.plot([p[0] for p in line], [p[1] for p in line], marker=m, color=c, ls="-" if ci == 0 else "--",
+                            mfc=None if ci == 0 else "none", label=f"{method}, ctx {ctx}")
+                for x, y, kv in pts:
+                    if "/" in kv or ":" in kv:
+                        ax.plot([x], [y], m, color=c, mfc="none", ms=8)
+                    if ci == 0 and kv not in ("f16",):
+                        ax.annotate(kv, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5, color=c)
+    for ax, lab in ((a1, f"ΔPPL vs the method's own F16 (%; <= {DPPL_FLOOR} drawn at {DPPL_FLOOR})"),
+                    (a2, "mean KL divergence vs the method's own F16 (nats)")):
+        plain_log_y(ax)
+        ax.set_ylabel(lab)
+        ax.set_xlabel("bits per stored K/V element (scales and mins included)")
+        ax.set_xticks([2, 3, 4, 5, 6, 8, 10, 12, 16])
+        ax.grid(True, which="major", axis="x", alpha=0.3)
+    a1.set_title("perplexity increase")
+    a2.set_title("KL divergence of the next-token distribution")
+    legend_right(fig, a2, "method")
+    fig.suptitle("bench/quality.sh: SmolLM2-135M (Q4_1 GGUF), Debian reference text; a/b = keys a, values b; "
+                 "hollow markers: mixes and switches", fontsize=10)
     return save(fig, png)
 
 
