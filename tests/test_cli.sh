@@ -57,6 +57,14 @@ if [ "$part" = parse ]; then
   expect fail "--compare '' (perplexity)" "--compare: the list is empty" -- "$kvq" perplexity -m $M -f x --compare ''
   expect fail "--compare with 17 entries" "--compare: 17 entries, at most 16" -- "$kvq" perplexity -m $M -f x \
     --compare f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,q4
+  expect fail "--compare suffix given twice" "entry 'q4:rot=kv:rot=k' gives :rot= more than once" -- \
+    "$kvq" perplexity -m $M -f x --compare f16,q4:rot=kv:rot=k
+  expect fail "--kv-rotate bad value" "--kv-rotate: 'all' is not one of none, k, v, kv, default" -- \
+    "$kvq" run -m $M -p x --kv-rotate all
+  expect fail "--kv-sinks out of range" "--kv-sinks: '2000' is not 0..1024 or default" -- \
+    "$kvq" capacity -m $M --mem 1G --kv-sinks 2000
+  expect fail "section 10 options parse" "kvq perplexity: loading the model" -- "$kvq" perplexity -m $M -f /dev/null \
+    --kv-rotate kv --kv-sinks 4 --kv-nuq k --rotation-seed 9 --compare f16,q4:rot=none:sinks=0:nuq=v:seed=3:r64:g32
   expect fail "llama.cpp type without an equivalent" "'q4_0' has no kvq equivalent" -- "$kvq" run -m $M -p x -ctk q4_0
   expect fail "-p and -f" "exactly one of -p TEXT or -f FILE" -- "$kvq" run -m $M -p x -f y
   # Files are read before the model is loaded: these need no model.
@@ -114,6 +122,25 @@ else
   if [ -n "$a" ] && [ "$a" = "$b" ]; then pass=$((pass + 1)); echo "ok: sampling with a seed repeats"; else fail=$((fail + 1)); echo "FAIL: same seed, different text"; fi
   expect ok "run --compare f16,q4" "\| q4 +\| +[0-9]+ \|.*\| (identical|same first [0-9]+ tok) " -- \
     "$kvq" run -m $M -p "The capital of France is" -n 4 --temp 0 --compare f16,q4
+  # kvq.h section 10: what the library does not implement yet it rejects with its own message, which the command
+  # reports (rc 1, no crash); once implemented, the same commands must run.
+  for args in "--kv-rotate kv" "--kv-sinks 4" "--kv-nuq k" "--compare f16,q4:rot=kv:sinks=4:nuq=kv:seed=7"; do
+    out=$(timeout 300 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q $args 2>&1); rc=$?
+    if [ $rc -eq 0 ] && grep -Eq "^PPL = |\| q4:rot=kv" <<<"$out"; then
+      pass=$((pass + 1)); echo "ok: perplexity $args runs"
+    elif [ $rc -eq 1 ] && grep -Eq "creating the context: invalid argument: .*(rotate|sinks|nonuniform) [0-9]+: .* not implemented" <<<"$out"; then
+      pass=$((pass + 1)); echo "ok: perplexity $args: the library's reason is reported"
+    else
+      fail=$((fail + 1)); echo "FAIL: perplexity $args: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
+    fi
+  done
+  out=$(timeout 300 "$kvq" capacity -m $M --ctx 1000 --kv-sinks 4 2>&1); rc=$?
+  if { [ $rc -eq 0 ] && grep -Eq "^\| q4 +\| +[0-9.]+ [KM]iB" <<<"$out"; } ||
+     { [ $rc -eq 1 ] && grep -Eq "^\| q4 +\| rejected: invalid argument: sinks 4: .*not implemented" <<<"$out"; }; then
+    pass=$((pass + 1)); echo "ok: capacity --kv-sinks 4 (rc $rc)"
+  else
+    fail=$((fail + 1)); echo "FAIL: capacity --kv-sinks 4: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
+  fi
   expect ok "capacity --mem 1GiB" "\| q4 +\| +6480 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
   expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small" -- "$kvq" capacity -m $M --mem 100MiB
   expect ok "capacity --ctx past the trained context warns" "past the model's trained context \(8192\)" -- \

@@ -177,13 +177,40 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--compare|q4,", "is empty");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16",
             "--compare: 17 entries, at most 16");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:x", "':x' is not :rRESIDUAL");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r1:r2", "each at most once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:x", "':x' is not a suffix (:rRESIDUAL");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r1:r2", "gives :rR more than once");
+    /* kvq.h section 10 suffixes: values, duplicates, names that are near misses */
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=kv:rot=k", "gives :rot= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=4:r64:sinks=4", "gives :sinks= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:nuq=k:nuq=v", "gives :nuq= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=1:seed=1", "gives :seed= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=kq", "rotation (:rot=): 'kq' is not one of none, k, v, kv");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=default", "'default' is not one of none, k, v, kv");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=", "rotation (:rot=): '' is not");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot", "':rot' is not a suffix");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:nuq=KV", "non-uniform levels (:nuq=): 'KV'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=1025", "sinks (:sinks=): '1025' is not an integer in 0..1024");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=-1", "sinks (:sinks=): '-1'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=4x", "sinks (:sinks=): '4x'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=4294967296", "rotation seed (:seed=): '4294967296' is not an integer in 0..4294967295");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=-1", "rotation seed (:seed=)");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:Rot=kv", "':Rot=kv' is not a suffix");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r64:rot=kv:x", "':x' is not a suffix");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|all", "--kv-rotate: 'all' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_CAP, "-m|m|--ctx|9|--kv-sinks|1025", "--kv-sinks: '1025' is not 0..1024 or default");
+    rejects(KVQ_CLI_CAP, "-m|m|--ctx|9|--kv-sinks|-1", "--kv-sinks: '-1' is not 0..1024 or default");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--rotation-seed|4294967296", "--rotation-seed: '4294967296' is not an integer in 0..4294967295");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--rotation-seed|-3", "--rotation-seed");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-sinks", "option '--kv-sinks' needs a value");
+    rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-rotate|kv", "option '--kv-rotate' is not used by 'kvq tokenize'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:g8", "group");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4/zz", "unknown KV type 'zz'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q3", "unknown KV type 'q3'"); /* reserved, not implemented */
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r11111111111111111111111111111111111111111111111111", "longer than 47");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111",
+            "longer than 95");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q4|--compare|f16,q8", "--compare lists the KV types itself");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|-ctk|q4_0", "llama.cpp's type 'q4_0' has no kvq equivalent");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--cache-type-v|f32", "'f32' has no kvq equivalent");
@@ -220,6 +247,32 @@ static void test_aliases(void) {
                o.compare[2].residual == 64 && o.compare[2].group == 32 && o.compare[3].residual == 32 &&
                o.compare[3].group == 128 && strcmp(o.compare[2].name, "q4:r64:g32") == 0,
            "--compare entries (and --residual/--group after the list apply to its entries)");
+    /* section 10: defaults -1 (the library's), 0 = off; entries inherit the global options, suffixes override them */
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
+    EXPECT(o.rotate == -1 && o.sinks == -1 && o.nonuniform == -1 && o.rotation_seed == 0, "section 10 defaults");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=4294967295:nuq=v:sinks=1024:rot=k:g32:r0,q2/q4:rot=none:sinks=0:nuq=kv,"
+                             "q8|--kv-rotate|kv|--kv-sinks|4|--kv-nuq|k|--rotation-seed|77");
+    EXPECT(o.n_compare == 3 && o.compare[0].rotate == KVQ_ROLES_K && o.compare[0].sinks == 1024 &&
+               o.compare[0].nonuniform == KVQ_ROLES_V && o.compare[0].rotation_seed == 4294967295u &&
+               o.compare[0].group == 32 && o.compare[0].residual == 0 &&
+               strcmp(o.compare[0].name, "q4:seed=4294967295:nuq=v:sinks=1024:rot=k:g32:r0") == 0,
+           "suffixes in any order: %d %d %d %u", o.compare[0].rotate, o.compare[0].sinks, o.compare[0].nonuniform,
+           o.compare[0].rotation_seed);
+    EXPECT(o.compare[1].rotate == 0 && o.compare[1].sinks == 0 && o.compare[1].nonuniform == KVQ_ROLES_KV &&
+               o.compare[1].rotation_seed == 77 && o.compare[1].type_k == KVQ_TYPE_Q2 && o.compare[1].type_v == KVQ_TYPE_Q4,
+           "q2/q4:rot=none:sinks=0:nuq=kv (seed inherited)");
+    EXPECT(o.compare[2].rotate == KVQ_ROLES_KV && o.compare[2].sinks == 4 && o.compare[2].nonuniform == KVQ_ROLES_K &&
+               o.compare[2].rotation_seed == 77 && o.compare[2].residual == -1,
+           "an entry without suffixes takes the global --kv-* options");
+    o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--kv-rotate|v|--kv-rotate|default|--kv-nuq|none|--kv-sinks|default|--kv-sinks|0");
+    EXPECT(o.rotate == -1 && o.nonuniform == 0 && o.sinks == 0, "default / none / 0 (the last one given wins)");
+    o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1G|--kv-rotate|k|--kv-nuq|kv|--kv-sinks|1024|--rotation-seed|0");
+    EXPECT(o.rotate == KVQ_ROLES_K && o.nonuniform == KVQ_ROLES_KV && o.sinks == 1024 && o.rotation_seed == 0, "capacity");
+    {
+        kvq_cli_mix m = kvq_cli_single_mix(&o);
+        EXPECT(m.rotate == KVQ_ROLES_K && m.nonuniform == KVQ_ROLES_KV && m.sinks == 1024 && strcmp(m.name, "f16") == 0,
+               "kvq_cli_single_mix");
+    }
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,q2");
     EXPECT(o.n_compare == 16 && o.compare[15].type_k == KVQ_TYPE_Q2, "16 entries");
     o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1.5GiB|-np|4|--residual|0|-b|32");

@@ -23,12 +23,19 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 /* Default limit on the size of an input file (-f): 64 MiB; --max-file-size changes it. */
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
-/* One --compare entry: TYPE[/TYPE][:rRESIDUAL][:gGROUP]. */
+/* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
+ * :sinks=N :nuq=ROLES :seed=N (ROLES: none, k, v, kv). Fields an entry does not give come from the global options. */
+#define KVQ_CLI_MIX_NAME 96
 typedef struct kvq_cli_mix {
     kvq_type type_k, type_v;
     int residual; /* -1: the library's default */
     int group;    /* 0: the library's default */
-    char name[48];
+    /* kvq.h section 10, passed to kvq_cache_config as they are: -1 the library's default for the types, 0 off */
+    int rotate;             /* KVQ_ROLES_* */
+    int sinks;              /* 0..1024 */
+    int nonuniform;         /* KVQ_ROLES_* */
+    uint32_t rotation_seed; /* 0: the library's fixed default seed */
+    char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
 typedef struct kvq_cli_opts {
@@ -38,6 +45,8 @@ typedef struct kvq_cli_opts {
     float temp, top_p, min_p, repeat_penalty;
     int top_k, repeat_last_n;
     uint64_t seed;
+    int rotate, sinks, nonuniform; /* --kv-rotate, --kv-sinks, --kv-nuq: -1 (default) = the library's default */
+    uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
     kvq_type type_k, type_v;
     double mem; /* bytes; 0: not given */
     size_t max_file;
@@ -67,6 +76,8 @@ int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, 
 /* kvq's type names (f16, bf16, q8, fp8, q4, q2) and llama.cpp's where the meaning is close: f16, bf16, q8_0 -> q8,
  * q4_1 -> q4 (4-bit with scale and min; kvq's groups differ, see the help). */
 int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n);
+/* "none", "k", "v", "kv" -> KVQ_ROLES_*; with allow_default, "default" -> -1. */
+int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *name, char *err, size_t n);
 /* A comma-separated list of 1..KVQ_CLI_MAX_COMPARE entries. */
 int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n);
 
@@ -125,6 +136,11 @@ void kvq_cli_fmt_bytes(double b, char *out, size_t n);
  * (head dim, group, residual, type) in kvq_last_error(). max_seqs: for validation only. */
 kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kvq_cli_mix *mix, int max_seqs,
                             int64_t tokens, double *pages, double *windows);
+/* The single KV config of the global options (--kv-type..., --residual, --group, --kv-rotate, ...). */
+kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o);
+/* llama_ctx_params for `mix`, every field set (section 10's included: a zero-initialized one means "off"). */
+struct llama_ctx_params;
+void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx, struct llama_ctx_params *cp);
 /* Physical memory of the machine in bytes (0 if unknown). */
 double kvq_cli_phys_mem(void);
 

@@ -52,6 +52,18 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->parallel = 1;
     o->max_file = KVQ_CLI_DEFAULT_MAX_FILE;
     o->type_k = o->type_v = KVQ_TYPE_F16;
+    o->rotate = o->sinks = o->nonuniform = -1;
+    o->rotation_seed = 0;
+}
+
+kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
+    kvq_cli_mix m = {.type_k = o->type_k, .type_v = o->type_v, .residual = o->residual, .group = o->group,
+                     .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
+                     .rotation_seed = o->rotation_seed};
+    snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
+    if (o->type_v != o->type_k)
+        snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
+    return m;
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -174,24 +186,56 @@ int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, 
     return 0;
 }
 
-/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; optional ":r128" (residual) and ":g32" (group) suffixes. */
-static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, int residual, int group, char *err, size_t n) {
-    char buf[48];
+int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *name, char *err, size_t n) {
+    static const struct {
+        const char *s;
+        int v;
+    } roles[] = {{"none", KVQ_ROLES_NONE}, {"k", KVQ_ROLES_K}, {"v", KVQ_ROLES_V}, {"kv", KVQ_ROLES_KV}};
+    for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
+        if (strcmp(s, roles[i].s) == 0) return *out = roles[i].v, 0;
+    if (allow_default && strcmp(s, "default") == 0) return *out = -1, 0;
+    return fail(err, n, "%s: '%s' is not one of none, k, v, kv%s", name, s, allow_default ? ", default" : "");
+}
+
+/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; then suffixes, each at most once, in any order: ":r128" (residual),
+ * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7" (kvq.h section 10). The entry's defaults are the
+ * global options' (`g`). */
+static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mix *g, char *err, size_t n) {
+    char buf[KVQ_CLI_MIX_NAME];
     if (len >= sizeof buf) return fail(err, n, "--compare: entry '%.*s' is longer than %zu characters", (int)len, s, sizeof buf - 1);
     memcpy(buf, s, len);
     buf[len] = '\0';
+    *m = *g;
     memcpy(m->name, buf, len + 1);
-    m->residual = residual;
-    m->group = group;
-    int seen_r = 0, seen_g = 0;
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_N };
+    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed="};
+    int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
-        char c = colon[1];
-        if (c == 'r' && !seen_r++) {
-            if (parse_int(colon + 2, 0, 4096, &m->residual, "--compare: residual (:rR)", err, n)) return -1;
-        } else if (c == 'g' && !seen_g++) {
-            if (parse_int(colon + 2, 16, 128, &m->group, "--compare: group (:gG)", err, n)) return -1;
-        } else {
-            return fail(err, n, "--compare: entry '%s': '%s' is not :rRESIDUAL or :gGROUP (each at most once)", m->name, colon);
+        const char *x = colon + 1;
+        int k;
+        if (strncmp(x, "rot=", 4) == 0) k = S_ROT, x += 4;
+        else if (strncmp(x, "sinks=", 6) == 0) k = S_SINKS, x += 6;
+        else if (strncmp(x, "nuq=", 4) == 0) k = S_NUQ, x += 4;
+        else if (strncmp(x, "seed=", 5) == 0) k = S_SEED, x += 5;
+        else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
+        else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
+        else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
+        else
+            return fail(err, n,
+                        "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
+                        ":nuq=none|k|v|kv, :seed=N)", m->name, colon);
+        if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
+        int64_t v;
+        switch (k) {
+        case S_R: if (parse_int(x, 0, 4096, &m->residual, "--compare: residual (:rR)", err, n)) return -1; break;
+        case S_G: if (parse_int(x, 16, 128, &m->group, "--compare: group (:gG)", err, n)) return -1; break;
+        case S_ROT: if (kvq_cli_parse_roles(x, 0, &m->rotate, "--compare: rotation (:rot=)", err, n)) return -1; break;
+        case S_SINKS: if (parse_int(x, 0, 1024, &m->sinks, "--compare: sinks (:sinks=)", err, n)) return -1; break;
+        case S_NUQ: if (kvq_cli_parse_roles(x, 0, &m->nonuniform, "--compare: non-uniform levels (:nuq=)", err, n)) return -1; break;
+        case S_SEED:
+            if (kvq_cli_parse_i64(x, 0, UINT32_MAX, &v, "--compare: rotation seed (:seed=)", err, n)) return -1;
+            m->rotation_seed = (uint32_t)v;
+            break;
         }
     }
     char *slash = strchr(buf, '/');
@@ -207,6 +251,7 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, int residual, in
 int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
     o->n_compare = 0;
     if (!*s) return fail(err, n, "--compare: the list is empty (e.g. --compare f16,q8,q4)");
+    kvq_cli_mix g = kvq_cli_single_mix(o);
     int count = 1;
     for (const char *p = s; *p; p++) count += *p == ',';
     if (count > KVQ_CLI_MAX_COMPARE)
@@ -215,7 +260,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
         const char *e = strchr(p, ',');
         size_t len = e ? (size_t)(e - p) : strlen(p);
         if (len == 0) return fail(err, n, "--compare: entry %d of '%s' is empty", o->n_compare + 1, s);
-        if (parse_mix(p, len, &o->compare[o->n_compare], o->residual, o->group, err, n)) {
+        if (parse_mix(p, len, &o->compare[o->n_compare], &g, err, n)) {
             o->n_compare = 0;
             return -1;
         }
@@ -232,7 +277,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -276,6 +321,10 @@ static const optdef OPTS[] = {
     {O_COMPARE, R | P, 1, {"--compare"}},
     {O_MEM, C, 1, {"--mem"}},
     {O_PARALLEL, C, 1, {"--parallel", "-np"}},
+    {O_KV_ROTATE, R | P | C, 1, {"--kv-rotate"}},
+    {O_KV_SINKS, R | P | C, 1, {"--kv-sinks"}},
+    {O_KV_NUQ, R | P | C, 1, {"--kv-nuq"}},
+    {O_ROT_SEED, R | P | C, 1, {"--rotation-seed"}},
 };
 
 static const optdef *find_opt(const char *a) {
@@ -351,10 +400,22 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_COMPARE: compare = v; break;
         case O_MEM: if (kvq_cli_parse_size(v, &o->mem, a, err, n)) return -1; break;
         case O_PARALLEL: if (parse_int(v, 1, 65536, &o->parallel, a, err, n)) return -1; break;
+        case O_KV_ROTATE: if (kvq_cli_parse_roles(v, 1, &o->rotate, a, err, n)) return -1; break;
+        case O_KV_NUQ: if (kvq_cli_parse_roles(v, 1, &o->nonuniform, a, err, n)) return -1; break;
+        case O_KV_SINKS:
+            if (strcmp(v, "default") == 0) o->sinks = -1;
+            else if (parse_int(v, 0, 1024, &o->sinks, a, err, n)) return fail(err, n, "%s: '%s' is not 0..1024 or default", a, v);
+            break;
+        case O_ROT_SEED: {
+            int64_t x;
+            if (kvq_cli_parse_i64(v, 0, UINT32_MAX, &x, a, err, n)) return -1;
+            o->rotation_seed = (uint32_t)x;
+            break;
+        }
         default: return fail(err, n, "option '%s': internal error (no handler)", a);
         }
     }
-    /* --compare entries inherit --residual/--group wherever they come on the line. */
+    /* --compare entries inherit --residual/--group/--kv-rotate/... wherever they come on the line. */
     if (compare && kvq_cli_parse_compare(compare, o, err, n)) return -1;
     if (!o->model)
         return fail(err, n, "-m MODEL is required (see kvq %s --help; scripts/fetch-model.sh gets SmolLM2-135M-Instruct)", cname);
@@ -423,7 +484,13 @@ static void kv_help(FILE *f, int cmd) {
     fprintf(f,
             "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
             "                          %d for q4/q2, %d for the per-token types)\n"
-            "  --group G               q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n",
+            "  --group G               q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n"
+            "  --kv-rotate R           randomized Hadamard rotation of none|k|v|kv before quantizing (kvq.h section 10;\n"
+            "                          default: libkvq's for the types)\n"
+            "  --rotation-seed N       seed of the rotation's random signs, 0..2^32-1 (default 0: libkvq's fixed seed)\n"
+            "  --kv-sinks N            the first N tokens (0..1024) stay exact fp16 (kvq.h section 10; default: libkvq's)\n"
+            "  --kv-nuq R              non-uniform quantization levels for the q4/q2 roles none|k|v|kv (kvq.h section 10;\n"
+            "                          default: libkvq's)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
@@ -493,7 +560,9 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "  --chunks N              use the first N chunks only (default: all)\n"
                 "  --compare LIST          comma-separated KV configs run on the same tokens, one table (at most %d);\n"
                 "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
-                "                          with :rR (residual window) and :gG (group size), e.g. f16,q8,q4,q4:r64,q2\n"
+                "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
+                "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N (kvq.h section 10;\n"
+                "                          unset: the --kv-* options), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2\n"
                 "  -q, --quiet             no progress bar\n",
                 d.ctx, KVQ_CLI_MAX_COMPARE);
         kv_help(f, cmd);

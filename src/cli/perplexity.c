@@ -35,11 +35,12 @@ static void progress(const char *label, int done, int total, double t0) {
     fflush(stderr);
 }
 
-static int run_ppl(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks, kvq_type tk, kvq_type tv,
-                   int residual, int group, const char *label, ppl_result *res) {
+static int run_ppl(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks, const kvq_cli_mix *mix,
+                   ppl_result *res) {
     int ctx = o->ctx, V = L->m->cfg.vocab_size, first = ctx / 2;
-    llama_ctx_params cp = {.n_ctx = ctx, .max_batch = o->batch, .type_k = tk, .type_v = tv, .residual = residual,
-                           .group = group, .n_threads = o->threads};
+    const char *label = mix->name;
+    llama_ctx_params cp;
+    kvq_cli_ctx_params(o, mix, ctx, &cp);
     llama_ctx *c = NULL;
     kvq_status st = llama_ctx_create(L->m, &cp, &c);
     if (st) return kvq_cli_die(KVQ_CLI_PPL, "creating the context", st);
@@ -130,9 +131,9 @@ int kvq_cli_perplexity(int argc, char **argv) {
             o.ctx - o.ctx / 2);
     if (!o.n_compare) {
         ppl_result res;
-        char label[24];
-        snprintf(label, sizeof label, "%s/%s", kvq_cli_type_name(o.type_k), kvq_cli_type_name(o.type_v));
-        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, o.type_k, o.type_v, o.residual, o.group, label, &res))) goto done;
+        kvq_cli_mix single = kvq_cli_single_mix(&o);
+        const char *label = single.name;
+        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, &single, &res))) goto done;
         printf("PPL = %.4f +/- %.4f  (KV %s, ctx %d, %d chunks, %lld scored tokens, %.0f KV bytes/token)\n", res.ppl,
                res.err, label, o.ctx, n_chunks, (long long)res.n, res.bytes_per_token);
         goto done;
@@ -142,7 +143,7 @@ int kvq_cli_perplexity(int argc, char **argv) {
     int base = -1;
     for (int i = 0; i < o.n_compare; i++) {
         const kvq_cli_mix *m = &o.compare[i];
-        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, m->type_k, m->type_v, m->residual, m->group, m->name, &rs[i])))
+        if ((rc = run_ppl(&o, &L, ids.ids, n_chunks, m, &rs[i])))
             goto done;
         if (base < 0 && m->type_k == KVQ_TYPE_F16 && m->type_v == KVQ_TYPE_F16) base = i;
     }
