@@ -128,7 +128,7 @@ else
     out=$(timeout 300 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q $args 2>&1); rc=$?
     if [ $rc -eq 0 ] && grep -Eq "^PPL = |\| q4:rot=kv" <<<"$out"; then
       pass=$((pass + 1)); echo "ok: perplexity $args runs"
-    elif [ $rc -eq 1 ] && grep -Eq "creating the context: invalid argument: .*(rotate|sinks|nonuniform) [0-9]+: .* not implemented" <<<"$out"; then
+    elif [ $rc -eq 1 ] && grep -Eq "creating the context.*: invalid argument: .*(rotate|sinks|nonuniform) [0-9]+: .* not implemented" <<<"$out"; then
       pass=$((pass + 1)); echo "ok: perplexity $args: the library's reason is reported"
     else
       fail=$((fail + 1)); echo "FAIL: perplexity $args: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
@@ -141,6 +141,27 @@ else
   else
     fail=$((fail + 1)); echo "FAIL: capacity --kv-sinks 4: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
   fi
+  # KL divergence against F16 (batch-major: the base's logits are exact fp32): an f16 entry listed twice is exactly
+  # 0 KLD and 100% top-1; q2 diverges more than q4 and q4 more than nothing; the CSV has the agreed columns.
+  expect ok "perplexity --compare without f16 runs it first" "no f16 entry: running f16 first" -- \
+    "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare q8
+  out=$(timeout 600 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 256 --chunks 2 -q \
+    --compare f16,q4,q2,f16 --csv "$tmp/ppl.csv" 2>&1); rc=$?
+  hdr="kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,bits_per_element"
+  if [ $rc -eq 0 ] && [ "$(head -1 "$tmp/ppl.csv")" = "$hdr" ] && [ "$(wc -l < "$tmp/ppl.csv")" -eq 5 ] &&
+     awk -F, 'NR == 2 || NR == 5 { if ($1 != "f16" || $9 != 0 || $10 != 0 || $11 != 0 || $12 != 100 || $15 != 16) bad = 1 }
+       NR == 3 { q4 = $10; if (!($10 > 1e-4) || !($11 >= $10) || !($12 < 100 && $12 > 80) || !($15 > 4 && $15 < 16)) bad = 1 }
+       NR == 4 { if (!($10 > 10 * q4) || !($12 < 90)) bad = 1 }
+       NR > 1 { if ($4 != 256 || $5 != 2 || $6 != 256 || ($13 * 8 / (2 * 30 * 3 * 64) - $15) ^ 2 > 1e-8) bad = 1 }
+       END { exit bad }' "$tmp/ppl.csv"; then
+    pass=$((pass + 1)); echo "ok: perplexity KLD columns and --csv"
+  else
+    fail=$((fail + 1)); echo "FAIL: perplexity KLD / --csv: rc $rc"; tail -n 8 <<<"$out" | sed 's/^/  | /'; cat "$tmp/ppl.csv" 2>/dev/null | sed 's/^/  csv| /'
+  fi
+  expect ok "perplexity table has the KLD columns" "\| q4 +\| +[0-9.]+ \+/- [0-9.]+ +\| +[-+][0-9.]+% \| +0\.[0-9]+ \| +[0-9.]+ \| +[0-9.]+% \|" -- \
+    "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare f16,q4
+  expect fail "--csv into a missing directory" "--csv: cannot write '$tmp/none/x.csv'" -- \
+    "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --csv "$tmp/none/x.csv"
   expect ok "capacity --mem 1GiB" "\| q4 +\| +6480 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
   expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small" -- "$kvq" capacity -m $M --mem 100MiB
   expect ok "capacity --ctx past the trained context warns" "past the model's trained context \(8192\)" -- \

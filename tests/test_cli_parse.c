@@ -205,6 +205,9 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--rotation-seed|-3", "--rotation-seed");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-sinks", "option '--kv-sinks' needs a value");
     rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-rotate|kv", "option '--kv-rotate' is not used by 'kvq tokenize'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--csv|", "--csv: the file name is empty");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--csv", "option '--csv' needs a value");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--csv|a.csv", "option '--csv' is not used by 'kvq run'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:g8", "group");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4/zz", "unknown KV type 'zz'");
@@ -249,7 +252,9 @@ static void test_aliases(void) {
            "--compare entries (and --residual/--group after the list apply to its entries)");
     /* section 10: defaults -1 (the library's), 0 = off; entries inherit the global options, suffixes override them */
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
-    EXPECT(o.rotate == -1 && o.sinks == -1 && o.nonuniform == -1 && o.rotation_seed == 0, "section 10 defaults");
+    EXPECT(o.rotate == -1 && o.sinks == -1 && o.nonuniform == -1 && o.rotation_seed == 0 && !o.csv, "section 10 defaults");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--csv|out.csv");
+    EXPECT(o.csv && strcmp(o.csv, "out.csv") == 0, "--csv");
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=4294967295:nuq=v:sinks=1024:rot=k:g32:r0,q2/q4:rot=none:sinks=0:nuq=kv,"
                              "q8|--kv-rotate|kv|--kv-sinks|4|--kv-nuq|k|--rotation-seed|77");
     EXPECT(o.n_compare == 3 && o.compare[0].rotate == KVQ_ROLES_K && o.compare[0].sinks == 1024 &&

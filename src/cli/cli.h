@@ -40,7 +40,7 @@ typedef struct kvq_cli_mix {
 
 typedef struct kvq_cli_opts {
     int cmd;
-    const char *model, *prompt, *file, *system; /* borrowed from argv */
+    const char *model, *prompt, *file, *system, *csv; /* borrowed from argv */
     int n_predict, ctx, chunks, chat, threads, batch, residual, group, ids, quiet, parallel;
     float temp, top_p, min_p, repeat_penalty;
     int top_k, repeat_last_n;

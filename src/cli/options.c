@@ -277,7 +277,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED, O_CSV
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -325,6 +325,7 @@ static const optdef OPTS[] = {
     {O_KV_SINKS, R | P | C, 1, {"--kv-sinks"}},
     {O_KV_NUQ, R | P | C, 1, {"--kv-nuq"}},
     {O_ROT_SEED, R | P | C, 1, {"--rotation-seed"}},
+    {O_CSV, P, 1, {"--csv"}},
 };
 
 static const optdef *find_opt(const char *a) {
@@ -398,6 +399,10 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_REPEAT_N: if (parse_int(v, -1, 1 << 22, &o->repeat_last_n, a, err, n)) return -1; break;
         case O_SEED: if (kvq_cli_parse_u64(v, &o->seed, a, err, n)) return -1; break;
         case O_COMPARE: compare = v; break;
+        case O_CSV:
+            if (!*v) return fail(err, n, "%s: the file name is empty", a);
+            o->csv = v;
+            break;
         case O_MEM: if (kvq_cli_parse_size(v, &o->mem, a, err, n)) return -1; break;
         case O_PARALLEL: if (parse_int(v, 1, 65536, &o->parallel, a, err, n)) return -1; break;
         case O_KV_ROTATE: if (kvq_cli_parse_roles(v, 1, &o->rotate, a, err, n)) return -1; break;
@@ -553,7 +558,11 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "usage: kvq perplexity -m MODEL -f TEXTFILE [options]\n"
                 "Cuts the text's tokens into chunks of --ctx tokens, runs each chunk from an empty cache and scores the\n"
                 "second half of each chunk (every scored token sees at least ctx/2 tokens of context). Prints the\n"
-                "perplexity with its standard error.\n\n"
+                "perplexity with its standard error. With --compare, also each config's KL divergence from the F16\n"
+                "cache's next-token distribution on the same tokens (as llama.cpp's --kl-divergence): its mean (nats),\n"
+                "99th percentile over tokens, and top-1 agreement (%% of tokens whose most likely next token is F16's).\n"
+                "The base is the first f16 entry; a list without one runs f16 first anyway (said on stderr). All configs\n"
+                "run side by side batch by batch (one context each), so the base's logits are never stored.\n\n"
                 "  -m, --model FILE        GGUF model\n"
                 "  -f, --file FILE         UTF-8 text\n"
                 "  -c, --ctx-size N        tokens per chunk (default %d, at most the model's context_length)\n"
@@ -563,6 +572,12 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
                 "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N (kvq.h section 10;\n"
                 "                          unset: the --kv-* options), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2\n"
+                "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
+                "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"
+                "                          bits_per_element (bytes_per_token: K+V pages in use, scales included, + the\n"
+                "                          fp16 windows and sinks, after a full chunk, / ctx; bits_per_element = 8 x that /\n"
+                "                          (2 x layers x KV heads x head_dim); without --compare the dppl/kld/top1 cells\n"
+                "                          are empty)\n"
                 "  -q, --quiet             no progress bar\n",
                 d.ctx, KVQ_CLI_MAX_COMPARE);
         kv_help(f, cmd);
