@@ -65,6 +65,10 @@ if [ "$part" = parse ]; then
     "$kvq" capacity -m $M --mem 1G --kv-sinks 2000
   expect fail "section 10 options parse" "kvq perplexity: loading the model" -- "$kvq" perplexity -m $M -f /dev/null \
     --kv-rotate kv --kv-sinks 4 --kv-nuq k --rotation-seed 9 --compare f16,q4:rot=none:sinks=0:nuq=v:seed=3:r64:g32
+  expect fail "passkey --lengths listed twice" "--lengths: 512 is listed twice" -- "$kvq" passkey -m $M --lengths 512,512
+  expect fail "passkey --depths past 100" "--depths: '150' is not an integer in 0..100" -- "$kvq" passkey -m $M --depths 150
+  expect fail "passkey options parse" "kvq passkey: loading the model" -- "$kvq" passkey -m $M --lengths 256,512 \
+    --depths 0,50,100 --trials 2 --compare f16,q4:r64 --kv-sinks 0 --chat -n 6 --csv "$tmp/pk.csv"
   expect fail "llama.cpp type without an equivalent" "'q4_0' has no kvq equivalent" -- "$kvq" run -m $M -p x -ctk q4_0
   expect fail "-p and -f" "exactly one of -p TEXT or -f FILE" -- "$kvq" run -m $M -p x -f y
   # Files are read before the model is loaded: these need no model.
@@ -93,7 +97,7 @@ if [ "$part" = parse ]; then
     --min-p 0.05 --repeat-penalty 1.1 --repeat-last-n 16 --ctx-size 64 -n 3
   # Help: every subcommand's help exits 0, and the defaults it states are the library's.
   read -r rq4 rf16 g < <("$helper" --print-lib-defaults)
-  for c in run perplexity capacity; do
+  for c in run perplexity capacity passkey; do
     expect ok "$c --help states libkvq's residual ($rq4/$rf16) and group ($g)" \
       "^ +$rq4 for q4/q2, $rf16 for the per-token types\)" -- "$kvq" $c --help
     expect ok "$c --help group default" "group size: 16, 32, 64 or 128 \(default: libkvq's, $g\)" -- "$kvq" $c --help
@@ -162,6 +166,22 @@ else
     "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare f16,q4
   expect fail "--csv into a missing directory" "--csv: cannot write '$tmp/none/x.csv'" -- \
     "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --csv "$tmp/none/x.csv"
+  # passkey: F16 finds the key at every depth of short prompts (SmolLM2-135M-Instruct, plain prompts: measured 12/12
+  # at 256 and 512 tokens, depths 0/50/100, 2 trials); the CSV has a row per cell; a too short length is refused.
+  out=$(timeout 600 "$kvq" passkey -m $M --lengths 256,512 --depths 0,50,100 --trials 1 -q --csv "$tmp/pk.csv" 2>&1); rc=$?
+  if [ $rc -eq 0 ] && grep -q "^KV f16: passed/trials .*; 6/6 in all" <<<"$out" &&
+     [ "$(head -1 "$tmp/pk.csv")" = "kv,length,depth_pct,trials,passed" ] &&
+     [ "$(grep -c '^f16,\(256\|512\),\(0\|50\|100\),1,1$' "$tmp/pk.csv")" -eq 6 ]; then
+    pass=$((pass + 1)); echo "ok: passkey f16 grid 6/6 and --csv"
+  else
+    fail=$((fail + 1)); echo "FAIL: passkey f16 grid: rc $rc"; tail -n 12 <<<"$out" | sed 's/^/  | /'; sed 's/^/  csv| /' "$tmp/pk.csv" 2>/dev/null
+  fi
+  expect fail "passkey: a length with no room for the task" "--lengths 64: the task, key and question alone take more than 56 tokens" -- \
+    "$kvq" passkey -m $M --lengths 64 -q
+  expect fail "passkey: a length past the model's context" "--lengths 16384 exceeds the model's context_length 8192" -- \
+    "$kvq" passkey -m $M --lengths 16384 -q
+  expect ok "passkey without f16 in --compare runs it first, with the note" "note: a cell that f16 fails" -- \
+    "$kvq" passkey -m $M --lengths 128 --depths 50 -q --compare q8
   expect ok "capacity --mem 1GiB" "\| q4 +\| +6480 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
   expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small" -- "$kvq" capacity -m $M --mem 100MiB
   expect ok "capacity --ctx past the trained context warns" "past the model's trained context \(8192\)" -- \

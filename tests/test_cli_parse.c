@@ -124,7 +124,17 @@ static void test_help_defaults(void) {
             snprintf(want, sizeof want, "tokens per chunk (default %d", d.ctx);
             EXPECT(strstr(h, want), "perplexity help: '%s'", want);
         }
-        if (cmd != KVQ_CLI_CAP) EXPECT(strstr(h, "(default 64.00 MiB;"), "kvq %s --help: file limit", kvq_cli_cmd_name(cmd));
+        if (cmd != KVQ_CLI_CAP && cmd != KVQ_CLI_PASSKEY)
+            EXPECT(strstr(h, "(default 64.00 MiB;"), "kvq %s --help: file limit", kvq_cli_cmd_name(cmd));
+        if (cmd == KVQ_CLI_PASSKEY) {
+            snprintf(want, sizeof want, "(default %d,%d,%d,%d;", d.lengths[0], d.lengths[1], d.lengths[2], d.lengths[3]);
+            EXPECT(strstr(h, want) && d.n_lengths == 4 && d.lengths[3] == 8192, "passkey help: '%s'", want);
+            snprintf(want, sizeof want, "keys per cell (default %d)", d.trials);
+            EXPECT(strstr(h, want), "passkey help: '%s'", want);
+            snprintf(want, sizeof want, "answer tokens decoded (default %d)", d.n_predict);
+            EXPECT(strstr(h, want) && d.n_predict == 8, "passkey help: '%s'", want);
+            EXPECT(strstr(h, "--kv-rotate R") && strstr(h, "kvq.h section 10"), "passkey help: the section 10 options");
+        }
         free(h);
     }
     /* The file limit the help states is the one the parser sets. */
@@ -206,6 +216,25 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-sinks", "option '--kv-sinks' needs a value");
     rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-rotate|kv", "option '--kv-rotate' is not used by 'kvq tokenize'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--csv|", "--csv: the file name is empty");
+    /* passkey */
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|", "--lengths: the list is empty");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1024,,2048", "--lengths: entry 2 of '1024,,2048' is empty");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1024,", "--lengths: entry 2 of '1024,' is empty");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|63", "--lengths: '63' is not an integer in 64..4194304");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1k", "--lengths: '1k' is not an integer");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1024,2048,1024", "--lengths: 1024 is listed twice");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|64,65,66,67,68,69,70,71,72,73,74,75,76,77,78,79,80", "--lengths: more than 16 entries");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|100|-n|100", "--lengths: 100 leaves no room for a prompt before -n 100");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|101", "--depths: '101' is not an integer in 0..100");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|-5", "--depths: '-5'");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|50,50", "--depths: 50 is listed twice");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|1111111111111111111111111111111111", "--depths: '1111111111111111111111111111111111' is not");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--trials|0", "--trials: '0' is not an integer in 1..10000");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|-n|0", "-n: '0' is not an integer in 1..");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--compare|q4:rot=x", "rotation (:rot=): 'x'");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|-p|x", "option '-p' is not used by 'kvq passkey'");
+    rejects(KVQ_CLI_PASSKEY, "--lengths|256", "-m MODEL is required");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--trials|3", "option '--trials' is not used by 'kvq run' (it is an option of: passkey)");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--csv", "option '--csv' needs a value");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--csv|a.csv", "option '--csv' is not used by 'kvq run'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
@@ -253,6 +282,17 @@ static void test_aliases(void) {
     /* section 10: defaults -1 (the library's), 0 = off; entries inherit the global options, suffixes override them */
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
     EXPECT(o.rotate == -1 && o.sinks == -1 && o.nonuniform == -1 && o.rotation_seed == 0 && !o.csv, "section 10 defaults");
+    o = accepts(KVQ_CLI_PASSKEY, "-m|m|--lengths|512,256|--depths|100,0,33|--trials|3|--chat|--compare|f16,q4:sinks=0|"
+                                 "--kv-rotate|none|--csv|p.csv|-n|6|-s|9|-t|2|-b|64|-q");
+    EXPECT(o.n_lengths == 2 && o.lengths[0] == 512 && o.lengths[1] == 256 && o.n_depths == 3 && o.depths[0] == 100 &&
+               o.depths[2] == 33 && o.trials == 3 && o.chat && o.n_compare == 2 && o.compare[1].sinks == 0 &&
+               o.compare[1].rotate == 0 && o.rotate == 0 && strcmp(o.csv, "p.csv") == 0 && o.n_predict == 6 && o.seed == 9 &&
+               o.batch == 64 && o.quiet,
+           "passkey options");
+    o = accepts(KVQ_CLI_PASSKEY, "-m|m");
+    EXPECT(o.n_lengths == 4 && o.n_depths == 5 && o.depths[4] == 100 && o.trials == 1 && o.n_predict == 8, "passkey defaults");
+    EXPECT(kvq_cli_cmd_from_name("passkey") == KVQ_CLI_PASSKEY && strcmp(kvq_cli_cmd_name(KVQ_CLI_PASSKEY), "passkey") == 0,
+           "passkey name");
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--csv|out.csv");
     EXPECT(o.csv && strcmp(o.csv, "out.csv") == 0, "--csv");
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=4294967295:nuq=v:sinks=1024:rot=k:g32:r0,q2/q4:rot=none:sinks=0:nuq=kv,"

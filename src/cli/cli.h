@@ -3,7 +3,7 @@
  * options.c   the option table, the strict parsers of numbers, sizes, KV types and --compare lists, the help texts
  * common.c    model loading, bounded file reading, formatting, thread settings
  * run.c       kvq run (samplers, --compare)
- * perplexity.c, capacity.c, tokenize.c: the other subcommands
+ * perplexity.c, capacity.c, tokenize.c, passkey.c: the other subcommands
  *
  * The parser prints nothing: a rejected argv leaves its message in the caller's buffer, so the fuzz target
  * (tests/fuzz_cli.c) and the unit test (tests/test_cli_parse.c) can check that every rejection says why. */
@@ -16,9 +16,11 @@
 
 #include "kvq.h"
 
-enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_NCMD = 4 };
+enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_PASSKEY = 4, KVQ_CLI_NCMD = 5 };
 
 #define KVQ_CLI_MAX_COMPARE 16
+#define KVQ_CLI_MAX_LENGTHS 16 /* passkey --lengths entries */
+#define KVQ_CLI_MAX_DEPTHS 101 /* passkey --depths entries: 0..100, each once */
 #define KVQ_CLI_ERR_LEN 512
 /* Default limit on the size of an input file (-f): 64 MiB; --max-file-size changes it. */
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
@@ -52,9 +54,13 @@ typedef struct kvq_cli_opts {
     size_t max_file;
     int n_compare;
     kvq_cli_mix compare[KVQ_CLI_MAX_COMPARE];
+    /* passkey: prompt lengths in tokens (the answer's tokens included), depths of the key in % of the filler,
+     * keys per cell */
+    int n_lengths, n_depths, trials;
+    int lengths[KVQ_CLI_MAX_LENGTHS], depths[KVQ_CLI_MAX_DEPTHS];
 } kvq_cli_opts;
 
-/* "run", "perplexity" (or "ppl"), "capacity", "tokenize" -> KVQ_CLI_*; -1 otherwise. */
+/* "run", "perplexity" (or "ppl"), "capacity", "tokenize", "passkey" -> KVQ_CLI_*; -1 otherwise. */
 int kvq_cli_cmd_from_name(const char *name);
 const char *kvq_cli_cmd_name(int cmd);
 /* The defaults of subcommand `cmd` (what an empty argv gives). */
@@ -76,6 +82,8 @@ int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, 
 /* kvq's type names (f16, bf16, q8, fp8, q4, q2) and llama.cpp's where the meaning is close: f16, bf16, q8_0 -> q8,
  * q4_1 -> q4 (4-bit with scale and min; kvq's groups differ, see the help). */
 int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n);
+/* A comma-separated list of 1..max distinct integers in lo..hi, in the order given. */
+int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int *n_out, const char *name, char *err, size_t n);
 /* "none", "k", "v", "kv" -> KVQ_ROLES_*; with allow_default, "default" -> -1. */
 int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *name, char *err, size_t n);
 /* A comma-separated list of 1..KVQ_CLI_MAX_COMPARE entries. */
@@ -110,6 +118,7 @@ int kvq_cli_run(int argc, char **argv);
 int kvq_cli_perplexity(int argc, char **argv);
 int kvq_cli_capacity(int argc, char **argv);
 int kvq_cli_tokenize(int argc, char **argv);
+int kvq_cli_passkey(int argc, char **argv);
 
 /* --- common.c, for the subcommands --- */
 struct gguf_file;

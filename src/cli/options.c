@@ -23,7 +23,7 @@ static int fail(char *err, size_t n, const char *fmt, ...) {
     return -1;
 }
 
-static const char *const CMD_NAMES[KVQ_CLI_NCMD] = {"run", "perplexity", "capacity", "tokenize"};
+static const char *const CMD_NAMES[KVQ_CLI_NCMD] = {"run", "perplexity", "capacity", "tokenize", "passkey"};
 
 int kvq_cli_cmd_from_name(const char *name) {
     if (!name) return -1;
@@ -54,6 +54,42 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->type_k = o->type_v = KVQ_TYPE_F16;
     o->rotate = o->sinks = o->nonuniform = -1;
     o->rotation_seed = 0;
+    if (cmd == KVQ_CLI_PASSKEY) {
+        /* 5 digits are 5 tokens (SmolLM2's pre-tokenizer splits digits); 8 leaves room for a leading space and '.' */
+        o->n_predict = 8;
+        static const int len[] = {1024, 2048, 4096, 8192}, dep[] = {0, 25, 50, 75, 100};
+        o->n_lengths = 4;
+        memcpy(o->lengths, len, sizeof len);
+        o->n_depths = 5;
+        memcpy(o->depths, dep, sizeof dep);
+        o->trials = 1;
+    }
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out, const char *name, char *err, size_t n);
+
+int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int *n_out, const char *name, char *err, size_t n) {
+    int k = 0;
+    if (!*s) return fail(err, n, "%s: the list is empty", name);
+    for (const char *p = s;;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        char buf[32];
+        if (len == 0) return fail(err, n, "%s: entry %d of '%s' is empty", name, k + 1, s);
+        if (k == max) return fail(err, n, "%s: more than %d entries", name, max);
+        if (len >= sizeof buf) return fail(err, n, "%s: '%.*s' is not an integer in %d..%d", name, (int)len, p, lo, hi);
+        memcpy(buf, p, len);
+        buf[len] = '\0';
+        int v;
+        if (parse_int(buf, lo, hi, &v, name, err, n)) return -1;
+        for (int i = 0; i < k; i++)
+            if (out[i] == v) return fail(err, n, "%s: %d is listed twice", name, v);
+        out[k++] = v;
+        if (!e) break;
+        p = e + 1;
+    }
+    *n_out = k;
+    return 0;
 }
 
 kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
@@ -277,12 +313,13 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED, O_CSV
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
 #define C (1u << KVQ_CLI_CAP)
 #define T (1u << KVQ_CLI_TOK)
+#define K (1u << KVQ_CLI_PASSKEY)
 
 typedef struct optdef {
     int id;
@@ -292,40 +329,43 @@ typedef struct optdef {
 } optdef;
 
 static const optdef OPTS[] = {
-    {O_HELP, R | P | C | T, 0, {"-h", "--help"}},
-    {O_MODEL, R | P | C | T, 1, {"-m", "--model"}},
+    {O_HELP, R | P | C | T | K, 0, {"-h", "--help"}},
+    {O_MODEL, R | P | C | T | K, 1, {"-m", "--model"}},
     {O_PROMPT, R | T, 1, {"-p", "--prompt"}},
     {O_FILE, R | P | T, 1, {"-f", "--file"}},
     {O_MAXFILE, R | P | T, 1, {"--max-file-size"}},
-    {O_SYSTEM, R | T, 1, {"--system", "--system-prompt", "-sys"}},
-    {O_CHAT, R | T, 0, {"--chat"}},
+    {O_SYSTEM, R | T | K, 1, {"--system", "--system-prompt", "-sys"}},
+    {O_CHAT, R | T | K, 0, {"--chat"}},
     {O_IDS, T, 0, {"--ids"}},
-    {O_QUIET, P, 0, {"-q", "--quiet"}},
-    {O_NPRED, R, 1, {"-n", "--n-predict"}},
+    {O_QUIET, P | K, 0, {"-q", "--quiet"}},
+    {O_NPRED, R | K, 1, {"-n", "--n-predict"}},
     {O_CTX, R | P | C, 1, {"-c", "--ctx", "--ctx-size"}},
     {O_CHUNKS, P, 1, {"--chunks"}},
-    {O_THREADS, R | P, 1, {"-t", "--threads"}},
-    {O_BATCH, R | P | C, 1, {"-b", "--batch", "--batch-size"}},
-    {O_RESIDUAL, R | P | C, 1, {"--residual"}},
-    {O_GROUP, R | P | C, 1, {"--group"}},
-    {O_KVTYPE, R | P, 1, {"--kv-type"}},
-    {O_KVTYPE_K, R | P, 1, {"--kv-type-k", "-ctk", "--cache-type-k"}},
-    {O_KVTYPE_V, R | P, 1, {"--kv-type-v", "-ctv", "--cache-type-v"}},
+    {O_THREADS, R | P | K, 1, {"-t", "--threads"}},
+    {O_BATCH, R | P | C | K, 1, {"-b", "--batch", "--batch-size"}},
+    {O_RESIDUAL, R | P | C | K, 1, {"--residual"}},
+    {O_GROUP, R | P | C | K, 1, {"--group"}},
+    {O_KVTYPE, R | P | K, 1, {"--kv-type"}},
+    {O_KVTYPE_K, R | P | K, 1, {"--kv-type-k", "-ctk", "--cache-type-k"}},
+    {O_KVTYPE_V, R | P | K, 1, {"--kv-type-v", "-ctv", "--cache-type-v"}},
     {O_TEMP, R, 1, {"--temp"}},
     {O_TOP_P, R, 1, {"--top-p"}},
     {O_TOP_K, R, 1, {"--top-k"}},
     {O_MIN_P, R, 1, {"--min-p"}},
     {O_REPEAT_PEN, R, 1, {"--repeat-penalty"}},
     {O_REPEAT_N, R, 1, {"--repeat-last-n"}},
-    {O_SEED, R, 1, {"-s", "--seed"}},
-    {O_COMPARE, R | P, 1, {"--compare"}},
+    {O_SEED, R | K, 1, {"-s", "--seed"}},
+    {O_COMPARE, R | P | K, 1, {"--compare"}},
     {O_MEM, C, 1, {"--mem"}},
     {O_PARALLEL, C, 1, {"--parallel", "-np"}},
-    {O_KV_ROTATE, R | P | C, 1, {"--kv-rotate"}},
-    {O_KV_SINKS, R | P | C, 1, {"--kv-sinks"}},
-    {O_KV_NUQ, R | P | C, 1, {"--kv-nuq"}},
-    {O_ROT_SEED, R | P | C, 1, {"--rotation-seed"}},
-    {O_CSV, P, 1, {"--csv"}},
+    {O_KV_ROTATE, R | P | C | K, 1, {"--kv-rotate"}},
+    {O_KV_SINKS, R | P | C | K, 1, {"--kv-sinks"}},
+    {O_KV_NUQ, R | P | C | K, 1, {"--kv-nuq"}},
+    {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
+    {O_CSV, P | K, 1, {"--csv"}},
+    {O_LENGTHS, K, 1, {"--lengths"}},
+    {O_DEPTHS, K, 1, {"--depths"}},
+    {O_TRIALS, K, 1, {"--trials"}},
 };
 
 static const optdef *find_opt(const char *a) {
@@ -374,7 +414,14 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             o->max_file = (size_t)b;
             break;
         }
-        case O_NPRED: if (parse_int(v, 0, 1 << 20, &o->n_predict, a, err, n)) return -1; break;
+        case O_NPRED: if (parse_int(v, cmd == KVQ_CLI_PASSKEY ? 1 : 0, 1 << 20, &o->n_predict, a, err, n)) return -1; break;
+        case O_LENGTHS:
+            if (kvq_cli_parse_int_list(v, 64, 1 << 22, KVQ_CLI_MAX_LENGTHS, o->lengths, &o->n_lengths, a, err, n)) return -1;
+            break;
+        case O_DEPTHS:
+            if (kvq_cli_parse_int_list(v, 0, 100, KVQ_CLI_MAX_DEPTHS, o->depths, &o->n_depths, a, err, n)) return -1;
+            break;
+        case O_TRIALS: if (parse_int(v, 1, 10000, &o->trials, a, err, n)) return -1; break;
         case O_CTX: if (parse_int(v, cmd == KVQ_CLI_CAP ? 1 : 2, 1 << 22, &o->ctx, a, err, n)) return -1; break;
         case O_CHUNKS: if (parse_int(v, 1, 1 << 20, &o->chunks, a, err, n)) return -1; break;
         case O_THREADS: if (parse_int(v, 1, 1024, &o->threads, a, err, n)) return -1; break;
@@ -431,6 +478,12 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         break;
     case KVQ_CLI_PPL:
         if (!o->file) return fail(err, n, "-f TEXTFILE is required");
+        break;
+    case KVQ_CLI_PASSKEY:
+        for (int i = 0; i < o->n_lengths; i++)
+            if (o->lengths[i] <= o->n_predict)
+                return fail(err, n, "--lengths: %d leaves no room for a prompt before -n %d answer tokens", o->lengths[i],
+                            o->n_predict);
         break;
     case KVQ_CLI_CAP:
         if (!o->mem == !o->ctx)
@@ -516,6 +569,7 @@ void kvq_cli_usage_main(FILE *f) {
                "  perplexity  perplexity of a text file (--compare f16,q8,q4,q2 for a table)\n"
                "  capacity    what fits in a memory budget (--mem), or the memory N tokens need (--ctx)\n"
                "  tokenize    print the token ids of a text\n"
+               "  passkey     find a pass key hidden in filler text: a depth x length grid per KV type\n"
                "  version     print the library version\n");
 }
 
@@ -595,6 +649,32 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "  -c, --ctx-size N        tokens per sequence\n"
                 "  --parallel N, -np N     sequences at once, each with its own pages and windows (default %d)\n",
                 d.parallel);
+        kv_help(f, cmd);
+        break;
+    case KVQ_CLI_PASSKEY:
+        fprintf(f,
+                "usage: kvq passkey -m MODEL [--lengths L,...] [--depths D,...] [--trials N] [--compare LIST] [options]\n"
+                "The pass-key retrieval test of Landmark Attention / LongLoRA: a random 5-digit key (from --seed) is hidden\n"
+                "at a depth of the filler text (\"The grass is green. The sky is blue. The sun is yellow. Here we go. There\n"
+                "and back again.\" repeated) of a prompt of L tokens, followed by the question; -n tokens are decoded\n"
+                "greedily and a trial passes when the key's digits are in the answer. Every KV config gets the same\n"
+                "prompts and keys. Prints a depth x length grid of passed/trials per config (and the seconds per cell).\n\n"
+                "  -m, --model FILE        GGUF model\n"
+                "  --lengths LIST          context lengths in tokens, prompt and answer (default %d,%d,%d,%d; at most\n"
+                "                          the model's context_length)\n"
+                "  --depths LIST           where the key sits, in %% of the filler: 0 = first, 100 = last (default\n"
+                "                          %d,%d,%d,%d,%d)\n"
+                "  --trials N              keys per cell (default %d)\n"
+                "  -n, --n-predict N       answer tokens decoded (default %d)\n"
+                "  -s, --seed S            seed of the keys (default %llu)\n"
+                "  --chat                  ask in the model's chat template (ChatML) instead of as plain text\n"
+                "  --system TEXT           system prompt for --chat (default: the model's)\n"
+                "  --compare LIST          KV configs as in perplexity --compare; f16 runs first (added if missing): a\n"
+                "                          cell that f16 fails is beyond the model, and says nothing about quantization\n"
+                "  --csv FILE              one row per config and cell: kv,length,depth_pct,trials,passed\n"
+                "  -q, --quiet             no progress lines\n",
+                d.lengths[0], d.lengths[1], d.lengths[2], d.lengths[3], d.depths[0], d.depths[1], d.depths[2], d.depths[3],
+                d.depths[4], d.trials, d.n_predict, (unsigned long long)d.seed);
         kv_help(f, cmd);
         break;
     case KVQ_CLI_TOK:
