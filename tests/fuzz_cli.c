@@ -52,6 +52,16 @@ static void check_accepted(int cmd, const kvq_cli_opts *o) {
         CHECK(tk && tk->implemented && tv && tv->implemented);
         CHECK(m->name[0] != '\0' && strlen(m->name) < sizeof m->name);
         CHECK(m->residual >= -1 && m->residual <= 4096);
+        CHECK(m->rotate >= -1 && m->rotate <= KVQ_ROLES_KV && m->nonuniform >= -1 && m->nonuniform <= KVQ_ROLES_KV);
+        CHECK(m->sinks >= -1 && m->sinks <= 1024);
+    }
+    CHECK(o->rotate >= -1 && o->rotate <= KVQ_ROLES_KV && o->nonuniform >= -1 && o->nonuniform <= KVQ_ROLES_KV);
+    CHECK(o->sinks >= -1 && o->sinks <= 1024);
+    if (cmd == KVQ_CLI_PASSKEY) {
+        CHECK(o->n_lengths >= 1 && o->n_lengths <= KVQ_CLI_MAX_LENGTHS && o->n_depths >= 1 &&
+              o->n_depths <= KVQ_CLI_MAX_DEPTHS && o->trials >= 1 && o->n_predict >= 1);
+        for (int i = 0; i < o->n_lengths; i++) CHECK(o->lengths[i] > o->n_predict && o->lengths[i] <= (1 << 22));
+        for (int i = 0; i < o->n_depths; i++) CHECK(o->depths[i] >= 0 && o->depths[i] <= 100);
     }
     const kvq_type_traits *k = kvq_type_get_traits(o->type_k), *v = kvq_type_get_traits(o->type_v);
     CHECK(k && k->implemented && v && v->implemented);

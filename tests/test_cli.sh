@@ -57,6 +57,18 @@ if [ "$part" = parse ]; then
   expect fail "--compare '' (perplexity)" "--compare: the list is empty" -- "$kvq" perplexity -m $M -f x --compare ''
   expect fail "--compare with 17 entries" "--compare: 17 entries, at most 16" -- "$kvq" perplexity -m $M -f x \
     --compare f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,q4
+  expect fail "--compare suffix given twice" "entry 'q4:rot=kv:rot=k' gives :rot= more than once" -- \
+    "$kvq" perplexity -m $M -f x --compare f16,q4:rot=kv:rot=k
+  expect fail "--kv-rotate bad value" "--kv-rotate: 'all' is not one of none, k, v, kv, default" -- \
+    "$kvq" run -m $M -p x --kv-rotate all
+  expect fail "--kv-sinks out of range" "--kv-sinks: '2000' is not 0..1024 or default" -- \
+    "$kvq" capacity -m $M --mem 1G --kv-sinks 2000
+  expect fail "section 10 options parse" "kvq perplexity: loading the model" -- "$kvq" perplexity -m $M -f /dev/null \
+    --kv-rotate kv --kv-sinks 4 --kv-nuq k --rotation-seed 9 --compare f16,q4:rot=none:sinks=0:nuq=v:seed=3:r64:g32
+  expect fail "passkey --lengths listed twice" "--lengths: 512 is listed twice" -- "$kvq" passkey -m $M --lengths 512,512
+  expect fail "passkey --depths past 100" "--depths: '150' is not an integer in 0..100" -- "$kvq" passkey -m $M --depths 150
+  expect fail "passkey options parse" "kvq passkey: loading the model" -- "$kvq" passkey -m $M --lengths 256,512 \
+    --depths 0,50,100 --trials 2 --compare f16,q4:r64 --kv-sinks 0 --chat -n 6 --csv "$tmp/pk.csv"
   expect fail "llama.cpp type without an equivalent" "'q4_0' has no kvq equivalent" -- "$kvq" run -m $M -p x -ctk q4_0
   expect fail "-p and -f" "exactly one of -p TEXT or -f FILE" -- "$kvq" run -m $M -p x -f y
   # Files are read before the model is loaded: these need no model.
@@ -85,7 +97,7 @@ if [ "$part" = parse ]; then
     --min-p 0.05 --repeat-penalty 1.1 --repeat-last-n 16 --ctx-size 64 -n 3
   # Help: every subcommand's help exits 0, and the defaults it states are the library's.
   read -r rq4 rf16 g < <("$helper" --print-lib-defaults)
-  for c in run perplexity capacity; do
+  for c in run perplexity capacity passkey; do
     expect ok "$c --help states libkvq's residual ($rq4/$rf16) and group ($g)" \
       "^ +$rq4 for q4/q2, $rf16 for the per-token types\)" -- "$kvq" $c --help
     expect ok "$c --help group default" "group size: 16, 32, 64 or 128 \(default: libkvq's, $g\)" -- "$kvq" $c --help
@@ -114,6 +126,62 @@ else
   if [ -n "$a" ] && [ "$a" = "$b" ]; then pass=$((pass + 1)); echo "ok: sampling with a seed repeats"; else fail=$((fail + 1)); echo "FAIL: same seed, different text"; fi
   expect ok "run --compare f16,q4" "\| q4 +\| +[0-9]+ \|.*\| (identical|same first [0-9]+ tok) " -- \
     "$kvq" run -m $M -p "The capital of France is" -n 4 --temp 0 --compare f16,q4
+  # kvq.h section 10: what the library does not implement yet it rejects with its own message, which the command
+  # reports (rc 1, no crash); once implemented, the same commands must run.
+  for args in "--kv-rotate kv" "--kv-sinks 4" "--kv-nuq k" "--compare f16,q4:rot=kv:sinks=4:nuq=kv:seed=7"; do
+    out=$(timeout 300 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q $args 2>&1); rc=$?
+    if [ $rc -eq 0 ] && grep -Eq "^PPL = |\| q4:rot=kv" <<<"$out"; then
+      pass=$((pass + 1)); echo "ok: perplexity $args runs"
+    elif [ $rc -eq 1 ] && grep -Eq "creating the context.*: invalid argument: .*(rotate|sinks|nonuniform) [0-9]+: .* not implemented" <<<"$out"; then
+      pass=$((pass + 1)); echo "ok: perplexity $args: the library's reason is reported"
+    else
+      fail=$((fail + 1)); echo "FAIL: perplexity $args: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
+    fi
+  done
+  out=$(timeout 300 "$kvq" capacity -m $M --ctx 1000 --kv-sinks 4 2>&1); rc=$?
+  if { [ $rc -eq 0 ] && grep -Eq "^\| q4 +\| +[0-9.]+ [KM]iB" <<<"$out"; } ||
+     { [ $rc -eq 1 ] && grep -Eq "^\| q4 +\| rejected: invalid argument: sinks 4: .*not implemented" <<<"$out"; }; then
+    pass=$((pass + 1)); echo "ok: capacity --kv-sinks 4 (rc $rc)"
+  else
+    fail=$((fail + 1)); echo "FAIL: capacity --kv-sinks 4: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
+  fi
+  # KL divergence against F16 (batch-major: the base's logits are exact fp32): an f16 entry listed twice is exactly
+  # 0 KLD and 100% top-1; q2 diverges more than q4 and q4 more than nothing; the CSV has the agreed columns.
+  expect ok "perplexity --compare without f16 runs it first" "no f16 entry: running f16 first" -- \
+    "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare q8
+  out=$(timeout 600 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 256 --chunks 2 -q \
+    --compare f16,q4,q2,f16 --csv "$tmp/ppl.csv" 2>&1); rc=$?
+  hdr="kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,bits_per_element"
+  if [ $rc -eq 0 ] && [ "$(head -1 "$tmp/ppl.csv")" = "$hdr" ] && [ "$(wc -l < "$tmp/ppl.csv")" -eq 5 ] &&
+     awk -F, 'NR == 2 || NR == 5 { if ($1 != "f16" || $9 != 0 || $10 != 0 || $11 != 0 || $12 != 100 || $15 != 16) bad = 1 }
+       NR == 3 { q4 = $10; if (!($10 > 1e-4) || !($11 >= $10) || !($12 < 100 && $12 > 80) || !($15 > 4 && $15 < 16)) bad = 1 }
+       NR == 4 { if (!($10 > 10 * q4) || !($12 < 90)) bad = 1 }
+       NR > 1 { if ($4 != 256 || $5 != 2 || $6 != 256 || ($13 * 8 / (2 * 30 * 3 * 64) - $15) ^ 2 > 1e-8) bad = 1 }
+       END { exit bad }' "$tmp/ppl.csv"; then
+    pass=$((pass + 1)); echo "ok: perplexity KLD columns and --csv"
+  else
+    fail=$((fail + 1)); echo "FAIL: perplexity KLD / --csv: rc $rc"; tail -n 8 <<<"$out" | sed 's/^/  | /'; cat "$tmp/ppl.csv" 2>/dev/null | sed 's/^/  csv| /'
+  fi
+  expect ok "perplexity table has the KLD columns" "\| q4 +\| +[0-9.]+ \+/- [0-9.]+ +\| +[-+][0-9.]+% \| +0\.[0-9]+ \| +[0-9.]+ \| +[0-9.]+% \|" -- \
+    "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare f16,q4
+  expect fail "--csv into a missing directory" "--csv: cannot write '$tmp/none/x.csv'" -- \
+    "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --csv "$tmp/none/x.csv"
+  # passkey: F16 finds the key at every depth of short prompts (SmolLM2-135M-Instruct, plain prompts: measured 12/12
+  # at 256 and 512 tokens, depths 0/50/100, 2 trials); the CSV has a row per cell; a too short length is refused.
+  out=$(timeout 600 "$kvq" passkey -m $M --lengths 256,512 --depths 0,50,100 --trials 1 -q --csv "$tmp/pk.csv" 2>&1); rc=$?
+  if [ $rc -eq 0 ] && grep -q "^KV f16: passed/trials .*; 6/6 in all" <<<"$out" &&
+     [ "$(head -1 "$tmp/pk.csv")" = "kv,length,depth_pct,trials,passed" ] &&
+     [ "$(grep -c '^f16,\(256\|512\),\(0\|50\|100\),1,1$' "$tmp/pk.csv")" -eq 6 ]; then
+    pass=$((pass + 1)); echo "ok: passkey f16 grid 6/6 and --csv"
+  else
+    fail=$((fail + 1)); echo "FAIL: passkey f16 grid: rc $rc"; tail -n 12 <<<"$out" | sed 's/^/  | /'; sed 's/^/  csv| /' "$tmp/pk.csv" 2>/dev/null
+  fi
+  expect fail "passkey: a length with no room for the task" "--lengths 64: the task, key and question alone take more than 56 tokens" -- \
+    "$kvq" passkey -m $M --lengths 64 -q
+  expect fail "passkey: a length past the model's context" "--lengths 16384 exceeds the model's context_length 8192" -- \
+    "$kvq" passkey -m $M --lengths 16384 -q
+  expect ok "passkey without f16 in --compare runs it first, with the note" "note: a cell that f16 fails" -- \
+    "$kvq" passkey -m $M --lengths 128 --depths 50 -q --compare q8
   expect ok "capacity --mem 1GiB" "\| q4 +\| +6480 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
   expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small" -- "$kvq" capacity -m $M --mem 100MiB
   expect ok "capacity --ctx past the trained context warns" "past the model's trained context \(8192\)" -- \

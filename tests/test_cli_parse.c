@@ -124,7 +124,17 @@ static void test_help_defaults(void) {
             snprintf(want, sizeof want, "tokens per chunk (default %d", d.ctx);
             EXPECT(strstr(h, want), "perplexity help: '%s'", want);
         }
-        if (cmd != KVQ_CLI_CAP) EXPECT(strstr(h, "(default 64.00 MiB;"), "kvq %s --help: file limit", kvq_cli_cmd_name(cmd));
+        if (cmd != KVQ_CLI_CAP && cmd != KVQ_CLI_PASSKEY)
+            EXPECT(strstr(h, "(default 64.00 MiB;"), "kvq %s --help: file limit", kvq_cli_cmd_name(cmd));
+        if (cmd == KVQ_CLI_PASSKEY) {
+            snprintf(want, sizeof want, "(default %d,%d,%d,%d;", d.lengths[0], d.lengths[1], d.lengths[2], d.lengths[3]);
+            EXPECT(strstr(h, want) && d.n_lengths == 4 && d.lengths[3] == 8192, "passkey help: '%s'", want);
+            snprintf(want, sizeof want, "keys per cell (default %d)", d.trials);
+            EXPECT(strstr(h, want), "passkey help: '%s'", want);
+            snprintf(want, sizeof want, "answer tokens decoded (default %d)", d.n_predict);
+            EXPECT(strstr(h, want) && d.n_predict == 8, "passkey help: '%s'", want);
+            EXPECT(strstr(h, "--kv-rotate R") && strstr(h, "kvq.h section 10"), "passkey help: the section 10 options");
+        }
         free(h);
     }
     /* The file limit the help states is the one the parser sets. */
@@ -177,13 +187,62 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--compare|q4,", "is empty");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16",
             "--compare: 17 entries, at most 16");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:x", "':x' is not :rRESIDUAL");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r1:r2", "each at most once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:x", "':x' is not a suffix (:rRESIDUAL");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r1:r2", "gives :rR more than once");
+    /* kvq.h section 10 suffixes: values, duplicates, names that are near misses */
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=kv:rot=k", "gives :rot= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=4:r64:sinks=4", "gives :sinks= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:nuq=k:nuq=v", "gives :nuq= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=1:seed=1", "gives :seed= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=kq", "rotation (:rot=): 'kq' is not one of none, k, v, kv");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=default", "'default' is not one of none, k, v, kv");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot=", "rotation (:rot=): '' is not");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:rot", "':rot' is not a suffix");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:nuq=KV", "non-uniform levels (:nuq=): 'KV'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=1025", "sinks (:sinks=): '1025' is not an integer in 0..1024");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=-1", "sinks (:sinks=): '-1'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:sinks=4x", "sinks (:sinks=): '4x'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=4294967296", "rotation seed (:seed=): '4294967296' is not an integer in 0..4294967295");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=-1", "rotation seed (:seed=)");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:Rot=kv", "':Rot=kv' is not a suffix");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r64:rot=kv:x", "':x' is not a suffix");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|all", "--kv-rotate: 'all' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_CAP, "-m|m|--ctx|9|--kv-sinks|1025", "--kv-sinks: '1025' is not 0..1024 or default");
+    rejects(KVQ_CLI_CAP, "-m|m|--ctx|9|--kv-sinks|-1", "--kv-sinks: '-1' is not 0..1024 or default");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--rotation-seed|4294967296", "--rotation-seed: '4294967296' is not an integer in 0..4294967295");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--rotation-seed|-3", "--rotation-seed");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-sinks", "option '--kv-sinks' needs a value");
+    rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-rotate|kv", "option '--kv-rotate' is not used by 'kvq tokenize'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--csv|", "--csv: the file name is empty");
+    /* passkey */
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|", "--lengths: the list is empty");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1024,,2048", "--lengths: entry 2 of '1024,,2048' is empty");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1024,", "--lengths: entry 2 of '1024,' is empty");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|63", "--lengths: '63' is not an integer in 64..4194304");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1k", "--lengths: '1k' is not an integer");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|1024,2048,1024", "--lengths: 1024 is listed twice");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|64,65,66,67,68,69,70,71,72,73,74,75,76,77,78,79,80", "--lengths: more than 16 entries");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--lengths|100|-n|100", "--lengths: 100 leaves no room for a prompt before -n 100");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|101", "--depths: '101' is not an integer in 0..100");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|-5", "--depths: '-5'");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|50,50", "--depths: 50 is listed twice");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--depths|1111111111111111111111111111111111", "--depths: '1111111111111111111111111111111111' is not");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--trials|0", "--trials: '0' is not an integer in 1..10000");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|-n|0", "-n: '0' is not an integer in 1..");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|--compare|q4:rot=x", "rotation (:rot=): 'x'");
+    rejects(KVQ_CLI_PASSKEY, "-m|m|-p|x", "option '-p' is not used by 'kvq passkey'");
+    rejects(KVQ_CLI_PASSKEY, "--lengths|256", "-m MODEL is required");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--trials|3", "option '--trials' is not used by 'kvq run' (it is an option of: passkey)");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--csv", "option '--csv' needs a value");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--csv|a.csv", "option '--csv' is not used by 'kvq run'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:g8", "group");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4/zz", "unknown KV type 'zz'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q3", "unknown KV type 'q3'"); /* reserved, not implemented */
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r11111111111111111111111111111111111111111111111111", "longer than 47");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111",
+            "longer than 95");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q4|--compare|f16,q8", "--compare lists the KV types itself");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|-ctk|q4_0", "llama.cpp's type 'q4_0' has no kvq equivalent");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--cache-type-v|f32", "'f32' has no kvq equivalent");
@@ -220,6 +279,45 @@ static void test_aliases(void) {
                o.compare[2].residual == 64 && o.compare[2].group == 32 && o.compare[3].residual == 32 &&
                o.compare[3].group == 128 && strcmp(o.compare[2].name, "q4:r64:g32") == 0,
            "--compare entries (and --residual/--group after the list apply to its entries)");
+    /* section 10: defaults -1 (the library's), 0 = off; entries inherit the global options, suffixes override them */
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
+    EXPECT(o.rotate == -1 && o.sinks == -1 && o.nonuniform == -1 && o.rotation_seed == 0 && !o.csv, "section 10 defaults");
+    o = accepts(KVQ_CLI_PASSKEY, "-m|m|--lengths|512,256|--depths|100,0,33|--trials|3|--chat|--compare|f16,q4:sinks=0|"
+                                 "--kv-rotate|none|--csv|p.csv|-n|6|-s|9|-t|2|-b|64|-q");
+    EXPECT(o.n_lengths == 2 && o.lengths[0] == 512 && o.lengths[1] == 256 && o.n_depths == 3 && o.depths[0] == 100 &&
+               o.depths[2] == 33 && o.trials == 3 && o.chat && o.n_compare == 2 && o.compare[1].sinks == 0 &&
+               o.compare[1].rotate == 0 && o.rotate == 0 && strcmp(o.csv, "p.csv") == 0 && o.n_predict == 6 && o.seed == 9 &&
+               o.batch == 64 && o.quiet,
+           "passkey options");
+    o = accepts(KVQ_CLI_PASSKEY, "-m|m");
+    EXPECT(o.n_lengths == 4 && o.n_depths == 5 && o.depths[4] == 100 && o.trials == 1 && o.n_predict == 8, "passkey defaults");
+    EXPECT(kvq_cli_cmd_from_name("passkey") == KVQ_CLI_PASSKEY && strcmp(kvq_cli_cmd_name(KVQ_CLI_PASSKEY), "passkey") == 0,
+           "passkey name");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--csv|out.csv");
+    EXPECT(o.csv && strcmp(o.csv, "out.csv") == 0, "--csv");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=4294967295:nuq=v:sinks=1024:rot=k:g32:r0,q2/q4:rot=none:sinks=0:nuq=kv,"
+                             "q8|--kv-rotate|kv|--kv-sinks|4|--kv-nuq|k|--rotation-seed|77");
+    EXPECT(o.n_compare == 3 && o.compare[0].rotate == KVQ_ROLES_K && o.compare[0].sinks == 1024 &&
+               o.compare[0].nonuniform == KVQ_ROLES_V && o.compare[0].rotation_seed == 4294967295u &&
+               o.compare[0].group == 32 && o.compare[0].residual == 0 &&
+               strcmp(o.compare[0].name, "q4:seed=4294967295:nuq=v:sinks=1024:rot=k:g32:r0") == 0,
+           "suffixes in any order: %d %d %d %u", o.compare[0].rotate, o.compare[0].sinks, o.compare[0].nonuniform,
+           o.compare[0].rotation_seed);
+    EXPECT(o.compare[1].rotate == 0 && o.compare[1].sinks == 0 && o.compare[1].nonuniform == KVQ_ROLES_KV &&
+               o.compare[1].rotation_seed == 77 && o.compare[1].type_k == KVQ_TYPE_Q2 && o.compare[1].type_v == KVQ_TYPE_Q4,
+           "q2/q4:rot=none:sinks=0:nuq=kv (seed inherited)");
+    EXPECT(o.compare[2].rotate == KVQ_ROLES_KV && o.compare[2].sinks == 4 && o.compare[2].nonuniform == KVQ_ROLES_K &&
+               o.compare[2].rotation_seed == 77 && o.compare[2].residual == -1,
+           "an entry without suffixes takes the global --kv-* options");
+    o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--kv-rotate|v|--kv-rotate|default|--kv-nuq|none|--kv-sinks|default|--kv-sinks|0");
+    EXPECT(o.rotate == -1 && o.nonuniform == 0 && o.sinks == 0, "default / none / 0 (the last one given wins)");
+    o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1G|--kv-rotate|k|--kv-nuq|kv|--kv-sinks|1024|--rotation-seed|0");
+    EXPECT(o.rotate == KVQ_ROLES_K && o.nonuniform == KVQ_ROLES_KV && o.sinks == 1024 && o.rotation_seed == 0, "capacity");
+    {
+        kvq_cli_mix m = kvq_cli_single_mix(&o);
+        EXPECT(m.rotate == KVQ_ROLES_K && m.nonuniform == KVQ_ROLES_KV && m.sinks == 1024 && strcmp(m.name, "f16") == 0,
+               "kvq_cli_single_mix");
+    }
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,f16,q2");
     EXPECT(o.n_compare == 16 && o.compare[15].type_k == KVQ_TYPE_Q2, "16 entries");
     o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1.5GiB|-np|4|--residual|0|-b|32");

@@ -3,7 +3,7 @@
  * options.c   the option table, the strict parsers of numbers, sizes, KV types and --compare lists, the help texts
  * common.c    model loading, bounded file reading, formatting, thread settings
  * run.c       kvq run (samplers, --compare)
- * perplexity.c, capacity.c, tokenize.c: the other subcommands
+ * perplexity.c, capacity.c, tokenize.c, passkey.c: the other subcommands
  *
  * The parser prints nothing: a rejected argv leaves its message in the caller's buffer, so the fuzz target
  * (tests/fuzz_cli.c) and the unit test (tests/test_cli_parse.c) can check that every rejection says why. */
@@ -16,36 +16,51 @@
 
 #include "kvq.h"
 
-enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_NCMD = 4 };
+enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_PASSKEY = 4, KVQ_CLI_NCMD = 5 };
 
 #define KVQ_CLI_MAX_COMPARE 16
+#define KVQ_CLI_MAX_LENGTHS 16 /* passkey --lengths entries */
+#define KVQ_CLI_MAX_DEPTHS 101 /* passkey --depths entries: 0..100, each once */
 #define KVQ_CLI_ERR_LEN 512
 /* Default limit on the size of an input file (-f): 64 MiB; --max-file-size changes it. */
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
-/* One --compare entry: TYPE[/TYPE][:rRESIDUAL][:gGROUP]. */
+/* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
+ * :sinks=N :nuq=ROLES :seed=N (ROLES: none, k, v, kv). Fields an entry does not give come from the global options. */
+#define KVQ_CLI_MIX_NAME 96
 typedef struct kvq_cli_mix {
     kvq_type type_k, type_v;
     int residual; /* -1: the library's default */
     int group;    /* 0: the library's default */
-    char name[48];
+    /* kvq.h section 10, passed to kvq_cache_config as they are: -1 the library's default for the types, 0 off */
+    int rotate;             /* KVQ_ROLES_* */
+    int sinks;              /* 0..1024 */
+    int nonuniform;         /* KVQ_ROLES_* */
+    uint32_t rotation_seed; /* 0: the library's fixed default seed */
+    char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
 typedef struct kvq_cli_opts {
     int cmd;
-    const char *model, *prompt, *file, *system; /* borrowed from argv */
+    const char *model, *prompt, *file, *system, *csv; /* borrowed from argv */
     int n_predict, ctx, chunks, chat, threads, batch, residual, group, ids, quiet, parallel;
     float temp, top_p, min_p, repeat_penalty;
     int top_k, repeat_last_n;
     uint64_t seed;
+    int rotate, sinks, nonuniform; /* --kv-rotate, --kv-sinks, --kv-nuq: -1 (default) = the library's default */
+    uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
     kvq_type type_k, type_v;
     double mem; /* bytes; 0: not given */
     size_t max_file;
     int n_compare;
     kvq_cli_mix compare[KVQ_CLI_MAX_COMPARE];
+    /* passkey: prompt lengths in tokens (the answer's tokens included), depths of the key in % of the filler,
+     * keys per cell */
+    int n_lengths, n_depths, trials;
+    int lengths[KVQ_CLI_MAX_LENGTHS], depths[KVQ_CLI_MAX_DEPTHS];
 } kvq_cli_opts;
 
-/* "run", "perplexity" (or "ppl"), "capacity", "tokenize" -> KVQ_CLI_*; -1 otherwise. */
+/* "run", "perplexity" (or "ppl"), "capacity", "tokenize", "passkey" -> KVQ_CLI_*; -1 otherwise. */
 int kvq_cli_cmd_from_name(const char *name);
 const char *kvq_cli_cmd_name(int cmd);
 /* The defaults of subcommand `cmd` (what an empty argv gives). */
@@ -67,6 +82,10 @@ int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, 
 /* kvq's type names (f16, bf16, q8, fp8, q4, q2) and llama.cpp's where the meaning is close: f16, bf16, q8_0 -> q8,
  * q4_1 -> q4 (4-bit with scale and min; kvq's groups differ, see the help). */
 int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n);
+/* A comma-separated list of 1..max distinct integers in lo..hi, in the order given. */
+int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int *n_out, const char *name, char *err, size_t n);
+/* "none", "k", "v", "kv" -> KVQ_ROLES_*; with allow_default, "default" -> -1. */
+int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *name, char *err, size_t n);
 /* A comma-separated list of 1..KVQ_CLI_MAX_COMPARE entries. */
 int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n);
 
@@ -99,6 +118,7 @@ int kvq_cli_run(int argc, char **argv);
 int kvq_cli_perplexity(int argc, char **argv);
 int kvq_cli_capacity(int argc, char **argv);
 int kvq_cli_tokenize(int argc, char **argv);
+int kvq_cli_passkey(int argc, char **argv);
 
 /* --- common.c, for the subcommands --- */
 struct gguf_file;
@@ -125,6 +145,11 @@ void kvq_cli_fmt_bytes(double b, char *out, size_t n);
  * (head dim, group, residual, type) in kvq_last_error(). max_seqs: for validation only. */
 kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kvq_cli_mix *mix, int max_seqs,
                             int64_t tokens, double *pages, double *windows);
+/* The single KV config of the global options (--kv-type..., --residual, --group, --kv-rotate, ...). */
+kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o);
+/* llama_ctx_params for `mix`, every field set (section 10's included: a zero-initialized one means "off"). */
+struct llama_ctx_params;
+void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx, struct llama_ctx_params *cp);
 /* Physical memory of the machine in bytes (0 if unknown). */
 double kvq_cli_phys_mem(void);
 

@@ -166,6 +166,10 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     cc.residual = mix->residual;
     cc.group = mix->group;
     cc.max_seqs = max_seqs;
+    cc.rotate = mix->rotate;
+    cc.rotation_seed = mix->rotation_seed;
+    cc.sinks = mix->sinks;
+    cc.nonuniform = mix->nonuniform;
     size_t a = kvq_cache_arena_bytes_for(&cc, tokens);
     if (a == 0) {
         int64_t why = kvq_cache_capacity_tokens(&cc); /* fails at the same check, with its status and message */
@@ -182,6 +186,23 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     kvq_cache_free(c);
     if (st) return st;
     *pages = (double)a;
-    *windows = (double)(got.residual + lay.group) * n_kv_heads * head_dim * 2.0 /* fp16 */ * 2.0 /* K, V */ * n_layers;
+    /* sinks: the first `sinks` tokens kept exact in fp16 (kvq.h section 10), counted here like the window */
+    *windows = (double)(got.residual + lay.group + got.sinks) * n_kv_heads * head_dim * 2.0 /* fp16 */ * 2.0 /* K, V */ *
+               n_layers;
     return KVQ_OK;
+}
+
+void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx, llama_ctx_params *cp) {
+    memset(cp, 0, sizeof *cp);
+    cp->n_ctx = n_ctx;
+    cp->max_batch = o->batch;
+    cp->type_k = mix->type_k;
+    cp->type_v = mix->type_v;
+    cp->residual = mix->residual;
+    cp->group = mix->group;
+    cp->n_threads = o->threads;
+    cp->rotate = mix->rotate;
+    cp->sinks = mix->sinks;
+    cp->nonuniform = mix->nonuniform;
+    cp->rotation_seed = mix->rotation_seed;
 }

@@ -3,6 +3,7 @@
  *   kvq perplexity  perplexity of a text file, one KV type or a comparison table of several
  *   kvq capacity    what fits in a memory budget, or what a context needs, per KV type
  *   kvq tokenize    token ids of a text (for checking the tokenizer)
+ *   kvq passkey     pass-key retrieval grid (depth x length) per KV type
  * Everything but main() is in the kvq_cli_core library (cli.h). */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -27,6 +28,7 @@ int main(int argc, char **argv) {
     case KVQ_CLI_PPL: return kvq_cli_perplexity(argc - 2, argv + 2);
     case KVQ_CLI_CAP: return kvq_cli_capacity(argc - 2, argv + 2);
     case KVQ_CLI_TOK: return kvq_cli_tokenize(argc - 2, argv + 2);
+    case KVQ_CLI_PASSKEY: return kvq_cli_passkey(argc - 2, argv + 2);
     default: break;
     }
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {

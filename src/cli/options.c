@@ -23,7 +23,7 @@ static int fail(char *err, size_t n, const char *fmt, ...) {
     return -1;
 }
 
-static const char *const CMD_NAMES[KVQ_CLI_NCMD] = {"run", "perplexity", "capacity", "tokenize"};
+static const char *const CMD_NAMES[KVQ_CLI_NCMD] = {"run", "perplexity", "capacity", "tokenize", "passkey"};
 
 int kvq_cli_cmd_from_name(const char *name) {
     if (!name) return -1;
@@ -52,6 +52,54 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->parallel = 1;
     o->max_file = KVQ_CLI_DEFAULT_MAX_FILE;
     o->type_k = o->type_v = KVQ_TYPE_F16;
+    o->rotate = o->sinks = o->nonuniform = -1;
+    o->rotation_seed = 0;
+    if (cmd == KVQ_CLI_PASSKEY) {
+        /* 5 digits are 5 tokens (SmolLM2's pre-tokenizer splits digits); 8 leaves room for a leading space and '.' */
+        o->n_predict = 8;
+        static const int len[] = {1024, 2048, 4096, 8192}, dep[] = {0, 25, 50, 75, 100};
+        o->n_lengths = 4;
+        memcpy(o->lengths, len, sizeof len);
+        o->n_depths = 5;
+        memcpy(o->depths, dep, sizeof dep);
+        o->trials = 1;
+    }
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out, const char *name, char *err, size_t n);
+
+int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int *n_out, const char *name, char *err, size_t n) {
+    int k = 0;
+    if (!*s) return fail(err, n, "%s: the list is empty", name);
+    for (const char *p = s;;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        char buf[32];
+        if (len == 0) return fail(err, n, "%s: entry %d of '%s' is empty", name, k + 1, s);
+        if (k == max) return fail(err, n, "%s: more than %d entries", name, max);
+        if (len >= sizeof buf) return fail(err, n, "%s: '%.*s' is not an integer in %d..%d", name, (int)len, p, lo, hi);
+        memcpy(buf, p, len);
+        buf[len] = '\0';
+        int v;
+        if (parse_int(buf, lo, hi, &v, name, err, n)) return -1;
+        for (int i = 0; i < k; i++)
+            if (out[i] == v) return fail(err, n, "%s: %d is listed twice", name, v);
+        out[k++] = v;
+        if (!e) break;
+        p = e + 1;
+    }
+    *n_out = k;
+    return 0;
+}
+
+kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
+    kvq_cli_mix m = {.type_k = o->type_k, .type_v = o->type_v, .residual = o->residual, .group = o->group,
+                     .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
+                     .rotation_seed = o->rotation_seed};
+    snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
+    if (o->type_v != o->type_k)
+        snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
+    return m;
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -174,24 +222,56 @@ int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, 
     return 0;
 }
 
-/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; optional ":r128" (residual) and ":g32" (group) suffixes. */
-static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, int residual, int group, char *err, size_t n) {
-    char buf[48];
+int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *name, char *err, size_t n) {
+    static const struct {
+        const char *s;
+        int v;
+    } roles[] = {{"none", KVQ_ROLES_NONE}, {"k", KVQ_ROLES_K}, {"v", KVQ_ROLES_V}, {"kv", KVQ_ROLES_KV}};
+    for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
+        if (strcmp(s, roles[i].s) == 0) return *out = roles[i].v, 0;
+    if (allow_default && strcmp(s, "default") == 0) return *out = -1, 0;
+    return fail(err, n, "%s: '%s' is not one of none, k, v, kv%s", name, s, allow_default ? ", default" : "");
+}
+
+/* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; then suffixes, each at most once, in any order: ":r128" (residual),
+ * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7" (kvq.h section 10). The entry's defaults are the
+ * global options' (`g`). */
+static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mix *g, char *err, size_t n) {
+    char buf[KVQ_CLI_MIX_NAME];
     if (len >= sizeof buf) return fail(err, n, "--compare: entry '%.*s' is longer than %zu characters", (int)len, s, sizeof buf - 1);
     memcpy(buf, s, len);
     buf[len] = '\0';
+    *m = *g;
     memcpy(m->name, buf, len + 1);
-    m->residual = residual;
-    m->group = group;
-    int seen_r = 0, seen_g = 0;
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_N };
+    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed="};
+    int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
-        char c = colon[1];
-        if (c == 'r' && !seen_r++) {
-            if (parse_int(colon + 2, 0, 4096, &m->residual, "--compare: residual (:rR)", err, n)) return -1;
-        } else if (c == 'g' && !seen_g++) {
-            if (parse_int(colon + 2, 16, 128, &m->group, "--compare: group (:gG)", err, n)) return -1;
-        } else {
-            return fail(err, n, "--compare: entry '%s': '%s' is not :rRESIDUAL or :gGROUP (each at most once)", m->name, colon);
+        const char *x = colon + 1;
+        int k;
+        if (strncmp(x, "rot=", 4) == 0) k = S_ROT, x += 4;
+        else if (strncmp(x, "sinks=", 6) == 0) k = S_SINKS, x += 6;
+        else if (strncmp(x, "nuq=", 4) == 0) k = S_NUQ, x += 4;
+        else if (strncmp(x, "seed=", 5) == 0) k = S_SEED, x += 5;
+        else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
+        else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
+        else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
+        else
+            return fail(err, n,
+                        "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
+                        ":nuq=none|k|v|kv, :seed=N)", m->name, colon);
+        if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
+        int64_t v;
+        switch (k) {
+        case S_R: if (parse_int(x, 0, 4096, &m->residual, "--compare: residual (:rR)", err, n)) return -1; break;
+        case S_G: if (parse_int(x, 16, 128, &m->group, "--compare: group (:gG)", err, n)) return -1; break;
+        case S_ROT: if (kvq_cli_parse_roles(x, 0, &m->rotate, "--compare: rotation (:rot=)", err, n)) return -1; break;
+        case S_SINKS: if (parse_int(x, 0, 1024, &m->sinks, "--compare: sinks (:sinks=)", err, n)) return -1; break;
+        case S_NUQ: if (kvq_cli_parse_roles(x, 0, &m->nonuniform, "--compare: non-uniform levels (:nuq=)", err, n)) return -1; break;
+        case S_SEED:
+            if (kvq_cli_parse_i64(x, 0, UINT32_MAX, &v, "--compare: rotation seed (:seed=)", err, n)) return -1;
+            m->rotation_seed = (uint32_t)v;
+            break;
         }
     }
     char *slash = strchr(buf, '/');
@@ -207,6 +287,7 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, int residual, in
 int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
     o->n_compare = 0;
     if (!*s) return fail(err, n, "--compare: the list is empty (e.g. --compare f16,q8,q4)");
+    kvq_cli_mix g = kvq_cli_single_mix(o);
     int count = 1;
     for (const char *p = s; *p; p++) count += *p == ',';
     if (count > KVQ_CLI_MAX_COMPARE)
@@ -215,7 +296,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
         const char *e = strchr(p, ',');
         size_t len = e ? (size_t)(e - p) : strlen(p);
         if (len == 0) return fail(err, n, "--compare: entry %d of '%s' is empty", o->n_compare + 1, s);
-        if (parse_mix(p, len, &o->compare[o->n_compare], o->residual, o->group, err, n)) {
+        if (parse_mix(p, len, &o->compare[o->n_compare], &g, err, n)) {
             o->n_compare = 0;
             return -1;
         }
@@ -232,12 +313,13 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
 #define C (1u << KVQ_CLI_CAP)
 #define T (1u << KVQ_CLI_TOK)
+#define K (1u << KVQ_CLI_PASSKEY)
 
 typedef struct optdef {
     int id;
@@ -247,35 +329,43 @@ typedef struct optdef {
 } optdef;
 
 static const optdef OPTS[] = {
-    {O_HELP, R | P | C | T, 0, {"-h", "--help"}},
-    {O_MODEL, R | P | C | T, 1, {"-m", "--model"}},
+    {O_HELP, R | P | C | T | K, 0, {"-h", "--help"}},
+    {O_MODEL, R | P | C | T | K, 1, {"-m", "--model"}},
     {O_PROMPT, R | T, 1, {"-p", "--prompt"}},
     {O_FILE, R | P | T, 1, {"-f", "--file"}},
     {O_MAXFILE, R | P | T, 1, {"--max-file-size"}},
-    {O_SYSTEM, R | T, 1, {"--system", "--system-prompt", "-sys"}},
-    {O_CHAT, R | T, 0, {"--chat"}},
+    {O_SYSTEM, R | T | K, 1, {"--system", "--system-prompt", "-sys"}},
+    {O_CHAT, R | T | K, 0, {"--chat"}},
     {O_IDS, T, 0, {"--ids"}},
-    {O_QUIET, P, 0, {"-q", "--quiet"}},
-    {O_NPRED, R, 1, {"-n", "--n-predict"}},
+    {O_QUIET, P | K, 0, {"-q", "--quiet"}},
+    {O_NPRED, R | K, 1, {"-n", "--n-predict"}},
     {O_CTX, R | P | C, 1, {"-c", "--ctx", "--ctx-size"}},
     {O_CHUNKS, P, 1, {"--chunks"}},
-    {O_THREADS, R | P, 1, {"-t", "--threads"}},
-    {O_BATCH, R | P | C, 1, {"-b", "--batch", "--batch-size"}},
-    {O_RESIDUAL, R | P | C, 1, {"--residual"}},
-    {O_GROUP, R | P | C, 1, {"--group"}},
-    {O_KVTYPE, R | P, 1, {"--kv-type"}},
-    {O_KVTYPE_K, R | P, 1, {"--kv-type-k", "-ctk", "--cache-type-k"}},
-    {O_KVTYPE_V, R | P, 1, {"--kv-type-v", "-ctv", "--cache-type-v"}},
+    {O_THREADS, R | P | K, 1, {"-t", "--threads"}},
+    {O_BATCH, R | P | C | K, 1, {"-b", "--batch", "--batch-size"}},
+    {O_RESIDUAL, R | P | C | K, 1, {"--residual"}},
+    {O_GROUP, R | P | C | K, 1, {"--group"}},
+    {O_KVTYPE, R | P | K, 1, {"--kv-type"}},
+    {O_KVTYPE_K, R | P | K, 1, {"--kv-type-k", "-ctk", "--cache-type-k"}},
+    {O_KVTYPE_V, R | P | K, 1, {"--kv-type-v", "-ctv", "--cache-type-v"}},
     {O_TEMP, R, 1, {"--temp"}},
     {O_TOP_P, R, 1, {"--top-p"}},
     {O_TOP_K, R, 1, {"--top-k"}},
     {O_MIN_P, R, 1, {"--min-p"}},
     {O_REPEAT_PEN, R, 1, {"--repeat-penalty"}},
     {O_REPEAT_N, R, 1, {"--repeat-last-n"}},
-    {O_SEED, R, 1, {"-s", "--seed"}},
-    {O_COMPARE, R | P, 1, {"--compare"}},
+    {O_SEED, R | K, 1, {"-s", "--seed"}},
+    {O_COMPARE, R | P | K, 1, {"--compare"}},
     {O_MEM, C, 1, {"--mem"}},
     {O_PARALLEL, C, 1, {"--parallel", "-np"}},
+    {O_KV_ROTATE, R | P | C | K, 1, {"--kv-rotate"}},
+    {O_KV_SINKS, R | P | C | K, 1, {"--kv-sinks"}},
+    {O_KV_NUQ, R | P | C | K, 1, {"--kv-nuq"}},
+    {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
+    {O_CSV, P | K, 1, {"--csv"}},
+    {O_LENGTHS, K, 1, {"--lengths"}},
+    {O_DEPTHS, K, 1, {"--depths"}},
+    {O_TRIALS, K, 1, {"--trials"}},
 };
 
 static const optdef *find_opt(const char *a) {
@@ -324,7 +414,14 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             o->max_file = (size_t)b;
             break;
         }
-        case O_NPRED: if (parse_int(v, 0, 1 << 20, &o->n_predict, a, err, n)) return -1; break;
+        case O_NPRED: if (parse_int(v, cmd == KVQ_CLI_PASSKEY ? 1 : 0, 1 << 20, &o->n_predict, a, err, n)) return -1; break;
+        case O_LENGTHS:
+            if (kvq_cli_parse_int_list(v, 64, 1 << 22, KVQ_CLI_MAX_LENGTHS, o->lengths, &o->n_lengths, a, err, n)) return -1;
+            break;
+        case O_DEPTHS:
+            if (kvq_cli_parse_int_list(v, 0, 100, KVQ_CLI_MAX_DEPTHS, o->depths, &o->n_depths, a, err, n)) return -1;
+            break;
+        case O_TRIALS: if (parse_int(v, 1, 10000, &o->trials, a, err, n)) return -1; break;
         case O_CTX: if (parse_int(v, cmd == KVQ_CLI_CAP ? 1 : 2, 1 << 22, &o->ctx, a, err, n)) return -1; break;
         case O_CHUNKS: if (parse_int(v, 1, 1 << 20, &o->chunks, a, err, n)) return -1; break;
         case O_THREADS: if (parse_int(v, 1, 1024, &o->threads, a, err, n)) return -1; break;
@@ -349,12 +446,28 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_REPEAT_N: if (parse_int(v, -1, 1 << 22, &o->repeat_last_n, a, err, n)) return -1; break;
         case O_SEED: if (kvq_cli_parse_u64(v, &o->seed, a, err, n)) return -1; break;
         case O_COMPARE: compare = v; break;
+        case O_CSV:
+            if (!*v) return fail(err, n, "%s: the file name is empty", a);
+            o->csv = v;
+            break;
         case O_MEM: if (kvq_cli_parse_size(v, &o->mem, a, err, n)) return -1; break;
         case O_PARALLEL: if (parse_int(v, 1, 65536, &o->parallel, a, err, n)) return -1; break;
+        case O_KV_ROTATE: if (kvq_cli_parse_roles(v, 1, &o->rotate, a, err, n)) return -1; break;
+        case O_KV_NUQ: if (kvq_cli_parse_roles(v, 1, &o->nonuniform, a, err, n)) return -1; break;
+        case O_KV_SINKS:
+            if (strcmp(v, "default") == 0) o->sinks = -1;
+            else if (parse_int(v, 0, 1024, &o->sinks, a, err, n)) return fail(err, n, "%s: '%s' is not 0..1024 or default", a, v);
+            break;
+        case O_ROT_SEED: {
+            int64_t x;
+            if (kvq_cli_parse_i64(v, 0, UINT32_MAX, &x, a, err, n)) return -1;
+            o->rotation_seed = (uint32_t)x;
+            break;
+        }
         default: return fail(err, n, "option '%s': internal error (no handler)", a);
         }
     }
-    /* --compare entries inherit --residual/--group wherever they come on the line. */
+    /* --compare entries inherit --residual/--group/--kv-rotate/... wherever they come on the line. */
     if (compare && kvq_cli_parse_compare(compare, o, err, n)) return -1;
     if (!o->model)
         return fail(err, n, "-m MODEL is required (see kvq %s --help; scripts/fetch-model.sh gets SmolLM2-135M-Instruct)", cname);
@@ -365,6 +478,12 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         break;
     case KVQ_CLI_PPL:
         if (!o->file) return fail(err, n, "-f TEXTFILE is required");
+        break;
+    case KVQ_CLI_PASSKEY:
+        for (int i = 0; i < o->n_lengths; i++)
+            if (o->lengths[i] <= o->n_predict)
+                return fail(err, n, "--lengths: %d leaves no room for a prompt before -n %d answer tokens", o->lengths[i],
+                            o->n_predict);
         break;
     case KVQ_CLI_CAP:
         if (!o->mem == !o->ctx)
@@ -423,7 +542,13 @@ static void kv_help(FILE *f, int cmd) {
     fprintf(f,
             "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
             "                          %d for q4/q2, %d for the per-token types)\n"
-            "  --group G               q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n",
+            "  --group G               q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n"
+            "  --kv-rotate R           randomized Hadamard rotation of none|k|v|kv before quantizing (kvq.h section 10;\n"
+            "                          default: libkvq's for the types)\n"
+            "  --rotation-seed N       seed of the rotation's random signs, 0..2^32-1 (default 0: libkvq's fixed seed)\n"
+            "  --kv-sinks N            the first N tokens (0..1024) stay exact fp16 (kvq.h section 10; default: libkvq's)\n"
+            "  --kv-nuq R              non-uniform quantization levels for the q4/q2 roles none|k|v|kv (kvq.h section 10;\n"
+            "                          default: libkvq's)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
@@ -444,6 +569,7 @@ void kvq_cli_usage_main(FILE *f) {
                "  perplexity  perplexity of a text file (--compare f16,q8,q4,q2 for a table)\n"
                "  capacity    what fits in a memory budget (--mem), or the memory N tokens need (--ctx)\n"
                "  tokenize    print the token ids of a text\n"
+               "  passkey     find a pass key hidden in filler text: a depth x length grid per KV type\n"
                "  version     print the library version\n");
 }
 
@@ -486,14 +612,26 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "usage: kvq perplexity -m MODEL -f TEXTFILE [options]\n"
                 "Cuts the text's tokens into chunks of --ctx tokens, runs each chunk from an empty cache and scores the\n"
                 "second half of each chunk (every scored token sees at least ctx/2 tokens of context). Prints the\n"
-                "perplexity with its standard error.\n\n"
+                "perplexity with its standard error. With --compare, also each config's KL divergence from the F16\n"
+                "cache's next-token distribution on the same tokens (as llama.cpp's --kl-divergence): its mean (nats),\n"
+                "99th percentile over tokens, and top-1 agreement (%% of tokens whose most likely next token is F16's).\n"
+                "The base is the first f16 entry; a list without one runs f16 first anyway (said on stderr). All configs\n"
+                "run side by side batch by batch (one context each), so the base's logits are never stored.\n\n"
                 "  -m, --model FILE        GGUF model\n"
                 "  -f, --file FILE         UTF-8 text\n"
                 "  -c, --ctx-size N        tokens per chunk (default %d, at most the model's context_length)\n"
                 "  --chunks N              use the first N chunks only (default: all)\n"
                 "  --compare LIST          comma-separated KV configs run on the same tokens, one table (at most %d);\n"
                 "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
-                "                          with :rR (residual window) and :gG (group size), e.g. f16,q8,q4,q4:r64,q2\n"
+                "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
+                "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N (kvq.h section 10;\n"
+                "                          unset: the --kv-* options), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2\n"
+                "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
+                "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"
+                "                          bits_per_element (bytes_per_token: K+V pages in use, scales included, + the\n"
+                "                          fp16 windows and sinks, after a full chunk, / ctx; bits_per_element = 8 x that /\n"
+                "                          (2 x layers x KV heads x head_dim); without --compare the dppl/kld/top1 cells\n"
+                "                          are empty)\n"
                 "  -q, --quiet             no progress bar\n",
                 d.ctx, KVQ_CLI_MAX_COMPARE);
         kv_help(f, cmd);
@@ -511,6 +649,32 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "  -c, --ctx-size N        tokens per sequence\n"
                 "  --parallel N, -np N     sequences at once, each with its own pages and windows (default %d)\n",
                 d.parallel);
+        kv_help(f, cmd);
+        break;
+    case KVQ_CLI_PASSKEY:
+        fprintf(f,
+                "usage: kvq passkey -m MODEL [--lengths L,...] [--depths D,...] [--trials N] [--compare LIST] [options]\n"
+                "The pass-key retrieval test of Landmark Attention / LongLoRA: a random 5-digit key (from --seed) is hidden\n"
+                "at a depth of the filler text (\"The grass is green. The sky is blue. The sun is yellow. Here we go. There\n"
+                "and back again.\" repeated) of a prompt of L tokens, followed by the question; -n tokens are decoded\n"
+                "greedily and a trial passes when the key's digits are in the answer. Every KV config gets the same\n"
+                "prompts and keys. Prints a depth x length grid of passed/trials per config (and the seconds per cell).\n\n"
+                "  -m, --model FILE        GGUF model\n"
+                "  --lengths LIST          context lengths in tokens, prompt and answer (default %d,%d,%d,%d; at most\n"
+                "                          the model's context_length)\n"
+                "  --depths LIST           where the key sits, in %% of the filler: 0 = first, 100 = last (default\n"
+                "                          %d,%d,%d,%d,%d)\n"
+                "  --trials N              keys per cell (default %d)\n"
+                "  -n, --n-predict N       answer tokens decoded (default %d)\n"
+                "  -s, --seed S            seed of the keys (default %llu)\n"
+                "  --chat                  ask in the model's chat template (ChatML) instead of as plain text\n"
+                "  --system TEXT           system prompt for --chat (default: the model's)\n"
+                "  --compare LIST          KV configs as in perplexity --compare; f16 runs first (added if missing): a\n"
+                "                          cell that f16 fails is beyond the model, and says nothing about quantization\n"
+                "  --csv FILE              one row per config and cell: kv,length,depth_pct,trials,passed\n"
+                "  -q, --quiet             no progress lines\n",
+                d.lengths[0], d.lengths[1], d.lengths[2], d.lengths[3], d.depths[0], d.depths[1], d.depths[2], d.depths[3],
+                d.depths[4], d.trials, d.n_predict, (unsigned long long)d.seed);
         kv_help(f, cmd);
         break;
     case KVQ_CLI_TOK:

@@ -111,8 +111,8 @@ typedef struct run_result {
 
 static int generate(const kvq_cli_opts *o, const kvq_cli_loaded *L, const tok_ids *prompt, int n_ctx, const kvq_cli_mix *mix,
                     float *logits, kvq_cli_prob *scratch, tok_ids *hist, run_result *res) {
-    llama_ctx_params cp = {.n_ctx = n_ctx, .max_batch = o->batch, .type_k = mix->type_k, .type_v = mix->type_v,
-                           .residual = mix->residual, .group = mix->group, .n_threads = o->threads};
+    llama_ctx_params cp;
+    kvq_cli_ctx_params(o, mix, n_ctx, &cp);
     llama_ctx *c = NULL;
     kvq_status st = llama_ctx_create(L->m, &cp, &c);
     if (st) return kvq_cli_die(KVQ_CLI_RUN, "creating the context", st);
@@ -296,10 +296,7 @@ int kvq_cli_run(int argc, char **argv) {
     if (n_ctx > L.m->cfg.ctx_len)
         fprintf(stderr, "kvq run: warning: context %d exceeds the model's trained context_length %d\n", n_ctx,
                 L.m->cfg.ctx_len);
-    kvq_cli_mix single = {.type_k = o.type_k, .type_v = o.type_v, .residual = o.residual, .group = o.group};
-    snprintf(single.name, sizeof single.name, "%s", kvq_cli_type_name(o.type_k));
-    if (o.type_v != o.type_k)
-        snprintf(single.name, sizeof single.name, "%s/%s", kvq_cli_type_name(o.type_k), kvq_cli_type_name(o.type_v));
+    kvq_cli_mix single = kvq_cli_single_mix(&o);
     const kvq_cli_mix *mixes = o.n_compare ? o.compare : &single;
     int n_mix = o.n_compare ? o.n_compare : 1;
     /* Every config is checked before anything runs: the library's reason for a bad one, and a context whose KV cache
