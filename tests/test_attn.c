@@ -19,7 +19,7 @@
  * with step delta has error variance delta^2 / 12, where delta is
  *   F16 (and the fp16 window): one ulp of x, 2^(e - 11) for x = m 2^e, m in [0.5, 1); BF16: 2^(e - 8);
  *   Q8: max|x| / 127 over the token's head row; FP8: one E4M3 ulp of x / s (3 mantissa bits), s = max|x| / 448;
- *   Q4/Q2 (qmax = 15, 3): (max - min) / qmax over the key's channel in its group of G tokens, or over the value's
+ *   Q4/Q3/Q2 (qmax = 15, 7, 3): (max - min) / qmax over the key's channel in its group of G tokens, or over the value's
  *   group of Gv channels. */
 static double ulp_var(double x, int mant_bits, double min_ulp) {
     int e;
@@ -48,7 +48,7 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
                     double sc = amax / 448;
                     v = sc > 0 ? ulp_var(xi / sc, 3, 0x1p-9) * sc * sc : 0;
                 } else {
-                    double lo = INFINITY, hi = -INFINITY, qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
+                    double lo = INFINITY, hi = -INFINITY, qmax = (1 << kvq_type_get_traits(t)->bits) - 1;
                     if (role == KVQ_KEY)
                         for (int64_t j = tok / G * G; j < tok / G * G + G; j++)
                             lo = fmin(lo, x[((size_t)j * H + h) * D + d]), hi = fmax(hi, x[((size_t)j * H + h) * D + d]);
@@ -144,11 +144,11 @@ static double worst_ratio[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], least_ratio[KVQ_TYPE_
 /* one of the tables above, for the six types of kvq.h section 4 */
 static void print_by_types(const char *title, double t[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT]) {
     printf("%s, rows K, columns V:\n      ", title);
-    for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
+    for (int tv = 0; tv < KVQ_TYPE_COUNT; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
     printf("\n");
-    for (int tk = 0; tk < 6; tk++) {
+    for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++) {
         printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
-        for (int tv = 0; tv < 6; tv++) printf("%10.2e", t[tk][tv]);
+        for (int tv = 0; tv < KVQ_TYPE_COUNT; tv++) printf("%10.2e", t[tk][tv]);
         printf("\n");
     }
 }
@@ -220,9 +220,10 @@ static void run_combo(combo cb) {
     const char *nk = kvq_type_get_traits(cb.tk)->name, *nv = kvq_type_get_traits(cb.tv)->name;
     /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9. The Q4/Q2 value
      * kernels round the softmax weights (times the value scales) to 8 bits per segment of 64 tokens: measured
-     * <= 8e-6, about 1% of those types' own error energy at worst (quality NMSE >= 3e-4 on this data). */
+     * <= 8e-6, about 1% of those types' own error energy at worst (quality NMSE >= 3e-4 on this data). Q3's
+     * kernels round queries and weights to int16 (no 8-bit weights): the int16 bound. */
     bool int_path = cb.tk == KVQ_TYPE_Q8 || cb.tk == KVQ_TYPE_Q4 || cb.tk == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q8 ||
-                    cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
+                    cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2 || cb.tk == KVQ_TYPE_Q3 || cb.tv == KVQ_TYPE_Q3;
     bool w8_path = cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
     double simd_bound = w8_path ? 4e-5 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 4e-5 : int_path ? 2e-8 : 1e-9;
     for (int k = 0; k < n_backends; k++) {
@@ -308,12 +309,18 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3});
     run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
-    n += 10;
+    /* Q3: 8 rows (decoded tiles through the fp32 kernels), SmolLM2's shape, more heads than a work item walks */
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18});
+    n += 15;
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
-    for (int tk = 0; tk < 6; tk++)
-        for (int tv = 0; tv < 6; tv++) {
+    for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++)
+        for (int tv = 0; tv < KVQ_TYPE_COUNT; tv++) {
             int m = n_ratios[tk][tv];
             if (!m) continue;
             qsort(ratios[tk][tv], (size_t)m, sizeof(double), cmp_double);

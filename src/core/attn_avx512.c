@@ -73,6 +73,10 @@ AI float hsum16(__m512 a) {
 }
 
 static void decode_avx512(const kvq__blk *b, int j0, int n, float *out) {
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
+        kvq__kernels_avx2_table()->decode(b, j0, n, out);
+        return;
+    }
     const int D = b->D; /* a multiple of 16, and so is Gv */
     for (int i = 0; i < n; i++) {
         int j = j0 + i;
@@ -665,6 +669,10 @@ static bool int_ok_avx2(const kvq__blk *b, int rows) {
 
 static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                               kvq__qstate *st) {
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
+        kvq__kernels_avx2_table()->key_scores(b, j0, n, q, rows, s, ss, st);
+        return;
+    }
     if (int_ok512(b, rows)) {
         /* the common head dims get a fully unrolled channel loop */
 #define KI128(T, R) key_scores_int_impl(T, R, 128, b, j0, n, q, s, ss, st)
@@ -693,6 +701,10 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
 
 static void value_accum_avx512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows,
                                float *acc) {
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
+        kvq__kernels_avx2_table()->value_accum(b, j0, n, p, ps, rows, acc);
+        return;
+    }
     if (int_ok512(b, rows)) {
 #define VI(T, R) value_accum_int_impl(T, R, b, j0, n, p, ps, acc)
         INT_TYPE_SWITCH(VI)
