@@ -125,7 +125,7 @@ typedef enum kvq_type {
     KVQ_TYPE_FP8 = 3,  /* fp8 E4M3, one fp16 scale per token per head */
     KVQ_TYPE_Q4 = 4,   /* 4-bit asymmetric KIVI: keys per channel over G tokens, values per token over G channels */
     KVQ_TYPE_Q2 = 5,   /* 2-bit asymmetric KIVI, same grouping as Q4 */
-    KVQ_TYPE_Q3 = 6,   /* reserved: 3-bit KIVI (not yet implemented; rejected with KVQ_ERR_UNSUPPORTED_TYPE) */
+    KVQ_TYPE_Q3 = 6,   /* 3-bit asymmetric KIVI, same grouping as Q4: 3.5 bits per element with scales (G = 64) */
     /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers, pre-RoPE keys */
     KVQ_TYPE_COUNT
 } kvq_type;
@@ -144,7 +144,7 @@ typedef struct kvq_type_traits {
 
 /* Traits of a type; NULL when `t` is outside the enum. */
 KVQ_API const kvq_type_traits *kvq_type_get_traits(kvq_type t);
-/* Parses "f16", "bf16", "q8", "fp8", "q4", "q2" (case-insensitive). */
+/* Parses "f16", "bf16", "q8", "fp8", "q4", "q3", "q2" (case-insensitive). */
 KVQ_API kvq_status kvq_type_from_name(const char *name, kvq_type *out);
 /* Bytes that one token of one head occupies in pages, scales and mins included, amortized over a page
  * (the residual window is not counted). 0 if the arguments are invalid. group 0 means the default. */
@@ -164,13 +164,21 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *   Q4, Q2      row: D*b/8 bytes (b = 4 or 2); channel c sits at byte c*b/8, bit (c % (8/b)) * b, low first.
  *               q in [0, 2^b - 1], x = scale * q + min, scale = fp16((max - min) / (2^b - 1)), min = fp16(min),
  *               q = clamp(round((x - min) / scale), 0, 2^b - 1).
+ *   Q3          row: 3D/8 bytes: first D/4 bytes hold the low 2 bits of every code exactly as a Q2 row does
+ *               (channel c at byte c/4, bits (c % 4) * 2), then D/8 bytes hold the high bit (channel c at byte
+ *               D/4 + c/8, bit c % 8). Codes contiguous per row and bit plane, so that a kernel reads the low plane
+ *               with Q2's unpacking and adds the high plane with one shift. q in [0, 7], scale = fp16((max - min) / 7),
+ *               min, rounding and the grouping of keys and values as Q4 and Q2.
+ *               Q4, Q3, Q2 decode a code through a level table: x = scale * lv16[q] / 16 + min, lv16[q] = 16 q for
+ *               the uniform levels above (small integers, so that SIMD kernels look them up with a byte shuffle).
  *     keys:     grouped per channel over G consecutive tokens. params: for each of the P/G groups,
  *               scale[D] then min[D] (fp16).
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
  *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
  *               divides D (D = 80: 16, D = 96: 32).
  * Defaults: G = 64 and P = 64. G = 64 is the smallest power of two for which the fp16 (scale, min) overhead keeps
- * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V).
+ * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V); Q3 takes
+ * 56 bytes (0.219x, 3.5 bits per element).
  * ------------------------------------------------------------------------------------------------------- */
 typedef struct kvq_page_layout {
     int page_tokens;       /* P */
