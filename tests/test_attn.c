@@ -275,6 +275,57 @@ static void run_combo(combo cb) {
     kvq_cache_free(c);
 }
 
+/* One logit far above the others (+60 over N(0, 1) logits): the output is that token's value. The integer value
+ * kernels round each segment's weights with one scale per row: here every other weight (e^-60 of the largest)
+ * rounds to 0, and an error in the scale or in the dominant weight's rounding moves the output by O(1). Every
+ * table against fp64 attention over the cache's own contents (the int16 bound, 2e-8) and against the dominant
+ * token's dequantized value. */
+static void one_far_logit(kvq_type tk, kvq_type tv, int D, int rep) {
+    const int H = 2, T = 300, hot = 137, nqh = H * rep;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.residual = 0;
+    cfg.arena_bytes = 4u << 20;
+    kvq_cache *c = NULL;
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    if (!c) return;
+    size_t row = (size_t)H * D, n = (size_t)T * row;
+    float *k = malloc(n * 4), *v = malloc(n * 4), *kd = malloc(n * 4), *vd = malloc(n * 4);
+    float *q = malloc((size_t)nqh * D * 4), *out = malloc((size_t)nqh * D * 4);
+    double *ref = malloc((size_t)nqh * D * 8);
+    for (size_t i = 0; i < n; i++) k[i] = (float)tu_normal(), v[i] = (float)tu_normal();
+    /* every query head of KV head h is the same unit vector u_h; the hot key is u_h * 60 sqrt(D) (logit 60) */
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int h = 0; h < H; h++) {
+        float *u = q + (size_t)h * rep * D, nrm = 0;
+        for (int d = 0; d < D; d++) u[d] = (float)tu_normal(), nrm += u[d] * u[d];
+        for (int d = 0; d < D; d++) u[d] /= sqrtf(nrm);
+        for (int d = 0; d < D; d++) k[(size_t)hot * row + (size_t)h * D + d] = u[d] * 60.0f / scale;
+        for (int r = 1; r < rep; r++) memcpy(u + (size_t)r * D, u, (size_t)D * 4);
+    }
+    int32_t seq, nt = T;
+    CHECK_OK(kvq_seq_new(c, &seq));
+    CHECK_OK(kvq_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, k, v));
+    CHECK_OK(kvq_read(c, seq, 0, 0, T, kd, vd));
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    int64_t pos = T - 1;
+    tu_attn_ref(q, 1, nqh, &pos, kd, vd, T, H, D, scale, 0, 0.0f, ref);
+    for (int tb = 0; tb < tu_n_tables; tb++) {
+        tu_use_table(tu_tables[tb]);
+        CHECK_OK(kvq_attn_decode(c, 0, 1, &seq, q, out, &ap));
+        double e = tu_nmse(out, ref, (size_t)nqh * D), ev = 0, den = 0;
+        for (int qh = 0; qh < nqh; qh++)
+            for (int d = 0; d < D; d++) {
+                double x = vd[(size_t)hot * row + (size_t)(qh / rep) * D + d], y = out[(size_t)qh * D + d];
+                ev += (y - x) * (y - x), den += x * x;
+            }
+        CHECK(e < 2e-8 && ev / den < 2e-8, "one far logit %s/%s D=%d rep=%d %s: NMSE %g vs fp64, %g vs the hot value",
+              kvq_type_get_traits(tk)->name, kvq_type_get_traits(tv)->name, D, rep, tu_tables[tb], e, ev / den);
+    }
+    unsetenv("KVQ_CPU_KERNELS");
+    free(k), free(v), free(kd), free(vd), free(q), free(out), free(ref);
+    kvq_cache_free(c);
+}
+
 int main(void) {
     tu_seed(7);
     printf("CPU kernels: %s\n", kvq_cpu_backend());
@@ -316,6 +367,9 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
     run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18});
     n += 15;
+    for (int di = 0; di < 5; di++) one_far_logit(KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], di % 2 ? 4 : 1);
+    one_far_logit(KVQ_TYPE_F16, KVQ_TYPE_Q3, 128, 8);
+    one_far_logit(KVQ_TYPE_Q3, KVQ_TYPE_Q8, 64, 3);
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
