@@ -125,7 +125,7 @@ typedef enum kvq_type {
     KVQ_TYPE_FP8 = 3,  /* fp8 E4M3, one fp16 scale per token per head */
     KVQ_TYPE_Q4 = 4,   /* 4-bit asymmetric KIVI: keys per channel over G tokens, values per token over G channels */
     KVQ_TYPE_Q2 = 5,   /* 2-bit asymmetric KIVI, same grouping as Q4 */
-    KVQ_TYPE_Q3 = 6,   /* reserved: 3-bit KIVI (not yet implemented; rejected with KVQ_ERR_UNSUPPORTED_TYPE) */
+    KVQ_TYPE_Q3 = 6,   /* 3-bit asymmetric KIVI, same grouping as Q4: 3.5 bits per element with scales (G = 64) */
     /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers, pre-RoPE keys */
     KVQ_TYPE_COUNT
 } kvq_type;
@@ -144,7 +144,7 @@ typedef struct kvq_type_traits {
 
 /* Traits of a type; NULL when `t` is outside the enum. */
 KVQ_API const kvq_type_traits *kvq_type_get_traits(kvq_type t);
-/* Parses "f16", "bf16", "q8", "fp8", "q4", "q2" (case-insensitive). */
+/* Parses "f16", "bf16", "q8", "fp8", "q4", "q3", "q2" (case-insensitive). */
 KVQ_API kvq_status kvq_type_from_name(const char *name, kvq_type *out);
 /* Bytes that one token of one head occupies in pages, scales and mins included, amortized over a page
  * (the residual window is not counted). 0 if the arguments are invalid. group 0 means the default. */
@@ -169,15 +169,21 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *               uniform table being the only one it had. Non-uniform levels (section 10; the roles in
  *               kvq_page_layout.nonuniform):
  *                 Q4 lv16 = {4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212, 236}
- *                 Q3 lv16 = {6, 24, 38, 50, 62, 74, 88, 106}   (for the 3-bit type, reserved)
+ *                 Q3 lv16 = {6, 24, 38, 50, 62, 74, 88, 106}   
  *                 Q2 lv16 = {8, 20, 28, 40}
+ *   Q3          row: 3D/8 bytes: first D/4 bytes hold the low 2 bits of every code exactly as a Q2 row does
+ *               (channel c at byte c/4, bits (c % 4) * 2), then D/8 bytes hold the high bit (channel c at byte
+ *               D/4 + c/8, bit c % 8). Codes contiguous per row and bit plane, so that a kernel reads the low plane
+ *               with Q2's unpacking and adds the high plane with one shift. q in [0, 7], scale = fp16((max - min) / 7),
+ *               min, levels, rounding and the grouping of keys and values as Q4 and Q2.
  *     keys:     grouped per channel over G consecutive tokens. params: for each of the P/G groups,
  *               scale[D] then min[D] (fp16).
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
  *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
  *               divides D (D = 80: 16, D = 96: 32).
  * Defaults: G = 64 and P = 64. G = 64 is the smallest power of two for which the fp16 (scale, min) overhead keeps
- * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V).
+ * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V); Q3 takes
+ * 56 bytes (0.219x, 3.5 bits per element).
  * ------------------------------------------------------------------------------------------------------- */
 typedef struct kvq_page_layout {
     int page_tokens;       /* P */

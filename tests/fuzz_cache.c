@@ -124,7 +124,7 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
         int g0 = d / w->L.value_group * w->L.value_group;
         for (int j = g0; j < g0 + w->L.value_group; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
     }
-    double qmax = t == KVQ_TYPE_Q4 ? 15 : 3, m = fmax(fabs(lo), fabs(hi));
+    double qmax = (1 << kvq_type_get_traits(t)->bits) - 1, m = fmax(fabs(lo), fabs(hi));
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
     return 0.5 * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + m * 0x1p-10 + 1e-6;
 }
@@ -418,7 +418,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const int Rs[4] = {-1, 0, 5, 40};
     w.cfg = kvq_cache_config_default();
     w.cfg.n_layers = NL, w.cfg.max_seqs = MAXS, w.cfg.n_threads = 1;
-    w.cfg.type_k = (kvq_type)(b0 % 6), w.cfg.type_v = (kvq_type)(b1 % 6);
+    w.cfg.type_k = (kvq_type)(b0 % KVQ_TYPE_COUNT), w.cfg.type_v = (kvq_type)(b1 % KVQ_TYPE_COUNT);
     w.D = w.cfg.head_dim = b2 & 1 ? 80 : 64;
     w.H = w.cfg.n_kv_heads = 1 + (b2 >> 1 & 1);
     w.cfg.group = Gs[(b2 >> 2) % 3];

@@ -20,7 +20,7 @@
  * with step delta has error variance delta^2 / 12, where delta is
  *   F16 (and the fp16 window): one ulp of x, 2^(e - 11) for x = m 2^e, m in [0.5, 1); BF16: 2^(e - 8);
  *   Q8: max|x| / 127 over the token's head row; FP8: one E4M3 ulp of x / s (3 mantissa bits), s = max|x| / 448;
- *   Q4/Q2 (qmax = 15, 3): (max - min) / qmax over the key's channel in its group of G tokens, or over the value's
+ *   Q4/Q3/Q2 (qmax = 15, 7, 3): (max - min) / qmax over the key's channel in its group of G tokens, or over the value's
  *   group of Gv channels. */
 static double ulp_var(double x, int mant_bits, double min_ulp) {
     int e;
@@ -49,7 +49,7 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
                     double sc = amax / 448;
                     v = sc > 0 ? ulp_var(xi / sc, 3, 0x1p-9) * sc * sc : 0;
                 } else {
-                    double lo = INFINITY, hi = -INFINITY, qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
+                    double lo = INFINITY, hi = -INFINITY, qmax = (1 << kvq_type_get_traits(t)->bits) - 1;
                     if (role == KVQ_KEY)
                         for (int64_t j = tok / G * G; j < tok / G * G + G; j++)
                             lo = fmin(lo, x[((size_t)j * H + h) * D + d]), hi = fmax(hi, x[((size_t)j * H + h) * D + d]);
@@ -145,11 +145,11 @@ static double worst_ratio[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT], least_ratio[KVQ_TYPE_
 /* one of the tables above, for the six types of kvq.h section 4 */
 static void print_by_types(const char *title, double t[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT]) {
     printf("%s, rows K, columns V:\n      ", title);
-    for (int tv = 0; tv < 6; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
+    for (int tv = 0; tv < KVQ_TYPE_COUNT; tv++) printf("%10s", kvq_type_get_traits((kvq_type)tv)->name);
     printf("\n");
-    for (int tk = 0; tk < 6; tk++) {
+    for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++) {
         printf("%6s", kvq_type_get_traits((kvq_type)tk)->name);
-        for (int tv = 0; tv < 6; tv++) printf("%10.2e", t[tk][tv]);
+        for (int tv = 0; tv < KVQ_TYPE_COUNT; tv++) printf("%10.2e", t[tk][tv]);
         printf("\n");
     }
 }
@@ -222,9 +222,10 @@ static void run_combo(combo cb) {
     /* int16 rounding of q and p in the integer kernels: NMSE ~ (2^-15)^2 * a few, measured <= 5e-9. The Q4/Q2 value
      * kernels round the softmax weights (times the value scales) to 8 bits per segment of 64 tokens, all but the
      * largest, which is kept exact: measured <= 1.8e-6 (7.9e-6 when the largest was rounded too), under 1% of those
-     * types' own error energy (quality NMSE >= 3e-4 on this data). */
+     * types' own error energy (quality NMSE >= 3e-4 on this data). Q3's
+     * kernels round queries and weights to int16 (no 8-bit weights): the int16 bound. */
     bool int_path = cb.tk == KVQ_TYPE_Q8 || cb.tk == KVQ_TYPE_Q4 || cb.tk == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q8 ||
-                    cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
+                    cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2 || cb.tk == KVQ_TYPE_Q3 || cb.tv == KVQ_TYPE_Q3;
     bool w8_path = cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2;
     double simd_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-9;
     for (int k = 0; k < n_backends; k++) {
@@ -323,6 +324,54 @@ static void run_dominant(kvq_type t, int D, int rep, int64_t at) {
     }
     unsetenv("KVQ_CPU_KERNELS");
     free(k), free(v), free(q), free(out), free(ref), free(refd);
+/* One logit far above the others (+60 over N(0, 1) logits): the output is that token's value. The integer value
+ * kernels round each segment's weights with one scale per row: here every other weight (e^-60 of the largest)
+ * rounds to 0, and an error in the scale or in the dominant weight's rounding moves the output by O(1). Every
+ * table against fp64 attention over the cache's own contents (the int16 bound, 2e-8) and against the dominant
+ * token's dequantized value. */
+static void one_far_logit(kvq_type tk, kvq_type tv, int D, int rep) {
+    const int H = 2, T = 300, hot = 137, nqh = H * rep;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.residual = 0;
+    cfg.arena_bytes = 4u << 20;
+    kvq_cache *c = NULL;
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    if (!c) return;
+    size_t row = (size_t)H * D, n = (size_t)T * row;
+    float *k = malloc(n * 4), *v = malloc(n * 4), *kd = malloc(n * 4), *vd = malloc(n * 4);
+    float *q = malloc((size_t)nqh * D * 4), *out = malloc((size_t)nqh * D * 4);
+    double *ref = malloc((size_t)nqh * D * 8);
+    for (size_t i = 0; i < n; i++) k[i] = (float)tu_normal(), v[i] = (float)tu_normal();
+    /* every query head of KV head h is the same unit vector u_h; the hot key is u_h * 60 sqrt(D) (logit 60) */
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int h = 0; h < H; h++) {
+        float *u = q + (size_t)h * rep * D, nrm = 0;
+        for (int d = 0; d < D; d++) u[d] = (float)tu_normal(), nrm += u[d] * u[d];
+        for (int d = 0; d < D; d++) u[d] /= sqrtf(nrm);
+        for (int d = 0; d < D; d++) k[(size_t)hot * row + (size_t)h * D + d] = u[d] * 60.0f / scale;
+        for (int r = 1; r < rep; r++) memcpy(u + (size_t)r * D, u, (size_t)D * 4);
+    }
+    int32_t seq, nt = T;
+    CHECK_OK(kvq_seq_new(c, &seq));
+    CHECK_OK(kvq_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, k, v));
+    CHECK_OK(kvq_read(c, seq, 0, 0, T, kd, vd));
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    int64_t pos = T - 1;
+    tu_attn_ref(q, 1, nqh, &pos, kd, vd, T, H, D, scale, 0, 0.0f, ref);
+    for (int tb = 0; tb < tu_n_tables; tb++) {
+        tu_use_table(tu_tables[tb]);
+        CHECK_OK(kvq_attn_decode(c, 0, 1, &seq, q, out, &ap));
+        double e = tu_nmse(out, ref, (size_t)nqh * D), ev = 0, den = 0;
+        for (int qh = 0; qh < nqh; qh++)
+            for (int d = 0; d < D; d++) {
+                double x = vd[(size_t)hot * row + (size_t)(qh / rep) * D + d], y = out[(size_t)qh * D + d];
+                ev += (y - x) * (y - x), den += x * x;
+            }
+        CHECK(e < 2e-8 && ev / den < 2e-8, "one far logit %s/%s D=%d rep=%d %s: NMSE %g vs fp64, %g vs the hot value",
+              kvq_type_get_traits(tk)->name, kvq_type_get_traits(tv)->name, D, rep, tu_tables[tb], e, ev / den);
+    }
+    unsetenv("KVQ_CPU_KERNELS");
+    free(k), free(v), free(kd), free(vd), free(q), free(out), free(ref);
     kvq_cache_free(c);
 }
 
@@ -360,7 +409,13 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0});
     run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0});
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0});
-    n += 10;
+    /* Q3: 8 rows (decoded tiles through the fp32 kernels), SmolLM2's shape, more heads than a work item walks */
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18});
+    n += 15;
     /* non-uniform levels (kvq.h section 10) for keys, values or both, every head dim: the SIMD tables decode them
      * through a lookup (a wrong level fails the comparison with _ref) and the quality bound holds (their error is
      * below the uniform levels' step^2 / 12 on Gaussian groups) */
@@ -370,7 +425,8 @@ int main(void) {
             run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu});
             run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu});
             run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu});
-            n += 3;
+            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu});
+            n += 4;
         }
     for (int ti = 0; ti < 2; ti++)
         for (int D = 64; D <= 128; D *= 2)
@@ -379,11 +435,14 @@ int main(void) {
     for (int k = 0; k < n_backends; k++)
         printf("dominant token: worst NMSE of the %s kernels against the _ref kernels %.2e (bound %g)\n", backends[k],
                worst_dominant[k], DOMINANT_BOUND);
+    for (int di = 0; di < 5; di++) one_far_logit(KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], di % 2 ? 4 : 1);
+    one_far_logit(KVQ_TYPE_F16, KVQ_TYPE_Q3, 128, 8);
+    one_far_logit(KVQ_TYPE_Q3, KVQ_TYPE_Q8, 64, 3);
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
-    for (int tk = 0; tk < 6; tk++)
-        for (int tv = 0; tv < 6; tv++) {
+    for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++)
+        for (int tv = 0; tv < KVQ_TYPE_COUNT; tv++) {
             int m = n_ratios[tk][tv];
             if (!m) continue;
             qsort(ratios[tk][tv], (size_t)m, sizeof(double), cmp_double);

@@ -143,7 +143,7 @@ static void test_bad_input(void) {
     CHECK_ERR(kvq_cache_create(&cfg, NULL), KVQ_ERR_NULL);
     cfg.n_layers = 1, cfg.n_kv_heads = 2, cfg.head_dim = 72, cfg.arena_bytes = 1 << 20;
     CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_UNSUPPORTED_HEAD_DIM);
-    cfg.head_dim = 64, cfg.type_k = KVQ_TYPE_Q3;
+    cfg.head_dim = 64, cfg.type_k = KVQ_TYPE_COUNT;
     CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_UNSUPPORTED_TYPE);
     cfg.type_k = (kvq_type)99;
     CHECK_ERR(kvq_cache_create(&cfg, &c), KVQ_ERR_UNSUPPORTED_TYPE);
@@ -160,11 +160,14 @@ static void test_bad_input(void) {
     CHECK_ERR(kvq_type_from_name("q5", &t), KVQ_ERR_UNSUPPORTED_TYPE);
     CHECK_OK(kvq_type_from_name("Q4", &t));
     CHECK(t == KVQ_TYPE_Q4, "parse q4");
+    CHECK_OK(kvq_type_from_name("q3", &t));
+    CHECK(t == KVQ_TYPE_Q3, "parse q3");
+    CHECK(kvq_type_bytes_per_token(KVQ_TYPE_Q3, KVQ_KEY, 128, 0) == 56, "q3 keys: 48 + 512 / 64 bytes per token");
     CHECK(kvq_type_get_traits((kvq_type)-1) == NULL, "traits of a bad type");
 
     /* a cache with content, snapshotted around every bad call */
-    for (int ty = 0; ty < 2; ty++) {
-        kvq_type tt = ty ? KVQ_TYPE_Q4 : KVQ_TYPE_Q8;
+    for (int ty = 0; ty < 3; ty++) {
+        kvq_type tt = ty == 2 ? KVQ_TYPE_Q3 : ty ? KVQ_TYPE_Q4 : KVQ_TYPE_Q8;
         c = make(tt, tt, 200u << 10, -1, 3);
         kvq_page_layout L;
         kvq_cache_get_config(c, NULL, &L);
@@ -374,9 +377,9 @@ static kvq_status op_prefill(kvq_cache *c, void *a) {
  * (window growth, truncate into the pages, fork of a window) and a per-token type without one. Before the fix, a
  * fork whose page table allocation failed dropped its parent's page references (pages_free changed). */
 static void test_every_oom_path(void) {
-    for (int ty = 0; ty < 2; ty++) {
-        kvq_type t = ty ? KVQ_TYPE_Q8 : KVQ_TYPE_Q4;
-        kvq_cache *c = make(t, t, 1u << 20, ty ? 0 : 32, 4);
+    for (int ty = 0; ty < 3; ty++) {
+        kvq_type t = ty == 2 ? KVQ_TYPE_Q3 : ty ? KVQ_TYPE_Q8 : KVQ_TYPE_Q4;
+        kvq_cache *c = make(t, t, 1u << 20, ty == 1 ? 0 : 32, 4);
         const int n = 400;
         float *k = malloc((size_t)n * H * D * 4), *v = malloc((size_t)n * H * D * 4);
         float q[5 * 2 * H * D], o[5 * 2 * H * D];

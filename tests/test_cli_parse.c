@@ -240,9 +240,18 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:g8", "group");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4/zz", "unknown KV type 'zz'");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q3", "unknown KV type 'q3'"); /* reserved, not implemented */
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111",
             "longer than 95");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q5", "unknown KV type 'q5'");
+    {   /* q3 parses through kvq_type_from_name (llama.cpp has no alias for it) */
+        kvq_cli_opts o3;
+        char e3[KVQ_CLI_ERR_LEN];
+        int r3 = parse(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q3,q4/q3", &o3, e3);
+        EXPECT(r3 == 0 && o3.n_compare == 2 && o3.compare[0].type_k == KVQ_TYPE_Q3 && o3.compare[0].type_v == KVQ_TYPE_Q3 &&
+                   o3.compare[1].type_k == KVQ_TYPE_Q4 && o3.compare[1].type_v == KVQ_TYPE_Q3,
+               "--compare q3,q4/q3: rc %d '%s'", r3, e3);
+    }
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r11111111111111111111111111111111111111111111111111", "longer than 47");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q4|--compare|f16,q8", "--compare lists the KV types itself");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|-ctk|q4_0", "llama.cpp's type 'q4_0' has no kvq equivalent");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--cache-type-v|f32", "'f32' has no kvq equivalent");

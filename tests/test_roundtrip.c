@@ -6,6 +6,7 @@
 static const double nmse_bound[KVQ_TYPE_COUNT] = {
     [KVQ_TYPE_F16] = 1e-7, [KVQ_TYPE_BF16] = 1e-5, [KVQ_TYPE_Q8] = 3e-4,
     [KVQ_TYPE_FP8] = 2e-3, [KVQ_TYPE_Q4] = 2e-2,   [KVQ_TYPE_Q2] = 0.4,
+    [KVQ_TYPE_Q3] = 8e-2, /* step range/7: Q4's NMSE x (15/7)^2 = 4.6 (measured 1.2e-2 k, 3.7e-2 v) */
 };
 
 /* The non-uniform levels of kvq.h section 5 (lv16[q] / 16 steps above min), and the MSE each should give relative
@@ -13,11 +14,12 @@ static const double nmse_bound[KVQ_TYPE_COUNT] = {
  * [0.8, 1.2] x that, so a wrong table (or the uniform one) fails. */
 static const int lv_n4[16] = {4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212, 236};
 static const int lv_n2[4] = {8, 20, 28, 40};
+static const int lv_n3[8] = {6, 24, 38, 50, 62, 74, 88, 106};
 static double last_nmse[2][KVQ_TYPE_COUNT][5]; /* [nonuniform][type][dim]: (k + v) / 2 */
 
 /* largest distance, in steps, from a value in [0, qmax] to its nearest level */
 static double max_level_error(kvq_type t) {
-    const int *lv = t == KVQ_TYPE_Q4 ? lv_n4 : lv_n2, qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
+    const int *lv = t == KVQ_TYPE_Q4 ? lv_n4 : t == KVQ_TYPE_Q3 ? lv_n3 : lv_n2, qmax = (1 << kvq_type_get_traits(t)->bits) - 1;
     double e = fmax(lv[0] / 16.0, qmax - lv[qmax] / 16.0);
     for (int q = 0; q < qmax; q++) e = fmax(e, (lv[q + 1] - lv[q]) / 32.0);
     return e;
@@ -65,13 +67,13 @@ static void roundtrip(kvq_type t, int D, int H, int nu, int di) {
                     double err = fabs((double)y[i] - x[i]), bound = 0;
                     /* range of the values sharing this element's parameters */
                     double lo = INFINITY, hi = -INFINITY, amax = 0;
-                    if (t == KVQ_TYPE_Q4 || t == KVQ_TYPE_Q2) {
+                    if (kvq_type_get_traits(t)->grouped) {
                         int n0 = role ? d / Gv * Gv : tk / G * G, n1 = role ? n0 + Gv : n0 + G;
                         for (int j = n0; j < n1; j++) {
                             double u = role ? x[((size_t)tk * H + h) * D + j] : x[((size_t)j * H + h) * D + d];
                             lo = fmin(lo, u), hi = fmax(hi, u);
                         }
-                        double qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
+                        double qmax = (1 << kvq_type_get_traits(t)->bits) - 1; /* the step: range / qmax */
                         /* half a step (non-uniform: the farthest any value is from its nearest level), widened for
                          * the fp16 rounding of scale (x qmax) and of min */
                         double steps = nu ? max_level_error(t) : 0.5;
@@ -105,9 +107,10 @@ int main(void) {
         /* non-uniform levels for both roles (ignored by the types without levels) */
         for (int i = 0; i < 5; i++) roundtrip((kvq_type)t, dims[i], 2, KVQ_ROLES_KV, i);
     }
-    static const double predicted[KVQ_TYPE_COUNT] = {[KVQ_TYPE_Q4] = 0.85, [KVQ_TYPE_Q2] = 0.57};
-    for (int t = KVQ_TYPE_Q4; t <= KVQ_TYPE_Q2; t++)
-        for (int i = 0; i < 5; i++) {
+    static const double predicted[KVQ_TYPE_COUNT] = {[KVQ_TYPE_Q4] = 0.85, [KVQ_TYPE_Q3] = 0.77, [KVQ_TYPE_Q2] = 0.57};
+    static const kvq_type levelled[] = {KVQ_TYPE_Q4, KVQ_TYPE_Q3, KVQ_TYPE_Q2};
+    for (int li = 0; li < 3; li++)
+        for (int i = 0, t = levelled[li]; i < 5; i++) {
             double r = last_nmse[1][t][i] / last_nmse[0][t][i];
             printf("  %-4s D=%3d  NMSE non-uniform / uniform %.3f (make_levels.py: %.2f)\n", kvq_type_get_traits((kvq_type)t)->name,
                    dims[i], r, predicted[t]);
@@ -120,8 +123,10 @@ int main(void) {
     /* bytes per token per head at D = 128, scales included, relative to F16 (the targets) */
     double f16 = kvq_type_bytes_per_token(KVQ_TYPE_F16, KVQ_KEY, 128, 0);
     CHECK(f16 == 256, "f16 bytes/token %g", f16);
-    struct { kvq_type t; double max; } targets[] = {{KVQ_TYPE_Q8, 0.52}, {KVQ_TYPE_FP8, 0.52}, {KVQ_TYPE_Q4, 0.29}, {KVQ_TYPE_Q2, 0.16}};
-    for (int i = 0; i < 4; i++)
+    struct { kvq_type t; double max; } targets[] = {{KVQ_TYPE_Q8, 0.52}, {KVQ_TYPE_FP8, 0.52}, {KVQ_TYPE_Q4, 0.29}, {KVQ_TYPE_Q2, 0.16},
+                                              /* Q3: 3.5 bits per element with scales (48 + 8 bytes of 256) */
+                                              {KVQ_TYPE_Q3, 3.5 / 16}};
+    for (int i = 0; i < 5; i++)
         for (int role = 0; role < 2; role++) {
             double r = kvq_type_bytes_per_token(targets[i].t, (kvq_role)role, 128, 0) / f16;
             printf("  %-4s %s bytes/token/head at D=128: %.4fx F16 (target <= %.2fx)\n",

@@ -13,7 +13,8 @@
 
 enum { H = 2 };
 
-static const kvq_type all_types[6] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2};
+static const kvq_type all_types[7] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8,
+                                     KVQ_TYPE_Q4,  KVQ_TYPE_Q2,   KVQ_TYPE_Q3};
 
 static kvq_cache *make(kvq_type t, int D, int residual) {
     kvq_cache_config cfg = kvq_cache_config_default();
@@ -100,7 +101,8 @@ static void nonfinite_case(kvq_type t, int D, int rep) {
  * independent, so each logit is off by sigma ~ sqrt(128) * 6e-6 = 6.7e-5, and the output (weights e^(s_t + d_t))
  * by an NMSE ~ sigma^2 = 4.5e-9 (measured: up to 6.6e-9, FP8). Bound 2e-8 = 4 sigma^2, which also covers the int16
  * rounding of queries and weights of the integer kernels (test_attn: 2e-8); for Q4/Q2 values on a SIMD table the
- * 8-bit softmax weights (test_attn: 4e-5, relative weight error <= 1/510 per segment). A NaN, or weights summed
+ * 8-bit softmax weights (test_attn: 4e-5, relative weight error <= 1/510 per segment); Q3's kernels round them to
+ * int16 (2e-8). A NaN, or weights summed
  * against the wrong maximum, is off by O(1). */
 static double arith_bound(kvq_type t, const char *table) {
     bool simd = strcmp(table, "scalar") != 0;
@@ -167,7 +169,7 @@ static void far_logits_case(kvq_type t, bool plus_first) {
 int main(void) {
     tu_seed(5);
     tu_find_tables();
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 7; i++) {
         /* D = 80: the AVX-512 table hands Q8/Q4/Q2 to the AVX2 kernels there */
         nonfinite_case(all_types[i], 128, 2);
         nonfinite_case(all_types[i], 128, 8);

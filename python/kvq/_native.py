@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 # kvq_type / kvq_dtype / kvq_status values (kvq.h; append-only enums).
-TYPE_F16, TYPE_BF16, TYPE_Q8, TYPE_FP8, TYPE_Q4, TYPE_Q2 = 0, 1, 2, 3, 4, 5
+TYPE_F16, TYPE_BF16, TYPE_Q8, TYPE_FP8, TYPE_Q4, TYPE_Q2, TYPE_Q3 = 0, 1, 2, 3, 4, 5, 6
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 HEAD_DIMS = (64, 80, 96, 128, 256)
 CUDA_HEAD_DIMS = (64, 128)
@@ -266,13 +266,13 @@ _TYPE_COUNT = 7  # KVQ_TYPE_COUNT
 
 
 def type_from_name(name: TypeSpec) -> int:
-    """kvq_type code of a name ("f16", "bf16", "q8", "fp8", "q4", "q2"; case-insensitive) or of a code (checked)."""
+    """kvq_type code of a name ("f16", "bf16", "q8", "fp8", "q4", "q3", "q2"; case-insensitive) or of a code (checked)."""
     if isinstance(name, (bool, np.bool_)):
         raise TypeError(f"kvq: a kv type is a name or a kvq_type code, got {name!r}")
     if isinstance(name, (int, np.integer)):
         t = int(name)
         if not 0 <= t < _TYPE_COUNT:
-            raise ValueError(f"kvq: unknown kv type {t}: use one of f16, bf16, q8, fp8, q4, q2 (0 .. 5)")
+            raise ValueError(f"kvq: unknown kv type {t}: use one of f16, bf16, q8, fp8, q4, q2, q3 (0 .. 6)")
         tr = kvq_type_traits(t)
         if tr is None or not tr["implemented"]:
             raise ValueError(f"kvq: kv type {t} is not implemented")
@@ -285,7 +285,7 @@ def type_from_name(name: TypeSpec) -> int:
     except UnicodeEncodeError:
         raw = b"?"
     if b"\0" in raw or _lib.kvq_type_from_name(raw, C.byref(out)) < 0:
-        raise ValueError(f"kvq: unknown kv type {name!r}: use one of f16, bf16, q8, fp8, q4, q2")
+        raise ValueError(f"kvq: unknown kv type {name!r}: use one of f16, bf16, q8, fp8, q4, q3, q2")
     tr = kvq_type_traits(out.value)
     if tr is None or not tr["implemented"]:
         raise ValueError(f"kvq: kv type {name!r} is not implemented")

@@ -154,7 +154,7 @@ class KVQCache(Cache):
 
     Args:
         config: the model's config (`model.config`).
-        kv_type: "f16", "bf16", "q8", "fp8", "q4" or "q2"; or a list with one per layer; or a dict {layer: type,
+        kv_type: "f16", "bf16", "q8", "fp8", "q4", "q3" or "q2"; or a list with one per layer; or a dict {layer: type,
             "default": type}. Layers of the same type share one kvq cache.
         value_type: the same for values when they should differ from keys (default: kv_type).
         max_cache_len: tokens one sequence may hold (prompt + generated, padding excluded). Sizes the page arena
@@ -163,7 +163,7 @@ class KVQCache(Cache):
             reorder briefly holds up to 2 x that many sequences (forks before frees); on CUDA the fp16 residual
             windows of 2 x max_batch_size + 2 sequences are allocated up front, on the CPU + 8.
         arena_bytes: size the arena yourself instead (per distinct type).
-        residual: residual fp16 window R of grouped types (Q4/Q2), -1 for kvq's default (128).
+        residual: residual fp16 window R of grouped types (Q4/Q3/Q2), -1 for kvq's default (128).
         group: key group G of grouped types (16, 32, 64, 128; 0: kvq's default 64; the CUDA backend needs 64).
         n_threads: OpenMP threads of the CPU attention (0: all).
         rotate, sinks, nonuniform: kvq's quality mechanisms (kvq.h section 10), passed to kvq.Cache: -1 (default)

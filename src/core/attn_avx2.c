@@ -37,12 +37,18 @@ static inline __attribute__((always_inline)) __m256 raw8(kvq_type t, const uint8
     }
 }
 
+static void q3_decode(const kvq__blk *b, int j0, int n, float *out);
+
 static void decode_avx2(const kvq__blk *b, int j0, int n, float *out) {
     if (nu_blk(b)) {
         decode_levels(b, j0, n, out);
         return;
     }
     const int D = b->D;
+    if (b->type == KVQ_TYPE_Q3) {
+        q3_decode(b, j0, n, out);
+        return;
+    }
     for (int i = 0; i < n; i++) {
         int j = j0 + i;
         const uint8_t *row = b->data + (size_t)j * b->stride;
@@ -147,6 +153,314 @@ static float exp_sum_avx2(float *x, int n, float m) {
     for (int k = 0; k < 8; k++) sum += t[k];
     for (; i < n; i++) sum += (x[i] = expf(x[i] - m));
     return sum;
+}
+
+/* ---- Q3 (kvq.h section 5: D/4 bytes of low 2 bits as a Q2 row, then D/8 bytes of high bits). Codes decode
+ * through the level table lv16 (x = scale * lv16[q] / 16 + min, lv16[q] <= 112): each 3-bit code is assembled in
+ * a byte and looked up with one vpshufb, so non-uniform tables cost the same as the uniform one. Rows decode to
+ * lv16 bytes in channel order; keys and values then use int16 dot products (vpmaddwd) with the query rounded
+ * to int16 per key group and the softmax weights rounded to int16 per (row, value group, segment): relative
+ * error <= 1/65534 of the largest weight, far below Q3's own (a step of 1/7 of a group's range). */
+
+/* lv16[0..7] in bytes 0..7 and 8..15 of each 128-bit lane (vpshufb looks up within a lane; indices are < 8) */
+static inline __m256i q3_table(const uint8_t *lv16) {
+    uint64_t t;
+    memcpy(&t, lv16, 8);
+    return _mm256_set1_epi64x((long long)t);
+}
+
+/* level bytes of the four fields of 128 channels from c (c + 128 <= D): f[u], lane 0 byte k = channel c + 4k + u,
+ * lane 1 byte k = channel c + 64 + 4k + u. The 3-bit code is assembled in a byte (low bits from the Q2 plane, the
+ * high bit from the nibble of the high plane that covers channels 4k .. 4k + 3) and looked up with vpshufb. */
+AI void q3_fields128(const uint8_t *row, int D, int c, __m256i tbl, __m256i *f) {
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    __m256i L = _mm256_loadu_si256((const __m256i *)(const void *)(row + c / 4));
+    /* word m: high-bit byte m (channels c + 8m .. c + 8m + 7); its high nibble moved to the word's high byte */
+    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(row + D / 4 + c / 8)));
+    __m256i N = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0xF0)), 4));
+    f[0] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(L, m3), _mm256_and_si256(_mm256_slli_epi16(N, 2), m4)));
+    f[1] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 2), m3),
+                                                    _mm256_and_si256(_mm256_slli_epi16(N, 1), m4)));
+    f[2] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 4), m3), _mm256_and_si256(N, m4)));
+    f[3] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 6), m3),
+                                                    _mm256_and_si256(_mm256_srli_epi16(N, 1), m4)));
+}
+
+/* 128 channels from c (c + 128 <= D) in channel order: dst[c .. c + 128) */
+AI void q3_lv128(const uint8_t *row, int D, int c, __m256i tbl, uint8_t *dst) {
+    __m256i f[4];
+    q3_fields128(row, D, c, tbl, f);
+    /* fields to channel order: (u0 u1) and (u2 u3) byte pairs, then their words interleaved; per 128-bit lane */
+    __m256i a0 = _mm256_unpacklo_epi8(f[0], f[1]), b0 = _mm256_unpacklo_epi8(f[2], f[3]);
+    __m256i a1 = _mm256_unpackhi_epi8(f[0], f[1]), b1 = _mm256_unpackhi_epi8(f[2], f[3]);
+    __m256i o0 = _mm256_unpacklo_epi16(a0, b0), o1 = _mm256_unpackhi_epi16(a0, b0); /* ch 0-15 | 64-79, 16-31 | 80-95 */
+    __m256i o2 = _mm256_unpacklo_epi16(a1, b1), o3 = _mm256_unpackhi_epi16(a1, b1);
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c), _mm256_permute2x128_si256(o0, o1, 0x20));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 32), _mm256_permute2x128_si256(o2, o3, 0x20));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 64), _mm256_permute2x128_si256(o0, o1, 0x31));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 96), _mm256_permute2x128_si256(o2, o3, 0x31));
+}
+
+/* the fields of 64 channels (f[u] byte k = channel c + 4k + u) */
+AI void q3_fields64(const uint8_t *row, int D, int c, __m256i tbl256, __m128i *f) {
+    const __m128i m3 = _mm_set1_epi8(3), m4 = _mm_set1_epi8(4), tbl = _mm256_castsi256_si128(tbl256);
+    __m128i L = _mm_loadu_si128((const __m128i *)(const void *)(row + c / 4));
+    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)(row + D / 4 + c / 8)));
+    __m128i N = _mm_or_si128(w, _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0xF0)), 4));
+    f[0] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(L, m3), _mm_and_si128(_mm_slli_epi16(N, 2), m4)));
+    f[1] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 2), m3), _mm_and_si128(_mm_slli_epi16(N, 1), m4)));
+    f[2] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 4), m3), _mm_and_si128(N, m4)));
+    f[3] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 6), m3), _mm_and_si128(_mm_srli_epi16(N, 1), m4)));
+}
+
+/* the same as q3_lv128 for 64 channels */
+AI void q3_lv64(const uint8_t *row, int D, int c, __m256i tbl, uint8_t *dst) {
+    __m128i f[4];
+    q3_fields64(row, D, c, tbl, f);
+    __m128i a0 = _mm_unpacklo_epi8(f[0], f[1]), b0 = _mm_unpacklo_epi8(f[2], f[3]);
+    __m128i a1 = _mm_unpackhi_epi8(f[0], f[1]), b1 = _mm_unpackhi_epi8(f[2], f[3]);
+    _mm_storeu_si128((__m128i *)(void *)(dst + c), _mm_unpacklo_epi16(a0, b0));
+    _mm_storeu_si128((__m128i *)(void *)(dst + c + 16), _mm_unpackhi_epi16(a0, b0));
+    _mm_storeu_si128((__m128i *)(void *)(dst + c + 32), _mm_unpacklo_epi16(a1, b1));
+    _mm_storeu_si128((__m128i *)(void *)(dst + c + 48), _mm_unpackhi_epi16(a1, b1));
+}
+
+/* a row's D level bytes lv16[q_c], channel order (D = 80, 96: the last 16 or 32 channels one at a time) */
+AI void q3_row_lv(const uint8_t *row, int D, const uint8_t *lv16, __m256i tbl, uint8_t *dst) {
+    int c = 0;
+    for (; c + 128 <= D; c += 128) q3_lv128(row, D, c, tbl, dst);
+    if (c + 64 <= D) q3_lv64(row, D, c, tbl, dst), c += 64;
+    for (; c < D; c++)
+        dst[c] = lv16[((row[c / 4] >> (2 * (c % 4))) & 3) | (((row[D / 4 + c / 8] >> (c % 8)) & 1) << 2)];
+}
+
+/* decoded rows: x = scale * lv / 16 + min, fp32 */
+static void q3_decode(const kvq__blk *b, int j0, int n, float *out) {
+    const int D = b->D;
+    const __m256i tbl = q3_table(b->lv16);
+    uint8_t lv[256];
+    for (int i = 0; i < n; i++) {
+        int j = j0 + i;
+        float *o = out + (size_t)i * D;
+        q3_row_lv(b->data + (size_t)j * b->stride, D, b->lv16, tbl, lv);
+        const __m256 k16 = _mm256_set1_ps(0.0625f);
+        for (int c = 0; c < D; c += 8) {
+            __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(lv + c)))), k16);
+            __m256 s, m;
+            if (b->role == KVQ_KEY) {
+                const uint16_t *sm = b->par + (size_t)(j / b->G) * 2 * D;
+                s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c)));
+                m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
+            } else {
+                const uint16_t *sm = b->par + ((size_t)j * (D / b->Gv) + c / b->Gv) * 2; /* Gv >= 16 */
+                s = _mm256_set1_ps(_cvtsh_ss(sm[0])), m = _mm256_set1_ps(_cvtsh_ss(sm[1]));
+            }
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(s, x, m));
+        }
+    }
+}
+
+static void to_kernel_order(kvq_type T, const float *src, float *dst, int D);
+
+/* The query's order for Q3 keys: D a multiple of 64, Q2's kernel order (position c + 16u + k of a 64-channel chunk
+ * at c holds channel c + 4k + u), the order of q3_fields64/128's fields widened to words; else channel order */
+static void q3_order(kvq_type T, const float *src, float *dst, int D) {
+    (void)T;
+    if (D % 64 == 0) to_kernel_order(KVQ_TYPE_Q2, src, dst, D);
+    else memcpy(dst, src, (size_t)D * sizeof(float));
+}
+
+/* *a += maddwd(x, q) for the R rows of q16 at channel position pos */
+AI void q3_madd_rows(const int R, __m256i *acc, __m256i x, const int16_t *q16, int D, int pos) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(x, _mm256_load_si256((const __m256i *)(const void *)(q16 + (size_t)r * D + pos))));
+}
+
+/* Key scores of R <= 4 rows: 8 tokens of one key group are decoded to level bytes, then dotted with
+ * q' = q * scale (int16, per key group): score = qs / 16 * sum q'_c lv_c + q . min */
+AI void q3_key_scores_impl(const int R, const int DK, const kvq__blk *b, int j0, int n, const float *q, float *s,
+                           int ss, kvq__qstate *st) {
+    const int D = DK ? DK : b->D; /* DK: the head dim when known at compile time (the channel loop unrolls) */
+    const __m256i tbl = q3_table(b->lv16);
+    uint8_t lv[8][256] __attribute__((aligned(32)));
+    if (!st->valid) {
+        for (int r = 0; r < R; r++) q3_order(KVQ_TYPE_Q3, q + (size_t)r * D, st->qg + (size_t)r * D, D);
+        st->valid = 1, st->par = NULL, st->group = -1;
+    }
+    pfcur pf = pf_start(b, n);
+    for (int i0 = 0; i0 < n;) {
+        int j = j0 + i0;
+        if (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G) {
+            key_group_query_in(KVQ_TYPE_Q3, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st, q3_order);
+            for (int r = 0; r < R; r++) st->qs[r] *= 0.0625f; /* lv16 is in 1/16 steps */
+            st->par = b->par, st->group = j / b->G;
+        }
+        int m = n - i0 < 8 ? n - i0 : 8;
+        if (j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        pf_step(&pf);
+        const uint8_t *row = b->data + (size_t)j * b->stride;
+        __m256i part[8];
+        if (D % 64 == 0) { /* the fields stay in registers, widened to words in the query's order */
+            for (int t = 0; t < m; t++, row += b->stride) {
+                __m256i acc[4];
+                #pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_si256();
+                int c = 0;
+                for (; c + 128 <= D; c += 128) {
+                    __m256i f[4];
+                    q3_fields128(row, D, c, tbl, f);
+                    #pragma GCC unroll 4
+                    for (int u = 0; u < 4; u++) {
+                        q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(f[u])), st->q16, D, c + 16 * u);
+                        q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(f[u], 1)), st->q16, D, c + 64 + 16 * u);
+                    }
+                }
+                if (c < D) {
+                    __m128i f[4];
+                    q3_fields64(row, D, c, tbl, f);
+                    #pragma GCC unroll 4
+                    for (int u = 0; u < 4; u++) q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(f[u]), st->q16, D, c + 16 * u);
+                }
+                part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+            }
+            int_scores_store(KVQ_TYPE_Q3, R, b, j, m, part, st, s + i0, ss);
+            i0 += m;
+            continue;
+        }
+        for (int t = 0; t < m; t++, row += b->stride) q3_row_lv(row, D, b->lv16, tbl, lv[t]);
+        for (int t = 0; t < m; t++) {
+            __m256i acc[4];
+            #pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_si256();
+            for (int c = 0; c < D; c += 16) {
+                __m256i x = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *)(const void *)(lv[t] + c)));
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++)
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(x, _mm256_load_si256((const __m256i *)(const void *)(st->q16 + (size_t)r * D + c))));
+            }
+            part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+        }
+        int_scores_store(KVQ_TYPE_Q3, R, b, j, m, part, st, s + i0, ss);
+        i0 += m;
+    }
+}
+
+/* Values, R <= 4 rows: the segment's n rows decoded to level bytes, then per 16 channels of value group g,
+ * acc[r] += ws[g][r] * sum_i w16[g][r][i] lv_i + sum_i p_ri min_ig, w16 = p * scale rounded to int16 (token pairs
+ * interleaved as in the Q8 kernel: one vpmaddwd does two tokens of 8 channels) */
+AI void q3_value_accum_impl(const int R, const int DK, const kvq__blk *b, int j0, int n, const float *p, int ps,
+                            float *accbuf) {
+    const int D = DK ? DK : b->D, Gv = b->Gv, ng = D / Gv;
+    const __m256i tbl = q3_table(b->lv16);
+    /* row n: the partner of an odd n's last token, at weight 0 (its bytes never matter: integer products) */
+    uint8_t lv[65][256] __attribute__((aligned(32)));
+    int16_t w16[16][4][64 + 16] __attribute__((aligned(32)));
+    float ws[16][4], mn[16][4];
+    for (int i = 0; i < n; i++) q3_row_lv(b->data + (size_t)(j0 + i) * b->stride, D, b->lv16, tbl, lv[i]);
+    for (int g = 0; g < ng; g++) {
+        float S[64] __attribute__((aligned(32))), M[64] __attribute__((aligned(32)));
+        for (int i = 0; i < 64; i++) {
+            const uint16_t *sm = b->par + ((size_t)(j0 + i) * ng + g) * 2;
+            S[i] = i < n ? _cvtsh_ss(sm[0]) : 0.0f, M[i] = i < n ? _cvtsh_ss(sm[1]) : 0.0f;
+        }
+        for (int r = 0; r < R; r++) {
+            const float *pr = p + (size_t)r * ps;
+            float wf[64] __attribute__((aligned(32)));
+            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
+            for (int i = 0; i < 64; i += 8) {
+                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S + i));
+                _mm256_store_ps(wf + i, w);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), w));
+                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M + i), ma);
+            }
+            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
+            __m256 inv = _mm256_set1_ps(1.0f / sc);
+            for (int i = 0; i < 64; i += 16) {
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i), inv));
+                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8), inv));
+                _mm256_store_si256((__m256i *)(void *)&w16[g][r][i], _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8));
+            }
+            w16[g][r][64] = 0;
+            ws[g][r] = sc * 0.0625f, mn[g][r] = hsum_ps(ma);
+        }
+    }
+    for (int c = 0; c < D; c += 16) {
+        const int g = c / Gv;
+        __m256i a[4][2];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+        for (int i = 0; i < n; i += 2) {
+            /* an odd n's last token pairs with row n at weight 0 (w16[n] = 0) */
+            __m128i x0 = _mm_load_si128((const __m128i *)(const void *)(lv[i] + c));
+            __m128i x1 = _mm_load_si128((const __m128i *)(const void *)(lv[i + 1] + c));
+            __m256i lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x0, x1)), hi = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(x0, x1));
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                int32_t pw;
+                memcpy(&pw, &w16[g][r][i], 4);
+                __m256i w = _mm256_set1_epi32(pw);
+                a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w, lo));
+                a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w, hi));
+            }
+        }
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            float *o = accbuf + (size_t)r * D + c;
+            __m256 s = _mm256_set1_ps(ws[g][r]), m = _mm256_set1_ps(mn[g][r]);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), s, _mm256_loadu_ps(o)), m));
+            _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), s, _mm256_loadu_ps(o + 8)), m));
+        }
+    }
+}
+
+/* more than 4 rows: decoded tiles of 8 rows through the fp32 kernels */
+static void q3_key_scores_tiles(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss) {
+    float x[KVQ_TILE * 256] __attribute__((aligned(32)));
+    for (int i = 0; i < n; i += KVQ_TILE) {
+        int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
+        q3_decode(b, j0 + i, m, x);
+        dots_avx2(q, rows, b->D, x, m, s + i, ss);
+    }
+}
+
+static void q3_value_accum_tiles(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+    float x[KVQ_TILE * 256] __attribute__((aligned(32)));
+    for (int i = 0; i < n; i += KVQ_TILE) {
+        int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
+        q3_decode(b, j0 + i, m, x);
+        axpys_avx2(p + i, ps, rows, b->D, x, m, acc);
+    }
+}
+
+static void q3_key_scores(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
+                          kvq__qstate *st) {
+#define Q3K(DK)                                                                                                \
+    switch (rows) {                                                                                            \
+    case 1: q3_key_scores_impl(1, DK, b, j0, n, q, s, ss, st); break;                                          \
+    case 2: q3_key_scores_impl(2, DK, b, j0, n, q, s, ss, st); break;                                          \
+    case 3: q3_key_scores_impl(3, DK, b, j0, n, q, s, ss, st); break;                                          \
+    default: q3_key_scores_impl(4, DK, b, j0, n, q, s, ss, st); break;                                         \
+    }
+    if (rows > 4) q3_key_scores_tiles(b, j0, n, q, rows, s, ss);
+    else if (b->D == 128) Q3K(128)
+    else if (b->D == 64) Q3K(64)
+    else Q3K(0)
+#undef Q3K
+}
+
+static void q3_value_accum(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+#define Q3V(DK)                                                                                                \
+    switch (rows) {                                                                                            \
+    case 1: q3_value_accum_impl(1, DK, b, j0, n, p, ps, acc); break;                                           \
+    case 2: q3_value_accum_impl(2, DK, b, j0, n, p, ps, acc); break;                                           \
+    case 3: q3_value_accum_impl(3, DK, b, j0, n, p, ps, acc); break;                                           \
+    default: q3_value_accum_impl(4, DK, b, j0, n, p, ps, acc); break;                                          \
+    }
+    if (rows > 4) q3_value_accum_tiles(b, j0, n, p, ps, rows, acc);
+    else if (b->D == 128) Q3V(128)
+    else Q3V(0)
+#undef Q3V
 }
 
 /* ---- fused kernels: one pass over a block's bytes, dequantized in registers ---- */
@@ -539,6 +853,10 @@ static bool int_ok(const kvq__blk *b, int rows) {
 
 static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                             kvq__qstate *st) {
+    if (b->type == KVQ_TYPE_Q3) {
+        q3_key_scores(b, j0, n, q, rows, s, ss, st);
+        return;
+    }
     if (nu_blk(b)) {
         key_scores_levels(dots_avx2, b, j0, n, q, rows, s, ss);
         return;
@@ -562,6 +880,10 @@ static void key_scores_avx2(const kvq__blk *b, int j0, int n, const float *q, in
 }
 
 static void value_accum_avx2(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+    if (b->type == KVQ_TYPE_Q3) {
+        q3_value_accum(b, j0, n, p, ps, rows, acc);
+        return;
+    }
     if (nu_blk(b)) {
         value_accum_levels(axpys_avx2, b, j0, n, p, ps, rows, acc);
         return;

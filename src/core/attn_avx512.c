@@ -73,6 +73,10 @@ AI float hsum16(__m512 a) {
 }
 
 static void decode_avx512(const kvq__blk *b, int j0, int n, float *out) {
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
+        kvq__kernels_avx2_table()->decode(b, j0, n, out);
+        return;
+    }
     if (nu_blk(b)) {
         decode_levels(b, j0, n, out);
         return;
@@ -670,6 +674,10 @@ static bool int_ok_avx2(const kvq__blk *b, int rows) {
 
 static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                               kvq__qstate *st) {
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
+        kvq__kernels_avx2_table()->key_scores(b, j0, n, q, rows, s, ss, st);
+        return;
+    }
     if (nu_blk(b)) {
         key_scores_levels(dots_avx512, b, j0, n, q, rows, s, ss);
         return;
@@ -702,6 +710,10 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
 
 static void value_accum_avx512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows,
                                float *acc) {
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
+        kvq__kernels_avx2_table()->value_accum(b, j0, n, p, ps, rows, acc);
+        return;
+    }
     if (nu_blk(b)) {
         value_accum_levels(axpys_avx512, b, j0, n, p, ps, rows, acc);
         return;

@@ -54,7 +54,7 @@ static const uint8_t lv_n2[4] = {8, 20, 28, 40};
 const uint8_t *kvq__levels16(kvq_type t, bool nonuniform) {
     switch (t) {
     case KVQ_TYPE_Q4: return nonuniform ? lv_n4 : lv_u4;
-    case KVQ_TYPE_Q3: return nonuniform ? lv_n3 : lv_u3; /* for the Q3 type (reserved until it is implemented) */
+    case KVQ_TYPE_Q3: return nonuniform ? lv_n3 : lv_u3;
     case KVQ_TYPE_Q2: return nonuniform ? lv_n2 : lv_u2;
     default: return NULL;
     }
@@ -74,12 +74,20 @@ static inline int code_of(float v, const uint8_t *lv16, int qmax) {
     return best;
 }
 
-static inline void put_bits(uint8_t *row, int c, int b, int q) {
+/* code q of channel c in a row of D channels (kvq.h section 5); b = 3: the low 2 bits as a Q2 row, the high bit at
+ * byte D/4 + c/8, bit c%8 */
+static inline void put_bits(uint8_t *row, int c, int b, int D, int q) {
+    if (b == 3) {
+        put_bits(row, c, 2, D, q & 3);
+        row[D / 4 + c / 8] = (uint8_t)(row[D / 4 + c / 8] | ((q >> 2) << (c % 8)));
+        return;
+    }
     int per = 8 / b, shift = (c % per) * b;
     row[c / per] = (uint8_t)(row[c / per] | (q << shift));
 }
 
-static inline int get_bits(const uint8_t *row, int c, int b) {
+static inline int get_bits(const uint8_t *row, int c, int b, int D) {
+    if (b == 3) return get_bits(row, c, 2, D) | (((row[D / 4 + c / 8] >> (c % 8)) & 1) << 2);
     int per = 8 / b, shift = (c % per) * b;
     return (row[c / per] >> shift) & ((1 << b) - 1);
 }
@@ -117,6 +125,7 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, const float *x, int D, int 
         return;
     }
     case KVQ_TYPE_Q4:
+    case KVQ_TYPE_Q3:
     case KVQ_TYPE_Q2: {
         int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
         memset(row, 0, kvq__row_bytes(t, D));
@@ -126,7 +135,7 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, const float *x, int D, int 
             par[2 * g] = kvq__f32_to_f16(s);
             par[2 * g + 1] = kvq__f32_to_f16(mn);
             for (int c = g * Gv; c < (g + 1) * Gv; c++)
-                put_bits(row, c, b, s > 0 ? code_of((x[c] - mn) / s, lv16, qmax) : 0);
+                put_bits(row, c, b, D, s > 0 ? code_of((x[c] - mn) / s, lv16, qmax) : 0);
         }
         return;
     }
@@ -144,7 +153,7 @@ void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, const float *x, int G
         scale_min[c] = kvq__f32_to_f16(s);
         scale_min[D + c] = kvq__f32_to_f16(mn);
         for (int i = 0; i < G; i++)
-            put_bits(rows + (size_t)i * row_bytes, c, b, s > 0 ? code_of((x[(size_t)i * D + c] - mn) / s, lv16, qmax) : 0);
+            put_bits(rows + (size_t)i * row_bytes, c, b, D, s > 0 ? code_of((x[(size_t)i * D + c] - mn) / s, lv16, qmax) : 0);
     }
 }
 
@@ -168,16 +177,17 @@ void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint
         break;
     }
     case KVQ_TYPE_Q4:
+    case KVQ_TYPE_Q3:
     case KVQ_TYPE_Q2: {
         int b = kvq_type_get_traits(t)->bits;
         if (role == KVQ_KEY) {
             const uint16_t *sm = par + (size_t)(j / G) * 2 * D;
             for (int c = 0; c < D; c++)
-                o[c] = kvq__f16_to_f32(sm[c]) * ((float)lv16[get_bits(row, c, b)] * 0.0625f) + kvq__f16_to_f32(sm[D + c]);
+                o[c] = kvq__f16_to_f32(sm[c]) * ((float)lv16[get_bits(row, c, b, D)] * 0.0625f) + kvq__f16_to_f32(sm[D + c]);
         } else {
             const uint16_t *sm = par + (size_t)j * (D / Gv) * 2;
             for (int c = 0; c < D; c++)
-                o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * ((float)lv16[get_bits(row, c, b)] * 0.0625f) +
+                o[c] = kvq__f16_to_f32(sm[2 * (c / Gv)]) * ((float)lv16[get_bits(row, c, b, D)] * 0.0625f) +
                        kvq__f16_to_f32(sm[2 * (c / Gv) + 1]);
         }
         break;

@@ -11,7 +11,7 @@ static const kvq_type_traits traits[KVQ_TYPE_COUNT] = {
     [KVQ_TYPE_FP8] = {"fp8", 8, 0, 1},
     [KVQ_TYPE_Q4] = {"q4", 4, 1, 1},
     [KVQ_TYPE_Q2] = {"q2", 2, 1, 1},
-    [KVQ_TYPE_Q3] = {"q3", 3, 1, 0},
+    [KVQ_TYPE_Q3] = {"q3", 3, 1, 1},
 };
 
 const kvq_type_traits *kvq_type_get_traits(kvq_type t) {
@@ -32,9 +32,10 @@ kvq_status kvq_type_from_name(const char *name, kvq_type *out) {
             return KVQ_OK;
         }
     }
-    return kvq__fail(KVQ_ERR_UNSUPPORTED_TYPE, "unknown kv type '%s' (expected f16, bf16, q8, fp8, q4, q2)", name);
+    return kvq__fail(KVQ_ERR_UNSUPPORTED_TYPE, "unknown kv type '%s' (expected f16, bf16, q8, fp8, q4, q3, q2)", name);
 }
 
+/* Q3: D/4 bytes of low 2 bits then D/8 bytes of high bits, 3D/8 in all (D is a multiple of 16) */
 size_t kvq__row_bytes(kvq_type t, int D) { return (size_t)D * (size_t)traits[t].bits / 8; }
 
 int kvq__value_group(int D, int G) {
@@ -53,6 +54,7 @@ static size_t param_bytes(kvq_type t, kvq_role role, int P, int D, int G, int Gv
     case KVQ_TYPE_Q8:
     case KVQ_TYPE_FP8: return (size_t)P * 2;
     case KVQ_TYPE_Q4:
+    case KVQ_TYPE_Q3:
     case KVQ_TYPE_Q2:
         return role == KVQ_KEY ? (size_t)(P / G) * 2 * (size_t)D * 2 : (size_t)P * (size_t)(D / Gv) * 2 * 2;
     default: return 0;

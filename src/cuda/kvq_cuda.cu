@@ -129,6 +129,8 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     kvq_page_layout L;
     kvq_status s = kvq_page_layout_make(cfg.type_k, cfg.type_v, cfg.n_kv_heads, cfg.head_dim, cfg.page_tokens, cfg.group, &L);
     if (s) return fail(s, "kvq_cuda_cache_create: %s", kvq_last_error());
+    if (cfg.type_k == KVQ_TYPE_Q3 || cfg.type_v == KVQ_TYPE_Q3) /* no GPU kernels for Q3's split bit planes yet */
+        return fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq_cuda_cache_create: type q3 (the CUDA backend has f16, bf16, q8, fp8, q4, q2)");
     if (L.head_dim != 64 && L.head_dim != 128)
         return fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "kvq_cuda_cache_create: head_dim %d (the CUDA backend has 64 and 128)", L.head_dim);
     if (L.page_tokens != PT) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: page_tokens %d (the CUDA backend needs 64)", L.page_tokens);

@@ -35,13 +35,16 @@ def test_version_and_types():
     assert kvq.type_from_name("Q4") == 4
     with pytest.raises(ValueError, match="unknown kv type"):
         kvq.type_from_name("q7")
+    assert kvq.type_from_name("q3") == 6
     with pytest.raises(ValueError):
-        kvq.type_from_name("q3")  # reserved, not implemented
+        kvq.type_from_name(7)  # past KVQ_TYPE_COUNT
     # Q4 keys at D=128: 72 bytes per token per head (kvq.h section 5)
     assert kvq.bytes_per_token("q4", 0, 128) == pytest.approx(72, abs=0.5)
+    # Q3: 48 bytes of codes + 512 bytes of (scale, min) per 64 tokens = 56 (3.5 bits per element)
+    assert kvq.bytes_per_token("q3", 0, 128) == pytest.approx(56, abs=0.01)
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "bf16", "q8", "fp8", "q4", "q2"])
+@pytest.mark.parametrize("kv_type", ["f16", "bf16", "q8", "fp8", "q4", "q3", "q2"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_roundtrip_and_attention(kv_type, head_dim):
     rng = np.random.default_rng(1)
@@ -54,13 +57,13 @@ def test_roundtrip_and_attention(kv_type, head_dim):
     c.append(1, [s], [10], k[-10:].astype(np.float16), v[-10:].astype(np.float16))
     assert c.seq_length(s, 1) == L and c.seq_length(s, 0) == 0
     kr, vr = c.read(s, 1)
-    tol = {"f16": 2e-3, "bf16": 2e-2, "q8": 0.05, "fp8": 0.3, "q4": 0.6, "q2": 2.5}[kv_type]
+    tol = {"f16": 2e-3, "bf16": 2e-2, "q8": 0.05, "fp8": 0.3, "q4": 0.6, "q3": 1.2, "q2": 2.5}[kv_type]
     assert np.abs(kr - k).max() < tol and np.abs(vr - v).max() < tol
     scale = 1 / np.sqrt(head_dim)
     # decode and prefill against numpy attention over the dequantized cache (same numbers the kernels read). The
     # AVX2 Q4/Q2 value kernels round each page's softmax weights to 8 bits (vpmaddubsw), 1/510 of the largest
     # weight: with these N(0,1) values (Q2 codes step ~2) that is up to ~4e-3 on the output, far below the types'
-    # own error against the original values (the tolerances above).
+    # own error against the original values (the tolerances above). Q3's kernels round them to int16.
     atol = 1e-2 if kv_type in ("q4", "q2") else 2e-3
     q = rng.standard_normal((1, Hq, head_dim)).astype(np.float32)
     out = c.attn_decode(1, [s], q)

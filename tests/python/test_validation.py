@@ -215,7 +215,7 @@ def test_bad_argument_raises_named_error_and_changes_nothing(filled, case):
     (dict(type_k=None), TypeError, "kv type"),
     (dict(type_k=True), TypeError, "kv type"),
     (dict(type_k="q4\0"), ValueError, "unknown kv type"),
-    (dict(type_v=6), ValueError, "not implemented"),
+    (dict(type_v=7), ValueError, "unknown kv type"),  # past KVQ_TYPE_COUNT
 ])
 def test_cache_config_checked(kwargs, exc, match):
     args = dict(n_layers=1, n_kv_heads=2, head_dim=64, type_k="q8", max_tokens=64)
