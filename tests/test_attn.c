@@ -324,6 +324,9 @@ static void run_dominant(kvq_type t, int D, int rep, int64_t at) {
     }
     unsetenv("KVQ_CPU_KERNELS");
     free(k), free(v), free(q), free(out), free(ref), free(refd);
+    kvq_cache_free(c);
+}
+
 /* One logit far above the others (+60 over N(0, 1) logits): the output is that token's value. The integer value
  * kernels round each segment's weights with one scale per row: here every other weight (e^-60 of the largest)
  * rounds to 0, and an error in the scale or in the dominant weight's rounding moves the output by O(1). Every
@@ -410,11 +413,11 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0});
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0});
     /* Q3: 8 rows (decoded tiles through the fp32 kernels), SmolLM2's shape, more heads than a work item walks */
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0});
     n += 15;
     /* non-uniform levels (kvq.h section 10) for keys, values or both, every head dim: the SIMD tables decode them
      * through a lookup (a wrong level fails the comparison with _ref) and the quality bound holds (their error is
