@@ -40,7 +40,8 @@
  *   sequence in the call). Finite values beyond the fp16 range (|x| > 65504) are rejected the same way, because
  *   the residual window and the F16 type store fp16. Queries are not rejected: a query head whose row holds NaN or
  *   +-Inf (after the attention scale), or whose logits are NaN or +-Inf in fp32 (overflow), gets NaN in all of its
- *   head_dim outputs, whatever the kernel table; the other heads and queries of the call are unaffected.
+ *   head_dim outputs, whatever the kernel table; the other heads and queries of the call are unaffected (bit for
+ *   bit with the scalar kernels; with the SIMD ones up to fp32 summation order, see tests/test_softmax.c).
  *
  * ---------------------------------------------------------------------------------------------------------
  * 3. Versions

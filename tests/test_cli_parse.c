@@ -251,7 +251,6 @@ static void test_rejections(void) {
                    o3.compare[1].type_k == KVQ_TYPE_Q4 && o3.compare[1].type_v == KVQ_TYPE_Q3,
                "--compare q3,q4/q3: rc %d '%s'", r3, e3);
     }
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r11111111111111111111111111111111111111111111111111", "longer than 47");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q4|--compare|f16,q8", "--compare lists the KV types itself");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|-ctk|q4_0", "llama.cpp's type 'q4_0' has no kvq equivalent");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--cache-type-v|f32", "'f32' has no kvq equivalent");

@@ -13,6 +13,18 @@
 
 enum { H = 2 };
 
+/* "Unaffected by another head's NaN": bit for bit on the scalar table; on the SIMD tables the Q4 value kernels split a
+ * segment's integer sums where the rows sharing a KV head could overflow 16 bits, so a NaN head (its weights 0) may
+ * move a split and change the fp32 summation order of its neighbours: the same values up to that rounding. */
+static bool same_result(const float *x, const float *y, int D, const char *table) {
+    if (!strcmp(table, "scalar")) return !memcmp(x, y, (size_t)D * 4);
+    double amax = 0;
+    for (int d = 0; d < D; d++) amax = fmax(amax, fabs(y[d]));
+    for (int d = 0; d < D; d++)
+        if (!(fabs((double)x[d] - y[d]) <= 1e-5 * amax)) return false;
+    return true;
+}
+
 static const kvq_type all_types[7] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8,
                                      KVQ_TYPE_Q4,  KVQ_TYPE_Q2,   KVQ_TYPE_Q3};
 
@@ -73,7 +85,7 @@ static void nonfinite_case(kvq_type t, int D, int rep) {
                 CHECK(all_nan(x, D), "decode %s D=%d rep=%d %s: head %d (non-finite q) gives %g, not NaN", tn, D, rep,
                       tu_tables[tb], hq, (double)x[0]);
             else
-                CHECK(!memcmp(x, y, (size_t)D * 4), "decode %s D=%d rep=%d %s: head %d changed by another head's NaN",
+                CHECK(same_result(x, y, D, tu_tables[tb]), "decode %s D=%d rep=%d %s: head %d changed by another head's NaN",
                       tn, D, rep, tu_tables[tb], hq);
         }
         CHECK_OK(kvq_attn_prefill(c, 0, seq[0], nq, pqc, poc, &ap));
@@ -85,7 +97,7 @@ static void nonfinite_case(kvq_type t, int D, int rep) {
                 CHECK(all_nan(x, D), "prefill %s D=%d rep=%d %s: row %zu (non-finite q) gives %g, not NaN", tn, D, rep,
                       tu_tables[tb], r, (double)x[0]);
             else
-                CHECK(!memcmp(x, y, (size_t)D * 4), "prefill %s D=%d rep=%d %s: row %zu changed by another row's NaN",
+                CHECK(same_result(x, y, D, tu_tables[tb]), "prefill %s D=%d rep=%d %s: row %zu changed by another row's NaN",
                       tn, D, rep, tu_tables[tb], r);
         }
     }
