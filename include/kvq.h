@@ -340,6 +340,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest.
  * ------------------------------------------------------------------------------------------------------- */
 
+/* Rotation (rotate, rotation_seed): ROTATION_DOC
+ */
+KVQ_API kvq_status kvq_rotation_apply(const kvq_cache *cache, int layer, kvq_role role, int inverse, float *x,
+                                      int n_vectors);
+
 #ifdef __cplusplus
 }
 #endif

@@ -111,7 +111,7 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
     free(s), free(ds), free(o);
 }
 
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H, rot; } combo; /* rot: KVQ_ROLES_* */
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -158,7 +158,7 @@ static void run_combo(combo cb) {
     const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
-    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2;
+    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.rotate = cb.rot;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;
@@ -209,11 +209,19 @@ static void run_combo(combo cb) {
         kvq_seq_view view;
         CHECK_OK(kvq_seq_view_get(c, seqs[b], 1, &view));
         double *vk = malloc(n * 8), *vv = malloc(n * 8);
-        format_var(cb.tk, KVQ_KEY, orig[b], lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
-        format_var(cb.tv, KVQ_VALUE, orig[b] + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
-        predicted_error(q + o, 1, nqh, &pos, orig[b], orig[b] + n, vk, vv, lens[b], H, cb.D, scale, cb.window,
-                        cb.softcap, &pnum, &pden);
-        free(vk), free(vv);
+        /* a rotated cache quantizes R k and R v: the formats' error of those, seen by R q (q.k = Rq.Rk) and carried
+         * back by R^T, which keeps the output error's energy (R orthonormal), so the prediction is made in the rotated
+         * domain; R is the cache's own (kvq_rotation_apply: the identity for a role that is not rotated) */
+        float *rk = malloc(2 * n * 4), *rq = malloc((size_t)nqh * cb.D * 4);
+        memcpy(rk, orig[b], 2 * n * 4), memcpy(rq, q + o, (size_t)nqh * cb.D * 4);
+        CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rk, (int)(lens[b] * H)));
+        CHECK_OK(kvq_rotation_apply(c, 1, KVQ_VALUE, 0, rk + n, (int)(lens[b] * H)));
+        CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rq, nqh));
+        format_var(cb.tk, KVQ_KEY, rk, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
+        format_var(cb.tv, KVQ_VALUE, rk + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
+        predicted_error(rq, 1, nqh, &pos, rk, rk + n, vk, vv, lens[b], H, cb.D, scale, cb.window, cb.softcap, &pnum,
+                        &pden);
+        free(vk), free(vv), free(rk), free(rq);
     }
     const double pred = pnum / pden, qbound = fmin(QUAL_MARGIN * pred, QUAL_CAP);
     double e_ref = tu_nmse(out_ref, ref, qn);
@@ -288,7 +296,9 @@ int main(void) {
                 if (quick && (di % 2 || (tk != tv && di != 0))) continue;
                 for (int rep = 1; rep <= 4; rep *= 4)
                     for (int w = 0; w < 2; w++) {
-                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2};
+                        /* half of the runs on a rotated cache (K and V), every type pair and head dim both ways */
+                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2,
+                                    (di + w) % 2 ? KVQ_ROLES_KV : KVQ_ROLES_NONE};
                         run_combo(cb);
                         n++;
                     }
@@ -308,7 +318,10 @@ int main(void) {
     run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3});
     run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
-    n += 10;
+    /* rotated keys only and values only: the query and the output each rotated alone */
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, KVQ_ROLES_K});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, KVQ_ROLES_V});
+    n += 12;
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
