@@ -305,19 +305,19 @@ int main(void) {
             }
         }
     /* more KV heads than one decode work item walks together (16) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18});
-    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, KVQ_ROLES_NONE});
     /* 8 query heads per KV head: the fused fp32 kernels for 5 to 8 rows, every type's key and value path */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2});
-    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, KVQ_ROLES_NONE});
     /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
      * combination has an odd ratio above 1) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, KVQ_ROLES_NONE});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, KVQ_ROLES_NONE});
     /* rotated keys only and values only: the query and the output each rotated alone */
     run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, KVQ_ROLES_K});
     run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, KVQ_ROLES_V});

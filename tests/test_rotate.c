@@ -1,6 +1,6 @@
 /* The randomized Hadamard rotation (kvq.h section 10, src/core/rotate.c):
- *  - R against a dense O(D^2) matrix built from its definition (H diag(s) / sqrt(n) per block, two stages for
- *    D = 80, 96), orthonormal (R^T R x = x, ||Rx|| = ||x|| to fp32 rounding), deterministic per seed, different
+ *  - R against a dense O(D^2) matrix built from its definition (H diag(s) / sqrt(n) per block; blocks 64 + 16 and
+ *    64 + 32 for D = 80, 96), orthonormal (R^T R x = x, ||Rx|| = ||x|| to fp32 rounding), deterministic per seed, different
  *    for another seed, layer or role;
  *  - a rotated cache reads back what was appended (the type's error), through the window, pages, truncate, fork;
  *  - rotation lowers the error of per-token quantization (Q8, Q4/Q2 values) on data with channel outliers;
@@ -16,32 +16,24 @@ static const int dims[5] = {64, 80, 96, 128, 256};
 
 static int bit(const kvq__rot *r, int b) { return (int)((r->s[b >> 6] >> (b & 63)) & 1); }
 
-/* Dense R (row-major [D][D], fp64) from the definition: one block H_n diag(s) / sqrt(n) per block, H_n[i][j] =
- * (-1)^popcount(i & j); D = 64 + m: stage 1 = blocks [0,64) (signs 0..63), [64,D) (signs 64..), stage 2 = blocks
- * [0,m) (signs 256..), [m,D) (signs 256 + m ..); R = stage2 * stage1. */
-static void stage(const kvq__rot *r, int D, int off, int n, int bit0, double *M) {
+/* Dense R (row-major [D][D], fp64) from the definition: blocks H_n diag(s) / sqrt(n), H_n[i][j] = (-1)^popcount(i & j),
+ * [0,D) for D = 2^k, [0,64) and [64,D) for D = 80, 96; sign of channel j: bit j. */
+static void stage(const kvq__rot *r, int D, int off, int n, double *M) {
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++)
             M[(size_t)(off + i) * D + off + j] =
-                (__builtin_popcount((unsigned)(i & j)) & 1 ? -1.0 : 1.0) * (bit(r, bit0 + j) ? -1.0 : 1.0) / sqrt(n);
+                (__builtin_popcount((unsigned)(i & j)) & 1 ? -1.0 : 1.0) * (bit(r, off + j) ? -1.0 : 1.0) / sqrt(n);
 }
 
 static void dense(const kvq__rot *r, double *R) {
     int D = r->D;
     memset(R, 0, (size_t)D * D * 8);
     if (!(D & (D - 1))) {
-        stage(r, D, 0, D, 0, R);
-        return;
+        stage(r, D, 0, D, R);
+    } else {
+        stage(r, D, 0, 64, R);
+        stage(r, D, 64, D - 64, R);
     }
-    int m = D - 64;
-    double *A = calloc((size_t)D * D, 8), *B = calloc((size_t)D * D, 8);
-    stage(r, D, 0, 64, 0, A), stage(r, D, 64, m, 64, A);
-    stage(r, D, 0, m, 256, B), stage(r, D, m, 64, 256 + m, B);
-    for (int i = 0; i < D; i++)
-        for (int k = 0; k < D; k++)
-            if (B[(size_t)i * D + k] != 0)
-                for (int j = 0; j < D; j++) R[(size_t)i * D + j] += B[(size_t)i * D + k] * A[(size_t)k * D + j];
-    free(A), free(B);
 }
 
 static void transform_tests(void) {
@@ -60,9 +52,9 @@ static void transform_tests(void) {
                 worst_orth = fmax(worst_orth, fabs(a - (i == j)));
             }
         CHECK(worst_orth < 1e-12, "D=%d: dense R R^T - I = %g", D, worst_orth);
-        /* fp32 rounding: each output is a sum of D terms over log2(D) butterfly levels (<= 9 with two stages) and
-         * one scaling; error <= (levels + 1) * eps * sum|terms| <= (levels + 1) * eps * sqrt(D) ||x||. Bound 10x
-         * tighter per level than that worst case would still be loose; a wrong sign or a missing 1/sqrt(n) is O(1). */
+        /* fp32 rounding: each output is a sum of n terms over log2(n) butterfly levels and one scaling; error <=
+         * (levels + 1) * eps * sum|terms| <= (levels + 1) * eps * sqrt(D) ||x|| (measured ~1% of that); a wrong
+         * sign or a missing 1/sqrt(n) is O(1). */
         double worst_fw = 0, worst_rt = 0, worst_norm = 0, worst_inv = 0;
         for (int trial = 0; trial < 50; trial++) {
             float x[256], y[256], z[256];
@@ -88,7 +80,7 @@ static void transform_tests(void) {
             for (int d = 0; d < D; d++) worst_rt = fmax(worst_rt, fabs(y[d] - x[d]) / sqrt(nx));
             worst_norm = fmax(worst_norm, fabs(sqrt(ny / nx) - 1));
         }
-        double levels = (D & (D - 1)) ? 6 + 6 : log2(D), bound = (levels + 1) * EPS * sqrt(D);
+        double levels = (D & (D - 1)) ? 6 : log2(D), bound = (levels + 1) * EPS * sqrt(D);
         CHECK(worst_fw < bound, "D=%d: FWHT vs dense R: %g (bound %g)", D, worst_fw, bound);
         CHECK(worst_inv < bound, "D=%d: inverse FWHT vs dense R^T: %g (bound %g)", D, worst_inv, bound);
         CHECK(worst_rt < 2 * bound, "D=%d: R^T R x - x: %g (bound %g)", D, worst_rt, 2 * bound);
@@ -294,8 +286,15 @@ static void attn_tests(void) {
                     q[D + 3] = NAN;
                     CHECK_OK(kvq_attn_decode(c, 1, 1, &s, q, o2, &ap));
                     q[D + 3] = keep;
+                    /* the others bit for bit, except where the AVX2/AVX-512 Q4/Q2 value kernels round the weights
+                     * of a KV head's rows to 8 bits together: there a NaN row changes the other row's output by fp32
+                     * rounding (measured 1e-7 relative; also without rotation, e.g. f16/q4 D=96 rep=3: a kernel
+                     * property, reported) */
+                    float amax = 0;
+                    for (int i = 0; i < nqh * D; i++) amax = fmaxf(amax, fabsf(o[i]));
+                    float tol = tb > 0 && w8 ? 1e-5f * amax : 0.0f;
                     bool ok = true;
-                    for (int i = 0; i < nqh * D; i++) ok &= i / D == 1 ? isnan(o2[i]) : o2[i] == o[i];
+                    for (int i = 0; i < nqh * D; i++) ok &= i / D == 1 ? isnan(o2[i]) : fabsf(o2[i] - o[i]) <= tol;
                     CHECK(ok, "decode %s/%s D=%d rotate=%d %s: a NaN in query head 1 is not all NaN there, or leaks",
                           kvq_type_get_traits(ts[ti][0])->name, kvq_type_get_traits(ts[ti][1])->name, D, rot, tu_tables[tb]);
                 }

@@ -162,7 +162,7 @@ static inline uint8_t *kvq__vblock(const kvq_cache *c, int32_t page, int h) {
 kvq_status kvq__check_seq(const kvq_cache *c, int32_t seq, const char *fn);
 
 /* ---- randomized Hadamard rotation (rotate.c, kvq.h section 10) ---- */
-#define KVQ_ROT_SIGN_WORDS 6 /* sign bits: stage 1 at 0 .. D-1, stage 2 (D = 80, 96) at 256 .. 256 + D - 1 */
+#define KVQ_ROT_SIGN_WORDS 4 /* one sign bit per channel, D <= 256 */
 typedef struct kvq__rot {
     uint64_t s[KVQ_ROT_SIGN_WORDS];
     int D;
