@@ -350,7 +350,7 @@ KVQ_API const char *kvq_cpu_backend(void);
 /* ---------------------------------------------------------------------------------------------------------
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
- * default for the cache's types. Not implemented yet (rotate, sinks): any value other than 0 (or -1) is rejected with
+ * default for the cache's types. Not implemented yet (sinks): any value other than 0 (or -1) is rejected with
  * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest.
  *
  * nonuniform (KVQ_ROLES_K, _V, _KV; -1: KVQ_ROLES_NONE for now): the grouped types of those roles decode codes
@@ -370,6 +370,30 @@ KVQ_API const char *kvq_cpu_backend(void);
  * Gaussian without the rotation: outlier channels); the v and kv runs are not measured yet, so -1 resolves to
  * KVQ_ROLES_NONE until they (and the rotation, which makes groups Gaussian) are.
  * ------------------------------------------------------------------------------------------------------- */
+
+/* Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
+ * randomized Walsh-Hadamard matrix R = H diag(s) / sqrt(n) per head vector before they are stored (window and pages):
+ * it spreads channel outliers over the whole vector, so that per-token scales (Q8, Q4/Q2 values) get a finer step.
+ * Attention rotates each query row once (q.k = Rq.Rk) and un-rotates each output row once (sum p_i v_i =
+ * R^T sum p_i R v_i): O(D log D) per query head, nothing per cached token; kvq_read un-rotates. Append also rejects
+ * (KVQ_ERR_NONFINITE, nothing appended) a finite K/V whose rotated value exceeds 65504.
+ * R: n = D for D = 64, 128, 256; block-diagonal 64 + 16 / 64 + 32 for D = 80 / 96 (it quantizes better than two
+ * stages of blocks that mix all channels: rotate.c has the measurement). s = the sign bits of splitmix64 outputs
+ * seeded by (rotation_seed or 0x6b7671 when 0, layer, role): a different R per layer and per role.
+ * Pages and windows (kvq_seq_view) hold R k / R v for the rotated roles: an engine with its own kernels applies
+ * kvq_rotation_apply to its queries (role KVQ_KEY, inverse 0) and outputs (KVQ_VALUE, inverse 1) of that layer.
+ * Default (rotate = -1): keys of Q8, Q4, Q2 and values of Q2, except Q4 keys with Q2 values: values only; never
+ * F16/BF16 (nothing to gain) nor FP8 (relative error per element: rotated, its read-back NMSE is 2.2x higher,
+ * test_rotate). Measured: SmolLM2-135M Q4_1, debian-reference, ctx 1024, 4 chunks, PPL change vs the F16 cache
+ * (6.5435), rotate none / K / V / KV:
+ *   q8     +0.12%  -0.05%  +0.13%  -0.01%      q8/q4  +0.39%  +0.18%  +0.38%  +0.29%
+ *   q4     +1.09%  -0.29%  +1.04%  +0.06%      q4/q2  +15.9%  +16.5%  +5.08%  +6.72%
+ *   q2     +75.5%  +62.2%  +68.5%  +41.9%
+ */
+/* x: n_vectors vectors of head_dim floats, in place: x <- R x (inverse = 0) or R^T x (inverse = 1) with the R of
+ * (layer, role); the identity where the cache does not rotate `role`. */
+KVQ_API kvq_status kvq_rotation_apply(const kvq_cache *cache, int layer, kvq_role role, int inverse, float *x,
+                                      int n_vectors);
 
 #ifdef __cplusplus
 }

@@ -9,3 +9,9 @@ foreach(t roundtrip attn cache softmax)
 endforeach()
 
 # The cache-operation fuzz target (tests/fuzz_cache.c) and its corpus replay are registered by tests/fuzz.cmake.
+
+# The Hadamard rotation (kvq.h section 10): reads the sign bits through src/core/internal.h for its dense reference.
+add_executable(test_rotate ${PROJECT_SOURCE_DIR}/tests/test_rotate.c)
+target_include_directories(test_rotate PRIVATE ${PROJECT_SOURCE_DIR}/src/core)
+target_link_libraries(test_rotate PRIVATE kvq m)
+add_test(NAME core_rotate COMMAND test_rotate)

@@ -418,6 +418,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const int Rs[4] = {-1, 0, 5, 40};
     w.cfg = kvq_cache_config_default();
     w.cfg.n_layers = NL, w.cfg.max_seqs = MAXS, w.cfg.n_threads = 1;
+    w.cfg.rotate = 0;     /* the model's per-element bounds are the formats'; a rotated cache spreads each element's error
+                           * over the vector (test_rotate covers it) */
+    w.cfg.nonuniform = 0; /* the same: the uniform levels' half-step bound */
     w.cfg.type_k = (kvq_type)(b0 % KVQ_TYPE_COUNT), w.cfg.type_v = (kvq_type)(b1 % KVQ_TYPE_COUNT);
     w.D = w.cfg.head_dim = b2 & 1 ? 80 : 64;
     w.H = w.cfg.n_kv_heads = 1 + (b2 >> 1 & 1);

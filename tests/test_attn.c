@@ -112,7 +112,7 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
     free(s), free(ds), free(o);
 }
 
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; } combo; /* nu: kvq.h section 10 */
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; } combo; /* nu, rot: kvq.h section 10 (KVQ_ROLES_*) */
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -159,7 +159,7 @@ static void run_combo(combo cb) {
     const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
-    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.nonuniform = cb.nu;
+    cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.nonuniform = cb.nu, cfg.rotate = cb.rot;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;
@@ -210,11 +210,19 @@ static void run_combo(combo cb) {
         kvq_seq_view view;
         CHECK_OK(kvq_seq_view_get(c, seqs[b], 1, &view));
         double *vk = malloc(n * 8), *vv = malloc(n * 8);
-        format_var(cb.tk, KVQ_KEY, orig[b], lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
-        format_var(cb.tv, KVQ_VALUE, orig[b] + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
-        predicted_error(q + o, 1, nqh, &pos, orig[b], orig[b] + n, vk, vv, lens[b], H, cb.D, scale, cb.window,
-                        cb.softcap, &pnum, &pden);
-        free(vk), free(vv);
+        /* a rotated cache quantizes R k and R v: the formats' error of those, seen by R q (q.k = Rq.Rk) and carried
+         * back by R^T, which keeps the output error's energy (R orthonormal), so the prediction is made in the rotated
+         * domain; R is the cache's own (kvq_rotation_apply: the identity for a role that is not rotated) */
+        float *rk = malloc(2 * n * 4), *rq = malloc((size_t)nqh * cb.D * 4);
+        memcpy(rk, orig[b], 2 * n * 4), memcpy(rq, q + o, (size_t)nqh * cb.D * 4);
+        CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rk, (int)(lens[b] * H)));
+        CHECK_OK(kvq_rotation_apply(c, 1, KVQ_VALUE, 0, rk + n, (int)(lens[b] * H)));
+        CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rq, nqh));
+        format_var(cb.tk, KVQ_KEY, rk, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
+        format_var(cb.tv, KVQ_VALUE, rk + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
+        predicted_error(rq, 1, nqh, &pos, rk, rk + n, vk, vv, lens[b], H, cb.D, scale, cb.window, cb.softcap, &pnum,
+                        &pden);
+        free(vk), free(vv), free(rk), free(rq);
     }
     const double pred = pnum / pden, qbound = fmin(QUAL_MARGIN * pred, QUAL_CAP);
     double e_ref = tu_nmse(out_ref, ref, qn);
@@ -392,32 +400,38 @@ int main(void) {
                 if (quick && (di % 2 || (tk != tv && di != 0))) continue;
                 for (int rep = 1; rep <= 4; rep *= 4)
                     for (int w = 0; w < 2; w++) {
-                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2, 0};
+                        /* half of the runs on a rotated cache (K and V), every type pair and head dim both ways */
+                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2,
+                                    0, (di + w) % 2 ? KVQ_ROLES_KV : KVQ_ROLES_NONE};
                         run_combo(cb);
                         n++;
                     }
             }
         }
     /* more KV heads than one decode work item walks together (16) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0});
-    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0, 0});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0, 0});
     /* 8 query heads per KV head: the fused fp32 kernels for 5 to 8 rows, every type's key and value path */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0});
-    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0});
-    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0, 0});
     /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
      * combination has an odd ratio above 1) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0, 0});
+    /* rotated keys only and values only: the query and the output each rotated alone */
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, KVQ_ROLES_K});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, 0, KVQ_ROLES_V});
+    n += 2;
     /* Q3: 8 rows (decoded tiles through the fp32 kernels), SmolLM2's shape, more heads than a work item walks */
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0});
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0, 0});
     n += 15;
     /* non-uniform levels (kvq.h section 10) for keys, values or both, every head dim: the SIMD tables decode them
      * through a lookup (a wrong level fails the comparison with _ref) and the quality bound holds (their error is
@@ -425,10 +439,10 @@ int main(void) {
     for (int di = 0; di < 5; di++)
         for (int nu = 1; nu <= 3; nu++) {
             if (quick && nu != 3) continue;
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu});
-            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu});
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu});
-            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu, di % 2 ? KVQ_ROLES_KV : 0});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu, 0});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu, 0});
+            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu, 0});
             n += 4;
         }
     for (int ti = 0; ti < 2; ti++)

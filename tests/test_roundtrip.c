@@ -30,6 +30,7 @@ static void roundtrip(kvq_type t, int D, int H, int nu, int di) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t;
     cfg.residual = 0, cfg.arena_bytes = 8u << 20, cfg.nonuniform = nu;
+    cfg.rotate = 0; /* the formats' own per-element bounds; test_rotate covers the rotated cache */
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;

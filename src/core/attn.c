@@ -269,6 +269,19 @@ static void merge(int n, int rows, int D, const float *base, size_t per, int sp,
     }
 }
 
+/* Rotated caches (kvq.h section 10): the query rows go into the keys' rotated domain (q.k = Rq.Rk), the output
+ * rows come back from the values' (sum p_i v_i = R^T sum p_i R v_i), once per head: the kernels never see R.
+ * A non-finite query row is left as it is: its result is NaN whatever it holds (run_work), and rotating it would
+ * spread NaN over the whole row, which the integer kernels do not keep to that row (measured: test_softmax, q4
+ * rep = 2, AVX2/AVX-512: the other head of its KV head changed). A NaN output row stays NaN in every channel. */
+static void rotate_rows(const kvq_cache *c, int layer, kvq_role role, int inverse, float *x, size_t rows) {
+    if (!kvq__rotated(c, role)) return;
+    kvq__rot r;
+    kvq__rot_init(&r, c->cfg.rotation_seed, layer, role, c->L.head_dim);
+    for (size_t i = 0; i < rows; i++)
+        if (inverse || row_finite(x + i * (size_t)r.D, r.D)) kvq__rot_apply(&r, x + i * (size_t)r.D, inverse);
+}
+
 static kvq_status check_params(const kvq_cache *c, const kvq_attn_params *p, const char *fn) {
     KVQ_CHECK_NULL(p, fn);
     int H = c->L.n_kv_heads;
@@ -360,6 +373,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     }
     float *qs = buf + (size_t)n_items * hg * per;
     for (size_t e = 0; e < nqe; e++) qs[e] = q[e] * scale;
+    rotate_rows(c, layer, KVQ_KEY, 0, qs, (size_t)n_seqs * p->n_q_heads);
     int64_t k = 0;
     for (int i = 0; i < n_seqs; i++) {
         const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
@@ -385,6 +399,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
                     merge(nchunks, rep, D, buf + (size_t)k * hg * per + hh * per, hg * per, rep,
                           out + ((size_t)i * p->n_q_heads + (size_t)(h + hh) * rep) * D, D);
         }
+        rotate_rows(c, layer, KVQ_VALUE, 1, out, (size_t)n_seqs * p->n_q_heads);
     }
     free(items), free(buf), free(pos);
     return s;
@@ -429,6 +444,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
                     for (int d = 0; d < D; d++) qi[((size_t)i * rep + r) * D + d] = src[d] * scale;
                     pos[k * MAX_ROWS + i * rep + r] = len - n_q + q0 + i;
                 }
+            rotate_rows(c, layer, KVQ_KEY, 0, qi, (size_t)nq * rep);
             float *bb = buf + (size_t)k * per;
             items[k] = (work){sl, h, 1, 0, 0, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
                               bb + 2 * MAX_ROWS};
@@ -448,6 +464,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
                     for (int d = 0; d < D; d++) o[d] = a[d] * inv;
                 }
             }
+    if (s == KVQ_OK) rotate_rows(c, layer, KVQ_VALUE, 1, out, (size_t)n_q * p->n_q_heads);
     free(items), free(buf), free(pos);
     return s;
 }

@@ -19,6 +19,17 @@ kvq_cache_config kvq_cache_config_default(void) {
     return c;
 }
 
+/* rotate = -1 (kvq.h section 10, measured on SmolLM2 there): keys of Q8/Q4/Q2 and values of Q2, except values alone
+ * for Q4 keys with Q2 values (rotating those keys too measured 1.6% worse); FP8 never (its error is relative per
+ * element: rotated, it grows), F16/BF16 never (nothing to gain). */
+static int default_rotate(kvq_type tk, kvq_type tv) {
+    if (tk == KVQ_TYPE_Q4 && tv == KVQ_TYPE_Q2) return KVQ_ROLES_V;
+    int r = KVQ_ROLES_NONE;
+    if (tk == KVQ_TYPE_Q8 || tk == KVQ_TYPE_Q4 || tk == KVQ_TYPE_Q2) r |= KVQ_ROLES_K;
+    if (tv == KVQ_TYPE_Q2) r |= KVQ_ROLES_V;
+    return r;
+}
+
 /* Validates cfg (all but arena_bytes when check_arena is false), resolves its defaults and computes the layout and
  * window geometry. */
 static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *cfg, kvq_page_layout *L, int *W,
@@ -42,11 +53,9 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->n_threads < 0 || cfg->n_threads > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "n_threads %d outside 0..1024", cfg->n_threads);
     /* quality mechanisms (kvq.h section 10): defaults resolved per type */
-    if (cfg->rotate == -1) cfg->rotate = KVQ_ROLES_NONE;
+    if (cfg->rotate == -1) cfg->rotate = default_rotate(cfg->type_k, cfg->type_v);
     if (cfg->rotate < 0 || cfg->rotate > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "rotate %d is not a set of roles 0..3 (or -1 for the default)", cfg->rotate);
-    if (cfg->rotate != KVQ_ROLES_NONE)
-        return kvq__fail(KVQ_ERR_INVALID_ARG, "rotate %d: the Hadamard rotation is not implemented yet", cfg->rotate);
     if (cfg->sinks == -1) cfg->sinks = 0;
     if (cfg->sinks < 0 || cfg->sinks > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
@@ -584,6 +593,23 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
                              fabsf(a) <= 65504.0f ? "v" : "k", i, i / ((size_t)H * D), i / D % H, i % D,
                              (double)(fabsf(a) <= 65504.0f ? b : a));
     }
+    /* rotated roles are stored rotated (window included): their rotated values must fit fp16 too */
+    for (int r = 0; r < 2; r++) {
+        if (!kvq__rotated(c, (kvq_role)r)) continue;
+        kvq__rot rot;
+        kvq__rot_init(&rot, c->cfg.rotation_seed, layer, (kvq_role)r, D);
+        float tmp[256];
+        for (size_t i = 0; i < n_elem; i += D) {
+            for (int d = 0; d < D; d++) tmp[d] = load_elem(dtype, r ? v : k, i + d);
+            kvq__rot_apply(&rot, tmp, 0);
+            for (int d = 0; d < D; d++)
+                if (!(fabsf(tmp[d]) <= 65504.0f))
+                    return kvq__fail(KVQ_ERR_NONFINITE,
+                                     FN_APPEND ": %s (token %zu, head %zu) rotates to %g in channel %d: beyond the fp16 "
+                                     "range of the cache; nothing was appended",
+                                     r ? "v" : "k", i / ((size_t)H * D), i / D % H, (double)tmp[d], d);
+        }
+    }
     /* page tables: only their capacity grows, which no caller can observe */
     for (int i = 0; i < n_seqs; i++) {
         kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
@@ -622,19 +648,24 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
 
     /* nothing can fail from here on */
     size_t row = (size_t)H * D, off = 0;
+    kvq__rot rk, rv;
+    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
+    kvq__rot_init(&rv, c->cfg.rotation_seed, layer, KVQ_VALUE, D);
     for (int i = 0; i < n_seqs; i++) {
         kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
         for (int32_t t = 0; t < n_tokens[i]; t++, off += row) {
-            if (c->W == 1) { /* R = 0, per-token types: straight from the caller's values to the page */
-                for (size_t e = 0; e < row; e++) uk[e] = load_elem(dtype, k, off + e), uv[e] = load_elem(dtype, v, off + e);
+            /* the token's row into uk / uv (free until a flush refills them from the window), rotated */
+            for (size_t e = 0; e < row; e++) uk[e] = load_elem(dtype, k, off + e), uv[e] = load_elem(dtype, v, off + e);
+            for (int h = 0; h < H; h++) {
+                if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, uk + (size_t)h * D, 0);
+                if (kvq__rotated(c, KVQ_VALUE)) kvq__rot_apply(&rv, uv + (size_t)h * D, 0);
+            }
+            if (c->W == 1) { /* R = 0, per-token types: straight to the page */
                 store_unit(c, sl, uk, uv, scratch);
                 continue;
             }
             uint16_t *wk = sl->wk + (size_t)sl->win * row, *wv = sl->wv + (size_t)sl->win * row;
-            for (size_t e = 0; e < row; e++) {
-                wk[e] = kvq__f32_to_f16(load_elem(dtype, k, off + e));
-                wv[e] = kvq__f32_to_f16(load_elem(dtype, v, off + e));
-            }
+            for (size_t e = 0; e < row; e++) wk[e] = kvq__f32_to_f16(uk[e]), wv[e] = kvq__f32_to_f16(uv[e]);
             if (++sl->win < c->W) continue;
             for (size_t e = 0; e < unit; e++) uk[e] = kvq__f16_to_f32(sl->wk[e]), uv[e] = kvq__f16_to_f32(sl->wv[e]);
             store_unit(c, sl, uk, uv, scratch);
@@ -660,6 +691,10 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
                          (long long)n, (long long)start, (long long)len, layer);
     int P = c->L.page_tokens, H = c->L.n_kv_heads, D = c->L.head_dim;
     size_t row = (size_t)H * D;
+    bool rot_k = kvq__rotated(c, KVQ_KEY), rot_v = kvq__rotated(c, KVQ_VALUE);
+    kvq__rot rk, rv;
+    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
+    kvq__rot_init(&rv, c->cfg.rotation_seed, layer, KVQ_VALUE, D);
     for (int64_t t = start; t < start + n; t++) {
         float *ko = k ? k + (size_t)(t - start) * row : NULL, *vo = v ? v + (size_t)(t - start) * row : NULL;
         for (int h = 0; h < H; h++) {
@@ -675,6 +710,9 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
                     if (vo) vo[(size_t)h * D + d] = kvq__f16_to_f32(sl->wv[w + d]);
                 }
             }
+            /* pages and window hold the rotated domain: back to the caller's */
+            if (ko && rot_k) kvq__rot_apply(&rk, ko + (size_t)h * D, 1);
+            if (vo && rot_v) kvq__rot_apply(&rv, vo + (size_t)h * D, 1);
         }
     }
     return KVQ_OK;

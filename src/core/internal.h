@@ -160,6 +160,19 @@ static inline uint8_t *kvq__vblock(const kvq_cache *c, int32_t page, int h) {
     return kvq__page(c, page) + c->L.v_offset + (size_t)h * c->L.v_block_bytes;
 }
 kvq_status kvq__check_seq(const kvq_cache *c, int32_t seq, const char *fn);
+
+/* ---- randomized Hadamard rotation (rotate.c, kvq.h section 10) ---- */
+#define KVQ_ROT_SIGN_WORDS 4 /* one sign bit per channel, D <= 256 */
+typedef struct kvq__rot {
+    uint64_t s[KVQ_ROT_SIGN_WORDS];
+    int D;
+} kvq__rot;
+/* The rotation of (layer, role) for a seed (0: the default seed) and head dimension D. */
+void kvq__rot_init(kvq__rot *r, uint32_t seed, int layer, kvq_role role, int D);
+/* x[0..D) <- R x (inverse = 0) or R^T x (inverse = 1), in place, O(D log D). */
+void kvq__rot_apply(const kvq__rot *r, float *x, int inverse);
+/* Whether the cache stores `role` rotated. */
+static inline bool kvq__rotated(const kvq_cache *c, kvq_role role) { return (c->cfg.rotate >> role) & 1; }
 kvq_status kvq__check_layer(const kvq_cache *c, int layer, const char *fn);
 
 #endif
