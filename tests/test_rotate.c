@@ -142,7 +142,8 @@ static double readback_nmse(kvq_type t, int D, int rotate, const float *k, const
  * or undid with other signs, gives NMSE ~2). Same bounds as test_roundtrip's per type on this data. */
 static void roundtrip_tests(void) {
     static const double bound[KVQ_TYPE_COUNT] = {[KVQ_TYPE_F16] = 1e-7, [KVQ_TYPE_BF16] = 1e-5, [KVQ_TYPE_Q8] = 3e-4,
-                                                 [KVQ_TYPE_FP8] = 2e-3, [KVQ_TYPE_Q4] = 2e-2, [KVQ_TYPE_Q2] = 0.4};
+                                                 [KVQ_TYPE_FP8] = 2e-3, [KVQ_TYPE_Q4] = 2e-2, [KVQ_TYPE_Q2] = 0.4,
+                                                 [KVQ_TYPE_Q3] = 2e-2 * (15.0 / 7) * (15.0 / 7)}; /* Q3: Q4's bound x (step ratio)^2 */
     const int H = 2, T = 300;
     for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
         if (!kvq_type_get_traits((kvq_type)t)->implemented) continue;
