@@ -270,10 +270,16 @@ KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
 KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
 
 /* A plain strided view of one (sequence, layer), for engines that run their own kernels over kvq's layout
- * (the CUDA backend's tests use it). Tokens 0 .. paged_tokens-1 live in pages[0 .. n_pages-1] (token t in page
- * pages[t / P], slot t % P); tokens paged_tokens .. paged_tokens + window_tokens - 1 are rows 0 .. of the
- * window, fp16 [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0). Pointers stay valid until
- * the next non-const call on the cache. */
+ * (the CUDA backend's tests use it). With S = sink_tokens (0 without sinks):
+ *   tokens 0 .. S-1 are the attention sinks (section 10), exact fp16 in arena pages of their own: token t is row
+ *     r = t % SR of sink page sink_pages[t / SR] (SR = sink_rows_per_page = page_bytes / (4 * H * D)); its key
+ *     for head h is the D fp16 at page + ((r * H + h) * D) * 2 bytes, its value SR * H * D * 2 bytes further on
+ *     (a sink page is fp16 keys [SR][H][D], then values [SR][H][D], whatever type_k and type_v are);
+ *   tokens S .. S+paged_tokens-1 live in pages[0 .. n_pages-1] (token S+u in page pages[u / P], slot u % P: the
+ *     grouped types' key groups start at S + k*G);
+ *   tokens S+paged_tokens .. S+paged_tokens+window_tokens-1 are rows 0 .. of the window, fp16
+ *     [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0).
+ * Pointers stay valid until the next non-const call on the cache. */
 typedef struct kvq_seq_view {
     kvq_page_layout layout;
     const uint8_t *arena; /* page id i starts at arena + i * layout.page_bytes */
@@ -284,6 +290,10 @@ typedef struct kvq_seq_view {
     int32_t window_capacity; /* rows allocated now: grows with the window, at most R + G (R + 1 for per-token caches) */
     const uint16_t *window_k;
     const uint16_t *window_v;
+    int32_t sink_tokens;        /* S: tokens in sink pages (< cfg.sinks only while the sequence is shorter) */
+    int32_t sink_rows_per_page; /* SR */
+    int32_t n_sink_pages;
+    const int32_t *sink_pages;  /* page ids, token order (NULL with sinks = 0) */
 } kvq_seq_view;
 
 KVQ_API kvq_status kvq_seq_view_get(const kvq_cache *cache, int32_t seq, int layer, kvq_seq_view *view);

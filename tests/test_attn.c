@@ -29,8 +29,9 @@ static double ulp_var(double x, int mant_bits, double min_ulp) {
     return u * u / 12;
 }
 
-static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int64_t paged, int H, int D, int G, int Gv,
-                       double *var) {
+/* sink: tokens 0 .. sink-1 are fp16 sinks; the pages' key groups start at sink + k*G */
+static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int64_t sink, int64_t paged, int H, int D,
+                       int G, int Gv, double *var) {
     for (int64_t tok = 0; tok < T; tok++)
         for (int h = 0; h < H; h++) {
             const float *row = x + ((size_t)tok * H + h) * D;
@@ -38,7 +39,7 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
             for (int d = 0; d < D; d++) amax = fmax(amax, fabs(row[d]));
             for (int d = 0; d < D; d++) {
                 double v, xi = row[d];
-                if (tok >= paged || t == KVQ_TYPE_F16) {
+                if (tok < sink || tok >= sink + paged || t == KVQ_TYPE_F16) {
                     v = ulp_var(xi, 10, 0x1p-24);
                 } else if (t == KVQ_TYPE_BF16) {
                     v = ulp_var(xi, 7, 0x1p-133);
@@ -50,7 +51,7 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
                 } else {
                     double lo = INFINITY, hi = -INFINITY, qmax = t == KVQ_TYPE_Q4 ? 15 : 3;
                     if (role == KVQ_KEY)
-                        for (int64_t j = tok / G * G; j < tok / G * G + G; j++)
+                        for (int64_t j = sink + (tok - sink) / G * G; j < sink + (tok - sink) / G * G + G; j++)
                             lo = fmin(lo, x[((size_t)j * H + h) * D + d]), hi = fmax(hi, x[((size_t)j * H + h) * D + d]);
                     else
                         for (int j = d / Gv * Gv; j < d / Gv * Gv + Gv; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
@@ -111,7 +112,8 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
     free(s), free(ds), free(o);
 }
 
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; } combo;
+/* sinks: kvq_cache_config.sinks (0 in the type sweep: the layout without sinks); len0: sequence 0's length (0: 300) */
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int sinks; int len0; } combo;
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -155,9 +157,10 @@ static void print_by_types(const char *title, double t[KVQ_TYPE_COUNT][KVQ_TYPE_
 
 static void run_combo(combo cb) {
     const int H = cb.H ? cb.H : 2, nqh = H * cb.rep, B = 3;
-    const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
+    const int64_t lens[3] = {cb.len0 ? cb.len0 : 300, 17, 129}; /* ragged: pages + window, window only, a page edge */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
+    cfg.sinks = cb.sinks;
     cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
@@ -201,7 +204,8 @@ static void run_combo(combo cb) {
     for (size_t i = 0; i < qn; i++) refd[i] = out_ref[i];
     /* the quality bound: the error the formats predict for this data (format_var, predicted_error) */
     kvq_page_layout L;
-    kvq_cache_get_config(c, NULL, &L);
+    kvq_cache_config got;
+    kvq_cache_get_config(c, &got, &L);
     double pnum = 0, pden = 0;
     for (int b = 0; b < B; b++) {
         size_t n = (size_t)lens[b] * row, o = (size_t)b * nqh * cb.D;
@@ -209,8 +213,11 @@ static void run_combo(combo cb) {
         kvq_seq_view view;
         CHECK_OK(kvq_seq_view_get(c, seqs[b], 1, &view));
         double *vk = malloc(n * 8), *vv = malloc(n * 8);
-        format_var(cb.tk, KVQ_KEY, orig[b], lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
-        format_var(cb.tv, KVQ_VALUE, orig[b] + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
+        CHECK(view.sink_tokens == (lens[b] < got.sinks ? lens[b] : got.sinks), "sinks %d: view holds %d sink tokens of %lld",
+              got.sinks, view.sink_tokens, (long long)lens[b]);
+        format_var(cb.tk, KVQ_KEY, orig[b], lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
+        format_var(cb.tv, KVQ_VALUE, orig[b] + n, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group,
+                   L.value_group, vv);
         predicted_error(q + o, 1, nqh, &pos, orig[b], orig[b] + n, vk, vv, lens[b], H, cb.D, scale, cb.window,
                         cb.softcap, &pnum, &pden);
         free(vk), free(vv);
@@ -288,27 +295,39 @@ int main(void) {
                 if (quick && (di % 2 || (tk != tv && di != 0))) continue;
                 for (int rep = 1; rep <= 4; rep *= 4)
                     for (int w = 0; w < 2; w++) {
-                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2};
+                        combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2, 0, 0};
                         run_combo(cb);
                         n++;
                     }
             }
         }
     /* more KV heads than one decode work item walks together (16) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18});
-    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0, 0});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0, 0});
     /* 8 query heads per KV head: the fused fp32 kernels for 5 to 8 rows, every type's key and value path */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2});
-    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0, 0});
     /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
      * combination has an odd ratio above 1) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3});
-    n += 10;
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0, 0});
+    /* attention sinks (kvq.h section 10): fp16 sink pages first, then pages whose groups start at S, then the window;
+     * S inside a page of sinks, at a page edge, past sequence 1 (17 tokens: sinks only); windows that reach back into
+     * the sinks or not (positions: win = 100 with 300 tokens sees none of them); len0 = 1300 makes decode split
+     * sequence 0 over work items (chunks of 512 tokens: boundaries inside the sinks at S = 600, and in the pages) */
+    static const combo sink_combos[] = {
+        {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 1, 0},     {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 4, 0},
+        {KVQ_TYPE_Q2, KVQ_TYPE_Q2, 128, 4, 100, 30.0f, 2, 5, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 1, 0, 0.0f, 2, 64, 0},
+        {KVQ_TYPE_Q8, KVQ_TYPE_Q4, 80, 4, 0, 0.0f, 2, 70, 0},    {KVQ_TYPE_F16, KVQ_TYPE_F16, 96, 1, 0, 0.0f, 2, 16, 0},
+        {KVQ_TYPE_FP8, KVQ_TYPE_Q8, 64, 4, 250, 0.0f, 2, 33, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 4, 0, 0.0f, 2, 600, 1300},
+        {KVQ_TYPE_Q2, KVQ_TYPE_Q8, 64, 1, 1000, 0.0f, 2, 130, 1300}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, -1, 0},
+    };
+    for (size_t i = 0; i < sizeof sink_combos / sizeof *sink_combos; i++) run_combo(sink_combos[i]);
+    n += 10 + (int)(sizeof sink_combos / sizeof *sink_combos);
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];
