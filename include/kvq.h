@@ -21,7 +21,9 @@
  * G = 1, so R = 0 means every token goes straight to its page. Windows live on the heap, outside the arena, and grow
  * with what they hold (capacity doubling, at most R + G rows; none before a sequence's first token, none at all with
  * R = 0 and per-token types), so a short sequence's resident bytes track its tokens; kvq_cache_get_stats reports the
- * bytes allocated.
+ * bytes allocated. With attention sinks (section 10) the first S tokens of every (sequence, layer) come before all
+ * of that: exact fp16, in arena pages of their own (sink pages, section 5), and the pages and the window hold the
+ * tokens after them.
  *
  * ---------------------------------------------------------------------------------------------------------
  * 2. Ownership, threading, errors
@@ -169,6 +171,9 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
  *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
  *               divides D (D = 80: 16, D = 96: 32).
+ * Sink pages (caches with sinks S > 0, section 10): a page of the arena holding SR = page_bytes / (4 H D) sink tokens,
+ *   fp16 keys [SR][H][D] then fp16 values [SR][H][D] (token-major rows, whatever type_k and type_v are); the
+ *   rest of the page is unused. A (sequence, layer) has ceil(S / SR) of them once it holds S tokens.
  * Defaults: G = 64 and P = 64. G = 64 is the smallest power of two for which the fp16 (scale, min) overhead keeps
  * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V).
  * ------------------------------------------------------------------------------------------------------- */
@@ -212,7 +217,8 @@ typedef struct kvq_cache_config {
      * a zero-initialized config gets 0, every mechanism off: the layout of KVQ_LAYOUT_VERSION 1). */
     int rotate;             /* randomized Hadamard rotation of the roles in KVQ_ROLES_* (0: none) */
     uint32_t rotation_seed; /* seed of the rotation's random signs; 0: the fixed default seed */
-    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024 */
+    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024; -1: 4 with a
+                             * grouped type, else 0 (section 10) */
     int nonuniform;         /* grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* use non-uniform levels */
 } kvq_cache_config;
 
@@ -224,11 +230,12 @@ typedef struct kvq_cache_config {
 
 /* A config with every field at its default and arena_bytes = 0 (which the caller must set). */
 KVQ_API kvq_cache_config kvq_cache_config_default(void);
-/* Tokens of one sequence that `cfg` would hold, all layers, the residual window not counted; < 0 is a
+/* Tokens of one sequence that `cfg` would hold, all layers, the residual window not counted (its sink pages
+ * counted: min(S, pages x SR) with pages <= ceil(S / SR) per layer, else S + the other pages x P); < 0 is a
  * kvq_status if cfg is invalid. Use it to size the arena. */
 KVQ_API int64_t kvq_cache_capacity_tokens(const kvq_cache_config *cfg);
 /* The smallest arena_bytes for which one sequence of n_tokens tokens fits in every layer (cfg->arena_bytes is
- * ignored; the residual window is heap memory, not counted). 0, with a message for kvq_last_error(), if cfg is
+ * ignored; the residual window is heap memory, not counted; sink pages counted: ceil(min(n, S) / SR) per layer). 0, with a message for kvq_last_error(), if cfg is
  * invalid, n_tokens < 0, or the arena would need more than INT32_MAX pages (kvq_cache_create's limit) or
  * SIZE_MAX bytes: never a wrapped size. */
 KVQ_API size_t kvq_cache_arena_bytes_for(const kvq_cache_config *cfg, int64_t n_tokens);
@@ -244,13 +251,15 @@ typedef struct kvq_cache_stats {
     int64_t pages_shared;    /* pages referenced by more than one (sequence, layer) */
     size_t page_bytes;
     size_t arena_bytes;
-    size_t page_bytes_in_use;   /* (pages_total - pages_free) * page_bytes */
+    size_t page_bytes_in_use;   /* (pages_total - pages_free) * page_bytes: sink pages included */
     size_t window_bytes;        /* heap bytes allocated for all live residual windows (they grow as they fill) */
     int n_seqs;                 /* live sequences */
     int64_t tokens;             /* sum over live sequences of their layer-0 length */
-    double bytes_per_token;     /* K+V page bytes per token, all layers and heads, amortized (no window) */
+    double bytes_per_token;     /* K+V page bytes per token, all layers and heads, amortized over a page of P
+                                 * tokens (no window, no sink pages: a fixed cost of ceil(S / SR) pages per
+                                 * (sequence, layer), in page_bytes_in_use) */
     double f16_bytes_per_token; /* the same for an F16 cache of this shape */
-    int64_t capacity_tokens;    /* tokens one sequence could hold if it had the whole arena */
+    int64_t capacity_tokens;    /* tokens one sequence could hold if it had the whole arena (its sinks included) */
 } kvq_cache_stats;
 
 KVQ_API kvq_status kvq_cache_get_stats(const kvq_cache *cache, kvq_cache_stats *stats);
@@ -260,11 +269,13 @@ KVQ_API kvq_status kvq_cache_get_stats(const kvq_cache *cache, kvq_cache_stats *
  * Ids are small non-negative integers chosen by the cache (the smallest free slot, < max_seqs).
  * ------------------------------------------------------------------------------------------------------- */
 KVQ_API kvq_status kvq_seq_new(kvq_cache *cache, int32_t *seq_out);
-/* New sequence with the same content as `src` in every layer: pages shared (copy on write), window copied. */
+/* New sequence with the same content as `src` in every layer: pages and sink pages shared (copy on write), window
+ * copied. */
 KVQ_API kvq_status kvq_seq_fork(kvq_cache *cache, int32_t src, int32_t *seq_out);
 /* Keep the first n_tokens tokens in every layer (layers already shorter are left alone). For grouped types a
  * cut inside a quantized group moves that group's surviving tokens back into the window, dequantized: they stay
- * as accurate as they were, but are not restored to their original fp16 values. */
+ * as accurate as they were, but are not restored to their original fp16 values. A cut inside the sinks (section
+ * 10) keeps the sinks before it exact and gives the sink pages past it back to the arena. */
 KVQ_API kvq_status kvq_seq_truncate(kvq_cache *cache, int32_t seq, int64_t n_tokens);
 KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
 KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
