@@ -217,7 +217,7 @@ typedef struct kvq_cache_config {
      * a zero-initialized config gets 0, every mechanism off: the layout of KVQ_LAYOUT_VERSION 1). */
     int rotate;             /* randomized Hadamard rotation of the roles in KVQ_ROLES_* (0: none) */
     uint32_t rotation_seed; /* seed of the rotation's random signs; 0: the fixed default seed */
-    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024; -1: 4 with a
+    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024; -1: 1 with a
                              * grouped type, else 0 (section 10) */
     int nonuniform;         /* grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* use non-uniform levels */
 } kvq_cache_config;
@@ -357,8 +357,27 @@ KVQ_API const char *kvq_cpu_backend(void);
 /* ---------------------------------------------------------------------------------------------------------
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
- * default for the cache's types. Not implemented yet: any value other than 0 (or -1) is rejected with
- * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest.
+ * default for the cache's types. Not implemented yet: rotate and nonuniform other than 0 (or -1) are rejected with
+ * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest (sinks included).
+ *
+ * Attention sinks (sinks = S, 0 .. 1024). The first S tokens of every (sequence, layer) are stored exactly as fp16 and
+ * never quantized, in sink pages of the arena (section 5): the BOS and first tokens take much of the attention mass
+ * and often carry outlier keys/values, which in a grouped type would also widen the per-channel (scale, min) of their
+ * whole key group. The tokens after them are grouped and paged as without sinks, starting at token S (key groups
+ * S + k*G). Sink pages are shared on fork and copied on write, freed by truncate (a cut inside the sinks keeps the
+ * sinks before it) and free, counted in page_bytes_in_use, capacity_tokens, kvq_cache_capacity_tokens and
+ * kvq_cache_arena_bytes_for (bytes_per_token leaves them out: a fixed ceil(S / SR) pages per (sequence, layer)).
+ * Attention reads them first, as fp16 blocks at positions 0 .. S-1 (causal and sliding-window masks as for any
+ * token). Default (-1): S = 1 where a type is grouped (Q4, Q2), 0 for F16/BF16/Q8/FP8, whose per-token scales an
+ * outlier token does not share. Measured: SmolLM2-135M-Instruct (Q4_1 GGUF), kvq perplexity --ctx 1024 --chunks 4
+ * on debian-reference.en.txt (2048 scored tokens; F16 6.5435), R = 128, G = 64:
+ *     S        0        1        4        16       64
+ *     q4     6.6150   6.5669   6.5703   6.5779   6.5815     (F16 +1.09% at S = 0, +0.36% at S = 1)
+ *     q2    11.4831   8.7414   8.9136   8.9433  10.4290     (+75.5% -> +33.6%)
+ *     q4/q2  7.5843   7.0122   7.0480   7.1078   7.2156     (+15.9% -> +7.2%)
+ * One sink (the BOS token) buys nearly all of it; more move the group boundaries of the rest without exceeding it
+ * (S = 64: q2 worse than S = 1 by 19%), and cost ceil(S / SR) pages per (sequence, layer) (S = 1: one page per
+ * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
  * ------------------------------------------------------------------------------------------------------- */
 
 #ifdef __cplusplus

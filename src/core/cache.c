@@ -9,7 +9,7 @@
 #define FN_APPEND "kvq_append"
 
 /* default sinks for caches with a grouped type (kvq.h section 10 gives the measurement); per-token types: 0 */
-#define KVQ__SINKS_GROUPED 4
+#define KVQ__SINKS_GROUPED 1
 
 kvq_cache_config kvq_cache_config_default(void) {
     kvq_cache_config c = {0};

@@ -133,7 +133,7 @@ def test_sinks(kv_type, sinks):
     k[0] *= 40  # a BOS-like outlier
     c = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=sinks)
     S = c.config.sinks
-    assert S == (sinks if sinks >= 0 else c.config.sinks) and S >= 0
+    assert S == (sinks if sinks >= 0 else 1)  # the default for grouped types (kvq.h section 10)
     ref = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=0)
     a, r = c.seq_new(), ref.seq_new()
     c.append(0, [a], [n], k, v)  # one call that crosses S
@@ -151,6 +151,7 @@ def test_sinks(kv_type, sinks):
     np.testing.assert_array_equal(c.read(a, 0)[0], kr)  # the parent is unchanged
     q = rng.standard_normal((1, 4, D)).astype(np.float32)
     out = c.attn_decode(0, [a], q)
-    np.testing.assert_allclose(out[0], ref_attention(q, kr, vr, D ** -0.5)[0], atol=2e-3)
+    # the SIMD Q4/Q2 value kernels round softmax weights to 8 bits (DEVELOPERS.md): measured 4e-3 here, |out| ~ 0.3
+    np.testing.assert_allclose(out[0], ref_attention(q, kr, vr, D ** -0.5)[0], atol=2e-3 if kv_type == "q8" else 1e-2)
     with pytest.raises(kvq.KvqError, match="KVQ_ERR_INVALID_ARG"):
         kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=1025)
