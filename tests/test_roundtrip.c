@@ -11,6 +11,7 @@ static const double nmse_bound[KVQ_TYPE_COUNT] = {
 static void roundtrip(kvq_type t, int D, int H) {
     const int T = 192; /* three key groups of 64 */
     kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.sinks = 0; /* the layout without attention sinks: pages from token 0 (test_cache covers sinks) */
     cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t;
     cfg.residual = 0, cfg.arena_bytes = 8u << 20;
     kvq_cache *c = NULL;
