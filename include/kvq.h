@@ -21,7 +21,9 @@
  * G = 1, so R = 0 means every token goes straight to its page. Windows live on the heap, outside the arena, and grow
  * with what they hold (capacity doubling, at most R + G rows; none before a sequence's first token, none at all with
  * R = 0 and per-token types), so a short sequence's resident bytes track its tokens; kvq_cache_get_stats reports the
- * bytes allocated.
+ * bytes allocated. With attention sinks (section 10) the first S tokens of every (sequence, layer) come before all
+ * of that: exact fp16, in arena pages of their own (sink pages, section 5), and the pages and the window hold the
+ * tokens after them.
  *
  * ---------------------------------------------------------------------------------------------------------
  * 2. Ownership, threading, errors
@@ -182,6 +184,9 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
  *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
  *               divides D (D = 80: 16, D = 96: 32).
+ * Sink pages (caches with sinks S > 0, section 10): a page of the arena holding SR = page_bytes / (4 H D) sink tokens,
+ *   fp16 keys [SR][H][D] then fp16 values [SR][H][D] (token-major rows, whatever type_k and type_v are); the
+ *   rest of the page is unused. A (sequence, layer) has ceil(S / SR) of them once it holds S tokens.
  * Defaults: G = 64 and P = 64. G = 64 is the smallest power of two for which the fp16 (scale, min) overhead keeps
  * Q4 under 0.29x and Q2 under 0.16x of F16 bytes at D = 128 (72 and 40 bytes per token per head, K or V); Q3 takes
  * 56 bytes (0.219x, 3.5 bits per element).
@@ -226,7 +231,8 @@ typedef struct kvq_cache_config {
      * a zero-initialized config gets 0, every mechanism off: the layout of KVQ_LAYOUT_VERSION 1). */
     int rotate;             /* randomized Hadamard rotation of the roles in KVQ_ROLES_* (0: none) */
     uint32_t rotation_seed; /* seed of the rotation's random signs; 0: the fixed default seed */
-    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024 */
+    int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024; -1: 1 with a
+                             * grouped type, else 0 (section 10) */
     int nonuniform;         /* grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* use non-uniform levels */
 } kvq_cache_config;
 
@@ -238,11 +244,12 @@ typedef struct kvq_cache_config {
 
 /* A config with every field at its default and arena_bytes = 0 (which the caller must set). */
 KVQ_API kvq_cache_config kvq_cache_config_default(void);
-/* Tokens of one sequence that `cfg` would hold, all layers, the residual window not counted; < 0 is a
+/* Tokens of one sequence that `cfg` would hold, all layers, the residual window not counted (its sink pages
+ * counted: min(S, pages x SR) with pages <= ceil(S / SR) per layer, else S + the other pages x P); < 0 is a
  * kvq_status if cfg is invalid. Use it to size the arena. */
 KVQ_API int64_t kvq_cache_capacity_tokens(const kvq_cache_config *cfg);
 /* The smallest arena_bytes for which one sequence of n_tokens tokens fits in every layer (cfg->arena_bytes is
- * ignored; the residual window is heap memory, not counted). 0, with a message for kvq_last_error(), if cfg is
+ * ignored; the residual window is heap memory, not counted; sink pages counted: ceil(min(n, S) / SR) per layer). 0, with a message for kvq_last_error(), if cfg is
  * invalid, n_tokens < 0, or the arena would need more than INT32_MAX pages (kvq_cache_create's limit) or
  * SIZE_MAX bytes: never a wrapped size. */
 KVQ_API size_t kvq_cache_arena_bytes_for(const kvq_cache_config *cfg, int64_t n_tokens);
@@ -258,13 +265,15 @@ typedef struct kvq_cache_stats {
     int64_t pages_shared;    /* pages referenced by more than one (sequence, layer) */
     size_t page_bytes;
     size_t arena_bytes;
-    size_t page_bytes_in_use;   /* (pages_total - pages_free) * page_bytes */
+    size_t page_bytes_in_use;   /* (pages_total - pages_free) * page_bytes: sink pages included */
     size_t window_bytes;        /* heap bytes allocated for all live residual windows (they grow as they fill) */
     int n_seqs;                 /* live sequences */
     int64_t tokens;             /* sum over live sequences of their layer-0 length */
-    double bytes_per_token;     /* K+V page bytes per token, all layers and heads, amortized (no window) */
+    double bytes_per_token;     /* K+V page bytes per token, all layers and heads, amortized over a page of P
+                                 * tokens (no window, no sink pages: a fixed cost of ceil(S / SR) pages per
+                                 * (sequence, layer), in page_bytes_in_use) */
     double f16_bytes_per_token; /* the same for an F16 cache of this shape */
-    int64_t capacity_tokens;    /* tokens one sequence could hold if it had the whole arena */
+    int64_t capacity_tokens;    /* tokens one sequence could hold if it had the whole arena (its sinks included) */
 } kvq_cache_stats;
 
 KVQ_API kvq_status kvq_cache_get_stats(const kvq_cache *cache, kvq_cache_stats *stats);
@@ -274,20 +283,28 @@ KVQ_API kvq_status kvq_cache_get_stats(const kvq_cache *cache, kvq_cache_stats *
  * Ids are small non-negative integers chosen by the cache (the smallest free slot, < max_seqs).
  * ------------------------------------------------------------------------------------------------------- */
 KVQ_API kvq_status kvq_seq_new(kvq_cache *cache, int32_t *seq_out);
-/* New sequence with the same content as `src` in every layer: pages shared (copy on write), window copied. */
+/* New sequence with the same content as `src` in every layer: pages and sink pages shared (copy on write), window
+ * copied. */
 KVQ_API kvq_status kvq_seq_fork(kvq_cache *cache, int32_t src, int32_t *seq_out);
 /* Keep the first n_tokens tokens in every layer (layers already shorter are left alone). For grouped types a
  * cut inside a quantized group moves that group's surviving tokens back into the window, dequantized: they stay
- * as accurate as they were, but are not restored to their original fp16 values. */
+ * as accurate as they were, but are not restored to their original fp16 values. A cut inside the sinks (section
+ * 10) keeps the sinks before it exact and gives the sink pages past it back to the arena. */
 KVQ_API kvq_status kvq_seq_truncate(kvq_cache *cache, int32_t seq, int64_t n_tokens);
 KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
 KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
 
 /* A plain strided view of one (sequence, layer), for engines that run their own kernels over kvq's layout
- * (the CUDA backend's tests use it). Tokens 0 .. paged_tokens-1 live in pages[0 .. n_pages-1] (token t in page
- * pages[t / P], slot t % P); tokens paged_tokens .. paged_tokens + window_tokens - 1 are rows 0 .. of the
- * window, fp16 [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0). Pointers stay valid until
- * the next non-const call on the cache. */
+ * (the CUDA backend's tests use it). With S = sink_tokens (0 without sinks):
+ *   tokens 0 .. S-1 are the attention sinks (section 10), exact fp16 in arena pages of their own: token t is row
+ *     r = t % SR of sink page sink_pages[t / SR] (SR = sink_rows_per_page = page_bytes / (4 * H * D)); its key
+ *     for head h is the D fp16 at page + ((r * H + h) * D) * 2 bytes, its value SR * H * D * 2 bytes further on
+ *     (a sink page is fp16 keys [SR][H][D], then values [SR][H][D], whatever type_k and type_v are);
+ *   tokens S .. S+paged_tokens-1 live in pages[0 .. n_pages-1] (token S+u in page pages[u / P], slot u % P: the
+ *     grouped types' key groups start at S + k*G);
+ *   tokens S+paged_tokens .. S+paged_tokens+window_tokens-1 are rows 0 .. of the window, fp16
+ *     [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0).
+ * Pointers stay valid until the next non-const call on the cache. */
 typedef struct kvq_seq_view {
     kvq_page_layout layout;
     const uint8_t *arena; /* page id i starts at arena + i * layout.page_bytes */
@@ -298,6 +315,10 @@ typedef struct kvq_seq_view {
     int32_t window_capacity; /* rows allocated now: grows with the window, at most R + G (R + 1 for per-token caches) */
     const uint16_t *window_k;
     const uint16_t *window_v;
+    int32_t sink_tokens;        /* S: tokens in sink pages (< cfg.sinks only while the sequence is shorter) */
+    int32_t sink_rows_per_page; /* SR */
+    int32_t n_sink_pages;
+    const int32_t *sink_pages;  /* page ids, token order (NULL with sinks = 0) */
 } kvq_seq_view;
 
 KVQ_API kvq_status kvq_seq_view_get(const kvq_cache *cache, int32_t seq, int layer, kvq_seq_view *view);
@@ -350,8 +371,8 @@ KVQ_API const char *kvq_cpu_backend(void);
 /* ---------------------------------------------------------------------------------------------------------
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
- * default for the cache's types. Not implemented yet (sinks): any value other than 0 (or -1) is rejected with
- * KVQ_ERR_INVALID_ARG. The CUDA backend (kvq_cuda.h) resolves -1 to 0 and rejects the rest.
+ * default for the cache's types. All are implemented on the CPU; the CUDA backend (kvq_cuda.h) resolves -1 to 0 and
+ * rejects the rest.
  *
  * nonuniform (KVQ_ROLES_K, _V, _KV; -1: KVQ_ROLES_NONE for now): the grouped types of those roles decode codes
  * through the non-uniform levels of section 5 instead of uniform steps; roles of other types ignore it (the
@@ -369,6 +390,25 @@ KVQ_API const char *kvq_cpu_backend(void);
  * +15.9%; k: q4 +0.83%, q2 +78.3%, q4/q2 +14.1%. Keys alone help Q4 and Q4/Q2 but not Q2 (its groups are not
  * Gaussian without the rotation: outlier channels); the v and kv runs are not measured yet, so -1 resolves to
  * KVQ_ROLES_NONE until they (and the rotation, which makes groups Gaussian) are.
+ *
+ * Attention sinks (sinks = S, 0 .. 1024). The first S tokens of every (sequence, layer) are stored exactly as fp16 and
+ * never quantized, in sink pages of the arena (section 5): the BOS and first tokens take much of the attention mass
+ * and often carry outlier keys/values, which in a grouped type would also widen the per-channel (scale, min) of their
+ * whole key group. The tokens after them are grouped and paged as without sinks, starting at token S (key groups
+ * S + k*G). Sink pages are shared on fork and copied on write, freed by truncate (a cut inside the sinks keeps the
+ * sinks before it) and free, counted in page_bytes_in_use, capacity_tokens, kvq_cache_capacity_tokens and
+ * kvq_cache_arena_bytes_for (bytes_per_token leaves them out: a fixed ceil(S / SR) pages per (sequence, layer)).
+ * Attention reads them first, as fp16 blocks at positions 0 .. S-1 (causal and sliding-window masks as for any
+ * token). Default (-1): S = 1 where a type is grouped (Q4, Q2), 0 for F16/BF16/Q8/FP8, whose per-token scales an
+ * outlier token does not share. Measured: SmolLM2-135M-Instruct (Q4_1 GGUF), kvq perplexity --ctx 1024 --chunks 4
+ * on debian-reference.en.txt (2048 scored tokens; F16 6.5435), R = 128, G = 64:
+ *     S        0        1        4        16       64
+ *     q4     6.6150   6.5669   6.5703   6.5779   6.5815     (F16 +1.09% at S = 0, +0.36% at S = 1)
+ *     q2    11.4831   8.7414   8.9136   8.9433  10.4290     (+75.5% -> +33.6%)
+ *     q4/q2  7.5843   7.0122   7.0480   7.1078   7.2156     (+15.9% -> +7.2%)
+ * One sink (the BOS token) buys nearly all of it; more move the group boundaries of the rest without exceeding it
+ * (S = 64: q2 worse than S = 1 by 19%), and cost ceil(S / SR) pages per (sequence, layer) (S = 1: one page per
+ * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
  * ------------------------------------------------------------------------------------------------------- */
 
 /* Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal

@@ -80,7 +80,7 @@ static snap take(world *w) {
     kvq_cache_get_stats(w->c, &s.st);
     size_t row = (size_t)w->H * w->D, total = 0;
     for (int i = 0; i < MAXS; i++)
-        for (int l = 0; l < NL && w->s[i].live; l++) total += 4 + (size_t)w->s[i].len[l] * row * 2;
+        for (int l = 0; l < NL && w->s[i].live; l++) total += 6 + (size_t)w->s[i].len[l] * row * 2;
     s.data = calloc(total + 1, sizeof(float));
     for (int i = 0; i < MAXS; i++)
         for (int l = 0; l < NL && w->s[i].live; l++) {
@@ -90,6 +90,7 @@ static snap take(world *w) {
                 FAIL("view/length of a live sequence failed: %s", kvq_last_error());
             s.data[s.n++] = (float)len, s.data[s.n++] = (float)v.paged_tokens, s.data[s.n++] = (float)v.window_tokens;
             s.data[s.n++] = (float)v.n_pages;
+            s.data[s.n++] = (float)v.sink_tokens, s.data[s.n++] = (float)v.n_sink_pages;
             if (len != w->s[i].len[l]) FAIL("seq %d layer %d: length %lld, model %lld", i, l, (long long)len, (long long)w->s[i].len[l]);
             if (kvq_read(w->c, w->s[i].id, l, 0, len, s.data + s.n, s.data + s.n + (size_t)len * row))
                 FAIL("read back failed: %s", kvq_last_error());
@@ -104,7 +105,10 @@ static void same_or_die(const snap *a, const snap *b, const char *what) {
 }
 
 /* ---- read back against the model, per element, with the bounds of kvq.h section 5 ---- */
-static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged) {
+/* paged: tok is in a quantized page (not a sink, not the window); sink: the sinks before the pages, where key groups
+ * start (sink + k*G) */
+static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
+                         int64_t sink) {
     const int H = w->H, D = w->D;
     double xi = x[((size_t)tok * H + h) * D + d], fp16 = fabs(xi) * 0x1p-11 + 0x1p-25; /* window / input rounding */
     if (!paged || t == KVQ_TYPE_F16) return fp16;
@@ -115,7 +119,7 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
     if (t == KVQ_TYPE_Q8) return amax / 254 * 1.01 + fp16 + amax * 0x1p-11;
     if (t == KVQ_TYPE_FP8) return fabs(xi) * 0x1p-4 * 1.01 + amax / 448 * 0x1p-9 * 1.01 + 2 * fp16 + amax * 0x1p-11;
     if (role == KVQ_KEY) {
-        int64_t g0 = tok / w->L.group * w->L.group;
+        int64_t g0 = sink + (tok - sink) / w->L.group * w->L.group;
         for (int64_t j = g0; j < g0 + w->L.group; j++) {
             double u = x[((size_t)j * H + h) * D + d];
             lo = fmin(lo, u), hi = fmax(hi, u);
@@ -143,7 +147,8 @@ static void check_read(world *w, int i, int l) {
                     size_t e = ((size_t)t * w->H + h) * w->D + d;
                     double got = r ? v[e] : k[e], want = r ? q->v[l][e] : q->k[l][e];
                     double b = elem_bound(w, r ? w->L.type_v : w->L.type_k, r ? KVQ_VALUE : KVQ_KEY, r ? q->v[l] : q->k[l], t,
-                                          h, d, t < view.paged_tokens);
+                                          h, d, t >= view.sink_tokens && t < view.sink_tokens + view.paged_tokens,
+                                          view.sink_tokens);
                     if (!(fabs(got - want) <= b))
                         FAIL("seq %d layer %d token %lld head %d ch %d %s: read %g, model %g, bound %g", i, l, (long long)t, h,
                              d, r ? "v" : "k", got, want, b);
@@ -365,7 +370,7 @@ static void run_truncate(world *w, rd *r) {
     for (int l = 0; l < NL; l++) {
         kvq_seq_view v;
         kvq_seq_view_get(w->c, m->id, l, &v);
-        if (n >= 0 && n < v.paged_tokens) { /* what the cut's tokens hold now */
+        if (n >= v.sink_tokens && n < v.sink_tokens + v.paged_tokens) { /* what the cut's tokens hold now */
             pre[l][0] = malloc((size_t)n * row * 4 + 4), pre[l][1] = malloc((size_t)n * row * 4 + 4);
             if (kvq_read(w->c, m->id, l, 0, n, pre[l][0], pre[l][1])) FAIL("read: %s", kvq_last_error());
         }
@@ -394,7 +399,7 @@ static void run_truncate(world *w, rd *r) {
         kvq_seq_view view;
         if (kvq_read(w->c, m->id, l, 0, n, k, v) || kvq_seq_view_get(w->c, m->id, l, &view)) FAIL("read");
         for (size_t e = 0; e < (size_t)n * row; e++) {
-            bool moved = e >= (size_t)view.paged_tokens * row;
+            bool moved = e >= (size_t)(view.sink_tokens + view.paged_tokens) * row;
             for (int r2 = 0; r2 < 2; r2++) {
                 float was = pre[l][r2][e], now = (r2 ? v : k)[e];
                 float want = moved ? kvq__round_f16(was) : was;
@@ -427,6 +432,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     w.cfg.group = Gs[(b2 >> 2) % 3];
     w.cfg.residual = Rs[(b2 >> 4) & 3];
     w.cfg.page_tokens = w.cfg.group * (1 + (b3 >> 6 & 1));
+    static const int Ss[4] = {0, 3, -1, 70}; /* attention sinks: none, inside a sink page, the default, several pages */
+    w.cfg.sinks = Ss[b2 >> 6];
     kvq_page_layout L;
     if (kvq_page_layout_make(w.cfg.type_k, w.cfg.type_v, w.H, w.D, w.cfg.page_tokens, w.cfg.group, &L)) FAIL("layout");
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
@@ -438,9 +445,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int l = 0; l < NL; l++) w.s[i].k[l] = malloc(MAXT * row * 4), w.s[i].v[l] = malloc(MAXT * row * 4);
     int ops = 0;
     const char *verbose = getenv("KVQ_FUZZ_VERBOSE"); /* prints the operations and the cache's state */
-    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d pages=%lld\n", kvq_type_get_traits(w.cfg.type_k)->name,
+    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d pages=%lld\n", kvq_type_get_traits(w.cfg.type_k)->name,
                          kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D, w.L.group, w.cfg.residual, w.L.page_tokens,
-                         (long long)(w.cfg.arena_bytes / w.L.page_bytes));
+                         w.cfg.sinks, (long long)(w.cfg.arena_bytes / w.L.page_bytes));
     while (r.n && ops++ < 64) {
         unsigned op = byte(&r) % 9;
         if (verbose) {

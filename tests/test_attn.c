@@ -30,8 +30,9 @@ static double ulp_var(double x, int mant_bits, double min_ulp) {
     return u * u / 12;
 }
 
-static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int64_t paged, int H, int D, int G, int Gv,
-                       double *var) {
+/* sink: tokens 0 .. sink-1 are fp16 sinks; the pages' key groups start at sink + k*G */
+static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int64_t sink, int64_t paged, int H, int D,
+                       int G, int Gv, double *var) {
     for (int64_t tok = 0; tok < T; tok++)
         for (int h = 0; h < H; h++) {
             const float *row = x + ((size_t)tok * H + h) * D;
@@ -39,7 +40,7 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
             for (int d = 0; d < D; d++) amax = fmax(amax, fabs(row[d]));
             for (int d = 0; d < D; d++) {
                 double v, xi = row[d];
-                if (tok >= paged || t == KVQ_TYPE_F16) {
+                if (tok < sink || tok >= sink + paged || t == KVQ_TYPE_F16) {
                     v = ulp_var(xi, 10, 0x1p-24);
                 } else if (t == KVQ_TYPE_BF16) {
                     v = ulp_var(xi, 7, 0x1p-133);
@@ -51,7 +52,7 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
                 } else {
                     double lo = INFINITY, hi = -INFINITY, qmax = (1 << kvq_type_get_traits(t)->bits) - 1;
                     if (role == KVQ_KEY)
-                        for (int64_t j = tok / G * G; j < tok / G * G + G; j++)
+                        for (int64_t j = sink + (tok - sink) / G * G; j < sink + (tok - sink) / G * G + G; j++)
                             lo = fmin(lo, x[((size_t)j * H + h) * D + d]), hi = fmax(hi, x[((size_t)j * H + h) * D + d]);
                     else
                         for (int j = d / Gv * Gv; j < d / Gv * Gv + Gv; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
@@ -112,7 +113,9 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
     free(s), free(ds), free(o);
 }
 
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; } combo; /* nu, rot: kvq.h section 10 (KVQ_ROLES_*) */
+/* kvq.h section 10: nu (nonuniform), rot (rotate), sinks (0 in the type sweep: the layout without sinks); len0:
+ * sequence 0's length (0: 300) */
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; int sinks; int len0; } combo;
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -156,9 +159,10 @@ static void print_by_types(const char *title, double t[KVQ_TYPE_COUNT][KVQ_TYPE_
 
 static void run_combo(combo cb) {
     const int H = cb.H ? cb.H : 2, nqh = H * cb.rep, B = 3;
-    const int64_t lens[3] = {300, 17, 129}; /* ragged: pages + window, window only, a page edge */
+    const int64_t lens[3] = {cb.len0 ? cb.len0 : 300, 17, 129}; /* ragged: pages + window, window only, a page edge */
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
+    cfg.sinks = cb.sinks;
     cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.nonuniform = cb.nu, cfg.rotate = cb.rot;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
@@ -202,7 +206,8 @@ static void run_combo(combo cb) {
     for (size_t i = 0; i < qn; i++) refd[i] = out_ref[i];
     /* the quality bound: the error the formats predict for this data (format_var, predicted_error) */
     kvq_page_layout L;
-    kvq_cache_get_config(c, NULL, &L);
+    kvq_cache_config got;
+    kvq_cache_get_config(c, &got, &L);
     double pnum = 0, pden = 0;
     for (int b = 0; b < B; b++) {
         size_t n = (size_t)lens[b] * row, o = (size_t)b * nqh * cb.D;
@@ -210,7 +215,9 @@ static void run_combo(combo cb) {
         kvq_seq_view view;
         CHECK_OK(kvq_seq_view_get(c, seqs[b], 1, &view));
         double *vk = malloc(n * 8), *vv = malloc(n * 8);
-        /* a rotated cache quantizes R k and R v: the formats' error of those, seen by R q (q.k = Rq.Rk) and carried
+        CHECK(view.sink_tokens == (lens[b] < got.sinks ? lens[b] : got.sinks), "sinks %d: view holds %d sink tokens of %lld",
+              got.sinks, view.sink_tokens, (long long)lens[b]);
+                /* a rotated cache quantizes R k and R v: the formats' error of those, seen by R q (q.k = Rq.Rk) and carried
          * back by R^T, which keeps the output error's energy (R orthonormal), so the prediction is made in the rotated
          * domain; R is the cache's own (kvq_rotation_apply: the identity for a role that is not rotated) */
         float *rk = malloc(2 * n * 4), *rq = malloc((size_t)nqh * cb.D * 4);
@@ -218,8 +225,8 @@ static void run_combo(combo cb) {
         CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rk, (int)(lens[b] * H)));
         CHECK_OK(kvq_rotation_apply(c, 1, KVQ_VALUE, 0, rk + n, (int)(lens[b] * H)));
         CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rq, nqh));
-        format_var(cb.tk, KVQ_KEY, rk, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
-        format_var(cb.tv, KVQ_VALUE, rk + n, lens[b], view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
+        format_var(cb.tk, KVQ_KEY, rk, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
+        format_var(cb.tv, KVQ_VALUE, rk + n, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
         predicted_error(rq, 1, nqh, &pos, rk, rk + n, vk, vv, lens[b], H, cb.D, scale, cb.window, cb.softcap, &pnum,
                         &pden);
         free(vk), free(vv), free(rk), free(rq);
@@ -402,36 +409,36 @@ int main(void) {
                     for (int w = 0; w < 2; w++) {
                         /* half of the runs on a rotated cache (K and V), every type pair and head dim both ways */
                         combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2,
-                                    0, (di + w) % 2 ? KVQ_ROLES_KV : KVQ_ROLES_NONE};
+                                    0, (di + w) % 2 ? KVQ_ROLES_KV : KVQ_ROLES_NONE, 0, 0};
                         run_combo(cb);
                         n++;
                     }
             }
         }
     /* more KV heads than one decode work item walks together (16) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0, 0});
-    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0, 0, 0, 0});
     /* 8 query heads per KV head: the fused fp32 kernels for 5 to 8 rows, every type's key and value path */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0, 0});
-    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0, 0});
-    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0, 0, 0, 0});
     /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
      * combination has an odd ratio above 1) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0});
     /* rotated keys only and values only: the query and the output each rotated alone */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, KVQ_ROLES_K});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, 0, KVQ_ROLES_V});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, KVQ_ROLES_K, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, 0, KVQ_ROLES_V, 0, 0});
     n += 2;
     /* Q3: 8 rows (decoded tiles through the fp32 kernels), SmolLM2's shape, more heads than a work item walks */
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0, 0, 0, 0});
     n += 15;
     /* non-uniform levels (kvq.h section 10) for keys, values or both, every head dim: the SIMD tables decode them
      * through a lookup (a wrong level fails the comparison with _ref) and the quality bound holds (their error is
@@ -439,10 +446,10 @@ int main(void) {
     for (int di = 0; di < 5; di++)
         for (int nu = 1; nu <= 3; nu++) {
             if (quick && nu != 3) continue;
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu, di % 2 ? KVQ_ROLES_KV : 0});
-            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu, 0});
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu, 0});
-            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu, 0});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu, di % 2 ? KVQ_ROLES_KV : 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu, 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu, 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu, 0, 0, 0});
             n += 4;
         }
     for (int ti = 0; ti < 2; ti++)
@@ -455,6 +462,19 @@ int main(void) {
     for (int di = 0; di < 5; di++) one_far_logit(KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], di % 2 ? 4 : 1);
     one_far_logit(KVQ_TYPE_F16, KVQ_TYPE_Q3, 128, 8);
     one_far_logit(KVQ_TYPE_Q3, KVQ_TYPE_Q8, 64, 3);
+    /* attention sinks (kvq.h section 10): fp16 sink pages first, then pages whose groups start at S, then the window;
+     * S inside a page of sinks, at a page edge, past sequence 1 (17 tokens: sinks only); windows that reach back into
+     * the sinks or not (positions: win = 100 with 300 tokens sees none of them); len0 = 1300 makes decode split
+     * sequence 0 over work items (chunks of 512 tokens: boundaries inside the sinks at S = 600, and in the pages) */
+    static const combo sink_combos[] = {
+        {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 1, 0},     {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 4, 0},
+        {KVQ_TYPE_Q2, KVQ_TYPE_Q2, 128, 4, 100, 30.0f, 2, 0, 0, 5, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 1, 0, 0.0f, 2, 0, 0, 64, 0},
+        {KVQ_TYPE_Q8, KVQ_TYPE_Q4, 80, 4, 0, 0.0f, 2, 0, 0, 70, 0},    {KVQ_TYPE_F16, KVQ_TYPE_F16, 96, 1, 0, 0.0f, 2, 0, 0, 16, 0},
+        {KVQ_TYPE_FP8, KVQ_TYPE_Q8, 64, 4, 250, 0.0f, 2, 0, 0, 33, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 4, 0, 0.0f, 2, 0, 0, 600, 1300},
+        {KVQ_TYPE_Q2, KVQ_TYPE_Q8, 64, 1, 1000, 0.0f, 2, 0, 0, 130, 1300}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, -1, -1, -1, 0},
+    };
+    for (size_t i = 0; i < sizeof sink_combos / sizeof *sink_combos; i++) run_combo(sink_combos[i]);
+    n += 10 + (int)(sizeof sink_combos / sizeof *sink_combos);
     printf("%d combinations; ", n);
     print_by_types("worst quality NMSE (decode vs fp64 on the original K/V)", worst_quality);
     static double median[KVQ_TYPE_COUNT][KVQ_TYPE_COUNT];

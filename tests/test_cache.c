@@ -3,12 +3,25 @@
  * exactly as it was (checked by comparing a full read back and the stats before and after). */
 #include "testutil.h"
 
+#include <stdbool.h>
+
 enum { H = 2, D = 64, NL = 2 };
+
+/* fp16 rounding done by the compiler (_Float16: GCC >= 12, clang >= 15 on x86-64), independent of the core's own */
+static float tu_f16_round(float x) { return (float)(_Float16)x; }
+static float tu_f16_to_f32(uint16_t h) {
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+
+static int g_sinks = 0; /* cfg.sinks of the caches make() creates: the tests below count pages and window rows of the
+                         * layout without sinks unless they set it */
 
 static kvq_cache *make(kvq_type tk, kvq_type tv, size_t arena, int residual, int max_seqs) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = NL, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
-    cfg.arena_bytes = arena, cfg.residual = residual, cfg.max_seqs = max_seqs;
+    cfg.arena_bytes = arena, cfg.residual = residual, cfg.max_seqs = max_seqs, cfg.sinks = g_sinks;
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     return c;
@@ -277,8 +290,16 @@ static void test_full_then_free(void) {
     CHECK(s == KVQ_ERR_CACHE_FULL, "fills up with CACHE_FULL, got %s", kvq_strerror(s));
     kvq_cache_stats st;
     kvq_cache_get_stats(c, &st);
-    CHECK(steps == st.capacity_tokens * NL, "layer 0 alone took %d tokens; capacity per sequence %lld (2 layers)", steps,
-          (long long)st.capacity_tokens);
+    int64_t expect = st.capacity_tokens * NL;
+    if (g_sinks) { /* layer 0 alone: its sink pages, then pages of P tokens */
+        kvq_page_layout L;
+        kvq_cache_get_config(c, NULL, &L);
+        int64_t SR = (int64_t)(L.page_bytes / (4 * (size_t)H * D)), SP = (g_sinks + SR - 1) / SR;
+        expect = st.pages_total <= SP ? (st.pages_total * SR < g_sinks ? st.pages_total * SR : g_sinks)
+                                      : g_sinks + (st.pages_total - SP) * L.page_tokens;
+    }
+    CHECK(steps == expect, "layer 0 alone took %d tokens, expected %lld; capacity per sequence %lld (2 layers)", steps,
+          (long long)expect, (long long)st.capacity_tokens);
     CHECK_ERR(kvq_append(c, 0, 1, &b, &one, KVQ_DTYPE_F32, k, v), KVQ_ERR_CACHE_FULL);
     CHECK_OK(kvq_seq_free(c, a));
     CHECK_OK(kvq_append(c, 0, 1, &b, &one, KVQ_DTYPE_F32, k, v));
@@ -523,8 +544,208 @@ static void test_window_growth(void) {
     kvq_cache_free(f16), kvq_cache_free(q4);
 }
 
+/* Attention sinks (kvq.h section 10). The model: tokens < S read back as their fp16 rounding, and the tokens after
+ * them read back bit for bit like a cache without sinks that was given only those tokens (its groups start at S),
+ * whatever the cuts of the appends, through fork, copy on write and truncate at every boundary. */
+static void read_all(kvq_cache *c, int32_t seq, int layer, int64_t n, float *k, float *v) {
+    int64_t len = -1;
+    CHECK_OK(kvq_seq_length(c, seq, layer, &len));
+    CHECK(len == n, "length %lld, expected %lld", (long long)len, (long long)n);
+    if (len == n) CHECK_OK(kvq_read(c, seq, layer, 0, n, k, v));
+}
+
+/* seq of c (sinks S) against ref (no sinks) holding tokens S.. of the same data; n tokens */
+static void check_model(kvq_cache *c, int32_t seq, kvq_cache *ref, int32_t rseq, const float *k, const float *v, int n,
+                        int S, const char *what) {
+    size_t row = (size_t)H * D;
+    float *a = malloc((size_t)n * row * 8 + 8), *b = malloc((size_t)n * row * 8 + 8);
+    int ns = n < S ? n : S;
+    for (int l = 0; l < NL; l++) {
+        read_all(c, seq, l, n, a, a + (size_t)n * row);
+        int bad = 0;
+        for (size_t i = 0; i < (size_t)ns * row; i++)
+            bad += a[i] != tu_f16_round(k[i]) || a[(size_t)n * row + i] != tu_f16_round(v[i]);
+        CHECK(bad == 0, "%s: layer %d: %d sink values are not the fp16 of the input", what, l, bad);
+        if (n > S) {
+            read_all(ref, rseq, l, n - S, b, b + (size_t)(n - S) * row);
+            CHECK(!memcmp(a + (size_t)S * row, b, (size_t)(n - S) * row * 4) &&
+                      !memcmp(a + (size_t)n * row + (size_t)S * row, b + (size_t)(n - S) * row, (size_t)(n - S) * row * 4),
+                  "%s: layer %d: tokens after the %d sinks differ from a cache without sinks given them alone", what, l, S);
+        }
+    }
+    free(a), free(b);
+}
+
+static void append_range(kvq_cache *c, int32_t seq, const float *k, const float *v, int from, int to) {
+    size_t row = (size_t)H * D;
+    if (to > from) append_all(c, seq, k + (size_t)from * row, v + (size_t)from * row, to - from);
+}
+
+static void test_sinks(kvq_type t, int S, int residual) {
+    const char *name = kvq_type_get_traits(t)->name;
+    char what[96];
+    g_sinks = S;
+    kvq_cache *c = make(t, t, 1u << 20, residual, 8);
+    g_sinks = 0;
+    kvq_cache *ref = make(t, t, 1u << 20, residual, 8);
+    kvq_cache_config cfg;
+    kvq_page_layout L;
+    kvq_cache_get_config(c, &cfg, &L);
+    const int SR = (int)(L.page_bytes / (4 * (size_t)H * D)), SP = (S + SR - 1) / SR, P = L.page_tokens, G = L.group;
+    const int n = S + 3 * G + 37;
+    size_t row = (size_t)H * D;
+    float *k = malloc((size_t)n * row * 4), *v = malloc((size_t)n * row * 4);
+    tu_fill_kv(k, v, (size_t)n, H, D);
+    for (size_t i = 0; i < (size_t)H * D; i++) k[i] *= 50, v[i] *= 50; /* a BOS-like outlier token */
+    kvq_cache_stats st0, st;
+    kvq_cache_get_stats(c, &st0);
+
+    /* appends in uneven pieces that cross S inside a call */
+    int32_t a, r;
+    CHECK_OK(kvq_seq_new(c, &a));
+    CHECK_OK(kvq_seq_new(ref, &r));
+    static const int pieces[] = {1, 2, 7, 30, 1, 90, 3};
+    int done = 0;
+    for (int i = 0; done < n; i++) {
+        int m = pieces[i % 7] < n - done ? pieces[i % 7] : n - done;
+        append_range(c, a, k, v, done, done + m);
+        int r0 = done > S ? done : S;
+        append_range(ref, r, k, v, r0, done + m);
+        done += m;
+    }
+    snprintf(what, sizeof what, "%s S=%d R=%d: append", name, S, residual);
+    check_model(c, a, ref, r, k, v, n, S, what);
+    kvq_seq_view view, rview;
+    CHECK_OK(kvq_seq_view_get(c, a, 1, &view));
+    CHECK_OK(kvq_seq_view_get(ref, r, 1, &rview));
+    CHECK(view.sink_tokens == S && view.sink_rows_per_page == SR && view.n_sink_pages == SP &&
+              view.paged_tokens == rview.paged_tokens && view.window_tokens == rview.window_tokens,
+          "%s: view: %d sinks in %d pages of %d rows, paged %lld window %d", what, view.sink_tokens, view.n_sink_pages,
+          view.sink_rows_per_page, (long long)view.paged_tokens, view.window_tokens);
+    /* the documented layout: token t, head h: key at page + ((t % SR) * H + h) * D halves, values SR * H * D further */
+    int bad = 0;
+    for (int t2 = 0; t2 < S; t2++)
+        for (int h = 0; h < H; h++) {
+            const uint16_t *pg = (const uint16_t *)(const void *)(view.arena + (size_t)view.sink_pages[t2 / SR] * L.page_bytes);
+            const uint16_t *kk = pg + ((size_t)(t2 % SR) * H + h) * D, *vv = kk + (size_t)SR * H * D;
+            for (int d = 0; d < D; d++)
+                bad += tu_f16_to_f32(kk[d]) != tu_f16_round(k[((size_t)t2 * H + h) * D + d]) ||
+                       tu_f16_to_f32(vv[d]) != tu_f16_round(v[((size_t)t2 * H + h) * D + d]);
+        }
+    CHECK(bad == 0, "%s: %d values differ in the view's sink rows", what, bad);
+    kvq_cache_get_stats(c, &st);
+    int64_t used = (int64_t)NL * (SP + (view.paged_tokens + P - 1) / P);
+    CHECK(st0.pages_free - st.pages_free == used && st.tokens == n, "%s: %lld pages used, expected %lld", what,
+          (long long)(st0.pages_free - st.pages_free), (long long)used);
+
+    /* capacity and sizing: sink pages first, then pages of P tokens */
+    for (int want = 1; want <= S + 2 * P; want += want < S + 2 ? 1 : P / 2) {
+        kvq_cache_config sized = cfg;
+        sized.arena_bytes = kvq_cache_arena_bytes_for(&cfg, want);
+        int64_t cap = kvq_cache_capacity_tokens(&sized), slack = want <= S ? SR : P;
+        CHECK(cap >= want && cap < want + slack, "%s: arena for %d tokens holds %lld", what, want, (long long)cap);
+    }
+
+    /* fork at every boundary, then cut and re-append: copy on write keeps the parent, the child follows the model */
+    const int cuts[] = {0, 1, S / 2, S - 1, S, S + 1, S + G - 1, S + G, S + G + 1, n - 1};
+    for (int ci = 0; ci < 10; ci++) {
+        int cut = cuts[ci];
+        if (cut < 0 || cut > n) continue;
+        snprintf(what, sizeof what, "%s S=%d R=%d: truncate to %d", name, S, residual, cut);
+        int32_t b, rb;
+        CHECK_OK(kvq_seq_fork(c, a, &b));
+        CHECK_OK(kvq_seq_fork(ref, r, &rb));
+        kvq_cache_get_stats(c, &st);
+        CHECK(st.pages_shared == used, "%s: fork shares %lld pages, expected %lld", what, (long long)st.pages_shared,
+              (long long)used);
+        CHECK_OK(kvq_seq_truncate(c, b, cut));
+        CHECK_OK(kvq_seq_truncate(ref, rb, cut > S ? cut - S : 0));
+        /* the truncated child: exact sinks, the rest as the reference cut at cut - S */
+        check_model(c, b, ref, rb, k, v, cut, S, what);
+        /* writes into the shared pages after the cut: the parent must not see them */
+        float *k2 = malloc((size_t)n * row * 4), *v2 = malloc((size_t)n * row * 4);
+        memcpy(k2, k, (size_t)n * row * 4), memcpy(v2, v, (size_t)n * row * 4);
+        for (size_t i = (size_t)cut * row; i < (size_t)n * row; i++) k2[i] = -k2[i] + 0.5f, v2[i] *= 0.5f;
+        append_range(c, b, k2, v2, cut, n);
+        append_range(ref, rb, k2, v2, cut > S ? cut : S, n);
+        check_model(c, b, ref, rb, k2, v2, n, S, what);
+        check_model(c, a, ref, r, k, v, n, S, what); /* the parent is unchanged */
+        CHECK_OK(kvq_seq_free(c, b));
+        CHECK_OK(kvq_seq_free(ref, rb));
+        free(k2), free(v2);
+        kvq_cache_get_stats(c, &st);
+        CHECK(st.pages_shared == 0 && st0.pages_free - st.pages_free == used, "%s: the child's pages came back", what);
+    }
+
+    /* all or nothing: a call that crosses S with a NaN in its last token, and one that does not fit */
+    snap before = take(c, &a, 1);
+    int32_t b;
+    CHECK_OK(kvq_seq_fork(c, a, &b));
+    CHECK_OK(kvq_seq_truncate(c, b, S > 2 ? S - 2 : 0));
+    snap before2 = take(c, (int32_t[]){a, b}, 2);
+    float *kb = malloc((size_t)(G + 8) * row * 4), *vb = malloc((size_t)(G + 8) * row * 4);
+    tu_fill_kv(kb, vb, (size_t)G + 8, H, D);
+    kb[(size_t)(G + 7) * row + 3] = NAN;
+    int32_t cnt = G + 8;
+    CHECK_ERR(kvq_append(c, 0, 1, &b, &cnt, KVQ_DTYPE_F32, kb, vb), KVQ_ERR_NONFINITE);
+    snap after2 = take(c, (int32_t[]){a, b}, 2);
+    CHECK(same(before2, after2), "%s S=%d: a NaN after the sinks changes nothing", name, S);
+    free(after2.data), free(before2.data);
+    CHECK_OK(kvq_seq_free(c, b));
+    snap after = take(c, &a, 1);
+    CHECK(same(before, after), "%s S=%d: the parent is unchanged", name, S);
+    free(before.data), free(after.data), free(kb), free(vb);
+    CHECK_OK(kvq_seq_free(c, a));
+    kvq_cache_get_stats(c, &st);
+    CHECK(st.pages_free == st0.pages_free && st.pages_shared == 0, "%s S=%d: every page back after free", name, S);
+    free(k), free(v);
+    kvq_cache_free(c), kvq_cache_free(ref);
+}
+
+/* A cache too small for the sinks: the call that needs one more sink page than is free fails and changes nothing */
+static void test_sinks_full(void) {
+    g_sinks = 1024;
+    kvq_cache *c = make(KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64u << 10, -1, 2);
+    g_sinks = 0;
+    kvq_cache_stats st;
+    kvq_cache_get_stats(c, &st);
+    int32_t a;
+    CHECK_OK(kvq_seq_new(c, &a));
+    kvq_page_layout L;
+    kvq_cache_get_config(c, NULL, &L);
+    const int64_t SR = (int64_t)(L.page_bytes / (4 * (size_t)H * D));
+    CHECK(st.capacity_tokens == st.pages_total / NL * SR && st.pages_total * SR < 1024,
+          "capacity %lld: every page of a layer holds %lld sinks", (long long)st.capacity_tokens, (long long)SR);
+    /* layer 0 alone fills the arena with sink pages; a call of 3 tokens that needs one page more fails whole */
+    int32_t n = (int32_t)(st.pages_total * SR);
+    float *k = malloc((size_t)(n + 3) * H * D * 4), *v = malloc((size_t)(n + 3) * H * D * 4);
+    tu_fill_kv(k, v, (size_t)n + 3, H, D);
+    int32_t m = n - 1, three = 3;
+    CHECK_OK(kvq_append(c, 0, 1, &a, &m, KVQ_DTYPE_F32, k, v));
+    snap s0 = take(c, &a, 1);
+    CHECK_ERR(kvq_append(c, 0, 1, &a, &three, KVQ_DTYPE_F32, k + (size_t)m * H * D, v + (size_t)m * H * D), KVQ_ERR_CACHE_FULL);
+    snap s1 = take(c, &a, 1);
+    CHECK(same(s0, s1) && s0.st.pages_free == 0, "a full cache of sinks is unchanged by a failing append");
+    int32_t one = 1;
+    CHECK_OK(kvq_append(c, 0, 1, &a, &one, KVQ_DTYPE_F32, k + (size_t)m * H * D, v + (size_t)m * H * D));
+    free(s0.data), free(s1.data), free(k), free(v);
+    kvq_cache_free(c);
+}
+
 int main(void) {
     tu_seed(11);
+    for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
+        if (!kvq_type_get_traits((kvq_type)t)->implemented) continue;
+        bool grouped = kvq_type_get_traits((kvq_type)t)->grouped;
+        static const int Ss[] = {1, 4, 16, 64, 67};
+        for (int i = 0; i < 5; i++) test_sinks((kvq_type)t, Ss[i], grouped ? -1 : i % 2 ? 0 : 5);
+    }
+    test_sinks(KVQ_TYPE_Q4, 100, 0);
+    test_sinks_full();
+    g_sinks = 5; /* the same failure paths with sinks */
+    test_every_oom_path();
+    test_full_then_free();
+    g_sinks = 0;
     test_create_oom();
     test_every_oom_path();
     test_sizing_overflow();

@@ -125,8 +125,11 @@ static void append(const char *name, int n_seqs, const int32_t *ids, const int32
     for (g_layer = 0; g_layer < LAYERS; g_layer++) run_step(name, st_append_layer, &p);
 }
 
-static void workload(kvq_type tk, kvq_type tv, int residual) {
+/* sinks: kvq_cache_config.sinks (-1: the default, 1 with a grouped type; 20 puts the cuts below inside the sinks
+ * (truncate to 3), past them (27), and makes the first append cross them) */
+static void workload(kvq_type tk, kvq_type tv, int residual, int sinks) {
     kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.sinks = sinks;
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
     cfg.page_tokens = 16, cfg.group = 16, cfg.residual = residual, cfg.max_seqs = MAXS, cfg.n_threads = 2;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 512) * 3;
@@ -195,8 +198,9 @@ int main(int argc, char **argv) {
         g_k = malloc(128 * H * D * sizeof(float)), g_v = malloc(128 * H * D * sizeof(float));
         g_q = malloc(3 * 9 * NQH * D * sizeof(float)), g_out = malloc(3 * 30 * H * D * sizeof(float));
         for (size_t i = 0; i < 3 * 9 * NQH * D; i++) g_q[i] = (float)tu_normal();
-        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16);
-        workload(KVQ_TYPE_F16, KVQ_TYPE_FP8, 0);
+        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16, -1);
+        workload(KVQ_TYPE_F16, KVQ_TYPE_FP8, 0, 0);
+        workload(KVQ_TYPE_Q2, KVQ_TYPE_Q2, 0, 20);
         free(g_k), free(g_v), free(g_q), free(g_out);
     } else {
         fprintf(stderr, "usage: test_failalloc_cache create|workload\n");

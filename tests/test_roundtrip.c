@@ -28,6 +28,7 @@ static double max_level_error(kvq_type t) {
 static void roundtrip(kvq_type t, int D, int H, int nu, int di) {
     const int T = 192; /* three key groups of 64 */
     kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.sinks = 0; /* the layout without attention sinks: pages from token 0 (test_cache covers sinks) */
     cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t;
     cfg.residual = 0, cfg.arena_bytes = 8u << 20, cfg.nonuniform = nu;
     cfg.rotate = 0; /* the formats' own per-element bounds; test_rotate covers the rotated cache */

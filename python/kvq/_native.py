@@ -224,6 +224,7 @@ for _n, _r, _a in [
     ("kvq_page_layout_make", C.c_int, [C.c_int, C.c_int, C.c_int, C.c_int, C.c_int, C.c_int, C.POINTER(PageLayout)]),
     ("kvq_cache_config_default", CacheConfig, []),
     ("kvq_cache_capacity_tokens", C.c_int64, [C.POINTER(CacheConfig)]),
+    ("kvq_cache_arena_bytes_for", C.c_size_t, [C.POINTER(CacheConfig), C.c_int64]),
     ("kvq_cache_create", C.c_int, [C.POINTER(CacheConfig), C.POINTER(_P)]),
     ("kvq_cache_free", None, [_P]),
     ("kvq_cache_get_config", C.c_int, [_P, C.POINTER(CacheConfig), C.POINTER(PageLayout)]),
@@ -471,9 +472,16 @@ class Cache:
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
                           n_threads, rotate, rotation_seed, sinks, nonuniform)
         if arena_bytes is None:
-            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v,
-                                          _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64"), 1,
+            max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
+            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
                                           cfg.page_tokens or 64, group)
+            if cfg.sinks != 0:  # the sink pages (kvq.h section 10): what libkvq's sizing adds for them
+                flat = CacheConfig.from_buffer_copy(cfg)
+                flat.sinks = 0
+                with_sinks, without = (_lib.kvq_cache_arena_bytes_for(C.byref(x), max_tokens) for x in (cfg, flat))
+                if with_sinks == 0 or without == 0:
+                    _check(-2)  # KVQ_ERR_INVALID_ARG, with libkvq's message
+                arena_bytes += with_sinks - without
         cfg.arena_bytes = _size(arena_bytes, "arena_bytes")
         h = _P()
         _check(_lib.kvq_cache_create(C.byref(cfg), C.byref(h)))

@@ -217,16 +217,30 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
         memset(v.acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
         sc->qst[hh].valid = 0;
     }
+    /* positions: sinks 0 .. S0-1, then the pages (page slot u is position S0 + u), then the window */
+    const int64_t S0 = sl->sink, pend = S0 + sl->paged, t1 = w->t1;
     int64_t t = w->t0;
-    while (t < w->t1 && t < sl->paged) {
-        int32_t pg = sl->pages[t / P];
-        int64_t base = t / P * P;
+    while (t < t1 && t < S0) { /* sink pages: fp16 rows [SR][H][D], attended like the window */
+        int32_t pg = sl->spages[t / c->SR];
+        int64_t base = t / c->SR * c->SR, end = base + c->SR < S0 ? base + c->SR : S0;
+        end = end < t1 ? end : t1;
+        for (int hh = 0; hh < w->nh; hh++) {
+            work v = head_view(w, hh);
+            kvq__blk kb = window_blk(c, kvq__sink_k(c, pg, 0, 0), v.h), vb = window_blk(c, kvq__sink_v(c, pg, 0, 0), v.h);
+            attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, &v, p, sc, &sc->qst[hh]);
+        }
+        t = end;
+    }
+    while (t < t1 && t < pend) {
+        int64_t u = t - S0, u1 = t1 - S0; /* page slot coordinates */
+        int32_t pg = sl->pages[u / P];
+        int64_t base = u / P * P;
         int64_t end = base + P < sl->paged ? base + P : sl->paged;
-        end = end < w->t1 ? end : w->t1;
+        end = end < u1 ? end : u1;
         for (int hh = 0; hh < w->nh; hh++) {
             int32_t npg = -1, nh = 0;
             if (hh + 1 < w->nh) npg = pg, nh = w->h + hh + 1;
-            else if (end < w->t1 && end < sl->paged) npg = sl->pages[end / P], nh = w->h;
+            else if (end < u1 && end < sl->paged) npg = sl->pages[end / P], nh = w->h;
             work v = head_view(w, hh);
             kvq__blk kb = page_blk(c, pg, v.h, KVQ_KEY), vb = page_blk(c, pg, v.h, KVQ_VALUE);
             if (npg >= 0) { /* the fused key kernels spread the prefetch over their tokens */
@@ -235,15 +249,15 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
                     kb.pf_v = kvq__vblock(c, npg, nh), kb.pf_v_lines = (int)((c->L.v_block_bytes + 63) / 64);
                 } else prefetch_blocks(c, npg, nh);
             }
-            attend_block(K, &kb, &vb, (int)(t - base), (int)(end - base), base, &v, p, sc, &sc->qst[hh]);
+            attend_block(K, &kb, &vb, (int)(u - base), (int)(end - base), S0 + base, &v, p, sc, &sc->qst[hh]);
         }
-        t = end;
+        t = S0 + end;
     }
-    if (t < w->t1)
+    if (t < t1)
         for (int hh = 0; hh < w->nh; hh++) {
             work v = head_view(w, hh);
             kvq__blk kb = window_blk(c, sl->wk, v.h), vb = window_blk(c, sl->wv, v.h);
-            attend_block(K, &kb, &vb, (int)(t - sl->paged), (int)(w->t1 - sl->paged), sl->paged, &v, p, sc, &sc->qst[hh]);
+            attend_block(K, &kb, &vb, (int)(t - pend), (int)(t1 - pend), pend, &v, p, sc, &sc->qst[hh]);
         }
 }
 
@@ -344,10 +358,10 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     for (int i = 0; i < n_seqs; i++) {
         if ((s = kvq__check_seq(c, seq_ids[i], fn))) return s;
         const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
-        if (sl->paged + sl->win == 0)
+        if (kvq__seq_len(sl) == 0)
             return kvq__fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d: append the token's K/V first", fn,
                              (int)seq_ids[i], layer);
-        total += sl->paged + sl->win;
+        total += kvq__seq_len(sl);
     }
     /* items: (sequence, token chunk, group of up to MAX_ITEM_HEADS heads); enough of them for every thread several
      * times over, none shorter than 512 tokens */
@@ -359,7 +373,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     int64_t n_items = 0;
     for (int i = 0; i < n_seqs; i++) {
         const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
-        n_items += ngroups * ((sl->paged + sl->win + chunk - 1) / chunk);
+        n_items += ngroups * ((kvq__seq_len(sl) + chunk - 1) / chunk);
     }
     float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
     /* item state: for each of its heads, m[rep], l[rep], acc[rep][D] */
@@ -377,7 +391,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     int64_t k = 0;
     for (int i = 0; i < n_seqs; i++) {
         const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
-        int64_t len = sl->paged + sl->win;
+        int64_t len = kvq__seq_len(sl);
         for (int r = 0; r < rep; r++) pos[(size_t)i * rep + r] = len - 1;
         for (int h = 0; h < H; h += hg)
             for (int64_t t0 = 0; t0 < len; t0 += chunk, k++) {
@@ -393,7 +407,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
         k = 0;
         for (int i = 0; i < n_seqs; i++) {
             const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
-            int nchunks = (int)((sl->paged + sl->win + chunk - 1) / chunk);
+            int nchunks = (int)((kvq__seq_len(sl) + chunk - 1) / chunk);
             for (int h = 0; h < H; h += hg, k += nchunks)
                 for (int hh = 0; hh < items[k].nh; hh++)
                     merge(nchunks, rep, D, buf + (size_t)k * hg * per + hh * per, hg * per, rep,
@@ -413,7 +427,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
     if ((s = kvq__check_layer(c, layer, fn)) || (s = check_params(c, p, fn)) || (s = kvq__check_seq(c, seq, fn)))
         return s;
     const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
-    int64_t len = sl->paged + sl->win;
+    int64_t len = kvq__seq_len(sl);
     if (n_q < 0 || n_q > len)
         return kvq__fail(KVQ_ERR_RANGE, "%s: n_q %d outside 0..%lld (the sequence's length in layer %d)", fn, n_q,
                          (long long)len, layer);

@@ -8,6 +8,9 @@
 
 #define FN_APPEND "kvq_append"
 
+/* default sinks for caches with a grouped type (kvq.h section 10 gives the measurement); per-token types: 0 */
+#define KVQ__SINKS_GROUPED 1
+
 kvq_cache_config kvq_cache_config_default(void) {
     kvq_cache_config c = {0};
     c.type_k = KVQ_TYPE_F16;
@@ -56,11 +59,9 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->rotate == -1) cfg->rotate = default_rotate(cfg->type_k, cfg->type_v);
     if (cfg->rotate < 0 || cfg->rotate > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "rotate %d is not a set of roles 0..3 (or -1 for the default)", cfg->rotate);
-    if (cfg->sinks == -1) cfg->sinks = 0;
+    if (cfg->sinks == -1) cfg->sinks = grouped ? KVQ__SINKS_GROUPED : 0; /* kvq.h section 10: measured */
     if (cfg->sinks < 0 || cfg->sinks > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
-    if (cfg->sinks != 0)
-        return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d: attention sinks are not implemented yet", cfg->sinks);
     if (cfg->nonuniform == -1) cfg->nonuniform = KVQ_ROLES_NONE;
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
@@ -84,6 +85,22 @@ static kvq_status resolve(const kvq_cache_config *in, kvq_cache_config *cfg, kvq
     return resolve_checked(in, cfg, L, W, Gf, true);
 }
 
+/* Sink rows per page (K and V fp16 of all heads: at least 2 for every valid layout, P >= 16) and sink pages of a
+ * full sink block */
+static void sink_geometry(const kvq_cache_config *cfg, const kvq_page_layout *L, int *SR, int *SP) {
+    *SR = (int)(L->page_bytes / (4 * (size_t)L->n_kv_heads * L->head_dim));
+    *SP = (cfg->sinks + *SR - 1) / *SR;
+}
+
+/* Arena pages one (sequence, layer) of n tokens occupies: sink pages, then pages of the tokens after the sinks */
+static int64_t pages_for_tokens(const kvq_cache_config *cfg, const kvq_page_layout *L, int64_t n) {
+    int SR, SP;
+    sink_geometry(cfg, L, &SR, &SP);
+    int64_t s = n < cfg->sinks ? n : cfg->sinks, rest = n - s;
+    /* no rounding-up sum first: rest + P - 1 overflows near INT64_MAX */
+    return (s + SR - 1) / SR + rest / L->page_tokens + (rest % L->page_tokens != 0);
+}
+
 size_t kvq_cache_arena_bytes_for(const kvq_cache_config *in, int64_t n_tokens) {
     const char *fn = "kvq_cache_arena_bytes_for";
     kvq_cache_config cfg = {0};
@@ -96,7 +113,7 @@ size_t kvq_cache_arena_bytes_for(const kvq_cache_config *in, int64_t n_tokens) {
     }
     /* pages per layer without rounding n_tokens up first (n_tokens + P - 1 overflows near INT64_MAX); the arena
      * kvq_cache_create accepts has at most INT32_MAX pages, so anything above that is an error, not a size */
-    int64_t pages = n_tokens / L.page_tokens + (n_tokens % L.page_tokens != 0);
+    int64_t pages = pages_for_tokens(&cfg, &L, n_tokens);
     if (pages == 0) pages = 1;
     if (pages > INT32_MAX / cfg.n_layers) {
         kvq__fail(KVQ_ERR_INVALID_ARG, "%s: %lld tokens need %lld pages in each of %d layers: more than the %d pages "
@@ -117,7 +134,11 @@ int64_t kvq_cache_capacity_tokens(const kvq_cache_config *in) {
     int W, Gf;
     kvq_status s = resolve(in, &cfg, &L, &W, &Gf);
     if (s) return s;
-    return (int64_t)(cfg.arena_bytes / L.page_bytes) / cfg.n_layers * L.page_tokens;
+    int SR, SP;
+    sink_geometry(&cfg, &L, &SR, &SP);
+    int64_t ppl = (int64_t)(cfg.arena_bytes / L.page_bytes) / cfg.n_layers;
+    if (ppl <= SP) return ppl * SR < cfg.sinks ? ppl * SR : cfg.sinks;
+    return cfg.sinks + (ppl - SP) * L.page_tokens;
 }
 
 kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
@@ -132,6 +153,8 @@ kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
         return s;
     }
     c->n_pages = (int64_t)(c->cfg.arena_bytes / c->L.page_bytes);
+    c->S = c->cfg.sinks;
+    sink_geometry(&c->cfg, &c->L, &c->SR, &c->SP);
     /* n_pages <= INT32_MAX (resolve) and page_bytes <= 2^33: no overflow, rounding up included */
     size_t arena = ((size_t)c->n_pages * c->L.page_bytes + 63) & ~(size_t)63;
     c->arena = kvq__aligned_alloc(64, arena);
@@ -194,7 +217,7 @@ kvq_status kvq_cache_get_stats(const kvq_cache *c, kvq_cache_stats *st) {
     st->n_seqs = c->n_live;
     for (int i = 0; i < c->cfg.max_seqs; i++) {
         if (!c->seqs[i].live) continue;
-        st->tokens += c->seqs[i].layers[0].paged + c->seqs[i].layers[0].win;
+        st->tokens += kvq__seq_len(&c->seqs[i].layers[0]);
         for (int l = 0; l < c->cfg.n_layers; l++)
             st->window_bytes += 2 * (size_t)c->seqs[i].layers[l].wcap * window_row_bytes(c);
     }
@@ -202,7 +225,8 @@ kvq_status kvq_cache_get_stats(const kvq_cache *c, kvq_cache_stats *st) {
     kvq_page_layout F;
     kvq_page_layout_make(KVQ_TYPE_F16, KVQ_TYPE_F16, c->L.n_kv_heads, c->L.head_dim, c->L.page_tokens, 0, &F);
     st->f16_bytes_per_token = (double)F.page_bytes * c->cfg.n_layers / F.page_tokens;
-    st->capacity_tokens = c->n_pages / c->cfg.n_layers * c->L.page_tokens;
+    int64_t ppl = c->n_pages / c->cfg.n_layers;
+    st->capacity_tokens = ppl <= c->SP ? (ppl * c->SR < c->S ? ppl * c->SR : c->S) : c->S + (ppl - c->SP) * c->L.page_tokens;
     return KVQ_OK;
 }
 
@@ -235,10 +259,12 @@ static void seq_discard(kvq_cache *c, kvq_seq *q, bool unref) {
     for (int l = 0; l < c->cfg.n_layers && q->layers; l++) {
         kvq_seq_layer *sl = &q->layers[l];
         for (int32_t i = 0; unref && i < sl->n_pages; i++) page_unref(c, sl->pages[i]);
+        for (int32_t i = 0; unref && i < sl->n_spages; i++) page_unref(c, sl->spages[i]);
         free(sl->pages);
         free(sl->wk);
         free(sl->wv);
     }
+    if (q->layers) free(q->layers[0].spages); /* one table for all layers (seq_alloc) */
     free(q->layers);
     memset(q, 0, sizeof *q);
 }
@@ -302,6 +328,15 @@ static kvq_status seq_alloc(kvq_cache *c, int id, const char *fn) {
     q->layers = kvq__calloc((size_t)c->cfg.n_layers, sizeof *q->layers);
     if (!q->layers)
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for the state of %d layers", fn, c->cfg.n_layers);
+    if (c->SP) { /* sink page tables have a fixed size: allocated here, appends never grow them */
+        int32_t *sp = kvq__malloc((size_t)c->cfg.n_layers * c->SP * sizeof *sp);
+        if (!sp) {
+            free(q->layers);
+            q->layers = NULL;
+            return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %d layers' sink page tables", fn, c->cfg.n_layers);
+        }
+        for (int l = 0; l < c->cfg.n_layers; l++) q->layers[l].spages = sp + (size_t)l * c->SP;
+    }
     return KVQ_OK;
 }
 
@@ -344,6 +379,8 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
             sb->cap_pages = sb->n_pages = sa->n_pages;
         }
         sb->paged = sa->paged;
+        memcpy(sb->spages, sa->spages, (size_t)sa->n_spages * sizeof *sb->spages); /* shared, copied on write */
+        sb->n_spages = sa->n_spages, sb->sink = sa->sink;
         if (sa->win) { /* the child's window is as large as the parent's content; it grows on its own later */
             win_grow g = {sb, sa->win, NULL, NULL};
             if (!window_prepare(c, &g)) {
@@ -357,8 +394,10 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
         }
     }
     /* references are taken only once nothing can fail any more */
-    for (int l = 0; l < c->cfg.n_layers; l++)
+    for (int l = 0; l < c->cfg.n_layers; l++) {
         for (int32_t i = 0; i < b->layers[l].n_pages; i++) c->refcnt[b->layers[l].pages[i]]++;
+        for (int32_t i = 0; i < b->layers[l].n_spages; i++) c->refcnt[b->layers[l].spages[i]]++;
+    }
     seq_go_live(c, id);
     *seq_out = id;
     return KVQ_OK;
@@ -379,7 +418,7 @@ kvq_status kvq_seq_length(const kvq_cache *c, int32_t seq, int layer, int64_t *l
     kvq_status s;
     if ((s = kvq__check_seq(c, seq, "kvq_seq_length")) || (s = kvq__check_layer(c, layer, "kvq_seq_length"))) return s;
     const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
-    *len = sl->paged + sl->win;
+    *len = kvq__seq_len(sl);
     return KVQ_OK;
 }
 
@@ -399,6 +438,10 @@ kvq_status kvq_seq_view_get(const kvq_cache *c, int32_t seq, int layer, kvq_seq_
     v->window_capacity = sl->wcap;
     v->window_k = sl->wk;
     v->window_v = sl->wv;
+    v->sink_tokens = sl->sink;
+    v->sink_rows_per_page = c->SR;
+    v->n_sink_pages = sl->n_spages;
+    v->sink_pages = sl->spages;
     return KVQ_OK;
 }
 
@@ -431,8 +474,9 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
     int ng = 0;
     for (int l = 0; l < c->cfg.n_layers; l++) {
         kvq_seq_layer *sl = &c->seqs[seq].layers[l];
-        if (n >= sl->paged) continue;
-        int32_t cap = window_target(c, sl, n - n / c->Gf * c->Gf);
+        int64_t m = n - sl->sink; /* the cut among the tokens after the sinks */
+        if (m < 0 || m >= sl->paged) continue;
+        int32_t cap = window_target(c, sl, m - m / c->Gf * c->Gf);
         if (!cap) continue;
         g[ng] = (win_grow){sl, cap, NULL, NULL};
         if (!window_prepare(c, &g[ng])) {
@@ -446,16 +490,25 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
     free(g);
     for (int l = 0; l < c->cfg.n_layers; l++) {
         kvq_seq_layer *sl = &c->seqs[seq].layers[l];
-        if (n >= sl->paged + sl->win) continue;
-        if (n >= sl->paged) {
-            sl->win = (int32_t)(n - sl->paged);
+        if (n >= kvq__seq_len(sl)) continue;
+        if (n < sl->sink) { /* the cut is inside the sinks: everything after them goes, and the sink pages past n */
+            for (int32_t i = 0; i < sl->n_pages; i++) page_unref(c, sl->pages[i]);
+            sl->n_pages = 0, sl->paged = 0, sl->win = 0;
+            int32_t nsp = (int32_t)((n + c->SR - 1) / c->SR);
+            for (int32_t i = nsp; i < sl->n_spages; i++) page_unref(c, sl->spages[i]);
+            sl->n_spages = nsp, sl->sink = (int32_t)n;
+            continue;
+        }
+        int64_t m = n - sl->sink;
+        if (m >= sl->paged) {
+            sl->win = (int32_t)(m - sl->paged);
             continue;
         }
         /* The cut is inside the pages: whole flush units before it stay, the rest of its unit moves back to the
          * window (dequantized), later window tokens are dropped. */
-        int64_t keep = n / c->Gf * c->Gf;
-        paged_to_window(c, sl, keep, n, 0);
-        sl->win = (int32_t)(n - keep);
+        int64_t keep = m / c->Gf * c->Gf;
+        paged_to_window(c, sl, keep, m, 0);
+        sl->win = (int32_t)(m - keep);
         sl->paged = keep;
         int32_t np = (int32_t)((keep + P - 1) / P);
         for (int32_t i = np; i < sl->n_pages; i++) page_unref(c, sl->pages[i]);
@@ -480,9 +533,24 @@ static int64_t flushes(const kvq_cache *c, int32_t win, int64_t n) {
     return total < c->W ? 0 : 1 + (total - c->W) / c->Gf;
 }
 
-/* Pages (seq, layer) needs for n more tokens, counting a copy-on-write of its last page. */
+/* Of n tokens appended to (seq, layer), those that go to its sinks (the first ones) */
+static int64_t sink_take(const kvq_cache *c, const kvq_seq_layer *sl, int64_t n) {
+    return n < c->S - sl->sink ? n : c->S - sl->sink;
+}
+
+/* Sink pages (seq, layer) needs for n more tokens, counting a copy-on-write of its last sink page. */
+static int64_t sink_pages_needed(const kvq_cache *c, const kvq_seq_layer *sl, int64_t n) {
+    int64_t ns = sink_take(c, sl, n);
+    if (ns == 0) return 0;
+    int64_t need = (sl->sink + ns + c->SR - 1) / c->SR - sl->n_spages;
+    if (sl->sink % c->SR != 0 && c->refcnt[sl->spages[sl->n_spages - 1]] > 1) need++;
+    return need;
+}
+
+/* Pages (seq, layer) needs for n more tokens after its sinks, counting a copy-on-write of its last page. */
 static int64_t pages_needed(const kvq_cache *c, const kvq_seq_layer *sl, int64_t n) {
     int P = c->L.page_tokens;
+    n -= sink_take(c, sl, n);
     int64_t f = flushes(c, sl->win, n);
     if (f == 0) return 0;
     int64_t end = sl->paged + f * c->Gf;
@@ -535,6 +603,29 @@ static void store_unit(kvq_cache *c, kvq_seq_layer *sl, const float *xk, const f
     sl->paged += Gf;
 }
 
+/* Stores one token (element offset `off` of k and v) as the next sink row of (seq, layer), exact fp16 */
+static void store_sink(kvq_cache *c, kvq_seq_layer *sl, const float *uk, const float *uv) {
+    int r = sl->sink % c->SR;
+    if (r == 0) {
+        sl->spages[sl->n_spages++] = page_alloc(c);
+    } else {
+        int32_t *last = &sl->spages[sl->n_spages - 1];
+        if (c->refcnt[*last] > 1) { /* copy on write: a fork shares the sink pages */
+            int32_t id = page_alloc(c);
+            memcpy(kvq__page(c, id), kvq__page(c, *last), c->L.page_bytes);
+            page_unref(c, *last);
+            *last = id;
+        }
+    }
+    int32_t pg = sl->spages[sl->n_spages - 1];
+    uint16_t *wk = kvq__sink_k(c, pg, r, 0), *wv = kvq__sink_v(c, pg, r, 0);
+    for (size_t e = 0; e < (size_t)c->L.n_kv_heads * c->L.head_dim; e++) {
+        wk[e] = kvq__f32_to_f16(uk[e]);
+        wv[e] = kvq__f32_to_f16(uv[e]);
+    }
+    sl->sink++;
+}
+
 static kvq_status reserve_pages(kvq_seq_layer *sl, int64_t need) {
     int64_t want = sl->n_pages + need;
     if (want <= sl->cap_pages) return KVQ_OK;
@@ -571,7 +662,8 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
         if (n_tokens[i] < 0)
             return kvq__fail(KVQ_ERR_INVALID_ARG, FN_APPEND ": n_tokens[%d] = %d is negative", i, (int)n_tokens[i]);
         total += n_tokens[i];
-        need += pages_needed(c, &c->seqs[seq_ids[i]].layers[layer], n_tokens[i]);
+        const kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
+        need += pages_needed(c, sl, n_tokens[i]) + sink_pages_needed(c, sl, n_tokens[i]);
     }
     if (total == 0) return KVQ_OK;
     KVQ_CHECK_NULL(k, FN_APPEND);
@@ -623,7 +715,7 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
     int ng = 0;
     for (int i = 0; i < n_seqs && g; i++) {
         kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
-        int32_t cap = window_target(c, sl, sl->win + (int64_t)n_tokens[i]);
+        int32_t cap = window_target(c, sl, sl->win + (int64_t)n_tokens[i] - sink_take(c, sl, n_tokens[i]));
         if (!cap) continue;
         g[ng] = (win_grow){sl, cap, NULL, NULL};
         if (!window_prepare(c, &g[ng])) {
@@ -660,6 +752,10 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
                 if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, uk + (size_t)h * D, 0);
                 if (kvq__rotated(c, KVQ_VALUE)) kvq__rot_apply(&rv, uv + (size_t)h * D, 0);
             }
+            if (sl->sink < c->S) { /* sinks hold the rotated rows too: attention rotates q for every key it reads */
+                store_sink(c, sl, uk, uv);
+                continue;
+            }
             if (c->W == 1) { /* R = 0, per-token types: straight to the page */
                 store_unit(c, sl, uk, uv, scratch);
                 continue;
@@ -685,7 +781,7 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
     kvq_status s;
     if ((s = kvq__check_seq(c, seq, "kvq_read")) || (s = kvq__check_layer(c, layer, "kvq_read"))) return s;
     const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
-    int64_t len = sl->paged + sl->win;
+    int64_t len = kvq__seq_len(sl);
     if (start < 0 || n < 0 || start > len || n > len - start) /* start + n may overflow: not formed */
         return kvq__fail(KVQ_ERR_RANGE, "kvq_read: %lld tokens from %lld: outside the sequence's %lld (layer %d)",
                          (long long)n, (long long)start, (long long)len, layer);
@@ -698,13 +794,21 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
     for (int64_t t = start; t < start + n; t++) {
         float *ko = k ? k + (size_t)(t - start) * row : NULL, *vo = v ? v + (size_t)(t - start) * row : NULL;
         for (int h = 0; h < H; h++) {
-            if (t < sl->paged) {
-                int32_t pg = sl->pages[t / P];
-                int slot = (int)(t % P);
+            if (t < sl->sink) {
+                int32_t pg = sl->spages[t / c->SR];
+                const uint16_t *sk = kvq__sink_k(c, pg, (int)(t % c->SR), h), *sv = kvq__sink_v(c, pg, (int)(t % c->SR), h);
+                for (int d = 0; d < D; d++) {
+                    if (ko) ko[(size_t)h * D + d] = kvq__f16_to_f32(sk[d]);
+                    if (vo) vo[(size_t)h * D + d] = kvq__f16_to_f32(sv[d]);
+                }
+            } else if (t - sl->sink < sl->paged) { /* u = t - sink: position among the tokens after the sinks */
+                int64_t u = t - sl->sink;
+                int32_t pg = sl->pages[u / P];
+                int slot = (int)(u % P);
                 if (ko) kvq__dequant_block(&c->L, KVQ_KEY, kvq__kblock(c, pg, h), slot, slot + 1, ko + (size_t)h * D, 0);
                 if (vo) kvq__dequant_block(&c->L, KVQ_VALUE, kvq__vblock(c, pg, h), slot, slot + 1, vo + (size_t)h * D, 0);
             } else {
-                size_t w = ((size_t)(t - sl->paged) * H + h) * D;
+                size_t w = ((size_t)(t - sl->sink - sl->paged) * H + h) * D;
                 for (int d = 0; d < D; d++) {
                     if (ko) ko[(size_t)h * D + d] = kvq__f16_to_f32(sl->wk[w + d]);
                     if (vo) vo[(size_t)h * D + d] = kvq__f16_to_f32(sl->wv[w + d]);

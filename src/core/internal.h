@@ -129,6 +129,12 @@ typedef struct kvq_seq_layer {
     int32_t win;       /* tokens in the window */
     int32_t wcap;      /* rows allocated in wk and wv: grows with the window (doubling), at most W; 0: NULL */
     uint16_t *wk, *wv; /* fp16 [wcap][H][D] */
+    /* attention sinks (kvq.h section 10): tokens 0 .. sink-1, exact fp16 in arena pages of their own; sink page i
+     * holds tokens i*SR .. i*SR+SR-1: key rows fp16 [SR][H][D], then value rows [SR][H][D]. Pages and window hold
+     * the tokens after them, so sink < S implies paged == 0 and win == 0. */
+    int32_t *spages;   /* [SP] sink page ids (NULL when S = 0) */
+    int32_t n_spages;
+    int32_t sink;      /* tokens in sink pages, 0 .. S */
 } kvq_seq_layer;
 
 typedef struct kvq_seq {
@@ -141,6 +147,9 @@ struct kvq_cache {
     kvq_page_layout L;
     int W;  /* window capacity: R + G */
     int Gf; /* tokens flushed at once: G for grouped caches, 1 otherwise */
+    int S;  /* sink tokens per (sequence, layer) (cfg.sinks) */
+    int SR; /* sink rows per sink page: page_bytes / (2 * H * D * 2) */
+    int SP; /* sink pages per (sequence, layer) when full: ceil(S / SR) */
     uint8_t *arena;
     int64_t n_pages;
     int32_t *refcnt;    /* [n_pages] */
@@ -159,6 +168,14 @@ static inline uint8_t *kvq__kblock(const kvq_cache *c, int32_t page, int h) {
 static inline uint8_t *kvq__vblock(const kvq_cache *c, int32_t page, int h) {
     return kvq__page(c, page) + c->L.v_offset + (size_t)h * c->L.v_block_bytes;
 }
+/* sink page `pg`: key row r of head h, value rows after the SR key rows */
+static inline uint16_t *kvq__sink_k(const kvq_cache *c, int32_t pg, int r, int h) {
+    return (uint16_t *)(void *)kvq__page(c, pg) + ((size_t)r * c->L.n_kv_heads + h) * c->L.head_dim;
+}
+static inline uint16_t *kvq__sink_v(const kvq_cache *c, int32_t pg, int r, int h) {
+    return kvq__sink_k(c, pg, r, h) + (size_t)c->SR * c->L.n_kv_heads * c->L.head_dim;
+}
+static inline int64_t kvq__seq_len(const kvq_seq_layer *sl) { return sl->sink + sl->paged + sl->win; }
 kvq_status kvq__check_seq(const kvq_cache *c, int32_t seq, const char *fn);
 
 /* ---- randomized Hadamard rotation (rotate.c, kvq.h section 10) ---- */

@@ -155,3 +155,39 @@ def test_nonuniform_levels_read_back(kv_type):
             assert np.all(np.abs(kr - k) <= kbound) and np.all(np.abs(vr - v) <= vbound)
     ratio = mse[3] / mse[0]
     assert 0.8 * {"q4": 0.85, "q2": 0.57}[kv_type] < ratio < 1.2 * {"q4": 0.85, "q2": 0.57}[kv_type]
+
+
+@pytest.mark.parametrize("kv_type,sinks", [("q4", 5), ("q2", 64), ("q8", 3), ("q4", -1)])
+def test_sinks(kv_type, sinks):
+    """Attention sinks (kvq.h section 10): the first S tokens read back as their fp16 values, the rest as a cache
+    without sinks holds them (groups start at S); a fork shares the sink pages; attention matches the reference on
+    what the cache holds; an arena sized by max_tokens holds max_tokens."""
+    rng = np.random.default_rng(5)
+    H, D, n = 2, 64, 300
+    k = rng.standard_normal((n, H, D)).astype(np.float32)
+    v = rng.standard_normal((n, H, D)).astype(np.float32)
+    k[0] *= 40  # a BOS-like outlier
+    c = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=sinks)
+    S = c.config.sinks
+    assert S == (sinks if sinks >= 0 else 1)  # the default for grouped types (kvq.h section 10)
+    ref = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=0)
+    a, r = c.seq_new(), ref.seq_new()
+    c.append(0, [a], [n], k, v)  # one call that crosses S
+    ref.append(0, [r], [n - S], k[S:], v[S:])
+    kr, vr = c.read(a, 0)
+    np.testing.assert_array_equal(kr[:S], k[:S].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(vr[:S], v[:S].astype(np.float16).astype(np.float32))
+    k2, v2 = ref.read(r, 0)
+    np.testing.assert_array_equal(kr[S:], k2)
+    np.testing.assert_array_equal(vr[S:], v2)
+    f = c.seq_fork(a)
+    assert c.stats()["pages_shared"] > 0
+    c.seq_truncate(f, max(S - 1, 0))
+    c.append(0, [f], [2], k[:2] * 2, v[:2] * 2)  # copy on write of a shared sink page
+    np.testing.assert_array_equal(c.read(a, 0)[0], kr)  # the parent is unchanged
+    q = rng.standard_normal((1, 4, D)).astype(np.float32)
+    out = c.attn_decode(0, [a], q)
+    # the SIMD Q4/Q2 value kernels round softmax weights to 8 bits (DEVELOPERS.md): measured 4e-3 here, |out| ~ 0.3
+    np.testing.assert_allclose(out[0], ref_attention(q, kr, vr, D ** -0.5)[0], atol=2e-3 if kv_type == "q8" else 1e-2)
+    with pytest.raises(kvq.KvqError, match="KVQ_ERR_INVALID_ARG"):
+        kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=1025)
