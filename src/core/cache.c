@@ -28,9 +28,15 @@ kvq_cache_config kvq_cache_config_default(void) {
 static int default_rotate(kvq_type tk, kvq_type tv) {
     if (tk == KVQ_TYPE_Q4 && tv == KVQ_TYPE_Q2) return KVQ_ROLES_V;
     int r = KVQ_ROLES_NONE;
-    if (tk == KVQ_TYPE_Q8 || tk == KVQ_TYPE_Q4 || tk == KVQ_TYPE_Q2) r |= KVQ_ROLES_K;
-    if (tv == KVQ_TYPE_Q2) r |= KVQ_ROLES_V;
+    if (tk == KVQ_TYPE_Q8 || tk == KVQ_TYPE_Q4 || tk == KVQ_TYPE_Q3 || tk == KVQ_TYPE_Q2) r |= KVQ_ROLES_K;
+    if (tv == KVQ_TYPE_Q3 || tv == KVQ_TYPE_Q2) r |= KVQ_ROLES_V;
     return r;
+}
+
+/* kvq.h section 10: non-uniform levels by default where they were measured to help and cost no speed: Q3 (its
+ * kernels decode every code through the level table); Q4/Q2 would leave their integer kernels for fp32 ones */
+static int default_nonuniform(kvq_type tk, kvq_type tv) {
+    return (tk == KVQ_TYPE_Q3 ? KVQ_ROLES_K : 0) | (tv == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
 }
 
 /* Validates cfg (all but arena_bytes when check_arena is false), resolves its defaults and computes the layout and
@@ -62,7 +68,7 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->sinks == -1) cfg->sinks = grouped ? KVQ__SINKS_GROUPED : 0; /* kvq.h section 10: measured */
     if (cfg->sinks < 0 || cfg->sinks > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
-    if (cfg->nonuniform == -1) cfg->nonuniform = KVQ_ROLES_NONE;
+    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v);
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->nonuniform);
