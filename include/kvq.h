@@ -372,9 +372,32 @@ KVQ_API const char *kvq_cpu_backend(void);
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU; the CUDA backend (kvq_cuda.h) resolves -1 to 0 and
- * rejects the rest.
+ * rejects the rest. Defaults (-1), from the measurements below:
+ *     type (K/V)   rotate                                   sinks   nonuniform
+ *     q8           keys                                     0       - (no levels)
+ *     q4           keys (q4/q2: values only)                1       none (kept on the integer kernels)
+ *     q3           keys and values                          1       keys and values
+ *     q2           keys and values                          1       none (kept on the integer kernels)
+ *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
+ * Measured together (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare
+ * with each mechanism spelled out, 2048 scored tokens; KLD: mean KL divergence of the token distributions from the
+ * F16 cache's, in nats; F16 PPL 6.5435):
+ *     entry                         dPPL      KLD       top-1        entry                         dPPL      KLD
+ *     q8 rot=none                  +0.119%  0.000362   99.56%        q3 rot=none sinks=0           +4.932%  0.0575
+ *     q8 rot=k                     -0.048%  0.000125   99.56%        q3 rot=k sinks=1              +2.800%  0.0278
+ *     q4 rot=none sinks=0          +1.093%  0.00942    95.85%        q3 rot=k sinks=1 nuq=kv       +2.387%  0.0289
+ *     q4 rot=k sinks=0             -0.294%  0.00996    95.51%        q3 rot=kv sinks=1 nuq=kv      +2.648%  0.0197
+ *     q4 rot=k sinks=1             -0.017%  0.00399    97.71%        q2 rot=none sinks=0          +75.49%   0.563
+ *     q4 rot=k sinks=1 nuq=k       +0.474%  0.00450    97.31%        q2 rot=kv sinks=1            +16.00%   0.181
+ *     q4 rot=k sinks=1 nuq=kv      +0.707%  0.00508    97.36%        q2 rot=kv sinks=1 nuq=kv     +18.52%   0.167
+ *     q4 rot=kv sinks=1 nuq=kv     +0.646%  0.00369    97.90%
+ * KLD is the measure the defaults follow (dPPL over 2048 tokens moves by +-0.3% with noise-sized changes: q4 rot=k
+ * has a lower PPL than F16). The rotation and one sink each halve or more the error of every quantized type; the
+ * non-uniform levels buy 30% of Q3's KLD, 7-8% of Q4's and Q2's at best, where they would cost the integer kernels
+ * (section 5: the SIMD tables run Q4/Q2 blocks with levels through fp32 kernels), so only Q3 uses them by default.
+ * The paragraphs below give each mechanism's own measurement, made before the others existed.
  *
- * nonuniform (KVQ_ROLES_K, _V, _KV; -1: KVQ_ROLES_NONE for now): the grouped types of those roles decode codes
+ * nonuniform (KVQ_ROLES_K, _V, _KV; -1: the table above): the grouped types of those roles decode codes
  * through the non-uniform levels of section 5 instead of uniform steps; roles of other types ignore it (the
  * layout's nonuniform lists only grouped roles). The levels are fixed and data-free: Lloyd-Max quantizers for a
  * group of 64 Gaussian values normalized by the group's (min, max), each value's error weighted by scale^2, the
@@ -388,8 +411,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  * than uniform ones on the CPU. Measured (kvq perplexity -m SmolLM2-135M-Instruct.Q4_1.gguf -f debian-reference
  * --ctx 1024 --chunks 4, dPPL against the F16 cache, without the rotation): none: q4 +1.09%, q2 +75.5%, q4/q2
  * +15.9%; k: q4 +0.83%, q2 +78.3%, q4/q2 +14.1%. Keys alone help Q4 and Q4/Q2 but not Q2 (its groups are not
- * Gaussian without the rotation: outlier channels); the v and kv runs are not measured yet, so -1 resolves to
- * KVQ_ROLES_NONE until they (and the rotation, which makes groups Gaussian) are.
+ * Gaussian without the rotation: outlier channels); with the rotation and a sink, the table above.
  *
  * Attention sinks (sinks = S, 0 .. 1024). The first S tokens of every (sequence, layer) are stored exactly as fp16 and
  * never quantized, in sink pages of the arena (section 5): the BOS and first tokens take much of the attention mass
@@ -399,8 +421,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * sinks before it) and free, counted in page_bytes_in_use, capacity_tokens, kvq_cache_capacity_tokens and
  * kvq_cache_arena_bytes_for (bytes_per_token leaves them out: a fixed ceil(S / SR) pages per (sequence, layer)).
  * Attention reads them first, as fp16 blocks at positions 0 .. S-1 (causal and sliding-window masks as for any
- * token). Default (-1): S = 1 where a type is grouped (Q4, Q2), 0 for F16/BF16/Q8/FP8, whose per-token scales an
- * outlier token does not share. Measured: SmolLM2-135M-Instruct (Q4_1 GGUF), kvq perplexity --ctx 1024 --chunks 4
+ * token). Default (-1): S = 1 where a type is grouped (Q4, Q3, Q2), 0 for F16/BF16/Q8/FP8, whose per-token scales
+ * an outlier token does not share. Measured: SmolLM2-135M-Instruct (Q4_1 GGUF), kvq perplexity --ctx 1024 --chunks 4
  * on debian-reference.en.txt (2048 scored tokens; F16 6.5435), R = 128, G = 64:
  *     S        0        1        4        16       64
  *     q4     6.6150   6.5669   6.5703   6.5779   6.5815     (F16 +1.09% at S = 0, +0.36% at S = 1)
@@ -422,7 +444,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  * seeded by (rotation_seed or 0x6b7671 when 0, layer, role): a different R per layer and per role.
  * Pages and windows (kvq_seq_view) hold R k / R v for the rotated roles: an engine with its own kernels applies
  * kvq_rotation_apply to its queries (role KVQ_KEY, inverse 0) and outputs (KVQ_VALUE, inverse 1) of that layer.
- * Default (rotate = -1): keys of Q8, Q4, Q2 and values of Q2, except Q4 keys with Q2 values: values only; never
+ * Default (rotate = -1): keys of Q8, Q4, Q3, Q2 and values of Q3, Q2, except Q4 keys with Q2 values: values only; never
  * F16/BF16 (nothing to gain) nor FP8 (relative error per element: rotated, its read-back NMSE is 2.2x higher,
  * test_rotate). Measured: SmolLM2-135M Q4_1, debian-reference, ctx 1024, 4 chunks, PPL change vs the F16 cache
  * (6.5435), rotate none / K / V / KV:
