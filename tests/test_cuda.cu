@@ -247,6 +247,7 @@ static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int 
     cfg.type_v = tv < 0 ? t : (kvq_type)tv;
     cfg.max_seqs = max_seqs;
     cfg.residual = residual;
+    cfg.rotate = 0, cfg.sinks = 0, cfg.nonuniform = 0; /* kvq.h section 10: the GPU has none; the CPU is the byte reference */
     kvq_page_layout L;
     OK(kvq_page_layout_make(cfg.type_k, cfg.type_v, H, D, 64, 64, &L));
     cfg.arena_bytes = (size_t)((tokens + 64 * max_seqs) / 64 + 2) * layers * L.page_bytes;
@@ -553,6 +554,7 @@ static void test_cow_full(kvq_type t, int residual) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
     cfg.max_seqs = 4, cfg.residual = residual;
+    cfg.rotate = 0, cfg.sinks = 0, cfg.nonuniform = 0; /* as make_pair */
     kvq_page_layout L;
     OK(kvq_page_layout_make(t, t, H, D, 64, 64, &L));
     cfg.arena_bytes = 3 * L.page_bytes;

@@ -24,6 +24,9 @@ _ok, _why = kvq.cuda_available()
 if not _ok:
     pytest.skip(f"kvq CUDA backend: {_why}", allow_module_level=True)
 
+# kvq.h section 10's mechanisms off: what the CUDA backend stores (it resolves their defaults to 0)
+PLAIN = dict(rotate=0, sinks=0, nonuniform=0)
+
 
 def _logits(model, ids, cont, cache):
     out = model(ids, past_key_values=cache, use_cache=True)
@@ -42,7 +45,8 @@ def test_cuda_matches_cpu(fam, kv_type):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 128, (2, 100), generator=g)
     cont = torch.randint(3, 128, (2, 40), generator=g)
-    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256))
+    # the CUDA backend has none of kvq.h section 10's mechanisms: the CPU cache is built without them too
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **PLAIN))
     model.cuda()
     gpu = _logits(model, ids.cuda(), cont.cuda(), kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256))
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
@@ -58,7 +62,7 @@ def test_cuda_mixed_types_match_cpu(kv_type, value_type):
     ids = torch.randint(3, 128, (2, 100), generator=g)
     cont = torch.randint(3, 128, (2, 40), generator=g)
     kw = dict(kv_type=kv_type, value_type=value_type, max_cache_len=256)
-    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, **kw))
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, **kw, **PLAIN))
     model.cuda()
     cache = kvq.KVQCache(model.config, **kw)
     gpu = _logits(model, ids.cuda(), cont.cuda(), cache)
@@ -99,7 +103,7 @@ def test_cuda_bindings_fork_truncate(kv_type, residual, monkeypatch):
     monkeypatch.setenv("KVQ_FORCE_SCALAR", "1")
     H, D = 2, 64
     ab = N.arena_bytes_for(2, H, D, kv_type, None, 512, 6)
-    cpu = N.Cache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6)
+    cpu = N.Cache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6, **PLAIN)
     gpu = N.CudaCache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6)
     stream = torch.cuda.current_stream().cuda_stream
     g = torch.Generator().manual_seed(11)
