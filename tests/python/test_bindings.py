@@ -140,7 +140,7 @@ def test_nonuniform_levels_read_back(kv_type):
     v = rng.standard_normal((L, H, D)).astype(np.float32)
     mse = {}
     for nu in (0, 3):
-        c = kvq.Cache(1, H, D, kv_type, max_tokens=256, residual=0, nonuniform=nu, rotate=0)  # the format's own bound
+        c = kvq.Cache(1, H, D, kv_type, max_tokens=256, residual=0, nonuniform=nu, rotate=0, sinks=0)  # the format's own bound
         s = c.seq_new()
         c.append(0, [s], [L], k, v)
         kr, vr = c.read(s, 0)
@@ -167,10 +167,11 @@ def test_sinks(kv_type, sinks):
     k = rng.standard_normal((n, H, D)).astype(np.float32)
     v = rng.standard_normal((n, H, D)).astype(np.float32)
     k[0] *= 40  # a BOS-like outlier
-    c = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=sinks)
+    # rotate=0: sinks are exact fp16 of what the cache stores, which a rotation makes R k (read back R^T fp16(R k))
+    c = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=sinks, rotate=0)
     S = c.config.sinks
     assert S == (sinks if sinks >= 0 else 1)  # the default for grouped types (kvq.h section 10)
-    ref = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=0)
+    ref = kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=0, rotate=0)
     a, r = c.seq_new(), ref.seq_new()
     c.append(0, [a], [n], k, v)  # one call that crosses S
     ref.append(0, [r], [n - S], k[S:], v[S:])
