@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Perplexity of every KV type with every kvq kernel table the CPU has, against independent references.
 #
-#   `kvq perplexity --ctx 512 --compare f16,q8,q4,q2` on tests/data/ppl_excerpt.txt (3 chunks; KVQ_TEST_QUICK=1:
+#   `kvq perplexity --ctx 512 --compare f16,q8,q4,q2` (kvq.h section 10's mechanisms off: the emulation has the
+#   plain formats; tests/test_rotate.c, test_cache.c and test_attn.c check those mechanisms) on tests/data/ppl_excerpt.txt (3 chunks; KVQ_TEST_QUICK=1:
 #   the first chunk only), once per kernel table: KVQ_CPU_KERNELS=scalar, avx2, avx512, each run only where
 #   `kvq version` says that table is the one in use (a CPU without it says SKIP).
 #
@@ -33,7 +34,7 @@ for table in scalar avx2 avx512; do
   if [ "$have" != "$table" ]; then echo "SKIP $table: this CPU runs '$have' when asked for it"; continue; fi
   ran=$((ran + 1))
   out=$(KVQ_CPU_KERNELS=$table OMP_WAIT_POLICY=PASSIVE "$kvq" perplexity -m "$model" -f "$excerpt" --ctx "$ctx" \
-        --chunks "$chunks" --compare f16,q8,q4,q2 -q)
+        --chunks "$chunks" --compare f16,q8,q4,q2 --kv-rotate none --kv-sinks 0 --kv-nuq none -q)
   echo "== kernel table $table"
   echo "$out"
   # Table rows: | name | PPL +/- err | ... ; awk does the float checks and prints one line per check.
