@@ -48,7 +48,7 @@ def test_cuda_matches_cpu(fam, kv_type):
     # the CUDA backend has none of kvq.h section 10's mechanisms: the CPU cache is built without them too
     cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **PLAIN))
     model.cuda()
-    gpu = _logits(model, ids.cuda(), cont.cuda(), kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256))
+    gpu = _logits(model, ids.cuda(), cont.cuda(), kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **PLAIN))
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
     assert err <= 1e-2, f"{fam} {kv_type}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
@@ -64,7 +64,7 @@ def test_cuda_mixed_types_match_cpu(kv_type, value_type):
     kw = dict(kv_type=kv_type, value_type=value_type, max_cache_len=256)
     cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, **kw, **PLAIN))
     model.cuda()
-    cache = kvq.KVQCache(model.config, **kw)
+    cache = kvq.KVQCache(model.config, **kw, **PLAIN)
     gpu = _logits(model, ids.cuda(), cont.cuda(), cache)
     assert cache.is_cuda
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
@@ -187,7 +187,7 @@ def _bound(kv_type, residual):
 
 
 def _reorder_run(model, device, kv_type, residual, ids, cont, crop):
-    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=160, residual=residual)
+    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=160, residual=residual, **PLAIN)
     x = ids.repeat_interleave(3, dim=0).to(device)  # beams expanded before the prompt, as generate does
     out = model(x, past_key_values=cache, use_cache=True)
     logits = [out.logits[:, -1]]
@@ -228,7 +228,7 @@ def test_cuda_per_layer_types_and_crop(residual, crop):
     def run(model, device):
         n = model.config.num_hidden_layers
         types = ["q4" if i % 2 else "q8" for i in range(n)]
-        cache = kvq.KVQCache(model.config, kv_type=types, max_cache_len=128, residual=residual)
+        cache = kvq.KVQCache(model.config, kv_type=types, max_cache_len=128, residual=residual, **PLAIN)
         g = torch.Generator().manual_seed(6)
         ids = torch.randint(3, 128, (1, 70), generator=g).to(device)
         cont = torch.randint(3, 128, (1, 7), generator=g).to(device)
