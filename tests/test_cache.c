@@ -22,6 +22,7 @@ static kvq_cache *make(kvq_type tk, kvq_type tv, size_t arena, int residual, int
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = NL, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
     cfg.arena_bytes = arena, cfg.residual = residual, cfg.max_seqs = max_seqs, cfg.sinks = g_sinks;
+    cfg.rotate = 0; /* the checks below read back exact fp16 or the formats' own bounds; test_rotate covers R */
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     return c;
