@@ -385,7 +385,8 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
             sb->cap_pages = sb->n_pages = sa->n_pages;
         }
         sb->paged = sa->paged;
-        memcpy(sb->spages, sa->spages, (size_t)sa->n_spages * sizeof *sb->spages); /* shared, copied on write */
+        if (sa->n_spages) /* shared, copied on write (spages is NULL in a cache without sinks) */
+            memcpy(sb->spages, sa->spages, (size_t)sa->n_spages * sizeof *sb->spages);
         sb->n_spages = sa->n_spages, sb->sink = sa->sink;
         if (sa->win) { /* the child's window is as large as the parent's content; it grows on its own later */
             win_grow g = {sb, sa->win, NULL, NULL};
