@@ -76,6 +76,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import kvq  # noqa: E402
+from cache_tensors import cache_tensors  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers import __version__ as TRANSFORMERS_VERSION  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
@@ -209,36 +210,11 @@ def fill(cache, name, model, B, ctx, device, dtype):
             del k, v
 
 
-def tensor_bytes(obj, seen=None):
-    """Bytes of the tensors in obj (tensors, tensor subclasses such as quanto's, lists, tuples, dicts), each storage
-    counted once."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
-            names, _ = obj.__tensor_flatten__()
-            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
-        if obj.numel() == 0:
-            return 0
-        key = (obj.device, obj.untyped_storage().data_ptr())
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(x, seen) for x in obj)
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(x, seen) for x in obj.values())
-    return 0
-
-
 def kv_bytes(cache, name):
     if name.startswith("kvq"):
         b = cache.kv_bytes()
         return b["in_use"] + b["window"], b["arena"] + b["window"]
-    seen, tot = set(), 0
-    for layer in cache.layers:
-        for attr in ("keys", "values", "kq", "ks", "vq", "vs", "_quantized_keys", "_quantized_values"):
-            tot += tensor_bytes(getattr(layer, attr, None), seen)
+    tot = sum(t.untyped_storage().nbytes() for t in cache_tensors(cache))
     return tot, tot
 
 

@@ -60,6 +60,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
+from cache_tensors import cache_tensors  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_TEXT = "/usr/share/debian-reference/debian-reference.en.txt.gz"
@@ -161,27 +162,6 @@ def make_cache(model, name: str, max_len: int):
 
 
 # ------------------------------------------------------------------------------------------------------------
-def _fp_and_int_bits(obj, seen) -> float:
-    """Bits of the tensors in obj: integer tensors at their size, float tensors at 16 bits per value; tensor
-    subclasses (quanto's) through their inner tensors; lists, tuples, dicts (HQQ's meta) walked."""
-    if isinstance(obj, torch.Tensor):
-        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
-            names, _ = obj.__tensor_flatten__()
-            return sum(_fp_and_int_bits(getattr(obj, n), seen) for n in names)
-        if obj.numel() == 0:
-            return 0.0
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape))
-        if key in seen:
-            return 0.0
-        seen.add(key)
-        return float(obj.numel() * (16 if obj.is_floating_point() else obj.element_size() * 8))
-    if isinstance(obj, (list, tuple)):
-        return sum(_fp_and_int_bits(x, seen) for x in obj)
-    if isinstance(obj, dict):
-        return sum(_fp_and_int_bits(x, seen) for x in obj.values())
-    return 0.0
-
-
 def bits_per_element(cache, fam: str, model, batch: int, tokens: int) -> float:
     tc = model.config
     elems = 2 * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * batch * tokens
@@ -190,10 +170,9 @@ def bits_per_element(cache, fam: str, model, batch: int, tokens: int) -> float:
     if fam == "kvq":
         b = cache.kv_bytes()
         return 8.0 * (b["in_use"] + b["window"]) / elems
-    seen, bits = set(), 0.0
-    for layer in cache.layers:
-        for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            bits += _fp_and_int_bits(getattr(layer, attr, None), seen)
+    # integer storages at their size, float ones (scales, zeros, the residual) at 16 bits per value
+    bits = sum(t.untyped_storage().nbytes() * (16 // t.element_size() if t.is_floating_point() else 8)
+               for t in cache_tensors(cache))
     return bits / elems
 
 
