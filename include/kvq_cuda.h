@@ -38,7 +38,8 @@
  *   gives KVQ_ERR_NO_DEVICE.
  * - Asynchronous kernel faults surface at the next synchronising CUDA call, as usual in CUDA.
  * - Unlike kvq_append, K/V are NOT checked for NaN/Inf/|x| > 65504 (that would need a synchronisation): the
- *   caller guarantees finite values in the fp16 range; otherwise the results are undefined.
+ *   caller guarantees finite values in the fp16 range (for rotated roles, kvq.h section 10: rotated values too);
+ *   otherwise the results are undefined.
  *
  * 4. Limits of this version
  * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; at most 8 query heads per KV
@@ -54,8 +55,9 @@
  *   byte-identical to the CPU cache's (kvq_cuda_seq_read, kvq_cuda_seq_read_sinks). nonuniform: 0 or -1 only (no
  *   non-uniform levels on the GPU yet). Rotated caches: append rotates K/V (a small kernel into fp32 scratch, grown
  *   on demand with cudaMallocAsync on the call's stream: KVQ_ERR_OUT_OF_MEMORY when that fails, nothing changed) before
- *   the window and the quantizers; attention rotates each query row once before the decode/prefill kernel and
- *   un-rotates each output row once after its split merge (two more small kernels, fp32 scratch likewise).
+ *   the window and the quantizers; the decode/prefill kernel rotates each query as it loads it (per CTA and
+ *   (row, KV head) pair: O(D log D) next to the pair's pages) and a small kernel un-rotates each output row once
+ *   after the split merge (fp32 scratch, grown likewise).
  * - Built for sm_90a (H100/H200): the decode kernel uses the bulk copy engine (cp.async.bulk + mbarrier) and
  *   fp16 tensor-core MMAs with fp32 accumulation; on other GPUs create returns KVQ_ERR_NO_DEVICE.
  */

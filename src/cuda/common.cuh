@@ -52,14 +52,20 @@ struct Entry {
 
 constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
+// ---- rotation (kvq.h section 10, src/core/rotate.c): one sign bit per channel, D <= 256
+struct RotSigns {
+    uint64_t s[4];
+};
+
 struct DecodeArgs {
     const uint8_t *arena;
     int64_t page_bytes;
     int32_t v_off;  // byte offset of the value blocks in a page
     int32_t H, Gq, nqh, wcap, D;
     int32_t qo_dtype;  // dtype of out (and of q unless q_dtype says otherwise)
-    int32_t q_dtype;   // dtype of q: F32 when the host rotated the queries into a scratch buffer
+    int32_t q_dtype;   // dtype of q (out is fp32 scratch when the outputs are un-rotated after the kernel)
     int32_t sink_vo;   // elements from a sink page's K rows to its V rows: SR * H * D
+    int32_t rot_q;     // rotate the queries into the keys' domain as they are loaded (signs rq; kvq.h section 10)
     float qscale;   // attention scale, times log2(e) when there is no soft-cap
     float softcap;  // 0: off
     const void *q;
@@ -71,6 +77,7 @@ struct DecodeArgs {
     int32_t n_cta;
     int64_t total;  // units in all
     int64_t L;      // units per CTA
+    RotSigns rq;    // the keys' rotation signs (rot_q)
     Entry e[MAXE];
 };
 
@@ -121,10 +128,6 @@ struct SinkArgs {
     SinkItem it[MAXS];
 };
 
-// ---- rotation (kvq.h section 10, src/core/rotate.c): one sign bit per channel, D <= 256
-struct RotSigns {
-    uint64_t s[4];
-};
 
 static_assert(sizeof(DecodeArgs) <= 4096, "decode parameters");
 static_assert(sizeof(SinkArgs) <= 4096, "sink parameters");

@@ -748,8 +748,40 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                         else if (A.q_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
                         else x = __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(A.q)[qoff + c]);
                     }
-                    qf[c] = x * A.qscale;
+                    qf[c] = x;
                 }
+                // Rotated keys (kvq.h section 10): q <- R q = H diag(s) q / sqrt(D) here, where the query is loaded (the
+                // four lanes j of a head hold its D channels, D/4 each: butterflies of span < D/4 in registers, the two
+                // others across lanes j ^ 1, j ^ 2), rather than in a kernel of its own before this one.
+                if (A.rot_q) {
+                    constexpr int NE = D / 4;
+                    const float f = D == 64 ? 0.125f : 0.08838835f;  // rotate.c's 1/sqrt(D)
+#pragma unroll
+                    for (int c = 0; c < NE; c++) {
+                        const int ch = j * NE + c;
+                        qf[c] *= (A.rq.s[ch >> 6] >> (ch & 63)) & 1 ? -f : f;
+                    }
+#pragma unroll
+                    for (int hs = 1; hs < NE; hs <<= 1)
+#pragma unroll
+                        for (int i0 = 0; i0 < NE; i0 += 2 * hs)
+#pragma unroll
+                            for (int c = i0; c < i0 + hs; c++) {
+                                const float a = qf[c], b = qf[c + hs];
+                                qf[c] = a + b, qf[c + hs] = a - b;
+                            }
+#pragma unroll
+                    for (int m = 1; m < 4; m <<= 1) {
+                        const bool upper = j & m;
+#pragma unroll
+                        for (int c = 0; c < NE; c++) {
+                            const float y = __shfl_xor_sync(0xffffffffu, qf[c], m);
+                            qf[c] = upper ? y - qf[c] : qf[c] + y;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int c = 0; c < D / 4; c++) qf[c] *= A.qscale;
             }
             uint32_t bq[D / 8];  // Q^T in the key order of TK (unscaled: grouped pages scale it per page)
             build_bq<TK, D>(qf, bq);

@@ -857,30 +857,23 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
                               const void *q, void *out, const kvq_attn_params *p, cudaStream_t st, const char *fn) {
     DevGuard dg(c->device);
     const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, tk = c->L.type_k, tv = c->L.type_v;
-    // Rotated roles (kvq.h section 10): the queries go into the keys' domain once per head (q.k = Rq.Rk) before the
-    // kernels, their outputs back from the values' once per head after the split merge (sum p_i v_i = R^T sum p_i R v_i),
-    // each a small kernel over fp32 scratch rows. Allocated first: a failure leaves nothing enqueued.
-    const bool rq = c->rotated(KVQ_KEY), ro = c->rotated(KVQ_VALUE);
+    // Rotated roles (kvq.h section 10): the decode kernel rotates each query into the keys' domain as it loads it
+    // (q.k = Rq.Rk), and a small kernel takes the outputs back from the values' domain once per head after the split
+    // merge (sum p_i v_i = R^T sum p_i R v_i), over fp32 scratch rows. Allocated first: a failure leaves nothing
+    // enqueued.
+    const bool ro = c->rotated(KVQ_VALUE);
     const int64_t qrows = (int64_t)n_rows * p->n_q_heads;
     const size_t rbytes = (size_t)qrows * D * sizeof(float);
-    float *sq = nullptr, *so = nullptr;
-    if (rq || ro) {
-        cudaError_t e = grow_scratch(&c->qws, &c->qws_bytes, (rq + ro) * rbytes, st);
+    float *so = nullptr;
+    if (ro) {
+        cudaError_t e = grow_scratch(&c->qws, &c->qws_bytes, rbytes, st);
         if (e != cudaSuccess)
             return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
-                        "%s: scratch of %zu bytes for the rotation: %s", fn, (rq + ro) * rbytes, cudaGetErrorString(e));
-        if (rq) sq = (float *)c->qws;
-        if (ro) so = (float *)((char *)c->qws + (rq ? rbytes : 0));
+                        "%s: scratch of %zu bytes for the output rotation: %s", fn, rbytes, cudaGetErrorString(e));
+        so = (float *)c->qws;
     }
     DecodeArgs *A = new (std::nothrow) DecodeArgs;
     if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
-    if (rq) {
-        cudaError_t e = launch_rotate(q, qo, sq, KVQ_DTYPE_F32, qrows, D, c->rot_k[layer], true, 0, st);
-        if (e != cudaSuccess) {
-            delete A;
-            return fail(KVQ_ERR_CUDA, "%s: query rotation kernel: %s", fn, cudaGetErrorString(e));
-        }
-    }
     for (size_t b = 0; b < es.size(); b += MAXE) {
         memset(A, 0, sizeof *A);
         const int ne = (int)std::min<size_t>(MAXE, es.size() - b);
@@ -918,12 +911,14 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->v_off = (int32_t)c->L.v_offset;
         A->H = H, A->Gq = Gq, A->nqh = p->n_q_heads, A->wcap = c->wcap, A->D = D;
         A->qo_dtype = ro ? KVQ_DTYPE_F32 : qo;
-        A->q_dtype = rq ? KVQ_DTYPE_F32 : qo;
+        A->q_dtype = qo;
         A->sink_vo = (int32_t)((int64_t)c->SR * H * D);
+        A->rot_q = c->rotated(KVQ_KEY);
+        if (A->rot_q) A->rq = c->rot_k[layer];
         const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
         A->qscale = p->softcap > 0 ? scale : scale * 1.4426950408889634f;
         A->softcap = p->softcap;
-        A->q = rq ? (const void *)sq : q, A->out = ro ? (void *)so : out;
+        A->q = q, A->out = ro ? (void *)so : out;
         A->cnt = (int32_t *)c->ws;
         A->part = (float *)((char *)c->ws + cnt_bytes);
         A->part_ml = A->part + slots * Gq * D;
