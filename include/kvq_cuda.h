@@ -96,7 +96,7 @@ typedef struct kvq_cuda_stats {
     size_t arena_bytes;     /* device bytes of the page arena */
     size_t window_bytes;    /* device bytes of all residual windows (K and V) */
     size_t table_bytes;     /* device bytes of the page tables */
-    size_t workspace_bytes; /* device bytes of the attention workspace right now */
+    size_t workspace_bytes; /* device bytes of the attention workspace and the rotation's scratch right now */
     int n_seqs;
     int64_t pages_shared;   /* pages referenced by more than one (sequence, layer) (after a fork) */
 } kvq_cuda_stats;

@@ -3,7 +3,12 @@
 //
 // Two launches per call, in stream order: flush_kernel writes the pages (reading the oldest window rows and the new
 // input), then window_kernel writes the new tokens that stay in the window. The window is a ring of R + G rows on
-// the device, so a flush moves no data; the ring's head advances by the flushed count.
+// the device, so a flush moves no data; the ring's head advances by the flushed count. Before them (kvq.h section 10):
+// rotated caches rotate K and V into fp32 scratch in one launch (rotate_kernel; the kernels then read the scratch),
+// caches with sinks write the first tokens of a sequence to its sink page (sink_kernel).
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "common.cuh"
 
 namespace kvqc {
@@ -284,18 +289,21 @@ cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st) {
 // -ffp-contract=off), so that the rotated K/V and the pages made from them are the CPU cache's bits. A warp per row,
 // lane l holding channels [l EPL, (l + 1) EPL): butterflies of span h < EPL inside a lane, the others across lanes
 // (the lower channel of a pair computes a + b, the upper a - b, as the CPU does).
-template <int D>
-__global__ void __launch_bounds__(128) rotate_kernel(const void *in, int in_dt, void *out, int out_dt, int64_t rows,
-                                                     const RotSigns sg, int apply, int inverse) {
+template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __grid_constant__ RotArgs A) {
     constexpr int EPL = D / 32;
     const int lane = threadIdx.x & 31;
     const int64_t row = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
-    if (row >= rows) return;
+    if (row >= A.rows) return;
+    const RotJob &J = A.j[blockIdx.y];
+    const void *in = J.in;
+    void *out = J.out;
+    const RotSigns &sg = J.sg;
+    const int in_dt = A.in_dt, out_dt = A.out_dt, inverse = A.inverse;
     const int64_t base = row * D + lane * EPL;
     float x[EPL];
 #pragma unroll
     for (int e = 0; e < EPL; e++) x[e] = load_in(in, base + e, in_dt);
-    if (apply) {
+    if (J.apply) {
         // rotate.c's inv_sqrt[log2 n]: the same float constants
         const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;
         auto bit = [&](int c) { return (int)((sg.s[c >> 6] >> (c & 63)) & 1); };
@@ -340,15 +348,19 @@ __global__ void __launch_bounds__(128) rotate_kernel(const void *in, int in_dt, 
     }
 }
 
-cudaError_t launch_rotate(const void *in, int in_dt, void *out, int out_dt, int64_t rows, int D, const RotSigns &sg,
-                          bool apply, int inverse, cudaStream_t st) {
-    if (rows <= 0) return cudaSuccess;
-    const unsigned blocks = (unsigned)((rows + 3) / 4);
-    if (D == 64) rotate_kernel<64><<<blocks, 128, 0, st>>>(in, in_dt, out, out_dt, rows, sg, apply, inverse);
-    else if (D == 128) rotate_kernel<128><<<blocks, 128, 0, st>>>(in, in_dt, out, out_dt, rows, sg, apply, inverse);
-    else if (D == 256) rotate_kernel<256><<<blocks, 128, 0, st>>>(in, in_dt, out, out_dt, rows, sg, apply, inverse);
+cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st) {
+    if (a.rows <= 0) return cudaSuccess;
+    const dim3 grid((unsigned)((a.rows + 3) / 4), (unsigned)a.n_jobs);
+    if (D == 64) rotate_kernel<64><<<grid, 128, 0, st>>>(a);
+    else if (D == 128) rotate_kernel<128><<<grid, 128, 0, st>>>(a);
+    else if (D == 256) rotate_kernel<256><<<grid, 128, 0, st>>>(a);
     else return cudaErrorInvalidValue;  // D = 80, 96: block-diagonal on the CPU; this backend has 64 and 128
-    return cudaGetLastError();
+    cudaError_t e = cudaGetLastError();
+    static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // kvq_cuda.h section 2
+    if (e == cudaSuccess && debug && (e = cudaStreamSynchronize(st)) != cudaSuccess)
+        fprintf(stderr, "kvq debug: rotate_kernel<%d> (%lld rows, %d jobs) failed: %s\n", D, (long long)a.rows, a.n_jobs,
+                cudaGetErrorString(e));
+    return e;
 }
 
 template <int TK, int TV, int D> static cudaError_t run_flush(const AppendArgs &a, cudaStream_t st) {

@@ -162,8 +162,18 @@ cudaError_t launch_decode(int type_k, int type_v, int D, const DecodeArgs &a, cu
 template <int TK> cudaError_t launch_decode_k(int type_v, int D, const DecodeArgs &a, cudaStream_t st);
 cudaError_t launch_append(int type_k, int type_v, int D, const AppendArgs &a, cudaStream_t st);
 cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st);
-// rows vectors of D floats from in (in_dt) to out (out_dt): x <- R x (inverse 0) or R^T x (inverse 1) with the
-// signs sg, or converted only (apply false)
-cudaError_t launch_rotate(const void *in, int in_dt, void *out, int out_dt, int64_t rows, int D, const RotSigns &sg,
-                          bool apply, int inverse, cudaStream_t st);
+// Rotation jobs of one launch (blockIdx.y): rows vectors of D floats from in (in_dt) to out (out_dt), x <- R x
+// (inverse 0) or R^T x (inverse 1) with the signs sg, or converted only (apply 0)
+struct RotJob {
+    const void *in;
+    void *out;
+    RotSigns sg;
+    int32_t apply, pad_;
+};
+struct RotArgs {
+    RotJob j[2];
+    int64_t rows;
+    int32_t in_dt, out_dt, inverse, n_jobs;
+};
+cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st);
 }  // namespace kvqc

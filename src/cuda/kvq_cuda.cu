@@ -284,7 +284,7 @@ extern "C" kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *c, kvq_cuda
     st->arena_bytes = (size_t)c->n_pages * c->L.page_bytes;
     st->window_bytes = c->win_bytes;
     st->table_bytes = c->table_bytes;
-    st->workspace_bytes = c->ws_bytes;
+    st->workspace_bytes = c->ws_bytes + c->aws_bytes + c->qws_bytes;  // with the rotation's scratch
     st->n_seqs = c->n_live;
     st->pages_shared = 0;
     for (int32_t r : c->refcnt) st->pages_shared += r > 1;
@@ -421,11 +421,14 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
             return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
                         "%s: scratch of %zu bytes for the rotation: %s", fn, 2 * half, cudaGetErrorString(e));
         float *rk = (float *)c->aws, *rv = (float *)((char *)c->aws + half);
-        e = launch_rotate(k, dtype, rk, KVQ_DTYPE_F32, rows, D, c->rotated(KVQ_KEY) ? c->rot_k[layer] : RotSigns{},
-                          c->rotated(KVQ_KEY), 0, st);
-        if (e == cudaSuccess)
-            e = launch_rotate(v, dtype, rv, KVQ_DTYPE_F32, rows, D, c->rotated(KVQ_VALUE) ? c->rot_v[layer] : RotSigns{},
-                              c->rotated(KVQ_VALUE), 0, st);
+        RotArgs ra;
+        memset(&ra, 0, sizeof ra);
+        ra.j[0].in = k, ra.j[0].out = rk, ra.j[0].apply = c->rotated(KVQ_KEY);  // a role not rotated: converted only
+        ra.j[1].in = v, ra.j[1].out = rv, ra.j[1].apply = c->rotated(KVQ_VALUE);
+        if (ra.j[0].apply) ra.j[0].sg = c->rot_k[layer];
+        if (ra.j[1].apply) ra.j[1].sg = c->rot_v[layer];
+        ra.rows = rows, ra.in_dt = dtype, ra.out_dt = KVQ_DTYPE_F32, ra.inverse = 0, ra.n_jobs = 2;
+        e = launch_rotate(ra, D, st);
         if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: rotation kernel: %s", fn, cudaGetErrorString(e));
         k = rk, v = rv, dtype = KVQ_DTYPE_F32;
     }
@@ -934,7 +937,11 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
     }
     delete A;
     if (ro) {
-        cudaError_t e = launch_rotate(so, KVQ_DTYPE_F32, out, qo, qrows, D, c->rot_v[layer], true, 1, st);
+        RotArgs ra;
+        memset(&ra, 0, sizeof ra);
+        ra.j[0].in = so, ra.j[0].out = out, ra.j[0].sg = c->rot_v[layer], ra.j[0].apply = 1;
+        ra.rows = qrows, ra.in_dt = KVQ_DTYPE_F32, ra.out_dt = qo, ra.inverse = 1, ra.n_jobs = 1;
+        cudaError_t e = launch_rotate(ra, D, st);
         if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: output rotation kernel: %s", fn, cudaGetErrorString(e));
     }
     return KVQ_OK;
