@@ -312,13 +312,14 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
             const int c = lane * EPL + e;
             x[e] = __fmul_rn(x[e], inverse ? f : (bit(c) ? -f : f));
         }
+        // constant trip counts and linear induction (lg), so that the loops unroll and x stays in registers
 #pragma unroll
-        for (int h = 1; h < D; h <<= 1) {
+        for (int lg = 0; lg < (D == 64 ? 6 : D == 128 ? 7 : 8); lg++) {  // log2(D)
+            const int h = 1 << lg;
             if (h < EPL) {
 #pragma unroll
-                for (int i = 0; i < EPL; i += 2 * h)
-#pragma unroll
-                    for (int j = i; j < i + h; j++) {
+                for (int j = 0; j < EPL; j++)
+                    if (!(j & h)) {
                         const float a = x[j], b = x[j + h];
                         x[j] = __fadd_rn(a, b);
                         x[j + h] = __fsub_rn(a, b);

@@ -761,17 +761,21 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                         const int ch = j * NE + c;
                         qf[c] *= (A.rq.s[ch >> 6] >> (ch & 63)) & 1 ? -f : f;
                     }
+                    // loops of constant trip counts and linear induction, so that they unroll and qf stays in
+                    // registers (`hs <<= 1` loops did not: qf went to a 128-byte stack frame)
 #pragma unroll
-                    for (int hs = 1; hs < NE; hs <<= 1)
+                    for (int lg = 0; lg < (NE == 16 ? 4 : 5); lg++) {  // log2(NE), NE = 16 or 32
+                        const int hs = 1 << lg;
 #pragma unroll
-                        for (int i0 = 0; i0 < NE; i0 += 2 * hs)
-#pragma unroll
-                            for (int c = i0; c < i0 + hs; c++) {
+                        for (int c = 0; c < NE; c++)
+                            if (!(c & hs)) {
                                 const float a = qf[c], b = qf[c + hs];
                                 qf[c] = a + b, qf[c + hs] = a - b;
                             }
+                    }
 #pragma unroll
-                    for (int m = 1; m < 4; m <<= 1) {
+                    for (int lm = 0; lm < 2; lm++) {
+                        const int m = 1 << lm;
                         const bool upper = j & m;
 #pragma unroll
                         for (int c = 0; c < NE; c++) {
