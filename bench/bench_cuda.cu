@@ -3,7 +3,8 @@
 // call, after warm-up, L2 flushed before every timed run (by reading a 256 MB buffer; --flush write: a 256 MB memset,
 // whose ~50 MB of dirty lines are then written back inside the timed call), median of the runs.
 // Writes <out>/bench-cuda.md and <out>/bench-cuda.csv; merges torch SDPA timings from --sdpa <csv>
-// (bench/bench_sdpa.py: lines "batch,ctx,ms").
+// (bench/bench_sdpa.py: lines "batch,ctx,ms"). Caches have kvq.h section 10's defaults (Q8: keys rotated; Q4, Q2:
+// rotation and one sink), as kvq_cuda_cache_create resolves them; --plain switches the rotation and the sinks off.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -97,20 +98,21 @@ struct Row {
 extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
     int reps = 20;
-    bool quick = false, flush_write = false;
+    bool quick = false, flush_write = false, plain = false;
     const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
         else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc) sdpa_path = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--plain")) plain = true;
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) types_arg = argv[++i];
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (!strcmp(argv[i], "--flush") && i + 1 < argc) flush_write = !strcmp(argv[++i], "write");
         else if (strcmp(argv[i], "cuda")) {
             fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
-                            "[--ctx 4096,131072] [--batch 1,8] [--flush read|write]\n");
+                            "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain]\n");
             return 2;
         }
     }
@@ -226,6 +228,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             const char *tn = tname.c_str();
             kvq_cache_config cfg = kvq_cache_config_default();
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.max_seqs = maxb;
+            if (plain) cfg.rotate = 0, cfg.sinks = 0;  // else the defaults: what a user of the library gets
             kvq_page_layout L;
             OK(kvq_page_layout_make(tk, tv, H, D, 64, 64, &L));
             cfg.arena_bytes = (size_t)maxb * ((ctx + 2 * CH) / 64 + 2) * L.page_bytes;
@@ -328,6 +331,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         fprintf(f, "# kvq CUDA decode benchmark\n\n");
         fprintf(f, "Device: %s (%d SMs). Measured device-to-device copy bandwidth: %.0f GB/s (bytes read + written).\n\n",
                 prop.name, prop.multiProcessorCount, copy_gbs);
+        fprintf(f, "Caches: %s.\n\n", plain ? "rotation and sinks off (--plain)"
+                                             : "kvq.h section 10's defaults (q8 keys rotated; q4, q2 rotated and one sink)");
         fprintf(f, "Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, one layer; fp16 queries and "
                    "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
                    "L2 flushed before every run (%s). `GB/s` counts the KV bytes the kernel must read (pages "

@@ -371,8 +371,10 @@ KVQ_API const char *kvq_cpu_backend(void);
 /* ---------------------------------------------------------------------------------------------------------
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
- * default for the cache's types. All are implemented on the CPU; the CUDA backend (kvq_cuda.h) resolves -1 to 0 and
- * rejects the rest. Defaults (-1), from the measurements below:
+ * default for the cache's types. All are implemented on the CPU. The CUDA backend (kvq_cuda.h section 4) has the
+ * rotation and the sinks (up to one sink page, SR >= 10 tokens) and resolves -1 to these same defaults, so that a CPU
+ * and a GPU cache of one config hold the same bytes; it has no non-uniform levels yet (nonuniform must be 0 or -1,
+ * which is none for its types) and no Q3. Defaults (-1), from the measurements below:
  *     type (K/V)   rotate                                   sinks   nonuniform
  *     q8           keys                                     0       - (no levels)
  *     q4           keys (q4/q2: values only)                1       none (kept on the integer kernels)

@@ -38,7 +38,8 @@
  *   gives KVQ_ERR_NO_DEVICE.
  * - Asynchronous kernel faults surface at the next synchronising CUDA call, as usual in CUDA.
  * - Unlike kvq_append, K/V are NOT checked for NaN/Inf/|x| > 65504 (that would need a synchronisation): the
- *   caller guarantees finite values in the fp16 range; otherwise the results are undefined.
+ *   caller guarantees finite values in the fp16 range (for rotated roles, kvq.h section 10: rotated values too);
+ *   otherwise the results are undefined.
  *
  * 4. Limits of this version
  * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; at most 8 query heads per KV
@@ -47,6 +48,16 @@
  *   when either type is grouped, both roles flush in whole groups through the fp16 window.
  * - Pages are reference counted like the CPU cache's: kvq_cuda_seq_fork shares the parent's pages and an append
  *   that writes into a shared, partly filled page first copies it (copy on write, kvq.h section 1).
+ * - Quality mechanisms (kvq.h section 10): rotate (any role set, any rotation_seed) and sinks (0 .. SR, SR =
+ *   page_bytes / (4 H D): the sinks of a (sequence, layer) live in one sink page; SR >= 10 for every layout here),
+ *   -1 resolving to the CPU core's defaults (Q8: keys rotated; Q4: keys rotated, 1 sink; Q2: keys and values rotated,
+ *   1 sink; Q4 keys with Q2 values: values rotated, 1 sink; F16/BF16/FP8: none). Pages, windows and sink rows are
+ *   byte-identical to the CPU cache's (kvq_cuda_seq_read, kvq_cuda_seq_read_sinks). nonuniform: 0 or -1 only (no
+ *   non-uniform levels on the GPU yet). Rotated caches: append rotates K/V (a small kernel into fp32 scratch, grown
+ *   on demand with cudaMallocAsync on the call's stream: KVQ_ERR_OUT_OF_MEMORY when that fails, nothing changed) before
+ *   the window and the quantizers; the decode/prefill kernel rotates each query as it loads it (per CTA and
+ *   (row, KV head) pair: O(D log D) next to the pair's pages) and a small kernel un-rotates each output row once
+ *   after the split merge (fp32 scratch, grown likewise).
  * - Built for sm_90a (H100/H200): the decode kernel uses the bulk copy engine (cp.async.bulk + mbarrier) and
  *   fp16 tensor-core MMAs with fp32 accumulation; on other GPUs create returns KVQ_ERR_NO_DEVICE.
  */
@@ -85,7 +96,7 @@ typedef struct kvq_cuda_stats {
     size_t arena_bytes;     /* device bytes of the page arena */
     size_t window_bytes;    /* device bytes of all residual windows (K and V) */
     size_t table_bytes;     /* device bytes of the page tables */
-    size_t workspace_bytes; /* device bytes of the attention workspace right now */
+    size_t workspace_bytes; /* device bytes of the attention workspace and the rotation's scratch right now */
     int n_seqs;
     int64_t pages_shared;   /* pages referenced by more than one (sequence, layer) (after a fork) */
 } kvq_cuda_stats;
@@ -113,6 +124,8 @@ KVQ_API kvq_status kvq_cuda_seq_fork(kvq_cuda_cache *cache, int32_t src, int32_t
  * unit back into the window, dequantized (fp16 of the dequantized value: as accurate as they were, not restored),
  * drops the later tokens and the window, and releases the pages past the new end (shared pages: one reference).
  * A partly filled last page that stays shared is copied by the next append that writes into it.
+ * With sinks (kvq.h section 10) the cut counts them as kvq_seq_truncate does: a cut inside the sinks keeps the sinks
+ * before it and drops everything after them (the sink page goes back at 0 tokens).
  * Device work: only for a cut inside the pages of a grouped (Q4/Q2) cache, one kernel on `stream` that
  * dequantizes the cut unit's tokens into the window (no synchronisation); otherwise host bookkeeping only.
  * n_tokens >= every layer's length is a no-op. Errors (nothing changes): KVQ_ERR_NULL, KVQ_ERR_NO_SEQ,
@@ -158,6 +171,12 @@ KVQ_API kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *cache, int l
 KVQ_API kvq_status kvq_cuda_seq_read(const kvq_cuda_cache *cache, int32_t seq, int layer, int64_t *paged_tokens,
                                      int32_t *window_tokens, void *pages, uint16_t *window_k, uint16_t *window_v,
                                      kvq_cuda_stream stream);
+
+/* Test/debug helper: the attention sinks of (sequence, layer) (kvq.h section 10), tokens 0 .. sink_tokens-1, into
+ * host k and v ([sink_tokens][H][D] fp16, exactly the CPU cache's sink rows; either may be NULL); the count into
+ * *sink_tokens (may be NULL). kvq_cuda_seq_read's pages and window hold the tokens after them. Synchronises `stream`. */
+KVQ_API kvq_status kvq_cuda_seq_read_sinks(const kvq_cuda_cache *cache, int32_t seq, int layer, int32_t *sink_tokens,
+                                           uint16_t *k, uint16_t *v, kvq_cuda_stream stream);
 
 #ifdef __cplusplus
 }

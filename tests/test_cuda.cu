@@ -4,6 +4,8 @@
 // flushes, sliding window, soft-cap, every type, head dims 64 and 128, lengths 1 to 128k. Fork (shared pages, copy
 // on write) and truncate (into the window, into the pages) against kvq_seq_fork / kvq_seq_truncate, with page
 // accounting (pages_free, pages_shared) equal to the CPU cache's after every step, and their error paths.
+// kvq.h section 10 on the GPU: the same tests with the rotation (K, V, KV; seeds), attention sinks (1, 4, the most a
+// sink page holds) and the defaults (-1, resolved alike on both sides), sinks compared byte for byte too.
 // Without a usable GPU: prints "SKIP: <reason>" and returns 77. Environment: KVQ_TEST_QUICK=1 skips the long
 // sequences; KVQ_TEST_ONLY=<type name> runs one type's ragged tests; KVQ_TEST_ROWS=1 prints the prefill rows that
 // are off.
@@ -63,6 +65,16 @@ static const char *tnames(kvq_type tk, int tv) {
     char *b = buf[k++ % 4];
     if (tv < 0 || tv == (int)tk) snprintf(b, 32, "%s", tname(tk));
     else snprintf(b, 32, "%s/%s", tname(tk), tname((kvq_type)tv));
+    return b;
+}
+
+// Quality mechanisms of the caches make_pair builds (kvq.h section 10): 0 = off (the plain formats), -1 = defaults
+static int g_rot = 0, g_sinks = 0;
+static uint32_t g_seed = 0;
+static const char *mech_name(void) {
+    static char b[64];
+    if (!g_rot && !g_sinks) return "";
+    snprintf(b, sizeof b, " rot=%d sinks=%d%s", g_rot, g_sinks, g_seed ? " seed" : "");
     return b;
 }
 
@@ -147,6 +159,23 @@ static void compare_bytes(Pair &p, int32_t seq, int layer, const char *what) {
         }
     }
     CHECK(bad == 0, "%s seq %d: %ld page bytes differ", what, seq, bad);
+    // sinks (kvq.h section 10): fp16 rows [H][D] of sink pages, token t at row t % SR of page t / SR
+    int32_t gs = -1;
+    OK(kvq_cuda_seq_read_sinks(p.gpu, seq, layer, &gs, nullptr, nullptr, 0));
+    CHECK(gs == view.sink_tokens, "%s seq %d: gpu %d sink tokens, cpu %d", what, seq, gs, view.sink_tokens);
+    if (gs == view.sink_tokens && gs > 0) {
+        std::vector<uint16_t> sk((size_t)gs * row), sv((size_t)gs * row);
+        OK(kvq_cuda_seq_read_sinks(p.gpu, seq, layer, nullptr, sk.data(), sv.data(), 0));
+        long sbad = 0;
+        for (int t = 0; t < gs; t++) {
+            const int SR = view.sink_rows_per_page, r = t % SR;
+            const uint16_t *ck = (const uint16_t *)(view.arena + (size_t)view.sink_pages[t / SR] * pb) + (size_t)r * row;
+            const uint16_t *cv = ck + (size_t)SR * row;
+            sbad += memcmp(ck, sk.data() + (size_t)t * row, row * 2) != 0;
+            sbad += memcmp(cv, sv.data() + (size_t)t * row, row * 2) != 0;
+        }
+        CHECK(sbad == 0, "%s seq %d: %ld sink rows differ", what, seq, sbad);
+    }
     long wbad = 0;
     for (size_t e = 0; e < (size_t)win * row; e++) wbad += (wk[e] != view.window_k[e]) + (wv[e] != view.window_v[e]);
     CHECK(wbad == 0, "%s seq %d: %ld window values differ", what, seq, wbad);
@@ -247,16 +276,22 @@ static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int 
     cfg.type_v = tv < 0 ? t : (kvq_type)tv;
     cfg.max_seqs = max_seqs;
     cfg.residual = residual;
-    cfg.rotate = 0, cfg.sinks = 0, cfg.nonuniform = 0; /* kvq.h section 10: the GPU has none; the CPU is the byte reference */
+    cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.rotation_seed = g_seed; /* kvq.h section 10 (the CPU is the byte reference) */
+    cfg.nonuniform = 0;
     kvq_page_layout L;
     OK(kvq_page_layout_make(cfg.type_k, cfg.type_v, H, D, 64, 64, &L));
-    cfg.arena_bytes = (size_t)((tokens + 64 * max_seqs) / 64 + 2) * layers * L.page_bytes;
+    cfg.arena_bytes = (size_t)((tokens + 64 * max_seqs) / 64 + 2 + (g_sinks ? max_seqs : 0)) * layers * L.page_bytes;
     Pair p;
     p.H = H, p.D = D, p.layers = layers;
     OK(kvq_cache_create(&cfg, &p.cpu));
     OK(kvq_cuda_cache_create(&cfg, 0, 0, &p.gpu));
     kvq_page_layout Lg;
-    OK(kvq_cuda_cache_get_config(p.gpu, nullptr, &Lg));
+    kvq_cache_config cc, cg;
+    OK(kvq_cache_get_config(p.cpu, &cc, nullptr));
+    OK(kvq_cuda_cache_get_config(p.gpu, &cg, &Lg));
+    CHECK(cc.rotate == cg.rotate && cc.sinks == cg.sinks && cc.nonuniform == cg.nonuniform && cc.rotation_seed == cg.rotation_seed,
+          "%s: resolved rotate/sinks/nonuniform: cpu %d/%d/%d, gpu %d/%d/%d", tnames(t, tv), cc.rotate, cc.sinks,
+          cc.nonuniform, cg.rotate, cg.sinks, cg.nonuniform);
     CHECK(L.page_bytes == Lg.page_bytes && L.k_block_bytes == Lg.k_block_bytes && L.v_block_bytes == Lg.v_block_bytes &&
               L.v_offset == Lg.v_offset && L.group == Lg.group && L.value_group == Lg.value_group,
           "layouts differ");
@@ -288,8 +323,8 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H 
         int32_t chunk[NS] = {130, 0, 3, 64, 1, 5, 77};  // a second prefill chunk
         append_both(p, layer, NS, ids, chunk, in_dt, 0.f);
     }
-    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d%s", tnames(t, tv), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H,
-             g_misalign ? " misaligned" : "");
+    snprintf(what, sizeof what, "%s D%d R%d in=%s H%d%s%s", tnames(t, tv), D, residual, in_dt == KVQ_DTYPE_F32 ? "f32" : "f16", H,
+             g_misalign ? " misaligned" : "", mech_name());
     for (int layer = 0; layer < 2; layer++)
         for (int i = 0; i < NS; i++) compare_bytes(p, ids[i], layer, what);
     compare_decode(p, 1, NS, ids, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, what);
@@ -416,7 +451,7 @@ static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt, in
     const int H = 2, nqh = 8;
     Pair p = make_pair(t, H, D, 2, 4096, 8, residual, tv);
     char what[160], w2[200];
-    snprintf(what, sizeof what, "fork/truncate %s D%d R%d", tnames(t, tv), D, residual);
+    snprintf(what, sizeof what, "fork/truncate %s D%d R%d%s", tnames(t, tv), D, residual, mech_name());
     const int32_t a = new_both(p);
     int32_t n0 = 300, n1 = 70;
     append_both(p, 0, 1, &a, &n0, dt, 0.f);
@@ -499,6 +534,10 @@ static void test_fork_truncate(kvq_type t, int D, int residual, kvq_dtype dt, in
     truncate_both(p, c, 100000);
     snprintf(w2, sizeof w2, "%s cut at 128", what);
     compare_all(p, abc, 3, w2);
+    truncate_both(p, c, 2);  // with sinks S > 2: inside the sinks
+    snprintf(w2, sizeof w2, "%s cut at 2", what);
+    compare_all(p, abc, 3, w2);
+    compare_decode(p, 1, 3, abc, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, w2);
     truncate_both(p, c, 0);
     snprintf(w2, sizeof w2, "%s cut to 0", what);
     compare_all(p, abc, 3, w2);
@@ -620,7 +659,7 @@ static void test_failalloc() {
     CU(cudaMemcpy(dq, h.data() + 3, (size_t)NQ * D * sizeof(float), cudaMemcpyHostToDevice));
     kvq_attn_params ap = kvq_attn_params_default(NQ);
     std::vector<std::vector<float>> outs;
-    int n = 1, failed_create = 0, failed_decode = 0;
+    int n = 1, failed_create = 0, failed_decode = 0, failed_append = 0;
     for (bool reached = true; reached && n <= 64; n++) {
         size_t free0 = 0, free1 = 0, total = 0;
         CU(cudaDeviceSynchronize());
@@ -640,7 +679,20 @@ static void test_failalloc() {
         }
         int32_t seq, nt = T;
         OK(kvq_cuda_seq_new(c, &seq));
-        OK(kvq_cuda_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, dk, dv, 0));
+        st = kvq_cuda_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, dk, dv, 0);
+        bool failed_this = false;
+        if (st != KVQ_OK) {  // the rotation's scratch (kvq.h section 10: Q4's default rotates keys)
+            failed_append++, failed_this = true;
+            int64_t len = -1;
+            kvq_cuda_stats sa;
+            OK(kvq_cuda_seq_length(c, seq, 0, &len));
+            OK(kvq_cuda_cache_get_stats(c, &sa));
+            CHECK(st == KVQ_ERR_OUT_OF_MEMORY && len == 0 && sa.pages_free == sa.pages_total,
+                  "failalloc n=%d: append -> %d (%s), length %lld, %lld of %lld pages free", n, (int)st,
+                  kvq_cuda_last_error(), (long long)len, (long long)sa.pages_free, (long long)sa.pages_total);
+            reached = kvq_cuda__fail_alloc_in(0) == 0;
+            OK(kvq_cuda_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, dk, dv, 0));
+        }
         kvq_cuda_stats s0, s1;
         int64_t len0, len1;
         OK(kvq_cuda_cache_get_stats(c, &s0));
@@ -656,7 +708,7 @@ static void test_failalloc() {
                   "failalloc n=%d: a failed decode changed the cache", n);
             reached = kvq_cuda__fail_alloc_in(0) == 0;
             OK(kvq_cuda_attn_decode(c, 0, 1, &seq, KVQ_DTYPE_F32, dq, dout, &ap, 0));
-        } else {
+        } else if (!failed_this) {
             reached = kvq_cuda__fail_alloc_in(0) == 0;
         }
         std::vector<float> o((size_t)NQ * D);
@@ -665,13 +717,14 @@ static void test_failalloc() {
         kvq_cuda_cache_free(c);
     }
     CHECK(n <= 64, "failalloc: still reaching allocations after 64");
-    CHECK(failed_create >= 3 && failed_decode >= 1, "failalloc: %d failed creates, %d failed decodes (expected >= 3, >= 1)",
-          failed_create, failed_decode);
+    CHECK(failed_create >= 3 && failed_decode >= 1 && failed_append >= 1,
+          "failalloc: %d failed creates, %d failed decodes, %d failed appends (expected >= 3, >= 1, >= 1)", failed_create,
+          failed_decode, failed_append);
     for (size_t i = 0; i + 1 < outs.size(); i++)
         CHECK(memcmp(outs[i].data(), outs.back().data(), outs.back().size() * sizeof(float)) == 0,
               "failalloc: the decode after a failure differs from a run without one (%zu)", i);
-    printf("failalloc: %d device allocations failed in turn (%d in create, %d in decode): all clean\n",
-           failed_create + failed_decode, failed_create, failed_decode);
+    printf("failalloc: %d device allocations failed in turn (%d in create, %d in append, %d in decode): all clean\n",
+           failed_create + failed_append + failed_decode, failed_create, failed_append, failed_decode);
     CU(cudaFree(dk));
     CU(cudaFree(dv));
     CU(cudaFree(dq));
@@ -722,6 +775,48 @@ int main(int argc, char **argv) {
         test_ragged(m[0], 64, 3, KVQ_DTYPE_F16, 4, m[1]);
         test_fork_truncate(m[0], 128, -1, KVQ_DTYPE_F32, m[1]);
         test_fork_truncate(m[0], 64, 0, KVQ_DTYPE_F16, m[1]);
+    }
+    // kvq.h section 10: rotation and sinks. Every type with the defaults (-1: the same resolution on both sides; Q4
+    // keys rotated and one sink), each role set and sink count on its own, seeds, head dims 64 and 128, the fp16
+    // window and R = 0, fork / truncate (a sink page shared, copied on write, cut inside) and a sink page's last row.
+    for (int ti = 0; ti < 6 && !long_only; ti++) {
+        kvq_type t = types[ti];
+        if (only && strcmp(only, tname(t))) continue;
+        bool grouped = kvq_type_get_traits(t)->grouped;
+        g_rot = -1, g_sinks = -1;
+        test_ragged(t, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(t, 64, grouped ? 0 : 5, KVQ_DTYPE_F16);
+        if (!only) test_fork_truncate(t, 128, -1, KVQ_DTYPE_F32);
+        g_rot = KVQ_ROLES_KV, g_sinks = 4, g_seed = 12345;
+        test_ragged(t, 64, -1, KVQ_DTYPE_F32);
+        if (!only) test_fork_truncate(t, 64, grouped ? 0 : 3, KVQ_DTYPE_F16);
+        g_seed = 0;
+    }
+    if (!long_only && !only) {
+        g_rot = KVQ_ROLES_K, g_sinks = 0;
+        test_ragged(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16);
+        test_ragged(KVQ_TYPE_Q8, 64, 0, KVQ_DTYPE_F32);
+        g_rot = KVQ_ROLES_V, g_sinks = 1;
+        test_ragged(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q2);  // Q4/Q2's default, spelled out
+        test_fork_truncate(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F32);
+        g_rot = 0, g_sinks = 10;  // Q2: a sink page holds 10 rows, the most this backend takes
+        test_ragged(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F32);
+        test_fork_truncate(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F16);
+        g_rot = -1, g_sinks = -1;
+        test_ragged(KVQ_TYPE_Q8, 128, -1, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q4);
+        test_fork_truncate(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16, KVQ_TYPE_Q2);
+        if (!quick) test_long(KVQ_TYPE_Q4, 40000);
+        g_rot = 0, g_sinks = 0;
+        // what the backend does not take: more sinks than a sink page holds, non-uniform levels
+        kvq_cache_config mc = kvq_cache_config_default();
+        mc.n_layers = 1, mc.n_kv_heads = 2, mc.head_dim = 128, mc.type_k = mc.type_v = KVQ_TYPE_Q2, mc.arena_bytes = 1 << 22;
+        kvq_cuda_cache *x = nullptr;
+        mc.sinks = 11;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "q2 sinks 11 accepted");
+        mc.sinks = -1, mc.nonuniform = KVQ_ROLES_K;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "nonuniform accepted");
+        mc.nonuniform = -1, mc.rotate = 4;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "rotate 4 accepted");
     }
     if (!quick && !only) {
         test_long(KVQ_TYPE_Q8, 131072 + 77);

@@ -804,11 +804,17 @@ class CudaCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
                  type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
-                 residual: int = -1, max_seqs: int = 0, device: int = 0, max_seq_tokens: int = 0):
-        cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, 64, 0, residual, max_seqs, 0)
+                 residual: int = -1, max_seqs: int = 0, device: int = 0, max_seq_tokens: int = 0,
+                 rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1):
+        """rotate, rotation_seed, sinks: kvq.h section 10, as Cache (-1: the CPU cache's defaults, so that both hold
+        the same bytes); nonuniform: 0 or -1 (the CUDA backend has no non-uniform levels yet)."""
+        cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, 64, 0, residual, max_seqs, 0, rotate,
+                          rotation_seed, sinks, nonuniform)
         if arena_bytes is None:
-            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v,
-                                          _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64"), 1)
+            max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
+            # one more page per (sequence, layer) for the sink page (this backend keeps at most one)
+            arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
+                                          slack_pages_per_seq=2 + (cfg.sinks != 0))
         cfg.arena_bytes = _size(arena_bytes, "arena_bytes")
         device, max_seq_tokens = _int(device, "device"), _i64(max_seq_tokens, "max_seq_tokens")
         ok, why = cuda_available()

@@ -287,9 +287,9 @@ class KVQCache(Cache):
                 raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
             if self.kvq_group not in (0, 64):
                 raise ValueError("kvq: the CUDA backend supports group 64 only")
-            on = {k: v for k, v in self.kvq_quality.items() if v not in (-1, 0)}
-            if on:
-                raise ValueError(f"kvq: the CUDA backend has no quality mechanisms (kvq.h section 10): {on}")
+            if self.kvq_quality["nonuniform"] not in (-1, 0):
+                raise ValueError("kvq: the CUDA backend has no non-uniform levels (kvq.h section 10): nonuniform="
+                                 f"{self.kvq_quality['nonuniform']}")
         elif dev.type != "cpu":
             raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
         handles = []
@@ -302,7 +302,7 @@ class KVQCache(Cache):
                     h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                     residual=self.kvq_residual, max_seqs=2 * nb + 2,
                                     device=dev.index if dev.index is not None else torch.cuda.current_device(),
-                                    max_seq_tokens=self.kvq_max_len + 64)
+                                    max_seq_tokens=self.kvq_max_len + 64, **self.kvq_quality)
                 else:
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                 residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,

@@ -3,7 +3,12 @@
 //
 // Two launches per call, in stream order: flush_kernel writes the pages (reading the oldest window rows and the new
 // input), then window_kernel writes the new tokens that stay in the window. The window is a ring of R + G rows on
-// the device, so a flush moves no data; the ring's head advances by the flushed count.
+// the device, so a flush moves no data; the ring's head advances by the flushed count. Before them (kvq.h section 10):
+// rotated caches rotate K and V into fp32 scratch in one launch (rotate_kernel; the kernels then read the scratch),
+// caches with sinks write the first tokens of a sequence to its sink page (sink_kernel).
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "common.cuh"
 
 namespace kvqc {
@@ -260,6 +265,103 @@ __global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ App
                 store4h(E.wv + out + es[u], vv[u]);
             }
     }
+}
+
+// Sink rows (kvq.h section 10): the first S tokens of a sequence, fp16 of the (rotated) input as kvq_append's
+// store_sink writes them (round to nearest even). A block per item, its tokens' K and V rows H * D apart.
+__global__ void __launch_bounds__(128) sink_kernel(const __grid_constant__ SinkArgs A) {
+    const SinkItem &it = A.it[blockIdx.x];
+    const int64_t n = (int64_t)it.n * A.HD, in = it.in_row * A.HD;
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+        it.dk[e] = __float2half_rn(load_in(A.k, in + e, A.dtype));
+        it.dk[A.vo + e] = __float2half_rn(load_in(A.v, in + e, A.dtype));
+    }
+}
+
+cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st) {
+    if (a.n_items == 0) return cudaSuccess;
+    sink_kernel<<<a.n_items, 128, 0, st>>>(a);
+    return cudaGetLastError();
+}
+
+// Randomized Walsh-Hadamard rotation of rows of D channels (D = 64, 128, 256: one block), in the float operations of
+// src/core/rotate.c's fwht_block, in its order, each rounded (no FMA contraction: the library is C17, GCC's
+// -ffp-contract=off), so that the rotated K/V and the pages made from them are the CPU cache's bits. A warp per row,
+// lane l holding channels [l EPL, (l + 1) EPL): butterflies of span h < EPL inside a lane, the others across lanes
+// (the lower channel of a pair computes a + b, the upper a - b, as the CPU does).
+template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __grid_constant__ RotArgs A) {
+    constexpr int EPL = D / 32;
+    const int lane = threadIdx.x & 31;
+    const int64_t row = (int64_t)blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (row >= A.rows) return;
+    const RotJob &J = A.j[blockIdx.y];
+    const void *in = J.in;
+    void *out = J.out;
+    const RotSigns &sg = J.sg;
+    const int in_dt = A.in_dt, out_dt = A.out_dt, inverse = A.inverse;
+    const int64_t base = row * D + lane * EPL;
+    float x[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; e++) x[e] = load_in(in, base + e, in_dt);
+    if (J.apply) {
+        // rotate.c's inv_sqrt[log2 n]: the same float constants
+        const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;
+        auto bit = [&](int c) { return (int)((sg.s[c >> 6] >> (c & 63)) & 1); };
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            const int c = lane * EPL + e;
+            x[e] = __fmul_rn(x[e], inverse ? f : (bit(c) ? -f : f));
+        }
+        // constant trip counts and linear induction (lg), so that the loops unroll and x stays in registers
+#pragma unroll
+        for (int lg = 0; lg < (D == 64 ? 6 : D == 128 ? 7 : 8); lg++) {  // log2(D)
+            const int h = 1 << lg;
+            if (h < EPL) {
+#pragma unroll
+                for (int j = 0; j < EPL; j++)
+                    if (!(j & h)) {
+                        const float a = x[j], b = x[j + h];
+                        x[j] = __fadd_rn(a, b);
+                        x[j + h] = __fsub_rn(a, b);
+                    }
+            } else {
+                const int m = h / EPL;  // partner lane: channel c +- h
+                const bool upper = lane & m;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    const float y = __shfl_xor_sync(0xffffffffu, x[e], m);
+                    x[e] = upper ? __fsub_rn(y, x[e]) : __fadd_rn(x[e], y);
+                }
+            }
+        }
+        if (inverse) {
+#pragma unroll
+            for (int e = 0; e < EPL; e++)
+                if (bit(lane * EPL + e)) x[e] = -x[e];
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < EPL; e++) {
+        const int64_t i = base + e;
+        if (out_dt == KVQ_DTYPE_F32) reinterpret_cast<float *>(out)[i] = x[e];
+        else if (out_dt == KVQ_DTYPE_F16) reinterpret_cast<__half *>(out)[i] = __float2half_rn(x[e]);
+        else reinterpret_cast<__nv_bfloat16 *>(out)[i] = __float2bfloat16_rn(x[e]);
+    }
+}
+
+cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st) {
+    if (a.rows <= 0) return cudaSuccess;
+    const dim3 grid((unsigned)((a.rows + 3) / 4), (unsigned)a.n_jobs);
+    if (D == 64) rotate_kernel<64><<<grid, 128, 0, st>>>(a);
+    else if (D == 128) rotate_kernel<128><<<grid, 128, 0, st>>>(a);
+    else if (D == 256) rotate_kernel<256><<<grid, 128, 0, st>>>(a);
+    else return cudaErrorInvalidValue;  // D = 80, 96: block-diagonal on the CPU; this backend has 64 and 128
+    cudaError_t e = cudaGetLastError();
+    static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // kvq_cuda.h section 2
+    if (e == cudaSuccess && debug && (e = cudaStreamSynchronize(st)) != cudaSuccess)
+        fprintf(stderr, "kvq debug: rotate_kernel<%d> (%lld rows, %d jobs) failed: %s\n", D, (long long)a.rows, a.n_jobs,
+                cudaGetErrorString(e));
+    return e;
 }
 
 template <int TK, int TV, int D> static cudaError_t run_flush(const AppendArgs &a, cudaStream_t st) {

@@ -43,18 +43,29 @@ struct Entry {
     int32_t whead;           // ring row of window token 0
     int32_t npu, n;          // page units, all units (page units first, then window units)
     int32_t q_row;           // row of q / out
-    int32_t pad_;
+    const __half *sk;        // sink page (kvq.h section 5: fp16 K [SR][H][D], then V): its K rows; V at + sink_vo
+    int32_t slo, shi;        // visible sink tokens [slo, shi): one more unit, the entry's last, when shi > slo
     int64_t start;           // flattened index of (this entry, head 0, unit 0)
 };
+// With sinks (kvq.h section 10) paged, lo, hi, whead and the units count the tokens after the S sinks (u = t - S);
+// the sinks are the last unit of an entry, read like a window unit (fp16 rows H * D apart).
 
-constexpr int MAXE = 56;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
+constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
+
+// ---- rotation (kvq.h section 10, src/core/rotate.c): one sign bit per channel, D <= 256
+struct RotSigns {
+    uint64_t s[4];
+};
 
 struct DecodeArgs {
     const uint8_t *arena;
     int64_t page_bytes;
     int32_t v_off;  // byte offset of the value blocks in a page
     int32_t H, Gq, nqh, wcap, D;
-    int32_t qo_dtype;
+    int32_t qo_dtype;  // dtype of out (and of q unless q_dtype says otherwise)
+    int32_t q_dtype;   // dtype of q (out is fp32 scratch when the outputs are un-rotated after the kernel)
+    int32_t sink_vo;   // elements from a sink page's K rows to its V rows: SR * H * D
+    int32_t rot_q;     // rotate the queries into the keys' domain as they are loaded (signs rq; kvq.h section 10)
     float qscale;   // attention scale, times log2(e) when there is no soft-cap
     float softcap;  // 0: off
     const void *q;
@@ -66,6 +77,7 @@ struct DecodeArgs {
     int32_t n_cta;
     int64_t total;  // units in all
     int64_t L;      // units per CTA
+    RotSigns rq;    // the keys' rotation signs (rot_q)
     Entry e[MAXE];
 };
 
@@ -100,7 +112,25 @@ struct AppendArgs {
     FlushItem f[MAXF];
 };
 
+// ---- sinks: fp16 rows of new tokens into sink pages (kvq.h section 5), exact as kvq_append's store_sink
+struct SinkItem {
+    int64_t in_row;  // first input token of the item
+    __half *dk;      // sink page row of its first token: K; V at + vo
+    int32_t n;       // tokens
+    int32_t pad_;
+};
+constexpr int MAXS = 96;
+struct SinkArgs {
+    const void *k, *v;
+    int32_t dtype, HD;  // input dtype, H * D
+    int64_t vo;         // elements from a sink page's K rows to its V rows
+    int32_t n_items, pad_;
+    SinkItem it[MAXS];
+};
+
+
 static_assert(sizeof(DecodeArgs) <= 4096, "decode parameters");
+static_assert(sizeof(SinkArgs) <= 4096, "sink parameters");
 static_assert(sizeof(AppendArgs) <= 4096, "append parameters");
 
 // ---- device helpers ----
@@ -131,4 +161,19 @@ namespace kvqc {
 cudaError_t launch_decode(int type_k, int type_v, int D, const DecodeArgs &a, cudaStream_t st);
 template <int TK> cudaError_t launch_decode_k(int type_v, int D, const DecodeArgs &a, cudaStream_t st);
 cudaError_t launch_append(int type_k, int type_v, int D, const AppendArgs &a, cudaStream_t st);
+cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st);
+// Rotation jobs of one launch (blockIdx.y): rows vectors of D floats from in (in_dt) to out (out_dt), x <- R x
+// (inverse 0) or R^T x (inverse 1) with the signs sg, or converted only (apply 0)
+struct RotJob {
+    const void *in;
+    void *out;
+    RotSigns sg;
+    int32_t apply, pad_;
+};
+struct RotArgs {
+    RotJob j[2];
+    int64_t rows;
+    int32_t in_dt, out_dt, inverse, n_jobs;
+};
+cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st);
 }  // namespace kvqc

@@ -337,7 +337,7 @@ template <bool BF> __device__ __forceinline__ __half to_p(float p) {
 // One unit of 64 tokens for one warp. KROW(t)/VROW(t): row pointers; kpar/vpar: parameter areas (page units).
 template <int TK, int TV, int D, bool WINDOW>
 __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8_t *kblk, const uint8_t *vblk,
-                                        const __half *wk, const __half *wv, int wrow0, Visible vis,
+                                        const __half *wk, const __half *wv, int wrow0, int wcap, Visible vis,
                                         const uint32_t (&bq)[D / 8], float (&m)[2], float (&l)[2], float (&o)[D / 16][4],
                                         float (&bacc)[4], __half *ps, int lane) {
     using TRK = Traits<TK, D>;
@@ -347,7 +347,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     constexpr bool BFV = VT == KVQ_TYPE_BF16;  // bf16 value MMAs: P in bf16 too
     constexpr int KROWB = type_bits(KT) * D / 8, VROWB = type_bits(VT) * D / 8;
     const int g = lane >> 2, j = lane & 3;
-    const int H = A.H, wcap = A.wcap;
+    const int H = A.H;
     // Window rows past the visible ones are masked, but they are read: clamp them to a visible row, since the ring
     // may hold fewer than 64 rows (F16/Q8 with a small residual) and its other rows may be stale.
     const int tmax = vis.hi - 1;
@@ -744,12 +744,48 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                 for (int c = 0; c < D / 4; c++) {
                     float x = 0.f;
                     if (g < Gq) {
-                        if (A.qo_dtype == KVQ_DTYPE_F32) x = reinterpret_cast<const float *>(A.q)[qoff + c];
-                        else if (A.qo_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
+                        if (A.q_dtype == KVQ_DTYPE_F32) x = reinterpret_cast<const float *>(A.q)[qoff + c];
+                        else if (A.q_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
                         else x = __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(A.q)[qoff + c]);
                     }
-                    qf[c] = x * A.qscale;
+                    qf[c] = x;
                 }
+                // Rotated keys (kvq.h section 10): q <- R q = H diag(s) q / sqrt(D) here, where the query is loaded (the
+                // four lanes j of a head hold its D channels, D/4 each: butterflies of span < D/4 in registers, the two
+                // others across lanes j ^ 1, j ^ 2), rather than in a kernel of its own before this one.
+                if (A.rot_q) {
+                    constexpr int NE = D / 4;
+                    const float f = D == 64 ? 0.125f : 0.08838835f;  // rotate.c's 1/sqrt(D)
+#pragma unroll
+                    for (int c = 0; c < NE; c++) {
+                        const int ch = j * NE + c;
+                        qf[c] *= (A.rq.s[ch >> 6] >> (ch & 63)) & 1 ? -f : f;
+                    }
+                    // loops of constant trip counts and linear induction, so that they unroll and qf stays in
+                    // registers (`hs <<= 1` loops did not: qf went to a 128-byte stack frame)
+#pragma unroll
+                    for (int lg = 0; lg < (NE == 16 ? 4 : 5); lg++) {  // log2(NE), NE = 16 or 32
+                        const int hs = 1 << lg;
+#pragma unroll
+                        for (int c = 0; c < NE; c++)
+                            if (!(c & hs)) {
+                                const float a = qf[c], b = qf[c + hs];
+                                qf[c] = a + b, qf[c + hs] = a - b;
+                            }
+                    }
+#pragma unroll
+                    for (int lm = 0; lm < 2; lm++) {
+                        const int m = 1 << lm;
+                        const bool upper = j & m;
+#pragma unroll
+                        for (int c = 0; c < NE; c++) {
+                            const float y = __shfl_xor_sync(0xffffffffu, qf[c], m);
+                            qf[c] = upper ? y - qf[c] : qf[c] + y;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int c = 0; c < D / 4; c++) qf[c] *= A.qscale;
             }
             uint32_t bq[D / 8];  // Q^T in the key order of TK (unscaled: grouped pages scale it per page)
             build_bq<TK, D>(qf, bq);
@@ -770,7 +806,7 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                 mbar_wait(&full[sl], (rr / NS) & 1);
                 const uint8_t *kb = ring + sl * C::SLOT;
 #ifndef KVQ_NO_COMPUTE
-                do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, vis, bq, m, l, o, bacc, ps, lane);
+                do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
 #else  // timing experiment: the loads alone
                 o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
 #endif
@@ -788,9 +824,18 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                 bool page;
                 int idx;
                 Visible vis;
-                unit_info(E, k, page, idx, vis);
-                const int wrow0 = (E.whead + idx * PT) % A.wcap;
-                do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, wk, wv, wrow0, vis, bq, m, l, o, bacc, ps, lane);
+                // the entry's last unit with sinks: the sink page's fp16 rows 0 .. shi-1, read like window rows
+                // (H * D apart) that never wrap
+                const __half *uk = wk, *uv = wv;
+                int wrow0 = 0, wc = 1 << 30;
+                if (E.shi > E.slo && k == E.n - 1) {
+                    vis.lo = E.slo, vis.hi = E.shi;
+                    uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
+                } else {
+                    unit_info(E, k, page, idx, vis);
+                    wrow0 = (E.whead + idx * PT) % A.wcap, wc = A.wcap;
+                }
+                do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, uk, uv, wrow0, wc, vis, bq, m, l, o, bacc, ps, lane);
             }
             qw += max(kend - wbeg, 0);
             // ---- the CTA's result for pair u = i*H + h: the W warps' partials merged in shared memory, then the

@@ -44,8 +44,9 @@ static cudaError_t dev_malloc_async(void **p, size_t bytes, cudaStream_t st) {
 
 struct SeqLayer {
     std::vector<int32_t> pages;
-    int64_t paged = 0;
+    int64_t paged = 0;            // tokens in pages: those after the sinks
     int32_t win = 0, whead = 0;
+    int32_t sink = 0, spage = -1;  // tokens in sinks, their sink page (-1: none; this backend has S <= SR: one)
 };
 
 struct kvq_cuda_cache {
@@ -64,6 +65,13 @@ struct kvq_cuda_cache {
     int n_live = 0;
     void *ws = nullptr;
     size_t ws_bytes = 0;
+    // kvq.h section 10 on the device: rotation signs per layer (rotated roles only), sinks S and sink rows per page SR,
+    // and the scratch buffers of the rotated inputs (append: K and V in fp32) and queries/outputs (attention)
+    std::vector<RotSigns> rot_k, rot_v;
+    int S = 0, SR = 0;
+    void *aws = nullptr, *qws = nullptr;
+    size_t aws_bytes = 0, qws_bytes = 0;
+    bool rotated(int role) const { return (cfg.rotate >> role) & 1; }
     size_t win_bytes = 0, table_bytes = 0;
 
     size_t win_elems() const { return (size_t)wcap * L.n_kv_heads * L.head_dim; }
@@ -71,6 +79,46 @@ struct kvq_cuda_cache {
     __half *wv(int s, int l) const { return wk(s, l) + win_elems(); }
     int32_t *table(int s, int l) const { return tables + ((size_t)s * cfg.n_layers + l) * max_pages; }
 };
+
+/* rotate = -1: src/core/cache.c's default_rotate (kvq.h section 10): keys of Q8/Q4/Q3/Q2 and values of Q3/Q2, but
+ * values alone for Q4 keys with Q2 values */
+static int default_rotate(int tk, int tv) {
+    if (tk == KVQ_TYPE_Q4 && tv == KVQ_TYPE_Q2) return KVQ_ROLES_V;
+    int r = KVQ_ROLES_NONE;
+    if (tk == KVQ_TYPE_Q8 || tk == KVQ_TYPE_Q4 || tk == KVQ_TYPE_Q3 || tk == KVQ_TYPE_Q2) r |= KVQ_ROLES_K;
+    if (tv == KVQ_TYPE_Q3 || tv == KVQ_TYPE_Q2) r |= KVQ_ROLES_V;
+    return r;
+}
+
+/* The sign bits of (seed, layer, role), as src/core/rotate.c's kvq__rot_init draws them (splitmix64; the tests
+ * compare the pages they give with the CPU cache's, byte for byte) */
+static uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static void rot_signs(uint32_t seed, int layer, int role, RotSigns *r) {
+    uint64_t st = ((uint64_t)(seed ? seed : 0x6b7671u) << 32) ^ ((uint64_t)(uint32_t)layer << 1) ^ (uint64_t)role;
+    splitmix64(&st);
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&st);
+}
+
+/* Grows a scratch buffer to `need` bytes on the stream (stream-ordered: the old one is freed after the work that
+ * used it). On failure the buffer is gone (bytes 0) and the error is returned. */
+static cudaError_t grow_scratch(void **buf, size_t *bytes, size_t need, cudaStream_t st) {
+    if (need <= *bytes) return cudaSuccess;
+    if (*buf) cudaFreeAsync(*buf, st);
+    *buf = nullptr;
+    *bytes = 0;
+    cudaError_t e = dev_malloc_async(buf, need, st);
+    if (e != cudaSuccess) {
+        *buf = nullptr;
+        return e;
+    }
+    *bytes = need;
+    return cudaSuccess;
+}
 
 static kvq_status check_device(int device, int *n_sm) {
     int n = 0;
@@ -114,6 +162,8 @@ extern "C" void kvq_cuda_cache_free(kvq_cuda_cache *c) {
     cudaFree(c->windows);
     cudaFree(c->tables);
     cudaFree(c->ws);
+    cudaFree(c->aws);
+    cudaFree(c->qws);
     cudaSetDevice(prev);
     delete c;
 }
@@ -138,13 +188,21 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (grouped && (L.group != GRP || L.value_group != GRP))
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: group %d (the CUDA backend needs 64)", L.group);
     if (cfg.residual == -1) cfg.residual = grouped ? 128 : 0; /* same default as the CPU core */
-    /* kvq.h section 10: the GPU kernels read the plain formats only, so every quality mechanism is off here */
-    if (cfg.rotate == -1) cfg.rotate = KVQ_ROLES_NONE;
-    if (cfg.sinks == -1) cfg.sinks = 0;
-    if (cfg.nonuniform == -1) cfg.nonuniform = KVQ_ROLES_NONE;
-    if (cfg.rotate != KVQ_ROLES_NONE || cfg.sinks != 0 || cfg.nonuniform != KVQ_ROLES_NONE)
-        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: rotate %d, sinks %d, nonuniform %d: the CUDA backend "
-                    "has none of kvq.h section 10's mechanisms yet (set them to 0)", cfg.rotate, cfg.sinks, cfg.nonuniform);
+    /* kvq.h section 10: -1 resolves to the CPU core's defaults (cache.c), so that a CPU and a GPU cache of one config
+     * hold the same bytes; the GPU has the rotation and sinks, not yet the non-uniform levels */
+    if (cfg.rotate == -1) cfg.rotate = default_rotate(cfg.type_k, cfg.type_v);
+    if (cfg.sinks == -1) cfg.sinks = grouped ? 1 : 0;
+    if (cfg.nonuniform == -1) cfg.nonuniform = KVQ_ROLES_NONE; /* the CPU's default is none but for Q3 (rejected above) */
+    if (cfg.rotate < 0 || cfg.rotate > KVQ_ROLES_KV)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: rotate %d is not a set of roles 0..3 (or -1)", cfg.rotate);
+    /* sink rows per page: page_bytes / (4 H D) (kvq.h section 5), >= 10 for every layout this backend has */
+    const int SR = (int)(L.page_bytes / ((size_t)4 * L.n_kv_heads * L.head_dim));
+    if (cfg.sinks < 0 || cfg.sinks > SR)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: sinks %d outside 0..%d (the CUDA backend keeps the sinks "
+                    "in one sink page of %d rows; -1: the default)", cfg.sinks, SR, SR);
+    if (cfg.nonuniform != KVQ_ROLES_NONE)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: nonuniform %d: the CUDA backend has no non-uniform levels "
+                    "yet (set 0 or -1)", cfg.nonuniform);
     if (cfg.residual < 0 || cfg.residual > 4096) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: residual %d outside 0..4096", cfg.residual);
     if (cfg.max_seqs == 0) cfg.max_seqs = 256;
     if (cfg.max_seqs < 1 || cfg.max_seqs > 65536) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seqs %d outside 1..65536", cfg.max_seqs);
@@ -164,6 +222,8 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     c->n_sm = n_sm;
     c->Gf = L.group;
     c->wcap = cfg.residual + c->Gf;
+    c->S = cfg.sinks;
+    c->SR = SR;
     c->n_pages = pages;
     int64_t per_layer = pages / cfg.n_layers;
     c->max_pages = max_seq_tokens ? (max_seq_tokens + PT - 1) / PT : per_layer;
@@ -174,6 +234,14 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
         c->refcnt.assign(pages, 0);
         c->live.assign(cfg.max_seqs, 0);
         c->seqs.resize(cfg.max_seqs);
+        if (cfg.rotate) {
+            c->rot_k.resize(cfg.n_layers);
+            c->rot_v.resize(cfg.n_layers);
+            for (int l = 0; l < cfg.n_layers; l++) {
+                rot_signs(cfg.rotation_seed, l, KVQ_KEY, &c->rot_k[l]);
+                rot_signs(cfg.rotation_seed, l, KVQ_VALUE, &c->rot_v[l]);
+            }
+        }
     } catch (...) {
         delete c;
         return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_cache_create: no host memory for the bookkeeping");
@@ -216,7 +284,7 @@ extern "C" kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *c, kvq_cuda
     st->arena_bytes = (size_t)c->n_pages * c->L.page_bytes;
     st->window_bytes = c->win_bytes;
     st->table_bytes = c->table_bytes;
-    st->workspace_bytes = c->ws_bytes;
+    st->workspace_bytes = c->ws_bytes + c->aws_bytes + c->qws_bytes;  // with the rotation's scratch
     st->n_seqs = c->n_live;
     st->pages_shared = 0;
     for (int32_t r : c->refcnt) st->pages_shared += r > 1;
@@ -245,6 +313,10 @@ static int free_slot(const kvq_cuda_cache *c, const char *fn) {
 static int64_t flushed_tokens(const kvq_cuda_cache *c, int64_t T) {
     return T < c->wcap ? 0 : (1 + (T - c->wcap) / c->Gf) * c->Gf;
 }
+// Of n tokens appended to (seq, layer), those that go to its sinks (the first ones; kvq.h section 10)
+static int sink_take(const kvq_cuda_cache *c, const SeqLayer &sl, int64_t n) {
+    return (int)std::min<int64_t>(n, c->S - sl.sink);
+}
 
 extern "C" kvq_status kvq_cuda_seq_new(kvq_cuda_cache *c, int32_t *seq_out) {
     if (!c || !seq_out) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_new: NULL argument");
@@ -270,8 +342,10 @@ extern "C" kvq_status kvq_cuda_seq_free(kvq_cuda_cache *c, int32_t seq) {
     if (!c) return fail(KVQ_ERR_NULL, "kvq_cuda_seq_free: cache is NULL");
     kvq_status s = check_seq(c, seq, "kvq_cuda_seq_free");
     if (s) return s;
-    for (auto &sl : c->seqs[seq])
+    for (auto &sl : c->seqs[seq]) {
         for (int32_t p : sl.pages) page_unref(c, p);
+        if (sl.spage >= 0) page_unref(c, sl.spage);
+    }
     c->seqs[seq].clear();
     c->live[seq] = 0;
     c->n_live--;
@@ -283,7 +357,7 @@ extern "C" kvq_status kvq_cuda_seq_length(const kvq_cuda_cache *c, int32_t seq, 
     kvq_status s;
     if ((s = check_seq(c, seq, "kvq_cuda_seq_length")) || (s = check_layer(c, layer, "kvq_cuda_seq_length"))) return s;
     const SeqLayer &sl = c->seqs[seq][layer];
-    *len = sl.paged + sl.win;
+    *len = sl.sink + sl.paged + sl.win;
     return KVQ_OK;
 }
 
@@ -315,7 +389,10 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         seen[seq_ids[i]] = 1;
         if (n_tokens[i] < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: n_tokens[%d] = %d is negative", fn, i, (int)n_tokens[i]);
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        const int64_t FG = flushed_tokens(c, sl.win + (int64_t)n_tokens[i]);
+        // the first tokens go to the sinks (a sink page, or a copy of a shared, partly filled one), the rest as before
+        const int ns = sink_take(c, sl, n_tokens[i]);
+        if (ns > 0 && (sl.spage < 0 || c->refcnt[sl.spage] > 1)) need++;
+        const int64_t FG = flushed_tokens(c, sl.win + (int64_t)(n_tokens[i] - ns));
         int64_t end = sl.paged + FG, np = (end + PT - 1) / PT;
         if (np > c->max_pages)
             return fail(KVQ_ERR_CACHE_FULL, "%s: sequence %d would hold %lld tokens in pages, the page table holds %lld", fn,
@@ -332,10 +409,32 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
                     (long long)c->free_list.size());
     DevGuard dg(c->device);
     cudaStream_t st = (cudaStream_t)stream;
-    const int tk = c->L.type_k, tv = c->L.type_v, D = c->L.head_dim;
+    const int tk = c->L.type_k, tv = c->L.type_v, D = c->L.head_dim, H = c->L.n_kv_heads;
+    // Rotated roles (kvq.h section 10): K and V rotated into fp32 scratch first, as kvq_append rotates each row before
+    // it rounds it to fp16 (window) or quantizes it (R = 0); the kernels below then read the scratch as F32 input.
+    // Before anything changes: a failure here leaves the cache as it was.
+    if (c->cfg.rotate) {
+        const int64_t rows = total * H;
+        const size_t half = (size_t)rows * D * sizeof(float);
+        cudaError_t e = grow_scratch(&c->aws, &c->aws_bytes, 2 * half, st);
+        if (e != cudaSuccess)
+            return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
+                        "%s: scratch of %zu bytes for the rotation: %s", fn, 2 * half, cudaGetErrorString(e));
+        float *rk = (float *)c->aws, *rv = (float *)((char *)c->aws + half);
+        RotArgs ra;
+        memset(&ra, 0, sizeof ra);
+        ra.j[0].in = k, ra.j[0].out = rk, ra.j[0].apply = c->rotated(KVQ_KEY);  // a role not rotated: converted only
+        ra.j[1].in = v, ra.j[1].out = rv, ra.j[1].apply = c->rotated(KVQ_VALUE);
+        if (ra.j[0].apply) ra.j[0].sg = c->rot_k[layer];
+        if (ra.j[1].apply) ra.j[1].sg = c->rot_v[layer];
+        ra.rows = rows, ra.in_dt = dtype, ra.out_dt = KVQ_DTYPE_F32, ra.inverse = 0, ra.n_jobs = 2;
+        e = launch_rotate(ra, D, st);
+        if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: rotation kernel: %s", fn, cudaGetErrorString(e));
+        k = rk, v = rv, dtype = KVQ_DTYPE_F32;
+    }
     // per-sequence plan (host state is updated only after every launch is enqueued); the host page lists get their
-    // room now, so that committing after the launches cannot fail
-    struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; };
+    // room now, so that committing after the launches cannot fail. in_off: the first input row after the sinks.
+    struct Plan { int32_t seq, W0, whead0, T, FG; int64_t in_off; int32_t ns; };
     std::vector<Plan> plan;
     std::vector<int32_t> cow;  // per sequence: the private copy of its shared, partly filled last page, or -1
     std::vector<std::vector<int32_t>> newpages;
@@ -347,8 +446,9 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         int64_t off = 0;
         for (int i = 0; i < n_seqs; i++) {
             SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-            const int T = sl.win + n_tokens[i];
-            plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, (int32_t)flushed_tokens(c, T), off};
+            const int ns = sink_take(c, sl, n_tokens[i]);
+            const int T = sl.win + n_tokens[i] - ns;
+            plan[i] = Plan{seq_ids[i], sl.win, sl.whead, T, (int32_t)flushed_tokens(c, T), off + ns, ns};
             off += n_tokens[i];
             sl.pages.reserve((size_t)((sl.paged + plan[i].FG + PT - 1) / PT));
         }
@@ -359,6 +459,58 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     // layer) still references goes to a fresh copy of that page; the flush kernel points the page table at it.
     // Sequences of this call that share one page: the last of them to write keeps the original.
     size_t fl_pos = c->free_list.size();
+    // Sinks first, as kvq_append stores a sequence's tokens in order: a fresh sink page, or a private copy of a shared,
+    // partly filled one (the last sequence of this call to write into a shared one keeps it, as for pages below)
+    std::vector<int32_t> spage_new;  // per sequence: the sink page it writes (a new one, a copy, or its own), or -1
+    std::vector<char> spage_fresh;
+    std::unordered_map<int32_t, int32_t> scow_refs;
+    SinkArgs *SA = nullptr;
+    if (c->S > 0) {
+        try {
+            spage_new.assign(n_seqs, -1);
+            spage_fresh.assign(n_seqs, 0);
+            for (int i = 0; i < n_seqs; i++) {
+                const SeqLayer &sl = c->seqs[plan[i].seq][layer];
+                if (plan[i].ns == 0) continue;
+                if (sl.spage < 0) {
+                    spage_new[i] = c->free_list[--fl_pos], spage_fresh[i] = 1;
+                    continue;
+                }
+                int32_t gone = 0;
+                auto it = scow_refs.find(sl.spage);
+                if (it != scow_refs.end()) gone = it->second;
+                if (c->refcnt[sl.spage] - gone <= 1) {
+                    spage_new[i] = sl.spage;
+                    continue;
+                }
+                spage_new[i] = c->free_list[--fl_pos], spage_fresh[i] = 1;
+                scow_refs[sl.spage] = gone + 1;
+                cudaError_t e = cudaMemcpyAsync(c->arena + (size_t)spage_new[i] * c->L.page_bytes,
+                                                c->arena + (size_t)sl.spage * c->L.page_bytes, c->L.page_bytes,
+                                                cudaMemcpyDeviceToDevice, st);
+                if (e != cudaSuccess)
+                    return fail(KVQ_ERR_CUDA, "%s: copy on write of sink page %d: %s", fn, (int)sl.spage, cudaGetErrorString(e));
+            }
+        } catch (...) {
+            return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+        }
+        SA = new (std::nothrow) SinkArgs;
+        if (!SA) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+        memset(SA, 0, sizeof *SA);
+        const size_t HD = (size_t)H * D;
+        cudaError_t e = cudaSuccess;
+        for (int i = 0; i < n_seqs && e == cudaSuccess; i++) {
+            if (plan[i].ns == 0) continue;
+            if (SA->n_items == MAXS) e = launch_sinks(*SA, st), SA->n_items = 0;
+            const SeqLayer &sl = c->seqs[plan[i].seq][layer];
+            __half *pg = (__half *)(c->arena + (size_t)spage_new[i] * c->L.page_bytes);
+            SA->it[SA->n_items++] = SinkItem{plan[i].in_off - plan[i].ns, pg + (size_t)sl.sink * HD, plan[i].ns, 0};
+        }
+        SA->k = k, SA->v = v, SA->dtype = dtype, SA->HD = (int32_t)HD, SA->vo = (int64_t)c->SR * HD;
+        if (e == cudaSuccess) e = launch_sinks(*SA, st);
+        delete SA;
+        if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: sink kernel launch: %s", fn, cudaGetErrorString(e));
+    }
     for (int i = 0; i < n_seqs; i++) {
         const SeqLayer &sl = c->seqs[plan[i].seq][layer];
         if (plan[i].FG == 0 || sl.paged % PT == 0) continue;
@@ -461,6 +613,14 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
     for (int i = 0; i < n_seqs; i++) {
         const Plan &p = plan[i];
         SeqLayer &sl = c->seqs[p.seq][layer];
+        if (p.ns > 0) {
+            if (spage_fresh[i]) {
+                if (sl.spage >= 0) c->refcnt[sl.spage]--;  // a copy: others still reference the original
+                sl.spage = spage_new[i];
+                c->refcnt[sl.spage] = 1;
+            }
+            sl.sink += p.ns;
+        }
         if (cow[i] >= 0) {
             c->refcnt[sl.pages.back()]--;  // others still reference it (checked above): never reaches 0 here
             sl.pages.back() = cow[i];
@@ -521,8 +681,10 @@ extern "C" kvq_status kvq_cuda_seq_fork(kvq_cuda_cache *c, int32_t src, int32_t 
     }
     // commit: references are taken only once nothing can fail any more
     c->seqs[id].swap(child);
-    for (const SeqLayer &sl : c->seqs[id])
+    for (const SeqLayer &sl : c->seqs[id]) {
         for (int32_t p : sl.pages) c->refcnt[p]++;
+        if (sl.spage >= 0) c->refcnt[sl.spage]++;  // the sink page is shared too, copied on write
+    }
     c->live[id] = 1;
     c->n_live++;
     *seq_out = id;
@@ -604,14 +766,16 @@ extern "C" kvq_status kvq_cuda_seq_truncate(kvq_cuda_cache *c, int32_t seq, int6
     if (n < 0) return fail(KVQ_ERR_RANGE, "%s: n_tokens %lld is negative", fn, (long long)n);
     const int nl = c->cfg.n_layers;
     // A cut inside the pages keeps the whole flush units before it; the rest of its unit moves back to the window
-    // (grouped caches: the unit is one page, G = P), later window tokens are dropped.
-    const int64_t keep = n / c->Gf * c->Gf;
-    const int cnt = (int)(n - keep);
+    // (grouped caches: the unit is one page, G = P), later window tokens are dropped. With sinks, m = n - S counts
+    // the tokens after them: a layer with tokens in pages or window has all S sinks.
+    const int64_t m = n - c->S;
+    const int64_t keep = m > 0 ? m / c->Gf * c->Gf : 0;
+    const int cnt = m > 0 ? (int)(m - keep) : 0;
     bool any = false;
     UnflushArgs A;
     memset(&A, 0, sizeof A);
     for (int l = 0; l < nl; l++)
-        if (n < c->seqs[seq][l].paged && cnt > 0) A.mask[l >> 5] |= 1u << (l & 31), any = true;
+        if (m >= 0 && m < c->seqs[seq][l].paged && cnt > 0) A.mask[l >> 5] |= 1u << (l & 31), any = true;
     if (any) {  // one launch for all layers: either everything is enqueued or nothing
         if (c->Gf != PT || keep % PT != 0) return fail(KVQ_ERR_INTERNAL, "%s: group %d != page %d", fn, c->Gf, PT);
         DevGuard dg(c->device);
@@ -630,9 +794,17 @@ extern "C" kvq_status kvq_cuda_seq_truncate(kvq_cuda_cache *c, int32_t seq, int6
     }
     for (int l = 0; l < nl; l++) {
         SeqLayer &sl = c->seqs[seq][l];
-        if (n >= sl.paged + sl.win) continue;
-        if (n >= sl.paged) {  // inside the window: the newest tokens go
-            sl.win = (int32_t)(n - sl.paged);
+        if (n >= sl.sink + sl.paged + sl.win) continue;
+        if (n < sl.sink) {  // inside the sinks (kvq.h section 10): the sinks before the cut stay, everything after goes
+            for (int32_t p : sl.pages) page_unref(c, p);
+            sl.pages.clear();
+            sl.paged = 0, sl.win = 0, sl.whead = 0;
+            sl.sink = (int32_t)n;
+            if (n == 0) page_unref(c, sl.spage), sl.spage = -1;
+            continue;
+        }
+        if (m >= sl.paged) {  // inside the window: the newest tokens go
+            sl.win = (int32_t)(m - sl.paged);
             continue;
         }
         sl.paged = keep;
@@ -658,30 +830,51 @@ static kvq_status check_params(const kvq_cuda_cache *c, const kvq_attn_params *p
     return KVQ_OK;
 }
 
-static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi, int window, int q_row) {
+// hi: the visible end (a position, sinks included); the entry's pages and window count the tokens after the sinks
+static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row) {
     const SeqLayer &sl = c->seqs[seq][layer];
     Entry e;
     memset(&e, 0, sizeof e);
     e.pt = c->table(seq, layer);
     e.wk = c->wk(seq, layer), e.wv = c->wv(seq, layer);
     e.paged = (int32_t)sl.paged;
+    const int64_t lo_pos = window > 0 && hi_pos > window ? hi_pos - window : 0;
+    e.slo = (int32_t)std::min<int64_t>(lo_pos, sl.sink), e.shi = (int32_t)std::min<int64_t>(hi_pos, sl.sink);
+    e.sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
+    const int64_t hi = std::max<int64_t>(hi_pos - sl.sink, 0);
     e.hi = (int32_t)hi;
-    e.lo = window > 0 && hi > window ? (int32_t)(hi - window) : 0;
+    e.lo = (int32_t)std::max<int64_t>(lo_pos - sl.sink, 0);
     e.whead = sl.whead;
     const int pe = std::min<int64_t>(sl.paged, hi);
     e.npu = e.lo < pe ? (pe + PT - 1) / PT - e.lo / PT : 0;
     const int ws = std::max<int64_t>(e.lo, sl.paged) - sl.paged, we = (int)(hi - sl.paged);
     const int nwu = we > ws ? (we + PT - 1) / PT - ws / PT : 0;
-    e.n = e.npu + nwu;
+    e.n = e.npu + nwu + (e.shi > e.slo);  // the sinks: the last unit
     e.q_row = q_row;
     return e;
 }
 
 // Runs the decode kernels over entries (chunks of MAXE), growing the workspace on the stream as needed.
-static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dtype qo, const void *q, void *out,
-                              const kvq_attn_params *p, cudaStream_t st, const char *fn) {
+// n_rows: rows of q / out (sequences of a decode, queries of a prefill)
+static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vector<Entry> &es, kvq_dtype qo,
+                              const void *q, void *out, const kvq_attn_params *p, cudaStream_t st, const char *fn) {
     DevGuard dg(c->device);
     const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, tk = c->L.type_k, tv = c->L.type_v;
+    // Rotated roles (kvq.h section 10): the decode kernel rotates each query into the keys' domain as it loads it
+    // (q.k = Rq.Rk), and a small kernel takes the outputs back from the values' domain once per head after the split
+    // merge (sum p_i v_i = R^T sum p_i R v_i), over fp32 scratch rows. Allocated first: a failure leaves nothing
+    // enqueued.
+    const bool ro = c->rotated(KVQ_VALUE);
+    const int64_t qrows = (int64_t)n_rows * p->n_q_heads;
+    const size_t rbytes = (size_t)qrows * D * sizeof(float);
+    float *so = nullptr;
+    if (ro) {
+        cudaError_t e = grow_scratch(&c->qws, &c->qws_bytes, rbytes, st);
+        if (e != cudaSuccess)
+            return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
+                        "%s: scratch of %zu bytes for the output rotation: %s", fn, rbytes, cudaGetErrorString(e));
+        so = (float *)c->qws;
+    }
     DecodeArgs *A = new (std::nothrow) DecodeArgs;
     if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
     for (size_t b = 0; b < es.size(); b += MAXE) {
@@ -720,11 +913,15 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         A->page_bytes = (int64_t)c->L.page_bytes;
         A->v_off = (int32_t)c->L.v_offset;
         A->H = H, A->Gq = Gq, A->nqh = p->n_q_heads, A->wcap = c->wcap, A->D = D;
-        A->qo_dtype = qo;
+        A->qo_dtype = ro ? KVQ_DTYPE_F32 : qo;
+        A->q_dtype = qo;
+        A->sink_vo = (int32_t)((int64_t)c->SR * H * D);
+        A->rot_q = c->rotated(KVQ_KEY);
+        if (A->rot_q) A->rq = c->rot_k[layer];
         const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
         A->qscale = p->softcap > 0 ? scale : scale * 1.4426950408889634f;
         A->softcap = p->softcap;
-        A->q = q, A->out = out;
+        A->q = q, A->out = ro ? (void *)so : out;
         A->cnt = (int32_t *)c->ws;
         A->part = (float *)((char *)c->ws + cnt_bytes);
         A->part_ml = A->part + slots * Gq * D;
@@ -739,6 +936,14 @@ static kvq_status run_entries(kvq_cuda_cache *c, std::vector<Entry> &es, kvq_dty
         }
     }
     delete A;
+    if (ro) {
+        RotArgs ra;
+        memset(&ra, 0, sizeof ra);
+        ra.j[0].in = so, ra.j[0].out = out, ra.j[0].sg = c->rot_v[layer], ra.j[0].apply = 1;
+        ra.rows = qrows, ra.in_dt = KVQ_DTYPE_F32, ra.out_dt = qo, ra.inverse = 1, ra.n_jobs = 1;
+        cudaError_t e = launch_rotate(ra, D, st);
+        if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: output rotation kernel: %s", fn, cudaGetErrorString(e));
+    }
     return KVQ_OK;
 }
 
@@ -758,11 +963,11 @@ extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_s
     for (int i = 0; i < n_seqs; i++) {
         if ((s = check_seq(c, seq_ids[i], fn))) return s;
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        int64_t len = sl.paged + sl.win;
+        int64_t len = sl.sink + sl.paged + sl.win;
         if (len < 1) return fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d (append the token first)", fn, (int)seq_ids[i], layer);
         es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i));
     }
-    return run_entries(c, es, qo, q, out, p, (cudaStream_t)stream, fn);
+    return run_entries(c, layer, n_seqs, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
 
 extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo,
@@ -776,12 +981,12 @@ extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_
     if (!q || !out) return fail(KVQ_ERR_NULL, "%s: q or out is NULL", fn);
     if (qo != KVQ_DTYPE_F32 && qo != KVQ_DTYPE_F16 && qo != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)qo);
     const SeqLayer &sl = c->seqs[seq][layer];
-    int64_t len = sl.paged + sl.win;
+    int64_t len = sl.sink + sl.paged + sl.win;
     if (n_q > len) return fail(KVQ_ERR_RANGE, "%s: n_q %d > sequence length %lld", fn, n_q, (long long)len);
     std::vector<Entry> es;
     es.reserve(n_q);
     for (int r = 0; r < n_q; r++) es.push_back(make_entry(c, seq, layer, len - n_q + r + 1, p->window, r));
-    return run_entries(c, es, qo, q, out, p, (cudaStream_t)stream, fn);
+    return run_entries(c, layer, n_q, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
 
 extern "C" kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,
@@ -795,10 +1000,11 @@ extern "C" kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *c, int la
     for (int i = 0; i < n_seqs; i++) {
         if ((s = check_seq(c, seq_ids[i], fn))) return s;
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        Entry e = make_entry(c, seq_ids[i], layer, sl.paged + sl.win, p->window, i);
+        Entry e = make_entry(c, seq_ids[i], layer, sl.sink + sl.paged + sl.win, p->window, i);
         b += (double)e.npu * H * (c->L.k_block_bytes + c->L.v_block_bytes);
         int64_t wt = e.hi - std::max(e.lo, e.paged);
         if (wt > 0) b += (double)wt * H * D * 2 * 2;
+        b += (double)(e.shi - e.slo) * H * D * 2 * 2;  // sinks (fp16 K and V)
     }
     *bytes = b;
     return KVQ_OK;
@@ -826,6 +1032,25 @@ extern "C" kvq_status kvq_cuda_seq_read(const kvq_cuda_cache *c, int32_t seq, in
         if (window_k) CUDA_TRY(cudaMemcpyAsync(window_k + t * row, c->wk(seq, layer) + r * row, row * 2, cudaMemcpyDeviceToHost, st), fn);
         if (window_v) CUDA_TRY(cudaMemcpyAsync(window_v + t * row, c->wv(seq, layer) + r * row, row * 2, cudaMemcpyDeviceToHost, st), fn);
     }
+    CUDA_TRY(cudaStreamSynchronize(st), fn);
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_seq_read_sinks(const kvq_cuda_cache *c, int32_t seq, int layer, int32_t *sink_tokens,
+                                              uint16_t *k, uint16_t *v, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_seq_read_sinks";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_seq(c, seq, fn)) || (s = check_layer(c, layer, fn))) return s;
+    const SeqLayer &sl = c->seqs[seq][layer];
+    if (sink_tokens) *sink_tokens = sl.sink;
+    if (sl.sink == 0 || (!k && !v)) return KVQ_OK;
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    const size_t bytes = (size_t)sl.sink * c->L.n_kv_heads * c->L.head_dim * 2;
+    const uint8_t *pg = c->arena + (size_t)sl.spage * c->L.page_bytes;
+    if (k) CUDA_TRY(cudaMemcpyAsync(k, pg, bytes, cudaMemcpyDeviceToHost, st), fn);
+    if (v) CUDA_TRY(cudaMemcpyAsync(v, pg + (size_t)c->SR * c->L.n_kv_heads * c->L.head_dim * 2, bytes, cudaMemcpyDeviceToHost, st), fn);
     CUDA_TRY(cudaStreamSynchronize(st), fn);
     return KVQ_OK;
 }

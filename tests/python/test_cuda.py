@@ -24,8 +24,12 @@ _ok, _why = kvq.cuda_available()
 if not _ok:
     pytest.skip(f"kvq CUDA backend: {_why}", allow_module_level=True)
 
-# kvq.h section 10's mechanisms off: what the CUDA backend stores (it resolves their defaults to 0)
+# kvq.h section 10's mechanisms off (PLAIN) or at their defaults (DEFAULT: -1, which the CUDA backend resolves as the
+# CPU core does: Q8 keys rotated, Q4 keys rotated and one sink, Q2 keys and values rotated and one sink), the same on
+# both sides of every CPU/GPU comparison
 PLAIN = dict(rotate=0, sinks=0, nonuniform=0)
+DEFAULT = dict(rotate=-1, sinks=-1, nonuniform=-1)
+QUALITY = {"plain": PLAIN, "default": DEFAULT}
 
 
 def _logits(model, ids, cont, cache):
@@ -37,34 +41,37 @@ def _logits(model, ids, cont, cache):
     return torch.stack(res, 1).float().cpu()
 
 
+@pytest.mark.parametrize("quality", ["plain", "default"])
 @pytest.mark.parametrize("fam", ["llama", "gemma2", "mistral"])
 @pytest.mark.parametrize("kv_type", ["f16", "q8", "q4"])
-def test_cuda_matches_cpu(fam, kv_type):
+def test_cuda_matches_cpu(fam, kv_type, quality):
+    Q = QUALITY[quality]
     model = make(fam)
     model.set_attn_implementation("kvq")
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 128, (2, 100), generator=g)
     cont = torch.randint(3, 128, (2, 40), generator=g)
-    # the CUDA backend has none of kvq.h section 10's mechanisms: the CPU cache is built without them too
-    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **PLAIN))
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **Q))
     model.cuda()
-    gpu = _logits(model, ids.cuda(), cont.cuda(), kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **PLAIN))
+    gpu = _logits(model, ids.cuda(), cont.cuda(), kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **Q))
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
-    assert err <= 1e-2, f"{fam} {kv_type}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
+    assert err <= 1e-2, f"{fam} {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
-@pytest.mark.parametrize("kv_type,value_type", [("q8", "q4"), ("q4", "q8"), ("f16", "q2")])
-def test_cuda_mixed_types_match_cpu(kv_type, value_type):
+@pytest.mark.parametrize("quality", ["plain", "default"])
+@pytest.mark.parametrize("kv_type,value_type", [("q8", "q4"), ("q4", "q8"), ("f16", "q2"), ("q4", "q2")])
+def test_cuda_mixed_types_match_cpu(kv_type, value_type, quality):
     """Different key and value types (kvq_cuda_cache_create took only equal ones until 2026-11)."""
+    Q = QUALITY[quality]
     model = make("llama")
     model.set_attn_implementation("kvq")
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 128, (2, 100), generator=g)
     cont = torch.randint(3, 128, (2, 40), generator=g)
     kw = dict(kv_type=kv_type, value_type=value_type, max_cache_len=256)
-    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, **kw, **PLAIN))
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, **kw, **Q))
     model.cuda()
-    cache = kvq.KVQCache(model.config, **kw, **PLAIN)
+    cache = kvq.KVQCache(model.config, **kw, **Q)
     gpu = _logits(model, ids.cuda(), cont.cuda(), cache)
     assert cache.is_cuda
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
@@ -96,15 +103,19 @@ def _dev_kv(g, n, H, D):
     return k, v
 
 
+@pytest.mark.parametrize("quality", ["plain", "default"])
 @pytest.mark.parametrize("kv_type,residual", [("f16", 0), ("q8", 5), ("q4", 0), ("q2", -1)])
-def test_cuda_bindings_fork_truncate(kv_type, residual, monkeypatch):
+def test_cuda_bindings_fork_truncate(kv_type, residual, quality, monkeypatch):
     # The CPU side runs its scalar kernels: the AVX2 Q4/Q2 value kernels round softmax weights to 8 bits (~6e-3
     # relative), which would hide a GPU error of the same size; the scalar ones meet the 1e-3 bound below.
     monkeypatch.setenv("KVQ_FORCE_SCALAR", "1")
     H, D = 2, 64
     ab = N.arena_bytes_for(2, H, D, kv_type, None, 512, 6)
-    cpu = N.Cache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6, **PLAIN)
-    gpu = N.CudaCache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6)
+    Q = QUALITY[quality]
+    cpu = N.Cache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6, **Q)
+    gpu = N.CudaCache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6, **Q)
+    for key in ("rotate", "sinks", "nonuniform"):
+        assert getattr(cpu.config, key) == getattr(gpu.config, key), f"{key} resolves differently"
     stream = torch.cuda.current_stream().cuda_stream
     g = torch.Generator().manual_seed(11)
 
@@ -186,8 +197,8 @@ def _bound(kv_type, residual):
     return 5e-2 if kv_type == "q4" and residual == 0 else 1e-2
 
 
-def _reorder_run(model, device, kv_type, residual, ids, cont, crop):
-    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=160, residual=residual, **PLAIN)
+def _reorder_run(model, device, kv_type, residual, ids, cont, crop, quality=PLAIN):
+    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=160, residual=residual, **quality)
     x = ids.repeat_interleave(3, dim=0).to(device)  # beams expanded before the prompt, as generate does
     out = model(x, past_key_values=cache, use_cache=True)
     logits = [out.logits[:, -1]]
@@ -202,8 +213,11 @@ def _reorder_run(model, device, kv_type, residual, ids, cont, crop):
 
 
 @pytest.mark.parametrize("fam", ["llama", "gemma2"])
-@pytest.mark.parametrize("kv_type,residual,crop", [("f16", -1, 30), ("q8", 0, 7), ("q4", 0, 30), ("q4", -1, 5)])
-def test_cuda_reorder_and_crop_match_cpu(fam, kv_type, residual, crop):
+@pytest.mark.parametrize("kv_type,residual,crop,quality", [("f16", -1, 30, "plain"), ("q8", 0, 7, "plain"),
+                                                           ("q4", 0, 30, "plain"), ("q4", -1, 5, "plain"),
+                                                           ("q8", 0, 7, "default"), ("q4", 0, 30, "default"),
+                                                           ("q4", -1, 77, "default")])
+def test_cuda_reorder_and_crop_match_cpu(fam, kv_type, residual, crop, quality):
     """q4 with residual 0: 70 + 8 tokens put 64 in a page, so the crop of 30 cuts the quantized group (dequantized
     back to the window); f16/q8 per token: partly filled pages shared between beams (copy on write)."""
     g = torch.Generator().manual_seed(8)
@@ -211,9 +225,10 @@ def test_cuda_reorder_and_crop_match_cpu(fam, kv_type, residual, crop):
     cont = torch.randint(3, 128, (6, 12), generator=g)
     model = make(fam)
     model.set_attn_implementation("kvq")
-    cpu, cpu_cache, cpu_stats = _reorder_run(model, "cpu", kv_type, residual, ids, cont, crop)
+    Q = QUALITY[quality]
+    cpu, cpu_cache, cpu_stats = _reorder_run(model, "cpu", kv_type, residual, ids, cont, crop, Q)
     model.cuda()
-    gpu, gpu_cache, gpu_stats = _reorder_run(model, "cuda", kv_type, residual, ids, cont, crop)
+    gpu, gpu_cache, gpu_stats = _reorder_run(model, "cuda", kv_type, residual, ids, cont, crop, Q)
     assert gpu_cache.is_cuda and gpu_cache.seq_lengths() == cpu_cache.seq_lengths() == [70 + 12 - crop] * 6
     for sc, sg in zip(cpu_stats, gpu_stats):
         for key in ("pages_total", "pages_free", "pages_shared", "n_seqs"):
