@@ -8,6 +8,8 @@ Measures (stated bounds):
     mean cosine similarity of the logits >= 0.999 / 0.99.
   * beam search (3 beams) and left-padded batches: identical to transformers with the F16 kvq cache.
 """
+import weakref
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -73,16 +75,19 @@ def _teacher_forced_logits(model, ids, cont, cache):
     return torch.stack(logits, 1).float()
 
 
-_REF = {}
+# DynamicCache's logits per model. Keyed by the model object, not id(model): the module-scoped models of one
+# family are freed before the next family's are made, and a new model may get a dead one's id (a qwen2 run once
+# compared its logits with another family's reference).
+_REF = weakref.WeakKeyDictionary()
 
 
 def _compare(model, kv_type, residual=-1, group=0):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 128, (2, 24), generator=g)
     cont = torch.randint(3, 128, (2, 16), generator=g)
-    if id(model) not in _REF:
-        _REF[id(model)] = _teacher_forced_logits(model, ids, cont, transformers.DynamicCache(config=model.config))
-    ref = _REF[id(model)]
+    if model not in _REF:
+        _REF[model] = _teacher_forced_logits(model, ids, cont, transformers.DynamicCache(config=model.config))
+    ref = _REF[model]
     with kvq_attention(model):
         cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=64, residual=residual, group=group)
         got = _teacher_forced_logits(model, ids, cont, cache)
