@@ -234,6 +234,15 @@ typedef struct kvq_cache_config {
     int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024; -1: 1 with a
                              * grouped type, else 0 (section 10) */
     int nonuniform;         /* grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* use non-uniform levels */
+    /* Pre-RoPE keys (section 10). Off (0) in a zero-initialized config and in kvq_cache_config_default: only the
+     * caller knows its model's RoPE. */
+    int prerope;            /* 1: keys are appended before RoPE and attention applies RoPE(t) to key t; 0: off */
+    int rope_neox;          /* pair layout: 0 adjacent pairs (x[2i], x[2i+1]) as GGUF Llama; 1 NeoX halves
+                             * (x[i], x[i + D/2]) as Hugging Face Llama */
+    float rope_theta;       /* base: inverse frequency i = rope_theta^(-2i/D); > 1, used when rope_freqs is NULL */
+    const float *rope_freqs; /* NULL or D/2 inverse frequencies (radians per position, finite, >= 0), copied at
+                              * create (Llama-3 / YaRN scaled frequencies); kvq_cache_get_config returns the
+                              * cache's copy (valid until kvq_cache_free) */
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */

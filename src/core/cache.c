@@ -72,6 +72,23 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->nonuniform);
+    /* pre-RoPE keys (kvq.h section 10): the rope fields are read only with prerope = 1 */
+    if (cfg->prerope != 0 && cfg->prerope != 1)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "prerope %d is not 0 or 1", cfg->prerope);
+    if (cfg->prerope) {
+        if (cfg->rope_neox != 0 && cfg->rope_neox != 1)
+            return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_neox %d is not 0 (adjacent pairs) or 1 (NeoX halves)",
+                             cfg->rope_neox);
+        if (cfg->rope_freqs) {
+            for (int i = 0; i < L->head_dim / 2; i++)
+                if (!(cfg->rope_freqs[i] >= 0) || !isfinite(cfg->rope_freqs[i]))
+                    return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_freqs[%d] = %g is not finite and >= 0", i,
+                                     (double)cfg->rope_freqs[i]);
+        } else if (!(cfg->rope_theta > 1) || !isfinite(cfg->rope_theta)) {
+            return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_theta %g is not finite and > 1 (prerope = 1, no rope_freqs)",
+                             (double)cfg->rope_theta);
+        }
+    }
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
                                        (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
@@ -177,6 +194,10 @@ kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
         kvq_cache_free(c);
         return e;
     }
+    if (c->cfg.prerope && (s = kvq__rope_init(c))) {
+        kvq_cache_free(c);
+        return s;
+    }
     /* pop order = ascending page ids, which keeps a fresh sequence's pages contiguous */
     for (int64_t i = 0; i < c->n_pages; i++) c->free_list[i] = (int32_t)(c->n_pages - 1 - i);
     c->n_free = c->n_pages;
@@ -195,6 +216,7 @@ void kvq_cache_free(kvq_cache *c) {
     free(c->free_list);
     free(c->refcnt);
     free(c->arena);
+    free(c->rope_f), free(c->rope_kc), free(c->rope_ks);
     free(c);
 }
 
