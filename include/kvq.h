@@ -461,6 +461,12 @@ KVQ_API const char *kvq_cpu_backend(void);
  *   q4     +1.09%  -0.29%  +1.04%  +0.06%      q4/q2  +15.9%  +16.5%  +5.08%  +6.72%
  *   q2     +75.5%  +62.2%  +68.5%  +41.9%
  */
+/* Pre-RoPE keys: x [n_tokens][n_kv_heads][head_dim] fp32, in place: token i's vectors rotated by the cache's RoPE at
+ * position pos0 + i (inverse = 0: RoPE(p) x, what attention applies to a stored key; 1: RoPE(p)^T x, which takes a
+ * post-RoPE key back to the form the cache stores). With kvq_read it gives the post-RoPE keys. KVQ_ERR_INVALID_ARG for
+ * a cache with prerope = 0 or inverse not 0/1, KVQ_ERR_RANGE for negative positions. Angles in fp64. */
+KVQ_API kvq_status kvq_rope_apply(const kvq_cache *cache, int64_t pos0, int64_t n_tokens, int inverse, float *x);
+
 /* x: n_vectors vectors of head_dim floats, in place: x <- R x (inverse = 0) or R^T x (inverse = 1) with the R of
  * (layer, role); the identity where the cache does not rotate `role`. */
 KVQ_API kvq_status kvq_rotation_apply(const kvq_cache *cache, int layer, kvq_role role, int inverse, float *x,

@@ -85,6 +85,30 @@ kvq_status kvq__rope_init(kvq_cache *c) {
     return KVQ_OK;
 }
 
+kvq_status kvq_rope_apply(const kvq_cache *c, int64_t pos0, int64_t n_tokens, int inverse, float *x) {
+    const char *fn = "kvq_rope_apply";
+    KVQ_CHECK_NULL(c, fn);
+    if (!c->cfg.prerope) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: the cache has no RoPE (prerope = 0)", fn);
+    if (pos0 < 0 || n_tokens < 0 || n_tokens > INT64_MAX - pos0)
+        return kvq__fail(KVQ_ERR_RANGE, "%s: positions %lld + %lld tokens: negative or past INT64_MAX", fn, (long long)pos0,
+                         (long long)n_tokens);
+    if (inverse != 0 && inverse != 1) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: inverse %d is not 0 or 1", fn, inverse);
+    if (n_tokens == 0) return KVQ_OK;
+    KVQ_CHECK_NULL(x, fn);
+    const int D = c->L.head_dim, h = D / 2, H = c->L.n_kv_heads, neox = c->cfg.rope_neox;
+    for (int64_t t = 0; t < n_tokens; t++)
+        for (int i = 0; i < h; i++) {
+            double a = (double)(pos0 + t) * c->rope_f[i], cs = cos(a), sn = inverse ? -sin(a) : sin(a);
+            int c0 = neox ? i : 2 * i, c1 = neox ? i + h : 2 * i + 1;
+            for (int hh = 0; hh < H; hh++) {
+                float *v = x + ((size_t)t * H + hh) * D;
+                double a0 = v[c0], a1 = v[c1];
+                v[c0] = (float)(a0 * cs - a1 * sn), v[c1] = (float)(a0 * sn + a1 * cs);
+            }
+        }
+    return KVQ_OK;
+}
+
 /* The segment's first angles t0 f_i in double (exact enough past 2^31 positions: cos/sin reduce the full argument),
  * then the steps k f_i of the cache's table by angle addition in fp32 (error ~1e-7, below fp16 keys' 5e-4) */
 void kvq__rope_tables(const kvq_cache *c, int64_t t0, int n, float *C, float *S) {
