@@ -129,7 +129,8 @@ typedef enum kvq_type {
     KVQ_TYPE_Q4 = 4,   /* 4-bit asymmetric KIVI: keys per channel over G tokens, values per token over G channels */
     KVQ_TYPE_Q2 = 5,   /* 2-bit asymmetric KIVI, same grouping as Q4 */
     KVQ_TYPE_Q3 = 6,   /* 3-bit asymmetric KIVI, same grouping as Q4: 3.5 bits per element with scales (G = 64) */
-    /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers, pre-RoPE keys */
+    /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers (pre-RoPE keys are a cache option,
+     * section 10, not a type) */
     KVQ_TYPE_COUNT
 } kvq_type;
 
@@ -342,7 +343,8 @@ KVQ_API kvq_status kvq_append(kvq_cache *cache, int layer, int n_seqs, const int
                               const int32_t *n_tokens, kvq_dtype dtype, const void *k, const void *v);
 
 /* Dequantizes tokens [start, start + n) of one (sequence, layer) into fp32 arrays [n][n_kv_heads][head_dim]
- * (either pointer may be NULL to skip it). For debugging and tests: attention never does this. */
+ * (either pointer may be NULL to skip it). For debugging and tests: attention never does this. Keys come back as
+ * they were appended: before RoPE in a pre-RoPE cache (section 10; kvq_rope_apply gives the post-RoPE keys). */
 KVQ_API kvq_status kvq_read(const kvq_cache *cache, int32_t seq, int layer, int64_t start, int64_t n, float *k,
                             float *v);
 
@@ -378,7 +380,7 @@ KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t s
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------
- * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
+ * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU; the CUDA backend (kvq_cuda.h) resolves -1 to 0 and
  * rejects the rest. Defaults (-1), from the measurements below:
@@ -388,6 +390,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q3           keys and values                          1       keys and values
  *     q2           keys and values                          1       none (kept on the integer kernels)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
+ * prerope (pre-RoPE keys, below) has no -1: the cache's default is off, since only the caller knows its RoPE; kvq's
+ * engine turns it on for Q3 and Q2 keys (measured below), off for the other key types.
  * Measured together (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare
  * with each mechanism spelled out, 2048 scored tokens; KLD: mean KL divergence of the token distributions from the
  * F16 cache's, in nats; F16 PPL 6.5435):
@@ -442,7 +446,47 @@ KVQ_API const char *kvq_cpu_backend(void);
  * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
  * ------------------------------------------------------------------------------------------------------- */
 
-/* Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
+/* Pre-RoPE keys (prerope = 1, rope_neox, rope_theta, rope_freqs; KVQuant). Off by default in the cache (0 in a
+ * zero-initialized config and in kvq_cache_config_default): only the caller knows its model's RoPE. With prerope = 1
+ * the caller appends keys BEFORE RoPE (queries still after it) and attention scores q . RoPE(t) k_t: each decoded key
+ * row is rotated by its position's angles (pairs (x[2i], x[2i+1]) with rope_neox = 0, as GGUF Llama and kvq's
+ * engine; (x[i], x[i + D/2]) with rope_neox = 1, as Hugging Face Llama), inverse frequency f_i = rope_freqs[i], or
+ * rope_theta^(-2i/D) when rope_freqs is NULL (Llama-3 / YaRN scaling: pass the scaled frequencies; a magnitude
+ * factor such as YaRN's attention scaling belongs in the query or the scale). The position of a sequence's token t is
+ * t: the engines kvq serves place token t at position t, and fork and truncate keep it (a fork's token t is its
+ * source's token t; after a truncate to n, the next token appended is at position n). Every key source is rotated:
+ * sink pages, pages of every type, the fp16 window, in decode and prefill.
+ * Why: the grouped types quantize keys per channel over G tokens (KIVI); after RoPE a channel pair turns with the
+ * position, so each channel's range over a group mixes in its partner's magnitude; before RoPE the outlier channels
+ * are steady and the groups narrower.
+ * Cost: keys go through the fp32 kernels (decode a tile, rotate it, dot products), not the fused integer key kernels,
+ * which take one query per key group; values are unchanged. A segment of 64 tokens takes its first position's
+ * angles from fp64 sincos (exact past 2^31 positions) and the rest by angle addition with a per-cache table of
+ * cos / sin(k f_i), k < 64 (no table sized by the capacity); the rotation is an AVX2 / AVX-512 kernel (scalar _ref).
+ * Rotated keys (rotate with KVQ_ROLES_K): the Hadamard rotation does not commute with RoPE, so instead of rotating
+ * the query once, attention takes each key row back through R^T (O(D log D) per key and head) before RoPE. Measured
+ * better than leaving pre-RoPE keys unrotated (KVQuant's per-channel keys) for every grouped type, so both are
+ * allowed and the rotation default stays as it is.
+ * kvq_read returns the keys as appended (pre-RoPE); kvq_rope_apply gives the post-RoPE ones. The CUDA backend
+ * rejects prerope = 1 (KVQ_ERR_INVALID_ARG). Errors: prerope not 0/1, and with prerope = 1 rope_neox not 0/1,
+ * rope_freqs with a NaN, Inf or negative value, or (rope_freqs NULL) rope_theta not finite and > 1:
+ * KVQ_ERR_INVALID_ARG; with prerope = 0 the rope fields are not read.
+ * Measured (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare ..., 2048
+ * scored tokens, F16 6.5435; each entry the types' defaults above, :pre= and :rot= as given):
+ *     entry                     dPPL      KLD      top-1        entry                     dPPL      KLD      top-1
+ *     q4 (rot=k)  pre=0       -0.017%  0.00399   97.71%        q2 (rot=kv) pre=0       +16.00%   0.181    86.13%
+ *     q4 rot=k    pre=1       +0.422%  0.00417   97.95%        q2 rot=kv   pre=1       +11.88%   0.125    89.06%
+ *     q4 rot=none pre=1       +0.230%  0.00393   97.36%        q2 rot=v    pre=1       +21.44%   0.209    84.42%
+ *     q4 rot=v    pre=1       +0.305%  0.00383   97.51%        q2 rot=none pre=1       +26.00%   0.238    84.28%
+ *     q3 (rot=kv) pre=0       +2.648%  0.0197    95.56%
+ *     q3 rot=kv   pre=1       +2.034%  0.0148    95.17%
+ *     q3 rot=v    pre=1       +2.313%  0.0197    94.87%
+ * Pre-RoPE keys with the rotation cut Q3's KLD by 25% and Q2's by 31% (dPPL +2.65% -> +2.03%, +16.0% -> +11.9%);
+ * without the key rotation they lose to it. Q4's KLD moves within noise (0.0038 .. 0.0042), so Q4 stays post-RoPE
+ * and keeps its integer key kernels. kvq's engine (src/model/llama.c, llama_default_prerope) therefore stores Q3 and
+ * Q2 keys pre-RoPE by default (kvq run / perplexity: --kv-prerope 0|1, compare suffix :pre=0|1).
+ *
+ * Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
  * randomized Walsh-Hadamard matrix R = H diag(s) / sqrt(n) per head vector before they are stored (window and pages):
  * it spreads channel outliers over the whole vector, so that per-token scales (Q8, Q4/Q2 values) get a finer step.
  * Attention rotates each query row once (q.k = Rq.Rk) and un-rotates each output row once (sum p_i v_i =
