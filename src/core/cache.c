@@ -75,6 +75,7 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     /* pre-RoPE keys (kvq.h section 10): the rope fields are read only with prerope = 1 */
     if (cfg->prerope != 0 && cfg->prerope != 1)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "prerope %d is not 0 or 1", cfg->prerope);
+    if (!cfg->prerope) cfg->rope_freqs = NULL; /* not read: kvq_cache_get_config must not hand back a borrowed pointer */
     if (cfg->prerope) {
         if (cfg->rope_neox != 0 && cfg->rope_neox != 1)
             return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_neox %d is not 0 (adjacent pairs) or 1 (NeoX halves)",
