@@ -388,7 +388,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q8           keys                                     0       - (no levels)
  *     q4           keys (q4/q2: values only)                1       none (kept on the integer kernels)
  *     q3           keys and values                          1       keys and values
- *     q2           keys and values                          1       none (kept on the integer kernels)
+ *     q2           keys and values                          1       none (kept on the integer kernels); keys
+ *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
  * prerope (pre-RoPE keys, below) has no -1: the cache's default is off, since only the caller knows its RoPE; kvq's
  * engine turns it on for Q3 and Q2 keys (measured below), off for the other key types.
@@ -481,9 +482,17 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q3 (rot=kv) pre=0       +2.648%  0.0197    95.56%
  *     q3 rot=kv   pre=1       +2.034%  0.0148    95.17%
  *     q3 rot=v    pre=1       +2.313%  0.0197    94.87%
+ *     q2/q8 rot=k pre=0       +11.88%   0.122    88.57%        q3/q2 (rot=kv) pre=0    +4.652%   0.0459   93.41%
+ *     q2/q8 rot=k pre=1       +6.588%   0.0743   90.82%        q3/q2 rot=kv   pre=1    +2.407%   0.0403   93.26%
+ *     q2/q8 rot=none pre=1    +15.77%   0.149    86.72%        q3/q2 rot=v    pre=1    +2.425%   0.0479   93.31%
+ *     q2 rot=kv pre=1 nuq=k   +9.913%   0.111    89.21%        q3 rot=kv pre=1 nuq=k   +1.669%   0.0167   94.97%
+ *     q3 rot=none pre=1       +3.319%   0.0347   93.41%
  * Pre-RoPE keys with the rotation cut Q3's KLD by 25% and Q2's by 31% (dPPL +2.65% -> +2.03%, +16.0% -> +11.9%);
  * without the key rotation they lose to it. Q4's KLD moves within noise (0.0038 .. 0.0042), so Q4 stays post-RoPE
- * and keeps its integer key kernels. kvq's engine (src/model/llama.c, llama_default_prerope) therefore stores Q3 and
+ * and keeps its integer key kernels. Q2 keys alone (values Q8) lose 39% of their KLD, the q3/q2 mix 12%. Non-uniform
+ * levels for pre-RoPE Q2 keys take another 11% (0.125 -> 0.111; free: those keys use the fp32 kernels), so they are
+ * the default there (nonuniform = -1, table above); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
+ * kvq's engine (src/model/llama.c, llama_default_prerope) therefore stores Q3 and
  * Q2 keys pre-RoPE by default (kvq run / perplexity: --kv-prerope 0|1, compare suffix :pre=0|1).
  *
  * Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal

@@ -35,8 +35,10 @@ static int default_rotate(kvq_type tk, kvq_type tv) {
 
 /* kvq.h section 10: non-uniform levels by default where they were measured to help and cost no speed: Q3 (its
  * kernels decode every code through the level table); Q4/Q2 would leave their integer kernels for fp32 ones */
-static int default_nonuniform(kvq_type tk, kvq_type tv) {
-    return (tk == KVQ_TYPE_Q3 ? KVQ_ROLES_K : 0) | (tv == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
+static int default_nonuniform(kvq_type tk, kvq_type tv, int prerope) {
+    /* pre-RoPE Q2 keys go through the fp32 kernels anyway: their levels cost nothing and cut Q2's KLD by 11% */
+    bool k = tk == KVQ_TYPE_Q3 || (tk == KVQ_TYPE_Q2 && prerope == 1);
+    return (k ? KVQ_ROLES_K : 0) | (tv == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
 }
 
 /* Validates cfg (all but arena_bytes when check_arena is false), resolves its defaults and computes the layout and
@@ -68,7 +70,7 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->sinks == -1) cfg->sinks = grouped ? KVQ__SINKS_GROUPED : 0; /* kvq.h section 10: measured */
     if (cfg->sinks < 0 || cfg->sinks > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
-    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v);
+    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v, cfg->prerope);
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->nonuniform);
