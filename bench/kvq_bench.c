@@ -84,7 +84,9 @@ static int write_md(const char *path, const char *title, const char *gen) {
 static int usage(void) {
     fprintf(stderr,
             "usage: kvq-bench cpu [--ctx 4096,16384,32768] [--types f16,bf16,q8,fp8,q4,q2] [--runs N] [--threads N]\n"
-            "                     [--out DIR] [--no-flush]\n"
+            "                     [--out DIR] [--no-flush] [--prerope]\n"
+            "       (--prerope: each type also with pre-RoPE keys, kvq.h section 10, Llama-3's theta 500000, NeoX pairs:\n"
+            "        rows TYPE:pre, interleaved with the others)\n"
             "       (without --out: the table on stdout only; --out docs: the tracked docs/bench-cpu.{md,csv,png})\n"
             "       kvq-bench cuda [options of the CUDA benchmark]\n");
     return 2;
@@ -92,7 +94,7 @@ static int usage(void) {
 
 static int bench_cpu(int argc, char **argv) {
     const char *ctx_list = "4096,16384,32768", *type_list = "f16,bf16,q8,fp8,q4,q2", *out = NULL;
-    int runs = 15, threads = 0, flush_between = 1;
+    int runs = 15, threads = 0, flush_between = 1, with_prerope = 0;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_list = argv[++i];
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) type_list = argv[++i];
@@ -100,6 +102,7 @@ static int bench_cpu(int argc, char **argv) {
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--no-flush")) flush_between = 0; /* hot caches: measures compute alone */
+        else if (!strcmp(argv[i], "--prerope")) with_prerope = 1;
         else return usage();
     }
     if (runs < 1) runs = 1;
@@ -107,8 +110,8 @@ static int bench_cpu(int argc, char **argv) {
     int64_t ctxs[16];
     int nctx = 0;
     for (char *s = strdup(ctx_list), *tok = strtok(s, ","); tok && nctx < 16; tok = strtok(NULL, ",")) ctxs[nctx++] = atoll(tok);
-    kvq_type types[KVQ_TYPE_COUNT];
-    int ntypes = 0;
+    kvq_type types[2 * KVQ_TYPE_COUNT];
+    int ntypes = 0, pre[2 * KVQ_TYPE_COUNT] = {0};
     for (char *s = strdup(type_list), *tok = strtok(s, ","); tok && ntypes < KVQ_TYPE_COUNT; tok = strtok(NULL, ",")) {
         if (kvq_type_from_name(tok, &types[ntypes]) != KVQ_OK) {
             fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
@@ -116,6 +119,9 @@ static int bench_cpu(int argc, char **argv) {
         }
         ntypes++;
     }
+    if (with_prerope) /* each type again with pre-RoPE keys */
+        for (int i = ntypes - 1; i >= 0; i--) types[2 * i] = types[2 * i + 1] = types[i], pre[2 * i] = 0, pre[2 * i + 1] = 1;
+    if (with_prerope) ntypes *= 2;
     int64_t maxT = 0;
     for (int i = 0; i < nctx; i++) maxT = ctxs[i] > maxT ? ctxs[i] : maxT;
     size_t chunk_tokens = 1024, row = (size_t)H * D;
@@ -147,13 +153,14 @@ static int bench_cpu(int argc, char **argv) {
         int64_t T = ctxs[ci];
         /* every type's cache is filled first and the runs are interleaved (type 1, type 2, ..., type 1, ...), so that
          * a slow phase of the machine hits all types alike and the ratios stay meaningful */
-        kvq_cache *caches[KVQ_TYPE_COUNT];
-        int32_t seqs[KVQ_TYPE_COUNT];
-        double bytes[KVQ_TYPE_COUNT], *ms = malloc((size_t)runs * ntypes * sizeof *ms);
+        kvq_cache *caches[2 * KVQ_TYPE_COUNT];
+        int32_t seqs[2 * KVQ_TYPE_COUNT];
+        double bytes[2 * KVQ_TYPE_COUNT], *ms = malloc((size_t)runs * ntypes * sizeof *ms);
         for (int ti = 0; ti < ntypes; ti++) {
             kvq_cache_config cfg = kvq_cache_config_default();
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = types[ti], cfg.type_v = types[ti];
             cfg.n_threads = threads;
+            if (pre[ti]) cfg.prerope = 1, cfg.rope_neox = 1, cfg.rope_theta = 500000.0f;
             kvq_page_layout L;
             kvq_page_layout_make(types[ti], types[ti], H, D, 0, 0, &L);
             cfg.arena_bytes = (size_t)((T + 2 * 64) / L.page_tokens + 2) * L.page_bytes;
@@ -182,14 +189,15 @@ static int bench_cpu(int argc, char **argv) {
                 kvq_attn_decode(caches[ti], 0, 1, &seqs[ti], q, o, &ap);
                 ms[(size_t)ti * runs + r] = now_ms() - t0;
             }
-        double f16_ms = 0, med[KVQ_TYPE_COUNT];
+        double f16_ms = 0, med[2 * KVQ_TYPE_COUNT];
         for (int ti = 0; ti < ntypes; ti++) {
             qsort(ms + (size_t)ti * runs, (size_t)runs, sizeof *ms, cmp_double);
             med[ti] = ms[(size_t)ti * runs + runs / 2];
-            if (types[ti] == KVQ_TYPE_F16) f16_ms = med[ti];
+            if (types[ti] == KVQ_TYPE_F16 && !pre[ti]) f16_ms = med[ti];
         }
         for (int ti = 0; ti < ntypes; ti++) {
-            const char *name = kvq_type_get_traits(types[ti])->name;
+            char name[16];
+            snprintf(name, sizeof name, "%s%s", kvq_type_get_traits(types[ti])->name, pre[ti] ? ":pre" : "");
             char ratio[32] = "-";
             if (f16_ms > 0) snprintf(ratio, sizeof ratio, "%.2fx", f16_ms / med[ti]);
             printf("%8lld %6s %10.3f %12.1f %10.2f %12s\n", (long long)T, name, med[ti], bytes[ti] / 1e6,

@@ -129,7 +129,8 @@ typedef enum kvq_type {
     KVQ_TYPE_Q4 = 4,   /* 4-bit asymmetric KIVI: keys per channel over G tokens, values per token over G channels */
     KVQ_TYPE_Q2 = 5,   /* 2-bit asymmetric KIVI, same grouping as Q4 */
     KVQ_TYPE_Q3 = 6,   /* 3-bit asymmetric KIVI, same grouping as Q4: 3.5 bits per element with scales (G = 64) */
-    /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers, pre-RoPE keys */
+    /* reserved for: non-uniform codebooks (NUQ), dense-and-sparse outliers (pre-RoPE keys are a cache option,
+     * section 10, not a type) */
     KVQ_TYPE_COUNT
 } kvq_type;
 
@@ -234,6 +235,15 @@ typedef struct kvq_cache_config {
     int sinks;              /* the first `sinks` tokens of every sequence stay exact (fp16): 0 .. 1024; -1: 1 with a
                              * grouped type, else 0 (section 10) */
     int nonuniform;         /* grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* use non-uniform levels */
+    /* Pre-RoPE keys (section 10). Off (0) in a zero-initialized config and in kvq_cache_config_default: only the
+     * caller knows its model's RoPE. */
+    int prerope;            /* 1: keys are appended before RoPE and attention applies RoPE(t) to key t; 0: off */
+    int rope_neox;          /* pair layout: 0 adjacent pairs (x[2i], x[2i+1]) as GGUF Llama; 1 NeoX halves
+                             * (x[i], x[i + D/2]) as Hugging Face Llama */
+    float rope_theta;       /* base: inverse frequency i = rope_theta^(-2i/D); > 1, used when rope_freqs is NULL */
+    const float *rope_freqs; /* NULL or D/2 inverse frequencies (radians per position, finite, >= 0), copied at
+                              * create (Llama-3 / YaRN scaled frequencies); kvq_cache_get_config returns the
+                              * cache's copy (valid until kvq_cache_free) */
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -333,7 +343,8 @@ KVQ_API kvq_status kvq_append(kvq_cache *cache, int layer, int n_seqs, const int
                               const int32_t *n_tokens, kvq_dtype dtype, const void *k, const void *v);
 
 /* Dequantizes tokens [start, start + n) of one (sequence, layer) into fp32 arrays [n][n_kv_heads][head_dim]
- * (either pointer may be NULL to skip it). For debugging and tests: attention never does this. */
+ * (either pointer may be NULL to skip it). For debugging and tests: attention never does this. Keys come back as
+ * they were appended: before RoPE in a pre-RoPE cache (section 10; kvq_rope_apply gives the post-RoPE keys). */
 KVQ_API kvq_status kvq_read(const kvq_cache *cache, int32_t seq, int layer, int64_t start, int64_t n, float *k,
                             float *v);
 
@@ -369,7 +380,7 @@ KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t s
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------
- * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform)
+ * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU. The CUDA backend (kvq_cuda.h section 4) has the
  * rotation and the sinks (up to one sink page, SR >= 10 tokens) and resolves -1 to these same defaults, so that a CPU
@@ -379,8 +390,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q8           keys                                     0       - (no levels)
  *     q4           keys (q4/q2: values only)                1       none (kept on the integer kernels)
  *     q3           keys and values                          1       keys and values
- *     q2           keys and values                          1       none (kept on the integer kernels)
+ *     q2           keys and values                          1       none (kept on the integer kernels); keys
+ *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
+ * prerope (pre-RoPE keys, below) has no -1: the cache's default is off, since only the caller knows its RoPE; kvq's
+ * engine turns it on for Q3 and Q2 keys (measured below), off for the other key types.
  * Measured together (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare
  * with each mechanism spelled out, 2048 scored tokens; KLD: mean KL divergence of the token distributions from the
  * F16 cache's, in nats; F16 PPL 6.5435):
@@ -435,7 +449,60 @@ KVQ_API const char *kvq_cpu_backend(void);
  * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
  * ------------------------------------------------------------------------------------------------------- */
 
-/* Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
+/* Pre-RoPE keys (prerope = 1, rope_neox, rope_theta, rope_freqs; KVQuant). Off by default in the cache (0 in a
+ * zero-initialized config and in kvq_cache_config_default): only the caller knows its model's RoPE. With prerope = 1
+ * the caller appends keys BEFORE RoPE (queries still after it) and attention scores q . RoPE(t) k_t: each decoded key
+ * row is rotated by its position's angles (pairs (x[2i], x[2i+1]) with rope_neox = 0, as GGUF Llama and kvq's
+ * engine; (x[i], x[i + D/2]) with rope_neox = 1, as Hugging Face Llama), inverse frequency f_i = rope_freqs[i], or
+ * rope_theta^(-2i/D) when rope_freqs is NULL (Llama-3 / YaRN scaling: pass the scaled frequencies; a magnitude
+ * factor such as YaRN's attention scaling belongs in the query or the scale). The position of a sequence's token t is
+ * t: the engines kvq serves place token t at position t, and fork and truncate keep it (a fork's token t is its
+ * source's token t; after a truncate to n, the next token appended is at position n). Every key source is rotated:
+ * sink pages, pages of every type, the fp16 window, in decode and prefill.
+ * Why: the grouped types quantize keys per channel over G tokens (KIVI); after RoPE a channel pair turns with the
+ * position, so each channel's range over a group mixes in its partner's magnitude; before RoPE the outlier channels
+ * are steady and the groups narrower.
+ * Cost: keys go through the fp32 kernels (decode a tile, rotate it, dot products), not the fused integer key kernels,
+ * which take one query per key group; values are unchanged. A segment of 64 tokens takes its first position's
+ * angles from fp64 sincos (exact past 2^31 positions) and the rest by angle addition with a per-cache table of
+ * cos / sin(k f_i), k < 64 (no table sized by the capacity); the rotation is an AVX2 / AVX-512 kernel (scalar _ref).
+ * Rotated keys (rotate with KVQ_ROLES_K): the Hadamard rotation does not commute with RoPE, so instead of rotating
+ * the query once, attention takes each key row back through R^T (O(D log D) per key and head) before RoPE.
+ * Speed (kvq-bench cpu --ctx 32768 --types f16,q4,q2 --prerope --runs 15 --threads 1, Llama-3-8B shapes: 32 query
+ * heads, 8 KV heads, D = 128; the 2-core build machine while shared, so ratios only): F16 pre-RoPE keys (no rotation)
+ * 0.85x (AVX-512) / 0.72x (AVX2) of F16's speed; Q4 (keys rotated) 703 / 603 ms per step against 40.5 / 38.7 ms,
+ * Q2 (rotated) 691 / 543 against 40.9 / 29.8 ms: 14-18x slower, nearly all of it the scalar R^T per key row (F16
+ * shows what RoPE itself costs). A vectorized R^T over a tile of rows is the next step. Measured
+ * better than leaving pre-RoPE keys unrotated (KVQuant's per-channel keys) for every grouped type, so both are
+ * allowed and the rotation default stays as it is.
+ * kvq_read returns the keys as appended (pre-RoPE); kvq_rope_apply gives the post-RoPE ones. The CUDA backend
+ * rejects prerope = 1 (KVQ_ERR_INVALID_ARG). Errors: prerope not 0/1, and with prerope = 1 rope_neox not 0/1,
+ * rope_freqs with a NaN, Inf or negative value, or (rope_freqs NULL) rope_theta not finite and > 1:
+ * KVQ_ERR_INVALID_ARG; with prerope = 0 the rope fields are not read.
+ * Measured (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare ..., 2048
+ * scored tokens, F16 6.5435; each entry the types' defaults above, :pre= and :rot= as given):
+ *     entry                     dPPL      KLD      top-1        entry                     dPPL      KLD      top-1
+ *     q4 (rot=k)  pre=0       -0.017%  0.00399   97.71%        q2 (rot=kv) pre=0       +16.00%   0.181    86.13%
+ *     q4 rot=k    pre=1       +0.422%  0.00417   97.95%        q2 rot=kv   pre=1       +11.88%   0.125    89.06%
+ *     q4 rot=none pre=1       +0.230%  0.00393   97.36%        q2 rot=v    pre=1       +21.44%   0.209    84.42%
+ *     q4 rot=v    pre=1       +0.305%  0.00383   97.51%        q2 rot=none pre=1       +26.00%   0.238    84.28%
+ *     q3 (rot=kv) pre=0       +2.648%  0.0197    95.56%
+ *     q3 rot=kv   pre=1       +2.034%  0.0148    95.17%
+ *     q3 rot=v    pre=1       +2.313%  0.0197    94.87%
+ *     q2/q8 rot=k pre=0       +11.88%   0.122    88.57%        q3/q2 (rot=kv) pre=0    +4.652%   0.0459   93.41%
+ *     q2/q8 rot=k pre=1       +6.588%   0.0743   90.82%        q3/q2 rot=kv   pre=1    +2.407%   0.0403   93.26%
+ *     q2/q8 rot=none pre=1    +15.77%   0.149    86.72%        q3/q2 rot=v    pre=1    +2.425%   0.0479   93.31%
+ *     q2 rot=kv pre=1 nuq=k   +9.913%   0.111    89.21%        q3 rot=kv pre=1 nuq=k   +1.669%   0.0167   94.97%
+ *     q3 rot=none pre=1       +3.319%   0.0347   93.41%
+ * Pre-RoPE keys with the rotation cut Q3's KLD by 25% and Q2's by 31% (dPPL +2.65% -> +2.03%, +16.0% -> +11.9%);
+ * without the key rotation they lose to it. Q4's KLD moves within noise (0.0038 .. 0.0042), so Q4 stays post-RoPE
+ * and keeps its integer key kernels. Q2 keys alone (values Q8) lose 39% of their KLD, the q3/q2 mix 12%. Non-uniform
+ * levels for pre-RoPE Q2 keys take another 11% (0.125 -> 0.111; free: those keys use the fp32 kernels), so they are
+ * the default there (nonuniform = -1, table above); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
+ * kvq's engine (src/model/llama.c, llama_default_prerope) therefore stores Q3 and
+ * Q2 keys pre-RoPE by default (kvq run / perplexity: --kv-prerope 0|1, compare suffix :pre=0|1).
+ *
+ * Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
  * randomized Walsh-Hadamard matrix R = H diag(s) / sqrt(n) per head vector before they are stored (window and pages):
  * it spreads channel outliers over the whole vector, so that per-token scales (Q8, Q4/Q2 values) get a finer step.
  * Attention rotates each query row once (q.k = Rq.Rk) and un-rotates each output row once (sum p_i v_i =
@@ -454,6 +521,12 @@ KVQ_API const char *kvq_cpu_backend(void);
  *   q4     +1.09%  -0.29%  +1.04%  +0.06%      q4/q2  +15.9%  +16.5%  +5.08%  +6.72%
  *   q2     +75.5%  +62.2%  +68.5%  +41.9%
  */
+/* Pre-RoPE keys: x [n_tokens][n_kv_heads][head_dim] fp32, in place: token i's vectors rotated by the cache's RoPE at
+ * position pos0 + i (inverse = 0: RoPE(p) x, what attention applies to a stored key; 1: RoPE(p)^T x, which takes a
+ * post-RoPE key back to the form the cache stores). With kvq_read it gives the post-RoPE keys. KVQ_ERR_INVALID_ARG for
+ * a cache with prerope = 0 or inverse not 0/1, KVQ_ERR_RANGE for negative positions. Angles in fp64. */
+KVQ_API kvq_status kvq_rope_apply(const kvq_cache *cache, int64_t pos0, int64_t n_tokens, int inverse, float *x);
+
 /* x: n_vectors vectors of head_dim floats, in place: x <- R x (inverse = 0) or R^T x (inverse = 1) with the R of
  * (layer, role); the identity where the cache does not rotate `role`. */
 KVQ_API kvq_status kvq_rotation_apply(const kvq_cache *cache, int layer, kvq_role role, int inverse, float *x,

@@ -4,7 +4,8 @@
  * must return KVQ_ERR_OUT_OF_MEMORY with a message and leave the cache exactly as it was (full read-back snapshot);
  * a call whose allocation failed must not report success. LSan (sanitizer tier) checks that nothing leaks.
  *   test_failalloc_cache create     kvq_cache_create alone, several configurations
- *   test_failalloc_cache workload   the workload above, on a grouped (q4/q8) and a per-token (f16/fp8) cache */
+ *   test_failalloc_cache workload   the workload above, on a grouped (q4/q8) and a per-token (f16/fp8) cache, and a
+ *                                   pre-RoPE q3/q4 cache (kvq.h section 10) */
 #include "failalloc.h"
 #include "testutil.h"
 
@@ -127,9 +128,10 @@ static void append(const char *name, int n_seqs, const int32_t *ids, const int32
 
 /* sinks: kvq_cache_config.sinks (-1: the default, 1 with a grouped type; 20 puts the cuts below inside the sinks
  * (truncate to 3), past them (27), and makes the first append cross them) */
-static void workload(kvq_type tk, kvq_type tv, int residual, int sinks) {
+static void workload(kvq_type tk, kvq_type tv, int residual, int sinks, int prerope) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.sinks = sinks;
+    cfg.prerope = prerope, cfg.rope_theta = 10000.0f; /* pre-RoPE keys (kvq.h section 10): their tables */
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
     cfg.page_tokens = 16, cfg.group = 16, cfg.residual = residual, cfg.max_seqs = MAXS, cfg.n_threads = 2;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 512) * 3;
@@ -165,8 +167,9 @@ static void workload(kvq_type tk, kvq_type tv, int residual, int sinks) {
 }
 
 /* kvq_cache_create with its n-th allocation failing: out of memory, *out NULL, no leak. */
-static void create_all(kvq_type tk, kvq_type tv, int max_seqs) {
+static void create_all(kvq_type tk, kvq_type tv, int max_seqs, int prerope) {
     kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.prerope = prerope, cfg.rope_theta = 10000.0f;
     cfg.n_layers = 3, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.max_seqs = max_seqs;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 300);
     for (long n = 1;; n++) {
@@ -192,15 +195,17 @@ static void create_all(kvq_type tk, kvq_type tv, int max_seqs) {
 int main(int argc, char **argv) {
     const char *what = argc > 1 ? argv[1] : "workload";
     if (strcmp(what, "create") == 0) {
-        create_all(KVQ_TYPE_F16, KVQ_TYPE_F16, 1);
-        create_all(KVQ_TYPE_Q4, KVQ_TYPE_Q2, 8);
+        create_all(KVQ_TYPE_F16, KVQ_TYPE_F16, 1, 0);
+        create_all(KVQ_TYPE_Q4, KVQ_TYPE_Q2, 8, 0);
+        create_all(KVQ_TYPE_Q3, KVQ_TYPE_Q2, 2, 1);
     } else if (strcmp(what, "workload") == 0) {
         g_k = malloc(128 * H * D * sizeof(float)), g_v = malloc(128 * H * D * sizeof(float));
         g_q = malloc(3 * 9 * NQH * D * sizeof(float)), g_out = malloc(3 * 30 * H * D * sizeof(float));
         for (size_t i = 0; i < 3 * 9 * NQH * D; i++) g_q[i] = (float)tu_normal();
-        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16, -1);
-        workload(KVQ_TYPE_F16, KVQ_TYPE_FP8, 0, 0);
-        workload(KVQ_TYPE_Q2, KVQ_TYPE_Q2, 0, 20);
+        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16, -1, 0);
+        workload(KVQ_TYPE_F16, KVQ_TYPE_FP8, 0, 0, 0);
+        workload(KVQ_TYPE_Q2, KVQ_TYPE_Q2, 0, 20, 0);
+        workload(KVQ_TYPE_Q3, KVQ_TYPE_Q4, 16, -1, 1);
         free(g_k), free(g_v), free(g_q), free(g_out);
     } else {
         fprintf(stderr, "usage: test_failalloc_cache create|workload\n");

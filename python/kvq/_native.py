@@ -131,7 +131,8 @@ class CacheConfig(C.Structure):
     _fields_ = [("n_layers", C.c_int), ("n_kv_heads", C.c_int), ("head_dim", C.c_int), ("type_k", C.c_int),
                 ("type_v", C.c_int), ("arena_bytes", C.c_size_t), ("page_tokens", C.c_int), ("group", C.c_int),
                 ("residual", C.c_int), ("max_seqs", C.c_int), ("n_threads", C.c_int), ("rotate", C.c_int),
-                ("rotation_seed", C.c_uint32), ("sinks", C.c_int), ("nonuniform", C.c_int)]
+                ("rotation_seed", C.c_uint32), ("sinks", C.c_int), ("nonuniform", C.c_int), ("prerope", C.c_int),
+                ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float))]
 
 
 class PageLayout(C.Structure):
@@ -236,6 +237,7 @@ for _n, _r, _a in [
     ("kvq_seq_length", C.c_int, [_P, C.c_int32, C.c_int, C.POINTER(C.c_int64)]),
     ("kvq_append", C.c_int, [_P, C.c_int, C.c_int, _I32P, _I32P, C.c_int, _P, _P]),
     ("kvq_read", C.c_int, [_P, C.c_int32, C.c_int, C.c_int64, C.c_int64, _P, _P]),
+    ("kvq_rope_apply", C.c_int, [_P, C.c_int64, C.c_int64, C.c_int, _P]),
     ("kvq_attn_decode", C.c_int, [_P, C.c_int, C.c_int, _I32P, _P, _P, C.POINTER(AttnParams)]),
     ("kvq_attn_prefill", C.c_int, [_P, C.c_int, C.c_int32, C.c_int, _P, _P, C.POINTER(AttnParams)]),
     ("kvq_cpu_backend", C.c_char_p, []),
@@ -380,13 +382,17 @@ _NP_DTYPES = {np.dtype(np.float32): DTYPE_F32, np.dtype(np.float16): DTYPE_F16}
 def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
                 type_v: Optional[TypeSpec] = None, arena_bytes: int = 0, page_tokens: int = 0, group: int = 0,
                 residual: int = -1, max_seqs: int = 0, n_threads: int = 0, rotate: int = -1, rotation_seed: int = 0,
-                sinks: int = -1, nonuniform: int = -1) -> CacheConfig:
+                sinks: int = -1, nonuniform: int = -1, prerope: int = 0, rope_neox: int = 0, rope_theta: float = 0.0,
+                rope_freqs=None) -> CacheConfig:
     """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create).
-    rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off)."""
+    rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off). prerope (0/1), rope_neox,
+    rope_theta, rope_freqs (None or head_dim / 2 inverse frequencies): pre-RoPE keys, kvq.h section 10; the
+    config keeps a float32 copy of rope_freqs alive (kvq_cache_create copies it)."""
     vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                         ("page_tokens", page_tokens), ("group", group), ("residual", residual),
                                         ("max_seqs", max_seqs), ("n_threads", n_threads), ("rotate", rotate),
-                                        ("sinks", sinks), ("nonuniform", nonuniform))}
+                                        ("sinks", sinks), ("nonuniform", nonuniform), ("prerope", prerope),
+                                        ("rope_neox", rope_neox))}
     if not isinstance(rotation_seed, (int, np.integer)) or isinstance(rotation_seed, bool) or \
             not 0 <= int(rotation_seed) <= 0xFFFFFFFF:
         raise ValueError(f"kvq: rotation_seed must be an integer in 0..2**32-1, not {rotation_seed!r}")
@@ -398,6 +404,13 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
     for n, x in vals.items():
         setattr(cfg, n, x)
     cfg.type_k, cfg.type_v, cfg.arena_bytes = tk, tv, ab
+    cfg.rope_theta = float(rope_theta)
+    if rope_freqs is not None:
+        f = np.ascontiguousarray(np.asarray(rope_freqs, dtype=np.float32).reshape(-1))
+        if f.size != vals["head_dim"] // 2:
+            raise ValueError(f"kvq: rope_freqs has {f.size} values, head_dim / 2 = {vals['head_dim'] // 2} expected")
+        cfg._rope_freqs_keep = f  # borrowed by kvq_cache_create, which copies it
+        cfg.rope_freqs = f.ctypes.data_as(C.POINTER(C.c_float))
     return cfg
 
 
@@ -468,9 +481,11 @@ class Cache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
                  type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
                  page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0,
-                 rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1):
+                 rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1, prerope: int = 0,
+                 rope_neox: int = 0, rope_theta: float = 0.0, rope_freqs=None):
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
-                          n_threads, rotate, rotation_seed, sinks, nonuniform)
+                          n_threads, rotate, rotation_seed, sinks, nonuniform, prerope, rope_neox, rope_theta,
+                          rope_freqs)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
@@ -612,6 +627,16 @@ class Cache:
         v = np.empty_like(k)
         _check(_lib.kvq_read(self._handle(), seq, layer, start, n, k.ctypes.data, v.ctypes.data))
         return k, v
+
+    def rope_apply(self, x: np.ndarray, pos0: int, inverse: bool = False) -> None:
+        """kvq_rope_apply in place on float32 x [n][n_kv_heads][head_dim] (C-contiguous): token i rotated by the
+        cache's RoPE at position pos0 + i (inverse: back). Pre-RoPE caches only (kvq.h section 10)."""
+        h = self._handle()
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != 3 or \
+                x.shape[1:] != (self.n_kv_heads, self.head_dim) or not x.flags.writeable:
+            raise ValueError(f"kvq: rope_apply: x must be a writable C-contiguous float32 array [n][{self.n_kv_heads}]"
+                             f"[{self.head_dim}]")
+        _check(_lib.kvq_rope_apply(h, _i64(pos0, "pos0"), x.shape[0], 1 if inverse else 0, x.ctypes.data))
 
     def read_into(self, seq: int, layer: int, start: int, n: int, k_addr: Optional[int],
                   v_addr: Optional[int]) -> None:

@@ -26,7 +26,7 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
 /* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
- * :sinks=N :nuq=ROLES :seed=N (ROLES: none, k, v, kv). Fields an entry does not give come from the global options. */
+ * :sinks=N :nuq=ROLES :seed=N :pre=0|1 (ROLES: none, k, v, kv). Fields an entry does not give come from the global options. */
 #define KVQ_CLI_MIX_NAME 96
 typedef struct kvq_cli_mix {
     kvq_type type_k, type_v;
@@ -37,6 +37,7 @@ typedef struct kvq_cli_mix {
     int sinks;              /* 0..1024 */
     int nonuniform;         /* KVQ_ROLES_* */
     uint32_t rotation_seed; /* 0: the library's fixed default seed */
+    int prerope;            /* pre-RoPE keys: 1 on, 0 off, -1 the engine's default (llama_default_prerope) */
     char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
@@ -49,6 +50,7 @@ typedef struct kvq_cli_opts {
     uint64_t seed;
     int rotate, sinks, nonuniform; /* --kv-rotate, --kv-sinks, --kv-nuq: -1 (default) = the library's default */
     uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
+    int prerope;                   /* --kv-prerope: 1, 0, -1 (default) = the engine's default for the key type */
     kvq_type type_k, type_v;
     double mem; /* bytes; 0: not given */
     size_t max_file;

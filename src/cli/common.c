@@ -205,4 +205,5 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->sinks = mix->sinks;
     cp->nonuniform = mix->nonuniform;
     cp->rotation_seed = mix->rotation_seed;
+    cp->prerope = mix->prerope;
 }

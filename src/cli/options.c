@@ -54,6 +54,7 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->type_k = o->type_v = KVQ_TYPE_F16;
     o->rotate = o->sinks = o->nonuniform = -1;
     o->rotation_seed = 0;
+    o->prerope = -1;
     if (cmd == KVQ_CLI_PASSKEY) {
         /* 5 digits are 5 tokens (SmolLM2's pre-tokenizer splits digits); 8 leaves room for a leading space and '.' */
         o->n_predict = 8;
@@ -95,7 +96,7 @@ int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int
 kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
     kvq_cli_mix m = {.type_k = o->type_k, .type_v = o->type_v, .residual = o->residual, .group = o->group,
                      .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
-                     .rotation_seed = o->rotation_seed};
+                     .rotation_seed = o->rotation_seed, .prerope = o->prerope};
     snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
     if (o->type_v != o->type_k)
         snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
@@ -234,7 +235,7 @@ int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *
 }
 
 /* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; then suffixes, each at most once, in any order: ":r128" (residual),
- * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7" (kvq.h section 10). The entry's defaults are the
+ * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7", ":pre=1" (kvq.h section 10). The entry's defaults are the
  * global options' (`g`). */
 static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mix *g, char *err, size_t n) {
     char buf[KVQ_CLI_MIX_NAME];
@@ -243,8 +244,8 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
     buf[len] = '\0';
     *m = *g;
     memcpy(m->name, buf, len + 1);
-    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_N };
-    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed="};
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_N };
+    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre="};
     int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
         const char *x = colon + 1;
@@ -253,13 +254,14 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         else if (strncmp(x, "sinks=", 6) == 0) k = S_SINKS, x += 6;
         else if (strncmp(x, "nuq=", 4) == 0) k = S_NUQ, x += 4;
         else if (strncmp(x, "seed=", 5) == 0) k = S_SEED, x += 5;
+        else if (strncmp(x, "pre=", 4) == 0) k = S_PRE, x += 4;
         else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
         else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
         else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
         else
             return fail(err, n,
                         "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
-                        ":nuq=none|k|v|kv, :seed=N)", m->name, colon);
+                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1)", m->name, colon);
         if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
         int64_t v;
         switch (k) {
@@ -268,6 +270,7 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         case S_ROT: if (kvq_cli_parse_roles(x, 0, &m->rotate, "--compare: rotation (:rot=)", err, n)) return -1; break;
         case S_SINKS: if (parse_int(x, 0, 1024, &m->sinks, "--compare: sinks (:sinks=)", err, n)) return -1; break;
         case S_NUQ: if (kvq_cli_parse_roles(x, 0, &m->nonuniform, "--compare: non-uniform levels (:nuq=)", err, n)) return -1; break;
+        case S_PRE: if (parse_int(x, 0, 1, &m->prerope, "--compare: pre-RoPE keys (:pre=)", err, n)) return -1; break;
         case S_SEED:
             if (kvq_cli_parse_i64(x, 0, UINT32_MAX, &v, "--compare: rotation seed (:seed=)", err, n)) return -1;
             m->rotation_seed = (uint32_t)v;
@@ -313,7 +316,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -361,6 +364,7 @@ static const optdef OPTS[] = {
     {O_KV_ROTATE, R | P | C | K, 1, {"--kv-rotate"}},
     {O_KV_SINKS, R | P | C | K, 1, {"--kv-sinks"}},
     {O_KV_NUQ, R | P | C | K, 1, {"--kv-nuq"}},
+    {O_KV_PREROPE, R | P | C | K, 1, {"--kv-prerope"}},
     {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
     {O_CSV, P | K, 1, {"--csv"}},
     {O_LENGTHS, K, 1, {"--lengths"}},
@@ -454,6 +458,10 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_PARALLEL: if (parse_int(v, 1, 65536, &o->parallel, a, err, n)) return -1; break;
         case O_KV_ROTATE: if (kvq_cli_parse_roles(v, 1, &o->rotate, a, err, n)) return -1; break;
         case O_KV_NUQ: if (kvq_cli_parse_roles(v, 1, &o->nonuniform, a, err, n)) return -1; break;
+        case O_KV_PREROPE:
+            if (strcmp(v, "default") == 0) o->prerope = -1;
+            else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
+            break;
         case O_KV_SINKS:
             if (strcmp(v, "default") == 0) o->sinks = -1;
             else if (parse_int(v, 0, 1024, &o->sinks, a, err, n)) return fail(err, n, "%s: '%s' is not 0..1024 or default", a, v);
@@ -548,7 +556,9 @@ static void kv_help(FILE *f, int cmd) {
             "  --rotation-seed N       seed of the rotation's random signs, 0..2^32-1 (default 0: libkvq's fixed seed)\n"
             "  --kv-sinks N            the first N tokens (0..1024) stay exact fp16 (kvq.h section 10; default: libkvq's)\n"
             "  --kv-nuq R              non-uniform quantization levels for the q4/q2 roles none|k|v|kv (kvq.h section 10;\n"
-            "                          default: libkvq's)\n",
+            "                          default: libkvq's)\n"
+            "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
+            "                          default: the engine's for the key type)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
@@ -624,7 +634,7 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "  --compare LIST          comma-separated KV configs run on the same tokens, one table (at most %d);\n"
                 "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
                 "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
-                "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N (kvq.h section 10;\n"
+                "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N, :pre=0|1 (kvq.h section 10;\n"
                 "                          unset: the --kv-* options), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2\n"
                 "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
                 "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"

@@ -127,7 +127,7 @@ int kvq_cli_passkey(int argc, char **argv) {
         if (f16 < 0) {
             kvq_cli_opts f = o;
             f.type_k = f.type_v = KVQ_TYPE_F16;
-            f.rotate = f.sinks = f.nonuniform = -1;
+            f.rotate = f.sinks = f.nonuniform = f.prerope = -1;
             mixes[n_mix++] = kvq_cli_single_mix(&f);
             fprintf(stderr, "kvq passkey: --compare has no f16 entry: running f16 first\n");
         } else {

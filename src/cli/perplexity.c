@@ -286,7 +286,7 @@ int kvq_cli_perplexity(int argc, char **argv) {
         if (base < 0) {
             kvq_cli_opts f = o;
             f.type_k = f.type_v = KVQ_TYPE_F16;
-            f.rotate = f.sinks = f.nonuniform = -1;
+            f.rotate = f.sinks = f.nonuniform = f.prerope = -1;
             mixes[n_mix++] = kvq_cli_single_mix(&f);
             base = 0;
             fprintf(stderr, "kvq perplexity: --compare has no f16 entry: running f16 first as the base of dPPL and KLD\n");

@@ -50,7 +50,85 @@ static void scale_ref(float *x, int n, float s) {
     for (int i = 0; i < n; i++) x[i] *= s;
 }
 
-const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL};
+void kvq__rope_rows_ref(float *x, int n, int D, int neox, const float *C, const float *S) {
+    const int h = D / 2;
+    for (int i = 0; i < n; i++, x += D, C += D, S += D)
+        for (int j = 0; j < h; j++) {
+            int c0 = neox ? j : 2 * j, c1 = neox ? j + h : 2 * j + 1;
+            float a = x[c0], b = x[c1];
+            x[c0] = a * C[c0] + b * S[c0];
+            x[c1] = b * C[c1] + a * S[c1];
+        }
+}
+
+const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL,
+                                       kvq__rope_rows_ref};
+
+/* ---- pre-RoPE keys (kvq.h section 10) ---- */
+
+kvq_status kvq__rope_init(kvq_cache *c) {
+    const int h = c->L.head_dim / 2;
+    c->rope_f = kvq__malloc((size_t)h * sizeof(float));
+    c->rope_kc = kvq__malloc((size_t)KVQ_ROPE_STEPS * h * sizeof(float));
+    c->rope_ks = kvq__malloc((size_t)KVQ_ROPE_STEPS * h * sizeof(float));
+    if (!c->rope_f || !c->rope_kc || !c->rope_ks)
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cache_create: no memory for the RoPE tables");
+    for (int i = 0; i < h; i++)
+        c->rope_f[i] = c->cfg.rope_freqs ? c->cfg.rope_freqs[i]
+                                         : (float)pow((double)c->cfg.rope_theta, -2.0 * i / c->L.head_dim);
+    for (int k = 0; k < KVQ_ROPE_STEPS; k++)
+        for (int i = 0; i < h; i++) {
+            double a = (double)k * c->rope_f[i];
+            c->rope_kc[(size_t)k * h + i] = (float)cos(a), c->rope_ks[(size_t)k * h + i] = (float)sin(a);
+        }
+    c->cfg.rope_freqs = c->rope_f; /* the cache's copy: the caller's array is borrowed for the call only */
+    return KVQ_OK;
+}
+
+kvq_status kvq_rope_apply(const kvq_cache *c, int64_t pos0, int64_t n_tokens, int inverse, float *x) {
+    const char *fn = "kvq_rope_apply";
+    KVQ_CHECK_NULL(c, fn);
+    if (!c->cfg.prerope) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: the cache has no RoPE (prerope = 0)", fn);
+    if (pos0 < 0 || n_tokens < 0 || n_tokens > INT64_MAX - pos0)
+        return kvq__fail(KVQ_ERR_RANGE, "%s: positions %lld + %lld tokens: negative or past INT64_MAX", fn, (long long)pos0,
+                         (long long)n_tokens);
+    if (inverse != 0 && inverse != 1) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: inverse %d is not 0 or 1", fn, inverse);
+    if (n_tokens == 0) return KVQ_OK;
+    KVQ_CHECK_NULL(x, fn);
+    const int D = c->L.head_dim, h = D / 2, H = c->L.n_kv_heads, neox = c->cfg.rope_neox;
+    for (int64_t t = 0; t < n_tokens; t++)
+        for (int i = 0; i < h; i++) {
+            double a = (double)(pos0 + t) * c->rope_f[i], cs = cos(a), sn = inverse ? -sin(a) : sin(a);
+            int c0 = neox ? i : 2 * i, c1 = neox ? i + h : 2 * i + 1;
+            for (int hh = 0; hh < H; hh++) {
+                float *v = x + ((size_t)t * H + hh) * D;
+                double a0 = v[c0], a1 = v[c1];
+                v[c0] = (float)(a0 * cs - a1 * sn), v[c1] = (float)(a0 * sn + a1 * cs);
+            }
+        }
+    return KVQ_OK;
+}
+
+/* The segment's first angles t0 f_i in double (exact enough past 2^31 positions: cos/sin reduce the full argument),
+ * then the steps k f_i of the cache's table by angle addition in fp32 (error ~1e-7, below fp16 keys' 5e-4) */
+void kvq__rope_tables(const kvq_cache *c, int64_t t0, int n, float *C, float *S) {
+    const int D = c->L.head_dim, h = D / 2, neox = c->cfg.rope_neox;
+    float ca[128], sa[128];
+    for (int i = 0; i < h; i++) {
+        double a = (double)t0 * c->rope_f[i];
+        ca[i] = (float)cos(a), sa[i] = (float)sin(a);
+    }
+    for (int k = 0; k < n; k++) {
+        const float *kc = c->rope_kc + (size_t)k * h, *ks = c->rope_ks + (size_t)k * h;
+        float *Ck = C + (size_t)k * D, *Sk = S + (size_t)k * D;
+        for (int i = 0; i < h; i++) {
+            float cs = ca[i] * kc[i] - sa[i] * ks[i], sn = sa[i] * kc[i] + ca[i] * ks[i];
+            int c0 = neox ? i : 2 * i, c1 = neox ? i + h : 2 * i + 1;
+            Ck[c0] = Ck[c1] = cs;
+            Sk[c0] = -sn, Sk[c1] = sn;
+        }
+    }
+}
 
 /* KVQ_FORCE_SCALAR=1: the _ref kernels. KVQ_CPU_KERNELS=scalar|avx2|avx512: that table, or where the CPU
  * lacks it, the best one below it (other values: ignored). Else the best the CPU has: avx512, avx2, scalar */
@@ -83,6 +161,8 @@ kvq_attn_params kvq_attn_params_default(int n_q_heads) {
 #define MAX_ITEM_HEADS 16 /* KV heads one decode work item walks together */
 
 typedef struct work {
+    const kvq_cache *c;
+    const kvq__rot *kunrot; /* pre-RoPE keys stored rotated: R^T per key row before RoPE (NULL: none) */
     const kvq_seq_layer *sl;
     int h, nh;          /* KV heads h .. h + nh - 1 */
     size_t q_stride;    /* floats from one head's q rows to the next head's */
@@ -98,6 +178,11 @@ typedef struct scratch {
     kvq__qstate qst[MAX_ITEM_HEADS];
     float s[MAX_ROWS * KVQ_TILE * 8]; /* scores / probabilities of one segment: rows x up to SEG tokens */
     float x[KVQ_TILE * 256];
+    /* pre-RoPE keys: the RoPE tables [SEG][D] of the segment at rope_t0 (rope_n tokens), reused by the heads that
+     * follow (same positions); rope_n = 0: none yet */
+    float *rope_c, *rope_s;
+    int64_t rope_t0;
+    int rope_n;
 } scratch;
 
 #define SEG (KVQ_TILE * 8) /* tokens per softmax segment */
@@ -129,16 +214,28 @@ static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
 static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__blk *vb, int j0, int j1, int64_t tok0,
                          const work *w, const kvq_attn_params *p, scratch *sc, kvq__qstate *qst) {
     const int D = kb->D, rows = w->rows;
+    const bool prerope = w->c->cfg.prerope;
     for (int a = j0; a < j1; a += SEG) {
         int n = j1 - a < SEG ? j1 - a : SEG;
-        bool fused = K->key_scores && rows <= KVQ_FUSED_ROWS;
+        int64_t t_first = tok0 + a;
+        /* pre-RoPE keys are rotated by their positions after decoding (q . RoPE(t) k): the fp32 path, as the fused
+         * integer kernels take one query per key group */
+        bool fused = K->key_scores && rows <= KVQ_FUSED_ROWS && !prerope;
         if (fused) K->key_scores(kb, a, n, w->q, rows, sc->s, SEG, qst);
+        if (prerope && (sc->rope_n < n || sc->rope_t0 != t_first)) {
+            kvq__rope_tables(w->c, t_first, n, sc->rope_c, sc->rope_s);
+            sc->rope_t0 = t_first, sc->rope_n = n;
+        }
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
+            if (prerope) {
+                if (w->kunrot)
+                    for (int r = 0; r < m; r++) kvq__rot_apply(w->kunrot, sc->x + (size_t)r * D, 1);
+                K->rope(sc->x, m, D, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
+            }
             K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
         }
-        int64_t t_first = tok0 + a;
         for (int r = 0; r < rows; r++) {
             float *s = sc->s + (size_t)r * SEG;
             if (isnan(w->m[r])) { /* the row's result is NaN already: its weights stay 0 */
@@ -173,8 +270,9 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
             w->m[r] = mnew;
             if (corr != 1.0f) K->scale(w->acc + (size_t)r * D, D, corr);
         }
-        if (fused) K->value_accum(vb, a, n, sc->s, SEG, rows, w->acc);
-        for (int i = 0; !fused && i < n; i += KVQ_TILE) {
+        bool fused_v = K->value_accum && rows <= KVQ_FUSED_ROWS;
+        if (fused_v) K->value_accum(vb, a, n, sc->s, SEG, rows, w->acc);
+        for (int i = 0; !fused_v && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(vb, a + i, m, sc->x);
             K->axpys(sc->s + i, SEG, rows, D, sc->x, m, w->acc);
@@ -244,7 +342,7 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
             work v = head_view(w, hh);
             kvq__blk kb = page_blk(c, pg, v.h, KVQ_KEY), vb = page_blk(c, pg, v.h, KVQ_VALUE);
             if (npg >= 0) { /* the fused key kernels spread the prefetch over their tokens */
-                if (K->key_scores && w->rows <= KVQ_FUSED_ROWS) {
+                if (K->key_scores && w->rows <= KVQ_FUSED_ROWS && !c->cfg.prerope) {
                     kb.pf_k = kvq__kblock(c, npg, nh), kb.pf_k_lines = (int)((c->L.k_block_bytes + 63) / 64);
                     kb.pf_v = kvq__vblock(c, npg, nh), kb.pf_v_lines = (int)((c->L.v_block_bytes + 63) / 64);
                 } else prefetch_blocks(c, npg, nh);
@@ -290,10 +388,18 @@ static void merge(int n, int rows, int D, const float *base, size_t per, int sp,
  * rep = 2, AVX2/AVX-512: the other head of its KV head changed). A NaN output row stays NaN in every channel. */
 static void rotate_rows(const kvq_cache *c, int layer, kvq_role role, int inverse, float *x, size_t rows) {
     if (!kvq__rotated(c, role)) return;
+    if (role == KVQ_KEY && c->cfg.prerope) return; /* run_work un-rotates each key row instead (work.kunrot) */
     kvq__rot r;
     kvq__rot_init(&r, c->cfg.rotation_seed, layer, role, c->L.head_dim);
     for (size_t i = 0; i < rows; i++)
         if (inverse || row_finite(x + i * (size_t)r.D, r.D)) kvq__rot_apply(&r, x + i * (size_t)r.D, inverse);
+}
+
+/* Pre-RoPE keys stored rotated (kvq.h section 10): the rotation each key row is taken back through before RoPE */
+static const kvq__rot *key_unrotation(const kvq_cache *c, int layer, kvq__rot *r) {
+    if (!c->cfg.prerope || !kvq__rotated(c, KVQ_KEY)) return NULL;
+    kvq__rot_init(r, c->cfg.rotation_seed, layer, KVQ_KEY, c->L.head_dim);
+    return r;
 }
 
 static kvq_status check_params(const kvq_cache *c, const kvq_attn_params *p, const char *fn) {
@@ -324,16 +430,24 @@ static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_
     int nt = n_threads(c);
     if (nt > n) nt = (int)n;
     if (nt < 1) nt = 1;
-    scratch *sc = kvq__aligned_alloc(64, (sizeof(scratch) + 63) / 64 * 64 * (size_t)nt);
+    /* per thread: the scratch, then with pre-RoPE keys its two RoPE tables [SEG][D] */
+    size_t one = (sizeof(scratch) + 63) / 64 * 64, tab = c->cfg.prerope ? (size_t)SEG * c->L.head_dim * sizeof(float) : 0;
+    scratch *sc = kvq__aligned_alloc(64, (one + 2 * tab) * (size_t)nt);
     if (!sc) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for scratch", fn);
+    for (int i = 0; i < nt; i++) {
+        scratch *t = (scratch *)(void *)((char *)sc + (one + 2 * tab) * (size_t)i);
+        t->rope_c = tab ? (float *)(void *)((char *)t + one) : NULL;
+        t->rope_s = tab ? (float *)(void *)((char *)t + one + tab) : NULL;
+        t->rope_n = 0, t->rope_t0 = 0;
+    }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
     for (int64_t i = 0; i < n; i++) {
 #ifdef _OPENMP
-        scratch *mine = &sc[omp_get_thread_num()];
+        scratch *mine = (scratch *)(void *)((char *)sc + (one + 2 * tab) * (size_t)omp_get_thread_num());
 #else
-        scratch *mine = &sc[0];
+        scratch *mine = sc;
 #endif
         run_work(c, K, &items[i], p, mine);
     }
@@ -385,6 +499,8 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
         free(items), free(buf), free(pos);
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
     }
+    kvq__rot kr;
+    const kvq__rot *kun = key_unrotation(c, layer, &kr);
     float *qs = buf + (size_t)n_items * hg * per;
     for (size_t e = 0; e < nqe; e++) qs[e] = q[e] * scale;
     rotate_rows(c, layer, KVQ_KEY, 0, qs, (size_t)n_seqs * p->n_q_heads);
@@ -397,7 +513,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
             for (int64_t t0 = 0; t0 < len; t0 += chunk, k++) {
                 float *b = buf + (size_t)k * hg * per;
                 int nh = H - h < hg ? H - h : hg;
-                items[k] = (work){sl, h, nh, (size_t)rep * D, per, t0, t0 + chunk < len ? t0 + chunk : len,
+                items[k] = (work){c, kun, sl, h, nh, (size_t)rep * D, per, t0, t0 + chunk < len ? t0 + chunk : len,
                                   qs + ((size_t)i * p->n_q_heads + (size_t)h * rep) * D, pos + (size_t)i * rep, rep,
                                   b, b + rep, b + 2 * rep};
             }
@@ -446,6 +562,8 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
         free(items), free(buf), free(pos);
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for %lld work items", fn, (long long)n_items);
     }
+    kvq__rot kr;
+    const kvq__rot *kun = key_unrotation(c, layer, &kr);
     float *qs = buf + (size_t)n_items * per; /* per item: rows in (query, head) order, scaled */
     for (int64_t b = 0; b < nblk; b++)
         for (int h = 0; h < H; h++) {
@@ -460,7 +578,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
                 }
             rotate_rows(c, layer, KVQ_KEY, 0, qi, (size_t)nq * rep);
             float *bb = buf + (size_t)k * per;
-            items[k] = (work){sl, h, 1, 0, 0, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
+            items[k] = (work){c, kun, sl, h, 1, 0, 0, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
                               bb + 2 * MAX_ROWS};
         }
     s = run_all(c, items, n_items, p, fn);

@@ -54,6 +54,8 @@ typedef struct kvq__kernels {
     void (*key_scores)(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                        kvq__qstate *st);
     void (*value_accum)(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc);
+    /* pre-RoPE keys: x[n][D] in place, row i rotated by the tables C, S + i * D (kvq__rope_tables) */
+    void (*rope)(float *x, int n, int D, int neox, const float *C, const float *S);
 } kvq__kernels;
 
 extern const kvq__kernels kvq__kernels_ref;

@@ -924,8 +924,27 @@ static void scale_avx2(float *x, int n, float s) {
     for (int i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), v));
 }
 
+/* pre-RoPE keys: y[c] = x[c] C[c] + x[partner] S[c] (kvq__rope_rows_ref); D/2 is a multiple of 8 for every D */
+static void rope_avx2(float *x, int n, int D, int neox, const float *C, const float *S) {
+    const int h = D / 2;
+    for (int i = 0; i < n; i++, x += D, C += D, S += D) {
+        if (neox)
+            for (int c = 0; c < h; c += 8) {
+                __m256 a = _mm256_loadu_ps(x + c), b = _mm256_loadu_ps(x + c + h);
+                _mm256_storeu_ps(x + c, _mm256_fmadd_ps(a, _mm256_loadu_ps(C + c), _mm256_mul_ps(b, _mm256_loadu_ps(S + c))));
+                _mm256_storeu_ps(x + c + h,
+                                 _mm256_fmadd_ps(b, _mm256_loadu_ps(C + c + h), _mm256_mul_ps(a, _mm256_loadu_ps(S + c + h))));
+            }
+        else
+            for (int c = 0; c < D; c += 8) { /* partners are neighbours: swap the pairs of each 128-bit lane */
+                __m256 a = _mm256_loadu_ps(x + c), b = _mm256_permute_ps(a, 0xB1);
+                _mm256_storeu_ps(x + c, _mm256_fmadd_ps(a, _mm256_loadu_ps(C + c), _mm256_mul_ps(b, _mm256_loadu_ps(S + c))));
+            }
+    }
+}
+
 static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2, scale_avx2,
-                                  key_scores_avx2, value_accum_avx2};
+                                  key_scores_avx2, value_accum_avx2, rope_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
     __builtin_cpu_init();

@@ -741,9 +741,32 @@ static void value_accum_avx512(const kvq__blk *b, int j0, int n, const float *p,
 #undef VA
 }
 
+/* pre-RoPE keys: y[c] = x[c] C[c] + x[partner] S[c] (kvq__rope_rows_ref); chunks of 16 lanes, the last one masked
+ * (NeoX halves of D = 80: 40 lanes) */
+static void rope_avx512(float *x, int n, int D, int neox, const float *C, const float *S) {
+    const int h = D / 2;
+    for (int i = 0; i < n; i++, x += D, C += D, S += D) {
+        if (neox)
+            for (int c = 0; c < h; c += 16) {
+                __mmask16 k = first_n(h - c);
+                __m512 a = _mm512_maskz_loadu_ps(k, x + c), b = _mm512_maskz_loadu_ps(k, x + c + h);
+                _mm512_mask_storeu_ps(x + c, k, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(k, C + c),
+                                                                _mm512_mul_ps(b, _mm512_maskz_loadu_ps(k, S + c))));
+                _mm512_mask_storeu_ps(x + c + h, k, _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(k, C + c + h),
+                                                                    _mm512_mul_ps(a, _mm512_maskz_loadu_ps(k, S + c + h))));
+            }
+        else
+            for (int c = 0; c < D; c += 16) { /* D is a multiple of 16; partners are neighbours */
+                __m512 a = _mm512_loadu_ps(x + c), b = _mm512_permute_ps(a, 0xB1);
+                _mm512_storeu_ps(x + c, _mm512_fmadd_ps(a, _mm512_loadu_ps(C + c), _mm512_mul_ps(b, _mm512_loadu_ps(S + c))));
+            }
+    }
+}
+
 static const kvq__kernels avx512 = {"avx512",     decode_avx512,     dots_avx512,
                                     axpys_avx512, exp_sum_avx512,    max_avx512,
-                                    scale_avx512, key_scores_avx512, value_accum_avx512};
+                                    scale_avx512, key_scores_avx512, value_accum_avx512,
+                                    rope_avx512};
 
 const kvq__kernels *kvq__kernels_avx512(void) {
     __builtin_cpu_init();

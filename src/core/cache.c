@@ -35,8 +35,10 @@ static int default_rotate(kvq_type tk, kvq_type tv) {
 
 /* kvq.h section 10: non-uniform levels by default where they were measured to help and cost no speed: Q3 (its
  * kernels decode every code through the level table); Q4/Q2 would leave their integer kernels for fp32 ones */
-static int default_nonuniform(kvq_type tk, kvq_type tv) {
-    return (tk == KVQ_TYPE_Q3 ? KVQ_ROLES_K : 0) | (tv == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
+static int default_nonuniform(kvq_type tk, kvq_type tv, int prerope) {
+    /* pre-RoPE Q2 keys go through the fp32 kernels anyway: their levels cost nothing and cut Q2's KLD by 11% */
+    bool k = tk == KVQ_TYPE_Q3 || (tk == KVQ_TYPE_Q2 && prerope == 1);
+    return (k ? KVQ_ROLES_K : 0) | (tv == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
 }
 
 /* Validates cfg (all but arena_bytes when check_arena is false), resolves its defaults and computes the layout and
@@ -68,10 +70,28 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->sinks == -1) cfg->sinks = grouped ? KVQ__SINKS_GROUPED : 0; /* kvq.h section 10: measured */
     if (cfg->sinks < 0 || cfg->sinks > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
-    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v);
+    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v, cfg->prerope);
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->nonuniform);
+    /* pre-RoPE keys (kvq.h section 10): the rope fields are read only with prerope = 1 */
+    if (cfg->prerope != 0 && cfg->prerope != 1)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "prerope %d is not 0 or 1", cfg->prerope);
+    if (!cfg->prerope) cfg->rope_freqs = NULL; /* not read: kvq_cache_get_config must not hand back a borrowed pointer */
+    if (cfg->prerope) {
+        if (cfg->rope_neox != 0 && cfg->rope_neox != 1)
+            return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_neox %d is not 0 (adjacent pairs) or 1 (NeoX halves)",
+                             cfg->rope_neox);
+        if (cfg->rope_freqs) {
+            for (int i = 0; i < L->head_dim / 2; i++)
+                if (!(cfg->rope_freqs[i] >= 0) || !isfinite(cfg->rope_freqs[i]))
+                    return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_freqs[%d] = %g is not finite and >= 0", i,
+                                     (double)cfg->rope_freqs[i]);
+        } else if (!(cfg->rope_theta > 1) || !isfinite(cfg->rope_theta)) {
+            return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_theta %g is not finite and > 1 (prerope = 1, no rope_freqs)",
+                             (double)cfg->rope_theta);
+        }
+    }
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
                                        (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
@@ -177,6 +197,10 @@ kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
         kvq_cache_free(c);
         return e;
     }
+    if (c->cfg.prerope && (s = kvq__rope_init(c))) {
+        kvq_cache_free(c);
+        return s;
+    }
     /* pop order = ascending page ids, which keeps a fresh sequence's pages contiguous */
     for (int64_t i = 0; i < c->n_pages; i++) c->free_list[i] = (int32_t)(c->n_pages - 1 - i);
     c->n_free = c->n_pages;
@@ -195,6 +219,7 @@ void kvq_cache_free(kvq_cache *c) {
     free(c->free_list);
     free(c->refcnt);
     free(c->arena);
+    free(c->rope_f), free(c->rope_kc), free(c->rope_ks);
     free(c);
 }
 

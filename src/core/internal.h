@@ -157,7 +157,20 @@ struct kvq_cache {
     int64_t n_free;
     kvq_seq *seqs; /* [max_seqs] */
     int n_live;
+    /* pre-RoPE keys (kvq.h section 10; NULL when cfg.prerope = 0): rope_f [D/2] inverse frequencies (cfg.rope_freqs
+     * points here), rope_kc / rope_ks [KVQ_ROPE_STEPS][D/2] cos / sin(k f_i): a segment's angles are its first
+     * position's (sincos in double) advanced by these (angle addition), no table sized by the capacity */
+    float *rope_f, *rope_kc, *rope_ks;
 };
+
+#define KVQ_ROPE_STEPS 64 /* tokens of one attention segment (attn.c SEG) */
+/* Fills the cache's RoPE tables from cfg (prerope = 1); KVQ_ERR_OUT_OF_MEMORY leaves them NULL (attn.c) */
+kvq_status kvq__rope_init(kvq_cache *c);
+/* RoPE of the segment of n <= KVQ_ROPE_STEPS tokens at positions t0 ..: C[k][c], S[k][c] such that
+ * RoPE(t0 + k) x = x[c] C[k][c] + x[partner(c)] S[k][c], partner(c) = c ^ 1 (adjacent pairs) or c +- D/2 (NeoX) */
+void kvq__rope_tables(const kvq_cache *c, int64_t t0, int n, float *C, float *S);
+/* x[n][D] in place: RoPE by the tables of kvq__rope_tables (the scalar reference of the kernels' rope) */
+void kvq__rope_rows_ref(float *x, int n, int D, int neox, const float *C, const float *S);
 
 static inline uint8_t *kvq__page(const kvq_cache *c, int32_t id) {
     return c->arena + (size_t)id * c->L.page_bytes;

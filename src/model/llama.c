@@ -177,6 +177,7 @@ struct llama_ctx {
     int n_ctx;
     kvq_attn_params ap;
     float *rope_inv_freq; /* [head_dim / 2] */
+    int prerope;          /* the cache takes keys before RoPE (kvq.h section 10): forward appends them unroped */
     /* scratch, sized for max_batch tokens */
     float *x, *h, *q, *k, *v, *o, *g, *u; /* [B][dim] x4 ([B][kv_dim] for k, v), [B][hidden] for g, u */
 };
@@ -184,6 +185,12 @@ struct llama_ctx {
 static const char *type_str(kvq_type t) {
     const kvq_type_traits *tr = kvq_type_get_traits(t);
     return tr ? tr->name : "(unknown type)";
+}
+
+/* kvq.h section 10: pre-RoPE keys where they were measured to help (Q3, Q2 keys: KLD -25%, -31% on SmolLM2); Q4
+ * measured no gain (its KLD within noise) and would leave its integer key kernels, the others are per-token */
+int llama_default_prerope(kvq_type type_k) {
+    return type_k == KVQ_TYPE_Q3 || type_k == KVQ_TYPE_Q2;
 }
 
 kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
@@ -198,6 +205,15 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
     x->ap = kvq_attn_params_default(c->n_heads);
 
+    int hd = c->head_dim;
+    x->rope_inv_freq = malloc((size_t)(hd / 2) * sizeof(float));
+    if (!x->rope_inv_freq) {
+        llama_ctx_free(x);
+        return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
+    }
+    for (int i = 0; i < hd / 2; i++) x->rope_inv_freq[i] = (float)pow((double)c->rope_theta, -2.0 * i / hd);
+    x->prerope = p->prerope == -1 ? llama_default_prerope(p->type_k) : p->prerope;
+
     kvq_cache_config cc = kvq_cache_config_default();
     cc.n_layers = c->n_layers;
     cc.n_kv_heads = c->n_kv_heads;
@@ -211,6 +227,11 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     cc.rotation_seed = p->rotation_seed;
     cc.sinks = p->sinks;
     cc.nonuniform = p->nonuniform;
+    /* the model's RoPE (adjacent pairs: GGUF's Q/K rows are permuted for them), for a cache that applies it */
+    cc.prerope = x->prerope;
+    cc.rope_neox = 0;
+    cc.rope_theta = c->rope_theta;
+    cc.rope_freqs = x->rope_inv_freq;
     cc.max_seqs = 1;
     kvq_status st;
     cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx); /* exactly the pages n_ctx tokens need */
@@ -231,8 +252,6 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
         st = kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
         goto fail;
     }
-    int hd = c->head_dim;
-    x->rope_inv_freq = malloc((size_t)(hd / 2) * sizeof(float));
     size_t B = (size_t)x->max_batch, kv_dim = (size_t)c->n_kv_heads * (size_t)hd;
     x->x = malloc(B * (size_t)c->dim * sizeof(float));
     x->h = malloc(B * (size_t)c->dim * sizeof(float));
@@ -242,11 +261,10 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->v = malloc(B * kv_dim * sizeof(float));
     x->g = malloc(B * (size_t)c->hidden_dim * sizeof(float));
     x->u = malloc(B * (size_t)c->hidden_dim * sizeof(float));
-    if (!x->rope_inv_freq || !x->x || !x->h || !x->q || !x->o || !x->k || !x->v || !x->g || !x->u) {
+    if (!x->x || !x->h || !x->q || !x->o || !x->k || !x->v || !x->g || !x->u) {
         st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
         goto fail;
     }
-    for (int i = 0; i < hd / 2; i++) x->rope_inv_freq[i] = (float)pow((double)c->rope_theta, -2.0 * i / hd);
     *out = x;
     return KVQ_OK;
 fail:
@@ -335,7 +353,7 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
         matmul(c->v, c->h, L->wv, n, dim, kv_dim, 0.0f);
         for (int t = 0; t < n; t++) {
             rope(c->q + (size_t)t * dim, cf->n_heads, hd, pos0 + t, c->rope_inv_freq);
-            rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq);
+            if (!c->prerope) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq);
         }
         kvq_status st = kvq_append(c->cache, l, 1, &c->seq, &n_tok, KVQ_DTYPE_F32, c->k, c->v);
         if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());

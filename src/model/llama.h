@@ -71,7 +71,13 @@ typedef struct llama_ctx_params {
      * zero-initialized llama_ctx_params gets) */
     int rotate, sinks, nonuniform;
     uint32_t rotation_seed;
+    /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
+     * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope(type_k) */
+    int prerope;
 } llama_ctx_params;
+
+/* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
+int llama_default_prerope(kvq_type type_k);
 
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
  * KVQ_ERR_UNSUPPORTED_TYPE, KVQ_ERR_OUT_OF_MEMORY for the arena, ...) and a message naming it. */
