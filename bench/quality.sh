@@ -88,8 +88,8 @@ run_kvq() { # ctx list -> $tmp/kvq-ctx.csv
   t0=$(date +%s)
   if [ "$kvq_csv_ok" = 1 ]; then
     "$kvq" perplexity -m "$model" -f "$tmp/corpus.txt" --ctx "$ctx" --chunks "$ch" --compare "$list" -q \
-      --csv "$tmp/kvq-raw-$ctx.csv" > "$tmp/kvq-$ctx.txt"
-    python3 - "$tmp/kvq-raw-$ctx.csv" "$tmp/kvq-$ctx.csv" <<'EOF'
+      --csv "$tmp/raw-kvq-$ctx.csv" > "$tmp/kvq-$ctx.txt"
+    python3 - "$tmp/raw-kvq-$ctx.csv" "$tmp/kvq-$ctx.csv" <<'EOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1], newline="")))
 for r in rows:

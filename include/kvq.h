@@ -223,9 +223,12 @@ typedef struct kvq_cache_config {
     kvq_type type_v;    /* default F16 */
     size_t arena_bytes; /* size of the page arena; the cache holds arena_bytes / page_bytes pages */
     int page_tokens;    /* 0: 64. A multiple of 16, and of G when a type is grouped */
-    int group;          /* G; 0: 64. One of 16, 32, 64, 128 */
-    int residual;       /* R; -1: default (128 with a grouped type, else 0). 0 .. 4096. 128 because SmolLM2-135M's
-                         * perplexity at ctx 2048 is +2.2% over F16 with q4 at R = 64 and +1.4% at R = 128 */
+    int group;          /* G; 0: 64. One of 16, 32, 64, 128. 64: 32 and 128 measured no better per bit (section 10,
+                         * "Residual window and group"); the CUDA backend has 64 only */
+    int residual;       /* R; -1: default (128 with a grouped type, else 0). 0 .. 4096. 128 because, with section
+                         * 10's defaults (rotation, one sink), R = 64 measured 1.6x (q2) .. 2.2x (q4) and R = 0 2.2 ..
+                         * 2.3x the KL divergence from F16 of R = 128 on SmolLM2-135M (section 10, "Residual window and
+                         * group") */
     int max_seqs;       /* 0: 256. Live sequences at once */
     int n_threads;      /* 0: as many as OpenMP gives; 1: no threading */
     /* Quality mechanisms (section 10). -1: the default for the cache's types (kvq_cache_config_default sets -1;
@@ -447,6 +450,29 @@ KVQ_API const char *kvq_cpu_backend(void);
  * One sink (the BOS token) buys nearly all of it; more move the group boundaries of the rest without exceeding it
  * (S = 64: q2 worse than S = 1 by 19%), and cost ceil(S / SR) pages per (sequence, layer) (S = 1: one page per
  * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
+ *
+ * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
+ * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean
+ * KLD from the F16 cache and bits per element: scales, the sink page and the window's allocated R + G fp16 rows
+ * amortized over the 1024 tokens:
+ *     G = 64:   R = 0 (= 16 = 32)      R = 64              R = 128 (default)     G = 32, R = 0       G = 128, R = 0
+ *     q4        0.00927  5.50 bits     0.00875  6.22       0.00399  6.94         0.00683  5.81       0.01042  6.38
+ *     q3        0.0435   4.50          0.0343   5.28       0.0197   6.06         0.0422   4.75       0.0405   5.38
+ *     q2        0.400    3.50          0.290    4.34       0.181    5.19         0.303    3.69       0.388    4.38
+ *     q8/q4     0.00400  7.38                              0.00201  8.58
+ * The perplexity run prefills in batches of 256 tokens (a multiple of G), so after every batch the window holds
+ * R + ((n - R) mod G) exact tokens of the n after the sink: 63 for every R < 64, 127 for R = 64, 191 for R = 128
+ * (R = 0, 16 and 32 gave identical logits). 191 -> 127 exact tokens costs 1.6x (q2) .. 2.2x (q4) in KLD, 127 -> 63
+ * less: the window does buy quality with the rotation and a sink, and nothing smaller is within noise of R = 128
+ * (0.43 .. 0.50x the KLD of R < 64 for every type). G = 32 is better than 64 at the same R = 0 (finer key scales) but
+ * still 1.7x R = 128's KLD, and costs 0.5 bit more per element in pages; G = 128 is worse than 64 and its window
+ * (R + 128 rows) costs more than its scales save below ctx ~8k. Defaults: R = 128, G = 64 (unchanged). At ctx 2048
+ * (--chunks 4): q4 KLD 0.00451 at 5.72 bits, q4 R = 0 0.01022 at 5.00 bits (docs/quality.md).
+ * Bits: with G = 64 the scales alone make Q4 4.5 bits, Q3 3.5, Q2 2.5, so no fp16 window fits issue 18's <= 4.5 /
+ * 3.5 / 2.5 at ctx 2048 (R = 0 still allocates G rows: 5.0 / 4.0 / 3.0 bits there). Cheaper windows would need:
+ * values quantized at append (they are grouped per token, only keys wait for a group), a window stored at 8 bits,
+ * sinks outside a whole arena page (one sink costs a page, 64 tokens' bytes); each changes the window format that
+ * kvq_seq_view exposes and the CUDA backend copies, not the page layout (section 5).
  * ------------------------------------------------------------------------------------------------------- */
 
 /* Pre-RoPE keys (prerope = 1, rope_neox, rope_theta, rope_freqs; KVQuant). Off by default in the cache (0 in a
