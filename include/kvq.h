@@ -397,7 +397,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
  * prerope (pre-RoPE keys, below) has no -1: the cache's default is off, since only the caller knows its RoPE; kvq's
- * engine turns it on for Q3 and Q2 keys (measured below), off for the other key types.
+ * engine leaves it off too (it buys Q3/Q2 25-31% of their KLD at 14-18x the decode attention time: below).
  * Measured together (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare
  * with each mechanism spelled out, 2048 scored tokens; KLD: mean KL divergence of the token distributions from the
  * F16 cache's, in nats; F16 PPL 6.5435):
@@ -525,8 +525,9 @@ KVQ_API const char *kvq_cpu_backend(void);
  * and keeps its integer key kernels. Q2 keys alone (values Q8) lose 39% of their KLD, the q3/q2 mix 12%. Non-uniform
  * levels for pre-RoPE Q2 keys take another 11% (0.125 -> 0.111; free: those keys use the fp32 kernels), so they are
  * the default there (nonuniform = -1, table above); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
- * kvq's engine (src/model/llama.c, llama_default_prerope) therefore stores Q3 and
- * Q2 keys pre-RoPE by default (kvq run / perplexity: --kv-prerope 0|1, compare suffix :pre=0|1).
+ * Until R^T runs vectorized over a tile of rows, that gain costs 14-18x the decode attention time (Speed above), so
+ * kvq's engine (src/model/llama.c, llama_default_prerope) keeps keys post-RoPE by default; kvq run / perplexity
+ * --kv-prerope 1 (compare suffix :pre=1) asks for pre-RoPE keys.
  *
  * Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
  * randomized Walsh-Hadamard matrix R = H diag(s) / sqrt(n) per head vector before they are stored (window and pages):

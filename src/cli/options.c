@@ -558,7 +558,7 @@ static void kv_help(FILE *f, int cmd) {
             "  --kv-nuq R              non-uniform quantization levels for the q4/q2 roles none|k|v|kv (kvq.h section 10;\n"
             "                          default: libkvq's)\n"
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
-            "                          default: the engine's for the key type)\n",
+            "                          default 0: with rotated keys it costs 14-18x the decode attention time)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");

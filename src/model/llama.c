@@ -190,7 +190,11 @@ static const char *type_str(kvq_type t) {
 /* kvq.h section 10: pre-RoPE keys where they were measured to help (Q3, Q2 keys: KLD -25%, -31% on SmolLM2); Q4
  * measured no gain (its KLD within noise) and would leave its integer key kernels, the others are per-token */
 int llama_default_prerope(kvq_type type_k) {
-    return type_k == KVQ_TYPE_Q3 || type_k == KVQ_TYPE_Q2;
+    /* Off for every key type: with the (default) key rotation, pre-RoPE keys take each decoded key row back through
+     * R^T, 14-18x slower decode attention at 32k (kvq.h section 10) for 25-31% less KLD on Q3/Q2; --kv-prerope 1
+     * asks for that trade. */
+    (void)type_k;
+    return 0;
 }
 
 kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
