@@ -193,9 +193,10 @@ AI void int_scores_store(const kvq_type T, const int R, const kvq__blk *b, int j
 /* ---- integer value kernels ----
  * Q8: acc[r][c] += sum_i (p_ri * s_i) * q_ic with the weights rounded to int16 (one scale per row and
  * segment) and the codes of tokens i, i+1 interleaved as int16 pairs, so that one vpmaddwd does both tokens
- * of 8 channels. Q4, Q2: the weights w = p * scale of a segment but the largest are rounded to 8 bits (one scale
- * per row, value group and segment: error <= 1/510 of the second largest weight; the largest, which a sink makes
- * dominant, is added exactly in fp32 by top_fixup) and meet byte-interleaved code
+ * of 8 channels. Q4, Q2: the weights w = p * scale of a segment are rounded to 8 bits (one scale per row, value
+ * group and segment: error <= 1/510 of the largest weight rounded, at most 1/255 of the second largest; a largest
+ * weight more than twice the second, which a sink makes dominant, is left out and added exactly in fp32 by
+ * top_fixup, so the others are rounded against the second) and meet byte-interleaved code
  * pairs in vpmaddubsw (16 channels x 2 tokens per instruction), summed in 16-bit lanes read as unsigned: a
  * lane's sum is at most (2^b - 1) * (sum of the 8-bit weights), so the sums can run over the whole segment
  * when the weights' total keeps that under 2^16 (always for Q2; for Q4 unless the weights are flat), else
@@ -282,11 +283,14 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 mx = _mm256_max_ps(mx, w);
                 ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
             }
-            /* The largest weight is left out of the 8-bit ones and added exactly (top_fixup): a dominant token
-             * (a sink: one logit far above the others) would otherwise set the scale alone and leave the rest of
-             * the segment's weights one or two steps of 8 bits (NMSE 5.7e-5 q4, 1e-4 q2 against exact
-             * arithmetic with one such token; < 1e-6 without it). */
-            float amax = hmax_ps(mx);
+            /* A dominant largest weight (more than twice the second: a sink, one logit far above the others) is
+             * left out of the 8-bit ones and added exactly (top_fixup): it would otherwise set the scale alone and
+             * leave the rest of the segment's weights one or two steps of 8 bits (NMSE 5.7e-5 q4, 1e-4 q2 against
+             * exact arithmetic with one such token; < 1e-6 without it). A largest weight at most twice the second
+             * stays among the 8-bit ones: the others' steps at most double, and the segment keeps the windows and
+             * the cost of the kernel without a fixup (doing it for every segment took ~34 of Q4's ~300
+             * instructions per token and KV head at D = 128, the more windows included: kvq-bench, callgrind). */
+            float amax = hmax_ps(mx), topw = amax;
             int top = -1;
             if (amax > 0) {
                 const __m256 am = _mm256_set1_ps(amax);
@@ -298,11 +302,14 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                     }
                 }
                 wf[top] = 0.0f;
-                mx = _mm256_load_ps(wf);
+                __m256 m2 = _mm256_load_ps(wf);
                 #pragma GCC unroll 8
-                for (int i = 8; i < 64; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(wf + i));
+                for (int i = 8; i < 64; i += 8) m2 = _mm256_max_ps(m2, _mm256_load_ps(wf + i));
+                const float second = hmax_ps(m2);
+                if (amax > 2.0f * second) mx = m2; /* dominant: kept exact */
+                else wf[top] = amax, top = -1;
             }
-            vw->top[g][r] = top, vw->topw[g][r] = amax;
+            vw->top[g][r] = top, vw->topw[g][r] = topw;
             amax = hmax_ps(mx);
             float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
             __m256 iv = _mm256_set1_ps(inv);
