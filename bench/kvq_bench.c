@@ -81,12 +81,53 @@ static int write_md(const char *path, const char *title, const char *gen) {
     return fclose(f);
 }
 
+/* A --types entry: TYPE[:rot=none|k|v|kv][:sinks=N][:nuq=none|k|v|kv][:pre=0|1] (kvq.h section 10; unset: the
+ * type's default; pre=1: pre-RoPE keys with Llama-3's theta 500000, NeoX pairs), so that what each mechanism costs
+ * is timed in the same run as F16 */
+typedef struct entry {
+    char label[48];
+    kvq_type type;
+    int rotate, sinks, nonuniform, prerope;
+} entry;
+
+static int parse_roles(const char *x, int *out) {
+    static const char *const names[4] = {"none", "k", "v", "kv"};
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(x, names[i])) return *out = i, 0;
+    return -1;
+}
+
+static int parse_entry(const char *tok, entry *e) {
+    char buf[48];
+    snprintf(buf, sizeof buf, "%s", tok);
+    snprintf(e->label, sizeof e->label, "%s", tok);
+    e->rotate = e->sinks = e->nonuniform = -1;
+    e->prerope = 0;
+    char *suf = strchr(buf, ':');
+    if (suf) *suf++ = 0;
+    if (kvq_type_from_name(buf, &e->type) != KVQ_OK) return fprintf(stderr, "kvq-bench: %s\n", kvq_last_error()), -1;
+    for (char *x = suf; x && *x;) {
+        char *next = strchr(x, ':');
+        if (next) *next++ = 0;
+        char *end = NULL;
+        if (!strncmp(x, "rot=", 4) && !parse_roles(x + 4, &e->rotate)) {
+        } else if (!strncmp(x, "nuq=", 4) && !parse_roles(x + 4, &e->nonuniform)) {
+        } else if (!strncmp(x, "sinks=", 6) && (e->sinks = (int)strtol(x + 6, &end, 10), end != x + 6 && !*end)) {
+        } else if (!strcmp(x, "pre=0") || !strcmp(x, "pre=1")) {
+            e->prerope = x[4] - '0';
+        } else return fprintf(stderr, "kvq-bench: '%s': '%s' is not :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv or :pre=0|1\n", tok, x), -1;
+        x = next;
+    }
+    return 0;
+}
+
 static int usage(void) {
     fprintf(stderr,
             "usage: kvq-bench cpu [--ctx 4096,16384,32768] [--types f16,bf16,q8,fp8,q4,q2] [--runs N] [--threads N]\n"
             "                     [--out DIR] [--no-flush] [--prerope]\n"
-            "       (--prerope: each type also with pre-RoPE keys, kvq.h section 10, Llama-3's theta 500000, NeoX pairs:\n"
-            "        rows TYPE:pre, interleaved with the others)\n"
+            "       a --types entry may switch kvq.h section 10's mechanisms: TYPE[:rot=none|k|v|kv][:sinks=N]\n"
+            "       [:nuq=none|k|v|kv][:pre=0|1] (unset: the type's default; pre=1: pre-RoPE keys, Llama-3's theta\n"
+            "       500000, NeoX pairs), e.g. q4,q4:rot=none,q4:sinks=0; --prerope: every entry also with :pre=1\n"
             "       (without --out: the table on stdout only; --out docs: the tracked docs/bench-cpu.{md,csv,png})\n"
             "       kvq-bench cuda [options of the CUDA benchmark]\n");
     return 2;
@@ -110,18 +151,22 @@ static int bench_cpu(int argc, char **argv) {
     int64_t ctxs[16];
     int nctx = 0;
     for (char *s = strdup(ctx_list), *tok = strtok(s, ","); tok && nctx < 16; tok = strtok(NULL, ",")) ctxs[nctx++] = atoll(tok);
-    kvq_type types[2 * KVQ_TYPE_COUNT];
-    int ntypes = 0, pre[2 * KVQ_TYPE_COUNT] = {0};
-    for (char *s = strdup(type_list), *tok = strtok(s, ","); tok && ntypes < KVQ_TYPE_COUNT; tok = strtok(NULL, ",")) {
-        if (kvq_type_from_name(tok, &types[ntypes]) != KVQ_OK) {
-            fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
-            return 2;
-        }
+    enum { MAX_ENTRIES = 32 };
+    entry ents[MAX_ENTRIES];
+    kvq_type types[MAX_ENTRIES];
+    int ntypes = 0;
+    for (char *s = strdup(type_list), *tok = strtok(s, ","); tok && ntypes < MAX_ENTRIES / 2; tok = strtok(NULL, ",")) {
+        if (parse_entry(tok, &ents[ntypes])) return 2;
         ntypes++;
     }
-    if (with_prerope) /* each type again with pre-RoPE keys */
-        for (int i = ntypes - 1; i >= 0; i--) types[2 * i] = types[2 * i + 1] = types[i], pre[2 * i] = 0, pre[2 * i + 1] = 1;
+    if (with_prerope) /* each entry again with pre-RoPE keys, right after it */
+        for (int i = ntypes - 1; i >= 0; i--) {
+            ents[2 * i] = ents[2 * i + 1] = ents[i];
+            ents[2 * i + 1].prerope = 1;
+            snprintf(ents[2 * i + 1].label, sizeof ents[0].label, "%.40s:pre", ents[i].label);
+        }
     if (with_prerope) ntypes *= 2;
+    for (int i = 0; i < ntypes; i++) types[i] = ents[i].type;
     int64_t maxT = 0;
     for (int i = 0; i < nctx; i++) maxT = ctxs[i] > maxT ? ctxs[i] : maxT;
     size_t chunk_tokens = 1024, row = (size_t)H * D;
@@ -153,17 +198,20 @@ static int bench_cpu(int argc, char **argv) {
         int64_t T = ctxs[ci];
         /* every type's cache is filled first and the runs are interleaved (type 1, type 2, ..., type 1, ...), so that
          * a slow phase of the machine hits all types alike and the ratios stay meaningful */
-        kvq_cache *caches[2 * KVQ_TYPE_COUNT];
-        int32_t seqs[2 * KVQ_TYPE_COUNT];
-        double bytes[2 * KVQ_TYPE_COUNT], *ms = malloc((size_t)runs * ntypes * sizeof *ms);
+        kvq_cache *caches[MAX_ENTRIES];
+        int32_t seqs[MAX_ENTRIES];
+        double bytes[MAX_ENTRIES], *ms = malloc((size_t)runs * ntypes * sizeof *ms);
         for (int ti = 0; ti < ntypes; ti++) {
             kvq_cache_config cfg = kvq_cache_config_default();
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = types[ti], cfg.type_v = types[ti];
             cfg.n_threads = threads;
-            if (pre[ti]) cfg.prerope = 1, cfg.rope_neox = 1, cfg.rope_theta = 500000.0f;
+            cfg.rotate = ents[ti].rotate, cfg.sinks = ents[ti].sinks, cfg.nonuniform = ents[ti].nonuniform;
+            if (ents[ti].prerope) cfg.prerope = 1, cfg.rope_neox = 1, cfg.rope_theta = 500000.0f;
             kvq_page_layout L;
             kvq_page_layout_make(types[ti], types[ti], H, D, 0, 0, &L);
             cfg.arena_bytes = (size_t)((T + 2 * 64) / L.page_tokens + 2) * L.page_bytes;
+            if (ents[ti].sinks > 0) /* sink pages: SR = page_bytes / (4 H D) sink tokens each (kvq.h section 5) */
+                cfg.arena_bytes += (size_t)(ents[ti].sinks / (L.page_bytes / (4 * row)) + 1) * L.page_bytes;
             if (kvq_cache_create(&cfg, &caches[ti]) || kvq_seq_new(caches[ti], &seqs[ti])) {
                 fprintf(stderr, "kvq-bench: %s\n", kvq_last_error());
                 return 1;
@@ -189,15 +237,14 @@ static int bench_cpu(int argc, char **argv) {
                 kvq_attn_decode(caches[ti], 0, 1, &seqs[ti], q, o, &ap);
                 ms[(size_t)ti * runs + r] = now_ms() - t0;
             }
-        double f16_ms = 0, med[2 * KVQ_TYPE_COUNT];
+        double f16_ms = 0, med[MAX_ENTRIES];
         for (int ti = 0; ti < ntypes; ti++) {
             qsort(ms + (size_t)ti * runs, (size_t)runs, sizeof *ms, cmp_double);
             med[ti] = ms[(size_t)ti * runs + runs / 2];
-            if (types[ti] == KVQ_TYPE_F16 && !pre[ti]) f16_ms = med[ti];
+            if (types[ti] == KVQ_TYPE_F16 && !ents[ti].prerope && !f16_ms) f16_ms = med[ti];
         }
         for (int ti = 0; ti < ntypes; ti++) {
-            char name[16];
-            snprintf(name, sizeof name, "%s%s", kvq_type_get_traits(types[ti])->name, pre[ti] ? ":pre" : "");
+            const char *name = ents[ti].label;
             char ratio[32] = "-";
             if (f16_ms > 0) snprintf(ratio, sizeof ratio, "%.2fx", f16_ms / med[ti]);
             printf("%8lld %6s %10.3f %12.1f %10.2f %12s\n", (long long)T, name, med[ti], bytes[ti] / 1e6,

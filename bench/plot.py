@@ -20,7 +20,7 @@ import sys
 
 # one colour per KV type in every plot; F16 and the references in black/grey
 COLORS = {"f16": "#000000", "bf16": "#7f7f7f", "q8": "#1f77b4", "fp8": "#17becf", "q4": "#2ca02c",
-          "q2": "#d62728", "q8/q4": "#9467bd", "f16/q4": "#8c564b", "q8/q2": "#e377c2", "q4/q2": "#ff7f0e",
+          "q2": "#d62728", "q3": "#b8860b", "q8/q4": "#9467bd", "f16/q4": "#8c564b", "q8/q2": "#e377c2", "q4/q2": "#ff7f0e",
           "q4/q8": "#bcbd22", "q4:r128": "#2ca02c"}
 
 

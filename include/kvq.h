@@ -379,7 +379,9 @@ KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t s
 /* Which CPU kernels run: "avx512", "avx2" or "scalar": the best table the CPU has (AVX-512 F/BW/VL/DQ, else AVX2 +
  * FMA, else the scalar reference). The environment, read at every attention call, changes that: KVQ_FORCE_SCALAR=1
  * forces the _ref kernels; KVQ_CPU_KERNELS=scalar, avx2 or avx512 asks for that table (where the CPU lacks it, the
- * best one below it; other values are ignored). */
+ * best one below it; other values are ignored). The avx512 table also uses AVX512-VNNI (vpdpwssd) where the CPU has
+ * it, for the Q3 kernels and the integer key kernels at head_dim 128: the same integer sums (bit for bit), fewer
+ * instructions. */
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------

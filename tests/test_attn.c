@@ -6,7 +6,7 @@
  *  - every table the CPU has (scalar, AVX2, AVX-512: asked for with KVQ_CPU_KERNELS) against the scalar _ref
  *    kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer kernels of Q8/Q4/Q2, which round
  *    queries and softmax weights to int16 (relative error ~1.5e-5 each), < 6e-6 where the values are Q4/Q2,
- *    whose kernels round the weights but the largest to 8 bits; the same bounds for both tables (they share the
+ *    whose kernels round the weights but a dominant largest to 8 bits; the same bounds for both tables (they share the
  *    rounding); a dominant token (run_dominant) < 4e-8;
  *  - decode of a ragged batch, and chunked causal prefill. */
 #include "testutil.h"

@@ -162,78 +162,6 @@ static float exp_sum_avx2(float *x, int n, float m) {
  * to int16 per key group and the softmax weights rounded to int16 per (row, value group, segment): relative
  * error <= 1/65534 of the largest weight, far below Q3's own (a step of 1/7 of a group's range). */
 
-/* lv16[0..7] in bytes 0..7 and 8..15 of each 128-bit lane (vpshufb looks up within a lane; indices are < 8) */
-static inline __m256i q3_table(const uint8_t *lv16) {
-    uint64_t t;
-    memcpy(&t, lv16, 8);
-    return _mm256_set1_epi64x((long long)t);
-}
-
-/* level bytes of the four fields of 128 channels from c (c + 128 <= D): f[u], lane 0 byte k = channel c + 4k + u,
- * lane 1 byte k = channel c + 64 + 4k + u. The 3-bit code is assembled in a byte (low bits from the Q2 plane, the
- * high bit from the nibble of the high plane that covers channels 4k .. 4k + 3) and looked up with vpshufb. */
-AI void q3_fields128(const uint8_t *row, int D, int c, __m256i tbl, __m256i *f) {
-    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
-    __m256i L = _mm256_loadu_si256((const __m256i *)(const void *)(row + c / 4));
-    /* word m: high-bit byte m (channels c + 8m .. c + 8m + 7); its high nibble moved to the word's high byte */
-    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(row + D / 4 + c / 8)));
-    __m256i N = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0xF0)), 4));
-    f[0] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(L, m3), _mm256_and_si256(_mm256_slli_epi16(N, 2), m4)));
-    f[1] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 2), m3),
-                                                    _mm256_and_si256(_mm256_slli_epi16(N, 1), m4)));
-    f[2] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 4), m3), _mm256_and_si256(N, m4)));
-    f[3] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 6), m3),
-                                                    _mm256_and_si256(_mm256_srli_epi16(N, 1), m4)));
-}
-
-/* 128 channels from c (c + 128 <= D) in channel order: dst[c .. c + 128) */
-AI void q3_lv128(const uint8_t *row, int D, int c, __m256i tbl, uint8_t *dst) {
-    __m256i f[4];
-    q3_fields128(row, D, c, tbl, f);
-    /* fields to channel order: (u0 u1) and (u2 u3) byte pairs, then their words interleaved; per 128-bit lane */
-    __m256i a0 = _mm256_unpacklo_epi8(f[0], f[1]), b0 = _mm256_unpacklo_epi8(f[2], f[3]);
-    __m256i a1 = _mm256_unpackhi_epi8(f[0], f[1]), b1 = _mm256_unpackhi_epi8(f[2], f[3]);
-    __m256i o0 = _mm256_unpacklo_epi16(a0, b0), o1 = _mm256_unpackhi_epi16(a0, b0); /* ch 0-15 | 64-79, 16-31 | 80-95 */
-    __m256i o2 = _mm256_unpacklo_epi16(a1, b1), o3 = _mm256_unpackhi_epi16(a1, b1);
-    _mm256_storeu_si256((__m256i *)(void *)(dst + c), _mm256_permute2x128_si256(o0, o1, 0x20));
-    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 32), _mm256_permute2x128_si256(o2, o3, 0x20));
-    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 64), _mm256_permute2x128_si256(o0, o1, 0x31));
-    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 96), _mm256_permute2x128_si256(o2, o3, 0x31));
-}
-
-/* the fields of 64 channels (f[u] byte k = channel c + 4k + u) */
-AI void q3_fields64(const uint8_t *row, int D, int c, __m256i tbl256, __m128i *f) {
-    const __m128i m3 = _mm_set1_epi8(3), m4 = _mm_set1_epi8(4), tbl = _mm256_castsi256_si128(tbl256);
-    __m128i L = _mm_loadu_si128((const __m128i *)(const void *)(row + c / 4));
-    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)(row + D / 4 + c / 8)));
-    __m128i N = _mm_or_si128(w, _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0xF0)), 4));
-    f[0] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(L, m3), _mm_and_si128(_mm_slli_epi16(N, 2), m4)));
-    f[1] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 2), m3), _mm_and_si128(_mm_slli_epi16(N, 1), m4)));
-    f[2] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 4), m3), _mm_and_si128(N, m4)));
-    f[3] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 6), m3), _mm_and_si128(_mm_srli_epi16(N, 1), m4)));
-}
-
-/* the same as q3_lv128 for 64 channels */
-AI void q3_lv64(const uint8_t *row, int D, int c, __m256i tbl, uint8_t *dst) {
-    __m128i f[4];
-    q3_fields64(row, D, c, tbl, f);
-    __m128i a0 = _mm_unpacklo_epi8(f[0], f[1]), b0 = _mm_unpacklo_epi8(f[2], f[3]);
-    __m128i a1 = _mm_unpackhi_epi8(f[0], f[1]), b1 = _mm_unpackhi_epi8(f[2], f[3]);
-    _mm_storeu_si128((__m128i *)(void *)(dst + c), _mm_unpacklo_epi16(a0, b0));
-    _mm_storeu_si128((__m128i *)(void *)(dst + c + 16), _mm_unpackhi_epi16(a0, b0));
-    _mm_storeu_si128((__m128i *)(void *)(dst + c + 32), _mm_unpacklo_epi16(a1, b1));
-    _mm_storeu_si128((__m128i *)(void *)(dst + c + 48), _mm_unpackhi_epi16(a1, b1));
-}
-
-/* a row's D level bytes lv16[q_c], channel order (D = 80, 96: the last 16 or 32 channels one at a time) */
-AI void q3_row_lv(const uint8_t *row, int D, const uint8_t *lv16, __m256i tbl, uint8_t *dst) {
-    int c = 0;
-    for (; c + 128 <= D; c += 128) q3_lv128(row, D, c, tbl, dst);
-    if (c + 64 <= D) q3_lv64(row, D, c, tbl, dst), c += 64;
-    for (; c < D; c++)
-        dst[c] = lv16[((row[c / 4] >> (2 * (c % 4))) & 3) | (((row[D / 4 + c / 8] >> (c % 8)) & 1) << 2)];
-}
-
 /* decoded rows: x = scale * lv / 16 + min, fp32 */
 static void q3_decode(const kvq__blk *b, int j0, int n, float *out) {
     const int D = b->D;
@@ -259,8 +187,6 @@ static void q3_decode(const kvq__blk *b, int j0, int n, float *out) {
         }
     }
 }
-
-static void to_kernel_order(kvq_type T, const float *src, float *dst, int D);
 
 /* The query's order for Q3 keys: D a multiple of 64, Q2's kernel order (position c + 16u + k of a 64-channel chunk
  * at c holds channel c + 4k + u), the order of q3_fields64/128's fields widened to words; else channel order */
@@ -351,40 +277,13 @@ AI void q3_key_scores_impl(const int R, const int DK, const kvq__blk *b, int j0,
  * interleaved as in the Q8 kernel: one vpmaddwd does two tokens of 8 channels) */
 AI void q3_value_accum_impl(const int R, const int DK, const kvq__blk *b, int j0, int n, const float *p, int ps,
                             float *accbuf) {
-    const int D = DK ? DK : b->D, Gv = b->Gv, ng = D / Gv;
+    const int D = DK ? DK : b->D, Gv = b->Gv;
     const __m256i tbl = q3_table(b->lv16);
     /* row n: the partner of an odd n's last token, at weight 0 (its bytes never matter: integer products) */
     uint8_t lv[65][256] __attribute__((aligned(32)));
-    int16_t w16[16][4][64 + 16] __attribute__((aligned(32)));
-    float ws[16][4], mn[16][4];
     for (int i = 0; i < n; i++) q3_row_lv(b->data + (size_t)(j0 + i) * b->stride, D, b->lv16, tbl, lv[i]);
-    for (int g = 0; g < ng; g++) {
-        float S[64] __attribute__((aligned(32))), M[64] __attribute__((aligned(32)));
-        for (int i = 0; i < 64; i++) {
-            const uint16_t *sm = b->par + ((size_t)(j0 + i) * ng + g) * 2;
-            S[i] = i < n ? _cvtsh_ss(sm[0]) : 0.0f, M[i] = i < n ? _cvtsh_ss(sm[1]) : 0.0f;
-        }
-        for (int r = 0; r < R; r++) {
-            const float *pr = p + (size_t)r * ps;
-            float wf[64] __attribute__((aligned(32)));
-            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
-            for (int i = 0; i < 64; i += 8) {
-                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S + i));
-                _mm256_store_ps(wf + i, w);
-                mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), w));
-                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M + i), ma);
-            }
-            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
-            __m256 inv = _mm256_set1_ps(1.0f / sc);
-            for (int i = 0; i < 64; i += 16) {
-                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i), inv));
-                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8), inv));
-                _mm256_store_si256((__m256i *)(void *)&w16[g][r][i], _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8));
-            }
-            w16[g][r][64] = 0;
-            ws[g][r] = sc * 0.0625f, mn[g][r] = hsum_ps(ma);
-        }
-    }
+    q3weights qw;
+    q3_value_weights(R, b, j0, n, p, ps, &qw);
     for (int c = 0; c < D; c += 16) {
         const int g = c / Gv;
         __m256i a[4][2];
@@ -398,7 +297,7 @@ AI void q3_value_accum_impl(const int R, const int DK, const kvq__blk *b, int j0
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 int32_t pw;
-                memcpy(&pw, &w16[g][r][i], 4);
+                memcpy(&pw, &qw.w16[g][r][i], 4);
                 __m256i w = _mm256_set1_epi32(pw);
                 a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w, lo));
                 a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w, hi));
@@ -407,7 +306,7 @@ AI void q3_value_accum_impl(const int R, const int DK, const kvq__blk *b, int j0
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             float *o = accbuf + (size_t)r * D + c;
-            __m256 s = _mm256_set1_ps(ws[g][r]), m = _mm256_set1_ps(mn[g][r]);
+            __m256 s = _mm256_set1_ps(qw.ws[g][r]), m = _mm256_set1_ps(qw.mn[g][r]);
             _mm256_storeu_ps(o, _mm256_add_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), s, _mm256_loadu_ps(o)), m));
             _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), s, _mm256_loadu_ps(o + 8)), m));
         }
@@ -600,40 +499,6 @@ AI void unpack_keys(const kvq_type T, const uint8_t *row, int c, __m256i *v) {
     __m256i m = _mm256_set1_epi16(3);
     v[0] = _mm256_and_si256(x, m), v[1] = _mm256_and_si256(_mm256_srli_epi16(x, 2), m);
     v[2] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m), v[3] = _mm256_srli_epi16(x, 6);
-}
-
-/* dst = src (D floats, natural channel order) in kernel order; src != dst */
-static void to_kernel_order(kvq_type T, const float *src, float *dst, int D) {
-    if (T == KVQ_TYPE_Q8) {
-        memcpy(dst, src, (size_t)D * sizeof(float));
-        return;
-    }
-    if (T == KVQ_TYPE_Q4) { /* 16 channels: evens to dst[c..], odds to dst[c + 16..] */
-        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-        for (int c = 0; c < D; c += 32)
-            for (int h = 0; h < 32; h += 16) {
-                __m256 y0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h), idx);
-                __m256 y1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h + 8), idx);
-                _mm256_storeu_ps(dst + c + h / 2, _mm256_permute2f128_ps(y0, y1, 0x20));
-                _mm256_storeu_ps(dst + c + 16 + h / 2, _mm256_permute2f128_ps(y0, y1, 0x31));
-            }
-        return;
-    }
-    /* Q2: per 32 channels, vpermps makes (8j + u, 8j + 4 + u) pairs; a 4x4 transpose of those pairs gathers u */
-    const __m256i idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int c = 0; c < D; c += 64)
-        for (int h = 0; h < 64; h += 32) {
-            __m256d y[4];
-            for (int j = 0; j < 4; j++)
-                y[j] = _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h + 8 * j), idx));
-            __m256d l01 = _mm256_unpacklo_pd(y[0], y[1]), h01 = _mm256_unpackhi_pd(y[0], y[1]);
-            __m256d l23 = _mm256_unpacklo_pd(y[2], y[3]), h23 = _mm256_unpackhi_pd(y[2], y[3]);
-            float *o = dst + c + h / 4;
-            _mm256_storeu_pd((double *)(void *)(o + 0), _mm256_permute2f128_pd(l01, l23, 0x20));
-            _mm256_storeu_pd((double *)(void *)(o + 16), _mm256_permute2f128_pd(h01, h23, 0x20));
-            _mm256_storeu_pd((double *)(void *)(o + 32), _mm256_permute2f128_pd(l01, l23, 0x31));
-            _mm256_storeu_pd((double *)(void *)(o + 48), _mm256_permute2f128_pd(h01, h23, 0x31));
-        }
 }
 
 /* Accumulations in place: written with intrinsics, GCC reassociates them into trees of spilled products or keeps

@@ -365,6 +365,25 @@ AI void acc_maddwd512_m(__m512i *a, const int16_t *w, __m512i x) {
 #endif
 }
 
+/* AVX512-VNNI (vpdpwssd): a read of libgcc's CPU model, which kvq__kernels_avx512 initialized */
+#define have_vnni __builtin_cpu_supports("avx512vnni")
+
+/* *a += maddwd(w, x) for the R rows of q16 at position pos: vpdpwssd where the CPU has AVX512-VNNI (one
+ * instruction instead of two; the assembler needs no compiler flag for it) */
+AI void madd_rows512(const int R, const bool VNNI, __m512i *acc, __m512i x, const int16_t *q16, int D, int pos) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const int16_t *w = q16 + (size_t)r * D + pos;
+#ifndef KVQ_SIMD_NO_ASM
+        if (VNNI) {
+            __asm__("vpdpwssd %[w], %[x], %[a]" : [a] "+v"(acc[r]) : [w] "m"(*(const int16_t(*)[32])w), [x] "v"(x));
+            continue;
+        }
+#endif
+        acc_maddwd512_m(&acc[r], w, x);
+    }
+}
+
 static inline int int_chunk512(kvq_type T) {
     return T == KVQ_TYPE_Q8 ? 32 : T == KVQ_TYPE_Q4 ? 64 : 128;
 }
@@ -421,8 +440,8 @@ static void key_group_query512(kvq_type T, int R, int D, const uint16_t *sm, con
 }
 
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
-AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
-                            const float *q, float *s, int ss, kvq__qstate *st) {
+AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0,
+                            int n, const float *q, float *s, int ss, kvq__qstate *st) {
     const int D = DK ? DK : b->D, C = int_chunk512(T), NX = C / 32;
     const bool grouped = T != KVQ_TYPE_Q8;
     if (!st->valid) { /* first block of the work item: Q8 rounds q once, the grouped types permute it once */
@@ -457,10 +476,7 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
                 __m512i x[4];
                 unpack_keys512(T, row, c, x);
                 #pragma GCC unroll 4
-                for (int u = 0; u < NX; u++)
-                    #pragma GCC unroll 4
-                    for (int r = 0; r < R; r++)
-                        acc_maddwd512_m(&acc[r], q16 + (size_t)r * D + c + 32 * u, x[u]);
+                for (int u = 0; u < NX; u++) madd_rows512(R, VNNI, acc, x[u], q16, D, c + 32 * u);
             }
             /* each row's 16 sums folded to 8, then attn_avx2.c's layout: (r0 r1 r2 r3 | r0 r1 r2 r3) */
             __m256i h[4];
@@ -659,6 +675,162 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
         value_accum_grouped512(T, R, b, j0, n, p, ps, accbuf);
 }
 
+/* ---- Q3 (kvq.h section 5) on zmm: attn_avx2.c's byte-shuffle decode (attn_simd.h), then the int16 dot products
+ * on 32 lanes, half the instructions of the 256-bit ones. D a multiple of 64 (keys) and value groups of whole
+ * 32-channel chunks; other shapes and more than 4 rows take the AVX2 Q3 kernels. */
+
+/* The query's order for Q3 keys: per 128 channels from c, position c + 32u + k (k < 16) holds channel c + 4k + u
+ * and c + 32u + 16 + k channel c + 64 + 4k + u (field u of q3_fields128's two lanes widened to one zmm); a last 64
+ * channels (D = 64, 192) as AVX2 (position c + 16u + k: channel c + 4k + u, two fields per zmm) */
+static void q3_order512(kvq_type T, const float *src, float *dst, int D) {
+    (void)T;
+    float t[256] __attribute__((aligned(64)));
+    to_kernel_order(KVQ_TYPE_Q2, src, t, D); /* position c + 16u + k of each 64 channels: channel c + 4k + u */
+    int c = 0;
+    for (; c + 128 <= D; c += 128)
+        for (int u = 0; u < 4; u++) {
+            _mm512_storeu_ps(dst + c + 32 * u, _mm512_loadu_ps(t + c + 16 * u));
+            _mm512_storeu_ps(dst + c + 32 * u + 16, _mm512_loadu_ps(t + c + 64 + 16 * u));
+        }
+    if (c < D) memcpy(dst + c, t + c, 64 * sizeof(float));
+}
+
+AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0, int n,
+                              const float *q, float *s, int ss, kvq__qstate *st) {
+    const int D = DK ? DK : b->D;
+    const __m256i tbl = q3_table(b->lv16);
+    if (!st->valid) {
+        for (int r = 0; r < R; r++) q3_order512(KVQ_TYPE_Q3, q + (size_t)r * D, st->qg + (size_t)r * D, D);
+        st->valid = 1, st->par = NULL, st->group = -1;
+    }
+    pfcur pf = pf_start(b, n);
+    for (int i0 = 0; i0 < n;) {
+        int j = j0 + i0;
+        if (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G) {
+            key_group_query_in(KVQ_TYPE_Q3, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st, q3_order512);
+            for (int r = 0; r < R; r++) st->qs[r] *= 0.0625f; /* lv16 is in 1/16 steps */
+            st->par = b->par, st->group = j / b->G;
+        }
+        int m = n - i0 < 8 ? n - i0 : 8;
+        if (j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        pf_step(&pf);
+        const uint8_t *row = b->data + (size_t)j * b->stride;
+        __m256i part[8];
+        for (int t = 0; t < m; t++, row += b->stride) {
+            const int16_t *q16 = st->q16;
+            __asm__("" : "+r"(q16)); /* the query stays in memory operands (see key_scores_int_impl) */
+            __m512i acc[4];
+            #pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
+            int c = 0;
+            #pragma GCC unroll 2
+            for (; c + 128 <= D; c += 128) {
+                __m256i f[4];
+                q3_fields128(row, D, c, tbl, f);
+                #pragma GCC unroll 4
+                for (int u = 0; u < 4; u++) madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(f[u]), q16, D, c + 32 * u);
+            }
+            if (c < D) {
+                __m128i f[4];
+                q3_fields64(row, D, c, tbl, f);
+                madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[1], f[0])), q16, D, c);
+                madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[3], f[2])), q16, D, c + 32);
+            }
+            __m256i h[4];
+            #pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
+            part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+        }
+        int_scores_store(KVQ_TYPE_Q3, R, b, j, m, part, st, s + i0, ss);
+        i0 += m;
+    }
+}
+
+/* Values: the segment's rows decoded to level bytes (channel order), then per 32 channels of value group g and token
+ * pair, acc[r] += ws * (w16 pair of row r) . (the pair's level bytes as words) as in value_accum_q8_512 (lanes:
+ * channels 0-7 and 16-23, then 8-15 and 24-31), + sum p * min */
+AI void q3_value_accum512_impl(const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0, int n,
+                               const float *p, int ps, float *accbuf) {
+    const int D = DK ? DK : b->D, Gv = b->Gv;
+    const __m256i tbl = q3_table(b->lv16);
+    /* row n: the partner of an odd n's last token, at weight 0 (its bytes never matter: integer products) */
+    uint8_t lv[65][256] __attribute__((aligned(64)));
+    for (int i = 0; i < n; i++) q3_row_lv(b->data + (size_t)(j0 + i) * b->stride, D, b->lv16, tbl, lv[i]);
+    q3weights qw;
+    q3_value_weights(R, b, j0, n, p, ps, &qw);
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int c = 0; c < D; c += 32) {
+        const int g = c / Gv;
+        __m512i a[4][2];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_si512();
+        for (int i = 0; i < n; i += 2) {
+            __m256i x0 = _mm256_load_si256((const __m256i *)(const void *)(lv[i] + c));
+            __m256i x1 = _mm256_load_si256((const __m256i *)(const void *)(lv[i + 1] + c));
+            __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(x0, x1));
+            __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(x0, x1));
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                int32_t pw;
+                memcpy(&pw, &qw.w16[g][r][i], 4);
+                const __m512i w = _mm512_set1_epi32(pw);
+#ifndef KVQ_SIMD_NO_ASM
+                if (VNNI) {
+                    __asm__("vpdpwssd %[x], %[w], %[a]" : [a] "+v"(a[r][0]) : [w] "v"(w), [x] "v"(lo));
+                    __asm__("vpdpwssd %[x], %[w], %[a]" : [a] "+v"(a[r][1]) : [w] "v"(w), [x] "v"(hi));
+                    continue;
+                }
+#endif
+                acc_maddwd512(&a[r][0], w, lo), acc_maddwd512(&a[r][1], w, hi);
+            }
+        }
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            float *o = accbuf + (size_t)r * D + c;
+            const __m512 sv = _mm512_set1_ps(qw.ws[g][r]), mv = _mm512_set1_ps(qw.mn[g][r]);
+            __m512 f0 = _mm512_cvtepi32_ps(a[r][0]), f1 = _mm512_cvtepi32_ps(a[r][1]);
+            __m512 y0 = _mm512_permutex2var_ps(f0, first, f1), y1 = _mm512_permutex2var_ps(f0, second, f1);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_fmadd_ps(y0, sv, _mm512_loadu_ps(o)), mv));
+            _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_fmadd_ps(y1, sv, _mm512_loadu_ps(o + 16)), mv));
+        }
+    }
+}
+
+
+static void q3_key_scores512(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
+                             kvq__qstate *st) {
+#define Q3K(R)                                                                                                 \
+    if (b->D == 128) {                                                                                         \
+        if (have_vnni) q3_key_scores512_impl(R, 128, true, b, j0, n, q, s, ss, st);                            \
+        else q3_key_scores512_impl(R, 128, false, b, j0, n, q, s, ss, st);                                     \
+    } else if (have_vnni) q3_key_scores512_impl(R, 0, true, b, j0, n, q, s, ss, st);                           \
+    else q3_key_scores512_impl(R, 0, false, b, j0, n, q, s, ss, st);
+    switch (rows) {
+    case 1: Q3K(1) break;
+    case 2: Q3K(2) break;
+    case 3: Q3K(3) break;
+    default: Q3K(4) break;
+    }
+#undef Q3K
+}
+
+static void q3_value_accum512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+#define Q3V(R)                                                                                                 \
+    if (b->D == 128) {                                                                                         \
+        if (have_vnni) q3_value_accum512_impl(R, 128, true, b, j0, n, p, ps, acc);                             \
+        else q3_value_accum512_impl(R, 128, false, b, j0, n, p, ps, acc);                                      \
+    } else if (have_vnni) q3_value_accum512_impl(R, 0, true, b, j0, n, p, ps, acc);                            \
+    else q3_value_accum512_impl(R, 0, false, b, j0, n, p, ps, acc);
+    switch (rows) {
+    case 1: Q3V(1) break;
+    case 2: Q3V(2) break;
+    case 3: Q3V(3) break;
+    default: Q3V(4) break;
+    }
+#undef Q3V
+}
+
 /* The 512-bit integer kernels: whole 512-bit chunks, value groups that hold whole half chunks (one weight
  * broadcast per half). */
 static bool int_ok512(const kvq__blk *b, int rows) {
@@ -674,8 +846,9 @@ static bool int_ok_avx2(const kvq__blk *b, int rows) {
 
 static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                               kvq__qstate *st) {
-    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
-        kvq__kernels_avx2_table()->key_scores(b, j0, n, q, rows, s, ss, st);
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the zmm kernels where the shape fits them, else the AVX2 ones */
+        if (rows <= 4 && b->D % 64 == 0) q3_key_scores512(b, j0, n, q, rows, s, ss, st);
+        else kvq__kernels_avx2_table()->key_scores(b, j0, n, q, rows, s, ss, st);
         return;
     }
     if (nu_blk(b)) {
@@ -684,9 +857,11 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
     }
     if (int_ok512(b, rows)) {
         /* the common head dims get a fully unrolled channel loop */
-#define KI128(T, R) key_scores_int_impl(T, R, 128, b, j0, n, q, s, ss, st)
-#define KI64(T, R) key_scores_int_impl(T, R, 64, b, j0, n, q, s, ss, st)
-#define KI(T, R) key_scores_int_impl(T, R, 0, b, j0, n, q, s, ss, st)
+#define KI128(T, R)                                                                                            \
+    if (have_vnni) key_scores_int_impl(T, R, 128, true, b, j0, n, q, s, ss, st);                               \
+    else key_scores_int_impl(T, R, 128, false, b, j0, n, q, s, ss, st)
+#define KI64(T, R) key_scores_int_impl(T, R, 64, false, b, j0, n, q, s, ss, st)
+#define KI(T, R) key_scores_int_impl(T, R, 0, false, b, j0, n, q, s, ss, st)
         if (b->D == 128) {
             INT_TYPE_SWITCH(KI128)
         } else if (b->D == 64) {
@@ -710,8 +885,9 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
 
 static void value_accum_avx512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows,
                                float *acc) {
-    if (b->type == KVQ_TYPE_Q3) { /* Q3: the AVX2 kernels (256-bit byte-shuffle decode) */
-        kvq__kernels_avx2_table()->value_accum(b, j0, n, p, ps, rows, acc);
+    if (b->type == KVQ_TYPE_Q3) { /* Q3: the zmm kernels where the shape fits them, else the AVX2 ones */
+        if (rows <= 4 && b->D % 32 == 0 && b->Gv % 32 == 0) q3_value_accum512(b, j0, n, p, ps, rows, acc);
+        else kvq__kernels_avx2_table()->value_accum(b, j0, n, p, ps, rows, acc);
         return;
     }
     if (nu_blk(b)) {

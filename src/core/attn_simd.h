@@ -193,9 +193,10 @@ AI void int_scores_store(const kvq_type T, const int R, const kvq__blk *b, int j
 /* ---- integer value kernels ----
  * Q8: acc[r][c] += sum_i (p_ri * s_i) * q_ic with the weights rounded to int16 (one scale per row and
  * segment) and the codes of tokens i, i+1 interleaved as int16 pairs, so that one vpmaddwd does both tokens
- * of 8 channels. Q4, Q2: the weights w = p * scale of a segment but the largest are rounded to 8 bits (one scale
- * per row, value group and segment: error <= 1/510 of the second largest weight; the largest, which a sink makes
- * dominant, is added exactly in fp32 by top_fixup) and meet byte-interleaved code
+ * of 8 channels. Q4, Q2: the weights w = p * scale of a segment are rounded to 8 bits (one scale per row, value
+ * group and segment: error <= 1/510 of the largest weight rounded, at most 1/255 of the second largest; a largest
+ * weight more than twice the second, which a sink makes dominant, is left out and added exactly in fp32 by
+ * top_fixup, so the others are rounded against the second) and meet byte-interleaved code
  * pairs in vpmaddubsw (16 channels x 2 tokens per instruction), summed in 16-bit lanes read as unsigned: a
  * lane's sum is at most (2^b - 1) * (sum of the 8-bit weights), so the sums can run over the whole segment
  * when the weights' total keeps that under 2^16 (always for Q2; for Q4 unless the weights are flat), else
@@ -282,11 +283,14 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 mx = _mm256_max_ps(mx, w);
                 ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
             }
-            /* The largest weight is left out of the 8-bit ones and added exactly (top_fixup): a dominant token
-             * (a sink: one logit far above the others) would otherwise set the scale alone and leave the rest of
-             * the segment's weights one or two steps of 8 bits (NMSE 5.7e-5 q4, 1e-4 q2 against exact
-             * arithmetic with one such token; < 1e-6 without it). */
-            float amax = hmax_ps(mx);
+            /* A dominant largest weight (more than twice the second: a sink, one logit far above the others) is
+             * left out of the 8-bit ones and added exactly (top_fixup): it would otherwise set the scale alone and
+             * leave the rest of the segment's weights one or two steps of 8 bits (NMSE 5.7e-5 q4, 1e-4 q2 against
+             * exact arithmetic with one such token; < 1e-6 without it). A largest weight at most twice the second
+             * stays among the 8-bit ones: the others' steps at most double, and the segment keeps the windows and
+             * the cost of the kernel without a fixup (doing it for every segment took ~34 of Q4's ~300
+             * instructions per token and KV head at D = 128, the more windows included: kvq-bench, callgrind). */
+            float amax = hmax_ps(mx), topw = amax;
             int top = -1;
             if (amax > 0) {
                 const __m256 am = _mm256_set1_ps(amax);
@@ -298,11 +302,14 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                     }
                 }
                 wf[top] = 0.0f;
-                mx = _mm256_load_ps(wf);
+                __m256 m2 = _mm256_load_ps(wf);
                 #pragma GCC unroll 8
-                for (int i = 8; i < 64; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(wf + i));
+                for (int i = 8; i < 64; i += 8) m2 = _mm256_max_ps(m2, _mm256_load_ps(wf + i));
+                const float second = hmax_ps(m2);
+                if (amax > 2.0f * second) mx = m2; /* dominant: kept exact */
+                else wf[top] = amax, top = -1;
             }
-            vw->top[g][r] = top, vw->topw[g][r] = amax;
+            vw->top[g][r] = top, vw->topw[g][r] = topw;
             amax = hmax_ps(mx);
             float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
             __m256 iv = _mm256_set1_ps(inv);
@@ -543,5 +550,157 @@ static inline bool int_fits(const kvq__blk *b, int rows, int C, int Cg) {
 #define TYPE_SWITCH(CALL) TYPES_SWITCH(ROWS_SWITCH, CALL)
 #define TYPE_SWITCH4(CALL) TYPES_SWITCH(INT_ROWS_SWITCH, CALL)
 /* clang-format on */
+
+
+/* ---- Q3 row decoding (kvq.h section 5), shared by the AVX2 and AVX-512 Q3 kernels ---- */
+
+/* lv16[0..7] in bytes 0..7 and 8..15 of each 128-bit lane (vpshufb looks up within a lane; indices are < 8) */
+static inline __m256i q3_table(const uint8_t *lv16) {
+    uint64_t t;
+    memcpy(&t, lv16, 8);
+    return _mm256_set1_epi64x((long long)t);
+}
+
+/* level bytes of the four fields of 128 channels from c (c + 128 <= D): f[u], lane 0 byte k = channel c + 4k + u,
+ * lane 1 byte k = channel c + 64 + 4k + u. The 3-bit code is assembled in a byte (low bits from the Q2 plane, the
+ * high bit from the nibble of the high plane that covers channels 4k .. 4k + 3) and looked up with vpshufb. */
+AI void q3_fields128(const uint8_t *row, int D, int c, __m256i tbl, __m256i *f) {
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    __m256i L = _mm256_loadu_si256((const __m256i *)(const void *)(row + c / 4));
+    /* word m: high-bit byte m (channels c + 8m .. c + 8m + 7); its high nibble moved to the word's high byte */
+    __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(row + D / 4 + c / 8)));
+    __m256i N = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0xF0)), 4));
+    f[0] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(L, m3), _mm256_and_si256(_mm256_slli_epi16(N, 2), m4)));
+    f[1] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 2), m3),
+                                                    _mm256_and_si256(_mm256_slli_epi16(N, 1), m4)));
+    f[2] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 4), m3), _mm256_and_si256(N, m4)));
+    f[3] = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L, 6), m3),
+                                                    _mm256_and_si256(_mm256_srli_epi16(N, 1), m4)));
+}
+
+/* 128 channels from c (c + 128 <= D) in channel order: dst[c .. c + 128) */
+AI void q3_lv128(const uint8_t *row, int D, int c, __m256i tbl, uint8_t *dst) {
+    __m256i f[4];
+    q3_fields128(row, D, c, tbl, f);
+    /* fields to channel order: (u0 u1) and (u2 u3) byte pairs, then their words interleaved; per 128-bit lane */
+    __m256i a0 = _mm256_unpacklo_epi8(f[0], f[1]), b0 = _mm256_unpacklo_epi8(f[2], f[3]);
+    __m256i a1 = _mm256_unpackhi_epi8(f[0], f[1]), b1 = _mm256_unpackhi_epi8(f[2], f[3]);
+    __m256i o0 = _mm256_unpacklo_epi16(a0, b0), o1 = _mm256_unpackhi_epi16(a0, b0); /* ch 0-15 | 64-79, 16-31 | 80-95 */
+    __m256i o2 = _mm256_unpacklo_epi16(a1, b1), o3 = _mm256_unpackhi_epi16(a1, b1);
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c), _mm256_permute2x128_si256(o0, o1, 0x20));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 32), _mm256_permute2x128_si256(o2, o3, 0x20));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 64), _mm256_permute2x128_si256(o0, o1, 0x31));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + c + 96), _mm256_permute2x128_si256(o2, o3, 0x31));
+}
+
+/* the fields of 64 channels (f[u] byte k = channel c + 4k + u) */
+AI void q3_fields64(const uint8_t *row, int D, int c, __m256i tbl256, __m128i *f) {
+    const __m128i m3 = _mm_set1_epi8(3), m4 = _mm_set1_epi8(4), tbl = _mm256_castsi256_si128(tbl256);
+    __m128i L = _mm_loadu_si128((const __m128i *)(const void *)(row + c / 4));
+    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(const void *)(row + D / 4 + c / 8)));
+    __m128i N = _mm_or_si128(w, _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0xF0)), 4));
+    f[0] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(L, m3), _mm_and_si128(_mm_slli_epi16(N, 2), m4)));
+    f[1] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 2), m3), _mm_and_si128(_mm_slli_epi16(N, 1), m4)));
+    f[2] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 4), m3), _mm_and_si128(N, m4)));
+    f[3] = _mm_shuffle_epi8(tbl, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(L, 6), m3), _mm_and_si128(_mm_srli_epi16(N, 1), m4)));
+}
+
+/* the same as q3_lv128 for 64 channels */
+AI void q3_lv64(const uint8_t *row, int D, int c, __m256i tbl, uint8_t *dst) {
+    __m128i f[4];
+    q3_fields64(row, D, c, tbl, f);
+    __m128i a0 = _mm_unpacklo_epi8(f[0], f[1]), b0 = _mm_unpacklo_epi8(f[2], f[3]);
+    __m128i a1 = _mm_unpackhi_epi8(f[0], f[1]), b1 = _mm_unpackhi_epi8(f[2], f[3]);
+    _mm_storeu_si128((__m128i *)(void *)(dst + c), _mm_unpacklo_epi16(a0, b0));
+    _mm_storeu_si128((__m128i *)(void *)(dst + c + 16), _mm_unpackhi_epi16(a0, b0));
+    _mm_storeu_si128((__m128i *)(void *)(dst + c + 32), _mm_unpacklo_epi16(a1, b1));
+    _mm_storeu_si128((__m128i *)(void *)(dst + c + 48), _mm_unpackhi_epi16(a1, b1));
+}
+
+/* a row's D level bytes lv16[q_c], channel order (D = 80, 96: the last 16 or 32 channels one at a time) */
+AI void q3_row_lv(const uint8_t *row, int D, const uint8_t *lv16, __m256i tbl, uint8_t *dst) {
+    int c = 0;
+    for (; c + 128 <= D; c += 128) q3_lv128(row, D, c, tbl, dst);
+    if (c + 64 <= D) q3_lv64(row, D, c, tbl, dst), c += 64;
+    for (; c < D; c++)
+        dst[c] = lv16[((row[c / 4] >> (2 * (c % 4))) & 3) | (((row[D / 4 + c / 8] >> (c % 8)) & 1) << 2)];
+}
+
+
+/* ---- the integer key kernels' query order ---- */
+
+/* dst = src (D floats, natural channel order) in kernel order; src != dst */
+SIMD_FN void to_kernel_order(kvq_type T, const float *src, float *dst, int D) {
+    if (T == KVQ_TYPE_Q8) {
+        memcpy(dst, src, (size_t)D * sizeof(float));
+        return;
+    }
+    if (T == KVQ_TYPE_Q4) { /* 16 channels: evens to dst[c..], odds to dst[c + 16..] */
+        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        for (int c = 0; c < D; c += 32)
+            for (int h = 0; h < 32; h += 16) {
+                __m256 y0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h), idx);
+                __m256 y1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h + 8), idx);
+                _mm256_storeu_ps(dst + c + h / 2, _mm256_permute2f128_ps(y0, y1, 0x20));
+                _mm256_storeu_ps(dst + c + 16 + h / 2, _mm256_permute2f128_ps(y0, y1, 0x31));
+            }
+        return;
+    }
+    /* Q2: per 32 channels, vpermps makes (8j + u, 8j + 4 + u) pairs; a 4x4 transpose of those pairs gathers u */
+    const __m256i idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int c = 0; c < D; c += 64)
+        for (int h = 0; h < 64; h += 32) {
+            __m256d y[4];
+            for (int j = 0; j < 4; j++)
+                y[j] = _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_loadu_ps(src + c + h + 8 * j), idx));
+            __m256d l01 = _mm256_unpacklo_pd(y[0], y[1]), h01 = _mm256_unpackhi_pd(y[0], y[1]);
+            __m256d l23 = _mm256_unpacklo_pd(y[2], y[3]), h23 = _mm256_unpackhi_pd(y[2], y[3]);
+            float *o = dst + c + h / 4;
+            _mm256_storeu_pd((double *)(void *)(o + 0), _mm256_permute2f128_pd(l01, l23, 0x20));
+            _mm256_storeu_pd((double *)(void *)(o + 16), _mm256_permute2f128_pd(h01, h23, 0x20));
+            _mm256_storeu_pd((double *)(void *)(o + 32), _mm256_permute2f128_pd(l01, l23, 0x31));
+            _mm256_storeu_pd((double *)(void *)(o + 48), _mm256_permute2f128_pd(h01, h23, 0x31));
+        }
+}
+
+
+/* Q3 value weights of the n tokens from row j0: w16[g][r][i] = p * scale of value group g rounded to int16 with one
+ * scale per (group, row) (relative error <= 1/65534 of the largest weight), read in token pairs (zero from n on,
+ * w16[g][r][64] too), ws = that scale / 16 (lv16 is in 1/16 steps), mn = sum_i p * min */
+typedef struct q3weights {
+    int16_t w16[16][4][64 + 16] __attribute__((aligned(64)));
+    float ws[16][4], mn[16][4];
+} q3weights;
+
+AI void q3_value_weights(const int R, const kvq__blk *b, int j0, int n, const float *p, int ps, q3weights *w) {
+    const int ng = b->D / b->Gv;
+    for (int g = 0; g < ng; g++) {
+        float S[64] __attribute__((aligned(32))), M[64] __attribute__((aligned(32)));
+        for (int i = 0; i < 64; i++) {
+            const uint16_t *sm = b->par + ((size_t)(j0 + i) * ng + g) * 2;
+            S[i] = i < n ? _cvtsh_ss(sm[0]) : 0.0f, M[i] = i < n ? _cvtsh_ss(sm[1]) : 0.0f;
+        }
+        for (int r = 0; r < R; r++) {
+            const float *pr = p + (size_t)r * ps;
+            float wf[64] __attribute__((aligned(32)));
+            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
+            for (int i = 0; i < 64; i += 8) {
+                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S + i));
+                _mm256_store_ps(wf + i, w);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), w));
+                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M + i), ma);
+            }
+            float amax = hmax_ps(mx), sc = amax > 0 ? amax / 32767.0f : 1.0f;
+            __m256 inv = _mm256_set1_ps(1.0f / sc);
+            for (int i = 0; i < 64; i += 16) {
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i), inv));
+                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8), inv));
+                _mm256_store_si256((__m256i *)(void *)&w->w16[g][r][i], _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8));
+            }
+            w->w16[g][r][64] = 0;
+            w->ws[g][r] = sc * 0.0625f, w->mn[g][r] = hsum_ps(ma);
+        }
+    }
+}
 
 #endif
