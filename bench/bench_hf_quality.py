@@ -37,7 +37,8 @@ Versions the table in docs/ was made with: torch 2.15.0, transformers 5.24.0, op
 hqq 0.2.8.post1, accelerate 1.16.0, gguf 0.19.0 (pip install optimum-quanto==0.2.7 hqq==0.2.8.post1
 accelerate==1.16.0 gguf==0.19.0).
 
-  python3 bench/bench_hf_quality.py --chunks 4 --out docs     # writes docs/bench-hf-quality.{csv,md}
+  python3 bench/bench_hf_quality.py --chunks 4 --threads 1 --out docs   # writes docs/bench-hf-quality.{csv,md}
+  (--threads 1 on a shared machine: torch's two threads, oversubscribed, made a method take 10x longer)
   python3 bench/bench_hf_quality.py --chunks 1 --decode 64 --methods dynamic,kvq-q4,quanto-4   # quick look
 
 Without --out it only prints. CSV columns (read by name by bench/quality.sh): method, nbits, ppl, dppl_pct,
