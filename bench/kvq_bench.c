@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #ifdef KVQ_HAVE_CUDA_BENCH
@@ -269,6 +270,7 @@ static int bench_cpu(int argc, char **argv) {
     int rc = 0;
     if (out) {
         char path[1024];
+        mkdir(out, 0777); /* the folder may be new (scripts pass $OUT/bench-TABLE); an error shows at fopen below */
         snprintf(path, sizeof path, "%s/bench-cpu.csv", out);
         FILE *f = fopen(path, "w");
         if (!f || fputs(csv_buf, f) < 0 || fclose(f)) {
