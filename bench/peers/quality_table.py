@@ -56,9 +56,15 @@ def hf(out, src, ctx):
     rows = []
     for r in read(src):
         m = r.get("method", "")
-        name = "HF HQQ" if "hqq" in m.lower() else "HF quanto" if "quanto" in m.lower() else "HF " + m
+        low = m.lower()
         nb = r.get("nbits", "")
-        kv = f"int{nb}" if nb and m.lower() not in ("dynamic", "f16", "bf16", "fp16") else m
+        if low.startswith("kvq-"):  # kvq's KVQCache on HF's protocol: one method, its config as the KV label
+            name, kv = "HF kvq", low[4:].replace("/residual=", ":r")
+        elif low == "dynamic":
+            name, kv = "HF DynamicCache", "f16"
+        else:
+            name = "HF HQQ" if "hqq" in low else "HF quanto" if "quanto" in low else "HF " + m
+            kv = f"int{nb}" if nb else m
         row = dict(r, method=name, kv=kv)
         row.setdefault("ctx", ctx)
         if not row.get("ctx"):
