@@ -187,12 +187,10 @@ static const char *type_str(kvq_type t) {
     return tr ? tr->name : "(unknown type)";
 }
 
-/* kvq.h section 10: pre-RoPE keys where they were measured to help (Q3, Q2 keys: KLD -25%, -31% on SmolLM2); Q4
- * measured no gain (its KLD within noise) and would leave its integer key kernels, the others are per-token */
+/* kvq.h section 10: pre-RoPE keys help Q3 and Q2 (KLD -25%, -31% on SmolLM2; Q4 within noise), but with the default
+ * key rotation each decoded key row goes back through R^T: 14-18x slower decode attention at 32k. So off for every
+ * key type until that R^T is vectorized; --kv-prerope 1 asks for the trade. */
 int llama_default_prerope(kvq_type type_k) {
-    /* Off for every key type: with the (default) key rotation, pre-RoPE keys take each decoded key row back through
-     * R^T, 14-18x slower decode attention at 32k (kvq.h section 10) for 25-31% less KLD on Q3/Q2; --kv-prerope 1
-     * asks for that trade. */
     (void)type_k;
     return 0;
 }
