@@ -156,7 +156,7 @@ static int bench_cpu(int argc, char **argv) {
     entry ents[MAX_ENTRIES];
     kvq_type types[MAX_ENTRIES];
     int ntypes = 0;
-    for (char *s = strdup(type_list), *tok = strtok(s, ","); tok && ntypes < MAX_ENTRIES / 2; tok = strtok(NULL, ",")) {
+    for (char *s = strdup(type_list), *tok = strtok(s, ","); tok && ntypes < (with_prerope ? MAX_ENTRIES / 2 : MAX_ENTRIES); tok = strtok(NULL, ",")) {
         if (parse_entry(tok, &ents[ntypes])) return 2;
         ntypes++;
     }
