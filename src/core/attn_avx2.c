@@ -217,13 +217,7 @@ AI void q3_key_scores_impl(const int R, const int DK, const kvq__blk *b, int j0,
     pfcur pf = pf_start(b, n);
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
-        if (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G) {
-            key_group_query_in(KVQ_TYPE_Q3, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st, q3_order);
-            for (int r = 0; r < R; r++) st->qs[r] *= 0.0625f; /* lv16 is in 1/16 steps */
-            st->par = b->par, st->group = j / b->G;
-        }
-        int m = n - i0 < 8 ? n - i0 : 8;
-        if (j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        const int m = key_segment(KVQ_TYPE_Q3, R, D, b, j, n - i0, q, st, q3_order);
         pf_step(&pf);
         const uint8_t *row = b->data + (size_t)j * b->stride;
         __m256i part[8];
@@ -520,11 +514,6 @@ AI void acc_maddwd_m(__m256i *a, const __m256i *w, __m256i x) {
     __asm__("vpmaddwd %[w], %[x], %[t]\n\tvpaddd %[t], %[a], %[a]" : [a] "+x"(*a), [t] "=&x"(t) : [w] "m"(*w), [x] "x"(x));
 }
 
-/* A new key group of a grouped type: q' = q * scale rounded to int16 (kernel order) and qm = q . min */
-static void key_group_query(kvq_type T, int R, int D, const uint16_t *sm, const float *q, kvq__qstate *st) {
-    key_group_query_in(T, R, D, sm, q, st, to_kernel_order);
-}
-
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
 AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
                             const float *q, float *s, int ss, kvq__qstate *st) {
@@ -540,14 +529,8 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const k
     pfcur pf = pf_start(b, n);
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
-        /* (no divisions per 8 tokens: the group's rows are [G * group, G * group + G)) */
-        if (grouped && (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G)) {
-            key_group_query(T, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st);
-            st->par = b->par, st->group = j / b->G;
-        }
         /* up to 8 tokens of one key group; their scores are reduced together (transposed sums) */
-        int m = n - i0 < 8 ? n - i0 : 8;
-        if (grouped && j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        const int m = key_segment(T, R, D, b, j, n - i0, q, st, to_kernel_order);
         pf_step(&pf);
         /* part[t]: token t's R row sums, each split over the two 128-bit halves: (r0 r1 r2 r3 | r0 r1 r2 r3) */
         __m256i part[8];

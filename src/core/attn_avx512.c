@@ -434,11 +434,6 @@ static void to_kernel_order512(kvq_type T, const float *src, float *dst, int D) 
         }
 }
 
-static void key_group_query512(kvq_type T, int R, int D, const uint16_t *sm, const float *q,
-                               kvq__qstate *st) {
-    key_group_query_in(T, R, D, sm, q, st, to_kernel_order512);
-}
-
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
 AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0,
                             int n, const float *q, float *s, int ss, kvq__qstate *st) {
@@ -454,13 +449,8 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const b
     pfcur pf = pf_start(b, n);
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
-        if (grouped && (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G)) {
-            key_group_query512(T, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st);
-            st->par = b->par, st->group = j / b->G;
-        }
         /* up to 8 tokens of one key group; their scores are reduced together (attn_simd.h) */
-        int m = n - i0 < 8 ? n - i0 : 8;
-        if (grouped && j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        const int m = key_segment(T, R, D, b, j, n - i0, q, st, to_kernel_order512);
         pf_step(&pf);
         __m256i part[8];
         const uint8_t *row = b->data + (size_t)j * b->stride;
@@ -706,13 +696,7 @@ AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const 
     pfcur pf = pf_start(b, n);
     for (int i0 = 0; i0 < n;) {
         int j = j0 + i0;
-        if (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G) {
-            key_group_query_in(KVQ_TYPE_Q3, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st, q3_order512);
-            for (int r = 0; r < R; r++) st->qs[r] *= 0.0625f; /* lv16 is in 1/16 steps */
-            st->par = b->par, st->group = j / b->G;
-        }
-        int m = n - i0 < 8 ? n - i0 : 8;
-        if (j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        const int m = key_segment(KVQ_TYPE_Q3, R, D, b, j, n - i0, q, st, q3_order512);
         pf_step(&pf);
         const uint8_t *row = b->data + (size_t)j * b->stride;
         __m256i part[8];

@@ -148,6 +148,24 @@ AI void key_group_query_in(kvq_type T, int R, int D, const uint16_t *sm, const f
     quantize_rows16(st->qg, scp, R, D, st->q16, st->qs);
 }
 
+/* The next segment of the integer key kernels, from token j with `left` tokens to go: enters token j's key group
+ * when it changes (q' and q . min for that group, once per group; Q3's levels are in 1/16 steps) and returns how
+ * many tokens (<= 8) of that group come next. Q8 has no groups: min(left, 8). */
+AI int key_segment(const kvq_type T, int R, int D, const kvq__blk *b, int j, int left, const float *q,
+                   kvq__qstate *st, void (*order)(kvq_type, const float *, float *, int)) {
+    const bool grouped = T != KVQ_TYPE_Q8;
+    /* (no divisions per 8 tokens: the group's rows are [G * group, G * group + G)) */
+    if (grouped && (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G)) {
+        key_group_query_in(T, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st, order);
+        if (T == KVQ_TYPE_Q3)
+            for (int r = 0; r < R; r++) st->qs[r] *= 0.0625f;
+        st->par = b->par, st->group = j / b->G;
+    }
+    int m = left < 8 ? left : 8;
+    if (grouped && j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+    return m;
+}
+
 /* Last step of the integer key scores of m <= 8 tokens from row j: part[t] holds token t's R (<= 4) int32 row
  * sums, each split over the two 128-bit halves: (r0 r1 r2 r3 | r0 r1 r2 r3) (rows from R on 0); part[m..8) is
  * set here. s[r * ss + t] = sum * token scale * query scale (+ q . min for the grouped types). */
