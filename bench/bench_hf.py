@@ -10,15 +10,20 @@ decode steps):
   2. --warmup decode steps of the whole model (embedding, layers, LM head), not timed;
   3. --steps timed decode steps (Python's garbage collector off): a CUDA event after each step; the host time of
      each model() call is kept too ("host ms");
-  4. --breakdown-steps instrumented steps: the GPU is first held by a spin kernel (torch.cuda._sleep) long enough
+  4. --host-steps steps with a host clock (time.perf_counter) around every layer's cache.update() and attention
+     function, nothing else: "host us/layer" is the host time of one layer's KV update + attention call (for kvq: the
+     append and the attention on the pages; DynamicCache + SDPA: torch.cat and the SDPA call), the median over those
+     steps of their mean over layers. It is the per-layer host cost the cache adds to a step (issue 23), measured
+     the same way for every method, in the same run;
+  5. --breakdown-steps instrumented steps: the GPU is first held by a spin kernel (torch.cuda._sleep) long enough
      for the host to queue the whole step, so the step then runs on the GPU without host gaps; CUDA events around
      every layer's cache.update() and attention function give "GPU ms/step" (pure device time of a step), "KV
      update ms" (cache.update: concatenation / quantization / dequantization) and "attention ms" (the attention
      function; for kvq it includes the append, which kvq does inside its attention);
-  5. peak GPU memory: torch.cuda.max_memory_allocated() over steps 2-4 (its counter is reset after the context is
+  6. peak GPU memory: torch.cuda.max_memory_allocated() over steps 2-5 (its counter is reset after the context is
      loaded), minus the model weights, plus the device memory kvq allocates outside torch's allocator (arena,
      residual windows, page tables, workspace);
-  6. KV MiB: the bytes of the cache's K/V contents at the end (tensors of DynamicCache / QuantizedCache / icw; kvq:
+  7. KV MiB: the bytes of the cache's K/V contents at the end (tensors of DynamicCache / QuantizedCache / icw; kvq:
      pages in use + residual windows), and a check that the cache holds context + all decode steps tokens.
 All of this is done --rounds times (default 2) per row, the methods of one (context, batch) in turn and every other
 round in reverse order, so that slow drifts of the host (the steps of a 4-layer model at batch 1 are bound by Python
@@ -266,6 +271,8 @@ class Probe:
     def __init__(self, cache, impl, clock):
         self.cache, self.impl, self.clock = cache, impl, clock
         self.on = False
+        self.host_on = False  # host clock only (the --host-steps steps)
+        self.host_steps = []  # per host step: {layer: [t_update_start, t_attention_end]}
         self.sdpa_choice = None
         self.marks = []  # per step: list of (layer, t_update_start, t_update_end, t_attn_end)
         self._orig_update = cache.update
@@ -273,6 +280,9 @@ class Probe:
         self._cur = {}
 
         def update(key_states, value_states, layer_idx, *a, **kw):
+            if self.host_on:
+                self._cur[layer_idx] = [time.perf_counter()]
+                return self._orig_update(key_states, value_states, layer_idx, *a, **kw)
             if self.on:
                 t0 = self.clock.mark()
             out = self._orig_update(key_states, value_states, layer_idx, *a, **kw)
@@ -284,7 +294,9 @@ class Probe:
             if self.sdpa_choice is None and impl == "sdpa":
                 self.sdpa_choice = sdpa_choice(module, query, key, value, attention_mask)
             out = self._orig_attn(module, query, key, value, attention_mask, *a, **kw)
-            if self.on:
+            if self.host_on:
+                self._cur[module.layer_idx].append(time.perf_counter())
+            elif self.on:
                 self._cur[module.layer_idx].append(self.clock.mark())
             return out
 
@@ -296,6 +308,15 @@ class Probe:
 
     def end_step(self):
         self.marks.append([(li, *ts) for li, ts in sorted(self._cur.items())])
+
+    def end_host_step(self):
+        self.host_steps.append(dict(self._cur))
+
+    def host_us_per_layer(self):
+        """Median over the host steps of the mean over layers of (attention end - update start), in us."""
+        per = [1e6 * statistics.mean(t[1] - t[0] for t in st.values()) for st in self.host_steps
+               if st and all(len(t) == 2 for t in st.values())]
+        return statistics.median(per) if per else float("nan")
 
     def close(self):
         del ALL_ATTENTION_FUNCTIONS[self.impl]
@@ -366,7 +387,7 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
-    n_dec = a.warmup + a.steps + a.breakdown_steps
+    n_dec = a.warmup + a.steps + a.host_steps + a.breakdown_steps
     cache, impl = make_cache(name, model, B, ctx + n_dec + 64)
     model.set_attn_implementation(impl)
     res = {"method": method, "batch": B, "ctx": ctx, "layers": model.config.num_hidden_layers,
@@ -395,6 +416,14 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
                     marks.append(clock.mark())
                 clock.sync()
                 per_step = [clock.ms(marks[i], marks[i + 1]) for i in range(a.steps)]
+                # host steps: a host clock around every layer's update + attention, no events
+                probe.host_on = True
+                for _ in range(a.host_steps):
+                    probe.begin_step()
+                    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    probe.end_host_step()
+                probe.host_on = False
+                clock.sync()
                 # instrumented steps, each queued behind a spin kernel so that it runs without host gaps
                 gpu_steps, host_b = [], []
                 hold_ms = max(20.0, 3.0 * statistics.median(host))
@@ -418,6 +447,9 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
             res.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
                        tok_s=B * 1000.0 / med, host_ms=statistics.median(host), steps=a.steps,
                        _per_step=per_step, _host=host, _gpu=gpu_steps)
+            if probe.host_steps:
+                res["host_us_layer"] = probe.host_us_per_layer()
+                res["_host_layer"] = [probe.host_us_per_layer()]
             if gpu_steps:
                 upd, att = probe.split_ms()
                 res.update(gpu_ms=statistics.median(gpu_steps), kv_update_ms=upd, attn_ms=att,
@@ -460,6 +492,9 @@ def merge_rounds(results):
     r.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
              tok_s=r["batch"] * 1000.0 / med, host_ms=statistics.median([x for o in ok for x in o["_host"]]),
              steps=len(per_step), rounds=len(ok), wall_s=sum(o.get("wall_s", 0.0) for o in results))
+    hl = [x for o in ok for x in o.get("_host_layer", []) if not math.isnan(x)]
+    if hl:
+        r["host_us_layer"] = statistics.median(hl)
     gpu = [x for o in ok for x in o.get("_gpu", [])]
     if gpu:
         r["gpu_ms"] = statistics.median(gpu)
@@ -485,7 +520,7 @@ def public(r):
 # ------------------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["method", "batch", "ctx", "layers", "ms_step", "tok_s", "speedup_vs_dynamic", "kv_mib", "kv_ratio",
               "peak_mib", "ms_mean", "ms_min", "ms_max", "host_ms", "gpu_ms", "kv_update_ms", "attn_ms",
-              "kv_mib_per_layer", "kv_alloc_mib", "tokens", "steps", "attn_impl", "sdpa_pinned", "sdpa_backend",
+              "host_us_layer", "kv_mib_per_layer", "kv_alloc_mib", "tokens", "steps", "attn_impl", "sdpa_pinned", "sdpa_backend",
               "flush_ms", "residual", "rounds", "gaps", "note", "error", "wall_s"]
 
 
@@ -584,18 +619,21 @@ def write_md(path, rows, meta, a):
              "attention: its parts spent in cache.update() (concatenation, (de)quantization) and in the attention "
              "function (for kvq: append + attention on the pages), summed over layers. sdpa backend: what torch's "
              "dispatch picked for the first attention call. tokens: what the cache holds at the end (context + "
-             f"{a.warmup + a.steps + a.breakdown_steps} decode steps).")
+             f"{a.warmup + a.steps + a.host_steps + a.breakdown_steps} decode steps). host us/layer: host time of one "
+             "layer's cache.update() + attention function call (for kvq: append + attention on the pages; for "
+             "DynamicCache + SDPA: torch.cat + SDPA), median over the --host-steps steps of the mean over layers: "
+             "what the cache adds to a step's host time per layer (issue 23).")
     L.append("")
-    L.append("| method | batch | ctx | ms/step | mean | host ms | GPU ms | KV update ms | attention ms | KV MiB/layer "
-             "| tokens | sdpa backend |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    L.append("| method | batch | ctx | ms/step | mean | host ms | host us/layer | GPU ms | KV update ms | attention ms "
+             "| KV MiB/layer | tokens | sdpa backend |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
             continue
         note = (" (" + r["gaps"] + ")") if r.get("gaps") else ""
         note += (" **" + r["note"] + "**") if r.get("note") else ""
         L.append(f"| {r['method']} | {r['batch']} | {r['ctx']} | {r['ms_step']:.2f} | {r['ms_mean']:.2f} | "
-                 f"{r['host_ms']:.2f} | {f(r.get('gpu_ms'), '.2f')} | {f(r.get('kv_update_ms'), '.2f')} | "
+                 f"{r['host_ms']:.2f} | {f(r.get('host_us_layer'), '.1f')} | {f(r.get('gpu_ms'), '.2f')} | {f(r.get('kv_update_ms'), '.2f')} | "
                  f"{f(r.get('attn_ms'), '.2f')} | {r['kv_mib_per_layer']:.1f} | {r['tokens']} | "
                  f"{r.get('sdpa_backend', '')}{note} |")
     fl = [r for r in rows if "flush_ms" in r and "error" not in r]
@@ -652,6 +690,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per row (median)")
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--host-steps", type=int, default=8,
+                    help="steps per row with a host clock around each layer's update + attention (0: none)")
     ap.add_argument("--breakdown-steps", type=int, default=4, help="instrumented steps per row (0: none)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="measure every row this many times, the methods of a (ctx, batch) in turn, odd rounds in "

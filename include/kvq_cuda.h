@@ -152,6 +152,21 @@ KVQ_API kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *cache, int layer, int n_
                                         kvq_dtype qo_dtype, const void *q, void *out, const kvq_attn_params *p,
                                         kvq_cuda_stream stream);
 
+/* One decode step of one layer in one call: kvq_cuda_append of ONE token to each of the n_seqs sequences (k, v:
+ * DEVICE [n_seqs][n_kv_heads][head_dim] of kv_dtype), then kvq_cuda_attn_decode of the same sequences (q, out:
+ * DEVICE [n_seqs][n_q_heads][head_dim] of qo_dtype), both enqueued on `stream`, with the bits of those two calls.
+ * It exists for host time: a framework's decode loop (kvq.hf) makes one call per layer and step instead of two,
+ * and the arguments are validated once.
+ * Everything that can be refused is checked before anything changes: the layer, params, dtypes and pointers, the
+ * sequences (live, distinct), room in the page table and the free list, and the device memory of both halves (the
+ * rotation's scratch, the attention workspace, reserved for the call's size up front): an error leaves the cache as
+ * it was (KVQ_ERR_NULL, KVQ_ERR_INVALID_ARG, KVQ_ERR_SHAPE, KVQ_ERR_NO_SEQ, KVQ_ERR_CACHE_FULL,
+ * KVQ_ERR_OUT_OF_MEMORY). The one exception is a kernel launch failing after the append was enqueued (KVQ_ERR_CUDA:
+ * the device context is broken, as after any failed launch); the token is then stored. */
+KVQ_API kvq_status kvq_cuda_decode_step(kvq_cuda_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                                        kvq_dtype kv_dtype, const void *k, const void *v, kvq_dtype qo_dtype,
+                                        const void *q, void *out, const kvq_attn_params *p, kvq_cuda_stream stream);
+
 /* Chunked causal prefill, semantics of kvq_attn_prefill: the n_q queries are the last n_q tokens of the sequence
  * (append them first). q, out: DEVICE [n_q][n_q_heads][head_dim] of qo_dtype. Enqueued on `stream`.
  * This version is correct for every type but reads the cache once per query row (no tensor-core tiling over

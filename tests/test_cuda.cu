@@ -23,6 +23,7 @@
 #include "kvq_cuda.h"
 
 static int g_fail = 0;
+extern "C" int kvq_cuda__fail_alloc_in(int n);  // test hook of kvq_cuda.cu (not in kvq_cuda.h)
 #define CHECK(cond, ...)                                                                                             \
     do {                                                                                                             \
         if (!(cond)) {                                                                                               \
@@ -374,6 +375,196 @@ static void test_long(kvq_type t, int64_t len) {
     free_pair(p);
 }
 
+// ------------------------------------------------------------------------------------------------ decode step
+// kvq_cuda_decode_step (append one token per sequence + decode, one call) against kvq_cuda_append followed by
+// kvq_cuda_attn_decode on a twin cache fed the same inputs: the same output bits at every step and the same page and
+// window bytes, across window flushes and page boundaries (ragged lengths, 3 sequences, 2 layers). Then its errors:
+// each leaves every length and the page accounting as they were.
+static std::vector<uint8_t> seq_bytes(kvq_cuda_cache *c, int32_t seq, int layer) {
+    int64_t paged = 0;
+    int32_t win = 0;
+    kvq_cache_config cfg;
+    kvq_page_layout L;
+    OK(kvq_cuda_cache_get_config(c, &cfg, &L));
+    OK(kvq_cuda_seq_read(c, seq, layer, &paged, &win, nullptr, nullptr, nullptr, 0));
+    const size_t np = (size_t)((paged + 63) / 64), row = (size_t)L.n_kv_heads * L.head_dim;
+    std::vector<uint8_t> b(np * L.page_bytes + 4 * row * win + 16, 0);
+    uint16_t *wk = (uint16_t *)(b.data() + np * L.page_bytes), *wv = wk + row * win;
+    OK(kvq_cuda_seq_read(c, seq, layer, nullptr, nullptr, b.data(), wk, wv, 0));
+    memcpy(b.data() + b.size() - 16, &paged, 8);
+    memcpy(b.data() + b.size() - 8, &win, 4);
+    return b;
+}
+
+static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
+    const int H = 2, nqh = 8, NS = 3, LAYERS = 2, STEPS = 150;
+    const int32_t pre[NS] = {1, 70, 127};
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
+    cfg.max_seqs = 4, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
+    cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 4 * 512);
+    kvq_cuda_cache *a, *b;
+    OK(kvq_cuda_cache_create(&cfg, 0, 0, &a));
+    OK(kvq_cuda_cache_create(&cfg, 0, 0, &b));
+    char what[96];
+    snprintf(what, sizeof what, "%s D%d R%d%s decode_step", tname(t), D, residual, mech_name());
+    int32_t ids[NS];
+    for (int i = 0; i < NS; i++) OK(kvq_cuda_seq_new(a, &ids[i])), OK(kvq_cuda_seq_new(b, &ids[i]));
+    const size_t esz = dt == KVQ_DTYPE_F32 ? 4 : 2;
+    const size_t nkv = (size_t)(pre[0] + pre[1] + pre[2]) * H * D, nq = (size_t)NS * nqh * D;
+    std::vector<uint8_t> hk(nkv * esz), hv(nkv * esz), hq(nq * esz);
+    auto fill = [&](std::vector<uint8_t> &h, size_t n) {
+        for (size_t e = 0; e < n; e++) {
+            const float x = frand() * 2.0f;
+            if (dt == KVQ_DTYPE_F32) memcpy(h.data() + 4 * e, &x, 4);
+            else { const uint16_t y = f2h(x); memcpy(h.data() + 2 * e, &y, 2); }
+        }
+    };
+    void *dk, *dv, *dq, *oa, *ob;
+    CU(cudaMalloc(&dk, nkv * esz));
+    CU(cudaMalloc(&dv, nkv * esz));
+    CU(cudaMalloc(&dq, nq * esz));
+    CU(cudaMalloc(&oa, nq * esz));
+    CU(cudaMalloc(&ob, nq * esz));
+    fill(hk, nkv), fill(hv, nkv);
+    CU(cudaMemcpy(dk, hk.data(), nkv * esz, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dv, hv.data(), nkv * esz, cudaMemcpyHostToDevice));
+    for (int l = 0; l < LAYERS; l++) {
+        OK(kvq_cuda_append(a, l, NS, ids, pre, dt, dk, dv, 0));
+        OK(kvq_cuda_append(b, l, NS, ids, pre, dt, dk, dv, 0));
+    }
+    const int32_t ones[NS] = {1, 1, 1};
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    ap.window = t == KVQ_TYPE_Q8 ? 100 : 0;  // a sliding window in one of the cases
+    std::vector<uint8_t> ra(nq * esz), rb(nq * esz);
+    int diff = 0;
+    for (int step = 0; step < STEPS; step++) {
+        for (int l = 0; l < LAYERS; l++) {
+            fill(hk, (size_t)NS * H * D), fill(hv, (size_t)NS * H * D), fill(hq, nq);
+            CU(cudaMemcpy(dk, hk.data(), (size_t)NS * H * D * esz, cudaMemcpyHostToDevice));
+            CU(cudaMemcpy(dv, hv.data(), (size_t)NS * H * D * esz, cudaMemcpyHostToDevice));
+            CU(cudaMemcpy(dq, hq.data(), nq * esz, cudaMemcpyHostToDevice));
+            CU(cudaMemset(ob, 0xff, nq * esz));  // NaN poison: every element must be written
+            OK(kvq_cuda_append(a, l, NS, ids, ones, dt, dk, dv, 0));
+            OK(kvq_cuda_attn_decode(a, l, NS, ids, dt, dq, oa, &ap, 0));
+            OK(kvq_cuda_decode_step(b, l, NS, ids, dt, dk, dv, dt, dq, ob, &ap, 0));
+            CU(cudaMemcpy(ra.data(), oa, nq * esz, cudaMemcpyDeviceToHost));
+            CU(cudaMemcpy(rb.data(), ob, nq * esz, cudaMemcpyDeviceToHost));
+            diff += memcmp(ra.data(), rb.data(), nq * esz) != 0;
+        }
+    }
+    CHECK(diff == 0, "%s: %d of %d steps gave other bits than append + attn_decode", what, diff, STEPS * LAYERS);
+    for (int i = 0; i < NS; i++)
+        for (int l = 0; l < LAYERS; l++) {
+            int64_t la = 0, lb = 0;
+            OK(kvq_cuda_seq_length(a, ids[i], l, &la));
+            OK(kvq_cuda_seq_length(b, ids[i], l, &lb));
+            CHECK(la == lb && la == pre[i] + STEPS, "%s: seq %d layer %d length %lld vs %lld", what, i, l, (long long)lb,
+                  (long long)la);
+            CHECK(seq_bytes(a, ids[i], l) == seq_bytes(b, ids[i], l), "%s: seq %d layer %d bytes differ", what, i, l);
+        }
+    // errors: nothing changes
+    kvq_cuda_stats s0, s1;
+    OK(kvq_cuda_cache_get_stats(b, &s0));
+    auto same = [&](kvq_status got, kvq_status want, const char *bad) {
+        CHECK(got == want && kvq_cuda_last_error()[0], "%s: %s -> %d (%s), expected %d", what, bad, (int)got,
+              kvq_cuda_last_error(), (int)want);
+        OK(kvq_cuda_cache_get_stats(b, &s1));
+        CHECK(s1.pages_free == s0.pages_free && s1.n_seqs == s0.n_seqs, "%s: %s changed the page accounting", what, bad);
+        for (int i = 0; i < NS; i++) {
+            int64_t len = 0;
+            OK(kvq_cuda_seq_length(b, ids[i], 0, &len));
+            CHECK(len == pre[i] + STEPS, "%s: %s changed sequence %d's length to %lld", what, bad, i, (long long)len);
+        }
+    };
+    kvq_attn_params bp = ap;
+    bp.n_q_heads = H + 1;
+    same(kvq_cuda_decode_step(b, 0, NS, ids, dt, dk, dv, dt, dq, ob, &bp, 0), KVQ_ERR_SHAPE, "n_q_heads 3");
+    bp = ap, bp.scale = -1.0f;
+    same(kvq_cuda_decode_step(b, 0, NS, ids, dt, dk, dv, dt, dq, ob, &bp, 0), KVQ_ERR_INVALID_ARG, "scale -1");
+    same(kvq_cuda_decode_step(b, 0, NS, ids, dt, dk, dv, dt, dq, ob, nullptr, 0), KVQ_ERR_NULL, "params NULL");
+    same(kvq_cuda_decode_step(b, LAYERS, NS, ids, dt, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_SHAPE, "layer 2");
+    same(kvq_cuda_decode_step(b, 0, 0, ids, dt, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_INVALID_ARG, "n_seqs 0");
+    same(kvq_cuda_decode_step(b, 0, NS, ids, dt, dk, dv, dt, nullptr, ob, &ap, 0), KVQ_ERR_NULL, "q NULL");
+    same(kvq_cuda_decode_step(b, 0, NS, ids, dt, dk, nullptr, dt, dq, ob, &ap, 0), KVQ_ERR_NULL, "v NULL");
+    same(kvq_cuda_decode_step(b, 0, NS, ids, (kvq_dtype)7, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_INVALID_ARG, "kv dtype 7");
+    same(kvq_cuda_decode_step(b, 0, NS, ids, dt, dk, dv, (kvq_dtype)7, dq, ob, &ap, 0), KVQ_ERR_INVALID_ARG, "qo dtype 7");
+    const int32_t dup[NS] = {ids[0], ids[1], ids[0]}, dead[NS] = {ids[0], 3, ids[2]};
+    same(kvq_cuda_decode_step(b, 0, NS, dup, dt, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_INVALID_ARG, "a sequence twice");
+    same(kvq_cuda_decode_step(b, 0, NS, dead, dt, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_NO_SEQ, "sequence 3");
+    CU(cudaFree(dk));
+    CU(cudaFree(dv));
+    CU(cudaFree(dq));
+    CU(cudaFree(oa));
+    CU(cudaFree(ob));
+    kvq_cuda_cache_free(a);
+    kvq_cuda_cache_free(b);
+    printf("  %-40s %d steps x %d layers: same bits as append + attn_decode\n", what, STEPS, LAYERS);
+}
+
+// kvq_cuda_decode_step when the cache or the device is full: a page table with room for one page (CACHE_FULL once the
+// window must flush into a second page) and every device allocation of a first call failing in turn
+// (OUT_OF_MEMORY): the cache unchanged, and the next call works with the bits of a run that never failed.
+static void test_decode_step_full() {
+    const int H = 2, D = 128, NQ = 8;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.max_seqs = 1, cfg.residual = 0, cfg.sinks = 0;
+    cfg.rotate = KVQ_ROLES_KV, cfg.type_k = cfg.type_v = KVQ_TYPE_Q8;  // rotated values: the output scratch too
+    cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 512);
+    std::vector<float> h((size_t)NQ * D), hq(h.size());
+    for (size_t i = 0; i < h.size(); i++) h[i] = sinf(0.37f * (float)i), hq[i] = cosf(0.11f * (float)i);
+    float *dk, *dq, *dout;
+    CU(cudaMalloc(&dk, h.size() * 4));
+    CU(cudaMalloc(&dq, h.size() * 4));
+    CU(cudaMalloc(&dout, h.size() * 4));
+    CU(cudaMemcpy(dk, h.data(), h.size() * 4, cudaMemcpyHostToDevice));  // K = V: the first H * D values
+    CU(cudaMemcpy(dq, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
+    kvq_attn_params ap = kvq_attn_params_default(NQ);
+    std::vector<std::vector<float>> outs;
+    int failed = 0;
+    for (int n = 1; n <= 16; n++) {
+        kvq_cuda_cache *c;
+        OK(kvq_cuda_cache_create(&cfg, 0, 64, &c));  // one page per (sequence, layer)
+        int32_t seq;
+        OK(kvq_cuda_seq_new(c, &seq));
+        kvq_cuda__fail_alloc_in(n);
+        kvq_status st = kvq_cuda_decode_step(c, 0, 1, &seq, KVQ_DTYPE_F32, dk, dk, KVQ_DTYPE_F32, dq, dout, &ap, 0);
+        const bool reached = kvq_cuda__fail_alloc_in(0) == 0;
+        int64_t len = -1;
+        OK(kvq_cuda_seq_length(c, seq, 0, &len));
+        if (st != KVQ_OK) {
+            failed++;
+            kvq_cuda_stats s;
+            OK(kvq_cuda_cache_get_stats(c, &s));
+            CHECK(st == KVQ_ERR_OUT_OF_MEMORY && len == 0 && s.pages_free == s.pages_total,
+                  "decode_step failalloc n=%d: -> %d (%s), length %lld", n, (int)st, kvq_cuda_last_error(), (long long)len);
+            OK(kvq_cuda_decode_step(c, 0, 1, &seq, KVQ_DTYPE_F32, dk, dk, KVQ_DTYPE_F32, dq, dout, &ap, 0));
+        }
+        std::vector<float> o(h.size());
+        CU(cudaMemcpy(o.data(), dout, o.size() * 4, cudaMemcpyDeviceToHost));
+        outs.push_back(o);
+        if (!reached) {  // every allocation of the first call was made to fail once: now the full page table
+            for (int i = 1; i < 64; i++)
+                OK(kvq_cuda_decode_step(c, 0, 1, &seq, KVQ_DTYPE_F32, dk, dk, KVQ_DTYPE_F32, dq, dout, &ap, 0));
+            st = kvq_cuda_decode_step(c, 0, 1, &seq, KVQ_DTYPE_F32, dk, dk, KVQ_DTYPE_F32, dq, dout, &ap, 0);
+            OK(kvq_cuda_seq_length(c, seq, 0, &len));
+            CHECK(st == KVQ_ERR_CACHE_FULL && len == 64, "decode_step into a full page table -> %d, length %lld", (int)st,
+                  (long long)len);
+            kvq_cuda_cache_free(c);
+            break;
+        }
+        kvq_cuda_cache_free(c);
+    }
+    CHECK(failed >= 2, "decode_step failalloc: %d allocations failed (expected >= 2: workspace, scratch)", failed);
+    for (size_t i = 0; i + 1 < outs.size(); i++)
+        CHECK(memcmp(outs[i].data(), outs.back().data(), outs.back().size() * 4) == 0,
+              "decode_step failalloc: the output after failure %zu differs from a run without one", i);
+    printf("decode_step: %d device allocations failed in turn, all clean; a full page table refused cleanly\n", failed);
+    CU(cudaFree(dk));
+    CU(cudaFree(dq));
+    CU(cudaFree(dout));
+}
+
 // ------------------------------------------------------------------------------------------------ fork, truncate
 // Every step is applied to the CPU cache and the device cache; the CPU core is the reference for contents (bytes),
 // lengths, sequence ids and page accounting.
@@ -639,7 +830,6 @@ static void test_cow_full(kvq_type t, int residual) {
 // until the workload no longer reaches the n-th: a failing call returns KVQ_ERR_OUT_OF_MEMORY with a message; a
 // failed create returns no cache and leaves no device memory behind; a failed decode leaves the cache's lengths and
 // page accounting as they were and works once memory is back, with the bits of a run that never failed.
-extern "C" int kvq_cuda__fail_alloc_in(int n);
 static void test_failalloc() {
     const int H = 2, D = 128, NQ = 4, T = 200;
     kvq_cache_config cfg = kvq_cache_config_default();
@@ -825,6 +1015,16 @@ int main(int argc, char **argv) {
         test_long(KVQ_TYPE_Q2, 40000);
     }
     test_failalloc();
+    // the fused decode step: plain and rotated/sink caches, per-token and grouped types, fp32 and fp16 I/O
+    if (!only) {
+        test_decode_step(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);
+        test_decode_step(KVQ_TYPE_Q8, 128, 5, KVQ_DTYPE_F32);
+        g_rot = -1, g_sinks = -1;
+        test_decode_step(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16);
+        test_decode_step(KVQ_TYPE_Q2, 64, 0, KVQ_DTYPE_F32);
+        g_rot = 0, g_sinks = 0;
+        test_decode_step_full();
+    }
     // argument errors
     kvq_cuda_cache *none = nullptr;
     kvq_cache_config bad = kvq_cache_config_default();

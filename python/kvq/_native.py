@@ -656,6 +656,40 @@ class Cache:
         q_addr, out_addr = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr")
         _check(_lib.kvq_attn_decode(h, layer, n, idp, q_addr, out_addr, C.byref(p)))
 
+    def decode_plan(self, layer: int, seq_ids: Sequence[int], dtype: int, n_q_heads: int, scale: float = 0.0,
+                    window: int = 0, softcap: float = 0.0):
+        """A decode step of `layer` for seq_ids with every argument checked and converted once: returns
+        step(k_addr, v_addr, q_addr, out_addr), which appends one token per sequence (kvq_append; k, v: raw addresses
+        of [len(seq_ids)][n_kv_heads][head_dim] elements of `dtype`) and computes kvq_attn_decode (q, out: float32
+        [len(seq_ids)][n_q_heads][head_dim]). For loops that call the same step at every token (kvq.hf, once per
+        layer and step): the per-call work is the two C calls. The buffers are the caller's responsibility, as for the
+        *_ptr methods; the C calls still check the cache's state (KvqError); a closed cache raises
+        CacheClosedError."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, _, key = _ids(seq_ids, "seq_ids")
+        dtype = _dtype_code(dtype)
+        ids = (C.c_int32 * max(1, n))(*key)  # owned by the step (the _ids memo may drop its arrays)
+        ones = (C.c_int32 * max(1, n))(*([1] * n))
+        idp, onep = C.cast(ids, _I32P), C.cast(ones, _I32P)
+        p0 = _params(n_q_heads, scale, window, softcap)
+        p = AttnParams(p0.n_q_heads, p0.scale, p0.window, p0.softcap)
+        pref = C.byref(p)
+        append, decode, owner = _lib.kvq_append, _lib.kvq_attn_decode, self
+
+        def step(k_addr: int, v_addr: int, q_addr: int, out_addr: int) -> None:
+            if owner._h is not h:
+                raise CacheClosedError(owner._what)
+            st = append(h, layer, n, idp, onep, dtype, k_addr, v_addr)
+            if st < 0:
+                _check(st)
+            st = decode(h, layer, n, idp, q_addr, out_addr, pref)
+            if st < 0:
+                _check(st)
+
+        step.keep = (ids, ones, p)  # the C arguments live as long as the step
+        return step
+
     def attn_prefill_ptr(self, layer: int, seq: int, n_q: int, q_addr: int, out_addr: int, n_q_heads: int,
                          scale: float = 0.0, window: int = 0, softcap: float = 0.0) -> None:
         """kvq_attn_prefill with raw addresses: q and out float32 [n_q][n_q_heads][head_dim]."""
@@ -727,6 +761,8 @@ if _cuda is not None:
         ("kvq_cuda_attn_decode", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, _P, _P, C.POINTER(AttnParams), _P]),
         ("kvq_cuda_attn_prefill", C.c_int, [_P, C.c_int, C.c_int32, C.c_int, C.c_int, _P, _P, C.POINTER(AttnParams),
                                             _P]),
+        ("kvq_cuda_decode_step", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, _P, _P, C.c_int, _P, _P,
+                                           C.POINTER(AttnParams), _P]),
     ]
     try:
         for _n, _r, _a in _cuda_entries:
@@ -939,3 +975,45 @@ class CudaCache:
         p = _params(n_q_heads, scale, window, softcap)
         q_addr, out_addr, stream = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr"), _addr(stream, "stream")
         _check_cuda(_cuda.kvq_cuda_attn_prefill(h, layer, seq, n_q, qo_dtype, q_addr, out_addr, C.byref(p), stream))
+
+    def decode_step_ptr(self, layer: int, seq_ids: Sequence[int], kv_dtype: int, k_addr: int, v_addr: int,
+                        qo_dtype: int, q_addr: int, out_addr: int, n_q_heads: int, scale: float = 0.0, window: int = 0,
+                        softcap: float = 0.0, stream: int = 0) -> None:
+        """kvq_cuda_decode_step: one token appended to each sequence (k, v device addresses of
+        [len(seq_ids)][n_kv_heads][head_dim] `kv_dtype`), then decode attention (q, out device addresses of
+        [len(seq_ids)][n_q_heads][head_dim] `qo_dtype`), in one call; an error leaves the cache as it was."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
+        kv_dtype, qo_dtype = _dtype_code(kv_dtype), _dtype_code(qo_dtype)
+        p = _params(n_q_heads, scale, window, softcap)
+        k_addr, v_addr = _addr(k_addr, "k_addr"), _addr(v_addr, "v_addr")
+        q_addr, out_addr, stream = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr"), _addr(stream, "stream")
+        _check_cuda(_cuda.kvq_cuda_decode_step(h, layer, n, idp, kv_dtype, k_addr, v_addr, qo_dtype, q_addr, out_addr,
+                                               C.byref(p), stream))
+
+    def decode_plan(self, layer: int, seq_ids: Sequence[int], kv_dtype: int, qo_dtype: int, n_q_heads: int,
+                    scale: float = 0.0, window: int = 0, softcap: float = 0.0):
+        """decode_step_ptr with every argument but the addresses and the stream checked and converted once: returns
+        step(k_addr, v_addr, q_addr, out_addr, stream), one kvq_cuda_decode_step call (Cache.decode_plan's CUDA
+        counterpart; the buffers are the caller's responsibility)."""
+        h = self._handle()
+        layer = _int(layer, "layer")
+        n, _, key = _ids(seq_ids, "seq_ids")
+        kv_dtype, qo_dtype = _dtype_code(kv_dtype), _dtype_code(qo_dtype)
+        ids = (C.c_int32 * max(1, n))(*key)
+        idp = C.cast(ids, _I32P)
+        p0 = _params(n_q_heads, scale, window, softcap)
+        p = AttnParams(p0.n_q_heads, p0.scale, p0.window, p0.softcap)
+        pref = C.byref(p)
+        fn, owner = _cuda.kvq_cuda_decode_step, self
+
+        def step(k_addr: int, v_addr: int, q_addr: int, out_addr: int, stream: int) -> None:
+            if owner._h is not h:
+                raise CacheClosedError(owner._what)
+            st = fn(h, layer, n, idp, kv_dtype, k_addr, v_addr, qo_dtype, q_addr, out_addr, pref, stream)
+            if st < 0:
+                _check_cuda(st)
+
+        step.keep = (ids, p)
+        return step

@@ -177,6 +177,10 @@ class KVQCache(Cache):
     generated token real, so only a hand-written loop that masks out a new token would see a difference.
     """
 
+    # Decode steps through the prepared per-layer calls (_decode_step); False: through the general path, which makes
+    # the same C calls with the same inputs (tests compare the two bit for bit)
+    _fast_decode = True
+
     def __init__(self, config: Any, kv_type: KVTypeSpec = "q8", value_type: KVTypeSpec | None = None,
                  max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
@@ -233,6 +237,17 @@ class KVQCache(Cache):
         self._device = None
         self.kvq_batch = 0
         self._mask_memo = None
+        # Decode fast path (attend): per layer, the prepared C call and its output buffer, valid while _gen (bumped
+        # whenever the batch rows' sequences change) is the one they were made with
+        self._plans: dict = {}
+        self._gen = 0
+        # transformers' config._attn_implementation is a property over _attn_implementation_internal behind two
+        # __getattribute__ overrides (~3 us per read, once per layer and step in update()): read the attribute itself
+        # where the config stores it there (checked now), through the property otherwise
+        d = getattr(tc, "__dict__", None)
+        self._cfg_dict = d if (isinstance(getattr(type(tc), "_attn_implementation", None), property) and
+                               isinstance(d, dict) and "_attn_implementation_internal" in d and
+                               d["_attn_implementation_internal"] == getattr(tc, "_attn_implementation", None)) else None
         layers = [KVQLayer(self, i, lt != "full_attention") for i, lt in enumerate(layer_types)]
         super().__init__(layers=layers)
 
@@ -248,6 +263,9 @@ class KVQCache(Cache):
     @property
     def fused(self) -> bool:
         """True when the model runs the "kvq" attention (attention on the pages); False: dequantize-and-return."""
+        d = self._cfg_dict
+        if d is not None:
+            return d.get("_attn_implementation_internal") == ATTN_IMPLEMENTATION
         return getattr(self._config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
 
     @property
@@ -315,10 +333,17 @@ class KVQCache(Cache):
                 g.handle, g.seqs = None, []
             raise
         self._device, self.kvq_batch, self._dtype = dev, B, key_states.dtype
+        self._plans.clear()
+        self._gen += 1
+        if dev.type == "cuda":  # the current torch stream of the device, read at every step (_raw_stream)
+            get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            self._stream = functools.partial(get, idx) if get is not None else functools.partial(_raw_stream, dev)
 
     # ---------------------------------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        self._lazy_init(key_states)
+        if self._device is None:
+            self._lazy_init(key_states)
         if key_states.shape[0] != self.kvq_batch:
             raise ValueError(f"kvq: batch {key_states.shape[0]} differs from the cache's {self.kvq_batch}")
         layer = self.layers[layer_idx]
@@ -395,10 +420,12 @@ class KVQCache(Cache):
         B, Hq, q, D = query.shape
         if Hq % self.n_kv_heads:
             raise ValueError(f"kvq: {Hq} query heads is not a multiple of {self.n_kv_heads}")
+        valid = self._valid(attention_mask, past, q)
+        if q == 1 and valid is None and self._fast_decode and query.dtype in _TORCH_DTYPES:
+            return self._decode_step(layer_idx, query, key, value, scaling, window, softcap)
         g = self._group_of[layer_idx]
         li = g.local[layer_idx]
         h = g.handle
-        valid = self._valid(attention_mask, past, q)
         kd = _TORCH_DTYPES[key.dtype]
         k = key.transpose(1, 2)  # [B, q, H, D]
         v = value.transpose(1, 2)
@@ -443,6 +470,46 @@ class KVQCache(Cache):
                 h.attn_prefill_ptr(li, g.seqs[b], n, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap)
                 out[b].index_copy_(0, idx, ob)
         return out.to(query.dtype)
+
+    def _decode_step(self, layer_idx, query, key, value, scaling, window, softcap):
+        """attend() for a decode step (one new token per row, all real): one prepared C call per layer on CUDA
+        (kvq_cuda_decode_step: append + attention), two on the CPU (kvq_append, kvq_attn_decode), into an output
+        buffer kept per layer. What the general path recomputes at every call (argument checks and conversions, the
+        sequence id and token count arrays, the attention parameters, the output allocation, transposes) is made
+        once per (layer, batch, shape, dtype, scale, window, softcap) and after any change of the rows' sequences.
+        The returned tensor is that buffer: the next step of this layer overwrites it (the attention module consumes
+        it at once, in o_proj)."""
+        B, Hq, _, D = query.shape
+        key_ = (self._gen, B, Hq, query.dtype, key.dtype, scaling, window, softcap)
+        plan = self._plans.get(layer_idx)
+        if plan is None or plan[0] != key_:
+            plan = self._plans[layer_idx] = self._make_plan(layer_idx, key_, query, key, scaling, window, softcap)
+        _, step, out, cuda = plan
+        # [B, H, 1, D] with one token is the [B][H][D] rows kvq reads (contiguous, whatever the size-1 dim's stride)
+        k = key if key.is_contiguous() else key.contiguous()
+        v = value if value.is_contiguous() else value.contiguous()
+        if cuda:
+            qc = query if query.is_contiguous() else query.contiguous()
+            step(k.data_ptr(), v.data_ptr(), qc.data_ptr(), out.data_ptr(), self._stream())
+            return out
+        qf = query if query.dtype == torch.float32 and query.is_contiguous() else \
+            query.to(torch.float32).contiguous()
+        step(k.data_ptr(), v.data_ptr(), qf.data_ptr(), out.data_ptr())
+        return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+    def _make_plan(self, layer_idx, key_, query, key, scaling, window, softcap):
+        B, Hq, _, D = query.shape
+        g = self._group_of[layer_idx]
+        li = g.local[layer_idx]
+        scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+        window, softcap = int(window or 0), float(softcap or 0.0)
+        kd = _TORCH_DTYPES[key.dtype]
+        if self.is_cuda:
+            step = g.handle.decode_plan(li, g.seqs, kd, _TORCH_DTYPES[query.dtype], Hq, scale, window, softcap)
+            out = torch.empty((B, 1, Hq, D), dtype=query.dtype, device=query.device)
+            return key_, step, out, True
+        step = g.handle.decode_plan(li, g.seqs, kd, Hq, scale, window, softcap)
+        return key_, step, torch.empty((B, 1, Hq, D), dtype=torch.float32), False
 
     def _attend_cuda(self, h, li, g, qt, valid, rows, counts, scale, window, softcap, stream):
         B, q, Hq, D = qt.shape
@@ -514,6 +581,8 @@ class KVQCache(Cache):
             g.seqs = new
         self.kvq_batch = len(src_rows)
         self._mask_memo = None
+        self._plans.clear()
+        self._gen += 1
 
     def reorder_cache(self, beam_idx: Any) -> None:
         idx = beam_idx.tolist() if hasattr(beam_idx, "tolist") else list(beam_idx)
@@ -555,6 +624,8 @@ class KVQCache(Cache):
         for layer in self.layers:
             layer.hf_len = 0
         self._device, self.kvq_batch, self._mask_memo = None, 0, None
+        self._plans.clear()
+        self._gen += 1
 
     # ---------------------------------------------------------------------------------------------------------
     def kv_bytes(self) -> dict:

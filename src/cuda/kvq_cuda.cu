@@ -857,6 +857,29 @@ static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t
     return e;
 }
 
+// Decode workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials, one
+// slot per CTA and (entry, head) pair it touches.
+static size_t ws_counter_bytes(int H) { return ((size_t)MAXE * H * sizeof(int32_t) + 255) & ~(size_t)255; }
+static size_t ws_slot_bytes(int Gq, int D) { return ((size_t)Gq * D + 2 * Gq) * sizeof(float); }
+// Grows the workspace to `need` bytes on the stream (stream-ordered free of the old one); nothing else changes.
+static kvq_status reserve_ws(kvq_cuda_cache *c, size_t need, cudaStream_t st, const char *fn) {
+    if (need <= c->ws_bytes) return KVQ_OK;
+    const size_t cnt_bytes = ws_counter_bytes(c->L.n_kv_heads);
+    if (c->ws) cudaFreeAsync(c->ws, st);
+    c->ws = nullptr;
+    c->ws_bytes = 0;
+    cudaError_t e = dev_malloc_async((void **)&c->ws, need, st);
+    if (e == cudaSuccess) e = cudaMemsetAsync(c->ws, 0, cnt_bytes, st);
+    if (e != cudaSuccess) {
+        if (c->ws) cudaFreeAsync(c->ws, st);
+        c->ws = nullptr;
+        return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA, "%s: workspace of %zu bytes: %s",
+                    fn, need, cudaGetErrorString(e));
+    }
+    c->ws_bytes = need;
+    return KVQ_OK;
+}
+
 // Runs the decode kernels over entries (chunks of MAXE), growing the workspace on the stream as needed.
 // n_rows: rows of q / out (sequences of a decode, queries of a prefill)
 static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vector<Entry> &es, kvq_dtype qo,
@@ -892,25 +915,13 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         int64_t L = (total + c->n_sm - 1) / c->n_sm;
         if (L < 1) L = 1;
         const int n_cta = (int)((total + L - 1) / L);
-        // Workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials,
-        // one per CTA and (entry, head) pair it touches
-        const size_t cnt_bytes = ((size_t)MAXE * H * sizeof(int32_t) + 255) & ~(size_t)255;
+        const size_t cnt_bytes = ws_counter_bytes(H);
         const size_t slots = (size_t)ne * H + n_cta;
-        const size_t need = cnt_bytes + slots * ((size_t)Gq * D + 2 * Gq) * sizeof(float);
-        if (need > c->ws_bytes) {
-            if (c->ws) cudaFreeAsync(c->ws, st);
-            c->ws = nullptr;
-            c->ws_bytes = 0;
-            cudaError_t e = dev_malloc_async((void **)&c->ws, need, st);
-            if (e == cudaSuccess) e = cudaMemsetAsync(c->ws, 0, cnt_bytes, st);
-            if (e != cudaSuccess) {
-                if (c->ws) cudaFreeAsync(c->ws, st);
-                c->ws = nullptr;
-                delete A;
-                return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
-                            "%s: workspace of %zu bytes: %s", fn, need, cudaGetErrorString(e));
-            }
-            c->ws_bytes = need;
+        const size_t need = cnt_bytes + slots * ws_slot_bytes(Gq, D);
+        kvq_status ws = reserve_ws(c, need, st, fn);
+        if (ws) {
+            delete A;
+            return ws;
         }
         A->arena = c->arena;
         A->page_bytes = (int64_t)c->L.page_bytes;
@@ -971,6 +982,46 @@ extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_s
         es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i));
     }
     return run_entries(c, layer, n_seqs, es, qo, q, out, p, (cudaStream_t)stream, fn);
+}
+
+extern "C" kvq_status kvq_cuda_decode_step(kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,
+                                           kvq_dtype kv_dtype, const void *k, const void *v, kvq_dtype qo,
+                                           const void *q, void *out, const kvq_attn_params *p, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_decode_step";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn)) || (s = check_params(c, p, fn))) return s;
+    if (n_seqs < 1 || n_seqs > c->cfg.max_seqs)
+        return fail(KVQ_ERR_INVALID_ARG, "%s: n_seqs %d outside 1..%d", fn, n_seqs, c->cfg.max_seqs);
+    if (!seq_ids || !k || !v || !q || !out) return fail(KVQ_ERR_NULL, "%s: seq_ids, k, v, q or out is NULL", fn);
+    for (kvq_dtype d : {kv_dtype, qo})
+        if (d != KVQ_DTYPE_F32 && d != KVQ_DTYPE_F16 && d != KVQ_DTYPE_BF16)
+            return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)d);
+    // The sequences (live, distinct) and the pages are checked by the append before it changes anything; after it,
+    // every sequence holds >= 1 token, so the attention's own checks pass. What the attention could still fail on,
+    // its device memory, is reserved first for the largest launch a decode of n_seqs rows makes (n_cta <= n_sm).
+    std::vector<int32_t> ones;
+    try {
+        ones.assign((size_t)n_seqs, 1);
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    {
+        DevGuard dg(c->device);
+        cudaStream_t st = (cudaStream_t)stream;
+        const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H;
+        const size_t rows = (size_t)std::min(n_seqs, MAXE);
+        if ((s = reserve_ws(c, ws_counter_bytes(H) + (rows * H + c->n_sm) * ws_slot_bytes(Gq, D), st, fn))) return s;
+        if (c->rotated(KVQ_VALUE)) {
+            const size_t rbytes = (size_t)n_seqs * p->n_q_heads * D * sizeof(float);
+            cudaError_t e = grow_scratch(&c->qws, &c->qws_bytes, rbytes, st);
+            if (e != cudaSuccess)
+                return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
+                            "%s: scratch of %zu bytes for the output rotation: %s", fn, rbytes, cudaGetErrorString(e));
+        }
+    }
+    if ((s = kvq_cuda_append(c, layer, n_seqs, seq_ids, ones.data(), kv_dtype, k, v, stream))) return s;
+    return kvq_cuda_attn_decode(c, layer, n_seqs, seq_ids, qo, q, out, p, stream);
 }
 
 extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo,

@@ -192,3 +192,50 @@ def test_sinks(kv_type, sinks):
     np.testing.assert_allclose(out[0], ref_attention(q, kr, vr, D ** -0.5)[0], atol=2e-3 if kv_type == "q8" else 1e-2)
     with pytest.raises(kvq.KvqError, match="KVQ_ERR_INVALID_ARG"):
         kvq.Cache(1, H, D, kv_type, max_tokens=n, sinks=1025)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8", "q4"])
+def test_decode_plan(kv_type):
+    """Cache.decode_plan's step (kvq_append of one token per sequence + kvq_attn_decode, arguments converted once)
+    gives the bits of append_ptr + attn_decode_ptr on a twin cache, step after step (window flushes included), reads
+    its sequence ids at plan time (a later change of the caller's list does not reach it), and refuses a closed
+    cache."""
+    H, D, Hq, B = 2, 64, 8, 3
+    rng = np.random.default_rng(5)
+    a, b = (kvq.Cache(2, H, D, kv_type, max_tokens=1024, max_seqs=4, n_threads=1) for _ in range(2))
+    ids = [a.seq_new() for _ in range(B)]
+    assert [b.seq_new() for _ in range(B)] == ids
+    pre = rng.standard_normal((B * 20, H, D)).astype(np.float32)
+    for c in (a, b):
+        c.append(1, ids, [20] * B, pre, pre)
+    seqs = list(ids)
+    step = b.decode_plan(1, seqs, kvq._native.DTYPE_F32, Hq, 0.2, 0, 0.0)
+    seqs.reverse()  # the plan keeps the ids it was given
+    out_a = np.empty((B, Hq, D), np.float32)
+    out_b = np.empty_like(out_a)
+    for _ in range(150):
+        k = rng.standard_normal((B, H, D)).astype(np.float32)
+        v = rng.standard_normal((B, H, D)).astype(np.float32)
+        q = rng.standard_normal((B, Hq, D)).astype(np.float32)
+        a.append_ptr(1, ids, [1] * B, kvq._native.DTYPE_F32, k.ctypes.data, v.ctypes.data)
+        a.attn_decode_ptr(1, ids, q.ctypes.data, out_a.ctypes.data, Hq, 0.2)
+        out_b.fill(np.nan)
+        step(k.ctypes.data, v.ctypes.data, q.ctypes.data, out_b.ctypes.data)
+        assert np.array_equal(out_a, out_b)
+    assert [b.seq_length(s, 1) for s in ids] == [170] * B == [a.seq_length(s, 1) for s in ids]
+    ka, va = a.read(ids[2], 1)
+    kb, vb = b.read(ids[2], 1)
+    assert np.array_equal(ka, kb) and np.array_equal(va, vb)
+    # the C calls still check the cache's state: a freed sequence is refused, nothing appended
+    b.seq_free(ids[1])
+    with pytest.raises(kvq.KvqError, match="KVQ_ERR_NO_SEQ"):
+        step(k.ctypes.data, v.ctypes.data, q.ctypes.data, out_b.ctypes.data)
+    assert b.seq_length(ids[0], 1) == 170
+    with pytest.raises(ValueError, match="dtype"):
+        b.decode_plan(1, [ids[0]], 7, Hq)
+    with pytest.raises(ValueError, match="n_q_heads"):
+        b.decode_plan(1, [ids[0]], kvq._native.DTYPE_F32, 0)
+    b.close()
+    with pytest.raises(kvq.CacheClosedError):
+        step(k.ctypes.data, v.ctypes.data, q.ctypes.data, out_b.ctypes.data)
+    a.close()

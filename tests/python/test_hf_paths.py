@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import kvq  # noqa: E402
-from kvq.hf import kvq_attention_forward  # noqa: E402
+from kvq.hf import CACHE_KWARG, kvq_attention_forward  # noqa: E402
 from hf_models import make  # noqa: E402
 
 D, H = 64, 2
@@ -154,3 +154,50 @@ def test_model_logits_agree_across_paths(kernels, fam, kv_type):
         model.set_attn_implementation(prev)
     err = (fused - compat).abs().max().item()
     assert err <= MODEL_BOUND[kv_type] * compat.abs().max().item(), f"{fam} {kv_type}: {err:.3g}"
+
+
+def _fast_vs_general_run(model, cache, ids, mask, steps):
+    """Prompt, decode steps (with a beam-like reorder and a crop in between) -> logits of every call."""
+    g = torch.Generator().manual_seed(8)
+    out = model(ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+    res = [out.logits[:, -1]]
+    for t in range(steps):
+        if t == steps // 3:
+            cache.reorder_cache(torch.tensor([1, 1]))  # the rows' sequences change: the prepared calls must follow
+        if t == 2 * steps // 3:
+            cache.crop(cache.get_seq_length() - 2)
+            mask = mask[:, :-2]
+        mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype)], 1)
+        tok = torch.randint(3, 128, (2, 1), generator=g)
+        out = model(tok, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+        res.append(out.logits[:, -1])
+    return torch.stack(res, 1)
+
+
+@pytest.mark.parametrize("fam,kv_type,dtype", [("llama", "q8", torch.float32), ("llama", "q4", torch.bfloat16),
+                                                ("gemma2", "q4", torch.float32), ("mistral", "f16", torch.float32)])
+def test_decode_fast_path_equals_general_path(fam, kv_type, dtype):
+    """Decode steps go through KVQCache._decode_step (per-layer calls prepared once, output buffers kept per layer;
+    issue 23); the general path makes the same C calls with the same inputs, so the logits must be the same bits:
+    left padding in the prompt, soft-capping and sliding windows (gemma2, mistral), bf16 queries (converted to fp32
+    for the CPU kernels), a reorder_cache and a crop between steps (the prepared calls are remade for the new rows).
+    A closed kvq cache is refused by the prepared call too."""
+    model = make(fam, dtype=dtype)
+    model.set_attn_implementation("kvq")
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 128, (2, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    runs = []
+    with torch.no_grad():
+        for fast in (True, False):
+            cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=128)
+            cache._fast_decode = fast
+            runs.append(_fast_vs_general_run(model, cache, ids, mask, 15))
+            if fast:
+                assert cache._plans, "the decode steps did not take the fast path"
+                fast_cache = cache
+    assert torch.equal(runs[0], runs[1]), (runs[0] - runs[1]).abs().max()
+    fast_cache._groups[0].handle.close()
+    with torch.no_grad(), pytest.raises(kvq.CacheClosedError, match="closed"):
+        model(torch.tensor([[5], [6]]), use_cache=True, **{CACHE_KWARG: fast_cache})
