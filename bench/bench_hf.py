@@ -50,7 +50,10 @@ Caches (--methods):
                  kernels); by default it is replaced by the same bit unpacking in plain torch ops (--quanto-unpack
                  torch), --quanto-unpack ext compiles and uses the extension (compiled before any timing)
   kvq-q8/q4/q2   kvq.KVQCache with attn_implementation="kvq": attention on the quantized pages (kvq_cuda_* on GPU,
-                 kvq_attn_* on CPU)
+                 kvq_attn_* on CPU); decode steps make one prepared call per layer (kvq_cuda_decode_step)
+  kvq-q4/general the same with the decode steps through KVQCache's general path (append + attention as two calls with
+                 the arguments checked and converted at every call, an output allocated per call: the path before
+                 issue 23), to measure the host time of both in one run (compare "host us/layer")
 
 Rows that fail (OOM, missing package, ...) are reported as such. Results are written after every row (--out
 markdown, --csv), so a run cut short still leaves what it measured; --budget-s skips what would start after that
@@ -182,7 +185,12 @@ def make_cache(name, model, B, max_len):
         from transformers import QuantizedCache
         return QuantizedCache("quanto", cfg, nbits=int(name[len("quanto-q"):])), "sdpa"
     if name.startswith("kvq-"):
-        return kvq.KVQCache(cfg, kv_type=name.split("-", 1)[1], max_cache_len=max_len, max_batch_size=B), "kvq"
+        kv_type, _, path = name.split("-", 1)[1].partition("/")
+        if path not in ("", "general"):
+            raise ValueError(f"unknown kvq path {path!r} in {name} (kvq-TYPE or kvq-TYPE/general)")
+        cache = kvq.KVQCache(cfg, kv_type=kv_type, max_cache_len=max_len, max_batch_size=B)
+        cache._fast_decode = path != "general"
+        return cache, "kvq"
     raise ValueError(f"unknown method {name}")
 
 

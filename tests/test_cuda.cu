@@ -409,7 +409,10 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     char what[96];
     snprintf(what, sizeof what, "%s D%d R%d%s decode_step", tname(t), D, residual, mech_name());
     int32_t ids[NS];
-    for (int i = 0; i < NS; i++) OK(kvq_cuda_seq_new(a, &ids[i])), OK(kvq_cuda_seq_new(b, &ids[i]));
+    for (int i = 0; i < NS; i++) {
+        OK(kvq_cuda_seq_new(a, &ids[i]));
+        OK(kvq_cuda_seq_new(b, &ids[i]));
+    }
     const size_t esz = dt == KVQ_DTYPE_F32 ? 4 : 2;
     const size_t nkv = (size_t)(pre[0] + pre[1] + pre[2]) * H * D, nq = (size_t)NS * nqh * D;
     std::vector<uint8_t> hk(nkv * esz), hv(nkv * esz), hq(nq * esz);

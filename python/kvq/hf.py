@@ -6,6 +6,10 @@ How the pieces fit:
     nothing yet: it tags the new K/V with the cache and returns them. The "kvq" attention function then appends them
     to libkvq (dropping left-padding tokens, which the 2D attention mask identifies) and runs kvq_attn_prefill /
     kvq_attn_decode (CPU) or kvq_cuda_attn_* (GPU) on the quantized pages: no dequantized copy of the cache exists.
+  * A decode step (one new token per row, none of them padding) costs one prepared C call per layer on CUDA
+    (kvq_cuda_decode_step: append + attention) and two on the CPU (kvq_append, kvq_attn_decode): the arguments are
+    converted once per (layer, batch, shapes, dtypes, scale, window, softcap) and the output buffer is kept per layer
+    (KVQCache._decode_step; issue 23: host time per layer-step). Prefill chunks and padded steps take the general path.
   * With any other attention implementation (eager, sdpa, ...) KVQCache still works on CPU: update() appends and
     returns the whole cache dequantized by kvq_read (like transformers' QuantizedCache does). That mode is for
     compatibility and tests; it is slower and has no memory benefit during attention.

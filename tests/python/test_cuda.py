@@ -282,3 +282,86 @@ def test_cuda_beam_search(fam):
     n = min(out.shape[1], ref.shape[1])  # a diverged beam may stop at EOS earlier or later
     agree = (out[:, 12:n] == ref[:, 12:n]).float().mean().item() if n > 12 else 0.0
     assert agree >= 0.5, agree
+
+
+# ----------------------------------------------------------------------------------------------------- decode step
+@pytest.mark.parametrize("kv_type", ["f16", "q8", "q4", "q2"])
+def test_cuda_decode_step_binding(kv_type):
+    """kvq_cuda_decode_step (CudaCache.decode_step_ptr and the step of CudaCache.decode_plan, issue 23): the bits of
+    append_ptr + attn_decode_ptr on a twin cache fed the same inputs, over 130 steps (window flushes, a page
+    boundary); a refused call changes no length."""
+    H, D, Hq, B = 2, 128, 8, 3
+    g = torch.Generator(device="cuda").manual_seed(3)
+    a, b = (N.CudaCache(2, H, D, kv_type, max_tokens=1024, max_seqs=4) for _ in range(2))
+    ids = [a.seq_new() for _ in range(B)]
+    assert [b.seq_new() for _ in range(B)] == ids
+    stream = torch.cuda.current_stream().cuda_stream
+    pre = torch.randn((B * 70, H, D), device="cuda", dtype=torch.float16, generator=g)
+    for c in (a, b):
+        c.append_ptr(1, ids, [70] * B, N.DTYPE_F16, pre.data_ptr(), pre.data_ptr(), stream)
+    step = b.decode_plan(1, ids, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1)
+    oa = torch.empty((B, Hq, D), device="cuda", dtype=torch.float16)
+    ob = torch.empty_like(oa)
+    diff = 0
+    for t in range(130):
+        k, v = (torch.randn((B, H, D), device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+        q = torch.randn((B, Hq, D), device="cuda", dtype=torch.float16, generator=g)
+        a.append_ptr(1, ids, [1] * B, N.DTYPE_F16, k.data_ptr(), v.data_ptr(), stream)
+        a.attn_decode_ptr(1, ids, N.DTYPE_F16, q.data_ptr(), oa.data_ptr(), Hq, 0.1, stream=stream)
+        ob.fill_(float("nan"))
+        if t % 2:
+            step(k.data_ptr(), v.data_ptr(), q.data_ptr(), ob.data_ptr(), stream)
+        else:
+            b.decode_step_ptr(1, ids, N.DTYPE_F16, k.data_ptr(), v.data_ptr(), N.DTYPE_F16, q.data_ptr(),
+                              ob.data_ptr(), Hq, 0.1, stream=stream)
+        diff += not torch.equal(oa, ob)
+    assert diff == 0, f"{diff} of 130 steps differ from append + attn_decode"
+    assert [b.seq_length(s, 1) for s in ids] == [200] * B
+    for bad, kw in ((dict(n_q_heads=3), "KVQ_ERR_SHAPE"), (dict(seq_ids=[ids[0], ids[0]]), "KVQ_ERR_INVALID_ARG"),
+                    (dict(seq_ids=[3]), "KVQ_ERR_NO_SEQ")):
+        args = dict(layer=1, seq_ids=ids, kv_dtype=N.DTYPE_F16, k_addr=k.data_ptr(), v_addr=v.data_ptr(),
+                    qo_dtype=N.DTYPE_F16, q_addr=q.data_ptr(), out_addr=ob.data_ptr(), n_q_heads=Hq, stream=stream)
+        args.update(bad)
+        with pytest.raises(kvq.KvqError, match=kw):
+            b.decode_step_ptr(**args)
+        assert [b.seq_length(s, 1) for s in ids] == [200] * B
+    b.close()
+    with pytest.raises(kvq.CacheClosedError):
+        step(k.data_ptr(), v.data_ptr(), q.data_ptr(), ob.data_ptr(), stream)
+    a.close()
+
+
+@pytest.mark.parametrize("kv_type", ["q8", "q4"])
+def test_cuda_decode_fast_path_equals_general_path(kv_type):
+    """KVQCache._decode_step on CUDA (one kvq_cuda_decode_step per layer and step, prepared once; issue 23) against
+    the general path (kvq_cuda_append + kvq_cuda_attn_decode with the same inputs): the same logits, bit for bit,
+    fp16 model, left padding, with a reorder_cache and a crop between steps."""
+    from kvq.hf import CACHE_KWARG
+    model = make("llama").half().cuda()
+    model.set_attn_implementation("kvq")
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 128, (2, 20), generator=g).cuda()
+    mask0 = torch.ones_like(ids)
+    mask0[1, :5] = 0
+    runs = []
+    with torch.no_grad():
+        for fast in (True, False):
+            cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=128)
+            cache._fast_decode = fast
+            mask = mask0
+            gt = torch.Generator().manual_seed(8)
+            out = model(ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+            res = [out.logits[:, -1]]
+            for t in range(24):
+                if t == 8:
+                    cache.reorder_cache(torch.tensor([1, 1], device="cuda"))
+                if t == 16:
+                    cache.crop(cache.get_seq_length() - 2)
+                    mask = mask[:, :-2]
+                mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype, device="cuda")], 1)
+                tok = torch.randint(3, 128, (2, 1), generator=gt).cuda()
+                out = model(tok, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+                res.append(out.logits[:, -1])
+            runs.append(torch.stack(res, 1).float().cpu())
+            assert cache.is_cuda and bool(cache._plans) == fast
+    assert torch.equal(runs[0], runs[1]), (runs[0] - runs[1]).abs().max()
