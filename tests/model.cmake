@@ -26,6 +26,13 @@ if(NOT KVQ_HAVE_MODEL)
   return()
 endif()
 
+# Quantized weight products: every weight type x every kernel table vs dequantize-then-multiply, then slices of
+# the real matrices of the models in models/ (those present).
+add_executable(test_qmat ${PROJECT_SOURCE_DIR}/tests/test_qmat.c)
+target_link_libraries(test_qmat PRIVATE kvq_model m)
+add_test(NAME model_qmat COMMAND test_qmat ${KVQ_TEST_MODEL} ${PROJECT_SOURCE_DIR}/models/gemma-3-270m-q4_k_m.gguf)
+set_tests_properties(model_qmat PROPERTIES ENVIRONMENT OMP_WAIT_POLICY=PASSIVE)
+
 add_executable(test_model_golden ${PROJECT_SOURCE_DIR}/tests/test_model_golden.c)
 target_link_libraries(test_model_golden PRIVATE kvq_model m)
 add_test(NAME model_golden COMMAND test_model_golden ${KVQ_TEST_MODEL} ${PROJECT_SOURCE_DIR}/tests/data/tok_golden.txt
