@@ -11,11 +11,14 @@
  * about 1e-5 of that sum at cols 512: a scale off by one fp16 step (1e-3), a wrong block or a zero output fails.
  * Shapes: odd row counts (threads get unequal shares), 1..4 blocks per row, n = 1..17 tokens and a prefill batch
  * (the dequantize + sgemm path), = and +=.
- * usage: test_qmat [model.gguf ...]  (real matrices of each GGUF given: a slice of every weight type it has) */
+ * usage: test_qmat [model.gguf ...]  (real matrices of each GGUF given: a slice of every weight type it has)
+ *        test_qmat --bench model.gguf [threads]  (times the two paths of qmat_mul per token count on the model's
+ *                                                 layer-0 matrices: how QMAT_SGEMM_MIN_N was chosen) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "gguf.h"
 #include "model_err.h"
@@ -211,7 +214,65 @@ static void check_file(const char *path, const qmat_kernels *const *tabs, int nt
     gguf_close(f);
 }
 
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Seconds per call of one path (dot: 1, tiles: 0), the best of 5 runs of >= 20 ms each. */
+static double time_path(const qmat *w, const float *x, int n, float *y, qmat_work *wk, int thr, int dot) {
+    double best = 1e9;
+    for (int rep = 0; rep < 5; rep++) {
+        int calls = 0;
+        double t0 = now(), t;
+        do {
+            if (dot) qmat_mul_dot(qmat_kernels_active(), w, x, n, y, 0, wk->xsum, thr);
+            else qmat_mul_tiles(w, x, n, y, 0, wk, thr);
+            calls++;
+        } while ((t = now() - t0) < 0.02);
+        if (t / calls < best) best = t / calls;
+    }
+    return best;
+}
+
+static int bench(const char *path, int thr) {
+    gguf_file *f;
+    if (gguf_open(path, &f)) {
+        fprintf(stderr, "%s: %s\n", path, kvqm_last_error());
+        return 1;
+    }
+    static const char *const names[] = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_gate.weight",
+                                        "blk.0.ffn_down.weight"};
+    static const int ns[] = {1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64};
+    printf("%s, %d threads, %s kernels: microseconds per call, dot path / dequantize + sgemm path\n", path, thr,
+           qmat_kernels_active()->name);
+    printf("%-24s", "matrix");
+    for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) printf(" %13d", ns[i]);
+    printf("\n");
+    for (size_t m = 0; m < sizeof names / sizeof names[0]; m++) {
+        const gguf_tensor *t = gguf_find_tensor(f, names[m]);
+        qmat w;
+        if (!t || qmat_init(&w, t->type, (int)t->ne[1], (int)t->ne[0], t->data)) continue;
+        float *x = malloc((size_t)64 * w.cols * sizeof *x), *y = malloc((size_t)64 * w.rows * sizeof *y);
+        void *buf = malloc(qmat_work_bytes(64, w.cols));
+        if (!x || !y || !buf) abort();
+        qmat_work wk;
+        qmat_work_init(&wk, buf, 64, w.cols);
+        for (size_t i = 0; i < (size_t)64 * w.cols; i++) x[i] = urand();
+        printf("%-18s %-5s", names[m] + 6, ggml_type_name(w.type));
+        for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+            printf(" %6.0f/%-6.0f", 1e6 * time_path(&w, x, ns[i], y, &wk, thr, 1), 1e6 * time_path(&w, x, ns[i], y, &wk, thr, 0));
+        printf("\n");
+        fflush(stdout);
+        free(x), free(y), free(buf);
+    }
+    gguf_close(f);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench(argv[2], argc > 3 ? atoi(argv[3]) : 2);
     const qmat_kernels *tabs[3] = {&qmat_kernels_ref};
     int ntab = 1;
     if (qmat_kernels_avx2()) tabs[ntab++] = qmat_kernels_avx2();

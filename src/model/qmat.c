@@ -16,7 +16,7 @@ static int threads_or_default(int n) { return n > 0 ? n : 1; }
 #endif
 
 /* Measured crossover of the two paths: see qmat_sgemm_min_n. */
-#define QMAT_SGEMM_MIN_N 24
+#define QMAT_SGEMM_MIN_N 16
 
 static float f16(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | p[1] << 8);
@@ -277,9 +277,24 @@ void qmat_mul_dot(const qmat_kernels *k, const qmat *w, const float *x, int n, f
     }
 }
 
-/* Crossover of the dot path and the dequantize + sgemm path, measured on SmolLM2's matrices (576 x 576 ... 1536 x
- * 576, Q4_1, AMD EPYC, 2 threads): see the report in docs or the commit message. */
+/* Crossover of the dot path and the dequantize + sgemm path, measured with `test_qmat --bench SmolLM2.gguf T` (its
+ * layer-0 Q4_1 matrices, AMD EPYC with AVX-512, 1 and 2 threads, a loaded machine): the dot path costs ~120 us per
+ * token for a 1536 x 576 matrix (it re-reads the row per token), dequantize + sgemm 0.6 ms at n = 1 growing slowly
+ * (1.3-1.6 ms at n = 16, 2.1-2.6 ms at 32); ffn_gate, 1 thread: n = 12 1337 / 1821 us, n = 16 1956 / 1345 us. So
+ * n >= 16 takes the sgemm path. */
 int qmat_sgemm_min_n(void) { return QMAT_SGEMM_MIN_N; }
+
+void qmat_mul_tiles(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, int n_threads) {
+    int cols = w->cols, tr = (int)(tile_floats(wk->max_cols) / (size_t)cols);
+    if (tr > w->rows) tr = w->rows;
+    for (int r0 = 0; r0 < w->rows; r0 += tr) {
+        int nr = r0 + tr <= w->rows ? tr : w->rows - r0;
+#pragma omp parallel for schedule(static) num_threads(threads_or_default(n_threads))
+        for (int r = 0; r < nr; r++) qmat_row(w, r0 + r, wk->tile + (size_t)r * cols);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, cols, 1.0f, x, cols, wk->tile, cols,
+                    accumulate ? 1.0f : 0.0f, y + r0, w->rows);
+    }
+}
 
 kvq_status qmat_mul(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, int n_threads) {
     if (!w || !x || !y || !wk) return kvqm_fail(KVQ_ERR_NULL, "qmat_mul: NULL argument");
@@ -290,14 +305,6 @@ kvq_status qmat_mul(const qmat *w, const float *x, int n, float *y, int accumula
         qmat_mul_dot(qmat_kernels_active(), w, x, n, y, accumulate, wk->xsum, n_threads);
         return KVQ_OK;
     }
-    int cols = w->cols, tr = (int)(tile_floats(wk->max_cols) / (size_t)cols);
-    if (tr > w->rows) tr = w->rows;
-    for (int r0 = 0; r0 < w->rows; r0 += tr) {
-        int nr = r0 + tr <= w->rows ? tr : w->rows - r0;
-#pragma omp parallel for schedule(static) num_threads(threads_or_default(n_threads))
-        for (int r = 0; r < nr; r++) qmat_row(w, r0 + r, wk->tile + (size_t)r * cols);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, cols, 1.0f, x, cols, wk->tile, cols,
-                    accumulate ? 1.0f : 0.0f, y + r0, w->rows);
-    }
+    qmat_mul_tiles(w, x, n, y, accumulate, wk, n_threads);
     return KVQ_OK;
 }
