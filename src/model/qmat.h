@@ -49,10 +49,13 @@ void qmat_row(const qmat *w, int r, float *out);
  * qmat_work_bytes gives what max_n tokens and max_cols input columns need; the caller owns the memory. */
 typedef struct qmat_work {
     float *xsum;  /* [max_n][max_cols / 32] */
-    float *tile;  /* [QMAT_TILE_FLOATS] */
+    float *tile;  /* [max(QMAT_TILE_FLOATS, max_cols)] */
     int max_n, max_cols;
 } qmat_work;
-#define QMAT_TILE_FLOATS (1 << 18) /* 1 MiB: the largest W tile dequantized at once (fits L2 with X's panel) */
+/* The largest W tile dequantized at once: 4 MiB, a whole 1536 x 576 matrix of SmolLM2, so each product is one
+ * dequantize + one sgemm (1/4 of it, 1 MiB, gave 4 alternations per matrix between the OpenMP threads and
+ * OpenBLAS's own and cost ~10% more CPU in prefill, measured; 16 MiB gained nothing more). */
+#define QMAT_TILE_FLOATS (1 << 20)
 size_t qmat_work_bytes(int max_n, int max_cols);
 /* xsum and tile carved out of one buffer of qmat_work_bytes(max_n, max_cols) bytes. */
 void qmat_work_init(qmat_work *wk, void *buf, int max_n, int max_cols);
