@@ -14,6 +14,7 @@
  * usage: test_qmat [model.gguf ...]  (real matrices of each GGUF given: a slice of every weight type it has)
  *        test_qmat --bench model.gguf [threads]  (times the two paths of qmat_mul per token count on the model's
  *                                                 layer-0 matrices: how QMAT_SGEMM_MIN_N was chosen) */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

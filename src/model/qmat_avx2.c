@@ -20,7 +20,6 @@ static inline float h2f(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 static inline __m128i ld64(const uint8_t *p) { return _mm_loadl_epi64((const __m128i *)p); }
-static inline __m256 u8f(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); } /* low 8 bytes, unsigned */
 static inline __m256 i8f(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); } /* low 8 bytes, signed */
 
 static float dot_f32(int cols, const uint8_t *w, const float *x, const float *xs) {
