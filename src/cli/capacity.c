@@ -1,6 +1,7 @@
 /* kvq capacity: what fits in a memory budget (--mem), or what N tokens need (--ctx), per KV type, counting what
- * `kvq run` holds: the weights (fp32, as the engine dequantizes them), its activation and logits buffers, the KV
- * pages (libkvq's arena for the tokens) and the fp16 residual windows (at their largest), for --parallel sequences. */
+ * `kvq run` holds: the weights (the GGUF's matrices as they are in the file, mapped, and fp32 norms), its activation,
+ * weight-product and logits buffers, the KV pages (libkvq's arena for the tokens) and the fp16 residual windows (at
+ * their largest), for --parallel sequences. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,7 +37,7 @@ int kvq_cli_capacity(int argc, char **argv) {
     kvq_cli_fmt_bytes((double)file_bytes, fb, sizeof fb);
     printf("model: %d layers x %d KV heads x head_dim %d, trained context %d tokens\n", mc.n_layers, mc.n_kv_heads,
            mc.head_dim, mc.ctx_len);
-    printf("fixed: weights %s (fp32 as the engine holds them; the GGUF file, %s, is mapped and file-backed) + buffers %s\n", w,
+    printf("fixed: weights %s (the matrices as stored in the GGUF file of %s, mapped, + fp32 norms) + buffers %s\n", w,
            fb, b);
     kvq_cli_mix mixes[N_MIXES];
     for (int i = 0; i < N_MIXES; i++) {

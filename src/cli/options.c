@@ -651,7 +651,7 @@ void kvq_cli_usage(int cmd, FILE *f) {
         fprintf(f,
                 "usage: kvq capacity -m MODEL (--mem SIZE | --ctx N) [--parallel N] [options]\n"
                 "For each KV type: with --mem, the most tokens per sequence that fit in SIZE; with --ctx, the memory N\n"
-                "tokens per sequence need. Memory = the weights as the engine holds them (fp32) + activation buffers +\n"
+                "tokens per sequence need. Memory = the weights as the engine holds them (quantized, as in the GGUF) + buffers +\n"
                 "KV pages (as libkvq sizes its arena) + fp16 residual windows at their largest (R+G tokens per layer).\n"
                 "Warns past the model's trained context. A budget that holds no token is an error.\n\n"
                 "  -m, --model FILE        GGUF model (its metadata is read; the weights are not loaded)\n"

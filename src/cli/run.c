@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "cli.h"
 #include "gguf.h"
@@ -185,6 +186,21 @@ static void footer_one(const kvq_cli_mix *mix, size_t n_prompt, const run_result
     fprintf(stderr, "\n");
 }
 
+/* What the process holds besides the KV cache, and the kernel's count of its peak: resident = the weights (their
+ * pages of the mapped GGUF) + KV + buffers + the program itself. */
+static void footer_memory(const kvq_cli_opts *o, const kvq_cli_loaded *L) {
+    const llama_config *mc = &L->m->cfg;
+    double buffers = (double)llama_ctx_scratch_bytes(mc, o->batch) + (double)mc->vocab_size * (sizeof(float) + sizeof(kvq_cli_prob));
+    char w[32], f[32], b[32], rss[32] = "?";
+    kvq_cli_fmt_bytes((double)L->m->weight_bytes, w, sizeof w);
+    kvq_cli_fmt_bytes((double)L->gf->size, f, sizeof f);
+    kvq_cli_fmt_bytes(buffers, b, sizeof b);
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0) kvq_cli_fmt_bytes((double)ru.ru_maxrss * 1024.0, rss, sizeof rss);
+    fprintf(stderr, "memory: weights %s (quantized as in the %s GGUF, mapped; fp32 norms) + buffers %s + the KV cache "
+                    "above; peak resident set %s\n", w, f, b, rss);
+}
+
 static void footer_compare(const kvq_cli_opts *o, size_t n_prompt, const run_result *rs, int nr) {
     int base = 0;
     for (int i = 0; i < nr; i++)
@@ -342,6 +358,7 @@ int kvq_cli_run(int argc, char **argv) {
     }
     if (o.n_compare) footer_compare(&o, prompt.n, rs, nr);
     else footer_one(&single, prompt.n, &rs[0]);
+    footer_memory(&o, &L);
 done:
     for (int i = 0; i < nr; i++) tok_ids_free(&rs[i].gen);
     free(logits);

@@ -1,6 +1,5 @@
 #include "llama.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,37 +21,50 @@ static kvq_status get_int(const gguf_file *f, const char *arch, const char *key,
     return KVQ_OK;
 }
 
-/* Loads tensor `name`, checking its shape is [ne1][ne0] (ne0 contiguous), into a new fp32 array. */
-static kvq_status load_tensor(const gguf_file *f, const char *name, int64_t ne0, int64_t ne1, float **out, size_t *bytes) {
+/* Finds tensor `name` and checks its shape is [ne1][ne0] (ne0 contiguous). */
+static kvq_status find_tensor(const gguf_file *f, const char *name, int64_t ne0, int64_t ne1, const gguf_tensor **out) {
     const gguf_tensor *t = gguf_find_tensor(f, name);
     if (!t) return kvqm_fail(KVQ_ERR_FORMAT, "model: tensor '%s' is missing", name);
     if ((int64_t)t->ne[0] != ne0 || (int64_t)t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1)
         return kvqm_fail(KVQ_ERR_FORMAT, "model: tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%lld, %lld]", name,
                          (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], (unsigned long long)t->ne[2],
                          (unsigned long long)t->ne[3], (long long)ne0, (long long)ne1);
-    float *p = malloc((size_t)ne0 * (size_t)ne1 * sizeof *p);
+    *out = t;
+    return KVQ_OK;
+}
+
+/* A vector (norm weights) copied to a new fp32 array. */
+static kvq_status load_vector(const gguf_file *f, const char *name, int64_t n, float **out, size_t *bytes) {
+    const gguf_tensor *t = NULL;
+    kvq_status st = find_tensor(f, name, n, 1, &t);
+    if (st) return st;
+    float *p = malloc((size_t)n * sizeof *p);
     if (!p) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "model: no memory for tensor '%s'", name);
-    kvq_status st = gguf_tensor_to_f32(t, p);
-    if (st) {
+    if ((st = gguf_tensor_to_f32(t, p))) {
         free(p);
         return st;
     }
     *out = p;
-    *bytes += (size_t)ne0 * (size_t)ne1 * sizeof *p;
+    *bytes += (size_t)n * sizeof *p;
+    return KVQ_OK;
+}
+
+/* A weight matrix [rows][cols] left in its encoding, pointing into the file's tensor data. */
+static kvq_status load_matrix(const gguf_file *f, const char *name, int64_t cols, int64_t rows, qmat *out, size_t *bytes) {
+    const gguf_tensor *t = NULL;
+    kvq_status st = find_tensor(f, name, cols, rows, &t);
+    if (st) return st;
+    if ((st = qmat_init(out, t->type, (int)rows, (int)cols, t->data)))
+        return kvqm_fail(st, "model: tensor '%s': %s", name, kvqm_last_error());
+    *bytes += qmat_bytes(out);
     return KVQ_OK;
 }
 
 void llama_free(llama_model *m) {
     if (!m) return;
     if (m->layers)
-        for (int l = 0; l < m->cfg.n_layers; l++) {
-            llama_layer *L = &m->layers[l];
-            free(L->attn_norm), free(L->wq), free(L->wk), free(L->wv), free(L->wo);
-            free(L->ffn_norm), free(L->w_gate), free(L->w_up), free(L->w_down);
-        }
+        for (int l = 0; l < m->cfg.n_layers; l++) free(m->layers[l].attn_norm), free(m->layers[l].ffn_norm);
     free(m->layers);
-    if (m->output != m->tok_embd) free(m->output);
-    free(m->tok_embd);
     free(m->output_norm);
     free(m);
 }
@@ -103,21 +115,34 @@ kvq_status llama_read_config(const gguf_file *f, llama_config *c) {
     return KVQ_OK;
 }
 
-/* fp32 bytes llama_load allocates for the weights: every tensor it loads, the tied output counted once. */
+/* What llama_load will hold: the matrices' encoded bytes (resident as pages of the mapping once touched) and the
+ * fp32 copies of the norms; the tied output counted once. Sizes come from the tensor infos (validated at parse). */
 kvq_status llama_weight_bytes(const gguf_file *f, const llama_config *c, size_t *out) {
     if (!f || !c || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_weight_bytes: NULL argument");
-    size_t dim = (size_t)c->dim, kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim, hid = (size_t)c->hidden_dim;
-    size_t per_layer = dim + dim * dim + 2 * kv_dim * dim + dim * dim + dim + 3 * hid * dim;
-    size_t n = (size_t)c->vocab_size * dim + dim + (size_t)c->n_layers * per_layer;
-    if (gguf_find_tensor(f, "output.weight")) n += (size_t)c->vocab_size * dim;
-    *out = n * sizeof(float);
+    size_t n = 0;
+    char name[64];
+    static const char *const mats[7] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    const gguf_tensor *t = gguf_find_tensor(f, "token_embd.weight");
+    n += t ? t->nbytes : 0;
+    if ((t = gguf_find_tensor(f, "output.weight"))) n += t->nbytes;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int i = 0; i < 7; i++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, mats[i]);
+            if ((t = gguf_find_tensor(f, name))) n += t->nbytes;
+        }
+    n += ((size_t)c->n_layers * 2 + 1) * (size_t)c->dim * sizeof(float); /* attn/ffn norms per layer, output norm */
+    *out = n;
     return KVQ_OK;
 }
 
+static int max_cols(const llama_config *c) { return c->hidden_dim > c->dim ? c->hidden_dim : c->dim; }
+
 size_t llama_ctx_scratch_bytes(const llama_config *c, int max_batch) {
-    size_t B = (size_t)(max_batch > 0 ? max_batch : 256), kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+    int B = max_batch > 0 ? max_batch : 256;
+    size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     return (size_t)(c->head_dim / 2) * sizeof(float) +
-           B * (4 * (size_t)c->dim + 2 * kv_dim + 2 * (size_t)c->hidden_dim) * sizeof(float);
+           (size_t)B * (4 * (size_t)c->dim + 2 * kv_dim + 2 * (size_t)c->hidden_dim) * sizeof(float) +
+           qmat_work_bytes(B, max_cols(c));
 }
 
 kvq_status llama_load(const gguf_file *f, llama_model **out) {
@@ -133,13 +158,13 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
     }
     int dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
     size_t *wb = &m->weight_bytes;
-    if ((st = load_tensor(f, "token_embd.weight", dim, V, &m->tok_embd, wb)) ||
-        (st = load_tensor(f, "output_norm.weight", dim, 1, &m->output_norm, wb)))
+    if ((st = load_matrix(f, "token_embd.weight", dim, V, &m->tok_embd, wb)) ||
+        (st = load_vector(f, "output_norm.weight", dim, &m->output_norm, wb)))
         goto fail;
     if (gguf_find_tensor(f, "output.weight")) {
-        if ((st = load_tensor(f, "output.weight", dim, V, &m->output, wb))) goto fail;
+        if ((st = load_matrix(f, "output.weight", dim, V, &m->output, wb))) goto fail;
     } else {
-        m->output = m->tok_embd; /* tied embeddings */
+        m->output = m->tok_embd; /* tied embeddings: the same bytes */
     }
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->layers) {
@@ -152,11 +177,11 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
         static const char *const suffix[9] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                               "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"};
         for (int i = 0; i < 9; i++) snprintf(n[i], sizeof n[i], "blk.%d.%s.weight", l, suffix[i]);
-        if ((st = load_tensor(f, n[0], dim, 1, &L->attn_norm, wb)) || (st = load_tensor(f, n[1], dim, dim, &L->wq, wb)) ||
-            (st = load_tensor(f, n[2], dim, kv_dim, &L->wk, wb)) || (st = load_tensor(f, n[3], dim, kv_dim, &L->wv, wb)) ||
-            (st = load_tensor(f, n[4], dim, dim, &L->wo, wb)) || (st = load_tensor(f, n[5], dim, 1, &L->ffn_norm, wb)) ||
-            (st = load_tensor(f, n[6], dim, hid, &L->w_gate, wb)) || (st = load_tensor(f, n[7], dim, hid, &L->w_up, wb)) ||
-            (st = load_tensor(f, n[8], hid, dim, &L->w_down, wb)))
+        if ((st = load_vector(f, n[0], dim, &L->attn_norm, wb)) || (st = load_matrix(f, n[1], dim, dim, &L->wq, wb)) ||
+            (st = load_matrix(f, n[2], dim, kv_dim, &L->wk, wb)) || (st = load_matrix(f, n[3], dim, kv_dim, &L->wv, wb)) ||
+            (st = load_matrix(f, n[4], dim, dim, &L->wo, wb)) || (st = load_vector(f, n[5], dim, &L->ffn_norm, wb)) ||
+            (st = load_matrix(f, n[6], dim, hid, &L->w_gate, wb)) || (st = load_matrix(f, n[7], dim, hid, &L->w_up, wb)) ||
+            (st = load_matrix(f, n[8], hid, dim, &L->w_down, wb)))
             goto fail;
     }
     *out = m;
@@ -178,6 +203,9 @@ struct llama_ctx {
     kvq_attn_params ap;
     float *rope_inv_freq; /* [head_dim / 2] */
     int prerope;          /* the cache takes keys before RoPE (kvq.h section 10): forward appends them unroped */
+    int n_threads;        /* weight products (qmat_mul); 0: OpenMP's default */
+    qmat_work work;       /* qmat_mul's scratch for max_batch tokens */
+    void *work_buf;
     /* scratch, sized for max_batch tokens */
     float *x, *h, *q, *k, *v, *o, *g, *u; /* [B][dim] x4 ([B][kv_dim] for k, v), [B][hidden] for g, u */
 };
@@ -205,6 +233,7 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
+    x->n_threads = p->n_threads;
     x->ap = kvq_attn_params_default(c->n_heads);
 
     int hd = c->head_dim;
@@ -263,7 +292,9 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->v = malloc(B * kv_dim * sizeof(float));
     x->g = malloc(B * (size_t)c->hidden_dim * sizeof(float));
     x->u = malloc(B * (size_t)c->hidden_dim * sizeof(float));
-    if (!x->x || !x->h || !x->q || !x->o || !x->k || !x->v || !x->g || !x->u) {
+    x->work_buf = malloc(qmat_work_bytes(x->max_batch, max_cols(c)));
+    if (x->work_buf) qmat_work_init(&x->work, x->work_buf, x->max_batch, max_cols(c));
+    if (!x->x || !x->h || !x->q || !x->o || !x->k || !x->v || !x->g || !x->u || !x->work_buf) {
         st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
         goto fail;
     }
@@ -279,6 +310,7 @@ void llama_ctx_free(llama_ctx *c) {
     kvq_cache_free(c->cache);
     free(c->rope_inv_freq);
     free(c->x), free(c->h), free(c->q), free(c->o), free(c->k), free(c->v), free(c->g), free(c->u);
+    free(c->work_buf);
     free(c);
 }
 
@@ -311,12 +343,10 @@ static void rmsnorm(float *out, const float *in, const float *w, int n, int dim,
     }
 }
 
-/* Y[n][out] = X[n][in] W^T, with W [out][in]; beta 1 accumulates into Y (residual adds). */
-static void matmul(float *Y, const float *X, const float *W, int n, int in, int out, float beta) {
-    if (n == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, X, 1, beta, Y, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, X, in, W, in, beta, Y, out);
+/* Y[n][W.rows] = X[n][W.cols] W^T; accumulate 1 adds it to Y (residual adds). The shapes were checked at load and
+ * n <= max_batch by llama_forward, so qmat_mul cannot fail here. */
+static void matmul(llama_ctx *c, float *Y, const float *X, const qmat *W, int n, int accumulate) {
+    qmat_mul(W, X, n, Y, accumulate, &c->work, c->n_threads);
 }
 
 /* Rotates adjacent pairs (x[2i], x[2i+1]) of every head by pos * inv_freq[i]. */
@@ -344,15 +374,15 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
         return kvqm_fail(KVQ_ERR_CACHE_FULL, "forward: context full (%lld + %d > %d tokens)", (long long)pos0, n, c->n_ctx);
     for (int t = 0; t < n; t++) {
         if (tokens[t] < 0 || tokens[t] >= V) return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: token id %d out of range", tokens[t]);
-        memcpy(c->x + (size_t)t * dim, m->tok_embd + (size_t)tokens[t] * dim, (size_t)dim * sizeof(float));
+        qmat_row(&m->tok_embd, tokens[t], c->x + (size_t)t * dim);
     }
     int32_t n_tok = n;
     for (int l = 0; l < cf->n_layers; l++) {
         const llama_layer *L = &m->layers[l];
         rmsnorm(c->h, c->x, L->attn_norm, n, dim, cf->norm_eps);
-        matmul(c->q, c->h, L->wq, n, dim, dim, 0.0f);    /* [n][n_heads*hd] */
-        matmul(c->k, c->h, L->wk, n, dim, kv_dim, 0.0f); /* [n][n_kv*hd] */
-        matmul(c->v, c->h, L->wv, n, dim, kv_dim, 0.0f);
+        matmul(c, c->q, c->h, &L->wq, n, 0); /* [n][n_heads*hd] */
+        matmul(c, c->k, c->h, &L->wk, n, 0); /* [n][n_kv*hd] */
+        matmul(c, c->v, c->h, &L->wv, n, 0);
         for (int t = 0; t < n; t++) {
             rope(c->q + (size_t)t * dim, cf->n_heads, hd, pos0 + t, c->rope_inv_freq);
             if (!c->prerope) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq);
@@ -362,20 +392,20 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
         st = n == 1 ? kvq_attn_decode(c->cache, l, 1, &c->seq, c->q, c->o, &c->ap)
                     : kvq_attn_prefill(c->cache, l, c->seq, n, c->q, c->o, &c->ap);
         if (st) return kvqm_fail(st, "layer %d: kvq attention: %s", l, kvq_last_error());
-        matmul(c->x, c->o, L->wo, n, dim, dim, 1.0f); /* x += o Wo^T */
+        matmul(c, c->x, c->o, &L->wo, n, 1); /* x += o Wo^T */
 
         rmsnorm(c->h, c->x, L->ffn_norm, n, dim, cf->norm_eps);
-        matmul(c->g, c->h, L->w_gate, n, dim, hid, 0.0f); /* [n][hidden] */
-        matmul(c->u, c->h, L->w_up, n, dim, hid, 0.0f);
+        matmul(c, c->g, c->h, &L->w_gate, n, 0); /* [n][hidden] */
+        matmul(c, c->u, c->h, &L->w_up, n, 0);
         for (size_t i = 0; i < (size_t)n * hid; i++) {
             float g = c->g[i];
             c->g[i] = g / (1.0f + expf(-g)) * c->u[i]; /* silu(g) * u */
         }
-        matmul(c->x, c->g, L->w_down, n, hid, dim, 1.0f); /* x += ... Wd^T */
+        matmul(c, c->x, c->g, &L->w_down, n, 1); /* x += ... Wd^T */
     }
     if (!logits || logits_from >= n) return KVQ_OK;
     int first = logits_from < 0 ? 0 : logits_from, rows = n - first;
     rmsnorm(c->h, c->x + (size_t)first * dim, m->output_norm, rows, dim, cf->norm_eps);
-    matmul(logits, c->h, m->output, rows, dim, V, 0.0f);
+    matmul(c, logits, c->h, &m->output, rows, 0);
     return KVQ_OK;
 }

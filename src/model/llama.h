@@ -11,7 +11,9 @@
  *     h = rmsnorm(x) * ffn_norm
  *     x += (silu(h Wg^T) * (h Wu^T)) Wd^T                [n][hidden] -> [n][dim]
  *   logits = (rmsnorm(x) * output_norm) Wout^T           [n][vocab]  (Wout = embed when tied)
- * Weights are dequantized to fp32 at load; matrix products go through cblas_sgemm. */
+ * Weight matrices stay in their GGUF encoding inside the mapped file (qmat.h): products run on the quantized
+ * blocks for short batches and through tiles dequantized for cblas_sgemm for long ones; embedding rows are
+ * dequantized on lookup. Only the norm vectors are copied (fp32). */
 #ifndef KVQ_LLAMA_H
 #define KVQ_LLAMA_H
 
@@ -20,6 +22,7 @@
 
 #include "gguf.h"
 #include "kvq.h"
+#include "qmat.h"
 
 typedef struct llama_config {
     int dim;        /* embedding_length */
@@ -35,25 +38,27 @@ typedef struct llama_config {
 } llama_config;
 
 typedef struct llama_layer {
-    float *attn_norm;            /* [dim] */
-    float *wq, *wk, *wv, *wo;    /* [dim][dim], [kv_dim][dim], [kv_dim][dim], [dim][dim]  (out x in) */
-    float *ffn_norm;             /* [dim] */
-    float *w_gate, *w_up, *w_down; /* [hidden][dim], [hidden][dim], [dim][hidden] */
+    float *attn_norm;           /* [dim] */
+    qmat wq, wk, wv, wo;        /* [dim][dim], [kv_dim][dim], [kv_dim][dim], [dim][dim]  (out x in) */
+    float *ffn_norm;            /* [dim] */
+    qmat w_gate, w_up, w_down;  /* [hidden][dim], [hidden][dim], [dim][hidden] */
 } llama_layer;
 
 typedef struct llama_model {
     llama_config cfg;
-    float *tok_embd;    /* [vocab][dim] */
+    qmat tok_embd;      /* [vocab][dim] */
     float *output_norm; /* [dim] */
-    float *output;      /* [vocab][dim]; == tok_embd when the embeddings are tied */
+    qmat output;        /* [vocab][dim]; the same bytes as tok_embd when the embeddings are tied */
     llama_layer *layers;
-    size_t weight_bytes; /* fp32 bytes held */
+    size_t weight_bytes; /* resident: the matrices' encoded bytes in the mapping + the fp32 norm copies */
 } llama_model;
 
 /* Reads and checks the shape from the metadata only (what `kvq capacity` needs without loading the weights). */
 kvq_status llama_read_config(const gguf_file *f, llama_config *cfg);
-/* Bytes llama_load will hold for the weights (fp32, every tensor it loads, a tied output counted once). */
+/* Resident bytes of the weights llama_load uses: every matrix in its file encoding (its pages of the mapping), the
+ * fp32 copies of the norms, a tied output counted once. */
 kvq_status llama_weight_bytes(const gguf_file *f, const llama_config *cfg, size_t *bytes);
+/* The model points into f's tensor data: f must stay open until llama_free. */
 kvq_status llama_load(const gguf_file *f, llama_model **out);
 void llama_free(llama_model *m);
 
@@ -66,7 +71,7 @@ typedef struct llama_ctx_params {
     kvq_type type_k, type_v;
     int residual;    /* -1: kvq's default */
     int group;       /* G of the grouped types; 0: kvq's default */
-    int n_threads;   /* attention threads; 0: OpenMP's default */
+    int n_threads;   /* attention and weight-product threads; 0: OpenMP's default */
     /* kvq.h section 10, passed to the cache as they are: -1 kvq's default for the types, 0 off (what a
      * zero-initialized llama_ctx_params gets) */
     int rotate, sinks, nonuniform;
@@ -82,7 +87,8 @@ int llama_default_prerope(kvq_type type_k);
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
  * KVQ_ERR_UNSUPPORTED_TYPE, KVQ_ERR_OUT_OF_MEMORY for the arena, ...) and a message naming it. */
 kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out);
-/* Heap bytes of a context's activation scratch for max_batch tokens per call (the KV cache not included). */
+/* Heap bytes of a context's activation and weight-product scratch for max_batch tokens per call (the KV cache not
+ * included). */
 size_t llama_ctx_scratch_bytes(const llama_config *cfg, int max_batch);
 void llama_ctx_free(llama_ctx *c);
 /* Drops the cached tokens (a fresh sequence). */
