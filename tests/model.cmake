@@ -9,6 +9,11 @@ endif()
 add_executable(test_gguf_corrupt ${PROJECT_SOURCE_DIR}/tests/test_gguf_corrupt.c ${PROJECT_SOURCE_DIR}/tests/fuzz_gguf.c)
 target_link_libraries(test_gguf_corrupt PRIVATE kvq_gguf kvq)
 add_test(NAME model_gguf_corrupt COMMAND test_gguf_corrupt ${KVQ_TEST_MODEL})
+# Dequantization of every weight type (legacy and K-quants) against the gguf Python package's, bit for bit
+# (tests/data/make_quant_golden.py wrote the golden file).
+add_executable(test_gguf_quants ${PROJECT_SOURCE_DIR}/tests/test_gguf_quants.c)
+target_link_libraries(test_gguf_quants PRIVATE kvq_gguf kvq)
+add_test(NAME model_gguf_quants COMMAND test_gguf_quants ${PROJECT_SOURCE_DIR}/tests/data/quant_golden.gguf)
 # Tokenizer without a model: merge order on a small hand-checked vocabulary (tests/tok_tiny.h), special tokens,
 # round trip, and a time bound per input byte on long inputs (also on SmolLM2's vocabulary when models/ has it).
 add_executable(test_tokenizer ${PROJECT_SOURCE_DIR}/tests/test_tokenizer.c)

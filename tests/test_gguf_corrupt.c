@@ -1,10 +1,12 @@
 /* Corrupt and truncated GGUF files must fail cleanly: a specific kvq_status and a message, never a crash (the
  * sanitizer build runs this too). A small valid GGUF is built in memory, then every prefix of it, targeted
  * corruptions (wrong magic/version, huge counts and lengths, bad offsets, dims, types, alignment) and seeded
- * random mutations go through gguf_parse and the fuzz entry point (tests/fuzz_gguf.c).
+ * random mutations go through gguf_parse and the fuzz entry point (tests/fuzz_gguf.c); so do the prefixes and
+ * mutations of a second file holding a tensor of every weight type (build_quants), so every dequantizer is fuzzed.
  * usage: test_gguf_corrupt [MODEL.gguf]          (the real model, if present, is also cut and opened via mmap)
- *        test_gguf_corrupt --write-seeds DIR     (writes the valid file, a few corruptions and the tokenizer of
- *                                                 tests/tok_tiny.h as a fuzz corpus: ctest fuzz_gguf_seeds writes them into the build tree) */
+ *        test_gguf_corrupt --write-seeds DIR     (writes the valid file, a few corruptions, the weight types and
+ *                                                 the tokenizer of tests/tok_tiny.h as a fuzz corpus: ctest
+ *                                                 fuzz_gguf_seeds writes them into the build tree) */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <math.h>
@@ -151,6 +153,46 @@ static tt_buf build_valid(layout *L) {
     return b;
 }
 
+/* A GGUF with one [block][2] tensor of every weight type the reader dequantizes, filled with pseudo-random bytes
+ * (scales included: NaN/Inf scales are fine for the fuzz target, it only needs to dequantize without faults). A
+ * fuzz seed and an input for the prefix and mutation tests, so the fuzzer starts inside every dequantizer. */
+static tt_buf build_quants(void) {
+    static const uint32_t types[] = {GGML_F16,  GGML_BF16, GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q5_1, GGML_Q8_0,
+                                     GGML_Q2_K, GGML_Q3_K, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K};
+    enum { NT = sizeof types / sizeof types[0] };
+    tt_buf b = {0};
+    tt_u32(&b, 0x46554747u);
+    tt_u32(&b, 3);
+    tt_u64(&b, NT);
+    tt_u64(&b, 0);
+    uint64_t off = 0, sizes[NT];
+    for (int i = 0; i < NT; i++) {
+        uint64_t be, bb;
+        ggml_type_block(types[i], &be, &bb);
+        char name[8];
+        snprintf(name, sizeof name, "t%d", i);
+        tt_str(&b, name);
+        tt_u32(&b, 2);
+        tt_u64(&b, be == 1 ? 32 : be);
+        tt_u64(&b, 2);
+        tt_u32(&b, types[i]);
+        tt_u64(&b, off);
+        sizes[i] = 2 * (be == 1 ? 32 * bb : bb);
+        off += (sizes[i] + 31) / 32 * 32;
+    }
+    while (b.n % 32) tt_put(&b, "", 1);
+    uint64_t s = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < NT; i++) {
+        for (uint64_t j = 0; j < sizes[i]; j++) {
+            s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+            uint8_t x = (uint8_t)(s >> 24);
+            tt_put(&b, &x, 1);
+        }
+        while (i + 1 < NT && b.n % 32) tt_put(&b, "", 1); /* none after the last: every prefix must be short */
+    }
+    return b;
+}
+
 static void set_u64(tt_buf *b, size_t off, uint64_t v) { memcpy(b->p + off, &v, 8); }
 static void set_u32(tt_buf *b, size_t off, uint32_t v) { memcpy(b->p + off, &v, 4); }
 static tt_buf clone(const tt_buf *b) {
@@ -248,7 +290,11 @@ static void test_targeted(const tt_buf *v, const layout *L) {
     MUT("dims overflow", (set_u64(&b, L->t0_dim0, 1ull << 40), set_u64(&b, L->t0_dim0 + 8, 1ull << 40)), KVQ_ERR_FORMAT);
     MUT("tensor too big for the file", set_u64(&b, L->t0_dim0, 1ull << 30), KVQ_ERR_TRUNCATED);
     MUT("unknown tensor type", set_u32(&b, L->t0_type, 99), KVQ_ERR_FORMAT);
-    MUT("Q4_K (unsupported)", set_u32(&b, L->t0_type, 12), KVQ_ERR_FORMAT);
+    MUT("Q4_K row of 4 (not a multiple of 256)", set_u32(&b, L->t0_type, GGML_Q4_K), KVQ_ERR_FORMAT);
+    MUT("Q6_K row of 32 (not a multiple of 256)", set_u32(&b, L->t1_off - 4, GGML_Q6_K), KVQ_ERR_FORMAT);
+    MUT("Q5_0 row of 31", (set_u32(&b, L->t1_off - 4, GGML_Q5_0), set_u64(&b, L->t1_dim0, 31)), KVQ_ERR_FORMAT);
+    MUT("Q8_K (not a file type)", set_u32(&b, L->t0_type, 15), KVQ_ERR_FORMAT);
+    MUT("IQ2_XXS (unsupported)", set_u32(&b, L->t0_type, 16), KVQ_ERR_FORMAT);
     MUT("Q4_1 row not a multiple of 32", set_u64(&b, L->t1_dim0, 31), KVQ_ERR_FORMAT);
     MUT("misaligned offset", set_u64(&b, L->t0_off, 4), KVQ_ERR_FORMAT);
     MUT("offset past end", set_u64(&b, L->t1_off, 4096), KVQ_ERR_TRUNCATED);
@@ -260,6 +306,28 @@ static void test_targeted(const tt_buf *v, const layout *L) {
     MUT("duplicate metadata key", { uint8_t *k = memmem(b.p, b.n, "tokenizer.ggml.model", 20); if (k) memcpy(k, "general.architecture", 20); },
         KVQ_ERR_FORMAT);
 #undef MUT
+
+    /* The messages name the type and the block: what a user needs to see which tensor of which type is refused. */
+    struct {
+        uint32_t type;
+        uint64_t dim0;
+        const char *msg;
+    } named[] = {{99, 32, "ggml type 99 (unknown) is not supported"}, {16, 32, "ggml type 16 (IQ2_XXS)"},
+                 {15, 32, "ggml type 15 (Q8_K)"},
+                 {GGML_Q4_K, 32, "row of 32 elements is not a multiple of the Q4_K block (256)"},
+                 {GGML_Q5_1, 48, "row of 48 elements is not a multiple of the Q5_1 block (32)"}};
+    for (size_t i = 0; i < sizeof named / sizeof named[0]; i++) {
+        b = clone(v);
+        set_u32(&b, L->t1_off - 4, named[i].type);
+        set_u64(&b, L->t1_dim0, named[i].dim0);
+        gguf_file *f = NULL;
+        kvq_status st = gguf_parse(b.p, b.n, &f);
+        CHECK(st == KVQ_ERR_FORMAT && !f && strstr(kvqm_last_error(), named[i].msg) && strstr(kvqm_last_error(), "'b'"),
+              "type %u, row %llu: %s (%s)", named[i].type, (unsigned long long)named[i].dim0, kvq_strerror(st),
+              kvqm_last_error());
+        if (f) gguf_close(f);
+        free(b.p);
+    }
 
     /* Fuzzer finding (fixed): token types stored as F32 with values beyond int64 made the float -> int conversion
      * undefined. Now such a file loads (types read as 0) or fails, without UB (clang's UBSan checks it). */
@@ -435,6 +503,16 @@ static void test_files(const char *model) {
 
 static int write_seeds(const char *dir, const tt_buf *v, const layout *L) {
     mkdir(dir, 0755);
+    {
+        tt_buf q = build_quants();
+        char p[512];
+        snprintf(p, sizeof p, "%s/quants.gguf", dir);
+        FILE *f = fopen(p, "wb");
+        int bad = !f || fwrite(q.p, 1, q.n, f) != q.n;
+        if (f) fclose(f);
+        free(q.p);
+        if (bad) return 1;
+    }
     struct {
         const char *name;
         size_t off;
@@ -479,6 +557,11 @@ int main(int argc, char **argv) {
     test_valid(&v);
     test_targeted(&v, &L);
     test_prefixes(&v);
+    tt_buf q = build_quants();
+    expect("every weight type", &q, KVQ_OK);
+    test_prefixes(&q);
+    test_random(&q, quick ? 1000 : 10000);
+    free(q.p);
     test_many_tensors();
     test_random(&v, quick ? 5000 : 50000);
     test_files(argc > 1 && access(argv[1], R_OK) == 0 ? argv[1] : NULL);

@@ -123,28 +123,37 @@ static kvq_status parse_kv(cursor *c, uint64_t idx, gguf_kv *kv) {
     return KVQ_OK;
 }
 
-/* Elements per block and bytes per block of a ggml type; 0 if unknown. */
-static int type_block(uint32_t t, uint64_t *blk_elems, uint64_t *blk_bytes) {
+int ggml_type_block(uint32_t t, uint64_t *blk_elems, uint64_t *blk_bytes) {
+    uint64_t e, b;
     switch (t) {
-    case GGML_F32: *blk_elems = 1; *blk_bytes = 4; return 1;
-    case GGML_F16: case GGML_BF16: *blk_elems = 1; *blk_bytes = 2; return 1;
-    case GGML_Q4_0: *blk_elems = 32; *blk_bytes = 18; return 1; /* fp16 d, 16 bytes of nibbles */
-    case GGML_Q4_1: *blk_elems = 32; *blk_bytes = 20; return 1; /* fp16 d, fp16 m, 16 bytes of nibbles */
-    case GGML_Q8_0: *blk_elems = 32; *blk_bytes = 34; return 1; /* fp16 d, 32 int8 */
+    case GGML_F32: e = 1, b = 4; break;
+    case GGML_F16: case GGML_BF16: e = 1, b = 2; break;
+    case GGML_Q4_0: e = 32, b = 18; break; /* fp16 d, 16 bytes of nibbles */
+    case GGML_Q4_1: e = 32, b = 20; break; /* fp16 d, fp16 m, 16 bytes of nibbles */
+    case GGML_Q5_0: e = 32, b = 22; break; /* fp16 d, u32 high bits, 16 bytes of nibbles */
+    case GGML_Q5_1: e = 32, b = 24; break; /* fp16 d, fp16 m, u32 high bits, 16 bytes of nibbles */
+    case GGML_Q8_0: e = 32, b = 34; break; /* fp16 d, 32 int8 */
+    case GGML_Q2_K: e = GGML_QK_K, b = 84; break;  /* 16 scale|min bytes, 64 bytes of 2-bit codes, fp16 d, dmin */
+    case GGML_Q3_K: e = GGML_QK_K, b = 110; break; /* 32 bytes high bits, 64 of 2-bit codes, 12 of scales, fp16 d */
+    case GGML_Q4_K: e = GGML_QK_K, b = 144; break; /* fp16 d, dmin, 12 bytes of 6-bit scales|mins, 128 of nibbles */
+    case GGML_Q5_K: e = GGML_QK_K, b = 176; break; /* as Q4_K + 32 bytes of high bits before the nibbles */
+    case GGML_Q6_K: e = GGML_QK_K, b = 210; break; /* 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d */
     default: return 0;
     }
+    if (blk_elems) *blk_elems = e;
+    if (blk_bytes) *blk_bytes = b;
+    return 1;
 }
 
 const char *ggml_type_name(uint32_t t) {
-    switch (t) {
-    case GGML_F32: return "F32";
-    case GGML_F16: return "F16";
-    case GGML_BF16: return "BF16";
-    case GGML_Q4_0: return "Q4_0";
-    case GGML_Q4_1: return "Q4_1";
-    case GGML_Q8_0: return "Q8_0";
-    default: return "unsupported";
-    }
+    /* ggml's numbering (ggml.h): 4 and 5 (Q4_2, Q4_3) were removed long ago. */
+    static const char *const names[] = {
+        "F32",     "F16",    "Q4_0",  "Q4_1",  "Q4_2 (removed)", "Q4_3 (removed)", "Q5_0",  "Q5_1",   "Q8_0",
+        "Q8_1",    "Q2_K",   "Q3_K",  "Q4_K",  "Q5_K",           "Q6_K",           "Q8_K",  "IQ2_XXS", "IQ2_XS",
+        "IQ3_XXS", "IQ1_S",  "IQ4_NL", "IQ3_S", "IQ2_S",          "IQ4_XS",         "I8",    "I16",     "I32",
+        "I64",     "F64",    "IQ1_M", "BF16",  "Q4_0_4_4 (removed)", "Q4_0_4_8 (removed)", "Q4_0_8_8 (removed)",
+        "TQ1_0",   "TQ2_0",  "IQ4_NL_4_4 (removed)", "IQ4_NL_4_8 (removed)", "IQ4_NL_8_8 (removed)", "MXFP4"};
+    return t < sizeof names / sizeof names[0] ? names[t] : "unknown";
 }
 
 static kvq_status parse_tensor(cursor *c, uint64_t idx, gguf_tensor *t) {
@@ -169,9 +178,11 @@ static kvq_status parse_tensor(cursor *c, uint64_t idx, gguf_tensor *t) {
     if ((st = rd_u32(c, &t->type, "tensor type"))) return st;
     if ((st = rd_u64(c, &t->offset, "tensor offset"))) return st;
     uint64_t be, bb;
-    if (!type_block(t->type, &be, &bb))
-        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor '%.*s': ggml type %u is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                         nlen, t->name.ptr, t->type);
+    if (!ggml_type_block(t->type, &be, &bb))
+        return kvqm_fail(KVQ_ERR_FORMAT,
+                         "gguf: tensor '%.*s': ggml type %u (%s) is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, "
+                         "Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)",
+                         nlen, t->name.ptr, t->type, ggml_type_name(t->type));
     if (t->ne[0] % be != 0)
         return kvqm_fail(KVQ_ERR_FORMAT, "gguf: tensor '%.*s': row of %llu elements is not a multiple of the %s block (%llu)",
                          nlen, t->name.ptr, (unsigned long long)t->ne[0], ggml_type_name(t->type), (unsigned long long)be);
@@ -455,46 +466,182 @@ static float half_to_f32(uint16_t h) {
 
 static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
-kvq_status gguf_tensor_to_f32(const gguf_tensor *t, float *out) {
-    if (!t || !out) return kvqm_fail(KVQ_ERR_NULL, "gguf_tensor_to_f32: NULL argument");
-    const uint8_t *p = t->data;
-    uint64_t n = t->n_elements;
-    switch (t->type) {
-    case GGML_F32: memcpy(out, p, n * 4); break;
+/* Sub-block j (0..7) scale and min of Q4_K/Q5_K: 6 bits each, packed in 12 bytes (ggml's get_scale_min_k4):
+ * bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low 6 bits; bytes 8-11 the low 4 bits of scales 4-7
+ * (low nibble) and mins 4-7 (high nibble), whose top 2 bits are the top bits of bytes 0-3 / 4-7. */
+static void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* One block of each type: src -> y[blk_elems]. Codes are ggml's; comments give the element order. */
+static void deq_q4_0(const uint8_t *p, float *y) { /* x = d * (q - 8); byte j: element j (low), j + 16 (high) */
+    float d = half_to_f32(rd16(p));
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)((p[2 + j] & 0x0f) - 8);
+        y[j + 16] = d * (float)((p[2 + j] >> 4) - 8);
+    }
+}
+static void deq_q4_1(const uint8_t *p, float *y) { /* x = d * q + m, same order as Q4_0 */
+    float d = half_to_f32(rd16(p)), m = half_to_f32(rd16(p + 2));
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)(p[4 + j] & 0x0f) + m;
+        y[j + 16] = d * (float)(p[4 + j] >> 4) + m;
+    }
+}
+static uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static void deq_q5_0(const uint8_t *p, float *y) { /* x = d * (q - 16); bit j of qh is bit 4 of element j */
+    float d = half_to_f32(rd16(p));
+    uint32_t qh = rd32(p + 2);
+    for (int j = 0; j < 16; j++) {
+        int lo = (p[6 + j] & 0x0f) | (int)((qh >> j) & 1) << 4, hi = (p[6 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+        y[j] = d * (float)(lo - 16);
+        y[j + 16] = d * (float)(hi - 16);
+    }
+}
+static void deq_q5_1(const uint8_t *p, float *y) { /* x = d * q + m, bits as Q5_0 */
+    float d = half_to_f32(rd16(p)), m = half_to_f32(rd16(p + 2));
+    uint32_t qh = rd32(p + 4);
+    for (int j = 0; j < 16; j++) {
+        int lo = (p[8 + j] & 0x0f) | (int)((qh >> j) & 1) << 4, hi = (p[8 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+        y[j] = d * (float)lo + m;
+        y[j + 16] = d * (float)hi + m;
+    }
+}
+static void deq_q8_0(const uint8_t *p, float *y) { /* x = d * q */
+    float d = half_to_f32(rd16(p));
+    for (int j = 0; j < 32; j++) y[j] = d * (float)(int8_t)p[2 + j];
+}
+/* Q2_K: 16 sub-blocks of 16; x = d * sc * q - dmin * m with q in 0..3. Each 32-byte half of qs holds 128
+ * elements: bits 2s..2s+1 of byte l are element 32 s + l of that half. */
+static void deq_q2_k(const uint8_t *p, float *y) {
+    const uint8_t *sc = p, *qs = p + 16;
+    float d = half_to_f32(rd16(p + 80)), dmin = half_to_f32(rd16(p + 82));
+    for (int half = 0; half < 2; half++, qs += 32)
+        for (int s = 0; s < 4; s++)
+            for (int k = 0; k < 2; k++) { /* sub-block of 16: bytes 16 k .. 16 k + 15 of this half */
+                int is = half * 8 + s * 2 + k;
+                float dl = d * (float)(sc[is] & 0x0f), ml = dmin * (float)(sc[is] >> 4);
+                for (int l = 0; l < 16; l++) *y++ = dl * (float)((qs[16 * k + l] >> (2 * s)) & 3) - ml;
+            }
+}
+/* Q3_K: the low 2 bits laid out as Q2_K's; element i's high bit is bit i / 32 of hmask[i % 32], and a clear high
+ * bit means q - 4. Sub-block scales are 6-bit, offset by 32: low
+ * nibbles in bytes 0-7 (scales 0-7 low, 8-15 high nibble), top 2 bits in bytes 8-11 (bits 2k..2k+1 of byte 8 + j
+ * belong to scale j + 4 k). */
+static void deq_q3_k(const uint8_t *p, float *y) {
+    const uint8_t *hm = p, *qs = p + 32, *sb = p + 96;
+    float d = half_to_f32(rd16(p + 108));
+    int8_t sc[16];
+    for (int j = 0; j < 16; j++) {
+        int lo = j < 8 ? sb[j] & 0x0f : sb[j - 8] >> 4, hi = (sb[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[j] = (int8_t)((lo | hi << 4) - 32);
+    }
+    for (int half = 0; half < 2; half++, qs += 32)
+        for (int s = 0; s < 4; s++)
+            for (int k = 0; k < 2; k++) {
+                float dl = d * (float)sc[half * 8 + s * 2 + k];
+                for (int l = 0; l < 16; l++) {
+                    int q = (qs[16 * k + l] >> (2 * s)) & 3, h = (hm[16 * k + l] >> (half * 4 + s)) & 1;
+                    *y++ = dl * (float)(q - (h ? 0 : 4));
+                }
+            }
+}
+/* Q4_K: 8 sub-blocks of 32; x = d * sc * q - dmin * m. Each 32 bytes of qs hold two sub-blocks: low nibbles the
+ * first, high nibbles the second. */
+static void deq_q4_k(const uint8_t *p, float *y) {
+    float d = half_to_f32(rd16(p)), dmin = half_to_f32(rd16(p + 2));
+    const uint8_t *scales = p + 4, *qs = p + 16;
+    for (int j = 0; j < 8; j += 2, qs += 32) {
+        uint8_t s0, m0, s1, m1;
+        k4_scale_min(j, scales, &s0, &m0);
+        k4_scale_min(j + 1, scales, &s1, &m1);
+        float d0 = d * (float)s0, dm0 = dmin * (float)m0, d1 = d * (float)s1, dm1 = dmin * (float)m1;
+        for (int l = 0; l < 32; l++) y[l] = d0 * (float)(qs[l] & 0x0f) - dm0;
+        for (int l = 0; l < 32; l++) y[32 + l] = d1 * (float)(qs[l] >> 4) - dm1;
+        y += 64;
+    }
+}
+/* Q5_K: Q4_K plus a fifth bit: bit j of qh[l] is the high bit of element 32 j + l. */
+static void deq_q5_k(const uint8_t *p, float *y) {
+    float d = half_to_f32(rd16(p)), dmin = half_to_f32(rd16(p + 2));
+    const uint8_t *scales = p + 4, *qh = p + 16, *qs = p + 48;
+    for (int j = 0; j < 8; j += 2, qs += 32) {
+        uint8_t s0, m0, s1, m1;
+        k4_scale_min(j, scales, &s0, &m0);
+        k4_scale_min(j + 1, scales, &s1, &m1);
+        float d0 = d * (float)s0, dm0 = dmin * (float)m0, d1 = d * (float)s1, dm1 = dmin * (float)m1;
+        for (int l = 0; l < 32; l++) y[l] = d0 * (float)((qs[l] & 0x0f) | ((qh[l] >> j) & 1) << 4) - dm0;
+        for (int l = 0; l < 32; l++) y[32 + l] = d1 * (float)((qs[l] >> 4) | ((qh[l] >> (j + 1)) & 1) << 4) - dm1;
+        y += 64;
+    }
+}
+/* Q6_K: 16 sub-blocks of 16 with int8 scales; x = d * sc * (q - 32), q 6 bits. Per 128 elements: 64 bytes of ql
+ * (elements l and l + 64 in byte l's low/high nibble, l + 32 and l + 96 in byte l + 32's) and 32 of qh (bits 2s..2s+1
+ * of byte l are the top bits of element 32 s + l). */
+static void deq_q6_k(const uint8_t *p, float *y) {
+    const uint8_t *ql = p, *qh = p + 128;
+    const int8_t *sc = (const int8_t *)(p + 192);
+    float d = half_to_f32(rd16(p + 208));
+    for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128)
+        for (int l = 0; l < 32; l++) {
+            int is = l / 16;
+            int q1 = ((ql[l] & 0x0f) | ((qh[l] >> 0) & 3) << 4) - 32;
+            int q2 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2) & 3) << 4) - 32;
+            int q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+            int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+            y[l] = d * (float)sc[is] * (float)q1;
+            y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+            y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+            y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+        }
+}
+
+kvq_status gguf_dequantize_row(uint32_t type, const uint8_t *src, float *dst, uint64_t n) {
+    if (!src || !dst) return kvqm_fail(KVQ_ERR_NULL, "gguf_dequantize_row: NULL argument");
+    uint64_t be, bb;
+    if (!ggml_type_block(type, &be, &bb))
+        return kvqm_fail(KVQ_ERR_FORMAT, "gguf: cannot dequantize ggml type %u (%s)", type, ggml_type_name(type));
+    if (n % be != 0)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG,
+                         "gguf_dequantize_row: %llu elements is not a multiple of the %s block (%llu)", (unsigned long long)n,
+                         ggml_type_name(type), (unsigned long long)be);
+    void (*blk)(const uint8_t *, float *) = NULL;
+    switch (type) {
+    case GGML_F32: memcpy(dst, src, n * 4); return KVQ_OK;
     case GGML_F16:
-        for (uint64_t i = 0; i < n; i++) out[i] = half_to_f32(rd16(p + 2 * i));
-        break;
+        for (uint64_t i = 0; i < n; i++) dst[i] = half_to_f32(rd16(src + 2 * i));
+        return KVQ_OK;
     case GGML_BF16:
         for (uint64_t i = 0; i < n; i++) {
-            uint32_t bits = (uint32_t)rd16(p + 2 * i) << 16;
-            memcpy(&out[i], &bits, 4);
+            uint32_t bits = (uint32_t)rd16(src + 2 * i) << 16;
+            memcpy(&dst[i], &bits, 4);
         }
-        break;
-    case GGML_Q8_0: /* x = d * q */
-        for (uint64_t b = 0; b < n / 32; b++, p += 34) {
-            float d = half_to_f32(rd16(p));
-            for (int j = 0; j < 32; j++) out[b * 32 + j] = d * (float)(int8_t)p[2 + j];
-        }
-        break;
-    case GGML_Q4_0: /* x = d * (q - 8); byte j holds element j (low nibble) and j + 16 (high nibble) */
-        for (uint64_t b = 0; b < n / 32; b++, p += 18) {
-            float d = half_to_f32(rd16(p));
-            for (int j = 0; j < 16; j++) {
-                out[b * 32 + j] = d * (float)((p[2 + j] & 0x0f) - 8);
-                out[b * 32 + j + 16] = d * (float)((p[2 + j] >> 4) - 8);
-            }
-        }
-        break;
-    case GGML_Q4_1: /* x = d * q + m, same nibble order as Q4_0 */
-        for (uint64_t b = 0; b < n / 32; b++, p += 20) {
-            float d = half_to_f32(rd16(p)), m = half_to_f32(rd16(p + 2));
-            for (int j = 0; j < 16; j++) {
-                out[b * 32 + j] = d * (float)(p[4 + j] & 0x0f) + m;
-                out[b * 32 + j + 16] = d * (float)(p[4 + j] >> 4) + m;
-            }
-        }
-        break;
-    default: return kvqm_fail(KVQ_ERR_FORMAT, "gguf: cannot dequantize ggml type %u", t->type);
+        return KVQ_OK;
+    case GGML_Q4_0: blk = deq_q4_0; break;
+    case GGML_Q4_1: blk = deq_q4_1; break;
+    case GGML_Q5_0: blk = deq_q5_0; break;
+    case GGML_Q5_1: blk = deq_q5_1; break;
+    case GGML_Q8_0: blk = deq_q8_0; break;
+    case GGML_Q2_K: blk = deq_q2_k; break;
+    case GGML_Q3_K: blk = deq_q3_k; break;
+    case GGML_Q4_K: blk = deq_q4_k; break;
+    case GGML_Q5_K: blk = deq_q5_k; break;
+    case GGML_Q6_K: blk = deq_q6_k; break;
     }
+    for (uint64_t b = 0; b < n / be; b++) blk(src + b * bb, dst + b * be);
     return KVQ_OK;
+}
+
+kvq_status gguf_tensor_to_f32(const gguf_tensor *t, float *out) {
+    if (!t || !out) return kvqm_fail(KVQ_ERR_NULL, "gguf_tensor_to_f32: NULL argument");
+    /* The parser checked the type and that ne[0] is a multiple of its block, so the whole tensor is whole blocks. */
+    return gguf_dequantize_row(t->type, t->data, out, t->n_elements);
 }

@@ -25,8 +25,14 @@ enum gguf_vtype {
     GGUF_VTYPE_COUNT
 };
 
-/* ggml tensor types this reader can size and dequantize (the numbers are ggml's). */
-enum ggml_ttype { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_BF16 = 30 };
+/* ggml tensor types this reader can size and dequantize (the numbers are ggml's). Legacy formats have blocks of 32
+ * elements, K-quants super-blocks of 256 (QK_K). Q8_K (15) exists only inside ggml as an activation format, never in
+ * a file; it and the IQ/TQ/MXFP4 types are refused by number and name at parse time. */
+enum ggml_ttype {
+    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
+    GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30
+};
+#define GGML_QK_K 256
 
 typedef struct gguf_str {
     const char *ptr; /* points into the file: not NUL terminated */
@@ -101,9 +107,19 @@ kvq_status gguf_arr_strings(const gguf_kv *kv, gguf_str *out);
 int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i);
 double gguf_arr_f64(const gguf_kv *kv, uint64_t i); /* NaN reads as -HUGE_VAL */
 
+/* ggml's name of a type number ("Q4_K", "IQ2_XXS", ...), also for types this reader refuses; "unknown" past them. */
 const char *ggml_type_name(uint32_t t);
+/* 1 and the elements and bytes of one block of a supported type (1 and 4 for F32); 0 for any other type. */
+int ggml_type_block(uint32_t t, uint64_t *blk_elems, uint64_t *blk_bytes);
 /* Dequantizes the whole tensor into out[n_elements]. */
 kvq_status gguf_tensor_to_f32(const gguf_tensor *t, float *out);
+/* Dequantizes n elements of a supported type from src (n / blk_elems blocks, e.g. one row of a weight matrix) into
+ * dst[n]. KVQ_ERR_NULL, KVQ_ERR_FORMAT for an unsupported type, KVQ_ERR_INVALID_ARG when n is not a multiple of the
+ * type's block. The arithmetic is ggml's (x = d*q, d*q + m or (d*sc)*q - dmin*m in fp32): every product there is
+ * exact in fp32 (an fp16 scale has 11 significant bits, a sub-scale at most 8, a code at most 7; no product of one
+ * type needs more than 24), so the result is ggml's bit for bit; only the final addition of a min rounds, the same
+ * way in both. */
+kvq_status gguf_dequantize_row(uint32_t type, const uint8_t *src, float *dst, uint64_t n);
 
 /* Bytes of one element of a scalar value type; 0 for STRING/ARRAY or unknown. */
 size_t gguf_vtype_size(uint32_t t);
