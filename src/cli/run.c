@@ -158,7 +158,7 @@ static int generate(const kvq_cli_opts *o, const kvq_cli_loaded *L, const tok_id
     res->prefill_s = t1 - t0;
     res->decode_s = t2 - t1;
     res->tokens = llama_ctx_pos(c);
-    if ((st = kvq_cache_get_stats(llama_ctx_cache(c), &res->stats))) rc = kvq_cli_die(KVQ_CLI_RUN, "cache statistics", st);
+    if ((st = llama_ctx_get_stats(c, &res->stats))) rc = kvq_cli_die(KVQ_CLI_RUN, "cache statistics", st);
 done:
     llama_ctx_free(c);
     return rc;
