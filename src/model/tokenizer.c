@@ -42,7 +42,13 @@ struct kvq_tokenizer {
     int32_t byte_id[256]; /* id of the single-symbol token for each byte; -1: none (the byte is dropped) */
     int32_t *specials;    /* ids matched whole in text (control and user-defined): by first byte, longest first */
     int n_specials;
-    int spec_first[257];  /* specials[spec_first[b] .. spec_first[b + 1]) start with byte b */
+    /* Specials are found by length: at a text position starting with byte b, each length in
+     * spec_lens[spec_len_first[b] .. spec_len_first[b + 1]) (the lengths of the specials starting with b, longest
+     * first) is looked up in the vocabulary: a few hash lookups per position, however many specials share a first
+     * byte (Gemma has 6000+ starting with '<'). */
+    int32_t *spec_lens;
+    int spec_len_first[257];
+    uint8_t *spec_mark;   /* [n_vocab]: 1 for the ids in specials */
     int32_t bos, eos, im_start, im_end, endoftext;
     int32_t start_turn, end_turn; /* Gemma's <start_of_turn>, <end_of_turn>; -1: none */
     int32_t unk;
@@ -160,6 +166,8 @@ void tok_free(kvq_tokenizer *t) {
     free(t->vocab_tab);
     free(t->pairs);
     free(t->specials);
+    free(t->spec_lens);
+    free(t->spec_mark);
     free(t->respelled);
     free(t);
 }
@@ -190,6 +198,26 @@ static int cmp_special(const void *a, const void *b) {
     if (fx != fy) return fx < fy ? -1 : 1;
     uint64_t lx = g_sort_ctx->tokens[x].len, ly = g_sort_ctx->tokens[y].len;
     return lx < ly ? 1 : lx > ly ? -1 : (x > y) - (x < y);
+}
+
+/* Sorts the specials by first byte, longest first, and makes the per-first-byte length lists (see the struct). */
+static kvq_status finish_specials(kvq_tokenizer *t) {
+    g_sort_ctx = t;
+    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special);
+    t->spec_lens = malloc((size_t)(t->n_specials ? t->n_specials : 1) * sizeof *t->spec_lens);
+    t->spec_mark = calloc((size_t)t->n_vocab, 1);
+    if (!t->spec_lens || !t->spec_mark) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    int n_lens = 0;
+    for (int b = 0, k = 0; b < 256; b++) {
+        t->spec_len_first[b] = n_lens;
+        for (; k < t->n_specials && (uint8_t)t->tokens[t->specials[k]].ptr[0] == b; k++) {
+            int32_t id = t->specials[k], len = (int32_t)t->tokens[id].len;
+            t->spec_mark[id] = 1;
+            if (n_lens == t->spec_len_first[b] || t->spec_lens[n_lens - 1] != len) t->spec_lens[n_lens++] = len;
+        }
+    }
+    t->spec_len_first[256] = n_lens;
+    return KVQ_OK;
 }
 
 /* Inserts (a, b) -> merged with rank r unless the pair is there already (the first, best rank wins). */
@@ -396,12 +424,7 @@ static kvq_status tok_load_spm(const gguf_file *f, kvq_tokenizer **out) {
         if ((t->types[i] == 3 || t->types[i] == 4) && s->len > 0 && t->tokens[i].ptr == s->ptr && vocab_find(t, s->ptr, s->len) == i)
             t->specials[t->n_specials++] = i;
     }
-    g_sort_ctx = t;
-    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special);
-    for (int b = 0, k = 0; b <= 256; b++) {
-        while (k < t->n_specials && (uint8_t)t->tokens[t->specials[k]].ptr[0] < b) k++;
-        t->spec_first[b] = b == 256 ? t->n_specials : k;
-    }
+    if ((st = finish_specials(t))) goto fail;
 
     if (kmerge) {
         if ((st = add_file_merges(t, kmerge))) goto fail;
@@ -536,14 +559,7 @@ kvq_status tok_load(const gguf_file *f, kvq_tokenizer **out) {
         t->piece_len[i] = (size_t)l;
         if ((t->types[i] == 3 || t->types[i] == 4) && s->len > 0) t->specials[t->n_specials++] = i;
     }
-    g_sort_ctx = t;
-    /* Grouped by first byte, so that the text scan only tries the specials that can match at a position; longest
-     * first within a group, so that the first hit is the longest match. */
-    qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_special);
-    for (int b = 0, k = 0; b <= 256; b++) {
-        while (k < t->n_specials && (uint8_t)t->tokens[t->specials[k]].ptr[0] < b) k++;
-        t->spec_first[b] = b == 256 ? t->n_specials : k;
-    }
+    if ((st = finish_specials(t))) goto fail;
 
     if ((st = add_file_merges(t, kmerge))) goto fail;
 
@@ -845,13 +861,13 @@ kvq_status tok_encode(const kvq_tokenizer *t, const char *text, size_t len, int 
      * only with parse_special */
     while ((parse_special || t->spm) && i < len) {
         int32_t hit = -1;
-        for (int k = t->spec_first[s[i]]; k < t->spec_first[s[i] + 1]; k++) { /* the first hit is the longest */
-            if (!parse_special && t->types[t->specials[k]] == 3) continue;
-            const gguf_str *sp = &t->tokens[t->specials[k]];
-            if (sp->len <= len - i && memcmp(sp->ptr, s + i, sp->len) == 0) {
-                hit = t->specials[k];
-                break;
-            }
+        for (int k = t->spec_len_first[s[i]]; k < t->spec_len_first[s[i] + 1]; k++) { /* longest first */
+            size_t l = (size_t)t->spec_lens[k];
+            if (l > len - i) continue;
+            int32_t id = vocab_find(t, (const char *)s + i, l);
+            if (id < 0 || !t->spec_mark[id] || (!parse_special && t->types[id] == 3)) continue;
+            hit = id;
+            break;
         }
         if (hit < 0) {
             i++;
