@@ -206,4 +206,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->nonuniform = mix->nonuniform;
     cp->rotation_seed = mix->rotation_seed;
     cp->prerope = mix->prerope;
+    cp->local_types = mix->local_types;
+    cp->type_k_local = mix->type_k_local;
+    cp->type_v_local = mix->type_v_local;
 }
