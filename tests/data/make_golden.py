@@ -72,6 +72,10 @@ def fnv1a_ids(ids):
 
 PPL_CTX = 512
 PPL_CHUNKS = (3, 1)  # normal, KVQ_TEST_QUICK
+if GEMMA:  # past Gemma's 512-token sliding window, so that the local layers' window is exercised
+    LOGIT_POS = 600     # prefill 450 (chunks of 64), then decode across position 512
+    PPL_CTX = 1024
+    PPL_CHUNKS = (2, 1)
 
 
 def smollm_tokenizer():
