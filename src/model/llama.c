@@ -297,7 +297,17 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, 
     cc.max_seqs = 1;
     kvq_status st;
     const char *what = two ? (kind ? " (local layers)" : " (global layers)") : "";
-    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx); /* exactly the pages n_ctx tokens need */
+    /* exactly the pages n_ctx tokens need; the local layers hold only their window (llama_forward releases the
+     * pages before it, kvq_seq_drop_front): the window, a batch, the page the window starts in and a page being
+     * filled (P = 64, or G when larger) */
+    int64_t n_tokens = p->n_ctx;
+    if (kind && c->window > 0) {
+        int64_t P = cc.page_tokens > 64 ? cc.page_tokens : 64;
+        if (p->group > P) P = p->group;
+        int64_t need = (int64_t)c->window + x->max_batch + 2 * P;
+        if (need < n_tokens) n_tokens = need;
+    }
+    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, n_tokens);
     if (cc.arena_bytes == 0) {
         /* arena_bytes_for says only "invalid": the same config through kvq_cache_capacity_tokens fails at the same
          * check and returns its status (head dim, group, residual, type, ...) with the library's message. */
@@ -499,7 +509,13 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
             rope(c->q + (size_t)t * qd, cf->n_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
             if (!c->prerope) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
         }
-        kvq_status st = kvq_append(cache, li, 1, &c->seq[kind], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
+        kvq_status st = KVQ_OK;
+        /* a local layer: the keys before the first query's window are released, which frees the pages the append
+         * needs (make_cache sized the local arena for the window) */
+        if (kind && c->ap[1].window > 0 && pos0 - c->ap[1].window + 1 > 0 &&
+            (st = kvq_seq_drop_front(cache, c->seq[kind], li, pos0 - c->ap[1].window + 1)))
+            return kvqm_fail(st, "layer %d: kvq_seq_drop_front: %s", l, kvq_last_error());
+        st = kvq_append(cache, li, 1, &c->seq[kind], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
         if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
         st = n == 1 ? kvq_attn_decode(cache, li, 1, &c->seq[kind], c->q, c->o, &c->ap[kind])
                     : kvq_attn_prefill(cache, li, c->seq[kind], n, c->q, c->o, &c->ap[kind]);
