@@ -153,6 +153,11 @@ void kvq_cli_fmt_bytes(double b, char *out, size_t n);
 kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kvq_cli_mix *mix, int max_seqs,
                             int64_t tokens, double *pages, double *windows);
 /* The single KV config of the global options (--kv-type..., --residual, --group, --kv-rotate, ...). */
+struct llama_config;
+/* kvq_cli_kv_bytes for a model as the engine holds it: its global layers at `tokens`, its sliding-window (local)
+ * layers with their own types (mix->local_types), no sinks, and only the pages of the window and one batch. */
+kvq_status kvq_cli_model_kv_bytes(const struct llama_config *mc, const kvq_cli_mix *mix, int max_seqs, int64_t tokens,
+                                  int batch, double *pages, double *windows);
 kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o);
 /* llama_ctx_params for `mix`, every field set (section 10's included: a zero-initialized one means "off"). */
 struct llama_ctx_params;

@@ -306,7 +306,7 @@ int kvq_cli_run(int argc, char **argv) {
     for (int i = 0; i < n_mix; i++) {
         double pages, windows;
         /* A config the library rejects is reported by llama_ctx_create (the engine names the reason). */
-        if (kvq_cli_kv_bytes(mc->n_layers, mc->n_kv_heads, mc->head_dim, &mixes[i], 1, n_ctx, &pages, &windows)) continue;
+        if (kvq_cli_model_kv_bytes(mc, &mixes[i], 1, n_ctx, o.batch, &pages, &windows)) continue;
         if (phys > 0 && pages + windows + (double)L.m->weight_bytes > phys) {
             char need[32], have[32];
             kvq_cli_fmt_bytes(pages + windows, need, sizeof need);
