@@ -304,6 +304,17 @@ KVQ_API kvq_status kvq_seq_fork(kvq_cache *cache, int32_t src, int32_t *seq_out)
  * as accurate as they were, but are not restored to their original fp16 values. A cut inside the sinks (section
  * 10) keeps the sinks before it exact and gives the sink pages past it back to the arena. */
 KVQ_API kvq_status kvq_seq_truncate(kvq_cache *cache, int32_t seq, int64_t n_tokens);
+/* Sliding-window layers: gives the pages of one (sequence, layer) that hold only tokens before n_tokens back to the
+ * arena (a page shared with a fork is released by this sequence only: the other keeps it, copy on write). Whole
+ * pages of the paged tokens only: the sinks, a page still being filled and the residual window stay. The tokens of
+ * the released pages can no longer be read: kvq_read of them and kvq_seq_truncate to before their end fail with
+ * KVQ_ERR_RANGE, and attention on the layer needs a window (kvq_attn_params.window) that none of the queries'
+ * windows reaches back into them (else KVQ_ERR_RANGE). An engine with window W calls it before attending queries
+ * from position p on with n_tokens = p - W + 1, so a local layer holds W + the batch + a page of tokens however
+ * long the sequence grows. Lengths and positions do not change; n_tokens at or below what was dropped already is a
+ * no-op. Errors (the cache unchanged): KVQ_ERR_NULL, KVQ_ERR_NO_SEQ, KVQ_ERR_SHAPE (layer), KVQ_ERR_RANGE
+ * (n_tokens outside 0 .. the layer's length). It allocates nothing. */
+KVQ_API kvq_status kvq_seq_drop_front(kvq_cache *cache, int32_t seq, int layer, int64_t n_tokens);
 KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
 KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
 
@@ -332,6 +343,8 @@ typedef struct kvq_seq_view {
     int32_t sink_rows_per_page; /* SR */
     int32_t n_sink_pages;
     const int32_t *sink_pages;  /* page ids, token order (NULL with sinks = 0) */
+    int64_t dropped_tokens;     /* the first dropped_tokens paged tokens were released (kvq_seq_drop_front):
+                                 * pages[0 .. dropped_tokens / P - 1] are -1 */
 } kvq_seq_view;
 
 KVQ_API kvq_status kvq_seq_view_get(const kvq_cache *cache, int32_t seq, int layer, kvq_seq_view *view);

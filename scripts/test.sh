@@ -8,13 +8,14 @@
 #   fuzz     every libFuzzer target for FUZZ_SECONDS (default 60) each (scripts/fuzz.sh), where clang has libFuzzer.
 #   scripts/test.sh [TIER...]            (default: release asan tsan fuzz)
 # A test may skip (exit 77) only for a reason that holds on this machine: GPU tests without a GPU; model tests without
-# the model, and then only outside CI (CI fetches it); Python tests without numpy/pytest, outside CI. Any other skip
-# counts as a failure. The last line is "N passed, N failed, N skipped"; the exit status is non-zero on any failure.
+# the model, and then only outside CI (CI fetches it; the Gemma 3 tests need their own file); Python tests without
+# numpy/pytest, outside CI. Any other skip counts as a failure. The last line is "N passed, N failed, N skipped"; the exit status is non-zero on any failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)
 tiers=${*:-release asan tsan fuzz}
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+gemma=models/gemma-3-270m-q4_k_m.gguf
 in_ci=0
 [ "${CI:-}" = true ] && in_ci=1
 have_gpu=0
@@ -28,6 +29,7 @@ failed=() skipped=() t_start=$(date +%s)
 may_skip() {
   case "$1" in
   cuda_* | *_cuda | *gpu*) [ $have_gpu = 0 ] && echo "no GPU on this machine" ;;
+  model_*gemma3*) [ $in_ci = 0 ] && [ ! -s $gemma ] && echo "no Gemma 3 model ($gemma; scripts/fetch-model.sh gemma3), outside CI" ;;
   model_*) [ $in_ci = 0 ] && [ ! -s $model ] && echo "no model ($model; scripts/fetch-model.sh), outside CI" ;;
   python_hf | python_hf_oldest) python3 -c 'import torch, transformers' 2>/dev/null || echo "torch/transformers not installed (scripts/setup.sh installs them)" ;;
   python_*) [ $in_ci = 0 ] && echo "Python modules missing, outside CI" ;;

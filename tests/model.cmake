@@ -45,3 +45,14 @@ set_tests_properties(model_golden PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600 ENV
 add_test(NAME model_ppl COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_ppl.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_MODEL}
          ${PROJECT_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${PROJECT_SOURCE_DIR}/tests/data/ppl_reference.txt)
 set_tests_properties(model_ppl PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)
+
+# Gemma 3 270M (scripts/fetch-model.sh gemma3; skipped without it): the same golden test on its own reference files
+# (tests/data/make_golden.py --model gemma3: tokenizer over the whole corpus, logits), and its perplexity on the
+# excerpt against transformers' (tests/test_model_ppl_gemma.sh; bands in tests/data/ppl_reference_gemma3.txt).
+set(KVQ_TEST_GEMMA ${PROJECT_SOURCE_DIR}/models/gemma-3-270m-q4_k_m.gguf)
+add_test(NAME model_golden_gemma3 COMMAND test_model_golden ${KVQ_TEST_GEMMA} ${PROJECT_SOURCE_DIR}/tests/data/tok_golden_gemma3.txt
+         ${PROJECT_SOURCE_DIR}/tests/data/logits_golden_gemma3.txt ${KVQ_TEST_CORPUS})
+set_tests_properties(model_golden_gemma3 PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 600 ENVIRONMENT OMP_WAIT_POLICY=PASSIVE)
+add_test(NAME model_ppl_gemma3 COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_ppl_gemma.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_GEMMA}
+         ${PROJECT_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${PROJECT_SOURCE_DIR}/tests/data/ppl_reference_gemma3.txt)
+set_tests_properties(model_ppl_gemma3 PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)

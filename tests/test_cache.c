@@ -733,8 +733,119 @@ static void test_sinks_full(void) {
     kvq_cache_free(c);
 }
 
+/* kvq_seq_drop_front: pages wholly before the cut go back to the arena (a fork keeps its shared ones), the rest
+ * reads back as before, windowed attention gives bit-identical results (the skipped pages were masked anyway),
+ * and every use that would reach a dropped token fails with KVQ_ERR_RANGE, leaving the cache unchanged. */
+static void test_drop_front(kvq_type t, int sinks) {
+    const int n = 700, Wn = 200, NQ = 2 * H;
+    g_sinks = sinks;
+    kvq_cache_config probe = kvq_cache_config_default();
+    probe.n_layers = NL, probe.n_kv_heads = H, probe.head_dim = D, probe.type_k = t, probe.type_v = t, probe.sinks = sinks;
+    kvq_cache *c = make(t, t, kvq_cache_arena_bytes_for(&probe, n) * 2, -1, 2);
+    g_sinks = 0;
+    if (!c) return;
+    kvq_cache_config cfg;
+    kvq_page_layout L;
+    CHECK_OK(kvq_cache_get_config(c, &cfg, &L));
+    const int P = L.page_tokens;
+    float *k = malloc((size_t)n * H * D * sizeof *k), *v = malloc((size_t)n * H * D * sizeof *v);
+    float *q = malloc((size_t)NQ * D * sizeof *q), *o1 = malloc((size_t)NQ * D * sizeof *o1), *o2 = malloc((size_t)NQ * D * sizeof *o2);
+    float *o3 = malloc((size_t)NQ * D * sizeof *o3);
+    float *rk = malloc((size_t)n * H * D * sizeof *rk), *rv = malloc((size_t)n * H * D * sizeof *rv);
+    float *bk = malloc((size_t)n * H * D * sizeof *bk), *bv = malloc((size_t)n * H * D * sizeof *bv);
+    tu_fill_kv(k, v, (size_t)n, H, D);
+    for (int i = 0; i < NQ * D; i++) q[i] = (float)tu_normal();
+    int32_t a = -1, b = -1;
+    CHECK_OK(kvq_seq_new(c, &a));
+    append_all(c, a, k, v, n);
+    CHECK_OK(kvq_read(c, a, 1, 0, n, bk, bv));
+    kvq_attn_params ap = kvq_attn_params_default(NQ);
+    ap.window = Wn;
+    CHECK_OK(kvq_attn_decode(c, 1, 1, &a, q, o1, &ap));
+    CHECK_OK(kvq_attn_prefill(c, 1, a, 1, q, o3, &ap));
+
+    /* bad input: named errors, nothing changed */
+    snap s0 = take(c, &a, 1);
+    CHECK_ERR(kvq_seq_drop_front(NULL, a, 1, 10), KVQ_ERR_NULL);
+    CHECK_ERR(kvq_seq_drop_front(c, 5, 1, 10), KVQ_ERR_NO_SEQ);
+    CHECK_ERR(kvq_seq_drop_front(c, a, NL, 10), KVQ_ERR_SHAPE);
+    CHECK_ERR(kvq_seq_drop_front(c, a, -1, 10), KVQ_ERR_SHAPE);
+    CHECK_ERR(kvq_seq_drop_front(c, a, 1, -1), KVQ_ERR_RANGE);
+    CHECK_ERR(kvq_seq_drop_front(c, a, 1, n + 1), KVQ_ERR_RANGE);
+    snap s1 = take(c, &a, 1);
+    CHECK(same(s0, s1), "%s: a rejected kvq_seq_drop_front changed the cache", kvq_type_get_traits(t)->name);
+    free(s0.data), free(s1.data);
+
+    /* a fork shares every page: dropping in one sequence frees none of them */
+    CHECK_OK(kvq_seq_fork(c, a, &b));
+    kvq_cache_stats st0, st1, st2;
+    CHECK_OK(kvq_cache_get_stats(c, &st0));
+    int64_t cut = n - 1 - Wn + 1; /* the first key the last query sees */
+    CHECK_OK(kvq_seq_drop_front(c, a, 1, cut));
+    CHECK_OK(kvq_cache_get_stats(c, &st1));
+    CHECK(st1.pages_free == st0.pages_free, "drop with a fork: %lld pages freed, none expected",
+          (long long)(st1.pages_free - st0.pages_free));
+    kvq_seq_view vw;
+    CHECK_OK(kvq_seq_view_get(c, a, 1, &vw));
+    int64_t dropped_pages = (cut - vw.sink_tokens) / P, kept = vw.sink_tokens + dropped_pages * P;
+    CHECK(vw.dropped_tokens == dropped_pages * P && dropped_pages > 0, "dropped_tokens %lld, expected %lld",
+          (long long)vw.dropped_tokens, (long long)(dropped_pages * P));
+    for (int64_t i = 0; i < dropped_pages && i < vw.n_pages; i++) CHECK(vw.pages[i] == -1, "page %lld still listed", (long long)i);
+    /* the fork still reads everything, and frees the shared pages when it goes */
+    CHECK_OK(kvq_read(c, b, 1, 0, n, rk, rv));
+    CHECK(!memcmp(rk, bk, (size_t)n * H * D * sizeof *rk) && !memcmp(rv, bv, (size_t)n * H * D * sizeof *rv),
+          "the fork's tokens changed after a drop in its source");
+    CHECK_OK(kvq_seq_free(c, b));
+    CHECK_OK(kvq_cache_get_stats(c, &st2));
+    CHECK(st2.pages_free - st0.pages_free >= dropped_pages, "freeing the fork gave back %lld pages, at least %lld expected",
+          (long long)(st2.pages_free - st0.pages_free), (long long)dropped_pages);
+
+    /* what is left reads back unchanged; windowed attention is bit-identical */
+    CHECK_OK(kvq_read(c, a, 1, kept, n - kept, rk, rv));
+    CHECK(!memcmp(rk, bk + (size_t)kept * H * D, (size_t)(n - kept) * H * D * sizeof *rk) &&
+              !memcmp(rv, bv + (size_t)kept * H * D, (size_t)(n - kept) * H * D * sizeof *rv),
+          "the kept tokens changed");
+    if (vw.sink_tokens) CHECK_OK(kvq_read(c, a, 1, 0, vw.sink_tokens, rk, rv));
+    CHECK_OK(kvq_attn_decode(c, 1, 1, &a, q, o2, &ap));
+    CHECK(!memcmp(o1, o2, (size_t)NQ * D * sizeof *o1), "%s: decode after the drop differs", kvq_type_get_traits(t)->name);
+    /* layer 0 was not dropped: it still reads from 0 */
+    CHECK_OK(kvq_read(c, a, 0, 0, n, rk, rv));
+
+    /* uses that reach a dropped token */
+    s0 = take(c, &a, 1);
+    CHECK_ERR(kvq_read(c, a, 1, kept - 1, 1, rk, rv), KVQ_ERR_RANGE);
+    CHECK_ERR(kvq_read(c, a, 1, 0, n, rk, rv), KVQ_ERR_RANGE);
+    CHECK_ERR(kvq_seq_truncate(c, a, kept - 1), KVQ_ERR_RANGE);
+    kvq_attn_params wide = ap;
+    wide.window = Wn + P + 1;
+    CHECK_ERR(kvq_attn_decode(c, 1, 1, &a, q, o2, &wide), KVQ_ERR_RANGE);
+    CHECK_ERR(kvq_attn_prefill(c, 1, a, 1, q, o2, &wide), KVQ_ERR_RANGE);
+    CHECK_OK(kvq_attn_prefill(c, 1, a, 1, q, o2, &ap));
+    CHECK(!memcmp(o3, o2, (size_t)NQ * D * sizeof *o3), "%s: prefill after the drop differs", kvq_type_get_traits(t)->name);
+    wide.window = 0;
+    CHECK_ERR(kvq_attn_decode(c, 1, 1, &a, q, o2, &wide), KVQ_ERR_RANGE);
+    CHECK_OK(kvq_seq_drop_front(c, a, 1, 0)); /* at or below what was dropped: a no-op */
+    s1 = take(c, &a, 1);
+    CHECK(s1.st.pages_free == s0.st.pages_free && s1.st.tokens == s0.st.tokens, "a rejected use changed the cache");
+    free(s0.data), free(s1.data);
+
+    /* the sequence goes on: appends reuse the freed pages, truncate past the dropped tokens works */
+    CHECK_OK(kvq_seq_truncate(c, a, kept + 1));
+    append_all(c, a, k, v, 50);
+    CHECK_OK(kvq_seq_free(c, a));
+    CHECK_OK(kvq_cache_get_stats(c, &st2));
+    CHECK(st2.pages_free == st2.pages_total, "%lld pages leaked", (long long)(st2.pages_total - st2.pages_free));
+    free(k), free(v), free(q), free(o1), free(o2), free(o3), free(rk), free(rv), free(bk), free(bv);
+    kvq_cache_free(c);
+}
+
 int main(void) {
     tu_seed(11);
+    for (int t = 0; t < KVQ_TYPE_COUNT; t++)
+        if (kvq_type_get_traits((kvq_type)t)->implemented) {
+            test_drop_front((kvq_type)t, 0);
+            test_drop_front((kvq_type)t, 3);
+        }
     for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
         if (!kvq_type_get_traits((kvq_type)t)->implemented) continue;
         bool grouped = kvq_type_get_traits((kvq_type)t)->grouped;

@@ -206,6 +206,11 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:seed=-1", "rotation seed (:seed=)");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:Rot=kv", "':Rot=kv' is not a suffix");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r64:rot=kv:x", "':x' is not a suffix");
+    /* the local (sliding-window) layers' types */
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q8:local=q5", "local layers' types (:local=)");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q8:local=q4:local=q2", "gives :local= more than once");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type-local|q4/", "--kv-type-local");
+    rejects(KVQ_CLI_CAP, "-m|m|--kv-type-local|q4", "--kv-type-local");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|all", "--kv-rotate: 'all' is not one of none, k, v, kv, default");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
@@ -282,6 +287,15 @@ static void test_aliases(void) {
            "long llama.cpp spellings");
     o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type-k|Q4|--kv-type-v|fp8");
     EXPECT(o.type_k == KVQ_TYPE_Q4 && o.type_v == KVQ_TYPE_FP8, "kvq spellings");
+    o = accepts(KVQ_CLI_RUN, "-m|m|-p|x");
+    EXPECT(!o.local_types, "local layers' types default to the global ones");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-type-local|q8/q4|--compare|f16,q8:local=q2,q4");
+    EXPECT(o.local_types && o.type_k_local == KVQ_TYPE_Q8 && o.type_v_local == KVQ_TYPE_Q4 && o.n_compare == 3 &&
+               o.compare[0].local_types && o.compare[0].type_k_local == KVQ_TYPE_Q8 &&
+               o.compare[0].type_v_local == KVQ_TYPE_Q4 && o.compare[1].type_k_local == KVQ_TYPE_Q2 &&
+               o.compare[1].type_v_local == KVQ_TYPE_Q2 && o.compare[2].type_k_local == KVQ_TYPE_Q8 &&
+               strcmp(o.compare[1].name, "q8:local=q2") == 0,
+           "--kv-type-local and :local= (entries inherit the global option, :local= overrides it)");
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,q8/q4,q4:r64:g32,Q2|--residual|32|--group|128");
     EXPECT(o.n_compare == 4 && o.compare[1].type_k == KVQ_TYPE_Q8 && o.compare[1].type_v == KVQ_TYPE_Q4 &&
                o.compare[2].residual == 64 && o.compare[2].group == 32 && o.compare[3].residual == 32 &&

@@ -31,8 +31,15 @@ static void snap_take(snap *s) {
         for (int l = 0; l < LAYERS; l++) {
             CHECK_OK(kvq_seq_length(C, q, l, &s->len[q][l]));
             size_t n = (size_t)s->len[q][l] * H * D;
-            for (int r = 0; r < 2; r++) s->kv[q][l][r] = malloc((n ? n : 1) * sizeof(float));
-            CHECK_OK(kvq_read(C, q, l, 0, s->len[q][l], s->kv[q][l][0], s->kv[q][l][1]));
+            for (int r = 0; r < 2; r++) s->kv[q][l][r] = calloc(n ? n : 1, sizeof(float));
+            /* all but the tokens kvq_seq_drop_front released (left 0): the sinks, then what follows the drop */
+            kvq_seq_view v;
+            CHECK_OK(kvq_seq_view_get(C, q, l, &v));
+            int64_t a = v.sink_tokens, b = v.sink_tokens + v.dropped_tokens;
+            if (!v.dropped_tokens) a = b = s->len[q][l];
+            size_t off = (size_t)b * H * D;
+            CHECK_OK(kvq_read(C, q, l, 0, a, s->kv[q][l][0], s->kv[q][l][1]));
+            CHECK_OK(kvq_read(C, q, l, b, s->len[q][l] - b, s->kv[q][l][0] + off, s->kv[q][l][1] + off));
         }
     }
 }
@@ -112,6 +119,7 @@ static kvq_status st_prefill(void *a) {
     ap.window = 20;
     return kvq_attn_prefill(C, 0, *(int32_t *)a, 9, g_q, g_out, &ap);
 }
+static kvq_status st_drop(void *a) { return kvq_seq_drop_front(C, ((int32_t *)a)[0], 0, ((int32_t *)a)[1]); }
 static kvq_status st_read(void *a) { return kvq_read(C, *(int32_t *)a, 1, 2, 30, g_out, g_out + 30 * H * D); }
 static kvq_status st_stats(void *a) {
     kvq_cache_stats s;
@@ -162,6 +170,15 @@ static void workload(kvq_type tk, kvq_type tv, int residual, int sinks, int prer
     tr[0] = pair[1], tr[1] = 3;
     run_step("truncate the fork", st_truncate, tr);
     append("append to the truncated fork", 1, &pair[1], (int32_t[]){33});
+    /* a sliding-window layer's front released (layer 0 of s2: 70 tokens), then a windowed prefill over what is left,
+     * a fork that shares the rest, appends that reuse the pages, and the fork's end */
+    tr[0] = s2, tr[1] = 40;
+    run_step("drop the front of layer 0", st_drop, tr);
+    run_step("prefill after the drop", st_prefill, &s2);
+    pair[0] = s2;
+    run_step("fork after the drop", st_fork, pair);
+    append("append after the drop", 2, (int32_t[]){s2, pair[1]}, (int32_t[]){20, 7});
+    run_step("free the fork of the dropped sequence", st_free_seq, &pair[1]);
     kvq_cache_free(C);
     C = NULL;
 }

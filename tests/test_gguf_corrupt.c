@@ -542,6 +542,13 @@ static int write_seeds(const char *dir, const tt_buf *v, const layout *L) {
     int bad = !f || fwrite(tiny, 1, n, f) != n;
     if (f) fclose(f);
     free(tiny);
+    /* and its SentencePiece-style one (Gemma's shape: no merges, scores, byte tokens, user-defined space runs) */
+    tiny = tok_tiny_spm_gguf(&n, NULL);
+    snprintf(p, sizeof p, "%s/tok_tiny_spm.gguf", dir);
+    f = fopen(p, "wb");
+    bad |= !f || fwrite(tiny, 1, n, f) != n;
+    if (f) fclose(f);
+    free(tiny);
     return bad;
 }
 

@@ -107,4 +107,70 @@ static uint8_t *tok_tiny_gguf(size_t *size, int *n_vocab) {
     return b.p;
 }
 
+/* A small SentencePiece-style vocabulary (tokenizer.ggml.model "llama", general.architecture "gemma3", no merges:
+ * they come from the vocabulary order, src/model/tokenizer.c tok_load_spm), shaped like Gemma's: <pad> <eos> <bos>
+ * <unk> and <start_of_turn> (control), "\n", "\n\n", "<b>" (user defined), "  " (user defined, two real spaces:
+ * respelled "▁▁" and then an ordinary entry), the 256 byte tokens <0xNN>, then ordinary pieces: "▁" runs, a doubling
+ * chain of 'a', English pairs, and a few multi-byte characters; other characters fall back to bytes. */
+static inline uint8_t *tok_tiny_spm_gguf(size_t *size, int *n_vocab) {
+    static const char *const head[] = {"<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n", "\n\n", "<b>", "  "};
+    static const uint32_t head_type[] = {3, 3, 3, 3, 3, 4, 4, 4, 4};
+    static const char *const pieces[] = {
+        "\xE2\x96\x81", "a", "aa", "aaaa", "aaaaaaaa", "t", "h", "e", "th", "the", "\xE2\x96\x81t", "\xE2\x96\x81the",
+        "\xE2\x96\x81\xE2\x96\x81", "i", "n", "g", "in", "ing", "\xE2\x96\x81" "a", "ee", "eee", "b", "<", ">", "\xC3\xA9",
+        "\xE6\x97\xA5", "\xE2\x96\x81\xE6\x97\xA5", "r", "er", "o", "on"};
+    const int n_head = 9, n_piece = (int)(sizeof pieces / sizeof pieces[0]);
+    int n_tok = n_head + 256 + n_piece;
+    tt_buf b = {0};
+    tt_u32(&b, 0x46554747u);
+    tt_u32(&b, 3);
+    tt_u64(&b, 0);
+    tt_u64(&b, 8);
+    tt_str(&b, "general.architecture");
+    tt_u32(&b, 8);
+    tt_str(&b, "gemma3");
+    tt_str(&b, "tokenizer.ggml.model");
+    tt_u32(&b, 8);
+    tt_str(&b, "llama");
+    tt_str(&b, "tokenizer.ggml.tokens");
+    tt_u32(&b, 9);
+    tt_u32(&b, 8);
+    tt_u64(&b, (uint64_t)n_tok);
+    for (int i = 0; i < n_head; i++) tt_str(&b, head[i]);
+    for (int i = 0; i < 256; i++) {
+        char s[8];
+        static const char hex[] = "0123456789ABCDEF";
+        memcpy(s, "<0x", 3);
+        s[3] = hex[i >> 4], s[4] = hex[i & 15], s[5] = '>', s[6] = 0;
+        tt_str(&b, s);
+    }
+    for (int i = 0; i < n_piece; i++) tt_str(&b, pieces[i]);
+    tt_str(&b, "tokenizer.ggml.token_type");
+    tt_u32(&b, 9);
+    tt_u32(&b, 5);
+    tt_u64(&b, (uint64_t)n_tok);
+    for (int i = 0; i < n_tok; i++) tt_u32(&b, i < n_head ? head_type[i] : i < n_head + 256 ? 6u : 1u);
+    tt_str(&b, "tokenizer.ggml.scores");
+    tt_u32(&b, 9);
+    tt_u32(&b, 6 /* F32 */);
+    tt_u64(&b, (uint64_t)n_tok);
+    for (int i = 0; i < n_tok; i++) {
+        float f = -(float)i;
+        tt_put(&b, &f, 4);
+    }
+    tt_str(&b, "tokenizer.ggml.bos_token_id");
+    tt_u32(&b, 4);
+    tt_u32(&b, 2);
+    tt_str(&b, "tokenizer.ggml.eos_token_id");
+    tt_u32(&b, 4);
+    tt_u32(&b, 1);
+    tt_str(&b, "tokenizer.ggml.unknown_token_id");
+    tt_u32(&b, 4);
+    tt_u32(&b, 3);
+    while (b.n % 32) tt_put(&b, "", 1);
+    *size = b.n;
+    if (n_vocab) *n_vocab = n_tok;
+    return b.p;
+}
+
 #endif

@@ -49,7 +49,8 @@ int kvq_cli_capacity(int argc, char **argv) {
         }
         mixes[i] = tmp.compare[0];
     }
-    int rc = 0;
+    int rc = 0, n_growing = 0; /* layers whose KV grows with the context: a sliding-window layer's stops at its window */
+    for (int l = 0; l < mc.n_layers; l++) n_growing += !llama_layer_is_local(&mc, l);
     if (o.ctx) {
         /* The reverse question: memory for --ctx tokens in each of --parallel sequences. */
         printf("memory for %d sequence%s of %d tokens:\n", P, P > 1 ? "s" : "", o.ctx);
@@ -58,7 +59,7 @@ int kvq_cli_capacity(int argc, char **argv) {
         double f16kv = 0;
         for (int i = 0; i < N_MIXES; i++) {
             double pg, win;
-            if ((st = kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, &mixes[i], P, o.ctx, &pg, &win))) {
+            if ((st = kvq_cli_model_kv_bytes(&mc, &mixes[i], P, o.ctx, o.batch, &pg, &win))) {
                 printf("| %-8s | rejected: %s: %s |\n", mixes[i].name, kvq_strerror(st), kvq_last_error());
                 rc = 1;
                 continue;
@@ -85,21 +86,21 @@ int kvq_cli_capacity(int argc, char **argv) {
     int past = 0;
     for (int i = 0; i < N_MIXES; i++) {
         double pg, win;
-        if ((st = kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, &mixes[i], P, 1, &pg, &win))) {
+        if ((st = kvq_cli_model_kv_bytes(&mc, &mixes[i], P, 1, o.batch, &pg, &win))) {
             printf("| %-8s | rejected: %s: %s |\n", mixes[i].name, kvq_strerror(st), kvq_last_error());
             rc = 1;
             continue;
         }
         double bpt = (kvq_type_bytes_per_token(mixes[i].type_k, KVQ_KEY, mc.head_dim, mixes[i].group) +
                       kvq_type_bytes_per_token(mixes[i].type_v, KVQ_VALUE, mc.head_dim, mixes[i].group)) *
-                     mc.n_kv_heads * mc.n_layers;
+                     mc.n_kv_heads * n_growing;
         /* Largest n whose pages and windows fit: kvq_cache_arena_bytes_for is monotone in n. */
         int64_t lo = 0, hi = (int64_t)1 << 40;
         while (lo < hi) {
             int64_t mid = lo + (hi - lo + 1) / 2;
             /* the config is valid (1 token passed above): a failure here means more pages than a cache can have
              * (kvq_cache_arena_bytes_for's INT32_MAX-page limit), which does not fit either */
-            if (kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, &mixes[i], P, mid, &pg, &win)) hi = mid - 1;
+            if (kvq_cli_model_kv_bytes(&mc, &mixes[i], P, mid, o.batch, &pg, &win)) hi = mid - 1;
             else if (fixed + P * (pg + win) <= o.mem) lo = mid;
             else hi = mid - 1;
         }
@@ -107,7 +108,7 @@ int kvq_cli_capacity(int argc, char **argv) {
             printf("| %-8s | %14.0f | does not fit   |                   |        |\n", mixes[i].name, bpt);
             continue;
         }
-        kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, &mixes[i], P, lo, &pg, &win);
+        kvq_cli_model_kv_bytes(&mc, &mixes[i], P, lo, o.batch, &pg, &win);
         if (i == 0) f16max = lo;
         if (lo > best) best = lo;
         past |= lo > mc.ctx_len;
@@ -123,7 +124,7 @@ int kvq_cli_capacity(int argc, char **argv) {
     if (best < 1) {
         double pg = 0, win = 0;
         const kvq_cli_mix *q2 = &mixes[N_MIXES - 1];
-        kvq_cli_kv_bytes(mc.n_layers, mc.n_kv_heads, mc.head_dim, q2, P, 1, &pg, &win);
+        kvq_cli_model_kv_bytes(&mc, q2, P, 1, o.batch, &pg, &win);
         char need[32];
         kvq_cli_fmt_bytes(fixed + P * (pg + win), need, sizeof need);
         fprintf(stderr, "kvq capacity: --mem %s is too small: the weights (%s), buffers (%s) and %d sequence%s of one q2 "

@@ -26,7 +26,8 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
 /* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
- * :sinks=N :nuq=ROLES :seed=N :pre=0|1 (ROLES: none, k, v, kv). Fields an entry does not give come from the global options. */
+ * :sinks=N :nuq=ROLES :seed=N :pre=0|1 :local=TYPE[/TYPE] (ROLES: none, k, v, kv). Fields an entry does not give come
+ * from the global options. */
 #define KVQ_CLI_MIX_NAME 96
 typedef struct kvq_cli_mix {
     kvq_type type_k, type_v;
@@ -38,6 +39,8 @@ typedef struct kvq_cli_mix {
     int nonuniform;         /* KVQ_ROLES_* */
     uint32_t rotation_seed; /* 0: the library's fixed default seed */
     int prerope;            /* pre-RoPE keys: 1 on, 0 off, -1 the engine's default (llama_default_prerope) */
+    int local_types;        /* 1: sliding-window layers (Gemma 3's local ones) use type_k_local/type_v_local */
+    kvq_type type_k_local, type_v_local;
     char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
@@ -52,6 +55,8 @@ typedef struct kvq_cli_opts {
     uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
     int prerope;                   /* --kv-prerope: 1, 0, -1 (default) = the engine's default for the key type */
     kvq_type type_k, type_v;
+    int local_types;                    /* --kv-type-local given */
+    kvq_type type_k_local, type_v_local; /* --kv-type-local TYPE[/TYPE] */
     double mem; /* bytes; 0: not given */
     size_t max_file;
     int n_compare;
@@ -148,6 +153,11 @@ void kvq_cli_fmt_bytes(double b, char *out, size_t n);
 kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kvq_cli_mix *mix, int max_seqs,
                             int64_t tokens, double *pages, double *windows);
 /* The single KV config of the global options (--kv-type..., --residual, --group, --kv-rotate, ...). */
+struct llama_config;
+/* kvq_cli_kv_bytes for a model as the engine holds it: its global layers at `tokens`, its sliding-window (local)
+ * layers with their own types (mix->local_types), no sinks, and only the pages of the window and one batch. */
+kvq_status kvq_cli_model_kv_bytes(const struct llama_config *mc, const kvq_cli_mix *mix, int max_seqs, int64_t tokens,
+                                  int batch, double *pages, double *windows);
 kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o);
 /* llama_ctx_params for `mix`, every field set (section 10's included: a zero-initialized one means "off"). */
 struct llama_ctx_params;

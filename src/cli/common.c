@@ -192,6 +192,28 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     return KVQ_OK;
 }
 
+kvq_status kvq_cli_model_kv_bytes(const llama_config *mc, const kvq_cli_mix *mix, int max_seqs, int64_t tokens, int batch,
+                                  double *pages, double *windows) {
+    int n_local = 0;
+    for (int l = 0; l < mc->n_layers; l++) n_local += llama_layer_is_local(mc, l);
+    kvq_status st = KVQ_OK;
+    *pages = *windows = 0;
+    if (n_local < mc->n_layers &&
+        (st = kvq_cli_kv_bytes(mc->n_layers - n_local, mc->n_kv_heads, mc->head_dim, mix, max_seqs, tokens, pages, windows)))
+        return st;
+    if (!n_local) return KVQ_OK;
+    /* the local layers: their own types, no sinks, and only the window's pages (llama.c's make_cache) */
+    kvq_cli_mix lm = *mix;
+    if (mix->local_types) lm.type_k = mix->type_k_local, lm.type_v = mix->type_v_local;
+    lm.sinks = 0;
+    int64_t P = lm.group > 64 ? lm.group : 64, held = (int64_t)mc->window + (batch > 0 ? batch : 256) + 2 * P;
+    double pg = 0, win = 0;
+    if ((st = kvq_cli_kv_bytes(n_local, mc->n_kv_heads, mc->head_dim, &lm, max_seqs, tokens < held ? tokens : held, &pg, &win)))
+        return st;
+    *pages += pg, *windows += win;
+    return KVQ_OK;
+}
+
 void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx, llama_ctx_params *cp) {
     memset(cp, 0, sizeof *cp);
     cp->n_ctx = n_ctx;
@@ -206,4 +228,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->nonuniform = mix->nonuniform;
     cp->rotation_seed = mix->rotation_seed;
     cp->prerope = mix->prerope;
+    cp->local_types = mix->local_types;
+    cp->type_k_local = mix->type_k_local;
+    cp->type_v_local = mix->type_v_local;
 }

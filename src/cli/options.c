@@ -96,10 +96,16 @@ int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int
 kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
     kvq_cli_mix m = {.type_k = o->type_k, .type_v = o->type_v, .residual = o->residual, .group = o->group,
                      .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
-                     .rotation_seed = o->rotation_seed, .prerope = o->prerope};
+                     .rotation_seed = o->rotation_seed, .prerope = o->prerope, .local_types = o->local_types,
+                     .type_k_local = o->type_k_local, .type_v_local = o->type_v_local};
     snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
     if (o->type_v != o->type_k)
         snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
+    if (o->local_types) {
+        snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), ":local=%s", kvq_cli_type_name(o->type_k_local));
+        if (o->type_v_local != o->type_k_local)
+            snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v_local));
+    }
     return m;
 }
 
@@ -234,9 +240,21 @@ int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *
     return fail(err, n, "%s: '%s' is not one of none, k, v, kv%s", name, s, allow_default ? ", default" : "");
 }
 
+/* "q4" or "q8/q4" (keys q8, values q4) -> *k, *v. */
+static int parse_type_pair(char *s, kvq_type *k, kvq_type *v, const char *name, char *err, size_t n) {
+    char *slash = strchr(s, '/');
+    if (slash) *slash = '\0';
+    if (kvq_cli_parse_type(s, k, name, err, n)) return -1;
+    if (!slash) {
+        *v = *k;
+        return 0;
+    }
+    return kvq_cli_parse_type(slash + 1, v, name, err, n);
+}
+
 /* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; then suffixes, each at most once, in any order: ":r128" (residual),
- * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7", ":pre=1" (kvq.h section 10). The entry's defaults are the
- * global options' (`g`). */
+ * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7", ":pre=1" (kvq.h section 10), ":local=q4" or
+ * ":local=q8/q4" (the sliding-window layers' types). The entry's defaults are the global options' (`g`). */
 static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mix *g, char *err, size_t n) {
     char buf[KVQ_CLI_MIX_NAME];
     if (len >= sizeof buf) return fail(err, n, "--compare: entry '%.*s' is longer than %zu characters", (int)len, s, sizeof buf - 1);
@@ -244,8 +262,8 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
     buf[len] = '\0';
     *m = *g;
     memcpy(m->name, buf, len + 1);
-    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_N };
-    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre="};
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_N };
+    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre=", ":local="};
     int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
         const char *x = colon + 1;
@@ -255,13 +273,14 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         else if (strncmp(x, "nuq=", 4) == 0) k = S_NUQ, x += 4;
         else if (strncmp(x, "seed=", 5) == 0) k = S_SEED, x += 5;
         else if (strncmp(x, "pre=", 4) == 0) k = S_PRE, x += 4;
+        else if (strncmp(x, "local=", 6) == 0) k = S_LOCAL, x += 6;
         else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
         else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
         else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
         else
             return fail(err, n,
                         "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
-                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1)", m->name, colon);
+                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1, :local=TYPE[/TYPE])", m->name, colon);
         if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
         int64_t v;
         switch (k) {
@@ -271,20 +290,18 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         case S_SINKS: if (parse_int(x, 0, 1024, &m->sinks, "--compare: sinks (:sinks=)", err, n)) return -1; break;
         case S_NUQ: if (kvq_cli_parse_roles(x, 0, &m->nonuniform, "--compare: non-uniform levels (:nuq=)", err, n)) return -1; break;
         case S_PRE: if (parse_int(x, 0, 1, &m->prerope, "--compare: pre-RoPE keys (:pre=)", err, n)) return -1; break;
+        case S_LOCAL:
+            if (parse_type_pair((char *)x, &m->type_k_local, &m->type_v_local, "--compare: local layers' types (:local=)", err, n))
+                return -1;
+            m->local_types = 1;
+            break;
         case S_SEED:
             if (kvq_cli_parse_i64(x, 0, UINT32_MAX, &v, "--compare: rotation seed (:seed=)", err, n)) return -1;
             m->rotation_seed = (uint32_t)v;
             break;
         }
     }
-    char *slash = strchr(buf, '/');
-    if (slash) *slash = '\0';
-    if (kvq_cli_parse_type(buf, &m->type_k, "--compare", err, n)) return -1;
-    if (!slash) {
-        m->type_v = m->type_k;
-        return 0;
-    }
-    return kvq_cli_parse_type(slash + 1, &m->type_v, "--compare", err, n);
+    return parse_type_pair(buf, &m->type_k, &m->type_v, "--compare", err, n);
 }
 
 int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
@@ -316,7 +333,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_TYPE_LOCAL, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -365,6 +382,7 @@ static const optdef OPTS[] = {
     {O_KV_SINKS, R | P | C | K, 1, {"--kv-sinks"}},
     {O_KV_NUQ, R | P | C | K, 1, {"--kv-nuq"}},
     {O_KV_PREROPE, R | P | C | K, 1, {"--kv-prerope"}},
+    {O_KV_TYPE_LOCAL, R | P | K, 1, {"--kv-type-local"}},
     {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
     {O_CSV, P | K, 1, {"--csv"}},
     {O_LENGTHS, K, 1, {"--lengths"}},
@@ -458,6 +476,14 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_PARALLEL: if (parse_int(v, 1, 65536, &o->parallel, a, err, n)) return -1; break;
         case O_KV_ROTATE: if (kvq_cli_parse_roles(v, 1, &o->rotate, a, err, n)) return -1; break;
         case O_KV_NUQ: if (kvq_cli_parse_roles(v, 1, &o->nonuniform, a, err, n)) return -1; break;
+        case O_KV_TYPE_LOCAL: {
+            char tb[64];
+            if (strlen(v) >= sizeof tb) return fail(err, n, "%s: '%.40s...' is too long", a, v);
+            strcpy(tb, v);
+            if (parse_type_pair(tb, &o->type_k_local, &o->type_v_local, a, err, n)) return -1;
+            o->local_types = 1;
+            break;
+        }
         case O_KV_PREROPE:
             if (strcmp(v, "default") == 0) o->prerope = -1;
             else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
@@ -545,7 +571,12 @@ static void kv_help(FILE *f, int cmd) {
                 "                          llama.cpp's names are accepted where kvq has a type of the same kind:\n"
                 "                          q8_0 = q8 (8-bit, fp16 scale; kvq scales per token and head, not per 32),\n"
                 "                          q4_1 = q4 (4-bit, fp16 scale and min; kvq groups keys per channel over G\n"
-                "                          tokens, KIVI); f32, q4_0, q5_0, q5_1 and iq4_nl have no kvq equivalent\n",
+                "                          tokens, KIVI); f32, q4_0, q5_0, q5_1 and iq4_nl have no kvq equivalent\n"
+                "  --kv-type-local T[/T]   types (keys[/values]) of the sliding-window layers of a model that has them\n"
+                "                          (Gemma 3: 5 local layers of window 512 for each global one); the global layers\n"
+                "                          keep --kv-type. Default: the same types as the global layers. In --compare:\n"
+                "                          ':local=T[/T]' (e.g. --compare f16,q8:local=q4). A model without local\n"
+                "                          layers ignores it. Local layers never have sinks (the window leaves token 0)\n",
                 kvq_cli_type_name(d.type_k));
     fprintf(f,
             "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
@@ -635,7 +666,8 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
                 "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
                 "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N, :pre=0|1 (kvq.h section 10;\n"
-                "                          unset: the --kv-* options), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2\n"
+                "                          unset: the --kv-* options), :local=T[/T] (sliding-window layers' types, as\n"
+                "                          --kv-type-local), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2,q8:local=q4\n"
                 "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
                 "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"
                 "                          bits_per_element (bytes_per_token: K+V pages in use, scales included, + the\n"

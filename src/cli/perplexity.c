@@ -151,7 +151,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
         for (int i = 0; i < n_mix; i++) {
             if (acc[i].stats_done) continue;
             kvq_cache_stats s;
-            if ((st = kvq_cache_get_stats(llama_ctx_cache(acc[i].c), &s))) goto fail;
+            if ((st = llama_ctx_get_stats(acc[i].c, &s))) goto fail;
             /* a full chunk: pages in use (scales included) + fp16 windows and sinks, amortized over ctx tokens */
             acc[i].bytes_per_token = ((double)s.page_bytes_in_use + (double)s.window_bytes) / (double)ctx;
             acc[i].f16_bytes_per_token = s.f16_bytes_per_token;
@@ -270,8 +270,12 @@ int kvq_cli_perplexity(int argc, char **argv) {
         rc = 1;
         goto done;
     }
-    fprintf(stderr, "kvq perplexity: %zu tokens; %d chunks of %d, scoring the last %d of each\n", ids.n, n_chunks, o.ctx,
-            o.ctx - o.ctx / 2);
+    /* A model whose tokenizer adds BOS (Gemma: add_bos_token) is lost without it: each chunk starts with BOS in
+     * place of its first token, as llama.cpp's perplexity does (the first token is never scored) */
+    int bos = tok_add_bos(L.tok) && tok_bos(L.tok) >= 0;
+    for (int ch = 0; bos && ch < n_chunks; ch++) ids.ids[(size_t)ch * o.ctx] = tok_bos(L.tok);
+    fprintf(stderr, "kvq perplexity: %zu tokens; %d chunks of %d%s, scoring the last %d of each\n", ids.n, n_chunks, o.ctx,
+            bos ? " (BOS first)" : "", o.ctx - o.ctx / 2);
     const llama_config *mc = &L.m->cfg;
     double bits_den = 2.0 * mc->n_layers * mc->n_kv_heads * mc->head_dim; /* K and V elements per token */
     kvq_cli_mix mixes[KVQ_CLI_MAX_COMPARE + 1];

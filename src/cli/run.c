@@ -159,7 +159,7 @@ static int generate(const kvq_cli_opts *o, const kvq_cli_loaded *L, const tok_id
     res->prefill_s = t1 - t0;
     res->decode_s = t2 - t1;
     res->tokens = llama_ctx_pos(c);
-    if ((st = kvq_cache_get_stats(llama_ctx_cache(c), &res->stats))) rc = kvq_cli_die(KVQ_CLI_RUN, "cache statistics", st);
+    if ((st = llama_ctx_get_stats(c, &res->stats))) rc = kvq_cli_die(KVQ_CLI_RUN, "cache statistics", st);
 done:
     llama_ctx_free(c);
     return rc;
@@ -322,7 +322,7 @@ int kvq_cli_run(int argc, char **argv) {
     for (int i = 0; i < n_mix; i++) {
         double pages, windows;
         /* A config the library rejects is reported by llama_ctx_create (the engine names the reason). */
-        if (kvq_cli_kv_bytes(mc->n_layers, mc->n_kv_heads, mc->head_dim, &mixes[i], 1, n_ctx, &pages, &windows)) continue;
+        if (kvq_cli_model_kv_bytes(mc, &mixes[i], 1, n_ctx, o.batch, &pages, &windows)) continue;
         if (phys > 0 && pages + windows + (double)L.m->weight_bytes > phys) {
             char need[32], have[32];
             kvq_cli_fmt_bytes(pages + windows, need, sizeof need);

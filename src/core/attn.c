@@ -318,6 +318,17 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
     /* positions: sinks 0 .. S0-1, then the pages (page slot u is position S0 + u), then the window */
     const int64_t S0 = sl->sink, pend = S0 + sl->paged, t1 = w->t1;
     int64_t t = w->t0;
+    if (p->window > 0) {
+        /* sliding window: no query of the item sees a key before lo, so the pages wholly before it are skipped (they
+         * may have been released: kvq_seq_drop_front); the kernels mask the rest of the first page */
+        int64_t lo = INT64_MAX;
+        for (int r = 0; r < w->rows; r++) lo = w->pos[r] < lo ? w->pos[r] : lo;
+        lo = lo - p->window + 1;
+        if (lo > S0) {
+            int64_t start = S0 + (lo - S0 < sl->paged ? (lo - S0) / P * P : sl->paged);
+            if (start > t) t = start;
+        }
+    }
     while (t < t1 && t < S0) { /* sink pages: fp16 rows [SR][H][D], attended like the window */
         int32_t pg = sl->spages[t / c->SR];
         int64_t base = t / c->SR * c->SR, end = base + c->SR < S0 ? base + c->SR : S0;
@@ -415,6 +426,18 @@ static kvq_status check_params(const kvq_cache *c, const kvq_attn_params *p, con
     return KVQ_OK;
 }
 
+/* A layer whose first tokens were released (kvq_seq_drop_front) can be attended only by queries (the first at
+ * first_pos) whose window starts after them. */
+static kvq_status check_dropped(const kvq_seq_layer *sl, int64_t first_pos, const kvq_attn_params *p, int32_t seq,
+                                int layer, const char *fn) {
+    if (!sl->dropped) return KVQ_OK;
+    int64_t kept = sl->sink + sl->dropped;
+    if (p->window > 0 && first_pos - p->window + 1 >= kept) return KVQ_OK;
+    return kvq__fail(KVQ_ERR_RANGE, "%s: sequence %d, layer %d: tokens %d..%lld were dropped (kvq_seq_drop_front) but the "
+                                    "query at %lld sees them (window %d)", fn, (int)seq, layer, sl->sink,
+                     (long long)kept - 1, (long long)first_pos, p->window);
+}
+
 static int n_threads(const kvq_cache *c) {
 #ifdef _OPENMP
     return c->cfg.n_threads > 0 ? c->cfg.n_threads : omp_get_max_threads();
@@ -475,6 +498,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
         if (kvq__seq_len(sl) == 0)
             return kvq__fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d: append the token's K/V first", fn,
                              (int)seq_ids[i], layer);
+        if ((s = check_dropped(sl, kvq__seq_len(sl) - 1, p, seq_ids[i], layer, fn))) return s;
         total += kvq__seq_len(sl);
     }
     /* items: (sequence, token chunk, group of up to MAX_ITEM_HEADS heads); enough of them for every thread several
@@ -550,6 +574,7 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
     if (n_q == 0) return KVQ_OK;
     KVQ_CHECK_NULL(q, fn);
     KVQ_CHECK_NULL(out, fn);
+    if ((s = check_dropped(sl, len - n_q, p, seq, layer, fn))) return s;
     const int H = c->L.n_kv_heads, D = c->L.head_dim, rep = p->n_q_heads / H;
     const int qb = MAX_ROWS / rep; /* queries per item */
     int64_t nblk = (n_q + qb - 1) / qb, n_items = nblk * H;

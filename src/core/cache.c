@@ -276,6 +276,7 @@ kvq_status kvq__check_layer(const kvq_cache *c, int layer, const char *fn) {
 }
 
 static void page_unref(kvq_cache *c, int32_t id) {
+    if (id < 0) return; /* a page kvq_seq_drop_front already released */
     if (--c->refcnt[id] == 0) c->free_list[c->n_free++] = id;
 }
 
@@ -410,6 +411,7 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
             sb->cap_pages = sb->n_pages = sa->n_pages;
         }
         sb->paged = sa->paged;
+        sb->dropped = sa->dropped;
         if (sa->n_spages) /* shared, copied on write (spages is NULL in a cache without sinks) */
             memcpy(sb->spages, sa->spages, (size_t)sa->n_spages * sizeof *sb->spages);
         sb->n_spages = sa->n_spages, sb->sink = sa->sink;
@@ -427,7 +429,8 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
     }
     /* references are taken only once nothing can fail any more */
     for (int l = 0; l < c->cfg.n_layers; l++) {
-        for (int32_t i = 0; i < b->layers[l].n_pages; i++) c->refcnt[b->layers[l].pages[i]]++;
+        for (int32_t i = 0; i < b->layers[l].n_pages; i++)
+            if (b->layers[l].pages[i] >= 0) c->refcnt[b->layers[l].pages[i]]++;
         for (int32_t i = 0; i < b->layers[l].n_spages; i++) c->refcnt[b->layers[l].spages[i]]++;
     }
     seq_go_live(c, id);
@@ -474,6 +477,30 @@ kvq_status kvq_seq_view_get(const kvq_cache *c, int32_t seq, int layer, kvq_seq_
     v->sink_rows_per_page = c->SR;
     v->n_sink_pages = sl->n_spages;
     v->sink_pages = sl->spages;
+    v->dropped_tokens = sl->dropped;
+    return KVQ_OK;
+}
+
+kvq_status kvq_seq_drop_front(kvq_cache *c, int32_t seq, int layer, int64_t n_tokens) {
+    KVQ_CHECK_NULL(c, "kvq_seq_drop_front");
+    kvq_status s;
+    if ((s = kvq__check_seq(c, seq, "kvq_seq_drop_front")) || (s = kvq__check_layer(c, layer, "kvq_seq_drop_front")))
+        return s;
+    kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
+    int64_t len = kvq__seq_len(sl);
+    if (n_tokens < 0 || n_tokens > len)
+        return kvq__fail(KVQ_ERR_RANGE, "kvq_seq_drop_front: n_tokens %lld outside 0..%lld (the sequence's length in layer %d)",
+                         (long long)n_tokens, (long long)len, layer);
+    /* whole pages only, every token of them before n_tokens: a page still partly filled is never one of them */
+    int P = c->L.page_tokens;
+    int64_t cut = n_tokens - sl->sink;
+    if (cut > sl->paged) cut = sl->paged;
+    int64_t np = cut > 0 ? cut / P : 0;
+    for (int64_t i = sl->dropped / P; i < np; i++) {
+        page_unref(c, sl->pages[i]); /* a page shared with a fork stays for it (copy on write) */
+        sl->pages[i] = -1;
+    }
+    if (np * P > sl->dropped) sl->dropped = np * P;
     return KVQ_OK;
 }
 
@@ -499,6 +526,13 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
     kvq_status s = kvq__check_seq(c, seq, "kvq_seq_truncate");
     if (s) return s;
     if (n < 0) return kvq__fail(KVQ_ERR_RANGE, "kvq_seq_truncate: n_tokens %lld is negative", (long long)n);
+    for (int l = 0; l < c->cfg.n_layers; l++) {
+        const kvq_seq_layer *sl = &c->seqs[seq].layers[l];
+        if (sl->dropped && n < sl->sink + sl->dropped)
+            return kvq__fail(KVQ_ERR_RANGE, "kvq_seq_truncate: n_tokens %lld is inside the tokens dropped from layer %d "
+                                            "(kvq_seq_drop_front: its first %lld)", (long long)n, l,
+                             (long long)(sl->sink + sl->dropped));
+    }
     int P = c->L.page_tokens;
     /* a cut inside the pages moves up to Gf - 1 tokens back into the window: its rows are allocated first */
     win_grow *g = kvq__malloc((size_t)c->cfg.n_layers * sizeof *g);
@@ -817,6 +851,12 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
     if (start < 0 || n < 0 || start > len || n > len - start) /* start + n may overflow: not formed */
         return kvq__fail(KVQ_ERR_RANGE, "kvq_read: %lld tokens from %lld: outside the sequence's %lld (layer %d)",
                          (long long)n, (long long)start, (long long)len, layer);
+    if (n > 0 && sl->dropped && start >= sl->sink && start < sl->sink + sl->dropped)
+        return kvq__fail(KVQ_ERR_RANGE, "kvq_read: token %lld of layer %d was dropped (kvq_seq_drop_front: tokens %d..%lld)",
+                         (long long)start, layer, sl->sink, (long long)(sl->sink + sl->dropped - 1));
+    if (n > 0 && sl->dropped && start < sl->sink && start + n > sl->sink)
+        return kvq__fail(KVQ_ERR_RANGE, "kvq_read: tokens %lld..%lld of layer %d cross the dropped ones (%d..%lld)",
+                         (long long)start, (long long)(start + n - 1), layer, sl->sink, (long long)(sl->sink + sl->dropped - 1));
     int P = c->L.page_tokens, H = c->L.n_kv_heads, D = c->L.head_dim;
     size_t row = (size_t)H * D;
     bool rot_k = kvq__rotated(c, KVQ_KEY), rot_v = kvq__rotated(c, KVQ_VALUE);

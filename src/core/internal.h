@@ -126,6 +126,8 @@ typedef struct kvq_seq_layer {
     int32_t n_pages;
     int32_t cap_pages;
     int64_t paged;     /* tokens in pages */
+    int64_t dropped;   /* leading paged tokens whose pages kvq_seq_drop_front released (pages[i] = -1 for
+                        * i < dropped / P; a multiple of P); they are no longer readable */
     int32_t win;       /* tokens in the window */
     int32_t wcap;      /* rows allocated in wk and wv: grows with the window (doubling), at most W; 0: NULL */
     uint16_t *wk, *wv; /* fp16 [wcap][H][D] */

@@ -438,6 +438,18 @@ int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i) {
     return tmp.v.f > -9.2e18 && tmp.v.f < 9.2e18 ? (int64_t)tmp.v.f : 0;
 }
 
+double gguf_arr_f64(const gguf_kv *kv, uint64_t i) {
+    gguf_kv tmp;
+    memset(&tmp, 0, sizeof tmp);
+    size_t es = gguf_vtype_size(kv->v.arr.type);
+    if (es == 0 || i >= kv->v.arr.n) return 0;
+    tmp.type = kv->v.arr.type;
+    scalar_decode(kv->v.arr.type, kv->v.arr.data + i * es, &tmp);
+    if (is_unsigned(tmp.type)) return (double)tmp.v.u;
+    if (is_signed(tmp.type)) return (double)tmp.v.i;
+    return tmp.v.f == tmp.v.f ? tmp.v.f : -HUGE_VAL; /* NaN: last, so that sorting by it stays a total order */
+}
+
 /* IEEE half to float, subnormals included. */
 static float half_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;

@@ -105,6 +105,7 @@ gguf_str gguf_get_str(const gguf_file *f, const char *key);
 kvq_status gguf_arr_strings(const gguf_kv *kv, gguf_str *out);
 /* Element i of a numeric array, as int64 / double. */
 int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i);
+double gguf_arr_f64(const gguf_kv *kv, uint64_t i); /* NaN reads as -HUGE_VAL */
 
 /* ggml's name of a type number ("Q4_K", "IQ2_XXS", ...), also for types this reader refuses; "unknown" past them. */
 const char *ggml_type_name(uint32_t t);

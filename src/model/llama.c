@@ -63,7 +63,11 @@ static kvq_status load_matrix(const gguf_file *f, const char *name, int64_t cols
 void llama_free(llama_model *m) {
     if (!m) return;
     if (m->layers)
-        for (int l = 0; l < m->cfg.n_layers; l++) free(m->layers[l].attn_norm), free(m->layers[l].ffn_norm);
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            llama_layer *L = &m->layers[l];
+            free(L->attn_norm), free(L->ffn_norm);
+            free(L->q_norm), free(L->k_norm), free(L->post_attn_norm), free(L->post_ffw_norm);
+        }
     free(m->layers);
     free(m->output_norm);
     free(m);
@@ -79,8 +83,10 @@ kvq_status llama_read_config(const gguf_file *f, llama_config *c) {
         return kvqm_fail(KVQ_ERR_FORMAT, "model: general.architecture missing");
     memcpy(arch, arch_s.ptr, arch_s.len);
     arch[arch_s.len] = '\0';
-    if (strcmp(arch, "llama") != 0)
-        return kvqm_fail(KVQ_ERR_FORMAT, "model: architecture '%s' is not supported (llama only)", arch);
+    if (strcmp(arch, "llama") == 0) c->arch = LLAMA_ARCH_LLAMA;
+    else if (strcmp(arch, "gemma3") == 0) c->arch = LLAMA_ARCH_GEMMA3;
+    else return kvqm_fail(KVQ_ERR_FORMAT, "model: architecture '%s' is not supported (llama, gemma3)", arch);
+    int gemma = c->arch == LLAMA_ARCH_GEMMA3;
     kvq_status st;
     if ((st = get_int(f, arch, "embedding_length", 1, 1 << 16, &c->dim)) ||
         (st = get_int(f, arch, "block_count", 1, 1024, &c->n_layers)) ||
@@ -91,20 +97,72 @@ kvq_status llama_read_config(const gguf_file *f, llama_config *c) {
     char key[160];
     snprintf(key, sizeof key, "%s.attention.head_count_kv", arch);
     if (gguf_find_kv(f, key) && (st = get_int(f, arch, "attention.head_count_kv", 1, c->n_heads, &c->n_kv_heads))) return st;
-    if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads)
-        return kvqm_fail(KVQ_ERR_FORMAT, "model: dim %d / heads %d / kv heads %d do not divide", c->dim, c->n_heads, c->n_kv_heads);
-    c->head_dim = c->dim / c->n_heads;
+    if (c->n_heads % c->n_kv_heads)
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: heads %d / kv heads %d do not divide", c->n_heads, c->n_kv_heads);
+    snprintf(key, sizeof key, "%s.attention.key_length", arch);
+    if (gguf_find_kv(f, key)) {
+        /* Gemma: head_dim is its own number (256 for Gemma 3 270M, whose dim / n_heads is 160) */
+        int vl = 0;
+        if ((st = get_int(f, arch, "attention.key_length", 1, 1024, &c->head_dim))) return st;
+        snprintf(key, sizeof key, "%s.attention.value_length", arch);
+        if (gguf_find_kv(f, key) && ((st = get_int(f, arch, "attention.value_length", 1, 1024, &vl)) || vl != c->head_dim))
+            return st ? st : kvqm_fail(KVQ_ERR_FORMAT, "model: attention.value_length %d != key_length %d is not supported", vl, c->head_dim);
+    } else {
+        if (c->dim % c->n_heads)
+            return kvqm_fail(KVQ_ERR_FORMAT, "model: dim %d / heads %d do not divide", c->dim, c->n_heads);
+        c->head_dim = c->dim / c->n_heads;
+    }
+    if (c->head_dim % 2) return kvqm_fail(KVQ_ERR_FORMAT, "model: head_dim %d is odd (RoPE rotates pairs)", c->head_dim);
+    c->q_dim = c->n_heads * c->head_dim;
     snprintf(key, sizeof key, "%s.context_length", arch);
     int64_t ctx_len = gguf_get_i64_or(f, key, 2048);
     c->ctx_len = ctx_len < 1 ? 2048 : ctx_len > (1 << 24) ? (1 << 24) : (int)ctx_len;
     snprintf(key, sizeof key, "%s.rope.freq_base", arch);
     double theta = gguf_get_f64_or(f, key, 10000.0);
     snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", arch);
-    double eps = gguf_get_f64_or(f, key, 1e-5);
+    double eps = gguf_get_f64_or(f, key, gemma ? 1e-6 : 1e-5);
     if (!(theta > 1.0 && theta < 1e12) || !(eps > 0 && eps < 1.0))
         return kvqm_fail(KVQ_ERR_FORMAT, "model: rope.freq_base %g or rms epsilon %g out of range", theta, eps);
     c->rope_theta = (float)theta;
     c->norm_eps = (float)eps;
+    c->embed_scale = 1.0f;
+    c->rope_scale_global = 1.0f;
+    c->rope_theta_local = c->rope_theta;
+    c->attn_scale = (float)(1.0 / sqrt((double)c->head_dim));
+    snprintf(key, sizeof key, "%s.attention.scale", arch);
+    double as = gguf_get_f64_or(f, key, 0.0);
+    if (as > 0 && as < 1e3) c->attn_scale = (float)as;
+    snprintf(key, sizeof key, "%s.final_logit_softcapping", arch);
+    double fsc = gguf_get_f64_or(f, key, 0.0);
+    snprintf(key, sizeof key, "%s.attn_logit_softcapping", arch);
+    double asc = gguf_get_f64_or(f, key, 0.0);
+    if (!(fsc >= 0 && fsc < 1e6) || !(asc >= 0 && asc < 1e6))
+        return kvqm_fail(KVQ_ERR_FORMAT, "model: soft-cap %g / %g out of range", fsc, asc);
+    c->final_softcap = (float)fsc;
+    c->attn_softcap = (float)asc;
+    if (gemma) {
+        /* transformers' Gemma3TextScaledWordEmbedding: embeddings * sqrt(hidden_size) */
+        c->embed_scale = sqrtf((float)c->dim);
+        /* llama.cpp and transformers: 5 sliding-window layers for each global one (sliding_window_pattern 6), the
+         * local layers with RoPE base 10000 (rope_local_base_freq); the GGUF has neither, so they are Gemma 3's */
+        c->swa_period = 6;
+        snprintf(key, sizeof key, "%s.rope.freq_base_swa", arch);
+        c->rope_theta_local = (float)gguf_get_f64_or(f, key, 10000.0);
+        if (!(c->rope_theta_local > 1.0f && c->rope_theta_local < 1e12f))
+            return kvqm_fail(KVQ_ERR_FORMAT, "model: rope.freq_base_swa %g out of range", (double)c->rope_theta_local);
+        if ((st = get_int(f, arch, "attention.sliding_window", 1, 1 << 24, &c->window))) return st;
+        /* Gemma 3 4B+ scale the global layers' positions linearly (factor 8); the local layers never */
+        snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
+        gguf_str sc = gguf_get_str(f, key);
+        if (sc.ptr && !(sc.len == 4 && memcmp(sc.ptr, "none", 4) == 0)) {
+            snprintf(key, sizeof key, "%s.rope.scaling.factor", arch);
+            double fac = gguf_get_f64_or(f, key, 1.0);
+            if (!(sc.len == 6 && memcmp(sc.ptr, "linear", 6) == 0) || !(fac >= 1.0 && fac < 1e6))
+                return kvqm_fail(KVQ_ERR_FORMAT, "model: rope scaling '%.*s' (factor %g) is not supported (linear only)",
+                                 (int)(sc.len > 32 ? 32 : sc.len), sc.ptr, fac);
+            c->rope_scale_global = (float)fac;
+        }
+    }
     snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
     if (gguf_get_i64_or(f, key, c->head_dim) != c->head_dim)
         return kvqm_fail(KVQ_ERR_FORMAT, "model: partial RoPE (rope.dimension_count != head_dim) is not supported");
@@ -113,6 +171,10 @@ kvq_status llama_read_config(const gguf_file *f, llama_config *c) {
         return kvqm_fail(KVQ_ERR_FORMAT, "model: token_embd.weight missing or not [vocab][%d]", c->dim);
     c->vocab_size = (int)emb->ne[1];
     return KVQ_OK;
+}
+
+int llama_layer_is_local(const llama_config *c, int l) {
+    return c->swa_period > 0 && l % c->swa_period != c->swa_period - 1;
 }
 
 /* What llama_load will hold: the matrices' encoded bytes (resident as pages of the mapping once touched) and the
@@ -131,18 +193,23 @@ kvq_status llama_weight_bytes(const gguf_file *f, const llama_config *c, size_t 
             if ((t = gguf_find_tensor(f, name))) n += t->nbytes;
         }
     n += ((size_t)c->n_layers * 2 + 1) * (size_t)c->dim * sizeof(float); /* attn/ffn norms per layer, output norm */
+    if (c->arch == LLAMA_ARCH_GEMMA3) /* Gemma's q/k norms and post-attention/post-FFN norms */
+        n += (size_t)c->n_layers * (2 * (size_t)c->head_dim + 2 * (size_t)c->dim) * sizeof(float);
     *out = n;
     return KVQ_OK;
 }
 
-static int max_cols(const llama_config *c) { return c->hidden_dim > c->dim ? c->hidden_dim : c->dim; }
+/* The widest input of a weight product (qmat_mul's scratch): dim, hidden_dim, or q_dim (Gemma's Wo) */
+static int max_cols(const llama_config *c) {
+    int w = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    return c->q_dim > w ? c->q_dim : w;
+}
 
 size_t llama_ctx_scratch_bytes(const llama_config *c, int max_batch) {
-    int B = max_batch > 0 ? max_batch : 256;
-    size_t kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
-    return (size_t)(c->head_dim / 2) * sizeof(float) +
-           (size_t)B * (4 * (size_t)c->dim + 2 * kv_dim + 2 * (size_t)c->hidden_dim) * sizeof(float) +
-           qmat_work_bytes(B, max_cols(c));
+    size_t B = (size_t)(max_batch > 0 ? max_batch : 256), kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
+    return (size_t)c->head_dim * sizeof(float) +
+           B * (2 * (size_t)c->dim + 2 * (size_t)c->q_dim + 2 * kv_dim + 2 * (size_t)c->hidden_dim) * sizeof(float) +
+           qmat_work_bytes((int)B, max_cols(c));
 }
 
 kvq_status llama_load(const gguf_file *f, llama_model **out) {
@@ -156,7 +223,7 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
         free(m);
         return st;
     }
-    int dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim, hid = c->hidden_dim, V = c->vocab_size;
+    int dim = c->dim, kv_dim = c->n_kv_heads * c->head_dim, hid = c->hidden_dim, V = c->vocab_size, qd = c->q_dim;
     size_t *wb = &m->weight_bytes;
     if ((st = load_matrix(f, "token_embd.weight", dim, V, &m->tok_embd, wb)) ||
         (st = load_vector(f, "output_norm.weight", dim, &m->output_norm, wb)))
@@ -177,12 +244,22 @@ kvq_status llama_load(const gguf_file *f, llama_model **out) {
         static const char *const suffix[9] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                               "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"};
         for (int i = 0; i < 9; i++) snprintf(n[i], sizeof n[i], "blk.%d.%s.weight", l, suffix[i]);
-        if ((st = load_vector(f, n[0], dim, &L->attn_norm, wb)) || (st = load_matrix(f, n[1], dim, dim, &L->wq, wb)) ||
+        if ((st = load_vector(f, n[0], dim, &L->attn_norm, wb)) || (st = load_matrix(f, n[1], dim, qd, &L->wq, wb)) ||
             (st = load_matrix(f, n[2], dim, kv_dim, &L->wk, wb)) || (st = load_matrix(f, n[3], dim, kv_dim, &L->wv, wb)) ||
-            (st = load_matrix(f, n[4], dim, dim, &L->wo, wb)) || (st = load_vector(f, n[5], dim, &L->ffn_norm, wb)) ||
+            (st = load_matrix(f, n[4], qd, dim, &L->wo, wb)) || (st = load_vector(f, n[5], dim, &L->ffn_norm, wb)) ||
             (st = load_matrix(f, n[6], dim, hid, &L->w_gate, wb)) || (st = load_matrix(f, n[7], dim, hid, &L->w_up, wb)) ||
             (st = load_matrix(f, n[8], hid, dim, &L->w_down, wb)))
             goto fail;
+        if (c->arch == LLAMA_ARCH_GEMMA3) {
+            char g[4][64];
+            static const char *const gsuffix[4] = {"attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"};
+            for (int i = 0; i < 4; i++) snprintf(g[i], sizeof g[i], "blk.%d.%s.weight", l, gsuffix[i]);
+            if ((st = load_vector(f, g[0], c->head_dim, &L->q_norm, wb)) ||
+                (st = load_vector(f, g[1], c->head_dim, &L->k_norm, wb)) ||
+                (st = load_vector(f, g[2], dim, &L->post_attn_norm, wb)) ||
+                (st = load_vector(f, g[3], dim, &L->post_ffw_norm, wb)))
+                goto fail;
+        }
     }
     *out = m;
     return KVQ_OK;
@@ -196,18 +273,21 @@ fail:
  * -------------------------------------------------------------------------------------------------------- */
 struct llama_ctx {
     const llama_model *m;
-    kvq_cache *cache;
-    int32_t seq;
+    /* [0]: the global layers (every layer for Llama), [1]: Gemma 3's local (sliding-window) layers, or NULL */
+    kvq_cache *cache[2];
+    int32_t seq[2];
+    kvq_attn_params ap[2];
+    float *rope_inv_freq[2]; /* [head_dim / 2] each */
+    int8_t *layer_kind;      /* [n_layers]: 0 global, 1 local */
+    int *layer_index;        /* [n_layers]: the layer's index in its cache */
     int max_batch;
     int n_ctx;
-    kvq_attn_params ap;
-    float *rope_inv_freq; /* [head_dim / 2] */
-    int prerope;          /* the cache takes keys before RoPE (kvq.h section 10): forward appends them unroped */
-    int n_threads;        /* weight products (qmat_mul); 0: OpenMP's default */
-    qmat_work work;       /* qmat_mul's scratch for max_batch tokens */
+    int prerope;             /* the caches take keys before RoPE (kvq.h section 10): forward appends them unroped */
+    int n_threads;           /* weight products (qmat_mul); 0: OpenMP's default */
+    qmat_work work;          /* qmat_mul's scratch for max_batch tokens */
     void *work_buf;
     /* scratch, sized for max_batch tokens */
-    float *x, *h, *q, *k, *v, *o, *g, *u; /* [B][dim] x4 ([B][kv_dim] for k, v), [B][hidden] for g, u */
+    float *x, *h, *q, *k, *v, *o, *g, *u; /* [B][dim] x2, [B][q_dim] for q, o, [B][kv_dim] for k, v, [B][hidden] for g, u */
 };
 
 static const char *type_str(kvq_type t) {
@@ -223,71 +303,108 @@ int llama_default_prerope(kvq_type type_k) {
     return 0;
 }
 
+/* One of the context's caches: n_layers layers of kind `kind` (0 global, 1 local). */
+static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, int n_layers, int two) {
+    const llama_config *c = &x->m->cfg;
+    kvq_type tk = kind && p->local_types ? p->type_k_local : p->type_k;
+    kvq_type tv = kind && p->local_types ? p->type_v_local : p->type_v;
+    kvq_cache_config cc = kvq_cache_config_default();
+    cc.n_layers = n_layers;
+    cc.n_kv_heads = c->n_kv_heads;
+    cc.head_dim = c->head_dim;
+    cc.type_k = tk;
+    cc.type_v = tv;
+    cc.residual = p->residual;
+    cc.group = p->group;
+    cc.n_threads = p->n_threads;
+    cc.rotate = p->rotate;
+    cc.rotation_seed = p->rotation_seed;
+    /* a sliding window never sees token 0 once past it: sinks would be dead weight in the local layers */
+    cc.sinks = kind ? 0 : p->sinks;
+    cc.nonuniform = p->nonuniform;
+    /* the model's RoPE, for a cache that applies it: adjacent pairs for Llama (GGUF's Q/K rows are permuted for
+     * them), NeoX halves for Gemma (not permuted) */
+    cc.prerope = x->prerope;
+    cc.rope_neox = c->arch == LLAMA_ARCH_GEMMA3;
+    cc.rope_theta = kind ? c->rope_theta_local : c->rope_theta;
+    cc.rope_freqs = x->rope_inv_freq[kind];
+    cc.max_seqs = 1;
+    kvq_status st;
+    const char *what = two ? (kind ? " (local layers)" : " (global layers)") : "";
+    /* exactly the pages n_ctx tokens need; the local layers hold only their window (llama_forward releases the
+     * pages before it, kvq_seq_drop_front): the window, a batch, the page the window starts in and a page being
+     * filled (P = 64, or G when larger) */
+    int64_t n_tokens = p->n_ctx;
+    if (kind && c->window > 0) {
+        int64_t P = cc.page_tokens > 64 ? cc.page_tokens : 64;
+        if (p->group > P) P = p->group;
+        int64_t need = (int64_t)c->window + x->max_batch + 2 * P;
+        if (need < n_tokens) n_tokens = need;
+    }
+    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, n_tokens);
+    if (cc.arena_bytes == 0) {
+        /* arena_bytes_for says only "invalid": the same config through kvq_cache_capacity_tokens fails at the same
+         * check and returns its status (head dim, group, residual, type, ...) with the library's message. */
+        int64_t why = kvq_cache_capacity_tokens(&cc);
+        st = why < 0 ? (kvq_status)why : KVQ_ERR_INTERNAL;
+        return kvqm_fail(st, "KV cache%s (keys %s, values %s, head_dim %d, %d KV heads, %d tokens): %s", what, type_str(tk),
+                         type_str(tv), c->head_dim, c->n_kv_heads, p->n_ctx, kvq_last_error());
+    }
+    if ((st = kvq_cache_create(&cc, &x->cache[kind])))
+        return kvqm_fail(st, "KV cache%s of %d tokens (%zu bytes of pages): %s", what, p->n_ctx, cc.arena_bytes, kvq_last_error());
+    if ((st = kvq_seq_new(x->cache[kind], &x->seq[kind]))) return kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
+    return KVQ_OK;
+}
+
 kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
     if (!m || !p || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_create: NULL argument");
     *out = NULL;
     const llama_config *c = &m->cfg;
     if (p->n_ctx < 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "context size %d must be >= 1", p->n_ctx);
+    if (p->local_types != 0 && p->local_types != 1)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "local_types %d must be 0 or 1", p->local_types);
     llama_ctx *x = calloc(1, sizeof *x);
     if (!x) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
     x->n_threads = p->n_threads;
-    x->ap = kvq_attn_params_default(c->n_heads);
-
-    int hd = c->head_dim;
-    x->rope_inv_freq = malloc((size_t)(hd / 2) * sizeof(float));
-    if (!x->rope_inv_freq) {
-        llama_ctx_free(x);
-        return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
-    }
-    for (int i = 0; i < hd / 2; i++) x->rope_inv_freq[i] = (float)pow((double)c->rope_theta, -2.0 * i / hd);
     x->prerope = p->prerope == -1 ? llama_default_prerope(p->type_k) : p->prerope;
+    kvq_status st = KVQ_OK;
 
-    kvq_cache_config cc = kvq_cache_config_default();
-    cc.n_layers = c->n_layers;
-    cc.n_kv_heads = c->n_kv_heads;
-    cc.head_dim = c->head_dim;
-    cc.type_k = p->type_k;
-    cc.type_v = p->type_v;
-    cc.residual = p->residual;
-    cc.group = p->group;
-    cc.n_threads = p->n_threads;
-    cc.rotate = p->rotate;
-    cc.rotation_seed = p->rotation_seed;
-    cc.sinks = p->sinks;
-    cc.nonuniform = p->nonuniform;
-    /* the model's RoPE (adjacent pairs: GGUF's Q/K rows are permuted for them), for a cache that applies it */
-    cc.prerope = x->prerope;
-    cc.rope_neox = 0;
-    cc.rope_theta = c->rope_theta;
-    cc.rope_freqs = x->rope_inv_freq;
-    cc.max_seqs = 1;
-    kvq_status st;
-    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx); /* exactly the pages n_ctx tokens need */
-    if (cc.arena_bytes == 0) {
-        /* arena_bytes_for says only "invalid": the same config through kvq_cache_capacity_tokens fails at the same
-         * check and returns its status (head dim, group, residual, type, ...) with the library's message. */
-        int64_t why = kvq_cache_capacity_tokens(&cc);
-        st = why < 0 ? (kvq_status)why : KVQ_ERR_INTERNAL;
-        st = kvqm_fail(st, "KV cache (keys %s, values %s, head_dim %d, %d KV heads, %d tokens): %s", type_str(p->type_k),
-                       type_str(p->type_v), c->head_dim, c->n_kv_heads, p->n_ctx, kvq_last_error());
+    int hd = c->head_dim, n_local = 0;
+    x->layer_kind = malloc((size_t)c->n_layers * sizeof *x->layer_kind);
+    x->layer_index = malloc((size_t)c->n_layers * sizeof *x->layer_index);
+    x->rope_inv_freq[0] = malloc((size_t)(hd / 2) * sizeof(float));
+    x->rope_inv_freq[1] = malloc((size_t)(hd / 2) * sizeof(float));
+    if (!x->layer_kind || !x->layer_index || !x->rope_inv_freq[0] || !x->rope_inv_freq[1]) {
+        st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
         goto fail;
     }
-    if ((st = kvq_cache_create(&cc, &x->cache))) {
-        st = kvqm_fail(st, "KV cache of %d tokens (%zu bytes of pages): %s", p->n_ctx, cc.arena_bytes, kvq_last_error());
-        goto fail;
+    int n_kind[2] = {0, 0};
+    for (int l = 0; l < c->n_layers; l++) {
+        x->layer_kind[l] = (int8_t)llama_layer_is_local(c, l);
+        x->layer_index[l] = n_kind[x->layer_kind[l]]++;
     }
-    if ((st = kvq_seq_new(x->cache, &x->seq))) {
-        st = kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
-        goto fail;
+    n_local = n_kind[1];
+    for (int i = 0; i < hd / 2; i++) {
+        x->rope_inv_freq[0][i] = (float)(pow((double)c->rope_theta, -2.0 * i / hd) / (double)c->rope_scale_global);
+        x->rope_inv_freq[1][i] = (float)pow((double)c->rope_theta_local, -2.0 * i / hd);
     }
-    size_t B = (size_t)x->max_batch, kv_dim = (size_t)c->n_kv_heads * (size_t)hd;
+    for (int k = 0; k < 2; k++) {
+        x->ap[k] = kvq_attn_params_default(c->n_heads);
+        x->ap[k].scale = c->attn_scale;
+        x->ap[k].softcap = c->attn_softcap;
+    }
+    x->ap[1].window = c->window;
+
+    if ((st = make_cache(x, p, 0, n_kind[0], n_local > 0))) goto fail;
+    if (n_local && (st = make_cache(x, p, 1, n_local, 1))) goto fail;
+    size_t B = (size_t)x->max_batch, kv_dim = (size_t)c->n_kv_heads * (size_t)hd, qd = (size_t)c->q_dim;
     x->x = malloc(B * (size_t)c->dim * sizeof(float));
     x->h = malloc(B * (size_t)c->dim * sizeof(float));
-    x->q = malloc(B * (size_t)c->dim * sizeof(float));
-    x->o = malloc(B * (size_t)c->dim * sizeof(float));
+    x->q = malloc(B * qd * sizeof(float));
+    x->o = malloc(B * qd * sizeof(float));
     x->k = malloc(B * kv_dim * sizeof(float));
     x->v = malloc(B * kv_dim * sizeof(float));
     x->g = malloc(B * (size_t)c->hidden_dim * sizeof(float));
@@ -307,26 +424,51 @@ fail:
 
 void llama_ctx_free(llama_ctx *c) {
     if (!c) return;
-    kvq_cache_free(c->cache);
-    free(c->rope_inv_freq);
+    kvq_cache_free(c->cache[0]);
+    kvq_cache_free(c->cache[1]);
+    free(c->rope_inv_freq[0]), free(c->rope_inv_freq[1]);
+    free(c->layer_kind), free(c->layer_index);
     free(c->x), free(c->h), free(c->q), free(c->o), free(c->k), free(c->v), free(c->g), free(c->u);
     free(c->work_buf);
     free(c);
 }
 
 kvq_status llama_ctx_reset(llama_ctx *c) {
-    kvq_status st = kvq_seq_free(c->cache, c->seq);
-    if (!st) st = kvq_seq_new(c->cache, &c->seq);
-    return st ? kvqm_fail(st, "reset: %s", kvq_last_error()) : KVQ_OK;
+    for (int k = 0; k < 2; k++) {
+        if (!c->cache[k]) continue;
+        kvq_status st = kvq_seq_free(c->cache[k], c->seq[k]);
+        if (!st) st = kvq_seq_new(c->cache[k], &c->seq[k]);
+        if (st) return kvqm_fail(st, "reset: %s", kvq_last_error());
+    }
+    return KVQ_OK;
 }
 
 int64_t llama_ctx_pos(const llama_ctx *c) {
     int64_t len = 0;
-    kvq_seq_length(c->cache, c->seq, 0, &len);
+    kvq_seq_length(c->cache[0], c->seq[0], 0, &len);
     return len;
 }
 
-const kvq_cache *llama_ctx_cache(const llama_ctx *c) { return c->cache; }
+const kvq_cache *llama_ctx_cache(const llama_ctx *c) { return c->cache[0]; }
+const kvq_cache *llama_ctx_cache_local(const llama_ctx *c) { return c->cache[1]; }
+
+kvq_status llama_ctx_get_stats(const llama_ctx *c, kvq_cache_stats *s) {
+    if (!c || !s) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_get_stats: NULL argument");
+    kvq_status st = kvq_cache_get_stats(c->cache[0], s);
+    if (st) return kvqm_fail(st, "cache statistics: %s", kvq_last_error());
+    if (!c->cache[1]) return KVQ_OK;
+    kvq_cache_stats t;
+    if ((st = kvq_cache_get_stats(c->cache[1], &t))) return kvqm_fail(st, "cache statistics: %s", kvq_last_error());
+    s->pages_total += t.pages_total;
+    s->pages_free += t.pages_free;
+    s->pages_shared += t.pages_shared;
+    s->arena_bytes += t.arena_bytes;
+    s->page_bytes_in_use += t.page_bytes_in_use;
+    s->window_bytes += t.window_bytes;
+    s->bytes_per_token += t.bytes_per_token;
+    s->f16_bytes_per_token += t.f16_bytes_per_token;
+    return KVQ_OK;
+}
 
 /* ----------------------------------------------------------------------------------------------------------
  * Forward
@@ -349,18 +491,24 @@ static void matmul(llama_ctx *c, float *Y, const float *X, const qmat *W, int n,
     qmat_mul(W, X, n, Y, accumulate, &c->work, c->n_threads);
 }
 
-/* Rotates adjacent pairs (x[2i], x[2i+1]) of every head by pos * inv_freq[i]. */
-static void rope(float *x, int n_heads, int hd, int64_t pos, const float *inv_freq) {
+/* Rotates every head of x by pos * inv_freq[i]: adjacent pairs (x[2i], x[2i+1]), or NeoX halves (x[i], x[i+hd/2]). */
+static void rope(float *x, int n_heads, int hd, int64_t pos, const float *inv_freq, int neox) {
     for (int i = 0; i < hd / 2; i++) {
         double a = (double)pos * inv_freq[i];
         float cs = (float)cos(a), sn = (float)sin(a);
+        int i0 = neox ? i : 2 * i, i1 = neox ? i + hd / 2 : 2 * i + 1;
         for (int h = 0; h < n_heads; h++) {
-            float *p = x + (size_t)h * hd + 2 * i;
-            float x0 = p[0], x1 = p[1];
-            p[0] = x0 * cs - x1 * sn;
-            p[1] = x0 * sn + x1 * cs;
+            float *p = x + (size_t)h * hd;
+            float x0 = p[i0], x1 = p[i1];
+            p[i0] = x0 * cs - x1 * sn;
+            p[i1] = x0 * sn + x1 * cs;
         }
     }
+}
+
+/* GELU, tanh approximation (transformers' gelu_pytorch_tanh) */
+static float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
 kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from) {
@@ -369,43 +517,79 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
     if (!tokens || n < 1 || n > c->max_batch)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: %d tokens (1..%d per call)", n, c->max_batch);
     int dim = cf->dim, hd = cf->head_dim, kv_dim = cf->n_kv_heads * hd, hid = cf->hidden_dim, V = cf->vocab_size;
+    int qd = cf->q_dim, gemma = cf->arch == LLAMA_ARCH_GEMMA3;
     int64_t pos0 = llama_ctx_pos(c);
     if (pos0 + n > c->n_ctx)
         return kvqm_fail(KVQ_ERR_CACHE_FULL, "forward: context full (%lld + %d > %d tokens)", (long long)pos0, n, c->n_ctx);
-    for (int t = 0; t < n; t++) {
+    for (int t = 0; t < n; t++)
         if (tokens[t] < 0 || tokens[t] >= V) return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: token id %d out of range", tokens[t]);
-        qmat_row(&m->tok_embd, tokens[t], c->x + (size_t)t * dim);
+    for (int t = 0; t < n; t++) {
+        float *xt = c->x + (size_t)t * dim;
+        qmat_row(&m->tok_embd, tokens[t], xt);
+        if (cf->embed_scale != 1.0f)
+            for (int i = 0; i < dim; i++) xt[i] *= cf->embed_scale;
     }
     int32_t n_tok = n;
     for (int l = 0; l < cf->n_layers; l++) {
         const llama_layer *L = &m->layers[l];
+        int kind = c->layer_kind[l], li = c->layer_index[l];
+        kvq_cache *cache = c->cache[kind];
         rmsnorm(c->h, c->x, L->attn_norm, n, dim, cf->norm_eps);
         matmul(c, c->q, c->h, &L->wq, n, 0); /* [n][n_heads*hd] */
         matmul(c, c->k, c->h, &L->wk, n, 0); /* [n][n_kv*hd] */
         matmul(c, c->v, c->h, &L->wv, n, 0);
-        for (int t = 0; t < n; t++) {
-            rope(c->q + (size_t)t * dim, cf->n_heads, hd, pos0 + t, c->rope_inv_freq);
-            if (!c->prerope) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq);
+        if (L->q_norm) { /* Gemma: RMSNorm of every head's q and k */
+            rmsnorm(c->q, c->q, L->q_norm, n * cf->n_heads, hd, cf->norm_eps);
+            rmsnorm(c->k, c->k, L->k_norm, n * cf->n_kv_heads, hd, cf->norm_eps);
         }
-        kvq_status st = kvq_append(c->cache, l, 1, &c->seq, &n_tok, KVQ_DTYPE_F32, c->k, c->v);
+        for (int t = 0; t < n; t++) {
+            rope(c->q + (size_t)t * qd, cf->n_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
+            if (!c->prerope) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
+        }
+        kvq_status st = KVQ_OK;
+        /* a local layer: the keys before the first query's window are released, which frees the pages the append
+         * needs (make_cache sized the local arena for the window) */
+        if (kind && c->ap[1].window > 0 && pos0 - c->ap[1].window + 1 > 0 &&
+            (st = kvq_seq_drop_front(cache, c->seq[kind], li, pos0 - c->ap[1].window + 1)))
+            return kvqm_fail(st, "layer %d: kvq_seq_drop_front: %s", l, kvq_last_error());
+        st = kvq_append(cache, li, 1, &c->seq[kind], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
         if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
-        st = n == 1 ? kvq_attn_decode(c->cache, l, 1, &c->seq, c->q, c->o, &c->ap)
-                    : kvq_attn_prefill(c->cache, l, c->seq, n, c->q, c->o, &c->ap);
+        st = n == 1 ? kvq_attn_decode(cache, li, 1, &c->seq[kind], c->q, c->o, &c->ap[kind])
+                    : kvq_attn_prefill(cache, li, c->seq[kind], n, c->q, c->o, &c->ap[kind]);
         if (st) return kvqm_fail(st, "layer %d: kvq attention: %s", l, kvq_last_error());
-        matmul(c, c->x, c->o, &L->wo, n, 1); /* x += o Wo^T */
+        if (L->post_attn_norm) { /* Gemma: x += rmsnorm(o Wo^T) * post_attention_norm */
+            matmul(c, c->h, c->o, &L->wo, n, 0);
+            rmsnorm(c->h, c->h, L->post_attn_norm, n, dim, cf->norm_eps);
+            for (size_t i = 0; i < (size_t)n * dim; i++) c->x[i] += c->h[i];
+        } else {
+            matmul(c, c->x, c->o, &L->wo, n, 1); /* x += o Wo^T */
+        }
 
         rmsnorm(c->h, c->x, L->ffn_norm, n, dim, cf->norm_eps);
         matmul(c, c->g, c->h, &L->w_gate, n, 0); /* [n][hidden] */
         matmul(c, c->u, c->h, &L->w_up, n, 0);
-        for (size_t i = 0; i < (size_t)n * hid; i++) {
-            float g = c->g[i];
-            c->g[i] = g / (1.0f + expf(-g)) * c->u[i]; /* silu(g) * u */
+        if (gemma)
+            for (size_t i = 0; i < (size_t)n * hid; i++) c->g[i] = gelu_tanh(c->g[i]) * c->u[i]; /* GeGLU */
+        else
+            for (size_t i = 0; i < (size_t)n * hid; i++) {
+                float g = c->g[i];
+                c->g[i] = g / (1.0f + expf(-g)) * c->u[i]; /* silu(g) * u */
+            }
+        if (L->post_ffw_norm) { /* Gemma: x += rmsnorm(ffn) * post_ffw_norm */
+            matmul(c, c->h, c->g, &L->w_down, n, 0);
+            rmsnorm(c->h, c->h, L->post_ffw_norm, n, dim, cf->norm_eps);
+            for (size_t i = 0; i < (size_t)n * dim; i++) c->x[i] += c->h[i];
+        } else {
+            matmul(c, c->x, c->g, &L->w_down, n, 1); /* x += ... Wd^T */
         }
-        matmul(c, c->x, c->g, &L->w_down, n, 1); /* x += ... Wd^T */
     }
     if (!logits || logits_from >= n) return KVQ_OK;
     int first = logits_from < 0 ? 0 : logits_from, rows = n - first;
     rmsnorm(c->h, c->x + (size_t)first * dim, m->output_norm, rows, dim, cf->norm_eps);
     matmul(c, logits, c->h, &m->output, rows, 0);
+    if (cf->final_softcap > 0) {
+        float cap = cf->final_softcap;
+        for (size_t i = 0; i < (size_t)rows * V; i++) logits[i] = cap * tanhf(logits[i] / cap);
+    }
     return KVQ_OK;
 }

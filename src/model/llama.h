@@ -1,5 +1,5 @@
-/* llama.h: forward pass of a Llama-family decoder (Llama, SmolLM, ...) loaded from GGUF, with its KV cache and
- * attention in libkvq.
+/* llama.h: forward pass of a Llama-family decoder (Llama, SmolLM, ...; and Gemma 3, below) loaded from GGUF, with
+ * its KV cache and attention in libkvq.
  *
  *   x = embed[token]                                     [n][dim]
  *   for each layer:
@@ -11,6 +11,19 @@
  *     h = rmsnorm(x) * ffn_norm
  *     x += (silu(h Wg^T) * (h Wu^T)) Wd^T                [n][hidden] -> [n][dim]
  *   logits = (rmsnorm(x) * output_norm) Wout^T           [n][vocab]  (Wout = embed when tied)
+ *
+ * Gemma 3 (general.architecture "gemma3"), the same skeleton with:
+ *   x = embed[token] * sqrt(dim); head_dim = attention.key_length (256 for 270M: not dim / n_heads);
+ *   q, k: an RMSNorm per head (attn_q_norm, attn_k_norm [head_dim]) before RoPE, which rotates NeoX halves
+ *   (x[i], x[i + hd/2]): llama.cpp's converter does not permute Gemma's Q/K rows;
+ *   x += rmsnorm(o Wo^T) * post_attention_norm;  x += rmsnorm(ffn(h)) * post_ffw_norm  (h = rmsnorm(x) * ffn_norm);
+ *   ffn = (gelu_tanh(h Wg^T) * (h Wu^T)) Wd^T (GeGLU); logits soft-capped when final_logit_softcapping is given;
+ *   layers alternate: every 6th layer (l % 6 == 5) is global (rope.freq_base, 1e6), the others local: sliding
+ *   window attention.sliding_window (512) and RoPE base 10000 (llama.cpp's and transformers' Gemma 3 rule; the
+ *   GGUF names neither the pattern nor the local base). The GGUF's norm weights are used as stored: llama.cpp's
+ *   converter already added Gemma's 1 (transformers' (1 + w)), which transformers' GGUF loader subtracts again.
+ *   Global and local layers have a kvq cache each (their own RoPE base for pre-RoPE keys, their own types, no
+ *   sinks in the local one: the window does not see token 0).
  * Weight matrices stay in their GGUF encoding inside the mapped file (qmat.h): products run on the quantized
  * blocks for short batches and through tiles dequantized for cblas_sgemm for long ones; embedding rows are
  * dequantized on lookup. Only the norm vectors are copied (fp32). */
@@ -24,24 +37,42 @@
 #include "kvq.h"
 #include "qmat.h"
 
+enum llama_arch { LLAMA_ARCH_LLAMA = 0, LLAMA_ARCH_GEMMA3 = 1 };
+
 typedef struct llama_config {
+    int arch;       /* enum llama_arch */
     int dim;        /* embedding_length */
     int n_layers;   /* block_count */
     int n_heads;    /* attention.head_count */
     int n_kv_heads; /* attention.head_count_kv */
-    int head_dim;   /* dim / n_heads */
+    int head_dim;   /* attention.key_length when given (Gemma), else dim / n_heads */
+    int q_dim;      /* n_heads * head_dim */
     int hidden_dim; /* feed_forward_length */
     int vocab_size;
     int ctx_len; /* context_length: the longest context the model was trained for */
     float rope_theta;
     float norm_eps;
+    /* Gemma 3 (0 for Llama) */
+    int window;             /* attention.sliding_window of the local layers */
+    int swa_period;         /* layer l is global iff l % swa_period == swa_period - 1; 0: every layer global */
+    float rope_theta_local; /* RoPE base of the local layers */
+    float rope_scale_global; /* linear RoPE scaling of the global layers (positions / factor); 1: none */
+    float embed_scale;      /* embeddings * this (sqrt(dim)); 1 for Llama */
+    float attn_scale;       /* of q.k: 1/sqrt(head_dim) unless the GGUF gives attention.scale */
+    float final_softcap, attn_softcap; /* 0: none */
 } llama_config;
+
+/* 1 when layer l is a sliding-window (local) layer of the config. */
+int llama_layer_is_local(const llama_config *c, int l);
 
 typedef struct llama_layer {
     float *attn_norm;           /* [dim] */
     qmat wq, wk, wv, wo;        /* [dim][dim], [kv_dim][dim], [kv_dim][dim], [dim][dim]  (out x in) */
     float *ffn_norm;            /* [dim] */
     qmat w_gate, w_up, w_down;  /* [hidden][dim], [hidden][dim], [dim][hidden] */
+    /* Gemma 3 only (NULL for Llama) */
+    float *q_norm, *k_norm;        /* [head_dim] */
+    float *post_attn_norm, *post_ffw_norm; /* [dim] */
 } llama_layer;
 
 typedef struct llama_model {
@@ -74,11 +105,15 @@ typedef struct llama_ctx_params {
     int n_threads;   /* attention and weight-product threads; 0: OpenMP's default */
     /* kvq.h section 10, passed to the cache as they are: -1 kvq's default for the types, 0 off (what a
      * zero-initialized llama_ctx_params gets) */
-    int rotate, sinks, nonuniform;
+    int rotate, sinks, nonuniform;     /* sinks apply to global layers only: local (sliding-window) ones have none */
     uint32_t rotation_seed;
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
      * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope(type_k) */
     int prerope;
+    /* Gemma 3's local (sliding-window) layers: 0 (what a zero-initialized llama_ctx_params gets) they use type_k and
+     * type_v like the global ones; 1 they use type_k_local / type_v_local. Ignored for a model without local layers. */
+    int local_types;
+    kvq_type type_k_local, type_v_local;
 } llama_ctx_params;
 
 /* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
@@ -94,7 +129,13 @@ void llama_ctx_free(llama_ctx *c);
 /* Drops the cached tokens (a fresh sequence). */
 kvq_status llama_ctx_reset(llama_ctx *c);
 int64_t llama_ctx_pos(const llama_ctx *c);
+/* The cache of the global layers (every layer for Llama); llama_ctx_cache_local: the local layers' one, or NULL. */
 const kvq_cache *llama_ctx_cache(const llama_ctx *c);
+const kvq_cache *llama_ctx_cache_local(const llama_ctx *c);
+/* Statistics of all the context's KV memory: kvq_cache_get_stats of each cache, the byte and page counts summed
+ * (bytes_per_token and f16_bytes_per_token too: they cover all layers); tokens, n_seqs, capacity_tokens, page_bytes
+ * are the global cache's. */
+kvq_status llama_ctx_get_stats(const llama_ctx *c, kvq_cache_stats *s);
 
 /* Runs n tokens (n <= max_batch) at the next positions. logits: NULL, or [n - logits_from][vocab] receiving the
  * logits of tokens logits_from .. n-1 (n - 1: the last only; >= n: none, the lm head is skipped). */

@@ -1,4 +1,7 @@
-/* tokenizer.h: byte-level BPE (GPT-2 family) built from a GGUF file's tokenizer.ggml.* metadata.
+/* tokenizer.h: the tokenizers of GGUF files, from their tokenizer.ggml.* metadata:
+ *   "gpt2"   byte-level BPE (GPT-2 family: SmolLM2), described below;
+ *   "llama"  SentencePiece-style BPE (Gemma 3): "▁" for spaces, merges by vocabulary order, byte fallback <0xNN>,
+ *            control and user-defined tokens matched whole (tokenizer.c, tok_load_spm, has the rules).
  *
  * Encoding = special-token split -> pre-tokenizer -> byte-to-symbol mapping -> BPE merges by rank.
  * The pre-tokenizer is chosen from tokenizer.ggml.pre: "smollm" (and "starcoder", "refact", ...) first cut every
@@ -34,7 +37,10 @@ kvq_status tok_encode(const kvq_tokenizer *t, const char *text, size_t len, int 
 
 /* Appends the instruct model's ChatML prompt for one user turn:
  *   <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n
- * system NULL: the default system prompt of the model's template (SmolLM2's). */
+ * system NULL: the default system prompt of the model's template (SmolLM2's). A vocabulary with Gemma's turn tokens
+ * gets Gemma's format instead (no system role; a system prompt opens the user turn, "{system}\n\n{user}"):
+ *   <start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n
+ * Neither adds BOS (the caller does, tok_add_bos). */
 kvq_status tok_encode_chat(const kvq_tokenizer *t, const char *system, const char *user, tok_ids *out);
 
 /* The bytes a token stands for (byte-level symbols mapped back); control tokens give their text. */
@@ -46,7 +52,7 @@ int tok_is_control(const kvq_tokenizer *t, int32_t id);
  * 0xF2 (planes 4..11). Every other byte round-trips: the pieces of tok_encode's ids concatenate to the text minus
  * those bytes. */
 int32_t tok_byte_token(const kvq_tokenizer *t, uint8_t b);
-/* End of generation: eos, or <|im_end|> / <|endoftext|> when the vocabulary has them. */
+/* End of generation: eos, or <|im_end|> / <|endoftext|> / <end_of_turn> when the vocabulary has them. */
 int tok_is_eog(const kvq_tokenizer *t, int32_t id);
 int32_t tok_n_vocab(const kvq_tokenizer *t);
 int32_t tok_bos(const kvq_tokenizer *t);
