@@ -55,6 +55,8 @@ typedef struct kvq_cli_opts {
     kvq_type type_k, type_v;
     double mem; /* bytes; 0: not given */
     size_t max_file;
+    int gpu; /* --gpu, or -ngl N with N > 0: every layer on the GPU (no partial offload) */
+    int ngl; /* -ngl as given; -1 when not */
     int n_compare;
     kvq_cli_mix compare[KVQ_CLI_MAX_COMPARE];
     /* passkey: prompt lengths in tokens (the answer's tokens included), depths of the key in % of the filler,
@@ -129,11 +131,32 @@ int kvq_cli_gen_model(int argc, char **argv);
 struct gguf_file;
 struct llama_model;
 struct kvq_tokenizer;
+struct llama_gpu_model;
+struct llama_config;
 typedef struct kvq_cli_loaded {
     struct gguf_file *gf;
-    struct llama_model *m;
+    struct llama_model *m;        /* CPU engine (NULL with --gpu) */
+    struct llama_gpu_model *gm;   /* GPU engine (--gpu / -ngl N > 0) */
     struct kvq_tokenizer *tok;
+    const struct llama_config *cfg; /* the loaded engine's shape (NULL without weights) */
+    double weight_bytes;            /* bytes the engine holds for the weights (host fp32, or device fp16) */
 } kvq_cli_loaded;
+
+/* One sequence on the loaded engine, CPU or GPU: the same calls as llama_ctx (llama.h), dispatched. */
+struct llama_ctx;
+struct llama_gpu_ctx;
+typedef struct kvq_cli_ctx {
+    struct llama_ctx *cpu;
+    struct llama_gpu_ctx *gpu;
+} kvq_cli_ctx;
+struct llama_ctx_params;
+kvq_status kvq_cli_ctx_create(const kvq_cli_loaded *L, const struct llama_ctx_params *cp, kvq_cli_ctx *out);
+void kvq_cli_ctx_free(kvq_cli_ctx *c); /* and zeroes it */
+kvq_status kvq_cli_ctx_reset(kvq_cli_ctx *c);
+int64_t kvq_cli_ctx_pos(const kvq_cli_ctx *c);
+/* The KV cache's statistics (the GPU cache's in the CPU cache's terms: llama_gpu_ctx_stats). */
+kvq_status kvq_cli_ctx_stats(const kvq_cli_ctx *c, kvq_cache_stats *st);
+kvq_status kvq_cli_forward(kvq_cli_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from);
 
 double kvq_cli_now(void);
 /* Prints "kvq <cmd>: <what>: <status>: <library message>" and returns 1. */
