@@ -44,4 +44,22 @@ for args in "--shape gpt5 -o $tmp/x" "--shape llama3-8b" "--shape llama3-8b -o $
   if [ $rc -ne 0 ] && [ $rc -lt 124 ] && grep -q "kvq gen-model:" <<<"$out"; then ok "refused: $args: $(head -1 <<<"$out")"
   else bad "not refused ($rc): $args"; fi
 done
+# kvq bench on the CPU engine: one row per (type, depth), f16 the base of the ratios (listed second here), the bound
+# column equal to (W + d K_f16) / (W + d K_t) from the row's own columns, positive speeds
+m=$tmp/m-q8_0.gguf
+if "$kvq" bench -m "$m" --types q4,f16 --depths 128,0 -n 3 --prefill 64 -b 64 -t 1 --out "$tmp/bench" >"$tmp/bench.log" 2>&1; then
+  csv=$tmp/bench/bench-e2e-cpu.csv
+  if awk -F, 'NR == 1 { next } { n++
+        if ($7 <= 0 || $12 <= 0) bad = bad " speed"
+        want = ($13 + $6 * $15) / ($13 + $6 * $14); if ((want - $10) ^ 2 > 1e-6) bad = bad " bound"
+        if ($3 == "f16" && ($9 != "1.0000" || $10 != "1.0000")) bad = bad " base"
+        if ($3 == "q4" && $6 == 128 && !($10 > 1.0)) bad = bad " q4-bound" }
+      END { if (n != 4 || bad != "") { print "rows " n ":" bad; exit 1 } }' "$csv"; then ok "bench: 4 rows, ratios and bounds consistent"
+  else bad "bench CSV"; cat "$csv"; fi
+  grep -q "| q4 | 128 |" "$tmp/bench/bench-e2e-cpu.md" && ok "bench: markdown table" || bad "bench markdown"
+else bad "bench run"; tail -5 "$tmp/bench.log"; fi
+out=$("$kvq" bench -m "$m" --batch 2 2>&1) && bad "bench --batch 2 accepted" || { grep -q "only 1 sequence" <<<"$out" && ok "bench --batch 2 refused" || bad "bench --batch 2: $out"; }
+out=$("$kvq" bench -m "$m" --gpu --depths 0 -n 1 --prefill 8 2>&1)
+if [ $? -ne 0 ]; then grep -Eq "built without CUDA|no usable GPU" <<<"$out" && ok "bench --gpu without a GPU: $(tail -1 <<<"$out")" || bad "bench --gpu: $out"
+else ok "bench --gpu ran (a GPU is there)"; fi
 exit $fail

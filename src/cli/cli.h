@@ -5,6 +5,7 @@
  * run.c       kvq run (samplers, --compare)
  * perplexity.c, capacity.c, tokenize.c, passkey.c: the other subcommands
  * gen_model.c kvq gen-model (synthetic GGUF models of real shapes)
+ * bench.c     kvq bench (end-to-end prefill/decode speed per KV type and depth, CPU or --gpu)
  *
  * The parser prints nothing: a rejected argv leaves its message in the caller's buffer, so the fuzz target
  * (tests/fuzz_cli.c) and the unit test (tests/test_cli_parse.c) can check that every rejection says why. */
@@ -126,6 +127,7 @@ int kvq_cli_tokenize(int argc, char **argv);
 int kvq_cli_passkey(int argc, char **argv);
 /* Subcommands with their own option parsers (options of their own only): gen_model.c, bench.c */
 int kvq_cli_gen_model(int argc, char **argv);
+int kvq_cli_bench(int argc, char **argv);
 
 /* --- common.c, for the subcommands --- */
 struct gguf_file;

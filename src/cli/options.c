@@ -593,6 +593,7 @@ void kvq_cli_usage_main(FILE *f) {
                "  capacity    what fits in a memory budget (--mem), or the memory N tokens need (--ctx)\n"
                "  tokenize    print the token ids of a text\n"
                "  passkey     find a pass key hidden in filler text: a depth x length grid per KV type\n"
+               "  bench       end-to-end prefill and decode speed per KV type and depth, CPU or --gpu\n"
                "  gen-model   write a GGUF of a real model's shape with seeded random weights (tests, benchmarks)\n"
                "  version     print the library version\n");
 }
