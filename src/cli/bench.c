@@ -44,8 +44,8 @@ static void usage(FILE *f) {
             "f16 and the bound (W + d K_f16) / (W + d K_t) beside it (src/cli/bench.c says how it measures).\n\n"
             "  -m, --model FILE        GGUF model (kvq gen-model writes ones of real shapes)\n"
             "  --gpu, -ngl N           the GPU engine (-ngl N > 0: every layer; no partial offload)\n"
-            "  --types LIST            KV configs as in kvq perplexity --compare (default f16,q8,q4,q2; f16 is added\n"
-            "                          first when missing: the ratios need it)\n"
+            "  --types LIST            KV configs as in kvq perplexity --compare (default f16,q8,q4,q2); the ratios\n"
+            "                          are to the first f16 entry (none without one)\n"
             "  --depths LIST           tokens in the cache before decoding (default 0,4096,32768)\n"
             "  -n N                    decode steps timed per depth (default 32)\n"
             "  --prefill N             tokens of the timed prefill from an empty cache (default 2048 GPU, 256 CPU)\n"
@@ -78,6 +78,7 @@ static int die(const char *what, kvq_status st) {
 int kvq_cli_bench(int argc, char **argv) {
     kvq_cli_opts o;
     kvq_cli_defaults(KVQ_CLI_RUN, &o);
+    o.cmd = KVQ_CLI_BENCH;
     const char *types = "f16,q8,q4,q2", *outdir = NULL;
     int depths[MAX_DEPTHS] = {0, 4096, 32768}, n_depths = 3, n_dec = 32, prefill = -1, batch = -1, fill_window = 1024;
     uint64_t seed = 1;
@@ -145,16 +146,13 @@ int kvq_cli_bench(int argc, char **argv) {
         fprintf(stderr, "kvq bench: --types: %s\n", err + (strncmp(err, "--compare: ", 11) ? 0 : 11));
         return 2;
     }
-    /* f16 first: the base of the ratios */
-    kvq_cli_mix mixes[KVQ_CLI_MAX_COMPARE + 1];
-    int n_mix = 0, has_f16 = 0;
-    for (int i = 0; i < o.n_compare; i++) has_f16 |= o.compare[i].type_k == KVQ_TYPE_F16 && o.compare[i].type_v == KVQ_TYPE_F16;
-    if (!has_f16) {
-        kvq_cli_opts f = o;
-        f.type_k = f.type_v = KVQ_TYPE_F16;
-        mixes[n_mix++] = kvq_cli_single_mix(&f);
+    /* the first f16/f16 config is the base of the ratios; without one (a context f16 cannot hold) there are none */
+    kvq_cli_mix mixes[KVQ_CLI_MAX_COMPARE];
+    int n_mix = 0, base = -1;
+    for (int i = 0; i < o.n_compare; i++) {
+        if (base < 0 && o.compare[i].type_k == KVQ_TYPE_F16 && o.compare[i].type_v == KVQ_TYPE_F16) base = i;
+        mixes[n_mix++] = o.compare[i];
     }
-    for (int i = 0; i < o.n_compare; i++) mixes[n_mix++] = o.compare[i];
     /* depths ascending: one context per type goes from one to the next */
     for (int i = 1; i < n_depths; i++)
         for (int j = i; j > 0 && depths[j] < depths[j - 1]; j--) {
@@ -270,8 +268,6 @@ int kvq_cli_bench(int argc, char **argv) {
                      "peak_device_bytes\n");
     }
     const double W = L.weight_bytes;
-    int base = 0; /* the first f16/f16 config: the ratios' base */
-    while (mixes[base].type_k != KVQ_TYPE_F16 || mixes[base].type_v != KVQ_TYPE_F16) base++;
     char head[512];
     snprintf(head, sizeof head,
              "kvq bench (%s engine): %s; weights W = %.2f GiB; decode of 1 sequence, -n %d per depth; fill window %d; "
@@ -289,13 +285,14 @@ int kvq_cli_bench(int argc, char **argv) {
         fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for (int m = 0; m < n_mix; m++)
             for (int d = 0; d < n_depths; d++) {
-                const bench_row *r = &rows[m * n_depths + d], *b = &rows[base * n_depths + d];
-                double ratio = b->decode_s / r->decode_s;
+                const bench_row *r = &rows[m * n_depths + d];
+                double ratio = base >= 0 ? rows[base * n_depths + d].decode_s / r->decode_s : NAN;
                 double bound = (W + r->depth * r->f16_bpt) / (W + r->depth * r->kv_bpt);
                 double gbs = (W + r->depth * r->kv_bpt) / r->decode_s / 1e9;
-                fprintf(f, "| %s | %d | %.1f | %.3f | %.3fx | %.3fx | %.0f%% | %.0f | %.0f | %.0f |\n", mixes[m].name,
-                        r->depth, 1.0 / r->decode_s, 1e3 * r->decode_s, ratio, bound, 100.0 * ratio / bound,
-                        r->prefill_tok_s, r->kv_bpt, gbs);
+                char rs[32] = "-", ps[32] = "-"; /* no f16 row: no ratio */
+                if (!isnan(ratio)) snprintf(rs, sizeof rs, "%.3fx", ratio), snprintf(ps, sizeof ps, "%.0f%%", 100.0 * ratio / bound);
+                fprintf(f, "| %s | %d | %.1f | %.3f | %s | %.3fx | %s | %.0f | %.0f | %.0f |\n", mixes[m].name, r->depth,
+                        1.0 / r->decode_s, 1e3 * r->decode_s, rs, bound, ps, r->prefill_tok_s, r->kv_bpt, gbs);
                 if (k == 0 && csv)
                     fprintf(csv, "%s,%s,%s,%s,%s,%d,%.3f,%.4f,%.4f,%.4f,%.2f,%.1f,%.0f,%.1f,%.1f,%.1f,%d,%.0f,%.0f\n", eng,
                             o.model, mixes[m].name, kvq_cli_type_name(mixes[m].type_k),

@@ -21,6 +21,8 @@
 enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_PASSKEY = 4, KVQ_CLI_NCMD = 5 };
 
 #define KVQ_CLI_MAX_COMPARE 16
+/* kvq_cli_opts.cmd of kvq bench, which parses its own options (no entry in the option table): names its messages */
+#define KVQ_CLI_BENCH 100
 #define KVQ_CLI_MAX_LENGTHS 16 /* passkey --lengths entries */
 #define KVQ_CLI_MAX_DEPTHS 101 /* passkey --depths entries: 0..100, each once */
 #define KVQ_CLI_ERR_LEN 512

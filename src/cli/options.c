@@ -32,7 +32,9 @@ int kvq_cli_cmd_from_name(const char *name) {
     return strcmp(name, "ppl") == 0 ? KVQ_CLI_PPL : -1;
 }
 
-const char *kvq_cli_cmd_name(int cmd) { return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : "?"; }
+const char *kvq_cli_cmd_name(int cmd) {
+    return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : cmd == KVQ_CLI_BENCH ? "bench" : "?";
+}
 
 void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     memset(o, 0, sizeof *o);

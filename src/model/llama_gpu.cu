@@ -11,6 +11,10 @@
 #include <vector>
 
 #include "kvq_cuda.h"
+extern "C" {  // the model layer's C headers have no C++ guards
+#include "gguf.h"
+#include "llama.h"
+}
 #include "llama_gpu.h"
 #include "model_err.h"
 
