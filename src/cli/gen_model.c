@@ -270,16 +270,23 @@ int kvq_cli_gen_model(int argc, char **argv) {
     if (!fbuf || !qbuf) goto oom;
     for (int i = 0; i < n_t; i++) {
         const tensor_plan *p = &tp[i];
-        uint64_t s = seed * 0x100000001b3ull + (uint64_t)i * 0x9e3779b97f4a7c15ull, written = 0;
+        uint64_t written = 0;
         int64_t rows = p->out, per = slab_vals / p->in > 0 ? slab_vals / p->in : 1;
-        float a = (float)p->scale;
+        const float a = (float)p->scale;
+        const size_t rb = gguf_row_bytes(p->type, (size_t)p->in);
         for (int64_t r0 = 0; r0 < rows; r0 += per) {
             int64_t nr = rows - r0 < per ? rows - r0 : per;
-            size_t n = (size_t)(nr * p->in);
-            for (size_t j = 0; j < n; j++)
-                fbuf[j] = a == 0 ? 1.0f : a * (float)((double)(mix(&s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
-            size_t nb = gguf_row_bytes(p->type, n);
-            if (gguf_quantize_row(p->type, fbuf, n, qbuf) || fwrite(qbuf, 1, nb, f) != nb) goto werr;
+            /* rows in parallel: each row its own stream (seed, tensor, row), so the bytes do not depend on threads */
+#pragma omp parallel for schedule(static)
+            for (int64_t r = 0; r < nr; r++) {
+                uint64_t s = seed * 0x100000001b3ull ^ ((uint64_t)i << 40) ^ (uint64_t)(r0 + r) * 0x9e3779b97f4a7c15ull;
+                float *x = fbuf + (size_t)(r * p->in);
+                for (int64_t j = 0; j < p->in; j++)
+                    x[j] = a == 0 ? 1.0f : a * (float)((double)(mix(&s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+                gguf_quantize_row(p->type, x, (size_t)p->in, qbuf + (size_t)r * rb); /* valid: ne0 % 32 == 0 */
+            }
+            size_t nb = (size_t)nr * rb;
+            if (fwrite(qbuf, 1, nb, f) != nb) goto werr;
             written += nb;
         }
         if (gguf_write_pad(f, written)) goto werr;
