@@ -13,6 +13,9 @@
 #   enginebench: kvq bench --gpu on a generated Llama-3-8B shape (f16 weights, 16 GB) at depths 0, 4096, 32768 for
 #   f16, q8, q4, q2 (ENGINE_BENCH="..." replaces the bench's arguments). Models go to $MODELS (default
 #   build-gpu/models: kept between calls on a warm machine, so a second call skips generating them).
+#   peer: llama.cpp's llama-bench with CUDA on the same Llama-3-8B GGUF (bench/peers/llamacpp-bench-gpu.sh; carry
+#   build-peers/llama.cpp-0.3.36-src.tar.gz; the build alone takes minutes: give it its own call), and the table beside
+#   kvq's (bench/peers/e2e_table.py) when enginebench ran in the same call.
 #   engine1m: kvq bench --gpu on a Llama-2-7B shape (32 KV heads) at 1,048,576 tokens with q2 (fill with a sliding
 #   window, decode exact): memory and decode tokens/s at full depth.
 #   BENCH="--types q4 --ctx 131072 --batch 8 --reps 10" narrows the benchmark; FLUSH=write flushes the L2 with a 256 MB
@@ -36,7 +39,7 @@ if want test || want bench || want py || want hf || want ncu; then
 fi
 rc=0
 named engine && steps="$steps enginetest enginebench "
-if named enginetest || named enginebench || named engine1m; then
+if named enginetest || named enginebench || named engine1m || named peer; then
   # the same build directory as the other steps (kvq_cuda's objects are reused), with the model layer on
   E=$B MODELS=${MODELS:-$B/models}
   mkdir -p "$MODELS"
@@ -68,6 +71,14 @@ if named enginebench; then
   timeout 420 $kvq bench -m $l3 --gpu ${ENGINE_BENCH:---types f16,q8,q4,q2 --depths 0,4096,32768 -n 32} --out "$OUT" \
     >"$OUT/bench-e2e-gpu.log" 2>&1
   r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu rc=$r"; cat "$OUT/bench-e2e-gpu.log"
+fi
+if named peer; then
+  l3=$MODELS/llama3-8b-f16.gguf
+  [ -s $l3 ] || { timeout 600 $kvq gen-model --shape llama3-8b --wtype f16 --ctx 131072 -o $l3 || rc=1; }
+  timeout 580 bash bench/peers/llamacpp-bench-gpu.sh $l3 "$OUT" ${PEER_DEPTHS:-0,4096,32768} >"$OUT/peer.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "llama-bench rc=$r"; tail -5 "$OUT/peer.log"
+  [ -f "$OUT/bench-e2e-gpu.csv" ] && [ -f "$OUT/llamacpp-bench-gpu.csv" ] &&
+    python3 bench/peers/e2e_table.py "$OUT/bench-e2e-gpu.csv" "$OUT/llamacpp-bench-gpu.csv" "$OUT/bench-e2e-gpu-vs-llamacpp.md"
 fi
 if named engine1m; then
   l2=$MODELS/llama2-7b-f16.gguf
