@@ -71,6 +71,7 @@ if named enginebench; then
   timeout 420 $kvq bench -m $l3 --gpu ${ENGINE_BENCH:---types f16,q8,q4,q2 --depths 0,4096,32768 -n 32} --out "$OUT" \
     >"$OUT/bench-e2e-gpu.log" 2>&1
   r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu rc=$r"; cat "$OUT/bench-e2e-gpu.log"
+  python3 bench/plot.py --dir "$OUT" e2e >/dev/null 2>&1 || true  # bench-e2e-gpu.png (when matplotlib is there)
 fi
 if named peer; then
   l3=$MODELS/llama3-8b-f16.gguf
