@@ -11,7 +11,8 @@
 #   with KVQ_BUILD_MODEL=ON). enginetest: ctest model_gpu's script (CPU and GPU engines on generated SmolLM2-135M and
 #   2-layer Llama-3-8B shapes, each KV type), kvq perplexity CPU vs --gpu and kvq run -ngl 99 on the SmolLM2 shape.
 #   enginebench: kvq bench --gpu on a generated Llama-3-8B shape (f16 weights, 16 GB) at depths 0, 4096, 32768 for
-#   f16, q8, q4, q2 (ENGINE_BENCH="..." replaces the bench's arguments). Models go to $MODELS (default
+#   f16, q8, q4, q2 (ENGINE_BENCH="..." replaces the bench's arguments), then 8 sequences at once at depth 4096
+#   (ENGINE_BENCH8="..."). Models go to $MODELS (default
 #   build-gpu/models: kept between calls on a warm machine, so a second call skips generating them).
 #   peer: llama.cpp's llama-bench with CUDA on the same Llama-3-8B GGUF (bench/peers/llamacpp-bench-gpu.sh; carry
 #   build-peers/llama.cpp-0.3.36-src.tar.gz; the build alone takes minutes: give it its own call), and the table beside
@@ -72,6 +73,10 @@ if named enginebench; then
     >"$OUT/bench-e2e-gpu.log" 2>&1
   r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu rc=$r"; cat "$OUT/bench-e2e-gpu.log"
   python3 bench/plot.py --dir "$OUT" e2e >/dev/null 2>&1 || true  # bench-e2e-gpu.png (when matplotlib is there)
+  # 8 sequences at once (llama_gpu_decode_batch), each filled with its own tokens
+  timeout 300 $kvq bench -m $l3 --gpu ${ENGINE_BENCH8:---batch 8 --types f16,q8,q4,q2 --depths 4096 -n 16} --out "$OUT/batch8" \
+    >"$OUT/bench-e2e-gpu-b8.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu --batch 8 rc=$r"; grep -E "^\|" "$OUT/bench-e2e-gpu-b8.log"
 fi
 if named peer; then
   l3=$MODELS/llama3-8b-f16.gguf

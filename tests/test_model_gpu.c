@@ -3,7 +3,10 @@
  *     logits; top-1 agreement >= 99%, max |logit difference| <= the type's bound, and the RMS of the differences
  *     <= 2% of the RMS of the logits (a zero, mis-scaled or shifted output fails that);
  *   - decode after prefill: a second GPU context prefills N_POS - N_DEC tokens and decodes the last N_DEC one at a
- *     time (kvq_cuda_attn_decode); their logits equal the prefill-only ones within DEC_BOUND.
+ *     time (kvq_cuda_attn_decode); their logits equal the prefill-only ones within DEC_BOUND;
+ *   - several sequences at once: NS sequences of different lengths and tokens decode STEPS steps together
+ *     (llama_gpu_decode_batch: one GEMM row and one kvq_cuda decode entry per sequence); each one's logits equal those
+ *     of the same sequence run alone in a one-sequence context, within DEC_BOUND.
  * usage: test_model_gpu --probe                 exit 0 when a usable GPU is there, 77 (skip) when not
  *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2 (default all four)
  * Bounds. The GPU rounds every GEMM input (activations, and weights stored other than F16) to fp16: a relative error
@@ -26,7 +29,7 @@
 #include "llama_gpu.h"
 #include "model_err.h"
 
-enum { N_POS = 320, CHUNK = 64, N_DEC = 32 };
+enum { N_POS = 320, CHUNK = 64, N_DEC = 32, NS = 4, STEPS = 8 };
 
 static int fails = 0;
 
@@ -170,6 +173,50 @@ int main(int argc, char **argv) {
         st = llama_gpu_forward(gd, tok, 1, ld, 0);
         check(st == KVQ_ERR_CACHE_FULL, "status %.0f (expected %.0f, KVQ_ERR_CACHE_FULL)", st, KVQ_ERR_CACHE_FULL,
               "a full context refuses the next token");
+        /* several sequences at once against each alone */
+        llama_gpu_ctx *gp;
+        if ((st = llama_gpu_ctx_create_par(gm, &p, NS, &gp))) return die("llama_gpu_ctx_create_par", st);
+        float *lb = malloc((size_t)STEPS * NS * V * sizeof(float));
+        if (!lb) return die("malloc", KVQ_ERR_OUT_OF_MEMORY);
+        int len[NS], off[NS];
+        for (int q = 0; q < NS; q++) {
+            len[q] = 100 + 37 * q, off[q] = 11 * q; /* tokens off .. off + len + STEPS - 1 < N_POS */
+            for (int b = 0; b < len[q]; b += CHUNK) {
+                int n = len[q] - b < CHUNK ? len[q] - b : CHUNK;
+                if ((st = llama_gpu_forward_seq(gp, q, tok + off[q] + b, n, NULL, n))) return die("forward_seq", st);
+            }
+        }
+        for (int k = 0; k < STEPS; k++) {
+            int32_t bt[NS];
+            for (int q = 0; q < NS; q++) bt[q] = tok[off[q] + len[q] + k];
+            if ((st = llama_gpu_decode_batch(gp, bt, lb + (size_t)k * NS * V))) return die("llama_gpu_decode_batch", st);
+        }
+        double maxdb = 0;
+        for (int q = 0; q < NS; q++) {
+            if ((st = llama_gpu_ctx_reset(gd))) return die("reset", st);
+            for (int b = 0; b < len[q]; b += CHUNK) {
+                int n = len[q] - b < CHUNK ? len[q] - b : CHUNK;
+                if ((st = llama_gpu_forward(gd, tok + off[q] + b, n, NULL, n))) return die("forward (alone)", st);
+            }
+            for (int k = 0; k < STEPS; k++) {
+                if ((st = llama_gpu_forward(gd, tok + off[q] + len[q] + k, 1, ld, 0))) return die("decode (alone)", st);
+                const float *g = lb + ((size_t)k * NS + q) * V;
+                for (int j = 0; j < V; j++) {
+                    double d = fabs((double)ld[j] - g[j]);
+                    if (!(d <= maxdb)) maxdb = isnan(d) ? INFINITY : d;
+                }
+            }
+            if (llama_gpu_ctx_seq_pos(gp, q) != len[q] + STEPS) {
+                printf("FAIL %s: sequence %d at %lld, expected %d\n", name, q, (long long)llama_gpu_ctx_seq_pos(gp, q),
+                       len[q] + STEPS);
+                fails++;
+            }
+        }
+        snprintf(what, sizeof what, "%s: %d sequences decoded together vs alone, max |difference| over %d steps", name, NS,
+                 STEPS);
+        check(maxdb <= dec_bound, "%.4g (<= %.3g)", maxdb, dec_bound, what);
+        free(lb);
+        llama_gpu_ctx_free(gp);
         llama_ctx_free(cc);
         llama_gpu_ctx_free(gc);
         llama_gpu_ctx_free(gd);

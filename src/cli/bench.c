@@ -50,7 +50,8 @@ static void usage(FILE *f) {
             "  -n N                    decode steps timed per depth (default 32)\n"
             "  --prefill N             tokens of the timed prefill from an empty cache (default 2048 GPU, 256 CPU)\n"
             "  -b, --batch-size N      tokens per forward call in prefill and fill (default 512 GPU, 256 CPU)\n"
-            "  --batch N               sequences decoded at once: 1 only (no --parallel yet)\n"
+            "  --batch N, --parallel N sequences decoded at once (GPU; default 1): each filled to the depth with its own\n"
+            "                          tokens, then one decode step of all of them per forward (llama_gpu_decode_batch)\n"
             "  --fill-window W         GPU: sliding attention window of the fill, 0 = exact (default 1024)\n"
             "  -t, --threads N         CPU threads (BLAS and attention)\n"
             "  -s, --seed N            seed of the synthetic tokens (default 1)\n"
@@ -80,7 +81,7 @@ int kvq_cli_bench(int argc, char **argv) {
     kvq_cli_defaults(KVQ_CLI_RUN, &o);
     o.cmd = KVQ_CLI_BENCH;
     const char *types = "f16,q8,q4,q2", *outdir = NULL;
-    int depths[MAX_DEPTHS] = {0, 4096, 32768}, n_depths = 3, n_dec = 32, prefill = -1, batch = -1, fill_window = 1024;
+    int depths[MAX_DEPTHS] = {0, 4096, 32768}, n_depths = 3, n_dec = 32, prefill = -1, batch = -1, fill_window = 1024, n_seq = 1;
     uint64_t seed = 1;
     char err[KVQ_CLI_ERR_LEN];
     for (int i = 0; i < argc; i++) {
@@ -94,7 +95,7 @@ int kvq_cli_bench(int argc, char **argv) {
             continue;
         }
         static const char *const valued[] = {"-m", "--model", "--types", "--depths", "-n", "--prefill", "-b", "--batch-size",
-                                             "--batch", "--fill-window", "-t", "--threads", "-s", "--seed", "--out", "-ngl",
+                                             "--batch", "--parallel", "--fill-window", "-t", "--threads", "-s", "--seed", "--out", "-ngl",
                                              "--n-gpu-layers"};
         int known = 0;
         for (size_t k = 0; k < sizeof valued / sizeof valued[0]; k++) known |= !strcmp(a, valued[k]);
@@ -119,18 +120,15 @@ int kvq_cli_bench(int argc, char **argv) {
             if (!strcmp(a, "--fill-window") || !strcmp(a, "-ngl") || !strcmp(a, "--n-gpu-layers")) lo = 0;
             if (!strcmp(a, "-t") || !strcmp(a, "--threads")) hi = 1024;
             if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) hi = 8192;
+            if (!strcmp(a, "--batch") || !strcmp(a, "--parallel")) hi = LLAMA_GPU_MAX_SEQS;
             if (!(bad = kvq_cli_parse_i64(v, lo, hi, &x, a, err, sizeof err))) {
                 if (!strcmp(a, "-n")) n_dec = (int)x;
                 else if (!strcmp(a, "--prefill")) prefill = (int)x;
                 else if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) o.batch = (int)x, batch = (int)x;
                 else if (!strcmp(a, "--fill-window")) fill_window = (int)x;
                 else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o.threads = (int)x;
-                else if (!strcmp(a, "--batch")) {
-                    if (x != 1) {
-                        fprintf(stderr, "kvq bench: --batch %lld: only 1 sequence at a time (no --parallel yet)\n", (long long)x);
-                        return 2;
-                    }
-                } else o.ngl = (int)x, o.gpu = x > 0;
+                else if (!strcmp(a, "--batch") || !strcmp(a, "--parallel")) n_seq = (int)x;
+                else o.ngl = (int)x, o.gpu = x > 0;
             }
         }
         if (bad) {
@@ -159,6 +157,11 @@ int kvq_cli_bench(int argc, char **argv) {
             int t = depths[j];
             depths[j] = depths[j - 1], depths[j - 1] = t;
         }
+    if (n_seq > 1 && !o.gpu) {
+        fprintf(stderr, "kvq bench: --batch %d: several sequences at once is the GPU engine's (--gpu); the CPU engine runs one\n",
+                n_seq);
+        return 2;
+    }
     if (batch < 0) o.batch = o.gpu ? 512 : 256;
     if (prefill < 0) prefill = o.gpu ? 2048 : 256;
     if (!o.gpu) fill_window = 0;
@@ -182,10 +185,11 @@ int kvq_cli_bench(int argc, char **argv) {
             mc->n_kv_heads, mc->head_dim, V, L.weight_bytes / 1073741824.0, o.gpu ? "fp16 on the device" : "fp32",
             t_load);
     int32_t *tok = malloc((size_t)(n_ctx > o.batch ? n_ctx : o.batch) * sizeof *tok);
-    float *logits = malloc((size_t)V * sizeof *logits);
+    int32_t *chunk = malloc((size_t)(o.batch > n_seq ? o.batch : n_seq) * sizeof *chunk);
+    float *logits = malloc((size_t)V * n_seq * sizeof *logits);
     bench_row *rows = calloc((size_t)n_mix * n_depths, sizeof *rows);
     int rc = 0;
-    if (!tok || !logits || !rows) {
+    if (!tok || !chunk || !logits || !rows) {
         rc = die("buffers", kvq_set_error(KVQ_ERR_OUT_OF_MEMORY, "%d tokens", n_ctx));
         goto done;
     }
@@ -197,8 +201,8 @@ int kvq_cli_bench(int argc, char **argv) {
     for (int m = 0; m < n_mix; m++) {
         llama_ctx_params cp;
         kvq_cli_ctx_params(&o, &mixes[m], n_ctx, &cp);
-        kvq_cli_ctx c;
-        kvq_status st = kvq_cli_ctx_create(&L, &cp, &c);
+        kvq_cli_ctx c = {0};
+        kvq_status st = n_seq > 1 ? llama_gpu_ctx_create_par(L.gm, &cp, n_seq, &c.gpu) : kvq_cli_ctx_create(&L, &cp, &c);
         if (st) {
             char what[160];
             snprintf(what, sizeof what, "creating the context of %s (%d tokens)", mixes[m].name, n_ctx);
@@ -218,15 +222,23 @@ int kvq_cli_bench(int argc, char **argv) {
         for (int d = 0; d < n_depths && !st; d++) {
             if (c.gpu && (st = llama_gpu_ctx_set_window(c.gpu, fill_window))) break;
             double tf = kvq_cli_now();
+            /* sequence q reads the token stream from offset 7919 q: every sequence its own tokens */
             while (pos < depths[d] && !st) {
                 int n = depths[d] - pos < o.batch ? depths[d] - pos : o.batch;
-                st = kvq_cli_forward(&c, tok + pos, n, logits, n - 1);
+                for (int q = 0; q < n_seq && !st; q++) {
+                    for (int i = 0; i < n; i++) chunk[i] = tok[((int64_t)pos + i + 7919 * q) % n_ctx];
+                    st = n_seq > 1 ? llama_gpu_forward_seq(c.gpu, q, chunk, n, logits, n - 1)
+                                   : kvq_cli_forward(&c, chunk, n, logits, n - 1);
+                }
                 pos += n;
             }
             tf = kvq_cli_now() - tf;
             if (c.gpu && !st) st = llama_gpu_ctx_set_window(c.gpu, 0);
             double td = kvq_cli_now();
-            for (int i = 0; i < n_dec && !st; i++, pos++) st = kvq_cli_forward(&c, tok + pos, 1, logits, 0);
+            for (int i = 0; i < n_dec && !st; i++, pos++) {
+                for (int q = 0; q < n_seq; q++) chunk[q] = tok[((int64_t)pos + 7919 * q) % n_ctx];
+                st = n_seq > 1 ? llama_gpu_decode_batch(c.gpu, chunk, logits) : kvq_cli_forward(&c, chunk, 1, logits, 0);
+            }
             td = kvq_cli_now() - td;
             if (st) break;
             kvq_cache_stats cs;
@@ -238,8 +250,8 @@ int kvq_cli_bench(int argc, char **argv) {
             r->prefill_tok_s = pre_tok_s;
             r->kv_bpt = cs.bytes_per_token;
             r->f16_bpt = cs.f16_bytes_per_token;
-            fprintf(stderr, "kvq bench: %-10s depth %7d: fill %.1f s, decode %.2f ms/token (%.1f tok/s); prefill %.0f tok/s\n",
-                    mixes[m].name, depths[d], tf, 1e3 * r->decode_s, 1.0 / r->decode_s, pre_tok_s);
+            fprintf(stderr, "kvq bench: %-10s depth %7d x %d: fill %.1f s, decode %.2f ms/step (%.1f tok/s); prefill %.0f tok/s\n",
+                    mixes[m].name, depths[d], n_seq, tf, 1e3 * r->decode_s, n_seq / r->decode_s, pre_tok_s);
         }
         kvq_cli_ctx_free(&c);
         if (st) {
@@ -265,14 +277,15 @@ int kvq_cli_bench(int argc, char **argv) {
         }
         fprintf(csv, "engine,model,kv,type_k,type_v,depth,decode_tok_s,decode_ms,ratio_f16,bound,pct_of_bound,prefill_tok_s,"
                      "weight_bytes,kv_bytes_per_token,f16_kv_bytes_per_token,read_gb_s,fill_window,peak_host_rss,"
-                     "peak_device_bytes\n");
+                     "peak_device_bytes,batch\n");
     }
     const double W = L.weight_bytes;
     char head[512];
     snprintf(head, sizeof head,
-             "kvq bench (%s engine): %s; weights W = %.2f GiB; decode of 1 sequence, -n %d per depth; fill window %d; "
-             "peak host RSS %.2f GiB%s",
-             eng, o.model, W / 1073741824.0, n_dec, fill_window, peak_rss() / 1073741824.0, o.gpu ? ", " : "");
+             "kvq bench (%s engine): %s; weights W = %.2f GiB; decode of %d sequence%s, -n %d steps per depth; fill window "
+             "%d; peak host RSS %.2f GiB%s",
+             eng, o.model, W / 1073741824.0, n_seq, n_seq > 1 ? "s at once" : "", n_dec, fill_window,
+             peak_rss() / 1073741824.0, o.gpu ? ", " : "");
     char devs[96] = "";
     if (o.gpu) snprintf(devs, sizeof devs, "peak device memory in use %.2f GiB", dev_peak / 1073741824.0);
     FILE *outs[2] = {stdout, md};
@@ -280,34 +293,36 @@ int kvq_cli_bench(int argc, char **argv) {
         FILE *f = outs[k];
         if (!f) continue;
         fprintf(f, "%s%s\n\n", head, devs);
-        fprintf(f, "| KV | depth | decode tok/s | ms/token | vs f16 | bound (W+dK_f16)/(W+dK_t) | %% of bound | prefill tok/s "
+        fprintf(f, "| KV | depth | decode tok/s | ms/step | vs f16 | bound (W+BdK_f16)/(W+BdK_t) | %% of bound | prefill tok/s "
                    "| KV B/token | read GB/s |\n");
         fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for (int m = 0; m < n_mix; m++)
             for (int d = 0; d < n_depths; d++) {
                 const bench_row *r = &rows[m * n_depths + d];
                 double ratio = base >= 0 ? rows[base * n_depths + d].decode_s / r->decode_s : NAN;
-                double bound = (W + r->depth * r->f16_bpt) / (W + r->depth * r->kv_bpt);
-                double gbs = (W + r->depth * r->kv_bpt) / r->decode_s / 1e9;
+                const double bd = (double)n_seq * r->depth; /* cached tokens one step reads */
+                double bound = (W + bd * r->f16_bpt) / (W + bd * r->kv_bpt);
+                double gbs = (W + bd * r->kv_bpt) / r->decode_s / 1e9;
                 char rs[32] = "-", ps[32] = "-"; /* no f16 row: no ratio */
                 if (!isnan(ratio)) snprintf(rs, sizeof rs, "%.3fx", ratio), snprintf(ps, sizeof ps, "%.0f%%", 100.0 * ratio / bound);
                 fprintf(f, "| %s | %d | %.1f | %.3f | %s | %.3fx | %s | %.0f | %.0f | %.0f |\n", mixes[m].name, r->depth,
-                        1.0 / r->decode_s, 1e3 * r->decode_s, rs, bound, ps, r->prefill_tok_s, r->kv_bpt, gbs);
+                        n_seq / r->decode_s, 1e3 * r->decode_s, rs, bound, ps, r->prefill_tok_s, r->kv_bpt, gbs);
                 if (k == 0 && csv)
-                    fprintf(csv, "%s,%s,%s,%s,%s,%d,%.3f,%.4f,%.4f,%.4f,%.2f,%.1f,%.0f,%.1f,%.1f,%.1f,%d,%.0f,%.0f\n", eng,
+                    fprintf(csv, "%s,%s,%s,%s,%s,%d,%.3f,%.4f,%.4f,%.4f,%.2f,%.1f,%.0f,%.1f,%.1f,%.1f,%d,%.0f,%.0f,%d\n", eng,
                             o.model, mixes[m].name, kvq_cli_type_name(mixes[m].type_k),
-                            kvq_cli_type_name(mixes[m].type_v), r->depth, 1.0 / r->decode_s, 1e3 * r->decode_s, ratio, bound,
+                            kvq_cli_type_name(mixes[m].type_v), r->depth, n_seq / r->decode_s, 1e3 * r->decode_s, ratio, bound,
                             100.0 * ratio / bound, r->prefill_tok_s, W, r->kv_bpt, r->f16_bpt, gbs,
-                            r->depth ? fill_window : 0, peak_rss(), dev_peak);
+                            r->depth ? fill_window : 0, peak_rss(), dev_peak, n_seq);
             }
-        fprintf(f, "\nbound: a decode step reads the weights (W) and d tokens of K+V (K_t bytes each, all layers) once; "
-                   "read GB/s = (W + d K_t) / step time. Fill: %s.\n",
+        fprintf(f, "\nbound: a decode step reads the weights (W) and B x d tokens of K+V (B sequences, K_t bytes per token, "
+                   "all layers) once; read GB/s = (W + B d K_t) / step time. Fill: %s.\n",
                 fill_window ? "forward passes with a sliding attention window (decode exact)" : "exact forward passes");
     }
     if (csv && fclose(csv)) rc = 1;
     if (md && fclose(md)) rc = 1;
 done:
     free(tok);
+    free(chunk);
     free(logits);
     free(rows);
     kvq_cli_unload(&L);

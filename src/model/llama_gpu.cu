@@ -57,14 +57,14 @@ __global__ void rmsnorm_kernel(const float *__restrict__ x, const float *__restr
 }
 
 // qkv[t] = [q (nh*hd) | k (nkv*hd) | v (nkv*hd)] -> q16[t] (roped, fp16), k[t] (roped, fp32), v[t] (fp32).
-// RoPE as llama.c: adjacent pairs (2i, 2i+1) of every head turn by (pos0 + t) * inv_freq[i], the angle and its
-// sine and cosine in fp64.
+// RoPE as llama.c: adjacent pairs (2i, 2i+1) of every head turn by pos[t] * inv_freq[i], the angle and its sine and
+// cosine in fp64. pos: one position per row (the rows of a prefill, or one row per sequence of a batched decode).
 __global__ void rope_split_kernel(const float *__restrict__ qkv, __half *__restrict__ q16, float *__restrict__ k,
-                                  float *__restrict__ v, const float *__restrict__ inv_freq, int64_t pos0, int nh, int nkv,
-                                  int hd) {
+                                  float *__restrict__ v, const float *__restrict__ inv_freq, const int32_t *__restrict__ posv,
+                                  int nh, int nkv, int hd) {
     const int t = blockIdx.x, qd = nh * hd, kd = nkv * hd, half_hd = hd / 2;
     const float *row = qkv + (size_t)t * (qd + 2 * kd);
-    const double pos = (double)(pos0 + t);
+    const double pos = (double)posv[t];
     for (int p = threadIdx.x; p < (nh + nkv) * half_hd; p += blockDim.x) {
         const int head = p / half_hd, i = p % half_hd;
         double s, c;
@@ -126,15 +126,15 @@ struct llama_gpu_model {
 struct llama_gpu_ctx {
     const llama_gpu_model *m = nullptr;
     kvq_cuda_cache *cache = nullptr;
-    int32_t seq = 0;
-    int max_batch = 0, n_ctx = 0;
+    int32_t seq[LLAMA_GPU_MAX_SEQS] = {0};  // kvq_cuda sequence ids of the context's sequences
+    int n_seqs = 1, max_batch = 0, n_ctx = 0;
     kvq_attn_params ap;
     kvq_cache_config cc;
     size_t act_bytes = 0;
     // device buffers, sized for max_batch tokens
     float *inv_freq = nullptr, *x = nullptr, *qkv = nullptr, *k = nullptr, *v = nullptr, *gu = nullptr, *logits = nullptr;
     __half *h = nullptr, *q16 = nullptr, *o16 = nullptr, *a16 = nullptr;
-    int32_t *tok = nullptr;
+    int32_t *tok = nullptr;  // [2 B]: token ids, then positions
 };
 
 #define CU(call, what)                                                                                           \
@@ -338,9 +338,16 @@ extern "C" void llama_gpu_ctx_free(llama_gpu_ctx *c) {
 }
 
 extern "C" kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama_ctx_params *p, llama_gpu_ctx **out) {
+    return llama_gpu_ctx_create_par(m, p, 1, out);
+}
+
+extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const llama_ctx_params *p, int n_seqs,
+                                               llama_gpu_ctx **out) {
     if (!m || !p || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_create: NULL argument");
     *out = nullptr;
     if (p->n_ctx < 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "context size %d must be >= 1", p->n_ctx);
+    if (n_seqs < 1 || n_seqs > LLAMA_GPU_MAX_SEQS)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "%d sequences (1..%d)", n_seqs, LLAMA_GPU_MAX_SEQS);
     if (p->prerope == 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: pre-RoPE keys (--kv-prerope 1) are CPU only");
     if (p->nonuniform > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: non-uniform levels (--kv-nuq) are CPU only (kvq_cuda.h section 4)");
@@ -350,6 +357,7 @@ extern "C" kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
+    x->n_seqs = n_seqs;
     x->ap = kvq_attn_params_default(c.n_heads);
     kvq_cache_config &cc = x->cc;
     cc = kvq_cache_config_default();
@@ -357,16 +365,22 @@ extern "C" kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama
     cc.type_k = p->type_k, cc.type_v = p->type_v, cc.residual = p->residual, cc.group = p->group;
     cc.rotate = p->rotate, cc.rotation_seed = p->rotation_seed, cc.sinks = p->sinks;
     cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
-    cc.max_seqs = 1;
+    cc.max_seqs = n_seqs;
     kvq_status s;
-    const size_t B = (size_t)x->max_batch, dim = (size_t)c.dim, kvd = (size_t)c.n_kv_heads * c.head_dim,
+    // rows per call: a prefill chunk of one sequence, or one token of every sequence
+    const size_t B = (size_t)(x->max_batch > n_seqs ? x->max_batch : n_seqs), dim = (size_t)c.dim, kvd = (size_t)c.n_kv_heads * c.head_dim,
                  hid = (size_t)c.hidden_dim, V = (size_t)c.vocab_size;
     float inv[128];  // head_dim / 2 <= 128 (llama_read_config: head_dim divides dim <= 65536; kvq_cuda: 64 or 128)
     if (c.head_dim > 256 || c.head_dim % 2) {
         s = kvqm_fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "GPU engine: head_dim %d (64 or 128)", c.head_dim);
         goto fail;
     }
-    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);
+    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)
+    if (cc.arena_bytes > SIZE_MAX / (size_t)n_seqs) {
+        s = kvqm_fail(KVQ_ERR_INVALID_ARG, "KV cache of %d x %d tokens: too large", n_seqs, p->n_ctx);
+        goto fail;
+    }
+    cc.arena_bytes *= (size_t)n_seqs;
     if (cc.arena_bytes == 0) {
         int64_t why = kvq_cache_capacity_tokens(&cc);
         s = kvqm_fail(why < 0 ? (kvq_status)why : KVQ_ERR_INTERNAL, "KV cache (%d tokens): %s", p->n_ctx, kvq_last_error());
@@ -376,10 +390,11 @@ extern "C" kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama
         s = kvqm_fail(s, "GPU KV cache of %d tokens (%zu bytes of pages): %s", p->n_ctx, cc.arena_bytes, kvq_last_error());
         goto fail;
     }
-    if ((s = kvq_cuda_seq_new(x->cache, &x->seq))) {
-        s = kvqm_fail(s, "kvq_cuda_seq_new: %s", kvq_last_error());
-        goto fail;
-    }
+    for (int i = 0; i < n_seqs; i++)
+        if ((s = kvq_cuda_seq_new(x->cache, &x->seq[i]))) {
+            s = kvqm_fail(s, "kvq_cuda_seq_new: %s", kvq_last_error());
+            goto fail;
+        }
     for (int i = 0; i < c.head_dim / 2; i++) inv[i] = (float)pow((double)c.rope_theta, -2.0 * i / c.head_dim);
     if ((s = dev_alloc((void **)&x->inv_freq, (size_t)c.head_dim / 2 * 4, &x->act_bytes, "RoPE table")) ||
         (s = dev_alloc((void **)&x->x, B * dim * 4, &x->act_bytes, "activations")) ||
@@ -392,7 +407,7 @@ extern "C" kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama
         (s = dev_alloc((void **)&x->q16, B * dim * 2, &x->act_bytes, "activations")) ||
         (s = dev_alloc((void **)&x->o16, B * dim * 2, &x->act_bytes, "activations")) ||
         (s = dev_alloc((void **)&x->a16, B * hid * 2, &x->act_bytes, "activations")) ||
-        (s = dev_alloc((void **)&x->tok, B * 4, &x->act_bytes, "token ids")))
+        (s = dev_alloc((void **)&x->tok, 2 * B * 4, &x->act_bytes, "token ids and positions")))
         goto fail;
     {
         cudaError_t e = cudaMemcpyAsync(x->inv_freq, inv, (size_t)c.head_dim / 2 * 4, cudaMemcpyHostToDevice, m->stream);
@@ -411,16 +426,21 @@ fail:
 
 extern "C" kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c) {
     if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_reset: NULL");
-    kvq_status s = kvq_cuda_seq_free(c->cache, c->seq);
-    if (!s) s = kvq_cuda_seq_new(c->cache, &c->seq);
+    kvq_status s = KVQ_OK;
+    for (int i = 0; i < c->n_seqs && !s; i++) {
+        s = kvq_cuda_seq_free(c->cache, c->seq[i]);
+        if (!s) s = kvq_cuda_seq_new(c->cache, &c->seq[i]);
+    }
     return s ? kvqm_fail(s, "reset: %s", kvq_last_error()) : KVQ_OK;
 }
 
-extern "C" int64_t llama_gpu_ctx_pos(const llama_gpu_ctx *c) {
+extern "C" int64_t llama_gpu_ctx_seq_pos(const llama_gpu_ctx *c, int seq) {
     int64_t len = 0;
-    if (c) kvq_cuda_seq_length(c->cache, c->seq, 0, &len);
+    if (c && seq >= 0 && seq < c->n_seqs) kvq_cuda_seq_length(c->cache, c->seq[seq], 0, &len);
     return len;
 }
+
+extern "C" int64_t llama_gpu_ctx_pos(const llama_gpu_ctx *c) { return llama_gpu_ctx_seq_pos(c, 0); }
 
 extern "C" kvq_status llama_gpu_ctx_set_window(llama_gpu_ctx *c, int window) {
     if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_set_window: NULL");
@@ -459,18 +479,22 @@ extern "C" kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stat
     // resident window rows of every layer (fp16 K and V); the device allocates R + G rows per layer up front
     size_t win = 0;
     const size_t row = (size_t)c->m->cfg.n_kv_heads * c->m->cfg.head_dim * 2 * 2;
-    for (int l = 0; l < c->m->cfg.n_layers; l++) {
-        int32_t w = 0;
-        if ((s = kvq_cuda_seq_read(c->cache, c->seq, l, nullptr, &w, nullptr, nullptr, nullptr, (kvq_cuda_stream)c->m->stream)))
-            return s;
-        win += (size_t)w * row;
+    out->tokens = 0;
+    for (int i = 0; i < c->n_seqs; i++) {
+        for (int l = 0; l < c->m->cfg.n_layers; l++) {
+            int32_t w = 0;
+            if ((s = kvq_cuda_seq_read(c->cache, c->seq[i], l, nullptr, &w, nullptr, nullptr, nullptr,
+                                       (kvq_cuda_stream)c->m->stream)))
+                return s;
+            win += (size_t)w * row;
+        }
+        out->tokens += llama_gpu_ctx_seq_pos(c, i);
     }
     out->window_bytes = win;
     out->n_seqs = st.n_seqs;
-    out->tokens = llama_gpu_ctx_pos(c);
     out->bytes_per_token = cs.bytes_per_token;
     out->f16_bytes_per_token = cs.f16_bytes_per_token;
-    out->capacity_tokens = c->n_ctx;
+    out->capacity_tokens = c->n_ctx;  // per sequence
     return KVQ_OK;
 }
 
@@ -488,34 +512,53 @@ extern "C" kvq_status llama_gpu_sync(llama_gpu_ctx *c) {
     return KVQ_OK;
 }
 
-extern "C" kvq_status llama_gpu_forward(llama_gpu_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from) {
-    if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_forward: NULL context");
+// The layers over n rows: a prefill chunk of sequence `seq` (rows at its next positions), or (seq < 0) one token of
+// every sequence (row i: sequence i, at its next position). Checks first: an error leaves the cache as it was.
+static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits, int logits_from) {
     const llama_gpu_model *m = c->m;
     const llama_config &cf = m->cfg;
-    if (!tokens || n < 1 || n > c->max_batch)
-        return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: %d tokens (1..%d per call)", n, c->max_batch);
     const int dim = cf.dim, hd = cf.head_dim, kvd = cf.n_kv_heads * hd, hid = cf.hidden_dim, V = cf.vocab_size;
-    const int64_t pos0 = llama_gpu_ctx_pos(c);
-    if (pos0 + n > c->n_ctx)
-        return kvqm_fail(KVQ_ERR_CACHE_FULL, "forward: context full (%lld + %d > %d tokens)", (long long)pos0, n, c->n_ctx);
-    for (int t = 0; t < n; t++)
+    int32_t hostbuf[2 * 512], *pos;  // ids then positions; larger batches allocate
+    std::vector<int32_t> big;
+    if (n > 512) {
+        try {
+            big.resize(2 * (size_t)n);
+        } catch (...) {
+            return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "forward: %d tokens", n);
+        }
+    }
+    int32_t *ids = n > 512 ? big.data() : hostbuf;
+    pos = ids + n;
+    for (int t = 0; t < n; t++) {
         if (tokens[t] < 0 || tokens[t] >= V) return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: token id %d out of range", tokens[t]);
+        ids[t] = tokens[t];
+        const int64_t p = seq >= 0 ? llama_gpu_ctx_seq_pos(c, seq) + t : llama_gpu_ctx_seq_pos(c, t);
+        if (p + (seq >= 0 ? n - t : 1) > c->n_ctx)
+            return kvqm_fail(KVQ_ERR_CACHE_FULL, "forward: context full (sequence %d: %lld + %d > %d tokens)",
+                             seq >= 0 ? seq : t, (long long)(seq >= 0 ? p - t : p), seq >= 0 ? n : 1, c->n_ctx);
+        pos[t] = (int32_t)p;
+    }
     CU(cudaSetDevice(m->device), "cudaSetDevice");
     cudaStream_t st = m->stream;
-    CU(cudaMemcpyAsync(c->tok, tokens, (size_t)n * 4, cudaMemcpyHostToDevice, st), "token ids");
+    CU(cudaMemcpyAsync(c->tok, ids, (size_t)n * 2 * 4, cudaMemcpyHostToDevice, st), "token ids");
     embed_kernel<<<n, 256, 0, st>>>(m->tok_embd, c->tok, c->x, dim);
-    int32_t n_tok = n;
+    int32_t n_tok[LLAMA_GPU_MAX_SEQS];
+    const int n_app = seq >= 0 ? 1 : n;  // sequences appended to
+    const int32_t *app_ids = seq >= 0 ? &c->seq[seq] : c->seq;
+    for (int i = 0; i < n_app; i++) n_tok[i] = seq >= 0 ? n : 1;
     kvq_status s;
     for (int l = 0; l < cf.n_layers; l++) {
         const Layer &L = m->layers[(size_t)l];
         rmsnorm_kernel<<<n, 256, 0, st>>>(c->x, L.attn_norm, c->h, dim, cf.norm_eps);
         if ((s = gemm(m, c->qkv, c->h, L.wqkv, n, dim, dim + 2 * kvd, 0.0f))) return s;
-        rope_split_kernel<<<n, 256, 0, st>>>(c->qkv, c->q16, c->k, c->v, c->inv_freq, pos0, cf.n_heads, cf.n_kv_heads, hd);
+        rope_split_kernel<<<n, 256, 0, st>>>(c->qkv, c->q16, c->k, c->v, c->inv_freq, c->tok + n, cf.n_heads, cf.n_kv_heads, hd);
         CU(cudaGetLastError(), "GPU forward: kernel launch");
-        if ((s = kvq_cuda_append(c->cache, l, 1, &c->seq, &n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
+        if ((s = kvq_cuda_append(c->cache, l, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
             return kvqm_fail(s, "layer %d: kvq_cuda_append: %s", l, kvq_last_error());
-        s = n == 1 ? kvq_cuda_attn_decode(c->cache, l, 1, &c->seq, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st)
-                   : kvq_cuda_attn_prefill(c->cache, l, c->seq, n, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
+        if (seq < 0 || n == 1)  // one query per sequence: the split decode kernel
+            s = kvq_cuda_attn_decode(c->cache, l, n_app, app_ids, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
+        else
+            s = kvq_cuda_attn_prefill(c->cache, l, c->seq[seq], n, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
         if (s) return kvqm_fail(s, "layer %d: kvq CUDA attention: %s", l, kvq_last_error());
         if ((s = gemm(m, c->x, c->o16, L.wo, n, dim, dim, 1.0f))) return s;  // x += o Wo^T
         rmsnorm_kernel<<<n, 256, 0, st>>>(c->x, L.ffn_norm, c->h, dim, cf.norm_eps);
@@ -532,4 +575,23 @@ extern "C" kvq_status llama_gpu_forward(llama_gpu_ctx *c, const int32_t *tokens,
     CU(cudaMemcpyAsync(logits, c->logits, (size_t)rows * V * 4, cudaMemcpyDeviceToHost, st), "logits");
     CU(cudaStreamSynchronize(st), "GPU forward");
     return KVQ_OK;
+}
+
+extern "C" kvq_status llama_gpu_forward_seq(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits,
+                                            int logits_from) {
+    if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_forward: NULL context");
+    if (seq < 0 || seq >= c->n_seqs) return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: sequence %d (0..%d)", seq, c->n_seqs - 1);
+    if (!tokens || n < 1 || n > c->max_batch)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "forward: %d tokens (1..%d per call)", n, c->max_batch);
+    return run(c, seq, tokens, n, logits, logits_from);
+}
+
+extern "C" kvq_status llama_gpu_forward(llama_gpu_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from) {
+    return llama_gpu_forward_seq(c, 0, tokens, n, logits, logits_from);
+}
+
+extern "C" kvq_status llama_gpu_decode_batch(llama_gpu_ctx *c, const int32_t *tokens, float *logits) {
+    if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_decode_batch: NULL context");
+    if (!tokens) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_decode_batch: tokens is NULL");
+    return run(c, -1, tokens, c->n_seqs, logits, 0);
 }

@@ -63,9 +63,22 @@ kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stats *st);
 /* Device bytes of the context: KV cache (arena, windows, tables, workspace) + activation buffers. */
 size_t llama_gpu_ctx_device_bytes(const llama_gpu_ctx *c);
 
-/* As llama_forward. Synchronises (the logits are copied to the host); without logits it returns with the work
- * enqueued only when logits_from >= n (use llama_gpu_sync to wait). */
+/* As llama_forward (sequence 0). Synchronises (the logits are copied to the host); without logits (NULL, or
+ * logits_from >= n) it returns with the work enqueued (llama_gpu_sync waits). */
 kvq_status llama_gpu_forward(llama_gpu_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from);
+
+/* Several sequences at once (--parallel): a context of n_seqs (1..LLAMA_GPU_MAX_SEQS) sequences, each of up to
+ * p->n_ctx tokens (the arena holds n_seqs x n_ctx). llama_gpu_ctx_create is n_seqs = 1; reset empties them all;
+ * llama_gpu_ctx_pos is sequence 0's length. */
+#define LLAMA_GPU_MAX_SEQS 64
+kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const llama_ctx_params *p, int n_seqs, llama_gpu_ctx **out);
+int64_t llama_gpu_ctx_seq_pos(const llama_gpu_ctx *c, int seq);
+/* llama_gpu_forward on sequence `seq` (0..n_seqs-1): a prefill (or one decode token) of that sequence alone. */
+kvq_status llama_gpu_forward_seq(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits, int logits_from);
+/* One decode step of every sequence at once: tokens[n_seqs] (token i goes to sequence i, at its next position), one
+ * GEMM of n_seqs rows per weight matrix, kvq_cuda_attn_decode over all sequences; logits NULL or [n_seqs][vocab].
+ * Every sequence must have room for one more token (else KVQ_ERR_CACHE_FULL, nothing run). */
+kvq_status llama_gpu_decode_batch(llama_gpu_ctx *c, const int32_t *tokens, float *logits);
 kvq_status llama_gpu_sync(llama_gpu_ctx *c);
 
 #ifdef __cplusplus

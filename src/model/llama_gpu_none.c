@@ -26,3 +26,12 @@ kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stats *st) { re
 size_t llama_gpu_ctx_device_bytes(const llama_gpu_ctx *c) { return 0; }
 kvq_status llama_gpu_forward(llama_gpu_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from) { return NO_CUDA; }
 kvq_status llama_gpu_sync(llama_gpu_ctx *c) { return NO_CUDA; }
+kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const llama_ctx_params *p, int n_seqs, llama_gpu_ctx **out) {
+    if (out) *out = NULL;
+    return NO_CUDA;
+}
+int64_t llama_gpu_ctx_seq_pos(const llama_gpu_ctx *c, int seq) { return 0; }
+kvq_status llama_gpu_forward_seq(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits, int logits_from) {
+    return NO_CUDA;
+}
+kvq_status llama_gpu_decode_batch(llama_gpu_ctx *c, const int32_t *tokens, float *logits) { return NO_CUDA; }
