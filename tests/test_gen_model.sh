@@ -58,7 +58,7 @@ if "$kvq" bench -m "$m" --types q4,f16 --depths 128,0 -n 3 --prefill 64 -b 64 -t
   else bad "bench CSV"; cat "$csv"; fi
   grep -q "| q4 | 128 |" "$tmp/bench/bench-e2e-cpu.md" && ok "bench: markdown table" || bad "bench markdown"
 else bad "bench run"; tail -5 "$tmp/bench.log"; fi
-out=$("$kvq" bench -m "$m" --batch 2 2>&1) && bad "bench --batch 2 accepted" || { grep -q "only 1 sequence" <<<"$out" && ok "bench --batch 2 refused" || bad "bench --batch 2: $out"; }
+out=$("$kvq" bench -m "$m" --batch 2 2>&1) && bad "bench --batch 2 on the CPU accepted" || { grep -q "the GPU engine" <<<"$out" && ok "bench --batch 2 on the CPU refused" || bad "bench --batch 2: $out"; }
 for cmd in "run -p hi -n 2 --gpu" "perplexity -f $tmp/t.txt -c 128 --chunks 1 -ngl 99"; do
   out=$("$kvq" ${cmd%% *} -m "$m" ${cmd#* } 2>&1)
   if [ $? -ne 0 ]; then grep -Eq "built without CUDA|no usable GPU" <<<"$out" && ok "${cmd%% *} on the GPU without one: refused by name" || bad "$cmd: $out"
