@@ -2,7 +2,7 @@
 # On the GPU machine, from the repo root: build the CUDA backend for sm_90a, run its tests (then again under
 # compute-sanitizer memcheck in quick mode), torch SDPA timings, the decode benchmark, and the GPU Python tests.
 # Logs, CSV and markdown go to $OUT.
-# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|engine|enginetest|enginebench|engine1m ...]   (default all;
+# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|engine|enginetest|enginebench|peer|engine1m|engine1m8b ...] (default all;
 #   several steps may be named; all = test bench py hf ncu: the engine steps run only when named)
 #   test: test_cuda + memcheck (quick); bench: SDPA + kvq-bench-cuda; py: GPU Python tests; hf: bench/bench_hf.py
 #   (HF="..." replaces its arguments; carry .whl for the quanto rows); ncu: Nsight Compute on one Q4 and one Q2
@@ -18,7 +18,8 @@
 #   build-peers/llama.cpp-0.3.36-src.tar.gz; the build alone takes minutes: give it its own call), and the table beside
 #   kvq's (bench/peers/e2e_table.py) when enginebench ran in the same call.
 #   engine1m: kvq bench --gpu on a Llama-2-7B shape (32 KV heads) at 1,048,576 tokens with q2 (fill with a sliding
-#   window, decode exact): memory and decode tokens/s at full depth.
+#   window, decode exact): memory and decode tokens/s at full depth. engine1m8b: the Llama-3-8B shape at 1,048,576
+#   tokens with q4 (ENGINE1M8B_BENCH="..." replaces the arguments).
 #   BENCH="--types q4 --ctx 131072 --batch 8 --reps 10" narrows the benchmark; FLUSH=write flushes the L2 with a 256 MB
 #   memset instead of a read (both benchmarks); KVQ_CUDA_DEBUG=1 names a failing kernel.
 set -uo pipefail
@@ -40,7 +41,7 @@ if want test || want bench || want py || want hf || want ncu; then
 fi
 rc=0
 named engine && steps="$steps enginetest enginebench "
-if named enginetest || named enginebench || named engine1m || named peer; then
+if named enginetest || named enginebench || named engine1m || named engine1m8b || named peer; then
   # the same build directory as the other steps (kvq_cuda's objects are reused), with the model layer on
   E=$B MODELS=${MODELS:-$B/models}
   mkdir -p "$MODELS"
@@ -92,6 +93,13 @@ if named engine1m; then
   timeout 540 $kvq bench -m $l2 --gpu ${ENGINE1M_BENCH:---types q2 --depths 1048576 -n 8 --prefill 512} --out "$OUT/1m" \
     >"$OUT/bench-1m.log" 2>&1
   r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu 1M rc=$r"; cat "$OUT/bench-1m.log"
+fi
+if named engine1m8b; then
+  l3=$MODELS/llama3-8b-f16.gguf
+  [ -s $l3 ] || { timeout 600 $kvq gen-model --shape llama3-8b --wtype f16 --ctx 131072 -o $l3 || rc=1; }
+  timeout 540 $kvq bench -m $l3 --gpu ${ENGINE1M8B_BENCH:---types q4 --depths 1048576 -n 8 --prefill 512} --out "$OUT/1m8b" \
+    >"$OUT/bench-1m8b.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu 1M (Llama-3-8B shape) rc=$r"; cat "$OUT/bench-1m8b.log"
 fi
 if want test; then
   timeout 300 $B/src/cuda/test_cuda >"$OUT/test.log" 2>&1; r=$?; [ $r = 0 ] || rc=$r
