@@ -29,6 +29,12 @@
 void openblas_set_num_threads(int num_threads);
 
 #define MAX_DEPTHS 16
+#define WARM 2 /* untimed decode steps before the timed ones at each depth */
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
 
 typedef struct bench_row {
     int depth;
@@ -47,7 +53,7 @@ static void usage(FILE *f) {
             "  --types LIST            KV configs as in kvq perplexity --compare (default f16,q8,q4,q2); the ratios\n"
             "                          are to the first f16 entry (none without one)\n"
             "  --depths LIST           tokens in the cache before decoding (default 0,4096,32768)\n"
-            "  -n N                    decode steps timed per depth (default 32)\n"
+            "  -n N                    decode steps timed per depth, after 2 untimed ones (default 32; the median counts)\n"
             "  --prefill N             tokens of the timed prefill from an empty cache (default 2048 GPU, 256 CPU)\n"
             "  -b, --batch-size N      tokens per forward call in prefill and fill (default 512 GPU, 256 CPU)\n"
             "  --batch N, --parallel N sequences decoded at once (GPU; default 1): each filled to the depth with its own\n"
@@ -177,7 +183,8 @@ int kvq_cli_bench(int argc, char **argv) {
     t_load = kvq_cli_now() - t_load;
     const llama_config *mc = L.cfg;
     const int V = mc->vocab_size, max_depth = depths[n_depths - 1];
-    const int n_ctx = max_depth + n_dec + (prefill > max_depth + n_dec ? prefill - max_depth - n_dec : 0) + 1;
+    const int per_depth = n_dec + WARM, n_ctx = max_depth + per_depth * n_depths +
+                                             (prefill > max_depth + per_depth ? prefill - max_depth - per_depth : 0) + 1;
     double dev_peak = 0;
     dev_used(o.gpu, &dev_peak);
     fprintf(stderr, "kvq bench: %s on the %s: dim %d, %d layers, %d/%d heads of %d, vocab %d; weights %.2f GiB (%s), "
@@ -187,9 +194,10 @@ int kvq_cli_bench(int argc, char **argv) {
     int32_t *tok = malloc((size_t)(n_ctx > o.batch ? n_ctx : o.batch) * sizeof *tok);
     int32_t *chunk = malloc((size_t)(o.batch > n_seq ? o.batch : n_seq) * sizeof *chunk);
     float *logits = malloc((size_t)V * n_seq * sizeof *logits);
+    double *steps = malloc((size_t)n_dec * sizeof *steps);
     bench_row *rows = calloc((size_t)n_mix * n_depths, sizeof *rows);
     int rc = 0;
-    if (!tok || !chunk || !logits || !rows) {
+    if (!tok || !chunk || !logits || !rows || !steps) {
         rc = die("buffers", kvq_set_error(KVQ_ERR_OUT_OF_MEMORY, "%d tokens", n_ctx));
         goto done;
     }
@@ -209,7 +217,11 @@ int kvq_cli_bench(int argc, char **argv) {
             rc = die(what, st);
             goto done;
         }
-        /* timed prefill from an empty cache, exact attention */
+        /* warm-up (cuBLAS's first calls, the attention workspace), then the timed prefill from an empty cache, exact
+         * attention */
+        const int nw = o.batch < prefill ? o.batch : prefill;
+        st = kvq_cli_forward(&c, tok, nw, logits, nw - 1);
+        if (!st) st = kvq_cli_ctx_reset(&c);
         double t0 = kvq_cli_now();
         for (int b = 0; b < prefill && !st; b += o.batch) {
             int n = prefill - b < o.batch ? prefill - b : o.batch;
@@ -234,23 +246,26 @@ int kvq_cli_bench(int argc, char **argv) {
             }
             tf = kvq_cli_now() - tf;
             if (c.gpu && !st) st = llama_gpu_ctx_set_window(c.gpu, 0);
-            double td = kvq_cli_now();
-            for (int i = 0; i < n_dec && !st; i++, pos++) {
+            /* WARM untimed steps, then n_dec timed ones; the median step time (each step ends with its logits on the
+             * host) */
+            for (int i = 0; i < WARM + n_dec && !st; i++, pos++) {
                 for (int q = 0; q < n_seq; q++) chunk[q] = tok[((int64_t)pos + 7919 * q) % n_ctx];
+                double t1 = kvq_cli_now();
                 st = n_seq > 1 ? llama_gpu_decode_batch(c.gpu, chunk, logits) : kvq_cli_forward(&c, chunk, 1, logits, 0);
+                if (i >= WARM) steps[i - WARM] = kvq_cli_now() - t1;
             }
-            td = kvq_cli_now() - td;
             if (st) break;
             kvq_cache_stats cs;
             if ((st = kvq_cli_ctx_stats(&c, &cs))) break;
             dev_used(o.gpu, &dev_peak);
             bench_row *r = &rows[m * n_depths + d];
             r->depth = depths[d];
-            r->decode_s = td / n_dec;
+            qsort(steps, (size_t)n_dec, sizeof *steps, cmp_double);
+            r->decode_s = n_dec % 2 ? steps[n_dec / 2] : 0.5 * (steps[n_dec / 2 - 1] + steps[n_dec / 2]);
             r->prefill_tok_s = pre_tok_s;
             r->kv_bpt = cs.bytes_per_token;
             r->f16_bpt = cs.f16_bytes_per_token;
-            fprintf(stderr, "kvq bench: %-10s depth %7d x %d: fill %.1f s, decode %.2f ms/step (%.1f tok/s); prefill %.0f tok/s\n",
+            fprintf(stderr, "kvq bench: %-10s depth %7d x %d: fill %.1f s, decode %.2f ms/step (median; %.1f tok/s); prefill %.0f tok/s\n",
                     mixes[m].name, depths[d], n_seq, tf, 1e3 * r->decode_s, n_seq / r->decode_s, pre_tok_s);
         }
         kvq_cli_ctx_free(&c);
@@ -323,6 +338,7 @@ int kvq_cli_bench(int argc, char **argv) {
 done:
     free(tok);
     free(chunk);
+    free(steps);
     free(logits);
     free(rows);
     kvq_cli_unload(&L);
