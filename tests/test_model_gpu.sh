@@ -13,7 +13,7 @@ rc=0
 for spec in "smollm2-135m f16" "llama3-8b q8_0 --layers 2"; do
   set -- $spec
   m=$dir/$1-$2${3:+-l$4}.gguf
-  [ -s "$m" ] || "$kvq" gen-model --shape "$@" -o "$m" --wtype "$2" ${3:+$3 $4} >/dev/null || { echo "FAIL gen-model $spec"; rc=1; continue; }
+  [ -s "$m" ] || "$kvq" gen-model --shape "$1" -o "$m" --wtype "$2" ${3:+$3 $4} >/dev/null || { echo "FAIL gen-model $spec"; rc=1; continue; }
   echo "== $m"
   # the CPU side runs the scalar _ref attention kernels: the reference, fp32 throughout
   KVQ_FORCE_SCALAR=1 OMP_WAIT_POLICY=PASSIVE "$bin" "$m" || rc=1
