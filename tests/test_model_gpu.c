@@ -1,7 +1,8 @@
 /* The GPU engine (llama_gpu.h) against the CPU engine (llama.h) on the same GGUF, for each KV type:
  *   - prefill of N_POS positions in chunks of CHUNK (kvq_cuda_attn_prefill over a growing cache): every position's
- *     logits; top-1 agreement >= 99%, max |logit difference| <= the type's bound, and the RMS of the differences
- *     <= 2% of the RMS of the logits (a zero, mis-scaled or shifted output fails that);
+ *     logits; max |logit difference| <= the type's bound, the RMS of the differences <= the type's share of the RMS
+ *     of the logits (a zero, mis-scaled or shifted output fails that), and top-1 agreement judged against each
+ *     position's own logit differences (below: "Top-1");
  *   - decode after prefill: a second GPU context prefills N_POS - N_DEC tokens and decodes the last N_DEC one at a
  *     time (kvq_cuda_attn_decode); their logits equal the prefill-only ones within DEC_BOUND;
  *   - several sequences at once: NS sequences of different lengths and tokens decode STEPS steps together
@@ -13,10 +14,23 @@
  * of ~2.8e-4 RMS per element, where the CPU engine stays in fp32 (its scalar reference kernels, KVQ_FORCE_SCALAR=1).
  * A CPU-only proxy with a 14x larger perturbation (the same SmolLM2-shaped model with q8_0 instead of f16 weights:
  * ~4e-3 relative per weight) gave logit differences of 2.2% RMS of the logits (f16 KV), 2.8% (q4), max |diff| 0.28
- * and 0.49, top-1 agreement 97.5% and 95%: top-1 flips ~ 1.1 x the relative RMS difference (logits ~N(0, 2^2) over
- * 49152 tokens, kvq gen-model). Scaled by 1/14: ~0.2% RMS, max ~0.02-0.04, top-1 >= 99.5%. The bounds below leave
- * ~5x on the max and 10x on the RMS; decode after prefill runs the same attention kernel (kvq_cuda's split decode)
- * and differs only in the GEMMs' summation order.
+ * and 0.49. Measured on an H200 (model_gpu.log, both shapes): max |diff| f16 0.0105, q8 0.129, q4 0.141, q2 0.266;
+ * RMS share f16 0.00094, q8 0.0075, q4 0.0044, q2 0.0080; decode after prefill <= 0.0071 for every type; batched
+ * decode 0. A quantized KV type differs more than f16: a K that differs in its last bit can round to another level,
+ * which moves that position's whole logit vector. The bounds leave 3-5x over those figures (q8's max: 1.5x, kept
+ * at 0.2): f16 max 0.04 and RMS share 0.005, the others max 0.2/0.5/1.0 and RMS share 0.02; decode after prefill
+ * and batched decode run the same attention kernel and differ only in the GEMMs' summation order: 0.03 for every
+ * type (a 1% mis-scale of logits ~N(0, 2^2) fails it).
+ * Top-1. kvq gen-model's logits are ~N(0, 2^2) over 49152 or 128256 tokens: the top-1 vs top-2 margin is about
+ * exponential with mean 2 / sqrt(2 ln V) ~ 0.43, often below the legitimate difference, so raw agreement flips
+ * at random (97.8-100% measured) and is only printed. With random output weights the differences of one position
+ * are ~i.i.d. across the vocabulary with that position's standard deviation s_i, so the GPU picks token j over the
+ * CPU's top-1 t with probability ~Phi(-(a_t - a_j) / (sqrt2 s_i)). Two checks follow: (1) no disagreement where the
+ * CPU's margin a_t - a_(GPU's pick) exceeds Z_TOP1 = 6 of those standard deviations (a chance of ~1e-9 each): a
+ * wrong token where the CPU's choice was clear fails; (2) the count of disagreements <= E + 4 sqrt(E) + 2, E the
+ * sum of those probabilities over positions and tokens (a Poisson count; E matched the H200's counts: SmolLM2 q8
+ * 6.2 expected from s_i vs 7 seen, q4 3.7 vs 4): flips more often than the differences explain fail. A zero or
+ * scaled output is the max and RMS checks' to catch (its s_i is large).
  * The exact figures are printed on every run. */
 #include <math.h>
 #include <stdio.h>
@@ -30,6 +44,7 @@
 #include "model_err.h"
 
 enum { N_POS = 320, CHUNK = 64, N_DEC = 32, NS = 4, STEPS = 8 };
+static const double Z_TOP1 = 6.0;
 
 static int fails = 0;
 
@@ -106,8 +121,9 @@ int main(int argc, char **argv) {
     for (char *name = strtok(list, ","); name; name = strtok(NULL, ",")) {
         kvq_type t;
         if (kvq_type_from_name(name, &t)) return die(name, KVQ_ERR_UNSUPPORTED_TYPE);
-        /* the types' own bounds on max |difference| (logits ~N(0, 4)) */
-        double bound = t == KVQ_TYPE_F16 ? 0.1 : t == KVQ_TYPE_Q8 ? 0.2 : t == KVQ_TYPE_Q4 ? 0.5 : 1.0;
+        /* the types' own bounds on max |difference| and the RMS share (logits ~N(0, 4)); the header says why */
+        double bound = t == KVQ_TYPE_F16 ? 0.04 : t == KVQ_TYPE_Q8 ? 0.2 : t == KVQ_TYPE_Q4 ? 0.5 : 1.0;
+        double rms_bound = t == KVQ_TYPE_F16 ? 0.005 : 0.02;
         llama_ctx_params p = params(t);
         llama_ctx *cc;
         llama_gpu_ctx *gc, *gd;
@@ -118,38 +134,61 @@ int main(int argc, char **argv) {
             if ((st = llama_forward(cc, tok + b, CHUNK, lc + (size_t)b * V, 0))) return die("llama_forward", st);
             if ((st = llama_gpu_forward(gc, tok + b, CHUNK, lg + (size_t)b * V, 0))) return die("llama_gpu_forward", st);
         }
-        int agree = 0;
+        int agree = 0, clear_flips = 0;
         int64_t bad = 0; /* NaN or Inf on either side */
-        double maxd = 0, sd2 = 0, sl2 = 0;
+        double maxd = 0, sd2 = 0, sl2 = 0, expect = 0, worst_z = 0;
         for (int i = 0; i < N_POS; i++) {
             const float *a = lc + (size_t)i * V, *g = lg + (size_t)i * V;
             int ia = 0, ig = 0;
+            double m1 = 0, m2 = 0; /* this position's differences: mean, mean square */
+            int64_t nf = 0;
             for (int j = 0; j < V; j++) {
                 if (a[j] > a[ia]) ia = j;
                 if (g[j] > g[ig]) ig = j;
-                double d = fabs((double)a[j] - g[j]);
+                double d = (double)g[j] - a[j];
                 if (!isfinite(d)) {
                     bad++;
                     continue;
                 }
-                if (d > maxd) maxd = d;
+                if (fabs(d) > maxd) maxd = fabs(d);
                 sd2 += d * d;
                 sl2 += (double)a[j] * a[j];
+                m1 += d, m2 += d * d, nf++;
             }
             agree += ia == ig;
+            if (!nf) continue;
+            m1 /= nf, m2 /= nf;
+            /* the spread of this position's differences; a shift common to every token changes no choice */
+            double sg = sqrt(fmax(m2 - m1 * m1, 0)) * sqrt(2.0);
+            if (!(sg > 0)) sg = 1e-30;
+            for (int j = 0; j < V; j++) /* P(GPU ranks j above the CPU's top-1), summed: the expected flips */
+                if (j != ia && a[ia] - a[j] < 10 * sg) expect += 0.5 * erfc((a[ia] - a[j]) / sg / sqrt(2.0));
+            if (ia != ig) {
+                double z = ((double)a[ia] - a[ig]) / sg;
+                if (z > worst_z) worst_z = z;
+                clear_flips += !(z <= Z_TOP1); /* NaN counts */
+            }
         }
-        char what[96];
+        char what[160];
         double top1 = 100.0 * agree / N_POS, rel = sqrt(sd2 / sl2);
-        snprintf(what, sizeof what, "%s: top-1 agreement over %d positions", name, N_POS);
-        check(top1 >= 99.0, "%.2f%% (>= %.0f%%)", top1, 99.0, what);
+        int flips = N_POS - agree;
+        printf("     %s: top-1 agreement over %d positions: %.2f%% raw (%d disagree; the largest CPU margin among them "
+               "%.2f standard deviations of the difference)\n",
+               name, N_POS, top1, flips, worst_z);
+        snprintf(what, sizeof what, "%s: top-1 disagreements where the CPU's margin exceeds %.0f standard deviations", name,
+                 Z_TOP1);
+        check(clear_flips == 0, "%.0f (expected %.0f)", clear_flips, 0, what);
+        double flip_max = expect + 4 * sqrt(expect) + 2;
+        snprintf(what, sizeof what, "%s: top-1 disagreements vs %.2f expected from the differences", name, expect);
+        check(flips <= flip_max, "%.0f (<= %.1f)", flips, flip_max, what);
         snprintf(what, sizeof what, "%s: non-finite logits", name);
         check(bad == 0, "%.0f (expected %.0f)", (double)bad, 0.0, what);
         snprintf(what, sizeof what, "%s: max |logit GPU - CPU|", name);
         check(maxd <= bound, "%.4g (<= %.3g)", maxd, bound, what);
         snprintf(what, sizeof what, "%s: RMS difference / RMS logit", name);
-        check(rel <= 0.02 && sl2 > 0, "%.3g (<= %.3g)", rel, 0.02, what);
+        check(rel <= rms_bound && sl2 > 0, "%.3g (<= %.3g)", rel, rms_bound, what);
         /* decode after prefill: the same GPU logits, a token at a time through the decode kernel */
-        const double dec_bound = bound / 2;
+        const double dec_bound = 0.03;
         for (int b = 0; b < N_POS - N_DEC; b += CHUNK) {
             int n = N_POS - N_DEC - b < CHUNK ? N_POS - N_DEC - b : CHUNK;
             if ((st = llama_gpu_forward(gd, tok + b, n, NULL, n))) return die("llama_gpu_forward (prefill)", st);
