@@ -55,7 +55,7 @@ if named enginetest; then
   # CPU vs GPU engines, every KV type (tests/test_model_gpu.c states the bounds); the models stay in $MODELS
   OMP_WAIT_POLICY=PASSIVE timeout 600 bash tests/test_model_gpu.sh $kvq $E/tests/test_model_gpu "$MODELS" \
     >"$OUT/model_gpu.log" 2>&1
-  r=$?; [ $r = 0 ] || rc=$r; echo "model_gpu rc=$r"; grep -E "^(ok|FAIL|SKIP|==)" "$OUT/model_gpu.log"
+  r=$?; [ $r = 0 ] || rc=$r; echo "model_gpu rc=$r"; grep -E "^(ok|FAIL|SKIP|info|==)" "$OUT/model_gpu.log"
   # the CLI end to end on the GPU: perplexity CPU vs GPU on the same tokens, a greedy run
   sm=$MODELS/smollm2-135m-f16.gguf
   for i in $(seq 200); do echo "The quick brown fox $i jumps over the lazy dog; pack my box with five dozen liquor jugs."; done \

@@ -172,7 +172,7 @@ int main(int argc, char **argv) {
         char what[160];
         double top1 = 100.0 * agree / N_POS, rel = sqrt(sd2 / sl2);
         int flips = N_POS - agree;
-        printf("     %s: top-1 agreement over %d positions: %.2f%% raw (%d disagree; the largest CPU margin among them "
+        printf("info %s: top-1 agreement over %d positions: %.2f%% raw (%d disagree; the largest CPU margin among them "
                "%.2f standard deviations of the difference)\n",
                name, N_POS, top1, flips, worst_z);
         snprintf(what, sizeof what, "%s: top-1 disagreements where the CPU's margin exceeds %.0f standard deviations", name,
