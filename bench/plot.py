@@ -7,8 +7,10 @@
   bench-cuda-mixed.csv  -> bench-cuda-mixed.png   torch SDPA (fp16) for reference; one panel per batch size
   quality.csv           -> quality.png            ΔPPL and KLD vs bits per element, per method (bench/quality.sh)
   bench-hf.csv          -> bench-hf.png           whole-model decode ms/step vs context, per cache (bench/bench_hf.py)
+  bench-e2e-gpu.csv     -> bench-e2e-gpu.png      kvq bench: decode tokens/s vs depth per KV type, and the speed-up
+  bench-e2e-cpu.csv     -> bench-e2e-cpu.png      over f16 beside its bound (W + d K_f16) / (W + d K_t)
 
-  python3 bench/plot.py [--dir docs] [cpu] [cuda] [quality] [hf]     (no name: every CSV that is there)
+  python3 bench/plot.py [--dir docs] [cpu] [cuda] [quality] [hf] [e2e]     (no name: every CSV that is there)
 
 kvq-bench, bench/quality.sh and bench/bench_hf.py call it after writing their CSVs to an --out directory. Without
 matplotlib it prints a note and exits 0: a benchmark's numbers do not depend on its plot.
@@ -192,6 +194,31 @@ def plot_hf(plt, src, png):
     return save(fig, png)
 
 
+def plot_e2e(plt, src, png):
+    rows = read_csv(src)
+    depths = sorted({int(r["depth"]) for r in rows})
+    pos = {d: i for i, d in enumerate(depths)}  # depth 0 has no place on a log axis: one slot per depth
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for t in dict.fromkeys(r["kv"] for r in rows):
+        rs = sorted((r for r in rows if r["kv"] == t), key=lambda r: int(r["depth"]))
+        xs = [pos[int(r["depth"])] for r in rs]
+        a1.plot(xs, [float(r["decode_tok_s"]) for r in rs], marker="o", color=color(t), label=t)
+        if rs and rs[0].get("ratio_f16") not in (None, "", "nan"):
+            a2.plot(xs, [float(r["ratio_f16"]) for r in rs], marker="o", color=color(t), label=f"{t} measured")
+            a2.plot(xs, [float(r["bound"]) for r in rs], ls=":", color=color(t), label=f"{t} bound")
+    for ax in (a1, a2):
+        ax.set_xticks(range(len(depths)))
+        ax.set_xticklabels([ctx_label(d) for d in depths])
+        ax.set_xlabel("depth (tokens in the cache)")
+        ax.grid(True, alpha=0.3)
+    a1.set_ylabel("decode tokens/s (1 sequence)")
+    a2.set_ylabel("speed-up over f16")
+    legend_right(fig, a2, "KV type")
+    fig.suptitle(f"kvq bench ({rows[0]['engine'] if rows else '?'} engine): {os.path.basename(rows[0]['model']) if rows else ''}",
+                 fontsize=11)
+    return save(fig, png)
+
+
 def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend right of the panels
@@ -204,9 +231,9 @@ def main():
     ap.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
     ap.add_argument("--csv", default=None, help="with one plot name: read this CSV (any name) instead of DIR's, "
                                                 "write the PNG next to it (bench_hf.py --csv X.csv -> X.png)")
-    ap.add_argument("which", nargs="*", help="cpu, cuda, quality, hf (default: every CSV that is there)")
+    ap.add_argument("which", nargs="*", help="cpu, cuda, quality, hf, e2e (default: every CSV that is there)")
     a = ap.parse_args()
-    bad = [w for w in a.which if w not in ("cpu", "cuda", "quality", "hf")]
+    bad = [w for w in a.which if w not in ("cpu", "cuda", "quality", "hf", "e2e")]
     if bad:
         ap.error(f"unknown plot {bad[0]!r}")
     if a.csv and len(a.which) != 1:
@@ -219,7 +246,8 @@ def main():
         print("plot: matplotlib is not installed (pip install matplotlib): no PNG written", file=sys.stderr)
         return 0
     jobs = {"cpu": (plot_cpu, ["bench-cpu.csv"]), "cuda": (plot_cuda, ["bench-cuda.csv", "bench-cuda-mixed.csv"]),
-            "quality": (plot_quality, ["quality.csv"]), "hf": (plot_hf, ["bench-hf.csv"])}
+            "quality": (plot_quality, ["quality.csv"]), "hf": (plot_hf, ["bench-hf.csv"]),
+            "e2e": (plot_e2e, ["bench-e2e-gpu.csv", "bench-e2e-cpu.csv"])}
     rc = 0
     for w in a.which or list(jobs):
         fn, names = jobs[w]

@@ -2,10 +2,24 @@
 # On the GPU machine, from the repo root: build the CUDA backend for sm_90a, run its tests (then again under
 # compute-sanitizer memcheck in quick mode), torch SDPA timings, the decode benchmark, and the GPU Python tests.
 # Logs, CSV and markdown go to $OUT.
-# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all ...]   (default all; several steps may be named)
+# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|engine|enginetest|enginebench|peer|engine1m|engine1m8b ...] (default all;
+#   several steps may be named; all = test bench py hf ncu: the engine steps run only when named)
 #   test: test_cuda + memcheck (quick); bench: SDPA + kvq-bench-cuda; py: GPU Python tests; hf: bench/bench_hf.py
 #   (HF="..." replaces its arguments; carry .whl for the quanto rows); ncu: Nsight Compute on one Q4 and one Q2
 #   decode launch (batch 8, 128k).
+#   engine = enginetest + enginebench: the engine on the GPU (the kvq CLI with CUDA and the model layer, in build-gpu/
+#   with KVQ_BUILD_MODEL=ON). enginetest: ctest model_gpu's script (CPU and GPU engines on generated SmolLM2-135M and
+#   2-layer Llama-3-8B shapes, each KV type), kvq perplexity CPU vs --gpu and kvq run -ngl 99 on the SmolLM2 shape.
+#   enginebench: kvq bench --gpu on a generated Llama-3-8B shape (f16 weights, 16 GB) at depths 0, 4096, 32768 for
+#   f16, q8, q4, q2 (ENGINE_BENCH="..." replaces the bench's arguments), then 8 sequences at once at depth 4096
+#   (ENGINE_BENCH8="..."). Models go to $MODELS (default
+#   build-gpu/models: kept between calls on a warm machine, so a second call skips generating them).
+#   peer: llama.cpp's llama-bench with CUDA on the same Llama-3-8B GGUF (bench/peers/llamacpp-bench-gpu.sh; carry
+#   build-peers/llama.cpp-0.3.36-src.tar.gz; the build alone takes minutes: give it its own call), and the table beside
+#   kvq's (bench/peers/e2e_table.py) when enginebench ran in the same call.
+#   engine1m: kvq bench --gpu on a Llama-2-7B shape (32 KV heads) at 1,048,576 tokens with q2 (fill with a sliding
+#   window, decode exact): memory and decode tokens/s at full depth. engine1m8b: the Llama-3-8B shape at 1,048,576
+#   tokens with q4 (ENGINE1M8B_BENCH="..." replaces the arguments).
 #   BENCH="--types q4 --ctx 131072 --batch 8 --reps 10" narrows the benchmark; FLUSH=write flushes the L2 with a 256 MB
 #   memset instead of a read (both benchmarks); KVQ_CUDA_DEBUG=1 names a failing kernel.
 set -uo pipefail
@@ -15,14 +29,78 @@ mkdir -p "$OUT"
 steps=" ${*:-all} "
 want() { [[ $steps == *" $1 "* || $steps == *" all "* ]]; }
 export PATH=/usr/local/cuda/bin:$PATH
+named() { [[ $steps == *" $1 "* ]]; }
 B=build-gpu
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-{ cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DKVQ_BUILD_MODEL=OFF -DKVQ_CUDA=ON &&
-  cmake --build $B -j16 --target test_cuda kvq-bench-cuda kvq_shared kvq_cuda; } >"$OUT/build.log" 2>&1 ||
-  { tail -40 "$OUT/build.log"; exit 1; }
-echo "build $(( $(date +%s) - t0 )) s"
+if want test || want bench || want py || want hf || want ncu; then
+  { cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DKVQ_BUILD_MODEL=OFF -DKVQ_CUDA=ON &&
+    cmake --build $B -j16 --target test_cuda kvq-bench-cuda kvq_shared kvq_cuda; } >"$OUT/build.log" 2>&1 ||
+    { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build $(( $(date +%s) - t0 )) s"
+fi
 rc=0
+named engine && steps="$steps enginetest enginebench "
+if named enginetest || named enginebench || named engine1m || named engine1m8b || named peer; then
+  # the same build directory as the other steps (kvq_cuda's objects are reused), with the model layer on
+  E=$B MODELS=${MODELS:-$B/models}
+  mkdir -p "$MODELS"
+  { cmake -S . -B $E -DCMAKE_BUILD_TYPE=Release -DKVQ_CUDA=ON -DKVQ_BUILD_MODEL=ON &&
+    cmake --build $E -j16 --target kvq_cli test_model_gpu; } >"$OUT/engine-build.log" 2>&1 ||
+    { tail -40 "$OUT/engine-build.log"; exit 1; }
+  echo "engine build $(( $(date +%s) - t0 )) s"
+  kvq=$E/bin/kvq
+fi
+if named enginetest; then
+  # CPU vs GPU engines, every KV type (tests/test_model_gpu.c states the bounds); the models stay in $MODELS
+  OMP_WAIT_POLICY=PASSIVE timeout 600 bash tests/test_model_gpu.sh $kvq $E/tests/test_model_gpu "$MODELS" \
+    >"$OUT/model_gpu.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "model_gpu rc=$r"; grep -E "^(ok|FAIL|SKIP|info|==)" "$OUT/model_gpu.log"
+  # the CLI end to end on the GPU: perplexity CPU vs GPU on the same tokens, a greedy run
+  sm=$MODELS/smollm2-135m-f16.gguf
+  for i in $(seq 200); do echo "The quick brown fox $i jumps over the lazy dog; pack my box with five dozen liquor jugs."; done \
+    >"$OUT/text.txt"
+  for dev in "" "--gpu"; do
+    timeout 300 $kvq perplexity -m $sm -f "$OUT/text.txt" -c 512 --chunks 4 -q $dev --compare f16,q8,q4,q2 \
+      >"$OUT/ppl${dev:+-gpu}.txt" 2>&1; echo "perplexity ${dev:-(cpu)} rc=$?"; grep -E "^\|" "$OUT/ppl${dev:+-gpu}.txt"
+  done
+  timeout 120 $kvq run -m $sm -p "hello world" -n 32 --temp 0 -ngl 99 --kv-type q4 >"$OUT/run-gpu.txt" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "run -ngl 99 rc=$r"; tail -4 "$OUT/run-gpu.txt"
+fi
+if named enginebench; then
+  l3=$MODELS/llama3-8b-f16.gguf
+  [ -s $l3 ] || { timeout 600 $kvq gen-model --shape llama3-8b --wtype f16 --ctx 131072 -o $l3 || rc=1; }
+  timeout 420 $kvq bench -m $l3 --gpu ${ENGINE_BENCH:---types f16,q8,q4,q2 --depths 0,4096,32768 -n 32} --out "$OUT" \
+    >"$OUT/bench-e2e-gpu.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu rc=$r"; cat "$OUT/bench-e2e-gpu.log"
+  python3 bench/plot.py --dir "$OUT" e2e >/dev/null 2>&1 || true  # bench-e2e-gpu.png (when matplotlib is there)
+  # 8 sequences at once (llama_gpu_decode_batch), each filled with its own tokens
+  timeout 300 $kvq bench -m $l3 --gpu ${ENGINE_BENCH8:---batch 8 --types f16,q8,q4,q2 --depths 4096 -n 16} --out "$OUT/batch8" \
+    >"$OUT/bench-e2e-gpu-b8.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu --batch 8 rc=$r"; grep -E "^\|" "$OUT/bench-e2e-gpu-b8.log"
+fi
+if named peer; then
+  l3=$MODELS/llama3-8b-f16.gguf
+  [ -s $l3 ] || { timeout 600 $kvq gen-model --shape llama3-8b --wtype f16 --ctx 131072 -o $l3 || rc=1; }
+  timeout 580 bash bench/peers/llamacpp-bench-gpu.sh $l3 "$OUT" ${PEER_DEPTHS:-0,4096,32768} >"$OUT/peer.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "llama-bench rc=$r"; tail -5 "$OUT/peer.log"
+  [ -f "$OUT/bench-e2e-gpu.csv" ] && [ -f "$OUT/llamacpp-bench-gpu.csv" ] &&
+    python3 bench/peers/e2e_table.py "$OUT/bench-e2e-gpu.csv" "$OUT/llamacpp-bench-gpu.csv" "$OUT/bench-e2e-gpu-vs-llamacpp.md"
+fi
+if named engine1m; then
+  l2=$MODELS/llama2-7b-f16.gguf
+  [ -s $l2 ] || { timeout 600 $kvq gen-model --shape llama2-7b --wtype f16 --ctx 1048576 -o $l2 || rc=1; }
+  timeout 540 $kvq bench -m $l2 --gpu ${ENGINE1M_BENCH:---types q2 --depths 1048576 -n 8 --prefill 512} --out "$OUT/1m" \
+    >"$OUT/bench-1m.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu 1M rc=$r"; cat "$OUT/bench-1m.log"
+fi
+if named engine1m8b; then
+  l3=$MODELS/llama3-8b-f16.gguf
+  [ -s $l3 ] || { timeout 600 $kvq gen-model --shape llama3-8b --wtype f16 --ctx 131072 -o $l3 || rc=1; }
+  timeout 540 $kvq bench -m $l3 --gpu ${ENGINE1M8B_BENCH:---types q4 --depths 1048576 -n 8 --prefill 512} --out "$OUT/1m8b" \
+    >"$OUT/bench-1m8b.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu 1M (Llama-3-8B shape) rc=$r"; cat "$OUT/bench-1m8b.log"
+fi
 if want test; then
   timeout 300 $B/src/cuda/test_cuda >"$OUT/test.log" 2>&1; r=$?; [ $r = 0 ] || rc=$r
   echo "test_cuda rc=$r"; grep FAIL "$OUT/test.log" | head; tail -1 "$OUT/test.log"

@@ -56,3 +56,19 @@ set_tests_properties(model_golden_gemma3 PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 
 add_test(NAME model_ppl_gemma3 COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_ppl_gemma.sh $<TARGET_FILE:kvq_cli> ${KVQ_TEST_GEMMA}
          ${PROJECT_SOURCE_DIR}/tests/data/ppl_excerpt.txt ${PROJECT_SOURCE_DIR}/tests/data/ppl_reference_gemma3.txt)
 set_tests_properties(model_ppl_gemma3 PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)
+# kvq gen-model's quantizers (src/model/gguf_write.c) byte for byte against the gguf Python package (skips without it).
+add_executable(test_gguf_quant ${PROJECT_SOURCE_DIR}/tests/test_gguf_quant.c)
+target_link_libraries(test_gguf_quant PRIVATE kvq_gguf kvq m)
+add_test(NAME model_gguf_quant COMMAND python3 ${PROJECT_SOURCE_DIR}/tests/test_gguf_quant.py $<TARGET_FILE:test_gguf_quant>)
+set_tests_properties(model_gguf_quant PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 120)
+# kvq gen-model end to end: synthetic GGUFs load and run in the CPU engine (no real model needed).
+add_test(NAME model_gen_model COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_gen_model.sh $<TARGET_FILE:kvq_cli>)
+set_tests_properties(model_gen_model PROPERTIES TIMEOUT 300 ENVIRONMENT OMP_WAIT_POLICY=PASSIVE)
+# The GPU engine against the CPU engine on generated models, each KV type (CUDA builds; exit 77 without a GPU).
+if(TARGET kvq_model_gpu AND TARGET kvq_cuda)
+  add_executable(test_model_gpu ${PROJECT_SOURCE_DIR}/tests/test_model_gpu.c)
+  target_link_libraries(test_model_gpu PRIVATE kvq_model_gpu m)
+  add_test(NAME model_gpu COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_gpu.sh $<TARGET_FILE:kvq_cli>
+           $<TARGET_FILE:test_model_gpu>)
+  set_tests_properties(model_gpu PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)
+endif()

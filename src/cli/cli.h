@@ -4,6 +4,8 @@
  * common.c    model loading, bounded file reading, formatting, thread settings
  * run.c       kvq run (samplers, --compare)
  * perplexity.c, capacity.c, tokenize.c, passkey.c: the other subcommands
+ * gen_model.c kvq gen-model (synthetic GGUF models of real shapes)
+ * bench.c     kvq bench (end-to-end prefill/decode speed per KV type and depth, CPU or --gpu)
  *
  * The parser prints nothing: a rejected argv leaves its message in the caller's buffer, so the fuzz target
  * (tests/fuzz_cli.c) and the unit test (tests/test_cli_parse.c) can check that every rejection says why. */
@@ -19,6 +21,8 @@
 enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_PASSKEY = 4, KVQ_CLI_NCMD = 5 };
 
 #define KVQ_CLI_MAX_COMPARE 16
+/* kvq_cli_opts.cmd of kvq bench, which parses its own options (no entry in the option table): names its messages */
+#define KVQ_CLI_BENCH 100
 #define KVQ_CLI_MAX_LENGTHS 16 /* passkey --lengths entries */
 #define KVQ_CLI_MAX_DEPTHS 101 /* passkey --depths entries: 0..100, each once */
 #define KVQ_CLI_ERR_LEN 512
@@ -59,6 +63,8 @@ typedef struct kvq_cli_opts {
     kvq_type type_k_local, type_v_local; /* --kv-type-local TYPE[/TYPE] */
     double mem; /* bytes; 0: not given */
     size_t max_file;
+    int gpu; /* --gpu, or -ngl N with N > 0: every layer on the GPU (no partial offload) */
+    int ngl; /* -ngl as given; -1 when not */
     int n_compare;
     kvq_cli_mix compare[KVQ_CLI_MAX_COMPARE];
     /* passkey: prompt lengths in tokens (the answer's tokens included), depths of the key in % of the filler,
@@ -126,16 +132,40 @@ int kvq_cli_perplexity(int argc, char **argv);
 int kvq_cli_capacity(int argc, char **argv);
 int kvq_cli_tokenize(int argc, char **argv);
 int kvq_cli_passkey(int argc, char **argv);
+/* Subcommands with their own option parsers (options of their own only): gen_model.c, bench.c */
+int kvq_cli_gen_model(int argc, char **argv);
+int kvq_cli_bench(int argc, char **argv);
 
 /* --- common.c, for the subcommands --- */
 struct gguf_file;
 struct llama_model;
 struct kvq_tokenizer;
+struct llama_gpu_model;
+struct llama_config;
 typedef struct kvq_cli_loaded {
     struct gguf_file *gf;
-    struct llama_model *m;
+    struct llama_model *m;        /* CPU engine (NULL with --gpu) */
+    struct llama_gpu_model *gm;   /* GPU engine (--gpu / -ngl N > 0) */
     struct kvq_tokenizer *tok;
+    const struct llama_config *cfg; /* the loaded engine's shape (NULL without weights) */
+    double weight_bytes;            /* bytes the engine holds for the weights (host fp32, or device fp16) */
 } kvq_cli_loaded;
+
+/* One sequence on the loaded engine, CPU or GPU: the same calls as llama_ctx (llama.h), dispatched. */
+struct llama_ctx;
+struct llama_gpu_ctx;
+typedef struct kvq_cli_ctx {
+    struct llama_ctx *cpu;
+    struct llama_gpu_ctx *gpu;
+} kvq_cli_ctx;
+struct llama_ctx_params;
+kvq_status kvq_cli_ctx_create(const kvq_cli_loaded *L, const struct llama_ctx_params *cp, kvq_cli_ctx *out);
+void kvq_cli_ctx_free(kvq_cli_ctx *c); /* and zeroes it */
+kvq_status kvq_cli_ctx_reset(kvq_cli_ctx *c);
+int64_t kvq_cli_ctx_pos(const kvq_cli_ctx *c);
+/* The KV cache's statistics (the GPU cache's in the CPU cache's terms: llama_gpu_ctx_stats). */
+kvq_status kvq_cli_ctx_stats(const kvq_cli_ctx *c, kvq_cache_stats *st);
+kvq_status kvq_cli_forward(kvq_cli_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from);
 
 double kvq_cli_now(void);
 /* Prints "kvq <cmd>: <what>: <status>: <library message>" and returns 1. */

@@ -13,6 +13,7 @@
 #include "cli.h"
 #include "gguf.h"
 #include "llama.h"
+#include "llama_gpu.h"
 #include "model_err.h"
 #include "tokenizer.h"
 
@@ -58,6 +59,7 @@ int kvq_cli_parse_or_exit(int cmd, int argc, char **argv, kvq_cli_opts *o) {
 void kvq_cli_unload(kvq_cli_loaded *L) {
     tok_free(L->tok);
     llama_free(L->m);
+    llama_gpu_free(L->gm);
     gguf_close(L->gf);
     memset(L, 0, sizeof *L);
 }
@@ -70,9 +72,23 @@ int kvq_cli_load(const kvq_cli_opts *o, kvq_cli_loaded *L, int need_weights) {
         kvq_cli_unload(L);
         return kvq_cli_die(o->cmd, "loading the tokenizer", st);
     }
-    if (need_weights && (st = llama_load(L->gf, &L->m))) {
-        kvq_cli_unload(L);
-        return kvq_cli_die(o->cmd, "loading the weights", st);
+    if (need_weights && o->gpu) {
+        if ((st = llama_gpu_load(L->gf, 0, &L->gm))) {
+            kvq_cli_unload(L);
+            return kvq_cli_die(o->cmd, "--gpu: loading the weights to the GPU", st);
+        }
+        L->cfg = llama_gpu_config(L->gm);
+        L->weight_bytes = (double)llama_gpu_weight_bytes(L->gm);
+        if (o->ngl > 0 && o->ngl < L->cfg->n_layers)
+            fprintf(stderr, "kvq %s: -ngl %d: partial offload is not supported; all %d layers run on the GPU\n",
+                    kvq_cli_cmd_name(o->cmd), o->ngl, L->cfg->n_layers);
+    } else if (need_weights) {
+        if ((st = llama_load(L->gf, &L->m))) {
+            kvq_cli_unload(L);
+            return kvq_cli_die(o->cmd, "loading the weights", st);
+        }
+        L->cfg = &L->m->cfg;
+        L->weight_bytes = (double)L->m->weight_bytes;
     }
     return 0;
 }
@@ -231,4 +247,28 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->local_types = mix->local_types;
     cp->type_k_local = mix->type_k_local;
     cp->type_v_local = mix->type_v_local;
+}
+
+kvq_status kvq_cli_ctx_create(const kvq_cli_loaded *L, const llama_ctx_params *cp, kvq_cli_ctx *out) {
+    memset(out, 0, sizeof *out);
+    return L->gm ? llama_gpu_ctx_create(L->gm, cp, &out->gpu) : llama_ctx_create(L->m, cp, &out->cpu);
+}
+
+void kvq_cli_ctx_free(kvq_cli_ctx *c) {
+    llama_ctx_free(c->cpu);
+    llama_gpu_ctx_free(c->gpu);
+    memset(c, 0, sizeof *c);
+}
+
+kvq_status kvq_cli_ctx_reset(kvq_cli_ctx *c) { return c->gpu ? llama_gpu_ctx_reset(c->gpu) : llama_ctx_reset(c->cpu); }
+
+int64_t kvq_cli_ctx_pos(const kvq_cli_ctx *c) { return c->gpu ? llama_gpu_ctx_pos(c->gpu) : llama_ctx_pos(c->cpu); }
+
+kvq_status kvq_cli_ctx_stats(const kvq_cli_ctx *c, kvq_cache_stats *st) {
+    return c->gpu ? llama_gpu_ctx_stats(c->gpu, st) : llama_ctx_get_stats(c->cpu, st);
+}
+
+kvq_status kvq_cli_forward(kvq_cli_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from) {
+    return c->gpu ? llama_gpu_forward(c->gpu, tokens, n, logits, logits_from)
+                  : llama_forward(c->cpu, tokens, n, logits, logits_from);
 }

@@ -4,6 +4,8 @@
  *   kvq capacity    what fits in a memory budget, or what a context needs, per KV type
  *   kvq tokenize    token ids of a text (for checking the tokenizer)
  *   kvq passkey     pass-key retrieval grid (depth x length) per KV type
+ *   kvq gen-model   a GGUF of a real model's shape with seeded random weights
+ *   kvq bench       end-to-end prefill/decode speed per KV type at several depths (CPU or --gpu)
  * Everything but main() is in the kvq_cli_core library (cli.h). */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -31,6 +33,8 @@ int main(int argc, char **argv) {
     case KVQ_CLI_PASSKEY: return kvq_cli_passkey(argc - 2, argv + 2);
     default: break;
     }
+    if (strcmp(cmd, "gen-model") == 0) return kvq_cli_gen_model(argc - 2, argv + 2);
+    if (strcmp(cmd, "bench") == 0) return kvq_cli_bench(argc - 2, argv + 2);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("kvq %s (CPU attention: %s)\n", kvq_version_string(), kvq_cpu_backend());
         return 0;

@@ -32,7 +32,9 @@ int kvq_cli_cmd_from_name(const char *name) {
     return strcmp(name, "ppl") == 0 ? KVQ_CLI_PPL : -1;
 }
 
-const char *kvq_cli_cmd_name(int cmd) { return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : "?"; }
+const char *kvq_cli_cmd_name(int cmd) {
+    return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : cmd == KVQ_CLI_BENCH ? "bench" : "?";
+}
 
 void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     memset(o, 0, sizeof *o);
@@ -55,6 +57,7 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->rotate = o->sinks = o->nonuniform = -1;
     o->rotation_seed = 0;
     o->prerope = -1;
+    o->ngl = -1;
     if (cmd == KVQ_CLI_PASSKEY) {
         /* 5 digits are 5 tokens (SmolLM2's pre-tokenizer splits digits); 8 leaves room for a leading space and '.' */
         o->n_predict = 8;
@@ -333,7 +336,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_TYPE_LOCAL, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_TYPE_LOCAL, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -388,6 +391,8 @@ static const optdef OPTS[] = {
     {O_LENGTHS, K, 1, {"--lengths"}},
     {O_DEPTHS, K, 1, {"--depths"}},
     {O_TRIALS, K, 1, {"--trials"}},
+    {O_GPU, R | P, 0, {"--gpu"}},
+    {O_NGL, R | P, 1, {"-ngl", "--n-gpu-layers", "--gpu-layers"}},
 };
 
 static const optdef *find_opt(const char *a) {
@@ -428,6 +433,11 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_SYSTEM: o->system = v; break;
         case O_CHAT: o->chat = 1; break;
         case O_IDS: o->ids = 1; break;
+        case O_GPU: o->gpu = 1; break;
+        case O_NGL:
+            if (parse_int(v, 0, 1 << 20, &o->ngl, a, err, n)) return -1;
+            o->gpu = o->ngl > 0;
+            break;
         case O_QUIET: o->quiet = 1; break;
         case O_MAXFILE: {
             double b;
@@ -593,6 +603,11 @@ static void kv_help(FILE *f, int cmd) {
             lib.residual_grouped, lib.residual_per_token, lib.group);
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
+    if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL)
+        fprintf(f, "  --gpu                   run the engine on the GPU (a CUDA build; sm_90): fp16 weights, cuBLAS, the KV cache\n"
+                   "                          and attention in libkvq's CUDA backend (no --kv-prerope, no --kv-nuq there)\n"
+                   "  -ngl N, --n-gpu-layers N   llama.cpp's spelling: N > 0 means --gpu with every layer on the GPU\n"
+                   "                          (partial offload is not supported), 0 the CPU\n");
     fprintf(f, "  -b, --batch-size N      tokens per forward call in prefill (default %d)%s\n", d.batch,
             cmd == KVQ_CLI_CAP ? ": sizes the activation buffers" : "");
 }
@@ -611,6 +626,8 @@ void kvq_cli_usage_main(FILE *f) {
                "  capacity    what fits in a memory budget (--mem), or the memory N tokens need (--ctx)\n"
                "  tokenize    print the token ids of a text\n"
                "  passkey     find a pass key hidden in filler text: a depth x length grid per KV type\n"
+               "  bench       end-to-end prefill and decode speed per KV type and depth, CPU or --gpu\n"
+               "  gen-model   write a GGUF of a real model's shape with seeded random weights (tests, benchmarks)\n"
                "  version     print the library version\n");
 }
 

@@ -19,7 +19,7 @@
 #include "tokenizer.h"
 
 typedef struct ppl_acc {
-    llama_ctx *c;
+    kvq_cli_ctx c;
     double nll, nll2, kld;
     int64_t n, top1;
     double *kld_tok; /* per scored token, for the 99th percentile (NULL for the base) */
@@ -67,7 +67,7 @@ static void progress(const char *label, int done, int total, double t0) {
 /* Runs every config of mixes[0..n_mix-1] over the chunks; mixes[base] is the KLD reference (base < 0: no KLD). */
 static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks, const kvq_cli_mix *mixes,
                    int n_mix, int base, ppl_acc *acc) {
-    int ctx = o->ctx, V = L->m->cfg.vocab_size, first = ctx / 2, rc = 0;
+    int ctx = o->ctx, V = L->cfg->vocab_size, first = ctx / 2, rc = 0;
     kvq_status st = KVQ_OK;
     float *lb = NULL, *pb = NULL, *lq = NULL;
     double *lse_b = NULL, *psum_b = NULL;
@@ -77,7 +77,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
     for (int i = 0; i < n_mix; i++) {
         llama_ctx_params cp;
         kvq_cli_ctx_params(o, &mixes[i], ctx, &cp);
-        if ((st = llama_ctx_create(L->m, &cp, &acc[i].c))) {
+        if ((st = kvq_cli_ctx_create(L, &cp, &acc[i].c))) {
             char what[160];
             snprintf(what, sizeof what, "creating the context of %s", mixes[i].name);
             rc = kvq_cli_die(KVQ_CLI_PPL, what, st);
@@ -99,7 +99,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
     for (int ch = 0; ch < n_chunks; ch++) {
         const int32_t *tk = ids + (size_t)ch * ctx;
         for (int i = 0; i < n_mix; i++)
-            if ((st = llama_ctx_reset(acc[i].c))) goto fail;
+            if ((st = kvq_cli_ctx_reset(&acc[i].c))) goto fail;
         for (int b = 0; b < ctx; b += o->batch) {
             int nb = ctx - b < o->batch ? ctx - b : o->batch;
             /* logits at position j predict token j+1; tokens first..ctx-1 are scored, so positions first-1..ctx-2 */
@@ -113,7 +113,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
                 if (k >= 0 && i == (base >= 0 ? base : 0)) continue;
                 int is_base = base >= 0 && i == base;
                 float *lg = is_base ? lb : lq;
-                if ((st = llama_forward(acc[i].c, tk + b, nb, rows ? lg : NULL, rows ? from : nb))) goto fail;
+                if ((st = kvq_cli_forward(&acc[i].c, tk + b, nb, rows ? lg : NULL, rows ? from : nb))) goto fail;
                 for (int r = 0; r < rows; r++) {
                     const float *row = lg + (size_t)r * V;
                     int j = b + from + r, arg;
@@ -151,7 +151,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
         for (int i = 0; i < n_mix; i++) {
             if (acc[i].stats_done) continue;
             kvq_cache_stats s;
-            if ((st = llama_ctx_get_stats(acc[i].c, &s))) goto fail;
+            if ((st = kvq_cli_ctx_stats(&acc[i].c, &s))) goto fail;
             /* a full chunk: pages in use (scales included) + fp16 windows and sinks, amortized over ctx tokens */
             acc[i].bytes_per_token = ((double)s.page_bytes_in_use + (double)s.window_bytes) / (double)ctx;
             acc[i].f16_bytes_per_token = s.f16_bytes_per_token;
@@ -167,8 +167,7 @@ fail:
     rc = kvq_cli_die(KVQ_CLI_PPL, "perplexity", st);
 done:
     for (int i = 0; i < n_mix; i++) {
-        llama_ctx_free(acc[i].c);
-        acc[i].c = NULL;
+        kvq_cli_ctx_free(&acc[i].c);
     }
     free(lb);
     free(lq);
@@ -257,8 +256,8 @@ int kvq_cli_perplexity(int argc, char **argv) {
         rc = kvq_cli_die(KVQ_CLI_PPL, "tokenizing", st);
         goto done;
     }
-    if (o.ctx > L.m->cfg.ctx_len) {
-        fprintf(stderr, "kvq perplexity: -c/--ctx-size %d exceeds the model's context_length %d\n", o.ctx, L.m->cfg.ctx_len);
+    if (o.ctx > L.cfg->ctx_len) {
+        fprintf(stderr, "kvq perplexity: -c/--ctx-size %d exceeds the model's context_length %d\n", o.ctx, L.cfg->ctx_len);
         rc = 2;
         goto done;
     }
@@ -276,7 +275,7 @@ int kvq_cli_perplexity(int argc, char **argv) {
     for (int ch = 0; bos && ch < n_chunks; ch++) ids.ids[(size_t)ch * o.ctx] = tok_bos(L.tok);
     fprintf(stderr, "kvq perplexity: %zu tokens; %d chunks of %d%s, scoring the last %d of each\n", ids.n, n_chunks, o.ctx,
             bos ? " (BOS first)" : "", o.ctx - o.ctx / 2);
-    const llama_config *mc = &L.m->cfg;
+    const llama_config *mc = L.cfg;
     double bits_den = 2.0 * mc->n_layers * mc->n_kv_heads * mc->head_dim; /* K and V elements per token */
     kvq_cli_mix mixes[KVQ_CLI_MAX_COMPARE + 1];
     ppl_row rows[KVQ_CLI_MAX_COMPARE + 1];

@@ -114,16 +114,16 @@ static int generate(const kvq_cli_opts *o, const kvq_cli_loaded *L, const tok_id
                     float *logits, kvq_cli_prob *scratch, tok_ids *hist, run_result *res) {
     llama_ctx_params cp;
     kvq_cli_ctx_params(o, mix, n_ctx, &cp);
-    llama_ctx *c = NULL;
-    kvq_status st = llama_ctx_create(L->m, &cp, &c);
+    kvq_cli_ctx c = {0};
+    kvq_status st = kvq_cli_ctx_create(L, &cp, &c);
     if (st) return kvq_cli_die(KVQ_CLI_RUN, "creating the context", st);
-    int V = L->m->cfg.vocab_size, rc = 0;
+    int V = L->cfg->vocab_size, rc = 0;
     hist->n = 0;
     for (size_t i = 0; i < prompt->n && !st; i++) st = tok_ids_push(hist, prompt->ids[i]);
     double t0 = kvq_cli_now();
     for (size_t i = 0; i < prompt->n && !st; i += (size_t)o->batch) {
         int n = (int)(prompt->n - i < (size_t)o->batch ? prompt->n - i : (size_t)o->batch);
-        st = llama_forward(c, prompt->ids + i, n, logits, n - 1);
+        st = kvq_cli_forward(&c, prompt->ids + i, n, logits, n - 1);
     }
     if (st) {
         rc = kvq_cli_die(KVQ_CLI_RUN, "prefill", st);
@@ -145,8 +145,8 @@ static int generate(const kvq_cli_opts *o, const kvq_cli_loaded *L, const tok_id
         if (!tok_is_control(L->tok, tok)) fwrite(piece, 1, len, stdout);
         fflush(stdout);
         generated++;
-        if (generated == o->n_predict || llama_ctx_pos(c) + 1 > n_ctx) break;
-        if ((st = llama_forward(c, &tok, 1, logits, 0))) break;
+        if (generated == o->n_predict || kvq_cli_ctx_pos(&c) + 1 > n_ctx) break;
+        if ((st = kvq_cli_forward(&c, &tok, 1, logits, 0))) break;
         res->decoded++;
     }
     double t2 = kvq_cli_now();
@@ -158,10 +158,10 @@ static int generate(const kvq_cli_opts *o, const kvq_cli_loaded *L, const tok_id
     }
     res->prefill_s = t1 - t0;
     res->decode_s = t2 - t1;
-    res->tokens = llama_ctx_pos(c);
-    if ((st = llama_ctx_get_stats(c, &res->stats))) rc = kvq_cli_die(KVQ_CLI_RUN, "cache statistics", st);
+    res->tokens = kvq_cli_ctx_pos(&c);
+    if ((st = kvq_cli_ctx_stats(&c, &res->stats))) rc = kvq_cli_die(KVQ_CLI_RUN, "cache statistics", st);
 done:
-    llama_ctx_free(c);
+    kvq_cli_ctx_free(&c);
     return rc;
 }
 
@@ -189,16 +189,19 @@ static void footer_one(const kvq_cli_mix *mix, size_t n_prompt, const run_result
 /* What the process holds besides the KV cache, and the kernel's count of its peak: resident = the weights (their
  * pages of the mapped GGUF) + KV + buffers + the program itself. */
 static void footer_memory(const kvq_cli_opts *o, const kvq_cli_loaded *L) {
-    const llama_config *mc = &L->m->cfg;
+    const llama_config *mc = L->cfg;
     double buffers = (double)llama_ctx_scratch_bytes(mc, o->batch) + (double)mc->vocab_size * (sizeof(float) + sizeof(kvq_cli_prob));
     char w[32], f[32], b[32], rss[32] = "?";
-    kvq_cli_fmt_bytes((double)L->m->weight_bytes, w, sizeof w);
+    kvq_cli_fmt_bytes(L->weight_bytes, w, sizeof w);
     kvq_cli_fmt_bytes((double)L->gf->size, f, sizeof f);
     kvq_cli_fmt_bytes(buffers, b, sizeof b);
     struct rusage ru;
     if (getrusage(RUSAGE_SELF, &ru) == 0) kvq_cli_fmt_bytes((double)ru.ru_maxrss * 1024.0, rss, sizeof rss);
-    fprintf(stderr, "memory: weights %s (quantized as in the %s GGUF, mapped; fp32 norms) + buffers %s + the KV cache "
-                    "above; peak resident set %s\n", w, f, b, rss);
+    if (o->gpu) /* the weights and the KV cache live on the device: the host holds the mapping it read them from */
+        fprintf(stderr, "memory: weights %s (fp16 on the GPU, from the %s GGUF); host peak resident set %s\n", w, f, rss);
+    else
+        fprintf(stderr, "memory: weights %s (quantized as in the %s GGUF, mapped; fp32 norms) + buffers %s + the KV cache "
+                        "above; peak resident set %s\n", w, f, b, rss);
 }
 
 static void footer_compare(const kvq_cli_opts *o, size_t n_prompt, const run_result *rs, int nr) {
@@ -288,13 +291,13 @@ int kvq_cli_run(int argc, char **argv) {
         goto done;
     }
     int64_t want = o.ctx ? o.ctx : (int64_t)prompt.n + o.n_predict;
-    if (!o.ctx && want > L.m->cfg.ctx_len && (int64_t)prompt.n < L.m->cfg.ctx_len) {
+    if (!o.ctx && want > L.cfg->ctx_len && (int64_t)prompt.n < L.cfg->ctx_len) {
         /* The default reservation stops at the trained context (-c reserves more, with a warning): -n 1048576 must
          * not reserve a 22 GiB arena for a model trained on 8192 tokens. */
         fprintf(stderr, "kvq run: prompt %zu + -n %d tokens is past the model's trained context_length %d: reserving %d "
-                        "(generation stops there; -c N reserves more)\n", prompt.n, o.n_predict, L.m->cfg.ctx_len,
-                L.m->cfg.ctx_len);
-        want = L.m->cfg.ctx_len;
+                        "(generation stops there; -c N reserves more)\n", prompt.n, o.n_predict, L.cfg->ctx_len,
+                L.cfg->ctx_len);
+        want = L.cfg->ctx_len;
     }
     if ((int64_t)prompt.n >= want) {
         fprintf(stderr, "kvq run: prompt of %zu tokens does not fit -c/--ctx-size %lld (it needs one more token)\n",
@@ -309,21 +312,21 @@ int kvq_cli_run(int argc, char **argv) {
         goto done;
     }
     int n_ctx = (int)want;
-    if (n_ctx > L.m->cfg.ctx_len)
+    if (n_ctx > L.cfg->ctx_len)
         fprintf(stderr, "kvq run: warning: context %d exceeds the model's trained context_length %d\n", n_ctx,
-                L.m->cfg.ctx_len);
+                L.cfg->ctx_len);
     kvq_cli_mix single = kvq_cli_single_mix(&o);
     const kvq_cli_mix *mixes = o.n_compare ? o.compare : &single;
     int n_mix = o.n_compare ? o.n_compare : 1;
     /* Every config is checked before anything runs: the library's reason for a bad one, and a context whose KV cache
      * cannot fit in this machine's memory at all (the arena is allocated up front). */
     double phys = kvq_cli_phys_mem();
-    const llama_config *mc = &L.m->cfg;
+    const llama_config *mc = L.cfg;
     for (int i = 0; i < n_mix; i++) {
         double pages, windows;
         /* A config the library rejects is reported by llama_ctx_create (the engine names the reason). */
         if (kvq_cli_model_kv_bytes(mc, &mixes[i], 1, n_ctx, o.batch, &pages, &windows)) continue;
-        if (phys > 0 && pages + windows + (double)L.m->weight_bytes > phys) {
+        if (!o.gpu && phys > 0 && pages + windows + (double)L.weight_bytes > phys) { /* --gpu: the arena is on the device */
             char need[32], have[32];
             kvq_cli_fmt_bytes(pages + windows, need, sizeof need);
             kvq_cli_fmt_bytes(phys, have, sizeof have);

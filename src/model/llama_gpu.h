@@ -1,0 +1,87 @@
+/* llama_gpu.h: the Llama forward pass of llama.h on one CUDA GPU, with the KV cache and attention in libkvq's CUDA
+ * backend (kvq_cuda.h). Same semantics as llama_ctx / llama_forward: one sequence per context, n tokens per call at
+ * the next positions, logits of tokens logits_from .. n-1 to the host.
+ *
+ *   weights   fp16 on the device, converted once at load from whatever the GGUF holds (F32, F16, BF16, Q8_0, Q4_0,
+ *             Q4_1) through the CPU dequantizer gguf_tensor_to_f32, a slab of rows at a time (host memory: one
+ *             64 MiB slab, never the model); F16 tensors are copied as they are. Norm weights stay fp32. Wq/Wk/Wv are
+ *             stored as one [dim + 2 kv_dim][dim] matrix and gate/up as one [2 hidden][dim]: one GEMM each.
+ *   matmuls   cublasGemmEx, fp16 operands, fp32 accumulation and fp32 output; the residual stream x is fp32 and
+ *             the attention and FFN outputs are added into it by the GEMM (beta = 1)
+ *   kernels   embedding gather, RMSNorm (fp32 sums, fp16 out), RoPE on adjacent pairs (llama.c's layout: GGUF's
+ *             Q/K rows are permuted for it; angles in fp64 as llama.c computes them), SwiGLU
+ *   attention kvq_cuda_append (fp32 K/V) then kvq_cuda_attn_decode for n == 1, kvq_cuda_attn_prefill for n > 1
+ *             (q and the output in fp16: the kernels' tensor-core operands are fp16 anyway)
+ * All work of a model goes to one CUDA stream; forward returns after the logits are on the host.
+ * Limits: architecture "llama" only; head_dim 64 or 128 and <= 8 query heads per KV head (kvq_cuda.h section 4);
+ * pre-RoPE keys and non-uniform levels are not on the GPU (refused at context creation). Every layer is on the GPU
+ * (no partial offload).
+ * Built without CUDA (cmake -DKVQ_CUDA=OFF or no nvcc) every call returns KVQ_ERR_NO_DEVICE, "built without CUDA";
+ * with CUDA but no usable GPU, llama_gpu_load returns KVQ_ERR_NO_DEVICE with kvq_cuda's reason. */
+#ifndef KVQ_LLAMA_GPU_H
+#define KVQ_LLAMA_GPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "kvq.h"
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct llama_gpu_model llama_gpu_model;
+typedef struct llama_gpu_ctx llama_gpu_ctx;
+
+/* 1 when this build has the CUDA engine. */
+int llama_gpu_built(void);
+/* Free and total bytes of `device` (cudaMemGetInfo). */
+kvq_status llama_gpu_mem_info(int device, size_t *free_bytes, size_t *total_bytes);
+
+/* Reads the shape (llama_read_config) and uploads the weights to `device`. */
+kvq_status llama_gpu_load(const gguf_file *f, int device, llama_gpu_model **out);
+void llama_gpu_free(llama_gpu_model *m);
+const llama_config *llama_gpu_config(const llama_gpu_model *m);
+/* Device bytes of the weights (fp16 matrices, fp32 norms). */
+size_t llama_gpu_weight_bytes(const llama_gpu_model *m);
+
+/* p as for llama_ctx_create (n_threads ignored). Errors: KVQ_ERR_INVALID_ARG (n_ctx, prerope = 1, nonuniform > 0),
+ * the CUDA cache's own (head dim, heads per KV head, types, group, residual; KVQ_ERR_CUDA / OUT_OF_MEMORY on the
+ * device), each with a message. */
+kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama_ctx_params *p, llama_gpu_ctx **out);
+void llama_gpu_ctx_free(llama_gpu_ctx *c);
+kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c);
+int64_t llama_gpu_ctx_pos(const llama_gpu_ctx *c);
+/* Sliding attention window of later forward calls (kvq_attn_params.window; 0: none, the default). kvq bench fills
+ * long depths with it (prefill reads the cache once per query row: kvq_cuda.h). */
+kvq_status llama_gpu_ctx_set_window(llama_gpu_ctx *c, int window);
+/* The cache's memory in the CPU cache's terms (kvq_cache_stats): pages, resident windows, bytes per token.
+ * Synchronises the stream. */
+kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stats *st);
+/* Device bytes of the context: KV cache (arena, windows, tables, workspace) + activation buffers. */
+size_t llama_gpu_ctx_device_bytes(const llama_gpu_ctx *c);
+
+/* As llama_forward (sequence 0). Synchronises (the logits are copied to the host); without logits (NULL, or
+ * logits_from >= n) it returns with the work enqueued (llama_gpu_sync waits). */
+kvq_status llama_gpu_forward(llama_gpu_ctx *c, const int32_t *tokens, int n, float *logits, int logits_from);
+
+/* Several sequences at once (--parallel): a context of n_seqs (1..LLAMA_GPU_MAX_SEQS) sequences, each of up to
+ * p->n_ctx tokens (the arena holds n_seqs x n_ctx). llama_gpu_ctx_create is n_seqs = 1; reset empties them all;
+ * llama_gpu_ctx_pos is sequence 0's length. */
+#define LLAMA_GPU_MAX_SEQS 64
+kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const llama_ctx_params *p, int n_seqs, llama_gpu_ctx **out);
+int64_t llama_gpu_ctx_seq_pos(const llama_gpu_ctx *c, int seq);
+/* llama_gpu_forward on sequence `seq` (0..n_seqs-1): a prefill (or one decode token) of that sequence alone. */
+kvq_status llama_gpu_forward_seq(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits, int logits_from);
+/* One decode step of every sequence at once: tokens[n_seqs] (token i goes to sequence i, at its next position), one
+ * GEMM of n_seqs rows per weight matrix, kvq_cuda_attn_decode over all sequences; logits NULL or [n_seqs][vocab].
+ * Every sequence must have room for one more token (else KVQ_ERR_CACHE_FULL, nothing run). */
+kvq_status llama_gpu_decode_batch(llama_gpu_ctx *c, const int32_t *tokens, float *logits);
+kvq_status llama_gpu_sync(llama_gpu_ctx *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# kvq gen-model: a 2-layer SmolLM2-shaped GGUF per weight type loads in the CPU engine; kvq perplexity completes with a
+# finite PPL in the band the generator's init implies, and kvq run decodes; the same seed gives the same bytes and
+# another seed other bytes; bad options are refused by name.
+# usage: test_gen_model.sh KVQ
+set -uo pipefail
+kvq=$1
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail=0
+ok() { echo "ok: $*"; }
+bad() { echo "FAIL: $*"; fail=1; }
+# text of ~2k tokens: the vocabulary is synthetic, any bytes tokenize
+for i in $(seq 60); do echo "The quick brown fox $i jumps over the lazy dog; pack my box with five dozen liquor jugs."; done >"$tmp/t.txt"
+for w in f16 q8_0 q4_0; do
+  m=$tmp/m-$w.gguf
+  "$kvq" gen-model --shape smollm2-135m --layers 2 --wtype $w --seed 7 -o "$m" >"$tmp/gen.log" 2>&1 || { bad "gen $w"; cat "$tmp/gen.log"; continue; }
+  # Logits are ~N(0, 2^2) over V = 49152 tokens (gen_model.c): PPL ~ V e^2 = 3.6e5 for text the model never saw. Zero
+  # logits would give exactly V, a collapsed distribution far more; the band is (2V, 20V).
+  out=$("$kvq" perplexity -m "$m" -f "$tmp/t.txt" -c 256 --chunks 2 -t 1 -q 2>&1)
+  ppl=$(sed -n 's/^PPL = \([0-9.]*\) .*/\1/p' <<<"$out")
+  if [ -n "$ppl" ] && awk -v p="$ppl" 'BEGIN { exit !(p > 2 * 49152 && p < 20 * 49152) }'; then ok "$w: PPL $ppl"
+  else bad "$w: PPL '$ppl' not in (98304, 983040)"; echo "$out" | tail -5; fi
+  out=$("$kvq" run -m "$m" -p "hello world" -n 12 --temp 0 -t 1 --kv-type q4 2>&1)
+  if grep -q "decode: 11 tokens" <<<"$out"; then ok "$w: run decodes"; else bad "$w: run"; echo "$out" | tail -5; fi
+done
+"$kvq" gen-model --shape smollm2-135m --layers 2 --wtype q4_0 --seed 7 -o "$tmp/again.gguf" >/dev/null &&
+  cmp -s "$tmp/again.gguf" "$tmp/m-q4_0.gguf" && ok "same seed, same bytes" || bad "same seed gives other bytes"
+"$kvq" gen-model --shape smollm2-135m --layers 2 --wtype q4_0 --seed 8 -o "$tmp/other.gguf" >/dev/null &&
+  ! cmp -s "$tmp/other.gguf" "$tmp/m-q4_0.gguf" && ok "other seed, other bytes" || bad "seed ignored"
+# the 8B shape's metadata and sizes, without its 16 GB: one layer, q4_0 (vocab 128256, untied head, GQA 32/8 of 128)
+"$kvq" gen-model --shape llama3-8b --layers 1 --wtype q4_0 -o "$tmp/l3.gguf" --ctx 32768 >"$tmp/gen.log" 2>&1 || bad "gen llama3-8b"
+out=$("$kvq" capacity -m "$tmp/l3.gguf" --ctx 32768 2>&1)
+grep -q "32768" <<<"$out" && ok "llama3-8b shape reads (capacity)" || { bad "llama3-8b capacity"; echo "$out" | tail; }
+# expected size: 2 x 128256 x 4096 (embedding, head) + 4096^2 x 2 + 4096 x 1024 x 2 + 3 x 4096 x 14336 weights in q4_0
+# (18 bytes per 32) + 3 norms of 4096 f32; the header (the vocabulary) is ~3 MB
+sz=$(stat -c %s "$tmp/l3.gguf")
+want=$(( (2 * 128256 * 4096 + 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) / 32 * 18 + 3 * 4096 * 4 ))
+if [ "$sz" -gt "$want" ] && [ "$sz" -lt $((want + 8000000)) ]; then ok "llama3-8b 1-layer q4_0: $sz bytes (tensors $want)"
+else bad "llama3-8b size $sz, tensors alone $want"; fi
+for args in "--shape gpt5 -o $tmp/x" "--shape llama3-8b" "--shape llama3-8b -o $tmp/x --wtype q5_0" \
+            "--shape llama3-8b -o $tmp/x --layers 0" "--shape llama3-8b -o /nonexistent/dir/x --layers 1"; do
+  out=$("$kvq" gen-model $args 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ $rc -lt 124 ] && grep -q "kvq gen-model:" <<<"$out"; then ok "refused: $args: $(head -1 <<<"$out")"
+  else bad "not refused ($rc): $args"; fi
+done
+# kvq bench on the CPU engine: one row per (type, depth), f16 the base of the ratios (listed second here), the bound
+# column equal to (W + d K_f16) / (W + d K_t) from the row's own columns, positive speeds
+m=$tmp/m-q8_0.gguf
+if "$kvq" bench -m "$m" --types q4,f16 --depths 128,0 -n 3 --prefill 64 -b 64 -t 1 --out "$tmp/bench" >"$tmp/bench.log" 2>&1; then
+  csv=$tmp/bench/bench-e2e-cpu.csv
+  if awk -F, 'NR == 1 { next } { n++
+        if ($7 <= 0 || $12 <= 0) bad = bad " speed"
+        want = ($13 + $6 * $15) / ($13 + $6 * $14); if ((want - $10) ^ 2 > 1e-6) bad = bad " bound"
+        if ($3 == "f16" && ($9 != "1.0000" || $10 != "1.0000")) bad = bad " base"
+        if ($3 == "q4" && $6 == 128 && !($10 > 1.0)) bad = bad " q4-bound" }
+      END { if (n != 4 || bad != "") { print "rows " n ":" bad; exit 1 } }' "$csv"; then ok "bench: 4 rows, ratios and bounds consistent"
+  else bad "bench CSV"; cat "$csv"; fi
+  grep -q "| q4 | 128 |" "$tmp/bench/bench-e2e-cpu.md" && ok "bench: markdown table" || bad "bench markdown"
+else bad "bench run"; tail -5 "$tmp/bench.log"; fi
+out=$("$kvq" bench -m "$m" --batch 2 2>&1) && bad "bench --batch 2 on the CPU accepted" || { grep -q "the GPU engine" <<<"$out" && ok "bench --batch 2 on the CPU refused" || bad "bench --batch 2: $out"; }
+for cmd in "run -p hi -n 2 --gpu" "perplexity -f $tmp/t.txt -c 128 --chunks 1 -ngl 99"; do
+  out=$("$kvq" ${cmd%% *} -m "$m" ${cmd#* } 2>&1)
+  if [ $? -ne 0 ]; then grep -Eq "built without CUDA|no usable GPU" <<<"$out" && ok "${cmd%% *} on the GPU without one: refused by name" || bad "$cmd: $out"
+  else ok "$cmd ran (a GPU is there)"; fi
+done
+out=$("$kvq" run -m "$m" -p hi -n 2 -ngl x 2>&1) && bad "-ngl x accepted" || { grep -q -- "-ngl: 'x' is not an integer" <<<"$out" && ok "-ngl x refused" || bad "-ngl x: $out"; }
+out=$("$kvq" bench -m "$m" --gpu --depths 0 -n 1 --prefill 8 2>&1)
+if [ $? -ne 0 ]; then grep -Eq "built without CUDA|no usable GPU" <<<"$out" && ok "bench --gpu without a GPU: $(tail -1 <<<"$out")" || bad "bench --gpu: $out"
+else ok "bench --gpu ran (a GPU is there)"; fi
+exit $fail
