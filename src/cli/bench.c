@@ -189,7 +189,7 @@ int kvq_cli_bench(int argc, char **argv) {
     dev_used(o.gpu, &dev_peak);
     fprintf(stderr, "kvq bench: %s on the %s: dim %d, %d layers, %d/%d heads of %d, vocab %d; weights %.2f GiB (%s), "
                     "loaded in %.1f s\n", o.model, o.gpu ? "GPU" : "CPU", mc->dim, mc->n_layers, mc->n_heads,
-            mc->n_kv_heads, mc->head_dim, V, L.weight_bytes / 1073741824.0, o.gpu ? "fp16 on the device" : "fp32",
+            mc->n_kv_heads, mc->head_dim, V, L.weight_bytes / 1073741824.0, o.gpu ? "fp16 on the device" : "quantized as in the file",
             t_load);
     int32_t *tok = malloc((size_t)(n_ctx > o.batch ? n_ctx : o.batch) * sizeof *tok);
     int32_t *chunk = malloc((size_t)(o.batch > n_seq ? o.batch : n_seq) * sizeof *chunk);
