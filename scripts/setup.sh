@@ -8,6 +8,8 @@
 #   libopenblas-dev                the reference engine and the kvq CLI (src/model)
 #   debian-reference-en            the corpus of the perplexity tests and bench/quality.sh
 #   python3-numpy python3-pytest   the binding tests (ctest python_pytest)
+#   gguf (pip)                     the GGUF quantization tests (model_gguf_quants, model_gguf_quant) compare kvq's C
+#                                  with the gguf package's numpy reference; it writes their golden file at test time
 #   clang libclang-rt-dev libomp-dev   the tsan tier (clang, TSan, libomp + Archer) and the fuzz tier (libFuzzer)
 #   torch transformers (pip)       the transformers tests and bench/bench_hf.py (KVQ_SETUP_HF=0 skips them: ~5.6 GB)
 #   .venv-hf-oldest (pip)          transformers 5.17, the oldest pyproject.toml claims, in a venv over the same torch:
@@ -23,6 +25,11 @@ $SUDO apt-get install -y -qq --no-install-recommends build-essential cmake pytho
 if ! python3 -c 'import numpy, pytest' 2> /dev/null; then
   echo "setup: $(command -v python3) cannot import numpy and pytest: installing them with pip"
   python3 -m pip install -q numpy pytest
+fi
+if ! python3 -c 'import gguf' 2> /dev/null; then
+  brk=""; python3 -m pip install --help 2> /dev/null | grep -q break-system-packages && brk="--break-system-packages"
+  python3 -m pip install -q --disable-pip-version-check $brk gguf==0.19.0 \
+    || echo "setup: warning: the gguf package could not be installed (the GGUF quantization tests will SKIP)" >&2
 fi
 if [ "${KVQ_SETUP_HF:-1}" = 1 ]; then
   # === KVQ_SETUP_HF: torch + transformers for the transformers tests (ctest python_hf) and bench/bench_hf.py ===

@@ -1,9 +1,9 @@
 /* Dequantization of every ggml weight type kvq reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K,
- * Q4_K, Q5_K, Q6_K) against the `gguf` Python package's numpy implementation: tests/data/quant_golden.gguf holds
- * random blocks of each type and their dequantization by gguf.quants (tests/data/make_quant_golden.py). Both the
+ * Q4_K, Q5_K, Q6_K) against the `gguf` Python package's numpy implementation: the golden GGUF, written at test time
+ * by tests/test_gguf_quants.sh, holds random blocks of each type and their dequantization by gguf.quants (tests/data/make_quant_golden.py). Both the
  * whole-tensor and the per-row function must reproduce it bit for bit: every product in these formats is exact in
  * fp32 and the one addition of a min rounds the same way in both (gguf.h), so the bound is 0.
- * usage: test_gguf_quants tests/data/quant_golden.gguf */
+ * usage: test_gguf_quants QUANT_GOLDEN.gguf */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

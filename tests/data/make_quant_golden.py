@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Writes tests/data/quant_golden.gguf: for every ggml weight type kvq reads, a tensor of that type and, under the
-same name + ".f32", its dequantization by the `gguf` Python package (gguf.quants, numpy: an implementation
-independent of kvq's C). tests/test_gguf_quants.c dequantizes each with gguf_tensor_to_f32 and the per-row function
+"""Writes the golden GGUF of ctest model_gguf_quants (tests/test_gguf_quants.sh runs it at test time): for every
+ggml weight type kvq reads, a tensor of that type and, under the same name + ".f32", its dequantization by the
+`gguf` Python package (gguf.quants, numpy: an implementation independent of kvq's C). tests/test_gguf_quants.c dequantizes each with gguf_tensor_to_f32 and the per-row function
 and requires equality bit for bit (gguf.h says why the arithmetic is exact).
 
 The quantized bytes are random (every code, sub-scale and high-bit pattern occurs), except the fp16 scale fields,
@@ -9,7 +9,7 @@ which are set to finite values from 1e-7 (fp16 subnormals) to 10, of both signs:
 value to compare. K-quant tensors are 2 rows of 2 super-blocks, legacy ones 3 rows of 5 blocks (odd counts, so a
 row/block mix-up shows).
 
-usage: python3 tests/data/make_quant_golden.py [OUT.gguf]   (gguf 0.19.0 was used for the checked-in file)
+usage: python3 tests/data/make_quant_golden.py OUT.gguf   (gguf 0.19.0, what scripts/setup.sh installs)
 """
 import sys
 
@@ -60,4 +60,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/data/quant_golden.gguf")
+    main(sys.argv[1])
