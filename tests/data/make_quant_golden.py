@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Writes the golden GGUF of ctest model_gguf_quants (tests/test_gguf_quants.sh runs it at test time): for every
 ggml weight type kvq reads, a tensor of that type and, under the same name + ".f32", its dequantization by the
-`gguf` Python package (gguf.quants, numpy: an implementation independent of kvq's C). tests/test_gguf_quants.c dequantizes each with gguf_tensor_to_f32 and the per-row function
-and requires equality bit for bit (gguf.h says why the arithmetic is exact).
+`gguf` Python package (gguf.quants, numpy: an implementation independent of kvq's C). tests/test_gguf_quants.c
+dequantizes each with gguf_tensor_to_f32 and the per-row function and requires equality bit for bit (gguf.h says why the arithmetic is exact).
 
 The quantized bytes are random (every code, sub-scale and high-bit pattern occurs), except the fp16 scale fields,
 which are set to finite values from 1e-7 (fp16 subnormals) to 10, of both signs: a NaN/Inf scale has no golden
