@@ -33,8 +33,9 @@
  * - A kvq_cache is not internally locked. Calls that take `const kvq_cache *` (attention, read back, stats,
  *   lengths) may run concurrently with each other; calls that take `kvq_cache *` need exclusive access.
  *   Attention uses up to `n_threads` OpenMP threads internally. libgomp's threads spin for a while after each
- *   parallel region by default; an engine that runs its own threads (or BLAS) between attention calls should set
- *   OMP_WAIT_POLICY=PASSIVE before the process starts, or those threads lose their cores to the spinning.
+ *   parallel region by default; an engine that runs its own threads (or BLAS) between attention calls should hand
+ *   its thread pool to the cache (kvq_cache_set_thread_pool, section 9) or set OMP_WAIT_POLICY=PASSIVE before the
+ *   process starts, or those threads lose their cores to the spinning.
  * - Every entry point validates its arguments. On error it returns a negative kvq_status, changes nothing in
  *   the cache (all checks, including page availability, are made before the first byte is written), and
  *   records a message saying what was wrong, readable with kvq_last_error() on the same thread.
@@ -388,6 +389,24 @@ KVQ_API kvq_status kvq_attn_decode(const kvq_cache *cache, int layer, int n_seqs
  * sits at position len - n_q + i and sees keys 0 .. its position. q, out: [n_q][n_q_heads][head_dim] fp32. */
 KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t seq, int n_q, const float *q,
                                     float *out, const kvq_attn_params *p);
+
+/* Attention on the caller's threads. By default the two calls above split their work (sequences x KV heads x
+ * query blocks) over up to n_threads OpenMP threads. An engine with a thread pool of its own hands it to the cache
+ * instead, so that one set of threads serves its weight products and kvq's attention: no second team woken for each
+ * call, no two teams spinning for the same cores (kvq's CLI engine does this: src/model/tpool.h measures why).
+ * run(ctx, n_tasks, fn, arg) must call fn(arg, task, thread) exactly once for every task in 0 .. n_tasks - 1, with
+ * thread in 0 .. n_threads - 1 and no two calls running at once on the same thread index, and return when all have
+ * returned. kvq calls run from the thread that called the attention function; with n_tasks < 2 it may call fn
+ * itself. The pool must not call back into kvq for this cache from inside fn. */
+typedef void (*kvq_task_fn)(void *arg, int task, int thread);
+typedef struct kvq_thread_pool {
+    int n_threads; /* 1 .. 1024: the thread indices run passes to fn */
+    void (*run)(void *ctx, int n_tasks, kvq_task_fn fn, void *arg);
+    void *ctx; /* passed to run; borrowed until the pool is replaced or the cache freed */
+} kvq_thread_pool;
+/* pool NULL: back to OpenMP. The struct is copied. KVQ_ERR_NULL (cache, or pool->run NULL), KVQ_ERR_INVALID_ARG
+ * (n_threads outside 1 .. 1024); on error the cache keeps the pool it had. Needs exclusive access to the cache. */
+KVQ_API kvq_status kvq_cache_set_thread_pool(kvq_cache *cache, const kvq_thread_pool *pool);
 
 /* Which CPU kernels run: "avx512", "avx2" or "scalar": the best table the CPU has (AVX-512 F/BW/VL/DQ, else AVX2 +
  * FMA, else the scalar reference). The environment, read at every attention call, changes that: KVQ_FORCE_SCALAR=1

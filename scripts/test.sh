@@ -131,19 +131,20 @@ for tier in $tiers; do
     fi
     ;;
   tsan)
-    # Only the threads test: the other tests are single-threaded apart from OpenMP, which test_threads covers too.
+    # Only the threads tests: the other tests are single-threaded apart from OpenMP, which test_threads covers too,
+    # and the engine's pool (test_tpool).
     tsan_cc=gcc
     archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | tail -1)
     if command -v clang >/dev/null && [ -n "$archer" ]; then
       tsan_cc=clang
       export OMP_TOOL_LIBRARIES="$archer" # libomp loads Archer, which tells TSan about OpenMP's synchronisation
     fi
-    build_targets=(--target test_threads)
+    build_targets=(--target test_threads test_tpool)
     if build build-tsan tsan -DCMAKE_C_COMPILER=$tsan_cc -DCMAKE_BUILD_TYPE=Debug -DKVQ_TSAN=ON -DKVQ_CUDA=OFF \
       -DKVQ_BUILD_MODEL=OFF; then
       echo "== tsan: $tsan_cc, OpenMP $(grep -q 'KVQ_OPENMP:BOOL=ON' build-tsan/CMakeCache.txt && echo on || echo off)"
       # ignore_noninstrumented_modules: races inside libomp itself (its own unannotated locks) are not kvq's
-      TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1" run_ctest build-tsan tsan -R '^core_threads$'
+      TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1" run_ctest build-tsan tsan -R '^core_(threads|tpool)$'
     fi
     unset OMP_TOOL_LIBRARIES
     ;;

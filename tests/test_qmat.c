@@ -126,15 +126,17 @@ static double worst(const float *y, const float *y0, const double *ye, const dou
 }
 
 enum { MAXN = 64 };
+static tpool *g_pools[3]; /* NULL (the caller), 2 threads, 3 threads (more than this machine may have cores) */
 
 static void check_matrix(const qmat *w, const char *what, const qmat_kernels *const *tabs, int ntab, int nmax) {
     size_t xs_n = (size_t)MAXN * (size_t)w->cols, ys_n = (size_t)MAXN * (size_t)w->rows;
     float *x = malloc(xs_n * sizeof *x), *y = malloc(ys_n * sizeof *y), *y0 = malloc(ys_n * sizeof *y0);
     double *ye = malloc(ys_n * sizeof *ye), *bd = malloc(ys_n * sizeof *bd);
-    void *wbuf = malloc(qmat_work_bytes(MAXN, w->cols));
-    if (!x || !y || !y0 || !ye || !bd || !wbuf) abort();
-    qmat_work wk;
-    qmat_work_init(&wk, wbuf, MAXN, w->cols);
+    void *wbuf = malloc(qmat_work_bytes(MAXN, w->cols, 3)), *wbuf1 = malloc(qmat_work_bytes(MAXN, w->cols, 1));
+    if (!x || !y || !y0 || !ye || !bd || !wbuf || !wbuf1) abort();
+    qmat_work wk, wk1;
+    qmat_work_init(&wk, wbuf, MAXN, w->cols, 3);
+    qmat_work_init(&wk1, wbuf1, MAXN, w->cols, 1);
     for (size_t i = 0; i < xs_n; i++) x[i] = urand();
     for (size_t i = 0; i < ys_n; i++) y0[i] = urand();
     reference(w, x, MAXN, ye, bd);
@@ -142,10 +144,10 @@ static void check_matrix(const qmat *w, const char *what, const qmat_kernels *co
     for (int k = 0; k < ntab; k++) {
         double q = 0;
         for (int n = 1; n <= nmax; n++) {
-            int acc = n % 3 == 0, thr = n % 2 ? 1 : 2;
+            int acc = n % 3 == 0;
             if (acc) memcpy(y, y0, ys_n * sizeof *y);
             else memset(y, 0xff, ys_n * sizeof *y); /* NaN: every output must be written */
-            qmat_mul_dot(tabs[k], w, x, n, y, acc, wk.xsum, thr);
+            qmat_mul_dot(tabs[k], w, x, n, y, acc, wk.xsum, g_pools[n % 3]);
             double qn = worst(y, acc ? y0 : NULL, ye, bd, (size_t)n * w->rows);
             CHECK(qn <= 1.0, "%s, %s kernels, n = %d%s: error %.3g x the bound", what, tabs[k]->name, n,
                   acc ? " (+=)" : "", qn);
@@ -153,17 +155,25 @@ static void check_matrix(const qmat *w, const char *what, const qmat_kernels *co
         }
         if (q > q_all) q_all = q;
     }
-    /* the public entry: the active table below the crossover, dequantize + sgemm at and above it */
+    /* the public entry: the active table below the crossover, dequantize + sgemm at and above it, on each pool;
+     * the last: a work sized for one thread with the 3-thread pool (the sgemm path then runs on the caller) */
     int ns[3] = {1, qmat_sgemm_min_n(), MAXN};
-    for (int i = 0; i < 3; i++) {
-        memcpy(y, y0, ys_n * sizeof *y);
-        kvq_status st = qmat_mul(w, x, ns[i], y, 1, &wk, 2);
-        double qn = st ? INFINITY : worst(y, y0, ye, bd, (size_t)ns[i] * w->rows);
-        CHECK(qn <= 1.0, "%s, qmat_mul n = %d (+=): %s, error %.3g x the bound", what, ns[i], kvq_strerror(st), qn);
-        if (qn > q_all) q_all = qn;
-    }
+    for (int i = 0; i < 3; i++)
+        for (int pi = 0; pi < 4; pi++) {
+            int nn = pi == 3 ? MAXN : ns[i];
+            memset(y, 0xff, ys_n * sizeof *y);
+            kvq_status st = qmat_mul(w, x, nn, y, 0, pi == 3 ? &wk1 : &wk, g_pools[pi % 3]);
+            double qn = st ? INFINITY : worst(y, NULL, ye, bd, (size_t)nn * w->rows);
+            CHECK(qn <= 1.0, "%s, qmat_mul n = %d, pool %d: %s, error %.3g x the bound", what, nn, pi, kvq_strerror(st), qn);
+            if (qn > q_all) q_all = qn;
+            memcpy(y, y0, ys_n * sizeof *y);
+            st = qmat_mul(w, x, nn, y, 1, pi == 3 ? &wk1 : &wk, g_pools[pi % 3]);
+            qn = st ? INFINITY : worst(y, y0, ye, bd, (size_t)nn * w->rows);
+            CHECK(qn <= 1.0, "%s, qmat_mul n = %d (+=), pool %d: %s, error %.3g x the bound", what, nn, pi, kvq_strerror(st), qn);
+            if (qn > q_all) q_all = qn;
+        }
     printf("%-28s %5d x %-5d %s: worst error %.3f of the bound\n", what, w->rows, w->cols, ggml_type_name(w->type), q_all);
-    free(x), free(y), free(y0), free(ye), free(bd), free(wbuf);
+    free(x), free(y), free(y0), free(ye), free(bd), free(wbuf), free(wbuf1);
 }
 
 static void check_errors(void) {
@@ -180,14 +190,14 @@ static void check_errors(void) {
           "NULL");
     CHECK(qmat_init(&w, GGML_Q8_0, 3, 64, buf) == KVQ_OK && w.row_bytes == 68 && qmat_bytes(&w) == 204, "Q8_0 sizes");
     float x[64 * 3] = {0}, y[8];
-    void *wkbuf = malloc(qmat_work_bytes(2, 64));
+    void *wkbuf = malloc(qmat_work_bytes(2, 64, 1));
     if (!wkbuf) abort();
     qmat_work wk;
-    qmat_work_init(&wk, wkbuf, 2, 64);
-    CHECK(qmat_mul(&w, x, 3, y, 0, &wk, 1) == KVQ_ERR_INVALID_ARG, "n beyond the work's max_n");
-    CHECK(qmat_mul(&w, x, 0, y, 0, &wk, 1) == KVQ_ERR_INVALID_ARG, "n = 0");
-    CHECK(qmat_mul(&w, NULL, 1, y, 0, &wk, 1) == KVQ_ERR_NULL, "NULL x");
-    CHECK(qmat_mul(&w, x, 2, y, 0, &wk, 1) == KVQ_OK && y[0] == 0 && y[5] == 0, "zero x, zero y");
+    qmat_work_init(&wk, wkbuf, 2, 64, 1);
+    CHECK(qmat_mul(&w, x, 3, y, 0, &wk, NULL) == KVQ_ERR_INVALID_ARG, "n beyond the work's max_n");
+    CHECK(qmat_mul(&w, x, 0, y, 0, &wk, NULL) == KVQ_ERR_INVALID_ARG, "n = 0");
+    CHECK(qmat_mul(&w, NULL, 1, y, 0, &wk, NULL) == KVQ_ERR_NULL, "NULL x");
+    CHECK(qmat_mul(&w, x, 2, y, 0, &wk, NULL) == KVQ_OK && y[0] == 0 && y[5] == 0, "zero x, zero y");
     free(wkbuf);
     /* the table follows the library's choice */
     CHECK(!strcmp(qmat_kernels_active()->name, kvq_cpu_backend()), "active table %s, library's %s",
@@ -223,7 +233,7 @@ static double now(void) {
 }
 
 /* Seconds per call of one path (dot: 1, tiles: 0), the best of 5 runs of >= 20 ms each. */
-static double time_path(const qmat *w, const float *x, int n, float *y, qmat_work *wk, int thr, int dot) {
+static double time_path(const qmat *w, const float *x, int n, float *y, qmat_work *wk, tpool *thr, int dot) {
     double best = 1e9;
     for (int rep = 0; rep < 5; rep++) {
         int calls = 0;
@@ -247,6 +257,11 @@ static int bench(const char *path, int thr) {
     static const char *const names[] = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_gate.weight",
                                         "blk.0.ffn_down.weight"};
     static const int ns[] = {1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64};
+    tpool *pool = NULL;
+    if (tpool_create(thr, -1, &pool)) {
+        fprintf(stderr, "%s\n", kvqm_last_error());
+        return 1;
+    }
     printf("%s, %d threads, %s kernels: microseconds per call, dot path / dequantize + sgemm path\n", path, thr,
            qmat_kernels_active()->name);
     printf("%-24s", "matrix");
@@ -257,24 +272,29 @@ static int bench(const char *path, int thr) {
         qmat w;
         if (!t || qmat_init(&w, t->type, (int)t->ne[1], (int)t->ne[0], t->data)) continue;
         float *x = malloc((size_t)64 * w.cols * sizeof *x), *y = malloc((size_t)64 * w.rows * sizeof *y);
-        void *buf = malloc(qmat_work_bytes(64, w.cols));
+        void *buf = malloc(qmat_work_bytes(64, w.cols, tpool_threads(pool)));
         if (!x || !y || !buf) abort();
         qmat_work wk;
-        qmat_work_init(&wk, buf, 64, w.cols);
+        qmat_work_init(&wk, buf, 64, w.cols, tpool_threads(pool));
         for (size_t i = 0; i < (size_t)64 * w.cols; i++) x[i] = urand();
         printf("%-18s %-5s", names[m] + 6, ggml_type_name(w.type));
         for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
-            printf(" %6.0f/%-6.0f", 1e6 * time_path(&w, x, ns[i], y, &wk, thr, 1), 1e6 * time_path(&w, x, ns[i], y, &wk, thr, 0));
+            printf(" %6.0f/%-6.0f", 1e6 * time_path(&w, x, ns[i], y, &wk, pool, 1), 1e6 * time_path(&w, x, ns[i], y, &wk, pool, 0));
         printf("\n");
         fflush(stdout);
         free(x), free(y), free(buf);
     }
     gguf_close(f);
+    tpool_free(pool);
     return 0;
 }
 
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench(argv[2], argc > 3 ? atoi(argv[3]) : 2);
+    if (tpool_create(2, -1, &g_pools[1]) || tpool_create(3, -1, &g_pools[2])) {
+        fprintf(stderr, "test_qmat: thread pools: %s\n", kvqm_last_error());
+        return 1;
+    }
     const qmat_kernels *tabs[3] = {&qmat_kernels_ref};
     int ntab = 1;
     if (qmat_kernels_avx2()) tabs[ntab++] = qmat_kernels_avx2();
@@ -306,5 +326,6 @@ int main(int argc, char **argv) {
     printf("%d checks, %d failed (kernel tables:", checks, failures);
     for (int k = 0; k < ntab; k++) printf(" %s", tabs[k]->name);
     printf(")\n");
+    tpool_free(g_pools[1]), tpool_free(g_pools[2]);
     return failures ? 1 : 0;
 }

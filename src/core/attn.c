@@ -3,7 +3,9 @@
  * (sequence, KV head, token chunk) items (flash-decoding), whose partial results are merged at the end. */
 #include "attn.h"
 
+#include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -447,34 +449,72 @@ static int n_threads(const kvq_cache *c) {
 #endif
 }
 
-/* Runs items [0, n) in parallel; each thread has its own scratch. */
+/* Scratch of thread i: the scratch struct, then with pre-RoPE keys its two RoPE tables [SEG][D] */
+typedef struct run_args {
+    const kvq_cache *c;
+    const kvq__kernels *K;
+    work *items;
+    const kvq_attn_params *p;
+    char *sc;
+    size_t stride;
+} run_args;
+
+static void run_task(void *arg, int i, int thread) {
+    run_args *a = arg;
+    run_work(a->c, a->K, &a->items[i], a->p, (scratch *)(void *)(a->sc + a->stride * (size_t)thread));
+}
+
+/* Runs items [0, n) in parallel (the cache's thread pool, else OpenMP); each thread has its own scratch. */
 static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_attn_params *p, const char *fn) {
     const kvq__kernels *K = pick_kernels();
-    int nt = n_threads(c);
+    int nt = c->pool.run ? c->pool.n_threads : n_threads(c);
     if (nt > n) nt = (int)n;
     if (nt < 1) nt = 1;
-    /* per thread: the scratch, then with pre-RoPE keys its two RoPE tables [SEG][D] */
+    if (c->pool.run && n > INT_MAX) return kvq__fail(KVQ_ERR_RANGE, "%s: %lld work items for a thread pool", fn, (long long)n);
     size_t one = (sizeof(scratch) + 63) / 64 * 64, tab = c->cfg.prerope ? (size_t)SEG * c->L.head_dim * sizeof(float) : 0;
-    scratch *sc = kvq__aligned_alloc(64, (one + 2 * tab) * (size_t)nt);
+    /* a pool may hand out any of its thread indices */
+    int nsc = c->pool.run ? c->pool.n_threads : nt;
+    scratch *sc = kvq__aligned_alloc(64, (one + 2 * tab) * (size_t)nsc);
     if (!sc) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for scratch", fn);
-    for (int i = 0; i < nt; i++) {
+    for (int i = 0; i < nsc; i++) {
         scratch *t = (scratch *)(void *)((char *)sc + (one + 2 * tab) * (size_t)i);
         t->rope_c = tab ? (float *)(void *)((char *)t + one) : NULL;
         t->rope_s = tab ? (float *)(void *)((char *)t + one + tab) : NULL;
         t->rope_n = 0, t->rope_t0 = 0;
+    }
+    run_args a = {c, K, items, p, (char *)sc, one + 2 * tab};
+    if (c->pool.run) {
+        if (n == 1) run_task(&a, 0, 0);
+        else c->pool.run(c->pool.ctx, (int)n, run_task, &a);
+        free(sc);
+        return KVQ_OK;
     }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
     for (int64_t i = 0; i < n; i++) {
 #ifdef _OPENMP
-        scratch *mine = (scratch *)(void *)((char *)sc + (one + 2 * tab) * (size_t)omp_get_thread_num());
+        int thread = omp_get_thread_num();
 #else
-        scratch *mine = sc;
+        int thread = 0;
 #endif
-        run_work(c, K, &items[i], p, mine);
+        run_work(c, K, &items[i], p, (scratch *)(void *)(a.sc + a.stride * (size_t)thread));
     }
     free(sc);
+    return KVQ_OK;
+}
+
+kvq_status kvq_cache_set_thread_pool(kvq_cache *c, const kvq_thread_pool *pool) {
+    const char *fn = "kvq_cache_set_thread_pool";
+    KVQ_CHECK_NULL(c, fn);
+    if (!pool) {
+        memset(&c->pool, 0, sizeof c->pool);
+        return KVQ_OK;
+    }
+    if (!pool->run) return kvq__fail(KVQ_ERR_NULL, "%s: pool->run is NULL", fn);
+    if (pool->n_threads < 1 || pool->n_threads > 1024)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: n_threads %d outside 1..1024", fn, pool->n_threads);
+    c->pool = *pool;
     return KVQ_OK;
 }
 
@@ -504,7 +544,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     /* items: (sequence, token chunk, group of up to MAX_ITEM_HEADS heads); enough of them for every thread several
      * times over, none shorter than 512 tokens */
     const int hg = H < MAX_ITEM_HEADS ? H : MAX_ITEM_HEADS, ngroups = (H + hg - 1) / hg;
-    int nt = n_threads(c);
+    int nt = c->pool.run ? c->pool.n_threads : n_threads(c);
     int64_t want = (int64_t)nt * 4, chunk = total;
     if ((int64_t)n_seqs * ngroups < want) chunk = total * ngroups / want;
     if (chunk < 512) chunk = 512;

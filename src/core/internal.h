@@ -163,6 +163,7 @@ struct kvq_cache {
      * points here), rope_kc / rope_ks [KVQ_ROPE_STEPS][D/2] cos / sin(k f_i): a segment's angles are its first
      * position's (sincos in double) advanced by these (angle addition), no table sized by the capacity */
     float *rope_f, *rope_kc, *rope_ks;
+    kvq_thread_pool pool; /* kvq_cache_set_thread_pool; run NULL: OpenMP */
 };
 
 #define KVQ_ROPE_STEPS 64 /* tokens of one attention segment (attn.c SEG) */

@@ -209,7 +209,7 @@ size_t llama_ctx_scratch_bytes(const llama_config *c, int max_batch) {
     size_t B = (size_t)(max_batch > 0 ? max_batch : 256), kv_dim = (size_t)c->n_kv_heads * (size_t)c->head_dim;
     return (size_t)c->head_dim * sizeof(float) +
            B * (2 * (size_t)c->dim + 2 * (size_t)c->q_dim + 2 * kv_dim + 2 * (size_t)c->hidden_dim) * sizeof(float) +
-           qmat_work_bytes((int)B, max_cols(c));
+           qmat_work_bytes((int)B, max_cols(c), 1); /* the same with threads, unless threads x max_cols > 4 MiB */
 }
 
 kvq_status llama_load(const gguf_file *f, llama_model **out) {
@@ -283,7 +283,7 @@ struct llama_ctx {
     int max_batch;
     int n_ctx;
     int prerope;             /* the caches take keys before RoPE (kvq.h section 10): forward appends them unroped */
-    int n_threads;           /* weight products (qmat_mul); 0: OpenMP's default */
+    tpool *pool;             /* the threads of weight products and attention (tpool.h) */
     qmat_work work;          /* qmat_mul's scratch for max_batch tokens */
     void *work_buf;
     /* scratch, sized for max_batch tokens */
@@ -316,7 +316,6 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, 
     cc.type_v = tv;
     cc.residual = p->residual;
     cc.group = p->group;
-    cc.n_threads = p->n_threads;
     cc.rotate = p->rotate;
     cc.rotation_seed = p->rotation_seed;
     /* a sliding window never sees token 0 once past it: sinks would be dead weight in the local layers */
@@ -331,6 +330,7 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, 
     cc.max_seqs = 1;
     kvq_status st;
     const char *what = two ? (kind ? " (local layers)" : " (global layers)") : "";
+    cc.n_threads = tpool_threads(x->pool);
     /* exactly the pages n_ctx tokens need; the local layers hold only their window (llama_forward releases the
      * pages before it, kvq_seq_drop_front): the window, a batch, the page the window starts in and a page being
      * filled (P = 64, or G when larger) */
@@ -352,6 +352,9 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, 
     }
     if ((st = kvq_cache_create(&cc, &x->cache[kind])))
         return kvqm_fail(st, "KV cache%s of %d tokens (%zu bytes of pages): %s", what, p->n_ctx, cc.arena_bytes, kvq_last_error());
+    kvq_thread_pool tp = tpool_as_kvq(x->pool);
+    if ((st = kvq_cache_set_thread_pool(x->cache[kind], &tp)))
+        return kvqm_fail(st, "kvq_cache_set_thread_pool: %s", kvq_last_error());
     if ((st = kvq_seq_new(x->cache[kind], &x->seq[kind]))) return kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
     return KVQ_OK;
 }
@@ -368,9 +371,13 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
-    x->n_threads = p->n_threads;
     x->prerope = p->prerope == -1 ? llama_default_prerope(p->type_k) : p->prerope;
     kvq_status st = KVQ_OK;
+    if (p->n_threads < 0 || p->n_threads > 1024) {
+        st = kvqm_fail(KVQ_ERR_INVALID_ARG, "threads %d outside 0..1024", p->n_threads);
+        goto fail;
+    }
+    if ((st = tpool_create(p->n_threads, -1, &x->pool))) goto fail;
 
     int hd = c->head_dim, n_local = 0;
     x->layer_kind = malloc((size_t)c->n_layers * sizeof *x->layer_kind);
@@ -409,8 +416,9 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->v = malloc(B * kv_dim * sizeof(float));
     x->g = malloc(B * (size_t)c->hidden_dim * sizeof(float));
     x->u = malloc(B * (size_t)c->hidden_dim * sizeof(float));
-    x->work_buf = malloc(qmat_work_bytes(x->max_batch, max_cols(c)));
-    if (x->work_buf) qmat_work_init(&x->work, x->work_buf, x->max_batch, max_cols(c));
+    int nthr = tpool_threads(x->pool);
+    x->work_buf = malloc(qmat_work_bytes(x->max_batch, max_cols(c), nthr));
+    if (x->work_buf) qmat_work_init(&x->work, x->work_buf, x->max_batch, max_cols(c), nthr);
     if (!x->x || !x->h || !x->q || !x->o || !x->k || !x->v || !x->g || !x->u || !x->work_buf) {
         st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
         goto fail;
@@ -430,6 +438,7 @@ void llama_ctx_free(llama_ctx *c) {
     free(c->layer_kind), free(c->layer_index);
     free(c->x), free(c->h), free(c->q), free(c->o), free(c->k), free(c->v), free(c->g), free(c->u);
     free(c->work_buf);
+    tpool_free(c->pool);
     free(c);
 }
 
@@ -488,7 +497,7 @@ static void rmsnorm(float *out, const float *in, const float *w, int n, int dim,
 /* Y[n][W.rows] = X[n][W.cols] W^T; accumulate 1 adds it to Y (residual adds). The shapes were checked at load and
  * n <= max_batch by llama_forward, so qmat_mul cannot fail here. */
 static void matmul(llama_ctx *c, float *Y, const float *X, const qmat *W, int n, int accumulate) {
-    qmat_mul(W, X, n, Y, accumulate, &c->work, c->n_threads);
+    qmat_mul(W, X, n, Y, accumulate, &c->work, c->pool);
 }
 
 /* Rotates every head of x by pos * inv_freq[i]: adjacent pairs (x[2i], x[2i+1]), or NeoX halves (x[i], x[i+hd/2]). */

@@ -102,7 +102,7 @@ typedef struct llama_ctx_params {
     kvq_type type_k, type_v;
     int residual;    /* -1: kvq's default */
     int group;       /* G of the grouped types; 0: kvq's default */
-    int n_threads;   /* attention and weight-product threads; 0: OpenMP's default */
+    int n_threads;   /* threads of weight products and attention (one pool, tpool.h); 0: the CPUs available */
     /* kvq.h section 10, passed to the cache as they are: -1 kvq's default for the types, 0 off (what a
      * zero-initialized llama_ctx_params gets) */
     int rotate, sinks, nonuniform;     /* sinks apply to global layers only: local (sliding-window) ones have none */

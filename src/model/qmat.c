@@ -4,16 +4,11 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "model_err.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-static int threads_or_default(int n) { return n > 0 ? n : omp_get_max_threads(); }
-#else
-static int threads_or_default(int n) { return n > 0 ? n : 1; }
-#endif
 
 /* Measured crossover of the two paths: see qmat_sgemm_min_n. */
 #define QMAT_SGEMM_MIN_N 16
@@ -232,24 +227,52 @@ void qmat_row(const qmat *w, int r, float *out) {
     gguf_dequantize_row(w->type, w->data + (size_t)r * w->row_bytes, out, (uint64_t)w->cols);
 }
 
-/* The tile holds at least one row, however long. */
-static size_t tile_floats(int max_cols) { return max_cols > QMAT_TILE_FLOATS ? (size_t)max_cols : QMAT_TILE_FLOATS; }
-
-size_t qmat_work_bytes(int max_n, int max_cols) {
-    return ((size_t)max_n * (size_t)(max_cols / 32 + 1) + tile_floats(max_cols)) * sizeof(float);
+/* The tile: QMAT_TILE_FLOATS, and at least one row per thread however long the rows. */
+static size_t tile_floats(int max_cols, int n_threads) {
+    size_t need = (size_t)max_cols * (size_t)(n_threads > 1 ? n_threads : 1);
+    return need > QMAT_TILE_FLOATS ? need : QMAT_TILE_FLOATS;
 }
 
-void qmat_work_init(qmat_work *wk, void *buf, int max_n, int max_cols) {
+size_t qmat_work_bytes(int max_n, int max_cols, int n_threads) {
+    return ((size_t)max_n * (size_t)(max_cols / 32 + 1) + tile_floats(max_cols, n_threads)) * sizeof(float);
+}
+
+void qmat_work_init(qmat_work *wk, void *buf, int max_n, int max_cols, int n_threads) {
     wk->tile = buf;
-    wk->xsum = wk->tile + tile_floats(max_cols);
-    wk->max_n = max_n, wk->max_cols = max_cols;
+    wk->tile_floats = tile_floats(max_cols, n_threads);
+    wk->xsum = wk->tile + wk->tile_floats;
+    wk->max_n = max_n, wk->max_cols = max_cols, wk->n_threads = n_threads > 1 ? n_threads : 1;
 }
 
 /* Types whose kernels read the block sums of x (a min or an offset applied as m * sum(x)). */
 static int needs_xsum(uint32_t t) { return t == GGML_Q4_1 || t == GGML_Q4_K || t == GGML_Q5_K; }
 
+typedef struct dot_job {
+    qmat_dot_fn dot;
+    const qmat *w;
+    const float *x, *xsum;
+    float *y;
+    int n, accumulate, chunk;
+} dot_job;
+
+static void dot_task(void *arg, int task, int thread) {
+    (void)thread;
+    const dot_job *j = arg;
+    const qmat *w = j->w;
+    int cols = w->cols, rows = w->rows, nb = cols / 32, r0 = task * j->chunk;
+    int r1 = r0 + j->chunk < rows ? r0 + j->chunk : rows;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *wr = w->data + (size_t)r * w->row_bytes;
+        for (int t = 0; t < j->n; t++) {
+            float v = j->dot(cols, wr, j->x + (size_t)t * cols, j->xsum + (size_t)t * nb);
+            float *o = j->y + (size_t)t * rows + r;
+            *o = j->accumulate ? *o + v : v;
+        }
+    }
+}
+
 void qmat_mul_dot(const qmat_kernels *k, const qmat *w, const float *x, int n, float *y, int accumulate, float *xsum,
-                  int n_threads) {
+                  tpool *pool) {
     int cols = w->cols, rows = w->rows, nb = cols / 32;
     qmat_dot_fn dot = k->dot[w->type] ? k->dot[w->type] : qmat_kernels_ref.dot[w->type];
     if (needs_xsum(w->type))
@@ -260,21 +283,14 @@ void qmat_mul_dot(const qmat_kernels *k, const qmat *w, const float *x, int n, f
                 for (int j = 0; j < 32; j++) s += p[j];
                 xsum[(size_t)t * nb + b] = s;
             }
-    /* Rows in chunks of 16: enough work per chunk to hide the scheduling, and 16 rows of y per token stay in one
-     * cache line pair of each thread. Small matrices (< 64 rows) run on the calling thread. */
-    int nthr = rows < 64 ? 1 : threads_or_default(n_threads);
-#pragma omp parallel for schedule(static) num_threads(nthr) if (nthr > 1)
-    for (int r0 = 0; r0 < rows; r0 += 16) {
-        int r1 = r0 + 16 < rows ? r0 + 16 : rows;
-        for (int r = r0; r < r1; r++) {
-            const uint8_t *wr = w->data + (size_t)r * w->row_bytes;
-            for (int t = 0; t < n; t++) {
-                float v = dot(cols, wr, x + (size_t)t * cols, xsum + (size_t)t * nb);
-                float *o = y + (size_t)t * rows + r;
-                *o = accumulate ? *o + v : v;
-            }
-        }
-    }
+    /* About 4 chunks per thread, taken dynamically (a thread held up by the OS leaves its share to the others), each
+     * a multiple of 16 rows (16 rows of y per token share cache lines: no two threads write one line); small
+     * matrices (< 64 rows) run on the calling thread. */
+    int nthr = rows < 64 ? 1 : tpool_threads(pool);
+    int chunk = (rows + 4 * nthr - 1) / (4 * nthr);
+    chunk = (chunk + 15) / 16 * 16;
+    dot_job j = {dot, w, x, xsum, y, n, accumulate, chunk};
+    tpool_run(nthr > 1 ? pool : NULL, (rows + chunk - 1) / chunk, dot_task, &j);
 }
 
 /* Crossover of the dot path and the dequantize + sgemm path, measured with `test_qmat --bench SmolLM2.gguf T` (its
@@ -284,27 +300,55 @@ void qmat_mul_dot(const qmat_kernels *k, const qmat *w, const float *x, int n, f
  * n >= 16 takes the sgemm path. */
 int qmat_sgemm_min_n(void) { return QMAT_SGEMM_MIN_N; }
 
-void qmat_mul_tiles(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, int n_threads) {
-    int cols = w->cols, tr = (int)(tile_floats(wk->max_cols) / (size_t)cols);
-    if (tr > w->rows) tr = w->rows;
-    for (int r0 = 0; r0 < w->rows; r0 += tr) {
-        int nr = r0 + tr <= w->rows ? tr : w->rows - r0;
-#pragma omp parallel for schedule(static) num_threads(threads_or_default(n_threads))
-        for (int r = 0; r < nr; r++) qmat_row(w, r0 + r, wk->tile + (size_t)r * cols);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, cols, 1.0f, x, cols, wk->tile, cols,
-                    accumulate ? 1.0f : 0.0f, y + r0, w->rows);
-    }
+/* The pool's threads each call sgemm: OpenBLAS's own threads would only compete with them for the cores. */
+static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+static void blas_single_thread(void) { openblas_set_num_threads(1); }
+
+typedef struct tile_job {
+    const qmat *w;
+    const float *x;
+    float *y;
+    int n, accumulate, rows_per_task;
+    float *tile;
+    size_t tile_stride; /* floats of one thread's share of the tile */
+} tile_job;
+
+/* One task: rows [r0, r0 + rows_per_task) of W dequantized into this thread's share of the tile, then one sgemm
+ * on the calling thread (BLAS single-threaded: llama.c sets it, since the pool is the only set of threads). */
+static void tile_task(void *arg, int task, int thread) {
+    const tile_job *j = arg;
+    const qmat *w = j->w;
+    int cols = w->cols, r0 = task * j->rows_per_task;
+    int nr = r0 + j->rows_per_task <= w->rows ? j->rows_per_task : w->rows - r0;
+    float *tile = j->tile + j->tile_stride * (size_t)thread;
+    for (int r = 0; r < nr; r++) qmat_row(w, r0 + r, tile + (size_t)r * cols);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->n, nr, cols, 1.0f, j->x, cols, tile, cols,
+                j->accumulate ? 1.0f : 0.0f, j->y + r0, w->rows);
 }
 
-kvq_status qmat_mul(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, int n_threads) {
+void qmat_mul_tiles(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, tpool *pool) {
+    int nthr = tpool_threads(pool);
+    if (nthr > wk->n_threads) nthr = 1; /* the scratch has tiles for fewer threads than the pool hands out */
+    if (nthr > 1) pthread_once(&blas_once, blas_single_thread);
+    size_t stride = wk->tile_floats / (size_t)nthr;
+    /* rows per task: what one thread's share of the tile holds, and at most an equal share of W per thread */
+    int cap = (int)(stride / (size_t)w->cols), even = (w->rows + nthr - 1) / nthr;
+    int rpt = cap < even ? cap : even;
+    tile_job j = {w, x, y, n, accumulate, rpt, wk->tile, stride};
+    int tasks = (w->rows + rpt - 1) / rpt;
+    if (nthr == 1) pool = NULL;
+    tpool_run(pool, tasks, tile_task, &j);
+}
+
+kvq_status qmat_mul(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, tpool *pool) {
     if (!w || !x || !y || !wk) return kvqm_fail(KVQ_ERR_NULL, "qmat_mul: NULL argument");
     if (n < 1 || n > wk->max_n || w->cols > wk->max_cols)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "qmat_mul: %d tokens x %d columns (scratch for %d x %d)", n, w->cols,
                          wk->max_n, wk->max_cols);
     if (n < QMAT_SGEMM_MIN_N) {
-        qmat_mul_dot(qmat_kernels_active(), w, x, n, y, accumulate, wk->xsum, n_threads);
+        qmat_mul_dot(qmat_kernels_active(), w, x, n, y, accumulate, wk->xsum, pool);
         return KVQ_OK;
     }
-    qmat_mul_tiles(w, x, n, y, accumulate, wk, n_threads);
+    qmat_mul_tiles(w, x, n, y, accumulate, wk, pool);
     return KVQ_OK;
 }

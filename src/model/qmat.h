@@ -19,8 +19,8 @@
  * Kernels: a scalar _ref kernel per type (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16, BF16 directly on
  * the blocks; Q5_1, Q2_K, Q3_K through a per-block dequantize-then-dot fallback) and AVX2 / AVX-512 kernels for
  * Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F32, F16 and BF16. The table is chosen by the library's rule (kvq_cpu_backend():
- * KVQ_FORCE_SCALAR, KVQ_CPU_KERNELS=scalar|avx2|avx512, else the best the CPU has). Rows are split over OpenMP
- * threads. */
+ * KVQ_FORCE_SCALAR, KVQ_CPU_KERNELS=scalar|avx2|avx512, else the best the CPU has). Rows are split over the threads of a
+ * tpool (tpool.h). */
 #ifndef KVQ_QMAT_H
 #define KVQ_QMAT_H
 
@@ -29,6 +29,7 @@
 
 #include "gguf.h"
 #include "kvq.h"
+#include "tpool.h"
 
 typedef struct qmat {
     uint32_t type; /* enum ggml_ttype */
@@ -45,24 +46,29 @@ size_t qmat_bytes(const qmat *w);
 /* out[cols] = row r of W in fp32 (an embedding lookup). */
 void qmat_row(const qmat *w, int r, float *out);
 
-/* Scratch of one qmat_mul call: per-32 block sums of the activations, and one fp32 tile of W for the sgemm path.
- * qmat_work_bytes gives what max_n tokens and max_cols input columns need; the caller owns the memory. */
+/* Scratch of one qmat_mul call: per-32 block sums of the activations, and the fp32 tiles of W for the sgemm path
+ * (one share per thread). qmat_work_bytes gives what max_n tokens, max_cols input columns and n_threads threads
+ * need; the caller owns the memory. */
 typedef struct qmat_work {
-    float *xsum;  /* [max_n][max_cols / 32] */
-    float *tile;  /* [max(QMAT_TILE_FLOATS, max_cols)] */
-    int max_n, max_cols;
+    float *xsum; /* [max_n][max_cols / 32] */
+    float *tile; /* [tile_floats]: n_threads shares */
+    size_t tile_floats;
+    int max_n, max_cols, n_threads;
 } qmat_work;
-/* The largest W tile dequantized at once: 4 MiB, a whole 1536 x 576 matrix of SmolLM2, so each product is one
- * dequantize + one sgemm (1/4 of it, 1 MiB, gave 4 alternations per matrix between the OpenMP threads and
- * OpenBLAS's own and cost ~10% more CPU in prefill, measured; 16 MiB gained nothing more). */
+/* The W tiles dequantized at once, all threads together: 4 MiB, a whole 1536 x 576 matrix of SmolLM2 (1/4 of it
+ * gave 4 alternations per matrix between OpenMP's threads and OpenBLAS's own and cost ~10% more CPU in prefill, when
+ * both had threads; 16 MiB gained nothing more). */
 #define QMAT_TILE_FLOATS (1 << 20)
-size_t qmat_work_bytes(int max_n, int max_cols);
-/* xsum and tile carved out of one buffer of qmat_work_bytes(max_n, max_cols) bytes. */
-void qmat_work_init(qmat_work *wk, void *buf, int max_n, int max_cols);
+size_t qmat_work_bytes(int max_n, int max_cols, int n_threads);
+/* xsum and tile carved out of one buffer of qmat_work_bytes(max_n, max_cols, n_threads) bytes. */
+void qmat_work_init(qmat_work *wk, void *buf, int max_n, int max_cols, int n_threads);
 
-/* Y[n][rows] (= or, with accumulate, +=) X[n][cols] W^T with ldx = cols, ldy = rows. n_threads: 0 = OpenMP's
- * default. KVQ_ERR_NULL / KVQ_ERR_INVALID_ARG (n < 1, n or cols beyond the work's sizes). */
-kvq_status qmat_mul(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, int n_threads);
+/* Y[n][rows] (= or, with accumulate, +=) X[n][cols] W^T with ldx = cols, ldy = rows, on the pool's threads (NULL:
+ * the caller's alone; a pool of more threads than the work was sized for runs the sgemm path on the caller).
+ * The sgemm path calls cblas_sgemm from each pool thread, so the first product on a pool of several threads sets
+ * OpenBLAS to one thread for the process (openblas_set_num_threads(1)).
+ * KVQ_ERR_NULL / KVQ_ERR_INVALID_ARG (n < 1, n or cols beyond the work's sizes). */
+kvq_status qmat_mul(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, tpool *pool);
 /* The token count from which qmat_mul takes the dequantize + sgemm path (measured; see qmat.c). */
 int qmat_sgemm_min_n(void);
 
@@ -83,8 +89,9 @@ const qmat_kernels *qmat_kernels_avx512(void);
 const qmat_kernels *qmat_kernels_active(void);
 /* Row-parallel small-n product with a given table (qmat_mul's dot path; tests call it with every table). */
 void qmat_mul_dot(const qmat_kernels *k, const qmat *w, const float *x, int n, float *y, int accumulate, float *xsum,
-                  int n_threads);
-/* The other path: tiles of W dequantized into wk->tile, then cblas_sgemm (any n <= wk->max_n). */
-void qmat_mul_tiles(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, int n_threads);
+                  tpool *pool);
+/* The other path: row blocks of W dequantized into each thread's share of wk->tile, then cblas_sgemm per block
+ * (any n <= wk->max_n). */
+void qmat_mul_tiles(const qmat *w, const float *x, int n, float *y, int accumulate, qmat_work *wk, tpool *pool);
 
 #endif
