@@ -11,15 +11,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "cli.h"
 
 int main(int argc, char **argv) {
-    /* OpenBLAS and libkvq's OpenMP attention take turns on the same cores; OpenMP's default active wait would spin
-     * through every BLAS call (measured: decode 2 tok/s instead of 15 on 2 cores). libgomp reads the policy when
-     * it is loaded, before main, so set it and re-exec once; a user's own setting is kept. */
-    if (!getenv("OMP_WAIT_POLICY") && setenv("OMP_WAIT_POLICY", "PASSIVE", 1) == 0) execv("/proc/self/exe", argv);
+    /* No OMP_WAIT_POLICY games: the engine runs weights, attention and prefill's sgemm on its own thread pool
+     * (src/model/tpool.h), which spins between the products of a step and sleeps after. */
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
         kvq_cli_usage_main(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
