@@ -258,6 +258,13 @@ static int free_slot(world *w) {
     return -1;
 }
 
+/* A thread pool handed to the cache (kvq_cache_set_thread_pool): tasks run on the caller, thread indices spread
+ * over the pool's size, which sets attention's work split like a real pool of that size. */
+static void serial_run(void *ctx, int n_tasks, kvq_task_fn fn, void *arg) {
+    int n = *(const int *)ctx;
+    for (int i = n_tasks - 1; i >= 0; i--) fn(arg, i, i % n); /* backwards: no reliance on task order */
+}
+
 static void run_attention(world *w, rd *r, bool prefill) {
     int layer = (int)(byte(r) % NL), nb = 0, slots[MAXS];
     int32_t ids[MAXS];
@@ -279,6 +286,19 @@ static void run_attention(world *w, rd *r, bool prefill) {
     static const double qmag[4] = {1, 0.01, 10, 1};
     for (size_t i = 0; i < qn; i++) q[i] = (float)(qmag[bq & 3] * (2 * urand(w) - 1));
     if (bq & 4) q[(size_t)(urand(w) * (double)qn)] = (bq & 8) ? NAN : INFINITY;
+    static int pool_threads;
+    pool_threads = 1 + (bq >> 5 & 3) * 3;
+    kvq_thread_pool pool = {pool_threads, serial_run, &pool_threads};
+    if (bq & 16) {
+        kvq_thread_pool bad = pool;
+        bad.n_threads = (bq & 128) ? 0 : 1025;
+        snap s0 = take(w);
+        if (kvq_cache_set_thread_pool(w->c, &bad) != KVQ_ERR_INVALID_ARG) FAIL("a pool of %d threads accepted", bad.n_threads);
+        snap s1 = take(w);
+        same_or_die(&s0, &s1, "bad thread pool");
+        free(s0.data), free(s1.data);
+        if (kvq_cache_set_thread_pool(w->c, &pool)) FAIL("set_thread_pool: %s", kvq_last_error());
+    }
     for (int tb = -1; tb < n_simd; tb++) {
         if (tb < 0) setenv("KVQ_FORCE_SCALAR", "1", 1);
         else setenv("KVQ_CPU_KERNELS", simd_tables[tb], 1);
@@ -292,6 +312,7 @@ static void run_attention(world *w, rd *r, bool prefill) {
         if (st) FAIL("valid attention failed: %s", kvq_last_error());
         check_attn(w, layer, nb, slots, n_q, q, o, &p, tb >= 0);
     }
+    if (bq & 16 && kvq_cache_set_thread_pool(w->c, NULL)) FAIL("set_thread_pool(NULL): %s", kvq_last_error());
     free(q), free(o);
 }
 

@@ -3,10 +3,12 @@
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "tpool.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,7 +31,8 @@ typedef struct worker {
 
 struct tpool {
     int n;           /* threads, the caller included */
-    int64_t spin_ns; /* how long an idle worker polls before it sleeps */
+    int64_t spin_ns; /* how long a waiting thread polls before it sleeps */
+    int adaptive;    /* jobs run on the caller alone while the machine is oversubscribed (contended()) */
     pthread_t *th;   /* [n - 1] */
     worker *w;       /* [n - 1] */
     /* the job: written by tpool_run before it bumps gen (release), read by workers after they see gen (acquire) */
@@ -40,9 +43,10 @@ struct tpool {
     _Atomic int busy;     /* workers that have not finished the job */
     _Atomic unsigned gen; /* bumped for each job and for stop */
     _Atomic int stop;
-    _Atomic int sleepers; /* workers in (or entering) the condition wait */
+    _Atomic int sleepers;       /* workers in (or entering) the condition wait */
+    _Atomic int caller_waiting; /* tpool_run sleeps on `done` until busy is 0 */
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv, done;
 };
 
 static int64_t now_ns(void) {
@@ -59,17 +63,65 @@ static void take_tasks(tpool *p, int id) {
     }
 }
 
+/* Polling with a back-off, then sleep. A wait first polls with pause (a decode step's products are 10-100 us apart,
+ * so a worker polling finds the next one awake), then from YIELD_NS with sched_yield between polls, and after
+ * spin_ns it sleeps on the condition variable. On a machine with spare cores the yield returns at once; on an
+ * oversubscribed one (another job, more threads than cores) the yields and the sleep give the core back to whoever
+ * can use it, maybe the very worker this thread waits for: polling without them made decode steps ~10-70x slower
+ * beside another 2-thread job on 2 cores (measured: SmolLM2 q4 at 87-844 ms/step). */
+#define YIELD_NS 50000
+#define CALLER_SPIN_NS 20000
+static void backoff(unsigned it, int64_t *t0, int64_t *waited) {
+    if (it % 16) {
+        cpu_relax();
+        return;
+    }
+    int64_t t = now_ns();
+    if (!*t0) *t0 = t;
+    *waited = t - *t0;
+    if (*waited >= YIELD_NS) sched_yield();
+}
+
+/* Whether the machine has more runnable threads than CPUs (the 4th field of /proc/loadavg, "running/total", counts
+ * this pool's polling threads too), read at most every 20 ms. Polling on such a machine costs more than it saves:
+ * the scheduler is fair to the threads that slept, so a thread that burnt its share polling is the last to get a core
+ * when its task is ready (measured beside another 2-thread job on 2 cores: SmolLM2 q4 decode 87-521 ms/step polling,
+ * 12-39 ms/step with libgomp's passive threads, 37 ms/step on one thread). There the caller runs the job alone, and
+ * the idle workers go to sleep. Without /proc/loadavg: never contended. */
+static int contended(void) {
+    static _Atomic int64_t checked;
+    static _Atomic int busy_machine;
+    static int n_cpus;
+    int64_t t = now_ns(), c = atomic_load_explicit(&checked, memory_order_relaxed);
+    if (t - c < 20000000 || !atomic_compare_exchange_strong(&checked, &c, t))
+        return atomic_load_explicit(&busy_machine, memory_order_relaxed);
+    if (!n_cpus) { /* written by the one thread that won the exchange above, read by it alone */
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_cpus = n > 0 ? (int)n : 1;
+    }
+    int running = 0, fd = open("/proc/loadavg", O_RDONLY);
+    if (fd >= 0) {
+        char buf[128];
+        ssize_t len = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (len > 0) {
+            buf[len] = 0;
+            double a, b, d;
+            if (sscanf(buf, "%lf %lf %lf %d/", &a, &b, &d, &running) != 4) running = 0;
+        }
+    }
+    atomic_store_explicit(&busy_machine, running > n_cpus, memory_order_relaxed);
+    return running > n_cpus;
+}
+
 /* Waits until gen differs from `seen`; returns it. */
 static unsigned wait_job(tpool *p, unsigned seen) {
     unsigned g;
-    int64_t t0 = 0;
+    int64_t t0 = 0, waited = 0;
     for (unsigned it = 1;; it++) {
         if ((g = atomic_load_explicit(&p->gen, memory_order_acquire)) != seen) return g;
-        cpu_relax();
-        if (it % 256) continue;
-        int64_t t = now_ns();
-        if (!t0) t0 = t;
-        else if (t - t0 >= p->spin_ns) break;
+        if (waited >= p->spin_ns) break;
+        backoff(it, &t0, &waited);
     }
     /* Sleep. sleepers is raised before gen is read again and tpool_run bumps gen before it reads sleepers (both
      * sequentially consistent), so either this thread sees the new gen or tpool_run sees a sleeper and signals
@@ -90,7 +142,11 @@ static void *worker_main(void *a) {
         seen = wait_job(p, seen);
         if (atomic_load_explicit(&p->stop, memory_order_acquire)) return NULL;
         take_tasks(p, w->id);
-        atomic_fetch_sub_explicit(&p->busy, 1, memory_order_release);
+        if (atomic_fetch_sub(&p->busy, 1) == 1 && atomic_load(&p->caller_waiting)) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
 }
 
@@ -129,17 +185,24 @@ kvq_status tpool_create(int n_threads, int spin_us, tpool **out) {
         const char *e = getenv("KVQ_SPIN_US");
         char *end;
         long v = e && *e ? strtol(e, &end, 10) : -1;
-        spin_us = e && *e && !*end && v >= 0 && v <= 1000000 ? (int)v : 2000;
+        spin_us = e && *e && !*end && v >= 0 && v <= 1000000 ? (int)v : TPOOL_SPIN_US;
     }
     tpool *p = calloc(1, sizeof *p);
     if (!p) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for the thread pool");
     p->n = n_threads ? n_threads : cpus_available();
     p->spin_ns = (int64_t)spin_us * 1000;
+    p->adaptive = 1;
     if (pthread_mutex_init(&p->mu, NULL)) {
         free(p);
         return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "thread pool: pthread_mutex_init failed");
     }
     if (pthread_cond_init(&p->cv, NULL)) {
+        pthread_mutex_destroy(&p->mu);
+        free(p);
+        return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "thread pool: pthread_cond_init failed");
+    }
+    if (pthread_cond_init(&p->done, NULL)) {
+        pthread_cond_destroy(&p->cv);
         pthread_mutex_destroy(&p->mu);
         free(p);
         return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "thread pool: pthread_cond_init failed");
@@ -168,6 +231,7 @@ kvq_status tpool_create(int n_threads, int spin_us, tpool **out) {
 void tpool_free(tpool *p) {
     if (!p) return;
     stop_workers(p, p->n - 1);
+    pthread_cond_destroy(&p->done);
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
     free(p->th), free(p->w), free(p);
@@ -175,9 +239,13 @@ void tpool_free(tpool *p) {
 
 int tpool_threads(const tpool *p) { return p ? p->n : 1; }
 
+void tpool_set_adaptive(tpool *p, int on) {
+    if (p) p->adaptive = on != 0;
+}
+
 void tpool_run(void *pp, int n_tasks, kvq_task_fn fn, void *arg) {
     tpool *p = pp;
-    if (!p || p->n == 1 || n_tasks <= 1) {
+    if (!p || p->n == 1 || n_tasks <= 1 || (p->adaptive && contended())) {
         for (int i = 0; i < n_tasks; i++) fn(arg, i, 0);
         return;
     }
@@ -186,7 +254,23 @@ void tpool_run(void *pp, int n_tasks, kvq_task_fn fn, void *arg) {
     atomic_store_explicit(&p->busy, p->n - 1, memory_order_relaxed);
     publish(p);
     take_tasks(p, 0);
-    while (atomic_load_explicit(&p->busy, memory_order_acquire) > 0) cpu_relax();
+    /* The caller polls only briefly for the workers' last tasks, then sleeps: a worker that holds a task but has no
+     * core (another job, or this very thread on its core) finishes sooner when the caller gives its core up; a
+     * caller that polled until it was preempted cost a scheduler time slice (~3.5 ms) per product (SmolLM2 q4:
+     * 844 ms per decode step beside another job). */
+    int64_t t0 = 0, waited = 0;
+    for (unsigned it = 1; atomic_load_explicit(&p->busy, memory_order_acquire) > 0; it++) {
+        if (waited >= CALLER_SPIN_NS) {
+            /* the same handshake as the workers' sleep, on caller_waiting and busy */
+            pthread_mutex_lock(&p->mu);
+            atomic_store(&p->caller_waiting, 1);
+            while (atomic_load(&p->busy) > 0) pthread_cond_wait(&p->done, &p->mu);
+            atomic_store(&p->caller_waiting, 0);
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        backoff(it, &t0, &waited);
+    }
 }
 
 kvq_thread_pool tpool_as_kvq(tpool *p) { return (kvq_thread_pool){.n_threads = tpool_threads(p), .run = tpool_run, .ctx = p}; }

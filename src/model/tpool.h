@@ -19,12 +19,16 @@
 
 typedef struct tpool tpool;
 
-/* n_threads: 1..1024, or 0 for the CPUs this process may run on. spin_us: how long an idle worker polls for the
- * next job before it sleeps (-1: the default, 2000 us, or KVQ_SPIN_US from the environment). KVQ_ERR_INVALID_ARG,
- * KVQ_ERR_OUT_OF_MEMORY (also when a thread cannot be started). */
+/* n_threads: 1..1024, or 0 for the CPUs this process may run on. spin_us: how long a waiting thread (an idle worker,
+ * or the caller waiting for the workers) polls before it sleeps (-1: TPOOL_SPIN_US, or KVQ_SPIN_US from the
+ * environment). KVQ_ERR_INVALID_ARG, KVQ_ERR_OUT_OF_MEMORY (also when a thread cannot be started). */
+#define TPOOL_SPIN_US 1000
 kvq_status tpool_create(int n_threads, int spin_us, tpool **out);
 void tpool_free(tpool *p);
 int tpool_threads(const tpool *p);
+/* On (the default): while the machine has more runnable threads than CPUs, jobs run on the caller alone (tpool.c,
+ * contended(): polling threads lose their cores there). Off: every job on all threads (tests). */
+void tpool_set_adaptive(tpool *p, int on);
 /* fn(arg, task, thread) for every task in 0..n_tasks-1 (taken dynamically, in increasing order), thread in
  * 0..n-1 (0 is the caller). p NULL: every task on the caller, thread 0. The signature of kvq_thread_pool.run. */
 void tpool_run(void *p, int n_tasks, kvq_task_fn fn, void *arg);
