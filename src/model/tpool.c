@@ -91,13 +91,14 @@ static void backoff(unsigned it, int64_t *t0, int64_t *waited) {
 static int contended(void) {
     static _Atomic int64_t checked;
     static _Atomic int busy_machine;
-    static int n_cpus;
+    static _Atomic int n_cpus;
     int64_t t = now_ns(), c = atomic_load_explicit(&checked, memory_order_relaxed);
     if (t - c < 20000000 || !atomic_compare_exchange_strong(&checked, &c, t))
         return atomic_load_explicit(&busy_machine, memory_order_relaxed);
-    if (!n_cpus) { /* written by the one thread that won the exchange above, read by it alone */
+    int nc = atomic_load_explicit(&n_cpus, memory_order_relaxed);
+    if (!nc) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
-        n_cpus = n > 0 ? (int)n : 1;
+        atomic_store_explicit(&n_cpus, nc = n > 0 ? (int)n : 1, memory_order_relaxed);
     }
     int running = 0, fd = open("/proc/loadavg", O_RDONLY);
     if (fd >= 0) {
@@ -110,8 +111,8 @@ static int contended(void) {
             if (sscanf(buf, "%lf %lf %lf %d/", &a, &b, &d, &running) != 4) running = 0;
         }
     }
-    atomic_store_explicit(&busy_machine, running > n_cpus, memory_order_relaxed);
-    return running > n_cpus;
+    atomic_store_explicit(&busy_machine, running > nc, memory_order_relaxed);
+    return running > nc;
 }
 
 /* Waits until gen differs from `seen`; returns it. */

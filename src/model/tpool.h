@@ -1,14 +1,15 @@
 /* tpool.h: the engine's thread pool. One set of threads runs every weight product and (through
  * kvq_cache_set_thread_pool) every attention call of a forward pass.
  *
- * Why not OpenMP: a decode step is ~200 short parallel regions (7 weight products and an attention call per layer,
- * 10-100 us each on a small model). libgomp's workers that sleep between regions cost a futex wake-up each time:
- * measured on SmolLM2-135M (2-core AMD EPYC, `kvq bench --types f16 --depths 0 -n 64 -t 2`), 50 tok/s with the
- * workers as libgomp left them, 175 tok/s with GOMP_SPINCOUNT=100000 (~40% of the step was the kernel's scheduler
- * in `perf`). Making OpenMP spin is a process-wide setting read when libgomp loads, and then OpenBLAS's own threads
- * (prefill's sgemm) fight the spinning workers for the cores (prefill 190 -> 35 tok/s). This pool spins for a
- * bounded time after each job (a decode step's next product finds its workers awake), then sleeps, and runs the
- * sgemm of prefill itself: rows split over its threads, each calling a single-threaded BLAS.
+ * Why not OpenMP: a decode step is ~250 short parallel regions (7 weight products and an attention call per layer,
+ * 10-100 us each on a small model). Workers that sleep between regions pay a futex wake-up each time: SmolLM2-135M
+ * on 2 cores (`kvq bench --types f16 --depths 0 -n 64 -t 2`) ran at 50 tok/s with libgomp's passive threads and
+ * 175 tok/s with GOMP_SPINCOUNT=100000 (`perf`: ~40% of the step in the scheduler). But libgomp's spinning is a
+ * process-wide setting read when it loads, and OpenBLAS's own threads (prefill's sgemm) then fight the spinning
+ * workers for the cores (prefill 190 -> 35 tok/s). This pool polls for a bounded time after each job, so a decode
+ * step's next product finds its workers awake, then sleeps; it runs prefill's sgemm itself (rows split over its
+ * threads, each calling a single-threaded BLAS); and on an oversubscribed machine (more runnable threads than CPUs)
+ * it runs jobs on the caller alone, since polling threads lose their cores there (tpool.c, contended()).
  *
  * Threads: n (the caller included); the caller runs tasks too and returns when every task has returned. One job at
  * a time: tpool_run is not reentrant and must be called from one thread at a time. */
