@@ -75,7 +75,8 @@ static void check_pool(int n, int spin_us) {
         wrong += atomic_load(&j.bad_thread);
         used |= atomic_load(&j.used);
     }
-    CHECK(wrong == 0, "%d threads, spin %d us: %d tasks run other than once (or on a bad thread index)", n, spin_us, wrong);
+    CHECK(wrong == 0, "%d threads, spin %d us: %d tasks run other than once (or on a bad thread index)", n, spin_us,
+          wrong);
     CHECK(n == 1 ? used == 1 : (used & ~(n >= 64 ? 0ul : ~0ul << n)) == used, "%d threads: indices used %#lx", n, used);
     /* the workers take part: task 0 waits (up to 5 s) until task 1 has started, which only another thread can do
      * meanwhile (on a loaded machine a worker may take a while to be scheduled, never forever) */
@@ -163,7 +164,8 @@ static void check_attention(void) {
     int mism = 0;
     for (size_t s = 0; s < sizeof stops / sizeof stops[0]; s++) {
         int32_t n = (int32_t)(stops[s] - done);
-        for (int i = 0; i < 2; i++) CHECK_OK(kvq_append(c, 0, 1, &seq[i], &n, KVQ_DTYPE_F32, k + done * H * D, v + done * H * D));
+        for (int i = 0; i < 2; i++)
+            CHECK_OK(kvq_append(c, 0, 1, &seq[i], &n, KVQ_DTYPE_F32, k + done * H * D, v + done * H * D));
         done = stops[s];
         int nq = done >= NPRE ? NPRE : 1;
         /* decode for both sequences, prefill of the last nq queries of sequence 0: pool vs serial, bitwise */

@@ -19,8 +19,8 @@
  * Kernels: a scalar _ref kernel per type (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16, BF16 directly on
  * the blocks; Q5_1, Q2_K, Q3_K through a per-block dequantize-then-dot fallback) and AVX2 / AVX-512 kernels for
  * Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F32, F16 and BF16. The table is chosen by the library's rule (kvq_cpu_backend():
- * KVQ_FORCE_SCALAR, KVQ_CPU_KERNELS=scalar|avx2|avx512, else the best the CPU has). Rows are split over the threads of a
- * tpool (tpool.h). */
+ * KVQ_FORCE_SCALAR, KVQ_CPU_KERNELS=scalar|avx2|avx512, else the best the CPU has). Rows are split over the threads
+ * of a tpool (tpool.h). */
 #ifndef KVQ_QMAT_H
 #define KVQ_QMAT_H
 

@@ -85,9 +85,9 @@ static void backoff(unsigned it, int64_t *t0, int64_t *waited) {
 /* Whether the machine has more runnable threads than CPUs (the 4th field of /proc/loadavg, "running/total", counts
  * this pool's polling threads too), read at most every 20 ms. Polling on such a machine costs more than it saves:
  * the scheduler is fair to the threads that slept, so a thread that burnt its share polling is the last to get a core
- * when its task is ready (measured beside another 2-thread job on 2 cores: SmolLM2 q4 decode 87-521 ms/step polling,
- * 12-39 ms/step with libgomp's passive threads, 37 ms/step on one thread). There the caller runs the job alone, and
- * the idle workers go to sleep. Without /proc/loadavg: never contended. */
+ * when its task is ready (measured beside another 2-thread job on 2 cores: SmolLM2 q4 decode 87-844 ms/step with
+ * unbounded polling, 11-20 ms/step with this pool, 12-39 ms/step with libgomp's passive threads, 37 on one thread).
+ * There the caller runs the job alone, and the idle workers go to sleep. Without /proc/loadavg: never contended. */
 static int contended(void) {
     static _Atomic int64_t checked;
     static _Atomic int busy_machine;
@@ -179,7 +179,8 @@ static void stop_workers(tpool *p, int started) {
 kvq_status tpool_create(int n_threads, int spin_us, tpool **out) {
     if (!out) return kvqm_fail(KVQ_ERR_NULL, "tpool_create: NULL out");
     *out = NULL;
-    if (n_threads < 0 || n_threads > 1024) return kvqm_fail(KVQ_ERR_INVALID_ARG, "threads %d outside 0..1024", n_threads);
+    if (n_threads < 0 || n_threads > 1024)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "threads %d outside 0..1024", n_threads);
     if (spin_us < -1 || spin_us > 1000000)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "spin %d us outside -1..1000000", spin_us);
     if (spin_us == -1) {
@@ -274,4 +275,6 @@ void tpool_run(void *pp, int n_tasks, kvq_task_fn fn, void *arg) {
     }
 }
 
-kvq_thread_pool tpool_as_kvq(tpool *p) { return (kvq_thread_pool){.n_threads = tpool_threads(p), .run = tpool_run, .ctx = p}; }
+kvq_thread_pool tpool_as_kvq(tpool *p) {
+    return (kvq_thread_pool){.n_threads = tpool_threads(p), .run = tpool_run, .ctx = p};
+}
