@@ -314,7 +314,7 @@ typedef struct tile_job {
 } tile_job;
 
 /* One task: rows [r0, r0 + rows_per_task) of W dequantized into this thread's share of the tile, then one sgemm
- * on the calling thread (BLAS single-threaded: llama.c sets it, since the pool is the only set of threads). */
+ * on the calling thread (BLAS single-threaded: qmat_mul_tiles sets it once, the pool being the only threads). */
 static void tile_task(void *arg, int task, int thread) {
     const tile_job *j = arg;
     const qmat *w = j->w;
