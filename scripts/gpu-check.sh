@@ -2,7 +2,7 @@
 # On the GPU machine, from the repo root: build the CUDA backend for sm_90a, run its tests (then again under
 # compute-sanitizer memcheck in quick mode), torch SDPA timings, the decode benchmark, and the GPU Python tests.
 # Logs, CSV and markdown go to $OUT.
-# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|engine|enginetest|enginebench|peer|engine1m|engine1m8b ...] (default all;
+# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|engine|enginetest|enginebench|gemv|peerbuild|peer|engine1m|engine1m8b ...] (default all;
 #   several steps may be named; all = test bench py hf ncu: the engine steps run only when named)
 #   test: test_cuda + memcheck (quick); bench: SDPA + kvq-bench-cuda; py: GPU Python tests; hf: bench/bench_hf.py
 #   (HF="..." replaces its arguments; carry .whl for the quanto rows); ncu: Nsight Compute on one Q4 and one Q2
@@ -14,6 +14,13 @@
 #   f16, q8, q4, q2 (ENGINE_BENCH="..." replaces the bench's arguments), then 8 sequences at once at depth 4096
 #   (ENGINE_BENCH8="..."). Models go to $MODELS (default
 #   build-gpu/models: kept between calls on a warm machine, so a second call skips generating them).
+#   gemv: the decode GEMV (src/model/gemv_gpu.h): test_gemv_gpu (ctest gemv_gpu) and its --bench microbenchmark
+#   (GEMV_REPS timed launches, default 20) to $OUT/gemv-bench.csv.
+#   peerbuild: starts llama.cpp's build (below) in the background, in its own process session so that it outlives the
+#   call (nice 19; log build-peers/peer-build.log, build-peers/peer-build.rc when done); peer waits for it.
+#   NOBUILD=1: the engine steps use build-gpu as it is (a later call on a warm machine, the sources unchanged).
+#   ENGINE_BENCH_CUBLAS="...": enginebench also runs kvq bench with these arguments under KVQ_GPU_GEMV=0 (every
+#   product through cuBLAS, llama_gpu.h) to $OUT/cublas, the same-run "before" of the GEMV.
 #   peer: llama.cpp's llama-bench with CUDA on the same Llama-3-8B GGUF (bench/peers/llamacpp-bench-gpu.sh; carry
 #   build-peers/llama.cpp-0.3.36-src.tar.gz; the build alone takes minutes: give it its own call), and the table beside
 #   kvq's (bench/peers/e2e_table.py) when enginebench ran in the same call.
@@ -41,15 +48,31 @@ if want test || want bench || want py || want hf || want ncu; then
 fi
 rc=0
 named engine && steps="$steps enginetest enginebench "
-if named enginetest || named enginebench || named engine1m || named engine1m8b || named peer; then
+if named peerbuild; then
+  rm -f build-peers/peer-build.rc
+  setsid nohup nice -n 19 bash -c 'bash bench/peers/llamacpp-bench-gpu.sh build >build-peers/peer-build.log 2>&1;
+    echo $? >build-peers/peer-build.rc' >/dev/null 2>&1 </dev/null &
+  echo "llama.cpp build started in the background"
+fi
+if named enginetest || named enginebench || named engine1m || named engine1m8b || named peer || named gemv; then
   # the same build directory as the other steps (kvq_cuda's objects are reused), with the model layer on
   E=$B MODELS=${MODELS:-$B/models}
   mkdir -p "$MODELS"
-  { cmake -S . -B $E -DCMAKE_BUILD_TYPE=Release -DKVQ_CUDA=ON -DKVQ_BUILD_MODEL=ON &&
-    cmake --build $E -j16 --target kvq_cli test_model_gpu; } >"$OUT/engine-build.log" 2>&1 ||
-    { tail -40 "$OUT/engine-build.log"; exit 1; }
-  echo "engine build $(( $(date +%s) - t0 )) s"
+  if [ "${NOBUILD:-0}" = 1 ] && [ -x $E/bin/kvq ]; then
+    echo "engine build skipped (NOBUILD=1)"
+  else
+    { cmake -S . -B $E -DCMAKE_BUILD_TYPE=Release -DKVQ_CUDA=ON -DKVQ_BUILD_MODEL=ON &&
+      cmake --build $E -j16 --target kvq_cli test_model_gpu test_gemv_gpu; } >"$OUT/engine-build.log" 2>&1 ||
+      { tail -40 "$OUT/engine-build.log"; exit 1; }
+    echo "engine build $(( $(date +%s) - t0 )) s"
+  fi
   kvq=$E/bin/kvq
+fi
+if named gemv; then
+  timeout 300 $E/tests/test_gemv_gpu >"$OUT/gemv.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "test_gemv_gpu rc=$r"; grep -E "^(ok|FAIL|worst|all)" "$OUT/gemv.log" | grep -v "^ok  .*: status"
+  timeout 240 $E/tests/test_gemv_gpu --bench ${GEMV_REPS:-20} >"$OUT/gemv-bench.csv" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "test_gemv_gpu --bench rc=$r"; cat "$OUT/gemv-bench.csv"
 fi
 if named enginetest; then
   # CPU vs GPU engines, every KV type (tests/test_model_gpu.c states the bounds); the models stay in $MODELS
@@ -78,8 +101,16 @@ if named enginebench; then
   timeout 300 $kvq bench -m $l3 --gpu ${ENGINE_BENCH8:---batch 8 --types f16,q8,q4,q2 --depths 4096 -n 16} --out "$OUT/batch8" \
     >"$OUT/bench-e2e-gpu-b8.log" 2>&1
   r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu --batch 8 rc=$r"; grep -E "^\|" "$OUT/bench-e2e-gpu-b8.log"
+  if [ -n "${ENGINE_BENCH_CUBLAS:-}" ]; then
+    KVQ_GPU_GEMV=0 timeout 300 $kvq bench -m $l3 --gpu $ENGINE_BENCH_CUBLAS --out "$OUT/cublas" >"$OUT/bench-e2e-gpu-cublas.log" 2>&1
+    r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu (KVQ_GPU_GEMV=0: cuBLAS) rc=$r"; grep -E "^\|" "$OUT/bench-e2e-gpu-cublas.log"
+  fi
 fi
 if named peer; then
+  if [ -e build-peers/peer-build.log ] && [ ! -e build-peers/peer-build.rc ]; then  # peerbuild's, still running
+    for i in $(seq 100); do [ -e build-peers/peer-build.rc ] && break; sleep 3; done
+    echo "waited for the background llama.cpp build: rc $(cat build-peers/peer-build.rc 2>/dev/null || echo none)"
+  fi
   l3=$MODELS/llama3-8b-f16.gguf
   [ -s $l3 ] || { timeout 600 $kvq gen-model --shape llama3-8b --wtype f16 --ctx 131072 -o $l3 || rc=1; }
   timeout 580 bash bench/peers/llamacpp-bench-gpu.sh $l3 "$OUT" ${PEER_DEPTHS:-0,4096,32768} >"$OUT/peer.log" 2>&1

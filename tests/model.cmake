@@ -74,4 +74,9 @@ if(TARGET kvq_model_gpu AND TARGET kvq_cuda)
   add_test(NAME model_gpu COMMAND bash ${PROJECT_SOURCE_DIR}/tests/test_model_gpu.sh $<TARGET_FILE:kvq_cli>
            $<TARGET_FILE:test_model_gpu>)
   set_tests_properties(model_gpu PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 900)
+  # The engine's decode GEMV (src/model/gemv_gpu.h) against cuBLAS and a double reference (exit 77 without a GPU).
+  add_executable(test_gemv_gpu ${PROJECT_SOURCE_DIR}/tests/test_gemv_gpu.c)
+  target_link_libraries(test_gemv_gpu PRIVATE kvq_model_gpu m)
+  add_test(NAME gemv_gpu COMMAND test_gemv_gpu)
+  set_tests_properties(gemv_gpu PROPERTIES SKIP_RETURN_CODE 77 TIMEOUT 300)
 endif()

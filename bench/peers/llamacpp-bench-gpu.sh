@@ -6,6 +6,8 @@
 # without models/ and docs/ (the sdist is 73 MiB, the repack 12 MiB) so that it can travel to a GPU machine without a
 # network: the device runner's carry takes git-ignored paths, e.g. build-peers/llama.cpp-0.3.36-src.tar.gz.
 #   bench/peers/llamacpp-bench-gpu.sh pack                       (network) pip download the sdist, write the repack
+#   bench/peers/llamacpp-bench-gpu.sh build                      build only (scripts/gpu-check.sh peerbuild runs it in
+#                                                                the background while kvq builds and runs)
 #   bench/peers/llamacpp-bench-gpu.sh MODEL OUT_DIR [DEPTHS]     build (reused when there), run; writes
 #                                                                OUT_DIR/llamacpp-bench-gpu.csv (llama-bench's CSV rows)
 # Env: LLAMA_CPP_PYTHON_VERSION (0.3.36), JOBS (16), TYPES (f16,q8_0,q4_0), REPS (3).
@@ -25,7 +27,7 @@ if [ "${1:-}" = pack ]; then
   ls -la "$pack"
   exit 0
 fi
-model=${1:?MODEL} out=${2:?OUT_DIR} depths=${3:-0,4096,32768}
+if [ "${1:-}" = build ]; then model='' out='' depths=''; else model=${1:?MODEL} out=${2:?OUT_DIR} depths=${3:-0,4096,32768}; fi
 src=$top/llama.cpp-$ver-src bld=$top/llama.cpp-$ver-cuda
 bin=$bld/bin/llama-bench
 if [ ! -x "$bin" ]; then
@@ -38,6 +40,7 @@ if [ ! -x "$bin" ]; then
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
   cmake --build "$bld" -j "${JOBS:-16}" --target llama-bench >&2
 fi
+[ "${1:-}" = build ] && { echo "$bin"; exit 0; }
 mkdir -p "$out"
 csv=$out/llamacpp-bench-gpu.csv
 rm -f "$csv"

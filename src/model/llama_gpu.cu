@@ -15,6 +15,7 @@ extern "C" {  // the model layer's C headers have no C++ guards
 #include "gguf.h"
 #include "llama.h"
 }
+#include "gemv_gpu.h"
 #include "llama_gpu.h"
 #include "model_err.h"
 
@@ -63,9 +64,10 @@ __global__ void rope_split_kernel(const float *__restrict__ qkv, __half *__restr
                                   float *__restrict__ v, const float *__restrict__ inv_freq, const int32_t *__restrict__ posv,
                                   int nh, int nkv, int hd) {
     const int t = blockIdx.x, qd = nh * hd, kd = nkv * hd, half_hd = hd / 2;
+    const int tid = blockIdx.y * blockDim.x + threadIdx.x, nthr = gridDim.y * blockDim.x;  // blocks of a row
     const float *row = qkv + (size_t)t * (qd + 2 * kd);
     const double pos = (double)posv[t];
-    for (int p = threadIdx.x; p < (nh + nkv) * half_hd; p += blockDim.x) {
+    for (int p = tid; p < (nh + nkv) * half_hd; p += nthr) {
         const int head = p / half_hd, i = p % half_hd;
         double s, c;
         sincos(pos * (double)inv_freq[i], &s, &c);
@@ -81,16 +83,26 @@ __global__ void rope_split_kernel(const float *__restrict__ qkv, __half *__restr
             d[0] = y0, d[1] = y1;
         }
     }
-    for (int i = threadIdx.x; i < kd; i += blockDim.x) v[(size_t)t * kd + i] = row[qd + kd + i];
+    for (int i = tid; i < kd; i += nthr) v[(size_t)t * kd + i] = row[qd + kd + i];
 }
 
-// a[t][i] = fp16(silu(g) * u), gu[t] = [g (hid) | u (hid)]
-__global__ void swiglu_kernel(const float *__restrict__ gu, __half *__restrict__ a, int hid) {
-    const float *row = gu + (size_t)blockIdx.x * 2 * hid;
-    for (int i = threadIdx.x; i < hid; i += blockDim.x) {
-        const float g = row[i];
-        a[(size_t)blockIdx.x * hid + i] = __float2half_rn(g / (1.0f + expf(-g)) * row[hid + i]);
+// a[t][i] = fp16(silu(g) * u), gu[t] = [g (hid) | u (hid)], t < n: one element per thread over the whole grid
+// (one block per row left a decode step's 14336 elements to one multiprocessor)
+__global__ void swiglu_kernel(const float *__restrict__ gu, __half *__restrict__ a, int n, int hid) {
+    const size_t total = (size_t)n * hid;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = i / (size_t)hid, j = i % (size_t)hid;
+        const float g = gu[t * 2 * hid + j];
+        a[i] = __float2half_rn(g / (1.0f + expf(-g)) * gu[t * 2 * hid + hid + j]);
     }
+}
+
+// Launch shapes of the small kernels. Decode has one to eight rows: one 256-thread block per row left RMSNorm's
+// 4096 and RoPE's 2560 pairs to one multiprocessor each, ~10 dependent load rounds (latency, not bandwidth).
+constexpr int NORM_THREADS = 1024, ROPE_SPLIT = 8, EW_THREADS = 256;
+inline unsigned ew_blocks(size_t total) {
+    const size_t b = (total + EW_THREADS - 1) / EW_THREADS;
+    return (unsigned)(b < 8192 ? (b ? b : 1) : 8192);
 }
 
 struct Layer {
@@ -121,6 +133,12 @@ struct llama_gpu_model {
     float *output_norm = nullptr;
     std::vector<Layer> layers;
     size_t weight_bytes = 0;
+    // products of <= KVQM_GEMV_MAX_ROWS rows: gemv_gpu.cu's kernel of this shape, or cuBLAS (gemv_unroll 0);
+    // KVQ_GPU_GEMV at load (llama_gpu.h)
+    int gemv_unroll = KVQM_GEMV_UNROLL, gemv_warps = KVQM_GEMV_WARPS;
+    // launch shapes of RMSNorm, RoPE and SwiGLU: 1 = one 256-thread block per row, as before (KVQ_GPU_ONEBLOCK=1, a
+    // measurement switch, llama_gpu.h)
+    int one_block = 0;
 };
 
 struct llama_gpu_ctx {
@@ -256,6 +274,18 @@ extern "C" kvq_status llama_gpu_load(const gguf_file *f, int device, llama_gpu_m
     if (!m) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "GPU engine: out of memory");
     m->cfg = c;
     m->device = device;
+    if (const char *ob = getenv("KVQ_GPU_ONEBLOCK")) m->one_block = strcmp(ob, "1") == 0;
+    if (const char *g = getenv("KVQ_GPU_GEMV")) {  // "0": cuBLAS for every product; "U,W": the GEMV's shape
+        int u = 0, w = 0;
+        if (strcmp(g, "0") == 0) {
+            m->gemv_unroll = 0;
+        } else if (sscanf(g, "%d,%d", &u, &w) == 2 && (u == 2 || u == 4 || u == 8) && (w == 4 || w == 8)) {
+            m->gemv_unroll = u, m->gemv_warps = w;
+        } else {
+            delete m;
+            return kvqm_fail(KVQ_ERR_INVALID_ARG, "KVQ_GPU_GEMV='%.32s': 0, or U,W with U 2/4/8 and W 4/8", g);
+        }
+    }
     const int64_t dim = c.dim, kvd = (int64_t)c.n_kv_heads * c.head_dim, hid = c.hidden_dim, V = c.vocab_size;
     const size_t slab = (size_t)16 << 20;  // floats: 64 MiB on each side
     float *stage = nullptr, *dstage = nullptr;
@@ -499,8 +529,12 @@ extern "C" kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stat
     return KVQ_OK;
 }
 
-// Y[n][out] (fp32) = X[n][in] (fp16) W^T, W [out][in] fp16 row-major; beta 1 adds into Y
+// Y[n][out] (fp32) = X[n][in] (fp16) W^T, W [out][in] fp16 row-major; beta 1 adds into Y. Up to 8 rows (decode):
+// gemv_gpu.cu's kernel, each weight row read once for all rows; more rows (prefill), or arguments it does not take
+// (kvqm_gemv_f16_ok): cuBLAS.
 static kvq_status gemm(const llama_gpu_model *m, float *Y, const __half *X, const __half *W, int n, int in, int out, float beta) {
+    if (m->gemv_unroll && kvqm_gemv_f16_ok(Y, X, W, n, in, out, beta))
+        return kvqm_gemv_f16_shape(Y, X, W, n, in, out, beta, m->stream, m->gemv_unroll, m->gemv_warps);
     const float alpha = 1.0f;
     cublasStatus_t s = cublasGemmEx(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, W, CUDA_R_16F, in, X, CUDA_R_16F,
                                     in, &beta, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
@@ -542,17 +576,19 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
     CU(cudaSetDevice(m->device), "cudaSetDevice");
     cudaStream_t st = m->stream;
     CU(cudaMemcpyAsync(c->tok, ids, (size_t)n * 2 * 4, cudaMemcpyHostToDevice, st), "token ids");
-    embed_kernel<<<n, 256, 0, st>>>(m->tok_embd, c->tok, c->x, dim);
+    embed_kernel<<<n, NORM_THREADS, 0, st>>>(m->tok_embd, c->tok, c->x, dim);
     int32_t n_tok[LLAMA_GPU_MAX_SEQS];
     const int n_app = seq >= 0 ? 1 : n;  // sequences appended to
     const int32_t *app_ids = seq >= 0 ? &c->seq[seq] : c->seq;
     for (int i = 0; i < n_app; i++) n_tok[i] = seq >= 0 ? n : 1;
     kvq_status s;
+    const int norm_threads = m->one_block ? 256 : NORM_THREADS, rope_split = m->one_block ? 1 : ROPE_SPLIT;
+    const unsigned swiglu_blocks = m->one_block ? (unsigned)n : ew_blocks((size_t)n * hid);
     for (int l = 0; l < cf.n_layers; l++) {
         const Layer &L = m->layers[(size_t)l];
-        rmsnorm_kernel<<<n, 256, 0, st>>>(c->x, L.attn_norm, c->h, dim, cf.norm_eps);
+        rmsnorm_kernel<<<n, norm_threads, 0, st>>>(c->x, L.attn_norm, c->h, dim, cf.norm_eps);
         if ((s = gemm(m, c->qkv, c->h, L.wqkv, n, dim, dim + 2 * kvd, 0.0f))) return s;
-        rope_split_kernel<<<n, 256, 0, st>>>(c->qkv, c->q16, c->k, c->v, c->inv_freq, c->tok + n, cf.n_heads, cf.n_kv_heads, hd);
+        rope_split_kernel<<<dim3(n, rope_split), 256, 0, st>>>(c->qkv, c->q16, c->k, c->v, c->inv_freq, c->tok + n, cf.n_heads, cf.n_kv_heads, hd);
         CU(cudaGetLastError(), "GPU forward: kernel launch");
         if ((s = kvq_cuda_append(c->cache, l, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
             return kvqm_fail(s, "layer %d: kvq_cuda_append: %s", l, kvq_last_error());
@@ -562,15 +598,15 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
             s = kvq_cuda_attn_prefill(c->cache, l, c->seq[seq], n, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
         if (s) return kvqm_fail(s, "layer %d: kvq CUDA attention: %s", l, kvq_last_error());
         if ((s = gemm(m, c->x, c->o16, L.wo, n, dim, dim, 1.0f))) return s;  // x += o Wo^T
-        rmsnorm_kernel<<<n, 256, 0, st>>>(c->x, L.ffn_norm, c->h, dim, cf.norm_eps);
+        rmsnorm_kernel<<<n, norm_threads, 0, st>>>(c->x, L.ffn_norm, c->h, dim, cf.norm_eps);
         if ((s = gemm(m, c->gu, c->h, L.wgu, n, dim, 2 * hid, 0.0f))) return s;
-        swiglu_kernel<<<n, 256, 0, st>>>(c->gu, c->a16, hid);
+        swiglu_kernel<<<swiglu_blocks, EW_THREADS, 0, st>>>(c->gu, c->a16, n, hid);
         CU(cudaGetLastError(), "GPU forward: kernel launch");
         if ((s = gemm(m, c->x, c->a16, L.wd, n, hid, dim, 1.0f))) return s;  // x += ... Wd^T
     }
     if (!logits || logits_from >= n) return KVQ_OK;
     const int first = logits_from < 0 ? 0 : logits_from, rows = n - first;
-    rmsnorm_kernel<<<rows, 256, 0, st>>>(c->x + (size_t)first * dim, m->output_norm, c->h, dim, cf.norm_eps);
+    rmsnorm_kernel<<<rows, norm_threads, 0, st>>>(c->x + (size_t)first * dim, m->output_norm, c->h, dim, cf.norm_eps);
     CU(cudaGetLastError(), "GPU forward: kernel launch");
     if ((s = gemm(m, c->logits, c->h, m->output, rows, dim, V, 0.0f))) return s;
     CU(cudaMemcpyAsync(logits, c->logits, (size_t)rows * V * 4, cudaMemcpyDeviceToHost, st), "logits");

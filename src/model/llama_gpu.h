@@ -6,10 +6,17 @@
  *             Q4_1) through the CPU dequantizer gguf_tensor_to_f32, a slab of rows at a time (host memory: one
  *             64 MiB slab, never the model); F16 tensors are copied as they are. Norm weights stay fp32. Wq/Wk/Wv are
  *             stored as one [dim + 2 kv_dim][dim] matrix and gate/up as one [2 hidden][dim]: one GEMM each.
- *   matmuls   cublasGemmEx, fp16 operands, fp32 accumulation and fp32 output; the residual stream x is fp32 and
- *             the attention and FFN outputs are added into it by the GEMM (beta = 1)
+ *   matmuls   fp16 operands, fp32 accumulation and fp32 output; the residual stream x is fp32 and the attention
+ *             and FFN outputs are added into it by the GEMM (beta = 1). Products of up to 8 rows (decode: one token
+ *             of up to 8 sequences) run gemv_gpu.cu's kernel (gemv_gpu.h: every weight row read once for all rows),
+ *             more rows (prefill) cublasGemmEx. The environment variable KVQ_GPU_GEMV, read by llama_gpu_load,
+ *             changes that for measurements: "0" sends every product to cuBLAS, "U,W" picks the kernel's shape
+ *             (kvqm_gemv_f16_shape: U 2/4/8 loads in flight per row, W 4/8 warps per block); anything else fails
+ *             the load (KVQ_ERR_INVALID_ARG)
  *   kernels   embedding gather, RMSNorm (fp32 sums, fp16 out), RoPE on adjacent pairs (llama.c's layout: GGUF's
- *             Q/K rows are permuted for it; angles in fp64 as llama.c computes them), SwiGLU
+ *             Q/K rows are permuted for it; angles in fp64 as llama.c computes them), SwiGLU; RMSNorm a 1024-thread
+ *             block per row, RoPE 8 blocks per row, SwiGLU spread over the grid (KVQ_GPU_ONEBLOCK=1 at load: one
+ *             256-thread block per row for all three, the earlier shape, for measurements)
  *   attention kvq_cuda_append (fp32 K/V) then kvq_cuda_attn_decode for n == 1, kvq_cuda_attn_prefill for n > 1
  *             (q and the output in fp16: the kernels' tensor-core operands are fp16 anyway)
  * All work of a model goes to one CUDA stream; forward returns after the logits are on the host.
