@@ -99,7 +99,7 @@ if [ "$part" = parse ]; then
   read -r rq4 rf16 g < <("$helper" --print-lib-defaults)
   for c in run perplexity capacity passkey; do
     expect ok "$c --help states libkvq's residual ($rq4/$rf16) and group ($g)" \
-      "^ +$rq4 for q4/q2, $rf16 for the per-token types\)" -- "$kvq" $c --help
+      "^ +$rq4 for q4/q3/q2, $rf16 for the per-token types\)" -- "$kvq" $c --help
     expect ok "$c --help group default" "group size: 16, 32, 64 or 128 \(default: libkvq's, $g\)" -- "$kvq" $c --help
   done
   expect ok "tokenize --help" "usage: kvq tokenize" -- "$kvq" tokenize --help
@@ -183,7 +183,13 @@ else
   expect ok "passkey without f16 in --compare runs it first, with the note" "note: a cell that f16 fails" -- \
     "$kvq" passkey -m $M --lengths 128 --depths 50 -q --compare q8
   expect ok "capacity --mem 1GiB" "\| q4 +\| +6480 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
-  expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small" -- "$kvq" capacity -m $M --mem 100MiB
+  expect ok "capacity lists q3 between q4 and q2" "\| q3 +\| +5040 \| +[0-9]+" -- "$kvq" capacity -m $M --mem 1GiB
+  expect fail "capacity: too small a budget" "--mem 100.00 MiB is too small.*cheapest config listed \(q8\)" -- \
+    "$kvq" capacity -m $M --mem 100MiB --compare q8,q4
+  # the ratio is to an f16 cache with the same options even when f16 is not listed; the name column widens
+  expect ok "capacity --compare: its entries only, vs f16" "\| q3:sinks=4 +\| +[0-9.]+ MiB .*\| +0\.2[0-9]+x \|" -- \
+    "$kvq" capacity -m $M --ctx 32768 --compare q3:sinks=4,q8/q4
+  expect fail "capacity --compare: a bad entry" "unknown KV type 'q5'" -- "$kvq" capacity -m $M --ctx 1024 --compare q4,q5
   expect ok "capacity --ctx past the trained context warns" "past the model's trained context \(8192\)" -- \
     "$kvq" capacity -m $M --ctx 16384 --parallel 2
   expect ok "tokenize -f" "^tokens [0-9]+ fnv1a" -- "$kvq" tokenize -m $M -f "$tmp/prompt.txt"

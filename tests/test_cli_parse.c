@@ -103,7 +103,7 @@ static void test_help_defaults(void) {
         kvq_cli_opts d;
         kvq_cli_defaults(cmd, &d);
         if (cmd != KVQ_CLI_TOK) {
-            snprintf(want, sizeof want, "%d for q4/q2, %d for the per-token types", rq4, rf16);
+            snprintf(want, sizeof want, "%d for q4/q3/q2, %d for the per-token types", rq4, rf16);
             EXPECT(strstr(h, want), "kvq %s --help lacks the library's residual defaults '%s'", kvq_cli_cmd_name(cmd), want);
             snprintf(want, sizeof want, "(default: libkvq's, %d)", g);
             EXPECT(strstr(h, want), "kvq %s --help lacks the library's group '%s'", kvq_cli_cmd_name(cmd), want);
@@ -210,7 +210,7 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q8:local=q5", "local layers' types (:local=)");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q8:local=q4:local=q2", "gives :local= more than once");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type-local|q4/", "--kv-type-local");
-    rejects(KVQ_CLI_CAP, "-m|m|--kv-type-local|q4", "--kv-type-local");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--kv-type-local|q4/", "--kv-type-local");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|all", "--kv-rotate: 'all' is not one of none, k, v, kv, default");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
@@ -348,6 +348,13 @@ static void test_aliases(void) {
     EXPECT(o.ctx == 131072 && o.mem == 0, "capacity --ctx");
     o = accepts(KVQ_CLI_CAP, "-m|m|--mem|1000000");
     EXPECT(o.mem == 1e6, "plain bytes");
+    o = accepts(KVQ_CLI_CAP, "-m|m|--ctx|4096|--kv-sinks|4|--compare|q3,q8/q4:r64,q8:local=q4|--kv-type-local|q2");
+    EXPECT(o.n_compare == 3 && o.compare[0].type_k == KVQ_TYPE_Q3 && o.compare[0].sinks == 4 &&
+               o.compare[0].local_types && o.compare[0].type_k_local == KVQ_TYPE_Q2 &&
+               o.compare[1].type_v == KVQ_TYPE_Q4 && o.compare[1].residual == 64 && o.compare[2].type_k_local == KVQ_TYPE_Q4,
+           "capacity --compare inherits --kv-sinks and --kv-type-local; :local= overrides it");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--compare|q4|-ctk|q8", "option '-ctk' is not used by 'kvq capacity'");
+    rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--compare|q4,q5", "unknown KV type 'q5'");
     o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--max-file-size|1KiB");
     EXPECT(o.max_file == 1024, "--max-file-size");
     kvq_cli_opts h;

@@ -92,7 +92,7 @@ int kvq_cli_parse_u64(const char *s, uint64_t *out, const char *name, char *err,
 int kvq_cli_parse_float(const char *s, double lo, double hi, float *out, const char *name, char *err, size_t n);
 /* "4GiB", "512MiB", "2G", "1.5GB", "123456": bytes in 1 .. 2^60 (no exponent, inf or nan). */
 int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, size_t n);
-/* kvq's type names (f16, bf16, q8, fp8, q4, q2) and llama.cpp's where the meaning is close: f16, bf16, q8_0 -> q8,
+/* kvq's type names (f16, bf16, q8, fp8, q4, q3, q2) and llama.cpp's where the meaning is close: f16, bf16, q8_0 -> q8,
  * q4_1 -> q4 (4-bit with scale and min; kvq's groups differ, see the help). */
 int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n);
 /* A comma-separated list of 1..max distinct integers in lo..hi, in the order given. */

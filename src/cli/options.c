@@ -224,11 +224,11 @@ int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, 
     static const char *const unmapped[] = {"f32", "q4_0", "q5_0", "q5_1", "iq4_nl"};
     for (size_t i = 0; i < sizeof unmapped / sizeof unmapped[0]; i++)
         if (strcasecmp(s, unmapped[i]) == 0)
-            return fail(err, n, "%s: llama.cpp's type '%s' has no kvq equivalent (kvq: f16, bf16, q8, fp8, q4, q2; "
+            return fail(err, n, "%s: llama.cpp's type '%s' has no kvq equivalent (kvq: f16, bf16, q8, fp8, q4, q3, q2; "
                                 "q8_0 and q4_1 map to q8 and q4)", name, s);
     const kvq_type_traits *tr;
     if (kvq_type_from_name(s, t) != KVQ_OK || !(tr = kvq_type_get_traits(*t)) || !tr->implemented)
-        return fail(err, n, "%s: unknown KV type '%s' (f16, bf16, q8, fp8, q4, q2; llama.cpp's q8_0, q4_1)", name, s);
+        return fail(err, n, "%s: unknown KV type '%s' (f16, bf16, q8, fp8, q4, q3, q2; llama.cpp's q8_0, q4_1)", name, s);
     return 0;
 }
 
@@ -378,14 +378,14 @@ static const optdef OPTS[] = {
     {O_REPEAT_PEN, R, 1, {"--repeat-penalty"}},
     {O_REPEAT_N, R, 1, {"--repeat-last-n"}},
     {O_SEED, R | K, 1, {"-s", "--seed"}},
-    {O_COMPARE, R | P | K, 1, {"--compare"}},
+    {O_COMPARE, R | P | C | K, 1, {"--compare"}},
     {O_MEM, C, 1, {"--mem"}},
     {O_PARALLEL, C, 1, {"--parallel", "-np"}},
     {O_KV_ROTATE, R | P | C | K, 1, {"--kv-rotate"}},
     {O_KV_SINKS, R | P | C | K, 1, {"--kv-sinks"}},
     {O_KV_NUQ, R | P | C | K, 1, {"--kv-nuq"}},
     {O_KV_PREROPE, R | P | C | K, 1, {"--kv-prerope"}},
-    {O_KV_TYPE_LOCAL, R | P | K, 1, {"--kv-type-local"}},
+    {O_KV_TYPE_LOCAL, R | P | C | K, 1, {"--kv-type-local"}},
     {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
     {O_CSV, P | K, 1, {"--csv"}},
     {O_LENGTHS, K, 1, {"--lengths"}},
@@ -575,28 +575,28 @@ static void kv_help(FILE *f, int cmd) {
     kvq_cli_libdefaults lib = kvq_cli_lib_defaults();
     if (cmd != KVQ_CLI_CAP)
         fprintf(f,
-                "  --kv-type T             KV cache type of keys and values: f16, bf16, q8, fp8, q4, q2 (default %s)\n"
+                "  --kv-type T             KV cache type of keys and values: f16, bf16, q8, fp8, q4, q3, q2 (default %s)\n"
                 "  --kv-type-k T, -ctk T, --cache-type-k T   key type alone\n"
                 "  --kv-type-v T, -ctv T, --cache-type-v T   value type alone\n"
                 "                          llama.cpp's names are accepted where kvq has a type of the same kind:\n"
                 "                          q8_0 = q8 (8-bit, fp16 scale; kvq scales per token and head, not per 32),\n"
                 "                          q4_1 = q4 (4-bit, fp16 scale and min; kvq groups keys per channel over G\n"
-                "                          tokens, KIVI); f32, q4_0, q5_0, q5_1 and iq4_nl have no kvq equivalent\n"
-                "  --kv-type-local T[/T]   types (keys[/values]) of the sliding-window layers of a model that has them\n"
+                "                          tokens, KIVI); f32, q4_0, q5_0, q5_1 and iq4_nl have no kvq equivalent\n",
+                kvq_cli_type_name(d.type_k));
+    fprintf(f,  "  --kv-type-local T[/T]   types (keys[/values]) of the sliding-window layers of a model that has them\n"
                 "                          (Gemma 3: 5 local layers of window 512 for each global one); the global layers\n"
                 "                          keep --kv-type. Default: the same types as the global layers. In --compare:\n"
                 "                          ':local=T[/T]' (e.g. --compare f16,q8:local=q4). A model without local\n"
-                "                          layers ignores it. Local layers never have sinks (the window leaves token 0)\n",
-                kvq_cli_type_name(d.type_k));
+                "                          layers ignores it. Local layers never have sinks (the window leaves token 0)\n");
     fprintf(f,
             "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
-            "                          %d for q4/q2, %d for the per-token types)\n"
-            "  --group G               q4/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n"
+            "                          %d for q4/q3/q2, %d for the per-token types)\n"
+            "  --group G               q4/q3/q2 group size: 16, 32, 64 or 128 (default: libkvq's, %d)\n"
             "  --kv-rotate R           randomized Hadamard rotation of none|k|v|kv before quantizing (kvq.h section 10;\n"
             "                          default: libkvq's for the types)\n"
             "  --rotation-seed N       seed of the rotation's random signs, 0..2^32-1 (default 0: libkvq's fixed seed)\n"
             "  --kv-sinks N            the first N tokens (0..1024) stay exact fp16 (kvq.h section 10; default: libkvq's)\n"
-            "  --kv-nuq R              non-uniform quantization levels for the q4/q2 roles none|k|v|kv (kvq.h section 10;\n"
+            "  --kv-nuq R              non-uniform quantization levels for the q4/q3/q2 roles none|k|v|kv (kvq.h section 10;\n"
             "                          default: libkvq's)\n"
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
             "                          default 0: with rotated keys it costs 14-18x the decode attention time)\n",
@@ -706,7 +706,11 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "  -m, --model FILE        GGUF model (its metadata is read; the weights are not loaded)\n"
                 "  --mem SIZE              memory budget: 4GiB, 512MiB, 2G, 1.5GB, 1000000 (bytes)\n"
                 "  -c, --ctx-size N        tokens per sequence\n"
-                "  --parallel N, -np N     sequences at once, each with its own pages and windows (default %d)\n",
+                "  --parallel N, -np N     sequences at once, each with its own pages and windows (default %d)\n"
+                "  --compare LIST          the KV configs to list, in perplexity --compare's grammar (e.g.\n"
+                "                          f16,q8/q4,q4:r64,q3:sinks=4,q8:local=q4); default\n"
+                "                          f16,bf16,fp8,q8,q8/q4,q4,q3,q4/q2,q2. \"vs f16\" is against an f16 cache with\n"
+                "                          the same options\n",
                 d.parallel);
         kv_help(f, cmd);
         break;
