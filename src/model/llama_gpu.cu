@@ -153,6 +153,10 @@ struct llama_gpu_ctx {
     float *inv_freq = nullptr, *x = nullptr, *qkv = nullptr, *k = nullptr, *v = nullptr, *gu = nullptr, *logits = nullptr;
     __half *h = nullptr, *q16 = nullptr, *o16 = nullptr, *a16 = nullptr;
     int32_t *tok = nullptr;  // [2 B]: token ids, then positions
+    // CUDA graphs (llama_gpu.h, KVQ_GPU_GRAPH): graphs[n - 1][k] replays segment k of a step of n rows
+    // (segment(): the kernels between two kvq_cuda calls), instantiated on first use; 0 = every launch eager
+    int graph = 1;
+    std::vector<cudaGraphExec_t> graphs[KVQM_GEMV_MAX_ROWS];
 };
 
 #define CU(call, what)                                                                                           \
@@ -357,10 +361,19 @@ fail:
 extern "C" const llama_config *llama_gpu_config(const llama_gpu_model *m) { return m ? &m->cfg : nullptr; }
 extern "C" size_t llama_gpu_weight_bytes(const llama_gpu_model *m) { return m ? m->weight_bytes : 0; }
 
+static void free_graphs(llama_gpu_ctx *c) {
+    for (auto &v : c->graphs) {
+        for (cudaGraphExec_t g : v)
+            if (g) cudaGraphExecDestroy(g);
+        v.clear();
+    }
+}
+
 extern "C" void llama_gpu_ctx_free(llama_gpu_ctx *c) {
     if (!c) return;
     cudaSetDevice(c->m->device);
     cudaStreamSynchronize(c->m->stream);
+    free_graphs(c);
     kvq_cuda_cache_free(c->cache);
     void *bufs[] = {c->inv_freq, c->x, c->qkv, c->k, c->v, c->gu, c->logits, c->h, c->q16, c->o16, c->a16, c->tok};
     for (void *b : bufs) cudaFree(b);
@@ -389,6 +402,13 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
     x->n_seqs = n_seqs;
+    if (const char *g = getenv("KVQ_GPU_GRAPH")) {  // "0": every launch eager; "1": graphs (the default)
+        if (strcmp(g, "0") && strcmp(g, "1")) {
+            delete x;
+            return kvqm_fail(KVQ_ERR_INVALID_ARG, "KVQ_GPU_GRAPH=%s: 0 or 1", g);
+        }
+        x->graph = g[0] == '1';
+    }
     x->ap = kvq_attn_params_default(c.n_heads);
     kvq_cache_config &cc = x->cc;
     cc = kvq_cache_config_default();
@@ -453,6 +473,25 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
 fail:
     llama_gpu_ctx_free(x);
     return s;
+}
+
+extern "C" kvq_status llama_gpu_ctx_set_graph(llama_gpu_ctx *c, int on) {
+    if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_set_graph: NULL");
+    if (!on) {
+        cudaSetDevice(c->m->device);
+        cudaStreamSynchronize(c->m->stream);
+        free_graphs(c);
+    }
+    c->graph = on != 0;
+    return KVQ_OK;
+}
+
+extern "C" int llama_gpu_ctx_graphs(const llama_gpu_ctx *c) {
+    int n = 0;
+    if (c)
+        for (auto &v : c->graphs)
+            for (cudaGraphExec_t g : v) n += g != nullptr;
+    return n;
 }
 
 extern "C" kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c) {
@@ -547,12 +586,93 @@ extern "C" kvq_status llama_gpu_sync(llama_gpu_ctx *c) {
     return KVQ_OK;
 }
 
+// Segment k of the layers over n rows: the kernels between two kvq_cuda calls, which read and write only the
+// context's buffers (the token ids and positions in c->tok, copied before segment 0). k = 0: the embedding and
+// layer 0's attention input (RMSNorm, QKV product, RoPE); 1 <= k < n_layers: layer k-1's output product and FFN, then
+// layer k's attention input; k = n_layers: the last layer's output product and FFN; k = n_layers + 1: the final
+// RMSNorm and the logits of rows first .. n-1 (to c->logits).
+static kvq_status segment(llama_gpu_ctx *c, int k, int n, int first) {
+    const llama_gpu_model *m = c->m;
+    const llama_config &cf = m->cfg;
+    const int dim = cf.dim, hd = cf.head_dim, kvd = cf.n_kv_heads * hd, hid = cf.hidden_dim, V = cf.vocab_size;
+    cudaStream_t st = m->stream;
+    kvq_status s;
+    const int norm_threads = m->one_block ? 256 : NORM_THREADS, rope_split = m->one_block ? 1 : ROPE_SPLIT;
+    const unsigned swiglu_blocks = m->one_block ? (unsigned)n : ew_blocks((size_t)n * hid);
+    if (k == cf.n_layers + 1) {
+        const int rows = n - first;
+        rmsnorm_kernel<<<rows, norm_threads, 0, st>>>(c->x + (size_t)first * dim, m->output_norm, c->h, dim, cf.norm_eps);
+        CU(cudaGetLastError(), "GPU forward: kernel launch");
+        return gemm(m, c->logits, c->h, m->output, rows, dim, V, 0.0f);
+    }
+    if (k == 0) {
+        embed_kernel<<<n, NORM_THREADS, 0, st>>>(m->tok_embd, c->tok, c->x, dim);
+    } else {  // layer k - 1 after its attention
+        const Layer &L = m->layers[(size_t)(k - 1)];
+        if ((s = gemm(m, c->x, c->o16, L.wo, n, dim, dim, 1.0f))) return s;  // x += o Wo^T
+        rmsnorm_kernel<<<n, norm_threads, 0, st>>>(c->x, L.ffn_norm, c->h, dim, cf.norm_eps);
+        if ((s = gemm(m, c->gu, c->h, L.wgu, n, dim, 2 * hid, 0.0f))) return s;
+        swiglu_kernel<<<swiglu_blocks, EW_THREADS, 0, st>>>(c->gu, c->a16, n, hid);
+        CU(cudaGetLastError(), "GPU forward: kernel launch");
+        if ((s = gemm(m, c->x, c->a16, L.wd, n, hid, dim, 1.0f))) return s;  // x += ... Wd^T
+    }
+    if (k < cf.n_layers) {  // layer k up to its attention
+        const Layer &L = m->layers[(size_t)k];
+        rmsnorm_kernel<<<n, norm_threads, 0, st>>>(c->x, L.attn_norm, c->h, dim, cf.norm_eps);
+        if ((s = gemm(m, c->qkv, c->h, L.wqkv, n, dim, dim + 2 * kvd, 0.0f))) return s;
+        rope_split_kernel<<<dim3(n, rope_split), 256, 0, st>>>(c->qkv, c->q16, c->k, c->v, c->inv_freq, c->tok + n, cf.n_heads,
+                                                              cf.n_kv_heads, hd);
+    }
+    CU(cudaGetLastError(), "GPU forward: kernel launch");
+    return KVQ_OK;
+}
+
+// Segment k (above) as a CUDA graph: captured from the stream on first use and instantiated, then replayed with
+// cudaGraphLaunch. Its kernels' arguments are fixed per context and row count (buffers, weights, n), so a graph
+// needs no update between steps; the kvq_cuda calls between segments (their arguments change every step: page
+// tables, window heads, lengths, passed by value from the cache's host state) stay eager. Graphs for n <=
+// KVQM_GEMV_MAX_ROWS (decode) and the logits of every row; otherwise, with graphs off, or when a capture fails (the
+// context then stays eager), the kernels are launched directly.
+static kvq_status launch_segment(llama_gpu_ctx *c, int k, int n, int first) {
+    if (!c->graph || n > KVQM_GEMV_MAX_ROWS || first != 0) return segment(c, k, n, first);
+    std::vector<cudaGraphExec_t> &v = c->graphs[n - 1];
+    cudaStream_t st = c->m->stream;
+    if (v.empty()) {
+        try {
+            v.assign((size_t)c->m->cfg.n_layers + 2, nullptr);
+        } catch (...) {
+            return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "forward: no host memory");
+        }
+    }
+    if (!v[(size_t)k]) {
+        cudaGraph_t g = nullptr;
+        cudaGraphExec_t ge = nullptr;
+        cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        kvq_status s = KVQ_OK;
+        if (e == cudaSuccess) {
+            s = segment(c, k, n, first);
+            e = cudaStreamEndCapture(st, &g);
+        }
+        if (!s && e == cudaSuccess && g) e = cudaGraphInstantiateWithFlags(&ge, g, 0);
+        if (g) cudaGraphDestroy(g);
+        if (s || e != cudaSuccess || !ge) {  // not capturable here (e.g. a library call that allocates): stay eager
+            cudaGetLastError();
+            c->graph = 0;
+            free_graphs(c);
+            return segment(c, k, n, first);
+        }
+        v[(size_t)k] = ge;
+    }
+    CU(cudaGraphLaunch(v[(size_t)k], st), "cudaGraphLaunch");
+    return KVQ_OK;
+}
+
 // The layers over n rows: a prefill chunk of sequence `seq` (rows at its next positions), or (seq < 0) one token of
 // every sequence (row i: sequence i, at its next position). Checks first: an error leaves the cache as it was.
 static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits, int logits_from) {
     const llama_gpu_model *m = c->m;
     const llama_config &cf = m->cfg;
-    const int dim = cf.dim, hd = cf.head_dim, kvd = cf.n_kv_heads * hd, hid = cf.hidden_dim, V = cf.vocab_size;
+    const int V = cf.vocab_size;
     int32_t hostbuf[2 * 512], *pos;  // ids then positions; larger batches allocate
     std::vector<int32_t> big;
     if (n > 512) {
@@ -576,20 +696,13 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
     CU(cudaSetDevice(m->device), "cudaSetDevice");
     cudaStream_t st = m->stream;
     CU(cudaMemcpyAsync(c->tok, ids, (size_t)n * 2 * 4, cudaMemcpyHostToDevice, st), "token ids");
-    embed_kernel<<<n, NORM_THREADS, 0, st>>>(m->tok_embd, c->tok, c->x, dim);
     int32_t n_tok[LLAMA_GPU_MAX_SEQS];
     const int n_app = seq >= 0 ? 1 : n;  // sequences appended to
     const int32_t *app_ids = seq >= 0 ? &c->seq[seq] : c->seq;
     for (int i = 0; i < n_app; i++) n_tok[i] = seq >= 0 ? n : 1;
     kvq_status s;
-    const int norm_threads = m->one_block ? 256 : NORM_THREADS, rope_split = m->one_block ? 1 : ROPE_SPLIT;
-    const unsigned swiglu_blocks = m->one_block ? (unsigned)n : ew_blocks((size_t)n * hid);
+    if ((s = launch_segment(c, 0, n, 0))) return s;  // the embedding, layer 0's attention input
     for (int l = 0; l < cf.n_layers; l++) {
-        const Layer &L = m->layers[(size_t)l];
-        rmsnorm_kernel<<<n, norm_threads, 0, st>>>(c->x, L.attn_norm, c->h, dim, cf.norm_eps);
-        if ((s = gemm(m, c->qkv, c->h, L.wqkv, n, dim, dim + 2 * kvd, 0.0f))) return s;
-        rope_split_kernel<<<dim3(n, rope_split), 256, 0, st>>>(c->qkv, c->q16, c->k, c->v, c->inv_freq, c->tok + n, cf.n_heads, cf.n_kv_heads, hd);
-        CU(cudaGetLastError(), "GPU forward: kernel launch");
         if ((s = kvq_cuda_append(c->cache, l, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
             return kvqm_fail(s, "layer %d: kvq_cuda_append: %s", l, kvq_last_error());
         if (seq < 0 || n == 1)  // one query per sequence: the split decode kernel
@@ -597,18 +710,11 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
         else
             s = kvq_cuda_attn_prefill(c->cache, l, c->seq[seq], n, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
         if (s) return kvqm_fail(s, "layer %d: kvq CUDA attention: %s", l, kvq_last_error());
-        if ((s = gemm(m, c->x, c->o16, L.wo, n, dim, dim, 1.0f))) return s;  // x += o Wo^T
-        rmsnorm_kernel<<<n, norm_threads, 0, st>>>(c->x, L.ffn_norm, c->h, dim, cf.norm_eps);
-        if ((s = gemm(m, c->gu, c->h, L.wgu, n, dim, 2 * hid, 0.0f))) return s;
-        swiglu_kernel<<<swiglu_blocks, EW_THREADS, 0, st>>>(c->gu, c->a16, n, hid);
-        CU(cudaGetLastError(), "GPU forward: kernel launch");
-        if ((s = gemm(m, c->x, c->a16, L.wd, n, hid, dim, 1.0f))) return s;  // x += ... Wd^T
+        if ((s = launch_segment(c, l + 1, n, 0))) return s;  // layer l's output and FFN, layer l + 1's attention input
     }
     if (!logits || logits_from >= n) return KVQ_OK;
     const int first = logits_from < 0 ? 0 : logits_from, rows = n - first;
-    rmsnorm_kernel<<<rows, norm_threads, 0, st>>>(c->x + (size_t)first * dim, m->output_norm, c->h, dim, cf.norm_eps);
-    CU(cudaGetLastError(), "GPU forward: kernel launch");
-    if ((s = gemm(m, c->logits, c->h, m->output, rows, dim, V, 0.0f))) return s;
+    if ((s = launch_segment(c, cf.n_layers + 1, n, first))) return s;  // final norm, logits
     CU(cudaMemcpyAsync(logits, c->logits, (size_t)rows * V * 4, cudaMemcpyDeviceToHost, st), "logits");
     CU(cudaStreamSynchronize(st), "GPU forward");
     return KVQ_OK;

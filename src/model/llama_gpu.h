@@ -19,6 +19,8 @@
  *             256-thread block per row for all three, the earlier shape, for measurements)
  *   attention kvq_cuda_append (fp32 K/V) then kvq_cuda_attn_decode for n == 1, kvq_cuda_attn_prefill for n > 1
  *             (q and the output in fp16: the kernels' tensor-core operands are fp16 anyway)
+ *   graphs    a decode step's kernels between the kvq_cuda calls replayed as CUDA graphs (KVQ_GPU_GRAPH=0 turns
+ *             it off; llama_gpu_ctx_set_graph below says what is captured and what is not)
  * All work of a model goes to one CUDA stream; forward returns after the logits are on the host.
  * Limits: architecture "llama" only; head_dim 64 or 128 and <= 8 query heads per KV head (kvq_cuda.h section 4);
  * pre-RoPE keys and non-uniform levels are not on the GPU (refused at context creation). Every layer is on the GPU
@@ -87,6 +89,23 @@ kvq_status llama_gpu_forward_seq(llama_gpu_ctx *c, int seq, const int32_t *token
  * Every sequence must have room for one more token (else KVQ_ERR_CACHE_FULL, nothing run). */
 kvq_status llama_gpu_decode_batch(llama_gpu_ctx *c, const int32_t *tokens, float *logits);
 kvq_status llama_gpu_sync(llama_gpu_ctx *c);
+
+/* CUDA graphs (on by default). A forward call of n <= 8 rows (a decode step: llama_gpu_forward of one token,
+ * llama_gpu_decode_batch) launches the kernels between two kvq_cuda calls (per layer: the output product, RMSNorm,
+ * gate/up product, SwiGLU, down product, then the next layer's RMSNorm, QKV product and RoPE; the embedding before
+ * layer 0; the final RMSNorm and logits product) as one CUDA graph each: captured from the stream the first time a
+ * context runs that segment with n rows, replayed with cudaGraphLaunch after. The kvq_cuda append and attention
+ * calls between them stay eager launches: their kernels take the cache's host-side state (page tables, window
+ * heads, lengths) by value, different every step, so capturing them would need a different kvq_cuda API. What a
+ * graph reads (activation buffers, weights, the ids and positions copied to the device first) is fixed per context,
+ * so nothing is re-captured between steps (not on reset, a window change or a new KV page). If a capture fails the
+ * context goes on without graphs. The environment variable KVQ_GPU_GRAPH, read at context creation, switches it:
+ * "0" every launch eager (the A/B and a safety switch), "1" graphs; anything else fails the creation
+ * (KVQ_ERR_INVALID_ARG). llama_gpu_ctx_set_graph does the same for one context (off frees its graphs);
+ * llama_gpu_ctx_graphs counts the graphs it holds. Results are the same either way (the same kernels, arguments
+ * and order). */
+kvq_status llama_gpu_ctx_set_graph(llama_gpu_ctx *c, int on);
+int llama_gpu_ctx_graphs(const llama_gpu_ctx *c);
 
 #ifdef __cplusplus
 }
