@@ -71,7 +71,7 @@
  * - Which GPUs a build serves is its -gencode list (src/cuda/CMakeLists.txt): by default sm_90a + sm_80 cubins
  *   (sm_80's also loads on sm_86 and sm_89) + compute_80 PTX, which the driver JIT-compiles for other GPUs (Blackwell:
  *   minutes on first use, then cached by the driver); -DKVQ_CUDA_FAT=ON builds sm_80, sm_86, sm_89, sm_90a, sm_100
- *   cubins + compute_80 PTX (several times the compile time); -DKVQ_CUDA_GENCODE="..." sets any list. A GPU below
+ *   cubins + compute_80 PTX (1.8x the default's compile time); -DKVQ_CUDA_GENCODE="..." sets any list. A GPU below
  *   8.0, or one the build has no code for (e.g. an A100 with a build of sm_90a only), is refused by kvq_cuda_cache_create and kvq_cuda_device_count with KVQ_ERR_NO_DEVICE and a
  *   message naming the device, its compute capability and the archs of the build; a decode launch that finds no
  *   kernel image returns KVQ_ERR_NO_DEVICE too. Never a wrong result.
