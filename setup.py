@@ -6,7 +6,7 @@ CUDA rule (python/build_native.py, cuda_mode()): KVQ_CUDA=ON builds the CUDA bac
 KVQ_CUDA=OFF never does, KVQ_CUDA=AUTO builds it when CMake finds nvcc. Without KVQ_CUDA the mode is AUTO when the
 machine has an NVIDIA GPU (`nvidia-smi -L` succeeds or /dev/nvidia0 exists) and OFF otherwise: nvcc alone does not
 make pip spend minutes on kernels for a GPU the machine does not have. KVQ_CUDA_GENCODE overrides the nvcc -gencode
-flags (default sm_90a, the kernels' target). Other environment: KVQ_BUILD_JOBS (parallel build jobs, default 2),
+flags (default sm_90a + sm_80 + compute_80 PTX; KVQ_CUDA_FAT=ON: the fat binary). Other environment: KVQ_BUILD_JOBS (parallel build jobs, default 2),
 KVQ_BUILD_DIR (the CMake build directory, default build-py)."""
 import os
 import sys

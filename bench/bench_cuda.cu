@@ -168,6 +168,11 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         cudaFree(b);
     }
     printf("device %s, %d SMs; copy bandwidth %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
+    // which decode kernel the caches get (kvq_cuda.h section 1): the Hopper one on sm_90 unless KVQ_CUDA_PORTABLE=1
+    const char *penv = getenv("KVQ_CUDA_PORTABLE");
+    const bool portable = (penv && penv[0] && strcmp(penv, "0") != 0) || prop.major != 9;
+    const char *kname = portable ? "portable (cp.async pipeline, sm_80+)" : "Hopper (bulk copies, sm_90)";
+    printf("decode kernel: %s%s\n", kname, penv && portable ? " (KVQ_CUDA_PORTABLE)" : "");
     fflush(stdout);
 
     const int H = 8, D = 128, NQH = 32;
@@ -331,6 +336,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         fprintf(f, "# kvq CUDA decode benchmark\n\n");
         fprintf(f, "Device: %s (%d SMs). Measured device-to-device copy bandwidth: %.0f GB/s (bytes read + written).\n\n",
                 prop.name, prop.multiProcessorCount, copy_gbs);
+        fprintf(f, "Decode kernel: %s%s.\n\n", kname, penv && portable ? ", selected with KVQ_CUDA_PORTABLE=1" : "");
         fprintf(f, "Caches: %s.\n\n", plain ? "rotation and sinks off (--plain)"
                                              : "kvq.h section 10's defaults (q8 keys rotated; q4, q2 rotated and one sink)");
         fprintf(f, "Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, one layer; fp16 queries and "

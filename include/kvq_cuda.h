@@ -58,8 +58,23 @@
  *   the window and the quantizers; the decode/prefill kernel rotates each query as it loads it (per CTA and
  *   (row, KV head) pair: O(D log D) next to the pair's pages) and a small kernel un-rotates each output row once
  *   after the split merge (fp32 scratch, grown likewise).
- * - Built for sm_90a (H100/H200): the decode kernel uses the bulk copy engine (cp.async.bulk + mbarrier) and
- *   fp16 tensor-core MMAs with fp32 accumulation; on other GPUs create returns KVQ_ERR_NO_DEVICE.
+ * - GPUs (issue 19): compute capability 8.0 or later with code in the build. The decode/prefill kernel has two
+ *   pipelines over the same arithmetic (fp16/bf16 tensor-core MMAs, fp32 accumulation):
+ *     Hopper   (sm_90: H100/H200): a producer warp streams pages into shared memory with the bulk copy engine
+ *              (cp.async.bulk, completion on mbarriers); 200 KB ring.
+ *     portable (sm_80 and later: A100 sm_80, RTX 30xx/A10 sm_86, L4/RTX 40xx sm_89, Blackwell sm_100/sm_120):
+ *              the producer warp's 32 lanes copy 16 bytes each with cp.async and signal with
+ *              cp.async.mbarrier.arrive; 72 KB ring (fits the 99 KB of shared memory of sm_86/sm_89/sm_120).
+ *   A 9.x GPU running the build's sm_90a code gets the Hopper kernel; every other GPU gets the portable one.
+ *   KVQ_CUDA_PORTABLE=1 (any value but "" and "0"), read by kvq_cuda_cache_create, gives the cache the portable
+ *   kernel on an H100/H200 too (to test and time it there; docs/bench-cuda.md). The append kernels are plain CUDA.
+ * - Which GPUs a build serves is its -gencode list (src/cuda/CMakeLists.txt): by default sm_90a + sm_80 cubins
+ *   (sm_80's also loads on sm_86 and sm_89) + compute_80 PTX, which the driver JIT-compiles for other GPUs (Blackwell:
+ *   minutes on first use, then cached by the driver); -DKVQ_CUDA_FAT=ON builds sm_80, sm_86, sm_89, sm_90a, sm_100
+ *   cubins + compute_80 PTX (1.8x the default's compile time); -DKVQ_CUDA_GENCODE="..." sets any list. A GPU below
+ *   8.0, or one the build has no code for (e.g. an A100 with a build of sm_90a only), is refused by kvq_cuda_cache_create and kvq_cuda_device_count with KVQ_ERR_NO_DEVICE and a
+ *   message naming the device, its compute capability and the archs of the build; a decode launch that finds no
+ *   kernel image returns KVQ_ERR_NO_DEVICE too. Never a wrong result.
  */
 #ifndef KVQ_CUDA_H
 #define KVQ_CUDA_H
@@ -76,7 +91,8 @@ typedef struct CUstream_st *kvq_cuda_stream;
 /* Message of the last failing kvq_cuda_* call on this thread ("" if none). */
 KVQ_API const char *kvq_cuda_last_error(void);
 
-/* KVQ_OK and the number of usable devices (compute capability 9.0) in *n, or KVQ_ERR_NO_DEVICE with the reason. */
+/* KVQ_OK and the number of usable devices (compute capability >= 8.0 with code in this build, section 4) in *n, or
+ * KVQ_ERR_NO_DEVICE with the reason (device 0's name, compute capability and the build's archs). */
 KVQ_API kvq_status kvq_cuda_device_count(int *n);
 
 typedef struct kvq_cuda_cache kvq_cuda_cache;

@@ -69,6 +69,8 @@ def build(out_dir, build_dir=None, jobs=None, cuda=None):
            "-DKVQ_BUILD_TESTS=OFF", "-DKVQ_BUILD_BENCH=OFF", f"-DKVQ_CUDA={cuda}"]
     if os.environ.get("KVQ_CUDA_GENCODE"):
         cfg.append(f"-DKVQ_CUDA_GENCODE={os.environ['KVQ_CUDA_GENCODE']}")
+    if os.environ.get("KVQ_CUDA_FAT"):  # the fat binary (src/cuda/CMakeLists.txt): sm_80 .. sm_100 + PTX
+        cfg.append(f"-DKVQ_CUDA_FAT={os.environ['KVQ_CUDA_FAT']}")
     run(cfg, stdout=subprocess.DEVNULL)
     has_cuda = cuda != "OFF" and os.path.exists(os.path.join(build_dir, "src", "cuda"))
     targets = ["kvq_shared"] + (["kvq_cuda"] if has_cuda else [])

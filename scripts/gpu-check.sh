@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the repo root: build the CUDA backend for sm_90a, run its tests (then again under
+# On the GPU machine, from the repo root: build the CUDA backend (sm_90a + sm_80 + compute_80 PTX by default), run its tests (then again under
 # compute-sanitizer memcheck in quick mode), torch SDPA timings, the decode benchmark, and the GPU Python tests.
 # Logs, CSV and markdown go to $OUT.
-# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|engine|enginetest|enginebench|gemv|peerbuild|peer|engine1m|engine1m8b ...] (default all;
+# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|portable|engine|enginetest|enginebench|gemv|peerbuild|peer|engine1m|engine1m8b ...] (default all;
 #   several steps may be named; all = test bench py hf ncu: the engine steps run only when named)
 #   test: test_cuda + memcheck (quick); bench: SDPA + kvq-bench-cuda; py: GPU Python tests; hf: bench/bench_hf.py
 #   (HF="..." replaces its arguments; carry .whl for the quanto rows); ncu: Nsight Compute on one Q4 and one Q2
 #   decode launch (batch 8, 128k).
+#   portable (only when named; issue 19): the portable decode kernel (cp.async pipeline, what sm_80..sm_89 and
+#   sm_100+ GPUs run) on the H200, ~4 min after the build: test_cuda in quick mode (every test with the default
+#   Hopper kernel, then its second pass with KVQ_CUDA_PORTABLE=1: decode/prefill of every type at head dims 64 and
+#   128, mixed pairs, rotation and sinks against the CPU reference), compute-sanitizer racecheck and memcheck on the
+#   portable decode kernel (q4's tests; PORTABLE_SAN_TYPES="q4 f16" for more), and kvq-bench-cuda at batch 1 and 8,
+#   32k and 128k with the Hopper kernel and with KVQ_CUDA_PORTABLE=1 ($OUT/hopper, $OUT/portable; side by side in
+#   $OUT/portable-vs-hopper.md; PORTABLE_BENCH="..." replaces the benchmark's arguments). (`test` also runs the
+#   second pass, not quick.)
 #   engine = enginetest + enginebench: the engine on the GPU (the kvq CLI with CUDA and the model layer, in build-gpu/
 #   with KVQ_BUILD_MODEL=ON). enginetest: ctest model_gpu's script (CPU and GPU engines on generated SmolLM2-135M and
 #   2-layer Llama-3-8B shapes, each KV type), kvq perplexity CPU vs --gpu and kvq run -ngl 99 on the SmolLM2 shape.
@@ -40,7 +48,7 @@ named() { [[ $steps == *" $1 "* ]]; }
 B=build-gpu
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-if want test || want bench || want py || want hf || want ncu; then
+if want test || want bench || want py || want hf || want ncu || named portable; then
   { cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DKVQ_BUILD_MODEL=OFF -DKVQ_CUDA=ON &&
     cmake --build $B -j16 --target test_cuda kvq-bench-cuda kvq_shared kvq_cuda; } >"$OUT/build.log" 2>&1 ||
     { tail -40 "$OUT/build.log"; exit 1; }
@@ -133,7 +141,7 @@ if named engine1m8b; then
   r=$?; [ $r = 0 ] || rc=$r; echo "kvq bench --gpu 1M (Llama-3-8B shape) rc=$r"; cat "$OUT/bench-1m8b.log"
 fi
 if want test; then
-  timeout 300 $B/src/cuda/test_cuda >"$OUT/test.log" 2>&1; r=$?; [ $r = 0 ] || rc=$r
+  timeout 420 $B/src/cuda/test_cuda >"$OUT/test.log" 2>&1; r=$?; [ $r = 0 ] || rc=$r
   echo "test_cuda rc=$r"; grep FAIL "$OUT/test.log" | head; tail -1 "$OUT/test.log"
   KVQ_TEST_QUICK=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 $B/src/cuda/test_cuda >"$OUT/memcheck.log" 2>&1
   r=$?; [ $r = 0 ] || rc=$r; echo "memcheck rc=$r"; tail -1 "$OUT/memcheck.log"
@@ -167,6 +175,36 @@ if want ncu; then
       $B/src/cuda/kvq-bench-cuda --types $t --ctx 131072 --batch 8 --reps 3 >"$OUT/ncu-$t.txt" 2>&1
     echo "ncu $t rc=$?"; grep -E "Duration|Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Active Warps|Stall" "$OUT/ncu-$t.txt" | head -30
   done
+fi
+if named portable; then
+  tp=$(date +%s)
+  KVQ_TEST_QUICK=1 timeout 240 $B/src/cuda/test_cuda >"$OUT/test-quick-both.log" 2>&1; r=$?; [ $r = 0 ] || rc=$r
+  echo "test_cuda (quick; Hopper kernel, then the portable pass) rc=$r"; grep FAIL "$OUT/test-quick-both.log" | head
+  echo "  $(grep -c ' portable' "$OUT/test-quick-both.log") lines of the portable pass; $(tail -1 "$OUT/test-quick-both.log")"
+  for t in ${PORTABLE_SAN_TYPES:-q4}; do
+    for tool in racecheck memcheck; do
+      KVQ_CUDA_PORTABLE=1 KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t timeout 100 compute-sanitizer --tool $tool --error-exitcode 3 \
+        --kernel-name kns=decode_kernel $B/src/cuda/test_cuda >"$OUT/$tool-portable-$t.log" 2>&1
+      r=$?; [ $r = 0 ] || rc=$r; echo "$tool portable $t rc=$r"; grep -E "SUMMARY|hazard|rror" "$OUT/$tool-portable-$t.log" | head -3
+    done
+  done
+  PB=${PORTABLE_BENCH:---types f16,q8,q4,q2 --ctx 32768,131072 --batch 1,8 --reps 10}
+  for k in hopper portable; do
+    mkdir -p "$OUT/$k"
+    if [ $k = portable ]; then export KVQ_CUDA_PORTABLE=1; else unset KVQ_CUDA_PORTABLE; fi
+    timeout 150 $B/src/cuda/kvq-bench-cuda --out "$OUT/$k" $PB >"$OUT/$k/bench.log" 2>&1
+    r=$?; [ $r = 0 ] || rc=$r; echo "bench $k rc=$r"; grep -E "rror|decode kernel" "$OUT/$k/bench.log"
+  done
+  unset KVQ_CUDA_PORTABLE
+  if [ -f "$OUT/hopper/bench-cuda.csv" ] && [ -f "$OUT/portable/bench-cuda.csv" ]; then
+    { echo "| type | batch | context | Hopper µs | portable µs | portable / Hopper | portable KV GB/s |"
+      echo "|---|---:|---:|---:|---:|---:|---:|"
+      awk -F, 'NR == FNR { if (FNR > 1) h[$1 "," $2 "," $3] = $4; next }
+               FNR > 1 { k = $1 "," $2 "," $3; if (k in h) printf "| %s | %s | %s | %.1f | %.1f | %.2f | %.0f |\n", $1, $2, $3, h[k], $4, $4 / h[k], $5 }' \
+        "$OUT/hopper/bench-cuda.csv" "$OUT/portable/bench-cuda.csv"; } >"$OUT/portable-vs-hopper.md"
+    cat "$OUT/portable-vs-hopper.md"
+  fi
+  echo "portable step $(( $(date +%s) - tp )) s"
 fi
 echo "done in $(( $(date +%s) - t0 )) s"
 exit $rc

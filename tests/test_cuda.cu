@@ -6,9 +6,13 @@
 // accounting (pages_free, pages_shared) equal to the CPU cache's after every step, and their error paths.
 // kvq.h section 10 on the GPU: the same tests with the rotation (K, V, KV; seeds), attention sinks (1, 4, the most a
 // sink page holds) and the defaults (-1, resolved alike on both sides), sinks compared byte for byte too.
+// Both decode kernels (issue 19): the tests run with the device's default kernel (Hopper's on an H100/H200), then a
+// pass with KVQ_CUDA_PORTABLE=1 set at cache creation runs the decode/prefill comparisons again on the portable
+// kernel (cp.async pipeline: what sm_80..sm_89 and sm_100+ GPUs run), every type, head dims 64 and 128.
 // Without a usable GPU: prints "SKIP: <reason>" and returns 77. Environment: KVQ_TEST_QUICK=1 skips the long
 // sequences; KVQ_TEST_ONLY=<type name> runs one type's ragged tests; KVQ_TEST_ROWS=1 prints the prefill rows that
-// are off.
+// are off; KVQ_CUDA_PORTABLE=1 runs every test on the portable kernel (and skips the second pass);
+// KVQ_TEST_NO_PORTABLE=1 skips the second pass.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -72,10 +76,15 @@ static const char *tnames(kvq_type tk, int tv) {
 // Quality mechanisms of the caches make_pair builds (kvq.h section 10): 0 = off (the plain formats), -1 = defaults
 static int g_rot = 0, g_sinks = 0;
 static uint32_t g_seed = 0;
+static bool portable_env(void) {  // the caches created now get the portable decode kernel (kvq_cuda.h section 1)
+    const char *e = getenv("KVQ_CUDA_PORTABLE");
+    return e && e[0] && strcmp(e, "0") != 0;
+}
 static const char *mech_name(void) {
     static char b[64];
-    if (!g_rot && !g_sinks) return "";
-    snprintf(b, sizeof b, " rot=%d sinks=%d%s", g_rot, g_sinks, g_seed ? " seed" : "");
+    const char *port = portable_env() ? " portable" : "";
+    if (!g_rot && !g_sinks) return port;
+    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s", g_rot, g_sinks, g_seed ? " seed" : "", port);
     return b;
 }
 
@@ -369,7 +378,7 @@ static void test_long(kvq_type t, int64_t len) {
         done += n;
     }
     char what[96];
-    snprintf(what, sizeof what, "%s long %lld", tname(t), (long long)len);
+    snprintf(what, sizeof what, "%s long %lld%s", tname(t), (long long)len, mech_name());
     compare_bytes(p, ids[0], 0, what);
     compare_decode(p, 0, 2, ids, nqh, 0, 0.f, KVQ_DTYPE_F32, 2e-5, what);
     free_pair(p);
@@ -1016,6 +1025,41 @@ int main(int argc, char **argv) {
         test_long(KVQ_TYPE_Q4, 131072 + 100);
         test_long(KVQ_TYPE_F16, 40000);
         test_long(KVQ_TYPE_Q2, 40000);
+    }
+    // The portable decode kernel on the same checks: every type at head dims 128 and 64 (decode, sliding window,
+    // soft-cap, f16 I/O, subsets, prefill), every mixed pair, rotation and sinks, fork/truncate, the fused step, and
+    // (not quick) 128k. Its caches are created with KVQ_CUDA_PORTABLE=1 (read at creation).
+    if (!portable_env() && !long_only && !getenv("KVQ_TEST_NO_PORTABLE")) {
+        setenv("KVQ_CUDA_PORTABLE", "1", 1);
+        for (int ti = 0; ti < 6; ti++) {
+            kvq_type t = types[ti];
+            if (only && strcmp(only, tname(t))) continue;
+            test_ragged(t, 128, -1, KVQ_DTYPE_F32);
+            test_ragged(t, 64, -1, KVQ_DTYPE_F16);
+            if (!kvq_type_get_traits(t)->grouped) test_ragged(t, 128, 5, KVQ_DTYPE_F32);
+            else test_ragged(t, 128, 0, KVQ_DTYPE_F16);
+        }
+        if (!only) {
+            for (const auto &m : mixed) test_ragged(m[0], (&m - mixed) % 2 ? 64 : 128, -1, KVQ_DTYPE_F32, 4, m[1]);
+            test_ragged(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F16, 3);
+            g_rot = -1, g_sinks = -1;
+            test_ragged(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F32);
+            test_ragged(KVQ_TYPE_Q8, 64, 5, KVQ_DTYPE_F16);
+            test_fork_truncate(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F32);
+            g_rot = KVQ_ROLES_KV, g_sinks = 4, g_seed = 12345;
+            test_ragged(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F32);
+            test_fork_truncate(KVQ_TYPE_F16, 64, 3, KVQ_DTYPE_F16);
+            g_rot = 0, g_sinks = 0, g_seed = 0;
+            test_decode_step(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);
+            g_rot = -1, g_sinks = -1;
+            test_decode_step(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16);
+            g_rot = 0, g_sinks = 0;
+            if (!quick) {
+                test_long(KVQ_TYPE_Q4, 131072 + 100);
+                test_long(KVQ_TYPE_F16, 40000);
+            }
+        }
+        unsetenv("KVQ_CUDA_PORTABLE");
     }
     test_failalloc();
     // the fused decode step: plain and rotated/sink caches, per-token and grouped types, fp32 and fp16 I/O

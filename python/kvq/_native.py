@@ -794,7 +794,7 @@ def _driver_why(runtime_msg: str = "", cdll=None, runtime_version: int = 0) -> s
     machine without a GPU is not told that its driver is too old (which is what the CUDA runtime says when it finds
     no driver at all). runtime_msg: kvq_cuda_device_count's message; runtime_version: the CUDA version kvq's library
     was built with (CUDA's 12040 form; 0 unknown). "" when the driver and a GPU are there (runtime_msg says the
-    rest, e.g. no device of compute capability 9.0)."""
+    rest, e.g. no device of compute capability 8.0 or later with code in the build)."""
     try:
         cu = (cdll or _cdll)("libcuda.so.1")
     except OSError:
@@ -839,7 +839,7 @@ def _runtime_version() -> int:
 
 
 def cuda_available() -> Tuple[bool, str]:
-    """(True, "") when kvq's CUDA library is loaded and a usable GPU (compute capability 9.0) is there, else
+    """(True, "") when kvq's CUDA library is loaded and a usable GPU (compute capability >= 8.0) is there, else
     (False, why). The reasons are told apart: the CUDA library was not built (or cannot be loaded, or is out of
     date); no NVIDIA driver (a machine without a GPU); the driver sees no GPU; the driver is too old for the
     library; GPUs of another compute capability."""

@@ -158,8 +158,9 @@ template <class F> cudaError_t with_type(int t, F &&f) {
 
 // host-side launchers (defined in the .cu files)
 namespace kvqc {
-cudaError_t launch_decode(int type_k, int type_v, int D, const DecodeArgs &a, cudaStream_t st);
-template <int TK> cudaError_t launch_decode_k(int type_v, int D, const DecodeArgs &a, cudaStream_t st);
+// portable: the sm_80 kernel (cp.async pipeline) instead of the Hopper one (bulk copies; sm_90 only)
+cudaError_t launch_decode(int type_k, int type_v, int D, const DecodeArgs &a, cudaStream_t st, bool portable);
+template <int TK> cudaError_t launch_decode_k(int type_v, int D, const DecodeArgs &a, cudaStream_t st, bool portable);
 cudaError_t launch_append(int type_k, int type_v, int D, const AppendArgs &a, cudaStream_t st);
 cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st);
 // Rotation jobs of one launch (blockIdx.y): rows vectors of D floats from in (in_dt) to out (out_dt), x <- R x

@@ -4,8 +4,8 @@
 
 namespace kvqc {
 
-cudaError_t launch_decode(int tk, int tv, int D, const DecodeArgs &a, cudaStream_t st) {
-    return with_type(tk, [&](auto K) { return launch_decode_k<decltype(K)::value>(tv, D, a, st); });
+cudaError_t launch_decode(int tk, int tv, int D, const DecodeArgs &a, cudaStream_t st, bool portable) {
+    return with_type(tk, [&](auto K) { return launch_decode_k<decltype(K)::value>(tv, D, a, st, portable); });
 }
 
 }  // namespace kvqc

@@ -59,6 +59,37 @@ __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t by
         : "memory");
 }
 
+// ---- the portable pipeline's primitives (sm_80: cp.async and the mbarrier's init/arrive/test_wait; no bulk copies,
+// try_wait or async-proxy fences). cp.async (not .bulk) is a weak generic-proxy write by the issuing thread, so
+// no proxy fence orders the consumers' reads before the next copy into a slot: the empty barrier's release/acquire
+// does, as for any other write.
+__device__ __forceinline__ void mbar_arrive_p(uint64_t *b) {  // no sink destination (PTX 7.8 spelling on sm_80)
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_p(uint64_t *b, uint32_t parity) {  // test_wait spins: sm_80 has no try_wait
+    asm volatile(
+        "{\n.reg .pred p;\nTWAIT_%=:\n"
+        "mbarrier.test_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra TWAIT_%=;\n}\n" ::"r"(smem_u32(b)),
+        "r"(parity)
+        : "memory");
+}
+// 16 bytes global -> shared, bypassing L1 (.cg); both addresses 16-byte aligned (page blocks are padded to 16)
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+// An arrive-on of b, made by the hardware once every cp.async this thread issued before it has completed (its
+// writes visible to a thread that then observes the phase complete with test_wait). noinc: the arrival counts
+// against the count b was initialised with (32: one per producer lane).
+__device__ __forceinline__ void cp_async_arrive(uint64_t *b) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// bytes (a multiple of 16) from src to dst, 16 per lane per step, by the 32 lanes of a warp
+__device__ __forceinline__ void copy_block_p(uint8_t *dst, const uint8_t *src, int bytes, int lane) {
+    for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(dst + o, src + o);
+}
+
 // BF: bf16 operands. BF16 pages enter the MMA as they are stored (Q^T and P in bf16 too) instead of converting every
 // K and V pair to fp16 (page loop: 704 SASS instructions instead of 1349; F16 has 710).
 template <bool BF = false>
@@ -301,11 +332,15 @@ constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte re
 #ifndef KVQ_F16_SLOTS_PER_WARP
 #define KVQ_F16_SLOTS_PER_WARP 2
 #endif
-template <int TK, int TV, int D> struct Cfg {
+// PORT: the portable kernel (sm_80 and later: cp.async instead of bulk copies). Its shared memory must fit the
+// smallest opt-in limit of the GPUs it serves, 99 KB (sm_86, sm_89, sm_120; sm_80 has 163 KB, sm_90/sm_100 227 KB),
+// so its ring is 72 KB instead of 200: fewer slots, and fewer consumer warps where a slot is large.
+constexpr int PORT_SMEM_MAX = 99 * 1024;
+template <int TK, int TV, int D, bool PORT = false> struct Cfg {
     using TRK = Traits<TK, D>;
     using TRV = Traits<TV, D>;
     static constexpr int SLOT = TRK::kblk + TRV::vblk;
-    static constexpr int RING_BUDGET = 200 * 1024;
+    static constexpr int RING_BUDGET = PORT ? 72 * 1024 : 200 * 1024;
     static constexpr int NS0 = (RING_BUDGET / SLOT) > 64 ? 64 : RING_BUDGET / SLOT;
     // Page r goes to warp r % W through slot r % NS, and NS is a multiple of W, so each slot has one consumer that
     // takes its rounds in order: an mbarrier parity wait is only sound when the waiter is at most one phase ahead,
@@ -324,7 +359,17 @@ template <int TK, int TV, int D> struct Cfg {
     // The W warps' partials of a pair meet in shared memory, 4 query heads at a time: MB floats each, and (m, l)
     static constexpr int MB = 4 * D;
     static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4 + 2 * 24;
+    static_assert(SMEM <= (PORT ? PORT_SMEM_MAX : 227 * 1024), "shared memory");
 };
+
+// The Hopper kernel's device code is compiled for sm_90 only (sm_90a cubins load on 9.0 devices alone); for any other
+// target its body is a trap, never launched: the host picks it only where the loaded image came from compute_90
+// (kvq_cuda.cu, check_device). The portable kernel is compiled for every target.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+constexpr bool HOPPER_CODE = true;
+#else
+constexpr bool HOPPER_CODE = false;
+#endif
 
 struct Visible { int lo, hi; };  // unit-local valid token range
 
@@ -667,9 +712,27 @@ __device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int 
     }
 }
 
-template <int TK, int TV, int D>
-__global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(const __grid_constant__ DecodeArgs A) {
-    using C = Cfg<TK, TV, D>;
+template <int TK, int TV, int D, bool PORT>
+__device__ __forceinline__ void decode_body(const DecodeArgs &A);
+
+// PORT = false: the Hopper pipeline (bulk copies, one issuing lane, try_wait). PORT = true: the portable one. Both
+// run the same body (decode_body); only how a slot is filled, signalled and waited for differs:
+//   full[s]  Hopper: count 1, the producer's arrive.expect_tx plus the bulk copies' complete_tx bytes.
+//            Portable: count 32, one cp.async.mbarrier.arrive.noinc per producer lane, each triggered when that
+//            lane's cp.async copies of the slot have completed, so the phase ends when the whole slot has landed.
+//   empty[s] count 1 in both: lane 0 of the slot's consumer warp after a __syncwarp (the warp's reads of the slot
+//            happen before it), a release; the producer's lanes wait for it (acquire) before copying into the slot
+//            again. Hopper also needs fence.proxy.async (bulk copies write through the async proxy); cp.async does not.
+//   waits    Hopper: mbarrier.try_wait.parity; portable: mbarrier.test_wait.parity in a loop (acquire at CTA scope).
+template <int TK, int TV, int D, bool PORT>
+__global__ void __launch_bounds__(Cfg<TK, TV, D, PORT>::THREADS, 1) decode_kernel(const __grid_constant__ DecodeArgs A) {
+    if constexpr (PORT || HOPPER_CODE) decode_body<TK, TV, D, PORT>(A);
+    else __trap();
+}
+
+template <int TK, int TV, int D, bool PORT>
+__device__ __forceinline__ void decode_body(const DecodeArgs &A) {
+    using C = Cfg<TK, TV, D, PORT>;
     using TRK = Traits<TK, D>;
     using TRV = Traits<TV, D>;
     constexpr int NS = C::NS, W = C::W;
@@ -686,9 +749,11 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
     const int cta = blockIdx.x;
     const int64_t beg = (int64_t)cta * A.L, end = min(beg + A.L, A.total);
     if (threadIdx.x == 0) {
-        for (int i = 0; i < NS; i++) mbar_init(&full[i], 1), mbar_init(&empty[i], 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        for (int i = 0; i < NS; i++) mbar_init(&full[i], PORT ? 32 : 1), mbar_init(&empty[i], 1);
+        if constexpr (!PORT) {  // (portable: the __syncthreads below orders the inits before every use)
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        }
     }
     __syncthreads();
     if (beg >= end) return;
@@ -708,7 +773,18 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                 int cnt = min(32, pend - kb);
                 for (int x = 0; x < cnt; x++) {
                     int id = __shfl_sync(0xffffffffu, pid, x);
-                    if (lane == 0) {
+                    if constexpr (PORT) {  // every lane: wait for the slot, copy its share, arrive when it landed
+                        const int sl = r % NS;
+                        mbar_wait_p(&empty[sl], ((r / NS) & 1) ^ 1);
+#ifdef KVQ_NO_LOAD
+                        mbar_arrive_p(&full[sl]);
+#else
+                        const uint8_t *pg = A.arena + (int64_t)id * A.page_bytes;
+                        copy_block_p(ring + sl * C::SLOT, pg + h * TRK::kblk, TRK::kblk, lane);
+                        copy_block_p(ring + sl * C::SLOT + TRK::kblk, pg + A.v_off + h * TRV::vblk, TRV::vblk, lane);
+                        cp_async_arrive(&full[sl]);
+#endif
+                    } else if (lane == 0) {
                         const int sl = r % NS;
                         mbar_wait(&empty[sl], ((r / NS) & 1) ^ 1);
 #ifdef KVQ_NO_LOAD  // timing experiment: the consumers' arithmetic alone, on whatever the slot holds
@@ -725,6 +801,7 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
             }
             span_next(E, sp, H, pos, i);
         }
+        if constexpr (PORT) cp_async_wait_all();  // (the consumers waited for every copy already; tidy for the tools)
     } else {  // ---------------- consumers
         const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
         __half *ps = psall + warp * 8 * PS_STRIDE;
@@ -803,7 +880,8 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                 Visible vis;
                 unit_info(E, k, page, idx, vis);
                 const int rr = r + (k - k0), sl = rr % NS;
-                mbar_wait(&full[sl], (rr / NS) & 1);
+                if constexpr (PORT) mbar_wait_p(&full[sl], (rr / NS) & 1);
+                else mbar_wait(&full[sl], (rr / NS) & 1);
                 const uint8_t *kb = ring + sl * C::SLOT;
 #ifndef KVQ_NO_COMPUTE
                 do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
@@ -814,8 +892,13 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
                 // reads before it. Without the fence the copy could land before the last reads of the slot had
                 // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
                 // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                if (lane == 0) mbar_arrive(&empty[sl]);
+                // (portable: cp.async writes are generic-proxy writes; the __syncwarp ending do_unit and the release
+                // of lane 0's arrive order the warp's reads before the producer's next copy into the slot)
+                if constexpr (!PORT) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                if (lane == 0) {
+                    if constexpr (PORT) mbar_arrive_p(&empty[sl]);
+                    else mbar_arrive(&empty[sl]);
+                }
             }
             r += np;
             unraw_values<TV, D>(o);
@@ -931,35 +1014,36 @@ __global__ void __launch_bounds__(Cfg<TK, TV, D>::THREADS, 1) decode_kernel(cons
         if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow);
 }
 
-template <int TK, int TV, int D> static cudaError_t run(const DecodeArgs &a, cudaStream_t st) {
-    using C = Cfg<TK, TV, D>;
-    static_assert(C::SMEM <= 227 * 1024, "shared memory");
+template <int TK, int TV, int D, bool PORT> static cudaError_t run(const DecodeArgs &a, cudaStream_t st) {
+    using C = Cfg<TK, TV, D, PORT>;
     static bool attr_set = false;  // once per process (single-device use; harmless to repeat)
     cudaError_t e = cudaSuccess;
     if (!attr_set) {
-        e = cudaFuncSetAttribute(decode_kernel<TK, TV, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+        e = cudaFuncSetAttribute(decode_kernel<TK, TV, D, PORT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
         if (e != cudaSuccess) return e;
         attr_set = true;
     }
-    decode_kernel<TK, TV, D><<<a.n_cta, C::THREADS, C::SMEM, st>>>(a);
+    decode_kernel<TK, TV, D, PORT><<<a.n_cta, C::THREADS, C::SMEM, st>>>(a);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // synchronise after the kernel, name a failure
     if (debug && (e = cudaStreamSynchronize(st)) != cudaSuccess) {
-        fprintf(stderr, "kvq debug: decode_kernel<%d,%d,%d> failed: %s (entries %d, total %lld, L %lld, n_cta %d)\n", TK,
-                TV, D, cudaGetErrorString(e), a.n_entries, (long long)a.total, (long long)a.L, a.n_cta);
+        fprintf(stderr, "kvq debug: decode_kernel<%d,%d,%d,%s> failed: %s (entries %d, total %lld, L %lld, n_cta %d)\n",
+                TK, TV, D, PORT ? "portable" : "hopper", cudaGetErrorString(e), a.n_entries, (long long)a.total, (long long)a.L, a.n_cta);
         return e;
     }
     return cudaGetLastError();
 }
 
-template <int TK, int D> static cudaError_t run_v(int tv, const DecodeArgs &a, cudaStream_t st) {
-    return with_type(tv, [&](auto V) { return run<TK, decltype(V)::value, D>(a, st); });
+template <int TK, int D> static cudaError_t run_v(int tv, const DecodeArgs &a, cudaStream_t st, bool port) {
+    return with_type(tv, [&](auto V) {
+        return port ? run<TK, decltype(V)::value, D, true>(a, st) : run<TK, decltype(V)::value, D, false>(a, st);
+    });
 }
 
 // The kernels of key type TK, for every value type and head dim (instantiated in decode_k*.cu)
-template <int TK> cudaError_t launch_decode_k(int tv, int D, const DecodeArgs &a, cudaStream_t st) {
-    return D == 64 ? run_v<TK, 64>(tv, a, st) : run_v<TK, 128>(tv, a, st);
+template <int TK> cudaError_t launch_decode_k(int tv, int D, const DecodeArgs &a, cudaStream_t st, bool port) {
+    return D == 64 ? run_v<TK, 64>(tv, a, st, port) : run_v<TK, 128>(tv, a, st, port);
 }
 
 }  // namespace kvqc

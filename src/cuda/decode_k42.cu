@@ -2,6 +2,6 @@
 #include "decode.cuh"
 
 namespace kvqc {
-template cudaError_t launch_decode_k<KVQ_TYPE_Q4>(int, int, const DecodeArgs &, cudaStream_t);
-template cudaError_t launch_decode_k<KVQ_TYPE_Q2>(int, int, const DecodeArgs &, cudaStream_t);
+template cudaError_t launch_decode_k<KVQ_TYPE_Q4>(int, int, const DecodeArgs &, cudaStream_t, bool);
+template cudaError_t launch_decode_k<KVQ_TYPE_Q2>(int, int, const DecodeArgs &, cudaStream_t, bool);
 }  // namespace kvqc

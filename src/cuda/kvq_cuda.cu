@@ -53,6 +53,7 @@ struct kvq_cuda_cache {
     kvq_cache_config cfg;
     kvq_page_layout L;
     int device = 0, n_sm = 0;
+    bool portable = false;  // decode with the sm_80 kernel (kvq_cuda.h section 1: KVQ_CUDA_PORTABLE, non-Hopper GPUs)
     int wcap = 1, Gf = 1;
     int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
     uint8_t *arena = nullptr;
@@ -120,7 +121,79 @@ static cudaError_t grow_scratch(void **buf, size_t *bytes, size_t need, cudaStre
     return cudaSuccess;
 }
 
-static kvq_status check_device(int device, int *n_sm) {
+#ifndef KVQ_CUDA_ARCHS  // the -gencode list this library was built with (src/cuda/CMakeLists.txt)
+#define KVQ_CUDA_ARCHS "?"
+#endif
+// An empty kernel compiled like every other: which code of the fat binary the driver loads for a device (its
+// ptxVersion: 90 for the sm_90a cubin, 80 for sm_80's or for compute_80 PTX JIT-compiled, ...), or that none fits.
+__global__ void probe_kernel() {}
+
+/* Whether the build's list (KVQ_CUDA_ARCHS: "sm_90a sm_80 compute_80(PTX)") has code that loads on compute capability
+ * major.minor, by the driver's rules: an sm_XY cubin on X.Z with Z >= Y (sm_XYa: X.Y only), compute_XY PTX on any
+ * later device. Without creating a context (kvq_cuda_device_count). */
+static bool build_covers(int major, int minor) {
+    const int cc = major * 10 + minor;
+    if (!strcmp(KVQ_CUDA_ARCHS, "?")) return major >= 8;  // list unknown: cache creation's probe decides
+    for (const char *s = KVQ_CUDA_ARCHS; (s = strstr(s, "_")) != nullptr; s++) {
+        const bool ptx = s >= KVQ_CUDA_ARCHS + 7 && !strncmp(s - 7, "compute", 7);
+        int v = atoi(s + 1);
+        if (v < 80) continue;
+        const int vmaj = v / 10, vmin = v % 10;
+        const char *e = s + 1;
+        while (*e >= '0' && *e <= '9') e++;
+        const bool arch_specific = *e == 'a' || *e == 'f';
+        if (ptx ? cc >= v : arch_specific ? (vmaj == major && vmin == minor) : (vmaj == major && minor >= vmin)) return true;
+    }
+    return false;
+}
+
+/* What this build runs on device d: 0 = nothing (message set, KVQ_ERR_NO_DEVICE), else the virtual arch of the
+ * loaded code (80, 86, 89, 90, 100, ...). The current device is restored. probe: ask the driver (creates the
+ * device's context), else judge from the arch list alone. */
+static kvq_status device_code(int d, const cudaDeviceProp &p, int *arch, bool quiet, bool probe = true) {
+    *arch = 0;
+    if (!probe) {
+        if (p.major >= 8 && build_covers(p.major, p.minor)) {
+            *arch = p.major * 10 + p.minor;
+            return KVQ_OK;
+        }
+        if (quiet) return KVQ_ERR_NO_DEVICE;
+        return fail(KVQ_ERR_NO_DEVICE, "device %d (%s) has compute capability %d.%d; this build has code for %s "
+                    "(kvq's CUDA kernels need 8.0 or later; -DKVQ_CUDA_FAT=ON or KVQ_CUDA_GENCODE for other GPUs)", d,
+                    p.name, p.major, p.minor, KVQ_CUDA_ARCHS);
+    }
+    if (p.major < 8) {
+        if (quiet) return KVQ_ERR_NO_DEVICE;
+        return fail(KVQ_ERR_NO_DEVICE, "device %d (%s) has compute capability %d.%d; kvq's CUDA kernels need 8.0 or "
+                    "later (this build has %s)", d, p.name, p.major, p.minor, KVQ_CUDA_ARCHS);
+    }
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaError_t e = cudaSetDevice(d);
+    cudaFuncAttributes fa;
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, probe_kernel);
+    cudaSetDevice(prev);
+    if (e != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: clear it */
+        if (quiet) return KVQ_ERR_NO_DEVICE;
+        return fail(KVQ_ERR_NO_DEVICE, "device %d (%s) has compute capability %d.%d and this build has no code for it "
+                    "(%s: it has %s; rebuild with KVQ_CUDA_GENCODE naming sm_%d%d, e.g. the fat preset "
+                    "-DKVQ_CUDA_FAT=ON)", d, p.name, p.major, p.minor, cudaGetErrorString(e), KVQ_CUDA_ARCHS, p.major,
+                    p.minor);
+    }
+    const int code = fa.ptxVersion > 0 ? fa.ptxVersion : fa.binaryVersion;  // the arch the loaded code was built for
+    if (code < 80) { /* a compute_7x PTX in a custom gencode: the kernels need sm_80's instructions */
+        if (quiet) return KVQ_ERR_NO_DEVICE;
+        return fail(KVQ_ERR_NO_DEVICE, "device %d (%s, compute capability %d.%d) would run code for compute_%d; kvq's "
+                    "kernels need 8.0 or later (this build has %s)", d, p.name, p.major, p.minor, code, KVQ_CUDA_ARCHS);
+    }
+    *arch = code;
+    return KVQ_OK;
+}
+
+/* Device checks of cache creation: *portable says which decode kernel the device gets: the Hopper one where the
+ * loaded code is sm_90's (a 9.x device), else (or with KVQ_CUDA_PORTABLE=1) the portable one. */
+static kvq_status check_device(int device, int *n_sm, bool *portable) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0)
@@ -128,9 +201,12 @@ static kvq_status check_device(int device, int *n_sm) {
     if (device < 0 || device >= n) return fail(KVQ_ERR_INVALID_ARG, "device %d outside 0..%d", device, n - 1);
     cudaDeviceProp p;
     CUDA_TRY(cudaGetDeviceProperties(&p, device), "cudaGetDeviceProperties");
-    if (p.major != 9)
-        return fail(KVQ_ERR_NO_DEVICE, "device %d (%s) is sm_%d%d; this build runs on sm_90 (H100/H200)", device, p.name,
-                    p.major, p.minor);
+    int arch = 0;
+    kvq_status s = device_code(device, p, &arch, false);
+    if (s) return s;
+    const char *env = getenv("KVQ_CUDA_PORTABLE");
+    const bool ask = env && env[0] && strcmp(env, "0") != 0;
+    if (portable) *portable = ask || !(p.major == 9 && arch == 90);
     if (n_sm) *n_sm = p.multiProcessorCount;
     return KVQ_OK;
 }
@@ -145,10 +221,19 @@ extern "C" kvq_status kvq_cuda_device_count(int *n) {
     int ok = 0;
     for (int d = 0; d < cnt; d++) {
         cudaDeviceProp p;
-        if (cudaGetDeviceProperties(&p, d) == cudaSuccess && p.major == 9) ok++;
+        int arch = 0;
+        if (cudaGetDeviceProperties(&p, d) == cudaSuccess && device_code(d, p, &arch, true, false) == KVQ_OK) ok++;
     }
     *n = ok;
-    if (!ok) return fail(KVQ_ERR_NO_DEVICE, "%d CUDA device(s), none of compute capability 9.0", cnt);
+    if (!ok) {
+        cudaDeviceProp p;
+        int arch = 0;
+        char why[512] = "";
+        if (cudaGetDeviceProperties(&p, 0) == cudaSuccess && device_code(0, p, &arch, false, false)) /* names device 0 */
+            snprintf(why, sizeof why, "%s", kvq_last_error());
+        return fail(KVQ_ERR_NO_DEVICE, "%d CUDA device(s), none that this build can run on (compute capability 8.0 or "
+                    "later with code in the build: %s); device 0: %s", cnt, KVQ_CUDA_ARCHS, why);
+    }
     return KVQ_OK;
 }
 
@@ -215,7 +300,8 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: arena_bytes %zu gives %lld pages", cfg.arena_bytes, (long long)pages);
     if (max_seq_tokens < 0) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seq_tokens < 0");
     int n_sm = 0;
-    if ((s = check_device(device, &n_sm))) return s;
+    bool portable = false;
+    if ((s = check_device(device, &n_sm, &portable))) return s;
 
     kvq_cuda_cache *c = new (std::nothrow) kvq_cuda_cache();
     if (!c) return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_cache_create: no host memory");
@@ -223,6 +309,7 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     c->L = L;
     c->device = device;
     c->n_sm = n_sm;
+    c->portable = portable;
     c->Gf = L.group;
     c->wcap = cfg.residual + c->Gf;
     c->S = cfg.sinks;
@@ -943,9 +1030,12 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->n_cta = n_cta;
         A->total = total;
         A->L = L;
-        cudaError_t e = launch_decode(tk, tv, D, *A, st);
+        cudaError_t e = launch_decode(tk, tv, D, *A, st, c->portable);
         if (e != cudaSuccess) {
             delete A;
+            if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
+                return fail(KVQ_ERR_NO_DEVICE, "%s: no %s decode kernel for device %d in this build (%s): %s", fn,
+                            c->portable ? "portable" : "Hopper", c->device, KVQ_CUDA_ARCHS, cudaGetErrorString(e));
             return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
         }
     }
