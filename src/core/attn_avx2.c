@@ -157,10 +157,11 @@ static float exp_sum_avx2(float *x, int n, float m) {
 
 /* ---- Q3 (kvq.h section 5: D/4 bytes of low 2 bits as a Q2 row, then D/8 bytes of high bits). Codes decode
  * through the level table lv16 (x = scale * lv16[q] / 16 + min, lv16[q] <= 112): each 3-bit code is assembled in
- * a byte and looked up with one vpshufb, so non-uniform tables cost the same as the uniform one. Rows decode to
- * lv16 bytes in channel order; keys and values then use int16 dot products (vpmaddwd) with the query rounded
- * to int16 per key group and the softmax weights rounded to int16 per (row, value group, segment): relative
- * error <= 1/65534 of the largest weight, far below Q3's own (a step of 1/7 of a group's range). */
+ * a byte and looked up with one vpshufb, so non-uniform tables cost the same as the uniform one. Keys use int16 dot
+ * products (vpmaddwd) with the query rounded to int16 per key group. Values: where D is a multiple of 128, 8-bit
+ * weights against centered level bytes, four tokens per dword (attn_simd.h, q3_value_accum8_impl: the Q4/Q2 value
+ * kernels' rounding); else rows decoded to lv16 bytes in channel order and the softmax weights rounded to int16 per
+ * (row, value group, segment): relative error <= 1/65534 of the largest weight. */
 
 /* decoded rows: x = scale * lv / 16 + min, fp32 */
 static void q3_decode(const kvq__blk *b, int j0, int n, float *out) {
