@@ -411,9 +411,10 @@ KVQ_API kvq_status kvq_cache_set_thread_pool(kvq_cache *cache, const kvq_thread_
 /* Which CPU kernels run: "avx512", "avx2" or "scalar": the best table the CPU has (AVX-512 F/BW/VL/DQ, else AVX2 +
  * FMA, else the scalar reference). The environment, read at every attention call, changes that: KVQ_FORCE_SCALAR=1
  * forces the _ref kernels; KVQ_CPU_KERNELS=scalar, avx2 or avx512 asks for that table (where the CPU lacks it, the
- * best one below it; other values are ignored). The avx512 table also uses AVX512-VNNI (vpdpwssd) where the CPU has
- * it, for the Q3 kernels and the integer key kernels at head_dim 128: the same integer sums (bit for bit), fewer
- * instructions. */
+ * best one below it; other values are ignored). The avx512 table also uses AVX512-VNNI where the CPU has it:
+ * vpdpwssd for the Q3 keys and the integer key kernels at head_dim 128 (the same integer sums, bit for bit, fewer
+ * instructions), vpdpbusd for the Q3 values with 8-bit weights (head_dim a multiple of 128; the same sums as the
+ * avx2 table's vpmaddubsw + vpmaddwd). */
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------

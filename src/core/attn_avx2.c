@@ -157,10 +157,11 @@ static float exp_sum_avx2(float *x, int n, float m) {
 
 /* ---- Q3 (kvq.h section 5: D/4 bytes of low 2 bits as a Q2 row, then D/8 bytes of high bits). Codes decode
  * through the level table lv16 (x = scale * lv16[q] / 16 + min, lv16[q] <= 112): each 3-bit code is assembled in
- * a byte and looked up with one vpshufb, so non-uniform tables cost the same as the uniform one. Rows decode to
- * lv16 bytes in channel order; keys and values then use int16 dot products (vpmaddwd) with the query rounded
- * to int16 per key group and the softmax weights rounded to int16 per (row, value group, segment): relative
- * error <= 1/65534 of the largest weight, far below Q3's own (a step of 1/7 of a group's range). */
+ * a byte and looked up with one vpshufb, so non-uniform tables cost the same as the uniform one. Keys use int16 dot
+ * products (vpmaddwd) with the query rounded to int16 per key group. Values: where D is a multiple of 128, 8-bit
+ * weights against centered level bytes, four tokens per dword (attn_simd.h, q3_value_accum8_impl: the Q4/Q2 value
+ * kernels' rounding); else rows decoded to lv16 bytes in channel order and the softmax weights rounded to int16 per
+ * (row, value group, segment): relative error <= 1/65534 of the largest weight. */
 
 /* decoded rows: x = scale * lv / 16 + min, fp32 */
 static void q3_decode(const kvq__blk *b, int j0, int n, float *out) {
@@ -188,19 +189,38 @@ static void q3_decode(const kvq__blk *b, int j0, int n, float *out) {
     }
 }
 
-/* The query's order for Q3 keys: D a multiple of 64, Q2's kernel order (position c + 16u + k of a 64-channel chunk
- * at c holds channel c + 4k + u), the order of q3_fields64/128's fields widened to words; else channel order */
+/* The query's order for Q3 keys: D a multiple of 64, per 128 channels from c, position c + 32u + 16h + i holds
+ * channel c + 4(8h + i) + u (i < 8) and c + 64 + 4(8h + i - 8) + u (i >= 8): field u of q3_fields128 widened to words
+ * by unpacking with zero (lo: h = 0, hi: h = 1; no lane crossing); a last 64 channels (D = 64, 192) in Q2's kernel
+ * order (position c + 16u + k: channel c + 4k + u, q3_fields64's fields widened); else channel order */
 static void q3_order(kvq_type T, const float *src, float *dst, int D) {
     (void)T;
-    if (D % 64 == 0) to_kernel_order(KVQ_TYPE_Q2, src, dst, D);
-    else memcpy(dst, src, (size_t)D * sizeof(float));
+    if (D % 64) {
+        memcpy(dst, src, (size_t)D * sizeof(float));
+        return;
+    }
+    float t[256] __attribute__((aligned(32)));
+    to_kernel_order(KVQ_TYPE_Q2, src, t, D); /* position c + 16u + k of each 64 channels: channel c + 4k + u */
+    int c = 0;
+    for (; c + 128 <= D; c += 128)
+        for (int u = 0; u < 4; u++)
+            for (int h = 0; h < 2; h++) {
+                _mm256_storeu_ps(dst + c + 32 * u + 16 * h, _mm256_load_ps(t + c + 16 * u + 8 * h));
+                _mm256_storeu_ps(dst + c + 32 * u + 16 * h + 8, _mm256_load_ps(t + c + 64 + 16 * u + 8 * h));
+            }
+    if (c < D) memcpy(dst + c, t + c, 64 * sizeof(float));
 }
 
-/* *a += maddwd(x, q) for the R rows of q16 at channel position pos */
+/* *a += maddwd(x, q) for the R rows of q16 at channel position pos (in place, the query a memory operand: written
+ * with intrinsics, GCC reassociates the sums and copies the query to the stack) */
 AI void q3_madd_rows(const int R, __m256i *acc, __m256i x, const int16_t *q16, int D, int pos) {
     #pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(x, _mm256_load_si256((const __m256i *)(const void *)(q16 + (size_t)r * D + pos))));
+    for (int r = 0; r < R; r++) {
+        __m256i t;
+        __asm__("vpmaddwd %[q], %[x], %[t]\n\tvpaddd %[t], %[a], %[a]"
+                : [a] "+x"(acc[r]), [t] "=&x"(t)
+                : [q] "m"(*(const __m256i *)(const void *)(q16 + (size_t)r * D + pos)), [x] "x"(x));
+    }
 }
 
 /* Key scores of R <= 4 rows: 8 tokens of one key group are decoded to level bytes, then dotted with
@@ -224,23 +244,27 @@ AI void q3_key_scores_impl(const int R, const int DK, const kvq__blk *b, int j0,
         if (D % 64 == 0) { /* the fields stay in registers, widened to words in the query's order */
             for (int t = 0; t < m; t++, row += b->stride) {
                 __m256i acc[4];
+                const int16_t *q16 = st->q16;
+                __asm__("" : "+r"(q16)); /* the query stays in memory operands (see key_scores_int_impl) */
                 #pragma GCC unroll 4
                 for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_si256();
                 int c = 0;
+                #pragma GCC unroll 2
                 for (; c + 128 <= D; c += 128) {
                     __m256i f[4];
                     q3_fields128(row, D, c, tbl, f);
+                    const __m256i z = _mm256_setzero_si256();
                     #pragma GCC unroll 4
                     for (int u = 0; u < 4; u++) {
-                        q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(f[u])), st->q16, D, c + 16 * u);
-                        q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(f[u], 1)), st->q16, D, c + 64 + 16 * u);
+                        q3_madd_rows(R, acc, _mm256_unpacklo_epi8(f[u], z), q16, D, c + 32 * u);
+                        q3_madd_rows(R, acc, _mm256_unpackhi_epi8(f[u], z), q16, D, c + 32 * u + 16);
                     }
                 }
                 if (c < D) {
                     __m128i f[4];
                     q3_fields64(row, D, c, tbl, f);
                     #pragma GCC unroll 4
-                    for (int u = 0; u < 4; u++) q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(f[u]), st->q16, D, c + 16 * u);
+                    for (int u = 0; u < 4; u++) q3_madd_rows(R, acc, _mm256_cvtepu8_epi16(f[u]), q16, D, c + 16 * u);
                 }
                 part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
             }
@@ -350,10 +374,21 @@ static void q3_value_accum(const kvq__blk *b, int j0, int n, const float *p, int
     case 3: q3_value_accum_impl(3, DK, b, j0, n, p, ps, acc); break;                                           \
     default: q3_value_accum_impl(4, DK, b, j0, n, p, ps, acc); break;                                          \
     }
+#define Q3V8(DK)                                                                                               \
+    switch (rows) {                                                                                            \
+    case 1: q3_value_accum8_impl(1, DK, false, b, j0, n, p, ps, acc); break;                                   \
+    case 2: q3_value_accum8_impl(2, DK, false, b, j0, n, p, ps, acc); break;                                   \
+    case 3: q3_value_accum8_impl(3, DK, false, b, j0, n, p, ps, acc); break;                                   \
+    default: q3_value_accum8_impl(4, DK, false, b, j0, n, p, ps, acc); break;                                  \
+    }
     if (rows > 4) q3_value_accum_tiles(b, j0, n, p, ps, rows, acc);
-    else if (b->D == 128) Q3V(128)
+    else if (q3_w8_fits(b, rows)) { /* 8-bit weights (attn_simd.h) */
+        if (b->D == 128) Q3V8(128)
+        else Q3V8(0)
+    } else if (b->D == 128) Q3V(128)
     else Q3V(0)
 #undef Q3V
+#undef Q3V8
 }
 
 /* ---- fused kernels: one pass over a block's bytes, dequantized in registers ---- */

@@ -815,6 +815,23 @@ static void q3_value_accum512(const kvq__blk *b, int j0, int n, const float *p, 
 #undef Q3V
 }
 
+/* Q3 values with 8-bit weights (attn_simd.h): vpdpbusd on ymm where the CPU has AVX512-VNNI */
+static void q3_value_accum8_512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
+#define Q3V(R)                                                                                                 \
+    if (b->D == 128) {                                                                                         \
+        if (have_vnni) q3_value_accum8_impl(R, 128, true, b, j0, n, p, ps, acc);                               \
+        else q3_value_accum8_impl(R, 128, false, b, j0, n, p, ps, acc);                                        \
+    } else if (have_vnni) q3_value_accum8_impl(R, 0, true, b, j0, n, p, ps, acc);                              \
+    else q3_value_accum8_impl(R, 0, false, b, j0, n, p, ps, acc);
+    switch (rows) {
+    case 1: Q3V(1) break;
+    case 2: Q3V(2) break;
+    case 3: Q3V(3) break;
+    default: Q3V(4) break;
+    }
+#undef Q3V
+}
+
 /* The 512-bit integer kernels: whole 512-bit chunks, value groups that hold whole half chunks (one weight
  * broadcast per half). */
 static bool int_ok512(const kvq__blk *b, int rows) {
@@ -870,7 +887,8 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
 static void value_accum_avx512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows,
                                float *acc) {
     if (b->type == KVQ_TYPE_Q3) { /* Q3: the zmm kernels where the shape fits them, else the AVX2 ones */
-        if (rows <= 4 && b->D % 32 == 0 && b->Gv % 32 == 0) q3_value_accum512(b, j0, n, p, ps, rows, acc);
+        if (q3_w8_fits(b, rows)) q3_value_accum8_512(b, j0, n, p, ps, rows, acc);
+        else if (rows <= 4 && b->D % 32 == 0 && b->Gv % 32 == 0) q3_value_accum512(b, j0, n, p, ps, rows, acc);
         else kvq__kernels_avx2_table()->value_accum(b, j0, n, p, ps, rows, acc);
         return;
     }

@@ -721,4 +721,211 @@ AI void q3_value_weights(const int R, const kvq__blk *b, int j0, int n, const fl
     }
 }
 
+/* ---- Q3 values with 8-bit weights (as the Q4/Q2 value kernels): D a multiple of 128, value groups of whole 64-channel
+ * halves, at most 4 groups, even levels (every Q3 table kvq__levels16 gives: levels in 1/8 steps). Codes meet the
+ * weights as centered level bytes lv8 - 32 = lv16 / 2 - 32 in [-32, 24] (x = s/8 (lv8 - 32) + (min + 4 s)), looked up
+ * with one vpshufb per field, four tokens interleaved per dword: one vpmaddubsw (8-bit weights unsigned, levels signed:
+ * a byte pair sums to at most 2 * 255 * 32, no saturation) + vpmaddwd by ones (AVX2), or one vpdpbusd (AVX512-VNNI),
+ * does 8 channels x 4 tokens into int32 sums, so no 16-bit windows. The weights of a segment of <= 64 tokens are
+ * rounded to 8 bits per (value group, row) exactly as grouped_weights does, a dominant largest (more than twice the
+ * second) kept exact in fp32 (q3_top_fixup). */
+
+typedef struct q3w8 {
+    uint32_t w[4][4][16] __attribute__((aligned(32))); /* [group][row][quad]: tokens 4k..4k+3's 8-bit weights */
+    float ws[4][4], mn[4][4]; /* [group][row]: weight scale / 8 (lv8 units), sum of p * (min + 4 scale) */
+    int top[4][4];            /* [group][row]: the token kept exact (-1: none) and its weight p * scale */
+    float topw[4][4];
+} q3w8;
+
+static inline bool q3_w8_fits(const kvq__blk *b, int rows) {
+    if (rows > 4 || b->D % 128 || b->Gv % 64 || b->D / b->Gv > 4) return false;
+    for (int q = 0; q < 8; q++)
+        if (b->lv16[q] & 1) return false;
+    return true;
+}
+
+AI void q3_weights8(const int R, const kvq__blk *b, int j0, int n, const float *p, int ps, q3w8 *vw) {
+    const int ng = b->D / b->Gv;
+    float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
+    value_params(b, j0, n, ng, 4.0f, S, M);
+    for (int g = 0; g < ng; g++)
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const float *pr = p + (size_t)r * ps;
+            float wf[64] __attribute__((aligned(32)));
+            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
+            #pragma GCC unroll 8
+            for (int i = 0; i < 64; i += 8) {
+                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S[g] + i));
+                _mm256_store_ps(wf + i, w);
+                mx = _mm256_max_ps(mx, w);
+                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
+            }
+            float amax = hmax_ps(mx), topw = amax;
+            int top = -1;
+            if (amax > 0) { /* a dominant largest weight stays exact (grouped_weights says why) */
+                const __m256 am = _mm256_set1_ps(amax);
+                for (int i = 0; i < 64; i += 8) {
+                    int msk = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(wf + i), am, _CMP_EQ_OQ));
+                    if (msk) {
+                        top = i + __builtin_ctz((unsigned)msk);
+                        break;
+                    }
+                }
+                wf[top] = 0.0f;
+                __m256 m2 = _mm256_load_ps(wf);
+                #pragma GCC unroll 8
+                for (int i = 8; i < 64; i += 8) m2 = _mm256_max_ps(m2, _mm256_load_ps(wf + i));
+                if (amax > 2.0f * hmax_ps(m2)) mx = m2;
+                else wf[top] = amax, top = -1;
+            }
+            vw->top[g][r] = top, vw->topw[g][r] = topw;
+            amax = hmax_ps(mx);
+            float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
+            __m256 iv = _mm256_set1_ps(inv);
+            #pragma GCC unroll 2
+            for (int i = 0; i < 64; i += 32) {
+                __m256i a[4];
+                #pragma GCC unroll 4
+                for (int k = 0; k < 4; k++)
+                    a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8 * k), iv));
+                __m256i v =
+                    _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
+                v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* token order */
+                _mm256_store_si256((__m256i *)(void *)(vw->w[g][r] + i / 4), v);
+            }
+            vw->ws[g][r] = sc * 0.125f, vw->mn[g][r] = hsum_ps(ma);
+        }
+}
+
+/* acc[r][channels of group g] += topw * (lv16 / 16 - 4) of the token each (group, row) kept exact */
+SIMD_FN void q3_top_fixup(const int R, const kvq__blk *b, int j0, const q3w8 *vw, float *acc) {
+    const int D = b->D, ng = D / b->Gv;
+    const __m256i tbl = q3_table(b->lv16);
+    for (int g = 0; g < ng; g++)
+        for (int r = 0; r < R; r++) {
+            const int t = vw->top[g][r];
+            if (t < 0) continue;
+            uint8_t lv[256] __attribute__((aligned(32)));
+            q3_row_lv(b->data + (size_t)(j0 + t) * b->stride, D, b->lv16, tbl, lv);
+            const __m256 w = _mm256_set1_ps(vw->topw[g][r] * 0.0625f), o4 = _mm256_set1_ps(64.0f);
+            float *o = acc + (size_t)r * D;
+            for (int c = g * b->Gv; c < (g + 1) * b->Gv; c += 8) {
+                __m256 l = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(lv + c))));
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w, _mm256_sub_ps(l, o4), _mm256_loadu_ps(o + c)));
+            }
+        }
+}
+
+/* *a += the 4-token dot products of 8 channels: u8 weights w (a dword per channel: tokens 0..3) by s8 levels x */
+AI void q3_dot4(const bool VNNI, __m256i *a, __m256i w, __m256i x, __m256i ones) {
+#if defined(__AVX512VL__) && !defined(KVQ_SIMD_NO_ASM)
+    if (VNNI) {
+        __asm__("%{evex%} vpdpbusd %[x], %[w], %[a]" : [a] "+v"(*a) : [w] "v"(w), [x] "v"(x));
+        return;
+    }
+#endif
+    (void)VNNI;
+    __m256i t;
+    __asm__("vpmaddubsw %[x], %[w], %[t]\n\tvpmaddwd %[o], %[t], %[t]\n\tvpaddd %[t], %[a], %[a]"
+            : [a] "+x"(*a), [t] "=&x"(t)
+            : [w] "x"(w), [x] "x"(x), [o] "x"(ones));
+}
+
+AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0, int n,
+                             const float *p, int ps, float *accbuf) {
+    const int D = DK ? DK : b->D, Gv = b->Gv, nq = (n + 3) / 4;
+    const int V = VNNI ? 4 : 2; /* vectors of 8 channels per pass: 4R accumulators fit 32 registers, 2R 16 */
+    q3w8 vw;
+    q3_weights8(R, b, j0, n, p, ps, &vw);
+    /* centered lv8 table: (lv16 / 2) - 32 */
+    uint8_t lc[8];
+    for (int q = 0; q < 8; q++) lc[q] = (uint8_t)((b->lv16[q] >> 1) - 32);
+    const __m256i tbl = q3_table(lc);
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* X[quad][chunk * 16 + 4h + u]: dword i of lane L holds channel c + 64L + 16h + 4i + u of the quad's 4 tokens */
+    __m256i X[16][2 * 16];
+    for (int k = 0; k < nq; k++) {
+        const uint8_t *rows[4];
+        for (int t = 0; t < 4; t++) {
+            int i = 4 * k + t < n ? 4 * k + t : n - 1; /* past n: any row, at weight 0 */
+            rows[t] = b->data + (size_t)(j0 + i) * b->stride;
+        }
+        for (int c = 0; c < D; c += 128) {
+            __m256i f[4][4];
+            #pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) q3_fields128(rows[t], D, c, tbl, f[t]);
+            #pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                __m256i al = _mm256_unpacklo_epi8(f[0][u], f[1][u]), bl = _mm256_unpacklo_epi8(f[2][u], f[3][u]);
+                __m256i ah = _mm256_unpackhi_epi8(f[0][u], f[1][u]), bh = _mm256_unpackhi_epi8(f[2][u], f[3][u]);
+                __m256i *x = X[k] + c / 8;
+                x[u] = _mm256_unpacklo_epi16(al, bl), x[4 + u] = _mm256_unpackhi_epi16(al, bl);
+                x[8 + u] = _mm256_unpacklo_epi16(ah, bh), x[12 + u] = _mm256_unpackhi_epi16(ah, bh);
+            }
+        }
+    }
+    for (int c = 0; c < D; c += 128) {
+        const int g0 = c / Gv, g1 = (c + 64) / Gv;
+        __m256i W[4][16];
+        for (int k = 0; k < nq; k++)
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                W[r][k] = _mm256_inserti128_si256(_mm256_set1_epi32((int)vw.w[g0][r][k]),
+                                                  _mm_set1_epi32((int)vw.w[g1][r][k]), 1);
+        int32_t I[4][16][8] __attribute__((aligned(32))); /* [row][vector]: the int32 sums */
+        for (int v0 = 0; v0 < 16; v0 += V) {
+            __m256i a[4][4];
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                #pragma GCC unroll 4
+                for (int v = 0; v < V; v++) a[r][v] = _mm256_setzero_si256();
+            for (int k = 0; k < nq; k++) {
+                const __m256i *x = X[k] + c / 8 + v0;
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const __m256i w = W[r][k];
+                    #pragma GCC unroll 4
+                    for (int v = 0; v < V; v++) q3_dot4(VNNI, &a[r][v], w, x[v], ones);
+                }
+            }
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                #pragma GCC unroll 4
+                for (int v = 0; v < V; v++) _mm256_store_si256((__m256i *)(void *)I[r][v0 + v], a[r][v]);
+        }
+        /* to channel order: per h, a 4 x 4 transpose (fields u, dwords i) in each lane */
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            float *o = accbuf + (size_t)r * D + c;
+            const __m256 s0 = _mm256_set1_ps(vw.ws[g0][r]), s1 = _mm256_set1_ps(vw.ws[g1][r]);
+            const __m256 m0 = _mm256_set1_ps(vw.mn[g0][r]), m1 = _mm256_set1_ps(vw.mn[g1][r]);
+            for (int h = 0; h < 4; h++) {
+                __m256 A[4];
+                for (int u = 0; u < 4; u++)
+                    A[u] = _mm256_cvtepi32_ps(_mm256_load_si256((const __m256i *)(const void *)I[r][4 * h + u]));
+                __m256 t0 = _mm256_unpacklo_ps(A[0], A[1]), t1 = _mm256_unpacklo_ps(A[2], A[3]);
+                __m256 t2 = _mm256_unpackhi_ps(A[0], A[1]), t3 = _mm256_unpackhi_ps(A[2], A[3]);
+                __m256 T0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1)));
+                __m256 T1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1)));
+                __m256 T2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t2), _mm256_castps_pd(t3)));
+                __m256 T3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t2), _mm256_castps_pd(t3)));
+                /* T_i lane L: channels c + 64L + 16h + 4i .. + 3 */
+                float *lo = o + 16 * h, *hi = o + 64 + 16 * h;
+                __m256 y;
+                y = _mm256_permute2f128_ps(T0, T1, 0x20);
+                _mm256_storeu_ps(lo, _mm256_add_ps(_mm256_fmadd_ps(y, s0, _mm256_loadu_ps(lo)), m0));
+                y = _mm256_permute2f128_ps(T2, T3, 0x20);
+                _mm256_storeu_ps(lo + 8, _mm256_add_ps(_mm256_fmadd_ps(y, s0, _mm256_loadu_ps(lo + 8)), m0));
+                y = _mm256_permute2f128_ps(T0, T1, 0x31);
+                _mm256_storeu_ps(hi, _mm256_add_ps(_mm256_fmadd_ps(y, s1, _mm256_loadu_ps(hi)), m1));
+                y = _mm256_permute2f128_ps(T2, T3, 0x31);
+                _mm256_storeu_ps(hi + 8, _mm256_add_ps(_mm256_fmadd_ps(y, s1, _mm256_loadu_ps(hi + 8)), m1));
+            }
+        }
+    }
+    q3_top_fixup(R, b, j0, &vw, accbuf);
+}
+
+
 #endif

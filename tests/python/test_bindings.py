@@ -63,8 +63,9 @@ def test_roundtrip_and_attention(kv_type, head_dim):
     # decode and prefill against numpy attention over the dequantized cache (same numbers the kernels read). The
     # AVX2 Q4/Q2 value kernels round each page's softmax weights to 8 bits (vpmaddubsw), 1/510 of the largest
     # weight: with these N(0,1) values (Q2 codes step ~2) that is up to ~4e-3 on the output, far below the types'
-    # own error against the original values (the tolerances above). Q3's kernels round them to int16.
-    atol = 1e-2 if kv_type in ("q4", "q2") else 2e-3
+    # own error against the original values (the tolerances above). Q3's value kernels do the same at head_dim 128
+    # (8-bit weights against levels in 1/8 steps: its steps are smaller than Q2's), so Q3 takes the Q4/Q2 tolerance.
+    atol = 1e-2 if kv_type in ("q4", "q3", "q2") else 2e-3
     q = rng.standard_normal((1, Hq, head_dim)).astype(np.float32)
     out = c.attn_decode(1, [s], q)
     np.testing.assert_allclose(out, ref_attention(q, kr, vr, scale), atol=atol)
