@@ -248,6 +248,12 @@ typedef struct kvq_cache_config {
     const float *rope_freqs; /* NULL or D/2 inverse frequencies (radians per position, finite, >= 0), copied at
                               * create (Llama-3 / YaRN scaled frequencies); kvq_cache_get_config returns the
                               * cache's copy (valid until kvq_cache_free) */
+    /* SQuat keys (section 10, "SQuat keys"). Off (0) in a zero-initialized config and in kvq_cache_config_default: the
+     * subspace comes from the model's queries, which only the caller has (kvq's engine turns it on, r = 8). */
+    int squat_rank;         /* r, 0 .. 32 and < head_dim: the rank of the per-(sequence, layer, KV head) query subspace
+                             * that kvq_seq_set_key_subspace sets; 0 off. Grouped key types (Q4, Q3, Q2) only */
+    float squat_lambda;     /* ridge lambda of the SQuat objective; <= 0 (and 0 in both defaults): auto, 0.1 * r / D
+                             * (section 10); else finite */
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -317,6 +323,22 @@ KVQ_API kvq_status kvq_seq_truncate(kvq_cache *cache, int32_t seq, int64_t n_tok
  * (n_tokens outside 0 .. the layer's length). It allocates nothing. */
 KVQ_API kvq_status kvq_seq_drop_front(kvq_cache *cache, int32_t seq, int layer, int64_t n_tokens);
 KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
+/* SQuat keys (section 10): the query subspace of one (sequence, layer, KV head). basis: D x r floats, row-major
+ * (basis[d * r + j] = channel d of column j), r = the cache's squat_rank, orthonormal columns (|B^T B - I| <= 1e-3
+ * entrywise, finite), in the caller's key frame: the frame of the keys it appends (post-RoPE, or pre-RoPE with
+ * prerope = 1; un-rotated: with the key rotation on, the cache rotates the basis into the frame it stores). From then
+ * on the key groups of (seq, layer) that this head quantizes into pages are quantized by SQuat; tokens already in
+ * pages are not touched. basis NULL clears it (plain quantization again). The basis lives on the heap (one block per
+ * sequence, allocated by its first set: D x r floats per layer and head); kvq_seq_fork copies it, kvq_seq_truncate
+ * and kvq_seq_drop_front keep it, kvq_seq_free releases it. Errors (the cache unchanged): KVQ_ERR_NULL, KVQ_ERR_NO_SEQ,
+ * KVQ_ERR_SHAPE (layer, kv_head), KVQ_ERR_INVALID_ARG (the cache's squat_rank is 0; a basis that is not finite or not
+ * orthonormal), KVQ_ERR_OUT_OF_MEMORY. */
+KVQ_API kvq_status kvq_seq_set_key_subspace(kvq_cache *cache, int32_t seq, int layer, int kv_head, const float *basis);
+/* The basis set for (seq, layer, kv_head), in the caller's frame (un-rotated, up to fp32 rounding): *is_set = 1 and
+ * basis (D x r, may be NULL to ask only whether one is set) filled, or *is_set = 0 and basis untouched. Errors as
+ * set's but for the basis checks. */
+KVQ_API kvq_status kvq_seq_get_key_subspace(const kvq_cache *cache, int32_t seq, int layer, int kv_head, float *basis,
+                                            int *is_set);
 KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
 
 /* A plain strided view of one (sequence, layer), for engines that run their own kernels over kvq's layout
