@@ -252,7 +252,7 @@ typedef struct kvq_cache_config {
      * subspace comes from the model's queries, which only the caller has (kvq's engine turns it on, r = 8). */
     int squat_rank;         /* r, 0 .. 32 and < head_dim: the rank of the per-(sequence, layer, KV head) query subspace
                              * that kvq_seq_set_key_subspace sets; 0 off. Grouped key types (Q4, Q3, Q2) only */
-    float squat_lambda;     /* ridge lambda of the SQuat objective; <= 0 (and 0 in both defaults): auto, 0.1 * r / D
+    float squat_lambda;     /* ridge lambda of the SQuat objective; <= 0 (and 0 in both defaults): auto, r / D
                              * (section 10); else finite */
 } kvq_cache_config;
 

@@ -224,13 +224,15 @@ int main(void) {
     config();
     api(0);
     api(KVQ_ROLES_K);
-    /* Bounds: measured ratios (printed) with margin; plain quantization's in-subspace error is ~r/D of its total */
-    compare(KVQ_TYPE_Q4, 0, 0, 0, 0.5, 1.6);
-    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 0, 0.5, 1.6);
-    compare(KVQ_TYPE_Q3, KVQ_ROLES_K, KVQ_ROLES_K, 0, 0.5, 1.6);
-    compare(KVQ_TYPE_Q2, KVQ_ROLES_K, 0, 0, 0.5, 1.6);
-    compare(KVQ_TYPE_Q2, KVQ_ROLES_K, KVQ_ROLES_K, 0, 0.5, 1.6);
-    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 1.0f, 0.9, 1.2);
-    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 0.01f, 0.5, 2.0);
+    /* Bounds: the measured ratios (printed; D = 64, r = 8, 384 tokens) with margin. Auto lambda (r / D = 0.125):
+     * in-subspace error x0.17 .. x0.22 of plain, total x1.16 .. x1.18; lambda 1: x0.57, x1.02; lambda 0.01: x0.09,
+     * x1.46 (plain quantization's in-subspace error is about r / D of its total) */
+    compare(KVQ_TYPE_Q4, 0, 0, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q3, KVQ_ROLES_K, KVQ_ROLES_K, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q2, KVQ_ROLES_K, 0, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q2, KVQ_ROLES_K, KVQ_ROLES_K, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 1.0f, 0.8, 1.1);
+    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 0.01f, 0.2, 1.7);
     return tu_finish("test_squat");
 }
