@@ -248,6 +248,12 @@ typedef struct kvq_cache_config {
     const float *rope_freqs; /* NULL or D/2 inverse frequencies (radians per position, finite, >= 0), copied at
                               * create (Llama-3 / YaRN scaled frequencies); kvq_cache_get_config returns the
                               * cache's copy (valid until kvq_cache_free) */
+    /* SQuat keys (section 10, "SQuat keys"). Off (0) in a zero-initialized config and in kvq_cache_config_default: the
+     * subspace comes from the model's queries, which only the caller has (kvq's engine turns it on, r = 8). */
+    int squat_rank;         /* r, 0 .. 32 and < head_dim: the rank of the per-(sequence, layer, KV head) query subspace
+                             * that kvq_seq_set_key_subspace sets; 0 off. Grouped key types (Q4, Q3, Q2) only */
+    float squat_lambda;     /* ridge lambda of the SQuat objective; <= 0 (and 0 in both defaults): auto, r / D
+                             * (section 10); else finite */
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -317,6 +323,22 @@ KVQ_API kvq_status kvq_seq_truncate(kvq_cache *cache, int32_t seq, int64_t n_tok
  * (n_tokens outside 0 .. the layer's length). It allocates nothing. */
 KVQ_API kvq_status kvq_seq_drop_front(kvq_cache *cache, int32_t seq, int layer, int64_t n_tokens);
 KVQ_API kvq_status kvq_seq_free(kvq_cache *cache, int32_t seq);
+/* SQuat keys (section 10): the query subspace of one (sequence, layer, KV head). basis: D x r floats, row-major
+ * (basis[d * r + j] = channel d of column j), r = the cache's squat_rank, orthonormal columns (|B^T B - I| <= 1e-3
+ * entrywise, finite), in the caller's key frame: the frame of the keys it appends (post-RoPE, or pre-RoPE with
+ * prerope = 1; un-rotated: with the key rotation on, the cache rotates the basis into the frame it stores). From then
+ * on the key groups of (seq, layer) that this head quantizes into pages are quantized by SQuat; tokens already in
+ * pages are not touched. basis NULL clears it (plain quantization again). The basis lives on the heap (one block per
+ * sequence, allocated by its first set: D x r floats per layer and head); kvq_seq_fork copies it, kvq_seq_truncate
+ * and kvq_seq_drop_front keep it, kvq_seq_free releases it. Errors (the cache unchanged): KVQ_ERR_NULL, KVQ_ERR_NO_SEQ,
+ * KVQ_ERR_SHAPE (layer, kv_head), KVQ_ERR_INVALID_ARG (the cache's squat_rank is 0; a basis that is not finite or not
+ * orthonormal), KVQ_ERR_OUT_OF_MEMORY. */
+KVQ_API kvq_status kvq_seq_set_key_subspace(kvq_cache *cache, int32_t seq, int layer, int kv_head, const float *basis);
+/* The basis set for (seq, layer, kv_head), in the caller's frame (un-rotated, up to fp32 rounding): *is_set = 1 and
+ * basis (D x r, may be NULL to ask only whether one is set) filled, or *is_set = 0 and basis untouched. Errors as
+ * set's but for the basis checks. */
+KVQ_API kvq_status kvq_seq_get_key_subspace(const kvq_cache *cache, int32_t seq, int layer, int kv_head, float *basis,
+                                            int *is_set);
 KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer, int64_t *len);
 
 /* A plain strided view of one (sequence, layer), for engines that run their own kernels over kvq's layout
@@ -582,6 +604,48 @@ KVQ_API const char *kvq_cpu_backend(void);
  *   q8     +0.12%  -0.05%  +0.13%  -0.01%      q8/q4  +0.39%  +0.18%  +0.38%  +0.29%
  *   q4     +1.09%  -0.29%  +1.04%  +0.06%      q4/q2  +15.9%  +16.5%  +5.08%  +6.72%
  *   q2     +75.5%  +62.2%  +68.5%  +41.9%
+ */
+/* SQuat keys (squat_rank = r, squat_lambda; kvq_seq_set_key_subspace; "SQuat: Subspace-orthogonal KV cache
+ * quantization"). Attention reads a key only through q . k; when one head's queries live mostly in an r-dimensional
+ * subspace (basis B, D x r), the part of a key's quantization error inside it moves the logits, the part orthogonal
+ * to it hardly does. With a basis set for (sequence, layer, KV head), each key group is quantized channel by channel
+ * (channel order, the per-channel (scale, min) of each channel taken over its values at that point) and after each
+ * channel the channels not yet quantized absorb its error so as to minimize, per token, e^T (B B^T + lambda I) e
+ * (OBQ / GPTQ with that matrix in place of a Hessian: src/core/squat.c). Only the values written change: the page
+ * layout (section 5), KVQ_LAYOUT_VERSION and every attention kernel are the same as without it, and a cache with a
+ * rank but no basis set for a sequence quantizes it exactly as before (bit for bit).
+ * Which types: grouped key types (Q4, Q3, Q2: keys per channel over G tokens, the only key grouping the cache has;
+ * uniform and non-uniform levels alike: the error is measured against the decoded level). squat_rank > 0 with another
+ * key type: KVQ_ERR_UNSUPPORTED_TYPE at create (Q8 keys would need the same loop per token with a row-wide scale).
+ * Values are untouched. squat_rank: 0 .. 32 and < head_dim, else KVQ_ERR_INVALID_ARG; squat_lambda NaN / Inf:
+ * KVQ_ERR_INVALID_ARG. Auto lambda (squat_lambda <= 0): r / D, the mean eigenvalue of B B^T (trace r over D
+ * channels), so the ridge weighs the total error like the subspace's per dimension; smaller cancels more of the
+ * subspace's error and widens the later channels' ranges (tests/test_squat.c, D = 64, r = 8, random basis: the
+ * in-subspace error x0.17 .. x0.22 of plain quantization at x1.16 .. x1.18 its total; lambda 0.01: x0.09 at x1.46).
+ * The basis: the caller's (un-rotated) key frame, i.e. post-RoPE keys' frame, or the pre-RoPE keys' with prerope = 1
+ * (kvq's engine then takes its queries before their RoPE); with the key rotation on, the cache stores R B and
+ * quantizes rotated keys against it; kvq_seq_get_key_subspace gives back B. Kept per (sequence, layer, KV head) on
+ * the heap (one block per sequence from its first set: n_layers x H x D x r floats + flags); kvq_seq_fork copies it,
+ * kvq_seq_truncate and kvq_seq_drop_front keep it (tokens a truncate moves back into the window are quantized again
+ * with it), kvq_seq_free releases it; a new sequence has none. Tokens quantized before a basis is set stay as they are.
+ * Cost: D^3 / 6 flops for the factor per key group and head, + G D^2 / 2 for the updates (a key group of plain
+ * quantization is G D): at append only, when a group leaves the window; attention is unchanged. The CUDA backend
+ * rejects squat_rank > 0 (KVQ_ERR_INVALID_ARG): its append kernels quantize without a subspace.
+ * Default: off in the cache (0 in a zero-initialized config and in kvq_cache_config_default): the subspace comes from
+ * the model's queries, which only the caller has. kvq's CPU engine (src/model/llama.c, llama_default_squat) turns it
+ * on with r = 8 and auto lambda for Q4, Q3, Q2 keys: the first forward call of a sequence (its first prefill batch)
+ * takes that batch's queries of every query head of a KV head's group, in the keys' frame, and sets the top-r
+ * eigenvectors of Q^T Q (orthogonal iteration, deterministic) on every layer and KV head; kvq run / perplexity /
+ * passkey --kv-squat R (0 off), --kv-squat-lambda, compare suffixes :squat=R and :lambda=X. Measured (docs/quality.md,
+ * "2026-12-04: SQuat keys"; KLD from the F16 cache, the other mechanisms at their defaults):
+ *     SmolLM2-135M, ctx 2048, 4 chunks      plain             r = 8, auto lambda
+ *       q4                                  +0.47%  0.00451   +0.50%  0.00383   (KLD -15%)
+ *       q3                                  +1.25%  0.0183    +1.07%  0.0168    (-8%; the first 2 chunks alone: +4%)
+ *       q2                                  +16.1%  0.179     +11.1%  0.124     (-31%)
+ *     Gemma 3 270M, ctx 1024, 2 chunks
+ *       q4                                  +1.44%  0.00988   +0.75%  0.00777   (-21%)
+ * Lambda 0.0125 .. 0.125 measured within noise of each other, 1 loses part of the gain. Prefill: within the noise of
+ * the shared 2-core machine the run had (a few percent at most on SmolLM2); decode: unchanged (same bytes, kernels).
  */
 /* Pre-RoPE keys: x [n_tokens][n_kv_heads][head_dim] fp32, in place: token i's vectors rotated by the cache's RoPE at
  * position pos0 + i (inverse = 0: RoPE(p) x, what attention applies to a stored key; 1: RoPE(p)^T x, which takes a

@@ -53,7 +53,7 @@
  *   -1 resolving to the CPU core's defaults (Q8: keys rotated; Q4: keys rotated, 1 sink; Q2: keys and values rotated,
  *   1 sink; Q4 keys with Q2 values: values rotated, 1 sink; F16/BF16/FP8: none). Pages, windows and sink rows are
  *   byte-identical to the CPU cache's (kvq_cuda_seq_read, kvq_cuda_seq_read_sinks). nonuniform: 0 or -1 only (no
- *   non-uniform levels on the GPU yet). Rotated caches: append rotates K/V (a small kernel into fp32 scratch, grown
+ *   non-uniform levels on the GPU yet). squat_rank: 0 only (SQuat keys quantize on the CPU; KVQ_ERR_INVALID_ARG). Rotated caches: append rotates K/V (a small kernel into fp32 scratch, grown
  *   on demand with cudaMallocAsync on the call's stream: KVQ_ERR_OUT_OF_MEMORY when that fails, nothing changed) before
  *   the window and the quantizers; the decode/prefill kernel rotates each query as it loads it (per CTA and
  *   (row, KV head) pair: O(D log D) next to the pair's pages) and a small kernel un-rotates each output row once

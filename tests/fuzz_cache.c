@@ -1,6 +1,6 @@
 /* Fuzz target of the paged cache: the input is a cache configuration and a sequence of operations (sequence
  * new / free / fork / truncate, append with random sizes, types, values and bad input, read back, decode and prefill
- * attention, stats), run against a plain model: the original fp32 K/V of every (sequence, layer). Checked after
+ * attention, stats, SQuat key subspaces), run against a plain model: the original fp32 K/V of every (sequence, layer). Checked after
  * every operation:
  *  - a call that fails leaves the cache exactly as it was (a snapshot: stats, lengths, views, every token read
  *    back, compared bit for bit), and one given NaN/Inf/|x| > 65504 never succeeds;
@@ -51,6 +51,7 @@ typedef struct {
     int32_t id;
     int64_t len[NL];
     float *k[NL], *v[NL]; /* [MAXT][H][D] */
+    bool squat;           /* a SQuat subspace was set on it (or on the sequence it was forked from) at some point */
 } mseq;
 
 typedef struct {
@@ -108,7 +109,7 @@ static void same_or_die(const snap *a, const snap *b, const char *what) {
 /* paged: tok is in a quantized page (not a sink, not the window); sink: the sinks before the pages, where key groups
  * start (sink + k*G) */
 static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
-                         int64_t sink) {
+                         int64_t sink, bool squat) {
     const int H = w->H, D = w->D;
     double xi = x[((size_t)tok * H + h) * D + d], fp16 = fabs(xi) * 0x1p-11 + 0x1p-25; /* window / input rounding */
     if (!paged || t == KVQ_TYPE_F16) return fp16;
@@ -129,6 +130,16 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
         for (int j = g0; j < g0 + w->L.value_group; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
     }
     double qmax = (1 << kvq_type_get_traits(t)->bits) - 1, m = fmax(fabs(lo), fabs(hi));
+    if (squat && role == KVQ_KEY) {
+        /* SQuat (kvq.h section 10) moves each key's error out of the query subspace into the channels quantized after
+         * it: no per-element half step. Bound: the group's range over all its channels (an update that cancels an
+         * error never exceeds the errors it cancels by more than the factors of a well-conditioned ridge) */
+        double glo = INFINITY, ghi = -INFINITY;
+        int64_t g0 = sink + (tok - sink) / w->L.group * w->L.group;
+        for (int64_t j = g0; j < g0 + w->L.group; j++)
+            for (int c = 0; c < D; c++) glo = fmin(glo, x[((size_t)j * H + h) * D + c]), ghi = fmax(ghi, x[((size_t)j * H + h) * D + c]);
+        return 2 * (ghi - glo) + fmax(fabs(glo), fabs(ghi)) * 2e-3 + 1e-6;
+    }
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
     return 0.5 * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + m * 0x1p-10 + 1e-6;
 }
@@ -148,7 +159,7 @@ static void check_read(world *w, int i, int l) {
                     double got = r ? v[e] : k[e], want = r ? q->v[l][e] : q->k[l][e];
                     double b = elem_bound(w, r ? w->L.type_v : w->L.type_k, r ? KVQ_VALUE : KVQ_KEY, r ? q->v[l] : q->k[l], t,
                                           h, d, t >= view.sink_tokens && t < view.sink_tokens + view.paged_tokens,
-                                          view.sink_tokens);
+                                          view.sink_tokens, q->squat);
                     if (!(fabs(got - want) <= b))
                         FAIL("seq %d layer %d token %lld head %d ch %d %s: read %g, model %g, bound %g", i, l, (long long)t, h,
                              d, r ? "v" : "k", got, want, b);
@@ -434,6 +445,56 @@ static void run_truncate(world *w, rd *r) {
     for (int l = 0; l < NL; l++) free(pre[l][0]), free(pre[l][1]);
 }
 
+/* kvq_seq_set_key_subspace with a random orthonormal basis, a broken one, NULL (clear), or bad ids; a failing call
+ * leaves the cache as it was, a successful one is what get gives back (in the caller's frame, within fp32 rounding) */
+static void run_subspace(world *w, rd *r) {
+    int i = slot_of(w, byte(r));
+    unsigned a = byte(r);
+    int layer = (int)(a % (NL + 1)), h = (int)((a >> 2) % (unsigned)(w->H + 1)), kind = (int)((a >> 4) % 5);
+    int D = w->D, R = w->cfg.squat_rank > 0 ? w->cfg.squat_rank : 1;
+    int32_t id = w->s[i].live ? w->s[i].id : 7;
+    float *B = malloc(sizeof(float) * (size_t)D * R);
+    for (int j = 0; j < R; j++) { /* Gram-Schmidt in double of random columns */
+        double col[256];
+        for (int d = 0; d < D; d++) col[d] = 2 * urand(w) - 1;
+        for (int pass = 0; pass < 2; pass++)
+            for (int k = 0; k < j; k++) {
+                double dot = 0;
+                for (int d = 0; d < D; d++) dot += col[d] * B[(size_t)d * R + k];
+                for (int d = 0; d < D; d++) col[d] -= dot * B[(size_t)d * R + k];
+            }
+        double n = 0;
+        for (int d = 0; d < D; d++) n += col[d] * col[d];
+        for (int d = 0; d < D; d++) B[(size_t)d * R + j] = (float)(col[d] / sqrt(n));
+    }
+    if (kind == 1) B[(size_t)(urand(w) * D) * R] *= 1.5f;    /* not orthonormal */
+    if (kind == 2) B[(size_t)(urand(w) * D * R)] = NAN;      /* not finite */
+    bool bad = !w->s[i].live || layer >= NL || h >= w->H || kind == 1 || kind == 2 || w->cfg.squat_rank == 0;
+    snap s0 = take(w);
+    int before = 0;
+    bool ids_ok = w->s[i].live && layer < NL && h < w->H && w->cfg.squat_rank;
+    if (ids_ok) kvq_seq_get_key_subspace(w->c, id, layer, h, NULL, &before);
+    kvq_status st = kvq_seq_set_key_subspace(w->c, id, layer, h, kind == 3 ? NULL : B);
+    snap s1 = take(w);
+    same_or_die(&s0, &s1, "set_key_subspace"); /* it never changes the stored tokens */
+    free(s0.data), free(s1.data);
+    if (bad != (st != KVQ_OK)) FAIL("set_key_subspace (bad %d) returned %s: %s", bad, kvq_strerror(st), kvq_last_error());
+    if (st) {
+        int after = 0;
+        if (ids_ok && (kvq_seq_get_key_subspace(w->c, id, layer, h, NULL, &after) || after != before))
+            FAIL("a failing set_key_subspace changed the subspace");
+    } else {
+        float *got = malloc(sizeof(float) * (size_t)D * R);
+        int set = -1;
+        if (kvq_seq_get_key_subspace(w->c, id, layer, h, got, &set) || set != (kind != 3)) FAIL("get after set");
+        for (int e = 0; set && e < D * R; e++)
+            if (!(fabsf(got[e] - B[e]) <= 1e-5f)) FAIL("get gave %g for %g at %d", got[e], B[e], e);
+        if (kind != 3) w->s[i].squat = true;
+        free(got);
+    }
+    free(B);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (n_simd < 0) find_tables();
     rd r = {data, size};
@@ -455,6 +516,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     w.cfg.page_tokens = w.cfg.group * (1 + (b3 >> 6 & 1));
     static const int Ss[4] = {0, 3, -1, 70}; /* attention sinks: none, inside a sink page, the default, several pages */
     w.cfg.sinks = Ss[b2 >> 6];
+    /* SQuat keys (kvq.h section 10) for grouped key types when bit 5 of b3 is set: rank 1, 4 or 8 */
+    if ((b3 >> 5 & 1) && kvq_type_get_traits(w.cfg.type_k)->grouped) w.cfg.squat_rank = 1 + (int)(b3 % 3) * 3 + (b3 % 3 == 2);
     kvq_page_layout L;
     if (kvq_page_layout_make(w.cfg.type_k, w.cfg.type_v, w.H, w.D, w.cfg.page_tokens, w.cfg.group, &L)) FAIL("layout");
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
@@ -470,7 +533,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                          kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D, w.L.group, w.cfg.residual, w.L.page_tokens,
                          w.cfg.sinks, (long long)(w.cfg.arena_bytes / w.L.page_bytes));
     while (r.n && ops++ < 64) {
-        unsigned op = byte(&r) % 9;
+        /* op 9 (subspace) only in SQuat caches: the corpus of caches without it keeps its meaning */
+        unsigned op = byte(&r) % (w.cfg.squat_rank ? 10u : 9u);
         if (verbose) {
             kvq_cache_stats st;
             kvq_cache_get_stats(w.c, &st);
@@ -483,7 +547,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             int32_t id;
             kvq_status st = kvq_seq_new(w.c, &id);
             if ((st == KVQ_OK) != (i >= 0)) FAIL("seq_new: %s with slot %d", kvq_strerror(st), i);
-            if (st == KVQ_OK) w.s[i].live = true, w.s[i].id = id, w.s[i].len[0] = w.s[i].len[1] = 0;
+            if (st == KVQ_OK) w.s[i].live = true, w.s[i].id = id, w.s[i].len[0] = w.s[i].len[1] = 0, w.s[i].squat = false;
             break;
         }
         case 1: { /* free, maybe of a dead id */
@@ -522,6 +586,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                     c->len[l] = a->len[l];
                     memcpy(c->k[l], a->k[l], (size_t)a->len[l] * row * 4), memcpy(c->v[l], a->v[l], (size_t)a->len[l] * row * 4);
                 }
+                c->squat = a->squat;
+                /* the fork has the parent's subspaces (kvq.h section 10) */
+                for (int l = 0; l < NL && w.cfg.squat_rank; l++)
+                    for (int h = 0; h < w.H; h++) {
+                        float ba[256 * 8], bc[256 * 8];
+                        int sa = -1, sc = -1;
+                        if (kvq_seq_get_key_subspace(w.c, a->id, l, h, ba, &sa) ||
+                            kvq_seq_get_key_subspace(w.c, id, l, h, bc, &sc) || sa != sc ||
+                            (sa && memcmp(ba, bc, sizeof(float) * (size_t)w.D * (size_t)w.cfg.squat_rank)))
+                            FAIL("fork: the subspace of layer %d head %d was not copied", l, h);
+                    }
             }
             free(s0.data);
             break;
@@ -536,6 +611,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             break;
         }
         case 7: run_attention(&w, &r, byte(&r) & 1); break;
+        case 9: run_subspace(&w, &r); break;
         default: { /* stats */
             kvq_cache_stats st;
             if (kvq_cache_get_stats(w.c, &st)) FAIL("stats");

@@ -65,6 +65,11 @@ if [ "$part" = parse ]; then
     "$kvq" capacity -m $M --mem 1G --kv-sinks 2000
   expect fail "section 10 options parse" "kvq perplexity: loading the model" -- "$kvq" perplexity -m $M -f /dev/null \
     --kv-rotate kv --kv-sinks 4 --kv-nuq k --rotation-seed 9 --compare f16,q4:rot=none:sinks=0:nuq=v:seed=3:r64:g32
+  expect fail "SQuat options parse" "kvq perplexity: loading the model" -- "$kvq" perplexity -m $M -f /dev/null \
+    --kv-squat 4 --kv-squat-lambda 0.5 --compare f16,q4:squat=0,q3:squat=8:lambda=auto,q2:lambda=0.05
+  expect fail "--kv-squat out of range" "--kv-squat: '33' is not 0..32 or default" -- "$kvq" run -m $M -p x --kv-squat 33
+  expect fail "--compare :squat= out of range" "SQuat rank .:squat=.: '40' is not an integer in 0..32" -- "$kvq" perplexity -m $M -f x --compare q4:squat=40
+  expect fail "--kv-squat-lambda not a number" "--kv-squat-lambda" -- "$kvq" run -m $M -p x --kv-squat-lambda -1
   expect fail "passkey --lengths listed twice" "--lengths: 512 is listed twice" -- "$kvq" passkey -m $M --lengths 512,512
   expect fail "passkey --depths past 100" "--depths: '150' is not an integer in 0..100" -- "$kvq" passkey -m $M --depths 150
   expect fail "passkey options parse" "kvq passkey: loading the model" -- "$kvq" passkey -m $M --lengths 256,512 \

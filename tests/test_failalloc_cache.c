@@ -5,7 +5,7 @@
  * a call whose allocation failed must not report success. LSan (sanitizer tier) checks that nothing leaks.
  *   test_failalloc_cache create     kvq_cache_create alone, several configurations
  *   test_failalloc_cache workload   the workload above, on a grouped (q4/q8) and a per-token (f16/fp8) cache, and a
- *                                   pre-RoPE q3/q4 cache (kvq.h section 10) */
+ *                                   pre-RoPE q3/q4 cache (kvq.h section 10), and a q4/q8 cache with SQuat subspaces */
 #include "failalloc.h"
 #include "testutil.h"
 
@@ -136,8 +136,17 @@ static void append(const char *name, int n_seqs, const int32_t *ids, const int32
 
 /* sinks: kvq_cache_config.sinks (-1: the default, 1 with a grouped type; 20 puts the cuts below inside the sinks
  * (truncate to 3), past them (27), and makes the first append cross them) */
-static void workload(kvq_type tk, kvq_type tv, int residual, int sinks, int prerope) {
+static float g_basis[D * 4]; /* SQuat (kvq.h section 10): columns e_0 .. e_3 */
+static kvq_status st_subspace(void *a) {
+    int *lh = a;
+    return kvq_seq_set_key_subspace(C, lh[0], lh[1], lh[2], g_basis);
+}
+
+/* squat: kvq_cache_config.squat_rank (0 or 4): every (layer, head) of the first sequence gets a subspace (its block
+ * is allocated by the first), which the forks copy */
+static void workload(kvq_type tk, kvq_type tv, int residual, int sinks, int prerope, int squat) {
     kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.squat_rank = squat;
     cfg.sinks = sinks;
     cfg.prerope = prerope, cfg.rope_theta = 10000.0f; /* pre-RoPE keys (kvq.h section 10): their tables */
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
@@ -147,6 +156,10 @@ static void workload(kvq_type tk, kvq_type tv, int residual, int sinks, int prer
     if (!C) return;
     int32_t s0 = -1, s1 = -1, s2 = -1, pair[2], tr[2];
     run_step("seq_new", st_seq_new, &s0);
+    for (int l = 0; l < LAYERS * H && squat; l++) {
+        for (int j = 0; j < 4; j++) g_basis[j * 4 + j] = 1;
+        run_step("set_key_subspace", st_subspace, (int[]){s0, l / H, l % H});
+    }
     append("append 40 (pages, groups)", 1, &s0, (int32_t[]){40});
     pair[0] = s0;
     run_step("fork", st_fork, pair);
@@ -219,10 +232,11 @@ int main(int argc, char **argv) {
         g_k = malloc(128 * H * D * sizeof(float)), g_v = malloc(128 * H * D * sizeof(float));
         g_q = malloc(3 * 9 * NQH * D * sizeof(float)), g_out = malloc(3 * 30 * H * D * sizeof(float));
         for (size_t i = 0; i < 3 * 9 * NQH * D; i++) g_q[i] = (float)tu_normal();
-        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16, -1, 0);
-        workload(KVQ_TYPE_F16, KVQ_TYPE_FP8, 0, 0, 0);
-        workload(KVQ_TYPE_Q2, KVQ_TYPE_Q2, 0, 20, 0);
-        workload(KVQ_TYPE_Q3, KVQ_TYPE_Q4, 16, -1, 1);
+        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16, -1, 0, 0);
+        workload(KVQ_TYPE_F16, KVQ_TYPE_FP8, 0, 0, 0, 0);
+        workload(KVQ_TYPE_Q2, KVQ_TYPE_Q2, 0, 20, 0, 0);
+        workload(KVQ_TYPE_Q3, KVQ_TYPE_Q4, 16, -1, 1, 0);
+        workload(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 16, -1, 0, 4);
         free(g_k), free(g_v), free(g_q), free(g_out);
     } else {
         fprintf(stderr, "usage: test_failalloc_cache create|workload\n");

@@ -21,7 +21,7 @@ klds=$(grep "^kld $ctx " "$ref" | cut -d' ' -f3-)
 if [ -z "$bands" ] || [ -z "$klds" ]; then echo "FAIL: no 'band $ctx' or 'kld $ctx' line in $ref"; exit 1; fi
 echo "reference (ctx $ctx, $chunks chunks): transformers $hf; bands $bands; KLD ranges $klds"
 out=$(OMP_WAIT_POLICY=PASSIVE "$kvq" perplexity -m "$model" -f "$excerpt" --ctx "$ctx" --chunks "$chunks" \
-      --compare f16,q8,q4 -q)
+      --compare f16,q8,q4 --kv-squat 0 -q)
 echo "$out"
 echo "$out" | awk -v hf="$hf" -v bands="$bands" -v klds="$klds" '
   /^\| (f16|q8|q4) / { gsub(/ /, ""); split($0, f, "|"); split(f[3], v, "\\+/-"); ppl[f[2]] = v[1]; kld[f[2]] = f[5] }

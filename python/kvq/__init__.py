@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from ._native import (  # noqa: F401
     CUDA_LIBRARY_PATH, HEAD_DIMS, LIBRARY_PATH, Cache, CacheClosedError, CacheFullError, CudaCache, KvqError,
-    arena_bytes_for, bytes_per_token, cpu_backend, cuda_available, page_layout, type_from_name, type_name, version,
+    arena_bytes_for, bytes_per_token, cpu_backend, cuda_available, key_subspace, page_layout, type_from_name, type_name,
+    version,
 )
 
 __version__ = "0.1.0"
@@ -60,4 +61,4 @@ def __getattr__(name: str) -> Any:  # the transformers part is imported on first
 
 __all__ = ["Cache", "CudaCache", "KvqError", "CacheFullError", "CacheClosedError", "cuda_available", "version",
            "cpu_backend", "type_from_name", "type_name", "bytes_per_token", "page_layout", "arena_bytes_for",
-           "HEAD_DIMS", *_HF_NAMES]
+           "key_subspace", "HEAD_DIMS", *_HF_NAMES]

@@ -132,7 +132,8 @@ class CacheConfig(C.Structure):
                 ("type_v", C.c_int), ("arena_bytes", C.c_size_t), ("page_tokens", C.c_int), ("group", C.c_int),
                 ("residual", C.c_int), ("max_seqs", C.c_int), ("n_threads", C.c_int), ("rotate", C.c_int),
                 ("rotation_seed", C.c_uint32), ("sinks", C.c_int), ("nonuniform", C.c_int), ("prerope", C.c_int),
-                ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float))]
+                ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float)),
+                ("squat_rank", C.c_int), ("squat_lambda", C.c_float)]
 
 
 class PageLayout(C.Structure):
@@ -235,6 +236,8 @@ for _n, _r, _a in [
     ("kvq_seq_truncate", C.c_int, [_P, C.c_int32, C.c_int64]),
     ("kvq_seq_free", C.c_int, [_P, C.c_int32]),
     ("kvq_seq_length", C.c_int, [_P, C.c_int32, C.c_int, C.POINTER(C.c_int64)]),
+    ("kvq_seq_set_key_subspace", C.c_int, [_P, C.c_int32, C.c_int, C.c_int, _P]),
+    ("kvq_seq_get_key_subspace", C.c_int, [_P, C.c_int32, C.c_int, C.c_int, _P, C.POINTER(C.c_int)]),
     ("kvq_append", C.c_int, [_P, C.c_int, C.c_int, _I32P, _I32P, C.c_int, _P, _P]),
     ("kvq_read", C.c_int, [_P, C.c_int32, C.c_int, C.c_int64, C.c_int64, _P, _P]),
     ("kvq_rope_apply", C.c_int, [_P, C.c_int64, C.c_int64, C.c_int, _P]),
@@ -383,16 +386,21 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
                 type_v: Optional[TypeSpec] = None, arena_bytes: int = 0, page_tokens: int = 0, group: int = 0,
                 residual: int = -1, max_seqs: int = 0, n_threads: int = 0, rotate: int = -1, rotation_seed: int = 0,
                 sinks: int = -1, nonuniform: int = -1, prerope: int = 0, rope_neox: int = 0, rope_theta: float = 0.0,
-                rope_freqs=None) -> CacheConfig:
+                rope_freqs=None, squat_rank: int = 0, squat_lambda: float = 0.0) -> CacheConfig:
     """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create).
     rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off). prerope (0/1), rope_neox,
     rope_theta, rope_freqs (None or head_dim / 2 inverse frequencies): pre-RoPE keys, kvq.h section 10; the
-    config keeps a float32 copy of rope_freqs alive (kvq_cache_create copies it)."""
+    config keeps a float32 copy of rope_freqs alive (kvq_cache_create copies it). squat_rank (0 off, 1..32, < head_dim;
+    grouped key types only), squat_lambda (<= 0: auto): SQuat keys, kvq.h section 10; the subspace itself is set per
+    sequence with Cache.set_key_subspace."""
     vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                         ("page_tokens", page_tokens), ("group", group), ("residual", residual),
                                         ("max_seqs", max_seqs), ("n_threads", n_threads), ("rotate", rotate),
                                         ("sinks", sinks), ("nonuniform", nonuniform), ("prerope", prerope),
-                                        ("rope_neox", rope_neox))}
+                                        ("rope_neox", rope_neox), ("squat_rank", squat_rank))}
+    if isinstance(squat_lambda, bool) or not isinstance(squat_lambda, (int, float, np.integer, np.floating)) or \
+            not np.isfinite(float(squat_lambda)):
+        raise ValueError(f"kvq: squat_lambda must be a finite number (<= 0: auto), not {squat_lambda!r}")
     if not isinstance(rotation_seed, (int, np.integer)) or isinstance(rotation_seed, bool) or \
             not 0 <= int(rotation_seed) <= 0xFFFFFFFF:
         raise ValueError(f"kvq: rotation_seed must be an integer in 0..2**32-1, not {rotation_seed!r}")
@@ -405,6 +413,7 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
         setattr(cfg, n, x)
     cfg.type_k, cfg.type_v, cfg.arena_bytes = tk, tv, ab
     cfg.rope_theta = float(rope_theta)
+    cfg.squat_lambda = float(squat_lambda)
     if rope_freqs is not None:
         f = np.ascontiguousarray(np.asarray(rope_freqs, dtype=np.float32).reshape(-1))
         if f.size != vals["head_dim"] // 2:
@@ -412,6 +421,20 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
         cfg._rope_freqs_keep = f  # borrowed by kvq_cache_create, which copies it
         cfg.rope_freqs = f.ctypes.data_as(C.POINTER(C.c_float))
     return cfg
+
+
+def key_subspace(queries, rank: int):
+    """SQuat (kvq.h section 10): the top-`rank` right singular vectors of the query rows ([n][head_dim] or
+    [..][head_dim]) as a [head_dim][rank] float32 matrix with orthonormal columns."""
+    q = np.asarray(queries, dtype=np.float64)
+    q = q.reshape(-1, q.shape[-1])
+    rank = _int(rank, "rank")
+    if not 1 <= rank < q.shape[1]:
+        raise ValueError(f"kvq: rank {rank} outside 1..{q.shape[1] - 1}")
+    if not np.all(np.isfinite(q)):
+        raise ValueError("kvq: queries must be finite")
+    w, v = np.linalg.eigh(q.T @ q)
+    return np.ascontiguousarray(v[:, ::-1][:, :rank], dtype=np.float32)
 
 
 def arena_bytes_for(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec,
@@ -482,10 +505,11 @@ class Cache:
                  type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
                  page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0,
                  rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1, prerope: int = 0,
-                 rope_neox: int = 0, rope_theta: float = 0.0, rope_freqs=None):
+                 rope_neox: int = 0, rope_theta: float = 0.0, rope_freqs=None, squat_rank: int = 0,
+                 squat_lambda: float = 0.0):
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
                           n_threads, rotate, rotation_seed, sinks, nonuniform, prerope, rope_neox, rope_theta,
-                          rope_freqs)
+                          rope_freqs, squat_rank, squat_lambda)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
@@ -577,6 +601,36 @@ class Cache:
         s = CacheStats()
         _check(_lib.kvq_cache_get_stats(h, C.byref(s)))
         return _stats_dict(s)
+
+    # SQuat keys (kvq.h section 10)
+    def set_key_subspace(self, seq: int, layer: int, kv_head: int, basis) -> None:
+        """The query subspace of (seq, layer, kv_head): basis [head_dim][squat_rank] with orthonormal columns, in the
+        frame of the keys appended (un-rotated); None clears it. Needs a cache made with squat_rank > 0."""
+        h = self._handle()
+        seq, layer, kv_head = _int(seq, "seq"), _int(layer, "layer"), _int(kv_head, "kv_head")
+        if basis is None:
+            _check(_lib.kvq_seq_set_key_subspace(h, seq, layer, kv_head, None))
+            return
+        b = np.ascontiguousarray(np.asarray(basis, dtype=np.float32))
+        want = (self.head_dim, self.config.squat_rank)
+        if want[1] and b.shape != want:  # squat_rank 0: libkvq names the error
+            raise ValueError(f"kvq: basis has shape {b.shape}, (head_dim, squat_rank) = {want} expected")
+        _check(_lib.kvq_seq_set_key_subspace(h, seq, layer, kv_head, b.ctypes.data))
+
+    def get_key_subspace(self, seq: int, layer: int, kv_head: int):
+        """The basis set for (seq, layer, kv_head) as [head_dim][squat_rank] float32, or None when none is set."""
+        h = self._handle()
+        seq, layer, kv_head = _int(seq, "seq"), _int(layer, "layer"), _int(kv_head, "kv_head")
+        r = max(self.config.squat_rank, 1)
+        out = np.zeros((self.head_dim, r), dtype=np.float32)
+        is_set = C.c_int()
+        _check(_lib.kvq_seq_get_key_subspace(h, seq, layer, kv_head, out.ctypes.data, C.byref(is_set)))
+        return out if is_set.value else None
+
+    def set_key_subspace_from_queries(self, seq: int, layer: int, kv_head: int, queries) -> None:
+        """Computes and sets the subspace as kvq's engine does: the top squat_rank eigenvectors of Q^T Q, Q the query
+        rows ([n][head_dim], every query head of the KV head's group, in the keys' frame)."""
+        self.set_key_subspace(seq, layer, kv_head, key_subspace(queries, self.config.squat_rank))
 
     # append
     def append_ptr(self, layer: int, seq_ids: Sequence[int], n_tokens: Sequence[int], dtype: int, k_addr: int,

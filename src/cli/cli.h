@@ -30,7 +30,7 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
 /* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
- * :sinks=N :nuq=ROLES :seed=N :pre=0|1 :local=TYPE[/TYPE] (ROLES: none, k, v, kv). Fields an entry does not give come
+ * :sinks=N :nuq=ROLES :seed=N :pre=0|1 :squat=R :lambda=X :local=TYPE[/TYPE] (ROLES: none, k, v, kv). Fields an entry does not give come
  * from the global options. */
 #define KVQ_CLI_MIX_NAME 96
 typedef struct kvq_cli_mix {
@@ -45,6 +45,8 @@ typedef struct kvq_cli_mix {
     int prerope;            /* pre-RoPE keys: 1 on, 0 off, -1 the engine's default (llama_default_prerope) */
     int local_types;        /* 1: sliding-window layers (Gemma 3's local ones) use type_k_local/type_v_local */
     kvq_type type_k_local, type_v_local;
+    int squat_rank;         /* SQuat keys: r, 0 off, -1 the engine's default (llama_default_squat) */
+    float squat_lambda;     /* <= 0: libkvq's auto rule */
     char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
@@ -58,6 +60,8 @@ typedef struct kvq_cli_opts {
     int rotate, sinks, nonuniform; /* --kv-rotate, --kv-sinks, --kv-nuq: -1 (default) = the library's default */
     uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
     int prerope;                   /* --kv-prerope: 1, 0, -1 (default) = the engine's default for the key type */
+    int squat_rank;                /* --kv-squat: 0..32, -1 (default) = the engine's default for the key type */
+    float squat_lambda;            /* --kv-squat-lambda: X > 0, 0 (default, "auto") = libkvq's auto rule */
     kvq_type type_k, type_v;
     int local_types;                    /* --kv-type-local given */
     kvq_type type_k_local, type_v_local; /* --kv-type-local TYPE[/TYPE] */

@@ -247,11 +247,21 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->local_types = mix->local_types;
     cp->type_k_local = mix->type_k_local;
     cp->type_v_local = mix->type_v_local;
+    cp->squat_rank = mix->squat_rank;
+    cp->squat_lambda = mix->squat_lambda;
 }
 
 kvq_status kvq_cli_ctx_create(const kvq_cli_loaded *L, const llama_ctx_params *cp, kvq_cli_ctx *out) {
     memset(out, 0, sizeof *out);
-    return L->gm ? llama_gpu_ctx_create(L->gm, cp, &out->gpu) : llama_ctx_create(L->m, cp, &out->cpu);
+    if (!L->gm) return llama_ctx_create(L->m, cp, &out->cpu);
+    /* SQuat keys are the CPU engine's (kvq.h section 10; the CUDA backend refuses squat_rank > 0): the engine
+     * default resolves to off on the GPU, an explicit rank is an error */
+    if (cp->squat_rank > 0)
+        return kvq_set_error(KVQ_ERR_INVALID_ARG, "--kv-squat %d: SQuat keys run on the CPU engine only (not with --gpu)",
+                             cp->squat_rank);
+    llama_ctx_params g = *cp;
+    g.squat_rank = 0;
+    return llama_gpu_ctx_create(L->gm, &g, &out->gpu);
 }
 
 void kvq_cli_ctx_free(kvq_cli_ctx *c) {

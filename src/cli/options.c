@@ -11,6 +11,7 @@
 #include <strings.h>
 
 #include "cli.h"
+#include "llama.h"
 
 static int fail(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int fail(char *err, size_t n, const char *fmt, ...) {
@@ -57,6 +58,7 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->rotate = o->sinks = o->nonuniform = -1;
     o->rotation_seed = 0;
     o->prerope = -1;
+    o->squat_rank = -1;
     o->ngl = -1;
     if (cmd == KVQ_CLI_PASSKEY) {
         /* 5 digits are 5 tokens (SmolLM2's pre-tokenizer splits digits); 8 leaves room for a leading space and '.' */
@@ -100,7 +102,8 @@ kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
     kvq_cli_mix m = {.type_k = o->type_k, .type_v = o->type_v, .residual = o->residual, .group = o->group,
                      .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
                      .rotation_seed = o->rotation_seed, .prerope = o->prerope, .local_types = o->local_types,
-                     .type_k_local = o->type_k_local, .type_v_local = o->type_v_local};
+                     .type_k_local = o->type_k_local, .type_v_local = o->type_v_local, .squat_rank = o->squat_rank,
+                     .squat_lambda = o->squat_lambda};
     snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
     if (o->type_v != o->type_k)
         snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
@@ -256,7 +259,7 @@ static int parse_type_pair(char *s, kvq_type *k, kvq_type *v, const char *name, 
 }
 
 /* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; then suffixes, each at most once, in any order: ":r128" (residual),
- * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7", ":pre=1" (kvq.h section 10), ":local=q4" or
+ * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7", ":pre=1", ":squat=8", ":lambda=0.05" (kvq.h section 10), ":local=q4" or
  * ":local=q8/q4" (the sliding-window layers' types). The entry's defaults are the global options' (`g`). */
 static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mix *g, char *err, size_t n) {
     char buf[KVQ_CLI_MIX_NAME];
@@ -265,8 +268,9 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
     buf[len] = '\0';
     *m = *g;
     memcpy(m->name, buf, len + 1);
-    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_N };
-    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre=", ":local="};
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_SQUAT, S_LAMBDA, S_N };
+    static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre=", ":local=",
+                                           ":squat=", ":lambda="};
     int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
         const char *x = colon + 1;
@@ -277,13 +281,15 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         else if (strncmp(x, "seed=", 5) == 0) k = S_SEED, x += 5;
         else if (strncmp(x, "pre=", 4) == 0) k = S_PRE, x += 4;
         else if (strncmp(x, "local=", 6) == 0) k = S_LOCAL, x += 6;
+        else if (strncmp(x, "squat=", 6) == 0) k = S_SQUAT, x += 6;
+        else if (strncmp(x, "lambda=", 7) == 0) k = S_LAMBDA, x += 7;
         else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
         else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
         else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
         else
             return fail(err, n,
                         "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
-                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1, :local=TYPE[/TYPE])", m->name, colon);
+                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1, :squat=R, :lambda=auto|X, :local=TYPE[/TYPE])", m->name, colon);
         if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
         int64_t v;
         switch (k) {
@@ -293,6 +299,11 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         case S_SINKS: if (parse_int(x, 0, 1024, &m->sinks, "--compare: sinks (:sinks=)", err, n)) return -1; break;
         case S_NUQ: if (kvq_cli_parse_roles(x, 0, &m->nonuniform, "--compare: non-uniform levels (:nuq=)", err, n)) return -1; break;
         case S_PRE: if (parse_int(x, 0, 1, &m->prerope, "--compare: pre-RoPE keys (:pre=)", err, n)) return -1; break;
+        case S_SQUAT: if (parse_int(x, 0, 32, &m->squat_rank, "--compare: SQuat rank (:squat=)", err, n)) return -1; break;
+        case S_LAMBDA:
+            if (strcmp(x, "auto") == 0) m->squat_lambda = 0;
+            else if (kvq_cli_parse_float(x, 1e-6, 1e6, &m->squat_lambda, "--compare: SQuat lambda (:lambda=)", err, n)) return -1;
+            break;
         case S_LOCAL:
             if (parse_type_pair((char *)x, &m->type_k_local, &m->type_v_local, "--compare: local layers' types (:local=)", err, n))
                 return -1;
@@ -336,7 +347,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_TYPE_LOCAL, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -385,6 +396,8 @@ static const optdef OPTS[] = {
     {O_KV_SINKS, R | P | C | K, 1, {"--kv-sinks"}},
     {O_KV_NUQ, R | P | C | K, 1, {"--kv-nuq"}},
     {O_KV_PREROPE, R | P | C | K, 1, {"--kv-prerope"}},
+    {O_KV_SQUAT, R | P | K, 1, {"--kv-squat"}},
+    {O_KV_SQUAT_LAMBDA, R | P | K, 1, {"--kv-squat-lambda"}},
     {O_KV_TYPE_LOCAL, R | P | C | K, 1, {"--kv-type-local"}},
     {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
     {O_CSV, P | K, 1, {"--csv"}},
@@ -498,6 +511,14 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             if (strcmp(v, "default") == 0) o->prerope = -1;
             else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
             break;
+        case O_KV_SQUAT:
+            if (strcmp(v, "default") == 0) o->squat_rank = -1;
+            else if (parse_int(v, 0, 32, &o->squat_rank, a, err, n)) return fail(err, n, "%s: '%s' is not 0..32 or default", a, v);
+            break;
+        case O_KV_SQUAT_LAMBDA:
+            if (strcmp(v, "auto") == 0) o->squat_lambda = 0;
+            else if (kvq_cli_parse_float(v, 1e-6, 1e6, &o->squat_lambda, a, err, n)) return -1;
+            break;
         case O_KV_SINKS:
             if (strcmp(v, "default") == 0) o->sinks = -1;
             else if (parse_int(v, 0, 1024, &o->sinks, a, err, n)) return fail(err, n, "%s: '%s' is not 0..1024 or default", a, v);
@@ -601,6 +622,12 @@ static void kv_help(FILE *f, int cmd) {
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
             "                          default 0: with rotated keys it costs 14-18x the decode attention time)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
+    if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL || cmd == KVQ_CLI_PASSKEY)
+        fprintf(f, "  --kv-squat R            SQuat keys (kvq.h section 10): quantize q4/q3/q2 keys so that their error is\n"
+                   "                          nearly orthogonal to the rank-R subspace of the first prefill batch's queries;\n"
+                   "                          0..32, 0 off (default: %d for q4/q3/q2 keys on the CPU, off on the GPU)\n"
+                   "  --kv-squat-lambda auto|X   its ridge lambda > 0 (default auto: R / head_dim)\n",
+                llama_default_squat(KVQ_TYPE_Q4));
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
     if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL)
@@ -682,8 +709,8 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "  --compare LIST          comma-separated KV configs run on the same tokens, one table (at most %d);\n"
                 "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
                 "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
-                "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N, :pre=0|1 (kvq.h section 10;\n"
-                "                          unset: the --kv-* options), :local=T[/T] (sliding-window layers' types, as\n"
+                "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N, :pre=0|1, :squat=R,\n"
+                "                          :lambda=auto|X (kvq.h section 10; unset: the --kv-* options), :local=T[/T] (sliding-window layers' types, as\n"
                 "                          --kv-type-local), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2,q8:local=q4\n"
                 "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
                 "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"

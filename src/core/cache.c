@@ -92,6 +92,16 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
                              (double)cfg->rope_theta);
         }
     }
+    /* SQuat keys (kvq.h section 10): grouped key types only; lambda <= 0 is auto */
+    if (cfg->squat_rank < 0 || cfg->squat_rank > 32 || cfg->squat_rank >= L->head_dim)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "squat_rank %d outside 0..32 (and < head_dim %d)", cfg->squat_rank,
+                         L->head_dim);
+    if (cfg->squat_rank > 0 && !kvq_type_get_traits(L->type_k)->grouped)
+        return kvq__fail(KVQ_ERR_UNSUPPORTED_TYPE, "squat_rank %d: SQuat needs a grouped key type (q4, q3, q2), not %s",
+                         cfg->squat_rank, kvq_type_get_traits(L->type_k)->name);
+    if (!isfinite(cfg->squat_lambda))
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "squat_lambda %g is not finite (<= 0: auto)", (double)cfg->squat_lambda);
+    if (cfg->squat_lambda < 0) cfg->squat_lambda = 0;
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
                                        (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
@@ -298,6 +308,7 @@ static void seq_discard(kvq_cache *c, kvq_seq *q, bool unref) {
     }
     if (q->layers) free(q->layers[0].spages); /* one table for all layers (seq_alloc) */
     free(q->layers);
+    free(q->squat);
     memset(q, 0, sizeof *q);
 }
 
@@ -426,6 +437,14 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
             memcpy(g.k, sa->wk, wb), memcpy(g.v, sa->wv, wb);
             sb->wk = g.k, sb->wv = g.v, sb->wcap = g.cap, sb->win = sa->win;
         }
+    }
+    if (a->squat) { /* the fork keeps the parent's SQuat subspaces (kvq.h section 10) */
+        if (!(b->squat = kvq__malloc(kvq__squat_bytes(c)))) {
+            seq_discard(c, b, false);
+            return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_fork: no memory for the SQuat subspaces (%zu bytes)",
+                             kvq__squat_bytes(c));
+        }
+        memcpy(b->squat, a->squat, kvq__squat_bytes(c));
     }
     /* references are taken only once nothing can fail any more */
     for (int l = 0; l < c->cfg.n_layers; l++) {
@@ -626,7 +645,8 @@ static int64_t pages_needed(const kvq_cache *c, const kvq_seq_layer *sl, int64_t
 }
 
 /* Quantizes Gf tokens (x: fp32 [Gf][H][D]) into the next page slots of (seq, layer). */
-static void store_unit(kvq_cache *c, kvq_seq_layer *sl, const float *xk, const float *xv, float *scratch) {
+static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer *sl, const float *xk,
+                       const float *xv, float *scratch, double *sq_work) {
     const kvq_page_layout *L = &c->L;
     int P = L->page_tokens, H = L->n_kv_heads, D = L->head_dim, Gf = c->Gf;
     int slot = (int)(sl->paged % P);
@@ -652,6 +672,13 @@ static void store_unit(kvq_cache *c, kvq_seq_layer *sl, const float *xk, const f
             uint16_t *par = (uint16_t *)(void *)(blk + rb * (size_t)P);
             if (role == KVQ_KEY && kvq_type_get_traits(t)->grouped) {
                 for (int i = 0; i < Gf; i++) memcpy(scratch + (size_t)i * D, x + ((size_t)i * H + h) * D, (size_t)D * 4);
+                const float *B = kvq__squat_basis(c, q, layer, h);
+                if (B) { /* SQuat (squat.c): same layout, other values */
+                    kvq__squat_key_group_ref(t, kvq__layout_levels(L, KVQ_KEY), scratch, Gf, D, B, c->cfg.squat_rank,
+                                             kvq__squat_lambda(c), blk + rb * (size_t)slot, rb,
+                                             par + (size_t)(slot / Gf) * 2 * D, sq_work);
+                    continue;
+                }
                 kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), scratch, Gf, D, blk + rb * (size_t)slot, rb,
                                      par + (size_t)(slot / Gf) * 2 * D);
                 continue;
@@ -794,13 +821,16 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
     }
     /* scratch for one flush unit of K and V in fp32 plus a transposition buffer */
     size_t unit = (size_t)c->Gf * H * D;
-    float *buf = kvq__malloc((2 * unit + (size_t)c->Gf * D) * sizeof(float));
+    /* + SQuat's D x D doubles (squat.c) after the floats, 8-byte aligned: 2 * unit + Gf * D is even (D is) */
+    size_t n_buf = 2 * unit + (size_t)c->Gf * D + (c->cfg.squat_rank ? 2 * kvq__squat_scratch_doubles(D) : 0);
+    float *buf = kvq__malloc(n_buf * sizeof(float));
     if (!buf) {
         window_discard(g, ng);
         free(g);
         return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, FN_APPEND ": no memory for %zu floats of scratch", 2 * unit);
     }
     float *uk = buf, *uv = buf + unit, *scratch = buf + 2 * unit;
+    double *sq_work = (double *)(void *)(scratch + (size_t)c->Gf * D);
     window_commit(c, g, ng);
     free(g);
 
@@ -823,14 +853,14 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
                 continue;
             }
             if (c->W == 1) { /* R = 0, per-token types: straight to the page */
-                store_unit(c, sl, uk, uv, scratch);
+                store_unit(c, &c->seqs[seq_ids[i]], layer, sl, uk, uv, scratch, sq_work);
                 continue;
             }
             uint16_t *wk = sl->wk + (size_t)sl->win * row, *wv = sl->wv + (size_t)sl->win * row;
             for (size_t e = 0; e < row; e++) wk[e] = kvq__f32_to_f16(uk[e]), wv[e] = kvq__f32_to_f16(uv[e]);
             if (++sl->win < c->W) continue;
             for (size_t e = 0; e < unit; e++) uk[e] = kvq__f16_to_f32(sl->wk[e]), uv[e] = kvq__f16_to_f32(sl->wv[e]);
-            store_unit(c, sl, uk, uv, scratch);
+            store_unit(c, &c->seqs[seq_ids[i]], layer, sl, uk, uv, scratch, sq_work);
             sl->win -= c->Gf;
             memmove(sl->wk, sl->wk + unit, (size_t)sl->win * row * sizeof(uint16_t));
             memmove(sl->wv, sl->wv + unit, (size_t)sl->win * row * sizeof(uint16_t));

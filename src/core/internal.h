@@ -114,6 +114,10 @@ void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint
 void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int t0, int t1,
                         float *out, size_t out_stride);
 size_t kvq__row_bytes(kvq_type t, int D);
+/* Grouped keys, one channel: quantizes channel c of G rows (x: stride D) into its codes in `rows` (which the caller
+ * zeroed) and scale_min[c], scale_min[D + c]; deq[i] = the decoded value of row i. The building block of SQuat. */
+void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, const float *x, int G, int D, int c, uint8_t *rows,
+                            size_t row_bytes, uint16_t *scale_min, float *deq);
 /* params of a block start right after its P data rows */
 static inline const uint16_t *kvq__block_params(const uint8_t *block, size_t row_bytes, int P) {
     return (const uint16_t *)(const void *)(block + row_bytes * (size_t)P);
@@ -142,6 +146,10 @@ typedef struct kvq_seq_layer {
 typedef struct kvq_seq {
     bool live;
     kvq_seq_layer *layers; /* [n_layers] */
+    /* SQuat key subspaces (kvq.h section 10; squat.c): NULL until the first kvq_seq_set_key_subspace, then one block
+     * of [n_layers][H] bases of D x r floats in the stored (rotated) key frame, followed by [n_layers][H] flags
+     * (uint8_t: 1 = set) */
+    float *squat;
 } kvq_seq;
 
 struct kvq_cache {
@@ -207,5 +215,21 @@ void kvq__rot_apply(const kvq__rot *r, float *x, int inverse);
 /* Whether the cache stores `role` rotated. */
 static inline bool kvq__rotated(const kvq_cache *c, kvq_role role) { return (c->cfg.rotate >> role) & 1; }
 kvq_status kvq__check_layer(const kvq_cache *c, int layer, const char *fn);
+
+/* ---- SQuat keys (squat.c, kvq.h section 10) ---- */
+/* Bytes of a sequence's subspace block (0 when squat_rank = 0) */
+size_t kvq__squat_bytes(const kvq_cache *c);
+/* The stored-frame basis of (q, layer, h), D x r, or NULL when none is set */
+const float *kvq__squat_basis(const kvq_cache *c, const kvq_seq *q, int layer, int h);
+/* doubles of scratch kvq__squat_key_group_ref needs (D x D) */
+static inline size_t kvq__squat_scratch_doubles(int D) { return (size_t)D * D; }
+/* SQuat quantization of one key group: as kvq__quant_key_group, but channel by channel in order, each channel's
+ * error (per token) propagated into the channels not yet quantized so as to minimize e^T (B B^T + lambda I) e per
+ * token (GPTQ / OBQ with the inverse Cholesky factor of that matrix). x (G x D) is overwritten (the updated values);
+ * B: D x r orthonormal; work: kvq__squat_scratch_doubles(D) doubles. */
+void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, float *x, int G, int D, const float *B, int r,
+                              float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *work);
+/* lambda the cache uses (the config's, or the auto rule) */
+float kvq__squat_lambda(const kvq_cache *c);
 
 #endif

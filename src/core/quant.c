@@ -157,6 +157,21 @@ void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, const float *x, int G
     }
 }
 
+void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, const float *x, int G, int D, int c, uint8_t *rows,
+                            size_t row_bytes, uint16_t *scale_min, float *deq) {
+    int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
+    float s, mn;
+    minmax_params(x + c, G, (size_t)D, qmax, &s, &mn);
+    scale_min[c] = kvq__f32_to_f16(s);
+    scale_min[D + c] = kvq__f32_to_f16(mn);
+    for (int i = 0; i < G; i++) {
+        int q = s > 0 ? code_of((x[(size_t)i * D + c] - mn) / s, lv16, qmax) : 0;
+        put_bits(rows + (size_t)i * row_bytes, c, b, D, q);
+        /* what kvq__dequant_row decodes: the same fp32 expression */
+        deq[i] = s * ((float)lv16[q] * 0.0625f) + mn;
+    }
+}
+
 void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,
                       int D, int G, int Gv, float *o) {
     switch (t) {

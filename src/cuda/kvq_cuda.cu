@@ -291,6 +291,9 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (cfg.prerope != 0)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: prerope %d: the CUDA backend's kernels do not apply "
                     "RoPE to the keys (kvq.h section 10); append keys after RoPE with prerope = 0", cfg.prerope);
+    if (cfg.squat_rank != 0)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: squat_rank %d: the CUDA backend's append kernels do not "
+                    "quantize with a query subspace (SQuat keys, kvq.h section 10); set 0", cfg.squat_rank);
     if (cfg.residual < 0 || cfg.residual > 4096) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: residual %d outside 0..4096", cfg.residual);
     if (cfg.max_seqs == 0) cfg.max_seqs = 256;
     if (cfg.max_seqs < 1 || cfg.max_seqs > 65536) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: max_seqs %d outside 1..65536", cfg.max_seqs);

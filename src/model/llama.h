@@ -114,10 +114,19 @@ typedef struct llama_ctx_params {
      * type_v like the global ones; 1 they use type_k_local / type_v_local. Ignored for a model without local layers. */
     int local_types;
     kvq_type type_k_local, type_v_local;
+    /* SQuat keys (kvq.h section 10): the rank r of the query subspace that the first forward call of a sequence (its
+     * first prefill batch) computes per layer and KV head and sets on the cache; 0 off (what a zero-initialized
+     * llama_ctx_params gets), -1 llama_default_squat(type_k). Applies to caches whose key type is grouped (Q4, Q3,
+     * Q2); others ignore it. The CPU engine only: the GPU engine's caches have none (the CLI resolves -1 to 0 there
+     * and refuses r > 0). */
+    int squat_rank;
+    float squat_lambda; /* <= 0: kvq's auto rule */
 } llama_ctx_params;
 
 /* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
 int llama_default_prerope(kvq_type type_k);
+/* The engine's default for llama_ctx_params.squat_rank = -1: 8 for Q4, Q3, Q2 keys, else 0 (kvq.h section 10) */
+int llama_default_squat(kvq_type type_k);
 
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
  * KVQ_ERR_UNSUPPORTED_TYPE, KVQ_ERR_OUT_OF_MEMORY for the arena, ...) and a message naming it. */
