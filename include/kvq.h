@@ -633,7 +633,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  * rejects squat_rank > 0 (KVQ_ERR_INVALID_ARG): its append kernels quantize without a subspace.
  * Default: off in the cache (0 in a zero-initialized config and in kvq_cache_config_default): the subspace comes from
  * the model's queries, which only the caller has. kvq's CPU engine (src/model/llama.c, llama_default_squat) turns it
- * on with r = 8 and auto lambda for Q4, Q3, Q2 keys: the first forward call of a sequence (its first prefill batch)
+ * on with r = 8 and auto lambda for Q2 keys (Q4/Q3 keys: --kv-squat 8; why, below): the first forward call of a sequence (its first prefill batch)
  * takes that batch's queries of every query head of a KV head's group, in the keys' frame, and sets the top-r
  * eigenvectors of Q^T Q (orthogonal iteration, deterministic) on every layer and KV head; kvq run / perplexity /
  * passkey --kv-squat R (0 off), --kv-squat-lambda, compare suffixes :squat=R and :lambda=X. Measured (docs/quality.md,
@@ -644,8 +644,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  *       q2                                  +16.1%  0.179     +11.1%  0.124     (-31%)
  *     Gemma 3 270M, ctx 1024, 2 chunks
  *       q4                                  +1.44%  0.00988   +0.75%  0.00777   (-21%)
- * Lambda 0.0125 .. 0.125 measured within noise of each other, 1 loses part of the gain. Prefill: within the noise of
- * the shared 2-core machine the run had (a few percent at most on SmolLM2); decode: unchanged (same bytes, kernels).
+ * Lambda 0.0125 .. 0.125 measured within noise of each other, 1 loses part of the gain. Decode: unchanged (same bytes,
+ * same kernels). Prefill, quiet machine, `kvq bench --depths 0 --prefill 2048 -b 256 -t 2`, two runs: SmolLM2 q4
+ * 426 / 435 -> 344 / 368 tok/s, q2 391 / 389 -> 341 / 350 (-10 .. -19%); Gemma 3 q4 336 / 360 -> 208 / 202 (-38 ..
+ * -44%: D = 256). So the engine's default is on for Q2 keys only, where it buys dPPL (+16.1% -> +11.1%); for Q4 it
+ * buys KLD, not dPPL, at that prefill cost, and Q3's gain did not hold on every chunk subset.
  */
 /* Pre-RoPE keys: x [n_tokens][n_kv_heads][head_dim] fp32, in place: token i's vectors rotated by the cache's RoPE at
  * position pos0 + i (inverse = 0: RoPE(p) x, what attention applies to a stored key; 1: RoPE(p)^T x, which takes a

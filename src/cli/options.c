@@ -625,9 +625,9 @@ static void kv_help(FILE *f, int cmd) {
     if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL || cmd == KVQ_CLI_PASSKEY)
         fprintf(f, "  --kv-squat R            SQuat keys (kvq.h section 10): quantize q4/q3/q2 keys so that their error is\n"
                    "                          nearly orthogonal to the rank-R subspace of the first prefill batch's queries;\n"
-                   "                          0..32, 0 off (default: %d for q4/q3/q2 keys on the CPU, off on the GPU)\n"
+                   "                          0..32, 0 off (default: %d for q2 keys on the CPU, else off: it costs prefill)\n"
                    "  --kv-squat-lambda auto|X   its ridge lambda > 0 (default auto: R / head_dim)\n",
-                llama_default_squat(KVQ_TYPE_Q4));
+                llama_default_squat(KVQ_TYPE_Q2));
     if (cmd != KVQ_CLI_CAP)
         fprintf(f, "  -t, --threads N         threads for BLAS and attention (default: all cores; at most the online CPUs)\n");
     if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL)

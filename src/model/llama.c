@@ -304,11 +304,12 @@ int llama_default_prerope(kvq_type type_k) {
     return 0;
 }
 
-/* kvq.h section 10, "SQuat keys": r = 8 measured better than plain quantization for every grouped key type on
- * SmolLM2 and Gemma 3 (the library's own default stays off: it needs the queries) */
+/* kvq.h section 10, "SQuat keys": on (r = 8) for Q2 keys only. It lowered the KLD from F16 of every grouped key type,
+ * but costs prefill (quiet machine, 2048-token prefill: SmolLM2 -10 .. -19%, Gemma 3 q4 -38 .. -44%); for Q2 it buys
+ * dPPL +16.1% -> +11.1% on SmolLM2, for Q4 only KLD (dPPL within noise) and Q3's gain did not hold on every chunk
+ * subset. The library's own default stays off: it needs the queries. */
 int llama_default_squat(kvq_type type_k) {
-    const kvq_type_traits *t = kvq_type_get_traits(type_k);
-    return t && t->grouped ? 8 : 0;
+    return type_k == KVQ_TYPE_Q2 ? 8 : 0;
 }
 
 /* One of the context's caches: n_layers layers of kind `kind` (0 global, 1 local). */

@@ -125,7 +125,7 @@ typedef struct llama_ctx_params {
 
 /* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
 int llama_default_prerope(kvq_type type_k);
-/* The engine's default for llama_ctx_params.squat_rank = -1: 8 for Q4, Q3, Q2 keys, else 0 (kvq.h section 10) */
+/* The engine's default for llama_ctx_params.squat_rank = -1: 8 for Q2 keys, else 0 (kvq.h section 10) */
 int llama_default_squat(kvq_type type_k);
 
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
