@@ -75,6 +75,34 @@
  *   8.0, or one the build has no code for (e.g. an A100 with a build of sm_90a only), is refused by kvq_cuda_cache_create and kvq_cuda_device_count with KVQ_ERR_NO_DEVICE and a
  *   message naming the device, its compute capability and the archs of the build; a decode launch that finds no
  *   kernel image returns KVQ_ERR_NO_DEVICE too. Never a wrong result.
+ *
+ * ---------------------------------------------------------------------------------------------------------
+ * 5. Static plans: decode steps a CUDA graph can capture (issues 21, 23)
+ * ---------------------------------------------------------------------------------------------------------
+ * kvq_cuda_decode_step passes the page tables, window heads and lengths of the host's bookkeeping to its kernels by
+ * value and picks pages from the host's free list, so a captured graph would replay the first step's arguments. A
+ * static plan (like transformers' StaticCache: a fixed batch and a maximum length) lends n_seqs sequences to the
+ * device instead:
+ * - kvq_cuda_static_create reserves, for every lent (sequence, layer), the pages up to max_tokens (and a sink page,
+ *   private copies of shared pages it will write), writes their page-table entries, and moves the lengths and window
+ *   heads into device memory. It allocates, once, everything the steps need (argument blocks, the attention
+ *   workspace, the rotation scratch) and synchronises `stream`.
+ * - kvq_cuda_static_step(plan, layer, k, v, q, out, stream) is kvq_cuda_decode_step for the plan's sequences, in plan
+ *   order: one token per sequence appended (k, v: DEVICE [n_seqs][n_kv_heads][head_dim] of kv_dtype), then decode
+ *   attention (q, out: DEVICE [n_seqs][n_q_heads][head_dim] of qo_dtype). It enqueues a fixed sequence of kernels of
+ *   fixed grids whose parameters are the call's pointers and the plan's: a small kernel reads the device state,
+ *   writes the other kernels' arguments into device memory and advances the state, so the host does no bookkeeping,
+ *   allocates nothing and never synchronises. Capture the steps of every layer in a graph
+ *   (cudaStreamBeginCapture ... cudaGraphLaunch) and each replay appends and attends at the right positions. The
+ *   results are the bits of kvq_cuda_decode_step on the same sequences (same kernels, same arguments, same split).
+ * - A sequence at max_tokens in a layer keeps it: the step drops that token there (attention still runs over what
+ *   is stored) and kvq_cuda_static_end reports KVQ_ERR_CACHE_FULL.
+ * - kvq_cuda_static_lengths reads the lengths back (synchronises); kvq_cuda_static_end (synchronises) copies the
+ *   state back to the host, returns the unused reservation to the free list and gives the sequences back.
+ * - While lent, every other call naming one of the plan's sequences (append, attention, fork, truncate, free,
+ *   length, read) fails with KVQ_ERR_INVALID_ARG; other sequences of the cache work as usual (the plan has its own
+ *   workspace and pages). One plan per cache at a time. kvq_cuda_cache_free ends a live plan (the plan pointer is
+ *   invalid afterwards). n_seqs <= 32.
  */
 #ifndef KVQ_CUDA_H
 #define KVQ_CUDA_H
@@ -182,6 +210,26 @@ KVQ_API kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *cache, int layer, int n_
 KVQ_API kvq_status kvq_cuda_decode_step(kvq_cuda_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
                                         kvq_dtype kv_dtype, const void *k, const void *v, kvq_dtype qo_dtype,
                                         const void *q, void *out, const kvq_attn_params *p, kvq_cuda_stream stream);
+
+/* Static plans (section 5). create: n_seqs live, distinct, not lent sequences (1..32), each holding at most
+ * max_tokens tokens in every layer; p, kv_dtype and qo_dtype fixed for the plan's steps. Errors (nothing changes):
+ * KVQ_ERR_NULL, KVQ_ERR_INVALID_ARG (a plan exists already, bad n_seqs/dtype/params, a sequence twice or lent),
+ * KVQ_ERR_NO_SEQ, KVQ_ERR_RANGE (max_tokens < 1 or below a sequence's length), KVQ_ERR_CACHE_FULL (not enough free
+ * pages, or max_tokens beyond the page table), KVQ_ERR_OUT_OF_MEMORY, KVQ_ERR_CUDA. */
+typedef struct kvq_cuda_static kvq_cuda_static;
+KVQ_API kvq_status kvq_cuda_static_create(kvq_cuda_cache *cache, int n_seqs, const int32_t *seq_ids, int64_t max_tokens,
+                                          const kvq_attn_params *p, kvq_dtype kv_dtype, kvq_dtype qo_dtype,
+                                          kvq_cuda_stream stream, kvq_cuda_static **out);
+/* Enqueues one decode step of `layer` for every sequence of the plan (section 5); may be captured in a CUDA graph.
+ * Errors: KVQ_ERR_NULL, KVQ_ERR_SHAPE (layer), KVQ_ERR_CUDA (a launch failed). */
+KVQ_API kvq_status kvq_cuda_static_step(kvq_cuda_static *plan, int layer, const void *k, const void *v, const void *q,
+                                        void *out, kvq_cuda_stream stream);
+/* The plan's sequences' lengths in `layer` (tokens, sinks included) into len[n_seqs], in plan order. Synchronises. */
+KVQ_API kvq_status kvq_cuda_static_lengths(kvq_cuda_static *plan, int layer, int64_t *len, kvq_cuda_stream stream);
+/* Ends the plan (NULL: no-op): the state back to the host, the unused pages back to the free list, the sequences
+ * usable again; the plan is freed whatever the result. Synchronises. KVQ_ERR_CACHE_FULL: a step dropped a token
+ * (max_tokens reached); KVQ_ERR_CUDA: the device state could not be read (the sequences are as they were lent). */
+KVQ_API kvq_status kvq_cuda_static_end(kvq_cuda_static *plan, kvq_cuda_stream stream);
 
 /* Chunked causal prefill, semantics of kvq_attn_prefill: the n_q queries are the last n_q tokens of the sequence
  * (append them first). q, out: DEVICE [n_q][n_q_heads][head_dim] of qo_dtype. Enqueued on `stream`.

@@ -514,6 +514,191 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     printf("  %-40s %d steps x %d layers: same bits as append + attn_decode\n", what, STEPS, LAYERS);
 }
 
+// Static plans (kvq_cuda.h section 5): the same sequences in two caches, one decoded with kvq_cuda_decode_step, the
+// other lent to a plan: first its steps called directly, then captured once in a CUDA graph (every layer) and
+// replayed. Every step must give the decode_step's bits; after kvq_cuda_static_end the pages, windows and lengths
+// must be the eager cache's and both go on alike. A fork before the plan makes it copy the shared pages it writes.
+// Then: lent sequences refused elsewhere, bad plans refused with nothing changed, a token past max_tokens dropped.
+static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
+    const int H = 2, nqh = 8, NS = 3, LAYERS = 2, STEPS1 = 70, STEPS2 = 90;
+    const int32_t pre[NS] = {1, 70, 127};
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
+    cfg.max_seqs = 6, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
+    cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 5 * 1024);
+    kvq_cuda_cache *a, *b;
+    OK(kvq_cuda_cache_create(&cfg, 0, 0, &a));
+    OK(kvq_cuda_cache_create(&cfg, 0, 0, &b));
+    char what[96];
+    snprintf(what, sizeof what, "%s D%d R%d%s static plan", tname(t), D, residual, mech_name());
+    int32_t ids[NS], fk[2];
+    for (int i = 0; i < NS; i++) {
+        OK(kvq_cuda_seq_new(a, &ids[i]));
+        OK(kvq_cuda_seq_new(b, &ids[i]));
+    }
+    const size_t esz = dt == KVQ_DTYPE_F32 ? 4 : 2;
+    const size_t nkv = (size_t)(pre[0] + pre[1] + pre[2]) * H * D, nq = (size_t)NS * nqh * D, n1 = (size_t)NS * H * D;
+    std::vector<uint8_t> hk(nkv * esz), hv(nkv * esz), hq(nq * esz);
+    auto fill = [&](std::vector<uint8_t> &h, size_t n) {
+        for (size_t e = 0; e < n; e++) {
+            const float x = frand() * 2.0f;
+            if (dt == KVQ_DTYPE_F32) memcpy(h.data() + 4 * e, &x, 4);
+            else { const uint16_t y = f2h(x); memcpy(h.data() + 2 * e, &y, 2); }
+        }
+    };
+    void *dk, *dv, *dq, *oa, *ob;
+    CU(cudaMalloc(&dk, nkv * esz));
+    CU(cudaMalloc(&dv, nkv * esz));
+    CU(cudaMalloc(&dq, nq * esz));
+    CU(cudaMalloc(&oa, nq * esz));
+    CU(cudaMalloc(&ob, nq * esz));
+    fill(hk, nkv), fill(hv, nkv);
+    CU(cudaMemcpy(dk, hk.data(), nkv * esz, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dv, hv.data(), nkv * esz, cudaMemcpyHostToDevice));
+    for (int l = 0; l < LAYERS; l++) {
+        OK(kvq_cuda_append(a, l, NS, ids, pre, dt, dk, dv, 0));
+        OK(kvq_cuda_append(b, l, NS, ids, pre, dt, dk, dv, 0));
+    }
+    for (int i = 0; i < 2; i++) {  // shared pages (and sink pages) the plan must copy before writing
+        OK(kvq_cuda_seq_fork(a, ids[i + 1], &fk[i], 0));
+        OK(kvq_cuda_seq_fork(b, ids[i + 1], &fk[i], 0));
+    }
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    ap.window = t == KVQ_TYPE_Q8 ? 100 : 0;  // a sliding window in one of the cases
+    const int64_t maxt = pre[2] + STEPS1 + STEPS2 + 40;
+    kvq_cuda_stats s0, s1;
+    OK(kvq_cuda_cache_get_stats(b, &s0));
+    kvq_cuda_static *plan = nullptr, *p2 = nullptr;
+    // bad plans: refused, nothing changed
+    auto refused = [&](kvq_status got, kvq_status want, const char *bad) {
+        CHECK(got == want && kvq_cuda_last_error()[0], "%s: %s -> %d (%s), expected %d", what, bad, (int)got,
+              kvq_cuda_last_error(), (int)want);
+        OK(kvq_cuda_cache_get_stats(b, &s1));
+        CHECK(s1.pages_free == s0.pages_free && s1.pages_shared == s0.pages_shared, "%s: %s changed the pages", what, bad);
+    };
+    refused(kvq_cuda_static_create(b, NS, ids, pre[2] - 1, &ap, dt, dt, 0, &p2), KVQ_ERR_RANGE, "max_tokens < length");
+    refused(kvq_cuda_static_create(b, NS, ids, 0, &ap, dt, dt, 0, &p2), KVQ_ERR_RANGE, "max_tokens 0");
+    refused(kvq_cuda_static_create(b, NS, ids, 1 << 22, &ap, dt, dt, 0, &p2), KVQ_ERR_CACHE_FULL, "max_tokens 4M");
+    refused(kvq_cuda_static_create(b, NS, ids, 3000, &ap, dt, dt, 0, &p2), KVQ_ERR_CACHE_FULL, "more pages than free");
+    refused(kvq_cuda_static_create(b, 0, ids, maxt, &ap, dt, dt, 0, &p2), KVQ_ERR_INVALID_ARG, "n_seqs 0");
+    const int32_t dup[2] = {ids[0], ids[0]}, dead[2] = {ids[0], 5};  // 0..4: the sequences and their forks
+    refused(kvq_cuda_static_create(b, 2, dup, maxt, &ap, dt, dt, 0, &p2), KVQ_ERR_INVALID_ARG, "a sequence twice");
+    refused(kvq_cuda_static_create(b, 2, dead, maxt, &ap, dt, dt, 0, &p2), KVQ_ERR_NO_SEQ, "sequence 5");
+    refused(kvq_cuda_static_create(b, NS, ids, maxt, nullptr, dt, dt, 0, &p2), KVQ_ERR_NULL, "params NULL");
+    refused(kvq_cuda_static_create(b, NS, ids, maxt, &ap, (kvq_dtype)7, dt, 0, &p2), KVQ_ERR_INVALID_ARG, "dtype 7");
+    CHECK(!p2, "%s: a refused plan was returned", what);
+    OK(kvq_cuda_static_create(b, NS, ids, maxt, &ap, dt, dt, 0, &plan));
+    // lent: refused everywhere else; one plan per cache
+    OK(kvq_cuda_cache_get_stats(b, &s0));
+    refused(kvq_cuda_static_create(b, 1, &fk[0], maxt, &ap, dt, dt, 0, &p2), KVQ_ERR_INVALID_ARG, "a second plan");
+    const int32_t one = 1;
+    refused(kvq_cuda_append(b, 0, 1, &ids[1], &one, dt, dk, dv, 0), KVQ_ERR_INVALID_ARG, "append to a lent sequence");
+    refused(kvq_cuda_attn_decode(b, 0, 1, &ids[1], dt, dq, ob, &ap, 0), KVQ_ERR_INVALID_ARG, "decode a lent sequence");
+    refused(kvq_cuda_seq_free(b, ids[0]), KVQ_ERR_INVALID_ARG, "free a lent sequence");
+    refused(kvq_cuda_seq_truncate(b, ids[0], 0, 0), KVQ_ERR_INVALID_ARG, "truncate a lent sequence");
+    int32_t tmp;
+    refused(kvq_cuda_seq_fork(b, ids[0], &tmp, 0), KVQ_ERR_INVALID_ARG, "fork a lent sequence");
+    CHECK(kvq_cuda_static_step(plan, LAYERS, dk, dv, dq, ob, 0) == KVQ_ERR_SHAPE, "%s: layer 2 stepped", what);
+    CHECK(kvq_cuda_static_step(plan, 0, dk, dv, nullptr, ob, 0) == KVQ_ERR_NULL, "%s: q NULL stepped", what);
+    std::vector<uint8_t> ra(nq * esz), rb(nq * esz);
+    int diff = 0, steps = 0;
+    auto upload = [&]() {
+        fill(hk, n1), fill(hv, n1), fill(hq, nq);
+        CU(cudaMemcpy(dk, hk.data(), n1 * esz, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dv, hv.data(), n1 * esz, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dq, hq.data(), nq * esz, cudaMemcpyHostToDevice));
+    };
+    auto compare = [&](int l) {
+        OK(kvq_cuda_decode_step(a, l, NS, ids, dt, dk, dv, dt, dq, oa, &ap, 0));
+        CU(cudaMemcpy(ra.data(), oa, nq * esz, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(rb.data(), ob, nq * esz, cudaMemcpyDeviceToHost));
+        diff += memcmp(ra.data(), rb.data(), nq * esz) != 0;
+        steps++;
+    };
+    for (int step = 0; step < STEPS1; step++)
+        for (int l = 0; l < LAYERS; l++) {
+            upload();
+            CU(cudaMemset(ob, 0xff, nq * esz));  // NaN poison: every element must be written
+            OK(kvq_cuda_static_step(plan, l, dk, dv, dq, ob, 0));
+            compare(l);
+        }
+    // captured: one layer per graph, fixed buffers whose contents change between replays
+    cudaStream_t cs;
+    CU(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+    cudaGraphExec_t ge[LAYERS];
+    for (int l = 0; l < LAYERS; l++) {
+        cudaGraph_t g;
+        CU(cudaStreamBeginCapture(cs, cudaStreamCaptureModeGlobal));
+        OK(kvq_cuda_static_step(plan, l, dk, dv, dq, ob, cs));
+        CU(cudaStreamEndCapture(cs, &g));
+        CU(cudaGraphInstantiate(&ge[l], g, 0));
+        CU(cudaGraphDestroy(g));
+    }
+    for (int step = 0; step < STEPS2; step++)
+        for (int l = 0; l < LAYERS; l++) {
+            upload();
+            CU(cudaMemset(ob, 0xff, nq * esz));
+            CU(cudaGraphLaunch(ge[l], cs));
+            CU(cudaStreamSynchronize(cs));
+            compare(l);
+        }
+    CHECK(diff == 0, "%s: %d of %d steps gave other bits than kvq_cuda_decode_step", what, diff, steps);
+    int64_t lens[NS];
+    OK(kvq_cuda_static_lengths(plan, 1, lens, 0));
+    for (int i = 0; i < NS; i++)
+        CHECK(lens[i] == pre[i] + STEPS1 + STEPS2, "%s: plan length of seq %d %lld", what, i, (long long)lens[i]);
+    OK(kvq_cuda_static_end(plan, 0));
+    for (int l = 0; l < LAYERS; l++) CU(cudaGraphExecDestroy(ge[l]));
+    CU(cudaStreamDestroy(cs));
+    // given back: the same state as the eager cache, and both go on alike (eager steps, then fork/truncate)
+    kvq_cuda_stats sa, sb;
+    OK(kvq_cuda_cache_get_stats(a, &sa));
+    OK(kvq_cuda_cache_get_stats(b, &sb));
+    CHECK(sa.pages_free == sb.pages_free && sa.pages_shared == sb.pages_shared, "%s: pages free %lld/%lld shared %lld/%lld",
+          what, (long long)sb.pages_free, (long long)sa.pages_free, (long long)sb.pages_shared, (long long)sa.pages_shared);
+    auto same_state = [&](const char *when) {
+        for (int i = 0; i < NS; i++)
+            for (int l = 0; l < LAYERS; l++) {
+                int64_t la = 0, lb = 0;
+                OK(kvq_cuda_seq_length(a, ids[i], l, &la));
+                OK(kvq_cuda_seq_length(b, ids[i], l, &lb));
+                CHECK(la == lb, "%s %s: seq %d layer %d length %lld vs %lld", what, when, i, l, (long long)lb, (long long)la);
+                CHECK(seq_bytes(a, ids[i], l) == seq_bytes(b, ids[i], l), "%s %s: seq %d layer %d bytes differ", what, when, i, l);
+                if (i > 0) CHECK(seq_bytes(a, fk[i - 1], l) == seq_bytes(b, fk[i - 1], l), "%s %s: fork %d bytes", what, when, i);
+            }
+    };
+    same_state("after the plan");
+    diff = 0, steps = 0;
+    for (int step = 0; step < 70; step++)
+        for (int l = 0; l < LAYERS; l++) {
+            upload();
+            OK(kvq_cuda_decode_step(b, l, NS, ids, dt, dk, dv, dt, dq, ob, &ap, 0));
+            compare(l);
+        }
+    CHECK(diff == 0, "%s: after the plan, %d of %d eager steps differ", what, diff, steps);
+    same_state("after eager steps");
+    // max_tokens reached: the step drops the token, end says so, the state stays consistent
+    int64_t len0 = 0;
+    OK(kvq_cuda_seq_length(b, ids[2], 0, &len0));
+    OK(kvq_cuda_static_create(b, 1, &ids[2], len0 + 2, &ap, dt, dt, 0, &plan));
+    for (int step = 0; step < 3; step++)
+        for (int l = 0; l < LAYERS; l++) OK(kvq_cuda_static_step(plan, l, dk, dv, dq, ob, 0));
+    CHECK(kvq_cuda_static_end(plan, 0) == KVQ_ERR_CACHE_FULL, "%s: a dropped token not reported", what);
+    int64_t len1 = 0;
+    OK(kvq_cuda_seq_length(b, ids[2], 1, &len1));
+    CHECK(len1 == len0 + 2, "%s: length %lld after max_tokens %lld", what, (long long)len1, (long long)len0 + 2);
+    // a live plan at kvq_cuda_cache_free: freed with the cache
+    OK(kvq_cuda_static_create(b, 1, &ids[0], len0 + 100, &ap, dt, dt, 0, &plan));
+    CU(cudaFree(dk));
+    CU(cudaFree(dv));
+    CU(cudaFree(dq));
+    CU(cudaFree(oa));
+    CU(cudaFree(ob));
+    kvq_cuda_cache_free(a);
+    kvq_cuda_cache_free(b);
+    printf("  %-40s %d direct + %d captured steps x %d layers: same bits as decode_step\n", what, STEPS1, STEPS2, LAYERS);
+}
+
 // kvq_cuda_decode_step when the cache or the device is full: a page table with room for one page (CACHE_FULL once the
 // window must flush into a second page) and every device allocation of a first call failing in turn
 // (OUT_OF_MEMORY): the cache unchanged, and the next call works with the bits of a run that never failed.
@@ -1053,6 +1238,7 @@ int main(int argc, char **argv) {
             test_decode_step(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);
             g_rot = -1, g_sinks = -1;
             test_decode_step(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16);
+            test_static(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F16);
             g_rot = 0, g_sinks = 0;
             if (!quick) {
                 test_long(KVQ_TYPE_Q4, 131072 + 100);
@@ -1071,6 +1257,16 @@ int main(int argc, char **argv) {
         test_decode_step(KVQ_TYPE_Q2, 64, 0, KVQ_DTYPE_F32);
         g_rot = 0, g_sinks = 0;
         test_decode_step_full();
+        // static plans: per-token and grouped types, fp16 window and R = 0, rotation and sinks, fp32 and fp16 I/O
+        test_static(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);
+        test_static(KVQ_TYPE_Q8, 128, 5, KVQ_DTYPE_F32);
+        g_rot = -1, g_sinks = -1;
+        test_static(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16);
+        test_static(KVQ_TYPE_Q2, 64, 0, KVQ_DTYPE_F32);
+        test_static(KVQ_TYPE_Q8, 64, -1, KVQ_DTYPE_F16);
+        g_rot = KVQ_ROLES_KV, g_sinks = 4;
+        test_static(KVQ_TYPE_Q4, 64, -1, KVQ_DTYPE_F32);
+        g_rot = 0, g_sinks = 0;
     }
     // argument errors
     kvq_cuda_cache *none = nullptr;

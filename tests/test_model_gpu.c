@@ -8,11 +8,13 @@
  *   - several sequences at once: NS sequences of different lengths and tokens decode STEPS steps together
  *     (llama_gpu_decode_batch: one GEMM row and one kvq_cuda decode entry per sequence); each one's logits equal those
  *     of the same sequence run alone in a one-sequence context, within DEC_BOUND;
- *   - CUDA graphs on vs off (llama_gpu_ctx_set_graph): one sequence decoding G_STEPS tokens one at a time, and NS
- *     sequences decoding G_STEPS steps together, each in a context with graphs and one without; the same kernels
- *     with the same arguments, so the logits should be identical: max |difference| <= GRAPH_BOUND (1e-4, far below
- *     any stale buffer or position, which moves logits by O(1)); the graph context must hold graphs, the other
- *     none. G_STEPS crosses pages and window flushes (new KV pages are eager kvq_cuda calls between the graphs).
+ *   - CUDA graphs on vs off (llama_gpu_ctx_set_graph, llama_gpu_ctx_set_static): one sequence decoding G_STEPS
+ *     tokens one at a time, and NS sequences decoding G_STEPS steps together, each in three contexts: whole-step
+ *     graphs (the default: append and attention captured through a kvq_cuda static plan), segment graphs with eager
+ *     kvq_cuda calls, and no graphs; the same kernels with the same arguments, so the logits should be identical:
+ *     max |difference| <= GRAPH_BOUND (1e-4, far below any stale buffer or position, which moves logits by O(1));
+ *     the default context must hold one whole-step graph, the segment one segment graphs only, the eager one none.
+ *     G_STEPS crosses pages and window flushes (inside the whole-step graph: decided on the device).
  * usage: test_model_gpu --probe                 exit 0 when a usable GPU is there, 77 (skip) when not
  *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2 (default all four)
  * Bounds. The GPU rounds every GEMM input (activations, and weights stored other than F16) to fp16: a relative error
@@ -73,7 +75,7 @@ static double maxabs(const float *a, const float *b, size_t n) {
 /* graphs on vs off: one sequence (prefill 100, G_STEPS single-token decodes) and NS sequences (prefill 60 + 13 q each,
  * G_STEPS batched steps); returns 0 or a status */
 static kvq_status graph_ab(const llama_gpu_model *gm, const llama_ctx_params *p, const int32_t *tok, int V, const char *name) {
-    llama_gpu_ctx *g[2] = {NULL, NULL};
+    llama_gpu_ctx *g[3] = {NULL, NULL, NULL};
     kvq_status st = KVQ_OK;
     float *la = malloc((size_t)NS * V * sizeof(float)), *lb = malloc((size_t)NS * V * sizeof(float));
     if (!la || !lb) {
@@ -83,9 +85,11 @@ static kvq_status graph_ab(const llama_gpu_model *gm, const llama_ctx_params *p,
     for (int batch = 0; batch < 2 && !st; batch++) {
         const int ns = batch ? NS : 1;
         double maxd = 0;
-        for (int i = 0; i < 2 && !st; i++) {
+        for (int i = 0; i < 3 && !st; i++) {
             st = batch ? llama_gpu_ctx_create_par(gm, p, NS, &g[i]) : llama_gpu_ctx_create(gm, p, &g[i]);
-            if (!st) st = llama_gpu_ctx_set_graph(g[i], i == 0); /* 0: graphs, 1: eager */
+            /* 0: whole-step graphs (the default), 1: eager, 2: segment graphs with eager kvq_cuda calls */
+            if (!st) st = llama_gpu_ctx_set_graph(g[i], i != 1);
+            if (!st) st = llama_gpu_ctx_set_static(g[i], i == 0);
             for (int q = 0; q < ns && !st; q++) {
                 const int len = batch ? 60 + 13 * q : 100;
                 for (int b = 0; b < len && !st; b += CHUNK) {
@@ -97,24 +101,31 @@ static kvq_status graph_ab(const llama_gpu_model *gm, const llama_ctx_params *p,
         for (int k = 0; k < G_STEPS && !st; k++) {
             int32_t bt[NS];
             for (int q = 0; q < ns; q++) bt[q] = tok[(7 * q + (batch ? 60 + 13 * q : 100) + k) % N_POS];
-            for (int i = 0; i < 2 && !st; i++)
+            for (int i = 0; i < 3 && !st; i++) {
                 st = batch ? llama_gpu_decode_batch(g[i], bt, i ? lb : la) : llama_gpu_forward(g[i], bt, 1, i ? lb : la, 0);
-            if (!st) {
-                double d = maxabs(la, lb, (size_t)ns * V);
-                if (!(d <= maxd)) maxd = d;
+                if (!st && i) {
+                    double d = maxabs(la, lb, (size_t)ns * V);
+                    if (!(d <= maxd)) maxd = d;
+                }
             }
         }
         if (!st) {
             char what[160];
-            snprintf(what, sizeof what, "%s: CUDA graphs on vs off, %s, max |logit difference| over %d decode steps", name,
+            snprintf(what, sizeof what, "%s: CUDA graphs (whole step / segments) vs none, %s, max |logit difference| over %d decode steps", name,
                      batch ? "4 sequences together" : "one sequence", G_STEPS);
             check(maxd <= GRAPH_BOUND, "%.4g (<= %.1g)", maxd, GRAPH_BOUND, what);
             snprintf(what, sizeof what, "%s: graphs held with graphs on / off (%s)", name, batch ? "batch" : "one sequence");
             int hon = llama_gpu_ctx_graphs(g[0]), hoff = llama_gpu_ctx_graphs(g[1]);
             printf("%s %s: %d / %d\n", hon > 0 && hoff == 0 ? "ok  " : "FAIL", what, hon, hoff);
             fails += !(hon > 0 && hoff == 0);
+            /* the default took the whole-step graph (append and attention captured), the segment-only context not */
+            snprintf(what, sizeof what, "%s: whole-step graphs held, default / segment graphs only (%s)", name,
+                     batch ? "batch" : "one sequence");
+            int w0 = llama_gpu_ctx_step_graphs(g[0]), w2 = llama_gpu_ctx_step_graphs(g[2]), s2 = llama_gpu_ctx_graphs(g[2]);
+            printf("%s %s: %d / %d (segment graphs %d)\n", w0 == 1 && w2 == 0 && s2 > 0 ? "ok  " : "FAIL", what, w0, w2, s2);
+            fails += !(w0 == 1 && w2 == 0 && s2 > 0);
         }
-        llama_gpu_ctx_free(g[0]), llama_gpu_ctx_free(g[1]);
+        llama_gpu_ctx_free(g[0]), llama_gpu_ctx_free(g[1]), llama_gpu_ctx_free(g[2]);
         g[0] = g[1] = NULL;
     }
     free(la), free(lb);

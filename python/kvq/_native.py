@@ -817,6 +817,11 @@ if _cuda is not None:
                                             _P]),
         ("kvq_cuda_decode_step", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, _P, _P, C.c_int, _P, _P,
                                            C.POINTER(AttnParams), _P]),
+        ("kvq_cuda_static_create", C.c_int, [_P, C.c_int, _I32P, C.c_int64, C.POINTER(AttnParams), C.c_int, C.c_int,
+                                             _P, C.POINTER(_P)]),
+        ("kvq_cuda_static_step", C.c_int, [_P, C.c_int, _P, _P, _P, _P, _P]),
+        ("kvq_cuda_static_lengths", C.c_int, [_P, C.c_int, C.POINTER(C.c_int64), _P]),
+        ("kvq_cuda_static_end", C.c_int, [_P, _P]),
     ]
     try:
         for _n, _r, _a in _cuda_entries:
@@ -944,9 +949,15 @@ class CudaCache:
         self.n_layers, self.n_kv_heads, self.head_dim = self.config.n_layers, self.config.n_kv_heads, \
             self.config.head_dim
 
+    _plan: Optional["StaticPlan"] = None  # the live static plan (kvq_cuda.h section 5: one per cache)
+
     def close(self) -> None:
-        """Free the device cache (idempotent; waits for the device). Later calls raise CacheClosedError."""
+        """Free the device cache (idempotent; waits for the device). Later calls raise CacheClosedError. A live
+        static plan is freed with it (its handle becomes closed)."""
         h, self._h = self._h, None
+        if self._plan is not None:
+            self._plan._p = None
+            self._plan = None
         if h:
             _cuda.kvq_cuda_cache_free(h)
 
@@ -1071,3 +1082,79 @@ class CudaCache:
 
         step.keep = (ids, p)
         return step
+
+
+class StaticPlan:
+    """A kvq_cuda static plan (kvq_cuda.h section 5): the sequences `seq_ids` of `cache` lent to the device, with
+    pages reserved up to `max_tokens` each, so that a decode step (step_ptr: one token appended to every sequence,
+    then decode attention) is a fixed sequence of kernels a CUDA graph can capture and replay (kvq.hf's captured
+    decode). While it lives, the cache refuses every other call on those sequences. end() (or the end of a `with`
+    block, or closing the cache) gives them back; end() raises CacheFullError when a step found a sequence at
+    max_tokens (that token was not stored)."""
+
+    _p: Optional[C.c_void_p] = None
+    _what = "kvq.StaticPlan"
+
+    def __init__(self, cache: CudaCache, seq_ids: Sequence[int], max_tokens: int, kv_dtype: int, qo_dtype: int,
+                 n_q_heads: int, scale: float = 0.0, window: int = 0, softcap: float = 0.0, stream: int = 0):
+        h = cache._handle()
+        n, idp, key = _ids(seq_ids, "seq_ids")
+        max_tokens = _i64(max_tokens, "max_tokens")
+        kv_dtype, qo_dtype = _dtype_code(kv_dtype), _dtype_code(qo_dtype)
+        p = _params(n_q_heads, scale, window, softcap)
+        stream = _addr(stream, "stream")
+        out = _P()
+        _check_cuda(_cuda.kvq_cuda_static_create(h, n, idp, max_tokens, C.byref(p), kv_dtype, qo_dtype, stream,
+                                                 C.byref(out)))
+        self._p, self._cache, self.seq_ids, self.n = out, cache, list(key), n
+        cache._plan = self
+        self._step = _cuda.kvq_cuda_static_step
+
+    def _handle(self):
+        if self._p is None:
+            raise CacheClosedError(self._what)
+        return self._p
+
+    @property
+    def closed(self) -> bool:
+        return self._p is None
+
+    def step_ptr(self, layer: int, k_addr: int, v_addr: int, q_addr: int, out_addr: int, stream: int = 0) -> None:
+        """kvq_cuda_static_step: k, v device addresses of [n][n_kv_heads][head_dim] kv_dtype, q, out of
+        [n][n_q_heads][head_dim] qo_dtype, rows in seq_ids order. Enqueues only (capturable); no argument
+        conversion beyond ctypes' own (this is the per-layer hot call)."""
+        p = self._p
+        if p is None:
+            raise CacheClosedError(self._what)
+        st = self._step(p, layer, k_addr, v_addr, q_addr, out_addr, stream)
+        if st < 0:
+            _check_cuda(st)
+
+    def lengths(self, layer: int = 0, stream: int = 0) -> list:
+        """The sequences' lengths in `layer` (read from the device: synchronises `stream`)."""
+        p = self._handle()
+        out = (C.c_int64 * self.n)()
+        _check_cuda(_cuda.kvq_cuda_static_lengths(p, _int(layer, "layer"), out, _addr(stream, "stream")))
+        return list(out)
+
+    def end(self, stream: int = 0) -> None:
+        """Give the sequences back (synchronises `stream`); idempotent."""
+        p, self._p = self._p, None
+        if p is None:
+            return
+        if self._cache._plan is self:
+            self._cache._plan = None
+        _check_cuda(_cuda.kvq_cuda_static_end(p, _addr(stream, "stream")))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
+
+    def __del__(self):
+        try:
+            if self._p is not None and self._cache._h is not None:
+                self.end()
+        except Exception:  # never raise from a finalizer
+            pass

@@ -245,6 +245,10 @@ class KVQCache(Cache):
         # whenever the batch rows' sequences change) is the one they were made with
         self._plans: dict = {}
         self._gen = 0
+        # Captured decode (CUDAGraphDecode): decode steps through kvq.StaticPlan, one per kvq cache (group index ->
+        # (attention arguments, plan)); any other use of the sequences ends the plans first (_end_static)
+        self._static_on = False
+        self._static: dict = {}
         # transformers' config._attn_implementation is a property over _attn_implementation_internal behind two
         # __getattribute__ overrides (~3 us per read, once per layer and step in update()): read the attribute itself
         # where the config stores it there (checked now), through the property otherwise
@@ -427,6 +431,8 @@ class KVQCache(Cache):
         valid = self._valid(attention_mask, past, q)
         if q == 1 and valid is None and self._fast_decode and query.dtype in _TORCH_DTYPES:
             return self._decode_step(layer_idx, query, key, value, scaling, window, softcap)
+        if self._static:
+            self._end_static()
         g = self._group_of[layer_idx]
         li = g.local[layer_idx]
         h = g.handle
@@ -509,8 +515,20 @@ class KVQCache(Cache):
         window, softcap = int(window or 0), float(softcap or 0.0)
         kd = _TORCH_DTYPES[key.dtype]
         if self.is_cuda:
-            step = g.handle.decode_plan(li, g.seqs, kd, _TORCH_DTYPES[query.dtype], Hq, scale, window, softcap)
             out = torch.empty((B, 1, Hq, D), dtype=query.dtype, device=query.device)
+            qd = _TORCH_DTYPES[query.dtype]
+            if self._static_on:  # the plan's steps (kvq_cuda_static_step) can be captured in a CUDA graph
+                gi = self._groups.index(g)
+                skey = (kd, qd, Hq, scale, window, softcap)
+                ent = self._static.get(gi)
+                if ent is None:
+                    ent = self._static[gi] = (skey, N.StaticPlan(g.handle, g.seqs, self.kvq_max_len, kd, qd, Hq, scale,
+                                                                 window, softcap, stream=self._stream()))
+                elif ent[0] != skey:
+                    raise ValueError("kvq: a captured decode needs the same attention arguments (dtypes, heads, scale, "
+                                     f"window, softcap) in every layer of a KV type: {ent[0]} vs {skey}")
+                return key_, functools.partial(ent[1].step_ptr, li), out, True
+            step = g.handle.decode_plan(li, g.seqs, kd, qd, Hq, scale, window, softcap)
             return key_, step, out, True
         step = g.handle.decode_plan(li, g.seqs, kd, Hq, scale, window, softcap)
         return key_, step, torch.empty((B, 1, Hq, D), dtype=torch.float32), False
@@ -547,11 +565,24 @@ class KVQCache(Cache):
         torch stream on the cache's device,) on CUDA; () on the CPU, whose calls take no stream."""
         return (_raw_stream(self._device),) if self.is_cuda else ()
 
+    def _end_static(self) -> None:
+        """Gives the sequences lent to static plans back (their state to the host), before any other use of them."""
+        plans, self._static = list(self._static.values()), {}
+        self._static_on = False
+        if not plans:
+            return
+        self._plans.clear()
+        self._gen += 1
+        sa = self._stream_args()
+        for _, sp in plans:
+            sp.end(*sa)
+
     def _remap(self, src_rows: list[int]):
         """New row i = old row src_rows[i] (beam reorder, select, repeat): the first user of an old sequence keeps
         it, the others fork it (pages shared, copy on write); old sequences nobody uses are freed."""
         if self._device is None:
             return
+        self._end_static()
         if src_rows == list(range(self.kvq_batch)):
             return
         for i in src_rows:  # before anything changes: a negative index would silently pick the last row
@@ -610,6 +641,7 @@ class KVQCache(Cache):
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, hf_len - tokens_to_remove)
         if remove == 0 or self._device is None:
             return
+        self._end_static()
         sa = self._stream_args()
         for g in self._groups:
             for s in g.seqs:
@@ -619,6 +651,7 @@ class KVQCache(Cache):
         self._mask_memo = None
 
     def reset(self) -> None:
+        self._end_static()
         for g in self._groups:
             if g.handle is not None:
                 for s in g.seqs:
@@ -636,6 +669,7 @@ class KVQCache(Cache):
         """Bytes of KV storage: {'arena': page arena bytes (allocated), 'in_use': page bytes in use, 'window':
         residual windows} summed over the kvq caches."""
         out = {"arena": 0, "in_use": 0, "window": 0}
+        self._end_static()  # the plans' reservations are not in use
         for g in self._groups:
             if g.handle is None:
                 continue
@@ -650,12 +684,98 @@ class KVQCache(Cache):
 
     def seq_lengths(self, layer_idx: int = 0) -> list[int]:
         """Tokens stored per batch row in kvq (padding excluded)."""
+        self._end_static()
         g = self._group_of[layer_idx]
         return [g.handle.seq_length(s, g.local[layer_idx]) for s in g.seqs] if g.handle else []
 
     def __repr__(self):
         names = sorted({f"{N.type_name(tk)}/{N.type_name(tv)}" for tk, tv in self.layer_types_per_layer})
         return f"KVQCache(types={names}, layers={self.n_layers}, batch={self.kvq_batch}, device={self._device})"
+
+
+class CUDAGraphDecode:
+    """Decode steps of `model` over `cache` (a KVQCache on CUDA holding the prompt: call it after the prefill) replayed
+    as ONE CUDA graph per step (issue 23): every kernel of the forward, kvq's append and attention included, with no
+    Python, transformers or kvq host work per layer. How: the first call runs the step eagerly on a side stream with
+    the cache's sequences lent to kvq.StaticPlan (kvq_cuda.h section 5: lengths and page tables on the device, pages
+    reserved up to the cache's max_cache_len), then captures the same forward with torch.cuda.CUDAGraph; later calls
+    copy the tokens and positions into the graph's input tensors and replay it. The raw-pointer API under capture,
+    not torch.compile: kvq's calls are ctypes calls, which dynamo would cut the graph at.
+
+        dec = kvq.hf.CUDAGraphDecode(model, cache)
+        for _ in range(n):
+            logits = dec(next_tokens)  # [batch] token ids -> [batch, vocab]: a buffer the next call overwrites
+
+    Every row must hold the same number of tokens (no padding in the prompt). The attention arguments must be the same
+    in every layer of a KV type (Llama, Mistral, Qwen; not Gemma 2's alternating windows). close() (or any other use
+    of the cache: a prefill, crop, reorder, reset) gives the sequences back; the decoder must not be called after
+    that (it raises)."""
+
+    def __init__(self, model: Any, cache: "KVQCache") -> None:
+        if not isinstance(cache, KVQCache) or not cache.is_cuda:
+            raise ValueError("kvq: CUDAGraphDecode needs a KVQCache on CUDA that holds the prompt (call it after the "
+                             "prefill)")
+        lens = [cache.seq_lengths(li) for li in range(cache.n_layers)]
+        if any(len(set(x)) != 1 for x in lens) or len({x[0] for x in lens}) != 1:
+            raise ValueError(f"kvq: CUDAGraphDecode needs rows of one length (no padding), got {lens[0]}")
+        self.model, self.cache = model, cache
+        self.batch = cache.kvq_batch
+        self.graph = None
+        self._out = None
+        self._sps: list = []  # the static plans the graph captured
+        self._closed = False
+
+    def _forward(self):
+        return self.model(input_ids=self._ids, position_ids=self._pos, cache_position=self._cpos,
+                          past_key_values=self.cache, use_cache=True)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        if self._closed:
+            raise RuntimeError("kvq: this CUDAGraphDecode was closed")
+        tok = tokens.reshape(self.batch, 1)
+        pos = c.layers[0].hf_len
+        if self.graph is not None:
+            if any(sp.closed for sp in self._sps):  # the graph would write through freed plans
+                self.graph = None
+                self._closed = True
+                raise RuntimeError("kvq: the cache was used in between (its static plans ended): make a new "
+                                   "CUDAGraphDecode")
+            self._ids.copy_(tok)
+            self._pos.fill_(pos)
+            self._cpos.fill_(pos)
+            self.graph.replay()
+            for layer in c.layers:
+                layer.hf_len += 1
+            return self._out[:, -1]
+        dev = c.device
+        self._ids = tok.to(device=dev, dtype=torch.long).clone()
+        self._pos = torch.full((self.batch, 1), pos, dtype=torch.long, device=dev)
+        self._cpos = torch.full((1,), pos, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        c._static_on = True
+        c._plans.clear()
+        c._gen += 1
+        with torch.no_grad():
+            with torch.cuda.stream(side):  # the real step, eagerly: makes the plans, warms cuBLAS on this stream
+                first = self._forward().logits[:, -1].clone()
+            saved = [layer.hf_len for layer in c.layers]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):  # recorded, not run: the lengths Python counted go back
+                self._out = self._forward().logits
+            for layer, n in zip(c.layers, saved):
+                layer.hf_len = n
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = graph
+        self._sps = [sp for _, sp in c._static.values()]
+        return first
+
+    def close(self) -> None:
+        """Drops the graph and gives the cache's sequences back (it goes on eagerly)."""
+        self.graph = None
+        self._closed = True
+        self.cache._end_static()
 
 
 def _raw_stream(device) -> int:
@@ -971,5 +1091,5 @@ def unpatch_model(model: Any) -> Any:
     return model
 
 
-__all__ = ["KVQCache", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
+__all__ = ["KVQCache", "CUDAGraphDecode", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
            "kvq_attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KWARG", "output_cache"]

@@ -206,7 +206,7 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
 }
 
 // One flush item (a page's tokens) of one head: keys of type TK, then values of type TV
-template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_kernel(const __grid_constant__ AppendArgs A) {
+template <int TK, int TV, int D> __device__ __forceinline__ void flush_body(const AppendArgs &A) {
     using TRK = Traits<TK, D>;
     using TRV = Traits<TV, D>;
     const FlushItem f = A.f[blockIdx.x];
@@ -234,9 +234,17 @@ template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_ke
     }
 }
 
+template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_kernel(const __grid_constant__ AppendArgs A) {
+    flush_body<TK, TV, D>(A);
+}
+// static plans: the arguments in device memory, the grid the plan's maximum
+template <int TK, int TV, int D> __global__ void __launch_bounds__(128) flush_kernel_g(const AppendArgs *__restrict__ A) {
+    if (blockIdx.x < A->n_items) flush_body<TK, TV, D>(*A);
+}
+
 // New tokens that stay in the window: fp16 copies into the ring. A thread takes 2 chunks of 4 channels of K and V
 // and issues all 4 loads before its stores (a load-store loop ran one dependent load at a time).
-__global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ AppendArgs A, int D, int n_entries) {
+__device__ __forceinline__ void window_body(const AppendArgs &A, int D, int n_entries) {
     const int64_t x = blockIdx.x;
     int lo = 0, hi = n_entries - 1;
     while (lo < hi) {
@@ -267,15 +275,31 @@ __global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ App
     }
 }
 
+__global__ void __launch_bounds__(128) window_kernel(const __grid_constant__ AppendArgs A, int D, int n_entries) {
+    window_body(A, D, n_entries);
+}
+__global__ void __launch_bounds__(128) window_kernel_g(const AppendArgs *__restrict__ A, int D) {
+    if (blockIdx.x < A->n_wtok) window_body(*A, D, A->n_entries);
+}
+
 // Sink rows (kvq.h section 10): the first S tokens of a sequence, fp16 of the (rotated) input as kvq_append's
 // store_sink writes them (round to nearest even). A block per item, its tokens' K and V rows H * D apart.
-__global__ void __launch_bounds__(128) sink_kernel(const __grid_constant__ SinkArgs A) {
+__device__ __forceinline__ void sink_body(const SinkArgs &A) {
     const SinkItem &it = A.it[blockIdx.x];
     const int64_t n = (int64_t)it.n * A.HD, in = it.in_row * A.HD;
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
         it.dk[e] = __float2half_rn(load_in(A.k, in + e, A.dtype));
         it.dk[A.vo + e] = __float2half_rn(load_in(A.v, in + e, A.dtype));
     }
+}
+
+__global__ void __launch_bounds__(128) sink_kernel(const __grid_constant__ SinkArgs A) { sink_body(A); }
+__global__ void __launch_bounds__(128) sink_kernel_g(const SinkArgs *__restrict__ A) {
+    if (blockIdx.x < A->n_items) sink_body(*A);
+}
+cudaError_t launch_sinks_g(const SinkArgs *a, int n, cudaStream_t st) {
+    sink_kernel_g<<<n, 128, 0, st>>>(a);
+    return cudaGetLastError();
 }
 
 cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st) {
@@ -372,6 +396,24 @@ template <int D> static cudaError_t run_flush_t(int tk, int tv, const AppendArgs
     return with_type(tk, [&](auto K) {
         return with_type(tv, [&](auto V) { return run_flush<decltype(K)::value, decltype(V)::value, D>(a, st); });
     });
+}
+
+template <int TK, int TV, int D> static cudaError_t run_flush_g(const AppendArgs *a, int n, int H, cudaStream_t st) {
+    flush_kernel_g<TK, TV, D><<<dim3(n, H), 128, 0, st>>>(a);
+    return cudaGetLastError();
+}
+template <int D> static cudaError_t run_flush_gt(int tk, int tv, const AppendArgs *a, int n, int H, cudaStream_t st) {
+    return with_type(tk, [&](auto K) {
+        return with_type(tv, [&](auto V) { return run_flush_g<decltype(K)::value, decltype(V)::value, D>(a, n, H, st); });
+    });
+}
+// A static step (one token per sequence): at most one flush item and one window token per sequence
+cudaError_t launch_append_g(int tk, int tv, int D, const AppendArgs *flush, const AppendArgs *win, int n, int H,
+                            cudaStream_t st) {
+    cudaError_t e = D == 64 ? run_flush_gt<64>(tk, tv, flush, n, H, st) : run_flush_gt<128>(tk, tv, flush, n, H, st);
+    if (e != cudaSuccess) return e;
+    window_kernel_g<<<n, 128, 0, st>>>(win, D);
+    return cudaGetLastError();
 }
 
 // n_items > 0: flush launch; n_wtok > 0: window launch (a.n_items == 0). n_entries for the window search.

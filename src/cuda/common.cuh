@@ -129,6 +129,35 @@ struct SinkArgs {
 };
 
 
+// ---- static plans (kvq_cuda.h section 5): the bookkeeping of lent sequences lives on the device
+struct DevSeq {
+    int32_t paged, win, whead, sink;  // as SeqLayer's (kvq_cuda.cu)
+};
+// What plan_kernel needs to write one layer's AppendArgs / SinkArgs / DecodeArgs into device memory for one decode
+// step of the plan's n sequences: the fixed geometry, the step's pointers, and where the arguments go.
+struct StaticPlanArgs {
+    uint8_t *arena;
+    int64_t page_bytes, max_tokens, win_elems;
+    int32_t v_off, H, D, Gq, nqh, wcap, Gf, S, SR, n, nl, layer, max_pages, n_sm, window;
+    int32_t dtype, vec, qo_dtype, q_dtype, rot_q;
+    float qscale, softcap;
+    __half *windows;          // the cache's windows [max_seqs][nl][2][wcap][H][D]
+    int32_t *tables;          // the cache's page tables [max_seqs][nl][max_pages]
+    const int32_t *seqs;      // [n] the sequence ids
+    const int32_t *spage;     // [n][nl] sink page (reserved by the plan where sinks are still to come), or -1
+    DevSeq *st;               // [n][nl]
+    int32_t *flag;            // set to 1 when a step found a sequence at max_tokens (its token dropped)
+    const void *k, *v, *q;    // this step's inputs (k, v: after the rotation, if any)
+    void *out;                // decode output (fp32 scratch when the values are rotated)
+    float *part, *part_ml;
+    int32_t *cnt;
+    RotSigns rq;
+    AppendArgs *gflush, *gwin;
+    SinkArgs *gsink;
+    DecodeArgs *gdec;
+};
+static_assert(sizeof(StaticPlanArgs) <= 4096, "plan parameters");
+
 static_assert(sizeof(DecodeArgs) <= 4096, "decode parameters");
 static_assert(sizeof(SinkArgs) <= 4096, "sink parameters");
 static_assert(sizeof(AppendArgs) <= 4096, "append parameters");
@@ -163,6 +192,18 @@ cudaError_t launch_decode(int type_k, int type_v, int D, const DecodeArgs &a, cu
 template <int TK> cudaError_t launch_decode_k(int type_v, int D, const DecodeArgs &a, cudaStream_t st, bool portable);
 cudaError_t launch_append(int type_k, int type_v, int D, const AppendArgs &a, cudaStream_t st);
 cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st);
+// Static plans: the same kernels reading their arguments from device memory, which plan_kernel wrote there (so
+// that a captured CUDA graph replays them with the arguments of each step). Grids are the plan's maxima; blocks
+// past the step's items return at once. setup_only: set the kernel's attributes, launch nothing (before a capture).
+cudaError_t launch_plan(const StaticPlanArgs &a, cudaStream_t st);
+cudaError_t launch_decode_g(int type_k, int type_v, int D, const DecodeArgs *a, int grid, cudaStream_t st, bool portable,
+                            bool setup_only);
+template <int TK>
+cudaError_t launch_decode_gk(int type_v, int D, const DecodeArgs *a, int grid, cudaStream_t st, bool portable, bool setup_only);
+cudaError_t launch_append_g(int type_k, int type_v, int D, const AppendArgs *flush, const AppendArgs *win, int n,
+                            int H, cudaStream_t st);
+cudaError_t launch_sinks_g(const SinkArgs *a, int n, cudaStream_t st);
+
 // Rotation jobs of one launch (blockIdx.y): rows vectors of D floats from in (in_dt) to out (out_dt), x <- R x
 // (inverse 0) or R^T x (inverse 1) with the signs sg, or converted only (apply 0)
 struct RotJob {

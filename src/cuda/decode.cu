@@ -8,4 +8,11 @@ cudaError_t launch_decode(int tk, int tv, int D, const DecodeArgs &a, cudaStream
     return with_type(tk, [&](auto K) { return launch_decode_k<decltype(K)::value>(tv, D, a, st, portable); });
 }
 
+cudaError_t launch_decode_g(int tk, int tv, int D, const DecodeArgs *a, int grid, cudaStream_t st, bool portable,
+                            bool setup_only) {
+    return with_type(tk, [&](auto K) {
+        return launch_decode_gk<decltype(K)::value>(tv, D, a, grid, st, portable, setup_only);
+    });
+}
+
 }  // namespace kvqc

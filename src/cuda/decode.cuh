@@ -1014,6 +1014,23 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
         if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow);
 }
 
+// The same kernel with its arguments in device memory (static plans, kvq_cuda.h section 5): plan_kernel wrote them
+// for this step, and the grid is the plan's maximum (CTAs past the step's n_cta find no units and return).
+template <int TK, int TV, int D, bool PORT>
+__global__ void __launch_bounds__(Cfg<TK, TV, D, PORT>::THREADS, 1) decode_kernel_g(const DecodeArgs *__restrict__ A) {
+    if constexpr (PORT || HOPPER_CODE) decode_body<TK, TV, D, PORT>(*A);
+    else __trap();
+}
+
+template <int TK, int TV, int D, bool PORT>
+static cudaError_t run_g(const DecodeArgs *a, int grid, cudaStream_t st, bool setup_only) {
+    using C = Cfg<TK, TV, D, PORT>;
+    if (setup_only)
+        return cudaFuncSetAttribute(decode_kernel_g<TK, TV, D, PORT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    decode_kernel_g<TK, TV, D, PORT><<<grid, C::THREADS, C::SMEM, st>>>(a);
+    return cudaGetLastError();
+}
+
 template <int TK, int TV, int D, bool PORT> static cudaError_t run(const DecodeArgs &a, cudaStream_t st) {
     using C = Cfg<TK, TV, D, PORT>;
     static bool attr_set = false;  // once per process (single-device use; harmless to repeat)
@@ -1038,6 +1055,15 @@ template <int TK, int TV, int D, bool PORT> static cudaError_t run(const DecodeA
 template <int TK, int D> static cudaError_t run_v(int tv, const DecodeArgs &a, cudaStream_t st, bool port) {
     return with_type(tv, [&](auto V) {
         return port ? run<TK, decltype(V)::value, D, true>(a, st) : run<TK, decltype(V)::value, D, false>(a, st);
+    });
+}
+
+template <int TK>
+cudaError_t launch_decode_gk(int tv, int D, const DecodeArgs *a, int grid, cudaStream_t st, bool port, bool setup_only) {
+    return with_type(tv, [&](auto V) {
+        constexpr int TV = decltype(V)::value;
+        if (D == 64) return port ? run_g<TK, TV, 64, true>(a, grid, st, setup_only) : run_g<TK, TV, 64, false>(a, grid, st, setup_only);
+        return port ? run_g<TK, TV, 128, true>(a, grid, st, setup_only) : run_g<TK, TV, 128, false>(a, grid, st, setup_only);
     });
 }
 

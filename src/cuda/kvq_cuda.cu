@@ -49,6 +49,9 @@ struct SeqLayer {
     int32_t sink = 0, spage = -1;  // tokens in sinks, their sink page (-1: none; this backend has S <= SR: one)
 };
 
+struct kvq_cuda_static;
+static void static_release(kvq_cuda_static *s);
+
 struct kvq_cuda_cache {
     kvq_cache_config cfg;
     kvq_page_layout L;
@@ -74,6 +77,8 @@ struct kvq_cuda_cache {
     size_t aws_bytes = 0, qws_bytes = 0;
     bool rotated(int role) const { return (cfg.rotate >> role) & 1; }
     size_t win_bytes = 0, table_bytes = 0;
+    kvq_cuda_static *plan = nullptr;  // the live static plan (section 5: at most one), whose sequences are lent
+    std::vector<char> lent;           // per sequence slot: lent to `plan` (host bookkeeping stale until it ends)
 
     size_t win_elems() const { return (size_t)wcap * L.n_kv_heads * L.head_dim; }
     __half *wk(int s, int l) const { return windows + ((size_t)s * cfg.n_layers + l) * 2 * win_elems(); }
@@ -243,6 +248,7 @@ extern "C" void kvq_cuda_cache_free(kvq_cuda_cache *c) {
     cudaGetDevice(&prev);
     cudaSetDevice(c->device);
     cudaDeviceSynchronize();
+    static_release(c->plan);
     cudaFree(c->arena);
     cudaFree(c->windows);
     cudaFree(c->tables);
@@ -326,6 +332,7 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
         for (int64_t i = 0; i < pages; i++) c->free_list[i] = (int32_t)(pages - 1 - i);  // pop ascending ids
         c->refcnt.assign(pages, 0);
         c->live.assign(cfg.max_seqs, 0);
+        c->lent.assign(cfg.max_seqs, 0);
         c->seqs.resize(cfg.max_seqs);
         if (cfg.rotate) {
             c->rot_k.resize(cfg.n_layers);
@@ -386,6 +393,8 @@ extern "C" kvq_status kvq_cuda_cache_get_stats(const kvq_cuda_cache *c, kvq_cuda
 
 static kvq_status check_seq(const kvq_cuda_cache *c, int32_t seq, const char *fn) {
     if (seq < 0 || seq >= c->cfg.max_seqs || !c->live[seq]) return fail(KVQ_ERR_NO_SEQ, "%s: sequence %d is not live", fn, (int)seq);
+    if (c->lent[seq])
+        return fail(KVQ_ERR_INVALID_ARG, "%s: sequence %d is lent to a static plan (kvq_cuda_static_end gives it back)", fn, (int)seq);
     return KVQ_OK;
 }
 static kvq_status check_layer(const kvq_cuda_cache *c, int layer, const char *fn) {
@@ -1199,5 +1208,346 @@ extern "C" kvq_status kvq_cuda_seq_read_sinks(const kvq_cuda_cache *c, int32_t s
     if (k) CUDA_TRY(cudaMemcpyAsync(k, pg, bytes, cudaMemcpyDeviceToHost, st), fn);
     if (v) CUDA_TRY(cudaMemcpyAsync(v, pg + (size_t)c->SR * c->L.n_kv_heads * c->L.head_dim * 2, bytes, cudaMemcpyDeviceToHost, st), fn);
     CUDA_TRY(cudaStreamSynchronize(st), fn);
+    return KVQ_OK;
+}
+
+// ------------------------------------------------------------------------------------------------ static plans
+// (kvq_cuda.h section 5) The lent sequences' bookkeeping lives in device memory (DevSeq per (sequence, layer)); the
+// host's SeqLayer of those sequences is stale until kvq_cuda_static_end copies it back. Everything a step needs is
+// allocated here, once, in one block: the state, the kernels' argument blocks, the attention workspace and the
+// rotation scratch (the cache's own workspace may be regrown by eager calls on other sequences meanwhile).
+struct kvq_cuda_static {
+    kvq_cuda_cache *c = nullptr;
+    int n = 0;
+    std::vector<int32_t> seqs;
+    kvq_attn_params p{};
+    kvq_dtype kv_dtype = KVQ_DTYPE_F32, qo = KVQ_DTYPE_F32;
+    int64_t max_tokens = 0;
+    void *mem = nullptr;
+    int32_t *d_seqs = nullptr, *d_spage = nullptr, *d_flag = nullptr;
+    DevSeq *d_st = nullptr;
+    AppendArgs *d_flush = nullptr, *d_win = nullptr;
+    SinkArgs *d_sink = nullptr;
+    DecodeArgs *d_dec = nullptr;
+    void *ws = nullptr;     // counters, then the partials (run_entries' layout)
+    float *rk = nullptr, *rv = nullptr, *so = nullptr;  // rotated K, V (fp32), un-rotated outputs' source (fp32)
+    size_t ws_slots = 0;
+};
+
+static void static_release(kvq_cuda_static *s) {
+    if (!s) return;
+    if (s->c) {
+        for (int32_t q : s->seqs) s->c->lent[q] = 0;
+        s->c->plan = nullptr;
+    }
+    cudaFree(s->mem);
+    delete s;
+}
+
+// Tokens of (sequence, layer) that can sit in pages once it holds max_tokens: all but its sinks.
+static int64_t static_pages(const kvq_cuda_cache *c, int64_t max_tokens) {
+    const int64_t t = max_tokens - std::min<int64_t>(c->S, max_tokens);
+    return (t + PT - 1) / PT;
+}
+
+extern "C" kvq_status kvq_cuda_static_create(kvq_cuda_cache *c, int n_seqs, const int32_t *seq_ids, int64_t max_tokens,
+                                             const kvq_attn_params *p, kvq_dtype kv_dtype, kvq_dtype qo,
+                                             kvq_cuda_stream stream, kvq_cuda_static **out) {
+    const char *fn = "kvq_cuda_static_create";
+    if (!c || !out) return fail(KVQ_ERR_NULL, "%s: cache or out is NULL", fn);
+    *out = nullptr;
+    kvq_status s;
+    if ((s = check_params(c, p, fn))) return s;
+    if (c->plan) return fail(KVQ_ERR_INVALID_ARG, "%s: the cache has a static plan already (one at a time)", fn);
+    if (n_seqs < 1 || n_seqs > MAXA || n_seqs > c->cfg.max_seqs)
+        return fail(KVQ_ERR_INVALID_ARG, "%s: n_seqs %d outside 1..%d", fn, n_seqs, std::min(MAXA, c->cfg.max_seqs));
+    if (!seq_ids) return fail(KVQ_ERR_NULL, "%s: seq_ids is NULL", fn);
+    for (kvq_dtype d : {kv_dtype, qo})
+        if (d != KVQ_DTYPE_F32 && d != KVQ_DTYPE_F16 && d != KVQ_DTYPE_BF16)
+            return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)d);
+    const int nl = c->cfg.n_layers, H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H;
+    if (max_tokens < 1) return fail(KVQ_ERR_RANGE, "%s: max_tokens %lld < 1", fn, (long long)max_tokens);
+    const int64_t np = static_pages(c, max_tokens);
+    if (np > c->max_pages)
+        return fail(KVQ_ERR_CACHE_FULL, "%s: max_tokens %lld needs %lld pages per (sequence, layer), the page table holds %lld",
+                    fn, (long long)max_tokens, (long long)np, (long long)c->max_pages);
+    // Pages to take: the reservation up to max_tokens, a private copy of a shared, partly filled last page (the next
+    // flush writes into it) and of a shared sink page with sinks still to come, a sink page where there is none yet.
+    int64_t need = 0;
+    std::vector<char> seen(c->cfg.max_seqs, 0);
+    for (int i = 0; i < n_seqs; i++) {
+        if ((s = check_seq(c, seq_ids[i], fn))) return s;
+        if (seen[seq_ids[i]]) return fail(KVQ_ERR_INVALID_ARG, "%s: sequence %d appears twice", fn, (int)seq_ids[i]);
+        seen[seq_ids[i]] = 1;
+        for (int l = 0; l < nl; l++) {
+            const SeqLayer &sl = c->seqs[seq_ids[i]][l];
+            const int64_t len = sl.sink + sl.paged + sl.win;
+            if (len > max_tokens)
+                return fail(KVQ_ERR_RANGE, "%s: sequence %d holds %lld tokens in layer %d, more than max_tokens %lld", fn,
+                            (int)seq_ids[i], (long long)len, l, (long long)max_tokens);
+            need += std::max<int64_t>(0, np - (int64_t)sl.pages.size());
+            if (sl.paged % PT && c->refcnt[sl.pages.back()] > 1) need++;
+            if (sl.sink < c->S && (sl.spage < 0 || c->refcnt[sl.spage] > 1)) need++;
+        }
+    }
+    if (need > (int64_t)c->free_list.size())
+        return fail(KVQ_ERR_CACHE_FULL, "%s: the plan needs %lld free pages, %lld are free", fn, (long long)need,
+                    (long long)c->free_list.size());
+    kvq_cuda_static *S = new (std::nothrow) kvq_cuda_static;
+    if (!S) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    // the device block: state, arguments, workspace (as run_entries sizes it for n_seqs rows), rotation scratch
+    const size_t cnt_bytes = ws_counter_bytes(H);
+    S->ws_slots = (size_t)n_seqs * H + c->n_sm;
+    auto al = [](size_t x) { return (x + 255) & ~(size_t)255; };
+    size_t off[12], tot = 0;
+    const size_t sizes[12] = {(size_t)n_seqs * 4, (size_t)n_seqs * nl * 4, 4, (size_t)n_seqs * nl * sizeof(DevSeq),
+                              sizeof(AppendArgs), sizeof(AppendArgs), sizeof(SinkArgs), sizeof(DecodeArgs),
+                              cnt_bytes + S->ws_slots * ws_slot_bytes(Gq, D),
+                              c->cfg.rotate ? (size_t)n_seqs * H * D * 4 : 0, c->cfg.rotate ? (size_t)n_seqs * H * D * 4 : 0,
+                              c->rotated(KVQ_VALUE) ? (size_t)n_seqs * p->n_q_heads * D * 4 : 0};
+    for (int i = 0; i < 12; i++) off[i] = tot, tot += al(sizes[i]);
+    std::vector<int32_t> h_spage, h_tab;
+    std::vector<DevSeq> h_st;
+    // per (sequence, layer): its new page list and sink page (committed only when every copy is enqueued)
+    std::vector<std::vector<int32_t>> pages;
+    std::vector<int32_t> spage;
+    std::vector<std::pair<int32_t, int32_t>> copies;  // (from, to) page copies: copy on write
+    try {
+        S->seqs.assign(seq_ids, seq_ids + n_seqs);
+        h_spage.resize((size_t)n_seqs * nl);
+        h_st.resize((size_t)n_seqs * nl);
+        pages.resize((size_t)n_seqs * nl);
+        spage.resize((size_t)n_seqs * nl);
+    } catch (...) {
+        delete S;
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    cudaError_t e = dev_malloc(&S->mem, tot);
+    if (e != cudaSuccess) {
+        delete S;
+        return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA, "%s: %zu device bytes: %s", fn,
+                    tot, cudaGetErrorString(e));
+    }
+    char *m = (char *)S->mem;
+    S->d_seqs = (int32_t *)(m + off[0]), S->d_spage = (int32_t *)(m + off[1]), S->d_flag = (int32_t *)(m + off[2]);
+    S->d_st = (DevSeq *)(m + off[3]);
+    S->d_flush = (AppendArgs *)(m + off[4]), S->d_win = (AppendArgs *)(m + off[5]);
+    S->d_sink = (SinkArgs *)(m + off[6]), S->d_dec = (DecodeArgs *)(m + off[7]);
+    S->ws = m + off[8];
+    S->rk = (float *)(m + off[9]), S->rv = (float *)(m + off[10]), S->so = (float *)(m + off[11]);
+    size_t fl_pos = c->free_list.size();
+    auto undo = [&](cudaError_t err, const char *what) {
+        cudaStreamSynchronize(st);  // nothing enqueued may still use the block
+        cudaFree(S->mem);
+        delete S;
+        return fail(KVQ_ERR_CUDA, "%s: %s: %s", fn, what, cudaGetErrorString(err));
+    };
+    try {
+        for (int i = 0; i < n_seqs; i++)
+            for (int l = 0; l < nl; l++) {
+                const size_t x = (size_t)i * nl + l;
+                const SeqLayer &sl = c->seqs[seq_ids[i]][l];
+                std::vector<int32_t> &pl = pages[x];
+                pl = sl.pages;
+                if (sl.paged % PT && c->refcnt[pl.back()] > 1) {
+                    const int32_t cp = c->free_list[--fl_pos];
+                    copies.push_back({pl.back(), cp});
+                    pl.back() = cp;
+                }
+                while ((int64_t)pl.size() < np) pl.push_back(c->free_list[--fl_pos]);
+                spage[x] = sl.spage;
+                if (sl.sink < c->S) {
+                    if (sl.spage < 0) spage[x] = c->free_list[--fl_pos];
+                    else if (c->refcnt[sl.spage] > 1) {
+                        spage[x] = c->free_list[--fl_pos];
+                        copies.push_back({sl.spage, spage[x]});
+                    }
+                }
+                h_spage[x] = spage[x];
+                h_st[x] = DevSeq{(int32_t)sl.paged, sl.win, sl.whead, sl.sink};
+            }
+    } catch (...) {
+        cudaFree(S->mem);
+        delete S;
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    for (auto &cp : copies)
+        if ((e = cudaMemcpyAsync(c->arena + (size_t)cp.second * c->L.page_bytes, c->arena + (size_t)cp.first * c->L.page_bytes,
+                                 c->L.page_bytes, cudaMemcpyDeviceToDevice, st)) != cudaSuccess)
+            return undo(e, "copy on write");
+    for (int i = 0; i < n_seqs; i++)
+        for (int l = 0; l < nl; l++) {
+            const std::vector<int32_t> &pl = pages[(size_t)i * nl + l];
+            if (!pl.empty() && (e = cudaMemcpyAsync(c->table(seq_ids[i], l), pl.data(), pl.size() * 4, cudaMemcpyHostToDevice, st)))
+                return undo(e, "page table");
+        }
+    if ((e = cudaMemcpyAsync(S->d_seqs, seq_ids, (size_t)n_seqs * 4, cudaMemcpyHostToDevice, st)) ||
+        (e = cudaMemcpyAsync(S->d_spage, h_spage.data(), h_spage.size() * 4, cudaMemcpyHostToDevice, st)) ||
+        (e = cudaMemcpyAsync(S->d_st, h_st.data(), h_st.size() * sizeof(DevSeq), cudaMemcpyHostToDevice, st)) ||
+        (e = cudaMemsetAsync(S->d_flag, 0, 4, st)) || (e = cudaMemsetAsync(S->ws, 0, cnt_bytes, st)))
+        return undo(e, "state upload");
+    // the decode kernel's shared-memory attribute now, not inside a capture
+    if ((e = launch_decode_g(c->L.type_k, c->L.type_v, D, S->d_dec, 0, st, c->portable, true)))
+        return undo(e, "decode kernel attributes");
+    if ((e = cudaStreamSynchronize(st))) return undo(e, "synchronise");
+    // commit: the page lists, references, sink pages; the sequences are lent from here on
+    c->free_list.resize(fl_pos);
+    for (int i = 0; i < n_seqs; i++)
+        for (int l = 0; l < nl; l++) {
+            const size_t x = (size_t)i * nl + l;
+            SeqLayer &sl = c->seqs[seq_ids[i]][l];
+            for (size_t k = 0; k < pages[x].size(); k++) {
+                if (k < sl.pages.size()) {
+                    if (sl.pages[k] == pages[x][k]) continue;
+                    c->refcnt[sl.pages[k]]--;  // a copy on write: others still reference the original
+                }
+                c->refcnt[pages[x][k]] = 1;
+            }
+            sl.pages.swap(pages[x]);
+            if (spage[x] != sl.spage) {
+                if (sl.spage >= 0) c->refcnt[sl.spage]--;
+                sl.spage = spage[x];
+                c->refcnt[sl.spage] = 1;
+            }
+        }
+    S->c = c;
+    S->n = n_seqs;
+    S->p = *p;
+    S->kv_dtype = kv_dtype, S->qo = qo;
+    S->max_tokens = max_tokens;
+    for (int i = 0; i < n_seqs; i++) c->lent[seq_ids[i]] = 1;
+    c->plan = S;
+    *out = S;
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const void *k, const void *v, const void *q,
+                                           void *out, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_static_step";
+    if (!S) return fail(KVQ_ERR_NULL, "%s: plan is NULL", fn);
+    kvq_cuda_cache *c = S->c;
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn))) return s;
+    if (!k || !v || !q || !out) return fail(KVQ_ERR_NULL, "%s: k, v, q or out is NULL", fn);
+    // no DevGuard unless needed: nothing here may synchronise or allocate (a stream capture may be under way)
+    int cur = -1;
+    cudaGetDevice(&cur);
+    if (cur != c->device) cudaSetDevice(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    const int H = c->L.n_kv_heads, D = c->L.head_dim, n = S->n;
+    cudaError_t e = cudaSuccess;
+    kvq_dtype dt = S->kv_dtype;
+    if (c->cfg.rotate) {  // as kvq_cuda_append: K and V into the rotated frame, fp32
+        RotArgs ra;
+        memset(&ra, 0, sizeof ra);
+        ra.j[0].in = k, ra.j[0].out = S->rk, ra.j[0].apply = c->rotated(KVQ_KEY);
+        ra.j[1].in = v, ra.j[1].out = S->rv, ra.j[1].apply = c->rotated(KVQ_VALUE);
+        if (ra.j[0].apply) ra.j[0].sg = c->rot_k[layer];
+        if (ra.j[1].apply) ra.j[1].sg = c->rot_v[layer];
+        ra.rows = (int64_t)n * H, ra.in_dt = dt, ra.out_dt = KVQ_DTYPE_F32, ra.inverse = 0, ra.n_jobs = 2;
+        e = launch_rotate(ra, D, st);
+        k = S->rk, v = S->rv, dt = KVQ_DTYPE_F32;
+    }
+    const bool ro = c->rotated(KVQ_VALUE);
+    StaticPlanArgs P;
+    memset(&P, 0, sizeof P);
+    P.arena = c->arena;
+    P.page_bytes = (int64_t)c->L.page_bytes, P.max_tokens = S->max_tokens, P.win_elems = (int64_t)c->win_elems();
+    P.v_off = (int32_t)c->L.v_offset, P.H = H, P.D = D, P.Gq = S->p.n_q_heads / H, P.nqh = S->p.n_q_heads;
+    P.wcap = c->wcap, P.Gf = c->Gf, P.S = c->S, P.SR = c->SR, P.n = n, P.nl = c->cfg.n_layers, P.layer = layer;
+    P.max_pages = (int32_t)c->max_pages, P.n_sm = c->n_sm, P.window = S->p.window;
+    P.dtype = dt;
+    const uintptr_t va = dt == KVQ_DTYPE_F32 ? 16 : 8;
+    P.vec = (uintptr_t)k % va == 0 && (uintptr_t)v % va == 0;
+    P.qo_dtype = ro ? KVQ_DTYPE_F32 : S->qo, P.q_dtype = S->qo;
+    P.rot_q = c->rotated(KVQ_KEY);
+    if (P.rot_q) P.rq = c->rot_k[layer];
+    const float scale = S->p.scale > 0 ? S->p.scale : 1.0f / sqrtf((float)D);
+    P.qscale = S->p.softcap > 0 ? scale : scale * 1.4426950408889634f;
+    P.softcap = S->p.softcap;
+    P.windows = c->windows, P.tables = c->tables;
+    P.seqs = S->d_seqs, P.spage = S->d_spage, P.st = S->d_st, P.flag = S->d_flag;
+    P.k = k, P.v = v, P.q = q, P.out = ro ? (void *)S->so : out;
+    const size_t cnt_bytes = ws_counter_bytes(H);
+    P.cnt = (int32_t *)S->ws;
+    P.part = (float *)((char *)S->ws + cnt_bytes);
+    P.part_ml = P.part + S->ws_slots * P.Gq * D;
+    P.gflush = S->d_flush, P.gwin = S->d_win, P.gsink = S->d_sink, P.gdec = S->d_dec;
+    if (e == cudaSuccess) e = launch_plan(P, st);
+    if (e == cudaSuccess && c->S > 0) e = launch_sinks_g(S->d_sink, n, st);
+    if (e == cudaSuccess) e = launch_append_g(c->L.type_k, c->L.type_v, D, S->d_flush, S->d_win, n, H, st);
+    if (e == cudaSuccess) e = launch_decode_g(c->L.type_k, c->L.type_v, D, S->d_dec, c->n_sm, st, c->portable, false);
+    if (e == cudaSuccess && ro) {
+        RotArgs ra;
+        memset(&ra, 0, sizeof ra);
+        ra.j[0].in = S->so, ra.j[0].out = out, ra.j[0].sg = c->rot_v[layer], ra.j[0].apply = 1;
+        ra.rows = (int64_t)n * S->p.n_q_heads, ra.in_dt = KVQ_DTYPE_F32, ra.out_dt = S->qo, ra.inverse = 1, ra.n_jobs = 1;
+        e = launch_rotate(ra, D, st);
+    }
+    if (cur >= 0 && cur != c->device) cudaSetDevice(cur);
+    if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_static_lengths(kvq_cuda_static *S, int layer, int64_t *len, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_static_lengths";
+    if (!S || !len) return fail(KVQ_ERR_NULL, "%s: plan or len is NULL", fn);
+    kvq_cuda_cache *c = S->c;
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn))) return s;
+    std::vector<DevSeq> h;
+    try {
+        h.resize((size_t)S->n * c->cfg.n_layers);
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    CUDA_TRY(cudaMemcpyAsync(h.data(), S->d_st, h.size() * sizeof(DevSeq), cudaMemcpyDeviceToHost, st), fn);
+    CUDA_TRY(cudaStreamSynchronize(st), fn);
+    for (int i = 0; i < S->n; i++) {
+        const DevSeq &d = h[(size_t)i * c->cfg.n_layers + layer];
+        len[i] = (int64_t)d.sink + d.paged + d.win;
+    }
+    return KVQ_OK;
+}
+
+extern "C" kvq_status kvq_cuda_static_end(kvq_cuda_static *S, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_static_end";
+    if (!S) return KVQ_OK;
+    kvq_cuda_cache *c = S->c;
+    const int nl = c->cfg.n_layers;
+    std::vector<DevSeq> h;
+    int32_t flag = 0;
+    try {
+        h.resize((size_t)S->n * nl);
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory (the plan stays)", fn);
+    }
+    DevGuard dg(c->device);
+    cudaStream_t st = (cudaStream_t)stream;
+    cudaError_t e = cudaMemcpyAsync(h.data(), S->d_st, h.size() * sizeof(DevSeq), cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(&flag, S->d_flag, 4, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    // On a CUDA error the device state is lost with the context: the sequences go back as they were lent.
+    const bool ok = e == cudaSuccess;
+    for (int i = 0; i < S->n; i++)
+        for (int l = 0; l < nl; l++) {
+            SeqLayer &sl = c->seqs[S->seqs[i]][l];
+            if (ok) {
+                const DevSeq &d = h[(size_t)i * nl + l];
+                sl.paged = d.paged, sl.win = d.win, sl.whead = d.whead, sl.sink = d.sink;
+            }
+            // the reservation past the sequence's end goes back, as does a sink page that received nothing
+            const size_t keep = (size_t)((sl.paged + PT - 1) / PT);
+            for (size_t k = keep; k < sl.pages.size(); k++) page_unref(c, sl.pages[k]);
+            sl.pages.resize(keep);
+            if (sl.sink == 0 && sl.spage >= 0) page_unref(c, sl.spage), sl.spage = -1;
+        }
+    static_release(S);
+    if (!ok) return fail(KVQ_ERR_CUDA, "%s: reading the device state: %s", fn, cudaGetErrorString(e));
+    if (flag) return fail(KVQ_ERR_CACHE_FULL, "%s: a step found a sequence at max_tokens: its token was not stored", fn);
     return KVQ_OK;
 }

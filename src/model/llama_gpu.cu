@@ -157,6 +157,16 @@ struct llama_gpu_ctx {
     // (segment(): the kernels between two kvq_cuda calls), instantiated on first use; 0 = every launch eager
     int graph = 1;
     std::vector<cudaGraphExec_t> graphs[KVQM_GEMV_MAX_ROWS];
+    // Whole decode steps as one graph (llama_gpu_ctx_set_graph): the decoding sequences are lent to a kvq_cuda static
+    // plan (kvq_cuda.h section 5), whose steps a graph can capture, until something else needs them (a prefill, a
+    // reset, a window change, stats). plan_seq: -1 the batch of every sequence, >= 0 that sequence alone.
+    // step_graph[with logits]; lent_pos: the lent sequences' lengths (the cache's host state is stale meanwhile).
+    // mutable: the const queries (stats, positions) end the plan or read lent_pos.
+    mutable kvq_cuda_static *plan = nullptr;
+    mutable int plan_seq = -2;
+    mutable cudaGraphExec_t step_graph[2] = {nullptr, nullptr};
+    mutable int64_t lent_pos[LLAMA_GPU_MAX_SEQS] = {0};
+    int static_on = 0;  // KVQ_GPU_STATIC=1: whole-step graphs (off by default: measured no faster, llama_gpu.h)
 };
 
 #define CU(call, what)                                                                                           \
@@ -361,12 +371,24 @@ fail:
 extern "C" const llama_config *llama_gpu_config(const llama_gpu_model *m) { return m ? &m->cfg : nullptr; }
 extern "C" size_t llama_gpu_weight_bytes(const llama_gpu_model *m) { return m ? m->weight_bytes : 0; }
 
+// Gives the lent sequences back (their state to the host) and drops the step graphs that captured the plan.
+static kvq_status end_plan(const llama_gpu_ctx *c) {
+    if (!c->plan) return KVQ_OK;
+    for (cudaGraphExec_t &g : c->step_graph)
+        if (g) cudaGraphExecDestroy(g), g = nullptr;
+    kvq_status s = kvq_cuda_static_end(c->plan, (kvq_cuda_stream)c->m->stream);
+    c->plan = nullptr;
+    c->plan_seq = -2;
+    return s ? kvqm_fail(s, "kvq_cuda_static_end: %s", kvq_last_error()) : KVQ_OK;
+}
+
 static void free_graphs(llama_gpu_ctx *c) {
     for (auto &v : c->graphs) {
         for (cudaGraphExec_t g : v)
             if (g) cudaGraphExecDestroy(g);
         v.clear();
     }
+    end_plan(c);
 }
 
 extern "C" void llama_gpu_ctx_free(llama_gpu_ctx *c) {
@@ -408,6 +430,13 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
             return kvqm_fail(KVQ_ERR_INVALID_ARG, "KVQ_GPU_GRAPH=%s: 0 or 1", g);
         }
         x->graph = g[0] == '1';
+    }
+    if (const char *g = getenv("KVQ_GPU_STATIC")) {  // "1": whole-step graphs through a static plan
+        if (strcmp(g, "0") && strcmp(g, "1")) {
+            delete x;
+            return kvqm_fail(KVQ_ERR_INVALID_ARG, "KVQ_GPU_STATIC=%s: 0 or 1", g);
+        }
+        x->static_on = g[0] == '1';
     }
     x->ap = kvq_attn_params_default(c.n_heads);
     kvq_cache_config &cc = x->cc;
@@ -488,15 +517,32 @@ extern "C" kvq_status llama_gpu_ctx_set_graph(llama_gpu_ctx *c, int on) {
 
 extern "C" int llama_gpu_ctx_graphs(const llama_gpu_ctx *c) {
     int n = 0;
-    if (c)
+    if (c) {
         for (auto &v : c->graphs)
             for (cudaGraphExec_t g : v) n += g != nullptr;
+        for (cudaGraphExec_t g : c->step_graph) n += g != nullptr;
+    }
     return n;
+}
+
+extern "C" int llama_gpu_ctx_step_graphs(const llama_gpu_ctx *c) {
+    return c ? (c->step_graph[0] != nullptr) + (c->step_graph[1] != nullptr) : 0;
+}
+
+extern "C" kvq_status llama_gpu_ctx_set_static(llama_gpu_ctx *c, int on) {
+    if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_set_static: NULL");
+    if (!on) {
+        kvq_status s = end_plan(c);
+        if (s) return s;
+    }
+    c->static_on = on != 0;
+    return KVQ_OK;
 }
 
 extern "C" kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c) {
     if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_reset: NULL");
-    kvq_status s = KVQ_OK;
+    kvq_status s = end_plan(c);
+    if (s == KVQ_ERR_CACHE_FULL) s = KVQ_OK;  // (cannot happen: run() checks the room first) the sequences go anyway
     for (int i = 0; i < c->n_seqs && !s; i++) {
         s = kvq_cuda_seq_free(c->cache, c->seq[i]);
         if (!s) s = kvq_cuda_seq_new(c->cache, &c->seq[i]);
@@ -506,7 +552,9 @@ extern "C" kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c) {
 
 extern "C" int64_t llama_gpu_ctx_seq_pos(const llama_gpu_ctx *c, int seq) {
     int64_t len = 0;
-    if (c && seq >= 0 && seq < c->n_seqs) kvq_cuda_seq_length(c->cache, c->seq[seq], 0, &len);
+    if (!c || seq < 0 || seq >= c->n_seqs) return 0;
+    if (c->plan && (c->plan_seq < 0 || c->plan_seq == seq)) return c->lent_pos[seq];
+    kvq_cuda_seq_length(c->cache, c->seq[seq], 0, &len);
     return len;
 }
 
@@ -515,6 +563,10 @@ extern "C" int64_t llama_gpu_ctx_pos(const llama_gpu_ctx *c) { return llama_gpu_
 extern "C" kvq_status llama_gpu_ctx_set_window(llama_gpu_ctx *c, int window) {
     if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_set_window: NULL");
     if (window < 0) return kvqm_fail(KVQ_ERR_INVALID_ARG, "attention window %d must be >= 0", window);
+    if (window != c->ap.window) {  // a plan's steps have the window it was made with
+        kvq_status s = end_plan(c);
+        if (s) return s;
+    }
     c->ap.window = window;
     return KVQ_OK;
 }
@@ -528,6 +580,8 @@ extern "C" size_t llama_gpu_ctx_device_bytes(const llama_gpu_ctx *c) {
 
 extern "C" kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stats *out) {
     if (!c || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_stats: NULL argument");
+    kvq_status es = end_plan(c);  // the pages a plan reserved are not the sequences' (and lengths come from the host)
+    if (es) return es;
     kvq_cuda_stats st;
     kvq_status s = kvq_cuda_cache_get_stats(c->cache, &st);
     if (s) return s;
@@ -667,6 +721,54 @@ static kvq_status launch_segment(llama_gpu_ctx *c, int k, int n, int first) {
     return KVQ_OK;
 }
 
+// A decode step as ONE graph: the segments and, between them, kvq_cuda_static_step of every layer, captured on first
+// use per plan (its device blocks are the graph's arguments) and per logits (with / without the final segment).
+// Returns false (nothing enqueued, graphs off for this context) when the plan or the capture is not possible here.
+static bool static_step(llama_gpu_ctx *c, int seq, int n, bool logits) {
+    const llama_config &cf = c->m->cfg;
+    cudaStream_t st = c->m->stream;
+    const int want = seq < 0 ? -1 : seq;
+    if (c->plan && c->plan_seq != want && end_plan(c)) return c->static_on = 0, false;
+    if (!c->plan) {
+        const int32_t *ids = seq < 0 ? c->seq : &c->seq[seq];
+        for (int i = 0; i < n; i++) c->lent_pos[seq < 0 ? i : seq] = llama_gpu_ctx_seq_pos(c, seq < 0 ? i : seq);
+        if (kvq_cuda_static_create(c->cache, n, ids, c->n_ctx, &c->ap, KVQ_DTYPE_F32, KVQ_DTYPE_F16, (kvq_cuda_stream)st,
+                                   &c->plan))
+            return c->static_on = 0, false;  // e.g. too few free pages for the reservation: stay eager
+        c->plan_seq = want;
+    }
+    cudaGraphExec_t &ge = c->step_graph[logits];
+    if (!ge) {
+        cudaGraph_t g = nullptr;
+        cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        kvq_status s = KVQ_OK;
+        if (e == cudaSuccess) {
+            s = segment(c, 0, n, 0);
+            for (int l = 0; l < cf.n_layers && !s; l++) {
+                s = kvq_cuda_static_step(c->plan, l, c->k, c->v, c->q16, c->o16, (kvq_cuda_stream)st);
+                if (!s) s = segment(c, l + 1, n, 0);
+            }
+            if (!s && logits) s = segment(c, cf.n_layers + 1, n, 0);
+            e = cudaStreamEndCapture(st, &g);
+        }
+        if (!s && e == cudaSuccess && g) e = cudaGraphInstantiateWithFlags(&ge, g, 0);
+        if (g) cudaGraphDestroy(g);
+        if (s || e != cudaSuccess || !ge) {
+            cudaGetLastError();
+            ge = nullptr;
+            end_plan(c);
+            return c->static_on = 0, false;
+        }
+    }
+    if (cudaGraphLaunch(ge, st) != cudaSuccess) {  // nothing ran: the step goes the eager way
+        cudaGetLastError();
+        end_plan(c);
+        return c->static_on = 0, false;
+    }
+    for (int i = 0; i < n; i++) c->lent_pos[seq < 0 ? i : seq]++;
+    return true;
+}
+
 // The layers over n rows: a prefill chunk of sequence `seq` (rows at its next positions), or (seq < 0) one token of
 // every sequence (row i: sequence i, at its next position). Checks first: an error leaves the cache as it was.
 static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, float *logits, int logits_from) {
@@ -695,12 +797,23 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
     }
     CU(cudaSetDevice(m->device), "cudaSetDevice");
     cudaStream_t st = m->stream;
+    // decode steps (one token per sequence, <= 8 rows, logits of every row or none) go whole through a static plan
+    const bool want_logits = logits && logits_from < n;
+    const bool decode = (seq < 0 || (n == 1 && c->n_seqs == 1)) && n <= KVQM_GEMV_MAX_ROWS &&
+                        (logits_from <= 0 || !want_logits);
+    kvq_status s;
+    if (!(c->graph && c->static_on && decode) && (s = end_plan(c))) return s;
     CU(cudaMemcpyAsync(c->tok, ids, (size_t)n * 2 * 4, cudaMemcpyHostToDevice, st), "token ids");
+    if (c->graph && c->static_on && decode && static_step(c, seq, n, want_logits)) {
+        if (!want_logits) return KVQ_OK;
+        CU(cudaMemcpyAsync(logits, c->logits, (size_t)n * V * 4, cudaMemcpyDeviceToHost, st), "logits");
+        CU(cudaStreamSynchronize(st), "GPU forward");
+        return KVQ_OK;
+    }
     int32_t n_tok[LLAMA_GPU_MAX_SEQS];
     const int n_app = seq >= 0 ? 1 : n;  // sequences appended to
     const int32_t *app_ids = seq >= 0 ? &c->seq[seq] : c->seq;
     for (int i = 0; i < n_app; i++) n_tok[i] = seq >= 0 ? n : 1;
-    kvq_status s;
     if ((s = launch_segment(c, 0, n, 0))) return s;  // the embedding, layer 0's attention input
     for (int l = 0; l < cf.n_layers; l++) {
         if ((s = kvq_cuda_append(c->cache, l, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))

@@ -95,8 +95,8 @@ kvq_status llama_gpu_sync(llama_gpu_ctx *c);
  * gate/up product, SwiGLU, down product, then the next layer's RMSNorm, QKV product and RoPE; the embedding before
  * layer 0; the final RMSNorm and logits product) as one CUDA graph each: captured from the stream the first time a
  * context runs that segment with n rows, replayed with cudaGraphLaunch after. The kvq_cuda append and attention
- * calls between them stay eager launches: their kernels take the cache's host-side state (page tables, window
- * heads, lengths) by value, different every step, so capturing them would need a different kvq_cuda API. What a
+ * calls between them are eager launches here: their kernels take the cache's host-side state (page tables, window
+ * heads, lengths) by value, different every step (whole-step graphs, below, capture them through a static plan). What a
  * graph reads (activation buffers, weights, the ids and positions copied to the device first) is fixed per context,
  * so nothing is re-captured between steps (not on reset, a window change or a new KV page). If a capture fails the
  * context goes on without graphs. The environment variable KVQ_GPU_GRAPH, read at context creation, switches it:
@@ -106,6 +106,22 @@ kvq_status llama_gpu_sync(llama_gpu_ctx *c);
  * and order). */
 kvq_status llama_gpu_ctx_set_graph(llama_gpu_ctx *c, int on);
 int llama_gpu_ctx_graphs(const llama_gpu_ctx *c);
+/* Whole decode steps in one graph (opt-in, with graphs on): a decode step (llama_gpu_decode_batch, or
+ * llama_gpu_forward of one token in a context of one sequence) lends its sequences to a kvq_cuda static plan
+ * (kvq_cuda.h section 5: the cache's bookkeeping on the device, pages reserved up to n_ctx) and replays ONE graph
+ * per step: every segment above and, between them, the append and attention of every layer. The graph is captured
+ * at the first step of a plan; a prefill, reset, window change or llama_gpu_ctx_stats ends the plan (the next decode
+ * step makes a new one and captures again). If the plan or the capture is not possible the context goes on with the
+ * segment graphs above. Results are the same bits either way (test_model_gpu).
+ * Off by default: measured on the H200 (Llama-3-8B shape, kvq bench --gpu, same machine session, docs/bench-e2e-gpu.md)
+ * it is no faster, since the engine's step is already bound by the GPU: depth 0 f16 5.02 vs 5.02 ms/step, q4 5.25 vs
+ * 5.25; batch 8 at 32k q4 8.57-8.76 vs 8.60, q2 8.37-8.38 vs 8.05 (the decode kernel reading its arguments from
+ * device memory; the plan's own kernel per layer). What it is for: callers whose host time per step is large
+ * (Python frameworks: kvq.hf). KVQ_GPU_STATIC=1 (read at context creation) or llama_gpu_ctx_set_static(c, 1) turns it
+ * on; "0" or unset leaves it off; anything else fails the creation (KVQ_ERR_INVALID_ARG).
+ * llama_gpu_ctx_step_graphs counts the whole-step graphs held (0..2: with and without logits). */
+kvq_status llama_gpu_ctx_set_static(llama_gpu_ctx *c, int on);
+int llama_gpu_ctx_step_graphs(const llama_gpu_ctx *c);
 
 #ifdef __cplusplus
 }

@@ -37,3 +37,5 @@ kvq_status llama_gpu_forward_seq(llama_gpu_ctx *c, int seq, const int32_t *token
 kvq_status llama_gpu_decode_batch(llama_gpu_ctx *c, const int32_t *tokens, float *logits) { return NO_CUDA; }
 kvq_status llama_gpu_ctx_set_graph(llama_gpu_ctx *c, int on) { return NO_CUDA; }
 int llama_gpu_ctx_graphs(const llama_gpu_ctx *c) { return 0; }
+kvq_status llama_gpu_ctx_set_static(llama_gpu_ctx *c, int on) { return NO_CUDA; }
+int llama_gpu_ctx_step_graphs(const llama_gpu_ctx *c) { return 0; }

@@ -331,6 +331,127 @@ def test_cuda_decode_step_binding(kv_type):
     a.close()
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "q4", "q2"])
+def test_cuda_static_plan_binding(kv_type):
+    """kvq.StaticPlan (kvq_cuda_static_*, kvq_cuda.h section 5): steps called directly, then captured once in a
+    torch.cuda.CUDAGraph and replayed, give the bits of decode_step_ptr on a twin cache fed the same inputs; the
+    lengths follow; lent sequences are refused elsewhere; after end() both caches hold the same lengths and go on
+    alike."""
+    H, D, Hq, B = 2, 128, 8, 3
+    g = torch.Generator(device="cuda").manual_seed(5)
+    # the arena holds max_tokens per layer: room for the plan's reservation (3 sequences x 400 tokens)
+    a, b = (N.CudaCache(2, H, D, kv_type, max_tokens=4096, max_seqs=4) for _ in range(2))
+    ids = [a.seq_new() for _ in range(B)]
+    assert [b.seq_new() for _ in range(B)] == ids
+    stream = torch.cuda.current_stream().cuda_stream
+    pre = torch.randn((B * 70, H, D), device="cuda", dtype=torch.float16, generator=g)
+    for c in (a, b):
+        for layer in (0, 1):
+            c.append_ptr(layer, ids, [70] * B, N.DTYPE_F16, pre.data_ptr(), pre.data_ptr(), stream)
+    plan = N.StaticPlan(b, ids, 400, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1, stream=stream)
+    with pytest.raises(kvq.KvqError, match="KVQ_ERR_INVALID_ARG"):
+        b.seq_length(ids[0], 0)  # lent
+    with pytest.raises(kvq.KvqError, match="KVQ_ERR_INVALID_ARG"):
+        N.StaticPlan(b, ids[:1], 400, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1)  # one plan per cache
+    k, v = (torch.empty((B, H, D), device="cuda", dtype=torch.float16) for _ in range(2))
+    q = torch.empty((B, Hq, D), device="cuda", dtype=torch.float16)
+    oa, ob = (torch.empty((B, Hq, D), device="cuda", dtype=torch.float16) for _ in range(2))
+    diff = 0
+
+    def inputs():
+        for t_ in (k, v, q):
+            t_.copy_(torch.randn(t_.shape, device="cuda", dtype=torch.float16, generator=g))
+
+    for t in range(40):
+        for layer in (0, 1):
+            inputs()
+            plan.step_ptr(layer, k.data_ptr(), v.data_ptr(), q.data_ptr(), ob.data_ptr(), stream)
+            a.decode_step_ptr(layer, ids, N.DTYPE_F16, k.data_ptr(), v.data_ptr(), N.DTYPE_F16, q.data_ptr(),
+                              oa.data_ptr(), Hq, 0.1, stream=stream)
+            diff += not torch.equal(oa, ob)
+    graphs = []
+    side = torch.cuda.Stream()
+    for layer in (0, 1):
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr, stream=side):
+            plan.step_ptr(layer, k.data_ptr(), v.data_ptr(), q.data_ptr(), ob.data_ptr(),
+                          torch.cuda.current_stream().cuda_stream)
+        graphs.append(gr)
+    for t in range(60):
+        for layer in (0, 1):
+            inputs()
+            ob.fill_(float("nan"))
+            graphs[layer].replay()
+            a.decode_step_ptr(layer, ids, N.DTYPE_F16, k.data_ptr(), v.data_ptr(), N.DTYPE_F16, q.data_ptr(),
+                              oa.data_ptr(), Hq, 0.1, stream=stream)
+            diff += not torch.equal(oa, ob)
+    assert diff == 0, f"{diff} of 200 steps differ from decode_step_ptr"
+    assert plan.lengths(1) == [170] * B
+    plan.end()
+    assert plan.closed and [b.seq_length(s, 1) for s in ids] == [a.seq_length(s, 1) for s in ids] == [170] * B
+    assert b.stats()["pages_free"] == a.stats()["pages_free"]
+    for layer in (0, 1):  # given back: eager calls work and agree
+        inputs()
+        for c, o in ((a, oa), (b, ob)):
+            c.decode_step_ptr(layer, ids, N.DTYPE_F16, k.data_ptr(), v.data_ptr(), N.DTYPE_F16, q.data_ptr(),
+                              o.data_ptr(), Hq, 0.1, stream=stream)
+        assert torch.equal(oa, ob)
+    plan2 = N.StaticPlan(b, ids[:1], 172, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1, stream=stream)
+    for t in range(3):  # the third token finds max_tokens: dropped, reported at end()
+        plan2.step_ptr(0, k.data_ptr(), v.data_ptr(), q.data_ptr(), ob.data_ptr(), stream)
+    with pytest.raises(kvq.CacheFullError):
+        plan2.end()
+    assert b.seq_length(ids[0], 0) == 172
+    plan3 = N.StaticPlan(b, ids[1:], 400, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1, stream=stream)
+    b.close()  # frees the live plan with the cache
+    assert plan3.closed
+    with pytest.raises(kvq.CacheClosedError):
+        plan3.step_ptr(0, k.data_ptr(), v.data_ptr(), q.data_ptr(), ob.data_ptr(), stream)
+    a.close()
+
+
+@pytest.mark.parametrize("kv_type", ["q8", "q4", "q2"])
+def test_cuda_graph_decode_equals_eager(kv_type):
+    """kvq.hf.CUDAGraphDecode (issue 23: the whole decode step, kvq's append and attention included, replayed as one
+    CUDA graph) against the eager decode of the same prompt, fp16 model, batch 2: the same greedy tokens over 40
+    steps (page and window flushes inside the graph) and logits within 1e-3 of their spread; after close() the cache
+    holds the same lengths as the eager one and both go on alike."""
+    from kvq.hf import CACHE_KWARG
+    model = make("llama").half().cuda()
+    model.set_attn_implementation("kvq")
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 128, (2, 50), generator=g).cuda()
+    runs, caches = [], []
+    with torch.no_grad():
+        for captured in (False, True):
+            cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256)
+            out = model(ids, use_cache=True, **{CACHE_KWARG: cache})
+            tok = out.logits[:, -1].argmax(-1)
+            dec = kvq.hf.CUDAGraphDecode(model, cache) if captured else None
+            toks, logits = [], []
+            for t in range(40):
+                lg = dec(tok) if captured else model(tok[:, None], use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1]
+                logits.append(lg.float().clone())
+                tok = lg.argmax(-1)
+                toks.append(tok.clone())
+            if captured:
+                assert dec.graph is not None and len(dec._sps) == 1
+                dec.close()
+                with pytest.raises(RuntimeError):
+                    dec(tok)
+            runs.append((torch.stack(toks, 1).cpu(), torch.stack(logits, 1).cpu()))
+            caches.append(cache)
+    assert torch.equal(runs[0][0], runs[1][0]), (runs[0][0], runs[1][0])
+    d = (runs[0][1] - runs[1][1]).abs().max().item()
+    assert d <= 1e-3 * runs[0][1].std().item(), d
+    assert caches[0].seq_lengths(0) == caches[1].seq_lengths(0) == [90, 90]
+    assert caches[1].get_seq_length() == 90
+    with torch.no_grad():  # given back: an eager step on both agrees
+        nxt = torch.tensor([[5], [7]], device="cuda")
+        la, lb = (model(nxt, use_cache=True, **{CACHE_KWARG: c}).logits for c in caches)
+    assert torch.equal(la, lb)
+
+
 @pytest.mark.parametrize("kv_type", ["q8", "q4"])
 def test_cuda_decode_fast_path_equals_general_path(kv_type):
     """KVQCache._decode_step on CUDA (one kvq_cuda_decode_step per layer and step, prepared once; issue 23) against
