@@ -13,7 +13,8 @@
  *   of R + G rows), a page table of max_seq_tokens / 64 entries per pair, and a workspace for split attention
  *   (grown on demand with the stream-ordered allocator cudaMallocAsync). kvq_cuda_cache_free releases all of it
  *   (cudaFree: it waits for the device). Sizes: kvq_cuda_cache_get_stats.
- * - Bookkeeping (free pages, page lists, lengths) lives on the host, like the CPU cache. Page-table updates reach
+ * - Bookkeeping (free pages, page lists, lengths) lives on the host, like the CPU cache (sequences lent to a static
+ *   plan, section 5, keep theirs on the device meanwhile). Page-table updates reach
  *   the device inside the append kernels' parameters: no host-to-device copy, no pinned staging.
  * - Device pointers passed in (K, V, queries, outputs) are borrowed for the duration of the work enqueued.
  *

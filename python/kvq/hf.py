@@ -175,6 +175,11 @@ class KVQCache(Cache):
             2 values, 3 both), sinks a token count (0 .. 1024). Checked here for range; the library says whether
             it implements a value when the cache is made (at the first update). The CUDA backend has none of them:
             any value but -1 or 0 is refused there.
+        squat_rank, squat_lambda: SQuat keys (kvq.h section 10; CPU only): the keys' quantization error is kept out of
+            the subspace of the first prefill's queries (the top squat_rank eigenvectors of Q^T Q per sequence, layer
+            and KV head, computed here from the queries the attention receives, set before the keys are appended).
+            -1 (default): kvq's engine default, rank 8 for Q2 keys on the CPU, off otherwise; 0 off; 1 .. 32 (below
+            head_dim) the rank. squat_lambda <= 0: kvq's automatic lambda (rank / head_dim).
 
     Padding: tokens the attention mask marks as padding are never stored. On CUDA, decode steps (one new token
     per row) do not read the mask, since that would synchronise with the GPU at every step; generate() marks every
@@ -188,7 +193,7 @@ class KVQCache(Cache):
     def __init__(self, config: Any, kv_type: KVTypeSpec = "q8", value_type: KVTypeSpec | None = None,
                  max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
-                 nonuniform: int = -1) -> None:
+                 nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0) -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
         max_cache_len = N._nonneg(max_cache_len, "max_cache_len", N.INT64_MAX, "int64")
@@ -209,7 +214,13 @@ class KVQCache(Cache):
                                     ("sinks", sinks, 1024, "tokens kept exact, 0 .. 1024")):
             if not -1 <= N._int(val, name) <= hi:
                 raise ValueError(f"kvq: {name} = {val} must be -1 (kvq's default), 0 (off) or {what}")
+        if not -1 <= N._int(squat_rank, "squat_rank") <= 32:
+            raise ValueError(f"kvq: squat_rank = {squat_rank} must be -1 (kvq's default), 0 (off) or 1 .. 32")
+        if not isinstance(squat_lambda, (int, float)) or not math.isfinite(squat_lambda):
+            raise ValueError(f"kvq: squat_lambda = {squat_lambda!r} must be a finite number (<= 0: automatic)")
         tc, n_layers, n_heads, n_kv, head_dim = _shape_of(config)
+        if squat_rank >= head_dim:
+            raise ValueError(f"kvq: squat_rank = {squat_rank} must be below head_dim {head_dim}")
         self._config = tc
         self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_heads, n_kv, head_dim
         if head_dim not in N.HEAD_DIMS:
@@ -230,6 +241,8 @@ class KVQCache(Cache):
         self.kvq_group = group
         self.kvq_n_threads = n_threads
         self.kvq_quality = {"rotate": int(rotate), "sinks": int(sinks), "nonuniform": int(nonuniform)}
+        self.kvq_squat = (int(squat_rank), float(squat_lambda))
+        self._squat_set: set = set()  # (group index, sequence, local layer) whose key subspace is set
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
             groups.setdefault(t, []).append(i)
@@ -316,6 +329,9 @@ class KVQCache(Cache):
             if self.kvq_quality["nonuniform"] not in (-1, 0):
                 raise ValueError("kvq: the CUDA backend has no non-uniform levels (kvq.h section 10): nonuniform="
                                  f"{self.kvq_quality['nonuniform']}")
+            if self.kvq_squat[0] > 0:
+                raise ValueError("kvq: the CUDA backend has no SQuat keys (kvq.h section 10): squat_rank="
+                                 f"{self.kvq_squat[0]}")
         elif dev.type != "cpu":
             raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
         handles = []
@@ -330,9 +346,16 @@ class KVQCache(Cache):
                                     device=dev.index if dev.index is not None else torch.cuda.current_device(),
                                     max_seq_tokens=self.kvq_max_len + 64, **self.kvq_quality)
                 else:
+                    rank = self.kvq_squat[0]
+                    if rank < 0:  # the engine's default (src/cli): SQuat for Q2 keys, where queries reach the cache
+                        rank = 8 if (g.types[0] == N.type_from_name("q2") and self.head_dim > 8 and self.fused) else 0
+                    if rank and not self.fused:
+                        raise ValueError('kvq: SQuat keys (squat_rank > 0) need attn_implementation="kvq": with '
+                                         "eager/sdpa the keys are stored before any query is seen")
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                 residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,
-                                n_threads=self.kvq_n_threads, **self.kvq_quality)
+                                n_threads=self.kvq_n_threads, squat_rank=rank, squat_lambda=self.kvq_squat[1],
+                                **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]
                 g.handle, g.seqs = h, seqs
@@ -444,6 +467,8 @@ class KVQCache(Cache):
         softcap = float(softcap or 0.0)
         cuda = self.is_cuda
         sa = self._stream_args()
+        if not cuda and h.config.squat_rank:
+            self._set_subspaces(g, li, query, valid)
         if valid is None:
             kc, vc = k.contiguous(), v.contiguous()
             counts = [q] * B
@@ -565,6 +590,27 @@ class KVQCache(Cache):
         torch stream on the cache's device,) on CUDA; () on the CPU, whose calls take no stream."""
         return (_raw_stream(self._device),) if self.is_cuda else ()
 
+    def _set_subspaces(self, g, li, query, valid) -> None:
+        """SQuat: the key subspace of every (sequence, layer li, KV head) that has none yet, from this call's queries
+        of the sequence (its real tokens; all query heads of the KV head's group), before its keys are appended."""
+        gi = self._groups.index(g)
+        B, Hq, q, D = query.shape
+        rep_ = Hq // self.n_kv_heads
+        rank = g.handle.config.squat_rank
+        qf = None
+        for b, seq in enumerate(g.seqs):
+            if (gi, seq, li) in self._squat_set:
+                continue
+            if qf is None:
+                qf = query.detach().to(torch.float64).cpu()
+            rows = qf[b] if valid is None else qf[b][:, valid[b]]
+            if rows.shape[1] == 0:
+                continue
+            for kh in range(self.n_kv_heads):
+                qs = rows[kh * rep_:(kh + 1) * rep_].reshape(-1, D).numpy()
+                g.handle.set_key_subspace(seq, li, kh, N.key_subspace(qs, rank))
+            self._squat_set.add((gi, seq, li))
+
     def _end_static(self) -> None:
         """Gives the sequences lent to static plans back (their state to the host), before any other use of them."""
         plans, self._static = list(self._static.values()), {}
@@ -609,10 +655,17 @@ class KVQCache(Cache):
                     if s not in g.seqs:
                         g.handle.seq_free(s)
             raise
-        for g, used, new in plans:
+        done = self._squat_set
+        for gi, (g, used, new) in enumerate(plans):
+            for src, s in zip(src_rows, new):  # a fork has its source's subspaces (kvq_seq_fork copies them)
+                for li in g.local.values():
+                    if (gi, g.seqs[src], li) in done:
+                        done.add((gi, s, li))
             for s in g.seqs:
                 if s not in used:
                     g.handle.seq_free(s)
+                    for li in g.local.values():
+                        done.discard((gi, s, li))
             g.seqs = new
         self.kvq_batch = len(src_rows)
         self._mask_memo = None
@@ -660,6 +713,7 @@ class KVQCache(Cache):
             g.handle, g.seqs = None, []
         for layer in self.layers:
             layer.hf_len = 0
+        self._squat_set = set()
         self._device, self.kvq_batch, self._mask_memo = None, 0, None
         self._plans.clear()
         self._gen += 1

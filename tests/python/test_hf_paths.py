@@ -69,8 +69,9 @@ def _kv(g, n):
 def _worst(kv_type, rep, residual=16, group=16, prefill=150, steps=40, seed=0):
     """max over prefill and decode steps of max|fused - compat| / max|compat| on caches holding the same bytes."""
     g = torch.Generator().manual_seed(seed)
-    kw = dict(kv_type=kv_type, max_cache_len=512, residual=residual, group=group) if kv_type in ("q4", "q2") else \
-        dict(kv_type=kv_type, max_cache_len=512)
+    # squat_rank 0: the compat path stores keys before it sees a query, so it has no SQuat (the fused path's q2 default)
+    kw = dict(kv_type=kv_type, max_cache_len=512, residual=residual, group=group, squat_rank=0) \
+        if kv_type in ("q4", "q2") else dict(kv_type=kv_type, max_cache_len=512)
     fused = kvq.KVQCache(_config(rep, "kvq"), **kw)
     compat = kvq.KVQCache(_config(rep, "sdpa"), **kw)
     assert fused.fused and not compat.fused
