@@ -63,8 +63,13 @@ void kvq__rope_rows_ref(float *x, int n, int D, int neox, const float *C, const 
         }
 }
 
+static void unrot_rope_ref(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S) {
+    for (int i = 0; i < n; i++) kvq__rot_apply(r, x + (size_t)i * r->D, 1);
+    kvq__rope_rows_ref(x, n, r->D, neox, C, S);
+}
+
 const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL,
-                                       kvq__rope_rows_ref};
+                                       kvq__rope_rows_ref, unrot_rope_ref};
 
 /* ---- pre-RoPE keys (kvq.h section 10) ---- */
 
@@ -231,11 +236,10 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
-            if (prerope) {
-                if (w->kunrot)
-                    for (int r = 0; r < m; r++) kvq__rot_apply(w->kunrot, sc->x + (size_t)r * D, 1);
+            if (prerope && w->kunrot)
+                K->unrot_rope(sc->x, m, w->kunrot, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
+            else if (prerope)
                 K->rope(sc->x, m, D, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
-            }
             K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
         }
         for (int r = 0; r < rows; r++) {
