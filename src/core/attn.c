@@ -125,15 +125,17 @@ void kvq__rope_tables(const kvq_cache *c, int64_t t0, int n, float *C, float *S)
         double a = (double)t0 * c->rope_f[i];
         ca[i] = (float)cos(a), sa[i] = (float)sin(a);
     }
+    /* per step: the angles, then their layout, in loops without index arithmetic, which the compiler vectorizes (the
+     * tables are rebuilt for every 64-token segment of every decode call) */
+    float cs[128], sn[128];
     for (int k = 0; k < n; k++) {
         const float *kc = c->rope_kc + (size_t)k * h, *ks = c->rope_ks + (size_t)k * h;
         float *Ck = C + (size_t)k * D, *Sk = S + (size_t)k * D;
-        for (int i = 0; i < h; i++) {
-            float cs = ca[i] * kc[i] - sa[i] * ks[i], sn = sa[i] * kc[i] + ca[i] * ks[i];
-            int c0 = neox ? i : 2 * i, c1 = neox ? i + h : 2 * i + 1;
-            Ck[c0] = Ck[c1] = cs;
-            Sk[c0] = -sn, Sk[c1] = sn;
-        }
+        for (int i = 0; i < h; i++) cs[i] = ca[i] * kc[i] - sa[i] * ks[i], sn[i] = sa[i] * kc[i] + ca[i] * ks[i];
+        if (neox)
+            for (int i = 0; i < h; i++) Ck[i] = Ck[i + h] = cs[i], Sk[i] = -sn[i], Sk[i + h] = sn[i];
+        else
+            for (int i = 0; i < h; i++) Ck[2 * i] = Ck[2 * i + 1] = cs[i], Sk[2 * i] = -sn[i], Sk[2 * i + 1] = sn[i];
     }
 }
 

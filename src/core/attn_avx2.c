@@ -834,14 +834,18 @@ static void rope_avx2(float *x, int n, int D, int neox, const float *C, const fl
 AI void fwht_inv8(__m256 *v, const int nv, const __m256 f) {
     const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1), s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
     const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+    #pragma GCC unroll 32
     for (int k = 0; k < nv; k++) {
         __m256 a = _mm256_mul_ps(v[k], f);
         a = _mm256_fmadd_ps(a, s1, _mm256_permute_ps(a, 0xB1));
         a = _mm256_fmadd_ps(a, s2, _mm256_permute_ps(a, 0x4E));
         v[k] = _mm256_fmadd_ps(a, s4, _mm256_permute2f128_ps(a, a, 1));
     }
+    #pragma GCC unroll 32
     for (int h = 1; h < nv; h <<= 1)
+        #pragma GCC unroll 32
         for (int k = 0; k < nv; k += 2 * h)
+            #pragma GCC unroll 32
             for (int j = k; j < k + h; j++) {
                 __m256 a = v[j], b = v[j + h];
                 v[j] = _mm256_add_ps(a, b), v[j + h] = _mm256_sub_ps(a, b);
@@ -852,6 +856,7 @@ AI void unrot_rope_rows8(float *x, int n, const int D, const __m256 *sg, int neo
     const int nv = D / 8, hv = nv / 2;
     for (int i = 0; i < n; i++, x += D, C += D, S += D) {
         __m256 v[32];
+        #pragma GCC unroll 32
         for (int k = 0; k < nv; k++) v[k] = _mm256_loadu_ps(x + 8 * k);
         if (!(D & (D - 1))) {
             fwht_inv8(v, nv, _mm256_set1_ps(kvq__rot_scale(D)));
@@ -859,8 +864,10 @@ AI void unrot_rope_rows8(float *x, int n, const int D, const __m256 *sg, int neo
             fwht_inv8(v, 8, _mm256_set1_ps(kvq__rot_scale(64)));
             fwht_inv8(v + 8, nv - 8, _mm256_set1_ps(kvq__rot_scale(D - 64)));
         }
+        #pragma GCC unroll 32
         for (int k = 0; k < nv; k++) v[k] = _mm256_xor_ps(v[k], sg[k]);
         if (neox) /* partners D/2 apart: vectors k and k + nv/2 (D/2 is a multiple of 8 for every D) */
+            #pragma GCC unroll 32
             for (int k = 0; k < hv; k++) {
                 __m256 a = v[k], b = v[k + hv];
                 _mm256_storeu_ps(x + 8 * k, _mm256_fmadd_ps(a, _mm256_loadu_ps(C + 8 * k), _mm256_mul_ps(b, _mm256_loadu_ps(S + 8 * k))));
@@ -868,6 +875,7 @@ AI void unrot_rope_rows8(float *x, int n, const int D, const __m256 *sg, int neo
                                                                    _mm256_mul_ps(a, _mm256_loadu_ps(S + 8 * (k + hv)))));
             }
         else
+            #pragma GCC unroll 32
             for (int k = 0; k < nv; k++) {
                 __m256 a = v[k], b = _mm256_permute_ps(a, 0xB1);
                 _mm256_storeu_ps(x + 8 * k, _mm256_fmadd_ps(a, _mm256_loadu_ps(C + 8 * k), _mm256_mul_ps(b, _mm256_loadu_ps(S + 8 * k))));

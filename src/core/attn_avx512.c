@@ -949,6 +949,7 @@ AI void fwht_inv16(__m512 *v, const int nv, const __m512 f) {
     const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
     const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
     const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    #pragma GCC unroll 32
     for (int k = 0; k < nv; k++) {
         __m512 a = _mm512_mul_ps(v[k], f);
         a = _mm512_fmadd_ps(a, s1, _mm512_permute_ps(a, 0xB1));
@@ -956,8 +957,11 @@ AI void fwht_inv16(__m512 *v, const int nv, const __m512 f) {
         a = _mm512_fmadd_ps(a, s4, _mm512_shuffle_f32x4(a, a, 0xB1)); /* 128-bit lanes 1 0 3 2 */
         v[k] = _mm512_fmadd_ps(a, s8, _mm512_shuffle_f32x4(a, a, 0x4E)); /* 2 3 0 1 */
     }
+    #pragma GCC unroll 32
     for (int h = 1; h < nv; h <<= 1)
+        #pragma GCC unroll 32
         for (int k = 0; k < nv; k += 2 * h)
+            #pragma GCC unroll 32
             for (int j = k; j < k + h; j++) {
                 __m512 a = v[j], b = v[j + h];
                 v[j] = _mm512_add_ps(a, b), v[j + h] = _mm512_sub_ps(a, b);
@@ -969,6 +973,7 @@ AI void unrot_rope_rows16(float *x, int n, const int D, const __mmask16 *sg, int
     const __m512 neg = _mm512_set1_ps(-0.0f);
     for (int i = 0; i < n; i++, x += D, C += D, S += D) {
         __m512 v[16];
+        #pragma GCC unroll 32
         for (int k = 0; k < nv; k++) v[k] = _mm512_loadu_ps(x + 16 * k);
         if (!(D & (D - 1))) {
             fwht_inv16(v, nv, _mm512_set1_ps(kvq__rot_scale(D)));
@@ -976,8 +981,10 @@ AI void unrot_rope_rows16(float *x, int n, const int D, const __mmask16 *sg, int
             fwht_inv16(v, 4, _mm512_set1_ps(kvq__rot_scale(64)));
             fwht_inv16(v + 4, nv - 4, _mm512_set1_ps(kvq__rot_scale(D - 64)));
         }
+        #pragma GCC unroll 32
         for (int k = 0; k < nv; k++) v[k] = _mm512_mask_xor_ps(v[k], sg[k], v[k], neg);
         if (neox) /* D != 80: D/2 is a multiple of 16 */
+            #pragma GCC unroll 32
             for (int k = 0; k < hv; k++) {
                 __m512 a = v[k], b = v[k + hv];
                 _mm512_storeu_ps(x + 16 * k, _mm512_fmadd_ps(a, _mm512_loadu_ps(C + 16 * k), _mm512_mul_ps(b, _mm512_loadu_ps(S + 16 * k))));
@@ -985,6 +992,7 @@ AI void unrot_rope_rows16(float *x, int n, const int D, const __mmask16 *sg, int
                                                                     _mm512_mul_ps(a, _mm512_loadu_ps(S + 16 * (k + hv)))));
             }
         else
+            #pragma GCC unroll 32
             for (int k = 0; k < nv; k++) {
                 __m512 a = v[k], b = _mm512_permute_ps(a, 0xB1);
                 _mm512_storeu_ps(x + 16 * k, _mm512_fmadd_ps(a, _mm512_loadu_ps(C + 16 * k), _mm512_mul_ps(b, _mm512_loadu_ps(S + 16 * k))));
