@@ -454,7 +454,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
  * prerope (pre-RoPE keys, below) has no -1: the cache's default is off, since only the caller knows its RoPE; kvq's
- * engine leaves it off too (it buys Q3/Q2 25-31% of their KLD at 14-18x the decode attention time: below).
+ * engine turns it on for Q2 keys (with SQuat: dPPL +11.1% -> +5.8% at ctx 2048, decode attention about F16's time:
+ * below).
  * Measured together (SmolLM2-135M-Instruct Q4_1, debian-reference, kvq perplexity --ctx 1024 --chunks 4 --compare
  * with each mechanism spelled out, 2048 scored tokens; KLD: mean KL divergence of the token distributions from the
  * F16 cache's, in nats; F16 PPL 6.5435):
@@ -550,14 +551,18 @@ KVQ_API const char *kvq_cpu_backend(void);
  * angles from fp64 sincos (exact past 2^31 positions) and the rest by angle addition with a per-cache table of
  * cos / sin(k f_i), k < 64 (no table sized by the capacity); the rotation is an AVX2 / AVX-512 kernel (scalar _ref).
  * Rotated keys (rotate with KVQ_ROLES_K): the Hadamard rotation does not commute with RoPE, so instead of rotating
- * the query once, attention takes each key row back through R^T (O(D log D) per key and head) before RoPE.
+ * the query once, attention takes each decoded key row back through R^T (O(D log D) per key and head) before RoPE:
+ * one kernel (unrot_rope: AVX2 / AVX-512, scalar _ref) does both for a tile of 8 rows, each row in registers (R^T
+ * with the scalar rotation's fp32 steps in its order, so the same bits; tests/test_rotate.c).
  * Speed (kvq-bench cpu --ctx 32768 --types f16,q4,q2 --prerope --runs 15 --threads 1, Llama-3-8B shapes: 32 query
- * heads, 8 KV heads, D = 128; the 2-core build machine while shared, so ratios only): F16 pre-RoPE keys (no rotation)
- * 0.85x (AVX-512) / 0.72x (AVX2) of F16's speed; Q4 (keys rotated) 703 / 603 ms per step against 40.5 / 38.7 ms,
- * Q2 (rotated) 691 / 543 against 40.9 / 29.8 ms: 14-18x slower, nearly all of it the scalar R^T per key row (F16
- * shows what RoPE itself costs). A vectorized R^T over a tile of rows is the next step. Measured
- * better than leaving pre-RoPE keys unrotated (KVQuant's per-channel keys) for every grouped type, so both are
- * allowed and the rotation default stays as it is.
+ * heads, 8 KV heads, D = 128; the 2-core machine shared, load 4.2-4.5, so ratios only), ms per step AVX-512 / AVX2:
+ *     F16 26.4 / 25.5    F16 pre-RoPE (no rotation) 28.7 / 31.9
+ *     Q4   8.6 /  8.0    Q4 pre-RoPE (keys rotated) 27.9 / 29.7     (before unrot_rope, same load: 110.8 / 111.0)
+ *     Q2   7.3 /  6.8    Q2 pre-RoPE (keys rotated) 25.5 / 27.6     (before: 108.1 / 106.4; 16x Q2's time)
+ * Pre-RoPE Q2 runs at about F16's speed (0.92-1.03x) reading 6x fewer bytes, 3.5-4x post-RoPE Q2's time: the fp32
+ * key path (decode a tile, R^T + RoPE, dot products) in place of the fused integer key kernels; F16 pre-RoPE shows
+ * what the fp32 path and RoPE cost without R^T. Measured better than leaving pre-RoPE keys unrotated (KVQuant's
+ * per-channel keys) for every grouped type, so both are allowed and the rotation default stays as it is.
  * kvq_read returns the keys as appended (pre-RoPE); kvq_rope_apply gives the post-RoPE ones. The CUDA backend
  * rejects prerope = 1 (KVQ_ERR_INVALID_ARG). Errors: prerope not 0/1, and with prerope = 1 rope_neox not 0/1,
  * rope_freqs with a NaN, Inf or negative value, or (rope_freqs NULL) rope_theta not finite and > 1:
@@ -582,9 +587,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  * and keeps its integer key kernels. Q2 keys alone (values Q8) lose 39% of their KLD, the q3/q2 mix 12%. Non-uniform
  * levels for pre-RoPE Q2 keys take another 11% (0.125 -> 0.111; free: those keys use the fp32 kernels), so they are
  * the default there (nonuniform = -1, table above); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
- * Until R^T runs vectorized over a tile of rows, that gain costs 14-18x the decode attention time (Speed above), so
- * kvq's engine (src/model/llama.c, llama_default_prerope) keeps keys post-RoPE by default; kvq run / perplexity
- * --kv-prerope 1 (compare suffix :pre=1) asks for pre-RoPE keys.
+ * At ctx 2048 with SQuat (below; docs/quality.md, "2026-12-04: pre-RoPE Q2 keys"), pre-RoPE Q2 keys take Q2 from
+ * dPPL +11.1% / KLD 0.124 to +5.8% / 0.082 (without SQuat +7.8% / 0.102), so kvq's engine (src/model/llama.c,
+ * llama_default_prerope) stores Q2 keys pre-RoPE by default, at the decode cost above; other key types stay
+ * post-RoPE (Q4: within noise, and it keeps its integer key kernels; Q3: not measured at ctx 2048 with SQuat).
+ * kvq run / perplexity --kv-prerope 0|1 (compare suffix :pre=) overrides it; the GPU engine has none.
  *
  * Rotation (rotate = a KVQ_ROLES_* set, rotation_seed). Keys and/or values are multiplied by a fixed orthonormal
  * randomized Walsh-Hadamard matrix R = H diag(s) / sqrt(n) per head vector before they are stored (window and pages):
@@ -623,7 +630,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * subspace's error and widens the later channels' ranges (tests/test_squat.c, D = 64, r = 8, random basis: the
  * in-subspace error x0.17 .. x0.22 of plain quantization at x1.16 .. x1.18 its total; lambda 0.01: x0.09 at x1.46).
  * The basis: the caller's (un-rotated) key frame, i.e. post-RoPE keys' frame, or the pre-RoPE keys' with prerope = 1
- * (kvq's engine then takes its queries before their RoPE); with the key rotation on, the cache stores R B and
+ * (kvq's engine then takes its queries before their RoPE: its queries after RoPE, which sample the pre-RoPE query
+ * turned by the distances that reach a key, measured worse, Q2 KLD 0.0894 against 0.0819 at ctx 2048); with the key rotation on, the cache stores R B and
  * quantizes rotated keys against it; kvq_seq_get_key_subspace gives back B. Kept per (sequence, layer, KV head) on
  * the heap (one block per sequence from its first set: n_layers x H x D x r floats + flags); kvq_seq_fork copies it,
  * kvq_seq_truncate and kvq_seq_drop_front keep it (tokens a truncate moves back into the window are quantized again
@@ -642,6 +650,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  *       q4                                  +0.47%  0.00451   +0.50%  0.00383   (KLD -15%)
  *       q3                                  +1.25%  0.0183    +1.07%  0.0168    (-8%; the first 2 chunks alone: +4%)
  *       q2                                  +16.1%  0.179     +11.1%  0.124     (-31%)
+ *       q2, pre-RoPE keys (nuq k)           +7.82%  0.102     +5.84%  0.0819    (-20%; the engine's default)
  *     Gemma 3 270M, ctx 1024, 2 chunks
  *       q4                                  +1.44%  0.00988   +0.75%  0.00777   (-21%)
  * Lambda 0.0125 .. 0.125 measured within noise of each other, 1 loses part of the gain. Decode: unchanged (same bytes,

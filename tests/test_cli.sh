@@ -151,7 +151,9 @@ else
     fail=$((fail + 1)); echo "FAIL: capacity --kv-sinks 4: rc $rc"; tail -n 5 <<<"$out" | sed 's/^/  | /'
   fi
   # KL divergence against F16 (batch-major: the base's logits are exact fp32): an f16 entry listed twice is exactly
-  # 0 KLD and 100% top-1; q2 diverges more than q4 and q4 more than nothing; the CSV has the agreed columns.
+  # 0 KLD and 100% top-1; q2 diverges more than q4 and q4 more than nothing; the CSV has the agreed columns. q2's
+  # top-1 bound was < 90 while its keys were post-RoPE (measured 87.5%, KLD 0.0499); the engine's pre-RoPE q2 keys
+  # (kvq.h section 10) measure 92.6% (KLD 0.0297, still 15x q4's): < 95, where q4 is 98.4%.
   expect ok "perplexity --compare without f16 runs it first" "no f16 entry: running f16 first" -- \
     "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare q8
   out=$(timeout 600 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 256 --chunks 2 -q \
@@ -160,7 +162,7 @@ else
   if [ $rc -eq 0 ] && [ "$(head -1 "$tmp/ppl.csv")" = "$hdr" ] && [ "$(wc -l < "$tmp/ppl.csv")" -eq 5 ] &&
      awk -F, 'NR == 2 || NR == 5 { if ($1 != "f16" || $9 != 0 || $10 != 0 || $11 != 0 || $12 != 100 || $15 != 16) bad = 1 }
        NR == 3 { q4 = $10; if (!($10 > 1e-4) || !($11 >= $10) || !($12 < 100 && $12 > 80) || !($15 > 4 && $15 < 16)) bad = 1 }
-       NR == 4 { if (!($10 > 10 * q4) || !($12 < 90)) bad = 1 }
+       NR == 4 { if (!($10 > 10 * q4) || !($12 < 95)) bad = 1 }
        NR > 1 { if ($4 != 256 || $5 != 2 || $6 != 256 || ($13 * 8 / (2 * 30 * 3 * 64) - $15) ^ 2 > 1e-8) bad = 1 }
        END { exit bad }' "$tmp/ppl.csv"; then
     pass=$((pass + 1)); echo "ok: perplexity KLD columns and --csv"

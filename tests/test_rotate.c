@@ -6,10 +6,12 @@
  *  - rotation lowers the error of per-token quantization (Q8, Q4/Q2 values) on data with channel outliers;
  *  - attention on a rotated cache against fp64 on the read-back K/V, NaN queries, errors (rotate outside -1..3,
  *    kvq_rotation_apply's arguments, a finite input whose rotation leaves the fp16 range: nothing appended).
+ *  - the kernel tables' unrot_rope (pre-RoPE keys stored rotated: R^T, then RoPE, over a tile of rows): R^T bit for bit
+ *    as kvq__rot_apply in every table (identity RoPE tables), RoPE within 2^-22 (|x_c C_c| + |x_p S_c|) of fp64.
  * The attention quality bounds of every type / head dim / kernel table with rotation are in test_attn. */
 #include "testutil.h"
 
-#include "internal.h" /* kvq__rot: the sign bits, for the dense reference */
+#include "attn.h" /* kvq__rot: the sign bits, for the dense reference; the kernel tables' unrot_rope */
 
 static const int dims[5] = {64, 80, 96, 128, 256};
 #define EPS 5.9604645e-8 /* 2^-24 */
@@ -370,9 +372,77 @@ static void error_tests(void) {
     kvq_cache_free(c);
 }
 
+/* unrot_rope of each kernel table this CPU has against kvq__rot_apply (inverse) and an fp64 RoPE of its result: every
+ * head dim, both pair layouts, 1 .. 8 rows, three rotations, rows of magnitudes 1e-3 .. 1e3 with an outlier channel.
+ * R^T must be the same bits (the SIMD kernels do kvq__rot_apply's fp32 steps in its order); RoPE (C, S as
+ * kvq__rope_tables lays them out) rounds a product and a sum or an fma: within 2 ulp of |x_c C_c| + |x_p S_c|,
+ * checked at 2^-22 of it. A wrong sign bit, stage or partner is off by O(|x|). */
+static void unrot_rope_tests(void) {
+    const kvq__kernels *tabs[3] = {&kvq__kernels_ref, kvq__kernels_avx2(), kvq__kernels_avx512()};
+    for (int t = 0; t < 3; t++) {
+        const kvq__kernels *K = tabs[t];
+        if (!K) {
+            printf("SKIP unrot_rope %s: this CPU lacks it\n", t == 1 ? "avx2" : "avx512");
+            continue;
+        }
+        int n_checked = 0;
+        for (int di = 0; di < 5; di++)
+            for (int neox = 0; neox < 2; neox++)
+                for (int rot = 0; rot < 3; rot++) {
+                    const int D = dims[di], h = D / 2;
+                    kvq__rot r;
+                    kvq__rot_init(&r, rot == 2 ? 12345u : 0u, rot, KVQ_KEY, D);
+                    static const int ns[5] = {1, 2, 3, 7, KVQ_TILE};
+                    for (int ni = 0; ni < 5; ni++) {
+                        const int n = ns[ni];
+                        float x[KVQ_TILE * 256], u[KVQ_TILE * 256], y[KVQ_TILE * 256], C[KVQ_TILE * 256],
+                            S[KVQ_TILE * 256];
+                        for (int i = 0; i < n; i++) {
+                            double mag = pow(10.0, -3.0 + 6.0 * tu_uniform());
+                            for (int c = 0; c < D; c++) x[i * D + c] = (float)(mag * tu_normal());
+                            x[i * D + (int)(tu_uniform() * D) % D] *= 30.0f;
+                            for (int j = 0; j < h; j++) { /* kvq__rope_tables' layout */
+                                double a = 6.283185307179586 * tu_uniform();
+                                int c0 = neox ? j : 2 * j, c1 = neox ? j + h : 2 * j + 1;
+                                C[i * D + c0] = C[i * D + c1] = (float)cos(a);
+                                S[i * D + c0] = -(float)sin(a), S[i * D + c1] = (float)sin(a);
+                            }
+                        }
+                        memcpy(u, x, sizeof(float) * (size_t)n * D);
+                        for (int i = 0; i < n; i++) kvq__rot_apply(&r, u + i * D, 1);
+                        /* identity RoPE (C = 1, S = 0): R^T alone */
+                        float one[KVQ_TILE * 256], zero[KVQ_TILE * 256];
+                        for (int e = 0; e < n * D; e++) one[e] = 1.0f, zero[e] = 0.0f;
+                        memcpy(y, x, sizeof(float) * (size_t)n * D);
+                        K->unrot_rope(y, n, &r, neox, one, zero);
+                        int diff = 0;
+                        for (int e = 0; e < n * D; e++) diff += y[e] != u[e];
+                        CHECK(diff == 0, "unrot_rope %s D=%d neox=%d rot=%d n=%d: %d of %d R^T outputs differ from kvq__rot_apply",
+                              K->name, D, neox, rot, n, diff, n * D);
+                        memcpy(y, x, sizeof(float) * (size_t)n * D);
+                        K->unrot_rope(y, n, &r, neox, C, S);
+                        double worst = 0;
+                        for (int i = 0; i < n; i++)
+                            for (int c = 0; c < D; c++) {
+                                int p = neox ? (c < h ? c + h : c - h) : c ^ 1, e = i * D + c;
+                                double a = u[e], b = u[i * D + p];
+                                double ref = a * C[e] + b * S[e], scale = fabs(a * C[e]) + fabs(b * S[e]);
+                                double err = fabs(y[e] - ref) / (scale > 0 ? scale : 1e-300);
+                                worst = fmax(worst, y[e] == ref ? 0 : err);
+                            }
+                        CHECK(worst <= 0x1p-22, "unrot_rope %s D=%d neox=%d rot=%d n=%d: RoPE error %g of |x_c C_c| + |x_p S_c| (bound 2^-22)",
+                              K->name, D, neox, rot, n, worst);
+                        n_checked++;
+                    }
+                }
+        printf("unrot_rope %s: %d cases checked\n", K->name, n_checked);
+    }
+}
+
 int main(void) {
     tu_seed(11);
     transform_tests();
+    unrot_rope_tests();
     roundtrip_tests();
     quality_tests();
     seq_ops_tests();

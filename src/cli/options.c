@@ -620,7 +620,7 @@ static void kv_help(FILE *f, int cmd) {
             "  --kv-nuq R              non-uniform quantization levels for the q4/q3/q2 roles none|k|v|kv (kvq.h section 10;\n"
             "                          default: libkvq's)\n"
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
-            "                          default 0: with rotated keys it costs 14-18x the decode attention time)\n",
+            "                          default: 1 for q2 keys on the CPU, else 0)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
     if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL || cmd == KVQ_CLI_PASSKEY)
         fprintf(f, "  --kv-squat R            SQuat keys (kvq.h section 10): quantize q4/q3/q2 keys so that their error is\n"

@@ -63,8 +63,13 @@ void kvq__rope_rows_ref(float *x, int n, int D, int neox, const float *C, const 
         }
 }
 
+static void unrot_rope_ref(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S) {
+    for (int i = 0; i < n; i++) kvq__rot_apply(r, x + (size_t)i * r->D, 1);
+    kvq__rope_rows_ref(x, n, r->D, neox, C, S);
+}
+
 const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL,
-                                       kvq__rope_rows_ref};
+                                       kvq__rope_rows_ref, unrot_rope_ref};
 
 /* ---- pre-RoPE keys (kvq.h section 10) ---- */
 
@@ -120,15 +125,17 @@ void kvq__rope_tables(const kvq_cache *c, int64_t t0, int n, float *C, float *S)
         double a = (double)t0 * c->rope_f[i];
         ca[i] = (float)cos(a), sa[i] = (float)sin(a);
     }
+    /* per step: the angles, then their layout, in loops without index arithmetic, which the compiler vectorizes (the
+     * tables are rebuilt for every 64-token segment of every decode call) */
+    float cs[128], sn[128];
     for (int k = 0; k < n; k++) {
         const float *kc = c->rope_kc + (size_t)k * h, *ks = c->rope_ks + (size_t)k * h;
         float *Ck = C + (size_t)k * D, *Sk = S + (size_t)k * D;
-        for (int i = 0; i < h; i++) {
-            float cs = ca[i] * kc[i] - sa[i] * ks[i], sn = sa[i] * kc[i] + ca[i] * ks[i];
-            int c0 = neox ? i : 2 * i, c1 = neox ? i + h : 2 * i + 1;
-            Ck[c0] = Ck[c1] = cs;
-            Sk[c0] = -sn, Sk[c1] = sn;
-        }
+        for (int i = 0; i < h; i++) cs[i] = ca[i] * kc[i] - sa[i] * ks[i], sn[i] = sa[i] * kc[i] + ca[i] * ks[i];
+        if (neox)
+            for (int i = 0; i < h; i++) Ck[i] = Ck[i + h] = cs[i], Sk[i] = -sn[i], Sk[i + h] = sn[i];
+        else
+            for (int i = 0; i < h; i++) Ck[2 * i] = Ck[2 * i + 1] = cs[i], Sk[2 * i] = -sn[i], Sk[2 * i + 1] = sn[i];
     }
 }
 
@@ -231,11 +238,10 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
-            if (prerope) {
-                if (w->kunrot)
-                    for (int r = 0; r < m; r++) kvq__rot_apply(w->kunrot, sc->x + (size_t)r * D, 1);
+            if (prerope && w->kunrot)
+                K->unrot_rope(sc->x, m, w->kunrot, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
+            else if (prerope)
                 K->rope(sc->x, m, D, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
-            }
             K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
         }
         for (int r = 0; r < rows; r++) {

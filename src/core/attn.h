@@ -56,6 +56,9 @@ typedef struct kvq__kernels {
     void (*value_accum)(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc);
     /* pre-RoPE keys: x[n][D] in place, row i rotated by the tables C, S + i * D (kvq__rope_tables) */
     void (*rope)(float *x, int n, int D, int neox, const float *C, const float *S);
+    /* pre-RoPE keys stored rotated: x[n][r->D] in place, each row taken back through the key rotation (R^T x, as
+     * kvq__rot_apply with inverse = 1: the same fp32 operations, so the same bits), then rotated as by `rope` */
+    void (*unrot_rope)(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S);
 } kvq__kernels;
 
 extern const kvq__kernels kvq__kernels_ref;

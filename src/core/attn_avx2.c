@@ -826,8 +826,82 @@ static void rope_avx2(float *x, int n, int D, int neox, const float *C, const fl
     }
 }
 
+/* Pre-RoPE keys stored rotated: R^T of each row in registers, then RoPE, one store per row. The row's D/8 vectors go
+ * through the inverse Hadamard of each block in kvq__rot_apply's order: the 1/sqrt(n) first, stages h = 1, 2, 4
+ * inside a vector (x[j] + x[j+h] in the lower lane, x[j] - x[j+h] in the upper: fmadd(v, +-1, partner) is that one
+ * add or subtract, exactly), h >= 8 between vectors, then the channel signs. Every step rounds as the scalar one,
+ * so R^T x has the same bits; RoPE rounds as rope_avx2 (fmadd). */
+AI void fwht_inv8(__m256 *v, const int nv, const __m256 f) {
+    const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1), s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+    const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+    #pragma GCC unroll 32
+    for (int k = 0; k < nv; k++) {
+        __m256 a = _mm256_mul_ps(v[k], f);
+        a = _mm256_fmadd_ps(a, s1, _mm256_permute_ps(a, 0xB1));
+        a = _mm256_fmadd_ps(a, s2, _mm256_permute_ps(a, 0x4E));
+        v[k] = _mm256_fmadd_ps(a, s4, _mm256_permute2f128_ps(a, a, 1));
+    }
+    #pragma GCC unroll 32
+    for (int h = 1; h < nv; h <<= 1)
+        #pragma GCC unroll 32
+        for (int k = 0; k < nv; k += 2 * h)
+            #pragma GCC unroll 32
+            for (int j = k; j < k + h; j++) {
+                __m256 a = v[j], b = v[j + h];
+                v[j] = _mm256_add_ps(a, b), v[j + h] = _mm256_sub_ps(a, b);
+            }
+}
+
+AI void unrot_rope_rows8(float *x, int n, const int D, const __m256 *sg, int neox, const float *C, const float *S) {
+    const int nv = D / 8, hv = nv / 2;
+    for (int i = 0; i < n; i++, x += D, C += D, S += D) {
+        __m256 v[32];
+        #pragma GCC unroll 32
+        for (int k = 0; k < nv; k++) v[k] = _mm256_loadu_ps(x + 8 * k);
+        if (!(D & (D - 1))) {
+            fwht_inv8(v, nv, _mm256_set1_ps(kvq__rot_scale(D)));
+        } else { /* D = 80, 96: blocks of 64 and D - 64 (kvq__rot_apply) */
+            fwht_inv8(v, 8, _mm256_set1_ps(kvq__rot_scale(64)));
+            fwht_inv8(v + 8, nv - 8, _mm256_set1_ps(kvq__rot_scale(D - 64)));
+        }
+        #pragma GCC unroll 32
+        for (int k = 0; k < nv; k++) v[k] = _mm256_xor_ps(v[k], sg[k]);
+        if (neox) /* partners D/2 apart: vectors k and k + nv/2 (D/2 is a multiple of 8 for every D) */
+            #pragma GCC unroll 32
+            for (int k = 0; k < hv; k++) {
+                __m256 a = v[k], b = v[k + hv];
+                _mm256_storeu_ps(x + 8 * k, _mm256_fmadd_ps(a, _mm256_loadu_ps(C + 8 * k), _mm256_mul_ps(b, _mm256_loadu_ps(S + 8 * k))));
+                _mm256_storeu_ps(x + 8 * (k + hv), _mm256_fmadd_ps(b, _mm256_loadu_ps(C + 8 * (k + hv)),
+                                                                   _mm256_mul_ps(a, _mm256_loadu_ps(S + 8 * (k + hv)))));
+            }
+        else
+            #pragma GCC unroll 32
+            for (int k = 0; k < nv; k++) {
+                __m256 a = v[k], b = _mm256_permute_ps(a, 0xB1);
+                _mm256_storeu_ps(x + 8 * k, _mm256_fmadd_ps(a, _mm256_loadu_ps(C + 8 * k), _mm256_mul_ps(b, _mm256_loadu_ps(S + 8 * k))));
+            }
+    }
+}
+
+static void unrot_rope_avx2(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S) {
+    /* the sign bits as xor masks, 8 channels a vector */
+    __m256 sg[32];
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int k = 0; k < r->D / 8; k++) {
+        __m256i b = _mm256_set1_epi32((int)((r->s[k >> 3] >> ((k & 7) * 8)) & 0xff));
+        sg[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cmpeq_epi32(_mm256_and_si256(b, bits), bits), 31));
+    }
+    switch (r->D) { /* a constant D: the vectors stay in registers (D = 256: 32, partly spilled) */
+    case 64: unrot_rope_rows8(x, n, 64, sg, neox, C, S); break;
+    case 80: unrot_rope_rows8(x, n, 80, sg, neox, C, S); break;
+    case 96: unrot_rope_rows8(x, n, 96, sg, neox, C, S); break;
+    case 128: unrot_rope_rows8(x, n, 128, sg, neox, C, S); break;
+    default: unrot_rope_rows8(x, n, 256, sg, neox, C, S); break; /* the cache's head dims: 64, 80, 96, 128, 256 */
+    }
+}
+
 static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2, scale_avx2,
-                                  key_scores_avx2, value_accum_avx2, rope_avx2};
+                                  key_scores_avx2, value_accum_avx2, rope_avx2, unrot_rope_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
     __builtin_cpu_init();

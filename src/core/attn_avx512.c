@@ -941,10 +941,85 @@ static void rope_avx512(float *x, int n, int D, int neox, const float *C, const 
     }
 }
 
+/* Pre-RoPE keys stored rotated: unrot_rope_avx2's algorithm on 16 lanes (stages h = 1 .. 8 inside a vector, h >= 16
+ * between vectors; the same fp32 steps as kvq__rot_apply, so R^T x has the same bits). NeoX halves of D = 80
+ * (40 channels) do not fall on vector bounds: the AVX2 kernel takes them. */
+AI void fwht_inv16(__m512 *v, const int nv, const __m512 f) {
+    const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+    const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+    const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+    const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    #pragma GCC unroll 32
+    for (int k = 0; k < nv; k++) {
+        __m512 a = _mm512_mul_ps(v[k], f);
+        a = _mm512_fmadd_ps(a, s1, _mm512_permute_ps(a, 0xB1));
+        a = _mm512_fmadd_ps(a, s2, _mm512_permute_ps(a, 0x4E));
+        a = _mm512_fmadd_ps(a, s4, _mm512_shuffle_f32x4(a, a, 0xB1)); /* 128-bit lanes 1 0 3 2 */
+        v[k] = _mm512_fmadd_ps(a, s8, _mm512_shuffle_f32x4(a, a, 0x4E)); /* 2 3 0 1 */
+    }
+    #pragma GCC unroll 32
+    for (int h = 1; h < nv; h <<= 1)
+        #pragma GCC unroll 32
+        for (int k = 0; k < nv; k += 2 * h)
+            #pragma GCC unroll 32
+            for (int j = k; j < k + h; j++) {
+                __m512 a = v[j], b = v[j + h];
+                v[j] = _mm512_add_ps(a, b), v[j + h] = _mm512_sub_ps(a, b);
+            }
+}
+
+AI void unrot_rope_rows16(float *x, int n, const int D, const __mmask16 *sg, int neox, const float *C, const float *S) {
+    const int nv = D / 16, hv = nv / 2;
+    const __m512 neg = _mm512_set1_ps(-0.0f);
+    for (int i = 0; i < n; i++, x += D, C += D, S += D) {
+        __m512 v[16];
+        #pragma GCC unroll 32
+        for (int k = 0; k < nv; k++) v[k] = _mm512_loadu_ps(x + 16 * k);
+        if (!(D & (D - 1))) {
+            fwht_inv16(v, nv, _mm512_set1_ps(kvq__rot_scale(D)));
+        } else { /* D = 80, 96: blocks of 64 and D - 64 (kvq__rot_apply) */
+            fwht_inv16(v, 4, _mm512_set1_ps(kvq__rot_scale(64)));
+            fwht_inv16(v + 4, nv - 4, _mm512_set1_ps(kvq__rot_scale(D - 64)));
+        }
+        #pragma GCC unroll 32
+        for (int k = 0; k < nv; k++) v[k] = _mm512_mask_xor_ps(v[k], sg[k], v[k], neg);
+        if (neox) /* D != 80: D/2 is a multiple of 16 */
+            #pragma GCC unroll 32
+            for (int k = 0; k < hv; k++) {
+                __m512 a = v[k], b = v[k + hv];
+                _mm512_storeu_ps(x + 16 * k, _mm512_fmadd_ps(a, _mm512_loadu_ps(C + 16 * k), _mm512_mul_ps(b, _mm512_loadu_ps(S + 16 * k))));
+                _mm512_storeu_ps(x + 16 * (k + hv), _mm512_fmadd_ps(b, _mm512_loadu_ps(C + 16 * (k + hv)),
+                                                                    _mm512_mul_ps(a, _mm512_loadu_ps(S + 16 * (k + hv)))));
+            }
+        else
+            #pragma GCC unroll 32
+            for (int k = 0; k < nv; k++) {
+                __m512 a = v[k], b = _mm512_permute_ps(a, 0xB1);
+                _mm512_storeu_ps(x + 16 * k, _mm512_fmadd_ps(a, _mm512_loadu_ps(C + 16 * k), _mm512_mul_ps(b, _mm512_loadu_ps(S + 16 * k))));
+            }
+    }
+}
+
+static void unrot_rope_avx512(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S) {
+    if (neox && r->D == 80) {
+        kvq__kernels_avx2_table()->unrot_rope(x, n, r, neox, C, S);
+        return;
+    }
+    __mmask16 sg[16]; /* the sign bits of channels 16k .. 16k + 15 */
+    for (int k = 0; k < r->D / 16; k++) sg[k] = (__mmask16)(r->s[k >> 2] >> ((k & 3) * 16));
+    switch (r->D) { /* a constant D: the vectors stay in registers */
+    case 64: unrot_rope_rows16(x, n, 64, sg, neox, C, S); break;
+    case 80: unrot_rope_rows16(x, n, 80, sg, neox, C, S); break;
+    case 96: unrot_rope_rows16(x, n, 96, sg, neox, C, S); break;
+    case 128: unrot_rope_rows16(x, n, 128, sg, neox, C, S); break;
+    default: unrot_rope_rows16(x, n, 256, sg, neox, C, S); break; /* the cache's head dims: 64, 80, 96, 128, 256 */
+    }
+}
+
 static const kvq__kernels avx512 = {"avx512",     decode_avx512,     dots_avx512,
                                     axpys_avx512, exp_sum_avx512,    max_avx512,
                                     scale_avx512, key_scores_avx512, value_accum_avx512,
-                                    rope_avx512};
+                                    rope_avx512,  unrot_rope_avx512};
 
 const kvq__kernels *kvq__kernels_avx512(void) {
     __builtin_cpu_init();

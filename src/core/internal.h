@@ -212,6 +212,15 @@ typedef struct kvq__rot {
 void kvq__rot_init(kvq__rot *r, uint32_t seed, int layer, kvq_role role, int D);
 /* x[0..D) <- R x (inverse = 0) or R^T x (inverse = 1), in place, O(D log D). */
 void kvq__rot_apply(const kvq__rot *r, float *x, int inverse);
+/* 1 / sqrt(n) of a Hadamard block of n = 16 .. 256 channels, as an fp32 constant: the SIMD un-rotation (the kernel
+ * tables' unrot_rope) multiplies by the same value as kvq__rot_apply, so that both round alike */
+static inline float kvq__rot_scale(int n) {
+    static const float inv_sqrt[9] = {1.0f, 0.70710678f, 0.5f, 0.35355339f, 0.25f, 0.17677670f, 0.125f, 0.08838835f,
+                                      0.0625f};
+    return inv_sqrt[__builtin_ctz((unsigned)n)];
+}
+/* Sign bit b of the rotation (1: channel b is negated) */
+static inline int kvq__rot_sign(const kvq__rot *r, int b) { return (int)((r->s[b >> 6] >> (b & 63)) & 1); }
 /* Whether the cache stores `role` rotated. */
 static inline bool kvq__rotated(const kvq_cache *c, kvq_role role) { return (c->cfg.rotate >> role) & 1; }
 kvq_status kvq__check_layer(const kvq_cache *c, int layer, const char *fn);

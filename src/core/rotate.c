@@ -35,9 +35,7 @@ void kvq__rot_init(kvq__rot *r, uint32_t seed, int layer, kvq_role role, int D) 
  * inverse: x <- diag(s) H x / sqrt(n). The 1/sqrt(n) is applied first so that no intermediate sum exceeds
  * sqrt(n) max|x|. */
 static void fwht_block(float *x, int n, const uint64_t *s, int bit0, int inverse) {
-    static const float inv_sqrt[9] = {1.0f, 0.70710678f, 0.5f, 0.35355339f, 0.25f, 0.17677670f, 0.125f, 0.08838835f,
-                                      0.0625f};
-    float f = inv_sqrt[__builtin_ctz((unsigned)n)];
+    float f = kvq__rot_scale(n);
     if (!inverse)
         for (int i = 0; i < n; i++) {
             int b = bit0 + i;

@@ -296,12 +296,13 @@ static const char *type_str(kvq_type t) {
     return tr ? tr->name : "(unknown type)";
 }
 
-/* kvq.h section 10: pre-RoPE keys help Q3 and Q2 (KLD -25%, -31% on SmolLM2; Q4 within noise), but with the default
- * key rotation each decoded key row goes back through R^T: 14-18x slower decode attention at 32k. So off for every
- * key type until that R^T is vectorized; --kv-prerope 1 asks for the trade. */
+/* kvq.h section 10: on for Q2 keys. With their SQuat subspace and non-uniform levels they take Q2 from dPPL +11.1%
+ * to +5.8% (KLD 0.124 -> 0.082) on SmolLM2 at ctx 2048 (docs/quality.md, "2026-12-04: pre-RoPE Q2 keys"); with R^T
+ * and RoPE vectorized over a tile of rows (unrot_rope), Q2's decode attention at 32k takes about F16's time (3.5x
+ * post-RoPE Q2's; it was 16x). Q4 gains nothing measurable and keeps its fused integer key kernels; Q3 is not
+ * measured at ctx 2048 with SQuat yet. The GPU engine has no pre-RoPE keys: -1 is off there. */
 int llama_default_prerope(kvq_type type_k) {
-    (void)type_k;
-    return 0;
+    return type_k == KVQ_TYPE_Q2;
 }
 
 /* kvq.h section 10, "SQuat keys": on (r = 8) for Q2 keys only. It lowered the KLD from F16 of every grouped key type,
@@ -633,7 +634,9 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
             rmsnorm(c->k, c->k, L->k_norm, n * cf->n_kv_heads, hd, cf->norm_eps);
         }
         kvq_status st = KVQ_OK;
-        /* SQuat: the first batch's queries, in the keys' frame: before RoPE for pre-RoPE keys, else after */
+        /* SQuat: the first batch's queries, in the keys' frame: before RoPE for pre-RoPE keys, else after. For
+         * pre-RoPE keys the queries after RoPE (which sample q_p turned by the distances p - t that reach key t) were
+         * measured worse: Q2 KLD 0.0894 against 0.0819 (docs/quality.md, 2026-12-04) */
         int squat_now = c->squat[kind] > 0 && pos0 == 0;
         if (squat_now && c->prerope && (st = squat_set(c, cache, kind, li, c->q, n))) return st;
         for (int t = 0; t < n; t++) {
