@@ -652,7 +652,7 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const int DK, co
                                  const float *p, int ps, float *accbuf) {
     const int D = DK ? DK : b->D, C = T == KVQ_TYPE_Q4 ? 32 : 64, NV = C / 16;
     vweights vw;
-    grouped_weights(T, R, b, j0, n, p, ps, &vw);
+    value_weights8(T, R, b, j0, n, p, ps, &vw);
     const size_t st = DK ? (size_t)DK * (T == KVQ_TYPE_Q4 ? 4 : 2) / 8 : b->stride; /* page rows: D * b / 8 bytes */
     for (int k = 0; k < vw.nwin; k++) {
         const int i0 = vw.win[k], i1 = vw.win[k + 1];
