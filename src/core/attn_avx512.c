@@ -566,8 +566,8 @@ AI void flush512(const kvq_type T, const __m512i *a, const vweights *vw, int r, 
             __m256i x = h ? _mm512_extracti64x4_epi64(nat[v], 1) : _mm512_castsi512_si256(nat[v]);
             float *o = acc + 32 * v + 16 * h;
             __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(x));
-            __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(vw->ws[g][r]), _mm512_loadu_ps(o));
-            _mm512_storeu_ps(o, last ? _mm512_add_ps(y, _mm512_set1_ps(vw->mn[g][r])) : y);
+            __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(vw->s.ws[g][r]), _mm512_loadu_ps(o));
+            _mm512_storeu_ps(o, last ? _mm512_add_ps(y, _mm512_set1_ps(vw->s.mn[g][r])) : y);
         }
 }
 
@@ -575,11 +575,11 @@ AI void value_accum_grouped512(const kvq_type T, const int R, const kvq__blk *b,
                                const float *p, int ps, float *accbuf) {
     const int D = b->D, C = int_chunk512(T), NV = T == KVQ_TYPE_Q4 ? 2 : 4;
     vweights vw;
-    value_weights8(T, R, b, j0, n, p, ps, &vw);
+    value_weights8(T, R, b, j0, n, p, ps, (uint32_t *)vw.w8, &vw.s);
     const size_t st = b->stride;
-    for (int k = 0; k < vw.nwin; k++) {
-        const int i0 = vw.win[k], i1 = vw.win[k + 1];
-        const bool last = k == vw.nwin - 1;
+    for (int k = 0; k < vw.s.nwin; k++) {
+        const int i0 = vw.s.win[k], i1 = vw.s.win[k + 1];
+        const bool last = k == vw.s.nwin - 1;
         for (int c = 0; c < D; c += C) {
             /* the chunk's halves' value groups (Gv is a multiple of C / 2) */
             const int g0 = c / b->Gv, g1 = (c + C / 2) / b->Gv;
@@ -599,7 +599,7 @@ AI void value_accum_grouped512(const kvq_type T, const int R, const kvq__blk *b,
             for (int r = 0; r < R; r++) flush512(T, a[r], &vw, r, c, b->Gv, last, accbuf + (size_t)r * D + c);
         }
     }
-    top_fixup(T, R, b, j0, &vw, accbuf);
+    top_fixup(T, R, b, j0, &vw.s, accbuf);
 }
 
 /* one token pair of a Q8 chunk's 32 channels: a[r][0..1] += weight pair of row r x the pair's int16 codes.

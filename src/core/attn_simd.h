@@ -224,18 +224,20 @@ AI void int_scores_store(const kvq_type T, const int R, const kvq__blk *b, int j
  * excess, is taken off that fp32 term. */
 
 #define VW_PAD (64 + 32)
-typedef struct vweights {
-    /* [group][row][token pair]: the pair's two 8-bit weights twice, so that a 32-bit broadcast (a plain load,
-     * no shuffle) spreads them; zero from n on. Q3 (q3_value_accum8_impl): [group][row][quad], tokens 4k .. 4k + 3's
-     * weights in one dword, k < 16 */
-    uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
-    /* [group][row]: weight scale, sum of p * (min + o s) - ws * o * sum of w8; Q3: scale / 8 (lv8 units), sum of
-     * p * (min + 4 s) (its centered levels are signed: no excess to take off) */
-    float ws[4][4], mn[4][4];
-    /* [group][row]: the largest weight's token (-1: none) and its weight p * s, kept exact (its w8 is 0) */
+/* [group][row]: the scalars of the 8-bit value weights (value_weights8) */
+typedef struct vwparams {
+    float ws[4][4], mn[4][4]; /* weight scale, sum of p * (min + o s) - ws * o * sum of w8 */
+    /* the largest weight's token (-1: none) and its weight p * s, kept exact (its w8 is 0) */
     int top[4][4];
     float topw[4][4];
-    int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] (not Q3: int32 sums) */
+    int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] */
+} vwparams;
+
+typedef struct vweights {
+    /* [group][row][token pair]: the pair's two 8-bit weights twice, so that a 32-bit broadcast (a plain load,
+     * no shuffle) spreads them; zero from n on */
+    uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
+    vwparams s;
 } vweights;
 
 /* scale[g][i] and (min + off * scale)[g][i] as fp32 for the n tokens from j0, zero from n to 64 */
@@ -282,12 +284,14 @@ AI __m256 load_p(const float *pr, int i, int n) {
     return _mm256_maskload_ps(pr + i, keep);
 }
 
-/* The 8-bit value weights of the n tokens from row j0 per (value group, row), a dominant largest kept exact: for the
- * Q4/Q2 kernels (T = Q4, Q2: token pairs, 16-token windows) and Q3's (T = Q3: token quads, level offset 4, whose
- * kernel sums in int32); T is a compile-time constant, so each gets only its own layout's code. */
+/* The 8-bit value weights of the n tokens from row j0 per (value group, row), a dominant largest kept exact, into
+ * w8 (rows of VW_PAD / 2 dwords, vweights) and vp: for the Q4/Q2 kernels (T = Q4, Q2: token pairs, 16-token windows)
+ * and Q3's (T = Q3: rows of 16 dwords, q3w8; token quads, level offset 4, int32 sums so no windows). T is a
+ * compile-time constant, so each gets only its own layout's code. */
 AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
-                       vweights *vw) {
+                       uint32_t *w8, vwparams *vw) {
     const bool Q3 = T == KVQ_TYPE_Q3;
+    const int wrow = Q3 ? 16 : VW_PAD / 2; /* dwords per (group, row) */
     const int D = b->D, ng = D / b->Gv;
     const int qmax = T == KVQ_TYPE_Q4 ? 15 : Q3 ? 7 : 3, off = (qmax + 1) / 2;
     float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
@@ -349,14 +353,14 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
                     _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
                 v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* token order */
                 if (Q3) { /* quads as they are */
-                    _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 4), v);
+                    _mm256_store_si256((__m256i *)(void *)(w8 + (g * 4 + r) * wrow + i / 4), v);
                     continue;
                 }
                 __m256i lo = _mm256_unpacklo_epi16(v, v),
                         hi = _mm256_unpackhi_epi16(v, v); /* pairs 0-3 | 8-11, 4-7 | 12-15 */
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2),
+                _mm256_store_si256((__m256i *)(void *)(w8 + (g * 4 + r) * wrow + i / 2),
                                    _mm256_permute2x128_si256(lo, hi, 0x20));
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2 + 8),
+                _mm256_store_si256((__m256i *)(void *)(w8 + (g * 4 + r) * wrow + i / 2 + 8),
                                    _mm256_permute2x128_si256(lo, hi, 0x31));
                 /* sums of 16 weights in dwords 0 and 4 */
                 __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
@@ -411,7 +415,7 @@ AI __m256 lut8(const kvq_type T, __m256i q, __m256 lo, __m256 hi) {
 
 /* acc[r][channels of group g] += topw * (level of the code - off) for the token each (group, row) kept exact
  * (value_weights8): 8 channels at a time, the level looked up from a table of floats (lv16 / 16 - off) */
-SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vweights *vw, float *acc) {
+SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vwparams *vw, float *acc) {
     const int D = b->D, ng = D / b->Gv, qmax = T == KVQ_TYPE_Q4 ? 15 : 3;
     const float off = (float)((qmax + 1) / 2);
     float lvf[16] __attribute__((aligned(32)));
@@ -746,6 +750,12 @@ AI void q3_value_weights(const int R, const kvq__blk *b, int j0, int n, const fl
  * rounded to 8 bits per (value group, row) by value_weights8 as for Q4/Q2, a dominant largest (more than twice the
  * second) kept exact in fp32 (q3_top_fixup). */
 
+typedef struct q3w8 {
+    uint32_t w8[4][4][16] __attribute__((aligned(32))); /* [group][row][quad]: tokens 4k..4k+3's 8-bit weights */
+    vwparams s; /* ws: weight scale / 8 (lv8 units); mn: sum of p * (min + 4 scale) (the levels are centered: no
+                 * excess to take off); no windows */
+} q3w8;
+
 static inline bool q3_w8_fits(const kvq__blk *b, int rows) {
     if (rows > 4 || b->D % 128 || b->Gv % 64 || b->D / b->Gv > 4) return false;
     for (int q = 0; q < 8; q++)
@@ -754,7 +764,7 @@ static inline bool q3_w8_fits(const kvq__blk *b, int rows) {
 }
 
 /* acc[r][channels of group g] += topw * (lv16 / 16 - 4) of the token each (group, row) kept exact */
-SIMD_FN void q3_top_fixup(const int R, const kvq__blk *b, int j0, const vweights *vw, float *acc) {
+SIMD_FN void q3_top_fixup(const int R, const kvq__blk *b, int j0, const vwparams *vw, float *acc) {
     const int D = b->D, ng = D / b->Gv;
     const __m256i tbl = q3_table(b->lv16);
     for (int g = 0; g < ng; g++)
@@ -791,8 +801,8 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
                              const float *p, int ps, float *accbuf) {
     const int D = DK ? DK : b->D, Gv = b->Gv, nq = (n + 3) / 4;
     const int V = VNNI ? 4 : 2; /* vectors of 8 channels per pass: 4R accumulators fit 32 registers, 2R 16 */
-    vweights vw;
-    value_weights8(KVQ_TYPE_Q3, R, b, j0, n, p, ps, &vw);
+    q3w8 vw;
+    value_weights8(KVQ_TYPE_Q3, R, b, j0, n, p, ps, (uint32_t *)vw.w8, &vw.s);
     /* centered lv8 table: (lv16 / 2) - 32 */
     uint8_t lc[8];
     for (int q = 0; q < 8; q++) lc[q] = (uint8_t)((b->lv16[q] >> 1) - 32);
@@ -853,8 +863,8 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             float *o = accbuf + (size_t)r * D + c;
-            const __m256 s0 = _mm256_set1_ps(vw.ws[g0][r]), s1 = _mm256_set1_ps(vw.ws[g1][r]);
-            const __m256 m0 = _mm256_set1_ps(vw.mn[g0][r]), m1 = _mm256_set1_ps(vw.mn[g1][r]);
+            const __m256 s0 = _mm256_set1_ps(vw.s.ws[g0][r]), s1 = _mm256_set1_ps(vw.s.ws[g1][r]);
+            const __m256 m0 = _mm256_set1_ps(vw.s.mn[g0][r]), m1 = _mm256_set1_ps(vw.s.mn[g1][r]);
             for (int h = 0; h < 4; h++) {
                 __m256 A[4];
                 for (int u = 0; u < 4; u++)
@@ -879,7 +889,7 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
             }
         }
     }
-    q3_top_fixup(R, b, j0, &vw, accbuf);
+    q3_top_fixup(R, b, j0, &vw.s, accbuf);
 }
 
 
