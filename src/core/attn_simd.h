@@ -285,7 +285,7 @@ AI __m256 load_p(const float *pr, int i, int n) {
 }
 
 /* The 8-bit value weights of the n tokens from row j0 per (value group, row), a dominant largest kept exact, into
- * w8 (rows of VW_PAD / 2 dwords, vweights) and vp: for the Q4/Q2 kernels (T = Q4, Q2: token pairs, 16-token windows)
+ * w8 (rows of VW_PAD / 2 dwords, vweights) and vw: for the Q4/Q2 kernels (T = Q4, Q2: token pairs, 16-token windows)
  * and Q3's (T = Q3: rows of 16 dwords, q3w8; token quads, level offset 4, int32 sums so no windows). T is a
  * compile-time constant, so each gets only its own layout's code. */
 AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
@@ -750,6 +750,8 @@ AI void q3_value_weights(const int R, const kvq__blk *b, int j0, int n, const fl
  * rounded to 8 bits per (value group, row) by value_weights8 as for Q4/Q2, a dominant largest (more than twice the
  * second) kept exact in fp32 (q3_top_fixup). */
 
+/* (a struct of its own, 1 KB: the 3 KB of vweights on this kernel's stack cost +0.9 instructions per token and KV
+ * head, callgrind) */
 typedef struct q3w8 {
     uint32_t w8[4][4][16] __attribute__((aligned(32))); /* [group][row][quad]: tokens 4k..4k+3's 8-bit weights */
     vwparams s; /* ws: weight scale / 8 (lv8 units); mn: sum of p * (min + 4 scale) (the levels are centered: no
