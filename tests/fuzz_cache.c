@@ -108,11 +108,16 @@ static void same_or_die(const snap *a, const snap *b, const char *what) {
 /* ---- read back against the model, per element, with the bounds of kvq.h section 5 ---- */
 /* paged: tok is in a quantized page (not a sink, not the window); sink: the sinks before the pages, where key groups
  * start (sink + k*G) */
+/* sq: a SQuat key's group range over all its channels (squat_ranges), NULL otherwise */
 static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
-                         int64_t sink, bool squat) {
+                         int64_t sink, const double *sq) {
     const int H = w->H, D = w->D;
     double xi = x[((size_t)tok * H + h) * D + d], fp16 = fabs(xi) * 0x1p-11 + 0x1p-25; /* window / input rounding */
     if (!paged || t == KVQ_TYPE_F16) return fp16;
+    /* SQuat (kvq.h section 10) moves each key's error out of the query subspace into the channels quantized after it:
+     * no per-element half step. Bound: the group's range over all its channels (an update that cancels an error never
+     * exceeds the errors it cancels by more than the factors of a well-conditioned ridge) */
+    if (sq) return 2 * (sq[1] - sq[0]) + fmax(fabs(sq[0]), fabs(sq[1])) * 2e-3 + 1e-6;
     if (t == KVQ_TYPE_BF16) return fabs(xi) * 0x1p-8 + fp16;
     const float *row = x + ((size_t)tok * H + h) * D;
     double amax = 0, lo = INFINITY, hi = -INFINITY;
@@ -130,18 +135,24 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
         for (int j = g0; j < g0 + w->L.value_group; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
     }
     double qmax = (1 << kvq_type_get_traits(t)->bits) - 1, m = fmax(fabs(lo), fabs(hi));
-    if (squat && role == KVQ_KEY) {
-        /* SQuat (kvq.h section 10) moves each key's error out of the query subspace into the channels quantized after
-         * it: no per-element half step. Bound: the group's range over all its channels (an update that cancels an
-         * error never exceeds the errors it cancels by more than the factors of a well-conditioned ridge) */
-        double glo = INFINITY, ghi = -INFINITY;
-        int64_t g0 = sink + (tok - sink) / w->L.group * w->L.group;
-        for (int64_t j = g0; j < g0 + w->L.group; j++)
-            for (int c = 0; c < D; c++) glo = fmin(glo, x[((size_t)j * H + h) * D + c]), ghi = fmax(ghi, x[((size_t)j * H + h) * D + c]);
-        return 2 * (ghi - glo) + fmax(fabs(glo), fabs(ghi)) * 2e-3 + 1e-6;
-    }
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
     return 0.5 * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + m * 0x1p-10 + 1e-6;
+}
+
+/* (min, max) of model keys x over each paged key group (tokens sink + k G ..) and all channels, [group][head]: once per
+ * (group, head) for SQuat's bound, which per element (O(G D) each) took 98% of a SQuat input's time */
+static double *squat_ranges(world *w, const float *x, int64_t sink, int64_t paged) {
+    const int H = w->H, D = w->D, G = w->L.group;
+    int64_t ng = (paged + G - 1) / G;
+    double *rg = malloc(sizeof(double) * 2 * (size_t)(ng ? ng : 1) * H);
+    for (int64_t g = 0; g < ng; g++)
+        for (int h = 0; h < H; h++) {
+            double lo = INFINITY, hi = -INFINITY;
+            for (int64_t j = sink + g * G; j < sink + (g + 1) * G; j++)
+                for (int c = 0; c < D; c++) lo = fmin(lo, x[((size_t)j * H + h) * D + c]), hi = fmax(hi, x[((size_t)j * H + h) * D + c]);
+            rg[2 * ((size_t)g * H + h)] = lo, rg[2 * ((size_t)g * H + h) + 1] = hi;
+        }
+    return rg;
 }
 
 static void check_read(world *w, int i, int l) {
@@ -151,20 +162,22 @@ static void check_read(world *w, int i, int l) {
     float *k = malloc((size_t)(len + 1) * row * 4), *v = malloc((size_t)(len + 1) * row * 4);
     kvq_seq_view view;
     if (kvq_read(w->c, q->id, l, 0, len, k, v) || kvq_seq_view_get(w->c, q->id, l, &view)) FAIL("read: %s", kvq_last_error());
+    double *sq = q->squat ? squat_ranges(w, q->k[l], view.sink_tokens, view.paged_tokens) : NULL;
     for (int64_t t = 0; t < len; t++)
         for (int h = 0; h < w->H; h++)
             for (int d = 0; d < w->D; d++)
                 for (int r = 0; r < 2; r++) {
                     size_t e = ((size_t)t * w->H + h) * w->D + d;
                     double got = r ? v[e] : k[e], want = r ? q->v[l][e] : q->k[l][e];
+                    bool paged = t >= view.sink_tokens && t < view.sink_tokens + view.paged_tokens;
+                    const double *sqe = sq && !r && paged ? sq + 2 * ((size_t)((t - view.sink_tokens) / w->L.group) * w->H + h) : NULL;
                     double b = elem_bound(w, r ? w->L.type_v : w->L.type_k, r ? KVQ_VALUE : KVQ_KEY, r ? q->v[l] : q->k[l], t,
-                                          h, d, t >= view.sink_tokens && t < view.sink_tokens + view.paged_tokens,
-                                          view.sink_tokens, q->squat);
+                                          h, d, paged, view.sink_tokens, sqe);
                     if (!(fabs(got - want) <= b))
                         FAIL("seq %d layer %d token %lld head %d ch %d %s: read %g, model %g, bound %g", i, l, (long long)t, h,
                              d, r ? "v" : "k", got, want, b);
                 }
-    free(k), free(v);
+    free(sq), free(k), free(v);
 }
 
 /* ---- attention against fp64 on the dequantized cache ----

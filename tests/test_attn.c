@@ -241,7 +241,7 @@ static void run_combo(combo cb) {
      * bound); its value kernels, see below. */
     bool int_path = cb.tk == KVQ_TYPE_Q8 || cb.tk == KVQ_TYPE_Q4 || cb.tk == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q8 ||
                     cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2 || cb.tk == KVQ_TYPE_Q3 || cb.tv == KVQ_TYPE_Q3;
-    /* Q3 values (D a multiple of 128) now take the same 8-bit weights as Q4/Q2 (attn_simd.h, q3_weights8), rounded
+    /* Q3 values (D a multiple of 128) now take the same 8-bit weights as Q4/Q2 (attn_simd.h, value_weights8), rounded
      * the same way, against centered levels of at most 32/8 = 4 steps (Q4's codes: 8): the Q4/Q2 bound */
     bool w8_path = cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q3;
     double simd_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-9;

@@ -115,7 +115,7 @@ static void nonfinite_case(kvq_type t, int D, int rep) {
  * by an NMSE ~ sigma^2 = 4.5e-9 (measured: up to 6.6e-9, FP8). Bound 2e-8 = 4 sigma^2, which also covers the int16
  * rounding of queries and weights of the integer kernels (test_attn: 2e-8); for Q4/Q2 values on a SIMD table the
  * 8-bit softmax weights (test_attn: 4e-5, relative weight error <= 1/510 per segment); Q3's value kernels round
- * them to 8 bits the same way where D is a multiple of 128 (attn_simd.h, q3_weights8), so Q3 takes the Q4/Q2 bound
+ * them to 8 bits the same way where D is a multiple of 128 (attn_simd.h, value_weights8), so Q3 takes the Q4/Q2 bound
  * (elsewhere its kernels keep int16 weights, well under it). A NaN, or weights summed
  * against the wrong maximum, is off by O(1). */
 static double arith_bound(kvq_type t, const char *table) {

@@ -652,11 +652,11 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const int DK, co
                                  const float *p, int ps, float *accbuf) {
     const int D = DK ? DK : b->D, C = T == KVQ_TYPE_Q4 ? 32 : 64, NV = C / 16;
     vweights vw;
-    grouped_weights(T, R, b, j0, n, p, ps, &vw);
+    value_weights8(T, R, b, j0, n, p, ps, (uint32_t *)vw.w8, &vw.s);
     const size_t st = DK ? (size_t)DK * (T == KVQ_TYPE_Q4 ? 4 : 2) / 8 : b->stride; /* page rows: D * b / 8 bytes */
-    for (int k = 0; k < vw.nwin; k++) {
-        const int i0 = vw.win[k], i1 = vw.win[k + 1];
-        const bool last = k == vw.nwin - 1;
+    for (int k = 0; k < vw.s.nwin; k++) {
+        const int i0 = vw.s.win[k], i1 = vw.s.win[k + 1];
+        const bool last = k == vw.s.nwin - 1;
         for (int c = 0; c < D; c += C) {
             const int g = c / b->Gv; /* Gv is a multiple of C */
             __m256i a[4][4];
@@ -673,10 +673,10 @@ AI void value_accum_grouped_impl(const kvq_type T, const int R, const int DK, co
             if ((i1 - i0) & 1) grouped_pair(T, R, row, row, w8, a); /* its second weight is 0 */
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
-                flush_block(T, a[r], vw.ws[g][r], vw.mn[g][r], last, accbuf + (size_t)r * D + c);
+                flush_block(T, a[r], vw.s.ws[g][r], vw.s.mn[g][r], last, accbuf + (size_t)r * D + c);
         }
     }
-    top_fixup(T, R, b, j0, &vw, accbuf);
+    top_fixup(T, R, b, j0, &vw.s, accbuf);
 }
 
 /* one token pair of a Q8 block's 16 channels: a[r][0..1] += weight pair of row r x the pair's int16 codes */

@@ -566,8 +566,8 @@ AI void flush512(const kvq_type T, const __m512i *a, const vweights *vw, int r, 
             __m256i x = h ? _mm512_extracti64x4_epi64(nat[v], 1) : _mm512_castsi512_si256(nat[v]);
             float *o = acc + 32 * v + 16 * h;
             __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(x));
-            __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(vw->ws[g][r]), _mm512_loadu_ps(o));
-            _mm512_storeu_ps(o, last ? _mm512_add_ps(y, _mm512_set1_ps(vw->mn[g][r])) : y);
+            __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(vw->s.ws[g][r]), _mm512_loadu_ps(o));
+            _mm512_storeu_ps(o, last ? _mm512_add_ps(y, _mm512_set1_ps(vw->s.mn[g][r])) : y);
         }
 }
 
@@ -575,11 +575,11 @@ AI void value_accum_grouped512(const kvq_type T, const int R, const kvq__blk *b,
                                const float *p, int ps, float *accbuf) {
     const int D = b->D, C = int_chunk512(T), NV = T == KVQ_TYPE_Q4 ? 2 : 4;
     vweights vw;
-    grouped_weights(T, R, b, j0, n, p, ps, &vw);
+    value_weights8(T, R, b, j0, n, p, ps, (uint32_t *)vw.w8, &vw.s);
     const size_t st = b->stride;
-    for (int k = 0; k < vw.nwin; k++) {
-        const int i0 = vw.win[k], i1 = vw.win[k + 1];
-        const bool last = k == vw.nwin - 1;
+    for (int k = 0; k < vw.s.nwin; k++) {
+        const int i0 = vw.s.win[k], i1 = vw.s.win[k + 1];
+        const bool last = k == vw.s.nwin - 1;
         for (int c = 0; c < D; c += C) {
             /* the chunk's halves' value groups (Gv is a multiple of C / 2) */
             const int g0 = c / b->Gv, g1 = (c + C / 2) / b->Gv;
@@ -599,7 +599,7 @@ AI void value_accum_grouped512(const kvq_type T, const int R, const kvq__blk *b,
             for (int r = 0; r < R; r++) flush512(T, a[r], &vw, r, c, b->Gv, last, accbuf + (size_t)r * D + c);
         }
     }
-    top_fixup(T, R, b, j0, &vw, accbuf);
+    top_fixup(T, R, b, j0, &vw.s, accbuf);
 }
 
 /* one token pair of a Q8 chunk's 32 channels: a[r][0..1] += weight pair of row r x the pair's int16 codes.
@@ -782,55 +782,36 @@ AI void q3_value_accum512_impl(const int R, const int DK, const bool VNNI, const
 }
 
 
+/* IMPL(R, DK, VNNI, ...) for rows 1 .. 4, D = 128 unrolled (DK = 128) or any (DK = 0), with or without AVX512-VNNI */
+/* clang-format off */
+#define Q3_CALL(IMPL, R, ...)                                                                                  \
+    if (b->D == 128) {                                                                                         \
+        if (have_vnni) IMPL(R, 128, true, __VA_ARGS__);                                                        \
+        else IMPL(R, 128, false, __VA_ARGS__);                                                                 \
+    } else if (have_vnni) IMPL(R, 0, true, __VA_ARGS__);                                                       \
+    else IMPL(R, 0, false, __VA_ARGS__);
+#define Q3_DISPATCH(IMPL, ...)                                                                                 \
+    switch (rows) {                                                                                            \
+    case 1: Q3_CALL(IMPL, 1, __VA_ARGS__) break;                                                               \
+    case 2: Q3_CALL(IMPL, 2, __VA_ARGS__) break;                                                               \
+    case 3: Q3_CALL(IMPL, 3, __VA_ARGS__) break;                                                               \
+    default: Q3_CALL(IMPL, 4, __VA_ARGS__) break;                                                              \
+    }
+/* clang-format on */
+
 static void q3_key_scores512(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                              kvq__qstate *st) {
-#define Q3K(R)                                                                                                 \
-    if (b->D == 128) {                                                                                         \
-        if (have_vnni) q3_key_scores512_impl(R, 128, true, b, j0, n, q, s, ss, st);                            \
-        else q3_key_scores512_impl(R, 128, false, b, j0, n, q, s, ss, st);                                     \
-    } else if (have_vnni) q3_key_scores512_impl(R, 0, true, b, j0, n, q, s, ss, st);                           \
-    else q3_key_scores512_impl(R, 0, false, b, j0, n, q, s, ss, st);
-    switch (rows) {
-    case 1: Q3K(1) break;
-    case 2: Q3K(2) break;
-    case 3: Q3K(3) break;
-    default: Q3K(4) break;
-    }
-#undef Q3K
+    Q3_DISPATCH(q3_key_scores512_impl, b, j0, n, q, s, ss, st)
 }
 
+/* Q3 values: 8-bit weights where the shape takes them (attn_simd.h: vpdpbusd on ymm where the CPU has
+ * AVX512-VNNI), else the int16 weights above */
 static void q3_value_accum512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
-#define Q3V(R)                                                                                                 \
-    if (b->D == 128) {                                                                                         \
-        if (have_vnni) q3_value_accum512_impl(R, 128, true, b, j0, n, p, ps, acc);                             \
-        else q3_value_accum512_impl(R, 128, false, b, j0, n, p, ps, acc);                                      \
-    } else if (have_vnni) q3_value_accum512_impl(R, 0, true, b, j0, n, p, ps, acc);                            \
-    else q3_value_accum512_impl(R, 0, false, b, j0, n, p, ps, acc);
-    switch (rows) {
-    case 1: Q3V(1) break;
-    case 2: Q3V(2) break;
-    case 3: Q3V(3) break;
-    default: Q3V(4) break;
-    }
-#undef Q3V
+    if (q3_w8_fits(b, rows)) Q3_DISPATCH(q3_value_accum8_impl, b, j0, n, p, ps, acc)
+    else Q3_DISPATCH(q3_value_accum512_impl, b, j0, n, p, ps, acc)
 }
-
-/* Q3 values with 8-bit weights (attn_simd.h): vpdpbusd on ymm where the CPU has AVX512-VNNI */
-static void q3_value_accum8_512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows, float *acc) {
-#define Q3V(R)                                                                                                 \
-    if (b->D == 128) {                                                                                         \
-        if (have_vnni) q3_value_accum8_impl(R, 128, true, b, j0, n, p, ps, acc);                               \
-        else q3_value_accum8_impl(R, 128, false, b, j0, n, p, ps, acc);                                        \
-    } else if (have_vnni) q3_value_accum8_impl(R, 0, true, b, j0, n, p, ps, acc);                              \
-    else q3_value_accum8_impl(R, 0, false, b, j0, n, p, ps, acc);
-    switch (rows) {
-    case 1: Q3V(1) break;
-    case 2: Q3V(2) break;
-    case 3: Q3V(3) break;
-    default: Q3V(4) break;
-    }
-#undef Q3V
-}
+#undef Q3_DISPATCH
+#undef Q3_CALL
 
 /* The 512-bit integer kernels: whole 512-bit chunks, value groups that hold whole half chunks (one weight
  * broadcast per half). */
@@ -887,8 +868,8 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
 static void value_accum_avx512(const kvq__blk *b, int j0, int n, const float *p, int ps, int rows,
                                float *acc) {
     if (b->type == KVQ_TYPE_Q3) { /* Q3: the zmm kernels where the shape fits them, else the AVX2 ones */
-        if (q3_w8_fits(b, rows)) q3_value_accum8_512(b, j0, n, p, ps, rows, acc);
-        else if (rows <= 4 && b->D % 32 == 0 && b->Gv % 32 == 0) q3_value_accum512(b, j0, n, p, ps, rows, acc);
+        /* (the shapes of the 8-bit weights, q3_w8_fits, are among these) */
+        if (rows <= 4 && b->D % 32 == 0 && b->Gv % 32 == 0) q3_value_accum512(b, j0, n, p, ps, rows, acc);
         else kvq__kernels_avx2_table()->value_accum(b, j0, n, p, ps, rows, acc);
         return;
     }

@@ -1,6 +1,6 @@
 /* Width-independent parts of the SIMD attention kernels, shared by attn_avx2.c and attn_avx512.c: the
  * prefetch cursor, the type/row dispatch, the horizontal sums of 8-lane vectors, the int16 rounding of
- * queries and softmax weights, the 8-bit weights of the Q4/Q2 value kernels and the last steps of the integer
+ * queries and softmax weights, the 8-bit weights of the Q4/Q2/Q3 value kernels and the last steps of the integer
  * key scores. Included only by files compiled with at least AVX2 + FMA + F16C; every function is static (each
  * file gets its own copy, built with its own flags). */
 #ifndef KVQ_ATTN_SIMD_H
@@ -224,15 +224,20 @@ AI void int_scores_store(const kvq_type T, const int R, const kvq__blk *b, int j
  * excess, is taken off that fp32 term. */
 
 #define VW_PAD (64 + 32)
+/* [group][row]: the scalars of the 8-bit value weights (value_weights8) */
+typedef struct vwparams {
+    float ws[4][4], mn[4][4]; /* weight scale, sum of p * (min + o s) - ws * o * sum of w8 */
+    /* the largest weight's token (-1: none) and its weight p * s, kept exact (its w8 is 0) */
+    int top[4][4];
+    float topw[4][4];
+    int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] */
+} vwparams;
+
 typedef struct vweights {
     /* [group][row][token pair]: the pair's two 8-bit weights twice, so that a 32-bit broadcast (a plain load,
      * no shuffle) spreads them; zero from n on */
     uint32_t w8[4][4][VW_PAD / 2] __attribute__((aligned(32)));
-    float ws[4][4], mn[4][4]; /* [group][row]: weight scale, sum of p * (min + o s) - ws * o * sum of w8 */
-    /* [group][row]: the largest weight's token (-1: none) and its weight p * s, kept exact (its w8 is 0) */
-    int top[4][4];
-    float topw[4][4];
-    int nwin, win[5];         /* 16-bit sums run over tokens win[k] .. win[k + 1] */
+    vwparams s;
 } vweights;
 
 /* scale[g][i] and (min + off * scale)[g][i] as fp32 for the n tokens from j0, zero from n to 64 */
@@ -279,10 +284,16 @@ AI __m256 load_p(const float *pr, int i, int n) {
     return _mm256_maskload_ps(pr + i, keep);
 }
 
-AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p,
-                        int ps, vweights *vw) {
+/* The 8-bit value weights of the n tokens from row j0 per (value group, row), a dominant largest kept exact, into
+ * w8 (rows of VW_PAD / 2 dwords, vweights) and vw: for the Q4/Q2 kernels (T = Q4, Q2: token pairs, 16-token windows)
+ * and Q3's (T = Q3: rows of 16 dwords, q3w8; token quads, level offset 4, int32 sums so no windows). T is a
+ * compile-time constant, so each gets only its own layout's code. */
+AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0, int n, const float *p, int ps,
+                       uint32_t *w8, vwparams *vw) {
+    const bool Q3 = T == KVQ_TYPE_Q3;
+    const int wrow = Q3 ? 16 : VW_PAD / 2; /* dwords per (group, row) */
     const int D = b->D, ng = D / b->Gv;
-    const int qmax = T == KVQ_TYPE_Q4 ? 15 : 3, off = (qmax + 1) / 2;
+    const int qmax = T == KVQ_TYPE_Q4 ? 15 : Q3 ? 7 : 3, off = (qmax + 1) / 2;
     float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
     value_params(b, j0, n, ng, (float)off, S, M);
     /* 64 tokens whatever n: p, S and M are 0 past n */
@@ -340,12 +351,16 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                     a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8 * k), iv));
                 __m256i v =
                     _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
-                v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* token order */
+                if (Q3) { /* quads as they are */
+                    _mm256_store_si256((__m256i *)(void *)(w8 + (g * 4 + r) * wrow + i / 4), v);
+                    continue;
+                }
                 __m256i lo = _mm256_unpacklo_epi16(v, v),
                         hi = _mm256_unpackhi_epi16(v, v); /* pairs 0-3 | 8-11, 4-7 | 12-15 */
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2),
+                _mm256_store_si256((__m256i *)(void *)(w8 + (g * 4 + r) * wrow + i / 2),
                                    _mm256_permute2x128_si256(lo, hi, 0x20));
-                _mm256_store_si256((__m256i *)(void *)(vw->w8[g][r] + i / 2 + 8),
+                _mm256_store_si256((__m256i *)(void *)(w8 + (g * 4 + r) * wrow + i / 2 + 8),
                                    _mm256_permute2x128_si256(lo, hi, 0x31));
                 /* sums of 16 weights in dwords 0 and 4 */
                 __m256i sad = _mm256_sad_epu8(v, _mm256_setzero_si256());
@@ -353,9 +368,14 @@ AI void grouped_weights(const kvq_type T, const int R, const kvq__blk *b, int j0
                 most[i / 32] = _mm256_max_epi32(most[i / 32], sad);
                 wsum = _mm256_add_epi32(wsum, sad);
             }
+            if (Q3) {
+                vw->ws[g][r] = sc * 0.125f, vw->mn[g][r] = hsum_ps(ma);
+                continue;
+            }
             int wtot = _mm256_extract_epi32(wsum, 0) + _mm256_extract_epi32(wsum, 4);
             vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma) - sc * (float)(off * wtot);
         }
+    if (Q3) return;
     /* windows of whole 16-token parts, as long as qmax * (sum of weights) stays under 2^16 in every row */
     int m16[4] = {_mm256_extract_epi32(most[0], 0), _mm256_extract_epi32(most[0], 4),
                   _mm256_extract_epi32(most[1], 0), _mm256_extract_epi32(most[1], 4)};
@@ -394,8 +414,8 @@ AI __m256 lut8(const kvq_type T, __m256i q, __m256 lo, __m256 hi) {
 }
 
 /* acc[r][channels of group g] += topw * (level of the code - off) for the token each (group, row) kept exact
- * (grouped_weights): 8 channels at a time, the level looked up from a table of floats (lv16 / 16 - off) */
-SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vweights *vw, float *acc) {
+ * (value_weights8): 8 channels at a time, the level looked up from a table of floats (lv16 / 16 - off) */
+SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vwparams *vw, float *acc) {
     const int D = b->D, ng = D / b->Gv, qmax = T == KVQ_TYPE_Q4 ? 15 : 3;
     const float off = (float)((qmax + 1) / 2);
     float lvf[16] __attribute__((aligned(32)));
@@ -727,14 +747,15 @@ AI void q3_value_weights(const int R, const kvq__blk *b, int j0, int n, const fl
  * with one vpshufb per field, four tokens interleaved per dword: one vpmaddubsw (8-bit weights unsigned, levels signed:
  * a byte pair sums to at most 2 * 255 * 32, no saturation) + vpmaddwd by ones (AVX2), or one vpdpbusd (AVX512-VNNI),
  * does 8 channels x 4 tokens into int32 sums, so no 16-bit windows. The weights of a segment of <= 64 tokens are
- * rounded to 8 bits per (value group, row) exactly as grouped_weights does, a dominant largest (more than twice the
+ * rounded to 8 bits per (value group, row) by value_weights8 as for Q4/Q2, a dominant largest (more than twice the
  * second) kept exact in fp32 (q3_top_fixup). */
 
+/* (a struct of its own, 1 KB: the 3 KB of vweights on this kernel's stack cost +0.9 instructions per token and KV
+ * head, callgrind) */
 typedef struct q3w8 {
-    uint32_t w[4][4][16] __attribute__((aligned(32))); /* [group][row][quad]: tokens 4k..4k+3's 8-bit weights */
-    float ws[4][4], mn[4][4]; /* [group][row]: weight scale / 8 (lv8 units), sum of p * (min + 4 scale) */
-    int top[4][4];            /* [group][row]: the token kept exact (-1: none) and its weight p * scale */
-    float topw[4][4];
+    uint32_t w8[4][4][16] __attribute__((aligned(32))); /* [group][row][quad]: tokens 4k..4k+3's 8-bit weights */
+    vwparams s; /* ws: weight scale / 8 (lv8 units); mn: sum of p * (min + 4 scale) (the levels are centered: no
+                 * excess to take off); no windows */
 } q3w8;
 
 static inline bool q3_w8_fits(const kvq__blk *b, int rows) {
@@ -744,62 +765,8 @@ static inline bool q3_w8_fits(const kvq__blk *b, int rows) {
     return true;
 }
 
-AI void q3_weights8(const int R, const kvq__blk *b, int j0, int n, const float *p, int ps, q3w8 *vw) {
-    const int ng = b->D / b->Gv;
-    float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
-    value_params(b, j0, n, ng, 4.0f, S, M);
-    for (int g = 0; g < ng; g++)
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const float *pr = p + (size_t)r * ps;
-            float wf[64] __attribute__((aligned(32)));
-            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
-            #pragma GCC unroll 8
-            for (int i = 0; i < 64; i += 8) {
-                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S[g] + i));
-                _mm256_store_ps(wf + i, w);
-                mx = _mm256_max_ps(mx, w);
-                ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
-            }
-            float amax = hmax_ps(mx), topw = amax;
-            int top = -1;
-            if (amax > 0) { /* a dominant largest weight stays exact (grouped_weights says why) */
-                const __m256 am = _mm256_set1_ps(amax);
-                for (int i = 0; i < 64; i += 8) {
-                    int msk = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(wf + i), am, _CMP_EQ_OQ));
-                    if (msk) {
-                        top = i + __builtin_ctz((unsigned)msk);
-                        break;
-                    }
-                }
-                wf[top] = 0.0f;
-                __m256 m2 = _mm256_load_ps(wf);
-                #pragma GCC unroll 8
-                for (int i = 8; i < 64; i += 8) m2 = _mm256_max_ps(m2, _mm256_load_ps(wf + i));
-                if (amax > 2.0f * hmax_ps(m2)) mx = m2;
-                else wf[top] = amax, top = -1;
-            }
-            vw->top[g][r] = top, vw->topw[g][r] = topw;
-            amax = hmax_ps(mx);
-            float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
-            __m256 iv = _mm256_set1_ps(inv);
-            #pragma GCC unroll 2
-            for (int i = 0; i < 64; i += 32) {
-                __m256i a[4];
-                #pragma GCC unroll 4
-                for (int k = 0; k < 4; k++)
-                    a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(wf + i + 8 * k), iv));
-                __m256i v =
-                    _mm256_packus_epi16(_mm256_packus_epi32(a[0], a[1]), _mm256_packus_epi32(a[2], a[3]));
-                v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* token order */
-                _mm256_store_si256((__m256i *)(void *)(vw->w[g][r] + i / 4), v);
-            }
-            vw->ws[g][r] = sc * 0.125f, vw->mn[g][r] = hsum_ps(ma);
-        }
-}
-
 /* acc[r][channels of group g] += topw * (lv16 / 16 - 4) of the token each (group, row) kept exact */
-SIMD_FN void q3_top_fixup(const int R, const kvq__blk *b, int j0, const q3w8 *vw, float *acc) {
+SIMD_FN void q3_top_fixup(const int R, const kvq__blk *b, int j0, const vwparams *vw, float *acc) {
     const int D = b->D, ng = D / b->Gv;
     const __m256i tbl = q3_table(b->lv16);
     for (int g = 0; g < ng; g++)
@@ -837,7 +804,7 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
     const int D = DK ? DK : b->D, Gv = b->Gv, nq = (n + 3) / 4;
     const int V = VNNI ? 4 : 2; /* vectors of 8 channels per pass: 4R accumulators fit 32 registers, 2R 16 */
     q3w8 vw;
-    q3_weights8(R, b, j0, n, p, ps, &vw);
+    value_weights8(KVQ_TYPE_Q3, R, b, j0, n, p, ps, (uint32_t *)vw.w8, &vw.s);
     /* centered lv8 table: (lv16 / 2) - 32 */
     uint8_t lc[8];
     for (int q = 0; q < 8; q++) lc[q] = (uint8_t)((b->lv16[q] >> 1) - 32);
@@ -871,8 +838,8 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
         for (int k = 0; k < nq; k++)
             #pragma GCC unroll 4
             for (int r = 0; r < R; r++)
-                W[r][k] = _mm256_inserti128_si256(_mm256_set1_epi32((int)vw.w[g0][r][k]),
-                                                  _mm_set1_epi32((int)vw.w[g1][r][k]), 1);
+                W[r][k] = _mm256_inserti128_si256(_mm256_set1_epi32((int)vw.w8[g0][r][k]),
+                                                  _mm_set1_epi32((int)vw.w8[g1][r][k]), 1);
         int32_t I[4][16][8] __attribute__((aligned(32))); /* [row][vector]: the int32 sums */
         for (int v0 = 0; v0 < 16; v0 += V) {
             __m256i a[4][4];
@@ -898,8 +865,8 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
         #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             float *o = accbuf + (size_t)r * D + c;
-            const __m256 s0 = _mm256_set1_ps(vw.ws[g0][r]), s1 = _mm256_set1_ps(vw.ws[g1][r]);
-            const __m256 m0 = _mm256_set1_ps(vw.mn[g0][r]), m1 = _mm256_set1_ps(vw.mn[g1][r]);
+            const __m256 s0 = _mm256_set1_ps(vw.s.ws[g0][r]), s1 = _mm256_set1_ps(vw.s.ws[g1][r]);
+            const __m256 m0 = _mm256_set1_ps(vw.s.mn[g0][r]), m1 = _mm256_set1_ps(vw.s.mn[g1][r]);
             for (int h = 0; h < 4; h++) {
                 __m256 A[4];
                 for (int u = 0; u < 4; u++)
@@ -924,7 +891,7 @@ AI void q3_value_accum8_impl(const int R, const int DK, const bool VNNI, const k
             }
         }
     }
-    q3_top_fixup(R, b, j0, &vw, accbuf);
+    q3_top_fixup(R, b, j0, &vw.s, accbuf);
 }
 
 
