@@ -32,7 +32,7 @@ may_skip() {
   cuda_* | *_cuda | *gpu*) [ $have_gpu = 0 ] && echo "no GPU on this machine" ;;
   model_gguf_quant | model_gguf_quants) python3 -c 'import gguf' 2>/dev/null || echo "the gguf Python package is not installed (scripts/setup.sh installs it)" ;;
   model_*gemma3*) [ $in_ci = 0 ] && [ ! -s $gemma ] && echo "no Gemma 3 model ($gemma; scripts/fetch-model.sh gemma3), outside CI" ;;
-  model_*) [ $in_ci = 0 ] && [ ! -s $model ] && echo "no model ($model; scripts/fetch-model.sh), outside CI" ;;
+  model_* | cli_model_sh) [ $in_ci = 0 ] && [ ! -s $model ] && echo "no model ($model; scripts/fetch-model.sh), outside CI" ;;
   python_hf | python_hf_oldest) python3 -c 'import torch, transformers' 2>/dev/null || echo "torch/transformers not installed (scripts/setup.sh installs them)" ;;
   python_*) [ $in_ci = 0 ] && echo "Python modules missing, outside CI" ;;
   *) false ;;
