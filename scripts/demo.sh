@@ -6,14 +6,22 @@
 # The answers stream to stdout; the footer (stderr) compares the resident KV bytes (pages + fp16 residual windows,
 # from the library's statistics) and the prefill/decode speeds of both runs.
 #   scripts/demo.sh [PROMPT_FILE]
-# Needs (Debian): build-essential cmake python3-pip unzip libopenblas-dev. Build directory: $KVQ_BUILD_DIR or build.
+# Needs (Debian): build-essential cmake python3-pip unzip libopenblas-dev. Build directory: $KVQ_BUILD_DIR, else build
+# where the machine has an NVIDIA GPU (the CUDA backend is compiled when nvcc is there: KVQ_CUDA=AUTO), else build-cpu
+# with KVQ_CUDA=OFF: the demo runs on the CPU, and compiling the CUDA kernels on a 2-core machine without a GPU takes
+# ~10 minutes for nothing. KVQ_CUDA=ON|OFF|AUTO overrides.
 # Runtime on the 2-core build machine: about 1-2 minutes (two prefills of ~1500 tokens and two answers of up to 120).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prompt_file=${1:-tests/data/demo_prompt.txt}
-build=${KVQ_BUILD_DIR:-build}
+gpu=0
+{ nvidia-smi -L 2>/dev/null | grep -q GPU || [ -e /dev/nvidia0 ]; } && gpu=1
+cuda=${KVQ_CUDA:-}
+[ -z "$cuda" ] && { [ $gpu = 1 ] && cuda=AUTO || cuda=OFF; }
+build=${KVQ_BUILD_DIR:-}
+[ -z "$build" ] && { [ "$cuda" = OFF ] && build=build-cpu || build=build; }
 bash scripts/fetch-model.sh
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DKVQ_CUDA="$cuda" >/dev/null
 cmake --build "$build" -j"$(nproc 2>/dev/null || echo 2)" --target kvq_cli >/dev/null
 if [ ! -x "$build/bin/kvq" ]; then
   echo "demo: $build/bin/kvq was not built (is libopenblas-dev installed?)" >&2
