@@ -50,6 +50,37 @@ struct Entry {
 // With sinks (kvq.h section 10) paged, lo, hi, whead and the units count the tokens after the S sinks (u = t - S);
 // the sinks are the last unit of an entry, read like a window unit (fp16 rows H * D apart).
 
+// Tokens an append bringing the window to T tokens flushes into pages: whole flush units (Gf tokens), once the window
+// holds wcap = R + Gf tokens. Host (kvq_cuda_append) and device (static plans) share it: the same bits either way.
+__host__ __device__ __forceinline__ int64_t flush_count(int64_t T, int wcap, int Gf) {
+    return T < wcap ? 0 : (1 + (T - wcap) / Gf) * Gf;
+}
+
+// The attention row of a (sequence, layer) whose visible end is hi_pos (a position, sinks included), from its state:
+// tokens in pages and sinks, ring head, its page table, window rings and sink page (NULL: none). Host (run_entries'
+// callers) and device (static plans) share it, so that both split the same units and give the same bits.
+__host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const __half *wk, const __half *wv,
+                                                        const __half *sk, int64_t paged, int64_t sink, int32_t whead,
+                                                        int64_t hi_pos, int window, int q_row) {
+    Entry e;
+    e.pt = pt, e.wk = wk, e.wv = wv, e.sk = sk;
+    e.paged = (int32_t)paged;
+    const int64_t lo_pos = window > 0 && hi_pos > window ? hi_pos - window : 0;
+    e.slo = (int32_t)(lo_pos < sink ? lo_pos : sink), e.shi = (int32_t)(hi_pos < sink ? hi_pos : sink);
+    const int64_t hi = hi_pos - sink > 0 ? hi_pos - sink : 0;
+    e.hi = (int32_t)hi;
+    e.lo = (int32_t)(lo_pos - sink > 0 ? lo_pos - sink : 0);
+    e.whead = whead;
+    const int64_t pe = paged < hi ? paged : hi;
+    e.npu = e.lo < pe ? (int32_t)((pe + PT - 1) / PT - e.lo / PT) : 0;
+    const int64_t ws = (e.lo > paged ? e.lo : paged) - paged, we = hi - paged;
+    const int nwu = we > ws ? (int)((we + PT - 1) / PT - ws / PT) : 0;
+    e.n = e.npu + nwu + (e.shi > e.slo);  // the sinks: the last unit
+    e.q_row = q_row;
+    e.start = 0;
+    return e;
+}
+
 constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 // ---- rotation (kvq.h section 10, src/core/rotate.c): one sign bit per channel, D <= 256

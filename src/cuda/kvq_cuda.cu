@@ -131,6 +131,33 @@ static cudaError_t grow_scratch(void **buf, size_t *bytes, size_t need, cudaStre
 #endif
 // An empty kernel compiled like every other: which code of the fat binary the driver loads for a device (its
 // ptxVersion: 90 for the sm_90a cubin, 80 for sm_80's or for compute_80 PTX JIT-compiled, ...), or that none fits.
+// Rotated roles (kvq.h section 10): K and V into the rotated frame as fp32 rows (a role not rotated is converted
+// only), before the window and the quantizers; and the attention output rows back from the values' frame.
+static cudaError_t rotate_inputs(const kvq_cuda_cache *c, int layer, const void *k, const void *v, kvq_dtype dt,
+                                 int64_t rows, float *rk, float *rv, cudaStream_t st) {
+    RotArgs ra;
+    memset(&ra, 0, sizeof ra);
+    ra.j[0].in = k, ra.j[0].out = rk, ra.j[0].apply = c->rotated(KVQ_KEY);
+    ra.j[1].in = v, ra.j[1].out = rv, ra.j[1].apply = c->rotated(KVQ_VALUE);
+    if (ra.j[0].apply) ra.j[0].sg = c->rot_k[layer];
+    if (ra.j[1].apply) ra.j[1].sg = c->rot_v[layer];
+    ra.rows = rows, ra.in_dt = dt, ra.out_dt = KVQ_DTYPE_F32, ra.inverse = 0, ra.n_jobs = 2;
+    return launch_rotate(ra, c->L.head_dim, st);
+}
+static cudaError_t unrotate_outputs(const kvq_cuda_cache *c, int layer, const float *so, void *out, kvq_dtype qo,
+                                    int64_t rows, cudaStream_t st) {
+    RotArgs ra;
+    memset(&ra, 0, sizeof ra);
+    ra.j[0].in = so, ra.j[0].out = out, ra.j[0].sg = c->rot_v[layer], ra.j[0].apply = 1;
+    ra.rows = rows, ra.in_dt = KVQ_DTYPE_F32, ra.out_dt = qo, ra.inverse = 1, ra.n_jobs = 1;
+    return launch_rotate(ra, c->L.head_dim, st);
+}
+// The decode kernel's query scale: the attention scale (default 1/sqrt(D)), times log2(e) unless there is a soft-cap
+static float attn_qscale(const kvq_attn_params *p, int D) {
+    const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
+    return p->softcap > 0 ? scale : scale * 1.4426950408889634f;
+}
+
 __global__ void probe_kernel() {}
 
 /* Whether the build's list (KVQ_CUDA_ARCHS: "sm_90a sm_80 compute_80(PTX)") has code that loads on compute capability
@@ -412,9 +439,7 @@ static int free_slot(const kvq_cuda_cache *c, const char *fn) {
 
 // Tokens that an append bringing the window to T tokens flushes into pages: whole flush units, once the window
 // holds wcap = R + Gf tokens.
-static int64_t flushed_tokens(const kvq_cuda_cache *c, int64_t T) {
-    return T < c->wcap ? 0 : (1 + (T - c->wcap) / c->Gf) * c->Gf;
-}
+static int64_t flushed_tokens(const kvq_cuda_cache *c, int64_t T) { return flush_count(T, c->wcap, c->Gf); }
 // Of n tokens appended to (seq, layer), those that go to its sinks (the first ones; kvq.h section 10)
 static int sink_take(const kvq_cuda_cache *c, const SeqLayer &sl, int64_t n) {
     return (int)std::min<int64_t>(n, c->S - sl.sink);
@@ -523,14 +548,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
             return fail(e == cudaErrorMemoryAllocation ? KVQ_ERR_OUT_OF_MEMORY : KVQ_ERR_CUDA,
                         "%s: scratch of %zu bytes for the rotation: %s", fn, 2 * half, cudaGetErrorString(e));
         float *rk = (float *)c->aws, *rv = (float *)((char *)c->aws + half);
-        RotArgs ra;
-        memset(&ra, 0, sizeof ra);
-        ra.j[0].in = k, ra.j[0].out = rk, ra.j[0].apply = c->rotated(KVQ_KEY);  // a role not rotated: converted only
-        ra.j[1].in = v, ra.j[1].out = rv, ra.j[1].apply = c->rotated(KVQ_VALUE);
-        if (ra.j[0].apply) ra.j[0].sg = c->rot_k[layer];
-        if (ra.j[1].apply) ra.j[1].sg = c->rot_v[layer];
-        ra.rows = rows, ra.in_dt = dtype, ra.out_dt = KVQ_DTYPE_F32, ra.inverse = 0, ra.n_jobs = 2;
-        e = launch_rotate(ra, D, st);
+        e = rotate_inputs(c, layer, k, v, dtype, rows, rk, rv, st);
         if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: rotation kernel: %s", fn, cudaGetErrorString(e));
         k = rk, v = rv, dtype = KVQ_DTYPE_F32;
     }
@@ -935,25 +953,9 @@ static kvq_status check_params(const kvq_cuda_cache *c, const kvq_attn_params *p
 // hi: the visible end (a position, sinks included); the entry's pages and window count the tokens after the sinks
 static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row) {
     const SeqLayer &sl = c->seqs[seq][layer];
-    Entry e;
-    memset(&e, 0, sizeof e);
-    e.pt = c->table(seq, layer);
-    e.wk = c->wk(seq, layer), e.wv = c->wv(seq, layer);
-    e.paged = (int32_t)sl.paged;
-    const int64_t lo_pos = window > 0 && hi_pos > window ? hi_pos - window : 0;
-    e.slo = (int32_t)std::min<int64_t>(lo_pos, sl.sink), e.shi = (int32_t)std::min<int64_t>(hi_pos, sl.sink);
-    e.sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
-    const int64_t hi = std::max<int64_t>(hi_pos - sl.sink, 0);
-    e.hi = (int32_t)hi;
-    e.lo = (int32_t)std::max<int64_t>(lo_pos - sl.sink, 0);
-    e.whead = sl.whead;
-    const int pe = std::min<int64_t>(sl.paged, hi);
-    e.npu = e.lo < pe ? (pe + PT - 1) / PT - e.lo / PT : 0;
-    const int ws = std::max<int64_t>(e.lo, sl.paged) - sl.paged, we = (int)(hi - sl.paged);
-    const int nwu = we > ws ? (we + PT - 1) / PT - ws / PT : 0;
-    e.n = e.npu + nwu + (e.shi > e.slo);  // the sinks: the last unit
-    e.q_row = q_row;
-    return e;
+    const __half *sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
+    return make_entry_at(c->table(seq, layer), c->wk(seq, layer), c->wv(seq, layer), sk, sl.paged, sl.sink, sl.whead,
+                         hi_pos, window, q_row);
 }
 
 // Decode workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials, one
@@ -1031,8 +1033,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->sink_vo = (int32_t)((int64_t)c->SR * H * D);
         A->rot_q = c->rotated(KVQ_KEY);
         if (A->rot_q) A->rq = c->rot_k[layer];
-        const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
-        A->qscale = p->softcap > 0 ? scale : scale * 1.4426950408889634f;
+        A->qscale = attn_qscale(p, D);
         A->softcap = p->softcap;
         A->q = q, A->out = ro ? (void *)so : out;
         A->cnt = (int32_t *)c->ws;
@@ -1053,11 +1054,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
     }
     delete A;
     if (ro) {
-        RotArgs ra;
-        memset(&ra, 0, sizeof ra);
-        ra.j[0].in = so, ra.j[0].out = out, ra.j[0].sg = c->rot_v[layer], ra.j[0].apply = 1;
-        ra.rows = qrows, ra.in_dt = KVQ_DTYPE_F32, ra.out_dt = qo, ra.inverse = 1, ra.n_jobs = 1;
-        cudaError_t e = launch_rotate(ra, D, st);
+        cudaError_t e = unrotate_outputs(c, layer, so, out, qo, qrows, st);
         if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: output rotation kernel: %s", fn, cudaGetErrorString(e));
     }
     return KVQ_OK;
@@ -1440,14 +1437,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     cudaError_t e = cudaSuccess;
     kvq_dtype dt = S->kv_dtype;
     if (c->cfg.rotate) {  // as kvq_cuda_append: K and V into the rotated frame, fp32
-        RotArgs ra;
-        memset(&ra, 0, sizeof ra);
-        ra.j[0].in = k, ra.j[0].out = S->rk, ra.j[0].apply = c->rotated(KVQ_KEY);
-        ra.j[1].in = v, ra.j[1].out = S->rv, ra.j[1].apply = c->rotated(KVQ_VALUE);
-        if (ra.j[0].apply) ra.j[0].sg = c->rot_k[layer];
-        if (ra.j[1].apply) ra.j[1].sg = c->rot_v[layer];
-        ra.rows = (int64_t)n * H, ra.in_dt = dt, ra.out_dt = KVQ_DTYPE_F32, ra.inverse = 0, ra.n_jobs = 2;
-        e = launch_rotate(ra, D, st);
+        e = rotate_inputs(c, layer, k, v, dt, (int64_t)n * H, S->rk, S->rv, st);
         k = S->rk, v = S->rv, dt = KVQ_DTYPE_F32;
     }
     const bool ro = c->rotated(KVQ_VALUE);
@@ -1464,8 +1454,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     P.qo_dtype = ro ? KVQ_DTYPE_F32 : S->qo, P.q_dtype = S->qo;
     P.rot_q = c->rotated(KVQ_KEY);
     if (P.rot_q) P.rq = c->rot_k[layer];
-    const float scale = S->p.scale > 0 ? S->p.scale : 1.0f / sqrtf((float)D);
-    P.qscale = S->p.softcap > 0 ? scale : scale * 1.4426950408889634f;
+    P.qscale = attn_qscale(&S->p, D);
     P.softcap = S->p.softcap;
     P.windows = c->windows, P.tables = c->tables;
     P.seqs = S->d_seqs, P.spage = S->d_spage, P.st = S->d_st, P.flag = S->d_flag;
@@ -1480,11 +1469,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     if (e == cudaSuccess) e = launch_append_g(c->L.type_k, c->L.type_v, D, S->d_flush, S->d_win, n, H, st);
     if (e == cudaSuccess) e = launch_decode_g(c->L.type_k, c->L.type_v, D, S->d_dec, c->n_sm, st, c->portable, false);
     if (e == cudaSuccess && ro) {
-        RotArgs ra;
-        memset(&ra, 0, sizeof ra);
-        ra.j[0].in = S->so, ra.j[0].out = out, ra.j[0].sg = c->rot_v[layer], ra.j[0].apply = 1;
-        ra.rows = (int64_t)n * S->p.n_q_heads, ra.in_dt = KVQ_DTYPE_F32, ra.out_dt = S->qo, ra.inverse = 1, ra.n_jobs = 1;
-        e = launch_rotate(ra, D, st);
+        e = unrotate_outputs(c, layer, S->so, out, S->qo, (int64_t)n * S->p.n_q_heads, st);
     }
     if (cur >= 0 && cur != c->device) cudaSetDevice(cur);
     if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));

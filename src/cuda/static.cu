@@ -1,6 +1,6 @@
 // Static plans (kvq_cuda.h section 5): plan_kernel does on the device what kvq_cuda_append and kvq_cuda_attn_decode do
-// on the host for one token per sequence (kvq_cuda.cu: the append's Plan, flushed_tokens, sink_take, make_entry,
-// run_entries), from the lent sequences' DevSeq state, and writes the arguments of that step's sink, flush, window and
+// on the host for one token per sequence (kvq_cuda.cu: the append's Plan and sink_take, run_entries; flush_count and
+// make_entry_at are common.cuh's, shared with the host), from the lent sequences' DevSeq state, and writes the arguments of that step's sink, flush, window and
 // decode kernels into device memory. The pages were reserved when the plan was made, so nothing here allocates, and
 // the same arithmetic gives the same kernels' arguments, hence the eager path's bits.
 #include "common.cuh"
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
         if (!nnew) *P.flag = 1;  // no room left: the token is dropped, kvq_cuda_static_end reports it
         ns = nnew && s.sink < P.S ? 1 : 0;
         T = s.win + nnew - ns;
-        FG = T < P.wcap ? 0 : (1 + (T - P.wcap) / P.Gf) * P.Gf;
+        FG = (int)flush_count(T, P.wcap, P.Gf);
         nw = T - max(FG, (int)s.win);
     }
     int64_t n_sink, n_flush, n_win, n_wtok;
@@ -83,23 +83,9 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
         s.whead = (s.whead + FG) % P.wcap;
         s.sink += ns;
         P.st[me] = s;
-        // the decode entry of the new length (make_entry)
-        const int64_t hi_pos = (int64_t)s.sink + s.paged + s.win;
-        E.pt = pt, E.wk = wk, E.wv = wv;
-        E.paged = s.paged;
-        const int64_t lo_pos = P.window > 0 && hi_pos > P.window ? hi_pos - P.window : 0;
-        E.slo = (int32_t)min(lo_pos, (int64_t)s.sink), E.shi = (int32_t)min(hi_pos, (int64_t)s.sink);
-        E.sk = spg >= 0 ? (const __half *)(P.arena + spg * P.page_bytes) : nullptr;
-        const int64_t hi = max(hi_pos - s.sink, (int64_t)0);
-        E.hi = (int32_t)hi;
-        E.lo = (int32_t)max(lo_pos - s.sink, (int64_t)0);
-        E.whead = s.whead;
-        const int64_t pe = min((int64_t)s.paged, hi);
-        E.npu = E.lo < pe ? (int32_t)((pe + PT - 1) / PT - E.lo / PT) : 0;
-        const int64_t ws = max((int64_t)E.lo, (int64_t)s.paged) - s.paged, we = hi - s.paged;
-        const int nwu = we > ws ? (int)((we + PT - 1) / PT - ws / PT) : 0;
-        E.n = E.npu + nwu + (E.shi > E.slo);
-        E.q_row = i;
+        // the decode entry of the new length (kvq_cuda.cu's make_entry)
+        E = make_entry_at(pt, wk, wv, spg >= 0 ? (const __half *)(P.arena + spg * P.page_bytes) : nullptr, s.paged,
+                          s.sink, s.whead, (int64_t)s.sink + s.paged + s.win, P.window, i);
         units = (int64_t)P.H * E.n;
     }
     int64_t total;
