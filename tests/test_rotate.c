@@ -62,7 +62,7 @@ static void transform_tests(void) {
             float x[256], y[256], z[256];
             double nx = 0, ny = 0;
             for (int d = 0; d < D; d++) x[d] = (float)(tu_normal() * (d % 17 == 3 ? 20 : 1)), nx += (double)x[d] * x[d];
-            memcpy(y, x, sizeof x);
+            memcpy(y, x, (size_t)D * sizeof *x); /* the first D: the rest is never set */
             kvq__rot_apply(&r, y, 0);
             for (int i = 0; i < D; i++) {
                 double a = 0, b = 0;

@@ -99,6 +99,20 @@ static kvq_status check_args(const kvq_cache *c, int32_t seq, int layer, int kv_
     return KVQ_OK;
 }
 
+/* A D x r basis (row-major) between the caller's key frame and the stored one: each column through the keys'
+ * rotation of `layer` (inverse 0: into the stored frame, 1: back), copied as is when keys are not rotated. */
+static void basis_frame(const kvq_cache *c, int layer, const float *src, float *dst, int inverse) {
+    const int D = c->L.head_dim, r = c->cfg.squat_rank;
+    float col[256];
+    kvq__rot rk;
+    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
+    for (int j = 0; j < r; j++) {
+        for (int i = 0; i < D; i++) col[i] = src[(size_t)i * r + j];
+        if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, col, inverse);
+        for (int i = 0; i < D; i++) dst[(size_t)i * r + j] = col[i];
+    }
+}
+
 kvq_status kvq_seq_set_key_subspace(kvq_cache *c, int32_t seq, int layer, int kv_head, const float *basis) {
     KVQ_CHECK_NULL(c, FN_SET);
     kvq_status s = check_args(c, seq, layer, kv_head, FN_SET);
@@ -129,14 +143,7 @@ kvq_status kvq_seq_set_key_subspace(kvq_cache *c, int32_t seq, int layer, int kv
                              (int)seq, kvq__squat_bytes(c));
     }
     /* into the stored frame: R B (columns rotated like keys) */
-    float *dst = q->squat + idx * (size_t)D * r, col[256];
-    kvq__rot rk;
-    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
-    for (int j = 0; j < r; j++) {
-        for (int i = 0; i < D; i++) col[i] = basis[(size_t)i * r + j];
-        if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, col, 0);
-        for (int i = 0; i < D; i++) dst[(size_t)i * r + j] = col[i];
-    }
+    basis_frame(c, layer, basis, q->squat + idx * (size_t)D * r, 0);
     flags_of(c, q)[idx] = 1;
     return KVQ_OK;
 }
@@ -149,14 +156,6 @@ kvq_status kvq_seq_get_key_subspace(const kvq_cache *c, int32_t seq, int layer, 
     const float *src = kvq__squat_basis(c, &c->seqs[seq], layer, kv_head);
     *is_set = src != NULL;
     if (!src || !basis) return KVQ_OK;
-    int D = c->L.head_dim, r = c->cfg.squat_rank;
-    float col[256];
-    kvq__rot rk;
-    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
-    for (int j = 0; j < r; j++) {
-        for (int i = 0; i < D; i++) col[i] = src[(size_t)i * r + j];
-        if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, col, 1);
-        for (int i = 0; i < D; i++) basis[(size_t)i * r + j] = col[i];
-    }
+    basis_frame(c, layer, src, basis, 1); /* back to the caller's frame: R^T B */
     return KVQ_OK;
 }
