@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import warnings
+import weakref
 from typing import Any, Dict, List, Union
 
 _HINT = "pip install kvq[hf]  (torch and transformers >= 5.17, < 6)"
@@ -123,9 +125,13 @@ class KVQLayer(CacheLayerMixin):
         return self._owner.update(key_states, value_states, self.layer_idx)
 
     def get_mask_sizes(self, query_length: int):
+        if self._owner._compiled:  # inside CompiledDecode's traced step: a constant (kvq's mask ignores it), so
+            return query_length, 0  # that dynamo does not specialise on the length and recompile every step
         return self.hf_len + query_length, 0
 
     def get_seq_length(self) -> int:
+        if self._owner._compiled:  # as get_mask_sizes: transformers reads it for the mask's offset only, which
+            return 0  # kvq's mask ignores; a constant keeps dynamo from recompiling for the second length
         return self.hf_len
 
     def get_max_length(self) -> int:
@@ -262,6 +268,9 @@ class KVQCache(Cache):
         # (attention arguments, plan)); any other use of the sequences ends the plans first (_end_static)
         self._static_on = False
         self._static: dict = {}
+        # True only while CompiledDecode runs its compiled step: update() hands K/V through untouched and the
+        # attention is the custom op kvq::decode_step (append + attention of one layer)
+        self._compiled = False
         # transformers' config._attn_implementation is a property over _attn_implementation_internal behind two
         # __getattribute__ overrides (~3 us per read, once per layer and step in update()): read the attribute itself
         # where the config stores it there (checked now), through the property otherwise
@@ -373,6 +382,8 @@ class KVQCache(Cache):
 
     # ---------------------------------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._compiled:  # CompiledDecode: the op appends (no Python state may change inside a traced step)
+            return key_states, value_states
         if self._device is None:
             self._lazy_init(key_states)
         if key_states.shape[0] != self.kvq_batch:
@@ -506,31 +517,35 @@ class KVQCache(Cache):
                 out[b].index_copy_(0, idx, ob)
         return out.to(query.dtype)
 
-    def _decode_step(self, layer_idx, query, key, value, scaling, window, softcap):
+    def _decode_step(self, layer_idx, query, key, value, scaling, window, softcap, out=None):
         """attend() for a decode step (one new token per row, all real): one prepared C call per layer on CUDA
         (kvq_cuda_decode_step: append + attention), two on the CPU (kvq_append, kvq_attn_decode), into an output
         buffer kept per layer. What the general path recomputes at every call (argument checks and conversions, the
         sequence id and token count arrays, the attention parameters, the output allocation, transposes) is made
         once per (layer, batch, shape, dtype, scale, window, softcap) and after any change of the rows' sequences.
         The returned tensor is that buffer: the next step of this layer overwrites it (the attention module consumes
-        it at once, in o_proj)."""
+        it at once, in o_proj), unless `out` ([B, 1, Hq, D], query's dtype, contiguous) is given: then the result
+        goes there (kvq::decode_step, whose outputs must be fresh tensors)."""
         B, Hq, _, D = query.shape
         key_ = (self._gen, B, Hq, query.dtype, key.dtype, scaling, window, softcap)
         plan = self._plans.get(layer_idx)
         if plan is None or plan[0] != key_:
             plan = self._plans[layer_idx] = self._make_plan(layer_idx, key_, query, key, scaling, window, softcap)
-        _, step, out, cuda = plan
+        _, step, buf, cuda = plan
         # [B, H, 1, D] with one token is the [B][H][D] rows kvq reads (contiguous, whatever the size-1 dim's stride)
         k = key if key.is_contiguous() else key.contiguous()
         v = value if value.is_contiguous() else value.contiguous()
         if cuda:
             qc = query if query.is_contiguous() else query.contiguous()
-            step(k.data_ptr(), v.data_ptr(), qc.data_ptr(), out.data_ptr(), self._stream())
-            return out
+            o = buf if out is None else out
+            step(k.data_ptr(), v.data_ptr(), qc.data_ptr(), o.data_ptr(), self._stream())
+            return o
         qf = query if query.dtype == torch.float32 and query.is_contiguous() else \
             query.to(torch.float32).contiguous()
-        step(k.data_ptr(), v.data_ptr(), qf.data_ptr(), out.data_ptr())
-        return out if query.dtype == torch.float32 else out.to(query.dtype)
+        step(k.data_ptr(), v.data_ptr(), qf.data_ptr(), buf.data_ptr())
+        if out is not None:
+            return out.copy_(buf)
+        return buf if query.dtype == torch.float32 else buf.to(query.dtype)
 
     def _make_plan(self, layer_idx, key_, query, key, scaling, window, softcap):
         B, Hq, _, D = query.shape
@@ -780,8 +795,8 @@ class CUDAGraphDecode:
         self._closed = False
 
     def _forward(self):
-        return self.model(input_ids=self._ids, position_ids=self._pos, cache_position=self._cpos,
-                          past_key_values=self.cache, use_cache=True)
+        return self.model(input_ids=self._ids, position_ids=self._pos, cache_position=self._cpos, use_cache=True,
+                          **{CACHE_KWARG: self.cache})
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         c = self.cache
@@ -832,6 +847,121 @@ class CUDAGraphDecode:
         self.cache._end_static()
 
 
+_COMPILED_CACHES: "weakref.WeakValueDictionary[int, KVQCache]" = weakref.WeakValueDictionary()
+_COMPILED_IDS = itertools.count(1)
+_DECODE_OP = None
+
+
+def _decode_op():
+    """torch.ops.kvq.decode_step(query, key, value, cache_id, layer_idx, scaling, window, softcap) -> [B, 1, Hq, D]:
+    one layer's decode step of a KVQCache (append the token's K/V, attend on the pages) as a torch custom op, so that
+    dynamo keeps it as one opaque node (ctypes calls would break the graph) and cudagraph trees record its kernels.
+    Registered on first use (torch.library.custom_op: torch >= 2.4)."""
+    global _DECODE_OP
+    if _DECODE_OP is not None:
+        return _DECODE_OP
+
+    @torch.library.custom_op("kvq::decode_step", mutates_args=())
+    def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache_id: int, layer_idx: int,
+                    scaling: float, window: int, softcap: float) -> torch.Tensor:
+        cache = _COMPILED_CACHES.get(cache_id)
+        if cache is None:
+            raise RuntimeError(f"kvq: decode_step: no KVQCache with id {cache_id} (its CompiledDecode was closed)")
+        B, Hq, _, D = query.shape
+        out = torch.empty((B, 1, Hq, D), dtype=query.dtype, device=query.device)
+        return cache._decode_step(layer_idx, query, key, value, None if scaling < 0 else scaling, window, softcap,
+                                  out=out)
+
+    @decode_step.register_fake
+    def _(query, key, value, cache_id, layer_idx, scaling, window, softcap):
+        B, Hq, _, D = query.shape
+        return query.new_empty((B, 1, Hq, D))
+
+    _DECODE_OP = decode_step
+    return decode_step
+
+
+class CompiledDecode:
+    """Decode steps of `model` over `cache` (a KVQCache holding the prompt: call it after the prefill) through
+    torch.compile: the whole forward is traced with kvq's append + attention of each layer as one custom op
+    (kvq::decode_step), so inductor fuses the rest of the model (norms, RoPE, activations) as it does for
+    StaticCache, and with mode="reduce-overhead" (the default) cudagraph trees replay the step as CUDA graphs. On
+    CUDA the layers' steps go through kvq.StaticPlan (lengths and page tables on the device), as in CUDAGraphDecode,
+    so the recorded graph appends and attends without the host; on the CPU the same traced step runs kvq's CPU calls.
+
+        dec = kvq.hf.CompiledDecode(model, cache)
+        for _ in range(n):
+            logits = dec(next_tokens)  # [batch] token ids -> [batch, vocab]: overwritten by the next call
+
+    The first calls compile (tens of seconds) and warm up; after that, a step with the same batch needs no
+    recompilation (positions are tensors, lengths are not read). Every row must hold the same number of tokens; on
+    CUDA the attention arguments must be the same in every layer of a KV type. close() or any other use of the
+    cache ends it (a later call raises)."""
+
+    def __init__(self, model: Any, cache: "KVQCache", mode: str | None = "reduce-overhead",
+                 fullgraph: bool = True) -> None:
+        if not isinstance(cache, KVQCache) or cache._device is None:
+            raise ValueError("kvq: CompiledDecode needs a KVQCache that holds the prompt (call it after the prefill)")
+        lens = [cache.seq_lengths(li) for li in range(cache.n_layers)]
+        if any(len(set(x)) != 1 for x in lens) or len({x[0] for x in lens}) != 1:
+            raise ValueError(f"kvq: CompiledDecode needs rows of one length (no padding), got {lens[0]}")
+        _decode_op()
+        self.model, self.cache = model, cache
+        self.batch = cache.kvq_batch
+        self._id = next(_COMPILED_IDS)
+        _COMPILED_CACHES[self._id] = cache
+        self._fn = torch.compile(self._forward, mode=mode, fullgraph=fullgraph)
+        self._ids = None
+        self._sps: list = []
+        self._closed = False
+
+    def _forward(self, ids, pos, cpos):
+        return self.model(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True,
+                          kvq_cache_id=self._id, **{CACHE_KWARG: self.cache}).logits
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        if self._closed:
+            raise RuntimeError("kvq: this CompiledDecode was closed")
+        if self._ids is not None and (any(sp.closed for sp in self._sps) or (c.is_cuda and not c._static_on)):
+            self.close()
+            raise RuntimeError("kvq: the cache was used in between (its static plans ended): make a new "
+                               "CompiledDecode")
+        pos = c.layers[0].hf_len
+        if self._ids is None:
+            dev = c.device
+            self._ids = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
+            self._pos = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
+            self._cpos = torch.zeros((1,), dtype=torch.long, device=dev)
+            if c.is_cuda:  # the layers' plans become static plans at their first step (_make_plan)
+                c._end_static()
+                c._static_on = True
+            c._plans.clear()
+            c._gen += 1
+        self._ids.copy_(tokens.reshape(self.batch, 1))
+        self._pos.fill_(pos)
+        self._cpos.fill_(pos)
+        c._compiled = True
+        try:
+            with torch.no_grad():
+                out = self._fn(self._ids, self._pos, self._cpos)
+        finally:
+            c._compiled = False
+        for layer in c.layers:
+            layer.hf_len += 1
+        if c.is_cuda and not self._sps:
+            self._sps = [sp for _, sp in c._static.values()]
+        return out[:, -1]
+
+    def close(self) -> None:
+        """Ends the decoder: the op no longer finds the cache, the static plans give the sequences back (the cache
+        goes on eagerly)."""
+        self._closed = True
+        _COMPILED_CACHES.pop(self._id, None)
+        if self.cache.is_cuda:
+            self.cache._end_static()
+
+
 def _raw_stream(device) -> int:
     """cudaStream_t of the current torch stream, as an int. torch's private raw getter skips building a Stream
     object (a few us per layer at every decode step); the public call is the fallback."""
@@ -875,6 +1005,10 @@ def kvq_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, v
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           sliding_window: int | None = None, softcap: float | None = None,
                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    cid = kwargs.get("kvq_cache_id")
+    if cid is not None:  # CompiledDecode's traced step: append + attention as one custom op
+        return _decode_op()(query, key, value, cid, module.layer_idx, -1.0 if scaling is None else float(scaling),
+                            int(sliding_window or 0), float(softcap or 0.0)), None
     ctx = getattr(key, "_kvq", None)
     if ctx is None:
         return _fallback_attention(module, query, key, value, attention_mask, scaling, sliding_window, softcap), None
