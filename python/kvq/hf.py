@@ -527,7 +527,8 @@ class KVQCache(Cache):
         it at once, in o_proj), unless `out` ([B, 1, Hq, D], query's dtype, contiguous) is given: then the result
         goes there (kvq::decode_step, whose outputs must be fresh tensors)."""
         B, Hq, _, D = query.shape
-        key_ = (self._gen, B, Hq, query.dtype, key.dtype, scaling, window, softcap)
+        key_ = (self._gen, B, Hq, query.dtype, key.dtype, None if scaling is None else float(scaling), int(window or 0),
+                float(softcap or 0.0))  # normalised: the eager call and kvq::decode_step must find the same plan
         plan = self._plans.get(layer_idx)
         if plan is None or plan[0] != key_:
             plan = self._plans[layer_idx] = self._make_plan(layer_idx, key_, query, key, scaling, window, softcap)
@@ -929,15 +930,24 @@ class CompiledDecode:
                                "CompiledDecode")
         pos = c.layers[0].hf_len
         if self._ids is None:
+            # The first step runs eagerly: it makes the layers' plans (static plans on CUDA) and their buffers
+            # outside the compiled region, whose allocations cudagraph trees would own (and refuse to see kept).
             dev = c.device
             self._ids = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
             self._pos = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
             self._cpos = torch.zeros((1,), dtype=torch.long, device=dev)
-            if c.is_cuda:  # the layers' plans become static plans at their first step (_make_plan)
-                c._end_static()
-                c._static_on = True
+            c._end_static()
+            c._static_on = c.is_cuda
             c._plans.clear()
             c._gen += 1
+            self._ids.copy_(tokens.reshape(self.batch, 1))
+            self._pos.fill_(pos)
+            self._cpos.fill_(pos)
+            with torch.no_grad():
+                out = self.model(input_ids=self._ids, position_ids=self._pos, cache_position=self._cpos,
+                                 use_cache=True, **{CACHE_KWARG: c}).logits
+            self._sps = [sp for _, sp in c._static.values()]
+            return out[:, -1]
         self._ids.copy_(tokens.reshape(self.batch, 1))
         self._pos.fill_(pos)
         self._cpos.fill_(pos)
@@ -949,8 +959,6 @@ class CompiledDecode:
             c._compiled = False
         for layer in c.layers:
             layer.hf_len += 1
-        if c.is_cuda and not self._sps:
-            self._sps = [sp for _, sp in c._static.values()]
         return out[:, -1]
 
     def close(self) -> None:
