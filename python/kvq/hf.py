@@ -861,6 +861,8 @@ def _decode_op():
     global _DECODE_OP
     if _DECODE_OP is not None:
         return _DECODE_OP
+    if not hasattr(torch.library, "custom_op"):
+        raise RuntimeError(f"kvq: CompiledDecode needs torch >= 2.4 (torch.library.custom_op); this is {torch.__version__}")
 
     @torch.library.custom_op("kvq::decode_step", mutates_args=())
     def decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache_id: int, layer_idx: int,
