@@ -57,7 +57,7 @@ Caches (--methods):
                  positions is made inside the graph from a device position); static-gqa+graph: the same with SDPA's
                  enable_gqa instead of the repeat (the strongest StaticCache baseline); static+compile /
                  static-gqa+compile: torch.compile(mode="reduce-overhead", fullgraph=True) instead of the manual
-                 capture (compiles per batch and context: minutes)
+                 capture (compiles per batch and context: 5-18 s each on the H200 host)
   kvq-q4+graph   kvq.hf.CUDAGraphDecode over a KVQCache (kvq.StaticPlan: lengths and page tables on the device): the
                  whole decode step as one graph replay, kvq's append and attention included (CUDA only);
                  kvq-q4+compile: kvq.hf.CompiledDecode, torch.compile(mode="reduce-overhead", fullgraph=True) of the
