@@ -254,11 +254,35 @@ def kvq_device_bytes(cache):
 
 
 def tokens_held(cache, name):
-    n = cache.get_seq_length()
+    n = int(cache.get_seq_length())  # StaticCache's is a device tensor
     if name.startswith("kvq"):
         rows = cache.seq_lengths(0)
         return n, (min(rows) if rows else 0)
     return n, n
+
+
+def row_figures(res, cache, name, model, B, ctx, n_dec, per_step, host, gpu_steps, steps, cuda, weights_bytes):
+    """The figures every row reports (run_one, run_graph), from its timed steps and its cache at the end: ms/step
+    statistics, tokens/s, host and GPU ms, peak GPU memory above the weights (+ kvq's own device memory), the KV
+    bytes held, and a note when the cache does not hold ctx + n_dec tokens."""
+    med = statistics.median(per_step)
+    res.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
+               tok_s=B * 1000.0 / med, host_ms=statistics.median(host), steps=steps,
+               _per_step=per_step, _host=host, _gpu=gpu_steps)
+    if gpu_steps:
+        res["gpu_ms"] = statistics.median(gpu_steps)
+    if cuda:
+        extra = kvq_device_bytes(cache) if name.startswith("kvq") else 0
+        res["peak_mib"] = (torch.cuda.max_memory_allocated() - weights_bytes + extra) / MiB
+    kvb, alloc = kv_bytes(cache, name)
+    res["kv_mib"] = kvb / MiB
+    res["kv_alloc_mib"] = alloc / MiB
+    res["kv_mib_per_layer"] = kvb / MiB / model.config.num_hidden_layers
+    held, held_rows = tokens_held(cache, name)
+    res["tokens"] = held
+    want = ctx + n_dec
+    if held != want or held_rows != want:
+        res["note"] = f"cache holds {held} tokens (rows: {held_rows}), expected {want}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -548,29 +572,9 @@ def run_graph(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate
                     gpu_steps.append(clock.ms(t0, t1))
             clock.sync()
             gc.enable()
-            med = statistics.median(per_step)
-            res.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
-                       tok_s=B * 1000.0 / med, host_ms=statistics.median(host), steps=a.steps,
-                       _per_step=per_step, _host=host, _gpu=gpu_steps)
-            if gpu_steps:
-                res["gpu_ms"] = statistics.median(gpu_steps)
-            if cuda:
-                extra = kvq_device_bytes(cache) if base.startswith("kvq") else 0
-                res["peak_mib"] = (torch.cuda.max_memory_allocated() - weights_bytes + extra) / MiB
             if base.startswith("kvq"):
                 dec.close()  # gives the sequences back: their lengths are read from the device
-            kvb, alloc = kv_bytes(cache, base)
-            res["kv_mib"] = kvb / MiB
-            res["kv_alloc_mib"] = alloc / MiB
-            res["kv_mib_per_layer"] = kvb / MiB / model.config.num_hidden_layers
-            if base.startswith("kvq"):
-                held, held_rows = tokens_held(cache, base)
-            else:
-                held = held_rows = int(cache.get_seq_length())
-            res["tokens"] = held
-            want = ctx + n_dec
-            if held != want or held_rows != want:
-                res["note"] = f"cache holds {held} tokens (rows: {held_rows}), expected {want}"
+            row_figures(res, cache, base, model, B, ctx, n_dec, per_step, host, gpu_steps, a.steps, cuda, weights_bytes)
             res["sdpa_backend"] = "kvq" if impl == "kvq" else ((probe.sdpa_choice or "") if probe else "inductor")
             res["sdpa_backend"] += f" ({mode}, capture {res['capture_s']:.1f} s)"
     finally:
@@ -649,29 +653,14 @@ def run_one(model, method, B, ctx, a, device, dtype, weights_bytes, sleep_rate):
                 probe.on = False
             clock.sync()
             gc.enable()
-            med = statistics.median(per_step)
-            res.update(ms_step=med, ms_mean=statistics.mean(per_step), ms_min=min(per_step), ms_max=max(per_step),
-                       tok_s=B * 1000.0 / med, host_ms=statistics.median(host), steps=a.steps,
-                       _per_step=per_step, _host=host, _gpu=gpu_steps)
+            row_figures(res, cache, name, model, B, ctx, n_dec, per_step, host, gpu_steps, a.steps, cuda, weights_bytes)
             if probe.host_steps:
                 res["host_us_layer"] = probe.host_us_per_layer()
                 res["_host_layer"] = [probe.host_us_per_layer()]
             if gpu_steps:
                 upd, att = probe.split_ms()
-                res.update(gpu_ms=statistics.median(gpu_steps), kv_update_ms=upd, attn_ms=att,
+                res.update(kv_update_ms=upd, attn_ms=att,
                            gaps="" if not cuda or max(host_b) < hold_ms else "host slower than hold: gaps possible")
-            if cuda:
-                extra = kvq_device_bytes(cache) if name.startswith("kvq") else 0
-                res["peak_mib"] = (torch.cuda.max_memory_allocated() - weights_bytes + extra) / MiB
-            kvb, alloc = kv_bytes(cache, name)
-            res["kv_mib"] = kvb / MiB
-            res["kv_alloc_mib"] = alloc / MiB
-            res["kv_mib_per_layer"] = kvb / MiB / model.config.num_hidden_layers
-            held, held_rows = tokens_held(cache, name)
-            res["tokens"] = held
-            want = ctx + n_dec
-            if held != want or held_rows != want:
-                res["note"] = f"cache holds {held} tokens (rows: {held_rows}), expected {want}"
             res["sdpa_backend"] = probe.sdpa_choice or ("kvq" if impl == "kvq" else "")
             if name.startswith("quanto"):
                 fms, rl = quanto_flush_ms(cache, clock)
