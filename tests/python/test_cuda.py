@@ -285,20 +285,28 @@ def test_cuda_beam_search(fam):
 
 
 # ----------------------------------------------------------------------------------------------------- decode step
+def _twin_caches(kv_type, H, D, B, seed, max_tokens, layers):
+    """Two 2-layer CUDA caches with the same B sequences (the same ids) holding the same 70-token fp16 prefix in
+    `layers`: one decoded one way, its twin another. -> (generator, a, b, ids, stream)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a, b = (N.CudaCache(2, H, D, kv_type, max_tokens=max_tokens, max_seqs=4) for _ in range(2))
+    ids = [a.seq_new() for _ in range(B)]
+    assert [b.seq_new() for _ in range(B)] == ids
+    stream = torch.cuda.current_stream().cuda_stream
+    pre = torch.randn((B * 70, H, D), device="cuda", dtype=torch.float16, generator=g)
+    for c in (a, b):
+        for layer in layers:
+            c.append_ptr(layer, ids, [70] * B, N.DTYPE_F16, pre.data_ptr(), pre.data_ptr(), stream)
+    return g, a, b, ids, stream
+
+
 @pytest.mark.parametrize("kv_type", ["f16", "q8", "q4", "q2"])
 def test_cuda_decode_step_binding(kv_type):
     """kvq_cuda_decode_step (CudaCache.decode_step_ptr and the step of CudaCache.decode_plan, issue 23): the bits of
     append_ptr + attn_decode_ptr on a twin cache fed the same inputs, over 130 steps (window flushes, a page
     boundary); a refused call changes no length."""
     H, D, Hq, B = 2, 128, 8, 3
-    g = torch.Generator(device="cuda").manual_seed(3)
-    a, b = (N.CudaCache(2, H, D, kv_type, max_tokens=1024, max_seqs=4) for _ in range(2))
-    ids = [a.seq_new() for _ in range(B)]
-    assert [b.seq_new() for _ in range(B)] == ids
-    stream = torch.cuda.current_stream().cuda_stream
-    pre = torch.randn((B * 70, H, D), device="cuda", dtype=torch.float16, generator=g)
-    for c in (a, b):
-        c.append_ptr(1, ids, [70] * B, N.DTYPE_F16, pre.data_ptr(), pre.data_ptr(), stream)
+    g, a, b, ids, stream = _twin_caches(kv_type, H, D, B, seed=3, max_tokens=1024, layers=(1,))
     step = b.decode_plan(1, ids, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1)
     oa = torch.empty((B, Hq, D), device="cuda", dtype=torch.float16)
     ob = torch.empty_like(oa)
@@ -338,16 +346,8 @@ def test_cuda_static_plan_binding(kv_type):
     lengths follow; lent sequences are refused elsewhere; after end() both caches hold the same lengths and go on
     alike."""
     H, D, Hq, B = 2, 128, 8, 3
-    g = torch.Generator(device="cuda").manual_seed(5)
     # the arena holds max_tokens per layer: room for the plan's reservation (3 sequences x 400 tokens)
-    a, b = (N.CudaCache(2, H, D, kv_type, max_tokens=4096, max_seqs=4) for _ in range(2))
-    ids = [a.seq_new() for _ in range(B)]
-    assert [b.seq_new() for _ in range(B)] == ids
-    stream = torch.cuda.current_stream().cuda_stream
-    pre = torch.randn((B * 70, H, D), device="cuda", dtype=torch.float16, generator=g)
-    for c in (a, b):
-        for layer in (0, 1):
-            c.append_ptr(layer, ids, [70] * B, N.DTYPE_F16, pre.data_ptr(), pre.data_ptr(), stream)
+    g, a, b, ids, stream = _twin_caches(kv_type, H, D, B, seed=5, max_tokens=4096, layers=(0, 1))
     plan = N.StaticPlan(b, ids, 400, N.DTYPE_F16, N.DTYPE_F16, Hq, 0.1, stream=stream)
     with pytest.raises(kvq.KvqError, match="KVQ_ERR_INVALID_ARG"):
         b.seq_length(ids[0], 0)  # lent
