@@ -405,6 +405,66 @@ static std::vector<uint8_t> seq_bytes(kvq_cuda_cache *c, int32_t seq, int layer)
     return b;
 }
 
+// The twin caches of the decode-step and static-plan tests: two caches of one config holding the same NS sequences
+// (the same ids) and the same random prefix (pre[i] tokens in every layer), and the device buffers of one step's K,
+// V, Q and the two outputs. One cache is decoded one way, its twin another, and their bits are compared.
+struct Twins {
+    static const int NS = 3;
+    kvq_cuda_cache *a = nullptr, *b = nullptr;
+    int32_t ids[NS];
+    kvq_dtype dt;
+    size_t esz, nq, n1;  // bytes per element; elements of Q (and of an output), of one step's K or V
+    std::vector<uint8_t> hk, hv, hq;
+    void *dk, *dv, *dq, *oa, *ob;
+    Twins(const kvq_cache_config &cfg, const int32_t pre[NS], int nqh, kvq_dtype dt_) : dt(dt_) {
+        OK(kvq_cuda_cache_create(&cfg, 0, 0, &a));
+        OK(kvq_cuda_cache_create(&cfg, 0, 0, &b));
+        for (int i = 0; i < NS; i++) {
+            OK(kvq_cuda_seq_new(a, &ids[i]));
+            OK(kvq_cuda_seq_new(b, &ids[i]));
+        }
+        esz = dt == KVQ_DTYPE_F32 ? 4 : 2;
+        const size_t row = (size_t)cfg.n_kv_heads * cfg.head_dim, nkv = (size_t)(pre[0] + pre[1] + pre[2]) * row;
+        nq = (size_t)NS * nqh * cfg.head_dim, n1 = NS * row;
+        hk.resize(nkv * esz), hv.resize(nkv * esz), hq.resize(nq * esz);
+        CU(cudaMalloc(&dk, nkv * esz));
+        CU(cudaMalloc(&dv, nkv * esz));
+        CU(cudaMalloc(&dq, nq * esz));
+        CU(cudaMalloc(&oa, nq * esz));
+        CU(cudaMalloc(&ob, nq * esz));
+        fill(hk, nkv), fill(hv, nkv);
+        CU(cudaMemcpy(dk, hk.data(), nkv * esz, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dv, hv.data(), nkv * esz, cudaMemcpyHostToDevice));
+        for (int l = 0; l < cfg.n_layers; l++) {
+            OK(kvq_cuda_append(a, l, NS, ids, pre, dt, dk, dv, 0));
+            OK(kvq_cuda_append(b, l, NS, ids, pre, dt, dk, dv, 0));
+        }
+    }
+    ~Twins() {
+        CU(cudaFree(dk));
+        CU(cudaFree(dv));
+        CU(cudaFree(dq));
+        CU(cudaFree(oa));
+        CU(cudaFree(ob));
+        kvq_cuda_cache_free(a);
+        kvq_cuda_cache_free(b);
+    }
+    void fill(std::vector<uint8_t> &h, size_t n) {
+        for (size_t e = 0; e < n; e++) {
+            const float x = frand() * 2.0f;
+            if (dt == KVQ_DTYPE_F32) memcpy(h.data() + 4 * e, &x, 4);
+            else { const uint16_t y = f2h(x); memcpy(h.data() + 2 * e, &y, 2); }
+        }
+    }
+    // one step's random K, V (one token per sequence) and Q, on the device
+    void upload() {
+        fill(hk, n1), fill(hv, n1), fill(hq, nq);
+        CU(cudaMemcpy(dk, hk.data(), n1 * esz, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dv, hv.data(), n1 * esz, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dq, hq.data(), nq * esz, cudaMemcpyHostToDevice));
+    }
+};
+
 static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     const int H = 2, nqh = 8, NS = 3, LAYERS = 2, STEPS = 150;
     const int32_t pre[NS] = {1, 70, 127};
@@ -412,39 +472,13 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
     cfg.max_seqs = 4, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 4 * 512);
-    kvq_cuda_cache *a, *b;
-    OK(kvq_cuda_cache_create(&cfg, 0, 0, &a));
-    OK(kvq_cuda_cache_create(&cfg, 0, 0, &b));
+    Twins tw(cfg, pre, nqh, dt);
+    kvq_cuda_cache *a = tw.a, *b = tw.b;
+    const int32_t *ids = tw.ids;
+    void *dk = tw.dk, *dv = tw.dv, *dq = tw.dq, *oa = tw.oa, *ob = tw.ob;
+    const size_t esz = tw.esz, nq = tw.nq;
     char what[96];
     snprintf(what, sizeof what, "%s D%d R%d%s decode_step", tname(t), D, residual, mech_name());
-    int32_t ids[NS];
-    for (int i = 0; i < NS; i++) {
-        OK(kvq_cuda_seq_new(a, &ids[i]));
-        OK(kvq_cuda_seq_new(b, &ids[i]));
-    }
-    const size_t esz = dt == KVQ_DTYPE_F32 ? 4 : 2;
-    const size_t nkv = (size_t)(pre[0] + pre[1] + pre[2]) * H * D, nq = (size_t)NS * nqh * D;
-    std::vector<uint8_t> hk(nkv * esz), hv(nkv * esz), hq(nq * esz);
-    auto fill = [&](std::vector<uint8_t> &h, size_t n) {
-        for (size_t e = 0; e < n; e++) {
-            const float x = frand() * 2.0f;
-            if (dt == KVQ_DTYPE_F32) memcpy(h.data() + 4 * e, &x, 4);
-            else { const uint16_t y = f2h(x); memcpy(h.data() + 2 * e, &y, 2); }
-        }
-    };
-    void *dk, *dv, *dq, *oa, *ob;
-    CU(cudaMalloc(&dk, nkv * esz));
-    CU(cudaMalloc(&dv, nkv * esz));
-    CU(cudaMalloc(&dq, nq * esz));
-    CU(cudaMalloc(&oa, nq * esz));
-    CU(cudaMalloc(&ob, nq * esz));
-    fill(hk, nkv), fill(hv, nkv);
-    CU(cudaMemcpy(dk, hk.data(), nkv * esz, cudaMemcpyHostToDevice));
-    CU(cudaMemcpy(dv, hv.data(), nkv * esz, cudaMemcpyHostToDevice));
-    for (int l = 0; l < LAYERS; l++) {
-        OK(kvq_cuda_append(a, l, NS, ids, pre, dt, dk, dv, 0));
-        OK(kvq_cuda_append(b, l, NS, ids, pre, dt, dk, dv, 0));
-    }
     const int32_t ones[NS] = {1, 1, 1};
     kvq_attn_params ap = kvq_attn_params_default(nqh);
     ap.window = t == KVQ_TYPE_Q8 ? 100 : 0;  // a sliding window in one of the cases
@@ -452,10 +486,7 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     int diff = 0;
     for (int step = 0; step < STEPS; step++) {
         for (int l = 0; l < LAYERS; l++) {
-            fill(hk, (size_t)NS * H * D), fill(hv, (size_t)NS * H * D), fill(hq, nq);
-            CU(cudaMemcpy(dk, hk.data(), (size_t)NS * H * D * esz, cudaMemcpyHostToDevice));
-            CU(cudaMemcpy(dv, hv.data(), (size_t)NS * H * D * esz, cudaMemcpyHostToDevice));
-            CU(cudaMemcpy(dq, hq.data(), nq * esz, cudaMemcpyHostToDevice));
+            tw.upload();
             CU(cudaMemset(ob, 0xff, nq * esz));  // NaN poison: every element must be written
             OK(kvq_cuda_append(a, l, NS, ids, ones, dt, dk, dv, 0));
             OK(kvq_cuda_attn_decode(a, l, NS, ids, dt, dq, oa, &ap, 0));
@@ -504,13 +535,6 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     const int32_t dup[NS] = {ids[0], ids[1], ids[0]}, dead[NS] = {ids[0], 3, ids[2]};
     same(kvq_cuda_decode_step(b, 0, NS, dup, dt, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_INVALID_ARG, "a sequence twice");
     same(kvq_cuda_decode_step(b, 0, NS, dead, dt, dk, dv, dt, dq, ob, &ap, 0), KVQ_ERR_NO_SEQ, "sequence 3");
-    CU(cudaFree(dk));
-    CU(cudaFree(dv));
-    CU(cudaFree(dq));
-    CU(cudaFree(oa));
-    CU(cudaFree(ob));
-    kvq_cuda_cache_free(a);
-    kvq_cuda_cache_free(b);
     printf("  %-40s %d steps x %d layers: same bits as append + attn_decode\n", what, STEPS, LAYERS);
 }
 
@@ -526,39 +550,14 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
     cfg.max_seqs = 6, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 5 * 1024);
-    kvq_cuda_cache *a, *b;
-    OK(kvq_cuda_cache_create(&cfg, 0, 0, &a));
-    OK(kvq_cuda_cache_create(&cfg, 0, 0, &b));
+    Twins tw(cfg, pre, nqh, dt);
+    kvq_cuda_cache *a = tw.a, *b = tw.b;
+    const int32_t *ids = tw.ids;
+    void *dk = tw.dk, *dv = tw.dv, *dq = tw.dq, *oa = tw.oa, *ob = tw.ob;
+    const size_t esz = tw.esz, nq = tw.nq;
     char what[96];
     snprintf(what, sizeof what, "%s D%d R%d%s static plan", tname(t), D, residual, mech_name());
-    int32_t ids[NS], fk[2];
-    for (int i = 0; i < NS; i++) {
-        OK(kvq_cuda_seq_new(a, &ids[i]));
-        OK(kvq_cuda_seq_new(b, &ids[i]));
-    }
-    const size_t esz = dt == KVQ_DTYPE_F32 ? 4 : 2;
-    const size_t nkv = (size_t)(pre[0] + pre[1] + pre[2]) * H * D, nq = (size_t)NS * nqh * D, n1 = (size_t)NS * H * D;
-    std::vector<uint8_t> hk(nkv * esz), hv(nkv * esz), hq(nq * esz);
-    auto fill = [&](std::vector<uint8_t> &h, size_t n) {
-        for (size_t e = 0; e < n; e++) {
-            const float x = frand() * 2.0f;
-            if (dt == KVQ_DTYPE_F32) memcpy(h.data() + 4 * e, &x, 4);
-            else { const uint16_t y = f2h(x); memcpy(h.data() + 2 * e, &y, 2); }
-        }
-    };
-    void *dk, *dv, *dq, *oa, *ob;
-    CU(cudaMalloc(&dk, nkv * esz));
-    CU(cudaMalloc(&dv, nkv * esz));
-    CU(cudaMalloc(&dq, nq * esz));
-    CU(cudaMalloc(&oa, nq * esz));
-    CU(cudaMalloc(&ob, nq * esz));
-    fill(hk, nkv), fill(hv, nkv);
-    CU(cudaMemcpy(dk, hk.data(), nkv * esz, cudaMemcpyHostToDevice));
-    CU(cudaMemcpy(dv, hv.data(), nkv * esz, cudaMemcpyHostToDevice));
-    for (int l = 0; l < LAYERS; l++) {
-        OK(kvq_cuda_append(a, l, NS, ids, pre, dt, dk, dv, 0));
-        OK(kvq_cuda_append(b, l, NS, ids, pre, dt, dk, dv, 0));
-    }
+    int32_t fk[2];
     for (int i = 0; i < 2; i++) {  // shared pages (and sink pages) the plan must copy before writing
         OK(kvq_cuda_seq_fork(a, ids[i + 1], &fk[i], 0));
         OK(kvq_cuda_seq_fork(b, ids[i + 1], &fk[i], 0));
@@ -602,12 +601,6 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     CHECK(kvq_cuda_static_step(plan, 0, dk, dv, nullptr, ob, 0) == KVQ_ERR_NULL, "%s: q NULL stepped", what);
     std::vector<uint8_t> ra(nq * esz), rb(nq * esz);
     int diff = 0, steps = 0;
-    auto upload = [&]() {
-        fill(hk, n1), fill(hv, n1), fill(hq, nq);
-        CU(cudaMemcpy(dk, hk.data(), n1 * esz, cudaMemcpyHostToDevice));
-        CU(cudaMemcpy(dv, hv.data(), n1 * esz, cudaMemcpyHostToDevice));
-        CU(cudaMemcpy(dq, hq.data(), nq * esz, cudaMemcpyHostToDevice));
-    };
     auto compare = [&](int l) {
         OK(kvq_cuda_decode_step(a, l, NS, ids, dt, dk, dv, dt, dq, oa, &ap, 0));
         CU(cudaMemcpy(ra.data(), oa, nq * esz, cudaMemcpyDeviceToHost));
@@ -617,7 +610,7 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     };
     for (int step = 0; step < STEPS1; step++)
         for (int l = 0; l < LAYERS; l++) {
-            upload();
+            tw.upload();
             CU(cudaMemset(ob, 0xff, nq * esz));  // NaN poison: every element must be written
             OK(kvq_cuda_static_step(plan, l, dk, dv, dq, ob, 0));
             compare(l);
@@ -636,7 +629,7 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     }
     for (int step = 0; step < STEPS2; step++)
         for (int l = 0; l < LAYERS; l++) {
-            upload();
+            tw.upload();
             CU(cudaMemset(ob, 0xff, nq * esz));
             CU(cudaGraphLaunch(ge[l], cs));
             CU(cudaStreamSynchronize(cs));
@@ -671,7 +664,7 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     diff = 0, steps = 0;
     for (int step = 0; step < 70; step++)
         for (int l = 0; l < LAYERS; l++) {
-            upload();
+            tw.upload();
             OK(kvq_cuda_decode_step(b, l, NS, ids, dt, dk, dv, dt, dq, ob, &ap, 0));
             compare(l);
         }
@@ -688,14 +681,7 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     OK(kvq_cuda_seq_length(b, ids[2], 1, &len1));
     CHECK(len1 == len0 + 2, "%s: length %lld after max_tokens %lld", what, (long long)len1, (long long)len0 + 2);
     // a live plan at kvq_cuda_cache_free: freed with the cache
-    OK(kvq_cuda_static_create(b, 1, &ids[0], len0 + 100, &ap, dt, dt, 0, &plan));
-    CU(cudaFree(dk));
-    CU(cudaFree(dv));
-    CU(cudaFree(dq));
-    CU(cudaFree(oa));
-    CU(cudaFree(ob));
-    kvq_cuda_cache_free(a);
-    kvq_cuda_cache_free(b);
+    OK(kvq_cuda_static_create(b, 1, &ids[0], len0 + 100, &ap, dt, dt, 0, &plan));  // ~Twins frees it with b
     printf("  %-40s %d direct + %d captured steps x %d layers: same bits as decode_step\n", what, STEPS1, STEPS2, LAYERS);
 }
 
