@@ -763,6 +763,14 @@ class KVQCache(Cache):
         return f"KVQCache(types={names}, layers={self.n_layers}, batch={self.kvq_batch}, device={self._device})"
 
 
+def _check_one_length(cache: "KVQCache", who: str) -> None:
+    """The captured and compiled decoders feed one position to every row: every row of every layer must hold the
+    same number of tokens (no padding in the prompt)."""
+    lens = [cache.seq_lengths(li) for li in range(cache.n_layers)]
+    if any(len(set(x)) != 1 for x in lens) or len({x[0] for x in lens}) != 1:
+        raise ValueError(f"kvq: {who} needs rows of one length (no padding), got {lens[0]}")
+
+
 class CUDAGraphDecode:
     """Decode steps of `model` over `cache` (a KVQCache on CUDA holding the prompt: call it after the prefill) replayed
     as ONE CUDA graph per step (issue 23): every kernel of the forward, kvq's append and attention included, with no
@@ -785,9 +793,7 @@ class CUDAGraphDecode:
         if not isinstance(cache, KVQCache) or not cache.is_cuda:
             raise ValueError("kvq: CUDAGraphDecode needs a KVQCache on CUDA that holds the prompt (call it after the "
                              "prefill)")
-        lens = [cache.seq_lengths(li) for li in range(cache.n_layers)]
-        if any(len(set(x)) != 1 for x in lens) or len({x[0] for x in lens}) != 1:
-            raise ValueError(f"kvq: CUDAGraphDecode needs rows of one length (no padding), got {lens[0]}")
+        _check_one_length(cache, "CUDAGraphDecode")
         self.model, self.cache = model, cache
         self.batch = cache.kvq_batch
         self.graph = None
@@ -905,9 +911,7 @@ class CompiledDecode:
                  fullgraph: bool = True) -> None:
         if not isinstance(cache, KVQCache) or cache._device is None:
             raise ValueError("kvq: CompiledDecode needs a KVQCache that holds the prompt (call it after the prefill)")
-        lens = [cache.seq_lengths(li) for li in range(cache.n_layers)]
-        if any(len(set(x)) != 1 for x in lens) or len({x[0] for x in lens}) != 1:
-            raise ValueError(f"kvq: CompiledDecode needs rows of one length (no padding), got {lens[0]}")
+        _check_one_length(cache, "CompiledDecode")
         _decode_op()
         self.model, self.cache = model, cache
         self.batch = cache.kvq_batch
