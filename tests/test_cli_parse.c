@@ -211,6 +211,17 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q8:local=q4:local=q2", "gives :local= more than once");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type-local|q4/", "--kv-type-local");
     rejects(KVQ_CLI_CAP, "-m|m|--mem|1G|--kv-type-local|q4/", "--kv-type-local");
+    /* per-layer types */
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0-1", "--kv-layers: '0-1' is not A[-B]@TYPE[/TYPE]");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|3-1@q8", "--kv-layers: layers 3-1: the range ends before it starts");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0-3@q8+3@q4", "--kv-layers: layers 3-3 overlap 0-3");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0@q5", "--kv-layers");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|x@q8", "--kv-layers: 'x'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0@q8+", "--kv-layers: '' is not A[-B]@TYPE[/TYPE]");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0@q8+1@q8+2@q8+3@q8+4@q8+5@q8+6@q8+7@q8+8@q8", "more than 8 ranges");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q2:layers=0@q8:layers=1@q8", "gives :layers= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q2:layers=0@", "per-layer types (:layers=)");
+    rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-layers|0@q8", "--kv-layers");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|all", "--kv-rotate: 'all' is not one of none, k, v, kv, default");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
@@ -245,8 +256,14 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r-1", "residual");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:g8", "group");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4/zz", "unknown KV type 'zz'");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:r111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111111",
-            "longer than 95");
+    {   /* an entry one character longer than KVQ_CLI_MIX_NAME - 1 */
+        char a[KVQ_CLI_MIX_NAME + 64], want[64];
+        int k = snprintf(a, sizeof a, "-m|m|-f|t|--compare|q4:r");
+        for (int i = 0; i < KVQ_CLI_MIX_NAME - 4; i++) a[k++] = '1';
+        a[k] = '\0';
+        snprintf(want, sizeof want, "longer than %d", KVQ_CLI_MIX_NAME - 1);
+        rejects(KVQ_CLI_PPL, a, want);
+    }
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q5", "unknown KV type 'q5'");
     {   /* q3 parses through kvq_type_from_name (llama.cpp has no alias for it) */
         kvq_cli_opts o3;
@@ -296,6 +313,21 @@ static void test_aliases(void) {
                o.compare[1].type_v_local == KVQ_TYPE_Q2 && o.compare[2].type_k_local == KVQ_TYPE_Q8 &&
                strcmp(o.compare[1].name, "q8:local=q2") == 0,
            "--kv-type-local and :local= (entries inherit the global option, :local= overrides it)");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0-1@q8+29@q4/q8|--compare|q2,q2:layers=3@f16,q4");
+    EXPECT(o.n_layer_types == 2 && o.layer_types[0].first == 0 && o.layer_types[0].last == 1 &&
+               o.layer_types[0].type_k == KVQ_TYPE_Q8 && o.layer_types[0].type_v == KVQ_TYPE_Q8 &&
+               o.layer_types[1].first == 29 && o.layer_types[1].last == 29 && o.layer_types[1].type_k == KVQ_TYPE_Q4 &&
+               o.layer_types[1].type_v == KVQ_TYPE_Q8 && o.n_compare == 3 && o.compare[0].n_layer_types == 2 &&
+               o.compare[0].layer_types[1].type_v == KVQ_TYPE_Q8 && o.compare[1].n_layer_types == 1 &&
+               o.compare[1].layer_types[0].first == 3 && o.compare[1].layer_types[0].type_k == KVQ_TYPE_F16 &&
+               strcmp(o.compare[1].name, "q2:layers=3@f16") == 0 && o.compare[2].n_layer_types == 2,
+           "--kv-layers and :layers= (entries inherit the global option, :layers= replaces it)");
+    o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q2|--kv-layers|0@q8");
+    {
+        kvq_cli_mix m = kvq_cli_single_mix(&o);
+        EXPECT(m.n_layer_types == 1 && strcmp(m.name, "q2:layers=0@q8") == 0, "--kv-layers names the single mix: '%s'",
+               m.name);
+    }
     o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,q8/q4,q4:r64:g32,Q2|--residual|32|--group|128");
     EXPECT(o.n_compare == 4 && o.compare[1].type_k == KVQ_TYPE_Q8 && o.compare[1].type_v == KVQ_TYPE_Q4 &&
                o.compare[2].residual == 64 && o.compare[2].group == 32 && o.compare[3].residual == 32 &&

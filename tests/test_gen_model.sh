@@ -44,6 +44,24 @@ for args in "--shape gpt5 -o $tmp/x" "--shape llama3-8b" "--shape llama3-8b -o $
   if [ $rc -ne 0 ] && [ $rc -lt 124 ] && grep -q "kvq gen-model:" <<<"$out"; then ok "refused: $args: $(head -1 <<<"$out")"
   else bad "not refused ($rc): $args"; fi
 done
+# Per-layer KV types (--kv-layers / :layers=) on the 2-layer model: every layer overridden to q8 is the q8 context (same
+# caches: the same PPL to the last digit and bytes); one layer of q2 made f16 stores the mean of the two types' bytes
+# per token (layers are summed) and changes the result; a range past the model's layers is refused by name.
+m=$tmp/m-q8_0.gguf
+if "$kvq" perplexity -m "$m" -f "$tmp/t.txt" -c 256 --chunks 2 -t 1 -q --csv "$tmp/lt.csv" \
+     --compare f16,q8,f16:layers=0-1@q8,q2,q2:layers=1@f16 >"$tmp/lt.log" 2>&1; then
+  if awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+      { p[$c["kv"]] = $c["ppl"]; b[$c["kv"]] = $c["bytes_per_token"] }
+      END { e = ""
+        if (p["q8"] == "" || p["q2:layers=1@f16"] == "" || b["q2"] == "") e = e " missing-rows"
+        if (p["q8"] != p["f16:layers=0-1@q8"] || b["q8"] != b["f16:layers=0-1@q8"]) e = e " all-overridden"
+        if ((b["q2:layers=1@f16"] - (b["q2"] + b["f16"]) / 2) ^ 2 > 1e-6) e = e " bytes"
+        if (p["q2:layers=1@f16"] == p["q2"]) e = e " no-effect"
+        if (e != "") { print e; exit 1 } }' "$tmp/lt.csv"; then ok "per-layer types: overrides apply, bytes per layer"
+  else bad "per-layer types"; cat "$tmp/lt.csv"; fi
+else bad "per-layer types run"; tail -5 "$tmp/lt.log"; fi
+out=$("$kvq" perplexity -m "$m" -f "$tmp/t.txt" -c 128 --chunks 1 -t 1 --kv-layers 1-2@q8 2>&1) && bad "--kv-layers 1-2 on 2 layers accepted" ||
+  { grep -q "layers 1-2 outside the model's 0-1" <<<"$out" && ok "--kv-layers past the last layer refused" || bad "--kv-layers 1-2: $out"; }
 # kvq bench on the CPU engine: one row per (type, depth), f16 the base of the ratios (listed second here), the bound
 # column equal to (W + d K_f16) / (W + d K_t) from the row's own columns, positive speeds
 m=$tmp/m-q8_0.gguf

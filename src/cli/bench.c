@@ -212,7 +212,7 @@ int kvq_cli_bench(int argc, char **argv) {
         kvq_cli_ctx c = {0};
         kvq_status st = n_seq > 1 ? llama_gpu_ctx_create_par(L.gm, &cp, n_seq, &c.gpu) : kvq_cli_ctx_create(&L, &cp, &c);
         if (st) {
-            char what[160];
+            char what[KVQ_CLI_MIX_NAME + 64];
             snprintf(what, sizeof what, "creating the context of %s (%d tokens)", mixes[m].name, n_ctx);
             rc = die(what, st);
             goto done;

@@ -17,6 +17,7 @@
 #include <stdio.h>
 
 #include "kvq.h"
+#include "llama.h"
 
 enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TOK = 3, KVQ_CLI_PASSKEY = 4, KVQ_CLI_NCMD = 5 };
 
@@ -30,9 +31,9 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
 /* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
- * :sinks=N :nuq=ROLES :seed=N :pre=0|1 :squat=R :lambda=X :local=TYPE[/TYPE] (ROLES: none, k, v, kv). Fields an entry does not give come
- * from the global options. */
-#define KVQ_CLI_MIX_NAME 96
+ * :sinks=N :nuq=ROLES :seed=N :pre=0|1 :squat=R :lambda=X :local=TYPE[/TYPE] :layers=SPEC (ROLES: none, k, v, kv; SPEC
+ * as --kv-layers: A[-B]@TYPE[/TYPE] joined by '+'). Fields an entry does not give come from the global options. */
+#define KVQ_CLI_MIX_NAME 160
 typedef struct kvq_cli_mix {
     kvq_type type_k, type_v;
     int residual; /* -1: the library's default */
@@ -47,6 +48,8 @@ typedef struct kvq_cli_mix {
     kvq_type type_k_local, type_v_local;
     int squat_rank;         /* SQuat keys: r, 0 off, -1 the engine's default (llama_default_squat) */
     float squat_lambda;     /* <= 0: libkvq's auto rule */
+    int n_layer_types;      /* per-layer types (llama_ctx_params.layer_types), 0: none */
+    llama_layer_types layer_types[LLAMA_MAX_LAYER_TYPES];
     char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
@@ -65,6 +68,9 @@ typedef struct kvq_cli_opts {
     kvq_type type_k, type_v;
     int local_types;                    /* --kv-type-local given */
     kvq_type type_k_local, type_v_local; /* --kv-type-local TYPE[/TYPE] */
+    const char *kv_layers;              /* --kv-layers SPEC as given (borrowed from argv), or NULL */
+    int n_layer_types;                  /* ... parsed */
+    llama_layer_types layer_types[LLAMA_MAX_LAYER_TYPES];
     double mem; /* bytes; 0: not given */
     size_t max_file;
     int gpu; /* --gpu, or -ngl N with N > 0: every layer on the GPU (no partial offload) */

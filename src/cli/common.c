@@ -210,23 +210,41 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
 
 kvq_status kvq_cli_model_kv_bytes(const llama_config *mc, const kvq_cli_mix *mix, int max_seqs, int64_t tokens, int batch,
                                   double *pages, double *windows) {
-    int n_local = 0;
-    for (int l = 0; l < mc->n_layers; l++) n_local += llama_layer_is_local(mc, l);
-    kvq_status st = KVQ_OK;
     *pages = *windows = 0;
-    if (n_local < mc->n_layers &&
-        (st = kvq_cli_kv_bytes(mc->n_layers - n_local, mc->n_kv_heads, mc->head_dim, mix, max_seqs, tokens, pages, windows)))
-        return st;
-    if (!n_local) return KVQ_OK;
-    /* the local layers: their own types, no sinks, and only the window's pages (llama.c's make_cache) */
-    kvq_cli_mix lm = *mix;
-    if (mix->local_types) lm.type_k = mix->type_k_local, lm.type_v = mix->type_v_local;
-    lm.sinks = 0;
-    int64_t P = lm.group > 64 ? lm.group : 64, held = (int64_t)mc->window + (batch > 0 ? batch : 256) + 2 * P;
-    double pg = 0, win = 0;
-    if ((st = kvq_cli_kv_bytes(n_local, mc->n_kv_heads, mc->head_dim, &lm, max_seqs, tokens < held ? tokens : held, &pg, &win)))
-        return st;
-    *pages += pg, *windows += win;
+    /* llama.c's caches: the layers grouped by kind (global, or local sliding-window: no sinks, only the window's
+     * pages) and types (the local types, then a per-layer range's), one cache per group as llama_ctx_create makes */
+    int kind[LLAMA_MAX_CACHES], cnt[LLAMA_MAX_CACHES] = {0}, ng = 0;
+    kvq_type gk[LLAMA_MAX_CACHES], gv[LLAMA_MAX_CACHES];
+    for (int l = 0; l < mc->n_layers; l++) {
+        int local = llama_layer_is_local(mc, l), g;
+        kvq_type tk = local && mix->local_types ? mix->type_k_local : mix->type_k;
+        kvq_type tv = local && mix->local_types ? mix->type_v_local : mix->type_v;
+        for (int i = 0; i < mix->n_layer_types; i++)
+            if (l >= mix->layer_types[i].first && l <= mix->layer_types[i].last)
+                tk = mix->layer_types[i].type_k, tv = mix->layer_types[i].type_v;
+        for (g = 0; g < ng; g++)
+            if (kind[g] == local && gk[g] == tk && gv[g] == tv) break;
+        if (g == ng) {
+            if (ng == LLAMA_MAX_CACHES)
+                return kvq_set_error(KVQ_ERR_INVALID_ARG, "more than %d groups of layers with distinct types", LLAMA_MAX_CACHES);
+            kind[g] = local, gk[g] = tk, gv[g] = tv, ng++;
+        }
+        cnt[g]++;
+    }
+    for (int g = 0; g < ng; g++) {
+        kvq_cli_mix lm = *mix;
+        lm.type_k = gk[g], lm.type_v = gv[g];
+        int64_t held = tokens;
+        if (kind[g]) {
+            lm.sinks = 0;
+            int64_t P = lm.group > 64 ? lm.group : 64, w = (int64_t)mc->window + (batch > 0 ? batch : 256) + 2 * P;
+            if (w < held) held = w;
+        }
+        double pg = 0, win = 0;
+        kvq_status st = kvq_cli_kv_bytes(cnt[g], mc->n_kv_heads, mc->head_dim, &lm, max_seqs, held, &pg, &win);
+        if (st) return st;
+        *pages += pg, *windows += win;
+    }
     return KVQ_OK;
 }
 
@@ -249,6 +267,8 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->type_v_local = mix->type_v_local;
     cp->squat_rank = mix->squat_rank;
     cp->squat_lambda = mix->squat_lambda;
+    cp->n_layer_types = mix->n_layer_types;
+    cp->layer_types = mix->n_layer_types ? mix->layer_types : NULL;
 }
 
 kvq_status kvq_cli_ctx_create(const kvq_cli_loaded *L, const llama_ctx_params *cp, kvq_cli_ctx *out) {

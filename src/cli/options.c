@@ -103,7 +103,8 @@ kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
                      .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
                      .rotation_seed = o->rotation_seed, .prerope = o->prerope, .local_types = o->local_types,
                      .type_k_local = o->type_k_local, .type_v_local = o->type_v_local, .squat_rank = o->squat_rank,
-                     .squat_lambda = o->squat_lambda};
+                     .squat_lambda = o->squat_lambda, .n_layer_types = o->n_layer_types};
+    memcpy(m.layer_types, o->layer_types, sizeof m.layer_types);
     snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
     if (o->type_v != o->type_k)
         snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
@@ -112,6 +113,7 @@ kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
         if (o->type_v_local != o->type_k_local)
             snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v_local));
     }
+    if (o->n_layer_types) snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), ":layers=%s", o->kv_layers);
     return m;
 }
 
@@ -258,6 +260,40 @@ static int parse_type_pair(char *s, kvq_type *k, kvq_type *v, const char *name, 
     return kvq_cli_parse_type(slash + 1, v, name, err, n);
 }
 
+/* Per-layer types, "A[-B]@TYPE[/TYPE]" ranges joined by '+' (e.g. "0-1@q8+29@q4/q8"): layers A..B (0-based) store
+ * keys and values as those types. Ranges must not overlap; the engine checks them against the model's layers. */
+static int parse_layer_types(const char *spec, int *count, llama_layer_types *out, const char *name, char *err, size_t n) {
+    char buf[KVQ_CLI_MIX_NAME];
+    if (strlen(spec) >= sizeof buf) return fail(err, n, "%s: '%.40s...' is too long", name, spec);
+    strcpy(buf, spec);
+    int k = 0;
+    for (char *p = buf, *e;; p = e + 1) {
+        e = strchr(p, '+');
+        if (e) *e = '\0';
+        char *at = strchr(p, '@');
+        if (!*p || !at) return fail(err, n, "%s: '%s' is not A[-B]@TYPE[/TYPE] (e.g. 0-1@q8+29@q4)", name, p);
+        if (k == LLAMA_MAX_LAYER_TYPES) return fail(err, n, "%s: more than %d ranges", name, LLAMA_MAX_LAYER_TYPES);
+        *at = '\0';
+        char *dash = strchr(p, '-');
+        if (dash) *dash = '\0';
+        int64_t a, b;
+        if (kvq_cli_parse_i64(p, 0, 4095, &a, name, err, n)) return -1;
+        b = a;
+        if (dash && kvq_cli_parse_i64(dash + 1, 0, 4095, &b, name, err, n)) return -1;
+        if (b < a) return fail(err, n, "%s: layers %lld-%lld: the range ends before it starts", name, (long long)a, (long long)b);
+        for (int j = 0; j < k; j++)
+            if (a <= out[j].last && out[j].first <= b)
+                return fail(err, n, "%s: layers %lld-%lld overlap %d-%d", name, (long long)a, (long long)b, out[j].first,
+                            out[j].last);
+        out[k].first = (int)a, out[k].last = (int)b;
+        if (parse_type_pair(at + 1, &out[k].type_k, &out[k].type_v, name, err, n)) return -1;
+        k++;
+        if (!e) break;
+    }
+    *count = k;
+    return 0;
+}
+
 /* "q4" -> q4/q4, "q8/q4" -> keys q8, values q4; then suffixes, each at most once, in any order: ":r128" (residual),
  * ":g32" (group), ":rot=kv", ":sinks=4", ":nuq=k", ":seed=7", ":pre=1", ":squat=8", ":lambda=0.05" (kvq.h section 10), ":local=q4" or
  * ":local=q8/q4" (the sliding-window layers' types). The entry's defaults are the global options' (`g`). */
@@ -268,9 +304,9 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
     buf[len] = '\0';
     *m = *g;
     memcpy(m->name, buf, len + 1);
-    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_SQUAT, S_LAMBDA, S_N };
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_SQUAT, S_LAMBDA, S_LAYERS, S_N };
     static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre=", ":local=",
-                                           ":squat=", ":lambda="};
+                                           ":squat=", ":lambda=", ":layers="};
     int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
         const char *x = colon + 1;
@@ -283,13 +319,15 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         else if (strncmp(x, "local=", 6) == 0) k = S_LOCAL, x += 6;
         else if (strncmp(x, "squat=", 6) == 0) k = S_SQUAT, x += 6;
         else if (strncmp(x, "lambda=", 7) == 0) k = S_LAMBDA, x += 7;
+        else if (strncmp(x, "layers=", 7) == 0) k = S_LAYERS, x += 7;
         else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
         else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
         else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
         else
             return fail(err, n,
                         "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
-                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1, :squat=R, :lambda=auto|X, :local=TYPE[/TYPE])", m->name, colon);
+                        ":nuq=none|k|v|kv, :seed=N, :pre=0|1, :squat=R, :lambda=auto|X, :local=TYPE[/TYPE], "
+                        ":layers=A[-B]@TYPE[/TYPE]+...)", m->name, colon);
         if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
         int64_t v;
         switch (k) {
@@ -308,6 +346,10 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
             if (parse_type_pair((char *)x, &m->type_k_local, &m->type_v_local, "--compare: local layers' types (:local=)", err, n))
                 return -1;
             m->local_types = 1;
+            break;
+        case S_LAYERS:
+            if (parse_layer_types(x, &m->n_layer_types, m->layer_types, "--compare: per-layer types (:layers=)", err, n))
+                return -1;
             break;
         case S_SEED:
             if (kvq_cli_parse_i64(x, 0, UINT32_MAX, &v, "--compare: rotation seed (:seed=)", err, n)) return -1;
@@ -347,7 +389,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -399,6 +441,7 @@ static const optdef OPTS[] = {
     {O_KV_SQUAT, R | P | K, 1, {"--kv-squat"}},
     {O_KV_SQUAT_LAMBDA, R | P | K, 1, {"--kv-squat-lambda"}},
     {O_KV_TYPE_LOCAL, R | P | C | K, 1, {"--kv-type-local"}},
+    {O_KV_LAYERS, R | P | C | K, 1, {"--kv-layers"}},
     {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
     {O_CSV, P | K, 1, {"--csv"}},
     {O_LENGTHS, K, 1, {"--lengths"}},
@@ -507,6 +550,10 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             o->local_types = 1;
             break;
         }
+        case O_KV_LAYERS:
+            if (parse_layer_types(v, &o->n_layer_types, o->layer_types, a, err, n)) return -1;
+            o->kv_layers = v;
+            break;
         case O_KV_PREROPE:
             if (strcmp(v, "default") == 0) o->prerope = -1;
             else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
@@ -608,7 +655,11 @@ static void kv_help(FILE *f, int cmd) {
                 "                          (Gemma 3: 5 local layers of window 512 for each global one); the global layers\n"
                 "                          keep --kv-type. Default: the same types as the global layers. In --compare:\n"
                 "                          ':local=T[/T]' (e.g. --compare f16,q8:local=q4). A model without local\n"
-                "                          layers ignores it. Local layers never have sinks (the window leaves token 0)\n");
+                "                          layers ignores it. Local layers never have sinks (the window leaves token 0)\n"
+                "  --kv-layers A[-B]@T[/T][+...]  per-layer types: layers A..B (0-based) store keys[/values] as T, the\n"
+                "                          others --kv-type (e.g. --kv-layers 0-1@q8+29@q8 with --kv-type q2: mixed\n"
+                "                          precision where the error costs most). In --compare: ':layers=...'. CPU\n"
+                "                          engine only; pre-RoPE keys and SQuat follow each layer's key type\n");
     fprintf(f,
             "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
             "                          %d for q4/q3/q2, %d for the per-token types)\n"

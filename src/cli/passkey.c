@@ -172,7 +172,7 @@ int kvq_cli_passkey(int argc, char **argv) {
         llama_ctx_params cp;
         kvq_cli_ctx_params(&o, &mixes[m], max_len, &cp);
         if ((st = llama_ctx_create(L.m, &cp, &c))) {
-            char what[160];
+            char what[KVQ_CLI_MIX_NAME + 64];
             snprintf(what, sizeof what, "creating the context of %s", mixes[m].name);
             rc = kvq_cli_die(KVQ_CLI_PASSKEY, what, st);
             goto done;

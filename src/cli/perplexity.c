@@ -78,7 +78,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
         llama_ctx_params cp;
         kvq_cli_ctx_params(o, &mixes[i], ctx, &cp);
         if ((st = kvq_cli_ctx_create(L, &cp, &acc[i].c))) {
-            char what[160];
+            char what[KVQ_CLI_MIX_NAME + 64];
             snprintf(what, sizeof what, "creating the context of %s", mixes[i].name);
             rc = kvq_cli_die(KVQ_CLI_PPL, what, st);
             goto done;

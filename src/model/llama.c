@@ -273,17 +273,21 @@ fail:
  * -------------------------------------------------------------------------------------------------------- */
 struct llama_ctx {
     const llama_model *m;
-    /* [0]: the global layers (every layer for Llama), [1]: Gemma 3's local (sliding-window) layers, or NULL */
-    kvq_cache *cache[2];
-    int32_t seq[2];
-    kvq_attn_params ap[2];
-    float *rope_inv_freq[2]; /* [head_dim / 2] each */
-    int8_t *layer_kind;      /* [n_layers]: 0 global, 1 local */
-    int *layer_index;        /* [n_layers]: the layer's index in its cache */
+    /* One cache per group of layers of one kind (0: global, every layer for Llama; 1: Gemma 3's local sliding-window
+     * layers) and the same key and value types (per-layer types, llama_ctx_params.layer_types): n_caches of them,
+     * cache 0 holding layer 0 */
+    int n_caches;
+    kvq_cache *cache[LLAMA_MAX_CACHES];
+    int32_t seq[LLAMA_MAX_CACHES];
+    int8_t cache_kind[LLAMA_MAX_CACHES];
+    int prerope[LLAMA_MAX_CACHES]; /* the cache takes keys before RoPE (kvq.h section 10): forward appends them unroped */
+    int squat[LLAMA_MAX_CACHES];   /* SQuat rank (0: off): the first batch of a sequence sets its subspaces */
+    kvq_attn_params ap[2];         /* per kind */
+    float *rope_inv_freq[2];       /* per kind, [head_dim / 2] each */
+    int8_t *layer_cache;           /* [n_layers]: the layer's cache */
+    int *layer_index;              /* [n_layers]: the layer's index in its cache */
     int max_batch;
     int n_ctx;
-    int prerope;             /* the caches take keys before RoPE (kvq.h section 10): forward appends them unroped */
-    int squat[2];            /* SQuat rank of each cache (0: off): the first batch of a sequence sets its subspaces */
     tpool *pool;             /* the threads of weight products and attention (tpool.h) */
     qmat_work work;          /* qmat_mul's scratch for max_batch tokens */
     void *work_buf;
@@ -313,11 +317,11 @@ int llama_default_squat(kvq_type type_k) {
     return type_k == KVQ_TYPE_Q2 ? 8 : 0;
 }
 
-/* One of the context's caches: n_layers layers of kind `kind` (0 global, 1 local). */
-static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, int n_layers, int two) {
+/* Cache g of the context: n_layers layers of kind `kind` (0 global, 1 local) with keys tk and values tv; `what` names
+ * them in messages. */
+static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int kind, kvq_type tk, kvq_type tv,
+                             int n_layers, const char *what) {
     const llama_config *c = &x->m->cfg;
-    kvq_type tk = kind && p->local_types ? p->type_k_local : p->type_k;
-    kvq_type tv = kind && p->local_types ? p->type_v_local : p->type_v;
     kvq_cache_config cc = kvq_cache_config_default();
     cc.n_layers = n_layers;
     cc.n_kv_heads = c->n_kv_heads;
@@ -333,18 +337,19 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, 
     cc.nonuniform = p->nonuniform;
     /* the model's RoPE, for a cache that applies it: adjacent pairs for Llama (GGUF's Q/K rows are permuted for
      * them), NeoX halves for Gemma (not permuted) */
-    cc.prerope = x->prerope;
+    x->prerope[g] = p->prerope == -1 ? llama_default_prerope(tk) : p->prerope;
+    cc.prerope = x->prerope[g];
     cc.rope_neox = c->arch == LLAMA_ARCH_GEMMA3;
     cc.rope_theta = kind ? c->rope_theta_local : c->rope_theta;
     cc.rope_freqs = x->rope_inv_freq[kind];
     int sq = p->squat_rank == -1 ? llama_default_squat(tk) : p->squat_rank;
     const kvq_type_traits *tt = kvq_type_get_traits(tk);
-    x->squat[kind] = tt && tt->grouped ? sq : 0;
-    cc.squat_rank = x->squat[kind];
+    x->squat[g] = tt && tt->grouped ? sq : 0;
+    cc.squat_rank = x->squat[g];
     cc.squat_lambda = p->squat_lambda;
     cc.max_seqs = 1;
     kvq_status st;
-    const char *what = two ? (kind ? " (local layers)" : " (global layers)") : "";
+    x->cache_kind[g] = (int8_t)kind;
     cc.n_threads = tpool_threads(x->pool);
     /* exactly the pages n_ctx tokens need; the local layers hold only their window (llama_forward releases the
      * pages before it, kvq_seq_drop_front): the window, a batch, the page the window starts in and a page being
@@ -365,12 +370,12 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int kind, 
         return kvqm_fail(st, "KV cache%s (keys %s, values %s, head_dim %d, %d KV heads, %d tokens): %s", what, type_str(tk),
                          type_str(tv), c->head_dim, c->n_kv_heads, p->n_ctx, kvq_last_error());
     }
-    if ((st = kvq_cache_create(&cc, &x->cache[kind])))
+    if ((st = kvq_cache_create(&cc, &x->cache[g])))
         return kvqm_fail(st, "KV cache%s of %d tokens (%zu bytes of pages): %s", what, p->n_ctx, cc.arena_bytes, kvq_last_error());
     kvq_thread_pool tp = tpool_as_kvq(x->pool);
-    if ((st = kvq_cache_set_thread_pool(x->cache[kind], &tp)))
+    if ((st = kvq_cache_set_thread_pool(x->cache[g], &tp)))
         return kvqm_fail(st, "kvq_cache_set_thread_pool: %s", kvq_last_error());
-    if ((st = kvq_seq_new(x->cache[kind], &x->seq[kind]))) return kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
+    if ((st = kvq_seq_new(x->cache[g], &x->seq[g]))) return kvqm_fail(st, "kvq_seq_new: %s", kvq_last_error());
     return KVQ_OK;
 }
 
@@ -381,12 +386,24 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     if (p->n_ctx < 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "context size %d must be >= 1", p->n_ctx);
     if (p->local_types != 0 && p->local_types != 1)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "local_types %d must be 0 or 1", p->local_types);
+    if (p->n_layer_types < 0 || p->n_layer_types > LLAMA_MAX_LAYER_TYPES || (p->n_layer_types && !p->layer_types))
+        return kvqm_fail(p->n_layer_types > 0 && !p->layer_types ? KVQ_ERR_NULL : KVQ_ERR_INVALID_ARG,
+                         "n_layer_types %d (0..%d, with layer_types)", p->n_layer_types, LLAMA_MAX_LAYER_TYPES);
+    for (int i = 0; i < p->n_layer_types; i++) {
+        const llama_layer_types *r = &p->layer_types[i];
+        if (r->first < 0 || r->last < r->first || r->last >= c->n_layers)
+            return kvqm_fail(KVQ_ERR_INVALID_ARG, "layer types: layers %d-%d outside the model's 0-%d", r->first, r->last,
+                             c->n_layers - 1);
+        for (int j = 0; j < i; j++)
+            if (r->first <= p->layer_types[j].last && p->layer_types[j].first <= r->last)
+                return kvqm_fail(KVQ_ERR_INVALID_ARG, "layer types: layers %d-%d and %d-%d overlap", p->layer_types[j].first,
+                                 p->layer_types[j].last, r->first, r->last);
+    }
     llama_ctx *x = calloc(1, sizeof *x);
     if (!x) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
-    x->prerope = p->prerope == -1 ? llama_default_prerope(p->type_k) : p->prerope;
     kvq_status st = KVQ_OK;
     if (p->n_threads < 0 || p->n_threads > 1024) {
         st = kvqm_fail(KVQ_ERR_INVALID_ARG, "threads %d outside 0..1024", p->n_threads);
@@ -394,21 +411,39 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     }
     if ((st = tpool_create(p->n_threads, -1, &x->pool))) goto fail;
 
-    int hd = c->head_dim, n_local = 0;
-    x->layer_kind = malloc((size_t)c->n_layers * sizeof *x->layer_kind);
+    int hd = c->head_dim;
+    x->layer_cache = malloc((size_t)c->n_layers * sizeof *x->layer_cache);
     x->layer_index = malloc((size_t)c->n_layers * sizeof *x->layer_index);
     x->rope_inv_freq[0] = malloc((size_t)(hd / 2) * sizeof(float));
     x->rope_inv_freq[1] = malloc((size_t)(hd / 2) * sizeof(float));
-    if (!x->layer_kind || !x->layer_index || !x->rope_inv_freq[0] || !x->rope_inv_freq[1]) {
+    if (!x->layer_cache || !x->layer_index || !x->rope_inv_freq[0] || !x->rope_inv_freq[1]) {
         st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory for activations");
         goto fail;
     }
-    int n_kind[2] = {0, 0};
+    /* the groups: layers of one kind and the same types, in the order of their first layer */
+    kvq_type gk[LLAMA_MAX_CACHES], gv[LLAMA_MAX_CACHES];
+    int n_in[LLAMA_MAX_CACHES] = {0}, n_kind[2] = {0, 0}, overridden = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        x->layer_kind[l] = (int8_t)llama_layer_is_local(c, l);
-        x->layer_index[l] = n_kind[x->layer_kind[l]]++;
+        int kind = llama_layer_is_local(c, l), g;
+        kvq_type tk = kind && p->local_types ? p->type_k_local : p->type_k;
+        kvq_type tv = kind && p->local_types ? p->type_v_local : p->type_v;
+        for (int i = 0; i < p->n_layer_types; i++)
+            if (l >= p->layer_types[i].first && l <= p->layer_types[i].last)
+                tk = p->layer_types[i].type_k, tv = p->layer_types[i].type_v, overridden = 1;
+        for (g = 0; g < x->n_caches; g++)
+            if (x->cache_kind[g] == kind && gk[g] == tk && gv[g] == tv) break;
+        if (g == x->n_caches) {
+            if (g == LLAMA_MAX_CACHES) {
+                st = kvqm_fail(KVQ_ERR_INVALID_ARG, "layer types: more than %d groups of layers with distinct types",
+                               LLAMA_MAX_CACHES);
+                goto fail;
+            }
+            x->cache_kind[g] = (int8_t)kind, gk[g] = tk, gv[g] = tv, x->n_caches++;
+        }
+        x->layer_cache[l] = (int8_t)g;
+        x->layer_index[l] = n_in[g]++;
+        n_kind[kind]++;
     }
-    n_local = n_kind[1];
     for (int i = 0; i < hd / 2; i++) {
         x->rope_inv_freq[0][i] = (float)(pow((double)c->rope_theta, -2.0 * i / hd) / (double)c->rope_scale_global);
         x->rope_inv_freq[1][i] = (float)pow((double)c->rope_theta_local, -2.0 * i / hd);
@@ -420,8 +455,16 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     }
     x->ap[1].window = c->window;
 
-    if ((st = make_cache(x, p, 0, n_kind[0], n_local > 0))) goto fail;
-    if (n_local && (st = make_cache(x, p, 1, n_local, 1))) goto fail;
+    for (int g = 0; g < x->n_caches; g++) {
+        char what[96];
+        int kind = x->cache_kind[g];
+        if (overridden)
+            snprintf(what, sizeof what, " (%s layers with keys %s, values %s)", kind ? "local" : "global",
+                     type_str(gk[g]), type_str(gv[g]));
+        else
+            snprintf(what, sizeof what, "%s", n_kind[1] ? (kind ? " (local layers)" : " (global layers)") : "");
+        if ((st = make_cache(x, p, g, kind, gk[g], gv[g], n_in[g], what))) goto fail;
+    }
     size_t B = (size_t)x->max_batch, kv_dim = (size_t)c->n_kv_heads * (size_t)hd, qd = (size_t)c->q_dim;
     x->x = malloc(B * (size_t)c->dim * sizeof(float));
     x->h = malloc(B * (size_t)c->dim * sizeof(float));
@@ -447,10 +490,9 @@ fail:
 
 void llama_ctx_free(llama_ctx *c) {
     if (!c) return;
-    kvq_cache_free(c->cache[0]);
-    kvq_cache_free(c->cache[1]);
+    for (int g = 0; g < c->n_caches; g++) kvq_cache_free(c->cache[g]);
     free(c->rope_inv_freq[0]), free(c->rope_inv_freq[1]);
-    free(c->layer_kind), free(c->layer_index);
+    free(c->layer_cache), free(c->layer_index);
     free(c->x), free(c->h), free(c->q), free(c->o), free(c->k), free(c->v), free(c->g), free(c->u);
     free(c->work_buf);
     tpool_free(c->pool);
@@ -458,8 +500,7 @@ void llama_ctx_free(llama_ctx *c) {
 }
 
 kvq_status llama_ctx_reset(llama_ctx *c) {
-    for (int k = 0; k < 2; k++) {
-        if (!c->cache[k]) continue;
+    for (int k = 0; k < c->n_caches; k++) {
         kvq_status st = kvq_seq_free(c->cache[k], c->seq[k]);
         if (!st) st = kvq_seq_new(c->cache[k], &c->seq[k]);
         if (st) return kvqm_fail(st, "reset: %s", kvq_last_error());
@@ -473,24 +514,26 @@ int64_t llama_ctx_pos(const llama_ctx *c) {
     return len;
 }
 
-const kvq_cache *llama_ctx_cache(const llama_ctx *c) { return c->cache[0]; }
-const kvq_cache *llama_ctx_cache_local(const llama_ctx *c) { return c->cache[1]; }
+const kvq_cache *llama_ctx_layer_cache(const llama_ctx *c, int l) {
+    return c && l >= 0 && l < c->m->cfg.n_layers ? c->cache[c->layer_cache[l]] : NULL;
+}
 
 kvq_status llama_ctx_get_stats(const llama_ctx *c, kvq_cache_stats *s) {
     if (!c || !s) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_get_stats: NULL argument");
     kvq_status st = kvq_cache_get_stats(c->cache[0], s);
     if (st) return kvqm_fail(st, "cache statistics: %s", kvq_last_error());
-    if (!c->cache[1]) return KVQ_OK;
-    kvq_cache_stats t;
-    if ((st = kvq_cache_get_stats(c->cache[1], &t))) return kvqm_fail(st, "cache statistics: %s", kvq_last_error());
-    s->pages_total += t.pages_total;
-    s->pages_free += t.pages_free;
-    s->pages_shared += t.pages_shared;
-    s->arena_bytes += t.arena_bytes;
-    s->page_bytes_in_use += t.page_bytes_in_use;
-    s->window_bytes += t.window_bytes;
-    s->bytes_per_token += t.bytes_per_token;
-    s->f16_bytes_per_token += t.f16_bytes_per_token;
+    for (int g = 1; g < c->n_caches; g++) { /* the caches' sums: each holds its own layers */
+        kvq_cache_stats t;
+        if ((st = kvq_cache_get_stats(c->cache[g], &t))) return kvqm_fail(st, "cache statistics: %s", kvq_last_error());
+        s->pages_total += t.pages_total;
+        s->pages_free += t.pages_free;
+        s->pages_shared += t.pages_shared;
+        s->arena_bytes += t.arena_bytes;
+        s->page_bytes_in_use += t.page_bytes_in_use;
+        s->window_bytes += t.window_bytes;
+        s->bytes_per_token += t.bytes_per_token;
+        s->f16_bytes_per_token += t.f16_bytes_per_token;
+    }
     return KVQ_OK;
 }
 
@@ -569,9 +612,10 @@ static void top_subspace(const double *C, int D, int r, double *V, double *W, fl
 
 /* Sets layer li's key subspaces (one per KV head) from the n queries q ([n][n_heads][D], in the frame the cache stores
  * keys in). A batch with fewer than 2r query rows per KV head leaves the sequence without one (plain quantization). */
-static kvq_status squat_set(llama_ctx *c, kvq_cache *cache, int kind, int li, const float *q, int n) {
+static kvq_status squat_set(llama_ctx *c, int g, int li, const float *q, int n) {
     const llama_config *cf = &c->m->cfg;
-    int D = cf->head_dim, r = c->squat[kind], grp = cf->n_heads / cf->n_kv_heads;
+    kvq_cache *cache = c->cache[g];
+    int D = cf->head_dim, r = c->squat[g], grp = cf->n_heads / cf->n_kv_heads;
     if (n * grp < 2 * r) return KVQ_OK;
     double *C = malloc(sizeof(double) * ((size_t)D * D + 2 * (size_t)D * r));
     float *B = malloc(sizeof(float) * (size_t)D * r);
@@ -591,7 +635,7 @@ static kvq_status squat_set(llama_ctx *c, kvq_cache *cache, int kind, int li, co
         for (int i = 0; i < D; i++)
             for (int j = 0; j < i; j++) C[(size_t)j * D + i] = C[(size_t)i * D + j];
         top_subspace(C, D, r, C + (size_t)D * D, C + (size_t)D * D + (size_t)D * r, B);
-        if ((st = kvq_seq_set_key_subspace(cache, c->seq[kind], li, h, B)))
+        if ((st = kvq_seq_set_key_subspace(cache, c->seq[g], li, h, B)))
             st = kvqm_fail(st, "layer %d: kvq_seq_set_key_subspace: %s", li, kvq_last_error());
     }
     free(C), free(B);
@@ -623,8 +667,8 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
     int32_t n_tok = n;
     for (int l = 0; l < cf->n_layers; l++) {
         const llama_layer *L = &m->layers[l];
-        int kind = c->layer_kind[l], li = c->layer_index[l];
-        kvq_cache *cache = c->cache[kind];
+        int g = c->layer_cache[l], kind = c->cache_kind[g], li = c->layer_index[l], pre = c->prerope[g];
+        kvq_cache *cache = c->cache[g];
         rmsnorm(c->h, c->x, L->attn_norm, n, dim, cf->norm_eps);
         matmul(c, c->q, c->h, &L->wq, n, 0); /* [n][n_heads*hd] */
         matmul(c, c->k, c->h, &L->wk, n, 0); /* [n][n_kv*hd] */
@@ -637,22 +681,22 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
         /* SQuat: the first batch's queries, in the keys' frame: before RoPE for pre-RoPE keys, else after. For
          * pre-RoPE keys the queries after RoPE (which sample q_p turned by the distances p - t that reach key t) were
          * measured worse: Q2 KLD 0.0894 against 0.0819 (docs/quality.md, 2026-12-04) */
-        int squat_now = c->squat[kind] > 0 && pos0 == 0;
-        if (squat_now && c->prerope && (st = squat_set(c, cache, kind, li, c->q, n))) return st;
+        int squat_now = c->squat[g] > 0 && pos0 == 0;
+        if (squat_now && pre && (st = squat_set(c, g, li, c->q, n))) return st;
         for (int t = 0; t < n; t++) {
             rope(c->q + (size_t)t * qd, cf->n_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
-            if (!c->prerope) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
+            if (!pre) rope(c->k + (size_t)t * kv_dim, cf->n_kv_heads, hd, pos0 + t, c->rope_inv_freq[kind], gemma);
         }
-        if (squat_now && !c->prerope && (st = squat_set(c, cache, kind, li, c->q, n))) return st;
+        if (squat_now && !pre && (st = squat_set(c, g, li, c->q, n))) return st;
         /* a local layer: the keys before the first query's window are released, which frees the pages the append
          * needs (make_cache sized the local arena for the window) */
         if (kind && c->ap[1].window > 0 && pos0 - c->ap[1].window + 1 > 0 &&
-            (st = kvq_seq_drop_front(cache, c->seq[kind], li, pos0 - c->ap[1].window + 1)))
+            (st = kvq_seq_drop_front(cache, c->seq[g], li, pos0 - c->ap[1].window + 1)))
             return kvqm_fail(st, "layer %d: kvq_seq_drop_front: %s", l, kvq_last_error());
-        st = kvq_append(cache, li, 1, &c->seq[kind], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
+        st = kvq_append(cache, li, 1, &c->seq[g], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
         if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
-        st = n == 1 ? kvq_attn_decode(cache, li, 1, &c->seq[kind], c->q, c->o, &c->ap[kind])
-                    : kvq_attn_prefill(cache, li, c->seq[kind], n, c->q, c->o, &c->ap[kind]);
+        st = n == 1 ? kvq_attn_decode(cache, li, 1, &c->seq[g], c->q, c->o, &c->ap[kind])
+                    : kvq_attn_prefill(cache, li, c->seq[g], n, c->q, c->o, &c->ap[kind]);
         if (st) return kvqm_fail(st, "layer %d: kvq attention: %s", l, kvq_last_error());
         if (L->post_attn_norm) { /* Gemma: x += rmsnorm(o Wo^T) * post_attention_norm */
             matmul(c, c->h, c->o, &L->wo, n, 0);

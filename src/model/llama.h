@@ -96,6 +96,16 @@ void llama_free(llama_model *m);
 /* A sequence being run: the model, its kvq cache, and scratch buffers sized for up to `max_batch` tokens per call. */
 typedef struct llama_ctx llama_ctx;
 
+/* Layers first..last (0-based, inclusive) of a context store their keys and values as type_k / type_v instead of the
+ * context's types (llama_ctx_params.layer_types): mixed precision per layer, e.g. the layers most sensitive to KV
+ * error at 8 bits and the rest at 2. */
+typedef struct llama_layer_types {
+    int first, last;
+    kvq_type type_k, type_v;
+} llama_layer_types;
+#define LLAMA_MAX_LAYER_TYPES 8 /* ranges per context */
+#define LLAMA_MAX_CACHES 8      /* distinct (layer kind, key type, value type) groups per context: one kvq cache each */
+
 typedef struct llama_ctx_params {
     int n_ctx;       /* tokens the cache must hold */
     int max_batch;   /* tokens per forward call (prefill chunk); 0: 256 */
@@ -108,7 +118,7 @@ typedef struct llama_ctx_params {
     int rotate, sinks, nonuniform;     /* sinks apply to global layers only: local (sliding-window) ones have none */
     uint32_t rotation_seed;
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
-     * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope(type_k) */
+     * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope of each cache's key type */
     int prerope;
     /* Gemma 3's local (sliding-window) layers: 0 (what a zero-initialized llama_ctx_params gets) they use type_k and
      * type_v like the global ones; 1 they use type_k_local / type_v_local. Ignored for a model without local layers. */
@@ -121,6 +131,12 @@ typedef struct llama_ctx_params {
      * and refuses r > 0). */
     int squat_rank;
     float squat_lambda; /* <= 0: kvq's auto rule */
+    /* per-layer types: n_layer_types ranges (<= LLAMA_MAX_LAYER_TYPES, disjoint, inside the model's layers) that
+     * override the types above (and a local layer's type_k_local / type_v_local); 0 / NULL: none. Layers of one kind
+     * (global or local) and the same two types share a kvq cache; a context holds at most LLAMA_MAX_CACHES. Pre-RoPE
+     * keys (prerope = -1) and SQuat (squat_rank = -1) follow each cache's own key type. Read by llama_ctx_create only. */
+    int n_layer_types;
+    const llama_layer_types *layer_types;
 } llama_ctx_params;
 
 /* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
@@ -138,9 +154,8 @@ void llama_ctx_free(llama_ctx *c);
 /* Drops the cached tokens (a fresh sequence). */
 kvq_status llama_ctx_reset(llama_ctx *c);
 int64_t llama_ctx_pos(const llama_ctx *c);
-/* The cache of the global layers (every layer for Llama); llama_ctx_cache_local: the local layers' one, or NULL. */
-const kvq_cache *llama_ctx_cache(const llama_ctx *c);
-const kvq_cache *llama_ctx_cache_local(const llama_ctx *c);
+/* The cache that holds layer l (layers of one kind and the same types share one), or NULL for l out of range. */
+const kvq_cache *llama_ctx_layer_cache(const llama_ctx *c, int l);
 /* Statistics of all the context's KV memory: kvq_cache_get_stats of each cache, the byte and page counts summed
  * (bytes_per_token and f16_bytes_per_token too: they cover all layers); tokens, n_seqs, capacity_tokens, page_bytes
  * are the global cache's. */
