@@ -254,6 +254,12 @@ typedef struct kvq_cache_config {
                              * that kvq_seq_set_key_subspace sets; 0 off. Grouped key types (Q4, Q3, Q2) only */
     float squat_lambda;     /* ridge lambda of the SQuat objective; <= 0 (and 0 in both defaults): auto, r / D
                              * (section 10); else finite */
+    /* NULL (both defaults) or n_layers numbers, each >= 0, that seed the rotation's random signs in place of the layer
+     * indices 0 .. n_layers - 1 (section 10), copied at create; read only with rotate != 0. An engine that spreads a
+     * model's layers over several caches (kvq's per-layer types) passes each cache its layers' model numbers, so that a
+     * layer's R does not depend on the grouping. kvq_cache_get_config returns the cache's copy (valid until
+     * kvq_cache_free), or NULL. */
+    const int32_t *rotation_layers;
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */

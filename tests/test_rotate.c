@@ -439,8 +439,76 @@ static void unrot_rope_tests(void) {
     }
 }
 
+/* kvq_cache_config.rotation_layers: a layer seeded with number m holds the bytes of layer m of a cache seeded with its
+ * indices (the same data appended), whatever cache and index hold it; the caller's array is copied; a negative number is
+ * refused; without rotation the field is not kept. */
+static void rotation_layers_tests(void) {
+    const int D = 64, H = 2, T = 300; /* a sink, two 64-token groups in pages and the window */
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = KVQ_TYPE_Q4, cfg.type_v = KVQ_TYPE_Q2, cfg.rotate = KVQ_ROLES_KV;
+    cfg.arena_bytes = 8u << 20;
+    size_t n = (size_t)T * H * D;
+    float *k = malloc(n * 4), *v = malloc(n * 4);
+    tu_fill_kv(k, v, (size_t)T, H, D);
+    kvq_cache *ref = NULL, *sub = NULL;
+    cfg.n_layers = 8;
+    CHECK_OK(kvq_cache_create(&cfg, &ref));
+    int32_t ids[3] = {5, 1, 7};
+    cfg.n_layers = 3, cfg.rotation_layers = ids;
+    CHECK_OK(kvq_cache_create(&cfg, &sub));
+    ids[0] = 6; /* the cache keeps its own copy */
+    if (ref && sub) {
+        kvq_cache_config got;
+        CHECK_OK(kvq_cache_get_config(sub, &got, NULL));
+        CHECK(got.rotation_layers && got.rotation_layers != ids && got.rotation_layers[0] == 5 &&
+                  got.rotation_layers[2] == 7, "rotation_layers: the cache's copy");
+        int32_t sr, ss, nt = T;
+        CHECK_OK(kvq_seq_new(ref, &sr));
+        CHECK_OK(kvq_seq_new(sub, &ss));
+        const int ref_layer[3] = {5, 1, 7};
+        for (int l = 0; l < 3; l++) {
+            CHECK_OK(kvq_append(ref, ref_layer[l], 1, &sr, &nt, KVQ_DTYPE_F32, k, v));
+            CHECK_OK(kvq_append(sub, l, 1, &ss, &nt, KVQ_DTYPE_F32, k, v));
+            kvq_seq_view a, b;
+            CHECK_OK(kvq_seq_view_get(ref, sr, ref_layer[l], &a));
+            CHECK_OK(kvq_seq_view_get(sub, ss, l, &b));
+            int same = a.n_pages == b.n_pages && a.window_tokens == b.window_tokens;
+            for (int i = 0; same && i < a.n_pages; i++)
+                same = !memcmp(a.arena + (size_t)a.pages[i] * a.layout.page_bytes,
+                               b.arena + (size_t)b.pages[i] * b.layout.page_bytes, a.layout.page_bytes);
+            same = same && !memcmp(a.window_k, b.window_k, (size_t)a.window_tokens * H * D * 2) &&
+                   !memcmp(a.window_v, b.window_v, (size_t)a.window_tokens * H * D * 2);
+            CHECK(same, "rotation_layers: layer %d seeded as %d does not hold layer %d's bytes", l, ref_layer[l], ref_layer[l]);
+        }
+        /* and another number gives other bytes (the signs do depend on it) */
+        int32_t s2;
+        CHECK_OK(kvq_seq_new(ref, &s2));
+        CHECK_OK(kvq_append(ref, 0, 1, &s2, &nt, KVQ_DTYPE_F32, k, v));
+        kvq_seq_view a, b;
+        CHECK_OK(kvq_seq_view_get(ref, s2, 0, &a));
+        CHECK_OK(kvq_seq_view_get(sub, ss, 0, &b));
+        int lp = a.n_pages - 1; /* a quantized page (the first holds the sink, in fp16) */
+        CHECK(a.n_pages > 1 && memcmp(a.arena + (size_t)a.pages[lp] * a.layout.page_bytes,
+                                      b.arena + (size_t)b.pages[lp] * b.layout.page_bytes, a.layout.page_bytes) != 0,
+              "rotation_layers: layers 0 and 5 hold the same bytes");
+    }
+    kvq_cache_free(ref), kvq_cache_free(sub);
+    int32_t bad[3] = {0, -1, 2};
+    cfg.rotation_layers = bad, sub = NULL;
+    CHECK_ERR(kvq_cache_create(&cfg, &sub), KVQ_ERR_INVALID_ARG);
+    CHECK(sub == NULL && strstr(kvq_last_error(), "rotation_layers[1] = -1"), "negative rotation_layers: %s", kvq_last_error());
+    cfg.rotate = KVQ_ROLES_NONE; /* not read without rotation, and not kept */
+    CHECK_OK(kvq_cache_create(&cfg, &sub));
+    kvq_cache_config got;
+    if (sub) CHECK_OK(kvq_cache_get_config(sub, &got, NULL));
+    CHECK(sub && got.rotation_layers == NULL, "rotation_layers kept without rotation");
+    kvq_cache_free(sub);
+    free(k), free(v);
+}
+
 int main(void) {
     tu_seed(11);
+    rotation_layers_tests();
     transform_tests();
     unrot_rope_tests();
     roundtrip_tests();

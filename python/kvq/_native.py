@@ -133,7 +133,8 @@ class CacheConfig(C.Structure):
                 ("residual", C.c_int), ("max_seqs", C.c_int), ("n_threads", C.c_int), ("rotate", C.c_int),
                 ("rotation_seed", C.c_uint32), ("sinks", C.c_int), ("nonuniform", C.c_int), ("prerope", C.c_int),
                 ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float)),
-                ("squat_rank", C.c_int), ("squat_lambda", C.c_float)]
+                ("squat_rank", C.c_int), ("squat_lambda", C.c_float),
+                ("rotation_layers", C.POINTER(C.c_int32))]  # NULL here: the cache's layer indices seed the signs
 
 
 class PageLayout(C.Structure):

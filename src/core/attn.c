@@ -409,7 +409,7 @@ static void rotate_rows(const kvq_cache *c, int layer, kvq_role role, int invers
     if (!kvq__rotated(c, role)) return;
     if (role == KVQ_KEY && c->cfg.prerope) return; /* run_work un-rotates each key row instead (work.kunrot) */
     kvq__rot r;
-    kvq__rot_init(&r, c->cfg.rotation_seed, layer, role, c->L.head_dim);
+    kvq__rot_init(&r, c->cfg.rotation_seed, kvq__rot_layer(c, layer), role, c->L.head_dim);
     for (size_t i = 0; i < rows; i++)
         if (inverse || row_finite(x + i * (size_t)r.D, r.D)) kvq__rot_apply(&r, x + i * (size_t)r.D, inverse);
 }
@@ -417,7 +417,7 @@ static void rotate_rows(const kvq_cache *c, int layer, kvq_role role, int invers
 /* Pre-RoPE keys stored rotated (kvq.h section 10): the rotation each key row is taken back through before RoPE */
 static const kvq__rot *key_unrotation(const kvq_cache *c, int layer, kvq__rot *r) {
     if (!c->cfg.prerope || !kvq__rotated(c, KVQ_KEY)) return NULL;
-    kvq__rot_init(r, c->cfg.rotation_seed, layer, KVQ_KEY, c->L.head_dim);
+    kvq__rot_init(r, c->cfg.rotation_seed, kvq__rot_layer(c, layer), KVQ_KEY, c->L.head_dim);
     return r;
 }
 

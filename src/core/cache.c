@@ -78,6 +78,10 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->prerope != 0 && cfg->prerope != 1)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "prerope %d is not 0 or 1", cfg->prerope);
     if (!cfg->prerope) cfg->rope_freqs = NULL; /* not read: kvq_cache_get_config must not hand back a borrowed pointer */
+    if (!cfg->rotate) cfg->rotation_layers = NULL; /* likewise */
+    for (int l = 0; cfg->rotation_layers && l < cfg->n_layers; l++)
+        if (cfg->rotation_layers[l] < 0)
+            return kvq__fail(KVQ_ERR_INVALID_ARG, "rotation_layers[%d] = %d is negative", l, (int)cfg->rotation_layers[l]);
     if (cfg->prerope) {
         if (cfg->rope_neox != 0 && cfg->rope_neox != 1)
             return kvq__fail(KVQ_ERR_INVALID_ARG, "rope_neox %d is not 0 (adjacent pairs) or 1 (NeoX halves)",
@@ -207,6 +211,14 @@ kvq_status kvq_cache_create(const kvq_cache_config *in, kvq_cache **out) {
         kvq_cache_free(c);
         return e;
     }
+    if (c->cfg.rotation_layers) { /* the caller's array is borrowed for the call only */
+        if (!(c->rot_layers = kvq__malloc((size_t)c->cfg.n_layers * sizeof *c->rot_layers))) {
+            kvq_cache_free(c);
+            return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cache_create: no memory for rotation_layers");
+        }
+        memcpy(c->rot_layers, c->cfg.rotation_layers, (size_t)c->cfg.n_layers * sizeof *c->rot_layers);
+        c->cfg.rotation_layers = c->rot_layers;
+    }
     if (c->cfg.prerope && (s = kvq__rope_init(c))) {
         kvq_cache_free(c);
         return s;
@@ -230,6 +242,7 @@ void kvq_cache_free(kvq_cache *c) {
     free(c->refcnt);
     free(c->arena);
     free(c->rope_f), free(c->rope_kc), free(c->rope_ks);
+    free(c->rot_layers);
     free(c);
 }
 
@@ -782,7 +795,7 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
     for (int r = 0; r < 2; r++) {
         if (!kvq__rotated(c, (kvq_role)r)) continue;
         kvq__rot rot;
-        kvq__rot_init(&rot, c->cfg.rotation_seed, layer, (kvq_role)r, D);
+        kvq__rot_init(&rot, c->cfg.rotation_seed, kvq__rot_layer(c, layer), (kvq_role)r, D);
         float tmp[256];
         for (size_t i = 0; i < n_elem; i += D) {
             for (int d = 0; d < D; d++) tmp[d] = load_elem(dtype, r ? v : k, i + d);
@@ -837,8 +850,8 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
     /* nothing can fail from here on */
     size_t row = (size_t)H * D, off = 0;
     kvq__rot rk, rv;
-    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
-    kvq__rot_init(&rv, c->cfg.rotation_seed, layer, KVQ_VALUE, D);
+    kvq__rot_init(&rk, c->cfg.rotation_seed, kvq__rot_layer(c, layer), KVQ_KEY, D);
+    kvq__rot_init(&rv, c->cfg.rotation_seed, kvq__rot_layer(c, layer), KVQ_VALUE, D);
     for (int i = 0; i < n_seqs; i++) {
         kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
         for (int32_t t = 0; t < n_tokens[i]; t++, off += row) {
@@ -891,8 +904,8 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
     size_t row = (size_t)H * D;
     bool rot_k = kvq__rotated(c, KVQ_KEY), rot_v = kvq__rotated(c, KVQ_VALUE);
     kvq__rot rk, rv;
-    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
-    kvq__rot_init(&rv, c->cfg.rotation_seed, layer, KVQ_VALUE, D);
+    kvq__rot_init(&rk, c->cfg.rotation_seed, kvq__rot_layer(c, layer), KVQ_KEY, D);
+    kvq__rot_init(&rv, c->cfg.rotation_seed, kvq__rot_layer(c, layer), KVQ_VALUE, D);
     for (int64_t t = start; t < start + n; t++) {
         float *ko = k ? k + (size_t)(t - start) * row : NULL, *vo = v ? v + (size_t)(t - start) * row : NULL;
         for (int h = 0; h < H; h++) {

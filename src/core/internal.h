@@ -171,6 +171,7 @@ struct kvq_cache {
      * points here), rope_kc / rope_ks [KVQ_ROPE_STEPS][D/2] cos / sin(k f_i): a segment's angles are its first
      * position's (sincos in double) advanced by these (angle addition), no table sized by the capacity */
     float *rope_f, *rope_kc, *rope_ks;
+    int32_t *rot_layers; /* the copy of cfg.rotation_layers, or NULL */
     kvq_thread_pool pool; /* kvq_cache_set_thread_pool; run NULL: OpenMP */
 };
 
@@ -183,6 +184,10 @@ void kvq__rope_tables(const kvq_cache *c, int64_t t0, int n, float *C, float *S)
 /* x[n][D] in place: RoPE by the tables of kvq__rope_tables (the scalar reference of the kernels' rope) */
 void kvq__rope_rows_ref(float *x, int n, int D, int neox, const float *C, const float *S);
 
+/* the number layer's rotation signs are seeded with (kvq_cache_config.rotation_layers) */
+static inline int kvq__rot_layer(const kvq_cache *c, int layer) {
+    return c->cfg.rotation_layers ? c->cfg.rotation_layers[layer] : layer;
+}
 static inline uint8_t *kvq__page(const kvq_cache *c, int32_t id) {
     return c->arena + (size_t)id * c->L.page_bytes;
 }

@@ -79,7 +79,7 @@ kvq_status kvq_rotation_apply(const kvq_cache *c, int layer, kvq_role role, int 
     KVQ_CHECK_NULL(x, fn);
     if (!kvq__rotated(c, role)) return KVQ_OK; /* this role is stored as it came: R = I */
     kvq__rot r;
-    kvq__rot_init(&r, c->cfg.rotation_seed, layer, role, c->L.head_dim);
+    kvq__rot_init(&r, c->cfg.rotation_seed, kvq__rot_layer(c, layer), role, c->L.head_dim);
     for (int i = 0; i < n_vectors; i++) kvq__rot_apply(&r, x + (size_t)i * r.D, inverse);
     return KVQ_OK;
 }

@@ -105,7 +105,7 @@ static void basis_frame(const kvq_cache *c, int layer, const float *src, float *
     const int D = c->L.head_dim, r = c->cfg.squat_rank;
     float col[256];
     kvq__rot rk;
-    kvq__rot_init(&rk, c->cfg.rotation_seed, layer, KVQ_KEY, D);
+    kvq__rot_init(&rk, c->cfg.rotation_seed, kvq__rot_layer(c, layer), KVQ_KEY, D);
     for (int j = 0; j < r; j++) {
         for (int i = 0; i < D; i++) col[i] = src[(size_t)i * r + j];
         if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, col, inverse);

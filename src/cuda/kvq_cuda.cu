@@ -313,6 +313,10 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (cfg.nonuniform == -1) cfg.nonuniform = KVQ_ROLES_NONE; /* the CPU's default is none but for Q3 (rejected above) */
     if (cfg.rotate < 0 || cfg.rotate > KVQ_ROLES_KV)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: rotate %d is not a set of roles 0..3 (or -1)", cfg.rotate);
+    for (int l = 0; cfg.rotate && cfg.rotation_layers && l < cfg.n_layers; l++)
+        if (cfg.rotation_layers[l] < 0)
+            return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: rotation_layers[%d] = %d is negative", l,
+                        (int)cfg.rotation_layers[l]);
     /* sink rows per page: page_bytes / (4 H D) (kvq.h section 5), >= 10 for every layout this backend has */
     const int SR = (int)(L.page_bytes / ((size_t)4 * L.n_kv_heads * L.head_dim));
     if (cfg.sinks < 0 || cfg.sinks > SR)
@@ -342,6 +346,7 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     kvq_cuda_cache *c = new (std::nothrow) kvq_cuda_cache();
     if (!c) return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_cache_create: no host memory");
     c->cfg = cfg;
+    c->cfg.rotation_layers = nullptr;  // read at create only (the signs below): never kept as a borrowed pointer
     c->L = L;
     c->device = device;
     c->n_sm = n_sm;
@@ -364,9 +369,10 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
         if (cfg.rotate) {
             c->rot_k.resize(cfg.n_layers);
             c->rot_v.resize(cfg.n_layers);
-            for (int l = 0; l < cfg.n_layers; l++) {
-                rot_signs(cfg.rotation_seed, l, KVQ_KEY, &c->rot_k[l]);
-                rot_signs(cfg.rotation_seed, l, KVQ_VALUE, &c->rot_v[l]);
+            for (int l = 0; l < cfg.n_layers; l++) {  // the model's layer numbers where the caller gives them
+                const int ln = cfg.rotation_layers ? cfg.rotation_layers[l] : l;
+                rot_signs(cfg.rotation_seed, ln, KVQ_KEY, &c->rot_k[l]);
+                rot_signs(cfg.rotation_seed, ln, KVQ_VALUE, &c->rot_v[l]);
             }
         }
     } catch (...) {

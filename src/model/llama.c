@@ -320,7 +320,7 @@ int llama_default_squat(kvq_type type_k) {
 /* Cache g of the context: n_layers layers of kind `kind` (0 global, 1 local) with keys tk and values tv; `what` names
  * them in messages. */
 static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int kind, kvq_type tk, kvq_type tv,
-                             int n_layers, const char *what) {
+                             int n_layers, const int32_t *model_layers, const char *what) {
     const llama_config *c = &x->m->cfg;
     kvq_cache_config cc = kvq_cache_config_default();
     cc.n_layers = n_layers;
@@ -332,6 +332,9 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int
     cc.group = p->group;
     cc.rotate = p->rotate;
     cc.rotation_seed = p->rotation_seed;
+    /* each layer's rotation is seeded with its number in the model, whichever cache holds it (llama_ctx_params
+     * layer_types regroup the layers) */
+    cc.rotation_layers = model_layers;
     /* a sliding window never sees token 0 once past it: sinks would be dead weight in the local layers */
     cc.sinks = kind ? 0 : p->sinks;
     cc.nonuniform = p->nonuniform;
@@ -455,7 +458,15 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     }
     x->ap[1].window = c->window;
 
-    for (int g = 0; g < x->n_caches; g++) {
+    int32_t *members = malloc((size_t)c->n_layers * sizeof *members);
+    if (!members) {
+        st = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
+        goto fail;
+    }
+    for (int g = 0; g < x->n_caches && !st; g++) {
+        int k = 0;
+        for (int l = 0; l < c->n_layers; l++)
+            if (x->layer_cache[l] == g) members[k++] = l; /* in layer_index order */
         char what[96];
         int kind = x->cache_kind[g];
         if (overridden)
@@ -463,8 +474,10 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
                      type_str(gk[g]), type_str(gv[g]));
         else
             snprintf(what, sizeof what, "%s", n_kind[1] ? (kind ? " (local layers)" : " (global layers)") : "");
-        if ((st = make_cache(x, p, g, kind, gk[g], gv[g], n_in[g], what))) goto fail;
+        st = make_cache(x, p, g, kind, gk[g], gv[g], n_in[g], members, what);
     }
+    free(members);
+    if (st) goto fail;
     size_t B = (size_t)x->max_batch, kv_dim = (size_t)c->n_kv_heads * (size_t)hd, qd = (size_t)c->q_dim;
     x->x = malloc(B * (size_t)c->dim * sizeof(float));
     x->h = malloc(B * (size_t)c->dim * sizeof(float));
