@@ -218,7 +218,15 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0@q5", "--kv-layers");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|x@q8", "--kv-layers: 'x'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0@q8+", "--kv-layers: '' is not A[-B]@TYPE[/TYPE]");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0@q8+1@q8+2@q8+3@q8+4@q8+5@q8+6@q8+7@q8+8@q8", "more than 8 ranges");
+    {   /* 65 one-layer ranges: one more than LLAMA_MAX_LAYER_TYPES */
+        char a[512];
+        int k = snprintf(a, sizeof a, "-m|m|-f|t|--kv-layers|0");
+        for (int i = 1; i <= LLAMA_MAX_LAYER_TYPES; i++) k += snprintf(a + k, sizeof a - (size_t)k, ".%d", 2 * i);
+        snprintf(a + k, sizeof a - (size_t)k, "@q8");
+        rejects(KVQ_CLI_PPL, a, "more than 64 ranges");
+    }
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0.@q8", "--kv-layers: ''");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|0-2.1@q8", "--kv-layers: layers 1-1 overlap 0-2");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q2:layers=0@q8:layers=1@q8", "gives :layers= more than once");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q2:layers=0@", "per-layer types (:layers=)");
     rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-layers|0@q8", "--kv-layers");
@@ -322,6 +330,11 @@ static void test_aliases(void) {
                o.compare[1].layer_types[0].first == 3 && o.compare[1].layer_types[0].type_k == KVQ_TYPE_F16 &&
                strcmp(o.compare[1].name, "q2:layers=3@f16") == 0 && o.compare[2].n_layer_types == 2,
            "--kv-layers and :layers= (entries inherit the global option, :layers= replaces it)");
+    o = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-layers|1.3-4.9@q4+7@q8");
+    EXPECT(o.n_layer_types == 4 && o.layer_types[0].first == 1 && o.layer_types[0].last == 1 &&
+               o.layer_types[1].first == 3 && o.layer_types[1].last == 4 && o.layer_types[2].first == 9 &&
+               o.layer_types[2].type_k == KVQ_TYPE_Q4 && o.layer_types[3].first == 7 && o.layer_types[3].type_v == KVQ_TYPE_Q8,
+           "--kv-layers: a clause's '.'-joined layers and ranges");
     o = accepts(KVQ_CLI_RUN, "-m|m|-p|x|--kv-type|q2|--kv-layers|0@q8");
     {
         kvq_cli_mix m = kvq_cli_single_mix(&o);

@@ -62,6 +62,27 @@ if "$kvq" perplexity -m "$m" -f "$tmp/t.txt" -c 256 --chunks 2 -t 1 -q --csv "$t
 else bad "per-layer types run"; tail -5 "$tmp/lt.log"; fi
 out=$("$kvq" perplexity -m "$m" -f "$tmp/t.txt" -c 128 --chunks 1 -t 1 --kv-layers 1-2@q8 2>&1) && bad "--kv-layers 1-2 on 2 layers accepted" ||
   { grep -q "layers 1-2 outside the model's 0-1" <<<"$out" && ok "--kv-layers past the last layer refused" || bad "--kv-layers 1-2: $out"; }
+# kvq calibrate on a 3-layer model: a sensitivity per (layer, candidate), the plan within the budget and runnable as it
+# prints it; f16 measured against itself is 0; bad options refused by name
+"$kvq" gen-model --shape smollm2-135m --layers 3 --wtype q8_0 --seed 7 -o "$tmp/m3.gguf" >/dev/null 2>&1 || bad "gen 3 layers"
+if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -c 256 --chunks 1 -t 1 \
+     --csv "$tmp/cal.csv" -o "$tmp/plan.txt" >"$tmp/cal.log" 2>&1; then
+  bits=$(sed -n 's/^plan: \([0-9.]*\) bits.*/\1/p' "$tmp/cal.log")
+  if awk -F, 'NR > 1 { n++; if ($2 == "f16" && $3 != 0) e = e " f16-not-0"; if ($3 < 0) e = e " negative"; p += $5 }
+      END { if (n != 9 || p != 3 || e != "") { print n, p, e; exit 1 } }' "$tmp/cal.csv" &&
+     awk -v b="$bits" 'BEGIN { exit !(b > 0 && b <= 4) }' && grep -q "^--kv-type " "$tmp/plan.txt"; then
+    ok "calibrate: 9 sensitivities, plan $(cat "$tmp/plan.txt") at $bits bits"
+    # shellcheck disable=SC2046
+    "$kvq" perplexity -m "$tmp/m3.gguf" -f "$tmp/t.txt" -c 256 --chunks 1 -t 1 -q $(cat "$tmp/plan.txt") >/dev/null 2>&1 &&
+      ok "calibrate: the plan runs" || bad "calibrate: the plan does not run: $(cat "$tmp/plan.txt")"
+  else bad "calibrate output"; cat "$tmp/cal.csv" "$tmp/cal.log" | tail -20; fi
+else bad "calibrate run"; tail -5 "$tmp/cal.log"; fi
+for args in "--budget 4" "-f $tmp/t.txt" "-f $tmp/t.txt --budget 4 --types q2" "-f $tmp/t.txt --budget 4 --types q2,q4:r0" \
+            "-f $tmp/t.txt --budget 4 --types q2,q2" "-f $tmp/t.txt --budget 0.1" "-f $tmp/t.txt --budget 1 --bits-ctx 8192 -c 256"; do
+  out=$("$kvq" calibrate -m "$tmp/m3.gguf" $args 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ $rc -lt 124 ] && grep -q "kvq calibrate:" <<<"$out"; then ok "calibrate refused: $args: $(tail -1 <<<"$out" | cut -c1-90)"
+  else bad "calibrate not refused ($rc): $args"; fi
+done
 # kvq bench on the CPU engine: one row per (type, depth), f16 the base of the ratios (listed second here), the bound
 # column equal to (W + d K_f16) / (W + d K_t) from the row's own columns, positive speeds
 m=$tmp/m-q8_0.gguf

@@ -24,6 +24,7 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 #define KVQ_CLI_MAX_COMPARE 16
 /* kvq_cli_opts.cmd of kvq bench, which parses its own options (no entry in the option table): names its messages */
 #define KVQ_CLI_BENCH 100
+#define KVQ_CLI_CALIBRATE 101 /* likewise kvq calibrate's (its runs go through kvq perplexity's scoring) */
 #define KVQ_CLI_MAX_LENGTHS 16 /* passkey --lengths entries */
 #define KVQ_CLI_MAX_DEPTHS 101 /* passkey --depths entries: 0..100, each once */
 #define KVQ_CLI_ERR_LEN 512
@@ -33,7 +34,7 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 /* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
  * :sinks=N :nuq=ROLES :seed=N :pre=0|1 :squat=R :lambda=X :local=TYPE[/TYPE] :layers=SPEC (ROLES: none, k, v, kv; SPEC
  * as --kv-layers: A[-B]@TYPE[/TYPE] joined by '+'). Fields an entry does not give come from the global options. */
-#define KVQ_CLI_MIX_NAME 160
+#define KVQ_CLI_MIX_NAME 256
 typedef struct kvq_cli_mix {
     kvq_type type_k, type_v;
     int residual; /* -1: the library's default */
@@ -183,6 +184,13 @@ int kvq_cli_die(int cmd, const char *what, kvq_status st);
 /* Parses, prints help or the error; returns -1 to go on, else the exit status. Applies -t to BLAS. */
 int kvq_cli_parse_or_exit(int cmd, int argc, char **argv, kvq_cli_opts *o);
 int kvq_cli_load(const kvq_cli_opts *o, kvq_cli_loaded *L, int need_weights);
+/* perplexity.c: scores mixes[0 .. n_mix) (n_mix <= KVQ_CLI_MAX_COMPARE + 1; mixes[0] the base, f16) on n_chunks chunks
+ * of o->ctx tokens of ids as kvq perplexity --compare does: kld[i], the mean KL divergence from the base's next-token
+ * distributions, and bits[i], stored bits per K/V element. 0, or an exit code after a printed message. */
+int kvq_cli_ppl_eval(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks,
+                     const kvq_cli_mix *mixes, int n_mix, double *kld, double *bits);
+/* calibrate.c: kvq calibrate (per-layer KV types for a bit budget, from each layer's measured sensitivity) */
+int kvq_cli_calibrate(int argc, char **argv);
 void kvq_cli_unload(kvq_cli_loaded *L);
 const char *kvq_cli_type_name(kvq_type t);
 void kvq_cli_fmt_bytes(double b, char *out, size_t n);

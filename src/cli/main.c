@@ -6,6 +6,7 @@
  *   kvq passkey     pass-key retrieval grid (depth x length) per KV type
  *   kvq gen-model   a GGUF of a real model's shape with seeded random weights
  *   kvq bench       end-to-end prefill/decode speed per KV type at several depths (CPU or --gpu)
+ *   kvq calibrate   per-layer KV types for a bit budget, from each layer's measured sensitivity
  * Everything but main() is in the kvq_cli_core library (cli.h). */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -32,6 +33,7 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "gen-model") == 0) return kvq_cli_gen_model(argc - 2, argv + 2);
     if (strcmp(cmd, "bench") == 0) return kvq_cli_bench(argc - 2, argv + 2);
+    if (strcmp(cmd, "calibrate") == 0) return kvq_cli_calibrate(argc - 2, argv + 2);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("kvq %s (CPU attention: %s)\n", kvq_version_string(), kvq_cpu_backend());
         return 0;

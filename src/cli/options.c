@@ -34,7 +34,9 @@ int kvq_cli_cmd_from_name(const char *name) {
 }
 
 const char *kvq_cli_cmd_name(int cmd) {
-    return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : cmd == KVQ_CLI_BENCH ? "bench" : "?";
+    return cmd >= 0 && cmd < KVQ_CLI_NCMD ? CMD_NAMES[cmd] : cmd == KVQ_CLI_BENCH     ? "bench"
+           : cmd == KVQ_CLI_CALIBRATE ? "calibrate"
+                                      : "?";
 }
 
 void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
@@ -260,10 +262,11 @@ static int parse_type_pair(char *s, kvq_type *k, kvq_type *v, const char *name, 
     return kvq_cli_parse_type(slash + 1, v, name, err, n);
 }
 
-/* Per-layer types, "A[-B]@TYPE[/TYPE]" ranges joined by '+' (e.g. "0-1@q8+29@q4/q8"): layers A..B (0-based) store
- * keys and values as those types. Ranges must not overlap; the engine checks them against the model's layers. */
+/* Per-layer types, clauses "LAYERS@TYPE[/TYPE]" joined by '+', LAYERS one or more of A or A-B joined by '.' (e.g.
+ * "0-1.5@q8+29@q4/q8"): those layers (0-based) store keys and values as those types. Ranges must not overlap; the
+ * engine checks them against the model's layers. */
 static int parse_layer_types(const char *spec, int *count, llama_layer_types *out, const char *name, char *err, size_t n) {
-    char buf[KVQ_CLI_MIX_NAME];
+    char buf[1024];
     if (strlen(spec) >= sizeof buf) return fail(err, n, "%s: '%.40s...' is too long", name, spec);
     strcpy(buf, spec);
     int k = 0;
@@ -271,23 +274,30 @@ static int parse_layer_types(const char *spec, int *count, llama_layer_types *ou
         e = strchr(p, '+');
         if (e) *e = '\0';
         char *at = strchr(p, '@');
-        if (!*p || !at) return fail(err, n, "%s: '%s' is not A[-B]@TYPE[/TYPE] (e.g. 0-1@q8+29@q4)", name, p);
-        if (k == LLAMA_MAX_LAYER_TYPES) return fail(err, n, "%s: more than %d ranges", name, LLAMA_MAX_LAYER_TYPES);
+        if (!*p || !at) return fail(err, n, "%s: '%s' is not A[-B]@TYPE[/TYPE] (e.g. 0-1.5@q8+29@q4)", name, p);
         *at = '\0';
-        char *dash = strchr(p, '-');
-        if (dash) *dash = '\0';
-        int64_t a, b;
-        if (kvq_cli_parse_i64(p, 0, 4095, &a, name, err, n)) return -1;
-        b = a;
-        if (dash && kvq_cli_parse_i64(dash + 1, 0, 4095, &b, name, err, n)) return -1;
-        if (b < a) return fail(err, n, "%s: layers %lld-%lld: the range ends before it starts", name, (long long)a, (long long)b);
-        for (int j = 0; j < k; j++)
-            if (a <= out[j].last && out[j].first <= b)
-                return fail(err, n, "%s: layers %lld-%lld overlap %d-%d", name, (long long)a, (long long)b, out[j].first,
-                            out[j].last);
-        out[k].first = (int)a, out[k].last = (int)b;
-        if (parse_type_pair(at + 1, &out[k].type_k, &out[k].type_v, name, err, n)) return -1;
-        k++;
+        kvq_type tk, tv;
+        if (parse_type_pair(at + 1, &tk, &tv, name, err, n)) return -1;
+        for (char *q = p, *d;; q = d + 1) {
+            d = strchr(q, '.');
+            if (d) *d = '\0';
+            if (k == LLAMA_MAX_LAYER_TYPES) return fail(err, n, "%s: more than %d ranges", name, LLAMA_MAX_LAYER_TYPES);
+            char *dash = strchr(q, '-');
+            if (dash) *dash = '\0';
+            int64_t a, b;
+            if (kvq_cli_parse_i64(q, 0, 4095, &a, name, err, n)) return -1;
+            b = a;
+            if (dash && kvq_cli_parse_i64(dash + 1, 0, 4095, &b, name, err, n)) return -1;
+            if (b < a)
+                return fail(err, n, "%s: layers %lld-%lld: the range ends before it starts", name, (long long)a, (long long)b);
+            for (int j = 0; j < k; j++)
+                if (a <= out[j].last && out[j].first <= b)
+                    return fail(err, n, "%s: layers %lld-%lld overlap %d-%d", name, (long long)a, (long long)b,
+                                out[j].first, out[j].last);
+            out[k].first = (int)a, out[k].last = (int)b, out[k].type_k = tk, out[k].type_v = tv;
+            k++;
+            if (!d) break;
+        }
         if (!e) break;
     }
     *count = k;
@@ -705,6 +715,7 @@ void kvq_cli_usage_main(FILE *f) {
                "  tokenize    print the token ids of a text\n"
                "  passkey     find a pass key hidden in filler text: a depth x length grid per KV type\n"
                "  bench       end-to-end prefill and decode speed per KV type and depth, CPU or --gpu\n"
+               "  calibrate   per-layer KV types for a bit budget, from each layer's measured sensitivity\n"
                "  gen-model   write a GGUF of a real model's shape with seeded random weights (tests, benchmarks)\n"
                "  version     print the library version\n");
 }

@@ -80,7 +80,7 @@ static int run_all(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t
         if ((st = kvq_cli_ctx_create(L, &cp, &acc[i].c))) {
             char what[KVQ_CLI_MIX_NAME + 64];
             snprintf(what, sizeof what, "creating the context of %s", mixes[i].name);
-            rc = kvq_cli_die(KVQ_CLI_PPL, what, st);
+            rc = kvq_cli_die(o->cmd, what, st);
             goto done;
         }
         if (base >= 0 && i != base && !(acc[i].kld_tok = malloc((size_t)per_cfg * sizeof(double)))) goto oom;
@@ -164,7 +164,7 @@ oom:
     st = kvq_set_error(KVQ_ERR_OUT_OF_MEMORY, "logit buffers of %d x %d floats", o->batch, V);
 fail:
     if (!o->quiet) fputc('\n', stderr);
-    rc = kvq_cli_die(KVQ_CLI_PPL, "perplexity", st);
+    rc = kvq_cli_die(o->cmd, "perplexity", st);
 done:
     for (int i = 0; i < n_mix; i++) {
         kvq_cli_ctx_free(&acc[i].c);
@@ -201,6 +201,22 @@ static ppl_row finish(const ppl_acc *a, int is_base, int have_kld, double bits_d
     r.f16bpt = a->f16_bytes_per_token;
     r.bits = 8.0 * r.bpt / bits_den;
     return r;
+}
+
+int kvq_cli_ppl_eval(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks,
+                     const kvq_cli_mix *mixes, int n_mix, double *kld, double *bits) {
+    ppl_acc acc[KVQ_CLI_MAX_COMPARE + 1];
+    if (n_mix < 1 || n_mix > KVQ_CLI_MAX_COMPARE + 1) return 2;
+    memset(acc, 0, sizeof acc);
+    const llama_config *mc = L->cfg;
+    double bits_den = 2.0 * mc->n_layers * mc->n_kv_heads * mc->head_dim;
+    int rc = run_all(o, L, ids, n_chunks, mixes, n_mix, 0, acc);
+    for (int i = 0; !rc && i < n_mix; i++) {
+        ppl_row r = finish(&acc[i], i == 0, 1, bits_den);
+        kld[i] = r.kld, bits[i] = r.bits;
+    }
+    for (int i = 0; i < n_mix; i++) free(acc[i].kld_tok);
+    return rc;
 }
 
 /* One CSV row per config; the columns are a contract with the bench scripts (see kvq perplexity --help). */

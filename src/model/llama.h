@@ -103,7 +103,7 @@ typedef struct llama_layer_types {
     int first, last;
     kvq_type type_k, type_v;
 } llama_layer_types;
-#define LLAMA_MAX_LAYER_TYPES 8 /* ranges per context */
+#define LLAMA_MAX_LAYER_TYPES 64 /* ranges per context */
 #define LLAMA_MAX_CACHES 8      /* distinct (layer kind, key type, value type) groups per context: one kvq cache each */
 
 typedef struct llama_ctx_params {
