@@ -75,6 +75,9 @@ if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192
     # shellcheck disable=SC2046
     "$kvq" perplexity -m "$tmp/m3.gguf" -f "$tmp/t.txt" -c 256 --chunks 1 -t 1 -q $(cat "$tmp/plan.txt") >/dev/null 2>&1 &&
       ok "calibrate: the plan runs" || bad "calibrate: the plan does not run: $(cat "$tmp/plan.txt")"
+    "$kvq" calibrate -m "$tmp/m3.gguf" --load "$tmp/cal.csv" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -o "$tmp/plan2.txt" \
+      >/dev/null 2>&1 && cmp -s "$tmp/plan.txt" "$tmp/plan2.txt" && ok "calibrate --load: the same plan from the CSV" ||
+      bad "calibrate --load: $(cat "$tmp/plan2.txt" 2>&1)"
   else bad "calibrate output"; cat "$tmp/cal.csv" "$tmp/cal.log" | tail -20; fi
 else bad "calibrate run"; tail -5 "$tmp/cal.log"; fi
 for args in "--budget 4" "-f $tmp/t.txt" "-f $tmp/t.txt --budget 4 --types q2" "-f $tmp/t.txt --budget 4 --types q2,q4:r0" \

@@ -41,7 +41,9 @@ static void usage(FILE *f) {
             "  --bits-ctx N            context length at which the bits are counted (default: -c)\n"
             "  -t, --threads N         CPU threads\n"
             "  -b, --batch-size N      tokens per forward call (default 256)\n"
-            "  --csv FILE              the per-layer sensitivities: layer,type,kld,bits\n"
+            "  --csv FILE              the per-layer sensitivities: layer,type,kld,bits,picked\n"
+            "  --load FILE             take the sensitivities from such a CSV (same model and --types) instead of\n"
+            "                          measuring them: plans for other budgets or --bits-ctx in seconds\n"
             "  -o FILE                 write the plan's options (one line) to FILE\n"
             "The other KV options (--kv-rotate, --kv-prerope, ...) keep their defaults: each layer's type brings its own.\n",
             MAX_CAND);
@@ -70,7 +72,7 @@ int kvq_cli_calibrate(int argc, char **argv) {
     kvq_cli_defaults(KVQ_CLI_PPL, &o);
     o.cmd = KVQ_CLI_CALIBRATE;
     o.ctx = 1024, o.chunks = 2, o.quiet = 0;
-    const char *types = "q2,q4,q8", *csv = NULL, *plan_path = NULL;
+    const char *types = "q2,q4,q8", *csv = NULL, *plan_path = NULL, *load = NULL;
     double budget = -1;
     int64_t bits_ctx = 0;
     char err[KVQ_CLI_ERR_LEN];
@@ -81,7 +83,8 @@ int kvq_cli_calibrate(int argc, char **argv) {
             return 0;
         }
         static const char *const valued[] = {"-m", "--model", "-f", "--file", "--budget", "--types", "-c", "--ctx-size",
-                                             "--chunks", "--bits-ctx", "-t", "--threads", "-b", "--batch-size", "--csv", "-o"};
+                                             "--chunks", "--bits-ctx", "-t", "--threads", "-b", "--batch-size", "--csv", "-o",
+                                             "--load"};
         int known = 0;
         for (size_t k = 0; k < sizeof valued / sizeof valued[0]; k++) known |= !strcmp(a, valued[k]);
         if (!known) {
@@ -100,6 +103,7 @@ int kvq_cli_calibrate(int argc, char **argv) {
         else if (!strcmp(a, "--types")) types = v;
         else if (!strcmp(a, "--csv")) csv = v;
         else if (!strcmp(a, "-o")) plan_path = v;
+        else if (!strcmp(a, "--load")) load = v;
         else if (!strcmp(a, "--budget")) {
             float b;
             if (!(bad = kvq_cli_parse_float(v, 0.5, 32, &b, a, err, sizeof err))) budget = b;
@@ -121,7 +125,7 @@ int kvq_cli_calibrate(int argc, char **argv) {
             return 2;
         }
     }
-    if (!o.model || !o.file || budget < 0) {
+    if (!o.model || (!o.file && !load) || budget < 0) {
         fprintf(stderr, "kvq calibrate: -m MODEL, -f TEXT and --budget BITS are required (kvq calibrate --help)\n");
         return 2;
     }
@@ -151,8 +155,8 @@ int kvq_cli_calibrate(int argc, char **argv) {
     if (!bits_ctx) bits_ctx = o.ctx;
     if (o.batch > o.ctx) o.batch = o.ctx;
 
-    size_t len;
-    char *text = kvq_cli_read_file(o.file, o.max_file, &len, err, sizeof err);
+    size_t len = 0;
+    char *text = load ? calloc(1, 1) : kvq_cli_read_file(o.file, o.max_file, &len, err, sizeof err);
     if (!text) {
         fprintf(stderr, "kvq calibrate: -f: %s\n", err);
         return 1;
@@ -176,14 +180,42 @@ int kvq_cli_calibrate(int argc, char **argv) {
         rc = kvq_cli_die(KVQ_CLI_CALIBRATE, "calibrate", st);
         goto done;
     }
-    if (o.ctx > mc->ctx_len) {
+    if (load) { /* the sensitivities of an earlier run */
+        FILE *lf = fopen(load, "r");
+        char line[512];
+        int got = 0;
+        if (!lf || !fgets(line, sizeof line, lf) || strncmp(line, "layer,type,kld", 14)) {
+            fprintf(stderr, "kvq calibrate: --load: '%s' is not a kvq calibrate --csv file\n", load);
+            if (lf) fclose(lf);
+            rc = 1;
+            goto done;
+        }
+        while (fgets(line, sizeof line, lf)) {
+            char tname[64];
+            int l;
+            double k;
+            if (sscanf(line, "%d,%63[^,],%lf", &l, tname, &k) != 3 || l < 0 || l >= NL || !(k >= 0)) break;
+            int t = 0;
+            while (t < nc && strcmp(o.compare[t].name, tname)) t++;
+            if (t == nc) continue; /* a type this run does not consider */
+            s[(size_t)l * nc + t] = k, got++;
+        }
+        fclose(lf);
+        if (got != NL * nc) {
+            fprintf(stderr, "kvq calibrate: --load: '%s' does not hold the %d x %d sensitivities of this model and --types\n",
+                    load, NL, nc);
+            rc = 1;
+            goto done;
+        }
+    }
+    if (!load && o.ctx > mc->ctx_len) {
         fprintf(stderr, "kvq calibrate: -c %d exceeds the model's context_length %d\n", o.ctx, mc->ctx_len);
         rc = 2;
         goto done;
     }
     int n_chunks = (int)(ids.n / (size_t)o.ctx);
     if (o.chunks < n_chunks) n_chunks = o.chunks;
-    if (n_chunks < 1) {
+    if (!load && n_chunks < 1) {
         fprintf(stderr, "kvq calibrate: the text has %zu tokens, fewer than one chunk of %d\n", ids.n, o.ctx);
         rc = 1;
         goto done;
@@ -201,8 +233,8 @@ int kvq_cli_calibrate(int argc, char **argv) {
                 rc = kvq_cli_die(KVQ_CLI_CALIBRATE, "counting the bits of a candidate", st);
     if (rc) goto done;
     /* s_l(t): the (layer, type) configs in batches next to the f16 base (mixes[0]) */
-    int total = NL * nc, done_n = 0;
-    fprintf(stderr, "kvq calibrate: %d layers x %d types = %d configs, %d chunks of %d tokens each\n", NL, nc, total,
+    int total = NL * nc, done_n = load ? total : 0;
+    if (!load) fprintf(stderr, "kvq calibrate: %d layers x %d types = %d configs, %d chunks of %d tokens each\n", NL, nc, total,
             n_chunks, o.ctx);
     while (done_n < total && !rc) {
         int n = total - done_n < KVQ_CLI_MAX_COMPARE ? total - done_n : KVQ_CLI_MAX_COMPARE;
