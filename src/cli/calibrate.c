@@ -6,8 +6,8 @@
  * layers add up nearly linearly in the KLD (measured: docs/quality.md, "Per-layer types"), so the plan minimizes
  * sum_l s_l(t_l) under the budget: every layer starts at the cheapest candidate and the upgrade with the largest KLD
  * saved per bit added is taken while it fits (the greedy of a multiple-choice knapsack). Bits count pages, scales,
- * the fp16 window and sinks at --bits-ctx tokens, as kvq perplexity's bits/elem column does, per layer (a sliding-
- * window layer holds only its window).
+ * the fp16 window and sinks after --bits-ctx tokens, as kvq perplexity's bits/elem column does (measured on a one-layer
+ * cache per type, fed as the engine feeds it; a sliding-window layer holds only its window).
  *
  * The one-layer-at-a-time measurement is the point: upgrading one layer of an all-q2 model instead moves the KLD by
  * less than the noise of q2's own error (a rotation seed alone moves it by ~5%), so it ranks nothing.
@@ -49,21 +49,33 @@ static void usage(FILE *f) {
             MAX_CAND);
 }
 
-/* bytes per token that layer l of the model stores with types (tk, tv) at `tokens` cached tokens */
-static kvq_status layer_bytes(const llama_config *mc, const kvq_cli_mix *base, int l, kvq_type tk, kvq_type tv, int64_t tokens,
-                              int batch, double *out) {
-    kvq_cli_mix m = *base;
-    m.type_k = tk, m.type_v = tv;
-    int local = llama_layer_is_local(mc, l);
-    int64_t held = tokens;
-    if (local) {
-        m.sinks = 0;
-        int64_t P = m.group > 64 ? m.group : 64, w = (int64_t)mc->window + batch + 2 * P;
-        if (w < held) held = w;
+/* Bytes per token that one layer of kind `local` stores with types (tk, tv) once `tokens` tokens went in, in batches
+ * of `batch`: what kvq perplexity's bits/elem column counts (pages in use, sinks included, + the windows' heap bytes,
+ * after a chunk of that many tokens), measured on a one-layer cache fed zeros the way the engine feeds its caches (a
+ * sliding-window layer drops the tokens before its window first, llama.c's forward). */
+static kvq_status layer_bytes(const llama_config *mc, const kvq_cli_mix *m, int local, kvq_type tk, kvq_type tv,
+                              int64_t tokens, int batch, double *out) {
+    kvq_cache_config cc = kvq_cache_config_default();
+    cc.n_layers = 1, cc.n_kv_heads = mc->n_kv_heads, cc.head_dim = mc->head_dim;
+    cc.type_k = tk, cc.type_v = tv, cc.residual = m->residual, cc.group = m->group, cc.max_seqs = 1;
+    cc.sinks = local ? 0 : m->sinks, cc.n_threads = 1;
+    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, tokens);
+    if (!cc.arena_bytes) return kvq_set_error(KVQ_ERR_INVALID_ARG, "sizing a one-layer cache of %lld tokens", (long long)tokens);
+    kvq_cache *c = NULL;
+    int32_t seq;
+    float *z = calloc((size_t)batch * mc->n_kv_heads * mc->head_dim, sizeof *z);
+    kvq_status st = z ? kvq_cache_create(&cc, &c) : kvq_set_error(KVQ_ERR_OUT_OF_MEMORY, "a batch of zeros");
+    if (!st) st = kvq_seq_new(c, &seq);
+    for (int64_t pos = 0; !st && pos < tokens; pos += batch) {
+        int32_t n = (int32_t)(tokens - pos < batch ? tokens - pos : batch);
+        if (local && mc->window > 0 && pos - mc->window + 1 > 0) st = kvq_seq_drop_front(c, seq, 0, pos - mc->window + 1);
+        if (!st) st = kvq_append(c, 0, 1, &seq, &n, KVQ_DTYPE_F32, z, z);
     }
-    double pages = 0, win = 0;
-    kvq_status st = kvq_cli_kv_bytes(1, mc->n_kv_heads, mc->head_dim, &m, 1, held, &pages, &win);
-    *out = (pages + win) / (double)tokens;
+    kvq_cache_stats s;
+    if (!st) st = kvq_cache_get_stats(c, &s);
+    if (!st) *out = ((double)s.page_bytes_in_use + (double)s.window_bytes) / (double)tokens;
+    kvq_cache_free(c);
+    free(z);
     return st;
 }
 
@@ -227,10 +239,13 @@ int kvq_cli_calibrate(int argc, char **argv) {
     kvq_cli_opts f = o;
     f.type_k = f.type_v = KVQ_TYPE_F16, f.n_layer_types = 0;
     kvq_cli_mix base = kvq_cli_single_mix(&f);
-    for (int l = 0; l < NL && !rc; l++)
-        for (int t = 0; t < nc && !rc; t++)
-            if ((st = layer_bytes(mc, &base, l, ck[t], cv[t], bits_ctx, o.batch, &cost[(size_t)l * nc + t])))
+    for (int t = 0; t < nc && !rc; t++) {
+        double b[2] = {0, 0}; /* a global layer's, a local layer's */
+        for (int k = 0; k < 2 && !rc; k++)
+            if ((k == 0 || mc->window > 0) && (st = layer_bytes(mc, &base, k, ck[t], cv[t], bits_ctx, o.batch, &b[k])))
                 rc = kvq_cli_die(KVQ_CLI_CALIBRATE, "counting the bits of a candidate", st);
+        for (int l = 0; l < NL; l++) cost[(size_t)l * nc + t] = b[llama_layer_is_local(mc, l)];
+    }
     if (rc) goto done;
     /* s_l(t): the (layer, type) configs in batches next to the f16 base (mixes[0]) */
     int total = NL * nc, done_n = load ? total : 0;
