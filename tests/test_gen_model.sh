@@ -63,7 +63,7 @@ else bad "per-layer types run"; tail -5 "$tmp/lt.log"; fi
 out=$("$kvq" perplexity -m "$m" -f "$tmp/t.txt" -c 128 --chunks 1 -t 1 --kv-layers 1-2@q8 2>&1) && bad "--kv-layers 1-2 on 2 layers accepted" ||
   { grep -q "layers 1-2 outside the model's 0-1" <<<"$out" && ok "--kv-layers past the last layer refused" || bad "--kv-layers 1-2: $out"; }
 # kvq calibrate on a 3-layer model: a sensitivity per (layer, candidate), the plan within the budget and runnable as it
-# prints it; f16 measured against itself is 0; bad options refused by name
+# prints it; an f16 candidate costs no run (KLD 0); bad options refused by name
 "$kvq" gen-model --shape smollm2-135m --layers 3 --wtype q8_0 --seed 7 -o "$tmp/m3.gguf" >/dev/null 2>&1 || bad "gen 3 layers"
 if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -c 256 --chunks 1 -t 1 \
      --csv "$tmp/cal.csv" -o "$tmp/plan.txt" >"$tmp/cal.log" 2>&1; then

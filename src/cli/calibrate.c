@@ -248,14 +248,21 @@ int kvq_cli_calibrate(int argc, char **argv) {
     }
     if (rc) goto done;
     /* s_l(t): the (layer, type) configs in batches next to the f16 base (mixes[0]) */
-    int total = NL * nc, done_n = load ? total : 0;
-    if (!load) fprintf(stderr, "kvq calibrate: %d layers x %d types = %d configs, %d chunks of %d tokens each\n", NL, nc, total,
+    /* f16/f16 candidates are the base itself: KLD 0, nothing to run */
+    int *todo = malloc(sizeof *todo * (size_t)NL * nc), total = 0, done_n = 0;
+    if (!todo) {
+        rc = kvq_cli_die(KVQ_CLI_CALIBRATE, "calibrate", kvq_set_error(KVQ_ERR_OUT_OF_MEMORY, "the config list"));
+        goto done;
+    }
+    for (int i = 0; !load && i < NL * nc; i++)
+        if (ck[i % nc] != KVQ_TYPE_F16 || cv[i % nc] != KVQ_TYPE_F16) todo[total++] = i;
+    if (!load) fprintf(stderr, "kvq calibrate: %d layers x %d types: %d configs, %d chunks of %d tokens each\n", NL, nc, total,
             n_chunks, o.ctx);
     while (done_n < total && !rc) {
         int n = total - done_n < KVQ_CLI_MAX_COMPARE ? total - done_n : KVQ_CLI_MAX_COMPARE;
         mixes[0] = base;
         for (int i = 0; i < n; i++) {
-            int l = (done_n + i) / nc, t = (done_n + i) % nc;
+            int l = todo[done_n + i] / nc, t = todo[done_n + i] % nc;
             kvq_cli_mix *m = &mixes[1 + i];
             *m = base;
             m->n_layer_types = 1;
@@ -264,10 +271,11 @@ int kvq_cli_calibrate(int argc, char **argv) {
         }
         double kld[KVQ_CLI_MAX_COMPARE + 1], bits[KVQ_CLI_MAX_COMPARE + 1];
         if ((rc = kvq_cli_ppl_eval(&o, &L, ids.ids, n_chunks, mixes, n + 1, kld, bits))) break;
-        for (int i = 0; i < n; i++) s[done_n + i] = kld[1 + i];
+        for (int i = 0; i < n; i++) s[todo[done_n + i]] = kld[1 + i];
         done_n += n;
         fprintf(stderr, "kvq calibrate: %d/%d configs measured\n", done_n, total);
     }
+    free(todo);
     if (rc) goto done;
 
     /* the plan: the cheapest candidate everywhere, then the best KLD saved per byte added while it fits */
