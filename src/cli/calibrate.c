@@ -210,9 +210,12 @@ int kvq_cli_calibrate(int argc, char **argv) {
             int t = 0;
             while (t < nc && strcmp(o.compare[t].name, tname)) t++;
             if (t == nc) continue; /* a type this run does not consider */
-            s[(size_t)l * nc + t] = k, got++;
+            got += !(pick[l] >> t & 1); /* pick[] holds the seen bits meanwhile (reset below) */
+            pick[l] |= 1 << t;
+            s[(size_t)l * nc + t] = k;
         }
         fclose(lf);
+        memset(pick, 0, (size_t)NL * sizeof *pick);
         if (got != NL * nc) {
             fprintf(stderr, "kvq calibrate: --load: '%s' does not hold the %d x %d sensitivities of this model and --types\n",
                     load, NL, nc);
