@@ -211,26 +211,19 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
 kvq_status kvq_cli_model_kv_bytes(const llama_config *mc, const kvq_cli_mix *mix, int max_seqs, int64_t tokens, int batch,
                                   double *pages, double *windows) {
     *pages = *windows = 0;
-    /* llama.c's caches: the layers grouped by kind (global, or local sliding-window: no sinks, only the window's
-     * pages) and types (the local types, then a per-layer range's), one cache per group as llama_ctx_create makes */
-    int kind[LLAMA_MAX_CACHES], cnt[LLAMA_MAX_CACHES] = {0}, ng = 0;
+    /* llama.c's caches: one per group of layers of one kind and the same types, as llama_ctx_create makes them */
+    llama_ctx_params cp;
+    memset(&cp, 0, sizeof cp);
+    cp.type_k = mix->type_k, cp.type_v = mix->type_v, cp.local_types = mix->local_types;
+    cp.type_k_local = mix->type_k_local, cp.type_v_local = mix->type_v_local;
+    cp.n_layer_types = mix->n_layer_types, cp.layer_types = mix->layer_types;
+    int8_t group[4096], kind[LLAMA_MAX_CACHES];
+    int cnt[LLAMA_MAX_CACHES] = {0};
     kvq_type gk[LLAMA_MAX_CACHES], gv[LLAMA_MAX_CACHES];
-    for (int l = 0; l < mc->n_layers; l++) {
-        int local = llama_layer_is_local(mc, l), g;
-        kvq_type tk = local && mix->local_types ? mix->type_k_local : mix->type_k;
-        kvq_type tv = local && mix->local_types ? mix->type_v_local : mix->type_v;
-        for (int i = 0; i < mix->n_layer_types; i++)
-            if (l >= mix->layer_types[i].first && l <= mix->layer_types[i].last)
-                tk = mix->layer_types[i].type_k, tv = mix->layer_types[i].type_v;
-        for (g = 0; g < ng; g++)
-            if (kind[g] == local && gk[g] == tk && gv[g] == tv) break;
-        if (g == ng) {
-            if (ng == LLAMA_MAX_CACHES)
-                return kvq_set_error(KVQ_ERR_INVALID_ARG, "more than %d groups of layers with distinct types", LLAMA_MAX_CACHES);
-            kind[g] = local, gk[g] = tk, gv[g] = tv, ng++;
-        }
-        cnt[g]++;
-    }
+    if (mc->n_layers > (int)sizeof group) return kvq_set_error(KVQ_ERR_INVALID_ARG, "%d layers", mc->n_layers);
+    int ng = llama_layer_groups(mc, &cp, group, kind, gk, gv);
+    if (ng < 0) return (kvq_status)ng;
+    for (int l = 0; l < mc->n_layers; l++) cnt[group[l]]++;
     for (int g = 0; g < ng; g++) {
         kvq_cli_mix lm = *mix;
         lm.type_k = gk[g], lm.type_v = gv[g];

@@ -317,6 +317,29 @@ int llama_default_squat(kvq_type type_k) {
     return type_k == KVQ_TYPE_Q2 ? 8 : 0;
 }
 
+int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t *group, int8_t *kind, kvq_type *tk,
+                       kvq_type *tv) {
+    int ng = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        int k = llama_layer_is_local(c, l), g;
+        kvq_type a = k && p->local_types ? p->type_k_local : p->type_k;
+        kvq_type b = k && p->local_types ? p->type_v_local : p->type_v;
+        for (int i = 0; i < p->n_layer_types; i++)
+            if (l >= p->layer_types[i].first && l <= p->layer_types[i].last)
+                a = p->layer_types[i].type_k, b = p->layer_types[i].type_v;
+        for (g = 0; g < ng; g++)
+            if (kind[g] == k && tk[g] == a && tv[g] == b) break;
+        if (g == ng) {
+            if (ng == LLAMA_MAX_CACHES)
+                return kvqm_fail(KVQ_ERR_INVALID_ARG, "layer types: more than %d groups of layers with distinct types",
+                                 LLAMA_MAX_CACHES);
+            kind[g] = (int8_t)k, tk[g] = a, tv[g] = b, ng++;
+        }
+        group[l] = (int8_t)g;
+    }
+    return ng;
+}
+
 /* Cache g of the context: n_layers layers of kind `kind` (0 global, 1 local) with keys tk and values tv; `what` names
  * them in messages. */
 static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int kind, kvq_type tk, kvq_type tv,
@@ -352,7 +375,6 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int
     cc.squat_lambda = p->squat_lambda;
     cc.max_seqs = 1;
     kvq_status st;
-    x->cache_kind[g] = (int8_t)kind;
     cc.n_threads = tpool_threads(x->pool);
     /* exactly the pages n_ctx tokens need; the local layers hold only their window (llama_forward releases the
      * pages before it, kvq_seq_drop_front): the window, a batch, the page the window starts in and a page being
@@ -425,27 +447,16 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     }
     /* the groups: layers of one kind and the same types, in the order of their first layer */
     kvq_type gk[LLAMA_MAX_CACHES], gv[LLAMA_MAX_CACHES];
-    int n_in[LLAMA_MAX_CACHES] = {0}, n_kind[2] = {0, 0}, overridden = 0;
+    int n_in[LLAMA_MAX_CACHES] = {0}, n_local = 0;
+    int ng = llama_layer_groups(c, p, x->layer_cache, x->cache_kind, gk, gv);
+    if (ng < 0) {
+        st = (kvq_status)ng;
+        goto fail;
+    }
+    x->n_caches = ng;
     for (int l = 0; l < c->n_layers; l++) {
-        int kind = llama_layer_is_local(c, l), g;
-        kvq_type tk = kind && p->local_types ? p->type_k_local : p->type_k;
-        kvq_type tv = kind && p->local_types ? p->type_v_local : p->type_v;
-        for (int i = 0; i < p->n_layer_types; i++)
-            if (l >= p->layer_types[i].first && l <= p->layer_types[i].last)
-                tk = p->layer_types[i].type_k, tv = p->layer_types[i].type_v, overridden = 1;
-        for (g = 0; g < x->n_caches; g++)
-            if (x->cache_kind[g] == kind && gk[g] == tk && gv[g] == tv) break;
-        if (g == x->n_caches) {
-            if (g == LLAMA_MAX_CACHES) {
-                st = kvqm_fail(KVQ_ERR_INVALID_ARG, "layer types: more than %d groups of layers with distinct types",
-                               LLAMA_MAX_CACHES);
-                goto fail;
-            }
-            x->cache_kind[g] = (int8_t)kind, gk[g] = tk, gv[g] = tv, x->n_caches++;
-        }
-        x->layer_cache[l] = (int8_t)g;
-        x->layer_index[l] = n_in[g]++;
-        n_kind[kind]++;
+        x->layer_index[l] = n_in[x->layer_cache[l]]++;
+        n_local += x->cache_kind[x->layer_cache[l]];
     }
     for (int i = 0; i < hd / 2; i++) {
         x->rope_inv_freq[0][i] = (float)(pow((double)c->rope_theta, -2.0 * i / hd) / (double)c->rope_scale_global);
@@ -469,11 +480,11 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
             if (x->layer_cache[l] == g) members[k++] = l; /* in layer_index order */
         char what[96];
         int kind = x->cache_kind[g];
-        if (overridden)
+        if (p->n_layer_types)
             snprintf(what, sizeof what, " (%s layers with keys %s, values %s)", kind ? "local" : "global",
                      type_str(gk[g]), type_str(gv[g]));
         else
-            snprintf(what, sizeof what, "%s", n_kind[1] ? (kind ? " (local layers)" : " (global layers)") : "");
+            snprintf(what, sizeof what, "%s", n_local ? (kind ? " (local layers)" : " (global layers)") : "");
         st = make_cache(x, p, g, kind, gk[g], gv[g], n_in[g], members, what);
     }
     free(members);

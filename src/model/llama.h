@@ -139,6 +139,13 @@ typedef struct llama_ctx_params {
     const llama_layer_types *layer_types;
 } llama_ctx_params;
 
+/* How llama_ctx_create spreads c's layers over caches for p (its types, local types and layer_types, the ranges
+ * taken as valid): layer l goes to cache group[l]; group g holds layers of kind[g] (0 global, 1 local) with keys tk[g]
+ * and values tv[g], numbered in the order of their first layer. Returns the number of groups, or KVQ_ERR_INVALID_ARG
+ * (with a message) past LLAMA_MAX_CACHES. The arrays: n_layers and LLAMA_MAX_CACHES entries. */
+int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t *group, int8_t *kind, kvq_type *tk,
+                       kvq_type *tv);
+
 /* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
 int llama_default_prerope(kvq_type type_k);
 /* The engine's default for llama_ctx_params.squat_rank = -1: 8 for Q2 keys, else 0 (kvq.h section 10) */
