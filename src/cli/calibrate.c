@@ -223,20 +223,11 @@ int kvq_cli_calibrate(int argc, char **argv) {
             goto done;
         }
     }
-    if (!load && o.ctx > mc->ctx_len) {
-        fprintf(stderr, "kvq calibrate: -c %d exceeds the model's context_length %d\n", o.ctx, mc->ctx_len);
-        rc = 2;
+    int bos, n_chunks = load ? 0 : kvq_cli_ppl_chunks(&o, &L, &ids, &bos);
+    if (n_chunks < 0) {
+        rc = -n_chunks;
         goto done;
     }
-    int n_chunks = (int)(ids.n / (size_t)o.ctx);
-    if (o.chunks < n_chunks) n_chunks = o.chunks;
-    if (!load && n_chunks < 1) {
-        fprintf(stderr, "kvq calibrate: the text has %zu tokens, fewer than one chunk of %d\n", ids.n, o.ctx);
-        rc = 1;
-        goto done;
-    }
-    int bos = tok_add_bos(L.tok) && tok_bos(L.tok) >= 0;
-    for (int ch = 0; bos && ch < n_chunks; ch++) ids.ids[(size_t)ch * o.ctx] = tok_bos(L.tok);
 
     /* the base: f16 everywhere, the global options' other fields */
     kvq_cli_opts f = o;

@@ -187,6 +187,11 @@ int kvq_cli_load(const kvq_cli_opts *o, kvq_cli_loaded *L, int need_weights);
 /* perplexity.c: scores mixes[0 .. n_mix) (n_mix <= KVQ_CLI_MAX_COMPARE + 1; mixes[0] the base, f16) on n_chunks chunks
  * of o->ctx tokens of ids as kvq perplexity --compare does: kld[i], the mean KL divergence from the base's next-token
  * distributions, and bits[i], stored bits per K/V element. 0, or an exit code after a printed message. */
+/* perplexity.c: the chunks of o->ctx tokens that ids (the whole text) holds, at most o->chunks of them (0: all), each
+ * starting with BOS where the model's tokenizer adds one (*bos = 1; written into ids). Returns their number (>= 1), or
+ * minus an exit code after a message naming o->cmd (a ctx past the model's context_length, a text under one chunk). */
+struct tok_ids;
+int kvq_cli_ppl_chunks(const kvq_cli_opts *o, const kvq_cli_loaded *L, struct tok_ids *ids, int *bos);
 int kvq_cli_ppl_eval(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks,
                      const kvq_cli_mix *mixes, int n_mix, double *kld, double *bits);
 /* calibrate.c: kvq calibrate (per-layer KV types for a bit budget, from each layer's measured sensitivity) */

@@ -203,6 +203,25 @@ static ppl_row finish(const ppl_acc *a, int is_base, int have_kld, double bits_d
     return r;
 }
 
+int kvq_cli_ppl_chunks(const kvq_cli_opts *o, const kvq_cli_loaded *L, tok_ids *ids, int *bos) {
+    const char *cmd = kvq_cli_cmd_name(o->cmd);
+    if (o->ctx > L->cfg->ctx_len) {
+        fprintf(stderr, "kvq %s: -c/--ctx-size %d exceeds the model's context_length %d\n", cmd, o->ctx, L->cfg->ctx_len);
+        return -2;
+    }
+    int n_chunks = (int)(ids->n / (size_t)o->ctx);
+    if (o->chunks && o->chunks < n_chunks) n_chunks = o->chunks;
+    if (n_chunks < 1) {
+        fprintf(stderr, "kvq %s: the text has %zu tokens, fewer than one chunk of %d\n", cmd, ids->n, o->ctx);
+        return -1;
+    }
+    /* A model whose tokenizer adds BOS (Gemma: add_bos_token) is lost without it: each chunk starts with BOS in
+     * place of its first token, as llama.cpp's perplexity does (the first token is never scored) */
+    *bos = tok_add_bos(L->tok) && tok_bos(L->tok) >= 0;
+    for (int ch = 0; *bos && ch < n_chunks; ch++) ids->ids[(size_t)ch * o->ctx] = tok_bos(L->tok);
+    return n_chunks;
+}
+
 int kvq_cli_ppl_eval(const kvq_cli_opts *o, const kvq_cli_loaded *L, const int32_t *ids, int n_chunks,
                      const kvq_cli_mix *mixes, int n_mix, double *kld, double *bits) {
     ppl_acc acc[KVQ_CLI_MAX_COMPARE + 1];
@@ -272,23 +291,12 @@ int kvq_cli_perplexity(int argc, char **argv) {
         rc = kvq_cli_die(KVQ_CLI_PPL, "tokenizing", st);
         goto done;
     }
-    if (o.ctx > L.cfg->ctx_len) {
-        fprintf(stderr, "kvq perplexity: -c/--ctx-size %d exceeds the model's context_length %d\n", o.ctx, L.cfg->ctx_len);
-        rc = 2;
-        goto done;
-    }
     if (o.batch > o.ctx) o.batch = o.ctx;
-    int n_chunks = (int)(ids.n / (size_t)o.ctx);
-    if (o.chunks && o.chunks < n_chunks) n_chunks = o.chunks;
-    if (n_chunks < 1) {
-        fprintf(stderr, "kvq perplexity: the text has %zu tokens, fewer than one chunk of %d\n", ids.n, o.ctx);
-        rc = 1;
+    int bos, n_chunks = kvq_cli_ppl_chunks(&o, &L, &ids, &bos);
+    if (n_chunks < 0) {
+        rc = -n_chunks;
         goto done;
     }
-    /* A model whose tokenizer adds BOS (Gemma: add_bos_token) is lost without it: each chunk starts with BOS in
-     * place of its first token, as llama.cpp's perplexity does (the first token is never scored) */
-    int bos = tok_add_bos(L.tok) && tok_bos(L.tok) >= 0;
-    for (int ch = 0; bos && ch < n_chunks; ch++) ids.ids[(size_t)ch * o.ctx] = tok_bos(L.tok);
     fprintf(stderr, "kvq perplexity: %zu tokens; %d chunks of %d%s, scoring the last %d of each\n", ids.n, n_chunks, o.ctx,
             bos ? " (BOS first)" : "", o.ctx - o.ctx / 2);
     const llama_config *mc = L.cfg;
