@@ -103,16 +103,7 @@ int kvq_cli_bench(int argc, char **argv) {
         static const char *const valued[] = {"-m", "--model", "--types", "--depths", "-n", "--prefill", "-b", "--batch-size",
                                              "--batch", "--parallel", "--fill-window", "-t", "--threads", "-s", "--seed", "--out", "-ngl",
                                              "--n-gpu-layers"};
-        int known = 0;
-        for (size_t k = 0; k < sizeof valued / sizeof valued[0]; k++) known |= !strcmp(a, valued[k]);
-        if (!known) {
-            fprintf(stderr, "kvq bench: unknown option '%s' (kvq bench --help lists its options)\n", a);
-            return 2;
-        }
-        if (!v) {
-            fprintf(stderr, "kvq bench: option '%s' needs a value\n", a);
-            return 2;
-        }
+        if (kvq_cli_valued_option("bench", a, v, valued, sizeof valued / sizeof valued[0])) return 2;
         i++;
         int64_t x = 0;
         int bad = 0;

@@ -97,16 +97,7 @@ int kvq_cli_calibrate(int argc, char **argv) {
         static const char *const valued[] = {"-m", "--model", "-f", "--file", "--budget", "--types", "-c", "--ctx-size",
                                              "--chunks", "--bits-ctx", "-t", "--threads", "-b", "--batch-size", "--csv", "-o",
                                              "--load"};
-        int known = 0;
-        for (size_t k = 0; k < sizeof valued / sizeof valued[0]; k++) known |= !strcmp(a, valued[k]);
-        if (!known) {
-            fprintf(stderr, "kvq calibrate: unknown option '%s' (kvq calibrate --help lists its options)\n", a);
-            return 2;
-        }
-        if (!v) {
-            fprintf(stderr, "kvq calibrate: option '%s' needs a value\n", a);
-            return 2;
-        }
+        if (kvq_cli_valued_option("calibrate", a, v, valued, sizeof valued / sizeof valued[0])) return 2;
         i++;
         int64_t x = 0;
         int bad = 0;

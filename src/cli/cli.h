@@ -184,6 +184,9 @@ int kvq_cli_die(int cmd, const char *what, kvq_status st);
 /* Parses, prints help or the error; returns -1 to go on, else the exit status. Applies -t to BLAS. */
 int kvq_cli_parse_or_exit(int cmd, int argc, char **argv, kvq_cli_opts *o);
 int kvq_cli_load(const kvq_cli_opts *o, kvq_cli_loaded *L, int need_weights);
+/* For the subcommands that parse their own options (bench, calibrate, gen-model): 0 when `a` is one of the n_valued
+ * options that take a value and v (the next argument, or NULL) is there; else 2 after a message naming `cmd`. */
+int kvq_cli_valued_option(const char *cmd, const char *a, const char *v, const char *const *valued, size_t n_valued);
 /* perplexity.c: scores mixes[0 .. n_mix) (n_mix <= KVQ_CLI_MAX_COMPARE + 1; mixes[0] the base, f16) on n_chunks chunks
  * of o->ctx tokens of ids as kvq perplexity --compare does: kld[i], the mean KL divergence from the base's next-token
  * distributions, and bits[i], stored bits per K/V element. 0, or an exit code after a printed message. */

@@ -208,6 +208,20 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     return KVQ_OK;
 }
 
+int kvq_cli_valued_option(const char *cmd, const char *a, const char *v, const char *const *valued, size_t n_valued) {
+    int known = 0;
+    for (size_t k = 0; k < n_valued; k++) known |= !strcmp(a, valued[k]);
+    if (!known) {
+        fprintf(stderr, "kvq %s: unknown option '%s' (kvq %s --help lists its options)\n", cmd, a, cmd);
+        return 2;
+    }
+    if (!v) {
+        fprintf(stderr, "kvq %s: option '%s' needs a value\n", cmd, a);
+        return 2;
+    }
+    return 0;
+}
+
 kvq_status kvq_cli_model_kv_bytes(const llama_config *mc, const kvq_cli_mix *mix, int max_seqs, int64_t tokens, int batch,
                                   double *pages, double *windows) {
     *pages = *windows = 0;

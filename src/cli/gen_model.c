@@ -98,17 +98,8 @@ int kvq_cli_gen_model(int argc, char **argv) {
             return 0;
         }
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int takes = !strcmp(a, "--shape") || !strcmp(a, "-o") || !strcmp(a, "--output") || !strcmp(a, "--wtype") ||
-                    !strcmp(a, "-s") || !strcmp(a, "--seed") || !strcmp(a, "-c") || !strcmp(a, "--ctx") ||
-                    !strcmp(a, "--layers");
-        if (!takes) {
-            fprintf(stderr, "kvq gen-model: unknown option '%s' (kvq gen-model --help lists its options)\n", a);
-            return 2;
-        }
-        if (!v) {
-            fprintf(stderr, "kvq gen-model: option '%s' needs a value\n", a);
-            return 2;
-        }
+        static const char *const valued[] = {"--shape", "-o", "--output", "--wtype", "-s", "--seed", "-c", "--ctx", "--layers"};
+        if (kvq_cli_valued_option("gen-model", a, v, valued, sizeof valued / sizeof valued[0])) return 2;
         i++;
         int bad = 0;
         if (!strcmp(a, "--shape")) shape_name = v;
