@@ -935,9 +935,8 @@ class CompiledDecode:
             raise RuntimeError("kvq: the cache was used in between (its static plans ended): make a new "
                                "CompiledDecode")
         pos = c.layers[0].hf_len
-        if self._ids is None:
-            # The first step runs eagerly: it makes the layers' plans (static plans on CUDA) and their buffers
-            # outside the compiled region, whose allocations cudagraph trees would own (and refuse to see kept).
+        first = self._ids is None
+        if first:
             dev = c.device
             self._ids = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
             self._pos = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
@@ -946,17 +945,17 @@ class CompiledDecode:
             c._static_on = c.is_cuda
             c._plans.clear()
             c._gen += 1
-            self._ids.copy_(tokens.reshape(self.batch, 1))
-            self._pos.fill_(pos)
-            self._cpos.fill_(pos)
+        self._ids.copy_(tokens.reshape(self.batch, 1))
+        self._pos.fill_(pos)
+        self._cpos.fill_(pos)
+        if first:
+            # The first step runs eagerly: it makes the layers' plans (static plans on CUDA) and their buffers
+            # outside the compiled region, whose allocations cudagraph trees would own (and refuse to see kept).
             with torch.no_grad():
                 out = self.model(input_ids=self._ids, position_ids=self._pos, cache_position=self._cpos,
                                  use_cache=True, **{CACHE_KWARG: c}).logits
             self._sps = [sp for _, sp in c._static.values()]
             return out[:, -1]
-        self._ids.copy_(tokens.reshape(self.batch, 1))
-        self._pos.fill_(pos)
-        self._cpos.fill_(pos)
         c._compiled = True
         try:
             with torch.no_grad():
