@@ -2,7 +2,7 @@
 #   - ctest fuzz_<name>_corpus: tests/corpus/<name>/ replayed through the entry point (fuzz_replay_main.c), in every
 #     build; in the sanitizer tier that is the regression run of every input the fuzzers kept;
 #   - with -DKVQ_FUZZ=ON (clang): the libFuzzer binary fuzz_<name>; scripts/fuzz.sh builds and runs them.
-set(KVQ_FUZZ_NAMES gguf tokenizer cache cli)
+set(KVQ_FUZZ_NAMES gguf tokenizer cache cli plan)
 foreach(name ${KVQ_FUZZ_NAMES})
   set(src ${CMAKE_CURRENT_LIST_DIR}/fuzz_${name}.c)
   if(NOT EXISTS ${src})
@@ -13,7 +13,7 @@ foreach(name ${KVQ_FUZZ_NAMES})
       continue()
     endif()
     set(libs kvq_gguf kvq)
-  elseif(name STREQUAL "cli")
+  elseif(name STREQUAL "cli" OR name STREQUAL "plan")
     if(NOT TARGET kvq_cli_core OR NOT TARGET kvq_model)
       continue()
     endif()

@@ -1,5 +1,6 @@
 /* Fuzz target of the kvq command's option parser: the input is split into an argv (at NUL bytes and newlines) and
- * given to the parser of every subcommand (parse only: no model is loaded, no file is read). A rejected argv must
+ * given to the parser of every subcommand (parse only: no model is loaded; the only files read are --kv-plan's and
+ * --compare plan='s, tests/fuzz_plan.c fuzzes their contents). A rejected argv must
  * leave a message; an accepted one must satisfy what the subcommands rely on (a model, exactly one prompt source,
  * values in range, at most KVQ_CLI_MAX_COMPARE valid --compare entries). --help renders the help text (which asks
  * the library for its defaults). ASan/UBSan and LeakSanitizer catch the rest.

@@ -501,6 +501,127 @@ static void test_read_file(void) {
     rmdir(dir);
 }
 
+/* kvq-plan files (src/cli/plan.c, docs/kv-plan.md): the parser on texts, the config it makes, and --kv-plan / plan=
+ * through the option parser on files. */
+static int plan_text(const char *text, int *NL, kvq_type *tk, kvq_type *tv, char *err) {
+    return kvq_cli_plan_parse(text, strlen(text), NL, tk, tv, err, KVQ_CLI_ERR_LEN);
+}
+
+static void plan_rejects(const char *text, const char *want) {
+    static kvq_type tk[KVQ_PLAN_MAX_LAYERS], tv[KVQ_PLAN_MAX_LAYERS];
+    char err[KVQ_CLI_ERR_LEN] = "";
+    int NL = -1, r = plan_text(text, &NL, tk, tv, err);
+    EXPECT(r == -1 && NL == 0 && strstr(err, want), "plan '%s' -> rc %d, '%s' (wanted '%s')", text, r, err, want);
+}
+
+static void test_plan(void) {
+    static kvq_type tk[KVQ_PLAN_MAX_LAYERS], tv[KVQ_PLAN_MAX_LAYERS];
+    char err[KVQ_CLI_ERR_LEN] = "";
+    int NL = 0;
+    /* comments, blank lines, tabs, CR, any layer order, llama.cpp's names, unknown keywords ignored */
+    int r = plan_text("# a plan\n\nkvq-plan 1   # version\n n_layers\t5\r\nlayer 4 q8/q4\nlayer 0 q4\nlayer 2 q2\n"
+                      "budget 3.5\nlayer 1 q8_0/q4_1\nlayer 3 q2\nsensitivity 0 q2 0.1 2.8\nfuture_field a b c d\n",
+                      &NL, tk, tv, err);
+    EXPECT(r == 0 && NL == 5, "plan parsed: rc %d, %d layers, '%s'", r, NL, err);
+    EXPECT(tk[0] == KVQ_TYPE_Q4 && tv[0] == KVQ_TYPE_Q4 && tk[1] == KVQ_TYPE_Q8 && tv[1] == KVQ_TYPE_Q4 &&
+           tk[2] == KVQ_TYPE_Q2 && tk[3] == KVQ_TYPE_Q2 && tk[4] == KVQ_TYPE_Q8 && tv[4] == KVQ_TYPE_Q4,
+           "plan types");
+    kvq_cli_mix m;
+    memset(&m, 0, sizeof m);
+    m.local_types = 1;
+    r = kvq_cli_plan_to_mix(NL, tk, tv, &m, err, sizeof err);
+    /* q2 (layers 2-3) ties q8/q4 (1 and 4) at two layers: the first pair of the most used count is the context's */
+    EXPECT(r == 0 && m.type_k == KVQ_TYPE_Q8 && m.type_v == KVQ_TYPE_Q4 && m.n_layer_types == 2 && m.plan_layers == 5 &&
+           !m.local_types, "plan -> config: %d, %d/%d, %d ranges", r, m.type_k, m.type_v, m.n_layer_types);
+    EXPECT(m.layer_types[0].first == 0 && m.layer_types[0].last == 0 && m.layer_types[0].type_k == KVQ_TYPE_Q4 &&
+           m.layer_types[1].first == 2 && m.layer_types[1].last == 3 && m.layer_types[1].type_k == KVQ_TYPE_Q2,
+           "plan ranges: %d-%d, %d-%d", m.layer_types[0].first, m.layer_types[0].last, m.layer_types[1].first,
+           m.layer_types[1].last);
+    /* 130 layers alternating: 65 ranges over the most used type, one more than the engine takes */
+    char big[8192];
+    int o = snprintf(big, sizeof big, "kvq-plan 1\nn_layers 130\n");
+    for (int l = 0; l < 130; l++) o += snprintf(big + o, sizeof big - (size_t)o, "layer %d %s\n", l, l % 2 ? "q2" : "q4");
+    EXPECT(plan_text(big, &NL, tk, tv, err) == 0 && NL == 130, "130 layers: %s", err);
+    EXPECT(kvq_cli_plan_to_mix(NL, tk, tv, &m, err, sizeof err) == -1 && strstr(err, "more than 64 times"), "%s", err);
+    plan_rejects("", "empty: not a kvq plan");
+    plan_rejects("# only a comment\n", "empty: not a kvq plan");
+    plan_rejects("n_layers 2\n", "line 1: not a kvq plan");
+    plan_rejects("kvq-plan 2\nn_layers 1\nlayer 0 q4\n", "written by a newer kvq (this one reads version 1)");
+    plan_rejects("kvq-plan 0\n", "line 1: 'kvq-plan 0': the version is not a number >= 1");
+    plan_rejects("kvq-plan x\n", "the version is not a number");
+    plan_rejects("kvq-plan 1\n", "no n_layers line");
+    plan_rejects("kvq-plan 1\nlayer 0 q4\n", "line 2: a layer line before n_layers");
+    plan_rejects("kvq-plan 1\nn_layers 0\n", "line 2: n_layers must be one number in 1..4096");
+    plan_rejects("kvq-plan 1\nn_layers 4097\n", "n_layers must be one number in 1..4096");
+    plan_rejects("kvq-plan 1\nn_layers 2\nn_layers 2\n", "line 3: n_layers given twice");
+    plan_rejects("kvq-plan 1\nn_layers 2\nlayer 0 q4\n", "1 of its 2 layers have no 'layer' line (the first: layer 1)");
+    plan_rejects("kvq-plan 1\nn_layers 2\nlayer 2 q4\n", "line 3: not 'layer L TYPE[/TYPE]' with L in 0..1");
+    plan_rejects("kvq-plan 1\nn_layers 2\nlayer -1 q4\n", "line 3: not 'layer L");
+    plan_rejects("kvq-plan 1\nn_layers 2\nlayer 0\n", "line 3: not 'layer L");
+    plan_rejects("kvq-plan 1\nn_layers 2\nlayer 0 q4 q2\n", "line 3: not 'layer L");
+    plan_rejects("kvq-plan 1\nn_layers 2\nlayer 0 q4\nlayer 0 q2\n", "line 4: layer 0 given twice");
+    plan_rejects("kvq-plan 1\nn_layers 1\nlayer 0 q5\n", "line 3: layer 0: type: unknown KV type 'q5'");
+    plan_rejects("kvq-plan 1\nn_layers 1\nlayer 0 q4/\n", "line 3: layer 0: type: unknown KV type ''");
+    plan_rejects("kvq-plan 1\nn_layers 1\nlayer 0 q4_0\n", "has no kvq equivalent");
+    plan_rejects("kvq-plan 1\nn_layers 1\nlayer 0 q4\x01\n", "line 3: a control character (byte 1)");
+    {
+        char nul[] = "kvq-plan 1\nn_layers 1\nlayer 0 q4\0 junk\n";
+        EXPECT(kvq_cli_plan_parse(nul, sizeof nul - 1, &NL, tk, tv, err, sizeof err) == -1 &&
+               strstr(err, "line 3: a control character (byte 0)"), "NUL: %s", err);
+    }
+    {
+        static char longl[KVQ_PLAN_MAX_LINE + 64];
+        memset(longl, ' ', sizeof longl - 1);
+        memcpy(longl, "kvq-plan 1\n", 11);
+        longl[sizeof longl - 1] = '\0';
+        plan_rejects(longl, "line 2 is longer than 1024 characters");
+    }
+    /* through the options: a file, its conflicts, its name as the config's */
+    char dir[] = "/tmp/kvq_plan_testXXXXXX";
+    if (!mkdtemp(dir)) {
+        EXPECT(0, "mkdtemp");
+        return;
+    }
+    char path[128], args[512];
+    snprintf(path, sizeof path, "%s/p.plan", dir);
+    FILE *f = fopen(path, "w");
+    fputs("kvq-plan 1\nn_layers 3\nlayer 0 q8\nlayer 1 q2\nlayer 2 q2\n", f);
+    fclose(f);
+    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s", path);
+    kvq_cli_opts ok = accepts(KVQ_CLI_PPL, args);
+    kvq_cli_mix sm = kvq_cli_single_mix(&ok);
+    EXPECT(ok.type_k == KVQ_TYPE_Q2 && ok.type_v == KVQ_TYPE_Q2 && ok.n_layer_types == 1 && ok.plan_layers == 3 &&
+           ok.layer_types[0].first == 0 && ok.layer_types[0].last == 0 && ok.layer_types[0].type_k == KVQ_TYPE_Q8 &&
+           sm.plan_layers == 3 && strstr(sm.name, "plan=") && strstr(sm.name, "p.plan"), "--kv-plan: %s", sm.name);
+    snprintf(args, sizeof args, "-m|m|-f|t|--compare|f16,plan=%s:rot=none", path);
+    ok = accepts(KVQ_CLI_PPL, args);
+    EXPECT(ok.n_compare == 2 && ok.compare[1].plan_layers == 3 && ok.compare[1].type_k == KVQ_TYPE_Q2 &&
+           ok.compare[1].rotate == 0 && ok.compare[1].n_layer_types == 1, "plan= entry");
+    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s|--kv-type|q4", path);
+    rejects(KVQ_CLI_PPL, args, "--kv-plan gives every layer's types: not with --kv-type");
+    snprintf(args, sizeof args, "-m|m|-f|t|-ctv|q4|--kv-plan|%s", path);
+    rejects(KVQ_CLI_PPL, args, "not with -ctv");
+    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s|--kv-layers|0@q4", path);
+    rejects(KVQ_CLI_PPL, args, "not with --kv-layers");
+    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s|--compare|f16,q4", path);
+    rejects(KVQ_CLI_PPL, args, "not with --compare (in --compare, an entry plan=FILE)");
+    snprintf(args, sizeof args, "-m|m|-f|t|--compare|f16,plan=%s:layers=0@q4", path);
+    rejects(KVQ_CLI_PPL, args, "a plan gives every layer's types: no :layers= with it");
+    snprintf(args, sizeof args, "-m|m|--mem|1G|--kv-plan|%s", path);
+    rejects(KVQ_CLI_CAP, args, "'--kv-plan' is not used by 'kvq capacity'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|-", "--kv-plan: a plan is read from a file, not from standard input");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|", "--kv-plan: the file name is empty");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|/nonexistent/p", "--kv-plan: cannot open '/nonexistent/p'");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|plan=/nonexistent/p", "--compare: plan=: cannot open");
+    /* the layer count is checked once the model is known */
+    ok = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
+    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s", path);
+    ok = accepts(KVQ_CLI_PPL, args);
+    EXPECT(kvq_cli_check_plans(&ok, 3) == 0 && kvq_cli_check_plans(&ok, 4) == 1, "plan layers checked");
+    remove(path);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--print-lib-defaults") == 0) {
         int rq4, rf16, g;
@@ -513,6 +634,7 @@ int main(int argc, char **argv) {
     test_aliases();
     test_sampler();
     test_read_file();
+    test_plan();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }

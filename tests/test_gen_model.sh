@@ -70,11 +70,22 @@ if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192
   bits=$(sed -n 's/^plan: \([0-9.]*\) bits.*/\1/p' "$tmp/cal.log")
   if awk -F, 'NR > 1 { n++; if ($2 == "f16" && $3 != 0) e = e " f16-not-0"; if ($3 < 0) e = e " negative"; p += $5 }
       END { if (n != 9 || p != 3 || e != "") { print n, p, e; exit 1 } }' "$tmp/cal.csv" &&
-     awk -v b="$bits" 'BEGIN { exit !(b > 0 && b <= 4) }' && grep -q "^--kv-type " "$tmp/plan.txt"; then
-    ok "calibrate: 9 sensitivities, plan $(cat "$tmp/plan.txt") at $bits bits"
-    # shellcheck disable=SC2046
-    "$kvq" perplexity -m "$tmp/m3.gguf" -f "$tmp/t.txt" -c 256 --chunks 1 -t 1 -q $(cat "$tmp/plan.txt") >/dev/null 2>&1 &&
-      ok "calibrate: the plan runs" || bad "calibrate: the plan does not run: $(cat "$tmp/plan.txt")"
+     awk -v b="$bits" 'BEGIN { exit !(b > 0 && b <= 4) }' && [ "$(head -1 "$tmp/plan.txt")" = "kvq-plan 1" ] &&
+     [ "$(grep -c '^layer [0-2] ' "$tmp/plan.txt")" = 3 ] && [ "$(grep -c '^sensitivity ' "$tmp/plan.txt")" = 9 ]; then
+    opts=$(grep -A1 '^plan: ' "$tmp/cal.log" | tail -1)
+    ok "calibrate: 9 sensitivities, plan $opts at $bits bits"
+    # the plan file (--kv-plan, --compare plan=) is the same config as the options printed beside it: same PPL and bytes
+    spec=$(sed -n 's/^--kv-type \([^ ]*\)\( --kv-layers \(.*\)\)\{0,1\}$/\1:layers=\3/p' <<<"$opts" | sed 's/:layers=$//')
+    if "$kvq" perplexity -m "$tmp/m3.gguf" -f "$tmp/t.txt" -c 256 --chunks 1 -t 1 -q --compare "f16,$spec,plan=$tmp/plan.txt" \
+         --csv "$tmp/plan.csv" >/dev/null 2>&1 &&
+       awk -F, 'NR == 3 { p = $7; b = $13 } NR == 4 { exit !(p == $7 && b == $13 && p != "") }' "$tmp/plan.csv" &&
+       "$kvq" perplexity -m "$tmp/m3.gguf" -f "$tmp/t.txt" -c 256 --chunks 1 -t 1 -q --kv-plan "$tmp/plan.txt" >/dev/null 2>&1; then
+      ok "calibrate: the plan file runs (--kv-plan, plan=) as the printed options ($spec)"
+    else bad "calibrate: the plan file: $(cat "$tmp/plan.csv" 2>&1)"; fi
+    printf 'kvq-plan 1\nn_layers 2\nlayer 0 q4\nlayer 1 q2\n' >"$tmp/plan2l.txt"
+    out=$("$kvq" perplexity -m "$tmp/m3.gguf" -f "$tmp/t.txt" -c 256 --chunks 1 -t 1 -q --kv-plan "$tmp/plan2l.txt" 2>&1) &&
+      bad "a 2-layer plan on 3 layers accepted" ||
+      { grep -q "the plan is for 2 layers, the model has 3" <<<"$out" && ok "a plan for other layers refused" || bad "2-layer plan: $out"; }
     "$kvq" calibrate -m "$tmp/m3.gguf" --load "$tmp/cal.csv" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -o "$tmp/plan2.txt" \
       >/dev/null 2>&1 && cmp -s "$tmp/plan.txt" "$tmp/plan2.txt" && ok "calibrate --load: the same plan from the CSV" ||
       bad "calibrate --load: $(cat "$tmp/plan2.txt" 2>&1)"

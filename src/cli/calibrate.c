@@ -12,7 +12,8 @@
  * The one-layer-at-a-time measurement is the point: upgrading one layer of an all-q2 model instead moves the KLD by
  * less than the noise of q2's own error (a rotation seed alone moves it by ~5%), so it ranks nothing.
  *
- * Out: the per-layer table (--csv), the plan as --kv-type/--kv-layers options (stdout, and -o FILE), and the KLD the
+ * Out: the per-layer table (--csv), the plan as --kv-type/--kv-layers options (stdout) and as a kvq-plan file (-o FILE,
+ * docs/kv-plan.md), and the KLD the
  * additive model predicts for it. Use a calibration text other than the evaluation text. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -44,7 +45,8 @@ static void usage(FILE *f) {
             "  --csv FILE              the per-layer sensitivities: layer,type,kld,bits,picked\n"
             "  --load FILE             take the sensitivities from such a CSV (same model and --types) instead of\n"
             "                          measuring them: plans for other budgets or --bits-ctx in seconds\n"
-            "  -o FILE                 write the plan's options (one line) to FILE\n"
+            "  -o FILE                 write the plan as a kvq-plan file (docs/kv-plan.md) for --kv-plan FILE, kvq\n"
+            "                          perplexity --compare plan=FILE, or Python's kvq.KVQCache(config, plan=FILE)\n"
             "The other KV options (--kv-rotate, --kv-prerope, ...) keep their defaults: each layer's type brings its own.\n",
             MAX_CAND);
 }
@@ -340,9 +342,23 @@ int kvq_cli_calibrate(int argc, char **argv) {
     }
     printf("plan: %.3f bits per element (budget %.3f), summed per-layer KLD %.6f\n%s\n", 8.0 * bytes / den, budget, pred,
            plan);
-    if (plan_path) {
-        FILE *pf = fopen(plan_path, "w");
-        if (!pf || fprintf(pf, "%s\n", plan) < 0 || fclose(pf)) {
+    if (plan_path) { /* the kvq-plan file: the layers' types, then how they were chosen (ignored by its readers) */
+        FILE *pf = NL <= KVQ_PLAN_MAX_LAYERS ? fopen(plan_path, "w") : NULL;
+        kvq_type ptk[KVQ_PLAN_MAX_LAYERS], ptv[KVQ_PLAN_MAX_LAYERS];
+        for (int l = 0; l < NL && l < KVQ_PLAN_MAX_LAYERS; l++) ptk[l] = ck[pick[l]], ptv[l] = cv[pick[l]];
+        int ok = pf && kvq_cli_plan_write(pf, NL, ptk, ptv) == 0 &&
+                 fprintf(pf, "# how it was chosen: kvq calibrate --budget, the mean stored bits per K/V element at bits_ctx\n"
+                             "# tokens, and per layer and candidate the KLD against f16 with that layer alone at it\n"
+                             "budget %.4f\nbits %.4f\nbits_ctx %lld\npredicted_kld %.8f\ncandidates", budget,
+                         8.0 * bytes / den, (long long)bits_ctx, pred) > 0;
+        for (int t = 0; ok && t < nc; t++) ok = fprintf(pf, " %s", o.compare[t].name) > 0;
+        ok = ok && fprintf(pf, "\n") > 0;
+        for (int l = 0; ok && l < NL; l++)
+            for (int t = 0; ok && t < nc; t++)
+                ok = fprintf(pf, "sensitivity %d %s %.8f %.6f\n", l, o.compare[t].name, s[(size_t)l * nc + t],
+                             8.0 * cost[(size_t)l * nc + t] * NL / den) > 0;
+        if (pf && fclose(pf)) ok = 0;
+        if (!ok) {
             fprintf(stderr, "kvq calibrate: -o: cannot write '%s'\n", plan_path);
             rc = 1;
         }

@@ -43,6 +43,7 @@ int kvq_cli_capacity(int argc, char **argv) {
     if (!(st = llama_read_config(gf, &mc))) st = llama_weight_bytes(gf, &mc, &weights);
     gguf_close(gf);
     if (st) return kvq_cli_die(KVQ_CLI_CAP, "reading the model's shape", st);
+    if (kvq_cli_check_plans(&o, mc.n_layers)) return 1;
 
     /* What kvq run allocates besides the cache: the context's scratch, the logits and the sampler's scratch. */
     double buffers = (double)llama_ctx_scratch_bytes(&mc, o.batch) + (double)mc.vocab_size * (sizeof(float) + sizeof(kvq_cli_prob));

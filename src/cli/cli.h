@@ -51,6 +51,8 @@ typedef struct kvq_cli_mix {
     float squat_lambda;     /* <= 0: libkvq's auto rule */
     int n_layer_types;      /* per-layer types (llama_ctx_params.layer_types), 0: none */
     llama_layer_types layer_types[LLAMA_MAX_LAYER_TYPES];
+    int plan_layers;        /* the types came from a kvq-plan file for this many layers (checked against the model
+                             * by kvq_cli_check_plans); 0: not from a plan */
     char name[KVQ_CLI_MIX_NAME];
 } kvq_cli_mix;
 
@@ -70,8 +72,10 @@ typedef struct kvq_cli_opts {
     int local_types;                    /* --kv-type-local given */
     kvq_type type_k_local, type_v_local; /* --kv-type-local TYPE[/TYPE] */
     const char *kv_layers;              /* --kv-layers SPEC as given (borrowed from argv), or NULL */
-    int n_layer_types;                  /* ... parsed */
+    int n_layer_types;                  /* ... parsed, or read from --kv-plan */
     llama_layer_types layer_types[LLAMA_MAX_LAYER_TYPES];
+    const char *kv_plan;                /* --kv-plan FILE (borrowed from argv), or NULL */
+    int plan_layers;                    /* its n_layers */
     double mem; /* bytes; 0: not given */
     size_t max_file;
     int gpu; /* --gpu, or -ngl N with N > 0: every layer on the GPU (no partial offload) */
@@ -220,5 +224,24 @@ struct llama_ctx_params;
 void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx, struct llama_ctx_params *cp);
 /* Physical memory of the machine in bytes (0 if unknown). */
 double kvq_cli_phys_mem(void);
+
+/* plan.c: kvq-plan files, every layer's KV types (docs/kv-plan.md; python/kvq/plan.py reads and writes the same). */
+#define KVQ_PLAN_VERSION 1
+#define KVQ_PLAN_MAX_LAYERS 4096
+#define KVQ_PLAN_MAX_BYTES (1 << 20)
+#define KVQ_PLAN_MAX_LINE 1024
+/* Parses a plan held in text[0..len): *n_layers and the types of layers 0..*n_layers-1 in tk[], tv[]
+ * (KVQ_PLAN_MAX_LAYERS entries each). 0, or -1 with a message (naming the line) in err. */
+int kvq_cli_plan_parse(const char *text, size_t len, int *n_layers, kvq_type *tk, kvq_type *tv, char *err, size_t n);
+/* Per-layer types -> m's type_k/type_v (the most used pair) and layer_types (the other layers' ranges); m->local_types
+ * = 0, m->plan_layers = NL; the other fields of m are left as they are. -1 past LLAMA_MAX_LAYER_TYPES ranges. */
+int kvq_cli_plan_to_mix(int NL, const kvq_type *tk, const kvq_type *tv, kvq_cli_mix *m, char *err, size_t n);
+/* Reads the plan file at `path` into m (both of the above); `name` (the option) heads the message. */
+int kvq_cli_plan_read(const char *path, kvq_cli_mix *m, const char *name, char *err, size_t n);
+/* Writes the version line, n_layers and the layer lines; the caller may append lines of its own. 0 or -1. */
+int kvq_cli_plan_write(FILE *f, int NL, const kvq_type *tk, const kvq_type *tv);
+/* 0 when every plan among o's KV configs (--kv-plan, --compare's plan= entries) has n_layers layers; else 1 after a
+ * message. kvq_cli_load calls it once the model is known. */
+int kvq_cli_check_plans(const kvq_cli_opts *o, int n_layers);
 
 #endif

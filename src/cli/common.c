@@ -90,6 +90,10 @@ int kvq_cli_load(const kvq_cli_opts *o, kvq_cli_loaded *L, int need_weights) {
         L->cfg = &L->m->cfg;
         L->weight_bytes = (double)L->m->weight_bytes;
     }
+    if (L->cfg && kvq_cli_check_plans(o, L->cfg->n_layers)) {
+        kvq_cli_unload(L);
+        return 1;
+    }
     return 0;
 }
 

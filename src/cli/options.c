@@ -105,8 +105,13 @@ kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
                      .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform,
                      .rotation_seed = o->rotation_seed, .prerope = o->prerope, .local_types = o->local_types,
                      .type_k_local = o->type_k_local, .type_v_local = o->type_v_local, .squat_rank = o->squat_rank,
-                     .squat_lambda = o->squat_lambda, .n_layer_types = o->n_layer_types};
+                     .squat_lambda = o->squat_lambda, .n_layer_types = o->n_layer_types,
+                     .plan_layers = o->plan_layers};
     memcpy(m.layer_types, o->layer_types, sizeof m.layer_types);
+    if (o->kv_plan) {
+        snprintf(m.name, sizeof m.name, "plan=%s", o->kv_plan);
+        return m;
+    }
     snprintf(m.name, sizeof m.name, "%s", kvq_cli_type_name(o->type_k));
     if (o->type_v != o->type_k)
         snprintf(m.name + strlen(m.name), sizeof m.name - strlen(m.name), "/%s", kvq_cli_type_name(o->type_v));
@@ -367,6 +372,12 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
             break;
         }
     }
+    if (strncmp(buf, "plan=", 5) == 0) { /* a kvq-plan file gives every layer's types */
+        if (seen[S_LAYERS] || seen[S_LOCAL])
+            return fail(err, n, "--compare: entry '%s': a plan gives every layer's types: no %s with it", m->name,
+                        seen[S_LAYERS] ? ":layers=" : ":local=");
+        return kvq_cli_plan_read(buf + 5, m, "--compare: plan=", err, n);
+    }
     return parse_type_pair(buf, &m->type_k, &m->type_v, "--compare", err, n);
 }
 
@@ -399,7 +410,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_KV_PLAN, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -452,6 +463,7 @@ static const optdef OPTS[] = {
     {O_KV_SQUAT_LAMBDA, R | P | K, 1, {"--kv-squat-lambda"}},
     {O_KV_TYPE_LOCAL, R | P | C | K, 1, {"--kv-type-local"}},
     {O_KV_LAYERS, R | P | C | K, 1, {"--kv-layers"}},
+    {O_KV_PLAN, R | P | K, 1, {"--kv-plan"}},
     {O_ROT_SEED, R | P | C | K, 1, {"--rotation-seed"}},
     {O_CSV, P | K, 1, {"--csv"}},
     {O_LENGTHS, K, 1, {"--lengths"}},
@@ -472,7 +484,7 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
     if (err && n) err[0] = '\0';
     if (cmd < 0 || cmd >= KVQ_CLI_NCMD) return fail(err, n, "unknown command %d", cmd);
     kvq_cli_defaults(cmd, o);
-    const char *cname = CMD_NAMES[cmd], *compare = NULL;
+    const char *cname = CMD_NAMES[cmd], *compare = NULL, *kv_type_given = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (!a) return fail(err, n, "argument %d is NULL", i);
@@ -529,9 +541,10 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_KVTYPE:
             if (kvq_cli_parse_type(v, &o->type_k, a, err, n)) return -1;
             o->type_v = o->type_k;
+            kv_type_given = a;
             break;
-        case O_KVTYPE_K: if (kvq_cli_parse_type(v, &o->type_k, a, err, n)) return -1; break;
-        case O_KVTYPE_V: if (kvq_cli_parse_type(v, &o->type_v, a, err, n)) return -1; break;
+        case O_KVTYPE_K: if (kvq_cli_parse_type(v, &o->type_k, a, err, n)) return -1; kv_type_given = a; break;
+        case O_KVTYPE_V: if (kvq_cli_parse_type(v, &o->type_v, a, err, n)) return -1; kv_type_given = a; break;
         case O_TEMP: if (kvq_cli_parse_float(v, 0, 100, &o->temp, a, err, n)) return -1; break;
         case O_TOP_P: if (kvq_cli_parse_float(v, 0, 1, &o->top_p, a, err, n)) return -1; break;
         case O_MIN_P: if (kvq_cli_parse_float(v, 0, 1, &o->min_p, a, err, n)) return -1; break;
@@ -564,6 +577,10 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             if (parse_layer_types(v, &o->n_layer_types, o->layer_types, a, err, n)) return -1;
             o->kv_layers = v;
             break;
+        case O_KV_PLAN:
+            if (!*v) return fail(err, n, "%s: the file name is empty", a);
+            o->kv_plan = v;
+            break;
         case O_KV_PREROPE:
             if (strcmp(v, "default") == 0) o->prerope = -1;
             else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
@@ -588,6 +605,18 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         }
         default: return fail(err, n, "option '%s': internal error (no handler)", a);
         }
+    }
+    if (o->kv_plan) { /* the plan gives every layer's types: nothing else may */
+        const char *other = kv_type_given ? kv_type_given : o->kv_layers ? "--kv-layers" : o->local_types ? "--kv-type-local"
+                                                          : compare ? "--compare" : NULL;
+        if (other)
+            return fail(err, n, "--kv-plan gives every layer's types: not with %s%s", other,
+                        compare ? " (in --compare, an entry plan=FILE)" : "");
+        kvq_cli_mix pm = kvq_cli_single_mix(o);
+        if (kvq_cli_plan_read(o->kv_plan, &pm, "--kv-plan", err, n)) return -1;
+        o->type_k = pm.type_k, o->type_v = pm.type_v, o->plan_layers = pm.plan_layers;
+        o->n_layer_types = pm.n_layer_types;
+        memcpy(o->layer_types, pm.layer_types, sizeof o->layer_types);
     }
     /* --compare entries inherit --residual/--group/--kv-rotate/... wherever they come on the line. */
     if (compare && kvq_cli_parse_compare(compare, o, err, n)) return -1;
@@ -670,6 +699,10 @@ static void kv_help(FILE *f, int cmd) {
                 "                          others --kv-type (e.g. --kv-layers 0-1@q8+29@q8 with --kv-type q2: mixed\n"
                 "                          precision where the error costs most). In --compare: ':layers=...'. CPU\n"
                 "                          engine only; pre-RoPE keys and SQuat follow each layer's key type\n");
+    if (cmd != KVQ_CLI_CAP)
+        fprintf(f, "  --kv-plan FILE          every layer's types from a kvq-plan file (kvq calibrate -o FILE writes one;\n"
+                   "                          format: docs/kv-plan.md), instead of --kv-type/--kv-layers. In --compare: an\n"
+                   "                          entry plan=FILE\n");
     fprintf(f,
             "  --residual R            fp16 residual window: the newest R..R+G-1 tokens stay exact (default: libkvq's,\n"
             "                          %d for q4/q3/q2, %d for the per-token types)\n"
@@ -773,7 +806,8 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
                 "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :seed=N, :pre=0|1, :squat=R,\n"
                 "                          :lambda=auto|X (kvq.h section 10; unset: the --kv-* options), :local=T[/T] (sliding-window layers' types, as\n"
-                "                          --kv-type-local), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2,q8:local=q4\n"
+                "                          --kv-type-local), :layers=SPEC (as --kv-layers); or plan=FILE (a kvq-plan\n"
+                "                          file, as --kv-plan), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2,q8:local=q4\n"
                 "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
                 "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"
                 "                          bits_per_element (bytes_per_token: K+V pages in use, scales included, + the\n"
