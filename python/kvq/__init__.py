@@ -2,7 +2,8 @@
 
 Low-level bindings (numpy, no torch needed): kvq.Cache, kvq.CudaCache, kvq.KvqError, ...
 HF transformers integration (needs torch + transformers: pip install kvq[hf]): kvq.KVQCache,
-kvq.patch_model_with_int8_kv_cache, kvq.register_attention (attn_implementation="kvq").
+kvq.patch_model_with_int8_kv_cache, kvq.register_attention (attn_implementation="kvq"), kvq.calibrate (per-layer
+KV types for a bit budget). Per-layer plans (no torch needed): kvq.Plan, kvq.load_plan (docs/kv-plan.md).
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from ._native import (  # noqa: F401
     arena_bytes_for, bytes_per_token, cpu_backend, cuda_available, key_subspace, page_layout, type_from_name, type_name,
     version,
 )
+from .plan import Plan, PlanError, load_plan  # noqa: F401
 
 __version__ = "0.1.0"
 
 _HF_NAMES = ("KVQCache", "patch_model_with_int8_kv_cache", "unpatch_model", "register_attention",
-             "kvq_attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KWARG", "output_cache")
+             "kvq_attention_forward", "ATTN_IMPLEMENTATION", "CACHE_KWARG", "output_cache", "calibrate")
 
 HF_INSTALL_HINT = "pip install kvq[hf]  (torch and transformers >= 5.17, < 6)"
 
@@ -55,10 +57,13 @@ def __getattr__(name: str) -> Any:  # the transformers part is imported on first
         except Exception as e:  # noqa: BLE001 - e.g. a torch whose shared libraries are missing
             raise ImportError(f"kvq.{name}: the transformers integration failed to import: "
                               f"{type(e).__name__}: {e}") from e
+        if name == "calibrate":
+            from ._calibrate import calibrate
+            return calibrate
         return getattr(hf, name)
     raise AttributeError(f"module 'kvq' has no attribute {name!r}")
 
 
 __all__ = ["Cache", "CudaCache", "KvqError", "CacheFullError", "CacheClosedError", "cuda_available", "version",
            "cpu_backend", "type_from_name", "type_name", "bytes_per_token", "page_layout", "arena_bytes_for",
-           "key_subspace", "HEAD_DIMS", *_HF_NAMES]
+           "key_subspace", "HEAD_DIMS", "Plan", "PlanError", "load_plan", *_HF_NAMES]

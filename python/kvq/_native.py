@@ -134,7 +134,7 @@ class CacheConfig(C.Structure):
                 ("rotation_seed", C.c_uint32), ("sinks", C.c_int), ("nonuniform", C.c_int), ("prerope", C.c_int),
                 ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float)),
                 ("squat_rank", C.c_int), ("squat_lambda", C.c_float),
-                ("rotation_layers", C.POINTER(C.c_int32))]  # NULL here: the cache's layer indices seed the signs
+                ("rotation_layers", C.POINTER(C.c_int32))]  # NULL: the cache's layer indices seed the signs
 
 
 class PageLayout(C.Structure):
@@ -387,13 +387,16 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
                 type_v: Optional[TypeSpec] = None, arena_bytes: int = 0, page_tokens: int = 0, group: int = 0,
                 residual: int = -1, max_seqs: int = 0, n_threads: int = 0, rotate: int = -1, rotation_seed: int = 0,
                 sinks: int = -1, nonuniform: int = -1, prerope: int = 0, rope_neox: int = 0, rope_theta: float = 0.0,
-                rope_freqs=None, squat_rank: int = 0, squat_lambda: float = 0.0) -> CacheConfig:
+                rope_freqs=None, squat_rank: int = 0, squat_lambda: float = 0.0,
+                rotation_layers=None) -> CacheConfig:
     """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create).
     rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off). prerope (0/1), rope_neox,
     rope_theta, rope_freqs (None or head_dim / 2 inverse frequencies): pre-RoPE keys, kvq.h section 10; the
     config keeps a float32 copy of rope_freqs alive (kvq_cache_create copies it). squat_rank (0 off, 1..32, < head_dim;
     grouped key types only), squat_lambda (<= 0: auto): SQuat keys, kvq.h section 10; the subspace itself is set per
-    sequence with Cache.set_key_subspace."""
+    sequence with Cache.set_key_subspace. rotation_layers: None, or n_layers numbers >= 0 that seed each layer's
+    rotation signs in place of its index (a model's layer numbers when its layers are split over several caches, so
+    that each layer holds the same bytes however they are grouped); kept alive by the config like rope_freqs."""
     vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                         ("page_tokens", page_tokens), ("group", group), ("residual", residual),
                                         ("max_seqs", max_seqs), ("n_threads", n_threads), ("rotate", rotate),
@@ -421,6 +424,13 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
             raise ValueError(f"kvq: rope_freqs has {f.size} values, head_dim / 2 = {vals['head_dim'] // 2} expected")
         cfg._rope_freqs_keep = f  # borrowed by kvq_cache_create, which copies it
         cfg.rope_freqs = f.ctypes.data_as(C.POINTER(C.c_float))
+    if rotation_layers is not None:
+        r = [_int(x, "rotation_layers[]", 0) for x in rotation_layers]
+        if len(r) != vals["n_layers"]:
+            raise ValueError(f"kvq: rotation_layers has {len(r)} numbers, n_layers = {vals['n_layers']} expected")
+        a = np.ascontiguousarray(np.asarray(r, dtype=np.int32))
+        cfg._rotation_layers_keep = a  # borrowed by kvq_cache_create / kvq_cuda_cache_create, which copy it
+        cfg.rotation_layers = a.ctypes.data_as(C.POINTER(C.c_int32))
     return cfg
 
 
@@ -507,10 +517,10 @@ class Cache:
                  page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0,
                  rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1, prerope: int = 0,
                  rope_neox: int = 0, rope_theta: float = 0.0, rope_freqs=None, squat_rank: int = 0,
-                 squat_lambda: float = 0.0):
+                 squat_lambda: float = 0.0, rotation_layers=None):
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
                           n_threads, rotate, rotation_seed, sinks, nonuniform, prerope, rope_neox, rope_theta,
-                          rope_freqs, squat_rank, squat_lambda)
+                          rope_freqs, squat_rank, squat_lambda, rotation_layers)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
@@ -926,11 +936,12 @@ class CudaCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec = "f16",
                  type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
                  residual: int = -1, max_seqs: int = 0, device: int = 0, max_seq_tokens: int = 0,
-                 rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1):
-        """rotate, rotation_seed, sinks: kvq.h section 10, as Cache (-1: the CPU cache's defaults, so that both hold
-        the same bytes); nonuniform: 0 or -1 (the CUDA backend has no non-uniform levels yet)."""
+                 rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1,
+                 rotation_layers=None):
+        """rotate, rotation_seed, sinks, rotation_layers: kvq.h section 10, as Cache (-1: the CPU cache's defaults, so
+        that both hold the same bytes); nonuniform: 0 or -1 (the CUDA backend has no non-uniform levels yet)."""
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, 64, 0, residual, max_seqs, 0, rotate,
-                          rotation_seed, sinks, nonuniform)
+                          rotation_seed, sinks, nonuniform, rotation_layers=rotation_layers)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             # one more page per (sequence, layer) for the sink page (this backend keeps at most one)

@@ -35,6 +35,7 @@ import functools
 import inspect
 import itertools
 import math
+import os
 import warnings
 import weakref
 from typing import Any, Dict, List, Union
@@ -55,10 +56,11 @@ except Exception as _e:
                       f"({_e}): {_HINT}") from _e
 
 from . import _native as N
+from .plan import Plan
 
 ATTN_IMPLEMENTATION = "kvq"
-# a kv type name or code, a list with one per layer, or a dict {layer: type, "default": type}
-KVTypeSpec = Union[str, int, List[Union[str, int]], Dict[Any, Union[str, int]]]
+# a kv type name or code, a list with one per layer, a dict {layer: type, "default": type}, or a kvq.Plan
+KVTypeSpec = Union[str, int, List[Union[str, int]], Dict[Any, Union[str, int]], Plan]
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "qwen2")
 _TORCH_DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -78,7 +80,17 @@ def _shape_of(config):
 
 def _parse_types(kv_type, value_type, n_layers):
     """-> list of (type_k, type_v) ints, one per layer. kv_type: a name, a list of names (one per layer), or a dict
-    {layer: name} with the key "default" (or None) for the others; value_type likewise, defaulting to kv_type."""
+    {layer: name} with the key "default" (or None) for the others; value_type likewise, defaulting to kv_type. None:
+    "q8". A kvq.Plan gives both (value_type must be None)."""
+    if kv_type is None:
+        kv_type = "q8"
+    if isinstance(kv_type, Plan):
+        if value_type is not None:
+            raise ValueError("kvq: a plan gives every layer's key and value types: value_type must be left unset")
+        if kv_type.n_layers != n_layers:
+            raise ValueError(f"kvq: the plan is for {kv_type.n_layers} layers, the model has {n_layers}")
+        return [(N.type_from_name(k), N.type_from_name(v)) for k, v in kv_type.types]
+
     def per_layer(spec, what):
         if isinstance(spec, (list, tuple)):
             if len(spec) != n_layers:
@@ -165,8 +177,12 @@ class KVQCache(Cache):
     Args:
         config: the model's config (`model.config`).
         kv_type: "f16", "bf16", "q8", "fp8", "q4", "q3" or "q2"; or a list with one per layer; or a dict {layer: type,
-            "default": type}. Layers of the same type share one kvq cache.
+            "default": type}; or a kvq.Plan. Layers of the same types share one kvq cache; each layer's rotation is
+            seeded by its model layer number, so a layer holds the same bytes however the layers are grouped (as in
+            kvq's engine). Default (None): "q8", or the plan's types.
         value_type: the same for values when they should differ from keys (default: kv_type).
+        plan: a kvq.Plan or the path of a kvq-plan file (docs/kv-plan.md; `kvq calibrate -o` and kvq.calibrate make
+            them): every layer's key and value types, in place of kv_type / value_type (which must then be unset).
         max_cache_len: tokens one sequence may hold (prompt + generated, padding excluded). Sizes the page arena
             (allocated once, at the first update); appending beyond it raises kvq.CacheFullError.
         max_batch_size: sequences the arena is sized for (default: the batch size of the first update). A beam
@@ -196,12 +212,21 @@ class KVQCache(Cache):
     # the same C calls with the same inputs (tests compare the two bit for bit)
     _fast_decode = True
 
-    def __init__(self, config: Any, kv_type: KVTypeSpec = "q8", value_type: KVTypeSpec | None = None,
+    def __init__(self, config: Any, kv_type: KVTypeSpec | None = None, value_type: KVTypeSpec | None = None,
                  max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
-                 nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0) -> None:
+                 nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0,
+                 plan: Plan | str | os.PathLike | None = None) -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
+        if plan is not None:
+            if kv_type is not None or value_type is not None:
+                raise ValueError("kvq: plan gives every layer's types: leave kv_type and value_type unset")
+            if not isinstance(plan, Plan):
+                if not isinstance(plan, (str, os.PathLike)):
+                    raise TypeError(f"kvq: plan is a kvq.Plan or a file path, got {type(plan).__name__}")
+                plan = Plan.load(plan)
+            kv_type = plan
         max_cache_len = N._nonneg(max_cache_len, "max_cache_len", N.INT64_MAX, "int64")
         if max_cache_len < 1:
             raise ValueError("kvq: max_cache_len must be >= 1")
@@ -349,11 +374,14 @@ class KVQCache(Cache):
                 nl = len(g.layers)
                 ab = self.kvq_arena_bytes or N.arena_bytes_for(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1],
                                                            self.kvq_max_len, nb, 64, self.kvq_group)
+                # each layer's rotation seeded by its model layer number (kvq.h, rotation_layers), as the engine does:
+                # a layer's bytes do not depend on which other layers share its cache
+                rl = None if g.layers == list(range(nl)) else g.layers
                 if dev.type == "cuda":
                     h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                     residual=self.kvq_residual, max_seqs=2 * nb + 2,
                                     device=dev.index if dev.index is not None else torch.cuda.current_device(),
-                                    max_seq_tokens=self.kvq_max_len + 64, **self.kvq_quality)
+                                    max_seq_tokens=self.kvq_max_len + 64, rotation_layers=rl, **self.kvq_quality)
                 else:
                     rank = self.kvq_squat[0]
                     if rank < 0:  # the engine's default (src/cli): SQuat for Q2 keys, where queries reach the cache
@@ -364,7 +392,7 @@ class KVQCache(Cache):
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                 residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,
                                 n_threads=self.kvq_n_threads, squat_rank=rank, squat_lambda=self.kvq_squat[1],
-                                **self.kvq_quality)
+                                rotation_layers=rl, **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]
                 g.handle, g.seqs = h, seqs
@@ -1233,7 +1261,7 @@ def _wrap_generate(state: _PatchState, model) -> None:
     model.generate = generate
 
 
-def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec = "q8", max_cache_len: int | None = None,
+def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec | None = None, max_cache_len: int | None = None,
                                    **cache_kwargs: Any) -> Any:
     """Make `model` keep its KV cache in kvq (int8 by default) and run attention on the quantized pages, whatever
     calls it.

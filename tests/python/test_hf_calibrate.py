@@ -1,0 +1,135 @@
+"""kvq.calibrate and plans in KVQCache (issue 20, per-layer bit budgets on the HF side): sensitivities measured one
+layer at a time against the f16 cache, a plan within the budget, the same bits per element as `kvq calibrate`
+counts, plans taken by KVQCache / patch_model_with_int8_kv_cache, and each layer's rotation seeded by its model
+layer number whatever the grouping."""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+np = pytest.importorskip("numpy")
+import kvq  # noqa: E402
+from hf_models import make  # noqa: E402
+
+C = kvq.CACHE_KWARG
+
+
+def _ids(n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (n,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def model3():
+    return make("llama", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def plan3(model3):
+    calls = []
+    p = kvq.calibrate(model3, _ids(768), budget=6.0, types=("q2", "q4", "f16"), ctx=384, chunks=2, batch=64, bits_ctx=8192,
+                      cache_kwargs={"n_threads": 1}, progress=lambda d, t: calls.append((d, t)))
+    return p, calls
+
+
+def test_calibrate_sensitivities_and_plan(model3, plan3):
+    p, calls = plan3
+    assert p.n_layers == 3 and p.candidates == ["q2", "q4", "f16"]
+    assert calls[-1] == (6, 6)  # 3 layers x 2 quantized candidates: f16 costs no run
+    for l in range(3):
+        k2, b2 = p.sensitivity[(l, "q2")]
+        k4, b4 = p.sensitivity[(l, "q4")]
+        k16, b16 = p.sensitivity[(l, "f16")]
+        assert k16 == 0.0 and b16 == 16.0
+        assert k2 > k4 > 0, (l, k2, k4)  # fewer bits, more error, on every layer of this model
+        assert b2 < b4 < b16
+    assert p.bits <= 6.0 + 1e-9 and p.budget == 6.0 and p.bits_ctx == 8192
+    assert abs(p.predicted_kld - sum(p.sensitivity[(l, "q2" if k == "q2" else k)][0]
+                                     for l, (k, _) in enumerate(p.types))) < 1e-12
+    # the same model at a bigger budget: never a worse predicted KLD, never fewer bits
+    q = kvq.calibrate(model3, _ids(768), budget=12.0, types=("q2", "q4", "f16"), ctx=384, chunks=2, batch=64, bits_ctx=8192,
+                      cache_kwargs={"n_threads": 1})
+    assert q.predicted_kld <= p.predicted_kld and q.bits >= p.bits
+
+
+def test_a_plan_runs_in_kvqcache_and_the_patch(model3, plan3, tmp_path):
+    p, _ = plan3
+    f = tmp_path / "m3.plan"
+    p.save(f)
+    model3.set_attn_implementation("kvq")
+    ids = _ids(40, seed=9).unsqueeze(0)
+    for plan in (p, str(f), f):
+        cache = kvq.KVQCache(model3.config, plan=plan, max_cache_len=64, n_threads=1)
+        assert [(kvq.type_name(a), kvq.type_name(b)) for a, b in cache.layer_types_per_layer] == p.types
+        with torch.no_grad():
+            out = model3(input_ids=ids, use_cache=True, **{C: cache})
+        assert torch.isfinite(out.logits).all()
+    m = make("llama", num_hidden_layers=3)
+    kvq.patch_model_with_int8_kv_cache(m, max_cache_len=128, plan=f, n_threads=1)
+    with torch.no_grad():
+        gen = m.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 44)
+    kvq.unpatch_model(m)
+
+
+def test_plan_arguments_refused(model3, tmp_path):
+    p = kvq.Plan(types=["q4", "q2", "q2"])
+    cfg = model3.config
+    with pytest.raises(ValueError, match="leave kv_type and value_type unset"):
+        kvq.KVQCache(cfg, kv_type="q4", plan=p)
+    with pytest.raises(ValueError, match="leave kv_type and value_type unset"):
+        kvq.KVQCache(cfg, value_type="q4", plan=p)
+    with pytest.raises(ValueError, match="the plan is for 2 layers, the model has 3"):
+        kvq.KVQCache(cfg, plan=kvq.Plan(types=["q4", "q2"]))
+    with pytest.raises(ValueError, match="value_type must be left unset"):
+        kvq.KVQCache(cfg, kv_type=p, value_type="q4")
+    with pytest.raises(TypeError, match="plan is a kvq.Plan or a file path"):
+        kvq.KVQCache(cfg, plan=3)
+    (tmp_path / "bad.plan").write_text("kvq-plan 9\n")
+    with pytest.raises(kvq.PlanError, match="written by a newer kvq"):
+        kvq.KVQCache(cfg, plan=tmp_path / "bad.plan")
+    assert kvq.KVQCache(cfg, kv_type=p).layer_types_per_layer[1] == (kvq.type_from_name("q2"),) * 2
+    assert kvq.KVQCache(cfg).layer_types_per_layer[0] == (kvq.type_from_name("q8"),) * 2  # the default stays q8
+
+
+def test_calibrate_arguments_refused(model3):
+    ids = _ids(256)
+    for kw, msg in (({"budget": 0.1}, "budget = 0.1"), ({"budget": 6, "types": ("q2",)}, "2 to 6 candidates"),
+                    ({"budget": 6, "types": ("q2", "q2")}, "listed twice"),
+                    ({"budget": 6, "types": ("q2", "q5")}, "unknown kv type"),
+                    ({"budget": 6, "ctx": 512, "chunks": 1}, "the text has 256 tokens"),
+                    ({"budget": 6, "cache_kwargs": {"kv_type": "q4"}}, "may not set kv_type"),
+                    ({"budget": 1.0, "types": ("q2", "q4"), "ctx": 128, "chunks": 1}, "the cheapest plan")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            kvq.calibrate(model3, ids, **kw)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        kvq.calibrate(model3, "some text", budget=4)
+
+
+def test_bits_are_kvq_calibrates():
+    """SmolLM2-135M's KV shape (3 KV heads of 64): the bits per element at 8192 tokens with batches of 256 that
+    `kvq calibrate --bits-ctx 8192 -b 256` prints for it (tests/test_gen_model.sh's 3-layer model: q2 2.836, q4
+    4.805, f16 16.000)."""
+    from kvq._calibrate import _layer_bytes
+    q = {"rotate": -1, "sinks": -1, "nonuniform": -1}
+    per = lambda t: 8.0 * _layer_bytes(3, 64, kvq.type_from_name(t), kvq.type_from_name(t), 8192, 256, 0, -1, 0, q) \
+        / (8192 * 2 * 3 * 64)
+    assert abs(per("q2") - 2.835938) < 1e-6 and abs(per("q4") - 4.804688) < 1e-6 and per("f16") == 16.0
+
+
+def test_layer_rotation_follows_the_model_layer():
+    """The same K/V given to layer 2 in q4 come back the same (the same bytes) whether layers 0-1 are q4 too (one
+    cache), f16 (layers 1-2 or layer 2 alone in a cache of their own): its rotation is seeded by its model layer
+    number, 2, however the layers are grouped (compat mode: update() returns the cache read back)."""
+    m = make("llama", num_hidden_layers=3)
+    m.set_attn_implementation("eager")
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 2, 70, 64, generator=g)
+    v = torch.randn(1, 2, 70, 64, generator=g)
+    got = []
+    for types in (["q4", "q4", "q4"], ["f16", "q4", "q4"], ["f16", "f16", "q4"], ["q2", "f16", "q4"]):
+        cache = kvq.KVQCache(m.config, kv_type=types, max_cache_len=128, n_threads=1)
+        outs = [cache.update(k, v, layer) for layer in range(3)]
+        got.append(outs[2])
+        assert not torch.equal(outs[2][0], outs[1][0]) or types[1] != "q4"  # layers 1 and 2 rotate differently
+    for g2 in got[1:]:
+        assert torch.equal(got[0][0], g2[0]) and torch.equal(got[0][1], g2[1])
