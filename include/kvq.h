@@ -260,6 +260,12 @@ typedef struct kvq_cache_config {
      * layer's R does not depend on the grouping. kvq_cache_get_config returns the cache's copy (valid until
      * kvq_cache_free), or NULL. */
     const int32_t *rotation_layers;
+    /* Fitted (scale, min) (section 10, "fit"): the grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* store the
+     * fp16 (scale, min) of each group that decode its codes with the least squared error found (min/max's among the
+     * candidates), instead of min/max's; the page format is unchanged. -1: the default, none (the CUDA backend
+     * quantizes with min/max only: a cache of one config holds the same bytes on both; kvq's CPU engine turns it on);
+     * 0 (a zero-initialized config): none. CPU caches only. */
+    int fit;
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -446,7 +452,7 @@ KVQ_API kvq_status kvq_cache_set_thread_pool(kvq_cache *cache, const kvq_thread_
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------
- * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope)
+ * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope, squat_rank, fit)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU. The CUDA backend (kvq_cuda.h section 4) has the
  * rotation and the sinks (up to one sink page, SR >= 10 tokens) and resolves -1 to these same defaults, so that a CPU
@@ -514,6 +520,22 @@ KVQ_API const char *kvq_cpu_backend(void);
  * One sink (the BOS token) buys nearly all of it; more move the group boundaries of the rest without exceeding it
  * (S = 64: q2 worse than S = 1 by 19%), and cost ceil(S / SR) pages per (sequence, layer) (S = 1: one page per
  * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
+ *
+ * Fitted (scale, min) (fit = KVQ_ROLES_*; -1 and 0: none). Each group of a grouped role stores the fp16 (scale, min)
+ * whose codes decode it with the least squared error among min/max's pair and the pairs reached from ranges shrunk to
+ * 80% and 60% (two least-squares rounds each); the page format is unchanged. On Gaussian groups of 64 that cuts the
+ * squared error of uniform levels to 0.52 (Q2), 0.76 (Q3), 0.88 (Q4) of min/max's (test_roundtrip measures 0.52 /
+ * 0.78 / 0.91 on its data; with the non-uniform levels 0.92), as much as the non-uniform levels buy, integer kernels
+ * kept. It does not buy quality: kvq perplexity -m SmolLM2-135M-Instruct.Q4_1.gguf -f debian-reference --ctx 2048
+ * --chunks 4 -t 1 (4096 scored tokens; docs/quality-fit-2048.csv), each type's defaults otherwise:
+ *     entry        dPPL      KLD       KLD p99        entry         dPPL      KLD       KLD p99
+ *     q4          +0.469%   0.00451   0.0446         q4:fit=kv    +0.941%   0.00469   0.0510
+ *     q3          +1.247%   0.0183    0.181          q3:fit=kv    +1.719%   0.0207    0.197
+ *     q2          +5.843%   0.0819    0.913          q2:fit=kv    +7.632%   0.0784    0.840      q2:fit=v  +7.970%  0.0813
+ * A smaller squared error bought by clipping a group's extremes costs more in attention than it saves: a key channel's
+ * extreme token (or a value row's extreme channel) then carries one large error where min/max spread small ones, and
+ * softmax weighs the tokens with large logits most. So fit stays off by default (kvq's engine: --kv-fit, :fit=);
+ * it is kept as the measured option. CPU caches only (the CUDA backend refuses fit > 0).
  *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean

@@ -24,7 +24,7 @@ import torch
 
 from . import _native as N
 from .hf import ATTN_IMPLEMENTATION, CACHE_KWARG, KVQCache, _shape_of, register_attention
-from .plan import Plan
+from .plan import Plan, plan_for_budget  # noqa: F401
 
 
 def _token_ids(texts, tokenizer) -> torch.Tensor:
@@ -152,6 +152,10 @@ def calibrate(model: Any, texts: Union[str, Sequence[str], Sequence[int], torch.
             if key not in memo:
                 memo[key] = _layer_bytes(n_kv, head_dim, tk, tv, bits_ctx, batch, windows[l], residual, group, quality)
             cost[l, j] = memo[key] / bits_ctx
+    cheapest = sum(cost[l].min() for l in range(NL))
+    if cheapest > float(budget) * den / 8.0 * (1 + 1e-9):  # before the measurement, not after it
+        raise ValueError(f"kvq.calibrate: budget {float(budget):.3f}: the cheapest plan (every layer its cheapest "
+                         f"candidate) needs {8.0 * cheapest / den:.3f} bits at bits_ctx {bits_ctx}")
 
     prev_attn = getattr(cfg, "_attn_implementation", None)
     register_attention()
@@ -188,30 +192,7 @@ def calibrate(model: Any, texts: Union[str, Sequence[str], Sequence[int], torch.
         if prev_attn is not None:
             model.set_attn_implementation(prev_attn)
 
-    # the plan: the cheapest candidate everywhere, then the most KLD saved per byte added while it fits (as
-    # src/cli/calibrate.c, to the same tie-breaking: the first layer, then the first candidate, of the best ratio)
-    pick = [int(np.argmin(cost[l])) for l in range(NL)]  # argmin: the first of equal costs
-    used = sum(cost[l, pick[l]] for l in range(NL))
-    limit = float(budget) * den / 8.0
-    if used > limit * (1 + 1e-9):
-        raise ValueError(f"kvq.calibrate: budget {float(budget):.3f}: the cheapest plan (every layer its cheapest "
-                         f"candidate) needs {8.0 * used / den:.3f} bits")
-    while True:
-        best, bl, bt = 0.0, -1, -1
-        for l in range(NL):
-            for j in range(len(cand)):
-                db = cost[l, j] - cost[l, pick[l]]
-                dk = sens[l, pick[l]] - sens[l, j]
-                if db <= 0 or dk <= 0 or used + db > limit * (1 + 1e-9):
-                    continue
-                if dk / db > best:
-                    best, bl, bt = dk / db, l, j
-        if bl < 0:
-            break
-        used += cost[bl, bt] - cost[bl, pick[bl]]
-        pick[bl] = bt
-    types_out = [(N.type_name(cand[pick[l]][0][0]), N.type_name(cand[pick[l]][0][1])) for l in range(NL)]
-    return Plan(types=types_out, budget=float(budget), bits=8.0 * used / den, bits_ctx=bits_ctx,
-                predicted_kld=float(sum(sens[l, pick[l]] for l in range(NL))), candidates=[n for _, n in cand],
-                sensitivity={(l, cand[j][1]): (float(sens[l, j]), 8.0 * cost[l, j] * NL / den)
-                             for l in range(NL) for j in range(len(cand))})
+    sensitivity = {(l, cand[j][1]): (float(sens[l, j]), 8.0 * cost[l, j] * NL / den)
+                   for l in range(NL) for j in range(len(cand))}
+    return plan_for_budget(sensitivity, [n for _, n in cand], NL, float(budget), bits_ctx)
+

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from . import _native as N
 
@@ -103,6 +105,16 @@ class Plan:
             out.append("# how it was chosen (ignored by the readers)")
         return "\n".join(out + info) + "\n"
 
+    def replan(self, budget: float) -> "Plan":
+        """Another plan from this one's sensitivity table (kvq.calibrate's, or a kvq-plan file's `sensitivity` lines)
+        for another budget, in milliseconds: what `kvq calibrate --load` does with its CSV. The bits stay counted at
+        this plan's bits_ctx. Needs torch-free numpy only."""
+        if not self.sensitivity or not self.candidates:
+            raise PlanError("this plan has no sensitivity table (kvq calibrate -o and kvq.calibrate write one)")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.5 <= float(budget) <= 32:
+            raise ValueError(f"kvq: budget = {budget!r} must be a number of bits in 0.5..32")
+        return plan_for_budget(self.sensitivity, self.candidates, self.n_layers, float(budget), self.bits_ctx)
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         with open(path, "w", encoding="ascii") as f:
             f.write(self.to_text())
@@ -194,3 +206,44 @@ class Plan:
 def load_plan(path: Union[str, os.PathLike]) -> Plan:
     """Reads a kvq-plan file (docs/kv-plan.md)."""
     return Plan.load(path)
+
+
+def plan_for_budget(sensitivity: dict, candidates: Sequence[str], n_layers: int, budget: float,
+                    bits_ctx: Optional[int] = None) -> Plan:
+    """The plan of the lowest summed sensitivity within `budget` bits per element, from a table (layer, candidate) ->
+    (KLD, bits per element with every layer at that candidate), as kvq.calibrate measures it and Plan.sensitivity
+    keeps it: every layer starts at its cheapest candidate, then the upgrade with the most KLD saved per bit added
+    is taken while it fits (src/cli/calibrate.c's greedy, the same tie-breaking: the first layer, then the first
+    candidate, of the best ratio)."""
+    NL, names = n_layers, list(candidates)
+    miss = [(l, t) for l in range(NL) for t in names if (l, t) not in sensitivity]
+    if miss:
+        raise ValueError(f"kvq: the sensitivity table lacks {len(miss)} (layer, candidate) entries, e.g. {miss[0]}")
+    kld = np.array([[sensitivity[l, t][0] for t in names] for l in range(NL)])
+    cost = np.array([[sensitivity[l, t][1] / NL for t in names] for l in range(NL)])  # each layer's share of the mean
+    pick = [int(np.argmin(cost[l])) for l in range(NL)]  # argmin: the first of equal costs
+    used = float(sum(cost[l, pick[l]] for l in range(NL)))
+    if used > budget * (1 + 1e-9):
+        raise ValueError(f"kvq: budget {budget:.3f}: the cheapest plan (every layer its cheapest candidate) needs "
+                         f"{used:.3f} bits")
+    while True:
+        best, bl, bt = 0.0, -1, -1
+        for l in range(NL):
+            for j in range(len(names)):
+                db = cost[l, j] - cost[l, pick[l]]
+                dk = kld[l, pick[l]] - kld[l, j]
+                if db <= 0 or dk <= 0 or used + db > budget * (1 + 1e-9):
+                    continue
+                if dk / db > best:
+                    best, bl, bt = dk / db, l, j
+        if bl < 0:
+            break
+        used += cost[bl, bt] - cost[bl, pick[bl]]
+        pick[bl] = bt
+    types = []
+    for l in range(NL):
+        k, _, v = names[pick[l]].partition("/")
+        types.append((k, v or k))
+    return Plan(types=types, budget=budget, bits=used, bits_ctx=bits_ctx,
+                predicted_kld=float(sum(kld[l, pick[l]] for l in range(NL))), candidates=names,
+                sensitivity=dict(sensitivity))

@@ -234,6 +234,21 @@ int kvq_cli_calibrate(int argc, char **argv) {
         for (int l = 0; l < NL; l++) cost[(size_t)l * nc + t] = b[llama_layer_is_local(mc, l)];
     }
     if (rc) goto done;
+    /* the cheapest plan must fit before anything is measured */
+    const double den = 2.0 * NL * mc->n_kv_heads * mc->head_dim; /* K and V elements per token */
+    double bytes = 0;
+    for (int l = 0; l < NL; l++) {
+        int c = 0;
+        for (int t = 1; t < nc; t++)
+            if (cost[(size_t)l * nc + t] < cost[(size_t)l * nc + c]) c = t;
+        pick[l] = c, bytes += cost[(size_t)l * nc + c];
+    }
+    if (8.0 * bytes / den > budget * (1 + 1e-9)) {
+        fprintf(stderr, "kvq calibrate: --budget %.3f: the cheapest plan (every layer its cheapest candidate) needs %.3f bits\n",
+                budget, 8.0 * bytes / den);
+        rc = 1;
+        goto done;
+    }
     /* s_l(t): the (layer, type) configs in batches next to the f16 base (mixes[0]) */
     /* f16/f16 candidates are the base itself: KLD 0, nothing to run */
     int *todo = malloc(sizeof *todo * (size_t)NL * nc), total = 0, done_n = 0;
@@ -265,22 +280,9 @@ int kvq_cli_calibrate(int argc, char **argv) {
     free(todo);
     if (rc) goto done;
 
-    /* the plan: the cheapest candidate everywhere, then the best KLD saved per byte added while it fits */
-    const double den = 2.0 * NL * mc->n_kv_heads * mc->head_dim; /* K and V elements per token */
-    double bytes = 0;
-    for (int l = 0; l < NL; l++) {
-        int c = 0;
-        for (int t = 1; t < nc; t++)
-            if (cost[(size_t)l * nc + t] < cost[(size_t)l * nc + c]) c = t;
-        pick[l] = c, bytes += cost[(size_t)l * nc + c];
-    }
+    /* the plan: the cheapest candidate everywhere (pick[], bytes: above), then the best KLD saved per byte added while
+     * it fits */
     const double limit = budget * den / 8.0;
-    if (bytes > limit * (1 + 1e-9)) {
-        fprintf(stderr, "kvq calibrate: --budget %.3f: the cheapest plan (every layer its cheapest candidate) needs %.3f bits\n",
-                budget, 8.0 * bytes / den);
-        rc = 1;
-        goto done;
-    }
     for (;;) {
         int bl = -1, bt = -1;
         double best = 0;

@@ -240,3 +240,27 @@ def test_decode_plan(kv_type):
     with pytest.raises(kvq.CacheClosedError):
         step(k.ctypes.data, v.ctypes.data, q.ctypes.data, out_b.ctypes.data)
     a.close()
+
+
+def test_fit_lowers_the_error_and_is_checked():
+    """kvq.h section 10, "fit": fitted (scale, min) store the same format with less squared error on grouped types
+    (Gaussian data, Q2 uniform levels: about half of min/max's), the per-token types unchanged; bad values refused."""
+    rng = np.random.default_rng(11)
+    k = rng.standard_normal((128, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((128, 2, 64)).astype(np.float32)
+    err = {}
+    for t in ("q2", "q4", "q8"):
+        for fit in (0, kvq._native.ROLES_KV):
+            with kvq.Cache(1, 2, 64, t, residual=0, sinks=0, rotate=0, fit=fit) as c:
+                assert c.config.fit == fit
+                s = c.seq_new()
+                c.append(0, [s], [128], k, v)
+                kr, vr = c.read(s, 0)
+                err[t, fit] = float(((kr - k) ** 2).sum() + ((vr - v) ** 2).sum())
+    assert err["q2", 3] < 0.6 * err["q2", 0] and err["q4", 3] < 0.95 * err["q4", 0]
+    assert err["q8", 3] == err["q8", 0]
+    with kvq.Cache(1, 2, 64, "q2") as c:
+        assert c.config.fit == 0  # -1: the library's default, none
+    for bad in (4, -2):
+        with pytest.raises(kvq.KvqError, match=f"fit {bad}"):
+            kvq.Cache(1, 2, 64, "q2", fit=bad)

@@ -237,13 +237,15 @@ def test_cuda_reorder_and_crop_match_cpu(fam, kv_type, residual, crop, quality):
     assert err <= _bound(kv_type, residual), f"{fam} {kv_type} R{residual}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
-@pytest.mark.parametrize("residual,crop", [(-1, 5), (0, 20)])
-def test_cuda_per_layer_types_and_crop(residual, crop):
-    """test_hf.test_per_layer_types_and_crop on CUDA, teacher-forced so that CPU and CUDA see the same tokens."""
+@pytest.mark.parametrize("residual,crop,quality", [(-1, 5, "plain"), (0, 20, "plain"), (-1, 5, "default")])
+def test_cuda_per_layer_types_and_crop(residual, crop, quality):
+    """test_hf.test_per_layer_types_and_crop on CUDA, teacher-forced so that CPU and CUDA see the same tokens. With
+    the default mechanisms the rotated layers of each group are seeded by their model layer numbers
+    (rotation_layers, kvq_cuda_cache_create) on both sides."""
     def run(model, device):
         n = model.config.num_hidden_layers
         types = ["q4" if i % 2 else "q8" for i in range(n)]
-        cache = kvq.KVQCache(model.config, kv_type=types, max_cache_len=128, residual=residual, **PLAIN)
+        cache = kvq.KVQCache(model.config, kv_type=types, max_cache_len=128, residual=residual, **QUALITY[quality])
         g = torch.Generator().manual_seed(6)
         ids = torch.randint(3, 128, (1, 70), generator=g).to(device)
         cont = torch.randint(3, 128, (1, 7), generator=g).to(device)

@@ -49,6 +49,9 @@ def test_calibrate_sensitivities_and_plan(model3, plan3):
     q = kvq.calibrate(model3, _ids(768), budget=12.0, types=("q2", "q4", "f16"), ctx=384, chunks=2, batch=64, bits_ctx=8192,
                       cache_kwargs={"n_threads": 1})
     assert q.predicted_kld <= p.predicted_kld and q.bits >= p.bits
+    # re-planning from the first run's table (no model) gives the second run's plan: the same measurement, same greedy
+    r = p.replan(12.0)
+    assert r.types == q.types and abs(r.bits - q.bits) < 1e-9 and abs(r.predicted_kld - q.predicted_kld) < 1e-12
 
 
 def test_a_plan_runs_in_kvqcache_and_the_patch(model3, plan3, tmp_path):

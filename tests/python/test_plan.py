@@ -77,3 +77,25 @@ def test_constructor_checks_types():
     with pytest.raises(PlanError):
         Plan(types=[])
     assert Plan(types=[2, "Q4"]).types == [("q8", "q8"), ("q4", "q4")]
+
+
+def test_replan_greedy():
+    """The greedy of kvq calibrate on a table with a known answer: 3 layers, candidates q2 (2 bits) and q4 (4 bits);
+    layer 1 loses the most at q2, so a budget of 2.7 buys it q4 first ((2 + 4 + 2) / 3 = 2.67), 3.4 buys layer 2 too,
+    and no budget buys a candidate that saves nothing (layer 0's q4 KLD equals its q2's)."""
+    sens = {(0, "q2"): (0.01, 2.0), (0, "q4"): (0.01, 4.0), (1, "q2"): (0.5, 2.0), (1, "q4"): (0.05, 4.0),
+            (2, "q2"): (0.2, 2.0), (2, "q4"): (0.02, 4.0)}
+    p = Plan(types=["q2"] * 3, candidates=["q2", "q4"], sensitivity=sens, bits_ctx=2048)
+    assert p.replan(2.0).types == [("q2", "q2")] * 3
+    a = p.replan(2.7)
+    assert a.keys == ["q2", "q4", "q2"] and abs(a.bits - 8 / 3) < 1e-12 and abs(a.predicted_kld - 0.26) < 1e-12
+    assert p.replan(3.4).keys == ["q2", "q4", "q4"] and p.replan(16).keys == ["q2", "q4", "q4"]
+    assert a.bits_ctx == 2048 and a.sensitivity == sens
+    with pytest.raises(ValueError, match="the cheapest plan .* needs 2.000 bits"):
+        p.replan(1.5)
+    with pytest.raises(PlanError, match="no sensitivity table"):
+        Plan(types=["q2"]).replan(3)
+    with pytest.raises(ValueError, match="lacks 1"):
+        Plan(types=["q2"] * 3, candidates=["q2", "q4"], sensitivity={k: v for k, v in sens.items() if k != (2, "q4")}).replan(3)
+    text = a.to_text()  # the table survives a file: the same re-plan from it
+    assert Plan.from_text(text).replan(3.4).types == p.replan(3.4).types
