@@ -89,6 +89,9 @@ if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192
     "$kvq" calibrate -m "$tmp/m3.gguf" --load "$tmp/cal.csv" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -o "$tmp/plan2.txt" \
       >/dev/null 2>&1 && cmp -s "$tmp/plan.txt" "$tmp/plan2.txt" && ok "calibrate --load: the same plan from the CSV" ||
       bad "calibrate --load: $(cat "$tmp/plan2.txt" 2>&1)"
+    "$kvq" calibrate -m "$tmp/m3.gguf" --load "$tmp/plan.txt" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -o "$tmp/plan3.txt" \
+      >/dev/null 2>&1 && cmp -s "$tmp/plan.txt" "$tmp/plan3.txt" && ok "calibrate --load: the same plan from the -o plan" ||
+      bad "calibrate --load PLAN: $(cat "$tmp/plan3.txt" 2>&1)"
   else bad "calibrate output"; cat "$tmp/cal.csv" "$tmp/cal.log" | tail -20; fi
 else bad "calibrate run"; tail -5 "$tmp/cal.log"; fi
 for args in "--budget 4" "-f $tmp/t.txt" "-f $tmp/t.txt --budget 4 --types q2" "-f $tmp/t.txt --budget 4 --types q2,q4:r0" \

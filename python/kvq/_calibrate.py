@@ -95,8 +95,8 @@ def calibrate(model: Any, texts: Union[str, Sequence[str], Sequence[int], torch.
     types: 2 to 6 distinct candidates, each "T" or "KEYS/VALUES" (kvq type names).
     ctx, chunks: the measurement runs `chunks` chunks of `ctx` tokens (the text must hold them); batch: tokens per
         forward call. bits_ctx: the context length at which bits are counted (default ctx).
-    bos: the token that starts each chunk (llama.cpp's and kvq perplexity's protocol); -1: the tokenizer's or the
-        config's bos_token_id when there is one, None: the text's own tokens.
+    bos: the token id that replaces the first of each chunk; -1 (default): the tokenizer's BOS when it adds one to
+        every text (Gemma), as kvq perplexity does, else none; None: the text's own tokens.
     cache_kwargs: other KVQCache arguments (residual, group, rotate, sinks, nonuniform, squat_rank, n_threads...),
         the same for every run and for the bits.
     progress: called as progress(done, total) after each measured configuration.
@@ -129,9 +129,12 @@ def calibrate(model: Any, texts: Union[str, Sequence[str], Sequence[int], torch.
     if ids.numel() < ctx * chunks:
         raise ValueError(f"kvq.calibrate: the text has {ids.numel()} tokens, {chunks} chunks of {ctx} need "
                          f"{ctx * chunks}")
-    if bos == -1:
-        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-        bos = bos if bos is not None else getattr(tc, "bos_token_id", None)
+    if bos == -1:  # as kvq perplexity: BOS starts each chunk where the tokenizer adds one (Gemma), not otherwise
+        bos = None
+        b = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        if b is not None:
+            first = tokenizer("a", add_special_tokens=True)["input_ids"]
+            bos = b if len(first) and first[0] == b else None
     # the quality options the cache resolves for these types: the same for the bits as for the runs
     probe = KVQCache(cfg, kv_type="f16", max_cache_len=1, **cache_kwargs)
     quality = dict(probe.kvq_quality)

@@ -43,8 +43,8 @@ static void usage(FILE *f) {
             "  -t, --threads N         CPU threads\n"
             "  -b, --batch-size N      tokens per forward call (default 256)\n"
             "  --csv FILE              the per-layer sensitivities: layer,type,kld,bits,picked\n"
-            "  --load FILE             take the sensitivities from such a CSV (same model and --types) instead of\n"
-            "                          measuring them: plans for other budgets or --bits-ctx in seconds\n"
+            "  --load FILE             take the sensitivities from such a CSV or -o plan (same model and --types)\n"
+            "                          instead of measuring them: plans for other budgets or --bits-ctx in seconds\n"
             "  -o FILE                 write the plan as a kvq-plan file (docs/kv-plan.md) for --kv-plan FILE, kvq\n"
             "                          perplexity --compare plan=FILE, or Python's kvq.KVQCache(config, plan=FILE)\n"
             "The other KV options (--kv-rotate, --kv-prerope, ...) keep their defaults: each layer's type brings its own.\n",
@@ -185,12 +185,13 @@ int kvq_cli_calibrate(int argc, char **argv) {
         rc = kvq_cli_die(KVQ_CLI_CALIBRATE, "calibrate", st);
         goto done;
     }
-    if (load) { /* the sensitivities of an earlier run */
+    if (load) { /* the sensitivities of an earlier run: its --csv file, or its -o plan's sensitivity lines */
         FILE *lf = fopen(load, "r");
         char line[512];
-        int got = 0;
-        if (!lf || !fgets(line, sizeof line, lf) || strncmp(line, "layer,type,kld", 14)) {
-            fprintf(stderr, "kvq calibrate: --load: '%s' is not a kvq calibrate --csv file\n", load);
+        int got = 0, plan = 0;
+        if (lf && fgets(line, sizeof line, lf) && !strncmp(line, "kvq-plan ", 9)) plan = 1;
+        if (!lf || (!plan && strncmp(line, "layer,type,kld", 14))) {
+            fprintf(stderr, "kvq calibrate: --load: '%s' is not a kvq calibrate --csv file or -o plan\n", load);
             if (lf) fclose(lf);
             rc = 1;
             goto done;
@@ -199,7 +200,10 @@ int kvq_cli_calibrate(int argc, char **argv) {
             char tname[64];
             int l;
             double k;
-            if (sscanf(line, "%d,%63[^,],%lf", &l, tname, &k) != 3 || l < 0 || l >= NL || !(k >= 0)) break;
+            if (plan) { /* "sensitivity L TYPE KLD BITS" (docs/kv-plan.md); the other lines say nothing here */
+                if (strncmp(line, "sensitivity ", 12)) continue;
+                if (sscanf(line + 12, "%d %63s %lf", &l, tname, &k) != 3 || l < 0 || l >= NL || !(k >= 0)) break;
+            } else if (sscanf(line, "%d,%63[^,],%lf", &l, tname, &k) != 3 || l < 0 || l >= NL || !(k >= 0)) break;
             int t = 0;
             while (t < nc && strcmp(o.compare[t].name, tname)) t++;
             if (t == nc) continue; /* a type this run does not consider */
