@@ -460,11 +460,14 @@ KVQ_API const char *kvq_cpu_backend(void);
  * which is none for its types) and no Q3. Defaults (-1), from the measurements below:
  *     type (K/V)   rotate                                   sinks   nonuniform
  *     q8           keys                                     0       - (no levels)
- *     q4           keys (q4/q2: values only)                1       none (kept on the integer kernels)
+ *     q4           keys and values (q4/q2: values only)     1       none (kept on the integer kernels)
  *     q3           keys and values                          1       keys and values
  *     q2           keys and values                          1       none (kept on the integer kernels); keys
  *                                                                    when prerope = 1 (fp32 key kernels then)
- *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys rotated, 1 sink).
+ *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys and values rotated, 1 sink).
+ * Q4 values are rotated since 2026-12-05 (before: keys only); the paragraph "Q4 values rotated" below has the
+ * measurement. The page format is the same; a cache made with the old default holds other bytes for its Q4 values
+ * (rotate = KVQ_ROLES_K makes it again).
  * prerope (pre-RoPE keys, below) has no -1: the cache's default is off, since only the caller knows its RoPE; kvq's
  * engine turns it on for Q2 keys (with SQuat: dPPL +11.1% -> +5.8% at ctx 2048, decode attention about F16's time:
  * below).
@@ -520,6 +523,22 @@ KVQ_API const char *kvq_cpu_backend(void);
  * One sink (the BOS token) buys nearly all of it; more move the group boundaries of the rest without exceeding it
  * (S = 64: q2 worse than S = 1 by 19%), and cost ceil(S / SR) pages per (sequence, layer) (S = 1: one page per
  * layer, the bytes of 64 paged tokens: 13824 with Q4 at SmolLM2's H = 3, D = 64).
+ *
+ * Q4 values rotated (the default since 2026-12-05). kvq perplexity --ctx 2048 on debian-reference, KLD from the F16
+ * cache (docs/quality-vrot-*.csv; SmolLM2-135M 4 chunks, 4096 scored tokens; Gemma 3 270M 2 chunks, 2048;
+ * commands: docs/quality.md, "Q4 values rotated"):
+ *     entry                 SmolLM2 dPPL   KLD       p99          Gemma 3 dPPL   KLD       p99
+ *     q8/q4 (keys rotated)     +0.299%    0.00172   0.0190          +0.174%     0.00273   0.0293
+ *     q8/q4:rot=kv             +0.176%    0.00117   0.0110          +0.095%     0.00154   0.0161
+ *     q4 (keys rotated)        +0.469%    0.00451   0.0446          +0.260%     0.0132    0.123
+ *     q4:rot=kv                +0.273%    0.00409   0.0381          +1.297%     0.0109    0.131
+ * SmolLM2 at ctx 8192 (1 chunk, 4096 scored tokens): q8/q4 +0.473% 0.00192 -> :rot=kv +0.204% 0.00124; q4 +0.700%
+ * 0.00632 (p99 0.0710) -> +0.930% 0.00594 (p99 0.0616). KLD falls in every case (-6% to -44%) and so does the p99 but
+ * for Gemma's q4; q4's dPPL rose in two of the three (Gemma: top-1 96.3% -> 97.0% all the same), within the +-0.3%
+ * that dPPL over 2-4k tokens moves by, and KLD is the measure the defaults follow. llama.cpp's q8_0/q4_0 (its values
+ * rotated too) gives +0.174% dPPL and KLD 0.0075 on SmolLM2 at 6.5 bits (docs/quality.md): kvq's q8/q4 now has the
+ * same dPPL and 1/6 of the KLD at 7.48 bits (its fp16 window counted). The cost is one inverse rotation of each
+ * output row per head and step (the CPU's integer value kernels are unchanged).
  *
  * Fitted (scale, min) (fit = KVQ_ROLES_*; -1 and 0: none). Each group of a grouped role stores the fp16 (scale, min)
  * whose codes decode it with the least squared error among min/max's pair and the pairs reached from ranges shrunk to

@@ -86,13 +86,13 @@ struct kvq_cuda_cache {
     int32_t *table(int s, int l) const { return tables + ((size_t)s * cfg.n_layers + l) * max_pages; }
 };
 
-/* rotate = -1: src/core/cache.c's default_rotate (kvq.h section 10): keys of Q8/Q4/Q3/Q2 and values of Q3/Q2, but
- * values alone for Q4 keys with Q2 values */
+/* rotate = -1: src/core/cache.c's default_rotate (kvq.h section 10): keys of Q8/Q4/Q3/Q2 and values of Q4/Q3/Q2,
+ * but values alone for Q4 keys with Q2 values */
 static int default_rotate(int tk, int tv) {
     if (tk == KVQ_TYPE_Q4 && tv == KVQ_TYPE_Q2) return KVQ_ROLES_V;
     int r = KVQ_ROLES_NONE;
     if (tk == KVQ_TYPE_Q8 || tk == KVQ_TYPE_Q4 || tk == KVQ_TYPE_Q3 || tk == KVQ_TYPE_Q2) r |= KVQ_ROLES_K;
-    if (tv == KVQ_TYPE_Q3 || tv == KVQ_TYPE_Q2) r |= KVQ_ROLES_V;
+    if (tv == KVQ_TYPE_Q4 || tv == KVQ_TYPE_Q3 || tv == KVQ_TYPE_Q2) r |= KVQ_ROLES_V;
     return r;
 }
 
