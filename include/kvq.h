@@ -260,12 +260,12 @@ typedef struct kvq_cache_config {
      * layer's R does not depend on the grouping. kvq_cache_get_config returns the cache's copy (valid until
      * kvq_cache_free), or NULL. */
     const int32_t *rotation_layers;
-    /* Fitted (scale, min) (section 10, "fit"): the grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* store the
-     * fp16 (scale, min) of each group that decode its codes with the least squared error found (min/max's among the
-     * candidates), instead of min/max's; the page format is unchanged. -1: the default, none (the CUDA backend
-     * quantizes with min/max only: a cache of one config holds the same bytes on both; kvq's CPU engine turns it on);
-     * 0 (a zero-initialized config): none. CPU caches only. */
-    int fit;
+    /* Q-Norm (section 10, "Q-Norm"): the grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* store, for each group,
+     * the fp16 (scale, min) under which its codes (min/max's) decode to the group's mean and standard deviation; the
+     * page format is unchanged. -1: the default, none (the CUDA backend quantizes with min/max only: a cache of one
+     * config holds the same bytes on both; kvq's CPU engine turns it on for Q2); 0 (a zero-initialized config): none.
+     * CPU caches only. */
+    int qnorm;
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -452,7 +452,7 @@ KVQ_API kvq_status kvq_cache_set_thread_pool(kvq_cache *cache, const kvq_thread_
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------
- * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope, squat_rank, fit)
+ * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope, squat_rank, qnorm)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU. The CUDA backend (kvq_cuda.h section 4) has the
  * rotation and the sinks (up to one sink page, SR >= 10 tokens) and resolves -1 to these same defaults, so that a CPU
@@ -465,6 +465,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q2           keys and values                          1       none (kept on the integer kernels); keys
  *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys and values rotated, 1 sink).
+ * qnorm (Q-Norm, below) is none in the library (-1 and 0) and on CUDA; kvq's CPU engine and KVQCache on the CPU turn
+ * it on for every grouped role.
  * Q4 values are rotated since 2026-12-05 (before: keys only); the paragraph "Q4 values rotated" below has the
  * measurement. The page format is the same; a cache made with the old default holds other bytes for its Q4 values
  * (rotate = KVQ_ROLES_K makes it again).
@@ -540,21 +542,32 @@ KVQ_API const char *kvq_cpu_backend(void);
  * same dPPL and 1/6 of the KLD at 7.48 bits (its fp16 window counted). The cost is one inverse rotation of each
  * output row per head and step (the CPU's integer value kernels are unchanged).
  *
- * Fitted (scale, min) (fit = KVQ_ROLES_*; -1 and 0: none). Each group of a grouped role stores the fp16 (scale, min)
- * whose codes decode it with the least squared error among min/max's pair and the pairs reached from ranges shrunk to
- * 80% and 60% (two least-squares rounds each); the page format is unchanged. On Gaussian groups of 64 that cuts the
- * squared error of uniform levels to 0.52 (Q2), 0.76 (Q3), 0.88 (Q4) of min/max's (test_roundtrip measures 0.52 /
- * 0.78 / 0.91 on its data; with the non-uniform levels 0.92), as much as the non-uniform levels buy, integer kernels
- * kept. It does not buy quality: kvq perplexity -m SmolLM2-135M-Instruct.Q4_1.gguf -f debian-reference --ctx 2048
- * --chunks 4 -t 1 (4096 scored tokens; docs/quality-fit-2048.csv), each type's defaults otherwise:
- *     entry        dPPL      KLD       KLD p99        entry         dPPL      KLD       KLD p99
- *     q4          +0.469%   0.00451   0.0446         q4:fit=kv    +0.941%   0.00469   0.0510
- *     q3          +1.247%   0.0183    0.181          q3:fit=kv    +1.719%   0.0207    0.197
- *     q2          +5.843%   0.0819    0.913          q2:fit=kv    +7.632%   0.0784    0.840      q2:fit=v  +7.970%  0.0813
- * A smaller squared error bought by clipping a group's extremes costs more in attention than it saves: a key channel's
- * extreme token (or a value row's extreme channel) then carries one large error where min/max spread small ones, and
- * softmax weighs the tokens with large logits most. So fit stays off by default (kvq's engine: --kv-fit, :fit=);
- * it is kept as the measured option. CPU caches only (the CUDA backend refuses fit > 0).
+ * Q-Norm (qnorm = KVQ_ROLES_*; -1 and 0: none in the library; kvq's CPU engine and KVQCache on the CPU: the roles of
+ * grouped types). KVQuant's section 3.5 for kvq's groups: given min/max's codes, each group stores the fp16 (scale,
+ * min) under which they decode to the group's mean and standard deviation (one pass at quantization; the page format
+ * and the kernels are unchanged). For Q2 the codes are then taken again under that pair, whose step is finer than
+ * min/max's (measured below: that buys Q2 twice as much; Q4 and Q3 gain only with min/max's codes). Rounding to levels
+ * biases a group's spread and centre, and that bias, shared by every key of a channel group or every channel of a
+ * value row, moves every logit the same way. kvq perplexity --ctx 2048 --chunks 4 -t 2 on debian-reference (SmolLM2,
+ * 4096 scored tokens; each type's other defaults; docs/quality-qnorm-*.csv, commands in docs/quality.md, "Q-Norm"):
+ *     entry                           dPPL      KLD       KLD p99   top-1
+ *     q4:qnorm=none                  +0.273%   0.00409   0.0381    97.46%
+ *     q4 (Q-Norm, min/max's codes)   +0.251%   0.00349   0.0362    97.44%    KLD -15%
+ *     q3:qnorm=none                  +1.247%   0.0183    0.181     94.31%
+ *     q3 (Q-Norm)                    +1.004%   0.0166    0.157     94.48%    -9%
+ *     q2:qnorm=none                  +5.843%   0.0819    0.913     88.79%
+ *     q2 (Q-Norm, codes taken again) +4.496%   0.0589    0.648     90.43%    -28%
+ *     q2, Q-Norm with min/max's codes +6.295%  0.0706    0.679     89.92%    -14%
+ *     q4, Q-Norm with codes taken again +0.623% 0.00448  0.0460    96.90%    (values not rotated: against 0.00451)
+ *     q3, Q-Norm with codes taken again +1.392% 0.0188   0.194     94.63%    (+3%)
+ * Gemma 3 and ctx 8192: docs/quality.md ("Q-Norm"). Roles, q2 with codes taken again: keys alone -17%, values alone
+ * -9%, both -30%. The CUDA backend has no Q-Norm yet (it refuses qnorm > 0; its -1 is none), so a GPU cache of the
+ * engine's q4/q3/q2 holds min/max's pairs where the CPU engine's holds Q-Norm's.
+ * Tried first and dropped: the (scale, min) of least squared error (min/max's and ranges shrunk to 80% and 60%, each
+ * refined by least squares, codes taken again): it cut the squared error to 0.52 / 0.78 / 0.91 of min/max's for Q2 /
+ * Q3 / Q4 but made q4's and q3's KLD worse (0.00451 -> 0.00469, 0.0183 -> 0.0207) and bought q2 only 4% (0.0819 ->
+ * 0.0784, dPPL +5.8% -> +7.6%; docs/quality-fit-2048.csv): clipping a group's extremes trades many small errors for a
+ * few large ones on the tokens (or channels) that carry the largest logits; Q-Norm keeps the spread instead.
  *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean

@@ -527,7 +527,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     w.cfg.rotate = 0;     /* the model's per-element bounds are the formats'; a rotated cache spreads each element's error
                            * over the vector (test_rotate covers it) */
     w.cfg.nonuniform = 0; /* the same: the uniform levels' half-step bound */
-    w.cfg.fit = 0;        /* the same: a fitted (scale, min) may clip a group's extremes (test_roundtrip covers it) */
+    w.cfg.qnorm = 0;      /* the same: Q-Norm's (scale, min) may put a group's extremes past half a step (test_roundtrip) */
     w.cfg.type_k = (kvq_type)(b0 % KVQ_TYPE_COUNT), w.cfg.type_v = (kvq_type)(b1 % KVQ_TYPE_COUNT);
     w.D = w.cfg.head_dim = b2 & 1 ? 80 : 64;
     w.H = w.cfg.n_kv_heads = 1 + (b2 >> 1 & 1);

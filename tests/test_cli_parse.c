@@ -233,16 +233,16 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|all", "--kv-rotate: 'all' is not one of none, k, v, kv, default");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
-    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-fit|all", "--kv-fit: 'all' is not one of none, k, v, kv, default");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:fit=k:fit=v", "gives :fit= more than once");
-    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:fit=default", "fitted (scale, min) (:fit=): 'default'");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-qnorm|all", "--kv-qnorm: 'all' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:qnorm=k:qnorm=v", "gives :qnorm= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:qnorm=default", "Q-Norm (:qnorm=): 'default'");
     {
-        kvq_cli_opts of = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-fit|v|--compare|q4,q2:fit=kv,q3:fit=none");
-        EXPECT(of.fit == KVQ_ROLES_V && of.compare[0].fit == KVQ_ROLES_V && of.compare[1].fit == KVQ_ROLES_KV &&
-               of.compare[2].fit == KVQ_ROLES_NONE, "--kv-fit / :fit=: %d %d %d %d", of.fit, of.compare[0].fit,
-               of.compare[1].fit, of.compare[2].fit);
+        kvq_cli_opts of = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-qnorm|v|--compare|q4,q2:qnorm=kv,q3:qnorm=none");
+        EXPECT(of.qnorm == KVQ_ROLES_V && of.compare[0].qnorm == KVQ_ROLES_V && of.compare[1].qnorm == KVQ_ROLES_KV &&
+               of.compare[2].qnorm == KVQ_ROLES_NONE, "--kv-qnorm / :qnorm=: %d %d %d %d", of.qnorm, of.compare[0].qnorm,
+               of.compare[1].qnorm, of.compare[2].qnorm);
         of = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
-        EXPECT(of.fit == -1, "--kv-fit defaults to the engine's (-1), got %d", of.fit);
+        EXPECT(of.qnorm == -1, "--kv-qnorm defaults to the engine's (-1), got %d", of.qnorm);
     }
     rejects(KVQ_CLI_CAP, "-m|m|--ctx|9|--kv-sinks|1025", "--kv-sinks: '1025' is not 0..1024 or default");
     rejects(KVQ_CLI_CAP, "-m|m|--ctx|9|--kv-sinks|-1", "--kv-sinks: '-1' is not 0..1024 or default");

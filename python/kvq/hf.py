@@ -59,8 +59,13 @@ from . import _native as N
 from .plan import Plan
 
 ATTN_IMPLEMENTATION = "kvq"
-# KVQCache(fit=-1) on the CPU: kvq's engine default (src/model/llama.c, llama_default_fit; kvq.h section 10, "fit")
-ENGINE_DEFAULT_FIT = N.ROLES_NONE
+
+
+def engine_default_qnorm(type_k: int, type_v: int) -> int:
+    """KVQCache(qnorm=-1) on the CPU: kvq's engine default (src/model/llama.c, llama_default_qnorm; kvq.h section 10,
+    "Q-Norm"): the roles of grouped types (q4, q3, q2)."""
+    g = lambda t: bool(N.kvq_type_traits(t)["grouped"])  # noqa: E731
+    return (N.ROLES_K if g(type_k) else 0) | (N.ROLES_V if g(type_v) else 0)
 # a kv type name or code, a list with one per layer, a dict {layer: type, "default": type}, or a kvq.Plan
 KVTypeSpec = Union[str, int, List[Union[str, int]], Dict[Any, Union[str, int]], Plan]
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "qwen2")
@@ -199,8 +204,8 @@ class KVQCache(Cache):
             2 values, 3 both), sinks a token count (0 .. 1024). Checked here for range; the library says whether
             it implements a value when the cache is made (at the first update). The CUDA backend has none of them:
             any value but -1 or 0 is refused there.
-        fit: fitted (scale, min) of the grouped roles (kvq.h section 10, "fit"; CPU only): a role set, 0 off, -1 kvq's
-            engine default on the CPU (ENGINE_DEFAULT_FIT), off on CUDA (which refuses > 0).
+        qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"; CPU only): a role set, 0 off, -1 kvq's engine
+            default on the CPU (the q4/q3/q2 roles: engine_default_qnorm), off on CUDA (which refuses > 0).
         squat_rank, squat_lambda: SQuat keys (kvq.h section 10; CPU only): the keys' quantization error is kept out of
             the subspace of the first prefill's queries (the top squat_rank eigenvectors of Q^T Q per sequence, layer
             and KV head, computed here from the queries the attention receives, set before the keys are appended).
@@ -220,7 +225,7 @@ class KVQCache(Cache):
                  max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
                  nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0,
-                 plan: Plan | str | os.PathLike | None = None, fit: int = -1) -> None:
+                 plan: Plan | str | os.PathLike | None = None, qnorm: int = -1) -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
         if plan is not None:
@@ -246,7 +251,7 @@ class KVQCache(Cache):
             raise ValueError(f"kvq: n_threads = {n_threads} must be 0 (all) .. 1024")
         for name, val, hi, what in (("rotate", rotate, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("nonuniform", nonuniform, 3, "a role set: 1 keys, 2 values, 3 both"),
-                                    ("fit", fit, 3, "a role set: 1 keys, 2 values, 3 both"),
+                                    ("qnorm", qnorm, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("sinks", sinks, 1024, "tokens kept exact, 0 .. 1024")):
             if not -1 <= N._int(val, name) <= hi:
                 raise ValueError(f"kvq: {name} = {val} must be -1 (kvq's default), 0 (off) or {what}")
@@ -278,7 +283,7 @@ class KVQCache(Cache):
         self.kvq_n_threads = n_threads
         self.kvq_quality = {"rotate": int(rotate), "sinks": int(sinks), "nonuniform": int(nonuniform)}
         self.kvq_squat = (int(squat_rank), float(squat_lambda))
-        self.kvq_fit = int(fit)
+        self.kvq_qnorm = int(qnorm)
         self._squat_set: set = set()  # (group index, sequence, local layer) whose key subspace is set
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
@@ -372,8 +377,8 @@ class KVQCache(Cache):
             if self.kvq_squat[0] > 0:
                 raise ValueError("kvq: the CUDA backend has no SQuat keys (kvq.h section 10): squat_rank="
                                  f"{self.kvq_squat[0]}")
-            if self.kvq_fit > 0:
-                raise ValueError(f"kvq: the CUDA backend has no fitted (scale, min) (kvq.h section 10): fit={self.kvq_fit}")
+            if self.kvq_qnorm > 0:
+                raise ValueError(f"kvq: the CUDA backend has no Q-Norm yet (kvq.h section 10): qnorm={self.kvq_qnorm}")
         elif dev.type != "cpu":
             raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
         handles = []
@@ -400,7 +405,8 @@ class KVQCache(Cache):
                     h = N.Cache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                 residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,
                                 n_threads=self.kvq_n_threads, squat_rank=rank, squat_lambda=self.kvq_squat[1],
-                                rotation_layers=rl, fit=ENGINE_DEFAULT_FIT if self.kvq_fit < 0 else self.kvq_fit,
+                                rotation_layers=rl,
+                                qnorm=engine_default_qnorm(*g.types) if self.kvq_qnorm < 0 else self.kvq_qnorm,
                                 **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]

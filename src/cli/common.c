@@ -271,7 +271,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->rotate = mix->rotate;
     cp->sinks = mix->sinks;
     cp->nonuniform = mix->nonuniform;
-    cp->fit = mix->fit;
+    cp->qnorm = mix->qnorm;
     cp->rotation_seed = mix->rotation_seed;
     cp->prerope = mix->prerope;
     cp->local_types = mix->local_types;

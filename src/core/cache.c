@@ -19,7 +19,7 @@ kvq_cache_config kvq_cache_config_default(void) {
     c.rotate = -1;
     c.sinks = -1;
     c.nonuniform = -1;
-    c.fit = -1;
+    c.qnorm = -1;
     return c;
 }
 
@@ -72,11 +72,11 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->sinks == -1) cfg->sinks = grouped ? KVQ__SINKS_GROUPED : 0; /* kvq.h section 10: measured */
     if (cfg->sinks < 0 || cfg->sinks > 1024)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "sinks %d outside 0..1024 (or -1 for the default)", cfg->sinks);
-    /* fitted (scale, min): off unless asked (the CUDA backend quantizes with min/max only, and a cache of one config
-     * holds the same bytes on both); roles of per-token types ignore it */
-    if (cfg->fit == -1) cfg->fit = KVQ_ROLES_NONE;
-    if (cfg->fit < 0 || cfg->fit > KVQ_ROLES_KV)
-        return kvq__fail(KVQ_ERR_INVALID_ARG, "fit %d is not a set of roles 0..3 (or -1 for the default)", cfg->fit);
+    /* Q-Norm: off unless asked (the CUDA backend quantizes with min/max only, and a cache of one config holds the same
+     * bytes on both; kvq's CPU engine turns it on); roles of per-token types ignore it */
+    if (cfg->qnorm == -1) cfg->qnorm = KVQ_ROLES_NONE;
+    if (cfg->qnorm < 0 || cfg->qnorm > KVQ_ROLES_KV)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "qnorm %d is not a set of roles 0..3 (or -1 for the default)", cfg->qnorm);
     if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v, cfg->prerope);
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
@@ -689,18 +689,18 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
             size_t rb = r ? L->v_row_bytes : L->k_row_bytes;
             uint8_t *blk = r ? kvq__vblock(c, pg, h) : kvq__kblock(c, pg, h);
             const float *x = r ? xv : xk;
-            const bool fit = (c->cfg.fit >> role) & 1;
+            const bool qnorm = (c->cfg.qnorm >> role) & 1;
             uint16_t *par = (uint16_t *)(void *)(blk + rb * (size_t)P);
             if (role == KVQ_KEY && kvq_type_get_traits(t)->grouped) {
                 for (int i = 0; i < Gf; i++) memcpy(scratch + (size_t)i * D, x + ((size_t)i * H + h) * D, (size_t)D * 4);
                 const float *B = kvq__squat_basis(c, q, layer, h);
                 if (B) { /* SQuat (squat.c): same layout, other values */
-                    kvq__squat_key_group_ref(t, kvq__layout_levels(L, KVQ_KEY), fit, scratch, Gf, D, B, c->cfg.squat_rank,
+                    kvq__squat_key_group_ref(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, B, c->cfg.squat_rank,
                                              kvq__squat_lambda(c), blk + rb * (size_t)slot, rb,
                                              par + (size_t)(slot / Gf) * 2 * D, sq_work);
                     continue;
                 }
-                kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), fit, scratch, Gf, D, blk + rb * (size_t)slot, rb,
+                kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, blk + rb * (size_t)slot, rb,
                                      par + (size_t)(slot / Gf) * 2 * D);
                 continue;
             }
@@ -709,7 +709,7 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
                 uint16_t *p = t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? par + s
                               : kvq_type_get_traits(t)->grouped ? par + (size_t)s * (D / L->value_group) * 2
                                                                 : NULL;
-                kvq__quant_row(t, kvq__layout_levels(L, role), fit, x + ((size_t)i * H + h) * D, D, L->value_group,
+                kvq__quant_row(t, kvq__layout_levels(L, role), qnorm, x + ((size_t)i * H + h) * D, D, L->value_group,
                                blk + rb * (size_t)s, p);
             }
         }

@@ -101,12 +101,12 @@ static inline const uint8_t *kvq__layout_levels(const kvq_page_layout *L, kvq_ro
     return kvq__levels16(t, (L->nonuniform >> role) & 1);
 }
 /* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`); lv16: the
- * grouped type's levels (kvq__levels16), ignored by the other types; fit: grouped (scale, min) fitted to the least
- * squared error (kvq.h section 10, `fit`) instead of min/max. */
-void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool fit, const float *x, int D, int value_group, uint8_t *row,
+ * grouped type's levels (kvq__levels16), ignored by the other types; qnorm: grouped (scale, min) matched to the group's
+ * mean and standard deviation (kvq.h section 10, `qnorm`) instead of min/max. */
+void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int D, int value_group, uint8_t *row,
                     uint16_t *par);
 /* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]. */
-void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool fit, const float *x, int G, int D, uint8_t *rows,
+void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, uint8_t *rows,
                           size_t row_bytes, uint16_t *scale_min);
 /* Dequantize row j of a block whose params start at `par` (NULL for F16/BF16) into o[0..D). */
 void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,
@@ -117,7 +117,7 @@ void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *
 size_t kvq__row_bytes(kvq_type t, int D);
 /* Grouped keys, one channel: quantizes channel c of G rows (x: stride D) into its codes in `rows` (which the caller
  * zeroed) and scale_min[c], scale_min[D + c]; deq[i] = the decoded value of row i. The building block of SQuat. */
-void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool fit, const float *x, int G, int D, int c,
+void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, int c,
                             uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq);
 /* params of a block start right after its P data rows */
 static inline const uint16_t *kvq__block_params(const uint8_t *block, size_t row_bytes, int P) {
@@ -242,7 +242,7 @@ static inline size_t kvq__squat_scratch_doubles(int D) { return (size_t)D * D; }
  * error (per token) propagated into the channels not yet quantized so as to minimize e^T (B B^T + lambda I) e per
  * token (GPTQ / OBQ with the inverse Cholesky factor of that matrix). x (G x D) is overwritten (the updated values);
  * B: D x r orthonormal; work: kvq__squat_scratch_doubles(D) doubles. */
-void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool fit, float *x, int G, int D, const float *B, int r,
+void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float *x, int G, int D, const float *B, int r,
                               float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *work);
 /* lambda the cache uses (the config's, or the auto rule) */
 float kvq__squat_lambda(const kvq_cache *c);

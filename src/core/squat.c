@@ -49,7 +49,7 @@ float kvq__squat_lambda(const kvq_cache *c) {
     return (float)c->cfg.squat_rank / (float)c->L.head_dim;
 }
 
-void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool fit, float *x, int G, int D, const float *B, int r,
+void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float *x, int G, int D, const float *B, int r,
                               float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *U) {
     /* M^-1 = (I - B B^T / (1 + lambda)) / lambda, then its Cholesky factor in place (lower L, M^-1 = L L^T; U = L^T:
      * U[j][k] = L[k][j]) */
@@ -74,7 +74,7 @@ void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool fit, float *
     for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
     float deq[128]; /* G <= 128 (kvq_page_layout_make) */
     for (int j = 0; j < D; j++) {
-        kvq__quant_key_channel(t, lv16, fit, x, G, D, j, rows, row_bytes, scale_min, deq);
+        kvq__quant_key_channel(t, lv16, qnorm, x, G, D, j, rows, row_bytes, scale_min, deq);
         double ujj = U[(size_t)j * D + j];
         for (int i = 0; i < G; i++) {
             float *xi = x + (size_t)i * D;

@@ -325,10 +325,10 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (cfg.nonuniform != KVQ_ROLES_NONE)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: nonuniform %d: the CUDA backend has no non-uniform levels "
                     "yet (set 0 or -1)", cfg.nonuniform);
-    if (cfg.fit == -1) cfg.fit = KVQ_ROLES_NONE; /* the CPU's default too (kvq.h section 10) */
-    if (cfg.fit != KVQ_ROLES_NONE)
-        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: fit %d: the CUDA backend quantizes with min/max (scale, "
-                    "min) only (set 0 or -1)", cfg.fit);
+    if (cfg.qnorm == -1) cfg.qnorm = KVQ_ROLES_NONE; /* the CPU library's default too (kvq.h section 10) */
+    if (cfg.qnorm != KVQ_ROLES_NONE)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: qnorm %d: the CUDA backend has no Q-Norm yet, it "
+                    "quantizes with min/max (scale, min) (set 0 or -1)", cfg.qnorm);
     if (cfg.prerope != 0)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: prerope %d: the CUDA backend's kernels do not apply "
                     "RoPE to the keys (kvq.h section 10); append keys after RoPE with prerope = 0", cfg.prerope);

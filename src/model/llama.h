@@ -117,10 +117,10 @@ typedef struct llama_ctx_params {
      * zero-initialized llama_ctx_params gets) */
     int rotate, sinks, nonuniform;     /* sinks apply to global layers only: local (sliding-window) ones have none */
     uint32_t rotation_seed;
-    /* fitted (scale, min) of the grouped roles (kvq.h section 10, "fit"): KVQ_ROLES_*, 0 off (what a zero-initialized
-     * llama_ctx_params gets), -1 llama_default_fit. The CPU engine only: the GPU engine's caches have none (-1 is off
-     * there, > 0 refused). */
-    int fit;
+    /* Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): KVQ_ROLES_*, 0 off (what a zero-initialized
+     * llama_ctx_params gets), -1 llama_default_qnorm of each cache's types. The CPU engine only: the GPU engine's caches
+     * have none (-1 is off there, > 0 refused). */
+    int qnorm;
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
      * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope of each cache's key type */
     int prerope;
@@ -154,8 +154,8 @@ int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t 
 int llama_default_prerope(kvq_type type_k);
 /* The engine's default for llama_ctx_params.squat_rank = -1: 8 for Q2 keys, else 0 (kvq.h section 10) */
 int llama_default_squat(kvq_type type_k);
-/* The engine's default for llama_ctx_params.fit = -1 (kvq.h section 10, "fit") */
-int llama_default_fit(void);
+/* The engine's default for llama_ctx_params.qnorm = -1, by types: the roles of grouped types (kvq.h section 10) */
+int llama_default_qnorm(kvq_type type_k, kvq_type type_v);
 
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
  * KVQ_ERR_UNSUPPORTED_TYPE, KVQ_ERR_OUT_OF_MEMORY for the arena, ...) and a message naming it. */

@@ -418,8 +418,8 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: per-layer KV types (--kv-layers) are CPU only");
     if (p->nonuniform > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: non-uniform levels (--kv-nuq) are CPU only (kvq_cuda.h section 4)");
-    if (p->fit > 0)
-        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: fitted (scale, min) (--kv-fit) are CPU only (kvq.h section 10)");
+    if (p->qnorm > 0)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: Q-Norm (--kv-qnorm) is CPU only (kvq.h section 10)");
     const llama_config &c = m->cfg;
     CU(cudaSetDevice(m->device), "cudaSetDevice");  // the activation buffers go to the model's GPU
     llama_gpu_ctx *x = new (std::nothrow) llama_gpu_ctx;

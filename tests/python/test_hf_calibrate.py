@@ -136,3 +136,19 @@ def test_layer_rotation_follows_the_model_layer():
         assert not torch.equal(outs[2][0], outs[1][0]) or types[1] != "q4"  # layers 1 and 2 rotate differently
     for g2 in got[1:]:
         assert torch.equal(got[0][0], g2[0]) and torch.equal(got[0][1], g2[1])
+
+
+def test_kvqcache_qnorm_follows_the_engine():
+    """KVQCache(qnorm=-1) on the CPU: Q-Norm for the grouped roles, as kvq's engine (llama_default_qnorm); 0 off; a
+    role set as given; out of range refused before anything is allocated."""
+    m = make("llama", num_hidden_layers=2)
+    m.set_attn_implementation("kvq")
+    ids = _ids(20, seed=2).unsqueeze(0)
+    for kw, want in (({"kv_type": "q4"}, 3), ({"kv_type": "q8", "value_type": "q2"}, 2), ({"kv_type": "q8"}, 0),
+                     ({"kv_type": "q4", "qnorm": 0}, 0), ({"kv_type": "q2", "qnorm": 1}, 1)):
+        cache = kvq.KVQCache(m.config, max_cache_len=64, n_threads=1, **kw)
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=True, **{C: cache})
+        assert cache._groups[0].handle.config.qnorm == want, (kw, want)
+    with pytest.raises(ValueError, match="qnorm = 4 must be"):
+        kvq.KVQCache(m.config, kv_type="q4", qnorm=4)
