@@ -942,11 +942,12 @@ class CudaCache:
                  type_v: Optional[TypeSpec] = None, arena_bytes: Optional[int] = None, max_tokens: int = 4096,
                  residual: int = -1, max_seqs: int = 0, device: int = 0, max_seq_tokens: int = 0,
                  rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1,
-                 rotation_layers=None):
+                 rotation_layers=None, qnorm: int = -1):
         """rotate, rotation_seed, sinks, rotation_layers: kvq.h section 10, as Cache (-1: the CPU cache's defaults, so
-        that both hold the same bytes); nonuniform: 0 or -1 (the CUDA backend has no non-uniform levels yet)."""
+        that both hold the same bytes); nonuniform, qnorm: 0 or -1 (the CUDA backend has no non-uniform levels and no
+        Q-Norm yet)."""
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, 64, 0, residual, max_seqs, 0, rotate,
-                          rotation_seed, sinks, nonuniform, rotation_layers=rotation_layers)
+                          rotation_seed, sinks, nonuniform, rotation_layers=rotation_layers, qnorm=qnorm)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             # one more page per (sequence, layer) for the sink page (this backend keeps at most one)

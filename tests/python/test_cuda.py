@@ -27,8 +27,10 @@ if not _ok:
 # kvq.h section 10's mechanisms off (PLAIN) or at their defaults (DEFAULT: -1, which the CUDA backend resolves as the
 # CPU core does: Q8 keys rotated, Q4 keys rotated and one sink, Q2 keys and values rotated and one sink), the same on
 # both sides of every CPU/GPU comparison
-PLAIN = dict(rotate=0, sinks=0, nonuniform=0)
-DEFAULT = dict(rotate=-1, sinks=-1, nonuniform=-1)
+# qnorm=0 in both: Q-Norm is KVQCache's CPU default for grouped types (kvq.h section 10) and the CUDA backend has none
+# yet, so CPU and CUDA caches hold the same bytes only without it
+PLAIN = dict(rotate=0, sinks=0, nonuniform=0, qnorm=0)
+DEFAULT = dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=0)
 QUALITY = {"plain": PLAIN, "default": DEFAULT}
 
 
