@@ -1294,11 +1294,15 @@ def patch_model_with_int8_kv_cache(model: Any, kv_type: KVTypeSpec | None = None
       * any other cache passed in (DynamicCache, QuantizedCache, StaticCache, ...) is refused with a TypeError: it
         would silently keep fp K/V in torch tensors;
       * in training mode with gradients on, no cache is made (kvq's attention has no backward).
+    cache_kwargs go to every KVQCache the patch makes (residual=, qnorm=, plan=FILE for per-layer types from
+    kvq.calibrate / `kvq calibrate -o`, ...).
     Everything is checked (head dim, dtype, device, types, cache arguments) before anything is changed.
     kvq.unpatch_model(model) undoes it.
     """
     if getattr(model, "_is_kv_quant_patched", False):
         return model
+    if isinstance(cache_kwargs.get("plan"), (str, os.PathLike)):  # read once, not at every cache the patch makes
+        cache_kwargs["plan"] = Plan.load(cache_kwargs["plan"])
     _check_model(model, kv_type)
     # the cache's own arguments are checked now too (a KVQCache allocates nothing before its first update), so that
     # a bad keyword fails here rather than inside generate()
