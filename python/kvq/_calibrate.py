@@ -133,8 +133,8 @@ def calibrate(model: Any, texts: Union[str, Sequence[str], Sequence[int], torch.
         bos = None
         b = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         if b is not None:
-            first = tokenizer("a", add_special_tokens=True)["input_ids"]
-            bos = b if len(first) and first[0] == b else None
+            enc = tokenizer("a", add_special_tokens=True)["input_ids"]
+            bos = b if len(enc) and enc[0] == b else None
     # the quality options the cache resolves for these types: the same for the bits as for the runs
     probe = KVQCache(cfg, kv_type="f16", max_cache_len=1, **cache_kwargs)
     quality = dict(probe.kvq_quality)
