@@ -30,11 +30,11 @@ class PlanError(ValueError):
 def _type(word: str, line: int, layer: int) -> str:
     w = _ALIASES.get(word.lower(), word)
     if w.lower() in _UNMAPPED:
-        raise PlanError(f"line {line}: layer {layer}: llama.cpp's type '{word}' has no kvq equivalent")
+        raise PlanError(f"line {line}: layer {layer}: type: llama.cpp's type '{word}' has no kvq equivalent")
     try:
         return N.type_name(N.type_from_name(w))
     except (ValueError, TypeError):
-        raise PlanError(f"line {line}: layer {layer}: unknown KV type '{word}' (f16, bf16, q8, fp8, q4, q3, q2; "
+        raise PlanError(f"line {line}: layer {layer}: type: unknown KV type '{word}' (f16, bf16, q8, fp8, q4, q3, q2; "
                         "llama.cpp's q8_0, q4_1)") from None
 
 
