@@ -539,7 +539,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * for Gemma's q4; q4's dPPL rose in two of the three (Gemma: top-1 96.3% -> 97.0% all the same), within the +-0.3%
  * that dPPL over 2-4k tokens moves by, and KLD is the measure the defaults follow. llama.cpp's q8_0/q4_0 (its values
  * rotated too) gives +0.174% dPPL and KLD 0.0075 on SmolLM2 at 6.5 bits (docs/quality.md): kvq's q8/q4 now has the
- * same dPPL and 1/6 of the KLD at 7.48 bits (its fp16 window counted). The cost is one inverse rotation of each
+ * same dPPL and 1/6 of the KLD at 7.48 bits (its fp16 window counted; with Q-Norm on top, the engine's default since,
+ * +0.25% and 0.0012). The cost is one inverse rotation of each
  * output row per head and step (the CPU's integer value kernels are unchanged).
  *
  * Q-Norm (qnorm = KVQ_ROLES_*; -1 and 0: none in the library; kvq's CPU engine and KVQCache on the CPU: the roles of
