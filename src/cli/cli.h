@@ -102,6 +102,8 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
 void kvq_cli_usage(int cmd, FILE *out);
 void kvq_cli_usage_main(FILE *out);
 
+/* Writes the message into err (n bytes, either may be 0) and returns -1: how the parsers below and plan.c refuse. */
+int kvq_cli_fail(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Strict parsers (0 ok, -1 with a message in err): the whole string, decimal digits only, no sign unless lo < 0,
  * no spaces, in lo..hi. */
 int kvq_cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out, const char *name, char *err, size_t n);

@@ -13,8 +13,7 @@
 #include "cli.h"
 #include "llama.h"
 
-static int fail(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t n, const char *fmt, ...) {
+int kvq_cli_fail(char *err, size_t n, const char *fmt, ...) {
     if (err && n) {
         va_list ap;
         va_start(ap, fmt);
@@ -78,20 +77,20 @@ static int parse_int(const char *s, int lo, int hi, int *out, const char *name, 
 
 int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int *n_out, const char *name, char *err, size_t n) {
     int k = 0;
-    if (!*s) return fail(err, n, "%s: the list is empty", name);
+    if (!*s) return kvq_cli_fail(err, n, "%s: the list is empty", name);
     for (const char *p = s;;) {
         const char *e = strchr(p, ',');
         size_t len = e ? (size_t)(e - p) : strlen(p);
         char buf[32];
-        if (len == 0) return fail(err, n, "%s: entry %d of '%s' is empty", name, k + 1, s);
-        if (k == max) return fail(err, n, "%s: more than %d entries", name, max);
-        if (len >= sizeof buf) return fail(err, n, "%s: '%.*s' is not an integer in %d..%d", name, (int)len, p, lo, hi);
+        if (len == 0) return kvq_cli_fail(err, n, "%s: entry %d of '%s' is empty", name, k + 1, s);
+        if (k == max) return kvq_cli_fail(err, n, "%s: more than %d entries", name, max);
+        if (len >= sizeof buf) return kvq_cli_fail(err, n, "%s: '%.*s' is not an integer in %d..%d", name, (int)len, p, lo, hi);
         memcpy(buf, p, len);
         buf[len] = '\0';
         int v;
         if (parse_int(buf, lo, hi, &v, name, err, n)) return -1;
         for (int i = 0; i < k; i++)
-            if (out[i] == v) return fail(err, n, "%s: %d is listed twice", name, v);
+            if (out[i] == v) return kvq_cli_fail(err, n, "%s: %d is listed twice", name, v);
         out[k++] = v;
         if (!e) break;
         p = e + 1;
@@ -146,7 +145,7 @@ int kvq_cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out, const
     *out = x;
     return 0;
 bad:
-    return fail(err, n, "%s: '%s' is not an integer in %" PRId64 "..%" PRId64, name, s, lo, hi);
+    return kvq_cli_fail(err, n, "%s: '%s' is not an integer in %" PRId64 "..%" PRId64, name, s, lo, hi);
 }
 
 int kvq_cli_parse_u64(const char *s, uint64_t *out, const char *name, char *err, size_t n) {
@@ -162,7 +161,7 @@ int kvq_cli_parse_u64(const char *s, uint64_t *out, const char *name, char *err,
     *out = v;
     return 0;
 bad:
-    return fail(err, n, "%s: '%s' is not an integer in 0..%" PRIu64, name, s, UINT64_MAX);
+    return kvq_cli_fail(err, n, "%s: '%s' is not an integer in 0..%" PRIu64, name, s, UINT64_MAX);
 }
 
 static int parse_int(const char *s, int lo, int hi, int *out, const char *name, char *err, size_t n) {
@@ -198,9 +197,9 @@ int kvq_cli_parse_float(const char *s, double lo, double hi, float *out, const c
     if (*p == '-') neg = 1, p++;
     double v;
     const char *end = scan_decimal(p, &v);
-    if (!end || *end) return fail(err, n, "%s: '%s' is not a decimal number", name, s);
+    if (!end || *end) return kvq_cli_fail(err, n, "%s: '%s' is not a decimal number", name, s);
     if (neg) v = -v;
-    if (!(v >= lo && v <= hi)) return fail(err, n, "%s: %s is outside %g..%g", name, s, lo, hi);
+    if (!(v >= lo && v <= hi)) return kvq_cli_fail(err, n, "%s: %s is outside %g..%g", name, s, lo, hi);
     *out = (float)v;
     return 0;
 }
@@ -208,7 +207,7 @@ int kvq_cli_parse_float(const char *s, double lo, double hi, float *out, const c
 int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, size_t n) {
     double v;
     const char *end = scan_decimal(s, &v);
-    if (!end) return fail(err, n, "%s: '%s' is not a size (e.g. 4GiB, 512MiB, 2G, 1000000)", name, s);
+    if (!end) return kvq_cli_fail(err, n, "%s: '%s' is not a size (e.g. 4GiB, 512MiB, 2G, 1000000)", name, s);
     static const struct {
         const char *suf;
         double mul;
@@ -218,12 +217,12 @@ int kvq_cli_parse_size(const char *s, double *out, const char *name, char *err, 
     for (size_t i = 0; i < sizeof sufs / sizeof sufs[0]; i++) {
         if (strcasecmp(end, sufs[i].suf) != 0) continue;
         double b = v * sufs[i].mul;
-        if (!(b >= 1)) return fail(err, n, "%s: '%s' is less than one byte", name, s);
-        if (!(b <= 1152921504606846976.0)) return fail(err, n, "%s: '%s' is more than 2^60 bytes (1 EiB)", name, s);
+        if (!(b >= 1)) return kvq_cli_fail(err, n, "%s: '%s' is less than one byte", name, s);
+        if (!(b <= 1152921504606846976.0)) return kvq_cli_fail(err, n, "%s: '%s' is more than 2^60 bytes (1 EiB)", name, s);
         *out = floor(b);
         return 0;
     }
-    return fail(err, n, "%s: '%s': unknown unit '%s' (B, K/KiB, KB, M/MiB, MB, G/GiB, GB, T/TiB, TB)", name, s, end);
+    return kvq_cli_fail(err, n, "%s: '%s': unknown unit '%s' (B, K/KiB, KB, M/MiB, MB, G/GiB, GB, T/TiB, TB)", name, s, end);
 }
 
 int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, size_t n) {
@@ -236,11 +235,11 @@ int kvq_cli_parse_type(const char *s, kvq_type *t, const char *name, char *err, 
     static const char *const unmapped[] = {"f32", "q4_0", "q5_0", "q5_1", "iq4_nl"};
     for (size_t i = 0; i < sizeof unmapped / sizeof unmapped[0]; i++)
         if (strcasecmp(s, unmapped[i]) == 0)
-            return fail(err, n, "%s: llama.cpp's type '%s' has no kvq equivalent (kvq: f16, bf16, q8, fp8, q4, q3, q2; "
+            return kvq_cli_fail(err, n, "%s: llama.cpp's type '%s' has no kvq equivalent (kvq: f16, bf16, q8, fp8, q4, q3, q2; "
                                 "q8_0 and q4_1 map to q8 and q4)", name, s);
     const kvq_type_traits *tr;
     if (kvq_type_from_name(s, t) != KVQ_OK || !(tr = kvq_type_get_traits(*t)) || !tr->implemented)
-        return fail(err, n, "%s: unknown KV type '%s' (f16, bf16, q8, fp8, q4, q3, q2; llama.cpp's q8_0, q4_1)", name, s);
+        return kvq_cli_fail(err, n, "%s: unknown KV type '%s' (f16, bf16, q8, fp8, q4, q3, q2; llama.cpp's q8_0, q4_1)", name, s);
     return 0;
 }
 
@@ -252,7 +251,7 @@ int kvq_cli_parse_roles(const char *s, int allow_default, int *out, const char *
     for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
         if (strcmp(s, roles[i].s) == 0) return *out = roles[i].v, 0;
     if (allow_default && strcmp(s, "default") == 0) return *out = -1, 0;
-    return fail(err, n, "%s: '%s' is not one of none, k, v, kv%s", name, s, allow_default ? ", default" : "");
+    return kvq_cli_fail(err, n, "%s: '%s' is not one of none, k, v, kv%s", name, s, allow_default ? ", default" : "");
 }
 
 /* "q4" or "q8/q4" (keys q8, values q4) -> *k, *v. */
@@ -272,21 +271,21 @@ static int parse_type_pair(char *s, kvq_type *k, kvq_type *v, const char *name, 
  * engine checks them against the model's layers. */
 static int parse_layer_types(const char *spec, int *count, llama_layer_types *out, const char *name, char *err, size_t n) {
     char buf[1024];
-    if (strlen(spec) >= sizeof buf) return fail(err, n, "%s: '%.40s...' is too long", name, spec);
+    if (strlen(spec) >= sizeof buf) return kvq_cli_fail(err, n, "%s: '%.40s...' is too long", name, spec);
     strcpy(buf, spec);
     int k = 0;
     for (char *p = buf, *e;; p = e + 1) {
         e = strchr(p, '+');
         if (e) *e = '\0';
         char *at = strchr(p, '@');
-        if (!*p || !at) return fail(err, n, "%s: '%s' is not A[-B]@TYPE[/TYPE] (e.g. 0-1.5@q8+29@q4)", name, p);
+        if (!*p || !at) return kvq_cli_fail(err, n, "%s: '%s' is not A[-B]@TYPE[/TYPE] (e.g. 0-1.5@q8+29@q4)", name, p);
         *at = '\0';
         kvq_type tk, tv;
         if (parse_type_pair(at + 1, &tk, &tv, name, err, n)) return -1;
         for (char *q = p, *d;; q = d + 1) {
             d = strchr(q, '.');
             if (d) *d = '\0';
-            if (k == LLAMA_MAX_LAYER_TYPES) return fail(err, n, "%s: more than %d ranges", name, LLAMA_MAX_LAYER_TYPES);
+            if (k == LLAMA_MAX_LAYER_TYPES) return kvq_cli_fail(err, n, "%s: more than %d ranges", name, LLAMA_MAX_LAYER_TYPES);
             char *dash = strchr(q, '-');
             if (dash) *dash = '\0';
             int64_t a, b;
@@ -294,10 +293,10 @@ static int parse_layer_types(const char *spec, int *count, llama_layer_types *ou
             b = a;
             if (dash && kvq_cli_parse_i64(dash + 1, 0, 4095, &b, name, err, n)) return -1;
             if (b < a)
-                return fail(err, n, "%s: layers %lld-%lld: the range ends before it starts", name, (long long)a, (long long)b);
+                return kvq_cli_fail(err, n, "%s: layers %lld-%lld: the range ends before it starts", name, (long long)a, (long long)b);
             for (int j = 0; j < k; j++)
                 if (a <= out[j].last && out[j].first <= b)
-                    return fail(err, n, "%s: layers %lld-%lld overlap %d-%d", name, (long long)a, (long long)b,
+                    return kvq_cli_fail(err, n, "%s: layers %lld-%lld overlap %d-%d", name, (long long)a, (long long)b,
                                 out[j].first, out[j].last);
             out[k].first = (int)a, out[k].last = (int)b, out[k].type_k = tk, out[k].type_v = tv;
             k++;
@@ -314,7 +313,7 @@ static int parse_layer_types(const char *spec, int *count, llama_layer_types *ou
  * ":local=q8/q4" (the sliding-window layers' types). The entry's defaults are the global options' (`g`). */
 static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mix *g, char *err, size_t n) {
     char buf[KVQ_CLI_MIX_NAME];
-    if (len >= sizeof buf) return fail(err, n, "--compare: entry '%.*s' is longer than %zu characters", (int)len, s, sizeof buf - 1);
+    if (len >= sizeof buf) return kvq_cli_fail(err, n, "--compare: entry '%.*s' is longer than %zu characters", (int)len, s, sizeof buf - 1);
     memcpy(buf, s, len);
     buf[len] = '\0';
     *m = *g;
@@ -340,11 +339,11 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
         else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
         else
-            return fail(err, n,
+            return kvq_cli_fail(err, n,
                         "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
                         ":nuq=none|k|v|kv, :qnorm=none|k|v|kv, :seed=N, :pre=0|1, :squat=R, :lambda=auto|X, :local=TYPE[/TYPE], "
                         ":layers=A[-B]@TYPE[/TYPE]+...)", m->name, colon);
-        if (seen[k]++) return fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
+        if (seen[k]++) return kvq_cli_fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
         int64_t v;
         switch (k) {
         case S_R: if (parse_int(x, 0, 4096, &m->residual, "--compare: residual (:rR)", err, n)) return -1; break;
@@ -376,7 +375,7 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
     }
     if (strncmp(buf, "plan=", 5) == 0) { /* a kvq-plan file gives every layer's types */
         if (seen[S_LAYERS] || seen[S_LOCAL])
-            return fail(err, n, "--compare: entry '%s': a plan gives every layer's types: no %s with it", m->name,
+            return kvq_cli_fail(err, n, "--compare: entry '%s': a plan gives every layer's types: no %s with it", m->name,
                         seen[S_LAYERS] ? ":layers=" : ":local=");
         return kvq_cli_plan_read(buf + 5, m, "--compare: plan=", err, n);
     }
@@ -385,16 +384,16 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
 
 int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
     o->n_compare = 0;
-    if (!*s) return fail(err, n, "--compare: the list is empty (e.g. --compare f16,q8,q4)");
+    if (!*s) return kvq_cli_fail(err, n, "--compare: the list is empty (e.g. --compare f16,q8,q4)");
     kvq_cli_mix g = kvq_cli_single_mix(o);
     int count = 1;
     for (const char *p = s; *p; p++) count += *p == ',';
     if (count > KVQ_CLI_MAX_COMPARE)
-        return fail(err, n, "--compare: %d entries, at most %d", count, KVQ_CLI_MAX_COMPARE);
+        return kvq_cli_fail(err, n, "--compare: %d entries, at most %d", count, KVQ_CLI_MAX_COMPARE);
     for (const char *p = s;;) {
         const char *e = strchr(p, ',');
         size_t len = e ? (size_t)(e - p) : strlen(p);
-        if (len == 0) return fail(err, n, "--compare: entry %d of '%s' is empty", o->n_compare + 1, s);
+        if (len == 0) return kvq_cli_fail(err, n, "--compare: entry %d of '%s' is empty", o->n_compare + 1, s);
         if (parse_mix(p, len, &o->compare[o->n_compare], &g, err, n)) {
             o->n_compare = 0;
             return -1;
@@ -485,24 +484,24 @@ static const optdef *find_opt(const char *a) {
 
 int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, size_t n) {
     if (err && n) err[0] = '\0';
-    if (cmd < 0 || cmd >= KVQ_CLI_NCMD) return fail(err, n, "unknown command %d", cmd);
+    if (cmd < 0 || cmd >= KVQ_CLI_NCMD) return kvq_cli_fail(err, n, "unknown command %d", cmd);
     kvq_cli_defaults(cmd, o);
     const char *cname = CMD_NAMES[cmd], *compare = NULL, *kv_type_given = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        if (!a) return fail(err, n, "argument %d is NULL", i);
+        if (!a) return kvq_cli_fail(err, n, "argument %d is NULL", i);
         const optdef *d = find_opt(a);
-        if (!d) return fail(err, n, "unknown option '%s' (kvq %s --help lists its options)", a, cname);
+        if (!d) return kvq_cli_fail(err, n, "unknown option '%s' (kvq %s --help lists its options)", a, cname);
         if (!(d->cmds & (1u << cmd))) {
             char users[64] = "";
             for (int c = 0; c < KVQ_CLI_NCMD; c++)
                 if (d->cmds & (1u << c))
                     snprintf(users + strlen(users), sizeof users - strlen(users), "%s%s", users[0] ? ", " : "", CMD_NAMES[c]);
-            return fail(err, n, "option '%s' is not used by 'kvq %s' (it is an option of: %s)", a, cname, users);
+            return kvq_cli_fail(err, n, "option '%s' is not used by 'kvq %s' (it is an option of: %s)", a, cname, users);
         }
         const char *v = NULL;
         if (d->takes_value) {
-            if (i + 1 >= argc || !argv[i + 1]) return fail(err, n, "option '%s' needs a value", a);
+            if (i + 1 >= argc || !argv[i + 1]) return kvq_cli_fail(err, n, "option '%s' needs a value", a);
             v = argv[++i];
         }
         float f;
@@ -523,7 +522,7 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_MAXFILE: {
             double b;
             if (kvq_cli_parse_size(v, &b, a, err, n)) return -1;
-            if (b > (double)(SIZE_MAX / 2)) return fail(err, n, "%s: '%s' is too large", a, v);
+            if (b > (double)(SIZE_MAX / 2)) return kvq_cli_fail(err, n, "%s: '%s' is too large", a, v);
             o->max_file = (size_t)b;
             break;
         }
@@ -554,14 +553,14 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_TOP_K: if (parse_int(v, 0, 1 << 24, &o->top_k, a, err, n)) return -1; break;
         case O_REPEAT_PEN:
             if (kvq_cli_parse_float(v, 0, 100, &f, a, err, n)) return -1;
-            if (!(f > 0)) return fail(err, n, "%s: %s must be > 0 (1 = off)", a, v);
+            if (!(f > 0)) return kvq_cli_fail(err, n, "%s: %s must be > 0 (1 = off)", a, v);
             o->repeat_penalty = f;
             break;
         case O_REPEAT_N: if (parse_int(v, -1, 1 << 22, &o->repeat_last_n, a, err, n)) return -1; break;
         case O_SEED: if (kvq_cli_parse_u64(v, &o->seed, a, err, n)) return -1; break;
         case O_COMPARE: compare = v; break;
         case O_CSV:
-            if (!*v) return fail(err, n, "%s: the file name is empty", a);
+            if (!*v) return kvq_cli_fail(err, n, "%s: the file name is empty", a);
             o->csv = v;
             break;
         case O_MEM: if (kvq_cli_parse_size(v, &o->mem, a, err, n)) return -1; break;
@@ -571,7 +570,7 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_KV_QNORM: if (kvq_cli_parse_roles(v, 1, &o->qnorm, a, err, n)) return -1; break;
         case O_KV_TYPE_LOCAL: {
             char tb[64];
-            if (strlen(v) >= sizeof tb) return fail(err, n, "%s: '%.40s...' is too long", a, v);
+            if (strlen(v) >= sizeof tb) return kvq_cli_fail(err, n, "%s: '%.40s...' is too long", a, v);
             strcpy(tb, v);
             if (parse_type_pair(tb, &o->type_k_local, &o->type_v_local, a, err, n)) return -1;
             o->local_types = 1;
@@ -582,16 +581,16 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             o->kv_layers = v;
             break;
         case O_KV_PLAN:
-            if (!*v) return fail(err, n, "%s: the file name is empty", a);
+            if (!*v) return kvq_cli_fail(err, n, "%s: the file name is empty", a);
             o->kv_plan = v;
             break;
         case O_KV_PREROPE:
             if (strcmp(v, "default") == 0) o->prerope = -1;
-            else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
+            else if (parse_int(v, 0, 1, &o->prerope, a, err, n)) return kvq_cli_fail(err, n, "%s: '%s' is not 0, 1 or default", a, v);
             break;
         case O_KV_SQUAT:
             if (strcmp(v, "default") == 0) o->squat_rank = -1;
-            else if (parse_int(v, 0, 32, &o->squat_rank, a, err, n)) return fail(err, n, "%s: '%s' is not 0..32 or default", a, v);
+            else if (parse_int(v, 0, 32, &o->squat_rank, a, err, n)) return kvq_cli_fail(err, n, "%s: '%s' is not 0..32 or default", a, v);
             break;
         case O_KV_SQUAT_LAMBDA:
             if (strcmp(v, "auto") == 0) o->squat_lambda = 0;
@@ -599,7 +598,7 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             break;
         case O_KV_SINKS:
             if (strcmp(v, "default") == 0) o->sinks = -1;
-            else if (parse_int(v, 0, 1024, &o->sinks, a, err, n)) return fail(err, n, "%s: '%s' is not 0..1024 or default", a, v);
+            else if (parse_int(v, 0, 1024, &o->sinks, a, err, n)) return kvq_cli_fail(err, n, "%s: '%s' is not 0..1024 or default", a, v);
             break;
         case O_ROT_SEED: {
             int64_t x;
@@ -607,14 +606,14 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
             o->rotation_seed = (uint32_t)x;
             break;
         }
-        default: return fail(err, n, "option '%s': internal error (no handler)", a);
+        default: return kvq_cli_fail(err, n, "option '%s': internal error (no handler)", a);
         }
     }
     if (o->kv_plan) { /* the plan gives every layer's types: nothing else may */
         const char *other = kv_type_given ? kv_type_given : o->kv_layers ? "--kv-layers" : o->local_types ? "--kv-type-local"
                                                           : compare ? "--compare" : NULL;
         if (other)
-            return fail(err, n, "--kv-plan gives every layer's types: not with %s%s", other,
+            return kvq_cli_fail(err, n, "--kv-plan gives every layer's types: not with %s%s", other,
                         compare ? " (in --compare, an entry plan=FILE)" : "");
         kvq_cli_mix pm = kvq_cli_single_mix(o);
         if (kvq_cli_plan_read(o->kv_plan, &pm, "--kv-plan", err, n)) return -1;
@@ -625,28 +624,28 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
     /* --compare entries inherit --residual/--group/--kv-rotate/... wherever they come on the line. */
     if (compare && kvq_cli_parse_compare(compare, o, err, n)) return -1;
     if (!o->model)
-        return fail(err, n, "-m MODEL is required (see kvq %s --help; scripts/fetch-model.sh gets SmolLM2-135M-Instruct)", cname);
+        return kvq_cli_fail(err, n, "-m MODEL is required (see kvq %s --help; scripts/fetch-model.sh gets SmolLM2-135M-Instruct)", cname);
     switch (cmd) {
     case KVQ_CLI_RUN:
     case KVQ_CLI_TOK:
-        if (!o->prompt == !o->file) return fail(err, n, "give exactly one of -p TEXT or -f FILE");
+        if (!o->prompt == !o->file) return kvq_cli_fail(err, n, "give exactly one of -p TEXT or -f FILE");
         break;
     case KVQ_CLI_PPL:
-        if (!o->file) return fail(err, n, "-f TEXTFILE is required");
+        if (!o->file) return kvq_cli_fail(err, n, "-f TEXTFILE is required");
         break;
     case KVQ_CLI_PASSKEY:
         for (int i = 0; i < o->n_lengths; i++)
             if (o->lengths[i] <= o->n_predict)
-                return fail(err, n, "--lengths: %d leaves no room for a prompt before -n %d answer tokens", o->lengths[i],
+                return kvq_cli_fail(err, n, "--lengths: %d leaves no room for a prompt before -n %d answer tokens", o->lengths[i],
                             o->n_predict);
         break;
     case KVQ_CLI_CAP:
         if (!o->mem == !o->ctx)
-            return fail(err, n, "give exactly one of --mem SIZE (what fits in SIZE) or --ctx N (memory for N tokens)");
+            return kvq_cli_fail(err, n, "give exactly one of --mem SIZE (what fits in SIZE) or --ctx N (memory for N tokens)");
         break;
     }
     if (o->n_compare && (o->type_k != KVQ_TYPE_F16 || o->type_v != KVQ_TYPE_F16))
-        return fail(err, n, "--compare lists the KV types itself: drop --kv-type/-ctk/-ctv");
+        return kvq_cli_fail(err, n, "--compare lists the KV types itself: drop --kv-type/-ctk/-ctv");
     return 0;
 }
 

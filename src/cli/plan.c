@@ -1,21 +1,10 @@
 /* kvq-plan files: every layer's KV types, as kvq calibrate writes them and --kv-plan / ':plan=' (and Python's
  * KVQCache(plan=...)) read them. The format is docs/kv-plan.md; python/kvq/plan.py is the other reader. */
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
-
-static int fail(char *err, size_t n, const char *fmt, ...) {
-    if (err && n) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, n, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 /* Splits the line at blanks into at most `max` words (the line is modified); a '#' ends it. */
 static int words(char *s, char **w, int max) {
@@ -40,18 +29,18 @@ int kvq_cli_plan_parse(const char *text, size_t len, int *n_layers, kvq_type *tk
     size_t i = 0;
     int rc = 0;
     *n_layers = 0;
-    if (len > KVQ_PLAN_MAX_BYTES) return fail(err, n, "%zu bytes, more than a plan's %d", len, KVQ_PLAN_MAX_BYTES);
+    if (len > KVQ_PLAN_MAX_BYTES) return kvq_cli_fail(err, n, "%zu bytes, more than a plan's %d", len, KVQ_PLAN_MAX_BYTES);
     while (i < len && !rc) {
         size_t e = i;
         while (e < len && text[e] != '\n') e++;
         lineno++;
         if (e - i > KVQ_PLAN_MAX_LINE) {
-            rc = fail(err, n, "line %d is longer than %d characters", lineno, KVQ_PLAN_MAX_LINE);
+            rc = kvq_cli_fail(err, n, "line %d is longer than %d characters", lineno, KVQ_PLAN_MAX_LINE);
             break;
         }
         for (size_t j = i; j < e; j++)
             if ((unsigned char)text[j] < 0x20 && text[j] != '\t' && text[j] != '\r') {
-                rc = fail(err, n, "line %d: a control character (byte %d)", lineno, (int)(unsigned char)text[j]);
+                rc = kvq_cli_fail(err, n, "line %d: a control character (byte %d)", lineno, (int)(unsigned char)text[j]);
                 break;
             }
         if (rc) break;
@@ -64,15 +53,15 @@ int kvq_cli_plan_parse(const char *text, size_t len, int *n_layers, kvq_type *tk
         if (!version) { /* the first directive says what the file is */
             int64_t v;
             if (k != 2 || strcmp(w[0], "kvq-plan")) {
-                rc = fail(err, n, "line %d: not a kvq plan (its first line must be 'kvq-plan %d')", lineno, KVQ_PLAN_VERSION);
+                rc = kvq_cli_fail(err, n, "line %d: not a kvq plan (its first line must be 'kvq-plan %d')", lineno, KVQ_PLAN_VERSION);
                 break;
             }
             if (kvq_cli_parse_i64(w[1], 1, 1000000, &v, "version", msg, sizeof msg)) {
-                rc = fail(err, n, "line %d: 'kvq-plan %s': the version is not a number >= 1", lineno, w[1]);
+                rc = kvq_cli_fail(err, n, "line %d: 'kvq-plan %s': the version is not a number >= 1", lineno, w[1]);
                 break;
             }
             if (v > KVQ_PLAN_VERSION) {
-                rc = fail(err, n, "version %lld: written by a newer kvq (this one reads version %d)", (long long)v,
+                rc = kvq_cli_fail(err, n, "version %lld: written by a newer kvq (this one reads version %d)", (long long)v,
                           KVQ_PLAN_VERSION);
                 break;
             }
@@ -80,47 +69,47 @@ int kvq_cli_plan_parse(const char *text, size_t len, int *n_layers, kvq_type *tk
         } else if (!strcmp(w[0], "n_layers")) {
             int64_t v;
             if (NL) {
-                rc = fail(err, n, "line %d: n_layers given twice", lineno);
+                rc = kvq_cli_fail(err, n, "line %d: n_layers given twice", lineno);
                 break;
             }
             if (k != 2 || kvq_cli_parse_i64(w[1], 1, KVQ_PLAN_MAX_LAYERS, &v, "n_layers", msg, sizeof msg)) {
-                rc = fail(err, n, "line %d: n_layers must be one number in 1..%d", lineno, KVQ_PLAN_MAX_LAYERS);
+                rc = kvq_cli_fail(err, n, "line %d: n_layers must be one number in 1..%d", lineno, KVQ_PLAN_MAX_LAYERS);
                 break;
             }
             NL = (int)v;
             seen = calloc((size_t)NL, 1);
-            if (!seen) rc = fail(err, n, "out of memory");
+            if (!seen) rc = kvq_cli_fail(err, n, "out of memory");
         } else if (!strcmp(w[0], "layer")) {
             int64_t l;
             if (!NL) {
-                rc = fail(err, n, "line %d: a layer line before n_layers", lineno);
+                rc = kvq_cli_fail(err, n, "line %d: a layer line before n_layers", lineno);
                 break;
             }
             if (k != 3 || kvq_cli_parse_i64(w[1], 0, NL - 1, &l, "layer", msg, sizeof msg)) {
-                rc = fail(err, n, "line %d: not 'layer L TYPE[/TYPE]' with L in 0..%d", lineno, NL - 1);
+                rc = kvq_cli_fail(err, n, "line %d: not 'layer L TYPE[/TYPE]' with L in 0..%d", lineno, NL - 1);
                 break;
             }
             if (seen[l]) {
-                rc = fail(err, n, "line %d: layer %lld given twice", lineno, (long long)l);
+                rc = kvq_cli_fail(err, n, "line %d: layer %lld given twice", lineno, (long long)l);
                 break;
             }
             char *slash = strchr(w[2], '/');
             if (slash) *slash = '\0';
             if (kvq_cli_parse_type(w[2], &tk[l], "type", msg, sizeof msg) ||
                 kvq_cli_parse_type(slash ? slash + 1 : w[2], &tv[l], "type", msg, sizeof msg)) {
-                rc = fail(err, n, "line %d: layer %lld: %s", lineno, (long long)l, msg);
+                rc = kvq_cli_fail(err, n, "line %d: layer %lld: %s", lineno, (long long)l, msg);
                 break;
             }
             seen[l] = 1, got++;
         }
         /* any other keyword (budget, bits, candidates, sensitivity, ...) says how the plan was made: ignored here */
     }
-    if (!rc && !version) rc = fail(err, n, "empty: not a kvq plan (its first line must be 'kvq-plan %d')", KVQ_PLAN_VERSION);
-    if (!rc && !NL) rc = fail(err, n, "no n_layers line");
+    if (!rc && !version) rc = kvq_cli_fail(err, n, "empty: not a kvq plan (its first line must be 'kvq-plan %d')", KVQ_PLAN_VERSION);
+    if (!rc && !NL) rc = kvq_cli_fail(err, n, "no n_layers line");
     if (!rc && got < NL) {
         int l = 0;
         while (seen[l]) l++;
-        rc = fail(err, n, "%d of its %d layers have no 'layer' line (the first: layer %d)", NL - got, NL, l);
+        rc = kvq_cli_fail(err, n, "%d of its %d layers have no 'layer' line (the first: layer %d)", NL - got, NL, l);
     }
     free(seen);
     if (!rc) *n_layers = NL;
@@ -145,7 +134,7 @@ int kvq_cli_plan_to_mix(int NL, const kvq_type *tk, const kvq_type *tv, kvq_cli_
             continue;
         }
         if (k == LLAMA_MAX_LAYER_TYPES)
-            return fail(err, n, "its layers change type more than %d times (the engine takes %d ranges)",
+            return kvq_cli_fail(err, n, "its layers change type more than %d times (the engine takes %d ranges)",
                         LLAMA_MAX_LAYER_TYPES, LLAMA_MAX_LAYER_TYPES);
         m->layer_types[k++] = (llama_layer_types){l, l, tk[l], tv[l]};
     }
@@ -158,9 +147,9 @@ int kvq_cli_plan_to_mix(int NL, const kvq_type *tk, const kvq_type *tv, kvq_cli_
 int kvq_cli_plan_read(const char *path, kvq_cli_mix *m, const char *name, char *err, size_t n) {
     char msg[KVQ_CLI_ERR_LEN];
     size_t len = 0;
-    if (!strcmp(path, "-")) return fail(err, n, "%s: a plan is read from a file, not from standard input", name);
+    if (!strcmp(path, "-")) return kvq_cli_fail(err, n, "%s: a plan is read from a file, not from standard input", name);
     char *text = kvq_cli_read_file(path, KVQ_PLAN_MAX_BYTES, &len, msg, sizeof msg);
-    if (!text) return fail(err, n, "%s: %s", name, msg);
+    if (!text) return kvq_cli_fail(err, n, "%s: %s", name, msg);
     kvq_type *t = malloc(2 * sizeof *t * KVQ_PLAN_MAX_LAYERS);
     int NL = 0, rc = -1;
     if (!t) snprintf(msg, sizeof msg, "out of memory");
@@ -168,7 +157,7 @@ int kvq_cli_plan_read(const char *path, kvq_cli_mix *m, const char *name, char *
         rc = kvq_cli_plan_to_mix(NL, t, t + KVQ_PLAN_MAX_LAYERS, m, msg, sizeof msg);
     free(t);
     free(text);
-    return rc ? fail(err, n, "%s: '%s': %s", name, path, msg) : 0;
+    return rc ? kvq_cli_fail(err, n, "%s: '%s': %s", name, path, msg) : 0;
 }
 
 int kvq_cli_plan_write(FILE *f, int NL, const kvq_type *tk, const kvq_type *tv) {
