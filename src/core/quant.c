@@ -104,38 +104,44 @@ static void minmax_params(const float *x, int n, size_t st, int qmax, float *sca
     *scale = kvq__round_f16((hi - *mn) / (float)qmax);
 }
 
-/* Q-Norm (kvq.h section 10, `qnorm`; KVQuant section 3.5): given min/max's codes, the stored (scale, min) are the
- * fp16 pair under which they decode to the group's mean and standard deviation.
- * Rounding to levels shrinks or stretches a group's spread and shifts its centre; at 2 bits that bias, shared by every
- * key of a channel group (every token's logit moves the same way) or every channel of a value row, costs more than the
- * rounding noise itself. A group whose codes are all equal (or whose values are) keeps min/max's pair. */
-static void qnorm_params(const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float *scale, float *mn) {
-    /* in: min/max's pair, out: the normalized one (or min/max's where there is nothing to normalize) */
-    if (!(*scale > 0)) return;
+/* q[i] = the code of value i under (s, mn), 0 where s is not > 0 (a group of equal values) */
+static void group_codes(const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float s, float mn, uint8_t *q) {
+    for (int i = 0; i < n; i++) q[i] = (uint8_t)(s > 0 ? code_of((x[(size_t)i * st] - mn) / s, lv16, qmax) : 0);
+}
+
+/* Q-Norm (kvq.h section 10, `qnorm`; KVQuant section 3.5): given the codes q (min/max's), the stored (scale, min)
+ * become the fp16 pair under which they decode to the group's mean and standard deviation. Returns whether it changed
+ * the pair. Rounding to levels shrinks or stretches a group's spread and shifts its centre; at 2 bits that bias,
+ * shared by every key of a channel group (every token's logit moves the same way) or every channel of a value row,
+ * costs more than the rounding noise itself. A group whose codes are all equal (or whose values are) keeps min/max's
+ * pair. */
+static bool qnorm_params(const float *x, int n, size_t st, const uint8_t *lv16, const uint8_t *q, float *scale,
+                         float *mn) {
+    if (!(*scale > 0)) return false;
     double sx = 0, sxx = 0, sl = 0, sll = 0;
     for (int i = 0; i < n; i++) {
         float v = x[(size_t)i * st];
-        double l = (double)lv16[code_of((v - *mn) / *scale, lv16, qmax)] * 0.0625;
+        double l = (double)lv16[q[i]] * 0.0625;
         sx += v, sxx += (double)v * v, sl += l, sll += l * l;
     }
     double mx = sx / n, vx = sxx / n - mx * mx, ml = sl / n, vl = sll / n - ml * ml;
-    if (!(vl > 0) || !(vx > 0)) return;
+    if (!(vl > 0) || !(vx > 0)) return false;
     float ns = kvq__round_f16((float)sqrt(vx / vl)), nm = kvq__round_f16((float)(mx - (double)ns * ml));
-    if (!(ns > 0) || !isfinite(ns) || !isfinite(nm)) return; /* beyond fp16: min/max's pair stays */
+    if (!(ns > 0) || !isfinite(ns) || !isfinite(nm)) return false; /* beyond fp16: min/max's pair stays */
     *scale = ns, *mn = nm;
+    return true;
 }
 
-/* (s, mn): the stored pair; (cs, cm): the pair the codes are taken under. Q-Norm keeps min/max's codes (KVQuant's
- * method: the decoded group has its values' mean and std) for Q4 and Q3; for Q2 the codes are taken again under the
- * normalized pair, whose step is finer than min/max's: measured on SmolLM2 (kvq.h section 10), Q2's KLD -30% that way
- * against -14% with min/max's codes, while Q4 and Q3 gain only with min/max's codes (-15%, -9%; 0% taken again). */
-static inline void group_params(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float *s,
-                                float *mn, float *cs, float *cm) {
+/* A group of n values (stride st, n <= 128): its stored (scale, min) and its codes q. Q-Norm keeps min/max's codes
+ * (KVQuant's method: the decoded group has its values' mean and std) for Q4 and Q3; for Q2 the codes are taken again
+ * under the normalized pair, whose step is finer than min/max's: measured on SmolLM2 (kvq.h section 10), Q2's KLD
+ * -30% that way against -14% with min/max's codes, while Q4 and Q3 gain only with min/max's codes (-15%, -9%; 0%
+ * taken again). */
+static void group_quant(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float *s,
+                        float *mn, uint8_t *q) {
     minmax_params(x, n, st, qmax, s, mn);
-    *cs = *s, *cm = *mn;
-    if (!qnorm) return;
-    qnorm_params(x, n, st, lv16, qmax, s, mn);
-    if (qmax == 3) *cs = *s, *cm = *mn;
+    group_codes(x, n, st, lv16, qmax, *s, *mn, q);
+    if (qnorm && qnorm_params(x, n, st, lv16, q, s, mn) && qmax == 3) group_codes(x, n, st, lv16, qmax, *s, *mn, q);
 }
 
 void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int D, int Gv, uint8_t *row,
@@ -166,12 +172,11 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x,
         memset(row, 0, kvq__row_bytes(t, D));
         for (int g = 0; g < D / Gv; g++) {
             float s, mn;
-            float cs, cm;
-            group_params(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, &cs, &cm);
+            uint8_t q[128]; /* Gv <= G <= 128 (kvq_page_layout_make) */
+            group_quant(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, q);
             par[2 * g] = kvq__f32_to_f16(s);
             par[2 * g + 1] = kvq__f32_to_f16(mn);
-            for (int c = g * Gv; c < (g + 1) * Gv; c++)
-                put_bits(row, c, b, D, cs > 0 ? code_of((x[c] - cm) / cs, lv16, qmax) : 0);
+            for (int c = 0; c < Gv; c++) put_bits(row, g * Gv + c, b, D, q[c]);
         }
         return;
     }
@@ -185,12 +190,11 @@ void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const flo
     for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
     for (int c = 0; c < D; c++) {
         float s, mn;
-        float cs, cm;
-        group_params(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, &cs, &cm);
+        uint8_t q[128]; /* G <= 128 (kvq_page_layout_make) */
+        group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
         scale_min[c] = kvq__f32_to_f16(s);
         scale_min[D + c] = kvq__f32_to_f16(mn);
-        for (int i = 0; i < G; i++)
-            put_bits(rows + (size_t)i * row_bytes, c, b, D, cs > 0 ? code_of((x[(size_t)i * D + c] - cm) / cs, lv16, qmax) : 0);
+        for (int i = 0; i < G; i++) put_bits(rows + (size_t)i * row_bytes, c, b, D, q[i]);
     }
 }
 
@@ -198,15 +202,14 @@ void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const f
                             uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq) {
     int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
     float s, mn;
-    float cs, cm;
-    group_params(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, &cs, &cm);
+    uint8_t q[128]; /* G <= 128 (kvq_page_layout_make) */
+    group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
     scale_min[c] = kvq__f32_to_f16(s);
     scale_min[D + c] = kvq__f32_to_f16(mn);
     for (int i = 0; i < G; i++) {
-        int q = cs > 0 ? code_of((x[(size_t)i * D + c] - cm) / cs, lv16, qmax) : 0;
-        put_bits(rows + (size_t)i * row_bytes, c, b, D, q);
+        put_bits(rows + (size_t)i * row_bytes, c, b, D, q[i]);
         /* what kvq__dequant_row decodes: the same fp32 expression */
-        deq[i] = s * ((float)lv16[q] * 0.0625f) + mn;
+        deq[i] = s * ((float)lv16[q[i]] * 0.0625f) + mn;
     }
 }
 
