@@ -608,18 +608,22 @@ static void test_plan(void) {
     ok = accepts(KVQ_CLI_PPL, args);
     EXPECT(ok.n_compare == 2 && ok.compare[1].plan_layers == 3 && ok.compare[1].type_k == KVQ_TYPE_Q2 &&
            ok.compare[1].rotate == 0 && ok.compare[1].n_layer_types == 1, "plan= entry");
-    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s|--kv-type|q4", path);
-    rejects(KVQ_CLI_PPL, args, "--kv-plan gives every layer's types: not with --kv-type");
-    snprintf(args, sizeof args, "-m|m|-f|t|-ctv|q4|--kv-plan|%s", path);
-    rejects(KVQ_CLI_PPL, args, "not with -ctv");
-    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s|--kv-layers|0@q4", path);
-    rejects(KVQ_CLI_PPL, args, "not with --kv-layers");
-    snprintf(args, sizeof args, "-m|m|-f|t|--kv-plan|%s|--compare|f16,q4", path);
-    rejects(KVQ_CLI_PPL, args, "not with --compare (in --compare, an entry plan=FILE)");
-    snprintf(args, sizeof args, "-m|m|-f|t|--compare|f16,plan=%s:layers=0@q4", path);
-    rejects(KVQ_CLI_PPL, args, "a plan gives every layer's types: no :layers= with it");
-    snprintf(args, sizeof args, "-m|m|--mem|1G|--kv-plan|%s", path);
-    rejects(KVQ_CLI_CAP, args, "'--kv-plan' is not used by 'kvq capacity'");
+    /* each argv below has the plan file's path at its %s */
+    static const struct {
+        int cmd;
+        const char *args, *want;
+    } conflicts[] = {
+        {KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|%s|--kv-type|q4", "--kv-plan gives every layer's types: not with --kv-type"},
+        {KVQ_CLI_PPL, "-m|m|-f|t|-ctv|q4|--kv-plan|%s", "not with -ctv"},
+        {KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|%s|--kv-layers|0@q4", "not with --kv-layers"},
+        {KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|%s|--compare|f16,q4", "not with --compare (in --compare, an entry plan=FILE)"},
+        {KVQ_CLI_PPL, "-m|m|-f|t|--compare|f16,plan=%s:layers=0@q4", "a plan gives every layer's types: no :layers= with it"},
+        {KVQ_CLI_CAP, "-m|m|--mem|1G|--kv-plan|%s", "'--kv-plan' is not used by 'kvq capacity'"},
+    };
+    for (size_t i = 0; i < sizeof conflicts / sizeof conflicts[0]; i++) {
+        snprintf(args, sizeof args, conflicts[i].args, path);
+        rejects(conflicts[i].cmd, args, conflicts[i].want);
+    }
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|-", "--kv-plan: a plan is read from a file, not from standard input");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|", "--kv-plan: the file name is empty");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-plan|/nonexistent/p", "--kv-plan: cannot open '/nonexistent/p'");
