@@ -4,7 +4,8 @@
 // whose ~50 MB of dirty lines are then written back inside the timed call), median of the runs.
 // Writes <out>/bench-cuda.md and <out>/bench-cuda.csv; merges torch SDPA timings from --sdpa <csv>
 // (bench/bench_sdpa.py: lines "batch,ctx,ms"). Caches have kvq.h section 10's defaults (Q8: keys rotated; Q4, Q2:
-// rotation and one sink), as kvq_cuda_cache_create resolves them; --plain switches the rotation and the sinks off.
+// rotation and one sink), as kvq_cuda_cache_create resolves them; --plain switches the rotation and the sinks off,
+// --qnorm turns Q-Norm on for the grouped roles (kvq.h section 10; kvq's engine and KVQCache do).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -98,7 +99,7 @@ struct Row {
 extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
     int reps = 20;
-    bool quick = false, flush_write = false, plain = false;
+    bool quick = false, flush_write = false, plain = false, qnorm = false;
     const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
@@ -106,13 +107,14 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--quick")) quick = true;
         else if (!strcmp(argv[i], "--plain")) plain = true;
+        else if (!strcmp(argv[i], "--qnorm")) qnorm = true;
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) types_arg = argv[++i];
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (!strcmp(argv[i], "--flush") && i + 1 < argc) flush_write = !strcmp(argv[++i], "write");
         else if (strcmp(argv[i], "cuda")) {
             fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
-                            "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain]\n");
+                            "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain] [--qnorm]\n");
             return 2;
         }
     }
@@ -234,6 +236,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             kvq_cache_config cfg = kvq_cache_config_default();
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.max_seqs = maxb;
             if (plain) cfg.rotate = 0, cfg.sinks = 0;  // else the defaults: what a user of the library gets
+            if (qnorm) cfg.qnorm = KVQ_ROLES_KV;       // Q-Norm of the grouped roles (kvq's engine and KVQCache)
             kvq_page_layout L;
             OK(kvq_page_layout_make(tk, tv, H, D, 64, 64, &L));
             cfg.arena_bytes = (size_t)maxb * ((ctx + 2 * CH) / 64 + 2) * L.page_bytes;
@@ -337,8 +340,9 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         fprintf(f, "Device: %s (%d SMs). Measured device-to-device copy bandwidth: %.0f GB/s (bytes read + written).\n\n",
                 prop.name, prop.multiProcessorCount, copy_gbs);
         fprintf(f, "Decode kernel: %s%s.\n\n", kname, penv && portable ? ", selected with KVQ_CUDA_PORTABLE=1" : "");
-        fprintf(f, "Caches: %s.\n\n", plain ? "rotation and sinks off (--plain)"
-                                             : "kvq.h section 10's defaults (q8 keys rotated; q4, q2 rotated and one sink)");
+        fprintf(f, "Caches: %s%s.\n\n", plain ? "rotation and sinks off (--plain)"
+                                             : "kvq.h section 10's defaults (q8 keys rotated; q4, q2 rotated and one sink)",
+                qnorm ? ", Q-Norm of the grouped roles (--qnorm)" : "");
         fprintf(f, "Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, one layer; fp16 queries and "
                    "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
                    "L2 flushed before every run (%s). `GB/s` counts the KV bytes the kernel must read (pages "

@@ -262,9 +262,8 @@ typedef struct kvq_cache_config {
     const int32_t *rotation_layers;
     /* Q-Norm (section 10, "Q-Norm"): the grouped types (Q4, Q3, Q2) of the roles in KVQ_ROLES_* store, for each group,
      * the fp16 (scale, min) under which its codes (min/max's) decode to the group's mean and standard deviation; the
-     * page format is unchanged. -1: the default, none (the CUDA backend quantizes with min/max only: a cache of one
-     * config holds the same bytes on both; kvq's CPU engine turns it on for Q2); 0 (a zero-initialized config): none.
-     * CPU caches only. */
+     * page format is unchanged. -1: the default, none (kvq's engine and KVQCache turn it on for every grouped role);
+     * 0 (a zero-initialized config): none. CPU and CUDA caches write the same pairs. */
     int qnorm;
 } kvq_cache_config;
 
@@ -465,8 +464,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q2           keys and values                          1       none (kept on the integer kernels); keys
  *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys and values rotated, 1 sink).
- * qnorm (Q-Norm, below) is none in the library (-1 and 0) and on CUDA; kvq's CPU engine and KVQCache on the CPU turn
- * it on for every grouped role.
+ * qnorm (Q-Norm, below) is none in the library (-1 and 0); kvq's engine and KVQCache (CPU and CUDA) turn it on for
+ * every grouped role.
  * Q4 values are rotated since 2026-12-05 (before: keys only); the paragraph "Q4 values rotated" below has the
  * measurement. The page format is the same; a cache made with the old default holds other bytes for its Q4 values
  * (rotate = KVQ_ROLES_K makes it again).
@@ -543,8 +542,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * +0.25% and 0.0012). The cost is one inverse rotation of each
  * output row per head and step (the CPU's integer value kernels are unchanged).
  *
- * Q-Norm (qnorm = KVQ_ROLES_*; -1 and 0: none in the library; kvq's CPU engine and KVQCache on the CPU: the roles of
- * grouped types). KVQuant's section 3.5 for kvq's groups: given min/max's codes, each group stores the fp16 (scale,
+ * Q-Norm (qnorm = KVQ_ROLES_*; -1 and 0: none in the library; kvq's engine and KVQCache, on the CPU and on CUDA: the
+ * roles of grouped types). KVQuant's section 3.5 for kvq's groups: given min/max's codes, each group stores the fp16 (scale,
  * min) under which they decode to the group's mean and standard deviation (one pass at quantization; the page format
  * and the kernels are unchanged). For Q2 the codes are then taken again under that pair, whose step is finer than
  * min/max's (measured below: that buys Q2 twice as much; Q4 and Q3 gain only with min/max's codes). Rounding to levels
@@ -562,8 +561,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q4, Q-Norm with codes taken again +0.623% 0.00448  0.0460    96.90%    (values not rotated: against 0.00451)
  *     q3, Q-Norm with codes taken again +1.392% 0.0188   0.194     94.63%    (+3%)
  * Gemma 3 and ctx 8192: docs/quality.md ("Q-Norm"). Roles, q2 with codes taken again: keys alone -17%, values alone
- * -9%, both -30%. The CUDA backend has no Q-Norm yet (it refuses qnorm > 0; its -1 is none), so a GPU cache of the
- * engine's q4/q3/q2 holds min/max's pairs where the CPU engine's holds Q-Norm's.
+ * -9%, both -30%. The CUDA backend's flush kernels compute the same pair with the same arithmetic in the same order,
+ * so a CUDA cache holds the CPU cache's bytes with Q-Norm too (test_cuda; its -1 is none, as here).
  * Tried first and dropped: the (scale, min) of least squared error (min/max's and ranges shrunk to 80% and 60%, each
  * refined by least squares, codes taken again): it cut the squared error to 0.52 / 0.78 / 0.91 of min/max's for Q2 /
  * Q3 / Q4 but made q4's and q3's KLD worse (0.00451 -> 0.00469, 0.0183 -> 0.0207) and bought q2 only 4% (0.0819 ->

@@ -74,7 +74,7 @@ static const char *tnames(kvq_type tk, int tv) {
 }
 
 // Quality mechanisms of the caches make_pair builds (kvq.h section 10): 0 = off (the plain formats), -1 = defaults
-static int g_rot = 0, g_sinks = 0;
+static int g_rot = 0, g_sinks = 0, g_qnorm = 0;  // g_qnorm: Q-Norm roles (0 off)
 static uint32_t g_seed = 0;
 static bool portable_env(void) {  // the caches created now get the portable decode kernel (kvq_cuda.h section 1)
     const char *e = getenv("KVQ_CUDA_PORTABLE");
@@ -83,8 +83,9 @@ static bool portable_env(void) {  // the caches created now get the portable dec
 static const char *mech_name(void) {
     static char b[64];
     const char *port = portable_env() ? " portable" : "";
-    if (!g_rot && !g_sinks) return port;
-    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s", g_rot, g_sinks, g_seed ? " seed" : "", port);
+    if (!g_rot && !g_sinks && !g_qnorm) return port;
+    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s%s", g_rot, g_sinks, g_qnorm == 3 ? " qnorm=kv" : g_qnorm ? g_qnorm == 1 ? " qnorm=k" : " qnorm=v" : "",
+             g_seed ? " seed" : "", port);
     return b;
 }
 
@@ -287,7 +288,7 @@ static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int 
     cfg.max_seqs = max_seqs;
     cfg.residual = residual;
     cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.rotation_seed = g_seed; /* kvq.h section 10 (the CPU is the byte reference) */
-    cfg.nonuniform = 0;
+    cfg.nonuniform = 0, cfg.qnorm = g_qnorm;
     kvq_page_layout L;
     OK(kvq_page_layout_make(cfg.type_k, cfg.type_v, H, D, 64, 64, &L));
     cfg.arena_bytes = (size_t)((tokens + 64 * max_seqs) / 64 + 2 + (g_sinks ? max_seqs : 0)) * layers * L.page_bytes;
@@ -299,9 +300,10 @@ static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int 
     kvq_cache_config cc, cg;
     OK(kvq_cache_get_config(p.cpu, &cc, nullptr));
     OK(kvq_cuda_cache_get_config(p.gpu, &cg, &Lg));
-    CHECK(cc.rotate == cg.rotate && cc.sinks == cg.sinks && cc.nonuniform == cg.nonuniform && cc.rotation_seed == cg.rotation_seed,
-          "%s: resolved rotate/sinks/nonuniform: cpu %d/%d/%d, gpu %d/%d/%d", tnames(t, tv), cc.rotate, cc.sinks,
-          cc.nonuniform, cg.rotate, cg.sinks, cg.nonuniform);
+    CHECK(cc.rotate == cg.rotate && cc.sinks == cg.sinks && cc.nonuniform == cg.nonuniform && cc.rotation_seed == cg.rotation_seed &&
+              cc.qnorm == cg.qnorm,
+          "%s: resolved rotate/sinks/nonuniform/qnorm: cpu %d/%d/%d/%d, gpu %d/%d/%d/%d", tnames(t, tv), cc.rotate, cc.sinks,
+          cc.nonuniform, cc.qnorm, cg.rotate, cg.sinks, cg.nonuniform, cg.qnorm);
     CHECK(L.page_bytes == Lg.page_bytes && L.k_block_bytes == Lg.k_block_bytes && L.v_block_bytes == Lg.v_block_bytes &&
               L.v_offset == Lg.v_offset && L.group == Lg.group && L.value_group == Lg.value_group,
           "layouts differ");
@@ -471,6 +473,7 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
     cfg.max_seqs = 4, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
+    cfg.qnorm = g_qnorm;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 4 * 512);
     Twins tw(cfg, pre, nqh, dt);
     kvq_cuda_cache *a = tw.a, *b = tw.b;
@@ -549,6 +552,7 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
     cfg.max_seqs = 6, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
+    cfg.qnorm = g_qnorm;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 5 * 1024);
     Twins tw(cfg, pre, nqh, dt);
     kvq_cuda_cache *a = tw.a, *b = tw.b;
@@ -1180,7 +1184,25 @@ int main(int argc, char **argv) {
         test_fork_truncate(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16, KVQ_TYPE_Q2);
         if (!quick) test_long(KVQ_TYPE_Q4, 40000);
         g_rot = 0, g_sinks = 0;
-        // what the backend does not take: more sinks than a sink page holds, non-uniform levels
+        // Q-Norm (kvq.h section 10): the CPU's (scale, min) bits from the flush kernels, keys and values, Q4 (min/max's
+        // codes) and Q2 (codes taken again), each role alone, with the engine's other defaults and plain, D 64 and 128,
+        // a prefill's flushes and the decode steps' (test_ragged), fork/truncate, the fused step and static plans
+        g_qnorm = KVQ_ROLES_KV;
+        test_ragged(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F16);
+        test_ragged(KVQ_TYPE_Q8, 128, -1, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q2);  // per-token keys: Q-Norm of the values only
+        g_rot = -1, g_sinks = -1;
+        test_ragged(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(KVQ_TYPE_Q4, 64, 0, KVQ_DTYPE_F16, 4, KVQ_TYPE_Q2);
+        test_fork_truncate(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F32);
+        test_decode_step(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F16);
+        test_static(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F16);
+        g_qnorm = KVQ_ROLES_K;
+        test_ragged(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q4);
+        g_qnorm = KVQ_ROLES_V;
+        test_fork_truncate(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F16);
+        g_rot = 0, g_sinks = 0, g_qnorm = 0;
+        // what the backend does not take: more sinks than a sink page holds, non-uniform levels, Q-Norm roles beyond KV
         kvq_cache_config mc = kvq_cache_config_default();
         mc.n_layers = 1, mc.n_kv_heads = 2, mc.head_dim = 128, mc.type_k = mc.type_v = KVQ_TYPE_Q2, mc.arena_bytes = 1 << 22;
         kvq_cuda_cache *x = nullptr;
@@ -1190,6 +1212,10 @@ int main(int argc, char **argv) {
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "nonuniform accepted");
         mc.nonuniform = -1, mc.rotate = 4;
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "rotate 4 accepted");
+        mc.rotate = -1, mc.qnorm = 4;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "qnorm 4 accepted");
+        mc.qnorm = -2;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "qnorm -2 accepted");
     }
     if (!quick && !only) {
         test_long(KVQ_TYPE_Q8, 131072 + 77);

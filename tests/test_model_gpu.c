@@ -142,6 +142,7 @@ static llama_ctx_params params(kvq_type t) {
     p.residual = -1;
     p.rotate = -1, p.sinks = -1; /* the library's defaults: the same on both backends (kvq_cuda.h section 4) */
     p.nonuniform = 0;            /* the GPU has none */
+    p.qnorm = -1;                /* the engine's default (Q-Norm of the grouped roles), the same bytes on both */
     p.prerope = 0;
     return p;
 }

@@ -62,7 +62,7 @@ ATTN_IMPLEMENTATION = "kvq"
 
 
 def engine_default_qnorm(type_k: int, type_v: int) -> int:
-    """KVQCache(qnorm=-1) on the CPU: kvq's engine default (src/model/llama.c, llama_default_qnorm; kvq.h section 10,
+    """KVQCache(qnorm=-1): kvq's engine default (src/model/llama.c, llama_default_qnorm; kvq.h section 10,
     "Q-Norm"): the roles of grouped types (q4, q3, q2)."""
     g = lambda t: bool(N.kvq_type_traits(t)["grouped"])  # noqa: E731
     return (N.ROLES_K if g(type_k) else 0) | (N.ROLES_V if g(type_v) else 0)
@@ -204,8 +204,8 @@ class KVQCache(Cache):
             2 values, 3 both), sinks a token count (0 .. 1024). Checked here for range; the library says whether
             it implements a value when the cache is made (at the first update). The CUDA backend has none of them:
             any value but -1 or 0 is refused there.
-        qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"; CPU only): a role set, 0 off, -1 kvq's engine
-            default on the CPU (the q4/q3/q2 roles: engine_default_qnorm), off on CUDA (which refuses > 0).
+        qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): a role set, 0 off, -1 kvq's engine default
+            (the q4/q3/q2 roles: engine_default_qnorm), on the CPU and on CUDA alike.
         squat_rank, squat_lambda: SQuat keys (kvq.h section 10; CPU only): the keys' quantization error is kept out of
             the subspace of the first prefill's queries (the top squat_rank eigenvectors of Q^T Q per sequence, layer
             and KV head, computed here from the queries the attention receives, set before the keys are appended).
@@ -377,8 +377,6 @@ class KVQCache(Cache):
             if self.kvq_squat[0] > 0:
                 raise ValueError("kvq: the CUDA backend has no SQuat keys (kvq.h section 10): squat_rank="
                                  f"{self.kvq_squat[0]}")
-            if self.kvq_qnorm > 0:
-                raise ValueError(f"kvq: the CUDA backend has no Q-Norm yet (kvq.h section 10): qnorm={self.kvq_qnorm}")
         elif dev.type != "cpu":
             raise ValueError(f"kvq: device {dev} is not supported (cpu, cuda)")
         handles = []
@@ -390,11 +388,13 @@ class KVQCache(Cache):
                 # each layer's rotation seeded by its model layer number (kvq.h, rotation_layers), as the engine does:
                 # a layer's bytes do not depend on which other layers share its cache
                 rl = None if g.layers == list(range(nl)) else g.layers
+                qn = engine_default_qnorm(*g.types) if self.kvq_qnorm < 0 else self.kvq_qnorm
                 if dev.type == "cuda":
                     h = N.CudaCache(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1], arena_bytes=ab,
                                     residual=self.kvq_residual, max_seqs=2 * nb + 2,
                                     device=dev.index if dev.index is not None else torch.cuda.current_device(),
-                                    max_seq_tokens=self.kvq_max_len + 64, rotation_layers=rl, **self.kvq_quality)
+                                    max_seq_tokens=self.kvq_max_len + 64, rotation_layers=rl, qnorm=qn,
+                                    **self.kvq_quality)
                 else:
                     rank = self.kvq_squat[0]
                     if rank < 0:  # the engine's default (src/cli): SQuat for Q2 keys, where queries reach the cache
@@ -406,7 +406,7 @@ class KVQCache(Cache):
                                 residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,
                                 n_threads=self.kvq_n_threads, squat_rank=rank, squat_lambda=self.kvq_squat[1],
                                 rotation_layers=rl,
-                                qnorm=engine_default_qnorm(*g.types) if self.kvq_qnorm < 0 else self.kvq_qnorm,
+                                qnorm=qn,
                                 **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]

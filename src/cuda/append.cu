@@ -144,8 +144,33 @@ __device__ __forceinline__ void flush_rows(const AppendArgs &A, const AppendEntr
     }
 }
 
-// Grouped keys (Q4, Q2): one thread per channel over the G = 64 tokens of the page, staged in xs
-template <int T, int D> __device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb) {
+// Q-Norm (kvq.h section 10; src/core/quant.c, qnorm_params): the fp16 (scale, min) under which a group's codes decode
+// to its values' mean and standard deviation. The CPU's arithmetic in its order, each operation rounded on its own
+// (no contraction into FMAs), so the pair has the CPU cache's bits. The CUDA backend's levels are uniform: a code's
+// level is the code itself. Returns false where min/max's pair stays.
+struct QNormSums {
+    double sx = 0, sxx = 0, sl = 0, sll = 0;
+    __device__ __forceinline__ void add(float v, int q) {
+        sx = __dadd_rn(sx, (double)v), sxx = __dadd_rn(sxx, __dmul_rn((double)v, (double)v));
+        sl = __dadd_rn(sl, (double)q), sll = __dadd_rn(sll, __dmul_rn((double)q, (double)q));
+    }
+    __device__ __forceinline__ bool pair(int n, float s, float &ns, float &nm) const {
+        if (!(s > 0.f)) return false;
+        const double dn = (double)n, mx = __ddiv_rn(sx, dn), ml = __ddiv_rn(sl, dn);
+        const double vx = __dsub_rn(__ddiv_rn(sxx, dn), __dmul_rn(mx, mx));
+        const double vl = __dsub_rn(__ddiv_rn(sll, dn), __dmul_rn(ml, ml));
+        if (!(vl > 0) || !(vx > 0)) return false;
+        const float a = round_f16(__double2float_rn(__dsqrt_rn(__ddiv_rn(vx, vl))));
+        const float b = round_f16(__double2float_rn(__dsub_rn(mx, __dmul_rn((double)a, ml))));
+        if (!(a > 0.f) || !isfinite(a) || !isfinite(b)) return false;  // beyond fp16: min/max's pair stays
+        ns = a, nm = b;
+        return true;
+    }
+};
+
+// Grouped keys (Q4, Q2): one thread per channel over the G = 64 tokens of the page, staged in xs. qn: Q-Norm, whose
+// pair is stored; the codes stay min/max's for Q4 and are taken again under the new pair for Q2 (quant.c, group_quant).
+template <int T, int D> __device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, bool qn) {
     using TR = Traits<T, D>;
     constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
     const int c = threadIdx.x;
@@ -155,9 +180,15 @@ template <int T, int D> __device__ __forceinline__ void flush_group_keys(const f
             const float x = xs[t * D + c];
             lo = fminf(lo, x), hi = fmaxf(hi, x);
         }
-        const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        float pm = mn, ps = s;  // the stored pair
+        if (qn) {
+            QNormSums q;
+            for (int t = 0; t < PT; t++) q.add(xs[t * D + c], q_asym<QMAX>(xs[t * D + c], mn, s));
+            if (q.pair(PT, s, ps, pm) && QMAX == 3) mn = pm, s = ps;
+        }
         __half *par = reinterpret_cast<__half *>(kb + PT * TR::row);
-        par[c] = __float2half_rn(s), par[D + c] = __float2half_rn(mn);
+        par[c] = __float2half_rn(ps), par[D + c] = __float2half_rn(pm);
         for (int t = 0; t < PT; t++) {
             int q = q_asym<QMAX>(xs[t * D + c], mn, s);
             int byte = q;
@@ -169,7 +200,9 @@ template <int T, int D> __device__ __forceinline__ void flush_group_keys(const f
 }
 
 // Grouped values (Q4, Q2): one warp per token, groups of 64 channels = 64 / EPL lanes, staged in xs
-template <int T, int D> __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb) {
+// qn: Q-Norm as for the keys; every lane of a group sums the group's 64 channels in channel order from xs (the CPU's
+// order: a split sum would round differently).
+template <int T, int D> __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb, bool qn) {
     using TR = Traits<T, D>;
     constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = D / 32, LPG = 64 / EPL;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -186,7 +219,14 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
             lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
             hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
         }
-        const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        float pm = mn, ps = s;  // the stored pair
+        if (qn) {
+            const float *g = xs + t * D + (lane / LPG) * 64;
+            QNormSums q;
+            for (int i = 0; i < 64; i++) q.add(g[i], q_asym<QMAX>(g[i], mn, s));
+            if (q.pair(64, s, ps, pm) && QMAX == 3) mn = pm, s = ps;
+        }
         uint32_t bits = 0;
 #pragma unroll
         for (int e = 0; e < EPL; e++) bits |= (uint32_t)q_asym<QMAX>(x[e], mn, s) << (e * B);
@@ -200,7 +240,7 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
         }
         if (lane % LPG == 0) {
             __half2 *par = reinterpret_cast<__half2 *>(vb + PT * TR::row);
-            par[t * TR::ng + lane / LPG] = __halves2half2(__float2half_rn(s), __float2half_rn(mn));
+            par[t * TR::ng + lane / LPG] = __halves2half2(__float2half_rn(ps), __float2half_rn(pm));
         }
     }
 }
@@ -220,7 +260,7 @@ template <int TK, int TV, int D> __device__ __forceinline__ void flush_body(cons
     if constexpr (TRK::grouped) {
         stage<D>(A, E, f.v0, h, false, xs);
         __syncthreads();
-        flush_group_keys<TK, D>(xs, kb);
+        flush_group_keys<TK, D>(xs, kb, A.qnorm & KVQ_ROLES_K);
     } else {
         flush_rows<TK, D>(A, E, f, h, kb, false);
     }
@@ -228,7 +268,7 @@ template <int TK, int TV, int D> __device__ __forceinline__ void flush_body(cons
         if constexpr (TRK::grouped) __syncthreads();  // xs is free again
         stage<D>(A, E, f.v0, h, true, xs);
         __syncthreads();
-        flush_group_values<TV, D>(xs, vb);
+        flush_group_values<TV, D>(xs, vb, A.qnorm & KVQ_ROLES_V);
     } else {
         flush_rows<TV, D>(A, E, f, h, vb, true);
     }

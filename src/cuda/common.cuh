@@ -136,6 +136,7 @@ struct AppendArgs {
     int32_t v_off, H, wcap, direct;  // direct: W == 1, values go straight to pages without fp16 rounding
     int32_t dtype;
     int32_t vec;  // k and v aligned for 4-value vector loads (16 bytes for F32, 8 for F16/BF16)
+    int32_t qnorm, pad_;  // KVQ_ROLES_*: Q-Norm of the grouped roles (kvq.h section 10)
     const void *k, *v;
     int32_t n_items, n_entries;
     int64_t n_wtok;
@@ -170,7 +171,7 @@ struct StaticPlanArgs {
     uint8_t *arena;
     int64_t page_bytes, max_tokens, win_elems;
     int32_t v_off, H, D, Gq, nqh, wcap, Gf, S, SR, n, nl, layer, max_pages, n_sm, window;
-    int32_t dtype, vec, qo_dtype, q_dtype, rot_q;
+    int32_t dtype, vec, qo_dtype, q_dtype, rot_q, qnorm;
     float qscale, softcap;
     __half *windows;          // the cache's windows [max_seqs][nl][2][wcap][H][D]
     int32_t *tables;          // the cache's page tables [max_seqs][nl][max_pages]

@@ -326,9 +326,8 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: nonuniform %d: the CUDA backend has no non-uniform levels "
                     "yet (set 0 or -1)", cfg.nonuniform);
     if (cfg.qnorm == -1) cfg.qnorm = KVQ_ROLES_NONE; /* the CPU library's default too (kvq.h section 10) */
-    if (cfg.qnorm != KVQ_ROLES_NONE)
-        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: qnorm %d: the CUDA backend has no Q-Norm yet, it "
-                    "quantizes with min/max (scale, min) (set 0 or -1)", cfg.qnorm);
+    if (cfg.qnorm < 0 || cfg.qnorm > KVQ_ROLES_KV)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: qnorm %d is not a set of roles 0..3 (or -1)", cfg.qnorm);
     if (cfg.prerope != 0)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: prerope %d: the CUDA backend's kernels do not apply "
                     "RoPE to the keys (kvq.h section 10); append keys after RoPE with prerope = 0", cfg.prerope);
@@ -670,6 +669,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         A->wcap = c->wcap;
         A->direct = c->wcap == 1;
         A->dtype = dtype;
+        A->qnorm = c->cfg.qnorm;
         const uintptr_t va = dtype == KVQ_DTYPE_F32 ? 16 : 8;
         A->vec = (uintptr_t)k % va == 0 && (uintptr_t)v % va == 0;
         A->k = k, A->v = v;
@@ -1461,6 +1461,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     P.dtype = dt;
     const uintptr_t va = dt == KVQ_DTYPE_F32 ? 16 : 8;
     P.vec = (uintptr_t)k % va == 0 && (uintptr_t)v % va == 0;
+    P.qnorm = c->cfg.qnorm;
     P.qo_dtype = ro ? KVQ_DTYPE_F32 : S->qo, P.q_dtype = S->qo;
     P.rot_q = c->rotated(KVQ_KEY);
     if (P.rot_q) P.rq = c->rot_k[layer];

@@ -11,7 +11,7 @@ __device__ static void append_fixed(AppendArgs &a, const StaticPlanArgs &P) {
     a.arena = P.arena;
     a.page_bytes = P.page_bytes;
     a.v_off = P.v_off, a.H = P.H, a.wcap = P.wcap, a.direct = P.wcap == 1;
-    a.dtype = P.dtype, a.vec = P.vec;
+    a.dtype = P.dtype, a.vec = P.vec, a.qnorm = P.qnorm;
     a.k = P.k, a.v = P.v;
     a.n_items = 0, a.n_entries = 0, a.n_wtok = 0;
 }

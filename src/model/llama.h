@@ -118,8 +118,8 @@ typedef struct llama_ctx_params {
     int rotate, sinks, nonuniform;     /* sinks apply to global layers only: local (sliding-window) ones have none */
     uint32_t rotation_seed;
     /* Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): KVQ_ROLES_*, 0 off (what a zero-initialized
-     * llama_ctx_params gets), -1 llama_default_qnorm of each cache's types. The CPU engine only: the GPU engine's caches
-     * have none (-1 is off there, > 0 refused). */
+     * llama_ctx_params gets), -1 llama_default_qnorm of each cache's types; the same in the GPU engine (its CUDA
+     * caches write the CPU cache's bytes). */
     int qnorm;
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
      * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope of each cache's key type */

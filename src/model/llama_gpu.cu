@@ -418,8 +418,6 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: per-layer KV types (--kv-layers) are CPU only");
     if (p->nonuniform > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: non-uniform levels (--kv-nuq) are CPU only (kvq_cuda.h section 4)");
-    if (p->qnorm > 0)
-        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: Q-Norm (--kv-qnorm) is CPU only (kvq.h section 10)");
     const llama_config &c = m->cfg;
     CU(cudaSetDevice(m->device), "cudaSetDevice");  // the activation buffers go to the model's GPU
     llama_gpu_ctx *x = new (std::nothrow) llama_gpu_ctx;
@@ -449,6 +447,7 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     cc.type_k = p->type_k, cc.type_v = p->type_v, cc.residual = p->residual, cc.group = p->group;
     cc.rotate = p->rotate, cc.rotation_seed = p->rotation_seed, cc.sinks = p->sinks;
     cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
+    cc.qnorm = p->qnorm == -1 ? llama_default_qnorm(p->type_k, p->type_v) : p->qnorm;  // as the CPU engine
     cc.max_seqs = n_seqs;
     kvq_status s;
     // rows per call: a prefill chunk of one sequence, or one token of every sequence

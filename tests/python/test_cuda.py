@@ -27,11 +27,10 @@ if not _ok:
 # kvq.h section 10's mechanisms off (PLAIN) or at their defaults (DEFAULT: -1, which the CUDA backend resolves as the
 # CPU core does: Q8 keys rotated, Q4 keys rotated and one sink, Q2 keys and values rotated and one sink), the same on
 # both sides of every CPU/GPU comparison
-# qnorm=0 in both: Q-Norm is KVQCache's CPU default for grouped types (kvq.h section 10) and the CUDA backend has none
-# yet, so CPU and CUDA caches hold the same bytes only without it
+# (and KVQCache's Q-Norm of the grouped roles: qnorm=-1, the engine's default, on both backends)
 PLAIN = dict(rotate=0, sinks=0, nonuniform=0, qnorm=0)
-DEFAULT = dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=0)
-QUALITY = {"plain": PLAIN, "default": DEFAULT}
+DEFAULT = dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=-1)
+QUALITY = {"plain": PLAIN, "default": DEFAULT, "qnorm": dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=kvq._native.ROLES_KV)}
 
 
 def _logits(model, ids, cont, cache):
@@ -105,7 +104,7 @@ def _dev_kv(g, n, H, D):
     return k, v
 
 
-@pytest.mark.parametrize("quality", ["plain", "default"])
+@pytest.mark.parametrize("quality", ["plain", "default", "qnorm"])
 @pytest.mark.parametrize("kv_type,residual", [("f16", 0), ("q8", 5), ("q4", 0), ("q2", -1)])
 def test_cuda_bindings_fork_truncate(kv_type, residual, quality, monkeypatch):
     # The CPU side runs its scalar kernels: the AVX2 Q4/Q2 value kernels round softmax weights to 8 bits (~6e-3
@@ -116,7 +115,7 @@ def test_cuda_bindings_fork_truncate(kv_type, residual, quality, monkeypatch):
     Q = QUALITY[quality]
     cpu = N.Cache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6, **Q)
     gpu = N.CudaCache(2, H, D, kv_type, arena_bytes=ab, residual=residual, max_seqs=6, **Q)
-    for key in ("rotate", "sinks", "nonuniform"):
+    for key in ("rotate", "sinks", "nonuniform", "qnorm"):
         assert getattr(cpu.config, key) == getattr(gpu.config, key), f"{key} resolves differently"
     stream = torch.cuda.current_stream().cuda_stream
     g = torch.Generator().manual_seed(11)
