@@ -16,14 +16,17 @@
  *     the default context must hold one whole-step graph, the segment one segment graphs only, the eager one none.
  *     G_STEPS crosses pages and window flushes (inside the whole-step graph: decided on the device).
  * usage: test_model_gpu --probe                 exit 0 when a usable GPU is there, 77 (skip) when not
- *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2 (default all four)
+ *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2,layers (default all five; layers:
+ *                                               per-layer types, one GPU cache per group of layers, main() says which)
  * Bounds. The GPU rounds every GEMM input (activations, and weights stored other than F16) to fp16: a relative error
  * of ~2.8e-4 RMS per element, where the CPU engine stays in fp32 (its scalar reference kernels, KVQ_FORCE_SCALAR=1).
  * A CPU-only proxy with a 14x larger perturbation (the same SmolLM2-shaped model with q8_0 instead of f16 weights:
  * ~4e-3 relative per weight) gave logit differences of 2.2% RMS of the logits (f16 KV), 2.8% (q4), max |diff| 0.28
  * and 0.49. Measured on an H200 (model_gpu.log, both shapes): max |diff| f16 0.0105, q8 0.129, q4 0.141, q2 0.266;
  * RMS share f16 0.00094, q8 0.0075, q4 0.0044, q2 0.0080; decode after prefill <= 0.0071 for every type; batched
- * decode 0. A quantized KV type differs more than f16: a K that differs in its last bit can round to another level,
+ * decode 0. With Q-Norm on both sides (the engines' default since 2026-12-05; Q2 takes its codes again under the
+ * normalized pair, so one code that flips moves its group's whole pair) q2 on the SmolLM2 shape measured max 0.667
+ * and RMS share 0.0125 (q4 0.149 and 0.0044; the Llama-3-8B shape q2 0.078 and 0.0035). A quantized KV type differs more than f16: a K that differs in its last bit can round to another level,
  * which moves that position's whole logit vector. The bounds leave 3-5x over those figures (q8's max: 1.5x, kept
  * at 0.2): f16 max 0.04 and RMS share 0.005, the others max 0.2/0.5/1.0 and RMS share 0.02; decode after prefill
  * and batched decode run the same attention kernel and differ only in the GEMMs' summation order: 0.03 for every
@@ -40,6 +43,7 @@
  * scaled output is the max and RMS checks' to catch (its s_i is large).
  * The exact figures are printed on every run. */
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -168,7 +172,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s --probe | MODEL.gguf [TYPES]\n", argv[0]);
         return 2;
     }
-    const char *types = argc > 2 ? argv[2] : "f16,q8,q4,q2";
+    const char *types = argc > 2 ? argv[2] : "f16,q8,q4,q2,layers";
     gguf_file *gf;
     llama_model *cm;
     llama_gpu_model *gm;
@@ -199,11 +203,17 @@ int main(int argc, char **argv) {
     snprintf(list, sizeof list, "%s", types);
     for (char *name = strtok(list, ","); name; name = strtok(NULL, ",")) {
         kvq_type t;
-        if (kvq_type_from_name(name, &t)) return die(name, KVQ_ERR_UNSUPPORTED_TYPE);
+        /* "layers": per-layer types (llama_ctx_params.layer_types): layer 0 q8 keys / q2 values, the second half of
+         * the layers q2, the rest q4; one GPU cache per group, each layer's rotation seeded by its model number */
+        const bool layers = !strcmp(name, "layers");
+        if (layers) t = KVQ_TYPE_Q2; /* the bounds of its lowest type */
+        else if (kvq_type_from_name(name, &t)) return die(name, KVQ_ERR_UNSUPPORTED_TYPE);
         /* the types' own bounds on max |difference| and the RMS share (logits ~N(0, 4)); the header says why */
         double bound = t == KVQ_TYPE_F16 ? 0.04 : t == KVQ_TYPE_Q8 ? 0.2 : t == KVQ_TYPE_Q4 ? 0.5 : 1.0;
         double rms_bound = t == KVQ_TYPE_F16 ? 0.005 : 0.02;
-        llama_ctx_params p = params(t);
+        llama_ctx_params p = params(layers ? KVQ_TYPE_Q4 : t);
+        llama_layer_types lt[2] = {{0, 0, KVQ_TYPE_Q8, KVQ_TYPE_Q2}, {c->n_layers / 2, c->n_layers - 1, KVQ_TYPE_Q2, KVQ_TYPE_Q2}};
+        if (layers) p.n_layer_types = c->n_layers / 2 > 0 ? 2 : 1, p.layer_types = lt;
         llama_ctx *cc;
         llama_gpu_ctx *gc, *gd;
         if ((st = llama_ctx_create(cm, &p, &cc))) return die("llama_ctx_create", st);
@@ -347,6 +357,16 @@ int main(int argc, char **argv) {
     st = llama_gpu_ctx_create(gm, &p, &gx);
     check(st == KVQ_ERR_INVALID_ARG && !gx, "status %.0f (expected %.0f)", st, KVQ_ERR_INVALID_ARG, "prerope = 1 refused");
     p.prerope = 0;
+    llama_layer_types over[2] = {{0, 1, KVQ_TYPE_Q8, KVQ_TYPE_Q8}, {1, 1, KVQ_TYPE_Q2, KVQ_TYPE_Q2}};
+    p.n_layer_types = 2, p.layer_types = over;
+    st = llama_gpu_ctx_create(gm, &p, &gx);
+    check(st == KVQ_ERR_INVALID_ARG && !gx, "status %.0f (expected %.0f)", st, KVQ_ERR_INVALID_ARG,
+          "overlapping per-layer types refused");
+    over[1].first = over[1].last = c->n_layers;
+    st = llama_gpu_ctx_create(gm, &p, &gx);
+    check(st == KVQ_ERR_INVALID_ARG && !gx, "status %.0f (expected %.0f)", st, KVQ_ERR_INVALID_ARG,
+          "per-layer types past the model's layers refused");
+    p.n_layer_types = 0, p.layer_types = NULL;
     if ((st = llama_gpu_ctx_create(gm, &p, &gx))) return die("llama_gpu_ctx_create", st);
     int32_t badtok = V;
     st = llama_gpu_forward(gx, &badtok, 1, ld, 0);

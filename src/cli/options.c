@@ -717,7 +717,7 @@ static void kv_help(FILE *f, int cmd) {
             "  --kv-nuq R              non-uniform quantization levels for the q4/q3/q2 roles none|k|v|kv (kvq.h section 10;\n"
             "                          default: libkvq's)\n"
             "  --kv-qnorm R            Q-Norm for the q4/q3/q2 roles none|k|v|kv: each group's (scale, min) matched to\n"
-            "                          its mean and std (kvq.h section 10; CPU; default: every q4/q3/q2 role)\n"
+            "                          its mean and std (kvq.h section 10; CPU and GPU; default: every q4/q3/q2 role)\n"
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
             "                          default: 1 for q2 keys on the CPU, else 0)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);

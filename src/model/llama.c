@@ -411,13 +411,7 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int
     return KVQ_OK;
 }
 
-kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
-    if (!m || !p || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_create: NULL argument");
-    *out = NULL;
-    const llama_config *c = &m->cfg;
-    if (p->n_ctx < 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "context size %d must be >= 1", p->n_ctx);
-    if (p->local_types != 0 && p->local_types != 1)
-        return kvqm_fail(KVQ_ERR_INVALID_ARG, "local_types %d must be 0 or 1", p->local_types);
+kvq_status llama_check_layer_types(const llama_config *c, const llama_ctx_params *p) {
     if (p->n_layer_types < 0 || p->n_layer_types > LLAMA_MAX_LAYER_TYPES || (p->n_layer_types && !p->layer_types))
         return kvqm_fail(p->n_layer_types > 0 && !p->layer_types ? KVQ_ERR_NULL : KVQ_ERR_INVALID_ARG,
                          "n_layer_types %d (0..%d, with layer_types)", p->n_layer_types, LLAMA_MAX_LAYER_TYPES);
@@ -431,6 +425,18 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
                 return kvqm_fail(KVQ_ERR_INVALID_ARG, "layer types: layers %d-%d and %d-%d overlap", p->layer_types[j].first,
                                  p->layer_types[j].last, r->first, r->last);
     }
+    return KVQ_OK;
+}
+
+kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, llama_ctx **out) {
+    if (!m || !p || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_ctx_create: NULL argument");
+    *out = NULL;
+    const llama_config *c = &m->cfg;
+    if (p->n_ctx < 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "context size %d must be >= 1", p->n_ctx);
+    if (p->local_types != 0 && p->local_types != 1)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "local_types %d must be 0 or 1", p->local_types);
+    kvq_status lt = llama_check_layer_types(c, p);
+    if (lt) return lt;
     llama_ctx *x = calloc(1, sizeof *x);
     if (!x) return kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
     x->m = m;

@@ -149,6 +149,9 @@ typedef struct llama_ctx_params {
  * (with a message) past LLAMA_MAX_CACHES. The arrays: n_layers and LLAMA_MAX_CACHES entries. */
 int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t *group, int8_t *kind, kvq_type *tk,
                        kvq_type *tv);
+/* KVQ_OK when p's per-layer types (n_layer_types, layer_types) are valid for c: ranges inside the model, disjoint;
+ * else the error, with a message. Both engines check them with this before llama_layer_groups. */
+kvq_status llama_check_layer_types(const llama_config *c, const llama_ctx_params *p);
 
 /* The engine's default for llama_ctx_params.prerope = -1, by key type (kvq.h section 10 has the measurement) */
 int llama_default_prerope(kvq_type type_k);

@@ -141,13 +141,23 @@ struct llama_gpu_model {
     int one_block = 0;
 };
 
+// One kvq CUDA cache per group of layers with the same key and value types (llama_layer_groups, as the CPU engine
+// groups them: per-layer types, llama_ctx_params.layer_types); without per-layer types, one group of every layer.
+struct GpuKV {
+    kvq_cuda_cache *cache = nullptr;
+    int32_t seq[LLAMA_GPU_MAX_SEQS] = {0};  // kvq_cuda sequence ids of the context's sequences in this cache
+    kvq_cache_config cc;
+    std::vector<int32_t> layers;            // the model's layer numbers of the cache's layers (their rotation seeds)
+};
+
 struct llama_gpu_ctx {
     const llama_gpu_model *m = nullptr;
-    kvq_cuda_cache *cache = nullptr;
-    int32_t seq[LLAMA_GPU_MAX_SEQS] = {0};  // kvq_cuda sequence ids of the context's sequences
+    GpuKV kv[LLAMA_MAX_CACHES];
+    int n_kv = 0;
+    std::vector<int8_t> lg;   // [n_layers] layer l's group
+    std::vector<int32_t> li;  // [n_layers] its layer index in the group's cache
     int n_seqs = 1, max_batch = 0, n_ctx = 0;
     kvq_attn_params ap;
-    kvq_cache_config cc;
     size_t act_bytes = 0;
     // device buffers, sized for max_batch tokens
     float *inv_freq = nullptr, *x = nullptr, *qkv = nullptr, *k = nullptr, *v = nullptr, *gu = nullptr, *logits = nullptr;
@@ -162,7 +172,8 @@ struct llama_gpu_ctx {
     // reset, a window change, stats). plan_seq: -1 the batch of every sequence, >= 0 that sequence alone.
     // step_graph[with logits]; lent_pos: the lent sequences' lengths (the cache's host state is stale meanwhile).
     // mutable: the const queries (stats, positions) end the plan or read lent_pos.
-    mutable kvq_cuda_static *plan = nullptr;
+    mutable kvq_cuda_static *plan[LLAMA_MAX_CACHES] = {nullptr};  // one per group, all or none
+    mutable bool planned = false;
     mutable int plan_seq = -2;
     mutable cudaGraphExec_t step_graph[2] = {nullptr, nullptr};
     mutable int64_t lent_pos[LLAMA_GPU_MAX_SEQS] = {0};
@@ -373,11 +384,16 @@ extern "C" size_t llama_gpu_weight_bytes(const llama_gpu_model *m) { return m ? 
 
 // Gives the lent sequences back (their state to the host) and drops the step graphs that captured the plan.
 static kvq_status end_plan(const llama_gpu_ctx *c) {
-    if (!c->plan) return KVQ_OK;
+    if (!c->planned) return KVQ_OK;
     for (cudaGraphExec_t &g : c->step_graph)
         if (g) cudaGraphExecDestroy(g), g = nullptr;
-    kvq_status s = kvq_cuda_static_end(c->plan, (kvq_cuda_stream)c->m->stream);
-    c->plan = nullptr;
+    kvq_status s = KVQ_OK;
+    for (kvq_cuda_static *&pl : c->plan) {
+        kvq_status e = kvq_cuda_static_end(pl, (kvq_cuda_stream)c->m->stream);  // NULL: nothing to do
+        if (!s) s = e;
+        pl = nullptr;
+    }
+    c->planned = false;
     c->plan_seq = -2;
     return s ? kvqm_fail(s, "kvq_cuda_static_end: %s", kvq_last_error()) : KVQ_OK;
 }
@@ -396,7 +412,7 @@ extern "C" void llama_gpu_ctx_free(llama_gpu_ctx *c) {
     cudaSetDevice(c->m->device);
     cudaStreamSynchronize(c->m->stream);
     free_graphs(c);
-    kvq_cuda_cache_free(c->cache);
+    for (GpuKV &g : c->kv) kvq_cuda_cache_free(g.cache);
     void *bufs[] = {c->inv_freq, c->x, c->qkv, c->k, c->v, c->gu, c->logits, c->h, c->q16, c->o16, c->a16, c->tok};
     for (void *b : bufs) cudaFree(b);
     delete c;
@@ -414,8 +430,6 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     if (n_seqs < 1 || n_seqs > LLAMA_GPU_MAX_SEQS)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "%d sequences (1..%d)", n_seqs, LLAMA_GPU_MAX_SEQS);
     if (p->prerope == 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: pre-RoPE keys (--kv-prerope 1) are CPU only");
-    if (p->n_layer_types != 0)
-        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: per-layer KV types (--kv-layers) are CPU only");
     if (p->nonuniform > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: non-uniform levels (--kv-nuq) are CPU only (kvq_cuda.h section 4)");
     const llama_config &c = m->cfg;
@@ -441,43 +455,72 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         x->static_on = g[0] == '1';
     }
     x->ap = kvq_attn_params_default(c.n_heads);
-    kvq_cache_config &cc = x->cc;
-    cc = kvq_cache_config_default();
-    cc.n_layers = c.n_layers, cc.n_kv_heads = c.n_kv_heads, cc.head_dim = c.head_dim;
-    cc.type_k = p->type_k, cc.type_v = p->type_v, cc.residual = p->residual, cc.group = p->group;
-    cc.rotate = p->rotate, cc.rotation_seed = p->rotation_seed, cc.sinks = p->sinks;
-    cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
-    cc.qnorm = p->qnorm == -1 ? llama_default_qnorm(p->type_k, p->type_v) : p->qnorm;  // as the CPU engine
-    cc.max_seqs = n_seqs;
     kvq_status s;
     // rows per call: a prefill chunk of one sequence, or one token of every sequence
     const size_t B = (size_t)(x->max_batch > n_seqs ? x->max_batch : n_seqs), dim = (size_t)c.dim, kvd = (size_t)c.n_kv_heads * c.head_dim,
                  hid = (size_t)c.hidden_dim, V = (size_t)c.vocab_size;
     float inv[128];  // head_dim / 2 <= 128 (llama_read_config: head_dim divides dim <= 65536; kvq_cuda: 64 or 128)
+    int8_t kind[LLAMA_MAX_CACHES];
+    kvq_type gk[LLAMA_MAX_CACHES], gv[LLAMA_MAX_CACHES];
     if (c.head_dim > 256 || c.head_dim % 2) {
         s = kvqm_fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "GPU engine: head_dim %d (64 or 128)", c.head_dim);
         goto fail;
     }
-    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)
-    if (cc.arena_bytes > SIZE_MAX / (size_t)n_seqs) {
-        s = kvqm_fail(KVQ_ERR_INVALID_ARG, "KV cache of %d x %d tokens: too large", n_seqs, p->n_ctx);
+    try {
+        x->lg.resize((size_t)c.n_layers), x->li.resize((size_t)c.n_layers);
+    } catch (...) {
+        s = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
         goto fail;
     }
-    cc.arena_bytes *= (size_t)n_seqs;
-    if (cc.arena_bytes == 0) {
-        int64_t why = kvq_cache_capacity_tokens(&cc);
-        s = kvqm_fail(why < 0 ? (kvq_status)why : KVQ_ERR_INTERNAL, "KV cache (%d tokens): %s", p->n_ctx, kvq_last_error());
+    // the layers' caches, grouped as the CPU engine groups them
+    if ((s = llama_check_layer_types(&c, p))) goto fail;
+    if ((x->n_kv = llama_layer_groups(&c, p, x->lg.data(), kind, gk, gv)) < 0) {
+        s = (kvq_status)x->n_kv, x->n_kv = 0;
         goto fail;
     }
-    if ((s = kvq_cuda_cache_create(&cc, m->device, p->n_ctx, &x->cache))) {
-        s = kvqm_fail(s, "GPU KV cache of %d tokens (%zu bytes of pages): %s", p->n_ctx, cc.arena_bytes, kvq_last_error());
-        goto fail;
-    }
-    for (int i = 0; i < n_seqs; i++)
-        if ((s = kvq_cuda_seq_new(x->cache, &x->seq[i]))) {
-            s = kvqm_fail(s, "kvq_cuda_seq_new: %s", kvq_last_error());
+    for (int l = 0; l < c.n_layers; l++) {
+        GpuKV &g = x->kv[x->lg[(size_t)l]];
+        x->li[(size_t)l] = (int32_t)g.layers.size();
+        try {
+            g.layers.push_back(l);
+        } catch (...) {
+            s = kvqm_fail(KVQ_ERR_OUT_OF_MEMORY, "out of memory");
             goto fail;
         }
+    }
+    for (int gi = 0; gi < x->n_kv; gi++) {
+        GpuKV &g = x->kv[gi];
+        kvq_cache_config &cc = g.cc;
+        cc = kvq_cache_config_default();
+        cc.n_layers = (int)g.layers.size(), cc.n_kv_heads = c.n_kv_heads, cc.head_dim = c.head_dim;
+        cc.type_k = gk[gi], cc.type_v = gv[gi], cc.residual = p->residual, cc.group = p->group;
+        cc.rotate = p->rotate, cc.rotation_seed = p->rotation_seed;
+        cc.rotation_layers = x->n_kv > 1 ? g.layers.data() : nullptr;  // each layer seeded by its number in the model
+        cc.sinks = kind[gi] ? 0 : p->sinks;  // a sliding window never sees token 0 once past it (as the CPU engine)
+        cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
+        cc.qnorm = p->qnorm == -1 ? llama_default_qnorm(cc.type_k, cc.type_v) : p->qnorm;  // as the CPU engine
+        cc.max_seqs = n_seqs;
+        cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)
+        if (cc.arena_bytes > SIZE_MAX / (size_t)n_seqs) {
+            s = kvqm_fail(KVQ_ERR_INVALID_ARG, "KV cache of %d x %d tokens: too large", n_seqs, p->n_ctx);
+            goto fail;
+        }
+        cc.arena_bytes *= (size_t)n_seqs;
+        if (cc.arena_bytes == 0) {
+            int64_t why = kvq_cache_capacity_tokens(&cc);
+            s = kvqm_fail(why < 0 ? (kvq_status)why : KVQ_ERR_INTERNAL, "KV cache (%d tokens): %s", p->n_ctx, kvq_last_error());
+            goto fail;
+        }
+        if ((s = kvq_cuda_cache_create(&cc, m->device, p->n_ctx, &g.cache))) {
+            s = kvqm_fail(s, "GPU KV cache of %d tokens (%zu bytes of pages): %s", p->n_ctx, cc.arena_bytes, kvq_last_error());
+            goto fail;
+        }
+        for (int i = 0; i < n_seqs; i++)
+            if ((s = kvq_cuda_seq_new(g.cache, &g.seq[i]))) {
+                s = kvqm_fail(s, "kvq_cuda_seq_new: %s", kvq_last_error());
+                goto fail;
+            }
+    }
     for (int i = 0; i < c.head_dim / 2; i++) inv[i] = (float)pow((double)c.rope_theta, -2.0 * i / c.head_dim);
     if ((s = dev_alloc((void **)&x->inv_freq, (size_t)c.head_dim / 2 * 4, &x->act_bytes, "RoPE table")) ||
         (s = dev_alloc((void **)&x->x, B * dim * 4, &x->act_bytes, "activations")) ||
@@ -546,18 +589,20 @@ extern "C" kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c) {
     if (!c) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_reset: NULL");
     kvq_status s = end_plan(c);
     if (s == KVQ_ERR_CACHE_FULL) s = KVQ_OK;  // (cannot happen: run() checks the room first) the sequences go anyway
-    for (int i = 0; i < c->n_seqs && !s; i++) {
-        s = kvq_cuda_seq_free(c->cache, c->seq[i]);
-        if (!s) s = kvq_cuda_seq_new(c->cache, &c->seq[i]);
-    }
+    for (int g = 0; g < c->n_kv; g++)
+        for (int i = 0; i < c->n_seqs && !s; i++) {
+            s = kvq_cuda_seq_free(c->kv[g].cache, c->kv[g].seq[i]);
+            if (!s) s = kvq_cuda_seq_new(c->kv[g].cache, &c->kv[g].seq[i]);
+        }
     return s ? kvqm_fail(s, "reset: %s", kvq_last_error()) : KVQ_OK;
 }
 
 extern "C" int64_t llama_gpu_ctx_seq_pos(const llama_gpu_ctx *c, int seq) {
     int64_t len = 0;
     if (!c || seq < 0 || seq >= c->n_seqs) return 0;
-    if (c->plan && (c->plan_seq < 0 || c->plan_seq == seq)) return c->lent_pos[seq];
-    kvq_cuda_seq_length(c->cache, c->seq[seq], 0, &len);
+    if (c->planned && (c->plan_seq < 0 || c->plan_seq == seq)) return c->lent_pos[seq];
+    const GpuKV &g = c->kv[c->lg[0]];  // layer 0's cache: every layer holds the same tokens
+    kvq_cuda_seq_length(g.cache, g.seq[seq], c->li[0], &len);
     return len;
 }
 
@@ -576,33 +621,41 @@ extern "C" kvq_status llama_gpu_ctx_set_window(llama_gpu_ctx *c, int window) {
 
 extern "C" size_t llama_gpu_ctx_device_bytes(const llama_gpu_ctx *c) {
     if (!c) return 0;
-    kvq_cuda_stats st;
-    if (kvq_cuda_cache_get_stats(c->cache, &st)) return c->act_bytes;
-    return c->act_bytes + st.arena_bytes + st.window_bytes + st.table_bytes + st.workspace_bytes;
+    size_t b = c->act_bytes;
+    for (int g = 0; g < c->n_kv; g++) {
+        kvq_cuda_stats st;
+        if (!kvq_cuda_cache_get_stats(c->kv[g].cache, &st)) b += st.arena_bytes + st.window_bytes + st.table_bytes + st.workspace_bytes;
+    }
+    return b;
 }
 
 extern "C" kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stats *out) {
     if (!c || !out) return kvqm_fail(KVQ_ERR_NULL, "llama_gpu_ctx_stats: NULL argument");
     kvq_status es = end_plan(c);  // the pages a plan reserved are not the sequences' (and lengths come from the host)
     if (es) return es;
-    kvq_cuda_stats st;
-    kvq_status s = kvq_cuda_cache_get_stats(c->cache, &st);
-    if (s) return s;
-    // bytes_per_token and f16_bytes_per_token are properties of the layout: read from a one-page CPU cache of the
-    // same configuration (the page layout is the same, kvq_cuda.h)
-    kvq_cache_config cc = c->cc;
-    cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, 1);
-    kvq_cache *tmp = nullptr;
-    kvq_cache_stats cs;
-    if ((s = kvq_cache_create(&cc, &tmp)) || (s = kvq_cache_get_stats(tmp, &cs))) {
-        kvq_cache_free(tmp);
-        return kvqm_fail(s, "stats: %s", kvq_last_error());
-    }
-    kvq_cache_free(tmp);
     memset(out, 0, sizeof *out);
-    out->pages_total = st.pages_total, out->pages_free = st.pages_free, out->pages_shared = st.pages_shared;
-    out->page_bytes = st.page_bytes, out->arena_bytes = st.arena_bytes;
-    out->page_bytes_in_use = (size_t)(st.pages_total - st.pages_free) * st.page_bytes;
+    // the caches' sums (each holds its own layers); bytes_per_token and f16_bytes_per_token are properties of each
+    // layout: read from a one-page CPU cache of the same configuration (the page layout is the same, kvq_cuda.h)
+    for (int g = 0; g < c->n_kv; g++) {
+        kvq_cuda_stats st;
+        kvq_status s = kvq_cuda_cache_get_stats(c->kv[g].cache, &st);
+        if (s) return s;
+        kvq_cache_config cc = c->kv[g].cc;
+        cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, 1);
+        kvq_cache *tmp = nullptr;
+        kvq_cache_stats cs;
+        if ((s = kvq_cache_create(&cc, &tmp)) || (s = kvq_cache_get_stats(tmp, &cs))) {
+            kvq_cache_free(tmp);
+            return kvqm_fail(s, "stats: %s", kvq_last_error());
+        }
+        kvq_cache_free(tmp);
+        out->pages_total += st.pages_total, out->pages_free += st.pages_free, out->pages_shared += st.pages_shared;
+        out->page_bytes = st.page_bytes, out->arena_bytes += st.arena_bytes;  // page_bytes: the last cache's
+        out->page_bytes_in_use += (size_t)(st.pages_total - st.pages_free) * st.page_bytes;
+        out->n_seqs = st.n_seqs;
+        out->bytes_per_token += cs.bytes_per_token;
+        out->f16_bytes_per_token += cs.f16_bytes_per_token;
+    }
     // resident window rows of every layer (fp16 K and V); the device allocates R + G rows per layer up front
     size_t win = 0;
     const size_t row = (size_t)c->m->cfg.n_kv_heads * c->m->cfg.head_dim * 2 * 2;
@@ -610,17 +663,15 @@ extern "C" kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stat
     for (int i = 0; i < c->n_seqs; i++) {
         for (int l = 0; l < c->m->cfg.n_layers; l++) {
             int32_t w = 0;
-            if ((s = kvq_cuda_seq_read(c->cache, c->seq[i], l, nullptr, &w, nullptr, nullptr, nullptr,
-                                       (kvq_cuda_stream)c->m->stream)))
-                return s;
+            const GpuKV &g = c->kv[c->lg[(size_t)l]];
+            kvq_status s = kvq_cuda_seq_read(g.cache, g.seq[i], c->li[(size_t)l], nullptr, &w, nullptr, nullptr, nullptr,
+                                             (kvq_cuda_stream)c->m->stream);
+            if (s) return s;
             win += (size_t)w * row;
         }
         out->tokens += llama_gpu_ctx_seq_pos(c, i);
     }
     out->window_bytes = win;
-    out->n_seqs = st.n_seqs;
-    out->bytes_per_token = cs.bytes_per_token;
-    out->f16_bytes_per_token = cs.f16_bytes_per_token;
     out->capacity_tokens = c->n_ctx;  // per sequence
     return KVQ_OK;
 }
@@ -731,13 +782,18 @@ static bool static_step(llama_gpu_ctx *c, int seq, int n, bool logits) {
     const llama_config &cf = c->m->cfg;
     cudaStream_t st = c->m->stream;
     const int want = seq < 0 ? -1 : seq;
-    if (c->plan && c->plan_seq != want && end_plan(c)) return c->static_on = 0, false;
-    if (!c->plan) {
-        const int32_t *ids = seq < 0 ? c->seq : &c->seq[seq];
+    if (c->planned && c->plan_seq != want && end_plan(c)) return c->static_on = 0, false;
+    if (!c->planned) {
         for (int i = 0; i < n; i++) c->lent_pos[seq < 0 ? i : seq] = llama_gpu_ctx_seq_pos(c, seq < 0 ? i : seq);
-        if (kvq_cuda_static_create(c->cache, n, ids, c->n_ctx, &c->ap, KVQ_DTYPE_F32, KVQ_DTYPE_F16, (kvq_cuda_stream)st,
-                                   &c->plan))
-            return c->static_on = 0, false;  // e.g. too few free pages for the reservation: stay eager
+        c->planned = true;  // end_plan gives back the plans made so far
+        for (int g = 0; g < c->n_kv; g++) {
+            const int32_t *ids = seq < 0 ? c->kv[g].seq : &c->kv[g].seq[seq];
+            if (kvq_cuda_static_create(c->kv[g].cache, n, ids, c->n_ctx, &c->ap, KVQ_DTYPE_F32, KVQ_DTYPE_F16,
+                                       (kvq_cuda_stream)st, &c->plan[g])) {
+                end_plan(c);
+                return c->static_on = 0, false;  // e.g. too few free pages for the reservation: stay eager
+            }
+        }
         c->plan_seq = want;
     }
     cudaGraphExec_t &ge = c->step_graph[logits];
@@ -748,7 +804,8 @@ static bool static_step(llama_gpu_ctx *c, int seq, int n, bool logits) {
         if (e == cudaSuccess) {
             s = segment(c, 0, n, 0);
             for (int l = 0; l < cf.n_layers && !s; l++) {
-                s = kvq_cuda_static_step(c->plan, l, c->k, c->v, c->q16, c->o16, (kvq_cuda_stream)st);
+                s = kvq_cuda_static_step(c->plan[c->lg[(size_t)l]], c->li[(size_t)l], c->k, c->v, c->q16, c->o16,
+                                         (kvq_cuda_stream)st);
                 if (!s) s = segment(c, l + 1, n, 0);
             }
             if (!s && logits) s = segment(c, cf.n_layers + 1, n, 0);
@@ -815,16 +872,18 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
     }
     int32_t n_tok[LLAMA_GPU_MAX_SEQS];
     const int n_app = seq >= 0 ? 1 : n;  // sequences appended to
-    const int32_t *app_ids = seq >= 0 ? &c->seq[seq] : c->seq;
     for (int i = 0; i < n_app; i++) n_tok[i] = seq >= 0 ? n : 1;
     if ((s = launch_segment(c, 0, n, 0))) return s;  // the embedding, layer 0's attention input
     for (int l = 0; l < cf.n_layers; l++) {
-        if ((s = kvq_cuda_append(c->cache, l, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
+        const GpuKV &g = c->kv[c->lg[(size_t)l]];
+        const int gl = c->li[(size_t)l];  // the layer's index in its group's cache
+        const int32_t *app_ids = seq >= 0 ? &g.seq[seq] : g.seq;
+        if ((s = kvq_cuda_append(g.cache, gl, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
             return kvqm_fail(s, "layer %d: kvq_cuda_append: %s", l, kvq_last_error());
         if (seq < 0 || n == 1)  // one query per sequence: the split decode kernel
-            s = kvq_cuda_attn_decode(c->cache, l, n_app, app_ids, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
+            s = kvq_cuda_attn_decode(g.cache, gl, n_app, app_ids, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
         else
-            s = kvq_cuda_attn_prefill(c->cache, l, c->seq[seq], n, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
+            s = kvq_cuda_attn_prefill(g.cache, gl, g.seq[seq], n, KVQ_DTYPE_F16, c->q16, c->o16, &c->ap, (kvq_cuda_stream)st);
         if (s) return kvqm_fail(s, "layer %d: kvq CUDA attention: %s", l, kvq_last_error());
         if ((s = launch_segment(c, l + 1, n, 0))) return s;  // layer l's output and FFN, layer l + 1's attention input
     }

@@ -24,7 +24,9 @@
  * All work of a model goes to one CUDA stream; forward returns after the logits are on the host.
  * Limits: architecture "llama" only; head_dim 64 or 128 and <= 8 query heads per KV head (kvq_cuda.h section 4);
  * pre-RoPE keys and non-uniform levels are not on the GPU (refused at context creation). Every layer is on the GPU
- * (no partial offload).
+ * (no partial offload). Per-layer types (llama_ctx_params.layer_types) give one kvq_cuda cache per group of layers,
+ * grouped as the CPU engine groups them (llama_layer_groups), each layer's rotation seeded by its model number;
+ * Q-Norm follows llama_ctx_params.qnorm as in the CPU engine, so both engines' caches hold the same bytes.
  * Built without CUDA (cmake -DKVQ_CUDA=OFF or no nvcc) every call returns KVQ_ERR_NO_DEVICE, "built without CUDA";
  * with CUDA but no usable GPU, llama_gpu_load returns KVQ_ERR_NO_DEVICE with kvq_cuda's reason. */
 #ifndef KVQ_LLAMA_GPU_H
