@@ -199,13 +199,37 @@ template <int T, int D> __device__ __forceinline__ void flush_group_keys(const f
     }
 }
 
-// Grouped values (Q4, Q2): one warp per token, groups of 64 channels = 64 / EPL lanes, staged in xs
-// qn: Q-Norm as for the keys; every lane of a group sums the group's 64 channels in channel order from xs (the CPU's
-// order: a split sum would round differently).
+// Grouped values (Q4, Q2): one warp per token, groups of 64 channels = 64 / EPL lanes, staged in xs.
+// qn: Q-Norm as for the keys, its pairs first: a thread per (token, group) sums the group's 64 channels in channel
+// order (the CPU's order: a split sum would round differently). Thread i starts its sum i % 32 steps late, so that
+// the 32 reads of a warp's step fall in 32 banks (in step they would all hit one: rows are D floats apart). One warp
+// summing its tokens in turn cost a Q4/Q2 flush 3.3x its time (H200, kvq-bench-cuda --qnorm).
 template <int T, int D> __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb, bool qn) {
     using TR = Traits<T, D>;
-    constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = D / 32, LPG = 64 / EPL;
+    constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = D / 32, LPG = 64 / EPL, NG = TR::ng;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ float2 qp[PT * NG];  // Q-Norm's (scale, min) of (token t, group g) at g * PT + t; scale -1: none
+    if (qn) {
+        static_assert(PT * NG <= 128, "a thread per (token, group)");
+        const int i = threadIdx.x;
+        if (i < PT * NG) {
+            const float *g = xs + (i % PT) * D + (i / PT) * 64;
+            float lo = INFINITY, hi = -INFINITY;
+            for (int j = 0; j < 64; j++) {  // any order: min and max
+                const float x = g[(j + lane) & 63];
+                lo = fminf(lo, x), hi = fmaxf(hi, x);
+            }
+            const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+            QNormSums q;
+            for (int k = 0; k < 64 + 31; k++) {  // channel j = k - lane at step k
+                const int j = k - lane;
+                if (j >= 0 && j < 64) q.add(g[j], q_asym<QMAX>(g[j], mn, s));
+            }
+            float ns, nm;
+            qp[i] = q.pair(64, s, ns, nm) ? make_float2(ns, nm) : make_float2(-1.f, 0.f);
+        }
+        __syncthreads();  // qn is the launch's: every thread gets here
+    }
     for (int t = warp; t < PT; t += 4) {
         float x[EPL];
         float lo = INFINITY, hi = -INFINITY;
@@ -222,10 +246,11 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
         float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
         float pm = mn, ps = s;  // the stored pair
         if (qn) {
-            const float *g = xs + t * D + (lane / LPG) * 64;
-            QNormSums q;
-            for (int i = 0; i < 64; i++) q.add(g[i], q_asym<QMAX>(g[i], mn, s));
-            if (q.pair(64, s, ps, pm) && QMAX == 3) mn = pm, s = ps;
+            const float2 p = qp[(lane / LPG) * PT + t];
+            if (p.x > 0.f) {
+                ps = p.x, pm = p.y;
+                if (QMAX == 3) mn = pm, s = ps;  // Q2 takes its codes again under the new pair
+            }
         }
         uint32_t bits = 0;
 #pragma unroll
