@@ -652,26 +652,17 @@ extern "C" kvq_status llama_gpu_ctx_stats(const llama_gpu_ctx *c, kvq_cache_stat
         out->pages_total += st.pages_total, out->pages_free += st.pages_free, out->pages_shared += st.pages_shared;
         out->page_bytes = st.page_bytes, out->arena_bytes += st.arena_bytes;  // page_bytes: the last cache's
         out->page_bytes_in_use += (size_t)(st.pages_total - st.pages_free) * st.page_bytes;
+        // the window rings as allocated (R + G fp16 K and V rows per sequence and layer, up front): the device memory
+        // they take, and what the CPU engine's windows hold once full (kvq_cache_stats counts allocated rows), so that
+        // kvq perplexity's KV bytes per token agree between the engines. A ring of one row is the direct path (R = 0,
+        // per-token types: tokens go straight to pages), which never uses it and has no CPU counterpart: not counted.
+        const size_t ring = (size_t)cc.max_seqs * cc.n_layers * 2 * cc.n_kv_heads * cc.head_dim * sizeof(uint16_t);
+        if (st.window_bytes > ring) out->window_bytes += st.window_bytes;
         out->n_seqs = st.n_seqs;
         out->bytes_per_token += cs.bytes_per_token;
         out->f16_bytes_per_token += cs.f16_bytes_per_token;
     }
-    // resident window rows of every layer (fp16 K and V); the device allocates R + G rows per layer up front
-    size_t win = 0;
-    const size_t row = (size_t)c->m->cfg.n_kv_heads * c->m->cfg.head_dim * 2 * 2;
-    out->tokens = 0;
-    for (int i = 0; i < c->n_seqs; i++) {
-        for (int l = 0; l < c->m->cfg.n_layers; l++) {
-            int32_t w = 0;
-            const GpuKV &g = c->kv[c->lg[(size_t)l]];
-            kvq_status s = kvq_cuda_seq_read(g.cache, g.seq[i], c->li[(size_t)l], nullptr, &w, nullptr, nullptr, nullptr,
-                                             (kvq_cuda_stream)c->m->stream);
-            if (s) return s;
-            win += (size_t)w * row;
-        }
-        out->tokens += llama_gpu_ctx_seq_pos(c, i);
-    }
-    out->window_bytes = win;
+    for (int i = 0; i < c->n_seqs; i++) out->tokens += llama_gpu_ctx_seq_pos(c, i);
     out->capacity_tokens = c->n_ctx;  // per sequence
     return KVQ_OK;
 }
