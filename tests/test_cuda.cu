@@ -84,8 +84,8 @@ static const char *mech_name(void) {
     static char b[64];
     const char *port = portable_env() ? " portable" : "";
     if (!g_rot && !g_sinks && !g_qnorm) return port;
-    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s%s", g_rot, g_sinks, g_qnorm == 3 ? " qnorm=kv" : g_qnorm ? g_qnorm == 1 ? " qnorm=k" : " qnorm=v" : "",
-             g_seed ? " seed" : "", port);
+    static const char *const qn[4] = {"", " qnorm=k", " qnorm=v", " qnorm=kv"};  // KVQ_ROLES_*
+    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s%s", g_rot, g_sinks, qn[g_qnorm & 3], g_seed ? " seed" : "", port);
     return b;
 }
 
