@@ -36,9 +36,11 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # src/core/quant.c: the non-uniform levels in 1/16 steps (lv_n4, lv_n3, lv_n2)
-FIXED = {4: [4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212, 236], 3: [6, 24, 38, 50, 62, 74, 88, 106],
+FIXED = {4: [4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212, 236],
+         3: [6, 24, 38, 50, 62, 74, 88, 106],
          2: [8, 20, 28, 40]}
 UNIFORM = {b: [16 * i for i in range(1 << b)] for b in FIXED}
+TABLES = {"uniform": UNIFORM, "fixed": FIXED}
 METHODS = (("uniform", "uniform", False), ("fixed_nuq", "fixed", False), ("calibrated_nuq", "cal", False),
            ("uniform+outliers", "uniform", True), ("fixed_nuq+outliers", "fixed", True))
 
@@ -74,8 +76,7 @@ class Emulator:
         return y.transpose(-1, -2).reshape(shape) if role == "k" else y.reshape(shape)
 
     def levels_of(self, layer, role):
-        return {"uniform": UNIFORM, "fixed": FIXED}[self.levels][self.bits] if self.levels != "cal" else \
-            self.cal[(layer, role)]
+        return self.cal[(layer, role)] if self.levels == "cal" else TABLES[self.levels][self.bits]
 
     def apply(self, x, role, layer):
         B, H, T, D = x.shape
@@ -194,8 +195,7 @@ def main():
             fit, held = g[p[:len(g) // 2]], g[p[len(g) // 2:]]
             lv = lloyd(normalized(fit, bits), bits, FIXED[bits], rng)
             for name, levels, outl in METHODS:
-                se[name] += sqerr(held, bits, lv if levels == "cal" else {"uniform": UNIFORM, "fixed": FIXED}[levels][bits],
-                                  outl)
+                se[name] += sqerr(held, bits, lv if levels == "cal" else TABLES[levels][bits], outl)
             em.cal[key] = lloyd(normalized(g, bits), bits, FIXED[bits], rng)  # all of it for the KLD runs
         for name, levels, outl in METHODS:
             em.mode, em.bits, em.levels, em.outliers = "quant", bits, levels, outl

@@ -30,7 +30,8 @@ if not _ok:
 # (and KVQCache's Q-Norm of the grouped roles: qnorm=-1, the engine's default, on both backends)
 PLAIN = dict(rotate=0, sinks=0, nonuniform=0, qnorm=0)
 DEFAULT = dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=-1)
-QUALITY = {"plain": PLAIN, "default": DEFAULT, "qnorm": dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=kvq._native.ROLES_KV)}
+QNORM = dict(rotate=-1, sinks=-1, nonuniform=-1, qnorm=kvq._native.ROLES_KV)  # both roles, at the library level too
+QUALITY = {"plain": PLAIN, "default": DEFAULT, "qnorm": QNORM}
 
 
 def _logits(model, ids, cont, cache):
