@@ -26,7 +26,8 @@
  * pre-RoPE keys and non-uniform levels are not on the GPU (refused at context creation). Every layer is on the GPU
  * (no partial offload). Per-layer types (llama_ctx_params.layer_types) give one kvq_cuda cache per group of layers,
  * grouped as the CPU engine groups them (llama_layer_groups), each layer's rotation seeded by its model number;
- * Q-Norm follows llama_ctx_params.qnorm as in the CPU engine, so both engines' caches hold the same bytes.
+ * Q-Norm follows llama_ctx_params.qnorm as in the CPU engine (the same (scale, min) pairs; SQuat and pre-RoPE keys,
+ * the CPU engine's default for q2 keys, are CPU only).
  * Built without CUDA (cmake -DKVQ_CUDA=OFF or no nvcc) every call returns KVQ_ERR_NO_DEVICE, "built without CUDA";
  * with CUDA but no usable GPU, llama_gpu_load returns KVQ_ERR_NO_DEVICE with kvq_cuda's reason. */
 #ifndef KVQ_LLAMA_GPU_H
