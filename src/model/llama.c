@@ -346,11 +346,8 @@ int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t 
     return ng;
 }
 
-/* Cache g of the context: n_layers layers of kind `kind` (0 global, 1 local) with keys tk and values tv; `what` names
- * them in messages. */
-static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int kind, kvq_type tk, kvq_type tv,
-                             int n_layers, const int32_t *model_layers, const char *what) {
-    const llama_config *c = &x->m->cfg;
+kvq_cache_config llama_cache_config(const llama_config *c, const llama_ctx_params *p, int kind, kvq_type tk,
+                                    kvq_type tv, int n_layers, const int32_t *model_layers) {
     kvq_cache_config cc = kvq_cache_config_default();
     cc.n_layers = n_layers;
     cc.n_kv_heads = c->n_kv_heads;
@@ -368,6 +365,15 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int
     cc.sinks = kind ? 0 : p->sinks;
     cc.nonuniform = p->nonuniform;
     cc.qnorm = p->qnorm == -1 ? llama_default_qnorm(tk, tv) : p->qnorm;
+    return cc;
+}
+
+/* Cache g of the context: n_layers layers of kind `kind` (0 global, 1 local) with keys tk and values tv; `what` names
+ * them in messages. */
+static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int kind, kvq_type tk, kvq_type tv,
+                             int n_layers, const int32_t *model_layers, const char *what) {
+    const llama_config *c = &x->m->cfg;
+    kvq_cache_config cc = llama_cache_config(c, p, kind, tk, tv, n_layers, model_layers);
     /* the model's RoPE, for a cache that applies it: adjacent pairs for Llama (GGUF's Q/K rows are permuted for
      * them), NeoX halves for Gemma (not permuted) */
     x->prerope[g] = p->prerope == -1 ? llama_default_prerope(tk) : p->prerope;

@@ -149,6 +149,12 @@ typedef struct llama_ctx_params {
  * (with a message) past LLAMA_MAX_CACHES. The arrays: n_layers and LLAMA_MAX_CACHES entries. */
 int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t *group, int8_t *kind, kvq_type *tk,
                        kvq_type *tv);
+/* The kvq_cache_config fields both engines set alike for a cache of n_layers layers of kind `kind` (0 global, 1
+ * local) with keys tk and values tv, model_layers their numbers in the model (the rotation seeds; NULL: 0..n_layers-1):
+ * shape, types, residual, group, rotation, sinks (none in local layers), non-uniform levels, Q-Norm (-1:
+ * llama_default_qnorm). The rest (pre-RoPE, SQuat, threads, sequences, arena) is each engine's. */
+kvq_cache_config llama_cache_config(const llama_config *c, const llama_ctx_params *p, int kind, kvq_type tk,
+                                    kvq_type tv, int n_layers, const int32_t *model_layers);
 /* KVQ_OK when p's per-layer types (n_layer_types, layer_types) are valid for c: ranges inside the model, disjoint;
  * else the error, with a message. Both engines check them with this before llama_layer_groups. */
 kvq_status llama_check_layer_types(const llama_config *c, const llama_ctx_params *p);

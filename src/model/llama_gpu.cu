@@ -491,14 +491,8 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     for (int gi = 0; gi < x->n_kv; gi++) {
         GpuKV &g = x->kv[gi];
         kvq_cache_config &cc = g.cc;
-        cc = kvq_cache_config_default();
-        cc.n_layers = (int)g.layers.size(), cc.n_kv_heads = c.n_kv_heads, cc.head_dim = c.head_dim;
-        cc.type_k = gk[gi], cc.type_v = gv[gi], cc.residual = p->residual, cc.group = p->group;
-        cc.rotate = p->rotate, cc.rotation_seed = p->rotation_seed;
-        cc.rotation_layers = x->n_kv > 1 ? g.layers.data() : nullptr;  // each layer seeded by its number in the model
-        cc.sinks = kind[gi] ? 0 : p->sinks;  // a sliding window never sees token 0 once past it (as the CPU engine)
+        cc = llama_cache_config(&c, p, kind[gi], gk[gi], gv[gi], (int)g.layers.size(), g.layers.data());
         cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
-        cc.qnorm = p->qnorm == -1 ? llama_default_qnorm(cc.type_k, cc.type_v) : p->qnorm;  // as the CPU engine
         cc.max_seqs = n_seqs;
         cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)
         if (cc.arena_bytes > SIZE_MAX / (size_t)n_seqs) {
