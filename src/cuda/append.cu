@@ -86,6 +86,12 @@ template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, flo
     return r < 0.f ? 0 : r > (float)QMAX ? QMAX : (int)r;
 }
 
+// min/max's fp16 (scale, min) of a grouped type's group whose extremes are lo and hi: quant.c's minmax_params,
+// operation for operation
+template <int QMAX> __device__ __forceinline__ void minmax_pair(float lo, float hi, float &mn, float &s) {
+    mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+}
+
 // Per-token types (F16, BF16, Q8, FP8): the role's rows of the flush item's tokens. A warp per token, U tokens'
 // loads in flight before the first is written (no staging: each row is quantized on its own, and shared memory
 // would cut the resident blocks of a prefill).
@@ -180,7 +186,8 @@ template <int T, int D> __device__ __forceinline__ void flush_group_keys(const f
             const float x = xs[t * D + c];
             lo = fminf(lo, x), hi = fmaxf(hi, x);
         }
-        float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        float mn, s;
+        minmax_pair<QMAX>(lo, hi, mn, s);
         float pm = mn, ps = s;  // the stored pair
         if (qn) {
             QNormSums q;
@@ -219,7 +226,8 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
                 const float x = g[(j + lane) & 63];
                 lo = fminf(lo, x), hi = fmaxf(hi, x);
             }
-            const float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+            float mn, s;
+            minmax_pair<QMAX>(lo, hi, mn, s);
             QNormSums q;
             for (int k = 0; k < 64 + 31; k++) {  // channel j = k - lane at step k
                 const int j = k - lane;
@@ -243,7 +251,8 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
             lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
             hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
         }
-        float mn = round_f16(lo), s = round_f16(__fdiv_rn(__fsub_rn(hi, mn), (float)QMAX));
+        float mn, s;
+        minmax_pair<QMAX>(lo, hi, mn, s);
         float pm = mn, ps = s;  // the stored pair
         if (qn) {
             const float2 p = qp[(lane / LPG) * PT + t];
