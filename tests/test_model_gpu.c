@@ -14,7 +14,9 @@
  *     kvq_cuda calls, and no graphs; the same kernels with the same arguments, so the logits should be identical:
  *     max |difference| <= GRAPH_BOUND (1e-4, far below any stale buffer or position, which moves logits by O(1));
  *     the default context must hold one whole-step graph, the segment one segment graphs only, the eager one none.
- *     G_STEPS crosses pages and window flushes (inside the whole-step graph: decided on the device).
+ *     G_STEPS crosses pages and window flushes (inside the whole-step graph: decided on the device);
+ *   - q4 with decode_attn (llama_ctx_params): chunks of CHUNK attended token by token give the logits of the same
+ *     tokens fed one at a time, within DEC_BOUND.
  * usage: test_model_gpu --probe                 exit 0 when a usable GPU is there, 77 (skip) when not
  *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2,layers (default all five; layers:
  *                                               per-layer types, one GPU cache per group of layers, main() says which)
@@ -345,6 +347,29 @@ int main(int argc, char **argv) {
         check(maxdb <= dec_bound, "%.4g (<= %.3g)", maxdb, dec_bound, what);
         free(lb);
         llama_gpu_ctx_free(gp);
+        if (t == KVQ_TYPE_Q4 && !layers) {
+            /* decode_attn: a chunk's queries attend token by token (its q4 early tokens still exact, where a prefill
+             * flushes them first): the logits of the same tokens fed one at a time, within dec_bound */
+            llama_ctx_params pd = p;
+            pd.decode_attn = 1;
+            llama_gpu_ctx *ga, *gb;
+            if ((st = llama_gpu_ctx_create(gm, &pd, &ga))) return die("llama_gpu_ctx_create (decode_attn)", st);
+            if ((st = llama_gpu_ctx_create(gm, &p, &gb))) return die("llama_gpu_ctx_create (one at a time)", st);
+            for (int b = 0; b < N_POS; b += CHUNK)
+                if ((st = llama_gpu_forward(ga, tok + b, CHUNK, lg + (size_t)b * V, 0))) return die("forward (decode_attn)", st);
+            double maxda = 0;
+            for (int i = 0; i < N_POS; i++) {
+                if ((st = llama_gpu_forward(gb, tok + i, 1, ld, 0))) return die("forward (one at a time)", st);
+                for (int j = 0; j < V; j++) {
+                    double d = fabs((double)ld[j] - lg[(size_t)i * V + j]);
+                    if (!(d <= maxda)) maxda = isnan(d) ? INFINITY : d;
+                }
+            }
+            snprintf(what, sizeof what, "%s: decode_attn chunks of %d vs one token at a time, max |difference|", name, CHUNK);
+            check(maxda <= dec_bound, "%.4g (<= %.3g)", maxda, dec_bound, what);
+            llama_gpu_ctx_free(ga);
+            llama_gpu_ctx_free(gb);
+        }
         if ((st = graph_ab(gm, &p, tok, V, name))) return die("CUDA graphs on vs off", st);
         llama_ctx_free(cc);
         llama_gpu_ctx_free(gc);

@@ -410,7 +410,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
  * ------------------------------------------------------------------------------------------------------- */
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
-    O_THREADS, O_BATCH, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
+    O_THREADS, O_BATCH, O_DECODE_ATTN, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
     O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_QNORM, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_KV_PLAN, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
@@ -441,6 +441,7 @@ static const optdef OPTS[] = {
     {O_CHUNKS, P, 1, {"--chunks"}},
     {O_THREADS, R | P | K, 1, {"-t", "--threads"}},
     {O_BATCH, R | P | C | K, 1, {"-b", "--batch", "--batch-size"}},
+    {O_DECODE_ATTN, P, 0, {"--decode-attn"}},
     {O_RESIDUAL, R | P | C | K, 1, {"--residual"}},
     {O_GROUP, R | P | C | K, 1, {"--group"}},
     {O_KVTYPE, R | P | K, 1, {"--kv-type"}},
@@ -538,6 +539,7 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_CHUNKS: if (parse_int(v, 1, 1 << 20, &o->chunks, a, err, n)) return -1; break;
         case O_THREADS: if (parse_int(v, 1, 1024, &o->threads, a, err, n)) return -1; break;
         case O_BATCH: if (parse_int(v, 1, 8192, &o->batch, a, err, n)) return -1; break;
+        case O_DECODE_ATTN: o->decode_attn = 1; break;
         case O_RESIDUAL: if (parse_int(v, 0, 4096, &o->residual, a, err, n)) return -1; break;
         case O_GROUP: if (parse_int(v, 16, 128, &o->group, a, err, n)) return -1; break;
         case O_KVTYPE:
@@ -815,10 +817,17 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "                          file, as --kv-plan), e.g. f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q2,q8:local=q4\n"
                 "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
                 "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"
-                "                          bits_per_element (bytes_per_token: K+V pages in use, scales included, + the\n"
-                "                          fp16 windows and sinks, after a full chunk, / ctx; bits_per_element = 8 x that /\n"
-                "                          (2 x layers x KV heads x head_dim); without --compare the dppl/kld/top1 cells\n"
-                "                          are empty)\n"
+                "                          bits_per_element,batch,decode_attn (bytes_per_token: K+V pages in use, scales\n"
+                "                          included, + the fp16 windows and sinks, after a full chunk, / ctx;\n"
+                "                          bits_per_element = 8 x that / (2 x layers x KV heads x head_dim); without\n"
+                "                          --compare the dppl/kld/top1 cells are empty)\n"
+                "  --decode-attn           attend token by token, as generation does: each token's query right after its\n"
+                "                          own token is appended (the weight products still go by -b batches). Without it\n"
+                "                          a batch attends as a prefill, after all its tokens are appended: with q4/q3/q2\n"
+                "                          the batch's early tokens are then flushed from the fp16 window into pages before\n"
+                "                          its early queries read them, so the figures depend on -b and overstate the error\n"
+                "                          that decode sees (per-token types and f16 do not change). Slower: every token\n"
+                "                          reads the whole cache\n"
                 "  -q, --quiet             no progress bar\n",
                 d.ctx, KVQ_CLI_MAX_COMPARE);
         kv_help(f, cmd);

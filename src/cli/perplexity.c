@@ -248,7 +248,7 @@ static int write_csv(const char *path, const kvq_cli_opts *o, int n_chunks, cons
         return 1;
     }
     fprintf(f, "kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,kld_mean,kld_p99,top1_pct,bytes_per_token,"
-               "f16_bytes_per_token,bits_per_element\n");
+               "f16_bytes_per_token,bits_per_element,batch,decode_attn\n");
     for (int i = 0; i < n; i++) {
         const ppl_row *r = &rows[i];
         fprintf(f, "%s,%s,%s,%d,%d,%lld,%.6f,%.6f,", mixes[i].name, kvq_cli_type_name(mixes[i].type_k),
@@ -256,7 +256,7 @@ static int write_csv(const char *path, const kvq_cli_opts *o, int n_chunks, cons
         /* without --compare there is no base: dppl and the KLD columns are empty */
         if (isnan(r->kld)) fprintf(f, ",,,,");
         else fprintf(f, "%.6f,%.8f,%.8f,%.4f,", r->dppl, r->kld, r->kld99, r->top1);
-        fprintf(f, "%.2f,%.2f,%.6f\n", r->bpt, r->f16bpt, r->bits);
+        fprintf(f, "%.2f,%.2f,%.6f,%d,%d\n", r->bpt, r->f16bpt, r->bits, o->batch, o->decode_attn);
     }
     if (fclose(f)) {
         fprintf(stderr, "kvq perplexity: --csv: writing '%s' failed\n", path);
@@ -324,8 +324,9 @@ int kvq_cli_perplexity(int argc, char **argv) {
     for (int i = 0; i < n_mix; i++) rows[i] = finish(&acc[i], i == base, base >= 0, bits_den);
     for (int i = 0; i < n_mix; i++) rows[i].dppl = base >= 0 ? 100.0 * (rows[i].ppl / rows[base].ppl - 1.0) : NAN;
     if (!o.n_compare) {
-        printf("PPL = %.4f +/- %.4f  (KV %s, ctx %d, %d chunks, %lld scored tokens, %.0f KV bytes/token, %.3f bits/element)\n",
-               rows[0].ppl, rows[0].err, mixes[0].name, o.ctx, n_chunks, (long long)rows[0].n, rows[0].bpt, rows[0].bits);
+        printf("PPL = %.4f +/- %.4f  (KV %s, ctx %d, %d chunks, %lld scored tokens, %.0f KV bytes/token, %.3f bits/element, "
+               "batch %d, %s attention)\n", rows[0].ppl, rows[0].err, mixes[0].name, o.ctx, n_chunks, (long long)rows[0].n,
+               rows[0].bpt, rows[0].bits, o.batch, o.decode_attn ? "decode" : "prefill");
     } else {
         int w = 9;
         for (int i = 0; i < n_mix; i++)
@@ -333,8 +334,8 @@ int kvq_cli_perplexity(int argc, char **argv) {
         char dash[KVQ_CLI_MIX_NAME + 2];
         memset(dash, '-', (size_t)w + 2);
         dash[w + 2] = '\0';
-        printf("ctx %d, %d chunks, %lld scored tokens; KLD and top-1 against %s\n", o.ctx, n_chunks, (long long)rows[0].n,
-               mixes[base].name);
+        printf("ctx %d, %d chunks, %lld scored tokens, batch %d, %s attention; KLD and top-1 against %s\n", o.ctx, n_chunks,
+               (long long)rows[0].n, o.batch, o.decode_attn ? "decode" : "prefill", mixes[base].name);
         printf("| %-*s | PPL                  | dPPL     | KLD mean  | KLD p99   | top-1   | KV bytes/token | bits/elem | vs F16 |\n",
                w, "KV (K/V)");
         printf("|%s|----------------------|----------|-----------|-----------|---------|----------------|-----------|--------|\n",

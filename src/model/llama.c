@@ -282,6 +282,7 @@ struct llama_ctx {
     int8_t cache_kind[LLAMA_MAX_CACHES];
     int prerope[LLAMA_MAX_CACHES]; /* the cache takes keys before RoPE (kvq.h section 10): forward appends them unroped */
     int squat[LLAMA_MAX_CACHES];   /* SQuat rank (0: off): the first batch of a sequence sets its subspaces */
+    int decode_attn;               /* llama_ctx_params.decode_attn */
     kvq_attn_params ap[2];         /* per kind */
     float *rope_inv_freq[2];       /* per kind, [head_dim / 2] each */
     int8_t *layer_cache;           /* [n_layers]: the layer's cache */
@@ -448,6 +449,7 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
+    x->decode_attn = p->decode_attn != 0;
     kvq_status st = KVQ_OK;
     if (p->n_threads < 0 || p->n_threads > 1024) {
         st = kvqm_fail(KVQ_ERR_INVALID_ARG, "threads %d outside 0..1024", p->n_threads);
@@ -736,10 +738,19 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
         if (kind && c->ap[1].window > 0 && pos0 - c->ap[1].window + 1 > 0 &&
             (st = kvq_seq_drop_front(cache, c->seq[g], li, pos0 - c->ap[1].window + 1)))
             return kvqm_fail(st, "layer %d: kvq_seq_drop_front: %s", l, kvq_last_error());
-        st = kvq_append(cache, li, 1, &c->seq[g], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
-        if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
-        st = n == 1 ? kvq_attn_decode(cache, li, 1, &c->seq[g], c->q, c->o, &c->ap[kind])
-                    : kvq_attn_prefill(cache, li, c->seq[g], n, c->q, c->o, &c->ap[kind]);
+        if (n == 1 || c->decode_attn) { /* token by token, as generation runs (llama_ctx_params.decode_attn) */
+            int32_t one = 1;
+            for (int t = 0; t < n && !st; t++) {
+                st = kvq_append(cache, li, 1, &c->seq[g], &one, KVQ_DTYPE_F32, c->k + (size_t)t * kv_dim,
+                                c->v + (size_t)t * kv_dim);
+                if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
+                st = kvq_attn_decode(cache, li, 1, &c->seq[g], c->q + (size_t)t * qd, c->o + (size_t)t * qd, &c->ap[kind]);
+            }
+        } else {
+            st = kvq_append(cache, li, 1, &c->seq[g], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
+            if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
+            st = kvq_attn_prefill(cache, li, c->seq[g], n, c->q, c->o, &c->ap[kind]);
+        }
         if (st) return kvqm_fail(st, "layer %d: kvq attention: %s", l, kvq_last_error());
         if (L->post_attn_norm) { /* Gemma: x += rmsnorm(o Wo^T) * post_attention_norm */
             matmul(c, c->h, c->o, &L->wo, n, 0);

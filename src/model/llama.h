@@ -141,6 +141,13 @@ typedef struct llama_ctx_params {
      * keys (prerope = -1) and SQuat (squat_rank = -1) follow each cache's own key type. Read by llama_ctx_create only. */
     int n_layer_types;
     const llama_layer_types *layer_types;
+    /* How a forward call of n > 1 tokens attends: 0 (what a zero-initialized llama_ctx_params gets) as a prefill, all
+     * n tokens appended and then all n queries attended at once; 1 as decode, token by token (append token t, attend
+     * query t), the weight products still batched. The logits differ only where the cache's fp16 window matters:
+     * with a grouped type a prefill flushes the batch's early tokens into pages before its early queries attend, so
+     * they see them quantized, where decode keeps each query's last R tokens exact (docs/quality.md, 2026-12-05).
+     * 1 scores quality as generation sees it; it costs more attention reads. */
+    int decode_attn;
 } llama_ctx_params;
 
 /* How llama_ctx_create spreads c's layers over caches for p (its types, local types and layer_types, the ranges

@@ -157,6 +157,7 @@ struct llama_gpu_ctx {
     std::vector<int8_t> lg;   // [n_layers] layer l's group
     std::vector<int32_t> li;  // [n_layers] its layer index in the group's cache
     int n_seqs = 1, max_batch = 0, n_ctx = 0;
+    int decode_attn = 0;  // llama_ctx_params.decode_attn: a prefill chunk attends token by token
     kvq_attn_params ap;
     size_t act_bytes = 0;
     // device buffers, sized for max_batch tokens
@@ -439,6 +440,7 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     x->m = m;
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
+    x->decode_attn = p->decode_attn != 0;
     x->n_seqs = n_seqs;
     if (const char *g = getenv("KVQ_GPU_GRAPH")) {  // "0": every launch eager; "1": graphs (the default)
         if (strcmp(g, "0") && strcmp(g, "1")) {
@@ -863,6 +865,20 @@ static kvq_status run(llama_gpu_ctx *c, int seq, const int32_t *tokens, int n, f
         const GpuKV &g = c->kv[c->lg[(size_t)l]];
         const int gl = c->li[(size_t)l];  // the layer's index in its group's cache
         const int32_t *app_ids = seq >= 0 ? &g.seq[seq] : g.seq;
+        if (seq >= 0 && n > 1 && c->decode_attn) {  // token by token, as generation runs (llama.h)
+            const size_t kvd = (size_t)cf.n_kv_heads * cf.head_dim, qd = (size_t)cf.q_dim;
+            const int32_t one = 1;
+            for (int t = 0; t < n && !s; t++) {
+                s = kvq_cuda_append(g.cache, gl, 1, app_ids, &one, KVQ_DTYPE_F32, c->k + t * kvd, c->v + t * kvd,
+                                    (kvq_cuda_stream)st);
+                if (s) return kvqm_fail(s, "layer %d: kvq_cuda_append: %s", l, kvq_last_error());
+                s = kvq_cuda_attn_decode(g.cache, gl, 1, app_ids, KVQ_DTYPE_F16, c->q16 + t * qd, c->o16 + t * qd, &c->ap,
+                                         (kvq_cuda_stream)st);
+            }
+            if (s) return kvqm_fail(s, "layer %d: kvq CUDA attention: %s", l, kvq_last_error());
+            if ((s = launch_segment(c, l + 1, n, 0))) return s;
+            continue;
+        }
         if ((s = kvq_cuda_append(g.cache, gl, n_app, app_ids, n_tok, KVQ_DTYPE_F32, c->k, c->v, (kvq_cuda_stream)st)))
             return kvqm_fail(s, "layer %d: kvq_cuda_append: %s", l, kvq_last_error());
         if (seq < 0 || n == 1)  // one query per sequence: the split decode kernel
