@@ -186,6 +186,12 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
  *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
  *               divides D (D = 80: 16, D = 96: 32).
+ * Outlier section (roles in kvq_page_layout.outliers, grouped types only; section 10): after the params, N fp16
+ *   residuals e[0..N) then N index bytes i[0..N), before the block's padding. Keys: N = (P/G) D, entry g D + c is
+ *   channel c of key group g, its outlier at token g G + i[.]; values: N = P (D/Gv), entry t (D/Gv) + k is token t's
+ *   value group k, its outlier at channel k Gv + i[.]. The value there is the dense decode plus e (the dense codes
+ *   quantized the group with that value replaced by the mean of the others: min/max, Q-Norm and the codes of the
+ *   rest do not see it).
  * Sink pages (caches with sinks S > 0, section 10): a page of the arena holding SR = page_bytes / (4 H D) sink tokens,
  *   fp16 keys [SR][H][D] then fp16 values [SR][H][D] (token-major rows, whatever type_k and type_v are); the
  *   rest of the page is unused. A (sequence, layer) has ceil(S / SR) of them once it holds S tokens.
@@ -206,6 +212,8 @@ typedef struct kvq_page_layout {
     size_t page_bytes;
     int nonuniform; /* KVQ_ROLES_*: roles whose grouped type decodes codes through non-uniform levels (section 10);
                      * kvq_page_layout_make sets 0, a cache's layout says what the cache uses */
+    int outliers;   /* KVQ_ROLES_*: roles whose grouped blocks end with an outlier section (below; section 10);
+                     * kvq_page_layout_make sets 0, a cache's layout says what the cache uses, its block sizes included */
 } kvq_page_layout;
 
 KVQ_API kvq_status kvq_page_layout_make(kvq_type type_k, kvq_type type_v, int n_kv_heads, int head_dim,
@@ -265,6 +273,13 @@ typedef struct kvq_cache_config {
      * page format is unchanged. -1: the default, none (kvq's engine and KVQCache turn it on for every grouped role);
      * 0 (a zero-initialized config): none. CPU and CUDA caches write the same pairs. */
     int qnorm;
+    /* Dense-and-sparse outliers (section 10, "Outliers"; KVQuant): the grouped types (Q4, Q3, Q2) of the roles in
+     * KVQ_ROLES_* keep, in each group, the one value whose removal narrows the group's range most (its largest or its
+     * smallest) nearly exact: the group is quantized without it, and the block stores its index and its residual in
+     * fp16 (section 5), which attention adds back. 3 bytes per group: +0.375 bits per element at G = 64. -1 (the
+     * default) and 0: none. The CPU cache only (the CUDA backend refuses it); keys with outliers exclude SQuat
+     * (squat_rank 0). Roles of per-token types ignore it. */
+    int outliers;
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -284,6 +299,10 @@ KVQ_API int64_t kvq_cache_capacity_tokens(const kvq_cache_config *cfg);
  * invalid, n_tokens < 0, or the arena would need more than INT32_MAX pages (kvq_cache_create's limit) or
  * SIZE_MAX bytes: never a wrapped size. */
 KVQ_API size_t kvq_cache_arena_bytes_for(const kvq_cache_config *cfg, int64_t n_tokens);
+/* The page layout a cache of `cfg` would have (its defaults resolved; cfg->arena_bytes ignored): what
+ * kvq_cache_get_config returns after kvq_cache_create. With outliers (section 10) its blocks and pages are larger
+ * than kvq_page_layout_make's for the same types. KVQ_ERR_* with a message if cfg is invalid; *out unchanged then. */
+KVQ_API kvq_status kvq_cache_config_layout(const kvq_cache_config *cfg, kvq_page_layout *out);
 
 KVQ_API kvq_status kvq_cache_create(const kvq_cache_config *cfg, kvq_cache **out);
 KVQ_API void kvq_cache_free(kvq_cache *cache);

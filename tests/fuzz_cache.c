@@ -538,6 +538,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     w.cfg.sinks = Ss[b2 >> 6];
     /* SQuat keys (kvq.h section 10) for grouped key types when bit 5 of b3 is set: rank 1, 4 or 8 */
     if ((b3 >> 5 & 1) && kvq_type_get_traits(w.cfg.type_k)->grouped) w.cfg.squat_rank = 1 + (int)(b3 % 3) * 3 + (b3 % 3 == 2);
+    /* dense-and-sparse outliers (kvq.h section 10) from b0's bits above the type: the per-element bounds hold as they
+     * are (the others' error is within half a step of a narrower range, the outlier's within its fp16 residual's);
+     * keys' outliers exclude SQuat */
+    w.cfg.outliers = (int)(b0 / KVQ_TYPE_COUNT) % 4 & (w.cfg.squat_rank ? KVQ_ROLES_V : KVQ_ROLES_KV);
     kvq_page_layout L;
     if (kvq_page_layout_make(w.cfg.type_k, w.cfg.type_v, w.H, w.D, w.cfg.page_tokens, w.cfg.group, &L)) FAIL("layout");
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
@@ -549,9 +553,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int l = 0; l < NL; l++) w.s[i].k[l] = malloc(MAXT * row * 4), w.s[i].v[l] = malloc(MAXT * row * 4);
     int ops = 0;
     const char *verbose = getenv("KVQ_FUZZ_VERBOSE"); /* prints the operations and the cache's state */
-    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d pages=%lld\n", kvq_type_get_traits(w.cfg.type_k)->name,
-                         kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D, w.L.group, w.cfg.residual, w.L.page_tokens,
-                         w.cfg.sinks, (long long)(w.cfg.arena_bytes / w.L.page_bytes));
+    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d outliers=%d pages=%lld\n",
+                         kvq_type_get_traits(w.cfg.type_k)->name, kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D,
+                         w.L.group, w.cfg.residual, w.L.page_tokens, w.cfg.sinks, w.L.outliers,
+                         (long long)(w.cfg.arena_bytes / w.L.page_bytes));
     while (r.n && ops++ < 64) {
         /* op 9 (subspace) only in SQuat caches: the corpus of caches without it keeps its meaning */
         unsigned op = byte(&r) % (w.cfg.squat_rank ? 10u : 9u);

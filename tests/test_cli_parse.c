@@ -234,6 +234,22 @@ static void test_rejections(void) {
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-rotate|", "--kv-rotate: '' is not one of");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-nuq|-1", "--kv-nuq: '-1' is not one of none, k, v, kv, default");
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--kv-qnorm|all", "--kv-qnorm: 'all' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-outliers|2", "--kv-outliers: '2' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:outl=k:outl=v", "gives :outl= more than once");
+    rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-outliers|kv", "option '--kv-outliers' is not used by 'kvq tokenize'");
+    {
+        kvq_cli_opts oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-outliers|v|--compare|q4,q2:outl=kv,q3:outl=none");
+        EXPECT(oo.outliers == KVQ_ROLES_V && oo.compare[0].outliers == KVQ_ROLES_V &&
+                   oo.compare[1].outliers == KVQ_ROLES_KV && oo.compare[2].outliers == KVQ_ROLES_NONE,
+               "--kv-outliers / :outl=: %d %d %d %d", oo.outliers, oo.compare[0].outliers, oo.compare[1].outliers,
+               oo.compare[2].outliers);
+        oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--decode-attn");
+        EXPECT(oo.decode_attn == 1 && oo.outliers == -1, "--decode-attn %d, outliers default %d", oo.decode_attn,
+               oo.outliers);
+        oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
+        EXPECT(oo.decode_attn == 0, "--decode-attn defaults to off (%d)", oo.decode_attn);
+    }
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--decode-attn", "option '--decode-attn' is not used by 'kvq run'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:qnorm=k:qnorm=v", "gives :qnorm= more than once");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:qnorm=default", "Q-Norm (:qnorm=): 'default'");
     {

@@ -1202,7 +1202,8 @@ int main(int argc, char **argv) {
         g_qnorm = KVQ_ROLES_V;
         test_fork_truncate(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F16);
         g_rot = 0, g_sinks = 0, g_qnorm = 0;
-        // what the backend does not take: more sinks than a sink page holds, non-uniform levels, Q-Norm roles beyond KV
+        // what the backend does not take: more sinks than a sink page holds, non-uniform levels, Q-Norm roles beyond KV,
+        // outliers
         kvq_cache_config mc = kvq_cache_config_default();
         mc.n_layers = 1, mc.n_kv_heads = 2, mc.head_dim = 128, mc.type_k = mc.type_v = KVQ_TYPE_Q2, mc.arena_bytes = 1 << 22;
         kvq_cuda_cache *x = nullptr;
@@ -1216,6 +1217,8 @@ int main(int argc, char **argv) {
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "qnorm 4 accepted");
         mc.qnorm = -2;
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "qnorm -2 accepted");
+        mc.qnorm = -1, mc.outliers = KVQ_ROLES_V; /* dense-and-sparse outliers: the CPU cache's only */
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "outliers accepted");
     }
     if (!quick && !only) {
         test_long(KVQ_TYPE_Q8, 131072 + 77);

@@ -10,7 +10,8 @@
  *    both round keys to fp16 (relative 2^-12), at different points: measured NMSE 2e-7 .. 5.5e-7 (SmolLM2-like outlier channels: large logits), bound 4e-6;
  *  - after fork, truncate (a cut inside a key group) and appends to the fork: both sequences against their
  *    references (token t stays at position t);
- *  - kvq_rope_apply (kvq_read's keys -> post-RoPE) and the config's named errors. */
+ *  - kvq_rope_apply (kvq_read's keys -> post-RoPE) and the config's named errors;
+ *  - dense-and-sparse outliers (kvq.h section 10) of pre-RoPE keys, added to the decoded rows before RoPE. */
 #include "testutil.h"
 
 /* y = RoPE(pos) x for one head vector, fp64 */
@@ -94,13 +95,15 @@ static void append_all(kvq_cache *c, int32_t seq, const float *k, const float *v
     }
 }
 
+static int g_outliers; /* kvq_cache_config.outliers of run_case's caches (kvq.h section 10) */
+
 static void run_case(kvq_type tk, kvq_type tv, int D, int H, int rep, int neox, int rot, int freqs, int64_t T) {
     float f[128];
     for (int i = 0; i < D / 2; i++) /* freqs: Llama-3-like, the low frequencies divided by 8 */
         f[i] = (float)pow(10000.0, -2.0 * i / D) / (freqs && i >= D / 4 ? 8.0f : 1.0f);
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.n_threads = 2;
-    cfg.rotate = rot, cfg.sinks = 1, cfg.max_seqs = 4;
+    cfg.rotate = rot, cfg.sinks = 1, cfg.max_seqs = 4, cfg.outliers = g_outliers;
     cfg.prerope = 1, cfg.rope_neox = neox, cfg.rope_theta = 10000.0f, cfg.rope_freqs = freqs ? f : NULL;
     cfg.arena_bytes = 3 * kvq_cache_arena_bytes_for(&cfg, T + 64);
     kvq_cache *c = NULL;
@@ -231,6 +234,13 @@ int main(void) {
     run_case(KVQ_TYPE_F16, KVQ_TYPE_F16, 80, 2, 8, 1, KVQ_ROLES_K, 0, 300);
     /* 9 query rows per KV head: more than the fused value kernels take */
     run_case(KVQ_TYPE_Q4, KVQ_TYPE_Q8, 96, 1, 9, 1, 0, 0, 200);
+    /* dense-and-sparse outliers: the keys' join the decoded rows before RoPE (kvq_read returns them too), through
+     * fork, a cut inside a key group (back into the window) and appends */
+    g_outliers = KVQ_ROLES_KV;
+    run_case(KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 3, 0, KVQ_ROLES_KV, 0, 300);
+    run_case(KVQ_TYPE_Q2, KVQ_TYPE_F16, 128, 2, 4, 1, KVQ_ROLES_K, 1, 300);
+    run_case(KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 2, 2, 0, KVQ_ROLES_NONE, 0, 300);
+    g_outliers = 0;
     /* positions past 64k */
     if (!tu_quick()) {
         run_case(KVQ_TYPE_F16, KVQ_TYPE_F16, 64, 1, 2, 0, 0, 0, 70000);

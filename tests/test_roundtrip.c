@@ -196,8 +196,149 @@ static void test_qnorm(void) {
     kvq_cache_free(c);
 }
 
+/* Dense-and-sparse outliers (kvq.h sections 5 and 10, "outliers"): Gaussian K/V with one value of each key group
+ * channel and of each value group pushed far out (10 .. 30 sigma, either sign), through a cache with outliers = KV
+ * and one without (min/max, uniform levels, no rotation, everything paged). With them: the pushed value reads back
+ * (the outlier kvq.h's rule picks) within the fp16 rounding of its residual, and every other value within half a step of its group's range WITHOUT
+ * the pushed one (the dense part never saw it); without them the others' error is several times larger. The layout
+ * grows by 3 bytes per entry (kvq_cache_config_layout says so before create); per-token types ignore the field. */
+static void outliers_case(kvq_type t, int D, int qnorm) {
+    const int T = 128, H = 2;
+    size_t n = (size_t)T * H * D;
+    float *x[2] = {malloc(n * 4), malloc(n * 4)}, *r[2][2];
+    tu_fill_kv(x[0], x[1], T, H, D);
+    kvq_page_layout L, L0, Lc;
+    for (int f = 0; f < 2; f++) {
+        kvq_cache_config cfg = kvq_cache_config_default();
+        cfg.sinks = 0, cfg.rotate = 0, cfg.residual = 0, cfg.arena_bytes = 8u << 20, cfg.nonuniform = 0;
+        cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t, cfg.qnorm = qnorm;
+        cfg.outliers = f ? KVQ_ROLES_KV : -1;
+        kvq_cache *c = NULL;
+        kvq_cache_config got;
+        CHECK_OK(kvq_cache_config_layout(&cfg, &Lc));
+        CHECK_OK(kvq_cache_create(&cfg, &c));
+        CHECK_OK(kvq_cache_get_config(c, &got, f ? &L : &L0));
+        CHECK(memcmp(&Lc, f ? &L : &L0, sizeof Lc) == 0, "kvq_cache_config_layout differs from the cache's layout");
+        CHECK(got.outliers == (f ? KVQ_ROLES_KV : 0), "get_config outliers %d", got.outliers);
+        if (f == 0) { /* push one value per group out, the same for both caches (the second run reuses x) */
+            const int G = L0.group, Gv = L0.value_group;
+            for (int g = 0; g < T / G; g++)
+                for (int h = 0; h < H; h++)
+                    for (int d = 0; d < D; d++) {
+                        int j = g * G + (int)(tu_uniform() * G) % G;
+                        x[0][((size_t)j * H + h) * D + d] = (float)((tu_uniform() < 0.5 ? -1 : 1) * (10 + 20 * tu_uniform()));
+                    }
+            for (int j = 0; j < T; j++)
+                for (int h = 0; h < H; h++)
+                    for (int k = 0; k < D / Gv; k++) {
+                        int d = k * Gv + (int)(tu_uniform() * Gv) % Gv;
+                        x[1][((size_t)j * H + h) * D + d] = (float)((tu_uniform() < 0.5 ? -1 : 1) * (10 + 20 * tu_uniform()));
+                    }
+        }
+        int32_t seq, nt = T;
+        r[f][0] = malloc(n * 4), r[f][1] = malloc(n * 4);
+        CHECK_OK(kvq_seq_new(c, &seq));
+        CHECK_OK(kvq_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, x[0], x[1]));
+        CHECK_OK(kvq_read(c, seq, 0, 0, T, r[f][0], r[f][1]));
+        kvq_cache_free(c);
+    }
+    const char *name = kvq_type_get_traits(t)->name;
+    if (!kvq_type_get_traits(t)->grouped) {
+        CHECK(L.outliers == 0 && L.page_bytes == L0.page_bytes, "%s: outliers changed a per-token type's layout", name);
+        CHECK(memcmp(r[0][0], r[1][0], n * 4) == 0 && memcmp(r[0][1], r[1][1], n * 4) == 0,
+              "%s: outliers changed a per-token type's bytes", name);
+        free(x[0]), free(x[1]);
+        for (int f = 0; f < 2; f++) free(r[f][0]), free(r[f][1]);
+        return;
+    }
+    const int G = L.group, Gv = L.value_group, qmax = (1 << kvq_type_get_traits(t)->bits) - 1;
+    CHECK(L.outliers == KVQ_ROLES_KV && L.k_block_bytes >= L0.k_block_bytes + 3 * (size_t)(L.page_tokens / G) * D - 15 &&
+          L.v_block_bytes >= L0.v_block_bytes + 3 * (size_t)L.page_tokens * (D / Gv) - 15 &&
+          L.k_block_bytes <= L0.k_block_bytes + 3 * (size_t)(L.page_tokens / G) * D + 15,
+          "%s D=%d: blocks %zu / %zu against %zu / %zu without outliers", name, D, L.k_block_bytes, L.v_block_bytes,
+          L0.k_block_bytes, L0.v_block_bytes);
+    double worst_out = 0, worst_rest = 0, err[2] = {0, 0};
+    for (int role = 0; role < 2; role++) {
+        const float *xr = x[role];
+        int n_groups = role ? T * H * (D / Gv) : (T / G) * H * D, len = role ? Gv : G;
+        for (int g = 0; g < n_groups; g++) {
+            size_t idx[128] = {0};
+            for (int j = 0; j < len; j++)
+                idx[j] = role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j
+                              : ((size_t)((g / (D * H)) * G + j) * H + g / D % H) * D + g % D;
+            /* the outlier as kvq.h defines it: the largest or the smallest, whichever stands further from the next
+             * (the pushed value but where a key channel's offset puts it near the others' side) */
+            int ih = 0, il = 0;
+            for (int j = 1; j < len; j++) ih = xr[idx[j]] > xr[idx[ih]] ? j : ih, il = xr[idx[j]] < xr[idx[il]] ? j : il;
+            double h2 = -INFINITY, l2 = INFINITY;
+            for (int j = 0; j < len; j++) {
+                if (j != ih) h2 = fmax(h2, xr[idx[j]]);
+                if (j != il) l2 = fmin(l2, xr[idx[j]]);
+            }
+            int o = xr[idx[ih]] - h2 >= l2 - xr[idx[il]] ? ih : il;
+            double lo = INFINITY, hi = -INFINITY;
+            for (int j = 0; j < len; j++)
+                if (j != o) lo = fmin(lo, xr[idx[j]]), hi = fmax(hi, xr[idx[j]]);
+            double half = 0.5 * (hi - lo) / qmax, slack = 1e-3 * (fabs(lo) + fabs(hi)) + 1e-4;
+            double eo = fabs(r[1][role][idx[o]] - xr[idx[o]]);
+            worst_out = fmax(worst_out, eo / fabs(xr[idx[o]]));
+            CHECK(eo <= 1e-3 * (fabs(xr[idx[o]]) + hi - lo) + 1e-4, "%s D=%d %s group %d: outlier %g read back %g", name,
+                  D, role ? "value" : "key", g, (double)xr[idx[o]], (double)r[1][role][idx[o]]);
+            for (int j = 0; j < len; j++) {
+                if (j == o) continue;
+                double e1 = fabs(r[1][role][idx[j]] - xr[idx[j]]), e0 = fabs(r[0][role][idx[j]] - xr[idx[j]]);
+                err[0] += e0, err[1] += e1;
+                if (!qnorm) { /* Q-Norm's pair may put the extremes past half a step: only the mean below */
+                    worst_rest = fmax(worst_rest, e1 / (half + slack));
+                    CHECK(e1 <= half * 1.01 + slack, "%s D=%d %s group %d: value %g read back %g, half step %g", name, D,
+                          role ? "value" : "key", g, (double)xr[idx[j]], (double)r[1][role][idx[j]], half);
+                }
+            }
+        }
+    }
+    printf("  outliers %-3s D=%3d qnorm=%d: pushed value relative error %.1e; the others' mean error %.4f, without "
+           "outliers %.4f (%.1fx); worst / half step %.3f\n", name, D, qnorm, worst_out, err[1] / (2.0 * n),
+           err[0] / (2.0 * n), err[0] / err[1], worst_rest);
+    /* Q-Norm without outliers already fits the pair to the moments rather than to the pushed extreme (q2: 2.5x) */
+    CHECK(err[0] > (qnorm ? 2 : 3) * err[1], "%s D=%d: outliers cut the others' error only %.2fx", name, D, err[0] / err[1]);
+    free(x[0]), free(x[1]);
+    for (int f = 0; f < 2; f++) free(r[f][0]), free(r[f][1]);
+}
+
+static void test_outliers(void) {
+    static const int dims[] = {64, 80, 128};
+    for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
+        if (!kvq_type_get_traits((kvq_type)t)->implemented) continue;
+        for (int i = 0; i < 3; i++) outliers_case((kvq_type)t, dims[i], 0);
+    }
+    outliers_case(KVQ_TYPE_Q4, 64, KVQ_ROLES_KV);
+    outliers_case(KVQ_TYPE_Q2, 128, KVQ_ROLES_KV);
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q2;
+    cfg.arena_bytes = 1u << 20;
+    kvq_cache *c = NULL;
+    kvq_page_layout L;
+    memset(&L, 0x5a, sizeof L);
+    kvq_page_layout L2 = L;
+    cfg.outliers = 4;
+    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), "outliers 4"), "outliers 4: %s",
+          kvq_last_error());
+    CHECK(kvq_cache_config_layout(&cfg, &L) == KVQ_ERR_INVALID_ARG && memcmp(&L, &L2, sizeof L) == 0,
+          "kvq_cache_config_layout: outliers 4 refused, the layout untouched");
+    CHECK(kvq_cache_config_layout(&cfg, NULL) == KVQ_ERR_NULL, "kvq_cache_config_layout: NULL out");
+    cfg.outliers = -2;
+    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c, "outliers -2");
+    cfg.outliers = KVQ_ROLES_K, cfg.squat_rank = 4;
+    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), "SQuat"),
+          "key outliers with SQuat: %s", kvq_last_error());
+    cfg.outliers = KVQ_ROLES_V; /* values' outliers and SQuat keys go together */
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    kvq_cache_free(c);
+}
+
 int main(void) {
     test_qnorm();
+    test_outliers();
     static const int dims[] = {64, 80, 96, 128, 256};
     for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
         if (!kvq_type_get_traits((kvq_type)t)->implemented) continue;

@@ -137,7 +137,7 @@ class CacheConfig(C.Structure):
                 ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float)),
                 ("squat_rank", C.c_int), ("squat_lambda", C.c_float),
                 ("rotation_layers", C.POINTER(C.c_int32)),  # NULL: the cache's layer indices seed the signs
-                ("qnorm", C.c_int)]
+                ("qnorm", C.c_int), ("outliers", C.c_int)]
 
 
 class PageLayout(C.Structure):
@@ -145,7 +145,7 @@ class PageLayout(C.Structure):
                 ("value_group", C.c_int), ("type_k", C.c_int), ("type_v", C.c_int), ("k_row_bytes", C.c_size_t),
                 ("v_row_bytes", C.c_size_t), ("k_block_bytes", C.c_size_t), ("v_block_bytes", C.c_size_t),
                 ("k_offset", C.c_size_t), ("v_offset", C.c_size_t), ("page_bytes", C.c_size_t),
-                ("nonuniform", C.c_int)]
+                ("nonuniform", C.c_int), ("outliers", C.c_int)]
 
 
 class CacheStats(C.Structure):
@@ -231,6 +231,7 @@ for _n, _r, _a in [
     ("kvq_cache_config_default", CacheConfig, []),
     ("kvq_cache_capacity_tokens", C.c_int64, [C.POINTER(CacheConfig)]),
     ("kvq_cache_arena_bytes_for", C.c_size_t, [C.POINTER(CacheConfig), C.c_int64]),
+    ("kvq_cache_config_layout", C.c_int, [C.POINTER(CacheConfig), C.POINTER(PageLayout)]),
     ("kvq_cache_create", C.c_int, [C.POINTER(CacheConfig), C.POINTER(_P)]),
     ("kvq_cache_free", None, [_P]),
     ("kvq_cache_get_config", C.c_int, [_P, C.POINTER(CacheConfig), C.POINTER(PageLayout)]),
@@ -391,7 +392,7 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
                 residual: int = -1, max_seqs: int = 0, n_threads: int = 0, rotate: int = -1, rotation_seed: int = 0,
                 sinks: int = -1, nonuniform: int = -1, prerope: int = 0, rope_neox: int = 0, rope_theta: float = 0.0,
                 rope_freqs=None, squat_rank: int = 0, squat_lambda: float = 0.0,
-                rotation_layers=None, qnorm: int = -1) -> CacheConfig:
+                rotation_layers=None, qnorm: int = -1, outliers: int = -1) -> CacheConfig:
     """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create).
     rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off). prerope (0/1), rope_neox,
     rope_theta, rope_freqs (None or head_dim / 2 inverse frequencies): pre-RoPE keys, kvq.h section 10; the
@@ -401,12 +402,14 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
     rotation signs in place of its index (a model's layer numbers when its layers are split over several caches, so
     that each layer holds the same bytes however they are grouped); kept alive by the config like rope_freqs.
     qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): a role set, -1 the library's default (none), 0
-    none; CPU caches only."""
+    none. outliers: dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"): a role set, -1 the
+    library's default (none), 0 none; CPU caches only."""
     vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                         ("page_tokens", page_tokens), ("group", group), ("residual", residual),
                                         ("max_seqs", max_seqs), ("n_threads", n_threads), ("rotate", rotate),
                                         ("sinks", sinks), ("nonuniform", nonuniform), ("prerope", prerope),
-                                        ("rope_neox", rope_neox), ("squat_rank", squat_rank), ("qnorm", qnorm))}
+                                        ("rope_neox", rope_neox), ("squat_rank", squat_rank), ("qnorm", qnorm),
+                                        ("outliers", outliers))}
     if isinstance(squat_lambda, bool) or not isinstance(squat_lambda, (int, float, np.integer, np.floating)) or \
             not np.isfinite(float(squat_lambda)):
         raise ValueError(f"kvq: squat_lambda must be a finite number (<= 0: auto), not {squat_lambda!r}")
@@ -455,15 +458,22 @@ def key_subspace(queries, rank: int):
 
 def arena_bytes_for(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec,
                     type_v: Optional[TypeSpec] = None, tokens_per_seq: int = 4096, n_seqs: int = 1,
-                    page_tokens: int = 64, group: int = 0, slack_pages_per_seq: int = 2) -> int:
+                    page_tokens: int = 64, group: int = 0, slack_pages_per_seq: int = 2, outliers: int = 0) -> int:
     """Arena bytes for n_seqs sequences of tokens_per_seq tokens each, in every layer, with a few pages of slack per
-    (sequence, layer) for copy-on-write after a fork."""
+    (sequence, layer) for copy-on-write after a fork. outliers: the role set of a cache with dense-and-sparse outliers
+    (kvq.h section 10), whose pages are larger."""
     n_layers = _nonneg(n_layers, "n_layers")
     tokens_per_seq = _nonneg(tokens_per_seq, "tokens_per_seq", INT64_MAX, "int64")
     n_seqs = _nonneg(n_seqs, "n_seqs")
     slack = _nonneg(slack_pages_per_seq, "slack_pages_per_seq")
-    lay = page_layout(type_k, type_v if type_v is not None else type_k, n_kv_heads, head_dim,
-                      _int(page_tokens, "page_tokens") or 64, group)
+    if _int(outliers, "outliers") > 0:
+        cfg = make_config(max(n_layers, 1), n_kv_heads, head_dim, type_k, type_v, 0, _int(page_tokens, "page_tokens"),
+                          group, outliers=outliers)
+        lay = PageLayout()
+        _check(_lib.kvq_cache_config_layout(C.byref(cfg), C.byref(lay)))
+    else:
+        lay = page_layout(type_k, type_v if type_v is not None else type_k, n_kv_heads, head_dim,
+                          _int(page_tokens, "page_tokens") or 64, group)
     P = lay.page_tokens
     pages = n_layers * n_seqs * (-(-tokens_per_seq // P) + slack)
     total = pages * lay.page_bytes
@@ -522,21 +532,22 @@ class Cache:
                  page_tokens: int = 0, group: int = 0, residual: int = -1, max_seqs: int = 0, n_threads: int = 0,
                  rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1, prerope: int = 0,
                  rope_neox: int = 0, rope_theta: float = 0.0, rope_freqs=None, squat_rank: int = 0,
-                 squat_lambda: float = 0.0, rotation_layers=None, qnorm: int = -1):
+                 squat_lambda: float = 0.0, rotation_layers=None, qnorm: int = -1, outliers: int = -1):
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
                           n_threads, rotate, rotation_seed, sinks, nonuniform, prerope, rope_neox, rope_theta,
-                          rope_freqs, squat_rank, squat_lambda, rotation_layers, qnorm)
+                          rope_freqs, squat_rank, squat_lambda, rotation_layers, qnorm, outliers)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,
                                           cfg.page_tokens or 64, group)
-            if cfg.sinks != 0:  # the sink pages (kvq.h section 10): what libkvq's sizing adds for them
+            if cfg.sinks != 0 or cfg.outliers > 0:
+                # the sink pages and the outlier sections (kvq.h section 10): what libkvq's sizing adds for them
                 flat = CacheConfig.from_buffer_copy(cfg)
-                flat.sinks = 0
-                with_sinks, without = (_lib.kvq_cache_arena_bytes_for(C.byref(x), max_tokens) for x in (cfg, flat))
-                if with_sinks == 0 or without == 0:
+                flat.sinks, flat.outliers = 0, 0
+                with_them, without = (_lib.kvq_cache_arena_bytes_for(C.byref(x), max_tokens) for x in (cfg, flat))
+                if with_them == 0 or without == 0:
                     _check(-2)  # KVQ_ERR_INVALID_ARG, with libkvq's message
-                arena_bytes += with_sinks - without
+                arena_bytes += with_them - without
         cfg.arena_bytes = _size(arena_bytes, "arena_bytes")
         h = _P()
         _check(_lib.kvq_cache_create(C.byref(cfg), C.byref(h)))

@@ -206,6 +206,8 @@ class KVQCache(Cache):
             any value but -1 or 0 is refused there.
         qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): a role set, 0 off, -1 kvq's engine default
             (the q4/q3/q2 roles: engine_default_qnorm), on the CPU and on CUDA alike.
+        outliers: dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"; CPU only): a role set,
+            0 and -1 off (the default). Keys with outliers take no SQuat: squat_rank -1 then resolves to 0.
         squat_rank, squat_lambda: SQuat keys (kvq.h section 10; CPU only): the keys' quantization error is kept out of
             the subspace of the first prefill's queries (the top squat_rank eigenvectors of Q^T Q per sequence, layer
             and KV head, computed here from the queries the attention receives, set before the keys are appended).
@@ -225,7 +227,7 @@ class KVQCache(Cache):
                  max_cache_len: int = 4096, max_batch_size: int | None = None, arena_bytes: int | None = None,
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
                  nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0,
-                 plan: Plan | str | os.PathLike | None = None, qnorm: int = -1) -> None:
+                 plan: Plan | str | os.PathLike | None = None, qnorm: int = -1, outliers: int = 0) -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
         if plan is not None:
@@ -252,6 +254,7 @@ class KVQCache(Cache):
         for name, val, hi, what in (("rotate", rotate, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("nonuniform", nonuniform, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("qnorm", qnorm, 3, "a role set: 1 keys, 2 values, 3 both"),
+                                    ("outliers", outliers, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("sinks", sinks, 1024, "tokens kept exact, 0 .. 1024")):
             if not -1 <= N._int(val, name) <= hi:
                 raise ValueError(f"kvq: {name} = {val} must be -1 (kvq's default), 0 (off) or {what}")
@@ -284,6 +287,7 @@ class KVQCache(Cache):
         self.kvq_quality = {"rotate": int(rotate), "sinks": int(sinks), "nonuniform": int(nonuniform)}
         self.kvq_squat = (int(squat_rank), float(squat_lambda))
         self.kvq_qnorm = int(qnorm)
+        self.kvq_outliers = max(int(outliers), 0)
         self._squat_set: set = set()  # (group index, sequence, local layer) whose key subspace is set
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
@@ -374,6 +378,8 @@ class KVQCache(Cache):
             if self.kvq_quality["nonuniform"] not in (-1, 0):
                 raise ValueError("kvq: the CUDA backend has no non-uniform levels (kvq.h section 10): nonuniform="
                                  f"{self.kvq_quality['nonuniform']}")
+            if self.kvq_outliers:
+                raise ValueError(f"kvq: the CUDA backend has no dense-and-sparse outliers: outliers={self.kvq_outliers}")
             if self.kvq_squat[0] > 0:
                 raise ValueError("kvq: the CUDA backend has no SQuat keys (kvq.h section 10): squat_rank="
                                  f"{self.kvq_squat[0]}")
@@ -384,7 +390,8 @@ class KVQCache(Cache):
             for g in self._groups:
                 nl = len(g.layers)
                 ab = self.kvq_arena_bytes or N.arena_bytes_for(nl, self.n_kv_heads, self.head_dim, g.types[0], g.types[1],
-                                                           self.kvq_max_len, nb, 64, self.kvq_group)
+                                                           self.kvq_max_len, nb, 64, self.kvq_group,
+                                                           outliers=self.kvq_outliers)
                 # each layer's rotation seeded by its model layer number (kvq.h, rotation_layers), as the engine does:
                 # a layer's bytes do not depend on which other layers share its cache
                 rl = None if g.layers == list(range(nl)) else g.layers
@@ -398,7 +405,8 @@ class KVQCache(Cache):
                 else:
                     rank = self.kvq_squat[0]
                     if rank < 0:  # the engine's default (src/cli): SQuat for Q2 keys, where queries reach the cache
-                        rank = 8 if (g.types[0] == N.type_from_name("q2") and self.head_dim > 8 and self.fused) else 0
+                        rank = 8 if (g.types[0] == N.type_from_name("q2") and self.head_dim > 8 and self.fused and
+                                     not self.kvq_outliers & 1) else 0
                     if rank and not self.fused:
                         raise ValueError('kvq: SQuat keys (squat_rank > 0) need attn_implementation="kvq": with '
                                          "eager/sdpa the keys are stored before any query is seen")
@@ -406,7 +414,7 @@ class KVQCache(Cache):
                                 residual=self.kvq_residual, group=self.kvq_group, max_seqs=2 * nb + 8,
                                 n_threads=self.kvq_n_threads, squat_rank=rank, squat_lambda=self.kvq_squat[1],
                                 rotation_layers=rl,
-                                qnorm=qn,
+                                qnorm=qn, outliers=self.kvq_outliers,
                                 **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]

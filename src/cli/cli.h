@@ -32,7 +32,7 @@ enum kvq_cli_cmd { KVQ_CLI_RUN = 0, KVQ_CLI_PPL = 1, KVQ_CLI_CAP = 2, KVQ_CLI_TO
 #define KVQ_CLI_DEFAULT_MAX_FILE ((size_t)64 << 20)
 
 /* One --compare entry: TYPE[/TYPE] then, each at most once and in any order, :rRESIDUAL :gGROUP :rot=ROLES
- * :sinks=N :nuq=ROLES :qnorm=ROLES :seed=N :pre=0|1 :squat=R :lambda=X :local=TYPE[/TYPE] :layers=SPEC (ROLES: none, k, v,
+ * :sinks=N :nuq=ROLES :qnorm=ROLES :outl=ROLES :seed=N :pre=0|1 :squat=R :lambda=X :local=TYPE[/TYPE] :layers=SPEC (ROLES: none, k, v,
  * kv; SPEC
  * as --kv-layers: A[-B]@TYPE[/TYPE] joined by '+'). Fields an entry does not give come from the global options. */
 #define KVQ_CLI_MIX_NAME 256
@@ -45,6 +45,7 @@ typedef struct kvq_cli_mix {
     int sinks;              /* 0..1024 */
     int nonuniform;         /* KVQ_ROLES_* */
     int qnorm;              /* Q-Norm: KVQ_ROLES_*, -1 the engine's default (llama_default_qnorm) */
+    int outliers;           /* dense-and-sparse outliers: KVQ_ROLES_*, -1 / 0 none */
     uint32_t rotation_seed; /* 0: the library's fixed default seed */
     int prerope;            /* pre-RoPE keys: 1 on, 0 off, -1 the engine's default (llama_default_prerope) */
     int local_types;        /* 1: sliding-window layers (Gemma 3's local ones) use type_k_local/type_v_local */
@@ -68,6 +69,7 @@ typedef struct kvq_cli_opts {
     uint64_t seed;
     int rotate, sinks, nonuniform; /* --kv-rotate, --kv-sinks, --kv-nuq: -1 (default) = the library's default */
     int qnorm;                     /* --kv-qnorm: -1 (default) = the engine's default (llama_default_qnorm) */
+    int outliers;                  /* --kv-outliers: -1 (default) = none */
     uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
     int prerope;                   /* --kv-prerope: 1, 0, -1 (default) = the engine's default for the key type */
     int squat_rank;                /* --kv-squat: 0..32, -1 (default) = the engine's default for the key type */

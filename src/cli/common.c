@@ -190,6 +190,7 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     cc.rotation_seed = mix->rotation_seed;
     cc.sinks = mix->sinks;
     cc.nonuniform = mix->nonuniform;
+    cc.outliers = mix->outliers;
     size_t a = kvq_cache_arena_bytes_for(&cc, tokens);
     if (a == 0) {
         int64_t why = kvq_cache_capacity_tokens(&cc); /* fails at the same check, with its status and message */
@@ -273,6 +274,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->sinks = mix->sinks;
     cp->nonuniform = mix->nonuniform;
     cp->qnorm = mix->qnorm;
+    cp->outliers = mix->outliers;
     cp->rotation_seed = mix->rotation_seed;
     cp->prerope = mix->prerope;
     cp->local_types = mix->local_types;

@@ -209,14 +209,43 @@ static kvq__blk page_blk(const kvq_cache *c, int32_t pg, int h, kvq_role role) {
     b.Gv = L->value_group;
     b.lv16 = kvq__layout_levels(L, role);
     b.pf_k = b.pf_v = NULL, b.pf_k_lines = b.pf_v_lines = 0;
+    b.ores = kvq__outlier_res(L, role, b.data);
+    b.oidx = kvq__outlier_idx(L, role, b.data);
     return b;
 }
 
 static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
-    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, NULL, c->L.head_dim, 1, 1, NULL, NULL, 0, 0};
+    kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, NULL, c->L.head_dim, 1, 1, NULL, NULL, 0, 0, NULL, NULL};
     b.data = (const uint8_t *)(w + (size_t)h * c->L.head_dim);
     b.stride = (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
     return b;
+}
+
+/* Dense-and-sparse outliers (kvq.h section 10): what the kernels' dense decode left out, added by the driver. Keys:
+ * s[r][j - a] += q[r][c] e for the outlier (j, c) of each key group and channel with j in [a, a + n); values:
+ * acc[r][c] += p[r][j - a] e for each token j and value group. A few multiply-adds per group, none per element. */
+static void outlier_scores(const kvq__blk *b, int a, int n, const float *q, int rows, float *s, int ss) {
+    const int D = b->D, G = b->G;
+    for (int g = a / G; g * G < a + n; g++)
+        for (int c = 0; c < D; c++) {
+            size_t e = (size_t)g * D + c;
+            int j = g * G + b->oidx[e] - a;
+            if (j < 0 || j >= n || !b->ores[e]) continue;
+            float r = kvq__f16_to_f32(b->ores[e]);
+            for (int i = 0; i < rows; i++) s[(size_t)i * ss + j] += q[(size_t)i * D + c] * r;
+        }
+}
+
+static void outlier_accum(const kvq__blk *b, int a, int n, const float *p, int ps, int rows, float *acc) {
+    const int D = b->D, Gv = b->Gv, ng = D / Gv;
+    for (int j = 0; j < n; j++)
+        for (int k = 0; k < ng; k++) {
+            size_t e = (size_t)(a + j) * ng + k;
+            if (!b->ores[e]) continue;
+            float r = kvq__f16_to_f32(b->ores[e]);
+            int c = k * Gv + b->oidx[e];
+            for (int i = 0; i < rows; i++) acc[(size_t)i * D + c] += p[(size_t)i * ps + j] * r;
+        }
 }
 
 /* Processes rows [j0, j1) of one block pair (keys kb, values vb) whose first row is token `tok0`. */
@@ -238,12 +267,15 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
         for (int i = 0; !fused && i < n; i += KVQ_TILE) {
             int m = n - i < KVQ_TILE ? n - i : KVQ_TILE;
             K->decode(kb, a + i, m, sc->x);
+            /* pre-RoPE keys: the outliers join the decoded rows before RoPE; else they are added to the scores */
+            if (prerope && kb->ores) kvq__outliers_add_rows(KVQ_KEY, kb->ores, kb->oidx, a + i, m, D, kb->G, kb->Gv, sc->x, D);
             if (prerope && w->kunrot)
                 K->unrot_rope(sc->x, m, w->kunrot, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
             else if (prerope)
                 K->rope(sc->x, m, D, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
             K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
         }
+        if (kb->ores && !prerope) outlier_scores(kb, a, n, w->q, rows, sc->s, SEG);
         for (int r = 0; r < rows; r++) {
             float *s = sc->s + (size_t)r * SEG;
             if (isnan(w->m[r])) { /* the row's result is NaN already: its weights stay 0 */
@@ -285,6 +317,7 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
             K->decode(vb, a + i, m, sc->x);
             K->axpys(sc->s + i, SEG, rows, D, sc->x, m, w->acc);
         }
+        if (vb->ores) outlier_accum(vb, a, n, sc->s, SEG, rows, w->acc);
     }
 }
 

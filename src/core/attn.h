@@ -18,6 +18,9 @@ typedef struct kvq__blk {
      * over its tokens, and their sizes in 64-byte lines */
     const uint8_t *pf_k, *pf_v;
     int pf_k_lines, pf_v_lines;
+    /* the block's outliers (kvq.h section 5; NULL: none): the driver adds them, the kernels never see them */
+    const uint16_t *ores;
+    const uint8_t *oidx;
 } kvq__blk;
 
 #define KVQ_TILE 8 /* rows decoded at a time */

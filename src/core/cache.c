@@ -20,6 +20,7 @@ kvq_cache_config kvq_cache_config_default(void) {
     c.sinks = -1;
     c.nonuniform = -1;
     c.qnorm = -1;
+    c.outliers = -1;
     return c;
 }
 
@@ -113,6 +114,16 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (!isfinite(cfg->squat_lambda))
         return kvq__fail(KVQ_ERR_INVALID_ARG, "squat_lambda %g is not finite (<= 0: auto)", (double)cfg->squat_lambda);
     if (cfg->squat_lambda < 0) cfg->squat_lambda = 0;
+    /* dense-and-sparse outliers: none unless asked; SQuat quantizes keys channel by channel, carrying each error into
+     * the channels after it, which an outlier corrected afterwards would leave wrong */
+    if (cfg->outliers == -1) cfg->outliers = KVQ_ROLES_NONE;
+    if (cfg->outliers < 0 || cfg->outliers > KVQ_ROLES_KV)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "outliers %d is not a set of roles 0..3 (or -1 for the default)",
+                         cfg->outliers);
+    if (cfg->squat_rank > 0 && (cfg->outliers & KVQ_ROLES_K))
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "outliers of keys (outliers %d) with SQuat (squat_rank %d): choose one",
+                         cfg->outliers, cfg->squat_rank);
+    kvq__layout_set_outliers(L, cfg->outliers);
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
                                        (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
@@ -173,6 +184,17 @@ size_t kvq_cache_arena_bytes_for(const kvq_cache_config *in, int64_t n_tokens) {
         return 0;
     }
     return (size_t)pages * (size_t)cfg.n_layers * L.page_bytes;
+}
+
+kvq_status kvq_cache_config_layout(const kvq_cache_config *in, kvq_page_layout *out) {
+    KVQ_CHECK_NULL(out, "kvq_cache_config_layout");
+    kvq_cache_config cfg = {0};
+    kvq_page_layout L;
+    int W, Gf;
+    kvq_status s = resolve_checked(in, &cfg, &L, &W, &Gf, false);
+    if (s) return s;
+    *out = L;
+    return KVQ_OK;
 }
 
 int64_t kvq_cache_capacity_tokens(const kvq_cache_config *in) {
@@ -700,8 +722,11 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
                                              par + (size_t)(slot / Gf) * 2 * D, sq_work);
                     continue;
                 }
+                uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
+                uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
+                size_t e = (size_t)(slot / Gf) * D; /* the group's first outlier entry */
                 kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, blk + rb * (size_t)slot, rb,
-                                     par + (size_t)(slot / Gf) * 2 * D);
+                                     par + (size_t)(slot / Gf) * 2 * D, ores ? ores + e : NULL, oidx ? oidx + e : NULL);
                 continue;
             }
             for (int i = 0; i < Gf; i++) {
@@ -709,8 +734,11 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
                 uint16_t *p = t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? par + s
                               : kvq_type_get_traits(t)->grouped ? par + (size_t)s * (D / L->value_group) * 2
                                                                 : NULL;
+                uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
+                uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
+                size_t e = (size_t)s * (D / L->value_group); /* the row's first outlier entry */
                 kvq__quant_row(t, kvq__layout_levels(L, role), qnorm, x + ((size_t)i * H + h) * D, D, L->value_group,
-                               blk + rb * (size_t)s, p);
+                               blk + rb * (size_t)s, p, ores ? ores + e : NULL, oidx ? oidx + e : NULL);
             }
         }
     }

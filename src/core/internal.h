@@ -102,12 +102,14 @@ static inline const uint8_t *kvq__layout_levels(const kvq_page_layout *L, kvq_ro
 }
 /* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`); lv16: the
  * grouped type's levels (kvq__levels16), ignored by the other types; qnorm: grouped (scale, min) matched to the group's
- * mean and standard deviation (kvq.h section 10, `qnorm`) instead of min/max. */
+ * mean and standard deviation (kvq.h section 10, `qnorm`) instead of min/max. ores / oidx (grouped types; NULL: no
+ * outliers): the row's D / value_group outlier entries (kvq.h section 5). */
 void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int D, int value_group, uint8_t *row,
-                    uint16_t *par);
-/* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]. */
+                    uint16_t *par, uint16_t *ores, uint8_t *oidx);
+/* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]; ores / oidx (NULL: no
+ * outliers): the group's D outlier entries. */
 void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, uint8_t *rows,
-                          size_t row_bytes, uint16_t *scale_min);
+                          size_t row_bytes, uint16_t *scale_min, uint16_t *ores, uint8_t *oidx);
 /* Dequantize row j of a block whose params start at `par` (NULL for F16/BF16) into o[0..D). */
 void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,
                       int D, int G, int Gv, float *o);
@@ -124,6 +126,29 @@ static inline const uint16_t *kvq__block_params(const uint8_t *block, size_t row
     return (const uint16_t *)(const void *)(block + row_bytes * (size_t)P);
 }
 int kvq__value_group(int D, int G);
+
+/* ---- dense-and-sparse outliers (kvq.h sections 5 and 10, `outliers`) ---- */
+/* Entries of a block's outlier section: one per key group and channel, or per token and value group; 0 for roles
+ * without outliers */
+static inline size_t kvq__outlier_count(const kvq_page_layout *L, kvq_role role) {
+    if (!((L->outliers >> role) & 1)) return 0;
+    return role == KVQ_KEY ? (size_t)(L->page_tokens / L->group) * (size_t)L->head_dim
+                           : (size_t)L->page_tokens * (size_t)(L->head_dim / L->value_group);
+}
+size_t kvq__outlier_offset(const kvq_page_layout *L, kvq_role role);
+/* Sets L->outliers (the grouped roles of `roles`) and the block and page sizes that follow from it */
+void kvq__layout_set_outliers(kvq_page_layout *L, int roles);
+/* A block's residuals (fp16) and index bytes; NULL for a role without outliers */
+static inline const uint16_t *kvq__outlier_res(const kvq_page_layout *L, kvq_role role, const uint8_t *block) {
+    return kvq__outlier_count(L, role) ? (const uint16_t *)(const void *)(block + kvq__outlier_offset(L, role)) : NULL;
+}
+static inline const uint8_t *kvq__outlier_idx(const kvq_page_layout *L, kvq_role role, const uint8_t *block) {
+    return kvq__outlier_count(L, role) ? block + kvq__outlier_offset(L, role) + 2 * kvq__outlier_count(L, role) : NULL;
+}
+/* Adds the outliers of block rows [j0, j0 + n) to their dense decode x[i][D] (row j0 + i). res, idx: the block's
+ * outlier section; G, Gv: the layout's groups */
+void kvq__outliers_add_rows(kvq_role role, const uint16_t *res, const uint8_t *idx, int j0, int n, int D, int G, int Gv,
+                            float *x, size_t x_stride);
 
 /* ---- the cache's internals, shared by cache.c and attn.c ---- */
 typedef struct kvq_seq_layer {

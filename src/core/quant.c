@@ -144,8 +144,61 @@ static void group_quant(bool qnorm, const float *x, int n, size_t st, const uint
     if (qnorm && qnorm_params(x, n, st, lv16, q, s, mn) && qmax == 3) group_codes(x, n, st, lv16, qmax, *s, *mn, q);
 }
 
+/* Dense-and-sparse outliers (kvq.h section 10, `outliers`): of a group of n >= 2 values (stride st), the one whose
+ * removal narrows the range most: the largest if it stands further above the second largest than the smallest stands
+ * below the second smallest, else the smallest (min/max quantization pays for the range, not for |x|) */
+static int outlier_of(const float *x, int n, size_t st) {
+    int hi = 0, lo = 0;
+    for (int i = 1; i < n; i++) {
+        float v = x[(size_t)i * st];
+        if (v > x[(size_t)hi * st]) hi = i;
+        if (v < x[(size_t)lo * st]) lo = i;
+    }
+    float hi2 = -INFINITY, lo2 = INFINITY;
+    for (int i = 0; i < n; i++) {
+        float v = x[(size_t)i * st];
+        if (i != hi && v > hi2) hi2 = v;
+        if (i != lo && v < lo2) lo2 = v;
+    }
+    return x[(size_t)hi * st] - hi2 >= lo2 - x[(size_t)lo * st] ? hi : lo;
+}
+
+/* group_quant with one outlier (n <= 128): the group is quantized with the outlier replaced by the mean of the
+ * others (inside their range, and it leaves Q-Norm's mean as the others'), then *res = fp16(x - its decode) and
+ * *idx = its index: decode + res is the value within fp16 rounding of the residual */
+static void group_quant_outlier(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float *s,
+                                float *mn, uint8_t *q, uint16_t *res, uint8_t *idx) {
+    float y[128];
+    int k = outlier_of(x, n, st);
+    double sum = 0;
+    for (int i = 0; i < n; i++) y[i] = x[(size_t)i * st], sum += i == k ? 0.0 : (double)y[i];
+    y[k] = (float)(sum / (n - 1));
+    group_quant(qnorm, y, n, 1, lv16, qmax, s, mn, q);
+    float d = x[(size_t)k * st] - (*s * ((float)lv16[q[k]] * 0.0625f) + *mn); /* dequant_row's expression */
+    *res = kvq__f32_to_f16(fmaxf(fminf(d, 65504.0f), -65504.0f));
+    *idx = (uint8_t)k;
+}
+
+void kvq__outliers_add_rows(kvq_role role, const uint16_t *res, const uint8_t *idx, int j0, int n, int D, int G, int Gv,
+                            float *x, size_t x_stride) {
+    if (role == KVQ_KEY) {
+        for (int g = j0 / G; g * G < j0 + n; g++)
+            for (int c = 0; c < D; c++) {
+                int j = g * G + idx[(size_t)g * D + c];
+                if (j >= j0 && j < j0 + n) x[(size_t)(j - j0) * x_stride + c] += kvq__f16_to_f32(res[(size_t)g * D + c]);
+            }
+    } else {
+        int ng = D / Gv;
+        for (int j = j0; j < j0 + n; j++)
+            for (int k = 0; k < ng; k++) {
+                size_t e = (size_t)j * ng + k;
+                x[(size_t)(j - j0) * x_stride + k * Gv + idx[e]] += kvq__f16_to_f32(res[e]);
+            }
+    }
+}
+
 void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int D, int Gv, uint8_t *row,
-                    uint16_t *par) {
+                    uint16_t *par, uint16_t *ores, uint8_t *oidx) {
     switch (t) {
     case KVQ_TYPE_F16:
         for (int c = 0; c < D; c++) ((uint16_t *)(void *)row)[c] = kvq__f32_to_f16(x[c]);
@@ -173,7 +226,8 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x,
         for (int g = 0; g < D / Gv; g++) {
             float s, mn;
             uint8_t q[128]; /* Gv <= G <= 128 (kvq_page_layout_make) */
-            group_quant(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, q);
+            if (ores) group_quant_outlier(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, q, ores + g, oidx + g);
+            else group_quant(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, q);
             par[2 * g] = kvq__f32_to_f16(s);
             par[2 * g + 1] = kvq__f32_to_f16(mn);
             for (int c = 0; c < Gv; c++) put_bits(row, g * Gv + c, b, D, q[c]);
@@ -185,13 +239,14 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x,
 }
 
 void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, uint8_t *rows,
-                          size_t row_bytes, uint16_t *scale_min) {
+                          size_t row_bytes, uint16_t *scale_min, uint16_t *ores, uint8_t *oidx) {
     int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
     for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
     for (int c = 0; c < D; c++) {
         float s, mn;
         uint8_t q[128]; /* G <= 128 (kvq_page_layout_make) */
-        group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
+        if (ores) group_quant_outlier(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q, ores + c, oidx + c);
+        else group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
         scale_min[c] = kvq__f32_to_f16(s);
         scale_min[D + c] = kvq__f32_to_f16(mn);
         for (int i = 0; i < G; i++) put_bits(rows + (size_t)i * row_bytes, c, b, D, q[i]);
@@ -261,4 +316,8 @@ void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *
         kvq__dequant_row(t, kvq__layout_levels(L, role), role, block + (size_t)i * rb, par, i, L->head_dim, L->group,
                          L->value_group,
                          out + (size_t)(i - t0) * out_stride);
+    const uint16_t *res = kvq__outlier_res(L, role, block);
+    if (res && t1 > t0)
+        kvq__outliers_add_rows(role, res, kvq__outlier_idx(L, role, block), t0, t1 - t0, L->head_dim, L->group,
+                               L->value_group, out, out_stride ? out_stride : (size_t)L->head_dim);
 }

@@ -104,6 +104,22 @@ kvq_status kvq_page_layout_make(kvq_type tk, kvq_type tv, int H, int D, int P, i
     return KVQ_OK;
 }
 
+/* byte offset of a block's outlier section: its data rows and params */
+size_t kvq__outlier_offset(const kvq_page_layout *L, kvq_role role) {
+    kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
+    size_t rb = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
+    return rb * (size_t)L->page_tokens + param_bytes(t, role, L->page_tokens, L->head_dim, L->group, L->value_group);
+}
+
+void kvq__layout_set_outliers(kvq_page_layout *L, int roles) {
+    roles &= (traits[L->type_k].grouped ? KVQ_ROLES_K : 0) | (traits[L->type_v].grouped ? KVQ_ROLES_V : 0);
+    L->outliers = roles;
+    L->k_block_bytes = pad16(kvq__outlier_offset(L, KVQ_KEY) + 3 * kvq__outlier_count(L, KVQ_KEY));
+    L->v_block_bytes = pad16(kvq__outlier_offset(L, KVQ_VALUE) + 3 * kvq__outlier_count(L, KVQ_VALUE));
+    L->v_offset = (size_t)L->n_kv_heads * L->k_block_bytes;
+    L->page_bytes = L->v_offset + (size_t)L->n_kv_heads * L->v_block_bytes;
+}
+
 double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim, int group) {
     if (role != KVQ_KEY && role != KVQ_VALUE) return 0;
     kvq_page_layout L;

@@ -431,6 +431,8 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     if (n_seqs < 1 || n_seqs > LLAMA_GPU_MAX_SEQS)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "%d sequences (1..%d)", n_seqs, LLAMA_GPU_MAX_SEQS);
     if (p->prerope == 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: pre-RoPE keys (--kv-prerope 1) are CPU only");
+    if (p->outliers > 0)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: dense-and-sparse outliers (--kv-outliers) are CPU only");
     if (p->nonuniform > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: non-uniform levels (--kv-nuq) are CPU only (kvq_cuda.h section 4)");
     const llama_config &c = m->cfg;

@@ -242,6 +242,57 @@ def test_decode_plan(kv_type):
     a.close()
 
 
+def test_outliers_read_back_attention_sizing_and_checks(monkeypatch):
+    """kvq.h section 10, "Outliers": with 1% of the values pushed far out, the rest read back with half the error or
+    less and the pushed ones closer too; attention equals fp64 attention over the read-back K/V (which include the
+    outliers); Cache's own arena sizing and arena_bytes_for(outliers=) hold max_tokens with the larger pages; per-token
+    types ignore the field; bad values and key outliers with SQuat are refused."""
+    rng = np.random.default_rng(12)
+    T, H, D = 300, 2, 64
+    k = rng.standard_normal((T, H, D)).astype(np.float32)
+    v = rng.standard_normal((T, H, D)).astype(np.float32)
+    push = rng.random((T, H, D)) < 0.01
+    k[push] *= 15
+    v[push] *= 15
+    q = rng.standard_normal((1, 2 * H, D)).astype(np.float32)
+    # the scalar _ref kernels, fp32 throughout: the SIMD ones round q and the softmax weights (test_attn bounds them),
+    # which on these pushed values moves the output by ~1%, as much as a lost outlier would
+    monkeypatch.setenv("KVQ_FORCE_SCALAR", "1")
+    for t in ("q4", "q3", "q2"):
+        err = {}
+        for ol in (0, kvq._native.ROLES_KV):
+            with kvq.Cache(1, H, D, t, max_tokens=T, residual=0, sinks=0, rotate=0, outliers=ol) as c:
+                assert c.config.outliers == ol and c.layout.outliers == ol
+                s = c.seq_new()
+                c.append(0, [s], [T], k, v)  # max_tokens tokens fit in the arena Cache sized
+                kr, vr = c.read(s, 0)
+                err[ol] = (np.abs(kr - k)[~push].mean(), np.abs(vr - v)[~push].mean(), np.abs(kr - k)[push].mean())
+                out = c.attn_decode(0, [s], q).reshape(2 * H, D)
+                for hq in range(2 * H):
+                    lg = kr[:, hq // 2, :].astype(np.float64) @ q[0, hq] / np.sqrt(D)
+                    p = np.exp(lg - lg.max())
+                    ref = p @ vr[:, hq // 2, :] / p.sum()
+                    assert np.linalg.norm(out[hq] - ref) < 1e-5 * np.linalg.norm(ref), (t, ol, hq)
+                page = c.layout.page_bytes
+            if ol:
+                assert page > flat
+            flat = page
+        assert err[3][0] < 0.5 * err[0][0] and err[3][1] < 0.5 * err[0][1], (t, err)
+        # min/max already decodes a group's extreme closely; a group with two pushed values keeps one exact
+        assert err[3][2] < 0.6 * err[0][2], (t, err)
+    assert kvq.arena_bytes_for(1, H, D, "q4", tokens_per_seq=T, outliers=3) > kvq.arena_bytes_for(1, H, D, "q4", tokens_per_seq=T)
+    with kvq.Cache(1, H, D, "q8", outliers=3) as c:
+        assert c.layout.outliers == 0  # per-token types ignore it
+    with kvq.Cache(1, H, D, "q2") as c:
+        assert c.config.outliers == 0  # -1: the library's default, none
+    for bad in (4, -2):
+        with pytest.raises(kvq.KvqError, match=f"outliers {bad}"):
+            kvq.Cache(1, H, D, "q2", outliers=bad)
+    with pytest.raises(kvq.KvqError, match="SQuat"):
+        kvq.Cache(1, H, D, "q2", outliers=1, squat_rank=4)
+    kvq.Cache(1, H, D, "q2", outliers=2, squat_rank=4).close()  # values' outliers and SQuat keys go together
+
+
 def test_qnorm_matches_the_groups_moments_and_is_checked():
     """kvq.h section 10, "Q-Norm": each Q4 group decodes to its values' mean and standard deviation (min/max's does
     not), Q2's (codes taken again under the normalized pair) comes closer to them than min/max's, the per-token types

@@ -138,6 +138,30 @@ def test_layer_rotation_follows_the_model_layer():
         assert torch.equal(got[0][0], g2[0]) and torch.equal(got[0][1], g2[1])
 
 
+def test_kvqcache_outliers_reach_the_cache():
+    """KVQCache(outliers=): the role set reaches each CPU cache (its arena sized for the larger pages: the prompt
+    fits), q2 keys with outliers take no SQuat (squat_rank -1 resolves to 0), the logits stay within q4's reach of the
+    F16 cache's; out of range refused at construction."""
+    m = make("llama", num_hidden_layers=2)
+    m.set_attn_implementation("kvq")
+    ids = _ids(60, seed=3).unsqueeze(0)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    for kw, want, squat in (({"kv_type": "q4", "outliers": 3}, 3, 0), ({"kv_type": "q2", "outliers": 1}, 1, 0),
+                            ({"kv_type": "q2", "outliers": 2}, 2, 8), ({"kv_type": "q4"}, 0, 0)):
+        cache = kvq.KVQCache(m.config, max_cache_len=64, n_threads=1, group=16, residual=0, **kw)
+        with torch.no_grad():
+            got = m(input_ids=ids, use_cache=True, **{C: cache}).logits
+        h = cache._groups[0].handle
+        assert (h.config.outliers, h.config.squat_rank) == (want, squat), (kw, h.config.outliers, h.config.squat_rank)
+        assert cache.get_seq_length() == 60
+        if kw["kv_type"] == "q4":
+            cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+            assert cos > 0.99, (kw, cos)
+    with pytest.raises(ValueError, match="outliers = 4 must be"):
+        kvq.KVQCache(m.config, kv_type="q4", outliers=4)
+
+
 def test_kvqcache_qnorm_follows_the_engine():
     """KVQCache(qnorm=-1) on the CPU: Q-Norm for the grouped roles, as kvq's engine (llama_default_qnorm); 0 off; a
     role set as given; out of range refused before anything is allocated."""
