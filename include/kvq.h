@@ -470,7 +470,8 @@ KVQ_API kvq_status kvq_cache_set_thread_pool(kvq_cache *cache, const kvq_thread_
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------
- * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope, squat_rank, qnorm)
+ * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope, squat_rank, qnorm,
+ *     outliers)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU. The CUDA backend (kvq_cuda.h section 4) has the
  * rotation and the sinks (up to one sink page, SR >= 10 tokens) and resolves -1 to these same defaults, so that a CPU
@@ -484,7 +485,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  *                                                                    when prerope = 1 (fp32 key kernels then)
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys and values rotated, 1 sink).
  * qnorm (Q-Norm, below) is none in the library (-1 and 0); kvq's engine and KVQCache (CPU and CUDA) turn it on for
- * every grouped role.
+ * every grouped role. outliers (below) is none everywhere unless asked (the CPU cache only).
  * Q4 values are rotated since 2026-12-05 (before: keys only); the paragraph "Q4 values rotated" below has the
  * measurement. The page format is the same; a cache made with the old default holds other bytes for its Q4 values
  * (rotate = KVQ_ROLES_K makes it again).
@@ -587,6 +588,27 @@ KVQ_API const char *kvq_cpu_backend(void);
  * Q3 / Q4 but made q4's and q3's KLD worse (0.00451 -> 0.00469, 0.0183 -> 0.0207) and bought q2 only 4% (0.0819 ->
  * 0.0784, dPPL +5.8% -> +7.6%; docs/quality-fit-2048.csv): clipping a group's extremes trades many small errors for a
  * few large ones on the tokens (or channels) that carry the largest logits; Q-Norm keeps the spread instead.
+ *
+ * Outliers (outliers = KVQ_ROLES_*; -1 and 0: none; the CPU cache only, the CUDA backend refuses it; KVQuant's
+ * dense-and-sparse quantization at one value per group). In each group of a grouped role the value whose removal
+ * narrows the range most (the largest if it stands further above the second largest than the smallest below the
+ * second smallest, else the smallest) is replaced by the mean of the others for quantization, and its residual
+ * (value - decoded code, fp16) and index go to the block's outlier section (section 5), 3 bytes per group (+0.375
+ * bits per element of the role at G = 64). Attention adds the residuals in the driver: q . e to the key's score (for
+ * pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read includes them. Keys with outliers
+ * take no SQuat (squat_rank > 0 is refused with them: SQuat carries each channel's error into the next channels,
+ * which a residual added afterwards would leave wrong). kvq perplexity --decode-attn (docs/quality.md, "dense-and-
+ * sparse outliers"; docs/quality-outliers-*.csv), KLD from F16:
+ *     entry          SmolLM2 ctx 2048    SmolLM2 ctx 8192    Gemma 3 ctx 2048
+ *     q4:outl=k      -18%                -37% (dPPL +0.36%)  +5%
+ *     q4:outl=v                          -1%
+ *     q3:outl=k      -46%                -47% (dPPL +0.74%)  -26%
+ *     q3:outl=kv     -49%                -41% (dPPL +1.21%)
+ *     q2:outl=k      -14% (no SQuat)                         +49% (no SQuat)
+ * Keys' outliers pay (a key channel's few large tokens survive the rotation), values' do not (a rotated token's 64
+ * channels have none left). Per bit, q3 keys' outliers beat moving layers from q3 to q4 (35% and 12% under that
+ * line). The cost is the driver's scalar correction: decode attention at 32k (kvq-bench cpu, Llama-3-8B shapes) q4
+ * 4.12 -> 5.01 ms, q3 4.82 -> 5.61 ms. Off by default until the correction is SIMD and the CUDA backend has it.
  *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean
