@@ -9,7 +9,8 @@
 #     and keep the other part's rows from DIR/quality.csv.
 #   bench/quality.sh --csv DIR     only (re)writes DIR/quality.csv from the tables of DIR/quality.md
 # Env: CHUNKS_2K (6), CHUNKS_8K (2; 0: no ctx 8192 table), KVQ_LIST (kvq --compare entries, default below; an entry
-# the built kvq rejects is skipped with a note), KVQ_LIST_8K, LLAMA_KV (llama.cpp's, see bench/peers/llamacpp.sh),
+# the built kvq rejects is skipped with a note), KVQ_LIST_8K, DECODE_ATTN (1: kvq perplexity --decode-attn, every
+# token scored as generation sees the cache, which llama.cpp's window-less types need not; 0: prefill batches), LLAMA_KV (llama.cpp's, see bench/peers/llamacpp.sh),
 # HF_CSV (docs/bench-hf-quality.csv), KVQ_BUILD_DIR (build), LLAMA_PERPLEXITY (a llama-perplexity of your own, with
 # llama-tokenize beside it), LLAMA_CSV_DIR (take llama.cpp's rows from
 # DIR/llama-CTX.csv, written by an earlier `bench/peers/llamacpp.sh CTX CHUNKS TEXT DIR/llama-CTX.csv`, instead of running).
@@ -22,7 +23,8 @@ BEGIN_MARK='<!-- bench/quality.sh: begin (generated: the text outside these mark
 END_MARK='<!-- bench/quality.sh: end -->'
 table=bench/peers/quality_table.py
 
-out="" part=all kvq_list=${KVQ_LIST:-f16,q8,q8/q4,q4,q4/q2,q3,q2,q4:rot=none,q4:nuq=none,q4:sinks=0}
+out="" part=all kvq_list=${KVQ_LIST:-f16,q8,q8/q4,q4,q4:outl=k,q3,q3:outl=k,q2,q4:rot=none,q4:sinks=0}
+decode_attn=${DECODE_ATTN:-1}
 while [ $# -gt 0 ]; do
   case $1 in
     --out) out=${2:?--out DIR}; shift ;;
@@ -59,6 +61,11 @@ note() { echo "$*" >&2; echo "- $*" >> "$notes"; }
 
 kvq_csv_ok=0
 "$kvq" perplexity --help 2>&1 | grep -q -- '--csv' && kvq_csv_ok=1
+da=()
+if [ "$decode_attn" = 1 ]; then
+  if "$kvq" perplexity --help 2>&1 | grep -q -- '--decode-attn'; then da=(--decode-attn)
+  else note "this kvq has no --decode-attn: its rows are scored in prefill batches of 256"; fi
+fi
 ctxs=(2048)
 [ "$chunks_8k" = 0 ] || ctxs+=(8192)
 chunks_of() { [ "$1" = 2048 ] && echo "$chunks_2k" || echo "$chunks_8k"; }
@@ -87,7 +94,7 @@ run_kvq() { # ctx list -> $tmp/kvq-ctx.csv
   echo "kvq: ctx $ctx, $ch chunks: $list" >&2
   t0=$(date +%s)
   if [ "$kvq_csv_ok" = 1 ]; then
-    "$kvq" perplexity -m "$model" -f "$tmp/corpus.txt" --ctx "$ctx" --chunks "$ch" --compare "$list" -q \
+    "$kvq" perplexity -m "$model" -f "$tmp/corpus.txt" --ctx "$ctx" --chunks "$ch" --compare "$list" -q "${da[@]}" \
       --csv "$tmp/raw-kvq-$ctx.csv" > "$tmp/kvq-$ctx.txt"
     python3 - "$tmp/raw-kvq-$ctx.csv" "$tmp/kvq-$ctx.csv" <<'EOF'
 import csv, sys
@@ -99,12 +106,12 @@ import quality_table
 quality_table.write(sys.argv[2], rows)
 EOF
   else
-    "$kvq" perplexity -m "$model" -f "$tmp/corpus.txt" --ctx "$ctx" --chunks "$ch" --compare "$list" -q \
+    "$kvq" perplexity -m "$model" -f "$tmp/corpus.txt" --ctx "$ctx" --chunks "$ch" --compare "$list" -q "${da[@]}" \
       > "$tmp/kvq-$ctx.txt"
     python3 "$table" kvq-md "$ctx" "$ch" < "$tmp/kvq-$ctx.txt" > "$tmp/kvq-$ctx.csv"
   fi
   t1=$(date +%s)
-  echo "- kvq, ctx $ctx: \`kvq perplexity -m $model -f debian-reference.en.txt --ctx $ctx --chunks $ch --compare $list$([ "$kvq_csv_ok" = 1 ] && echo " --csv FILE")\` ($((t1 - t0)) s, all entries)" >> "$tmp/commands.md"
+  echo "- kvq, ctx $ctx: \`kvq perplexity -m $model -f debian-reference.en.txt --ctx $ctx --chunks $ch --compare $list${da[*]:+ ${da[*]}}$([ "$kvq_csv_ok" = 1 ] && echo " --csv FILE")\` ($((t1 - t0)) s, all entries)" >> "$tmp/commands.md"
 }
 
 run_llama() { # ctx -> $tmp/llama-ctx.csv
@@ -147,6 +154,14 @@ for ctx in "${ctxs[@]}"; do
   [ "$part" = kvq ] || run_llama "$ctx"
 done
 
+# the part not rerun keeps its command lines and notes from the existing DIR/quality.md (its rows come below)
+if [ "$part" != all ] && [ -f "$out/quality.md" ]; then
+  keep=$([ "$part" = kvq ] && echo '^- (llama\.cpp|HF rows)' || echo '^- kvq, ')
+  awk -v b="$BEGIN_MARK" -v e="$END_MARK" '$0 == b {on = 1} $0 == e {on = 0} on' "$out/quality.md" \
+    | grep -E "$keep" | sed 's/$/ (kept from the previous run)/' >> "$tmp/commands.md" || true
+  [ "$part" = kvq ] && awk -v b="$BEGIN_MARK" -v e="$END_MARK" '$0 == b {on = 1} $0 == e {on = 0} on' "$out/quality.md" \
+    | grep -E '^- tokens: ' >> "$notes" || true
+fi
 # rows: the parts just run, the other part's rows from the existing DIR/quality.csv, HF's from its own CSV
 srcs=()
 for f in "$tmp"/kvq-*.csv "$tmp"/llama-*.csv; do [ -f "$f" ] && srcs+=("$f"); done
@@ -177,6 +192,12 @@ python3 "$table" merge "$tmp/quality.csv" "${srcs[@]}"
   echo "Method: the tokens are cut into chunks of ctx tokens; each chunk runs from an empty cache and only its second half"
   echo "is scored, so every scored token sees at least ctx/2 tokens of context, read back from the quantized cache."
   echo "kvq and llama.cpp (\`llama-perplexity\`, \`first = n_ctx/2\`) score the same way (llama.cpp one token fewer per chunk)."
+  if [ ${#da[@]} -gt 0 ]; then
+    echo "kvq attends token by token (\`--decode-attn\`): each token's query right after its own token is appended, as in"
+    echo "generation, so its fp16 window holds each query's last R tokens exact; scored in prefill batches its grouped"
+    echo "types measure 2-3x the KLD at ctx 2048 (docs/quality.md, 2026-12-05 evening). llama.cpp's types have no window:"
+    echo "its figures do not depend on the batch."
+  fi
   echo "ΔPPL, KLD (mean and 99th percentile of the per-token KL divergence of the next-token distribution) and top-1 %"
   echo "(the argmax agrees) are against the same method's F16 run on the same tokens: each method is its own baseline"
   echo "(kvq runs the weights dequantized to fp32, llama.cpp on its Q4_1 kernels; their F16 rows differ slightly)."

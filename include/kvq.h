@@ -191,7 +191,8 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *   channel c of key group g, its outlier at token g G + i[.]; values: N = P (D/Gv), entry t (D/Gv) + k is token t's
  *   value group k, its outlier at channel k Gv + i[.]. The value there is the dense decode plus e (the dense codes
  *   quantized the group with that value replaced by the mean of the others: min/max, Q-Norm and the codes of the
- *   rest do not see it).
+ *   rest do not see it). An addition that only a cache asking for it (outliers != 0) has: every other block's bytes
+ *   are unchanged, so KVQ_LAYOUT_VERSION stays 2.
  * Sink pages (caches with sinks S > 0, section 10): a page of the arena holding SR = page_bytes / (4 H D) sink tokens,
  *   fp16 keys [SR][H][D] then fp16 values [SR][H][D] (token-major rows, whatever type_k and type_v are); the
  *   rest of the page is unused. A (sequence, layer) has ceil(S / SR) of them once it holds S tokens.

@@ -97,6 +97,14 @@ if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192
       bad "calibrate --load PLAN: $(cat "$tmp/plan3.txt" 2>&1)"
   else bad "calibrate output"; cat "$tmp/cal.csv" "$tmp/cal.log" | tail -20; fi
 else bad "calibrate run"; tail -5 "$tmp/cal.log"; fi
+# --decode-attn: the sensitivities scored token by token; a prefill chunk of 256 quantizes its first 128 tokens before
+# their queries read them, so the decode scoring's summed q2 KLD is the lower one
+if "$kvq" calibrate -m "$tmp/m3.gguf" -f "$tmp/t.txt" --budget 4 --bits-ctx 8192 --types q2,q4,f16 -c 256 --chunks 1 -t 1 \
+     --decode-attn --csv "$tmp/cal-d.csv" >/dev/null 2>&1 &&
+   awk -F, 'FNR > 1 && $2 == "q2" { s[FILENAME == ARGV[1]] += $3 } END { exit !(s[1] > 0 && s[1] < s[0]) }' \
+     "$tmp/cal-d.csv" "$tmp/cal.csv"; then
+  ok "calibrate --decode-attn: summed q2 KLD $(awk -F, 'FNR > 1 && $2 == "q2" { s += $3 } END { print s }' "$tmp/cal-d.csv") < $(awk -F, 'FNR > 1 && $2 == "q2" { s += $3 } END { print s }' "$tmp/cal.csv") (prefill)"
+else bad "calibrate --decode-attn: $(cat "$tmp/cal-d.csv" 2>&1 | tail -4)"; fi
 for args in "--budget 4" "-f $tmp/t.txt" "-f $tmp/t.txt --budget 4 --types q2" "-f $tmp/t.txt --budget 4 --types q2,q4:r0" \
             "-f $tmp/t.txt --budget 4 --types q2,q2" "-f $tmp/t.txt --budget 0.1" "-f $tmp/t.txt --budget 1 --bits-ctx 8192 -c 256"; do
   out=$("$kvq" calibrate -m "$tmp/m3.gguf" $args 2>&1); rc=$?

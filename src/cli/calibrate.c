@@ -30,7 +30,7 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: kvq calibrate -m MODEL -f TEXT --budget BITS [--types LIST] [-c N] [--chunks N] [--bits-ctx N]\n"
-            "                     [-t N] [-b N] [--csv FILE] [-o FILE]\n"
+            "                     [-t N] [-b N] [--decode-attn] [--csv FILE] [-o FILE]\n"
             "Per-layer KV types whose mean stored bits per element fit BITS and whose summed per-layer KL divergence\n"
             "(each layer measured alone against f16, kvq perplexity's scoring) is lowest (src/cli/calibrate.c says how).\n\n"
             "  -m, --model FILE        GGUF model\n"
@@ -42,6 +42,9 @@ static void usage(FILE *f) {
             "  --bits-ctx N            context length at which the bits are counted (default: -c)\n"
             "  -t, --threads N         CPU threads\n"
             "  -b, --batch-size N      tokens per forward call (default 256)\n"
+            "  --decode-attn           score as kvq perplexity --decode-attn: token by token, as generation reads the\n"
+            "                          cache (without it a batch's early tokens leave the fp16 window before its queries\n"
+            "                          read them: the grouped types' KLD measures 2-3x higher)\n"
             "  --csv FILE              the per-layer sensitivities: layer,type,kld,bits,picked\n"
             "  --load FILE             take the sensitivities from such a CSV or -o plan (same model and --types)\n"
             "                          instead of measuring them: plans for other budgets or --bits-ctx in seconds\n"
@@ -95,6 +98,10 @@ int kvq_cli_calibrate(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
+        }
+        if (!strcmp(a, "--decode-attn")) { /* kvq perplexity's: each token attends as in generation */
+            o.decode_attn = 1;
+            continue;
         }
         static const char *const valued[] = {"-m", "--model", "-f", "--file", "--budget", "--types", "-c", "--ctx-size",
                                              "--chunks", "--bits-ctx", "-t", "--threads", "-b", "--batch-size", "--csv", "-o",
