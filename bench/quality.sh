@@ -59,11 +59,14 @@ notes=$tmp/notes.md
 : > "$notes"
 note() { echo "$*" >&2; echo "- $*" >> "$notes"; }
 
+# the help text whole first: grep -q on a pipe stops reading at its match, and the SIGPIPE that kvq then gets fails
+# the pipeline under pipefail
+ppl_help=$("$kvq" perplexity --help 2>&1 || true)
 kvq_csv_ok=0
-"$kvq" perplexity --help 2>&1 | grep -q -- '--csv' && kvq_csv_ok=1
+grep -q -- '--csv' <<<"$ppl_help" && kvq_csv_ok=1
 da=()
 if [ "$decode_attn" = 1 ]; then
-  if "$kvq" perplexity --help 2>&1 | grep -q -- '--decode-attn'; then da=(--decode-attn)
+  if grep -q -- '--decode-attn' <<<"$ppl_help"; then da=(--decode-attn)
   else note "this kvq has no --decode-attn: its rows are scored in prefill batches of 256"; fi
 fi
 ctxs=(2048)
