@@ -203,7 +203,7 @@ python3 "$table" merge "$tmp/quality.csv" "${srcs[@]}"
   fi
   echo "ΔPPL, KLD (mean and 99th percentile of the per-token KL divergence of the next-token distribution) and top-1 %"
   echo "(the argmax agrees) are against the same method's F16 run on the same tokens: each method is its own baseline"
-  echo "(kvq runs the weights dequantized to fp32, llama.cpp on its Q4_1 kernels; their F16 rows differ slightly)."
+  echo "(kvq multiplies on the Q4_1 blocks with fp32 activations, llama.cpp with 8-bit ones; their F16 rows differ slightly)."
   echo "bits/elem: stored bits per K/V element, scales and mins included (kvq: from \`kvq_cache_get_stats\`; llama.cpp:"
   echo "ggml block sizes, q8_0 8.5, q5_0 5.5, q4_1 5.0, q4_0 and iq4_nl 4.5; a K/V mix is the mean of its two)."
   echo "llama.cpp (this version) rotates quantized K and V by a Hadamard matrix by default; \`:norot\` switches it off."
