@@ -278,8 +278,7 @@ typedef struct kvq_cache_config {
      * KVQ_ROLES_* keep, in each group, the one value whose removal narrows the group's range most (its largest or its
      * smallest) nearly exact: the group is quantized without it, and the block stores its index and its residual in
      * fp16 (section 5), which attention adds back. 3 bytes per group: +0.375 bits per element at G = 64. -1 (the
-     * default) and 0: none. The CPU cache only (the CUDA backend refuses it); keys with outliers exclude SQuat
-     * (squat_rank 0). Roles of per-token types ignore it. */
+     * default) and 0: none. The CPU cache only (the CUDA backend refuses it). Roles of per-token types ignore it. */
     int outliers;
 } kvq_cache_config;
 
@@ -596,10 +595,10 @@ KVQ_API const char *kvq_cpu_backend(void);
  * second smallest, else the smallest) is replaced by the mean of the others for quantization, and its residual
  * (value - decoded code, fp16) and index go to the block's outlier section (section 5), 3 bytes per group (+0.375
  * bits per element of the role at G = 64). Attention adds the residuals in the driver: q . e to the key's score (for
- * pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read includes them. Keys with outliers
- * take no SQuat (squat_rank > 0 is refused with them: SQuat carries each channel's error into the next channels,
- * which a residual added afterwards would leave wrong). kvq perplexity --decode-attn (docs/quality.md, "dense-and-
- * sparse outliers"; docs/quality-outliers-*.csv), KLD from F16:
+ * pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read includes them. With SQuat keys,
+ * each channel's error carried into the next channels is the one it reads back with, its outlier's residual added
+ * (so nearly none for the outlier). kvq perplexity --decode-attn (docs/quality.md, "dense-and-sparse outliers";
+ * docs/quality-outliers-*.csv), KLD from F16:
  *     entry          SmolLM2 ctx 2048    SmolLM2 ctx 8192    Gemma 3 ctx 2048
  *     q4:outl=k      -18%                -37% (dPPL +0.36%)  +5%
  *     q4:outl=v                          -1%

@@ -25,12 +25,14 @@ static void random_basis(float *B, int r) {
         for (int j = 0; j < r; j++) B[d * r + j] = (float)col[j * D + d];
 }
 
+static int g_outliers; /* kvq_cache_config.outliers of make's caches */
+
 static kvq_cache *make(kvq_type tk, int rotate, int nonuniform, float lambda) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = NL, cfg.n_kv_heads = H, cfg.head_dim = D;
     cfg.type_k = tk, cfg.type_v = KVQ_TYPE_Q8;
     cfg.residual = 0, cfg.sinks = 0, cfg.rotate = rotate, cfg.nonuniform = nonuniform;
-    cfg.squat_rank = R, cfg.squat_lambda = lambda;
+    cfg.squat_rank = R, cfg.squat_lambda = lambda, cfg.outliers = g_outliers;
     cfg.max_seqs = 4;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, N) * 4;
     kvq_cache *c = NULL;
@@ -101,8 +103,8 @@ static void compare(kvq_type tk, int rotate, int nonuniform, float lambda, doubl
     errors(c, sq, 0, k, B, &sp, &st);
     errors(c, plain, 1, k, B, &p1, &t1);
     errors(c, sq, 1, k, B, &s1, &u1);
-    printf("%s rot=%d nuq=%d lambda=%g: in-subspace error %.4g -> %.4g (x%.3f), total %.4g -> %.4g (x%.3f)\n",
-           kvq_type_get_traits(tk)->name, rotate, nonuniform, (double)lambda, pp, sp, sp / pp, pt, st, st / pt);
+    printf("%s rot=%d nuq=%d lambda=%g outliers=%d: in-subspace error %.4g -> %.4g (x%.3f), total %.4g -> %.4g (x%.3f)\n",
+           kvq_type_get_traits(tk)->name, rotate, nonuniform, (double)lambda, g_outliers, pp, sp, sp / pp, pt, st, st / pt);
     CHECK(sp < max_proj * pp, "%s: SQuat's in-subspace error %g is not < %g x plain's %g", kvq_type_get_traits(tk)->name,
           sp, max_proj, pp);
     CHECK(st < max_tot * pt, "%s: SQuat's total error %g is not < %g x plain's %g", kvq_type_get_traits(tk)->name, st,
@@ -234,5 +236,12 @@ int main(void) {
     compare(KVQ_TYPE_Q2, KVQ_ROLES_K, KVQ_ROLES_K, 0, 0.35, 1.3);
     compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 1.0f, 0.8, 1.1);
     compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 0.01f, 0.2, 1.7);
+    /* with dense-and-sparse outliers (kvq.h section 10): the same bounds against plain quantization with outliers
+     * (squat.c propagates each outlier's read-back error, its residual's rounding) */
+    g_outliers = KVQ_ROLES_KV;
+    compare(KVQ_TYPE_Q4, KVQ_ROLES_K, 0, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q2, KVQ_ROLES_K, KVQ_ROLES_K, 0, 0.35, 1.3);
+    compare(KVQ_TYPE_Q3, 0, 0, 0, 0.35, 1.3);
+    g_outliers = 0;
     return tu_finish("test_squat");
 }

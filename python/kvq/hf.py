@@ -207,7 +207,7 @@ class KVQCache(Cache):
         qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): a role set, 0 off, -1 kvq's engine default
             (the q4/q3/q2 roles: engine_default_qnorm), on the CPU and on CUDA alike.
         outliers: dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"; CPU only): a role set,
-            0 and -1 off (the default). Keys with outliers take no SQuat: squat_rank -1 then resolves to 0.
+            0 and -1 off (the default).
         squat_rank, squat_lambda: SQuat keys (kvq.h section 10; CPU only): the keys' quantization error is kept out of
             the subspace of the first prefill's queries (the top squat_rank eigenvectors of Q^T Q per sequence, layer
             and KV head, computed here from the queries the attention receives, set before the keys are appended).
@@ -405,8 +405,7 @@ class KVQCache(Cache):
                 else:
                     rank = self.kvq_squat[0]
                     if rank < 0:  # the engine's default (src/cli): SQuat for Q2 keys, where queries reach the cache
-                        rank = 8 if (g.types[0] == N.type_from_name("q2") and self.head_dim > 8 and self.fused and
-                                     not self.kvq_outliers & 1) else 0
+                        rank = 8 if (g.types[0] == N.type_from_name("q2") and self.head_dim > 8 and self.fused) else 0
                     if rank and not self.fused:
                         raise ValueError('kvq: SQuat keys (squat_rank > 0) need attn_implementation="kvq": with '
                                          "eager/sdpa the keys are stored before any query is seen")

@@ -114,15 +114,12 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (!isfinite(cfg->squat_lambda))
         return kvq__fail(KVQ_ERR_INVALID_ARG, "squat_lambda %g is not finite (<= 0: auto)", (double)cfg->squat_lambda);
     if (cfg->squat_lambda < 0) cfg->squat_lambda = 0;
-    /* dense-and-sparse outliers: none unless asked; SQuat quantizes keys channel by channel, carrying each error into
-     * the channels after it, which an outlier corrected afterwards would leave wrong */
+    /* dense-and-sparse outliers: none unless asked (with SQuat keys too: squat.c propagates each outlier's error as
+     * what it reads back, its residual added) */
     if (cfg->outliers == -1) cfg->outliers = KVQ_ROLES_NONE;
     if (cfg->outliers < 0 || cfg->outliers > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "outliers %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->outliers);
-    if (cfg->squat_rank > 0 && (cfg->outliers & KVQ_ROLES_K))
-        return kvq__fail(KVQ_ERR_INVALID_ARG, "outliers of keys (outliers %d) with SQuat (squat_rank %d): choose one",
-                         cfg->outliers, cfg->squat_rank);
     kvq__layout_set_outliers(L, cfg->outliers);
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
@@ -715,16 +712,17 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
             uint16_t *par = (uint16_t *)(void *)(blk + rb * (size_t)P);
             if (role == KVQ_KEY && kvq_type_get_traits(t)->grouped) {
                 for (int i = 0; i < Gf; i++) memcpy(scratch + (size_t)i * D, x + ((size_t)i * H + h) * D, (size_t)D * 4);
+                uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
+                uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
+                size_t e = (size_t)(slot / Gf) * D; /* the group's first outlier entry */
                 const float *B = kvq__squat_basis(c, q, layer, h);
                 if (B) { /* SQuat (squat.c): same layout, other values */
                     kvq__squat_key_group_ref(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, B, c->cfg.squat_rank,
                                              kvq__squat_lambda(c), blk + rb * (size_t)slot, rb,
-                                             par + (size_t)(slot / Gf) * 2 * D, sq_work);
+                                             par + (size_t)(slot / Gf) * 2 * D, sq_work, ores ? ores + e : NULL,
+                                             oidx ? oidx + e : NULL);
                     continue;
                 }
-                uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
-                uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
-                size_t e = (size_t)(slot / Gf) * D; /* the group's first outlier entry */
                 kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, blk + rb * (size_t)slot, rb,
                                      par + (size_t)(slot / Gf) * 2 * D, ores ? ores + e : NULL, oidx ? oidx + e : NULL);
                 continue;

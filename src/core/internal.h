@@ -118,9 +118,11 @@ void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *
                         float *out, size_t out_stride);
 size_t kvq__row_bytes(kvq_type t, int D);
 /* Grouped keys, one channel: quantizes channel c of G rows (x: stride D) into its codes in `rows` (which the caller
- * zeroed) and scale_min[c], scale_min[D + c]; deq[i] = the decoded value of row i. The building block of SQuat. */
+ * zeroed) and scale_min[c], scale_min[D + c]; deq[i] = the value row i reads back as (its outlier's residual added).
+ * ores / oidx (NULL: no outliers): the channel's outlier entry. The building block of SQuat. */
 void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, int c,
-                            uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq);
+                            uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq, uint16_t *ores,
+                            uint8_t *oidx);
 /* params of a block start right after its P data rows */
 static inline const uint16_t *kvq__block_params(const uint8_t *block, size_t row_bytes, int P) {
     return (const uint16_t *)(const void *)(block + row_bytes * (size_t)P);
@@ -266,9 +268,11 @@ static inline size_t kvq__squat_scratch_doubles(int D) { return (size_t)D * D; }
 /* SQuat quantization of one key group: as kvq__quant_key_group, but channel by channel in order, each channel's
  * error (per token) propagated into the channels not yet quantized so as to minimize e^T (B B^T + lambda I) e per
  * token (GPTQ / OBQ with the inverse Cholesky factor of that matrix). x (G x D) is overwritten (the updated values);
- * B: D x r orthonormal; work: kvq__squat_scratch_doubles(D) doubles. */
+ * B: D x r orthonormal; work: kvq__squat_scratch_doubles(D) doubles. ores / oidx (NULL: no outliers): the group's D
+ * outlier entries; an outlier's error is its residual's rounding, so nearly nothing of it is propagated. */
 void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float *x, int G, int D, const float *B, int r,
-                              float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *work);
+                              float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *work,
+                              uint16_t *ores, uint8_t *oidx);
 /* lambda the cache uses (the config's, or the auto rule) */
 float kvq__squat_lambda(const kvq_cache *c);
 

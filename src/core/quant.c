@@ -254,11 +254,13 @@ void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const flo
 }
 
 void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, int c,
-                            uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq) {
+                            uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq, uint16_t *ores,
+                            uint8_t *oidx) {
     int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
     float s, mn;
     uint8_t q[128]; /* G <= 128 (kvq_page_layout_make) */
-    group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
+    if (ores) group_quant_outlier(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q, ores, oidx);
+    else group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
     scale_min[c] = kvq__f32_to_f16(s);
     scale_min[D + c] = kvq__f32_to_f16(mn);
     for (int i = 0; i < G; i++) {
@@ -266,6 +268,7 @@ void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const f
         /* what kvq__dequant_row decodes: the same fp32 expression */
         deq[i] = s * ((float)lv16[q[i]] * 0.0625f) + mn;
     }
+    if (ores) deq[*oidx] += kvq__f16_to_f32(*ores); /* the outlier as read back: its residual added */
 }
 
 void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,

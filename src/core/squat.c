@@ -50,7 +50,8 @@ float kvq__squat_lambda(const kvq_cache *c) {
 }
 
 void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float *x, int G, int D, const float *B, int r,
-                              float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *U) {
+                              float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *U,
+                              uint16_t *ores, uint8_t *oidx) {
     /* M^-1 = (I - B B^T / (1 + lambda)) / lambda, then its Cholesky factor in place (lower L, M^-1 = L L^T; U = L^T:
      * U[j][k] = L[k][j]) */
     double inv1 = 1.0 / (1.0 + (double)lambda), invl = 1.0 / (double)lambda;
@@ -74,7 +75,8 @@ void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float
     for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
     float deq[128]; /* G <= 128 (kvq_page_layout_make) */
     for (int j = 0; j < D; j++) {
-        kvq__quant_key_channel(t, lv16, qnorm, x, G, D, j, rows, row_bytes, scale_min, deq);
+        kvq__quant_key_channel(t, lv16, qnorm, x, G, D, j, rows, row_bytes, scale_min, deq, ores ? ores + j : NULL,
+                               oidx ? oidx + j : NULL);
         double ujj = U[(size_t)j * D + j];
         for (int i = 0; i < G; i++) {
             float *xi = x + (size_t)i * D;

@@ -383,7 +383,7 @@ static kvq_status make_cache(llama_ctx *x, const llama_ctx_params *p, int g, int
     cc.rope_neox = c->arch == LLAMA_ARCH_GEMMA3;
     cc.rope_theta = kind ? c->rope_theta_local : c->rope_theta;
     cc.rope_freqs = x->rope_inv_freq[kind];
-    int sq = p->squat_rank != -1 ? p->squat_rank : p->outliers > 0 && (p->outliers & KVQ_ROLES_K) ? 0 : llama_default_squat(tk);
+    int sq = p->squat_rank == -1 ? llama_default_squat(tk) : p->squat_rank;
     const kvq_type_traits *tt = kvq_type_get_traits(tk);
     x->squat[g] = tt && tt->grouped ? sq : 0;
     cc.squat_rank = x->squat[g];

@@ -122,8 +122,7 @@ typedef struct llama_ctx_params {
      * caches write the CPU cache's bytes). */
     int qnorm;
     /* dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"): KVQ_ROLES_*, 0 and -1 none (what a
-     * zero-initialized llama_ctx_params gets). CPU engine only. Keys with outliers take no SQuat: squat_rank -1
-     * resolves to 0 for them. */
+     * zero-initialized llama_ctx_params gets). CPU engine only. */
     int outliers;
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
      * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope of each cache's key type */

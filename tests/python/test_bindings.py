@@ -246,7 +246,7 @@ def test_outliers_read_back_attention_sizing_and_checks(monkeypatch):
     """kvq.h section 10, "Outliers": with 1% of the values pushed far out, the rest read back with half the error or
     less and the pushed ones closer too; attention equals fp64 attention over the read-back K/V (which include the
     outliers); Cache's own arena sizing and arena_bytes_for(outliers=) hold max_tokens with the larger pages; per-token
-    types ignore the field; bad values and key outliers with SQuat are refused."""
+    types ignore the field; bad values are refused."""
     rng = np.random.default_rng(12)
     T, H, D = 300, 2, 64
     k = rng.standard_normal((T, H, D)).astype(np.float32)
@@ -288,9 +288,8 @@ def test_outliers_read_back_attention_sizing_and_checks(monkeypatch):
     for bad in (4, -2):
         with pytest.raises(kvq.KvqError, match=f"outliers {bad}"):
             kvq.Cache(1, H, D, "q2", outliers=bad)
-    with pytest.raises(kvq.KvqError, match="SQuat"):
-        kvq.Cache(1, H, D, "q2", outliers=1, squat_rank=4)
-    kvq.Cache(1, H, D, "q2", outliers=2, squat_rank=4).close()  # values' outliers and SQuat keys go together
+    with kvq.Cache(1, H, D, "q2", outliers=3, squat_rank=4) as c:  # with SQuat keys (test_squat.c)
+        assert (c.config.outliers, c.config.squat_rank) == (3, 4)
 
 
 def test_qnorm_matches_the_groups_moments_and_is_checked():

@@ -140,14 +140,14 @@ def test_layer_rotation_follows_the_model_layer():
 
 def test_kvqcache_outliers_reach_the_cache():
     """KVQCache(outliers=): the role set reaches each CPU cache (its arena sized for the larger pages: the prompt
-    fits), q2 keys with outliers take no SQuat (squat_rank -1 resolves to 0), the logits stay within q4's reach of the
-    F16 cache's; out of range refused at construction."""
+    fits), beside q2's SQuat keys, the logits stay within q4's reach of the F16 cache's; out of range refused at
+    construction."""
     m = make("llama", num_hidden_layers=2)
     m.set_attn_implementation("kvq")
     ids = _ids(60, seed=3).unsqueeze(0)
     with torch.no_grad():
         ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
-    for kw, want, squat in (({"kv_type": "q4", "outliers": 3}, 3, 0), ({"kv_type": "q2", "outliers": 1}, 1, 0),
+    for kw, want, squat in (({"kv_type": "q4", "outliers": 3}, 3, 0), ({"kv_type": "q2", "outliers": 1}, 1, 8),
                             ({"kv_type": "q2", "outliers": 2}, 2, 8), ({"kv_type": "q4"}, 0, 0)):
         cache = kvq.KVQCache(m.config, max_cache_len=64, n_threads=1, group=16, residual=0, **kw)
         with torch.no_grad():
