@@ -599,12 +599,13 @@ KVQ_API const char *kvq_cpu_backend(void);
  * each channel's error carried into the next channels is the one it reads back with, its outlier's residual added
  * (so nearly none for the outlier). kvq perplexity --decode-attn (docs/quality.md, "dense-and-sparse outliers";
  * docs/quality-outliers-*.csv), KLD from F16:
- *     entry          SmolLM2 ctx 2048    SmolLM2 ctx 8192    Gemma 3 ctx 2048
- *     q4:outl=k      -18%                -37% (dPPL +0.36%)  +5%
+ *     entry          SmolLM2 ctx 2048    SmolLM2 ctx 8192    Gemma 3 ctx 2048   Gemma 3 ctx 8192
+ *     q4:outl=k      -18%                -37% (dPPL +0.36%)  +5%                -17% (dPPL +0.65%)
  *     q4:outl=v                          -1%
- *     q3:outl=k      -46%                -47% (dPPL +0.74%)  -26%
+ *     q3:outl=k      -46%                -47% (dPPL +0.74%)  -26%               -38% (dPPL +1.43%)
  *     q3:outl=kv     -49%                -41% (dPPL +1.21%)
- *     q2:outl=k      -14% (no SQuat)                         +49% (no SQuat)
+ *     q2:outl=k      -34% (SQuat kept)   -33% (dPPL +4.85%)  -11%
+ *     q2:outl=k:squat=0  -14%                                +49%
  * Keys' outliers pay (a key channel's few large tokens survive the rotation), values' do not (a rotated token's 64
  * channels have none left). Per bit, q3 keys' outliers beat moving layers from q3 to q4 (35% and 12% under that
  * line). The cost is the driver's scalar correction: decode attention at 32k (kvq-bench cpu, Llama-3-8B shapes) q4
