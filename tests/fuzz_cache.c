@@ -539,9 +539,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* SQuat keys (kvq.h section 10) for grouped key types when bit 5 of b3 is set: rank 1, 4 or 8 */
     if ((b3 >> 5 & 1) && kvq_type_get_traits(w.cfg.type_k)->grouped) w.cfg.squat_rank = 1 + (int)(b3 % 3) * 3 + (b3 % 3 == 2);
     /* dense-and-sparse outliers (kvq.h section 10) from b0's bits above the type: the per-element bounds hold as they
-     * are (the others' error is within half a step of a narrower range, the outlier's within its fp16 residual's);
-     * keys' outliers exclude SQuat */
-    w.cfg.outliers = (int)(b0 / KVQ_TYPE_COUNT) % 4 & (w.cfg.squat_rank ? KVQ_ROLES_V : KVQ_ROLES_KV);
+     * are (the others' error is within half a step of a narrower range, the outlier's within its fp16 residual's) */
+    w.cfg.outliers = (int)(b0 / KVQ_TYPE_COUNT) % 4;
     kvq_page_layout L;
     if (kvq_page_layout_make(w.cfg.type_k, w.cfg.type_v, w.H, w.D, w.cfg.page_tokens, w.cfg.group, &L)) FAIL("layout");
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
