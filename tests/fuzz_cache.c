@@ -541,8 +541,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* dense-and-sparse outliers (kvq.h section 10) from b0's bits above the type: the per-element bounds hold as they
      * are (the others' error is within half a step of a narrower range, the outlier's within its fp16 residual's) */
     w.cfg.outliers = (int)(b0 / KVQ_TYPE_COUNT) % 4;
-    kvq_page_layout L;
-    if (kvq_page_layout_make(w.cfg.type_k, w.cfg.type_v, w.H, w.D, w.cfg.page_tokens, w.cfg.group, &L)) FAIL("layout");
+    kvq_page_layout L; /* the cache's own: outlier sections make its pages larger than kvq_page_layout_make's */
+    if (kvq_cache_config_layout(&w.cfg, &L)) FAIL("layout: %s", kvq_last_error());
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
     w.rng = 0x9e3779b97f4a7c15ull ^ ((uint64_t)b0 << 8 | b1 << 16 | (uint64_t)b2 << 24 | (uint64_t)b3 << 32);
     if (kvq_cache_create(&w.cfg, &w.c)) FAIL("create: %s", kvq_last_error());
