@@ -710,10 +710,11 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
             const float *x = r ? xv : xk;
             const bool qnorm = (c->cfg.qnorm >> role) & 1;
             uint16_t *par = (uint16_t *)(void *)(blk + rb * (size_t)P);
+            /* the block's outlier section (NULL without one) */
+            uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
+            uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
             if (role == KVQ_KEY && kvq_type_get_traits(t)->grouped) {
                 for (int i = 0; i < Gf; i++) memcpy(scratch + (size_t)i * D, x + ((size_t)i * H + h) * D, (size_t)D * 4);
-                uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
-                uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
                 size_t e = (size_t)(slot / Gf) * D; /* the group's first outlier entry */
                 const float *B = kvq__squat_basis(c, q, layer, h);
                 if (B) { /* SQuat (squat.c): same layout, other values */
@@ -732,8 +733,6 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
                 uint16_t *p = t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? par + s
                               : kvq_type_get_traits(t)->grouped ? par + (size_t)s * (D / L->value_group) * 2
                                                                 : NULL;
-                uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
-                uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
                 size_t e = (size_t)s * (D / L->value_group); /* the row's first outlier entry */
                 kvq__quant_row(t, kvq__layout_levels(L, role), qnorm, x + ((size_t)i * H + h) * D, D, L->value_group,
                                blk + rb * (size_t)s, p, ores ? ores + e : NULL, oidx ? oidx + e : NULL);
