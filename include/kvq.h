@@ -608,8 +608,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q2:outl=k:squat=0  -14%                                +49%
  * Keys' outliers pay (a key channel's few large tokens survive the rotation), values' do not (a rotated token's 64
  * channels have none left). Per bit, q3 keys' outliers beat moving layers from q3 to q4 (35% and 12% under that
- * line). The cost is the driver's scalar correction: decode attention at 32k (kvq-bench cpu, Llama-3-8B shapes) q4
- * 4.12 -> 5.01 ms, q3 4.82 -> 5.61 ms. Off by default until the correction is SIMD and the CUDA backend has it.
+ * line). The cost is the driver's correction, one 4-lane multiply-add per outlier into its token's rows (up to 4 rows;
+ * more take a scalar loop): decode attention at 32k (kvq-bench cpu, Llama-3-8B shapes, 2 cores, AVX-512, two runs
+ * each) q4 4.85 -> 5.53 .. 5.66 ms, q3 5.50 -> 6.06 .. 6.19, q2 4.35 -> 5.01 .. 5.13 (+12 .. 16%; the scalar form
+ * before it: +40 .. 48%). Off by default until the CUDA backend has it (a CPU and a GPU cache of one config hold
+ * the same bytes).
  *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean

@@ -233,10 +233,53 @@ static inline float res_f32(uint16_t h) {
 
 /* Dense-and-sparse outliers (kvq.h section 10): what the kernels' dense decode left out, added by the driver. Keys:
  * s[r][j - a] += q[r][c] e for the outlier (j, c) of each key group and channel with j in [a, a + n); values:
- * acc[r][c] += p[r][j - a] e for each token j and value group. rows multiply-adds per group and channel, scalar: at
- * 32k tokens (Llama-3-8B shapes, 4 rows) 0.8 ms of a q4 step's 4.1 (kvq.h section 10, "Outliers"); a SIMD form of
- * the scatter into s is left to do. */
-static void outlier_scores(const kvq__blk *b, int a, int n, const float *q, int rows, float *s, int ss) {
+ * acc[r][c] += p[r][j - a] e for each token j and value group. */
+
+/* four rows of a token or channel: plain C vectors (SSE on any x86-64, NEON elsewhere), no dispatch needed */
+typedef float v4f __attribute__((vector_size(16)));
+
+/* Keys, up to 4 rows: each outlier is one 4-lane multiply-add into its token's row of t (token-major, so a token's
+ * rows are one vector), from the query transposed once per head (st->qo); t then joins s. The scalar form below
+ * (rows x a multiply-add strided by ss per outlier) took 0.8 ms of a q4 step's 4.1 at 32k tokens (Llama-3-8B
+ * shapes, 4 rows); this one's cost is in kvq.h section 10, "Outliers". */
+static void outlier_scores4(const kvq__blk *b, int a, int n, const float *q, int rows, float *s, int ss,
+                            kvq__qstate *st) {
+    const int D = b->D, G = b->G;
+    if (!st->qo_valid) {
+        for (int c = 0; c < D; c++)
+            for (int r = 0; r < 4; r++) st->qo[4 * c + r] = r < rows ? q[(size_t)r * D + c] : 0.0f;
+        st->qo_valid = 1;
+    }
+    v4f t[SEG];
+    memset(t, 0, sizeof(v4f) * (size_t)n);
+    for (int g = a / G; g * G < a + n; g++) {
+        const uint16_t *res = b->ores + (size_t)g * D;
+        const uint8_t *idx = b->oidx + (size_t)g * D;
+        float rf[256];
+        for (int c = 0; c < D; c++) { /* res_f32 without its branch (the same bits), so that it vectorizes */
+            uint32_t u = (uint32_t)(res[c] & 0x7fff) << 13 | (uint32_t)(res[c] & 0x8000) << 16;
+            memcpy(&rf[c], &u, 4);
+            rf[c] *= 0x1p112f;
+        }
+        const int base = g * G - a;
+        for (int c = 0; c < D; c++) {
+            int j = base + idx[c];
+            if ((unsigned)j >= (unsigned)n) continue;
+            v4f qc;
+            memcpy(&qc, st->qo + 4 * c, sizeof qc);
+            t[j] += qc * rf[c];
+        }
+    }
+    for (int j = 0; j < n; j++)
+        for (int r = 0; r < rows; r++) s[(size_t)r * ss + j] += t[j][r];
+}
+
+static void outlier_scores(const kvq__blk *b, int a, int n, const float *q, int rows, float *s, int ss,
+                           kvq__qstate *st) {
+    if (rows <= 4) {
+        outlier_scores4(b, a, n, q, rows, s, ss, st);
+        return;
+    }
     const int D = b->D, G = b->G;
     for (int g = a / G; g * G < a + n; g++)
         for (int c = 0; c < D; c++) {
@@ -286,7 +329,7 @@ static void attend_block(const kvq__kernels *K, const kvq__blk *kb, const kvq__b
                 K->rope(sc->x, m, D, w->c->cfg.rope_neox, sc->rope_c + (size_t)i * D, sc->rope_s + (size_t)i * D);
             K->dots(w->q, rows, D, sc->x, m, sc->s + i, SEG);
         }
-        if (kb->ores && !prerope) outlier_scores(kb, a, n, w->q, rows, sc->s, SEG);
+        if (kb->ores && !prerope) outlier_scores(kb, a, n, w->q, rows, sc->s, SEG, qst);
         for (int r = 0; r < rows; r++) {
             float *s = sc->s + (size_t)r * SEG;
             if (isnan(w->m[r])) { /* the row's result is NaN already: its weights stay 0 */
@@ -365,7 +408,7 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
          * right (the integer ones round it to int16 codes that look finite) */
         for (int r = 0; r < w->rows; r++) v.m[r] = row_finite(v.q + (size_t)r * D, D) ? -INFINITY : NAN, v.l[r] = 0;
         memset(v.acc, 0, (size_t)w->rows * c->L.head_dim * sizeof(float));
-        sc->qst[hh].valid = 0;
+        sc->qst[hh].valid = 0, sc->qst[hh].qo_valid = 0;
     }
     /* positions: sinks 0 .. S0-1, then the pages (page slot u is position S0 + u), then the window */
     const int64_t S0 = sl->sink, pend = S0 + sl->paged, t1 = w->t1;

@@ -35,6 +35,10 @@ typedef struct kvq__qstate {
     float qs[4], qm[4];
     int16_t q16[4 * 256] __attribute__((aligned(64))); /* a 512-bit kernel's chunks are whole cache lines */
     float qg[4 * 256];
+    /* the driver's (attn.c, outlier_scores): the query transposed, qo[4 c + r] = q[r][c] (0 for r >= rows), made
+     * when qo_valid is 0 (zeroed with valid) */
+    int qo_valid;
+    float qo[4 * 256] __attribute__((aligned(16)));
 } kvq__qstate;
 #define KVQ_FUSED_ROWS 8
 
