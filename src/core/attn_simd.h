@@ -36,6 +36,13 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
     return _mm256_add_ps(lo, hi);
 }
 
+/* the lane-wise max of 8 vectors, as a tree */
+static inline __m256 max8_ps(const __m256 *v) {
+    __m256 a = _mm256_max_ps(v[0], v[1]), b = _mm256_max_ps(v[2], v[3]);
+    __m256 c = _mm256_max_ps(v[4], v[5]), d = _mm256_max_ps(v[6], v[7]);
+    return _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+}
+
 static inline float hmax_ps(__m256 a) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -303,15 +310,17 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
         for (int r = 0; r < R; r++) {
             const float *pr = p + (size_t)r * ps;
             float wf[64] __attribute__((aligned(32)));
-            __m256 mx = _mm256_setzero_ps(), ma = _mm256_setzero_ps();
+            __m256 ma = _mm256_setzero_ps(), wv[8];
             #pragma GCC unroll 8
             for (int i = 0; i < 64; i += 8) {
                 /* p is 0 from n on, so w8[n], which the last pair of an odd n reads, is 0 */
-                __m256 pv = load_p(pr, i, n), w = _mm256_mul_ps(pv, _mm256_load_ps(S[g] + i));
-                _mm256_store_ps(wf + i, w);
-                mx = _mm256_max_ps(mx, w);
+                __m256 pv = load_p(pr, i, n);
+                wv[i / 8] = _mm256_mul_ps(pv, _mm256_load_ps(S[g] + i));
+                _mm256_store_ps(wf + i, wv[i / 8]);
                 ma = _mm256_fmadd_ps(pv, _mm256_load_ps(M[g] + i), ma);
             }
+            /* maxima as trees, not chains (exact either way; the chains' latency was most of this function's) */
+            __m256 mx = max8_ps(wv);
             /* A dominant largest weight (more than twice the second: a sink, one logit far above the others) is
              * left out of the 8-bit ones and added exactly (top_fixup): it would otherwise set the scale alone and
              * leave the rest of the segment's weights one or two steps of 8 bits (NMSE 5.7e-5 q4, 1e-4 q2 against
@@ -322,24 +331,28 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
             float amax = hmax_ps(mx), topw = amax;
             int top = -1;
             if (amax > 0) {
+                /* without branches on the data (a search that stopped at the first match, and the largest zeroed,
+                 * looked for again and restored, mispredicted every segment: 0.9 ms of a q4 step's 8.1 at 32k, one
+                 * thread): the first index of the largest from the 64 lanes' match mask, the second largest as the
+                 * max over the others (a tie with the largest is not dominant) */
                 const __m256 am = _mm256_set1_ps(amax);
-                for (int i = 0; i < 64; i += 8) {
-                    int msk = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(wf + i), am, _CMP_EQ_OQ));
-                    if (msk) {
-                        top = i + __builtin_ctz((unsigned)msk);
-                        break;
-                    }
-                }
-                wf[top] = 0.0f;
-                __m256 m2 = _mm256_load_ps(wf);
+                uint64_t hit = 0;
                 #pragma GCC unroll 8
-                for (int i = 8; i < 64; i += 8) m2 = _mm256_max_ps(m2, _mm256_load_ps(wf + i));
-                const float second = hmax_ps(m2);
-                if (amax > 2.0f * second) mx = m2; /* dominant: kept exact */
-                else wf[top] = amax, top = -1;
+                for (int i = 0; i < 64; i += 8)
+                    hit |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(wv[i / 8], am, _CMP_EQ_OQ)) << i;
+                const int first = hit ? __builtin_ctzll(hit) : 0; /* amax is one of the lanes (hit = 0: NaNs) */
+                const __m256i tv = _mm256_set1_epi32(first);
+                __m256 o[8];
+                #pragma GCC unroll 8
+                for (int i = 0; i < 64; i += 8) {
+                    __m256i ix = _mm256_add_epi32(_mm256_set1_epi32(i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                    o[i / 8] = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ix, tv)), wv[i / 8]);
+                }
+                const float second = hmax_ps(max8_ps(o));
+                if (hit && amax > 2.0f * second) /* dominant: kept exact (rare, so a predictable branch) */
+                    top = first, wf[first] = 0.0f, amax = second;
             }
             vw->top[g][r] = top, vw->topw[g][r] = topw;
-            amax = hmax_ps(mx);
             float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
             __m256 iv = _mm256_set1_ps(inv);
             __m256i wsum = _mm256_setzero_si256();
