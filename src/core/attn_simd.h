@@ -333,24 +333,22 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
             if (amax > 0) {
                 /* without branches on the data (a search that stopped at the first match, and the largest zeroed,
                  * looked for again and restored, mispredicted every segment: 0.9 ms of a q4 step's 8.1 at 32k, one
-                 * thread): the first index of the largest from the 64 lanes' match mask, the second largest as the
-                 * max over the others (a tie with the largest is not dominant) */
+                 * thread) and with short dependency chains: the lanes equal to the largest, and the largest of the
+                 * others; the largest is dominant only if it is alone and more than twice that (a tie is not) */
                 const __m256 am = _mm256_set1_ps(amax);
-                uint64_t hit = 0;
-                #pragma GCC unroll 8
-                for (int i = 0; i < 64; i += 8)
-                    hit |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(wv[i / 8], am, _CMP_EQ_OQ)) << i;
-                const int first = hit ? __builtin_ctzll(hit) : 0; /* amax is one of the lanes (hit = 0: NaNs) */
-                const __m256i tv = _mm256_set1_epi32(first);
                 __m256 o[8];
+                uint64_t hm[8];
                 #pragma GCC unroll 8
-                for (int i = 0; i < 64; i += 8) {
-                    __m256i ix = _mm256_add_epi32(_mm256_set1_epi32(i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-                    o[i / 8] = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(ix, tv)), wv[i / 8]);
+                for (int i = 0; i < 8; i++) {
+                    __m256 eq = _mm256_cmp_ps(wv[i], am, _CMP_EQ_OQ);
+                    o[i] = _mm256_andnot_ps(eq, wv[i]);
+                    hm[i] = (uint64_t)(unsigned)_mm256_movemask_ps(eq) << (8 * i);
                 }
+                const uint64_t hit = ((hm[0] | hm[1]) | (hm[2] | hm[3])) | ((hm[4] | hm[5]) | (hm[6] | hm[7]));
                 const float second = hmax_ps(max8_ps(o));
-                if (hit && amax > 2.0f * second) /* dominant: kept exact (rare, so a predictable branch) */
-                    top = first, wf[first] = 0.0f, amax = second;
+                /* dominant (one lane, kept exact): rare, so a predictable branch */
+                if (hit && !(hit & (hit - 1)) && amax > 2.0f * second)
+                    top = __builtin_ctzll(hit), wf[top] = 0.0f, amax = second;
             }
             vw->top[g][r] = top, vw->topw[g][r] = topw;
             float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
