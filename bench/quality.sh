@@ -23,7 +23,7 @@ BEGIN_MARK='<!-- bench/quality.sh: begin (generated: the text outside these mark
 END_MARK='<!-- bench/quality.sh: end -->'
 table=bench/peers/quality_table.py
 
-out="" part=all kvq_list=${KVQ_LIST:-f16,q8,q8/q4,q4,q4:outl=k,q3,q3:outl=k,q2,q4:rot=none,q4:sinks=0}
+out="" part=all kvq_list=${KVQ_LIST:-f16,q8,q8/q4,q4,q4:outl=none,q3,q3:outl=none,q2,q2:outl=none,q4:rot=none,q4:sinks=0}
 decode_attn=${DECODE_ATTN:-1}
 while [ $# -gt 0 ]; do
   case $1 in

@@ -34,7 +34,7 @@ for table in scalar avx2 avx512; do
   if [ "$have" != "$table" ]; then echo "SKIP $table: this CPU runs '$have' when asked for it"; continue; fi
   ran=$((ran + 1))
   out=$(KVQ_CPU_KERNELS=$table OMP_WAIT_POLICY=PASSIVE "$kvq" perplexity -m "$model" -f "$excerpt" --ctx "$ctx" \
-        --chunks "$chunks" --compare f16,q8,q4,q2 --kv-rotate none --kv-sinks 0 --kv-nuq none --kv-prerope 0 --kv-squat 0 --kv-qnorm none -q)
+        --chunks "$chunks" --compare f16,q8,q4,q2 --kv-rotate none --kv-sinks 0 --kv-nuq none --kv-prerope 0 --kv-squat 0 --kv-qnorm none --kv-outliers none -q)
   echo "== kernel table $table"
   echo "$out"
   # Table rows: | name | PPL +/- err | ... ; awk does the float checks and prints one line per check.

@@ -45,7 +45,7 @@ typedef struct kvq_cli_mix {
     int sinks;              /* 0..1024 */
     int nonuniform;         /* KVQ_ROLES_* */
     int qnorm;              /* Q-Norm: KVQ_ROLES_*, -1 the engine's default (llama_default_qnorm) */
-    int outliers;           /* dense-and-sparse outliers: KVQ_ROLES_*, -1 / 0 none */
+    int outliers;           /* dense-and-sparse outliers: KVQ_ROLES_*, 0 none, -1 the engine's (llama_default_outliers) */
     uint32_t rotation_seed; /* 0: the library's fixed default seed */
     int prerope;            /* pre-RoPE keys: 1 on, 0 off, -1 the engine's default (llama_default_prerope) */
     int local_types;        /* 1: sliding-window layers (Gemma 3's local ones) use type_k_local/type_v_local */

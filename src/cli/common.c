@@ -190,7 +190,7 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     cc.rotation_seed = mix->rotation_seed;
     cc.sinks = mix->sinks;
     cc.nonuniform = mix->nonuniform;
-    cc.outliers = mix->outliers;
+    cc.outliers = mix->outliers == -1 ? llama_default_outliers(mix->type_k) : mix->outliers; /* the CPU engine's */
     size_t a = kvq_cache_arena_bytes_for(&cc, tokens);
     if (a == 0) {
         int64_t why = kvq_cache_capacity_tokens(&cc); /* fails at the same check, with its status and message */

@@ -727,7 +727,7 @@ static void kv_help(FILE *f, int cmd) {
             "                          its mean and std (kvq.h section 10; CPU and GPU; default: every q4/q3/q2 role)\n"
             "  --kv-outliers R         dense-and-sparse outliers for the q4/q3/q2 roles none|k|v|kv: each group keeps its\n"
             "                          most range-widening value exact on the side (+3 bytes per group; kvq.h section\n"
-            "                          10; CPU only; default none)\n"
+            "                          10; CPU only; default: k for q4/q3/q2 keys on the CPU, none on the GPU)\n"
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
             "                          default: 1 for q2 keys on the CPU, else 0)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);

@@ -121,8 +121,9 @@ typedef struct llama_ctx_params {
      * llama_ctx_params gets), -1 llama_default_qnorm of each cache's types; the same in the GPU engine (its CUDA
      * caches write the CPU cache's bytes). */
     int qnorm;
-    /* dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"): KVQ_ROLES_*, 0 and -1 none (what a
-     * zero-initialized llama_ctx_params gets). CPU engine only. */
+    /* dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"): KVQ_ROLES_*, 0 none (what a
+     * zero-initialized llama_ctx_params gets), -1 llama_default_outliers of each cache's key type in the CPU engine and
+     * none in the GPU engine (which refuses any other value). */
     int outliers;
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
      * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope of each cache's key type */
@@ -162,7 +163,7 @@ int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t 
 /* The kvq_cache_config fields both engines set alike for a cache of n_layers layers of kind `kind` (0 global, 1
  * local) with keys tk and values tv, model_layers their numbers in the model (the rotation seeds; NULL: 0..n_layers-1):
  * shape, types, residual, group, rotation, sinks (none in local layers), non-uniform levels, Q-Norm (-1:
- * llama_default_qnorm). The rest (pre-RoPE, SQuat, threads, sequences, arena) is each engine's. */
+ * llama_default_qnorm), outliers (-1: llama_default_outliers; the GPU engine sets its own). The rest (pre-RoPE, SQuat, threads, sequences, arena) is each engine's. */
 kvq_cache_config llama_cache_config(const llama_config *c, const llama_ctx_params *p, int kind, kvq_type tk,
                                     kvq_type tv, int n_layers, const int32_t *model_layers);
 /* KVQ_OK when p's per-layer types (n_layer_types, layer_types) are valid for c: ranges inside the model, disjoint;
@@ -175,6 +176,9 @@ int llama_default_prerope(kvq_type type_k);
 int llama_default_squat(kvq_type type_k);
 /* The engine's default for llama_ctx_params.qnorm = -1, by types: the roles of grouped types (kvq.h section 10) */
 int llama_default_qnorm(kvq_type type_k, kvq_type type_v);
+/* The CPU engine's default for llama_ctx_params.outliers = -1, by key type: KVQ_ROLES_K for grouped keys (Q4, Q3,
+ * Q2), else 0 (kvq.h section 10, "Outliers"). The GPU engine resolves -1 to 0 (its CUDA caches have none). */
+int llama_default_outliers(kvq_type type_k);
 
 /* Fails with the cache's own reason (KVQ_ERR_UNSUPPORTED_HEAD_DIM, KVQ_ERR_INVALID_ARG for a group or residual,
  * KVQ_ERR_UNSUPPORTED_TYPE, KVQ_ERR_OUT_OF_MEMORY for the arena, ...) and a message naming it. */

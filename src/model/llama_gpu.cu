@@ -497,6 +497,7 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         kvq_cache_config &cc = g.cc;
         cc = llama_cache_config(&c, p, kind[gi], gk[gi], gv[gi], (int)g.layers.size(), g.layers.data());
         cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
+        cc.outliers = 0;  // nor outliers (-1 is off here; other values were refused above)
         cc.max_seqs = n_seqs;
         cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)
         if (cc.arena_bytes > SIZE_MAX / (size_t)n_seqs) {
