@@ -278,7 +278,8 @@ typedef struct kvq_cache_config {
      * KVQ_ROLES_* keep, in each group, the one value whose removal narrows the group's range most (its largest or its
      * smallest) nearly exact: the group is quantized without it, and the block stores its index and its residual in
      * fp16 (section 5), which attention adds back. 3 bytes per group: +0.375 bits per element at G = 64. -1 (the
-     * default) and 0: none. The CPU cache only (the CUDA backend refuses it). Roles of per-token types ignore it. */
+     * default) and 0: none (kvq's CPU engine turns it on for Q4/Q3/Q2 keys). The CPU cache only (the CUDA backend
+     * refuses it). Roles of per-token types ignore it. */
     int outliers;
 } kvq_cache_config;
 
@@ -611,8 +612,10 @@ KVQ_API const char *kvq_cpu_backend(void);
  * line). The cost is the driver's correction, one 4-lane multiply-add per outlier into its token's rows (up to 4 rows;
  * more take a scalar loop): decode attention at 32k (kvq-bench cpu, Llama-3-8B shapes, 2 cores, AVX-512, two runs
  * each) q4 4.85 -> 5.53 .. 5.66 ms, q3 5.50 -> 6.06 .. 6.19, q2 4.35 -> 5.01 .. 5.13 (+12 .. 16%; the scalar form
- * before it: +40 .. 48%). Off by default until the CUDA backend has it (a CPU and a GPU cache of one config hold
- * the same bytes).
+ * before it: +40 .. 48%). The library's default stays none, so that a CPU and a CUDA cache of one config hold the
+ * same bytes (the CUDA backend has no outlier sections yet); kvq's CPU engine turns the keys' outliers on for Q4, Q3
+ * and Q2 keys (llama_default_outliers, src/model/llama.c), as it does pre-RoPE keys and SQuat for Q2; its GPU engine
+ * and KVQCache keep none.
  *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean
