@@ -319,10 +319,10 @@ int llama_default_squat(kvq_type type_k) {
 }
 
 /* kvq.h section 10, "Outliers": the keys' outliers of every grouped key type. KLD from F16 (kvq perplexity
- * --decode-attn): q3 -26 .. -47% (SmolLM2 and Gemma 3, ctx 2048 and 8192; SmolLM2's q3 at 8192 +2.38% -> +0.74%,
- * Gemma 3's +3.42% -> +1.43%), q4 -17% and -37% at 8192 (SmolLM2 +0.68% -> +0.36%), within noise at 2048, q2 with its
- * SQuat keys -11 .. -34%; for +0.19 bits per element (3 bytes per key group) and 12-16% of the CPU's decode attention
- * at 32k. Values' outliers buy nothing measurable (a rotated token's channels have none left): off. */
+ * --decode-attn; docs/quality.md, the suite with this default): SmolLM2 ctx 2048 q4 -22%, q3 -36%, q2 -31%; ctx 8192
+ * q4 -38% (dPPL +0.68% -> +0.33%), q3 -48% (+2.38% -> +0.69%), q2 -33% (+7.56% -> +4.85%); Gemma 3 at 8192 q3 +3.42%
+ * -> +1.43%, q4 +0.95% -> +0.65%. For +0.19 bits per element (3 bytes per key group) and 12-16% of the CPU's decode
+ * attention at 32k. Values' outliers buy nothing measurable (a rotated token's channels have none left): off. */
 int llama_default_outliers(kvq_type type_k) {
     const kvq_type_traits *k = kvq_type_get_traits(type_k);
     return k && k->grouped ? KVQ_ROLES_K : 0;

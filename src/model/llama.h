@@ -163,7 +163,8 @@ int llama_layer_groups(const llama_config *c, const llama_ctx_params *p, int8_t 
 /* The kvq_cache_config fields both engines set alike for a cache of n_layers layers of kind `kind` (0 global, 1
  * local) with keys tk and values tv, model_layers their numbers in the model (the rotation seeds; NULL: 0..n_layers-1):
  * shape, types, residual, group, rotation, sinks (none in local layers), non-uniform levels, Q-Norm (-1:
- * llama_default_qnorm), outliers (-1: llama_default_outliers; the GPU engine sets its own). The rest (pre-RoPE, SQuat, threads, sequences, arena) is each engine's. */
+ * llama_default_qnorm), outliers (-1: llama_default_outliers; the GPU engine sets its own). The rest (pre-RoPE,
+ * SQuat, threads, sequences, arena) is each engine's. */
 kvq_cache_config llama_cache_config(const llama_config *c, const llama_ctx_params *p, int kind, kvq_type tk,
                                     kvq_type tv, int n_layers, const int32_t *model_layers);
 /* KVQ_OK when p's per-layer types (n_layer_types, layer_types) are valid for c: ranges inside the model, disjoint;
