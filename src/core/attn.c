@@ -221,14 +221,14 @@ static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
     return b;
 }
 
-/* fp16 -> fp32 of a residual (finite: clamped to +-65504 when stored), branch-free: the half's exponent and
- * mantissa bits moved into a float's and scaled by 2^112, exact for normals and subnormals alike */
+/* fp16 -> fp32 of a residual (finite: clamped to +-65504 when stored), branch-free: the half's sign, exponent and
+ * mantissa bits moved into a float's and scaled by 2^112, exact for normals and subnormals alike (no branch, so that
+ * a loop of them vectorizes) */
 static inline float res_f32(uint16_t h) {
-    uint32_t u = (uint32_t)(h & 0x7fff) << 13;
+    uint32_t u = (uint32_t)(h & 0x7fff) << 13 | (uint32_t)(h & 0x8000) << 16;
     float f;
     memcpy(&f, &u, 4);
-    f *= 0x1p112f;
-    return h & 0x8000 ? -f : f;
+    return f * 0x1p112f;
 }
 
 /* Dense-and-sparse outliers (kvq.h section 10): what the kernels' dense decode left out, added by the driver. Keys:
@@ -256,11 +256,7 @@ static void outlier_scores4(const kvq__blk *b, int a, int n, const float *q, int
         const uint16_t *res = b->ores + (size_t)g * D;
         const uint8_t *idx = b->oidx + (size_t)g * D;
         float rf[256];
-        for (int c = 0; c < D; c++) { /* res_f32 without its branch (the same bits), so that it vectorizes */
-            uint32_t u = (uint32_t)(res[c] & 0x7fff) << 13 | (uint32_t)(res[c] & 0x8000) << 16;
-            memcpy(&rf[c], &u, 4);
-            rf[c] *= 0x1p112f;
-        }
+        for (int c = 0; c < D; c++) rf[c] = res_f32(res[c]);
         const int base = g * G - a;
         for (int c = 0; c < D; c++) {
             int j = base + idx[c];
