@@ -16,7 +16,7 @@
  *     the default context must hold one whole-step graph, the segment one segment graphs only, the eager one none.
  *     G_STEPS crosses pages and window flushes (inside the whole-step graph: decided on the device);
  *   - q4 with decode_attn (llama_ctx_params): chunks of CHUNK attended token by token give the logits of the same
- *     tokens fed one at a time, within DEC_BOUND.
+ *     tokens fed one at a time, within 0.06 (Bounds).
  * usage: test_model_gpu --probe                 exit 0 when a usable GPU is there, 77 (skip) when not
  *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2,layers (default all five; layers:
  *                                               per-layer types, one GPU cache per group of layers, main() says which)
@@ -32,7 +32,10 @@
  * which moves that position's whole logit vector. The bounds leave 3-5x over those figures (q8's max: 1.5x, kept
  * at 0.2): f16 max 0.04 and RMS share 0.005, the others max 0.2/0.5/1.0 and RMS share 0.02; decode after prefill
  * and batched decode run the same attention kernel and differ only in the GEMMs' summation order: 0.03 for every
- * type (a 1% mis-scale of logits ~N(0, 2^2) fails it).
+ * type (a 1% mis-scale of logits ~N(0, 2^2) fails it). decode_attn's check compares 320 positions, not 32, whose
+ * K and V come from 64-row GEMMs against 1-row ones, so more q4 codes can flip at a level boundary: its first run
+ * (H200) measured max 0.0309 on the SmolLM2 shape, 0.0137 on the Llama-3-8B one; its bound is 0.06 (a 1% mis-scale
+ * moves the largest of 320 x 49152 logits ~N(0, 2^2) by ~0.09, a wrong position or mask by O(1)).
  * Top-1. kvq gen-model's logits are ~N(0, 2^2) over 49152 or 128256 tokens: the top-1 vs top-2 margin is about
  * exponential with mean 2 / sqrt(2 ln V) ~ 0.43, often below the legitimate difference, so raw agreement flips
  * at random (97.8-100% measured) and is only printed. With random output weights the differences of one position
@@ -366,7 +369,8 @@ int main(int argc, char **argv) {
                 }
             }
             snprintf(what, sizeof what, "%s: decode_attn chunks of %d vs one token at a time, max |difference|", name, CHUNK);
-            check(maxda <= dec_bound, "%.4g (<= %.3g)", maxda, dec_bound, what);
+            const double da_bound = 0.06; /* see Bounds above */
+            check(maxda <= da_bound, "%.4g (<= %.3g)", maxda, da_bound, what);
             llama_gpu_ctx_free(ga);
             llama_gpu_ctx_free(gb);
         }
