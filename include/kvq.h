@@ -484,7 +484,6 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q3           keys and values                          1       keys and values
  *     q2           keys and values                          1       none (kept on the integer kernels); keys
  *                                                                    when prerope = 1 (fp32 key kernels then)
- *                                                                    and the keys have no outliers
  *     f16, bf16, fp8: none of them. A mix takes each role's column (q8/q4: keys and values rotated, 1 sink).
  * qnorm (Q-Norm, below) is none in the library (-1 and 0); kvq's engine and KVQCache (CPU and CUDA) turn it on for
  * every grouped role. outliers (below) is none everywhere unless asked (the CPU cache only).
@@ -695,9 +694,10 @@ KVQ_API const char *kvq_cpu_backend(void);
  * without the key rotation they lose to it. Q4's KLD moves within noise (0.0038 .. 0.0042), so Q4 stays post-RoPE
  * and keeps its integer key kernels. Q2 keys alone (values Q8) lose 39% of their KLD, the q3/q2 mix 12%. Non-uniform
  * levels for pre-RoPE Q2 keys take another 11% (0.125 -> 0.111; free: those keys use the fp32 kernels), so they are
- * the default there (nonuniform = -1, table above) unless the keys have outliers (below): then uniform levels win
- * (SmolLM2, decode scoring, with SQuat: dPPL +2.61% -> +1.14%, KLD 0.0254 -> 0.0172 at ctx 2048; +4.85% -> +3.03%,
- * 0.0421 -> 0.0339 at 8192; docs/quality.md); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
+ * the default there (nonuniform = -1, table above); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
+ * With the keys' outliers (below) the models disagree: uniform levels cut SmolLM2's KLD by 32% at ctx 2048 and 19% at
+ * 8192 (dPPL +2.61% -> +1.14%, +4.85% -> +3.03%) and raise Gemma 3's by 86% at 2048 (+3.97% -> +6.42%), so the
+ * default stays (docs/quality.md, "Q2 keys' levels with outliers").
  * At ctx 2048 with SQuat (below; docs/quality.md, "2026-12-04: pre-RoPE Q2 keys"), pre-RoPE Q2 keys take Q2 from
  * dPPL +11.1% / KLD 0.124 to +5.8% / 0.082 (without SQuat +7.8% / 0.102), so kvq's engine (src/model/llama.c,
  * llama_default_prerope) stores Q2 keys pre-RoPE by default, at the decode cost above; other key types stay

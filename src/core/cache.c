@@ -37,13 +37,10 @@ static int default_rotate(kvq_type tk, kvq_type tv) {
 }
 
 /* kvq.h section 10: non-uniform levels by default where they were measured to help and cost no speed: Q3 (its
- * kernels decode every code through the level table); Q4/Q2 would leave their integer kernels for fp32 ones.
- * Pre-RoPE Q2 keys go through the fp32 kernels anyway: their levels cost nothing and cut Q2's KLD by 11%, but only
- * without the keys' outliers (`outliers`: -1 is none): with them a group's range no longer holds its extreme, the
- * uniform levels fit what is left, and the levels cost (SmolLM2, decode scoring) dPPL +1.14% -> +2.61% at ctx 2048,
- * +3.03% -> +4.85% at 8192. */
-static int default_nonuniform(kvq_type tk, kvq_type tv, int prerope, int outliers) {
-    bool k = tk == KVQ_TYPE_Q3 || (tk == KVQ_TYPE_Q2 && prerope == 1 && !(outliers > 0 && (outliers & KVQ_ROLES_K)));
+ * kernels decode every code through the level table); Q4/Q2 would leave their integer kernels for fp32 ones */
+static int default_nonuniform(kvq_type tk, kvq_type tv, int prerope) {
+    /* pre-RoPE Q2 keys go through the fp32 kernels anyway: their levels cost nothing and cut Q2's KLD by 11% */
+    bool k = tk == KVQ_TYPE_Q3 || (tk == KVQ_TYPE_Q2 && prerope == 1);
     return (k ? KVQ_ROLES_K : 0) | (tv == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
 }
 
@@ -81,7 +78,7 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->qnorm == -1) cfg->qnorm = KVQ_ROLES_NONE;
     if (cfg->qnorm < 0 || cfg->qnorm > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "qnorm %d is not a set of roles 0..3 (or -1 for the default)", cfg->qnorm);
-    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v, cfg->prerope, cfg->outliers);
+    if (cfg->nonuniform == -1) cfg->nonuniform = default_nonuniform(cfg->type_k, cfg->type_v, cfg->prerope);
     if (cfg->nonuniform < 0 || cfg->nonuniform > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "nonuniform %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->nonuniform);

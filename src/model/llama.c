@@ -320,8 +320,8 @@ int llama_default_squat(kvq_type type_k) {
 
 /* kvq.h section 10, "Outliers": the keys' outliers of every grouped key type. KLD from F16 (kvq perplexity
  * --decode-attn; docs/quality.md, the suite with this default): SmolLM2 ctx 2048 q4 -22%, q3 -36%, q2 -31%; ctx 8192
- * q4 -38% (dPPL +0.68% -> +0.33%), q3 -48% (+2.38% -> +0.69%), q2 -33% (+7.56% -> +4.85%; +3.03% since pre-RoPE Q2
- * keys with outliers keep uniform levels, src/core/cache.c); Gemma 3 at 8192 q3 +3.42% -> +1.43%, q4 +0.95% -> +0.65%. For +0.19 bits per element (3 bytes per key group) and 12-16% of the CPU's decode
+ * q4 -38% (dPPL +0.68% -> +0.33%), q3 -48% (+2.38% -> +0.69%), q2 -33% (+7.56% -> +4.85%); Gemma 3 at 8192 q3 +3.42%
+ * -> +1.43%, q4 +0.95% -> +0.65%. For +0.19 bits per element (3 bytes per key group) and 12-16% of the CPU's decode
  * attention at 32k. Values' outliers buy nothing measurable (a rotated token's channels have none left): off. */
 int llama_default_outliers(kvq_type type_k) {
     const kvq_type_traits *k = kvq_type_get_traits(type_k);
