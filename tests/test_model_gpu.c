@@ -35,7 +35,7 @@
  * type (a 1% mis-scale of logits ~N(0, 2^2) fails it). decode_attn's check compares 320 positions, not 32, whose
  * K and V come from 64-row GEMMs against 1-row ones, so more q4 codes can flip at a level boundary: its first run
  * (H200) measured max 0.0309 on the SmolLM2 shape, 0.0137 on the Llama-3-8B one; its bound is 0.06 (a 1% mis-scale
- * moves the largest of 320 x 49152 logits ~N(0, 2^2) by ~0.09, a wrong position or mask by O(1)).
+ * moves the largest of 320 x 49152 logits ~N(0, 2^2), ~11.5, by ~0.1; a wrong position or mask moves them by O(1)).
  * Top-1. kvq gen-model's logits are ~N(0, 2^2) over 49152 or 128256 tokens: the top-1 vs top-2 margin is about
  * exponential with mean 2 / sqrt(2 ln V) ~ 0.43, often below the legitimate difference, so raw agreement flips
  * at random (97.8-100% measured) and is only printed. With random output weights the differences of one position
