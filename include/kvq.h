@@ -696,8 +696,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * levels for pre-RoPE Q2 keys take another 11% (0.125 -> 0.111; free: those keys use the fp32 kernels), so they are
  * the default there (nonuniform = -1, table above); Q3's keys and values keep theirs (keys alone: 0.0167, worse).
  * With the keys' outliers (below) the models disagree: uniform levels cut SmolLM2's KLD by 32% at ctx 2048 and 19% at
- * 8192 (dPPL +2.61% -> +1.14%, +4.85% -> +3.03%) and raise Gemma 3's by 86% at 2048 (+3.97% -> +6.42%), so the
- * default stays (docs/quality.md, "Q2 keys' levels with outliers").
+ * 8192 (dPPL +2.61% -> +1.14%, +4.85% -> +3.03%) and raise Gemma 3's by 86% at 2048 and 61% at 8192 (+3.97% ->
+ * +6.42%, +9.56% -> +14.8%), so the default stays (docs/quality.md, "Q2 keys' levels with outliers").
  * At ctx 2048 with SQuat (below; docs/quality.md, "2026-12-04: pre-RoPE Q2 keys"), pre-RoPE Q2 keys take Q2 from
  * dPPL +11.1% / KLD 0.124 to +5.8% / 0.082 (without SQuat +7.8% / 0.102), so kvq's engine (src/model/llama.c,
  * llama_default_prerope) stores Q2 keys pre-RoPE by default, at the decode cost above; other key types stay
