@@ -3,7 +3,8 @@
 #
 #   `kvq perplexity --ctx 1024 --compare f16,q8,q4` with kvq.h section 10's mechanisms at their defaults (rotation,
 #   sinks in the global layers) but SQuat and the keys' outliers off (the KLD ranges were measured without them),
-#   on 2 chunks of 1024 (KVQ_TEST_QUICK=1: the first only), each starting with <bos> and scoring its second half: positions 512..1023, past the 512-token sliding window of the local layers.
+#   on 2 chunks of 1024 (KVQ_TEST_QUICK=1: the first only), each starting with <bos> and scoring its second half:
+#   positions 512..1023, past the 512-token sliding window of the local layers.
 # References (tests/data/ppl_reference_gemma3.txt):
 #   hf    transformers' fp32 perplexity of the same chunks (tests/data/make_golden.py --model gemma3)
 #   band  the largest relative deviation allowed for each type: f16 from hf; q8 and q4 from kvq's f16
