@@ -1,5 +1,6 @@
 // kvq-bench cuda: decode attention and append on the device, Llama-3-8B attention shapes (32 query heads,
-// 8 KV heads, D = 128), batch 1/8/32, context 4k/16k/64k/128k, every type. Timed with CUDA events around each
+// 8 KV heads, D = 128; --shape gemma3-12b: 16 query heads, 8 KV heads, D = 256; gemma3-270m: 4 and 1, D = 256),
+// batch 1/8/32, context 4k/16k/64k/128k, every type. Timed with CUDA events around each
 // call, after warm-up, L2 flushed before every timed run (by reading a 256 MB buffer; --flush write: a 256 MB memset,
 // whose ~50 MB of dirty lines are then written back inside the timed call), median of the runs.
 // Writes <out>/bench-cuda.md and <out>/bench-cuda.csv; merges torch SDPA timings from --sdpa <csv>
@@ -100,7 +101,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
     int reps = 20;
     bool quick = false, flush_write = false, plain = false, qnorm = false;
-    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr;
+    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr, *shape = "llama3-8b";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
         else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc) sdpa_path = argv[++i];
@@ -111,10 +112,12 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) types_arg = argv[++i];
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
+        else if (!strcmp(argv[i], "--shape") && i + 1 < argc) shape = argv[++i];
         else if (!strcmp(argv[i], "--flush") && i + 1 < argc) flush_write = !strcmp(argv[++i], "write");
         else if (strcmp(argv[i], "cuda")) {
             fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
-                            "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain] [--qnorm]\n");
+                            "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain] [--qnorm] "
+                            "[--shape llama3-8b|gemma3-12b|gemma3-270m]\n");
             return 2;
         }
     }
@@ -177,7 +180,14 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     printf("decode kernel: %s%s\n", kname, penv && portable ? " (KVQ_CUDA_PORTABLE)" : "");
     fflush(stdout);
 
-    const int H = 8, D = 128, NQH = 32;
+    // attention shapes: KV heads, head dim, query heads
+    int H = 8, D = 128, NQH = 32;
+    if (!strcmp(shape, "gemma3-12b")) H = 8, D = 256, NQH = 16;
+    else if (!strcmp(shape, "gemma3-270m")) H = 1, D = 256, NQH = 4;
+    else if (strcmp(shape, "llama3-8b")) {
+        fprintf(stderr, "unknown --shape '%s' (llama3-8b, gemma3-12b, gemma3-270m)\n", shape);
+        return 2;
+    }
     std::vector<int> ctxs = {4096, 16384, 65536, 131072};
     std::vector<int> batches = {1, 8, 32};
     if (quick) ctxs = {4096, 131072}, batches = {1, 8};
@@ -204,6 +214,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             a = b + 1;
         }
     }
+    printf("shape %s: %d query heads, %d KV heads, head_dim %d\n", shape, NQH, H, D);
     if (ctxs.empty() || batches.empty() || types.empty()) {
         fprintf(stderr, "empty --ctx, --batch or --types\n");
         return 2;
@@ -343,11 +354,11 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         fprintf(f, "Caches: %s%s.\n\n", plain ? "rotation and sinks off (--plain)"
                                              : "kvq.h section 10's defaults (q8 keys rotated; q4, q2 rotated and one sink)",
                 qnorm ? ", Q-Norm of the grouped roles (--qnorm)" : "");
-        fprintf(f, "Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, one layer; fp16 queries and "
+        fprintf(f, "Attention shape %s: %d query heads, %d KV heads, head_dim %d, one layer; fp16 queries and "
                    "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
                    "L2 flushed before every run (%s). `GB/s` counts the KV bytes the kernel must read (pages "
                    "with their scales, plus fp16 window rows). `vs SDPA`: torch `scaled_dot_product_attention` (fp16, "
-                   "enable_gqa) timed the same way by bench/bench_sdpa.py, read from %s.\n\n", reps,
+                   "enable_gqa) timed the same way by bench/bench_sdpa.py, read from %s.\n\n", shape, NQH, H, D, reps,
                 flush_write ? "a 256 MB memset, whose dirty lines are written back during the timed call"
                             : "by reading a 256 MB buffer, which leaves clean lines",
                 sdpa_path ? sdpa_path : "(no --sdpa file)");

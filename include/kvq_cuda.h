@@ -43,7 +43,7 @@
  *   otherwise the results are undefined.
  *
  * 4. Limits of this version
- * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64 or 128; at most 8 query heads per KV
+ * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64, 128 or 256; at most 8 query heads per KV
  *   head. Other configurations return KVQ_ERR_INVALID_ARG / KVQ_ERR_UNSUPPORTED_HEAD_DIM at create (or attention)
  *   time. Every (type_k, type_v) pair of the six types works, as in the CPU cache (e.g. Q8 keys with Q4 values);
  *   when either type is grouped, both roles flush in whole groups through the fp16 window.

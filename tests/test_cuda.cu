@@ -1220,13 +1220,40 @@ int main(int argc, char **argv) {
         mc.qnorm = -1, mc.outliers = KVQ_ROLES_V; /* dense-and-sparse outliers: the CPU cache's only */
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "outliers accepted");
     }
+    // Head dim 256 (Gemma 2/3): every type with one KV head (Gemma 3 270M's shape) and fork/truncate, mixed pairs,
+    // rotation and sinks, Q-Norm, the fused step and static plans. Its grouped flushes stage the channels in two
+    // chunks, and its kernels have their own ring sizes (decode.cuh, Cfg).
+    for (int ti = 0; ti < 6 && !long_only; ti++) {
+        kvq_type t = types[ti];
+        if (only && strcmp(only, tname(t))) continue;
+        bool grouped = kvq_type_get_traits(t)->grouped;
+        test_ragged(t, 256, -1, KVQ_DTYPE_F32, 1);
+        if (!only) test_fork_truncate(t, 256, grouped ? 0 : 5, KVQ_DTYPE_F16);
+    }
+    if (!long_only && !only) {
+        test_ragged(KVQ_TYPE_Q4, 256, -1, KVQ_DTYPE_F16, 2, KVQ_TYPE_Q2);
+        test_ragged(KVQ_TYPE_Q8, 256, 3, KVQ_DTYPE_F32, 2, KVQ_TYPE_Q4);
+        g_rot = -1, g_sinks = -1;
+        test_ragged(KVQ_TYPE_Q4, 256, -1, KVQ_DTYPE_F32, 1);
+        test_ragged(KVQ_TYPE_Q2, 256, 0, KVQ_DTYPE_F16, 2);
+        test_fork_truncate(KVQ_TYPE_Q2, 256, -1, KVQ_DTYPE_F32);
+        test_decode_step(KVQ_TYPE_Q4, 256, -1, KVQ_DTYPE_F16);
+        test_static(KVQ_TYPE_Q2, 256, -1, KVQ_DTYPE_F32);
+        g_rot = KVQ_ROLES_KV, g_sinks = 4, g_seed = 12345;
+        test_ragged(KVQ_TYPE_Q8, 256, -1, KVQ_DTYPE_F16, 1);
+        test_static(KVQ_TYPE_F16, 256, 0, KVQ_DTYPE_F16);
+        g_rot = 0, g_sinks = 0, g_seed = 0, g_qnorm = KVQ_ROLES_KV;
+        test_ragged(KVQ_TYPE_Q2, 256, -1, KVQ_DTYPE_F32, 1);
+        test_ragged(KVQ_TYPE_Q4, 256, -1, KVQ_DTYPE_F16, 2, KVQ_TYPE_Q2);
+        g_qnorm = 0;
+    }
     if (!quick && !only) {
         test_long(KVQ_TYPE_Q8, 131072 + 77);
         test_long(KVQ_TYPE_Q4, 131072 + 100);
         test_long(KVQ_TYPE_F16, 40000);
         test_long(KVQ_TYPE_Q2, 40000);
     }
-    // The portable decode kernel on the same checks: every type at head dims 128 and 64 (decode, sliding window,
+    // The portable decode kernel on the same checks: every type at head dims 128, 64 and 256 (decode, sliding window,
     // soft-cap, f16 I/O, subsets, prefill), every mixed pair, rotation and sinks, fork/truncate, the fused step, and
     // (not quick) 128k. Its caches are created with KVQ_CUDA_PORTABLE=1 (read at creation).
     if (!portable_env() && !long_only && !getenv("KVQ_TEST_NO_PORTABLE")) {
@@ -1238,6 +1265,7 @@ int main(int argc, char **argv) {
             test_ragged(t, 64, -1, KVQ_DTYPE_F16);
             if (!kvq_type_get_traits(t)->grouped) test_ragged(t, 128, 5, KVQ_DTYPE_F32);
             else test_ragged(t, 128, 0, KVQ_DTYPE_F16);
+            test_ragged(t, 256, -1, KVQ_DTYPE_F32, 1);
         }
         if (!only) {
             for (const auto &m : mixed) test_ragged(m[0], (&m - mixed) % 2 ? 64 : 128, -1, KVQ_DTYPE_F32, 4, m[1]);
@@ -1248,6 +1276,7 @@ int main(int argc, char **argv) {
             test_fork_truncate(KVQ_TYPE_Q4, 128, -1, KVQ_DTYPE_F32);
             g_rot = KVQ_ROLES_KV, g_sinks = 4, g_seed = 12345;
             test_ragged(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F32);
+            test_ragged(KVQ_TYPE_Q4, 256, -1, KVQ_DTYPE_F16, 2, KVQ_TYPE_Q2);
             test_fork_truncate(KVQ_TYPE_F16, 64, 3, KVQ_DTYPE_F16);
             g_rot = 0, g_sinks = 0, g_seed = 0;
             test_decode_step(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);

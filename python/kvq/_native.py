@@ -26,7 +26,7 @@ import numpy as np
 TYPE_F16, TYPE_BF16, TYPE_Q8, TYPE_FP8, TYPE_Q4, TYPE_Q2, TYPE_Q3 = 0, 1, 2, 3, 4, 5, 6
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 HEAD_DIMS = (64, 80, 96, 128, 256)
-CUDA_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (64, 128, 256)
 # kvq.h role sets (rotate, nonuniform, qnorm)
 ROLES_NONE, ROLES_K, ROLES_V, ROLES_KV = 0, 1, 2, 3
 

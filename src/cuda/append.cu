@@ -45,13 +45,16 @@ __device__ __forceinline__ float4 src4(const AppendArgs &A, const AppendEntry &E
     return x;
 }
 
-// Channels [c, c + N) of virtual token v, N = 4 (D = 128) or 2 (D = 64)
+// Channels [c, c + N) of virtual token v, N = 8 (D = 256), 4 (D = 128) or 2 (D = 64)
 template <int N>
 __device__ __forceinline__ void src_row(const AppendArgs &A, const AppendEntry &E, int v, int h, int c, int D, bool isv,
                                         float (&x)[N]) {
-    if constexpr (N == 4) {
-        const float4 y = src4(A, E, v, h, c, D, isv);
-        x[0] = y.x, x[1] = y.y, x[2] = y.z, x[3] = y.w;
+    if constexpr (N == 4 || N == 8) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            const float4 y = src4(A, E, v, h, c + i, D, isv);
+            x[i] = y.x, x[i + 1] = y.y, x[i + 2] = y.z, x[i + 3] = y.w;
+        }
     } else {
         static_assert(N == 2, "channels per lane");
         if (v < E.W0) {
@@ -67,17 +70,24 @@ __device__ __forceinline__ void src_row(const AppendArgs &A, const AppendEntry &
     }
 }
 
-// The G = 64 tokens v0 .. v0 + 63 of head h (keys or values) into xs[t][D], all of a thread's loads in flight at
-// once (they were one dependent load per token and channel: a decode step that flushed a Q4/Q2 group took ~100 us).
-template <int D>
-__device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int h, bool isv, float *xs) {
-    constexpr int TPR = D / 4, RPI = 128 / TPR, IT = PT / RPI;  // threads per row, rows per pass, passes
+// Channels staged at a time by the grouped flushes: all of them up to D = 128; D = 256 in two chunks of 128 (a page's
+// 64 tokens of 256 channels in fp32 would be 64 KB of shared memory, past the 48 KB of a static allocation). Keys are
+// quantized per channel and values in groups of 64 channels, so a chunk holds whole groups either way.
+template <int D> constexpr int chunk_of() { return D > 128 ? 128 : D; }
+
+// The G = 64 tokens v0 .. v0 + 63 of head h (keys or values), channels [c0, c0 + DC), into xs[t][DC], all of a
+// thread's loads in flight at once (they were one dependent load per token and channel: a decode step that flushed a
+// Q4/Q2 group took ~100 us).
+template <int D, int DC = chunk_of<D>()>
+__device__ __forceinline__ void stage(const AppendArgs &A, const AppendEntry &E, int v0, int h, bool isv, float *xs,
+                                      int c0) {
+    constexpr int TPR = DC / 4, RPI = 128 / TPR, IT = PT / RPI;  // threads per row, rows per pass, passes
     const int c = (threadIdx.x % TPR) * 4, r0 = threadIdx.x / TPR;
     float4 x[IT];
 #pragma unroll
-    for (int it = 0; it < IT; it++) x[it] = src4(A, E, v0 + r0 + it * RPI, h, c, D, isv);
+    for (int it = 0; it < IT; it++) x[it] = src4(A, E, v0 + r0 + it * RPI, h, c0 + c, D, isv);
 #pragma unroll
-    for (int it = 0; it < IT; it++) *reinterpret_cast<float4 *>(xs + (r0 + it * RPI) * D + c) = x[it];
+    for (int it = 0; it < IT; it++) *reinterpret_cast<float4 *>(xs + (r0 + it * RPI) * DC + c) = x[it];
 }
 
 template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, float s) {
@@ -128,7 +138,7 @@ __device__ __forceinline__ void flush_rows(const AppendArgs &A, const AppendEntr
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
                 const float s = round_f16(__fdiv_rn(amax, T == KVQ_TYPE_Q8 ? 127.f : 448.f));
-                uint32_t packed = 0;
+                uint64_t packed = 0;
 #pragma unroll
                 for (int e = 0; e < EPL; e++) {
                     float y = s > 0.f ? __fdiv_rn(x[e], s) : 0.f;
@@ -140,9 +150,10 @@ __device__ __forceinline__ void flush_rows(const AppendArgs &A, const AppendEntr
                     } else {
                         b = (uint32_t)__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3);
                     }
-                    packed |= b << (8 * e);
+                    packed |= (uint64_t)b << (8 * e);
                 }
-                if constexpr (EPL == 4) reinterpret_cast<uint32_t *>(row)[lane] = packed;
+                if constexpr (EPL == 8) reinterpret_cast<uint2 *>(row)[lane] = make_uint2((uint32_t)packed, (uint32_t)(packed >> 32));
+                else if constexpr (EPL == 4) reinterpret_cast<uint32_t *>(row)[lane] = (uint32_t)packed;
                 else reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)packed;
                 if (lane == 0) reinterpret_cast<__half *>(blk + PT * TR::row)[slot] = __float2half_rn(s);
             }
@@ -174,16 +185,18 @@ struct QNormSums {
     }
 };
 
-// Grouped keys (Q4, Q2): one thread per channel over the G = 64 tokens of the page, staged in xs. qn: Q-Norm, whose
-// pair is stored; the codes stay min/max's for Q4 and are taken again under the new pair for Q2 (quant.c, group_quant).
-template <int T, int D> __device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, bool qn) {
+// Grouped keys (Q4, Q2): one thread per channel over the G = 64 tokens of the page, staged in xs (channels c0 ..
+// c0 + DC - 1). qn: Q-Norm, whose pair is stored; the codes stay min/max's for Q4 and are taken again under the new
+// pair for Q2 (quant.c, group_quant).
+template <int T, int D, int DC = chunk_of<D>()>
+__device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, bool qn, int c0) {
     using TR = Traits<T, D>;
     constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
-    const int c = threadIdx.x;
-    if (c < D) {
+    const int cx = threadIdx.x, c = c0 + cx;  // staged column, channel
+    if (cx < DC) {
         float lo = INFINITY, hi = -INFINITY;
         for (int t = 0; t < PT; t++) {
-            const float x = xs[t * D + c];
+            const float x = xs[t * DC + cx];
             lo = fminf(lo, x), hi = fmaxf(hi, x);
         }
         float mn, s;
@@ -191,13 +204,13 @@ template <int T, int D> __device__ __forceinline__ void flush_group_keys(const f
         float pm = mn, ps = s;  // the stored pair
         if (qn) {
             QNormSums q;
-            for (int t = 0; t < PT; t++) q.add(xs[t * D + c], q_asym<QMAX>(xs[t * D + c], mn, s));
+            for (int t = 0; t < PT; t++) q.add(xs[t * DC + cx], q_asym<QMAX>(xs[t * DC + cx], mn, s));
             if (q.pair(PT, s, ps, pm) && QMAX == 3) mn = pm, s = ps;
         }
         __half *par = reinterpret_cast<__half *>(kb + PT * TR::row);
         par[c] = __float2half_rn(ps), par[D + c] = __float2half_rn(pm);
         for (int t = 0; t < PT; t++) {
-            int q = q_asym<QMAX>(xs[t * D + c], mn, s);
+            int q = q_asym<QMAX>(xs[t * DC + cx], mn, s);
             int byte = q;
 #pragma unroll
             for (int k = 1; k < PER; k++) byte |= __shfl_down_sync(0xffffffffu, q, k) << (k * B);
@@ -211,16 +224,18 @@ template <int T, int D> __device__ __forceinline__ void flush_group_keys(const f
 // order (the CPU's order: a split sum would round differently). Thread i starts its sum i % 32 steps late, so that
 // the 32 reads of a warp's step fall in 32 banks (in step they would all hit one: rows are D floats apart). One warp
 // summing its tokens in turn cost a Q4/Q2 flush 3.3x its time (H200, kvq-bench-cuda --qnorm).
-template <int T, int D> __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb, bool qn) {
+// Channels c0 .. c0 + DC - 1 (groups c0 / 64 ..) are staged in xs.
+template <int T, int D, int DC = chunk_of<D>()>
+__device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb, bool qn, int c0) {
     using TR = Traits<T, D>;
-    constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = D / 32, LPG = 64 / EPL, NG = TR::ng;
+    constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = DC / 32, LPG = 64 / EPL, NG = DC / 64;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float2 qp[PT * NG];  // Q-Norm's (scale, min) of (token t, group g) at g * PT + t; scale -1: none
     if (qn) {
         static_assert(PT * NG <= 128, "a thread per (token, group)");
         const int i = threadIdx.x;
         if (i < PT * NG) {
-            const float *g = xs + (i % PT) * D + (i / PT) * 64;
+            const float *g = xs + (i % PT) * DC + (i / PT) * 64;
             float lo = INFINITY, hi = -INFINITY;
             for (int j = 0; j < 64; j++) {  // any order: min and max
                 const float x = g[(j + lane) & 63];
@@ -243,7 +258,7 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
         float lo = INFINITY, hi = -INFINITY;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
-            x[e] = xs[t * D + lane * EPL + e];
+            x[e] = xs[t * DC + lane * EPL + e];
             lo = fminf(lo, x[e]), hi = fmaxf(hi, x[e]);
         }
 #pragma unroll
@@ -264,8 +279,8 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
         uint32_t bits = 0;
 #pragma unroll
         for (int e = 0; e < EPL; e++) bits |= (uint32_t)q_asym<QMAX>(x[e], mn, s) << (e * B);
-        uint8_t *row = vb + t * TR::row;
-        constexpr int LBITS = EPL * B;  // bits per lane: 16, 8 (Q4: D 128, 64), 8, 4 (Q2)
+        uint8_t *row = vb + t * TR::row + c0 * B / 8;
+        constexpr int LBITS = EPL * B;  // bits per lane: 16, 8 (Q4: DC 128, 64), 8, 4 (Q2)
         if constexpr (LBITS == 16) reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)bits;
         else if constexpr (LBITS == 8) row[lane] = (uint8_t)bits;
         else {
@@ -274,7 +289,7 @@ template <int T, int D> __device__ __forceinline__ void flush_group_values(const
         }
         if (lane % LPG == 0) {
             __half2 *par = reinterpret_cast<__half2 *>(vb + PT * TR::row);
-            par[t * TR::ng + lane / LPG] = __halves2half2(__float2half_rn(ps), __float2half_rn(pm));
+            par[t * TR::ng + c0 / 64 + lane / LPG] = __halves2half2(__float2half_rn(ps), __float2half_rn(pm));
         }
     }
 }
@@ -290,19 +305,26 @@ template <int TK, int TV, int D> __device__ __forceinline__ void flush_body(cons
     if (h == 0 && threadIdx.x == 0 && f.pt_idx >= 0) E.pt[f.pt_idx] = f.page;
     uint8_t *kb = pg + h * TRK::kblk, *vb = pg + A.v_off + h * TRV::vblk;
     constexpr bool STAGED = TRK::grouped || TRV::grouped;  // grouped roles flush whole pages (cnt = G = 64)
-    __shared__ __align__(16) float xs[STAGED ? PT * D : 4];  // the page's 64 tokens of this head, one role at a time
+    constexpr int DC = chunk_of<D>();
+    // the page's 64 tokens of this head, one role and chunk of channels at a time
+    __shared__ __align__(16) float xs[STAGED ? PT * DC : 4];
     if constexpr (TRK::grouped) {
-        stage<D>(A, E, f.v0, h, false, xs);
-        __syncthreads();
-        flush_group_keys<TK, D>(xs, kb, A.qnorm & KVQ_ROLES_K);
+        for (int c0 = 0; c0 < D; c0 += DC) {
+            if (c0) __syncthreads();  // xs is free again
+            stage<D>(A, E, f.v0, h, false, xs, c0);
+            __syncthreads();
+            flush_group_keys<TK, D>(xs, kb, A.qnorm & KVQ_ROLES_K, c0);
+        }
     } else {
         flush_rows<TK, D>(A, E, f, h, kb, false);
     }
     if constexpr (TRV::grouped) {
-        if constexpr (TRK::grouped) __syncthreads();  // xs is free again
-        stage<D>(A, E, f.v0, h, true, xs);
-        __syncthreads();
-        flush_group_values<TV, D>(xs, vb, A.qnorm & KVQ_ROLES_V);
+        for (int c0 = 0; c0 < D; c0 += DC) {
+            if (TRK::grouped || c0) __syncthreads();  // xs is free again
+            stage<D>(A, E, f.v0, h, true, xs, c0);
+            __syncthreads();
+            flush_group_values<TV, D>(xs, vb, A.qnorm & KVQ_ROLES_V, c0);
+        }
     } else {
         flush_rows<TV, D>(A, E, f, h, vb, true);
     }
@@ -453,7 +475,7 @@ cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st) {
     if (D == 64) rotate_kernel<64><<<grid, 128, 0, st>>>(a);
     else if (D == 128) rotate_kernel<128><<<grid, 128, 0, st>>>(a);
     else if (D == 256) rotate_kernel<256><<<grid, 128, 0, st>>>(a);
-    else return cudaErrorInvalidValue;  // D = 80, 96: block-diagonal on the CPU; this backend has 64 and 128
+    else return cudaErrorInvalidValue;  // D = 80, 96: block-diagonal on the CPU; this backend has 64, 128 and 256
     cudaError_t e = cudaGetLastError();
     static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // kvq_cuda.h section 2
     if (e == cudaSuccess && debug && (e = cudaStreamSynchronize(st)) != cudaSuccess)
@@ -484,7 +506,9 @@ template <int D> static cudaError_t run_flush_gt(int tk, int tv, const AppendArg
 // A static step (one token per sequence): at most one flush item and one window token per sequence
 cudaError_t launch_append_g(int tk, int tv, int D, const AppendArgs *flush, const AppendArgs *win, int n, int H,
                             cudaStream_t st) {
-    cudaError_t e = D == 64 ? run_flush_gt<64>(tk, tv, flush, n, H, st) : run_flush_gt<128>(tk, tv, flush, n, H, st);
+    cudaError_t e = D == 64    ? run_flush_gt<64>(tk, tv, flush, n, H, st)
+                    : D == 256 ? run_flush_gt<256>(tk, tv, flush, n, H, st)
+                               : run_flush_gt<128>(tk, tv, flush, n, H, st);
     if (e != cudaSuccess) return e;
     window_kernel_g<<<n, 128, 0, st>>>(win, D);
     return cudaGetLastError();
@@ -492,7 +516,8 @@ cudaError_t launch_append_g(int tk, int tv, int D, const AppendArgs *flush, cons
 
 // n_items > 0: flush launch; n_wtok > 0: window launch (a.n_items == 0). n_entries for the window search.
 cudaError_t launch_append(int tk, int tv, int D, const AppendArgs &a, cudaStream_t st) {
-    if (a.n_items > 0) return D == 64 ? run_flush_t<64>(tk, tv, a, st) : run_flush_t<128>(tk, tv, a, st);
+    if (a.n_items > 0)
+        return D == 64 ? run_flush_t<64>(tk, tv, a, st) : D == 256 ? run_flush_t<256>(tk, tv, a, st) : run_flush_t<128>(tk, tv, a, st);
     if (a.n_wtok > 0) {
         window_kernel<<<(unsigned)a.n_wtok, 128, 0, st>>>(a, D, a.n_entries);
         return cudaGetLastError();

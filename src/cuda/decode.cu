@@ -1,5 +1,6 @@
 // launch_decode: the decode kernels (decode.cuh) for a cache's key type, value type and head dim. Each key type's
-// kernels are instantiated in one of decode_k*.cu, so that the 72 kernels compile in parallel.
+// kernels are instantiated in one of decode_k*.cu, so that the 216 kernels (36 type pairs x 3 head dims x
+// Hopper and portable) compile in parallel.
 #include "common.cuh"
 
 namespace kvqc {

@@ -19,7 +19,7 @@
 // Channel order inside a fragment is free (any permutation of the reduction index works when Q uses the same),
 // which lets each quantized format use its cheapest unpacking (lop3 + magic 0x6400 fp16 exponent).
 // This header holds the kernel templates; decode.cu dispatches over the key type to decode_k*.cu, which instantiate
-// them (36 type pairs x 2 head dims compile in parallel there).
+// them (36 type pairs x 3 head dims compile in parallel there).
 #pragma once
 #include <stdio.h>
 #include <stdlib.h>
@@ -336,12 +336,25 @@ constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte re
 // smallest opt-in limit of the GPUs it serves, 99 KB (sm_86, sm_89, sm_120; sm_80 has 163 KB, sm_90/sm_100 227 KB),
 // so its ring is 72 KB instead of 200: fewer slots, and fewer consumer warps where a slot is large.
 constexpr int PORT_SMEM_MAX = 99 * 1024;
+// Shared memory beside the ring with w consumer warps and ns slots: P tiles, mbarriers, merge buffers (4 D floats
+// and (m, l) per warp), the two merge jobs
+constexpr int smem_beside_ring(int D, int w, int ns) { return w * 8 * PS_STRIDE * 2 + 2 * ns * 8 + w * (4 * D + 16) * 4 + 2 * 24; }
+// Slots of the ring with w consumer warps. D <= 128: the ring budget. D = 256: the merge buffers of the warps no longer
+// fit beside a 200 KB ring, so the ring takes what they leave.
+constexpr int ring_slots(int D, int slot, int budget, int smax, int w) {
+    const int ring = D <= 128 || smax - smem_beside_ring(D, w, 64) > budget ? budget : smax - smem_beside_ring(D, w, 64);
+    return ring / slot > 64 ? 64 : ring / slot;
+}
+// The most consumer warps, up to w, that get spw slots each
+constexpr int fit_warps(int D, int slot, int budget, int smax, int spw, int w) {
+    return w <= 1 || ring_slots(D, slot, budget, smax, w) / spw >= w ? w : fit_warps(D, slot, budget, smax, spw, w - 1);
+}
 template <int TK, int TV, int D, bool PORT = false> struct Cfg {
     using TRK = Traits<TK, D>;
     using TRV = Traits<TV, D>;
     static constexpr int SLOT = TRK::kblk + TRV::vblk;
     static constexpr int RING_BUDGET = PORT ? 72 * 1024 : 200 * 1024;
-    static constexpr int NS0 = (RING_BUDGET / SLOT) > 64 ? 64 : RING_BUDGET / SLOT;
+    static constexpr int SMEM_MAX = PORT ? PORT_SMEM_MAX : 227 * 1024;
     // Page r goes to warp r % W through slot r % NS, and NS is a multiple of W, so each slot has one consumer that
     // takes its rounds in order: an mbarrier parity wait is only sound when the waiter is at most one phase ahead,
     // which a shared round-robin over all slots cannot promise once a slow warp falls a ring behind.
@@ -350,16 +363,23 @@ template <int TK, int TV, int D, bool PORT = false> struct Cfg {
     // 128k: Q2 297 us with 11 warps vs 314 with 7; Q4 436 us with 7 vs 444 with 11 (2 slots each instead of 3).
     // F16/BF16 at D = 128 have 6 slots, so 3 warps; one slot each (6 warps, -DKVQ_F16_SLOTS_PER_WARP=1) measured
     // batch 1, 4k 17.9 us against 19.2, but batch 8, 4k 58.5 against 56.6 and batch 1, 16k 36.4 against 35.5.
-    static constexpr int WMAX = TRK::bits == 2 && TRV::bits == 2 ? KVQ_DECODE_WARPS_Q2 : 7;
-    static constexpr int SPW = TRK::bits == 16 && TRV::bits == 16 && D == 128 ? KVQ_F16_SLOTS_PER_WARP : 2;
-    static constexpr int W = NS0 / SPW >= WMAX ? WMAX : NS0 / SPW;
+    // D = 256: at most 7 (8 warps with the producer, so 2 per SM quadrant and 255 registers: Q2 with 8 had 168 and
+    // spilled 556 bytes). Slots over 32 KB there (F16/BF16: 64 KB, 3 in the ring and 1 in the portable one; 8-bit
+    // with 16-bit), one warp each.
+    static constexpr int WMAX = TRK::bits == 2 && TRV::bits == 2 && D <= 128 ? KVQ_DECODE_WARPS_Q2 : 7;
+    static constexpr int SPW = D > 128                                   ? (SLOT > 32 * 1024 ? 1 : 2)
+                               : TRK::bits == 16 && TRV::bits == 16 && D == 128 ? KVQ_F16_SLOTS_PER_WARP
+                                                                                : 2;
+    static constexpr int W0 = fit_warps(D, SLOT, RING_BUDGET, SMEM_MAX, SPW, WMAX);
+    static constexpr int NS0 = ring_slots(D, SLOT, RING_BUDGET, SMEM_MAX, W0);
+    static constexpr int W = NS0 / SPW >= W0 ? W0 : NS0 / SPW;
     static constexpr int NS = NS0 / W * W;
     static_assert(W >= 1 && NS >= SPW * W, "ring");
     static constexpr int THREADS = (W + 1) * 32;
     // The W warps' partials of a pair meet in shared memory, 4 query heads at a time: MB floats each, and (m, l)
     static constexpr int MB = 4 * D;
     static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4 + 2 * 24;
-    static_assert(SMEM <= (PORT ? PORT_SMEM_MAX : 227 * 1024), "shared memory");
+    static_assert(SMEM <= SMEM_MAX, "shared memory");
 };
 
 // The Hopper kernel's device code is compiled for sm_90 only (sm_90a cubins load on 9.0 devices alone); for any other
@@ -584,7 +604,11 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
             if (g < NG) {
                 uint32_t w[4];
 #pragma unroll
-                for (int t = 0; t < 4; t++) w[t] = NG == 2 && g == 1 ? vw.w[t * NG + NG - 1] : vw.w[t * NG];
+                for (int t = 0; t < 4; t++) {  // word t * NG + g, by selects (a dynamic index would spill vw)
+                    w[t] = vw.w[t * NG];
+#pragma unroll
+                    for (int k = 1; k < NG; k++) w[t] = g == k ? vw.w[t * NG + k] : w[t];
+                }
                 am0 = prmt(w[0], w[1], 0x7632), am2 = prmt(w[2], w[3], 0x7632);
             }
             mma(bacc, am0, 0u, am2, 0u, p01, p23);
@@ -832,7 +856,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                 // others across lanes j ^ 1, j ^ 2), rather than in a kernel of its own before this one.
                 if (A.rot_q) {
                     constexpr int NE = D / 4;
-                    const float f = D == 64 ? 0.125f : 0.08838835f;  // rotate.c's 1/sqrt(D)
+                    const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;  // rotate.c's 1/sqrt(D)
 #pragma unroll
                     for (int c = 0; c < NE; c++) {
                         const int ch = j * NE + c;
@@ -841,7 +865,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                     // loops of constant trip counts and linear induction, so that they unroll and qf stays in
                     // registers (`hs <<= 1` loops did not: qf went to a 128-byte stack frame)
 #pragma unroll
-                    for (int lg = 0; lg < (NE == 16 ? 4 : 5); lg++) {  // log2(NE), NE = 16 or 32
+                    for (int lg = 0; lg < (NE == 16 ? 4 : NE == 32 ? 5 : 6); lg++) {  // log2(NE), NE = 16, 32, 64
                         const int hs = 1 << lg;
 #pragma unroll
                         for (int c = 0; c < NE; c++)
@@ -1063,13 +1087,14 @@ cudaError_t launch_decode_gk(int tv, int D, const DecodeArgs *a, int grid, cudaS
     return with_type(tv, [&](auto V) {
         constexpr int TV = decltype(V)::value;
         if (D == 64) return port ? run_g<TK, TV, 64, true>(a, grid, st, setup_only) : run_g<TK, TV, 64, false>(a, grid, st, setup_only);
+        if (D == 256) return port ? run_g<TK, TV, 256, true>(a, grid, st, setup_only) : run_g<TK, TV, 256, false>(a, grid, st, setup_only);
         return port ? run_g<TK, TV, 128, true>(a, grid, st, setup_only) : run_g<TK, TV, 128, false>(a, grid, st, setup_only);
     });
 }
 
 // The kernels of key type TK, for every value type and head dim (instantiated in decode_k*.cu)
 template <int TK> cudaError_t launch_decode_k(int tv, int D, const DecodeArgs &a, cudaStream_t st, bool port) {
-    return D == 64 ? run_v<TK, 64>(tv, a, st, port) : run_v<TK, 128>(tv, a, st, port);
+    return D == 64 ? run_v<TK, 64>(tv, a, st, port) : D == 256 ? run_v<TK, 256>(tv, a, st, port) : run_v<TK, 128>(tv, a, st, port);
 }
 
 }  // namespace kvqc

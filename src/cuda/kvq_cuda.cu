@@ -299,8 +299,8 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (s) return fail(s, "kvq_cuda_cache_create: %s", kvq_last_error());
     if (cfg.type_k == KVQ_TYPE_Q3 || cfg.type_v == KVQ_TYPE_Q3) /* no GPU kernels for Q3's split bit planes yet */
         return fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq_cuda_cache_create: type q3 (the CUDA backend has f16, bf16, q8, fp8, q4, q2)");
-    if (L.head_dim != 64 && L.head_dim != 128)
-        return fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "kvq_cuda_cache_create: head_dim %d (the CUDA backend has 64 and 128)", L.head_dim);
+    if (L.head_dim != 64 && L.head_dim != 128 && L.head_dim != 256)
+        return fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "kvq_cuda_cache_create: head_dim %d (the CUDA backend has 64, 128 and 256)", L.head_dim);
     if (L.page_tokens != PT) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: page_tokens %d (the CUDA backend needs 64)", L.page_tokens);
     bool grouped = L.group > 1;
     if (grouped && (L.group != GRP || L.value_group != GRP))
@@ -888,7 +888,9 @@ template <int D> cudaError_t launch_unflush_d(int tk, int tv, int n_layers, cons
     });
 }
 cudaError_t launch_unflush(int tk, int tv, int D, int n_layers, const UnflushArgs &a, cudaStream_t st) {
-    return D == 64 ? launch_unflush_d<64>(tk, tv, n_layers, a, st) : launch_unflush_d<128>(tk, tv, n_layers, a, st);
+    return D == 64    ? launch_unflush_d<64>(tk, tv, n_layers, a, st)
+           : D == 256 ? launch_unflush_d<256>(tk, tv, n_layers, a, st)
+                      : launch_unflush_d<128>(tk, tv, n_layers, a, st);
 }
 }  // namespace
 

@@ -463,11 +463,11 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     // rows per call: a prefill chunk of one sequence, or one token of every sequence
     const size_t B = (size_t)(x->max_batch > n_seqs ? x->max_batch : n_seqs), dim = (size_t)c.dim, kvd = (size_t)c.n_kv_heads * c.head_dim,
                  hid = (size_t)c.hidden_dim, V = (size_t)c.vocab_size;
-    float inv[128];  // head_dim / 2 <= 128 (llama_read_config: head_dim divides dim <= 65536; kvq_cuda: 64 or 128)
+    float inv[128];  // head_dim / 2 <= 128 (llama_read_config: head_dim divides dim <= 65536; kvq_cuda: 64, 128, 256)
     int8_t kind[LLAMA_MAX_CACHES];
     kvq_type gk[LLAMA_MAX_CACHES], gv[LLAMA_MAX_CACHES];
     if (c.head_dim > 256 || c.head_dim % 2) {
-        s = kvqm_fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "GPU engine: head_dim %d (64 or 128)", c.head_dim);
+        s = kvqm_fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "GPU engine: head_dim %d (64, 128 or 256)", c.head_dim);
         goto fail;
     }
     try {

@@ -60,6 +60,29 @@ def test_cuda_matches_cpu(fam, kv_type, quality):
     assert err <= 1e-2, f"{fam} {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
+# Gemma 3 270M's attention shape: 4 query heads on one KV head of 256 channels (Gemma 2 and 3 all have head_dim 256)
+GEMMA3_270M = dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256)
+
+
+@pytest.mark.parametrize("quality", ["plain", "default"])
+@pytest.mark.parametrize("kv_type", ["f16", "bf16", "q8", "fp8", "q4", "q2"])
+def test_cuda_head_dim_256_matches_cpu(kv_type, quality):
+    """head_dim 256 on the GPU (it fell back to nothing before: KVQCache refused CUDA tensors of Gemma 2/3)."""
+    Q = QUALITY[quality]
+    model = make("gemma3", **GEMMA3_270M)
+    model.set_attn_implementation("kvq")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (2, 150), generator=g)  # past the sliding window and two flushes of 64
+    cont = torch.randint(3, 128, (2, 40), generator=g)
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **Q))
+    model.cuda()
+    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **Q)
+    gpu = _logits(model, ids.cuda(), cont.cuda(), cache)
+    assert cache.is_cuda
+    err = (gpu - cpu).abs().max().item() / cpu.std().item()
+    assert err <= 1e-2, f"head_dim 256 {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
+
+
 @pytest.mark.parametrize("quality", ["plain", "default"])
 @pytest.mark.parametrize("kv_type,value_type", [("q8", "q4"), ("q4", "q8"), ("f16", "q2"), ("q4", "q2")])
 def test_cuda_mixed_types_match_cpu(kv_type, value_type, quality):
