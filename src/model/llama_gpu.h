@@ -22,7 +22,7 @@
  *   graphs    a decode step's kernels between the kvq_cuda calls replayed as CUDA graphs (KVQ_GPU_GRAPH=0 turns
  *             it off; llama_gpu_ctx_set_graph below says what is captured and what is not)
  * All work of a model goes to one CUDA stream; forward returns after the logits are on the host.
- * Limits: architecture "llama" only; head_dim 64 or 128 and <= 8 query heads per KV head (kvq_cuda.h section 4);
+ * Limits: architecture "llama" only; head_dim 64, 128 or 256 and <= 8 query heads per KV head (kvq_cuda.h section 4);
  * pre-RoPE keys and non-uniform levels are not on the GPU (refused at context creation). Every layer is on the GPU
  * (no partial offload). Per-layer types (llama_ctx_params.layer_types) give one kvq_cuda cache per group of layers,
  * grouped as the CPU engine groups them (llama_layer_groups), each layer's rotation seeded by its model number;

@@ -29,7 +29,8 @@ def make(family: str, dtype=torch.float32, seed=0, **over):
                                        query_pre_attn_scalar=64, num_hidden_layers=4, **over))
         cls = T.Gemma2ForCausalLM
     elif family == "gemma3":  # 5 sliding : 1 full
-        cfg = T.Gemma3TextConfig(**_common(sliding_window=16, query_pre_attn_scalar=64, num_hidden_layers=6, **over))
+        cfg = T.Gemma3TextConfig(**_common(**{**dict(sliding_window=16, query_pre_attn_scalar=64, num_hidden_layers=6),
+                                              **over}))
         cls = T.Gemma3ForCausalLM
     elif family == "phi3":
         cfg = T.Phi3Config(**_common(**over))

