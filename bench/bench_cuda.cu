@@ -6,7 +6,9 @@
 // Writes <out>/bench-cuda.md and <out>/bench-cuda.csv; merges torch SDPA timings from --sdpa <csv>
 // (bench/bench_sdpa.py: lines "batch,ctx,ms"). Caches have kvq.h section 10's defaults (Q8: keys rotated; Q4, Q2:
 // rotation and one sink), as kvq_cuda_cache_create resolves them; --plain switches the rotation and the sinks off,
-// --qnorm turns Q-Norm on for the grouped roles (kvq.h section 10; kvq's engine and KVQCache do).
+// --qnorm turns Q-Norm on for the grouped roles (kvq.h section 10; kvq's engine and KVQCache do), --residual R sets
+// the fp16 window (default: 128 rows for Q4/Q2, none for the per-token types), --rotate ROLES (0-3) and --sinks S
+// the rotated roles and the sinks.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -99,7 +101,7 @@ struct Row {
 
 extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
-    int reps = 20;
+    int reps = 20, residual = -1, rotate = -1, sinks = -1;
     bool quick = false, flush_write = false, plain = false, qnorm = false;
     const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr, *shape = "llama3-8b";
     for (int i = 1; i < argc; i++) {
@@ -113,11 +115,14 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (!strcmp(argv[i], "--shape") && i + 1 < argc) shape = argv[++i];
+        else if (!strcmp(argv[i], "--residual") && i + 1 < argc) residual = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--rotate") && i + 1 < argc) rotate = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--sinks") && i + 1 < argc) sinks = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--flush") && i + 1 < argc) flush_write = !strcmp(argv[++i], "write");
         else if (strcmp(argv[i], "cuda")) {
             fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
                             "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain] [--qnorm] "
-                            "[--shape llama3-8b|gemma3-12b|gemma3-270m]\n");
+                            "[--shape llama3-8b|gemma3-12b|gemma3-270m] [--residual R] [--rotate ROLES] [--sinks S]\n");
             return 2;
         }
     }
@@ -248,6 +253,9 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.max_seqs = maxb;
             if (plain) cfg.rotate = 0, cfg.sinks = 0;  // else the defaults: what a user of the library gets
             if (qnorm) cfg.qnorm = KVQ_ROLES_KV;       // Q-Norm of the grouped roles (kvq's engine and KVQCache)
+            cfg.residual = residual;                   // the fp16 window (-1: the default, 128 for grouped types)
+            if (rotate >= 0) cfg.rotate = rotate;      // roles rotated (kvq.h section 10), over --plain's
+            if (sinks >= 0) cfg.sinks = sinks;
             kvq_page_layout L;
             OK(kvq_page_layout_make(tk, tv, H, D, 64, 64, &L));
             cfg.arena_bytes = (size_t)maxb * ((ctx + 2 * CH) / 64 + 2) * L.page_bytes;
@@ -351,9 +359,11 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         fprintf(f, "Device: %s (%d SMs). Measured device-to-device copy bandwidth: %.0f GB/s (bytes read + written).\n\n",
                 prop.name, prop.multiProcessorCount, copy_gbs);
         fprintf(f, "Decode kernel: %s%s.\n\n", kname, penv && portable ? ", selected with KVQ_CUDA_PORTABLE=1" : "");
-        fprintf(f, "Caches: %s%s.\n\n", plain ? "rotation and sinks off (--plain)"
+        fprintf(f, "Caches: %s%s; fp16 window %s%s%s.\n\n", plain ? "rotation and sinks off (--plain)"
                                              : "kvq.h section 10's defaults (q8 keys rotated; q4, q2 rotated and one sink)",
-                qnorm ? ", Q-Norm of the grouped roles (--qnorm)" : "");
+                qnorm ? ", Q-Norm of the grouped roles (--qnorm)" : "",
+                residual < 0 ? "the default (R = 128 for q4/q2, none for the per-token types)" : std::to_string(residual).c_str(),
+                rotate >= 0 ? ("; rotate " + std::to_string(rotate)).c_str() : "", sinks >= 0 ? ("; sinks " + std::to_string(sinks)).c_str() : "");
         fprintf(f, "Attention shape %s: %d query heads, %d KV heads, head_dim %d, one layer; fp16 queries and "
                    "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
                    "L2 flushed before every run (%s). `GB/s` counts the KV bytes the kernel must read (pages "
