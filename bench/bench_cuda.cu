@@ -200,7 +200,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     if (batch_arg) batches = int_list(batch_arg);
     // (key type, value type); "q8/q4" on the command line for Q8 keys with Q4 values
     std::vector<std::pair<kvq_type, kvq_type>> types;
-    for (kvq_type t : {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2}) types.push_back({t, t});
+    for (kvq_type t : {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q3, KVQ_TYPE_Q2})
+        types.push_back({t, t});
     if (types_arg) {
         types.clear();
         std::string all = types_arg;

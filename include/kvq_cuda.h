@@ -45,16 +45,18 @@
  * 4. Limits of this version
  * - page_tokens 64; group 64 for caches with a grouped type; head_dim 64, 128 or 256; at most 8 query heads per KV
  *   head. Other configurations return KVQ_ERR_INVALID_ARG / KVQ_ERR_UNSUPPORTED_HEAD_DIM at create (or attention)
- *   time. Every (type_k, type_v) pair of the six types works, as in the CPU cache (e.g. Q8 keys with Q4 values);
+ *   time. Every (type_k, type_v) pair of the seven types works, as in the CPU cache (e.g. Q8 keys with Q4 values);
  *   when either type is grouped, both roles flush in whole groups through the fp16 window.
  * - Pages are reference counted like the CPU cache's: kvq_cuda_seq_fork shares the parent's pages and an append
  *   that writes into a shared, partly filled page first copies it (copy on write, kvq.h section 1).
  * - Quality mechanisms (kvq.h section 10): rotate (any role set, any rotation_seed) and sinks (0 .. SR, SR =
  *   page_bytes / (4 H D): the sinks of a (sequence, layer) live in one sink page; SR >= 10 for every layout here),
- *   -1 resolving to the CPU core's defaults (Q8: keys rotated; Q4: keys rotated, 1 sink; Q2: keys and values rotated,
- *   1 sink; Q4 keys with Q2 values: values rotated, 1 sink; F16/BF16/FP8: none). Pages, windows and sink rows are
- *   byte-identical to the CPU cache's (kvq_cuda_seq_read, kvq_cuda_seq_read_sinks). nonuniform: 0 or -1 only (no
- *   non-uniform levels on the GPU yet). squat_rank: 0 only (SQuat keys quantize on the CPU; KVQ_ERR_INVALID_ARG). Rotated caches: append rotates K/V (a small kernel into fp32 scratch, grown
+ *   -1 resolving to the CPU core's defaults (Q8: keys rotated; Q4, Q3, Q2: keys and values rotated, 1 sink, and Q3's
+ *   non-uniform levels; Q4 keys with Q2 values: values rotated, 1 sink; F16/BF16/FP8: none). Pages, windows and sink
+ *   rows are byte-identical to the CPU cache's (kvq_cuda_seq_read, kvq_cuda_seq_read_sinks). nonuniform: Q3 roles
+ *   (uniform or non-uniform levels; -1: non-uniform, the CPU's default); a Q4 or Q2 role with non-uniform levels is
+ *   KVQ_ERR_INVALID_ARG (they are the CPU's only). squat_rank: 0 only (SQuat keys quantize on the CPU;
+ *   KVQ_ERR_INVALID_ARG). Rotated caches: append rotates K/V (a small kernel into fp32 scratch, grown
  *   on demand with cudaMallocAsync on the call's stream: KVQ_ERR_OUT_OF_MEMORY when that fails, nothing changed) before
  *   the window and the quantizers; the decode/prefill kernel rotates each query as it loads it (per CTA and
  *   (row, KV head) pair: O(D log D) next to the pair's pages) and a small kernel un-rotates each output row once

@@ -75,6 +75,7 @@ static const char *tnames(kvq_type tk, int tv) {
 
 // Quality mechanisms of the caches make_pair builds (kvq.h section 10): 0 = off (the plain formats), -1 = defaults
 static int g_rot = 0, g_sinks = 0, g_qnorm = 0;  // g_qnorm: Q-Norm roles (0 off)
+static int g_nuq = 0;  // non-uniform level roles (Q3's only on the GPU; -1: the default, Q3's roles)
 static uint32_t g_seed = 0;
 static bool portable_env(void) {  // the caches created now get the portable decode kernel (kvq_cuda.h section 1)
     const char *e = getenv("KVQ_CUDA_PORTABLE");
@@ -83,9 +84,11 @@ static bool portable_env(void) {  // the caches created now get the portable dec
 static const char *mech_name(void) {
     static char b[64];
     const char *port = portable_env() ? " portable" : "";
-    if (!g_rot && !g_sinks && !g_qnorm) return port;
+    if (!g_rot && !g_sinks && !g_qnorm && !g_nuq) return port;
     static const char *const qn[4] = {"", " qnorm=k", " qnorm=v", " qnorm=kv"};  // KVQ_ROLES_*
-    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s%s", g_rot, g_sinks, qn[g_qnorm & 3], g_seed ? " seed" : "", port);
+    char nq[16] = "";
+    if (g_nuq) snprintf(nq, sizeof nq, " nuq=%d", g_nuq);
+    snprintf(b, sizeof b, " rot=%d sinks=%d%s%s%s%s", g_rot, g_sinks, qn[g_qnorm & 3], nq, g_seed ? " seed" : "", port);
     return b;
 }
 
@@ -288,7 +291,7 @@ static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int 
     cfg.max_seqs = max_seqs;
     cfg.residual = residual;
     cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.rotation_seed = g_seed; /* kvq.h section 10 (the CPU is the byte reference) */
-    cfg.nonuniform = 0, cfg.qnorm = g_qnorm;
+    cfg.nonuniform = g_nuq, cfg.qnorm = g_qnorm;
     kvq_page_layout L;
     OK(kvq_page_layout_make(cfg.type_k, cfg.type_v, H, D, 64, 64, &L));
     cfg.arena_bytes = (size_t)((tokens + 64 * max_seqs) / 64 + 2 + (g_sinks ? max_seqs : 0)) * layers * L.page_bytes;
@@ -472,7 +475,7 @@ static void test_decode_step(kvq_type t, int D, int residual, kvq_dtype dt) {
     const int32_t pre[NS] = {1, 70, 127};
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
-    cfg.max_seqs = 4, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
+    cfg.max_seqs = 4, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = g_nuq;
     cfg.qnorm = g_qnorm;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 4 * 512);
     Twins tw(cfg, pre, nqh, dt);
@@ -551,7 +554,7 @@ static void test_static(kvq_type t, int D, int residual, kvq_dtype dt) {
     const int32_t pre[NS] = {1, 70, 127};
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = LAYERS, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t;
-    cfg.max_seqs = 6, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = 0;
+    cfg.max_seqs = 6, cfg.residual = residual, cfg.rotate = g_rot, cfg.sinks = g_sinks, cfg.nonuniform = g_nuq;
     cfg.qnorm = g_qnorm;
     cfg.arena_bytes = kvq_cache_arena_bytes_for(&cfg, 5 * 1024);
     Twins tw(cfg, pre, nqh, dt);
@@ -1118,10 +1121,11 @@ int main(int argc, char **argv) {
     // to 8 bits, an error (NMSE up to ~4e-5) larger than the bounds here.
     setenv("KVQ_FORCE_SCALAR", "1", 1);
     bool quick = getenv("KVQ_TEST_QUICK") != nullptr;
-    const kvq_type types[6] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2};
+    // (Q3 last: the GPU has had it since 2026-12-05)
+    const kvq_type types[7] = {KVQ_TYPE_F16, KVQ_TYPE_BF16, KVQ_TYPE_Q8, KVQ_TYPE_FP8, KVQ_TYPE_Q4, KVQ_TYPE_Q2, KVQ_TYPE_Q3};
     bool long_only = getenv("KVQ_TEST_LONG_ONLY") != nullptr;
     const char *only = getenv("KVQ_TEST_ONLY");  // debugging: one type's ragged tests
-    for (int ti = 0; ti < 6 && !long_only; ti++) {
+    for (int ti = 0; ti < 7 && !long_only; ti++) {
         kvq_type t = types[ti];
         if (only && strcmp(only, tname(t))) continue;
         bool grouped = kvq_type_get_traits(t)->grouped;
@@ -1134,7 +1138,7 @@ int main(int argc, char **argv) {
         test_ragged(t, 64, -1, t % 2 ? KVQ_DTYPE_F16 : KVQ_DTYPE_F32);
         g_misalign = false;
     }
-    for (int ti = 0; ti < 6 && !long_only && !only; ti++) {
+    for (int ti = 0; ti < 7 && !long_only && !only; ti++) {
         kvq_type t = types[ti];
         bool grouped = kvq_type_get_traits(t)->grouped;
         test_fork_truncate(t, 128, -1, KVQ_DTYPE_F32);
@@ -1156,7 +1160,7 @@ int main(int argc, char **argv) {
     // kvq.h section 10: rotation and sinks. Every type with the defaults (-1: the same resolution on both sides; Q4
     // keys rotated and one sink), each role set and sink count on its own, seeds, head dims 64 and 128, the fp16
     // window and R = 0, fork / truncate (a sink page shared, copied on write, cut inside) and a sink page's last row.
-    for (int ti = 0; ti < 6 && !long_only; ti++) {
+    for (int ti = 0; ti < 7 && !long_only; ti++) {
         kvq_type t = types[ti];
         if (only && strcmp(only, tname(t))) continue;
         bool grouped = kvq_type_get_traits(t)->grouped;
@@ -1209,8 +1213,15 @@ int main(int argc, char **argv) {
         kvq_cuda_cache *x = nullptr;
         mc.sinks = 11;
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "q2 sinks 11 accepted");
-        mc.sinks = -1, mc.nonuniform = KVQ_ROLES_K;
+        mc.sinks = -1, mc.nonuniform = KVQ_ROLES_K;  // Q2's non-uniform levels: the CPU's only (Q3's are on both)
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "nonuniform accepted");
+        mc.type_k = KVQ_TYPE_Q3, mc.type_v = KVQ_TYPE_Q4, mc.nonuniform = KVQ_ROLES_KV;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "q4 values' nonuniform accepted");
+        mc.nonuniform = KVQ_ROLES_K;
+        CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_OK && x, "q3 keys' nonuniform refused: %s", kvq_cuda_last_error());
+        kvq_cuda_cache_free(x);
+        x = nullptr;
+        mc.type_k = mc.type_v = KVQ_TYPE_Q2, mc.nonuniform = -1;
         mc.nonuniform = -1, mc.rotate = 4;
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "rotate 4 accepted");
         mc.rotate = -1, mc.qnorm = 4;
@@ -1220,10 +1231,43 @@ int main(int argc, char **argv) {
         mc.qnorm = -1, mc.outliers = KVQ_ROLES_V; /* dense-and-sparse outliers: the CPU cache's only */
         CHECK(kvq_cuda_cache_create(&mc, 0, 0, &x) == KVQ_ERR_INVALID_ARG && !x, "outliers accepted");
     }
+    // Q3 (kvq.h section 5: split bit planes) with its levels: the loops above ran it with uniform levels; here the
+    // non-uniform ones (the default: -1 resolves to Q3's roles on both sides), each role alone, mixed pairs both
+    // ways, Q-Norm (which keeps min/max's codes for Q3), rotation and sinks, fork/truncate, the fused step and static
+    // plans, and the head dims 64, 128 and 256
+    if (!long_only && (!only || !strcmp(only, "q3"))) {
+        g_nuq = -1;
+        test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(KVQ_TYPE_Q3, 64, 0, KVQ_DTYPE_F16);
+        test_ragged(KVQ_TYPE_Q3, 256, -1, KVQ_DTYPE_F32, 1);
+        test_fork_truncate(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F16, 4, KVQ_TYPE_Q8);
+        test_ragged(KVQ_TYPE_Q8, 128, 3, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q3);
+        test_ragged(KVQ_TYPE_Q4, 64, -1, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q3);
+        test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32, 4, KVQ_TYPE_Q2);
+        test_ragged(KVQ_TYPE_F16, 64, -1, KVQ_DTYPE_F16, 4, KVQ_TYPE_Q3);
+        g_nuq = KVQ_ROLES_K;
+        test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+        g_nuq = KVQ_ROLES_V;
+        test_fork_truncate(KVQ_TYPE_Q3, 64, 0, KVQ_DTYPE_F16);
+        g_nuq = -1, g_qnorm = KVQ_ROLES_KV;
+        test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(KVQ_TYPE_Q3, 64, -1, KVQ_DTYPE_F16, 4, KVQ_TYPE_Q2);
+        g_qnorm = 0, g_rot = -1, g_sinks = -1;
+        test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+        test_ragged(KVQ_TYPE_Q3, 256, 0, KVQ_DTYPE_F16, 2);
+        test_fork_truncate(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F16);
+        test_decode_step(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F16);
+        test_static(KVQ_TYPE_Q3, 64, -1, KVQ_DTYPE_F32);
+        g_rot = KVQ_ROLES_KV, g_sinks = 4, g_seed = 12345;
+        test_ragged(KVQ_TYPE_Q3, 64, -1, KVQ_DTYPE_F32);
+        g_rot = 0, g_sinks = 0, g_seed = 0, g_nuq = 0;
+        if (!quick) test_long(KVQ_TYPE_Q3, 40000);
+    }
     // Head dim 256 (Gemma 2/3): every type with one KV head (Gemma 3 270M's shape) and fork/truncate, mixed pairs,
     // rotation and sinks, Q-Norm, the fused step and static plans. Its grouped flushes stage the channels in two
     // chunks, and its kernels have their own ring sizes (decode.cuh, Cfg).
-    for (int ti = 0; ti < 6 && !long_only; ti++) {
+    for (int ti = 0; ti < 7 && !long_only; ti++) {
         kvq_type t = types[ti];
         if (only && strcmp(only, tname(t))) continue;
         bool grouped = kvq_type_get_traits(t)->grouped;
@@ -1258,7 +1302,7 @@ int main(int argc, char **argv) {
     // (not quick) 128k. Its caches are created with KVQ_CUDA_PORTABLE=1 (read at creation).
     if (!portable_env() && !long_only && !getenv("KVQ_TEST_NO_PORTABLE")) {
         setenv("KVQ_CUDA_PORTABLE", "1", 1);
-        for (int ti = 0; ti < 6; ti++) {
+        for (int ti = 0; ti < 7; ti++) {
             kvq_type t = types[ti];
             if (only && strcmp(only, tname(t))) continue;
             test_ragged(t, 128, -1, KVQ_DTYPE_F32);
@@ -1277,6 +1321,10 @@ int main(int argc, char **argv) {
             g_rot = KVQ_ROLES_KV, g_sinks = 4, g_seed = 12345;
             test_ragged(KVQ_TYPE_Q2, 64, -1, KVQ_DTYPE_F32);
             test_ragged(KVQ_TYPE_Q4, 256, -1, KVQ_DTYPE_F16, 2, KVQ_TYPE_Q2);
+            g_nuq = -1;
+            test_ragged(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+            test_ragged(KVQ_TYPE_Q4, 64, -1, KVQ_DTYPE_F16, 4, KVQ_TYPE_Q3);
+            g_nuq = 0;
             test_fork_truncate(KVQ_TYPE_F16, 64, 3, KVQ_DTYPE_F16);
             g_rot = 0, g_sinks = 0, g_seed = 0;
             test_decode_step(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);

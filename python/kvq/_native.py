@@ -955,7 +955,8 @@ class CudaCache:
                  rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1,
                  rotation_layers=None, qnorm: int = -1):
         """rotate, rotation_seed, sinks, rotation_layers, qnorm: kvq.h section 10, as Cache (-1: the CPU cache's
-        defaults, so that both hold the same bytes); nonuniform: 0 or -1 (the CUDA backend has no non-uniform levels)."""
+        defaults, so that both hold the same bytes); nonuniform: Q3 roles only (the CUDA backend has no non-uniform
+        levels for Q4 or Q2)."""
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, 64, 0, residual, max_seqs, 0, rotate,
                           rotation_seed, sinks, nonuniform, rotation_layers=rotation_layers, qnorm=qnorm)
         if arena_bytes is None:

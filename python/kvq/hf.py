@@ -375,9 +375,11 @@ class KVQCache(Cache):
                 raise ValueError("kvq: the CUDA backend supports at most 8 query heads per KV head")
             if self.kvq_group not in (0, 64):
                 raise ValueError("kvq: the CUDA backend supports group 64 only")
-            if self.kvq_quality["nonuniform"] not in (-1, 0):
-                raise ValueError("kvq: the CUDA backend has no non-uniform levels (kvq.h section 10): nonuniform="
-                                 f"{self.kvq_quality['nonuniform']}")
+            nu = self.kvq_quality["nonuniform"]
+            q42 = (N.type_from_name("q4"), N.type_from_name("q2"))
+            if nu > 0 and any((nu & 1 and g.types[0] in q42) or (nu & 2 and g.types[1] in q42) for g in self._groups):
+                raise ValueError("kvq: the CUDA backend has non-uniform levels for q3 only, not for q4 or q2 roles "
+                                 f"(kvq.h section 10): nonuniform={nu}")
             if self.kvq_outliers:
                 raise ValueError(f"kvq: the CUDA backend has no dense-and-sparse outliers: outliers={self.kvq_outliers}")
             if self.kvq_squat[0] > 0:

@@ -96,6 +96,37 @@ template <int QMAX> __device__ __forceinline__ int q_asym(float x, float mn, flo
     return r < 0.f ? 0 : r > (float)QMAX ? QMAX : (int)r;
 }
 
+// The code of x under (mn, s) and the role's levels lw, as quant.c's code_of: uniform levels (Q4, Q2; Q3's uniform
+// table) round (x - mn) / s to nearest even; Q3's non-uniform levels take the nearest level to 16 (x - mn) / s, the
+// first of equals. level: the code's level in scale units (lv16[q] / 16), what Q-Norm sums.
+template <int QMAX> struct Coder {
+    bool nuq = false;
+    uint32_t lw[2] = {0u, 0u};
+    __device__ __forceinline__ explicit Coder(const uint32_t (&w)[2]) {
+        if constexpr (QMAX == 7) {
+            lw[0] = w[0], lw[1] = w[1];
+            nuq = !(level_of(lw, 1) == 16 && level_of(lw, QMAX) == 16 * QMAX);
+        }
+    }
+    __device__ __forceinline__ int code(float x, float mn, float s) const {
+        if (!nuq) return q_asym<QMAX>(x, mn, s);
+        if (!(s > 0.f)) return 0;
+        const float w = __fmul_rn(__fdiv_rn(__fsub_rn(x, mn), s), 16.0f);
+        int best = 0;
+        float bd = fabsf(__fsub_rn(w, (float)level_of(lw, 0)));
+#pragma unroll
+        for (int q = 1; q <= QMAX; q++) {
+            const float d = fabsf(__fsub_rn(w, (float)level_of(lw, q)));
+            if (d < bd) bd = d, best = q;
+        }
+        return best;
+    }
+    __device__ __forceinline__ double level(int q) const {
+        if constexpr (QMAX == 7) return (double)level_of(lw, q) * 0.0625;
+        return (double)q;
+    }
+};
+
 // min/max's fp16 (scale, min) of a grouped type's group whose extremes are lo and hi: quant.c's minmax_params,
 // operation for operation
 template <int QMAX> __device__ __forceinline__ void minmax_pair(float lo, float hi, float &mn, float &s) {
@@ -163,13 +194,13 @@ __device__ __forceinline__ void flush_rows(const AppendArgs &A, const AppendEntr
 
 // Q-Norm (kvq.h section 10; src/core/quant.c, qnorm_params): the fp16 (scale, min) under which a group's codes decode
 // to its values' mean and standard deviation. The CPU's arithmetic in its order, each operation rounded on its own
-// (no contraction into FMAs), so the pair has the CPU cache's bits. The CUDA backend's levels are uniform: a code's
-// level is the code itself. Returns false where min/max's pair stays.
+// (no contraction into FMAs), so the pair has the CPU cache's bits. l: the code's level (Coder::level). Returns false
+// where min/max's pair stays.
 struct QNormSums {
     double sx = 0, sxx = 0, sl = 0, sll = 0;
-    __device__ __forceinline__ void add(float v, int q) {
+    __device__ __forceinline__ void add(float v, double l) {
         sx = __dadd_rn(sx, (double)v), sxx = __dadd_rn(sxx, __dmul_rn((double)v, (double)v));
-        sl = __dadd_rn(sl, (double)q), sll = __dadd_rn(sll, __dmul_rn((double)q, (double)q));
+        sl = __dadd_rn(sl, l), sll = __dadd_rn(sll, __dmul_rn(l, l));
     }
     __device__ __forceinline__ bool pair(int n, float s, float &ns, float &nm) const {
         if (!(s > 0.f)) return false;
@@ -189,9 +220,10 @@ struct QNormSums {
 // c0 + DC - 1). qn: Q-Norm, whose pair is stored; the codes stay min/max's for Q4 and are taken again under the new
 // pair for Q2 (quant.c, group_quant).
 template <int T, int D, int DC = chunk_of<D>()>
-__device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, bool qn, int c0) {
+__device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, bool qn, int c0, const Levels &lv) {
     using TR = Traits<T, D>;
-    constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = 8 / B;
+    constexpr int B = TR::bits, QMAX = (1 << B) - 1, PER = B == 3 ? 4 : 8 / B;
+    const Coder<QMAX> cd(lv.k);
     const int cx = threadIdx.x, c = c0 + cx;  // staged column, channel
     if (cx < DC) {
         float lo = INFINITY, hi = -INFINITY;
@@ -204,17 +236,26 @@ __device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, b
         float pm = mn, ps = s;  // the stored pair
         if (qn) {
             QNormSums q;
-            for (int t = 0; t < PT; t++) q.add(xs[t * DC + cx], q_asym<QMAX>(xs[t * DC + cx], mn, s));
+            for (int t = 0; t < PT; t++) q.add(xs[t * DC + cx], cd.level(cd.code(xs[t * DC + cx], mn, s)));
             if (q.pair(PT, s, ps, pm) && QMAX == 3) mn = pm, s = ps;
         }
         __half *par = reinterpret_cast<__half *>(kb + PT * TR::row);
         par[c] = __float2half_rn(ps), par[D + c] = __float2half_rn(pm);
         for (int t = 0; t < PT; t++) {
-            int q = q_asym<QMAX>(xs[t * DC + cx], mn, s);
-            int byte = q;
+            const int q = cd.code(xs[t * DC + cx], mn, s);
+            constexpr int BL = B == 3 ? 2 : B;  // Q3: its low 2 bits as a Q2 row, then the high bits (kvq.h section 5)
+            const int lo = q & ((1 << BL) - 1);
+            int byte = lo;
 #pragma unroll
-            for (int k = 1; k < PER; k++) byte |= __shfl_down_sync(0xffffffffu, q, k) << (k * B);
+            for (int k = 1; k < PER; k++) byte |= __shfl_down_sync(0xffffffffu, lo, k) << (k * BL);
             if (c % PER == 0) kb[t * TR::row + c / PER] = (uint8_t)byte;
+            if constexpr (B == 3) {
+                const int hi = q >> 2;
+                int hb = hi;
+#pragma unroll
+                for (int k = 1; k < 8; k++) hb |= __shfl_down_sync(0xffffffffu, hi, k) << k;
+                if (c % 8 == 0) kb[t * TR::row + D / 4 + c / 8] = (uint8_t)hb;
+            }
         }
     }
 }
@@ -226,9 +267,10 @@ __device__ __forceinline__ void flush_group_keys(const float *xs, uint8_t *kb, b
 // summing its tokens in turn cost a Q4/Q2 flush 3.3x its time (H200, kvq-bench-cuda --qnorm).
 // Channels c0 .. c0 + DC - 1 (groups c0 / 64 ..) are staged in xs.
 template <int T, int D, int DC = chunk_of<D>()>
-__device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb, bool qn, int c0) {
+__device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb, bool qn, int c0, const Levels &lv) {
     using TR = Traits<T, D>;
     constexpr int B = TR::bits, QMAX = (1 << B) - 1, EPL = DC / 32, LPG = 64 / EPL, NG = DC / 64;
+    const Coder<QMAX> cd(lv.v);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float2 qp[PT * NG];  // Q-Norm's (scale, min) of (token t, group g) at g * PT + t; scale -1: none
     if (qn) {
@@ -246,7 +288,7 @@ __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb,
             QNormSums q;
             for (int k = 0; k < 64 + 31; k++) {  // channel j = k - lane at step k
                 const int j = k - lane;
-                if (j >= 0 && j < 64) q.add(g[j], q_asym<QMAX>(g[j], mn, s));
+                if (j >= 0 && j < 64) q.add(g[j], cd.level(cd.code(g[j], mn, s)));
             }
             float ns, nm;
             qp[i] = q.pair(64, s, ns, nm) ? make_float2(ns, nm) : make_float2(-1.f, 0.f);
@@ -276,16 +318,28 @@ __device__ __forceinline__ void flush_group_values(const float *xs, uint8_t *vb,
                 if (QMAX == 3) mn = pm, s = ps;  // Q2 takes its codes again under the new pair
             }
         }
-        uint32_t bits = 0;
+        constexpr int BL = B == 3 ? 2 : B;  // Q3: its low 2 bits as a Q2 row, then the high bits (kvq.h section 5)
+        uint32_t bits = 0, hbits = 0;
 #pragma unroll
-        for (int e = 0; e < EPL; e++) bits |= (uint32_t)q_asym<QMAX>(x[e], mn, s) << (e * B);
-        uint8_t *row = vb + t * TR::row + c0 * B / 8;
-        constexpr int LBITS = EPL * B;  // bits per lane: 16, 8 (Q4: DC 128, 64), 8, 4 (Q2)
+        for (int e = 0; e < EPL; e++) {
+            const uint32_t q = (uint32_t)cd.code(x[e], mn, s);
+            bits |= (q & ((1u << BL) - 1)) << (e * BL);
+            hbits |= (q >> 2) << e;  // (Q3 only)
+        }
+        uint8_t *row = vb + t * TR::row + c0 * BL / 8;
+        constexpr int LBITS = EPL * BL;  // bits per lane: 16, 8 (Q4: DC 128, 64), 8, 4 (Q2 and Q3's low bits)
         if constexpr (LBITS == 16) reinterpret_cast<uint16_t *>(row)[lane] = (uint16_t)bits;
         else if constexpr (LBITS == 8) row[lane] = (uint8_t)bits;
         else {
             uint32_t other = __shfl_down_sync(0xffffffffu, bits, 1);
             if (lane % 2 == 0) row[lane / 2] = (uint8_t)(bits | (other << 4));
+        }
+        if constexpr (B == 3) {  // EPL high bits per lane: 8 / EPL lanes a byte, at byte D/4 + channel/8
+            constexpr int LPB = 8 / EPL;
+            uint32_t hb = hbits;
+#pragma unroll
+            for (int k = 1; k < LPB; k++) hb |= __shfl_down_sync(0xffffffffu, hbits, k) << (k * EPL);
+            if (lane % LPB == 0) vb[t * TR::row + D / 4 + (c0 + lane * EPL) / 8] = (uint8_t)hb;
         }
         if (lane % LPG == 0) {
             __half2 *par = reinterpret_cast<__half2 *>(vb + PT * TR::row);
@@ -313,7 +367,7 @@ template <int TK, int TV, int D> __device__ __forceinline__ void flush_body(cons
             if (c0) __syncthreads();  // xs is free again
             stage<D>(A, E, f.v0, h, false, xs, c0);
             __syncthreads();
-            flush_group_keys<TK, D>(xs, kb, A.qnorm & KVQ_ROLES_K, c0);
+            flush_group_keys<TK, D>(xs, kb, A.qnorm & KVQ_ROLES_K, c0, A.lv);
         }
     } else {
         flush_rows<TK, D>(A, E, f, h, kb, false);
@@ -323,7 +377,7 @@ template <int TK, int TV, int D> __device__ __forceinline__ void flush_body(cons
             if (TRK::grouped || c0) __syncthreads();  // xs is free again
             stage<D>(A, E, f.v0, h, true, xs, c0);
             __syncthreads();
-            flush_group_values<TV, D>(xs, vb, A.qnorm & KVQ_ROLES_V, c0);
+            flush_group_values<TV, D>(xs, vb, A.qnorm & KVQ_ROLES_V, c0, A.lv);
         }
     } else {
         flush_rows<TV, D>(A, E, f, h, vb, true);

@@ -18,7 +18,11 @@ constexpr int PT = 64;   // tokens per page (the only page size this backend sup
 constexpr int GRP = 64;  // key group G / value group Gv for grouped types
 
 __host__ __device__ constexpr int type_bits(int t) {
-    return t == KVQ_TYPE_F16 || t == KVQ_TYPE_BF16 ? 16 : t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? 8 : t == KVQ_TYPE_Q4 ? 4 : 2;
+    return t == KVQ_TYPE_F16 || t == KVQ_TYPE_BF16 ? 16
+           : t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? 8
+           : t == KVQ_TYPE_Q4                      ? 4
+           : t == KVQ_TYPE_Q3                      ? 3
+                                                   : 2;
 }
 __host__ __device__ constexpr int pad16(int n) { return (n + 15) & ~15; }
 
@@ -26,7 +30,7 @@ template <int T, int D> struct Traits {
     static constexpr int bits = type_bits(T);
     static constexpr bool grouped = bits < 8;
     static constexpr bool scaled = bits == 8;       // one fp16 scale per token
-    static constexpr int row = D * bits / 8;        // bytes of one token's row
+    static constexpr int row = D * bits / 8;        // bytes of one token's row (Q3: D/4 of low bits, then D/8 of high)
     static constexpr int ng = D / GRP;              // value groups per token (grouped types)
     static constexpr int kpar = scaled ? 2 * PT : grouped ? 4 * D : 0;
     static constexpr int vpar = scaled ? 2 * PT : grouped ? PT * ng * 4 : 0;
@@ -83,6 +87,14 @@ __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const
 
 constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
+// Q3's levels (kvq.h section 10; src/core/quant.c lv_u3 / lv_n3): level q of a role is byte q of w (in 1/16 of the
+// scale), the uniform 16 q or the non-uniform table. A code decodes to scale * level / 16 + min. Eight bytes, so that
+// one prmt looks a code up (decode.cuh).
+struct Levels {
+    uint32_t k[2], v[2];
+};
+__host__ __device__ __forceinline__ int level_of(const uint32_t (&w)[2], int q) { return (int)((w[q >> 2] >> (8 * (q & 3))) & 255u); }
+
 // ---- rotation (kvq.h section 10, src/core/rotate.c): one sign bit per channel, D <= 256
 struct RotSigns {
     uint64_t s[4];
@@ -109,6 +121,7 @@ struct DecodeArgs {
     int64_t total;  // units in all
     int64_t L;      // units per CTA
     RotSigns rq;    // the keys' rotation signs (rot_q)
+    Levels lv;      // Q3 roles' levels
     Entry e[MAXE];
 };
 
@@ -137,6 +150,7 @@ struct AppendArgs {
     int32_t dtype;
     int32_t vec;  // k and v aligned for 4-value vector loads (16 bytes for F32, 8 for F16/BF16)
     int32_t qnorm, pad_;  // KVQ_ROLES_*: Q-Norm of the grouped roles (kvq.h section 10)
+    Levels lv;            // Q3 roles' levels
     const void *k, *v;
     int32_t n_items, n_entries;
     int64_t n_wtok;
@@ -184,6 +198,7 @@ struct StaticPlanArgs {
     float *part, *part_ml;
     int32_t *cnt;
     RotSigns rq;
+    Levels lv;
     AppendArgs *gflush, *gwin;
     SinkArgs *gsink;
     DecodeArgs *gdec;
@@ -205,7 +220,7 @@ __device__ __forceinline__ float round_f16(float x) { return __half2float(__floa
 }  // namespace kvqc
 
 // Host side: f(std::integral_constant<int, T>{}) for the kvq_type t, so that a launcher reaches the kernel
-// template of T with one switch for every caller (types outside the six are rejected at cache creation).
+// template of T with one switch for every caller (types outside the seven are rejected at cache creation).
 template <class F> cudaError_t with_type(int t, F &&f) {
     switch (t) {
     case KVQ_TYPE_F16: return f(std::integral_constant<int, KVQ_TYPE_F16>{});
@@ -213,6 +228,7 @@ template <class F> cudaError_t with_type(int t, F &&f) {
     case KVQ_TYPE_Q8: return f(std::integral_constant<int, KVQ_TYPE_Q8>{});
     case KVQ_TYPE_FP8: return f(std::integral_constant<int, KVQ_TYPE_FP8>{});
     case KVQ_TYPE_Q4: return f(std::integral_constant<int, KVQ_TYPE_Q4>{});
+    case KVQ_TYPE_Q3: return f(std::integral_constant<int, KVQ_TYPE_Q3>{});
     default: return f(std::integral_constant<int, KVQ_TYPE_Q2>{});
     }
 }

@@ -19,7 +19,7 @@
 // Channel order inside a fragment is free (any permutation of the reduction index works when Q uses the same),
 // which lets each quantized format use its cheapest unpacking (lop3 + magic 0x6400 fp16 exponent).
 // This header holds the kernel templates; decode.cu dispatches over the key type to decode_k*.cu, which instantiate
-// them (36 type pairs x 3 head dims compile in parallel there).
+// them (49 type pairs x 3 head dims compile in parallel there).
 #pragma once
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,9 +176,10 @@ template <int N> __device__ __forceinline__ Words<N> ldw(const uint8_t *p) {
 // Thread (g = lane/4, j = lane%4) holds, for each of its tokens, the D/4 channels [j*D/4, (j+1)*D/4) as fp16
 // pairs h[2s] (MMA k-slots 2j, 2j+1 of step s) and h[2s+1] (slots 2j+8, 2j+9). key_chan says which channel each
 // slot holds, per format.
-template <int T, int D> __device__ __forceinline__ int key_chan(int s, int e) {
+template <int T, int D> __host__ __device__ constexpr int key_chan(int s, int e) {
     constexpr int b = type_bits(T);
     if constexpr (b >= 8) return 4 * s + e;
+    else if constexpr (b == 3) return 16 * (s / 4) + s % 4 + 4 * e;  // load_key_q3: pairs (i, i + 4), (i + 8, i + 12)
     else if constexpr (b == 4) {
         int c = 8 * (s / 2) + 2 * (s % 2);
         return c + (e == 0 ? 0 : e == 1 ? 4 : e == 2 ? 1 : 5);
@@ -189,7 +190,82 @@ template <int T, int D> __device__ __forceinline__ int key_chan(int s, int e) {
 }
 
 // Grouped types: the bit offset SH of the codes in fragment register k of load_key (h[k] = 1024 + v * 2^SH).
-template <int T> __host__ __device__ constexpr int key_shift(int k) { return type_bits(T) * (k % (8 / type_bits(T))); }
+// Q3: h[k] = 1024 + level, the level in 1/16 of the scale: 2^-4 for every k.
+template <int T> __host__ __device__ constexpr int key_shift(int k) {
+    return type_bits(T) == 3 ? 4 : type_bits(T) * (k % (8 / type_bits(T)));
+}
+// Where channel c of a thread's D/4 key channels sits in the key fragment: register 2 s + e / 2, half e % 2, for the
+// (s, e) with key_chan(s, e) = c (constant-folded: the loops run at compile time)
+template <int T, int D> __host__ __device__ constexpr int key_slot(int c) {
+    for (int s = 0; s < D / 16; s++)
+        for (int e = 0; e < 4; e++)
+            if (key_chan<T, D>(s, e) == c) return 4 * s + e;  // register (4 s + e) / 2, half e % 2
+    return -1;
+}
+template <int T, int D> struct KeySlots {  // key_slot of every channel, as a constant table
+    int s[D / 4];
+    constexpr KeySlots() : s() {
+        for (int c = 0; c < D / 4; c++) s[c] = key_slot<T, D>(c);
+    }
+};
+// The fp16 pair (word a's half ha, word b's half hb): a prmt selector
+__host__ __device__ constexpr uint32_t pair_sel(int ha, int hb) { return (ha ? 0x32u : 0x10u) | (hb ? 0x7600u : 0x5400u); }
+
+// ------------------------------------------------------------------------------------------------ Q3 codes
+// Q3 (kvq.h section 5): a row is D/4 bytes of low 2 bits (channel c at byte c/4, bits 2 (c%4)), then D/8 bytes of high
+// bits (channel c at byte D/4 + c/8, bit c%8). Its codes go through the role's levels (Levels, quant.c's lv_u3 or
+// lv_n3): one prmt looks up two codes at once, its selector's nibbles 0 and 2 being the codes and the table's 8 bytes
+// the levels, and (r & 0x00ff00ff) | 0x64006400 makes the fp16 pair 1024 + level (exact: levels < 256). Decoded:
+// scale * level / 16 + min, so Q3's RAW halves carry 2^4 where Q4's and Q2's carry 2^SH.
+__device__ __forceinline__ uint32_t lut_pair(uint32_t sel, const uint32_t (&lw)[2]) {
+    return magic_raw<0x00ff00ffu>(prmt(lw[0], lw[1], sel));
+}
+// The high bits of 16 channels (h16: bit k = channel k) as 4 nibbles, nibble k in the low nibble of byte k (the upper
+// nibbles are not used)
+__device__ __forceinline__ uint32_t q3_hspread(uint32_t h16) {
+    const uint32_t x = prmt(h16, 0u, 0x1100u);  // bytes h0, h0, h1, h1
+    uint32_t v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xd8;" : "=r"(v) : "r"(x >> 4), "r"(x), "n"(0x00ff00ffu));  // (b & c) | (a & ~c)
+    return v;
+}
+// Of a word of low bits L (bytes b: channels 4 b .. 4 b + 3) and its spread high bits v: the 3-bit codes of channels
+// 4 b + I in bytes b (bits 3-7 zero, so that a byte's low nibble is a prmt selector)
+template <int I> __device__ __forceinline__ uint32_t q3_codes(uint32_t L, uint32_t v) {
+    const uint32_t lo = (L >> (2 * I)) & 0x03030303u;
+    const uint32_t hi = I <= 2 ? v << (2 - I) : v >> 1;
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xf8;" : "=r"(r) : "r"(lo), "r"(hi), "n"(0x04040404u));  // a | (b & c)
+    return r;
+}
+// Q3 keys: thread j's D/4 channels of a row at `row`, RAW (1024 + level): per word of low bits (16 channels), shift I:
+// h[8 m + 2 I] = channels (I, I + 4), h[8 m + 2 I + 1] = (I + 8, I + 12) of the word (key_chan's order)
+template <int D>
+__device__ __forceinline__ void load_key_q3(const uint8_t *row, int j, const uint32_t (&lw)[2], uint32_t (&h)[D / 8]) {
+    constexpr int NW = D / 64;  // words of low bits; the high bits: NW halfwords
+    uint32_t L[NW], Hh[NW];
+    const uint8_t *lo = row + j * (D / 16), *hi = row + D / 4 + j * (D / 32);
+    if constexpr (NW == 1) {
+        L[0] = *reinterpret_cast<const uint32_t *>(lo);
+        Hh[0] = *reinterpret_cast<const uint16_t *>(hi);
+    } else if constexpr (NW == 2) {
+        const uint2 a = *reinterpret_cast<const uint2 *>(lo);
+        const uint32_t b = *reinterpret_cast<const uint32_t *>(hi);
+        L[0] = a.x, L[1] = a.y, Hh[0] = b & 0xffffu, Hh[1] = b >> 16;
+    } else {
+        static_assert(NW == 4, "head dim");
+        const uint4 a = *reinterpret_cast<const uint4 *>(lo);
+        const uint2 b = *reinterpret_cast<const uint2 *>(hi);
+        L[0] = a.x, L[1] = a.y, L[2] = a.z, L[3] = a.w;
+        Hh[0] = b.x & 0xffffu, Hh[1] = b.x >> 16, Hh[2] = b.y & 0xffffu, Hh[3] = b.y >> 16;
+    }
+#pragma unroll
+    for (int m = 0; m < NW; m++) {
+        const uint32_t v = q3_hspread(Hh[m]);
+        uint32_t c[4] = {q3_codes<0>(L[m], v), q3_codes<1>(L[m], v), q3_codes<2>(L[m], v), q3_codes<3>(L[m], v)};
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[8 * m + 2 * i] = lut_pair(c[i], lw), h[8 * m + 2 * i + 1] = lut_pair(c[i] >> 16, lw);
+    }
+}
 
 // RAW (grouped types): the halves stay 1024 + v * 2^SH; the key MMA's Q^T carries the 2^-SH (see key_shift) and the
 // 1024 comes off the scores as a constant, which saves an HFMA2 per pair of codes.
@@ -243,11 +319,20 @@ template <int T, int D> __device__ __forceinline__ void build_bq(const float (&q
 // every page: left to the end of a 128k pair, the 1024 sum_t P'_t grows so large that the tensor core's
 // truncating fp32 adds lose the values (NMSE 3e-4). One LOP3 per pair of codes instead of a LOP3 and an HFMA2.
 template <int T> __host__ __device__ constexpr int vsh(int i, int hi) {
-    return type_bits(T) == 4 ? 4 * hi : 4 * ((i % 4) & 1) + 2 * hi;
+    return type_bits(T) == 3 ? 4 : type_bits(T) == 4 ? 4 * hi : 4 * ((i % 4) & 1) + 2 * hi;
+}
+// Q3 values are RAW whatever KVQ_VALUE_RAW says (their lookup gives 1024 + level)
+template <int T, int D> constexpr bool value_raw() { return Traits<T, D>::grouped && (KVQ_VALUE_RAW || type_bits(T) == 3); }
+// Channel of the value fragment's A row g (hi = 0) or g + 8 (hi = 1) in m-tile x = 4 hh + ii: 64 hh + 8 g + 2 ii + hi;
+// for Q3 values 64 hh + 8 g + ii + 4 hi (value_frags' Q3 order; the fp16 window of a Q3 cache takes it too)
+template <int TV> __host__ __device__ constexpr int value_chan(int x, int g, int hi) {
+    return type_bits(TV) == 3 ? 64 * (x / 4) + 8 * g + x % 4 + 4 * hi : 64 * (x / 4) + 8 * g + 2 * (x % 4) + hi;
 }
 
-template <int T, int D, bool RAW = false>
-__device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int g, uint32_t (&a)[D / 16][4]) {
+// Q3ORDER (16-bit rows: the fp16 window of a cache with Q3 values): rows in value_chan<Q3>'s order. lw: Q3's levels.
+template <int T, int D, bool RAW = false, bool Q3ORDER = false>
+__device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int g, uint32_t (&a)[D / 16][4],
+                                            const uint32_t (&lw)[2]) {
     constexpr int b = type_bits(T), NH = D / 64;
 #pragma unroll
     for (int hh = 0; hh < NH; hh++) {
@@ -258,11 +343,38 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
             for (int t = 0; t < 4; t++) w[t] = *reinterpret_cast<const uint4 *>(rows[t] + off);
 #pragma unroll
             for (int ii = 0; ii < 4; ii++) {
-                uint32_t x0 = (&w[0].x)[ii], x1 = (&w[1].x)[ii], x2 = (&w[2].x)[ii], x3 = (&w[3].x)[ii];
                 uint32_t *o = a[4 * hh + ii];
-                o[0] = prmt(x0, x1, 0x5410), o[1] = prmt(x0, x1, 0x7632);
-                o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);  // BF16: bf16 pairs for the bf16 MMA
+                if constexpr (Q3ORDER) {  // channels ii (rows g) and ii + 4 (rows g + 8): words ii / 2, ii / 2 + 2
+                    const int wl = ii / 2, wh = ii / 2 + 2;
+                    const uint32_t sel = ii % 2 ? 0x7632 : 0x5410;
+                    o[0] = prmt((&w[0].x)[wl], (&w[1].x)[wl], sel), o[1] = prmt((&w[0].x)[wh], (&w[1].x)[wh], sel);
+                    o[2] = prmt((&w[2].x)[wl], (&w[3].x)[wl], sel), o[3] = prmt((&w[2].x)[wh], (&w[3].x)[wh], sel);
+                } else {
+                    uint32_t x0 = (&w[0].x)[ii], x1 = (&w[1].x)[ii], x2 = (&w[2].x)[ii], x3 = (&w[3].x)[ii];
+                    o[0] = prmt(x0, x1, 0x5410), o[1] = prmt(x0, x1, 0x7632);
+                    o[2] = prmt(x2, x3, 0x5410), o[3] = prmt(x2, x3, 0x7632);  // BF16: bf16 pairs for the bf16 MMA
+                }
             }
+        } else if constexpr (b == 3) {
+            // 8 channels of 4 tokens: low bits 2 bytes at 16 hh + 2 g, high bits 1 byte at D/4 + 8 hh + g. Tokens in
+            // pairs (t0, t1), (t2, t3): bytes b of q3_codes<ii> = (token b / 2, channel 4 (b % 2) + ii)
+            uint32_t lo[4], hb[4];
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                lo[t] = *reinterpret_cast<const uint16_t *>(rows[t] + 16 * hh + 2 * g);
+                hb[t] = rows[t][D / 4 + 8 * hh + g];
+            }
+            const uint32_t L01 = prmt(lo[0], lo[1], 0x5410), L23 = prmt(lo[2], lo[3], 0x5410);
+            const uint32_t v01 = q3_hspread(hb[0] | hb[1] << 8), v23 = q3_hspread(hb[2] | hb[3] << 8);
+            auto one = [&](auto I) {
+                constexpr int ii = decltype(I)::value;
+                const uint32_t c01 = q3_codes<ii>(L01, v01), c23 = q3_codes<ii>(L23, v23);
+                uint32_t *o = a[4 * hh + ii];
+                o[0] = lut_pair(prmt(c01, 0u, 0x0020u), lw), o[1] = lut_pair(prmt(c01, 0u, 0x0031u), lw);
+                o[2] = lut_pair(prmt(c23, 0u, 0x0020u), lw), o[3] = lut_pair(prmt(c23, 0u, 0x0031u), lw);
+            };
+            one(std::integral_constant<int, 0>{}), one(std::integral_constant<int, 1>{});
+            one(std::integral_constant<int, 2>{}), one(std::integral_constant<int, 3>{});
         } else if constexpr (b == 8) {
             uint2 w[4];
 #pragma unroll
@@ -413,6 +525,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     constexpr int KROWB = type_bits(KT) * D / 8, VROWB = type_bits(VT) * D / 8;
     const int g = lane >> 2, j = lane & 3;
     const int H = A.H;
+    const uint32_t lk[2] = {A.lv.k[0], A.lv.k[1]}, lvv[2] = {A.lv.v[0], A.lv.v[1]};  // Q3's levels
     // Window rows past the visible ones are masked, but they are read: clamp them to a visible row, since the ring
     // may hold fewer than 64 rows (F16/Q8 with a small residual) and its other rows may be stale.
     const int tmax = vis.hi - 1;
@@ -435,7 +548,6 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         // KIVI keys, per channel c: k = scale_c q_c + min_c. Q^T times the page's scales (fp16 pairs, in the key
         // fragment's channel order: pairs (c, c + OFF) and (c + 1, c + OFF + 1)), and sum_c q_c min_c as a
         // rank-1 MMA whose A rows all hold the mins: it starts every score accumulator.
-        constexpr int OFF = TRK::bits == 4 ? 4 : 8;
         const uint8_t *kp = kblk + PT * TRK::row + j * (D / 4) * 2;  // scales [D], then mins [D] (fp16)
         const Words<D / 8> ksw = ldw<D / 8>(kp), kmw = ldw<D / 8>(kp + 2 * D);
         // The key halves are 1024 + v 2^SH (load_key RAW): Q^T also carries 2^-SH, and -1024 sum_c (that Q^T)_c
@@ -449,15 +561,17 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         constexpr uint32_t M1024 = 0xE400E400u;  // (-1024, -1024)
 #pragma unroll
         for (int st = 0; st < D / 16; st++) {
-            const int lo = key_chan<TK, D>(st, 0) / 2, hi = lo + OFF / 2;
+            uint32_t mp[2];  // the mins of register 2 st + e's channels (key_chan(st, 2 e), key_chan(st, 2 e + 1))
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const int k = 2 * st + e;
-                __half2 b = __hmul2(u2h(bq[k]), u2h(prmt(ksw.w[lo], ksw.w[hi], e ? 0x7632 : 0x5410)));
+                const int k = 2 * st + e, ca = key_chan<TK, D>(st, 2 * e), cb = key_chan<TK, D>(st, 2 * e + 1);
+                const uint32_t sel = pair_sel(ca % 2, cb % 2);
+                __half2 b = __hmul2(u2h(bq[k]), u2h(prmt(ksw.w[ca / 2], ksw.w[cb / 2], sel)));
                 if (key_shift<TK>(k) > 0) b = __hmul2(b, __float2half2_rn(1.0f / (float)(1 << key_shift<TK>(k))));
                 bs[k] = h2u(b);
+                mp[e] = prmt(kmw.w[ca / 2], kmw.w[cb / 2], sel);
             }
-            const uint32_t m0 = prmt(kmw.w[lo], kmw.w[hi], 0x5410), m1 = prmt(kmw.w[lo], kmw.w[hi], 0x7632);
+            const uint32_t m0 = mp[0], m1 = mp[1];
             mma(kb, m0, m0, m1, m1, bq[2 * st], bq[2 * st + 1]);
             mma(kc, M1024, M1024, M1024, M1024, bs[2 * st], bs[2 * st + 1]);
         }
@@ -465,8 +579,13 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         for (int mt = 0; mt < 4; mt++) {  // from 0, not from kb: these chains need not wait for kb's
             s[mt][0] = s[mt][1] = s[mt][2] = s[mt][3] = 0.f;
             uint32_t ha[D / 8], hb[D / 8];
-            load_key<KT, D, true>(krow(16 * mt + g) + j * (KROWB / 4), ha);
-            load_key<KT, D, true>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
+            if constexpr (KT == KVQ_TYPE_Q3) {
+                load_key_q3<D>(krow(16 * mt + g), j, lk, ha);
+                load_key_q3<D>(krow(16 * mt + g + 8), j, lk, hb);
+            } else {
+                load_key<KT, D, true>(krow(16 * mt + g) + j * (KROWB / 4), ha);
+                load_key<KT, D, true>(krow(16 * mt + g + 8) + j * (KROWB / 4), hb);
+            }
 #pragma unroll
             for (int st = 0; st < D / 16; st++) mma(s[mt], ha[2 * st], hb[2 * st], ha[2 * st + 1], hb[2 * st + 1], bs[2 * st], bs[2 * st + 1]);
         }
@@ -477,7 +596,14 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     } else {
         // the window is fp16: grouped types keep Q^T in their key order, which pairs channels (c, c + OFF)
         uint32_t bw[D / 8];
-        if constexpr (TRK::grouped) {
+        if constexpr (TK == KVQ_TYPE_Q3) {  // natural pairs (2 x, 2 x + 1) from wherever key_chan put them
+            constexpr KeySlots<TK, D> ks{};
+#pragma unroll
+            for (int x = 0; x < D / 8; x++) {
+                const int s0 = ks.s[2 * x], s1 = ks.s[2 * x + 1];
+                bw[x] = prmt(bq[s0 / 2], bq[s1 / 2], pair_sel(s0 % 2, s1 % 2));
+            }
+        } else if constexpr (TRK::grouped) {
             constexpr int OFF = TRK::bits == 4 ? 4 : 8;
 #pragma unroll
             for (int st = 0; st < D / 16; st++) {
@@ -571,8 +697,8 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
         const uint32_t p01 = pp.x, p23 = pp.y;  // fp16 p of tokens (t0, t0 + 4), (t0 + 8, t0 + 12), head g
         const uint8_t *rows[4] = {vrow(t0), vrow(t0 + 4), vrow(t0 + 8), vrow(t0 + 12)};
         uint32_t a[D / 16][4];
-        constexpr bool VRAW = TRV::grouped && !WINDOW && KVQ_VALUE_RAW;
-        value_frags<VT, D, VRAW>(rows, g, a);
+        constexpr bool VRAW = !WINDOW && value_raw<TV, D>();
+        value_frags<VT, D, VRAW, WINDOW && TV == KVQ_TYPE_Q3>(rows, g, a, lvv);
         if constexpr (TRV::grouped && !WINDOW) {
             constexpr int NG = TRV::ng;
             // (scale, min) fp16 pairs of tokens t0 + 4t, t < 4, groups 0..NG-1: word t * NG + group
@@ -628,7 +754,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
 
 // After a pair's page units (before its fp16 window units): O of the RAW value codes back to the values' scale.
 template <int TV, int D> __device__ __forceinline__ void unraw_values(float (&o)[D / 16][4]) {
-    if constexpr (Traits<TV, D>::grouped && KVQ_VALUE_RAW) {
+    if constexpr (value_raw<TV, D>()) {
 #pragma unroll
         for (int x = 0; x < D / 16; x++)
 #pragma unroll
@@ -976,13 +1102,14 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                     if ((j >> 1) == pass) {
 #pragma unroll
                         for (int x = 0; x < D / 16; x++) {
-                            const int hh = x / 4, ii = x % 4;
-                            const int ch = 64 * hh + 8 * g + 2 * ii;
+                            const int hh = x / 4;
+                            const int ch = value_chan<TV>(x, g, 0), ch1 = value_chan<TV>(x, g, 1);
 #pragma unroll
                             for (int c = 0; c < 2; c++) {
                                 const int head = 2 * j + c - 4 * pass;
-                                *reinterpret_cast<float2 *>(mbuf + warp * C::MB + head * D + ch) =
-                                    make_float2(o[x][c] + bm[hh][c], o[x][2 + c] + bm[hh][c]);
+                                float *mb = mbuf + warp * C::MB + head * D;
+                                if (ch1 == ch + 1) *reinterpret_cast<float2 *>(mb + ch) = make_float2(o[x][c] + bm[hh][c], o[x][2 + c] + bm[hh][c]);
+                                else mb[ch] = o[x][c] + bm[hh][c], mb[ch1] = o[x][2 + c] + bm[hh][c];
                             }
                         }
                     }

@@ -72,6 +72,7 @@ struct kvq_cuda_cache {
     // kvq.h section 10 on the device: rotation signs per layer (rotated roles only), sinks S and sink rows per page SR,
     // and the scratch buffers of the rotated inputs (append: K and V in fp32) and queries/outputs (attention)
     std::vector<RotSigns> rot_k, rot_v;
+    Levels lv{};  // Q3 roles' levels (uniform, or non-uniform where cfg.nonuniform says)
     int S = 0, SR = 0;
     void *aws = nullptr, *qws = nullptr;
     size_t aws_bytes = 0, qws_bytes = 0;
@@ -297,8 +298,6 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     kvq_page_layout L;
     kvq_status s = kvq_page_layout_make(cfg.type_k, cfg.type_v, cfg.n_kv_heads, cfg.head_dim, cfg.page_tokens, cfg.group, &L);
     if (s) return fail(s, "kvq_cuda_cache_create: %s", kvq_last_error());
-    if (cfg.type_k == KVQ_TYPE_Q3 || cfg.type_v == KVQ_TYPE_Q3) /* no GPU kernels for Q3's split bit planes yet */
-        return fail(KVQ_ERR_UNSUPPORTED_TYPE, "kvq_cuda_cache_create: type q3 (the CUDA backend has f16, bf16, q8, fp8, q4, q2)");
     if (L.head_dim != 64 && L.head_dim != 128 && L.head_dim != 256)
         return fail(KVQ_ERR_UNSUPPORTED_HEAD_DIM, "kvq_cuda_cache_create: head_dim %d (the CUDA backend has 64, 128 and 256)", L.head_dim);
     if (L.page_tokens != PT) return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: page_tokens %d (the CUDA backend needs 64)", L.page_tokens);
@@ -307,10 +306,11 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: group %d (the CUDA backend needs 64)", L.group);
     if (cfg.residual == -1) cfg.residual = grouped ? 128 : 0; /* same default as the CPU core */
     /* kvq.h section 10: -1 resolves to the CPU core's defaults (cache.c), so that a CPU and a GPU cache of one config
-     * hold the same bytes; the GPU has the rotation and sinks, not yet the non-uniform levels */
+     * hold the same bytes; the GPU has the rotation, the sinks and Q3's non-uniform levels (not Q4's or Q2's) */
     if (cfg.rotate == -1) cfg.rotate = default_rotate(cfg.type_k, cfg.type_v);
     if (cfg.sinks == -1) cfg.sinks = grouped ? 1 : 0;
-    if (cfg.nonuniform == -1) cfg.nonuniform = KVQ_ROLES_NONE; /* the CPU's default is none but for Q3 (rejected above) */
+    const int q3_roles = (cfg.type_k == KVQ_TYPE_Q3 ? KVQ_ROLES_K : 0) | (cfg.type_v == KVQ_TYPE_Q3 ? KVQ_ROLES_V : 0);
+    if (cfg.nonuniform == -1) cfg.nonuniform = q3_roles; /* the CPU's default without pre-RoPE keys (cache.c) */
     if (cfg.rotate < 0 || cfg.rotate > KVQ_ROLES_KV)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: rotate %d is not a set of roles 0..3 (or -1)", cfg.rotate);
     for (int l = 0; cfg.rotate && cfg.rotation_layers && l < cfg.n_layers; l++)
@@ -322,9 +322,14 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (cfg.sinks < 0 || cfg.sinks > SR)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: sinks %d outside 0..%d (the CUDA backend keeps the sinks "
                     "in one sink page of %d rows; -1: the default)", cfg.sinks, SR, SR);
-    if (cfg.nonuniform != KVQ_ROLES_NONE)
-        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: nonuniform %d: the CUDA backend has no non-uniform levels "
-                    "yet (set 0 or -1)", cfg.nonuniform);
+    if (cfg.nonuniform < 0 || cfg.nonuniform > KVQ_ROLES_KV)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: nonuniform %d is not a set of roles 0..3 (or -1)", cfg.nonuniform);
+    /* roles of other types ignore the flag, as on the CPU; Q4's and Q2's non-uniform levels would need kernels of their own */
+    const int nuq_roles = ((cfg.type_k == KVQ_TYPE_Q4 || cfg.type_k == KVQ_TYPE_Q2) ? KVQ_ROLES_K : 0) |
+                          ((cfg.type_v == KVQ_TYPE_Q4 || cfg.type_v == KVQ_TYPE_Q2) ? KVQ_ROLES_V : 0);
+    if (cfg.nonuniform & nuq_roles)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: nonuniform %d: the CUDA backend has non-uniform levels for "
+                    "q3 only, not for q4 or q2 roles (set 0, or -1 for the default)", cfg.nonuniform);
     if (cfg.outliers == -1) cfg.outliers = KVQ_ROLES_NONE; /* the CPU library's default too */
     if (cfg.outliers != KVQ_ROLES_NONE)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: outliers %d: the CUDA backend has no dense-and-sparse "
@@ -354,6 +359,14 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (!c) return fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_cuda_cache_create: no host memory");
     c->cfg = cfg;
     c->cfg.rotation_layers = nullptr;  // read at create only (the signs below): never kept as a borrowed pointer
+    {
+        static const uint8_t u3[8] = {0, 16, 32, 48, 64, 80, 96, 112}, n3[8] = {6, 24, 38, 50, 62, 74, 88, 106};  // quant.c
+        auto pack = [](const uint8_t *t, uint32_t (&w)[2]) {
+            for (int i = 0; i < 2; i++) w[i] = t[4 * i] | t[4 * i + 1] << 8 | t[4 * i + 2] << 16 | (uint32_t)t[4 * i + 3] << 24;
+        };
+        pack(cfg.nonuniform & KVQ_ROLES_K ? n3 : u3, c->lv.k);
+        pack(cfg.nonuniform & KVQ_ROLES_V ? n3 : u3, c->lv.v);
+    }
     c->L = L;
     c->device = device;
     c->n_sm = n_sm;
@@ -674,6 +687,7 @@ extern "C" kvq_status kvq_cuda_append(kvq_cuda_cache *c, int layer, int n_seqs, 
         A->direct = c->wcap == 1;
         A->dtype = dtype;
         A->qnorm = c->cfg.qnorm;
+        A->lv = c->lv;
         const uintptr_t va = dtype == KVQ_DTYPE_F32 ? 16 : 8;
         A->vec = (uintptr_t)k % va == 0 && (uintptr_t)v % va == 0;
         A->k = k, A->v = v;
@@ -838,12 +852,13 @@ struct UnflushArgs {
     int32_t page_idx;      // page-table index of the cut group's page (the group is the whole page: G = P = 64)
     int32_t cnt;           // tokens that survive: slots 0 .. cnt-1, to window rows 0 .. cnt-1
     uint32_t mask[128];    // layers to do (bit l); n_layers <= 4096
+    Levels lv;             // Q3 roles' levels
 };
 static_assert(sizeof(UnflushArgs) <= 4096, "unflush parameters");
 
 // Channel ch of token t of a K (ISV = false) or V block of type T, as kvq__dequant_row computes it: fp32 scale * q,
 // then + min, no fused multiply-add.
-template <int T, int D, bool ISV> __device__ __forceinline__ float dequant(const uint8_t *blk, int t, int ch) {
+template <int T, int D, bool ISV> __device__ __forceinline__ float dequant(const uint8_t *blk, int t, int ch, const Levels &lv) {
     using TR = Traits<T, D>;
     const uint8_t *row = blk + t * TR::row;
     const __half *par = reinterpret_cast<const __half *>(blk + PT * TR::row);
@@ -854,12 +869,19 @@ template <int T, int D, bool ISV> __device__ __forceinline__ float dequant(const
         const __half v = __half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)row[ch], __NV_E4M3));
         return __fmul_rn(__half2float(par[t]), __half2float(v));
     } else {
-        constexpr int B = TR::bits, PER = 8 / B, QM = (1 << B) - 1;
-        const int q = (row[ch / PER] >> ((ch % PER) * B)) & QM;
+        constexpr int B = TR::bits;
+        float lvl;  // the code's level, scale units: lv16[q] / 16 (uniform Q4/Q2: q itself)
+        if constexpr (B == 3) {  // low 2 bits as a Q2 row, the high bit at byte D/4 + ch/8 (kvq.h section 5)
+            const int q = ((row[ch / 4] >> ((ch % 4) * 2)) & 3) | (((row[D / 4 + ch / 8] >> (ch % 8)) & 1) << 2);
+            lvl = __fmul_rn((float)level_of(ISV ? lv.v : lv.k, q), 0.0625f);
+        } else {
+            constexpr int PER = 8 / B, QM = (1 << B) - 1;
+            lvl = (float)((row[ch / PER] >> ((ch % PER) * B)) & QM);
+        }
         if constexpr (!ISV)  // group 0: scale[D], min[D]
-            return __fadd_rn(__fmul_rn(__half2float(par[ch]), (float)q), __half2float(par[D + ch]));
+            return __fadd_rn(__fmul_rn(__half2float(par[ch]), lvl), __half2float(par[D + ch]));
         const int vp = (t * TR::ng + ch / GRP) * 2;  // per token, per group: (scale, min)
-        return __fadd_rn(__fmul_rn(__half2float(par[vp]), (float)q), __half2float(par[vp + 1]));
+        return __fadd_rn(__fmul_rn(__half2float(par[vp]), lvl), __half2float(par[vp + 1]));
     }
 }
 
@@ -874,8 +896,8 @@ template <int TK, int TV, int D> __global__ void __launch_bounds__(128) unflush_
     for (int e = threadIdx.x; e < A.cnt * D; e += blockDim.x) {
         const int t = e / D, ch = e % D;
         const int64_t o = ((int64_t)t * A.H + h) * D + ch;
-        wk[o] = __float2half_rn(dequant<TK, D, false>(kb, t, ch));
-        wv[o] = __float2half_rn(dequant<TV, D, true>(vb, t, ch));
+        wk[o] = __float2half_rn(dequant<TK, D, false>(kb, t, ch, A.lv));
+        wv[o] = __float2half_rn(dequant<TV, D, true>(vb, t, ch, A.lv));
     }
 }
 
@@ -925,6 +947,7 @@ extern "C" kvq_status kvq_cuda_seq_truncate(kvq_cuda_cache *c, int32_t seq, int6
         A.H = c->L.n_kv_heads;
         A.page_idx = (int32_t)(keep / PT);
         A.cnt = cnt;
+        A.lv = c->lv;
         cudaError_t e = launch_unflush(c->L.type_k, c->L.type_v, c->L.head_dim, nl, A, (cudaStream_t)stream);
         if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: kernel launch: %s", fn, cudaGetErrorString(e));
     }
@@ -1049,6 +1072,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->sink_vo = (int32_t)((int64_t)c->SR * H * D);
         A->rot_q = c->rotated(KVQ_KEY);
         if (A->rot_q) A->rq = c->rot_k[layer];
+        A->lv = c->lv;
         A->qscale = attn_qscale(p, D);
         A->softcap = p->softcap;
         A->q = q, A->out = ro ? (void *)so : out;
@@ -1468,6 +1492,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     const uintptr_t va = dt == KVQ_DTYPE_F32 ? 16 : 8;
     P.vec = (uintptr_t)k % va == 0 && (uintptr_t)v % va == 0;
     P.qnorm = c->cfg.qnorm;
+    P.lv = c->lv;
     P.qo_dtype = ro ? KVQ_DTYPE_F32 : S->qo, P.q_dtype = S->qo;
     P.rot_q = c->rotated(KVQ_KEY);
     if (P.rot_q) P.rq = c->rot_k[layer];

@@ -11,7 +11,7 @@ __device__ static void append_fixed(AppendArgs &a, const StaticPlanArgs &P) {
     a.arena = P.arena;
     a.page_bytes = P.page_bytes;
     a.v_off = P.v_off, a.H = P.H, a.wcap = P.wcap, a.direct = P.wcap == 1;
-    a.dtype = P.dtype, a.vec = P.vec, a.qnorm = P.qnorm;
+    a.dtype = P.dtype, a.vec = P.vec, a.qnorm = P.qnorm, a.lv = P.lv;
     a.k = P.k, a.v = P.v;
     a.n_items = 0, a.n_entries = 0, a.n_wtok = 0;
 }
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
     A.H = P.H, A.Gq = P.Gq, A.nqh = P.nqh, A.wcap = P.wcap, A.D = P.D;
     A.qo_dtype = P.qo_dtype, A.q_dtype = P.q_dtype;
     A.sink_vo = (int32_t)(P.SR * HD);
-    A.rot_q = P.rot_q, A.rq = P.rq;
+    A.rot_q = P.rot_q, A.rq = P.rq, A.lv = P.lv;
     A.qscale = P.qscale, A.softcap = P.softcap;
     A.q = P.q, A.out = P.out;
     A.part = P.part, A.part_ml = P.part_ml, A.cnt = P.cnt;

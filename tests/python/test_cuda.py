@@ -45,7 +45,7 @@ def _logits(model, ids, cont, cache):
 
 @pytest.mark.parametrize("quality", ["plain", "default"])
 @pytest.mark.parametrize("fam", ["llama", "gemma2", "mistral"])
-@pytest.mark.parametrize("kv_type", ["f16", "q8", "q4"])
+@pytest.mark.parametrize("kv_type", ["f16", "q8", "q4", "q3"])
 def test_cuda_matches_cpu(fam, kv_type, quality):
     Q = QUALITY[quality]
     model = make(fam)
@@ -67,7 +67,7 @@ D256 = {"llama": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256
 # on the H100, max|dlogit|/std of CUDA vs CPU and (on the CPU alone) of weights scaled by 1 + 1e-6 N(0, 1), two seeds:
 # D = 256 0.26 / 0.32 and 0.19 / 0.31; D = 128 (supported before) 0.37 / 0.43 and 0.22 / 0.25; llama at D = 256
 # 0.011 / 0.009 and 0.003 / 0.002.
-D256_CASES = [(f, t) for f in D256 for t in ("f16", "bf16", "q8", "fp8", "q4", "q2") if (f, t) != ("gemma3", "q2")]
+D256_CASES = [(f, t) for f in D256 for t in ("f16", "bf16", "q8", "fp8", "q4", "q3", "q2") if (f, t) != ("gemma3", "q2")]
 
 
 @pytest.mark.parametrize("quality", ["plain", "default"])
