@@ -1,6 +1,7 @@
 // launch_decode: the decode kernels (decode.cuh) for a cache's key type, value type and head dim. Each key type's
-// kernels are instantiated in one of decode_k*.cu, so that the 294 kernels (49 type pairs x 3 head dims x
-// Hopper and portable; as many again for static plans in decode_g_k*.cu) compile in parallel.
+// kernels are instantiated in a file of their own, decode_k_<type>.cu (and decode_g_<type>.cu for static plans), which
+// src/cuda/CMakeLists.txt generates, so that the 294 kernels (49 type pairs x 3 head dims x Hopper and portable; as
+// many again for static plans) compile in parallel.
 #include "common.cuh"
 
 namespace kvqc {

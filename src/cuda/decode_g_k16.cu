@@ -1,8 +1,0 @@
-// Decode kernels of static plans (arguments in device memory, kvq_cuda.h section 5) with F16 and BF16 keys, every value
-// type and head dim: their own file so that they compile in parallel with decode_k16.cu
-#include "decode.cuh"
-
-namespace kvqc {
-template cudaError_t launch_decode_gk<KVQ_TYPE_F16>(int, int, const DecodeArgs *, int, cudaStream_t, bool, bool);
-template cudaError_t launch_decode_gk<KVQ_TYPE_BF16>(int, int, const DecodeArgs *, int, cudaStream_t, bool, bool);
-}  // namespace kvqc
