@@ -217,6 +217,16 @@ template <class F> cudaError_t with_type(int t, F &&f) {
     }
 }
 
+// The same for the head dim: f(std::integral_constant<int, D>{}) for D = 64, 256, and 128 for any other (cache
+// creation refuses head dims other than these three).
+template <class F> cudaError_t with_head_dim(int D, F &&f) {
+    switch (D) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return f(std::integral_constant<int, 128>{});
+    }
+}
+
 // host-side launchers (defined in the .cu files)
 namespace kvqc {
 // portable: the sm_80 kernel (cp.async pipeline) instead of the Hopper one (bulk copies; sm_90 only)

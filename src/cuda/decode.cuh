@@ -1087,15 +1087,16 @@ template <int TK>
 cudaError_t launch_decode_gk(int tv, int D, const DecodeArgs *a, int grid, cudaStream_t st, bool port, bool setup_only) {
     return with_type(tv, [&](auto V) {
         constexpr int TV = decltype(V)::value;
-        if (D == 64) return port ? run_g<TK, TV, 64, true>(a, grid, st, setup_only) : run_g<TK, TV, 64, false>(a, grid, st, setup_only);
-        if (D == 256) return port ? run_g<TK, TV, 256, true>(a, grid, st, setup_only) : run_g<TK, TV, 256, false>(a, grid, st, setup_only);
-        return port ? run_g<TK, TV, 128, true>(a, grid, st, setup_only) : run_g<TK, TV, 128, false>(a, grid, st, setup_only);
+        return with_head_dim(D, [&](auto DD) {
+            constexpr int HD = decltype(DD)::value;
+            return port ? run_g<TK, TV, HD, true>(a, grid, st, setup_only) : run_g<TK, TV, HD, false>(a, grid, st, setup_only);
+        });
     });
 }
 
 // The kernels of key type TK, for every value type and head dim (instantiated in decode_k_<type>.cu)
 template <int TK> cudaError_t launch_decode_k(int tv, int D, const DecodeArgs &a, cudaStream_t st, bool port) {
-    return D == 64 ? run_v<TK, 64>(tv, a, st, port) : D == 256 ? run_v<TK, 256>(tv, a, st, port) : run_v<TK, 128>(tv, a, st, port);
+    return with_head_dim(D, [&](auto DD) { return run_v<TK, decltype(DD)::value>(tv, a, st, port); });
 }
 
 }  // namespace kvqc
