@@ -424,8 +424,7 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
 #pragma unroll
     for (int e = 0; e < EPL; e++) x[e] = load_in(in, base + e, in_dt);
     if (J.apply) {
-        // rotate.c's inv_sqrt[log2 n]: the same float constants
-        const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;
+        const float f = rot_scale(D);
         auto bit = [&](int c) { return (int)((sg.s[c >> 6] >> (c & 63)) & 1); };
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
@@ -434,7 +433,7 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
         }
         // constant trip counts and linear induction (lg), so that the loops unroll and x stays in registers
 #pragma unroll
-        for (int lg = 0; lg < (D == 64 ? 6 : D == 128 ? 7 : 8); lg++) {  // log2(D)
+        for (int lg = 0; lg < log2_of(D); lg++) {
             const int h = 1 << lg;
             if (h < EPL) {
 #pragma unroll

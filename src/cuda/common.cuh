@@ -87,6 +87,10 @@ constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the 
 struct RotSigns {
     uint64_t s[4];
 };
+// rotate.c's 1/sqrt(n) (kvq__rot_scale: the same float constants) and log2(n), for the blocks n = 64, 128, 256
+// (and the 16-64 channels a decode lane holds); constant trip counts, so that the butterfly loops unroll
+__host__ __device__ constexpr float rot_scale(int n) { return n == 64 ? 0.125f : n == 128 ? 0.08838835f : 0.0625f; }
+__host__ __device__ constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
 
 struct DecodeArgs {
     const uint8_t *arena;

@@ -857,7 +857,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                 // others across lanes j ^ 1, j ^ 2), rather than in a kernel of its own before this one.
                 if (A.rot_q) {
                     constexpr int NE = D / 4;
-                    const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;  // rotate.c's 1/sqrt(D)
+                    const float f = rot_scale(D);
 #pragma unroll
                     for (int c = 0; c < NE; c++) {
                         const int ch = j * NE + c;
@@ -866,7 +866,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                     // loops of constant trip counts and linear induction, so that they unroll and qf stays in
                     // registers (`hs <<= 1` loops did not: qf went to a 128-byte stack frame)
 #pragma unroll
-                    for (int lg = 0; lg < (NE == 16 ? 4 : NE == 32 ? 5 : 6); lg++) {  // log2(NE), NE = 16, 32, 64
+                    for (int lg = 0; lg < log2_of(NE); lg++) {
                         const int hs = 1 << lg;
 #pragma unroll
                         for (int c = 0; c < NE; c++)
