@@ -8,9 +8,9 @@ writing it, whose dirty lines are then written back during the timed call), medi
 import sys
 
 import torch
+import torch.nn.functional as F
 
 SHAPES = {"llama3-8b": (32, 8, 128), "gemma3-12b": (16, 8, 256), "gemma3-270m": (4, 1, 256)}  # query heads, KV heads, D
-import torch.nn.functional as F
 
 
 def main():

@@ -478,8 +478,7 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
 #pragma unroll
     for (int e = 0; e < EPL; e++) x[e] = load_in(in, base + e, in_dt);
     if (J.apply) {
-        // rotate.c's inv_sqrt[log2 n]: the same float constants
-        const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;
+        const float f = rot_scale(D);
         auto bit = [&](int c) { return (int)((sg.s[c >> 6] >> (c & 63)) & 1); };
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
@@ -488,7 +487,7 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
         }
         // constant trip counts and linear induction (lg), so that the loops unroll and x stays in registers
 #pragma unroll
-        for (int lg = 0; lg < (D == 64 ? 6 : D == 128 ? 7 : 8); lg++) {  // log2(D)
+        for (int lg = 0; lg < log2_of(D); lg++) {
             const int h = 1 << lg;
             if (h < EPL) {
 #pragma unroll
@@ -526,11 +525,11 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
 cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st) {
     if (a.rows <= 0) return cudaSuccess;
     const dim3 grid((unsigned)((a.rows + 3) / 4), (unsigned)a.n_jobs);
-    if (D == 64) rotate_kernel<64><<<grid, 128, 0, st>>>(a);
-    else if (D == 128) rotate_kernel<128><<<grid, 128, 0, st>>>(a);
-    else if (D == 256) rotate_kernel<256><<<grid, 128, 0, st>>>(a);
-    else return cudaErrorInvalidValue;  // D = 80, 96: block-diagonal on the CPU; this backend has 64, 128 and 256
-    cudaError_t e = cudaGetLastError();
+    if (D != 64 && D != 128 && D != 256) return cudaErrorInvalidValue;  // D = 80, 96: block-diagonal on the CPU
+    cudaError_t e = with_head_dim(D, [&](auto DD) {
+        rotate_kernel<decltype(DD)::value><<<grid, 128, 0, st>>>(a);
+        return cudaGetLastError();
+    });
     static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // kvq_cuda.h section 2
     if (e == cudaSuccess && debug && (e = cudaStreamSynchronize(st)) != cudaSuccess)
         fprintf(stderr, "kvq debug: rotate_kernel<%d> (%lld rows, %d jobs) failed: %s\n", D, (long long)a.rows, a.n_jobs,
@@ -560,9 +559,7 @@ template <int D> static cudaError_t run_flush_gt(int tk, int tv, const AppendArg
 // A static step (one token per sequence): at most one flush item and one window token per sequence
 cudaError_t launch_append_g(int tk, int tv, int D, const AppendArgs *flush, const AppendArgs *win, int n, int H,
                             cudaStream_t st) {
-    cudaError_t e = D == 64    ? run_flush_gt<64>(tk, tv, flush, n, H, st)
-                    : D == 256 ? run_flush_gt<256>(tk, tv, flush, n, H, st)
-                               : run_flush_gt<128>(tk, tv, flush, n, H, st);
+    cudaError_t e = with_head_dim(D, [&](auto DD) { return run_flush_gt<decltype(DD)::value>(tk, tv, flush, n, H, st); });
     if (e != cudaSuccess) return e;
     window_kernel_g<<<n, 128, 0, st>>>(win, D);
     return cudaGetLastError();
@@ -570,8 +567,7 @@ cudaError_t launch_append_g(int tk, int tv, int D, const AppendArgs *flush, cons
 
 // n_items > 0: flush launch; n_wtok > 0: window launch (a.n_items == 0). n_entries for the window search.
 cudaError_t launch_append(int tk, int tv, int D, const AppendArgs &a, cudaStream_t st) {
-    if (a.n_items > 0)
-        return D == 64 ? run_flush_t<64>(tk, tv, a, st) : D == 256 ? run_flush_t<256>(tk, tv, a, st) : run_flush_t<128>(tk, tv, a, st);
+    if (a.n_items > 0) return with_head_dim(D, [&](auto DD) { return run_flush_t<decltype(DD)::value>(tk, tv, a, st); });
     if (a.n_wtok > 0) {
         window_kernel<<<(unsigned)a.n_wtok, 128, 0, st>>>(a, D, a.n_entries);
         return cudaGetLastError();

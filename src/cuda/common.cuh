@@ -99,6 +99,10 @@ __host__ __device__ __forceinline__ int level_of(const uint32_t (&w)[2], int q) 
 struct RotSigns {
     uint64_t s[4];
 };
+// rotate.c's 1/sqrt(n) (kvq__rot_scale: the same float constants) and log2(n), for the blocks n = 64, 128, 256
+// (and the 16-64 channels a decode lane holds); constant trip counts, so that the butterfly loops unroll
+__host__ __device__ constexpr float rot_scale(int n) { return n == 64 ? 0.125f : n == 128 ? 0.08838835f : 0.0625f; }
+__host__ __device__ constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
 
 struct DecodeArgs {
     const uint8_t *arena;
@@ -230,6 +234,16 @@ template <class F> cudaError_t with_type(int t, F &&f) {
     case KVQ_TYPE_Q4: return f(std::integral_constant<int, KVQ_TYPE_Q4>{});
     case KVQ_TYPE_Q3: return f(std::integral_constant<int, KVQ_TYPE_Q3>{});
     default: return f(std::integral_constant<int, KVQ_TYPE_Q2>{});
+    }
+}
+
+// The same for the head dim: f(std::integral_constant<int, D>{}) for D = 64, 256, and 128 for any other (cache
+// creation refuses head dims other than these three).
+template <class F> cudaError_t with_head_dim(int D, F &&f) {
+    switch (D) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return f(std::integral_constant<int, 128>{});
     }
 }
 

@@ -983,7 +983,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                 // others across lanes j ^ 1, j ^ 2), rather than in a kernel of its own before this one.
                 if (A.rot_q) {
                     constexpr int NE = D / 4;
-                    const float f = D == 64 ? 0.125f : D == 128 ? 0.08838835f : 0.0625f;  // rotate.c's 1/sqrt(D)
+                    const float f = rot_scale(D);
 #pragma unroll
                     for (int c = 0; c < NE; c++) {
                         const int ch = j * NE + c;
@@ -992,7 +992,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                     // loops of constant trip counts and linear induction, so that they unroll and qf stays in
                     // registers (`hs <<= 1` loops did not: qf went to a 128-byte stack frame)
 #pragma unroll
-                    for (int lg = 0; lg < (NE == 16 ? 4 : NE == 32 ? 5 : 6); lg++) {  // log2(NE), NE = 16, 32, 64
+                    for (int lg = 0; lg < log2_of(NE); lg++) {
                         const int hs = 1 << lg;
 #pragma unroll
                         for (int c = 0; c < NE; c++)
@@ -1214,15 +1214,16 @@ template <int TK>
 cudaError_t launch_decode_gk(int tv, int D, const DecodeArgs *a, int grid, cudaStream_t st, bool port, bool setup_only) {
     return with_type(tv, [&](auto V) {
         constexpr int TV = decltype(V)::value;
-        if (D == 64) return port ? run_g<TK, TV, 64, true>(a, grid, st, setup_only) : run_g<TK, TV, 64, false>(a, grid, st, setup_only);
-        if (D == 256) return port ? run_g<TK, TV, 256, true>(a, grid, st, setup_only) : run_g<TK, TV, 256, false>(a, grid, st, setup_only);
-        return port ? run_g<TK, TV, 128, true>(a, grid, st, setup_only) : run_g<TK, TV, 128, false>(a, grid, st, setup_only);
+        return with_head_dim(D, [&](auto DD) {
+            constexpr int HD = decltype(DD)::value;
+            return port ? run_g<TK, TV, HD, true>(a, grid, st, setup_only) : run_g<TK, TV, HD, false>(a, grid, st, setup_only);
+        });
     });
 }
 
 // The kernels of key type TK, for every value type and head dim (instantiated in decode_k_<type>.cu)
 template <int TK> cudaError_t launch_decode_k(int tv, int D, const DecodeArgs &a, cudaStream_t st, bool port) {
-    return D == 64 ? run_v<TK, 64>(tv, a, st, port) : D == 256 ? run_v<TK, 256>(tv, a, st, port) : run_v<TK, 128>(tv, a, st, port);
+    return with_head_dim(D, [&](auto DD) { return run_v<TK, decltype(DD)::value>(tv, a, st, port); });
 }
 
 }  // namespace kvqc

@@ -910,9 +910,7 @@ template <int D> cudaError_t launch_unflush_d(int tk, int tv, int n_layers, cons
     });
 }
 cudaError_t launch_unflush(int tk, int tv, int D, int n_layers, const UnflushArgs &a, cudaStream_t st) {
-    return D == 64    ? launch_unflush_d<64>(tk, tv, n_layers, a, st)
-           : D == 256 ? launch_unflush_d<256>(tk, tv, n_layers, a, st)
-                      : launch_unflush_d<128>(tk, tv, n_layers, a, st);
+    return with_head_dim(D, [&](auto DD) { return launch_unflush_d<decltype(DD)::value>(tk, tv, n_layers, a, st); });
 }
 }  // namespace
 
