@@ -89,12 +89,13 @@ def test_cuda_head_dim_256_matches_cpu(fam, kv_type, quality):
     print(f"head_dim 256 {fam} {kv_type} {quality}: max|dlogit|/std {err:.4g}")
     # The pages are the CPU's bytes for the same input (test_cuda's D = 256 cases); what differs is the input, by the
     # devices' fp32 rounding, which flips codes at level boundaries. Measured on the H100: llama f16 5.5e-5, bf16 3.8e-4,
-    # q8 1.7e-4, fp8 2.9e-4, q4 9.8e-4, q2 1.1e-2; gemma3 f16 1.4e-3, bf16 9e-3, q8 1.2e-2, fp8 3.1e-2, q4 2.6e-2 (a
-    # wrong page or kernel gives O(1)).
+    # q8 1.7e-4, fp8 2.9e-4, q4 9.8e-4, q2 1.1e-2; gemma3 f16 1.4e-3, bf16 9e-3, q8 1.2e-2, fp8 3.1e-2, q4 2.6e-2,
+    # q3 5.2e-2 (a wrong page or kernel gives O(1)). Gemma 3's floor, on the CPU alone with weights x (1 + 1e-6 N),
+    # three seeds: q4 up to 3.5e-2, q3 up to 5.25e-2, q2 up to 0.22.
     if fam == "llama":
         bound = 2e-2 if kv_type == "q2" else 1e-2
     else:
-        bound = 1e-2 if kv_type in ("f16", "bf16") else 5e-2
+        bound = 1e-2 if kv_type in ("f16", "bf16") else 1e-1 if kv_type == "q3" else 5e-2
     assert err <= bound, f"head_dim 256 {fam} {kv_type} {quality}: CUDA vs CPU max|dlogit|/std = {err:.4g}"
 
 
