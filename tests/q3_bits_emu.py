@@ -16,16 +16,26 @@ def prmt(a, b, s):
     return r
 def magic_raw(x, mask): return (x & mask) | 0x64006400
 def lut_pair(sel, lw): return magic_raw(prmt(lw[0], lw[1], sel), 0x00ff00ff)
-def hspread(h16):
-    x = prmt(h16, 0, 0x1100)
-    a, b, c = (x >> 4) & M, x, 0x00ff00ff
-    return ((b & c) | (a & ~c)) & M
-def codes(I, L, v):
-    lo = (L >> (2*I)) & 0x03030303
-    hi = ((v << (2-I)) if I <= 2 else (v >> 1)) & M
-    return lo | (hi & 0x04040404)
+def spread16(x, sel):  # bit k of x's low (0x4140) or high (0x4342) 16 bits to bit 2 k
+    t = prmt(x, 0, sel)
+    t = (t | t << 4) & 0x0F0F0F0F
+    t = (t | t << 2) & 0x33333333
+    return (t | t << 1) & 0x55555555
+def q3_sel(L, S):  # nibble n: the code of channel 2 n (se), 2 n + 1 (so)
+    se = (L & 0x33333333) | ((S << 2) & M & ~0x33333333)
+    so = ((L >> 2) & 0x33333333) | (S & ~0x33333333 & M)
+    return se & M, so & M
+def lut4(sel, lw): return prmt(lw[0], lw[1], sel & 0xffff)
+def raw_pair(r, sel): return prmt(r, 0x64646464, sel)
+def hh_spread(h0, h1):  # two tokens' 8 high bits, interleaved by 4 channels, spread (value_frags)
+    z = h0 | h1 << 8
+    t = (z & 0x0F0F) | ((z << 12) & 0x0F0F0000)
+    t = (t | t << 2) & 0x33333333
+    return (t | t << 1) & 0x55555555
 def halves(w): return (w & 0xffff) - 0x6400, (w >> 16) - 0x6400
-def key_chan(s, e): return 16*(s//4) + s % 4 + 4*e
+def key_chan(s, e):
+    x = 2*(s % 4) + e//2
+    return 16*(s//4) + (4*x if x < 4 else 4*x - 15) + 2*(e % 2)
 def value_chan(x, g, hi): return 64*(x//4) + 8*g + x % 4 + 4*hi
 
 def put_row(codes_, D):  # quant.c put_bits, b = 3
@@ -49,11 +59,11 @@ for D in (64, 128, 256):
             lo = rd(row, j*(D//16), 4*NW); hi = rd(row, D//4 + j*(D//32), 2*NW)
             h = [0]*(D//8)
             for m in range(NW):
-                L = (lo >> (32*m)) & M; H = (hi >> (16*m)) & 0xffff
-                v = hspread(H)
-                for I in range(4):
-                    c = codes(I, L, v)
-                    h[8*m + 2*I] = lut_pair(c, lw); h[8*m + 2*I + 1] = lut_pair(c >> 16, lw)
+                L = (lo >> (32*m)) & M; S = spread16(hi >> (32*(m//2)), 0x4342 if m % 2 else 0x4140)
+                se, so = q3_sel(L, S)
+                r = [lut4(se, lw), lut4(se >> 16, lw), lut4(so, lw), lut4(so >> 16, lw)]
+                for q_ in range(4):
+                    h[8*m + 2*q_] = raw_pair(r[q_], 0x4140); h[8*m + 2*q_ + 1] = raw_pair(r[q_], 0x4342)
             for s in range(D//16):
                 for e in range(4):
                     ch = j*(D//4) + key_chan(s, e)
@@ -70,12 +80,15 @@ for D in (64, 128, 256):
             for g in range(8):
                 lo = [rd(r, 16*hh + 2*g, 2) for r in rows]
                 hb = [r[D//4 + 8*hh + g] for r in rows]
-                L01 = prmt(lo[0], lo[1], 0x5410); L23 = prmt(lo[2], lo[3], 0x5410)
-                v01 = hspread(hb[0] | hb[1] << 8); v23 = hspread(hb[2] | hb[3] << 8)
+                pv = [[0]*8, [0]*8]  # pv[p][c]: channel c's fp16 pair of tokens (2 p, 2 p + 1)
+                for p_ in range(2):
+                    L = prmt(lo[2*p_], lo[2*p_+1], 0x5140)
+                    se, so = q3_sel(L, hh_spread(hb[2*p_], hb[2*p_+1]))
+                    for k, (sel, c0) in enumerate(((se, 0), (se >> 16, 4), (so, 1), (so >> 16, 5))):
+                        r = lut4(sel, lw)
+                        pv[p_][c0] = raw_pair(r, 0x4240); pv[p_][c0 + 2] = raw_pair(r, 0x4341)
                 for ii in range(4):
-                    c01 = codes(ii, L01, v01); c23 = codes(ii, L23, v23)
-                    o = [lut_pair(prmt(c01, 0, 0x0020), lw), lut_pair(prmt(c01, 0, 0x0031), lw),
-                         lut_pair(prmt(c23, 0, 0x0020), lw), lut_pair(prmt(c23, 0, 0x0031), lw)]
+                    o = [pv[0][ii], pv[0][ii + 4], pv[1][ii], pv[1][ii + 4]]
                     x = 4*hh + ii
                     clo, chi = value_chan(x, g, 0), value_chan(x, g, 1)
                     exp = [(qs[0][clo], qs[1][clo]), (qs[0][chi], qs[1][chi]), (qs[2][clo], qs[3][clo]), (qs[2][chi], qs[3][chi])]

@@ -180,7 +180,10 @@ template <int N> __device__ __forceinline__ Words<N> ldw(const uint8_t *p) {
 template <int T, int D> __host__ __device__ constexpr int key_chan(int s, int e) {
     constexpr int b = type_bits(T);
     if constexpr (b >= 8) return 4 * s + e;
-    else if constexpr (b == 3) return 16 * (s / 4) + s % 4 + 4 * e;  // load_key_q3: pairs (i, i + 4), (i + 8, i + 12)
+    else if constexpr (b == 3) {  // load_key_q3: register 8 m + x of word m, x = 2 (s % 4) + e / 2
+        const int x = 2 * (s % 4) + e / 2;
+        return 16 * (s / 4) + (x < 4 ? 4 * x : 4 * x - 15) + 2 * (e % 2);
+    }
     else if constexpr (b == 4) {
         int c = 8 * (s / 2) + 2 * (s % 2);
         return c + (e == 0 ? 0 : e == 1 ? 4 : e == 2 ? 1 : 5);
@@ -215,56 +218,61 @@ __host__ __device__ constexpr uint32_t pair_sel(int ha, int hb) { return (ha ? 0
 // ------------------------------------------------------------------------------------------------ Q3 codes
 // Q3 (kvq.h section 5): a row is D/4 bytes of low 2 bits (channel c at byte c/4, bits 2 (c%4)), then D/8 bytes of high
 // bits (channel c at byte D/4 + c/8, bit c%8). Its codes go through the role's levels (Levels, quant.c's lv_u3 or
-// lv_n3): one prmt looks up two codes at once, its selector's nibbles 0 and 2 being the codes and the table's 8 bytes
-// the levels, and (r & 0x00ff00ff) | 0x64006400 makes the fp16 pair 1024 + level (exact: levels < 256). Decoded:
-// scale * level / 16 + min, so Q3's RAW halves carry 2^4 where Q4's and Q2's carry 2^SH.
-__device__ __forceinline__ uint32_t lut_pair(uint32_t sel, const uint32_t (&lw)[2]) {
-    return magic_raw<0x00ff00ffu>(prmt(lw[0], lw[1], sel));
-}
-// The high bits of 16 channels (h16: bit k = channel k) as 4 nibbles, nibble k in the low nibble of byte k (the upper
-// nibbles are not used)
-__device__ __forceinline__ uint32_t q3_hspread(uint32_t h16) {
-    const uint32_t x = prmt(h16, 0u, 0x1100u);  // bytes h0, h0, h1, h1
-    uint32_t v;
-    asm("lop3.b32 %0, %1, %2, %3, 0xd8;" : "=r"(v) : "r"(x >> 4), "r"(x), "n"(0x00ff00ffu));  // (b & c) | (a & ~c)
-    return v;
-}
-// Of a word of low bits L (bytes b: channels 4 b .. 4 b + 3) and its spread high bits v: the 3-bit codes of channels
-// 4 b + I in bytes b (bits 3-7 zero, so that a byte's low nibble is a prmt selector)
-template <int I> __device__ __forceinline__ uint32_t q3_codes(uint32_t L, uint32_t v) {
-    const uint32_t lo = (L >> (2 * I)) & 0x03030303u;
-    const uint32_t hi = I <= 2 ? v << (2 - I) : v >> 1;
+// lv_n3): a prmt whose selector nibbles are 4 codes and whose 8 source bytes are the levels looks up 4 codes at once,
+// and a second prmt with 0x64 bytes makes two fp16 pairs 1024 + level of them (exact: levels < 256). Decoded:
+// scale * level / 16 + min, so Q3's RAW halves carry 2^4 where Q4's and Q2's carry 2^SH. The selectors come from 16
+// channels at a time: their low bits in a word L (channel w at bits 2 w) and their high bits spread to bit 2 w (S).
+// About 1.6 instructions per code (keys); a per-code-pair lookup cost 2.4 (measured 47% of copy bandwidth at batch 8).
+__device__ __forceinline__ uint32_t lop3_sel(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xf8;" : "=r"(r) : "r"(lo), "r"(hi), "n"(0x04040404u));  // a | (b & c)
+    asm("lop3.b32 %0, %1, %2, %3, 0xe4;" : "=r"(r) : "r"(a), "r"(b), "r"(c));  // (a & c) | (b & ~c)
     return r;
 }
-// Q3 keys: thread j's D/4 channels of a row at `row`, RAW (1024 + level): per word of low bits (16 channels), shift I:
-// h[8 m + 2 I] = channels (I, I + 4), h[8 m + 2 I + 1] = (I + 8, I + 12) of the word (key_chan's order)
+// Bit k of a 16-bit half of x (SEL 0x4140: the low half, 0x4342: the high half) to bit 2 k
+template <uint32_t SEL> __device__ __forceinline__ uint32_t spread16(uint32_t x) {
+    uint32_t t = prmt(x, 0u, SEL);  // bytes [x0, 0, x1, 0]
+    t = (t | t << 4) & 0x0F0F0F0Fu;
+    t = (t | t << 2) & 0x33333333u;
+    return (t | t << 1) & 0x55555555u;
+}
+// Selectors of 16 channels: nibble n of se the code of channel 2 n, of so that of 2 n + 1 (bit 3 of every nibble is
+// clear, so no prmt sign mode). S << 2 and S have no bits at 3 mod 4, so one lop3 each.
+__device__ __forceinline__ void q3_sel(uint32_t L, uint32_t S, uint32_t &se, uint32_t &so) {
+    se = lop3_sel(L, S << 2, 0x33333333u);
+    so = lop3_sel(L >> 2, S, 0x33333333u);
+}
+// The levels of the 4 codes in a selector's nibbles 0-3, as bytes 0-3
+__device__ __forceinline__ uint32_t lut4(uint32_t sel, const uint32_t (&lw)[2]) { return prmt(lw[0], lw[1], sel); }
+// Two bytes of r (SEL: 0x4140 bytes 0, 1; 0x4342 bytes 2, 3; 0x4240 bytes 0, 2; 0x4341 bytes 1, 3) as fp16 1024 + byte
+template <uint32_t SEL> __device__ __forceinline__ uint32_t raw_pair(uint32_t r) { return prmt(r, 0x64646464u, SEL); }
+// Q3 keys: thread j's D/4 channels of a row at `row`, RAW (1024 + level). Word m (16 channels): h[8 m + x] holds the
+// even channels (4 x, 4 x + 2) for x < 4, the odd (4 (x - 4) + 1, + 3) for x >= 4 (key_chan's order)
 template <int D>
 __device__ __forceinline__ void load_key_q3(const uint8_t *row, int j, const uint32_t (&lw)[2], uint32_t (&h)[D / 8]) {
     constexpr int NW = D / 64;  // words of low bits; the high bits: NW halfwords
-    uint32_t L[NW], Hh[NW];
+    uint32_t L[NW], S[NW];
     const uint8_t *lo = row + j * (D / 16), *hi = row + D / 4 + j * (D / 32);
     if constexpr (NW == 1) {
         L[0] = *reinterpret_cast<const uint32_t *>(lo);
-        Hh[0] = *reinterpret_cast<const uint16_t *>(hi);
+        S[0] = spread16<0x4140>(*reinterpret_cast<const uint16_t *>(hi));
     } else if constexpr (NW == 2) {
         const uint2 a = *reinterpret_cast<const uint2 *>(lo);
         const uint32_t b = *reinterpret_cast<const uint32_t *>(hi);
-        L[0] = a.x, L[1] = a.y, Hh[0] = b & 0xffffu, Hh[1] = b >> 16;
+        L[0] = a.x, L[1] = a.y, S[0] = spread16<0x4140>(b), S[1] = spread16<0x4342>(b);
     } else {
         static_assert(NW == 4, "head dim");
         const uint4 a = *reinterpret_cast<const uint4 *>(lo);
         const uint2 b = *reinterpret_cast<const uint2 *>(hi);
         L[0] = a.x, L[1] = a.y, L[2] = a.z, L[3] = a.w;
-        Hh[0] = b.x & 0xffffu, Hh[1] = b.x >> 16, Hh[2] = b.y & 0xffffu, Hh[3] = b.y >> 16;
+        S[0] = spread16<0x4140>(b.x), S[1] = spread16<0x4342>(b.x), S[2] = spread16<0x4140>(b.y), S[3] = spread16<0x4342>(b.y);
     }
 #pragma unroll
     for (int m = 0; m < NW; m++) {
-        const uint32_t v = q3_hspread(Hh[m]);
-        uint32_t c[4] = {q3_codes<0>(L[m], v), q3_codes<1>(L[m], v), q3_codes<2>(L[m], v), q3_codes<3>(L[m], v)};
+        uint32_t se, so;
+        q3_sel(L[m], S[m], se, so);
+        const uint32_t r[4] = {lut4(se, lw), lut4(se >> 16, lw), lut4(so, lw), lut4(so >> 16, lw)};
 #pragma unroll
-        for (int i = 0; i < 4; i++) h[8 * m + 2 * i] = lut_pair(c[i], lw), h[8 * m + 2 * i + 1] = lut_pair(c[i] >> 16, lw);
+        for (int q = 0; q < 4; q++) h[8 * m + 2 * q] = raw_pair<0x4140>(r[q]), h[8 * m + 2 * q + 1] = raw_pair<0x4342>(r[q]);
     }
 }
 
@@ -357,25 +365,29 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 }
             }
         } else if constexpr (b == 3) {
-            // 8 channels of 4 tokens: low bits 2 bytes at 16 hh + 2 g, high bits 1 byte at D/4 + 8 hh + g. Tokens in
-            // pairs (t0, t1), (t2, t3): bytes b of q3_codes<ii> = (token b / 2, channel 4 (b % 2) + ii)
-            uint32_t lo[4], hb[4];
+            // 8 channels c of 4 tokens: low bits 2 bytes at 16 hh + 2 g, high bits 1 byte at D/4 + 8 hh + g. A token
+            // pair (rows 2 p, 2 p + 1) is one 16-channel word, the tokens interleaved by 4 channels (w = 8 (c / 4) +
+            // 4 t + c % 4), so that a lookup's bytes pair up the tokens: pv[c] = channel c's fp16 pair of the two.
 #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                lo[t] = *reinterpret_cast<const uint16_t *>(rows[t] + 16 * hh + 2 * g);
-                hb[t] = rows[t][D / 4 + 8 * hh + g];
+            for (int p = 0; p < 2; p++) {
+                const uint8_t *r0 = rows[2 * p], *r1 = rows[2 * p + 1];
+                const uint32_t L = prmt(*reinterpret_cast<const uint16_t *>(r0 + 16 * hh + 2 * g),
+                                        *reinterpret_cast<const uint16_t *>(r1 + 16 * hh + 2 * g), 0x5140);
+                const uint32_t z = (uint32_t)r0[D / 4 + 8 * hh + g] | (uint32_t)r1[D / 4 + 8 * hh + g] << 8;
+                uint32_t S = (z & 0x0F0Fu) | ((z << 12) & 0x0F0F0000u);  // the nibbles of w's order, one per byte
+                S = (S | S << 2) & 0x33333333u;
+                S = (S | S << 1) & 0x55555555u;
+                uint32_t se, so, pv[8];
+                q3_sel(L, S, se, so);
+                const uint32_t r[4] = {lut4(se, lw), lut4(se >> 16, lw), lut4(so, lw), lut4(so >> 16, lw)};
+#pragma unroll
+                for (int q = 0; q < 4; q++) {  // r[q]: tokens (t0, t0, t1, t1) of channels c, c + 2
+                    const int c = q % 2 * 4 + q / 2;
+                    pv[c] = raw_pair<0x4240>(r[q]), pv[c + 2] = raw_pair<0x4341>(r[q]);
+                }
+#pragma unroll
+                for (int ii = 0; ii < 4; ii++) a[4 * hh + ii][2 * p] = pv[ii], a[4 * hh + ii][2 * p + 1] = pv[ii + 4];
             }
-            const uint32_t L01 = prmt(lo[0], lo[1], 0x5410), L23 = prmt(lo[2], lo[3], 0x5410);
-            const uint32_t v01 = q3_hspread(hb[0] | hb[1] << 8), v23 = q3_hspread(hb[2] | hb[3] << 8);
-            auto one = [&](auto I) {
-                constexpr int ii = decltype(I)::value;
-                const uint32_t c01 = q3_codes<ii>(L01, v01), c23 = q3_codes<ii>(L23, v23);
-                uint32_t *o = a[4 * hh + ii];
-                o[0] = lut_pair(prmt(c01, 0u, 0x0020u), lw), o[1] = lut_pair(prmt(c01, 0u, 0x0031u), lw);
-                o[2] = lut_pair(prmt(c23, 0u, 0x0020u), lw), o[3] = lut_pair(prmt(c23, 0u, 0x0031u), lw);
-            };
-            one(std::integral_constant<int, 0>{}), one(std::integral_constant<int, 1>{});
-            one(std::integral_constant<int, 2>{}), one(std::integral_constant<int, 3>{});
         } else if constexpr (b == 8) {
             uint2 w[4];
 #pragma unroll
