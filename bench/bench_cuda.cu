@@ -363,7 +363,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         fprintf(f, "Caches: %s%s; fp16 window %s%s%s.\n\n", plain ? "rotation and sinks off (--plain)"
                                              : "kvq.h section 10's defaults (q8 keys rotated; q4, q3, q2 rotated and one sink; q3 with its non-uniform levels)",
                 qnorm ? ", Q-Norm of the grouped roles (--qnorm)" : "",
-                residual < 0 ? "the default (R = 128 for q4/q2, none for the per-token types)" : std::to_string(residual).c_str(),
+                residual < 0 ? "the default (R = 128 for q4/q3/q2, none for the per-token types)" : std::to_string(residual).c_str(),
                 rotate >= 0 ? ("; rotate " + std::to_string(rotate)).c_str() : "", sinks >= 0 ? ("; sinks " + std::to_string(sinks)).c_str() : "");
         fprintf(f, "Attention shape %s: %d query heads, %d KV heads, head_dim %d, one layer; fp16 queries and "
                    "outputs. Each figure is the median of %d runs timed with CUDA events, after 3 warm-up runs, with the "
