@@ -18,7 +18,7 @@
  *   - q4 with decode_attn (llama_ctx_params): chunks of CHUNK attended token by token give the logits of the same
  *     tokens fed one at a time, within 0.06 (Bounds).
  * usage: test_model_gpu --probe                 exit 0 when a usable GPU is there, 77 (skip) when not
- *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q2,layers (default all five; layers:
+ *        test_model_gpu MODEL.gguf [TYPES]      TYPES: comma list of f16,q8,q4,q3,q2,layers (default all six; layers:
  *                                               per-layer types, one GPU cache per group of layers, main() says which)
  * Bounds. The GPU rounds every GEMM input (activations, and weights stored other than F16) to fp16: a relative error
  * of ~2.8e-4 RMS per element, where the CPU engine stays in fp32 (its scalar reference kernels, KVQ_FORCE_SCALAR=1).
@@ -150,7 +150,7 @@ static llama_ctx_params params(kvq_type t) {
     p.type_k = p.type_v = t;
     p.residual = -1;
     p.rotate = -1, p.sinks = -1; /* the library's defaults: the same on both backends (kvq_cuda.h section 4) */
-    p.nonuniform = 0;            /* the GPU has none */
+    p.nonuniform = -1;           /* the library's default: q3's non-uniform levels, on both backends */
     p.qnorm = -1;                /* the engine's default (Q-Norm of the grouped roles), the same bytes on both */
     p.prerope = 0;
     return p;
@@ -177,7 +177,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s --probe | MODEL.gguf [TYPES]\n", argv[0]);
         return 2;
     }
-    const char *types = argc > 2 ? argv[2] : "f16,q8,q4,q2,layers";
+    const char *types = argc > 2 ? argv[2] : "f16,q8,q4,q3,q2,layers";
     gguf_file *gf;
     llama_model *cm;
     llama_gpu_model *gm;
@@ -214,7 +214,7 @@ int main(int argc, char **argv) {
         if (layers) t = KVQ_TYPE_Q2; /* the bounds of its lowest type */
         else if (kvq_type_from_name(name, &t)) return die(name, KVQ_ERR_UNSUPPORTED_TYPE);
         /* the types' own bounds on max |difference| and the RMS share (logits ~N(0, 4)); the header says why */
-        double bound = t == KVQ_TYPE_F16 ? 0.04 : t == KVQ_TYPE_Q8 ? 0.2 : t == KVQ_TYPE_Q4 ? 0.5 : 1.0;
+        double bound = t == KVQ_TYPE_F16 ? 0.04 : t == KVQ_TYPE_Q8 ? 0.2 : t == KVQ_TYPE_Q4 ? 0.5 : 1.0; /* q3: q2's (new) */
         double rms_bound = t == KVQ_TYPE_F16 ? 0.005 : 0.02;
         llama_ctx_params p = params(layers ? KVQ_TYPE_Q4 : t);
         llama_layer_types lt[2] = {{0, 0, KVQ_TYPE_Q8, KVQ_TYPE_Q2}, {c->n_layers / 2, c->n_layers - 1, KVQ_TYPE_Q2, KVQ_TYPE_Q2}};

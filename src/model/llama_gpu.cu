@@ -433,8 +433,6 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
     if (p->prerope == 1) return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: pre-RoPE keys (--kv-prerope 1) are CPU only");
     if (p->outliers > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: dense-and-sparse outliers (--kv-outliers) are CPU only");
-    if (p->nonuniform > 0)
-        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: non-uniform levels (--kv-nuq) are CPU only (kvq_cuda.h section 4)");
     const llama_config &c = m->cfg;
     CU(cudaSetDevice(m->device), "cudaSetDevice");  // the activation buffers go to the model's GPU
     llama_gpu_ctx *x = new (std::nothrow) llama_gpu_ctx;
@@ -496,7 +494,9 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         GpuKV &g = x->kv[gi];
         kvq_cache_config &cc = g.cc;
         cc = llama_cache_config(&c, p, kind[gi], gk[gi], gv[gi], (int)g.layers.size(), g.layers.data());
-        cc.nonuniform = p->nonuniform < 0 ? 0 : p->nonuniform;  // the GPU has none (its -1 default resolves to off there)
+        // -1: the CPU cache's default, resolved the same way by kvq_cuda_cache_create (non-uniform levels for Q3 roles);
+        // Q3 roles take either, Q4 and Q2 roles with non-uniform levels are refused there, with a message
+        cc.nonuniform = p->nonuniform;
         cc.outliers = 0;  // nor outliers (-1 is off here; other values were refused above)
         cc.max_seqs = n_seqs;
         cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)

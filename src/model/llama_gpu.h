@@ -23,7 +23,8 @@
  *             it off; llama_gpu_ctx_set_graph below says what is captured and what is not)
  * All work of a model goes to one CUDA stream; forward returns after the logits are on the host.
  * Limits: architecture "llama" only; head_dim 64, 128 or 256 and <= 8 query heads per KV head (kvq_cuda.h section 4);
- * pre-RoPE keys and non-uniform levels are not on the GPU (refused at context creation). Every layer is on the GPU
+ * pre-RoPE keys and the non-uniform levels of q4 and q2 roles are not on the GPU (refused at context creation; q3's
+ * are, the default as on the CPU). Every layer is on the GPU
  * (no partial offload). Per-layer types (llama_ctx_params.layer_types) give one kvq_cuda cache per group of layers,
  * grouped as the CPU engine groups them (llama_layer_groups), each layer's rotation seeded by its model number;
  * Q-Norm follows llama_ctx_params.qnorm as in the CPU engine (the same (scale, min) pairs; SQuat and pre-RoPE keys,
@@ -59,7 +60,7 @@ const llama_config *llama_gpu_config(const llama_gpu_model *m);
 /* Device bytes of the weights (fp16 matrices, fp32 norms). */
 size_t llama_gpu_weight_bytes(const llama_gpu_model *m);
 
-/* p as for llama_ctx_create (n_threads ignored). Errors: KVQ_ERR_INVALID_ARG (n_ctx, prerope = 1, nonuniform > 0),
+/* p as for llama_ctx_create (n_threads ignored). Errors: KVQ_ERR_INVALID_ARG (n_ctx, prerope = 1, nonuniform on a q4 or q2 role),
  * the CUDA cache's own (head dim, heads per KV head, types, group, residual; KVQ_ERR_CUDA / OUT_OF_MEMORY on the
  * device), each with a message. */
 kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama_ctx_params *p, llama_gpu_ctx **out);
