@@ -15,6 +15,8 @@ that). Methods, at 4, 3 and 2 bits:
   uniform+outliers     the largest |x| of each group of 64 (1.6%) kept exact (KVQuant's dense-and-sparse: one fp16
                        value and a 6-bit index per group, +0.34 bits per element), min/max over the rest
   fixed_nuq+outliers   both
+  ...+p8               (scale, min) in 8 bits each instead of fp16 (params8: a log-grid scale and an integer zero
+                       point; 0.25 bits per element instead of 0.5): what compressed parameters would cost
 Scored as kvq perplexity scores: chunks of --ctx tokens of the evaluation text, the second half of each chunk, KL
 divergence of the next-token distributions from the unquantized model's, dPPL, top-1 agreement. Also the squared
 error of each method on the calibration text's keys and values, relative to uniform (sqerr_* columns: summed over
@@ -23,7 +25,8 @@ Calibration and evaluation texts must not overlap (docs/quality.md uses debian-r
 9694- calibrate, as kvq calibrate).
 
 usage: bench/quant_emulation.py --model-dir models --gguf SmolLM2-135M-Instruct.Q4_1.gguf --eval EVAL.txt
-       --calib CALIB.txt [--ctx 2048] [--chunks 2] [--threads 2] [--out docs]
+       --calib CALIB.txt [--ctx 2048] [--chunks 2] [--threads 2] [--out docs] [--methods uniform,fixed_nuq+p8,...]
+       [--bits 4,3,2] [--zp-unit 16] [--tag=-NAME]
 Needs torch, transformers, gguf, accelerate. Writes quant-emulation-<gguf stem>.csv to --out (stdout without)."""
 import argparse
 import math
@@ -41,14 +44,17 @@ FIXED = {4: [4, 28, 46, 62, 76, 90, 102, 114, 126, 138, 150, 164, 178, 194, 212,
          2: [8, 20, 28, 40]}
 UNIFORM = {b: [16 * i for i in range(1 << b)] for b in FIXED}
 TABLES = {"uniform": UNIFORM, "fixed": FIXED}
-METHODS = (("uniform", "uniform", False), ("fixed_nuq", "fixed", False), ("calibrated_nuq", "cal", False),
-           ("uniform+outliers", "uniform", True), ("fixed_nuq+outliers", "fixed", True))
+# (name, levels, outliers, 8-bit parameters)
+METHODS = (("uniform", "uniform", False, False), ("fixed_nuq", "fixed", False, False),
+           ("calibrated_nuq", "cal", False, False), ("uniform+outliers", "uniform", True, False),
+           ("fixed_nuq+outliers", "fixed", True, False), ("uniform+p8", "uniform", False, True),
+           ("fixed_nuq+p8", "fixed", False, True), ("fixed_nuq+outliers+p8", "fixed", True, True))
 
 
 class Emulator:
     def __init__(self):
         self.mode = None  # None: exact; "collect": record normalized values; "quant": quantize
-        self.bits, self.levels, self.outliers = 4, "uniform", False
+        self.bits, self.levels, self.outliers, self.p8 = 4, "uniform", False, False
         self.collected, self.cal, self.rot = {}, {}, {}
 
     def rotation(self, D, layer):
@@ -87,7 +93,7 @@ class Emulator:
         if self.mode == "collect":
             self.collected.setdefault((layer, role), []).append(g.reshape(-1, 64).numpy().copy())
             return x
-        y = quant_groups(g, self.bits, self.levels_of(layer, role), self.outliers)
+        y = quant_groups(g, self.bits, self.levels_of(layer, role), self.outliers, self.p8)
         return torch.cat([self.ungroup(y, role, (B, H, T0, D)), xr[:, :, T0:]], 2) @ R.T
 
 
@@ -95,7 +101,30 @@ def f16(x):
     return x.half().float()
 
 
-def quant_groups(g, bits, levels, outliers):
+ZP_UNIT = 16  # params8's zero point counts 1/16 scales (measured: 1 and 4 cost Gemma 3's q3 +60% and +51% KLD)
+
+
+def params8(lo, hi, qmax, unit=None):
+    """(scale, min) in 8 bits each instead of fp16 (-0.25 bits per element): the scale an 8-bit code on a 1/16-octave
+    grid (16 octaves from a per-page base, which this emulation does not clip), rounded up; the min an 8-bit zero
+    point z in 1/unit of the scale (x = (level + z / unit) s), rounded down, offset by qmax / 2 steps so that a group
+    centered on 0 sits mid-range (z / unit in [-128 / unit - qmax / 2, 127 / unit - qmax / 2] steps); the scale grown
+    where the min lies beyond that, then a grid step at a time until the group is covered"""
+    F = unit or ZP_UNIT
+    zlo, zhi = -128 - qmax * F // 2, 127 - qmax * F // 2
+    s = ((hi - lo) / qmax).clamp_min(1e-30)
+    s = torch.maximum(s, torch.maximum(lo * F / zlo, hi / (zhi / F + qmax)))
+    s = torch.exp2(torch.ceil(16 * torch.log2(s)) / 16)
+    for _ in range(64):
+        z = torch.floor(lo * F / s).clamp(zlo, zhi)
+        bad = (hi > (z / F + qmax) * s) | (lo < z / F * s)
+        if not bool(bad.any()):
+            break
+        s = torch.where(bad, s * 2 ** (1 / 16), s)
+    return z / F * s, s
+
+
+def quant_groups(g, bits, levels, outliers, p8=False):
     """quantize-dequantize each group of 64 along the last axis"""
     qmax = (1 << bits) - 1
     keep = None
@@ -105,16 +134,19 @@ def quant_groups(g, bits, levels, outliers):
         hi = torch.where(keep, g, torch.full_like(g, float("-inf"))).amax(-1, keepdim=True)
     else:
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    lo = f16(lo)
-    s = f16((hi - lo) / qmax).clamp_min(1e-30)
+    if p8:
+        lo, s = params8(lo, hi, qmax)
+    else:
+        lo = f16(lo)
+        s = f16((hi - lo) / qmax).clamp_min(1e-30)
     u = (g - lo) / s
     L = torch.tensor(levels, dtype=g.dtype) / 16.0
     y = L[(u.unsqueeze(-1) - L).abs().argmin(-1)] * s + lo
     return torch.where(keep, y, g) if outliers else y
 
 
-def sqerr(g, bits, levels, outliers):
-    return float(((quant_groups(torch.from_numpy(g), bits, levels, outliers) - torch.from_numpy(g)) ** 2).sum())
+def sqerr(g, bits, levels, outliers, p8):
+    return float(((quant_groups(torch.from_numpy(g), bits, levels, outliers, p8) - torch.from_numpy(g)) ** 2).sum())
 
 
 def normalized(g, bits):
@@ -137,6 +169,7 @@ def lloyd(u, bits, init, rng):
 
 
 def main():
+    global ZP_UNIT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--gguf", required=True, help="file name inside --model-dir")
@@ -146,7 +179,16 @@ def main():
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--methods", default=None, help="comma list of METHODS' names (uniform is always run: the "
+                    "sqerr column is relative to it); default all")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--tag", default="", help="appended to the CSV's name")
+    ap.add_argument("--zp-unit", type=int, default=ZP_UNIT, help="params8's zero point counts 1/N of a scale "
+                    "(its range: 128 / N steps from 0)")
     a = ap.parse_args()
+    ZP_UNIT = a.zp_unit
+    want = set(a.methods.split(",")) | {"uniform"} if a.methods else None
+    methods = [m for m in METHODS if want is None or m[0] in want]
     if a.ctx < 128 or a.ctx % 64:
         sys.exit("--ctx: a multiple of 64, >= 128")
     torch.set_num_threads(a.threads)
@@ -186,19 +228,21 @@ def main():
     data = {k: np.concatenate(v) for k, v in em.collected.items()}
     rng = np.random.default_rng(0)
     rows = []
-    for bits in (4, 3, 2):
+    for bits in [int(b) for b in a.bits.split(",")]:
         # squared error on the calibration text; the calibrated levels fitted on half the groups, scored on the rest
-        se = dict.fromkeys([m[0] for m in METHODS], 0.0)
+        se = dict.fromkeys([m[0] for m in methods], 0.0)
         em.cal = {}
         for key, g in data.items():
             p = rng.permutation(len(g))
             fit, held = g[p[:len(g) // 2]], g[p[len(g) // 2:]]
-            lv = lloyd(normalized(fit, bits), bits, FIXED[bits], rng)
-            for name, levels, outl in METHODS:
-                se[name] += sqerr(held, bits, lv if levels == "cal" else TABLES[levels][bits], outl)
-            em.cal[key] = lloyd(normalized(g, bits), bits, FIXED[bits], rng)  # all of it for the KLD runs
-        for name, levels, outl in METHODS:
-            em.mode, em.bits, em.levels, em.outliers = "quant", bits, levels, outl
+            cal = any(m[1] == "cal" for m in methods)
+            lv = lloyd(normalized(fit, bits), bits, FIXED[bits], rng) if cal else None
+            for name, levels, outl, p8 in methods:
+                se[name] += sqerr(held, bits, lv if levels == "cal" else TABLES[levels][bits], outl, p8)
+            if cal:
+                em.cal[key] = lloyd(normalized(g, bits), bits, FIXED[bits], rng)  # all of it for the KLD runs
+        for name, levels, outl, p8 in methods:
+            em.mode, em.bits, em.levels, em.outliers, em.p8 = "quant", bits, levels, outl, p8
             kl, nll, top = [], [], []
             for c, r, t in zip(ev, ref, tgt):
                 lq = logp(c)
@@ -206,14 +250,14 @@ def main():
                 nll.append(-lq[torch.arange(len(t)), t].mean().item())
                 top.append((lq.argmax(-1) == r.argmax(-1)).float().mean().item())
             extra = 22 / 64 if outl else 0.0  # one fp16 value and a 6-bit index per group of 64
-            rows.append(f"{bits},{name},{bits + 0.5 + extra:.3f},{np.mean(kl):.6f},"
+            rows.append(f"{bits},{name},{bits + (0.25 if p8 else 0.5) + extra:.3f},{np.mean(kl):.6f},"
                         f"{100 * (math.exp(float(np.mean(nll)) - nll0) - 1):+.3f},{100 * np.mean(top):.2f},"
                         f"{se[name] / se['uniform']:.4f}")
             print(rows[-1], file=sys.stderr, flush=True)
     head = "bits,method,bits_per_element,kld_mean,dppl_pct,top1_pct,sqerr_vs_uniform"
     text = "\n".join([head] + rows) + "\n"
     if a.out:
-        path = os.path.join(a.out, f"quant-emulation-{os.path.splitext(a.gguf)[0]}.csv")
+        path = os.path.join(a.out, f"quant-emulation-{os.path.splitext(a.gguf)[0]}{a.tag}.csv")
         with open(path, "w") as fo:
             fo.write(text)
         print(f"wrote {path}")
