@@ -184,7 +184,7 @@ def main():
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--tag", default="", help="appended to the CSV's name")
     ap.add_argument("--zp-unit", type=int, default=ZP_UNIT, help="params8's zero point counts 1/N of a scale "
-                    "(its range: 128 / N steps from 0)")
+                    "(256 values: 256 / N steps, centred qmax / 2 steps below 0)")
     a = ap.parse_args()
     ZP_UNIT = a.zp_unit
     want = set(a.methods.split(",")) | {"uniform"} if a.methods else None
