@@ -60,9 +60,9 @@ const llama_config *llama_gpu_config(const llama_gpu_model *m);
 /* Device bytes of the weights (fp16 matrices, fp32 norms). */
 size_t llama_gpu_weight_bytes(const llama_gpu_model *m);
 
-/* p as for llama_ctx_create (n_threads ignored). Errors: KVQ_ERR_INVALID_ARG (n_ctx, prerope = 1, nonuniform on a q4 or q2 role),
- * the CUDA cache's own (head dim, heads per KV head, types, group, residual; KVQ_ERR_CUDA / OUT_OF_MEMORY on the
- * device), each with a message. */
+/* p as for llama_ctx_create (n_threads ignored). Errors: KVQ_ERR_INVALID_ARG (n_ctx, prerope = 1, nonuniform on a
+ * q4 or q2 role), the CUDA cache's own (head dim, heads per KV head, types, group, residual; KVQ_ERR_CUDA /
+ * OUT_OF_MEMORY on the device), each with a message. */
 kvq_status llama_gpu_ctx_create(const llama_gpu_model *m, const llama_ctx_params *p, llama_gpu_ctx **out);
 void llama_gpu_ctx_free(llama_gpu_ctx *c);
 kvq_status llama_gpu_ctx_reset(llama_gpu_ctx *c);
