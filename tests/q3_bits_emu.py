@@ -1,5 +1,5 @@
-"""Desk check (branch cuda-q3, not a registered test): decode.cuh's Q3 bit manipulation -- q3_hspread, q3_codes,
-   lut_pair (prmt/lop3 emulated), load_key_q3, value_frags' Q3 path, KeySlots and the scale/min pair selectors -- against
+"""Desk check (not a registered test): decode.cuh's Q3 bit manipulation -- spread_nibbles/spread16, q3_sel, lut4,
+   raw_pair (prmt/lop3 emulated), load_key_q3, value_frags' Q3 path, KeySlots and the scale/min pair selectors -- against
    quant.c's Q3 row layout. It checks a Python copy of the device logic: run it after changing that logic, then
    test on a GPU (test_cuda compares pages and attention with the CPU core). python3 tests/q3_bits_emu.py"""
 # Desk check of decode.cuh's Q3 bit manipulation (prmt/lop3 semantics emulated) against quant.c's layout
@@ -14,13 +14,12 @@ def prmt(a, b, s):
         if n & 8: v = 255 if v & 128 else 0
         r |= v << (8*i)
     return r
-def magic_raw(x, mask): return (x & mask) | 0x64006400
-def lut_pair(sel, lw): return magic_raw(prmt(lw[0], lw[1], sel), 0x00ff00ff)
-def spread16(x, sel):  # bit k of x's low (0x4140) or high (0x4342) 16 bits to bit 2 k
-    t = prmt(x, 0, sel)
-    t = (t | t << 4) & 0x0F0F0F0F
+def spread_nibbles(t):  # a nibble in each byte: bit k of byte b's nibble to bit 8 b + 2 k
     t = (t | t << 2) & 0x33333333
     return (t | t << 1) & 0x55555555
+def spread16(x, sel):  # bit k of x's low (0x4140) or high (0x4342) 16 bits to bit 2 k
+    t = prmt(x, 0, sel)
+    return spread_nibbles((t | t << 4) & 0x0F0F0F0F)
 def q3_sel(L, S):  # nibble n: the code of channel 2 n (se), 2 n + 1 (so)
     se = (L & 0x33333333) | ((S << 2) & M & ~0x33333333)
     so = ((L >> 2) & 0x33333333) | (S & ~0x33333333 & M)
@@ -29,9 +28,7 @@ def lut4(sel, lw): return prmt(lw[0], lw[1], sel & 0xffff)
 def raw_pair(r, sel): return prmt(r, 0x64646464, sel)
 def hh_spread(h0, h1):  # two tokens' 8 high bits, interleaved by 4 channels, spread (value_frags)
     z = h0 | h1 << 8
-    t = (z & 0x0F0F) | ((z << 12) & 0x0F0F0000)
-    t = (t | t << 2) & 0x33333333
-    return (t | t << 1) & 0x55555555
+    return spread_nibbles((z & 0x0F0F) | ((z << 12) & 0x0F0F0000))
 def halves(w): return (w & 0xffff) - 0x6400, (w >> 16) - 0x6400
 def key_chan(s, e):
     x = 2*(s % 4) + e//2
@@ -84,7 +81,7 @@ for D in (64, 128, 256):
                 for p_ in range(2):
                     L = prmt(lo[2*p_], lo[2*p_+1], 0x5140)
                     se, so = q3_sel(L, hh_spread(hb[2*p_], hb[2*p_+1]))
-                    for k, (sel, c0) in enumerate(((se, 0), (se >> 16, 4), (so, 1), (so >> 16, 5))):
+                    for sel, c0 in ((se, 0), (se >> 16, 4), (so, 1), (so >> 16, 5)):
                         r = lut4(sel, lw)
                         pv[p_][c0] = raw_pair(r, 0x4240); pv[p_][c0 + 2] = raw_pair(r, 0x4341)
                 for ii in range(4):

@@ -228,12 +228,15 @@ __device__ __forceinline__ uint32_t lop3_sel(uint32_t a, uint32_t b, uint32_t c)
     asm("lop3.b32 %0, %1, %2, %3, 0xe4;" : "=r"(r) : "r"(a), "r"(b), "r"(c));  // (a & c) | (b & ~c)
     return r;
 }
-// Bit k of a 16-bit half of x (SEL 0x4140: the low half, 0x4342: the high half) to bit 2 k
-template <uint32_t SEL> __device__ __forceinline__ uint32_t spread16(uint32_t x) {
-    uint32_t t = prmt(x, 0u, SEL);  // bytes [x0, 0, x1, 0]
-    t = (t | t << 4) & 0x0F0F0F0Fu;
+// Four nibbles, one in the low half of each byte of t: bit k of byte b's nibble to bit 8 b + 2 k
+__device__ __forceinline__ uint32_t spread_nibbles(uint32_t t) {
     t = (t | t << 2) & 0x33333333u;
     return (t | t << 1) & 0x55555555u;
+}
+// Bit k of a 16-bit half of x (SEL 0x4140: the low half, 0x4342: the high half) to bit 2 k
+template <uint32_t SEL> __device__ __forceinline__ uint32_t spread16(uint32_t x) {
+    const uint32_t t = prmt(x, 0u, SEL);  // bytes [x0, 0, x1, 0]
+    return spread_nibbles((t | t << 4) & 0x0F0F0F0Fu);
 }
 // Selectors of 16 channels: nibble n of se the code of channel 2 n, of so that of 2 n + 1 (bit 3 of every nibble is
 // clear, so no prmt sign mode). S << 2 and S have no bits at 3 mod 4, so one lop3 each.
@@ -374,9 +377,7 @@ __device__ __forceinline__ void value_frags(const uint8_t *const (&rows)[4], int
                 const uint32_t L = prmt(*reinterpret_cast<const uint16_t *>(r0 + 16 * hh + 2 * g),
                                         *reinterpret_cast<const uint16_t *>(r1 + 16 * hh + 2 * g), 0x5140);
                 const uint32_t z = (uint32_t)r0[D / 4 + 8 * hh + g] | (uint32_t)r1[D / 4 + 8 * hh + g] << 8;
-                uint32_t S = (z & 0x0F0Fu) | ((z << 12) & 0x0F0F0000u);  // the nibbles of w's order, one per byte
-                S = (S | S << 2) & 0x33333333u;
-                S = (S | S << 1) & 0x55555555u;
+                const uint32_t S = spread_nibbles((z & 0x0F0Fu) | ((z << 12) & 0x0F0F0000u));  // nibbles in w's order
                 uint32_t se, so, pv[8];
                 q3_sel(L, S, se, so);
                 const uint32_t r[4] = {lut4(se, lw), lut4(se >> 16, lw), lut4(so, lw), lut4(so >> 16, lw)};
