@@ -54,7 +54,7 @@ METHODS = (("uniform", "uniform", False, False), ("fixed_nuq", "fixed", False, F
 class Emulator:
     def __init__(self):
         self.mode = None  # None: exact; "collect": record normalized values; "quant": quantize
-        self.bits, self.levels, self.outliers, self.p8 = 4, "uniform", False, False
+        self.bits, self.levels, self.outliers, self.p8 = 4, "uniform", False, 0
         self.collected, self.cal, self.rot = {}, {}, {}
 
     def rotation(self, D, layer):
@@ -104,13 +104,12 @@ def f16(x):
 ZP_UNIT = 16  # params8's zero point counts 1/16 scales (measured: 1 and 4 cost Gemma 3's q3 +60% and +51% KLD)
 
 
-def params8(lo, hi, qmax, unit=None):
+def params8(lo, hi, qmax, F):
     """(scale, min) in 8 bits each instead of fp16 (-0.25 bits per element): the scale an 8-bit code on a 1/16-octave
     grid (16 octaves from a per-page base, which this emulation does not clip), rounded up; the min an 8-bit zero
-    point z in 1/unit of the scale (x = (level + z / unit) s), rounded down, offset by qmax / 2 steps so that a group
-    centered on 0 sits mid-range (z / unit in [-128 / unit - qmax / 2, 127 / unit - qmax / 2] steps); the scale grown
-    where the min lies beyond that, then a grid step at a time until the group is covered"""
-    F = unit or ZP_UNIT
+    point z in 1/F of the scale (x = (level + z / F) s), rounded down, offset by qmax / 2 steps so that a group
+    centered on 0 sits mid-range (z / F in [-128 / F - qmax / 2, 127 / F - qmax / 2] steps); the scale grown where
+    the min lies beyond that, then a grid step at a time until the group is covered"""
     zlo, zhi = -128 - qmax * F // 2, 127 - qmax * F // 2
     s = ((hi - lo) / qmax).clamp_min(1e-30)
     s = torch.maximum(s, torch.maximum(lo * F / zlo, hi / (zhi / F + qmax)))
@@ -124,8 +123,9 @@ def params8(lo, hi, qmax, unit=None):
     return z / F * s, s
 
 
-def quant_groups(g, bits, levels, outliers, p8=False):
-    """quantize-dequantize each group of 64 along the last axis"""
+def quant_groups(g, bits, levels, outliers, p8=0):
+    """quantize-dequantize each group of 64 along the last axis; p8: 0 for fp16 (scale, min), else params8's
+    zero-point unit"""
     qmax = (1 << bits) - 1
     keep = None
     if outliers:  # the largest |x| of the group exact; min/max over the others
@@ -135,7 +135,7 @@ def quant_groups(g, bits, levels, outliers, p8=False):
     else:
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     if p8:
-        lo, s = params8(lo, hi, qmax)
+        lo, s = params8(lo, hi, qmax, p8)
     else:
         lo = f16(lo)
         s = f16((hi - lo) / qmax).clamp_min(1e-30)
@@ -169,7 +169,6 @@ def lloyd(u, bits, init, rng):
 
 
 def main():
-    global ZP_UNIT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--gguf", required=True, help="file name inside --model-dir")
@@ -186,9 +185,12 @@ def main():
     ap.add_argument("--zp-unit", type=int, default=ZP_UNIT, help="params8's zero point counts 1/N of a scale "
                     "(256 values: 256 / N steps, centred qmax / 2 steps below 0)")
     a = ap.parse_args()
-    ZP_UNIT = a.zp_unit
     want = set(a.methods.split(",")) | {"uniform"} if a.methods else None
-    methods = [m for m in METHODS if want is None or m[0] in want]
+    # the 8-bit parameters' flag as params8's zero-point unit (0: fp16 parameters)
+    methods = [(n, lv, o, a.zp_unit if p8 else 0) for n, lv, o, p8 in METHODS if want is None or n in want]
+    cal = any(m[1] == "cal" for m in methods)
+    if a.zp_unit < 1:
+        sys.exit("--zp-unit: >= 1")
     if a.ctx < 128 or a.ctx % 64:
         sys.exit("--ctx: a multiple of 64, >= 128")
     torch.set_num_threads(a.threads)
@@ -235,7 +237,6 @@ def main():
         for key, g in data.items():
             p = rng.permutation(len(g))
             fit, held = g[p[:len(g) // 2]], g[p[len(g) // 2:]]
-            cal = any(m[1] == "cal" for m in methods)
             lv = lloyd(normalized(fit, bits), bits, FIXED[bits], rng) if cal else None
             for name, levels, outl, p8 in methods:
                 se[name] += sqerr(held, bits, lv if levels == "cal" else TABLES[levels][bits], outl, p8)
