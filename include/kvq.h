@@ -186,6 +186,15 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *     values:   grouped per token over Gv consecutive channels. params: for each token, for each of the D/Gv
  *               groups, (scale, min) (fp16). Gv = G if it divides D, else the largest power of two <= G that
  *               divides D (D = 80: 16, D = 96: 32).
+ * 8-bit parameters (roles in kvq_page_layout.params8, grouped types only; section 10): the params above become, for
+ *   each of the P/G groups of G tokens, codes k and z (one byte each) per (scale, min) pair: the section holds bases
+ *   b[P/G] (fp16), then for each group k[n] then z[n], where n = D (keys: entry c is channel c's pair) or n = G D/Gv
+ *   (values: entry t (D/Gv) + j is the pair of the group's token t, value group j). The pair decodes to
+ *     scale = fp16(fp32(b * F[k % 16]) * 2^-(k / 16)),   min = fp16(scale * (z - Z0) / 16),
+ *   F[i] = fp32(2^(-i/16)), Z0 = 128 + 8 (2^bits - 1) (fp32 arithmetic; both products before the fp16 rounding are
+ *   exact but b * F[i]), and the codes decode with it as above. The quantizer takes b = fp16(4 max_g s_g), s_g the
+ *   smallest scale that covers group g's range with some z, and for each group the smallest scale, then the largest
+ *   z, whose (scale, min) covers the group (Q-Norm: the nearest pair to Q-Norm's).
  * Outlier section (roles in kvq_page_layout.outliers, grouped types only; section 10): after the params, N fp16
  *   residuals e[0..N) then N index bytes i[0..N), before the block's padding. Keys: N = (P/G) D, entry g D + c is
  *   channel c of key group g, its outlier at token g G + i[.]; values: N = P (D/Gv), entry t (D/Gv) + k is token t's
@@ -215,6 +224,8 @@ typedef struct kvq_page_layout {
                      * kvq_page_layout_make sets 0, a cache's layout says what the cache uses */
     int outliers;   /* KVQ_ROLES_*: roles whose grouped blocks end with an outlier section (below; section 10);
                      * kvq_page_layout_make sets 0, a cache's layout says what the cache uses, its block sizes included */
+    int params8;    /* KVQ_ROLES_*: roles whose grouped blocks store their (scale, min) in 8 bits each (above; section
+                     * 10, "8-bit parameters"); kvq_page_layout_make sets 0, a cache's layout says what it uses */
 } kvq_page_layout;
 
 KVQ_API kvq_status kvq_page_layout_make(kvq_type type_k, kvq_type type_v, int n_kv_heads, int head_dim,
@@ -281,6 +292,11 @@ typedef struct kvq_cache_config {
      * default) and 0: none (kvq's CPU engine turns it on for Q4/Q3/Q2 keys). The CPU cache only (the CUDA backend
      * refuses it). Roles of per-token types ignore it. */
     int outliers;
+    /* 8-bit group parameters (section 5, section 10 "8-bit parameters"): the grouped types (Q4, Q3, Q2) of the roles in
+     * KVQ_ROLES_* store each group's (scale, min) as two bytes under an fp16 base per G tokens instead of two fp16
+     * values: 0.25 bits per element less at G = 64 (Q4 4.25, Q3 3.25, Q2 2.25 bits per element in pages). -1 (the
+     * default) and 0: fp16 pairs. The CPU cache only (the CUDA backend refuses it). */
+    int params8;
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */

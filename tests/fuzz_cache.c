@@ -135,6 +135,14 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
         for (int j = g0; j < g0 + w->L.value_group; j++) lo = fmin(lo, row[j]), hi = fmax(hi, row[j]);
     }
     double qmax = (1 << kvq_type_get_traits(t)->bits) - 1, m = fmax(fabs(lo), fabs(hi));
+    if ((w->L.params8 >> role) & 1) {
+        /* 8-bit pairs (kvq.h section 5): half of a scale at most one grid step (2^(1/16)) above the smallest that
+         * covers the group, (hi - lo) / (qmax - 1/16) or what the zero point's reach asks (z in 0 .. 255) */
+        double Z0 = 128 + 8 * qmax, s = (hi - lo) / (qmax - 0.0625);
+        if (lo < 0) s = fmax(s, -16 * lo / Z0);
+        if (hi > 0) s = fmax(s, hi / ((255 - Z0) / 16 + qmax));
+        return 0.5 * s * 1.0443 * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + m * 2e-3 + 1e-6;
+    }
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
     return 0.5 * (hi - lo) / qmax * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + fabs(lo) * 1e-3 + m * 0x1p-10 + 1e-6;
 }
@@ -541,6 +549,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* dense-and-sparse outliers (kvq.h section 10) from b0's bits above the type: the per-element bounds hold as they
      * are (the others' error is within half a step of a narrower range, the outlier's within its fp16 residual's) */
     w.cfg.outliers = (int)(b0 / KVQ_TYPE_COUNT) % 4;
+    /* 8-bit group parameters (kvq.h section 5) from b1's bits above the type */
+    w.cfg.params8 = (int)(b1 / KVQ_TYPE_COUNT) % 4;
     kvq_page_layout L; /* the cache's own: outlier sections make its pages larger than kvq_page_layout_make's */
     if (kvq_cache_config_layout(&w.cfg, &L)) FAIL("layout: %s", kvq_last_error());
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
@@ -552,9 +562,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int l = 0; l < NL; l++) w.s[i].k[l] = malloc(MAXT * row * 4), w.s[i].v[l] = malloc(MAXT * row * 4);
     int ops = 0;
     const char *verbose = getenv("KVQ_FUZZ_VERBOSE"); /* prints the operations and the cache's state */
-    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d outliers=%d pages=%lld\n",
+    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d outliers=%d params8=%d pages=%lld\n",
                          kvq_type_get_traits(w.cfg.type_k)->name, kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D,
-                         w.L.group, w.cfg.residual, w.L.page_tokens, w.cfg.sinks, w.L.outliers,
+                         w.L.group, w.cfg.residual, w.L.page_tokens, w.cfg.sinks, w.L.outliers, w.L.params8,
                          (long long)(w.cfg.arena_bytes / w.L.page_bytes));
     while (r.n && ops++ < 64) {
         /* op 9 (subspace) only in SQuat caches: the corpus of caches without it keeps its meaning */

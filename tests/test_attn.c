@@ -114,8 +114,8 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
 }
 
 /* kvq.h section 10: nu (nonuniform), rot (rotate), sinks (0 in the type sweep: the layout without sinks), outl
- * (outliers); len0: sequence 0's length (0: 300) */
-typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; int sinks; int len0; int outl; } combo;
+ * (outliers), p8 (8-bit parameters); len0: sequence 0's length (0: 300) */
+typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; int sinks; int len0; int outl; int p8; } combo;
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -164,7 +164,8 @@ static void run_combo(combo cb) {
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
     cfg.sinks = cb.sinks;
     cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.nonuniform = cb.nu, cfg.rotate = cb.rot;
-    cfg.outliers = cb.outl;
+    cfg.outliers = cb.outl, cfg.params8 = cb.p8;
+    if (cb.p8 == KVQ_ROLES_KV) cfg.qnorm = KVQ_ROLES_KV; /* 8-bit pairs nearest to Q-Norm's too */
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
     if (!c) return;
@@ -467,6 +468,19 @@ int main(void) {
             n += 3;
         }
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, 0, 0, 0, 0, KVQ_ROLES_KV}); /* q8 keys ignore it */
+    n++;
+    /* 8-bit group parameters (kvq.h section 5): each table's p8_expand against kvq_read's (the scalar expansion), with
+     * the fused kernels (up to 8 rows) and the fp32 path (9), outliers, sinks, windows, Q-Norm's pairs (p8 = KV: the
+     * engine's default; the config's is off), a split over work items (len0 1300) */
+    for (int di = 0; di < 5; di++)
+        for (int p8 = 1; p8 <= 3; p8++) {
+            if (quick && p8 != 3 && di % 2) continue;
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, 0, di % 2 ? KVQ_ROLES_KV : 0, 0, 0, 0, p8});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q3, dims[di], 3, di % 2 ? 100 : 0, 30.0f, 3, 3, 0, 1, 0, 1, p8});
+            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q2, dims[di], 9, 0, 0.0f, 1, 0, KVQ_ROLES_KV, 1, di == 2 ? 1300 : 0, 3, p8});
+            n += 3;
+        }
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 2, 0, 0.0f, 2, 0, 0, 0, 0, 0, KVQ_ROLES_KV}); /* per-token types ignore it */
     n++;
     /* Q3 at D = 128 too, where its value kernels take 8-bit weights and keep a dominant one exact as Q4/Q2's do.
      * (Q3 at D = 64, whose SIMD kernels keep int16 weights, measured 8.5e-8 .. 3.2e-7 here with the token at 3, on

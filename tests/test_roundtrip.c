@@ -333,7 +333,150 @@ static void test_outliers(void) {
     kvq_cache_free(c);
 }
 
+/* 8-bit group parameters (kvq.h section 5, `params8`): every value kvq_read returns equals, to the bit, the decode of
+ * the page bytes by kvq.h's formulas, written here again (fp16 through the compiler's _Float16, F[i] from exp2); the
+ * min/max pairs cover their groups (min <= lo, min + qmax scale >= hi) with a scale at most one grid step (2^(1/16))
+ * above (hi - lo) / (qmax - 1/16) where z is inside its range; the NMSE stays within 1.15x of the fp16 pairs'; the blocks
+ * shrink by what the section says. */
+static float h2f(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+static float rf16(float f) { return (float)(_Float16)f; }
+
+static int code_at(const uint8_t *row, int c, int b, int D) {
+    if (b == 3) return code_at(row, c, 2, D) | (((row[D / 4 + c / 8] >> (c % 8)) & 1) << 2);
+    return (row[c * b / 8] >> ((c % (8 / b)) * b)) & ((1 << b) - 1);
+}
+
+static void params8_case(kvq_type t, int D, int nu, int qnorm) {
+    const int T = 192, H = 2;
+    const char *name = kvq_type_get_traits(t)->name;
+    double nmse[2] = {0, 0};
+    kvq_page_layout L0 = {0};
+    for (int p8 = 0; p8 < 2; p8++) {
+        kvq_cache_config cfg = kvq_cache_config_default();
+        cfg.sinks = 0, cfg.rotate = 0, cfg.residual = 0, cfg.nonuniform = nu, cfg.qnorm = qnorm;
+        cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = t, cfg.type_v = t;
+        cfg.arena_bytes = 8u << 20, cfg.params8 = p8 ? KVQ_ROLES_KV : -1;
+        kvq_cache *c = NULL;
+        CHECK_OK(kvq_cache_create(&cfg, &c));
+        if (!c) return;
+        kvq_page_layout L;
+        kvq_cache_config got;
+        kvq_cache_get_config(c, &got, &L);
+        size_t n = (size_t)T * H * D;
+        float *k = malloc(n * 4), *v = malloc(n * 4), *kr = malloc(n * 4), *vr = malloc(n * 4);
+        double *kd = malloc(n * 8), *vd = malloc(n * 8);
+        tu_seed(77 + D);
+        tu_fill_kv(k, v, T, H, D);
+        for (size_t i = 0; i < n; i++) kd[i] = k[i], vd[i] = v[i];
+        int32_t seq, nt = T;
+        CHECK_OK(kvq_seq_new(c, &seq));
+        CHECK_OK(kvq_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, k, v));
+        CHECK_OK(kvq_read(c, seq, 0, 0, T, kr, vr));
+        nmse[p8] = (tu_nmse(kr, kd, n) + tu_nmse(vr, vd, n)) / 2;
+        if (!p8) {
+            L0 = L;
+            CHECK(L.params8 == 0 && got.params8 == 0, "%s: params8 -1 gives %d / %d", name, got.params8, L.params8);
+            goto done;
+        }
+        const int P = L.page_tokens, G = L.group, Gv = L.value_group, ng = D / Gv, b = kvq_type_get_traits(t)->bits;
+        const int qmax = (1 << b) - 1, Z0 = 128 + 8 * qmax;
+        CHECK(got.params8 == KVQ_ROLES_KV && L.params8 == KVQ_ROLES_KV, "%s: params8 %d, layout %d", name, got.params8,
+              L.params8);
+        /* the params shrink from 4 bytes a pair to 2, plus an fp16 base per G tokens (blocks padded to 16 bytes) */
+        size_t dk = (size_t)(P / G) * D * 2 - (size_t)(P / G) * 2, dv = (size_t)P * ng * 2 - (size_t)(P / G) * 2;
+        CHECK(L0.k_block_bytes - L.k_block_bytes + 15 >= dk && L0.k_block_bytes - L.k_block_bytes <= dk + 15 &&
+                  L0.v_block_bytes - L.v_block_bytes + 15 >= dv && L0.v_block_bytes - L.v_block_bytes <= dv + 15,
+              "%s D=%d: blocks %zu / %zu, fp16 pairs %zu / %zu", name, D, L.k_block_bytes, L.v_block_bytes,
+              L0.k_block_bytes, L0.v_block_bytes);
+        float F[16];
+        for (int i = 0; i < 16; i++) F[i] = (float)exp2(-i / 16.0);
+        const int *lv = !nu ? NULL : t == KVQ_TYPE_Q4 ? lv_n4 : t == KVQ_TYPE_Q3 ? lv_n3 : lv_n2;
+        kvq_seq_view view;
+        CHECK_OK(kvq_seq_view_get(c, seq, 0, &view));
+        int mism = 0, uncovered = 0, wide = 0, groups = 0;
+        for (int pg = 0; pg < view.n_pages; pg++)
+            for (int h = 0; h < H; h++)
+                for (int role = 0; role < 2; role++) {
+                    const uint8_t *blk = view.arena + (size_t)view.pages[pg] * L.page_bytes +
+                                         (role ? L.v_offset + (size_t)h * L.v_block_bytes : L.k_offset + (size_t)h * L.k_block_bytes);
+                    size_t rb = role ? L.v_row_bytes : L.k_row_bytes;
+                    const uint8_t *sec = blk + rb * (size_t)P;
+                    const int gn = role ? G * ng : D; /* pairs per group of G tokens */
+                    for (int g = 0; g < P / G; g++) {
+                        uint16_t bh;
+                        memcpy(&bh, sec + 2 * g, 2);
+                        const uint8_t *kc = sec + 2 * (P / G) + (size_t)g * 2 * gn, *zc = kc + gn;
+                        for (int e = 0; e < gn; e++) {
+                            float sc = rf16(h2f(bh) * F[kc[e] % 16] * (float)exp2(-(kc[e] / 16)));
+                            float mn = rf16(sc * (float)(zc[e] - Z0) * 0.0625f);
+                            /* the tokens and channels of this pair, their originals' range, their decodes */
+                            int t0 = role ? g * G + e / ng : g * G, t1 = role ? t0 + 1 : t0 + G;
+                            int c0 = role ? e % ng * Gv : e, c1 = role ? c0 + Gv : c0 + 1;
+                            double lo = INFINITY, hi = -INFINITY;
+                            for (int tk = t0; tk < t1; tk++)
+                                for (int d = c0; d < c1; d++) {
+                                    int tok = pg * P + tk;
+                                    size_t i = ((size_t)tok * H + h) * D + d;
+                                    const float *x = role ? v : k, *y = role ? vr : kr;
+                                    int q = code_at(blk + (size_t)tk * rb, d, b, D);
+                                    float want = sc * ((float)(lv ? lv[q] : 16 * q) * 0.0625f) + mn;
+                                    if (memcmp(&want, &y[i], 4) && mism++ < 5)
+                                        CHECK(0, "%s D=%d %s token %d ch %d: read %a, the bytes decode to %a", name, D,
+                                              role ? "v" : "k", tok, d, (double)y[i], (double)want);
+                                    /* the cache quantizes its fp16 window's rows */
+                                    lo = fmin(lo, rf16(x[i])), hi = fmax(hi, rf16(x[i]));
+                                }
+                            groups++;
+                            if (!qnorm && (mn > lo || mn + (double)qmax * sc < hi)) uncovered++;
+                            int zf = (int)floor(lo / sc * 16) + Z0;
+                            /* min lies less than scale / 16 below lo, so the first grid scale >= (hi - lo) / (qmax -
+                             * 1/16) covers: none is wider than that one */
+                            if (!qnorm && zf > 0 && zf < 255 && sc > (hi - lo) / (qmax - 0.0625) * 1.0443 * 1.001 + 1e-7)
+                                wide++;
+                        }
+                    }
+                }
+        printf("  params8 %-3s D=%3d nu=%d qnorm=%d: NMSE %.3e, fp16 pairs %.3e (%.3fx); %d groups, %d uncovered, %d wide\n",
+               name, D, nu, qnorm, nmse[1], nmse[0], nmse[1] / nmse[0], groups, uncovered, wide);
+        CHECK(!uncovered && !wide, "%s D=%d: %d groups not covered, %d with a scale past one step", name, D, uncovered, wide);
+        CHECK(nmse[1] < 1.15 * nmse[0], "%s D=%d: NMSE %g with 8-bit pairs, %g with fp16", name, D, nmse[1], nmse[0]);
+    done:
+        free(k), free(v), free(kr), free(vr), free(kd), free(vd);
+        kvq_cache_free(c);
+    }
+}
+
+static void test_params8(void) {
+    static const int dims[] = {64, 80, 96, 128, 256};
+    static const kvq_type types[] = {KVQ_TYPE_Q4, KVQ_TYPE_Q3, KVQ_TYPE_Q2};
+    for (int ti = 0; ti < 3; ti++)
+        for (int i = 0; i < 5; i++) params8_case(types[ti], dims[i], i % 2 ? KVQ_ROLES_KV : 0, i == 3 ? KVQ_ROLES_KV : 0);
+    /* bad input: the same named error as every role set, the cache not made */
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q4, cfg.arena_bytes = 1u << 20;
+    kvq_cache *c = NULL;
+    cfg.params8 = 4;
+    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), "params8 4"), "params8 4: %s",
+          kvq_last_error());
+    cfg.params8 = -2;
+    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c, "params8 -2");
+    /* per-token types ignore it: the layout is theirs */
+    cfg.params8 = KVQ_ROLES_KV, cfg.type_k = KVQ_TYPE_Q8, cfg.type_v = KVQ_TYPE_F16;
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    kvq_page_layout L, L0;
+    kvq_cache_get_config(c, NULL, &L);
+    kvq_page_layout_make(KVQ_TYPE_Q8, KVQ_TYPE_F16, 1, 64, 0, 0, &L0);
+    CHECK(L.params8 == 0 && L.page_bytes == L0.page_bytes, "q8/f16 with params8: layout params8 %d, %zu bytes", L.params8,
+          L.page_bytes);
+    kvq_cache_free(c);
+}
+
 int main(void) {
+    test_params8();
     test_qnorm();
     test_outliers();
     static const int dims[] = {64, 80, 96, 128, 256};

@@ -69,7 +69,7 @@ static void unrot_rope_ref(float *x, int n, const kvq__rot *r, int neox, const f
 }
 
 const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL,
-                                       kvq__rope_rows_ref, unrot_rope_ref};
+                                       kvq__rope_rows_ref, unrot_rope_ref, kvq__p8_expand_ref};
 
 /* ---- pre-RoPE keys (kvq.h section 10) ---- */
 
@@ -192,6 +192,8 @@ typedef struct scratch {
     float *rope_c, *rope_s;
     int64_t rope_t0;
     int rope_n;
+    /* 8-bit parameters: the current key and value blocks' pairs in fp16 (kvq__params_halves each; NULL: none) */
+    uint16_t *pk, *pv;
 } scratch;
 
 #define SEG (KVQ_TILE * 8) /* tokens per softmax segment */
@@ -480,6 +482,20 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
             else if (end < u1 && end < sl->paged) npg = sl->pages[end / P], nh = w->h;
             work v = head_view(w, hh);
             kvq__blk kb = page_blk(c, pg, v.h, KVQ_KEY), vb = page_blk(c, pg, v.h, KVQ_VALUE);
+            if (c->L.params8) { /* 8-bit pairs: the groups read here, to fp16 at their places in the block */
+                const int G = c->L.group, g0 = (int)(u - base) / G, g1 = (int)(end - base - 1) / G + 1;
+                if (kvq__p8(&c->L, KVQ_KEY)) {
+                    uint16_t *o = sc->pk + (size_t)g0 * 2 * kvq__p8_group_n(&c->L, KVQ_KEY);
+                    kvq__p8_expand_block(&c->L, KVQ_KEY, kb.data, g0, g1, K->p8_expand, o);
+                    kb.par = sc->pk;
+                    sc->qst[hh].par = NULL; /* new pairs at the same address: the fused kernel takes them again */
+                }
+                if (kvq__p8(&c->L, KVQ_VALUE)) {
+                    uint16_t *o = sc->pv + (size_t)g0 * 2 * kvq__p8_group_n(&c->L, KVQ_VALUE);
+                    kvq__p8_expand_block(&c->L, KVQ_VALUE, vb.data, g0, g1, K->p8_expand, o);
+                    vb.par = sc->pv;
+                }
+            }
             if (npg >= 0) { /* the fused key kernels spread the prefetch over their tokens */
                 if (K->key_scores && w->rows <= KVQ_FUSED_ROWS && !c->cfg.prerope) {
                     kb.pf_k = kvq__kblock(c, npg, nh), kb.pf_k_lines = (int)((c->L.k_block_bytes + 63) / 64);
@@ -598,17 +614,22 @@ static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_
     if (nt < 1) nt = 1;
     if (c->pool.run && n > INT_MAX) return kvq__fail(KVQ_ERR_RANGE, "%s: %lld work items for a thread pool", fn, (long long)n);
     size_t one = (sizeof(scratch) + 63) / 64 * 64, tab = c->cfg.prerope ? (size_t)SEG * c->L.head_dim * sizeof(float) : 0;
+    size_t pk = kvq__p8(&c->L, KVQ_KEY) ? (kvq__params_halves(&c->L, KVQ_KEY) * 2 + 63) / 64 * 64 : 0;
+    size_t pv = kvq__p8(&c->L, KVQ_VALUE) ? (kvq__params_halves(&c->L, KVQ_VALUE) * 2 + 63) / 64 * 64 : 0;
+    size_t per = one + 2 * tab + pk + pv;
     /* a pool may hand out any of its thread indices */
     int nsc = c->pool.run ? c->pool.n_threads : nt;
-    scratch *sc = kvq__aligned_alloc(64, (one + 2 * tab) * (size_t)nsc);
+    scratch *sc = kvq__aligned_alloc(64, per * (size_t)nsc);
     if (!sc) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for scratch", fn);
     for (int i = 0; i < nsc; i++) {
-        scratch *t = (scratch *)(void *)((char *)sc + (one + 2 * tab) * (size_t)i);
+        scratch *t = (scratch *)(void *)((char *)sc + per * (size_t)i);
         t->rope_c = tab ? (float *)(void *)((char *)t + one) : NULL;
         t->rope_s = tab ? (float *)(void *)((char *)t + one + tab) : NULL;
         t->rope_n = 0, t->rope_t0 = 0;
+        t->pk = pk ? (uint16_t *)(void *)((char *)t + one + 2 * tab) : NULL;
+        t->pv = pv ? (uint16_t *)(void *)((char *)t + one + 2 * tab + pk) : NULL;
     }
-    run_args a = {c, K, items, p, (char *)sc, one + 2 * tab};
+    run_args a = {c, K, items, p, (char *)sc, per};
     if (c->pool.run) {
         if (n == 1) run_task(&a, 0, 0);
         else c->pool.run(c->pool.ctx, (int)n, run_task, &a);

@@ -66,6 +66,8 @@ typedef struct kvq__kernels {
     /* pre-RoPE keys stored rotated: x[n][r->D] in place, each row taken back through the key rotation (R^T x, as
      * kvq__rot_apply with inverse = 1: the same fp32 operations, so the same bits), then rotated as by `rope` */
     void (*unrot_rope)(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S);
+    /* 8-bit group parameters (kvq.h section 5) to fp16 pairs, n a multiple of 8: as kvq__p8_expand_ref, to the bit */
+    kvq__p8_expand_fn p8_expand;
 } kvq__kernels;
 
 extern const kvq__kernels kvq__kernels_ref;

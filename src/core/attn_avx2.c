@@ -900,8 +900,37 @@ static void unrot_rope_avx2(float *x, int n, const kvq__rot *r, int neox, const 
     }
 }
 
+/* 8-bit group parameters (kvq.h section 5), 8 pairs at a time: b F[k % 16] (a table lookup by two permutes),
+ * times 2^-(k / 16) as an exponent built from bits (the product is exact), both conversions to fp16 round to nearest
+ * even (VCVTPS2PH keeps fp16 subnormals): the same operations as kvq__p8_scale / kvq__p8_min, so the same bits */
+static void p8_expand_avx2(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+                           uint16_t *m_out, int os) {
+    const __m256 b = _mm256_set1_ps(_cvtsh_ss(base)), sixteenth = _mm256_set1_ps(0.0625f);
+    const __m256 flo = _mm256_loadu_ps(kvq__p8_frac), fhi = _mm256_loadu_ps(kvq__p8_frac + 8);
+    const __m256i z0 = _mm256_set1_epi32(Z0), fifteen = _mm256_set1_epi32(15), e127 = _mm256_set1_epi32(127);
+    for (int i = 0; i < n; i += 8) {
+        __m256i kk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(k + i)));
+        __m256i zz = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(z + i)));
+        __m256i lo = _mm256_and_si256(kk, fifteen);
+        __m256 f = _mm256_blendv_ps(_mm256_permutevar8x32_ps(flo, lo), _mm256_permutevar8x32_ps(fhi, lo),
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28))); /* bit 3 of k % 16 */
+        __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, _mm256_srli_epi32(kk, 4)), 23));
+        __m128i s16 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_mul_ps(b, f), p2), _MM_FROUND_TO_NEAREST_INT);
+        __m256 sc = _mm256_cvtph_ps(s16);
+        __m256 mn = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(zz, z0))), sixteenth);
+        __m128i m16 = _mm256_cvtps_ph(mn, _MM_FROUND_TO_NEAREST_INT);
+        if (os == 1) {
+            _mm_storeu_si128((__m128i *)(void *)(s_out + i), s16);
+            _mm_storeu_si128((__m128i *)(void *)(m_out + i), m16);
+        } else { /* interleaved pairs (values): m_out == s_out + 1 */
+            _mm_storeu_si128((__m128i *)(void *)(s_out + 2 * (size_t)i), _mm_unpacklo_epi16(s16, m16));
+            _mm_storeu_si128((__m128i *)(void *)(s_out + 2 * (size_t)i + 8), _mm_unpackhi_epi16(s16, m16));
+        }
+    }
+}
+
 static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2, scale_avx2,
-                                  key_scores_avx2, value_accum_avx2, rope_avx2, unrot_rope_avx2};
+                                  key_scores_avx2, value_accum_avx2, rope_avx2, unrot_rope_avx2, p8_expand_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
     __builtin_cpu_init();

@@ -997,10 +997,15 @@ static void unrot_rope_avx512(float *x, int n, const kvq__rot *r, int neox, cons
     }
 }
 
+static void p8_expand_avx512(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+                             uint16_t *m_out, int os) {
+    kvq__kernels_avx2_table()->p8_expand(base, Z0, k, z, n, s_out, m_out, os); /* a few pairs per block: 256 bits do */
+}
+
 static const kvq__kernels avx512 = {"avx512",     decode_avx512,     dots_avx512,
                                     axpys_avx512, exp_sum_avx512,    max_avx512,
                                     scale_avx512, key_scores_avx512, value_accum_avx512,
-                                    rope_avx512,  unrot_rope_avx512};
+                                    rope_avx512,  unrot_rope_avx512, p8_expand_avx512};
 
 const kvq__kernels *kvq__kernels_avx512(void) {
     __builtin_cpu_init();

@@ -21,6 +21,7 @@ kvq_cache_config kvq_cache_config_default(void) {
     c.nonuniform = -1;
     c.qnorm = -1;
     c.outliers = -1;
+    c.params8 = -1;
     return c;
 }
 
@@ -120,7 +121,12 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
     if (cfg->outliers < 0 || cfg->outliers > KVQ_ROLES_KV)
         return kvq__fail(KVQ_ERR_INVALID_ARG, "outliers %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->outliers);
-    kvq__layout_set_outliers(L, cfg->outliers);
+    /* 8-bit group parameters: fp16 pairs unless asked */
+    if (cfg->params8 == -1) cfg->params8 = KVQ_ROLES_NONE;
+    if (cfg->params8 < 0 || cfg->params8 > KVQ_ROLES_KV)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "params8 %d is not a set of roles 0..3 (or -1 for the default)",
+                         cfg->params8);
+    kvq__layout_set_sections(L, cfg->params8, cfg->outliers);
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
                                        (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
@@ -713,29 +719,65 @@ static void store_unit(kvq_cache *c, const kvq_seq *q, int layer, kvq_seq_layer 
             /* the block's outlier section (NULL without one) */
             uint16_t *ores = (uint16_t *)(uintptr_t)kvq__outlier_res(L, role, blk);
             uint8_t *oidx = (uint8_t *)(uintptr_t)kvq__outlier_idx(L, role, blk);
+            /* 8-bit parameters: the group's base from its value ranges, codes into the block, the decoded fp16 pairs
+             * (which the quantizers also write) into pk */
+            const bool p8 = kvq__p8(L, role);
+            const int qmax = (1 << kvq_type_get_traits(t)->bits) - 1, ng = D / L->value_group;
+            uint16_t pk[2 * 256];
+            kvq__p8q p8q = {0, NULL, NULL};
             if (role == KVQ_KEY && kvq_type_get_traits(t)->grouped) {
                 for (int i = 0; i < Gf; i++) memcpy(scratch + (size_t)i * D, x + ((size_t)i * H + h) * D, (size_t)D * 4);
                 size_t e = (size_t)(slot / Gf) * D; /* the group's first outlier entry */
+                uint16_t *sm = par + (size_t)(slot / Gf) * 2 * D;
+                if (p8) {
+                    float lo[256], hi[256];
+                    for (int ch = 0; ch < D; ch++) {
+                        lo[ch] = hi[ch] = scratch[ch];
+                        for (int i = 1; i < Gf; i++) {
+                            float v = scratch[(size_t)i * D + ch];
+                            lo[ch] = v < lo[ch] ? v : lo[ch], hi[ch] = v > hi[ch] ? v : hi[ch];
+                        }
+                    }
+                    p8q.base = kvq__p8_base(lo, hi, D, qmax);
+                    kvq__p8_bases(L, role, blk)[slot / Gf] = kvq__f32_to_f16(p8q.base);
+                    p8q.k = kvq__p8_codes(L, role, blk, slot / Gf), p8q.z = p8q.k + D;
+                    sm = pk;
+                }
                 const float *B = kvq__squat_basis(c, q, layer, h);
                 if (B) { /* SQuat (squat.c): same layout, other values */
                     kvq__squat_key_group_ref(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, B, c->cfg.squat_rank,
-                                             kvq__squat_lambda(c), blk + rb * (size_t)slot, rb,
-                                             par + (size_t)(slot / Gf) * 2 * D, sq_work, ores ? ores + e : NULL,
-                                             oidx ? oidx + e : NULL);
+                                             kvq__squat_lambda(c), blk + rb * (size_t)slot, rb, sm, sq_work,
+                                             ores ? ores + e : NULL, oidx ? oidx + e : NULL, p8 ? &p8q : NULL);
                     continue;
                 }
                 kvq__quant_key_group(t, kvq__layout_levels(L, KVQ_KEY), qnorm, scratch, Gf, D, blk + rb * (size_t)slot, rb,
-                                     par + (size_t)(slot / Gf) * 2 * D, ores ? ores + e : NULL, oidx ? oidx + e : NULL);
+                                     sm, ores ? ores + e : NULL, oidx ? oidx + e : NULL, p8 ? &p8q : NULL);
                 continue;
+            }
+            uint8_t *codes = NULL;
+            if (p8) { /* values: one base for the Gf rows' groups */
+                float lo[128 * 16], hi[128 * 16]; /* Gf <= 128 rows of ng <= 16 groups */
+                for (int i = 0; i < Gf; i++)
+                    for (int j = 0; j < ng; j++) {
+                        const float *v = x + ((size_t)i * H + h) * D + (size_t)j * L->value_group;
+                        float a = v[0], b = v[0];
+                        for (int ch = 1; ch < L->value_group; ch++) a = v[ch] < a ? v[ch] : a, b = v[ch] > b ? v[ch] : b;
+                        lo[i * ng + j] = a, hi[i * ng + j] = b;
+                    }
+                p8q.base = kvq__p8_base(lo, hi, Gf * ng, qmax);
+                kvq__p8_bases(L, role, blk)[slot / Gf] = kvq__f32_to_f16(p8q.base);
+                codes = kvq__p8_codes(L, role, blk, slot / Gf);
             }
             for (int i = 0; i < Gf; i++) {
                 int s = slot + i;
                 uint16_t *p = t == KVQ_TYPE_Q8 || t == KVQ_TYPE_FP8 ? par + s
-                              : kvq_type_get_traits(t)->grouped ? par + (size_t)s * (D / L->value_group) * 2
+                              : p8                              ? pk
+                              : kvq_type_get_traits(t)->grouped ? par + (size_t)s * ng * 2
                                                                 : NULL;
-                size_t e = (size_t)s * (D / L->value_group); /* the row's first outlier entry */
+                if (p8) p8q.k = codes + (size_t)i * ng, p8q.z = codes + (size_t)(Gf + i) * ng;
+                size_t e = (size_t)s * ng; /* the row's first outlier entry */
                 kvq__quant_row(t, kvq__layout_levels(L, role), qnorm, x + ((size_t)i * H + h) * D, D, L->value_group,
-                               blk + rb * (size_t)s, p, ores ? ores + e : NULL, oidx ? oidx + e : NULL);
+                               blk + rb * (size_t)s, p, ores ? ores + e : NULL, oidx ? oidx + e : NULL, p8 ? &p8q : NULL);
             }
         }
     }

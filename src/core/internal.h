@@ -100,16 +100,67 @@ static inline const uint8_t *kvq__layout_levels(const kvq_page_layout *L, kvq_ro
     kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
     return kvq__levels16(t, (L->nonuniform >> role) & 1);
 }
+/* ---- 8-bit group parameters (kvq.h section 5, `params8`) ----
+ * A group's (scale, min) as two bytes under a base b (fp16, one per G tokens of a block): scale = fp16(b 2^(-k/16)),
+ * min = fp16(scale (z - Z0) / 16), Z0 = 128 + 8 qmax (a group centred on 0 has z = 128). kvq__p8_scale / kvq__p8_min
+ * are the decode every reader must reproduce to the bit: fp32 products (exact but for the one rounding of b 2^(-k%16 / 16)),
+ * then fp16 rounding to nearest even. */
+extern const float kvq__p8_frac[16]; /* fp32(2^(-i/16)), i < 16 */
+static inline int kvq__p8_zero(int qmax) { return 128 + 8 * qmax; }
+static inline float kvq__p8_scale(float base, int k) {
+    static const float p2[16] = {1.0f,          0x1p-1f,  0x1p-2f,  0x1p-3f,  0x1p-4f,  0x1p-5f,  0x1p-6f,  0x1p-7f,
+                                 0x1p-8f,       0x1p-9f,  0x1p-10f, 0x1p-11f, 0x1p-12f, 0x1p-13f, 0x1p-14f, 0x1p-15f};
+    float f = base * kvq__p8_frac[k & 15];
+    return kvq__round_f16(f * p2[k >> 4]);
+}
+static inline float kvq__p8_min(float scale, int z, int Z0) {
+    return kvq__round_f16(scale * (float)(z - Z0) * 0.0625f); /* the product is exact: 11 x 9 significant bits */
+}
+/* The base of n groups given each group's value range [lo[i], hi[i]]: 4x the largest scale any of them needs (room for
+ * Q-Norm's scale and for a zero point at the end of its range), in fp16, at most 65504 */
+float kvq__p8_base(const float *lo, const float *hi, int n, int qmax);
+/* fp16 (scale, min) of n groups from their codes k[i], z[i]: s_out[i * os], m_out[i * os] (the scalar reference of the
+ * kernel tables' p8_expand) */
+void kvq__p8_expand_ref(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+                        uint16_t *m_out, int os);
+/* Whether the layout stores `role`'s group parameters in 8 bits */
+static inline bool kvq__p8(const kvq_page_layout *L, kvq_role role) { return (L->params8 >> role) & 1; }
+/* halves of a block's parameters expanded to fp16 (the layout of kvq.h section 5 without params8) */
+size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role);
+/* A params8 block's parameters expanded to fp16 (the format the kernels read), groups [g0, g1) of G tokens only,
+ * group g at out + (g - g0) 2 n (kvq__params_halves in all for the whole block); `expand`: a kernel table's p8_expand or kvq__p8_expand_ref */
+typedef void (*kvq__p8_expand_fn)(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+                                  uint16_t *m_out, int os);
+void kvq__p8_expand_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int g0, int g1,
+                          kvq__p8_expand_fn expand, uint16_t *out);
+/* A params8 block's section: bases[P/G] (fp16), then per group of G tokens k[n] and z[n] (n = D for keys, G D/Gv for
+ * values, entry t (D/Gv) + j for token t of the group, value group j) */
+static inline uint16_t *kvq__p8_bases(const kvq_page_layout *L, kvq_role role, uint8_t *block) {
+    return (uint16_t *)(void *)(block + (role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes) * (size_t)L->page_tokens);
+}
+static inline int kvq__p8_group_n(const kvq_page_layout *L, kvq_role role) {
+    return role == KVQ_KEY ? L->head_dim : L->group * (L->head_dim / L->value_group);
+}
+static inline uint8_t *kvq__p8_codes(const kvq_page_layout *L, kvq_role role, uint8_t *block, int g) {
+    return (uint8_t *)(kvq__p8_bases(L, role, block) + L->page_tokens / L->group) + (size_t)g * 2 * kvq__p8_group_n(L, role);
+}
+
+/* Where a grouped quantizer puts 8-bit parameters (NULL: fp16 only): the base, and the code arrays k[], z[] indexed as the
+ * fp16 pairs are (keys: channel c; values: the row's group j at k[j]); the fp16 pairs are written as well (decoded) */
+typedef struct kvq__p8q {
+    float base;
+    uint8_t *k, *z;
+} kvq__p8q;
 /* Per-token types and grouped values: quantize one row of D values into `row` (+ its params at `par`); lv16: the
  * grouped type's levels (kvq__levels16), ignored by the other types; qnorm: grouped (scale, min) matched to the group's
  * mean and standard deviation (kvq.h section 10, `qnorm`) instead of min/max. ores / oidx (grouped types; NULL: no
  * outliers): the row's D / value_group outlier entries (kvq.h section 5). */
 void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int D, int value_group, uint8_t *row,
-                    uint16_t *par, uint16_t *ores, uint8_t *oidx);
+                    uint16_t *par, uint16_t *ores, uint8_t *oidx, const kvq__p8q *p8);
 /* Grouped keys: quantize G rows (x: G rows of stride D) into G data rows + scale[D], min[D]; ores / oidx (NULL: no
  * outliers): the group's D outlier entries. */
 void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, uint8_t *rows,
-                          size_t row_bytes, uint16_t *scale_min, uint16_t *ores, uint8_t *oidx);
+                          size_t row_bytes, uint16_t *scale_min, uint16_t *ores, uint8_t *oidx, const kvq__p8q *p8);
 /* Dequantize row j of a block whose params start at `par` (NULL for F16/BF16) into o[0..D). */
 void kvq__dequant_row(kvq_type t, const uint8_t *lv16, kvq_role role, const uint8_t *row, const uint16_t *par, int j,
                       int D, int G, int Gv, float *o);
@@ -122,7 +173,7 @@ size_t kvq__row_bytes(kvq_type t, int D);
  * ores / oidx (NULL: no outliers): the channel's outlier entry. The building block of SQuat. */
 void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, int c,
                             uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq, uint16_t *ores,
-                            uint8_t *oidx);
+                            uint8_t *oidx, const kvq__p8q *p8);
 /* params of a block start right after its P data rows */
 static inline const uint16_t *kvq__block_params(const uint8_t *block, size_t row_bytes, int P) {
     return (const uint16_t *)(const void *)(block + row_bytes * (size_t)P);
@@ -138,8 +189,8 @@ static inline size_t kvq__outlier_count(const kvq_page_layout *L, kvq_role role)
                            : (size_t)L->page_tokens * (size_t)(L->head_dim / L->value_group);
 }
 size_t kvq__outlier_offset(const kvq_page_layout *L, kvq_role role);
-/* Sets L->outliers (the grouped roles of `roles`) and the block and page sizes that follow from it */
-void kvq__layout_set_outliers(kvq_page_layout *L, int roles);
+/* Sets L->params8 and L->outliers (the grouped roles of each set) and the block and page sizes that follow */
+void kvq__layout_set_sections(kvq_page_layout *L, int params8, int outliers);
 /* A block's residuals (fp16) and index bytes; NULL for a role without outliers */
 static inline const uint16_t *kvq__outlier_res(const kvq_page_layout *L, kvq_role role, const uint8_t *block) {
     return kvq__outlier_count(L, role) ? (const uint16_t *)(const void *)(block + kvq__outlier_offset(L, role)) : NULL;
@@ -272,7 +323,7 @@ static inline size_t kvq__squat_scratch_doubles(int D) { return (size_t)D * D; }
  * outlier entries; an outlier's error is its residual's rounding, so nearly nothing of it is propagated. */
 void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float *x, int G, int D, const float *B, int r,
                               float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *work,
-                              uint16_t *ores, uint8_t *oidx);
+                              uint16_t *ores, uint8_t *oidx, const kvq__p8q *p8);
 /* lambda the cache uses (the config's, or the auto rule) */
 float kvq__squat_lambda(const kvq_cache *c);
 

@@ -92,16 +92,119 @@ static inline int get_bits(const uint8_t *row, int c, int b, int D) {
     return (row[c / per] >> shift) & ((1 << b) - 1);
 }
 
-/* asymmetric (scale, min) for n values at stride `st` */
-static void minmax_params(const float *x, int n, size_t st, int qmax, float *scale, float *mn) {
-    float lo = x[0], hi = x[0];
+static void range_of(const float *x, int n, size_t st, float *lo, float *hi) {
+    float a = x[0], b = x[0];
     for (int i = 1; i < n; i++) {
         float v = x[(size_t)i * st];
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
+        a = v < a ? v : a;
+        b = v > b ? v : b;
     }
+    *lo = a, *hi = b;
+}
+
+/* asymmetric (scale, min) for n values at stride `st` */
+static void minmax_params(const float *x, int n, size_t st, int qmax, float *scale, float *mn) {
+    float lo, hi;
+    range_of(x, n, st, &lo, &hi);
     *mn = kvq__round_f16(lo);
     *scale = kvq__round_f16((hi - *mn) / (float)qmax);
+}
+
+/* ---- 8-bit parameters (kvq.h section 5) ---- */
+const float kvq__p8_frac[16] = {0x1p+0f,        0x1.ea4afap-1f, 0x1.d5818ep-1f, 0x1.c199bep-1f,
+                                0x1.ae89fap-1f, 0x1.9c4918p-1f, 0x1.8ace54p-1f, 0x1.7a1148p-1f,
+                                0x1.6a09e6p-1f, 0x1.5ab07ep-1f, 0x1.4bfdaep-1f, 0x1.3dea64p-1f,
+                                0x1.306fe0p-1f, 0x1.2387a6p-1f, 0x1.172b84p-1f, 0x1.0b5586p-1f};
+
+/* the smallest scale for which some z in 0..255 covers [lo, hi]: the range itself, and the zero point's reach */
+static float p8_need(float lo, float hi, int qmax) {
+    float Z0 = (float)kvq__p8_zero(qmax), s = (hi - lo) / (float)qmax;
+    if (lo < 0) s = fmaxf(s, -16.0f * lo / Z0);
+    if (hi > 0) s = fmaxf(s, hi / ((255.0f - Z0) / 16.0f + (float)qmax));
+    return s;
+}
+
+float kvq__p8_base(const float *lo, const float *hi, int n, int qmax) {
+    float m = 0;
+    for (int i = 0; i < n; i++) m = fmaxf(m, p8_need(lo[i], hi[i], qmax));
+    if (!(m > 0)) return 0; /* every group is 0: every scale and min decodes to 0 */
+    float b = kvq__round_f16(fminf(4.0f * m, 65504.0f));
+    return b > 0 ? b : 0x1p-24f; /* the smallest fp16 */
+}
+
+/* the largest k (smallest scale) whose scale is >= need; 0 if none is */
+static int p8_k_at_least(float base, float need) {
+    if (!(need > 0)) return 255;
+    float e = -16.0f * log2f(need / base); /* an estimate: the loops below make it exact */
+    int k = e <= 0 ? 0 : e >= 255 ? 255 : (int)e;
+    while (k < 255 && kvq__p8_scale(base, k + 1) >= need) k++;
+    while (k > 0 && kvq__p8_scale(base, k) < need) k--;
+    return k;
+}
+
+/* Codes (k, z) of the group [lo, hi] for min/max quantization: the smallest scale, and under it the largest min, with
+ * min <= lo and min + qmax scale >= hi; the scale grows a step at a time where the zero point cannot reach */
+static void p8_cover(float lo, float hi, int qmax, float base, float *s, float *mn, uint8_t *ko, uint8_t *zo) {
+    const int Z0 = kvq__p8_zero(qmax);
+    int k = p8_k_at_least(base, (hi - lo) / (float)qmax), z = Z0;
+    for (;; k--) {
+        float sc = kvq__p8_scale(base, k);
+        if (sc > 0) {
+            float zf = floorf(lo / sc * 16.0f) + (float)Z0;
+            z = zf <= 0 ? 0 : zf >= 255 ? 255 : (int)zf;
+            while (z > 0 && kvq__p8_min(sc, z, Z0) > lo) z--;
+            while (z < 255 && kvq__p8_min(sc, z + 1, Z0) <= lo) z++;
+        } else {
+            z = Z0;
+        }
+        float m = kvq__p8_min(sc, z, Z0);
+        if (k == 0 || (m <= lo && m + (float)qmax * sc >= hi)) {
+            *s = sc, *mn = m, *ko = (uint8_t)k, *zo = (uint8_t)z;
+            return;
+        }
+    }
+}
+
+/* Codes of the pair nearest to Q-Norm's (scale ns; min = mean - scale ml); false (min/max's stay) where z cannot reach */
+static bool p8_nearest(float ns, double mx, double ml, int qmax, float base, float *s, float *mn, uint8_t *ko,
+                       uint8_t *zo) {
+    const int Z0 = kvq__p8_zero(qmax);
+    int k = p8_k_at_least(base, ns);
+    if (k < 255 && ns - kvq__p8_scale(base, k + 1) < kvq__p8_scale(base, k) - ns) k++;
+    float sc = kvq__p8_scale(base, k);
+    if (!(sc > 0)) return false;
+    float zf = nearbyintf((float)((mx - (double)sc * ml) / sc) * 16.0f) + (float)Z0;
+    if (!(zf >= 0 && zf <= 255)) return false;
+    *s = sc, *mn = kvq__p8_min(sc, (int)zf, Z0), *ko = (uint8_t)k, *zo = (uint8_t)zf;
+    return true;
+}
+
+void kvq__p8_expand_ref(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+                        uint16_t *m_out, int os) {
+    float b = kvq__f16_to_f32(base);
+    for (int i = 0; i < n; i++) {
+        float s = kvq__p8_scale(b, k[i]);
+        s_out[(size_t)i * os] = kvq__f32_to_f16(s);
+        m_out[(size_t)i * os] = kvq__f32_to_f16(kvq__p8_min(s, z[i], Z0));
+    }
+}
+
+size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role) {
+    int P = L->page_tokens, D = L->head_dim;
+    return role == KVQ_KEY ? (size_t)(P / L->group) * 2 * D : (size_t)P * (size_t)(D / L->value_group) * 2;
+}
+
+void kvq__p8_expand_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int g0, int g1,
+                          kvq__p8_expand_fn expand, uint16_t *out) {
+    kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
+    const int Z0 = kvq__p8_zero((1 << kvq_type_get_traits(t)->bits) - 1), n = kvq__p8_group_n(L, role);
+    const uint16_t *bases = kvq__p8_bases(L, role, (uint8_t *)(uintptr_t)block);
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *k = kvq__p8_codes(L, role, (uint8_t *)(uintptr_t)block, g);
+        uint16_t *o = out + (size_t)(g - g0) * 2 * n; /* keys: scale[D] min[D]; values: G rows of (scale, min) pairs */
+        if (role == KVQ_KEY) expand(bases[g], Z0, k, k + n, n, o, o + n, 1);
+        else expand(bases[g], Z0, k, k + n, n, o, o + 1, 2);
+    }
 }
 
 /* q[i] = the code of value i under (s, mn), 0 where s is not > 0 (a group of equal values) */
@@ -115,8 +218,8 @@ static void group_codes(const float *x, int n, size_t st, const uint8_t *lv16, i
  * shared by every key of a channel group (every token's logit moves the same way) or every channel of a value row,
  * costs more than the rounding noise itself. A group whose codes are all equal (or whose values are) keeps min/max's
  * pair. */
-static bool qnorm_params(const float *x, int n, size_t st, const uint8_t *lv16, const uint8_t *q, float *scale,
-                         float *mn) {
+static bool qnorm_params(const float *x, int n, size_t st, const uint8_t *lv16, const uint8_t *q, int qmax,
+                         const kvq__p8q *p8, float *scale, float *mn, uint8_t *ko, uint8_t *zo) {
     if (!(*scale > 0)) return false;
     double sx = 0, sxx = 0, sl = 0, sll = 0;
     for (int i = 0; i < n; i++) {
@@ -126,6 +229,7 @@ static bool qnorm_params(const float *x, int n, size_t st, const uint8_t *lv16, 
     }
     double mx = sx / n, vx = sxx / n - mx * mx, ml = sl / n, vl = sll / n - ml * ml;
     if (!(vl > 0) || !(vx > 0)) return false;
+    if (p8) return p8_nearest((float)sqrt(vx / vl), mx, ml, qmax, p8->base, scale, mn, ko, zo);
     float ns = kvq__round_f16((float)sqrt(vx / vl)), nm = kvq__round_f16((float)(mx - (double)ns * ml));
     if (!(ns > 0) || !isfinite(ns) || !isfinite(nm)) return false; /* beyond fp16: min/max's pair stays */
     *scale = ns, *mn = nm;
@@ -137,11 +241,18 @@ static bool qnorm_params(const float *x, int n, size_t st, const uint8_t *lv16, 
  * under the normalized pair, whose step is finer than min/max's: measured on SmolLM2 (kvq.h section 10), Q2's KLD
  * -30% that way against -14% with min/max's codes, while Q4 and Q3 gain only with min/max's codes (-15%, -9%; 0%
  * taken again). */
-static void group_quant(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float *s,
-                        float *mn, uint8_t *q) {
-    minmax_params(x, n, st, qmax, s, mn);
+static void group_quant(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax, const kvq__p8q *p8,
+                        float *s, float *mn, uint8_t *q, uint8_t *ko, uint8_t *zo) {
+    if (p8) {
+        float lo, hi;
+        range_of(x, n, st, &lo, &hi);
+        p8_cover(lo, hi, qmax, p8->base, s, mn, ko, zo);
+    } else {
+        minmax_params(x, n, st, qmax, s, mn);
+    }
     group_codes(x, n, st, lv16, qmax, *s, *mn, q);
-    if (qnorm && qnorm_params(x, n, st, lv16, q, s, mn) && qmax == 3) group_codes(x, n, st, lv16, qmax, *s, *mn, q);
+    if (qnorm && qnorm_params(x, n, st, lv16, q, qmax, p8, s, mn, ko, zo) && qmax == 3)
+        group_codes(x, n, st, lv16, qmax, *s, *mn, q);
 }
 
 /* Dense-and-sparse outliers (kvq.h section 10, `outliers`): of a group of n >= 2 values (stride st), the one whose
@@ -166,14 +277,15 @@ static int outlier_of(const float *x, int n, size_t st) {
 /* group_quant with one outlier (n <= 128): the group is quantized with the outlier replaced by the mean of the
  * others (inside their range, and it leaves Q-Norm's mean as the others'), then *res = fp16(x - its decode) and
  * *idx = its index: decode + res is the value within fp16 rounding of the residual */
-static void group_quant_outlier(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax, float *s,
-                                float *mn, uint8_t *q, uint16_t *res, uint8_t *idx) {
+static void group_quant_outlier(bool qnorm, const float *x, int n, size_t st, const uint8_t *lv16, int qmax,
+                                const kvq__p8q *p8, float *s, float *mn, uint8_t *q, uint16_t *res, uint8_t *idx,
+                                uint8_t *ko, uint8_t *zo) {
     float y[128];
     int k = outlier_of(x, n, st);
     double sum = 0;
     for (int i = 0; i < n; i++) y[i] = x[(size_t)i * st], sum += i == k ? 0.0 : (double)y[i];
     y[k] = (float)(sum / (n - 1));
-    group_quant(qnorm, y, n, 1, lv16, qmax, s, mn, q);
+    group_quant(qnorm, y, n, 1, lv16, qmax, p8, s, mn, q, ko, zo);
     float d = x[(size_t)k * st] - (*s * ((float)lv16[q[k]] * 0.0625f) + *mn); /* dequant_row's expression */
     *res = kvq__f32_to_f16(fmaxf(fminf(d, 65504.0f), -65504.0f));
     *idx = (uint8_t)k;
@@ -198,7 +310,7 @@ void kvq__outliers_add_rows(kvq_role role, const uint16_t *res, const uint8_t *i
 }
 
 void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int D, int Gv, uint8_t *row,
-                    uint16_t *par, uint16_t *ores, uint8_t *oidx) {
+                    uint16_t *par, uint16_t *ores, uint8_t *oidx, const kvq__p8q *p8) {
     switch (t) {
     case KVQ_TYPE_F16:
         for (int c = 0; c < D; c++) ((uint16_t *)(void *)row)[c] = kvq__f32_to_f16(x[c]);
@@ -225,9 +337,11 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x,
         memset(row, 0, kvq__row_bytes(t, D));
         for (int g = 0; g < D / Gv; g++) {
             float s, mn;
-            uint8_t q[128]; /* Gv <= G <= 128 (kvq_page_layout_make) */
-            if (ores) group_quant_outlier(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, q, ores + g, oidx + g);
-            else group_quant(qnorm, x + g * Gv, Gv, 1, lv16, qmax, &s, &mn, q);
+            uint8_t q[128], k8 = 0, z8 = 0; /* Gv <= G <= 128 (kvq_page_layout_make) */
+            if (ores)
+                group_quant_outlier(qnorm, x + g * Gv, Gv, 1, lv16, qmax, p8, &s, &mn, q, ores + g, oidx + g, &k8, &z8);
+            else group_quant(qnorm, x + g * Gv, Gv, 1, lv16, qmax, p8, &s, &mn, q, &k8, &z8);
+            if (p8) p8->k[g] = k8, p8->z[g] = z8;
             par[2 * g] = kvq__f32_to_f16(s);
             par[2 * g + 1] = kvq__f32_to_f16(mn);
             for (int c = 0; c < Gv; c++) put_bits(row, g * Gv + c, b, D, q[c]);
@@ -239,14 +353,16 @@ void kvq__quant_row(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x,
 }
 
 void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, uint8_t *rows,
-                          size_t row_bytes, uint16_t *scale_min, uint16_t *ores, uint8_t *oidx) {
+                          size_t row_bytes, uint16_t *scale_min, uint16_t *ores, uint8_t *oidx, const kvq__p8q *p8) {
     int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
     for (int i = 0; i < G; i++) memset(rows + (size_t)i * row_bytes, 0, row_bytes);
     for (int c = 0; c < D; c++) {
         float s, mn;
-        uint8_t q[128]; /* G <= 128 (kvq_page_layout_make) */
-        if (ores) group_quant_outlier(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q, ores + c, oidx + c);
-        else group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
+        uint8_t q[128], k8 = 0, z8 = 0; /* G <= 128 (kvq_page_layout_make) */
+        if (ores)
+            group_quant_outlier(qnorm, x + c, G, (size_t)D, lv16, qmax, p8, &s, &mn, q, ores + c, oidx + c, &k8, &z8);
+        else group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, p8, &s, &mn, q, &k8, &z8);
+        if (p8) p8->k[c] = k8, p8->z[c] = z8;
         scale_min[c] = kvq__f32_to_f16(s);
         scale_min[D + c] = kvq__f32_to_f16(mn);
         for (int i = 0; i < G; i++) put_bits(rows + (size_t)i * row_bytes, c, b, D, q[i]);
@@ -255,12 +371,13 @@ void kvq__quant_key_group(kvq_type t, const uint8_t *lv16, bool qnorm, const flo
 
 void kvq__quant_key_channel(kvq_type t, const uint8_t *lv16, bool qnorm, const float *x, int G, int D, int c,
                             uint8_t *rows, size_t row_bytes, uint16_t *scale_min, float *deq, uint16_t *ores,
-                            uint8_t *oidx) {
+                            uint8_t *oidx, const kvq__p8q *p8) {
     int b = kvq_type_get_traits(t)->bits, qmax = (1 << b) - 1;
     float s, mn;
-    uint8_t q[128]; /* G <= 128 (kvq_page_layout_make) */
-    if (ores) group_quant_outlier(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q, ores, oidx);
-    else group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, &s, &mn, q);
+    uint8_t q[128], k8 = 0, z8 = 0; /* G <= 128 (kvq_page_layout_make) */
+    if (ores) group_quant_outlier(qnorm, x + c, G, (size_t)D, lv16, qmax, p8, &s, &mn, q, ores, oidx, &k8, &z8);
+    else group_quant(qnorm, x + c, G, (size_t)D, lv16, qmax, p8, &s, &mn, q, &k8, &z8);
+    if (p8) p8->k[c] = k8, p8->z[c] = z8;
     scale_min[c] = kvq__f32_to_f16(s);
     scale_min[D + c] = kvq__f32_to_f16(mn);
     for (int i = 0; i < G; i++) {
@@ -315,10 +432,21 @@ void kvq__dequant_block(const kvq_page_layout *L, kvq_role role, const uint8_t *
     kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
     size_t rb = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
     const uint16_t *par = kvq__block_params(block, rb, L->page_tokens);
-    for (int i = t0; i < t1; i++)
-        kvq__dequant_row(t, kvq__layout_levels(L, role), role, block + (size_t)i * rb, par, i, L->head_dim, L->group,
-                         L->value_group,
-                         out + (size_t)(i - t0) * out_stride);
+    if (kvq__p8(L, role)) { /* group by group: its pairs expanded to fp16, the rows read as group 0's */
+        const int G = L->group;
+        uint16_t ex[2 * 128 * 16]; /* a group's pairs: keys 2 D <= 512, values 2 G D/Gv <= 2 x 128 x 16 */
+        for (int g = t0 / G; g * G < t1; g++) {
+            kvq__p8_expand_block(L, role, block, g, g + 1, kvq__p8_expand_ref, ex);
+            int a = g * G > t0 ? g * G : t0, e = (g + 1) * G < t1 ? (g + 1) * G : t1;
+            for (int i = a; i < e; i++)
+                kvq__dequant_row(t, kvq__layout_levels(L, role), role, block + (size_t)i * rb, ex, i - g * G,
+                                 L->head_dim, G, L->value_group, out + (size_t)(i - t0) * out_stride);
+        }
+    } else {
+        for (int i = t0; i < t1; i++)
+            kvq__dequant_row(t, kvq__layout_levels(L, role), role, block + (size_t)i * rb, par, i, L->head_dim,
+                             L->group, L->value_group, out + (size_t)(i - t0) * out_stride);
+    }
     const uint16_t *res = kvq__outlier_res(L, role, block);
     if (res && t1 > t0)
         kvq__outliers_add_rows(role, res, kvq__outlier_idx(L, role, block), t0, t1 - t0, L->head_dim, L->group,

@@ -51,7 +51,7 @@ float kvq__squat_lambda(const kvq_cache *c) {
 
 void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float *x, int G, int D, const float *B, int r,
                               float lambda, uint8_t *rows, size_t row_bytes, uint16_t *scale_min, double *U,
-                              uint16_t *ores, uint8_t *oidx) {
+                              uint16_t *ores, uint8_t *oidx, const kvq__p8q *p8) {
     /* M^-1 = (I - B B^T / (1 + lambda)) / lambda, then its Cholesky factor in place (lower L, M^-1 = L L^T; U = L^T:
      * U[j][k] = L[k][j]) */
     double inv1 = 1.0 / (1.0 + (double)lambda), invl = 1.0 / (double)lambda;
@@ -76,7 +76,7 @@ void kvq__squat_key_group_ref(kvq_type t, const uint8_t *lv16, bool qnorm, float
     float deq[128]; /* G <= 128 (kvq_page_layout_make) */
     for (int j = 0; j < D; j++) {
         kvq__quant_key_channel(t, lv16, qnorm, x, G, D, j, rows, row_bytes, scale_min, deq, ores ? ores + j : NULL,
-                               oidx ? oidx + j : NULL);
+                               oidx ? oidx + j : NULL, p8);
         double ujj = U[(size_t)j * D + j];
         for (int i = 0; i < G; i++) {
             float *xi = x + (size_t)i * D;

@@ -49,14 +49,17 @@ static bool head_dim_ok(int D) { return D == 64 || D == 80 || D == 96 || D == 12
 
 static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
-static size_t param_bytes(kvq_type t, kvq_role role, int P, int D, int G, int Gv) {
+/* p8: 8-bit parameters (an fp16 base per group of G tokens and two bytes per pair) */
+static size_t param_bytes(kvq_type t, kvq_role role, int P, int D, int G, int Gv, bool p8) {
     switch (t) {
     case KVQ_TYPE_Q8:
     case KVQ_TYPE_FP8: return (size_t)P * 2;
     case KVQ_TYPE_Q4:
     case KVQ_TYPE_Q3:
-    case KVQ_TYPE_Q2:
-        return role == KVQ_KEY ? (size_t)(P / G) * 2 * (size_t)D * 2 : (size_t)P * (size_t)(D / Gv) * 2 * 2;
+    case KVQ_TYPE_Q2: {
+        size_t pairs = role == KVQ_KEY ? (size_t)(P / G) * (size_t)D : (size_t)P * (size_t)(D / Gv);
+        return p8 ? (size_t)(P / G) * 2 + pairs * 2 : pairs * 4;
+    }
     default: return 0;
     }
 }
@@ -95,8 +98,8 @@ kvq_status kvq_page_layout_make(kvq_type tk, kvq_type tv, int H, int D, int P, i
     L.type_v = tv;
     L.k_row_bytes = kvq__row_bytes(tk, D);
     L.v_row_bytes = kvq__row_bytes(tv, D);
-    L.k_block_bytes = pad16(L.k_row_bytes * (size_t)P + param_bytes(tk, KVQ_KEY, P, D, G, L.value_group));
-    L.v_block_bytes = pad16(L.v_row_bytes * (size_t)P + param_bytes(tv, KVQ_VALUE, P, D, G, L.value_group));
+    L.k_block_bytes = pad16(L.k_row_bytes * (size_t)P + param_bytes(tk, KVQ_KEY, P, D, G, L.value_group, false));
+    L.v_block_bytes = pad16(L.v_row_bytes * (size_t)P + param_bytes(tv, KVQ_VALUE, P, D, G, L.value_group, false));
     L.k_offset = 0;
     L.v_offset = (size_t)H * L.k_block_bytes;
     L.page_bytes = L.v_offset + (size_t)H * L.v_block_bytes;
@@ -108,12 +111,14 @@ kvq_status kvq_page_layout_make(kvq_type tk, kvq_type tv, int H, int D, int P, i
 size_t kvq__outlier_offset(const kvq_page_layout *L, kvq_role role) {
     kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
     size_t rb = role == KVQ_KEY ? L->k_row_bytes : L->v_row_bytes;
-    return rb * (size_t)L->page_tokens + param_bytes(t, role, L->page_tokens, L->head_dim, L->group, L->value_group);
+    return rb * (size_t)L->page_tokens +
+           param_bytes(t, role, L->page_tokens, L->head_dim, L->group, L->value_group, kvq__p8(L, role));
 }
 
-void kvq__layout_set_outliers(kvq_page_layout *L, int roles) {
-    roles &= (traits[L->type_k].grouped ? KVQ_ROLES_K : 0) | (traits[L->type_v].grouped ? KVQ_ROLES_V : 0);
-    L->outliers = roles;
+void kvq__layout_set_sections(kvq_page_layout *L, int params8, int outliers) {
+    int grouped = (traits[L->type_k].grouped ? KVQ_ROLES_K : 0) | (traits[L->type_v].grouped ? KVQ_ROLES_V : 0);
+    L->params8 = params8 & grouped;
+    L->outliers = outliers & grouped;
     L->k_block_bytes = pad16(kvq__outlier_offset(L, KVQ_KEY) + 3 * kvq__outlier_count(L, KVQ_KEY));
     L->v_block_bytes = pad16(kvq__outlier_offset(L, KVQ_VALUE) + 3 * kvq__outlier_count(L, KVQ_VALUE));
     L->v_offset = (size_t)L->n_kv_heads * L->k_block_bytes;
