@@ -191,6 +191,7 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     cc.sinks = mix->sinks;
     cc.nonuniform = mix->nonuniform;
     cc.outliers = mix->outliers == -1 ? llama_default_outliers(mix->type_k) : mix->outliers; /* the CPU engine's */
+    cc.params8 = mix->params8;
     size_t a = kvq_cache_arena_bytes_for(&cc, tokens);
     if (a == 0) {
         int64_t why = kvq_cache_capacity_tokens(&cc); /* fails at the same check, with its status and message */
@@ -275,6 +276,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->nonuniform = mix->nonuniform;
     cp->qnorm = mix->qnorm;
     cp->outliers = mix->outliers;
+    cp->params8 = mix->params8;
     cp->rotation_seed = mix->rotation_seed;
     cp->prerope = mix->prerope;
     cp->local_types = mix->local_types;

@@ -292,6 +292,45 @@ def test_outliers_read_back_attention_sizing_and_checks(monkeypatch):
         assert (c.config.outliers, c.config.squat_rank) == (3, 4)
 
 
+def test_params8_layout_read_back_attention_and_checks(monkeypatch):
+    """kvq.h sections 5 and 10, 8-bit parameters: the config and layout carry the role set, the pages shrink by 2
+    bytes a pair, the read-back error stays within 1.2x of the fp16 pairs', attention equals fp64 attention over the
+    read-back K/V (the scalar tables; test_attn.c holds the SIMD ones' expansion to them); per-token types ignore it;
+    bad values are refused."""
+    rng = np.random.default_rng(13)
+    T, H, D = 300, 2, 64
+    k = rng.standard_normal((T, H, D)).astype(np.float32)
+    v = rng.standard_normal((T, H, D)).astype(np.float32)
+    q = rng.standard_normal((1, 2 * H, D)).astype(np.float32)
+    monkeypatch.setenv("KVQ_FORCE_SCALAR", "1")  # fp32 throughout, as in the outliers test above
+    for t in ("q4", "q3", "q2"):
+        err, pages = {}, {}
+        for p8 in (0, kvq._native.ROLES_KV):
+            with kvq.Cache(1, H, D, t, max_tokens=T, residual=0, sinks=0, params8=p8) as c:
+                assert c.config.params8 == p8 and c.layout.params8 == p8
+                s = c.seq_new()
+                c.append(0, [s], [T], k, v)
+                kr, vr = c.read(s, 0)
+                err[p8] = np.abs(kr - k).mean() + np.abs(vr - v).mean()
+                out = c.attn_decode(0, [s], q).reshape(2 * H, D)
+                for hq in range(2 * H):
+                    lg = kr[:, hq // 2, :].astype(np.float64) @ q[0, hq] / np.sqrt(D)
+                    w = np.exp(lg - lg.max())
+                    ref = w @ vr[:, hq // 2, :] / w.sum()
+                    assert np.linalg.norm(out[hq] - ref) < 1e-5 * np.linalg.norm(ref), (t, p8, hq)
+                pages[p8] = (c.layout.k_block_bytes, c.layout.v_block_bytes)
+        P = 64  # one key group per page: D pairs of keys, P * (D / 64) pairs of values, 2 bytes less each, + a base
+        assert pages[0][0] - pages[3][0] >= 2 * D - 2 - 15 and pages[0][1] - pages[3][1] >= 2 * P - 2 - 15, (t, pages)
+        assert err[3] < 1.2 * err[0], (t, err)
+    with kvq.Cache(1, H, D, "q8", params8=3) as c:
+        assert c.layout.params8 == 0  # per-token types ignore it
+    with kvq.Cache(1, H, D, "q2") as c:
+        assert c.config.params8 == 0  # -1: the library's default, fp16 pairs
+    for bad in (4, -2):
+        with pytest.raises(kvq.KvqError, match=f"params8 {bad}"):
+            kvq.Cache(1, H, D, "q2", params8=bad)
+
+
 def test_qnorm_matches_the_groups_moments_and_is_checked():
     """kvq.h section 10, "Q-Norm": each Q4 group decodes to its values' mean and standard deviation (min/max's does
     not), Q2's (codes taken again under the normalized pair) comes closer to them than min/max's, the per-token types
