@@ -190,9 +190,10 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *   each of the P/G groups of G tokens, codes k and z (one byte each) per (scale, min) pair: the section holds bases
  *   b[P/G] (fp16), then for each group k[n] then z[n], where n = D (keys: entry c is channel c's pair) or n = G D/Gv
  *   (values: entry t (D/Gv) + j is the pair of the group's token t, value group j). The pair decodes to
- *     scale = fp16(fp32(b * F[k % 16]) * 2^-(k / 16)),   min = fp16(scale * (z - Z0) / 16),
- *   F[i] = fp32(2^(-i/16)), Z0 = 128 + 8 (2^bits - 1) (fp32 arithmetic; both products before the fp16 rounding are
- *   exact but b * F[i]), and the codes decode with it as above. The quantizer takes b = fp16(4 max_g s_g), s_g the
+ *     scale = fp16(fp32(b * F[k % 16]) * 2^-(k / 16)),   min = fp16(scale * (z - Z0) * u),
+ *   F[i] = fp32(2^(-i/16)), u = 2^-(7 - bits) (Q4 1/8, Q3 1/16, Q2 1/32 of a scale), Z0 = 128 + (2^bits - 1) / (2u)
+ *   (Q4 188, Q3 184, Q2 176: a group centred on 0 has z = 128) (fp32 arithmetic; every product before the fp16
+ *   rounding is exact but b * F[i]), and the codes decode with it as above. The quantizer takes b = fp16(4 max_g s_g), s_g the
  *   smallest scale that covers group g's range with some z, and for each group the smallest scale, then the largest
  *   z, whose (scale, min) covers the group (Q-Norm: the nearest pair to Q-Norm's).
  * Outlier section (roles in kvq_page_layout.outliers, grouped types only; section 10): after the params, N fp16

@@ -137,10 +137,10 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
     double qmax = (1 << kvq_type_get_traits(t)->bits) - 1, m = fmax(fabs(lo), fabs(hi));
     if ((w->L.params8 >> role) & 1) {
         /* 8-bit pairs (kvq.h section 5): half of a scale at most one grid step (2^(1/16)) above the smallest that
-         * covers the group, (hi - lo) / (qmax - 1/16) or what the zero point's reach asks (z in 0 .. 255) */
-        double Z0 = 128 + 8 * qmax, s = (hi - lo) / (qmax - 0.0625);
-        if (lo < 0) s = fmax(s, -16 * lo / Z0);
-        if (hi > 0) s = fmax(s, hi / ((255 - Z0) / 16 + qmax));
+         * covers the group, (hi - lo) / (qmax - u) or what the zero point's reach asks (z in 0 .. 255, unit u) */
+        double u = ldexp(1, kvq_type_get_traits(t)->bits - 7), Z0 = 128 + qmax / (2 * u), s = (hi - lo) / (qmax - u);
+        if (lo < 0) s = fmax(s, -lo / (Z0 * u));
+        if (hi > 0) s = fmax(s, hi / ((255 - Z0) * u + qmax));
         return 0.5 * s * 1.0443 * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + m * 2e-3 + 1e-6;
     }
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */

@@ -336,7 +336,7 @@ static void test_outliers(void) {
 /* 8-bit group parameters (kvq.h section 5, `params8`): every value kvq_read returns equals, to the bit, the decode of
  * the page bytes by kvq.h's formulas, written here again (fp16 through the compiler's _Float16, F[i] from exp2); the
  * min/max pairs cover their groups (min <= lo, min + qmax scale >= hi) with a scale at most one grid step (2^(1/16))
- * above (hi - lo) / (qmax - 1/16) where z is inside its range; the NMSE stays within 1.15x of the fp16 pairs'; the blocks
+ * above (hi - lo) / (qmax - u) where z is inside its range (u the zero point's unit); the NMSE stays within 1.15x of the fp16 pairs'; the blocks
  * shrink by what the section says. */
 static float h2f(uint16_t h) {
     _Float16 x;
@@ -383,7 +383,8 @@ static void params8_case(kvq_type t, int D, int nu, int qnorm) {
             goto done;
         }
         const int P = L.page_tokens, G = L.group, Gv = L.value_group, ng = D / Gv, b = kvq_type_get_traits(t)->bits;
-        const int qmax = (1 << b) - 1, Z0 = 128 + 8 * qmax;
+        const int qmax = (1 << b) - 1, zb = 7 - b, Z0 = 128 + (qmax << (zb - 1)); /* the unit 2^-zb */
+        const float u = 1.0f / (float)(1 << zb);
         CHECK(got.params8 == KVQ_ROLES_KV && L.params8 == KVQ_ROLES_KV, "%s: params8 %d, layout %d", name, got.params8,
               L.params8);
         /* the params shrink from 4 bytes a pair to 2, plus an fp16 base per G tokens (blocks padded to 16 bytes) */
@@ -412,7 +413,7 @@ static void params8_case(kvq_type t, int D, int nu, int qnorm) {
                         const uint8_t *kc = sec + 2 * (P / G) + (size_t)g * 2 * gn, *zc = kc + gn;
                         for (int e = 0; e < gn; e++) {
                             float sc = rf16(h2f(bh) * F[kc[e] % 16] * (float)exp2(-(kc[e] / 16)));
-                            float mn = rf16(sc * (float)(zc[e] - Z0) * 0.0625f);
+                            float mn = rf16(sc * (float)(zc[e] - Z0) * u);
                             /* the tokens and channels of this pair, their originals' range, their decodes */
                             int t0 = role ? g * G + e / ng : g * G, t1 = role ? t0 + 1 : t0 + G;
                             int c0 = role ? e % ng * Gv : e, c1 = role ? c0 + Gv : c0 + 1;
@@ -432,10 +433,10 @@ static void params8_case(kvq_type t, int D, int nu, int qnorm) {
                                 }
                             groups++;
                             if (!qnorm && (mn > lo || mn + (double)qmax * sc < hi)) uncovered++;
-                            int zf = (int)floor(lo / sc * 16) + Z0;
-                            /* min lies less than scale / 16 below lo, so the first grid scale >= (hi - lo) / (qmax -
-                             * 1/16) covers: none is wider than that one */
-                            if (!qnorm && zf > 0 && zf < 255 && sc > (hi - lo) / (qmax - 0.0625) * 1.0443 * 1.001 + 1e-7)
+                            int zf = (int)floor(lo / sc / u) + Z0;
+                            /* min lies less than u scale below lo, so the first grid scale >= (hi - lo) / (qmax - u)
+                             * covers: none is wider than that one */
+                            if (!qnorm && zf > 0 && zf < 255 && sc > (hi - lo) / (qmax - u) * 1.0443 * 1.001 + 1e-7)
                                 wide++;
                         }
                     }

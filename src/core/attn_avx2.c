@@ -903,9 +903,10 @@ static void unrot_rope_avx2(float *x, int n, const kvq__rot *r, int neox, const 
 /* 8-bit group parameters (kvq.h section 5), 8 pairs at a time: b F[k % 16] (a table lookup by two permutes),
  * times 2^-(k / 16) as an exponent built from bits (the product is exact), both conversions to fp16 round to nearest
  * even (VCVTPS2PH keeps fp16 subnormals): the same operations as kvq__p8_scale / kvq__p8_min, so the same bits */
-static void p8_expand_avx2(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+static void p8_expand_avx2(uint16_t base, int qmax, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
                            uint16_t *m_out, int os) {
-    const __m256 b = _mm256_set1_ps(_cvtsh_ss(base)), sixteenth = _mm256_set1_ps(0.0625f);
+    const int Z0 = kvq__p8_zero(qmax);
+    const __m256 b = _mm256_set1_ps(_cvtsh_ss(base)), unit = _mm256_set1_ps(kvq__p8_unit(qmax));
     const __m256 flo = _mm256_loadu_ps(kvq__p8_frac), fhi = _mm256_loadu_ps(kvq__p8_frac + 8);
     const __m256i z0 = _mm256_set1_epi32(Z0), fifteen = _mm256_set1_epi32(15), e127 = _mm256_set1_epi32(127);
     for (int i = 0; i < n; i += 8) {
@@ -917,7 +918,7 @@ static void p8_expand_avx2(uint16_t base, int Z0, const uint8_t *k, const uint8_
         __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, _mm256_srli_epi32(kk, 4)), 23));
         __m128i s16 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_mul_ps(b, f), p2), _MM_FROUND_TO_NEAREST_INT);
         __m256 sc = _mm256_cvtph_ps(s16);
-        __m256 mn = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(zz, z0))), sixteenth);
+        __m256 mn = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(zz, z0))), unit);
         __m128i m16 = _mm256_cvtps_ph(mn, _MM_FROUND_TO_NEAREST_INT);
         if (os == 1) {
             _mm_storeu_si128((__m128i *)(void *)(s_out + i), s16);

@@ -997,9 +997,9 @@ static void unrot_rope_avx512(float *x, int n, const kvq__rot *r, int neox, cons
     }
 }
 
-static void p8_expand_avx512(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+static void p8_expand_avx512(uint16_t base, int qmax, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
                              uint16_t *m_out, int os) {
-    kvq__kernels_avx2_table()->p8_expand(base, Z0, k, z, n, s_out, m_out, os); /* a few pairs per block: 256 bits do */
+    kvq__kernels_avx2_table()->p8_expand(base, qmax, k, z, n, s_out, m_out, os); /* a few pairs per block: 256 bits do */
 }
 
 static const kvq__kernels avx512 = {"avx512",     decode_avx512,     dots_avx512,

@@ -102,26 +102,31 @@ static inline const uint8_t *kvq__layout_levels(const kvq_page_layout *L, kvq_ro
 }
 /* ---- 8-bit group parameters (kvq.h section 5, `params8`) ----
  * A group's (scale, min) as two bytes under a base b (fp16, one per G tokens of a block): scale = fp16(b 2^(-k/16)),
- * min = fp16(scale (z - Z0) / 16), Z0 = 128 + 8 qmax (a group centred on 0 has z = 128). kvq__p8_scale / kvq__p8_min
+ * min = fp16(scale (z - Z0) u), u = 2^-(7 - bits), Z0 = 128 + qmax / (2 u) (a group centred on 0 has z = 128). kvq__p8_scale / kvq__p8_min
  * are the decode every reader must reproduce to the bit: fp32 products (exact but for the one rounding of b 2^(-k%16 / 16)),
  * then fp16 rounding to nearest even. */
 extern const float kvq__p8_frac[16]; /* fp32(2^(-i/16)), i < 16 */
-static inline int kvq__p8_zero(int qmax) { return 128 + 8 * qmax; }
+/* the zero point's unit 2^-(7 - bits) of a scale: its reach (128 units either way) is the same in ranges for every
+ * type; Q4 at Q3's 1/16 clamped 10% of SmolLM2's groups (KLD +92% against fp16 pairs, 1/8: +15%; docs/quality.md) */
+static inline int kvq__p8_zbits(int qmax) { return qmax == 15 ? 3 : qmax == 7 ? 4 : 5; }
+static inline float kvq__p8_unit(int qmax) { return 1.0f / (float)(1 << kvq__p8_zbits(qmax)); }
+static inline int kvq__p8_zero(int qmax) { return 128 + (qmax << (kvq__p8_zbits(qmax) - 1)); }
 static inline float kvq__p8_scale(float base, int k) {
     static const float p2[16] = {1.0f,          0x1p-1f,  0x1p-2f,  0x1p-3f,  0x1p-4f,  0x1p-5f,  0x1p-6f,  0x1p-7f,
                                  0x1p-8f,       0x1p-9f,  0x1p-10f, 0x1p-11f, 0x1p-12f, 0x1p-13f, 0x1p-14f, 0x1p-15f};
     float f = base * kvq__p8_frac[k & 15];
     return kvq__round_f16(f * p2[k >> 4]);
 }
-static inline float kvq__p8_min(float scale, int z, int Z0) {
-    return kvq__round_f16(scale * (float)(z - Z0) * 0.0625f); /* the product is exact: 11 x 9 significant bits */
+static inline float kvq__p8_min(float scale, int z, int qmax) {
+    /* the products are exact: 11 x 9 significant bits, then a power of two */
+    return kvq__round_f16(scale * (float)(z - kvq__p8_zero(qmax)) * kvq__p8_unit(qmax));
 }
 /* The base of n groups given each group's value range [lo[i], hi[i]]: 4x the largest scale any of them needs (room for
  * Q-Norm's scale and for a zero point at the end of its range), in fp16, at most 65504 */
 float kvq__p8_base(const float *lo, const float *hi, int n, int qmax);
 /* fp16 (scale, min) of n groups from their codes k[i], z[i]: s_out[i * os], m_out[i * os] (the scalar reference of the
  * kernel tables' p8_expand) */
-void kvq__p8_expand_ref(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+void kvq__p8_expand_ref(uint16_t base, int qmax, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
                         uint16_t *m_out, int os);
 /* Whether the layout stores `role`'s group parameters in 8 bits */
 static inline bool kvq__p8(const kvq_page_layout *L, kvq_role role) { return (L->params8 >> role) & 1; }
@@ -129,7 +134,7 @@ static inline bool kvq__p8(const kvq_page_layout *L, kvq_role role) { return (L-
 size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role);
 /* A params8 block's parameters expanded to fp16 (the format the kernels read), groups [g0, g1) of G tokens only,
  * group g at out + (g - g0) 2 n (kvq__params_halves in all for the whole block); `expand`: a kernel table's p8_expand or kvq__p8_expand_ref */
-typedef void (*kvq__p8_expand_fn)(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+typedef void (*kvq__p8_expand_fn)(uint16_t base, int qmax, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
                                   uint16_t *m_out, int os);
 void kvq__p8_expand_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int g0, int g1,
                           kvq__p8_expand_fn expand, uint16_t *out);

@@ -118,9 +118,9 @@ const float kvq__p8_frac[16] = {0x1p+0f,        0x1.ea4afap-1f, 0x1.d5818ep-1f, 
 
 /* the smallest scale for which some z in 0..255 covers [lo, hi]: the range itself, and the zero point's reach */
 static float p8_need(float lo, float hi, int qmax) {
-    float Z0 = (float)kvq__p8_zero(qmax), s = (hi - lo) / (float)qmax;
-    if (lo < 0) s = fmaxf(s, -16.0f * lo / Z0);
-    if (hi > 0) s = fmaxf(s, hi / ((255.0f - Z0) / 16.0f + (float)qmax));
+    float Z0 = (float)kvq__p8_zero(qmax), u = kvq__p8_unit(qmax), s = (hi - lo) / (float)qmax;
+    if (lo < 0) s = fmaxf(s, -lo / (Z0 * u));
+    if (hi > 0) s = fmaxf(s, hi / ((255.0f - Z0) * u + (float)qmax));
     return s;
 }
 
@@ -146,18 +146,19 @@ static int p8_k_at_least(float base, float need) {
  * min <= lo and min + qmax scale >= hi; the scale grows a step at a time where the zero point cannot reach */
 static void p8_cover(float lo, float hi, int qmax, float base, float *s, float *mn, uint8_t *ko, uint8_t *zo) {
     const int Z0 = kvq__p8_zero(qmax);
+    const float u = kvq__p8_unit(qmax);
     int k = p8_k_at_least(base, (hi - lo) / (float)qmax), z = Z0;
     for (;; k--) {
         float sc = kvq__p8_scale(base, k);
         if (sc > 0) {
-            float zf = floorf(lo / sc * 16.0f) + (float)Z0;
+            float zf = floorf(lo / sc / u) + (float)Z0;
             z = zf <= 0 ? 0 : zf >= 255 ? 255 : (int)zf;
-            while (z > 0 && kvq__p8_min(sc, z, Z0) > lo) z--;
-            while (z < 255 && kvq__p8_min(sc, z + 1, Z0) <= lo) z++;
+            while (z > 0 && kvq__p8_min(sc, z, qmax) > lo) z--;
+            while (z < 255 && kvq__p8_min(sc, z + 1, qmax) <= lo) z++;
         } else {
             z = Z0;
         }
-        float m = kvq__p8_min(sc, z, Z0);
+        float m = kvq__p8_min(sc, z, qmax);
         if (k == 0 || (m <= lo && m + (float)qmax * sc >= hi)) {
             *s = sc, *mn = m, *ko = (uint8_t)k, *zo = (uint8_t)z;
             return;
@@ -173,19 +174,19 @@ static bool p8_nearest(float ns, double mx, double ml, int qmax, float base, flo
     if (k < 255 && ns - kvq__p8_scale(base, k + 1) < kvq__p8_scale(base, k) - ns) k++;
     float sc = kvq__p8_scale(base, k);
     if (!(sc > 0)) return false;
-    float zf = nearbyintf((float)((mx - (double)sc * ml) / sc) * 16.0f) + (float)Z0;
+    float zf = nearbyintf((float)((mx - (double)sc * ml) / sc) / kvq__p8_unit(qmax)) + (float)Z0;
     if (!(zf >= 0 && zf <= 255)) return false;
-    *s = sc, *mn = kvq__p8_min(sc, (int)zf, Z0), *ko = (uint8_t)k, *zo = (uint8_t)zf;
+    *s = sc, *mn = kvq__p8_min(sc, (int)zf, qmax), *ko = (uint8_t)k, *zo = (uint8_t)zf;
     return true;
 }
 
-void kvq__p8_expand_ref(uint16_t base, int Z0, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
+void kvq__p8_expand_ref(uint16_t base, int qmax, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
                         uint16_t *m_out, int os) {
     float b = kvq__f16_to_f32(base);
     for (int i = 0; i < n; i++) {
         float s = kvq__p8_scale(b, k[i]);
         s_out[(size_t)i * os] = kvq__f32_to_f16(s);
-        m_out[(size_t)i * os] = kvq__f32_to_f16(kvq__p8_min(s, z[i], Z0));
+        m_out[(size_t)i * os] = kvq__f32_to_f16(kvq__p8_min(s, z[i], qmax));
     }
 }
 
@@ -197,13 +198,13 @@ size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role) {
 void kvq__p8_expand_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int g0, int g1,
                           kvq__p8_expand_fn expand, uint16_t *out) {
     kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;
-    const int Z0 = kvq__p8_zero((1 << kvq_type_get_traits(t)->bits) - 1), n = kvq__p8_group_n(L, role);
+    const int qmax = (1 << kvq_type_get_traits(t)->bits) - 1, n = kvq__p8_group_n(L, role);
     const uint16_t *bases = kvq__p8_bases(L, role, (uint8_t *)(uintptr_t)block);
     for (int g = g0; g < g1; g++) {
         const uint8_t *k = kvq__p8_codes(L, role, (uint8_t *)(uintptr_t)block, g);
         uint16_t *o = out + (size_t)(g - g0) * 2 * n; /* keys: scale[D] min[D]; values: G rows of (scale, min) pairs */
-        if (role == KVQ_KEY) expand(bases[g], Z0, k, k + n, n, o, o + n, 1);
-        else expand(bases[g], Z0, k, k + n, n, o, o + 1, 2);
+        if (role == KVQ_KEY) expand(bases[g], qmax, k, k + n, n, o, o + n, 1);
+        else expand(bases[g], qmax, k, k + n, n, o, o + 1, 2);
     }
 }
 
