@@ -923,9 +923,9 @@ static void p8_expand_avx2(uint16_t base, int qmax, const uint8_t *k, const uint
         if (os == 1) {
             _mm_storeu_si128((__m128i *)(void *)(s_out + i), s16);
             _mm_storeu_si128((__m128i *)(void *)(m_out + i), m16);
-        } else { /* interleaved pairs (values): m_out == s_out + 1 */
-            _mm_storeu_si128((__m128i *)(void *)(s_out + 2 * (size_t)i), _mm_unpacklo_epi16(s16, m16));
-            _mm_storeu_si128((__m128i *)(void *)(s_out + 2 * (size_t)i + 8), _mm_unpackhi_epi16(s16, m16));
+        } else { /* interleaved pairs (values): m_out == s_out + 1; one 32-byte store */
+            __m256i pr = _mm256_set_m128i(_mm_unpackhi_epi16(s16, m16), _mm_unpacklo_epi16(s16, m16));
+            _mm256_storeu_si256((__m256i *)(void *)(s_out + 2 * (size_t)i), pr);
         }
     }
 }
