@@ -634,6 +634,29 @@ KVQ_API const char *kvq_cpu_backend(void);
  * and Q2 keys (llama_default_outliers, src/model/llama.c), as it does pre-RoPE keys and SQuat for Q2; its GPU engine
  * and KVQCache keep none.
  *
+ * 8-bit parameters (params8 = KVQ_ROLES_*; -1 and 0: fp16 pairs; the CPU cache only, the CUDA backend refuses it).
+ * A grouped role's (scale, min) pairs take two bytes instead of four (section 5): a scale code k on a 1/16-octave grid
+ * below an fp16 base per G tokens, and a zero point z in units of 2^-(7 - bits) of the scale. At G = 64 that is 0.25
+ * bits per element less: Q4 pages 4.25, Q3 3.25, Q2 2.25 bits, which leaves room for a small fp16 window inside issue
+ * 18's 4.5 / 3.5 / 2.5 bits at ctx 8192. The quantizer takes the smallest grid scale, then the largest z, that cover
+ * the group (min/max) or the pair nearest to Q-Norm's; attention expands a block's pairs to fp16 before the kernels
+ * read it (AVX2/F16C, the bits of the scalar decode), so every kernel is unchanged. kvq perplexity --decode-attn,
+ * SmolLM2-135M, ctx 8192 (docs/quality.md, "8-bit group parameters"; the engine's defaults otherwise: Q-Norm, keys'
+ * outliers, R = 128, one sink), KLD from F16:
+ *     entry                        bits    dPPL     KLD
+ *     q4 / q4:p8=kv                4.99    +0.33%   0.00187   4.77    +0.34%   0.00254
+ *     q4:outl=none / +p8=kv        4.81    +0.68%   0.00302   4.59    +0.24%   0.00280
+ *     q3 / q3:p8=kv                4.01    +0.69%   0.00845   3.79    +1.14%   0.01165
+ *     q2 / q2:p8=kv                3.02    +4.85%   0.04209   2.81    +4.88%   0.04141
+ *     q4:p8=kv:outl=none:r32       4.47    +0.15%   0.00334   (issue 18: <= 4.5 bits, dPPL <= 0.5%, KLD <= 0.01: met)
+ *     q3:p8=kv:outl=none:r32       3.47    +2.70%   0.0178    (<= 3.5 bits, dPPL <= 2%: not met)
+ *     q2:p8=kv:outl=none:r32       2.47    +7.33%   0.0649    (<= 2.5 bits, dPPL <= 8%: met)
+ * Without outliers the 8-bit pairs cost nothing measurable (q4 -7% KLD, within noise), as bench/quant_emulation.py
+ * predicted; with the keys' outliers they cost q4 +36% and q3 +38% KLD (q2 -2%): the outlier's removal narrows a
+ * group's range but not its offset from 0. Speed (kvq-bench cpu, Llama-3-8B shapes, 32k, AVX-512, 2 cores): within
+ * 0 .. +9% of the fp16 pairs' ms per step over three runs, inside this machine's run-to-run spread. Off by default:
+ * the CUDA backend does not read them yet, and with the engine's keys' outliers they cost quality.
+ *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean
  * KLD from the F16 cache and bits per element: scales, the sink page and the window's allocated R + G fp16 rows
@@ -651,8 +674,9 @@ KVQ_API const char *kvq_cpu_backend(void);
  * still 1.7x R = 128's KLD, and costs 0.5 bit more per element in pages; G = 128 is worse than 64 and its window
  * (R + 128 rows) costs more than its scales save below ctx ~8k. Defaults: R = 128, G = 64 (unchanged). At ctx 2048
  * (--chunks 4): q4 KLD 0.00451 at 5.72 bits, q4 R = 0 0.01022 at 5.00 bits (docs/quality.md).
- * Bits: with G = 64 the scales alone make Q4 4.5 bits, Q3 3.5, Q2 2.5, so no fp16 window fits issue 18's <= 4.5 /
- * 3.5 / 2.5 at ctx 2048 (R = 0 still allocates G rows: 5.0 / 4.0 / 3.0 bits there). Cheaper windows would need:
+ * Bits: with G = 64 the fp16 scales alone make Q4 4.5 bits, Q3 3.5, Q2 2.5, so no fp16 window fits issue 18's <= 4.5 /
+ * 3.5 / 2.5 at ctx 2048 (R = 0 still allocates G rows: 5.0 / 4.0 / 3.0 bits there); 8-bit parameters (above) leave
+ * 0.25 bits, R <= 32 at ctx 8192, nothing at ctx 2048 (the keys' partial group alone is 0.5 bits there). Cheaper windows would need:
  * values quantized at append (they are grouped per token, only keys wait for a group), a window stored at 8 bits,
  * sinks outside a whole arena page (one sink costs a page, 64 tokens' bytes); each changes the window format that
  * kvq_seq_view exposes and the CUDA backend copies, not the page layout (section 5).
