@@ -162,6 +162,30 @@ def test_kvqcache_outliers_reach_the_cache():
         kvq.KVQCache(m.config, kv_type="q4", outliers=4)
 
 
+def test_kvqcache_params8_reach_the_cache():
+    """KVQCache(params8=): the role set reaches each CPU cache (smaller pages), the logits stay within q4's reach of
+    the F16 cache's; out of range refused at construction."""
+    m = make("llama", num_hidden_layers=2)
+    m.set_attn_implementation("kvq")
+    ids = _ids(60, seed=4).unsqueeze(0)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    pages = {}
+    for p8 in (3, 0):
+        cache = kvq.KVQCache(m.config, kv_type="q4", max_cache_len=64, n_threads=1, group=16, residual=0, params8=p8)
+        with torch.no_grad():
+            got = m(input_ids=ids, use_cache=True, **{C: cache}).logits
+        h = cache._groups[0].handle
+        assert h.config.params8 == p8 and h.layout.params8 == p8
+        pages[p8] = h.layout.page_bytes
+        assert cache.get_seq_length() == 60
+        cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+        assert cos > 0.99, (p8, cos)
+    assert pages[3] < pages[0], pages
+    with pytest.raises(ValueError, match="params8 = 4 must be"):
+        kvq.KVQCache(m.config, kv_type="q4", params8=4)
+
+
 def test_kvqcache_qnorm_follows_the_engine():
     """KVQCache(qnorm=-1) on the CPU: Q-Norm for the grouped roles, as kvq's engine (llama_default_qnorm); 0 off; a
     role set as given; out of range refused before anything is allocated."""
