@@ -650,6 +650,7 @@ KVQ_API const char *kvq_cpu_backend(void);
  *     q2 / q2:p8=kv                3.02    +4.85%   0.04209   2.81    +4.88%   0.04141
  *     q4:p8=kv:outl=none:r32       4.47    +0.15%   0.00334   (issue 18: <= 4.5 bits, dPPL <= 0.5%, KLD <= 0.01: met)
  *     q3:p8=kv:outl=none:r32       3.47    +2.70%   0.0178    (<= 3.5 bits, dPPL <= 2%: not met)
+ *       + pre-RoPE keys, SQuat r = 8   3.47    +1.46%   0.0112    (met; :pre=1:squat=8, q2's engine defaults)
  *     q2:p8=kv:outl=none:r32       2.47    +7.33%   0.0649    (<= 2.5 bits, dPPL <= 8%: met)
  * Without outliers the 8-bit pairs cost nothing measurable (q4 -7% KLD, within noise), as bench/quant_emulation.py
  * predicted; with the keys' outliers they cost q4 +36% and q3 +38% KLD (q2 -2%): the outlier's removal narrows a
