@@ -1076,59 +1076,60 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
             // read straight from global memory: after the pages, or before them (A.win_first), where the latency of
             // their loads hides under the ring's first bulk copies.
             const int wbeg = max(k0, E.npu);
-            auto window_units = [&]() {
-                for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
+            const int pend = min(kend, E.npu), np = max(pend - k0, 0);
+            // one loop site each (win_first is a launch argument): not unrolled
+#pragma unroll 1
+            for (int ph = 0; ph < 2; ph++) {
+                if ((ph == 0) == (A.win_first != 0)) {  // the window units
+                    for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
+                        bool page;
+                        int idx;
+                        Visible vis;
+                        // the entry's last unit with sinks: the sink page's fp16 rows 0 .. shi-1, read like window rows
+                        // (H * D apart) that never wrap
+                        const __half *uk = wk, *uv = wv;
+                        int wrow0 = 0, wc = 1 << 30;
+                        if (E.shi > E.slo && k == E.n - 1) {
+                            vis.lo = E.slo, vis.hi = E.shi;
+                            uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
+                        } else {
+                            unit_info(E, k, page, idx, vis);
+                            wrow0 = (E.whead + idx * PT) % A.wcap, wc = A.wcap;
+                        }
+                        do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, uk, uv, wrow0, wc, vis, bq, m, l, o, bacc, ps, lane);
+                    }
+                    if (ph == 0) reraw_values<TV, D>(o);  // the pages' RAW codes add to O in 2^SH units
+                    continue;
+                }
+                for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
                     bool page;
                     int idx;
                     Visible vis;
-                    // the entry's last unit with sinks: the sink page's fp16 rows 0 .. shi-1, read like window rows
-                    // (H * D apart) that never wrap
-                    const __half *uk = wk, *uv = wv;
-                    int wrow0 = 0, wc = 1 << 30;
-                    if (E.shi > E.slo && k == E.n - 1) {
-                        vis.lo = E.slo, vis.hi = E.shi;
-                        uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
-                    } else {
-                        unit_info(E, k, page, idx, vis);
-                        wrow0 = (E.whead + idx * PT) % A.wcap, wc = A.wcap;
-                    }
-                    do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, uk, uv, wrow0, wc, vis, bq, m, l, o, bacc, ps, lane);
-                }
-            };
-            if (A.win_first) {
-                window_units();
-                reraw_values<TV, D>(o);  // the pages' RAW codes add to O in 2^SH units
-            }
-            const int pend = min(kend, E.npu), np = max(pend - k0, 0);
-            for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
-                bool page;
-                int idx;
-                Visible vis;
-                unit_info(E, k, page, idx, vis);
-                const int rr = r + (k - k0), sl = rr % NS;
-                if constexpr (PORT) mbar_wait_p(&full[sl], (rr / NS) & 1);
-                else mbar_wait(&full[sl], (rr / NS) & 1);
-                const uint8_t *kb = ring + sl * C::SLOT;
+                    unit_info(E, k, page, idx, vis);
+                    const int rr = r + (k - k0), sl = rr % NS;
+                    if constexpr (PORT) mbar_wait_p(&full[sl], (rr / NS) & 1);
+                    else mbar_wait(&full[sl], (rr / NS) & 1);
+                    const uint8_t *kb = ring + sl * C::SLOT;
 #ifndef KVQ_NO_COMPUTE
-                do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
+                    do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
 #else  // timing experiment: the loads alone
-                o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
+                    o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
 #endif
-                // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
-                // reads before it. Without the fence the copy could land before the last reads of the slot had
-                // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
-                // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
-                // (portable: cp.async writes are generic-proxy writes; the __syncwarp ending do_unit and the release
-                // of lane 0's arrive order the warp's reads before the producer's next copy into the slot)
-                if constexpr (!PORT) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                if (lane == 0) {
-                    if constexpr (PORT) mbar_arrive_p(&empty[sl]);
-                    else mbar_arrive(&empty[sl]);
+                    // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
+                    // reads before it. Without the fence the copy could land before the last reads of the slot had
+                    // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
+                    // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
+                    // (portable: cp.async writes are generic-proxy writes; the __syncwarp ending do_unit and the release
+                    // of lane 0's arrive order the warp's reads before the producer's next copy into the slot)
+                    if constexpr (!PORT) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                    if (lane == 0) {
+                        if constexpr (PORT) mbar_arrive_p(&empty[sl]);
+                        else mbar_arrive(&empty[sl]);
+                    }
                 }
+                r += np;
+                unraw_values<TV, D>(o);
             }
-            r += np;
-            unraw_values<TV, D>(o);
-            if (!A.win_first) window_units();
             qw += max(kend - wbeg, 0);
             // ---- the CTA's result for pair u = i*H + h: the W warps' partials merged in shared memory, then the
             // output itself (the pair lies inside this CTA) or one partial per CTA of the pair, which the last of
