@@ -29,6 +29,10 @@
  *   them, which is safe when that append is ordered after the work that still reads them (same stream).
  * - Debugging: with the environment variable KVQ_CUDA_DEBUG set, the attention calls synchronise after each of
  *   their kernels and name the one that failed on stderr (a fault is otherwise reported by a later call).
+ * - A/B switches of the decode kernel, read by kvq_cuda_cache_create (any value but "" and "0"): KVQ_CUDA_SPLIT_ROT=1
+ *   un-rotates rotated values' outputs in a kernel of its own after the decode kernel instead of where the decode
+ *   kernel stores them (the same bits); KVQ_CUDA_WIN_LAST=1 reads a pair's fp16 window and sink rows after its pages
+ *   instead of before them (the same result up to fp32 summation order). docs/bench-cuda.md has their timings.
  * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
  *   the cache on the host (the const calls may run concurrently with each other).
  *

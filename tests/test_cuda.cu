@@ -12,7 +12,8 @@
 // Without a usable GPU: prints "SKIP: <reason>" and returns 77. Environment: KVQ_TEST_QUICK=1 skips the long
 // sequences; KVQ_TEST_ONLY=<type name> runs one type's ragged tests; KVQ_TEST_ROWS=1 prints the prefill rows that
 // are off; KVQ_CUDA_PORTABLE=1 runs every test on the portable kernel (and skips the second pass);
-// KVQ_TEST_NO_PORTABLE=1 skips the second pass.
+// KVQ_TEST_NO_PORTABLE=1 skips the second pass. The decode kernel's A/B switches (KVQ_CUDA_SPLIT_ROT, _WIN_LAST) are
+// compared with its defaults (test_switches); the whole suite may also run under either.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -315,6 +316,68 @@ static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int 
 static void free_pair(Pair &p) {
     kvq_cache_free(p.cpu);
     kvq_cuda_cache_free(p.gpu);
+}
+
+// The GPU decode of n sequences for host queries q (fp32 in, qo on the device): outputs as floats
+static std::vector<float> gpu_decode(Pair &p, int n, const int32_t *ids, int nqh, const std::vector<float> &q, kvq_dtype qo) {
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    const size_t ne = q.size(), esz = qo == KVQ_DTYPE_F32 ? 4 : 2;
+    std::vector<uint16_t> qh(ne), oh(ne);
+    std::vector<float> got(ne);
+    for (size_t e = 0; e < ne; e++) qh[e] = f2h(q[e]);
+    void *dq, *dout;
+    CU(cudaMalloc(&dq, ne * esz));
+    CU(cudaMalloc(&dout, ne * esz));
+    CU(cudaMemcpy(dq, qo == KVQ_DTYPE_F32 ? (const void *)q.data() : (const void *)qh.data(), ne * esz, cudaMemcpyHostToDevice));
+    CU(cudaMemset(dout, 0xff, ne * esz));
+    OK(kvq_cuda_attn_decode(p.gpu, 0, n, ids, qo, dq, dout, &ap, 0));
+    CU(cudaDeviceSynchronize());
+    if (qo == KVQ_DTYPE_F32) CU(cudaMemcpy(got.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
+    else {
+        CU(cudaMemcpy(oh.data(), dout, ne * 2, cudaMemcpyDeviceToHost));
+        for (size_t e = 0; e < ne; e++) got[e] = __half2float(__ushort_as_half(oh[e]));
+    }
+    cudaFree(dq);
+    cudaFree(dout);
+    return got;
+}
+
+// The decode kernel's A/B switches (kvq_cuda.h section 2), read at cache creation: the output's un-rotation fused into
+// the kernel's stores must give the bits of the separate kernel (KVQ_CUDA_SPLIT_ROT=1), and the window and sink units
+// read before the pages the result of reading them after (KVQ_CUDA_WIN_LAST=1) up to fp32 summation order. Short
+// sequences (a pair inside one CTA) and long ones (pairs split over CTAs, merged by the last), rotated values.
+static void test_switches(kvq_type t, int D, int tv, kvq_dtype qo) {
+    const int H = 2, nqh = 8, NS = 4;
+    const int32_t lens[NS] = {3, 150, 4100, 30000};
+    const char *envs[3] = {nullptr, "KVQ_CUDA_SPLIT_ROT", "KVQ_CUDA_WIN_LAST"};
+    Pair p[3];
+    int32_t ids[3][NS];
+    const uint64_t st = g_rng;
+    for (int c = 0; c < 3; c++) {
+        if (envs[c]) setenv(envs[c], "1", 1);
+        p[c] = make_pair(t, H, D, 1, 34400, NS, -1, tv);
+        if (envs[c]) unsetenv(envs[c]);
+        for (int i = 0; i < NS; i++) {
+            OK(kvq_cuda_seq_new(p[c].gpu, &ids[c][i]));
+            OK(kvq_seq_new(p[c].cpu, &ids[c][i]));
+        }
+        g_rng = st;
+        append_both(p[c], 0, NS, ids[c], lens, KVQ_DTYPE_F16, 0.f);
+        int32_t one[NS] = {1, 1, 1, 1};
+        for (int s = 0; s < 3; s++) append_both(p[c], 0, NS, ids[c], one, KVQ_DTYPE_F16, 0.f);
+    }
+    std::vector<float> q((size_t)NS * nqh * D);
+    for (auto &x : q) x = frand() * 1.5f;
+    const std::vector<float> a = gpu_decode(p[0], NS, ids[0], nqh, q, qo), b = gpu_decode(p[1], NS, ids[1], nqh, q, qo),
+                             c = gpu_decode(p[2], NS, ids[2], nqh, q, qo);
+    char what[96];
+    snprintf(what, sizeof what, "%s D%d %s%s", tnames(t, tv), D, qo == KVQ_DTYPE_F32 ? "f32" : "f16", mech_name());
+    CHECK(memcmp(a.data(), b.data(), a.size() * 4) == 0, "%s: fused output rotation differs from the split one", what);
+    const double e = nmse(c.data(), a.data(), a.size());
+    CHECK(e < 1e-10, "%s: window-last vs window-first NMSE %.3g", what, e);
+    printf("  %-40s switches: split rotation %s, window last nmse %.2e\n", what,
+           memcmp(a.data(), b.data(), a.size() * 4) ? "DIFFERS" : "identical", e);
+    for (int k = 0; k < 3; k++) free_pair(p[k]);
 }
 
 // Ragged batch: prefill chunks of different lengths (page boundaries, partial groups), then decode steps that
@@ -1340,6 +1403,16 @@ int main(int argc, char **argv) {
         unsetenv("KVQ_CUDA_PORTABLE");
     }
     test_failalloc();
+    // the decode kernel's A/B switches: rotated values (Q2's default, Q4/Q3 with KV rotation), one sink, D 64/128/256
+    if (!only && !long_only) {
+        g_rot = -1, g_sinks = -1;
+        test_switches(KVQ_TYPE_Q2, 128, -1, KVQ_DTYPE_F16);
+        test_switches(KVQ_TYPE_Q4, 64, KVQ_TYPE_Q2, KVQ_DTYPE_F32);
+        g_rot = KVQ_ROLES_KV, g_nuq = -1;
+        test_switches(KVQ_TYPE_Q3, 128, -1, KVQ_DTYPE_F32);
+        test_switches(KVQ_TYPE_F16, 256, -1, KVQ_DTYPE_F16);
+        g_rot = 0, g_sinks = 0, g_nuq = 0;
+    }
     // the fused decode step: plain and rotated/sink caches, per-token and grouped types, fp32 and fp16 I/O
     if (!only) {
         test_decode_step(KVQ_TYPE_F16, 64, 0, KVQ_DTYPE_F16);

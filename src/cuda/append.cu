@@ -460,9 +460,8 @@ cudaError_t launch_sinks(const SinkArgs &a, cudaStream_t st) {
 
 // Randomized Walsh-Hadamard rotation of rows of D channels (D = 64, 128, 256: one block), in the float operations of
 // src/core/rotate.c's fwht_block, in its order, each rounded (no FMA contraction: the library is C17, GCC's
-// -ffp-contract=off), so that the rotated K/V and the pages made from them are the CPU cache's bits. A warp per row,
-// lane l holding channels [l EPL, (l + 1) EPL): butterflies of span h < EPL inside a lane, the others across lanes
-// (the lower channel of a pair computes a + b, the upper a - b, as the CPU does).
+// -ffp-contract=off), so that the rotated K/V and the pages made from them are the CPU cache's bits. A warp per row
+// (fwht_warp). inverse = 1 is unrotate_warp's order (the decode kernel's fused output rotation).
 template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __grid_constant__ RotArgs A) {
     constexpr int EPL = D / 32;
     const int lane = threadIdx.x & 31;
@@ -485,28 +484,7 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
             const int c = lane * EPL + e;
             x[e] = __fmul_rn(x[e], inverse ? f : (bit(c) ? -f : f));
         }
-        // constant trip counts and linear induction (lg), so that the loops unroll and x stays in registers
-#pragma unroll
-        for (int lg = 0; lg < log2_of(D); lg++) {
-            const int h = 1 << lg;
-            if (h < EPL) {
-#pragma unroll
-                for (int j = 0; j < EPL; j++)
-                    if (!(j & h)) {
-                        const float a = x[j], b = x[j + h];
-                        x[j] = __fadd_rn(a, b);
-                        x[j + h] = __fsub_rn(a, b);
-                    }
-            } else {
-                const int m = h / EPL;  // partner lane: channel c +- h
-                const bool upper = lane & m;
-#pragma unroll
-                for (int e = 0; e < EPL; e++) {
-                    const float y = __shfl_xor_sync(0xffffffffu, x[e], m);
-                    x[e] = upper ? __fsub_rn(y, x[e]) : __fadd_rn(x[e], y);
-                }
-            }
-        }
+        fwht_warp<D>(x, lane);
         if (inverse) {
 #pragma unroll
             for (int e = 0; e < EPL; e++)

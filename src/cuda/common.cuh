@@ -104,6 +104,49 @@ struct RotSigns {
 __host__ __device__ constexpr float rot_scale(int n) { return n == 64 ? 0.125f : n == 128 ? 0.08838835f : 0.0625f; }
 __host__ __device__ constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
 
+// The Walsh-Hadamard butterflies of one row of D channels held by a warp, lane l holding channels [l EPL, (l + 1) EPL):
+// spans h < EPL inside a lane, the others across lanes; the lower channel of a pair computes a + b, the upper a - b,
+// each rounded (no contraction), in src/core/rotate.c's fwht_block order, so that the rows are the CPU cache's bits.
+// Constant trip counts and linear induction (lg), so that the loops unroll and x stays in registers.
+template <int D> __device__ __forceinline__ void fwht_warp(float (&x)[D / 32], int lane) {
+    constexpr int EPL = D / 32;
+#pragma unroll
+    for (int lg = 0; lg < log2_of(D); lg++) {
+        const int h = 1 << lg;
+        if (h < EPL) {
+#pragma unroll
+            for (int j = 0; j < EPL; j++)
+                if (!(j & h)) {
+                    const float a = x[j], b = x[j + h];
+                    x[j] = __fadd_rn(a, b);
+                    x[j + h] = __fsub_rn(a, b);
+                }
+        } else {
+            const int m = h / EPL;  // partner lane: channel c +- h
+            const bool upper = lane & m;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                const float y = __shfl_xor_sync(0xffffffffu, x[e], m);
+                x[e] = upper ? __fsub_rn(y, x[e]) : __fadd_rn(x[e], y);
+            }
+        }
+    }
+}
+// R^T x = diag(s) H x / sqrt(D) for one row (the inverse of the rotation that rotate_kernel applies with inverse = 0):
+// x scaled, the butterflies, then the signs, as rotate_kernel does with inverse = 1
+template <int D> __device__ __forceinline__ void unrotate_warp(float (&x)[D / 32], const RotSigns &sg, int lane) {
+    constexpr int EPL = D / 32;
+    const float f = rot_scale(D);
+#pragma unroll
+    for (int e = 0; e < EPL; e++) x[e] = __fmul_rn(x[e], f);
+    fwht_warp<D>(x, lane);
+#pragma unroll
+    for (int e = 0; e < EPL; e++) {
+        const int c = lane * EPL + e;
+        if ((sg.s[c >> 6] >> (c & 63)) & 1) x[e] = -x[e];
+    }
+}
+
 struct DecodeArgs {
     const uint8_t *arena;
     int64_t page_bytes;
@@ -113,6 +156,8 @@ struct DecodeArgs {
     int32_t q_dtype;   // dtype of q (out is fp32 scratch when the outputs are un-rotated after the kernel)
     int32_t sink_vo;   // elements from a sink page's K rows to its V rows: SR * H * D
     int32_t rot_q;     // rotate the queries into the keys' domain as they are loaded (signs rq; kvq.h section 10)
+    int32_t rot_o;     // take the outputs back from the values' domain (signs ro) as they are stored
+    int32_t win_first; // a pair's fp16 window and sink units before its pages (their load latency under the ring's fill)
     float qscale;   // attention scale, times log2(e) when there is no soft-cap
     float softcap;  // 0: off
     const void *q;
@@ -125,6 +170,7 @@ struct DecodeArgs {
     int64_t total;  // units in all
     int64_t L;      // units per CTA
     RotSigns rq;    // the keys' rotation signs (rot_q)
+    RotSigns ro;    // the values' rotation signs (rot_o)
     Levels lv;      // Q3 roles' levels
     Entry e[MAXE];
 };
@@ -189,7 +235,7 @@ struct StaticPlanArgs {
     uint8_t *arena;
     int64_t page_bytes, max_tokens, win_elems;
     int32_t v_off, H, D, Gq, nqh, wcap, Gf, S, SR, n, nl, layer, max_pages, n_sm, window;
-    int32_t dtype, vec, qo_dtype, q_dtype, rot_q, qnorm;
+    int32_t dtype, vec, qo_dtype, q_dtype, rot_q, qnorm, rot_o, win_first;
     float qscale, softcap;
     __half *windows;          // the cache's windows [max_seqs][nl][2][wcap][H][D]
     int32_t *tables;          // the cache's page tables [max_seqs][nl][max_pages]
@@ -202,6 +248,7 @@ struct StaticPlanArgs {
     float *part, *part_ml;
     int32_t *cnt;
     RotSigns rq;
+    RotSigns ro;
     Levels lv;
     AppendArgs *gflush, *gwin;
     SinkArgs *gsink;

@@ -779,6 +779,19 @@ template <int TV, int D> __device__ __forceinline__ void unraw_values(float (&o)
     }
 }
 
+// Before a pair's page units when its window units came first: O into the RAW codes' 2^SH units (exact).
+template <int TV, int D> __device__ __forceinline__ void reraw_values(float (&o)[D / 16][4]) {
+    if constexpr (value_raw<TV, D>()) {
+#pragma unroll
+        for (int x = 0; x < D / 16; x++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                o[x][c] *= (float)(1 << vsh<TV>(x, 0));
+                o[x][2 + c] *= (float)(1 << vsh<TV>(x, 1));
+            }
+    }
+}
+
 // The CTAs whose ranges hold units of (entry E, head h): [c0, c1]. Their partials sit in slots pair + c0 .. pair + c1.
 __host__ __device__ __forceinline__ void pair_ctas(const DecodeArgs &A, const Entry &E, int h, int64_t &c0, int64_t &c1) {
     const int64_t su = E.start + (int64_t)h * E.n;
@@ -832,12 +845,25 @@ __device__ __forceinline__ void store_out(const DecodeArgs &A, int64_t i, float 
     else reinterpret_cast<__nv_bfloat16 *>(A.out)[i] = __float2bfloat16_rn(x);
 }
 
+// Rotated values (A.rot_o): a warp stores one head's row R^T o, from the fp32 row o in shared memory.
+template <int D> __device__ __forceinline__ void store_head_unrot(const DecodeArgs &A, const float *o, int64_t i0, int lane) {
+    constexpr int EPL = D / 32;
+    float x[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; e++) x[e] = o[lane * EPL + e];
+    unrotate_warp<D>(x, A.ro, lane);
+#pragma unroll
+    for (int e = 0; e < EPL; e++) store_out(A, i0 + lane * EPL + e, x[e]);
+}
+
 // The last CTA of a pair merges its ns partials (slots s0 ..) into the output rows orow .. orow + Gq - 1: a thread
 // per 4 output channels, slots in batches of MB whose loads are all in flight at once (the partials are L2 hits and
 // the merge is on the critical path of the step), folded in with a running maximum. Slots in order, so the result
 // does not depend on which CTA came last. __ldcg: the partials come from other SMs.
+// (A.rot_o: the merged rows go to scr, Gq * D floats of free shared memory, and each warp then un-rotates and stores
+// heads w, w + NT / 32, ..; every thread of the CTA calls this, and its barrier 2 is the whole CTA's.)
 template <int D, int NT>
-__device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int ns, int64_t orow) {
+__device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int ns, int64_t orow, float *scr) {
     constexpr int D4 = D / 4, MB = 16;
     const int Gq = A.Gq;
     const int64_t stride = (int64_t)Gq * D4;                                    // float4s from a slot to the next
@@ -870,9 +896,18 @@ __device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int 
             M = Mn;
         }
         const float inv = 1.f / den;
+        if (A.rot_o) {
+            reinterpret_cast<float4 *>(scr)[v] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+            continue;
+        }
         const int64_t o = (orow + hq) * D + (v % D4) * 4;
         store_out(A, o, acc.x * inv), store_out(A, o + 1, acc.y * inv);
         store_out(A, o + 2, acc.z * inv), store_out(A, o + 3, acc.w * inv);
+    }
+    if (A.rot_o) {
+        asm volatile("bar.sync 2, %0;" ::"n"(NT) : "memory");
+        for (int hq = threadIdx.x >> 5; hq < Gq; hq += NT / 32) store_head_unrot<D>(A, scr + hq * D, (orow + hq) * D, threadIdx.x & 31);
+        asm volatile("bar.sync 2, %0;" ::"n"(NT) : "memory");  // scr is free again (a second pair may follow)
     }
 }
 
@@ -900,6 +935,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
     using TRK = Traits<TK, D>;
     using TRV = Traits<TV, D>;
     constexpr int NS = C::NS, W = C::W;
+    static_assert(NS * C::SLOT >= 8 * D * 4, "the ring holds merge_pair's scratch of up to 8 query heads");
     extern __shared__ __align__(128) uint8_t smem[];
     uint8_t *ring = smem;
     __half *psall = reinterpret_cast<__half *>(smem + NS * C::SLOT);
@@ -1035,54 +1071,64 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
 #pragma unroll
             for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
             const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
-            // Units [k0, kend) of this pair: pages first, then window units. Page n of the CTA (r + k - k0 here) is
-            // this warp's when n % W == warp; window units continue the count after the pair's pages.
-            const int pend = min(kend, E.npu), np = max(pend - k0, 0);
-            for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
-                bool page;
-                int idx;
-                Visible vis;
-                unit_info(E, k, page, idx, vis);
-                const int rr = r + (k - k0), sl = rr % NS;
-                if constexpr (PORT) mbar_wait_p(&full[sl], (rr / NS) & 1);
-                else mbar_wait(&full[sl], (rr / NS) & 1);
-                const uint8_t *kb = ring + sl * C::SLOT;
-#ifndef KVQ_NO_COMPUTE
-                do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
-#else  // timing experiment: the loads alone
-                o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
-#endif
-                // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
-                // reads before it. Without the fence the copy could land before the last reads of the slot had
-                // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
-                // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
-                // (portable: cp.async writes are generic-proxy writes; the __syncwarp ending do_unit and the release
-                // of lane 0's arrive order the warp's reads before the producer's next copy into the slot)
-                if constexpr (!PORT) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                if (lane == 0) {
-                    if constexpr (PORT) mbar_arrive_p(&empty[sl]);
-                    else mbar_arrive(&empty[sl]);
-                }
-            }
-            r += np;
-            unraw_values<TV, D>(o);
+            // Units [k0, kend) of this pair: pages, and window units (the sink unit last). Page n of the CTA (r + k - k0
+            // here) is this warp's when n % W == warp; window units are dealt round-robin from (qw + r) % W. They are
+            // read straight from global memory: after the pages, or before them (A.win_first), where the latency of
+            // their loads hides under the ring's first bulk copies.
             const int wbeg = max(k0, E.npu);
-            for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
-                bool page;
-                int idx;
-                Visible vis;
-                // the entry's last unit with sinks: the sink page's fp16 rows 0 .. shi-1, read like window rows
-                // (H * D apart) that never wrap
-                const __half *uk = wk, *uv = wv;
-                int wrow0 = 0, wc = 1 << 30;
-                if (E.shi > E.slo && k == E.n - 1) {
-                    vis.lo = E.slo, vis.hi = E.shi;
-                    uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
-                } else {
-                    unit_info(E, k, page, idx, vis);
-                    wrow0 = (E.whead + idx * PT) % A.wcap, wc = A.wcap;
+            const int pend = min(kend, E.npu), np = max(pend - k0, 0);
+            // one loop site each (win_first is a launch argument): not unrolled
+#pragma unroll 1
+            for (int ph = 0; ph < 2; ph++) {
+                if ((ph == 0) == (A.win_first != 0)) {  // the window units
+                    for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
+                        bool page;
+                        int idx;
+                        Visible vis;
+                        // the entry's last unit with sinks: the sink page's fp16 rows 0 .. shi-1, read like window rows
+                        // (H * D apart) that never wrap
+                        const __half *uk = wk, *uv = wv;
+                        int wrow0 = 0, wc = 1 << 30;
+                        if (E.shi > E.slo && k == E.n - 1) {
+                            vis.lo = E.slo, vis.hi = E.shi;
+                            uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
+                        } else {
+                            unit_info(E, k, page, idx, vis);
+                            wrow0 = (E.whead + idx * PT) % A.wcap, wc = A.wcap;
+                        }
+                        do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, uk, uv, wrow0, wc, vis, bq, m, l, o, bacc, ps, lane);
+                    }
+                    if (ph == 0) reraw_values<TV, D>(o);  // the pages' RAW codes add to O in 2^SH units
+                    continue;
                 }
-                do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, uk, uv, wrow0, wc, vis, bq, m, l, o, bacc, ps, lane);
+                for (int k = k0 + (warp - r % W + W) % W; k < pend; k += W) {
+                    bool page;
+                    int idx;
+                    Visible vis;
+                    unit_info(E, k, page, idx, vis);
+                    const int rr = r + (k - k0), sl = rr % NS;
+                    if constexpr (PORT) mbar_wait_p(&full[sl], (rr / NS) & 1);
+                    else mbar_wait(&full[sl], (rr / NS) & 1);
+                    const uint8_t *kb = ring + sl * C::SLOT;
+#ifndef KVQ_NO_COMPUTE
+                    do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
+#else  // timing experiment: the loads alone
+                    o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
+#endif
+                    // The producer's next bulk copy into this slot is an async-proxy write: order this warp's generic-proxy
+                    // reads before it. Without the fence the copy could land before the last reads of the slot had
+                    // completed: with fast consumers (F16, D = 64, 3 pages per warp and pair) 4-10 of 30 identical prefill
+                    // calls differed, by up to 1e-2 NMSE in one (row, KV head) pair.
+                    // (portable: cp.async writes are generic-proxy writes; the __syncwarp ending do_unit and the release
+                    // of lane 0's arrive order the warp's reads before the producer's next copy into the slot)
+                    if constexpr (!PORT) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                    if (lane == 0) {
+                        if constexpr (PORT) mbar_arrive_p(&empty[sl]);
+                        else mbar_arrive(&empty[sl]);
+                    }
+                }
+                r += np;
+                unraw_values<TV, D>(o);
             }
             qw += max(kend - wbeg, 0);
             // ---- the CTA's result for pair u = i*H + h: the W warps' partials merged in shared memory, then the
@@ -1141,11 +1187,16 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                                 acc += a * mbuf[w * C::MB + idx];
                                 lsum += a * ml.y;
                             }
-                        if (solo) store_out(A, (orow + head) * D + idx % D, acc * (1.f / lsum));
+                        if (solo && A.rot_o) mbuf[idx] = acc * (1.f / lsum);  // warp 0's slab: idx's own reads are done
+                        else if (solo) store_out(A, (orow + head) * D + idx % D, acc * (1.f / lsum));
                         else {
                             po[head * D + idx % D] = acc;
                             if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
                         }
+                    }
+                    if (solo && A.rot_o) {  // the nh rows in warp 0's slab: un-rotated and stored, a warp per head
+                        asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
+                        for (int hh = warp; hh < nh; hh += W) store_head_unrot<D>(A, mbuf + hh * D, (orow + 4 * pass + hh) * D, lane);
                     }
                     asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");  // mbuf and mlb are free again
                 }
@@ -1176,7 +1227,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
     asm volatile("bar.sync 2, %0;" ::"n"(C::THREADS) : "memory");
 #pragma unroll
     for (int x = 0; x < 2; x++)
-        if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow);
+        if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow, reinterpret_cast<float *>(ring));
 }
 
 // The same kernel with its arguments in device memory (static plans, kvq_cuda.h section 5): plan_kernel wrote them

@@ -57,6 +57,9 @@ struct kvq_cuda_cache {
     kvq_page_layout L;
     int device = 0, n_sm = 0;
     bool portable = false;  // decode with the sm_80 kernel (kvq_cuda.h section 1: KVQ_CUDA_PORTABLE, non-Hopper GPUs)
+    // the decode kernel's fused output rotation and window-first order (kvq_cuda.h section 2: KVQ_CUDA_SPLIT_ROT and
+    // KVQ_CUDA_WIN_LAST switch them off, for A/B timings)
+    bool fuse_rot = true, win_first = true;
     int wcap = 1, Gf = 1;
     int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
     uint8_t *arena = nullptr;
@@ -224,6 +227,12 @@ static kvq_status device_code(int d, const cudaDeviceProp &p, int *arch, bool qu
     return KVQ_OK;
 }
 
+// An environment switch: set to anything but "" and "0"
+static bool env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && v[0] && strcmp(v, "0") != 0;
+}
+
 /* Device checks of cache creation: *portable says which decode kernel the device gets: the Hopper one where the
  * loaded code is sm_90's (a 9.x device), else (or with KVQ_CUDA_PORTABLE=1) the portable one. */
 static kvq_status check_device(int device, int *n_sm, bool *portable) {
@@ -237,9 +246,7 @@ static kvq_status check_device(int device, int *n_sm, bool *portable) {
     int arch = 0;
     kvq_status s = device_code(device, p, &arch, false);
     if (s) return s;
-    const char *env = getenv("KVQ_CUDA_PORTABLE");
-    const bool ask = env && env[0] && strcmp(env, "0") != 0;
-    if (portable) *portable = ask || !(p.major == 9 && arch == 90);
+    if (portable) *portable = env_on("KVQ_CUDA_PORTABLE") || !(p.major == 9 && arch == 90);
     if (n_sm) *n_sm = p.multiProcessorCount;
     return KVQ_OK;
 }
@@ -375,6 +382,8 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     c->device = device;
     c->n_sm = n_sm;
     c->portable = portable;
+    c->fuse_rot = !env_on("KVQ_CUDA_SPLIT_ROT");
+    c->win_first = !env_on("KVQ_CUDA_WIN_LAST");
     c->Gf = L.group;
     c->wcap = cfg.residual + c->Gf;
     c->S = cfg.sinks;
@@ -1029,10 +1038,10 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
     DevGuard dg(c->device);
     const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H, tk = c->L.type_k, tv = c->L.type_v;
     // Rotated roles (kvq.h section 10): the decode kernel rotates each query into the keys' domain as it loads it
-    // (q.k = Rq.Rk), and a small kernel takes the outputs back from the values' domain once per head after the split
-    // merge (sum p_i v_i = R^T sum p_i R v_i), over fp32 scratch rows. Allocated first: a failure leaves nothing
-    // enqueued.
-    const bool ro = c->rotated(KVQ_VALUE);
+    // (q.k = Rq.Rk), and takes the outputs back from the values' domain once per head where it stores them, after the
+    // split merge (sum p_i v_i = R^T sum p_i R v_i). With KVQ_CUDA_SPLIT_ROT a small kernel does the latter after the
+    // decode kernel, over fp32 scratch rows (the same bits), allocated first: a failure leaves nothing enqueued.
+    const bool rv = c->rotated(KVQ_VALUE), ro = rv && !c->fuse_rot;  // ro: the un-rotation as a kernel of its own
     const int64_t qrows = (int64_t)n_rows * p->n_q_heads;
     const size_t rbytes = (size_t)qrows * D * sizeof(float);
     float *so = nullptr;
@@ -1074,6 +1083,9 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->sink_vo = (int32_t)((int64_t)c->SR * H * D);
         A->rot_q = c->rotated(KVQ_KEY);
         if (A->rot_q) A->rq = c->rot_k[layer];
+        A->rot_o = rv && c->fuse_rot;
+        if (A->rot_o) A->ro = c->rot_v[layer];
+        A->win_first = c->win_first;
         A->lv = c->lv;
         A->qscale = attn_qscale(p, D);
         A->softcap = p->softcap;
@@ -1153,7 +1165,7 @@ extern "C" kvq_status kvq_cuda_decode_step(kvq_cuda_cache *c, int layer, int n_s
         const int H = c->L.n_kv_heads, D = c->L.head_dim, Gq = p->n_q_heads / H;
         const size_t rows = (size_t)std::min(n_seqs, MAXE);
         if ((s = reserve_ws(c, ws_counter_bytes(H) + (rows * H + c->n_sm) * ws_slot_bytes(Gq, D), st, fn))) return s;
-        if (c->rotated(KVQ_VALUE)) {
+        if (c->rotated(KVQ_VALUE) && !c->fuse_rot) {
             const size_t rbytes = (size_t)n_seqs * p->n_q_heads * D * sizeof(float);
             cudaError_t e = grow_scratch(&c->qws, &c->qws_bytes, rbytes, st);
             if (e != cudaSuccess)
@@ -1343,7 +1355,7 @@ extern "C" kvq_status kvq_cuda_static_create(kvq_cuda_cache *c, int n_seqs, cons
                               sizeof(AppendArgs), sizeof(AppendArgs), sizeof(SinkArgs), sizeof(DecodeArgs),
                               cnt_bytes + S->ws_slots * ws_slot_bytes(Gq, D),
                               c->cfg.rotate ? (size_t)n_seqs * H * D * 4 : 0, c->cfg.rotate ? (size_t)n_seqs * H * D * 4 : 0,
-                              c->rotated(KVQ_VALUE) ? (size_t)n_seqs * p->n_q_heads * D * 4 : 0};
+                              c->rotated(KVQ_VALUE) && !c->fuse_rot ? (size_t)n_seqs * p->n_q_heads * D * 4 : 0};
     for (int i = 0; i < 12; i++) off[i] = tot, tot += al(sizes[i]);
     std::vector<int32_t> h_spage, h_tab;
     std::vector<DevSeq> h_st;
@@ -1482,7 +1494,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
         e = rotate_inputs(c, layer, k, v, dt, (int64_t)n * H, S->rk, S->rv, st);
         k = S->rk, v = S->rv, dt = KVQ_DTYPE_F32;
     }
-    const bool ro = c->rotated(KVQ_VALUE);
+    const bool rv = c->rotated(KVQ_VALUE), ro = rv && !c->fuse_rot;
     StaticPlanArgs P;
     memset(&P, 0, sizeof P);
     P.arena = c->arena;
@@ -1498,6 +1510,9 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     P.qo_dtype = ro ? KVQ_DTYPE_F32 : S->qo, P.q_dtype = S->qo;
     P.rot_q = c->rotated(KVQ_KEY);
     if (P.rot_q) P.rq = c->rot_k[layer];
+    P.rot_o = rv && c->fuse_rot;
+    if (P.rot_o) P.ro = c->rot_v[layer];
+    P.win_first = c->win_first;
     P.qscale = attn_qscale(&S->p, D);
     P.softcap = S->p.softcap;
     P.windows = c->windows, P.tables = c->tables;

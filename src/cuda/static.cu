@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
     A.qo_dtype = P.qo_dtype, A.q_dtype = P.q_dtype;
     A.sink_vo = (int32_t)(P.SR * HD);
     A.rot_q = P.rot_q, A.rq = P.rq, A.lv = P.lv;
+    A.rot_o = P.rot_o, A.ro = P.ro, A.win_first = P.win_first;
     A.qscale = P.qscale, A.softcap = P.softcap;
     A.q = P.q, A.out = P.out;
     A.part = P.part, A.part_ml = P.part_ml, A.cnt = P.cnt;
