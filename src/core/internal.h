@@ -102,9 +102,9 @@ static inline const uint8_t *kvq__layout_levels(const kvq_page_layout *L, kvq_ro
 }
 /* ---- 8-bit group parameters (kvq.h section 5, `params8`) ----
  * A group's (scale, min) as two bytes under a base b (fp16, one per G tokens of a block): scale = fp16(b 2^(-k/16)),
- * min = fp16(scale (z - Z0) u), u = 2^-(7 - bits), Z0 = 128 + qmax / (2 u) (a group centred on 0 has z = 128). kvq__p8_scale / kvq__p8_min
- * are the decode every reader must reproduce to the bit: fp32 products (exact but for the one rounding of b 2^(-k%16 / 16)),
- * then fp16 rounding to nearest even. */
+ * min = fp16(scale (z - Z0) u), u = 2^-(7 - bits), Z0 = 128 + qmax / (2 u) (a group centred on 0 has z = 128).
+ * kvq__p8_scale / kvq__p8_min are the decode every reader must reproduce to the bit: fp32 products (exact but for the
+ * one rounding of b 2^(-(k % 16) / 16)), then fp16 rounding to nearest even. */
 extern const float kvq__p8_frac[16]; /* fp32(2^(-i/16)), i < 16 */
 /* the zero point's unit 2^-(7 - bits) of a scale: its reach (128 units either way) is the same in ranges for every
  * type; Q4 at Q3's 1/16 clamped 10% of SmolLM2's groups (KLD +92% against fp16 pairs, 1/8: +15%; docs/quality.md) */
@@ -133,7 +133,8 @@ static inline bool kvq__p8(const kvq_page_layout *L, kvq_role role) { return (L-
 /* halves of a block's parameters expanded to fp16 (the layout of kvq.h section 5 without params8) */
 size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role);
 /* A params8 block's parameters expanded to fp16 (the format the kernels read), groups [g0, g1) of G tokens only,
- * group g at out + (g - g0) 2 n (kvq__params_halves in all for the whole block); `expand`: a kernel table's p8_expand or kvq__p8_expand_ref */
+ * group g at out + (g - g0) 2 n (kvq__params_halves in all for the whole block); `expand`: a kernel table's
+ * p8_expand or kvq__p8_expand_ref */
 typedef void (*kvq__p8_expand_fn)(uint16_t base, int qmax, const uint8_t *k, const uint8_t *z, int n, uint16_t *s_out,
                                   uint16_t *m_out, int os);
 void kvq__p8_expand_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int g0, int g1,
@@ -150,8 +151,8 @@ static inline uint8_t *kvq__p8_codes(const kvq_page_layout *L, kvq_role role, ui
     return (uint8_t *)(kvq__p8_bases(L, role, block) + L->page_tokens / L->group) + (size_t)g * 2 * kvq__p8_group_n(L, role);
 }
 
-/* Where a grouped quantizer puts 8-bit parameters (NULL: fp16 only): the base, and the code arrays k[], z[] indexed as the
- * fp16 pairs are (keys: channel c; values: the row's group j at k[j]); the fp16 pairs are written as well (decoded) */
+/* Where a grouped quantizer puts 8-bit parameters (NULL: fp16 only): the base, and the code arrays k[], z[] indexed as
+ * the fp16 pairs are (keys: channel c; values: the row's group j at k[j]); the fp16 pairs are written as well (decoded) */
 typedef struct kvq__p8q {
     float base;
     uint8_t *k, *z;
