@@ -2,6 +2,8 @@
  * bounds each format promises (kvq.h section 5), plus the bytes-per-token targets at D = 128. */
 #include "testutil.h"
 
+#include <stddef.h>
+
 /* NMSE bounds on Gaussian-like data with outlier channels (measured values are printed; bounds ~2x above) */
 static const double nmse_bound[KVQ_TYPE_COUNT] = {
     [KVQ_TYPE_F16] = 1e-7, [KVQ_TYPE_BF16] = 1e-5, [KVQ_TYPE_Q8] = 3e-4,
@@ -101,6 +103,26 @@ static void roundtrip(kvq_type t, int D, int H, int nu, int di) {
     kvq_cache_free(c);
 }
 
+/* A role-set field of kvq_cache_config (at byte `off`: qnorm, outliers, params8) set to 4 or -2: KVQ_ERR_INVALID_ARG
+ * with a message naming the field and value, no cache made, kvq_cache_config_layout refusing it too with its output
+ * untouched. cfg: a valid config otherwise. */
+static void refuses_bad_roles(kvq_cache_config cfg, size_t off, const char *name) {
+    static const int bad[2] = {4, -2};
+    for (int i = 0; i < 2; i++) {
+        memcpy((char *)&cfg + off, &bad[i], sizeof(int));
+        char want[32];
+        snprintf(want, sizeof want, "%s %d", name, bad[i]);
+        kvq_cache *c = NULL;
+        CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), want), "%s: %s", want,
+              kvq_last_error());
+        kvq_page_layout L, L2;
+        memset(&L, 0x5a, sizeof L);
+        L2 = L;
+        CHECK(kvq_cache_config_layout(&cfg, &L) == KVQ_ERR_INVALID_ARG && memcmp(&L, &L2, sizeof L) == 0,
+              "kvq_cache_config_layout: %s refused, the layout untouched", want);
+    }
+}
+
 /* Q-Norm (kvq.h section 10, "qnorm"): the same data through a cache with qnorm = KV and one without. Each group with
  * a spread (a key channel over G tokens, a value row's Gv channels) decodes, under Q-Norm, to its values' mean and
  * standard deviation, up to the fp16 rounding of (scale, min); min/max's decoding does not (the check would fail
@@ -183,11 +205,7 @@ static void test_qnorm(void) {
     cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q4;
     cfg.arena_bytes = 1u << 20;
     kvq_cache *c = NULL;
-    cfg.qnorm = 4;
-    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), "qnorm 4"), "qnorm 4: %s",
-          kvq_last_error());
-    cfg.qnorm = -2;
-    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c, "qnorm -2");
+    refuses_bad_roles(cfg, offsetof(kvq_cache_config, qnorm), "qnorm");
     cfg.qnorm = -1;
     kvq_cache_config got;
     CHECK_OK(kvq_cache_create(&cfg, &c));
@@ -317,17 +335,8 @@ static void test_outliers(void) {
     cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q2;
     cfg.arena_bytes = 1u << 20;
     kvq_cache *c = NULL;
-    kvq_page_layout L;
-    memset(&L, 0x5a, sizeof L);
-    kvq_page_layout L2 = L;
-    cfg.outliers = 4;
-    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), "outliers 4"), "outliers 4: %s",
-          kvq_last_error());
-    CHECK(kvq_cache_config_layout(&cfg, &L) == KVQ_ERR_INVALID_ARG && memcmp(&L, &L2, sizeof L) == 0,
-          "kvq_cache_config_layout: outliers 4 refused, the layout untouched");
+    refuses_bad_roles(cfg, offsetof(kvq_cache_config, outliers), "outliers");
     CHECK(kvq_cache_config_layout(&cfg, NULL) == KVQ_ERR_NULL, "kvq_cache_config_layout: NULL out");
-    cfg.outliers = -2;
-    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c, "outliers -2");
     cfg.outliers = KVQ_ROLES_KV, cfg.squat_rank = 4; /* with SQuat keys (test_squat) */
     CHECK_OK(kvq_cache_create(&cfg, &c));
     kvq_cache_free(c);
@@ -460,11 +469,7 @@ static void test_params8(void) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q4, cfg.arena_bytes = 1u << 20;
     kvq_cache *c = NULL;
-    cfg.params8 = 4;
-    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c && strstr(kvq_last_error(), "params8 4"), "params8 4: %s",
-          kvq_last_error());
-    cfg.params8 = -2;
-    CHECK(kvq_cache_create(&cfg, &c) == KVQ_ERR_INVALID_ARG && !c, "params8 -2");
+    refuses_bad_roles(cfg, offsetof(kvq_cache_config, params8), "params8");
     /* per-token types ignore it: the layout is theirs */
     cfg.params8 = KVQ_ROLES_KV, cfg.type_k = KVQ_TYPE_Q8, cfg.type_v = KVQ_TYPE_F16;
     CHECK_OK(kvq_cache_create(&cfg, &c));
