@@ -130,8 +130,14 @@ void kvq__p8_expand_ref(uint16_t base, int qmax, const uint8_t *k, const uint8_t
                         uint16_t *m_out, int os);
 /* Whether the layout stores `role`'s group parameters in 8 bits */
 static inline bool kvq__p8(const kvq_page_layout *L, kvq_role role) { return (L->params8 >> role) & 1; }
+/* (scale, min) pairs of a grouped block: one per key group and channel, or per token and value group */
+static inline size_t kvq__param_pairs(kvq_role role, int P, int D, int G, int Gv) {
+    return role == KVQ_KEY ? (size_t)(P / G) * (size_t)D : (size_t)P * (size_t)(D / Gv);
+}
 /* halves of a block's parameters expanded to fp16 (the layout of kvq.h section 5 without params8) */
-size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role);
+static inline size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role) {
+    return 2 * kvq__param_pairs(role, L->page_tokens, L->head_dim, L->group, L->value_group);
+}
 /* A params8 block's parameters expanded to fp16 (the format the kernels read), groups [g0, g1) of G tokens only,
  * group g at out + (g - g0) 2 n (kvq__params_halves in all for the whole block); `expand`: a kernel table's
  * p8_expand or kvq__p8_expand_ref */

@@ -190,11 +190,6 @@ void kvq__p8_expand_ref(uint16_t base, int qmax, const uint8_t *k, const uint8_t
     }
 }
 
-size_t kvq__params_halves(const kvq_page_layout *L, kvq_role role) {
-    int P = L->page_tokens, D = L->head_dim;
-    return role == KVQ_KEY ? (size_t)(P / L->group) * 2 * D : (size_t)P * (size_t)(D / L->value_group) * 2;
-}
-
 void kvq__p8_expand_block(const kvq_page_layout *L, kvq_role role, const uint8_t *block, int g0, int g1,
                           kvq__p8_expand_fn expand, uint16_t *out) {
     kvq_type t = role == KVQ_KEY ? L->type_k : L->type_v;

@@ -57,7 +57,7 @@ static size_t param_bytes(kvq_type t, kvq_role role, int P, int D, int G, int Gv
     case KVQ_TYPE_Q4:
     case KVQ_TYPE_Q3:
     case KVQ_TYPE_Q2: {
-        size_t pairs = role == KVQ_KEY ? (size_t)(P / G) * (size_t)D : (size_t)P * (size_t)(D / Gv);
+        size_t pairs = kvq__param_pairs(role, P, D, G, Gv);
         return p8 ? (size_t)(P / G) * 2 + pairs * 2 : pairs * 4;
     }
     default: return 0;
