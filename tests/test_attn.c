@@ -420,29 +420,29 @@ int main(void) {
             }
         }
     /* more KV heads than one decode work item walks together (16) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q8, 64, 2, 0, 0.0f, 18, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_F16, KVQ_TYPE_F16, 128, 1, 0, 0.0f, 17, 0, 0, 0, 0, 0, 0});
     /* 8 query heads per KV head: the fused fp32 kernels for 5 to 8 rows, every type's key and value path */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 128, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 64, 8, 100, 0.0f, 2, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_FP8, KVQ_TYPE_Q8, 80, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 96, 8, 0, 30.0f, 2, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_BF16, KVQ_TYPE_F16, 256, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0, 0});
     /* SmolLM2-135M's shape: D = 64, 3 KV heads, 3 query heads per KV head (R = 3 in the integer kernels; no other
      * combination has an odd ratio above 1) */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0, 0});
     /* rotated keys only and values only: the query and the output each rotated alone */
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, KVQ_ROLES_K, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, 0, KVQ_ROLES_V, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 3, 0, 0.0f, 3, 0, KVQ_ROLES_K, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q4, 96, 4, 100, 0.0f, 2, 0, KVQ_ROLES_V, 0, 0, 0, 0});
     n += 2;
     /* Q3: 8 rows (decoded tiles through the fp32 kernels), SmolLM2's shape, more heads than a work item walks */
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0});
-    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 128, 8, 0, 0.0f, 2, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 80, 8, 100, 30.0f, 2, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q3, 64, 3, 0, 0.0f, 3, 0, 0, 0, 0, 0, 0});
+    run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q8, 96, 2, 0, 0.0f, 18, 0, 0, 0, 0, 0, 0});
     n += 15;
     /* non-uniform levels (kvq.h section 10) for keys, values or both, every head dim: the SIMD tables decode them
      * through a lookup (a wrong level fails the comparison with _ref) and the quality bound holds (their error is
@@ -450,10 +450,10 @@ int main(void) {
     for (int di = 0; di < 5; di++)
         for (int nu = 1; nu <= 3; nu++) {
             if (quick && nu != 3) continue;
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu, di % 2 ? KVQ_ROLES_KV : 0, 0, 0, 0});
-            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu, 0, 0, 0, 0});
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu, 0, 0, 0, 0});
-            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu, 0, 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, nu, di % 2 ? KVQ_ROLES_KV : 0, 0, 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q2, dims[di], 1, di % 2 ? 100 : 0, 0.0f, 2, nu, 0, 0, 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q2, dims[di], 3, 0, 0.0f, 3, nu, 0, 0, 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q3, dims[di], 2, 0, 0.0f, 2, nu, 0, 0, 0, 0, 0});
             n += 4;
         }
     /* dense-and-sparse outliers (kvq.h section 10): added by the driver to the fused kernels' scores and value sums
@@ -462,12 +462,12 @@ int main(void) {
     for (int di = 0; di < 5; di++)
         for (int o = 1; o <= 3; o++) {
             if (quick && o != 3 && di % 2) continue;
-            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, 0, di % 2 ? KVQ_ROLES_KV : 0, 0, 0, o});
-            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q3, dims[di], 3, di % 2 ? 100 : 0, 30.0f, 3, 0, 0, 1, 0, o});
-            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q2, dims[di], 9, 0, 0.0f, 1, 3, KVQ_ROLES_KV, 1, 0, o});
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, 0, di % 2 ? KVQ_ROLES_KV : 0, 0, 0, o, 0});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q3, dims[di], 3, di % 2 ? 100 : 0, 30.0f, 3, 0, 0, 1, 0, o, 0});
+            run_combo((combo){KVQ_TYPE_Q3, KVQ_TYPE_Q2, dims[di], 9, 0, 0.0f, 1, 3, KVQ_ROLES_KV, 1, 0, o, 0});
             n += 3;
         }
-    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, 0, 0, 0, 0, KVQ_ROLES_KV}); /* q8 keys ignore it */
+    run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, 0, 0, 0, 0, KVQ_ROLES_KV, 0}); /* q8 keys ignore it */
     n++;
     /* 8-bit group parameters (kvq.h section 5): each table's p8_expand against kvq_read's (the scalar expansion), with
      * the fused kernels (up to 8 rows) and the fp32 path (9), outliers, sinks, windows, Q-Norm's pairs (p8 = KV: the
@@ -501,11 +501,11 @@ int main(void) {
      * the sinks or not (positions: win = 100 with 300 tokens sees none of them); len0 = 1300 makes decode split
      * sequence 0 over work items (chunks of 512 tokens: boundaries inside the sinks at S = 600, and in the pages) */
     static const combo sink_combos[] = {
-        {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 1, 0, 0},     {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 4, 0, 0},
-        {KVQ_TYPE_Q2, KVQ_TYPE_Q2, 128, 4, 100, 30.0f, 2, 0, 0, 5, 0, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 1, 0, 0.0f, 2, 0, 0, 64, 0, 0},
-        {KVQ_TYPE_Q8, KVQ_TYPE_Q4, 80, 4, 0, 0.0f, 2, 0, 0, 70, 0, 0},    {KVQ_TYPE_F16, KVQ_TYPE_F16, 96, 1, 0, 0.0f, 2, 0, 0, 16, 0, 0},
-        {KVQ_TYPE_FP8, KVQ_TYPE_Q8, 64, 4, 250, 0.0f, 2, 0, 0, 33, 0, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 4, 0, 0.0f, 2, 0, 0, 600, 1300, 0},
-        {KVQ_TYPE_Q2, KVQ_TYPE_Q8, 64, 1, 1000, 0.0f, 2, 0, 0, 130, 1300, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, -1, -1, -1, 0, 0},
+        {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 1, 0, 0, 0},     {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 3, 0, 0.0f, 3, 0, 0, 4, 0, 0, 0},
+        {KVQ_TYPE_Q2, KVQ_TYPE_Q2, 128, 4, 100, 30.0f, 2, 0, 0, 5, 0, 0, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q2, 64, 1, 0, 0.0f, 2, 0, 0, 64, 0, 0, 0},
+        {KVQ_TYPE_Q8, KVQ_TYPE_Q4, 80, 4, 0, 0.0f, 2, 0, 0, 70, 0, 0, 0},    {KVQ_TYPE_F16, KVQ_TYPE_F16, 96, 1, 0, 0.0f, 2, 0, 0, 16, 0, 0, 0},
+        {KVQ_TYPE_FP8, KVQ_TYPE_Q8, 64, 4, 250, 0.0f, 2, 0, 0, 33, 0, 0, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 64, 4, 0, 0.0f, 2, 0, 0, 600, 1300, 0, 0},
+        {KVQ_TYPE_Q2, KVQ_TYPE_Q8, 64, 1, 1000, 0.0f, 2, 0, 0, 130, 1300, 0, 0}, {KVQ_TYPE_Q4, KVQ_TYPE_Q4, 128, 2, 0, 0.0f, 2, -1, -1, -1, 0, 0, 0},
     };
     for (size_t i = 0; i < sizeof sink_combos / sizeof *sink_combos; i++) run_combo(sink_combos[i]);
     n += 10 + (int)(sizeof sink_combos / sizeof *sink_combos);
