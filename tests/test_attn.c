@@ -413,7 +413,7 @@ int main(void) {
                     for (int w = 0; w < 2; w++) {
                         /* half of the runs on a rotated cache (K and V), every type pair and head dim both ways */
                         combo cb = {(kvq_type)tk, (kvq_type)tv, dims[di], rep, w ? 100 : 0, w && rep == 4 ? 30.0f : 0.0f, 2,
-                                    0, (di + w) % 2 ? KVQ_ROLES_KV : KVQ_ROLES_NONE, 0, 0, 0};
+                                    0, (di + w) % 2 ? KVQ_ROLES_KV : KVQ_ROLES_NONE, 0, 0, 0, 0};
                         run_combo(cb);
                         n++;
                     }
