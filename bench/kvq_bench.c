@@ -83,13 +83,14 @@ static int write_md(const char *path, const char *title, const char *gen) {
 }
 
 /* A --types entry: TYPE[:rot=none|k|v|kv][:sinks=N][:nuq=none|k|v|kv][:pre=0|1][:outl=none|k|v|kv][:p8=none|k|v|kv]
+ * [:w8=none|k|v|kv]
  * (kvq.h section 10; unset: the type's default; pre=1: pre-RoPE keys with Llama-3's theta 500000, NeoX pairs; outl:
  * dense-and-sparse outliers; p8: 8-bit group parameters), so that what each mechanism costs is timed in the same run
  * as F16 */
 typedef struct entry {
     char label[48];
     kvq_type type;
-    int rotate, sinks, nonuniform, prerope, outliers, params8;
+    int rotate, sinks, nonuniform, prerope, outliers, params8, window8;
 } entry;
 
 static int parse_roles(const char *x, int *out) {
@@ -103,7 +104,7 @@ static int parse_entry(const char *tok, entry *e) {
     char buf[48];
     snprintf(buf, sizeof buf, "%s", tok);
     snprintf(e->label, sizeof e->label, "%s", tok);
-    e->rotate = e->sinks = e->nonuniform = e->outliers = e->params8 = -1;
+    e->rotate = e->sinks = e->nonuniform = e->outliers = e->params8 = e->window8 = -1;
     e->prerope = 0;
     char *suf = strchr(buf, ':');
     if (suf) *suf++ = 0;
@@ -116,11 +117,12 @@ static int parse_entry(const char *tok, entry *e) {
         } else if (!strncmp(x, "nuq=", 4) && !parse_roles(x + 4, &e->nonuniform)) {
         } else if (!strncmp(x, "outl=", 5) && !parse_roles(x + 5, &e->outliers)) {
         } else if (!strncmp(x, "p8=", 3) && !parse_roles(x + 3, &e->params8)) {
+        } else if (!strncmp(x, "w8=", 3) && !parse_roles(x + 3, &e->window8)) {
         } else if (!strncmp(x, "sinks=", 6) && (e->sinks = (int)strtol(x + 6, &end, 10), end != x + 6 && !*end)) {
         } else if (!strcmp(x, "pre=0") || !strcmp(x, "pre=1")) {
             e->prerope = x[4] - '0';
         } else return fprintf(stderr, "kvq-bench: '%s': '%s' is not :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :pre=0|1, "
-                              ":outl=none|k|v|kv or :p8=none|k|v|kv\n", tok, x), -1;
+                              ":outl=none|k|v|kv, :p8=none|k|v|kv or :w8=none|k|v|kv\n", tok, x), -1;
         x = next;
     }
     return 0;
@@ -131,9 +133,9 @@ static int usage(void) {
             "usage: kvq-bench cpu [--ctx 4096,16384,32768] [--types f16,bf16,q8,fp8,q4,q2] [--runs N] [--threads N]\n"
             "                     [--out DIR] [--no-flush] [--prerope]\n"
             "       a --types entry may switch kvq.h section 10's mechanisms: TYPE[:rot=none|k|v|kv][:sinks=N]\n"
-            "       [:nuq=none|k|v|kv][:pre=0|1][:outl=none|k|v|kv][:p8=none|k|v|kv] (unset: the type's default; pre=1:\n"
-            "       pre-RoPE keys, Llama-3's theta 500000, NeoX pairs; outl: dense-and-sparse outliers; p8: 8-bit group\n"
-            "       parameters), e.g. q4,q4:rot=none,q4:outl=k,q4:p8=kv;\n"
+            "       [:nuq=none|k|v|kv][:pre=0|1][:outl=none|k|v|kv][:p8=none|k|v|kv][:w8=none|k|v|kv] (unset: the type's\n"
+            "       default; pre=1: pre-RoPE keys, Llama-3's theta 500000, NeoX pairs; outl: dense-and-sparse outliers;\n"
+            "       p8: 8-bit group parameters; w8: 8-bit residual windows), e.g. q4,q4:rot=none,q4:outl=k,q4:p8=kv;\n"
             "       --prerope: every entry also with :pre=1\n"
             "       (without --out: the table on stdout only; --out docs: the tracked docs/bench-cpu.{md,csv,png})\n"
             "       kvq-bench cuda [options of the CUDA benchmark]\n");
@@ -213,7 +215,7 @@ static int bench_cpu(int argc, char **argv) {
             cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = types[ti], cfg.type_v = types[ti];
             cfg.n_threads = threads;
             cfg.rotate = ents[ti].rotate, cfg.sinks = ents[ti].sinks, cfg.nonuniform = ents[ti].nonuniform;
-            cfg.outliers = ents[ti].outliers, cfg.params8 = ents[ti].params8;
+            cfg.outliers = ents[ti].outliers, cfg.params8 = ents[ti].params8, cfg.window8 = ents[ti].window8;
             if (ents[ti].prerope) cfg.prerope = 1, cfg.rope_neox = 1, cfg.rope_theta = 500000.0f;
             kvq_page_layout L; /* the cache's own (outliers make pages larger) */
             if (kvq_cache_config_layout(&cfg, &L)) return fprintf(stderr, "kvq-bench: %s\n", kvq_last_error()), 1;

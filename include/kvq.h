@@ -298,6 +298,11 @@ typedef struct kvq_cache_config {
      * values: 0.25 bits per element less at G = 64 (Q4 4.25, Q3 3.25, Q2 2.25 bits per element in pages). -1 (the
      * default) and 0: fp16 pairs. The CPU cache only (the CUDA backend refuses it). */
     int params8;
+    /* 8-bit residual window (section 10, "8-bit window"): the roles in KVQ_ROLES_* keep their residual window (and the
+     * keys' partial group) as int8 rows with one fp16 scale per token and head, (8 + 16 / D) bits per element instead
+     * of 16; tokens reach the pages quantized from those rows. -1 (the default) and 0: fp16 windows. The CPU cache only
+     * (the CUDA backend refuses it). */
+    int window8;
 } kvq_cache_config;
 
 /* Role sets for kvq_cache_config's rotate and nonuniform fields. */
@@ -398,7 +403,9 @@ KVQ_API kvq_status kvq_seq_length(const kvq_cache *cache, int32_t seq, int layer
  *   tokens S .. S+paged_tokens-1 live in pages[0 .. n_pages-1] (token S+u in page pages[u / P], slot u % P: the
  *     grouped types' key groups start at S + k*G);
  *   tokens S+paged_tokens .. S+paged_tokens+window_tokens-1 are rows 0 .. of the window, fp16
- *     [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0).
+ *     [window_capacity][H][D] (window_k, window_v NULL while the capacity is 0), or for a role in cfg.window8
+ *     window8_k / window8_v: row r is window8_row_bytes = H * D + 2 * H bytes at r * window8_row_bytes, int8
+ *     codes [H][D] then fp16 scales [H]; value = fp16(code * scale) (window_k / window_v NULL for that role).
  * Pointers stay valid until the next non-const call on the cache. */
 typedef struct kvq_seq_view {
     kvq_page_layout layout;
@@ -416,6 +423,9 @@ typedef struct kvq_seq_view {
     const int32_t *sink_pages;  /* page ids, token order (NULL with sinks = 0) */
     int64_t dropped_tokens;     /* the first dropped_tokens paged tokens were released (kvq_seq_drop_front):
                                  * pages[0 .. dropped_tokens / P - 1] are -1 */
+    const uint8_t *window8_k;   /* 8-bit window rows (cfg.window8), else NULL */
+    const uint8_t *window8_v;
+    size_t window8_row_bytes;   /* H * D + 2 * H */
 } kvq_seq_view;
 
 KVQ_API kvq_status kvq_seq_view_get(const kvq_cache *cache, int32_t seq, int layer, kvq_seq_view *view);

@@ -109,8 +109,36 @@ static void same_or_die(const snap *a, const snap *b, const char *what) {
 /* paged: tok is in a quantized page (not a sink, not the window); sink: the sinks before the pages, where key groups
  * start (sink + k*G) */
 /* sq: a SQuat key's group range over all its channels (squat_ranges), NULL otherwise */
+static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
+                           int64_t sink, const double *sq);
+
+/* Element e of a row-major [..][D] array after an 8-bit window's rounding of its head vector (kvq.h section 10) */
+static float round8(const float *x, size_t e, int D) {
+    const float *v = x + e / D * D;
+    float amax = 0;
+    for (int c = 0; c < D; c++) amax = fmaxf(amax, fabsf(v[c]));
+    float s = kvq__round_f16(amax / 127.0f), q = s > 0 ? rintf(x[e] / s) : 0;
+    q = q > 127 ? 127 : q < -127 ? -127 : q;
+    return kvq__round_f16((float)(int8_t)q * s); /* an integer code: 0, never -0 */
+}
+
+/* An 8-bit window (kvq.h section 10) rounds a token to codes under max |x| / 127 per token and head (+ the fp16 of that
+ * scale and of the decoded value) before the pages see it: that much more in the window, twice it in a page (the
+ * group's range moves by up to two such errors) */
 static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
                          int64_t sink, const double *sq) {
+    double e8 = 0;
+    if ((w->cfg.window8 >> role) & 1 && tok >= sink) {
+        const float *row = x + ((size_t)tok * w->H + h) * w->D;
+        double amax = 0;
+        for (int c = 0; c < w->D; c++) amax = fmax(amax, fabs(row[c]));
+        e8 = amax / 254 * 1.01 + amax * 0x1p-10;
+    }
+    return elem_bound_x(w, t, role, x, tok, h, d, paged, sink, sq) + (paged && t != KVQ_TYPE_F16 ? 2 : 1) * e8;
+}
+
+static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
+                           int64_t sink, const double *sq) {
     const int H = w->H, D = w->D;
     double xi = x[((size_t)tok * H + h) * D + d], fp16 = fabs(xi) * 0x1p-11 + 0x1p-25; /* window / input rounding */
     if (!paged || t == KVQ_TYPE_F16) return fp16;
@@ -447,7 +475,8 @@ static void run_truncate(world *w, rd *r) {
             continue;
         }
         /* a cut inside the pages: tokens before it keep their bytes, the rest of its group went back to the window
-         * as the fp16 of what it dequantized to (kvq.h), which the model takes as the values from now on */
+         * as the fp16 (or, in an 8-bit window, the 8-bit rounding: round8) of what it dequantized to (kvq.h), which the
+         * model takes as the values from now on */
         float *k = malloc((size_t)n * row * 4 + 4), *v = malloc((size_t)n * row * 4 + 4);
         kvq_seq_view view;
         if (kvq_read(w->c, m->id, l, 0, n, k, v) || kvq_seq_view_get(w->c, m->id, l, &view)) FAIL("read");
@@ -455,7 +484,7 @@ static void run_truncate(world *w, rd *r) {
             bool moved = e >= (size_t)(view.sink_tokens + view.paged_tokens) * row;
             for (int r2 = 0; r2 < 2; r2++) {
                 float was = pre[l][r2][e], now = (r2 ? v : k)[e];
-                float want = moved ? kvq__round_f16(was) : was;
+                float want = moved ? ((w->cfg.window8 >> r2) & 1 ? round8(pre[l][r2], e, w->D) : kvq__round_f16(was)) : was;
                 if (memcmp(&now, &want, 4)) FAIL("truncate to %lld changed element %zu: %g -> %g", (long long)n, e, was, now);
                 if (moved) (r2 ? m->v[l] : m->k[l])[e] = now;
             }
@@ -551,6 +580,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     w.cfg.outliers = (int)(b0 / KVQ_TYPE_COUNT) % 4;
     /* 8-bit group parameters (kvq.h section 5) from b1's bits above the type */
     w.cfg.params8 = (int)(b1 / KVQ_TYPE_COUNT) % 4;
+    /* 8-bit windows (kvq.h section 10) from b0's bits above those */
+    w.cfg.window8 = (int)(b0 / KVQ_TYPE_COUNT / 4) % 4;
     kvq_page_layout L; /* the cache's own: outlier sections make its pages larger than kvq_page_layout_make's */
     if (kvq_cache_config_layout(&w.cfg, &L)) FAIL("layout: %s", kvq_last_error());
     w.cfg.arena_bytes = (size_t)(2 + b3 % 40) * L.page_bytes + (b3 >> 7) * (L.page_bytes / 2);
@@ -562,9 +593,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int l = 0; l < NL; l++) w.s[i].k[l] = malloc(MAXT * row * 4), w.s[i].v[l] = malloc(MAXT * row * 4);
     int ops = 0;
     const char *verbose = getenv("KVQ_FUZZ_VERBOSE"); /* prints the operations and the cache's state */
-    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d outliers=%d params8=%d pages=%lld\n",
+    if (verbose) fprintf(stderr, "cache %s/%s H=%d D=%d G=%d R=%d P=%d S=%d outliers=%d params8=%d window8=%d pages=%lld\n",
                          kvq_type_get_traits(w.cfg.type_k)->name, kvq_type_get_traits(w.cfg.type_v)->name, w.H, w.D,
-                         w.L.group, w.cfg.residual, w.L.page_tokens, w.cfg.sinks, w.L.outliers, w.L.params8,
+                         w.L.group, w.cfg.residual, w.L.page_tokens, w.cfg.sinks, w.L.outliers, w.L.params8, w.cfg.window8,
                          (long long)(w.cfg.arena_bytes / w.L.page_bytes));
     while (r.n && ops++ < 64) {
         /* op 9 (subspace) only in SQuat caches: the corpus of caches without it keeps its meaning */

@@ -32,7 +32,7 @@ static double ulp_var(double x, int mant_bits, double min_ulp) {
 
 /* sink: tokens 0 .. sink-1 are fp16 sinks; the pages' key groups start at sink + k*G */
 static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int64_t sink, int64_t paged, int H, int D,
-                       int G, int Gv, double *var) {
+                       int G, int Gv, int win8, double *var) {
     for (int64_t tok = 0; tok < T; tok++)
         for (int h = 0; h < H; h++) {
             const float *row = x + ((size_t)tok * H + h) * D;
@@ -40,7 +40,9 @@ static void format_var(kvq_type t, kvq_role role, const float *x, int64_t T, int
             for (int d = 0; d < D; d++) amax = fmax(amax, fabs(row[d]));
             for (int d = 0; d < D; d++) {
                 double v, xi = row[d];
-                if (tok < sink || tok >= sink + paged || t == KVQ_TYPE_F16) {
+                if (win8 && tok >= sink + paged) { /* an 8-bit window (kvq.h section 10): Q8's step, then fp16 */
+                    v = (amax / 127) * (amax / 127) / 12 + ulp_var(xi, 10, 0x1p-24);
+                } else if (tok < sink || tok >= sink + paged || t == KVQ_TYPE_F16) {
                     v = ulp_var(xi, 10, 0x1p-24);
                 } else if (t == KVQ_TYPE_BF16) {
                     v = ulp_var(xi, 7, 0x1p-133);
@@ -117,6 +119,8 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
  * (outliers), p8 (8-bit parameters); len0: sequence 0's length (0: 300) */
 typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; int sinks; int len0; int outl; int p8; } combo;
 
+static int g_window8; /* cfg.window8 of run_combo's caches (kvq.h section 10, "8-bit window") */
+
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
 
@@ -164,7 +168,7 @@ static void run_combo(combo cb) {
     cfg.n_layers = 2, cfg.n_kv_heads = H, cfg.head_dim = cb.D, cfg.type_k = cb.tk, cfg.type_v = cb.tv;
     cfg.sinks = cb.sinks;
     cfg.arena_bytes = (size_t)H << 21, cfg.n_threads = 2, cfg.nonuniform = cb.nu, cfg.rotate = cb.rot;
-    cfg.outliers = cb.outl, cfg.params8 = cb.p8;
+    cfg.outliers = cb.outl, cfg.params8 = cb.p8, cfg.window8 = g_window8;
     if (cb.p8 == KVQ_ROLES_KV) cfg.qnorm = KVQ_ROLES_KV; /* 8-bit pairs nearest to Q-Norm's too */
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
@@ -227,8 +231,10 @@ static void run_combo(combo cb) {
         CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rk, (int)(lens[b] * H)));
         CHECK_OK(kvq_rotation_apply(c, 1, KVQ_VALUE, 0, rk + n, (int)(lens[b] * H)));
         CHECK_OK(kvq_rotation_apply(c, 1, KVQ_KEY, 0, rq, nqh));
-        format_var(cb.tk, KVQ_KEY, rk, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group, vk);
-        format_var(cb.tv, KVQ_VALUE, rk + n, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group, vv);
+        format_var(cb.tk, KVQ_KEY, rk, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group,
+                   g_window8 & 1, vk);
+        format_var(cb.tv, KVQ_VALUE, rk + n, lens[b], view.sink_tokens, view.paged_tokens, H, cb.D, L.group, L.value_group,
+                   g_window8 >> 1 & 1, vv);
         predicted_error(rq, 1, nqh, &pos, rk, rk + n, vk, vv, lens[b], H, cb.D, scale, cb.window, cb.softcap, &pnum,
                         &pden);
         free(vk), free(vv), free(rk), free(rq);
@@ -482,6 +488,18 @@ int main(void) {
         }
     run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_FP8, 64, 2, 0, 0.0f, 2, 0, 0, 0, 0, 0, KVQ_ROLES_KV}); /* per-token types ignore it */
     n++;
+    /* 8-bit windows: the driver expands a head's window rows to fp16 before the kernels read them; every table
+     * against kvq_read's contents, decode (fused kernels) and prefill (37 rows: the fp32 path), with 8-bit
+     * parameters, sinks, a sliding window, rotation, soft-cap and a split over work items (len0 1300) */
+    for (int di = 0; di < 5; di++)
+        for (g_window8 = 1; g_window8 <= 3; g_window8++) {
+            if (quick && g_window8 != 3 && di % 2) continue;
+            run_combo((combo){KVQ_TYPE_Q4, KVQ_TYPE_Q4, dims[di], 4, 0, 0.0f, 2, 0, di % 2 ? KVQ_ROLES_KV : 0, 0, 0, 0, di % 2 ? 3 : 0});
+            run_combo((combo){KVQ_TYPE_Q2, KVQ_TYPE_Q3, dims[di], 3, di % 2 ? 100 : 0, 30.0f, 3, 3, KVQ_ROLES_KV, 1, di == 2 ? 1300 : 0, 0, 0});
+            run_combo((combo){KVQ_TYPE_Q8, KVQ_TYPE_Q4, dims[di], 2, 0, 0.0f, 1, 0, 0, 0, 0, 0, 0});
+            n += 3;
+        }
+    g_window8 = 0;
     /* Q3 at D = 128 too, where its value kernels take 8-bit weights and keep a dominant one exact as Q4/Q2's do.
      * (Q3 at D = 64, whose SIMD kernels keep int16 weights, measured 8.5e-8 .. 3.2e-7 here with the token at 3, on
      * the kernels before this change as well: not yet under this bound.) */

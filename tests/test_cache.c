@@ -17,11 +17,13 @@ static float tu_f16_to_f32(uint16_t h) {
 
 static int g_sinks = 0; /* cfg.sinks of the caches make() creates: the tests below count pages and window rows of the
                          * layout without sinks unless they set it */
+static int g_window8 = 0; /* cfg.window8 of the caches make() creates */
 
 static kvq_cache *make(kvq_type tk, kvq_type tv, size_t arena, int residual, int max_seqs) {
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = NL, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv;
     cfg.arena_bytes = arena, cfg.residual = residual, cfg.max_seqs = max_seqs, cfg.sinks = g_sinks;
+    cfg.window8 = g_window8;
     cfg.rotate = 0; /* the checks below read back exact fp16 or the formats' own bounds; test_rotate covers R */
     kvq_cache *c = NULL;
     CHECK_OK(kvq_cache_create(&cfg, &c));
@@ -485,7 +487,10 @@ static void test_sizing_overflow(void) {
  * 192 rows per layer (2.2x an F16 cache's resident bytes at 10 tokens). They grow with the window now, doubling up to
  * W = R + G rows, and window_bytes reports what is allocated. */
 static void test_window_growth(void) {
-    const size_t row = (size_t)H * D * 2 * 2 * NL; /* one window row, K and V, every layer */
+    /* one window row, K and V, every layer: fp16 [H][D], or 8-bit codes [H][D] and fp16 scales [H] */
+    const size_t rk = (g_window8 & KVQ_ROLES_K) ? (size_t)H * (D + 2) : (size_t)H * D * 2;
+    const size_t rv = (g_window8 & KVQ_ROLES_V) ? (size_t)H * (D + 2) : (size_t)H * D * 2;
+    const size_t row = (rk + rv) * NL;
     kvq_cache *f16 = make(KVQ_TYPE_F16, KVQ_TYPE_F16, 1u << 20, 0, 4), *q4 = make(KVQ_TYPE_Q4, KVQ_TYPE_Q4, 1u << 20, -1, 4);
     const int n = 400;
     float *k = malloc((size_t)n * H * D * 4), *v = malloc((size_t)n * H * D * 4);
@@ -864,6 +869,16 @@ int main(void) {
     test_window_growth();
     for (int t = 0; t < KVQ_TYPE_COUNT; t++)
         if (kvq_type_get_traits((kvq_type)t)->implemented) test_accounting_fork_truncate((kvq_type)t);
+    /* 8-bit windows (kvq.h section 10): the same accounting, growth, fork, truncate (tokens back from the pages are
+     * stored at 8 bits again), sinks and failure paths, for each role set */
+    for (g_window8 = 1; g_window8 <= 3; g_window8++) {
+        test_window_growth();
+        test_accounting_fork_truncate(g_window8 == 2 ? KVQ_TYPE_Q3 : KVQ_TYPE_Q4);
+        test_accounting_fork_truncate(KVQ_TYPE_Q8); /* no window (R = 0): nothing changes */
+        test_sinks(KVQ_TYPE_Q2, 4 * g_window8 - 3, -1);
+        if (g_window8 == 3) test_every_oom_path();
+    }
+    g_window8 = 0;
     test_bad_input();
     test_full_then_free();
     return tu_finish("test_cache");

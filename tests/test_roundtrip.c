@@ -2,6 +2,7 @@
  * bounds each format promises (kvq.h section 5), plus the bytes-per-token targets at D = 128. */
 #include "testutil.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /* NMSE bounds on Gaussian-like data with outlier channels (measured values are printed; bounds ~2x above) */
@@ -481,7 +482,144 @@ static void test_params8(void) {
     kvq_cache_free(c);
 }
 
+/* 8-bit windows (kvq.h section 10, "8-bit window"): the model is that a cache with window8 = R holds exactly what a
+ * cache without it holds when given, for the roles in R, each token's 8-bit rounding instead of the token: codes
+ * rint(x / s) within +-127 under s = fp16(max |x| / 127) per token and head, decoded as fp16(code * s). Written here
+ * from kvq.h with the compiler's _Float16 (not the core's conversions); checked on the rows kvq_seq_view exposes,
+ * through kvq_read at every length of token-by-token and chunked appends (window, flushes to pages, truncate back
+ * into the window, fork), with outlier channels and every head dim. */
+static float f16r(float x) { return (float)(_Float16)x; }
+static void round8(const float *x, float *y, int H, int D, int8_t *codes, float *scales) {
+    for (int h = 0; h < H; h++) {
+        float amax = 0;
+        for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(x[h * D + d]));
+        float sc = f16r(amax / 127.0f);
+        for (int d = 0; d < D; d++) {
+            float q = sc > 0 ? rintf(x[h * D + d] / sc) : 0;
+            q = q > 127 ? 127 : q < -127 ? -127 : q;
+            if (codes) codes[h * D + d] = (int8_t)q;
+            y[h * D + d] = f16r((float)(int8_t)q * sc); /* an integer code: 0, never -0 */
+        }
+        if (scales) scales[h] = sc;
+    }
+}
+
+static void window8_case(kvq_type t, int D, int roles, int sinks) {
+    const int H = 2, n = 300, NLy = 1;
+    const size_t row = (size_t)H * D;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = NLy, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = t, cfg.arena_bytes = 4u << 20;
+    cfg.rotate = 0, cfg.sinks = sinks, cfg.residual = t == KVQ_TYPE_Q8 ? 5 : 32;
+    kvq_cache_config c8 = cfg;
+    c8.window8 = roles;
+    kvq_cache *a = NULL, *b = NULL;
+    CHECK_OK(kvq_cache_create(&c8, &a));
+    CHECK_OK(kvq_cache_create(&cfg, &b));
+    if (!a || !b) return;
+    float *k = malloc(row * n * 4), *v = malloc(row * n * 4), *k8 = malloc(row * n * 4), *v8 = malloc(row * n * 4);
+    float *ra = malloc(row * n * 8), *rb = malloc(row * n * 8), *sk = malloc((size_t)H * n * 4);
+    int8_t *ck = malloc(row * n);
+    tu_fill_kv(k, v, n, H, D);
+    for (int i = 0; i < n; i++) {
+        round8(k + i * row, k8 + i * row, H, D, ck + i * row, sk + (size_t)i * H);
+        round8(v + i * row, v8 + i * row, H, D, NULL, NULL);
+    }
+    /* what b is given: the 8-bit rounding for a's 8-bit roles, except for the sinks (exact fp16 in both) */
+    float *mk = malloc(row * n * 4), *mv = malloc(row * n * 4);
+    for (size_t e = 0; e < row * n; e++) {
+        bool sink = e < row * (size_t)sinks;
+        mk[e] = roles & KVQ_ROLES_K && !sink ? k8[e] : k[e];
+        mv[e] = roles & KVQ_ROLES_V && !sink ? v8[e] : v[e];
+    }
+    int32_t sa, sb;
+    CHECK_OK(kvq_seq_new(a, &sa));
+    CHECK_OK(kvq_seq_new(b, &sb));
+    const char *name = kvq_type_get_traits(t)->name;
+    int bad = 0, checks = 0;
+    double worst = 0; /* |x - read| / s over the window's keys: <= 0.5 step + fp16 rounding */
+    for (int len = 0; len < n;) {
+        int32_t piece = len < 100 ? 1 : len < 200 ? 37 : 13;
+        if (len + piece > n) piece = n - len;
+        CHECK_OK(kvq_append(a, 0, 1, &sa, &piece, KVQ_DTYPE_F32, k + len * row, v + len * row));
+        CHECK_OK(kvq_append(b, 0, 1, &sb, &piece, KVQ_DTYPE_F32, mk + len * row, mv + len * row));
+        len += piece;
+        CHECK_OK(kvq_read(a, sa, 0, 0, len, ra, ra + (size_t)len * row));
+        CHECK_OK(kvq_read(b, sb, 0, 0, len, rb, rb + (size_t)len * row));
+        bad += memcmp(ra, rb, 2 * (size_t)len * row * 4) != 0, checks++;
+        kvq_seq_view w;
+        CHECK_OK(kvq_seq_view_get(a, sa, 0, &w));
+        int64_t w0 = w.sink_tokens + w.paged_tokens;
+        CHECK((w.window8_k != NULL) == ((roles & 1) && w.window_capacity) && (w.window_k == NULL) == (roles & 1 || !w.window_capacity) &&
+              (w.window8_v != NULL) == ((roles & 2) && w.window_capacity) && w.window8_row_bytes == (size_t)H * (D + 2),
+              "%s D=%d window8 %d: view pointers", name, D, roles);
+        for (int r = 0; r < w.window_tokens && w.window8_k; r++) /* the key rows' bytes */
+            for (int h = 0; h < H; h++) {
+                const uint8_t *wr = w.window8_k + (size_t)r * w.window8_row_bytes;
+                _Float16 s16;
+                memcpy(&s16, wr + row + 2 * h, 2);
+                bad += (float)s16 != sk[(w0 + r) * H + h] || memcmp(wr + h * D, ck + (w0 + r) * row + h * D, D);
+                for (int d = 0; d < D; d++) {
+                    float x = k[(w0 + r) * row + h * D + d], y = ra[(w0 + r) * row + h * D + d];
+                    if ((float)s16 > 0) worst = fmax(worst, (fabs(x - y) - fabs(x) * 0x1p-11) / (float)s16);
+                }
+            }
+    }
+    CHECK(bad == 0, "%s D=%d window8 %d sinks %d: %d of %d reads or window rows differ from the model", name, D, roles,
+          sinks, bad, checks);
+    CHECK(worst <= 0.5 + 1e-3, "%s D=%d window8 %d: a window key off by %g steps", name, D, roles, worst);
+    /* fork, then truncate into the pages (tokens back to the window, rounded to 8 bits again) and re-append */
+    int32_t fa, fb;
+    CHECK_OK(kvq_seq_fork(a, sa, &fa));
+    CHECK_OK(kvq_seq_fork(b, sb, &fb));
+    int cut = 150 + D % 7;
+    /* b's fork before its truncate: the tokens a truncate moves back hold what their pages decode to */
+    float *pre = malloc(row * n * 8);
+    CHECK_OK(kvq_read(b, fb, 0, 0, cut, pre, pre + (size_t)cut * row));
+    CHECK_OK(kvq_seq_truncate(a, fa, cut));
+    CHECK_OK(kvq_seq_truncate(b, fb, cut));
+    CHECK_OK(kvq_read(a, fa, 0, 0, cut, ra, ra + (size_t)cut * row));
+    CHECK_OK(kvq_read(b, fb, 0, 0, cut, rb, rb + (size_t)cut * row));
+    /* moved tokens of a's 8-bit roles (a grouped type's cut group; none for Q8, flushed token by token): the 8-bit
+     * rounding of that (b's: its fp16) */
+    kvq_seq_view w;
+    CHECK_OK(kvq_seq_view_get(a, fa, 0, &w));
+    for (int64_t i = w.sink_tokens + w.paged_tokens; i < cut; i++) {
+        if (roles & 1) round8(pre + i * row, rb + i * row, H, D, NULL, NULL);
+        if (roles & 2) round8(pre + ((size_t)cut + i) * row, rb + ((size_t)cut + i) * row, H, D, NULL, NULL);
+    }
+    CHECK(w.window_tokens == cut - w.sink_tokens - w.paged_tokens && (w.window_tokens > 0 || t == KVQ_TYPE_Q8),
+          "%s D=%d window8 %d: truncate to %d leaves %d window tokens", name, D, roles, cut, w.window_tokens);
+    CHECK(!memcmp(ra, rb, 2 * (size_t)cut * row * 4), "%s D=%d window8 %d: truncate to %d", name, D, roles, cut);
+    free(pre);
+    /* the parent is unchanged and reads as before */
+    CHECK_OK(kvq_read(a, sa, 0, 0, n, ra, ra + (size_t)n * row));
+    CHECK_OK(kvq_read(b, sb, 0, 0, n, rb, rb + (size_t)n * row));
+    CHECK(!memcmp(ra, rb, 2 * (size_t)n * row * 4), "%s D=%d window8 %d: parent after the fork's truncate", name, D, roles);
+    kvq_cache_stats st;
+    kvq_cache_get_stats(a, &st);
+    size_t wrow = ((roles & 1) ? (size_t)H * (D + 2) : row * 2) + ((roles & 2) ? (size_t)H * (D + 2) : row * 2);
+    kvq_seq_view wa;
+    CHECK_OK(kvq_seq_view_get(a, sa, 0, &wa));
+    CHECK(st.window_bytes == (size_t)(wa.window_capacity + w.window_capacity) * wrow, "%s D=%d window8 %d: window bytes %zu",
+          name, D, roles, st.window_bytes);
+    free(k), free(v), free(k8), free(v8), free(mk), free(mv), free(ra), free(rb), free(sk), free(ck);
+    kvq_cache_free(a), kvq_cache_free(b);
+}
+
+static void test_window8(void) {
+    static const int dims[] = {64, 80, 96, 128, 256};
+    for (int i = 0; i < 5; i++)
+        for (int roles = 1; roles <= 3; roles++) {
+            window8_case(i == 2 ? KVQ_TYPE_Q3 : i == 4 ? KVQ_TYPE_Q2 : KVQ_TYPE_Q4, dims[i], roles, i % 2);
+            if (roles == 3) window8_case(KVQ_TYPE_Q8, dims[i], roles, 0); /* a per-token type's window (R = 5) */
+        }
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q4, cfg.arena_bytes = 1u << 20;
+    refuses_bad_roles(cfg, offsetof(kvq_cache_config, window8), "window8");
+}
+
 int main(void) {
+    test_window8();
     test_params8();
     test_qnorm();
     test_outliers();

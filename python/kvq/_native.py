@@ -137,7 +137,7 @@ class CacheConfig(C.Structure):
                 ("rope_neox", C.c_int), ("rope_theta", C.c_float), ("rope_freqs", C.POINTER(C.c_float)),
                 ("squat_rank", C.c_int), ("squat_lambda", C.c_float),
                 ("rotation_layers", C.POINTER(C.c_int32)),  # NULL: the cache's layer indices seed the signs
-                ("qnorm", C.c_int), ("outliers", C.c_int), ("params8", C.c_int)]
+                ("qnorm", C.c_int), ("outliers", C.c_int), ("params8", C.c_int), ("window8", C.c_int)]
 
 
 class PageLayout(C.Structure):
@@ -392,7 +392,8 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
                 residual: int = -1, max_seqs: int = 0, n_threads: int = 0, rotate: int = -1, rotation_seed: int = 0,
                 sinks: int = -1, nonuniform: int = -1, prerope: int = 0, rope_neox: int = 0, rope_theta: float = 0.0,
                 rope_freqs=None, squat_rank: int = 0, squat_lambda: float = 0.0,
-                rotation_layers=None, qnorm: int = -1, outliers: int = -1, params8: int = -1) -> CacheConfig:
+                rotation_layers=None, qnorm: int = -1, outliers: int = -1, params8: int = -1,
+                window8: int = -1) -> CacheConfig:
     """A kvq_cache_config with every field checked against its C type (the values themselves: kvq_cache_create).
     rotate, sinks, nonuniform: kvq.h section 10 (-1: the default for the types; 0: off). prerope (0/1), rope_neox,
     rope_theta, rope_freqs (None or head_dim / 2 inverse frequencies): pre-RoPE keys, kvq.h section 10; the
@@ -404,13 +405,15 @@ def make_config(n_layers: int, n_kv_heads: int, head_dim: int, type_k: TypeSpec 
     qnorm: Q-Norm of the grouped roles (kvq.h section 10, "Q-Norm"): a role set, -1 the library's default (none), 0
     none. outliers: dense-and-sparse outliers of the grouped roles (kvq.h section 10, "Outliers"): a role set, -1 the
     library's default (none), 0 none; CPU caches only. params8: 8-bit group parameters of the grouped roles (kvq.h
-    sections 5 and 10): a role set, -1 the library's default (fp16 pairs), 0 none; CPU caches only."""
+    sections 5 and 10): a role set, -1 the library's default (fp16 pairs), 0 none; CPU caches only. window8: 8-bit
+    residual windows (kvq.h section 10, "8-bit window"): a role set, -1 the library's default (fp16), 0 none; CPU
+    caches only."""
     vals = {n: _int(x, n) for n, x in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                                         ("page_tokens", page_tokens), ("group", group), ("residual", residual),
                                         ("max_seqs", max_seqs), ("n_threads", n_threads), ("rotate", rotate),
                                         ("sinks", sinks), ("nonuniform", nonuniform), ("prerope", prerope),
                                         ("rope_neox", rope_neox), ("squat_rank", squat_rank), ("qnorm", qnorm),
-                                        ("outliers", outliers), ("params8", params8))}
+                                        ("outliers", outliers), ("params8", params8), ("window8", window8))}
     if isinstance(squat_lambda, bool) or not isinstance(squat_lambda, (int, float, np.integer, np.floating)) or \
             not np.isfinite(float(squat_lambda)):
         raise ValueError(f"kvq: squat_lambda must be a finite number (<= 0: auto), not {squat_lambda!r}")
@@ -534,10 +537,10 @@ class Cache:
                  rotate: int = -1, rotation_seed: int = 0, sinks: int = -1, nonuniform: int = -1, prerope: int = 0,
                  rope_neox: int = 0, rope_theta: float = 0.0, rope_freqs=None, squat_rank: int = 0,
                  squat_lambda: float = 0.0, rotation_layers=None, qnorm: int = -1, outliers: int = -1,
-                 params8: int = -1):
+                 params8: int = -1, window8: int = -1):
         cfg = make_config(n_layers, n_kv_heads, head_dim, type_k, type_v, 0, page_tokens, group, residual, max_seqs,
                           n_threads, rotate, rotation_seed, sinks, nonuniform, prerope, rope_neox, rope_theta,
-                          rope_freqs, squat_rank, squat_lambda, rotation_layers, qnorm, outliers, params8)
+                          rope_freqs, squat_rank, squat_lambda, rotation_layers, qnorm, outliers, params8, window8)
         if arena_bytes is None:
             max_tokens = _nonneg(max_tokens, "max_tokens", INT64_MAX, "int64")
             arena_bytes = arena_bytes_for(n_layers, n_kv_heads, head_dim, type_k, type_v, max_tokens, 1,

@@ -210,6 +210,8 @@ class KVQCache(Cache):
             0 and -1 off (the default).
         params8: 8-bit group parameters of the grouped roles (kvq.h sections 5 and 10; CPU only): a role set, 0 and -1
             off (the default, fp16 pairs); 0.25 bits per element less at group 64.
+        window8: 8-bit residual windows (kvq.h section 10, "8-bit window"; CPU only): a role set, 0 and -1 off (the
+            default, fp16 windows); the window's rows as int8 with a scale per token and head, half the bytes.
         squat_rank, squat_lambda: SQuat keys (kvq.h section 10; CPU only): the keys' quantization error is kept out of
             the subspace of the first prefill's queries (the top squat_rank eigenvectors of Q^T Q per sequence, layer
             and KV head, computed here from the queries the attention receives, set before the keys are appended).
@@ -230,7 +232,7 @@ class KVQCache(Cache):
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
                  nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0,
                  plan: Plan | str | os.PathLike | None = None, qnorm: int = -1, outliers: int = 0,
-                 params8: int = 0) -> None:
+                 params8: int = 0, window8: int = 0) -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
         if plan is not None:
@@ -259,6 +261,7 @@ class KVQCache(Cache):
                                     ("qnorm", qnorm, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("outliers", outliers, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("params8", params8, 3, "a role set: 1 keys, 2 values, 3 both"),
+                                    ("window8", window8, 3, "a role set: 1 keys, 2 values, 3 both"),
                                     ("sinks", sinks, 1024, "tokens kept exact, 0 .. 1024")):
             if not -1 <= N._int(val, name) <= hi:
                 raise ValueError(f"kvq: {name} = {val} must be -1 (kvq's default), 0 (off) or {what}")
@@ -293,6 +296,7 @@ class KVQCache(Cache):
         self.kvq_qnorm = int(qnorm)
         self.kvq_outliers = max(int(outliers), 0)
         self.kvq_params8 = max(int(params8), 0)
+        self.kvq_window8 = max(int(window8), 0)
         self._squat_set: set = set()  # (group index, sequence, local layer) whose key subspace is set
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
@@ -389,6 +393,8 @@ class KVQCache(Cache):
                 raise ValueError(f"kvq: the CUDA backend has no dense-and-sparse outliers: outliers={self.kvq_outliers}")
             if self.kvq_params8:
                 raise ValueError(f"kvq: the CUDA backend reads fp16 group parameters only: params8={self.kvq_params8}")
+            if self.kvq_window8:
+                raise ValueError(f"kvq: the CUDA backend keeps fp16 windows only: window8={self.kvq_window8}")
             if self.kvq_squat[0] > 0:
                 raise ValueError("kvq: the CUDA backend has no SQuat keys (kvq.h section 10): squat_rank="
                                  f"{self.kvq_squat[0]}")
@@ -423,6 +429,7 @@ class KVQCache(Cache):
                                 n_threads=self.kvq_n_threads, squat_rank=rank, squat_lambda=self.kvq_squat[1],
                                 rotation_layers=rl,
                                 qnorm=qn, outliers=self.kvq_outliers, params8=self.kvq_params8,
+                                window8=self.kvq_window8,
                                 **self.kvq_quality)
                 handles.append(h)
                 seqs = [h.seq_new() for _ in range(B)]

@@ -47,6 +47,7 @@ typedef struct kvq_cli_mix {
     int qnorm;              /* Q-Norm: KVQ_ROLES_*, -1 the engine's default (llama_default_qnorm) */
     int outliers;           /* dense-and-sparse outliers: KVQ_ROLES_*, 0 none, -1 the engine's (llama_default_outliers) */
     int params8;            /* 8-bit group parameters: KVQ_ROLES_*, 0 and -1 none */
+    int window8;            /* 8-bit residual windows: KVQ_ROLES_*, 0 and -1 none */
     uint32_t rotation_seed; /* 0: the library's fixed default seed */
     int prerope;            /* pre-RoPE keys: 1 on, 0 off, -1 the engine's default (llama_default_prerope) */
     int local_types;        /* 1: sliding-window layers (Gemma 3's local ones) use type_k_local/type_v_local */
@@ -72,6 +73,7 @@ typedef struct kvq_cli_opts {
     int qnorm;                     /* --kv-qnorm: -1 (default) = the engine's default (llama_default_qnorm) */
     int outliers;                  /* --kv-outliers: -1 (default) = none */
     int params8;                   /* --kv-params8: -1 (default) = none */
+    int window8;                   /* --kv-window8: -1 (default) = none */
     uint32_t rotation_seed;        /* --rotation-seed; 0 = the library's fixed default seed */
     int prerope;                   /* --kv-prerope: 1, 0, -1 (default) = the engine's default for the key type */
     int squat_rank;                /* --kv-squat: 0..32, -1 (default) = the engine's default for the key type */

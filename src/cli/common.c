@@ -192,6 +192,7 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     cc.nonuniform = mix->nonuniform;
     cc.outliers = mix->outliers == -1 ? llama_default_outliers(mix->type_k) : mix->outliers; /* the CPU engine's */
     cc.params8 = mix->params8;
+    cc.window8 = mix->window8;
     size_t a = kvq_cache_arena_bytes_for(&cc, tokens);
     if (a == 0) {
         int64_t why = kvq_cache_capacity_tokens(&cc); /* fails at the same check, with its status and message */
@@ -209,8 +210,9 @@ kvq_status kvq_cli_kv_bytes(int n_layers, int n_kv_heads, int head_dim, const kv
     if (st) return st;
     *pages = (double)a;
     /* sinks: the first `sinks` tokens kept exact in fp16 (kvq.h section 10), counted here like the window */
-    *windows = (double)(got.residual + lay.group + got.sinks) * n_kv_heads * head_dim * 2.0 /* fp16 */ * 2.0 /* K, V */ *
-               n_layers;
+    /* a window row of one role: fp16 [H][D], or 8-bit codes [H][D] + fp16 scales [H] (kvq.h section 10) */
+    double rk = got.window8 & KVQ_ROLES_K ? head_dim + 2.0 : 2.0 * head_dim, rv = got.window8 & KVQ_ROLES_V ? head_dim + 2.0 : 2.0 * head_dim;
+    *windows = ((double)(got.residual + lay.group) * (rk + rv) + (double)got.sinks * 4.0 * head_dim) * n_kv_heads * n_layers;
     return KVQ_OK;
 }
 
@@ -277,6 +279,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->qnorm = mix->qnorm;
     cp->outliers = mix->outliers;
     cp->params8 = mix->params8;
+    cp->window8 = mix->window8;
     cp->rotation_seed = mix->rotation_seed;
     cp->prerope = mix->prerope;
     cp->local_types = mix->local_types;

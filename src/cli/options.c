@@ -56,7 +56,7 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->parallel = 1;
     o->max_file = KVQ_CLI_DEFAULT_MAX_FILE;
     o->type_k = o->type_v = KVQ_TYPE_F16;
-    o->rotate = o->sinks = o->nonuniform = o->qnorm = o->outliers = o->params8 = -1;
+    o->rotate = o->sinks = o->nonuniform = o->qnorm = o->outliers = o->params8 = o->window8 = -1;
     o->rotation_seed = 0;
     o->prerope = -1;
     o->squat_rank = -1;
@@ -102,7 +102,7 @@ int kvq_cli_parse_int_list(const char *s, int lo, int hi, int max, int *out, int
 kvq_cli_mix kvq_cli_single_mix(const kvq_cli_opts *o) {
     kvq_cli_mix m = {.type_k = o->type_k, .type_v = o->type_v, .residual = o->residual, .group = o->group,
                      .rotate = o->rotate, .sinks = o->sinks, .nonuniform = o->nonuniform, .qnorm = o->qnorm,
-                     .outliers = o->outliers, .params8 = o->params8,
+                     .outliers = o->outliers, .params8 = o->params8, .window8 = o->window8,
                      .rotation_seed = o->rotation_seed, .prerope = o->prerope, .local_types = o->local_types,
                      .type_k_local = o->type_k_local, .type_v_local = o->type_v_local, .squat_rank = o->squat_rank,
                      .squat_lambda = o->squat_lambda, .n_layer_types = o->n_layer_types,
@@ -319,9 +319,9 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
     buf[len] = '\0';
     *m = *g;
     memcpy(m->name, buf, len + 1);
-    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_SQUAT, S_LAMBDA, S_LAYERS, S_QNORM, S_OUTL, S_P8, S_N };
+    enum { S_R, S_G, S_ROT, S_SINKS, S_NUQ, S_SEED, S_PRE, S_LOCAL, S_SQUAT, S_LAMBDA, S_LAYERS, S_QNORM, S_OUTL, S_P8, S_W8, S_N };
     static const char *const what[S_N] = {":rR", ":gG", ":rot=", ":sinks=", ":nuq=", ":seed=", ":pre=", ":local=",
-                                           ":squat=", ":lambda=", ":layers=", ":qnorm=", ":outl=", ":p8="};
+                                           ":squat=", ":lambda=", ":layers=", ":qnorm=", ":outl=", ":p8=", ":w8="};
     int seen[S_N] = {0};
     for (char *colon; (colon = strrchr(buf, ':')) != NULL; *colon = '\0') {
         const char *x = colon + 1;
@@ -338,13 +338,14 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         else if (strncmp(x, "qnorm=", 6) == 0) k = S_QNORM, x += 6;
         else if (strncmp(x, "outl=", 5) == 0) k = S_OUTL, x += 5;
         else if (strncmp(x, "p8=", 3) == 0) k = S_P8, x += 3;
+        else if (strncmp(x, "w8=", 3) == 0) k = S_W8, x += 3;
         else if (x[0] == 'r' && x[1] >= '0' && x[1] <= '9') k = S_R, x += 1;
         else if (x[0] == 'g' && x[1] >= '0' && x[1] <= '9') k = S_G, x += 1;
         else if ((x[0] == 'r' || x[0] == 'g') && x[1] == '-') k = x[0] == 'r' ? S_R : S_G, x += 1; /* named range error */
         else
             return kvq_cli_fail(err, n,
                         "--compare: entry '%s': '%s' is not a suffix (:rRESIDUAL, :gGROUP, :rot=none|k|v|kv, :sinks=N, "
-                        ":nuq=none|k|v|kv, :qnorm=none|k|v|kv, :outl=none|k|v|kv, :p8=none|k|v|kv, :seed=N, :pre=0|1, :squat=R, :lambda=auto|X, :local=TYPE[/TYPE], "
+                        ":nuq=none|k|v|kv, :qnorm=none|k|v|kv, :outl=none|k|v|kv, :p8=none|k|v|kv, :w8=none|k|v|kv, :seed=N, :pre=0|1, :squat=R, :lambda=auto|X, :local=TYPE[/TYPE], "
                         ":layers=A[-B]@TYPE[/TYPE]+...)", m->name, colon);
         if (seen[k]++) return kvq_cli_fail(err, n, "--compare: entry '%s' gives %s more than once (each at most once)", m->name, what[k]);
         int64_t v;
@@ -357,6 +358,7 @@ static int parse_mix(const char *s, size_t len, kvq_cli_mix *m, const kvq_cli_mi
         case S_QNORM: if (kvq_cli_parse_roles(x, 0, &m->qnorm, "--compare: Q-Norm (:qnorm=)", err, n)) return -1; break;
         case S_OUTL: if (kvq_cli_parse_roles(x, 0, &m->outliers, "--compare: outliers (:outl=)", err, n)) return -1; break;
         case S_P8: if (kvq_cli_parse_roles(x, 0, &m->params8, "--compare: 8-bit parameters (:p8=)", err, n)) return -1; break;
+        case S_W8: if (kvq_cli_parse_roles(x, 0, &m->window8, "--compare: 8-bit windows (:w8=)", err, n)) return -1; break;
         case S_PRE: if (parse_int(x, 0, 1, &m->prerope, "--compare: pre-RoPE keys (:pre=)", err, n)) return -1; break;
         case S_SQUAT: if (parse_int(x, 0, 32, &m->squat_rank, "--compare: SQuat rank (:squat=)", err, n)) return -1; break;
         case S_LAMBDA:
@@ -416,7 +418,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
     O_THREADS, O_BATCH, O_DECODE_ATTN, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
-    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_QNORM, O_KV_OUTLIERS, O_KV_PARAMS8, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_KV_PLAN, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
+    O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_QNORM, O_KV_OUTLIERS, O_KV_PARAMS8, O_KV_WINDOW8, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_KV_PLAN, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
 #define P (1u << KVQ_CLI_PPL)
@@ -468,6 +470,7 @@ static const optdef OPTS[] = {
     {O_KV_QNORM, R | P | C | K, 1, {"--kv-qnorm"}},
     {O_KV_OUTLIERS, R | P | C | K, 1, {"--kv-outliers"}},
     {O_KV_PARAMS8, R | P | C | K, 1, {"--kv-params8"}},
+    {O_KV_WINDOW8, R | P | C | K, 1, {"--kv-window8"}},
     {O_KV_PREROPE, R | P | C | K, 1, {"--kv-prerope"}},
     {O_KV_SQUAT, R | P | K, 1, {"--kv-squat"}},
     {O_KV_SQUAT_LAMBDA, R | P | K, 1, {"--kv-squat-lambda"}},
@@ -579,6 +582,7 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_KV_QNORM: if (kvq_cli_parse_roles(v, 1, &o->qnorm, a, err, n)) return -1; break;
         case O_KV_OUTLIERS: if (kvq_cli_parse_roles(v, 1, &o->outliers, a, err, n)) return -1; break;
         case O_KV_PARAMS8: if (kvq_cli_parse_roles(v, 1, &o->params8, a, err, n)) return -1; break;
+        case O_KV_WINDOW8: if (kvq_cli_parse_roles(v, 1, &o->window8, a, err, n)) return -1; break;
         case O_KV_TYPE_LOCAL: {
             char tb[64];
             if (strlen(v) >= sizeof tb) return kvq_cli_fail(err, n, "%s: '%.40s...' is too long", a, v);
@@ -735,6 +739,9 @@ static void kv_help(FILE *f, int cmd) {
             "  --kv-params8 R          8-bit group parameters for the q4/q3/q2 roles none|k|v|kv: each group's (scale,\n"
             "                          min) in two bytes, 0.25 bits per element less at G = 64 (kvq.h sections 5, 10;\n"
             "                          CPU only; default: none)\n"
+            "  --kv-window8 R          8-bit residual windows for the roles none|k|v|kv: the window's rows (the keys'\n"
+            "                          partial group too) as int8 with a scale per token and head, half of fp16's bytes\n"
+            "                          (kvq.h section 10; CPU only; default: none)\n"
             "  --kv-prerope 0|1        1: the cache stores keys before RoPE and applies it in attention (kvq.h section 10;\n"
             "                          default: 1 for q2 keys on the CPU, else 0)\n",
             lib.residual_grouped, lib.residual_per_token, lib.group);
@@ -827,7 +834,8 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "                          an entry is a type (q4) or K/V mix (q8/q4 = keys q8, values q4), optionally\n"
                 "                          with suffixes, each at most once: :rR (residual window), :gG (group size),\n"
                 "                          :rot=none|k|v|kv, :sinks=N, :nuq=none|k|v|kv, :qnorm=none|k|v|kv,\n"
-                "                          :outl=none|k|v|kv, :p8=none|k|v|kv, :seed=N, :pre=0|1, :squat=R,\n"
+                "                          :outl=none|k|v|kv, :p8=none|k|v|kv, :w8=none|k|v|kv, :seed=N, :pre=0|1,\n"
+                "                          :squat=R,\n"
                 "                          :lambda=auto|X (kvq.h section 10; unset: the --kv-* options), :local=T[/T]\n"
                 "                          (sliding-window layers' types, as --kv-type-local), :layers=SPEC (as\n"
                 "                          --kv-layers); or plan=FILE (a kvq-plan file, as --kv-plan), e.g.\n"

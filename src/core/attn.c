@@ -194,6 +194,8 @@ typedef struct scratch {
     int rope_n;
     /* 8-bit parameters: the current key and value blocks' pairs in fp16 (kvq__params_halves each; NULL: none) */
     uint16_t *pk, *pv;
+    /* 8-bit windows: one head's window rows in fp16 [W][D] per 8-bit role (NULL: the role's window is fp16) */
+    uint16_t *wk, *wv;
 } scratch;
 
 #define SEG (KVQ_TILE * 8) /* tokens per softmax segment */
@@ -220,6 +222,18 @@ static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
     kvq__blk b = {KVQ_TYPE_F16, KVQ_KEY, NULL, 0, NULL, NULL, c->L.head_dim, 1, 1, NULL, NULL, 0, 0, NULL, NULL};
     b.data = (const uint8_t *)(w + (size_t)h * c->L.head_dim);
     b.stride = (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
+    return b;
+}
+
+/* The residual window of one role and head, rows [r0, r1): fp16 in place, or an 8-bit window's rows expanded into
+ * out [W][D] at their own row indices (a cost of the window's size, not the context's) */
+static kvq__blk res_window_blk(const kvq_cache *c, const kvq_seq_layer *sl, kvq_role role, int h, int r0, int r1,
+                               uint16_t *out) {
+    if (!kvq__win8(c, role)) return window_blk(c, (const uint16_t *)(const void *)(role == KVQ_KEY ? sl->wk : sl->wv), h);
+    const int D = c->L.head_dim;
+    for (int r = r0; r < r1; r++) kvq__win_get_f16(c, role, kvq__win_row(c, sl, role, r), h, out + (size_t)r * D);
+    kvq__blk b = window_blk(c, out, 0);
+    b.stride = (size_t)D * sizeof(uint16_t);
     return b;
 }
 
@@ -509,8 +523,10 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
     if (t < t1)
         for (int hh = 0; hh < w->nh; hh++) {
             work v = head_view(w, hh);
-            kvq__blk kb = window_blk(c, sl->wk, v.h), vb = window_blk(c, sl->wv, v.h);
-            attend_block(K, &kb, &vb, (int)(t - pend), (int)(t1 - pend), pend, &v, p, sc, &sc->qst[hh]);
+            int r0 = (int)(t - pend), r1 = (int)(t1 - pend);
+            kvq__blk kb = res_window_blk(c, sl, KVQ_KEY, v.h, r0, r1, sc->wk);
+            kvq__blk vb = res_window_blk(c, sl, KVQ_VALUE, v.h, r0, r1, sc->wv);
+            attend_block(K, &kb, &vb, r0, r1, pend, &v, p, sc, &sc->qst[hh]);
         }
 }
 
@@ -616,7 +632,9 @@ static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_
     size_t one = (sizeof(scratch) + 63) / 64 * 64, tab = c->cfg.prerope ? (size_t)SEG * c->L.head_dim * sizeof(float) : 0;
     size_t pk = kvq__p8(&c->L, KVQ_KEY) ? (kvq__params_halves(&c->L, KVQ_KEY) * 2 + 63) / 64 * 64 : 0;
     size_t pv = kvq__p8(&c->L, KVQ_VALUE) ? (kvq__params_halves(&c->L, KVQ_VALUE) * 2 + 63) / 64 * 64 : 0;
-    size_t per = one + 2 * tab + pk + pv;
+    size_t wrow = ((size_t)c->W * c->L.head_dim * 2 + 63) / 64 * 64;
+    size_t wk = kvq__win8(c, KVQ_KEY) ? wrow : 0, wv = kvq__win8(c, KVQ_VALUE) ? wrow : 0;
+    size_t per = one + 2 * tab + pk + pv + wk + wv;
     /* a pool may hand out any of its thread indices */
     int nsc = c->pool.run ? c->pool.n_threads : nt;
     scratch *sc = kvq__aligned_alloc(64, per * (size_t)nsc);
@@ -628,6 +646,8 @@ static kvq_status run_all(const kvq_cache *c, work *items, int64_t n, const kvq_
         t->rope_n = 0, t->rope_t0 = 0;
         t->pk = pk ? (uint16_t *)(void *)((char *)t + one + 2 * tab) : NULL;
         t->pv = pv ? (uint16_t *)(void *)((char *)t + one + 2 * tab + pk) : NULL;
+        t->wk = wk ? (uint16_t *)(void *)((char *)t + one + 2 * tab + pk + pv) : NULL;
+        t->wv = wv ? (uint16_t *)(void *)((char *)t + one + 2 * tab + pk + pv + wk) : NULL;
     }
     run_args a = {c, K, items, p, (char *)sc, per};
     if (c->pool.run) {

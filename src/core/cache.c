@@ -22,6 +22,7 @@ kvq_cache_config kvq_cache_config_default(void) {
     c.qnorm = -1;
     c.outliers = -1;
     c.params8 = -1;
+    c.window8 = -1;
     return c;
 }
 
@@ -127,6 +128,11 @@ static kvq_status resolve_checked(const kvq_cache_config *in, kvq_cache_config *
         return kvq__fail(KVQ_ERR_INVALID_ARG, "params8 %d is not a set of roles 0..3 (or -1 for the default)",
                          cfg->params8);
     kvq__layout_set_sections(L, cfg->params8, cfg->outliers);
+    /* 8-bit windows: fp16 unless asked */
+    if (cfg->window8 == -1) cfg->window8 = KVQ_ROLES_NONE;
+    if (cfg->window8 < 0 || cfg->window8 > KVQ_ROLES_KV)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "window8 %d is not a set of roles 0..3 (or -1 for the default)",
+                         cfg->window8);
     /* the layout records the roles whose type has levels (grouped types); other roles ignore the field */
     L->nonuniform = cfg->nonuniform & ((kvq_type_get_traits(L->type_k)->grouped ? KVQ_ROLES_K : 0) |
                                        (kvq_type_get_traits(L->type_v)->grouped ? KVQ_ROLES_V : 0));
@@ -285,9 +291,51 @@ kvq_status kvq_cache_get_config(const kvq_cache *c, kvq_cache_config *cfg, kvq_p
     return KVQ_OK;
 }
 
-/* bytes of one window row: one token, all heads, fp16 */
+void kvq__win_put(const kvq_cache *c, kvq_role role, uint8_t *row, const float *x) {
+    int H = c->L.n_kv_heads, D = c->L.head_dim;
+    if (!kvq__win8(c, role)) {
+        uint16_t *o = (uint16_t *)(void *)row;
+        for (size_t e = 0; e < (size_t)H * D; e++) o[e] = kvq__f32_to_f16(x[e]);
+        return;
+    }
+    int8_t *q = (int8_t *)row;
+    for (int h = 0; h < H; h++) {
+        const float *xh = x + (size_t)h * D;
+        float amax = 0;
+        for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(xh[d]));
+        uint16_t s16 = kvq__f32_to_f16(amax / 127.0f);
+        float s = kvq__f16_to_f32(s16);
+        for (int d = 0; d < D; d++) {
+            /* fp16 rounding of the scale may leave max |x| / s a little above 127: clamped */
+            float r = s > 0 ? rintf(xh[d] / s) : 0.0f;
+            q[(size_t)h * D + d] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+        }
+        memcpy(row + (size_t)H * D + 2 * (size_t)h, &s16, 2);
+    }
+}
+
+void kvq__win_get_f16(const kvq_cache *c, kvq_role role, const uint8_t *row, int h, uint16_t *out) {
+    int H = c->L.n_kv_heads, D = c->L.head_dim;
+    if (!kvq__win8(c, role)) {
+        memcpy(out, row + (size_t)h * D * 2, (size_t)D * 2);
+        return;
+    }
+    const int8_t *q = (const int8_t *)row + (size_t)h * D;
+    uint16_t s16;
+    memcpy(&s16, row + (size_t)H * D + 2 * (size_t)h, 2);
+    float s = kvq__f16_to_f32(s16);
+    for (int d = 0; d < D; d++) out[d] = kvq__f32_to_f16((float)q[d] * s);
+}
+
+void kvq__win_get_f32(const kvq_cache *c, kvq_role role, const uint8_t *row, int h, float *out) {
+    uint16_t tmp[256];
+    kvq__win_get_f16(c, role, row, h, tmp);
+    for (int d = 0; d < c->L.head_dim; d++) out[d] = kvq__f16_to_f32(tmp[d]);
+}
+
+/* bytes of one window row of both roles: one token, all heads */
 static size_t window_row_bytes(const kvq_cache *c) {
-    return (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof(uint16_t);
+    return kvq__win_row_bytes(c, KVQ_KEY) + kvq__win_row_bytes(c, KVQ_VALUE);
 }
 
 kvq_status kvq_cache_get_stats(const kvq_cache *c, kvq_cache_stats *st) {
@@ -305,7 +353,7 @@ kvq_status kvq_cache_get_stats(const kvq_cache *c, kvq_cache_stats *st) {
         if (!c->seqs[i].live) continue;
         st->tokens += kvq__seq_len(&c->seqs[i].layers[0]);
         for (int l = 0; l < c->cfg.n_layers; l++)
-            st->window_bytes += 2 * (size_t)c->seqs[i].layers[l].wcap * window_row_bytes(c);
+            st->window_bytes += (size_t)c->seqs[i].layers[l].wcap * window_row_bytes(c);
     }
     st->bytes_per_token = (double)c->L.page_bytes * c->cfg.n_layers / c->L.page_tokens;
     kvq_page_layout F;
@@ -365,7 +413,7 @@ static void seq_release(kvq_cache *c, kvq_seq *q) { seq_discard(c, q, true); }
 typedef struct win_grow {
     kvq_seq_layer *sl;
     int32_t cap;
-    uint16_t *k, *v;
+    uint8_t *k, *v;
 } win_grow;
 
 /* Capacity for `rows` rows: doubling from the current one (so appending token by token reallocates
@@ -379,9 +427,8 @@ static int32_t window_target(const kvq_cache *c, const kvq_seq_layer *sl, int64_
 
 /* Allocates the buffers of g (g->cap rows); false when out of memory (nothing left allocated) */
 static bool window_prepare(const kvq_cache *c, win_grow *g) {
-    size_t bytes = (size_t)g->cap * window_row_bytes(c);
-    g->k = kvq__malloc(bytes);
-    g->v = g->k ? kvq__malloc(bytes) : NULL;
+    g->k = kvq__malloc((size_t)g->cap * kvq__win_row_bytes(c, KVQ_KEY));
+    g->v = g->k ? kvq__malloc((size_t)g->cap * kvq__win_row_bytes(c, KVQ_VALUE)) : NULL;
     if (g->v) return true;
     free(g->k);
     g->k = NULL;
@@ -396,8 +443,10 @@ static void window_discard(win_grow *g, int n) {
 static void window_commit(const kvq_cache *c, win_grow *g, int n) {
     for (int i = 0; i < n; i++) {
         kvq_seq_layer *sl = g[i].sl;
-        size_t used = (size_t)sl->win * window_row_bytes(c);
-        if (used) memcpy(g[i].k, sl->wk, used), memcpy(g[i].v, sl->wv, used);
+        if (sl->win) {
+            memcpy(g[i].k, sl->wk, (size_t)sl->win * kvq__win_row_bytes(c, KVQ_KEY));
+            memcpy(g[i].v, sl->wv, (size_t)sl->win * kvq__win_row_bytes(c, KVQ_VALUE));
+        }
         free(sl->wk), free(sl->wv);
         sl->wk = g[i].k, sl->wv = g[i].v, sl->wcap = g[i].cap;
     }
@@ -478,8 +527,8 @@ kvq_status kvq_seq_fork(kvq_cache *c, int32_t src, int32_t *seq_out) {
                 return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_fork: no memory for a window of %d tokens",
                                  (int)sa->win);
             }
-            size_t wb = (size_t)sa->win * window_row_bytes(c);
-            memcpy(g.k, sa->wk, wb), memcpy(g.v, sa->wv, wb);
+            memcpy(g.k, sa->wk, (size_t)sa->win * kvq__win_row_bytes(c, KVQ_KEY));
+            memcpy(g.v, sa->wv, (size_t)sa->win * kvq__win_row_bytes(c, KVQ_VALUE));
             sb->wk = g.k, sb->wv = g.v, sb->wcap = g.cap, sb->win = sa->win;
         }
     }
@@ -535,8 +584,11 @@ kvq_status kvq_seq_view_get(const kvq_cache *c, int32_t seq, int layer, kvq_seq_
     v->paged_tokens = sl->paged;
     v->window_tokens = sl->win;
     v->window_capacity = sl->wcap;
-    v->window_k = sl->wk;
-    v->window_v = sl->wv;
+    v->window_k = kvq__win8(c, KVQ_KEY) ? NULL : (const uint16_t *)(const void *)sl->wk;
+    v->window_v = kvq__win8(c, KVQ_VALUE) ? NULL : (const uint16_t *)(const void *)sl->wv;
+    v->window8_k = kvq__win8(c, KVQ_KEY) ? sl->wk : NULL;
+    v->window8_v = kvq__win8(c, KVQ_VALUE) ? sl->wv : NULL;
+    v->window8_row_bytes = (size_t)c->L.n_kv_heads * (c->L.head_dim + 2);
     v->sink_tokens = sl->sink;
     v->sink_rows_per_page = c->SR;
     v->n_sink_pages = sl->n_spages;
@@ -568,20 +620,19 @@ kvq_status kvq_seq_drop_front(kvq_cache *c, int32_t seq, int layer, int64_t n_to
     return KVQ_OK;
 }
 
-/* Dequantizes paged tokens [t0, t1) of one layer into the window rows starting at `row`. */
-static void paged_to_window(kvq_cache *c, kvq_seq_layer *sl, int64_t t0, int64_t t1, int row) {
+/* Dequantizes paged tokens [t0, t1) of one layer into the window rows starting at `row` (scratch: 2 H D floats). */
+static void paged_to_window(kvq_cache *c, kvq_seq_layer *sl, int64_t t0, int64_t t1, int row, float *scratch) {
     int P = c->L.page_tokens, H = c->L.n_kv_heads, D = c->L.head_dim;
-    float tmp[256];
+    float *tk = scratch, *tv = scratch + (size_t)H * D;
     for (int64_t t = t0; t < t1; t++, row++) {
         int32_t pg = sl->pages[t / P];
         int slot = (int)(t % P);
         for (int h = 0; h < H; h++) {
-            uint16_t *wk = sl->wk + ((size_t)row * H + h) * D, *wv = sl->wv + ((size_t)row * H + h) * D;
-            kvq__dequant_block(&c->L, KVQ_KEY, kvq__kblock(c, pg, h), slot, slot + 1, tmp, 0);
-            for (int d = 0; d < D; d++) wk[d] = kvq__f32_to_f16(tmp[d]);
-            kvq__dequant_block(&c->L, KVQ_VALUE, kvq__vblock(c, pg, h), slot, slot + 1, tmp, 0);
-            for (int d = 0; d < D; d++) wv[d] = kvq__f32_to_f16(tmp[d]);
+            kvq__dequant_block(&c->L, KVQ_KEY, kvq__kblock(c, pg, h), slot, slot + 1, tk + (size_t)h * D, 0);
+            kvq__dequant_block(&c->L, KVQ_VALUE, kvq__vblock(c, pg, h), slot, slot + 1, tv + (size_t)h * D, 0);
         }
+        kvq__win_put(c, KVQ_KEY, kvq__win_row(c, sl, KVQ_KEY, row), tk);
+        kvq__win_put(c, KVQ_VALUE, kvq__win_row(c, sl, KVQ_VALUE, row), tv);
     }
 }
 
@@ -601,6 +652,11 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
     /* a cut inside the pages moves up to Gf - 1 tokens back into the window: its rows are allocated first */
     win_grow *g = kvq__malloc((size_t)c->cfg.n_layers * sizeof *g);
     if (!g) return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_truncate: no memory for %d layers' windows", c->cfg.n_layers);
+    float *tmp = kvq__malloc(2 * (size_t)c->L.n_kv_heads * c->L.head_dim * sizeof *tmp); /* one token, K and V */
+    if (!tmp) {
+        free(g);
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_truncate: no memory for one token's scratch");
+    }
     int ng = 0;
     for (int l = 0; l < c->cfg.n_layers; l++) {
         kvq_seq_layer *sl = &c->seqs[seq].layers[l];
@@ -611,7 +667,7 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
         g[ng] = (win_grow){sl, cap, NULL, NULL};
         if (!window_prepare(c, &g[ng])) {
             window_discard(g, ng);
-            free(g);
+            free(g), free(tmp);
             return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "kvq_seq_truncate: no memory for a window of %d tokens", (int)cap);
         }
         ng++;
@@ -637,13 +693,14 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
         /* The cut is inside the pages: whole flush units before it stay, the rest of its unit moves back to the
          * window (dequantized), later window tokens are dropped. */
         int64_t keep = m / c->Gf * c->Gf;
-        paged_to_window(c, sl, keep, m, 0);
+        paged_to_window(c, sl, keep, m, 0, tmp);
         sl->win = (int32_t)(m - keep);
         sl->paged = keep;
         int32_t np = (int32_t)((keep + P - 1) / P);
         for (int32_t i = np; i < sl->n_pages; i++) page_unref(c, sl->pages[i]);
         sl->n_pages = np;
     }
+    free(tmp);
     return KVQ_OK;
 }
 
@@ -944,14 +1001,20 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
                 store_unit(c, &c->seqs[seq_ids[i]], layer, sl, uk, uv, scratch, sq_work);
                 continue;
             }
-            uint16_t *wk = sl->wk + (size_t)sl->win * row, *wv = sl->wv + (size_t)sl->win * row;
-            for (size_t e = 0; e < row; e++) wk[e] = kvq__f32_to_f16(uk[e]), wv[e] = kvq__f32_to_f16(uv[e]);
+            kvq__win_put(c, KVQ_KEY, kvq__win_row(c, sl, KVQ_KEY, sl->win), uk);
+            kvq__win_put(c, KVQ_VALUE, kvq__win_row(c, sl, KVQ_VALUE, sl->win), uv);
             if (++sl->win < c->W) continue;
-            for (size_t e = 0; e < unit; e++) uk[e] = kvq__f16_to_f32(sl->wk[e]), uv[e] = kvq__f16_to_f32(sl->wv[e]);
+            /* the oldest Gf rows to the pages, as attention read them */
+            for (int r = 0; r < c->Gf; r++)
+                for (int h = 0; h < H; h++) {
+                    size_t o = (size_t)r * row + (size_t)h * D;
+                    kvq__win_get_f32(c, KVQ_KEY, kvq__win_row(c, sl, KVQ_KEY, r), h, uk + o);
+                    kvq__win_get_f32(c, KVQ_VALUE, kvq__win_row(c, sl, KVQ_VALUE, r), h, uv + o);
+                }
             store_unit(c, &c->seqs[seq_ids[i]], layer, sl, uk, uv, scratch, sq_work);
             sl->win -= c->Gf;
-            memmove(sl->wk, sl->wk + unit, (size_t)sl->win * row * sizeof(uint16_t));
-            memmove(sl->wv, sl->wv + unit, (size_t)sl->win * row * sizeof(uint16_t));
+            memmove(sl->wk, kvq__win_row(c, sl, KVQ_KEY, c->Gf), (size_t)sl->win * kvq__win_row_bytes(c, KVQ_KEY));
+            memmove(sl->wv, kvq__win_row(c, sl, KVQ_VALUE, c->Gf), (size_t)sl->win * kvq__win_row_bytes(c, KVQ_VALUE));
         }
     }
     free(buf);
@@ -998,11 +1061,9 @@ kvq_status kvq_read(const kvq_cache *c, int32_t seq, int layer, int64_t start, i
                 if (ko) kvq__dequant_block(&c->L, KVQ_KEY, kvq__kblock(c, pg, h), slot, slot + 1, ko + (size_t)h * D, 0);
                 if (vo) kvq__dequant_block(&c->L, KVQ_VALUE, kvq__vblock(c, pg, h), slot, slot + 1, vo + (size_t)h * D, 0);
             } else {
-                size_t w = ((size_t)(t - sl->sink - sl->paged) * H + h) * D;
-                for (int d = 0; d < D; d++) {
-                    if (ko) ko[(size_t)h * D + d] = kvq__f16_to_f32(sl->wk[w + d]);
-                    if (vo) vo[(size_t)h * D + d] = kvq__f16_to_f32(sl->wv[w + d]);
-                }
+                int64_t r = t - sl->sink - sl->paged;
+                if (ko) kvq__win_get_f32(c, KVQ_KEY, kvq__win_row(c, sl, KVQ_KEY, r), h, ko + (size_t)h * D);
+                if (vo) kvq__win_get_f32(c, KVQ_VALUE, kvq__win_row(c, sl, KVQ_VALUE, r), h, vo + (size_t)h * D);
             }
             /* pages and window hold the rotated domain: back to the caller's */
             if (ko && rot_k) kvq__rot_apply(&rk, ko + (size_t)h * D, 1);

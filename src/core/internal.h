@@ -225,7 +225,7 @@ typedef struct kvq_seq_layer {
                         * i < dropped / P; a multiple of P); they are no longer readable */
     int32_t win;       /* tokens in the window */
     int32_t wcap;      /* rows allocated in wk and wv: grows with the window (doubling), at most W; 0: NULL */
-    uint16_t *wk, *wv; /* fp16 [wcap][H][D] */
+    uint8_t *wk, *wv;  /* [wcap] rows of kvq__win_row_bytes: fp16 [H][D], or 8-bit (cfg.window8: kvq__win_put) */
     /* attention sinks (kvq.h section 10): tokens 0 .. sink-1, exact fp16 in arena pages of their own; sink page i
      * holds tokens i*SR .. i*SR+SR-1: key rows fp16 [SR][H][D], then value rows [SR][H][D]. Pages and window hold
      * the tokens after them, so sink < S implies paged == 0 and win == 0. */
@@ -296,6 +296,24 @@ static inline uint16_t *kvq__sink_v(const kvq_cache *c, int32_t pg, int r, int h
     return kvq__sink_k(c, pg, r, h) + (size_t)c->SR * c->L.n_kv_heads * c->L.head_dim;
 }
 static inline int64_t kvq__seq_len(const kvq_seq_layer *sl) { return sl->sink + sl->paged + sl->win; }
+
+/* ---- residual window rows (kvq.h section 7): fp16 [H][D], or for the roles in cfg.window8 int8 codes [H][D] then
+ * fp16 scales [H] (symmetric, scale = fp16(max |x| / 127)); an 8-bit element decodes to fp16(code * scale), so
+ * attention (which reads the fp16 of kvq__win_get_f16), kvq_read and the flush to pages all see the same value ---- */
+static inline bool kvq__win8(const kvq_cache *c, kvq_role role) { return (c->cfg.window8 >> role) & 1; }
+static inline size_t kvq__win_row_bytes(const kvq_cache *c, kvq_role role) {
+    size_t HD = (size_t)c->L.n_kv_heads * c->L.head_dim;
+    return kvq__win8(c, role) ? HD + 2 * (size_t)c->L.n_kv_heads : 2 * HD;
+}
+/* row r of a role's window */
+static inline uint8_t *kvq__win_row(const kvq_cache *c, const kvq_seq_layer *sl, kvq_role role, int64_t r) {
+    return (role == KVQ_KEY ? sl->wk : sl->wv) + (size_t)r * kvq__win_row_bytes(c, role);
+}
+/* Stores one token's x[H][D] (finite, within fp16) into a window row */
+void kvq__win_put(const kvq_cache *c, kvq_role role, uint8_t *row, const float *x);
+/* Head h of a window row: fp16 [D], or fp32 [D] (the same values) */
+void kvq__win_get_f16(const kvq_cache *c, kvq_role role, const uint8_t *row, int h, uint16_t *out);
+void kvq__win_get_f32(const kvq_cache *c, kvq_role role, const uint8_t *row, int h, float *out);
 kvq_status kvq__check_seq(const kvq_cache *c, int32_t seq, const char *fn);
 
 /* ---- randomized Hadamard rotation (rotate.c, kvq.h section 10) ---- */

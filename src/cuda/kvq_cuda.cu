@@ -345,6 +345,10 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (cfg.params8 != KVQ_ROLES_NONE)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: params8 %d: the CUDA backend reads fp16 group parameters "
                     "only (set 0 or -1)", cfg.params8);
+    if (cfg.window8 == -1) cfg.window8 = KVQ_ROLES_NONE;
+    if (cfg.window8 != KVQ_ROLES_NONE)
+        return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: window8 %d: the CUDA backend keeps fp16 windows only "
+                    "(set 0 or -1)", cfg.window8);
     if (cfg.qnorm == -1) cfg.qnorm = KVQ_ROLES_NONE; /* the CPU library's default too (kvq.h section 10) */
     if (cfg.qnorm < 0 || cfg.qnorm > KVQ_ROLES_KV)
         return fail(KVQ_ERR_INVALID_ARG, "kvq_cuda_cache_create: qnorm %d is not a set of roles 0..3 (or -1)", cfg.qnorm);

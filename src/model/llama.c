@@ -378,6 +378,7 @@ kvq_cache_config llama_cache_config(const llama_config *c, const llama_ctx_param
     cc.qnorm = p->qnorm == -1 ? llama_default_qnorm(tk, tv) : p->qnorm;
     cc.outliers = p->outliers == -1 ? llama_default_outliers(tk) : p->outliers;
     cc.params8 = p->params8;
+    cc.window8 = p->window8;
     return cc;
 }
 

@@ -128,6 +128,7 @@ typedef struct llama_ctx_params {
     /* 8-bit group parameters of the grouped roles (kvq.h section 10, "8-bit parameters"): KVQ_ROLES_*, 0 and -1 none
      * (fp16 pairs); the CPU engine only (the GPU engine refuses other values). */
     int params8;
+    int window8; /* 8-bit residual windows (kvq_cache_config.window8): KVQ_ROLES_*, 0 and -1 none; CPU only */
     /* pre-RoPE keys (kvq.h section 10): 1 the cache gets keys before RoPE and the model's rope parameters, 0 after
      * RoPE (what a zero-initialized llama_ctx_params gets), -1 llama_default_prerope of each cache's key type */
     int prerope;

@@ -435,6 +435,8 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: dense-and-sparse outliers (--kv-outliers) are CPU only");
     if (p->params8 > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: 8-bit group parameters (--kv-params8) are CPU only");
+    if (p->window8 > 0)
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: 8-bit residual windows (--kv-window8) are CPU only");
     const llama_config &c = m->cfg;
     CU(cudaSetDevice(m->device), "cudaSetDevice");  // the activation buffers go to the model's GPU
     llama_gpu_ctx *x = new (std::nothrow) llama_gpu_ctx;
@@ -501,6 +503,7 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         cc.nonuniform = p->nonuniform;
         cc.outliers = 0;  // nor outliers (-1 is off here; other values were refused above)
         cc.params8 = 0;   // nor 8-bit parameters (likewise)
+        cc.window8 = 0;   // nor 8-bit windows (likewise)
         cc.max_seqs = n_seqs;
         cc.arena_bytes = kvq_cache_arena_bytes_for(&cc, p->n_ctx);  // one sequence's pages (sinks included)
         if (cc.arena_bytes > SIZE_MAX / (size_t)n_seqs) {

@@ -327,6 +327,47 @@ def test_params8_layout_read_back_attention_and_checks(monkeypatch):
             kvq.Cache(1, H, D, "q2", params8=bad)
 
 
+def test_window8_read_back_attention_stats_and_checks(monkeypatch):
+    """kvq.h section 10, 8-bit windows: the window's rows read back as the 8-bit rounding of each token and head
+    (codes under max |x| / 127, fp16 scale, decoded to fp16), the pages get those rows, attention equals fp64 attention
+    over the read-back K/V, the window holds about half the bytes; bad values are refused."""
+    rng = np.random.default_rng(17)
+    T, H, D = 150, 2, 64
+    k = rng.standard_normal((T, H, D)).astype(np.float32)
+    v = rng.standard_normal((T, H, D)).astype(np.float32)
+    q = rng.standard_normal((1, 2 * H, D)).astype(np.float32)
+    monkeypatch.setenv("KVQ_FORCE_SCALAR", "1")
+
+    def round8(x):  # kvq.h section 10's formula, per token and head
+        s = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+        c = np.clip(np.rint(np.divide(x, s, out=np.zeros_like(x), where=s > 0)), -127, 127)
+        return (c * s).astype(np.float16).astype(np.float32)
+    wb = {}
+    for w8 in (0, kvq._native.ROLES_KV):
+        with kvq.Cache(1, H, D, "q4", max_tokens=T, residual=32, sinks=0, rotate=0, window8=w8) as c:
+            assert c.config.window8 == w8
+            s = c.seq_new()
+            c.append(0, [s], [T], k, v)
+            kr, vr = c.read(s, 0)
+            n_win = T - (T - 32) // 64 * 64  # R = 32, G = 64: the window keeps 32 .. 95 rows
+            win = slice(T - n_win, T)
+            if w8:
+                assert np.array_equal(kr[win], round8(k[win])) and np.array_equal(vr[win], round8(v[win]))
+            else:
+                assert np.array_equal(kr[win], k[win].astype(np.float16).astype(np.float32))
+            out = c.attn_decode(0, [s], q).reshape(2 * H, D)
+            ref = ref_attention(q, kr, vr, D ** -0.5)[0]
+            for hq in range(2 * H):
+                assert np.linalg.norm(out[hq] - ref[hq]) < 1e-5 * np.linalg.norm(ref[hq]), (w8, hq)
+            wb[w8] = c.stats()["window_bytes"]
+    assert wb[3] == wb[0] * (D + 2) // (2 * D), wb  # int8 codes + an fp16 scale per head, against fp16
+    with kvq.Cache(1, H, D, "q2") as c:
+        assert c.config.window8 == 0  # -1: the library's default, fp16 windows
+    for bad in (4, -2):
+        with pytest.raises(kvq.KvqError, match=f"window8 {bad}"):
+            kvq.Cache(1, H, D, "q2", window8=bad)
+
+
 def test_qnorm_matches_the_groups_moments_and_is_checked():
     """kvq.h section 10, "Q-Norm": each Q4 group decodes to its values' mean and standard deviation (min/max's does
     not), Q2's (codes taken again under the normalized pair) comes closer to them than min/max's, the per-token types

@@ -186,6 +186,32 @@ def test_kvqcache_params8_reach_the_cache():
         kvq.KVQCache(m.config, kv_type="q4", params8=4)
 
 
+def test_kvqcache_window8_reaches_the_cache():
+    """KVQCache(window8=): the role set reaches each CPU cache (the window holds about half the bytes), prefill and
+    token-by-token decode stay within q4's reach of the F16 cache's logits; out of range refused at construction."""
+    m = make("llama", num_hidden_layers=2)
+    m.set_attn_implementation("kvq")
+    ids = _ids(60, seed=5).unsqueeze(0)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    wb = {}
+    for w8 in (3, 0):
+        cache = kvq.KVQCache(m.config, kv_type="q4", max_cache_len=64, n_threads=1, group=16, residual=8, window8=w8)
+        with torch.no_grad():
+            got = m(input_ids=ids[:, :50], use_cache=True, **{C: cache}).logits
+            for t in range(50, 60):  # decode steps: the 8-bit window grows, flushes a group of 16 at 24 rows
+                got = torch.cat([got, m(input_ids=ids[:, t:t + 1], use_cache=True, **{C: cache}).logits], dim=1)
+        h = cache._groups[0].handle
+        assert h.config.window8 == w8
+        wb[w8] = h.stats()["window_bytes"]
+        assert cache.get_seq_length() == 60
+        cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+        assert cos > 0.99, (w8, cos)
+    assert 0 < wb[3] < 0.6 * wb[0], wb
+    with pytest.raises(ValueError, match="window8 = 4 must be"):
+        kvq.KVQCache(m.config, kv_type="q4", window8=4)
+
+
 def test_kvqcache_qnorm_follows_the_engine():
     """KVQCache(qnorm=-1) on the CPU: Q-Norm for the grouped roles, as kvq's engine (llama_default_qnorm); 0 off; a
     role set as given; out of range refused before anything is allocated."""
