@@ -7,6 +7,8 @@ foreach(t roundtrip attn cache softmax prerope squat)
     add_test(NAME core_${t} COMMAND test_${t})
   endif()
 endforeach()
+# test_attn checks the kernel tables' 8-bit window expansion directly (src/core/attn.h)
+target_include_directories(test_attn PRIVATE ${PROJECT_SOURCE_DIR}/src/core)
 
 # The cache-operation fuzz target (tests/fuzz_cache.c) and its corpus replay are registered by tests/fuzz.cmake.
 

@@ -11,6 +11,8 @@
  *  - decode of a ragged batch, and chunked causal prefill. */
 #include "testutil.h"
 
+#include "attn.h" /* the kernel tables' w8_expand */
+
 #include <stdbool.h>
 
 /* ---- the quality bound, from the formats (issue 17: the old fixed bound of q2/q2, NMSE 2.0, passed an all-zero
@@ -120,6 +122,32 @@ static void predicted_error(const float *q, int nq, int nqh, const int64_t *pos,
 typedef struct { kvq_type tk, tv; int D, rep, window; float softcap; int H; int nu; int rot; int sinks; int len0; int outl; int p8; } combo;
 
 static int g_window8; /* cfg.window8 of run_combo's caches (kvq.h section 10, "8-bit window") */
+
+/* Each table's w8_expand against kvq__w8_expand_ref, bit for bit: every head dim, every code, scales from the
+ * smallest subnormal fp16 up to 516 (65504 / 127), products that round to even, underflow to fp16 subnormals and 0 */
+static void w8_expand_tables(void) {
+    const kvq__kernels *tabs[3] = {&kvq__kernels_ref, kvq__kernels_avx2(), kvq__kernels_avx512()};
+    static const int dims[5] = {64, 80, 96, 128, 256};
+    for (int t = 1; t < 3; t++) {
+        if (!tabs[t]) {
+            printf("SKIP w8_expand %s: this CPU lacks it\n", t == 1 ? "avx2" : "avx512");
+            continue;
+        }
+        int bad = 0, n = 0;
+        for (int si = 0; si < 2000; si++) {
+            uint16_t scale = si < 8 ? (uint16_t)(1 + si) : (uint16_t)(tu_uniform() * 0x6008); /* <= fp16(516) */
+            int8_t q[256];
+            for (int d = 0; d < 256; d++) q[d] = (int8_t)(si % 3 ? (int)(tu_uniform() * 255) - 127 : (d * 37 + si) % 255 - 127);
+            for (int di = 0; di < 5; di++) {
+                uint16_t a[256], b[256];
+                kvq__w8_expand_ref(q, scale, dims[di], a);
+                tabs[t]->w8_expand(q, scale, dims[di], b);
+                bad += memcmp(a, b, (size_t)dims[di] * 2) != 0, n++;
+            }
+        }
+        CHECK(bad == 0, "w8_expand %s: %d of %d rows differ from kvq__w8_expand_ref", tabs[t]->name, bad, n);
+    }
+}
 
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
@@ -548,5 +576,6 @@ int main(void) {
         snprintf(title, sizeof title, "worst NMSE of the %s kernels against the _ref kernels", backends[k]);
         print_by_types(title, worst_simd[k]);
     }
+    w8_expand_tables(); /* last: its draws would move the random data of the checks above */
     return tu_finish("test_attn");
 }

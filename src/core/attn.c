@@ -69,7 +69,7 @@ static void unrot_rope_ref(float *x, int n, const kvq__rot *r, int neox, const f
 }
 
 const kvq__kernels kvq__kernels_ref = {"scalar", decode_ref, dots_ref, axpys_ref, exp_sum_ref, max_ref, scale_ref, NULL, NULL,
-                                       kvq__rope_rows_ref, unrot_rope_ref, kvq__p8_expand_ref};
+                                       kvq__rope_rows_ref, unrot_rope_ref, kvq__p8_expand_ref, kvq__w8_expand_ref};
 
 /* ---- pre-RoPE keys (kvq.h section 10) ---- */
 
@@ -227,11 +227,14 @@ static kvq__blk window_blk(const kvq_cache *c, const uint16_t *w, int h) {
 
 /* The residual window of one role and head, rows [r0, r1): fp16 in place, or an 8-bit window's rows expanded into
  * out [W][D] at their own row indices (a cost of the window's size, not the context's) */
-static kvq__blk res_window_blk(const kvq_cache *c, const kvq_seq_layer *sl, kvq_role role, int h, int r0, int r1,
-                               uint16_t *out) {
+static kvq__blk res_window_blk(const kvq_cache *c, const kvq__kernels *K, const kvq_seq_layer *sl, kvq_role role, int h,
+                               int r0, int r1, uint16_t *out) {
     if (!kvq__win8(c, role)) return window_blk(c, (const uint16_t *)(const void *)(role == KVQ_KEY ? sl->wk : sl->wv), h);
     const int D = c->L.head_dim;
-    for (int r = r0; r < r1; r++) kvq__win_get_f16(c, role, kvq__win_row(c, sl, role, r), h, out + (size_t)r * D);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = kvq__win_row(c, sl, role, r);
+        K->w8_expand(kvq__win8_codes(c, row, h), kvq__win8_scale(c, row, h), D, out + (size_t)r * D);
+    }
     kvq__blk b = window_blk(c, out, 0);
     b.stride = (size_t)D * sizeof(uint16_t);
     return b;
@@ -524,8 +527,8 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
         for (int hh = 0; hh < w->nh; hh++) {
             work v = head_view(w, hh);
             int r0 = (int)(t - pend), r1 = (int)(t1 - pend);
-            kvq__blk kb = res_window_blk(c, sl, KVQ_KEY, v.h, r0, r1, sc->wk);
-            kvq__blk vb = res_window_blk(c, sl, KVQ_VALUE, v.h, r0, r1, sc->wv);
+            kvq__blk kb = res_window_blk(c, K, sl, KVQ_KEY, v.h, r0, r1, sc->wk);
+            kvq__blk vb = res_window_blk(c, K, sl, KVQ_VALUE, v.h, r0, r1, sc->wv);
             attend_block(K, &kb, &vb, r0, r1, pend, &v, p, sc, &sc->qst[hh]);
         }
 }

@@ -68,6 +68,8 @@ typedef struct kvq__kernels {
     void (*unrot_rope)(float *x, int n, const kvq__rot *r, int neox, const float *C, const float *S);
     /* 8-bit group parameters (kvq.h section 5) to fp16 pairs, n a multiple of 8: as kvq__p8_expand_ref, to the bit */
     kvq__p8_expand_fn p8_expand;
+    /* 8-bit window rows (kvq.h section 10) to fp16, n a multiple of 8: as kvq__w8_expand_ref, to the bit */
+    kvq__w8_expand_fn w8_expand;
 } kvq__kernels;
 
 extern const kvq__kernels kvq__kernels_ref;

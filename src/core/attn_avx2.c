@@ -930,8 +930,18 @@ static void p8_expand_avx2(uint16_t base, int qmax, const uint8_t *k, const uint
     }
 }
 
+/* 8-bit window rows: int8 -> fp32 (exact), one fp32 product, F16C's round to nearest even = kvq__f32_to_f16 */
+static void w8_expand_avx2(const int8_t *q, uint16_t scale, int n, uint16_t *out) {
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale));
+    for (int i = 0; i < n; i += 8) {
+        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(q + i))));
+        _mm_storeu_si128((__m128i *)(void *)(out + i), _mm256_cvtps_ph(_mm256_mul_ps(x, s), _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
 static const kvq__kernels avx2 = {"avx2", decode_avx2, dots_avx2, axpys_avx2, exp_sum_avx2, max_avx2, scale_avx2,
-                                  key_scores_avx2, value_accum_avx2, rope_avx2, unrot_rope_avx2, p8_expand_avx2};
+                                  key_scores_avx2, value_accum_avx2, rope_avx2, unrot_rope_avx2, p8_expand_avx2,
+                                  w8_expand_avx2};
 
 const kvq__kernels *kvq__kernels_avx2(void) {
     __builtin_cpu_init();

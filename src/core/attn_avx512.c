@@ -1002,10 +1002,22 @@ static void p8_expand_avx512(uint16_t base, int qmax, const uint8_t *k, const ui
     kvq__kernels_avx2_table()->p8_expand(base, qmax, k, z, n, s_out, m_out, os); /* a few pairs per block: 256 bits do */
 }
 
+/* 8-bit window rows: 16 at a time, as w8_expand_avx2 (D = 80: a tail of 16 still) */
+static void w8_expand_avx512(const int8_t *q, uint16_t scale, int n, uint16_t *out) {
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale));
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)(q + i))));
+        _mm256_storeu_si256((__m256i *)(void *)(out + i), _mm512_cvtps_ph(_mm512_mul_ps(x, s), _MM_FROUND_TO_NEAREST_INT));
+    }
+    if (i < n) kvq__kernels_avx2_table()->w8_expand(q + i, scale, n - i, out + i);
+}
+
 static const kvq__kernels avx512 = {"avx512",     decode_avx512,     dots_avx512,
                                     axpys_avx512, exp_sum_avx512,    max_avx512,
                                     scale_avx512, key_scores_avx512, value_accum_avx512,
-                                    rope_avx512,  unrot_rope_avx512, p8_expand_avx512};
+                                    rope_avx512,  unrot_rope_avx512, p8_expand_avx512,
+                                    w8_expand_avx512};
 
 const kvq__kernels *kvq__kernels_avx512(void) {
     __builtin_cpu_init();

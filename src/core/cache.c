@@ -314,17 +314,15 @@ void kvq__win_put(const kvq_cache *c, kvq_role role, uint8_t *row, const float *
     }
 }
 
+void kvq__w8_expand_ref(const int8_t *q, uint16_t scale, int n, uint16_t *out) {
+    float s = kvq__f16_to_f32(scale);
+    for (int d = 0; d < n; d++) out[d] = kvq__f32_to_f16((float)q[d] * s);
+}
+
 void kvq__win_get_f16(const kvq_cache *c, kvq_role role, const uint8_t *row, int h, uint16_t *out) {
-    int H = c->L.n_kv_heads, D = c->L.head_dim;
-    if (!kvq__win8(c, role)) {
-        memcpy(out, row + (size_t)h * D * 2, (size_t)D * 2);
-        return;
-    }
-    const int8_t *q = (const int8_t *)row + (size_t)h * D;
-    uint16_t s16;
-    memcpy(&s16, row + (size_t)H * D + 2 * (size_t)h, 2);
-    float s = kvq__f16_to_f32(s16);
-    for (int d = 0; d < D; d++) out[d] = kvq__f32_to_f16((float)q[d] * s);
+    int D = c->L.head_dim;
+    if (!kvq__win8(c, role)) memcpy(out, row + (size_t)h * D * 2, (size_t)D * 2);
+    else kvq__w8_expand_ref(kvq__win8_codes(c, row, h), kvq__win8_scale(c, row, h), D, out);
 }
 
 void kvq__win_get_f32(const kvq_cache *c, kvq_role role, const uint8_t *row, int h, float *out) {

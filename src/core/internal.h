@@ -309,6 +309,18 @@ static inline size_t kvq__win_row_bytes(const kvq_cache *c, kvq_role role) {
 static inline uint8_t *kvq__win_row(const kvq_cache *c, const kvq_seq_layer *sl, kvq_role role, int64_t r) {
     return (role == KVQ_KEY ? sl->wk : sl->wv) + (size_t)r * kvq__win_row_bytes(c, role);
 }
+/* out[i] = fp16(q[i] * scale), i < n (a multiple of 8): an 8-bit window row's head to fp16 (kernel tables' w8_expand) */
+typedef void (*kvq__w8_expand_fn)(const int8_t *q, uint16_t scale, int n, uint16_t *out);
+void kvq__w8_expand_ref(const int8_t *q, uint16_t scale, int n, uint16_t *out);
+/* the codes and the fp16 scale of head h in an 8-bit window row */
+static inline const int8_t *kvq__win8_codes(const kvq_cache *c, const uint8_t *row, int h) {
+    return (const int8_t *)row + (size_t)h * c->L.head_dim;
+}
+static inline uint16_t kvq__win8_scale(const kvq_cache *c, const uint8_t *row, int h) {
+    uint16_t s;
+    memcpy(&s, row + (size_t)c->L.n_kv_heads * c->L.head_dim + 2 * (size_t)h, 2);
+    return s;
+}
 /* Stores one token's x[H][D] (finite, within fp16) into a window row */
 void kvq__win_put(const kvq_cache *c, kvq_role role, uint8_t *row, const float *x);
 /* Head h of a window row: fp16 [D], or fp32 [D] (the same values) */
