@@ -499,7 +499,7 @@ KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------
  * 10. Quality mechanisms (kvq_cache_config: rotate, rotation_seed, sinks, nonuniform, prerope, squat_rank, qnorm,
- *     outliers)
+ *     outliers, params8, window8)
  * Each is an option that can be switched off (0), so that what each one buys can be measured; -1 picks the
  * default for the cache's types. All are implemented on the CPU. The CUDA backend (kvq_cuda.h section 4) has the
  * rotation and the sinks (up to one sink page, SR >= 10 tokens) and resolves -1 to these same defaults, so that a CPU
@@ -668,6 +668,27 @@ KVQ_API const char *kvq_cpu_backend(void);
  * 0 .. +9% of the fp16 pairs' ms per step over three runs, inside this machine's run-to-run spread. Off by default:
  * the CUDA backend does not read them yet, and with the engine's keys' outliers they cost quality.
  *
+ * 8-bit window (window8 = KVQ_ROLES_*; -1 and 0: fp16 windows; the CPU cache only, the CUDA backend refuses it). The
+ * roles' residual windows (R + G rows: the recent R tokens and the keys' partial group) hold each token as int8 codes
+ * under one fp16 scale per head, s = fp16(max |x| / 127), code = rint(x / s) within +-127, value = fp16(code * s):
+ * (8 + 16 / D) bits per element instead of 16 (kvq_seq_view: window8_k / window8_v). Attention expands a head's rows
+ * to fp16 (the kernel tables' w8_expand, bit-identical to the scalar decode) and reads them as an fp16 window; kvq_read
+ * returns the same values, and a group leaving the window is quantized from them, so such a cache holds exactly what an
+ * fp16-window cache holds when given the 8-bit rounding of each token (tests/test_roundtrip.c checks that model).
+ * kvq perplexity --decode-attn, SmolLM2-135M, ctx 8192 (docs/quality.md, "8-bit windows"; 8-bit pairs, no outliers,
+ * the engine's defaults otherwise), KLD from F16:
+ *     entry                              bits    dPPL     KLD
+ *     q4:p8=kv:outl=none (R = 128)       4.59    +0.24%   0.00280   (fp16 window; the 8-bit parameters' table)
+ *     q4:p8=kv:outl=none:r32             4.47    +0.15%   0.00334
+ *     q4:p8=kv:outl=none:w8=kv           4.41    +0.18%   0.00312   (R = 128, 8-bit)
+ *     q3:p8=kv:outl=none:r32             3.47    +2.22%   0.01700   (this run; +2.70% / 0.0178 in the one above)
+ *     q3:p8=kv:outl=none:w8=kv           3.42    +2.50%   0.01646
+ *       + pre-RoPE keys, SQuat r = 8     3.42    +1.74%   0.01215
+ *     q2:p8=kv:outl=none:w8=kv           2.44    +7.18%   0.0606    (r32 above: 2.47 bits, +7.33%, 0.0649)
+ * At equal R the 8-bit rows cost +11% KLD on q4 for 0.18 bits less; against an fp16 window of R = 32 they are as good
+ * or better at 0.05 bits less (decoding token by token, R buys little past 32 here). Off by default: the CUDA backend
+ * keeps fp16 windows, and the window is a small part of the memory past a few thousand tokens.
+ *
  * Residual window and group (residual = R, group = G: not switches of this section, but measured with its defaults).
  * kvq perplexity --ctx 1024 --chunks 4 on debian-reference (as above; docs/quality-window-1024.csv), entry:R:G, mean
  * KLD from the F16 cache and bits per element: scales, the sink page and the window's allocated R + G fp16 rows
@@ -687,10 +708,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  * (--chunks 4): q4 KLD 0.00451 at 5.72 bits, q4 R = 0 0.01022 at 5.00 bits (docs/quality.md).
  * Bits: with G = 64 the fp16 scales alone make Q4 4.5 bits, Q3 3.5, Q2 2.5, so no fp16 window fits issue 18's <= 4.5 /
  * 3.5 / 2.5 at ctx 2048 (R = 0 still allocates G rows: 5.0 / 4.0 / 3.0 bits there); 8-bit parameters (above) leave
- * 0.25 bits, R <= 32 at ctx 8192, nothing at ctx 2048 (the keys' partial group alone is 0.5 bits there). Cheaper windows would need:
- * values quantized at append (they are grouped per token, only keys wait for a group), a window stored at 8 bits,
- * sinks outside a whole arena page (one sink costs a page, 64 tokens' bytes); each changes the window format that
- * kvq_seq_view exposes and the CUDA backend copies, not the page layout (section 5).
+ * 0.25 bits, R <= 32 at ctx 8192, nothing at ctx 2048 (the keys' partial group alone is 0.5 bits there). An 8-bit
+ * window (above) halves that: R = 128 fits at ctx 8192, but at ctx 2048 the G = 64 rows alone are 64 x 8.25 / 2048 =
+ * 0.26 bits, so Q4 with 8-bit pairs, no sink and R = 0 is 4.51 bits, still above 4.5. Below that would need values
+ * quantized at append (they are grouped per token, only keys wait for a group) or a smaller G for the window's keys;
+ * each changes how a group leaves the window, not the page layout (section 5).
  * ------------------------------------------------------------------------------------------------------- */
 
 /* Pre-RoPE keys (prerope = 1, rope_neox, rope_theta, rope_freqs; KVQuant). Off by default in the cache (0 in a
