@@ -6,7 +6,7 @@
 #            except model_ppl_gemma3 (~110 s under ASan; model_golden_gemma3 runs the same Gemma 3 forward pass there).
 #   tsan     ThreadSanitizer on tests/test_threads.c (the threading contract of kvq.h). clang + LLVM's libomp with its
 #            Archer tool when installed (OpenMP on), else gcc with OpenMP off (libgomp's barriers are invisible to TSan).
-#   fuzz     every libFuzzer target for FUZZ_SECONDS (default 30) each (scripts/fuzz.sh), where clang has libFuzzer.
+#   fuzz     every libFuzzer target for FUZZ_SECONDS (default 20) each (scripts/fuzz.sh), where clang has libFuzzer.
 #   scripts/test.sh [TIER...]            (default: release asan tsan fuzz)
 # A test may skip (exit 77) only for a reason that holds on this machine: GPU tests without a GPU; model tests without
 # the model, and then only outside CI (CI fetches it; the Gemma 3 tests need their own file); Python tests without
@@ -161,7 +161,7 @@ for tier in $tiers; do
     unset OMP_TOOL_LIBRARIES
     ;;
   fuzz)
-    secs=${FUZZ_SECONDS:-30}
+    secs=${FUZZ_SECONDS:-20}
     if command -v clang >/dev/null && echo 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return 0; }' |
       clang -x c -fsanitize=fuzzer -o /tmp/kvq-fuzz-probe.$$ - >/dev/null 2>&1; then
       rm -f /tmp/kvq-fuzz-probe.$$
