@@ -710,7 +710,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * 3.5 / 2.5 at ctx 2048 (R = 0 still allocates G rows: 5.0 / 4.0 / 3.0 bits there); 8-bit parameters (above) leave
  * 0.25 bits, R <= 32 at ctx 8192, nothing at ctx 2048 (the keys' partial group alone is 0.5 bits there). An 8-bit
  * window (above) halves that: R = 128 fits at ctx 8192, but at ctx 2048 the G = 64 rows alone are 64 x 8.25 / 2048 =
- * 0.26 bits, so Q4 with 8-bit pairs, no sink and R = 0 is 4.51 bits, still above 4.5. Below that would need values
+ * 0.26 bits, so Q4 with 8-bit pairs, no sink and R = 0 measured 4.54 bits (+0.71%, KLD 0.0057), still above 4.5
+ * (docs/quality.md, "8-bit residual windows"). Below that would need values
  * quantized at append (they are grouped per token, only keys wait for a group) or a smaller G for the window's keys;
  * each changes how a group leaves the window, not the page layout (section 5).
  * ------------------------------------------------------------------------------------------------------- */
