@@ -235,7 +235,10 @@ static int bench_cpu(int argc, char **argv) {
             }
             kvq_seq_view view;
             kvq_seq_view_get(caches[ti], seqs[ti], 0, &view);
-            bytes[ti] = (double)view.paged_tokens / L.page_tokens * L.page_bytes + (double)view.window_tokens * row * 2 * 2;
+            /* window rows: fp16, or 8-bit codes + a scale per head (window8) */
+            double wk = view.window8_k ? (double)view.window8_row_bytes : (double)row * 2;
+            double wv = view.window8_v ? (double)view.window8_row_bytes : (double)row * 2;
+            bytes[ti] = (double)view.paged_tokens / L.page_tokens * L.page_bytes + (double)view.window_tokens * (wk + wv);
         }
         kvq_attn_params ap = kvq_attn_params_default(NQH);
         for (int ti = 0; ti < ntypes; ti++)
