@@ -299,7 +299,8 @@ static inline int64_t kvq__seq_len(const kvq_seq_layer *sl) { return sl->sink + 
 
 /* ---- residual window rows (kvq.h section 7): fp16 [H][D], or for the roles in cfg.window8 int8 codes [H][D] then
  * fp16 scales [H] (symmetric, scale = fp16(max |x| / 127)); an 8-bit element decodes to fp16(code * scale), so
- * attention (which reads the fp16 of kvq__win_get_f16), kvq_read and the flush to pages all see the same value ---- */
+ * attention (the kernel tables' w8_expand, bit-identical to kvq__w8_expand_ref), kvq_read and the flush to pages all
+ * see the same value ---- */
 static inline bool kvq__win8(const kvq_cache *c, kvq_role role) { return (c->cfg.window8 >> role) & 1; }
 static inline size_t kvq__win_row_bytes(const kvq_cache *c, kvq_role role) {
     size_t HD = (size_t)c->L.n_kv_heads * c->L.head_dim;
