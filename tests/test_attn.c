@@ -7,7 +7,7 @@
  *    kernels: NMSE < 1e-10 for the fp32 kernels, < 2e-8 for the integer kernels of Q8/Q4/Q2, which round
  *    queries and softmax weights to int16 (relative error ~1.5e-5 each), < 6e-6 where the values are Q4/Q2,
  *    whose kernels round the weights but a dominant largest to 8 bits; the same bounds for both tables (they share the
- *    rounding); a dominant token (run_dominant) < 4e-8;
+ *    rounding); a dominant token (run_dominant) < 5e-7;
  *  - decode of a ragged batch, and chunked causal prefill. */
 #include "testutil.h"
 
@@ -334,8 +334,11 @@ static void run_combo(combo cb) {
  * whose values are Q4 or Q2: each table against the _ref kernels. The SIMD value kernels round the weights of a
  * 64-token segment to 8 bits; if the dominant weight set that scale, the others would keep one or two steps of it
  * (NMSE 5.7e-5 q4, 1e-4 q2 before the largest weight was kept exact). With the largest weight exact the rest are
- * rounded against the second largest: measured <= 7.1e-9 (avx2 and avx512 alike); the bound is 4e-8. */
-#define DOMINANT_BOUND 4e-8
+ * rounded against the second largest: <= 7.1e-9 (avx2 and avx512 alike) on this file's data, but the data decides:
+ * over 300 other seeds of the same cases the worst was 1.7e-7 (q2, D = 64), and 10 of the 2400 cases were above the
+ * 4e-8 this bound was, so that adding random draws before these checks (as a new test does) moved them over it. The
+ * bound is 5e-7: 3x that worst, 100x under the failure it guards. */
+#define DOMINANT_BOUND 5e-7
 static double worst_dominant[3];
 static void run_dominant(kvq_type t, int D, int rep, int64_t at) {
     const int H = 2, nqh = H * rep;
@@ -576,6 +579,6 @@ int main(void) {
         snprintf(title, sizeof title, "worst NMSE of the %s kernels against the _ref kernels", backends[k]);
         print_by_types(title, worst_simd[k]);
     }
-    w8_expand_tables(); /* last: its draws would move the random data of the checks above */
+    w8_expand_tables();
     return tu_finish("test_attn");
 }
