@@ -249,6 +249,21 @@ static void test_rejections(void) {
         oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
         EXPECT(oo.decode_attn == 0, "--decode-attn defaults to off (%d)", oo.decode_attn);
     }
+    /* 8-bit group parameters and 8-bit windows: role sets, per entry too, each suffix once */
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-window8|3", "--kv-window8: '3' is not one of none, k, v, kv, default");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:w8=k:w8=v", "gives :w8= more than once");
+    rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:w8=all", "8-bit windows (:w8=)");
+    rejects(KVQ_CLI_TOK, "-m|m|-p|x|--kv-window8|kv", "option '--kv-window8' is not used by 'kvq tokenize'");
+    {
+        kvq_cli_opts oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--kv-window8|k|--kv-params8|v|--compare|q4,q2:w8=kv:p8=k,q3:w8=none");
+        EXPECT(oo.window8 == KVQ_ROLES_K && oo.compare[0].window8 == KVQ_ROLES_K && oo.compare[1].window8 == KVQ_ROLES_KV &&
+                   oo.compare[2].window8 == KVQ_ROLES_NONE && oo.params8 == KVQ_ROLES_V &&
+                   oo.compare[1].params8 == KVQ_ROLES_K && oo.compare[2].params8 == KVQ_ROLES_V,
+               "--kv-window8 / :w8= %d %d %d %d, --kv-params8 / :p8= %d %d %d", oo.window8, oo.compare[0].window8,
+               oo.compare[1].window8, oo.compare[2].window8, oo.params8, oo.compare[1].params8, oo.compare[2].params8);
+        oo = accepts(KVQ_CLI_RUN, "-m|m|-p|x");
+        EXPECT(oo.window8 == -1 && oo.params8 == -1, "window8 / params8 default %d %d", oo.window8, oo.params8);
+    }
     rejects(KVQ_CLI_RUN, "-m|m|-p|x|--decode-attn", "option '--decode-attn' is not used by 'kvq run'");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:qnorm=k:qnorm=v", "gives :qnorm= more than once");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:qnorm=default", "Q-Norm (:qnorm=): 'default'");
