@@ -138,15 +138,22 @@ def test_layer_rotation_follows_the_model_layer():
         assert torch.equal(got[0][0], g2[0]) and torch.equal(got[0][1], g2[1])
 
 
+def _llama_with_f16_logits(seed):
+    """A 2-layer Llama on kvq attention, 60 token ids [1, 60], and their logits through an F16 KVQCache: the reference
+    the KVQCache option tests compare a quantized cache's logits with."""
+    m = make("llama", num_hidden_layers=2)
+    m.set_attn_implementation("kvq")
+    ids = _ids(60, seed=seed).unsqueeze(0)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    return m, ids, ref
+
+
 def test_kvqcache_outliers_reach_the_cache():
     """KVQCache(outliers=): the role set reaches each CPU cache (its arena sized for the larger pages: the prompt
     fits), beside q2's SQuat keys, the logits stay within q4's reach of the F16 cache's; out of range refused at
     construction."""
-    m = make("llama", num_hidden_layers=2)
-    m.set_attn_implementation("kvq")
-    ids = _ids(60, seed=3).unsqueeze(0)
-    with torch.no_grad():
-        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    m, ids, ref = _llama_with_f16_logits(seed=3)
     for kw, want, squat in (({"kv_type": "q4", "outliers": 3}, 3, 0), ({"kv_type": "q2", "outliers": 1}, 1, 8),
                             ({"kv_type": "q2", "outliers": 2}, 2, 8), ({"kv_type": "q4"}, 0, 0)):
         cache = kvq.KVQCache(m.config, max_cache_len=64, n_threads=1, group=16, residual=0, **kw)
@@ -165,11 +172,7 @@ def test_kvqcache_outliers_reach_the_cache():
 def test_kvqcache_params8_reach_the_cache():
     """KVQCache(params8=): the role set reaches each CPU cache (smaller pages), the logits stay within q4's reach of
     the F16 cache's; out of range refused at construction."""
-    m = make("llama", num_hidden_layers=2)
-    m.set_attn_implementation("kvq")
-    ids = _ids(60, seed=4).unsqueeze(0)
-    with torch.no_grad():
-        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    m, ids, ref = _llama_with_f16_logits(seed=4)
     pages = {}
     for p8 in (3, 0):
         cache = kvq.KVQCache(m.config, kv_type="q4", max_cache_len=64, n_threads=1, group=16, residual=0, params8=p8)
@@ -189,11 +192,7 @@ def test_kvqcache_params8_reach_the_cache():
 def test_kvqcache_window8_reaches_the_cache():
     """KVQCache(window8=): the role set reaches each CPU cache (the window holds about half the bytes), prefill and
     token-by-token decode stay within q4's reach of the F16 cache's logits; out of range refused at construction."""
-    m = make("llama", num_hidden_layers=2)
-    m.set_attn_implementation("kvq")
-    ids = _ids(60, seed=5).unsqueeze(0)
-    with torch.no_grad():
-        ref = m(input_ids=ids, use_cache=True, **{C: kvq.KVQCache(m.config, kv_type="f16", max_cache_len=64)}).logits
+    m, ids, ref = _llama_with_f16_logits(seed=5)
     wb = {}
     for w8 in (3, 0):
         cache = kvq.KVQCache(m.config, kv_type="q4", max_cache_len=64, n_threads=1, group=16, residual=8, window8=w8)
