@@ -2,7 +2,6 @@
  * bounds each format promises (kvq.h section 5), plus the bytes-per-token targets at D = 128. */
 #include "testutil.h"
 
-#include <stdbool.h>
 #include <stddef.h>
 
 /* NMSE bounds on Gaussian-like data with outlier channels (measured values are printed; bounds ~2x above) */
@@ -516,20 +515,16 @@ static void window8_case(kvq_type t, int D, int roles, int sinks) {
     CHECK_OK(kvq_cache_create(&c8, &a));
     CHECK_OK(kvq_cache_create(&cfg, &b));
     if (!a || !b) return;
-    float *k = malloc(row * n * 4), *v = malloc(row * n * 4), *k8 = malloc(row * n * 4), *v8 = malloc(row * n * 4);
+    float *k = malloc(row * n * 4), *v = malloc(row * n * 4), *mk = malloc(row * n * 4), *mv = malloc(row * n * 4);
     float *ra = malloc(row * n * 8), *rb = malloc(row * n * 8), *sk = malloc((size_t)H * n * 4);
     int8_t *ck = malloc(row * n);
     tu_fill_kv(k, v, n, H, D);
-    for (int i = 0; i < n; i++) {
-        round8(k + i * row, k8 + i * row, H, D, ck + i * row, sk + (size_t)i * H);
-        round8(v + i * row, v8 + i * row, H, D, NULL, NULL);
-    }
-    /* what b is given: the 8-bit rounding for a's 8-bit roles, except for the sinks (exact fp16 in both) */
-    float *mk = malloc(row * n * 4), *mv = malloc(row * n * 4);
-    for (size_t e = 0; e < row * n; e++) {
-        bool sink = e < row * (size_t)sinks;
-        mk[e] = roles & KVQ_ROLES_K && !sink ? k8[e] : k[e];
-        mv[e] = roles & KVQ_ROLES_V && !sink ? v8[e] : v[e];
+    /* what b is given (mk, mv): the 8-bit rounding for a's 8-bit roles, except for the sinks (exact fp16 in both);
+     * the keys' codes and scales (ck, sk) as a's window rows must hold them */
+    memcpy(mk, k, row * n * 4), memcpy(mv, v, row * n * 4);
+    for (int i = sinks; i < n; i++) {
+        if (roles & KVQ_ROLES_K) round8(k + i * row, mk + i * row, H, D, ck + i * row, sk + (size_t)i * H);
+        if (roles & KVQ_ROLES_V) round8(v + i * row, mv + i * row, H, D, NULL, NULL);
     }
     int32_t sa, sb;
     CHECK_OK(kvq_seq_new(a, &sa));
@@ -602,7 +597,7 @@ static void window8_case(kvq_type t, int D, int roles, int sinks) {
     CHECK_OK(kvq_seq_view_get(a, sa, 0, &wa));
     CHECK(st.window_bytes == (size_t)(wa.window_capacity + w.window_capacity) * wrow, "%s D=%d window8 %d: window bytes %zu",
           name, D, roles, st.window_bytes);
-    free(k), free(v), free(k8), free(v8), free(mk), free(mv), free(ra), free(rb), free(sk), free(ck);
+    free(k), free(v), free(mk), free(mv), free(ra), free(rb), free(sk), free(ck);
     kvq_cache_free(a), kvq_cache_free(b);
 }
 
