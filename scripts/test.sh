@@ -125,7 +125,9 @@ for tier in $tiers; do
     gencode=()
     if [ "$cuda" = ON ] && [ ! -e /dev/nvidia0 ]; then
       gencode=(-DKVQ_CUDA_GENCODE="${KVQ_CUDA_GENCODE:--gencode=arch=compute_90a,code=compute_90a -gencode=arch=compute_80,code=compute_80}")
-      nvcc --help 2>/dev/null | grep -q -- --Ofast-compile && gencode+=(-DCMAKE_CUDA_FLAGS=-Ofc=max)
+      # the help whole first: grep -q stops reading at its match, and nvcc's SIGPIPE would fail the pipe (pipefail)
+      nvcc_help=$(nvcc --help 2>/dev/null || true)
+      grep -q -- --Ofast-compile <<<"$nvcc_help" && gencode+=(-DCMAKE_CUDA_FLAGS=-Ofc=max)
     elif [ -n "${KVQ_CUDA_GENCODE:-}" ]; then
       gencode=(-DKVQ_CUDA_GENCODE="$KVQ_CUDA_GENCODE")
     fi
