@@ -156,8 +156,9 @@ else
   # (kvq.h section 10) measure 92.6% (KLD 0.0297, still 15x q4's): < 95, where q4 is 98.4%.
   expect ok "perplexity --compare without f16 runs it first" "no f16 entry: running f16 first" -- \
     "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 128 --chunks 1 -q --compare q8
-  # Under the sanitizers (a third of the speed) one chunk: the same code paths; the figures' checks need two (at one
-  # chunk q2's KLD measured 11.8x q4's, too close to the 10x bound) and run in the release tier.
+  # Under the sanitizers (this script took 229 s there against 45 s in a release build) one chunk: the same code
+  # paths; the figures' checks need two (at one chunk q2's KLD measured 11.8x q4's, too close to the 10x bound) and
+  # run in the release tier.
   if [ "${KVQ_CLI_SANITIZED:-0}" = 1 ]; then ch=1 figs=0; else ch=2 figs=1; fi
   out=$(timeout 600 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 256 --chunks $ch -q \
     --compare f16,q4,q2,f16 --csv "$tmp/ppl.csv" 2>&1); rc=$?
