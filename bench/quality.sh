@@ -159,9 +159,9 @@ done
 
 # the part not rerun keeps its command lines and notes from the existing DIR/quality.md (its rows come below)
 if [ "$part" != all ] && [ -f "$out/quality.md" ]; then
-  keep=$([ "$part" = kvq ] && echo '^- (llama\.cpp|HF rows)' || echo '^- kvq, ')
+  keep=$([ "$part" = kvq ] && echo '^- (llama\.cpp|HF rows)' || echo '^- (kvq, |HF rows)')
   awk -v b="$BEGIN_MARK" -v e="$END_MARK" '$0 == b {on = 1} $0 == e {on = 0} on' "$out/quality.md" \
-    | grep -E "$keep" | sed 's/$/ (kept from the previous run)/' >> "$tmp/commands.md" || true
+    | grep -E "$keep" | sed 's/\( (kept from the previous run)\)*$/ (kept from the previous run)/' >> "$tmp/commands.md" || true
   [ "$part" = kvq ] && awk -v b="$BEGIN_MARK" -v e="$END_MARK" '$0 == b {on = 1} $0 == e {on = 0} on' "$out/quality.md" \
     | grep -E '^- tokens: ' >> "$notes" || true
 fi
