@@ -33,6 +33,7 @@ for n in "$chunks_full" "$chunks_q"; do
   fi
 done
 own=$(env -u KVQ_CPU_KERNELS "$kvq" version | sed -n 's/.*CPU attention: \([a-z0-9]*\).*/\1/p')
+if [ -z "$own" ]; then echo "FAIL: 'kvq version' names no CPU attention table"; exit 1; fi
 echo "this CPU's own kernel table: '$own'"
 fails=0 ran=0
 for table in scalar avx2 avx512; do
