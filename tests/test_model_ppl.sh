@@ -32,12 +32,14 @@ for n in "$chunks_full" "$chunks_q"; do
     echo "FAIL: no 'ref $ctx $n' or 'band $ctx $n' line in $ref"; exit 1
   fi
 done
-own=$(env -u KVQ_CPU_KERNELS "$kvq" version | sed -n 's/.*CPU attention: \([a-z0-9]*\).*/\1/p')
+# the kernel table kvq runs, as `kvq version` names it (KVQ_CPU_KERNELS in the environment asks for one)
+table_in_use() { "$kvq" version | sed -n 's/.*CPU attention: \([a-z0-9]*\).*/\1/p'; }
+own=$(unset KVQ_CPU_KERNELS; table_in_use)
 if [ -z "$own" ]; then echo "FAIL: 'kvq version' names no CPU attention table"; exit 1; fi
 echo "this CPU's own kernel table: '$own'"
 fails=0 ran=0
 for table in scalar avx2 avx512; do
-  have=$(KVQ_CPU_KERNELS=$table "$kvq" version | sed -n 's/.*CPU attention: \([a-z0-9]*\).*/\1/p')
+  have=$(KVQ_CPU_KERNELS=$table table_in_use)
   if [ "$have" != "$table" ]; then echo "SKIP $table: this CPU runs '$have' when asked for it"; continue; fi
   if [ "$table" = "$own" ] && [ "$quick" = 0 ]; then chunks=$chunks_full hf=$hf_full
   elif [ "$table" = "$own" ] || [ "$quick" = 0 ]; then chunks=$chunks_q hf=$hf_q
