@@ -45,14 +45,19 @@ struct Entry {
     int32_t paged;           // tokens in pages
     int32_t lo, hi;          // visible tokens [lo, hi)
     int32_t whead;           // ring row of window token 0
-    int32_t npu, n;          // page units, all units (page units first, then window units)
+    int32_t npu, n;          // page units; positions in the split: npu, then ww for each of the nw window units
     int32_t q_row;           // row of q / out
+    int32_t nw;              // window units, the sink unit included
     const __half *sk;        // sink page (kvq.h section 5: fp16 K [SR][H][D], then V): its K rows; V at + sink_vo
     int32_t slo, shi;        // visible sink tokens [slo, shi): one more unit, the entry's last, when shi > slo
     int64_t start;           // flattened index of (this entry, head 0, unit 0)
 };
 // With sinks (kvq.h section 10) paged, lo, hi, whead and the units count the tokens after the S sinks (u = t - S);
 // the sinks are the last unit of an entry, read like a window unit (fp16 rows H * D apart).
+// Window units weigh ww positions each in the split over CTAs (decode.cuh): a warp reads them straight from global
+// memory, a chain of dependent loads that takes several page units' time while the bulk copies keep the memory busy,
+// and the CTA holding them finished last (H100, q4, batch 1, 128k: its 4 window units cost ~25 us of an 81 us step).
+// Unit q of the window is done by the CTA whose range holds position npu + ww q; the other ww - 1 positions are empty.
 
 // Tokens an append bringing the window to T tokens flushes into pages: whole flush units (Gf tokens), once the window
 // holds wcap = R + Gf tokens. Host (kvq_cuda_append) and device (static plans) share it: the same bits either way.
@@ -65,7 +70,7 @@ __host__ __device__ __forceinline__ int64_t flush_count(int64_t T, int wcap, int
 // callers) and device (static plans) share it, so that both split the same units and give the same bits.
 __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const __half *wk, const __half *wv,
                                                         const __half *sk, int64_t paged, int64_t sink, int32_t whead,
-                                                        int64_t hi_pos, int window, int q_row) {
+                                                        int64_t hi_pos, int window, int q_row, int ww) {
     Entry e;
     e.pt = pt, e.wk = wk, e.wv = wv, e.sk = sk;
     e.paged = (int32_t)paged;
@@ -79,12 +84,18 @@ __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const
     e.npu = e.lo < pe ? (int32_t)((pe + PT - 1) / PT - e.lo / PT) : 0;
     const int64_t ws = (e.lo > paged ? e.lo : paged) - paged, we = hi - paged;
     const int nwu = we > ws ? (int)((we + PT - 1) / PT - ws / PT) : 0;
-    e.n = e.npu + nwu + (e.shi > e.slo);  // the sinks: the last unit
+    e.nw = nwu + (e.shi > e.slo);  // the sinks: the last unit
+    e.n = e.npu + ww * e.nw;
     e.q_row = q_row;
     e.start = 0;
     return e;
 }
 
+// Entry's ww by default (KVQ_CUDA_WIN_WEIGHT overrides it). H100, 128k, us per step with weight 1 / 4 / 10 / 14 / 20 /
+// 30: batch 1 q4 80.2 / 78.3 / 73.2 / 69.0 / 65.9 / 71.3, q2 64.9 / 59.3 / 56.2 / 55.7 / 53.8 / 58.5; batch 8 q4 412.6 /
+// 409.3 / 406.9 / 407.3 / 417.8 / 415.1, q3 497.6 / 497.9 / 495.8 / 499.2 / 508.4 / 527.1; batch 8 at 4k q4 37.2 (1),
+// 36.3 (4), 37.1 (10), 41.9 (20). Batch 1 gains up to 20, more sequences lose past ~12 (docs/bench-cuda.md).
+constexpr int KVQ_WIN_WEIGHT = 12;
 constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 // Q3's levels (kvq.h section 10; src/core/quant.c lv_u3 / lv_n3): level q of a role is byte q of w (in 1/16 of the
@@ -147,6 +158,9 @@ template <int D> __device__ __forceinline__ void unrotate_warp(float (&x)[D / 32
     }
 }
 
+#ifdef KVQ_DECODE_TRACE
+constexpr int KVQ_TRACE_SLOTS = 24;  // stamps per CTA of a diagnostic build (decode.cuh)
+#endif
 struct DecodeArgs {
     const uint8_t *arena;
     int64_t page_bytes;
@@ -172,6 +186,9 @@ struct DecodeArgs {
     RotSigns rq;    // the keys' rotation signs (rot_q)
     RotSigns ro;    // the values' rotation signs (rot_o)
     Levels lv;      // Q3 roles' levels
+#ifdef KVQ_DECODE_TRACE
+    unsigned long long *trace;  // diagnostic builds only: [n_cta][KVQ_TRACE_SLOTS] stamps (decode.cuh)
+#endif
     Entry e[MAXE];
 };
 
@@ -235,7 +252,7 @@ struct StaticPlanArgs {
     uint8_t *arena;
     int64_t page_bytes, max_tokens, win_elems;
     int32_t v_off, H, D, Gq, nqh, wcap, Gf, S, SR, n, nl, layer, max_pages, n_sm, window;
-    int32_t dtype, vec, qo_dtype, q_dtype, rot_q, qnorm, rot_o, win_first;
+    int32_t dtype, vec, qo_dtype, q_dtype, rot_q, qnorm, rot_o, win_first, ww;
     float qscale, softcap;
     __half *windows;          // the cache's windows [max_seqs][nl][2][wcap][H][D]
     int32_t *tables;          // the cache's page tables [max_seqs][nl][max_pages]

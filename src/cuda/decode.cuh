@@ -30,6 +30,25 @@
 namespace kvqc {
 
 // ------------------------------------------------------------------------------------------------ PTX helpers
+// Diagnostic builds (-DKVQ_DECODE_TRACE): each CTA stamps where its time goes, KVQ_TRACE_SLOTS values per CTA:
+// 0 globaltimer at entry, 1 at exit, 2 SM id, 3 clock64 at entry, 4 first page ready (warp 0), 5 producer done,
+// 6 .. 17 consumer warp w done with its units, 18 consumers' epilogue done, 19 exit, 20 units, 21 merges done here.
+// run_entries (kvq_cuda.cu) writes them to $KVQ_TRACE_FILE. Never in a normal build.
+#ifdef KVQ_DECODE_TRACE
+__device__ __forceinline__ unsigned long long trace_gt() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define KVQ_TRACE(A, slot, val) \
+    do { \
+        if ((A).trace) (A).trace[(size_t)blockIdx.x * KVQ_TRACE_SLOTS + (slot)] = (val); \
+    } while (0)
+#else
+#define KVQ_TRACE(A, slot, val) \
+    do { \
+    } while (0)
+#endif
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void mbar_init(uint64_t *b, uint32_t count) {
@@ -948,6 +967,16 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int cta = blockIdx.x;
     const int64_t beg = (int64_t)cta * A.L, end = min(beg + A.L, A.total);
+#ifdef KVQ_DECODE_TRACE
+    if (threadIdx.x == 0) {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        KVQ_TRACE(A, 0, trace_gt());
+        KVQ_TRACE(A, 2, sm);
+        KVQ_TRACE(A, 3, clock64());
+        KVQ_TRACE(A, 20, (unsigned long long)max(end - beg, (int64_t)0));
+    }
+#endif
     if (threadIdx.x == 0) {
         for (int i = 0; i < NS; i++) mbar_init(&full[i], PORT ? 32 : 1), mbar_init(&empty[i], 1);
         if constexpr (!PORT) {  // (portable: the __syncthreads below orders the inits before every use)
@@ -1002,6 +1031,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
             span_next(E, sp, H, pos, i);
         }
         if constexpr (PORT) cp_async_wait_all();  // (the consumers waited for every copy already; tidy for the tools)
+        if (lane == 0) KVQ_TRACE(A, 5, clock64());
     } else {  // ---------------- consumers
         const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
         __half *ps = psall + warp * 8 * PS_STRIDE;
@@ -1071,17 +1101,20 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
 #pragma unroll
             for (int x = 0; x < D / 16; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
             const __half *wk = E.wk + (int64_t)h * D, *wv = E.wv + (int64_t)h * D;
-            // Units [k0, kend) of this pair: pages, and window units (the sink unit last). Page n of the CTA (r + k - k0
+            // Positions [k0, kend) of this pair: pages, and window units (the sink unit last). Page n of the CTA (r + k - k0
             // here) is this warp's when n % W == warp; window units are dealt round-robin from (qw + r) % W. They are
             // read straight from global memory: after the pages, or before them (A.win_first), where the latency of
             // their loads hides under the ring's first bulk copies.
-            const int wbeg = max(k0, E.npu);
+            // Window unit q sits at position npu + ww q of the pair (common.cuh, Entry): the span holds [qa, qb)
+            const int ww = E.nw > 0 ? (E.n - E.npu) / E.nw : 1;
+            const int qa = (max(k0 - E.npu, 0) + ww - 1) / ww, qb = kend > E.npu ? (kend - E.npu + ww - 1) / ww : 0;
             const int pend = min(kend, E.npu), np = max(pend - k0, 0);
             // one loop site each (win_first is a launch argument): not unrolled
 #pragma unroll 1
             for (int ph = 0; ph < 2; ph++) {
                 if ((ph == 0) == (A.win_first != 0)) {  // the window units
-                    for (int k = wbeg + (warp - (qw + r) % W + W) % W; k < kend; k += W) {
+                    for (int q = qa + (warp - (qw + r) % W + W) % W; q < qb; q += W) {
+                        const int k = E.npu + q;  // the unit's index among the pair's units (unit_info)
                         bool page;
                         int idx;
                         Visible vis;
@@ -1089,7 +1122,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                         // (H * D apart) that never wrap
                         const __half *uk = wk, *uv = wv;
                         int wrow0 = 0, wc = 1 << 30;
-                        if (E.shi > E.slo && k == E.n - 1) {
+                        if (E.shi > E.slo && q == E.nw - 1) {
                             vis.lo = E.slo, vis.hi = E.shi;
                             uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
                         } else {
@@ -1109,6 +1142,9 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                     const int rr = r + (k - k0), sl = rr % NS;
                     if constexpr (PORT) mbar_wait_p(&full[sl], (rr / NS) & 1);
                     else mbar_wait(&full[sl], (rr / NS) & 1);
+#ifdef KVQ_DECODE_TRACE
+                    if (rr == 0 && lane == 0) KVQ_TRACE(A, 4, clock64());
+#endif
                     const uint8_t *kb = ring + sl * C::SLOT;
 #ifndef KVQ_NO_COMPUTE
                     do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
@@ -1130,7 +1166,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                 r += np;
                 unraw_values<TV, D>(o);
             }
-            qw += max(kend - wbeg, 0);
+            qw += max(qb - qa, 0);
             // ---- the CTA's result for pair u = i*H + h: the W warps' partials merged in shared memory, then the
             // output itself (the pair lies inside this CTA) or one partial per CTA of the pair, which the last of
             // them merges
@@ -1215,6 +1251,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
             }
             span_next(E, sp, H, pos, i);
         }
+        if (lane == 0) KVQ_TRACE(A, 6 + warp, clock64());  // (after the last pair's epilogue: its bar.syncs)
         if (threadIdx.x == 0) {
 #pragma unroll
             for (int x = 0; x < 2; x++) {
@@ -1225,9 +1262,17 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
     }
     // ---------------- the last CTA of a shared pair merges it, with all its warps (the producer's too)
     asm volatile("bar.sync 2, %0;" ::"n"(C::THREADS) : "memory");
+    if (threadIdx.x == 0) KVQ_TRACE(A, 18, clock64());
 #pragma unroll
     for (int x = 0; x < 2; x++)
         if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow, reinterpret_cast<float *>(ring));
+#ifdef KVQ_DECODE_TRACE
+    if (threadIdx.x == 0) {
+        KVQ_TRACE(A, 19, clock64());
+        KVQ_TRACE(A, 1, trace_gt());
+        KVQ_TRACE(A, 21, (unsigned long long)((jobs[0].ns != 0) + (jobs[1].ns != 0)));
+    }
+#endif
 }
 
 // The same kernel with its arguments in device memory (static plans, kvq_cuda.h section 5): plan_kernel wrote them

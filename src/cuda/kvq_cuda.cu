@@ -60,6 +60,7 @@ struct kvq_cuda_cache {
     // the decode kernel's fused output rotation and window-first order (kvq_cuda.h section 2: KVQ_CUDA_SPLIT_ROT and
     // KVQ_CUDA_WIN_LAST switch them off, for A/B timings)
     bool fuse_rot = true, win_first = true;
+    int ww = KVQ_WIN_WEIGHT;  // positions per window unit in the decode split (common.cuh, Entry)
     int wcap = 1, Gf = 1;
     int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
     uint8_t *arena = nullptr;
@@ -388,6 +389,10 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     c->portable = portable;
     c->fuse_rot = !env_on("KVQ_CUDA_SPLIT_ROT");
     c->win_first = !env_on("KVQ_CUDA_WIN_LAST");
+    if (const char *w = getenv("KVQ_CUDA_WIN_WEIGHT")) {  // A/B timings (kvq_cuda.h section 2); 1: the unweighted split
+        const int x = atoi(w);
+        if (x >= 1 && x <= 64) c->ww = x;
+    }
     c->Gf = L.group;
     c->wcap = cfg.residual + c->Gf;
     c->S = cfg.sinks;
@@ -1005,11 +1010,13 @@ static kvq_status check_params(const kvq_cuda_cache *c, const kvq_attn_params *p
 }
 
 // hi: the visible end (a position, sinks included); the entry's pages and window count the tokens after the sinks
-static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row) {
+// ww: the weight of its window units in the split (common.cuh, Entry); decode's is the cache's, prefill keeps 1 (its
+// rows' window units were not measured under another weight)
+static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row, int ww) {
     const SeqLayer &sl = c->seqs[seq][layer];
     const __half *sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
     return make_entry_at(c->table(seq, layer), c->wk(seq, layer), c->wv(seq, layer), sk, sl.paged, sl.sink, sl.whead,
-                         hi_pos, window, q_row);
+                         hi_pos, window, q_row, ww);
 }
 
 // Decode workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials, one
@@ -1101,7 +1108,34 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->n_cta = n_cta;
         A->total = total;
         A->L = L;
+#ifdef KVQ_DECODE_TRACE
+        // diagnostic builds: the kernel's per-CTA stamps (decode.cuh), one line per CTA appended to $KVQ_TRACE_FILE
+        static unsigned long long *d_trace = nullptr;
+        static long launch_no = 0;
+        const size_t tr_n = (size_t)n_cta * KVQ_TRACE_SLOTS;
+        if (!d_trace) cudaMalloc((void **)&d_trace, (size_t)4096 * KVQ_TRACE_SLOTS * sizeof(unsigned long long));
+        A->trace = n_cta <= 4096 ? d_trace : nullptr;
+        if (A->trace) cudaMemsetAsync(d_trace, 0, tr_n * sizeof(unsigned long long), st);
+#endif
         cudaError_t e = launch_decode(tk, tv, D, *A, st, c->portable);
+#ifdef KVQ_DECODE_TRACE
+        if (e == cudaSuccess && A->trace && getenv("KVQ_TRACE_FILE")) {
+            std::vector<unsigned long long> h(tr_n);
+            cudaStreamSynchronize(st);
+            cudaMemcpy(h.data(), d_trace, tr_n * sizeof(unsigned long long), cudaMemcpyDeviceToHost);
+            if (FILE *f = fopen(getenv("KVQ_TRACE_FILE"), "a")) {
+                fprintf(f, "L %ld tk %d tv %d D %d ne %d total %lld per_cta %lld n_cta %d\n", launch_no, tk, tv, D, ne,
+                        (long long)total, (long long)L, n_cta);
+                for (int x = 0; x < n_cta; x++) {
+                    fprintf(f, "C %d", x);
+                    for (int y = 0; y < KVQ_TRACE_SLOTS; y++) fprintf(f, " %llu", h[(size_t)x * KVQ_TRACE_SLOTS + y]);
+                    fputc('\n', f);
+                }
+                fclose(f);
+            }
+        }
+        launch_no++;
+#endif
         if (e != cudaSuccess) {
             delete A;
             if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
@@ -1136,7 +1170,7 @@ extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_s
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
         int64_t len = sl.sink + sl.paged + sl.win;
         if (len < 1) return fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d (append the token first)", fn, (int)seq_ids[i], layer);
-        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i));
+        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i, c->ww));
     }
     return run_entries(c, layer, n_seqs, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
@@ -1196,7 +1230,7 @@ extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_
     if (n_q > len) return fail(KVQ_ERR_RANGE, "%s: n_q %d > sequence length %lld", fn, n_q, (long long)len);
     std::vector<Entry> es;
     es.reserve(n_q);
-    for (int r = 0; r < n_q; r++) es.push_back(make_entry(c, seq, layer, len - n_q + r + 1, p->window, r));
+    for (int r = 0; r < n_q; r++) es.push_back(make_entry(c, seq, layer, len - n_q + r + 1, p->window, r, 1));
     return run_entries(c, layer, n_q, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
 
@@ -1211,7 +1245,7 @@ extern "C" kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *c, int la
     for (int i = 0; i < n_seqs; i++) {
         if ((s = check_seq(c, seq_ids[i], fn))) return s;
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        Entry e = make_entry(c, seq_ids[i], layer, sl.sink + sl.paged + sl.win, p->window, i);
+        Entry e = make_entry(c, seq_ids[i], layer, sl.sink + sl.paged + sl.win, p->window, i, 1);
         b += (double)e.npu * H * (c->L.k_block_bytes + c->L.v_block_bytes);
         int64_t wt = e.hi - std::max(e.lo, e.paged);
         if (wt > 0) b += (double)wt * H * D * 2 * 2;
@@ -1517,6 +1551,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     P.rot_o = rv && c->fuse_rot;
     if (P.rot_o) P.ro = c->rot_v[layer];
     P.win_first = c->win_first;
+    P.ww = c->ww;
     P.qscale = attn_qscale(&S->p, D);
     P.softcap = S->p.softcap;
     P.windows = c->windows, P.tables = c->tables;

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
         P.st[me] = s;
         // the decode entry of the new length (kvq_cuda.cu's make_entry)
         E = make_entry_at(pt, wk, wv, spg >= 0 ? (const __half *)(P.arena + spg * P.page_bytes) : nullptr, s.paged,
-                          s.sink, s.whead, (int64_t)s.sink + s.paged + s.win, P.window, i);
+                          s.sink, s.whead, (int64_t)s.sink + s.paged + s.win, P.window, i, P.ww);
         units = (int64_t)P.H * E.n;
     }
     int64_t total;
