@@ -94,8 +94,9 @@ __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const
 // Entry's ww by default (KVQ_CUDA_WIN_WEIGHT overrides it). H100, 128k, us per step with weight 1 / 4 / 10 / 14 / 20 /
 // 30: batch 1 q4 80.2 / 78.3 / 73.2 / 69.0 / 65.9 / 71.3, q2 64.9 / 59.3 / 56.2 / 55.7 / 53.8 / 58.5; batch 8 q4 412.6 /
 // 409.3 / 406.9 / 407.3 / 417.8 / 415.1, q3 497.6 / 497.9 / 495.8 / 499.2 / 508.4 / 527.1; batch 8 at 4k q4 37.2 (1),
-// 36.3 (4), 37.1 (10), 41.9 (20). Batch 1 gains up to 20, more sequences lose past ~12 (docs/bench-cuda.md).
-constexpr int KVQ_WIN_WEIGHT = 12;
+// 36.3 (4), 37.1 (10), 41.9 (20). Batch 1 gains up to 20, more sequences lose past ~14: 10, the largest weight that
+// measured no loss anywhere (docs/bench-cuda.md).
+constexpr int KVQ_WIN_WEIGHT = 10;
 constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 // Q3's levels (kvq.h section 10; src/core/quant.c lv_u3 / lv_n3): level q of a role is byte q of w (in 1/16 of the
