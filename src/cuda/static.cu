@@ -108,6 +108,9 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
     A.sink_vo = (int32_t)(P.SR * HD);
     A.rot_q = P.rot_q, A.rq = P.rq, A.lv = P.lv;
     A.rot_o = P.rot_o, A.ro = P.ro, A.win_first = P.win_first;
+#ifdef KVQ_DECODE_TRACE
+    A.trace = nullptr;  // diagnostic builds trace the eager launches only (run_entries)
+#endif
     A.qscale = P.qscale, A.softcap = P.softcap;
     A.q = P.q, A.out = P.out;
     A.part = P.part, A.part_ml = P.part_ml, A.cnt = P.cnt;
