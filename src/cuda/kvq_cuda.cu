@@ -1042,6 +1042,37 @@ static kvq_status reserve_ws(kvq_cuda_cache *c, size_t need, cudaStream_t st, co
     return KVQ_OK;
 }
 
+#ifdef KVQ_DECODE_TRACE
+// Diagnostic builds only: the decode kernel's per-CTA stamps (decode.cuh), with $KVQ_TRACE_FILE set one line per CTA
+// appended there after each launch (bench/decode_trace.py reads them). The stamps need a synchronisation: never timed.
+static unsigned long long *g_trace = nullptr;
+static void trace_arm(DecodeArgs &A, cudaStream_t st) {
+    constexpr int max_cta = 4096;
+    if (!g_trace) cudaMalloc((void **)&g_trace, (size_t)max_cta * KVQ_TRACE_SLOTS * sizeof(unsigned long long));
+    A.trace = A.n_cta <= max_cta ? g_trace : nullptr;
+    if (A.trace) cudaMemsetAsync(g_trace, 0, (size_t)A.n_cta * KVQ_TRACE_SLOTS * sizeof(unsigned long long), st);
+}
+static void trace_dump(const DecodeArgs &A, int tk, int tv, int D, cudaStream_t st, bool launched) {
+    static long launch_no = 0;  // every launch attempt counts, so that lines keep their numbers across runs
+    const long no = launch_no++;
+    const char *path = getenv("KVQ_TRACE_FILE");
+    if (!launched || !A.trace || !path) return;
+    std::vector<unsigned long long> h((size_t)A.n_cta * KVQ_TRACE_SLOTS);
+    cudaStreamSynchronize(st);
+    cudaMemcpy(h.data(), A.trace, h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost);
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    fprintf(f, "L %ld tk %d tv %d D %d ne %d total %lld per_cta %lld n_cta %d\n", no, tk, tv, D, A.n_entries,
+            (long long)A.total, (long long)A.L, A.n_cta);
+    for (int x = 0; x < A.n_cta; x++) {
+        fprintf(f, "C %d", x);
+        for (int y = 0; y < KVQ_TRACE_SLOTS; y++) fprintf(f, " %llu", h[(size_t)x * KVQ_TRACE_SLOTS + y]);
+        fputc('\n', f);
+    }
+    fclose(f);
+}
+#endif
+
 // Runs the decode kernels over entries (chunks of MAXE), growing the workspace on the stream as needed.
 // n_rows: rows of q / out (sequences of a decode, queries of a prefill)
 static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vector<Entry> &es, kvq_dtype qo,
@@ -1109,32 +1140,11 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->total = total;
         A->L = L;
 #ifdef KVQ_DECODE_TRACE
-        // diagnostic builds: the kernel's per-CTA stamps (decode.cuh), one line per CTA appended to $KVQ_TRACE_FILE
-        static unsigned long long *d_trace = nullptr;
-        static long launch_no = 0;
-        const size_t tr_n = (size_t)n_cta * KVQ_TRACE_SLOTS;
-        if (!d_trace) cudaMalloc((void **)&d_trace, (size_t)4096 * KVQ_TRACE_SLOTS * sizeof(unsigned long long));
-        A->trace = n_cta <= 4096 ? d_trace : nullptr;
-        if (A->trace) cudaMemsetAsync(d_trace, 0, tr_n * sizeof(unsigned long long), st);
+        trace_arm(*A, st);
 #endif
         cudaError_t e = launch_decode(tk, tv, D, *A, st, c->portable);
 #ifdef KVQ_DECODE_TRACE
-        if (e == cudaSuccess && A->trace && getenv("KVQ_TRACE_FILE")) {
-            std::vector<unsigned long long> h(tr_n);
-            cudaStreamSynchronize(st);
-            cudaMemcpy(h.data(), d_trace, tr_n * sizeof(unsigned long long), cudaMemcpyDeviceToHost);
-            if (FILE *f = fopen(getenv("KVQ_TRACE_FILE"), "a")) {
-                fprintf(f, "L %ld tk %d tv %d D %d ne %d total %lld per_cta %lld n_cta %d\n", launch_no, tk, tv, D, ne,
-                        (long long)total, (long long)L, n_cta);
-                for (int x = 0; x < n_cta; x++) {
-                    fprintf(f, "C %d", x);
-                    for (int y = 0; y < KVQ_TRACE_SLOTS; y++) fprintf(f, " %llu", h[(size_t)x * KVQ_TRACE_SLOTS + y]);
-                    fputc('\n', f);
-                }
-                fclose(f);
-            }
-        }
-        launch_no++;
+        trace_dump(*A, tk, tv, D, st, e == cudaSuccess);
 #endif
         if (e != cudaSuccess) {
             delete A;
