@@ -323,6 +323,65 @@ static void outliers_case(kvq_type t, int D, int qnorm) {
     for (int f = 0; f < 2; f++) free(r[f][0]), free(r[f][1]);
 }
 
+/* Outliers whose residual nears or passes fp16's range (found by fuzz_cache): groups of Q2 keys and values near
+ * +-60000 where (A) the others span [-59136, 17920] and the outlier is 51456: its residual from the level nearest to
+ * it fits fp16 (from the mean's level it would not), so it reads back within that residual's rounding; and (B) the
+ * others sit at -60000 .. -59000 and the outlier at +60000: no level is within 65504 of it, so the group is quantized
+ * whole and every value reads back within half a step of the full range. */
+static void outliers_wide_case(void) {
+    const int T = 128, H = 1, D = 64;
+    kvq_cache_config cfg = kvq_cache_config_default();
+    cfg.sinks = 0, cfg.rotate = 0, cfg.residual = 0, cfg.arena_bytes = 8u << 20, cfg.nonuniform = 0, cfg.qnorm = 0;
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = cfg.type_v = KVQ_TYPE_Q2;
+    cfg.outliers = KVQ_ROLES_KV;
+    kvq_cache *c = NULL;
+    kvq_page_layout L;
+    CHECK_OK(kvq_cache_create(&cfg, &c));
+    CHECK_OK(kvq_cache_get_config(c, NULL, &L));
+    const int G = L.group, Gv = L.value_group, qmax = 3;
+    size_t n = (size_t)T * H * D;
+    float *x[2] = {malloc(n * 4), malloc(n * 4)}, *r[2] = {malloc(n * 4), malloc(n * 4)};
+    for (int role = 0; role < 2; role++) {
+        int n_groups = role ? T * (D / Gv) : (T / G) * D, len = role ? Gv : G;
+        for (int g = 0; g < n_groups; g++) {
+            int wide = g % 2; /* B */
+            int o = (int)(tu_uniform() * len) % len;
+            for (int j = 0; j < len; j++) {
+                size_t e = role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j
+                                : (size_t)((g / D) * G + j) * D + g % D;
+                x[role][e] = j == o ? (wide ? 60000.0f : 51456.0f)
+                                    : (float)(wide ? -60000 + 1000 * tu_uniform() : -59136 + 77056 * tu_uniform());
+            }
+        }
+    }
+    int32_t seq, nt = T;
+    CHECK_OK(kvq_seq_new(c, &seq));
+    CHECK_OK(kvq_append(c, 0, 1, &seq, &nt, KVQ_DTYPE_F32, x[0], x[1]));
+    CHECK_OK(kvq_read(c, seq, 0, 0, T, r[0], r[1]));
+    for (int role = 0; role < 2; role++) {
+        int n_groups = role ? T * (D / Gv) : (T / G) * D, len = role ? Gv : G;
+        for (int g = 0; g < n_groups; g++) {
+            int wide = g % 2;
+            double lo = INFINITY, hi = -INFINITY;
+            size_t idx[128];
+            for (int j = 0; j < len; j++) {
+                idx[j] = role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j
+                              : (size_t)((g / D) * G + j) * D + g % D;
+                lo = fmin(lo, x[role][idx[j]]), hi = fmax(hi, x[role][idx[j]]);
+            }
+            for (int j = 0; j < len; j++) {
+                double xv = x[role][idx[j]], e = fabs(r[role][idx[j]] - xv);
+                double bound = wide ? 0.5 * (hi - lo) / qmax * 1.01 + 1e-3 * (fabs(lo) + fabs(hi))
+                               : xv == 51456.0 ? 1e-3 * fabs(xv) : 0.5 * (17920 + 59136) / qmax * 1.01 + 1e-3 * 2 * 59136;
+                CHECK(e <= bound, "wide outliers %s group %d (%s): %g read back %g (bound %g)", role ? "value" : "key", g,
+                      wide ? "B" : "A", xv, (double)r[role][idx[j]], bound);
+            }
+        }
+    }
+    kvq_cache_free(c);
+    free(x[0]), free(x[1]), free(r[0]), free(r[1]);
+}
+
 static void test_outliers(void) {
     static const int dims[] = {64, 80, 128};
     for (int t = 0; t < KVQ_TYPE_COUNT; t++) {
@@ -331,6 +390,7 @@ static void test_outliers(void) {
     }
     outliers_case(KVQ_TYPE_Q4, 64, KVQ_ROLES_KV);
     outliers_case(KVQ_TYPE_Q2, 128, KVQ_ROLES_KV);
+    outliers_wide_case();
     kvq_cache_config cfg = kvq_cache_config_default();
     cfg.n_layers = 1, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.type_k = cfg.type_v = KVQ_TYPE_Q2;
     cfg.arena_bytes = 1u << 20;
