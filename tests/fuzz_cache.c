@@ -28,6 +28,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define NL 2
 #define MAXS 3
 #define MAXT 400 /* tokens per (sequence, layer) the model holds; appends beyond are skipped */
+#ifndef ATTN_BUDGET
+#define ATTN_BUDGET 6e7 /* multiply-adds of attention per input (run_attention) */
+#endif
 
 #define FAIL(...)                                                                                           \
     do {                                                                                                   \
@@ -61,6 +64,7 @@ typedef struct {
     int H, D;
     mseq s[MAXS];
     uint64_t rng;
+    double attn_work; /* multiply-adds of the attention runs so far (every table + the fp64 check): see ATTN_BUDGET */
 } world;
 
 static double urand(world *w) {
@@ -341,6 +345,14 @@ static void run_attention(world *w, rd *r, bool prefill) {
     int n_q = prefill ? (int)(byte(r) % (w->s[slots[0]].len[layer] + 1)) : 0;
     if (prefill) nb = 1;
     if (prefill && n_q == 0) return;
+    /* Attention is the expensive operation (each table, then the fp64 reference and its bounds): an input whose runs
+     * would pass ATTN_BUDGET skips the rest, so that no input takes seconds in the sanitized build where the SIMD
+     * kernels are built at -O0 (tests/fuzz.cmake) and libFuzzer's -timeout never fires on a valid input. */
+    double work = 0;
+    for (int b = 0; b < nb; b++) work += (double)(prefill ? n_q : 1) * p.n_q_heads * (double)w->s[slots[b]].len[layer] * w->D;
+    work *= n_simd + 2;
+    if (w->attn_work + work > ATTN_BUDGET) return;
+    w->attn_work += work;
     size_t nrow = (size_t)(prefill ? n_q : nb) * p.n_q_heads, qn = nrow * w->D;
     float *q = malloc(qn * 4), *o = malloc(qn * 4);
     static const double qmag[4] = {1, 0.01, 10, 1};
@@ -699,6 +711,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     for (int i = 0; i < MAXS; i++)
         if (w.s[i].live)
             for (int l = 0; l < NL; l++) check_read(&w, i, l);
+    if (verbose) fprintf(stderr, "attention: %.3g multiply-adds (budget %.3g)\n", w.attn_work, ATTN_BUDGET);
     kvq_cache_free(w.c);
     for (int i = 0; i < MAXS; i++)
         for (int l = 0; l < NL; l++) free(w.s[i].k[l]), free(w.s[i].v[l]);
