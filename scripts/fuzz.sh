@@ -72,7 +72,9 @@ for n in $names; do
     "exit $rc, $findings finding(s) in $out/$n-*"
   if [ "$rc" != 0 ]; then
     status=1
-    grep -E "ERROR|SUMMARY|==[0-9]+==|runtime error|Test unit written" "$out/fuzz-$n.log" | head -20
+    # the harness's own message (fuzz_<name>: ...), the sanitizers' and libFuzzer's, and the input as Base64: enough
+    # to reproduce a finding from a CI log alone (base64 -d > FILE; build-fuzz/tests/fuzz_NAME FILE)
+    grep -E "^fuzz_$n: |ERROR|SUMMARY|==[0-9]+==|runtime error|Test unit written|^Base64: " "$out/fuzz-$n.log" | head -20
   fi
 done
 [ "$ran" = 0 ] && { echo "fuzz.sh: no target of '$what' is built in this configuration"; exit 77; }

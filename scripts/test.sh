@@ -22,6 +22,10 @@ in_ci=0
 have_gpu=0
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU && have_gpu=1
 export OMP_WAIT_POLICY=PASSIVE
+# the CPU decides which kernel tables exist here (scalar, avx2, avx512): a failure elsewhere starts from this line
+echo "== CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -1); $jobs cores;" \
+  "$(for f in avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_vnni; do
+    grep -qw "$f" /proc/cpuinfo 2>/dev/null && printf '%s ' "$f"; done)"
 
 n_pass=0 n_fail=0 n_skip=0
 failed=() skipped=() t_start=$(date +%s)
