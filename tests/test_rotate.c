@@ -156,7 +156,7 @@ static void roundtrip_tests(void) {
             tu_fill_kv(k, v, T, H, D);
             for (int rot = 0; rot <= 3; rot += 3)
                 for (int res = 0; res < 2; res++) { /* residual 0: straight to pages; default: window + pages */
-                    double ek, ev;
+                    double ek = INFINITY, ev = INFINITY; /* stay INFINITY if no cache could be made: the check fails */
                     readback_nmse((kvq_type)t, D, rot, k, v, T, H, res ? -1 : 0, &ek, &ev);
                     CHECK(ek < bound[t] && ev < bound[t], "%s D=%d rotate=%d residual=%s: read-back NMSE k %g v %g > %g",
                           kvq_type_get_traits((kvq_type)t)->name, D, rot, res ? "default" : "0", ek, ev, bound[t]);

@@ -429,7 +429,7 @@ AI __m256 lut8(const kvq_type T, __m256i q, __m256 lo, __m256 hi) {
 SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vwparams *vw, float *acc) {
     const int D = b->D, ng = D / b->Gv, qmax = T == KVQ_TYPE_Q4 ? 15 : 3;
     const float off = (float)((qmax + 1) / 2);
-    float lvf[16] __attribute__((aligned(32)));
+    float lvf[16] __attribute__((aligned(32))) = {0}; /* Q2 fills 4: the table lookups read all 8 lanes */
     for (int q = 0; q <= qmax; q++) lvf[q] = (float)b->lv16[q] * 0.0625f - off;
     const __m256 lo = _mm256_load_ps(lvf), hi = T == KVQ_TYPE_Q4 ? _mm256_load_ps(lvf + 8) : lo;
     for (int g = 0; g < ng; g++)
