@@ -620,10 +620,11 @@ KVQ_API const char *kvq_cpu_backend(void);
  * Outliers (outliers = KVQ_ROLES_*; -1 and 0: none; the CPU cache only, the CUDA backend refuses it; KVQuant's
  * dense-and-sparse quantization at one value per group). In each group of a grouped role the value whose removal
  * narrows the range most (the largest if it stands further above the second largest than the smallest below the
- * second smallest, else the smallest) is replaced by the mean of the others for quantization, its code set to the
- * level nearest to it, and its residual (value - decoded code, fp16) and index go to the block's outlier section
- * (section 5), 3 bytes per group (+0.375 bits per element of the role at G = 64). A residual past fp16's 65504 (a
- * group spanning more than that with the others at one end) is not stored: that group is quantized whole, residual 0. Attention adds the residuals in the driver: q . e to the key's score (for
+ * second smallest, else the smallest) is replaced by the mean of the others for quantization, and its residual
+ * (value - decoded code, fp16) and index go to the block's outlier section (section 5), 3 bytes per group (+0.375
+ * bits per element of the role at G = 64). Where that residual would pass fp16's 65504 (a group spanning more than
+ * that), the outlier takes the code of the level nearest to it instead; where even that one's would, the group is
+ * quantized whole (residual 0, the bound of a group without outliers). Attention adds the residuals in the driver: q . e to the key's score (for
  * pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read includes them. With SQuat keys,
  * each channel's error carried into the next channels is the one it reads back with, its outlier's residual added
  * (so nearly none for the outlier). kvq perplexity --decode-attn (docs/quality.md, "dense-and-sparse outliers";

@@ -282,14 +282,16 @@ static void group_quant_outlier(bool qnorm, const float *x, int n, size_t st, co
     for (int i = 0; i < n; i++) y[i] = x[(size_t)i * st], sum += i == k ? 0.0 : (double)y[i];
     y[k] = (float)(sum / (n - 1));
     group_quant(qnorm, y, n, 1, lv16, qmax, p8, s, mn, q, ko, zo);
-    /* the outlier's code is free (its residual restores the value): the level nearest to it leaves the smallest
-     * residual, so the least fp16 rounding (dequant_row's expression) */
     const float xk = x[(size_t)k * st];
-    float d = INFINITY;
-    for (int c = 0; c <= qmax; c++) {
-        float dc = xk - (*s * ((float)lv16[c] * 0.0625f) + *mn);
-        if (fabsf(dc) < fabsf(d)) d = dc, q[k] = (uint8_t)c;
-    }
+    float d = xk - (*s * ((float)lv16[q[k]] * 0.0625f) + *mn); /* dequant_row's expression */
+    /* The mean's code sits mid-range, where the kernels' rounded attention weights and queries meet a small level.
+     * Where the residual from it passes fp16 (a group spanning more than 65504), the code is free (the residual
+     * restores the value): the level nearest to the outlier leaves the smallest residual. */
+    if (!(fabsf(d) <= 65504.0f))
+        for (int c = 0; c <= qmax; c++) {
+            float dc = xk - (*s * ((float)lv16[c] * 0.0625f) + *mn);
+            if (fabsf(dc) < fabsf(d)) d = dc, q[k] = (uint8_t)c;
+        }
     if (!(fabsf(d) <= 65504.0f)) {
         /* past fp16 even from the nearest level (a group spanning more than 65504, the rest at one end): the group is
          * quantized whole, residual 0; its values keep the bound of a group without outliers */
