@@ -624,10 +624,10 @@ KVQ_API const char *kvq_cpu_backend(void);
  * (value - decoded code, fp16) and index go to the block's outlier section (section 5), 3 bytes per group (+0.375
  * bits per element of the role at G = 64). Where that residual would pass fp16's 65504 (a group spanning more than
  * that), the outlier takes the code of the level nearest to it instead; where even that one's would, the group is
- * quantized whole (residual 0, the bound of a group without outliers). Attention adds the residuals in the driver: q . e to the key's score (for
- * pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read includes them. With SQuat keys,
- * each channel's error carried into the next channels is the one it reads back with, its outlier's residual added
- * (so nearly none for the outlier). kvq perplexity --decode-attn (docs/quality.md, "dense-and-sparse outliers";
+ * quantized whole (residual 0, the bound of a group without outliers). Attention adds the residuals in the driver:
+ * q . e to the key's score (for pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read
+ * includes them. With SQuat keys, each channel's error carried into the next channels is the one it reads back
+ * with, its outlier's residual added (so nearly none for the outlier). kvq perplexity --decode-attn (docs/quality.md, "dense-and-sparse outliers";
  * docs/quality-outliers-*.csv), KLD from F16:
  *     entry          SmolLM2 ctx 2048    SmolLM2 ctx 8192    Gemma 3 ctx 2048   Gemma 3 ctx 8192
  *     q4:outl=k      -18%                -37% (dPPL +0.36%)  +5%                -17% (dPPL +0.65%)

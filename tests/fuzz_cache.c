@@ -349,8 +349,8 @@ static void run_attention(world *w, rd *r, bool prefill) {
      * would pass ATTN_BUDGET skips the rest, so that no input takes seconds in the sanitized build where the SIMD
      * kernels are built at -O0 (tests/fuzz.cmake) and libFuzzer's -timeout never fires on a valid input. */
     double work = 0;
-    for (int b = 0; b < nb; b++) work += (double)(prefill ? n_q : 1) * p.n_q_heads * (double)w->s[slots[b]].len[layer] * w->D;
-    work *= n_simd + 2;
+    for (int b = 0; b < nb; b++) work += (double)w->s[slots[b]].len[layer];
+    work *= (double)(prefill ? n_q : 1) * p.n_q_heads * w->D * (n_simd + 2);
     if (w->attn_work + work > ATTN_BUDGET) return;
     w->attn_work += work;
     size_t nrow = (size_t)(prefill ? n_q : nb) * p.n_q_heads, qn = nrow * w->D;
