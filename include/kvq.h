@@ -627,8 +627,8 @@ KVQ_API const char *kvq_cpu_backend(void);
  * quantized whole (residual 0, the bound of a group without outliers). Attention adds the residuals in the driver:
  * q . e to the key's score (for pre-RoPE keys to the decoded row before RoPE), p e to the value sum; kvq_read
  * includes them. With SQuat keys, each channel's error carried into the next channels is the one it reads back
- * with, its outlier's residual added (so nearly none for the outlier). kvq perplexity --decode-attn (docs/quality.md, "dense-and-sparse outliers";
- * docs/quality-outliers-*.csv), KLD from F16:
+ * with, its outlier's residual added (so nearly none for the outlier). kvq perplexity --decode-attn
+ * (docs/quality.md, "dense-and-sparse outliers"; docs/quality-outliers-*.csv), KLD from F16:
  *     entry          SmolLM2 ctx 2048    SmolLM2 ctx 8192    Gemma 3 ctx 2048   Gemma 3 ctx 8192
  *     q4:outl=k      -18%                -37% (dPPL +0.36%)  +5%                -17% (dPPL +0.65%)
  *     q4:outl=v                          -1%
