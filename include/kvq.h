@@ -195,7 +195,9 @@ KVQ_API double kvq_type_bytes_per_token(kvq_type t, kvq_role role, int head_dim,
  *   (Q4 188, Q3 184, Q2 176: a group centred on 0 has z = 128) (fp32 arithmetic; every product before the fp16
  *   rounding is exact but b * F[i]), and the codes decode with it as above. The quantizer takes b = fp16(4 max_g s_g), s_g the
  *   smallest scale that covers group g's range with some z, and for each group the smallest scale, then the largest
- *   z, whose (scale, min) covers the group (Q-Norm: the nearest pair to Q-Norm's).
+ *   z, whose (scale, min) covers the group (Q-Norm: the nearest pair to Q-Norm's). The grid ends at b 2^(-255/16):
+ *   a group that needs less (a range ~2^14 times below the largest of its G tokens' block) takes that floor, so its
+ *   error is up to half of the floor rather than half of its own step.
  * Outlier section (roles in kvq_page_layout.outliers, grouped types only; section 10): after the params, N fp16
  *   residuals e[0..N) then N index bytes i[0..N), before the block's padding. Keys: N = (P/G) D, entry g D + c is
  *   channel c of key group g, its outlier at token g G + i[.]; values: N = P (D/Gv), entry t (D/Gv) + k is token t's

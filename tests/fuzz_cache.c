@@ -114,7 +114,7 @@ static void same_or_die(const snap *a, const snap *b, const char *what) {
  * start (sink + k*G) */
 /* sq: a SQuat key's group range over all its channels (squat_ranges), NULL otherwise */
 static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
-                           int64_t sink, const double *sq);
+                           int64_t sink, const double *sq, double f8);
 
 /* Element e of a row-major [..][D] array after an 8-bit window's rounding of its head vector (kvq.h section 10) */
 static float round8(const float *x, size_t e, int D) {
@@ -130,7 +130,7 @@ static float round8(const float *x, size_t e, int D) {
  * scale and of the decoded value) before the pages see it: that much more in the window, twice it in a page (the
  * group's range moves by up to two such errors) */
 static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
-                         int64_t sink, const double *sq) {
+                         int64_t sink, const double *sq, double f8) {
     double e8 = 0;
     if ((w->cfg.window8 >> role) & 1 && tok >= sink) {
         const float *row = x + ((size_t)tok * w->H + h) * w->D;
@@ -138,11 +138,12 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
         for (int c = 0; c < w->D; c++) amax = fmax(amax, fabs(row[c]));
         e8 = amax / 254 * 1.01 + amax * 0x1p-10;
     }
-    return elem_bound_x(w, t, role, x, tok, h, d, paged, sink, sq) + (paged && t != KVQ_TYPE_F16 ? 2 : 1) * e8;
+    return elem_bound_x(w, t, role, x, tok, h, d, paged, sink, sq, f8) + (paged && t != KVQ_TYPE_F16 ? 2 : 1) * e8;
 }
 
+/* f8: the smallest scale of the element's 8-bit parameter grid (p8_floors), 0 without 8-bit parameters */
 static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
-                           int64_t sink, const double *sq) {
+                           int64_t sink, const double *sq, double f8) {
     const int H = w->H, D = w->D;
     double xi = x[((size_t)tok * H + h) * D + d], fp16 = fabs(xi) * 0x1p-11 + 0x1p-25; /* window / input rounding */
     if (!paged || t == KVQ_TYPE_F16) return fp16;
@@ -173,6 +174,7 @@ static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, 
         double u = ldexp(1, kvq_type_get_traits(t)->bits - 7), Z0 = 128 + qmax / (2 * u), s = (hi - lo) / (qmax - u);
         if (lo < 0) s = fmax(s, -lo / (Z0 * u));
         if (hi > 0) s = fmax(s, hi / ((255 - Z0) * u + qmax));
+        s = fmax(s, f8); /* a group below the grid's floor takes the floor */
         return 0.5 * s * 1.0443 * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + m * 2e-3 + 1e-6;
     }
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
@@ -195,6 +197,42 @@ static double *squat_ranges(world *w, const float *x, int64_t sink, int64_t page
     return rg;
 }
 
+/* 8-bit parameters (kvq.h section 5): the scale grid spans 255/16 octaves below the base b = fp16(4 max_g s_g) of each
+ * block of G tokens (s_g: the smallest scale covering group g's range with some zero point), so a group whose own
+ * scale would be smaller takes the grid's floor b 2^(-255/16): a token 2^14 times smaller than the largest of its
+ * block (the fuzzer's magnitudes 1 and 60000) reads back within half of that floor, not of its own step. Per (block,
+ * head) of the role's paged tokens: that floor, over-estimated by the fp16 rounding of b; NULL without params8. */
+static double *p8_floors(world *w, kvq_role role, const float *x, int64_t sink, int64_t paged) {
+    kvq_type t = role == KVQ_VALUE ? w->L.type_v : w->L.type_k;
+    if (!((w->L.params8 >> role) & 1) || !kvq_type_get_traits(t)->grouped) return NULL;
+    const int H = w->H, D = w->D, G = w->L.group, Gv = w->L.value_group, bits = kvq_type_get_traits(t)->bits;
+    const double qmax = (1 << bits) - 1, u = ldexp(1, bits - 7), Z0 = 128 + qmax / (2 * u);
+    int64_t nb = paged / G;
+    double *f = calloc((size_t)(nb ? nb : 1) * H, sizeof(double));
+    for (int64_t b = 0; b < nb; b++)
+        for (int h = 0; h < H; h++) {
+            double m = 0;
+            /* key groups: one channel over the block's G tokens; value groups: Gv channels of one token */
+            int n_groups = role == KVQ_KEY ? D : G * (D / Gv), len = role == KVQ_KEY ? G : Gv;
+            for (int g = 0; g < n_groups; g++) {
+                double lo = INFINITY, hi = -INFINITY;
+                for (int j = 0; j < len; j++) {
+                    int64_t tok = sink + b * G + (role == KVQ_KEY ? j : g / (D / Gv));
+                    int c = role == KVQ_KEY ? g : g % (D / Gv) * Gv + j;
+                    double v = x[((size_t)tok * H + h) * D + c];
+                    lo = fmin(lo, v), hi = fmax(hi, v);
+                }
+                double s = (hi - lo) / qmax;
+                if (lo < 0) s = fmax(s, -lo / (Z0 * u));
+                if (hi > 0) s = fmax(s, hi / ((255 - Z0) * u + qmax));
+                m = fmax(m, s);
+            }
+            double base = fmin(4 * m * (1 + 0x1p-10), 65504);
+            f[(size_t)b * H + h] = base * exp2(-255.0 / 16) * (1 + 0x1p-10);
+        }
+    return f;
+}
+
 static void check_read(world *w, int i, int l) {
     mseq *q = &w->s[i];
     int64_t len = q->len[l];
@@ -203,6 +241,8 @@ static void check_read(world *w, int i, int l) {
     kvq_seq_view view;
     if (kvq_read(w->c, q->id, l, 0, len, k, v) || kvq_seq_view_get(w->c, q->id, l, &view)) FAIL("read: %s", kvq_last_error());
     double *sq = q->squat ? squat_ranges(w, q->k[l], view.sink_tokens, view.paged_tokens) : NULL;
+    double *f8[2] = {p8_floors(w, KVQ_KEY, q->k[l], view.sink_tokens, view.paged_tokens),
+                     p8_floors(w, KVQ_VALUE, q->v[l], view.sink_tokens, view.paged_tokens)};
     for (int64_t t = 0; t < len; t++)
         for (int h = 0; h < w->H; h++)
             for (int d = 0; d < w->D; d++)
@@ -211,13 +251,14 @@ static void check_read(world *w, int i, int l) {
                     double got = r ? v[e] : k[e], want = r ? q->v[l][e] : q->k[l][e];
                     bool paged = t >= view.sink_tokens && t < view.sink_tokens + view.paged_tokens;
                     const double *sqe = sq && !r && paged ? sq + 2 * ((size_t)((t - view.sink_tokens) / w->L.group) * w->H + h) : NULL;
+                    double f8e = f8[r] && paged ? f8[r][(size_t)((t - view.sink_tokens) / w->L.group) * w->H + h] : 0;
                     double b = elem_bound(w, r ? w->L.type_v : w->L.type_k, r ? KVQ_VALUE : KVQ_KEY, r ? q->v[l] : q->k[l], t,
-                                          h, d, paged, view.sink_tokens, sqe);
+                                          h, d, paged, view.sink_tokens, sqe, f8e);
                     if (!(fabs(got - want) <= b))
                         FAIL("seq %d layer %d token %lld head %d ch %d %s: read %g, model %g, bound %g", i, l, (long long)t, h,
                              d, r ? "v" : "k", got, want, b);
                 }
-    free(sq), free(k), free(v);
+    free(sq), free(f8[0]), free(f8[1]), free(k), free(v);
 }
 
 /* ---- attention against fp64 on the dequantized cache ----
