@@ -49,7 +49,7 @@ foreach(name ${KVQ_FUZZ_NAMES})
     target_include_directories(fuzz_${name} PRIVATE ${PROJECT_SOURCE_DIR}/src/core)
   endif()
 endforeach()
-if(KVQ_FUZZ)
+if(KVQ_FUZZ AND NOT KVQ_FUZZ_FAST)
   # clang at -O1 with ASan + UBSan + coverage spends over 10 min of CPU on each AVX kernel file (measured: avx512
   # 630 s, at -O0 19 s), which alone would exceed CI's budget. Those two files are built at -O0 in fuzz builds:
   # still instrumented, only slower to run (the fuzz targets spend their time in parsing, not in these kernels).
