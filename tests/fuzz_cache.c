@@ -241,6 +241,9 @@ static void check_read(world *w, int i, int l) {
     kvq_seq_view view;
     if (kvq_read(w->c, q->id, l, 0, len, k, v) || kvq_seq_view_get(w->c, q->id, l, &view)) FAIL("read: %s", kvq_last_error());
     double *sq = q->squat ? squat_ranges(w, q->k[l], view.sink_tokens, view.paged_tokens) : NULL;
+    /* tokens reach the pages G at a time, and a cut inside them sends the rest of its group back to the window */
+    if (view.paged_tokens % w->L.group)
+        FAIL("%lld paged tokens: not whole groups of %d", (long long)view.paged_tokens, w->L.group);
     double *f8[2] = {p8_floors(w, KVQ_KEY, q->k[l], view.sink_tokens, view.paged_tokens),
                      p8_floors(w, KVQ_VALUE, q->v[l], view.sink_tokens, view.paged_tokens)};
     for (int64_t t = 0; t < len; t++)
