@@ -325,10 +325,10 @@ static void outliers_case(kvq_type t, int D, int qnorm) {
 
 /* Outliers whose residual nears or passes fp16's range (found by fuzz_cache): groups of Q2 keys and values near
  * +-60000 where (A) the others span [-59136, 17920] and the outlier is 51456: in about half the groups its residual
- * from the mean's level passes fp16, from the level nearest to it it does not, so it reads back within that residual's
- * rounding (clamped, it read back 20000 off); and (B) the
- * others sit at -60000 .. -59000 and the outlier at +60000: no level is within 65504 of it, so the group is quantized
- * whole and every value reads back within half a step of the full range. */
+ * from the mean's level passes fp16, from the level nearest to it it does not, so it reads back within that
+ * residual's rounding (clamped, it read back 20000 off); and (B) the others sit at -60000 .. -59000 and the outlier
+ * at +60000: no level is within 65504 of it, so the group is quantized whole and every value reads back within half
+ * a step of the full range. */
 static void outliers_wide_case(void) {
     const int T = 128, H = 1, D = 64;
     kvq_cache_config cfg = kvq_cache_config_default();
