@@ -141,6 +141,15 @@ static double elem_bound(world *w, kvq_type t, kvq_role role, const float *x, in
     return elem_bound_x(w, t, role, x, tok, h, d, paged, sink, sq, f8) + (paged && t != KVQ_TYPE_F16 ? 2 : 1) * e8;
 }
 
+/* 8-bit pairs (kvq.h section 5): the smallest scale that covers [lo, hi] in `steps` steps with a zero point in reach
+ * (z in 0 .. 255, unit u = 2^(bits - 7)) */
+static double p8_need(double lo, double hi, int bits, double steps) {
+    double qmax = (1 << bits) - 1, u = ldexp(1, bits - 7), Z0 = 128 + qmax / (2 * u), s = (hi - lo) / steps;
+    if (lo < 0) s = fmax(s, -lo / (Z0 * u));
+    if (hi > 0) s = fmax(s, hi / ((255 - Z0) * u + qmax));
+    return s;
+}
+
 /* f8: the smallest scale of the element's 8-bit parameter grid (p8_floors), 0 without 8-bit parameters */
 static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, int64_t tok, int h, int d, bool paged,
                            int64_t sink, const double *sq, double f8) {
@@ -169,12 +178,10 @@ static double elem_bound_x(world *w, kvq_type t, kvq_role role, const float *x, 
     }
     double qmax = (1 << kvq_type_get_traits(t)->bits) - 1, m = fmax(fabs(lo), fabs(hi));
     if ((w->L.params8 >> role) & 1) {
-        /* 8-bit pairs (kvq.h section 5): half of a scale at most one grid step (2^(1/16)) above the smallest that
-         * covers the group, (hi - lo) / (qmax - u) or what the zero point's reach asks (z in 0 .. 255, unit u) */
-        double u = ldexp(1, kvq_type_get_traits(t)->bits - 7), Z0 = 128 + qmax / (2 * u), s = (hi - lo) / (qmax - u);
-        if (lo < 0) s = fmax(s, -lo / (Z0 * u));
-        if (hi > 0) s = fmax(s, hi / ((255 - Z0) * u + qmax));
-        s = fmax(s, f8); /* a group below the grid's floor takes the floor */
+        /* half of a scale at most one grid step (2^(1/16)) above the smallest that covers the group with the largest
+         * z under lo (qmax - u steps), or the grid's floor */
+        int bits = kvq_type_get_traits(t)->bits;
+        double s = fmax(p8_need(lo, hi, bits, qmax - ldexp(1, bits - 7)), f8);
         return 0.5 * s * 1.0443 * (1 + 4e-3) + (hi - lo) * qmax * 1e-3 + m * 2e-3 + 1e-6;
     }
     /* half a step, widened for the fp16 rounding of scale (x qmax) and min, and of the inputs */
@@ -206,7 +213,7 @@ static double *p8_floors(world *w, kvq_role role, const float *x, int64_t sink, 
     kvq_type t = role == KVQ_VALUE ? w->L.type_v : w->L.type_k;
     if (!((w->L.params8 >> role) & 1) || !kvq_type_get_traits(t)->grouped) return NULL;
     const int H = w->H, D = w->D, G = w->L.group, Gv = w->L.value_group, bits = kvq_type_get_traits(t)->bits;
-    const double qmax = (1 << bits) - 1, u = ldexp(1, bits - 7), Z0 = 128 + qmax / (2 * u);
+    const double qmax = (1 << bits) - 1;
     int64_t nb = paged / G;
     double *f = calloc((size_t)(nb ? nb : 1) * H, sizeof(double));
     for (int64_t b = 0; b < nb; b++)
@@ -222,10 +229,7 @@ static double *p8_floors(world *w, kvq_role role, const float *x, int64_t sink, 
                     double v = x[((size_t)tok * H + h) * D + c];
                     lo = fmin(lo, v), hi = fmax(hi, v);
                 }
-                double s = (hi - lo) / qmax;
-                if (lo < 0) s = fmax(s, -lo / (Z0 * u));
-                if (hi > 0) s = fmax(s, hi / ((255 - Z0) * u + qmax));
-                m = fmax(m, s);
+                m = fmax(m, p8_need(lo, hi, bits, qmax)); /* the quantizer's s_g: qmax steps */
             }
             double base = fmin(4 * m * (1 + 0x1p-10), 65504);
             f[(size_t)b * H + h] = base * exp2(-255.0 / 16) * (1 + 0x1p-10);
