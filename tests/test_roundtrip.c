@@ -329,6 +329,11 @@ static void outliers_case(kvq_type t, int D, int qnorm) {
  * residual's rounding (clamped, it read back 20000 off); and (B) the others sit at -60000 .. -59000 and the outlier
  * at +60000: no level is within 65504 of it, so the group is quantized whole and every value reads back within half
  * a step of the full range. */
+/* element j of group g (H = 1): key groups are one channel over G tokens, value groups Gv channels of one token */
+static size_t wide_elem(int role, int g, int j, int D, int G, int Gv) {
+    return role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j : (size_t)((g / D) * G + j) * D + g % D;
+}
+
 static void outliers_wide_case(void) {
     const int T = 128, H = 1, D = 64;
     kvq_cache_config cfg = kvq_cache_config_default();
@@ -348,8 +353,7 @@ static void outliers_wide_case(void) {
             int wide = g % 2; /* B */
             int o = (int)(tu_uniform() * len) % len;
             for (int j = 0; j < len; j++) {
-                size_t e = role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j
-                                : (size_t)((g / D) * G + j) * D + g % D;
+                size_t e = wide_elem(role, g, j, D, G, Gv);
                 x[role][e] = j == o ? (wide ? 60000.0f : 51456.0f)
                                     : (float)(wide ? -60000 + 1000 * tu_uniform() : -59136 + 77056 * tu_uniform());
             }
@@ -366,8 +370,7 @@ static void outliers_wide_case(void) {
             double lo = INFINITY, hi = -INFINITY;
             size_t idx[128];
             for (int j = 0; j < len; j++) {
-                idx[j] = role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j
-                              : (size_t)((g / D) * G + j) * D + g % D;
+                idx[j] = wide_elem(role, g, j, D, G, Gv);
                 lo = fmin(lo, x[role][idx[j]]), hi = fmax(hi, x[role][idx[j]]);
             }
             for (int j = 0; j < len; j++) {
