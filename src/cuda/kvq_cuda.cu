@@ -60,7 +60,7 @@ struct kvq_cuda_cache {
     // the decode kernel's fused output rotation and window-first order (kvq_cuda.h section 2: KVQ_CUDA_SPLIT_ROT and
     // KVQ_CUDA_WIN_LAST switch them off, for A/B timings)
     bool fuse_rot = true, win_first = true;
-    int ww = 0;  // positions per window unit in the decode split (common.cuh, Entry); 0: win_weight's, per call
+    int ww = KVQ_WIN_WEIGHT;  // positions per window unit in the decode split (common.cuh, Entry)
     int wcap = 1, Gf = 1;
     int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
     uint8_t *arena = nullptr;
@@ -1175,13 +1175,12 @@ extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_s
     if (qo != KVQ_DTYPE_F32 && qo != KVQ_DTYPE_F16 && qo != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)qo);
     std::vector<Entry> es;
     es.reserve(n_seqs);
-    const int ww = c->ww > 0 ? c->ww : win_weight((int64_t)n_seqs * c->L.n_kv_heads, c->n_sm);
     for (int i = 0; i < n_seqs; i++) {
         if ((s = check_seq(c, seq_ids[i], fn))) return s;
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
         int64_t len = sl.sink + sl.paged + sl.win;
         if (len < 1) return fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d (append the token first)", fn, (int)seq_ids[i], layer);
-        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i, ww));
+        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i, c->ww));
     }
     return run_entries(c, layer, n_seqs, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
@@ -1562,7 +1561,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     P.rot_o = rv && c->fuse_rot;
     if (P.rot_o) P.ro = c->rot_v[layer];
     P.win_first = c->win_first;
-    P.ww = c->ww > 0 ? c->ww : win_weight((int64_t)n * H, c->n_sm);  // as kvq_cuda_attn_decode's for n sequences
+    P.ww = c->ww;
     P.qscale = attn_qscale(&S->p, D);
     P.softcap = S->p.softcap;
     P.windows = c->windows, P.tables = c->tables;
