@@ -323,17 +323,17 @@ static void outliers_case(kvq_type t, int D, int qnorm) {
     for (int f = 0; f < 2; f++) free(r[f][0]), free(r[f][1]);
 }
 
+/* element j of group g (H = 1): key groups are one channel over G tokens, value groups Gv channels of one token */
+static size_t wide_elem(int role, int g, int j, int D, int G, int Gv) {
+    return role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j : (size_t)((g / D) * G + j) * D + g % D;
+}
+
 /* Outliers whose residual nears or passes fp16's range (found by fuzz_cache): groups of Q2 keys and values near
  * +-60000 where (A) the others span [-59136, 17920] and the outlier is 51456: in about half the groups its residual
  * from the mean's level passes fp16, from the level nearest to it it does not, so it reads back within that
  * residual's rounding (clamped, it read back 20000 off); and (B) the others sit at -60000 .. -59000 and the outlier
  * at +60000: no level is within 65504 of it, so the group is quantized whole and every value reads back within half
  * a step of the full range. */
-/* element j of group g (H = 1): key groups are one channel over G tokens, value groups Gv channels of one token */
-static size_t wide_elem(int role, int g, int j, int D, int G, int Gv) {
-    return role ? (size_t)(g / (D / Gv)) * D + (size_t)(g % (D / Gv)) * Gv + j : (size_t)((g / D) * G + j) * D + g % D;
-}
-
 static void outliers_wide_case(void) {
     const int T = 128, H = 1, D = 64;
     kvq_cache_config cfg = kvq_cache_config_default();
