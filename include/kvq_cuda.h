@@ -32,10 +32,11 @@
  * - A/B switches of the decode kernel, read by kvq_cuda_cache_create (any value but "" and "0"): KVQ_CUDA_SPLIT_ROT=1
  *   un-rotates rotated values' outputs in a kernel of its own after the decode kernel instead of where the decode
  *   kernel stores them (the same bits); KVQ_CUDA_WIN_LAST=1 reads a pair's fp16 window and sink rows after its pages
- *   instead of before them (the same result up to fp32 summation order); KVQ_CUDA_WIN_WEIGHT=N (1 .. 64; default 10)
- *   counts each fp16 window or sink unit of a pair as N pages when a decode call splits the units over CTAs (1:
- *   as one page, the split before 2026-12-06 and prefill's; another split: the same result up to fp32 summation
- *   order).
+ *   instead of before them (the same result up to fp32 summation order); KVQ_CUDA_WIN_WEIGHT=N (1 .. 64) counts each
+ *   fp16 window or sink unit of a pair as N pages when a decode call splits the units over CTAs (default, per call:
+ *   round(1.25 SMs / (row, KV head) pairs), at most the call's pages per SM, within [10, 20]: 20 for batch 1 of a
+ *   long context, 10 once there are many pairs or few pages; 1: as one page, the split before 2026-12-06 and
+ *   prefill's; another split: the same result up to fp32 summation order).
  *   docs/bench-cuda.md has their timings.
  * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
  *   the cache on the host (the const calls may run concurrently with each other).

@@ -91,12 +91,22 @@ __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const
     return e;
 }
 
-// Entry's ww by default (KVQ_CUDA_WIN_WEIGHT overrides it). H100, 128k, us per step with weight 1 / 4 / 10 / 14 / 20 /
-// 30: batch 1 q4 80.2 / 78.3 / 73.2 / 69.0 / 65.9 / 71.3, q2 64.9 / 59.3 / 56.2 / 55.7 / 53.8 / 58.5; batch 8 q4 412.6 /
-// 409.3 / 406.9 / 407.3 / 417.8 / 415.1, q3 497.6 / 497.9 / 495.8 / 499.2 / 508.4 / 527.1; batch 8 at 4k q4 37.2 (1),
-// 36.3 (4), 37.1 (10), 41.9 (20). Batch 1 gains up to 20, more sequences lose past ~14: 10, the largest weight that
-// measured no loss anywhere (docs/bench-cuda.md).
-constexpr int KVQ_WIN_WEIGHT = 10;
+// Entry's ww for a decode call of `pairs` (row, KV head) pairs holding `pages` page units in all, on n_sm SMs, unless
+// KVQ_CUDA_WIN_WEIGHT sets one: round(1.25 n_sm / pairs), capped by the call's page units per SM, within [10, 20]. A
+// window unit holds its warp for about as long as its CTA takes for 20 page positions, and the ring waits for that
+// warp; where it is alone in its CTA (few pairs: batch 1 of 8 KV heads on 132 SMs) it should weigh that much, but a
+// CTA runs several side by side, one per warp, once the pairs pass ~1/8 of the SMs, and where a CTA holds few pages
+// (Gemma 3 270M's 1 KV head at 32k) a weight of 20 spreads each pair over more CTAs to merge. H100, 128k, us per step
+// with weight 1 / 4 / 10 / 14 / 20 / 30: batch 1 q4 80.2 / 78.3 / 73.2 / 69.0 / 65.9 / 71.3, q2 64.9 / 59.3 / 56.2 /
+// 55.7 / 53.8 / 58.5; batch 8 q4 412.6 / 409.3 / 406.9 / 407.3 / 417.8 / 415.1; Gemma 3 270M, 32k, batch 2, weight 20
+// against 10: q4 +21%, q2 +32% (docs/bench-cuda.md). Host (kvq_cuda_attn_decode) and device (static plans) share it.
+__host__ __device__ __forceinline__ int win_weight(int64_t pairs, int64_t pages, int n_sm) {
+    if (pairs < 1 || n_sm < 1) return 10;
+    int64_t w = (5 * (int64_t)n_sm + 2 * pairs) / (4 * pairs);
+    const int64_t per_sm = pages / n_sm;
+    if (per_sm < w) w = per_sm;
+    return (int)(w < 10 ? 10 : w > 20 ? 20 : w);
+}
 constexpr int MAXE = 48;  // entries per launch: keeps the parameters under the classic 4 KB (cheaper launches)
 
 // Q3's levels (kvq.h section 10; src/core/quant.c lv_u3 / lv_n3): level q of a role is byte q of w (in 1/16 of the

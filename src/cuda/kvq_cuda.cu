@@ -60,7 +60,7 @@ struct kvq_cuda_cache {
     // the decode kernel's fused output rotation and window-first order (kvq_cuda.h section 2: KVQ_CUDA_SPLIT_ROT and
     // KVQ_CUDA_WIN_LAST switch them off, for A/B timings)
     bool fuse_rot = true, win_first = true;
-    int ww = KVQ_WIN_WEIGHT;  // positions per window unit in the decode split (common.cuh, Entry)
+    int ww = 0;  // positions per window unit in the decode split (common.cuh, Entry); 0: win_weight's, per call
     int wcap = 1, Gf = 1;
     int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
     uint8_t *arena = nullptr;
@@ -1010,8 +1010,8 @@ static kvq_status check_params(const kvq_cuda_cache *c, const kvq_attn_params *p
 }
 
 // hi: the visible end (a position, sinks included); the entry's pages and window count the tokens after the sinks
-// ww: the weight of its window units in the split (common.cuh, Entry); decode's is the cache's, prefill keeps 1 (its
-// rows' window units were not measured under another weight)
+// ww: the weight of its window units in the split (common.cuh, Entry); decode sets its own after building every entry
+// (win_weight needs the call's pages), prefill keeps 1 (its rows' window units were not measured under another weight)
 static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row, int ww) {
     const SeqLayer &sl = c->seqs[seq][layer];
     const __half *sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
@@ -1180,8 +1180,12 @@ extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_s
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
         int64_t len = sl.sink + sl.paged + sl.win;
         if (len < 1) return fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d (append the token first)", fn, (int)seq_ids[i], layer);
-        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i, c->ww));
+        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i, 1));
     }
+    int64_t pages = 0;
+    for (const Entry &e : es) pages += (int64_t)e.npu * c->L.n_kv_heads;
+    const int ww = c->ww > 0 ? c->ww : win_weight((int64_t)n_seqs * c->L.n_kv_heads, pages, c->n_sm);
+    for (Entry &e : es) e.n = e.npu + ww * e.nw;
     return run_entries(c, layer, n_seqs, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
 
@@ -1561,7 +1565,7 @@ extern "C" kvq_status kvq_cuda_static_step(kvq_cuda_static *S, int layer, const 
     P.rot_o = rv && c->fuse_rot;
     if (P.rot_o) P.ro = c->rot_v[layer];
     P.win_first = c->win_first;
-    P.ww = c->ww;
+    P.ww = c->ww;  // 0: plan_kernel takes win_weight's, as kvq_cuda_attn_decode does
     P.qscale = attn_qscale(&S->p, D);
     P.softcap = S->p.softcap;
     P.windows = c->windows, P.tables = c->tables;
