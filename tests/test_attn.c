@@ -149,6 +149,65 @@ static void w8_expand_tables(void) {
     }
 }
 
+/* The integer key kernels of the AVX2 and AVX-512 tables against each other, bit for bit: they round the query
+ * alike and their int32 sums are exact, so however a table reduces them (AVX-512 reduces whole segments of 8 tokens
+ * as one tree) the scores are the same floats. Q8, Q4, Q2, Q3, the head dims of the AVX-512 integer kernels, 1 to 4
+ * rows, runs that start inside a key group, cross one, and end in a partial segment. */
+static void key_scores_tables(void) {
+    const kvq__kernels *a = kvq__kernels_avx2(), *z = kvq__kernels_avx512();
+    if (!a || !z) {
+        printf("SKIP key_scores avx2 vs avx512: this CPU lacks %s\n", a ? "avx512" : "avx2");
+        return;
+    }
+    static const kvq_type types[4] = {KVQ_TYPE_Q8, KVQ_TYPE_Q4, KVQ_TYPE_Q2, KVQ_TYPE_Q3};
+    static const int dims[5] = {64, 80, 96, 128, 256};
+    static const int runs[][2] = {{0, 64}, {0, 128}, {5, 59}, {40, 50}, {3, 8}, {0, 1}, {61, 67}, {16, 13}};
+    const int N = 192, G = 64;
+    uint8_t *data = malloc((size_t)N * 256);
+    uint16_t *par = malloc((size_t)N * 2 * 256 * sizeof(uint16_t));
+    float *q = malloc(4 * 256 * sizeof(float)), sa[4 * 128], sz[4 * 128];
+    kvq__qstate *sta = aligned_alloc(64, sizeof(kvq__qstate)), *stz = aligned_alloc(64, sizeof(kvq__qstate));
+    int bad = 0, n = 0;
+    for (int ti = 0; ti < 4; ti++)
+        for (int di = 0; di < 5; di++)
+            for (int R = 1; R <= 4; R++)
+                for (size_t ri = 0; ri < sizeof runs / sizeof runs[0]; ri++) {
+                    const kvq_type T = types[ti];
+                    const int D = dims[di];
+                    /* where the AVX-512 table has integer kernels of its own (else it takes the AVX2 table's, or
+                     * both take fp32 ones whose sums differ in order) */
+                    if (D % (T == KVQ_TYPE_Q8 ? 32 : T == KVQ_TYPE_Q2 ? 128 : 64)) continue;
+                    for (size_t i = 0; i < (size_t)N * 256; i++) data[i] = (uint8_t)(tu_uniform() * 256);
+                    for (size_t i = 0; i < (size_t)N * 2 * 256; i++)
+                        par[i] = kvq__f32_to_f16((float)(T == KVQ_TYPE_Q8 || i % (2 * D) < (size_t)D
+                                                            ? 0.01 + tu_uniform()
+                                                            : tu_normal()));
+                    for (int i = 0; i < 4 * D; i++) q[i] = (float)tu_normal();
+                    kvq__blk b = {0};
+                    b.type = T, b.role = KVQ_KEY, b.data = data, b.stride = (size_t)D, b.par = par, b.D = D;
+                    b.G = G, b.Gv = D, b.lv16 = T == KVQ_TYPE_Q8 ? NULL : kvq__levels16(T, false);
+                    memset(sta, 0, sizeof *sta), memset(stz, 0, sizeof *stz);
+                    const int j0 = runs[ri][0], cnt = runs[ri][1];
+                    memset(sa, 0, sizeof sa), memset(sz, 0, sizeof sz);
+                    /* two calls per run, as the driver makes them per page: the second keeps the query state */
+                    for (int h = 0; h < 2; h++) {
+                        int from = h ? cnt / 2 : 0, len = h ? cnt - cnt / 2 : cnt / 2;
+                        if (!len) continue;
+                        a->key_scores(&b, j0 + from, len, q, R, sa + from, 128, sta);
+                        z->key_scores(&b, j0 + from, len, q, R, sz + from, 128, stz);
+                    }
+                    for (int r = 0; r < R; r++) {
+                        int d = memcmp(sa + r * 128, sz + r * 128, (size_t)cnt * 4) != 0;
+                        if (d && bad < 40) printf("  differs: %s D=%d R=%d j0=%d n=%d row %d\n", kvq_type_get_traits(T)->name, D, R, j0, cnt, r);
+                        bad += d;
+                    }
+                    n += R;
+                }
+    CHECK(bad == 0, "key_scores: %d of %d rows of the AVX-512 table differ from the AVX2 table's", bad, n);
+    printf("key_scores avx2 vs avx512: %d rows, %d differ\n", n, bad);
+    free(data), free(par), free(q), free(sta), free(stz);
+}
+
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
 
@@ -438,6 +497,7 @@ int main(void) {
     tu_seed(7);
     printf("CPU kernels: %s\n", kvq_cpu_backend());
     tu_find_tables();
+    key_scores_tables();
     static const int dims[] = {64, 80, 96, 128, 256};
     int quick = tu_quick(), n = 0;
     for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++)

@@ -417,14 +417,20 @@ static void to_kernel_order512(kvq_type T, const float *src, float *dst, int D) 
         memcpy(dst, src, (size_t)D * sizeof(float));
         return;
     }
+    /* KO[E / 4][u][l] = (E * l + u) & 31 */
+    static const int32_t KO[2][4][16] __attribute__((aligned(64))) = {
+        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
+        {{0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
+         {1, 5, 9, 13, 17, 21, 25, 29, 1, 5, 9, 13, 17, 21, 25, 29},
+         {2, 6, 10, 14, 18, 22, 26, 30, 2, 6, 10, 14, 18, 22, 26, 30},
+         {3, 7, 11, 15, 19, 23, 27, 31, 3, 7, 11, 15, 19, 23, 27, 31}}};
     const int E = T == KVQ_TYPE_Q4 ? 2 : 4, C = 32 * E;
     for (int c = 0; c < D; c += C)
         for (int v = 0; v < 2 * E; v++) {
             const int u = v / 2;
             const float *sv = src + c + 16 * E * (v % 2);
-            int32_t ix[16];
-            for (int l = 0; l < 16; l++) ix[l] = (E * l + u) & 31;
-            const __m512i idx = _mm512_loadu_si512((const void *)ix);
+            const __m512i idx = _mm512_load_si512((const void *)KO[E / 4][u]);
             __m512 y = _mm512_permutex2var_ps(_mm512_loadu_ps(sv), idx, _mm512_loadu_ps(sv + 16));
             if (E == 4)
                 y = _mm512_mask_blend_ps(
@@ -434,10 +440,88 @@ static void to_kernel_order512(kvq_type T, const float *src, float *dst, int D) 
         }
 }
 
+/* acc[r] = 16 int32 partial sums of row r's products with one token's key codes */
+AI void key_row_sums512(const kvq_type T, const int R, const bool VNNI, const int D, const uint8_t *row,
+                        const int16_t *q16, __m512i *acc) {
+    const int C = int_chunk512(T), NX = C / 32;
+    /* the query stays in memory (as in attn_avx2.c: hoisted, GCC would copy it to the stack) */
+    __asm__("" : "+r"(q16));
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    #pragma GCC unroll 8
+    for (int c = 0; c < D; c += C) {
+        __m512i x[4];
+        unpack_keys512(T, row, c, x);
+        #pragma GCC unroll 4
+        for (int u = 0; u < NX; u++) madd_rows512(R, VNNI, acc, x[u], q16, D, c + 32 * u);
+    }
+}
+
+/* ---- the integer key sums of 8 tokens, reduced as one tree ----
+ * A token's R row sums arrive as R vectors of 16 int32 partial sums ("items" t * R + r). Folding each vector
+ * alone (extract, add, then hadds and int_scores_store's transpose) took ~23 operations per token at R = 4, as
+ * many as its products. Here 8 tokens' 8R items go through one tree of two-input steps, each of which halves the
+ * partials per item and doubles the items per vector (3 operations): two steps within 128-bit lanes (a vector
+ * then holds 4 items, lane l of each 128-bit lane item l), two across them (16 items in item order). Integer
+ * sums, so the same bits as int_scores_store. */
+AI __m512i tree1(__m512i x, __m512i y) { /* per 128-bit lane: x0+x2 y0+y2 x1+x3 y1+y3 */
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+}
+AI __m512i tree2(__m512i x, __m512i y) { /* of two tree1 results: items x, y, x', y' each summed over the lane */
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+}
+AI __m512i tree3(__m512i x, __m512i y) { /* 128-bit lanes: x0+x1 x2+x3 y0+y1 y2+y3 */
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xDD));
+}
+
+/* Pushes token t's R vectors into the tree (t, R compile-time constants once unrolled) */
+AI void tree_push(const int R, int t, const __m512i *acc, __m512i *lv, __m512i *e, __m512i *f, __m512i *g) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        const int i = t * R + r;
+        lv[i % 4] = acc[r];
+        if (i % 4 == 3) e[i / 4] = tree2(tree1(lv[0], lv[1]), tree1(lv[2], lv[3]));
+        if (i % 8 == 7) f[i / 8] = tree3(e[i / 4 - 1], e[i / 4]);
+        if (i % 16 == 15) g[i / 16] = tree3(f[i / 8 - 1], f[i / 8]);
+    }
+}
+
+/* s[r * ss + t] for the 8 tokens from row j, R = 1, 2 or 4, from the tree's top (R = 1: f[0], items 0-7 with two
+ * partials; else g[0], g[1]: items 0-15, 16-31): as int_scores_store, the same float operations */
+AI void tree_store512(const kvq_type T, const int R, const kvq__blk *b, int j, const __m512i *f, const __m512i *g,
+                      const kvq__qstate *st, float *s, int ss) {
+    const bool grouped = T != KVQ_TYPE_Q8;
+    const __m256 ts = grouped ? _mm256_set1_ps(1.0f)
+                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(b->par + j)));
+    if (R == 1) {
+        __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm512_castsi512_si256(tree3(f[0], f[0]))),
+                                  _mm256_mul_ps(ts, _mm256_set1_ps(st->qs[0])));
+        if (grouped) sc = _mm256_add_ps(sc, _mm256_set1_ps(st->qm[0]));
+        _mm256_storeu_ps(s, sc);
+        return;
+    }
+    const __m512 ts2 = _mm512_insertf32x8(_mm512_castps256_ps512(ts), ts, 1);
+    #pragma GCC unroll 2
+    for (int ra = 0; ra < R; ra += 2) {
+        /* lanes 0-7: row ra, tokens 0-7; lanes 8-15: row ra + 1 */
+        int32_t ix[16];
+        #pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) ix[l] = (l % 8) * R + ra + l / 8;
+        const __m512i idx = _mm512_loadu_si512((const void *)ix);
+        __m512i v = R == 2 ? _mm512_permutexvar_epi32(idx, g[0]) : _mm512_permutex2var_epi32(g[0], idx, g[1]);
+        const __m512 qs = _mm512_insertf32x8(_mm512_set1_ps(st->qs[ra]), _mm256_set1_ps(st->qs[ra + 1]), 1);
+        __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(ts2, qs));
+        if (grouped)
+            sc = _mm512_add_ps(sc, _mm512_insertf32x8(_mm512_set1_ps(st->qm[ra]), _mm256_set1_ps(st->qm[ra + 1]), 1));
+        _mm256_storeu_ps(s + (size_t)ra * ss, _mm512_castps512_ps256(sc));
+        _mm256_storeu_ps(s + (size_t)(ra + 1) * ss, _mm512_extractf32x8_ps(sc, 1));
+    }
+}
+
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
 AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0,
                             int n, const float *q, float *s, int ss, kvq__qstate *st) {
-    const int D = DK ? DK : b->D, C = int_chunk512(T), NX = C / 32;
+    const int D = DK ? DK : b->D;
     const bool grouped = T != KVQ_TYPE_Q8;
     if (!st->valid) { /* first block of the work item: Q8 rounds q once, the grouped types permute it once */
         if (grouped)
@@ -454,20 +538,21 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const b
         pf_step(&pf);
         __m256i part[8];
         const uint8_t *row = b->data + (size_t)j * b->stride;
+        if (m == 8 && R != 3) { /* a whole segment: the tree reduction */
+            __m512i lv[4], e[8], f[4], g[2];
+            #pragma GCC unroll 8
+            for (int t = 0; t < 8; t++, row += b->stride) {
+                __m512i acc[4];
+                key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
+                tree_push(R, t, acc, lv, e, f, g);
+            }
+            tree_store512(T, R, b, j, f, g, st, s + i0, ss);
+            i0 += m;
+            continue;
+        }
         for (int t = 0; t < m; t++, row += b->stride) {
             __m512i acc[4];
-            /* the query stays in memory (as in attn_avx2.c: hoisted, GCC would copy it to the stack) */
-            const int16_t *q16 = st->q16;
-            __asm__("" : "+r"(q16));
-            #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
-            #pragma GCC unroll 8
-            for (int c = 0; c < D; c += C) {
-                __m512i x[4];
-                unpack_keys512(T, row, c, x);
-                #pragma GCC unroll 4
-                for (int u = 0; u < NX; u++) madd_rows512(R, VNNI, acc, x[u], q16, D, c + 32 * u);
-            }
+            key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
             /* each row's 16 sums folded to 8, then attn_avx2.c's layout: (r0 r1 r2 r3 | r0 r1 r2 r3) */
             __m256i h[4];
             #pragma GCC unroll 4
