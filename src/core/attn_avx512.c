@@ -770,6 +770,28 @@ static void q3_order512(kvq_type T, const float *src, float *dst, int D) {
     if (c < D) memcpy(dst + c, t + c, 64 * sizeof(float));
 }
 
+/* acc[r] = 16 int32 partial sums of row r's products with one token's Q3 key levels */
+AI void q3_row_sums512(const int R, const bool VNNI, const int D, const uint8_t *row, const __m256i tbl,
+                       const int16_t *q16, __m512i *acc) {
+    __asm__("" : "+r"(q16)); /* the query stays in memory operands (see key_row_sums512) */
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
+    int c = 0;
+    #pragma GCC unroll 2
+    for (; c + 128 <= D; c += 128) {
+        __m256i f[4];
+        q3_fields128(row, D, c, tbl, f);
+        #pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(f[u]), q16, D, c + 32 * u);
+    }
+    if (c < D) {
+        __m128i f[4];
+        q3_fields64(row, D, c, tbl, f);
+        madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[1], f[0])), q16, D, c);
+        madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[3], f[2])), q16, D, c + 32);
+    }
+}
+
 AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0, int n,
                               const float *q, float *s, int ss, kvq__qstate *st) {
     const int D = DK ? DK : b->D;
@@ -785,26 +807,21 @@ AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const 
         pf_step(&pf);
         const uint8_t *row = b->data + (size_t)j * b->stride;
         __m256i part[8];
+        if (m == 8 && R != 3) { /* a whole segment: the tree reduction (key_scores_int_impl) */
+            __m512i lv[4], e[8], f[4], g[2];
+            #pragma GCC unroll 8
+            for (int t = 0; t < 8; t++, row += b->stride) {
+                __m512i acc[4];
+                q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
+                tree_push(R, t, acc, lv, e, f, g);
+            }
+            tree_store512(KVQ_TYPE_Q3, R, b, j, f, g, st, s + i0, ss);
+            i0 += m;
+            continue;
+        }
         for (int t = 0; t < m; t++, row += b->stride) {
-            const int16_t *q16 = st->q16;
-            __asm__("" : "+r"(q16)); /* the query stays in memory operands (see key_scores_int_impl) */
             __m512i acc[4];
-            #pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
-            int c = 0;
-            #pragma GCC unroll 2
-            for (; c + 128 <= D; c += 128) {
-                __m256i f[4];
-                q3_fields128(row, D, c, tbl, f);
-                #pragma GCC unroll 4
-                for (int u = 0; u < 4; u++) madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(f[u]), q16, D, c + 32 * u);
-            }
-            if (c < D) {
-                __m128i f[4];
-                q3_fields64(row, D, c, tbl, f);
-                madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[1], f[0])), q16, D, c);
-                madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[3], f[2])), q16, D, c + 32);
-            }
+            q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
             __m256i h[4];
             #pragma GCC unroll 4
             for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
