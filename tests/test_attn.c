@@ -208,6 +208,63 @@ static void key_scores_tables(void) {
     free(data), free(par), free(q), free(sta), free(stz);
 }
 
+/* The same for the value kernels: the weights' rounding is attn_simd.h's for both tables and the integer sums are
+ * exact, so the sums added to acc are the same floats. Softmax-like weights, one of them dominant in some runs (the
+ * exact fixup), value groups of 32 and 64 channels. */
+static void value_accum_tables(void) {
+    const kvq__kernels *a = kvq__kernels_avx2(), *z = kvq__kernels_avx512();
+    if (!a || !z) {
+        printf("SKIP value_accum avx2 vs avx512: this CPU lacks %s\n", a ? "avx512" : "avx2");
+        return;
+    }
+    static const kvq_type types[4] = {KVQ_TYPE_Q8, KVQ_TYPE_Q4, KVQ_TYPE_Q2, KVQ_TYPE_Q3};
+    static const int dims[3] = {64, 128, 256};
+    static const int runs[][2] = {{0, 64}, {5, 59}, {40, 24}, {3, 8}, {0, 1}, {16, 13}};
+    const int N = 64;
+    uint8_t *data = malloc((size_t)N * 256);
+    uint16_t *par = malloc((size_t)N * 2 * 8 * sizeof(uint16_t));
+    float *p = malloc(4 * 64 * sizeof(float)), *aa = malloc(4 * 256 * sizeof(float)), *az = malloc(4 * 256 * sizeof(float));
+    int bad = 0, n = 0;
+    for (int ti = 0; ti < 4; ti++)
+        for (int di = 0; di < 3; di++)
+            for (int gv = 32; gv <= 64; gv += 32)
+                for (int R = 1; R <= 4; R++)
+                    for (size_t ri = 0; ri < sizeof runs / sizeof runs[0]; ri++) {
+                        const kvq_type T = types[ti];
+                        const int D = dims[di], ng = D / gv;
+                        if (T == KVQ_TYPE_Q8 && gv == 32) continue; /* per-token: no value groups */
+                        for (size_t i = 0; i < (size_t)N * 256; i++) data[i] = (uint8_t)(tu_uniform() * 256);
+                        for (int i = 0; i < N * 2 * ng; i++)
+                            par[i] = kvq__f32_to_f16((float)(T == KVQ_TYPE_Q8 || i % 2 == 0 ? 0.01 + tu_uniform() : tu_normal()));
+                        const int j0 = runs[ri][0], cnt = runs[ri][1];
+                        for (int r = 0; r < R; r++) {
+                            double sum = 0;
+                            for (int i = 0; i < cnt; i++) sum += p[r * 64 + i] = (float)exp(2.0 * tu_normal());
+                            if ((ri + r) % 3 == 0) p[r * 64 + cnt / 2] = (float)(5.0 * sum); /* a dominant token */
+                        }
+                        kvq__blk b = {0};
+                        /* rows at their page stride (D * bits / 8 bytes), which the AVX2 kernels assume for D = 128 */
+                        const int bits = T == KVQ_TYPE_Q8 ? 8 : T == KVQ_TYPE_Q4 ? 4 : T == KVQ_TYPE_Q3 ? 3 : 2;
+                        b.type = T, b.role = KVQ_VALUE, b.data = data, b.stride = (size_t)D * bits / 8, b.par = par, b.D = D;
+                        b.G = 64, b.Gv = T == KVQ_TYPE_Q8 ? D : gv;
+                        b.lv16 = T == KVQ_TYPE_Q8 ? NULL : kvq__levels16(T, false);
+                        for (int i = 0; i < 4 * 256; i++) aa[i] = az[i] = (float)tu_normal();
+                        a->value_accum(&b, j0, cnt, p, 64, R, aa);
+                        z->value_accum(&b, j0, cnt, p, 64, R, az);
+                        for (int r = 0; r < R; r++) {
+                            int d = memcmp(aa + r * D, az + r * D, (size_t)D * 4) != 0;
+                            if (d && bad < 20)
+                                printf("  value_accum differs: %s D=%d Gv=%d R=%d j0=%d n=%d row %d\n",
+                                       kvq_type_get_traits(T)->name, D, gv, R, j0, cnt, r);
+                            bad += d;
+                        }
+                        n += R;
+                    }
+    CHECK(bad == 0, "value_accum: %d of %d rows of the AVX-512 table differ from the AVX2 table's", bad, n);
+    printf("value_accum avx2 vs avx512: %d rows, %d differ\n", n, bad);
+    free(data), free(par), free(p), free(aa), free(az);
+}
+
 #define backends tu_tables /* scalar, then the SIMD tables this CPU has (tu_find_tables) */
 #define n_backends tu_n_tables
 
@@ -498,6 +555,7 @@ int main(void) {
     printf("CPU kernels: %s\n", kvq_cpu_backend());
     tu_find_tables();
     key_scores_tables();
+    value_accum_tables();
     static const int dims[] = {64, 80, 96, 128, 256};
     int quick = tu_quick(), n = 0;
     for (int tk = 0; tk < KVQ_TYPE_COUNT; tk++)

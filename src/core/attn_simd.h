@@ -329,6 +329,98 @@ AI __m256 load_p(const float *pr, int i, int n) {
     return _mm256_maskload_ps(pr + i, keep);
 }
 
+/* windows of whole 16-token parts, as long as qmax * (sum of weights) stays under 2^16 in every row; m16[k]: the
+ * largest sum of the 8-bit weights of tokens 16k .. 16k + 15 over the rows and groups */
+AI void value_windows(const int qmax, int n, const int *m16, vwparams *vw) {
+    int sum = 0;
+    vw->nwin = 0, vw->win[0] = 0;
+    for (int k = 0; 16 * k < n; k++) {
+        if (k > 0 && (sum + m16[k]) * qmax > 65535) vw->win[++vw->nwin] = 16 * k, sum = 0;
+        sum += m16[k];
+    }
+    vw->win[++vw->nwin] = n;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+/* value_weights8's loop in the AVX-512 table: the products, maxima, comparisons and roundings on 16 lanes, each
+ * value as the 8-lane form makes it (a maximum and a comparison are exact, each weight is rounded alone, the sums
+ * of 8-bit weights are integers); the sums p . M keep the 8-lane form's order, so every output has the same bits
+ * (test_attn, value_accum_tables). The 8-lane form was a sixth of Q4's decode step at 32k. Returns 1 (done). */
+AI int value_weights8_zmm(const kvq_type T, const int R, const int ng, int n, const float *p, int ps,
+                          float (*S)[64], float (*M)[64], uint32_t *w8, vwparams *vw) {
+    const bool Q3 = T == KVQ_TYPE_Q3;
+    const int wrow = Q3 ? 16 : VW_PAD / 2;
+    const int qmax = T == KVQ_TYPE_Q4 ? 15 : Q3 ? 7 : 3, off = (qmax + 1) / 2;
+    /* packus leaves dword 4L + k holding tokens 16k + 4L .. + 3: back to token order */
+    const __m512i tok = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    /* words of the pair layout: word 2k and 2k + 1 are pair k's (tokens 2k, 2k + 1) */
+    const __m512i dup0 = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6,
+                                          5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i dup1 = _mm512_add_epi16(dup0, _mm512_set1_epi16(16));
+    __m512i most = _mm512_setzero_si512(); /* qword 2k: the largest sum of the weights of tokens 16k .. 16k + 15 */
+    for (int g = 0; g < ng; g++)
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const float *pr = p + (size_t)r * ps;
+            float wf[64] __attribute__((aligned(64)));
+            __m512 wv[4];
+            __m256 ma = _mm256_setzero_ps();
+            #pragma GCC unroll 4
+            for (int i = 0; i < 64; i += 16) {
+                const __mmask16 keep = i + 16 <= n ? (__mmask16)0xFFFF : i >= n ? 0 : (__mmask16)((1u << (n - i)) - 1u);
+                const __m512 pv = _mm512_maskz_loadu_ps(keep, pr + i);
+                wv[i / 16] = _mm512_mul_ps(pv, _mm512_load_ps(S[g] + i));
+                _mm512_store_ps(wf + i, wv[i / 16]);
+                ma = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), _mm256_load_ps(M[g] + i), ma);
+                ma = _mm256_fmadd_ps(_mm512_extractf32x8_ps(pv, 1), _mm256_load_ps(M[g] + i + 8), ma);
+            }
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(wv[0], wv[1]), _mm512_max_ps(wv[2], wv[3])));
+            const float topw = amax;
+            int top = -1;
+            if (amax > 0) { /* the dominant largest, as value_weights8 finds it */
+                const __m512 am = _mm512_set1_ps(amax);
+                __m512 o[4];
+                uint64_t hit = 0;
+                #pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) {
+                    const __mmask16 eq = _mm512_cmp_ps_mask(wv[k], am, _CMP_EQ_OQ);
+                    o[k] = _mm512_maskz_mov_ps((__mmask16)~eq, wv[k]);
+                    hit |= (uint64_t)eq << (16 * k);
+                }
+                const float second = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(o[0], o[1]), _mm512_max_ps(o[2], o[3])));
+                if (hit && !(hit & (hit - 1)) && amax > 2.0f * second)
+                    top = __builtin_ctzll(hit), wf[top] = 0.0f, amax = second;
+            }
+            vw->top[g][r] = top, vw->topw[g][r] = topw;
+            const float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
+            const __m512 iv = _mm512_set1_ps(inv);
+            __m512i a[4];
+            #pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) a[k] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(wf + 16 * k), iv));
+            __m512i v = _mm512_packus_epi16(_mm512_packus_epi32(a[0], a[1]), _mm512_packus_epi32(a[2], a[3]));
+            v = _mm512_permutexvar_epi32(tok, v); /* the 64 weights in token order */
+            uint32_t *dst = w8 + (size_t)(g * 4 + r) * wrow;
+            if (Q3) {
+                _mm512_storeu_si512((void *)dst, v);
+                vw->ws[g][r] = sc * 0.125f, vw->mn[g][r] = hsum_ps(ma);
+                continue;
+            }
+            _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi16(dup0, v));
+            _mm512_storeu_si512((void *)(dst + 16), _mm512_permutexvar_epi16(dup1, v));
+            const __m512i sad = _mm512_sad_epu8(v, _mm512_setzero_si512()); /* qword q: tokens 8q .. 8q + 7 */
+            most = _mm512_max_epi64(most, _mm512_add_epi64(sad, _mm512_bsrli_epi128(sad, 8)));
+            const int wtot = (int)_mm512_reduce_add_epi64(sad);
+            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma) - sc * (float)(off * wtot);
+        }
+    if (Q3) return 1;
+    int64_t mq[8];
+    _mm512_storeu_si512((void *)mq, most);
+    const int m16[4] = {(int)mq[0], (int)mq[2], (int)mq[4], (int)mq[6]};
+    value_windows(qmax, n, m16, vw);
+    return 1;
+}
+#endif
+
 /* The 8-bit value weights of the n tokens from row j0 per (value group, row), a dominant largest kept exact, into
  * w8 (rows of VW_PAD / 2 dwords, vweights) and vw: for the Q4/Q2 kernels (T = Q4, Q2: token pairs, 16-token windows)
  * and Q3's (T = Q3: rows of 16 dwords, q3w8; token quads, level offset 4, int32 sums so no windows). T is a
@@ -339,9 +431,12 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
     const int wrow = Q3 ? 16 : VW_PAD / 2; /* dwords per (group, row) */
     const int D = b->D, ng = D / b->Gv;
     const int qmax = T == KVQ_TYPE_Q4 ? 15 : Q3 ? 7 : 3, off = (qmax + 1) / 2;
-    float S[4][64] __attribute__((aligned(32))), M[4][64] __attribute__((aligned(32)));
+    float S[4][64] __attribute__((aligned(64))), M[4][64] __attribute__((aligned(64)));
     value_params(b, j0, n, ng, (float)off, S, M);
     /* 64 tokens whatever n: p, S and M are 0 past n */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+    if (value_weights8_zmm(T, R, ng, n, p, ps, S, M, w8, vw)) return;
+#endif
     __m256i most[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* the largest sums of 16 weights */
     for (int g = 0; g < ng; g++)
         #pragma GCC unroll 4
@@ -425,16 +520,9 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
             vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma) - sc * (float)(off * wtot);
         }
     if (Q3) return;
-    /* windows of whole 16-token parts, as long as qmax * (sum of weights) stays under 2^16 in every row */
-    int m16[4] = {_mm256_extract_epi32(most[0], 0), _mm256_extract_epi32(most[0], 4),
-                  _mm256_extract_epi32(most[1], 0), _mm256_extract_epi32(most[1], 4)};
-    int sum = 0;
-    vw->nwin = 0, vw->win[0] = 0;
-    for (int k = 0; 16 * k < n; k++) {
-        if (k > 0 && (sum + m16[k]) * qmax > 65535) vw->win[++vw->nwin] = 16 * k, sum = 0;
-        sum += m16[k];
-    }
-    vw->win[++vw->nwin] = n;
+    const int m16[4] = {_mm256_extract_epi32(most[0], 0), _mm256_extract_epi32(most[0], 4),
+                        _mm256_extract_epi32(most[1], 0), _mm256_extract_epi32(most[1], 4)};
+    value_windows(qmax, n, m16, vw);
 }
 
 /* codes of channels c .. c + 7 of a Q4 or Q2 row, as int32 lanes */
