@@ -115,7 +115,7 @@ SIMD_FN void quantize_rows16(const float *x, const float *mul, int R, int D, int
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     /* the AVX-512 table's: 16 lanes, the same products, maximum (exact in any order) and roundings as the 8-lane
      * form below, so the same int16 as the AVX2 table's (test_attn, key_scores_tables). It runs once per key group
-     * and head (64 tokens): its 8-lane form was a quarter of Q4's key kernel at 32k. */
+     * and head (64 tokens): with key_group_query_in, about a third of Q4's key kernel at 32k in its 8-lane form. */
     if (D % 32 == 0) {
         const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7); /* undoes the packs' lane interleave */
         for (int r = 0; r < R; r++) {
@@ -181,7 +181,7 @@ AI void key_group_query_in(kvq_type T, int R, int D, const uint16_t *sm, const f
         _mm256_store_ps(sc + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c))));
     order(T, sc, scp, D);
     /* the mins converted once for all rows, and the rows' chains side by side (a row alone was a chain of D / 8
-     * dependent FMAs: its latency, per row, was most of this function's time); each row's sum in its old order */
+     * dependent FMAs); each row's sum in its old order. R <= 4: the query state holds 4 rows. */
     __m256 am[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int c = 0; c < D; c += 8) {
         const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
@@ -345,7 +345,7 @@ AI void value_windows(const int qmax, int n, const int *m16, vwparams *vw) {
 /* value_weights8's loop in the AVX-512 table: the products, maxima, comparisons and roundings on 16 lanes, each
  * value as the 8-lane form makes it (a maximum and a comparison are exact, each weight is rounded alone, the sums
  * of 8-bit weights are integers); the sums p . M keep the 8-lane form's order, so every output has the same bits
- * (test_attn, value_accum_tables). The 8-lane form was a sixth of Q4's decode step at 32k. Returns 1 (done). */
+ * (test_attn, value_accum_tables). The 8-lane form was about a sixth of Q4's decode step at 32k. Returns 1. */
 AI int value_weights8_zmm(const kvq_type T, const int R, const int ng, int n, const float *p, int ps,
                           float (*S)[64], float (*M)[64], uint32_t *w8, vwparams *vw) {
     const bool Q3 = T == KVQ_TYPE_Q3;
