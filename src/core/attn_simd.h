@@ -342,6 +342,21 @@ AI void value_windows(const int qmax, int n, const int *m16, vwparams *vw) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+/* lane r (all four floats) = the largest of the 16 floats of m[r], r < 4: both halves, then the lanes, then
+ * within the lanes, four rows in each step */
+AI __m512 rowmax4(const __m512 *m) {
+    const __m512 t01 = _mm512_max_ps(_mm512_shuffle_f32x4(m[0], m[1], 0x44), _mm512_shuffle_f32x4(m[0], m[1], 0xEE));
+    const __m512 t23 = _mm512_max_ps(_mm512_shuffle_f32x4(m[2], m[3], 0x44), _mm512_shuffle_f32x4(m[2], m[3], 0xEE));
+    __m512 u = _mm512_max_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+    u = _mm512_max_ps(u, _mm512_permute_ps(u, 0x4E));
+    return _mm512_max_ps(u, _mm512_permute_ps(u, 0xB1));
+}
+
+/* lane r of x in all four lanes */
+AI __m512 bcast_lane(__m512 x, const int r) {
+    return _mm512_shuffle_f32x4(x, x, r * 0x55);
+}
+
 /* value_weights8's loop in the AVX-512 table: the products, maxima, comparisons and roundings on 16 lanes, each
  * value as the 8-lane form makes it (a maximum and a comparison are exact, each weight is rounded alone, the sums
  * of 8-bit weights are integers); the sums p . M keep the 8-lane form's order, so every output has the same bits
@@ -358,51 +373,71 @@ AI int value_weights8_zmm(const kvq_type T, const int R, const int ng, int n, co
                                           5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i dup1 = _mm512_add_epi16(dup0, _mm512_set1_epi16(16));
     __m512i most = _mm512_setzero_si512(); /* qword 2k: the largest sum of the weights of tokens 16k .. 16k + 15 */
-    for (int g = 0; g < ng; g++)
+    for (int g = 0; g < ng; g++) {
+        /* the rows side by side: their maxima reduced together (rowmax4), and no chain waits for another row's */
+        __m512 wv[4][4], mr[4];
+        __m256 ma[4];
         #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const float *pr = p + (size_t)r * ps;
-            float wf[64] __attribute__((aligned(64)));
-            __m512 wv[4];
-            __m256 ma = _mm256_setzero_ps();
+        for (int r = 0; r < 4; r++) {
+            ma[r] = _mm256_setzero_ps();
             #pragma GCC unroll 4
             for (int i = 0; i < 64; i += 16) {
+                if (r >= R) {
+                    wv[r][i / 16] = _mm512_setzero_ps();
+                    continue;
+                }
+                const float *pr = p + (size_t)r * ps;
                 const __mmask16 keep = i + 16 <= n ? (__mmask16)0xFFFF : i >= n ? 0 : (__mmask16)((1u << (n - i)) - 1u);
                 const __m512 pv = _mm512_maskz_loadu_ps(keep, pr + i);
-                wv[i / 16] = _mm512_mul_ps(pv, _mm512_load_ps(S[g] + i));
-                _mm512_store_ps(wf + i, wv[i / 16]);
-                ma = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), _mm256_load_ps(M[g] + i), ma);
-                ma = _mm256_fmadd_ps(_mm512_extractf32x8_ps(pv, 1), _mm256_load_ps(M[g] + i + 8), ma);
+                wv[r][i / 16] = _mm512_mul_ps(pv, _mm512_load_ps(S[g] + i));
+                ma[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), _mm256_load_ps(M[g] + i), ma[r]);
+                ma[r] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(pv, 1), _mm256_load_ps(M[g] + i + 8), ma[r]);
             }
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(wv[0], wv[1]), _mm512_max_ps(wv[2], wv[3])));
+            mr[r] = _mm512_max_ps(_mm512_max_ps(wv[r][0], wv[r][1]), _mm512_max_ps(wv[r][2], wv[r][3]));
+        }
+        /* the largest of each row, and the largest of the others (lanes not equal to it), as value_weights8 finds
+         * them (a maximum is exact in any order) */
+        const __m512 am4 = rowmax4(mr);
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m512 am = bcast_lane(am4, r);
+            __m512 o[4];
+            #pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) o[k] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(wv[r][k], am, _CMP_NEQ_UQ), wv[r][k]);
+            mr[r] = _mm512_max_ps(_mm512_max_ps(o[0], o[1]), _mm512_max_ps(o[2], o[3]));
+        }
+        const __m512 se4 = rowmax4(mr);
+        float amx[16] __attribute__((aligned(64))), sec[16] __attribute__((aligned(64)));
+        _mm512_store_ps(amx, am4), _mm512_store_ps(sec, se4);
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            float amax = amx[4 * r];
             const float topw = amax;
             int top = -1;
-            if (amax > 0) { /* the dominant largest, as value_weights8 finds it */
+            /* the dominant largest: alone, and more than twice the second (a tie is not) */
+            if (amax > 0 && amax > 2.0f * sec[4 * r]) {
                 const __m512 am = _mm512_set1_ps(amax);
-                __m512 o[4];
                 uint64_t hit = 0;
                 #pragma GCC unroll 4
-                for (int k = 0; k < 4; k++) {
-                    const __mmask16 eq = _mm512_cmp_ps_mask(wv[k], am, _CMP_EQ_OQ);
-                    o[k] = _mm512_maskz_mov_ps((__mmask16)~eq, wv[k]);
-                    hit |= (uint64_t)eq << (16 * k);
-                }
-                const float second = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(o[0], o[1]), _mm512_max_ps(o[2], o[3])));
-                if (hit && !(hit & (hit - 1)) && amax > 2.0f * second)
-                    top = __builtin_ctzll(hit), wf[top] = 0.0f, amax = second;
+                for (int k = 0; k < 4; k++) hit |= (uint64_t)_mm512_cmp_ps_mask(wv[r][k], am, _CMP_EQ_OQ) << (16 * k);
+                if (hit && !(hit & (hit - 1))) top = __builtin_ctzll(hit), amax = sec[4 * r];
             }
             vw->top[g][r] = top, vw->topw[g][r] = topw;
             const float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
             const __m512 iv = _mm512_set1_ps(inv);
             __m512i a[4];
             #pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) a[k] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(wf + 16 * k), iv));
+            for (int k = 0; k < 4; k++) {
+                /* the dominant token's weight is 0 (top_fixup adds it exactly) */
+                const __mmask16 m = (top >> 4) == k ? (__mmask16) ~(1u << (top & 15)) : (__mmask16)0xFFFF;
+                a[k] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_mov_ps(m, wv[r][k]), iv));
+            }
             __m512i v = _mm512_packus_epi16(_mm512_packus_epi32(a[0], a[1]), _mm512_packus_epi32(a[2], a[3]));
             v = _mm512_permutexvar_epi32(tok, v); /* the 64 weights in token order */
             uint32_t *dst = w8 + (size_t)(g * 4 + r) * wrow;
             if (Q3) {
                 _mm512_storeu_si512((void *)dst, v);
-                vw->ws[g][r] = sc * 0.125f, vw->mn[g][r] = hsum_ps(ma);
+                vw->ws[g][r] = sc * 0.125f, vw->mn[g][r] = hsum_ps(ma[r]);
                 continue;
             }
             _mm512_storeu_si512((void *)dst, _mm512_permutexvar_epi16(dup0, v));
@@ -410,8 +445,9 @@ AI int value_weights8_zmm(const kvq_type T, const int R, const int ng, int n, co
             const __m512i sad = _mm512_sad_epu8(v, _mm512_setzero_si512()); /* qword q: tokens 8q .. 8q + 7 */
             most = _mm512_max_epi64(most, _mm512_add_epi64(sad, _mm512_bsrli_epi128(sad, 8)));
             const int wtot = (int)_mm512_reduce_add_epi64(sad);
-            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma) - sc * (float)(off * wtot);
+            vw->ws[g][r] = sc, vw->mn[g][r] = hsum_ps(ma[r]) - sc * (float)(off * wtot);
         }
+    }
     if (Q3) return 1;
     int64_t mq[8];
     _mm512_storeu_si512((void *)mq, most);
