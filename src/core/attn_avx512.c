@@ -457,6 +457,28 @@ AI void key_row_sums512(const kvq_type T, const int R, const bool VNNI, const in
     }
 }
 
+/* acc[r] = 16 int32 partial sums of row r's products with one token's Q3 key levels */
+AI void q3_row_sums512(const int R, const bool VNNI, const int D, const uint8_t *row, const __m256i tbl,
+                       const int16_t *q16, __m512i *acc) {
+    __asm__("" : "+r"(q16)); /* the query stays in memory operands (see key_row_sums512) */
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
+    int c = 0;
+    #pragma GCC unroll 2
+    for (; c + 128 <= D; c += 128) {
+        __m256i f[4];
+        q3_fields128(row, D, c, tbl, f);
+        #pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(f[u]), q16, D, c + 32 * u);
+    }
+    if (c < D) {
+        __m128i f[4];
+        q3_fields64(row, D, c, tbl, f);
+        madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[1], f[0])), q16, D, c);
+        madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[3], f[2])), q16, D, c + 32);
+    }
+}
+
 /* ---- the integer key sums of 8 tokens, reduced as one tree ----
  * A token's R row sums arrive as R vectors of 16 int32 partial sums ("items" t * R + r). Folding each vector
  * alone (extract, add, then hadds and int_scores_store's transpose) took ~23 operations per token at R = 4, as
@@ -518,6 +540,38 @@ AI void tree_store512(const kvq_type T, const int R, const kvq__blk *b, int j, c
     }
 }
 
+/* The scores of the m (<= 8) tokens of one key segment from token j (kvq_page_layout rows at b->stride): each
+ * token's row sums (Q3: its levels looked up in tbl; else its codes unpacked), then a whole segment reduced as one
+ * tree, a shorter one token by token as attn_avx2.c's layout (r0 r1 r2 r3 | r0 r1 r2 r3). */
+AI void segment_scores512(const kvq_type T, const int R, const int D, const bool VNNI, const kvq__blk *b, int j,
+                          int m, const __m256i tbl, kvq__qstate *st, float *s, int ss) {
+    const uint8_t *row = b->data + (size_t)j * b->stride;
+    if (m == 8 && R != 3) {
+        __m512i lv[4], e[8], f[4], g[2];
+        #pragma GCC unroll 8
+        for (int t = 0; t < 8; t++, row += b->stride) {
+            __m512i acc[4];
+            if (T == KVQ_TYPE_Q3) q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
+            else key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
+            tree_push(R, t, acc, lv, e, f, g);
+        }
+        tree_store512(T, R, b, j, f, g, st, s, ss);
+        return;
+    }
+    __m256i part[8];
+    for (int t = 0; t < m; t++, row += b->stride) {
+        __m512i acc[4];
+        if (T == KVQ_TYPE_Q3) q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
+        else key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
+        /* each row's 16 sums folded to 8 */
+        __m256i h[4];
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
+        part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+    }
+    int_scores_store(T, R, b, j, m, part, st, s, ss);
+}
+
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
 AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0,
                             int n, const float *q, float *s, int ss, kvq__qstate *st) {
@@ -536,30 +590,7 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const b
         /* up to 8 tokens of one key group; their scores are reduced together (attn_simd.h) */
         const int m = key_segment(T, R, D, b, j, n - i0, q, st, to_kernel_order512);
         pf_step(&pf);
-        __m256i part[8];
-        const uint8_t *row = b->data + (size_t)j * b->stride;
-        if (m == 8 && R != 3) { /* a whole segment: the tree reduction */
-            __m512i lv[4], e[8], f[4], g[2];
-            #pragma GCC unroll 8
-            for (int t = 0; t < 8; t++, row += b->stride) {
-                __m512i acc[4];
-                key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
-                tree_push(R, t, acc, lv, e, f, g);
-            }
-            tree_store512(T, R, b, j, f, g, st, s + i0, ss);
-            i0 += m;
-            continue;
-        }
-        for (int t = 0; t < m; t++, row += b->stride) {
-            __m512i acc[4];
-            key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
-            /* each row's 16 sums folded to 8, then attn_avx2.c's layout: (r0 r1 r2 r3 | r0 r1 r2 r3) */
-            __m256i h[4];
-            #pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
-            part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
-        }
-        int_scores_store(T, R, b, j, m, part, st, s + i0, ss);
+        segment_scores512(T, R, D, VNNI, b, j, m, _mm256_setzero_si256(), st, s + i0, ss);
         i0 += m;
     }
 }
@@ -770,28 +801,6 @@ static void q3_order512(kvq_type T, const float *src, float *dst, int D) {
     if (c < D) memcpy(dst + c, t + c, 64 * sizeof(float));
 }
 
-/* acc[r] = 16 int32 partial sums of row r's products with one token's Q3 key levels */
-AI void q3_row_sums512(const int R, const bool VNNI, const int D, const uint8_t *row, const __m256i tbl,
-                       const int16_t *q16, __m512i *acc) {
-    __asm__("" : "+r"(q16)); /* the query stays in memory operands (see key_row_sums512) */
-    #pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
-    int c = 0;
-    #pragma GCC unroll 2
-    for (; c + 128 <= D; c += 128) {
-        __m256i f[4];
-        q3_fields128(row, D, c, tbl, f);
-        #pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(f[u]), q16, D, c + 32 * u);
-    }
-    if (c < D) {
-        __m128i f[4];
-        q3_fields64(row, D, c, tbl, f);
-        madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[1], f[0])), q16, D, c);
-        madd_rows512(R, VNNI, acc, _mm512_cvtepu8_epi16(_mm256_set_m128i(f[3], f[2])), q16, D, c + 32);
-    }
-}
-
 AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0, int n,
                               const float *q, float *s, int ss, kvq__qstate *st) {
     const int D = DK ? DK : b->D;
@@ -805,29 +814,7 @@ AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const 
         int j = j0 + i0;
         const int m = key_segment(KVQ_TYPE_Q3, R, D, b, j, n - i0, q, st, q3_order512);
         pf_step(&pf);
-        const uint8_t *row = b->data + (size_t)j * b->stride;
-        __m256i part[8];
-        if (m == 8 && R != 3) { /* a whole segment: the tree reduction (key_scores_int_impl) */
-            __m512i lv[4], e[8], f[4], g[2];
-            #pragma GCC unroll 8
-            for (int t = 0; t < 8; t++, row += b->stride) {
-                __m512i acc[4];
-                q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
-                tree_push(R, t, acc, lv, e, f, g);
-            }
-            tree_store512(KVQ_TYPE_Q3, R, b, j, f, g, st, s + i0, ss);
-            i0 += m;
-            continue;
-        }
-        for (int t = 0; t < m; t++, row += b->stride) {
-            __m512i acc[4];
-            q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
-            __m256i h[4];
-            #pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
-            part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
-        }
-        int_scores_store(KVQ_TYPE_Q3, R, b, j, m, part, st, s + i0, ss);
+        segment_scores512(KVQ_TYPE_Q3, R, D, VNNI, b, j, m, tbl, st, s + i0, ss);
         i0 += m;
     }
 }
