@@ -352,9 +352,14 @@ AI __m512 rowmax4(const __m512 *m) {
     return _mm512_max_ps(u, _mm512_permute_ps(u, 0xB1));
 }
 
-/* lane r of x in all four lanes */
+/* lane r of x in all four lanes (a switch: the immediate must be a constant in every build, -O0 and clang too) */
 AI __m512 bcast_lane(__m512 x, const int r) {
-    return _mm512_shuffle_f32x4(x, x, r * 0x55);
+    switch (r) {
+    case 0: return _mm512_shuffle_f32x4(x, x, 0x00);
+    case 1: return _mm512_shuffle_f32x4(x, x, 0x55);
+    case 2: return _mm512_shuffle_f32x4(x, x, 0xAA);
+    default: return _mm512_shuffle_f32x4(x, x, 0xFF);
+    }
 }
 
 /* value_weights8's loop in the AVX-512 table: the products, maxima, comparisons and roundings on 16 lanes, each
