@@ -8,7 +8,8 @@
 // rotation and one sink), as kvq_cuda_cache_create resolves them; --plain switches the rotation and the sinks off,
 // --qnorm turns Q-Norm on for the grouped roles (kvq.h section 10; kvq's engine and KVQCache do), --residual R sets
 // the fp16 window (default: 128 rows for Q4/Q2, none for the per-token types), --rotate ROLES (0-3) and --sinks S
-// the rotated roles and the sinks.
+// the rotated roles and the sinks. --multi N,..: also times kvq_cuda_attn_decode_multi with N query tokens per
+// sequence (the verify step of speculative decoding), printed beside the one-token decode of the same run.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -103,7 +104,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
     int reps = 20, residual = -1, rotate = -1, sinks = -1;
     bool quick = false, flush_write = false, plain = false, qnorm = false;
-    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr, *shape = "llama3-8b";
+    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr, *shape = "llama3-8b", *multi_arg = nullptr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
         else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc) sdpa_path = argv[++i];
@@ -113,6 +114,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--qnorm")) qnorm = true;
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) types_arg = argv[++i];
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
+        else if (!strcmp(argv[i], "--multi") && i + 1 < argc) multi_arg = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (!strcmp(argv[i], "--shape") && i + 1 < argc) shape = argv[++i];
         else if (!strcmp(argv[i], "--residual") && i + 1 < argc) residual = atoi(argv[++i]);
@@ -122,7 +124,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (strcmp(argv[i], "cuda")) {
             fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
                             "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain] [--qnorm] "
-                            "[--shape llama3-8b|gemma3-12b|gemma3-270m] [--residual R] [--rotate ROLES] [--sinks S]\n");
+                            "[--shape llama3-8b|gemma3-12b|gemma3-270m] [--residual R] [--rotate ROLES] [--sinks S] "
+                            "[--multi 2,4,8]\n");
             return 2;
         }
     }
@@ -197,6 +200,14 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     std::vector<int> batches = {1, 8, 32};
     if (quick) ctxs = {4096, 131072}, batches = {1, 8};
     if (ctx_arg) ctxs = int_list(ctx_arg);
+    std::vector<int> multis;
+    if (multi_arg) multis = int_list(multi_arg);
+    for (int m : multis)
+        if (m < 1 || m > 64) {
+            fprintf(stderr, "--multi: %d query tokens outside 1..64\n", m);
+            return 2;
+        }
+    const int maxm = multis.empty() ? 1 : *std::max_element(multis.begin(), multis.end());
     if (batch_arg) batches = int_list(batch_arg);
     // (key type, value type); "q8/q4" on the command line for Q8 keys with Q4 values
     std::vector<std::pair<kvq_type, kvq_type>> types;
@@ -234,9 +245,9 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     CU(cudaMalloc(&dv, in_elems * 2));
     fill_random<<<1024, 256, 0, st>>>(dk, in_elems, 1u, 2.0f);
     fill_random<<<1024, 256, 0, st>>>(dv, in_elems, 2u, 1.0f);
-    CU(cudaMalloc(&dq, (size_t)maxb * NQH * D * 2));
-    CU(cudaMalloc(&dout, (size_t)maxb * NQH * D * 2));
-    fill_random<<<64, 256, 0, st>>>(dq, (size_t)maxb * NQH * D, 3u, 1.0f);
+    CU(cudaMalloc(&dq, (size_t)maxb * maxm * NQH * D * 2));
+    CU(cudaMalloc(&dout, (size_t)maxb * maxm * NQH * D * 2));
+    fill_random<<<64, 256, 0, st>>>(dq, (size_t)maxb * maxm * NQH * D, 3u, 1.0f);
 
     std::vector<Row> rows;
     std::map<std::pair<int, int>, double> f16_us;
@@ -338,6 +349,25 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
                 rows.push_back(row);
                 printf("%-5s batch %2d ctx %6d: %9.1f us  %7.0f GB/s  %5.1f%% of copy  x%.2f vs f16  x%.2f vs sdpa  (b2b %.1f us)\n",
                        tn, b, ctx, row.us, row.gbs, row.pct_copy, row.vs_f16, row.vs_sdpa, row.b2b_us);
+                // n_q query tokens per sequence in one call, timed as above: its time over the one-token step's
+                for (int m : multis) {
+                    for (int w = 0; w < 3; w++)
+                        OK(kvq_cuda_attn_decode_multi(c, 0, b, ids.data(), m, KVQ_DTYPE_F16, dq, dout, &ap, st));
+                    std::vector<float> tm;
+                    for (int r = 0; r < reps; r++) {
+                        if (flush_write) CU(cudaMemsetAsync(flush, r, flush_bytes, st));
+                        else read_flush<<<4 * prop.multiProcessorCount, 512, 0, st>>>((const uint4 *)flush, flush_bytes / 16, sink);
+                        spin<<<1, 32, 0, st>>>(100000);
+                        CU(cudaEventRecord(e0, st));
+                        OK(kvq_cuda_attn_decode_multi(c, 0, b, ids.data(), m, KVQ_DTYPE_F16, dq, dout, &ap, st));
+                        float ms;
+                        CU(stop_ms(e0, e1, st, &ms));
+                        tm.push_back(ms);
+                    }
+                    const double us = median(tm) * 1000.0;
+                    printf("%-5s batch %2d ctx %6d: multi n_q %2d %9.1f us  x%.2f of the 1-token step (%.2f per token)\n", tn, b,
+                           ctx, m, us, us / row.us, us / row.us / m);
+                }
                 fflush(stdout);
             }
             kvq_cuda_cache_free(c);

@@ -36,7 +36,9 @@
  *   fp16 window or sink unit of a pair as N pages when a decode call splits the units over CTAs (default, per call:
  *   round(1.25 SMs / (row, KV head) pairs), at most the call's pages per SM, within [10, 20]: 20 for batch 1 of a
  *   long context, 10 once there are many pairs or few pages; 1: as one page, the split before 2026-12-06 and
- *   prefill's; another split: the same result up to fp32 summation order).
+ *   prefill's; another split: the same result up to fp32 summation order); KVQ_CUDA_ROW_TOKENS=N (1 .. 8) packs at
+ *   most N query tokens of a sequence into one entry of a prefill or multi-token decode (default 8, within the 8 MMA
+ *   columns; 1: one read of the cache per query row, as before 2026-12-06).
  *   docs/bench-cuda.md has their timings.
  * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
  *   the cache on the host (the const calls may run concurrently with each other).
@@ -245,11 +247,26 @@ KVQ_API kvq_status kvq_cuda_static_end(kvq_cuda_static *plan, kvq_cuda_stream st
 
 /* Chunked causal prefill, semantics of kvq_attn_prefill: the n_q queries are the last n_q tokens of the sequence
  * (append them first). q, out: DEVICE [n_q][n_q_heads][head_dim] of qo_dtype. Enqueued on `stream`.
- * This version is correct for every type but reads the cache once per query row (no tensor-core tiling over
- * queries): fine for chunks of a few hundred tokens, slow for long prompts. */
+ * The decode kernel's 8 MMA columns take max(1, 8 / (n_q_heads / n_kv_heads)) query tokens at once (Llama-3-8B's
+ * 4 query heads per KV head: 2 tokens; multi-head attention: 8), so the cache is read n_q / that many times, not
+ * once per query row (with p->window > 0 once per row); no tensor-core tiling over longer query blocks yet: fine
+ * for chunks of a few hundred tokens, slow for long prompts. */
 KVQ_API kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *cache, int layer, int32_t seq, int n_q, kvq_dtype qo_dtype,
                                          const void *q, void *out, const kvq_attn_params *p,
                                          kvq_cuda_stream stream);
+
+/* Multi-token decode (the verify step of speculative decoding, parallel sampling): the last n_q >= 1 tokens of each
+ * of the n_seqs sequences (distinct or not; append them first) are queries, causal among themselves: for every
+ * sequence the semantics of kvq_attn_prefill with n_q rows, in one launch over all of them. q, out: DEVICE
+ * [n_seqs][n_q][n_q_heads][head_dim] of qo_dtype. Up to 8 / (n_q_heads / n_kv_heads) tokens of a sequence share
+ * one read of its pages (kvq_cuda_attn_prefill above; p->window > 0: one read per token): n_q = 2 costs Llama-3-8B's
+ * shape about one decode step, not two. Enqueued on `stream`.
+ * Errors (nothing enqueued): KVQ_ERR_NULL, KVQ_ERR_SHAPE (layer), KVQ_ERR_INVALID_ARG (n_q < 1, n_seqs < 0, the
+ * params, a dtype), KVQ_ERR_NO_SEQ, KVQ_ERR_RANGE (a sequence shorter than n_q), KVQ_ERR_OUT_OF_MEMORY /
+ * KVQ_ERR_CUDA (workspace, launch). */
+KVQ_API kvq_status kvq_cuda_attn_decode_multi(kvq_cuda_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                                              int n_q, kvq_dtype qo_dtype, const void *q, void *out,
+                                              const kvq_attn_params *p, kvq_cuda_stream stream);
 
 /* Bytes of KV data (pages and window rows) a decode of these sequences reads, for bandwidth figures. */
 KVQ_API kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *cache, int layer, int n_seqs,

@@ -282,6 +282,44 @@ static void compare_prefill(Pair &p, int layer, int32_t seq, int n_q, int nqh, i
     cudaFree(dout);
 }
 
+// Multi-token decode (kvq_cuda_attn_decode_multi): n_q query tokens of each sequence in one call against the CPU's
+// kvq_attn_prefill of each; the entries pack up to 8 / (nqh / H) tokens (decode.cuh: per-column causal masks)
+static void compare_multi(Pair &p, int layer, int n, const int32_t *ids, int n_q, int nqh, kvq_dtype qo, const char *what) {
+    kvq_attn_params ap = kvq_attn_params_default(nqh);
+    const size_t per = (size_t)n_q * nqh * p.D, ne = per * n;
+    std::vector<float> q(ne), ref(ne), got(ne);
+    for (auto &x : q) x = frand() * 1.5f;
+    std::vector<uint16_t> qh(ne), oh(ne);
+    if (qo == KVQ_DTYPE_F16)
+        for (size_t e = 0; e < ne; e++) qh[e] = f2h(q[e]), q[e] = __half2float(__ushort_as_half(qh[e]));
+    for (int i = 0; i < n; i++) OK(kvq_attn_prefill(p.cpu, layer, ids[i], n_q, q.data() + i * per, ref.data() + i * per, &ap));
+    const size_t esz = qo == KVQ_DTYPE_F32 ? 4 : 2;
+    void *dq, *dout;
+    CU(cudaMalloc(&dq, ne * esz));
+    CU(cudaMalloc(&dout, ne * esz));
+    CU(cudaMemcpy(dq, qo == KVQ_DTYPE_F32 ? (void *)q.data() : (void *)qh.data(), ne * esz, cudaMemcpyHostToDevice));
+    CU(cudaMemset(dout, 0xff, ne * esz));  // NaN poison: every element must be written
+    OK(kvq_cuda_attn_decode_multi(p.gpu, layer, n, ids, n_q, qo, dq, dout, &ap, 0));
+    CU(cudaDeviceSynchronize());
+    if (qo == KVQ_DTYPE_F32) CU(cudaMemcpy(got.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
+    else {
+        CU(cudaMemcpy(oh.data(), dout, ne * 2, cudaMemcpyDeviceToHost));
+        for (size_t e = 0; e < ne; e++) got[e] = __half2float(__ushort_as_half(oh[e]));
+    }
+    double worst = 0;  // per (sequence, token): a mask off by one position shows in its row, not in the mean
+    for (int i = 0; i < n; i++)
+        for (int r = 0; r < n_q; r++) {
+            const size_t o = i * per + (size_t)r * nqh * p.D;
+            worst = std::max(worst, nmse(got.data() + o, ref.data() + o, (size_t)nqh * p.D));
+        }
+    CHECK(worst < 1e-4, "%s: multi-token decode (n_q %d, %d query heads) worst row NMSE %.3g", what, n_q, nqh, worst);
+    printf("  %-40s multi n_q %d nqh %d worst nmse %.2e\n", what, n_q, nqh, worst);
+    // errors leave nothing enqueued and are named
+    CHECK(kvq_cuda_attn_decode_multi(p.gpu, layer, n, ids, 0, qo, dq, dout, &ap, 0) == KVQ_ERR_INVALID_ARG, "n_q 0");
+    cudaFree(dq);
+    cudaFree(dout);
+}
+
 // tv: the value type (-1: t, the key type)
 static Pair make_pair(kvq_type t, int H, int D, int layers, int64_t tokens, int max_seqs, int residual, int tv = -1) {
     kvq_cache_config cfg = kvq_cache_config_default();
@@ -425,6 +463,23 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H 
     compare_prefill(p, 1, ids[6], 37, nqh, 0, what);
     snprintf(w2, sizeof w2, "%s window 50", what);
     compare_prefill(p, 0, ids[5], 20, nqh, 50, w2);
+    compare_multi(p, 1, NS, ids, 2, nqh, KVQ_DTYPE_F32, what);
+    compare_multi(p, 0, NS, ids, 7, nqh, KVQ_DTYPE_F16, what);
+    compare_multi(p, 1, 3, sub, 3, 2 * H, KVQ_DTYPE_F32, what);
+    compare_multi(p, 0, NS, ids, 11, H, KVQ_DTYPE_F32, what);  // 8 + 3 tokens an entry
+    {  // a sequence of 6 tokens, all of them queries: the earlier tokens' masks reach the sinks (if any)
+        int32_t s6, s6g;
+        OK(kvq_seq_new(p.cpu, &s6));
+        OK(kvq_cuda_seq_new(p.gpu, &s6g));
+        CHECK(s6 == s6g, "seq ids differ");
+        const int32_t six = 6;
+        for (int layer = 0; layer < 2; layer++) append_both(p, layer, 1, &s6, &six, in_dt, 0.f);
+        snprintf(w2, sizeof w2, "%s 6-token seq", what);
+        compare_multi(p, 0, 1, &s6, 6, H, KVQ_DTYPE_F32, w2);
+        compare_multi(p, 1, 1, &s6, 6, nqh, KVQ_DTYPE_F32, w2);
+        OK(kvq_seq_free(p.cpu, s6));
+        OK(kvq_cuda_seq_free(p.gpu, s6));
+    }
     // free and reuse
     OK(kvq_seq_free(p.cpu, ids[2]));
     OK(kvq_cuda_seq_free(p.gpu, ids[2]));

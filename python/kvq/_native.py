@@ -847,6 +847,8 @@ if _cuda is not None:
         ("kvq_cuda_attn_decode", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, _P, _P, C.POINTER(AttnParams), _P]),
         ("kvq_cuda_attn_prefill", C.c_int, [_P, C.c_int, C.c_int32, C.c_int, C.c_int, _P, _P, C.POINTER(AttnParams),
                                             _P]),
+        ("kvq_cuda_attn_decode_multi", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, C.c_int, _P, _P,
+                                                 C.POINTER(AttnParams), _P]),
         ("kvq_cuda_decode_step", C.c_int, [_P, C.c_int, C.c_int, _I32P, C.c_int, _P, _P, C.c_int, _P, _P,
                                            C.POINTER(AttnParams), _P]),
         ("kvq_cuda_static_create", C.c_int, [_P, C.c_int, _I32P, C.c_int64, C.POINTER(AttnParams), C.c_int, C.c_int,
@@ -1074,6 +1076,20 @@ class CudaCache:
         p = _params(n_q_heads, scale, window, softcap)
         q_addr, out_addr, stream = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr"), _addr(stream, "stream")
         _check_cuda(_cuda.kvq_cuda_attn_prefill(h, layer, seq, n_q, qo_dtype, q_addr, out_addr, C.byref(p), stream))
+
+    def attn_decode_multi_ptr(self, layer: int, seq_ids: Sequence[int], n_q: int, qo_dtype: int, q_addr: int,
+                              out_addr: int, n_q_heads: int, scale: float = 0.0, window: int = 0, softcap: float = 0.0,
+                              stream: int = 0) -> None:
+        """kvq_cuda_attn_decode_multi: the last n_q tokens of each sequence as causal queries (speculative decoding's
+        verify step); q / out device addresses of [len(seq_ids)][n_q][n_q_heads][head_dim] `qo_dtype`."""
+        h = self._handle()
+        layer, n_q = _int(layer, "layer"), _int(n_q, "n_q")
+        n, idp, _ = _ids(seq_ids, "seq_ids")
+        qo_dtype = _dtype_code(qo_dtype)
+        p = _params(n_q_heads, scale, window, softcap)
+        q_addr, out_addr, stream = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr"), _addr(stream, "stream")
+        _check_cuda(_cuda.kvq_cuda_attn_decode_multi(h, layer, n, idp, n_q, qo_dtype, q_addr, out_addr, C.byref(p),
+                                                     stream))
 
     def decode_step_ptr(self, layer: int, seq_ids: Sequence[int], kv_dtype: int, k_addr: int, v_addr: int,
                         qo_dtype: int, q_addr: int, out_addr: int, n_q_heads: int, scale: float = 0.0, window: int = 0,

@@ -46,8 +46,10 @@ struct Entry {
     int32_t lo, hi;          // visible tokens [lo, hi)
     int32_t whead;           // ring row of window token 0
     int32_t npu, n;          // page units; positions in the split: npu, then ww for each of the nw window units
-    int32_t q_row;           // row of q / out
-    int32_t nw;              // window units, the sink unit included
+    int32_t q_row;           // row of q / out (of its first token)
+    int16_t nw;              // window units, the sink unit included
+    int16_t ntok;            // query tokens (1 .. 8 / Gq): consecutive rows from q_row, causal among themselves
+                             // (hi is the last one's; token x hides the last ntok - 1 - x positions), one read
     const __half *sk;        // sink page (kvq.h section 5: fp16 K [SR][H][D], then V): its K rows; V at + sink_vo
     int32_t slo, shi;        // visible sink tokens [slo, shi): one more unit, the entry's last, when shi > slo
     int64_t start;           // flattened index of (this entry, head 0, unit 0)
@@ -84,7 +86,8 @@ __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const
     e.npu = e.lo < pe ? (int32_t)((pe + PT - 1) / PT - e.lo / PT) : 0;
     const int64_t ws = (e.lo > paged ? e.lo : paged) - paged, we = hi - paged;
     const int nwu = we > ws ? (int)((we + PT - 1) / PT - ws / PT) : 0;
-    e.nw = nwu + (e.shi > e.slo);  // the sinks: the last unit
+    e.nw = (int16_t)(nwu + (e.shi > e.slo));  // the sinks: the last unit
+    e.ntok = 1;
     e.n = e.npu + ww * e.nw;
     e.q_row = q_row;
     e.start = 0;
@@ -176,7 +179,8 @@ struct DecodeArgs {
     const uint8_t *arena;
     int64_t page_bytes;
     int32_t v_off;  // byte offset of the value blocks in a page
-    int32_t H, Gq, nqh, wcap, D;
+    int32_t H, Gq, nqh, wcap, D;  // Gq: query heads per KV head
+    int32_t Gs;        // columns of a partial slot: the largest ntok * Gq of the launch (<= 8)
     int32_t qo_dtype;  // dtype of out (and of q unless q_dtype says otherwise)
     int32_t q_dtype;   // dtype of q (out is fp32 scratch when the outputs are un-rotated after the kernel)
     int32_t sink_vo;   // elements from a sink page's K rows to its V rows: SR * H * D
@@ -187,8 +191,8 @@ struct DecodeArgs {
     float softcap;  // 0: off
     const void *q;
     void *out;
-    float *part;     // [slot][Gq][D]
-    float *part_ml;  // [slot][Gq][2]
+    float *part;     // [slot][Gs][D]
+    float *part_ml;  // [slot][Gs][2]
     int32_t *cnt;    // [n_entries][H] CTAs done with the pair; zero between launches
     int32_t n_entries;
     int32_t n_cta;

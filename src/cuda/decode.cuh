@@ -481,9 +481,13 @@ constexpr int PS_STRIDE = 80;  // fp16 per head row of P: 40 words, so 8-byte re
 // smallest opt-in limit of the GPUs it serves, 99 KB (sm_86, sm_89, sm_120; sm_80 has 163 KB, sm_90/sm_100 227 KB),
 // so its ring is 72 KB instead of 200: fewer slots, and fewer consumer warps where a slot is large.
 constexpr int PORT_SMEM_MAX = 99 * 1024;
+// A shared pair for the CTA to merge (ns = 0: none), nc its columns; two of them sit in shared memory, written by thread 0
+struct MergeJob { int64_t s0, orow; int ns, u, nc; };
 // Shared memory beside the ring with w consumer warps and ns slots: P tiles, mbarriers, merge buffers (4 D floats
 // and (m, l) per warp), the two merge jobs
-constexpr int smem_beside_ring(int D, int w, int ns) { return w * 8 * PS_STRIDE * 2 + 2 * ns * 8 + w * (4 * D + 16) * 4 + 2 * 24; }
+constexpr int smem_beside_ring(int D, int w, int ns) {
+    return w * 8 * PS_STRIDE * 2 + 2 * ns * 8 + w * (4 * D + 16) * 4 + 2 * (int)sizeof(MergeJob);
+}
 // Slots of the ring with w consumer warps. D <= 128: the ring budget. D = 256: the merge buffers of the warps no longer
 // fit beside a 200 KB ring, so the ring takes what they leave.
 constexpr int ring_slots(int D, int slot, int budget, int smax, int w) {
@@ -523,7 +527,7 @@ template <int TK, int TV, int D, bool PORT = false> struct Cfg {
     static constexpr int THREADS = (W + 1) * 32;
     // The W warps' partials of a pair meet in shared memory, 4 query heads at a time: MB floats each, and (m, l)
     static constexpr int MB = 4 * D;
-    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4 + 2 * 24;
+    static constexpr int SMEM = NS * SLOT + W * 8 * PS_STRIDE * 2 + 2 * NS * 8 + W * (MB + 16) * 4 + 2 * (int)sizeof(MergeJob);
     static_assert(SMEM <= SMEM_MAX, "shared memory");
 };
 
@@ -537,6 +541,9 @@ constexpr bool HOPPER_CODE = false;
 #endif
 
 struct Visible { int lo, hi; };  // unit-local valid token range
+// An entry of ntok > 1 tokens (Entry): tail = the unit's rows from its row 0 to the entry's visible end; this thread's
+// column c also masks rows from tail - hid[c] (its token's later positions)
+struct Cut { int tail, ntok, hid0, hid1; };
 
 // P's bits in shared memory: fp16, or bf16 for the bf16 MMAs
 template <bool BF> __device__ __forceinline__ __half to_p(float p) {
@@ -546,8 +553,8 @@ template <bool BF> __device__ __forceinline__ __half to_p(float p) {
 
 // One unit of 64 tokens for one warp. KROW(t)/VROW(t): row pointers; kpar/vpar: parameter areas (page units).
 template <int TK, int TV, int D, bool WINDOW>
-__device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8_t *kblk, const uint8_t *vblk,
-                                        const __half *wk, const __half *wv, int wrow0, int wcap, Visible vis,
+__device__ __forceinline__ void do_unit(const DecodeArgs &A, int nc, const uint8_t *kblk, const uint8_t *vblk,
+                                        const __half *wk, const __half *wv, int wrow0, int wcap, Visible vis, Cut cut,
                                         const uint32_t (&bq)[D / 8], float (&m)[2], float (&l)[2], float (&o)[D / 16][4],
                                         float (&bacc)[4], __half *ps, int lane) {
     using TRK = Traits<TK, D>;
@@ -682,6 +689,17 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
                 if (t < vis.lo || t >= vis.hi) s[mt][2 * r] = s[mt][2 * r + 1] = -INFINITY;
             }
     }
+    if (cut.ntok > 1 && cut.tail - (cut.ntok - 1) < PT) {  // (warp-uniform) the earlier tokens' masks
+        const int e0 = cut.tail - cut.hid0, e1 = cut.tail - cut.hid1;
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int t = 16 * mt + g + 8 * r;
+                if (t >= e0) s[mt][2 * r] = -INFINITY;
+                if (t >= e1) s[mt][2 * r + 1] = -INFINITY;
+            }
+    }
     // ---- online softmax per head column (2j, 2j+1); P goes to shared memory as fp16 for the value MMA
     float alpha[2];
 #pragma unroll
@@ -719,7 +737,7 @@ __device__ __forceinline__ void do_unit(const DecodeArgs &A, int Gq, const uint8
     }
     __syncwarp();
     // ---- values: O^T += V^T P'^T
-    const bool head_ok = g < Gq;
+    const bool head_ok = g < nc;
     float corr[D / 64][4] = {};  // RAW values: -1024 sum_t P'_t of each channel group (every row alike)
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
@@ -875,20 +893,26 @@ template <int D> __device__ __forceinline__ void store_head_unrot(const DecodeAr
     for (int e = 0; e < EPL; e++) store_out(A, i0 + lane * EPL + e, x[e]);
 }
 
-// The last CTA of a pair merges its ns partials (slots s0 ..) into the output rows orow .. orow + Gq - 1: a thread
+// Row of q / out of column col of a pair whose column 0 is row orow (Entry: token col / Gq of the entry, query head
+// col % Gq of its KV head's group; one token: orow + col)
+__device__ __forceinline__ int64_t col_row(const DecodeArgs &A, int64_t orow, int col) {
+    return orow + (int64_t)(col / A.Gq) * A.nqh + col % A.Gq;
+}
+
+// The last CTA of a pair merges its ns partials (slots s0 ..) into the output rows of its nc columns: a thread
 // per 4 output channels, slots in batches of MB whose loads are all in flight at once (the partials are L2 hits and
 // the merge is on the critical path of the step), folded in with a running maximum. Slots in order, so the result
 // does not depend on which CTA came last. __ldcg: the partials come from other SMs.
-// (A.rot_o: the merged rows go to scr, Gq * D floats of free shared memory, and each warp then un-rotates and stores
+// (A.rot_o: the merged rows go to scr, nc * D floats of free shared memory, and each warp then un-rotates and stores
 // heads w, w + NT / 32, ..; every thread of the CTA calls this, and its barrier 2 is the whole CTA's.)
 template <int D, int NT>
-__device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int ns, int64_t orow, float *scr) {
+__device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int ns, int64_t orow, int nc, float *scr) {
     constexpr int D4 = D / 4, MB = 16;
-    const int Gq = A.Gq;
-    const int64_t stride = (int64_t)Gq * D4;                                    // float4s from a slot to the next
-    const float2 *ml = reinterpret_cast<const float2 *>(A.part_ml) + s0 * Gq;  // [ns][Gq] (m, l)
+    const int Gs = A.Gs;
+    const int64_t stride = (int64_t)Gs * D4;                                    // float4s from a slot to the next
+    const float2 *ml = reinterpret_cast<const float2 *>(A.part_ml) + s0 * Gs;  // [ns][Gs] (m, l)
     const float4 *part = reinterpret_cast<const float4 *>(A.part) + s0 * stride;
-    for (int v = threadIdx.x; v < Gq * D4; v += NT) {
+    for (int v = threadIdx.x; v < nc * D4; v += NT) {
         const int hq = v / D4;
         float M = -INFINITY, den = 0.f;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -898,7 +922,7 @@ __device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int 
 #pragma unroll
             for (int k = 0; k < MB; k++) {
                 m[k] = make_float2(-INFINITY, 0.f), x[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (s + k < ns) m[k] = __ldcg(ml + (s + k) * Gq + hq), x[k] = __ldcg(part + (s + k) * stride + v);
+                if (s + k < ns) m[k] = __ldcg(ml + (s + k) * Gs + hq), x[k] = __ldcg(part + (s + k) * stride + v);
             }
             float Mn = M;
 #pragma unroll
@@ -919,13 +943,13 @@ __device__ __forceinline__ void merge_pair(const DecodeArgs &A, int64_t s0, int 
             reinterpret_cast<float4 *>(scr)[v] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
             continue;
         }
-        const int64_t o = (orow + hq) * D + (v % D4) * 4;
+        const int64_t o = col_row(A, orow, hq) * D + (v % D4) * 4;
         store_out(A, o, acc.x * inv), store_out(A, o + 1, acc.y * inv);
         store_out(A, o + 2, acc.z * inv), store_out(A, o + 3, acc.w * inv);
     }
     if (A.rot_o) {
         asm volatile("bar.sync 2, %0;" ::"n"(NT) : "memory");
-        for (int hq = threadIdx.x >> 5; hq < Gq; hq += NT / 32) store_head_unrot<D>(A, scr + hq * D, (orow + hq) * D, threadIdx.x & 31);
+        for (int hq = threadIdx.x >> 5; hq < nc; hq += NT / 32) store_head_unrot<D>(A, scr + hq * D, col_row(A, orow, hq) * D, threadIdx.x & 31);
         asm volatile("bar.sync 2, %0;" ::"n"(NT) : "memory");  // scr is free again (a second pair may follow)
     }
 }
@@ -962,8 +986,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
     uint64_t *empty = full + NS;
     float *mbuf = reinterpret_cast<float *>(empty + NS);  // [W][MB] partial O of 4 heads
     float *mlb = mbuf + W * C::MB;                       // [W][8][2] partial (m, l)
-    struct Job { int64_t s0, orow; int ns, u; };       // a shared pair to merge (ns = 0: none)
-    Job *jobs = reinterpret_cast<Job *>(mlb + W * 16);  // [2], written by thread 0
+    MergeJob *jobs = reinterpret_cast<MergeJob *>(mlb + W * 16);  // [2], written by thread 0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int cta = blockIdx.x;
     const int64_t beg = (int64_t)cta * A.L, end = min(beg + A.L, A.total);
@@ -1033,7 +1056,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
         if constexpr (PORT) cp_async_wait_all();  // (the consumers waited for every copy already; tidy for the tools)
         if (lane == 0) KVQ_TRACE(A, 5, clock64());
     } else {  // ---------------- consumers
-        const int g = lane >> 2, j = lane & 3, Gq = A.Gq;
+        const int g = lane >> 2, j = lane & 3;
         __half *ps = psall + warp * 8 * PS_STRIDE;
         int r = 0, qw = 0;  // pages (slot ring) and window units seen so far
         // Pairs shared with other CTAs: at most the first (begun before beg) and the last (going on after end)
@@ -1043,14 +1066,21 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
             const Entry &E = A.e[i];
             const Span sp = span_at(E, pos, end);
             const int h = sp.h, k0 = sp.k0, kend = sp.kend;
-            // this pair's queries, scaled; head g of the group, channels [j D/4, (j+1) D/4)
+            // The pair's columns: nc = ntok Gq query rows, column x = query head x % Gq of the group of token x / Gq
+            // (Entry). Token x hides the entry's last ntok - 1 - x positions; hid[c]: this thread's columns 2j + c.
+            const int nc = E.ntok * A.Gq;
+            const int64_t orow = (int64_t)E.q_row * A.nqh + h * A.Gq;  // the row of column 0
+            int hid[2];
+#pragma unroll
+            for (int c = 0; c < 2; c++) hid[c] = 2 * j + c < nc ? E.ntok - 1 - (2 * j + c) / A.Gq : 0;
+            // this pair's queries, scaled; column g, channels [j D/4, (j+1) D/4)
             float qf[D / 4];
             {
-                const int64_t qoff = ((int64_t)E.q_row * A.nqh + h * Gq + g) * D + j * (D / 4);
+                const int64_t qoff = col_row(A, orow, g) * D + j * (D / 4);
 #pragma unroll
                 for (int c = 0; c < D / 4; c++) {
                     float x = 0.f;
-                    if (g < Gq) {
+                    if (g < nc) {
                         if (A.q_dtype == KVQ_DTYPE_F32) x = reinterpret_cast<const float *>(A.q)[qoff + c];
                         else if (A.q_dtype == KVQ_DTYPE_F16) x = __half2float(reinterpret_cast<const __half *>(A.q)[qoff + c]);
                         else x = __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(A.q)[qoff + c]);
@@ -1122,14 +1152,17 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                         // (H * D apart) that never wrap
                         const __half *uk = wk, *uv = wv;
                         int wrow0 = 0, wc = 1 << 30;
+                        int tail;  // the unit's rows from its row 0 to the entry's visible end (masks of ntok > 1)
                         if (E.shi > E.slo && q == E.nw - 1) {
                             vis.lo = E.slo, vis.hi = E.shi;
                             uk = E.sk + (int64_t)h * D, uv = uk + A.sink_vo;
+                            tail = E.shi + E.hi;  // sink rows are positions 0 ..; the others follow them
                         } else {
                             unit_info(E, k, page, idx, vis);
                             wrow0 = (E.whead + idx * PT) % A.wcap, wc = A.wcap;
+                            tail = E.hi - E.paged - idx * PT;
                         }
-                        do_unit<TK, TV, D, true>(A, Gq, nullptr, nullptr, uk, uv, wrow0, wc, vis, bq, m, l, o, bacc, ps, lane);
+                        do_unit<TK, TV, D, true>(A, nc, nullptr, nullptr, uk, uv, wrow0, wc, vis, Cut{tail, E.ntok, hid[0], hid[1]}, bq, m, l, o, bacc, ps, lane);
                     }
                     if (ph == 0) reraw_values<TV, D>(o);  // the pages' RAW codes add to O in 2^SH units
                     continue;
@@ -1147,7 +1180,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
 #endif
                     const uint8_t *kb = ring + sl * C::SLOT;
 #ifndef KVQ_NO_COMPUTE
-                    do_unit<TK, TV, D, false>(A, Gq, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, bq, m, l, o, bacc, ps, lane);
+                    do_unit<TK, TV, D, false>(A, nc, kb, kb + TRK::kblk, nullptr, nullptr, 0, 0, vis, Cut{E.hi - idx * PT, E.ntok, hid[0], hid[1]}, bq, m, l, o, bacc, ps, lane);
 #else  // timing experiment: the loads alone
                     o[0][0] += *reinterpret_cast<const float *>(kb + lane * 4);
 #endif
@@ -1191,10 +1224,9 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                 pair_ctas(A, E, h, c0, c1);
                 const bool solo = c0 == c1;
                 const int64_t slot = u + cta;
-                float *po = A.part + slot * Gq * D;
-                const int64_t orow = (int64_t)E.q_row * A.nqh + h * Gq;  // output row of query head 0 of the group
-                // heads 4 pass .. 4 pass + 3, held by lanes j = 2 pass, 2 pass + 1
-                for (int pass = 0; pass * 4 < Gq; pass++) {
+                float *po = A.part + slot * A.Gs * D;
+                // columns 4 pass .. 4 pass + 3, held by lanes j = 2 pass, 2 pass + 1
+                for (int pass = 0; pass * 4 < nc; pass++) {
                     if ((j >> 1) == pass) {
 #pragma unroll
                         for (int x = 0; x < D / 16; x++) {
@@ -1210,7 +1242,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                         }
                     }
                     asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-                    const int nh = min(Gq - 4 * pass, 4);
+                    const int nh = min(nc - 4 * pass, 4);
                     for (int idx = threadIdx.x; idx < nh * D; idx += W * 32) {
                         const int head = 4 * pass + idx / D;
                         float M = -INFINITY;
@@ -1224,15 +1256,15 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                                 lsum += a * ml.y;
                             }
                         if (solo && A.rot_o) mbuf[idx] = acc * (1.f / lsum);  // warp 0's slab: idx's own reads are done
-                        else if (solo) store_out(A, (orow + head) * D + idx % D, acc * (1.f / lsum));
+                        else if (solo) store_out(A, col_row(A, orow, head) * D + idx % D, acc * (1.f / lsum));
                         else {
                             po[head * D + idx % D] = acc;
-                            if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * Gq + head) * 2) = make_float2(M, lsum);
+                            if (idx % D == 0) *reinterpret_cast<float2 *>(A.part_ml + (slot * A.Gs + head) * 2) = make_float2(M, lsum);
                         }
                     }
                     if (solo && A.rot_o) {  // the nh rows in warp 0's slab: un-rotated and stored, a warp per head
                         asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-                        for (int hh = warp; hh < nh; hh += W) store_head_unrot<D>(A, mbuf + hh * D, (orow + 4 * pass + hh) * D, lane);
+                        for (int hh = warp; hh < nh; hh += W) store_head_unrot<D>(A, mbuf + hh * D, col_row(A, orow, 4 * pass + hh) * D, lane);
                     }
                     asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");  // mbuf and mlb are free again
                 }
@@ -1242,7 +1274,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
                     // merge's reads after it. Its result is first used at the end, so only warp 0 waits for it,
                     // there. (At most two shared pairs: the first, begun before beg, and the last.)
                     if (threadIdx.x == 0) {
-                        jobs[nshp ? 1 : 0] = Job{u + c0, orow, (int)(c1 - c0 + 1), (int)u};
+                        jobs[nshp ? 1 : 0] = MergeJob{u + c0, orow, (int)(c1 - c0 + 1), (int)u, nc};
                         if (nshp) atom_add_acq_rel(A.cnt + u, prev[1]);
                         else atom_add_acq_rel(A.cnt + u, prev[0]);
                     }
@@ -1265,7 +1297,7 @@ __device__ __forceinline__ void decode_body(const DecodeArgs &A) {
     if (threadIdx.x == 0) KVQ_TRACE(A, 18, clock64());
 #pragma unroll
     for (int x = 0; x < 2; x++)
-        if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow, reinterpret_cast<float *>(ring));
+        if (jobs[x].ns) merge_pair<D, C::THREADS>(A, jobs[x].s0, jobs[x].ns, jobs[x].orow, jobs[x].nc, reinterpret_cast<float *>(ring));
 #ifdef KVQ_DECODE_TRACE
     if (threadIdx.x == 0) {
         KVQ_TRACE(A, 19, clock64());

@@ -61,6 +61,7 @@ struct kvq_cuda_cache {
     // KVQ_CUDA_WIN_LAST switch them off, for A/B timings)
     bool fuse_rot = true, win_first = true;
     int ww = 0;  // positions per window unit in the decode split (common.cuh, Entry); 0: win_weight's, per call
+    int row_tokens = 8;  // the most query tokens of one sequence an entry packs (Entry.ntok; KVQ_CUDA_ROW_TOKENS)
     int wcap = 1, Gf = 1;
     int64_t n_pages = 0, max_pages = 0;  // per (seq, layer)
     uint8_t *arena = nullptr;
@@ -392,6 +393,10 @@ extern "C" kvq_status kvq_cuda_cache_create(const kvq_cache_config *cfg_in, int 
     if (const char *w = getenv("KVQ_CUDA_WIN_WEIGHT")) {  // A/B timings (kvq_cuda.h section 2); 1: the unweighted split
         const int x = atoi(w);
         if (x >= 1 && x <= 64) c->ww = x;
+    }
+    if (const char *w = getenv("KVQ_CUDA_ROW_TOKENS")) {  // A/B timings (kvq_cuda.h section 2); 1: a read per token
+        const int x = atoi(w);
+        if (x >= 1 && x <= 8) c->row_tokens = x;
     }
     c->Gf = L.group;
     c->wcap = cfg.residual + c->Gf;
@@ -1019,6 +1024,22 @@ static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t
                          hi_pos, window, q_row, ww);
 }
 
+// The entries of a sequence's last n_q tokens as query rows row0 .. row0 + n_q - 1 (causal: row r sees the sequence up
+// to its own token), packed ntok tokens an entry: the decode kernel's 8 MMA columns hold ntok x Gq query heads, so the
+// pages are read once for ntok tokens (n_q / ntok times in all, not n_q). A sliding window (p->window > 0) starts
+// each token's range elsewhere: one token an entry there.
+static void add_rows(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t len, int n_q, int row0,
+                     const kvq_attn_params *p, std::vector<Entry> &es) {
+    const int Gq = p->n_q_heads / c->L.n_kv_heads;
+    const int mt = p->window > 0 ? 1 : std::max(1, std::min(c->row_tokens, 8 / Gq));
+    for (int r = 0; r < n_q; r += mt) {
+        const int nt = std::min(mt, n_q - r);
+        Entry e = make_entry(c, seq, layer, len - n_q + r + nt, p->window, row0 + r, 1);
+        e.ntok = (int16_t)nt;
+        es.push_back(e);
+    }
+}
+
 // Decode workspace: the pairs' counters (MAXE H, zeroed once: the kernel leaves them at zero), then the partials, one
 // slot per CTA and (entry, head) pair it touches.
 static size_t ws_counter_bytes(int H) { return ((size_t)MAXE * H * sizeof(int32_t) + 255) & ~(size_t)255; }
@@ -1094,6 +1115,8 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
                         "%s: scratch of %zu bytes for the output rotation: %s", fn, rbytes, cudaGetErrorString(e));
         so = (float *)c->qws;
     }
+    int Gs = Gq;  // a partial slot's columns: the most of any entry (every launch alike, as the workspace reserves)
+    for (const Entry &e : es) Gs = std::max(Gs, e.ntok * Gq);
     DecodeArgs *A = new (std::nothrow) DecodeArgs;
     if (!A) return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
     for (size_t b = 0; b < es.size(); b += MAXE) {
@@ -1110,7 +1133,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         const int n_cta = (int)((total + L - 1) / L);
         const size_t cnt_bytes = ws_counter_bytes(H);
         const size_t slots = (size_t)ne * H + n_cta;
-        const size_t need = cnt_bytes + slots * ws_slot_bytes(Gq, D);
+        const size_t need = cnt_bytes + slots * ws_slot_bytes(Gs, D);
         kvq_status ws = reserve_ws(c, need, st, fn);
         if (ws) {
             delete A;
@@ -1119,7 +1142,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->arena = c->arena;
         A->page_bytes = (int64_t)c->L.page_bytes;
         A->v_off = (int32_t)c->L.v_offset;
-        A->H = H, A->Gq = Gq, A->nqh = p->n_q_heads, A->wcap = c->wcap, A->D = D;
+        A->H = H, A->Gq = Gq, A->Gs = Gs, A->nqh = p->n_q_heads, A->wcap = c->wcap, A->D = D;
         A->qo_dtype = ro ? KVQ_DTYPE_F32 : qo;
         A->q_dtype = qo;
         A->sink_vo = (int32_t)((int64_t)c->SR * H * D);
@@ -1134,7 +1157,7 @@ static kvq_status run_entries(kvq_cuda_cache *c, int layer, int n_rows, std::vec
         A->q = q, A->out = ro ? (void *)so : out;
         A->cnt = (int32_t *)c->ws;
         A->part = (float *)((char *)c->ws + cnt_bytes);
-        A->part_ml = A->part + slots * Gq * D;
+        A->part_ml = A->part + slots * Gs * D;
         A->n_entries = ne;
         A->n_cta = n_cta;
         A->total = total;
@@ -1244,8 +1267,40 @@ extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_
     if (n_q > len) return fail(KVQ_ERR_RANGE, "%s: n_q %d > sequence length %lld", fn, n_q, (long long)len);
     std::vector<Entry> es;
     es.reserve(n_q);
-    for (int r = 0; r < n_q; r++) es.push_back(make_entry(c, seq, layer, len - n_q + r + 1, p->window, r, 1));
+    add_rows(c, seq, layer, len, n_q, 0, p, es);
     return run_entries(c, layer, n_q, es, qo, q, out, p, (cudaStream_t)stream, fn);
+}
+
+extern "C" kvq_status kvq_cuda_attn_decode_multi(kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,
+                                                 int n_q, kvq_dtype qo, const void *q, void *out,
+                                                 const kvq_attn_params *p, kvq_cuda_stream stream) {
+    const char *fn = "kvq_cuda_attn_decode_multi";
+    if (!c) return fail(KVQ_ERR_NULL, "%s: cache is NULL", fn);
+    kvq_status s;
+    if ((s = check_layer(c, layer, fn)) || (s = check_params(c, p, fn))) return s;
+    if (n_seqs < 0) return fail(KVQ_ERR_INVALID_ARG, "%s: n_seqs %d", fn, n_seqs);
+    if (n_q < 1) return fail(KVQ_ERR_INVALID_ARG, "%s: n_q %d (1 or more query tokens per sequence)", fn, n_q);
+    if (n_seqs == 0) return KVQ_OK;
+    if (!seq_ids || !q || !out) return fail(KVQ_ERR_NULL, "%s: seq_ids, q or out is NULL", fn);
+    if (qo != KVQ_DTYPE_F32 && qo != KVQ_DTYPE_F16 && qo != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)qo);
+    if ((int64_t)n_seqs * n_q > INT32_MAX / p->n_q_heads)
+        return fail(KVQ_ERR_INVALID_ARG, "%s: %d sequences x %d query tokens: too many rows", fn, n_seqs, n_q);
+    std::vector<Entry> es;
+    try {
+        es.reserve((size_t)n_seqs * n_q);
+    } catch (...) {
+        return fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no host memory", fn);
+    }
+    for (int i = 0; i < n_seqs; i++) {
+        if ((s = check_seq(c, seq_ids[i], fn))) return s;
+        const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
+        const int64_t len = sl.sink + sl.paged + sl.win;
+        if (n_q > len)
+            return fail(KVQ_ERR_RANGE, "%s: n_q %d > length %lld of sequence %d in layer %d (append the tokens first)", fn,
+                        n_q, (long long)len, (int)seq_ids[i], layer);
+        add_rows(c, seq_ids[i], layer, len, n_q, i * n_q, p, es);
+    }
+    return run_entries(c, layer, n_seqs * n_q, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
 
 extern "C" kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *c, int layer, int n_seqs, const int32_t *seq_ids,

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
     A.arena = P.arena;
     A.page_bytes = P.page_bytes;
     A.v_off = P.v_off;
-    A.H = P.H, A.Gq = P.Gq, A.nqh = P.nqh, A.wcap = P.wcap, A.D = P.D;
+    A.H = P.H, A.Gq = P.Gq, A.Gs = P.Gq, A.nqh = P.nqh, A.wcap = P.wcap, A.D = P.D;
     A.qo_dtype = P.qo_dtype, A.q_dtype = P.q_dtype;
     A.sink_vo = (int32_t)(P.SR * HD);
     A.rot_q = P.rot_q, A.rq = P.rq, A.lv = P.lv;
