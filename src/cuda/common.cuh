@@ -67,12 +67,16 @@ __host__ __device__ __forceinline__ int64_t flush_count(int64_t T, int wcap, int
     return T < wcap ? 0 : (1 + (T - wcap) / Gf) * Gf;
 }
 
+// An entry's positions in the split over CTAs: its page units, then its window units (and sinks) at weight ww each.
+// Host (decode, prefill) and device (static plans) weigh through this one function, so their splits stay the same.
+__host__ __device__ __forceinline__ void entry_weigh(Entry &e, int ww) { e.n = e.npu + ww * e.nw; }
+
 // The attention row of a (sequence, layer) whose visible end is hi_pos (a position, sinks included), from its state:
 // tokens in pages and sinks, ring head, its page table, window rings and sink page (NULL: none). Host (run_entries'
 // callers) and device (static plans) share it, so that both split the same units and give the same bits.
 __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const __half *wk, const __half *wv,
                                                         const __half *sk, int64_t paged, int64_t sink, int32_t whead,
-                                                        int64_t hi_pos, int window, int q_row, int ww) {
+                                                        int64_t hi_pos, int window, int q_row) {
     Entry e;
     e.pt = pt, e.wk = wk, e.wv = wv, e.sk = sk;
     e.paged = (int32_t)paged;
@@ -88,7 +92,7 @@ __host__ __device__ __forceinline__ Entry make_entry_at(const int32_t *pt, const
     const int nwu = we > ws ? (int)((we + PT - 1) / PT - ws / PT) : 0;
     e.nw = (int16_t)(nwu + (e.shi > e.slo));  // the sinks: the last unit
     e.ntok = 1;
-    e.n = e.npu + ww * e.nw;
+    entry_weigh(e, 1);
     e.q_row = q_row;
     e.start = 0;
     return e;

@@ -1014,14 +1014,14 @@ static kvq_status check_params(const kvq_cuda_cache *c, const kvq_attn_params *p
     return KVQ_OK;
 }
 
-// hi: the visible end (a position, sinks included); the entry's pages and window count the tokens after the sinks
-// ww: the weight of its window units in the split (common.cuh, Entry); decode sets its own after building every entry
+// hi: the visible end (a position, sinks included); the entry's pages and window count the tokens after the sinks.
+// Its window units weigh 1 in the split (common.cuh, Entry): decode weighs them again once it has every entry
 // (win_weight needs the call's pages), prefill keeps 1 (its rows' window units were not measured under another weight)
-static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row, int ww) {
+static Entry make_entry(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t hi_pos, int window, int q_row) {
     const SeqLayer &sl = c->seqs[seq][layer];
     const __half *sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
     return make_entry_at(c->table(seq, layer), c->wk(seq, layer), c->wv(seq, layer), sk, sl.paged, sl.sink, sl.whead,
-                         hi_pos, window, q_row, ww);
+                         hi_pos, window, q_row);
 }
 
 // The entries of a sequence's last n_q tokens as query rows row0 .. row0 + n_q - 1 (causal: row r sees the sequence up
@@ -1034,7 +1034,7 @@ static void add_rows(const kvq_cuda_cache *c, int32_t seq, int layer, int64_t le
     const int mt = p->window > 0 ? 1 : std::max(1, std::min(c->row_tokens, 8 / Gq));
     for (int r = 0; r < n_q; r += mt) {
         const int nt = std::min(mt, n_q - r);
-        Entry e = make_entry(c, seq, layer, len - n_q + r + nt, p->window, row0 + r, 1);
+        Entry e = make_entry(c, seq, layer, len - n_q + r + nt, p->window, row0 + r);
         e.ntok = (int16_t)nt;
         es.push_back(e);
     }
@@ -1198,17 +1198,17 @@ extern "C" kvq_status kvq_cuda_attn_decode(kvq_cuda_cache *c, int layer, int n_s
     if (qo != KVQ_DTYPE_F32 && qo != KVQ_DTYPE_F16 && qo != KVQ_DTYPE_BF16) return fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d", fn, (int)qo);
     std::vector<Entry> es;
     es.reserve(n_seqs);
+    int64_t pages = 0;  // the call's page units, for the window units' weight
     for (int i = 0; i < n_seqs; i++) {
         if ((s = check_seq(c, seq_ids[i], fn))) return s;
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
         int64_t len = sl.sink + sl.paged + sl.win;
         if (len < 1) return fail(KVQ_ERR_RANGE, "%s: sequence %d is empty in layer %d (append the token first)", fn, (int)seq_ids[i], layer);
-        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i, 1));
+        es.push_back(make_entry(c, seq_ids[i], layer, len, p->window, i));
+        pages += (int64_t)es.back().npu * c->L.n_kv_heads;
     }
-    int64_t pages = 0;
-    for (const Entry &e : es) pages += (int64_t)e.npu * c->L.n_kv_heads;
     const int ww = c->ww > 0 ? c->ww : win_weight((int64_t)n_seqs * c->L.n_kv_heads, pages, c->n_sm);
-    for (Entry &e : es) e.n = e.npu + ww * e.nw;
+    for (Entry &e : es) entry_weigh(e, ww);
     return run_entries(c, layer, n_seqs, es, qo, q, out, p, (cudaStream_t)stream, fn);
 }
 
@@ -1314,7 +1314,7 @@ extern "C" kvq_status kvq_cuda_attn_decode_bytes(const kvq_cuda_cache *c, int la
     for (int i = 0; i < n_seqs; i++) {
         if ((s = check_seq(c, seq_ids[i], fn))) return s;
         const SeqLayer &sl = c->seqs[seq_ids[i]][layer];
-        Entry e = make_entry(c, seq_ids[i], layer, sl.sink + sl.paged + sl.win, p->window, i, 1);
+        Entry e = make_entry(c, seq_ids[i], layer, sl.sink + sl.paged + sl.win, p->window, i);
         b += (double)e.npu * H * (c->L.k_block_bytes + c->L.v_block_bytes);
         int64_t wt = e.hi - std::max(e.lo, e.paged);
         if (wt > 0) b += (double)wt * H * D * 2 * 2;

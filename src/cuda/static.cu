@@ -85,14 +85,14 @@ __global__ void __launch_bounds__(32) plan_kernel(const __grid_constant__ Static
         P.st[me] = s;
         // the decode entry of the new length (kvq_cuda.cu's make_entry)
         E = make_entry_at(pt, wk, wv, spg >= 0 ? (const __half *)(P.arena + spg * P.page_bytes) : nullptr, s.paged,
-                          s.sink, s.whead, (int64_t)s.sink + s.paged + s.win, P.window, i, 1);
+                          s.sink, s.whead, (int64_t)s.sink + s.paged + s.win, P.window, i);
     }
     // the window units' weight of kvq_cuda_attn_decode: from every lane's page units, then each entry's positions
     int64_t pages;
     warp_excl(on ? (int64_t)P.H * E.npu : 0, pages);
     const int ww = P.ww > 0 ? P.ww : win_weight((int64_t)P.n * P.H, pages, P.n_sm);
     if (on) {
-        E.n = E.npu + ww * E.nw;
+        entry_weigh(E, ww);
         units = (int64_t)P.H * E.n;
     }
     int64_t total;
