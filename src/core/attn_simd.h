@@ -510,19 +510,22 @@ AI void value_weights8(const kvq_type T, const int R, const kvq__blk *b, int j0,
                  * thread) and with short dependency chains: the lanes equal to the largest, and the largest of the
                  * others; the largest is dominant only if it is alone and more than twice that (a tie is not) */
                 const __m256 am = _mm256_set1_ps(amax);
-                __m256 o[8];
-                uint64_t hm[8];
+                __m256 eq[8], o[8];
                 #pragma GCC unroll 8
                 for (int i = 0; i < 8; i++) {
-                    __m256 eq = _mm256_cmp_ps(wv[i], am, _CMP_EQ_OQ);
-                    o[i] = _mm256_andnot_ps(eq, wv[i]);
-                    hm[i] = (uint64_t)(unsigned)_mm256_movemask_ps(eq) << (8 * i);
+                    eq[i] = _mm256_cmp_ps(wv[i], am, _CMP_EQ_OQ);
+                    o[i] = _mm256_andnot_ps(eq[i], wv[i]);
                 }
-                const uint64_t hit = ((hm[0] | hm[1]) | (hm[2] | hm[3])) | ((hm[4] | hm[5]) | (hm[6] | hm[7]));
                 const float second = hmax_ps(max8_ps(o));
-                /* dominant (one lane, kept exact): rare, so a predictable branch */
-                if (hit && !(hit & (hit - 1)) && amax > 2.0f * second)
-                    top = __builtin_ctzll(hit), wf[top] = 0.0f, amax = second;
+                /* dominant (one lane, kept exact): rare, so a predictable branch; the lanes equal to the largest
+                 * are counted only for such a candidate (their masks were ~20% of this loop's operations) */
+                if (amax > 2.0f * second) {
+                    uint64_t hm[8];
+                    #pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++) hm[i] = (uint64_t)(unsigned)_mm256_movemask_ps(eq[i]) << (8 * i);
+                    const uint64_t hit = ((hm[0] | hm[1]) | (hm[2] | hm[3])) | ((hm[4] | hm[5]) | (hm[6] | hm[7]));
+                    if (hit && !(hit & (hit - 1))) top = __builtin_ctzll(hit), wf[top] = 0.0f, amax = second;
+                }
             }
             vw->top[g][r] = top, vw->topw[g][r] = topw;
             float sc = amax > 0 ? amax / 255.0f : 1.0f, inv = amax > 0 ? 255.0f / amax : 0.0f;
