@@ -35,8 +35,9 @@ static float frand(void) {
     return (float)((rng >> 40) * (1.0 / 16777216.0) * 2 - 1);
 }
 
-/* The largest CPU cache of this machine in bytes (sysfs: every cpuN's cache/indexM/size, "32K", "300M"), 0 when
- * unknown. The flush below must exceed it: a 96 MiB flush left a 38 MB Q4 cache resident in a 300 MiB L3. */
+/* The largest CPU cache of this machine in bytes (sysfs: cpu0's cache/indexN/size, "48K" .. "300M"; a shared L3
+ * reports its whole size), 0 when unknown. The flush below must exceed it: a 96 MiB flush left part of a 38 MB Q4
+ * cache resident in a 300 MiB L3 (docs/bench-cpu.md, 2026-12-07 stop 53). */
 static size_t largest_cache_bytes(void) {
     size_t best = 0;
     for (int idx = 0; idx < 8; idx++) {
