@@ -472,7 +472,22 @@ KVQ_API kvq_status kvq_attn_decode(const kvq_cache *cache, int layer, int n_seqs
 KVQ_API kvq_status kvq_attn_prefill(const kvq_cache *cache, int layer, int32_t seq, int n_q, const float *q,
                                     float *out, const kvq_attn_params *p);
 
-/* Attention on the caller's threads. By default the two calls above split their work (sequences x KV heads x
+/* Prefill that reads its own batch exact: the n_q queries are n_q NEW tokens, not appended yet, at positions
+ * len .. len + n_q - 1 (len: the sequence's length in the layer now); k and v are their keys and values
+ * ([n_q][n_kv_heads][head_dim] in dtype, exactly what kvq_append takes next). Query i sees tokens 0 .. len - 1 as
+ * the cache holds them (the last R in its window, as decode reads them) and the batch's tokens 0 .. i in fp16
+ * (rotated where the cache rotates the role, as an fp16 window holds them; with 8-bit windows too), never
+ * quantized. With kvq_attn_prefill (append, then attend) a batch longer than the window pushes its own first tokens
+ * and the R before them into the pages before its queries read them: on SmolLM2 passkey prompts that, not the
+ * stored bits, lost most of q3's keys at the prompt's end (docs/quality.md). This is how HF's QuantizedCache (KIVI)
+ * prefills; llama.cpp's reads the batch back quantized. Call it, then kvq_append(k, v) to keep the batch. Errors:
+ * those of kvq_attn_prefill, KVQ_ERR_NONFINITE for K/V that kvq_append would refuse (not finite, or beyond fp16
+ * before or after rotation), KVQ_ERR_OUT_OF_MEMORY; the cache is never changed. */
+KVQ_API kvq_status kvq_attn_prefill_exact(const kvq_cache *cache, int layer, int32_t seq, int n_q, const float *q,
+                                          kvq_dtype dtype, const void *k, const void *v, float *out,
+                                          const kvq_attn_params *p);
+
+/* Attention on the caller's threads. By default the attention calls above split their work (sequences x KV heads x
  * query blocks) over up to n_threads OpenMP threads. An engine with a thread pool of its own hands it to the cache
  * instead, so that one set of threads serves its weight products and kvq's attention: no second team woken for each
  * call, no two teams spinning for the same cores (kvq's CLI engine does this: src/model/tpool.h measures why).

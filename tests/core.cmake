@@ -1,6 +1,6 @@
 # Core library tests (ctest). Each is a plain C program that exits non-zero on failure. Paths from
 # PROJECT_SOURCE_DIR, never CMAKE_SOURCE_DIR: kvq may be built as another project's subdirectory.
-foreach(t roundtrip attn cache softmax prerope squat)
+foreach(t roundtrip attn cache softmax prerope squat prefill_exact)
   if(EXISTS ${PROJECT_SOURCE_DIR}/tests/test_${t}.c)
     add_executable(test_${t} ${PROJECT_SOURCE_DIR}/tests/test_${t}.c)
     target_link_libraries(test_${t} PRIVATE kvq m)

@@ -162,7 +162,7 @@ else
   if [ "${KVQ_CLI_SANITIZED:-0}" = 1 ]; then ch=1 figs=0; else ch=2 figs=1; fi
   out=$(timeout 600 "$kvq" perplexity -m $M -f "$src/tests/data/ppl_excerpt.txt" -c 256 --chunks $ch -q \
     --compare f16,q4,q2,f16 --csv "$tmp/ppl.csv" 2>&1); rc=$?
-  hdr="kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,bits_per_element,batch,decode_attn"
+  hdr="kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,bits_per_element,batch,decode_attn,prefill_exact"
   if [ $rc -eq 0 ] && [ "$(head -1 "$tmp/ppl.csv")" = "$hdr" ] && [ "$(wc -l < "$tmp/ppl.csv")" -eq 5 ] &&
      awk -F, -v ch=$ch -v figs=$figs '
        NR == 2 || NR == 5 { if ($1 != "f16" || $9 != 0 || $10 != 0 || $11 != 0 || $12 != 100 || $15 != 16) bad = 1 }

@@ -248,7 +248,19 @@ static void test_rejections(void) {
                oo.outliers);
         oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t");
         EXPECT(oo.decode_attn == 0, "--decode-attn defaults to off (%d)", oo.decode_attn);
+        /* --prefill-attn: perplexity reads back what the cache stores unless asked; run and passkey take the engine's
+         * default (exact on the CPU) */
+        EXPECT(oo.prefill_attn == 0, "perplexity's --prefill-attn defaults to cache (%d)", oo.prefill_attn);
+        oo = accepts(KVQ_CLI_PPL, "-m|m|-f|t|--prefill-attn|exact");
+        EXPECT(oo.prefill_attn == 1, "--prefill-attn exact: %d", oo.prefill_attn);
+        oo = accepts(KVQ_CLI_RUN, "-m|m|-p|x");
+        EXPECT(oo.prefill_attn == -1, "run's --prefill-attn defaults to the engine's (%d)", oo.prefill_attn);
+        oo = accepts(KVQ_CLI_PASSKEY, "-m|m|--prefill-attn|cache");
+        EXPECT(oo.prefill_attn == 0, "--prefill-attn cache: %d", oo.prefill_attn);
     }
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--prefill-attn|fast", "--prefill-attn: 'fast' is not exact or cache");
+    rejects(KVQ_CLI_RUN, "-m|m|-p|x|--prefill-attn", "--prefill-attn");
+    rejects(KVQ_CLI_CAP, "-m|m|--ctx|8|--prefill-attn|exact", "option '--prefill-attn' is not used by 'kvq capacity'");
     /* 8-bit group parameters and 8-bit windows: role sets, per entry too, each suffix once */
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--kv-window8|3", "--kv-window8: '3' is not one of none, k, v, kv, default");
     rejects(KVQ_CLI_PPL, "-m|m|-f|t|--compare|q4:w8=k:w8=v", "gives :w8= more than once");

@@ -1,5 +1,5 @@
 /* Allocation failure in the cache API: a scripted workload (create, seq_new, appends across pages and groups, fork,
- * copy-on-write append, truncate, decode, prefill, read, free) where each call is first run with its 1st, 2nd, ...
+ * copy-on-write append, truncate, decode, prefill, exact prefill, read, free) where each call is first run with its 1st, 2nd, ...
  * allocation failing (tests/failalloc.c) until it runs through without reaching the failing one. Every failed call
  * must return KVQ_ERR_OUT_OF_MEMORY with a message and leave the cache exactly as it was (full read-back snapshot);
  * a call whose allocation failed must not report success. LSan (sanitizer tier) checks that nothing leaks.
@@ -119,6 +119,10 @@ static kvq_status st_prefill(void *a) {
     ap.window = 20;
     return kvq_attn_prefill(C, 0, *(int32_t *)a, 9, g_q, g_out, &ap);
 }
+static kvq_status st_prefill_exact(void *a) { /* 9 new tokens' queries (g_q) over the cache and their own K/V */
+    kvq_attn_params ap = kvq_attn_params_default(NQH);
+    return kvq_attn_prefill_exact(C, 1, *(int32_t *)a, 9, g_q, KVQ_DTYPE_F32, g_k, g_v, g_out, &ap);
+}
 static kvq_status st_drop(void *a) { return kvq_seq_drop_front(C, ((int32_t *)a)[0], 0, ((int32_t *)a)[1]); }
 static kvq_status st_read(void *a) { return kvq_read(C, *(int32_t *)a, 1, 2, 30, g_out, g_out + 30 * H * D); }
 static kvq_status st_stats(void *a) {
@@ -175,6 +179,8 @@ static void workload(kvq_type tk, kvq_type tv, int residual, int sinks, int prer
     for (size_t i = 0; i < 3 * NQH * D; i++) g_q[i] = (float)tu_normal();
     run_step("decode", st_decode, &dec);
     run_step("prefill", st_prefill, &s2);
+    tu_fill_kv(g_k, g_v, 9, H, D);
+    run_step("prefill_exact", st_prefill_exact, &s2);
     run_step("read", st_read, &s2);
     run_step("stats", st_stats, NULL);
     pair[0] = s2;

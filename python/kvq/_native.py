@@ -248,6 +248,8 @@ for _n, _r, _a in [
     ("kvq_rope_apply", C.c_int, [_P, C.c_int64, C.c_int64, C.c_int, _P]),
     ("kvq_attn_decode", C.c_int, [_P, C.c_int, C.c_int, _I32P, _P, _P, C.POINTER(AttnParams)]),
     ("kvq_attn_prefill", C.c_int, [_P, C.c_int, C.c_int32, C.c_int, _P, _P, C.POINTER(AttnParams)]),
+    ("kvq_attn_prefill_exact", C.c_int, [_P, C.c_int, C.c_int32, C.c_int, _P, C.c_int, _P, _P, _P,
+                                         C.POINTER(AttnParams)]),
     ("kvq_cpu_backend", C.c_char_p, []),
 ]:
     _proto(_lib, _n, _r, *_a)
@@ -785,6 +787,19 @@ class Cache:
         q_addr, out_addr = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr")
         _check(_lib.kvq_attn_prefill(h, layer, seq, n_q, q_addr, out_addr, C.byref(p)))
 
+    def attn_prefill_exact_ptr(self, layer: int, seq: int, n_q: int, q_addr: int, dtype: int, k_addr: int,
+                               v_addr: int, out_addr: int, n_q_heads: int, scale: float = 0.0, window: int = 0,
+                               softcap: float = 0.0) -> None:
+        """kvq_attn_prefill_exact with raw addresses: n_q new tokens (not appended yet); q and out float32
+        [n_q][n_q_heads][head_dim], k and v [n_q][n_kv_heads][head_dim] of `dtype`."""
+        h = self._handle()
+        layer, seq, n_q = _int(layer, "layer"), _int(seq, "seq"), _int(n_q, "n_q")
+        p = _params(n_q_heads, scale, window, softcap)
+        dtype = _dtype_code(dtype)
+        q_addr, out_addr = _addr(q_addr, "q_addr"), _addr(out_addr, "out_addr")
+        k_addr, v_addr = _addr(k_addr, "k_addr"), _addr(v_addr, "v_addr")
+        _check(_lib.kvq_attn_prefill_exact(h, layer, seq, n_q, q_addr, dtype, k_addr, v_addr, out_addr, C.byref(p)))
+
     def _query(self, q: Any, rows: int, rows_what: str) -> np.ndarray:
         """q as C-contiguous float32 [rows][n_q_heads][head_dim] (a copy when it is another float dtype or not
         contiguous), after checking its shape against the cache."""
@@ -822,6 +837,24 @@ class Cache:
         out = np.empty_like(q)
         self.attn_prefill_ptr(layer, seq, _int(q.shape[0], "n_q"), q.ctypes.data, out.ctypes.data, q.shape[1],
                               scale, window, softcap)
+        return out
+
+    def attn_prefill_exact(self, layer: int, seq: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                           scale: float = 0.0, window: int = 0, softcap: float = 0.0) -> np.ndarray:
+        """q: [n_q][n_q_heads][head_dim] float, the queries of n_q NEW tokens of `seq` whose keys and values are k, v
+        ([n_q][n_kv_heads][head_dim], both float32 or both float16): attention over the cache as it is and the batch
+        itself in fp16, never quantized (kvq.h section 9). Nothing is appended: call append(k, v) next to keep it."""
+        self._handle()
+        q = self._query(q, -1, "n_q")
+        k, v = _floats(k, "k"), _floats(v, "v")
+        if k.dtype != v.dtype:
+            raise TypeError(f"kvq: k is {k.dtype} and v is {v.dtype}: both must be float32 or both float16")
+        want = (q.shape[0], self.n_kv_heads, self.head_dim)
+        if k.shape != want or v.shape != want:
+            raise ValueError(f"kvq: k/v shape {k.shape}/{v.shape}, expected {want} ([n_q][n_kv_heads][head_dim])")
+        out = np.empty_like(q)
+        self.attn_prefill_exact_ptr(layer, seq, _int(q.shape[0], "n_q"), q.ctypes.data, _NP_DTYPES[k.dtype],
+                                    k.ctypes.data, v.ctypes.data, out.ctypes.data, q.shape[1], scale, window, softcap)
         return out
 
 

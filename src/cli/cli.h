@@ -66,6 +66,7 @@ typedef struct kvq_cli_opts {
     const char *model, *prompt, *file, *system, *csv; /* borrowed from argv */
     int n_predict, ctx, chunks, chat, threads, batch, residual, group, ids, quiet, parallel;
     int decode_attn; /* --decode-attn: a forward call's queries attend token by token (llama_ctx_params.decode_attn) */
+    int prefill_attn; /* --prefill-attn: 1 exact, 0 cache, -1 the engine's default (llama_ctx_params.exact_batch) */
     float temp, top_p, min_p, repeat_penalty;
     int top_k, repeat_last_n;
     uint64_t seed;

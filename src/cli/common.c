@@ -268,6 +268,7 @@ void kvq_cli_ctx_params(const kvq_cli_opts *o, const kvq_cli_mix *mix, int n_ctx
     cp->n_ctx = n_ctx;
     cp->max_batch = o->batch;
     cp->decode_attn = o->decode_attn;
+    cp->exact_batch = o->prefill_attn;
     cp->type_k = mix->type_k;
     cp->type_v = mix->type_v;
     cp->residual = mix->residual;

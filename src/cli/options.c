@@ -61,6 +61,9 @@ void kvq_cli_defaults(int cmd, kvq_cli_opts *o) {
     o->prerope = -1;
     o->squat_rank = -1;
     o->ngl = -1;
+    /* perplexity scores what the cache stores (its default prefill reads every token back from the cache, as
+     * llama.cpp's does); run and passkey read a prompt batch's own tokens exact, as HF's QuantizedCache does */
+    o->prefill_attn = cmd == KVQ_CLI_PPL ? 0 : -1;
     if (cmd == KVQ_CLI_PASSKEY) {
         /* 5 digits are 5 tokens (SmolLM2's pre-tokenizer splits digits); 8 leaves room for a leading space and '.' */
         o->n_predict = 8;
@@ -417,7 +420,7 @@ int kvq_cli_parse_compare(const char *s, kvq_cli_opts *o, char *err, size_t n) {
  * ------------------------------------------------------------------------------------------------------- */
 enum {
     O_HELP, O_MODEL, O_PROMPT, O_FILE, O_MAXFILE, O_SYSTEM, O_CHAT, O_IDS, O_QUIET, O_NPRED, O_CTX, O_CHUNKS,
-    O_THREADS, O_BATCH, O_DECODE_ATTN, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
+    O_THREADS, O_BATCH, O_DECODE_ATTN, O_PREFILL_ATTN, O_RESIDUAL, O_GROUP, O_KVTYPE, O_KVTYPE_K, O_KVTYPE_V, O_TEMP, O_TOP_P, O_TOP_K, O_MIN_P,
     O_REPEAT_PEN, O_REPEAT_N, O_SEED, O_COMPARE, O_MEM, O_PARALLEL, O_KV_ROTATE, O_KV_SINKS, O_KV_NUQ, O_KV_QNORM, O_KV_OUTLIERS, O_KV_PARAMS8, O_KV_WINDOW8, O_KV_PREROPE, O_KV_SQUAT, O_KV_SQUAT_LAMBDA, O_KV_TYPE_LOCAL, O_KV_LAYERS, O_KV_PLAN, O_ROT_SEED, O_CSV, O_LENGTHS, O_DEPTHS, O_TRIALS, O_GPU, O_NGL
 };
 #define R (1u << KVQ_CLI_RUN)
@@ -449,6 +452,7 @@ static const optdef OPTS[] = {
     {O_THREADS, R | P | K, 1, {"-t", "--threads"}},
     {O_BATCH, R | P | C | K, 1, {"-b", "--batch", "--batch-size"}},
     {O_DECODE_ATTN, P, 0, {"--decode-attn"}},
+    {O_PREFILL_ATTN, R | P | K, 1, {"--prefill-attn"}},
     {O_RESIDUAL, R | P | C | K, 1, {"--residual"}},
     {O_GROUP, R | P | C | K, 1, {"--group"}},
     {O_KVTYPE, R | P | K, 1, {"--kv-type"}},
@@ -550,6 +554,11 @@ int kvq_cli_parse(int cmd, int argc, char **argv, kvq_cli_opts *o, char *err, si
         case O_THREADS: if (parse_int(v, 1, 1024, &o->threads, a, err, n)) return -1; break;
         case O_BATCH: if (parse_int(v, 1, 8192, &o->batch, a, err, n)) return -1; break;
         case O_DECODE_ATTN: o->decode_attn = 1; break;
+        case O_PREFILL_ATTN:
+            if (!strcmp(v, "exact")) o->prefill_attn = 1;
+            else if (!strcmp(v, "cache")) o->prefill_attn = 0;
+            else return kvq_cli_fail(err, n, "%s: '%s' is not exact or cache", a, v);
+            break;
         case O_RESIDUAL: if (parse_int(v, 0, 4096, &o->residual, a, err, n)) return -1; break;
         case O_GROUP: if (parse_int(v, 16, 128, &o->group, a, err, n)) return -1; break;
         case O_KVTYPE:
@@ -760,6 +769,13 @@ static void kv_help(FILE *f, int cmd) {
                    "                          (partial offload is not supported), 0 the CPU\n");
     fprintf(f, "  -b, --batch-size N      tokens per forward call in prefill (default %d)%s\n", d.batch,
             cmd == KVQ_CLI_CAP ? ": sizes the activation buffers" : "");
+    if (cmd == KVQ_CLI_RUN || cmd == KVQ_CLI_PPL || cmd == KVQ_CLI_PASSKEY)
+        fprintf(f, "  --prefill-attn MODE     how a batch of prompt tokens attends (default %s):\n"
+                   "                          exact: its queries read the cache as it was and the batch's own K/V in fp16,\n"
+                   "                          then the batch is stored (kvq_attn_prefill_exact; CPU engine only);\n"
+                   "                          cache: the batch is stored first and read back as stored: with q4/q3/q2 a\n"
+                   "                          batch longer than the fp16 window reads its early tokens quantized\n",
+                cmd == KVQ_CLI_PPL ? "cache: the error the cache's contents cause" : "exact on the CPU, cache with --gpu");
 }
 
 static void file_help(FILE *f) {
@@ -842,7 +858,7 @@ void kvq_cli_usage(int cmd, FILE *f) {
                 "                          f16,q8,q4,q4:r64,q4:rot=kv:sinks=4,q3:outl=k,q3:p8=kv,q8:local=q4\n"
                 "  --csv FILE              one row per config: kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,\n"
                 "                          kld_mean,kld_p99,top1_pct,bytes_per_token,f16_bytes_per_token,\n"
-                "                          bits_per_element,batch,decode_attn (bytes_per_token: K+V pages in use, scales\n"
+                "                          bits_per_element,batch,decode_attn,prefill_exact (bytes_per_token: K+V pages in use, scales\n"
                 "                          included, + the fp16 windows and sinks, after a full chunk, / ctx;\n"
                 "                          bits_per_element = 8 x that / (2 x layers x KV heads x head_dim); without\n"
                 "                          --compare the dppl/kld/top1 cells are empty)\n"

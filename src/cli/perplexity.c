@@ -248,7 +248,7 @@ static int write_csv(const char *path, const kvq_cli_opts *o, int n_chunks, cons
         return 1;
     }
     fprintf(f, "kv,type_k,type_v,ctx,chunks,tokens,ppl,ppl_se,dppl_pct,kld_mean,kld_p99,top1_pct,bytes_per_token,"
-               "f16_bytes_per_token,bits_per_element,batch,decode_attn\n");
+               "f16_bytes_per_token,bits_per_element,batch,decode_attn,prefill_exact\n");
     for (int i = 0; i < n; i++) {
         const ppl_row *r = &rows[i];
         fprintf(f, "%s,%s,%s,%d,%d,%lld,%.6f,%.6f,", mixes[i].name, kvq_cli_type_name(mixes[i].type_k),
@@ -256,7 +256,8 @@ static int write_csv(const char *path, const kvq_cli_opts *o, int n_chunks, cons
         /* without --compare there is no base: dppl and the KLD columns are empty */
         if (isnan(r->kld)) fprintf(f, ",,,,");
         else fprintf(f, "%.6f,%.8f,%.8f,%.4f,", r->dppl, r->kld, r->kld99, r->top1);
-        fprintf(f, "%.2f,%.2f,%.6f,%d,%d\n", r->bpt, r->f16bpt, r->bits, o->batch, o->decode_attn);
+        fprintf(f, "%.2f,%.2f,%.6f,%d,%d,%d\n", r->bpt, r->f16bpt, r->bits, o->batch, o->decode_attn,
+                o->prefill_attn > 0);
     }
     if (fclose(f)) {
         fprintf(stderr, "kvq perplexity: --csv: writing '%s' failed\n", path);
@@ -326,7 +327,7 @@ int kvq_cli_perplexity(int argc, char **argv) {
     if (!o.n_compare) {
         printf("PPL = %.4f +/- %.4f  (KV %s, ctx %d, %d chunks, %lld scored tokens, %.0f KV bytes/token, %.3f bits/element, "
                "batch %d, %s attention)\n", rows[0].ppl, rows[0].err, mixes[0].name, o.ctx, n_chunks, (long long)rows[0].n,
-               rows[0].bpt, rows[0].bits, o.batch, o.decode_attn ? "decode" : "prefill");
+               rows[0].bpt, rows[0].bits, o.batch, o.decode_attn ? "decode" : o.prefill_attn > 0 ? "exact-batch prefill" : "prefill");
     } else {
         int w = 9;
         for (int i = 0; i < n_mix; i++)
@@ -335,7 +336,7 @@ int kvq_cli_perplexity(int argc, char **argv) {
         memset(dash, '-', (size_t)w + 2);
         dash[w + 2] = '\0';
         printf("ctx %d, %d chunks, %lld scored tokens, batch %d, %s attention; KLD and top-1 against %s\n", o.ctx, n_chunks,
-               (long long)rows[0].n, o.batch, o.decode_attn ? "decode" : "prefill", mixes[base].name);
+               (long long)rows[0].n, o.batch, o.decode_attn ? "decode" : o.prefill_attn > 0 ? "exact-batch prefill" : "prefill", mixes[base].name);
         printf("| %-*s | PPL                  | dPPL     | KLD mean  | KLD p99   | top-1   | KV bytes/token | bits/elem | vs F16 |\n",
                w, "KV (K/V)");
         printf("|%s|----------------------|----------|-----------|-----------|---------|----------------|-----------|--------|\n",

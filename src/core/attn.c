@@ -181,6 +181,11 @@ typedef struct work {
     const int64_t *pos; /* [rows] query positions */
     int rows;
     float *m, *l, *acc; /* outputs: [rows], [rows], [rows][D] */
+    /* kvq_attn_prefill_exact: the batch's own rows after the cached tokens, fp16 [xn][n_kv_heads][D] in the window's
+     * form (rotated roles rotated), at positions xpos .. xpos + xn - 1 (xn = 0: none) */
+    const uint16_t *xk, *xv;
+    int64_t xpos;
+    int xn;
 } work;
 
 typedef struct scratch {
@@ -531,6 +536,11 @@ static void run_work(const kvq_cache *c, const kvq__kernels *K, const work *w, c
             kvq__blk vb = res_window_blk(c, K, sl, KVQ_VALUE, v.h, r0, r1, sc->wv);
             attend_block(K, &kb, &vb, r0, r1, pend, &v, p, sc, &sc->qst[hh]);
         }
+    for (int hh = 0; hh < w->nh && w->xn > 0; hh++) { /* the batch itself, read as the window is */
+        work v = head_view(w, hh);
+        kvq__blk kb = window_blk(c, w->xk, v.h), vb = window_blk(c, w->xv, v.h);
+        attend_block(K, &kb, &vb, 0, w->xn, w->xpos, &v, p, sc, &sc->qst[hh]);
+    }
 }
 
 /* Merges the partial results of n items for `rows` query rows into out[r * out_stride]. Item i's state sits at
@@ -749,7 +759,7 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
                 int nh = H - h < hg ? H - h : hg;
                 items[k] = (work){c, kun, sl, h, nh, (size_t)rep * D, per, t0, t0 + chunk < len ? t0 + chunk : len,
                                   qs + ((size_t)i * p->n_q_heads + (size_t)h * rep) * D, pos + (size_t)i * rep, rep,
-                                  b, b + rep, b + 2 * rep};
+                                  b, b + rep, b + 2 * rep, NULL, NULL, 0, 0};
             }
     }
     s = run_all(c, items, n_items, p, fn);
@@ -769,22 +779,12 @@ kvq_status kvq_attn_decode(const kvq_cache *c, int layer, int n_seqs, const int3
     return s;
 }
 
-kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q, const float *q, float *out,
-                            const kvq_attn_params *p) {
-    const char *fn = "kvq_attn_prefill";
-    KVQ_CHECK_NULL(c, fn);
-    kvq_status s;
-    if ((s = kvq__check_layer(c, layer, fn)) || (s = check_params(c, p, fn)) || (s = kvq__check_seq(c, seq, fn)))
-        return s;
-    const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
-    int64_t len = kvq__seq_len(sl);
-    if (n_q < 0 || n_q > len)
-        return kvq__fail(KVQ_ERR_RANGE, "%s: n_q %d outside 0..%lld (the sequence's length in layer %d)", fn, n_q,
-                         (long long)len, layer);
-    if (n_q == 0) return KVQ_OK;
-    KVQ_CHECK_NULL(q, fn);
-    KVQ_CHECK_NULL(out, fn);
-    if ((s = check_dropped(sl, len - n_q, p, seq, layer, fn))) return s;
+/* Both prefills: queries at positions base .. base + n_q - 1. Without a batch (xk NULL) every key comes from the
+ * cache (the queries' own tokens were appended: base = len - n_q); with one, the cache gives tokens 0 .. base - 1
+ * (base = len) and xk / xv the batch's own rows. */
+static kvq_status prefill_run(const kvq_cache *c, int layer, const kvq_seq_layer *sl, int64_t base, int n_q,
+                              const float *q, const uint16_t *xk, const uint16_t *xv, float *out,
+                              const kvq_attn_params *p, const char *fn) {
     const int H = c->L.n_kv_heads, D = c->L.head_dim, rep = p->n_q_heads / H;
     const int qb = MAX_ROWS / rep; /* queries per item */
     int64_t nblk = (n_q + qb - 1) / qb, n_items = nblk * H;
@@ -809,14 +809,14 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
                 for (int r = 0; r < rep; r++) {
                     const float *src = q + ((size_t)(q0 + i) * p->n_q_heads + (size_t)h * rep + r) * D;
                     for (int d = 0; d < D; d++) qi[((size_t)i * rep + r) * D + d] = src[d] * scale;
-                    pos[k * MAX_ROWS + i * rep + r] = len - n_q + q0 + i;
+                    pos[k * MAX_ROWS + i * rep + r] = base + q0 + i;
                 }
             rotate_rows(c, layer, KVQ_KEY, 0, qi, (size_t)nq * rep);
             float *bb = buf + (size_t)k * per;
-            items[k] = (work){c, kun, sl, h, 1, 0, 0, 0, len - n_q + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep, bb, bb + MAX_ROWS,
-                              bb + 2 * MAX_ROWS};
+            items[k] = (work){c, kun, sl, h, 1, 0, 0, 0, xk ? base : base + q0 + nq, qi, pos + k * MAX_ROWS, nq * rep,
+                              bb, bb + MAX_ROWS, bb + 2 * MAX_ROWS, xk, xv, base, xk ? q0 + nq : 0};
         }
-    s = run_all(c, items, n_items, p, fn);
+    kvq_status s = run_all(c, items, n_items, p, fn);
     if (s == KVQ_OK)
         for (int64_t b = 0; b < nblk; b++)
             for (int h = 0; h < H; h++) {
@@ -833,5 +833,82 @@ kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q,
             }
     if (s == KVQ_OK) rotate_rows(c, layer, KVQ_VALUE, 1, out, (size_t)n_q * p->n_q_heads);
     free(items), free(buf), free(pos);
+    return s;
+}
+
+kvq_status kvq_attn_prefill(const kvq_cache *c, int layer, int32_t seq, int n_q, const float *q, float *out,
+                            const kvq_attn_params *p) {
+    const char *fn = "kvq_attn_prefill";
+    KVQ_CHECK_NULL(c, fn);
+    kvq_status s;
+    if ((s = kvq__check_layer(c, layer, fn)) || (s = check_params(c, p, fn)) || (s = kvq__check_seq(c, seq, fn)))
+        return s;
+    const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
+    int64_t len = kvq__seq_len(sl);
+    if (n_q < 0 || n_q > len)
+        return kvq__fail(KVQ_ERR_RANGE, "%s: n_q %d outside 0..%lld (the sequence's length in layer %d)", fn, n_q,
+                         (long long)len, layer);
+    if (n_q == 0) return KVQ_OK;
+    KVQ_CHECK_NULL(q, fn);
+    KVQ_CHECK_NULL(out, fn);
+    if ((s = check_dropped(sl, len - n_q, p, seq, layer, fn))) return s;
+    return prefill_run(c, layer, sl, len - n_q, n_q, q, NULL, NULL, out, p, fn);
+}
+
+kvq_status kvq_attn_prefill_exact(const kvq_cache *c, int layer, int32_t seq, int n_q, const float *q,
+                                  kvq_dtype dtype, const void *k, const void *v, float *out, const kvq_attn_params *p) {
+    const char *fn = "kvq_attn_prefill_exact";
+    KVQ_CHECK_NULL(c, fn);
+    kvq_status s;
+    if ((s = kvq__check_layer(c, layer, fn)) || (s = check_params(c, p, fn)) || (s = kvq__check_seq(c, seq, fn)))
+        return s;
+    if (n_q < 0) return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: n_q %d is negative", fn, n_q);
+    if (n_q == 0) return KVQ_OK;
+    KVQ_CHECK_NULL(q, fn);
+    KVQ_CHECK_NULL(k, fn);
+    KVQ_CHECK_NULL(v, fn);
+    KVQ_CHECK_NULL(out, fn);
+    if (dtype != KVQ_DTYPE_F32 && dtype != KVQ_DTYPE_F16 && dtype != KVQ_DTYPE_BF16)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: dtype %d is not a kvq_dtype", fn, (int)dtype);
+    const kvq_seq_layer *sl = &c->seqs[seq].layers[layer];
+    int64_t len = kvq__seq_len(sl);
+    if ((s = check_dropped(sl, len, p, seq, layer, fn))) return s;
+    const int H = c->L.n_kv_heads, D = c->L.head_dim;
+    size_t row = (size_t)H * D;
+    if ((size_t)n_q > SIZE_MAX / 4 / row)
+        return kvq__fail(KVQ_ERR_INVALID_ARG, "%s: %d tokens of %d x %d values exceed the address space", fn, n_q, H, D);
+    /* the batch as the window would hold it: rotated where the role is, in fp16; K/V that kvq_append would refuse
+     * (not finite, or beyond fp16 before or after the rotation) are refused here too */
+    uint16_t *xk = kvq__malloc((size_t)n_q * row * 2 * sizeof(uint16_t)), *xv = xk ? xk + (size_t)n_q * row : NULL;
+    float *x = kvq__malloc((size_t)D * sizeof(float));
+    if (!xk || !x) {
+        free(xk), free(x);
+        return kvq__fail(KVQ_ERR_OUT_OF_MEMORY, "%s: no memory for a batch of %d tokens", fn, n_q);
+    }
+    s = KVQ_OK;
+    for (int r = 0; r < 2 && !s; r++) {
+        const kvq_role role = r ? KVQ_VALUE : KVQ_KEY;
+        kvq__rot rot;
+        kvq__rot_init(&rot, c->cfg.rotation_seed, kvq__rot_layer(c, layer), role, D);
+        for (size_t i = 0; i < (size_t)n_q * row && !s; i += D) {
+            for (int d = 0; d < D; d++) {
+                x[d] = kvq__load_elem(dtype, r ? v : k, i + d);
+                if (!(fabsf(x[d]) <= 65504.0f))
+                    s = kvq__fail(KVQ_ERR_NONFINITE, "%s: %s (token %zu, head %zu, channel %d) is %g: K/V must be finite "
+                                  "and within the fp16 range", fn, r ? "v" : "k", i / row, i / D % H, d, (double)x[d]);
+            }
+            if (s) break;
+            if (kvq__rotated(c, role)) kvq__rot_apply(&rot, x, 0);
+            for (int d = 0; d < D && !s; d++) {
+                if (!(fabsf(x[d]) <= 65504.0f))
+                    s = kvq__fail(KVQ_ERR_NONFINITE, "%s: %s (token %zu, head %zu) rotates to %g in channel %d: beyond "
+                                  "the fp16 range of the cache", fn, r ? "v" : "k", i / row, i / D % H, (double)x[d], d);
+                (r ? xv : xk)[i + d] = kvq__f32_to_f16(x[d]);
+            }
+        }
+    }
+    free(x);
+    if (!s) s = prefill_run(c, layer, sl, len, n_q, q, xk, xv, out, p, fn);
+    free(xk);
     return s;
 }

@@ -704,14 +704,6 @@ kvq_status kvq_seq_truncate(kvq_cache *c, int32_t seq, int64_t n) {
 
 /* ---- append ---- */
 
-static inline float load_elem(kvq_dtype dt, const void *base, size_t i) {
-    switch (dt) {
-    case KVQ_DTYPE_F16: return kvq__f16_to_f32(((const uint16_t *)base)[i]);
-    case KVQ_DTYPE_BF16: return kvq__bf16_to_f32(((const uint16_t *)base)[i]);
-    default: return ((const float *)base)[i];
-    }
-}
-
 /* Number of window flushes when n tokens arrive at a window holding `win`. */
 static int64_t flushes(const kvq_cache *c, int32_t win, int64_t n) {
     int64_t total = win + n;
@@ -913,7 +905,7 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
                          (long long)total, H, D);
     size_t n_elem = (size_t)total * H * D;
     for (size_t i = 0; i < n_elem; i++) {
-        float a = load_elem(dtype, k, i), b = load_elem(dtype, v, i);
+        float a = kvq__load_elem(dtype, k, i), b = kvq__load_elem(dtype, v, i);
         if (!(fabsf(a) <= 65504.0f) || !(fabsf(b) <= 65504.0f))
             return kvq__fail(KVQ_ERR_NONFINITE,
                              FN_APPEND ": %s[%zu] (token %zu, head %zu, channel %zu) is %g: K/V must be finite and "
@@ -928,7 +920,7 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
         kvq__rot_init(&rot, c->cfg.rotation_seed, kvq__rot_layer(c, layer), (kvq_role)r, D);
         float tmp[256];
         for (size_t i = 0; i < n_elem; i += D) {
-            for (int d = 0; d < D; d++) tmp[d] = load_elem(dtype, r ? v : k, i + d);
+            for (int d = 0; d < D; d++) tmp[d] = kvq__load_elem(dtype, r ? v : k, i + d);
             kvq__rot_apply(&rot, tmp, 0);
             for (int d = 0; d < D; d++)
                 if (!(fabsf(tmp[d]) <= 65504.0f))
@@ -986,7 +978,8 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
         kvq_seq_layer *sl = &c->seqs[seq_ids[i]].layers[layer];
         for (int32_t t = 0; t < n_tokens[i]; t++, off += row) {
             /* the token's row into uk / uv (free until a flush refills them from the window), rotated */
-            for (size_t e = 0; e < row; e++) uk[e] = load_elem(dtype, k, off + e), uv[e] = load_elem(dtype, v, off + e);
+            for (size_t e = 0; e < row; e++)
+                uk[e] = kvq__load_elem(dtype, k, off + e), uv[e] = kvq__load_elem(dtype, v, off + e);
             for (int h = 0; h < H; h++) {
                 if (kvq__rotated(c, KVQ_KEY)) kvq__rot_apply(&rk, uk + (size_t)h * D, 0);
                 if (kvq__rotated(c, KVQ_VALUE)) kvq__rot_apply(&rv, uv + (size_t)h * D, 0);

@@ -85,6 +85,15 @@ static inline uint16_t kvq__f32_to_bf16(float f) {
 
 static inline float kvq__round_f16(float f) { return kvq__f16_to_f32(kvq__f32_to_f16(f)); }
 
+/* element i of a K/V array the caller passed in dtype (kvq_append, kvq_attn_prefill_exact) */
+static inline float kvq__load_elem(kvq_dtype dt, const void *base, size_t i) {
+    switch (dt) {
+    case KVQ_DTYPE_F16: return kvq__f16_to_f32(((const uint16_t *)base)[i]);
+    case KVQ_DTYPE_BF16: return kvq__bf16_to_f32(((const uint16_t *)base)[i]);
+    default: return ((const float *)base)[i];
+    }
+}
+
 /* E4M3 (fn variant: no Inf, max 448) */
 extern float kvq__e4m3_table[256];
 void kvq__init_tables(void);

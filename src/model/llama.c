@@ -283,6 +283,7 @@ struct llama_ctx {
     int prerope[LLAMA_MAX_CACHES]; /* the cache takes keys before RoPE (kvq.h section 10): forward appends them unroped */
     int squat[LLAMA_MAX_CACHES];   /* SQuat rank (0: off): the first batch of a sequence sets its subspaces */
     int decode_attn;               /* llama_ctx_params.decode_attn */
+    int exact_batch;               /* llama_ctx_params.exact_batch, resolved */
     kvq_attn_params ap[2];         /* per kind */
     float *rope_inv_freq[2];       /* per kind, [head_dim / 2] each */
     int8_t *layer_cache;           /* [n_layers]: the layer's cache */
@@ -463,6 +464,7 @@ kvq_status llama_ctx_create(const llama_model *m, const llama_ctx_params *p, lla
     x->n_ctx = p->n_ctx;
     x->max_batch = p->max_batch > 0 ? p->max_batch : 256;
     x->decode_attn = p->decode_attn != 0;
+    x->exact_batch = p->exact_batch != 0;
     kvq_status st = KVQ_OK;
     if (p->n_threads < 0 || p->n_threads > 1024) {
         st = kvqm_fail(KVQ_ERR_INVALID_ARG, "threads %d outside 0..1024", p->n_threads);
@@ -759,6 +761,11 @@ kvq_status llama_forward(llama_ctx *c, const int32_t *tokens, int n, float *logi
                 if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
                 st = kvq_attn_decode(cache, li, 1, &c->seq[g], c->q + (size_t)t * qd, c->o + (size_t)t * qd, &c->ap[kind]);
             }
+        } else if (c->exact_batch) { /* the batch's queries read its own K/V exact, then it is stored */
+            st = kvq_attn_prefill_exact(cache, li, c->seq[g], n, c->q, KVQ_DTYPE_F32, c->k, c->v, c->o, &c->ap[kind]);
+            if (st) return kvqm_fail(st, "layer %d: kvq_attn_prefill_exact: %s", l, kvq_last_error());
+            st = kvq_append(cache, li, 1, &c->seq[g], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
+            if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());
         } else {
             st = kvq_append(cache, li, 1, &c->seq[g], &n_tok, KVQ_DTYPE_F32, c->k, c->v);
             if (st) return kvqm_fail(st, "layer %d: kvq_append: %s", l, kvq_last_error());

@@ -156,6 +156,12 @@ typedef struct llama_ctx_params {
      * they see them quantized, where decode keeps each query's last R tokens exact (docs/quality.md, 2026-12-05).
      * 1 scores quality as generation sees it; it costs more attention reads. */
     int decode_attn;
+    /* A prefill (decode_attn 0, n > 1) with exact_batch != 0 attends before it appends (kvq_attn_prefill_exact): its
+     * queries read the cache as it was before the batch (the last R tokens exact, as decode reads them) and the
+     * batch's own K/V in fp16, never quantized, whatever the batch size; then the batch is appended. 0 (what a
+     * zero-initialized llama_ctx_params gets) appends first and reads everything from the cache. -1: the engine's
+     * default, on in the CPU engine. The GPU engine has no such prefill (the CLI resolves -1 to 0 there and refuses 1). */
+    int exact_batch;
 } llama_ctx_params;
 
 /* How llama_ctx_create spreads c's layers over caches for p (its types, local types and layer_types, the ranges

@@ -437,6 +437,8 @@ extern "C" kvq_status llama_gpu_ctx_create_par(const llama_gpu_model *m, const l
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: 8-bit group parameters (--kv-params8) are CPU only");
     if (p->window8 > 0)
         return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: 8-bit residual windows (--kv-window8) are CPU only");
+    if (p->exact_batch > 0)  // -1 (the engine's default) is off here
+        return kvqm_fail(KVQ_ERR_INVALID_ARG, "GPU engine: the exact-batch prefill (--prefill-attn exact) is CPU only");
     const llama_config &c = m->cfg;
     CU(cudaSetDevice(m->device), "cudaSetDevice");  // the activation buffers go to the model's GPU
     llama_gpu_ctx *x = new (std::nothrow) llama_gpu_ctx;

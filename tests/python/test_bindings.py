@@ -74,6 +74,43 @@ def test_roundtrip_and_attention(kv_type, head_dim):
     np.testing.assert_allclose(outp, ref_attention(qp, kr, vr, scale, window=50, softcap=5.0), atol=atol)
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "q4", "q2"])
+def test_attn_prefill_exact(kv_type):
+    """A batch of new tokens against the cache as it is and its own K/V in fp16 (the cache's Q4/Q2 rotation keeps
+    fp16 rounding in the rotated domain: ~1e-3 of the values); then appended, the same contents as append alone."""
+    rng = np.random.default_rng(3)
+    H, Hq, D, L, n = 2, 4, 64, 200, 150
+    c = kvq.Cache(1, H, D, kv_type, max_tokens=1024, max_seqs=4)
+    s = c.seq_new()
+    k = rng.standard_normal((L + n, H, D)).astype(np.float32)
+    v = rng.standard_normal((L + n, H, D)).astype(np.float32)
+    c.append(0, [s], [L], k[:L], v[:L])
+    kr, vr = c.read(s, 0)
+    q = rng.standard_normal((n, Hq, D)).astype(np.float32)
+    out = c.attn_prefill_exact(0, s, q, k[L:], v[L:])
+    assert c.seq_length(s) == L  # nothing appended
+    kb = k[L:].astype(np.float16).astype(np.float32)
+    vb = v[L:].astype(np.float16).astype(np.float32)
+    ref = ref_attention(q, np.concatenate([kr, kb]), np.concatenate([vr, vb]), D ** -0.5)
+    np.testing.assert_allclose(out, ref, atol=2e-3 if kv_type == "f16" else 1e-2)
+    # the plain prefill reads a batch this long back quantized: a larger error for the grouped types
+    f = c.seq_fork(s)
+    c.append(0, [f], [n], k[L:], v[L:])
+    plain = c.attn_prefill(0, f, q)
+    err_exact, err_plain = np.abs(out - ref).max(), np.abs(plain - ref).max()
+    if kv_type != "f16":
+        assert err_plain > 3 * err_exact, (err_plain, err_exact)
+    c.append(0, [s], [n], k[L:], v[L:])
+    for a, b in zip(c.read(s, 0), c.read(f, 0)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="k/v shape"):
+        c.attn_prefill_exact(0, s, q, k[:3], v[:3])
+    bad = k[L:].copy()
+    bad[3, 1, 5] = np.nan
+    with pytest.raises(kvq.KvqError, match="NONFINITE"):
+        c.attn_prefill_exact(0, s, q, bad, v[L:])
+
+
 def test_batch_decode_fork_truncate():
     rng = np.random.default_rng(2)
     H, D = 2, 64
