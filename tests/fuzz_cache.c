@@ -1,6 +1,6 @@
 /* Fuzz target of the paged cache: the input is a cache configuration and a sequence of operations (sequence
- * new / free / fork / truncate, append with random sizes, types, values and bad input, read back, decode and prefill
- * attention, stats, SQuat key subspaces), run against a plain model: the original fp32 K/V of every (sequence, layer). Checked after
+ * new / free / fork / truncate, append with random sizes, types, values and bad input, read back, decode, prefill
+ * and exact-prefill attention, stats, SQuat key subspaces), run against a plain model: the original fp32 K/V of every (sequence, layer). Checked after
  * every operation:
  *  - a call that fails leaves the cache exactly as it was (a snapshot: stats, lengths, views, every token read
  *    back, compared bit for bit), and one given NaN/Inf/|x| > 65504 never succeeds;
@@ -275,17 +275,22 @@ static void check_read(world *w, int i, int l) {
  * SIMD tables: + the int16 rounding of q (|dq_c| <= max|q| / 65534 against codes times scales <= 2 max|k_c|) in
  * delta, + 0.13 vmax where Q4/Q2 values meet 8-bit weights (per 64-token segment the weights' errors sum to at most
  * 64/510 of the segment's largest weight, those maxima sum to at most 1, codes span at most 2 vmax). */
+/* xn > 0: kvq_attn_prefill_exact's batch of xn = n_q new tokens (xk, xv: fp32 [xn][H][D]) after the T cached ones;
+ * the library holds them in fp16 (in the rotated domain where the role is rotated): each key's and value's vector
+ * within 2^-11 of its 2-norm of the fp32 one, which the bound takes in (keys: scale |q| |k| 2^-11 per logit; values:
+ * sqrt(D) vmax 2^-11 per channel) */
 static void check_attn(world *w, int layer, int nb, const int *slots, int n_q, const float *q, const float *out,
-                       const kvq_attn_params *p, bool simd) {
+                       const kvq_attn_params *p, bool simd, const float *xk, const float *xv, int xn) {
     const int H = w->H, D = w->D, nqh = p->n_q_heads, rep = nqh / H;
     const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
     size_t row = (size_t)H * D;
     bool w8 = w->L.type_v == KVQ_TYPE_Q4 || w->L.type_v == KVQ_TYPE_Q2;
     for (int b = 0; b < nb; b++) {
         mseq *m = &w->s[slots[b]];
-        int64_t T = m->len[layer];
-        float *k = malloc((size_t)T * row * 4), *v = malloc((size_t)T * row * 4);
-        if (kvq_read(w->c, m->id, layer, 0, T, k, v)) FAIL("read: %s", kvq_last_error());
+        int64_t T0 = m->len[layer], T = T0 + xn;
+        float *k = malloc(((size_t)T + 1) * row * 4), *v = malloc(((size_t)T + 1) * row * 4);
+        if (kvq_read(w->c, m->id, layer, 0, T0, k, v)) FAIL("read: %s", kvq_last_error());
+        if (xn) memcpy(k + (size_t)T0 * row, xk, (size_t)xn * row * 4), memcpy(v + (size_t)T0 * row, xv, (size_t)xn * row * 4);
         int nqr = n_q ? n_q : 1; /* decode: one query per sequence */
         for (int i = 0; i < nqr; i++) {
             int64_t pos = n_q ? T - n_q + i : T - 1;
@@ -301,21 +306,24 @@ static void check_attn(world *w, int layer, int nb, const int *slots, int n_q, c
                         if (!isnan(o[d])) FAIL("non-finite query head %d gave %g, not NaN", qh, (double)o[d]);
                     continue;
                 }
-                double mx = -INFINITY, delta = 0, vmax = 0, l = 0, kmax = 0;
+                double mx = -INFINITY, delta = 0, vmax = 0, l = 0, kmax = 0, qn = 0;
+                for (int d = 0; d < D; d++) qn += (double)qq[d] * qq[d];
+                qn = sqrt(qn);
                 for (int64_t t = 0; t < T; t++)
                     for (int d = 0; d < D; d++) kmax = fmax(kmax, fabs(k[((size_t)t * H + h) * D + d]));
                 double *s = malloc((size_t)T * 8), *ref = calloc((size_t)D, 8);
                 for (int64_t t = 0; t < T; t++) {
                     s[t] = -INFINITY;
                     if (t > pos || (p->window > 0 && t <= pos - p->window)) continue;
-                    double a = 0, aa = 0;
+                    double a = 0, aa = 0, kn = 0;
                     for (int d = 0; d < D; d++) {
                         double kd = k[((size_t)t * H + h) * D + d];
-                        a += qq[d] * kd, aa += fabs(qq[d] * kd);
+                        a += qq[d] * kd, aa += fabs(qq[d] * kd), kn += kd * kd;
                         vmax = fmax(vmax, fabs(v[((size_t)t * H + h) * D + d]));
                     }
                     a *= scale;
                     double dl = (D + 2) * 0x1p-24 * scale * aa + (p->softcap > 0 ? 0x1p-21 * p->softcap : 0);
+                    if (t >= T0) dl += 0x1p-11 * scale * qn * sqrt(kn); /* the batch's keys in fp16 */
                     /* int16 q (or q * key scale, grouped keys) against codes x scales spanning <= 2 kmax, and q . min in
                      * fp32 */
                     if (simd) dl += scale * qmax * (1.0 / 65534 + D * 0x1p-23) * D * 2 * kmax + 0x1p-20 * scale * aa;
@@ -328,13 +336,13 @@ static void check_attn(world *w, int layer, int nb, const int *slots, int n_q, c
                         l += e;
                         for (int d = 0; d < D; d++) ref[d] += e * v[((size_t)t * H + h) * D + d];
                     }
-                double bound = (expm1(2 * fmin(delta, 300)) + (double)(T + D) * 0x1p-22 + (simd && w8 ? 0.13 : 0)) * vmax +
-                               1e-30;
+                double bound = (expm1(2 * fmin(delta, 300)) + (double)(T + D) * 0x1p-22 + (simd && w8 ? 0.13 : 0) +
+                                (xn ? 0x1p-11 * sqrt((double)D) : 0)) * vmax + 1e-30;
                 for (int d = 0; d < D; d++) {
                     double r = ref[d] / l;
                     if (!(fabs(o[d] - r) <= bound))
                         FAIL("%s layer %d seq slot %d query %d head %d ch %d: %g vs fp64 %g (bound %g, %s, T %lld, win %d, "
-                             "cap %g)", n_q ? "prefill" : "decode", layer, slots[b], i, qh, d, (double)o[d], r, bound,
+                             "cap %g)", xn ? "exact prefill" : n_q ? "prefill" : "decode", layer, slots[b], i, qh, d, (double)o[d], r, bound,
                              simd ? "simd" : "scalar", (long long)T, p->window, (double)p->softcap);
                 }
                 free(s), free(ref);
@@ -377,12 +385,15 @@ static void serial_run(void *ctx, int n_tasks, kvq_task_fn fn, void *arg) {
     for (int i = n_tasks - 1; i >= 0; i--) fn(arg, i, i % n); /* backwards: no reliance on task order */
 }
 
-static void run_attention(world *w, rd *r, bool prefill) {
+/* mode bit 0: a prefill, else decode; with bit 1 too, kvq_attn_prefill_exact: a batch of new tokens (never appended)
+ * against the cache and itself */
+static void run_attention(world *w, rd *r, unsigned mode) {
+    const bool prefill = mode & 1, exact = prefill && (mode & 2);
     int layer = (int)(byte(r) % NL), nb = 0, slots[MAXS];
     int32_t ids[MAXS];
     unsigned pick = byte(r);
     for (int i = 0; i < MAXS; i++)
-        if ((pick >> i & 1) && w->s[i].live && w->s[i].len[layer] > 0) slots[nb] = i, ids[nb++] = w->s[i].id;
+        if ((pick >> i & 1) && w->s[i].live && (w->s[i].len[layer] > 0 || exact)) slots[nb] = i, ids[nb++] = w->s[i].id;
     if (nb == 0) return;
     static const int reps[4] = {1, 2, 3, 8};
     static const int wins[4] = {0, 1, 7, 100};
@@ -390,16 +401,35 @@ static void run_attention(world *w, rd *r, bool prefill) {
     unsigned a = byte(r), bq = byte(r);
     kvq_attn_params p = kvq_attn_params_default(w->H * reps[a & 3]);
     p.window = wins[(a >> 2) & 3], p.softcap = caps[((a >> 4) & 3) % 3], p.scale = (a >> 6) & 1 ? 0.3f : 0.0f;
-    int n_q = prefill ? (int)(byte(r) % (w->s[slots[0]].len[layer] + 1)) : 0;
+    int n_q = exact ? 1 + (int)(byte(r) % 48) : prefill ? (int)(byte(r) % (w->s[slots[0]].len[layer] + 1)) : 0;
     if (prefill) nb = 1;
     if (prefill && n_q == 0) return;
+    /* the exact prefill's batch: values of fill()'s magnitudes (60000 may leave fp16 once rotated: refused then), or
+     * one NaN / Inf / 1e5 (always refused) */
+    float *xk = NULL, *xv = NULL;
+    bool x_bad = false, x_big = false;
+    if (exact) {
+        size_t xe = (size_t)n_q * w->H * w->D;
+        unsigned xm = byte(r);
+        xk = malloc(xe * 4), xv = malloc(xe * 4);
+        fill(w, xk, xe, xm), fill(w, xv, xe, xm >> 3);
+        x_big = xm % 6 == 5 || (xm >> 3) % 6 == 5 || (xm % 6 == 4 && w->D >= 256);
+        if (xm & 0x40) {
+            static const float bad[3] = {NAN, INFINITY, 1e5f};
+            ((xm & 0x80) ? xv : xk)[(size_t)(urand(w) * (double)xe)] = bad[(xm >> 3) % 3];
+            x_bad = true;
+        }
+    }
     /* Attention is the expensive operation (each table, then the fp64 reference and its bounds): an input whose runs
      * would pass ATTN_BUDGET skips the rest, so that no input takes seconds in the sanitized build where the SIMD
      * kernels are built at -O0 (tests/fuzz.cmake) and libFuzzer's -timeout never fires on a valid input. */
     double work = 0;
-    for (int b = 0; b < nb; b++) work += (double)w->s[slots[b]].len[layer];
+    for (int b = 0; b < nb; b++) work += (double)w->s[slots[b]].len[layer] + (exact ? n_q : 0);
     work *= (double)(prefill ? n_q : 1) * p.n_q_heads * w->D * (n_simd + 2);
-    if (w->attn_work + work > ATTN_BUDGET) return;
+    if (w->attn_work + work > ATTN_BUDGET) {
+        free(xk), free(xv);
+        return;
+    }
     w->attn_work += work;
     size_t nrow = (size_t)(prefill ? n_q : nb) * p.n_q_heads, qn = nrow * w->D;
     float *q = malloc(qn * 4), *o = malloc(qn * 4);
@@ -423,15 +453,22 @@ static void run_attention(world *w, rd *r, bool prefill) {
         if (tb < 0) setenv("KVQ_FORCE_SCALAR", "1", 1);
         else setenv("KVQ_CPU_KERNELS", simd_tables[tb], 1);
         snap s0 = take(w);
-        kvq_status st = prefill ? kvq_attn_prefill(w->c, layer, ids[0], n_q, q, o, &p)
-                                : kvq_attn_decode(w->c, layer, nb, ids, q, o, &p);
+        kvq_status st = exact     ? kvq_attn_prefill_exact(w->c, layer, ids[0], n_q, q, KVQ_DTYPE_F32, xk, xv, o, &p)
+                        : prefill ? kvq_attn_prefill(w->c, layer, ids[0], n_q, q, o, &p)
+                                  : kvq_attn_decode(w->c, layer, nb, ids, q, o, &p);
         unsetenv("KVQ_FORCE_SCALAR"), unsetenv("KVQ_CPU_KERNELS");
         snap s1 = take(w);
         same_or_die(&s0, &s1, "attention"); /* attention never changes the cache */
         free(s0.data), free(s1.data);
+        if (x_bad) {
+            if (st != KVQ_ERR_NONFINITE) FAIL("exact prefill of non-finite or > 65504 K/V: %s", kvq_strerror(st));
+            continue;
+        }
+        if (st == KVQ_ERR_NONFINITE && x_big) continue; /* beyond fp16 once rotated */
         if (st) FAIL("valid attention failed: %s", kvq_last_error());
-        check_attn(w, layer, nb, slots, n_q, q, o, &p, tb >= 0);
+        check_attn(w, layer, nb, slots, n_q, q, o, &p, tb >= 0, xk, xv, exact ? n_q : 0);
     }
+    free(xk), free(xv);
     if (bq & 16 && kvq_cache_set_thread_pool(w->c, NULL)) FAIL("set_thread_pool(NULL): %s", kvq_last_error());
     free(q), free(o);
 }
@@ -735,7 +772,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 for (int l = 0; l < NL; l++) check_read(&w, i, l);
             break;
         }
-        case 7: run_attention(&w, &r, byte(&r) & 1); break;
+        case 7: run_attention(&w, &r, byte(&r)); break;
         case 9: run_subspace(&w, &r); break;
         default: { /* stats */
             kvq_cache_stats st;
