@@ -217,6 +217,12 @@ class KVQCache(Cache):
             and KV head, computed here from the queries the attention receives, set before the keys are appended).
             -1 (default): kvq's engine default, rank 8 for Q2 keys on the CPU, off otherwise; 0 off; 1 .. 32 (below
             head_dim) the rank. squat_lambda <= 0: kvq's automatic lambda (rank / head_dim).
+        prefill: how a forward call of several tokens per row attends with attn_implementation="kvq" on the CPU:
+            "cache" (default) appends them, then reads everything back from the cache (kvq_attn_prefill), so a batch
+            longer than the residual window reads its own first tokens quantized; "exact" attends first
+            (kvq_attn_prefill_exact: the cache as it is and the batch's own K/V in fp16, as transformers'
+            QuantizedCache prefills), then appends. kvq's CLI engine prefills prompts the "exact" way (passkey keys
+            found at 4k: q3 13/15 -> 15/15, docs/quality.md). CPU only: refused on CUDA at the first update.
 
     Padding: tokens the attention mask marks as padding are never stored. On CUDA, decode steps (one new token
     per row) do not read the mask, since that would synchronise with the GPU at every step; generate() marks every
@@ -232,7 +238,7 @@ class KVQCache(Cache):
                  residual: int = -1, group: int = 0, n_threads: int = 0, rotate: int = -1, sinks: int = -1,
                  nonuniform: int = -1, squat_rank: int = -1, squat_lambda: float = 0.0,
                  plan: Plan | str | os.PathLike | None = None, qnorm: int = -1, outliers: int = 0,
-                 params8: int = 0, window8: int = 0) -> None:
+                 params8: int = 0, window8: int = 0, prefill: str = "cache") -> None:
         if not hasattr(config, "num_attention_heads") and not hasattr(config, "get_text_config"):
             raise TypeError(f"kvq: KVQCache takes the model's config (model.config), got {type(config).__name__}")
         if plan is not None:
@@ -265,6 +271,8 @@ class KVQCache(Cache):
                                     ("sinks", sinks, 1024, "tokens kept exact, 0 .. 1024")):
             if not -1 <= N._int(val, name) <= hi:
                 raise ValueError(f"kvq: {name} = {val} must be -1 (kvq's default), 0 (off) or {what}")
+        if prefill not in ("cache", "exact"):
+            raise ValueError(f"kvq: prefill = {prefill!r} must be 'cache' or 'exact'")
         if not -1 <= N._int(squat_rank, "squat_rank") <= 32:
             raise ValueError(f"kvq: squat_rank = {squat_rank} must be -1 (kvq's default), 0 (off) or 1 .. 32")
         if not isinstance(squat_lambda, (int, float)) or not math.isfinite(squat_lambda):
@@ -297,6 +305,7 @@ class KVQCache(Cache):
         self.kvq_outliers = max(int(outliers), 0)
         self.kvq_params8 = max(int(params8), 0)
         self.kvq_window8 = max(int(window8), 0)
+        self.kvq_prefill = prefill
         self._squat_set: set = set()  # (group index, sequence, local layer) whose key subspace is set
         groups: dict = {}
         for i, t in enumerate(self.layer_types_per_layer):
@@ -377,6 +386,8 @@ class KVQCache(Cache):
             if not self.fused:
                 raise RuntimeError('kvq: on CUDA the cache needs attn_implementation="kvq" (the CUDA backend has no '
                                    "read-back; attention runs on the pages)")
+            if self.kvq_prefill == "exact":
+                raise ValueError('kvq: prefill="exact" runs on the CPU only (the CUDA backend has no such prefill)')
             if self.head_dim not in N.CUDA_HEAD_DIMS:
                 raise ValueError(f"kvq: head_dim {self.head_dim} is not supported by the CUDA backend "
                                  f"({N.CUDA_HEAD_DIMS})")
@@ -546,11 +557,14 @@ class KVQCache(Cache):
         sa = self._stream_args()
         if not cuda and h.config.squat_rank:
             self._set_subspaces(g, li, query, valid)
+        # prefill="exact": the rows attend before their tokens are appended (kvq_attn_prefill_exact), below
+        exact = not cuda and q > 1 and self.kvq_prefill == "exact"
         if valid is None:
             kc, vc = k.contiguous(), v.contiguous()
             counts = [q] * B
             rows = list(range(B))
-            h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), *sa)
+            if not exact:
+                h.append_ptr(li, g.seqs, counts, kd, kc.data_ptr(), vc.data_ptr(), *sa)
         else:
             counts_all = valid.sum(dim=1).tolist()
             rows = [b for b in range(B) if counts_all[b] > 0]
@@ -558,7 +572,7 @@ class KVQCache(Cache):
             vdev = valid.to(key.device)
             kc = k[vdev].contiguous()  # [sum counts, H, D], rows back to back
             vc = v[vdev].contiguous()
-            if rows:
+            if rows and not exact:
                 h.append_ptr(li, [g.seqs[b] for b in rows], counts, kd, kc.data_ptr(), vc.data_ptr(), *sa)
         qt = query.transpose(1, 2)  # [B, q, Hq, D]
         if cuda:
@@ -570,17 +584,26 @@ class KVQCache(Cache):
             h.attn_decode_ptr(li, g.seqs, qd.data_ptr(), out.data_ptr(), Hq, scale, window, softcap)
             return out.view(B, 1, Hq, D).to(query.dtype)
         out = torch.zeros((B, q, Hq, D), dtype=torch.float32)
+        row_bytes = self.n_kv_heads * D * kc.element_size()
+        off = 0  # the row's first token in kc / vc (rows back to back)
         for b, n in zip(rows, counts):
             if valid is None:
                 qb = qf[b].contiguous()
                 ob = out[b]
-                h.attn_prefill_ptr(li, g.seqs[b], n, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap)
             else:
                 idx = valid[b].nonzero().squeeze(1)
                 qb = qf[b].index_select(0, idx).contiguous()
                 ob = torch.empty_like(qb)
+            if exact:
+                h.attn_prefill_exact_ptr(li, g.seqs[b], n, qb.data_ptr(), kd, kc.data_ptr() + off * row_bytes,
+                                         vc.data_ptr() + off * row_bytes, ob.data_ptr(), Hq, scale, window, softcap)
+            else:
                 h.attn_prefill_ptr(li, g.seqs[b], n, qb.data_ptr(), ob.data_ptr(), Hq, scale, window, softcap)
+            if valid is not None:
                 out[b].index_copy_(0, idx, ob)
+            off += n
+        if exact and rows:
+            h.append_ptr(li, [g.seqs[b] for b in rows], counts, kd, kc.data_ptr(), vc.data_ptr())
         return out.to(query.dtype)
 
     def _decode_step(self, layer_idx, query, key, value, scaling, window, softcap, out=None):

@@ -112,6 +112,36 @@ def test_q4_q2_close(family_model, kv_type, min_top1, min_cos):
     assert top1 >= min_top1 and cos >= min_cos, f"{fam} {kv_type}: top1 {top1:.3f} cos {cos:.4f}"
 
 
+def test_exact_prefill(family_model):
+    """prefill="exact" (kvq_attn_prefill_exact): a 48-token prompt on a q2 cache with residual 16 and group 16 (so the
+    default prefill reads the prompt's first 32 tokens back from 2-bit pages) gives the prompt's logits of the fp
+    reference up to fp16 K/V, left-padded rows too; "cache" does not. Decode goes on from the same stored bytes."""
+    fam, model = family_model
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (2, 48), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # the second row left-padded: its 43 real tokens go through the valid-row path
+    ref = model(ids, attention_mask=mask, **{C: transformers.DynamicCache(config=model.config)}, use_cache=True).logits
+    errs, caches = {}, {}
+    with kvq_attention(model):
+        for mode in ("exact", "cache"):
+            cache = kvq.KVQCache(model.config, kv_type="q2", max_cache_len=64, residual=16, group=16, prefill=mode)
+            got = model(ids, attention_mask=mask, **{C: cache}, use_cache=True).logits
+            errs[mode] = max(((got[b, -40:] - ref[b, -40:]).abs().max() / ref[b, -40:].std()).item() for b in range(2))
+            caches[mode] = cache
+            assert cache.seq_lengths() == [48, 43]
+    print(f"{fam}: exact {errs['exact']:.5f} cache {errs['cache']:.5f}")
+    assert errs["exact"] < 0.01, f"{fam}: exact prefill max|dlogit|/std {errs['exact']:.4f}"
+    assert errs["cache"] > 5 * errs["exact"], f"{fam}: cache {errs['cache']:.4f} vs exact {errs['exact']:.4f}"
+    # the first layer's K/V do not depend on attention: stored the same either way (later layers' inputs differ)
+    a, b = caches["exact"]._group_of[0], caches["cache"]._group_of[0]
+    for s in range(2):
+        for x, y in zip(a.handle.read(a.seqs[s], a.local[0]), b.handle.read(b.seqs[s], b.local[0])):
+            assert (x == y).all()
+    with pytest.raises(ValueError, match="'cache' or 'exact'"):
+        kvq.KVQCache(model.config, kv_type="q2", prefill="fast")
+
+
 @pytest.mark.parametrize("fam", ["llama", "gemma2"])
 def test_beam_search(fam):
     model = make(fam)
