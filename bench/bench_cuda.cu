@@ -1,7 +1,8 @@
 // kvq-bench cuda: decode attention and append on the device, Llama-3-8B attention shapes (32 query heads,
 // 8 KV heads, D = 128; --shape gemma3-12b: 16 query heads, 8 KV heads, D = 256; gemma3-270m: 4 and 1, D = 256),
 // batch 1/8/32, context 4k/16k/64k/128k, every type. Timed with CUDA events around each
-// call, after warm-up, L2 flushed before every timed run (by reading a 256 MB buffer; --flush write: a 256 MB memset,
+// call, after warm-up, L2 flushed before every timed run (by reading a buffer of 256 MiB or 4x the L2, whichever is
+// larger; --flush write: a memset of it,
 // whose ~50 MB of dirty lines are then written back inside the timed call), median of the runs.
 // Writes <out>/bench-cuda.md and <out>/bench-cuda.csv; merges torch SDPA timings from --sdpa <csv>
 // (bench/bench_sdpa.py: lines "batch,ctx,ms"). Caches have kvq.h section 10's defaults (Q8: keys rotated; Q4, Q2:
@@ -154,7 +155,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     CU(cudaEventCreate(&e0));
     CU(cudaEventCreate(&e1));
     void *flush;
-    const size_t flush_bytes = 256u << 20;
+    // 256 MiB is 5x the H100/H200's 50 MB L2; 4x the L2 keeps the flush complete on GPUs with larger ones
+    const size_t flush_bytes = std::max<size_t>(256u << 20, (size_t)4 * prop.l2CacheSize / 16 * 16);
     CU(cudaMalloc(&flush, flush_bytes));
     CU(cudaMemset(flush, 1, flush_bytes));
     unsigned *sink;
@@ -406,8 +408,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
                    "L2 flushed before every run (%s). `GB/s` counts the KV bytes the kernel must read (pages "
                    "with their scales, plus fp16 window rows). `vs SDPA`: torch `scaled_dot_product_attention` (fp16, "
                    "enable_gqa) timed the same way by bench/bench_sdpa.py, read from %s.\n\n", shape, NQH, H, D, reps,
-                flush_write ? "a 256 MB memset, whose dirty lines are written back during the timed call"
-                            : "by reading a 256 MB buffer, which leaves clean lines",
+                flush_write ? ("a " + std::to_string(flush_bytes >> 20) + " MiB memset, whose dirty lines are written back during the timed call").c_str()
+                            : ("by reading a " + std::to_string(flush_bytes >> 20) + " MiB buffer, which leaves clean lines").c_str(),
                 sdpa_path ? sdpa_path : "(no --sdpa file)");
         fprintf(f, "| type | batch | context | µs / step / layer | KV GB/s | %% of copy BW | × vs our F16 | × vs SDPA | SDPA µs | back-to-back µs |\n");
         fprintf(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
