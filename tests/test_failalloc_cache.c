@@ -1,8 +1,9 @@
 /* Allocation failure in the cache API: a scripted workload (create, seq_new, appends across pages and groups, fork,
- * copy-on-write append, truncate, decode, prefill, exact prefill, read, free) where each call is first run with its 1st, 2nd, ...
- * allocation failing (tests/failalloc.c) until it runs through without reaching the failing one. Every failed call
- * must return KVQ_ERR_OUT_OF_MEMORY with a message and leave the cache exactly as it was (full read-back snapshot);
- * a call whose allocation failed must not report success. LSan (sanitizer tier) checks that nothing leaks.
+ * copy-on-write append, truncate, decode, prefill, exact prefill, read, free) where each call is first run with its
+ * 1st, 2nd, ... allocation failing (tests/failalloc.c) until it runs through without reaching the failing one.
+ * Every failed call must return KVQ_ERR_OUT_OF_MEMORY with a message and leave the cache exactly as it was (full
+ * read-back snapshot); a call whose allocation failed must not report success. LSan (sanitizer tier) checks that
+ * nothing leaks.
  *   test_failalloc_cache create     kvq_cache_create alone, several configurations
  *   test_failalloc_cache workload   the workload above, on a grouped (q4/q8) and a per-token (f16/fp8) cache, and a
  *                                   pre-RoPE q3/q4 cache (kvq.h section 10), and a q4/q8 cache with SQuat subspaces */

@@ -1,13 +1,15 @@
-/* kvq_attn_prefill_exact (kvq.h section 9): a batch's queries read the cache as it was before the batch and the
- * batch's own K/V in fp16, never quantized.
- *  - arithmetic: against an fp64 reference over kvq_read of the cache before the batch (what it holds: sinks and the
- *    last R tokens in fp16, the rest as stored) followed by the batch as an F16 cache with the same rotation holds it
- *    (fp16 in the rotated domain). Every type pair, pre-RoPE keys, sinks, outliers, 8-bit windows and parameters, GQA,
- *    sliding window with soft-cap, head dims 64 and 128, an empty cache (the first batch), every kernel table. Prefill
- *    items hold more than KVQ_FUSED_ROWS rows here, so the fp32 kernels run: NMSE < 1e-9;
- *  - the plain prefill on a fork (append, then kvq_attn_prefill): the same output with F16 (NMSE < 1e-11), and with
- *    grouped types and a batch longer than R an error the bound above would catch (the batch read quantized), so the
- *    check can fail; the batch appended afterwards leaves the same cache as appending it to the fork;
+/* kvq_attn_prefill_exact (kvq.h section 9): a batch's queries read the cache as it was before the batch and
+ * the batch's own K/V in fp16, never quantized.
+ *  - arithmetic: against an fp64 reference over kvq_read of the cache before the batch (what it holds: sinks
+ * and the last R tokens in fp16, the rest as stored) followed by the batch as an F16 cache with the same
+ * rotation holds it (fp16 in the rotated domain). Every type pair, pre-RoPE keys, sinks, outliers, 8-bit
+ * windows and parameters, GQA, sliding window with soft-cap, head dims 64 and 128, an empty cache (the first
+ * batch), every kernel table. Prefill items hold more than KVQ_FUSED_ROWS rows here, so the fp32 kernels run:
+ * NMSE < 1e-9;
+ *  - the plain prefill on a fork (append, then kvq_attn_prefill): the same output with F16 (NMSE < 1e-11),
+ * and with grouped types and a batch longer than R an error the bound above would catch (the batch read
+ * quantized), so the check can fail; the batch appended afterwards leaves the same cache as appending it to
+ * the fork;
  *  - K/V given as fp16: the same output as the same values in fp32;
  *  - named errors, and the cache as it was. */
 #include "testutil.h"
@@ -20,9 +22,11 @@ typedef struct tcase {
     float softcap;
 } tcase;
 
-static kvq_cache *make(const tcase *t, int H, kvq_type tk, kvq_type tv, int rotate, int residual, int64_t tokens) {
+static kvq_cache *make(const tcase *t, int H, kvq_type tk, kvq_type tv, int rotate, int residual,
+                       int64_t tokens) {
     kvq_cache_config cfg = kvq_cache_config_default();
-    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = t->D, cfg.type_k = tk, cfg.type_v = tv, cfg.n_threads = 2;
+    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = t->D, cfg.type_k = tk, cfg.type_v = tv,
+    cfg.n_threads = 2;
     cfg.residual = residual, cfg.max_seqs = 4, cfg.rotate = rotate, cfg.sinks = t->sinks;
     if (tk == KVQ_TYPE_F16) cfg.sinks = 0; /* the scratch cache of the batch's rows */
     cfg.outliers = t->outliers, cfg.window8 = t->window8, cfg.params8 = t->params8;
@@ -37,9 +41,10 @@ static void run_case(const tcase *t) {
     const int H = 2, D = t->D, nqh = H * t->rep, n = 70, R = 32, T0 = t->T0, T = T0 + n;
     const size_t row = (size_t)H * D, qrow = (size_t)nqh * D;
     char what[160];
-    snprintf(what, sizeof what, "%s/%s D=%d rep=%d pre=%d sinks=%d outl=%d w8=%d p8=%d window=%d softcap=%g T0=%d",
-             kvq_type_get_traits(t->tk)->name, kvq_type_get_traits(t->tv)->name, D, t->rep, t->prerope, t->sinks,
-             t->outliers, t->window8, t->params8, t->window, (double)t->softcap, T0);
+    snprintf(what, sizeof what,
+             "%s/%s D=%d rep=%d pre=%d sinks=%d outl=%d w8=%d p8=%d window=%d softcap=%g T0=%d",
+             kvq_type_get_traits(t->tk)->name, kvq_type_get_traits(t->tv)->name, D, t->rep, t->prerope,
+             t->sinks, t->outliers, t->window8, t->params8, t->window, (double)t->softcap, T0);
     kvq_cache *c = make(t, H, t->tk, t->tv, -1, R, T);
     if (!c) return;
     kvq_cache_config got;
@@ -51,11 +56,13 @@ static void run_case(const tcase *t) {
     { /* a prefill chunk, then single tokens: pages, the window and a partial group */
         int32_t a = T0 > 3 ? T0 - 3 : 0, one = 1;
         if (a) CHECK_OK(kvq_append(c, 0, 1, &s, &a, KVQ_DTYPE_F32, k, v));
-        for (int i = a; i < T0; i++) CHECK_OK(kvq_append(c, 0, 1, &s, &one, KVQ_DTYPE_F32, k + i * row, v + i * row));
+        for (int i = a; i < T0; i++)
+            CHECK_OK(kvq_append(c, 0, 1, &s, &one, KVQ_DTYPE_F32, k + i * row, v + i * row));
     }
     const float *bk = k + (size_t)T0 * row, *bv = v + (size_t)T0 * row;
 
-    /* the reference's keys and values: the cache's contents, then the batch as fp16 rows in the rotated domain */
+    /* the reference's keys and values: the cache's contents, then the batch as fp16 rows in the rotated
+     * domain */
     float *rk = malloc((size_t)T * row * 4), *rv = malloc((size_t)T * row * 4);
     if (T0 > 0) CHECK_OK(kvq_read(c, s, 0, 0, T0, rk, rv));
     kvq_cache *fc = make(t, H, KVQ_TYPE_F16, KVQ_TYPE_F16, got.rotate, 0, n);
@@ -66,7 +73,8 @@ static void run_case(const tcase *t) {
     CHECK_OK(kvq_read(fc, fs, 0, 0, n, rk + (size_t)T0 * row, rv + (size_t)T0 * row));
     if (t->prerope) CHECK_OK(kvq_rope_apply(c, 0, T, 0, rk));
 
-    float *q = malloc((size_t)n * qrow * 4), *out = malloc((size_t)n * qrow * 4), *o2 = malloc((size_t)n * qrow * 4);
+    float *q = malloc((size_t)n * qrow * 4), *out = malloc((size_t)n * qrow * 4),
+          *o2 = malloc((size_t)n * qrow * 4);
     double *ref = malloc((size_t)n * qrow * 8);
     for (size_t i = 0; i < (size_t)n * qrow; i++) q[i] = (float)tu_normal();
     kvq_attn_params ap = kvq_attn_params_default(nqh);
@@ -95,16 +103,18 @@ static void run_case(const tcase *t) {
         CHECK(e < 1e-11, "%s: plain prefill differs from the exact one by NMSE %g", what, e);
         free(d);
     } else if (T0 + n >= R + 64 + t->sinks) {
-        /* the batch fills the window (R + G rows): the plain prefill reads its first tokens, and the R before it,
-         * from pages: far outside the bound */
-        CHECK(ep > 1e-6, "%s: the plain prefill's NMSE %g is inside the exact one's bound: the check cannot fail", what, ep);
+        /* the batch fills the window (R + G rows): the plain prefill reads its first tokens, and the R before
+         * it, from pages: far outside the bound */
+        CHECK(ep > 1e-6,
+              "%s: the plain prefill's NMSE %g is inside the exact one's bound: the check cannot fail", what,
+              ep);
     }
     printf("%-72s plain prefill NMSE %.2e\n", what, ep);
 
     /* the batch appended after the exact prefill: the same contents as the fork's */
     CHECK_OK(kvq_append(c, 0, 1, &s, &nn, KVQ_DTYPE_F32, bk, bv));
-    float *ak = malloc((size_t)T * row * 4), *av = malloc((size_t)T * row * 4), *bk2 = malloc((size_t)T * row * 4),
-          *bv2 = malloc((size_t)T * row * 4);
+    float *ak = malloc((size_t)T * row * 4), *av = malloc((size_t)T * row * 4),
+          *bk2 = malloc((size_t)T * row * 4), *bv2 = malloc((size_t)T * row * 4);
     CHECK_OK(kvq_read(c, s, 0, 0, T, ak, av));
     CHECK_OK(kvq_read(c, s2, 0, 0, T, bk2, bv2));
     CHECK(!memcmp(ak, bk2, (size_t)T * row * 4) && !memcmp(av, bv2, (size_t)T * row * 4),
@@ -134,16 +144,20 @@ static void dtypes(void) {
     float *bk = k + 100 * (size_t)H * D, *bv = v + 100 * (size_t)H * D;
     uint16_t *hk = malloc((size_t)n * H * D * 2), *hv = malloc((size_t)n * H * D * 2);
     for (size_t i = 0; i < 2 * (size_t)n * H * D; i++) {
-        uint32_t sign = tu_uniform() < 0.5, ex = 9 + (uint32_t)(tu_uniform() * 11), man = (uint32_t)(tu_uniform() * 1024);
+        uint32_t sign = tu_uniform() < 0.5, ex = 9 + (uint32_t)(tu_uniform() * 11),
+                 man = (uint32_t)(tu_uniform() * 1024);
         uint16_t h = (uint16_t)(sign << 15 | ex << 10 | man);
         float f = (sign ? -1.0f : 1.0f) * ldexpf(1.0f + man / 1024.0f, (int)ex - 15);
-        if (i < (size_t)n * H * D) hk[i] = h, bk[i] = f;
-        else hv[i - (size_t)n * H * D] = h, bv[i - (size_t)n * H * D] = f;
+        if (i < (size_t)n * H * D)
+            hk[i] = h, bk[i] = f;
+        else
+            hv[i - (size_t)n * H * D] = h, bv[i - (size_t)n * H * D] = f;
     }
     kvq_attn_params ap = kvq_attn_params_default(nqh);
     CHECK_OK(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F32, bk, bv, o1, &ap));
     CHECK_OK(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F16, hk, hv, o2, &ap));
-    CHECK(!memcmp(o1, o2, (size_t)n * nqh * D * 4), "fp16 K/V: the output differs from the same values in fp32");
+    CHECK(!memcmp(o1, o2, (size_t)n * nqh * D * 4),
+          "fp16 K/V: the output differs from the same values in fp32");
     free(k), free(v), free(q), free(o1), free(o2), free(hk), free(hv);
     kvq_cache_free(c);
 }
@@ -154,7 +168,8 @@ static void errors(void) {
     kvq_cache *c = make(&t, H, t.tk, t.tv, -1, 32, 200);
     if (!c) return;
     size_t e = (size_t)(100 + n) * H * D;
-    float *k = malloc(e * 4), *v = malloc(e * 4), *q = malloc((size_t)n * nqh * D * 4), *o = malloc((size_t)n * nqh * D * 4);
+    float *k = malloc(e * 4), *v = malloc(e * 4), *q = malloc((size_t)n * nqh * D * 4),
+          *o = malloc((size_t)n * nqh * D * 4);
     tu_fill_kv(k, v, (size_t)(100 + n), H, D);
     for (int i = 0; i < n * nqh * D; i++) q[i] = (float)tu_normal();
     int32_t s, a = 100;
@@ -174,9 +189,12 @@ static void errors(void) {
     CHECK_ERR(kvq_attn_prefill_exact(c, 0, s, n, q, (kvq_dtype)9, bk, bv, o, &ap), KVQ_ERR_INVALID_ARG);
     CHECK_ERR(kvq_attn_prefill_exact(c, 0, s, -1, q, KVQ_DTYPE_F32, bk, bv, o, &ap), KVQ_ERR_INVALID_ARG);
     CHECK_ERR(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F32, bk, bv, o, &bad), KVQ_ERR_SHAPE);
-    CHECK(kvq_attn_prefill_exact(c, 1, s, n, q, KVQ_DTYPE_F32, bk, bv, o, &ap) != KVQ_OK, "layer 1 of a 1-layer cache accepted");
-    CHECK(kvq_attn_prefill_exact(c, 0, 3, n, q, KVQ_DTYPE_F32, bk, bv, o, &ap) != KVQ_OK, "a sequence never created accepted");
-    CHECK_OK(kvq_attn_prefill_exact(c, 0, s, 0, NULL, KVQ_DTYPE_F32, NULL, NULL, NULL, &ap)); /* nothing to do */
+    CHECK(kvq_attn_prefill_exact(c, 1, s, n, q, KVQ_DTYPE_F32, bk, bv, o, &ap) != KVQ_OK,
+          "layer 1 of a 1-layer cache accepted");
+    CHECK(kvq_attn_prefill_exact(c, 0, 3, n, q, KVQ_DTYPE_F32, bk, bv, o, &ap) != KVQ_OK,
+          "a sequence never created accepted");
+    CHECK_OK(
+        kvq_attn_prefill_exact(c, 0, s, 0, NULL, KVQ_DTYPE_F32, NULL, NULL, NULL, &ap)); /* nothing to do */
     float keep = bv[5 * H * D + 7];
     bv[5 * H * D + 7] = NAN;
     CHECK_ERR(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F32, bk, bv, o, &ap), KVQ_ERR_NONFINITE);
@@ -191,7 +209,8 @@ static void errors(void) {
     CHECK_OK(kvq_seq_length(c, s, 0, &len));
     CHECK(len == 100, "the sequence's length changed: %lld", (long long)len);
     CHECK_OK(kvq_read(c, s, 0, 0, 100, after_k, after_v));
-    CHECK(!memcmp(before_k, after_k, (size_t)100 * H * D * 4) && !memcmp(before_v, after_v, (size_t)100 * H * D * 4),
+    CHECK(!memcmp(before_k, after_k, (size_t)100 * H * D * 4) &&
+              !memcmp(before_v, after_v, (size_t)100 * H * D * 4),
           "the cache's contents changed");
     free(k), free(v), free(q), free(o), free(before_k), free(before_v), free(after_k), free(after_v);
     kvq_cache_free(c);

@@ -160,7 +160,7 @@ typedef struct llama_ctx_params {
      * queries read the cache as it was before the batch (the last R tokens exact, as decode reads them) and the
      * batch's own K/V in fp16, never quantized, whatever the batch size; then the batch is appended. 0 (what a
      * zero-initialized llama_ctx_params gets) appends first and reads everything from the cache. -1: the engine's
-     * default, on in the CPU engine. The GPU engine has no such prefill (the CLI resolves -1 to 0 there and refuses 1). */
+     * default, on in the CPU engine. The GPU engine has no such prefill: it takes -1 as 0 and refuses 1. */
     int exact_batch;
 } llama_ctx_params;
 
