@@ -14,6 +14,8 @@
  *  - named errors, and the cache as it was. */
 #include "testutil.h"
 
+#include <stdbool.h>
+
 enum { MAXT = 512 };
 
 typedef struct tcase {
@@ -126,59 +128,75 @@ static void run_case(const tcase *t) {
     kvq_cache_free(c);
 }
 
+/* dtypes' and errors' setup: a q4 cache (H 2, D 64, R 32) whose sequence s holds 100 tokens of k, v; rows 100
+ * .. 100 + n - 1 of k, v (bk, bv) are a batch of n new tokens, q their queries (4 query heads) */
+enum { FH = 2, FD = 64, FNQH = 4, FT0 = 100 };
+typedef struct fixture {
+    kvq_cache *c;
+    int32_t s;
+    float *k, *v, *q, *bk, *bv;
+} fixture;
+
+static bool fixture_make(fixture *f, int n) {
+    tcase t = {KVQ_TYPE_Q4, KVQ_TYPE_Q4, FD, 2, 0, 1, 0, 0, 0, 0, FT0, 0};
+    memset(f, 0, sizeof *f);
+    if (!(f->c = make(&t, FH, t.tk, t.tv, -1, 32, 200))) return false;
+    size_t e = (size_t)(FT0 + n) * FH * FD;
+    f->k = malloc(e * 4), f->v = malloc(e * 4), f->q = malloc((size_t)n * FNQH * FD * 4);
+    tu_fill_kv(f->k, f->v, (size_t)(FT0 + n), FH, FD);
+    for (int i = 0; i < n * FNQH * FD; i++) f->q[i] = (float)tu_normal();
+    int32_t a = FT0;
+    CHECK_OK(kvq_seq_new(f->c, &f->s));
+    CHECK_OK(kvq_append(f->c, 0, 1, &f->s, &a, KVQ_DTYPE_F32, f->k, f->v));
+    f->bk = f->k + (size_t)FT0 * FH * FD, f->bv = f->v + (size_t)FT0 * FH * FD;
+    return true;
+}
+
+static void fixture_free(fixture *f) {
+    free(f->k), free(f->v), free(f->q);
+    kvq_cache_free(f->c);
+}
+
 /* K/V in fp16: the same output as their values in fp32 */
 static void dtypes(void) {
-    const int H = 2, D = 64, nqh = 4, n = 40;
-    tcase t = {KVQ_TYPE_Q4, KVQ_TYPE_Q4, D, 2, 0, 1, 0, 0, 0, 0, 100, 0};
-    kvq_cache *c = make(&t, H, t.tk, t.tv, -1, 32, 200);
-    if (!c) return;
-    size_t e = (size_t)(100 + n) * H * D;
-    float *k = malloc(e * 4), *v = malloc(e * 4), *q = malloc((size_t)n * nqh * D * 4);
+    const int H = FH, D = FD, nqh = FNQH, n = 40;
+    fixture f;
+    if (!fixture_make(&f, n)) return;
+    kvq_cache *c = f.c;
+    int32_t s = f.s;
+    float *q = f.q, *bk = f.bk, *bv = f.bv;
     float *o1 = malloc((size_t)n * nqh * D * 4), *o2 = malloc((size_t)n * nqh * D * 4);
-    tu_fill_kv(k, v, (size_t)(100 + n), H, D);
-    for (int i = 0; i < n * nqh * D; i++) q[i] = (float)tu_normal();
-    int32_t s, a = 100;
-    CHECK_OK(kvq_seq_new(c, &s));
-    CHECK_OK(kvq_append(c, 0, 1, &s, &a, KVQ_DTYPE_F32, k, v));
     /* the batch as random fp16 numbers (normal, 2^-6 .. 2^4), given as fp16 and as their exact fp32 values */
-    float *bk = k + 100 * (size_t)H * D, *bv = v + 100 * (size_t)H * D;
     uint16_t *hk = malloc((size_t)n * H * D * 2), *hv = malloc((size_t)n * H * D * 2);
     for (size_t i = 0; i < 2 * (size_t)n * H * D; i++) {
         uint32_t sign = tu_uniform() < 0.5, ex = 9 + (uint32_t)(tu_uniform() * 11),
                  man = (uint32_t)(tu_uniform() * 1024);
         uint16_t h = (uint16_t)(sign << 15 | ex << 10 | man);
-        float f = (sign ? -1.0f : 1.0f) * ldexpf(1.0f + man / 1024.0f, (int)ex - 15);
+        float fv = (sign ? -1.0f : 1.0f) * ldexpf(1.0f + man / 1024.0f, (int)ex - 15);
         if (i < (size_t)n * H * D)
-            hk[i] = h, bk[i] = f;
+            hk[i] = h, bk[i] = fv;
         else
-            hv[i - (size_t)n * H * D] = h, bv[i - (size_t)n * H * D] = f;
+            hv[i - (size_t)n * H * D] = h, bv[i - (size_t)n * H * D] = fv;
     }
     kvq_attn_params ap = kvq_attn_params_default(nqh);
     CHECK_OK(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F32, bk, bv, o1, &ap));
     CHECK_OK(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F16, hk, hv, o2, &ap));
     CHECK(!memcmp(o1, o2, (size_t)n * nqh * D * 4),
           "fp16 K/V: the output differs from the same values in fp32");
-    free(k), free(v), free(q), free(o1), free(o2), free(hk), free(hv);
-    kvq_cache_free(c);
+    free(o1), free(o2), free(hk), free(hv);
+    fixture_free(&f);
 }
 
 static void errors(void) {
-    const int H = 2, D = 64, nqh = 4, n = 8;
-    tcase t = {KVQ_TYPE_Q4, KVQ_TYPE_Q4, D, 2, 0, 1, 0, 0, 0, 0, 100, 0};
-    kvq_cache *c = make(&t, H, t.tk, t.tv, -1, 32, 200);
-    if (!c) return;
-    size_t e = (size_t)(100 + n) * H * D;
-    float *k = malloc(e * 4), *v = malloc(e * 4), *q = malloc((size_t)n * nqh * D * 4),
-          *o = malloc((size_t)n * nqh * D * 4);
-    tu_fill_kv(k, v, (size_t)(100 + n), H, D);
-    for (int i = 0; i < n * nqh * D; i++) q[i] = (float)tu_normal();
-    int32_t s, a = 100;
-    CHECK_OK(kvq_seq_new(c, &s));
-    CHECK_OK(kvq_append(c, 0, 1, &s, &a, KVQ_DTYPE_F32, k, v));
+    const int H = FH, D = FD, nqh = FNQH, n = 8;
+    fixture f;
+    if (!fixture_make(&f, n)) return;
+    kvq_cache *c = f.c;
+    int32_t s = f.s;
+    float *q = f.q, *bk = f.bk, *bv = f.bv, *o = malloc((size_t)n * nqh * D * 4);
     float *before_k = malloc((size_t)100 * H * D * 4), *before_v = malloc((size_t)100 * H * D * 4);
     float *after_k = malloc((size_t)100 * H * D * 4), *after_v = malloc((size_t)100 * H * D * 4);
     CHECK_OK(kvq_read(c, s, 0, 0, 100, before_k, before_v));
-    float *bk = k + 100 * (size_t)H * D, *bv = v + 100 * (size_t)H * D;
     kvq_attn_params ap = kvq_attn_params_default(nqh), bad = kvq_attn_params_default(3);
     CHECK_ERR(kvq_attn_prefill_exact(NULL, 0, s, n, q, KVQ_DTYPE_F32, bk, bv, o, &ap), KVQ_ERR_NULL);
     CHECK_ERR(kvq_attn_prefill_exact(c, 0, s, n, q, KVQ_DTYPE_F32, NULL, bv, o, &ap), KVQ_ERR_NULL);
@@ -212,8 +230,8 @@ static void errors(void) {
     CHECK(!memcmp(before_k, after_k, (size_t)100 * H * D * 4) &&
               !memcmp(before_v, after_v, (size_t)100 * H * D * 4),
           "the cache's contents changed");
-    free(k), free(v), free(q), free(o), free(before_k), free(before_v), free(after_k), free(after_v);
-    kvq_cache_free(c);
+    free(o), free(before_k), free(before_v), free(after_k), free(after_v);
+    fixture_free(&f);
 }
 
 int main(void) {
