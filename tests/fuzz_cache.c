@@ -285,6 +285,7 @@ static void check_attn(world *w, int layer, int nb, const int *slots, int n_q, c
     const float scale = p->scale > 0 ? p->scale : 1.0f / sqrtf((float)D);
     size_t row = (size_t)H * D;
     bool w8 = w->L.type_v == KVQ_TYPE_Q4 || w->L.type_v == KVQ_TYPE_Q2;
+    bool k8 = w->L.type_k == KVQ_TYPE_Q2 && __builtin_cpu_supports("avx512vnni");
     for (int b = 0; b < nb; b++) {
         mseq *m = &w->s[slots[b]];
         int64_t T0 = m->len[layer], T = T0 + xn;
@@ -327,6 +328,9 @@ static void check_attn(world *w, int layer, int nb, const int *slots, int n_q, c
                     /* int16 q (or q * key scale, grouped keys) against codes x scales spanning <= 2 kmax, and q . min in
                      * fp32 */
                     if (simd) dl += scale * qmax * (1.0 / 65534 + D * 0x1p-23) * D * 2 * kmax + 0x1p-20 * scale * aa;
+                    /* Q2 keys on an AVX512-VNNI CPU: q * key scale (<= 2 kmax / 3) rounded to int8, half a step of its
+                     * largest / 127 against codes within 1.5 of their centre (attn_avx512.c) */
+                    if (simd && k8) dl += scale * qmax * (2 * kmax / 3) * (0.5 / 127) * 1.5 * D * 1.01;
                     if (p->softcap > 0) a = p->softcap * tanh(a / p->softcap);
                     s[t] = a, mx = fmax(mx, a), delta = fmax(delta, dl);
                 }

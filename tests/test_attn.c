@@ -196,14 +196,35 @@ static void key_scores_tables(void) {
                         a->key_scores(&b, j0 + from, len, q, R, sa + from, 128, sta);
                         z->key_scores(&b, j0 + from, len, q, R, sz + from, 128, stz);
                     }
+                    /* Q2 on a VNNI CPU: the avx512 table's int8 query (attn_avx512.c). Each score within half
+                     * an int8 step of q' times the codes' distance from their centre 1.5, of the exact fp64 dot
+                     * product (plus float rounding); a wrong field, token or group is off by far more. */
+                    const bool k8 = T == KVQ_TYPE_Q2 && __builtin_cpu_supports("avx512vnni");
                     for (int r = 0; r < R; r++) {
-                        int d = memcmp(sa + r * 128, sz + r * 128, (size_t)cnt * 4) != 0;
+                        int d = 0;
+                        if (!k8) d = memcmp(sa + r * 128, sz + r * 128, (size_t)cnt * 4) != 0;
+                        for (int t = 0; k8 && t < cnt; t++) {
+                            const int j = j0 + t;
+                            const uint16_t *sm = par + (size_t)(j / G) * 2 * D;
+                            double exact = 0, a8 = 0, dev = 0, mag = 0;
+                            for (int ch = 0; ch < D; ch++) {
+                                const double sc = kvq__f16_to_f32(sm[ch]), mn = kvq__f16_to_f32(sm[D + ch]);
+                                const double code = (data[(size_t)j * D + ch / 4] >> (2 * (ch % 4))) & 3;
+                                const double qc = q[r * D + ch];
+                                exact += qc * (sc * code + mn);
+                                a8 = fmax(a8, fabs(qc * sc)), dev += fabs(code - 1.5);
+                                mag += fabs(qc) * (fabs(sc) * code + fabs(mn));
+                            }
+                            const double bound = 0.5 * a8 / 127 * dev * 1.001 + 1e-5 * mag + 1e-6;
+                            d |= !(fabs(sz[r * 128 + t] - exact) <= bound);
+                        }
                         if (d && bad < 40) printf("  differs: %s D=%d R=%d j0=%d n=%d row %d\n", kvq_type_get_traits(T)->name, D, R, j0, cnt, r);
                         bad += d;
                     }
                     n += R;
                 }
-    CHECK(bad == 0, "key_scores: %d of %d rows of the AVX-512 table differ from the AVX2 table's", bad, n);
+    CHECK(bad == 0, "key_scores: %d of %d rows of the AVX-512 table differ from the AVX2 table's (Q2 with VNNI: "
+                    "from the int8 query's bound)", bad, n);
     printf("key_scores avx2 vs avx512: %d rows, %d differ\n", n, bad);
     free(data), free(par), free(q), free(sta), free(stz);
 }
@@ -400,16 +421,23 @@ static void run_combo(combo cb) {
      * the same way, against centered levels of at most 32/8 = 4 steps (Q4's codes: 8): the Q4/Q2 bound */
     bool w8_path = cb.tv == KVQ_TYPE_Q4 || cb.tv == KVQ_TYPE_Q2 || cb.tv == KVQ_TYPE_Q3;
     double simd_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-10, arith_bound = w8_path ? 6e-6 : int_path ? 2e-8 : 1e-9;
+    /* The avx512 table's Q2 keys on a VNNI CPU meet an int8 query (attn_avx512.c, "Q2 keys against an int8
+     * query"): measured <= 6.5e-6 here, 0.01-0.1% of Q2 keys' own quality NMSE on this data (8.6e-3 .. 5.7e-2) */
+    const bool k8_keys = cb.tk == KVQ_TYPE_Q2 && (cb.D == 128 || cb.D == 256) && cb.rep <= 4 &&
+                         __builtin_cpu_supports("avx512vnni");
     for (int k = 0; k < n_backends; k++) {
         setenv("KVQ_CPU_KERNELS", backends[k], 1);
+        const bool k8 = k8_keys && !strcmp(backends[k], "avx512");
+        const double simd_bound_k = k8 ? fmax(simd_bound, 2e-5) : simd_bound;
+        const double arith_bound_k = k8 ? fmax(arith_bound, 2e-5) : arith_bound;
         CHECK_OK(kvq_attn_decode(c, 1, B, seqs, q, out, &ap));
         double e_arith = tu_nmse(out, ref, qn), e_qual = tu_nmse(out, refq, qn);
         double e_simd = tu_nmse(out, refd, qn);
         if (e_simd > worst_simd[k][cb.tk][cb.tv]) worst_simd[k][cb.tk][cb.tv] = e_simd;
-        CHECK(e_arith < arith_bound && e_ref < 1e-9,
+        CHECK(e_arith < arith_bound_k && e_ref < 1e-9,
               "decode %s/%s D=%d rep=%d win=%d cap=%g: arithmetic NMSE %s %g ref %g", nk, nv, cb.D, cb.rep,
               cb.window, (double)cb.softcap, backends[k], e_arith, e_ref);
-        CHECK(e_simd < simd_bound, "decode %s/%s D=%d rep=%d win=%d: %s vs _ref NMSE %g", nk, nv, cb.D,
+        CHECK(e_simd < simd_bound_k, "decode %s/%s D=%d rep=%d win=%d: %s vs _ref NMSE %g", nk, nv, cb.D,
               cb.rep, cb.window, backends[k], e_simd);
         CHECK(e_qual < qbound, "decode %s/%s D=%d rep=%d win=%d cap=%g: %s quality NMSE %g over %g (%g x the formats' %g)",
               nk, nv, cb.D, cb.rep, cb.window, (double)cb.softcap, backends[k], e_qual, qbound, e_qual / pred, pred);

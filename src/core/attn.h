@@ -34,6 +34,7 @@ typedef struct kvq__qstate {
     const uint16_t *par; /* ... of the block with these params */
     float qs[4], qm[4];
     int16_t q16[4 * 256] __attribute__((aligned(64))); /* a 512-bit kernel's chunks are whole cache lines */
+    int8_t q8[4 * 256] __attribute__((aligned(64)));   /* the AVX512-VNNI Q4/Q2 key kernels' int8 query */
     float qg[4 * 256];
     /* the driver's (attn.c, outlier_scores): the query transposed, qo[4 c + r] = q[r][c] (0 for r >= rows), made
      * when qo_valid is 0 (zeroed with valid) */

@@ -575,6 +575,8 @@ AI void segment_scores512(const kvq_type T, const int R, const int D, const bool
 /* DK: the head dim when known at compile time (the channel loop unrolls fully), else 0 */
 AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const bool VNNI, const kvq__blk *b, int j0,
                             int n, const float *q, float *s, int ss, kvq__qstate *st) {
+    /* a head dim that is not a multiple of the chunk never gets here (int_ok512): no code for it */
+    if (DK % int_chunk512(T)) return;
     const int D = DK ? DK : b->D;
     const bool grouped = T != KVQ_TYPE_Q8;
     if (!st->valid) { /* first block of the work item: Q8 rounds q once, the grouped types permute it once */
@@ -591,6 +593,224 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const b
         const int m = key_segment(T, R, D, b, j, n - i0, q, st, to_kernel_order512);
         pf_step(&pf);
         segment_scores512(T, R, D, VNNI, b, j, m, _mm256_setzero_si256(), st, s + i0, ss);
+        i0 += m;
+    }
+}
+
+/* ---- Q2 keys against an int8 query (AVX512-VNNI) ----
+ * vpdpbusd takes 64 byte products per instruction, twice vpdpwssd's 32, and the codes meet the query unsigned as
+ * they are stored: a token's row is one load and a shift and mask per field, no widening to words. Per key group
+ * and row, q' = q * scale is rounded to int8 (one scale per row: its largest |q'| -> 127). That rounding error
+ * (half a step) meets the codes centred on qmax / 2: its mean part, qmax / 2 times the sum of the errors, is known
+ * per group and comes off q . min. What is left is ~0.05% of Q2's own key error on the output (numpy emulation on
+ * Gaussian keys; test_attn bounds it per score and per output). The kernels are written for Q4's nibbles too
+ * (E = 2), which k8_bytes does not send here. Rows of 32 bytes (Q2 at D = 128) go two tokens to a vector. */
+
+/* bytes of codes per token where this path takes a block: 32 or a multiple of 64; else 0. Q2 only: Q4 at 32k
+ * gained 6% with its caches warm and nothing flushed (its time there is the memory's), and its own key error is
+ * small enough that the query's rounding would be ~2% of it (test_attn's data) */
+static inline int k8_bytes(const kvq__blk *b) {
+    const int bpt = b->type == KVQ_TYPE_Q2 ? b->D / 4 : 0;
+    return bpt == 32 || (bpt && bpt % 64 == 0 && bpt <= 128) ? bpt : 0;
+}
+
+/* *a += 16 dword sums of 4 products of x's unsigned codes with the 64 signed query bytes at q */
+AI void dpbusd_m(__m512i *a, __m512i x, const int8_t *q) {
+#ifndef KVQ_SIMD_NO_ASM
+    __asm__("vpdpbusd %[q], %[x], %[a]" : [a] "+v"(*a) : [q] "m"(*(const int8_t(*)[64])q), [x] "v"(x));
+#else
+    *a = _mm512_add_epi32(*a, _mm512_madd_epi16(_mm512_maddubs_epi16(x, _mm512_loadu_si512((const void *)q)),
+                                                _mm512_set1_epi16(1)));
+#endif
+}
+
+/* A new key group: st->q8[r * 256 + f * QB + k] = q' of channel E k + f rounded (QB = max(bytes per token, 64);
+ * a 32-byte row's query is stored twice, for both tokens of a vector), st->qs its scale, st->qm = q . min less the
+ * centred rounding's mean part */
+AI void k8_group_query(const kvq_type T, const int R, const int D, const uint16_t *sm, const float *q,
+                       kvq__qstate *st) {
+    const int E = T == KVQ_TYPE_Q4 ? 2 : 4, bpt = D / E, QB = bpt < 64 ? 64 : bpt;
+    const float cen = T == KVQ_TYPE_Q4 ? 7.5f : 1.5f;
+    /* lane l of field f's vector takes channel E l + f of the 16 E channels from c (KO of to_kernel_order512) */
+    static const int32_t KO[2][4][16] __attribute__((aligned(64))) = {
+        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
+        {{0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
+         {1, 5, 9, 13, 17, 21, 25, 29, 1, 5, 9, 13, 17, 21, 25, 29},
+         {2, 6, 10, 14, 18, 22, 26, 30, 2, 6, 10, 14, 18, 22, 26, 30},
+         {3, 7, 11, 15, 19, 23, 27, 31, 3, 7, 11, 15, 19, 23, 27, 31}}};
+    #pragma GCC unroll 1
+    for (int r = 0; r < R; r++) {
+        __m512 qp[16], mx = _mm512_setzero_ps(), am = _mm512_setzero_ps(), ps = _mm512_setzero_ps();
+        #pragma GCC unroll 16
+        for (int c = 0; c < D; c += 16) {
+            const __m512 qv = _mm512_loadu_ps(q + (size_t)r * D + c);
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(sm + c)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(sm + D + c)));
+            qp[c / 16] = _mm512_mul_ps(qv, s);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(qp[c / 16]));
+            am = _mm512_fmadd_ps(qv, mn, am);
+            ps = _mm512_add_ps(ps, qp[c / 16]);
+        }
+        const float amax = _mm512_reduce_max_ps(mx), qs = amax > 0 ? amax / 127.0f : 1.0f;
+        const __m512 inv = _mm512_set1_ps(1.0f / qs);
+        __m512i sum8 = _mm512_setzero_si512();
+        int8_t *dst = st->q8 + (size_t)r * 256;
+        #pragma GCC unroll 4
+        for (int c = 0; c < D; c += 16 * E) /* 16 lanes per field */
+            #pragma GCC unroll 4
+            for (int f = 0; f < E; f++) {
+                const __m512i idx = _mm512_load_si512((const void *)KO[E / 4][f]);
+                const int v = c / 16;
+                __m512 y = _mm512_permutex2var_ps(qp[v], idx, qp[v + 1]);
+                if (E == 4) y = _mm512_mask_blend_ps(0xFF00, y, _mm512_permutex2var_ps(qp[v + 2], idx, qp[v + 3]));
+                const __m512i i32 = _mm512_cvtps_epi32(_mm512_mul_ps(y, inv)); /* |.| <= 127: no saturation */
+                sum8 = _mm512_add_epi32(sum8, i32);
+                const __m128i i8 = _mm512_cvtepi32_epi8(i32);
+                int8_t *o = dst + f * QB + c / E;
+                _mm_storeu_si128((__m128i *)(void *)o, i8);
+                if (bpt == 32) _mm_storeu_si128((__m128i *)(void *)(o + 32), i8);
+            }
+        st->qs[r] = qs;
+        st->qm[r] = _mm512_reduce_add_ps(am) -
+                    cen * (qs * (float)_mm512_reduce_add_epi32(sum8) - _mm512_reduce_add_ps(ps));
+    }
+}
+
+/* the fields of 64 code bytes: x[f] byte k = code of channel E k + f of those bytes */
+AI void k8_fields(const kvq_type T, __m512i v, __m512i *x) {
+    const int E = T == KVQ_TYPE_Q4 ? 2 : 4, bits = 8 / E;
+    const __m512i m = _mm512_set1_epi8(T == KVQ_TYPE_Q4 ? 15 : 3);
+    #pragma GCC unroll 4
+    for (int f = 0; f < E; f++) x[f] = _mm512_and_si512(f ? _mm512_srli_epi16(v, f * bits) : v, m);
+}
+
+/* acc[r] = 16 int32 partial sums of row r with one token's codes (bpt >= 64 bytes) */
+AI void k8_row_sums(const kvq_type T, const int R, const int bpt, const uint8_t *row, const int8_t *q8,
+                    __m512i *acc) {
+    const int E = T == KVQ_TYPE_Q4 ? 2 : 4;
+    __asm__("" : "+r"(q8)); /* the query stays in memory operands (see key_row_sums512) */
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    #pragma GCC unroll 2
+    for (int j = 0; j < bpt; j += 64) {
+        __m512i x[4];
+        k8_fields(T, _mm512_loadu_si512((const void *)(row + j)), x);
+        #pragma GCC unroll 4
+        for (int f = 0; f < E; f++)
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++) dpbusd_m(&acc[r], x[f], q8 + (size_t)r * 256 + f * bpt + j);
+    }
+}
+
+/* acc[r]: lanes 0-7 partial sums of row r with token A's 32 code bytes, lanes 8-15 with token B's */
+AI void k8_pair_sums(const kvq_type T, const int R, const uint8_t *ra, const uint8_t *rb, const int8_t *q8,
+                     __m512i *acc) {
+    const int E = T == KVQ_TYPE_Q4 ? 2 : 4;
+    __asm__("" : "+r"(q8));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)ra)),
+                                         _mm256_loadu_si256((const __m256i *)(const void *)rb), 1);
+    __m512i x[4];
+    k8_fields(T, v, x);
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    #pragma GCC unroll 4
+    for (int f = 0; f < E; f++)
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) dpbusd_m(&acc[r], x[f], q8 + (size_t)r * 256 + f * 64);
+}
+
+/* Where the pair tree below leaves the sum of row r and token t (of 8): item i = (t / 2) R + r went into e[i / 4]
+ * at position i % 4 of each 128-bit lane (lanes 0-1 token A's partials, 2-3 token B's), and f[k / 2] =
+ * tree3(e[k], e[k + 1]) holds in its 128-bit lane 2 (k % 2) + h the sums of e[k]'s token-h items */
+static inline int k8_pair_pos(int R, int r, int t) {
+    const int i = (t / 2) * R + r, k = i / 4;
+    return 16 * (k / 2) + 4 * (2 * (k % 2) + t % 2) + i % 4;
+}
+
+/* the scores of the m <= 8 tokens of one key segment from token j: 32-byte rows, tokens in pairs (the pairs past
+ * m read token j's row again; their sums are not stored) */
+AI void k8_pair_segment(const kvq_type T, const int R, const kvq__blk *b, int j, int m, const kvq__qstate *st,
+                        float *s, int ss) {
+    const uint8_t *row = b->data + (size_t)j * b->stride;
+    __m512i lv[4], e[4], f[2];
+    #pragma GCC unroll 4
+    for (int p = 0; p < 4; p++) {
+        const int ta = 2 * p < m ? 2 * p : 0, tb = 2 * p + 1 < m ? 2 * p + 1 : 0;
+        __m512i acc[4];
+        k8_pair_sums(T, R, row + (size_t)ta * b->stride, row + (size_t)tb * b->stride, st->q8, acc);
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const int i = p * R + r;
+            lv[i % 4] = acc[r];
+            if (i % 4 == 3) e[i / 4] = tree2(tree1(lv[0], lv[1]), tree1(lv[2], lv[3]));
+        }
+    }
+    /* R vectors e (4R items): pairs of them, an odd last one with itself */
+    #pragma GCC unroll 2
+    for (int k = 0; k < R; k += 2) f[k / 2] = tree3(e[k], e[k + 1 < R ? k + 1 : k]);
+    if (R <= 2) f[1] = f[0];
+    const __mmask8 keep = (__mmask8)((1u << m) - 1);
+    #pragma GCC unroll 2
+    for (int ra = 0; ra < R; ra += 2) {
+        const int rb = ra + 1 < R ? ra + 1 : ra;
+        int32_t ix[16];
+        #pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) ix[l] = k8_pair_pos(R, l < 8 ? ra : rb, l % 8);
+        const __m512i v = _mm512_permutex2var_epi32(f[0], _mm512_loadu_si512((const void *)ix), f[1]);
+        const __m512 qs = _mm512_insertf32x8(_mm512_set1_ps(st->qs[ra]), _mm256_set1_ps(st->qs[rb]), 1);
+        const __m512 qm = _mm512_insertf32x8(_mm512_set1_ps(st->qm[ra]), _mm256_set1_ps(st->qm[rb]), 1);
+        const __m512 sc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), qs, qm);
+        _mm256_mask_storeu_ps(s + (size_t)ra * ss, keep, _mm512_castps512_ps256(sc));
+        if (ra + 1 < R) _mm256_mask_storeu_ps(s + (size_t)rb * ss, keep, _mm512_extractf32x8_ps(sc, 1));
+    }
+}
+
+/* the same for rows of 64 bytes or more: a token at a time, then segment_scores512's reductions */
+AI void k8_row_segment(const kvq_type T, const int R, const int bpt, const kvq__blk *b, int j, int m,
+                       kvq__qstate *st, float *s, int ss) {
+    const uint8_t *row = b->data + (size_t)j * b->stride;
+    if (m == 8 && R != 3) {
+        __m512i lv[4], e[8], f[4], g[2];
+        #pragma GCC unroll 8
+        for (int t = 0; t < 8; t++, row += b->stride) {
+            __m512i acc[4];
+            k8_row_sums(T, R, bpt, row, st->q8, acc);
+            tree_push(R, t, acc, lv, e, f, g);
+        }
+        tree_store512(T, R, b, j, f, g, st, s, ss);
+        return;
+    }
+    __m256i part[8];
+    for (int t = 0; t < m; t++, row += b->stride) {
+        __m512i acc[4];
+        k8_row_sums(T, R, bpt, row, st->q8, acc);
+        __m256i h[4];
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
+        part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+    }
+    int_scores_store(T, R, b, j, m, part, st, s, ss);
+}
+
+/* DK: the head dim when known at compile time, else 0 */
+AI void key_scores_k8_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
+                           const float *q, float *s, int ss, kvq__qstate *st) {
+    const int D = DK ? DK : b->D, bpt = T == KVQ_TYPE_Q4 ? D / 2 : D / 4;
+    if (DK && bpt != 32 && bpt % 64) return; /* never taken (k8_bytes): no code for it */
+    if (!st->valid) st->valid = 1, st->par = NULL, st->group = -1;
+    pfcur pf = pf_start(b, n);
+    for (int i0 = 0; i0 < n;) {
+        const int j = j0 + i0;
+        if (st->par != b->par || j < st->group * b->G || j >= (st->group + 1) * b->G) {
+            k8_group_query(T, R, D, b->par + (size_t)(j / b->G) * 2 * D, q, st);
+            st->par = b->par, st->group = j / b->G;
+        }
+        int m = n - i0 < 8 ? n - i0 : 8;
+        if (j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
+        pf_step(&pf);
+        if (bpt == 32) k8_pair_segment(T, R, b, j, m, st, s + i0, ss);
+        else k8_row_segment(T, R, bpt, b, j, m, st, s + i0, ss);
         i0 += m;
     }
 }
@@ -790,6 +1010,12 @@ AI void value_accum_int_impl(const kvq_type T, const int R, const kvq__blk *b, i
  * channels (D = 64, 192) as AVX2 (position c + 16u + k: channel c + 4k + u, two fields per zmm) */
 static void q3_order512(kvq_type T, const float *src, float *dst, int D) {
     (void)T;
+    /* position c + 32u + 16h + k holds channel c + 64h + 4k + u: Q2's kernel order on zmm, built in registers
+     * (through to_kernel_order's 32-byte stores, each 64-byte load below waited for two stores to retire) */
+    if (D % 128 == 0) {
+        to_kernel_order512(KVQ_TYPE_Q2, src, dst, D);
+        return;
+    }
     float t[256] __attribute__((aligned(64)));
     to_kernel_order(KVQ_TYPE_Q2, src, t, D); /* position c + 16u + k of each 64 channels: channel c + 4k + u */
     int c = 0;
@@ -924,6 +1150,15 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
     }
     if (nu_blk(b)) {
         key_scores_levels(dots_avx512, b, j0, n, q, rows, s, ss);
+        return;
+    }
+    if (int_ok512(b, rows) && have_vnni && k8_bytes(b)) {
+#define K8(T, R)                                                                                               \
+    if (b->D == 128) key_scores_k8_impl(T, R, 128, b, j0, n, q, s, ss, st);                                    \
+    else if (b->D == 64) key_scores_k8_impl(T, R, 64, b, j0, n, q, s, ss, st);                                 \
+    else key_scores_k8_impl(T, R, 0, b, j0, n, q, s, ss, st)
+        INT_ROWS_SWITCH(K8, KVQ_TYPE_Q2)
+#undef K8
         return;
     }
     if (int_ok512(b, rows)) {

@@ -176,8 +176,15 @@ SIMD_FN void quantize_rows16(const float *x, const float *mul, int R, int D, int
  * and qm = q . min */
 AI void key_group_query_in(kvq_type T, int R, int D, const uint16_t *sm, const float *q, kvq__qstate *st,
                            void (*order)(kvq_type, const float *, float *, int)) {
-    float sc[256] __attribute__((aligned(32))), scp[256] __attribute__((aligned(32)));
-    for (int c = 0; c < D; c += 8)
+    float sc[256] __attribute__((aligned(64))), scp[256] __attribute__((aligned(64)));
+    int c0 = 0;
+#if defined(__AVX512F__)
+    /* stored as the AVX-512 order() loads them, 64 bytes at a time: a 64-byte load of two 32-byte stores is not
+     * forwarded and waits for them to retire (it was a tenth of Q2's key kernel at 32k) */
+    for (; c0 + 16 <= D; c0 += 16)
+        _mm512_store_ps(sc + c0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(sm + c0))));
+#endif
+    for (int c = c0; c < D; c += 8)
         _mm256_store_ps(sc + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + c))));
     order(T, sc, scp, D);
     /* the mins converted once for all rows, and the rows' chains side by side (a row alone was a chain of D / 8
@@ -598,10 +605,17 @@ AI __m256 lut8(const kvq_type T, __m256i q, __m256 lo, __m256 hi) {
  * (value_weights8): 8 channels at a time, the level looked up from a table of floats (lv16 / 16 - off) */
 SIMD_FN void top_fixup(const kvq_type T, const int R, const kvq__blk *b, int j0, const vwparams *vw, float *acc) {
     const int D = b->D, ng = D / b->Gv, qmax = T == KVQ_TYPE_Q4 ? 15 : 3;
+    bool any = false;
+    for (int g = 0; g < ng; g++)
+        for (int r = 0; r < R; r++) any |= vw->top[g][r] >= 0;
+    if (!any) return; /* the common case: no weight was dominant */
     const float off = (float)((qmax + 1) / 2);
-    float lvf[16] __attribute__((aligned(32))) = {0}; /* Q2 fills 4: the table lookups read all 8 lanes */
-    for (int q = 0; q <= qmax; q++) lvf[q] = (float)b->lv16[q] * 0.0625f - off;
-    const __m256 lo = _mm256_load_ps(lvf), hi = T == KVQ_TYPE_Q4 ? _mm256_load_ps(lvf + 8) : lo;
+    /* the table built in registers: a vector load of a freshly stored array would wait for the stores (no
+     * store forwarding across sizes), on every block */
+    float l[16];
+    for (int q = 0; q < 16; q++) l[q] = q <= qmax ? (float)b->lv16[q] * 0.0625f - off : 0.0f;
+    const __m256 lo = _mm256_setr_ps(l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7]);
+    const __m256 hi = T == KVQ_TYPE_Q4 ? _mm256_setr_ps(l[8], l[9], l[10], l[11], l[12], l[13], l[14], l[15]) : lo;
     for (int g = 0; g < ng; g++)
         for (int r = 0; r < R; r++) {
             const int t = vw->top[g][r];
