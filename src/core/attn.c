@@ -891,20 +891,8 @@ kvq_status kvq_attn_prefill_exact(const kvq_cache *c, int layer, int32_t seq, in
         kvq__rot rot;
         kvq__rot_init(&rot, c->cfg.rotation_seed, kvq__rot_layer(c, layer), role, D);
         for (size_t i = 0; i < (size_t)n_q * row && !s; i += D) {
-            for (int d = 0; d < D && !s; d++) {
-                x[d] = kvq__load_elem(dtype, r ? v : k, i + d);
-                if (!(fabsf(x[d]) <= 65504.0f))
-                    s = kvq__fail(KVQ_ERR_NONFINITE, "%s: %s (token %zu, head %zu, channel %d) is %g: K/V must be finite "
-                                  "and within the fp16 range", fn, r ? "v" : "k", i / row, i / D % H, d, (double)x[d]);
-            }
-            if (s) break;
-            if (kvq__rotated(c, role)) kvq__rot_apply(&rot, x, 0);
-            for (int d = 0; d < D && !s; d++) {
-                if (!(fabsf(x[d]) <= 65504.0f))
-                    s = kvq__fail(KVQ_ERR_NONFINITE, "%s: %s (token %zu, head %zu) rotates to %g in channel %d: beyond "
-                                  "the fp16 range of the cache", fn, r ? "v" : "k", i / row, i / D % H, (double)x[d], d);
-                else (r ? xv : xk)[i + d] = kvq__f32_to_f16(x[d]);
-            }
+            if ((s = kvq__kv_row_in(c, role, &rot, dtype, r ? v : k, i, x, fn, ""))) break;
+            for (int d = 0; d < D; d++) (r ? xv : xk)[i + d] = kvq__f32_to_f16(x[d]);
         }
     }
     free(x);

@@ -868,6 +868,32 @@ static kvq_status reserve_pages(kvq_seq_layer *sl, int64_t need) {
     return KVQ_OK;
 }
 
+/* Row i (D values from element i of a kvq_dtype array) of K or V as the cache holds it, in x: every value finite
+ * and within fp16, then rotated where the role is and within fp16 again. The one rule for the K/V that kvq_append
+ * stores and kvq_attn_prefill_exact reads; `tail` ends the message. */
+kvq_status kvq__kv_row_in(const kvq_cache *c, kvq_role role, const kvq__rot *rot, kvq_dtype dtype, const void *src,
+                          size_t i, float *x, const char *fn, const char *tail) {
+    const int H = c->L.n_kv_heads, D = c->L.head_dim;
+    const char *name = role == KVQ_VALUE ? "v" : "k";
+    for (int d = 0; d < D; d++) {
+        x[d] = kvq__load_elem(dtype, src, i + d);
+        if (!(fabsf(x[d]) <= 65504.0f))
+            return kvq__fail(KVQ_ERR_NONFINITE,
+                             "%s: %s[%zu] (token %zu, head %zu, channel %d) is %g: K/V must be finite and within the "
+                             "fp16 range%s",
+                             fn, name, i + d, i / ((size_t)H * D), i / D % H, d, (double)x[d], tail);
+    }
+    if (!kvq__rotated(c, role)) return KVQ_OK;
+    kvq__rot_apply(rot, x, 0);
+    for (int d = 0; d < D; d++)
+        if (!(fabsf(x[d]) <= 65504.0f))
+            return kvq__fail(KVQ_ERR_NONFINITE,
+                             "%s: %s (token %zu, head %zu) rotates to %g in channel %d: beyond the fp16 range of the "
+                             "cache%s",
+                             fn, name, i / ((size_t)H * D), i / D % H, (double)x[d], d, tail);
+    return KVQ_OK;
+}
+
 kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_ids, const int32_t *n_tokens,
                       kvq_dtype dtype, const void *k, const void *v) {
     KVQ_CHECK_NULL(c, FN_APPEND);
@@ -904,31 +930,14 @@ kvq_status kvq_append(kvq_cache *c, int layer, int n_seqs, const int32_t *seq_id
         return kvq__fail(KVQ_ERR_INVALID_ARG, FN_APPEND ": %lld tokens of %d x %d values exceed the address space",
                          (long long)total, H, D);
     size_t n_elem = (size_t)total * H * D;
-    for (size_t i = 0; i < n_elem; i++) {
-        float a = kvq__load_elem(dtype, k, i), b = kvq__load_elem(dtype, v, i);
-        if (!(fabsf(a) <= 65504.0f) || !(fabsf(b) <= 65504.0f))
-            return kvq__fail(KVQ_ERR_NONFINITE,
-                             FN_APPEND ": %s[%zu] (token %zu, head %zu, channel %zu) is %g: K/V must be finite and "
-                             "within the fp16 range; nothing was appended",
-                             fabsf(a) <= 65504.0f ? "v" : "k", i, i / ((size_t)H * D), i / D % H, i % D,
-                             (double)(fabsf(a) <= 65504.0f ? b : a));
-    }
-    /* rotated roles are stored rotated (window included): their rotated values must fit fp16 too */
     for (int r = 0; r < 2; r++) {
-        if (!kvq__rotated(c, (kvq_role)r)) continue;
-        kvq__rot rot;
-        kvq__rot_init(&rot, c->cfg.rotation_seed, kvq__rot_layer(c, layer), (kvq_role)r, D);
+        kvq__rot rot = {0};
+        if (kvq__rotated(c, (kvq_role)r))
+            kvq__rot_init(&rot, c->cfg.rotation_seed, kvq__rot_layer(c, layer), (kvq_role)r, D);
         float tmp[256];
-        for (size_t i = 0; i < n_elem; i += D) {
-            for (int d = 0; d < D; d++) tmp[d] = kvq__load_elem(dtype, r ? v : k, i + d);
-            kvq__rot_apply(&rot, tmp, 0);
-            for (int d = 0; d < D; d++)
-                if (!(fabsf(tmp[d]) <= 65504.0f))
-                    return kvq__fail(KVQ_ERR_NONFINITE,
-                                     FN_APPEND ": %s (token %zu, head %zu) rotates to %g in channel %d: beyond the fp16 "
-                                     "range of the cache; nothing was appended",
-                                     r ? "v" : "k", i / ((size_t)H * D), i / D % H, (double)tmp[d], d);
-        }
+        for (size_t i = 0; i < n_elem; i += D)
+            if ((s = kvq__kv_row_in(c, (kvq_role)r, &rot, dtype, r ? v : k, i, tmp, FN_APPEND, "; nothing was appended")))
+                return s;
     }
     /* page tables: only their capacity grows, which no caller can observe */
     for (int i = 0; i < n_seqs; i++) {

@@ -359,6 +359,10 @@ static inline float kvq__rot_scale(int n) {
 static inline int kvq__rot_sign(const kvq__rot *r, int b) { return (int)((r->s[b >> 6] >> (b & 63)) & 1); }
 /* Whether the cache stores `role` rotated. */
 static inline bool kvq__rotated(const kvq_cache *c, kvq_role role) { return (c->cfg.rotate >> role) & 1; }
+/* Row i of K or V (D values of a kvq_dtype array) as the cache holds it, in x: finite and within fp16, then rotated
+ * where the role is and within fp16 again, else KVQ_ERR_NONFINITE (fn and tail in the message); cache.c */
+kvq_status kvq__kv_row_in(const kvq_cache *c, kvq_role role, const kvq__rot *rot, kvq_dtype dtype, const void *src,
+                          size_t i, float *x, const char *fn, const char *tail);
 kvq_status kvq__check_layer(const kvq_cache *c, int layer, const char *fn);
 
 /* ---- SQuat keys (squat.c, kvq.h section 10) ---- */

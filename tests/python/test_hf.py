@@ -130,7 +130,6 @@ def test_exact_prefill(family_model):
             errs[mode] = max(((got[b, -40:] - ref[b, -40:]).abs().max() / ref[b, -40:].std()).item() for b in range(2))
             caches[mode] = cache
             assert cache.seq_lengths() == [48, 43]
-    print(f"{fam}: exact {errs['exact']:.5f} cache {errs['cache']:.5f}")
     assert errs["exact"] < 0.01, f"{fam}: exact prefill max|dlogit|/std {errs['exact']:.4f}"
     assert errs["cache"] > 5 * errs["exact"], f"{fam}: cache {errs['cache']:.4f} vs exact {errs['exact']:.4f}"
     # the first layer's K/V do not depend on attention: stored the same either way (later layers' inputs differ)
