@@ -511,7 +511,9 @@ KVQ_API kvq_status kvq_cache_set_thread_pool(kvq_cache *cache, const kvq_thread_
  * best one below it; other values are ignored). The avx512 table also uses AVX512-VNNI where the CPU has it:
  * vpdpwssd for the Q3 keys and the integer key kernels at head_dim 128 (the same integer sums, bit for bit, fewer
  * instructions), vpdpbusd for the Q3 values with 8-bit weights (head_dim a multiple of 128; the same sums as the
- * avx2 table's vpmaddubsw + vpmaddwd). */
+ * avx2 table's vpmaddubsw + vpmaddwd) and for the Q2 keys (head_dim 128 or 256, at most 4 query heads per KV head,
+ * uniform levels, keys not pre-RoPE) against the query times the key scales rounded to int8 per key group: not the
+ * avx2 table's bits but within half an int8 step per channel of them, about 0.05% of Q2's own key error. */
 KVQ_API const char *kvq_cpu_backend(void);
 
 /* ---------------------------------------------------------------------------------------------------------

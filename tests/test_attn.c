@@ -521,9 +521,14 @@ static void run_dominant(kvq_type t, int D, int rep, int64_t at) {
         setenv("KVQ_CPU_KERNELS", backends[b], 1);
         CHECK_OK(kvq_attn_decode(c, 0, 1, &seq, q, out, &ap));
         double e = tu_nmse(out, refd, qn);
-        if (e > worst_dominant[b]) worst_dominant[b] = e;
-        CHECK(e < DOMINANT_BOUND, "dominant token %s D=%d rep=%d at %lld: %s vs _ref NMSE %g (bound %g)",
-              kvq_type_get_traits(t)->name, D, rep, (long long)at, backends[b], e, DOMINANT_BOUND);
+        /* Q2 keys on the avx512 table of a VNNI CPU meet an int8 query (run_combo's k8 bound): their logits' rounding
+         * moves the weights too (8.1e-7 measured), still 5x under the failure this guards (1e-4) */
+        const bool k8 = t == KVQ_TYPE_Q2 && (D == 128 || D == 256) && rep <= 4 && !strcmp(backends[b], "avx512") &&
+                        __builtin_cpu_supports("avx512vnni");
+        const double bound = k8 ? 2e-5 : DOMINANT_BOUND;
+        if (e > worst_dominant[b] && !k8) worst_dominant[b] = e;
+        CHECK(e < bound, "dominant token %s D=%d rep=%d at %lld: %s vs _ref NMSE %g (bound %g)",
+              kvq_type_get_traits(t)->name, D, rep, (long long)at, backends[b], e, bound);
     }
     unsetenv("KVQ_CPU_KERNELS");
     free(k), free(v), free(q), free(out), free(ref), free(refd);

@@ -664,7 +664,11 @@ AI void k8_group_query(const kvq_type T, const int R, const int D, const uint16_
                 const int v = c / 16;
                 __m512 y = _mm512_permutex2var_ps(qp[v], idx, qp[v + 1]);
                 if (E == 4) y = _mm512_mask_blend_ps(0xFF00, y, _mm512_permutex2var_ps(qp[v + 2], idx, qp[v + 3]));
-                const __m512i i32 = _mm512_cvtps_epi32(_mm512_mul_ps(y, inv)); /* |.| <= 127: no saturation */
+                /* |.| <= 127 for a finite query; clamped, so that a NaN or infinite one (NaN scores through
+                 * q . min) leaves the byte sums bounded */
+                const __m512i i32 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, inv)),
+                                                                      _mm512_set1_epi32(127)),
+                                                     _mm512_set1_epi32(-127));
                 sum8 = _mm512_add_epi32(sum8, i32);
                 const __m128i i8 = _mm512_cvtepi32_epi8(i32);
                 int8_t *o = dst + f * QB + c / E;
