@@ -1145,6 +1145,17 @@ static bool int_ok_avx2(const kvq__blk *b, int rows) {
     return int_fits(b, rows, C, C);
 }
 
+/* Q2 keys with an int8 query (a function of its own: inside key_scores_avx512 its instantiations moved the other
+ * types' code, and Q4 ran 5% slower) */
+__attribute__((noinline)) static void key_scores_k8(const kvq__blk *b, int j0, int n, const float *q, int rows,
+                                                    float *s, int ss, kvq__qstate *st) {
+#define K8(T, R)                                                                                               \
+    if (b->D == 128) key_scores_k8_impl(T, R, 128, b, j0, n, q, s, ss, st);                                    \
+    else key_scores_k8_impl(T, R, 0, b, j0, n, q, s, ss, st)
+    INT_ROWS_SWITCH(K8, KVQ_TYPE_Q2)
+#undef K8
+}
+
 static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, int rows, float *s, int ss,
                               kvq__qstate *st) {
     if (b->type == KVQ_TYPE_Q3) { /* Q3: the zmm kernels where the shape fits them, else the AVX2 ones */
@@ -1157,12 +1168,7 @@ static void key_scores_avx512(const kvq__blk *b, int j0, int n, const float *q, 
         return;
     }
     if (int_ok512(b, rows) && have_vnni && k8_bytes(b)) {
-#define K8(T, R)                                                                                               \
-    if (b->D == 128) key_scores_k8_impl(T, R, 128, b, j0, n, q, s, ss, st);                                    \
-    else if (b->D == 64) key_scores_k8_impl(T, R, 64, b, j0, n, q, s, ss, st);                                 \
-    else key_scores_k8_impl(T, R, 0, b, j0, n, q, s, ss, st)
-        INT_ROWS_SWITCH(K8, KVQ_TYPE_Q2)
-#undef K8
+        key_scores_k8(b, j0, n, q, rows, s, ss, st);
         return;
     }
     if (int_ok512(b, rows)) {
