@@ -1145,8 +1145,7 @@ static bool int_ok_avx2(const kvq__blk *b, int rows) {
     return int_fits(b, rows, C, C);
 }
 
-/* Q2 keys with an int8 query (a function of its own: inside key_scores_avx512 its instantiations moved the other
- * types' code, and Q4 ran 5% slower) */
+/* Q2 keys with an int8 query (a function of its own, so that the other types' dispatch below stays as it was) */
 __attribute__((noinline)) static void key_scores_k8(const kvq__blk *b, int j0, int n, const float *q, int rows,
                                                     float *s, int ss, kvq__qstate *st) {
 #define K8(T, R)                                                                                               \
