@@ -15,7 +15,8 @@ How the pieces fit:
     compatibility and tests; it is slower and has no memory benefit during attention.
   * The two paths compute the same attention of the same cache bytes: to fp32 rounding with kvq's scalar kernels
     (KVQ_CPU_KERNELS=scalar), and within the integer arithmetic of the SIMD kernels otherwise (decode with <= 4 query
-    heads per KV head: the query rounded to int16 per key group, Q4/Q2 softmax weights to 8 bits; relative error
+    heads per KV head: the query rounded to int16 per key group (int8 for Q2 keys at head dim 128/256 on an
+    AVX512-VNNI CPU, kvq.h section 9), Q4/Q2 softmax weights to 8 bits; relative error
     ~1e-4 for Q8, ~1e-3 for Q4/Q2): tests/python/test_hf_paths.py. A whole model run through each path does not
     store the same bytes, though: the paths' fp32 rounding differs, later layers' K/V move by ~1e-7, and a few of
     them cross a quantization rounding boundary; a real model amplifies that (SmolLM2-135M, Q8, prefill 512: logits

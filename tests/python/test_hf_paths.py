@@ -8,7 +8,8 @@ Two caches are fed the same K/V (so they hold the same bytes); for the same quer
   * with kvq's scalar reference kernels (KVQ_CPU_KERNELS=scalar), to fp32 rounding: max|d| <= 2e-5 x max|out|
     for every type, prefill and decode, 1..8 query heads per KV head (measured: 2e-6 .. 6e-6);
   * with the SIMD kernels (AVX2 / AVX-512, what runs by default) within the error of their integer arithmetic, which
-    the README states: the query rounded to int16 per key group (all quantized types) and, for Q4/Q2 values, the
+    the README states: the query rounded to int16 per key group (all quantized types; int8 for Q2 keys at head dims
+    128 and 256 on an AVX512-VNNI CPU, not this file's D = 64) and, for Q4/Q2 values, the
     softmax weights rounded to 8 bits per page; those run for decode with at most 4 query heads per KV head. Bounds
     (relative to max|out|): f16/bf16 2e-5 (no integer path), q8 5e-4, q4/q2 5e-3 (measured on AVX-512: q8
     1.1e-4 .. 1.4e-4, q4 6e-4 .. 1.1e-3, q2 5e-4 .. 1.1e-3, 8 heads per KV head 2e-6); printed with -s.
