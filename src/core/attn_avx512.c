@@ -543,15 +543,20 @@ AI void tree_store512(const kvq_type T, const int R, const kvq__blk *b, int j, c
 /* The scores of the m (<= 8) tokens of one key segment from token j (kvq_page_layout rows at b->stride): each
  * token's row sums (Q3: its levels looked up in tbl; else its codes unpacked), then a whole segment reduced as one
  * tree, a shorter one token by token as attn_avx2.c's layout (r0 r1 r2 r3 | r0 r1 r2 r3). */
+AI void k8_row_sums(const kvq_type T, const int R, const int bpt, const uint8_t *row, const int8_t *q8,
+                    __m512i *acc); /* the int8-query row sums of the Q2 keys, below */
+/* K8: the row sums of k8_row_sums (an int8 query in st->q8, rows of 64 bytes or more) */
 AI void segment_scores512(const kvq_type T, const int R, const int D, const bool VNNI, const kvq__blk *b, int j,
-                          int m, const __m256i tbl, kvq__qstate *st, float *s, int ss) {
+                          int m, const __m256i tbl, kvq__qstate *st, float *s, int ss, const bool K8) {
+    const int bpt = T == KVQ_TYPE_Q4 ? D / 2 : D / 4; /* K8's bytes of codes per token */
     const uint8_t *row = b->data + (size_t)j * b->stride;
     if (m == 8 && R != 3) {
         __m512i lv[4], e[8], f[4], g[2];
         #pragma GCC unroll 8
         for (int t = 0; t < 8; t++, row += b->stride) {
             __m512i acc[4];
-            if (T == KVQ_TYPE_Q3) q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
+            if (K8) k8_row_sums(T, R, bpt, row, st->q8, acc);
+            else if (T == KVQ_TYPE_Q3) q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
             else key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
             tree_push(R, t, acc, lv, e, f, g);
         }
@@ -561,7 +566,8 @@ AI void segment_scores512(const kvq_type T, const int R, const int D, const bool
     __m256i part[8];
     for (int t = 0; t < m; t++, row += b->stride) {
         __m512i acc[4];
-        if (T == KVQ_TYPE_Q3) q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
+        if (K8) k8_row_sums(T, R, bpt, row, st->q8, acc);
+        else if (T == KVQ_TYPE_Q3) q3_row_sums512(R, VNNI, D, row, tbl, st->q16, acc);
         else key_row_sums512(T, R, VNNI, D, row, st->q16, acc);
         /* each row's 16 sums folded to 8 */
         __m256i h[4];
@@ -592,7 +598,7 @@ AI void key_scores_int_impl(const kvq_type T, const int R, const int DK, const b
         /* up to 8 tokens of one key group; their scores are reduced together (attn_simd.h) */
         const int m = key_segment(T, R, D, b, j, n - i0, q, st, to_kernel_order512);
         pf_step(&pf);
-        segment_scores512(T, R, D, VNNI, b, j, m, _mm256_setzero_si256(), st, s + i0, ss);
+        segment_scores512(T, R, D, VNNI, b, j, m, _mm256_setzero_si256(), st, s + i0, ss, false);
         i0 += m;
     }
 }
@@ -770,33 +776,6 @@ AI void k8_pair_segment(const kvq_type T, const int R, const kvq__blk *b, int j,
     }
 }
 
-/* the same for rows of 64 bytes or more: a token at a time, then segment_scores512's reductions */
-AI void k8_row_segment(const kvq_type T, const int R, const int bpt, const kvq__blk *b, int j, int m,
-                       kvq__qstate *st, float *s, int ss) {
-    const uint8_t *row = b->data + (size_t)j * b->stride;
-    if (m == 8 && R != 3) {
-        __m512i lv[4], e[8], f[4], g[2];
-        #pragma GCC unroll 8
-        for (int t = 0; t < 8; t++, row += b->stride) {
-            __m512i acc[4];
-            k8_row_sums(T, R, bpt, row, st->q8, acc);
-            tree_push(R, t, acc, lv, e, f, g);
-        }
-        tree_store512(T, R, b, j, f, g, st, s, ss);
-        return;
-    }
-    __m256i part[8];
-    for (int t = 0; t < m; t++, row += b->stride) {
-        __m512i acc[4];
-        k8_row_sums(T, R, bpt, row, st->q8, acc);
-        __m256i h[4];
-        #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) h[r] = r < R ? fold_epi32(acc[r]) : _mm256_setzero_si256();
-        part[t] = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
-    }
-    int_scores_store(T, R, b, j, m, part, st, s, ss);
-}
-
 /* DK: the head dim when known at compile time, else 0 */
 AI void key_scores_k8_impl(const kvq_type T, const int R, const int DK, const kvq__blk *b, int j0, int n,
                            const float *q, float *s, int ss, kvq__qstate *st) {
@@ -814,7 +793,7 @@ AI void key_scores_k8_impl(const kvq_type T, const int R, const int DK, const kv
         if (j + m > (st->group + 1) * b->G) m = (st->group + 1) * b->G - j;
         pf_step(&pf);
         if (bpt == 32) k8_pair_segment(T, R, b, j, m, st, s + i0, ss);
-        else k8_row_segment(T, R, bpt, b, j, m, st, s + i0, ss);
+        else segment_scores512(T, R, D, true, b, j, m, _mm256_setzero_si256(), st, s + i0, ss, true);
         i0 += m;
     }
 }
@@ -1044,7 +1023,7 @@ AI void q3_key_scores512_impl(const int R, const int DK, const bool VNNI, const 
         int j = j0 + i0;
         const int m = key_segment(KVQ_TYPE_Q3, R, D, b, j, n - i0, q, st, q3_order512);
         pf_step(&pf);
-        segment_scores512(KVQ_TYPE_Q3, R, D, VNNI, b, j, m, tbl, st, s + i0, ss);
+        segment_scores512(KVQ_TYPE_Q3, R, D, VNNI, b, j, m, tbl, st, s + i0, ss, false);
         i0 += m;
     }
 }
