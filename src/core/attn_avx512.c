@@ -408,6 +408,16 @@ AI void unpack_keys512(const kvq_type T, const uint8_t *row, int c, __m512i *v) 
     v[2] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m), v[3] = _mm512_srli_epi16(x, 6);
 }
 
+/* KO[E / 4][u][l] = (E * l + u) & 31: the lanes of field u among 16 E channels (E codes per byte), for the two
+ * permutes of a field's 16 lanes (to_kernel_order512, k8_group_query) */
+static const int32_t KO[2][4][16] __attribute__((aligned(64))) = {
+    {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+     {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
+    {{0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
+     {1, 5, 9, 13, 17, 21, 25, 29, 1, 5, 9, 13, 17, 21, 25, 29},
+     {2, 6, 10, 14, 18, 22, 26, 30, 2, 6, 10, 14, 18, 22, 26, 30},
+     {3, 7, 11, 15, 19, 23, 27, 31, 3, 7, 11, 15, 19, 23, 27, 31}}};
+
 /* dst = src (D floats, natural channel order, D a multiple of the chunk) in kernel order; src != dst. Output
  * vector v of a chunk (dst[c + 16v ..], v < 2E) is field u = v / 2, k = 16 (v % 2) + l (l < 16): channels c +
  * E*k + u, which lie in the 16E channels from c + 16E (v % 2); lane l takes channel E*l + u of them, from the
@@ -417,14 +427,6 @@ static void to_kernel_order512(kvq_type T, const float *src, float *dst, int D) 
         memcpy(dst, src, (size_t)D * sizeof(float));
         return;
     }
-    /* KO[E / 4][u][l] = (E * l + u) & 31 */
-    static const int32_t KO[2][4][16] __attribute__((aligned(64))) = {
-        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
-        {{0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
-         {1, 5, 9, 13, 17, 21, 25, 29, 1, 5, 9, 13, 17, 21, 25, 29},
-         {2, 6, 10, 14, 18, 22, 26, 30, 2, 6, 10, 14, 18, 22, 26, 30},
-         {3, 7, 11, 15, 19, 23, 27, 31, 3, 7, 11, 15, 19, 23, 27, 31}}};
     const int E = T == KVQ_TYPE_Q4 ? 2 : 4, C = 32 * E;
     for (int c = 0; c < D; c += C)
         for (int v = 0; v < 2 * E; v++) {
@@ -637,14 +639,7 @@ AI void k8_group_query(const kvq_type T, const int R, const int D, const uint16_
                        kvq__qstate *st) {
     const int E = T == KVQ_TYPE_Q4 ? 2 : 4, bpt = D / E, QB = bpt < 64 ? 64 : bpt;
     const float cen = T == KVQ_TYPE_Q4 ? 7.5f : 1.5f;
-    /* lane l of field f's vector takes channel E l + f of the 16 E channels from c (KO of to_kernel_order512) */
-    static const int32_t KO[2][4][16] __attribute__((aligned(64))) = {
-        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
-        {{0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
-         {1, 5, 9, 13, 17, 21, 25, 29, 1, 5, 9, 13, 17, 21, 25, 29},
-         {2, 6, 10, 14, 18, 22, 26, 30, 2, 6, 10, 14, 18, 22, 26, 30},
-         {3, 7, 11, 15, 19, 23, 27, 31, 3, 7, 11, 15, 19, 23, 27, 31}}};
+    /* lane l of field f's vector takes channel E l + f of the 16 E channels from c (KO) */
     #pragma GCC unroll 1
     for (int r = 0; r < R; r++) {
         __m512 qp[16], mx = _mm512_setzero_ps(), am = _mm512_setzero_ps(), ps = _mm512_setzero_ps();
