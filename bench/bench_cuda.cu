@@ -81,12 +81,12 @@ static double median(std::vector<float> v) {
     return v.empty() ? 0 : v[v.size() / 2];
 }
 
-static std::vector<int> int_list(const char *s) {
+static std::vector<int> int_list(const char *s, int lo = 1) {
     std::vector<int> v;
     for (const char *p = s; *p;) {
         char *end;
         long x = strtol(p, &end, 10);
-        if (end == p || x < 1 || x > (1 << 24)) return {};
+        if (end == p || x < lo || x > (1 << 24)) return {};
         v.push_back((int)x);
         p = *end == ',' ? end + 1 : end;
         if (*end && *end != ',') return {};
@@ -105,7 +105,8 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     const char *out_dir = nullptr, *sdpa_path = nullptr;  // no --out: stdout only (--out docs: the tracked tables)
     int reps = 20, residual = -1, rotate = -1, sinks = -1;
     bool quick = false, flush_write = false, plain = false, qnorm = false;
-    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr, *shape = "llama3-8b", *multi_arg = nullptr;
+    const char *types_arg = nullptr, *ctx_arg = nullptr, *batch_arg = nullptr, *shape = "llama3-8b", *multi_arg = nullptr,
+               *prefill_arg = nullptr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out_dir = argv[++i];
         else if (!strcmp(argv[i], "--sdpa") && i + 1 < argc) sdpa_path = argv[++i];
@@ -116,6 +117,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--types") && i + 1 < argc) types_arg = argv[++i];
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_arg = argv[++i];
         else if (!strcmp(argv[i], "--multi") && i + 1 < argc) multi_arg = argv[++i];
+        else if (!strcmp(argv[i], "--prefill") && i + 1 < argc) prefill_arg = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch_arg = argv[++i];
         else if (!strcmp(argv[i], "--shape") && i + 1 < argc) shape = argv[++i];
         else if (!strcmp(argv[i], "--residual") && i + 1 < argc) residual = atoi(argv[++i]);
@@ -126,7 +128,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
             fprintf(stderr, "usage: kvq-bench cuda [--out DIR] [--sdpa CSV] [--reps N] [--quick] [--types f16,q8,q8/q4,...] "
                             "[--ctx 4096,131072] [--batch 1,8] [--flush read|write] [--plain] [--qnorm] "
                             "[--shape llama3-8b|gemma3-12b|gemma3-270m] [--residual R] [--rotate ROLES] [--sinks S] "
-                            "[--multi 2,4,8]\n");
+                            "[--multi 2,4,8] [--prefill CHUNKS (--ctx: the depths before each chunk, 0 allowed)]\n");
             return 2;
         }
     }
@@ -213,7 +215,7 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     std::vector<int> ctxs = {4096, 16384, 65536, 131072};
     std::vector<int> batches = {1, 8, 32};
     if (quick) ctxs = {4096, 131072}, batches = {1, 8};
-    if (ctx_arg) ctxs = int_list(ctx_arg);
+    if (ctx_arg) ctxs = prefill_arg ? int_list(ctx_arg, 0) : int_list(ctx_arg);
     std::vector<int> multis;
     if (multi_arg) multis = int_list(multi_arg);
     for (int m : multis)
@@ -249,6 +251,114 @@ extern "C" int kvq_bench_cuda_main(int argc, char **argv) {
     if (ctxs.empty() || batches.empty() || types.empty()) {
         fprintf(stderr, "empty --ctx, --batch or --types\n");
         return 2;
+    }
+    if (prefill_arg) {
+        // Chunked prefill (issue 19, item 5): `chunk` query tokens after `depth` cached ones, one sequence, causal
+        // (query i sees depth + i + 1 keys), the cache holding all depth + chunk tokens as kvq_cuda_attn_prefill
+        // wants them. kvq's tiled kernel (the default) and, for chunks up to 2048, the decode kernel's entries
+        // (KVQ_CUDA_PREFILL_TILES=0); torch SDPA's flash prefill from --sdpa lines "prefill,depth,chunk,ms"
+        // (bench_sdpa.py --prefill: causal, aligned to the lower right as here).
+        const std::vector<int> chunks = int_list(prefill_arg);
+        if (chunks.empty() || ctxs.empty()) {
+            fprintf(stderr, "--prefill: a list of chunk sizes (1 .. 2^24) and --ctx depths (0 ..)\n");
+            return 2;
+        }
+        std::map<std::pair<int, int>, double> sdpa_p;
+        if (sdpa_path) {
+            FILE *f = fopen(sdpa_path, "r");
+            char line[256];
+            int dp, ch;
+            double ms;
+            while (f && fgets(line, sizeof line, f))
+                if (sscanf(line, "prefill,%d,%d,%lf", &dp, &ch, &ms) == 3) sdpa_p[{dp, ch}] = ms * 1000.0;
+            if (f) fclose(f);
+        }
+        const int maxc = *std::max_element(chunks.begin(), chunks.end());
+        const int CHP = 4096;
+        __half *pk, *pv, *pq, *po;
+        CU(cudaMalloc(&pk, (size_t)CHP * H * D * 2));
+        CU(cudaMalloc(&pv, (size_t)CHP * H * D * 2));
+        CU(cudaMalloc(&pq, (size_t)maxc * NQH * D * 2));
+        CU(cudaMalloc(&po, (size_t)maxc * NQH * D * 2));
+        fill_random<<<1024, 256, 0, st>>>(pk, (size_t)CHP * H * D, 1u, 2.0f);
+        fill_random<<<1024, 256, 0, st>>>(pv, (size_t)CHP * H * D, 2u, 1.0f);
+        fill_random<<<1024, 256, 0, st>>>(pq, (size_t)maxc * NQH * D, 3u, 1.0f);
+        std::vector<std::string> lines;
+        std::map<std::pair<int, int>, double> f16p;
+        for (int depth : ctxs)
+            for (int chunk : chunks)
+                for (size_t ti = 0; ti < types.size(); ti++) {
+                    const kvq_type tk = types[ti].first, tv = types[ti].second;
+                    std::string tname = kvq_type_get_traits(tk)->name;
+                    if (tv != tk) tname = tname + "/" + kvq_type_get_traits(tv)->name;
+                    kvq_cache_config cfg = kvq_cache_config_default();
+                    cfg.n_layers = 1, cfg.n_kv_heads = H, cfg.head_dim = D, cfg.type_k = tk, cfg.type_v = tv, cfg.max_seqs = 1;
+                    if (plain) cfg.rotate = 0, cfg.sinks = 0;
+                    if (qnorm) cfg.qnorm = KVQ_ROLES_KV;
+                    cfg.residual = residual;
+                    if (rotate >= 0) cfg.rotate = rotate;
+                    if (sinks >= 0) cfg.sinks = sinks;
+                    kvq_page_layout L;
+                    OK(kvq_page_layout_make(tk, tv, H, D, 64, 64, &L));
+                    const int len = depth + chunk;
+                    cfg.arena_bytes = (size_t)(len / 64 + 4) * L.page_bytes;
+                    kvq_cuda_cache *c;
+                    OK(kvq_cuda_cache_create(&cfg, 0, len + 64, &c));
+                    int32_t id;
+                    OK(kvq_cuda_seq_new(c, &id));
+                    for (int done = 0; done < len;) {
+                        int32_t n = std::min(CHP, len - done);
+                        OK(kvq_cuda_append(c, 0, 1, &id, &n, KVQ_DTYPE_F16, pk, pv, st));
+                        done += n;
+                    }
+                    kvq_attn_params ap = kvq_attn_params_default(NQH);
+                    auto call = [&] { return kvq_cuda_attn_prefill(c, 0, id, chunk, KVQ_DTYPE_F16, pq, po, &ap, st); };
+                    auto time_it = [&](int n_rep, double *us) -> int {
+                        OK(call());
+                        std::vector<float> ts;
+                        for (int r = 0; r < n_rep; r++) {
+                            float ms;
+                            if (flushed_ms(call, &ms)) return 1;
+                            ts.push_back(ms);
+                        }
+                        *us = median(ts) * 1000.0;
+                        return 0;
+                    };
+                    double us = 0, us_e = 0;
+                    unsetenv("KVQ_CUDA_PREFILL_TILES");
+                    if (time_it(reps, &us)) return 1;
+                    if (chunk <= 2048) {
+                        setenv("KVQ_CUDA_PREFILL_TILES", "0", 1);
+                        const int r = time_it(std::min(reps, 5), &us_e);
+                        unsetenv("KVQ_CUDA_PREFILL_TILES");
+                        if (r) return 1;
+                    }
+                    CU(cudaGetLastError());
+                    const double pairs = (double)chunk * depth + (double)chunk * (chunk + 1) / 2;
+                    const double tflops = 4.0 * D * NQH * pairs / (us * 1e-6) / 1e12;
+                    if (tk == KVQ_TYPE_F16 && tv == KVQ_TYPE_F16) f16p[{depth, chunk}] = us;
+                    const double vf = f16p.count({depth, chunk}) ? f16p[{depth, chunk}] / us : 0;
+                    const double sd = sdpa_p.count({depth, chunk}) ? sdpa_p[{depth, chunk}] : 0;
+                    char buf[320];
+                    snprintf(buf, sizeof buf, "%s,%d,%d,%.1f,%.1f,%.3f,%.1f,%.3f,%.1f", tname.c_str(), depth, chunk, us, tflops, vf, sd,
+                             sd > 0 ? sd / us : 0.0, us_e);
+                    lines.push_back(buf);
+                    printf("%-6s depth %6d chunk %5d: %10.1f us  %6.1f TFLOP/s  x%.2f vs f16  x%.2f vs sdpa (%.1f us)  entries %.1f us (x%.2f)\n",
+                           tname.c_str(), depth, chunk, us, tflops, vf, sd > 0 ? sd / us : 0.0, sd, us_e, us_e > 0 ? us_e / us : 0.0);
+                    fflush(stdout);
+                    kvq_cuda_cache_free(c);
+                }
+        if (out_dir) {
+            std::string csv = std::string(out_dir) + "/bench-cuda-prefill.csv";
+            FILE *f = fopen(csv.c_str(), "w");
+            if (f) {
+                fprintf(f, "type,depth,chunk,us,tflops,speedup_vs_f16,sdpa_us,speedup_vs_sdpa,entries_us\n");
+                for (auto &l : lines) fprintf(f, "%s\n", l.c_str());
+                fclose(f);
+                printf("wrote %s\n", csv.c_str());
+            }
+        }
+        return 0;
     }
     std::sort(batches.begin(), batches.end());
     const int maxb = batches.back();

@@ -23,6 +23,8 @@ def main():
     nqh, nkv, d = SHAPES[shape]
     dev = "cuda"
     flush = torch.ones(64 << 20, dtype=torch.int32, device=dev)
+    if "--prefill" in sys.argv:
+        return prefill(reps, nqh, nkv, d, flush, dev)
     print("batch,ctx,ms")
     for b in (1, 8) if quick else (1, 8, 32):
         for ctx in (4096, 131072) if quick else (4096, 16384, 65536, 131072):
@@ -48,6 +50,54 @@ def main():
                 ts.append(e0.elapsed_time(e1))
             ts.sort()
             print(f"{b},{ctx},{ts[len(ts) // 2]:.4f}", flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+
+def prefill(reps, nqh, nkv, d, flush, dev):
+    """--prefill CHUNKS --ctx DEPTHS: one sequence, `chunk` queries after `depth` keys, causal aligned to the lower right
+    (query i sees depth + i + 1 keys: torch.nn.attention.bias.causal_lower_right, which runs the flash kernel); lines
+    "prefill,depth,chunk,ms" (kvq-bench cuda --prefill reads them), and which SDPA path ran on stderr."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    chunks = [int(x) for x in sys.argv[sys.argv.index("--prefill") + 1].split(",")]
+    depths = [int(x) for x in sys.argv[sys.argv.index("--ctx") + 1].split(",")] if "--ctx" in sys.argv else [0]
+    print("kind,depth,chunk,ms")
+    for depth in depths:
+        for chunk in chunks:
+            q = torch.randn(1, nqh, chunk, d, dtype=torch.float16, device=dev)
+            k = torch.randn(1, nkv, depth + chunk, d, dtype=torch.float16, device=dev)
+            v = torch.randn(1, nkv, depth + chunk, d, dtype=torch.float16, device=dev)
+            mask = causal_lower_right(chunk, depth + chunk)
+            how = "flash, enable_gqa"
+
+            def run():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+            try:
+                run()
+            except RuntimeError as e:  # a torch whose lower-right flash path takes no GQA: the K/V heads repeated
+                how = f"flash, K/V heads repeated ({str(e).splitlines()[0][:80]})"
+                k, v = k.repeat_interleave(nqh // nkv, 1), v.repeat_interleave(nqh // nkv, 1)
+
+                def run():
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            for _ in range(3):
+                run()
+            ts = []
+            for r in range(reps):
+                flush.max()
+                torch.cuda._sleep(200_000)
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                run()
+                e1.record()
+                e1.synchronize()
+                ts.append(e0.elapsed_time(e1))
+            ts.sort()
+            print(f"prefill,{depth},{chunk},{ts[len(ts) // 2]:.4f}", flush=True)
+            print(f"sdpa prefill depth {depth} chunk {chunk}: {how}", file=sys.stderr)
             del q, k, v
             torch.cuda.empty_cache()
 

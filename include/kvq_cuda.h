@@ -39,6 +39,8 @@
  *   prefill's; another split: the same result up to fp32 summation order); KVQ_CUDA_ROW_TOKENS=N (1 .. 8) packs at
  *   most N query tokens of a sequence into one entry of a prefill or multi-token decode (default 8, within the 8 MMA
  *   columns; 1: one read of the cache per query row, as before 2026-12-06).
+ *   KVQ_CUDA_PREFILL_TILES, read by every kvq_cuda_attn_prefill call: 0 sends every prefill through the decode
+ *   kernel's entries, any other value through the tiled kernel (default: the tiled one from 64 query rows per KV head).
  *   docs/bench-cuda.md has their timings.
  * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
  *   the cache on the host (the const calls may run concurrently with each other).
@@ -247,10 +249,14 @@ KVQ_API kvq_status kvq_cuda_static_end(kvq_cuda_static *plan, kvq_cuda_stream st
 
 /* Chunked causal prefill, semantics of kvq_attn_prefill: the n_q queries are the last n_q tokens of the sequence
  * (append them first). q, out: DEVICE [n_q][n_q_heads][head_dim] of qo_dtype. Enqueued on `stream`.
- * The decode kernel's 8 MMA columns take max(1, 8 / (n_q_heads / n_kv_heads)) query tokens at once (Llama-3-8B's
- * 4 query heads per KV head: 2 tokens; multi-head attention: 8), so the cache is read n_q / that many times, not
- * once per query row (with p->window > 0 once per row); no tensor-core tiling over longer query blocks yet: fine
- * for chunks of a few hundred tokens, slow for long prompts. */
+ * Where n_q x (n_q_heads / n_kv_heads) >= 64 (KVQ_CUDA_PREFILL_TILES, section 2, overrides), a tiled kernel
+ * (FlashAttention-2 style, src/cuda/prefill.cu) takes 128 (token, query head) rows of one KV head per CTA (64 at
+ * head_dim 256), dequantizes each 64-token page (or fp16 window/sink rows) once into shared memory for all of them
+ * and runs S = Q K^T, the online softmax and O += P V on tensor cores; where its query tiles are too few to fill the
+ * GPU (short chunks after a long context) the positions are split too and the partials merged, in the decode
+ * workspace. Smaller calls go through the decode kernel: its 8 MMA columns take max(1, 8 / (n_q_heads /
+ * n_kv_heads)) query tokens at once, so the cache is read n_q / that many times (with p->window > 0 once per row).
+ * docs/bench-cuda.md has both kernels' speed against torch SDPA's flash prefill. */
 KVQ_API kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *cache, int layer, int32_t seq, int n_q, kvq_dtype qo_dtype,
                                          const void *q, void *out, const kvq_attn_params *p,
                                          kvq_cuda_stream stream);

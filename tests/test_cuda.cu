@@ -239,9 +239,13 @@ static void compare_decode(Pair &p, int layer, int n, const int32_t *ids, int nq
     cudaFree(dout);
 }
 
-static void compare_prefill(Pair &p, int layer, int32_t seq, int n_q, int nqh, int window, const char *what) {
+// kvq_cuda_attn_prefill against the CPU's kvq_attn_prefill, through both kernels (KVQ_CUDA_PREFILL_TILES, read per
+// call): the tiled one (prefill.cu: its CTAs of 128 (row, query head) rows, the positions split where query tiles are
+// few) and the decode kernel's entries
+static void compare_prefill(Pair &p, int layer, int32_t seq, int n_q, int nqh, int window, const char *what, float softcap = 0.f) {
     kvq_attn_params ap = kvq_attn_params_default(nqh);
     ap.window = window;
+    ap.softcap = softcap;
     size_t ne = (size_t)n_q * nqh * p.D;
     std::vector<float> q(ne), ref(ne), got(ne);
     for (auto &x : q) x = frand();
@@ -250,34 +254,42 @@ static void compare_prefill(Pair &p, int layer, int32_t seq, int n_q, int nqh, i
     CU(cudaMalloc(&dq, ne * 4));
     CU(cudaMalloc(&dout, ne * 4));
     CU(cudaMemcpy(dq, q.data(), ne * 4, cudaMemcpyHostToDevice));
-    CU(cudaMemset(dout, 0xff, ne * 4));
-    OK(kvq_cuda_attn_prefill(p.gpu, layer, seq, n_q, KVQ_DTYPE_F32, dq, dout, &ap, 0));
-    CU(cudaDeviceSynchronize());
-    CU(cudaMemcpy(got.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
-    double e = nmse(got.data(), ref.data(), ne);
-    // The same call again must give the same bits: a race between the ring's bulk copies and the consumers' reads
-    // (fixed by a proxy fence in decode.cuh) changed one (row, KV head) pair's output in 4-10 of 30 calls of the
-    // F16 D64 case, by up to 1e-2 NMSE in that pair; the NMSE over the call stayed under the bound above in most runs.
-    {
-        std::vector<float> g2(ne);
-        int diff = 0;
-        for (int rep = 0; rep < 20; rep++) {
-            OK(kvq_cuda_attn_prefill(p.gpu, layer, seq, n_q, KVQ_DTYPE_F32, dq, dout, &ap, 0));
-            CU(cudaMemcpy(g2.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
-            diff += memcmp(g2.data(), got.data(), ne * 4) != 0;
-        }
-        CHECK(diff == 0, "%s: %d of 20 identical prefill calls gave different bits", what, diff);
-    }
-    if (getenv("KVQ_TEST_ROWS") && e > 1e-6) {  // debugging: which (row, query head) rows are off
-        const size_t rl = (size_t)nqh * p.D;
-        for (int r = 0; r < n_q; r++)
-            for (int hq = 0; hq < nqh; hq++) {
-                double er = nmse(got.data() + r * rl + hq * p.D, ref.data() + r * rl + hq * p.D, p.D);
-                if (er > 1e-5) printf("    row %d head %d nmse %.2e got %g ref %g\n", r, hq, er, got[r * rl + hq * p.D], ref[r * rl + hq * p.D]);
+    const char *old = getenv("KVQ_CUDA_PREFILL_TILES");
+    const std::string keep = old ? old : "";
+    for (int tiled = 1; tiled >= 0; tiled--) {
+        setenv("KVQ_CUDA_PREFILL_TILES", tiled ? "1" : "0", 1);
+        const char *kn = tiled ? "tiled" : "entries";
+        CU(cudaMemset(dout, 0xff, ne * 4));  // NaN poison: every element must be written
+        OK(kvq_cuda_attn_prefill(p.gpu, layer, seq, n_q, KVQ_DTYPE_F32, dq, dout, &ap, 0));
+        CU(cudaDeviceSynchronize());
+        CU(cudaMemcpy(got.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
+        double e = nmse(got.data(), ref.data(), ne);
+        // The same call again must give the same bits: a race between the ring's bulk copies and the consumers' reads
+        // (fixed by a proxy fence in decode.cuh) changed one (row, KV head) pair's output in 4-10 of 30 calls of the
+        // F16 D64 case, by up to 1e-2 NMSE in that pair; the NMSE over the call stayed under the bound above in most runs.
+        {
+            std::vector<float> g2(ne);
+            int diff = 0;
+            for (int rep = 0; rep < 20; rep++) {
+                OK(kvq_cuda_attn_prefill(p.gpu, layer, seq, n_q, KVQ_DTYPE_F32, dq, dout, &ap, 0));
+                CU(cudaMemcpy(g2.data(), dout, ne * 4, cudaMemcpyDeviceToHost));
+                diff += memcmp(g2.data(), got.data(), ne * 4) != 0;
             }
+            CHECK(diff == 0, "%s: %d of 20 identical prefill calls (%s) gave different bits", what, diff, kn);
+        }
+        if (getenv("KVQ_TEST_ROWS") && e > 1e-6) {  // debugging: which (row, query head) rows are off
+            const size_t rl = (size_t)nqh * p.D;
+            for (int r = 0; r < n_q; r++)
+                for (int hq = 0; hq < nqh; hq++) {
+                    double er = nmse(got.data() + r * rl + hq * p.D, ref.data() + r * rl + hq * p.D, p.D);
+                    if (er > 1e-5) printf("    row %d head %d nmse %.2e got %g ref %g\n", r, hq, er, got[r * rl + hq * p.D], ref[r * rl + hq * p.D]);
+                }
+        }
+        CHECK(e < 1e-4, "%s: prefill (%s) NMSE %.3g", what, kn, e);
+        printf("  %-40s prefill n_q %d%s %s nmse %.2e\n", what, n_q, softcap > 0 ? " softcap" : "", kn, e);
     }
-    CHECK(e < 1e-4, "%s: prefill NMSE %.3g", what, e);
-    printf("  %-40s prefill nmse %.2e\n", what, e);
+    if (old) setenv("KVQ_CUDA_PREFILL_TILES", keep.c_str(), 1);
+    else unsetenv("KVQ_CUDA_PREFILL_TILES");
     cudaFree(dq);
     cudaFree(dout);
 }
@@ -463,6 +475,10 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H 
     compare_prefill(p, 1, ids[6], 37, nqh, 0, what);
     snprintf(w2, sizeof w2, "%s window 50", what);
     compare_prefill(p, 0, ids[5], 20, nqh, 50, w2);
+    // long chunks: many query tiles and page units, the positions split (tiled kernel), the window and sinks inside
+    compare_prefill(p, 1, ids[6], 300, nqh, 0, what);
+    snprintf(w2, sizeof w2, "%s window 100 softcap 30", what);
+    compare_prefill(p, 0, ids[6], 200, nqh, 100, w2, 30.f);
     compare_multi(p, 1, NS, ids, 2, nqh, KVQ_DTYPE_F32, what);
     compare_multi(p, 0, NS, ids, 7, nqh, KVQ_DTYPE_F16, what);
     compare_multi(p, 1, 3, sub, 3, 2 * H, KVQ_DTYPE_F32, what);

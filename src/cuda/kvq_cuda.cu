@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "prefill.cuh"
 #include "kvq_cuda.h"
 
 using namespace kvqc;
@@ -1252,6 +1253,70 @@ extern "C" kvq_status kvq_cuda_decode_step(kvq_cuda_cache *c, int layer, int n_s
     return kvq_cuda_attn_decode(c, layer, n_seqs, seq_ids, qo, q, out, p, stream);
 }
 
+// Which prefill kernel (kvq_cuda.h section 2, KVQ_CUDA_PREFILL_TILES, read per call): the tiled one (prefill.cu) once
+// the query rows fill most of its 128-row tile, else the decode kernel's entries (8 columns: fewer wasted MMA rows)
+static bool prefill_tiles(int n_q, int Gq) {
+    const char *e = getenv("KVQ_CUDA_PREFILL_TILES");
+    if (e && *e) return strcmp(e, "0") != 0;
+    return (int64_t)n_q * Gq >= 64;
+}
+
+// The tiled prefill (prefill.cu) of (seq, layer)'s last n_q tokens. A call with fewer query tiles than ~2 per SM splits
+// the positions too (blockIdx.z), each split at least 8 units, the partials in the decode workspace after its counters.
+static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo, const void *q, void *out,
+                                const kvq_attn_params *p, cudaStream_t st, const char *fn) {
+    DevGuard dg(c->device);
+    const SeqLayer &sl = c->seqs[seq][layer];
+    const int H = c->L.n_kv_heads, D = c->L.head_dim;
+    PrefillArgs A;
+    memset(&A, 0, sizeof A);
+    A.arena = c->arena;
+    A.page_bytes = (int64_t)c->L.page_bytes;
+    A.pt = c->table(seq, layer);
+    A.wk = c->wk(seq, layer), A.wv = c->wv(seq, layer);
+    A.sk = sl.spage >= 0 ? (const __half *)(c->arena + (size_t)sl.spage * c->L.page_bytes) : nullptr;
+    A.v_off = (int32_t)c->L.v_offset;
+    A.sink_vo = (int32_t)((int64_t)c->SR * H * D);
+    A.S = sl.sink, A.paged = (int32_t)sl.paged, A.win = sl.win, A.whead = sl.whead, A.wcap = c->wcap;
+    A.len = (int32_t)(sl.sink + sl.paged + sl.win), A.n_q = n_q, A.H = H, A.nqh = p->n_q_heads, A.Gq = p->n_q_heads / H;
+    const char *re = getenv("KVQ_CUDA_PREFILL_ROWS");  // section 2: 64 or 128 rows a CTA
+    const int rows = prefill_rows(D, re && atoi(re) == 64);
+    A.tpc = rows / A.Gq;
+    A.tk = c->L.type_k, A.tv = c->L.type_v, A.q_dtype = qo, A.o_dtype = qo;
+    A.window = p->window;
+    A.rot_q = c->rotated(KVQ_KEY);
+    if (A.rot_q) A.rq = c->rot_k[layer];
+    A.rot_o = c->rotated(KVQ_VALUE);
+    if (A.rot_o) A.ro = c->rot_v[layer];
+    A.units = (sl.sink > 0) + (int32_t)((sl.paged + PT - 1) / PT) + (sl.win + PT - 1) / PT;
+    A.qscale = attn_qscale(p, D), A.softcap = p->softcap;
+    A.lv = c->lv;
+    A.q = q, A.out = out;
+    const int64_t ctas = (int64_t)(n_q + A.tpc - 1) / A.tpc * H;
+    int64_t splits = 1;
+    if (ctas < 2 * (int64_t)c->n_sm) splits = std::min(std::min((2 * (int64_t)c->n_sm + ctas - 1) / ctas, (int64_t)A.units / 8), (int64_t)32);
+    if (splits < 1) splits = 1;
+    A.per_split = (int32_t)((A.units + splits - 1) / splits);
+    splits = (A.units + A.per_split - 1) / A.per_split;
+    if (splits > 1) {
+        const size_t rows = (size_t)n_q * p->n_q_heads, cnt_bytes = ws_counter_bytes(H);
+        kvq_status s = reserve_ws(c, cnt_bytes + (size_t)splits * rows * (D + 2) * sizeof(float), st, fn);
+        if (s) return s;
+        A.part_o = (float *)((char *)c->ws + cnt_bytes);
+        A.part_ml = A.part_o + (size_t)splits * rows * D;
+    }
+    cudaError_t e = launch_prefill(D, rows, A, (int)splits, st);
+    if (e == cudaSuccess && splits > 1) e = launch_prefill_merge(D, A, (int)splits, st);
+    static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // section 2
+    if (e == cudaSuccess && debug && (e = cudaStreamSynchronize(st)) != cudaSuccess)
+        fprintf(stderr, "kvq debug: prefill kernel (%d queries, %lld splits) failed: %s\n", n_q, (long long)splits, cudaGetErrorString(e));
+    if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
+        return fail(KVQ_ERR_NO_DEVICE, "%s: no prefill kernel for device %d in this build (%s): %s", fn, c->device, KVQ_CUDA_ARCHS,
+                    cudaGetErrorString(e));
+    if (e != cudaSuccess) return fail(KVQ_ERR_CUDA, "%s: prefill kernel: %s", fn, cudaGetErrorString(e));
+    return KVQ_OK;
+}
+
 extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo,
                                             const void *q, void *out, const kvq_attn_params *p, kvq_cuda_stream stream) {
     const char *fn = "kvq_cuda_attn_prefill";
@@ -1265,6 +1330,7 @@ extern "C" kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *c, int layer, int32_
     const SeqLayer &sl = c->seqs[seq][layer];
     int64_t len = sl.sink + sl.paged + sl.win;
     if (n_q > len) return fail(KVQ_ERR_RANGE, "%s: n_q %d > sequence length %lld", fn, n_q, (long long)len);
+    if (prefill_tiles(n_q, p->n_q_heads / c->L.n_kv_heads)) return prefill_tiled(c, layer, seq, n_q, qo, q, out, p, (cudaStream_t)stream, fn);
     std::vector<Entry> es;
     es.reserve(n_q);
     add_rows(c, seq, layer, len, n_q, 0, p, es);
