@@ -479,6 +479,10 @@ static void test_ragged(kvq_type t, int D, int residual, kvq_dtype in_dt, int H 
     compare_prefill(p, 1, ids[6], 300, nqh, 0, what);
     snprintf(w2, sizeof w2, "%s window 100 softcap 30", what);
     compare_prefill(p, 0, ids[6], 200, nqh, 100, w2, 30.f);
+    snprintf(w2, sizeof w2, "%s GQA 3", what);  // 42 tokens of 3 rows in a CTA of 128 rows: two rows unused
+    compare_prefill(p, 1, ids[6], 100, 3 * H, 0, w2);
+    snprintf(w2, sizeof w2, "%s GQA 1", what);
+    compare_prefill(p, 0, ids[4], 127, H, 0, w2);
     compare_multi(p, 1, NS, ids, 2, nqh, KVQ_DTYPE_F32, what);
     compare_multi(p, 0, NS, ids, 7, nqh, KVQ_DTYPE_F16, what);
     compare_multi(p, 1, 3, sub, 3, 2 * H, KVQ_DTYPE_F32, what);
