@@ -1263,6 +1263,8 @@ static bool prefill_tiles(int n_q, int Gq) {
 
 // The tiled prefill (prefill.cu) of (seq, layer)'s last n_q tokens. A call with fewer query tiles than ~2 per SM splits
 // the positions too (blockIdx.z), each split at least 8 units, the partials in the decode workspace after its counters.
+// (H100: a 512-token chunk after 32k, 128 CTAs split 3 ways, made 1.45 waves of 264 CTA slots and was the one shape
+// where the decode kernel's entries were faster for q2: docs/bench-cuda.md.)
 static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo, const void *q, void *out,
                                 const kvq_attn_params *p, cudaStream_t st, const char *fn) {
     DevGuard dg(c->device);
@@ -1279,7 +1281,7 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
     A.sink_vo = (int32_t)((int64_t)c->SR * H * D);
     A.S = sl.sink, A.paged = (int32_t)sl.paged, A.win = sl.win, A.whead = sl.whead, A.wcap = c->wcap;
     A.len = (int32_t)(sl.sink + sl.paged + sl.win), A.n_q = n_q, A.H = H, A.nqh = p->n_q_heads, A.Gq = p->n_q_heads / H;
-    const char *re = getenv("KVQ_CUDA_PREFILL_ROWS");  // section 2: 64 or 128 rows a CTA
+    const char *re = getenv("KVQ_CUDA_PREFILL_ROWS");  // section 2: 64 or 128 rows a CTA (A/B; 128 measured faster)
     const int rows = prefill_rows(D, re && atoi(re) == 64);
     A.tpc = rows / A.Gq;
     A.tk = c->L.type_k, A.tv = c->L.type_v, A.q_dtype = qo, A.o_dtype = qo;
@@ -1299,11 +1301,11 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
     A.per_split = (int32_t)((A.units + splits - 1) / splits);
     splits = (A.units + A.per_split - 1) / A.per_split;
     if (splits > 1) {
-        const size_t rows = (size_t)n_q * p->n_q_heads, cnt_bytes = ws_counter_bytes(H);
-        kvq_status s = reserve_ws(c, cnt_bytes + (size_t)splits * rows * (D + 2) * sizeof(float), st, fn);
+        const size_t out_rows = (size_t)n_q * p->n_q_heads, cnt_bytes = ws_counter_bytes(H);
+        kvq_status s = reserve_ws(c, cnt_bytes + (size_t)splits * out_rows * (D + 2) * sizeof(float), st, fn);
         if (s) return s;
         A.part_o = (float *)((char *)c->ws + cnt_bytes);
-        A.part_ml = A.part_o + (size_t)splits * rows * D;
+        A.part_ml = A.part_o + (size_t)splits * out_rows * D;
     }
     cudaError_t e = launch_prefill(D, rows, A, (int)splits, st);
     if (e == cudaSuccess && splits > 1) e = launch_prefill_merge(D, A, (int)splits, st);
