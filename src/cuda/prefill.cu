@@ -7,7 +7,7 @@
 // tile into fp16 rows in shared memory (bf16 for a BF16 role: its range is not fp16's), then each warp computes for its
 // 16 rows, as FlashAttention-2 does,
 //   S = Q K^T (16 x KT)   online softmax in the exp2 domain   O += P V (16 x D)     (mma m16n8k16, fp32 accumulation)
-// so a page is dequantized once per ROWS rows (128 at D <= 128) and the time is the MMAs'. The tile's format is
+// so a page is dequantized once per ROWS rows (128 at D <= 128), not once per 8 / Gq tokens. The tile's format is
 // dispatched at run time (one branch per tile, the same for the whole CTA), which keeps the kernels at 3 head dims x
 // 4 element-type pairs instead of 49 type pairs x 3.
 // Queries are rotated (kvq.h section 10) and scaled as they are staged; outputs are un-rotated as they are stored.

@@ -16,7 +16,7 @@ struct PrefillArgs {
     int32_t v_off, sink_vo;
     int32_t S, paged, win, whead, wcap;  // tokens in sinks, pages and window; ring row of window token 0; ring rows
     int32_t len, n_q, H, Gq, nqh, tpc;   // tokens in all; queries (the last n_q); KV/query heads; tokens per CTA
-    int32_t tk, tv, q_dtype, o_dtype;    // o_dtype: F32 partials when split
+    int32_t tk, tv, q_dtype, o_dtype;    // key/value types; dtypes of q and out (the split partials are fp32)
     int32_t window, rot_q, rot_o, units, per_split;  // units: sink unit + pages + window units; per CTA split
     float qscale, softcap;
     const void *q;
