@@ -2,7 +2,7 @@
 # On the GPU machine, from the repo root: build the CUDA backend (sm_90a + sm_80 + compute_80 PTX by default), run its tests (then again under
 # compute-sanitizer memcheck in quick mode), torch SDPA timings, the decode benchmark, and the GPU Python tests.
 # Logs, CSV and markdown go to $OUT.
-# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|portable|engine|enginetest|enginebench|gemv|peerbuild|peer|engine1m|engine1m8b ...] (default all;
+# Usage: scripts/gpu-check.sh [test|bench|py|hf|ncu|all|portable|prefill|engine|enginetest|enginebench|gemv|peerbuild|peer|engine1m|engine1m8b ...] (default all;
 #   several steps may be named; all = test bench py hf ncu: the engine steps run only when named)
 #   test: test_cuda + memcheck (quick); bench: SDPA + kvq-bench-cuda; py: GPU Python tests; hf: bench/bench_hf.py
 #   (HF="..." replaces its arguments; carry .whl for the quanto rows); ncu: Nsight Compute on one Q4 and one Q2
@@ -15,6 +15,9 @@
 #   32k and 128k with the Hopper kernel and with KVQ_CUDA_PORTABLE=1 ($OUT/hopper, $OUT/portable; side by side in
 #   $OUT/portable-vs-hopper.md; PORTABLE_BENCH="..." replaces the benchmark's arguments). (`test` also runs the
 #   second pass, not quick.)
+#   prefill (only when named; issue 19, item 5): torch SDPA's flash prefill (bench_sdpa.py --prefill) and kvq-bench-cuda
+#   --prefill (the tiled kernel, and the decode kernel's entries for chunks up to 2048) at chunks 512, 2048, 8192 after
+#   0, 4096, 32768 cached tokens (PREFILL_CHUNKS, PREFILL_DEPTHS, PREFILL_TYPES override), to $OUT/bench-cuda-prefill.csv.
 #   engine = enginetest + enginebench: the engine on the GPU (the kvq CLI with CUDA and the model layer, in build-gpu/
 #   with KVQ_BUILD_MODEL=ON). enginetest: ctest model_gpu's script (CPU and GPU engines on generated SmolLM2-135M and
 #   2-layer Llama-3-8B shapes, each KV type), kvq perplexity CPU vs --gpu and kvq run -ngl 99 on the SmolLM2 shape.
@@ -48,7 +51,7 @@ named() { [[ $steps == *" $1 "* ]]; }
 B=build-gpu
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-if want test || want bench || want py || want hf || want ncu || named portable; then
+if want test || want bench || want py || want hf || want ncu || named portable || named prefill; then
   { cmake -S . -B $B -DCMAKE_BUILD_TYPE=Release -DKVQ_BUILD_MODEL=OFF -DKVQ_CUDA=ON &&
     cmake --build $B -j16 --target test_cuda kvq-bench-cuda kvq_shared kvq_cuda; } >"$OUT/build.log" 2>&1 ||
     { tail -40 "$OUT/build.log"; exit 1; }
@@ -152,6 +155,14 @@ if want bench; then
   timeout 300 $B/src/cuda/kvq-bench-cuda --out "$OUT" --sdpa "$OUT/sdpa.csv" ${BENCH:---reps 15} ${FLUSH:+--flush write} \
     >"$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -E "rror|copy band|ctx 131072" "$OUT/bench.log"
+fi
+if named prefill; then
+  pc=${PREFILL_CHUNKS:-512,2048,8192} pd=${PREFILL_DEPTHS:-0,4096,32768}
+  PYTHONUNBUFFERED=1 timeout 200 python3 bench/bench_sdpa.py 5 --prefill $pc --ctx $pd >"$OUT/sdpa-prefill.csv" \
+    2>"$OUT/sdpa-prefill.err" || tail -5 "$OUT/sdpa-prefill.err"
+  timeout 300 $B/src/cuda/kvq-bench-cuda --prefill $pc --ctx $pd --types ${PREFILL_TYPES:-f16,q8,q4,q2} --reps 5 \
+    --sdpa "$OUT/sdpa-prefill.csv" --out "$OUT" >"$OUT/bench-prefill.log" 2>&1
+  r=$?; [ $r = 0 ] || rc=$r; echo "prefill bench rc=$r"; grep -E "rror|chunk" "$OUT/bench-prefill.log"
 fi
 if want py || want hf; then python3 python/build_native.py --build-dir $B -j 16 >>"$OUT/build.log" 2>&1; fi
 if want py; then
