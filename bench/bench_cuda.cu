@@ -11,6 +11,8 @@
 // the fp16 window (default: 128 rows for Q4/Q2, none for the per-token types), --rotate ROLES (0-3) and --sinks S
 // the rotated roles and the sinks. --multi N,..: also times kvq_cuda_attn_decode_multi with N query tokens per
 // sequence (the verify step of speculative decoding), printed beside the one-token decode of the same run.
+// --prefill CHUNKS (with --ctx DEPTHS, 0 allowed): kvq_cuda_attn_prefill of each chunk after each depth instead, one
+// sequence, against torch SDPA's flash prefill (bench_sdpa.py --prefill's lines in --sdpa); <out>/bench-cuda-prefill.csv.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
