@@ -492,12 +492,7 @@ template <int D> __global__ void __launch_bounds__(128) rotate_kernel(const __gr
         }
     }
 #pragma unroll
-    for (int e = 0; e < EPL; e++) {
-        const int64_t i = base + e;
-        if (out_dt == KVQ_DTYPE_F32) reinterpret_cast<float *>(out)[i] = x[e];
-        else if (out_dt == KVQ_DTYPE_F16) reinterpret_cast<__half *>(out)[i] = __float2half_rn(x[e]);
-        else reinterpret_cast<__nv_bfloat16 *>(out)[i] = __float2bfloat16_rn(x[e]);
-    }
+    for (int e = 0; e < EPL; e++) store_as(out, base + e, x[e], out_dt);
 }
 
 cudaError_t launch_rotate(const RotArgs &a, int D, cudaStream_t st) {

@@ -303,6 +303,37 @@ __device__ __forceinline__ float load_in(const void *p, int64_t i, int dt) {
     return ((const float *)p)[i];
 }
 __device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
+// x into element i of p as dt (f32, or f16 / bf16 rounded to nearest): load_in's inverse
+__device__ __forceinline__ void store_as(void *p, int64_t i, float x, int dt) {
+    if (dt == KVQ_DTYPE_F32) reinterpret_cast<float *>(p)[i] = x;
+    else if (dt == KVQ_DTYPE_F16) reinterpret_cast<__half *>(p)[i] = __float2half_rn(x);
+    else reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16_rn(x);
+}
+// PTX helpers of the attention kernels (decode.cuh, prefill.cu)
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+// 2^x, flushing subnormal results to 0 (exp2f also handles them: four more instructions per call)
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// BF: bf16 operands. BF16 pages enter the MMA as they are stored (Q^T and P in bf16 too) instead of converting every
+// K and V pair to fp16 (page loop: 704 SASS instructions instead of 1349; F16 has 710).
+template <bool BF = false>
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+    if constexpr (BF)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 
 }  // namespace kvqc
 

@@ -49,7 +49,6 @@ __device__ __forceinline__ unsigned long long trace_gt() {
     do { \
     } while (0)
 #endif
-__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void mbar_init(uint64_t *b, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
@@ -110,23 +109,6 @@ __device__ __forceinline__ void copy_block_p(uint8_t *dst, const uint8_t *src, i
     for (int o = lane * 16; o < bytes; o += 32 * 16) cp_async16(dst + o, src + o);
 }
 
-// BF: bf16 operands. BF16 pages enter the MMA as they are stored (Q^T and P in bf16 too) instead of converting every
-// K and V pair to fp16 (page loop: 704 SASS instructions instead of 1349; F16 has 710).
-template <bool BF = false>
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                    uint32_t b1) {
-    if constexpr (BF)
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    else
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2 *>(&u); }
@@ -134,12 +116,6 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) { return h2u(__f
 __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi) {
     __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&b);
-}
-// 2^x, flushing subnormal results to 0 (exp2f also handles them: four more instructions per call)
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // (x & MASK) | 0x6400 in each half is 1024 + v * 2^SH exactly. One lop3 (C++ would give two: the mask and the
@@ -876,11 +852,7 @@ __device__ __forceinline__ int find_entry(const DecodeArgs &A, int64_t pos) {
     return lo;
 }
 
-__device__ __forceinline__ void store_out(const DecodeArgs &A, int64_t i, float x) {
-    if (A.qo_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[i] = x;
-    else if (A.qo_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[i] = __float2half_rn(x);
-    else reinterpret_cast<__nv_bfloat16 *>(A.out)[i] = __float2bfloat16_rn(x);
-}
+__device__ __forceinline__ void store_out(const DecodeArgs &A, int64_t i, float x) { store_as(A.out, i, x, A.qo_dtype); }
 
 // Rotated values (A.rot_o): a warp stores one head's row R^T o, from the fp32 row o in shared memory.
 template <int D> __device__ __forceinline__ void store_head_unrot(const DecodeArgs &A, const float *o, int64_t i0, int lane) {

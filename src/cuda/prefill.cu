@@ -32,31 +32,15 @@ template <int D, int W> struct PCfg {
     static_assert((size_t)ROWS * D * 4 <= smem, "the output staging reuses the tiles' shared memory");
 };
 
-__device__ __forceinline__ uint32_t saddr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(saddr(p)));
+                 : "r"(smem_u32(p)));
 }
 __device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(saddr(p)));
-}
-template <bool BF> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (BF)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ float ex2f(float x) {  // 2^x; ex2(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
+                 : "r"(smem_u32(p)));
 }
 // A pair of floats in the tile's element type. fp16 saturates: a dequantized value may round past 65504 (the
 // cache's inputs are within it), and an inf would turn P V into NaN.
@@ -73,6 +57,16 @@ template <bool BF> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
     return make_uint4(pack2<BF>(x[0], x[1]), pack2<BF>(x[2], x[3]), pack2<BF>(x[4], x[5]), pack2<BF>(x[6], x[7]));
 }
 
+// Eight fp16 values (16 bytes) as floats
+__device__ __forceinline__ void half8_to_float(const uint4 u, float (&x)[8]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w[k]));
+        x[2 * k] = f.x, x[2 * k + 1] = f.y;
+    }
+}
+
 // Channels c8 .. c8+7 of token i of a K (ISV = false) or V block of type T, as kvq__dequant_row computes them (fp32
 // scale * level, then + min, no fused multiply-add; unflush_kernel's dequant, eight channels a call).
 template <int T, int D, bool ISV> __device__ __forceinline__ void dq8(const uint8_t *blk, int i, int c8, const Levels &lv, float (&x)[8]) {
@@ -80,13 +74,7 @@ template <int T, int D, bool ISV> __device__ __forceinline__ void dq8(const uint
     const uint8_t *row = blk + i * TR::row;
     const __half *par = reinterpret_cast<const __half *>(blk + PT * TR::row);
     if constexpr (T == KVQ_TYPE_F16) {
-        const uint4 u = *reinterpret_cast<const uint4 *>(row + 2 * c8);
-        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w[k]));
-            x[2 * k] = f.x, x[2 * k + 1] = f.y;
-        }
+        half8_to_float(*reinterpret_cast<const uint4 *>(row + 2 * c8), x);
     } else if constexpr (T == KVQ_TYPE_BF16) {
         const uint4 u = *reinterpret_cast<const uint4 *>(row + 2 * c8);
         const uint32_t w[4] = {u.x, u.y, u.z, u.w};
@@ -134,32 +122,36 @@ template <int T, int D, bool ISV> __device__ __forceinline__ void dq8(const uint
     }
 }
 
-// Tokens t0 .. t0 + cnt - 1 of a page's block into tile rows 0 .. cnt - 1; rows cnt .. KT - 1 zeroed (a masked key
-// still multiplies its V row by P = 0, and stale bits could be NaN). Every load of the thread before any store.
-template <int T, int D, int W, bool ISV, bool BF> __device__ __forceinline__ void fill_page(uint16_t *dst, const uint8_t *blk, int t0,
-                                                                                    int cnt, const Levels &lv, int tid) {
+// A tile's rows 0 .. cnt - 1 from row(i, c8) (channels c8 .. c8+7 of row i as 16 bytes); rows cnt .. KT - 1 zeroed (a
+// masked key still multiplies its V row by P = 0, and stale bits could be NaN). Every load of the thread before any
+// store.
+template <int D, int W, class R> __device__ __forceinline__ void fill_tile(uint16_t *dst, int cnt, int tid, R &&row) {
     using C = PCfg<D, W>;
     constexpr int CH = D / 8, N = C::KT * CH / C::NT;
     uint4 u[N];
 #pragma unroll
     for (int it = 0; it < N; it++) {
-        const int c = tid + it * C::NT, i = c / CH, c8 = (c % CH) * 8;
-        u[it] = make_uint4(0, 0, 0, 0);
-        if (i < cnt) {
-            if constexpr ((T == KVQ_TYPE_F16 && !BF) || (T == KVQ_TYPE_BF16 && BF)) {  // stored as the tile holds them
-                u[it] = *reinterpret_cast<const uint4 *>(blk + (t0 + i) * Traits<T, D>::row + 2 * c8);
-            } else {
-                float x[8];
-                dq8<T, D, ISV>(blk, t0 + i, c8, lv, x);
-                u[it] = pack8<BF>(x);
-            }
-        }
+        const int c = tid + it * C::NT, i = c / CH;
+        u[it] = i < cnt ? row(i, (c % CH) * 8) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int it = 0; it < N; it++) {
         const int c = tid + it * C::NT;
         *reinterpret_cast<uint4 *>(dst + (c / CH) * C::LD + (c % CH) * 8) = u[it];
     }
+}
+// Tokens t0 .. t0 + cnt - 1 of a page's block into tile rows 0 .. cnt - 1
+template <int T, int D, int W, bool ISV, bool BF> __device__ __forceinline__ void fill_page(uint16_t *dst, const uint8_t *blk, int t0,
+                                                                                    int cnt, const Levels &lv, int tid) {
+    fill_tile<D, W>(dst, cnt, tid, [&](int i, int c8) {
+        if constexpr ((T == KVQ_TYPE_F16 && !BF) || (T == KVQ_TYPE_BF16 && BF)) {  // stored as the tile holds them
+            return *reinterpret_cast<const uint4 *>(blk + (t0 + i) * Traits<T, D>::row + 2 * c8);
+        } else {
+            float x[8];
+            dq8<T, D, ISV>(blk, t0 + i, c8, lv, x);
+            return pack8<BF>(x);
+        }
+    });
 }
 // f(std::integral_constant<int, T>{}) for the kvq_type t, in device code (a tile's format, the same for the CTA)
 template <class F> __device__ __forceinline__ void with_type_dev(int t, F &&f) {
@@ -185,34 +177,15 @@ template <int D, int W, bool ISV, bool BF> __device__ __forceinline__ void fill_
 // fp16 rows (window ring or sink page; row r of head h at base + (r H + h) D) r0 .. r0 + cnt - 1, wrapping at wrap
 template <int D, int W, bool BF> __device__ __forceinline__ void fill_rows(uint16_t *dst, const __half *base, int HD, int r0, int wrap,
                                                                    int cnt, int tid) {
-    using C = PCfg<D, W>;
-    constexpr int CH = D / 8, N = C::KT * CH / C::NT;
-    uint4 u[N];
-#pragma unroll
-    for (int it = 0; it < N; it++) {
-        const int c = tid + it * C::NT, i = c / CH, c8 = (c % CH) * 8;
-        u[it] = make_uint4(0, 0, 0, 0);
-        if (i < cnt) {
-            int r = r0 + i;
-            r = r >= wrap ? r - wrap : r;
-            u[it] = *reinterpret_cast<const uint4 *>(base + (int64_t)r * HD + c8);
-            if constexpr (BF) {
-                const uint32_t w[4] = {u[it].x, u[it].y, u[it].z, u[it].w};
-                float x[8];
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w[k]));
-                    x[2 * k] = f.x, x[2 * k + 1] = f.y;
-                }
-                u[it] = pack8<true>(x);
-            }
-        }
-    }
-#pragma unroll
-    for (int it = 0; it < N; it++) {
-        const int c = tid + it * C::NT;
-        *reinterpret_cast<uint4 *>(dst + (c / CH) * C::LD + (c % CH) * 8) = u[it];
-    }
+    fill_tile<D, W>(dst, cnt, tid, [&](int i, int c8) {
+        int r = r0 + i;
+        r = r >= wrap ? r - wrap : r;
+        const uint4 u = *reinterpret_cast<const uint4 *>(base + (int64_t)r * HD + c8);
+        if constexpr (!BF) return u;
+        float x[8];
+        half8_to_float(u, x);
+        return pack8<true>(x);
+    });
 }
 
 // One tile for one warp's 16 rows: S = Q K^T, soft-cap, mask (MASK), online softmax, O += P V.
@@ -242,8 +215,8 @@ __device__ __forceinline__ void tile_rows(const PrefillArgs &A, const uint16_t *
         for (int np = 0; np < KT / 16; np++) {
             uint32_t bf[4];
             ldsm4(bf, kb + np * 16 * LD + kk * 16);
-            mma16816<KB>(s[2 * np], af, bf[0], bf[1]);
-            mma16816<KB>(s[2 * np + 1], af, bf[2], bf[3]);
+            mma<KB>(s[2 * np], af[0], af[1], af[2], af[3], bf[0], bf[1]);
+            mma<KB>(s[2 * np + 1], af[0], af[1], af[2], af[3], bf[2], bf[3]);
         }
     }
     if (A.softcap > 0.f) {  // qscale has no log2(e) then (kvq_cuda.cu, attn_qscale)
@@ -271,14 +244,14 @@ __device__ __forceinline__ void tile_rows(const PrefillArgs &A, const uint16_t *
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mn = fmaxf(m[hr], mx);
         const float base = mn == -INFINITY ? 0.f : mn;  // a row that sees nothing yet: every p is 0, not NaN
-        const float al = ex2f(m[hr] - base);
+        const float al = ex2(m[hr] - base);
         m[hr] = mn;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
             for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                const float p = ex2f(s[nt][e] - base);
+                const float p = ex2(s[nt][e] - base);
                 s[nt][e] = p;
                 sum += p;
             }
@@ -295,8 +268,8 @@ __device__ __forceinline__ void tile_rows(const PrefillArgs &A, const uint16_t *
         for (int dp = 0; dp < D / 16; dp++) {
             uint32_t bf[4];
             ldsm4t(bf, vb + kk * 16 * LD + dp * 16);
-            mma16816<VB>(o[2 * dp], pf, bf[0], bf[1]);
-            mma16816<VB>(o[2 * dp + 1], pf, bf[2], bf[3]);
+            mma<VB>(o[2 * dp], pf[0], pf[1], pf[2], pf[3], bf[0], bf[1]);
+            mma<VB>(o[2 * dp + 1], pf[0], pf[1], pf[2], pf[3], bf[2], bf[3]);
         }
     }
 }
@@ -423,11 +396,7 @@ template <int D, int W, bool KB, bool VB> __global__ void __launch_bounds__(PCfg
         if (A.rot_o) unrotate_warp<D>(x, A.ro, lane);
         const int64_t oo = row * D + lane * EPL;
 #pragma unroll
-        for (int e = 0; e < EPL; e++) {
-            if (A.o_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oo + e] = x[e];
-            else if (A.o_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oo + e] = __float2half_rn(x[e]);
-            else reinterpret_cast<__nv_bfloat16 *>(A.out)[oo + e] = __float2bfloat16_rn(x[e]);
-        }
+        for (int e = 0; e < EPL; e++) store_as(A.out, oo + e, x[e], A.o_dtype);
     }
 }
 
@@ -444,7 +413,7 @@ template <int D> __global__ void __launch_bounds__(128) prefill_merge_kernel(con
     for (int z = 0; z < n_split; z++) {
         const float mz = A.part_ml[((int64_t)z * rows + row) * 2];
         if (mz == -INFINITY) continue;  // this split saw none of the row's keys
-        const float w = ex2f(mz - mx);
+        const float w = ex2(mz - mx);
         den += w * A.part_ml[((int64_t)z * rows + row) * 2 + 1];
         const float *po = A.part_o + ((int64_t)z * rows + row) * D + lane * EPL;
 #pragma unroll
@@ -456,11 +425,7 @@ template <int D> __global__ void __launch_bounds__(128) prefill_merge_kernel(con
     if (A.rot_o) unrotate_warp<D>(x, A.ro, lane);
     const int64_t oo = row * D + lane * EPL;
 #pragma unroll
-    for (int e = 0; e < EPL; e++) {
-        if (A.o_dtype == KVQ_DTYPE_F32) reinterpret_cast<float *>(A.out)[oo + e] = x[e];
-        else if (A.o_dtype == KVQ_DTYPE_F16) reinterpret_cast<__half *>(A.out)[oo + e] = __float2half_rn(x[e]);
-        else reinterpret_cast<__nv_bfloat16 *>(A.out)[oo + e] = __float2bfloat16_rn(x[e]);
-    }
+    for (int e = 0; e < EPL; e++) store_as(A.out, oo + e, x[e], A.o_dtype);
 }
 
 template <int D, int W, bool KB, bool VB> cudaError_t run_prefill(const PrefillArgs &a, int splits, cudaStream_t st) {
