@@ -41,8 +41,6 @@
  *   columns; 1: one read of the cache per query row, as before 2026-12-06).
  *   KVQ_CUDA_PREFILL_TILES, read by every kvq_cuda_attn_prefill call: 0 sends every prefill through the decode
  *   kernel's entries, any other value through the tiled kernel (default: the tiled one from 64 query rows per KV head);
- *   KVQ_CUDA_PREFILL_ROWS=64 (read likewise) gives the tiled kernel's CTAs 64 query rows (4 warps, 4 CTAs per SM)
- *   instead of 128 (8 warps, 2 per SM) at head dims 64 and 128: measured slower, kept for A/B timings.
  *   docs/bench-cuda.md has their timings.
  * - A kvq_cuda_cache is not internally locked: every call that takes `kvq_cuda_cache *` needs exclusive access to
  *   the cache on the host (the const calls may run concurrently with each other).

@@ -1261,8 +1261,8 @@ static bool prefill_tiles(int n_q, int Gq) {
     return (int64_t)n_q * Gq >= 64;
 }
 
-// The tiled prefill (prefill.cu) of (seq, layer)'s last n_q tokens. A call with fewer query tiles than ~2 per SM splits
-// the positions too (blockIdx.z), each split at least 8 units, the partials in the decode workspace after its counters.
+// The tiled prefill (prefill.cu) of (seq, layer)'s last n_q tokens. A call with few query tiles splits the positions
+// too (blockIdx.z), the partials in the decode workspace after its counters.
 // (H100: a 512-token chunk after 32k, 128 CTAs split 3 ways, made 1.45 waves of 264 CTA slots and was the one shape
 // where the decode kernel's entries were faster for q2: docs/bench-cuda.md.)
 static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo, const void *q, void *out,
@@ -1281,9 +1281,7 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
     A.sink_vo = (int32_t)((int64_t)c->SR * H * D);
     A.S = sl.sink, A.paged = (int32_t)sl.paged, A.win = sl.win, A.whead = sl.whead, A.wcap = c->wcap;
     A.len = (int32_t)(sl.sink + sl.paged + sl.win), A.n_q = n_q, A.H = H, A.nqh = p->n_q_heads, A.Gq = p->n_q_heads / H;
-    const char *re = getenv("KVQ_CUDA_PREFILL_ROWS");  // section 2: 64 or 128 rows a CTA (A/B; 128 measured faster)
-    const int rows = prefill_rows(D, re && atoi(re) == 64);
-    A.tpc = rows / A.Gq;
+    A.tpc = prefill_rows(D) / A.Gq;
     A.tk = c->L.type_k, A.tv = c->L.type_v, A.q_dtype = qo, A.o_dtype = qo;
     A.window = p->window;
     A.rot_q = c->rotated(KVQ_KEY);
@@ -1294,9 +1292,14 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
     A.qscale = attn_qscale(p, D), A.softcap = p->softcap;
     A.lv = c->lv;
     A.q = q, A.out = out;
-    const int64_t ctas = (int64_t)(n_q + A.tpc - 1) / A.tpc * H;
+    // Splits: about 4 waves of CTAs (2 per SM fit), so that the last wave's tail stays short, each split at least 4
+    // units (256 tokens), the partials within 256 MB (H100, depth 32768, chunk 512 q2: 1.45 waves unsplit took 2566 us
+    // where the decode kernel's entries took 2346)
+    const int64_t ctas = (int64_t)(n_q + A.tpc - 1) / A.tpc * H, slots = 2 * (int64_t)c->n_sm;
+    const size_t part_row = (size_t)n_q * p->n_q_heads * (D + 2) * sizeof(float);
     int64_t splits = 1;
-    if (ctas < 2 * (int64_t)c->n_sm) splits = std::min(std::min((2 * (int64_t)c->n_sm + ctas - 1) / ctas, (int64_t)A.units / 8), (int64_t)32);
+    if (ctas < 4 * slots) splits = std::min(std::min((4 * slots + ctas - 1) / ctas, (int64_t)A.units / 4), (int64_t)64);
+    while (splits > 1 && splits * part_row > ((size_t)256 << 20)) splits--;
     if (splits < 1) splits = 1;
     A.per_split = (int32_t)((A.units + splits - 1) / splits);
     splits = (A.units + A.per_split - 1) / A.per_split;
@@ -1307,7 +1310,7 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
         A.part_o = (float *)((char *)c->ws + cnt_bytes);
         A.part_ml = A.part_o + (size_t)splits * out_rows * D;
     }
-    cudaError_t e = launch_prefill(D, rows, A, (int)splits, st);
+    cudaError_t e = launch_prefill(D, A, (int)splits, st);
     if (e == cudaSuccess && splits > 1) e = launch_prefill_merge(D, A, (int)splits, st);
     static const bool debug = getenv("KVQ_CUDA_DEBUG") != nullptr;  // section 2
     if (e == cudaSuccess && debug && (e = cudaStreamSynchronize(st)) != cudaSuccess)

@@ -1,15 +1,15 @@
 // Chunked prefill attention on the quantized pages, in FlashAttention-2 tiles (issue 19, item 5).
 //
 // The decode kernel (decode.cuh) gives each (row, KV head) pair 8 MMA columns, so a prefill of n_q tokens reads the
-// cache n_q / (8 / Gq) times. Here a CTA takes ROWS = 16 W query rows of one KV head (W warps; a row is a (token,
+// cache n_q / (8 / Gq) times. Here a CTA takes ROWS = 128 query rows of one KV head (64 at D = 256; a row is a (token,
 // query head) pair, token-major, so every row of a CTA reads the same keys) and walks the sequence's positions in
-// tiles of KT tokens: the sink rows, the pages, the fp16 window, in position order. All the CTA's threads dequantize a
-// tile into fp16 rows in shared memory (bf16 for a BF16 role: its range is not fp16's), then each warp computes for its
-// 16 rows, as FlashAttention-2 does,
-//   S = Q K^T (16 x KT)   online softmax in the exp2 domain   O += P V (16 x D)     (mma m16n8k16, fp32 accumulation)
-// so a page is dequantized once per ROWS rows (128 at D <= 128), not once per 8 / Gq tokens. The tile's format is
-// dispatched at run time (one branch per tile, the same for the whole CTA), which keeps the kernels at 3 head dims x
-// 4 element-type pairs instead of 49 type pairs x 3.
+// tiles of KT tokens: the sink rows, the pages, the fp16 window, in position order. Each tile's bytes are copied into
+// shared memory with cp.async while the previous tile is multiplied; then all the CTA's threads convert a quantized
+// tile into fp16 rows there (bf16 for a BF16 role: its range is not fp16's), and each warp computes for its 32 rows
+// (16 at D = 256), as FlashAttention-2 does,
+//   S = Q K^T (32 x KT)   online softmax in the exp2 domain   O += P V (32 x D)     (mma m16n8k16, fp32 accumulation)
+// so a page is dequantized once per ROWS rows. The tile's format is dispatched at run time (one branch per tile, the
+// same for the whole CTA), which keeps the kernels at 3 head dims x 4 element-type pairs instead of 49 type pairs x 3.
 // Queries are rotated (kvq.h section 10) and scaled as they are staged; outputs are un-rotated as they are stored.
 // Tiles that every row of the CTA sees whole skip the mask. Long contexts with few query tiles are split over the
 // positions (blockIdx.z), each split writing unnormalised partials that prefill_merge combines, as decode's split does.
@@ -20,16 +20,23 @@
 namespace kvqc {
 namespace {
 
-// W warps of 16 rows: 8 (D <= 128; 4 with KVQ_CUDA_PREFILL_ROWS=64) or 4 (D = 256: the registers of O)
-template <int D, int W> struct PCfg {
-    static constexpr int NW = W;
-    static constexpr int NT = 32 * NW, ROWS = 16 * NW;
-    static constexpr int MINB = D == 256 ? 1 : 8 / W * 2 > 4 ? 4 : 8 / W * 2;  // CTAs per SM the registers must allow
-    static constexpr int KT = D == 256 ? 32 : 64;   // keys per tile (a page unit in 64 / KT tiles)
-    static constexpr int LD = D + 8;                // shared-memory row stride (halves): ldmatrix rows 16 bytes
-                                                    // apart in banks, so the 8 rows of a matrix never conflict
-    static constexpr size_t smem = (size_t)(ROWS + 2 * KT) * LD * 2;
+// W warps of MT x 16 rows. A warp's MT m16 tiles share every K and V fragment it loads from shared memory, so at
+// MT = 2 (D <= 128: 4 warps of 32 rows, as FlashAttention-2 has them) the ldmatrix traffic per MMA halves; at D = 256
+// the registers of O allow one tile (4 warps of 16 rows). Shared memory: the queries, and two buffers of a K tile and
+// two of a V tile (one read by the MMAs while the next tile's bytes land in the other).
+template <int D> struct PCfg {
+    static constexpr int MT = D == 256 ? 1 : 2;
+    static constexpr int NW = prefill_rows(D) / (16 * MT);
+    static constexpr int NT = 32 * NW, ROWS = 16 * MT * NW;
+    static constexpr int MINB = D == 256 ? 1 : 2;  // CTAs per SM the registers must allow
+    static constexpr int KT = D == 256 ? 32 : 64;  // keys per tile (a page unit in 64 / KT tiles)
+    static constexpr int LD = D + 8;               // shared-memory row stride (halves): ldmatrix rows 16 bytes
+                                                   // apart in banks, so the 8 rows of a matrix never conflict
+    static constexpr int TILE = KT * LD;           // halves of one K or V tile buffer
+    static constexpr size_t smem = (size_t)(ROWS * LD + 4 * TILE) * 2;
     static_assert((size_t)ROWS * D * 4 <= smem, "the output staging reuses the tiles' shared memory");
+    // a page's K or V block of any 8-bit type (Q8/FP8: the largest) fits a tile buffer as raw bytes
+    static_assert(Traits<KVQ_TYPE_Q8, D>::kblk <= TILE * 2 && Traits<KVQ_TYPE_Q8, D>::vblk <= TILE * 2, "raw block");
 };
 
 __device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *p) {
@@ -56,7 +63,6 @@ template <bool BF> __device__ __forceinline__ uint32_t pack2(float a, float b) {
 template <bool BF> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
     return make_uint4(pack2<BF>(x[0], x[1]), pack2<BF>(x[2], x[3]), pack2<BF>(x[4], x[5]), pack2<BF>(x[6], x[7]));
 }
-
 // Eight fp16 values (16 bytes) as floats
 __device__ __forceinline__ void half8_to_float(const uint4 u, float (&x)[8]) {
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
@@ -122,35 +128,28 @@ template <int T, int D, bool ISV> __device__ __forceinline__ void dq8(const uint
     }
 }
 
-// A tile's rows 0 .. cnt - 1 from row(i, c8) (channels c8 .. c8+7 of row i as 16 bytes); rows cnt .. KT - 1 zeroed (a
-// masked key still multiplies its V row by P = 0, and stale bits could be NaN). Every load of the thread before any
-// store.
-template <int D, int W, class R> __device__ __forceinline__ void fill_tile(uint16_t *dst, int cnt, int tid, R &&row) {
-    using C = PCfg<D, W>;
+// A tile's rows 0 .. cnt - 1 from row(i, c8) (channels c8 .. c8+7 of row i as 16 bytes of the tile's element type);
+// rows cnt .. KT - 1 zeroed (a masked key still multiplies its V row by P = 0, and stale bits could be NaN). The
+// sources are staged in shared memory, so each chunk is stored as soon as it is made: little latency to hide, and
+// fewer live registers beside O's.
+template <int D, class R> __device__ __forceinline__ void fill_tile(uint16_t *dst, int cnt, int tid, R &&row) {
+    using C = PCfg<D>;
     constexpr int CH = D / 8, N = C::KT * CH / C::NT;
-    uint4 u[N];
-#pragma unroll
+#pragma unroll 2
     for (int it = 0; it < N; it++) {
-        const int c = tid + it * C::NT, i = c / CH;
-        u[it] = i < cnt ? row(i, (c % CH) * 8) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int it = 0; it < N; it++) {
-        const int c = tid + it * C::NT;
-        *reinterpret_cast<uint4 *>(dst + (c / CH) * C::LD + (c % CH) * 8) = u[it];
+        const int c = tid + it * C::NT, i = c / CH, c8 = (c % CH) * 8;
+        *reinterpret_cast<uint4 *>(dst + i * C::LD + c8) = i < cnt ? row(i, c8) : make_uint4(0, 0, 0, 0);
     }
 }
-// Tokens t0 .. t0 + cnt - 1 of a page's block into tile rows 0 .. cnt - 1
-template <int T, int D, int W, bool ISV, bool BF> __device__ __forceinline__ void fill_page(uint16_t *dst, const uint8_t *blk, int t0,
+// Tokens t0 .. t0 + cnt - 1 of a page's block into a tile
+template <int T, int D, bool ISV, bool BF> __device__ __forceinline__ void fill_page(uint16_t *dst, const uint8_t *blk, int t0,
                                                                                     int cnt, const Levels &lv, int tid) {
-    fill_tile<D, W>(dst, cnt, tid, [&](int i, int c8) {
-        if constexpr ((T == KVQ_TYPE_F16 && !BF) || (T == KVQ_TYPE_BF16 && BF)) {  // stored as the tile holds them
+    fill_tile<D>(dst, cnt, tid, [&](int i, int c8) {
+        if constexpr ((T == KVQ_TYPE_F16 && !BF) || (T == KVQ_TYPE_BF16 && BF))  // stored as the tile holds them
             return *reinterpret_cast<const uint4 *>(blk + (t0 + i) * Traits<T, D>::row + 2 * c8);
-        } else {
-            float x[8];
-            dq8<T, D, ISV>(blk, t0 + i, c8, lv, x);
-            return pack8<BF>(x);
-        }
+        float x[8];
+        dq8<T, D, ISV>(blk, t0 + i, c8, lv, x);
+        return pack8<BF>(x);
     });
 }
 // f(std::integral_constant<int, T>{}) for the kvq_type t, in device code (a tile's format, the same for the CTA)
@@ -165,22 +164,30 @@ template <class F> __device__ __forceinline__ void with_type_dev(int t, F &&f) {
     default: f(std::integral_constant<int, KVQ_TYPE_Q2>{}); break;
     }
 }
-// The role's block of head h in the page (ISV: the value blocks start at v_off), at the role's type
-template <int D, int W, bool ISV, bool BF> __device__ __forceinline__ void fill_page_rt(int t, uint16_t *dst, const uint8_t *pg, int v_off,
-                                                                                int h, int t0, int cnt, const Levels &lv, int tid) {
-    with_type_dev(t, [&](auto TT) {
-        constexpr int T = decltype(TT)::value;
-        const uint8_t *blk = ISV ? pg + v_off + h * Traits<T, D>::vblk : pg + h * Traits<T, D>::kblk;
-        fill_page<T, D, W, ISV, BF>(dst, blk, t0, cnt, lv, tid);
-    });
+template <class F> __device__ __forceinline__ void with_head_dim_dev(int D, F &&f) {
+    if (D == 64) f(std::integral_constant<int, 64>{});
+    else if (D == 256) f(std::integral_constant<int, 256>{});
+    else f(std::integral_constant<int, 128>{});
 }
-// fp16 rows (window ring or sink page; row r of head h at base + (r H + h) D) r0 .. r0 + cnt - 1, wrapping at wrap
-template <int D, int W, bool BF> __device__ __forceinline__ void fill_rows(uint16_t *dst, const __half *base, int HD, int r0, int wrap,
-                                                                   int cnt, int tid) {
-    fill_tile<D, W>(dst, cnt, tid, [&](int i, int c8) {
-        int r = r0 + i;
-        r = r >= wrap ? r - wrap : r;
-        const uint4 u = *reinterpret_cast<const uint4 *>(base + (int64_t)r * HD + c8);
+// A K (ISV = false) or V block of the role's type t (a page's block, staged raw in shared memory) into a tile
+template <int D, bool ISV, bool BF> __device__ __forceinline__ void fill_block_rt(int t, uint16_t *dst, const uint8_t *blk, int t0,
+                                                                                 int cnt, const Levels &lv, int tid) {
+    with_type_dev(t, [&](auto TT) { fill_page<decltype(TT)::value, D, ISV, BF>(dst, blk, t0, cnt, lv, tid); });
+}
+__device__ __forceinline__ int block_bytes(int t, int D, bool isv) {
+    int b = 0;
+    with_head_dim_dev(D, [&](auto DD) {
+        with_type_dev(t, [&](auto TT) {
+            using TR = Traits<decltype(TT)::value, decltype(DD)::value>;
+            b = isv ? TR::vblk : TR::kblk;
+        });
+    });
+    return b;
+}
+// cnt fp16 rows (dense, D apart) into a tile, converted to its element type
+template <int D, bool BF> __device__ __forceinline__ void fill_rows(uint16_t *dst, const __half *rows, int cnt, int tid) {
+    fill_tile<D>(dst, cnt, tid, [&](int i, int c8) {
+        const uint4 u = *reinterpret_cast<const uint4 *>(rows + i * D + c8);
         if constexpr (!BF) return u;
         float x[8];
         half8_to_float(u, x);
@@ -188,112 +195,247 @@ template <int D, int W, bool BF> __device__ __forceinline__ void fill_rows(uint1
     });
 }
 
-// One tile for one warp's 16 rows: S = Q K^T, soft-cap, mask (MASK), online softmax, O += P V.
-// Fragments (mma m16n8k16): thread (g = lane / 4, t4 = lane % 4) holds rows g and g + 8, columns 2 t4, 2 t4 + 1 of
-// each 8-wide n tile: s[nt][e] is row g + 8 (e >> 1), key nt 8 + 2 t4 + (e & 1); o[dt][e] likewise, channel dt 8 + ...
-template <int D, int W, bool KB, bool VB, bool MASK>
+// One tile for one warp's MT x 16 rows: S = Q K^T, soft-cap, mask (MASK), online softmax, O += P V.
+// Fragments (mma m16n8k16): in m tile mt, thread (g = lane / 4, t4 = lane % 4) holds rows mt 16 + g and mt 16 + g + 8,
+// columns 2 t4, 2 t4 + 1 of each 8-wide n tile: s[mt][nt][e] is row mt 16 + g + 8 (e >> 1), key nt 8 + 2 t4 + (e & 1);
+// o[mt][dt][e] likewise, channel dt 8 + ...
+template <int D, bool KB, bool VB, bool MASK, int MT = PCfg<D>::MT>
 __device__ __forceinline__ void tile_rows(const PrefillArgs &A, const uint16_t *sQ, const uint16_t *sK, const uint16_t *sV,
-                                          int64_t a, int cnt, const int64_t (&qp)[2], float (&m)[2], float (&l)[2],
-                                          float (&o)[D / 8][4], int warp, int lane) {
-    using C = PCfg<D, W>;
+                                          int a, int cnt, const int (&qp)[MT][2], float (&m)[MT][2], float (&l)[MT][2],
+                                          float (&o)[MT][D / 8][4], int warp, int lane) {
+    using C = PCfg<D>;
     constexpr int KT = C::KT, LD = C::LD;
     const int t4 = lane & 3;
-    float s[KT / 8][4];
+    float s[MT][KT / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < KT / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
     // ldmatrix x4 addresses: lane L gives row L % 8 of matrix L / 8. Q (A operand): matrices (rows 0-7 | 8-15) x
     // (channels k | k + 8); K (B, non-transposed): (keys n | n + 8) x (channels k | k + 8); V (B, transposed):
     // (keys k | k + 8) x (channels n | n + 8)
-    const uint16_t *qa = sQ + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+    const uint16_t *qa = sQ + (warp * 16 * MT + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
     const uint16_t *kb = sK + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
     const uint16_t *vb = sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t af[4];
-        ldsm4(af, qa + kk * 16);
+        uint32_t af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) ldsm4(af[mt], qa + mt * 16 * LD + kk * 16);
 #pragma unroll
         for (int np = 0; np < KT / 16; np++) {
             uint32_t bf[4];
             ldsm4(bf, kb + np * 16 * LD + kk * 16);
-            mma<KB>(s[2 * np], af[0], af[1], af[2], af[3], bf[0], bf[1]);
-            mma<KB>(s[2 * np + 1], af[0], af[1], af[2], af[3], bf[2], bf[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma<KB>(s[mt][2 * np], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[0], bf[1]);
+                mma<KB>(s[mt][2 * np + 1], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[2], bf[3]);
+            }
         }
     }
     if (A.softcap > 0.f) {  // qscale has no log2(e) then (kvq_cuda.cu, attn_qscale)
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = A.softcap * tanhf(s[nt][e] / A.softcap) * 1.4426950408889634f;
+            for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][nt][e] = A.softcap * tanhf(s[mt][nt][e] / A.softcap) * 1.4426950408889634f;
     }
     if constexpr (MASK) {
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int col = nt * 8 + 2 * t4 + (e & 1);
-                const int64_t kp = a + col, q = qp[e >> 1];
-                if (col >= cnt || kp > q || (A.window > 0 && kp <= q - A.window)) s[nt][e] = -INFINITY;
-            }
+            for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int col = nt * 8 + 2 * t4 + (e & 1);
+                    const int kp = a + col, q = qp[mt][e >> 1];
+                    if (col >= cnt || kp > q || (A.window > 0 && kp <= q - A.window)) s[mt][nt][e] = -INFINITY;
+                }
     }
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        float mx = -INFINITY;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mn = fmaxf(m[hr], mx);
-        const float base = mn == -INFINITY ? 0.f : mn;  // a row that sees nothing yet: every p is 0, not NaN
-        const float al = ex2(m[hr] - base);
-        m[hr] = mn;
-        float sum = 0.f;
+        for (int hr = 0; hr < 2; hr++) {
+            float mx = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+            for (int nt = 0; nt < KT / 8; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mn = fmaxf(m[mt][hr], mx);
+            const float base = mn == -INFINITY ? 0.f : mn;  // a row that sees nothing yet: every p is 0, not NaN
+            const float al = ex2(m[mt][hr] - base);
+            m[mt][hr] = mn;
+            float sum = 0.f;
 #pragma unroll
-            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                const float p = ex2(s[nt][e] - base);
-                s[nt][e] = p;
-                sum += p;
-            }
-        l[hr] = l[hr] * al + sum;  // this thread's columns; the quad's are added at the end
+            for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) o[dt][2 * hr] *= al, o[dt][2 * hr + 1] *= al;
-    }
+                for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                    const float p = ex2(s[mt][nt][e] - base);
+                    s[mt][nt][e] = p;
+                    sum += p;
+                }
+            l[mt][hr] = l[mt][hr] * al + sum;  // this thread's columns; the quad's are added at the end
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) o[mt][dt][2 * hr] *= al, o[mt][dt][2 * hr + 1] *= al;
+        }
     // P as the A operand: the score fragments of n tiles 2k, 2k + 1 are the A fragment of k step k
 #pragma unroll
     for (int kk = 0; kk < KT / 16; kk++) {
-        const uint32_t pf[4] = {pack2<VB>(s[2 * kk][0], s[2 * kk][1]), pack2<VB>(s[2 * kk][2], s[2 * kk][3]),
-                                pack2<VB>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<VB>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t pf[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            pf[mt][0] = pack2<VB>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pf[mt][1] = pack2<VB>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pf[mt][2] = pack2<VB>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pf[mt][3] = pack2<VB>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < D / 16; dp++) {
             uint32_t bf[4];
             ldsm4t(bf, vb + kk * 16 * LD + dp * 16);
-            mma<VB>(o[2 * dp], pf[0], pf[1], pf[2], pf[3], bf[0], bf[1]);
-            mma<VB>(o[2 * dp + 1], pf[0], pf[1], pf[2], pf[3], bf[2], bf[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma<VB>(o[mt][2 * dp], pf[mt][0], pf[mt][1], pf[mt][2], pf[mt][3], bf[0], bf[1]);
+                mma<VB>(o[mt][2 * dp + 1], pf[mt][0], pf[mt][1], pf[mt][2], pf[mt][3], bf[2], bf[3]);
+            }
         }
     }
 }
 
-template <int D, int W, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D, W>::NT, PCfg<D, W>::MINB) prefill_kernel(const __grid_constant__ PrefillArgs A) {
-    using C = PCfg<D, W>;
-    constexpr int NW = C::NW, ROWS = C::ROWS, KT = C::KT, LD = C::LD, EPL = D / 32;
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// A tile of keys: positions [a, a + cnt) of one unit (kind 0: the sink rows, 1: page idx, 2: window unit idx), its
+// rows [off, off + cnt) there. ok = false: no more tiles for this CTA.
+struct PTile {
+    int kind, idx, off, cnt, a;  // positions fit int: a sequence holds under 2^31 tokens (PrefillArgs.len)
+    bool ok;
+};
+// The next tile at or after unit u, offset off that some row of the CTA sees (queries at positions [qmin, qmax]), and
+// (u, off) moved past it. Units come in position order, so the first tile past qmax ends the walk.
+template <int D>
+__device__ __forceinline__ PTile next_tile(const PrefillArgs &A, int &u, int &off, int u1, int qmin, int qmax) {
+    constexpr int KT = PCfg<D>::KT;
+    const int has_s = A.S > 0, np = (A.paged + PT - 1) / PT;
+    for (; u < u1; u++, off = 0) {
+        int kind, idx, ucnt, pos0;
+        if (has_s && u == 0) kind = 0, idx = 0, pos0 = 0, ucnt = A.S;
+        else if (u - has_s < np) kind = 1, idx = u - has_s, pos0 = A.S + idx * PT, ucnt = min(PT, A.paged - idx * PT);
+        else kind = 2, idx = u - has_s - np, pos0 = A.S + A.paged + idx * PT, ucnt = min(PT, A.win - idx * PT);
+        for (; off < ucnt; off += KT) {
+            const int cnt = min(KT, ucnt - off);
+            const int a = pos0 + off;
+            if (a > qmax) {
+                u = u1;
+                return PTile{0, 0, 0, 0, 0, false};
+            }
+            if (A.window > 0 && a + cnt - 1 <= qmin - A.window) continue;  // before every row's window
+            PTile t{kind, idx, off, cnt, a, true};
+            off += KT;
+            return t;
+        }
+    }
+    return PTile{0, 0, 0, 0, 0, false};
+}
+
+// Whether a role's tile is copied as the MMAs read it (fp16 rows for an fp16 role, a BF16 page for a bf16 role), or
+// staged raw (a quantized page's block, fp16 rows for a bf16 role) and converted into the other buffer afterwards
+__device__ __forceinline__ bool tile_direct(int kind, int t, bool bf) {
+    return kind == 1 ? (t == KVQ_TYPE_F16 && !bf) || (t == KVQ_TYPE_BF16 && bf) : !bf;
+}
+
+// Enqueues the asynchronous copies of one role's tile into buf (cp.async, 16 bytes a thread at a time): direct tiles
+// in the tile layout (rows cnt .. KT-1 zeroed: the buffer may hold a raw block's bytes, which could be NaN as fp16),
+// raw ones as the bytes they are (a page's whole block; fp16 rows dense, D apart).
+template <int D>
+__device__ __forceinline__ void issue_role(const PrefillArgs &A, const PTile &T, bool isv, bool bf, uint16_t *buf, int h, int tid) {
+    using C = PCfg<D>;
+    constexpr int CH = D / 8;
+    const int t = isv ? A.tv : A.tk;
+    const bool direct = tile_direct(T.kind, t, bf);
+    if (T.kind == 1) {
+        const uint8_t *pg = A.arena + (int64_t)A.pt[T.idx] * A.page_bytes;
+        const int bb = block_bytes(t, D, isv);
+        const uint8_t *blk = pg + (isv ? A.v_off : 0) + h * bb;
+        if (direct) {  // 16-bit rows: rows off .. off + cnt - 1 of the block
+            for (int c = tid; c < C::KT * CH; c += C::NT) {
+                const int i = c / CH, c8 = (c % CH) * 8;
+                uint16_t *d = buf + i * C::LD + c8;
+                if (i < T.cnt) cp_async16(d, blk + ((size_t)(T.off + i) * D + c8) * 2);
+                else *reinterpret_cast<uint4 *>(d) = make_uint4(0, 0, 0, 0);
+            }
+        } else {
+            for (int c = tid; c < bb / 16; c += C::NT) cp_async16(reinterpret_cast<uint8_t *>(buf) + c * 16, blk + c * 16);
+        }
+        return;
+    }
+    // fp16 rows: the window ring (row r of head h at wk/wv + (r H + h) D, from ring row whead + unit start + off) or
+    // the sink page's rows
+    const __half *base;
+    int r0, wrap;
+    if (T.kind == 2) {
+        base = (isv ? A.wv : A.wk) + (int64_t)h * D;
+        r0 = (int)(((int64_t)A.whead + (int64_t)T.idx * PT + T.off) % A.wcap), wrap = A.wcap;
+    } else {
+        base = A.sk + (isv ? A.sink_vo : 0) + (int64_t)h * D;
+        r0 = T.off, wrap = 1 << 30;
+    }
+    for (int c = tid; c < C::KT * CH; c += C::NT) {
+        const int i = c / CH, c8 = (c % CH) * 8;
+        uint16_t *d = buf + i * (direct ? C::LD : D) + c8;
+        if (i < T.cnt) {
+            int r = r0 + i;
+            r = r >= wrap ? r - wrap : r;
+            cp_async16(d, base + (int64_t)r * A.H * D + c8);
+        } else if (direct) {
+            *reinterpret_cast<uint4 *>(d) = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+// After the copies landed (and a barrier): a raw role's tile converted from its staging buffer into dst
+template <int D, bool ISV, bool BF>
+__device__ __forceinline__ void convert_role(const PrefillArgs &A, const PTile &T, const uint16_t *raw, uint16_t *dst, int tid) {
+    if (T.kind == 1) fill_block_rt<D, ISV, BF>(ISV ? A.tv : A.tk, dst, reinterpret_cast<const uint8_t *>(raw), T.off, T.cnt, A.lv, tid);
+    else fill_rows<D, BF>(dst, reinterpret_cast<const __half *>(raw), T.cnt, tid);
+}
+
+template <int D, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D>::NT, PCfg<D>::MINB) prefill_kernel(const __grid_constant__ PrefillArgs A) {
+    using C = PCfg<D>;
+    constexpr int NW = C::NW, MT = C::MT, WR = 16 * MT, ROWS = C::ROWS, LD = C::LD, EPL = D / 32;
     extern __shared__ __align__(16) uint16_t sm[];
-    uint16_t *sQ = sm, *sK = sm + ROWS * LD, *sV = sK + KT * LD;
+    // K buffers at kb0 + {0, 1} TILE, V buffers at kb0 + {2, 3} TILE (indexed by arithmetic: an array of pointers
+    // indexed at run time would live in local memory)
+    uint16_t *sQ = sm, *kb0 = sm + ROWS * LD, *vb0 = kb0 + 2 * C::TILE;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
     const int h = blockIdx.y, split = blockIdx.z, n_split = gridDim.z;
     const int tile = gridDim.x - 1 - blockIdx.x;  // the last query tiles see the most keys: they start first
     const int tok0 = tile * A.tpc, ntok = min(A.tpc, A.n_q - tok0);
-    const int64_t qbase = (int64_t)A.len - A.n_q;  // position of query token 0
-    const int64_t qmin = qbase + tok0, qmax = qbase + tok0 + ntok - 1;
+    const int qbase = A.len - A.n_q;  // position of query token 0
+    const int qmin = qbase + tok0, qmax = qbase + tok0 + ntok - 1;
+    int u = split * A.per_split, off = 0;
+    const int u1 = min(A.units, u + A.per_split);
+
+    // the first tile's copies go out before the queries are staged, so that they land meanwhile
+    PTile cur = next_tile<D>(A, u, off, u1, qmin, qmax);
+    int ck = 0, cv = 0;  // buffers holding the current tile's K and V
+    if (cur.ok) {
+        issue_role<D>(A, cur, false, KB, kb0 + C::TILE, h, tid);
+        issue_role<D>(A, cur, true, VB, vb0 + C::TILE, h, tid);
+        cp_async_commit();
+    }
 
     // ---- the queries: row r is token r / Gq, query head h Gq + r % Gq; rotated into the keys' frame, scaled, in the
     // keys' element type. Rows past the chunk are zero (their outputs are not stored).
     for (int r = warp; r < ROWS; r += NW) {
         const int ti = r / A.Gq, hq = h * A.Gq + r % A.Gq;
         float x[EPL];
-        const int64_t off = ((int64_t)(tok0 + ti) * A.nqh + hq) * D + lane * EPL;
+        const int64_t qo = ((int64_t)(tok0 + ti) * A.nqh + hq) * D + lane * EPL;
 #pragma unroll
-        for (int e = 0; e < EPL; e++) x[e] = ti < ntok ? load_in(A.q, off + e, A.q_dtype) : 0.f;
+        for (int e = 0; e < EPL; e++) x[e] = ti < ntok ? load_in(A.q, qo + e, A.q_dtype) : 0.f;
         if (A.rot_q) {  // R q = H diag(s) q / sqrt(D), rotate_kernel's order
             const float f = rot_scale(D);
 #pragma unroll
@@ -307,81 +449,83 @@ template <int D, int W, bool KB, bool VB> __global__ void __launch_bounds__(PCfg
         for (int e = 0; e < EPL; e += 2)
             *reinterpret_cast<uint32_t *>(sQ + r * LD + lane * EPL + e) = pack2<KB>(x[e] * A.qscale, x[e + 1] * A.qscale);
     }
-    // this thread's rows g and g + 8 of its warp: their positions (rows past the chunk: the chunk's last, so that
-    // their softmax stays finite)
-    int64_t qp[2];
+    // this thread's rows mt 16 + g and mt 16 + g + 8 of its warp: their positions (rows past the chunk: the chunk's
+    // last, so that their softmax stays finite)
+    int qp[MT][2];
+    float m[MT][2], l[MT][2], o[MT][D / 8][4];
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) qp[hr] = qbase + tok0 + min((warp * 16 + g + 8 * hr) / A.Gq, ntok - 1);
-
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    float o[D / 8][4];
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-
-    // ---- the units of this split: the sink unit (positions 0 .. S-1), pages, window units of 64 tokens
-    const int has_s = A.S > 0, np = (A.paged + PT - 1) / PT;
-    const int u0 = split * A.per_split, u1 = min(A.units, u0 + A.per_split);
-    __syncthreads();  // sQ
-    for (int u = u0; u < u1; u++) {
-        int kind, idx, ucnt;  // 0 sinks, 1 page, 2 window
-        int64_t pos0;
-        if (has_s && u == 0) kind = 0, idx = 0, pos0 = 0, ucnt = A.S;
-        else if (u - has_s < np) kind = 1, idx = u - has_s, pos0 = A.S + (int64_t)idx * PT, ucnt = min(PT, A.paged - idx * PT);
-        else kind = 2, idx = u - has_s - np, pos0 = (int64_t)A.S + A.paged + (int64_t)idx * PT, ucnt = min(PT, A.win - idx * PT);
-        if (pos0 > qmax) break;  // units come in position order
-#pragma unroll 1
-        for (int off = 0; off < ucnt; off += KT) {
-            const int cnt = min(KT, ucnt - off);
-            const int64_t a = pos0 + off, b = a + cnt - 1;
-            if (a > qmax) break;
-            if (A.window > 0 && b <= qmin - A.window) continue;  // before every row's window
-            const bool whole = cnt == KT && b <= qmin && (A.window <= 0 || a > qmax - A.window);
-            __syncthreads();  // every warp is done with the previous tile
-            if (kind == 1) {
-                const uint8_t *pg = A.arena + (int64_t)A.pt[idx] * A.page_bytes;
-                fill_page_rt<D, W, false, KB>(A.tk, sK, pg, A.v_off, h, off, cnt, A.lv, tid);
-                fill_page_rt<D, W, true, VB>(A.tv, sV, pg, A.v_off, h, off, cnt, A.lv, tid);
-            } else if (kind == 2) {
-                const int r0 = (int)(((int64_t)A.whead + (int64_t)idx * PT + off) % A.wcap);
-                fill_rows<D, W, KB>(sK, A.wk + (int64_t)h * D, A.H * D, r0, A.wcap, cnt, tid);
-                fill_rows<D, W, VB>(sV, A.wv + (int64_t)h * D, A.H * D, r0, A.wcap, cnt, tid);
-            } else {
-                fill_rows<D, W, KB>(sK, A.sk + (int64_t)h * D, A.H * D, off, 1 << 30, cnt, tid);
-                fill_rows<D, W, VB>(sV, A.sk + A.sink_vo + (int64_t)h * D, A.H * D, off, 1 << 30, cnt, tid);
-            }
-            __syncthreads();
-            if (whole) tile_rows<D, W, KB, VB, false>(A, sQ, sK, sV, a, cnt, qp, m, l, o, warp, lane);
-            else tile_rows<D, W, KB, VB, true>(A, sQ, sK, sV, a, cnt, qp, m, l, o, warp, lane);
+        for (int hr = 0; hr < 2; hr++) {
+            qp[mt][hr] = qbase + tok0 + min((warp * WR + mt * 16 + g + 8 * hr) / A.Gq, ntok - 1);
+            m[mt][hr] = -INFINITY, l[mt][hr] = 0.f;
         }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    }
+
+    // ---- the tiles: tile n + 1's copies in flight while tile n is multiplied. A direct role's next tile lands in the
+    // free buffer, which becomes the current one; a raw role's lands there raw and is converted into the current
+    // buffer once the MMAs are done with it.
+    if (cur.ok) {
+        cp_async_wait();
+        __syncthreads();  // the first tile's copies (every thread's) and sQ
+        if (tile_direct(cur.kind, A.tk, KB)) ck = 1;
+        else convert_role<D, false, KB>(A, cur, kb0 + C::TILE, kb0, tid);
+        if (tile_direct(cur.kind, A.tv, VB)) cv = 1;
+        else convert_role<D, true, VB>(A, cur, vb0 + C::TILE, vb0, tid);
+        __syncthreads();
+    }
+    while (cur.ok) {
+        const PTile nxt = next_tile<D>(A, u, off, u1, qmin, qmax);
+        if (nxt.ok) {
+            issue_role<D>(A, nxt, false, KB, kb0 + (ck ^ 1) * C::TILE, h, tid);
+            issue_role<D>(A, nxt, true, VB, vb0 + (cv ^ 1) * C::TILE, h, tid);
+            cp_async_commit();
+        }
+        const bool whole = cur.cnt == C::KT && cur.a + cur.cnt - 1 <= qmin && (A.window <= 0 || cur.a > qmax - A.window);
+        const uint16_t *sK = kb0 + ck * C::TILE, *sV = vb0 + cv * C::TILE;
+        if (whole) tile_rows<D, KB, VB, false>(A, sQ, sK, sV, cur.a, cur.cnt, qp, m, l, o, warp, lane);
+        else tile_rows<D, KB, VB, true>(A, sQ, sK, sV, cur.a, cur.cnt, qp, m, l, o, warp, lane);
+        if (!nxt.ok) break;
+        cp_async_wait();
+        __syncthreads();  // the next tile's copies landed; every warp is done with the current buffers
+        if (tile_direct(nxt.kind, A.tk, KB)) ck ^= 1;
+        else convert_role<D, false, KB>(A, nxt, kb0 + (ck ^ 1) * C::TILE, kb0 + ck * C::TILE, tid);
+        if (tile_direct(nxt.kind, A.tv, VB)) cv ^= 1;
+        else convert_role<D, true, VB>(A, nxt, vb0 + (cv ^ 1) * C::TILE, vb0 + cv * C::TILE, tid);
+        __syncthreads();
+        cur = nxt;
     }
 
     // ---- outputs: the quad's sums, O / l (or the partials), staged per warp as fp32 rows in the tiles' memory, then
     // a warp per row: un-rotated (values' frame back to the model's), converted, stored
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 1);
-        l[hr] += __shfl_xor_sync(0xffffffffu, l[hr], 2);
-    }
     __syncthreads();
-    float *stg = reinterpret_cast<float *>(sm) + warp * 16 * D;
+    float *stg = reinterpret_cast<float *>(sm) + warp * WR * D;
     const bool part = n_split > 1;
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        const float inv = part ? 1.f : 1.f / l[hr];
-        const int rr = g + 8 * hr;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++)
-            *reinterpret_cast<float2 *>(stg + rr * D + dt * 8 + 2 * (lane & 3)) = make_float2(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
-        const int r = warp * 16 + rr, ti = r / A.Gq;
-        if (part && (lane & 3) == 0 && ti < ntok) {
-            const int64_t row = (int64_t)(tok0 + ti) * A.nqh + h * A.Gq + r % A.Gq;
-            float *ml = A.part_ml + ((int64_t)split * A.n_q * A.nqh + row) * 2;
-            ml[0] = m[hr], ml[1] = l[hr];
+        for (int hr = 0; hr < 2; hr++) {
+            float lq = l[mt][hr];
+            lq += __shfl_xor_sync(0xffffffffu, lq, 1);
+            lq += __shfl_xor_sync(0xffffffffu, lq, 2);
+            const float inv = part ? 1.f : 1.f / lq;
+            const int rr = mt * 16 + g + 8 * hr;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *reinterpret_cast<float2 *>(stg + rr * D + dt * 8 + 2 * (lane & 3)) =
+                    make_float2(o[mt][dt][2 * hr] * inv, o[mt][dt][2 * hr + 1] * inv);
+            const int r = warp * WR + rr, ti = r / A.Gq;
+            if (part && (lane & 3) == 0 && ti < ntok) {
+                const int64_t row = (int64_t)(tok0 + ti) * A.nqh + h * A.Gq + r % A.Gq;
+                float *ml = A.part_ml + ((int64_t)split * A.n_q * A.nqh + row) * 2;
+                ml[0] = m[mt][hr], ml[1] = lq;
+            }
         }
-    }
     __syncwarp();
-    for (int rr = 0; rr < 16; rr++) {
-        const int r = warp * 16 + rr, ti = r / A.Gq;
+    for (int rr = 0; rr < WR; rr++) {
+        const int r = warp * WR + rr, ti = r / A.Gq;
         if (ti >= ntok) break;  // rows are token-major: the rest are past the chunk too
         const int64_t row = (int64_t)(tok0 + ti) * A.nqh + h * A.Gq + r % A.Gq;
         float x[EPL];
@@ -428,30 +572,26 @@ template <int D> __global__ void __launch_bounds__(128) prefill_merge_kernel(con
     for (int e = 0; e < EPL; e++) store_as(A.out, oo + e, x[e], A.o_dtype);
 }
 
-template <int D, int W, bool KB, bool VB> cudaError_t run_prefill(const PrefillArgs &a, int splits, cudaStream_t st) {
-    using C = PCfg<D, W>;
-    static cudaError_t attr = cudaFuncSetAttribute(prefill_kernel<D, W, KB, VB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem);
+template <int D, bool KB, bool VB> cudaError_t run_prefill(const PrefillArgs &a, int splits, cudaStream_t st) {
+    using C = PCfg<D>;
+    static cudaError_t attr = cudaFuncSetAttribute(prefill_kernel<D, KB, VB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::smem);
     if (attr != cudaSuccess) return attr;
     const dim3 grid((unsigned)((a.n_q + a.tpc - 1) / a.tpc), (unsigned)a.H, (unsigned)splits);
-    prefill_kernel<D, W, KB, VB><<<grid, C::NT, C::smem, st>>>(a);
+    prefill_kernel<D, KB, VB><<<grid, C::NT, C::smem, st>>>(a);
     return cudaGetLastError();
 }
-template <int D, int W> cudaError_t run_prefill_w(const PrefillArgs &a, int splits, cudaStream_t st) {
+template <int D> cudaError_t run_prefill_d(const PrefillArgs &a, int splits, cudaStream_t st) {
+    if (a.tpc * a.Gq > prefill_rows(D)) return cudaErrorInvalidValue;
     const bool kb = a.tk == KVQ_TYPE_BF16, vb = a.tv == KVQ_TYPE_BF16;
-    if (kb && vb) return run_prefill<D, W, true, true>(a, splits, st);
-    if (kb) return run_prefill<D, W, true, false>(a, splits, st);
-    if (vb) return run_prefill<D, W, false, true>(a, splits, st);
-    return run_prefill<D, W, false, false>(a, splits, st);
-}
-template <int D> cudaError_t run_prefill_d(const PrefillArgs &a, int rows, int splits, cudaStream_t st) {
-    if (a.tpc * a.Gq > rows) return cudaErrorInvalidValue;
-    if constexpr (D == 256) return run_prefill_w<D, 4>(a, splits, st);
-    else return rows == 64 ? run_prefill_w<D, 4>(a, splits, st) : run_prefill_w<D, 8>(a, splits, st);
+    if (kb && vb) return run_prefill<D, true, true>(a, splits, st);
+    if (kb) return run_prefill<D, true, false>(a, splits, st);
+    if (vb) return run_prefill<D, false, true>(a, splits, st);
+    return run_prefill<D, false, false>(a, splits, st);
 }
 }  // namespace
 
-cudaError_t launch_prefill(int D, int rows, const PrefillArgs &a, int splits, cudaStream_t st) {
-    return with_head_dim(D, [&](auto DD) { return run_prefill_d<decltype(DD)::value>(a, rows, splits, st); });
+cudaError_t launch_prefill(int D, const PrefillArgs &a, int splits, cudaStream_t st) {
+    return with_head_dim(D, [&](auto DD) { return run_prefill_d<decltype(DD)::value>(a, splits, st); });
 }
 
 cudaError_t launch_prefill_merge(int D, const PrefillArgs &a, int splits, cudaStream_t st) {

@@ -26,10 +26,9 @@ struct PrefillArgs {
     Levels lv;
 };
 static_assert(sizeof(PrefillArgs) <= 4096, "prefill parameters");
-// rows: query rows per CTA, prefill_rows(D, ...) (a.tpc * a.Gq <= rows)
-cudaError_t launch_prefill(int D, int rows, const PrefillArgs &a, int splits, cudaStream_t st);
+cudaError_t launch_prefill(int D, const PrefillArgs &a, int splits, cudaStream_t st);
 cudaError_t launch_prefill_merge(int D, const PrefillArgs &a, int splits, cudaStream_t st);
-// rows of query (token, head) pairs a prefill CTA takes at head dim D (16 rows a warp): 128, or 64 where asked (small:
-// KVQ_CUDA_PREFILL_ROWS=64, 4 CTAs of 4 warps per SM instead of 2 of 8) and always at D = 256 (the registers of O)
-constexpr int prefill_rows(int D, bool small = false) { return D == 256 || small ? 64 : 128; }
+// rows of query (token, head) pairs a prefill CTA takes at head dim D: 4 warps of 32 rows, or of 16 at D = 256 (the
+// registers of O). 64 rows at D = 128 (4 CTAs of 4 warps of 16 per SM) measured slower than 128 (docs/bench-cuda.md).
+constexpr int prefill_rows(int D) { return D == 256 ? 64 : 128; }
 }  // namespace kvqc
