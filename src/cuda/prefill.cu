@@ -17,6 +17,10 @@
 
 #include "prefill.cuh"
 
+#ifndef KVQ_PREFILL_FP32_DQ  // 1: every tile through dq8 (an A/B build)
+#define KVQ_PREFILL_FP32_DQ 0
+#endif
+
 namespace kvqc {
 namespace {
 
@@ -128,6 +132,71 @@ template <int T, int D, bool ISV> __device__ __forceinline__ void dq8(const uint
     }
 }
 
+// The same eight channels as fp16 (an fp16 tile) for Q8, FP8, Q4 and Q2, in half2 arithmetic: the integer codes
+// become fp16 through the exponent (0x6400 | n is 1024 + n for n < 1024: one lop3 per pair), then (h - 1024) s + m.
+// About half of dq8's instructions, which the tile conversion is made of (H100: a quantized tile cost 1.3-1.4x an
+// fp16 one); one fp16 rounding where dq8 rounds in fp32 and then to fp16, so the two differ by at most an fp16 ulp.
+template <int T> constexpr bool dq8h_ok = T == KVQ_TYPE_Q8 || T == KVQ_TYPE_FP8 || T == KVQ_TYPE_Q4 || T == KVQ_TYPE_Q2;
+__device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<const __half2 *>(&u); }
+__device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<const uint32_t *>(&h); }
+// x within fp16's finite range (a dequantized value may round past 65504, and an inf would turn P V into NaN)
+__device__ __forceinline__ __half2 sat2(__half2 x) {
+    const __half2 big = __floats2half2_rn(65504.f, 65504.f);
+    return __hmin2(__hmax2(x, __hneg2(big)), big);
+}
+template <int T, int D, bool ISV> __device__ __forceinline__ uint4 dq8h(const uint8_t *blk, int i, int c8) {
+    using TR = Traits<T, D>;
+    const uint8_t *row = blk + i * TR::row;
+    const __half *par = reinterpret_cast<const __half *>(blk + PT * TR::row);
+    uint32_t r[4];  // channel pairs (0, 1), (2, 3), (4, 5), (6, 7)
+    if constexpr (TR::bits == 8) {
+        const uint2 u = *reinterpret_cast<const uint2 *>(row + c8);
+        const __half2 s = __half2half2(par[i]);
+        const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint32_t b = w[k >> 1] >> (16 * (k & 1));  // the pair's two bytes in bits 0-15
+            __half2 x;
+            if constexpr (T == KVQ_TYPE_FP8) {
+                const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b & 0xffffu), __NV_E4M3);
+                x = __hmul2(__half2(hr), s);
+            } else {  // int8 b: 0x64 above b ^ 0x80 is 1024 + 128 + b
+                const uint32_t h = __byte_perm(b, 0x64646464u, 0x5140) ^ 0x00800080u;
+                x = __hmul2(__hsub2(as_h2(h), __floats2half2_rn(1152.f, 1152.f)), s);
+            }
+            r[k] = as_u32(sat2(x));
+        }
+    } else {
+        // p[j]: lanes (channel j, channel j + 4) as 1024 + code
+        uint32_t p[4];
+        if constexpr (TR::bits == 4) {
+            const uint32_t w = *reinterpret_cast<const uint32_t *>(row + c8 / 2);
+#pragma unroll
+            for (int j = 0; j < 4; j++) p[j] = ((w >> (4 * j)) & 0x000f000fu) | 0x64006400u;
+        } else {
+            const uint32_t w = *reinterpret_cast<const uint16_t *>(row + c8 / 4);
+            const uint32_t u = (w & 0xffu) | ((w & 0xff00u) << 8);  // channels 0-3 in lane 0, 4-7 in lane 1
+#pragma unroll
+            for (int j = 0; j < 4; j++) p[j] = ((u >> (2 * j)) & 0x00030003u) | 0x64006400u;
+        }
+        const uint32_t q[4] = {__byte_perm(p[0], p[1], 0x5410), __byte_perm(p[2], p[3], 0x5410),
+                               __byte_perm(p[0], p[1], 0x7632), __byte_perm(p[2], p[3], 0x7632)};
+        const __half2 k1024 = __floats2half2_rn(1024.f, 1024.f);
+        if constexpr (!ISV) {  // per channel over the page: scale[D], then min[D]
+            const uint4 su = *reinterpret_cast<const uint4 *>(par + c8), mu = *reinterpret_cast<const uint4 *>(par + D + c8);
+            const uint32_t sw[4] = {su.x, su.y, su.z, su.w}, mw[4] = {mu.x, mu.y, mu.z, mu.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) r[k] = as_u32(sat2(__hfma2(__hsub2(as_h2(q[k]), k1024), as_h2(sw[k]), as_h2(mw[k]))));
+        } else {  // per token and group of 64 channels: (scale, min)
+            const int vp = (i * TR::ng + c8 / GRP) * 2;
+            const __half2 s = __half2half2(par[vp]), mn = __half2half2(par[vp + 1]);
+#pragma unroll
+            for (int k = 0; k < 4; k++) r[k] = as_u32(sat2(__hfma2(__hsub2(as_h2(q[k]), k1024), s, mn)));
+        }
+    }
+    return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
 // A tile's rows 0 .. cnt - 1 from row(i, c8) (channels c8 .. c8+7 of row i as 16 bytes of the tile's element type);
 // rows cnt .. KT - 1 zeroed (a masked key still multiplies its V row by P = 0, and stale bits could be NaN). The
 // sources are staged in shared memory, so each chunk is stored as soon as it is made: little latency to hide, and
@@ -147,6 +216,7 @@ template <int T, int D, bool ISV, bool BF> __device__ __forceinline__ void fill_
     fill_tile<D>(dst, cnt, tid, [&](int i, int c8) {
         if constexpr ((T == KVQ_TYPE_F16 && !BF) || (T == KVQ_TYPE_BF16 && BF))  // stored as the tile holds them
             return *reinterpret_cast<const uint4 *>(blk + (t0 + i) * Traits<T, D>::row + 2 * c8);
+        if constexpr (!BF && dq8h_ok<T> && !KVQ_PREFILL_FP32_DQ) return dq8h<T, D, ISV>(blk, t0 + i, c8);
         float x[8];
         dq8<T, D, ISV>(blk, t0 + i, c8, lv, x);
         return pack8<BF>(x);
