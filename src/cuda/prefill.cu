@@ -5,9 +5,9 @@
 // query head) pair, token-major, so every row of a CTA reads the same keys) and walks the sequence's positions in
 // tiles of KT tokens: the sink rows, the pages, the fp16 window, in position order. Each tile's bytes are copied into
 // shared memory with cp.async while the previous tile is multiplied; then all the CTA's threads convert a quantized
-// tile into fp16 rows there (bf16 for a BF16 role: its range is not fp16's), and each warp computes for its 32 rows
-// (16 at D = 256), as FlashAttention-2 does,
-//   S = Q K^T (32 x KT)   online softmax in the exp2 domain   O += P V (32 x D)     (mma m16n8k16, fp32 accumulation)
+// tile into fp16 rows there (bf16 for a BF16 role: its range is not fp16's), and each warp computes for its 16 rows,
+// as FlashAttention-2 does,
+//   S = Q K^T (16 x KT)   online softmax in the exp2 domain   O += P V (16 x D)     (mma m16n8k16, fp32 accumulation)
 // so a page is dequantized once per ROWS rows. The tile's format is dispatched at run time (one branch per tile, the
 // same for the whole CTA), which keeps the kernels at 3 head dims x 4 element-type pairs instead of 49 type pairs x 3.
 // Queries are rotated (kvq.h section 10) and scaled as they are staged; outputs are un-rotated as they are stored.
@@ -24,12 +24,13 @@
 namespace kvqc {
 namespace {
 
-// W warps of MT x 16 rows. A warp's MT m16 tiles share every K and V fragment it loads from shared memory, so at
-// MT = 2 (D <= 128: 4 warps of 32 rows, as FlashAttention-2 has them) the ldmatrix traffic per MMA halves; at D = 256
-// the registers of O allow one tile (4 warps of 16 rows). Shared memory: the queries, and two buffers of a K tile and
-// two of a V tile (one read by the MMAs while the next tile's bytes land in the other).
+// W warps of MT x 16 rows: 8 warps at D <= 128, 4 at D = 256 (the registers of O). MT m16 tiles a warp would share
+// each K and V fragment loaded from shared memory; MT = 2 (4 warps of 32 rows at D = 128, as FlashAttention-2 has
+// them; 255 registers) measured no faster for f16 and 5-25% slower for the quantized types and short chunks (H100,
+// docs/bench-cuda.md): the CTA's conversion and copies had half the threads. Shared memory: the queries, and two
+// buffers of a K tile and two of a V tile (one read by the MMAs while the next tile's bytes land in the other).
 template <int D> struct PCfg {
-    static constexpr int MT = D == 256 ? 1 : 2;
+    static constexpr int MT = 1;
     static constexpr int NW = prefill_rows(D) / (16 * MT);
     static constexpr int NT = 32 * NW, ROWS = 16 * MT * NW;
     static constexpr int MINB = D == 256 ? 1 : 2;  // CTAs per SM the registers must allow

@@ -28,7 +28,7 @@ struct PrefillArgs {
 static_assert(sizeof(PrefillArgs) <= 4096, "prefill parameters");
 cudaError_t launch_prefill(int D, const PrefillArgs &a, int splits, cudaStream_t st);
 cudaError_t launch_prefill_merge(int D, const PrefillArgs &a, int splits, cudaStream_t st);
-// rows of query (token, head) pairs a prefill CTA takes at head dim D: 4 warps of 32 rows, or of 16 at D = 256 (the
-// registers of O). 64 rows at D = 128 (4 CTAs of 4 warps of 16 per SM) measured slower than 128 (docs/bench-cuda.md).
+// rows of query (token, head) pairs a prefill CTA takes at head dim D (16 rows a warp; at D = 256 the registers of O
+// allow 4 warps). 64 rows at D = 128 (4 CTAs of 4 warps per SM instead of 2 of 8) measured slower (docs/bench-cuda.md).
 constexpr int prefill_rows(int D) { return D == 256 ? 64 : 128; }
 }  // namespace kvqc
