@@ -1292,14 +1292,13 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
     A.qscale = attn_qscale(p, D), A.softcap = p->softcap;
     A.lv = c->lv;
     A.q = q, A.out = out;
-    // Splits: about 4 waves of CTAs (2 per SM fit), so that the last wave's tail stays short (H100, depth 32768, chunk
-    // 512: 1.45 waves unsplit), each split at least 16 units (1024 tokens): a CTA's partials (written, then read by the
-    // merge) cost about as much time as 2-3 units of its work, and 8-unit splits made depth 4096 chunk 512 20% slower
-    // than 3 splits (docs/bench-cuda.md). The partials stay within 256 MB.
+    // Splits: about 4 waves of CTAs (2 per SM fit), so that the last wave's tail stays short, each split at least 4
+    // units (256 tokens), the partials within 256 MB (H100, depth 32768, chunk 512 q2: 1.45 waves unsplit took 2566 us
+    // where the decode kernel's entries took 2346)
     const int64_t ctas = (int64_t)(n_q + A.tpc - 1) / A.tpc * H, slots = 2 * (int64_t)c->n_sm;
     const size_t part_row = (size_t)n_q * p->n_q_heads * (D + 2) * sizeof(float);
     int64_t splits = 1;
-    if (ctas < 4 * slots) splits = std::min(std::min((4 * slots + ctas - 1) / ctas, (int64_t)A.units / 16), (int64_t)64);
+    if (ctas < 4 * slots) splits = std::min(std::min((4 * slots + ctas - 1) / ctas, (int64_t)A.units / 4), (int64_t)64);
     while (splits > 1 && splits * part_row > ((size_t)256 << 20)) splits--;
     if (splits < 1) splits = 1;
     A.per_split = (int32_t)((A.units + splits - 1) / splits);
