@@ -252,9 +252,9 @@ KVQ_API kvq_status kvq_cuda_static_end(kvq_cuda_static *plan, kvq_cuda_stream st
  * Where n_q x (n_q_heads / n_kv_heads) >= 64 (KVQ_CUDA_PREFILL_TILES, section 2, overrides), a tiled kernel
  * (FlashAttention-2 style, src/cuda/prefill.cu) takes 128 (token, query head) rows of one KV head per CTA (64 at
  * head_dim 256), copies each 64-token page (or fp16 window/sink rows) into shared memory while the previous one is
- * multiplied, dequantizes it there once for all of them and runs S = Q K^T, the online softmax and O += P V on tensor cores; where its query tiles are too few to fill the
- * GPU (short chunks after a long context) the positions are split too and the partials merged, in the decode
- * workspace. Smaller calls go through the decode kernel: its 8 MMA columns take max(1, 8 / (n_q_heads /
+ * multiplied, dequantizes it there once for all of them and runs S = Q K^T, the online softmax and O += P V on
+ * tensor cores; where its query tiles are too few to fill the GPU (short chunks after a long context) the positions
+ * are split too and the partials merged, in the decode workspace. Smaller calls go through the decode kernel: its 8 MMA columns take max(1, 8 / (n_q_heads /
  * n_kv_heads)) query tokens at once, so the cache is read n_q / that many times (with p->window > 0 once per row).
  * docs/bench-cuda.md has both kernels' speed against torch SDPA's flash prefill. */
 KVQ_API kvq_status kvq_cuda_attn_prefill(kvq_cuda_cache *cache, int layer, int32_t seq, int n_q, kvq_dtype qo_dtype,

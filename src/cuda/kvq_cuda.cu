@@ -1263,8 +1263,6 @@ static bool prefill_tiles(int n_q, int Gq) {
 
 // The tiled prefill (prefill.cu) of (seq, layer)'s last n_q tokens. A call with few query tiles splits the positions
 // too (blockIdx.z), the partials in the decode workspace after its counters.
-// (H100: a 512-token chunk after 32k, 128 CTAs split 3 ways, made 1.45 waves of 264 CTA slots and was the one shape
-// where the decode kernel's entries were faster for q2: docs/bench-cuda.md.)
 static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n_q, kvq_dtype qo, const void *q, void *out,
                                 const kvq_attn_params *p, cudaStream_t st, const char *fn) {
     DevGuard dg(c->device);
@@ -1292,9 +1290,9 @@ static kvq_status prefill_tiled(kvq_cuda_cache *c, int layer, int32_t seq, int n
     A.qscale = attn_qscale(p, D), A.softcap = p->softcap;
     A.lv = c->lv;
     A.q = q, A.out = out;
-    // Splits: about 4 waves of CTAs (2 per SM fit), so that the last wave's tail stays short, each split at least 4
-    // units (256 tokens), the partials within 256 MB (H100, depth 32768, chunk 512 q2: 1.45 waves unsplit took 2566 us
-    // where the decode kernel's entries took 2346)
+    // Splits: about 4 waves of CTAs (2 per SM at D <= 128), so that the last wave's tail stays short, each split at
+    // least 4 units (256 tokens), the partials within 256 MB. (H100, depth 32768, chunk 512: 3 splits made 1.45 waves
+    // and q2 took 2566 us where the decode kernel's entries took 2346; 9 splits: 1826 us. docs/bench-cuda.md)
     const int64_t ctas = (int64_t)(n_q + A.tpc - 1) / A.tpc * H, slots = 2 * (int64_t)c->n_sm;
     const size_t part_row = (size_t)n_q * p->n_q_heads * (D + 2) * sizeof(float);
     int64_t splits = 1;
