@@ -24,15 +24,14 @@
 namespace kvqc {
 namespace {
 
-// W warps of MT x 16 rows: 8 warps at D <= 128, 4 at D = 256 (the registers of O). MT m16 tiles a warp would share
-// each K and V fragment loaded from shared memory; MT = 2 (4 warps of 32 rows at D = 128, as FlashAttention-2 has
-// them; 255 registers) measured no faster for f16 and 5-25% slower for the quantized types and short chunks (H100,
-// docs/bench-cuda.md): the CTA's conversion and copies had half the threads. Shared memory: the queries, and two
-// buffers of a K tile and two of a V tile (one read by the MMAs while the next tile's bytes land in the other).
+// W warps of 16 rows: 8 at D <= 128, 4 at D = 256 (the registers of O). 4 warps of 32 rows at D = 128 (two m16 tiles
+// sharing each K and V fragment, as FlashAttention-2 has them; 255 registers) measured no faster for f16 and 3-14%
+// slower for the quantized types and short chunks (H100, docs/bench-cuda.md): the CTA's conversion and copies had
+// half the threads. Shared memory: the queries, and two buffers of a K tile and two of a V tile (one read by the MMAs
+// while the next tile's bytes land in the other).
 template <int D> struct PCfg {
-    static constexpr int MT = 1;
-    static constexpr int NW = prefill_rows(D) / (16 * MT);
-    static constexpr int NT = 32 * NW, ROWS = 16 * MT * NW;
+    static constexpr int NW = prefill_rows(D) / 16;
+    static constexpr int NT = 32 * NW, ROWS = 16 * NW;
     static constexpr int MINB = D == 256 ? 1 : 2;  // CTAs per SM the registers must allow
     static constexpr int KT = D == 256 ? 32 : 64;  // keys per tile (a page unit in 64 / KT tiles)
     static constexpr int LD = D + 8;               // shared-memory row stride (halves): ldmatrix rows 16 bytes
@@ -266,110 +265,88 @@ template <int D, bool BF> __device__ __forceinline__ void fill_rows(uint16_t *ds
     });
 }
 
-// One tile for one warp's MT x 16 rows: S = Q K^T, soft-cap, mask (MASK), online softmax, O += P V.
-// Fragments (mma m16n8k16): in m tile mt, thread (g = lane / 4, t4 = lane % 4) holds rows mt 16 + g and mt 16 + g + 8,
-// columns 2 t4, 2 t4 + 1 of each 8-wide n tile: s[mt][nt][e] is row mt 16 + g + 8 (e >> 1), key nt 8 + 2 t4 + (e & 1);
-// o[mt][dt][e] likewise, channel dt 8 + ...
-template <int D, bool KB, bool VB, bool MASK, int MT = PCfg<D>::MT>
+// One tile for one warp's 16 rows: S = Q K^T, soft-cap, mask (MASK), online softmax, O += P V.
+// Fragments (mma m16n8k16): thread (g = lane / 4, t4 = lane % 4) holds rows g and g + 8, columns 2 t4, 2 t4 + 1 of
+// each 8-wide n tile: s[nt][e] is row g + 8 (e >> 1), key nt 8 + 2 t4 + (e & 1); o[dt][e] likewise, channel dt 8 + ...
+template <int D, bool KB, bool VB, bool MASK>
 __device__ __forceinline__ void tile_rows(const PrefillArgs &A, const uint16_t *sQ, const uint16_t *sK, const uint16_t *sV,
-                                          int a, int cnt, const int (&qp)[MT][2], float (&m)[MT][2], float (&l)[MT][2],
-                                          float (&o)[MT][D / 8][4], int warp, int lane) {
+                                          int a, int cnt, const int (&qp)[2], float (&m)[2], float (&l)[2],
+                                          float (&o)[D / 8][4], int warp, int lane) {
     using C = PCfg<D>;
     constexpr int KT = C::KT, LD = C::LD;
     const int t4 = lane & 3;
-    float s[MT][KT / 8][4];
+    float s[KT / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    for (int nt = 0; nt < KT / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
     // ldmatrix x4 addresses: lane L gives row L % 8 of matrix L / 8. Q (A operand): matrices (rows 0-7 | 8-15) x
     // (channels k | k + 8); K (B, non-transposed): (keys n | n + 8) x (channels k | k + 8); V (B, transposed):
     // (keys k | k + 8) x (channels n | n + 8)
-    const uint16_t *qa = sQ + (warp * 16 * MT + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+    const uint16_t *qa = sQ + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
     const uint16_t *kb = sK + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
     const uint16_t *vb = sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t af[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) ldsm4(af[mt], qa + mt * 16 * LD + kk * 16);
+        uint32_t af[4];
+        ldsm4(af, qa + kk * 16);
 #pragma unroll
         for (int np = 0; np < KT / 16; np++) {
             uint32_t bf[4];
             ldsm4(bf, kb + np * 16 * LD + kk * 16);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                mma<KB>(s[mt][2 * np], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[0], bf[1]);
-                mma<KB>(s[mt][2 * np + 1], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[2], bf[3]);
-            }
+            mma<KB>(s[2 * np], af[0], af[1], af[2], af[3], bf[0], bf[1]);
+            mma<KB>(s[2 * np + 1], af[0], af[1], af[2], af[3], bf[2], bf[3]);
         }
     }
     if (A.softcap > 0.f) {  // qscale has no log2(e) then (kvq_cuda.cu, attn_qscale)
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++)
+        for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[mt][nt][e] = A.softcap * tanhf(s[mt][nt][e] / A.softcap) * 1.4426950408889634f;
+            for (int e = 0; e < 4; e++) s[nt][e] = A.softcap * tanhf(s[nt][e] / A.softcap) * 1.4426950408889634f;
     }
     if constexpr (MASK) {
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++)
+        for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int col = nt * 8 + 2 * t4 + (e & 1);
-                    const int kp = a + col, q = qp[mt][e >> 1];
-                    if (col >= cnt || kp > q || (A.window > 0 && kp <= q - A.window)) s[mt][nt][e] = -INFINITY;
-                }
+            for (int e = 0; e < 4; e++) {
+                const int col = nt * 8 + 2 * t4 + (e & 1);
+                const int kp = a + col, q = qp[e >> 1];
+                if (col >= cnt || kp > q || (A.window > 0 && kp <= q - A.window)) s[nt][e] = -INFINITY;
+            }
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int hr = 0; hr < 2; hr++) {
+        float mx = -INFINITY;
 #pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            float mx = -INFINITY;
+        for (int nt = 0; nt < KT / 8; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m[hr], mx);
+        const float base = mn == -INFINITY ? 0.f : mn;  // a row that sees nothing yet: every p is 0, not NaN
+        const float al = ex2(m[hr] - base);
+        m[hr] = mn;
+        float sum = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mn = fmaxf(m[mt][hr], mx);
-            const float base = mn == -INFINITY ? 0.f : mn;  // a row that sees nothing yet: every p is 0, not NaN
-            const float al = ex2(m[mt][hr] - base);
-            m[mt][hr] = mn;
-            float sum = 0.f;
+        for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++)
+            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                const float p = ex2(s[nt][e] - base);
+                s[nt][e] = p;
+                sum += p;
+            }
+        l[hr] = l[hr] * al + sum;  // this thread's columns; the quad's are added at the end
 #pragma unroll
-                for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                    const float p = ex2(s[mt][nt][e] - base);
-                    s[mt][nt][e] = p;
-                    sum += p;
-                }
-            l[mt][hr] = l[mt][hr] * al + sum;  // this thread's columns; the quad's are added at the end
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) o[mt][dt][2 * hr] *= al, o[mt][dt][2 * hr + 1] *= al;
-        }
+        for (int dt = 0; dt < D / 8; dt++) o[dt][2 * hr] *= al, o[dt][2 * hr + 1] *= al;
+    }
     // P as the A operand: the score fragments of n tiles 2k, 2k + 1 are the A fragment of k step k
 #pragma unroll
     for (int kk = 0; kk < KT / 16; kk++) {
-        uint32_t pf[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-            pf[mt][0] = pack2<VB>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            pf[mt][1] = pack2<VB>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            pf[mt][2] = pack2<VB>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            pf[mt][3] = pack2<VB>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
+        const uint32_t pf[4] = {pack2<VB>(s[2 * kk][0], s[2 * kk][1]), pack2<VB>(s[2 * kk][2], s[2 * kk][3]),
+                                pack2<VB>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<VB>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
         for (int dp = 0; dp < D / 16; dp++) {
             uint32_t bf[4];
             ldsm4t(bf, vb + kk * 16 * LD + dp * 16);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                mma<VB>(o[mt][2 * dp], pf[mt][0], pf[mt][1], pf[mt][2], pf[mt][3], bf[0], bf[1]);
-                mma<VB>(o[mt][2 * dp + 1], pf[mt][0], pf[mt][1], pf[mt][2], pf[mt][3], bf[2], bf[3]);
-            }
+            mma<VB>(o[2 * dp], pf[0], pf[1], pf[2], pf[3], bf[0], bf[1]);
+            mma<VB>(o[2 * dp + 1], pf[0], pf[1], pf[2], pf[3], bf[2], bf[3]);
         }
     }
 }
@@ -476,7 +453,7 @@ __device__ __forceinline__ void convert_role(const PrefillArgs &A, const PTile &
 
 template <int D, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D>::NT, PCfg<D>::MINB) prefill_kernel(const __grid_constant__ PrefillArgs A) {
     using C = PCfg<D>;
-    constexpr int NW = C::NW, MT = C::MT, WR = 16 * MT, ROWS = C::ROWS, LD = C::LD, EPL = D / 32;
+    constexpr int NW = C::NW, ROWS = C::ROWS, LD = C::LD, EPL = D / 32;
     extern __shared__ __align__(16) uint16_t sm[];
     // K buffers at kb0 + {0, 1} TILE, V buffers at kb0 + {2, 3} TILE (indexed by arithmetic: an array of pointers
     // indexed at run time would live in local memory)
@@ -520,20 +497,16 @@ template <int D, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D>::NT
         for (int e = 0; e < EPL; e += 2)
             *reinterpret_cast<uint32_t *>(sQ + r * LD + lane * EPL + e) = pack2<KB>(x[e] * A.qscale, x[e + 1] * A.qscale);
     }
-    // this thread's rows mt 16 + g and mt 16 + g + 8 of its warp: their positions (rows past the chunk: the chunk's
-    // last, so that their softmax stays finite)
-    int qp[MT][2];
-    float m[MT][2], l[MT][2], o[MT][D / 8][4];
+    // this thread's rows g and g + 8 of its warp: their positions (rows past the chunk: the chunk's last, so that
+    // their softmax stays finite)
+    int qp[2];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
+    for (int hr = 0; hr < 2; hr++) qp[hr] = qbase + tok0 + min((warp * 16 + g + 8 * hr) / A.Gq, ntok - 1);
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float o[D / 8][4];
 #pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            qp[mt][hr] = qbase + tok0 + min((warp * WR + mt * 16 + g + 8 * hr) / A.Gq, ntok - 1);
-            m[mt][hr] = -INFINITY, l[mt][hr] = 0.f;
-        }
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
-    }
+    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
 
     // ---- the tiles: tile n + 1's copies in flight while tile n is multiplied. A direct role's next tile lands in the
     // free buffer, which becomes the current one; a raw role's lands there raw and is converted into the current
@@ -572,31 +545,28 @@ template <int D, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D>::NT
     // ---- outputs: the quad's sums, O / l (or the partials), staged per warp as fp32 rows in the tiles' memory, then
     // a warp per row: un-rotated (values' frame back to the model's), converted, stored
     __syncthreads();
-    float *stg = reinterpret_cast<float *>(sm) + warp * WR * D;
+    float *stg = reinterpret_cast<float *>(sm) + warp * 16 * D;
     const bool part = n_split > 1;
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int hr = 0; hr < 2; hr++) {
+        float lq = l[hr];
+        lq += __shfl_xor_sync(0xffffffffu, lq, 1);
+        lq += __shfl_xor_sync(0xffffffffu, lq, 2);
+        const float inv = part ? 1.f : 1.f / lq;
+        const int rr = g + 8 * hr;
 #pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            float lq = l[mt][hr];
-            lq += __shfl_xor_sync(0xffffffffu, lq, 1);
-            lq += __shfl_xor_sync(0xffffffffu, lq, 2);
-            const float inv = part ? 1.f : 1.f / lq;
-            const int rr = mt * 16 + g + 8 * hr;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++)
-                *reinterpret_cast<float2 *>(stg + rr * D + dt * 8 + 2 * (lane & 3)) =
-                    make_float2(o[mt][dt][2 * hr] * inv, o[mt][dt][2 * hr + 1] * inv);
-            const int r = warp * WR + rr, ti = r / A.Gq;
-            if (part && (lane & 3) == 0 && ti < ntok) {
-                const int64_t row = (int64_t)(tok0 + ti) * A.nqh + h * A.Gq + r % A.Gq;
-                float *ml = A.part_ml + ((int64_t)split * A.n_q * A.nqh + row) * 2;
-                ml[0] = m[mt][hr], ml[1] = lq;
-            }
+        for (int dt = 0; dt < D / 8; dt++)
+            *reinterpret_cast<float2 *>(stg + rr * D + dt * 8 + 2 * (lane & 3)) = make_float2(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
+        const int r = warp * 16 + rr, ti = r / A.Gq;
+        if (part && (lane & 3) == 0 && ti < ntok) {
+            const int64_t row = (int64_t)(tok0 + ti) * A.nqh + h * A.Gq + r % A.Gq;
+            float *ml = A.part_ml + ((int64_t)split * A.n_q * A.nqh + row) * 2;
+            ml[0] = m[hr], ml[1] = lq;
         }
+    }
     __syncwarp();
-    for (int rr = 0; rr < WR; rr++) {
-        const int r = warp * WR + rr, ti = r / A.Gq;
+    for (int rr = 0; rr < 16; rr++) {
+        const int r = warp * 16 + rr, ti = r / A.Gq;
         if (ti >= ntok) break;  // rows are token-major: the rest are past the chunk too
         const int64_t row = (int64_t)(tok0 + ti) * A.nqh + h * A.Gq + r % A.Gq;
         float x[EPL];
