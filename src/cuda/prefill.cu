@@ -234,23 +234,17 @@ template <class F> __device__ __forceinline__ void with_type_dev(int t, F &&f) {
     default: f(std::integral_constant<int, KVQ_TYPE_Q2>{}); break;
     }
 }
-template <class F> __device__ __forceinline__ void with_head_dim_dev(int D, F &&f) {
-    if (D == 64) f(std::integral_constant<int, 64>{});
-    else if (D == 256) f(std::integral_constant<int, 256>{});
-    else f(std::integral_constant<int, 128>{});
-}
 // A K (ISV = false) or V block of the role's type t (a page's block, staged raw in shared memory) into a tile
 template <int D, bool ISV, bool BF> __device__ __forceinline__ void fill_block_rt(int t, uint16_t *dst, const uint8_t *blk, int t0,
                                                                                  int cnt, const Levels &lv, int tid) {
     with_type_dev(t, [&](auto TT) { fill_page<decltype(TT)::value, D, ISV, BF>(dst, blk, t0, cnt, lv, tid); });
 }
-__device__ __forceinline__ int block_bytes(int t, int D, bool isv) {
+// Bytes of a page's K (isv = false) or V block of type t at head dim D
+template <int D> __device__ __forceinline__ int block_bytes(int t, bool isv) {
     int b = 0;
-    with_head_dim_dev(D, [&](auto DD) {
-        with_type_dev(t, [&](auto TT) {
-            using TR = Traits<decltype(TT)::value, decltype(DD)::value>;
-            b = isv ? TR::vblk : TR::kblk;
-        });
+    with_type_dev(t, [&](auto TT) {
+        using TR = Traits<decltype(TT)::value, D>;
+        b = isv ? TR::vblk : TR::kblk;
     });
     return b;
 }
@@ -407,7 +401,7 @@ __device__ __forceinline__ void issue_role(const PrefillArgs &A, const PTile &T,
     const bool direct = tile_direct(T.kind, t, bf);
     if (T.kind == 1) {
         const uint8_t *pg = A.arena + (int64_t)A.pt[T.idx] * A.page_bytes;
-        const int bb = block_bytes(t, D, isv);
+        const int bb = block_bytes<D>(t, isv);
         const uint8_t *blk = pg + (isv ? A.v_off : 0) + h * bb;
         if (direct) {  // 16-bit rows: rows off .. off + cnt - 1 of the block
             for (int c = tid; c < C::KT * CH; c += C::NT) {
