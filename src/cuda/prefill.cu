@@ -445,6 +445,14 @@ __device__ __forceinline__ void convert_role(const PrefillArgs &A, const PTile &
     else fill_rows<D, BF>(dst, reinterpret_cast<const __half *>(raw), T.cnt, tid);
 }
 
+// Output row `row` (this lane's D / 32 channels in x): un-rotated into the model's frame, stored in out's dtype
+template <int D> __device__ __forceinline__ void store_row(const PrefillArgs &A, int64_t row, float (&x)[D / 32], int lane) {
+    if (A.rot_o) unrotate_warp<D>(x, A.ro, lane);
+    const int64_t oo = row * D + lane * (D / 32);
+#pragma unroll
+    for (int e = 0; e < D / 32; e++) store_as(A.out, oo + e, x[e], A.o_dtype);
+}
+
 template <int D, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D>::NT, PCfg<D>::MINB) prefill_kernel(const __grid_constant__ PrefillArgs A) {
     using C = PCfg<D>;
     constexpr int NW = C::NW, ROWS = C::ROWS, LD = C::LD, EPL = D / 32;
@@ -572,10 +580,7 @@ template <int D, bool KB, bool VB> __global__ void __launch_bounds__(PCfg<D>::NT
             for (int e = 0; e < EPL; e++) po[e] = x[e];
             continue;
         }
-        if (A.rot_o) unrotate_warp<D>(x, A.ro, lane);
-        const int64_t oo = row * D + lane * EPL;
-#pragma unroll
-        for (int e = 0; e < EPL; e++) store_as(A.out, oo + e, x[e], A.o_dtype);
+        store_row<D>(A, row, x, lane);
     }
 }
 
@@ -601,10 +606,7 @@ template <int D> __global__ void __launch_bounds__(128) prefill_merge_kernel(con
     const float inv = 1.f / den;
 #pragma unroll
     for (int e = 0; e < EPL; e++) x[e] *= inv;
-    if (A.rot_o) unrotate_warp<D>(x, A.ro, lane);
-    const int64_t oo = row * D + lane * EPL;
-#pragma unroll
-    for (int e = 0; e < EPL; e++) store_as(A.out, oo + e, x[e], A.o_dtype);
+    store_row<D>(A, row, x, lane);
 }
 
 template <int D, bool KB, bool VB> cudaError_t run_prefill(const PrefillArgs &a, int splits, cudaStream_t st) {
