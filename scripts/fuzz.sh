@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs the libFuzzer targets of tests/fuzz_<name>.c (tests/fuzz.cmake) with ASan and UBSan.
 #   scripts/fuzz.sh NAME|all [SECONDS]      NAME: gguf, tokenizer, cache, cli (those whose source exists); default 600 s
+#   (several targets run side by side, KVQ_FUZZ_JOBS at a time, default the core count: each is one process)
 #   KVQ_FUZZ_FAST=1 scripts/fuzz.sh ...     the same without sanitizers at -O2, in build-fuzz-fast (long runs)
 # Needs clang with libFuzzer (Debian 12: apt-get install clang libclang-rt-14-dev). Build dir: build-fuzz
 # (clang, -DKVQ_FUZZ=ON, OpenMP off: one thread per execution is what libFuzzer measures best).
@@ -42,15 +43,11 @@ for t in $targets; do
   else cat "$out/build-$t.log"; exit 1; fi
 done
 
-ran=0
-status=0
-for n in $names; do
-  case " $built " in *" fuzz_$n "*) ;; *) continue ;; esac
-  work="$out/corpus-$n"
+# run_one NAME: one target for SECONDS; its report (and a finding's details) in $out/report-NAME.txt; exit 1 on a finding
+run_one() {
+  local n=$1 work="$out/corpus-$1" seeds=() args=(-rss_limit_mb=2048 -timeout=10) before after execs findings rc
   mkdir -p "$work"
-  seeds=()
   [ -d "tests/corpus/$n" ] && seeds+=("tests/corpus/$n")
-  args=(-rss_limit_mb=2048 -timeout=10)
   if [ "$n" = gguf ]; then
     # crafted corrupt files of tests/test_gguf_corrupt.c, and the real model's header + metadata (tokenizer included)
     # cut before the tensor data: mutations of its counts and offsets start from a real file's shape
@@ -63,23 +60,38 @@ for n in $names; do
     fi
     args+=(-max_len=4194304)
   fi
-  ran=$((ran + 1))
   before=$(find "$work" -type f | wc -l)
-  echo "== fuzz_$n: ${secs}s, corpus $work (+ ${seeds[*]:-no seeds})"
-  "$out/tests/fuzz_$n" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$out/$n-" "${args[@]}" \
-    "$work" "${seeds[@]}" >"$out/fuzz-$n.log" 2>&1
-  rc=$?
-  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out/fuzz-$n.log" | tail -1)
-  after=$(find "$work" -type f | wc -l)
-  findings=$(ls "$out/$n"-crash-* "$out/$n"-leak-* "$out/$n"-timeout-* "$out/$n"-oom-* 2>/dev/null | wc -l)
-  echo "fuzz_$n: ${execs:-?} executions in ${secs}s, $((after - before)) new corpus inputs ($after in $work)," \
-    "exit $rc, $findings finding(s) in $out/$n-*"
-  if [ "$rc" != 0 ]; then
-    status=1
+  {
+    echo "== fuzz_$n: ${secs}s, corpus $work (+ ${seeds[*]:-no seeds})"
+    "$out/tests/fuzz_$n" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$out/$n-" "${args[@]}" \
+      "$work" "${seeds[@]}" >"$out/fuzz-$n.log" 2>&1
+    rc=$?
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out/fuzz-$n.log" | tail -1)
+    after=$(find "$work" -type f | wc -l)
+    findings=$(ls "$out/$n"-crash-* "$out/$n"-leak-* "$out/$n"-timeout-* "$out/$n"-oom-* 2>/dev/null | wc -l)
+    echo "fuzz_$n: ${execs:-?} executions in ${secs}s, $((after - before)) new corpus inputs ($after in $work)," \
+      "exit $rc, $findings finding(s) in $out/$n-*"
     # the harness's own message (fuzz_<name>: ...), the sanitizers' and libFuzzer's, and the input as Base64: enough
     # to reproduce a finding from a CI log alone (base64 -d > FILE; build-fuzz/tests/fuzz_NAME FILE)
-    grep -E "^fuzz_$n: |ERROR|SUMMARY|==[0-9]+==|runtime error|Test unit written|^Base64: " "$out/fuzz-$n.log" | head -20
-  fi
+    [ "$rc" = 0 ] || grep -E "^fuzz_$n: |ERROR|SUMMARY|==[0-9]+==|runtime error|Test unit written|^Base64: " "$out/fuzz-$n.log" | head -20
+  } >"$out/report-$n.txt"
+  [ "$rc" = 0 ]
+}
+
+ran=0
+status=0
+run=()
+running=0
+par=${KVQ_FUZZ_JOBS:-$jobs}
+for n in $names; do
+  case " $built " in *" fuzz_$n "*) ;; *) continue ;; esac
+  ran=$((ran + 1))
+  run+=("$n")
+  if [ "$running" -ge "$par" ]; then wait -n || status=1; running=$((running - 1)); fi
+  run_one "$n" &
+  running=$((running + 1))
 done
+while [ "$running" -gt 0 ]; do wait -n || status=1; running=$((running - 1)); done
+for n in "${run[@]}"; do cat "$out/report-$n.txt"; done
 [ "$ran" = 0 ] && { echo "fuzz.sh: no target of '$what' is built in this configuration"; exit 77; }
 exit $status
