@@ -193,10 +193,10 @@ AI void key_group_query_in(kvq_type T, int R, int D, const uint16_t *sm, const f
     for (int c = 0; c < D; c += 8) {
         const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(sm + D + c)));
         #pragma GCC unroll 4
-        for (int r = 0; r < R && r < 4; r++) am[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)r * D + c), mn, am[r]);
+        for (int r = 0; r < (R < 4 ? R : 4); r++) am[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)r * D + c), mn, am[r]);
     }
     #pragma GCC unroll 4
-    for (int r = 0; r < R && r < 4; r++) st->qm[r] = hsum_ps(am[r]);
+    for (int r = 0; r < (R < 4 ? R : 4); r++) st->qm[r] = hsum_ps(am[r]);
     quantize_rows16(st->qg, scp, R, D, st->q16, st->qs);
 }
 
