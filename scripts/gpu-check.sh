@@ -15,7 +15,8 @@
 #   32k and 128k with the Hopper kernel and with KVQ_CUDA_PORTABLE=1 ($OUT/hopper, $OUT/portable; side by side in
 #   $OUT/portable-vs-hopper.md; PORTABLE_BENCH="..." replaces the benchmark's arguments). (`test` also runs the
 #   second pass, not quick.)
-#   prefill (only when named; issue 19, item 5): torch SDPA's flash prefill (bench_sdpa.py --prefill) and kvq-bench-cuda
+#   prefill (only when named; issue 19, item 5): compute-sanitizer racecheck and memcheck on the prefill kernels (the quick
+#   ragged tests of PREFILL_SAN_TYPES, default "q4 f16 q3"), then torch SDPA's flash prefill (bench_sdpa.py --prefill) and kvq-bench-cuda
 #   --prefill (the tiled kernel, and the decode kernel's entries for chunks up to 2048) at chunks 512, 2048, 8192 after
 #   0, 4096, 32768 cached tokens (PREFILL_CHUNKS, PREFILL_DEPTHS, PREFILL_TYPES override), to $OUT/bench-cuda-prefill.csv.
 #   engine = enginetest + enginebench: the engine on the GPU (the kvq CLI with CUDA and the model layer, in build-gpu/
@@ -157,6 +158,16 @@ if want bench; then
   echo "bench rc=$?"; grep -E "rror|copy band|ctx 131072" "$OUT/bench.log"
 fi
 if named prefill; then
+  # the tiled prefill kernel and its merge (cp.async double buffers, shared-to-shared conversion) under racecheck and
+  # memcheck: one type per tile path (q4: half2 conversion, f16: rows straight into the tile, q3: fp32 levels), the
+  # quick ragged tests of that type, only the prefill kernels instrumented (PREFILL_SAN_TYPES="" skips this)
+  for t in ${PREFILL_SAN_TYPES-q4 f16 q3}; do
+    for tool in racecheck memcheck; do
+      KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t KVQ_TEST_NO_PORTABLE=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 \
+        --kernel-name kns=prefill $B/src/cuda/test_cuda >"$OUT/$tool-prefill-$t.log" 2>&1
+      r=$?; [ $r = 0 ] || rc=$r; echo "$tool prefill $t rc=$r"; grep -E "SUMMARY|hazard|rror" "$OUT/$tool-prefill-$t.log" | head -3
+    done
+  done
   pc=${PREFILL_CHUNKS:-512,2048,8192} pd=${PREFILL_DEPTHS:-0,4096,32768}
   PYTHONUNBUFFERED=1 timeout 200 python3 bench/bench_sdpa.py 5 --prefill $pc --ctx $pd >"$OUT/sdpa-prefill.csv" \
     2>"$OUT/sdpa-prefill.err" || tail -5 "$OUT/sdpa-prefill.err"
