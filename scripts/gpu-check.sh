@@ -163,7 +163,7 @@ if named prefill; then
   # quick ragged tests of that type, only the prefill kernels instrumented (PREFILL_SAN_TYPES="" skips this)
   for t in ${PREFILL_SAN_TYPES-q4 f16 q3}; do
     for tool in racecheck memcheck; do
-      KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t KVQ_TEST_NO_PORTABLE=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 \
+      KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t KVQ_TEST_NO_PORTABLE=1 timeout 80 compute-sanitizer --tool $tool --error-exitcode 3 \
         --kernel-name kns=prefill $B/src/cuda/test_cuda >"$OUT/$tool-prefill-$t.log" 2>&1
       r=$?; [ $r = 0 ] || rc=$r; echo "$tool prefill $t rc=$r"; grep -E "SUMMARY|hazard|rror" "$OUT/$tool-prefill-$t.log" | head -3
     done
