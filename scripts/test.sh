@@ -6,7 +6,8 @@
 #            except model_ppl_gemma3 (~110 s under ASan; model_golden_gemma3 runs the same Gemma 3 forward pass there).
 #   tsan     ThreadSanitizer on tests/test_threads.c (the threading contract of kvq.h). clang + LLVM's libomp with its
 #            Archer tool when installed (OpenMP on), else gcc with OpenMP off (libgomp's barriers are invisible to TSan).
-#   fuzz     every libFuzzer target for FUZZ_SECONDS (default 20) each, one per core at a time (scripts/fuzz.sh all),
+#   fuzz     every libFuzzer target for FUZZ_SECONDS (default 20; fuzz_cache twice that, side by side: scripts/fuzz.sh)
+#            each, one per core at a time (scripts/fuzz.sh all),
 #            where clang has libFuzzer.
 #   scripts/test.sh [TIER...]            (default: release asan tsan fuzz)
 # A test may skip (exit 77) only for a reason that holds on this machine: GPU tests without a GPU; model tests without
