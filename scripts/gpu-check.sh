@@ -59,6 +59,20 @@ if want test || want bench || want py || want hf || want ncu || named portable |
   echo "build $(( $(date +%s) - t0 )) s"
 fi
 rc=0
+# sanitize TAG KERNEL SECONDS TYPE...: compute-sanitizer racecheck, then memcheck, on test_cuda's quick ragged tests of
+# each TYPE, only the kernels whose names contain KERNEL instrumented, SECONDS each; logs $OUT/TOOL-TAG-TYPE.log. An
+# environment prefix on the call (KVQ_CUDA_PORTABLE=1 ...) reaches test_cuda.
+sanitize() {
+  local tag=$1 kern=$2 secs=$3 t tool r
+  shift 3
+  for t in "$@"; do
+    for tool in racecheck memcheck; do
+      KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t timeout $secs compute-sanitizer --tool $tool --error-exitcode 3 \
+        --kernel-name kns=$kern $B/src/cuda/test_cuda >"$OUT/$tool-$tag-$t.log" 2>&1
+      r=$?; [ $r = 0 ] || rc=$r; echo "$tool $tag $t rc=$r"; grep -E "SUMMARY|hazard|rror" "$OUT/$tool-$tag-$t.log" | head -3
+    done
+  done
+}
 named engine && steps="$steps enginetest enginebench "
 if named peerbuild; then
   rm -f build-peers/peer-build.rc
@@ -161,13 +175,7 @@ if named prefill; then
   # the tiled prefill kernel and its merge (cp.async double buffers, shared-to-shared conversion) under racecheck and
   # memcheck: one type per tile path (q4: half2 conversion, f16: rows straight into the tile, q3: fp32 levels), the
   # quick ragged tests of that type, only the prefill kernels instrumented (PREFILL_SAN_TYPES="" skips this)
-  for t in ${PREFILL_SAN_TYPES-q4 f16 q3}; do
-    for tool in racecheck memcheck; do
-      KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t KVQ_TEST_NO_PORTABLE=1 timeout 80 compute-sanitizer --tool $tool --error-exitcode 3 \
-        --kernel-name kns=prefill $B/src/cuda/test_cuda >"$OUT/$tool-prefill-$t.log" 2>&1
-      r=$?; [ $r = 0 ] || rc=$r; echo "$tool prefill $t rc=$r"; grep -E "SUMMARY|hazard|rror" "$OUT/$tool-prefill-$t.log" | head -3
-    done
-  done
+  KVQ_TEST_NO_PORTABLE=1 sanitize prefill prefill 80 ${PREFILL_SAN_TYPES-q4 f16 q3}
   pc=${PREFILL_CHUNKS:-512,2048,8192} pd=${PREFILL_DEPTHS:-0,4096,32768}
   PYTHONUNBUFFERED=1 timeout 200 python3 bench/bench_sdpa.py 5 --prefill $pc --ctx $pd >"$OUT/sdpa-prefill.csv" \
     2>"$OUT/sdpa-prefill.err" || tail -5 "$OUT/sdpa-prefill.err"
@@ -203,13 +211,7 @@ if named portable; then
   KVQ_TEST_QUICK=1 timeout 240 $B/src/cuda/test_cuda >"$OUT/test-quick-both.log" 2>&1; r=$?; [ $r = 0 ] || rc=$r
   echo "test_cuda (quick; Hopper kernel, then the portable pass) rc=$r"; grep FAIL "$OUT/test-quick-both.log" | head
   echo "  $(grep -c ' portable' "$OUT/test-quick-both.log") lines of the portable pass; $(tail -1 "$OUT/test-quick-both.log")"
-  for t in ${PORTABLE_SAN_TYPES:-q4}; do
-    for tool in racecheck memcheck; do
-      KVQ_CUDA_PORTABLE=1 KVQ_TEST_QUICK=1 KVQ_TEST_ONLY=$t timeout 100 compute-sanitizer --tool $tool --error-exitcode 3 \
-        --kernel-name kns=decode_kernel $B/src/cuda/test_cuda >"$OUT/$tool-portable-$t.log" 2>&1
-      r=$?; [ $r = 0 ] || rc=$r; echo "$tool portable $t rc=$r"; grep -E "SUMMARY|hazard|rror" "$OUT/$tool-portable-$t.log" | head -3
-    done
-  done
+  KVQ_CUDA_PORTABLE=1 sanitize portable decode_kernel 100 ${PORTABLE_SAN_TYPES:-q4}
   PB=${PORTABLE_BENCH:---types f16,q8,q4,q2 --ctx 32768,131072 --batch 1,8 --reps 10}
   for k in hopper portable; do
     mkdir -p "$OUT/$k"
